@@ -1,0 +1,1 @@
+//! tandem-decode (see the crate's module docs).

@@ -1,0 +1,141 @@
+//! The forward-pass interface every backend (CPU, CUDA) implements.
+//!
+//! One call, [`Backend::forward`], runs a batch of *sequence chunks*: each is
+//! a run of new tokens of one sequence at known positions, with the block
+//! table where that sequence's KV lives. A prefill is one long chunk (or
+//! several calls with consecutive chunks: chunked prefill); a decode step is
+//! many chunks of one token. Both write the new tokens' K/V into the paged
+//! cache and return the logits of each chunk's last token.
+//!
+//! Disaggregation needs the KV to leave and enter a cache one layer at a time:
+//! `on_layer` is called as soon as a layer's K/V for the whole batch is in the
+//! cache (so a prefill node can ship layer L while layer L+1 computes), and
+//! [`Backend::export_layer`] / [`Backend::import_layer`] move a layer's blocks
+//! as bytes in the layout of [`kv_cache`](crate::kv_cache).
+
+use crate::block_manager::BlockId;
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvLayout;
+
+/// New tokens of one sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The tokens; not empty.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence (tokens before it are in the cache).
+    pub start: usize,
+    /// The sequence's blocks, enough for `start + tokens.len()` tokens.
+    pub block_table: &'a [BlockId],
+}
+
+/// Reads one layer's blocks out of a cache while a forward pass is running.
+pub trait KvExport {
+    /// The bytes of `blocks` of `layer`, block after block.
+    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>>;
+}
+
+/// Called with each layer index once that layer's K/V is in the cache.
+pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &dyn KvExport) -> Result<()>;
+
+/// A model with its KV cache on some device.
+pub trait Backend: Send {
+    /// The model's shape.
+    fn config(&self) -> &ModelConfig;
+
+    /// The KV cache's shape.
+    fn kv_layout(&self) -> KvLayout;
+
+    /// Runs `chunks` through the model; returns the logits of the last token of each.
+    fn forward(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>>;
+
+    /// The bytes of `blocks` of `layer`.
+    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>>;
+
+    /// Writes bytes made by [`export_layer`](Self::export_layer) (on any node with the
+    /// same layout) into `blocks` of `layer`.
+    fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()>;
+
+    /// Prefills `tokens` at positions `start..` of a sequence; returns the last token's logits.
+    fn prefill(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        block_table: &[BlockId],
+    ) -> Result<Vec<f32>> {
+        let mut out = self.forward(
+            &[SeqChunk {
+                tokens,
+                start,
+                block_table,
+            }],
+            None,
+        )?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// One decode step: `(token, position, block table)` per sequence; logits per sequence.
+    fn decode(&mut self, batch: &[(u32, usize, &[BlockId])]) -> Result<Vec<Vec<f32>>> {
+        let tokens: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
+        let chunks: Vec<SeqChunk<'_>> = batch
+            .iter()
+            .zip(&tokens)
+            .map(|(&(_, start, block_table), t)| SeqChunk {
+                tokens: t,
+                start,
+                block_table,
+            })
+            .collect();
+        self.forward(&chunks, None)
+    }
+}
+
+/// Checks a batch against the model and cache before any of it runs, so that
+/// bad input is an error and never a panic or a half-written cache.
+pub fn validate_chunks(
+    config: &ModelConfig,
+    layout: &KvLayout,
+    chunks: &[SeqChunk<'_>],
+) -> Result<()> {
+    for c in chunks {
+        if c.tokens.is_empty() {
+            return Err(EngineError::InvalidInput(
+                "empty chunk: a sequence needs at least one token".into(),
+            ));
+        }
+        if let Some(&bad) = c.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} is out of the vocabulary (size {})",
+                config.vocab_size
+            )));
+        }
+        let end = c.start + c.tokens.len();
+        if end > config.max_position_embeddings {
+            return Err(EngineError::InvalidInput(format!(
+                "sequence of {end} tokens is longer than the model's context of {} tokens",
+                config.max_position_embeddings
+            )));
+        }
+        if crate::block_manager::blocks_for(end, layout.block_size) > c.block_table.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "block table of {} blocks cannot hold {end} tokens",
+                c.block_table.len()
+            )));
+        }
+        if let Some(&b) = c
+            .block_table
+            .iter()
+            .find(|&&b| b as usize >= layout.num_blocks)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "block {b} is beyond the cache's {} blocks",
+                layout.num_blocks
+            )));
+        }
+    }
+    Ok(())
+}

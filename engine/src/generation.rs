@@ -1,0 +1,185 @@
+//! One request's generation state, independent of where its forward passes
+//! run: sampling, stop conditions, and the streamed text.
+//!
+//! A [`Generation`] is fed each step's logits (or a token sampled elsewhere,
+//! such as the first token from a prefill node) and answers with the token,
+//! the text it made final, and whether the request is finished. The
+//! single-process generator and the decode node's scheduler share it, which
+//! is what makes their outputs identical.
+
+use crate::error::{EngineError, Result};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::stop::{StopMatcher, StopScan};
+use crate::tokenizer::{Detokenizer, Tokenizer};
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` generated.
+    Length,
+    /// A stop string or stop token id.
+    Stop,
+    /// The model's end-of-sequence token.
+    Eos,
+}
+
+/// What a request asks of generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    /// How to choose tokens.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate (at least 1).
+    pub max_tokens: usize,
+    /// Stop strings: the output ends before the first one.
+    pub stop: Vec<String>,
+    /// Stop token ids: the output ends after one (its text is not emitted).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past the model's EOS token.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            sampling: SamplingParams::default(),
+            max_tokens: 16,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenerationParams {
+    /// Checks the parameters; the message names the bad one.
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate()?;
+        if self.max_tokens == 0 {
+            return Err(EngineError::InvalidInput(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one generated token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEvent {
+    /// The token.
+    pub token: u32,
+    /// Text made final by it (possibly empty); on the last token this includes
+    /// any text that had been held back.
+    pub text: String,
+    /// Set on the last token.
+    pub finished: Option<FinishReason>,
+}
+
+/// One request's generation state.
+pub struct Generation {
+    params: GenerationParams,
+    sampler: Sampler,
+    detokenizer: Detokenizer,
+    stop: StopMatcher,
+    eos: Vec<u32>,
+    /// Prompt then output tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    finished: Option<FinishReason>,
+}
+
+impl Generation {
+    /// A generation continuing `prompt`; `eos` are the model's end-of-sequence ids.
+    pub fn new(prompt: Vec<u32>, params: GenerationParams, eos: &[u32]) -> Result<Self> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidInput("the prompt is empty".into()));
+        }
+        Ok(Generation {
+            sampler: Sampler::new(params.sampling.clone(), &prompt),
+            detokenizer: Detokenizer::starting_at(prompt.len()),
+            stop: StopMatcher::new(&params.stop),
+            eos: if params.ignore_eos {
+                Vec::new()
+            } else {
+                eos.to_vec()
+            },
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            params,
+            finished: None,
+        })
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    /// The tokens generated so far.
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Prompt and output tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Why it ended, once it has.
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// Samples the next token from `logits` and accounts for it.
+    pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<TokenEvent> {
+        let token = self.sampler.sample(logits);
+        self.accept(token, tokenizer)
+    }
+
+    /// Accounts for a token sampled elsewhere with this request's parameters
+    /// (the first token, sampled by a prefill node), keeping the random stream in step.
+    pub fn push_sampled(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
+        self.sampler.resume_after(token);
+        self.accept(token, tokenizer)
+    }
+
+    fn accept(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
+        if self.finished.is_some() {
+            return Err(EngineError::InvalidInput(
+                "the generation has already finished".into(),
+            ));
+        }
+        self.tokens.push(token);
+        let mut finished = None;
+        let mut text = String::new();
+        if self.eos.contains(&token) {
+            finished = Some(FinishReason::Eos);
+        } else if self.params.stop_token_ids.contains(&token) {
+            finished = Some(FinishReason::Stop);
+        } else {
+            let delta = self.detokenizer.step(tokenizer, &self.tokens)?;
+            match self.stop.push(&delta) {
+                StopScan::Emit(t) => text = t,
+                StopScan::Stopped(t) => {
+                    text = t;
+                    finished = Some(FinishReason::Stop);
+                }
+            }
+        }
+        if finished.is_none() && self.output().len() >= self.params.max_tokens {
+            finished = Some(FinishReason::Length);
+        }
+        if matches!(finished, Some(FinishReason::Length | FinishReason::Eos))
+            || (finished == Some(FinishReason::Stop) && self.params.stop_token_ids.contains(&token))
+        {
+            text.push_str(&self.stop.flush());
+        }
+        self.finished = finished;
+        Ok(TokenEvent {
+            token,
+            text,
+            finished,
+        })
+    }
+}

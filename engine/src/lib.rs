@@ -1,0 +1,37 @@
+//! Tandem's inference engine.
+//!
+//! - [`model_dir`]: opening a Hugging Face model directory ([`config`],
+//!   [`tokenizer`], [`weights`]).
+//! - [`block_manager`] and [`kv_cache`]: the paged KV cache, its allocation and its
+//!   layout (shared by every backend and by the KV wire format).
+//! - [`backend`]: the forward-pass interface built for disaggregation, and
+//!   [`cpu`], its CPU implementation.
+//! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state.
+//! - [`local`]: whole-request generation in one process.
+//! - [`synth`]: small random-weight models for tests and the quick start.
+
+pub mod backend;
+pub mod block_manager;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod generation;
+pub mod kv_cache;
+pub mod local;
+pub mod model_dir;
+pub mod rope;
+pub mod sampling;
+pub mod stop;
+pub mod synth;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{Backend, SeqChunk};
+pub use block_manager::{BlockError, BlockId, BlockManager};
+pub use config::{Architecture, ModelConfig};
+pub use error::{EngineError, Result};
+pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
+pub use kv_cache::{KvDtype, KvLayout};
+pub use model_dir::ModelDir;
+pub use sampling::SamplingParams;
+pub use tokenizer::{ChatMessage, Tokenizer};

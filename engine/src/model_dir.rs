@@ -1,0 +1,50 @@
+//! A Hugging Face model directory: config, tokenizer and weights, opened once.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::ModelConfig;
+use crate::cpu::{CpuBackend, CpuModel};
+use crate::error::Result;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+/// A model directory whose config and tokenizer have been read and checked.
+pub struct ModelDir {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its normalized `config.json`.
+    pub config: ModelConfig,
+    /// Its tokenizer and chat template.
+    pub tokenizer: Tokenizer,
+}
+
+impl ModelDir {
+    /// Reads `config.json` and `tokenizer.json` (weights are mapped by the backend).
+    pub fn open(path: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_dir(path, &config)?;
+        Ok(ModelDir {
+            path: path.to_owned(),
+            config,
+            tokenizer,
+        })
+    }
+
+    /// The model's name: the directory's last component.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.
+    pub fn load_cpu(&self, num_blocks: usize, block_size: usize) -> Result<CpuBackend> {
+        let weights = Weights::open_dir(&self.path)?;
+        CpuBackend::new(
+            CpuModel::load(&self.config, &weights)?,
+            num_blocks,
+            block_size,
+        )
+    }
+}

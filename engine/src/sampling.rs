@@ -1,0 +1,357 @@
+//! Turning logits into the next token: penalties, temperature, top-k, top-p,
+//! min-p, and a per-request seeded random stream.
+//!
+//! The order is vLLM's: penalties on the raw logits, then temperature, then the
+//! top-k / top-p / min-p cuts on the resulting distribution, then a draw.
+//! Temperature 0 is greedy (the lowest token id wins a tie).
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{EngineError, Result};
+
+/// Sampling parameters of one request. The default is greedy decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy; otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 keeps all.
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 keeps all.
+    pub min_p: f32,
+    /// > 1 discourages every token seen in the prompt or output (1 is none).
+    pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// Seed of the request's random stream; `None` draws one.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every parameter's range; the message names the bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Sampling(m));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether sampling is greedy (and so needs no random stream).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// The sampler of one request: its parameters, random stream, and the counts
+/// of the tokens it has seen (for penalties).
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt_seen: HashMap<u32, ()>,
+    /// Times each token was generated.
+    output_counts: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    /// A sampler for a request with this prompt.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let prompt_seen = if params.repetition_penalty != 1.0 {
+            prompt.iter().map(|&t| (t, ())).collect()
+        } else {
+            HashMap::new()
+        };
+        Sampler {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            prompt_seen,
+            output_counts: HashMap::new(),
+        }
+    }
+
+    /// Records a generated token (for penalties); [`sample`](Self::sample) does this itself.
+    pub fn observe(&mut self, token: u32) {
+        *self.output_counts.entry(token).or_default() += 1;
+    }
+
+    /// Brings this sampler to the state it would have after sampling `token` itself:
+    /// used where the first token was sampled on another node (the prefill node).
+    pub fn resume_after(&mut self, token: u32) {
+        if !self.params.is_greedy() {
+            let _: f32 = self.rng.random();
+        }
+        self.observe(token);
+    }
+
+    /// Chooses the next token from `logits` (modified in place) and records it.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        self.observe(token);
+        token
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt_seen.keys().chain(self.output_counts.keys());
+            let mut done = std::collections::HashSet::new();
+            for &t in seen {
+                if let Some(l) = logits.get_mut(t as usize)
+                    && done.insert(t)
+                {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        // Exactly one draw per sampled token, whatever the logits, so a stream can be
+        // resumed on another node by replaying the count (see `resume_after`).
+        let u01 = self.rng.random::<f32>();
+        let p = &self.params;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Candidates sorted by probability, most likely first (ties: lower id first).
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp()))
+            .filter(|&(_, w)| w > 0.0)
+            .collect();
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let sum: f32 = cand.iter().map(|c| c.1).sum();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.1 / sum;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let threshold = cand[0].1 * p.min_p;
+            cand.retain(|c| c.1 >= threshold);
+        }
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let mut u = u01 * total;
+        for &(t, w) in &cand {
+            if u < w {
+                return t;
+            }
+            u -= w;
+        }
+        cand[cand.len() - 1].0
+    }
+}
+
+/// Index of the largest logit (the lowest index on a tie; NaN never wins).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_max_and_breaks_ties_low() {
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_stream() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(
+                params(|p| {
+                    p.temperature = 1.0;
+                    p.seed = Some(seed)
+                }),
+                &[],
+            );
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 5.0;
+                p.top_k = 1
+            }),
+            &[],
+        );
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.0, 1.0, 0.5]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // Probabilities ~ [0.64, 0.23, 0.09, 0.03, ...]: top_p 0.5 keeps only token 0.
+        let logits = [4.0, 3.0, 2.0, 1.0, 0.0];
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1.0;
+                p.top_p = 0.5
+            }),
+            &[],
+        );
+        assert!((0..50).all(|_| s.sample(&mut logits.clone()) == 0));
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 1.0;
+                p.min_p = 0.3
+            }),
+            &[],
+        );
+        assert!((0..200).all(|_| s.sample(&mut logits.clone()) <= 1));
+    }
+
+    #[test]
+    fn high_temperature_explores() {
+        let mut s = Sampler::new(params(|p| p.temperature = 100.0), &[]);
+        let seen: std::collections::HashSet<u32> = (0..200)
+            .map(|_| s.sample(&mut [1.0, 0.0, 0.5, 0.2]))
+            .collect();
+        assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn penalties_move_logits() {
+        let mut s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[0]);
+        let mut l = [2.0, -2.0, 1.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, [1.0, -2.0, 1.0]);
+        s.observe(1);
+        let mut l = [2.0, -2.0, 1.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, [1.0, -4.0, 1.0]);
+
+        let mut s = Sampler::new(
+            params(|p| {
+                p.presence_penalty = 0.5;
+                p.frequency_penalty = 0.25
+            }),
+            &[],
+        );
+        s.observe(2);
+        s.observe(2);
+        let mut l = [0.0, 0.0, 1.0];
+        s.apply_penalties(&mut l);
+        assert_eq!(l, [0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        for (p, name) in [
+            (params(|p| p.temperature = -1.0), "temperature"),
+            (params(|p| p.temperature = f32::NAN), "temperature"),
+            (params(|p| p.top_p = 0.0), "top_p"),
+            (params(|p| p.top_p = 1.5), "top_p"),
+            (params(|p| p.min_p = 2.0), "min_p"),
+            (params(|p| p.repetition_penalty = 0.0), "repetition_penalty"),
+            (
+                params(|p| p.presence_penalty = f32::INFINITY),
+                "presence_penalty",
+            ),
+        ] {
+            let err = p.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,110 @@
+//! Stop strings over streamed text, including one split across tokens.
+//!
+//! Text that could be the beginning of a stop string is held back until the
+//! next token decides: either the stop string completes (generation ends and
+//! the text before it is the output's tail) or it cannot anymore (the held
+//! text is released).
+
+/// Result of feeding text to a [`StopMatcher`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopScan {
+    /// No stop string yet: this text is final and may be sent.
+    Emit(String),
+    /// A stop string matched: this text precedes it; generation ends.
+    Stopped(String),
+}
+
+/// Watches generated text for any of a request's stop strings.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// A matcher for these stop strings (empty strings are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Feeds newly decoded text.
+    pub fn push(&mut self, text: &str) -> StopScan {
+        self.held.push_str(text);
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = first_match {
+            let before = self.held[..at].to_string();
+            self.held.clear();
+            return StopScan::Stopped(before);
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let keep_from = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let emit = self.held[..keep_from].to_string();
+        self.held.drain(..keep_from);
+        StopScan::Emit(emit)
+    }
+
+    /// Releases the held text (generation ended for another reason).
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> StopMatcher {
+        StopMatcher::new(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn stop_split_across_pushes() {
+        let mut m = stops(&["END"]);
+        assert_eq!(m.push("hello E"), StopScan::Emit("hello ".into()));
+        assert_eq!(m.push("N"), StopScan::Emit("".into()));
+        assert_eq!(m.push("D and more"), StopScan::Stopped("".into()));
+    }
+
+    #[test]
+    fn false_start_is_released() {
+        let mut m = stops(&["END"]);
+        assert_eq!(m.push("E"), StopScan::Emit("".into()));
+        assert_eq!(m.push("Nx"), StopScan::Emit("ENx".into()));
+        assert_eq!(m.push("EN"), StopScan::Emit("".into()));
+        assert_eq!(m.flush(), "EN");
+    }
+
+    #[test]
+    fn earliest_stop_wins_and_text_before_is_kept() {
+        let mut m = stops(&["world", "lo w"]);
+        assert_eq!(m.push("hello world"), StopScan::Stopped("hel".into()));
+    }
+
+    #[test]
+    fn multibyte_text_is_safe() {
+        let mut m = stops(&["日本"]);
+        assert_eq!(m.push("こんにちは日"), StopScan::Emit("こんにちは".into()));
+        assert_eq!(m.push("本語"), StopScan::Stopped("".into()));
+    }
+
+    #[test]
+    fn no_stops_emits_everything() {
+        let mut m = stops(&[]);
+        assert_eq!(m.push("abc"), StopScan::Emit("abc".into()));
+    }
+}

@@ -1,0 +1,352 @@
+//! `tandem model synth`: writes a small Llama-family model directory with
+//! random weights: real safetensors, a real byte-level BPE `tokenizer.json`
+//! trained on a built-in corpus, and a chat template.
+//!
+//! The output is deterministic for a seed, so test fixtures made from it can
+//! be regenerated. Weights are scaled so that the logits are far from
+//! uniform: greedy continuations then do not hinge on rounding-level ties,
+//! which makes comparisons against other implementations meaningful.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+use crate::config::Architecture;
+use crate::error::{EngineError, Result};
+
+const CORPUS: &str = include_str!("corpus.txt");
+const BOS: &str = "<s>";
+const EOS: &str = "</s>";
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Element type of the written weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthDtype {
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Shape and options of a synthesized model.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    /// `Llama` (GQA, Llama-3 rope scaling, tied embeddings) or `Qwen2` (q/k/v biases,
+    /// separate LM head); `Mistral` is written like `Llama` with a sliding window.
+    pub architecture: Architecture,
+    /// Tokenizer vocabulary to train (at least 260).
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Weight dtype on disk.
+    pub dtype: SynthDtype,
+    /// Number of safetensors shards (1: a single `model.safetensors`).
+    pub shards: usize,
+    /// Seed of the weights.
+    pub seed: u64,
+}
+
+impl Default for SynthSpec {
+    /// The quick-start model: small enough to run fast on a laptop CPU.
+    fn default() -> Self {
+        SynthSpec {
+            architecture: Architecture::Llama,
+            vocab_size: 512,
+            hidden_size: 256,
+            intermediate_size: 704,
+            num_layers: 4,
+            num_heads: 8,
+            num_kv_heads: 4,
+            max_position_embeddings: 2048,
+            dtype: SynthDtype::F32,
+            shards: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// Trains the byte-level BPE tokenizer on the built-in corpus.
+fn train_tokenizer(vocab_size: usize) -> Result<HfTokenizer> {
+    let err = |e: tokenizers::Error| {
+        EngineError::Tokenizer(format!("training the synthetic tokenizer: {e}"))
+    };
+    let specials: Vec<AddedToken> = [BOS, EOS, "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|t| AddedToken::from(t.to_string(), true))
+        .collect();
+    let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(0)
+        .show_progress(false)
+        .special_tokens(specials)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    let mut tok = HfTokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.train(&mut trainer, CORPUS.lines()).map_err(err)?;
+    let bos_id = tok
+        .token_to_id(BOS)
+        .ok_or_else(|| EngineError::Tokenizer("BOS missing after training".into()))?;
+    let post = TemplateProcessing::builder()
+        .try_single(format!("{BOS} $A"))
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+        .special_tokens(vec![(BOS, bos_id)])
+        .build()
+        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+    tok.with_post_processor(Some(post));
+    Ok(tok)
+}
+
+/// Gaussian samples (Box-Muller) of standard deviation `std` around `mean`.
+fn normal(rng: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let u2: f32 = rng.random();
+            mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes a model directory for `spec` into `dir` (created if missing).
+pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
+    if spec.num_heads % spec.num_kv_heads != 0 || spec.hidden_size % spec.num_heads != 0 {
+        return Err(EngineError::InvalidInput(
+            "heads must divide hidden_size and kv heads must divide heads".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tokenizer = train_tokenizer(spec.vocab_size)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
+    let tok_path = dir.join("tokenizer.json");
+    tokenizer
+        .save(&tok_path, false)
+        .map_err(|e| EngineError::Tokenizer(format!("writing {}: {e}", tok_path.display())))?;
+
+    let arch = spec.architecture;
+    let tied = arch != Architecture::Qwen2;
+    let mut config = serde_json::json!({
+        "architectures": [arch.hf_name()],
+        "model_type": match arch { Architecture::Llama => "llama", Architecture::Mistral => "mistral", Architecture::Qwen2 => "qwen2" },
+        "vocab_size": vocab,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": if arch == Architecture::Qwen2 { 1_000_000.0 } else { 10_000.0 },
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "bos_token_id": id(BOS),
+        "eos_token_id": id(EOS),
+        "torch_dtype": match spec.dtype { SynthDtype::F32 => "float32", SynthDtype::Bf16 => "bfloat16" },
+    });
+    match arch {
+        Architecture::Llama => {
+            config["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": (spec.max_position_embeddings / 4).max(16),
+            });
+        }
+        Architecture::Mistral => {
+            config["sliding_window"] = serde_json::json!(spec.max_position_embeddings / 2)
+        }
+        Architecture::Qwen2 => config["use_sliding_window"] = serde_json::json!(false),
+    }
+    let cfg_path = dir.join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )
+    .map_err(io_err(&cfg_path))?;
+    let tok_cfg = serde_json::json!({
+        "bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": true, "model_max_length": spec.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+    let tc_path = dir.join("tokenizer_config.json");
+    std::fs::write(
+        &tc_path,
+        serde_json::to_string_pretty(&tok_cfg).unwrap_or_default(),
+    )
+    .map_err(io_err(&tc_path))?;
+    let gen_path = dir.join("generation_config.json");
+    let gen_cfg = serde_json::json!({ "bos_token_id": id(BOS), "eos_token_id": id(EOS) });
+    std::fs::write(&gen_path, gen_cfg.to_string()).map_err(io_err(&gen_path))?;
+
+    // Weights, in a fixed order so the stream of random numbers is reproducible.
+    let (h, f, hd) = (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.hidden_size / spec.num_heads,
+    );
+    let (q_out, kv_out) = (spec.num_heads * hd, spec.num_kv_heads * hd);
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, mean: f32, std: f32, rng: &mut ChaCha8Rng| {
+        let n = shape.iter().product();
+        tensors.push((name, shape, normal(rng, n, mean, std)));
+    };
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        0.0,
+        1.0,
+        &mut rng,
+    );
+    let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    for i in 0..spec.num_layers {
+        let p = format!("model.layers.{i}");
+        push(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+            &mut rng,
+        );
+        for (name, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+            push(
+                format!("{p}.self_attn.{name}.weight"),
+                vec![out, h],
+                0.0,
+                proj(h),
+                &mut rng,
+            );
+            if arch == Architecture::Qwen2 {
+                push(
+                    format!("{p}.self_attn.{name}.bias"),
+                    vec![out],
+                    0.0,
+                    0.5,
+                    &mut rng,
+                );
+            }
+        }
+        push(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, q_out],
+            0.0,
+            proj(q_out),
+            &mut rng,
+        );
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            1.0,
+            0.1,
+            &mut rng,
+        );
+        push(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![f, h],
+            0.0,
+            proj(h),
+            &mut rng,
+        );
+        push(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![f, h],
+            0.0,
+            proj(h),
+            &mut rng,
+        );
+        push(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, f],
+            0.0,
+            proj(f),
+            &mut rng,
+        );
+    }
+    push("model.norm.weight".into(), vec![h], 1.0, 0.1, &mut rng);
+    if !tied {
+        push("lm_head.weight".into(), vec![vocab, h], 0.0, 0.5, &mut rng);
+    }
+    write_safetensors(dir, &tensors, spec)
+}
+
+fn write_safetensors(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    spec: &SynthSpec,
+) -> Result<()> {
+    let (st_dtype, bytes): (safetensors::Dtype, Vec<Vec<u8>>) = match spec.dtype {
+        SynthDtype::F32 => (
+            safetensors::Dtype::F32,
+            tensors
+                .iter()
+                .map(|t| t.2.iter().flat_map(|x| x.to_le_bytes()).collect())
+                .collect(),
+        ),
+        SynthDtype::Bf16 => (
+            safetensors::Dtype::BF16,
+            tensors
+                .iter()
+                .map(|t| {
+                    t.2.iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                        .collect()
+                })
+                .collect(),
+        ),
+    };
+    let shards = spec.shards.clamp(1, tensors.len());
+    let per_shard = tensors.len().div_ceil(shards);
+    let mut weight_map = BTreeMap::new();
+    for s in 0..shards {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", s + 1)
+        };
+        let range = s * per_shard..((s + 1) * per_shard).min(tensors.len());
+        let mut views = Vec::new();
+        for i in range {
+            let view =
+                safetensors::tensor::TensorView::new(st_dtype, tensors[i].1.clone(), &bytes[i])
+                    .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+            views.push((tensors[i].0.clone(), view));
+            weight_map.insert(tensors[i].0.clone(), file.clone());
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| EngineError::Weights {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    if shards > 1 {
+        let path = dir.join("model.safetensors.index.json");
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(&path, index.to_string()).map_err(io_err(&path))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The model's tokenizer (`tokenizer.json`), its chat template
+//! (`tokenizer_config.json`), and incremental detokenization for streaming.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+
+/// One message of a chat, as OpenAI's API and HF chat templates take it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A Hugging Face tokenizer with the model's chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn special_token(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` and (if present) `tokenizer_config.json` from `dir`,
+    /// and checks that every token id fits the model's vocabulary.
+    pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::Tokenizer(format!(
+                "{} not found",
+                path.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+        let vocab = inner.get_vocab_size(true);
+        if vocab > config.vocab_size {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer has {vocab} tokens but the model's vocab_size is {}",
+                config.vocab_size
+            )));
+        }
+        let mut tok = Tokenizer {
+            inner,
+            chat_template: None,
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let cfg_path = dir.join("tokenizer_config.json");
+        if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|source| EngineError::Io {
+                path: cfg_path.clone(),
+                source,
+            })?;
+            let cfg: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", cfg_path.display())))?;
+            tok.chat_template = match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take the default one.
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            };
+            tok.bos_token = special_token(cfg.get("bos_token"));
+            tok.eos_token = special_token(cfg.get("eos_token"));
+        }
+        Ok(tok)
+    }
+
+    /// Tokens in the tokenizer's vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token given as text, if it is in the vocabulary.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Tokenizes `text`; `add_special_tokens` adds what the tokenizer's post-processor
+    /// adds (e.g. a BOS token).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot encode: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
+    }
+
+    /// Whether the model ships a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders a chat into the prompt text the model was trained on.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| EngineError::ChatTemplate("the model has no chat template".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+}
+
+/// Turns a growing list of token ids into text deltas, holding back an
+/// incomplete UTF-8 character until its last byte arrives.
+///
+/// Decoding only the newest token is wrong for byte-level and sentencepiece
+/// tokenizers (spaces and multi-byte characters span tokens), and decoding
+/// everything each step is quadratic; like vLLM and TGI, decode a small
+/// window before the new tokens and emit the difference.
+#[derive(Debug, Default, Clone)]
+pub struct Detokenizer {
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    /// A detokenizer whose text starts after `ids[..start]` (e.g. after the prompt).
+    pub fn starting_at(start: usize) -> Self {
+        Detokenizer {
+            prefix_offset: start,
+            read_offset: start,
+        }
+    }
+
+    /// The text completed by the tokens of `ids` not yet turned into text.
+    pub fn step(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+        let prefix = tokenizer.decode(&ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&ids[self.prefix_offset..])?;
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = ids.len();
+            Ok(delta)
+        } else {
+            Ok(String::new())
+        }
+    }
+}

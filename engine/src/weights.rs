@@ -1,0 +1,169 @@
+//! Memory-mapped safetensors weights, single-file or sharded.
+//!
+//! Files are mapped, never read into a buffer, so a tensor is copied once: from
+//! the page cache into the backend's own storage (converted to its dtype on
+//! the way). A shard index (`model.safetensors.index.json`) is followed when
+//! present. Every tensor is located and its bounds checked when the files are
+//! opened, so a corrupt or truncated file fails at load time with its name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+
+use crate::error::{EngineError, Result};
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// The mapped weight files of one model and an index of their tensors.
+pub struct Weights {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| EngineError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let parsed: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| EngineError::Weights {
+                    path: index.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = parsed
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| EngineError::Weights {
+                    path: index.clone(),
+                    message: "no `weight_map` object".into(),
+                })?;
+            let mut files: Vec<String> = Vec::new();
+            for file in map.values() {
+                let file = file.as_str().ok_or_else(|| EngineError::Weights {
+                    path: index.clone(),
+                    message: "weight_map values must be file names".into(),
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(EngineError::Weights {
+                        path: index.clone(),
+                        message: format!("shard name {file:?} must be a plain file name"),
+                    });
+                }
+                if !files.iter().any(|f| f == file) {
+                    files.push(file.to_string());
+                }
+            }
+            files.sort();
+            Self::open_files(&files.iter().map(|f| dir.join(f)).collect::<Vec<_>>())
+        } else {
+            Self::open_files(&[dir.join("model.safetensors")])
+        }
+    }
+
+    /// Maps and indexes the given safetensors files.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (file, path) in paths.iter().enumerate() {
+            let handle = std::fs::File::open(path).map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the file is mapped read-only; Tandem never writes model files while
+            // serving them, and a file truncated underneath us is an operator error that
+            // the safetensors bounds checks below catch at open time.
+            let map = unsafe { Mmap::map(&handle) }.map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| EngineError::Weights {
+                path: path.clone(),
+                message: format!("not a valid safetensors file ({e})"),
+            })?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                entries.insert(
+                    name,
+                    Entry {
+                        file,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + view.data().len(),
+                    },
+                );
+            }
+            maps.push(map);
+        }
+        Ok(Weights {
+            paths: paths.to_vec(),
+            maps,
+            entries,
+        })
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The dtype, shape and bytes of a tensor, straight from the mapping.
+    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, &[usize], &[u8])> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| EngineError::MissingTensor { name: name.into() })?;
+        Ok((e.dtype, &e.shape, &self.maps[e.file][e.start..e.end]))
+    }
+
+    /// Loads a tensor of the expected shape as `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (st_dtype, shape, bytes) = self.raw(name)?;
+        if shape != expected {
+            return Err(EngineError::TensorShape {
+                name: name.into(),
+                actual: shape.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        let file_dtype = match st_dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                let e = &self.entries[name];
+                return Err(EngineError::Weights {
+                    path: self.paths[e.file].clone(),
+                    message: format!(
+                        "tensor {name:?} has dtype {other:?}; expected f32, f16 or bf16"
+                    ),
+                });
+            }
+        };
+        let t = Tensor::from_raw_buffer(bytes, file_dtype, shape, device)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}

@@ -1,0 +1,1 @@
+//! tandem-kv-transfer (see the crate's module docs).

@@ -1,0 +1,1 @@
+//! tandem-prefill (see the crate's module docs).

@@ -1,0 +1,10 @@
+//! Tandem's wire contract: generated tonic/prost code for package `tandem.v1`.
+//!
+//! This crate is the only place wire types are defined; every other crate speaks
+//! through these types.
+
+/// Package `tandem.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("tandem.v1");
+}

@@ -1,0 +1,1 @@
+//! tandem-router (see the crate's module docs).
