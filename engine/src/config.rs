@@ -168,21 +168,21 @@ impl ModelConfig {
             hf.num_key_value_heads.or(hf.num_attention_heads),
             "num_key_value_heads",
         )?;
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
             )));
         }
         let head_dim = match hf.head_dim {
             Some(d) => need(Some(d), "head_dim")?,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
             None => {
                 return Err(bad(format!(
                     "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_heads})"
                 )));
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim ({head_dim}) must be even for rotary embeddings"
             )));

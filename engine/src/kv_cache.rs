@@ -183,6 +183,11 @@ impl CpuKvCache {
     /// The bytes (little-endian) of `blocks` of one layer, block after block:
     /// what goes on the wire for that layer.
     pub fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
+        if layer >= self.layout.num_layers {
+            return Err(EngineError::KvCache(format!(
+                "layer {layer} does not exist"
+            )));
+        }
         let be = self.layout.block_elems();
         let mut out = Vec::with_capacity(blocks.len() * self.layout.block_bytes());
         for &b in blocks {

@@ -21,6 +21,7 @@ use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 use crate::config::Architecture;
 use crate::error::{EngineError, Result};
 
+const EMBED_STD_TIED: f32 = 0.2;
 const CORPUS: &str = include_str!("corpus.txt");
 const BOS: &str = "<s>";
 const EOS: &str = "</s>";
@@ -136,7 +137,9 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
 
 /// Writes a model directory for `spec` into `dir` (created if missing).
 pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
-    if spec.num_heads % spec.num_kv_heads != 0 || spec.hidden_size % spec.num_heads != 0 {
+    if !spec.num_heads.is_multiple_of(spec.num_kv_heads)
+        || !spec.hidden_size.is_multiple_of(spec.num_heads)
+    {
         return Err(EngineError::InvalidInput(
             "heads must divide hidden_size and kv heads must divide heads".into(),
         ));
@@ -216,11 +219,14 @@ pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
         let n = shape.iter().product();
         tensors.push((name, shape, normal(rng, n, mean, std)));
     };
+    // A small embedding keeps the residual stream from being dominated by the current
+    // token, which with tied embeddings makes a random model repeat its last token.
+    let embed_std = if tied { EMBED_STD_TIED } else { 1.0 };
     push(
         "model.embed_tokens.weight".into(),
         vec![vocab, h],
         0.0,
-        1.0,
+        embed_std,
         &mut rng,
     );
     let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();

@@ -1,0 +1,128 @@
+//! Whole-request generation on a synthesized model: synth speed, seeds, stops.
+
+use std::time::Instant;
+
+use tandem_engine::local::LocalGenerator;
+use tandem_engine::synth::{SynthSpec, write_model_dir};
+use tandem_engine::{FinishReason, GenerationParams, ModelDir, SamplingParams};
+
+fn setup() -> (tempfile::TempDir, ModelDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    write_model_dir(dir.path(), &SynthSpec::default()).unwrap();
+    let took = start.elapsed();
+    // The quick-start model is written "in well under a second" even in a debug build.
+    assert!(took.as_secs_f64() < 1.0, "synth took {took:?}");
+    let m = ModelDir::open(dir.path()).unwrap();
+    (dir, m)
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_seeds_differ() {
+    let (_d, m) = setup();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    let run = |g: &mut LocalGenerator<_>, seed| {
+        let params = GenerationParams {
+            sampling: SamplingParams {
+                temperature: 1.0,
+                top_p: 0.95,
+                top_k: 50,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            max_tokens: 24,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        g.generate(&prompt, &params, &m.tokenizer, |_| {})
+            .unwrap()
+            .tokens
+    };
+    let a = run(&mut g, 42);
+    assert_eq!(a, run(&mut g, 42));
+    assert_ne!(a, run(&mut g, 43));
+    assert_eq!(a.len(), 24);
+}
+
+#[test]
+fn stop_string_and_stop_token_and_length() {
+    let (_d, m) = setup();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("The little fish", true).unwrap();
+    let free_run = GenerationParams {
+        max_tokens: 20,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let full = g
+        .generate(&prompt, &free_run, &m.tokenizer, |_| {})
+        .unwrap();
+    assert_eq!(full.finish_reason, FinishReason::Length);
+    assert_eq!(full.tokens.len(), 20);
+    let streamed_text = m.tokenizer.decode(&full.tokens).unwrap();
+    assert_eq!(
+        full.text, streamed_text,
+        "streamed deltas add up to the decoded text"
+    );
+
+    // Stop at a string that starts in the middle of the output, spanning tokens.
+    let chars: Vec<char> = full.text.chars().collect();
+    assert!(chars.len() > 6, "need some text to cut: {:?}", full.text);
+    let stop: String = chars[3..6].iter().collect();
+    let expected_text: String = full.text[..full.text.find(&stop).unwrap()].to_string();
+    let with_stop = GenerationParams {
+        stop: vec![stop.clone()],
+        ..free_run.clone()
+    };
+    let mut streamed = String::new();
+    let out = g
+        .generate(&prompt, &with_stop, &m.tokenizer, |ev| {
+            streamed.push_str(&ev.text)
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.text, expected_text);
+    assert_eq!(
+        streamed, expected_text,
+        "no text past the stop string was ever streamed"
+    );
+
+    // A stop token id ends generation right after it.
+    let third = full.tokens[2];
+    let with_stop_id = GenerationParams {
+        stop_token_ids: vec![third],
+        ..free_run
+    };
+    let out = g
+        .generate(&prompt, &with_stop_id, &m.tokenizer, |_| {})
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    let cut = full.tokens.iter().position(|&t| t == third).unwrap();
+    assert_eq!(out.tokens, full.tokens[..=cut]);
+}
+
+#[test]
+fn chat_template_renders() {
+    let (_d, m) = setup();
+    let text = m
+        .tokenizer
+        .apply_chat_template(
+            &[tandem_engine::ChatMessage {
+                role: "user".into(),
+                content: "Hello".into(),
+            }],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = m.tokenizer.encode(&text, false).unwrap();
+    assert_eq!(
+        ids[0],
+        m.tokenizer.token_to_id("<|im_start|>").unwrap(),
+        "special tokens are atomic"
+    );
+}
