@@ -4,7 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let files = ["proto/tandem/v1/generate.proto"];
+    let files = [
+        "proto/tandem/v1/generate.proto",
+        "proto/tandem/v1/internal.proto",
+    ];
     tonic_prost_build::configure().compile_protos(&files, &["proto"])?;
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,0 +1,362 @@
+//! The config file: one TOML schema for every role.
+//!
+//! A file has a `[model]` section and one section per role it runs:
+//! `[router]`, `[prefill]`, `[decode]`. `tandem up` runs every role present in
+//! one process; `tandem router|prefill|decode --config FILE` runs one. Unknown
+//! keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the synthesized quick-start model lives when no path is configured.
+pub const DEFAULT_MODEL_DIR: &str = "models/tandem-synth";
+
+/// A config that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("bad config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("bad config: {0}")]
+    Invalid(String),
+}
+
+/// A whole config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The model every role serves.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// The router role.
+    pub router: Option<RouterSection>,
+    /// The prefill role.
+    pub prefill: Option<PrefillSection>,
+    /// The decode role.
+    pub decode: Option<DecodeSection>,
+}
+
+/// Which compute backend runs the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// candle on the CPU.
+    #[default]
+    Cpu,
+    /// The CUDA backend (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory. The default is a small random-weight model,
+    /// synthesized on first use.
+    #[serde(default = "default_model_path")]
+    pub path: PathBuf,
+    /// Name clients use for the model; default: the directory's name.
+    pub name: Option<String>,
+    /// Compute backend.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// GPU index for the CUDA backend.
+    #[serde(default)]
+    pub device: usize,
+}
+
+fn default_model_path() -> PathBuf {
+    PathBuf::from(DEFAULT_MODEL_DIR)
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: default_model_path(),
+            name: None,
+            backend: BackendKind::Cpu,
+            device: 0,
+        }
+    }
+}
+
+/// `[router]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// Address of the client-facing gRPC API.
+    #[serde(default = "default_router_listen")]
+    pub listen: SocketAddr,
+    /// gRPC addresses of the prefill nodes (`http://host:port`); filled in by `tandem up`.
+    #[serde(default)]
+    pub prefill_nodes: Vec<String>,
+    /// gRPC addresses of the decode nodes; filled in by `tandem up`.
+    #[serde(default)]
+    pub decode_nodes: Vec<String>,
+    /// Requests running at once; more wait in the admission queue.
+    #[serde(default = "default_max_running")]
+    pub max_running: usize,
+    /// Requests waiting for admission; more are refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Deadline of a request from arrival to its last token, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: f64,
+    /// How long a decode node waits for a request's KV, in milliseconds.
+    #[serde(default = "default_kv_timeout")]
+    pub kv_timeout_ms: u32,
+    /// max_tokens when a request gives none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u32,
+    /// Largest max_tokens a request may ask for.
+    #[serde(default = "default_max_tokens_limit")]
+    pub max_tokens_limit: u32,
+    /// Interval of the nodes' load reports, in milliseconds.
+    #[serde(default = "default_load_interval")]
+    pub load_interval_ms: u32,
+}
+
+fn default_router_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_max_running() -> usize {
+    512
+}
+fn default_max_queue() -> usize {
+    1024
+}
+fn default_request_timeout() -> f64 {
+    300.0
+}
+fn default_kv_timeout() -> u32 {
+    30_000
+}
+fn default_max_tokens() -> u32 {
+    256
+}
+fn default_max_tokens_limit() -> u32 {
+    8192
+}
+fn default_load_interval() -> u32 {
+    50
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every router field has a default"))
+    }
+}
+
+/// `[prefill]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefillSection {
+    /// Node id (in logs and load reports).
+    #[serde(default = "default_prefill_id")]
+    pub id: String,
+    /// Address of the internal gRPC service.
+    #[serde(default = "loopback_any")]
+    pub listen: SocketAddr,
+    /// KV blocks of the prefill node's own cache (the prompts being prefilled).
+    #[serde(default = "default_prefill_blocks")]
+    pub kv_blocks: usize,
+    /// Tokens per KV block (must equal the decode nodes').
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Most prompt tokens of one request per forward pass; a multiple of block_size.
+    #[serde(default = "default_chunk")]
+    pub chunk_tokens: usize,
+    /// Most prompt tokens per forward pass over all requests.
+    #[serde(default = "default_prefill_budget")]
+    pub max_batch_tokens: usize,
+    /// Requests waiting to be prefilled; more are refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// QUIC connections to each decode node.
+    #[serde(default = "default_kv_connections")]
+    pub kv_connections: usize,
+}
+
+fn default_prefill_id() -> String {
+    "prefill-0".into()
+}
+fn default_decode_id() -> String {
+    "decode-0".into()
+}
+fn loopback_any() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+fn default_prefill_blocks() -> usize {
+    1024
+}
+fn default_decode_blocks() -> usize {
+    4096
+}
+fn default_block_size() -> usize {
+    16
+}
+fn default_chunk() -> usize {
+    256
+}
+fn default_prefill_budget() -> usize {
+    1024
+}
+fn default_kv_connections() -> usize {
+    2
+}
+fn default_max_batch() -> usize {
+    64
+}
+fn default_local_prefill_below() -> usize {
+    32
+}
+
+/// `[decode]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSection {
+    /// Node id (in logs and load reports).
+    #[serde(default = "default_decode_id")]
+    pub id: String,
+    /// Address of the internal gRPC service.
+    #[serde(default = "loopback_any")]
+    pub listen: SocketAddr,
+    /// Address of the QUIC KV receiver.
+    #[serde(default = "loopback_any")]
+    pub quic_listen: SocketAddr,
+    /// KV blocks of the cache.
+    #[serde(default = "default_decode_blocks")]
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Most sequences in one decode step.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Most tokens per step (decode tokens plus local prefill chunks).
+    #[serde(default = "default_prefill_budget")]
+    pub max_batch_tokens: usize,
+    /// Prompts shorter than this are prefilled here instead of on a prefill node
+    /// (conditional disaggregation). A very large value makes this a colocated engine.
+    #[serde(default = "default_local_prefill_below")]
+    pub local_prefill_below: usize,
+}
+
+impl Config {
+    /// Reads and parses a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.prefill {
+            if p.block_size == 0
+                || p.chunk_tokens == 0
+                || !p.chunk_tokens.is_multiple_of(p.block_size)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
+                    p.chunk_tokens, p.block_size
+                )));
+            }
+            if p.kv_connections == 0 || p.max_queue == 0 || p.kv_blocks == 0 {
+                return Err(ConfigError::Invalid(
+                    "prefill.kv_connections, max_queue and kv_blocks must be positive".into(),
+                ));
+            }
+        }
+        if let Some(d) = &self.decode {
+            if d.block_size == 0 || d.max_batch == 0 || d.kv_blocks == 0 || d.max_batch_tokens == 0
+            {
+                return Err(ConfigError::Invalid(
+                    "decode.block_size, max_batch, kv_blocks and max_batch_tokens must be positive"
+                        .into(),
+                ));
+            }
+        }
+        if let (Some(p), Some(d)) = (&self.prefill, &self.decode)
+            && p.block_size != d.block_size
+        {
+            return Err(ConfigError::Invalid(format!(
+                "prefill.block_size ({}) and decode.block_size ({}) must match",
+                p.block_size, d.block_size
+            )));
+        }
+        if let Some(r) = &self.router
+            && (r.max_running == 0 || r.default_max_tokens == 0 || r.request_timeout_s <= 0.0)
+        {
+            return Err(ConfigError::Invalid(
+                "router.max_running, default_max_tokens and request_timeout_s must be positive"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert!(c.router.is_none());
+        assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_DIR));
+        assert_eq!(RouterSection::default().listen.port(), 50051);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[decode]\nmax_bach = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_bach"), "{err}");
+        let err = Config::parse("[decoder]\n").unwrap_err().to_string();
+        assert!(err.contains("decoder"), "{err}");
+    }
+
+    #[test]
+    fn chunk_must_align_with_blocks() {
+        let err = Config::parse("[prefill]\nchunk_tokens = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chunk_tokens"), "{err}");
+    }
+}

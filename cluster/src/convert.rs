@@ -1,0 +1,73 @@
+//! Conversions between wire messages and engine types, in one place.
+
+use tandem_engine::{FinishReason, GenerationParams, SamplingParams};
+use tandem_proto::v1 as pb;
+
+/// Engine sampling parameters from the wire's, mapping "unset" (0) to neutral values.
+pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
+    let Some(s) = s else {
+        return SamplingParams::default();
+    };
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: if s.top_k < 0 {
+            usize::MAX
+        } else {
+            s.top_k as usize
+        },
+        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+        min_p: s.min_p,
+        repetition_penalty: if s.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            s.repetition_penalty
+        },
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+    }
+}
+
+/// Checks wire sampling parameters that the engine type cannot represent.
+pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), String> {
+    if let Some(s) = s
+        && s.top_k < 0
+    {
+        return Err(format!("top_k must be >= 0, got {}", s.top_k));
+    }
+    Ok(())
+}
+
+/// The wire form of engine sampling parameters.
+pub fn sampling_to_pb(s: &SamplingParams) -> pb::SamplingParams {
+    pb::SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k.min(i32::MAX as usize) as i32,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+    }
+}
+
+/// Engine generation parameters from a decode request.
+pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
+    GenerationParams {
+        sampling: sampling_from_pb(r.sampling.as_ref()),
+        max_tokens: r.max_tokens as usize,
+        stop: r.stop.clone(),
+        stop_token_ids: r.stop_token_ids.clone(),
+        ignore_eos: r.ignore_eos,
+    }
+}
+
+/// The wire finish reason.
+pub fn finish_reason_to_pb(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Eos => pb::FinishReason::Eos,
+    }
+}
