@@ -10,3 +10,5 @@
 //! - [`sender`]: the prefill side's QUIC connections, with back-pressure.
 
 pub mod wire;
+pub mod reservation;
+pub mod tls;
