@@ -119,7 +119,13 @@ impl KvReceiver {
         server_tls: Arc<rustls::ServerConfig>,
         sink: Arc<dyn KvSink>,
     ) -> Result<(KvReceiver, SocketAddr), TransferError> {
-        Self::bind_with(addr, server_tls, sink, ReceiverConfig::default(), CancellationToken::new())
+        Self::bind_with(
+            addr,
+            server_tls,
+            sink,
+            ReceiverConfig::default(),
+            CancellationToken::new(),
+        )
     }
 
     /// Binds `addr`; the receiver stops when `shutdown` is cancelled.
@@ -130,17 +136,39 @@ impl KvReceiver {
         config: ReceiverConfig,
         shutdown: CancellationToken,
     ) -> Result<(KvReceiver, SocketAddr), TransferError> {
-        let crypto = QuicServerConfig::try_from(server_tls)
-            .map_err(|e| TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}"))))?;
+        let crypto = QuicServerConfig::try_from(server_tls).map_err(|e| {
+            TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}")))
+        })?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(config.transport.transport_config(config.max_streams_per_connection));
+        server.transport_config(
+            config
+                .transport
+                .transport_config(config.max_streams_per_connection),
+        );
         let socket = config.transport.udp_socket(addr)?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server), socket, Arc::new(TokioRuntime))?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(TokioRuntime),
+        )?;
         let local = endpoint.local_addr()?;
-        let shared = Arc::new(Shared { sink, tracker: Tracker::default(), config, shutdown: shutdown.clone() });
+        let shared = Arc::new(Shared {
+            sink,
+            tracker: Tracker::default(),
+            config,
+            shutdown: shutdown.clone(),
+        });
         tokio::spawn(sweep(shared.clone()));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared));
-        Ok((KvReceiver { endpoint, shutdown, accept_task }, local))
+        Ok((
+            KvReceiver {
+                endpoint,
+                shutdown,
+                accept_task,
+            },
+            local,
+        ))
     }
 
     /// The bound address.
@@ -152,7 +180,8 @@ impl KvReceiver {
     /// loop to end (bounded).
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.endpoint.close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
+        self.endpoint
+            .close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -243,10 +272,18 @@ async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
             Ok(None) => {
                 break Some(StreamFailure {
                     code: stop_code::MALFORMED,
-                    reason: format!("stream ended inside a frame ({} bytes left over)", decoder.buffered()),
+                    reason: format!(
+                        "stream ended inside a frame ({} bytes left over)",
+                        decoder.buffered()
+                    ),
                 });
             }
-            Err(e) => break Some(StreamFailure { code: stop_code::MALFORMED, reason: format!("stream read failed: {e}") }),
+            Err(e) => {
+                break Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: format!("stream read failed: {e}"),
+                });
+            }
         }
     };
     let Some(failure) = failure else { return };
@@ -275,7 +312,12 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
         let frame = match decoder.next_frame() {
             Ok(Some(f)) => f,
             Ok(None) => return Flow::Continue,
-            Err(e) => return Flow::Stop(Some(StreamFailure { code: stop_code::MALFORMED, reason: e.to_string() })),
+            Err(e) => {
+                return Flow::Stop(Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: e.to_string(),
+                }));
+            }
         };
         let id = frame.request_id();
         match *request {
@@ -288,8 +330,18 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
             }
             Some(_) => {}
         }
-        let ended = || Flow::Stop(Some(StreamFailure { code: stop_code::ENDED, reason: String::new() }));
-        let refused = |reason| Flow::Stop(Some(StreamFailure { code: stop_code::REFUSED, reason }));
+        let ended = || {
+            Flow::Stop(Some(StreamFailure {
+                code: stop_code::ENDED,
+                reason: String::new(),
+            }))
+        };
+        let refused = |reason| {
+            Flow::Stop(Some(StreamFailure {
+                code: stop_code::REFUSED,
+                reason,
+            }))
+        };
         match frame {
             Frame::Layer { header, payload } => {
                 if !shared.tracker.begin_layer(id) {
@@ -302,25 +354,44 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                     deliver_final(shared, id, fin);
                 }
             }
-            Frame::Final { first_token, layers_sent, frames_sent, .. } => {
-                match shared.tracker.final_arrived(id, PendingFinal { first_token, layers_sent, frames_sent }) {
+            Frame::Final {
+                first_token,
+                layers_sent,
+                frames_sent,
+                ..
+            } => {
+                match shared.tracker.final_arrived(
+                    id,
+                    PendingFinal {
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    },
+                ) {
                     FinalAction::Deliver(fin) => deliver_final(shared, id, fin),
                     FinalAction::Wait => {}
                     FinalAction::Ended => return ended(),
                     FinalAction::TooManyFrames(done) => {
                         return Flow::Stop(Some(StreamFailure {
                             code: stop_code::MALFORMED,
-                            reason: format!("final says {frames_sent} layer frames but {done} arrived"),
+                            reason: format!(
+                                "final says {frames_sent} layer frames but {done} arrived"
+                            ),
                         }));
                     }
                 }
             }
             Frame::Abort { reason, .. } => {
                 if shared.tracker.end(id) {
-                    shared.sink.on_abort(id, &format!("sender aborted: {reason}"));
+                    shared
+                        .sink
+                        .on_abort(id, &format!("sender aborted: {reason}"));
                 }
                 // Nothing may follow an Abort on this stream.
-                return Flow::Stop(Some(StreamFailure { code: stop_code::ENDED, reason: String::new() }));
+                return Flow::Stop(Some(StreamFailure {
+                    code: stop_code::ENDED,
+                    reason: String::new(),
+                }));
             }
         }
     }
@@ -328,7 +399,9 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
 
 fn deliver_final(shared: &Shared, id: u64, fin: PendingFinal) {
     if let Err(reason) = shared.sink.on_final(id, fin.first_token, fin.layers_sent) {
-        shared.sink.on_abort(id, &format!("final refused: {reason}"));
+        shared
+            .sink
+            .on_abort(id, &format!("final refused: {reason}"));
     }
 }
 
@@ -340,8 +413,13 @@ async fn sweep(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for id in shared.tracker.sweep(Instant::now(), shared.config.request_idle_timeout) {
-            shared.sink.on_abort(id, "no progress within the idle timeout");
+        for id in shared
+            .tracker
+            .sweep(Instant::now(), shared.config.request_idle_timeout)
+        {
+            shared
+                .sink
+                .on_abort(id, "no progress within the idle timeout");
         }
     }
 }
@@ -439,7 +517,9 @@ impl Tracker {
 
     fn final_arrived(&self, id: u64, fin: PendingFinal) -> FinalAction {
         let mut s = self.lock();
-        let Some(p) = s.progress(id) else { return FinalAction::Ended };
+        let Some(p) = s.progress(id) else {
+            return FinalAction::Ended;
+        };
         if p.pending_final.is_some() {
             return FinalAction::TooManyFrames(p.frames_done);
         }

@@ -162,11 +162,14 @@ struct Entry {
 
 impl Entry {
     fn cells(&self) -> u64 {
-        u64::from(self.expect.num_layers) * u64::from(self.expect.num_blocks) * u64::from(self.expect.total_heads)
+        u64::from(self.expect.num_layers)
+            * u64::from(self.expect.num_blocks)
+            * u64::from(self.expect.total_heads)
     }
 
     fn cell(&self, layer: u32, block: u32, head: u16) -> usize {
-        ((layer as usize * self.expect.num_blocks as usize + block as usize) * self.expect.total_heads as usize)
+        ((layer as usize * self.expect.num_blocks as usize + block as usize)
+            * self.expect.total_heads as usize)
             + head as usize
     }
 
@@ -189,7 +192,10 @@ pub struct Reservations {
 impl Reservations {
     /// An empty table whose reservations expire `timeout` after registration.
     pub fn new(timeout: Duration) -> Self {
-        Reservations { entries: HashMap::new(), timeout }
+        Reservations {
+            entries: HashMap::new(),
+            timeout,
+        }
     }
 
     /// Reservations held.
@@ -203,62 +209,106 @@ impl Reservations {
     }
 
     /// Expects a transfer for `request_id`.
-    pub fn register(&mut self, request_id: u64, expect: Expectation, now: Instant) -> Result<(), Refusal> {
+    pub fn register(
+        &mut self,
+        request_id: u64,
+        expect: Expectation,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         if self.entries.contains_key(&request_id) {
             return Err(Refusal::AlreadyRegistered(request_id));
         }
         if expect.num_layers == 0 || expect.num_blocks == 0 || expect.total_heads == 0 {
-            return Err(Refusal::BadExpectation("layers, blocks and heads must be nonzero"));
+            return Err(Refusal::BadExpectation(
+                "layers, blocks and heads must be nonzero",
+            ));
         }
         if expect.full_block_bytes() != Some(expect.block_bytes) {
             return Err(Refusal::BadExpectation(
                 "block_bytes must be 2 * total_heads * block_size * head_dim * dtype size",
             ));
         }
-        let cells = u64::from(expect.num_layers) * u64::from(expect.num_blocks) * u64::from(expect.total_heads);
-        let words = usize::try_from(cells.div_ceil(64)).map_err(|_| Refusal::BadExpectation("too many cells"))?;
+        let cells = u64::from(expect.num_layers)
+            * u64::from(expect.num_blocks)
+            * u64::from(expect.total_heads);
+        let words = usize::try_from(cells.div_ceil(64))
+            .map_err(|_| Refusal::BadExpectation("too many cells"))?;
         self.entries.insert(
             request_id,
-            Entry { expect, registered: now, received: vec![0; words], received_count: 0, finished: false },
+            Entry {
+                expect,
+                registered: now,
+                received: vec![0; words],
+                received_count: 0,
+                finished: false,
+            },
         );
         Ok(())
     }
 
     /// Checks a Layer frame's header and records its cells as received.
     pub fn on_layer_frame(&mut self, h: &LayerHeader) -> Result<Accepted, Refusal> {
-        let entry = self.entries.get_mut(&h.request_id).ok_or(Refusal::UnknownRequest(h.request_id))?;
+        let entry = self
+            .entries
+            .get_mut(&h.request_id)
+            .ok_or(Refusal::UnknownRequest(h.request_id))?;
         if entry.finished {
             return Err(Refusal::Finished(h.request_id));
         }
         let e = entry.expect;
         let layer = u32::from(h.layer);
         if layer >= e.num_layers {
-            return Err(Refusal::LayerOutOfRange { layer, num_layers: e.num_layers });
+            return Err(Refusal::LayerOutOfRange {
+                layer,
+                num_layers: e.num_layers,
+            });
         }
-        let mismatch = |field, expected: u64, got: u64| Refusal::Mismatch { field, expected, got };
+        let mismatch = |field, expected: u64, got: u64| Refusal::Mismatch {
+            field,
+            expected,
+            got,
+        };
         if h.dtype != e.dtype {
             return Err(mismatch("dtype", e.dtype as u64, h.dtype as u64));
         }
         if h.total_heads != e.total_heads {
-            return Err(mismatch("total_heads", e.total_heads.into(), h.total_heads.into()));
+            return Err(mismatch(
+                "total_heads",
+                e.total_heads.into(),
+                h.total_heads.into(),
+            ));
         }
         if h.head_dim != e.head_dim {
             return Err(mismatch("head_dim", e.head_dim.into(), h.head_dim.into()));
         }
         if h.block_size != e.block_size {
-            return Err(mismatch("block_size", e.block_size.into(), h.block_size.into()));
+            return Err(mismatch(
+                "block_size",
+                e.block_size.into(),
+                h.block_size.into(),
+            ));
         }
         let head_end = u32::from(h.head_start) + u32::from(h.head_count);
         if h.head_count == 0 || head_end > u32::from(e.total_heads) {
-            return Err(Refusal::HeadsOutOfRange { start: h.head_start, end: head_end, total: e.total_heads });
+            return Err(Refusal::HeadsOutOfRange {
+                start: h.head_start,
+                end: head_end,
+                total: e.total_heads,
+            });
         }
         let block_end = u64::from(h.first_block) + u64::from(h.block_count);
         if h.block_count == 0 || block_end > u64::from(e.num_blocks) {
-            return Err(Refusal::BlocksOutOfRange { first: h.first_block, end: block_end, num_blocks: e.num_blocks });
+            return Err(Refusal::BlocksOutOfRange {
+                first: h.first_block,
+                end: block_end,
+                num_blocks: e.num_blocks,
+            });
         }
         // Full-head block bytes scaled to the carried heads; exact because
         // block_bytes is a multiple of total_heads (checked at registration).
-        let expected_len = e.block_bytes / u64::from(e.total_heads) * u64::from(h.head_count) * u64::from(h.block_count);
+        let expected_len = e.block_bytes / u64::from(e.total_heads)
+            * u64::from(h.head_count)
+            * u64::from(h.block_count);
         if u64::from(h.payload_len) != expected_len {
             return Err(mismatch("payload_len", expected_len, h.payload_len.into()));
         }
@@ -287,8 +337,16 @@ impl Reservations {
 
     /// Marks the request finished if every cell arrived and the sender's
     /// layer count matches.
-    pub fn on_final(&mut self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<Complete, Refusal> {
-        let entry = self.entries.get_mut(&request_id).ok_or(Refusal::UnknownRequest(request_id))?;
+    pub fn on_final(
+        &mut self,
+        request_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<Complete, Refusal> {
+        let entry = self
+            .entries
+            .get_mut(&request_id)
+            .ok_or(Refusal::UnknownRequest(request_id))?;
         if entry.finished {
             return Err(Refusal::Finished(request_id));
         }
@@ -301,10 +359,16 @@ impl Reservations {
         }
         let missing = entry.cells() - entry.received_count;
         if missing != 0 {
-            return Err(Refusal::Incomplete { request_id, missing });
+            return Err(Refusal::Incomplete {
+                request_id,
+                missing,
+            });
         }
         entry.finished = true;
-        Ok(Complete { request_id, first_token })
+        Ok(Complete {
+            request_id,
+            first_token,
+        })
     }
 
     /// Forgets a reservation; returns whether it existed.
@@ -348,7 +412,13 @@ mod tests {
         }
     }
 
-    fn shape(layer: u16, first_block: u32, block_count: u32, head_start: u16, head_count: u16) -> LayerShape {
+    fn shape(
+        layer: u16,
+        first_block: u32,
+        block_count: u32,
+        head_start: u16,
+        head_count: u16,
+    ) -> LayerShape {
         LayerShape {
             layer,
             first_block,
@@ -377,24 +447,52 @@ mod tests {
     #[test]
     fn full_and_split_transfers_complete() {
         let (mut r, _) = table();
-        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS))).unwrap();
+        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
+            .unwrap();
         // Layer 1 in two TP halves, blocks split too.
         r.on_layer_frame(&header(1, shape(1, 0, 2, 0, 2))).unwrap();
         r.on_layer_frame(&header(1, shape(1, 2, 1, 0, 2))).unwrap();
-        assert!(matches!(r.on_final(1, 42, 2), Err(Refusal::Incomplete { missing: 6, .. })));
+        assert!(matches!(
+            r.on_final(1, 42, 2),
+            Err(Refusal::Incomplete { missing: 6, .. })
+        ));
         let a = r.on_layer_frame(&header(1, shape(1, 0, 3, 2, 2))).unwrap();
-        assert_eq!(a, Accepted { layer: 1, first_block: 0, block_count: 3, head_start: 2, head_count: 2 });
-        assert_eq!(r.on_final(1, 42, 2), Ok(Complete { request_id: 1, first_token: 42 }));
-        assert_eq!(r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))), Err(Refusal::Finished(1)));
+        assert_eq!(
+            a,
+            Accepted {
+                layer: 1,
+                first_block: 0,
+                block_count: 3,
+                head_start: 2,
+                head_count: 2
+            }
+        );
+        assert_eq!(
+            r.on_final(1, 42, 2),
+            Ok(Complete {
+                request_id: 1,
+                first_token: 42
+            })
+        );
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
+            Err(Refusal::Finished(1))
+        );
         assert_eq!(r.on_final(1, 42, 2), Err(Refusal::Finished(1)));
         assert!(r.release(1));
-        assert_eq!(r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))), Err(Refusal::UnknownRequest(1)));
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
+            Err(Refusal::UnknownRequest(1))
+        );
     }
 
     #[test]
     fn refuses_unknown_request() {
         let (mut r, _) = table();
-        assert_eq!(r.on_layer_frame(&header(9, shape(0, 0, 1, 0, HEADS))), Err(Refusal::UnknownRequest(9)));
+        assert_eq!(
+            r.on_layer_frame(&header(9, shape(0, 0, 1, 0, HEADS))),
+            Err(Refusal::UnknownRequest(9))
+        );
         assert_eq!(r.on_final(9, 0, 2), Err(Refusal::UnknownRequest(9)));
     }
 
@@ -403,7 +501,10 @@ mod tests {
         let (mut r, _) = table();
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(2, 0, 1, 0, HEADS))),
-            Err(Refusal::LayerOutOfRange { layer: 2, num_layers: 2 })
+            Err(Refusal::LayerOutOfRange {
+                layer: 2,
+                num_layers: 2
+            })
         ));
     }
 
@@ -411,9 +512,15 @@ mod tests {
     fn refuses_duplicates_including_overlaps() {
         let (mut r, _) = table();
         r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))).unwrap();
-        assert_eq!(r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))), Err(Refusal::Duplicate { layer: 0 }));
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))),
+            Err(Refusal::Duplicate { layer: 0 })
+        );
         // Overlapping block and head ranges.
-        assert_eq!(r.on_layer_frame(&header(1, shape(0, 1, 2, 1, 2))), Err(Refusal::Duplicate { layer: 0 }));
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 1, 2, 1, 2))),
+            Err(Refusal::Duplicate { layer: 0 })
+        );
         // Disjoint ones are fine.
         r.on_layer_frame(&header(1, shape(0, 2, 1, 0, 2))).unwrap();
         r.on_layer_frame(&header(1, shape(0, 0, 3, 2, 2))).unwrap();
@@ -424,7 +531,11 @@ mod tests {
         let (mut r, _) = table();
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(0, 2, 2, 0, HEADS))),
-            Err(Refusal::BlocksOutOfRange { first: 2, end: 4, num_blocks: 3 })
+            Err(Refusal::BlocksOutOfRange {
+                first: 2,
+                end: 4,
+                num_blocks: 3
+            })
         ));
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(0, u32::MAX, 1, 0, HEADS))),
@@ -437,22 +548,50 @@ mod tests {
         let (mut r, _) = table();
         let mut s = shape(0, 0, 1, 0, HEADS);
         s.dtype = WireDtype::F16;
-        assert!(matches!(r.on_layer_frame(&header(1, s)), Err(Refusal::Mismatch { field: "dtype", .. })));
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch { field: "dtype", .. })
+        ));
         let mut s = shape(0, 0, 1, 0, HEADS);
         s.head_dim = 16;
-        assert!(matches!(r.on_layer_frame(&header(1, s)), Err(Refusal::Mismatch { field: "head_dim", .. })));
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "head_dim",
+                ..
+            })
+        ));
         let mut s = shape(0, 0, 1, 0, HEADS);
         s.block_size = 4;
-        assert!(matches!(r.on_layer_frame(&header(1, s)), Err(Refusal::Mismatch { field: "block_size", .. })));
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "block_size",
+                ..
+            })
+        ));
         let mut s = shape(0, 0, 1, 0, 2);
         s.total_heads = 2;
-        assert!(matches!(r.on_layer_frame(&header(1, s)), Err(Refusal::Mismatch { field: "total_heads", .. })));
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "total_heads",
+                ..
+            })
+        ));
         // A header whose payload length disagrees (the decoder would also refuse it).
         let mut h = header(1, shape(0, 0, 1, 0, HEADS));
         h.payload_len += 2;
-        assert!(matches!(r.on_layer_frame(&h), Err(Refusal::Mismatch { field: "payload_len", .. })));
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::Mismatch {
+                field: "payload_len",
+                ..
+            })
+        ));
         // Nothing was recorded by the refused frames.
-        r.on_layer_frame(&header(1, shape(0, 0, 1, 0, HEADS))).unwrap();
+        r.on_layer_frame(&header(1, shape(0, 0, 1, 0, HEADS)))
+            .unwrap();
     }
 
     #[test]
@@ -460,34 +599,55 @@ mod tests {
         let (mut r, _) = table();
         let mut h = header(1, shape(0, 0, 1, 3, 1));
         h.head_count = 2;
-        assert!(matches!(r.on_layer_frame(&h), Err(Refusal::HeadsOutOfRange { .. })));
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::HeadsOutOfRange { .. })
+        ));
     }
 
     #[test]
     fn final_checks_layer_count() {
         let (mut r, _) = table();
-        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS))).unwrap();
-        r.on_layer_frame(&header(1, shape(1, 0, 3, 0, HEADS))).unwrap();
-        assert!(matches!(r.on_final(1, 0, 1), Err(Refusal::Mismatch { field: "layers_sent", .. })));
+        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
+            .unwrap();
+        r.on_layer_frame(&header(1, shape(1, 0, 3, 0, HEADS)))
+            .unwrap();
+        assert!(matches!(
+            r.on_final(1, 0, 1),
+            Err(Refusal::Mismatch {
+                field: "layers_sent",
+                ..
+            })
+        ));
         assert!(r.on_final(1, 0, 2).is_ok());
     }
 
     #[test]
     fn registration_checks() {
         let (mut r, now) = table();
-        assert_eq!(r.register(1, expect(), now), Err(Refusal::AlreadyRegistered(1)));
+        assert_eq!(
+            r.register(1, expect(), now),
+            Err(Refusal::AlreadyRegistered(1))
+        );
         let mut e = expect();
         e.block_bytes += 1;
-        assert!(matches!(r.register(2, e, now), Err(Refusal::BadExpectation(_))));
+        assert!(matches!(
+            r.register(2, e, now),
+            Err(Refusal::BadExpectation(_))
+        ));
         let mut e = expect();
         e.num_blocks = 0;
-        assert!(matches!(r.register(2, e, now), Err(Refusal::BadExpectation(_))));
+        assert!(matches!(
+            r.register(2, e, now),
+            Err(Refusal::BadExpectation(_))
+        ));
     }
 
     #[test]
     fn expiry_drops_only_old_unfinished() {
         let (mut r, now) = table();
-        r.register(2, expect(), now + Duration::from_secs(5)).unwrap();
+        r.register(2, expect(), now + Duration::from_secs(5))
+            .unwrap();
         assert!(r.expire(now + Duration::from_secs(10)).is_empty());
         assert_eq!(r.expire(now + Duration::from_secs(11)), vec![1]);
         assert_eq!(r.len(), 1);

@@ -91,8 +91,9 @@ pub fn quinn_client_config(
     client_tls: Arc<rustls::ClientConfig>,
     transport: &TransportTuning,
 ) -> Result<quinn::ClientConfig, TransferError> {
-    let crypto = QuicClientConfig::try_from(client_tls)
-        .map_err(|e| TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}"))))?;
+    let crypto = QuicClientConfig::try_from(client_tls).map_err(|e| {
+        TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}")))
+    })?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport.transport_config(0));
     Ok(cfg)
@@ -114,7 +115,15 @@ impl KvSender {
         client_tls: Arc<rustls::ClientConfig>,
         connections: usize,
     ) -> Result<KvSender, TransferError> {
-        Self::connect_with(addr, client_tls, SenderConfig { connections, ..SenderConfig::default() }).await
+        Self::connect_with(
+            addr,
+            client_tls,
+            SenderConfig {
+                connections,
+                ..SenderConfig::default()
+            },
+        )
+        .await
     }
 
     /// Opens the connections `config` describes.
@@ -124,10 +133,14 @@ impl KvSender {
         config: SenderConfig,
     ) -> Result<KvSender, TransferError> {
         if config.connections == 0 {
-            return Err(TransferError::InvalidArgument("connections must be at least 1".into()));
+            return Err(TransferError::InvalidArgument(
+                "connections must be at least 1".into(),
+            ));
         }
         if config.max_in_flight_bytes == 0 || config.max_frame_payload == 0 {
-            return Err(TransferError::InvalidArgument("byte limits must be nonzero".into()));
+            return Err(TransferError::InvalidArgument(
+                "byte limits must be nonzero".into(),
+            ));
         }
         let client = quinn_client_config(client_tls, &config.transport)?;
         let n_endpoints = match config.endpoints {
@@ -142,7 +155,12 @@ impl KvSender {
         let mut endpoints = Vec::with_capacity(n_endpoints);
         for _ in 0..n_endpoints {
             let socket = config.transport.udp_socket(bind)?;
-            let mut ep = Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(TokioRuntime))?;
+            let mut ep = Endpoint::new(
+                EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(TokioRuntime),
+            )?;
             ep.set_default_client_config(client.clone());
             endpoints.push(ep);
         }
@@ -158,8 +176,16 @@ impl KvSender {
             .await
             .map_err(|_| TransferError::Timeout("connecting"))?
             .map_err(|e| TransferError::Connection(e.to_string()))?;
-        let budget = Arc::new(Semaphore::new(config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS)));
-        Ok(KvSender { endpoints, connections, next: AtomicUsize::new(0), budget, config })
+        let budget = Arc::new(Semaphore::new(
+            config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS),
+        ));
+        Ok(KvSender {
+            endpoints,
+            connections,
+            next: AtomicUsize::new(0),
+            budget,
+            config,
+        })
     }
 
     /// Opens the streams of one request's transfer.
@@ -174,10 +200,11 @@ impl KvSender {
         for i in 0..lanes {
             opening.push(self.connections[(start + i) % n].open_uni());
         }
-        let streams = tokio::time::timeout(self.config.timeout, futures::future::try_join_all(opening))
-            .await
-            .map_err(|_| TransferError::Timeout("opening a stream"))?
-            .map_err(|e| TransferError::Connection(e.to_string()))?;
+        let streams =
+            tokio::time::timeout(self.config.timeout, futures::future::try_join_all(opening))
+                .await
+                .map_err(|_| TransferError::Timeout("opening a stream"))?
+                .map_err(|e| TransferError::Connection(e.to_string()))?;
         let failure = Arc::new(Mutex::new(None));
         let lanes = streams
             .into_iter()
@@ -185,7 +212,13 @@ impl KvSender {
                 // A few frames of queue per lane; the byte budget is the real bound.
                 let (tx, rx) = mpsc::channel(64);
                 let cancel = CancellationToken::new();
-                let task = tokio::spawn(run_lane(send, rx, cancel.clone(), failure.clone(), self.config.timeout));
+                let task = tokio::spawn(run_lane(
+                    send,
+                    rx,
+                    cancel.clone(),
+                    failure.clone(),
+                    self.config.timeout,
+                ));
                 Lane { tx, cancel, task }
             })
             .collect();
@@ -267,11 +300,18 @@ impl RequestStream {
     /// laid out as the engine exports them) for sending, cut into frames of
     /// at most `max_frame_payload` bytes. Returns once queued; waits while
     /// the sender's in-flight budget is spent.
-    pub async fn send_layer(&mut self, shape: LayerShape, payload: Bytes) -> Result<(), TransferError> {
+    pub async fn send_layer(
+        &mut self,
+        shape: LayerShape,
+        payload: Bytes,
+    ) -> Result<(), TransferError> {
         let block_bytes = shape
             .block_bytes()
             .ok_or_else(|| TransferError::InvalidArgument("block size overflows".into()))?;
-        if block_bytes == 0 || shape.block_count == 0 || shape.payload_len() != Some(payload.len() as u64) {
+        if block_bytes == 0
+            || shape.block_count == 0
+            || shape.payload_len() != Some(payload.len() as u64)
+        {
             return Err(TransferError::InvalidArgument(format!(
                 "payload of {} bytes does not match {} blocks of {block_bytes} bytes",
                 payload.len(),
@@ -282,7 +322,8 @@ impl RequestStream {
         let mut block = 0u64;
         while block < u64::from(shape.block_count) {
             let count = per_frame.min(u64::from(shape.block_count) - block);
-            let piece = payload.slice((block * block_bytes) as usize..((block + count) * block_bytes) as usize);
+            let piece = payload
+                .slice((block * block_bytes) as usize..((block + count) * block_bytes) as usize);
             let piece_shape = LayerShape {
                 // Both fit in u32: they are bounded by block_count.
                 first_block: shape.first_block.checked_add(block as u32).ok_or_else(|| {
@@ -292,7 +333,8 @@ impl RequestStream {
                 ..shape
             };
             let header = LayerHeader::for_payload(self.request_id, piece_shape, &piece)?;
-            self.queue(vec![Bytes::copy_from_slice(&header.encode()), piece]).await?;
+            self.queue(vec![Bytes::copy_from_slice(&header.encode()), piece])
+                .await?;
             self.frames_sent += 1;
             block += count;
         }
@@ -310,7 +352,12 @@ impl RequestStream {
             .map_err(|_| TransferError::Stream("sender closed".into()))?;
         let lane = &self.lanes[self.next_lane % self.lanes.len()];
         self.next_lane += 1;
-        if lane.tx.send(LaneMsg::Write(chunks, Some(permit))).await.is_err() {
+        if lane
+            .tx
+            .send(LaneMsg::Write(chunks, Some(permit)))
+            .await
+            .is_err()
+        {
             return Err(self.lane_failure());
         }
         Ok(())
@@ -355,7 +402,9 @@ impl RequestStream {
     pub async fn abort(mut self, reason: &str) -> Result<(), TransferError> {
         self.done = true;
         let mut lanes = std::mem::take(&mut self.lanes).into_iter();
-        let Some(first) = lanes.next() else { return Ok(()) };
+        let Some(first) = lanes.next() else {
+            return Ok(());
+        };
         for lane in lanes {
             lane.cancel.cancel();
         }
@@ -384,7 +433,9 @@ impl Drop for RequestStream {
 
 fn write_error(e: WriteError) -> TransferError {
     match e {
-        WriteError::Stopped(code) => TransferError::Refused { code: code.into_inner() },
+        WriteError::Stopped(code) => TransferError::Refused {
+            code: code.into_inner(),
+        },
         other => TransferError::Stream(other.to_string()),
     }
 }
@@ -399,7 +450,10 @@ async fn run_lane(
     let r = lane_loop(&mut send, &mut rx, &cancel, timeout).await;
     if let Err(e) = &r {
         if !matches!(e, TransferError::Aborted) {
-            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.clone());
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| e.clone());
         }
         let _ = send.reset(VarInt::from_u32(RESET_ABANDONED));
     }
@@ -430,11 +484,16 @@ async fn lane_loop(
                 drop(permit);
             }
             Some(LaneMsg::Finish) => {
-                send.finish().map_err(|e| TransferError::Stream(e.to_string()))?;
+                send.finish()
+                    .map_err(|e| TransferError::Stream(e.to_string()))?;
                 return match tokio::time::timeout(timeout, send.stopped()).await {
-                    Err(_) => Err(TransferError::Timeout("waiting for the receiver's acknowledgement")),
+                    Err(_) => Err(TransferError::Timeout(
+                        "waiting for the receiver's acknowledgement",
+                    )),
                     Ok(Ok(None)) => Ok(()),
-                    Ok(Ok(Some(code))) => Err(TransferError::Refused { code: code.into_inner() }),
+                    Ok(Ok(Some(code))) => Err(TransferError::Refused {
+                        code: code.into_inner(),
+                    }),
                     Ok(Err(e)) => Err(TransferError::Stream(e.to_string())),
                 };
             }

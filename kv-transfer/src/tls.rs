@@ -63,17 +63,26 @@ impl SelfSigned {
     pub fn generate(names: &[&str]) -> Result<Self, TlsError> {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
         let ck = rcgen::generate_simple_self_signed(names)?;
-        Ok(SelfSigned { cert: ck.cert.der().clone(), key: PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()) })
+        Ok(SelfSigned {
+            cert: ck.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()),
+        })
     }
 
     /// The receiver's config, presenting this certificate.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        server_config(vec![self.cert.clone()], PrivateKeyDer::Pkcs8(self.key.clone_key()), ClientAuth::None)
+        server_config(
+            vec![self.cert.clone()],
+            PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            ClientAuth::None,
+        )
     }
 }
 
 /// A sender config trusting exactly `cert` (a [`SelfSigned::cert`]).
-pub fn client_config_trusting(cert: &CertificateDer<'static>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config_trusting(
+    cert: &CertificateDer<'static>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(cert.clone())?;
     client_config(roots, None)
@@ -94,7 +103,8 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let builder = ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Require(roots) => {
@@ -131,7 +141,10 @@ fn client_config(
 }
 
 fn pem_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Pem { path: path.display().to_string(), message: e.to_string() }
+    TlsError::Pem {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -165,7 +178,10 @@ pub fn server_config_from_pem(
 
 /// A sender config trusting the CAs in `ca`; `identity` (chain, key) is the
 /// client certificate for receivers that require one.
-pub fn client_config_from_pem(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config_from_pem(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in read_certs(ca)? {
         roots.add(c)?;

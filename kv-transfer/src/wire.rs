@@ -200,7 +200,11 @@ impl LayerShape {
 
 impl LayerHeader {
     /// The header for `payload` in `shape`, with length and checksum computed.
-    pub fn for_payload(request_id: u64, shape: LayerShape, payload: &[u8]) -> Result<Self, WireError> {
+    pub fn for_payload(
+        request_id: u64,
+        shape: LayerShape,
+        payload: &[u8],
+    ) -> Result<Self, WireError> {
         let payload_len = u32::try_from(payload.len()).map_err(|_| WireError::PayloadTooLarge {
             len: payload.len() as u64,
             max: u32::MAX,
@@ -331,8 +335,18 @@ impl Frame {
                 out.extend_from_slice(&header.encode());
                 out.extend_from_slice(payload);
             }
-            Frame::Final { request_id, first_token, layers_sent, frames_sent } => {
-                out.extend_from_slice(&encode_final(*request_id, *first_token, *layers_sent, *frames_sent));
+            Frame::Final {
+                request_id,
+                first_token,
+                layers_sent,
+                frames_sent,
+            } => {
+                out.extend_from_slice(&encode_final(
+                    *request_id,
+                    *first_token,
+                    *layers_sent,
+                    *frames_sent,
+                ));
             }
             Frame::Abort { request_id, reason } => {
                 out.extend_from_slice(&encode_abort(*request_id, reason));
@@ -342,7 +356,12 @@ impl Frame {
 }
 
 /// The bytes of a Final frame.
-pub fn encode_final(request_id: u64, first_token: u32, layers_sent: u32, frames_sent: u32) -> Bytes {
+pub fn encode_final(
+    request_id: u64,
+    first_token: u32,
+    layers_sent: u32,
+    frames_sent: u32,
+) -> Bytes {
     let mut out = BytesMut::with_capacity(FINAL_LEN);
     put_prefix(&mut out, KIND_FINAL, request_id);
     out.put_u32_le(first_token);
@@ -413,7 +432,9 @@ pub enum WireError {
         max: u32,
     },
     /// The payload does not hash to the header's checksum.
-    #[error("checksum mismatch for request {request_id} layer {layer}: header {expected:#018x}, payload {actual:#018x}")]
+    #[error(
+        "checksum mismatch for request {request_id} layer {layer}: header {expected:#018x}, payload {actual:#018x}"
+    )]
     ChecksumMismatch {
         /// The request.
         request_id: u64,
@@ -549,7 +570,12 @@ impl FrameDecoder {
                     let frames_sent = b.get_u32_le();
                     self.last_request_id = Some(request_id);
                     self.buf.advance(FINAL_LEN);
-                    return Ok(Some(Frame::Final { request_id, first_token, layers_sent, frames_sent }));
+                    return Ok(Some(Frame::Final {
+                        request_id,
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    }));
                 }
                 KIND_ABORT => {
                     if self.buf.len() < ABORT_HEADER_LEN {
@@ -563,9 +589,10 @@ impl FrameDecoder {
                     if self.buf.len() < ABORT_HEADER_LEN + len {
                         return Ok(None);
                     }
-                    let reason = std::str::from_utf8(&self.buf[ABORT_HEADER_LEN..ABORT_HEADER_LEN + len])
-                        .map_err(|_| WireError::ReasonNotUtf8)?
-                        .to_owned();
+                    let reason =
+                        std::str::from_utf8(&self.buf[ABORT_HEADER_LEN..ABORT_HEADER_LEN + len])
+                            .map_err(|_| WireError::ReasonNotUtf8)?
+                            .to_owned();
                     self.buf.advance(ABORT_HEADER_LEN + len);
                     return Ok(Some(Frame::Abort { request_id, reason }));
                 }
@@ -610,7 +637,10 @@ impl FrameDecoder {
             return Err(WireError::ReservedNotZero);
         }
         if payload_len > self.max_payload {
-            return Err(WireError::PayloadTooLarge { len: u64::from(payload_len), max: self.max_payload });
+            return Err(WireError::PayloadTooLarge {
+                len: u64::from(payload_len),
+                max: self.max_payload,
+            });
         }
         let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
         let header = LayerHeader {
@@ -638,37 +668,59 @@ mod tests {
     use proptest::prelude::*;
 
     fn shape_strategy() -> impl Strategy<Value = LayerShape> {
-        (0u16..64, 0u32..1000, 1u32..4, 0u8..3, 1u16..5, 1u16..17, 1u16..9).prop_flat_map(
-            |(layer, first_block, block_count, dt, total_heads, head_dim, block_size)| {
-                (0..total_heads).prop_flat_map(move |head_start| {
-                    (1..=total_heads - head_start).prop_map(move |head_count| LayerShape {
-                        layer,
-                        first_block,
-                        block_count,
-                        dtype: WireDtype::from_code(dt).unwrap(),
-                        head_start,
-                        head_count,
-                        total_heads,
-                        head_dim,
-                        block_size,
-                    })
-                })
-            },
+        (
+            0u16..64,
+            0u32..1000,
+            1u32..4,
+            0u8..3,
+            1u16..5,
+            1u16..17,
+            1u16..9,
         )
+            .prop_flat_map(
+                |(layer, first_block, block_count, dt, total_heads, head_dim, block_size)| {
+                    (0..total_heads).prop_flat_map(move |head_start| {
+                        (1..=total_heads - head_start).prop_map(move |head_count| LayerShape {
+                            layer,
+                            first_block,
+                            block_count,
+                            dtype: WireDtype::from_code(dt).unwrap(),
+                            head_start,
+                            head_count,
+                            total_heads,
+                            head_dim,
+                            block_size,
+                        })
+                    })
+                },
+            )
     }
 
     fn frame_strategy() -> impl Strategy<Value = Frame> {
         prop_oneof![
             (any::<u64>(), shape_strategy(), any::<u8>()).prop_map(|(id, shape, seed)| {
                 let len = shape.payload_len().unwrap() as usize;
-                let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+                let payload: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                    .collect();
                 let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
-                Frame::Layer { header, payload: Bytes::from(payload) }
+                Frame::Layer {
+                    header,
+                    payload: Bytes::from(payload),
+                }
             }),
-            (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(request_id, first_token, layers_sent, frames_sent)| {
-                Frame::Final { request_id, first_token, layers_sent, frames_sent }
-            }),
-            (any::<u64>(), "\\PC{0,40}").prop_map(|(request_id, reason)| Frame::Abort { request_id, reason }),
+            (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                |(request_id, first_token, layers_sent, frames_sent)| {
+                    Frame::Final {
+                        request_id,
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    }
+                }
+            ),
+            (any::<u64>(), "\\PC{0,40}")
+                .prop_map(|(request_id, reason)| Frame::Abort { request_id, reason }),
         ]
     }
 
@@ -773,7 +825,10 @@ mod tests {
         let header = LayerHeader::for_payload(1, shape, &payload).unwrap();
         let mut d = FrameDecoder::new(1 << 20);
         d.extend(&header.encode());
-        assert!(matches!(d.next_frame(), Err(WireError::PayloadTooLarge { .. })));
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::PayloadTooLarge { .. })
+        ));
         // Poisoned: stays an error.
         assert!(d.next_frame().is_err());
     }
@@ -813,7 +868,10 @@ mod tests {
         let mut d = FrameDecoder::new(16);
         d.extend(&bytes);
         match d.next_frame() {
-            Ok(Some(Frame::Abort { request_id: 3, reason })) => assert!(reason.len() <= MAX_REASON_LEN),
+            Ok(Some(Frame::Abort {
+                request_id: 3,
+                reason,
+            })) => assert!(reason.len() <= MAX_REASON_LEN),
             other => panic!("unexpected {other:?}"),
         }
     }

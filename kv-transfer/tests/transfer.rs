@@ -11,8 +11,8 @@ use tandem_kv_transfer::sender::quinn_client_config;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
-    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Reservations, SenderConfig, TransferError,
-    TransportTuning, WireDtype,
+    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Reservations, SenderConfig,
+    TransferError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
 
@@ -28,7 +28,15 @@ fn block_bytes() -> usize {
 
 fn layer_bytes(layer: u16) -> Bytes {
     let n = BLOCKS as usize * block_bytes();
-    Bytes::from((0..n).map(|i| (i as u32).wrapping_mul(2654435761).wrapping_add(u32::from(layer)) as u8).collect::<Vec<u8>>())
+    Bytes::from(
+        (0..n)
+            .map(|i| {
+                (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(u32::from(layer)) as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
 }
 
 fn shape(layer: u16) -> LayerShape {
@@ -79,7 +87,11 @@ impl TestSink {
             head_dim: HEAD_DIM,
             block_size: BLOCK_SIZE,
         };
-        self.reservations.lock().unwrap().register(id, e, std::time::Instant::now()).unwrap();
+        self.reservations
+            .lock()
+            .unwrap()
+            .register(id, e, std::time::Instant::now())
+            .unwrap();
     }
 
     fn layer(&self, id: u64, layer: u32) -> Vec<u8> {
@@ -89,23 +101,36 @@ impl TestSink {
 
 impl KvSink for TestSink {
     fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String> {
-        let a = self.reservations.lock().unwrap().on_layer_frame(header).map_err(|e| e.to_string())?;
+        let a = self
+            .reservations
+            .lock()
+            .unwrap()
+            .on_layer_frame(header)
+            .map_err(|e| e.to_string())?;
         let mut store = self.store.lock().unwrap();
-        let buf = store.entry((header.request_id, a.layer)).or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
+        let buf = store
+            .entry((header.request_id, a.layer))
+            .or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
         let at = a.first_block as usize * block_bytes();
         buf[at..at + payload.len()].copy_from_slice(&payload);
         Ok(())
     }
 
     fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
-        self.reservations.lock().unwrap().on_final(request_id, first_token, layers_sent).map_err(|e| e.to_string())?;
+        self.reservations
+            .lock()
+            .unwrap()
+            .on_final(request_id, first_token, layers_sent)
+            .map_err(|e| e.to_string())?;
         let _ = self.endings.send(Ending::Final(request_id, first_token));
         Ok(())
     }
 
     fn on_abort(&self, request_id: u64, reason: &str) {
         self.reservations.lock().unwrap().release(request_id);
-        let _ = self.endings.send(Ending::Abort(request_id, reason.to_owned()));
+        let _ = self
+            .endings
+            .send(Ending::Abort(request_id, reason.to_owned()));
     }
 }
 
@@ -120,25 +145,43 @@ struct Setup {
 fn start() -> Setup {
     let cert = SelfSigned::generate(&["localhost"]).unwrap();
     let (sink, endings) = TestSink::new();
-    let (receiver, addr) =
-        KvReceiver::bind("127.0.0.1:0".parse().unwrap(), cert.server_config().unwrap(), sink.clone()).unwrap();
-    Setup { receiver, addr, cert, sink, endings }
+    let (receiver, addr) = KvReceiver::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        cert.server_config().unwrap(),
+        sink.clone(),
+    )
+    .unwrap();
+    Setup {
+        receiver,
+        addr,
+        cert,
+        sink,
+        endings,
+    }
 }
 
 async fn next_ending(rx: &mut mpsc::UnboundedReceiver<Ending>) -> Ending {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("an ending in time").expect("sink alive")
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an ending in time")
+        .expect("sink alive")
 }
 
 async fn good_transfer(s: &mut Setup, sender: &KvSender, id: u64) {
     s.sink.reserve(id);
     let mut req = sender.open_request(id).await.unwrap();
     for layer in 0..LAYERS {
-        req.send_layer(shape(layer), layer_bytes(layer)).await.unwrap();
+        req.send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .unwrap();
     }
     req.finish(1234, u32::from(LAYERS)).await.unwrap();
     assert_eq!(next_ending(&mut s.endings).await, Ending::Final(id, 1234));
     for layer in 0..LAYERS {
-        assert!(s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec(), "layer {layer} byte-exact");
+        assert!(
+            s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec(),
+            "layer {layer} byte-exact"
+        );
     }
 }
 
@@ -154,7 +197,11 @@ async fn raw_stream(conn: &quinn::Connection, bytes: &[u8]) -> Option<u64> {
     let mut send = conn.open_uni().await.unwrap();
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    tokio::time::timeout(Duration::from_secs(10), send.stopped()).await.unwrap().unwrap().map(|c| c.into_inner())
+    tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .unwrap()
+        .unwrap()
+        .map(|c| c.into_inner())
 }
 
 #[tokio::test]
@@ -162,7 +209,11 @@ async fn layer_by_layer_transfer_is_byte_exact() {
     let mut s = start();
     for connections in [1, 3] {
         let tls = client_config_trusting(&s.cert.cert).unwrap();
-        let cfg = SenderConfig { connections, max_frame_payload: 3 * block_bytes() as u32, ..SenderConfig::default() };
+        let cfg = SenderConfig {
+            connections,
+            max_frame_payload: 3 * block_bytes() as u32,
+            ..SenderConfig::default()
+        };
         let sender = KvSender::connect_with(s.addr, tls, cfg).await.unwrap();
         good_transfer(&mut s, &sender, 10 + connections as u64).await;
         sender.close().await;
@@ -200,7 +251,11 @@ async fn garbage_and_truncation_are_refused_and_service_continues() {
     let header = LayerHeader::for_payload(9, shape(1), &payload).unwrap();
     let mut bytes = BytesMut::new();
     Frame::Layer { header, payload }.encode(&mut bytes);
-    assert_eq!(raw_stream(&conn, &bytes).await, None, "a good frame on the old connection is accepted");
+    assert_eq!(
+        raw_stream(&conn, &bytes).await,
+        None,
+        "a good frame on the old connection is accepted"
+    );
     s.receiver.shutdown().await;
 }
 
@@ -231,17 +286,29 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
     // Not reserved: the sink refuses the first frame.
     let mut req = sender.open_request(99).await.unwrap();
     for layer in 0..LAYERS {
-        if req.send_layer(shape(layer), layer_bytes(layer)).await.is_err() {
+        if req
+            .send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .is_err()
+        {
             break;
         }
     }
     let r = req.finish(1, u32::from(LAYERS)).await;
-    assert!(matches!(r, Err(TransferError::Refused { .. }) | Ok(())), "{r:?}");
+    assert!(
+        matches!(r, Err(TransferError::Refused { .. }) | Ok(())),
+        "{r:?}"
+    );
     match next_ending(&mut s.endings).await {
         Ending::Abort(99, reason) => assert!(reason.contains("no reservation"), "{reason}"),
         other => panic!("unexpected {other:?}"),
     }
-    assert!(tokio::time::timeout(Duration::from_millis(300), s.endings.recv()).await.is_err(), "one ending only");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.endings.recv())
+            .await
+            .is_err(),
+        "one ending only"
+    );
     // A Final for a request whose frames never came is held, then a sender abort ends it.
     s.sink.reserve(100);
     let conn = raw_connection(&s).await;
@@ -260,8 +327,16 @@ async fn wrong_certificate_cannot_connect() {
     let s = start();
     let other = SelfSigned::generate(&["localhost"]).unwrap();
     let tls = client_config_trusting(&other.cert).unwrap();
-    let cfg = SenderConfig { connections: 1, timeout: Duration::from_secs(5), ..SenderConfig::default() };
+    let cfg = SenderConfig {
+        connections: 1,
+        timeout: Duration::from_secs(5),
+        ..SenderConfig::default()
+    };
     let r = KvSender::connect_with(s.addr, tls, cfg).await;
-    assert!(matches!(r, Err(TransferError::Connection(_))), "{:?}", r.err());
+    assert!(
+        matches!(r, Err(TransferError::Connection(_))),
+        "{:?}",
+        r.err()
+    );
     s.receiver.shutdown().await;
 }
