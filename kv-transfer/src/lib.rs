@@ -1,1 +1,31 @@
-//! tandem-kv-transfer (see the crate's module docs).
+//! tandem-kv-transfer: moving a request's KV cache from a prefill node to a
+//! decode node over QUIC, layer by layer, while prefill is still computing.
+//!
+//! - [`wire`]: the frame format and a sans-I/O decoder.
+//! - [`reservation`]: the decode node's sans-I/O table of expected transfers,
+//!   which decides whether each arriving frame is acceptable.
+//! - [`tls`]: rustls configurations for both ends (self-signed for a local
+//!   cluster, or from PEM files).
+//! - [`transport`]: quinn settings for bulk transfer.
+//! - [`receiver`]: the decode side's QUIC endpoint, handing frames to a [`KvSink`].
+//! - [`sender`]: the prefill side's QUIC connections, with back-pressure.
+//!
+//! The decode node owns a [`KvReceiver`] and implements [`KvSink`] over its
+//! [`Reservations`] and cache; the prefill node owns a [`KvSender`] per
+//! decode node and opens a [`RequestStream`] per request.
+
+pub mod error;
+pub mod receiver;
+pub mod reservation;
+pub mod sender;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use error::TransferError;
+pub use receiver::{KvReceiver, KvSink, ReceiverConfig};
+pub use reservation::{Accepted, Complete, Expectation, Refusal, Reservations};
+pub use sender::{KvSender, RequestStream, SenderConfig};
+pub use tls::{SelfSigned, TlsError};
+pub use transport::TransportTuning;
+pub use wire::{Frame, FrameDecoder, LayerHeader, LayerShape, WireDtype, WireError};

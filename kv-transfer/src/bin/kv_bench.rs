@@ -1,0 +1,447 @@
+//! kv_bench: moves a Llama-3-8B-shaped KV cache (32 layers x 8 KV heads x
+//! 128 head_dim, bf16, 16-token blocks: 128 KiB per token) between two
+//! processes on loopback, over QUIC (this crate) and over plain TCP with the
+//! same framing, and measures how much transfer stays exposed after a
+//! simulated layer-by-layer prefill.
+//!
+//! The binary re-executes itself with `--role receiver` as the receiving
+//! child. Usage (all flags optional):
+//!
+//! ```text
+//! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
+//!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
+//!          [--max-udp-payload 8952] [--frame-kib 4096]
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
+use tandem_kv_transfer::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, encode_final};
+use tandem_kv_transfer::{
+    KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig, SenderConfig,
+    TransportTuning, WireDtype,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const LAYERS: u16 = 32;
+const HEADS: u16 = 8;
+const HEAD_DIM: u16 = 128;
+const BLOCK_SIZE: u16 = 16;
+const BLOCK_BYTES: usize = 2 * HEADS as usize * BLOCK_SIZE as usize * HEAD_DIM as usize * 2;
+
+struct Args {
+    role_receiver: bool,
+    tokens: Vec<usize>,
+    conns: Vec<usize>,
+    tcp_conns: Vec<usize>,
+    overlap_tokens: usize,
+    overlap_conns: usize,
+    compute_ms: f64,
+    max_udp_payload: u16,
+    frame_bytes: u32,
+}
+
+fn default_compute_ms() -> f64 {
+    // Llama-3-8B prefill of 8k tokens at 55% of 793 TFLOP/s, per layer.
+    2.0 * 8e9 * 8192.0 / (0.55 * 793e12) / 32.0 * 1e3
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad number {x:?}"))
+        })
+        .collect()
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        role_receiver: false,
+        tokens: vec![4096, 32768],
+        conns: vec![1, 4, 8],
+        tcp_conns: vec![1, 4],
+        overlap_tokens: 8192,
+        overlap_conns: 4,
+        compute_ms: default_compute_ms(),
+        max_udp_payload: TransportTuning::default().max_udp_payload,
+        frame_bytes: 4 << 20,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
+        match flag.as_str() {
+            "--role" => a.role_receiver = val()? == "receiver",
+            "--tokens" => a.tokens = parse_list(&val()?)?,
+            "--conns" => a.conns = parse_list(&val()?)?,
+            "--tcp-conns" => a.tcp_conns = parse_list(&val()?)?,
+            "--overlap-tokens" => a.overlap_tokens = val()?.parse()?,
+            "--overlap-conns" => a.overlap_conns = val()?.parse()?,
+            "--compute-ms" => a.compute_ms = val()?.parse()?,
+            "--max-udp-payload" => a.max_udp_payload = val()?.parse()?,
+            "--frame-kib" => a.frame_bytes = val()?.parse::<u32>()? * 1024,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn tuning(a: &Args) -> TransportTuning {
+    TransportTuning {
+        max_udp_payload: a.max_udp_payload,
+        ..TransportTuning::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    if args.role_receiver {
+        receiver(&args).await
+    } else {
+        sender(&args).await
+    }
+}
+
+// ---------------------------------------------------------------- receiver
+
+/// Counts bytes; the decoder has already verified each checksum.
+struct CountingSink {
+    bytes: AtomicU64,
+}
+
+impl KvSink for CountingSink {
+    fn on_layer(&self, _header: &LayerHeader, payload: Bytes) -> Result<(), String> {
+        self.bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    fn on_final(
+        &self,
+        _request_id: u64,
+        _first_token: u32,
+        _layers_sent: u32,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn on_abort(&self, request_id: u64, reason: &str) {
+        eprintln!("receiver: request {request_id} aborted: {reason}");
+    }
+}
+
+async fn receiver(args: &Args) -> Result<()> {
+    let cert = SelfSigned::generate(&["localhost"])?;
+    let sink = Arc::new(CountingSink {
+        bytes: AtomicU64::new(0),
+    });
+    let config = ReceiverConfig {
+        transport: tuning(args),
+        ..ReceiverConfig::default()
+    };
+    let (rx, quic_addr) = KvReceiver::bind_with(
+        "127.0.0.1:0".parse()?,
+        cert.server_config()?,
+        sink,
+        config,
+        tokio_util::sync::CancellationToken::new(),
+    )?;
+    let tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_addr = tcp.local_addr()?;
+    let hex: String = cert.cert.iter().map(|b| format!("{b:02x}")).collect();
+    println!("READY {quic_addr} {tcp_addr} {hex}");
+    std::io::stdout().flush()?;
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = tcp.accept().await {
+            tokio::spawn(tcp_serve(sock));
+        }
+    });
+    // Run until the parent closes our stdin.
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+    rx.shutdown().await;
+    Ok(())
+}
+
+/// TCP: same frames, same decoder and checksum; one ack byte per Final.
+async fn tcp_serve(mut sock: TcpStream) {
+    let _ = sock.set_nodelay(true);
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_PAYLOAD);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        dec.extend(&buf[..n]);
+        loop {
+            match dec.next_frame() {
+                Ok(Some(Frame::Final { .. })) => {
+                    if sock.write_all(&[1]).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("tcp receiver: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ sender
+
+fn layer_payload(tokens: usize) -> Bytes {
+    let blocks = tokens.div_ceil(BLOCK_SIZE as usize);
+    let n = blocks * BLOCK_BYTES;
+    Bytes::from(
+        (0..n)
+            .map(|i| {
+                (i as u64)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .rotate_left(17) as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn shape(layer: u16, blocks: u32) -> LayerShape {
+    LayerShape {
+        layer,
+        first_block: 0,
+        block_count: blocks,
+        dtype: WireDtype::Bf16,
+        head_start: 0,
+        head_count: HEADS,
+        total_heads: HEADS,
+        head_dim: HEAD_DIM,
+        block_size: BLOCK_SIZE,
+    }
+}
+
+struct Child {
+    quic: SocketAddr,
+    tcp: SocketAddr,
+    cert: CertificateDer<'static>,
+    proc: std::process::Child,
+}
+
+fn spawn_receiver(args: &Args) -> Result<Child> {
+    let exe = std::env::current_exe()?;
+    let mut proc = Command::new(exe)
+        .args([
+            "--role",
+            "receiver",
+            "--max-udp-payload",
+            &args.max_udp_payload.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let out = proc.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    if parts.len() != 4 || parts[0] != "READY" {
+        bail!("receiver said {line:?}");
+    }
+    let der = (0..parts[3].len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&parts[3][i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(Child {
+        quic: parts[1].parse()?,
+        tcp: parts[2].parse()?,
+        cert: CertificateDer::from(der),
+        proc,
+    })
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+async fn quic_run(
+    child: &Child,
+    args: &Args,
+    conns: usize,
+    tokens: usize,
+    request_id: u64,
+    compute: Option<Duration>,
+) -> Result<(Duration, Duration)> {
+    let cfg = SenderConfig {
+        connections: conns,
+        max_frame_payload: args.frame_bytes,
+        transport: tuning(args),
+        timeout: Duration::from_secs(120),
+        ..SenderConfig::default()
+    };
+    let sender =
+        KvSender::connect_with(child.quic, client_config_trusting(&child.cert)?, cfg).await?;
+    let payload = layer_payload(tokens);
+    let blocks = (payload.len() / BLOCK_BYTES) as u32;
+    let start = Instant::now();
+    let mut req = sender.open_request(request_id).await?;
+    for layer in 0..LAYERS {
+        if let Some(c) = compute {
+            // Layer L is ready when the simulated GPU finishes it; the GPU
+            // timeline does not wait for the network.
+            tokio::time::sleep_until((start + c * (u32::from(layer) + 1)).into()).await;
+        }
+        req.send_layer(shape(layer, blocks), payload.clone())
+            .await?;
+    }
+    req.finish(1, u32::from(LAYERS)).await?;
+    let total = start.elapsed();
+    let compute_end = compute.map(|c| c * u32::from(LAYERS)).unwrap_or_default();
+    sender.close().await;
+    Ok((total, total.saturating_sub(compute_end)))
+}
+
+async fn tcp_run(child: &Child, conns: usize, tokens: usize, frame_bytes: u32) -> Result<Duration> {
+    let payload = layer_payload(tokens);
+    let blocks = (payload.len() / BLOCK_BYTES) as u32;
+    let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
+    let start = Instant::now();
+    let mut lanes = Vec::new();
+    for _ in 0..conns {
+        let mut sock = TcpStream::connect(child.tcp).await?;
+        sock.set_nodelay(true)?;
+        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(16);
+        lanes.push((
+            tx,
+            tokio::spawn(async move {
+                while let Some(chunks) = rx.recv().await {
+                    for c in chunks {
+                        sock.write_all(&c).await?;
+                    }
+                }
+                sock.write_all(&encode_final(2, 1, u32::from(LAYERS), 0))
+                    .await?;
+                let mut ack = [0u8; 1];
+                sock.read_exact(&mut ack).await?;
+                anyhow::Ok(())
+            }),
+        ));
+    }
+    let mut next = 0;
+    for layer in 0..LAYERS {
+        let mut b = 0;
+        while b < blocks {
+            let n = per_frame.min(blocks - b);
+            let piece = payload.slice(b as usize * BLOCK_BYTES..(b + n) as usize * BLOCK_BYTES);
+            let mut s = shape(layer, n);
+            s.first_block = b;
+            let header = LayerHeader::for_payload(2, s, &piece)?;
+            lanes[next % conns]
+                .0
+                .send(vec![Bytes::copy_from_slice(&header.encode()), piece])
+                .await?;
+            next += 1;
+            b += n;
+        }
+    }
+    let mut tasks = Vec::new();
+    for (tx, task) in lanes {
+        drop(tx);
+        tasks.push(task);
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed())
+}
+
+async fn sender(args: &Args) -> Result<()> {
+    let mut child = spawn_receiver(args)?;
+    println!(
+        "KV shape: {LAYERS} layers x {HEADS} KV heads x {HEAD_DIM} head_dim, bf16, block {BLOCK_SIZE} ({} KiB/token); frames <= {} KiB; max UDP payload {}",
+        BLOCK_BYTES * LAYERS as usize / BLOCK_SIZE as usize / 1024,
+        args.frame_bytes / 1024,
+        args.max_udp_payload
+    );
+    let mut id = 100;
+    let mut best_quic_by_tokens = std::collections::HashMap::new();
+    for &tokens in &args.tokens {
+        let bytes = (layer_payload(tokens).len() * LAYERS as usize) as u64;
+        println!(
+            "\n{tokens} tokens: {:.2} GiB",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+        let mut best_tcp = 0f64;
+        for &c in &args.tcp_conns {
+            let d = tcp_run(&child, c, tokens, args.frame_bytes).await?;
+            let g = gbps(bytes, d);
+            best_tcp = best_tcp.max(g);
+            println!(
+                "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s",
+                d.as_secs_f64() * 1e3
+            );
+        }
+        let mut best_quic = 0f64;
+        for &c in &args.conns {
+            id += 1;
+            let (d, _) = quic_run(&child, args, c, tokens, id, None).await?;
+            let g = gbps(bytes, d);
+            best_quic = best_quic.max(g);
+            println!(
+                "  quic conns={c}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
+                d.as_secs_f64() * 1e3,
+                g / best_tcp
+            );
+        }
+        println!("  best quic / best tcp = {:.2}", best_quic / best_tcp);
+        best_quic_by_tokens.insert(tokens, best_quic);
+    }
+
+    // Overlap: the simulated GPU finishes layer L at (L+1) * compute; each
+    // layer is queued as soon as it is ready.
+    let compute = Duration::from_secs_f64(args.compute_ms / 1e3);
+    let tokens = args.overlap_tokens;
+    let layer_bytes = layer_payload(tokens).len() as u64;
+    id += 1;
+    let (alone, _) = quic_run(&child, args, args.overlap_conns, tokens, id, None).await?;
+    let rate = gbps(layer_bytes * u64::from(LAYERS), alone);
+    let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
+    id += 1;
+    let (total, exposed) =
+        quic_run(&child, args, args.overlap_conns, tokens, id, Some(compute)).await?;
+    println!(
+        "\noverlap: {tokens} tokens, quic conns={}, compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
+        args.overlap_conns,
+        args.compute_ms,
+        args.compute_ms * f64::from(LAYERS),
+        layer_bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  transfer alone: {:.1} ms ({rate:.2} GB/s); one layer's transfer: {:.1} ms",
+        alone.as_secs_f64() * 1e3,
+        one_layer.as_secs_f64() * 1e3
+    );
+    println!(
+        "  with compute: total {:.1} ms; exposed after last layer's compute: {:.1} ms = {:.2} layer-transfers",
+        total.as_secs_f64() * 1e3,
+        exposed.as_secs_f64() * 1e3,
+        exposed.as_secs_f64() / one_layer.as_secs_f64()
+    );
+    let needed = layer_bytes as f64 / compute.as_secs_f64() / 1e9;
+    println!("  rate needed to hide the transfer: {needed:.2} GB/s");
+
+    drop(child.proc.stdin.take());
+    let _ = child.proc.wait();
+    Ok(())
+}

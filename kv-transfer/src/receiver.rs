@@ -1,0 +1,560 @@
+//! The decode node's end: a QUIC endpoint that reads KV frames and hands
+//! them to a [`KvSink`].
+//!
+//! One task accepts connections (at most `max_connections`, the rest are
+//! refused); one task per connection accepts unidirectional streams (the peer
+//! may hold at most `max_streams_per_connection` open, enforced by QUIC flow
+//! control); one task per stream feeds a [`FrameDecoder`] and calls the sink.
+//!
+//! A request may be striped over several streams ("lanes", usually on
+//! different connections). Its Final frame says how many Layer frames were
+//! sent in all; the receiver holds the Final back until that many Layer
+//! frames have been accepted by the sink, so `on_final` always comes after
+//! every `on_layer` of the request.
+//!
+//! # What the sink sees
+//!
+//! For every request named on some stream, the sink gets exactly one
+//! *ending*: either a successful `on_final`, or one `on_abort` (sender's
+//! Abort frame, a malformed frame, a sink refusal, a stream reset, a lost
+//! connection, or no progress for `request_idle_timeout`). A refused
+//! `on_final` is followed by `on_abort`. Frames of an ended request are
+//! dropped and their streams stopped. `on_final` comes only after every
+//! `on_layer` of the request returned `Ok`. Calls for one request may come
+//! from several tasks (one per lane); an `on_layer` already under way on one
+//! lane may overlap or follow an `on_abort` decided on another, so a sink
+//! must refuse frames of a request it has released (a
+//! [`Reservations`](crate::reservation::Reservations) table does).
+//!
+//! A broken stream is stopped with an application error code
+//! ([`stop_code`]); other streams and connections carry on.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Endpoint, EndpointConfig, Incoming, RecvStream, TokioRuntime, VarInt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::TransferError;
+use crate::tls::TlsError;
+use crate::transport::TransportTuning;
+use crate::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, LayerHeader};
+
+/// Application error codes the receiver stops streams with.
+pub mod stop_code {
+    /// The sink refused a frame.
+    pub const REFUSED: u32 = 1;
+    /// A frame could not be decoded (bad header, checksum, truncation).
+    pub const MALFORMED: u32 = 2;
+    /// The request had already ended (completed or aborted).
+    pub const ENDED: u32 = 3;
+    /// The receiver is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+}
+
+/// Where received KV goes: the decode node's cache and reservation table.
+///
+/// Calls are made from the receiver's tasks; keep them short (a copy into
+/// the cache), or hand the payload to a worker.
+pub trait KvSink: Send + Sync + 'static {
+    /// Some blocks of one layer arrived, checksum verified. `Err` refuses
+    /// the frame: the stream is stopped and the request aborted.
+    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String>;
+    /// Every Layer frame of the request arrived and was accepted. `Err`
+    /// refuses the request (e.g. incomplete): `on_abort` follows.
+    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String>;
+    /// The transfer of the request failed; release its reservation.
+    fn on_abort(&self, request_id: u64, reason: &str);
+}
+
+/// Receiver limits.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Streams a peer may have open at once per connection.
+    pub max_streams_per_connection: u32,
+    /// Largest Layer payload accepted, bytes.
+    pub max_frame_payload: u32,
+    /// A request with no frame for this long is aborted.
+    pub request_idle_timeout: Duration,
+    /// Limit on the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Transport settings.
+    pub transport: TransportTuning,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            max_connections: 256,
+            max_streams_per_connection: 64,
+            max_frame_payload: DEFAULT_MAX_PAYLOAD,
+            request_idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            transport: TransportTuning::default(),
+        }
+    }
+}
+
+/// A running receiver. Dropping it does not stop it; call
+/// [`shutdown`](Self::shutdown) or cancel the token given to
+/// [`bind_with`](Self::bind_with).
+pub struct KvReceiver {
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl KvReceiver {
+    /// Binds `addr` with default limits. Must be called inside a tokio runtime.
+    pub fn bind(
+        addr: SocketAddr,
+        server_tls: Arc<rustls::ServerConfig>,
+        sink: Arc<dyn KvSink>,
+    ) -> Result<(KvReceiver, SocketAddr), TransferError> {
+        Self::bind_with(
+            addr,
+            server_tls,
+            sink,
+            ReceiverConfig::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    /// Binds `addr`; the receiver stops when `shutdown` is cancelled.
+    pub fn bind_with(
+        addr: SocketAddr,
+        server_tls: Arc<rustls::ServerConfig>,
+        sink: Arc<dyn KvSink>,
+        config: ReceiverConfig,
+        shutdown: CancellationToken,
+    ) -> Result<(KvReceiver, SocketAddr), TransferError> {
+        let crypto = QuicServerConfig::try_from(server_tls).map_err(|e| {
+            TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}")))
+        })?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(
+            config
+                .transport
+                .transport_config(config.max_streams_per_connection),
+        );
+        let socket = config.transport.udp_socket(addr)?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(TokioRuntime),
+        )?;
+        let local = endpoint.local_addr()?;
+        let shared = Arc::new(Shared {
+            sink,
+            tracker: Tracker::default(),
+            config,
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(sweep(shared.clone()));
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        Ok((
+            KvReceiver {
+                endpoint,
+                shutdown,
+                accept_task,
+            },
+            local,
+        ))
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransferError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Stops accepting, closes every connection and waits for the accept
+    /// loop to end (bounded).
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.endpoint
+            .close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct Shared {
+    sink: Arc<dyn KvSink>,
+    tracker: Tracker,
+    config: ReceiverConfig,
+    shutdown: CancellationToken,
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            i = endpoint.accept() => i,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(peer = %incoming.remote_address(), "kv receiver at its connection limit; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            serve_connection(incoming, shared).await;
+            drop(permit);
+        });
+    }
+    endpoint.close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
+}
+
+async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
+    let peer = incoming.remote_address();
+    let conn = match tokio::time::timeout(shared.config.handshake_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "kv handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "kv handshake timed out");
+            return;
+        }
+    };
+    loop {
+        let stream = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            s = conn.accept_uni() => s,
+        };
+        match stream {
+            Ok(recv) => {
+                tokio::spawn(serve_stream(recv, shared.clone()));
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "kv connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Why a stream stops early: the code to stop it with and what to tell the sink.
+struct StreamFailure {
+    code: u32,
+    reason: String,
+}
+
+async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
+    let mut decoder = FrameDecoder::new(shared.config.max_frame_payload);
+    let mut request: Option<u64> = None;
+    let failure = loop {
+        let chunk = tokio::select! {
+            _ = shared.shutdown.cancelled() => break Some(StreamFailure { code: stop_code::SHUTDOWN, reason: "receiver shutting down".into() }),
+            c = recv.read_chunk(usize::MAX, true) => c,
+        };
+        match chunk {
+            Ok(Some(chunk)) => {
+                decoder.extend(&chunk.bytes);
+                match drain_frames(&mut decoder, &mut request, &shared) {
+                    Flow::Continue => {}
+                    Flow::Stop(f) => break f,
+                }
+            }
+            Ok(None) if decoder.is_idle() => break None,
+            Ok(None) => {
+                break Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: format!(
+                        "stream ended inside a frame ({} bytes left over)",
+                        decoder.buffered()
+                    ),
+                });
+            }
+            Err(e) => {
+                break Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: format!("stream read failed: {e}"),
+                });
+            }
+        }
+    };
+    let Some(failure) = failure else { return };
+    let _ = recv.stop(VarInt::from_u32(failure.code));
+    if failure.code == stop_code::ENDED {
+        return;
+    }
+    let request = request.or(decoder.last_request_id());
+    match request {
+        Some(id) if shared.tracker.end(id) => {
+            debug!(request_id = id, reason = %failure.reason, "kv transfer aborted");
+            shared.sink.on_abort(id, &failure.reason);
+        }
+        Some(_) => {}
+        None => debug!(reason = %failure.reason, "kv stream refused before naming a request"),
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop(Option<StreamFailure>),
+}
+
+fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &Shared) -> Flow {
+    loop {
+        let frame = match decoder.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return Flow::Continue,
+            Err(e) => {
+                return Flow::Stop(Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: e.to_string(),
+                }));
+            }
+        };
+        let id = frame.request_id();
+        match *request {
+            None => *request = Some(id),
+            Some(r) if r != id => {
+                return Flow::Stop(Some(StreamFailure {
+                    code: stop_code::MALFORMED,
+                    reason: format!("frame for request {id} on a stream of request {r}"),
+                }));
+            }
+            Some(_) => {}
+        }
+        let ended = || {
+            Flow::Stop(Some(StreamFailure {
+                code: stop_code::ENDED,
+                reason: String::new(),
+            }))
+        };
+        let refused = |reason| {
+            Flow::Stop(Some(StreamFailure {
+                code: stop_code::REFUSED,
+                reason,
+            }))
+        };
+        match frame {
+            Frame::Layer { header, payload } => {
+                if !shared.tracker.begin_layer(id) {
+                    return ended();
+                }
+                if let Err(reason) = shared.sink.on_layer(&header, payload) {
+                    return refused(reason);
+                }
+                if let Some(fin) = shared.tracker.layer_done(id) {
+                    deliver_final(shared, id, fin);
+                }
+            }
+            Frame::Final {
+                first_token,
+                layers_sent,
+                frames_sent,
+                ..
+            } => {
+                match shared.tracker.final_arrived(
+                    id,
+                    PendingFinal {
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    },
+                ) {
+                    FinalAction::Deliver(fin) => deliver_final(shared, id, fin),
+                    FinalAction::Wait => {}
+                    FinalAction::Ended => return ended(),
+                    FinalAction::TooManyFrames(done) => {
+                        return Flow::Stop(Some(StreamFailure {
+                            code: stop_code::MALFORMED,
+                            reason: format!(
+                                "final says {frames_sent} layer frames but {done} arrived"
+                            ),
+                        }));
+                    }
+                }
+            }
+            Frame::Abort { reason, .. } => {
+                if shared.tracker.end(id) {
+                    shared
+                        .sink
+                        .on_abort(id, &format!("sender aborted: {reason}"));
+                }
+                // Nothing may follow an Abort on this stream.
+                return Flow::Stop(Some(StreamFailure {
+                    code: stop_code::ENDED,
+                    reason: String::new(),
+                }));
+            }
+        }
+    }
+}
+
+fn deliver_final(shared: &Shared, id: u64, fin: PendingFinal) {
+    if let Err(reason) = shared.sink.on_final(id, fin.first_token, fin.layers_sent) {
+        shared
+            .sink
+            .on_abort(id, &format!("final refused: {reason}"));
+    }
+}
+
+async fn sweep(shared: Arc<Shared>) {
+    let period = (shared.config.request_idle_timeout / 4).max(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for id in shared
+            .tracker
+            .sweep(Instant::now(), shared.config.request_idle_timeout)
+        {
+            shared
+                .sink
+                .on_abort(id, "no progress within the idle timeout");
+        }
+    }
+}
+
+/// Cross-stream progress of the requests being received: counts accepted
+/// Layer frames, parks a Final until they are all in, and remembers recently
+/// ended requests so each gets exactly one ending.
+#[derive(Default)]
+struct Tracker {
+    state: Mutex<TrackerState>,
+}
+
+#[derive(Default)]
+struct TrackerState {
+    open: HashMap<u64, Progress>,
+    ended: HashSet<u64>,
+    ended_order: VecDeque<u64>,
+}
+
+/// How many ended request ids are remembered.
+const ENDED_MEMORY: usize = 65_536;
+
+struct Progress {
+    frames_done: u32,
+    pending_final: Option<PendingFinal>,
+    last_activity: Instant,
+}
+
+#[derive(Clone, Copy)]
+struct PendingFinal {
+    first_token: u32,
+    layers_sent: u32,
+    frames_sent: u32,
+}
+
+enum FinalAction {
+    Deliver(PendingFinal),
+    Wait,
+    Ended,
+    TooManyFrames(u32),
+}
+
+impl TrackerState {
+    fn mark_ended(&mut self, id: u64) {
+        self.open.remove(&id);
+        if self.ended.insert(id) {
+            self.ended_order.push_back(id);
+            if self.ended_order.len() > ENDED_MEMORY
+                && let Some(old) = self.ended_order.pop_front()
+            {
+                self.ended.remove(&old);
+            }
+        }
+    }
+
+    fn progress(&mut self, id: u64) -> Option<&mut Progress> {
+        if self.ended.contains(&id) {
+            return None;
+        }
+        let p = self.open.entry(id).or_insert_with(|| Progress {
+            frames_done: 0,
+            pending_final: None,
+            last_activity: Instant::now(),
+        });
+        p.last_activity = Instant::now();
+        Some(p)
+    }
+}
+
+impl Tracker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
+        // A panic elsewhere while holding the lock leaves counters that are
+        // still consistent enough to keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a Layer frame of `id` should go to the sink.
+    fn begin_layer(&self, id: u64) -> bool {
+        self.lock().progress(id).is_some()
+    }
+
+    /// Counts an accepted Layer frame; returns a parked Final now due.
+    fn layer_done(&self, id: u64) -> Option<PendingFinal> {
+        let mut s = self.lock();
+        let p = s.progress(id)?;
+        p.frames_done += 1;
+        match p.pending_final {
+            Some(fin) if p.frames_done >= fin.frames_sent => {
+                s.mark_ended(id);
+                Some(fin)
+            }
+            _ => None,
+        }
+    }
+
+    fn final_arrived(&self, id: u64, fin: PendingFinal) -> FinalAction {
+        let mut s = self.lock();
+        let Some(p) = s.progress(id) else {
+            return FinalAction::Ended;
+        };
+        if p.pending_final.is_some() {
+            return FinalAction::TooManyFrames(p.frames_done);
+        }
+        if p.frames_done > fin.frames_sent {
+            return FinalAction::TooManyFrames(p.frames_done);
+        }
+        if p.frames_done == fin.frames_sent {
+            s.mark_ended(id);
+            return FinalAction::Deliver(fin);
+        }
+        p.pending_final = Some(fin);
+        FinalAction::Wait
+    }
+
+    /// Ends `id`; true if it had not ended before (the caller then tells the sink).
+    fn end(&self, id: u64) -> bool {
+        let mut s = self.lock();
+        if s.ended.contains(&id) {
+            return false;
+        }
+        s.mark_ended(id);
+        true
+    }
+
+    fn sweep(&self, now: Instant, idle: Duration) -> Vec<u64> {
+        let mut s = self.lock();
+        let stale: Vec<u64> = s
+            .open
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_activity) > idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            s.mark_ended(*id);
+        }
+        stale
+    }
+}

@@ -1,0 +1,658 @@
+//! The decode node's table of expected KV transfers (sans-I/O).
+//!
+//! When the router reserves blocks on a decode node for a request, the node
+//! [`register`](Reservations::register)s what it expects: how many layers and
+//! blocks, in which dtype and shape. Each arriving Layer frame header is then
+//! checked with [`on_layer_frame`](Reservations::on_layer_frame) *before* its
+//! payload is written into the cache, and the Final frame with
+//! [`on_final`](Reservations::on_final), which succeeds only when every
+//! (layer, head, block) cell of the reservation has arrived exactly once.
+//!
+//! Blocks are named by their index within the reservation (`0..num_blocks`);
+//! the decode node maps index `i` to its own block id `block_table[i]`.
+//!
+//! # Contract
+//!
+//! A [`Refusal`] for a request this table knows means that transfer is
+//! broken: the caller must [`release`](Reservations::release) the
+//! reservation (and free its blocks), and the sender is told through the
+//! stream being stopped. Nothing here releases on its own except
+//! [`expire`](Reservations::expire), which returns the ids it dropped so the
+//! caller can free their blocks too. After a successful `on_final` the
+//! request is finished: further frames are refused with
+//! [`Refusal::Finished`] until the caller releases it.
+//!
+//! The table holds no clock: callers pass `now`, so tests are deterministic.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::wire::{LayerHeader, WireDtype};
+
+/// What a decode node expects for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expectation {
+    /// Decoder layers.
+    pub num_layers: u32,
+    /// Blocks reserved (indices `0..num_blocks`).
+    pub num_blocks: u32,
+    /// Bytes of one block of one layer with all heads (K and V).
+    pub block_bytes: u64,
+    /// Element type.
+    pub dtype: WireDtype,
+    /// The model's KV heads.
+    pub total_heads: u16,
+    /// Width of a head.
+    pub head_dim: u16,
+    /// Tokens per block.
+    pub block_size: u16,
+}
+
+impl Expectation {
+    fn full_block_bytes(&self) -> Option<u64> {
+        2u64.checked_mul(u64::from(self.total_heads))?
+            .checked_mul(u64::from(self.block_size))?
+            .checked_mul(u64::from(self.head_dim))?
+            .checked_mul(self.dtype.size() as u64)
+    }
+}
+
+/// A Layer frame the table accepted: where its payload goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Decoder layer.
+    pub layer: u32,
+    /// First block index within the reservation.
+    pub first_block: u32,
+    /// Blocks carried.
+    pub block_count: u32,
+    /// First head carried.
+    pub head_start: u16,
+    /// Heads carried.
+    pub head_count: u16,
+}
+
+/// A request whose KV has fully arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Complete {
+    /// The request.
+    pub request_id: u64,
+    /// The first token prefill sampled.
+    pub first_token: u32,
+}
+
+/// Why a frame or registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No reservation for this request (never registered, released or expired).
+    #[error("no reservation for request {0}")]
+    UnknownRequest(u64),
+    /// The request already completed.
+    #[error("request {0} already completed")]
+    Finished(u64),
+    /// A second registration under the same id.
+    #[error("request {0} is already registered")]
+    AlreadyRegistered(u64),
+    /// The expectation contradicts itself.
+    #[error("inconsistent expectation: {0}")]
+    BadExpectation(&'static str),
+    /// A layer beyond the model.
+    #[error("layer {layer} is beyond the expected {num_layers}")]
+    LayerOutOfRange {
+        /// The frame's layer.
+        layer: u32,
+        /// Expected layers.
+        num_layers: u32,
+    },
+    /// Blocks beyond the reservation.
+    #[error("blocks {first}..{end} exceed the reservation's {num_blocks}")]
+    BlocksOutOfRange {
+        /// First block.
+        first: u32,
+        /// One past the last block.
+        end: u64,
+        /// Reserved blocks.
+        num_blocks: u32,
+    },
+    /// Heads beyond the model's.
+    #[error("heads {start}..{end} exceed the model's {total}")]
+    HeadsOutOfRange {
+        /// First head.
+        start: u16,
+        /// One past the last head.
+        end: u32,
+        /// The model's heads.
+        total: u16,
+    },
+    /// A field differs from the expectation.
+    #[error("{field} mismatch: expected {expected}, got {got}")]
+    Mismatch {
+        /// Which field.
+        field: &'static str,
+        /// Expected value.
+        expected: u64,
+        /// Received value.
+        got: u64,
+    },
+    /// Some (layer, head, block) cell of the frame already arrived.
+    #[error("duplicate KV for layer {layer}")]
+    Duplicate {
+        /// The layer.
+        layer: u32,
+    },
+    /// Final arrived before every cell did.
+    #[error("final for request {request_id} with {missing} (layer, head, block) cells missing")]
+    Incomplete {
+        /// The request.
+        request_id: u64,
+        /// Cells not received.
+        missing: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    expect: Expectation,
+    registered: Instant,
+    /// One bit per (layer, block, head), in that order.
+    received: Vec<u64>,
+    received_count: u64,
+    finished: bool,
+}
+
+impl Entry {
+    fn cells(&self) -> u64 {
+        u64::from(self.expect.num_layers)
+            * u64::from(self.expect.num_blocks)
+            * u64::from(self.expect.total_heads)
+    }
+
+    fn cell(&self, layer: u32, block: u32, head: u16) -> usize {
+        ((layer as usize * self.expect.num_blocks as usize + block as usize)
+            * self.expect.total_heads as usize)
+            + head as usize
+    }
+
+    fn get(&self, i: usize) -> bool {
+        self.received[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: usize) {
+        self.received[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// The decode node's expected transfers, keyed by request id.
+#[derive(Debug)]
+pub struct Reservations {
+    entries: HashMap<u64, Entry>,
+    timeout: Duration,
+}
+
+impl Reservations {
+    /// An empty table whose reservations expire `timeout` after registration.
+    pub fn new(timeout: Duration) -> Self {
+        Reservations {
+            entries: HashMap::new(),
+            timeout,
+        }
+    }
+
+    /// Reservations held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no reservation is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Expects a transfer for `request_id`.
+    pub fn register(
+        &mut self,
+        request_id: u64,
+        expect: Expectation,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        if self.entries.contains_key(&request_id) {
+            return Err(Refusal::AlreadyRegistered(request_id));
+        }
+        if expect.num_layers == 0 || expect.num_blocks == 0 || expect.total_heads == 0 {
+            return Err(Refusal::BadExpectation(
+                "layers, blocks and heads must be nonzero",
+            ));
+        }
+        if expect.full_block_bytes() != Some(expect.block_bytes) {
+            return Err(Refusal::BadExpectation(
+                "block_bytes must be 2 * total_heads * block_size * head_dim * dtype size",
+            ));
+        }
+        let cells = u64::from(expect.num_layers)
+            * u64::from(expect.num_blocks)
+            * u64::from(expect.total_heads);
+        let words = usize::try_from(cells.div_ceil(64))
+            .map_err(|_| Refusal::BadExpectation("too many cells"))?;
+        self.entries.insert(
+            request_id,
+            Entry {
+                expect,
+                registered: now,
+                received: vec![0; words],
+                received_count: 0,
+                finished: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Checks a Layer frame's header and records its cells as received.
+    pub fn on_layer_frame(&mut self, h: &LayerHeader) -> Result<Accepted, Refusal> {
+        let entry = self
+            .entries
+            .get_mut(&h.request_id)
+            .ok_or(Refusal::UnknownRequest(h.request_id))?;
+        if entry.finished {
+            return Err(Refusal::Finished(h.request_id));
+        }
+        let e = entry.expect;
+        let layer = u32::from(h.layer);
+        if layer >= e.num_layers {
+            return Err(Refusal::LayerOutOfRange {
+                layer,
+                num_layers: e.num_layers,
+            });
+        }
+        let mismatch = |field, expected: u64, got: u64| Refusal::Mismatch {
+            field,
+            expected,
+            got,
+        };
+        if h.dtype != e.dtype {
+            return Err(mismatch("dtype", e.dtype as u64, h.dtype as u64));
+        }
+        if h.total_heads != e.total_heads {
+            return Err(mismatch(
+                "total_heads",
+                e.total_heads.into(),
+                h.total_heads.into(),
+            ));
+        }
+        if h.head_dim != e.head_dim {
+            return Err(mismatch("head_dim", e.head_dim.into(), h.head_dim.into()));
+        }
+        if h.block_size != e.block_size {
+            return Err(mismatch(
+                "block_size",
+                e.block_size.into(),
+                h.block_size.into(),
+            ));
+        }
+        let head_end = u32::from(h.head_start) + u32::from(h.head_count);
+        if h.head_count == 0 || head_end > u32::from(e.total_heads) {
+            return Err(Refusal::HeadsOutOfRange {
+                start: h.head_start,
+                end: head_end,
+                total: e.total_heads,
+            });
+        }
+        let block_end = u64::from(h.first_block) + u64::from(h.block_count);
+        if h.block_count == 0 || block_end > u64::from(e.num_blocks) {
+            return Err(Refusal::BlocksOutOfRange {
+                first: h.first_block,
+                end: block_end,
+                num_blocks: e.num_blocks,
+            });
+        }
+        // Full-head block bytes scaled to the carried heads; exact because
+        // block_bytes is a multiple of total_heads (checked at registration).
+        let expected_len = e.block_bytes / u64::from(e.total_heads)
+            * u64::from(h.head_count)
+            * u64::from(h.block_count);
+        if u64::from(h.payload_len) != expected_len {
+            return Err(mismatch("payload_len", expected_len, h.payload_len.into()));
+        }
+        for b in h.first_block..h.first_block + h.block_count {
+            for head in h.head_start..h.head_start + h.head_count {
+                if entry.get(entry.cell(layer, b, head)) {
+                    return Err(Refusal::Duplicate { layer });
+                }
+            }
+        }
+        for b in h.first_block..h.first_block + h.block_count {
+            for head in h.head_start..h.head_start + h.head_count {
+                let i = entry.cell(layer, b, head);
+                entry.set(i);
+            }
+        }
+        entry.received_count += u64::from(h.block_count) * u64::from(h.head_count);
+        Ok(Accepted {
+            layer,
+            first_block: h.first_block,
+            block_count: h.block_count,
+            head_start: h.head_start,
+            head_count: h.head_count,
+        })
+    }
+
+    /// Marks the request finished if every cell arrived and the sender's
+    /// layer count matches.
+    pub fn on_final(
+        &mut self,
+        request_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<Complete, Refusal> {
+        let entry = self
+            .entries
+            .get_mut(&request_id)
+            .ok_or(Refusal::UnknownRequest(request_id))?;
+        if entry.finished {
+            return Err(Refusal::Finished(request_id));
+        }
+        if layers_sent != entry.expect.num_layers {
+            return Err(Refusal::Mismatch {
+                field: "layers_sent",
+                expected: entry.expect.num_layers.into(),
+                got: layers_sent.into(),
+            });
+        }
+        let missing = entry.cells() - entry.received_count;
+        if missing != 0 {
+            return Err(Refusal::Incomplete {
+                request_id,
+                missing,
+            });
+        }
+        entry.finished = true;
+        Ok(Complete {
+            request_id,
+            first_token,
+        })
+    }
+
+    /// Forgets a reservation; returns whether it existed.
+    pub fn release(&mut self, request_id: u64) -> bool {
+        self.entries.remove(&request_id).is_some()
+    }
+
+    /// Drops unfinished reservations registered more than the timeout before
+    /// `now`, returning their ids so the caller frees their blocks.
+    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
+        let timeout = self.timeout;
+        let expired: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.finished && now.saturating_duration_since(e.registered) > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.entries.remove(id);
+        }
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::LayerShape;
+
+    const HEADS: u16 = 4;
+
+    fn expect() -> Expectation {
+        Expectation {
+            num_layers: 2,
+            num_blocks: 3,
+            block_bytes: 2 * u64::from(HEADS) * 2 * 8 * 2,
+            dtype: WireDtype::Bf16,
+            total_heads: HEADS,
+            head_dim: 8,
+            block_size: 2,
+        }
+    }
+
+    fn shape(
+        layer: u16,
+        first_block: u32,
+        block_count: u32,
+        head_start: u16,
+        head_count: u16,
+    ) -> LayerShape {
+        LayerShape {
+            layer,
+            first_block,
+            block_count,
+            dtype: WireDtype::Bf16,
+            head_start,
+            head_count,
+            total_heads: HEADS,
+            head_dim: 8,
+            block_size: 2,
+        }
+    }
+
+    fn header(id: u64, s: LayerShape) -> LayerHeader {
+        let len = s.payload_len().unwrap() as usize;
+        LayerHeader::for_payload(id, s, &vec![0; len]).unwrap()
+    }
+
+    fn table() -> (Reservations, Instant) {
+        let now = Instant::now();
+        let mut r = Reservations::new(Duration::from_secs(10));
+        r.register(1, expect(), now).unwrap();
+        (r, now)
+    }
+
+    #[test]
+    fn full_and_split_transfers_complete() {
+        let (mut r, _) = table();
+        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
+            .unwrap();
+        // Layer 1 in two TP halves, blocks split too.
+        r.on_layer_frame(&header(1, shape(1, 0, 2, 0, 2))).unwrap();
+        r.on_layer_frame(&header(1, shape(1, 2, 1, 0, 2))).unwrap();
+        assert!(matches!(
+            r.on_final(1, 42, 2),
+            Err(Refusal::Incomplete { missing: 6, .. })
+        ));
+        let a = r.on_layer_frame(&header(1, shape(1, 0, 3, 2, 2))).unwrap();
+        assert_eq!(
+            a,
+            Accepted {
+                layer: 1,
+                first_block: 0,
+                block_count: 3,
+                head_start: 2,
+                head_count: 2
+            }
+        );
+        assert_eq!(
+            r.on_final(1, 42, 2),
+            Ok(Complete {
+                request_id: 1,
+                first_token: 42
+            })
+        );
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
+            Err(Refusal::Finished(1))
+        );
+        assert_eq!(r.on_final(1, 42, 2), Err(Refusal::Finished(1)));
+        assert!(r.release(1));
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
+            Err(Refusal::UnknownRequest(1))
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_request() {
+        let (mut r, _) = table();
+        assert_eq!(
+            r.on_layer_frame(&header(9, shape(0, 0, 1, 0, HEADS))),
+            Err(Refusal::UnknownRequest(9))
+        );
+        assert_eq!(r.on_final(9, 0, 2), Err(Refusal::UnknownRequest(9)));
+    }
+
+    #[test]
+    fn refuses_layer_out_of_range() {
+        let (mut r, _) = table();
+        assert!(matches!(
+            r.on_layer_frame(&header(1, shape(2, 0, 1, 0, HEADS))),
+            Err(Refusal::LayerOutOfRange {
+                layer: 2,
+                num_layers: 2
+            })
+        ));
+    }
+
+    #[test]
+    fn refuses_duplicates_including_overlaps() {
+        let (mut r, _) = table();
+        r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))).unwrap();
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))),
+            Err(Refusal::Duplicate { layer: 0 })
+        );
+        // Overlapping block and head ranges.
+        assert_eq!(
+            r.on_layer_frame(&header(1, shape(0, 1, 2, 1, 2))),
+            Err(Refusal::Duplicate { layer: 0 })
+        );
+        // Disjoint ones are fine.
+        r.on_layer_frame(&header(1, shape(0, 2, 1, 0, 2))).unwrap();
+        r.on_layer_frame(&header(1, shape(0, 0, 3, 2, 2))).unwrap();
+    }
+
+    #[test]
+    fn refuses_blocks_beyond_reservation() {
+        let (mut r, _) = table();
+        assert!(matches!(
+            r.on_layer_frame(&header(1, shape(0, 2, 2, 0, HEADS))),
+            Err(Refusal::BlocksOutOfRange {
+                first: 2,
+                end: 4,
+                num_blocks: 3
+            })
+        ));
+        assert!(matches!(
+            r.on_layer_frame(&header(1, shape(0, u32::MAX, 1, 0, HEADS))),
+            Err(Refusal::BlocksOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_shape_mismatches() {
+        let (mut r, _) = table();
+        let mut s = shape(0, 0, 1, 0, HEADS);
+        s.dtype = WireDtype::F16;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch { field: "dtype", .. })
+        ));
+        let mut s = shape(0, 0, 1, 0, HEADS);
+        s.head_dim = 16;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "head_dim",
+                ..
+            })
+        ));
+        let mut s = shape(0, 0, 1, 0, HEADS);
+        s.block_size = 4;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "block_size",
+                ..
+            })
+        ));
+        let mut s = shape(0, 0, 1, 0, 2);
+        s.total_heads = 2;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch {
+                field: "total_heads",
+                ..
+            })
+        ));
+        // A header whose payload length disagrees (the decoder would also refuse it).
+        let mut h = header(1, shape(0, 0, 1, 0, HEADS));
+        h.payload_len += 2;
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::Mismatch {
+                field: "payload_len",
+                ..
+            })
+        ));
+        // Nothing was recorded by the refused frames.
+        r.on_layer_frame(&header(1, shape(0, 0, 1, 0, HEADS)))
+            .unwrap();
+    }
+
+    #[test]
+    fn refuses_heads_out_of_range() {
+        let (mut r, _) = table();
+        let mut h = header(1, shape(0, 0, 1, 3, 1));
+        h.head_count = 2;
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::HeadsOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn final_checks_layer_count() {
+        let (mut r, _) = table();
+        r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
+            .unwrap();
+        r.on_layer_frame(&header(1, shape(1, 0, 3, 0, HEADS)))
+            .unwrap();
+        assert!(matches!(
+            r.on_final(1, 0, 1),
+            Err(Refusal::Mismatch {
+                field: "layers_sent",
+                ..
+            })
+        ));
+        assert!(r.on_final(1, 0, 2).is_ok());
+    }
+
+    #[test]
+    fn registration_checks() {
+        let (mut r, now) = table();
+        assert_eq!(
+            r.register(1, expect(), now),
+            Err(Refusal::AlreadyRegistered(1))
+        );
+        let mut e = expect();
+        e.block_bytes += 1;
+        assert!(matches!(
+            r.register(2, e, now),
+            Err(Refusal::BadExpectation(_))
+        ));
+        let mut e = expect();
+        e.num_blocks = 0;
+        assert!(matches!(
+            r.register(2, e, now),
+            Err(Refusal::BadExpectation(_))
+        ));
+    }
+
+    #[test]
+    fn expiry_drops_only_old_unfinished() {
+        let (mut r, now) = table();
+        r.register(2, expect(), now + Duration::from_secs(5))
+            .unwrap();
+        assert!(r.expire(now + Duration::from_secs(10)).is_empty());
+        assert_eq!(r.expire(now + Duration::from_secs(11)), vec![1]);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.on_final(1, 0, 2), Err(Refusal::UnknownRequest(1)));
+        assert_eq!(r.expire(now + Duration::from_secs(16)), vec![2]);
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,502 @@
+//! The prefill node's end: QUIC connections to one decode node, and a
+//! [`RequestStream`] per request that ships its KV layer by layer.
+//!
+//! # Throughput
+//!
+//! A quinn endpoint is driven by one task, and a connection's packets are
+//! encrypted and acknowledged on one core, so one connection tops out far
+//! below what a GPU produces. A [`KvSender`] therefore holds `connections`
+//! connections spread over `endpoints` UDP sockets, and each request stripes
+//! its frames round-robin over `lanes_per_request` streams on different
+//! connections. Layers are cut into frames of at most `max_frame_payload`
+//! bytes (whole blocks) so even one layer spreads over the lanes. The Final
+//! frame carries the total frame count so the receiver can tell when the
+//! stripes have all landed.
+//!
+//! # Back-pressure
+//!
+//! [`RequestStream::send_layer`] queues the frames and returns: the caller
+//! can compute the next layer while this one is on the wire. Queued bytes
+//! count against a per-sender budget (`max_in_flight_bytes`, a semaphore);
+//! when it is spent, `send_layer` waits. Memory held is thus at most the
+//! budget plus quinn's per-connection send window.
+//!
+//! # Ending a request
+//!
+//! [`RequestStream::finish`] sends the Final frame, finishes every lane and
+//! waits until the receiver has acknowledged all data (or refused it).
+//! [`RequestStream::abort`] sends an Abort frame. Dropping a `RequestStream`
+//! without either resets its streams, which the receiver reports as an abort.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, Endpoint, EndpointConfig, SendStream, TokioRuntime, VarInt, WriteError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::TransferError;
+use crate::tls::TlsError;
+use crate::transport::TransportTuning;
+use crate::wire::{LayerHeader, LayerShape, encode_abort, encode_final};
+
+/// Application error code a sender resets abandoned streams with.
+pub const RESET_ABANDONED: u32 = 16;
+
+/// Sender settings.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// QUIC connections to open.
+    pub connections: usize,
+    /// UDP sockets (quinn endpoints) the connections are spread over; 0
+    /// means one per connection.
+    pub endpoints: usize,
+    /// Streams (on distinct connections) each request is striped over; 0
+    /// means one per connection.
+    pub lanes_per_request: usize,
+    /// Bytes queued but not yet written, across all requests of this sender.
+    pub max_in_flight_bytes: usize,
+    /// Largest Layer frame payload; a layer is cut at block boundaries.
+    pub max_frame_payload: u32,
+    /// Name the receiver's certificate must carry.
+    pub server_name: String,
+    /// Limit on connecting, opening a stream, and the end of [`RequestStream::finish`].
+    pub timeout: Duration,
+    /// Transport settings.
+    pub transport: TransportTuning,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            connections: 1,
+            endpoints: 0,
+            lanes_per_request: 0,
+            max_in_flight_bytes: 64 << 20,
+            max_frame_payload: 4 << 20,
+            server_name: "localhost".into(),
+            timeout: Duration::from_secs(30),
+            transport: TransportTuning::default(),
+        }
+    }
+}
+
+/// A quinn client config from a rustls one, with the bulk transport settings.
+pub fn quinn_client_config(
+    client_tls: Arc<rustls::ClientConfig>,
+    transport: &TransportTuning,
+) -> Result<quinn::ClientConfig, TransferError> {
+    let crypto = QuicClientConfig::try_from(client_tls).map_err(|e| {
+        TransferError::from(TlsError::Verifier(format!("not usable for QUIC: {e}")))
+    })?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport.transport_config(0));
+    Ok(cfg)
+}
+
+/// Connections from a prefill node to one decode node's [`KvReceiver`](crate::receiver::KvReceiver).
+pub struct KvSender {
+    endpoints: Vec<Endpoint>,
+    connections: Vec<Connection>,
+    next: AtomicUsize,
+    budget: Arc<Semaphore>,
+    config: SenderConfig,
+}
+
+impl KvSender {
+    /// Opens `connections` connections to `addr` with default settings.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_tls: Arc<rustls::ClientConfig>,
+        connections: usize,
+    ) -> Result<KvSender, TransferError> {
+        Self::connect_with(
+            addr,
+            client_tls,
+            SenderConfig {
+                connections,
+                ..SenderConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens the connections `config` describes.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        client_tls: Arc<rustls::ClientConfig>,
+        config: SenderConfig,
+    ) -> Result<KvSender, TransferError> {
+        if config.connections == 0 {
+            return Err(TransferError::InvalidArgument(
+                "connections must be at least 1".into(),
+            ));
+        }
+        if config.max_in_flight_bytes == 0 || config.max_frame_payload == 0 {
+            return Err(TransferError::InvalidArgument(
+                "byte limits must be nonzero".into(),
+            ));
+        }
+        let client = quinn_client_config(client_tls, &config.transport)?;
+        let n_endpoints = match config.endpoints {
+            0 => config.connections,
+            n => n.min(config.connections),
+        };
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoints = Vec::with_capacity(n_endpoints);
+        for _ in 0..n_endpoints {
+            let socket = config.transport.udp_socket(bind)?;
+            let mut ep = Endpoint::new(
+                EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(TokioRuntime),
+            )?;
+            ep.set_default_client_config(client.clone());
+            endpoints.push(ep);
+        }
+        let mut pending = Vec::with_capacity(config.connections);
+        for i in 0..config.connections {
+            let connecting = endpoints[i % n_endpoints]
+                .connect(addr, &config.server_name)
+                .map_err(|e| TransferError::Connection(e.to_string()))?;
+            pending.push(connecting);
+        }
+        let all = futures::future::try_join_all(pending);
+        let connections = tokio::time::timeout(config.timeout, all)
+            .await
+            .map_err(|_| TransferError::Timeout("connecting"))?
+            .map_err(|e| TransferError::Connection(e.to_string()))?;
+        let budget = Arc::new(Semaphore::new(
+            config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS),
+        ));
+        Ok(KvSender {
+            endpoints,
+            connections,
+            next: AtomicUsize::new(0),
+            budget,
+            config,
+        })
+    }
+
+    /// Opens the streams of one request's transfer.
+    pub async fn open_request(&self, request_id: u64) -> Result<RequestStream, TransferError> {
+        let n = self.connections.len();
+        let lanes = match self.config.lanes_per_request {
+            0 => n,
+            l => l.min(n),
+        };
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut opening = Vec::with_capacity(lanes);
+        for i in 0..lanes {
+            opening.push(self.connections[(start + i) % n].open_uni());
+        }
+        let streams =
+            tokio::time::timeout(self.config.timeout, futures::future::try_join_all(opening))
+                .await
+                .map_err(|_| TransferError::Timeout("opening a stream"))?
+                .map_err(|e| TransferError::Connection(e.to_string()))?;
+        let failure = Arc::new(Mutex::new(None));
+        let lanes = streams
+            .into_iter()
+            .map(|send| {
+                // A few frames of queue per lane; the byte budget is the real bound.
+                let (tx, rx) = mpsc::channel(64);
+                let cancel = CancellationToken::new();
+                let task = tokio::spawn(run_lane(
+                    send,
+                    rx,
+                    cancel.clone(),
+                    failure.clone(),
+                    self.config.timeout,
+                ));
+                Lane { tx, cancel, task }
+            })
+            .collect();
+        Ok(RequestStream {
+            request_id,
+            lanes,
+            next_lane: 0,
+            frames_sent: 0,
+            budget: self.budget.clone(),
+            max_permits: self.config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS),
+            max_frame_payload: self.config.max_frame_payload,
+            failure,
+            done: false,
+        })
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Closes the connections and waits (bounded) for the close to be sent.
+    pub async fn close(&self) {
+        for c in &self.connections {
+            c.close(VarInt::from_u32(0), b"done");
+        }
+        for e in &self.endpoints {
+            let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+        }
+    }
+}
+
+enum LaneMsg {
+    /// Bytes to write, holding their share of the budget until written.
+    Write(Vec<Bytes>, Option<OwnedSemaphorePermit>),
+    /// Finish the stream and wait for the receiver's acknowledgement.
+    Finish,
+}
+
+struct Lane {
+    tx: mpsc::Sender<LaneMsg>,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), TransferError>>,
+}
+
+/// One request's transfer, striped over one or more streams.
+pub struct RequestStream {
+    request_id: u64,
+    lanes: Vec<Lane>,
+    next_lane: usize,
+    frames_sent: u32,
+    budget: Arc<Semaphore>,
+    max_permits: usize,
+    max_frame_payload: u32,
+    failure: Arc<Mutex<Option<TransferError>>>,
+    done: bool,
+}
+
+impl RequestStream {
+    /// The request.
+    pub fn request_id(&self) -> u64 {
+        self.request_id
+    }
+
+    /// Layer frames queued so far.
+    pub fn frames_sent(&self) -> u32 {
+        self.frames_sent
+    }
+
+    fn lane_failure(&self) -> TransferError {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| TransferError::Stream("lane closed".into()))
+    }
+
+    /// Queues `payload` (`shape.block_count` blocks of layer `shape.layer`,
+    /// laid out as the engine exports them) for sending, cut into frames of
+    /// at most `max_frame_payload` bytes. Returns once queued; waits while
+    /// the sender's in-flight budget is spent.
+    pub async fn send_layer(
+        &mut self,
+        shape: LayerShape,
+        payload: Bytes,
+    ) -> Result<(), TransferError> {
+        let block_bytes = shape
+            .block_bytes()
+            .ok_or_else(|| TransferError::InvalidArgument("block size overflows".into()))?;
+        if block_bytes == 0
+            || shape.block_count == 0
+            || shape.payload_len() != Some(payload.len() as u64)
+        {
+            return Err(TransferError::InvalidArgument(format!(
+                "payload of {} bytes does not match {} blocks of {block_bytes} bytes",
+                payload.len(),
+                shape.block_count
+            )));
+        }
+        let per_frame = (u64::from(self.max_frame_payload) / block_bytes).max(1);
+        let mut block = 0u64;
+        while block < u64::from(shape.block_count) {
+            let count = per_frame.min(u64::from(shape.block_count) - block);
+            let piece = payload
+                .slice((block * block_bytes) as usize..((block + count) * block_bytes) as usize);
+            let piece_shape = LayerShape {
+                // Both fit in u32: they are bounded by block_count.
+                first_block: shape.first_block.checked_add(block as u32).ok_or_else(|| {
+                    TransferError::InvalidArgument("block index overflows".into())
+                })?,
+                block_count: count as u32,
+                ..shape
+            };
+            let header = LayerHeader::for_payload(self.request_id, piece_shape, &piece)?;
+            self.queue(vec![Bytes::copy_from_slice(&header.encode()), piece])
+                .await?;
+            self.frames_sent += 1;
+            block += count;
+        }
+        Ok(())
+    }
+
+    async fn queue(&mut self, chunks: Vec<Bytes>) -> Result<(), TransferError> {
+        let bytes: usize = chunks.iter().map(Bytes::len).sum();
+        let permits = bytes.clamp(1, self.max_permits) as u32;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| TransferError::Stream("sender closed".into()))?;
+        let lane = &self.lanes[self.next_lane % self.lanes.len()];
+        self.next_lane += 1;
+        if lane
+            .tx
+            .send(LaneMsg::Write(chunks, Some(permit)))
+            .await
+            .is_err()
+        {
+            return Err(self.lane_failure());
+        }
+        Ok(())
+    }
+
+    /// Sends the Final frame, finishes every stream and waits until the
+    /// receiver's QUIC stack has acknowledged all data. An error means the
+    /// transfer failed (e.g. the receiver refused a frame and stopped the
+    /// stream). `Ok` is delivery, not acceptance: a refusal decided after
+    /// the last acknowledgement reaches the router through the decode node.
+    pub async fn finish(mut self, first_token: u32, layers_sent: u32) -> Result<(), TransferError> {
+        self.done = true;
+        let fin = encode_final(self.request_id, first_token, layers_sent, self.frames_sent);
+        // Final goes last on the lane the next frame would have used; the
+        // receiver orders it after the other lanes by the frame count.
+        let lane = &self.lanes[self.next_lane % self.lanes.len()];
+        if lane.tx.send(LaneMsg::Write(vec![fin], None)).await.is_err() {
+            return Err(self.lane_failure());
+        }
+        for lane in &self.lanes {
+            // A closed lane has failed; its task's result says why.
+            let _ = lane.tx.send(LaneMsg::Finish).await;
+        }
+        let mut first_err = None;
+        for lane in std::mem::take(&mut self.lanes) {
+            let r = match lane.task.await {
+                Ok(r) => r,
+                Err(e) => Err(TransferError::Stream(format!("lane task failed: {e}"))),
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(_) => Err(self.lane_failure()),
+        }
+    }
+
+    /// Gives the request up: the receiver is told `reason` (on the first
+    /// lane, after what was queued there) and the other lanes are reset.
+    pub async fn abort(mut self, reason: &str) -> Result<(), TransferError> {
+        self.done = true;
+        let mut lanes = std::mem::take(&mut self.lanes).into_iter();
+        let Some(first) = lanes.next() else {
+            return Ok(());
+        };
+        for lane in lanes {
+            lane.cancel.cancel();
+        }
+        let msg = LaneMsg::Write(vec![encode_abort(self.request_id, reason)], None);
+        if first.tx.send(msg).await.is_err() || first.tx.send(LaneMsg::Finish).await.is_err() {
+            return Err(self.lane_failure());
+        }
+        match first.task.await {
+            // The receiver stops the stream after an Abort; that is success here.
+            Ok(Ok(())) | Ok(Err(TransferError::Refused { .. })) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(TransferError::Stream(format!("lane task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            for lane in &self.lanes {
+                lane.cancel.cancel();
+            }
+        }
+    }
+}
+
+fn write_error(e: WriteError) -> TransferError {
+    match e {
+        WriteError::Stopped(code) => TransferError::Refused {
+            code: code.into_inner(),
+        },
+        other => TransferError::Stream(other.to_string()),
+    }
+}
+
+async fn run_lane(
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<LaneMsg>,
+    cancel: CancellationToken,
+    failure: Arc<Mutex<Option<TransferError>>>,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    let r = lane_loop(&mut send, &mut rx, &cancel, timeout).await;
+    if let Err(e) = &r {
+        if !matches!(e, TransferError::Aborted) {
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| e.clone());
+        }
+        let _ = send.reset(VarInt::from_u32(RESET_ABANDONED));
+    }
+    r
+}
+
+async fn lane_loop(
+    send: &mut SendStream,
+    rx: &mut mpsc::Receiver<LaneMsg>,
+    cancel: &CancellationToken,
+    timeout: Duration,
+) -> Result<(), TransferError> {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(TransferError::Aborted),
+            m = rx.recv() => m,
+        };
+        match msg {
+            // The RequestStream went away without finishing: abandon.
+            None => return Err(TransferError::Aborted),
+            Some(LaneMsg::Write(mut chunks, permit)) => {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => return Err(TransferError::Aborted),
+                    r = send.write_all_chunks(&mut chunks) => r.map_err(write_error)?,
+                }
+                drop(permit);
+            }
+            Some(LaneMsg::Finish) => {
+                send.finish()
+                    .map_err(|e| TransferError::Stream(e.to_string()))?;
+                return match tokio::time::timeout(timeout, send.stopped()).await {
+                    Err(_) => Err(TransferError::Timeout(
+                        "waiting for the receiver's acknowledgement",
+                    )),
+                    Ok(Ok(None)) => Ok(()),
+                    Ok(Ok(Some(code))) => Err(TransferError::Refused {
+                        code: code.into_inner(),
+                    }),
+                    Ok(Err(e)) => Err(TransferError::Stream(e.to_string())),
+                };
+            }
+        }
+    }
+}

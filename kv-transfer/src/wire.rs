@@ -1,0 +1,878 @@
+//! The KV transfer wire format: frames, their encoder, and a sans-I/O
+//! incremental decoder.
+//!
+//! A prefill node pushes a request's KV cache to a decode node as a sequence
+//! of frames on one or more QUIC unidirectional streams. Every frame starts
+//! with the same 16-byte prefix; the kind decides what follows. All integers
+//! are **little-endian** (every host we target is little-endian, so encoding
+//! is a plain store). Reserved bytes must be zero and are checked, so a later
+//! version can give them a meaning.
+//!
+//! # Common prefix (16 bytes)
+//!
+//! | offset | size | field        | notes                                   |
+//! | ------ | ---- | ------------ | --------------------------------------- |
+//! | 0      | 4    | magic        | ASCII `TDKV`                            |
+//! | 4      | 1    | version      | `1`                                     |
+//! | 5      | 1    | kind         | `1` Layer, `2` Final, `3` Abort         |
+//! | 6      | 2    | reserved     | zero                                    |
+//! | 8      | 8    | request id   | u64                                     |
+//!
+//! # Layer frame (52-byte header, then the payload)
+//!
+//! | offset | size | field         | notes                                          |
+//! | ------ | ---- | ------------- | ---------------------------------------------- |
+//! | 0      | 16   | prefix        | kind = 1                                       |
+//! | 16     | 8    | checksum      | u64, xxh3-64 (seed 0) of the payload           |
+//! | 24     | 4    | payload len   | u32, bytes that follow the header              |
+//! | 28     | 4    | first block   | u32, index within the request's reservation    |
+//! | 32     | 4    | block count   | u32, >= 1                                      |
+//! | 36     | 2    | layer         | u16                                            |
+//! | 38     | 2    | head start    | u16, first KV head carried                     |
+//! | 40     | 2    | head count    | u16, >= 1; `head start + head count <= total`  |
+//! | 42     | 2    | total heads   | u16, the model's KV heads                      |
+//! | 44     | 2    | head dim      | u16, >= 1                                      |
+//! | 46     | 2    | block size    | u16, tokens per block, >= 1                    |
+//! | 48     | 1    | dtype         | `0` f32, `1` bf16, `2` f16                     |
+//! | 49     | 3    | reserved      | zero                                           |
+//! | 52     | len  | payload       | `block count` blocks, concatenated             |
+//!
+//! The payload length must equal
+//! `block_count * 2 * head_count * block_size * head_dim * dtype_size`: each
+//! block is laid out exactly as the engine's cache block
+//! (`[K: head][slot][dim]` then `[V: head][slot][dim]`) restricted to the
+//! carried heads, so a tensor-parallel rank ships its own cache blocks
+//! unchanged and a full-head frame (`head start = 0`, `head count = total`)
+//! is a verbatim copy of `export_layer`'s bytes.
+//!
+//! # Final frame (24 bytes)
+//!
+//! | offset | size | field        | notes                                         |
+//! | ------ | ---- | ------------ | --------------------------------------------- |
+//! | 0      | 16   | prefix       | kind = 2                                      |
+//! | 16     | 4    | first token  | u32, the token prefill sampled                |
+//! | 20     | 4    | layers sent  | u32                                           |
+//! | 24     | 4    | frames sent  | u32, Layer frames of this request, all lanes  |
+//!
+//! (28 bytes in all.) `frames sent` lets a receiver whose request was striped
+//! over several streams hold the Final back until every Layer frame landed.
+//!
+//! # Abort frame (18 bytes + reason)
+//!
+//! | offset | size | field        | notes                                   |
+//! | ------ | ---- | ------------ | --------------------------------------- |
+//! | 0      | 16   | prefix       | kind = 3                                |
+//! | 16     | 2    | reason len   | u16, at most [`MAX_REASON_LEN`]          |
+//! | 18     | len  | reason       | UTF-8                                   |
+//!
+//! # Decoding
+//!
+//! [`FrameDecoder`] is fed bytes in whatever pieces the transport delivers
+//! and yields whole frames. It validates every header field before it
+//! accepts a payload length, refuses payloads above its configured maximum
+//! (so a peer cannot make it allocate without bound), and checks the
+//! checksum before handing the payload out. Incomplete input is never an
+//! error: it is "need more" (`Ok(None)`).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The four bytes every frame starts with.
+pub const MAGIC: [u8; 4] = *b"TDKV";
+/// The wire format version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Bytes in the common prefix.
+pub const PREFIX_LEN: usize = 16;
+/// Bytes in a Layer frame's header (payload excluded).
+pub const LAYER_HEADER_LEN: usize = 52;
+/// Bytes in a Final frame.
+pub const FINAL_LEN: usize = 28;
+/// Bytes in an Abort frame before its reason.
+pub const ABORT_HEADER_LEN: usize = 18;
+/// Longest abort reason, in bytes.
+pub const MAX_REASON_LEN: usize = 1024;
+/// A decoder's default payload limit: 64 MiB.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+
+const KIND_LAYER: u8 = 1;
+const KIND_FINAL: u8 = 2;
+const KIND_ABORT: u8 = 3;
+
+/// Element type of the KV cache on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireDtype {
+    /// 32-bit float.
+    F32 = 0,
+    /// bfloat16.
+    Bf16 = 1,
+    /// IEEE half.
+    F16 = 2,
+}
+
+impl WireDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WireDtype::F32 => 4,
+            WireDtype::Bf16 | WireDtype::F16 => 2,
+        }
+    }
+
+    /// The dtype a wire code names, if any.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(WireDtype::F32),
+            1 => Some(WireDtype::Bf16),
+            2 => Some(WireDtype::F16),
+            _ => None,
+        }
+    }
+}
+
+/// What a Layer frame carries: which request, layer, blocks and heads, in
+/// which shape, and the payload's length and checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerHeader {
+    /// The request the KV belongs to.
+    pub request_id: u64,
+    /// Decoder layer.
+    pub layer: u16,
+    /// First block, as an index within the request's reservation.
+    pub first_block: u32,
+    /// Consecutive blocks carried.
+    pub block_count: u32,
+    /// Element type.
+    pub dtype: WireDtype,
+    /// First KV head carried.
+    pub head_start: u16,
+    /// KV heads carried.
+    pub head_count: u16,
+    /// The model's KV heads.
+    pub total_heads: u16,
+    /// Width of a head.
+    pub head_dim: u16,
+    /// Tokens per block.
+    pub block_size: u16,
+    /// Payload bytes.
+    pub payload_len: u32,
+    /// xxh3-64 of the payload.
+    pub checksum: u64,
+}
+
+/// The shape of a Layer frame, without the payload-derived fields; what a
+/// sender describes and [`LayerHeader::for_payload`] completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerShape {
+    /// Decoder layer.
+    pub layer: u16,
+    /// First block, as an index within the request's reservation.
+    pub first_block: u32,
+    /// Consecutive blocks carried.
+    pub block_count: u32,
+    /// Element type.
+    pub dtype: WireDtype,
+    /// First KV head carried.
+    pub head_start: u16,
+    /// KV heads carried.
+    pub head_count: u16,
+    /// The model's KV heads.
+    pub total_heads: u16,
+    /// Width of a head.
+    pub head_dim: u16,
+    /// Tokens per block.
+    pub block_size: u16,
+}
+
+impl LayerShape {
+    /// Bytes of one block restricted to the carried heads, or `None` on overflow.
+    pub fn block_bytes(&self) -> Option<u64> {
+        2u64.checked_mul(u64::from(self.head_count))?
+            .checked_mul(u64::from(self.block_size))?
+            .checked_mul(u64::from(self.head_dim))?
+            .checked_mul(self.dtype.size() as u64)
+    }
+
+    /// Payload bytes this shape implies, or `None` on overflow.
+    pub fn payload_len(&self) -> Option<u64> {
+        self.block_bytes()?.checked_mul(u64::from(self.block_count))
+    }
+}
+
+impl LayerHeader {
+    /// The header for `payload` in `shape`, with length and checksum computed.
+    pub fn for_payload(
+        request_id: u64,
+        shape: LayerShape,
+        payload: &[u8],
+    ) -> Result<Self, WireError> {
+        let payload_len = u32::try_from(payload.len()).map_err(|_| WireError::PayloadTooLarge {
+            len: payload.len() as u64,
+            max: u32::MAX,
+        })?;
+        let header = LayerHeader {
+            request_id,
+            layer: shape.layer,
+            first_block: shape.first_block,
+            block_count: shape.block_count,
+            dtype: shape.dtype,
+            head_start: shape.head_start,
+            head_count: shape.head_count,
+            total_heads: shape.total_heads,
+            head_dim: shape.head_dim,
+            block_size: shape.block_size,
+            payload_len,
+            checksum: xxh3_64(payload),
+        };
+        header.validate()?;
+        Ok(header)
+    }
+
+    /// The shape part of this header.
+    pub fn shape(&self) -> LayerShape {
+        LayerShape {
+            layer: self.layer,
+            first_block: self.first_block,
+            block_count: self.block_count,
+            dtype: self.dtype,
+            head_start: self.head_start,
+            head_count: self.head_count,
+            total_heads: self.total_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+        }
+    }
+
+    /// Checks the fields against each other (not the payload).
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = |what: &'static str| Err(WireError::BadHeader(what));
+        if self.block_count == 0 {
+            return bad("block count is zero");
+        }
+        if self.head_count == 0 {
+            return bad("head count is zero");
+        }
+        if u32::from(self.head_start) + u32::from(self.head_count) > u32::from(self.total_heads) {
+            return bad("head range exceeds total heads");
+        }
+        if self.head_dim == 0 {
+            return bad("head dim is zero");
+        }
+        if self.block_size == 0 {
+            return bad("block size is zero");
+        }
+        if self.shape().payload_len() != Some(u64::from(self.payload_len)) {
+            return bad("payload length does not match the shape");
+        }
+        Ok(())
+    }
+
+    /// The 52 header bytes.
+    pub fn encode(&self) -> [u8; LAYER_HEADER_LEN] {
+        let mut out = [0u8; LAYER_HEADER_LEN];
+        let mut b = &mut out[..];
+        put_prefix(&mut b, KIND_LAYER, self.request_id);
+        b.put_u64_le(self.checksum);
+        b.put_u32_le(self.payload_len);
+        b.put_u32_le(self.first_block);
+        b.put_u32_le(self.block_count);
+        b.put_u16_le(self.layer);
+        b.put_u16_le(self.head_start);
+        b.put_u16_le(self.head_count);
+        b.put_u16_le(self.total_heads);
+        b.put_u16_le(self.head_dim);
+        b.put_u16_le(self.block_size);
+        b.put_u8(self.dtype as u8);
+        b.put_bytes(0, 3);
+        out
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Some blocks of one layer.
+    Layer {
+        /// What the payload is.
+        header: LayerHeader,
+        /// The blocks' bytes, checksum verified.
+        payload: Bytes,
+    },
+    /// Every Layer frame of the request has been sent.
+    Final {
+        /// The request.
+        request_id: u64,
+        /// The first token prefill sampled.
+        first_token: u32,
+        /// Layers sent.
+        layers_sent: u32,
+        /// Layer frames sent, over all of the request's streams.
+        frames_sent: u32,
+    },
+    /// The sender gives the request up.
+    Abort {
+        /// The request.
+        request_id: u64,
+        /// Why, for logs.
+        reason: String,
+    },
+}
+
+impl Frame {
+    /// The request this frame belongs to.
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Frame::Layer { header, .. } => header.request_id,
+            Frame::Final { request_id, .. } | Frame::Abort { request_id, .. } => *request_id,
+        }
+    }
+
+    /// Appends the encoded frame to `out`. A Layer frame's header must match
+    /// its payload (use [`LayerHeader::for_payload`]); an abort reason longer
+    /// than [`MAX_REASON_LEN`] is cut at a character boundary.
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Frame::Layer { header, payload } => {
+                out.extend_from_slice(&header.encode());
+                out.extend_from_slice(payload);
+            }
+            Frame::Final {
+                request_id,
+                first_token,
+                layers_sent,
+                frames_sent,
+            } => {
+                out.extend_from_slice(&encode_final(
+                    *request_id,
+                    *first_token,
+                    *layers_sent,
+                    *frames_sent,
+                ));
+            }
+            Frame::Abort { request_id, reason } => {
+                out.extend_from_slice(&encode_abort(*request_id, reason));
+            }
+        }
+    }
+}
+
+/// The bytes of a Final frame.
+pub fn encode_final(
+    request_id: u64,
+    first_token: u32,
+    layers_sent: u32,
+    frames_sent: u32,
+) -> Bytes {
+    let mut out = BytesMut::with_capacity(FINAL_LEN);
+    put_prefix(&mut out, KIND_FINAL, request_id);
+    out.put_u32_le(first_token);
+    out.put_u32_le(layers_sent);
+    out.put_u32_le(frames_sent);
+    out.freeze()
+}
+
+/// The bytes of an Abort frame; the reason is cut to [`MAX_REASON_LEN`] bytes
+/// at a character boundary.
+pub fn encode_abort(request_id: u64, reason: &str) -> Bytes {
+    let reason = truncate_utf8(reason, MAX_REASON_LEN);
+    let mut out = BytesMut::with_capacity(ABORT_HEADER_LEN + reason.len());
+    put_prefix(&mut out, KIND_ABORT, request_id);
+    // The cut above keeps the length within u16.
+    out.put_u16_le(reason.len() as u16);
+    out.extend_from_slice(reason.as_bytes());
+    out.freeze()
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_prefix(b: &mut impl BufMut, kind: u8, request_id: u64) {
+    b.put_slice(&MAGIC);
+    b.put_u8(VERSION);
+    b.put_u8(kind);
+    b.put_u16_le(0);
+    b.put_u64_le(request_id);
+}
+
+/// Why bytes could not be decoded. Every variant is final for the stream:
+/// the decoder does not resynchronise.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame does not start with [`MAGIC`].
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// A version this decoder does not speak.
+    #[error("unsupported wire version {0}")]
+    UnsupportedVersion(u8),
+    /// An unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// An unknown dtype code.
+    #[error("unknown dtype code {0}")]
+    UnknownDtype(u8),
+    /// Reserved bytes were not zero.
+    #[error("reserved bytes are not zero")]
+    ReservedNotZero,
+    /// Header fields contradict each other.
+    #[error("bad layer header: {0}")]
+    BadHeader(&'static str),
+    /// A payload above the decoder's limit.
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// The payload does not hash to the header's checksum.
+    #[error(
+        "checksum mismatch for request {request_id} layer {layer}: header {expected:#018x}, payload {actual:#018x}"
+    )]
+    ChecksumMismatch {
+        /// The request.
+        request_id: u64,
+        /// The layer.
+        layer: u16,
+        /// From the header.
+        expected: u64,
+        /// Of the payload.
+        actual: u64,
+    },
+    /// An abort reason above [`MAX_REASON_LEN`].
+    #[error("abort reason of {0} bytes is too long")]
+    ReasonTooLong(usize),
+    /// An abort reason that is not UTF-8.
+    #[error("abort reason is not UTF-8")]
+    ReasonNotUtf8,
+}
+
+/// Where the decoder is within the current frame.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// Waiting for a header.
+    Header,
+    /// Header parsed; waiting for the payload.
+    Payload(LayerHeader),
+}
+
+/// A sans-I/O incremental frame decoder. Feed it bytes with
+/// [`extend`](Self::extend), take frames with [`next_frame`](Self::next_frame).
+///
+/// After an error the decoder is poisoned: it keeps returning that error.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    state: State,
+    max_payload: u32,
+    last_request_id: Option<u64>,
+    error: Option<WireError>,
+}
+
+impl FrameDecoder {
+    /// A decoder refusing payloads above `max_payload` bytes.
+    pub fn new(max_payload: u32) -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            state: State::Header,
+            max_payload,
+            last_request_id: None,
+            error: None,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        if self.error.is_none() {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// Bytes buffered but not yet returned as frames; nonzero at the end of a
+    /// stream means the stream was truncated.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the decoder sits between frames with nothing buffered.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Header) && self.buf.is_empty()
+    }
+
+    /// The request id of the last frame whose header passed validation.
+    pub fn last_request_id(&self) -> Option<u64> {
+        self.last_request_id
+    }
+
+    /// The next whole frame, `Ok(None)` when more bytes are needed, or the
+    /// error that poisons the stream.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let r = self.step();
+        if let Err(e) = &r {
+            self.error = Some(e.clone());
+            self.buf = BytesMut::new();
+        }
+        r
+    }
+
+    fn step(&mut self) -> Result<Option<Frame>, WireError> {
+        if let State::Header = self.state {
+            if self.buf.len() < PREFIX_LEN {
+                // Check what we have early so garbage fails fast.
+                let n = self.buf.len().min(4);
+                if self.buf[..n] != MAGIC[..n] {
+                    let mut m = [0u8; 4];
+                    m[..n].copy_from_slice(&self.buf[..n]);
+                    return Err(WireError::BadMagic(m));
+                }
+                return Ok(None);
+            }
+            let p = &self.buf[..PREFIX_LEN];
+            let magic = [p[0], p[1], p[2], p[3]];
+            if magic != MAGIC {
+                return Err(WireError::BadMagic(magic));
+            }
+            if p[4] != VERSION {
+                return Err(WireError::UnsupportedVersion(p[4]));
+            }
+            let kind = p[5];
+            if p[6] != 0 || p[7] != 0 {
+                return Err(WireError::ReservedNotZero);
+            }
+            let request_id = (&p[8..16]).get_u64_le();
+            match kind {
+                KIND_LAYER => {
+                    if self.buf.len() < LAYER_HEADER_LEN {
+                        return Ok(None);
+                    }
+                    let header = self.parse_layer_header(request_id)?;
+                    self.last_request_id = Some(request_id);
+                    self.buf.advance(LAYER_HEADER_LEN);
+                    self.buf.reserve(header.payload_len as usize);
+                    self.state = State::Payload(header);
+                }
+                KIND_FINAL => {
+                    if self.buf.len() < FINAL_LEN {
+                        return Ok(None);
+                    }
+                    let mut b = &self.buf[PREFIX_LEN..FINAL_LEN];
+                    let first_token = b.get_u32_le();
+                    let layers_sent = b.get_u32_le();
+                    let frames_sent = b.get_u32_le();
+                    self.last_request_id = Some(request_id);
+                    self.buf.advance(FINAL_LEN);
+                    return Ok(Some(Frame::Final {
+                        request_id,
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    }));
+                }
+                KIND_ABORT => {
+                    if self.buf.len() < ABORT_HEADER_LEN {
+                        return Ok(None);
+                    }
+                    let len = usize::from((&self.buf[PREFIX_LEN..ABORT_HEADER_LEN]).get_u16_le());
+                    if len > MAX_REASON_LEN {
+                        return Err(WireError::ReasonTooLong(len));
+                    }
+                    self.last_request_id = Some(request_id);
+                    if self.buf.len() < ABORT_HEADER_LEN + len {
+                        return Ok(None);
+                    }
+                    let reason =
+                        std::str::from_utf8(&self.buf[ABORT_HEADER_LEN..ABORT_HEADER_LEN + len])
+                            .map_err(|_| WireError::ReasonNotUtf8)?
+                            .to_owned();
+                    self.buf.advance(ABORT_HEADER_LEN + len);
+                    return Ok(Some(Frame::Abort { request_id, reason }));
+                }
+                other => return Err(WireError::UnknownKind(other)),
+            }
+        }
+        if let State::Payload(header) = self.state {
+            let len = header.payload_len as usize;
+            if self.buf.len() < len {
+                return Ok(None);
+            }
+            let payload = self.buf.split_to(len).freeze();
+            self.state = State::Header;
+            let actual = xxh3_64(&payload);
+            if actual != header.checksum {
+                return Err(WireError::ChecksumMismatch {
+                    request_id: header.request_id,
+                    layer: header.layer,
+                    expected: header.checksum,
+                    actual,
+                });
+            }
+            return Ok(Some(Frame::Layer { header, payload }));
+        }
+        Ok(None)
+    }
+
+    fn parse_layer_header(&self, request_id: u64) -> Result<LayerHeader, WireError> {
+        let mut b = &self.buf[PREFIX_LEN..LAYER_HEADER_LEN];
+        let checksum = b.get_u64_le();
+        let payload_len = b.get_u32_le();
+        let first_block = b.get_u32_le();
+        let block_count = b.get_u32_le();
+        let layer = b.get_u16_le();
+        let head_start = b.get_u16_le();
+        let head_count = b.get_u16_le();
+        let total_heads = b.get_u16_le();
+        let head_dim = b.get_u16_le();
+        let block_size = b.get_u16_le();
+        let dtype_code = b.get_u8();
+        if b.chunk() != [0, 0, 0] {
+            return Err(WireError::ReservedNotZero);
+        }
+        if payload_len > self.max_payload {
+            return Err(WireError::PayloadTooLarge {
+                len: u64::from(payload_len),
+                max: self.max_payload,
+            });
+        }
+        let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
+        let header = LayerHeader {
+            request_id,
+            layer,
+            first_block,
+            block_count,
+            dtype,
+            head_start,
+            head_count,
+            total_heads,
+            head_dim,
+            block_size,
+            payload_len,
+            checksum,
+        };
+        header.validate()?;
+        Ok(header)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shape_strategy() -> impl Strategy<Value = LayerShape> {
+        (
+            0u16..64,
+            0u32..1000,
+            1u32..4,
+            0u8..3,
+            1u16..5,
+            1u16..17,
+            1u16..9,
+        )
+            .prop_flat_map(
+                |(layer, first_block, block_count, dt, total_heads, head_dim, block_size)| {
+                    (0..total_heads).prop_flat_map(move |head_start| {
+                        (1..=total_heads - head_start).prop_map(move |head_count| LayerShape {
+                            layer,
+                            first_block,
+                            block_count,
+                            dtype: WireDtype::from_code(dt).unwrap(),
+                            head_start,
+                            head_count,
+                            total_heads,
+                            head_dim,
+                            block_size,
+                        })
+                    })
+                },
+            )
+    }
+
+    fn frame_strategy() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u64>(), shape_strategy(), any::<u8>()).prop_map(|(id, shape, seed)| {
+                let len = shape.payload_len().unwrap() as usize;
+                let payload: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                    .collect();
+                let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
+                Frame::Layer {
+                    header,
+                    payload: Bytes::from(payload),
+                }
+            }),
+            (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
+                |(request_id, first_token, layers_sent, frames_sent)| {
+                    Frame::Final {
+                        request_id,
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                    }
+                }
+            ),
+            (any::<u64>(), "\\PC{0,40}")
+                .prop_map(|(request_id, reason)| Frame::Abort { request_id, reason }),
+        ]
+    }
+
+    fn encode_all(frames: &[Frame]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        for f in frames {
+            f.encode(&mut out);
+        }
+        out.to_vec()
+    }
+
+    fn decode_in_pieces(bytes: &[u8], splits: &[usize]) -> (Vec<Frame>, Result<(), WireError>) {
+        let mut d = FrameDecoder::new(1 << 20);
+        let mut frames = Vec::new();
+        let mut cuts: Vec<usize> = splits.iter().map(|s| s % (bytes.len() + 1)).collect();
+        cuts.push(0);
+        cuts.push(bytes.len());
+        cuts.sort_unstable();
+        for w in cuts.windows(2) {
+            d.extend(&bytes[w[0]..w[1]]);
+            loop {
+                match d.next_frame() {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => break,
+                    Err(e) => return (frames, Err(e)),
+                }
+            }
+        }
+        (frames, Ok(()))
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip_in_arbitrary_pieces(frames in prop::collection::vec(frame_strategy(), 1..6),
+                                         splits in prop::collection::vec(any::<usize>(), 0..8)) {
+            let bytes = encode_all(&frames);
+            let (decoded, r) = decode_in_pieces(&bytes, &splits);
+            prop_assert_eq!(r, Ok(()));
+            prop_assert_eq!(decoded, frames);
+        }
+
+        #[test]
+        fn never_panics_on_garbage(bytes in prop::collection::vec(any::<u8>(), 0..512),
+                                   splits in prop::collection::vec(any::<usize>(), 0..8)) {
+            let _ = decode_in_pieces(&bytes, &splits);
+        }
+
+        #[test]
+        fn never_panics_on_mutated_frames(frames in prop::collection::vec(frame_strategy(), 1..4),
+                                          flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+                                          splits in prop::collection::vec(any::<usize>(), 0..8)) {
+            let mut bytes = encode_all(&frames);
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            let _ = decode_in_pieces(&bytes, &splits);
+        }
+
+        #[test]
+        fn truncation_needs_more(frame in frame_strategy(), cut in any::<usize>()) {
+            let bytes = encode_all(std::slice::from_ref(&frame));
+            let cut = cut % bytes.len();
+            let mut d = FrameDecoder::new(1 << 20);
+            d.extend(&bytes[..cut]);
+            prop_assert_eq!(d.next_frame(), Ok(None));
+            d.extend(&bytes[cut..]);
+            prop_assert_eq!(d.next_frame(), Ok(Some(frame)));
+            prop_assert!(d.is_idle());
+        }
+
+        #[test]
+        fn flipped_payload_byte_is_a_checksum_error(id in any::<u64>(), shape in shape_strategy(),
+                                                     at in any::<usize>(), bit in 0u8..8) {
+            let len = shape.payload_len().unwrap() as usize;
+            let payload = vec![7u8; len];
+            let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
+            let mut bytes = encode_all(&[Frame::Layer { header, payload: Bytes::from(payload) }]);
+            let i = LAYER_HEADER_LEN + at % len;
+            bytes[i] ^= 1 << bit;
+            let (frames, r) = decode_in_pieces(&bytes, &[]);
+            prop_assert!(frames.is_empty());
+            let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { request_id, .. }) if request_id == id);
+            prop_assert!(is_checksum);
+        }
+    }
+
+    #[test]
+    fn refuses_oversized_payload_before_buffering_it() {
+        let shape = LayerShape {
+            layer: 0,
+            first_block: 0,
+            block_count: 1024,
+            dtype: WireDtype::Bf16,
+            head_start: 0,
+            head_count: 8,
+            total_heads: 8,
+            head_dim: 128,
+            block_size: 16,
+        };
+        let payload = vec![0u8; shape.payload_len().unwrap() as usize];
+        let header = LayerHeader::for_payload(1, shape, &payload).unwrap();
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(&header.encode());
+        assert!(matches!(
+            d.next_frame(),
+            Err(WireError::PayloadTooLarge { .. })
+        ));
+        // Poisoned: stays an error.
+        assert!(d.next_frame().is_err());
+    }
+
+    #[test]
+    fn refuses_inconsistent_payload_length() {
+        let shape = LayerShape {
+            layer: 0,
+            first_block: 0,
+            block_count: 1,
+            dtype: WireDtype::F32,
+            head_start: 0,
+            head_count: 1,
+            total_heads: 1,
+            head_dim: 2,
+            block_size: 2,
+        };
+        let payload = vec![0u8; 32];
+        let mut header = LayerHeader::for_payload(1, shape, &payload).unwrap();
+        header.payload_len = 16;
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(&header.encode());
+        assert!(matches!(d.next_frame(), Err(WireError::BadHeader(_))));
+    }
+
+    #[test]
+    fn garbage_fails_on_first_bytes() {
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(b"GET");
+        assert!(matches!(d.next_frame(), Err(WireError::BadMagic(_))));
+    }
+
+    #[test]
+    fn long_abort_reason_is_cut() {
+        let reason = "é".repeat(MAX_REASON_LEN);
+        let bytes = encode_abort(3, &reason);
+        let mut d = FrameDecoder::new(16);
+        d.extend(&bytes);
+        match d.next_frame() {
+            Ok(Some(Frame::Abort {
+                request_id: 3,
+                reason,
+            })) => assert!(reason.len() <= MAX_REASON_LEN),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

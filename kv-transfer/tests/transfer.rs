@@ -1,0 +1,342 @@
+//! End-to-end transfers over real QUIC on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tandem_kv_transfer::receiver::stop_code;
+use tandem_kv_transfer::sender::quinn_client_config;
+use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
+use tandem_kv_transfer::wire::{Frame, encode_final};
+use tandem_kv_transfer::{
+    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Reservations, SenderConfig,
+    TransferError, TransportTuning, WireDtype,
+};
+use tokio::sync::mpsc;
+
+const LAYERS: u16 = 4;
+const BLOCKS: u32 = 8;
+const HEADS: u16 = 8;
+const HEAD_DIM: u16 = 128;
+const BLOCK_SIZE: u16 = 16;
+
+fn block_bytes() -> usize {
+    2 * HEADS as usize * BLOCK_SIZE as usize * HEAD_DIM as usize * 2
+}
+
+fn layer_bytes(layer: u16) -> Bytes {
+    let n = BLOCKS as usize * block_bytes();
+    Bytes::from(
+        (0..n)
+            .map(|i| {
+                (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(u32::from(layer)) as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn shape(layer: u16) -> LayerShape {
+    LayerShape {
+        layer,
+        first_block: 0,
+        block_count: BLOCKS,
+        dtype: WireDtype::Bf16,
+        head_start: 0,
+        head_count: HEADS,
+        total_heads: HEADS,
+        head_dim: HEAD_DIM,
+        block_size: BLOCK_SIZE,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    Final(u64, u32),
+    Abort(u64, String),
+}
+
+/// A decode node in miniature: a reservation table and a byte store.
+struct TestSink {
+    reservations: Mutex<Reservations>,
+    store: Mutex<HashMap<(u64, u32), Vec<u8>>>,
+    endings: mpsc::UnboundedSender<Ending>,
+}
+
+impl TestSink {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Ending>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = TestSink {
+            reservations: Mutex::new(Reservations::new(Duration::from_secs(60))),
+            store: Mutex::new(HashMap::new()),
+            endings: tx,
+        };
+        (Arc::new(sink), rx)
+    }
+
+    fn reserve(&self, id: u64) {
+        let e = Expectation {
+            num_layers: u32::from(LAYERS),
+            num_blocks: BLOCKS,
+            block_bytes: block_bytes() as u64,
+            dtype: WireDtype::Bf16,
+            total_heads: HEADS,
+            head_dim: HEAD_DIM,
+            block_size: BLOCK_SIZE,
+        };
+        self.reservations
+            .lock()
+            .unwrap()
+            .register(id, e, std::time::Instant::now())
+            .unwrap();
+    }
+
+    fn layer(&self, id: u64, layer: u32) -> Vec<u8> {
+        self.store.lock().unwrap()[&(id, layer)].clone()
+    }
+}
+
+impl KvSink for TestSink {
+    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String> {
+        let a = self
+            .reservations
+            .lock()
+            .unwrap()
+            .on_layer_frame(header)
+            .map_err(|e| e.to_string())?;
+        let mut store = self.store.lock().unwrap();
+        let buf = store
+            .entry((header.request_id, a.layer))
+            .or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
+        let at = a.first_block as usize * block_bytes();
+        buf[at..at + payload.len()].copy_from_slice(&payload);
+        Ok(())
+    }
+
+    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
+        self.reservations
+            .lock()
+            .unwrap()
+            .on_final(request_id, first_token, layers_sent)
+            .map_err(|e| e.to_string())?;
+        let _ = self.endings.send(Ending::Final(request_id, first_token));
+        Ok(())
+    }
+
+    fn on_abort(&self, request_id: u64, reason: &str) {
+        self.reservations.lock().unwrap().release(request_id);
+        let _ = self
+            .endings
+            .send(Ending::Abort(request_id, reason.to_owned()));
+    }
+}
+
+struct Setup {
+    receiver: KvReceiver,
+    addr: SocketAddr,
+    cert: SelfSigned,
+    sink: Arc<TestSink>,
+    endings: mpsc::UnboundedReceiver<Ending>,
+}
+
+fn start() -> Setup {
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let (sink, endings) = TestSink::new();
+    let (receiver, addr) = KvReceiver::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        cert.server_config().unwrap(),
+        sink.clone(),
+    )
+    .unwrap();
+    Setup {
+        receiver,
+        addr,
+        cert,
+        sink,
+        endings,
+    }
+}
+
+async fn next_ending(rx: &mut mpsc::UnboundedReceiver<Ending>) -> Ending {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an ending in time")
+        .expect("sink alive")
+}
+
+async fn good_transfer(s: &mut Setup, sender: &KvSender, id: u64) {
+    s.sink.reserve(id);
+    let mut req = sender.open_request(id).await.unwrap();
+    for layer in 0..LAYERS {
+        req.send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .unwrap();
+    }
+    req.finish(1234, u32::from(LAYERS)).await.unwrap();
+    assert_eq!(next_ending(&mut s.endings).await, Ending::Final(id, 1234));
+    for layer in 0..LAYERS {
+        assert!(
+            s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec(),
+            "layer {layer} byte-exact"
+        );
+    }
+}
+
+/// A raw QUIC connection for writing arbitrary bytes.
+async fn raw_connection(s: &Setup) -> quinn::Connection {
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn_client_config(tls, &TransportTuning::default()).unwrap());
+    ep.connect(s.addr, "localhost").unwrap().await.unwrap()
+}
+
+async fn raw_stream(conn: &quinn::Connection, bytes: &[u8]) -> Option<u64> {
+    let mut send = conn.open_uni().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .unwrap()
+        .unwrap()
+        .map(|c| c.into_inner())
+}
+
+#[tokio::test]
+async fn layer_by_layer_transfer_is_byte_exact() {
+    let mut s = start();
+    for connections in [1, 3] {
+        let tls = client_config_trusting(&s.cert.cert).unwrap();
+        let cfg = SenderConfig {
+            connections,
+            max_frame_payload: 3 * block_bytes() as u32,
+            ..SenderConfig::default()
+        };
+        let sender = KvSender::connect_with(s.addr, tls, cfg).await.unwrap();
+        good_transfer(&mut s, &sender, 10 + connections as u64).await;
+        sender.close().await;
+    }
+    s.receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_and_truncation_are_refused_and_service_continues() {
+    let mut s = start();
+    let conn = raw_connection(&s).await;
+    // Garbage: stopped as malformed (the code reaches us only if the stop
+    // beats the acknowledgement of the last byte); no request named, so no abort.
+    let code = raw_stream(&conn, b"this is not a kv frame at all").await;
+    assert!(matches!(code, None | Some(2)), "{code:?}");
+    assert_eq!(u64::from(stop_code::MALFORMED), 2);
+    // A truncated Layer frame of a reserved request: aborted.
+    s.sink.reserve(7);
+    let payload = layer_bytes(0);
+    let header = LayerHeader::for_payload(7, shape(0), &payload).unwrap();
+    let mut bytes = BytesMut::new();
+    Frame::Layer { header, payload }.encode(&mut bytes);
+    let cut = bytes.len() / 2;
+    let _ = raw_stream(&conn, &bytes[..cut]).await;
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(7, reason) => assert!(reason.contains("inside a frame"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The same connection and the receiver keep serving.
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let sender = KvSender::connect(s.addr, tls, 2).await.unwrap();
+    good_transfer(&mut s, &sender, 8).await;
+    s.sink.reserve(9);
+    let payload = layer_bytes(1);
+    let header = LayerHeader::for_payload(9, shape(1), &payload).unwrap();
+    let mut bytes = BytesMut::new();
+    Frame::Layer { header, payload }.encode(&mut bytes);
+    assert_eq!(
+        raw_stream(&conn, &bytes).await,
+        None,
+        "a good frame on the old connection is accepted"
+    );
+    s.receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn corrupted_checksum_aborts_the_request() {
+    let mut s = start();
+    s.sink.reserve(5);
+    let conn = raw_connection(&s).await;
+    let payload = layer_bytes(0);
+    let header = LayerHeader::for_payload(5, shape(0), &payload).unwrap();
+    let mut bytes = BytesMut::new();
+    Frame::Layer { header, payload }.encode(&mut bytes);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    let _ = raw_stream(&conn, &bytes).await;
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(5, reason) => assert!(reason.contains("checksum"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    s.receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn sink_refusal_reaches_the_sender_and_aborts_once() {
+    let mut s = start();
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let sender = KvSender::connect(s.addr, tls, 2).await.unwrap();
+    // Not reserved: the sink refuses the first frame.
+    let mut req = sender.open_request(99).await.unwrap();
+    for layer in 0..LAYERS {
+        if req
+            .send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let r = req.finish(1, u32::from(LAYERS)).await;
+    assert!(
+        matches!(r, Err(TransferError::Refused { .. }) | Ok(())),
+        "{r:?}"
+    );
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(99, reason) => assert!(reason.contains("no reservation"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.endings.recv())
+            .await
+            .is_err(),
+        "one ending only"
+    );
+    // A Final for a request whose frames never came is held, then a sender abort ends it.
+    s.sink.reserve(100);
+    let conn = raw_connection(&s).await;
+    let _ = raw_stream(&conn, &encode_final(100, 1, 4, 4)).await;
+    let req = sender.open_request(100).await.unwrap();
+    req.abort("prefill node lost its GPU").await.unwrap();
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(100, reason) => assert!(reason.contains("lost its GPU"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    s.receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_certificate_cannot_connect() {
+    let s = start();
+    let other = SelfSigned::generate(&["localhost"]).unwrap();
+    let tls = client_config_trusting(&other.cert).unwrap();
+    let cfg = SenderConfig {
+        connections: 1,
+        timeout: Duration::from_secs(5),
+        ..SenderConfig::default()
+    };
+    let r = KvSender::connect_with(s.addr, tls, cfg).await;
+    assert!(
+        matches!(r, Err(TransferError::Connection(_))),
+        "{:?}",
+        r.err()
+    );
+    s.receiver.shutdown().await;
+}
