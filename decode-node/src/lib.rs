@@ -1,1 +1,163 @@
-//! tandem-decode (see the crate's module docs).
+//! Tandem's decode node: receives prompts' KV caches over QUIC, generates
+//! their tokens with continuous batching, and streams them to the router.
+//!
+//! - [`scheduler`]: the engine loop (continuous batching, local prefill of short prompts).
+//! - [`sink`]: checks arriving KV against the reservations and hands it to the loop.
+//! - [`service`]: the internal gRPC service the router calls.
+
+pub mod scheduler;
+pub mod service;
+pub mod sink;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_cluster::DecodeSection;
+use tandem_engine::ModelDir;
+use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
+use tandem_proto::v1::decode_node_server::DecodeNodeServer;
+use tokio_util::sync::CancellationToken;
+
+use crate::scheduler::{KvEndpoint, Limits, Scheduler, Stats};
+use crate::service::DecodeService;
+use crate::sink::ReservedSink;
+
+/// Why a decode node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Engine(#[from] tandem_engine::EngineError),
+    /// The QUIC receiver or its certificate.
+    #[error("KV receiver: {0}")]
+    Transfer(String),
+    /// The gRPC listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A decode node that is serving.
+pub struct RunningDecode {
+    /// Its internal gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Its QUIC KV receiver's address.
+    pub quic_addr: SocketAddr,
+    /// Its load figures (also served by `WatchLoad`).
+    pub stats: Arc<Mutex<Stats>>,
+    /// Ends when the node has stopped.
+    pub done: tokio::task::JoinHandle<()>,
+}
+
+/// How long a reservation may wait for its first frame before the receiver gives up on it.
+const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts a decode node: the engine loop, the QUIC receiver and the gRPC service.
+pub async fn serve(
+    model: Arc<ModelDir>,
+    config: DecodeSection,
+    shutdown: CancellationToken,
+) -> Result<RunningDecode, DecodeError> {
+    let backend = {
+        let model = model.clone();
+        let (blocks, block_size) = (config.kv_blocks, config.block_size);
+        tokio::task::spawn_blocking(move || model.load_cpu(blocks, block_size))
+            .await
+            .map_err(|e| DecodeError::Transfer(e.to_string()))??
+    };
+    let reservations = Arc::new(Mutex::new(Reservations::new(RESERVATION_TIMEOUT)));
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let (commands, command_rx) = std::sync::mpsc::channel();
+
+    let cert =
+        SelfSigned::generate(&["localhost"]).map_err(|e| DecodeError::Transfer(e.to_string()))?;
+    let server_tls = cert
+        .server_config()
+        .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+    let sink = Arc::new(ReservedSink {
+        reservations: reservations.clone(),
+        commands: commands.clone(),
+    });
+    let (receiver, quic_addr) = KvReceiver::bind_with(
+        config.quic_listen,
+        server_tls,
+        sink,
+        ReceiverConfig::default(),
+        shutdown.clone(),
+    )
+    .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+
+    let endpoint = KvEndpoint {
+        quic_addr: quic_addr.to_string(),
+        server_name: "localhost".into(),
+        cert_der: cert.cert.to_vec(),
+    };
+    let limits = Limits {
+        max_batch: config.max_batch,
+        max_batch_tokens: config.max_batch_tokens,
+    };
+    let scheduler = Scheduler::new(
+        backend,
+        model.clone(),
+        limits,
+        endpoint,
+        reservations,
+        stats.clone(),
+    );
+    let loop_shutdown = shutdown.clone();
+    let engine = std::thread::Builder::new()
+        .name(format!("decode-{}", config.id))
+        .spawn(move || scheduler.run(command_rx, loop_shutdown))
+        .map_err(|e| DecodeError::Transfer(format!("cannot start the engine thread: {e}")))?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DecodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|source| DecodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let service = DecodeService {
+        node_id: config.id.clone(),
+        model,
+        commands: Mutex::new(commands),
+        local_prefill_below: config.local_prefill_below,
+        stats: stats.clone(),
+    };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<DecodeNodeServer<DecodeService>>()
+        .await;
+    tracing::info!(id = %config.id, %grpc_addr, %quic_addr, "decode node serving");
+    let done = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(DecodeNodeServer::new(service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "decode gRPC server failed");
+        }
+        receiver.shutdown().await;
+        let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    });
+    Ok(RunningDecode {
+        grpc_addr,
+        quic_addr,
+        stats,
+        done,
+    })
+}

@@ -1,0 +1,587 @@
+//! The decode node's engine loop: continuous batching at iteration level.
+//!
+//! One std thread owns the backend (model + KV cache), the block manager and
+//! every sequence; everything else talks to it through [`Command`]s. Each
+//! iteration it takes new commands, then runs one forward pass over
+//!
+//! - every running sequence's next token (at most `max_batch` of them), and
+//! - chunks of prompts it prefills itself (short prompts), within the token budget.
+//!
+//! A sequence whose KV comes from a prefill node joins the batch at the next
+//! iteration after its last layer has landed and its first token arrived; a
+//! finished one leaves at once and its blocks are free for the next request.
+//!
+//! Blocks for a whole request (prompt + `max_tokens`, capped at the context)
+//! are taken when it is admitted, so a running sequence never runs out: when
+//! the cache is full, new requests are refused (`RESOURCE_EXHAUSTED`) and the
+//! router tries elsewhere or later. Nothing waits for memory, so nothing deadlocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_cluster::convert::finish_reason_to_pb;
+use tandem_engine::backend::Backend;
+use tandem_engine::block_manager::{BlockId, BlockManager, blocks_for};
+use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenEvent};
+use tandem_kv_transfer::{Expectation, Reservations, WireDtype};
+use tandem_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// A message on a request's response stream.
+pub type Event = Result<pb::DecodeResponse, Status>;
+
+/// What the rest of the node asks of the engine loop.
+pub enum Command {
+    /// A new request; `reply` says whether it was admitted.
+    Admit(Box<Admission>, oneshot::Sender<Result<(), Status>>),
+    /// Accepted KV bytes of one layer: blocks `first_block..` of the reservation.
+    ImportLayer {
+        /// The request on the wire.
+        transfer_id: u64,
+        /// Decoder layer.
+        layer: usize,
+        /// First block, an index into the request's reservation.
+        first_block: usize,
+        /// Blocks in `payload`.
+        block_count: usize,
+        /// The bytes, in the cache layout.
+        payload: Bytes,
+    },
+    /// Every layer landed; the prefill node sampled `first_token`.
+    KvComplete {
+        /// The request on the wire.
+        transfer_id: u64,
+        /// The first generated token.
+        first_token: u32,
+    },
+    /// The KV transfer failed.
+    KvAborted {
+        /// The request on the wire.
+        transfer_id: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Stop a request and free its blocks; the reply says whether it existed.
+    Cancel(String, oneshot::Sender<bool>),
+}
+
+/// A request to admit.
+pub struct Admission {
+    /// Client-visible id.
+    pub request_id: String,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Sampling and stop conditions.
+    pub params: GenerationParams,
+    /// Prefill here rather than receiving KV.
+    pub local_prefill: bool,
+    /// How long to wait for remote KV.
+    pub kv_timeout: Duration,
+    /// The response stream.
+    pub events: mpsc::Sender<Event>,
+}
+
+/// Where prefill nodes send KV: the QUIC receiver's address and certificate.
+#[derive(Clone)]
+pub struct KvEndpoint {
+    /// `host:port` of the receiver.
+    pub quic_addr: String,
+    /// TLS name the certificate is for.
+    pub server_name: String,
+    /// The receiver's certificate, for prefill nodes to trust.
+    pub cert_der: Vec<u8>,
+}
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most sequences in one decode step.
+    pub max_batch: usize,
+    /// Most tokens in one forward pass (decode tokens plus local prefill chunks).
+    pub max_batch_tokens: usize,
+}
+
+/// Load figures, published after every iteration.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Blocks in the cache.
+    pub kv_blocks_total: u32,
+    /// Blocks free.
+    pub kv_blocks_free: u32,
+    /// Sequences in the running batch.
+    pub running: u32,
+    /// Sequences waiting for KV or being prefilled here.
+    pub queued: u32,
+    /// Prompt tokens still to prefill here.
+    pub queued_prefill_tokens: u64,
+    /// Forward passes run.
+    pub steps_total: u64,
+    /// Most sequences decoded in one step so far.
+    pub max_batch_seen: u32,
+}
+
+enum State {
+    AwaitingKv { deadline: Instant },
+    Prefilling { done: usize },
+    Running,
+}
+
+struct Sequence {
+    request_id: String,
+    generation: Generation,
+    table: Vec<BlockId>,
+    state: State,
+    events: mpsc::Sender<Event>,
+}
+
+/// The engine loop's state.
+pub struct Scheduler<B: Backend> {
+    backend: B,
+    blocks: BlockManager,
+    model: Arc<ModelDir>,
+    limits: Limits,
+    kv: KvEndpoint,
+    reservations: Arc<Mutex<Reservations>>,
+    stats: Arc<Mutex<Stats>>,
+    /// By transfer id, which grows with arrival: iteration order is FIFO.
+    seqs: BTreeMap<u64, Sequence>,
+    by_request: HashMap<String, u64>,
+    next_transfer_id: u64,
+}
+
+impl<B: Backend> Scheduler<B> {
+    /// An engine loop over `backend`, whose whole cache it allocates.
+    pub fn new(
+        backend: B,
+        model: Arc<ModelDir>,
+        limits: Limits,
+        kv: KvEndpoint,
+        reservations: Arc<Mutex<Reservations>>,
+        stats: Arc<Mutex<Stats>>,
+    ) -> Self {
+        let total = backend.kv_layout().num_blocks;
+        Scheduler {
+            backend,
+            blocks: BlockManager::new(total),
+            model,
+            limits,
+            kv,
+            reservations,
+            stats,
+            seqs: BTreeMap::new(),
+            by_request: HashMap::new(),
+            // Random start: transfer ids of a restarted node never match stale frames.
+            next_transfer_id: u64::from(std::process::id()) << 32,
+        }
+    }
+
+    /// Runs until `shutdown` fires or every command sender is gone.
+    pub fn run(mut self, commands: Receiver<Command>, shutdown: CancellationToken) {
+        while !shutdown.is_cancelled() {
+            let busy = self
+                .seqs
+                .values()
+                .any(|s| !matches!(s.state, State::AwaitingKv { .. }));
+            if !busy {
+                match commands.recv_timeout(Duration::from_millis(20)) {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while let Ok(cmd) = commands.try_recv() {
+                self.handle(cmd);
+            }
+            self.reap(Instant::now());
+            self.step();
+            self.publish();
+        }
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.fail(id, Status::unavailable("the decode node is shutting down"));
+        }
+        self.publish();
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Admit(a, reply) => {
+                let _ = reply.send(self.admit(*a));
+            }
+            Command::ImportLayer {
+                transfer_id,
+                layer,
+                first_block,
+                block_count,
+                payload,
+            } => {
+                let Some(seq) = self.seqs.get(&transfer_id) else {
+                    return;
+                };
+                let blocks = seq
+                    .table
+                    .get(first_block..first_block + block_count)
+                    .map(<[_]>::to_vec);
+                let result = match blocks {
+                    Some(blocks) => self
+                        .backend
+                        .import_layer(layer, &blocks, &payload)
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!(
+                        "blocks {first_block}+{block_count} beyond the reservation"
+                    )),
+                };
+                if let Err(e) = result {
+                    self.fail(
+                        transfer_id,
+                        Status::internal(format!("importing KV failed: {e}")),
+                    );
+                }
+            }
+            Command::KvComplete {
+                transfer_id,
+                first_token,
+            } => {
+                let Some(seq) = self.seqs.get_mut(&transfer_id) else {
+                    return;
+                };
+                if !matches!(seq.state, State::AwaitingKv { .. }) {
+                    return;
+                }
+                seq.state = State::Running;
+                let event = seq
+                    .generation
+                    .push_sampled(first_token, &self.model.tokenizer);
+                self.emit(transfer_id, event);
+            }
+            Command::KvAborted {
+                transfer_id,
+                reason,
+            } => {
+                if self.seqs.contains_key(&transfer_id) {
+                    self.fail(
+                        transfer_id,
+                        Status::unavailable(format!("KV transfer failed: {reason}")),
+                    );
+                }
+            }
+            Command::Cancel(request_id, reply) => {
+                let found = match self.by_request.get(&request_id).copied() {
+                    Some(id) => {
+                        if let Some(seq) = self.seqs.get(&id) {
+                            let done =
+                                finished_message(&seq.generation, pb::FinishReason::Cancelled, "");
+                            let _ = seq.events.try_send(Ok(done));
+                        }
+                        self.remove(id);
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+            }
+        }
+    }
+
+    fn admit(&mut self, a: Admission) -> Result<(), Status> {
+        let config = &self.model.config;
+        if self.by_request.contains_key(&a.request_id) {
+            return Err(Status::already_exists(format!(
+                "request {} is already running here",
+                a.request_id
+            )));
+        }
+        if a.prompt.len() >= config.max_position_embeddings {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {} tokens leaves no room in the model's context of {} tokens",
+                a.prompt.len(),
+                config.max_position_embeddings
+            )));
+        }
+        let layout = self.backend.kv_layout();
+        let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
+        let prompt_blocks = blocks_for(a.prompt.len(), layout.block_size);
+        let prompt_len = a.prompt.len();
+        let generation = Generation::new(a.prompt, a.params, &config.eos_token_ids)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let table = self
+            .blocks
+            .allocate(blocks_for(max_len, layout.block_size))
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let transfer_id = self.next_transfer_id;
+        self.next_transfer_id += 1;
+        let mut admitted = pb::Admitted {
+            local_prefill: a.local_prefill,
+            kv_target: None,
+        };
+        let state = if a.local_prefill {
+            State::Prefilling { done: 0 }
+        } else {
+            let expect = Expectation {
+                num_layers: layout.num_layers as u32,
+                num_blocks: prompt_blocks as u32,
+                block_bytes: layout.block_bytes() as u64,
+                dtype: wire_dtype(layout.dtype),
+                total_heads: layout.num_kv_heads as u16,
+                head_dim: layout.head_dim as u16,
+                block_size: layout.block_size as u16,
+            };
+            let registered = self
+                .reservations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .register(transfer_id, expect, Instant::now());
+            if let Err(e) = registered {
+                let _ = self.blocks.release(&table);
+                return Err(Status::internal(format!("cannot reserve KV: {e}")));
+            }
+            admitted.kv_target = Some(pb::KvTarget {
+                quic_addr: self.kv.quic_addr.clone(),
+                server_name: self.kv.server_name.clone(),
+                server_cert_der: self.kv.cert_der.clone(),
+                num_blocks: prompt_blocks as u32,
+                block_size: layout.block_size as u32,
+                num_layers: layout.num_layers as u32,
+                num_kv_heads: layout.num_kv_heads as u32,
+                head_dim: layout.head_dim as u32,
+                dtype: wire_dtype(layout.dtype) as u32,
+                transfer_id,
+            });
+            State::AwaitingKv {
+                deadline: Instant::now() + a.kv_timeout,
+            }
+        };
+        let message = pb::DecodeResponse {
+            event: Some(pb::decode_response::Event::Admitted(admitted)),
+        };
+        if a.events.try_send(Ok(message)).is_err() {
+            let _ = self.blocks.release(&table);
+            self.reservations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(transfer_id);
+            return Err(Status::cancelled("the caller went away"));
+        }
+        tracing::debug!(request_id = %a.request_id, transfer_id, prompt_len, local = a.local_prefill, "admitted");
+        self.by_request.insert(a.request_id.clone(), transfer_id);
+        self.seqs.insert(
+            transfer_id,
+            Sequence {
+                request_id: a.request_id,
+                generation,
+                table,
+                state,
+                events: a.events,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends sequences whose KV did not arrive in time or whose caller went away.
+    fn reap(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut gone = Vec::new();
+        for (&id, seq) in &self.seqs {
+            if seq.events.is_closed() {
+                gone.push(id);
+            } else if let State::AwaitingKv { deadline } = seq.state
+                && now >= deadline
+            {
+                expired.push(id);
+            }
+        }
+        for id in gone {
+            tracing::debug!(transfer_id = id, "caller went away; freeing its blocks");
+            self.remove(id);
+        }
+        for id in expired {
+            self.fail(
+                id,
+                Status::deadline_exceeded("the request's KV cache did not arrive in time"),
+            );
+        }
+    }
+
+    /// One forward pass over the running batch and some local prefill.
+    fn step(&mut self) {
+        let mut budget = self.limits.max_batch_tokens;
+        // (transfer id, chunk tokens, start, completes the prompt)
+        let mut plan: Vec<(u64, Vec<u32>, usize, bool)> = Vec::new();
+        for (&id, seq) in &self.seqs {
+            if plan.len() >= self.limits.max_batch || budget == 0 {
+                break;
+            }
+            if matches!(seq.state, State::Running) {
+                let tokens = seq.generation.tokens();
+                plan.push((id, vec![tokens[tokens.len() - 1]], tokens.len() - 1, false));
+                budget -= 1;
+            }
+        }
+        let decoding = plan.len();
+        for (&id, seq) in &self.seqs {
+            if plan.len() >= self.limits.max_batch || budget == 0 {
+                break;
+            }
+            if let State::Prefilling { done } = seq.state {
+                let prompt = seq.generation.prompt();
+                let n = (prompt.len() - done).min(budget);
+                plan.push((
+                    id,
+                    prompt[done..done + n].to_vec(),
+                    done,
+                    done + n == prompt.len(),
+                ));
+                budget -= n;
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .map(|(id, tokens, start, _)| SeqChunk {
+                tokens,
+                start: *start,
+                block_table: &self.seqs[id].table,
+            })
+            .collect();
+        let result = self.backend.forward(&chunks, None);
+        drop(chunks);
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.steps_total += 1;
+            stats.max_batch_seen = stats.max_batch_seen.max(decoding as u32);
+        }
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed; failing its sequences");
+                for (id, ..) in plan {
+                    self.fail(id, Status::internal(format!("forward pass failed: {e}")));
+                }
+                return;
+            }
+        };
+        for ((id, tokens, start, completes), mut row) in plan.into_iter().zip(logits) {
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if let State::Prefilling { .. } = seq.state
+                && !completes
+            {
+                seq.state = State::Prefilling {
+                    done: start + tokens.len(),
+                };
+                continue;
+            }
+            seq.state = State::Running;
+            let event = seq.generation.step(&mut row, &self.model.tokenizer);
+            self.emit(id, event);
+        }
+    }
+
+    /// Sends a token to its stream; ends the sequence when it finished.
+    fn emit(&mut self, id: u64, event: tandem_engine::Result<TokenEvent>) {
+        let Some(seq) = self.seqs.get(&id) else {
+            return;
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => return self.fail(id, Status::internal(e.to_string())),
+        };
+        let chunk = pb::DecodeResponse {
+            event: Some(pb::decode_response::Event::Token(pb::TokenChunk {
+                ids: vec![event.token],
+                text: event.text,
+            })),
+        };
+        // The stream holds max_tokens + a few messages, so a full stream means a caller
+        // that stopped reading: treat it like one that went away.
+        let alive = seq.events.try_send(Ok(chunk)).is_ok();
+        let at_context_end =
+            seq.generation.tokens().len() >= self.model.config.max_position_embeddings;
+        if let Some(reason) = event
+            .finished
+            .map(finish_reason_to_pb)
+            .or(at_context_end.then_some(pb::FinishReason::Length))
+        {
+            let _ = seq
+                .events
+                .try_send(Ok(finished_message(&seq.generation, reason, "")));
+            tracing::debug!(request_id = %seq.request_id, ?reason, tokens = seq.generation.output().len(), "finished");
+            self.remove(id);
+        } else if !alive {
+            self.remove(id);
+        }
+    }
+
+    fn fail(&mut self, id: u64, status: Status) {
+        if let Some(seq) = self.seqs.get(&id) {
+            tracing::warn!(request_id = %seq.request_id, error = %status.message(), "request failed");
+            let _ = seq.events.try_send(Err(status));
+        }
+        self.remove(id);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(seq) = self.seqs.remove(&id) {
+            self.by_request.remove(&seq.request_id);
+            if let Err(e) = self.blocks.release(&seq.table) {
+                tracing::error!(error = %e, "block accounting error");
+            }
+            self.reservations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(id);
+        }
+    }
+
+    fn publish(&self) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.kv_blocks_total = self.blocks.total() as u32;
+        s.kv_blocks_free = self.blocks.num_free() as u32;
+        s.running = self
+            .seqs
+            .values()
+            .filter(|q| matches!(q.state, State::Running))
+            .count() as u32;
+        s.queued = self.seqs.len() as u32 - s.running;
+        s.queued_prefill_tokens = self
+            .seqs
+            .values()
+            .map(|q| match q.state {
+                State::Prefilling { done } => (q.generation.prompt().len() - done) as u64,
+                _ => 0,
+            })
+            .sum();
+    }
+}
+
+fn finished_message(g: &Generation, reason: pb::FinishReason, error: &str) -> pb::DecodeResponse {
+    pb::DecodeResponse {
+        event: Some(pb::decode_response::Event::Finished(pb::Finished {
+            reason: reason as i32,
+            error: error.to_string(),
+            usage: Some(pb::Usage {
+                prompt_tokens: g.prompt().len() as u32,
+                completion_tokens: g.output().len() as u32,
+            }),
+            timings: None,
+            text: String::new(),
+        })),
+    }
+}
+
+/// The wire's code for a cache dtype.
+pub fn wire_dtype(d: tandem_engine::KvDtype) -> WireDtype {
+    match d {
+        tandem_engine::KvDtype::F32 => WireDtype::F32,
+        tandem_engine::KvDtype::Bf16 => WireDtype::Bf16,
+        tandem_engine::KvDtype::F16 => WireDtype::F16,
+    }
+}

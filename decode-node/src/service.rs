@@ -1,0 +1,131 @@
+//! The decode node's internal gRPC service: `Decode`, `Cancel`, `WatchLoad`.
+
+use std::pin::Pin;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_cluster::convert::generation_params;
+use tandem_engine::ModelDir;
+use tandem_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::scheduler::{Admission, Command, Event, Stats};
+
+/// The gRPC face of a decode node.
+pub struct DecodeService {
+    /// Node id for load reports.
+    pub node_id: String,
+    /// The served model.
+    pub model: Arc<ModelDir>,
+    /// The engine loop.
+    pub commands: Mutex<Sender<Command>>,
+    /// Prompts shorter than this are prefilled here.
+    pub local_prefill_below: usize,
+    /// Load figures from the engine loop.
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
+type LoadStream = Pin<Box<dyn Stream<Item = Result<pb::NodeLoad, Status>> + Send>>;
+
+impl DecodeService {
+    fn send(&self, cmd: Command) -> Result<(), Status> {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(cmd)
+            .map_err(|_| Status::unavailable("the decode node is shutting down"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::decode_node_server::DecodeNode for DecodeService {
+    type DecodeStream = EventStream;
+    type WatchLoadStream = LoadStream;
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let config = &self.model.config;
+        if r.prompt.is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        if let Some(bad) = r.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(Status::invalid_argument(format!(
+                "token id {bad} is out of the vocabulary (size {})",
+                config.vocab_size
+            )));
+        }
+        let params = generation_params(&r);
+        params
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Room for every token, the Admitted message and the Finished message.
+        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
+        let admission = Admission {
+            request_id: r.request_id,
+            local_prefill: r.force_local_prefill || r.prompt.len() < self.local_prefill_below,
+            prompt: r.prompt,
+            params,
+            kv_timeout: Duration::from_millis(u64::from(r.kv_timeout_ms.max(1))),
+            events: tx,
+        };
+        let (reply, admitted) = oneshot::channel();
+        self.send(Command::Admit(Box::new(admission), reply))?;
+        admitted
+            .await
+            .map_err(|_| Status::unavailable("the decode node is shutting down"))??;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let (reply, found) = oneshot::channel();
+        self.send(Command::Cancel(request.into_inner().request_id, reply))?;
+        let found = found.await.unwrap_or(false);
+        Ok(Response::new(pb::CancelResponse { found }))
+    }
+
+    async fn watch_load(
+        &self,
+        request: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<LoadStream>, Status> {
+        let ms = request.into_inner().interval_ms;
+        let interval = Duration::from_millis(if ms == 0 { 50 } else { u64::from(ms.max(5)) });
+        let (tx, rx) = mpsc::channel(1);
+        let stats = self.stats.clone();
+        let (node_id, model) = (self.node_id.clone(), self.model.name());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let load = pb::NodeLoad {
+                    node_id: node_id.clone(),
+                    role: "decode".into(),
+                    kv_blocks_total: s.kv_blocks_total,
+                    kv_blocks_free: s.kv_blocks_free,
+                    running: s.running,
+                    queued: s.queued,
+                    queued_prefill_tokens: s.queued_prefill_tokens,
+                    tp_size: 1,
+                    model: model.clone(),
+                    steps_total: s.steps_total,
+                    max_batch_seen: s.max_batch_seen,
+                };
+                if tx.send(Ok(load)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
