@@ -1,6 +1,8 @@
 //! `tandem`: the one binary a user installs.
 
+mod client;
 mod model_cmd;
+mod roles;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,7 +24,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a continuation of a prompt, streaming it to stdout.
+    /// Start the whole cluster (router, prefill node, decode node) in this process.
+    Up {
+        /// Config file; default: the embedded cluster-configs/local.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the router from a config file.
+    Router {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a prefill node from a config file.
+    Prefill {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a decode node from a config file.
+    Decode {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Generate a continuation of a prompt through the router, streaming it to stdout.
     Generate(GenerateArgs),
     /// Model tools: synthesize a small random model, measure engine speed.
     #[command(subcommand)]
@@ -33,7 +56,13 @@ enum Command {
 struct GenerateArgs {
     /// The prompt text.
     prompt: String,
-    /// Model directory (Hugging Face layout). Default: a synthesized model in ./models/tandem-synth.
+    /// The router's address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    router: String,
+    /// Run the engine in this process instead of asking a cluster.
+    #[arg(long)]
+    local: bool,
+    /// Model directory for --local (Hugging Face layout). Default: a synthesized model in ./models/tandem-synth.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Most tokens to generate.
@@ -66,13 +95,38 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match Cli::parse().command {
-        Command::Generate(args) => generate(args),
+        Command::Up { config } => runtime()?.block_on(roles::up(config)),
+        Command::Router { config } => runtime()?.block_on(roles::run_role(roles::Role::Router, config)),
+        Command::Prefill { config } => runtime()?.block_on(roles::run_role(roles::Role::Prefill, config)),
+        Command::Decode { config } => runtime()?.block_on(roles::run_role(roles::Role::Decode, config)),
+        Command::Generate(args) if args.local => generate_local(args),
+        Command::Generate(args) => {
+            let request = tandem_proto::v1::GenerateRequest {
+                prompt: Some(tandem_proto::v1::generate_request::Prompt::Text(args.prompt.clone())),
+                sampling: Some(tandem_cluster::convert::sampling_to_pb(&sampling(&args))),
+                max_tokens: args.max_tokens as u32,
+                stop: args.stop.clone(),
+                ..Default::default()
+            };
+            runtime()?.block_on(client::generate(&args.router, request, Some(&args.prompt)))
+        }
         Command::Model(cmd) => model_cmd::run(cmd),
     }
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+fn sampling(args: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        ..Default::default()
+    }
+}
+
+fn generate_local(args: GenerateArgs) -> anyhow::Result<()> {
     let path = match args.model {
         Some(p) => p,
         None => model_cmd::default_model()?,
@@ -94,13 +148,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = model.tokenizer.encode(&text, true)?;
     let params = GenerationParams {
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-            ..Default::default()
-        },
+        sampling: sampling(&args),
         max_tokens: args.max_tokens,
         stop: args.stop,
         ..Default::default()

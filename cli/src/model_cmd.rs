@@ -10,7 +10,7 @@ use tandem_engine::synth::{SynthDtype, SynthSpec, write_model_dir};
 use tandem_engine::{Architecture, BlockManager, ModelDir};
 
 /// Where `tandem` keeps the model it synthesizes when none is given.
-pub const DEFAULT_MODEL_DIR: &str = "models/tandem-synth";
+pub const DEFAULT_MODEL_DIR: &str = tandem_cluster::DEFAULT_MODEL_DIR_PATH;
 
 #[derive(Subcommand)]
 pub enum ModelCommand {

@@ -1,0 +1,147 @@
+//! The disaggregated cluster end to end: a router, a prefill node and a decode
+//! node on loopback, talking real gRPC and real QUIC.
+
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tandem_tests::*;
+
+/// Waits until the decode node's free blocks are back to its total.
+async fn wait_for_no_leak(cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (free, total) = cluster.decode_blocks();
+        if free == total && total > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "decode node leaked KV blocks: {free} free of {total}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_output_through_the_cluster_equals_the_engine() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut client = cluster.client().await;
+    // 1 token, exactly one block, one over, below and above the local-prefill threshold,
+    // and prompts of several prefill chunks (chunk_tokens = 64).
+    let lengths = [1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 128, 129, 200, 333, 600];
+    for (i, &len) in lengths.iter().enumerate() {
+        let p = prompt(len, i as u32);
+        let expected = reference(&model, &p, 12);
+        let got = complete(&mut client, greedy_request(&p, 12)).await.expect("generate");
+        assert_eq!(got.tokens, expected, "prompt of {len} tokens");
+        assert_eq!(got.reason, pb::FinishReason::Length);
+        assert_eq!(got.text, model.tokenizer.decode(&expected).unwrap());
+    }
+    wait_for_no_leak(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_streams_batch_together() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let prompts: Vec<Vec<u32>> = (0..64).map(|i| prompt(1 + (i * 37) % 150, i as u32)).collect();
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| reference(&model, p, 16)).collect();
+    let mut tasks = Vec::new();
+    for p in prompts {
+        let mut client = cluster.client().await;
+        tasks.push(tokio::spawn(async move { complete(&mut client, greedy_request(&p, 16)).await }));
+    }
+    for (task, want) in tasks.into_iter().zip(expected) {
+        let got = task.await.expect("task").expect("generate");
+        assert_eq!(got.tokens, want);
+    }
+    let batch = cluster.decode_stats.lock().unwrap().max_batch_seen;
+    assert!(batch >= 4, "the decode node never batched several sequences (max batch {batch})");
+    wait_for_no_leak(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_goes_away_frees_everything() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut client = cluster.client().await;
+    let request = greedy_request(&prompt(90, 1), 900);
+    let mut stream = client.generate(request).await.expect("generate").into_inner();
+    let mut seen = 0;
+    while seen < 3 {
+        if let Some(pb::generate_response::Event::Token(t)) = stream.message().await.expect("stream").and_then(|m| m.event) {
+            seen += t.ids.len();
+        }
+    }
+    let (free, total) = cluster.decode_blocks();
+    assert!(free < total, "the request should hold blocks while running");
+    drop(stream);
+    drop(client);
+    wait_for_no_leak(&cluster).await;
+    // And the cluster still serves.
+    let mut client = cluster.client().await;
+    let p = prompt(40, 2);
+    let got = complete(&mut client, greedy_request(&p, 5)).await.expect("generate after cancel");
+    assert_eq!(got.tokens, reference(&model, &p, 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_frames_on_the_quic_port_are_refused() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+
+    // Reserve blocks directly at the decode node to learn its certificate.
+    let mut decode = pb::decode_node_client::DecodeNodeClient::connect(format!("http://{}", cluster.decode_grpc))
+        .await
+        .unwrap();
+    let mut reserved = decode
+        .decode(pb::DecodeRequest {
+            request_id: "garbage-victim".into(),
+            prompt: prompt(40, 3),
+            max_tokens: 4,
+            kv_timeout_ms: 30_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::decode_response::Event::Admitted(admitted)) = reserved.message().await.unwrap().and_then(|m| m.event)
+    else {
+        panic!("expected Admitted first");
+    };
+    let target = admitted.kv_target.expect("a KV target for a remote prefill");
+
+    // Random bytes straight at the UDP port.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..50u8 {
+        udp.send_to(&[i; 300], cluster.decode_quic).await.unwrap();
+    }
+    // A real QUIC connection that sends garbage, then a truncated frame.
+    let cert = tandem_kv_transfer::tls::client_config_trusting(&target.server_cert_der.clone().into()).unwrap();
+    let client_config = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from((*cert).clone()).unwrap(),
+    ));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config);
+    let conn = endpoint.connect(cluster.decode_quic, &target.server_name).unwrap().await.unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(b"this is not a KV frame at all, not even close........").await.unwrap();
+    let _ = s.finish();
+    let mut s = conn.open_uni().await.unwrap();
+    let mut frame = b"TDKV".to_vec();
+    frame.extend_from_slice(&[1, 1, 0, 0]);
+    frame.extend_from_slice(&target.transfer_id.to_le_bytes());
+    s.write_all(&frame).await.unwrap();
+    let _ = s.finish();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The victim's reservation ends (truncated frame for it, or the stream's abort) or
+    // waits for its timeout; cancel it either way and check nothing leaked.
+    let _ = decode.cancel(pb::CancelRequest { request_id: "garbage-victim".into() }).await.unwrap();
+    drop(reserved);
+    wait_for_no_leak(&cluster).await;
+
+    // The node still serves a real request through the router, KV over QUIC included.
+    let mut client = cluster.client().await;
+    let p = prompt(120, 4);
+    let got = complete(&mut client, greedy_request(&p, 6)).await.expect("generate after garbage");
+    assert_eq!(got.tokens, reference(&model, &p, 6));
+}

@@ -1,0 +1,165 @@
+//! Helpers for end-to-end tests: a synthesized model and a whole cluster on loopback.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tandem_cluster::{DecodeSection, PrefillSection, RouterSection, StaticMembership};
+use tandem_engine::synth::{SynthSpec, write_model_dir};
+use tandem_engine::ModelDir;
+use tandem_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+/// A small model written into a temporary directory.
+pub fn small_model() -> (tempfile::TempDir, Arc<ModelDir>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = SynthSpec {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        max_position_embeddings: 1024,
+        seed: 5,
+        ..Default::default()
+    };
+    write_model_dir(dir.path(), &spec).expect("synth");
+    let model = Arc::new(ModelDir::open(dir.path()).expect("open model"));
+    (dir, model)
+}
+
+/// Sizes of a test cluster.
+pub struct ClusterSpec {
+    /// Decode node settings.
+    pub decode: DecodeSection,
+    /// Prefill node settings; `None` runs without prefill nodes.
+    pub prefill: Option<PrefillSection>,
+    /// Router settings.
+    pub router: RouterSection,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        let mut config = tandem_cluster::Config::parse("[router]\nlisten = \"127.0.0.1:0\"\n[prefill]\nchunk_tokens = 64\nkv_blocks = 512\n[decode]\nkv_blocks = 2048\nlocal_prefill_below = 8\n")
+            .expect("test config");
+        ClusterSpec {
+            decode: config.decode.take().expect("decode"),
+            prefill: config.prefill.take(),
+            router: config.router.take().expect("router"),
+        }
+    }
+}
+
+/// A running cluster; everything stops when it is dropped.
+pub struct Cluster {
+    /// The router's address.
+    pub router: SocketAddr,
+    /// The decode node's gRPC address.
+    pub decode_grpc: SocketAddr,
+    /// The decode node's QUIC address.
+    pub decode_quic: SocketAddr,
+    /// The decode node's load figures.
+    pub decode_stats: Arc<Mutex<tandem_decode::scheduler::Stats>>,
+    /// The prefill node's gRPC address.
+    pub prefill_grpc: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Cluster {
+    /// Starts a decode node, a prefill node (if any) and a router on loopback.
+    pub async fn start(model: Arc<ModelDir>, spec: ClusterSpec) -> Cluster {
+        let shutdown = CancellationToken::new();
+        let d = tandem_decode::serve(model.clone(), spec.decode, shutdown.clone()).await.expect("decode node");
+        let mut prefill_grpc = None;
+        let mut prefill_nodes = Vec::new();
+        if let Some(p) = spec.prefill {
+            let p = tandem_prefill::serve(model.clone(), p, shutdown.clone()).await.expect("prefill node");
+            prefill_nodes.push(format!("http://{}", p.addr));
+            prefill_grpc = Some(p.addr);
+        }
+        let decode_nodes = vec![format!("http://{}", d.grpc_addr)];
+        let membership = Arc::new(StaticMembership::new(&prefill_nodes, &decode_nodes));
+        let r = tandem_router::serve(model, spec.router, membership, shutdown.clone()).await.expect("router");
+        Cluster {
+            router: r.addr,
+            decode_grpc: d.grpc_addr,
+            decode_quic: d.quic_addr,
+            decode_stats: d.stats,
+            prefill_grpc,
+            shutdown,
+        }
+    }
+
+    /// A client of the router.
+    pub async fn client(&self) -> pb::generate_client::GenerateClient<tonic::transport::Channel> {
+        pb::generate_client::GenerateClient::connect(format!("http://{}", self.router)).await.expect("connect router")
+    }
+
+    /// Free and total KV blocks of the decode node.
+    pub fn decode_blocks(&self) -> (u32, u32) {
+        let s = self.decode_stats.lock().expect("stats");
+        (s.kv_blocks_free, s.kv_blocks_total)
+    }
+}
+
+/// What a finished stream produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Token ids in order.
+    pub tokens: Vec<u32>,
+    /// Text, including the final message's tail.
+    pub text: String,
+    /// Finish reason.
+    pub reason: pb::FinishReason,
+}
+
+/// A greedy request for these token ids.
+pub fn greedy_request(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Runs a request to the end.
+pub async fn complete(
+    client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
+    request: pb::GenerateRequest,
+) -> Result<Completion, tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut out = Completion { tokens: Vec::new(), text: String::new(), reason: pb::FinishReason::Unspecified };
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(pb::generate_response::Event::Token(t)) => {
+                out.tokens.extend(t.ids);
+                out.text.push_str(&t.text);
+            }
+            Some(pb::generate_response::Event::Finished(f)) => {
+                out.text.push_str(&f.text);
+                out.reason = pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The engine's own greedy continuation, in one process: the reference.
+pub fn reference(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let backend = model.load_cpu(256, 16).expect("backend");
+    let mut g = tandem_engine::local::LocalGenerator::new(backend);
+    let params = tandem_engine::GenerationParams { max_tokens, ignore_eos: true, ..Default::default() };
+    g.generate(prompt, &params, &model.tokenizer, |_| {}).expect("reference generation").tokens
+}
+
+/// A deterministic prompt of `len` token ids.
+pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500).collect()
+}
