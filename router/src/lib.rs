@@ -1,1 +1,86 @@
-//! tandem-router (see the crate's module docs).
+//! Tandem's router: the client-facing `Generate` API in front of the
+//! prefill and decode nodes.
+//!
+//! A request passes through, in order:
+//! - [`validation`]: checks the request and tokenizes the prompt;
+//! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting);
+//! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to use;
+//! - [`generate`]: the request's life at the nodes, relaying tokens to the client.
+//!
+//! [`serve`] runs it all on a listening socket; [`service::GenerateService`]
+//! is the bare service for embedding in another server.
+
+pub mod admission;
+pub mod choice;
+pub mod error;
+pub mod generate;
+pub mod nodes;
+pub mod service;
+pub mod validation;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tandem_cluster::{Membership, RouterSection};
+use tandem_engine::ModelDir;
+use tandem_proto::v1::generate_server::GenerateServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+
+pub use error::RouterError;
+pub use service::GenerateService;
+pub use validation::{ValidRequest, Validator};
+
+/// A router that is listening.
+#[derive(Debug)]
+pub struct RunningRouter {
+    /// The address it listens on (the real port when the config asked for 0).
+    pub addr: SocketAddr,
+    /// The server task; ends after `shutdown` fires and open streams close.
+    pub join: JoinHandle<Result<(), RouterError>>,
+}
+
+/// Binds `config.listen` and serves `Generate` and `grpc.health.v1` until
+/// `shutdown` fires. Returns once the socket is listening.
+///
+/// `model_name` is the name clients may give in `GenerateRequest.model`
+/// besides the model directory's name (`[model] name` in the config).
+pub async fn serve(
+    model: Arc<ModelDir>,
+    model_name: Option<String>,
+    config: RouterSection,
+    membership: Arc<dyn Membership>,
+    shutdown: CancellationToken,
+) -> Result<RunningRouter, RouterError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RouterError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| RouterError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let service = GenerateService::new(model, model_name, &config, membership, shutdown.clone());
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GenerateServer<GenerateService>>()
+        .await;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    info!(%addr, "router listening");
+    let join = tokio::spawn(async move {
+        Server::builder()
+            .add_service(health)
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await?;
+        info!("router stopped");
+        Ok(())
+    });
+    Ok(RunningRouter { addr, join })
+}

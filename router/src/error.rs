@@ -1,0 +1,148 @@
+//! The router's errors, and the one place they become gRPC statuses.
+//!
+//! Every failure a client can see is a [`RouterError`]; [`From<RouterError>
+//! for tonic::Status`] picks the code a client can act on: fix the request
+//! (`INVALID_ARGUMENT`, `NOT_FOUND`), retry later (`RESOURCE_EXHAUSTED`,
+//! `UNAVAILABLE`) or give up (`DEADLINE_EXCEEDED`).
+
+use std::net::SocketAddr;
+
+use tonic::{Code, Status};
+
+/// Why the router could not serve a request, or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The request is malformed; the message names the bad field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request names a model this cluster does not serve.
+    #[error("model {requested:?} is not served here (this cluster serves {served:?})")]
+    ModelNotFound {
+        /// What the client asked for.
+        requested: String,
+        /// What the cluster serves.
+        served: String,
+    },
+    /// The admission queue is full.
+    #[error("the router's queue is full ({max_queue} requests waiting); retry later")]
+    QueueFull {
+        /// The configured queue bound.
+        max_queue: usize,
+    },
+    /// A node refused the request for lack of room (KV blocks, queue).
+    #[error("node {node} is out of capacity: {message}; retry later")]
+    NodeExhausted {
+        /// The node's gRPC address.
+        node: String,
+        /// The node's message.
+        message: String,
+    },
+    /// A node failed, could not be reached, or ended a stream early.
+    #[error("node {node} failed: {message}")]
+    NodeUnavailable {
+        /// The node's gRPC address.
+        node: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A node broke the protocol (e.g. a stream not starting with `Admitted`).
+    #[error("node {node} broke the protocol: {message}")]
+    Protocol {
+        /// The node's gRPC address.
+        node: String,
+        /// What it did.
+        message: String,
+    },
+    /// The membership holds no node of a role the request needs.
+    #[error("no {0} node is available")]
+    NoNode(&'static str),
+    /// The request's deadline passed.
+    #[error("the request did not finish within {timeout_s} s")]
+    DeadlineExceeded {
+        /// The configured deadline.
+        timeout_s: f64,
+    },
+    /// The router is shutting down.
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    /// The client went away; nothing to tell it.
+    #[error("the client went away")]
+    ClientGone,
+    /// Tokenizing the prompt failed.
+    #[error("cannot tokenize the prompt: {0}")]
+    Tokenizer(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+impl RouterError {
+    /// Classifies a status returned by a node: a node's own refusal of the
+    /// request is passed through, anything else is a node failure.
+    pub fn from_node_status(node: &str, status: &Status) -> Self {
+        let node = node.to_string();
+        let message = status.message().to_string();
+        match status.code() {
+            Code::ResourceExhausted => RouterError::NodeExhausted { node, message },
+            Code::InvalidArgument | Code::OutOfRange => RouterError::InvalidArgument(message),
+            _ => RouterError::NodeUnavailable {
+                node,
+                message: format!("{}: {message}", status.code()),
+            },
+        }
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(err: RouterError) -> Self {
+        let code = match &err {
+            RouterError::InvalidArgument(_) => Code::InvalidArgument,
+            RouterError::ModelNotFound { .. } => Code::NotFound,
+            RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => {
+                Code::ResourceExhausted
+            }
+            RouterError::NodeUnavailable { .. }
+            | RouterError::NoNode(_)
+            | RouterError::ShuttingDown
+            | RouterError::Protocol { .. } => Code::Unavailable,
+            RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            RouterError::ClientGone => Code::Cancelled,
+            RouterError::Tokenizer(_) | RouterError::Bind { .. } | RouterError::Serve(_) => {
+                Code::Internal
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_statuses_are_classified() {
+        let e = RouterError::from_node_status("n", &Status::resource_exhausted("no blocks"));
+        assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+        let e = RouterError::from_node_status("n", &Status::internal("boom"));
+        assert_eq!(Status::from(e).code(), Code::Unavailable);
+        let e = RouterError::from_node_status("n", &Status::invalid_argument("prompt too long"));
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("prompt too long"));
+    }
+
+    #[test]
+    fn queue_full_says_retry() {
+        let s = Status::from(RouterError::QueueFull { max_queue: 3 });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("queue is full") && s.message().contains("retry"));
+    }
+}

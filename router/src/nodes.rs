@@ -1,0 +1,327 @@
+//! The node pool: the cluster's members as the router sees them.
+//!
+//! One task follows [`Membership::watch`]; for every member it keeps a lazily
+//! connected gRPC [`Channel`] and a load task that subscribes to the node's
+//! `WatchLoad` stream and stores each report. A stream that ends is reopened
+//! with exponential backoff; a member that leaves is dropped and its load
+//! task stopped. The state is a small map behind a std mutex, held only to
+//! read or write a few fields, never across `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tandem_cluster::{Member, Membership, Role};
+use tandem_proto::v1::decode_node_client::DecodeNodeClient;
+use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
+use tandem_proto::v1::{NodeLoad, WatchLoadRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::choice::{NodeStatus, rank_decode, rank_prefill};
+
+/// First wait before reopening a failed load stream.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Block size assumed when estimating a new request's KV use between reports.
+const ESTIMATE_BLOCK_SIZE: u32 = 16;
+
+/// A node to call: its address (its identity) and a channel to it.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    /// gRPC address, `http://host:port`.
+    pub addr: String,
+    /// Its role.
+    pub role: Role,
+    /// A lazily connected channel, shared by every call to the node.
+    pub channel: Channel,
+}
+
+struct Entry {
+    handle: NodeHandle,
+    status: NodeStatus,
+    stop: CancellationToken,
+}
+
+/// The nodes of the cluster and their last load reports.
+pub struct NodePool {
+    nodes: Mutex<HashMap<String, Entry>>,
+    load_interval_ms: u32,
+}
+
+impl NodePool {
+    /// Starts following `membership`; the pool's tasks end when `shutdown` fires.
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        membership: Arc<dyn Membership>,
+        load_interval_ms: u32,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let pool = Arc::new(NodePool {
+            nodes: Mutex::new(HashMap::new()),
+            load_interval_ms,
+        });
+        let mut members = membership.watch();
+        pool.apply(&members.borrow_and_update().clone(), &shutdown);
+        let p = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    changed = members.changed() => {
+                        if changed.is_err() {
+                            // The source is gone; keep the last members until shutdown.
+                            shutdown.cancelled().await;
+                            break;
+                        }
+                        let now = members.borrow_and_update().clone();
+                        p.apply(&now, &shutdown);
+                    }
+                }
+            }
+            p.lock().drain().for_each(|(_, e)| e.stop.cancel());
+        });
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the pool in line with `members`.
+    fn apply(self: &Arc<Self>, members: &[Member], shutdown: &CancellationToken) {
+        let mut nodes = self.lock();
+        nodes.retain(|addr, e| {
+            let keep = members
+                .iter()
+                .any(|m| &m.grpc_addr == addr && m.role == e.handle.role);
+            if !keep {
+                info!(node = %addr, "node left the cluster");
+                e.stop.cancel();
+            }
+            keep
+        });
+        for m in members {
+            if nodes.contains_key(&m.grpc_addr) {
+                continue;
+            }
+            let channel = match channel_to(&m.grpc_addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(node = %m.grpc_addr, "bad node address, ignored: {e}");
+                    continue;
+                }
+            };
+            let handle = NodeHandle {
+                addr: m.grpc_addr.clone(),
+                role: m.role,
+                channel,
+            };
+            let stop = shutdown.child_token();
+            info!(node = %m.grpc_addr, role = ?m.role, "node joined the cluster");
+            tokio::spawn(watch_load(
+                self.clone(),
+                handle.clone(),
+                self.load_interval_ms,
+                stop.clone(),
+            ));
+            nodes.insert(
+                m.grpc_addr.clone(),
+                Entry {
+                    handle,
+                    status: NodeStatus::default(),
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// Nodes of `role`, best choice first.
+    pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
+        let nodes = self.lock();
+        let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
+        // A stable base order, so that ties break the same way every time.
+        entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
+        let statuses: Vec<NodeStatus> = entries.iter().map(|e| e.status.clone()).collect();
+        let order = match role {
+            Role::Decode => rank_decode(&statuses),
+            Role::Prefill => rank_prefill(&statuses),
+        };
+        order.into_iter().map(|i| entries[i].handle.clone()).collect()
+    }
+
+    /// Whether the pool holds any node of `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.lock().values().any(|e| e.handle.role == role)
+    }
+
+    /// Counts a request just sent to `addr` in its load until the node's next
+    /// report, so that a burst between reports spreads over the nodes.
+    pub fn note_assigned(&self, addr: &str, prompt_tokens: usize) {
+        let mut nodes = self.lock();
+        let Some(load) = nodes.get_mut(addr).and_then(|e| e.status.load.as_mut()) else {
+            return;
+        };
+        load.queued = load.queued.saturating_add(1);
+        match load.role.as_str() {
+            "prefill" => {
+                load.queued_prefill_tokens =
+                    load.queued_prefill_tokens.saturating_add(prompt_tokens as u64);
+            }
+            _ => {
+                let blocks = u32::try_from(prompt_tokens)
+                    .unwrap_or(u32::MAX)
+                    .div_ceil(ESTIMATE_BLOCK_SIZE);
+                load.kv_blocks_free = load.kv_blocks_free.saturating_sub(blocks);
+            }
+        }
+    }
+
+    fn set_status(&self, addr: &str, update: impl FnOnce(&mut NodeStatus)) {
+        if let Some(e) = self.lock().get_mut(addr) {
+            update(&mut e.status);
+        }
+    }
+}
+
+/// A lazily connected channel with keep-alives, so a dead node is noticed.
+fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(addr.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Follows one node's load reports until `stop` fires.
+async fn watch_load(pool: Arc<NodePool>, node: NodeHandle, interval_ms: u32, stop: CancellationToken) {
+    let mut backoff = BACKOFF_MIN;
+    let request = WatchLoadRequest { interval_ms };
+    while !stop.is_cancelled() {
+        let opened = match node.role {
+            Role::Decode => {
+                DecodeNodeClient::new(node.channel.clone())
+                    .watch_load(request)
+                    .await
+            }
+            Role::Prefill => {
+                PrefillNodeClient::new(node.channel.clone())
+                    .watch_load(request)
+                    .await
+            }
+        };
+        match opened {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        next = stream.message() => next,
+                    };
+                    match next {
+                        Ok(Some(load)) => {
+                            backoff = BACKOFF_MIN;
+                            pool.set_status(&node.addr, |s| {
+                                s.load = Some(load);
+                                s.reachable = true;
+                            });
+                        }
+                        Ok(None) => {
+                            debug!(node = %node.addr, "load stream ended");
+                            break;
+                        }
+                        Err(status) => {
+                            debug!(node = %node.addr, "load stream failed: {status}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => debug!(node = %node.addr, "cannot watch load: {status}"),
+        }
+        pool.set_status(&node.addr, |s| s.reachable = false);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Loads as the pool holds them, for tests.
+#[cfg(test)]
+impl NodePool {
+    fn load_of(&self, addr: &str) -> Option<NodeLoad> {
+        self.lock().get(addr).and_then(|e| e.status.load.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_cluster::StaticMembership;
+
+    #[tokio::test]
+    async fn members_join_and_leave() {
+        let shutdown = CancellationToken::new();
+        let members = tokio::sync::watch::Sender::new(vec![Member {
+            role: Role::Decode,
+            grpc_addr: "http://127.0.0.1:1".into(),
+        }]);
+        struct Source(tokio::sync::watch::Sender<Vec<Member>>);
+        impl Membership for Source {
+            fn watch(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
+                self.0.subscribe()
+            }
+        }
+        let pool = NodePool::start(Arc::new(Source(members.clone())), 10, shutdown.clone());
+        assert!(pool.has(Role::Decode));
+        assert!(!pool.has(Role::Prefill));
+
+        members.send_replace(vec![Member {
+            role: Role::Prefill,
+            grpc_addr: "http://127.0.0.1:2".into(),
+        }]);
+        for _ in 0..100 {
+            if pool.has(Role::Prefill) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(pool.has(Role::Prefill));
+        assert!(!pool.has(Role::Decode));
+        assert_eq!(pool.ranked(Role::Prefill).len(), 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn unreachable_nodes_rank_last_and_assignments_count() {
+        let shutdown = CancellationToken::new();
+        let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
+        let pool = NodePool::start(Arc::new(membership), 10, shutdown.clone());
+        let a = "http://127.0.0.1:1";
+        let b = "http://127.0.0.1:2";
+        // Nothing listens on these ports: the load tasks mark both unreachable.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.set_status(b, |s| {
+            s.reachable = true;
+            s.load = Some(NodeLoad {
+                role: "decode".into(),
+                kv_blocks_free: 10,
+                ..Default::default()
+            });
+        });
+        let ranked: Vec<String> = pool.ranked(Role::Decode).into_iter().map(|n| n.addr).collect();
+        assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
+
+        pool.note_assigned(b, 33);
+        let load = pool.load_of(b).unwrap();
+        assert_eq!((load.queued, load.kv_blocks_free), (1, 7));
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,99 @@
+//! The `Generate` gRPC service: validate, admit, then hand the request to
+//! its own task ([`crate::generate`]) that streams the responses back.
+//!
+//! Validation and admission errors are the RPC's own status; anything later
+//! ends the response stream with an error status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_cluster::{Membership, RouterSection};
+use tandem_engine::ModelDir;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::generate_server::{Generate, GenerateServer};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::admission::Admission;
+use crate::generate::Relay;
+use crate::nodes::NodePool;
+use crate::validation::Validator;
+
+/// Responses buffered per client before the router waits for it to read.
+const CLIENT_BUFFER: usize = 64;
+
+/// The router's `Generate` service.
+pub struct GenerateService {
+    validator: Validator,
+    admission: Admission,
+    relay: Arc<Relay>,
+    request_timeout: Duration,
+}
+
+impl GenerateService {
+    /// A service for `model` over the nodes of `membership`; starts following
+    /// the membership at once (call inside a tokio runtime). Background tasks
+    /// end when `shutdown` fires.
+    pub fn new(
+        model: Arc<ModelDir>,
+        model_name: Option<String>,
+        config: &RouterSection,
+        membership: Arc<dyn Membership>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let nodes = NodePool::start(membership, config.load_interval_ms, shutdown.clone());
+        GenerateService {
+            validator: Validator::new(model, model_name, config),
+            admission: Admission::new(config.max_running, config.max_queue),
+            relay: Arc::new(Relay {
+                nodes,
+                kv_timeout_ms: config.kv_timeout_ms,
+                request_timeout_s: config.request_timeout_s,
+                shutdown,
+            }),
+            request_timeout: Duration::try_from_secs_f64(config.request_timeout_s)
+                .unwrap_or(Duration::MAX),
+        }
+    }
+
+    /// The tonic server wrapping this service.
+    pub fn into_server(self) -> GenerateServer<Self> {
+        GenerateServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Generate for GenerateService {
+    type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrival = Instant::now();
+        let deadline = arrival
+            .checked_add(self.request_timeout)
+            .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
+        let req = self.validator.validate(request.into_inner())?;
+        let span = tracing::info_span!("generate", request_id = %req.request_id);
+        let permit = self
+            .admission
+            .admit(deadline, self.relay.request_timeout_s)
+            .instrument(span.clone())
+            .await?;
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let relay = self.relay.clone();
+        tokio::spawn(
+            async move {
+                relay.run(req, arrival, deadline, tx).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,443 @@
+//! Validation: a client's [`pb::GenerateRequest`] becomes a [`ValidRequest`]
+//! that the rest of the router can trust, or an `INVALID_ARGUMENT` /
+//! `NOT_FOUND` error whose message names the bad field.
+//!
+//! The prompt is tokenized here, once, so that nodes only ever see token ids.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tandem_cluster::RouterSection;
+use tandem_cluster::convert::{sampling_from_pb, sampling_to_pb, validate_pb_sampling};
+use tandem_engine::ModelDir;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::generate_request::Prompt;
+
+use crate::error::RouterError;
+
+/// Most stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Longest client-given request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// A request that passed validation: a tokenized prompt and checked parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    /// The client's id, or one made up here.
+    pub request_id: String,
+    /// Prompt token ids (BOS included where the tokenizer adds one).
+    pub prompt: Vec<u32>,
+    /// Sampling parameters with "unset" mapped to neutral values.
+    pub sampling: pb::SamplingParams,
+    /// Most tokens to generate; at least 1, and within the model's context.
+    pub max_tokens: u32,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stop token ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Whether EOS is ignored.
+    pub ignore_eos: bool,
+}
+
+/// Checks requests against the served model and the router's limits.
+pub struct Validator {
+    model: Arc<ModelDir>,
+    served_names: Vec<String>,
+    default_max_tokens: u32,
+    max_tokens_limit: u32,
+}
+
+fn invalid(msg: impl Into<String>) -> RouterError {
+    RouterError::InvalidArgument(msg.into())
+}
+
+impl Validator {
+    /// A validator for `model`, accepting its directory name and `model_name`
+    /// (the configured name, if any) as the request's `model`.
+    pub fn new(model: Arc<ModelDir>, model_name: Option<String>, config: &RouterSection) -> Self {
+        let mut served_names = Vec::new();
+        served_names.extend(model_name);
+        let dir_name = model.name();
+        if !served_names.contains(&dir_name) {
+            served_names.push(dir_name);
+        }
+        Validator {
+            model,
+            served_names,
+            default_max_tokens: config.default_max_tokens,
+            max_tokens_limit: config.max_tokens_limit,
+        }
+    }
+
+    /// The name the cluster serves its model under (the first accepted one).
+    pub fn model_name(&self) -> &str {
+        self.served_names.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// Validates and tokenizes one request.
+    pub fn validate(&self, req: pb::GenerateRequest) -> Result<ValidRequest, RouterError> {
+        if !req.model.is_empty() && !self.served_names.contains(&req.model) {
+            return Err(RouterError::ModelNotFound {
+                requested: req.model,
+                served: self.model_name().to_string(),
+            });
+        }
+        let request_id = if req.request_id.is_empty() {
+            new_request_id()
+        } else if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(invalid(format!(
+                "request_id is {} bytes; the limit is {MAX_REQUEST_ID_BYTES}",
+                req.request_id.len()
+            )));
+        } else {
+            req.request_id
+        };
+
+        let config = &self.model.config;
+        let vocab = config.vocab_size;
+        let prompt = match req.prompt {
+            None => return Err(invalid("prompt is missing: set text or token_ids")),
+            Some(Prompt::Text(text)) => {
+                if text.is_empty() {
+                    return Err(invalid("prompt text is empty"));
+                }
+                self.model
+                    .tokenizer
+                    .encode(&text, true)
+                    .map_err(|e| RouterError::Tokenizer(e.to_string()))?
+            }
+            Some(Prompt::TokenIds(ids)) => {
+                if let Some((i, id)) = ids
+                    .ids
+                    .iter()
+                    .enumerate()
+                    .find(|&(_, &id)| id as usize >= vocab)
+                {
+                    return Err(invalid(format!(
+                        "token_ids[{i}] = {id} is outside the vocabulary (size {vocab})"
+                    )));
+                }
+                ids.ids
+            }
+        };
+        if prompt.is_empty() {
+            return Err(invalid("prompt is empty (no tokens)"));
+        }
+        let context = config.max_position_embeddings;
+        if prompt.len() >= context {
+            return Err(invalid(format!(
+                "prompt has {} tokens; the model's context of {context} leaves no room to generate",
+                prompt.len()
+            )));
+        }
+
+        let max_tokens = match req.max_tokens {
+            0 => self.default_max_tokens,
+            n if n > self.max_tokens_limit => {
+                return Err(invalid(format!(
+                    "max_tokens {n} exceeds the limit of {}",
+                    self.max_tokens_limit
+                )));
+            }
+            n => n,
+        };
+        // Generation cannot run past the context; cut max_tokens to what fits.
+        let room = u32::try_from(context - prompt.len()).unwrap_or(u32::MAX);
+        let max_tokens = max_tokens.min(room).max(1);
+
+        validate_pb_sampling(req.sampling.as_ref()).map_err(|m| invalid(format!("sampling.{m}")))?;
+        let sampling = sampling_from_pb(req.sampling.as_ref());
+        sampling
+            .validate()
+            .map_err(|e| invalid(format!("sampling: {e}")))?;
+
+        if req.stop.len() > MAX_STOP_STRINGS {
+            return Err(invalid(format!(
+                "stop has {} strings; the limit is {MAX_STOP_STRINGS}",
+                req.stop.len()
+            )));
+        }
+        for (i, s) in req.stop.iter().enumerate() {
+            if s.is_empty() {
+                return Err(invalid(format!("stop[{i}] is empty")));
+            }
+            if s.len() > MAX_STOP_BYTES {
+                return Err(invalid(format!(
+                    "stop[{i}] is {} bytes; the limit is {MAX_STOP_BYTES}",
+                    s.len()
+                )));
+            }
+        }
+        if let Some((i, id)) = req
+            .stop_token_ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= vocab)
+        {
+            return Err(invalid(format!(
+                "stop_token_ids[{i}] = {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
+
+        Ok(ValidRequest {
+            request_id,
+            prompt,
+            sampling: sampling_to_pb(&sampling),
+            max_tokens,
+            stop: req.stop,
+            stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
+        })
+    }
+}
+
+/// A request id unique within this process and very likely across routers:
+/// the process's start time and a counter.
+fn new_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 ^ u64::from(std::process::id()) << 32)
+            .unwrap_or(0)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("req-{epoch:016x}-{n}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+    use tandem_engine::synth::{SynthSpec, write_model_dir};
+    use tonic::Code;
+
+    const CONTEXT: usize = 64;
+
+    fn model() -> Arc<ModelDir> {
+        static MODEL: OnceLock<(tempfile::TempDir, Arc<ModelDir>)> = OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let dir = tempfile::Builder::new()
+                    .prefix("tiny-model")
+                    .tempdir()
+                    .expect("tempdir");
+                let spec = SynthSpec {
+                    vocab_size: 300,
+                    hidden_size: 32,
+                    intermediate_size: 64,
+                    num_layers: 1,
+                    num_heads: 2,
+                    num_kv_heads: 1,
+                    max_position_embeddings: CONTEXT,
+                    ..SynthSpec::default()
+                };
+                write_model_dir(dir.path(), &spec).expect("synth model");
+                let model = Arc::new(ModelDir::open(dir.path()).expect("open model"));
+                (dir, model)
+            })
+            .1
+            .clone()
+    }
+
+    fn validator() -> Validator {
+        let config = RouterSection {
+            default_max_tokens: 20,
+            max_tokens_limit: 100,
+            ..RouterSection::default()
+        };
+        Validator::new(model(), Some("tiny".into()), &config)
+    }
+
+    fn ids(ids: &[u32]) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: ids.to_vec() })),
+            ..Default::default()
+        }
+    }
+
+    fn text(t: &str) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            prompt: Some(Prompt::Text(t.into())),
+            ..Default::default()
+        }
+    }
+
+    /// The status a request fails with, and its message.
+    fn fails(req: pb::GenerateRequest) -> (Code, String) {
+        let status = tonic::Status::from(validator().validate(req).unwrap_err());
+        (status.code(), status.message().to_string())
+    }
+
+    fn assert_invalid(req: pb::GenerateRequest, field: &str) {
+        let (code, msg) = fails(req);
+        assert_eq!(code, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains(field), "{msg:?} should name {field}");
+    }
+
+    #[test]
+    fn text_is_tokenized_with_bos() {
+        let v = validator().validate(text("hello world")).unwrap();
+        let bos = model().config.bos_token_id.expect("synth has BOS");
+        assert_eq!(v.prompt.first(), Some(&bos));
+        assert!(v.prompt.len() > 1);
+        assert_eq!(v.max_tokens, 20, "0 means the default");
+        assert!(v.request_id.starts_with("req-"));
+    }
+
+    #[test]
+    fn token_ids_pass_unchanged() {
+        let v = validator().validate(ids(&[5, 6, 7])).unwrap();
+        assert_eq!(v.prompt, vec![5, 6, 7]);
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made_unique() {
+        let mut r = ids(&[1]);
+        r.request_id = "mine".into();
+        assert_eq!(validator().validate(r).unwrap().request_id, "mine");
+        let a = validator().validate(ids(&[1])).unwrap().request_id;
+        let b = validator().validate(ids(&[1])).unwrap().request_id;
+        assert_ne!(a, b);
+        let mut r = ids(&[1]);
+        r.request_id = "x".repeat(MAX_REQUEST_ID_BYTES + 1);
+        assert_invalid(r, "request_id");
+    }
+
+    #[test]
+    fn empty_prompts_are_refused() {
+        assert_invalid(text(""), "prompt");
+        assert_invalid(ids(&[]), "prompt");
+        assert_invalid(pb::GenerateRequest::default(), "prompt");
+    }
+
+    #[test]
+    fn token_ids_must_be_in_the_vocabulary() {
+        let vocab = model().config.vocab_size as u32;
+        assert_invalid(ids(&[1, vocab]), "token_ids[1]");
+        let mut r = ids(&[1]);
+        r.stop_token_ids = vec![vocab + 5];
+        assert_invalid(r, "stop_token_ids[0]");
+    }
+
+    #[test]
+    fn prompt_must_leave_room_in_the_context() {
+        assert_invalid(ids(&vec![1; CONTEXT]), "context");
+        let v = validator().validate(ids(&vec![1; CONTEXT - 1])).unwrap();
+        assert_eq!(v.max_tokens, 1, "max_tokens is cut to the room left");
+    }
+
+    #[test]
+    fn max_tokens_limits() {
+        let mut r = ids(&[1]);
+        r.max_tokens = 101;
+        assert_invalid(r, "max_tokens");
+        let mut r = ids(&[1]);
+        r.max_tokens = 7;
+        assert_eq!(validator().validate(r).unwrap().max_tokens, 7);
+    }
+
+    fn with_sampling(s: pb::SamplingParams) -> pb::GenerateRequest {
+        pb::GenerateRequest {
+            sampling: Some(s),
+            ..ids(&[1])
+        }
+    }
+
+    #[test]
+    fn sampling_is_validated() {
+        let bad = [
+            (
+                pb::SamplingParams {
+                    top_k: -1,
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                pb::SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                pb::SamplingParams {
+                    temperature: -0.5,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                pb::SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                pb::SamplingParams {
+                    top_p: -0.1,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                pb::SamplingParams {
+                    min_p: 2.0,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+        ];
+        for (s, field) in bad {
+            assert_invalid(with_sampling(s), field);
+        }
+        let ok = validator()
+            .validate(with_sampling(pb::SamplingParams {
+                temperature: 0.7,
+                top_p: 0.0,
+                top_k: 40,
+                seed: Some(3),
+                ..Default::default()
+            }))
+            .unwrap();
+        assert_eq!(ok.sampling.top_p, 1.0, "top_p 0 means no cut");
+        assert_eq!(ok.sampling.top_k, 40);
+        assert_eq!(ok.sampling.seed, Some(3));
+    }
+
+    #[test]
+    fn stop_strings_are_bounded() {
+        let mut r = ids(&[1]);
+        r.stop = vec!["x".into(); MAX_STOP_STRINGS + 1];
+        assert_invalid(r, "stop");
+        let mut r = ids(&[1]);
+        r.stop = vec!["ok".into(), "y".repeat(MAX_STOP_BYTES + 1)];
+        assert_invalid(r, "stop[1]");
+        let mut r = ids(&[1]);
+        r.stop = vec![String::new()];
+        assert_invalid(r, "stop[0]");
+        let mut r = ids(&[1]);
+        r.stop = vec!["z".repeat(MAX_STOP_BYTES); MAX_STOP_STRINGS];
+        assert!(validator().validate(r).is_ok());
+    }
+
+    #[test]
+    fn unknown_models_are_not_found() {
+        let mut r = ids(&[1]);
+        r.model = "gpt-17".into();
+        let (code, msg) = fails(r);
+        assert_eq!(code, Code::NotFound);
+        assert!(msg.contains("gpt-17"), "{msg}");
+        for name in ["tiny".to_string(), model().name(), String::new()] {
+            let mut r = ids(&[1]);
+            r.model = name;
+            assert!(validator().validate(r).is_ok());
+        }
+    }
+}
