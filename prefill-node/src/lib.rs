@@ -1,1 +1,182 @@
-//! tandem-prefill (see the crate's module docs).
+//! tandem-prefill: Tandem's prefill node.
+//!
+//! A prefill node takes a prompt and a KV target (a decode node's QUIC
+//! receiver and the blocks it reserved), computes the prompt in chunks
+//! batched with other prompts, streams each layer's KV to the decode node as
+//! soon as the layer is computed, samples the first token and returns it.
+//!
+//! - [`serve`]: starts the node (gRPC `PrefillNode` + health) in-process.
+//! - `validation`: checking requests and KV targets against the model.
+//! - `batch_plan`: the chunked-prefill policy (sans-I/O).
+//! - `scheduler`: the worker thread that owns the backend.
+//! - `transfer`: a request's sending side; `senders`: connections per decode node.
+//! - `service`: the gRPC shell.
+//! - [`error`]: [`PrefillError`] and its mapping to gRPC codes.
+
+mod batch_plan;
+pub mod error;
+mod job;
+mod scheduler;
+mod senders;
+mod service;
+mod transfer;
+mod validation;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tandem_cluster::PrefillSection;
+use tandem_engine::ModelDir;
+use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use batch_plan::{PlannedChunk, StepLimits, plan_step};
+pub use error::PrefillError;
+pub use scheduler::LoadSnapshot;
+
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::senders::SenderCache;
+use crate::service::{PrefillGrpc, PrefillService};
+use crate::validation::NodeShape;
+
+/// A prefill node serving in the background.
+pub struct RunningPrefill {
+    /// The address the gRPC service listens on (the real port when `listen` had port 0).
+    pub addr: SocketAddr,
+    scheduler: Arc<Scheduler>,
+    task: JoinHandle<Result<(), PrefillError>>,
+}
+
+impl RunningPrefill {
+    /// The node's current load (what `WatchLoad` reports).
+    pub fn load(&self) -> LoadSnapshot {
+        self.scheduler.load()
+    }
+
+    /// Waits until the node has stopped (after its shutdown token fired):
+    /// the server, the worker thread and the KV connections.
+    pub async fn wait(self) -> Result<(), PrefillError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(PrefillError::Server(format!("server task failed: {e}"))),
+        }
+    }
+}
+
+fn check_config(config: &PrefillSection) -> Result<(), PrefillError> {
+    let bad = |m: String| Err(PrefillError::Config(m));
+    if config.block_size == 0
+        || config.chunk_tokens == 0
+        || !config.chunk_tokens.is_multiple_of(config.block_size)
+    {
+        return bad(format!(
+            "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
+            config.chunk_tokens, config.block_size
+        ));
+    }
+    if config.max_batch_tokens == 0
+        || config.max_queue == 0
+        || config.kv_blocks == 0
+        || config.kv_connections == 0
+    {
+        return bad(
+            "prefill.max_batch_tokens, max_queue, kv_blocks and kv_connections must be positive"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Starts a prefill node: loads `model` on the CPU with a cache of
+/// `config.kv_blocks` blocks, starts the worker thread, and serves
+/// `PrefillNode` and gRPC health on `config.listen` (port 0 picks one).
+/// Returns once listening. Everything stops when `shutdown` fires; await
+/// [`RunningPrefill::wait`] to know when it has.
+pub async fn serve(
+    model: Arc<ModelDir>,
+    config: PrefillSection,
+    shutdown: CancellationToken,
+) -> Result<RunningPrefill, PrefillError> {
+    check_config(&config)?;
+    let shape = NodeShape::new(&model.config, config.block_size);
+    shape.check_wire_limits()?;
+    let backend = {
+        let model = model.clone();
+        let (blocks, bs) = (config.kv_blocks, config.block_size);
+        tokio::task::spawn_blocking(move || model.load_cpu(blocks, bs))
+            .await
+            .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
+    };
+    let scheduler = Arc::new(Scheduler::start(
+        backend,
+        SchedulerConfig {
+            limits: StepLimits {
+                chunk_tokens: config.chunk_tokens,
+                max_batch_tokens: config.max_batch_tokens,
+                block_size: config.block_size,
+            },
+            max_queue: config.max_queue,
+        },
+    )?);
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            scheduler.stop();
+            return Err(PrefillError::Server(format!(
+                "cannot listen on {}: {e}",
+                config.listen
+            )));
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map_err(|e| PrefillError::Server(e.to_string()))?;
+    let senders = Arc::new(SenderCache::new(config.kv_connections));
+    let service = PrefillGrpc(Arc::new(PrefillService {
+        shape,
+        scheduler: scheduler.clone(),
+        senders: senders.clone(),
+        node_id: config.id.clone(),
+        model_name: model.name(),
+        shutdown: shutdown.clone(),
+    }));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PrefillNodeServer<PrefillGrpc>>()
+        .await;
+    // The worker stops as soon as shutdown fires, so in-flight calls end
+    // (UNAVAILABLE) and the server's graceful shutdown can complete.
+    {
+        let scheduler = scheduler.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            scheduler.stop();
+        });
+    }
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(PrefillNodeServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let worker = scheduler.clone();
+    let task = tokio::spawn(async move {
+        let served = server.await;
+        worker.stop();
+        let joiner = worker.clone();
+        let _ = tokio::task::spawn_blocking(move || joiner.join()).await;
+        senders.close_all().await;
+        tracing::info!("prefill node stopped");
+        served.map_err(|e| PrefillError::Server(e.to_string()))
+    });
+    tracing::info!(%addr, id = %config.id, "prefill node listening");
+    Ok(RunningPrefill {
+        addr,
+        scheduler,
+        task,
+    })
+}

@@ -1,0 +1,145 @@
+//! Which prompt tokens go into the next forward pass: the chunked-prefill
+//! policy, with no I/O so it is tested on its own.
+//!
+//! Every step takes, round-robin over the active jobs, a chunk of at most
+//! `chunk_tokens` tokens of each, until `max_batch_tokens` are taken. A chunk
+//! ends on a block boundary unless it ends the prompt, so the next chunk
+//! starts at a multiple of `block_size` and every block of every layer is
+//! written (and shipped) by exactly one chunk. The job after the last one
+//! served goes first next step, so a long prompt never starves short ones.
+
+/// Token budget of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLimits {
+    /// Most tokens of one job per step (a multiple of `block_size`).
+    pub chunk_tokens: usize,
+    /// Most tokens per step over all jobs.
+    pub max_batch_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+/// One job's chunk in a step: prompt tokens `start..end` of job `job`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedChunk {
+    /// Index of the job in the caller's list.
+    pub job: usize,
+    /// First prompt position.
+    pub start: usize,
+    /// One past the last prompt position.
+    pub end: usize,
+}
+
+/// Plans one step over jobs given as `(computed, prompt_len)`, starting the
+/// round-robin at `cursor`. Returns the chunks and the next cursor. At least
+/// one chunk is planned whenever some job has tokens left, whatever the budget.
+pub fn plan_step(
+    jobs: &[(usize, usize)],
+    cursor: usize,
+    limits: StepLimits,
+) -> (Vec<PlannedChunk>, usize) {
+    let n = jobs.len();
+    let mut chunks = Vec::new();
+    if n == 0 {
+        return (chunks, 0);
+    }
+    let bs = limits.block_size.max(1);
+    let per_job = (limits.chunk_tokens / bs * bs).max(bs);
+    let mut budget = limits.max_batch_tokens;
+    let mut next = cursor % n;
+    for k in 0..n {
+        let j = (cursor + k) % n;
+        let (computed, len) = jobs[j];
+        if computed >= len {
+            continue;
+        }
+        let left = len - computed;
+        let take = if left <= per_job.min(budget) {
+            left
+        } else {
+            // Not the prompt's end: stop on a block boundary.
+            per_job.min(budget) / bs * bs
+        };
+        let take = if take == 0 && chunks.is_empty() {
+            // A budget below one block still makes progress.
+            left.min(bs)
+        } else {
+            take
+        };
+        if take == 0 {
+            break;
+        }
+        chunks.push(PlannedChunk {
+            job: j,
+            start: computed,
+            end: computed + take,
+        });
+        budget = budget.saturating_sub(take);
+        next = (j + 1) % n;
+        if budget == 0 {
+            break;
+        }
+    }
+    (chunks, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: StepLimits = StepLimits {
+        chunk_tokens: 32,
+        max_batch_tokens: 48,
+        block_size: 16,
+    };
+
+    #[test]
+    fn long_prompt_is_cut_into_block_aligned_chunks() {
+        let mut jobs = vec![(0, 100)];
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        while jobs[0].0 < 100 {
+            let (chunks, c) = plan_step(&jobs, cursor, LIMITS);
+            cursor = c;
+            assert_eq!(chunks.len(), 1);
+            let ch = chunks[0];
+            assert_eq!(ch.start % 16, 0);
+            seen.push((ch.start, ch.end));
+            jobs[0].0 = ch.end;
+        }
+        assert_eq!(seen, vec![(0, 32), (32, 64), (64, 96), (96, 100)]);
+    }
+
+    #[test]
+    fn budget_is_shared_round_robin() {
+        let jobs = [(0, 100), (0, 100), (0, 5)];
+        let (chunks, next) = plan_step(&jobs, 0, LIMITS);
+        assert_eq!(
+            chunks,
+            vec![
+                PlannedChunk { job: 0, start: 0, end: 32 },
+                PlannedChunk { job: 1, start: 0, end: 16 },
+            ]
+        );
+        assert_eq!(next, 2);
+        let (chunks, _) = plan_step(&jobs, next, LIMITS);
+        assert_eq!(chunks[0], PlannedChunk { job: 2, start: 0, end: 5 });
+        assert_eq!(chunks.iter().map(|c| c.end - c.start).sum::<usize>(), 5 + 32);
+    }
+
+    #[test]
+    fn tiny_budget_still_progresses() {
+        let limits = StepLimits {
+            max_batch_tokens: 3,
+            ..LIMITS
+        };
+        let (chunks, _) = plan_step(&[(16, 100)], 0, limits);
+        assert_eq!(chunks, vec![PlannedChunk { job: 0, start: 16, end: 32 }]);
+    }
+
+    #[test]
+    fn nothing_to_do() {
+        assert!(plan_step(&[], 3, LIMITS).0.is_empty());
+        assert!(plan_step(&[(5, 5)], 0, LIMITS).0.is_empty());
+    }
+}

@@ -1,0 +1,39 @@
+//! A prefill job as the worker sees it, and what the worker tells the job's
+//! sending task.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use tandem_engine::SamplingParams;
+use tandem_kv_transfer::LayerShape;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::PrefillError;
+
+/// Events of one job, from the worker thread to the job's sending task.
+#[derive(Debug)]
+pub(crate) enum JobEvent {
+    /// Blocks of one layer are final: ship them.
+    Layer(LayerShape, Bytes),
+    /// The prompt is computed and the first token sampled.
+    Done {
+        first_token: u32,
+        queue_seconds: f64,
+        compute_seconds: f64,
+    },
+    /// The job failed in the worker.
+    Failed(PrefillError),
+}
+
+/// A request queued for prefill.
+pub(crate) struct Job {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// To the sending task; bounded, so a slow transfer holds the worker back.
+    pub events: mpsc::Sender<JobEvent>,
+    /// Fired by `Cancel` or when the caller goes away.
+    pub cancel: CancellationToken,
+    pub submitted: Instant,
+}

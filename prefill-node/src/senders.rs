@@ -1,0 +1,87 @@
+//! One [`KvSender`] per decode node, connected on first use and kept.
+//!
+//! Keyed by the receiver's address, TLS name and certificate, so a decode
+//! node that restarts with a new certificate gets a fresh connection. A
+//! sender whose connection failed is forgotten and the next request
+//! reconnects.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use rustls::pki_types::CertificateDer;
+use tandem_kv_transfer::{KvSender, SenderConfig, TransferError, tls};
+
+use crate::error::PrefillError;
+use crate::validation::KvDestination;
+
+type Key = (SocketAddr, String, Vec<u8>);
+
+/// The prefill node's connections to decode nodes.
+pub(crate) struct SenderCache {
+    connections: usize,
+    senders: Mutex<HashMap<Key, Arc<KvSender>>>,
+}
+
+fn key(d: &KvDestination) -> Key {
+    (d.addr, d.server_name.clone(), d.cert_der.clone())
+}
+
+impl SenderCache {
+    pub fn new(connections: usize) -> Self {
+        SenderCache {
+            connections,
+            senders: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<KvSender>>> {
+        self.senders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sender for `dest`, connecting if there is none yet.
+    pub async fn get(&self, dest: &KvDestination) -> Result<Arc<KvSender>, PrefillError> {
+        let k = key(dest);
+        if let Some(s) = self.lock().get(&k) {
+            return Ok(s.clone());
+        }
+        let fail = |source: TransferError| PrefillError::Transfer {
+            addr: dest.addr,
+            source,
+        };
+        let cert = CertificateDer::from(dest.cert_der.clone());
+        let client_tls = tls::client_config_trusting(&cert)
+            .map_err(|e| PrefillError::InvalidRequest(format!("kv_target.server_cert_der: {e}")))?;
+        let config = SenderConfig {
+            connections: self.connections,
+            server_name: dest.server_name.clone(),
+            ..SenderConfig::default()
+        };
+        let sender = Arc::new(
+            KvSender::connect_with(dest.addr, client_tls, config)
+                .await
+                .map_err(fail)?,
+        );
+        // Two requests may race to connect; the later one wins, the other's
+        // connections close when its last request ends.
+        self.lock().insert(k, sender.clone());
+        Ok(sender)
+    }
+
+    /// Drops `sender` for `dest` (if it is still the cached one) after a failure.
+    pub fn forget(&self, dest: &KvDestination, sender: &Arc<KvSender>) {
+        let k = key(dest);
+        let mut map = self.lock();
+        if map.get(&k).is_some_and(|s| Arc::ptr_eq(s, sender)) {
+            map.remove(&k);
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close_all(&self) {
+        let all: Vec<Arc<KvSender>> = self.lock().drain().map(|(_, s)| s).collect();
+        for s in all {
+            s.close().await;
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The `PrefillNode` gRPC service: validation, queueing, shipping, cancel,
+//! and load reports. Errors become statuses only here, through
+//! `From<PrefillError> for Status`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::prefill_node_server::PrefillNode;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::PrefillError;
+use crate::job::Job;
+use crate::scheduler::Scheduler;
+use crate::senders::SenderCache;
+use crate::transfer;
+use crate::validation::{NodeShape, validate};
+
+/// Default interval of `WatchLoad` reports.
+const DEFAULT_LOAD_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The service's state, shared by every call.
+pub(crate) struct PrefillService {
+    pub shape: NodeShape,
+    pub scheduler: Arc<Scheduler>,
+    pub senders: Arc<SenderCache>,
+    pub node_id: String,
+    pub model_name: String,
+    pub shutdown: CancellationToken,
+}
+
+/// Cancels a request's job unless disarmed: the `Prefill` call's future
+/// being dropped (its caller went away) cancels the work.
+struct CancelOnDrop {
+    scheduler: Arc<Scheduler>,
+    request_id: String,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.scheduler.cancel(&self.request_id);
+        }
+    }
+}
+
+impl PrefillService {
+    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
+        let submitted = Instant::now();
+        let v = validate(&self.shape, req).await?;
+        let span = tracing::info_span!("prefill", request_id = %v.request_id, prompt = v.prompt.len());
+        let _enter = span.enter();
+        drop(_enter);
+        let sender = self.senders.get(&v.target).await?;
+        let cancel = CancellationToken::new();
+        let (tx, rx) = mpsc::channel((2 * self.shape.num_layers).max(8));
+        self.scheduler.submit(Job {
+            request_id: v.request_id.clone(),
+            prompt: v.prompt,
+            sampling: v.sampling,
+            events: tx,
+            cancel: cancel.clone(),
+            submitted,
+        })?;
+        let mut guard = CancelOnDrop {
+            scheduler: self.scheduler.clone(),
+            request_id: v.request_id,
+            armed: true,
+        };
+        let result = transfer::ship(
+            &sender,
+            &v.target,
+            self.shape.num_layers as u32,
+            rx,
+            &cancel,
+        )
+        .await;
+        match &result {
+            Ok(_) => guard.armed = false,
+            Err(PrefillError::Transfer { .. }) => self.senders.forget(&v.target, &sender),
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn node_load(&self) -> pb::NodeLoad {
+        let l = self.scheduler.load();
+        let u32_of = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        pb::NodeLoad {
+            node_id: self.node_id.clone(),
+            role: "prefill".into(),
+            kv_blocks_total: u32_of(l.kv_blocks_total),
+            kv_blocks_free: u32_of(l.kv_blocks_free),
+            running: u32_of(l.running),
+            queued: u32_of(l.queued),
+            queued_prefill_tokens: l.queued_prefill_tokens,
+            tp_size: 1,
+            model: self.model_name.clone(),
+            steps_total: l.steps_total,
+            max_batch_seen: u32_of(l.max_batch_seen),
+        }
+    }
+}
+
+/// The tonic service: a thin shell over [`PrefillService`].
+#[derive(Clone)]
+pub(crate) struct PrefillGrpc(pub Arc<PrefillService>);
+
+#[tonic::async_trait]
+impl PrefillNode for PrefillGrpc {
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let request_id = request.get_ref().request_id.clone();
+        match self.0.prefill(request.into_inner()).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(e) => {
+                tracing::info!(%request_id, "prefill failed: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let found = self.0.scheduler.cancel(&request.get_ref().request_id);
+        Ok(Response::new(pb::CancelResponse { found }))
+    }
+
+    type WatchLoadStream = ReceiverStream<Result<pb::NodeLoad, Status>>;
+
+    async fn watch_load(
+        &self,
+        request: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        let every = match request.get_ref().interval_ms {
+            0 => DEFAULT_LOAD_INTERVAL,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let service = self.0.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = service.shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let load = service.node_load();
+                tokio::select! {
+                    _ = service.shutdown.cancelled() => break,
+                    r = tx.send(Ok(load)) => if r.is_err() { break },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,110 @@
+//! A request's sending side: receives its job's events from the worker and
+//! ships each layer's blocks to the decode node, then the Final frame.
+//!
+//! This runs inside the `Prefill` call's own future, so a caller that goes
+//! away drops it: the QUIC streams are reset (the decode node sees an abort)
+//! and the channel to the worker closes, which drops the job at its next
+//! layer. The stream is opened at the first layer, not while queued, so a
+//! request waiting for blocks holds nothing at the decode node.
+
+use std::sync::Arc;
+
+use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
+use tandem_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::PrefillError;
+use crate::job::JobEvent;
+use crate::validation::KvDestination;
+
+/// Ships a job's KV as the worker produces it; returns the response once the
+/// decode node has acknowledged every byte.
+pub(crate) async fn ship(
+    sender: &Arc<KvSender>,
+    dest: &KvDestination,
+    num_layers: u32,
+    mut events: mpsc::Receiver<JobEvent>,
+    cancel: &CancellationToken,
+) -> Result<pb::PrefillResponse, PrefillError> {
+    let fail = |source: TransferError| PrefillError::Transfer {
+        addr: dest.addr,
+        source,
+    };
+    let mut stream: Option<RequestStream> = None;
+    let mut kv_bytes_sent = 0u64;
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            e = events.recv() => e,
+        };
+        match event {
+            Some(JobEvent::Layer(shape, payload)) => {
+                let s = match stream.as_mut() {
+                    Some(s) => s,
+                    None => stream.insert(
+                        sender
+                            .open_request(dest.transfer_id)
+                            .await
+                            .map_err(fail)?,
+                    ),
+                };
+                kv_bytes_sent += payload.len() as u64;
+                // Cancellation while waiting on back-pressure ends the call too.
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {}
+                    r = s.send_layer(shape, payload) => r.map_err(fail)?,
+                }
+            }
+            Some(JobEvent::Done {
+                first_token,
+                queue_seconds,
+                compute_seconds,
+            }) => {
+                let s = match stream.take() {
+                    Some(s) => s,
+                    // Every prompt has at least one block: this cannot happen,
+                    // but a stream with no layers is still a valid transfer.
+                    None => sender
+                        .open_request(dest.transfer_id)
+                        .await
+                        .map_err(fail)?,
+                };
+                s.finish(first_token, num_layers).await.map_err(fail)?;
+                return Ok(pb::PrefillResponse {
+                    first_token,
+                    queue_seconds,
+                    compute_seconds,
+                    kv_bytes_sent,
+                });
+            }
+            Some(JobEvent::Failed(e)) => {
+                abort(stream.take(), &e.to_string()).await;
+                return Err(e);
+            }
+            None => {
+                let e = if cancel.is_cancelled() {
+                    PrefillError::Cancelled
+                } else {
+                    PrefillError::ShuttingDown
+                };
+                abort(stream.take(), &e.to_string()).await;
+                return Err(e);
+            }
+        }
+        if cancel.is_cancelled() {
+            abort(stream.take(), "request cancelled").await;
+            return Err(PrefillError::Cancelled);
+        }
+    }
+}
+
+async fn abort(stream: Option<RequestStream>, reason: &str) {
+    if let Some(s) = stream
+        && let Err(e) = s.abort(reason).await
+    {
+        tracing::debug!("aborting a KV transfer: {e}");
+    }
+}

@@ -1,0 +1,184 @@
+//! Checking a `PrefillRequest` against the local model and cache before any
+//! of it is queued, so bad input is an `INVALID_ARGUMENT` naming the problem
+//! and never a failure halfway through a prefill.
+
+use std::net::SocketAddr;
+
+use tandem_engine::block_manager::blocks_for;
+use tandem_engine::{ModelConfig, SamplingParams};
+use tandem_kv_transfer::WireDtype;
+use tandem_proto::v1 as pb;
+
+use crate::error::PrefillError;
+
+/// What the node serves: the model's and the cache's shape.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeShape {
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+impl NodeShape {
+    pub fn new(config: &ModelConfig, block_size: usize) -> Self {
+        NodeShape {
+            vocab_size: config.vocab_size,
+            max_position_embeddings: config.max_position_embeddings,
+            num_layers: config.num_layers,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            block_size,
+        }
+    }
+
+    /// Checks that every shape field fits the wire's 16-bit fields.
+    pub fn check_wire_limits(&self) -> Result<(), PrefillError> {
+        for (name, v) in [
+            ("num_layers", self.num_layers),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("block_size", self.block_size),
+        ] {
+            if v == 0 || v > usize::from(u16::MAX) {
+                return Err(PrefillError::Config(format!(
+                    "{name} = {v} does not fit the KV wire format (1..=65535)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a request's KV goes, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct KvDestination {
+    pub addr: SocketAddr,
+    pub server_name: String,
+    pub cert_der: Vec<u8>,
+    pub transfer_id: u64,
+}
+
+/// A request that passed every check.
+#[derive(Debug, Clone)]
+pub(crate) struct ValidPrefill {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub target: KvDestination,
+}
+
+fn invalid(m: String) -> PrefillError {
+    PrefillError::InvalidRequest(m)
+}
+
+/// Checks the prompt, sampling parameters and KV target of `req`.
+pub(crate) async fn validate(
+    shape: &NodeShape,
+    req: pb::PrefillRequest,
+) -> Result<ValidPrefill, PrefillError> {
+    if req.request_id.is_empty() {
+        return Err(invalid("request_id is empty".into()));
+    }
+    if req.prompt.is_empty() {
+        return Err(invalid("prompt is empty: a prefill needs at least one token".into()));
+    }
+    if let Some((i, &t)) = req
+        .prompt
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t as usize >= shape.vocab_size)
+    {
+        return Err(invalid(format!(
+            "prompt token {i} has id {t}, beyond the vocabulary of {} tokens",
+            shape.vocab_size
+        )));
+    }
+    if req.prompt.len() > shape.max_position_embeddings {
+        return Err(invalid(format!(
+            "prompt of {} tokens is longer than the model's context of {} tokens",
+            req.prompt.len(),
+            shape.max_position_embeddings
+        )));
+    }
+    tandem_cluster::convert::validate_pb_sampling(req.sampling.as_ref()).map_err(invalid)?;
+    let sampling = tandem_cluster::convert::sampling_from_pb(req.sampling.as_ref());
+    sampling.validate().map_err(|e| invalid(e.to_string()))?;
+    let target = req
+        .kv_target
+        .as_ref()
+        .ok_or_else(|| invalid("kv_target is missing".into()))?;
+    let needed = blocks_for(req.prompt.len(), shape.block_size);
+    let target = validate_target(shape, target, needed).await?;
+    Ok(ValidPrefill {
+        request_id: req.request_id,
+        prompt: req.prompt,
+        sampling,
+        target,
+    })
+}
+
+async fn validate_target(
+    shape: &NodeShape,
+    t: &pb::KvTarget,
+    blocks_needed: usize,
+) -> Result<KvDestination, PrefillError> {
+    let checks = [
+        ("num_layers", t.num_layers as usize, shape.num_layers),
+        ("num_kv_heads", t.num_kv_heads as usize, shape.num_kv_heads),
+        ("head_dim", t.head_dim as usize, shape.head_dim),
+        ("block_size", t.block_size as usize, shape.block_size),
+    ];
+    for (name, got, want) in checks {
+        if got != want {
+            return Err(invalid(format!(
+                "kv_target.{name} is {got} but this prefill node's model/cache has {want}"
+            )));
+        }
+    }
+    if (t.num_blocks as usize) < blocks_needed {
+        return Err(invalid(format!(
+            "kv_target.num_blocks is {} but the prompt needs {blocks_needed} blocks",
+            t.num_blocks
+        )));
+    }
+    let dtype = u8::try_from(t.dtype).ok().and_then(WireDtype::from_code);
+    if dtype != Some(WireDtype::F32) {
+        return Err(invalid(format!(
+            "kv_target.dtype {} is not supported: the CPU backend sends f32 (0)",
+            t.dtype
+        )));
+    }
+    if t.quic_addr.is_empty() {
+        return Err(invalid("kv_target.quic_addr is empty".into()));
+    }
+    let addr = tokio::net::lookup_host(t.quic_addr.as_str())
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            invalid(format!(
+                "kv_target.quic_addr {:?} is not a resolvable host:port",
+                t.quic_addr
+            ))
+        })?;
+    if t.server_cert_der.is_empty() {
+        return Err(PrefillError::NoTrustAnchor(t.quic_addr.clone()));
+    }
+    let server_name = if t.server_name.is_empty() {
+        t.quic_addr
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+            .unwrap_or_default()
+    } else {
+        t.server_name.clone()
+    };
+    Ok(KvDestination {
+        addr,
+        server_name,
+        cert_der: t.server_cert_der.to_vec(),
+        transfer_id: t.transfer_id,
+    })
+}
