@@ -98,13 +98,21 @@ fn main() -> anyhow::Result<()> {
     let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match Cli::parse().command {
         Command::Up { config } => runtime()?.block_on(roles::up(config)),
-        Command::Router { config } => runtime()?.block_on(roles::run_role(roles::Role::Router, config)),
-        Command::Prefill { config } => runtime()?.block_on(roles::run_role(roles::Role::Prefill, config)),
-        Command::Decode { config } => runtime()?.block_on(roles::run_role(roles::Role::Decode, config)),
+        Command::Router { config } => {
+            runtime()?.block_on(roles::run_role(roles::Role::Router, config))
+        }
+        Command::Prefill { config } => {
+            runtime()?.block_on(roles::run_role(roles::Role::Prefill, config))
+        }
+        Command::Decode { config } => {
+            runtime()?.block_on(roles::run_role(roles::Role::Decode, config))
+        }
         Command::Generate(args) if args.local => generate_local(args),
         Command::Generate(args) => {
             let request = tandem_proto::v1::GenerateRequest {
-                prompt: Some(tandem_proto::v1::generate_request::Prompt::Text(args.prompt.clone())),
+                prompt: Some(tandem_proto::v1::generate_request::Prompt::Text(
+                    args.prompt.clone(),
+                )),
                 sampling: Some(tandem_cluster::convert::sampling_to_pb(&sampling(&args))),
                 max_tokens: args.max_tokens as u32,
                 stop: args.stop.clone(),
@@ -127,7 +135,7 @@ fn sampling(args: &GenerateArgs) -> SamplingParams {
 }
 
 fn generate_local(args: GenerateArgs) -> anyhow::Result<()> {
-    let path = match args.model {
+    let path = match args.model.clone() {
         Some(p) => p,
         None => model_cmd::default_model()?,
     };

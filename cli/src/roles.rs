@@ -27,10 +27,14 @@ pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
     }
     let path: &Path = &section.path;
     if path == Path::new(DEFAULT_MODEL_DIR_PATH) && !path.join("config.json").exists() {
-        eprintln!("synthesizing a small random-weight model into {}", path.display());
+        eprintln!(
+            "synthesizing a small random-weight model into {}",
+            path.display()
+        );
         write_model_dir(path, &SynthSpec::default())?;
     }
-    let model = ModelDir::open(path).with_context(|| format!("opening model {}", path.display()))?;
+    let model =
+        ModelDir::open(path).with_context(|| format!("opening model {}", path.display()))?;
     Ok(Arc::new(model))
 }
 
@@ -52,26 +56,48 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let model = open_model(&config.model)?;
     let shutdown = shutdown_on_ctrl_c();
     let mut router = config.router.clone().unwrap_or_default();
-    let mut waits = Vec::new();
+    let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
         let d = tandem_decode::serve(model.clone(), decode, shutdown.clone()).await?;
         router.decode_nodes.push(format!("http://{}", d.grpc_addr));
-        eprintln!("decode node: gRPC {} QUIC {}", d.grpc_addr, d.quic_addr);
-        waits.push(d.done);
+        eprintln!("decode node: gRPC {} KV/QUIC {}", d.grpc_addr, d.quic_addr);
+        decode_done = Some(d.done);
     }
+    let mut prefill_done = None;
     if let Some(prefill) = config.prefill.clone() {
         let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
         router.prefill_nodes.push(format!("http://{}", p.addr));
         eprintln!("prefill node: gRPC {}", p.addr);
-        waits.push(p.done);
+        prefill_done = Some(p);
     }
-    let membership = Arc::new(StaticMembership::new(&router.prefill_nodes, &router.decode_nodes));
-    let r = tandem_router::serve(model.clone(), router, membership, shutdown.clone()).await?;
-    println!("Tandem is up: model {} ({}), router listening on {}", model.name(), model.config.architecture.hf_name(), r.addr);
-    println!("try: tandem generate --router http://{} \"Once upon a time\"", r.addr);
-    waits.push(r.done);
-    for w in waits {
-        let _ = w.await;
+    let membership = Arc::new(StaticMembership::new(
+        &router.prefill_nodes,
+        &router.decode_nodes,
+    ));
+    let r = tandem_router::serve(
+        model.clone(),
+        config.model.name.clone(),
+        router,
+        membership,
+        shutdown.clone(),
+    )
+    .await?;
+    println!(
+        "Tandem is up: model {} ({}), router listening on {}",
+        model.name(),
+        model.config.architecture.hf_name(),
+        r.addr
+    );
+    println!(
+        "try: tandem generate --router http://{} \"Once upon a time\"",
+        r.addr
+    );
+    let _ = r.join.await;
+    if let Some(p) = prefill_done {
+        let _ = p.wait().await;
+    }
+    if let Some(d) = decode_done {
+        let _ = d.await;
     }
     Ok(())
 }
@@ -88,27 +114,45 @@ pub async fn run_role(role: Role, config_path: PathBuf) -> anyhow::Result<()> {
     let config = load_config(Some(&config_path))?;
     let model = open_model(&config.model)?;
     let shutdown = shutdown_on_ctrl_c();
-    let done = match role {
+    match role {
         Role::Router => {
-            let router = config.router.context("the config has no [router] section")?;
-            let membership = Arc::new(StaticMembership::new(&router.prefill_nodes, &router.decode_nodes));
-            let r = tandem_router::serve(model, router, membership, shutdown).await?;
+            let router = config
+                .router
+                .context("the config has no [router] section")?;
+            let membership = Arc::new(StaticMembership::new(
+                &router.prefill_nodes,
+                &router.decode_nodes,
+            ));
+            let r = tandem_router::serve(
+                model,
+                config.model.name.clone(),
+                router,
+                membership,
+                shutdown,
+            )
+            .await?;
             println!("router listening on {}", r.addr);
-            r.done
+            let _ = r.join.await;
         }
         Role::Prefill => {
-            let prefill = config.prefill.context("the config has no [prefill] section")?;
+            let prefill = config
+                .prefill
+                .context("the config has no [prefill] section")?;
             let p = tandem_prefill::serve(model, prefill, shutdown).await?;
             println!("prefill node listening on {}", p.addr);
-            p.done
+            p.wait().await?;
         }
         Role::Decode => {
-            let decode = config.decode.context("the config has no [decode] section")?;
+            let decode = config
+                .decode
+                .context("the config has no [decode] section")?;
             let d = tandem_decode::serve(model, decode, shutdown).await?;
-            println!("decode node listening on {} (KV over QUIC on {})", d.grpc_addr, d.quic_addr);
-            d.done
+            println!(
+                "decode node listening on {} (KV over QUIC on {})",
+                d.grpc_addr, d.quic_addr
+            );
+            let _ = d.done.await;
         }
-    };
-    let _ = done.await;
+    }
     Ok(())
 }

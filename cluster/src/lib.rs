@@ -6,5 +6,8 @@ pub mod config;
 pub mod convert;
 pub mod membership;
 
-pub use config::{Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, ModelSection, PrefillSection, RouterSection};
+pub use config::{
+    Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, ModelSection,
+    PrefillSection, RouterSection,
+};
 pub use membership::{Member, Membership, Role, StaticMembership};

@@ -169,6 +169,15 @@ impl Generation {
         }
         if finished.is_none() && self.output().len() >= self.params.max_tokens {
             finished = Some(FinishReason::Length);
+            // The last tokens may end inside a character: release what they make.
+            let tail = self.detokenizer.flush(tokenizer, &self.tokens)?;
+            match self.stop.push(&tail) {
+                StopScan::Emit(t) => text.push_str(&t),
+                StopScan::Stopped(t) => {
+                    text.push_str(&t);
+                    finished = Some(FinishReason::Stop);
+                }
+            }
         }
         if matches!(finished, Some(FinishReason::Length | FinishReason::Eos))
             || (finished == Some(FinishReason::Stop) && self.params.stop_token_ids.contains(&token))

@@ -179,6 +179,16 @@ impl Detokenizer {
         }
     }
 
+    /// Whatever text the tokens not yet turned into text make, complete or not
+    /// (an unfinished character becomes U+FFFD): for the end of a generation.
+    pub fn flush(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+        let prefix = tokenizer.decode(&ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&ids[self.prefix_offset..])?;
+        self.prefix_offset = ids.len();
+        self.read_offset = ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+
     /// The text completed by the tokens of `ids` not yet turned into text.
     pub fn step(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
         let prefix = tokenizer.decode(&ids[self.prefix_offset..self.read_offset])?;

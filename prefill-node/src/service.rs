@@ -52,7 +52,8 @@ impl PrefillService {
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
         let submitted = Instant::now();
         let v = validate(&self.shape, req).await?;
-        let span = tracing::info_span!("prefill", request_id = %v.request_id, prompt = v.prompt.len());
+        let span =
+            tracing::info_span!("prefill", request_id = %v.request_id, prompt = v.prompt.len());
         let _enter = span.enter();
         drop(_enter);
         let sender = self.senders.get(&v.target).await?;

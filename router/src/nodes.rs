@@ -150,7 +150,10 @@ impl NodePool {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
         };
-        order.into_iter().map(|i| entries[i].handle.clone()).collect()
+        order
+            .into_iter()
+            .map(|i| entries[i].handle.clone())
+            .collect()
     }
 
     /// Whether the pool holds any node of `role`.
@@ -168,8 +171,9 @@ impl NodePool {
         load.queued = load.queued.saturating_add(1);
         match load.role.as_str() {
             "prefill" => {
-                load.queued_prefill_tokens =
-                    load.queued_prefill_tokens.saturating_add(prompt_tokens as u64);
+                load.queued_prefill_tokens = load
+                    .queued_prefill_tokens
+                    .saturating_add(prompt_tokens as u64);
             }
             _ => {
                 let blocks = u32::try_from(prompt_tokens)
@@ -199,7 +203,12 @@ fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Follows one node's load reports until `stop` fires.
-async fn watch_load(pool: Arc<NodePool>, node: NodeHandle, interval_ms: u32, stop: CancellationToken) {
+async fn watch_load(
+    pool: Arc<NodePool>,
+    node: NodeHandle,
+    interval_ms: u32,
+    stop: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let request = WatchLoadRequest { interval_ms };
     while !stop.is_cancelled() {
@@ -316,7 +325,11 @@ mod tests {
                 ..Default::default()
             });
         });
-        let ranked: Vec<String> = pool.ranked(Role::Decode).into_iter().map(|n| n.addr).collect();
+        let ranked: Vec<String> = pool
+            .ranked(Role::Decode)
+            .into_iter()
+            .map(|n| n.addr)
+            .collect();
         assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
 
         pool.note_assigned(b, 33);

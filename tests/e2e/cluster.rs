@@ -14,7 +14,10 @@ async fn wait_for_no_leak(cluster: &Cluster) {
         if free == total && total > 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "decode node leaked KV blocks: {free} free of {total}");
+        assert!(
+            Instant::now() < deadline,
+            "decode node leaked KV blocks: {free} free of {total}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -26,11 +29,15 @@ async fn greedy_output_through_the_cluster_equals_the_engine() {
     let mut client = cluster.client().await;
     // 1 token, exactly one block, one over, below and above the local-prefill threshold,
     // and prompts of several prefill chunks (chunk_tokens = 64).
-    let lengths = [1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 128, 129, 200, 333, 600];
+    let lengths = [
+        1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 100, 128, 129, 200, 333, 600,
+    ];
     for (i, &len) in lengths.iter().enumerate() {
         let p = prompt(len, i as u32);
         let expected = reference(&model, &p, 12);
-        let got = complete(&mut client, greedy_request(&p, 12)).await.expect("generate");
+        let got = complete(&mut client, greedy_request(&p, 12))
+            .await
+            .expect("generate");
         assert_eq!(got.tokens, expected, "prompt of {len} tokens");
         assert_eq!(got.reason, pb::FinishReason::Length);
         assert_eq!(got.text, model.tokenizer.decode(&expected).unwrap());
@@ -42,19 +49,26 @@ async fn greedy_output_through_the_cluster_equals_the_engine() {
 async fn sixty_four_concurrent_streams_batch_together() {
     let (_dir, model) = small_model();
     let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
-    let prompts: Vec<Vec<u32>> = (0..64).map(|i| prompt(1 + (i * 37) % 150, i as u32)).collect();
+    let prompts: Vec<Vec<u32>> = (0..64)
+        .map(|i| prompt(1 + (i * 37) % 150, i as u32))
+        .collect();
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| reference(&model, p, 16)).collect();
     let mut tasks = Vec::new();
     for p in prompts {
         let mut client = cluster.client().await;
-        tasks.push(tokio::spawn(async move { complete(&mut client, greedy_request(&p, 16)).await }));
+        tasks.push(tokio::spawn(async move {
+            complete(&mut client, greedy_request(&p, 16)).await
+        }));
     }
     for (task, want) in tasks.into_iter().zip(expected) {
         let got = task.await.expect("task").expect("generate");
         assert_eq!(got.tokens, want);
     }
     let batch = cluster.decode_stats.lock().unwrap().max_batch_seen;
-    assert!(batch >= 4, "the decode node never batched several sequences (max batch {batch})");
+    assert!(
+        batch >= 4,
+        "the decode node never batched several sequences (max batch {batch})"
+    );
     wait_for_no_leak(&cluster).await;
 }
 
@@ -64,10 +78,19 @@ async fn a_client_that_goes_away_frees_everything() {
     let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
     let mut client = cluster.client().await;
     let request = greedy_request(&prompt(90, 1), 900);
-    let mut stream = client.generate(request).await.expect("generate").into_inner();
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("generate")
+        .into_inner();
     let mut seen = 0;
     while seen < 3 {
-        if let Some(pb::generate_response::Event::Token(t)) = stream.message().await.expect("stream").and_then(|m| m.event) {
+        if let Some(pb::generate_response::Event::Token(t)) = stream
+            .message()
+            .await
+            .expect("stream")
+            .and_then(|m| m.event)
+        {
             seen += t.ids.len();
         }
     }
@@ -79,7 +102,9 @@ async fn a_client_that_goes_away_frees_everything() {
     // And the cluster still serves.
     let mut client = cluster.client().await;
     let p = prompt(40, 2);
-    let got = complete(&mut client, greedy_request(&p, 5)).await.expect("generate after cancel");
+    let got = complete(&mut client, greedy_request(&p, 5))
+        .await
+        .expect("generate after cancel");
     assert_eq!(got.tokens, reference(&model, &p, 5));
 }
 
@@ -89,9 +114,12 @@ async fn malformed_frames_on_the_quic_port_are_refused() {
     let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
 
     // Reserve blocks directly at the decode node to learn its certificate.
-    let mut decode = pb::decode_node_client::DecodeNodeClient::connect(format!("http://{}", cluster.decode_grpc))
-        .await
-        .unwrap();
+    let mut decode = pb::decode_node_client::DecodeNodeClient::connect(format!(
+        "http://{}",
+        cluster.decode_grpc
+    ))
+    .await
+    .unwrap();
     let mut reserved = decode
         .decode(pb::DecodeRequest {
             request_id: "garbage-victim".into(),
@@ -103,11 +131,14 @@ async fn malformed_frames_on_the_quic_port_are_refused() {
         .await
         .unwrap()
         .into_inner();
-    let Some(pb::decode_response::Event::Admitted(admitted)) = reserved.message().await.unwrap().and_then(|m| m.event)
+    let Some(pb::decode_response::Event::Admitted(admitted)) =
+        reserved.message().await.unwrap().and_then(|m| m.event)
     else {
         panic!("expected Admitted first");
     };
-    let target = admitted.kv_target.expect("a KV target for a remote prefill");
+    let target = admitted
+        .kv_target
+        .expect("a KV target for a remote prefill");
 
     // Random bytes straight at the UDP port.
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -115,15 +146,23 @@ async fn malformed_frames_on_the_quic_port_are_refused() {
         udp.send_to(&[i; 300], cluster.decode_quic).await.unwrap();
     }
     // A real QUIC connection that sends garbage, then a truncated frame.
-    let cert = tandem_kv_transfer::tls::client_config_trusting(&target.server_cert_der.clone().into()).unwrap();
+    let cert =
+        tandem_kv_transfer::tls::client_config_trusting(&target.server_cert_der.clone().into())
+            .unwrap();
     let client_config = quinn::ClientConfig::new(std::sync::Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from((*cert).clone()).unwrap(),
     ));
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client_config);
-    let conn = endpoint.connect(cluster.decode_quic, &target.server_name).unwrap().await.unwrap();
+    let conn = endpoint
+        .connect(cluster.decode_quic, &target.server_name)
+        .unwrap()
+        .await
+        .unwrap();
     let mut s = conn.open_uni().await.unwrap();
-    s.write_all(b"this is not a KV frame at all, not even close........").await.unwrap();
+    s.write_all(b"this is not a KV frame at all, not even close........")
+        .await
+        .unwrap();
     let _ = s.finish();
     let mut s = conn.open_uni().await.unwrap();
     let mut frame = b"TDKV".to_vec();
@@ -135,13 +174,20 @@ async fn malformed_frames_on_the_quic_port_are_refused() {
 
     // The victim's reservation ends (truncated frame for it, or the stream's abort) or
     // waits for its timeout; cancel it either way and check nothing leaked.
-    let _ = decode.cancel(pb::CancelRequest { request_id: "garbage-victim".into() }).await.unwrap();
+    let _ = decode
+        .cancel(pb::CancelRequest {
+            request_id: "garbage-victim".into(),
+        })
+        .await
+        .unwrap();
     drop(reserved);
     wait_for_no_leak(&cluster).await;
 
     // The node still serves a real request through the router, KV over QUIC included.
     let mut client = cluster.client().await;
     let p = prompt(120, 4);
-    let got = complete(&mut client, greedy_request(&p, 6)).await.expect("generate after garbage");
+    let got = complete(&mut client, greedy_request(&p, 6))
+        .await
+        .expect("generate after garbage");
     assert_eq!(got.tokens, reference(&model, &p, 6));
 }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tandem_cluster::{DecodeSection, PrefillSection, RouterSection, StaticMembership};
-use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::ModelDir;
+use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -74,17 +74,23 @@ impl Cluster {
     /// Starts a decode node, a prefill node (if any) and a router on loopback.
     pub async fn start(model: Arc<ModelDir>, spec: ClusterSpec) -> Cluster {
         let shutdown = CancellationToken::new();
-        let d = tandem_decode::serve(model.clone(), spec.decode, shutdown.clone()).await.expect("decode node");
+        let d = tandem_decode::serve(model.clone(), spec.decode, shutdown.clone())
+            .await
+            .expect("decode node");
         let mut prefill_grpc = None;
         let mut prefill_nodes = Vec::new();
         if let Some(p) = spec.prefill {
-            let p = tandem_prefill::serve(model.clone(), p, shutdown.clone()).await.expect("prefill node");
+            let p = tandem_prefill::serve(model.clone(), p, shutdown.clone())
+                .await
+                .expect("prefill node");
             prefill_nodes.push(format!("http://{}", p.addr));
             prefill_grpc = Some(p.addr);
         }
         let decode_nodes = vec![format!("http://{}", d.grpc_addr)];
         let membership = Arc::new(StaticMembership::new(&prefill_nodes, &decode_nodes));
-        let r = tandem_router::serve(model, spec.router, membership, shutdown.clone()).await.expect("router");
+        let r = tandem_router::serve(model, None, spec.router, membership, shutdown.clone())
+            .await
+            .expect("router");
         Cluster {
             router: r.addr,
             decode_grpc: d.grpc_addr,
@@ -97,7 +103,9 @@ impl Cluster {
 
     /// A client of the router.
     pub async fn client(&self) -> pb::generate_client::GenerateClient<tonic::transport::Channel> {
-        pb::generate_client::GenerateClient::connect(format!("http://{}", self.router)).await.expect("connect router")
+        pb::generate_client::GenerateClient::connect(format!("http://{}", self.router))
+            .await
+            .expect("connect router")
     }
 
     /// Free and total KV blocks of the decode node.
@@ -121,7 +129,9 @@ pub struct Completion {
 /// A greedy request for these token ids.
 pub fn greedy_request(prompt: &[u32], max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt.to_vec() })),
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: prompt.to_vec(),
+        })),
         max_tokens,
         ignore_eos: true,
         ..Default::default()
@@ -134,7 +144,11 @@ pub async fn complete(
     request: pb::GenerateRequest,
 ) -> Result<Completion, tonic::Status> {
     let mut stream = client.generate(request).await?.into_inner();
-    let mut out = Completion { tokens: Vec::new(), text: String::new(), reason: pb::FinishReason::Unspecified };
+    let mut out = Completion {
+        tokens: Vec::new(),
+        text: String::new(),
+        reason: pb::FinishReason::Unspecified,
+    };
     while let Some(msg) = stream.message().await? {
         match msg.event {
             Some(pb::generate_response::Event::Token(t)) => {
@@ -143,7 +157,8 @@ pub async fn complete(
             }
             Some(pb::generate_response::Event::Finished(f)) => {
                 out.text.push_str(&f.text);
-                out.reason = pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
+                out.reason =
+                    pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
             }
             None => {}
         }
@@ -155,11 +170,19 @@ pub async fn complete(
 pub fn reference(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let backend = model.load_cpu(256, 16).expect("backend");
     let mut g = tandem_engine::local::LocalGenerator::new(backend);
-    let params = tandem_engine::GenerationParams { max_tokens, ignore_eos: true, ..Default::default() };
-    g.generate(prompt, &params, &model.tokenizer, |_| {}).expect("reference generation").tokens
+    let params = tandem_engine::GenerationParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    g.generate(prompt, &params, &model.tokenizer, |_| {})
+        .expect("reference generation")
+        .tokens
 }
 
 /// A deterministic prompt of `len` token ids.
 pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500).collect()
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500)
+        .collect()
 }
