@@ -99,6 +99,23 @@ async fn a_client_that_goes_away_frees_everything() {
     drop(stream);
     drop(client);
     wait_for_no_leak(&cluster).await;
+
+    // Go away while a long prompt is still being prefilled (chunks of 64 tokens).
+    let mut client = cluster.client().await;
+    let mut stream = client
+        .generate(greedy_request(&prompt(900, 9), 50))
+        .await
+        .expect("generate")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.prefill_load().await.running == 0 {
+        assert!(Instant::now() < deadline, "the prefill never started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = stream.message().await;
+    drop(stream);
+    drop(client);
+    wait_for_no_leak(&cluster).await;
     // And the cluster still serves.
     let mut client = cluster.client().await;
     let p = prompt(40, 2);

@@ -108,6 +108,25 @@ impl Cluster {
             .expect("connect router")
     }
 
+    /// Free and total KV blocks and running jobs of the prefill node, from its load reports.
+    pub async fn prefill_load(&self) -> pb::NodeLoad {
+        let addr = self.prefill_grpc.expect("the cluster has a prefill node");
+        let mut client =
+            pb::prefill_node_client::PrefillNodeClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect prefill node");
+        let mut stream = client
+            .watch_load(pb::WatchLoadRequest { interval_ms: 10 })
+            .await
+            .expect("watch load")
+            .into_inner();
+        stream
+            .message()
+            .await
+            .expect("load report")
+            .expect("a load report")
+    }
+
     /// Free and total KV blocks of the decode node.
     pub fn decode_blocks(&self) -> (u32, u32) {
         let s = self.decode_stats.lock().expect("stats");
