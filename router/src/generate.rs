@@ -73,7 +73,10 @@ impl Drop for CancelGuard {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        for node in [self.decode.take(), self.prefill.take()].into_iter().flatten() {
+        for node in [self.decode.take(), self.prefill.take()]
+            .into_iter()
+            .flatten()
+        {
             let request = pb::CancelRequest {
                 request_id: self.request_id.clone(),
             };
@@ -113,7 +116,13 @@ type PrefillCall =
 impl Relay {
     /// Serves `req` to the end, writing its responses to `tx`. The caller
     /// holds the request's admission permit for as long as this runs.
-    pub async fn run(&self, req: ValidRequest, arrival: Instant, deadline: Instant, tx: ClientSender) {
+    pub async fn run(
+        &self,
+        req: ValidRequest,
+        arrival: Instant,
+        deadline: Instant,
+        tx: ClientSender,
+    ) {
         let request = Request {
             relay: self,
             req: &req,
@@ -161,7 +170,9 @@ impl Request<'_> {
                 .next()
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
-            self.relay.nodes.note_assigned(&node.addr, self.req.prompt.len());
+            self.relay
+                .nodes
+                .note_assigned(&node.addr, self.req.prompt.len());
             let mut client = PrefillNodeClient::new(node.channel.clone());
             let request = pb::PrefillRequest {
                 request_id: self.req.request_id.clone(),

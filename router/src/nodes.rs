@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tandem_cluster::{Member, Membership, Role};
+use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
-use tandem_proto::v1::{NodeLoad, WatchLoadRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
@@ -150,7 +150,10 @@ impl NodePool {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
         };
-        order.into_iter().map(|i| entries[i].handle.clone()).collect()
+        order
+            .into_iter()
+            .map(|i| entries[i].handle.clone())
+            .collect()
     }
 
     /// Whether the pool holds any node of `role`.
@@ -168,8 +171,9 @@ impl NodePool {
         load.queued = load.queued.saturating_add(1);
         match load.role.as_str() {
             "prefill" => {
-                load.queued_prefill_tokens =
-                    load.queued_prefill_tokens.saturating_add(prompt_tokens as u64);
+                load.queued_prefill_tokens = load
+                    .queued_prefill_tokens
+                    .saturating_add(prompt_tokens as u64);
             }
             _ => {
                 let blocks = u32::try_from(prompt_tokens)
@@ -199,7 +203,12 @@ fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Follows one node's load reports until `stop` fires.
-async fn watch_load(pool: Arc<NodePool>, node: NodeHandle, interval_ms: u32, stop: CancellationToken) {
+async fn watch_load(
+    pool: Arc<NodePool>,
+    node: NodeHandle,
+    interval_ms: u32,
+    stop: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let request = WatchLoadRequest { interval_ms };
     while !stop.is_cancelled() {
@@ -256,7 +265,7 @@ async fn watch_load(pool: Arc<NodePool>, node: NodeHandle, interval_ms: u32, sto
 /// Loads as the pool holds them, for tests.
 #[cfg(test)]
 impl NodePool {
-    fn load_of(&self, addr: &str) -> Option<NodeLoad> {
+    fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
         self.lock().get(addr).and_then(|e| e.status.load.clone())
     }
 }
@@ -265,6 +274,7 @@ impl NodePool {
 mod tests {
     use super::*;
     use tandem_cluster::StaticMembership;
+    use tandem_proto::v1::NodeLoad;
 
     #[tokio::test]
     async fn members_join_and_leave() {
@@ -316,7 +326,11 @@ mod tests {
                 ..Default::default()
             });
         });
-        let ranked: Vec<String> = pool.ranked(Role::Decode).into_iter().map(|n| n.addr).collect();
+        let ranked: Vec<String> = pool
+            .ranked(Role::Decode)
+            .into_iter()
+            .map(|n| n.addr)
+            .collect();
         assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
 
         pool.note_assigned(b, 33);

@@ -148,7 +148,8 @@ impl Validator {
         let room = u32::try_from(context - prompt.len()).unwrap_or(u32::MAX);
         let max_tokens = max_tokens.min(room).max(1);
 
-        validate_pb_sampling(req.sampling.as_ref()).map_err(|m| invalid(format!("sampling.{m}")))?;
+        validate_pb_sampling(req.sampling.as_ref())
+            .map_err(|m| invalid(format!("sampling.{m}")))?;
         let sampling = sampling_from_pb(req.sampling.as_ref());
         sampling
             .validate()
