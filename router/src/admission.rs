@@ -40,7 +40,7 @@ impl Admission {
     /// A gate letting `max_running` requests run and `max_queue` wait.
     pub fn new(max_running: usize, max_queue: usize) -> Self {
         Admission {
-            running: Arc::new(Semaphore::new(max_running)),
+            running: Arc::new(Semaphore::new(max_running.min(Semaphore::MAX_PERMITS))),
             waiting: AtomicUsize::new(0),
             max_queue,
         }

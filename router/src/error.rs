@@ -1,7 +1,7 @@
 //! The router's errors, and the one place they become gRPC statuses.
 //!
-//! Every failure a client can see is a [`RouterError`]; [`From<RouterError>
-//! for tonic::Status`] picks the code a client can act on: fix the request
+//! Every failure a client can see is a [`RouterError`]; its conversion into
+//! a [`tonic::Status`] (below, the only one) picks the code a client can act on: fix the request
 //! (`INVALID_ARGUMENT`, `NOT_FOUND`), retry later (`RESOURCE_EXHAUSTED`,
 //! `UNAVAILABLE`) or give up (`DEADLINE_EXCEEDED`).
 

@@ -2,7 +2,7 @@
 //! decode node, start the remote prefill if the decode node asks for one,
 //! relay the decode node's tokens to the client, and clean up on every exit.
 //!
-//! Every way out is covered by a [`CancelGuard`]: unless a node already
+//! Every way out is covered by a `CancelGuard`: unless a node already
 //! finished the request, leaving this module (deadline, client gone, node
 //! error, shutdown, even a panic) sends `Cancel` to the nodes still holding
 //! it, and dropping the in-flight gRPC calls resets their streams, so both

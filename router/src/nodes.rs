@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tandem_cluster::{Member, Membership, Role};
+use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
-use tandem_proto::v1::{NodeLoad, WatchLoadRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
@@ -265,7 +265,7 @@ async fn watch_load(
 /// Loads as the pool holds them, for tests.
 #[cfg(test)]
 impl NodePool {
-    fn load_of(&self, addr: &str) -> Option<NodeLoad> {
+    fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
         self.lock().get(addr).and_then(|e| e.status.load.clone())
     }
 }
@@ -274,6 +274,7 @@ impl NodePool {
 mod tests {
     use super::*;
     use tandem_cluster::StaticMembership;
+    use tandem_proto::v1::NodeLoad;
 
     #[tokio::test]
     async fn members_join_and_leave() {

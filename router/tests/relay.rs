@@ -1,0 +1,591 @@
+//! The router against fake decode and prefill nodes on loopback: the
+//! request's life (local and remote prefill), retries on full decode nodes,
+//! cancellation on prefill failure, client departure and deadline, and the
+//! health service.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tandem_cluster::{RouterSection, StaticMembership};
+use tandem_engine::ModelDir;
+use tandem_engine::synth::{SynthSpec, write_model_dir};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::decode_node_server::{DecodeNode, DecodeNodeServer};
+use tandem_proto::v1::generate_client::GenerateClient;
+use tandem_proto::v1::generate_request::Prompt;
+use tandem_proto::v1::generate_response::Event;
+use tandem_proto::v1::prefill_node_server::{PrefillNode, PrefillNodeServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Request, Response, Status};
+
+fn model() -> Arc<ModelDir> {
+    static MODEL: OnceLock<(tempfile::TempDir, Arc<ModelDir>)> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("tiny-model")
+                .tempdir()
+                .expect("tempdir");
+            let spec = SynthSpec {
+                vocab_size: 300,
+                hidden_size: 32,
+                intermediate_size: 64,
+                num_layers: 1,
+                num_heads: 2,
+                num_kv_heads: 1,
+                max_position_embeddings: 128,
+                ..SynthSpec::default()
+            };
+            write_model_dir(dir.path(), &spec).expect("synth model");
+            let model = Arc::new(ModelDir::open(dir.path()).expect("open model"));
+            (dir, model)
+        })
+        .1
+        .clone()
+}
+
+/// What the fake nodes saw.
+#[derive(Default)]
+struct Log {
+    decode: Vec<pb::DecodeRequest>,
+    prefill: Vec<pb::PrefillRequest>,
+    cancels: Vec<String>,
+}
+
+type SharedLog = Arc<Mutex<Log>>;
+
+fn cancels(log: &SharedLog) -> Vec<String> {
+    log.lock().unwrap().cancels.clone()
+}
+
+/// Polls until `f` holds, for up to 2 s.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[derive(Clone)]
+struct FakeDecode {
+    log: SharedLog,
+    /// Times to answer RESOURCE_EXHAUSTED before admitting.
+    full: Arc<AtomicUsize>,
+    tokens: u32,
+    token_delay: Duration,
+}
+
+fn load_stream(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
+    let (tx, rx) = mpsc::channel(4);
+    let load = pb::NodeLoad {
+        role: role.into(),
+        kv_blocks_total: 100,
+        kv_blocks_free: 100,
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        while tx.send(Ok(load.clone())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl DecodeNode for FakeDecode {
+    type DecodeStream = ReceiverStream<Result<pb::DecodeResponse, Status>>;
+    type WatchLoadStream = ReceiverStream<Result<pb::NodeLoad, Status>>;
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<Self::DecodeStream>, Status> {
+        let r = request.into_inner();
+        self.log.lock().unwrap().decode.push(r.clone());
+        if self
+            .full
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Status::resource_exhausted("out of KV blocks"));
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (tokens, delay) = (self.tokens, self.token_delay);
+        tokio::spawn(async move {
+            let local = r.force_local_prefill;
+            let admitted = pb::Admitted {
+                local_prefill: local,
+                kv_target: (!local).then(|| pb::KvTarget {
+                    quic_addr: "127.0.0.1:9".into(),
+                    transfer_id: 7,
+                    ..Default::default()
+                }),
+            };
+            let event = |e| Ok(pb::DecodeResponse { event: Some(e) });
+            use pb::decode_response::Event as E;
+            if tx.send(event(E::Admitted(admitted))).await.is_err() {
+                return;
+            }
+            for i in 0..tokens {
+                tokio::time::sleep(delay).await;
+                let chunk = pb::TokenChunk {
+                    ids: vec![10 + i],
+                    text: format!("t{i}"),
+                };
+                if tx.send(event(E::Token(chunk))).await.is_err() {
+                    return;
+                }
+            }
+            let finished = pb::Finished {
+                reason: pb::FinishReason::Length as i32,
+                usage: Some(pb::Usage {
+                    prompt_tokens: r.prompt.len() as u32,
+                    completion_tokens: tokens,
+                }),
+                timings: Some(pb::Timings {
+                    queue_seconds: 99.0,
+                    time_to_first_token_seconds: 99.0,
+                    total_seconds: 99.0,
+                }),
+                ..Default::default()
+            };
+            let _ = tx.send(event(E::Finished(finished))).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = request.into_inner().request_id;
+        self.log
+            .lock()
+            .unwrap()
+            .cancels
+            .push(format!("decode:{id}"));
+        Ok(Response::new(pb::CancelResponse { found: true }))
+    }
+
+    async fn watch_load(
+        &self,
+        _request: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        Ok(Response::new(load_stream("decode")))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum PrefillBehaviour {
+    Ok,
+    Fail(Code),
+    Hang,
+}
+
+#[derive(Clone)]
+struct FakePrefill {
+    log: SharedLog,
+    behaviour: PrefillBehaviour,
+}
+
+#[tonic::async_trait]
+impl PrefillNode for FakePrefill {
+    type WatchLoadStream = ReceiverStream<Result<pb::NodeLoad, Status>>;
+
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        self.log.lock().unwrap().prefill.push(request.into_inner());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match self.behaviour {
+            PrefillBehaviour::Ok => Ok(Response::new(pb::PrefillResponse {
+                first_token: 10,
+                ..Default::default()
+            })),
+            PrefillBehaviour::Fail(code) => Err(Status::new(code, "prefill broke")),
+            PrefillBehaviour::Hang => {
+                std::future::pending::<()>().await;
+                Err(Status::internal("unreachable"))
+            }
+        }
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = request.into_inner().request_id;
+        self.log
+            .lock()
+            .unwrap()
+            .cancels
+            .push(format!("prefill:{id}"));
+        Ok(Response::new(pb::CancelResponse { found: true }))
+    }
+
+    async fn watch_load(
+        &self,
+        _request: Request<pb::WatchLoadRequest>,
+    ) -> Result<Response<Self::WatchLoadStream>, Status> {
+        Ok(Response::new(load_stream("prefill")))
+    }
+}
+
+async fn listener() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", l.local_addr().unwrap());
+    (l, addr)
+}
+
+async fn start_decode(fake: FakeDecode) -> String {
+    let (l, addr) = listener().await;
+    tokio::spawn(
+        Server::builder()
+            .add_service(DecodeNodeServer::new(fake))
+            .serve_with_incoming(TcpIncoming::from(l)),
+    );
+    addr
+}
+
+async fn start_prefill(fake: FakePrefill) -> String {
+    let (l, addr) = listener().await;
+    tokio::spawn(
+        Server::builder()
+            .add_service(PrefillNodeServer::new(fake))
+            .serve_with_incoming(TcpIncoming::from(l)),
+    );
+    addr
+}
+
+struct Cluster {
+    log: SharedLog,
+    full: Arc<AtomicUsize>,
+    router: SocketAddr,
+    shutdown: CancellationToken,
+    join: tokio::task::JoinHandle<Result<(), tandem_router::RouterError>>,
+}
+
+struct Setup {
+    prefill: Option<PrefillBehaviour>,
+    decode_nodes: usize,
+    tokens: u32,
+    token_delay: Duration,
+    request_timeout_s: f64,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            prefill: None,
+            decode_nodes: 1,
+            tokens: 5,
+            token_delay: Duration::from_millis(1),
+            request_timeout_s: 30.0,
+        }
+    }
+}
+
+async fn cluster(setup: Setup) -> Cluster {
+    let log = SharedLog::default();
+    let full = Arc::new(AtomicUsize::new(0));
+    let mut decode = Vec::new();
+    for _ in 0..setup.decode_nodes {
+        decode.push(
+            start_decode(FakeDecode {
+                log: log.clone(),
+                full: full.clone(),
+                tokens: setup.tokens,
+                token_delay: setup.token_delay,
+            })
+            .await,
+        );
+    }
+    let mut prefill = Vec::new();
+    if let Some(behaviour) = setup.prefill {
+        prefill.push(
+            start_prefill(FakePrefill {
+                log: log.clone(),
+                behaviour,
+            })
+            .await,
+        );
+    }
+    let config = RouterSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        request_timeout_s: setup.request_timeout_s,
+        kv_timeout_ms: 1234,
+        load_interval_ms: 10,
+        ..RouterSection::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = tandem_router::serve(
+        model(),
+        Some("tiny".into()),
+        config,
+        Arc::new(StaticMembership::new(&prefill, &decode)),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    Cluster {
+        log,
+        full,
+        router: running.addr,
+        shutdown,
+        join: running.join,
+    }
+}
+
+impl Cluster {
+    async fn client(&self) -> GenerateClient<tonic::transport::Channel> {
+        GenerateClient::connect(format!("http://{}", self.router))
+            .await
+            .unwrap()
+    }
+
+    /// Runs one request to its end: the token chunks, then the final event or error.
+    async fn generate(
+        &self,
+        req: pb::GenerateRequest,
+    ) -> (Vec<pb::TokenChunk>, Result<pb::Finished, Status>) {
+        let mut stream = match self.client().await.generate(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return (Vec::new(), Err(s)),
+        };
+        let mut tokens = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(pb::GenerateResponse {
+                    event: Some(Event::Token(t)),
+                })) => tokens.push(t),
+                Ok(Some(pb::GenerateResponse {
+                    event: Some(Event::Finished(f)),
+                })) => {
+                    assert!(
+                        matches!(stream.message().await, Ok(None)),
+                        "stream ends after Finished"
+                    );
+                    return (tokens, Ok(f));
+                }
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(s) => return (tokens, Err(s)),
+            }
+        }
+    }
+}
+
+fn request(id: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        request_id: id.into(),
+        prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![1, 2, 3] })),
+        max_tokens: 5,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn local_prefill_relays_every_token_with_router_timings() {
+    let c = cluster(Setup::default()).await;
+    let (tokens, finished) = c.generate(request("r1")).await;
+    let finished = finished.unwrap();
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(tokens[0].text, "t0");
+    let usage = finished.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 5));
+    let t = finished.timings.unwrap();
+    assert!(t.total_seconds < 99.0 && t.queue_seconds <= t.time_to_first_token_seconds);
+    assert!(t.time_to_first_token_seconds <= t.total_seconds);
+    {
+        let log = c.log.lock().unwrap();
+        assert_eq!(log.decode.len(), 1);
+        let d = &log.decode[0];
+        assert!(d.force_local_prefill, "no prefill node in the cluster");
+        assert_eq!(
+            (d.kv_timeout_ms, d.max_tokens, d.request_id.as_str()),
+            (1234, 5, "r1")
+        );
+        assert!(log.prefill.is_empty());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        cancels(&c.log).is_empty(),
+        "a finished request is not cancelled"
+    );
+}
+
+#[tokio::test]
+async fn remote_prefill_gets_the_kv_target() {
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Ok),
+        // A real decode node has no token before the KV lands.
+        token_delay: Duration::from_millis(60),
+        tokens: 2,
+        ..Setup::default()
+    })
+    .await;
+    let (tokens, finished) = c.generate(request("r2")).await;
+    finished.unwrap();
+    assert_eq!(tokens.len(), 2);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(cancels(&c.log).is_empty(), "{:?}", cancels(&c.log));
+    let log = c.log.lock().unwrap();
+    assert!(!log.decode[0].force_local_prefill);
+    assert_eq!(log.prefill.len(), 1);
+    let p = &log.prefill[0];
+    assert_eq!(
+        (p.request_id.as_str(), p.prompt.as_slice()),
+        ("r2", &[1, 2, 3][..])
+    );
+    assert_eq!(p.kv_target.as_ref().unwrap().transfer_id, 7);
+}
+
+#[tokio::test]
+async fn full_decode_nodes_are_retried_until_one_admits() {
+    let c = cluster(Setup {
+        decode_nodes: 2,
+        ..Setup::default()
+    })
+    .await;
+    c.full.store(5, Ordering::Release);
+    let (tokens, finished) = c.generate(request("r3")).await;
+    finished.unwrap();
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(c.log.lock().unwrap().decode.len(), 6);
+}
+
+#[tokio::test]
+async fn prefill_failure_cancels_at_the_decode_node() {
+    for (code, want) in [
+        (Code::Internal, Code::Unavailable),
+        (Code::ResourceExhausted, Code::ResourceExhausted),
+    ] {
+        let c = cluster(Setup {
+            prefill: Some(PrefillBehaviour::Fail(code)),
+            token_delay: Duration::from_secs(5),
+            ..Setup::default()
+        })
+        .await;
+        let (tokens, finished) = c.generate(request("r4")).await;
+        assert!(tokens.is_empty());
+        assert_eq!(finished.unwrap_err().code(), want);
+        eventually("decode cancel", || cancels(&c.log) == ["decode:r4"]).await;
+    }
+}
+
+#[tokio::test]
+async fn a_departed_client_is_cancelled_at_both_nodes() {
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Hang),
+        token_delay: Duration::from_secs(5),
+        ..Setup::default()
+    })
+    .await;
+    let stream = c.client().await.generate(request("r5")).await.unwrap();
+    eventually("prefill call", || !c.log.lock().unwrap().prefill.is_empty()).await;
+    drop(stream);
+    eventually("both cancels", || {
+        let mut got = cancels(&c.log);
+        got.sort();
+        got == ["decode:r5", "prefill:r5"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_deadline_ends_the_request_and_cancels() {
+    let c = cluster(Setup {
+        token_delay: Duration::from_secs(5),
+        request_timeout_s: 0.2,
+        ..Setup::default()
+    })
+    .await;
+    let (_, finished) = c.generate(request("r6")).await;
+    assert_eq!(finished.unwrap_err().code(), Code::DeadlineExceeded);
+    eventually("decode cancel", || cancels(&c.log) == ["decode:r6"]).await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_any_node_is_asked() {
+    let c = cluster(Setup::default()).await;
+    let mut r = request("bad");
+    r.max_tokens = 1_000_000;
+    let (_, res) = c.generate(r).await;
+    let s = res.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("max_tokens"), "{s:?}");
+    let mut r = request("bad");
+    r.model = "other".into();
+    assert_eq!(c.generate(r).await.1.unwrap_err().code(), Code::NotFound);
+    assert!(c.log.lock().unwrap().decode.is_empty());
+}
+
+#[tokio::test]
+async fn text_prompts_are_tokenized_for_the_nodes() {
+    let c = cluster(Setup::default()).await;
+    let r = pb::GenerateRequest {
+        prompt: Some(Prompt::Text("hello world".into())),
+        ..Default::default()
+    };
+    c.generate(r).await.1.unwrap();
+    let log = c.log.lock().unwrap();
+    let want = model().tokenizer.encode("hello world", true).unwrap();
+    assert_eq!(log.decode[0].prompt, want);
+    // The default max_tokens, cut to the room left in the 128-token context.
+    let room = 128 - want.len() as u32;
+    let default = RouterSection::default().default_max_tokens;
+    assert_eq!(log.decode[0].max_tokens, default.min(room));
+    assert!(!log.decode[0].request_id.is_empty());
+}
+
+#[tokio::test]
+async fn no_decode_node_is_unavailable() {
+    let c = cluster(Setup {
+        decode_nodes: 0,
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(
+        c.generate(request("r7")).await.1.unwrap_err().code(),
+        Code::Unavailable
+    );
+}
+
+#[tokio::test]
+async fn health_is_served_and_shutdown_stops_the_server() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let c = cluster(Setup::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.router))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "tandem.v1.Generate".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    drop(health);
+    c.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), c.join)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+}
