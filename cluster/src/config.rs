@@ -301,14 +301,16 @@ impl Config {
                 ));
             }
         }
-        if let Some(d) = &self.decode {
-            if d.block_size == 0 || d.max_batch == 0 || d.kv_blocks == 0 || d.max_batch_tokens == 0
-            {
-                return Err(ConfigError::Invalid(
-                    "decode.block_size, max_batch, kv_blocks and max_batch_tokens must be positive"
-                        .into(),
-                ));
-            }
+        if let Some(d) = &self.decode
+            && (d.block_size == 0
+                || d.max_batch == 0
+                || d.kv_blocks == 0
+                || d.max_batch_tokens == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "decode.block_size, max_batch, kv_blocks and max_batch_tokens must be positive"
+                    .into(),
+            ));
         }
         if let (Some(p), Some(d)) = (&self.prefill, &self.decode)
             && p.block_size != d.block_size
