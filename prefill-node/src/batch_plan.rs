@@ -117,14 +117,32 @@ mod tests {
         assert_eq!(
             chunks,
             vec![
-                PlannedChunk { job: 0, start: 0, end: 32 },
-                PlannedChunk { job: 1, start: 0, end: 16 },
+                PlannedChunk {
+                    job: 0,
+                    start: 0,
+                    end: 32
+                },
+                PlannedChunk {
+                    job: 1,
+                    start: 0,
+                    end: 16
+                },
             ]
         );
         assert_eq!(next, 2);
         let (chunks, _) = plan_step(&jobs, next, LIMITS);
-        assert_eq!(chunks[0], PlannedChunk { job: 2, start: 0, end: 5 });
-        assert_eq!(chunks.iter().map(|c| c.end - c.start).sum::<usize>(), 5 + 32);
+        assert_eq!(
+            chunks[0],
+            PlannedChunk {
+                job: 2,
+                start: 0,
+                end: 5
+            }
+        );
+        assert_eq!(
+            chunks.iter().map(|c| c.end - c.start).sum::<usize>(),
+            5 + 32
+        );
     }
 
     #[test]
@@ -134,7 +152,14 @@ mod tests {
             ..LIMITS
         };
         let (chunks, _) = plan_step(&[(16, 100)], 0, limits);
-        assert_eq!(chunks, vec![PlannedChunk { job: 0, start: 16, end: 32 }]);
+        assert_eq!(
+            chunks,
+            vec![PlannedChunk {
+                job: 0,
+                start: 16,
+                end: 32
+            }]
+        );
     }
 
     #[test]

@@ -74,9 +74,8 @@ impl From<PrefillError> for tonic::Status {
             PrefillError::Cancelled => Code::Cancelled,
             PrefillError::Engine(_)
             | PrefillError::Compute(_)
-            | PrefillError::Config(_) | PrefillError::Server(_) => {
-                Code::Internal
-            }
+            | PrefillError::Config(_)
+            | PrefillError::Server(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())
     }

@@ -186,8 +186,7 @@ impl Scheduler {
         let s = self.shared.lock();
         let mut load = s.load;
         load.queued = s.waiting.len();
-        load.queued_prefill_tokens +=
-            s.waiting.iter().map(|j| j.prompt.len() as u64).sum::<u64>();
+        load.queued_prefill_tokens += s.waiting.iter().map(|j| j.prompt.len() as u64).sum::<u64>();
         load
     }
 
@@ -200,11 +199,7 @@ impl Scheduler {
     /// Stops the worker and waits for its thread to end.
     pub fn join(&self) {
         self.stop();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = thread
             && t.join().is_err()
         {

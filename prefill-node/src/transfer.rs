@@ -43,12 +43,9 @@ pub(crate) async fn ship(
             Some(JobEvent::Layer(shape, payload)) => {
                 let s = match stream.as_mut() {
                     Some(s) => s,
-                    None => stream.insert(
-                        sender
-                            .open_request(dest.transfer_id)
-                            .await
-                            .map_err(fail)?,
-                    ),
+                    None => {
+                        stream.insert(sender.open_request(dest.transfer_id).await.map_err(fail)?)
+                    }
                 };
                 kv_bytes_sent += payload.len() as u64;
                 // Cancellation while waiting on back-pressure ends the call too.
@@ -67,10 +64,7 @@ pub(crate) async fn ship(
                     Some(s) => s,
                     // Every prompt has at least one block: this cannot happen,
                     // but a stream with no layers is still a valid transfer.
-                    None => sender
-                        .open_request(dest.transfer_id)
-                        .await
-                        .map_err(fail)?,
+                    None => sender.open_request(dest.transfer_id).await.map_err(fail)?,
                 };
                 s.finish(first_token, num_layers).await.map_err(fail)?;
                 return Ok(pb::PrefillResponse {

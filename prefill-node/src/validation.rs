@@ -83,7 +83,9 @@ pub(crate) async fn validate(
         return Err(invalid("request_id is empty".into()));
     }
     if req.prompt.is_empty() {
-        return Err(invalid("prompt is empty: a prefill needs at least one token".into()));
+        return Err(invalid(
+            "prompt is empty: a prefill needs at least one token".into(),
+        ));
     }
     if let Some((i, &t)) = req
         .prompt
