@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::PrefillError;
 use crate::job::Job;
@@ -52,10 +53,13 @@ impl PrefillService {
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
         let submitted = Instant::now();
         let v = validate(&self.shape, req).await?;
+<<<<<<< HEAD
         let span =
             tracing::info_span!("prefill", request_id = %v.request_id, prompt = v.prompt.len());
         let _enter = span.enter();
         drop(_enter);
+=======
+>>>>>>> prefill
         let sender = self.senders.get(&v.target).await?;
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel((2 * self.shape.num_layers).max(8));
@@ -118,7 +122,8 @@ impl PrefillNode for PrefillGrpc {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         let request_id = request.get_ref().request_id.clone();
-        match self.0.prefill(request.into_inner()).await {
+        let span = tracing::info_span!("prefill", %request_id);
+        match self.0.prefill(request.into_inner()).instrument(span).await {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
                 tracing::info!(%request_id, "prefill failed: {e}");

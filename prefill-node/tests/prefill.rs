@@ -1,0 +1,537 @@
+//! End-to-end tests of the prefill node: a real `serve` on port 0, called over
+//! gRPC, shipping KV over QUIC to a real `KvReceiver` whose sink imports it
+//! into a second engine, as a decode node does. The receiving engine then
+//! decodes from the imported cache and must agree with a local run.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use tandem_cluster::PrefillSection;
+use tandem_engine::block_manager::blocks_for;
+use tandem_engine::cpu::CpuBackend;
+use tandem_engine::sampling::Sampler;
+use tandem_engine::synth::{SynthSpec, write_model_dir};
+use tandem_engine::{Backend, BlockId, BlockManager, ModelDir, SamplingParams};
+use tandem_kv_transfer::{
+    Expectation, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, WireDtype,
+};
+use tandem_prefill::RunningPrefill;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// A request being received.
+struct Incoming {
+    table: Vec<BlockId>,
+    first_token: Option<u32>,
+    aborted: Option<String>,
+}
+
+struct DecodeState {
+    reservations: Reservations,
+    backend: CpuBackend,
+    blocks: BlockManager,
+    requests: HashMap<u64, Incoming>,
+}
+
+/// The receiving side: a reservation table and an engine, like a decode node.
+struct Decode(Mutex<DecodeState>);
+
+impl Decode {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DecodeState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl KvSink for Decode {
+    fn on_layer(&self, h: &LayerHeader, payload: Bytes) -> Result<(), String> {
+        let mut s = self.lock();
+        let s = &mut *s;
+        let acc = s
+            .reservations
+            .on_layer_frame(h)
+            .map_err(|e| format!("{e:?}"))?;
+        let table = &s
+            .requests
+            .get(&h.request_id)
+            .ok_or("unknown request")?
+            .table;
+        let (first, count) = (acc.first_block as usize, acc.block_count as usize);
+        s.backend
+            .import_layer(acc.layer as usize, &table[first..first + count], &payload)
+            .map_err(|e| e.to_string())
+    }
+
+    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
+        let mut s = self.lock();
+        let done = s
+            .reservations
+            .on_final(request_id, first_token, layers_sent)
+            .map_err(|e| format!("{e:?}"))?;
+        s.reservations.release(request_id);
+        if let Some(r) = s.requests.get_mut(&request_id) {
+            r.first_token = Some(done.first_token);
+        }
+        Ok(())
+    }
+
+    fn on_abort(&self, request_id: u64, reason: &str) {
+        let mut s = self.lock();
+        s.reservations.release(request_id);
+        if let Some(r) = s.requests.get_mut(&request_id) {
+            r.aborted = Some(reason.to_owned());
+        }
+    }
+}
+
+struct Cluster {
+    model: Arc<ModelDir>,
+    _dir: tempfile::TempDir,
+    prefill: RunningPrefill,
+    shutdown: CancellationToken,
+    decode: Arc<Decode>,
+    receiver: KvReceiver,
+    quic_addr: SocketAddr,
+    cert: Vec<u8>,
+    client: PrefillNodeClient<Channel>,
+    next_transfer: Mutex<u64>,
+}
+
+const BLOCK: usize = 16;
+const DECODE_STEPS: usize = 8;
+
+async fn start(max_pos: usize, chunk_tokens: usize, max_batch_tokens: usize) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    write_model_dir(
+        dir.path(),
+        &SynthSpec {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            max_position_embeddings: max_pos,
+            ..Default::default()
+        },
+    )?;
+    let model = Arc::new(ModelDir::open(dir.path())?);
+    let config = PrefillSection {
+        id: "prefill-test".into(),
+        listen: "127.0.0.1:0".parse()?,
+        kv_blocks: 256,
+        block_size: BLOCK,
+        chunk_tokens,
+        max_batch_tokens,
+        max_queue: 16,
+        kv_connections: 2,
+    };
+    let shutdown = CancellationToken::new();
+    let prefill = tandem_prefill::serve(model.clone(), config, shutdown.clone()).await?;
+    let tls = SelfSigned::generate(&["localhost"])?;
+    let decode = Arc::new(Decode(Mutex::new(DecodeState {
+        reservations: Reservations::new(Duration::from_secs(60)),
+        backend: model.load_cpu(512, BLOCK)?,
+        blocks: BlockManager::new(512),
+        requests: HashMap::new(),
+    })));
+    let (receiver, quic_addr) =
+        KvReceiver::bind("127.0.0.1:0".parse()?, tls.server_config()?, decode.clone())?;
+    let client = PrefillNodeClient::connect(format!("http://{}", prefill.addr)).await?;
+    Ok(Cluster {
+        model,
+        _dir: dir,
+        prefill,
+        shutdown,
+        decode,
+        receiver,
+        quic_addr,
+        cert: tls.cert.to_vec(),
+        client,
+        next_transfer: Mutex::new(1),
+    })
+}
+
+fn prompt_of(len: usize, salt: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 500 + 1)
+        .collect()
+}
+
+/// Greedy tokens after `first`, decoded from a cache holding `prompt_len` tokens.
+fn decode_greedy(
+    backend: &mut CpuBackend,
+    table: &[BlockId],
+    prompt: &[u32],
+    first: u32,
+) -> Result<Vec<u32>> {
+    let mut sampler = Sampler::new(SamplingParams::default(), prompt);
+    sampler.resume_after(first);
+    let mut out = Vec::new();
+    let mut token = first;
+    for pos in prompt.len()..prompt.len() + DECODE_STEPS {
+        let mut logits = backend.decode(&[(token, pos, table)])?;
+        token = sampler.sample(&mut logits[0]);
+        out.push(token);
+    }
+    Ok(out)
+}
+
+/// The first token and greedy continuation computed in one process.
+fn local_reference(
+    model: &ModelDir,
+    prompt: &[u32],
+    params: &SamplingParams,
+) -> Result<(u32, Vec<u32>)> {
+    let mut backend = model.load_cpu(blocks_for(prompt.len() + DECODE_STEPS + 1, BLOCK), BLOCK)?;
+    let table: Vec<BlockId> = (0..backend.kv_layout().num_blocks as BlockId).collect();
+    let mut logits = backend.prefill(prompt, 0, &table)?;
+    let first = Sampler::new(params.clone(), prompt).sample(&mut logits);
+    let rest = decode_greedy(&mut backend, &table, prompt, first)?;
+    Ok((first, rest))
+}
+
+impl Cluster {
+    /// Reserves blocks at the receiver (in reverse order, so block ids differ
+    /// from the prefill node's) and returns the KV target for the prompt.
+    fn reserve(&self, prompt_len: usize) -> Result<pb::KvTarget> {
+        let transfer_id = {
+            let mut n = self.next_transfer.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            *n
+        };
+        let needed = blocks_for(prompt_len, BLOCK);
+        let mut s = self.decode.lock();
+        let layout = s.backend.kv_layout();
+        let mut table = s
+            .blocks
+            .allocate(blocks_for(prompt_len + DECODE_STEPS + 1, BLOCK))?;
+        table.reverse();
+        s.reservations
+            .register(
+                transfer_id,
+                Expectation {
+                    num_layers: layout.num_layers as u32,
+                    num_blocks: needed as u32,
+                    block_bytes: layout.block_bytes() as u64,
+                    dtype: WireDtype::F32,
+                    total_heads: layout.num_kv_heads as u16,
+                    head_dim: layout.head_dim as u16,
+                    block_size: BLOCK as u16,
+                },
+                Instant::now(),
+            )
+            .map_err(|e| anyhow!("{e:?}"))?;
+        s.requests.insert(
+            transfer_id,
+            Incoming {
+                table,
+                first_token: None,
+                aborted: None,
+            },
+        );
+        Ok(pb::KvTarget {
+            quic_addr: self.quic_addr.to_string(),
+            server_name: "localhost".into(),
+            server_cert_der: self.cert.clone(),
+            num_blocks: needed as u32,
+            block_size: BLOCK as u32,
+            num_layers: layout.num_layers as u32,
+            num_kv_heads: layout.num_kv_heads as u32,
+            head_dim: layout.head_dim as u32,
+            dtype: 0,
+            transfer_id,
+        })
+    }
+
+    fn request(
+        &self,
+        id: &str,
+        prompt: &[u32],
+        sampling: Option<pb::SamplingParams>,
+    ) -> Result<pb::PrefillRequest> {
+        Ok(pb::PrefillRequest {
+            request_id: id.into(),
+            prompt: prompt.to_vec(),
+            sampling,
+            kv_target: Some(self.reserve(prompt.len().max(1))?),
+        })
+    }
+
+    /// Waits for the receiver's Final, then decodes from the imported KV.
+    async fn received(&self, transfer_id: u64, prompt: &[u32]) -> Result<(u32, Vec<u32>)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let mut s = self.decode.lock();
+                let s = &mut *s;
+                let r = s.requests.get(&transfer_id).context("no such transfer")?;
+                if let Some(reason) = &r.aborted {
+                    return Err(anyhow!("transfer aborted: {reason}"));
+                }
+                if let Some(first) = r.first_token {
+                    let table = r.table.clone();
+                    let rest = decode_greedy(&mut s.backend, &table, prompt, first)?;
+                    s.blocks.release(&table)?;
+                    return Ok((first, rest));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow!("the Final frame never arrived"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Prefills `prompt` remotely and checks it against a local run.
+    async fn check(
+        &self,
+        id: &str,
+        prompt: &[u32],
+        sampling: Option<pb::SamplingParams>,
+    ) -> Result<pb::PrefillResponse> {
+        let req = self.request(id, prompt, sampling)?;
+        let transfer_id = req.kv_target.as_ref().map(|t| t.transfer_id).unwrap_or(0);
+        let params = tandem_cluster::convert::sampling_from_pb(req.sampling.as_ref());
+        let resp = self.client.clone().prefill(req).await?.into_inner();
+        self.verify(transfer_id, prompt, &params, &resp).await?;
+        Ok(resp)
+    }
+
+    async fn verify(
+        &self,
+        transfer_id: u64,
+        prompt: &[u32],
+        params: &SamplingParams,
+        resp: &pb::PrefillResponse,
+    ) -> Result<()> {
+        let (local_first, local_rest) = local_reference(&self.model, prompt, params)?;
+        assert_eq!(
+            resp.first_token,
+            local_first,
+            "first token of a {}-token prompt",
+            prompt.len()
+        );
+        let (recv_first, recv_rest) = self.received(transfer_id, prompt).await?;
+        assert_eq!(
+            recv_first, local_first,
+            "first token carried in the Final frame"
+        );
+        assert_eq!(
+            recv_rest,
+            local_rest,
+            "decoding from the shipped KV of a {}-token prompt",
+            prompt.len()
+        );
+        let layout_bytes = 2 * 2 * BLOCK * 16 * 4; // kv * heads * block * head_dim * f32
+        assert_eq!(
+            resp.kv_bytes_sent as usize,
+            2 * blocks_for(prompt.len(), BLOCK) * layout_bytes,
+            "each block of each layer sent once"
+        );
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.prefill.wait())
+            .await
+            .context("prefill node did not stop")??;
+        self.receiver.shutdown().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_of_every_shape_match_a_local_run() -> Result<()> {
+    let c = start(1024, 64, 256).await?;
+    for (i, len) in [1usize, 16, 17, 700].into_iter().enumerate() {
+        let prompt = prompt_of(len, i as u32);
+        let resp = c.check(&format!("req-{len}"), &prompt, None).await?;
+        assert!(resp.compute_seconds > 0.0);
+    }
+    // A seeded random draw: the first token must come from the same Sampler.
+    let sampling = pb::SamplingParams {
+        temperature: 0.9,
+        seed: Some(7),
+        ..Default::default()
+    };
+    c.check("sampled", &prompt_of(33, 9), Some(sampling))
+        .await?;
+    let load = c.prefill.load();
+    assert_eq!(load.kv_blocks_free, load.kv_blocks_total, "no block leaked");
+    assert_eq!(load.running + load.queued, 0);
+    // 1, 16, 17 and 33 tokens take a step each; 700 tokens in chunks of 64 take 11.
+    let expected_steps = 4 + 700u64.div_ceil(64);
+    assert!(load.steps_total >= expected_steps);
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_prompt_overtakes_a_long_one() -> Result<()> {
+    let c = Arc::new(start(2048, 32, 64).await?);
+    let long = prompt_of(1500, 1);
+    let short = prompt_of(16, 2);
+    let long_req = c.request("long", &long, None)?;
+    let short_req = c.request("short", &short, None)?;
+    let (long_id, short_id) = (
+        long_req
+            .kv_target
+            .as_ref()
+            .map(|t| t.transfer_id)
+            .unwrap_or(0),
+        short_req
+            .kv_target
+            .as_ref()
+            .map(|t| t.transfer_id)
+            .unwrap_or(0),
+    );
+    let mut client = c.client.clone();
+    let long_call = tokio::spawn(async move {
+        let r = client.prefill(long_req).await;
+        (r, Instant::now())
+    });
+    // Let the long one start computing first.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.prefill.load().steps_total == 0 {
+        assert!(Instant::now() < deadline, "the long prompt never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let short_resp = c.client.clone().prefill(short_req).await?.into_inner();
+    let short_done = Instant::now();
+    let (long_resp, long_done) = long_call.await?;
+    let long_resp = long_resp?.into_inner();
+    assert!(
+        short_done < long_done,
+        "chunked prefill lets the short prompt finish first"
+    );
+    let greedy = SamplingParams::default();
+    c.verify(short_id, &short, &greedy, &short_resp).await?;
+    c.verify(long_id, &long, &greedy, &long_resp).await?;
+    assert!(
+        c.prefill.load().max_batch_seen >= 2,
+        "both prompts shared a forward pass"
+    );
+    let c = Arc::into_inner(c).context("cluster still shared")?;
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
+    let c = start(512, 64, 256).await?;
+    let prompt = prompt_of(20, 3);
+    let mut client = c.client.clone();
+
+    let mut req = c.request("bad-layers", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.num_layers = 5;
+    }
+    let e = client.prefill(req).await.expect_err("wrong layer count");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("num_layers"), "{}", e.message());
+
+    let mut req = c.request("few-blocks", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.num_blocks = 1;
+    }
+    let e = client.prefill(req).await.expect_err("too few blocks");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    let req = c.request("empty", &[], None)?;
+    let e = client.prefill(req).await.expect_err("empty prompt");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("empty"), "{}", e.message());
+
+    let req = c.request("oov", &[1, 2, 100_000], None)?;
+    let e = client
+        .prefill(req)
+        .await
+        .expect_err("token out of vocabulary");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("100000"), "{}", e.message());
+
+    let mut req = c.request("no-cert", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.server_cert_der.clear();
+    }
+    let e = client.prefill(req).await.expect_err("no certificate");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+    let found = client
+        .cancel(pb::CancelRequest {
+            request_id: "nobody".into(),
+        })
+        .await?
+        .into_inner()
+        .found;
+    assert!(!found);
+
+    c.check("good", &prompt, None).await?;
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
+    let c = start(2048, 16, 16).await?;
+    let prompt = prompt_of(1500, 4);
+    let req = c.request("doomed", &prompt, None)?;
+    let transfer_id = req.kv_target.as_ref().map(|t| t.transfer_id).unwrap_or(0);
+    let mut client = c.client.clone();
+    let call = tokio::spawn(async move { client.prefill(req).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.prefill.load().steps_total < 2 {
+        assert!(Instant::now() < deadline, "the prefill never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let found = c
+        .client
+        .clone()
+        .cancel(pb::CancelRequest {
+            request_id: "doomed".into(),
+        })
+        .await?
+        .into_inner()
+        .found;
+    assert!(found);
+    let e = call.await?.expect_err("cancelled call fails");
+    assert_eq!(e.code(), tonic::Code::Cancelled);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let load = c.prefill.load();
+        if load.kv_blocks_free == load.kv_blocks_total && load.running == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "blocks not freed: {load:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The receiver was told (abort frame or reset streams).
+    let deadline = Instant::now() + Duration::from_secs(35);
+    loop {
+        if c.decode.lock().requests[&transfer_id].aborted.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receiver never heard of the abort"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // WatchLoad reports this node.
+    let mut loads = c
+        .client
+        .clone()
+        .watch_load(pb::WatchLoadRequest { interval_ms: 10 })
+        .await?
+        .into_inner();
+    let load = loads.message().await?.context("no load report")?;
+    assert_eq!(load.role, "prefill");
+    assert_eq!(load.node_id, "prefill-test");
+    assert_eq!(load.kv_blocks_total, 256);
+    assert!(load.steps_total >= 2);
+    c.stop().await
+}
