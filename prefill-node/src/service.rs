@@ -53,13 +53,6 @@ impl PrefillService {
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
         let submitted = Instant::now();
         let v = validate(&self.shape, req).await?;
-<<<<<<< HEAD
-        let span =
-            tracing::info_span!("prefill", request_id = %v.request_id, prompt = v.prompt.len());
-        let _enter = span.enter();
-        drop(_enter);
-=======
->>>>>>> prefill
         let sender = self.senders.get(&v.target).await?;
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel((2 * self.shape.num_layers).max(8));
