@@ -6,8 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== toolchain: $(cargo --version)"
-rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt
-rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy
+for tool in fmt clippy; do
+    if ! cargo "$tool" --version >/dev/null 2>&1; then
+        component=$([ "$tool" = fmt ] && echo rustfmt || echo clippy)
+        rustup component add "$component" || { echo "error: cargo $tool is missing and could not be installed" >&2; exit 1; }
+    fi
+done
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
