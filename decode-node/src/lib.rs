@@ -144,7 +144,8 @@ pub async fn serve(
             .add_service(health_service)
             .add_service(DecodeNodeServer::new(service))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // No Nagle: token messages are small and latency is the product.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.cancelled_owned(),
             )
             .await;

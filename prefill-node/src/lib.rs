@@ -29,7 +29,6 @@ use tandem_cluster::PrefillSection;
 use tandem_engine::ModelDir;
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use batch_plan::{PlannedChunk, StepLimits, plan_step};
@@ -160,7 +159,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(PrefillNodeServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let worker = scheduler.clone();
