@@ -103,6 +103,10 @@ pub struct RouterSection {
     /// Address of the client-facing gRPC API.
     #[serde(default = "default_router_listen")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/completions`,
+    /// `/v1/chat/completions`, `/v1/models`, `/health`); absent: no HTTP API.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
     /// gRPC addresses of the prefill nodes (`http://host:port`); filled in by `tandem up`.
     #[serde(default)]
     pub prefill_nodes: Vec<String>,

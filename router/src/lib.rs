@@ -15,6 +15,7 @@ pub mod choice;
 pub mod error;
 pub mod generate;
 pub mod nodes;
+pub mod openai;
 pub mod service;
 pub mod validation;
 
@@ -40,6 +41,8 @@ pub use validation::{ValidRequest, Validator};
 pub struct RunningRouter {
     /// The address it listens on (the real port when the config asked for 0).
     pub addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API's address, when `http_listen` is set.
+    pub http_addr: Option<SocketAddr>,
     /// The server task; ends after `shutdown` fires and open streams close.
     pub join: JoinHandle<Result<(), RouterError>>,
 }
@@ -66,7 +69,25 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
-    let service = GenerateService::new(model, model_name, &config, membership, shutdown.clone());
+    let name = model_name.clone().unwrap_or_else(|| model.name());
+    let service = Arc::new(GenerateService::new(
+        model.clone(),
+        model_name,
+        &config,
+        membership,
+        shutdown.clone(),
+    ));
+    let http_addr = match config.http_listen {
+        Some(http) => Some(
+            serve_http(
+                http,
+                openai::app(service.clone(), model, name),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<GenerateServer<GenerateService>>()
@@ -76,11 +97,39 @@ pub async fn serve(
     let join = tokio::spawn(async move {
         Server::builder()
             .add_service(health)
-            .add_service(service.into_server())
+            .add_service(GenerateServer::from_arc(service))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         info!("router stopped");
         Ok(())
     });
-    Ok(RunningRouter { addr, join })
+    Ok(RunningRouter {
+        addr,
+        http_addr,
+        join,
+    })
+}
+
+/// Serves the OpenAI-compatible HTTP API on `addr` until `shutdown` fires.
+async fn serve_http(
+    addr: SocketAddr,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, RouterError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RouterError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| RouterError::Bind { addr, source })?;
+    info!(addr = %bound, "OpenAI-compatible HTTP API listening");
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP API failed");
+        }
+    });
+    Ok(bound)
 }

@@ -53,6 +53,8 @@ impl Default for ClusterSpec {
 pub struct Cluster {
     /// The router's address.
     pub router: SocketAddr,
+    /// The router's OpenAI-compatible HTTP address, when configured.
+    pub http: Option<SocketAddr>,
     /// The decode node's gRPC address.
     pub decode_grpc: SocketAddr,
     /// The decode node's QUIC address.
@@ -93,6 +95,7 @@ impl Cluster {
             .expect("router");
         Cluster {
             router: r.addr,
+            http: r.http_addr,
             decode_grpc: d.grpc_addr,
             decode_quic: d.quic_addr,
             decode_stats: d.stats,

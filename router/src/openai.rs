@@ -1,0 +1,409 @@
+//! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`
+//! (with `stream: true` as server-sent events, and without), `/v1/models` and
+//! `/health`.
+//!
+//! It is a thin translation in front of the same [`GenerateService`] the gRPC
+//! API uses, called in-process: requests become `GenerateRequest`s, token
+//! chunks become completion chunks, and every error comes back in OpenAI's
+//! `{"error": {"message", "type", "param", "code"}}` shape with the HTTP status
+//! matching the gRPC code.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tandem_engine::{ChatMessage, ModelDir};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::generate_server::Generate;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Status};
+
+use crate::service::GenerateService;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    service: Arc<GenerateService>,
+    model: Arc<ModelDir>,
+    name: String,
+}
+
+/// The HTTP routes over `service`, serving `model` under `name`.
+pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(AppState {
+            service,
+            model,
+            name,
+        })
+}
+
+/// An error in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        let status = match s.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                StatusCode::BAD_REQUEST
+            }
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::bad_request(format!("invalid request body: {}", r.body_text()))
+    }
+}
+
+fn error_body(status: StatusCode, message: &str) -> Value {
+    let kind = match status {
+        StatusCode::BAD_REQUEST => "invalid_request_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        _ => "server_error",
+    };
+    json!({ "error": { "message": message, "type": kind, "param": null, "code": status.as_u16() } })
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(error_body(self.status, &self.message))).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+    Texts(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Sampling fields both endpoints share (OpenAI's names, plus vLLM's extensions).
+#[derive(Deserialize, Default)]
+struct Sampling {
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    min_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<StopInput>,
+    #[serde(default)]
+    stream: bool,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    ignore_eos: bool,
+    n: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: PromptInput,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn to_request(
+    prompt: pb::generate_request::Prompt,
+    s: &Sampling,
+) -> Result<pb::GenerateRequest, ApiError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request(
+            "n must be 1: Tandem returns one choice per request",
+        ));
+    }
+    Ok(pb::GenerateRequest {
+        request_id: String::new(),
+        model: s.model.clone().unwrap_or_default(),
+        prompt: Some(prompt),
+        // OpenAI's defaults: temperature 1, top_p 1.
+        sampling: Some(pb::SamplingParams {
+            temperature: s.temperature.unwrap_or(1.0),
+            top_k: s.top_k.unwrap_or(0),
+            top_p: s.top_p.unwrap_or(1.0),
+            min_p: s.min_p.unwrap_or(0.0),
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: s.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+            seed: s.seed,
+        }),
+        max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(0),
+        stop: match &s.stop {
+            None => Vec::new(),
+            Some(StopInput::One(one)) => vec![one.clone()],
+            Some(StopInput::Many(many)) => many.clone(),
+        },
+        stop_token_ids: Vec::new(),
+        ignore_eos: s.ignore_eos,
+    })
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn finish_reason(reason: i32) -> &'static str {
+    match pb::FinishReason::try_from(reason) {
+        Ok(pb::FinishReason::Length) => "length",
+        Ok(pb::FinishReason::Cancelled) => "abort",
+        Ok(pb::FinishReason::Error) => "error",
+        _ => "stop",
+    }
+}
+
+async fn models(State(st): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{ "id": st.name, "object": "model", "created": 0, "owned_by": "tandem",
+                   "max_model_len": st.model.config.max_position_embeddings }],
+    }))
+}
+
+async fn completions(
+    State(st): State<AppState>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let prompt = match req.prompt {
+        PromptInput::Text(t) => pb::generate_request::Prompt::Text(t),
+        PromptInput::Tokens(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
+        PromptInput::Texts(mut t) if t.len() == 1 => {
+            pb::generate_request::Prompt::Text(t.remove(0))
+        }
+        PromptInput::Texts(_) => {
+            return Err(ApiError::bad_request(
+                "prompt must be one string or one list of token ids",
+            ));
+        }
+    };
+    let request = to_request(prompt, &req.sampling)?;
+    run(st, request, req.sampling.stream, Kind::Completion).await
+}
+
+async fn chat_completions(
+    State(st): State<AppState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty"));
+    }
+    let text = st
+        .model
+        .tokenizer
+        .apply_chat_template(&req.messages, true)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The template writes every special token it wants; add none (as vLLM does).
+    let ids = st
+        .model
+        .tokenizer
+        .encode(&text, false)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let request = to_request(
+        pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
+        &req.sampling,
+    )?;
+    run(st, request, req.sampling.stream, Kind::Chat).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Runs the request through the gRPC service and answers in OpenAI's shape.
+async fn run(
+    st: AppState,
+    request: pb::GenerateRequest,
+    stream: bool,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let responses = st
+        .service
+        .generate(tonic::Request::new(request))
+        .await?
+        .into_inner();
+    let id = format!(
+        "{}-{:x}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        rand_id()
+    );
+    let (created, model) = (now(), st.name.clone());
+    if stream {
+        let events = sse_events(responses, kind, id, created, model);
+        return Ok(Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let mut text = String::new();
+    let mut responses = responses;
+    let mut finished = None;
+    while let Some(msg) = responses.next().await {
+        match msg?.event {
+            Some(pb::generate_response::Event::Token(t)) => text.push_str(&t.text),
+            Some(pb::generate_response::Event::Finished(f)) => {
+                text.push_str(&f.text);
+                finished = Some(f);
+            }
+            None => {}
+        }
+    }
+    let f = finished.ok_or_else(|| {
+        ApiError::from(Status::internal("the stream ended without a final message"))
+    })?;
+    let usage = f.usage.unwrap_or_default();
+    let choice = match kind {
+        Kind::Completion => {
+            json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(f.reason) })
+        }
+        Kind::Chat => {
+            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null,
+                              "finish_reason": finish_reason(f.reason) })
+        }
+    };
+    Ok(Json(json!({
+        "id": id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": { "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                   "total_tokens": usage.prompt_tokens + usage.completion_tokens },
+    }))
+    .into_response())
+}
+
+/// Server-sent events for a streamed completion, ending with `data: [DONE]`.
+fn sse_events(
+    responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| {
+        let choice = match kind {
+            Kind::Completion => {
+                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish })
+            }
+            Kind::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+            }
+        };
+        json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut responses = responses;
+        let mut first = true;
+        while let Some(msg) = responses.next().await {
+            let data = match msg.map(|m| m.event) {
+                Ok(Some(pb::generate_response::Event::Token(t))) => {
+                    chunk(Some(&t.text), None, first)
+                }
+                Ok(Some(pb::generate_response::Event::Finished(f))) => {
+                    let tail = (!f.text.is_empty()).then_some(f.text.as_str());
+                    chunk(tail, Some(finish_reason(f.reason)), first)
+                }
+                Ok(None) => continue,
+                Err(status) => {
+                    let e = ApiError::from(status);
+                    error_body(e.status, &e.message)
+                }
+            };
+            first = false;
+            if tx
+                .send(Event::default().data(data.to_string()))
+                .await
+                .is_err()
+            {
+                return; // The client went away; dropping `responses` cancels the request.
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    ReceiverStream::new(rx).map(Ok)
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(SystemTime::now())
+}

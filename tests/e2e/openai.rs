@@ -1,0 +1,103 @@
+//! The OpenAI-compatible HTTP API, driven by the official `openai` Python client
+//! (installed by scripts/test.sh) against a real cluster on loopback.
+
+use std::process::Command;
+
+use tandem_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_client_library_works_against_the_router() {
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let base = format!(
+        "http://{}/v1",
+        cluster.http.expect("the router serves HTTP")
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_client.py");
+    let output =
+        tokio::task::spawn_blocking(move || Command::new("python3").args([script, &base]).output())
+            .await
+            .unwrap()
+            .expect("python3 must be installed (scripts/test.sh installs the openai package)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the openai client script failed:\n{stderr}"
+    );
+    let seen: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("script output is JSON");
+
+    assert_eq!(seen["models"][0], model.name());
+    // Greedy completion equals the engine's own, in one piece and streamed.
+    let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
+    let expected = model
+        .tokenizer
+        .decode(&reference(&model, &prompt, 8))
+        .unwrap();
+    assert_eq!(seen["completion"]["text"], expected.as_str());
+    assert_eq!(seen["completion"]["finish_reason"], "length");
+    assert_eq!(seen["completion"]["prompt_tokens"], prompt.len());
+    assert_eq!(seen["completion"]["completion_tokens"], 8);
+    assert_eq!(seen["completion_stream"]["text"], expected.as_str());
+    assert_eq!(seen["completion_stream"]["finish_reason"], "length");
+    assert!(
+        seen["completion_stream"]["chunks"].as_u64().unwrap() >= 2,
+        "streamed in pieces"
+    );
+    // Chat: the template is applied, the answer is the assistant's, streamed or not.
+    let messages = [
+        tandem_engine::ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        tandem_engine::ChatMessage {
+            role: "user".into(),
+            content: "Tell me a story.".into(),
+        },
+    ];
+    let chat_prompt = model
+        .tokenizer
+        .encode(
+            &model
+                .tokenizer
+                .apply_chat_template(&messages, true)
+                .unwrap(),
+            false,
+        )
+        .unwrap();
+    let chat_expected = model
+        .tokenizer
+        .decode(&reference(&model, &chat_prompt, 6))
+        .unwrap();
+    assert_eq!(seen["chat"]["content"], chat_expected.as_str());
+    assert_eq!(seen["chat"]["role"], "assistant");
+    assert_eq!(seen["chat"]["prompt_tokens"], chat_prompt.len());
+    assert_eq!(seen["chat_stream"]["content"], chat_expected.as_str());
+    assert_eq!(
+        seen["chat_stream"]["roles"],
+        serde_json::json!(["assistant"])
+    );
+    // Errors: OpenAI's shape, the right status, a message naming the problem.
+    let errors = &seen["errors"];
+    for (case, status, word) in [
+        ("negative_temperature", 400, "temperature"),
+        ("top_p_zero_point", 400, "top_p"),
+        ("unknown_model", 404, "no-such-model"),
+        ("too_many_tokens", 400, "max_tokens"),
+        ("invalid_utf8", 400, "invalid request body"),
+        ("invalid_json", 400, "invalid request body"),
+    ] {
+        let e = &errors[case];
+        assert_eq!(e["status"], status, "{case}: {e}");
+        let message = e["message"]
+            .as_str()
+            .or(e["body"]["error"]["message"].as_str())
+            .unwrap_or_default();
+        assert!(
+            message.contains(word),
+            "{case}: {message:?} should mention {word}"
+        );
+    }
+}
