@@ -208,10 +208,7 @@ impl KvReceiver {
     /// senders ([`KvSender::connect_many`](crate::sender::KvSender::connect_many))
     /// so their connections spread over the endpoints.
     pub fn local_addrs(&self) -> Result<Vec<SocketAddr>, TransferError> {
-        self.endpoints
-            .iter()
-            .map(|e| Ok(e.local_addr()?))
-            .collect()
+        self.endpoints.iter().map(|e| Ok(e.local_addr()?)).collect()
     }
 
     /// Stops accepting, closes every connection and waits for the accept

@@ -166,9 +166,7 @@ impl KvSender {
         config: SenderConfig,
     ) -> Result<KvSender, TransferError> {
         if addrs.is_empty() {
-            return Err(TransferError::InvalidArgument(
-                "no receiver address".into(),
-            ));
+            return Err(TransferError::InvalidArgument("no receiver address".into()));
         }
         if addrs.iter().any(|a| a.is_ipv4() != addrs[0].is_ipv4()) {
             return Err(TransferError::InvalidArgument(

@@ -12,8 +12,7 @@ use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
     Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
-    Reservations, SenderConfig,
-    TransferError, TransportTuning, WireDtype,
+    Reservations, SenderConfig, TransferError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
 

@@ -477,8 +477,7 @@ async fn sender(args: &Args) -> Result<()> {
     let rate = gbps(layer_bytes * u64::from(LAYERS), alone);
     let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     id += 1;
-    let (total, exposed) =
-        quic_run(&child, args, oc, oc, tokens, id, Some(compute)).await?;
+    let (total, exposed) = quic_run(&child, args, oc, oc, tokens, id, Some(compute)).await?;
     println!(
         "\noverlap: {tokens} tokens, quic conns={} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
         args.overlap_conns,
