@@ -86,8 +86,22 @@ pub struct ReceiverConfig {
     pub request_idle_timeout: Duration,
     /// Limit on the TLS handshake.
     pub handshake_timeout: Duration,
+    /// QUIC endpoints (UDP sockets, each with its own driver task) to bind:
+    /// the first on the configured address, the others on the same IP with
+    /// port 0. One endpoint's driver runs on one core and caps the whole
+    /// receiver; senders spread their connections over all of
+    /// [`KvReceiver::local_addrs`]. 0 means one.
+    pub endpoints: usize,
     /// Transport settings.
     pub transport: TransportTuning,
+}
+
+/// The default endpoint count: one per core, at most 8.
+pub fn default_endpoints() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8)
 }
 
 impl Default for ReceiverConfig {
@@ -98,6 +112,7 @@ impl Default for ReceiverConfig {
             max_frame_payload: DEFAULT_MAX_PAYLOAD,
             request_idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            endpoints: default_endpoints(),
             transport: TransportTuning::default(),
         }
     }
@@ -107,9 +122,9 @@ impl Default for ReceiverConfig {
 /// [`shutdown`](Self::shutdown) or cancel the token given to
 /// [`bind_with`](Self::bind_with).
 pub struct KvReceiver {
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     shutdown: CancellationToken,
-    accept_task: tokio::task::JoinHandle<()>,
+    accept_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl KvReceiver {
@@ -145,64 +160,94 @@ impl KvReceiver {
                 .transport
                 .transport_config(config.max_streams_per_connection),
         );
-        let socket = config.transport.udp_socket(addr)?;
-        let endpoint = Endpoint::new(
-            EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(TokioRuntime),
-        )?;
-        let local = endpoint.local_addr()?;
+        let n = config.endpoints.max(1);
+        let mut endpoints = Vec::with_capacity(n);
+        for i in 0..n {
+            let bind = if i == 0 {
+                addr
+            } else {
+                SocketAddr::new(addr.ip(), 0)
+            };
+            let socket = config.transport.udp_socket(bind)?;
+            endpoints.push(Endpoint::new(
+                EndpointConfig::default(),
+                Some(server.clone()),
+                socket,
+                Arc::new(TokioRuntime),
+            )?);
+        }
+        let local = endpoints[0].local_addr()?;
         let shared = Arc::new(Shared {
             sink,
             tracker: Tracker::default(),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             shutdown: shutdown.clone(),
         });
         tokio::spawn(sweep(shared.clone()));
-        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        let accept_tasks = endpoints
+            .iter()
+            .map(|e| tokio::spawn(accept_loop(e.clone(), shared.clone())))
+            .collect();
         Ok((
             KvReceiver {
-                endpoint,
+                endpoints,
                 shutdown,
-                accept_task,
+                accept_tasks,
             },
             local,
         ))
     }
 
-    /// The bound address.
+    /// The first endpoint's address (the one `bind` returned).
     pub fn local_addr(&self) -> Result<SocketAddr, TransferError> {
-        Ok(self.endpoint.local_addr()?)
+        Ok(self.endpoints[0].local_addr()?)
+    }
+
+    /// Every endpoint's address, the first one first. Give them all to
+    /// senders ([`KvSender::connect_many`](crate::sender::KvSender::connect_many))
+    /// so their connections spread over the endpoints.
+    pub fn local_addrs(&self) -> Result<Vec<SocketAddr>, TransferError> {
+        self.endpoints.iter().map(|e| Ok(e.local_addr()?)).collect()
     }
 
     /// Stops accepting, closes every connection and waits for the accept
     /// loop to end (bounded).
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.endpoint
-            .close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        for e in &self.endpoints {
+            e.close(VarInt::from_u32(stop_code::SHUTDOWN), b"shutdown");
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::future::join_all(self.accept_tasks),
+        )
+        .await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            futures::future::join_all(self.endpoints.iter().map(|e| e.wait_idle())),
+        )
+        .await;
     }
 }
 
 struct Shared {
     sink: Arc<dyn KvSink>,
     tracker: Tracker,
+    /// Connections served at once, across all endpoints.
+    limit: Arc<Semaphore>,
     config: ReceiverConfig,
     shutdown: CancellationToken,
 }
 
 async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     loop {
         let incoming = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             i = endpoint.accept() => i,
         };
         let Some(incoming) = incoming else { break };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
             warn!(peer = %incoming.remote_address(), "kv receiver at its connection limit; refusing");
             incoming.refuse();
             continue;

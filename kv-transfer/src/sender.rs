@@ -126,12 +126,54 @@ impl KvSender {
         .await
     }
 
-    /// Opens the connections `config` describes.
+    /// Opens the connections `config` describes, all to `addr`.
     pub async fn connect_with(
         addr: SocketAddr,
         client_tls: Arc<rustls::ClientConfig>,
         config: SenderConfig,
     ) -> Result<KvSender, TransferError> {
+        Self::connect_many_with(&[addr], client_tls, config).await
+    }
+
+    /// Opens `connections` connections (in all) with default settings,
+    /// spread round-robin over the receiver's endpoints `addrs` (its
+    /// [`local_addrs`](crate::receiver::KvReceiver::local_addrs)).
+    pub async fn connect_many(
+        addrs: &[SocketAddr],
+        client_tls: Arc<rustls::ClientConfig>,
+        connections: usize,
+    ) -> Result<KvSender, TransferError> {
+        Self::connect_many_with(
+            addrs,
+            client_tls,
+            SenderConfig {
+                connections,
+                ..SenderConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens `config.connections` connections (in all), spread round-robin
+    /// over the receiver endpoints `addrs`: connection `i` goes to
+    /// `addrs[(offset + i) % addrs.len()]`. The offset varies per sender
+    /// (process id and a counter), so that several prefill nodes with fewer
+    /// connections than the receiver has endpoints do not all crowd the
+    /// first ones.
+    pub async fn connect_many_with(
+        addrs: &[SocketAddr],
+        client_tls: Arc<rustls::ClientConfig>,
+        config: SenderConfig,
+    ) -> Result<KvSender, TransferError> {
+        if addrs.is_empty() {
+            return Err(TransferError::InvalidArgument("no receiver address".into()));
+        }
+        if addrs.iter().any(|a| a.is_ipv4() != addrs[0].is_ipv4()) {
+            return Err(TransferError::InvalidArgument(
+                "receiver addresses mix IPv4 and IPv6".into(),
+            ));
+        }
+        let addr = addrs[0];
         if config.connections == 0 {
             return Err(TransferError::InvalidArgument(
                 "connections must be at least 1".into(),
@@ -165,9 +207,16 @@ impl KvSender {
             endpoints.push(ep);
         }
         let mut pending = Vec::with_capacity(config.connections);
+        static SENDERS: AtomicUsize = AtomicUsize::new(0);
+        let offset = if addrs.len() > config.connections {
+            (std::process::id() as usize).wrapping_add(SENDERS.fetch_add(1, Ordering::Relaxed))
+        } else {
+            0
+        };
         for i in 0..config.connections {
+            let to = addrs[(offset.wrapping_add(i)) % addrs.len()];
             let connecting = endpoints[i % n_endpoints]
-                .connect(addr, &config.server_name)
+                .connect(to, &config.server_name)
                 .map_err(|e| TransferError::Connection(e.to_string()))?;
             pending.push(connecting);
         }
@@ -238,6 +287,14 @@ impl KvSender {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// The receiver address each connection goes to, in connection order.
+    pub fn remote_addrs(&self) -> Vec<SocketAddr> {
+        self.connections
+            .iter()
+            .map(Connection::remote_address)
+            .collect()
     }
 
     /// Closes the connections and waits (bounded) for the close to be sent.

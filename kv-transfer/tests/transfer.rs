@@ -11,8 +11,8 @@ use tandem_kv_transfer::sender::quinn_client_config;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
-    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Reservations, SenderConfig,
-    TransferError, TransportTuning, WireDtype,
+    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
+    Reservations, SenderConfig, TransferError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
 
@@ -218,6 +218,63 @@ async fn layer_by_layer_transfer_is_byte_exact() {
         good_transfer(&mut s, &sender, 10 + connections as u64).await;
         sender.close().await;
     }
+    s.receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn transfer_striped_over_three_receiver_endpoints_is_byte_exact() {
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let (sink, endings) = TestSink::new();
+    let (receiver, addr) = KvReceiver::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        cert.server_config().unwrap(),
+        sink.clone(),
+        ReceiverConfig {
+            endpoints: 3,
+            ..ReceiverConfig::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap();
+    let addrs = receiver.local_addrs().unwrap();
+    assert_eq!(addrs.len(), 3);
+    assert_eq!(addrs[0], addr, "bind returns the first endpoint's address");
+    assert_eq!(receiver.local_addr().unwrap(), addr);
+    let distinct: std::collections::HashSet<_> = addrs.iter().collect();
+    assert_eq!(distinct.len(), 3, "{addrs:?}");
+    let mut s = Setup {
+        receiver,
+        addr,
+        cert,
+        sink,
+        endings,
+    };
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let cfg = SenderConfig {
+        connections: 6,
+        max_frame_payload: block_bytes() as u32,
+        ..SenderConfig::default()
+    };
+    let sender = KvSender::connect_many_with(&addrs, tls, cfg).await.unwrap();
+    assert_eq!(sender.connection_count(), 6);
+    let remotes = sender.remote_addrs();
+    for a in &addrs {
+        assert_eq!(
+            remotes.iter().filter(|r| *r == a).count(),
+            2,
+            "two connections to each endpoint: {remotes:?}"
+        );
+    }
+    // One frame per block: every request stripes 8 frames per layer over
+    // the 6 connections, i.e. over all three endpoints.
+    good_transfer(&mut s, &sender, 40).await;
+    good_transfer(&mut s, &sender, 41).await;
+    sender.close().await;
+    // The old single-address API still reaches the first endpoint.
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let sender = KvSender::connect(s.addr, tls, 2).await.unwrap();
+    good_transfer(&mut s, &sender, 42).await;
+    sender.close().await;
     s.receiver.shutdown().await;
 }
 

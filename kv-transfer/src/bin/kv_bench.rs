@@ -11,7 +11,14 @@
 //! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
 //!          [--max-udp-payload 8952] [--frame-kib 4096]
+//!          [--rx-endpoints 1,0] [--stream-window-mib 32] [--conn-window-mib 128]
 //! ```
+//!
+//! `--rx-endpoints` lists receiver endpoint counts to try for each QUIC
+//! connection count; 0 means "as many as connections" (capped at the
+//! receiver's endpoints). The receiver child binds the largest count needed
+//! (at least `max(--conns)`) and prints all its addresses; the sender
+//! connects round-robin over the first k of them.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -49,6 +56,10 @@ struct Args {
     compute_ms: f64,
     max_udp_payload: u16,
     frame_bytes: u32,
+    rx_endpoints: Vec<usize>,
+    rx_bind: usize,
+    stream_window: u32,
+    conn_window: u32,
 }
 
 fn default_compute_ms() -> f64 {
@@ -77,6 +88,10 @@ fn parse_args() -> Result<Args> {
         compute_ms: default_compute_ms(),
         max_udp_payload: TransportTuning::default().max_udp_payload,
         frame_bytes: 4 << 20,
+        rx_endpoints: vec![1, 0],
+        rx_bind: 0,
+        stream_window: TransportTuning::default().stream_receive_window,
+        conn_window: TransportTuning::default().receive_window,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +106,10 @@ fn parse_args() -> Result<Args> {
             "--compute-ms" => a.compute_ms = val()?.parse()?,
             "--max-udp-payload" => a.max_udp_payload = val()?.parse()?,
             "--frame-kib" => a.frame_bytes = val()?.parse::<u32>()? * 1024,
+            "--rx-endpoints" => a.rx_endpoints = parse_list(&val()?)?,
+            "--rx-bind" => a.rx_bind = val()?.parse()?,
+            "--stream-window-mib" => a.stream_window = val()?.parse::<u32>()? << 20,
+            "--conn-window-mib" => a.conn_window = val()?.parse::<u32>()? << 20,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -100,6 +119,9 @@ fn parse_args() -> Result<Args> {
 fn tuning(a: &Args) -> TransportTuning {
     TransportTuning {
         max_udp_payload: a.max_udp_payload,
+        stream_receive_window: a.stream_window,
+        receive_window: a.conn_window,
+        send_window: u64::from(a.conn_window),
         ..TransportTuning::default()
     }
 }
@@ -147,9 +169,10 @@ async fn receiver(args: &Args) -> Result<()> {
     });
     let config = ReceiverConfig {
         transport: tuning(args),
+        endpoints: args.rx_bind.max(1),
         ..ReceiverConfig::default()
     };
-    let (rx, quic_addr) = KvReceiver::bind_with(
+    let (rx, _) = KvReceiver::bind_with(
         "127.0.0.1:0".parse()?,
         cert.server_config()?,
         sink,
@@ -159,7 +182,8 @@ async fn receiver(args: &Args) -> Result<()> {
     let tcp = TcpListener::bind("127.0.0.1:0").await?;
     let tcp_addr = tcp.local_addr()?;
     let hex: String = cert.cert.iter().map(|b| format!("{b:02x}")).collect();
-    println!("READY {quic_addr} {tcp_addr} {hex}");
+    let quic_addrs: Vec<String> = rx.local_addrs()?.iter().map(|a| a.to_string()).collect();
+    println!("READY {} {tcp_addr} {hex}", quic_addrs.join(","));
     std::io::stdout().flush()?;
     tokio::spawn(async move {
         while let Ok((sock, _)) = tcp.accept().await {
@@ -234,7 +258,7 @@ fn shape(layer: u16, blocks: u32) -> LayerShape {
 }
 
 struct Child {
-    quic: SocketAddr,
+    quic: Vec<SocketAddr>,
     tcp: SocketAddr,
     cert: CertificateDer<'static>,
     proc: std::process::Child,
@@ -242,12 +266,32 @@ struct Child {
 
 fn spawn_receiver(args: &Args) -> Result<Child> {
     let exe = std::env::current_exe()?;
+    let most_conns = args
+        .conns
+        .iter()
+        .copied()
+        .chain([args.overlap_conns])
+        .max()
+        .unwrap_or(1);
+    let rx_bind = args
+        .rx_endpoints
+        .iter()
+        .map(|&k| if k == 0 { most_conns } else { k })
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let mut proc = Command::new(exe)
         .args([
             "--role",
             "receiver",
             "--max-udp-payload",
             &args.max_udp_payload.to_string(),
+            "--rx-bind",
+            &rx_bind.to_string(),
+            "--stream-window-mib",
+            &(args.stream_window >> 20).to_string(),
+            "--conn-window-mib",
+            &(args.conn_window >> 20).to_string(),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -264,7 +308,10 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
         .map(|i| u8::from_str_radix(&parts[3][i..i + 2], 16))
         .collect::<Result<Vec<u8>, _>>()?;
     Ok(Child {
-        quic: parts[1].parse()?,
+        quic: parts[1]
+            .split(',')
+            .map(|a| a.parse())
+            .collect::<Result<Vec<SocketAddr>, _>>()?,
         tcp: parts[2].parse()?,
         cert: CertificateDer::from(der),
         proc,
@@ -279,6 +326,7 @@ async fn quic_run(
     child: &Child,
     args: &Args,
     conns: usize,
+    rx_endpoints: usize,
     tokens: usize,
     request_id: u64,
     compute: Option<Duration>,
@@ -290,8 +338,9 @@ async fn quic_run(
         timeout: Duration::from_secs(120),
         ..SenderConfig::default()
     };
+    let addrs = &child.quic[..rx_endpoints.clamp(1, child.quic.len())];
     let sender =
-        KvSender::connect_with(child.quic, client_config_trusting(&child.cert)?, cfg).await?;
+        KvSender::connect_many_with(addrs, client_config_trusting(&child.cert)?, cfg).await?;
     let payload = layer_payload(tokens);
     let blocks = (payload.len() / BLOCK_BYTES) as u32;
     let start = Instant::now();
@@ -394,15 +443,23 @@ async fn sender(args: &Args) -> Result<()> {
         }
         let mut best_quic = 0f64;
         for &c in &args.conns {
-            id += 1;
-            let (d, _) = quic_run(&child, args, c, tokens, id, None).await?;
-            let g = gbps(bytes, d);
-            best_quic = best_quic.max(g);
-            println!(
-                "  quic conns={c}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
-                d.as_secs_f64() * 1e3,
-                g / best_tcp
-            );
+            let mut tried = Vec::new();
+            for &k in &args.rx_endpoints {
+                let k = if k == 0 { c } else { k }.clamp(1, child.quic.len());
+                if tried.contains(&k) {
+                    continue;
+                }
+                tried.push(k);
+                id += 1;
+                let (d, _) = quic_run(&child, args, c, k, tokens, id, None).await?;
+                let g = gbps(bytes, d);
+                best_quic = best_quic.max(g);
+                println!(
+                    "  quic conns={c} rx_endpoints={k}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
+                    d.as_secs_f64() * 1e3,
+                    g / best_tcp
+                );
+            }
         }
         println!("  best quic / best tcp = {:.2}", best_quic / best_tcp);
         best_quic_by_tokens.insert(tokens, best_quic);
@@ -414,14 +471,15 @@ async fn sender(args: &Args) -> Result<()> {
     let tokens = args.overlap_tokens;
     let layer_bytes = layer_payload(tokens).len() as u64;
     id += 1;
-    let (alone, _) = quic_run(&child, args, args.overlap_conns, tokens, id, None).await?;
+    // Overlap runs with one receiver endpoint per connection.
+    let oc = args.overlap_conns;
+    let (alone, _) = quic_run(&child, args, oc, oc, tokens, id, None).await?;
     let rate = gbps(layer_bytes * u64::from(LAYERS), alone);
     let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     id += 1;
-    let (total, exposed) =
-        quic_run(&child, args, args.overlap_conns, tokens, id, Some(compute)).await?;
+    let (total, exposed) = quic_run(&child, args, oc, oc, tokens, id, Some(compute)).await?;
     println!(
-        "\noverlap: {tokens} tokens, quic conns={}, compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
+        "\noverlap: {tokens} tokens, quic conns={} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
         args.overlap_conns,
         args.compute_ms,
         args.compute_ms * f64::from(LAYERS),
