@@ -6,7 +6,8 @@
 //! tokens starts every prompt, and the rest of prompt `i` is the run of ids
 //! `(offset_i + i + j) % vocab`, so prompts differ and do not share a cache.
 //! As `--prompt-format text` the same ids become words from a fixed list
-//! (about one token each; the server's count is what gets reported).
+//! (a word is one or a few tokens, depending on the tokenizer; the server's
+//! count of prompt tokens is what gets reported).
 //!
 //! `sharegpt` reads the ShareGPT JSON (a list of `{conversations: [{from,
 //! value}, ...]}`): the first `human` turn is the prompt, the `gpt` turn after
@@ -269,7 +270,7 @@ mod tests {
         {"id": "c", "conversations": [
             {"from": "system", "value": "be brief"},
             {"from": "human", "value": "What is two plus two, exactly?"},
-            {"from": "gpt", "value": "It is four."}]},
+            {"from": "gpt", "value": "It is four, of course."}]},
         {"id": "d", "conversations": [
             {"from": "human", "value": "hi"},
             {"from": "gpt", "value": "Hello there, how can I help?"}]}
@@ -286,7 +287,7 @@ mod tests {
             PromptInput::Text("What is two plus two, exactly?".into())
         );
         assert_eq!(p[0].input_len, 8);
-        assert_eq!(p[0].output_len, 3);
+        assert_eq!(p[0].output_len, 6);
         assert_eq!(
             p[1].output_len,
             approx_tokens("Rivers flow downhill until they reach a lake or the sea.")

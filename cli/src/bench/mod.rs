@@ -47,7 +47,7 @@ pub enum DatasetKind {
 pub enum PromptFormat {
     /// Token ids in `[0, --vocab-size)`, exact lengths.
     Ids,
-    /// Words, about one token each; tokenized by the router.
+    /// Words from a fixed list; the router tokenizes them.
     Text,
 }
 
