@@ -41,11 +41,10 @@ fn axis_max(values: impl Iterator<Item = f64>) -> f64 {
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
-fn latency_vs_rate(
-    area: &Area<'_>,
-    title: &str,
-    series: [(&str, Vec<(f64, f64)>, RGBColor); 2],
-) -> anyhow::Result<()> {
+/// One line of a panel: its legend label, its points and its color.
+type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
+fn latency_vs_rate(area: &Area<'_>, title: &str, series: [Series<'_>; 2]) -> anyhow::Result<()> {
     let x_max = axis_max(series.iter().flat_map(|s| s.1.iter().map(|p| p.0)));
     let y_max = axis_max(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
     let mut chart = ChartBuilder::on(area)
