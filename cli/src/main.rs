@@ -1,5 +1,6 @@
 //! `tandem`: the one binary a user installs.
 
+mod bench;
 mod client;
 mod model_cmd;
 mod roles;
@@ -50,6 +51,8 @@ enum Command {
     /// Model tools: synthesize a small random model, measure engine speed.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Load-test the router and report throughput and latency as `vllm bench serve` does.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(client::generate(&args.router, request, Some(&args.prompt)))
         }
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Bench(args) => runtime()?.block_on(bench::run_bench(&args)).map(|_| ()),
     }
 }
 
