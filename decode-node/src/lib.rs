@@ -92,8 +92,12 @@ pub async fn serve(
     )
     .map_err(|e| DecodeError::Transfer(e.to_string()))?;
 
+    let quic_addrs = receiver
+        .local_addrs()
+        .map_err(|e| DecodeError::Transfer(e.to_string()))?;
     let endpoint = KvEndpoint {
         quic_addr: quic_addr.to_string(),
+        quic_addrs: quic_addrs.iter().map(ToString::to_string).collect(),
         server_name: "localhost".into(),
         cert_der: cert.cert.to_vec(),
     };

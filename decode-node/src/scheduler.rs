@@ -89,8 +89,10 @@ pub struct Admission {
 /// Where prefill nodes send KV: the QUIC receiver's address and certificate.
 #[derive(Clone)]
 pub struct KvEndpoint {
-    /// `host:port` of the receiver.
+    /// `host:port` of the receiver's first endpoint.
     pub quic_addr: String,
+    /// All the receiver's endpoints, `quic_addr` first.
+    pub quic_addrs: Vec<String>,
     /// TLS name the certificate is for.
     pub server_name: String,
     /// The receiver's certificate, for prefill nodes to trust.
@@ -342,6 +344,7 @@ impl<B: Backend> Scheduler<B> {
             }
             admitted.kv_target = Some(pb::KvTarget {
                 quic_addr: self.kv.quic_addr.clone(),
+                quic_addrs: self.kv.quic_addrs.clone(),
                 server_name: self.kv.server_name.clone(),
                 server_cert_der: self.kv.cert_der.clone(),
                 num_blocks: prompt_blocks as u32,

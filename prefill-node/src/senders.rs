@@ -53,12 +53,13 @@ impl SenderCache {
         let client_tls = tls::client_config_trusting(&cert)
             .map_err(|e| PrefillError::InvalidRequest(format!("kv_target.server_cert_der: {e}")))?;
         let config = SenderConfig {
-            connections: self.connections,
+            // At least one connection per receiver endpoint, to use them all.
+            connections: self.connections.max(dest.addrs.len()),
             server_name: dest.server_name.clone(),
             ..SenderConfig::default()
         };
         let sender = Arc::new(
-            KvSender::connect_with(dest.addr, client_tls, config)
+            KvSender::connect_many_with(&dest.addrs, client_tls, config)
                 .await
                 .map_err(fail)?,
         );

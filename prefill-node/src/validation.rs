@@ -56,6 +56,8 @@ impl NodeShape {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct KvDestination {
     pub addr: SocketAddr,
+    /// Every endpoint of the receiver, `addr` first.
+    pub addrs: Vec<SocketAddr>,
     pub server_name: String,
     pub cert_der: Vec<u8>,
     pub transfer_id: u64,
@@ -166,6 +168,15 @@ async fn validate_target(
                 t.quic_addr
             ))
         })?;
+    let mut addrs = vec![addr];
+    for extra in t.quic_addrs.iter().filter(|a| **a != t.quic_addr) {
+        let resolved = extra.parse::<SocketAddr>().map_err(|_| {
+            invalid(format!(
+                "kv_target.quic_addrs entry {extra:?} is not an ip:port"
+            ))
+        })?;
+        addrs.push(resolved);
+    }
     if t.server_cert_der.is_empty() {
         return Err(PrefillError::NoTrustAnchor(t.quic_addr.clone()));
     }
@@ -179,6 +190,7 @@ async fn validate_target(
     };
     Ok(KvDestination {
         addr,
+        addrs,
         server_name,
         cert_der: t.server_cert_der.to_vec(),
         transfer_id: t.transfer_id,

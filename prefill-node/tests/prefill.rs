@@ -245,6 +245,7 @@ impl Cluster {
             head_dim: layout.head_dim as u32,
             dtype: 0,
             transfer_id,
+            quic_addrs: Vec::new(),
         })
     }
 
