@@ -1,44 +1,18 @@
 //! `tandem bench` against `tandem up`, both as real processes: every request
 //! completes, and the table, the JSON results and the plot are written.
 
-use std::process::{Child, Command};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{Processes, TANDEM, free_port, spawn, synth_model};
 
 #[test]
 fn bench_against_tandem_up() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let synth = Command::new(TANDEM)
-        .args([
-            "model",
-            "synth",
-            "--out",
-            model.to_str().unwrap(),
-            "--hidden",
-            "64",
-            "--intermediate",
-            "128",
-        ])
-        .args(["--layers", "2", "--heads", "4", "--kv-heads", "2"])
-        .status()
-        .unwrap();
-    assert!(synth.success());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let model = synth_model(dir.path());
+    let port = free_port();
     let config = dir.path().join("local.toml");
     std::fs::write(
         &config,
@@ -48,15 +22,10 @@ fn bench_against_tandem_up() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let _up = Kill(
-        Command::new(TANDEM)
-            .args(["up", "--config", config.to_str().unwrap()])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _up = Processes(vec![spawn(
+        &["up", "--config", config.to_str().unwrap()],
+        &dir.path().join("up.log"),
+    )]);
     let (json, svg) = (dir.path().join("bench.json"), dir.path().join("bench.svg"));
     let router = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,70 +1,17 @@
 //! `tandem decode`, `tandem prefill` and `tandem router` as separate processes,
 //! started from config files, serve a request end to end (`tandem generate`).
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-
-/// Kills the child processes when the test ends, pass or fail.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn(role: &str, config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(TANDEM)
-        .args([role, "--config", config.to_str().unwrap()])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
+use support::{Processes, TANDEM, free_port, spawn, synth_model};
 
 #[test]
 fn roles_as_separate_processes_serve_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let status = Command::new(TANDEM)
-        .args([
-            "model",
-            "synth",
-            "--out",
-            model.to_str().unwrap(),
-            "--hidden",
-            "64",
-            "--intermediate",
-            "128",
-        ])
-        .args([
-            "--layers",
-            "2",
-            "--heads",
-            "4",
-            "--kv-heads",
-            "2",
-            "--max-position",
-            "1024",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let model = synth_model(dir.path());
 
     let (decode, quic, prefill, router) = (free_port(), free_port(), free_port(), free_port());
     let model_section = format!("[model]\npath = {:?}\n", model.to_str().unwrap());
@@ -90,9 +37,18 @@ fn roles_as_separate_processes_serve_a_request() {
         ),
     );
     let _procs = Processes(vec![
-        spawn("decode", &decode_cfg, &dir.path().join("decode.log")),
-        spawn("prefill", &prefill_cfg, &dir.path().join("prefill.log")),
-        spawn("router", &router_cfg, &dir.path().join("router.log")),
+        spawn(
+            &["decode", "--config", decode_cfg.to_str().unwrap()],
+            &dir.path().join("decode.log"),
+        ),
+        spawn(
+            &["prefill", "--config", prefill_cfg.to_str().unwrap()],
+            &dir.path().join("prefill.log"),
+        ),
+        spawn(
+            &["router", "--config", router_cfg.to_str().unwrap()],
+            &dir.path().join("router.log"),
+        ),
     ]);
 
     // A prompt long enough to be prefilled remotely, in several chunks.

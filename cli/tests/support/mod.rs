@@ -1,0 +1,71 @@
+//! What the process-level tests share: the binary, a small model, child processes.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+/// The `tandem` binary under test.
+pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// Kills the child processes when the test ends, pass or fail.
+pub struct Processes(pub Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a small model with `tandem model synth` into `dir/model`.
+pub fn synth_model(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    let status = Command::new(TANDEM)
+        .args([
+            "model",
+            "synth",
+            "--out",
+            model.to_str().unwrap(),
+            "--hidden",
+            "64",
+            "--intermediate",
+            "128",
+        ])
+        .args([
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--max-position",
+            "1024",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "tandem model synth failed");
+    model
+}
+
+/// Starts `tandem ARGS...` with its output in `log`.
+pub fn spawn(args: &[&str], log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(TANDEM)
+        .args(args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
