@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tandem/v1/generate.proto",
         "proto/tandem/v1/internal.proto",
     ];
-    tonic_prost_build::configure().compile_protos(&files, &["proto"])?;
+    let descriptor =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("tandem_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptor)
+        .compile_protos(&files, &["proto"])?;
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

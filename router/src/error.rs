@@ -82,6 +82,9 @@ pub enum RouterError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptors.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 impl RouterError {
@@ -115,9 +118,10 @@ impl From<RouterError> for Status {
             | RouterError::Protocol { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             RouterError::ClientGone => Code::Cancelled,
-            RouterError::Tokenizer(_) | RouterError::Bind { .. } | RouterError::Serve(_) => {
-                Code::Internal
-            }
+            RouterError::Tokenizer(_)
+            | RouterError::Bind { .. }
+            | RouterError::Serve(_)
+            | RouterError::Reflection(_) => Code::Internal,
         };
         Status::new(code, err.to_string())
     }

@@ -92,11 +92,18 @@ pub async fn serve(
     health_reporter
         .set_serving::<GenerateServer<GenerateService>>()
         .await;
+    // Server reflection, so `grpcurl` and other tools work without the .proto files.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     info!(%addr, "router listening");
     let join = tokio::spawn(async move {
         Server::builder()
             .add_service(health)
+            .add_service(reflection)
             .add_service(GenerateServer::from_arc(service))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
