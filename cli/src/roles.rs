@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use tandem_cluster::{Config, DEFAULT_MODEL_DIR_PATH, ModelSection, StaticMembership};
 use tandem_engine::ModelDir;
-use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tokio_util::sync::CancellationToken;
 
 /// The config `tandem up` uses when given none: the whole cluster on loopback.
@@ -26,12 +25,8 @@ pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
         anyhow::bail!("this build has only the CPU backend (model.backend = \"cpu\")");
     }
     let path: &Path = &section.path;
-    if path == Path::new(DEFAULT_MODEL_DIR_PATH) && !path.join("config.json").exists() {
-        eprintln!(
-            "synthesizing a small random-weight model into {}",
-            path.display()
-        );
-        write_model_dir(path, &SynthSpec::default())?;
+    if path == Path::new(DEFAULT_MODEL_DIR_PATH) {
+        crate::model_cmd::default_model()?;
     }
     let model =
         ModelDir::open(path).with_context(|| format!("opening model {}", path.display()))?;

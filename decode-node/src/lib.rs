@@ -134,7 +134,7 @@ pub async fn serve(
     let service = DecodeService {
         node_id: config.id.clone(),
         model,
-        commands: Mutex::new(commands),
+        commands,
         local_prefill_below: config.local_prefill_below,
         stats: stats.clone(),
     };

@@ -22,7 +22,7 @@ pub struct DecodeService {
     /// The served model.
     pub model: Arc<ModelDir>,
     /// The engine loop.
-    pub commands: Mutex<Sender<Command>>,
+    pub commands: Sender<Command>,
     /// Prompts shorter than this are prefilled here.
     pub local_prefill_below: usize,
     /// Load figures from the engine loop.
@@ -35,8 +35,6 @@ type LoadStream = Pin<Box<dyn Stream<Item = Result<pb::NodeLoad, Status>> + Send
 impl DecodeService {
     fn send(&self, cmd: Command) -> Result<(), Status> {
         self.commands
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .send(cmd)
             .map_err(|_| Status::unavailable("the decode node is shutting down"))
     }
