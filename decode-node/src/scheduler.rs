@@ -76,6 +76,8 @@ pub struct Admission {
     pub request_id: String,
     /// Prompt tokens.
     pub prompt: Vec<u32>,
+    /// Tokens generated before, on a node that failed (see `DecodeRequest.generated`).
+    pub generated: Vec<u32>,
     /// Sampling and stop conditions.
     pub params: GenerationParams,
     /// Prefill here rather than receiving KV.
@@ -298,19 +300,26 @@ impl<B: Backend> Scheduler<B> {
                 a.request_id
             )));
         }
-        if a.prompt.len() >= config.max_position_embeddings {
+        let context_len = a.prompt.len() + a.generated.len();
+        if context_len >= config.max_position_embeddings {
             return Err(Status::invalid_argument(format!(
-                "prompt of {} tokens leaves no room in the model's context of {} tokens",
-                a.prompt.len(),
+                "prompt of {context_len} tokens leaves no room in the model's context of {} tokens",
                 config.max_position_embeddings
             )));
         }
         let layout = self.backend.kv_layout();
         let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
-        let prompt_blocks = blocks_for(a.prompt.len(), layout.block_size);
-        let prompt_len = a.prompt.len();
-        let generation = Generation::new(a.prompt, a.params, &config.eos_token_ids)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The KV that prefill computes covers the prompt and the tokens generated before.
+        let prompt_blocks = blocks_for(context_len, layout.block_size);
+        let prompt_len = context_len;
+        let generation = Generation::resume(
+            a.prompt,
+            &a.generated,
+            a.params,
+            &config.eos_token_ids,
+            &self.model.tokenizer,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let table = self
             .blocks
             .allocate(blocks_for(max_len, layout.block_size))
@@ -431,13 +440,14 @@ impl<B: Backend> Scheduler<B> {
                 break;
             }
             if let State::Prefilling { done } = seq.state {
-                let prompt = seq.generation.prompt();
-                let n = (prompt.len() - done).min(budget);
+                // The prompt and any tokens generated before a resume.
+                let context = seq.generation.tokens();
+                let n = (context.len() - done).min(budget);
                 plan.push((
                     id,
-                    prompt[done..done + n].to_vec(),
+                    context[done..done + n].to_vec(),
                     done,
-                    done + n == prompt.len(),
+                    done + n == context.len(),
                 ));
                 budget -= n;
             }
@@ -558,7 +568,7 @@ impl<B: Backend> Scheduler<B> {
             .seqs
             .values()
             .map(|q| match q.state {
-                State::Prefilling { done } => (q.generation.prompt().len() - done) as u64,
+                State::Prefilling { done } => (q.generation.tokens().len() - done) as u64,
                 _ => 0,
             })
             .sum();

@@ -54,7 +54,12 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         if r.prompt.is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
         }
-        if let Some(bad) = r.prompt.iter().find(|&&t| t as usize >= config.vocab_size) {
+        if let Some(bad) = r
+            .prompt
+            .iter()
+            .chain(&r.generated)
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
             return Err(Status::invalid_argument(format!(
                 "token id {bad} is out of the vocabulary (size {})",
                 config.vocab_size
@@ -64,12 +69,21 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         params
             .validate()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.generated.len() >= params.max_tokens {
+            return Err(Status::invalid_argument(format!(
+                "{} tokens were already generated of max_tokens {}; nothing is left to generate",
+                r.generated.len(),
+                params.max_tokens
+            )));
+        }
         // Room for every token, the Admitted message and the Finished message.
         let (tx, rx) = mpsc::channel(params.max_tokens + 4);
         let admission = Admission {
             request_id: r.request_id,
-            local_prefill: r.force_local_prefill || r.prompt.len() < self.local_prefill_below,
+            local_prefill: r.force_local_prefill
+                || r.prompt.len() + r.generated.len() < self.local_prefill_below,
             prompt: r.prompt,
+            generated: r.generated,
             params,
             kv_timeout: Duration::from_millis(u64::from(r.kv_timeout_ms.max(1))),
             events: tx,

@@ -111,6 +111,30 @@ impl Generation {
         })
     }
 
+    /// A generation that already produced `generated` (on a node that then
+    /// failed): replays those tokens through the sampler, the detokenizer and
+    /// the stop matcher, so that what follows is what the first node would
+    /// have produced next. Their text is not emitted again.
+    pub fn resume(
+        prompt: Vec<u32>,
+        generated: &[u32],
+        params: GenerationParams,
+        eos: &[u32],
+        tokenizer: &Tokenizer,
+    ) -> Result<Self> {
+        let mut g = Generation::new(prompt, params, eos)?;
+        for (i, &token) in generated.iter().enumerate() {
+            g.push_sampled(token, tokenizer)?;
+            if g.finished.is_some() {
+                return Err(EngineError::InvalidInput(format!(
+                    "the {} already generated tokens end the request at token {i}; nothing is left to generate",
+                    generated.len()
+                )));
+            }
+        }
+        Ok(g)
+    }
+
     /// The prompt's tokens.
     pub fn prompt(&self) -> &[u32] {
         &self.tokens[..self.prompt_len]

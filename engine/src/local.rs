@@ -56,13 +56,32 @@ impl<B: Backend> LocalGenerator<B> {
         prompt: &[u32],
         params: &GenerationParams,
         tokenizer: &Tokenizer,
+        on_token: impl FnMut(&TokenEvent),
+    ) -> Result<GenerationOutput> {
+        self.generate_resumed(prompt, &[], params, tokenizer, on_token)
+    }
+
+    /// Like [`generate`](Self::generate) for a request that already produced
+    /// `generated` elsewhere (see [`Generation::resume`]): the output holds
+    /// them, `on_token` sees only the tokens that follow.
+    pub fn generate_resumed(
+        &mut self,
+        prompt: &[u32],
+        generated: &[u32],
+        params: &GenerationParams,
+        tokenizer: &Tokenizer,
         mut on_token: impl FnMut(&TokenEvent),
     ) -> Result<GenerationOutput> {
         let config = self.backend.config().clone();
-        let mut generation =
-            Generation::new(prompt.to_vec(), params.clone(), &config.eos_token_ids)?;
+        let mut generation = Generation::resume(
+            prompt.to_vec(),
+            generated,
+            params.clone(),
+            &config.eos_token_ids,
+            tokenizer,
+        )?;
         let max_len = (prompt.len() + params.max_tokens).min(config.max_position_embeddings);
-        if prompt.len() >= config.max_position_embeddings {
+        if generation.tokens().len() >= config.max_position_embeddings {
             return Err(EngineError::InvalidInput(format!(
                 "prompt of {} tokens leaves no room in the model's context of {} tokens",
                 prompt.len(),
@@ -90,9 +109,10 @@ impl<B: Backend> LocalGenerator<B> {
         tokenizer: &Tokenizer,
         on_token: &mut impl FnMut(&TokenEvent),
     ) -> Result<String> {
-        let prompt = generation.prompt().to_vec();
+        // The prompt and any tokens generated before a resume.
+        let context = generation.tokens().to_vec();
         let mut logits = Vec::new();
-        for (i, chunk) in prompt.chunks(self.prefill_chunk.max(1)).enumerate() {
+        for (i, chunk) in context.chunks(self.prefill_chunk.max(1)).enumerate() {
             logits = self
                 .backend
                 .prefill(chunk, i * self.prefill_chunk.max(1), table)?;

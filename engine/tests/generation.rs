@@ -103,6 +103,58 @@ fn stop_string_and_stop_token_and_length() {
 }
 
 #[test]
+fn a_resumed_generation_continues_exactly_where_the_first_stopped() {
+    let (_d, m) = setup();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    for sampling in [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.9,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            seed: Some(7),
+            ..Default::default()
+        },
+    ] {
+        let params = GenerationParams {
+            sampling,
+            max_tokens: 20,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut deltas = Vec::new();
+        let full = g
+            .generate(&prompt, &params, &m.tokenizer, |ev| {
+                deltas.push(ev.text.clone())
+            })
+            .unwrap();
+        for k in [1, 7, 19] {
+            let mut resumed_text = String::new();
+            let resumed = g
+                .generate_resumed(&prompt, &full.tokens[..k], &params, &m.tokenizer, |ev| {
+                    resumed_text.push_str(&ev.text)
+                })
+                .unwrap();
+            assert_eq!(resumed.tokens, full.tokens, "resumed after {k} tokens");
+            assert_eq!(resumed.finish_reason, full.finish_reason);
+            assert_eq!(
+                format!("{}{resumed_text}", deltas[..k].concat()),
+                full.text,
+                "the text streamed before and after the resume adds up"
+            );
+        }
+        // Tokens that already finish the request leave nothing to resume.
+        let err = g
+            .generate_resumed(&prompt, &full.tokens, &params, &m.tokenizer, |_| {})
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing is left"), "{err}");
+        assert_eq!(g.free_blocks(), 64);
+    }
+}
+
+#[test]
 fn chat_template_renders() {
     let (_d, m) = setup();
     let text = m

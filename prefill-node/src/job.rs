@@ -29,7 +29,10 @@ pub(crate) enum JobEvent {
 /// A request queued for prefill.
 pub(crate) struct Job {
     pub request_id: String,
+    /// The tokens to prefill: the prompt, then any generated before a resume.
     pub prompt: Vec<u32>,
+    /// How many of `prompt`'s last tokens were generated (see `PrefillRequest.generated`).
+    pub generated: usize,
     pub sampling: SamplingParams,
     /// To the sending task; bounded, so a slow transfer holds the worker back.
     pub events: mpsc::Sender<JobEvent>,

@@ -402,8 +402,7 @@ impl<B: Backend> Worker<B> {
                         finished.push(p.job);
                     } else if a.computed == a.job.prompt.len() {
                         let mut l = std::mem::take(&mut logits[i]);
-                        let first_token =
-                            Sampler::new(a.job.sampling.clone(), &a.job.prompt).sample(&mut l);
+                        let first_token = first_sample(&a.job, &mut l);
                         let done = JobEvent::Done {
                             first_token,
                             queue_seconds: a.queue_seconds,
@@ -442,4 +441,15 @@ impl<B: Backend> Worker<B> {
             self.cursor = 0;
         }
     }
+}
+
+/// Samples the token after `job.prompt` from its last logits, with the sampler
+/// in the state the generated tokens (if any) left it in.
+fn first_sample(job: &Job, logits: &mut [f32]) -> u32 {
+    let (prompt, generated) = job.prompt.split_at(job.prompt.len() - job.generated);
+    let mut sampler = Sampler::new(job.sampling.clone(), prompt);
+    for &t in generated {
+        sampler.resume_after(t);
+    }
+    sampler.sample(logits)
 }

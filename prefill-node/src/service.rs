@@ -59,6 +59,7 @@ impl PrefillService {
         self.scheduler.submit(Job {
             request_id: v.request_id.clone(),
             prompt: v.prompt,
+            generated: v.generated,
             sampling: v.sampling,
             events: tx,
             cancel: cancel.clone(),

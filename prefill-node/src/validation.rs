@@ -67,7 +67,10 @@ pub(crate) struct KvDestination {
 #[derive(Debug, Clone)]
 pub(crate) struct ValidPrefill {
     pub request_id: String,
+    /// The prompt, then the tokens generated before a resume.
     pub prompt: Vec<u32>,
+    /// How many of `prompt`'s last tokens were generated.
+    pub generated: usize,
     pub sampling: SamplingParams,
     pub target: KvDestination,
 }
@@ -89,8 +92,10 @@ pub(crate) async fn validate(
             "prompt is empty: a prefill needs at least one token".into(),
         ));
     }
-    if let Some((i, &t)) = req
-        .prompt
+    let generated = req.generated.len();
+    let mut prompt = req.prompt;
+    prompt.extend_from_slice(&req.generated);
+    if let Some((i, &t)) = prompt
         .iter()
         .enumerate()
         .find(|&(_, &t)| t as usize >= shape.vocab_size)
@@ -100,10 +105,10 @@ pub(crate) async fn validate(
             shape.vocab_size
         )));
     }
-    if req.prompt.len() > shape.max_position_embeddings {
+    if prompt.len() > shape.max_position_embeddings {
         return Err(invalid(format!(
             "prompt of {} tokens is longer than the model's context of {} tokens",
-            req.prompt.len(),
+            prompt.len(),
             shape.max_position_embeddings
         )));
     }
@@ -114,11 +119,12 @@ pub(crate) async fn validate(
         .kv_target
         .as_ref()
         .ok_or_else(|| invalid("kv_target is missing".into()))?;
-    let needed = blocks_for(req.prompt.len(), shape.block_size);
+    let needed = blocks_for(prompt.len(), shape.block_size);
     let target = validate_target(shape, target, needed).await?;
     Ok(ValidPrefill {
         request_id: req.request_id,
-        prompt: req.prompt,
+        prompt,
+        generated,
         sampling,
         target,
     })

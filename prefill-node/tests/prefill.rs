@@ -260,6 +260,7 @@ impl Cluster {
             prompt: prompt.to_vec(),
             sampling,
             kv_target: Some(self.reserve(prompt.len().max(1))?),
+            generated: Vec::new(),
         })
     }
 

@@ -7,6 +7,14 @@
 //! error, shutdown, even a panic) sends `Cancel` to the nodes still holding
 //! it, and dropping the in-flight gRPC calls resets their streams, so both
 //! nodes release their KV blocks.
+//!
+//! A node that fails mid-request (its stream breaks, or it stops sending load
+//! reports and tokens: a paused process) does not fail the request: the
+//! router re-runs it on other nodes, up to [`MAX_ATTEMPTS`] times, sending the
+//! tokens the client already has as `generated`. The new nodes prefill prompt +
+//! generated and replay them through sampling and stop matching, so the
+//! client's stream continues with no token repeated or lost (and, for greedy
+//! or seeded sampling, exactly as if nothing had failed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,6 +44,10 @@ const FULL_BACKOFF: Duration = Duration::from_millis(20);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the router waits to deliver a final error to a slow client.
 const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Tries of one request: the first run and the re-runs after node failures.
+pub const MAX_ATTEMPTS: usize = 3;
+/// How often a running request checks that its nodes still answer.
+const STALL_CHECK: Duration = Duration::from_millis(250);
 
 /// The stream of responses to one client.
 pub type ClientSender = mpsc::Sender<Result<pb::GenerateResponse, Status>>;
@@ -59,6 +71,17 @@ struct Request<'a> {
     arrival: Instant,
     deadline: Instant,
     tx: &'a ClientSender,
+}
+
+/// What a request has delivered so far, across attempts.
+#[derive(Default)]
+struct Progress {
+    /// Token ids the client has received.
+    sent: Vec<u32>,
+    /// When the first decode node admitted the request.
+    admitted_at: Option<Instant>,
+    /// When the first token went out.
+    first_token_at: Option<Instant>,
 }
 
 /// Sends `Cancel` for a request to the nodes still holding it when dropped.
@@ -142,7 +165,72 @@ impl Relay {
 }
 
 impl Request<'_> {
+    /// Runs attempts until one finishes the request or fails for good.
     async fn serve(&self) -> Result<(), RouterError> {
+        let mut progress = Progress::default();
+        // Nodes that failed this request: tried again only when no other is left.
+        let mut failed: Vec<String> = Vec::new();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let err = match self.attempt(&mut progress, &failed).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            let node = match &err {
+                RouterError::NodeUnavailable { node, .. } | RouterError::Protocol { node, .. } => {
+                    node.clone()
+                }
+                _ => return Err(err),
+            };
+            if attempt == MAX_ATTEMPTS || Instant::now() >= self.deadline {
+                return Err(err);
+            }
+            warn!(
+                %node,
+                attempt,
+                generated = progress.sent.len(),
+                "node failed mid-request; re-running the request elsewhere: {err}"
+            );
+            self.relay.nodes.mark_failed(&node);
+            failed.push(node);
+            if progress.sent.len() >= self.req.max_tokens as usize {
+                // Every token was delivered; only the Finished message was lost.
+                return self.finish_here(&progress).await;
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Ends a request whose node failed after its last token.
+    async fn finish_here(&self, progress: &Progress) -> Result<(), RouterError> {
+        let finished = pb::Finished {
+            reason: pb::FinishReason::Length as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: self.req.prompt.len() as u32,
+                completion_tokens: progress.sent.len() as u32,
+            }),
+            ..Default::default()
+        };
+        self.send_finished(finished, progress).await
+    }
+
+    async fn send_finished(
+        &self,
+        mut finished: pb::Finished,
+        progress: &Progress,
+    ) -> Result<(), RouterError> {
+        let now = Instant::now();
+        let since = |t: Instant| t.duration_since(self.arrival).as_secs_f64();
+        finished.timings = Some(pb::Timings {
+            queue_seconds: since(progress.admitted_at.unwrap_or(now)),
+            time_to_first_token_seconds: since(progress.first_token_at.unwrap_or(now)),
+            total_seconds: since(now),
+        });
+        self.send(ClientEvent::Finished(finished)).await
+    }
+
+    /// One run of the request on a decode node (and a prefill node), continuing
+    /// after the tokens in `progress`.
+    async fn attempt(&self, progress: &mut Progress, failed: &[String]) -> Result<(), RouterError> {
         let mut guard = CancelGuard {
             request_id: self.req.request_id.clone(),
             decode: None,
@@ -152,8 +240,8 @@ impl Request<'_> {
             node: decode,
             admitted,
             mut stream,
-        } = self.reserve(&mut guard).await?;
-        let admitted_at = Instant::now();
+        } = self.reserve(&mut guard, &progress.sent, failed).await?;
+        progress.admitted_at.get_or_insert_with(Instant::now);
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
         let mut prefill: Option<PrefillCall> = None;
@@ -162,29 +250,28 @@ impl Request<'_> {
                 node: decode.addr.clone(),
                 message: "Admitted for remote prefill without a kv_target".into(),
             })?;
-            let node = self
-                .relay
-                .nodes
-                .ranked(Role::Prefill)
+            let node = prefer_unfailed(self.relay.nodes.ranked(Role::Prefill), failed)
                 .into_iter()
                 .next()
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
             self.relay
                 .nodes
-                .note_assigned(&node.addr, self.req.prompt.len());
+                .note_assigned(&node.addr, self.req.prompt.len() + progress.sent.len());
             let mut client = PrefillNodeClient::new(node.channel.clone());
             let request = pb::PrefillRequest {
                 request_id: self.req.request_id.clone(),
                 prompt: self.req.prompt.clone(),
                 sampling: Some(self.req.sampling),
                 kv_target: Some(target),
+                generated: progress.sent.clone(),
             };
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
 
-        let mut first_token_at = None;
+        let mut last_event = Instant::now();
+        let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
             let prefill_done = async {
                 match prefill.as_mut() {
@@ -196,6 +283,10 @@ impl Request<'_> {
                 _ = self.relay.shutdown.cancelled() => return Err(RouterError::ShuttingDown),
                 _ = self.tx.closed() => return Err(RouterError::ClientGone),
                 _ = tokio::time::sleep_until(self.deadline) => return Err(self.deadline_exceeded()),
+                _ = stall_check.tick() => {
+                    self.check_answering(&guard, last_event)?;
+                    continue;
+                }
                 result = prefill_done => {
                     prefill = None;
                     // The prefill node is done with the request either way.
@@ -220,6 +311,7 @@ impl Request<'_> {
                 }
                 next = stream.message() => next,
             };
+            last_event = Instant::now();
             let event = match next {
                 Ok(Some(pb::DecodeResponse { event: Some(e) })) => e,
                 Ok(Some(pb::DecodeResponse { event: None })) => {
@@ -235,21 +327,14 @@ impl Request<'_> {
             };
             match event {
                 DecodeEvent::Token(chunk) => {
-                    first_token_at.get_or_insert_with(Instant::now);
+                    progress.first_token_at.get_or_insert_with(Instant::now);
+                    progress.sent.extend_from_slice(&chunk.ids);
                     self.send(ClientEvent::Token(chunk)).await?;
                 }
-                DecodeEvent::Finished(mut finished) => {
+                DecodeEvent::Finished(finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
-                    let now = Instant::now();
-                    let since = |t: Instant| t.duration_since(self.arrival).as_secs_f64();
-                    finished.timings = Some(pb::Timings {
-                        queue_seconds: since(admitted_at),
-                        time_to_first_token_seconds: since(first_token_at.unwrap_or(now)),
-                        total_seconds: since(now),
-                    });
-                    self.send(ClientEvent::Finished(finished)).await?;
-                    return Ok(());
+                    return self.send_finished(finished, progress).await;
                 }
                 DecodeEvent::Admitted(_) => {
                     return Err(self.protocol(&decode, "a second Admitted"));
@@ -258,12 +343,43 @@ impl Request<'_> {
         }
     }
 
+    /// Fails the attempt when a node holding the request has stopped answering:
+    /// no load report for the pool's stale bound, and (for the decode node) no
+    /// event on the request's stream for as long.
+    fn check_answering(&self, guard: &CancelGuard, last_event: Instant) -> Result<(), RouterError> {
+        let nodes = &self.relay.nodes;
+        let silent = |addr: &str| RouterError::NodeUnavailable {
+            node: addr.to_string(),
+            message: format!(
+                "stopped answering (no load report for {:?})",
+                nodes.stale_after()
+            ),
+        };
+        if let Some(p) = &guard.prefill
+            && nodes.is_stale(&p.addr)
+        {
+            return Err(silent(&p.addr));
+        }
+        if let Some(d) = &guard.decode
+            && nodes.is_stale(&d.addr)
+            && last_event.elapsed() >= nodes.stale_after()
+        {
+            return Err(silent(&d.addr));
+        }
+        Ok(())
+    }
+
     /// Reserves the request at a decode node: the best one first, then the
     /// others; when all are full, waits briefly and asks again until the deadline.
-    async fn reserve(&self, guard: &mut CancelGuard) -> Result<Reserved, RouterError> {
+    async fn reserve(
+        &self,
+        guard: &mut CancelGuard,
+        generated: &[u32],
+        avoid: &[String],
+    ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
-            let ranked = nodes.ranked(Role::Decode);
+            let ranked = prefer_unfailed(nodes.ranked(Role::Decode), avoid);
             if ranked.is_empty() {
                 return Err(RouterError::NoNode("decode"));
             }
@@ -277,6 +393,7 @@ impl Request<'_> {
                 ignore_eos: self.req.ignore_eos,
                 kv_timeout_ms: self.relay.kv_timeout_ms,
                 force_local_prefill: !nodes.has(Role::Prefill),
+                generated: generated.to_vec(),
             };
             let mut full = None;
             let mut failed = None;
@@ -284,7 +401,7 @@ impl Request<'_> {
                 guard.decode = Some(node.clone());
                 match self.watch(self.try_decode(&node, request.clone())).await {
                     Ok(reserved) => {
-                        nodes.note_assigned(&node.addr, self.req.prompt.len());
+                        nodes.note_assigned(&node.addr, self.req.prompt.len() + generated.len());
                         return Ok(reserved);
                     }
                     Err(err) => {
@@ -323,12 +440,24 @@ impl Request<'_> {
         request: pb::DecodeRequest,
     ) -> Result<Reserved, RouterError> {
         let mut client = DecodeNodeClient::new(node.channel.clone());
-        let mut stream = client
-            .decode(request)
-            .await
-            .map_err(|s| RouterError::from_node_status(&node.addr, &s))?
-            .into_inner();
-        match stream.message().await {
+        let reservation = async {
+            let mut stream = client.decode(request).await?.into_inner();
+            let first = stream.message().await;
+            Ok::<_, Status>((stream, first))
+        };
+        // A node that stopped answering (a paused process) must not hold the request.
+        let limit = self.relay.nodes.stale_after();
+        let (stream, first) = match tokio::time::timeout(limit, reservation).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(s)) => return Err(RouterError::from_node_status(&node.addr, &s)),
+            Err(_) => {
+                return Err(RouterError::NodeUnavailable {
+                    node: node.addr.clone(),
+                    message: format!("no answer to the reservation within {limit:?}"),
+                });
+            }
+        };
+        match first {
             Ok(Some(pb::DecodeResponse {
                 event: Some(DecodeEvent::Admitted(admitted)),
             })) => Ok(Reserved {
@@ -380,4 +509,11 @@ impl Request<'_> {
             message: format!("sent {what}"),
         }
     }
+}
+
+/// `nodes` in their order, but those in `failed` last.
+fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[String]) -> Vec<NodeHandle> {
+    // A stable sort keeps the ranking within each group.
+    nodes.sort_by_key(|n| failed.contains(&n.addr));
+    nodes
 }

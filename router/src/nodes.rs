@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_cluster::{Member, Membership, Role};
 use tandem_proto::v1::WatchLoadRequest;
@@ -27,6 +27,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Block size assumed when estimating a new request's KV use between reports.
 const ESTIMATE_BLOCK_SIZE: u32 = 16;
+/// A node with no load report for this many intervals (and at least
+/// [`STALE_MIN`]) has stopped answering: it ranks last and requests on it are
+/// re-run elsewhere. A paused process keeps its connections open, so this,
+/// not a failed stream, is how one is noticed.
+const STALE_INTERVALS: u32 = 40;
+/// The shortest time without a report that makes a node stale.
+const STALE_MIN: Duration = Duration::from_secs(2);
 
 /// A node to call: its address (its identity) and a channel to it.
 #[derive(Debug, Clone)]
@@ -42,6 +49,8 @@ pub struct NodeHandle {
 struct Entry {
     handle: NodeHandle,
     status: NodeStatus,
+    /// When the last load report arrived (or the node joined).
+    last_report: Instant,
     stop: CancellationToken,
 }
 
@@ -133,6 +142,7 @@ impl NodePool {
                 Entry {
                     handle,
                     status: NodeStatus::default(),
+                    last_report: Instant::now(),
                     stop,
                 },
             );
@@ -145,7 +155,14 @@ impl NodePool {
         let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
         // A stable base order, so that ties break the same way every time.
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
-        let statuses: Vec<NodeStatus> = entries.iter().map(|e| e.status.clone()).collect();
+        let stale_after = self.stale_after();
+        let statuses: Vec<NodeStatus> = entries
+            .iter()
+            .map(|e| NodeStatus {
+                reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
+                ..e.status.clone()
+            })
+            .collect();
         let order = match role {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
@@ -154,6 +171,26 @@ impl NodePool {
             .into_iter()
             .map(|i| entries[i].handle.clone())
             .collect()
+    }
+
+    /// How long without a load report makes a node stale.
+    pub fn stale_after(&self) -> Duration {
+        (Duration::from_millis(u64::from(self.load_interval_ms)) * STALE_INTERVALS).max(STALE_MIN)
+    }
+
+    /// Whether `addr` has sent no load report for [`stale_after`](Self::stale_after)
+    /// (false for a node not in the pool: there is nothing to wait for).
+    pub fn is_stale(&self, addr: &str) -> bool {
+        let stale_after = self.stale_after();
+        self.lock()
+            .get(addr)
+            .is_some_and(|e| e.last_report.elapsed() >= stale_after)
+    }
+
+    /// Marks `addr` unreachable after a request failed on it; its next load
+    /// report marks it reachable again.
+    pub fn mark_failed(&self, addr: &str) {
+        self.set_status(addr, |s| s.reachable = false);
     }
 
     /// Whether the pool holds any node of `role`.
@@ -235,10 +272,11 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
-                            pool.set_status(&node.addr, |s| {
-                                s.load = Some(load);
-                                s.reachable = true;
-                            });
+                            if let Some(e) = pool.lock().get_mut(&node.addr) {
+                                e.status.load = Some(load);
+                                e.status.reachable = true;
+                                e.last_report = Instant::now();
+                            }
                         }
                         Ok(None) => {
                             debug!(node = %node.addr, "load stream ended");

@@ -466,9 +466,14 @@ async fn full_decode_nodes_are_retried_until_one_admits() {
 
 #[tokio::test]
 async fn prefill_failure_cancels_at_the_decode_node() {
-    for (code, want) in [
-        (Code::Internal, Code::Unavailable),
-        (Code::ResourceExhausted, Code::ResourceExhausted),
+    // A failing node is retried (each attempt's reservation cancelled); a full one is not.
+    for (code, want, attempts) in [
+        (
+            Code::Internal,
+            Code::Unavailable,
+            tandem_router::generate::MAX_ATTEMPTS,
+        ),
+        (Code::ResourceExhausted, Code::ResourceExhausted, 1),
     ] {
         let c = cluster(Setup {
             prefill: Some(PrefillBehaviour::Fail(code)),
@@ -479,7 +484,10 @@ async fn prefill_failure_cancels_at_the_decode_node() {
         let (tokens, finished) = c.generate(request("r4")).await;
         assert!(tokens.is_empty());
         assert_eq!(finished.unwrap_err().code(), want);
-        eventually("decode cancel", || cancels(&c.log) == ["decode:r4"]).await;
+        eventually("decode cancels", || {
+            cancels(&c.log) == vec!["decode:r4".to_string(); attempts]
+        })
+        .await;
     }
 }
 

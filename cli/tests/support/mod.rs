@@ -31,19 +31,13 @@ pub fn free_port() -> u16 {
 
 /// Writes a small model with `tandem model synth` into `dir/model`.
 pub fn synth_model(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    let status = Command::new(TANDEM)
-        .args([
-            "model",
-            "synth",
-            "--out",
-            model.to_str().unwrap(),
+    synth_model_with(
+        dir,
+        &[
             "--hidden",
             "64",
             "--intermediate",
             "128",
-        ])
-        .args([
             "--layers",
             "2",
             "--heads",
@@ -52,7 +46,16 @@ pub fn synth_model(dir: &Path) -> PathBuf {
             "2",
             "--max-position",
             "1024",
-        ])
+        ],
+    )
+}
+
+/// Writes a model of the shape `dims` (`tandem model synth` arguments) into `dir/model`.
+pub fn synth_model_with(dir: &Path, dims: &[&str]) -> PathBuf {
+    let model = dir.join("model");
+    let status = Command::new(TANDEM)
+        .args(["model", "synth", "--out", model.to_str().unwrap()])
+        .args(dims)
         .status()
         .unwrap();
     assert!(status.success(), "tandem model synth failed");
