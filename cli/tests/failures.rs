@@ -39,17 +39,18 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// A router, two prefill nodes and three decode nodes, each its own process.
-    fn start() -> Cluster {
+    /// A router, two prefill nodes and three decode nodes, each its own
+    /// process, serving a model `hidden` wide.
+    fn start(hidden: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        // Big enough that prefill and decode take a while even on a fast CPU.
+        let (hidden, intermediate) = (hidden.to_string(), (hidden * 8 / 3).to_string());
         let model = synth_model_with(
             dir.path(),
             &[
                 "--hidden",
-                "384",
+                &hidden,
                 "--intermediate",
-                "1024",
+                &intermediate,
                 "--layers",
                 "6",
                 "--heads",
@@ -348,7 +349,8 @@ fn check(tokens: &[u32], finished: &pb::Finished, reference: &[u32], what: &str,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_survive_nodes_that_die_or_stop_answering() {
-    let mut cluster = Cluster::start();
+    // Wide enough that prefill and decode take a while even on a fast CPU.
+    let mut cluster = Cluster::start(384);
     let mut client = cluster.client().await;
 
     // The reference: the same greedy request with nothing failing (retrying
@@ -447,5 +449,125 @@ async fn requests_survive_nodes_that_die_or_stop_answering() {
     assert!(retries >= 3, "{retries} re-runs\n{}", cluster.logs());
 
     // Nothing leaked on the nodes still alive, the paused-then-resumed one included.
+    cluster.assert_no_leak().await;
+}
+
+/// Requests in the chaos run, how many run at once, and after how many a node dies.
+const CHAOS_REQUESTS: usize = 300;
+const CHAOS_CONCURRENCY: usize = 24;
+const CHAOS_KILL_AFTER: usize = 60;
+const CHAOS_TOKENS: u32 = 32;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chaos_run_with_a_node_killed_loses_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mut cluster = Cluster::start(96);
+    let client = cluster.client().await;
+    let prompts: Vec<String> = [
+        "The lighthouse keeper climbed the stairs every evening to light the lamp.",
+        "A small boat drifted past the rocks while the gulls circled overhead.",
+        "Market day brought bread, cheese and apples to the square by the church.",
+        "Snow fell on the mountain road and the travellers stopped at the inn.",
+    ]
+    .iter()
+    .map(|p| p.repeat(3))
+    .collect();
+    let request = |i: usize| pb::GenerateRequest {
+        request_id: format!("chaos-{i}"),
+        prompt: Some(pb::generate_request::Prompt::Text(
+            prompts[i % prompts.len()].clone(),
+        )),
+        max_tokens: CHAOS_TOKENS,
+        ignore_eos: true,
+        ..Default::default()
+    };
+
+    // References, with nothing failing (retrying while the nodes start up).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut references = Vec::new();
+    for i in 0..prompts.len() {
+        let tokens = loop {
+            match client.clone().generate(request(i)).await {
+                Ok(r) => {
+                    let mut tokens = Vec::new();
+                    read_to_end(&mut r.into_inner(), &mut tokens).await;
+                    break tokens;
+                }
+                Err(s) if Instant::now() > deadline => {
+                    panic!("the cluster never served: {s:?}\n{}", cluster.logs())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        };
+        assert_eq!(tokens.len(), CHAOS_TOKENS as usize);
+        references.push(tokens);
+    }
+
+    let started = Instant::now();
+    let done = Arc::new(AtomicUsize::new(0));
+    let permits = Arc::new(tokio::sync::Semaphore::new(CHAOS_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CHAOS_REQUESTS {
+        let (mut client, done, permits, request) =
+            (client.clone(), done.clone(), permits.clone(), request(i));
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let result = async {
+                let mut stream = client.generate(request).await?.into_inner();
+                let mut tokens = Vec::new();
+                loop {
+                    match stream.message().await? {
+                        Some(pb::GenerateResponse {
+                            event: Some(Event::Token(chunk)),
+                        }) => tokens.extend(chunk.ids),
+                        Some(pb::GenerateResponse {
+                            event: Some(Event::Finished(f)),
+                        }) => return Ok::<_, tonic::Status>((tokens, f)),
+                        other => {
+                            return Err(tonic::Status::internal(format!("unexpected {other:?}")));
+                        }
+                    }
+                }
+            }
+            .await;
+            done.fetch_add(1, Ordering::SeqCst);
+            (i, result)
+        });
+    }
+    while done.load(Ordering::SeqCst) < CHAOS_KILL_AFTER {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let victim = cluster.busy_decode().await;
+    cluster.kill(true, victim);
+
+    let (mut completed, mut failed) = (0, Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.unwrap();
+        match result {
+            Ok((tokens, finished)) => {
+                assert_eq!(
+                    tokens,
+                    references[i % prompts.len()],
+                    "request {i}: the output differs from the run with no failure"
+                );
+                assert_eq!(finished.usage.unwrap().completion_tokens, CHAOS_TOKENS);
+                completed += 1;
+            }
+            Err(status) => failed.push((i, status)),
+        }
+    }
+    let router_log = std::fs::read_to_string(cluster.dir.path().join("router.log")).unwrap();
+    let retried = router_log
+        .matches("re-running the request elsewhere")
+        .count();
+    eprintln!(
+        "chaos run: {CHAOS_REQUESTS} requests ({CHAOS_CONCURRENCY} at once, a decode node killed after {CHAOS_KILL_AFTER}) in {:?}: {completed} completed, {retried} re-runs, {} failed {failed:?}",
+        started.elapsed(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{}", cluster.logs());
+    assert!(retried >= 1, "the kill hit no running request");
     cluster.assert_no_leak().await;
 }
