@@ -90,6 +90,8 @@ pub struct EtcdSection {
     pub cluster: String,
     /// TTL of a node's lease in seconds: a node that stops answering (crashed,
     /// paused, cut off) leaves the membership this long after its last keep-alive.
+    /// The router keeps nodes missing from a re-listing after an etcd outage
+    /// for its own `lease_ttl_s` + 2 s, so set it no lower than the nodes'.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_s: u32,
 }

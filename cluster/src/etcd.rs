@@ -104,10 +104,11 @@ impl EtcdMembership {
     async fn follow(&self, config: EtcdSection, model: Option<String>, shutdown: CancellationToken) {
         let mut table = MemberTable::new(&config.cluster, model);
         let mut backoff = BACKOFF_MIN;
+        let mut first = true;
         loop {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.follow_once(&config, &mut table, &mut backoff) => r,
+                r = self.follow_once(&config, &mut table, &mut backoff, &mut first) => r,
             };
             let Err(e) = result;
             warn!(
@@ -128,6 +129,7 @@ impl EtcdMembership {
         config: &EtcdSection,
         table: &mut MemberTable,
         backoff: &mut Duration,
+        first: &mut bool,
     ) -> Result<std::convert::Infallible, EtcdError> {
         let mut client = connect(&config.endpoints).await?;
         let prefix = table.prefix().to_owned();
@@ -136,7 +138,14 @@ impl EtcdMembership {
             .header()
             .map(|h| h.revision())
             .ok_or_else(|| EtcdError::Protocol("a listing without a header".into()))?;
-        table.reset(listing.kvs().iter().map(|kv| (kv.key(), kv.value())));
+        // After a reconnection, nodes missing from the listing may just not have
+        // registered again yet (a blank etcd): they stay members for a lease TTL
+        // plus the nodes' longest retry interval.
+        let linger = (!*first).then(|| {
+            std::time::Instant::now() + Duration::from_secs(config.lease_ttl_s.into()) + BACKOFF_MAX
+        });
+        *first = false;
+        table.resync(listing.kvs().iter().map(|kv| (kv.key(), kv.value())), linger);
         self.publish(table);
         self.synced.send_modify(|n| *n += 1);
         info!(
@@ -149,7 +158,17 @@ impl EtcdMembership {
             .with_start_revision(revision + 1);
         let mut stream = timed(client.watch(prefix, Some(options))).await?;
         loop {
-            let Some(response) = stream.message().await? else {
+            let expiry = table.next_expiry();
+            let next = tokio::select! {
+                next = stream.message() => next?,
+                _ = sleep_until(expiry) => {
+                    if table.expire(std::time::Instant::now()) {
+                        self.publish(table);
+                    }
+                    continue;
+                }
+            };
+            let Some(response) = next else {
                 return Err(EtcdError::Protocol("the watch stream ended".into()));
             };
             if response.canceled() {
@@ -187,6 +206,14 @@ impl EtcdMembership {
             *now = members;
             true
         });
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,6 +9,7 @@
 //! the records into the [`Member`]s the router routes to.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -130,11 +131,18 @@ pub fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<NodeRecord
 }
 
 /// The registered nodes as the router last heard of them.
+///
+/// A re-listing after a lost connection may miss nodes that are alive: a
+/// blank etcd (restarted without its data) knows nobody until the nodes
+/// register again. Nodes missing from such a listing *linger* as members
+/// until a deadline, so routing goes on meanwhile; a node that registers
+/// again stops lingering, and an explicit delete event removes it at once.
 #[derive(Debug)]
 pub struct MemberTable {
     prefix: String,
     model: Option<String>,
     records: BTreeMap<Vec<u8>, NodeRecord>,
+    lingering: BTreeMap<Vec<u8>, (NodeRecord, Instant)>,
 }
 
 impl MemberTable {
@@ -145,6 +153,7 @@ impl MemberTable {
             prefix: nodes_prefix(cluster),
             model,
             records: BTreeMap::new(),
+            lingering: BTreeMap::new(),
         }
     }
 
@@ -155,16 +164,47 @@ impl MemberTable {
 
     /// Replaces everything with a fresh listing. Returns whether the members changed.
     pub fn reset<'a>(&mut self, kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> bool {
+        self.resync(kvs, None)
+    }
+
+    /// Replaces the records with a listing taken after a reconnection; nodes
+    /// it lacks linger until `linger_until` (or go at once with `None`).
+    /// Returns whether the members changed.
+    pub fn resync<'a>(
+        &mut self,
+        kvs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        linger_until: Option<Instant>,
+    ) -> bool {
         let before = self.members();
-        self.records.clear();
+        let old = std::mem::take(&mut self.records);
         for (key, value) in kvs {
             self.put(key, value);
+        }
+        if let Some(deadline) = linger_until {
+            for (key, record) in old {
+                if !self.records.contains_key(&key) {
+                    self.lingering.insert(key, (record, deadline));
+                }
+            }
         }
         self.members() != before
     }
 
+    /// Drops lingering nodes whose deadline has passed. Returns whether the members changed.
+    pub fn expire(&mut self, now: Instant) -> bool {
+        let before = self.lingering.len();
+        self.lingering.retain(|_, (_, deadline)| *deadline > now);
+        self.lingering.len() != before
+    }
+
+    /// When the next lingering node is due to go.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.lingering.values().map(|(_, d)| *d).min()
+    }
+
     /// A key was written. Returns whether the members changed.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> bool {
+        let lingered = self.lingering.remove(key);
         match parse_record(&self.prefix, key, value) {
             Ok(record) => {
                 if let Some(model) = &self.model
@@ -177,19 +217,23 @@ impl MemberTable {
                     );
                     return self.records.remove(key).is_some();
                 }
-                let old = self.records.insert(key.to_vec(), record.clone());
+                let old = self
+                    .records
+                    .insert(key.to_vec(), record.clone())
+                    .or(lingered.map(|(r, _)| r));
                 old.is_none_or(|o| o.grpc_addr != record.grpc_addr)
             }
             Err(e) => {
                 warn!("ignoring a registration: {e}");
-                self.records.remove(key).is_some()
+                self.records.remove(key).is_some() || lingered.is_some()
             }
         }
     }
 
     /// A key was deleted (or its lease expired). Returns whether the members changed.
     pub fn delete(&mut self, key: &[u8]) -> bool {
-        self.records.remove(key).is_some()
+        let lingered = self.lingering.remove(key).is_some();
+        self.records.remove(key).is_some() || lingered
     }
 
     /// The registered nodes, in key order.
@@ -200,7 +244,8 @@ impl MemberTable {
     /// The members to route to, in key order (one per gRPC address).
     pub fn members(&self) -> Vec<Member> {
         let mut out: Vec<Member> = Vec::with_capacity(self.records.len());
-        for r in self.records.values() {
+        let lingering = self.lingering.values().map(|(r, _)| r);
+        for r in self.records.values().chain(lingering) {
             let Some(role) = r.role() else { continue };
             let member = Member {
                 role,
@@ -325,6 +370,31 @@ mod tests {
         assert!(t.reset([(k.as_bytes(), v.as_bytes())]));
         assert_eq!(t.records(), vec![d]);
         assert!(!t.reset([(k.as_bytes(), v.as_bytes())]));
+    }
+
+    #[test]
+    fn nodes_missing_from_a_relisting_linger_until_they_register_again() {
+        let mut t = MemberTable::new("c", None);
+        let (d1, d2) = (record("decode", "d1", 1), record("decode", "d2", 2));
+        put(&mut t, &d1);
+        put(&mut t, &d2);
+        // A blank etcd lists nobody: both stay members for now.
+        let t0 = Instant::now();
+        let deadline = t0 + std::time::Duration::from_secs(5);
+        assert!(!t.resync([], Some(deadline)));
+        assert_eq!(t.members().len(), 2);
+        assert_eq!(t.next_expiry(), Some(deadline));
+        // d1 registers again: no change to the members, and it no longer lingers.
+        assert!(!put(&mut t, &d1));
+        assert!(!t.expire(t0));
+        // d2 never comes back and goes at the deadline.
+        assert!(t.expire(deadline));
+        assert_eq!(t.records(), vec![d1.clone()]);
+        assert_eq!(t.next_expiry(), None);
+        // A delete event is authoritative, lingering or not.
+        assert!(!t.resync([], Some(deadline)));
+        assert!(t.delete(b"/tandem/c/nodes/decode/d1"));
+        assert!(t.members().is_empty());
     }
 
     #[test]

@@ -261,6 +261,8 @@ async fn routing_survives_etcd_outages_and_resyncs_after() {
     let restarted = Instant::now();
     etcd.restart_with(&dir.path().join("etcd-b"));
     let healthy = restarted.elapsed();
+    // Whether or not the router has listed the blank etcd yet, it still routes.
+    generate_checked(router, &model, 51).await;
     wait_members(&membership, &[&prefill, &d1], Duration::from_secs(15)).await;
     eprintln!(
         "blank etcd: healthy {healthy:?} after its start; both nodes re-registered and the router re-synced by {:?}",
