@@ -227,8 +227,9 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
         let id = decode.id.clone();
-        let d = tandem_decode::serve_advertising(model.clone(), decode, advertise, shutdown.clone())
-            .await?;
+        let d =
+            tandem_decode::serve_advertising(model.clone(), decode, advertise, shutdown.clone())
+                .await?;
         eprintln!("decode node: gRPC {} KV/QUIC {}", d.grpc_addr, d.quic_addr);
         router.decode_nodes.push(format!("http://{}", d.grpc_addr));
         registrations.extend(register(&config, || {
@@ -362,8 +363,13 @@ pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> any
                 decode.id = id.clone();
             }
             let id = decode.id.clone();
-            let d = tandem_decode::serve_advertising(model.clone(), decode, advertise, shutdown.clone())
-                .await?;
+            let d = tandem_decode::serve_advertising(
+                model.clone(),
+                decode,
+                advertise,
+                shutdown.clone(),
+            )
+            .await?;
             println!(
                 "decode node listening on {} (KV over QUIC on {})",
                 d.grpc_addr, d.quic_addr

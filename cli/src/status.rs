@@ -56,7 +56,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     println!(
         "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14}",
-        "ROLE", "ID", "ADDRESS", "MODEL", "TP", "RUNNING", "QUEUED", "KV FREE/TOTAL", "PREFILL TOKENS"
+        "ROLE",
+        "ID",
+        "ADDRESS",
+        "MODEL",
+        "TP",
+        "RUNNING",
+        "QUEUED",
+        "KV FREE/TOTAL",
+        "PREFILL TOKENS"
     );
     for (m, load) in listed.iter().zip(results) {
         let dash = || "-".to_string();
@@ -105,11 +113,15 @@ async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
     if let Some(etcd) = etcd {
         let records = tandem_cluster::etcd::list_nodes(&etcd)
             .await
-            .with_context(|| format!("listing the members in etcd ({})", etcd.endpoints.join(",")))?;
+            .with_context(|| {
+                format!("listing the members in etcd ({})", etcd.endpoints.join(","))
+            })?;
         return Ok(records.into_iter().map(from_record).collect());
     }
     let Some(router) = config.and_then(|c| c.router) else {
-        anyhow::bail!("give --etcd URL, or --config FILE with [membership.etcd] or a [router] section");
+        anyhow::bail!(
+            "give --etcd URL, or --config FILE with [membership.etcd] or a [router] section"
+        );
     };
     let listed = |role: &str, addrs: &[String]| -> Vec<Listed> {
         addrs

@@ -88,7 +88,10 @@ fn config_ports(config: &Config, role: &str) -> BTreeMap<&'static str, u16> {
             }
         }
         "prefill" => {
-            ports.insert("grpc", config.prefill.as_ref().expect("[prefill]").listen.port());
+            ports.insert(
+                "grpc",
+                config.prefill.as_ref().expect("[prefill]").listen.port(),
+            );
         }
         "decode" => {
             let d = config.decode.as_ref().expect("[decode]");
@@ -162,7 +165,12 @@ fn manifests_parse_and_agree_with_their_configs() {
             .unwrap()
             .iter()
             .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == config_path.parent().unwrap())
-            .unwrap_or_else(|| panic!("{}: nothing mounted at the config's directory", name(deployment)));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: nothing mounted at the config's directory",
+                    name(deployment)
+                )
+            });
         let volume = pod["volumes"]
             .as_array()
             .unwrap()
@@ -188,28 +196,62 @@ fn manifests_parse_and_agree_with_their_configs() {
             .collect();
         let wanted_named: BTreeMap<String, u16> =
             wanted.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        assert_eq!(declared, wanted_named, "{}: container ports", name(deployment));
+        assert_eq!(
+            declared,
+            wanted_named,
+            "{}: container ports",
+            name(deployment)
+        );
 
         // Probes: gRPC health on the gRPC port, HTTP /health on the router's HTTP port.
         for probe in ["readinessProbe", "livenessProbe"] {
             let p = &container[probe];
             assert!(p.is_object(), "{}: no {probe}", name(deployment));
             if p["grpc"].is_object() {
-                assert_eq!(resolve(&p["grpc"]["port"], container), wanted["grpc"], "{}: {probe}", name(deployment));
+                assert_eq!(
+                    resolve(&p["grpc"]["port"], container),
+                    wanted["grpc"],
+                    "{}: {probe}",
+                    name(deployment)
+                );
             } else {
-                assert_eq!(p["httpGet"]["path"], "/health", "{}: {probe}", name(deployment));
-                assert_eq!(resolve(&p["httpGet"]["port"], container), wanted["http"], "{}: {probe}", name(deployment));
+                assert_eq!(
+                    p["httpGet"]["path"],
+                    "/health",
+                    "{}: {probe}",
+                    name(deployment)
+                );
+                assert_eq!(
+                    resolve(&p["httpGet"]["port"], container),
+                    wanted["http"],
+                    "{}: {probe}",
+                    name(deployment)
+                );
             }
         }
 
         // Nodes listening on every interface tell others their pod IP; GPU nodes ask for a GPU.
         if role != "router" {
-            assert!(args.contains(&"--advertise-ip") && args.contains(&"--id"), "{}: {args:?}", name(deployment));
-            assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 1, "{}", name(deployment));
+            assert!(
+                args.contains(&"--advertise-ip") && args.contains(&"--id"),
+                "{}: {args:?}",
+                name(deployment)
+            );
+            assert_eq!(
+                container["resources"]["limits"]["nvidia.com/gpu"],
+                1,
+                "{}",
+                name(deployment)
+            );
         }
 
         // etcd endpoints name the StatefulSet's members on its client port.
-        let endpoints = &config.membership.etcd.as_ref().expect("etcd membership").endpoints;
+        let endpoints = &config
+            .membership
+            .etcd
+            .as_ref()
+            .expect("etcd membership")
+            .endpoints;
         for e in endpoints {
             let host_port = e.strip_prefix("http://").unwrap();
             let (host, port) = host_port.split_once(':').unwrap();
@@ -232,13 +274,25 @@ fn manifests_parse_and_agree_with_their_configs() {
         for s in services {
             for port in s["spec"]["ports"].as_array().unwrap() {
                 let target = resolve(&port["targetPort"], container);
-                assert!(wanted.values().any(|p| *p == target), "Service {}: port {port}", name(s));
-                assert_eq!(port["port"].as_u64().unwrap() as u16, target, "Service {}", name(s));
+                assert!(
+                    wanted.values().any(|p| *p == target),
+                    "Service {}: port {port}",
+                    name(s)
+                );
+                assert_eq!(
+                    port["port"].as_u64().unwrap() as u16,
+                    target,
+                    "Service {}",
+                    name(s)
+                );
             }
         }
     }
     assert_eq!(
         roles_seen,
-        ["decode", "prefill", "router"].map(String::from).into_iter().collect()
+        ["decode", "prefill", "router"]
+            .map(String::from)
+            .into_iter()
+            .collect()
     );
 }

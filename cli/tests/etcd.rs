@@ -43,20 +43,27 @@ fn status(etcd: &EtcdServer) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Member lines of `tandem status` (one per node), by id.
-fn member_ids(etcd: &EtcdServer) -> Vec<String> {
-    status(etcd)
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
+/// Polls etcd (every 20 ms) until exactly `ids` are registered; returns how long it took.
+fn wait_ids(etcd: &EtcdServer, ids: &[&str], within: Duration) -> Duration {
+    wait_ids_at(&etcd.url(), ids, within)
 }
 
-/// Polls until `tandem status` lists exactly `ids`; returns how long it took.
-fn wait_ids(etcd: &EtcdServer, ids: &[&str], within: Duration) -> Duration {
+fn wait_ids_at(url: &str, ids: &[&str], within: Duration) -> Duration {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let section = tandem_cluster::EtcdSection {
+        endpoints: vec![url.to_string()],
+        cluster: CLUSTER.into(),
+        lease_ttl_s: TTL_S as u32,
+    };
     let start = Instant::now();
     loop {
-        let mut now = member_ids(etcd);
+        let mut now: Vec<String> = runtime
+            .block_on(tandem_cluster::etcd::list_nodes(&section))
+            .map(|records| records.into_iter().map(|r| r.id).collect())
+            .unwrap_or_default();
         now.sort();
         let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         want.sort();
@@ -67,7 +74,7 @@ fn wait_ids(etcd: &EtcdServer, ids: &[&str], within: Duration) -> Duration {
             start.elapsed() < within,
             "members are {now:?}, not {want:?}, after {within:?}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -90,7 +97,14 @@ fn generate(router: u16, max_tokens: u32) -> Output {
 /// Whether one `tandem generate` succeeds within `limit` (it is killed past it).
 fn generate_within(router: u16, limit: Duration) -> bool {
     let mut child = Command::new(TANDEM)
-        .args(["generate", "--router", &format!("http://127.0.0.1:{router}"), "--max-tokens", "4", "Once upon a time, in a small town by the sea, there lived a girl."])
+        .args([
+            "generate",
+            "--router",
+            &format!("http://127.0.0.1:{router}"),
+            "--max-tokens",
+            "4",
+            "Once upon a time, in a small town by the sea, there lived a girl.",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -150,8 +164,14 @@ fn paused_nodes_are_routed_around_and_stopping_nodes_drain() {
     );
     let arg = |p: &Path| p.to_str().unwrap().to_string();
     let mut procs = Processes(vec![
-        spawn(&["router", "--config", &arg(&router_cfg)], &dir.path().join("router.log")),
-        spawn(&["prefill", "--config", &arg(&prefill_cfg)], &dir.path().join("prefill.log")),
+        spawn(
+            &["router", "--config", &arg(&router_cfg)],
+            &dir.path().join("router.log"),
+        ),
+        spawn(
+            &["prefill", "--config", &arg(&prefill_cfg)],
+            &dir.path().join("prefill.log"),
+        ),
         spawn(
             &["decode", "--config", &arg(&decode_cfg), "--id", "d1"],
             &dir.path().join("d1.log"),
@@ -164,43 +184,77 @@ fn paused_nodes_are_routed_around_and_stopping_nodes_drain() {
     wait_ids(&etcd, &["prefill-0", "d1", "d2"], Duration::from_secs(60));
     let table = status(&etcd);
     eprintln!("{table}");
-    assert!(table.contains("decode") && table.contains("prefill"), "{table}");
+    let ids: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(ids, ["d1", "d2", "prefill-0"], "{table}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = generate(router, 8);
         if out.status.success() {
             break;
         }
-        assert!(Instant::now() < deadline, "no request succeeded: {}\n{}", String::from_utf8_lossy(&out.stderr), logs(dir.path()));
+        assert!(
+            Instant::now() < deadline,
+            "no request succeeded: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            logs(dir.path())
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
     // Freeze d1: it stops renewing its lease. Until the lease expires the router
-    // may still pick it (such a request times out); after, every request succeeds.
+    // may still pick it (such a request hangs); after, every request succeeds.
+    // One thread watches etcd for d1's key to go; this one sends rounds of three
+    // requests, each given 1.5 s.
     signal(&procs.0[2], "-STOP");
     let paused = Instant::now();
-    let gone = wait_ids(&etcd, &["prefill-0", "d2"], Duration::from_secs(TTL_S + 5));
-    eprintln!("d1 paused: its key left etcd after {gone:?} (lease TTL {TTL_S} s)");
-    // Rounds of three requests, each given 1.5 s; the first round that passes
-    // entirely tells when the router stopped choosing d1.
-    let mut failed = 0;
-    let routed_around = loop {
+    let url = etcd.url();
+    let watcher = std::thread::spawn(move || {
+        wait_ids_at(&url, &["prefill-0", "d2"], Duration::from_secs(TTL_S + 5))
+    });
+    let mut rounds = Vec::new();
+    let gone = loop {
         let started = paused.elapsed();
-        if (0..3).all(|_| generate_within(router, Duration::from_millis(1500))) {
-            break started;
+        let ok = (0..3).all(|_| generate_within(router, Duration::from_millis(1500)));
+        rounds.push((started, ok));
+        if watcher.is_finished() {
+            break watcher.join().unwrap();
         }
-        failed += 1;
+    };
+    // Rounds that began after the key left etcd must all succeed.
+    let after = Instant::now();
+    while after.elapsed() < Duration::from_secs(2) {
+        let started = paused.elapsed();
+        rounds.push((
+            started,
+            (0..3).all(|_| generate_within(router, Duration::from_millis(1500))),
+        ));
+    }
+    eprintln!("d1 paused: its key left etcd {gone:?} after the pause (lease TTL {TTL_S} s)");
+    let first_ok = rounds.iter().find(|(_, ok)| *ok).map(|(t, _)| *t);
+    let failed: Vec<Duration> = rounds
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(t, _)| *t)
+        .collect();
+    eprintln!(
+        "d1 paused: {} rounds of 3 requests; rounds begun at {failed:?} after the pause failed; the first that all succeeded began at {first_ok:?}",
+        rounds.len()
+    );
+    assert!(
+        gone < Duration::from_secs(TTL_S) + Duration::from_millis(1500),
+        "{gone:?}"
+    );
+    for (started, ok) in &rounds {
         assert!(
-            paused.elapsed() < Duration::from_secs(TTL_S + 10),
-            "requests still fail {:?} after d1 was paused\n{}",
-            paused.elapsed(),
+            *ok || *started < gone,
+            "a round at {started:?}, after d1 left etcd, failed\n{}",
             logs(dir.path())
         );
-    };
-    eprintln!(
-        "d1 paused: the first round of three requests that all succeeded began {routed_around:?} after the pause ({failed} failed rounds before)"
-    );
-    assert!(routed_around < Duration::from_secs(TTL_S + 4), "{routed_around:?}");
+    }
 
     // Thawed, d1 finds its lease gone and registers under a new one.
     signal(&procs.0[2], "-CONT");
@@ -223,11 +277,22 @@ fn paused_nodes_are_routed_around_and_stopping_nodes_drain() {
     let term = Instant::now();
     let out = long.join().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("the long request took {:?}: {}", sent.elapsed(), stderr.trim());
-    assert!(out.status.success(), "the request in flight failed: {stderr}\n{}", logs(dir.path()));
+    eprintln!(
+        "the long request took {:?}: {}",
+        sent.elapsed(),
+        stderr.trim()
+    );
+    assert!(
+        out.status.success(),
+        "the request in flight failed: {stderr}\n{}",
+        logs(dir.path())
+    );
     assert!(stderr.contains("generated, finish"), "{stderr}");
     let exit = procs.0[2].wait().unwrap();
-    eprintln!("d1 drained: its request finished and it exited {:?} after SIGTERM", term.elapsed());
+    eprintln!(
+        "d1 drained: its request finished and it exited {:?} after SIGTERM",
+        term.elapsed()
+    );
     assert!(exit.success(), "d1 exited with {exit}");
     let d1_log = std::fs::read_to_string(dir.path().join("d1.log")).unwrap();
     assert!(d1_log.contains("drained"), "{d1_log}");

@@ -477,8 +477,14 @@ mod tests {
     fn bad_membership_is_named() {
         for (text, key) in [
             ("[membership.etcd]\nendpoints = []\n", "endpoints"),
-            ("[membership.etcd]\nendpoints = [\"e\"]\nlease_ttl_s = 0\n", "lease_ttl_s"),
-            ("[membership.etcd]\nendpoints = [\"e\"]\ncluster = \"a/b\"\n", "cluster"),
+            (
+                "[membership.etcd]\nendpoints = [\"e\"]\nlease_ttl_s = 0\n",
+                "lease_ttl_s",
+            ),
+            (
+                "[membership.etcd]\nendpoints = [\"e\"]\ncluster = \"a/b\"\n",
+                "cluster",
+            ),
             ("[membership.etcd]\nendpoint = [\"e\"]\n", "endpoint"),
             ("[membership]\ndrain_timeout_s = -1\n", "drain_timeout_s"),
         ] {

@@ -101,7 +101,12 @@ impl EtcdMembership {
         self.synced.subscribe()
     }
 
-    async fn follow(&self, config: EtcdSection, model: Option<String>, shutdown: CancellationToken) {
+    async fn follow(
+        &self,
+        config: EtcdSection,
+        model: Option<String>,
+        shutdown: CancellationToken,
+    ) {
         let mut table = MemberTable::new(&config.cluster, model);
         let mut backoff = BACKOFF_MIN;
         let mut first = true;
@@ -133,7 +138,8 @@ impl EtcdMembership {
     ) -> Result<std::convert::Infallible, EtcdError> {
         let mut client = connect(&config.endpoints).await?;
         let prefix = table.prefix().to_owned();
-        let listing = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        let listing =
+            timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
         let revision = listing
             .header()
             .map(|h| h.revision())
@@ -145,7 +151,10 @@ impl EtcdMembership {
             std::time::Instant::now() + Duration::from_secs(config.lease_ttl_s.into()) + BACKOFF_MAX
         });
         *first = false;
-        table.resync(listing.kvs().iter().map(|kv| (kv.key(), kv.value())), linger);
+        table.resync(
+            listing.kvs().iter().map(|kv| (kv.key(), kv.value())),
+            linger,
+        );
         self.publish(table);
         self.synced.send_modify(|n| *n += 1);
         info!(
@@ -199,8 +208,14 @@ impl EtcdMembership {
                 return false;
             }
             info!(
-                prefill = members.iter().filter(|m| m.role == crate::Role::Prefill).count(),
-                decode = members.iter().filter(|m| m.role == crate::Role::Decode).count(),
+                prefill = members
+                    .iter()
+                    .filter(|m| m.role == crate::Role::Prefill)
+                    .count(),
+                decode = members
+                    .iter()
+                    .filter(|m| m.role == crate::Role::Decode)
+                    .count(),
                 "cluster members changed"
             );
             *now = members;

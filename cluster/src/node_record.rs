@@ -119,11 +119,10 @@ pub fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<NodeRecord
         .and_then(|rest| rest.split_once('/'))
         .filter(|(role, id)| Role::from_name(role).is_some() && !id.is_empty())
         .ok_or_else(|| RecordError::Key(key_text.clone()))?;
-    let record: NodeRecord =
-        serde_json::from_slice(value).map_err(|e| RecordError::Value {
-            key: key_text.clone(),
-            message: e.to_string(),
-        })?;
+    let record: NodeRecord = serde_json::from_slice(value).map_err(|e| RecordError::Value {
+        key: key_text.clone(),
+        message: e.to_string(),
+    })?;
     if record.role != role || record.id != id {
         return Err(RecordError::Mismatch(key_text));
     }

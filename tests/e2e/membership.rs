@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::membership::Membership;
-use tandem_cluster::{
-    Capacity, EtcdMembership, EtcdSection, NodeRecord, Registration, Role,
-};
+use tandem_cluster::{Capacity, EtcdMembership, EtcdSection, NodeRecord, Registration, Role};
 use tandem_engine::ModelDir;
 use tandem_tests::etcd_server::EtcdServer;
 use tandem_tests::*;
@@ -40,12 +38,11 @@ struct Node {
 
 impl Node {
     async fn decode(model: &Arc<ModelDir>, etcd: &EtcdSection, id: &str) -> Node {
-        let mut config = tandem_cluster::Config::parse(
-            "[decode]\nkv_blocks = 1024\nlocal_prefill_below = 8\n",
-        )
-        .unwrap()
-        .decode
-        .unwrap();
+        let mut config =
+            tandem_cluster::Config::parse("[decode]\nkv_blocks = 1024\nlocal_prefill_below = 8\n")
+                .unwrap()
+                .decode
+                .unwrap();
         config.id = id.into();
         let shutdown = CancellationToken::new();
         let d = tandem_decode::serve(model.clone(), config, shutdown.clone())
@@ -122,7 +119,11 @@ async fn wait_members(membership: &EtcdMembership, nodes: &[&Node], within: Dura
     want.sort();
     let mut rx = membership.watch();
     loop {
-        let mut now: Vec<String> = rx.borrow_and_update().iter().map(|m| m.grpc_addr.clone()).collect();
+        let mut now: Vec<String> = rx
+            .borrow_and_update()
+            .iter()
+            .map(|m| m.grpc_addr.clone())
+            .collect();
         now.sort();
         if now == want {
             return start.elapsed();
@@ -138,16 +139,18 @@ async fn wait_members(membership: &EtcdMembership, nodes: &[&Node], within: Dura
 /// A prompt long enough for the prefill node, run through the router and checked
 /// against the engine itself.
 async fn generate_checked(router: std::net::SocketAddr, model: &ModelDir, salt: u32) {
-    let mut client = tandem_proto::v1::generate_client::GenerateClient::connect(format!(
-        "http://{router}"
-    ))
-    .await
-    .expect("connect router");
+    let mut client =
+        tandem_proto::v1::generate_client::GenerateClient::connect(format!("http://{router}"))
+            .await
+            .expect("connect router");
     let p = prompt(40, salt);
-    let got = tokio::time::timeout(Duration::from_secs(30), complete(&mut client, greedy_request(&p, 6)))
-        .await
-        .expect("the request finished in time")
-        .expect("generate");
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        complete(&mut client, greedy_request(&p, 6)),
+    )
+    .await
+    .expect("the request finished in time")
+    .expect("generate");
     assert_eq!(got.tokens, reference(model, &p, 6));
 }
 
@@ -160,9 +163,15 @@ async fn start_router(
     let mut config = tandem_cluster::RouterSection::default();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.request_timeout_s = 20.0;
-    let r = tandem_router::serve(model.clone(), None, config, membership.clone(), shutdown.clone())
-        .await
-        .expect("router");
+    let r = tandem_router::serve(
+        model.clone(),
+        None,
+        config,
+        membership.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("router");
     (membership, r.addr)
 }
 
@@ -181,7 +190,12 @@ async fn nodes_register_and_the_router_follows_them() {
     let took = wait_members(&membership, &[&prefill, &d1], Duration::from_secs(10)).await;
     eprintln!("two nodes registered and seen by the router in {took:?}");
     assert_eq!(
-        membership.watch().borrow().iter().filter(|m| m.role == Role::Prefill).count(),
+        membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.role == Role::Prefill)
+            .count(),
         1
     );
     generate_checked(router, &model, 1).await;
@@ -197,7 +211,11 @@ async fn nodes_register_and_the_router_follows_them() {
         "a withdrawn node left the router's view {:?} after it began withdrawing ({took:?} after etcd confirmed)",
         left.elapsed()
     );
-    assert!(left.elapsed() < Duration::from_secs(1), "withdrawal took {:?}", left.elapsed());
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "withdrawal took {:?}",
+        left.elapsed()
+    );
     for salt in 2..5 {
         generate_checked(router, &model, salt).await;
     }
@@ -228,8 +246,15 @@ async fn routing_survives_etcd_outages_and_resyncs_after() {
         served += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(membership.watch().borrow().len(), 2, "the last known members stay");
-    eprintln!("etcd down for {:?}: {served} requests served on the last known members", down.elapsed());
+    assert_eq!(
+        membership.watch().borrow().len(),
+        2,
+        "the last known members stay"
+    );
+    eprintln!(
+        "etcd down for {:?}: {served} requests served on the last known members",
+        down.elapsed()
+    );
 
     // etcd comes back with its data: the nodes register again (new leases), the router re-lists.
     let before = *syncs.borrow_and_update();
@@ -249,7 +274,10 @@ async fn routing_survives_etcd_outages_and_resyncs_after() {
             .expect("the node registered again")
             .unwrap();
     }
-    eprintln!("etcd restarted with its data: router re-synced and nodes re-registered within {:?}", back.elapsed());
+    eprintln!(
+        "etcd restarted with its data: router re-synced and nodes re-registered within {:?}",
+        back.elapsed()
+    );
     // Past the old leases' TTL, the keys are still there (they moved to new leases).
     tokio::time::sleep(Duration::from_secs(u64::from(TTL_S) + 1)).await;
     wait_members(&membership, &[&prefill, &d1], Duration::from_secs(1)).await;
@@ -278,5 +306,8 @@ async fn routing_survives_etcd_outages_and_resyncs_after() {
     for salt in 60..63 {
         generate_checked(router, &model, salt).await;
     }
-    assert!(d2.steps() > 0, "the node that joined after the restart served requests");
+    assert!(
+        d2.steps() > 0,
+        "the node that joined after the restart served requests"
+    );
 }
