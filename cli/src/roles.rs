@@ -325,9 +325,17 @@ pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> any
             )
             .await?;
             println!("router listening on {}", r.addr);
-            stop.cancelled().await;
+            let mut join = r.join;
+            let ended = tokio::select! {
+                _ = stop.cancelled() => None,
+                ended = &mut join => Some(ended),
+            };
             shutdown.cancel();
-            let _ = r.join.await;
+            match ended {
+                Some(Ok(result)) => result?,
+                Some(Err(e)) => anyhow::bail!("the router task failed: {e}"),
+                None => join.await??,
+            }
         }
         Role::Prefill => {
             let mut prefill = config

@@ -160,9 +160,11 @@ async fn start_router(
     shutdown: &CancellationToken,
 ) -> (Arc<EtcdMembership>, std::net::SocketAddr) {
     let membership = EtcdMembership::start(etcd.clone(), Some(model.name()), shutdown.clone());
-    let mut config = tandem_cluster::RouterSection::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.request_timeout_s = 20.0;
+    let config = tandem_cluster::RouterSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        request_timeout_s: 20.0,
+        ..Default::default()
+    };
     let r = tandem_router::serve(
         model.clone(),
         None,
