@@ -51,13 +51,20 @@ pub(crate) async fn timed<T>(
     }
 }
 
-/// A client for `endpoints`. HTTP/2 keep-alives notice a silent etcd (paused,
-/// partitioned) on long-lived watch and keep-alive streams within ~2 s.
+/// A client for `endpoints`.
+///
+/// HTTP/2 keep-alive pings notice a silent etcd (paused, partitioned) on the
+/// long-lived watch stream within 15 s. They must stay at least 5 s apart and
+/// only ride on open streams: etcd's server (`--grpc-keepalive-min-time`, 5 s
+/// by default, no pings without streams) answers more eager pings with
+/// GOAWAY, which cut the router's watch every few seconds. A node does not
+/// depend on them: it counts its lease as lost when etcd has not answered a
+/// keep-alive for a TTL.
 pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
     let options = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(false);
     timed(Client::connect(endpoints, Some(options))).await
 }
 

@@ -144,13 +144,27 @@ async fn generate_checked(router: std::net::SocketAddr, model: &ModelDir, salt: 
             .await
             .expect("connect router");
     let p = prompt(40, salt);
-    let got = tokio::time::timeout(
-        Duration::from_secs(30),
-        complete(&mut client, greedy_request(&p, 6)),
-    )
-    .await
-    .expect("the request finished in time")
-    .expect("generate");
+    // The router's node pool follows the membership channel in its own task, so
+    // a request sent the instant a member appears may still find no node; such
+    // a refusal (UNAVAILABLE) is retried briefly.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let got = loop {
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            complete(&mut client, greedy_request(&p, 6)),
+        )
+        .await
+        .expect("the request finished in time");
+        match result {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && Instant::now() < deadline =>
+            {
+                eprintln!("retrying: {}", status.message());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.expect("generate"),
+        }
+    };
     assert_eq!(got.tokens, reference(model, &p, 6));
 }
 
@@ -185,6 +199,7 @@ async fn nodes_register_and_the_router_follows_them() {
     let cfg = section(&etcd, "follow");
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
+    let started = Instant::now();
     let (membership, router) = start_router(&model, &cfg, &shutdown).await;
 
     let prefill = Node::prefill(&model, &cfg, "p0").await;
@@ -222,6 +237,14 @@ async fn nodes_register_and_the_router_follows_them() {
         generate_checked(router, &model, salt).await;
     }
     assert!(d2.steps() > 0, "the remaining decode node took the traffic");
+    // The watch stays up: etcd cuts clients that ping too eagerly (GOAWAY
+    // after a few pings less than 5 s apart), which would show as re-listings.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
+    assert_eq!(
+        *membership.syncs().borrow(),
+        1,
+        "the router's watch was re-established"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
