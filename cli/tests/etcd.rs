@@ -20,9 +20,11 @@ use tandem_tests::etcd_server::EtcdServer;
 const TTL_S: u64 = 2;
 const CLUSTER: &str = "proc";
 
+/// Sends `sig` (`-STOP`, `-CONT`, `-TERM`) with the shell's `kill`, present
+/// wherever `sh` is.
 fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill {sig} {}", child.id())])
         .status()
         .unwrap();
     assert!(status.success(), "kill {sig} failed");
