@@ -400,3 +400,30 @@ pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> any
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_addresses_are_dialable() {
+        let bound: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(
+            advertised_url(bound, None).unwrap(),
+            "http://127.0.0.1:7000"
+        );
+        let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let err = advertised_url(any, None).unwrap_err().to_string();
+        assert!(err.contains("advertise_ip"), "{err}");
+        let pod: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            advertised_url(any, Some(pod)).unwrap(),
+            "http://10.1.2.3:7000"
+        );
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        assert_eq!(
+            advertised_url("[::]:7000".parse().unwrap(), Some(v6)).unwrap(),
+            "http://[fd00::5]:7000"
+        );
+    }
+}
