@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, and every crate's unit and end-to-end tests.
-# Installs what the tests need (nothing beyond the Rust toolchain yet) and fails loudly
+# Installs what the tests need (etcd, the openai Python package) and fails loudly
 # when something is missing. CI runs exactly this (see .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,18 @@ done
 echo "== python packages for the client-library tests"
 python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet openai
 python3 -c "import openai" || { echo "error: the openai Python package is needed by tests/e2e/openai.rs" >&2; exit 1; }
+
+echo "== etcd for the membership tests"
+# The etcd tests start their own etcd (free loopback ports, a temporary data dir) and fail
+# when they cannot; they never skip. Debian's etcd-server package provides the binary.
+if ! command -v etcd >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server >/dev/null || true
+fi
+command -v etcd >/dev/null 2>&1 || { echo "error: etcd is needed by the membership tests and could not be installed (apt-get install etcd-server)" >&2; exit 1; }
+echo "etcd: $(etcd --version | head -1)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

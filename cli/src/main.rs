@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod model_cmd;
 mod roles;
+mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,12 +41,18 @@ enum Command {
     Prefill {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        node: roles::NodeFlags,
     },
     /// Run a decode node from a config file.
     Decode {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        node: roles::NodeFlags,
     },
+    /// Show the cluster's members (from etcd or the config's node lists) and their load.
+    Status(status::StatusArgs),
     /// Generate a continuation of a prompt through the router, streaming it to stdout.
     Generate(GenerateArgs),
     /// Model tools: synthesize a small random model, measure engine speed.
@@ -101,15 +108,18 @@ fn main() -> anyhow::Result<()> {
     let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match Cli::parse().command {
         Command::Up { config } => runtime()?.block_on(roles::up(config)),
-        Command::Router { config } => {
-            runtime()?.block_on(roles::run_role(roles::Role::Router, config))
+        Command::Router { config } => runtime()?.block_on(roles::run_role(
+            roles::Role::Router,
+            config,
+            roles::NodeFlags::default(),
+        )),
+        Command::Prefill { config, node } => {
+            runtime()?.block_on(roles::run_role(roles::Role::Prefill, config, node))
         }
-        Command::Prefill { config } => {
-            runtime()?.block_on(roles::run_role(roles::Role::Prefill, config))
+        Command::Decode { config, node } => {
+            runtime()?.block_on(roles::run_role(roles::Role::Decode, config, node))
         }
-        Command::Decode { config } => {
-            runtime()?.block_on(roles::run_role(roles::Role::Decode, config))
-        }
+        Command::Status(args) => runtime()?.block_on(status::run(args)),
         Command::Generate(args) if args.local => generate_local(args),
         Command::Generate(args) => {
             let request = tandem_proto::v1::GenerateRequest {

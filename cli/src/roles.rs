@@ -1,10 +1,23 @@
 //! `tandem up | router | prefill | decode`: running cluster roles from a config.
+//!
+//! With `[membership.etcd]`, nodes register themselves in etcd (see
+//! `tandem_cluster::registration`) and the router follows etcd; without it
+//! the router's node lists are the membership. A node asked to stop (Ctrl-C,
+//! SIGTERM) that is registered drains: it leaves etcd first, so the router
+//! sends it nothing new, finishes what it has (at most
+//! `membership.drain_timeout_s`), then stops.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use tandem_cluster::{Config, DEFAULT_MODEL_DIR_PATH, ModelSection, StaticMembership};
+use tandem_cluster::membership::Membership;
+use tandem_cluster::{
+    Capacity, Config, DEFAULT_MODEL_DIR_PATH, EtcdMembership, ModelSection, NodeRecord,
+    Registration, StaticMembership,
+};
 use tandem_engine::ModelDir;
 use tokio_util::sync::CancellationToken;
 
@@ -33,11 +46,27 @@ pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
     Ok(Arc::new(model))
 }
 
-/// Stops on Ctrl-C.
-fn shutdown_on_ctrl_c() -> CancellationToken {
+/// Fires on Ctrl-C or SIGTERM (what Kubernetes sends a pod it stops).
+fn stop_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("shutting down");
         t.cancel();
@@ -45,30 +74,187 @@ fn shutdown_on_ctrl_c() -> CancellationToken {
     token
 }
 
+/// Flags that override the config for one node.
+#[derive(clap::Args, Default, Clone)]
+pub struct NodeFlags {
+    /// Node id, overriding the config's (ids must be unique per role in a cluster).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// IP address other hosts reach this node at (overrides membership.advertise_ip).
+    #[arg(long)]
+    pub advertise_ip: Option<IpAddr>,
+}
+
+/// The name the router and nodes use for the model.
+fn model_name(config: &Config, model: &ModelDir) -> String {
+    config.model.name.clone().unwrap_or_else(|| model.name())
+}
+
+/// `http://ip:port` that other hosts use for a node listening on `bound`.
+fn advertised_url(bound: SocketAddr, advertise: Option<IpAddr>) -> anyhow::Result<String> {
+    let ip = match advertise {
+        Some(ip) => ip,
+        None if bound.ip().is_unspecified() => anyhow::bail!(
+            "the node listens on {bound}, which other hosts cannot dial: set membership.advertise_ip or --advertise-ip"
+        ),
+        None => bound.ip(),
+    };
+    Ok(format!("http://{}", SocketAddr::new(ip, bound.port())))
+}
+
+/// Registers the node `record` describes when the config has etcd membership.
+fn register(
+    config: &Config,
+    record: impl FnOnce() -> anyhow::Result<NodeRecord>,
+) -> anyhow::Result<Option<Registration>> {
+    let Some(etcd) = &config.membership.etcd else {
+        return Ok(None);
+    };
+    let record = record()?;
+    eprintln!(
+        "registering {} {} ({}) in etcd cluster {:?}",
+        record.role, record.id, record.grpc_addr, etcd.cluster
+    );
+    Ok(Some(Registration::start(etcd.clone(), record)?))
+}
+
+/// Leaves etcd, then waits (at most `timeout`) until `in_flight` is zero.
+async fn drain(registration: Registration, timeout: Duration, in_flight: impl Fn() -> usize) {
+    eprintln!("draining: leaving the cluster");
+    registration.withdraw().await;
+    // A request the router chose just before it heard of the withdrawal may
+    // still be on its way.
+    let deadline = tokio::time::Instant::now() + timeout;
+    tokio::time::sleep(Duration::from_millis(250).min(timeout)).await;
+    let mut idle_checks = 0;
+    while tokio::time::Instant::now() < deadline {
+        let n = in_flight();
+        idle_checks = if n == 0 { idle_checks + 1 } else { 0 };
+        if idle_checks >= 2 {
+            eprintln!("drained");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "drain timeout ({timeout:?}) with {} requests in flight; stopping",
+        in_flight()
+    );
+}
+
+/// The router's membership: etcd when configured, else its node lists.
+fn router_membership(
+    config: &Config,
+    model: &ModelDir,
+    prefill: &[String],
+    decode: &[String],
+    shutdown: &CancellationToken,
+) -> Arc<dyn Membership> {
+    match &config.membership.etcd {
+        Some(etcd) => {
+            eprintln!(
+                "router follows etcd cluster {:?} at {}",
+                etcd.cluster,
+                etcd.endpoints.join(",")
+            );
+            EtcdMembership::start(
+                etcd.clone(),
+                Some(model_name(config, model)),
+                shutdown.clone(),
+            )
+        }
+        None => Arc::new(StaticMembership::new(prefill, decode)),
+    }
+}
+
+fn decode_record(
+    config: &Config,
+    model: &ModelDir,
+    d: &tandem_decode::RunningDecode,
+    id: &str,
+    advertise: Option<IpAddr>,
+) -> anyhow::Result<NodeRecord> {
+    let section = config.decode.as_ref().context("no [decode] section")?;
+    Ok(NodeRecord {
+        id: id.to_string(),
+        role: "decode".into(),
+        grpc_addr: advertised_url(d.grpc_addr, advertise)?,
+        quic_addrs: d.quic_addrs.clone(),
+        model: model_name(config, model),
+        tp_size: 1,
+        capacity: Capacity {
+            kv_blocks: section.kv_blocks as u64,
+            block_size: section.block_size as u64,
+            max_batch: Some(section.max_batch as u64),
+            max_queue: None,
+        },
+    })
+}
+
+fn prefill_record(
+    config: &Config,
+    model: &ModelDir,
+    addr: SocketAddr,
+    id: &str,
+    advertise: Option<IpAddr>,
+) -> anyhow::Result<NodeRecord> {
+    let section = config.prefill.as_ref().context("no [prefill] section")?;
+    Ok(NodeRecord {
+        id: id.to_string(),
+        role: "prefill".into(),
+        grpc_addr: advertised_url(addr, advertise)?,
+        quic_addrs: Vec::new(),
+        model: model_name(config, model),
+        tp_size: 1,
+        capacity: Capacity {
+            kv_blocks: section.kv_blocks as u64,
+            block_size: section.block_size as u64,
+            max_batch: None,
+            max_queue: Some(section.max_queue as u64),
+        },
+    })
+}
+
 /// `tandem up`: every role in the config, in this process.
 pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load_config(config_path.as_deref())?;
     let model = open_model(&config.model)?;
-    let shutdown = shutdown_on_ctrl_c();
+    let stop = stop_signal();
+    let shutdown = CancellationToken::new();
+    let advertise = config.membership.advertise_ip;
     let mut router = config.router.clone().unwrap_or_default();
+    let mut registrations = Vec::new();
     let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
-        let d = tandem_decode::serve(model.clone(), decode, shutdown.clone()).await?;
-        router.decode_nodes.push(format!("http://{}", d.grpc_addr));
+        let id = decode.id.clone();
+        let d =
+            tandem_decode::serve_advertising(model.clone(), decode, advertise, shutdown.clone())
+                .await?;
         eprintln!("decode node: gRPC {} KV/QUIC {}", d.grpc_addr, d.quic_addr);
+        router.decode_nodes.push(format!("http://{}", d.grpc_addr));
+        registrations.extend(register(&config, || {
+            decode_record(&config, &model, &d, &id, advertise)
+        })?);
         decode_done = Some(d.done);
     }
     let mut prefill_done = None;
     if let Some(prefill) = config.prefill.clone() {
+        let id = prefill.id.clone();
         let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
-        router.prefill_nodes.push(format!("http://{}", p.addr));
         eprintln!("prefill node: gRPC {}", p.addr);
+        router.prefill_nodes.push(format!("http://{}", p.addr));
+        registrations.extend(register(&config, || {
+            prefill_record(&config, &model, p.addr, &id, advertise)
+        })?);
         prefill_done = Some(p);
     }
-    let membership = Arc::new(StaticMembership::new(
+    let membership = router_membership(
+        &config,
+        &model,
         &router.prefill_nodes,
         &router.decode_nodes,
-    ));
+        &shutdown,
+    );
     let r = tandem_router::serve(
         model.clone(),
         config.model.name.clone(),
@@ -87,6 +273,11 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         "try: tandem generate --router http://{} \"Once upon a time\"",
         r.addr
     );
+    stop.cancelled().await;
+    for registration in registrations {
+        registration.withdraw().await;
+    }
+    shutdown.cancel();
     let _ = r.join.await;
     if let Some(p) = prefill_done {
         let _ = p.wait().await;
@@ -105,49 +296,134 @@ pub enum Role {
 }
 
 /// `tandem router|prefill|decode --config FILE`.
-pub async fn run_role(role: Role, config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> anyhow::Result<()> {
     let config = load_config(Some(&config_path))?;
     let model = open_model(&config.model)?;
-    let shutdown = shutdown_on_ctrl_c();
+    let stop = stop_signal();
+    let shutdown = CancellationToken::new();
+    let advertise = flags.advertise_ip.or(config.membership.advertise_ip);
+    let drain_timeout = Duration::from_secs_f64(config.membership.drain_timeout_s);
     match role {
         Role::Router => {
             let router = config
                 .router
+                .clone()
                 .context("the config has no [router] section")?;
-            let membership = Arc::new(StaticMembership::new(
+            let membership = router_membership(
+                &config,
+                &model,
                 &router.prefill_nodes,
                 &router.decode_nodes,
-            ));
+                &shutdown,
+            );
             let r = tandem_router::serve(
                 model,
                 config.model.name.clone(),
                 router,
                 membership,
-                shutdown,
+                shutdown.clone(),
             )
             .await?;
             println!("router listening on {}", r.addr);
-            let _ = r.join.await;
+            let mut join = r.join;
+            let ended = tokio::select! {
+                _ = stop.cancelled() => None,
+                ended = &mut join => Some(ended),
+            };
+            shutdown.cancel();
+            match ended {
+                Some(Ok(result)) => result?,
+                Some(Err(e)) => anyhow::bail!("the router task failed: {e}"),
+                None => join.await??,
+            }
         }
         Role::Prefill => {
-            let prefill = config
+            let mut prefill = config
                 .prefill
+                .clone()
                 .context("the config has no [prefill] section")?;
-            let p = tandem_prefill::serve(model, prefill, shutdown).await?;
+            if let Some(id) = &flags.id {
+                prefill.id = id.clone();
+            }
+            let id = prefill.id.clone();
+            let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
             println!("prefill node listening on {}", p.addr);
+            let registration = register(&config, || {
+                prefill_record(&config, &model, p.addr, &id, advertise)
+            })?;
+            stop.cancelled().await;
+            if let Some(registration) = registration {
+                drain(registration, drain_timeout, || {
+                    let load = p.load();
+                    load.running + load.queued
+                })
+                .await;
+            }
+            shutdown.cancel();
             p.wait().await?;
         }
         Role::Decode => {
-            let decode = config
+            let mut decode = config
                 .decode
+                .clone()
                 .context("the config has no [decode] section")?;
-            let d = tandem_decode::serve(model, decode, shutdown).await?;
+            if let Some(id) = &flags.id {
+                decode.id = id.clone();
+            }
+            let id = decode.id.clone();
+            let d = tandem_decode::serve_advertising(
+                model.clone(),
+                decode,
+                advertise,
+                shutdown.clone(),
+            )
+            .await?;
             println!(
                 "decode node listening on {} (KV over QUIC on {})",
                 d.grpc_addr, d.quic_addr
             );
+            let registration = register(&config, || {
+                decode_record(&config, &model, &d, &id, advertise)
+            })?;
+            stop.cancelled().await;
+            if let Some(registration) = registration {
+                let stats = d.stats.clone();
+                drain(registration, drain_timeout, move || {
+                    let s = stats.lock().unwrap_or_else(|e| e.into_inner());
+                    (s.running + s.queued) as usize
+                })
+                .await;
+            }
+            shutdown.cancel();
             let _ = d.done.await;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_addresses_are_dialable() {
+        let bound: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(
+            advertised_url(bound, None).unwrap(),
+            "http://127.0.0.1:7000"
+        );
+        let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let err = advertised_url(any, None).unwrap_err().to_string();
+        assert!(err.contains("advertise_ip"), "{err}");
+        let pod: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            advertised_url(any, Some(pod)).unwrap(),
+            "http://10.1.2.3:7000"
+        );
+        let v6: IpAddr = "fd00::5".parse().unwrap();
+        assert_eq!(
+            advertised_url("[::]:7000".parse().unwrap(), Some(v6)).unwrap(),
+            "http://[fd00::5]:7000"
+        );
+    }
 }

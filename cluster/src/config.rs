@@ -5,7 +5,7 @@
 //! one process; `tandem router|prefill|decode --config FILE` runs one. Unknown
 //! keys are errors, so a typo never silently falls back to a default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -50,6 +50,57 @@ pub struct Config {
     pub prefill: Option<PrefillSection>,
     /// The decode role.
     pub decode: Option<DecodeSection>,
+    /// How nodes find each other: static (the router's node lists) unless
+    /// `[membership.etcd]` is set.
+    #[serde(default)]
+    pub membership: MembershipSection,
+}
+
+/// `[membership]`: static by default; with `[membership.etcd]`, nodes register
+/// in etcd under a lease and the router watches them come and go.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipSection {
+    /// etcd membership; absent: static membership from `router.prefill_nodes`
+    /// and `router.decode_nodes`.
+    pub etcd: Option<EtcdSection>,
+    /// The IP address other hosts reach this node at, registered in etcd and
+    /// handed to prefill nodes as the decode node's KV address. Needed when a
+    /// node listens on an unspecified address (`0.0.0.0`); default: the
+    /// listen address. `--advertise-ip` overrides it (e.g. a pod's IP).
+    pub advertise_ip: Option<IpAddr>,
+    /// How long a stopping node waits for its in-flight requests after leaving
+    /// the membership, in seconds.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_s: f64,
+}
+
+fn default_drain_timeout() -> f64 {
+    30.0
+}
+
+/// `[membership.etcd]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSection {
+    /// etcd client URLs, e.g. `["http://127.0.0.1:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Cluster name: nodes register under `/tandem/<cluster>/nodes/<role>/<id>`.
+    #[serde(default = "default_cluster_name")]
+    pub cluster: String,
+    /// TTL of a node's lease in seconds: a node that stops answering (crashed,
+    /// paused, cut off) leaves the membership this long after its last keep-alive.
+    /// The router keeps nodes missing from a re-listing after an etcd outage
+    /// for its own `lease_ttl_s` + 2 s, so set it no lower than the nodes'.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_s: u32,
+}
+
+fn default_cluster_name() -> String {
+    "tandem".into()
+}
+fn default_lease_ttl() -> u32 {
+    5
 }
 
 /// Which compute backend runs the model.
@@ -332,6 +383,44 @@ impl Config {
                     .into(),
             ));
         }
+        if let (Some(_), Some(r)) = (&self.membership.etcd, &self.router)
+            && !(r.prefill_nodes.is_empty() && r.decode_nodes.is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "router.prefill_nodes and router.decode_nodes must be empty with membership.etcd: nodes register themselves in etcd".into(),
+            ));
+        }
+        self.membership.validate()
+    }
+}
+
+impl MembershipSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.drain_timeout_s >= 0.0 && self.drain_timeout_s.is_finite()) {
+            return Err(ConfigError::Invalid(
+                "membership.drain_timeout_s must be a non-negative number of seconds".into(),
+            ));
+        }
+        let Some(etcd) = &self.etcd else {
+            return Ok(());
+        };
+        if etcd.endpoints.is_empty() {
+            return Err(ConfigError::Invalid(
+                "membership.etcd.endpoints must name at least one etcd endpoint".into(),
+            ));
+        }
+        if etcd.lease_ttl_s == 0 {
+            return Err(ConfigError::Invalid(
+                "membership.etcd.lease_ttl_s must be at least 1".into(),
+            ));
+        }
+        let bad_name = |c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if etcd.cluster.is_empty() || etcd.cluster.contains(bad_name) {
+            return Err(ConfigError::Invalid(format!(
+                "membership.etcd.cluster ({:?}) must be letters, digits, '-', '_' or '.'",
+                etcd.cluster
+            )));
+        }
         Ok(())
     }
 }
@@ -364,5 +453,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("chunk_tokens"), "{err}");
+    }
+
+    #[test]
+    fn membership_is_static_unless_etcd_is_set() {
+        let c = Config::parse("").unwrap();
+        assert!(c.membership.etcd.is_none());
+        let c = Config::parse(
+            "[membership.etcd]\nendpoints = [\"http://127.0.0.1:2379\"]\ncluster = \"lab\"\n",
+        )
+        .unwrap();
+        let etcd = c.membership.etcd.unwrap();
+        assert_eq!((etcd.cluster.as_str(), etcd.lease_ttl_s), ("lab", 5));
+        // The inline form reads the same.
+        let c = Config::parse(
+            "membership = { etcd = { endpoints = [\"http://e:2379\"], lease_ttl_s = 2 } }\n",
+        )
+        .unwrap();
+        assert_eq!(c.membership.etcd.unwrap().lease_ttl_s, 2);
+    }
+
+    #[test]
+    fn bad_membership_is_named() {
+        for (text, key) in [
+            ("[membership.etcd]\nendpoints = []\n", "endpoints"),
+            (
+                "[membership.etcd]\nendpoints = [\"e\"]\nlease_ttl_s = 0\n",
+                "lease_ttl_s",
+            ),
+            (
+                "[membership.etcd]\nendpoints = [\"e\"]\ncluster = \"a/b\"\n",
+                "cluster",
+            ),
+            ("[membership.etcd]\nendpoint = [\"e\"]\n", "endpoint"),
+            ("[membership]\ndrain_timeout_s = -1\n", "drain_timeout_s"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -1,13 +1,21 @@
 //! What every Tandem role shares: the config schema ([`config`]), cluster
-//! membership ([`membership`]) and conversions between wire and engine types
+//! membership ([`membership`]: static, or etcd through [`etcd`] on the
+//! router's side and [`registration`] on a node's, with the records and keys
+//! in [`node_record`]) and conversions between wire and engine types
 //! ([`convert`]).
 
 pub mod config;
 pub mod convert;
+pub mod etcd;
 pub mod membership;
+pub mod node_record;
+pub mod registration;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, ModelSection,
-    PrefillSection, RouterSection,
+    Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, EtcdSection,
+    MembershipSection, ModelSection, PrefillSection, RouterSection,
 };
+pub use etcd::EtcdMembership;
 pub use membership::{Member, Membership, Role, StaticMembership};
+pub use node_record::{Capacity, NodeRecord};
+pub use registration::Registration;

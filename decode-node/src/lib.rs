@@ -9,7 +9,7 @@ pub mod scheduler;
 pub mod service;
 pub mod sink;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,8 @@ pub struct RunningDecode {
     pub grpc_addr: SocketAddr,
     /// Its QUIC KV receiver's address.
     pub quic_addr: SocketAddr,
+    /// Every QUIC endpoint's address as prefill nodes are told it (advertised).
+    pub quic_addrs: Vec<String>,
     /// Its load figures (also served by `WatchLoad`).
     pub stats: Arc<Mutex<Stats>>,
     /// Ends when the node has stopped.
@@ -61,6 +63,18 @@ const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn serve(
     model: Arc<ModelDir>,
     config: DecodeSection,
+    shutdown: CancellationToken,
+) -> Result<RunningDecode, DecodeError> {
+    serve_advertising(model, config, None, shutdown).await
+}
+
+/// [`serve`], telling prefill nodes to send KV to `advertise_ip` when the
+/// QUIC receiver listens on an unspecified address (`0.0.0.0`, `::`), as a
+/// node in a container does; prefill nodes on other hosts cannot reach `0.0.0.0`.
+pub async fn serve_advertising(
+    model: Arc<ModelDir>,
+    config: DecodeSection,
+    advertise_ip: Option<IpAddr>,
     shutdown: CancellationToken,
 ) -> Result<RunningDecode, DecodeError> {
     let backend = {
@@ -92,15 +106,27 @@ pub async fn serve(
     )
     .map_err(|e| DecodeError::Transfer(e.to_string()))?;
 
-    let quic_addrs = receiver
+    let advertised = |mut a: SocketAddr| {
+        if let Some(ip) = advertise_ip
+            && a.ip().is_unspecified()
+        {
+            a.set_ip(ip);
+        }
+        a
+    };
+    let quic_addrs: Vec<SocketAddr> = receiver
         .local_addrs()
-        .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+        .map_err(|e| DecodeError::Transfer(e.to_string()))?
+        .into_iter()
+        .map(advertised)
+        .collect();
     let endpoint = KvEndpoint {
-        quic_addr: quic_addr.to_string(),
+        quic_addr: advertised(quic_addr).to_string(),
         quic_addrs: quic_addrs.iter().map(ToString::to_string).collect(),
         server_name: "localhost".into(),
         cert_der: cert.cert.to_vec(),
     };
+    let kv_addrs = endpoint.quic_addrs.clone();
     let limits = Limits {
         max_batch: config.max_batch,
         max_batch_tokens: config.max_batch_tokens,
@@ -162,6 +188,7 @@ pub async fn serve(
     Ok(RunningDecode {
         grpc_addr,
         quic_addr,
+        quic_addrs: kv_addrs,
         stats,
         done,
     })

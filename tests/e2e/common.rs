@@ -1,4 +1,7 @@
-//! Helpers for end-to-end tests: a synthesized model and a whole cluster on loopback.
+//! Helpers for end-to-end tests: a synthesized model, a whole cluster on
+//! loopback, and a real etcd ([`etcd_server`]).
+
+pub mod etcd_server;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

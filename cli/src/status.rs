@@ -1,0 +1,188 @@
+//! `tandem status`: who is in the cluster and how loaded each node is.
+//!
+//! Members come from etcd (`--etcd`, or a config with `[membership.etcd]`)
+//! or from a config's static node lists; each node is then asked for one
+//! load report over its `WatchLoad` stream, as the router does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_cluster::{EtcdSection, NodeRecord};
+use tandem_proto::v1 as pb;
+use tokio::task::JoinSet;
+use tonic::transport::Endpoint;
+
+/// How long one node may take to send its first load report.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// A config file: its [membership.etcd], else its router's node lists.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// etcd endpoint (repeatable), instead of a config.
+    #[arg(long)]
+    etcd: Vec<String>,
+    /// Cluster name in etcd (with --etcd).
+    #[arg(long, default_value = "tandem")]
+    cluster: String,
+}
+
+/// One member as listed, before its load is known.
+struct Listed {
+    role: String,
+    id: Option<String>,
+    addr: String,
+    model: Option<String>,
+    tp_size: Option<u32>,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let listed = members(&args).await?;
+    if listed.is_empty() {
+        println!("no members");
+        return Ok(());
+    }
+    let mut loads = JoinSet::new();
+    for (i, m) in listed.iter().enumerate() {
+        let (role, addr) = (m.role.clone(), m.addr.clone());
+        loads.spawn(async move { (i, load_of(&role, &addr).await) });
+    }
+    let mut results: Vec<Option<Result<pb::NodeLoad, String>>> = vec![None; listed.len()];
+    while let Some(done) = loads.join_next().await {
+        let (i, load) = done.context("a load query panicked")?;
+        results[i] = Some(load);
+    }
+    println!(
+        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14}",
+        "ROLE",
+        "ID",
+        "ADDRESS",
+        "MODEL",
+        "TP",
+        "RUNNING",
+        "QUEUED",
+        "KV FREE/TOTAL",
+        "PREFILL TOKENS"
+    );
+    for (m, load) in listed.iter().zip(results) {
+        let dash = || "-".to_string();
+        match load.unwrap_or_else(|| Err("no answer".into())) {
+            Ok(l) => println!(
+                "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14}",
+                m.role,
+                m.id.clone().unwrap_or(l.node_id.clone()),
+                m.addr,
+                m.model.clone().unwrap_or(l.model.clone()),
+                m.tp_size.unwrap_or(l.tp_size.max(1)),
+                l.running,
+                l.queued,
+                format!("{}/{}", l.kv_blocks_free, l.kv_blocks_total),
+                l.queued_prefill_tokens
+            ),
+            Err(e) => println!(
+                "{:<8} {:<16} {:<26} {:<16} {:>2} unreachable: {e}",
+                m.role,
+                m.id.clone().unwrap_or_else(dash),
+                m.addr,
+                m.model.clone().unwrap_or_else(dash),
+                m.tp_size.map(|t| t.to_string()).unwrap_or_else(dash),
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The members, from etcd or from the config's router lists.
+async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
+    let etcd = if !args.etcd.is_empty() {
+        Some(EtcdSection {
+            endpoints: args.etcd.clone(),
+            cluster: args.cluster.clone(),
+            lease_ttl_s: 1,
+        })
+    } else {
+        None
+    };
+    let config = match &args.config {
+        Some(p) => Some(tandem_cluster::Config::from_file(p)?),
+        None => None,
+    };
+    let etcd = etcd.or_else(|| config.as_ref().and_then(|c| c.membership.etcd.clone()));
+    if let Some(etcd) = etcd {
+        let records = tandem_cluster::etcd::list_nodes(&etcd)
+            .await
+            .with_context(|| {
+                format!("listing the members in etcd ({})", etcd.endpoints.join(","))
+            })?;
+        return Ok(records.into_iter().map(from_record).collect());
+    }
+    let Some(router) = config.and_then(|c| c.router) else {
+        anyhow::bail!(
+            "give --etcd URL, or --config FILE with [membership.etcd] or a [router] section"
+        );
+    };
+    let listed = |role: &str, addrs: &[String]| -> Vec<Listed> {
+        addrs
+            .iter()
+            .map(|a| Listed {
+                role: role.to_string(),
+                id: None,
+                addr: if a.contains("://") {
+                    a.clone()
+                } else {
+                    format!("http://{a}")
+                },
+                model: None,
+                tp_size: None,
+            })
+            .collect()
+    };
+    let mut out = listed("prefill", &router.prefill_nodes);
+    out.extend(listed("decode", &router.decode_nodes));
+    Ok(out)
+}
+
+fn from_record(r: NodeRecord) -> Listed {
+    Listed {
+        role: r.role,
+        id: Some(r.id),
+        addr: r.grpc_addr,
+        model: Some(r.model),
+        tp_size: Some(r.tp_size),
+    }
+}
+
+/// One load report from the node at `addr`.
+async fn load_of(role: &str, addr: &str) -> Result<pb::NodeLoad, String> {
+    let query = async {
+        let channel = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(LOAD_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = pb::WatchLoadRequest { interval_ms: 100 };
+        let mut stream = match role {
+            "prefill" => pb::prefill_node_client::PrefillNodeClient::new(channel)
+                .watch_load(request)
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner(),
+            _ => pb::decode_node_client::DecodeNodeClient::new(channel)
+                .watch_load(request)
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner(),
+        };
+        stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+            .ok_or_else(|| "the load stream ended".to_string())
+    };
+    tokio::time::timeout(LOAD_TIMEOUT, query)
+        .await
+        .unwrap_or_else(|_| Err(format!("no load report within {LOAD_TIMEOUT:?}")))
+}

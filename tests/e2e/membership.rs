@@ -1,0 +1,338 @@
+//! etcd membership end to end, in one process: a real etcd, nodes that
+//! register themselves, and a router that follows etcd. Requests go through
+//! the router and produce the engine's tokens; nodes leave and join; etcd
+//! goes away and comes back (with its data, and blank).
+//!
+//! The router's view is the `EtcdMembership` it was handed; its node pool
+//! applies each change within microseconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_cluster::membership::Membership;
+use tandem_cluster::{Capacity, EtcdMembership, EtcdSection, NodeRecord, Registration, Role};
+use tandem_engine::ModelDir;
+use tandem_tests::etcd_server::EtcdServer;
+use tandem_tests::*;
+use tokio_util::sync::CancellationToken;
+
+/// Lease TTL of the test nodes (etcd's minimum here is 1 s).
+const TTL_S: u32 = 2;
+
+fn section(etcd: &EtcdServer, cluster: &str) -> EtcdSection {
+    EtcdSection {
+        endpoints: vec![etcd.url()],
+        cluster: cluster.into(),
+        lease_ttl_s: TTL_S,
+    }
+}
+
+/// A node serving in this process, registered in etcd.
+struct Node {
+    id: String,
+    addr: String,
+    registration: Option<Registration>,
+    stats: Option<Arc<std::sync::Mutex<tandem_decode::scheduler::Stats>>>,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    async fn decode(model: &Arc<ModelDir>, etcd: &EtcdSection, id: &str) -> Node {
+        let mut config =
+            tandem_cluster::Config::parse("[decode]\nkv_blocks = 1024\nlocal_prefill_below = 8\n")
+                .unwrap()
+                .decode
+                .unwrap();
+        config.id = id.into();
+        let shutdown = CancellationToken::new();
+        let d = tandem_decode::serve(model.clone(), config, shutdown.clone())
+            .await
+            .expect("decode node");
+        let addr = format!("http://{}", d.grpc_addr);
+        let record = record(model, "decode", id, &addr, d.quic_addrs.clone());
+        Node {
+            id: id.into(),
+            addr,
+            registration: Some(Registration::start(etcd.clone(), record).unwrap()),
+            stats: Some(d.stats),
+            shutdown,
+        }
+    }
+
+    async fn prefill(model: &Arc<ModelDir>, etcd: &EtcdSection, id: &str) -> Node {
+        let mut config =
+            tandem_cluster::Config::parse("[prefill]\nchunk_tokens = 64\nkv_blocks = 512\n")
+                .unwrap()
+                .prefill
+                .unwrap();
+        config.id = id.into();
+        let shutdown = CancellationToken::new();
+        let p = tandem_prefill::serve(model.clone(), config, shutdown.clone())
+            .await
+            .expect("prefill node");
+        let addr = format!("http://{}", p.addr);
+        let record = record(model, "prefill", id, &addr, Vec::new());
+        Node {
+            id: id.into(),
+            addr,
+            registration: Some(Registration::start(etcd.clone(), record).unwrap()),
+            stats: None,
+            shutdown,
+        }
+    }
+
+    fn steps(&self) -> u64 {
+        self.stats.as_ref().unwrap().lock().unwrap().steps_total
+    }
+
+    /// Leaves etcd, then stops serving.
+    async fn leave(&mut self) {
+        if let Some(r) = self.registration.take() {
+            r.withdraw().await;
+        }
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn record(model: &ModelDir, role: &str, id: &str, addr: &str, quic: Vec<String>) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        role: role.into(),
+        grpc_addr: addr.into(),
+        quic_addrs: quic,
+        model: model.name(),
+        tp_size: 1,
+        capacity: Capacity::default(),
+    }
+}
+
+/// Waits until the router's members are exactly `nodes`; returns how long that took.
+async fn wait_members(membership: &EtcdMembership, nodes: &[&Node], within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut want: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    want.sort();
+    let mut rx = membership.watch();
+    loop {
+        let mut now: Vec<String> = rx
+            .borrow_and_update()
+            .iter()
+            .map(|m| m.grpc_addr.clone())
+            .collect();
+        now.sort();
+        if now == want {
+            return start.elapsed();
+        }
+        let left = within.saturating_sub(start.elapsed());
+        if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+            let ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+            panic!("the router's members are {now:?}, not {ids:?} ({want:?}), after {within:?}");
+        }
+    }
+}
+
+/// A prompt long enough for the prefill node, run through the router and checked
+/// against the engine itself.
+async fn generate_checked(router: std::net::SocketAddr, model: &ModelDir, salt: u32) {
+    let mut client =
+        tandem_proto::v1::generate_client::GenerateClient::connect(format!("http://{router}"))
+            .await
+            .expect("connect router");
+    let p = prompt(40, salt);
+    // The router's node pool follows the membership channel in its own task, so
+    // a request sent the instant a member appears may still find no node; such
+    // a refusal (UNAVAILABLE) is retried briefly.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let got = loop {
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            complete(&mut client, greedy_request(&p, 6)),
+        )
+        .await
+        .expect("the request finished in time");
+        match result {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && Instant::now() < deadline =>
+            {
+                eprintln!("retrying: {}", status.message());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.expect("generate"),
+        }
+    };
+    assert_eq!(got.tokens, reference(model, &p, 6));
+}
+
+async fn start_router(
+    model: &Arc<ModelDir>,
+    etcd: &EtcdSection,
+    shutdown: &CancellationToken,
+) -> (Arc<EtcdMembership>, std::net::SocketAddr) {
+    let membership = EtcdMembership::start(etcd.clone(), Some(model.name()), shutdown.clone());
+    let config = tandem_cluster::RouterSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        request_timeout_s: 20.0,
+        ..Default::default()
+    };
+    let r = tandem_router::serve(
+        model.clone(),
+        None,
+        config,
+        membership.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("router");
+    (membership, r.addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_register_and_the_router_follows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(&dir.path().join("etcd"));
+    let (_model_dir, model) = small_model();
+    let cfg = section(&etcd, "follow");
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let started = Instant::now();
+    let (membership, router) = start_router(&model, &cfg, &shutdown).await;
+
+    let prefill = Node::prefill(&model, &cfg, "p0").await;
+    let mut d1 = Node::decode(&model, &cfg, "d1").await;
+    let took = wait_members(&membership, &[&prefill, &d1], Duration::from_secs(10)).await;
+    eprintln!("two nodes registered and seen by the router in {took:?}");
+    assert_eq!(
+        membership
+            .watch()
+            .borrow()
+            .iter()
+            .filter(|m| m.role == Role::Prefill)
+            .count(),
+        1
+    );
+    generate_checked(router, &model, 1).await;
+    assert!(d1.steps() > 0, "the decode node served the request");
+
+    // A second decode node joins; the first drains away.
+    let d2 = Node::decode(&model, &cfg, "d2").await;
+    wait_members(&membership, &[&prefill, &d1, &d2], Duration::from_secs(10)).await;
+    let left = Instant::now();
+    d1.leave().await;
+    let took = wait_members(&membership, &[&prefill, &d2], Duration::from_secs(5)).await;
+    eprintln!(
+        "a withdrawn node left the router's view {:?} after it began withdrawing ({took:?} after etcd confirmed)",
+        left.elapsed()
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "withdrawal took {:?}",
+        left.elapsed()
+    );
+    for salt in 2..5 {
+        generate_checked(router, &model, salt).await;
+    }
+    assert!(d2.steps() > 0, "the remaining decode node took the traffic");
+    // The watch stays up: etcd cuts clients that ping too eagerly (GOAWAY
+    // after a few pings less than 5 s apart), which would show as re-listings.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
+    assert_eq!(
+        *membership.syncs().borrow(),
+        1,
+        "the router's watch was re-established"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routing_survives_etcd_outages_and_resyncs_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdServer::start(&dir.path().join("etcd-a"));
+    let (_model_dir, model) = small_model();
+    let cfg = section(&etcd, "outage");
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (membership, router) = start_router(&model, &cfg, &shutdown).await;
+    let mut syncs = membership.syncs();
+    let prefill = Node::prefill(&model, &cfg, "p0").await;
+    let mut d1 = Node::decode(&model, &cfg, "d1").await;
+    wait_members(&membership, &[&prefill, &d1], Duration::from_secs(10)).await;
+    generate_checked(router, &model, 1).await;
+
+    // etcd dies for longer than the nodes' leases: routing goes on, on the last members.
+    etcd.stop();
+    let down = Instant::now();
+    let mut served = 0;
+    while down.elapsed() < Duration::from_secs(u64::from(TTL_S) * 2 + 1) {
+        generate_checked(router, &model, 10 + served).await;
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        membership.watch().borrow().len(),
+        2,
+        "the last known members stay"
+    );
+    eprintln!(
+        "etcd down for {:?}: {served} requests served on the last known members",
+        down.elapsed()
+    );
+
+    // etcd comes back with its data: the nodes register again (new leases), the router re-lists.
+    let before = *syncs.borrow_and_update();
+    let back = Instant::now();
+    etcd.restart();
+    while *syncs.borrow_and_update() == before {
+        tokio::time::timeout(Duration::from_secs(10), syncs.changed())
+            .await
+            .expect("the router re-synced after etcd came back")
+            .unwrap();
+    }
+    wait_members(&membership, &[&prefill, &d1], Duration::from_secs(10)).await;
+    for node in [&prefill, &d1] {
+        let mut registered = node.registration.as_ref().unwrap().registered();
+        tokio::time::timeout(Duration::from_secs(10), registered.wait_for(|r| *r))
+            .await
+            .expect("the node registered again")
+            .unwrap();
+    }
+    eprintln!(
+        "etcd restarted with its data: router re-synced and nodes re-registered within {:?}",
+        back.elapsed()
+    );
+    // Past the old leases' TTL, the keys are still there (they moved to new leases).
+    tokio::time::sleep(Duration::from_secs(u64::from(TTL_S) + 1)).await;
+    wait_members(&membership, &[&prefill, &d1], Duration::from_secs(1)).await;
+
+    // etcd comes back blank (a new data dir: revisions start over).
+    etcd.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    generate_checked(router, &model, 50).await;
+    let restarted = Instant::now();
+    etcd.restart_with(&dir.path().join("etcd-b"));
+    let healthy = restarted.elapsed();
+    // Whether or not the router has listed the blank etcd yet, it still routes.
+    generate_checked(router, &model, 51).await;
+    wait_members(&membership, &[&prefill, &d1], Duration::from_secs(15)).await;
+    eprintln!(
+        "blank etcd: healthy {healthy:?} after its start; both nodes re-registered and the router re-synced by {:?}",
+        restarted.elapsed()
+    );
+
+    // A node that joins after the restart gets traffic: the old decode node leaves,
+    // so requests can only succeed through the newcomer.
+    let d2 = Node::decode(&model, &cfg, "d2").await;
+    wait_members(&membership, &[&prefill, &d1, &d2], Duration::from_secs(10)).await;
+    d1.leave().await;
+    wait_members(&membership, &[&prefill, &d2], Duration::from_secs(5)).await;
+    for salt in 60..63 {
+        generate_checked(router, &model, salt).await;
+    }
+    assert!(
+        d2.steps() > 0,
+        "the node that joined after the restart served requests"
+    );
+}
