@@ -1,0 +1,536 @@
+// Tandem's CUDA kernels, compiled once per process with NVRTC for sm_90.
+//
+// Conventions: activations between GEMMs are bf16 row-major [tokens, width];
+// the residual stream and the GEMM outputs added to it are f32. The KV cache
+// of one layer is bf16 in the layout of engine/src/kv_cache.rs:
+//   block b: [K: head 0 [slot][hd] .. head H-1][V: head 0 .. head H-1]
+#include <cuda_bf16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. blockDim.x is a multiple of 32.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = (threadIdx.x < (blockDim.x >> 5)) ? part[threadIdx.x] : 0.f;
+    if (warp == 0) {
+        t = warp_sum(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// x[row] = table[ids[row]] (f32 residual stream).
+extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, int hidden) {
+    size_t row = blockIdx.x;
+    size_t id = ids[row];
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        x[row * hidden + i] = bf(table[id * hidden + i]);
+}
+
+// For output row r, source row s = rows ? rows[r] : r:
+//   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
+extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
+                                       const bf16* w, bf16* out, int hidden, float eps) {
+    size_t r = blockIdx.x;
+    size_t s = rows ? (size_t)rows[r] : r;
+    float* xr = x + s * hidden;
+    const float* dr = delta ? delta + s * hidden : nullptr;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (dr) {
+            v += dr[i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        out[r * hidden + i] = __float2bfloat16(xr[i] * inv * bf(w[i]));
+}
+
+// Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
+// qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
+// position; slots[t] = block * bs + slot where its K/V go.
+extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
+                                   const int* slots, const float* inv_freq, bf16* q_out,
+                                   bf16* cache, int hq, int hkv, int hd, int bs) {
+    size_t t = blockIdx.x;
+    int half = hd / 2;
+    size_t width = (size_t)(hq + 2 * hkv) * hd;
+    const bf16* row = qkv + t * width;
+    float p = (float)pos[t];
+    int slot = slots[t];
+    size_t blk = slot / bs;
+    int s = slot % bs;
+    size_t block_elems = 2 * (size_t)hkv * bs * hd;
+    bf16* base = cache + blk * block_elems;
+    for (int i = threadIdx.x; i < (hq + hkv) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        int c1 = h * hd + j, c2 = c1 + half;
+        float x1 = bf(row[c1]), x2 = bf(row[c2]);
+        if (bias) {
+            x1 += bf(bias[c1]);
+            x2 += bf(bias[c2]);
+        }
+        float ang = p * inv_freq[j];
+        float cs = cosf(ang), sn = sinf(ang);
+        float a = x1 * cs - x2 * sn, b = x2 * cs + x1 * sn;
+        if (h < hq) {
+            q_out[t * hq * hd + c1] = __float2bfloat16(a);
+            q_out[t * hq * hd + c2] = __float2bfloat16(b);
+        } else {
+            bf16* k = base + ((size_t)(h - hq) * bs + s) * hd;
+            k[j] = __float2bfloat16(a);
+            k[j + half] = __float2bfloat16(b);
+        }
+    }
+    for (int i = threadIdx.x; i < hkv * hd; i += blockDim.x) {
+        int kh = i / hd, d = i % hd;
+        int c = (hq + hkv) * hd + i;
+        float v = bf(row[c]);
+        if (bias) v += bf(bias[c]);
+        base[((size_t)(hkv + kh) * bs + s) * hd + d] = __float2bfloat16(v);
+    }
+}
+
+// act[r, i] = silu(gu[r, i]) * gu[r, inter + i].
+extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter) {
+    size_t total = (size_t)n * inter;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t r = idx / inter, i = idx % inter;
+        float g = bf(gu[r * 2 * inter + i]);
+        float u = bf(gu[r * 2 * inter + inter + i]);
+        act[idx] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// ids[r] = argmax over logits[r, 0..vocab) (lowest index on ties).
+extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int vocab) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float best = NEG_INF;
+    int besti = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > best) {
+            best = v;
+            besti = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, best, o);
+        int oi = __shfl_xor_sync(0xffffffff, besti, o);
+        if (ov > best || (ov == best && oi < besti)) {
+            best = ov;
+            besti = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        bv[warp] = best;
+        bi[warp] = besti;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
+                best = bv[w];
+                besti = bi[w];
+            }
+        ids[blockIdx.x] = besti == 0x7fffffff ? 0 : (u32)besti;
+    }
+}
+
+// Fills n bf16 with uniform values in [lo, hi) from a counter-based hash: random
+// weights of any shape without host memory.
+__device__ __forceinline__ u64 splitmix(u64 x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+extern "C" __global__ void fill_uniform(bf16* p, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        u64 r = splitmix(seed * 0x632be59bd9b4e019ull + i);
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+        p[i] = __float2bfloat16(lo + (hi - lo) * u);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decode attention over the paged cache: one query token per sequence.
+// grid (splits, hkv, batch), block 128. Each block takes keys
+// [split * split_len, ...) of one sequence for the `group` query heads that share
+// KV head blockIdx.y, and writes unnormalised partial results:
+//   part_o[b, h, split, d] = sum_j exp(s_j - m) v_j[d], part_ml[b, h, split] = (m, l).
+// attn_combine merges the splits.
+#define MAXG 8
+
+template <int HD>
+__device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables, int table_stride,
+                            const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv,
+                            int bs, int split_len, int max_splits, int window, float scale) {
+    extern __shared__ float smem[];
+    int group = hq / hkv;
+    float* qs = smem;                       // [group][HD]
+    float* scores = qs + group * HD;        // [group][split_len]
+    float* red = scores + group * split_len;  // [kgroups][group][HD]
+    __shared__ float ms[MAXG], ls[MAXG];
+
+    int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
+    int len = seq_lens[b];
+    int start = sp * split_len;
+    int end = min(start + split_len, len);
+    size_t head0 = (size_t)b * hq + (size_t)kh * group;
+    if (start >= len) return;  // attn_combine only reads splits that hold keys
+    int lo = window > 0 ? max(0, len - window) : 0;
+    int tid = threadIdx.x;
+    for (int i = tid; i < group * HD; i += blockDim.x)
+        qs[i] = bf(q[head0 * HD + i]) * scale;
+    __syncthreads();
+
+    const int* table = tables + (size_t)b * table_stride;
+    size_t block_elems = 2 * (size_t)hkv * bs * HD;
+    for (int j = start + tid; j < end; j += blockDim.x) {
+        size_t blk = table[j / bs];
+        int s = j % bs;
+        const bf16* k = cache + blk * block_elems + ((size_t)kh * bs + s) * HD;
+        float acc[MAXG];
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) acc[g] = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < HD; d += 8) {
+            uint4 raw = *reinterpret_cast<const uint4*>(k + d);
+            const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+            float kf[8];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float2 f = __bfloat1622float2(kv[e]);
+                kf[2 * e] = f.x;
+                kf[2 * e + 1] = f.y;
+            }
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                if (g < group) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[g] += qs[g * HD + d + e] * kf[e];
+                }
+            }
+        }
+        for (int g = 0; g < group; g++) scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc[g];
+    }
+    __syncthreads();
+
+    int warp = tid >> 5, lane = tid & 31, nwarps = blockDim.x >> 5;
+    int n = end - start;
+    for (int g = warp; g < group; g += nwarps) {
+        float* sc = scores + g * split_len;
+        float m = NEG_INF;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            float p = m == NEG_INF ? 0.f : __expf(sc[j] - m);
+            sc[j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            ms[g] = m;
+            ls[g] = l;
+        }
+    }
+    __syncthreads();
+
+    const int pairs = HD / 2;
+    int kgroups = blockDim.x / pairs;
+    int pr = tid % pairs, kg = tid / pairs;
+    float2 o[MAXG];
+#pragma unroll
+    for (int g = 0; g < MAXG; g++) o[g] = make_float2(0.f, 0.f);
+    if (kg < kgroups) {
+        for (int j = start + kg; j < end; j += kgroups) {
+            size_t blk = table[j / bs];
+            int s = j % bs;
+            const bf16* v = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + s) * HD;
+            float2 vf = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(v)[pr]);
+#pragma unroll
+            for (int g = 0; g < MAXG; g++) {
+                if (g < group) {
+                    float p = scores[g * split_len + (j - start)];
+                    o[g].x += p * vf.x;
+                    o[g].y += p * vf.y;
+                }
+            }
+        }
+        for (int g = 0; g < group; g++) {
+            red[(kg * group + g) * HD + 2 * pr] = o[g].x;
+            red[(kg * group + g) * HD + 2 * pr + 1] = o[g].y;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float sum = 0.f;
+        for (int k2 = 0; k2 < kgroups; k2++) sum += red[(k2 * group + g) * HD + d];
+        part_o[((head0 + g) * max_splits + sp) * HD + d] = sum;
+    }
+    if (tid < group) {
+        part_ml[((head0 + tid) * max_splits + sp) * 2] = ms[tid];
+        part_ml[((head0 + tid) * max_splits + sp) * 2 + 1] = ls[tid];
+    }
+}
+
+#define DECODE_ATTN(HD)                                                                        \
+    extern "C" __global__ void decode_attn_##HD(                                               \
+        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
+        const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
+        int split_len, int max_splits, int window, float scale) {                              \
+        decode_attn<HD>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv,    \
+                        bs, split_len, max_splits, window, scale);                             \
+    }
+DECODE_ATTN(32)
+DECODE_ATTN(64)
+DECODE_ATTN(128)
+
+// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16.
+extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
+                                        const int* seq_lens, bf16* out, int hq, int hd,
+                                        int split_len, int max_splits) {
+    int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    size_t head = (size_t)b * hq + h;
+    int splits = (seq_lens[b] + split_len - 1) / split_len;
+    float m = NEG_INF;
+    for (int s = 0; s < splits; s++) m = fmaxf(m, part_ml[(head * max_splits + s) * 2]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float ms = part_ml[(head * max_splits + s) * 2];
+        if (ms == NEG_INF) continue;
+        float w = __expf(ms - m);
+        num += w * part_o[(head * max_splits + s) * hd + d];
+        den += w * part_ml[(head * max_splits + s) * 2 + 1];
+    }
+    out[head * hd + d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
+}
+
+// ---------------------------------------------------------------------------
+// Prefill attention: causal, flash-attention style (online softmax, the score
+// matrix never leaves registers), bf16 tensor cores through mma.m16n8k16.
+// Queries of chunk c are rows q_off[c] .. q_off[c] + q_len[c] of q [n, hq, HD] at
+// positions q_pos[c] ..; keys 0 .. q_pos[c] + q_len[c] are read through the
+// chunk's block table (the chunk's own K/V are already in the cache).
+// grid (q tiles of 64, hq, chunks), block 128 = 4 warps x 16 query rows.
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+__device__ __forceinline__ u32 pack_raw(bf16 lo, bf16 hi) {
+    return (u32)(*reinterpret_cast<unsigned short*>(&lo)) |
+           ((u32)(*reinterpret_cast<unsigned short*>(&hi)) << 16);
+}
+
+#define BQ 64
+#define BK 64
+
+template <int HD>
+__device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables,
+                             int table_stride, const int* q_off, const int* q_pos,
+                             const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
+                             float scale) {
+    const int LD = HD + 8;  // padded smem row: conflict-free fragment loads
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* ks = reinterpret_cast<bf16*>(smem_raw);
+    bf16* vs = ks + BK * LD;
+
+    int c = blockIdx.z, h = blockIdx.y;
+    int len = q_len[c];
+    int tiles = (len + BQ - 1) / BQ;
+    int tile = tiles - 1 - (int)blockIdx.x;  // the longest tiles first
+    if (tile < 0) return;
+    int off = q_off[c], pos0 = q_pos[c];
+    int kh = h / (hq / hkv);
+    const int* table = tables + (size_t)c * table_stride;
+    size_t block_elems = 2 * (size_t)hkv * bs * HD;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    int r0 = tile * BQ + warp * 16 + gid;  // this thread's rows: r0 and r0 + 8
+    int r1 = r0 + 8;
+
+    u32 qf[HD / 16][4];
+#pragma unroll
+    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
+        int col = ks2 * 16 + tig * 2;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = (e & 1) ? r1 : r0;
+            int cc = col + ((e & 2) ? 8 : 0);
+            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
+                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
+                                 : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+
+    int kv_end = pos0 + min(len, tile * BQ + BQ);
+    int kv_begin = 0;
+    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
+    int qp0 = pos0 + r0, qp1 = pos0 + r1;
+
+    for (int kt = kv_begin; kt < kv_end; kt += BK) {
+        __syncthreads();
+        for (int i = tid; i < BK * HD / 8; i += blockDim.x) {
+            int r = i / (HD / 8), cc = (i % (HD / 8)) * 8;
+            int key = kt + r;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (key < kv_end) {
+                size_t blk = table[key / bs];
+                int s = key % bs;
+                const bf16* base = cache + blk * block_elems;
+                kv = *reinterpret_cast<const uint4*>(base + ((size_t)kh * bs + s) * HD + cc);
+                vv = *reinterpret_cast<const uint4*>(base + ((size_t)(hkv + kh) * bs + s) * HD + cc);
+            }
+            *reinterpret_cast<uint4*>(ks + r * LD + cc) = kv;
+            *reinterpret_cast<uint4*>(vs + r * LD + cc) = vv;
+        }
+        __syncthreads();
+
+        float sc[BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const bf16* krow = ks + (nt * 8 + gid) * LD + tig * 2;
+#pragma unroll
+            for (int ks2 = 0; ks2 < HD / 16; ks2++) {
+                u32 b0 = *reinterpret_cast<const u32*>(krow + ks2 * 16);
+                u32 b1 = *reinterpret_cast<const u32*>(krow + ks2 * 16 + 8);
+                mma16816(sc[nt], qf[ks2], b0, b1);
+            }
+        }
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kt + nt * 8 + tig * 2 + (e & 1);
+                int qp = (e & 2) ? qp1 : qp0;
+                int r = (e & 2) ? r1 : r0;
+                bool masked = key > qp || key >= kv_end || r >= len ||
+                              (window > 0 && qp - key >= window);
+                float v = masked ? NEG_INF : sc[nt][e] * scale;
+                sc[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+            float mn = fmaxf(m[rr], mx[rr]);
+            float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
+            if (mn == NEG_INF) corr = 1.f;
+            l[rr] *= corr;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][2 * rr] *= corr;
+                o[i][2 * rr + 1] *= corr;
+            }
+            m[rr] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mm = m[e >> 1];
+                float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
+                sc[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            const bf16* v0 = vs + (kk * 16 + tig * 2) * LD + gid;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt++) {
+                const bf16* vp = v0 + nt * 8;
+                u32 b0 = pack_raw(vp[0], vp[LD]);
+                u32 b1 = pack_raw(vp[8 * LD], vp[9 * LD]);
+                mma16816(o[nt], a, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
+        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) {
+        int col = nt * 8 + tig * 2;
+        if (r0 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
+        }
+        if (r1 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
+        }
+    }
+}
+
+#define PREFILL_ATTN(HD)                                                                       \
+    extern "C" __global__ void prefill_attn_##HD(                                              \
+        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
+        const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
+        int bs, int window, float scale) {                                                     \
+        prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
+                         bs, window, scale);                                                   \
+    }
+PREFILL_ATTN(32)
+PREFILL_ATTN(64)
+PREFILL_ATTN(128)
