@@ -28,4 +28,5 @@ else
   step 100 hf "$B" hf --dir /tmp/hf-llama3-2l
   step 240 bench "$B" bench --shape llama3-8b
   step 200 baseline $PY "$GPU_DIR/hf_reference.py" baseline --layers 32
+  TANDEM_CUDA_CUBLAS_ONLY=1 step 120 bench_cublas_only "$B" bench --shape llama3-8b --quick
 fi

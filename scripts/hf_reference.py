@@ -97,6 +97,10 @@ def reference(args):
             nxt = int(out.logits[0, -1].float().argmax())
         greedy.append(cont)
     torch.stack(logits).numpy().astype("<f4").tofile(os.path.join(args.dir, "hf_logits.f32"))
+    # The same weights in fp32: the yardstick both bf16 implementations are measured against.
+    model = model.float()
+    exact = [model(input_ids=torch.tensor([p], device="cuda")).logits[0, -1].float().cpu() for p in prompts]
+    torch.stack(exact).numpy().astype("<f4").tofile(os.path.join(args.dir, "hf_logits_fp32.f32"))
     with open(os.path.join(args.dir, "hf_ref.json"), "w") as f:
         json.dump({"prompts": prompts, "greedy": greedy}, f)
     print(f"wrote {args.dir}: {args.layers} layers, {len(prompts)} prompts, {args.steps} greedy steps each")

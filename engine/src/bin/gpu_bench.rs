@@ -55,6 +55,16 @@ fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
     diff / scale
 }
 
+/// ||a - b|| / ||b||.
+fn l2_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let (mut d, mut r) = (0f64, 0f64);
+    for (a, b) in gpu.iter().zip(cpu) {
+        d += ((a - b) as f64).powi(2);
+        r += (*b as f64).powi(2);
+    }
+    (d.sqrt() / r.sqrt().max(1e-12)) as f32
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -73,8 +83,8 @@ fn check(args: &[String]) -> Res<()> {
     ];
     let mut failed = false;
     println!("## correctness: CUDA (bf16) vs CPU (f32) on synthesized bf16-weight models\n");
-    println!("| model | prompts | max logits rel err (prefill) | max rel err (decode step 1) | greedy continuations differing (of 20) | first divergence (step) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, arch, hidden, heads, kv_heads, max_pos) in models {
         let dir = root.join(name);
         if !dir.join("config.json").exists() {
@@ -94,21 +104,22 @@ fn check(args: &[String]) -> Res<()> {
             )?;
         }
         let r = check_model(&dir)?;
-        failed |= r.0 > 1e-2 || r.1 > 1e-2;
+        failed |= !(r.0 < 5e-2 && r.1 < 5e-2 && r.4 < 1e-2);
         println!(
-            "| {name} | 20 (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {} | {} |",
-            r.0, r.1, r.2, r.3
+            "| {name} | 20 (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
+            r.0, r.4, r.1, r.2, r.3
         );
     }
     println!();
     if failed {
-        return Err("logits error above 1e-2".into());
+        return Err("logits error above tolerance (L2 1e-2, max 5e-2)".into());
     }
     Ok(())
 }
 
-/// (max prefill rel err, max decode rel err, continuations differing, divergence steps).
-fn check_model(dir: &Path) -> Res<(f32, f32, usize, String)> {
+/// (max prefill rel err, max decode rel err, continuations differing, divergence
+/// steps, max prefill L2 rel err).
+fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let weights = Weights::open_dir(dir)?;
     let steps = 16;
@@ -143,6 +154,7 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String)> {
     gpu.poison()?;
 
     let mut prefill_err = 0f32;
+    let mut prefill_l2 = 0f32;
     let mut cpu_next = Vec::new();
     let mut gpu_next = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -155,6 +167,7 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String)> {
             gpu.prefill(p, 0, &tables[i])?
         };
         prefill_err = prefill_err.max(rel_err(&g, &c));
+        prefill_l2 = prefill_l2.max(l2_err(&g, &c));
         cpu_next.push(argmax(&c));
         gpu_next.push(argmax(&g));
     }
@@ -238,7 +251,7 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String)> {
         }
     }
     let where_ = if where_.is_empty() { "-".into() } else { where_.join(", ") };
-    Ok((prefill_err, decode_err, differ, where_))
+    Ok((prefill_err, decode_err, differ, where_, prefill_l2))
 }
 
 // ---------------------------------------------------------------------------
@@ -252,11 +265,14 @@ fn hf(args: &[String]) -> Res<()> {
         serde_json::from_str(&std::fs::read_to_string(dir.join("hf_ref.json"))?)?;
     let prompts: Vec<Vec<u32>> = serde_json::from_value(refs["prompts"].clone())?;
     let hf_greedy: Vec<Vec<u32>> = serde_json::from_value(refs["greedy"].clone())?;
-    let raw = std::fs::read(dir.join("hf_logits.f32"))?;
-    let hf_logits: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let read = |name: &str| -> Res<Vec<f32>> {
+        Ok(std::fs::read(dir.join(name))?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let hf_logits = read("hf_logits.f32")?;
+    let hf_f32 = read("hf_logits_fp32.f32").ok();
     let v = config.vocab_size;
     if hf_logits.len() != prompts.len() * v {
         return Err("hf_logits.f32 does not hold one row per prompt".into());
@@ -278,11 +294,21 @@ fn hf(args: &[String]) -> Res<()> {
     )?;
     gpu.poison()?;
     let mut worst = 0f32;
+    let mut worst_l2 = 0f32;
+    let (mut ours_f32, mut hf_vs_f32) = ((0f32, 0f32), (0f32, 0f32));
     let mut differ = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let table: Vec<u32> = (0..per_seq).map(|j| (i * per_seq + j) as u32).collect();
         let logits = gpu.prefill(p, 0, &table)?;
-        worst = worst.max(rel_err(&logits, &hf_logits[i * v..(i + 1) * v]));
+        let row = |x: &[f32]| x[i * v..(i + 1) * v].to_vec();
+        worst = worst.max(rel_err(&logits, &row(&hf_logits)));
+        worst_l2 = worst_l2.max(l2_err(&logits, &row(&hf_logits)));
+        if let Some(f) = &hf_f32 {
+            ours_f32.0 = ours_f32.0.max(rel_err(&logits, &row(f)));
+            ours_f32.1 = ours_f32.1.max(l2_err(&logits, &row(f)));
+            hf_vs_f32.0 = hf_vs_f32.0.max(rel_err(&row(&hf_logits), &row(f)));
+            hf_vs_f32.1 = hf_vs_f32.1.max(l2_err(&row(&hf_logits), &row(f)));
+        }
         let mut next = argmax(&logits);
         let mut cont = Vec::new();
         for k in 0..steps {
@@ -302,8 +328,16 @@ fn hf(args: &[String]) -> Res<()> {
         }
     }
     println!("## correctness: CUDA vs Hugging Face transformers (bf16, SDPA)\n");
+    println!("| logits of | against | max abs err / max abs | L2 rel err |");
+    println!("|---|---|---|---|");
+    println!("| Tandem CUDA (bf16) | HF bf16 (SDPA) | {worst:.2e} | {worst_l2:.2e} |");
+    if hf_f32.is_some() {
+        println!("| Tandem CUDA (bf16) | HF fp32 (same weights) | {:.2e} | {:.2e} |", ours_f32.0, ours_f32.1);
+        println!("| HF bf16 (SDPA) | HF fp32 (same weights) | {:.2e} | {:.2e} |", hf_vs_f32.0, hf_vs_f32.1);
+    }
+    println!();
     println!(
-        "model {} ({} layers, hidden {}, {} heads, {} KV heads, vocab {}): {} prompts, max logits rel err {worst:.2e}; greedy continuations ({steps} tokens) differing: {} {}\n",
+        "model {} ({} layers, hidden {}, {} heads, {} KV heads, vocab {}), {} prompts (lengths {:?}); greedy continuations ({steps} tokens) differing from HF bf16: {} {}\n",
         dir.display(),
         config.num_layers,
         config.hidden_size,
@@ -311,6 +345,7 @@ fn hf(args: &[String]) -> Res<()> {
         config.num_kv_heads,
         config.vocab_size,
         prompts.len(),
+        prompts.iter().map(Vec::len).collect::<Vec<_>>(),
         differ.len(),
         differ.join(", ")
     );

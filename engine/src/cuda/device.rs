@@ -35,6 +35,7 @@ pub(crate) struct Kernels {
     pub silu_mul: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub fill_uniform: CudaFunction,
+    pub gemv: CudaFunction,
     pub attn_combine: CudaFunction,
     /// `decode_attn_{32,64,128}` for the model's head_dim.
     pub decode_attn: CudaFunction,
@@ -51,7 +52,12 @@ pub struct Gpu {
     pub(crate) copy: Arc<CudaStream>,
     pub(crate) k: Kernels,
     blas: CudaBlas,
+    /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
+    cublas_only: bool,
 }
+
+/// Products with at most this many rows use the `gemv` kernel instead of cuBLAS.
+const GEMV_MAX_ROWS: usize = 8;
 
 /// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`, else the first default that exists.
 pub fn include_dir() -> String {
@@ -125,6 +131,7 @@ impl Gpu {
             silu_mul: f("silu_mul")?,
             argmax_rows: f("argmax_rows")?,
             fill_uniform: f("fill_uniform")?,
+            gemv: f("gemv")?,
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
@@ -138,6 +145,7 @@ impl Gpu {
             copy,
             k,
             blas,
+            cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -215,6 +223,15 @@ impl Gpu {
         y_f32: bool,
     ) -> Result<(), CudaError> {
         if n == 0 {
+            return Ok(());
+        }
+        if n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only {
+            let (n_i, k_i, out_i, f) = (n as i32, k as i32, out as i32, y_f32 as i32);
+            let mut b = self.compute.launch_builder(&self.k.gemv);
+            b.arg(&x).arg(&w).arg(&y).arg(&n_i).arg(&k_i).arg(&out_i).arg(&f);
+            // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
+            // kernel's 16-byte loads stay inside each row.
+            unsafe { b.launch(grid(out.div_ceil(8) as u32, 256)) }.op("launch gemv")?;
             return Ok(());
         }
         let (alpha, beta) = (1.0f32, 0.0f32);

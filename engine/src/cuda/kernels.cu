@@ -200,9 +200,8 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
                             int bs, int split_len, int max_splits, int window, float scale) {
     extern __shared__ float smem[];
     int group = hq / hkv;
-    float* qs = smem;                       // [group][HD]
-    float* scores = qs + group * HD;        // [group][split_len]
-    float* red = scores + group * split_len;  // [kgroups][group][HD]
+    float* scores = smem;                     // [group][split_len]
+    float* red = scores + group * split_len;  // [key groups][group][HD]
     __shared__ float ms[MAXG], ls[MAXG];
 
     int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
@@ -212,44 +211,67 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     size_t head0 = (size_t)b * hq + (size_t)kh * group;
     if (start >= len) return;  // attn_combine only reads splits that hold keys
     int lo = window > 0 ? max(0, len - window) : 0;
-    int tid = threadIdx.x;
-    for (int i = tid; i < group * HD; i += blockDim.x)
-        qs[i] = bf(q[head0 * HD + i]) * scale;
-    __syncthreads();
-
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int* table = tables + (size_t)b * table_stride;
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
-    for (int j = start + tid; j < end; j += blockDim.x) {
-        size_t blk = table[j / bs];
-        int s = j % bs;
-        const bf16* k = cache + blk * block_elems + ((size_t)kh * bs + s) * HD;
-        float acc[MAXG];
+
+    // Scores: 8 lanes per key (each DPL dims, q slice in registers), 4 keys per warp.
+    constexpr int DPL = HD / 8;
+    int sub = lane & 7, kslot = lane >> 3;
+    float qr[MAXG][DPL];
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) acc[g] = 0.f;
-#pragma unroll 4
-        for (int d = 0; d < HD; d += 8) {
-            uint4 raw = *reinterpret_cast<const uint4*>(k + d);
-            const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-            float kf[8];
+    for (int g = 0; g < MAXG; g++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float2 f = __bfloat1622float2(kv[e]);
-                kf[2 * e] = f.x;
-                kf[2 * e + 1] = f.y;
-            }
+        for (int e = 0; e < DPL; e++)
+            qr[g][e] = g < group ? bf(q[(head0 + g) * HD + sub * DPL + e]) * scale : 0.f;
+    for (int base = start + warp * 4; base < end; base += nwarps * 4) {
+        int j = base + kslot;
+        bool valid = j < end;
+        float kf[DPL];
+        if (valid) {
+            size_t blk = table[j / bs];
+            const bf16* k = cache + blk * block_elems + ((size_t)kh * bs + j % bs) * HD + sub * DPL;
+            if constexpr (DPL >= 8) {
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                if (g < group) {
+                for (int c = 0; c < DPL; c += 8) {
+                    uint4 raw = *reinterpret_cast<const uint4*>(k + c);
+                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-                    for (int e = 0; e < 8; e++) acc[g] += qs[g * HD + d + e] * kf[e];
+                    for (int e = 0; e < 4; e++) {
+                        float2 f = __bfloat1622float2(kv[e]);
+                        kf[c + 2 * e] = f.x;
+                        kf[c + 2 * e + 1] = f.y;
+                    }
+                }
+            } else {
+                uint2 raw = *reinterpret_cast<const uint2*>(k);
+                const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                for (int e = 0; e < DPL / 2; e++) {
+                    float2 f = __bfloat1622float2(kv[e]);
+                    kf[2 * e] = f.x;
+                    kf[2 * e + 1] = f.y;
                 }
             }
+        } else {
+#pragma unroll
+            for (int e = 0; e < DPL; e++) kf[e] = 0.f;
         }
-        for (int g = 0; g < group; g++) scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc[g];
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) {
+            if (g < group) {
+                float acc = 0.f;
+#pragma unroll
+                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[e];
+                acc += __shfl_xor_sync(0xffffffff, acc, 1);
+                acc += __shfl_xor_sync(0xffffffff, acc, 2);
+                acc += __shfl_xor_sync(0xffffffff, acc, 4);
+                if (valid && sub == 0) scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc;
+            }
+        }
     }
     __syncthreads();
 
-    int warp = tid >> 5, lane = tid & 31, nwarps = blockDim.x >> 5;
     int n = end - start;
     for (int g = warp; g < group; g += nwarps) {
         float* sc = scores + g * split_len;
@@ -270,32 +292,33 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     }
     __syncthreads();
 
-    const int pairs = HD / 2;
-    int kgroups = blockDim.x / pairs;
-    int pr = tid % pairs, kg = tid / pairs;
-    float2 o[MAXG];
+    // P·V: HD/4 threads per key (4 dims each, one 8-byte load), the rest over keys.
+    const int tpk = HD / 4;
+    int kgroups = blockDim.x / tpk;
+    int part = tid % tpk, kg = tid / tpk;
+    float4 o[MAXG];
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) o[g] = make_float2(0.f, 0.f);
-    if (kg < kgroups) {
-        for (int j = start + kg; j < end; j += kgroups) {
-            size_t blk = table[j / bs];
-            int s = j % bs;
-            const bf16* v = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + s) * HD;
-            float2 vf = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(v)[pr]);
+    for (int g = 0; g < MAXG; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int j = start + kg; j < end; j += kgroups) {
+        size_t blk = table[j / bs];
+        const bf16* v = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + j % bs) * HD + part * 4;
+        uint2 raw = *reinterpret_cast<const uint2*>(v);
+        const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
 #pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                if (g < group) {
-                    float p = scores[g * split_len + (j - start)];
-                    o[g].x += p * vf.x;
-                    o[g].y += p * vf.y;
-                }
+        for (int g = 0; g < MAXG; g++) {
+            if (g < group) {
+                float p = scores[g * split_len + (j - start)];
+                o[g].x += p * v01.x;
+                o[g].y += p * v01.y;
+                o[g].z += p * v23.x;
+                o[g].w += p * v23.y;
             }
         }
-        for (int g = 0; g < group; g++) {
-            red[(kg * group + g) * HD + 2 * pr] = o[g].x;
-            red[(kg * group + g) * HD + 2 * pr + 1] = o[g].y;
-        }
     }
+    for (int g = 0; g < group; g++)
+        *reinterpret_cast<float4*>(red + (kg * group + g) * HD + part * 4) = o[g];
     __syncthreads();
     for (int i = tid; i < group * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
@@ -362,9 +385,18 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return *reinterpret_cast<u32*>(&v);
 }
 
-__device__ __forceinline__ u32 pack_raw(bf16 lo, bf16 hi) {
-    return (u32)(*reinterpret_cast<unsigned short*>(&lo)) |
-           ((u32)(*reinterpret_cast<unsigned short*>(&hi)) << 16);
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 #define BQ 64
@@ -434,16 +466,20 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
         }
         __syncthreads();
 
+        // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
+        // matrix l / 8: dims +0, +8 of this k-step and the next).
         float sc[BK / 8][4];
+        int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-            const bf16* krow = ks + (nt * 8 + gid) * LD + tig * 2;
+            const bf16* krow = ks + (nt * 8 + mr) * LD + mi * 8;
 #pragma unroll
-            for (int ks2 = 0; ks2 < HD / 16; ks2++) {
-                u32 b0 = *reinterpret_cast<const u32*>(krow + ks2 * 16);
-                u32 b1 = *reinterpret_cast<const u32*>(krow + ks2 * 16 + 8);
-                mma16816(sc[nt], qf[ks2], b0, b1);
+            for (int ks2 = 0; ks2 < HD / 16; ks2 += 2) {
+                u32 b[4];
+                ldsm_x4(b, krow + ks2 * 16);
+                mma16816(sc[nt], qf[ks2], b[0], b[1]);
+                mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
             }
         }
         float mx[2] = {NEG_INF, NEG_INF};
@@ -493,13 +529,14 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
             a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
             a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
             a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-            const bf16* v0 = vs + (kk * 16 + tig * 2) * LD + gid;
+            // V fragments through ldmatrix.trans: matrices (keys +0, +8) x (dims +0, +8).
+            const bf16* vrow = vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + (mi >> 1) * 8;
 #pragma unroll
-            for (int nt = 0; nt < HD / 8; nt++) {
-                const bf16* vp = v0 + nt * 8;
-                u32 b0 = pack_raw(vp[0], vp[LD]);
-                u32 b1 = pack_raw(vp[8 * LD], vp[9 * LD]);
-                mma16816(o[nt], a, b0, b1);
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                u32 b[4];
+                ldsm_x4_trans(b, vrow + nt * 8);
+                mma16816(o[nt], a, b[0], b[1]);
+                mma16816(o[nt + 1], a, b[2], b[3]);
             }
         }
     }
@@ -534,3 +571,65 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
 PREFILL_ATTN(32)
 PREFILL_ATTN(64)
 PREFILL_ATTN(128)
+
+// ---------------------------------------------------------------------------
+// Skinny GEMM for decode (n <= 8 rows): y[r, o] = sum_k x[r, k] w[o, k].
+// cuBLAS is tuned for large n; at batch 1..8 the step is a pure weight stream, so
+// one warp per output row reads its weight row once with 16-byte loads.
+// grid ceil(out / 8), block 256 (8 warps).
+template <int N>
+__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (o >= out) return;
+    const bf16* wr = w + (size_t)o * k;
+    float acc[N];
+#pragma unroll
+    for (int r = 0; r < N; r++) acc[r] = 0.f;
+#pragma unroll 4
+    for (int c = lane * 8; c < k; c += 256) {
+        uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + c));
+        const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+        float wf[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 f = __bfloat1622float2(w2[e]);
+            wf[2 * e] = f.x;
+            wf[2 * e + 1] = f.y;
+        }
+#pragma unroll
+        for (int r = 0; r < N; r++) {
+            uint4 xv = *reinterpret_cast<const uint4*>(x + (size_t)r * k + c);
+            const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float2 f = __bfloat1622float2(x2[e]);
+                acc[r] += f.x * wf[2 * e] + f.y * wf[2 * e + 1];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+        float v = warp_sum(acc[r]);
+        if (lane == 0) {
+            if (y_f32)
+                reinterpret_cast<float*>(y)[(size_t)r * out + o] = v;
+            else
+                reinterpret_cast<bf16*>(y)[(size_t)r * out + o] = __float2bfloat16(v);
+        }
+    }
+}
+
+extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, int k, int out,
+                                int y_f32) {
+    switch (n) {
+        case 1: gemv_rows<1>(x, w, y, k, out, y_f32); break;
+        case 2: gemv_rows<2>(x, w, y, k, out, y_f32); break;
+        case 3: gemv_rows<3>(x, w, y, k, out, y_f32); break;
+        case 4: gemv_rows<4>(x, w, y, k, out, y_f32); break;
+        case 5: gemv_rows<5>(x, w, y, k, out, y_f32); break;
+        case 6: gemv_rows<6>(x, w, y, k, out, y_f32); break;
+        case 7: gemv_rows<7>(x, w, y, k, out, y_f32); break;
+        default: gemv_rows<8>(x, w, y, k, out, y_f32); break;
+    }
+}

@@ -385,9 +385,8 @@ impl CudaBackend {
 
             let tables = at(m.tables);
             if decode {
-                let (split_len, splits) = choose_split(max_len, s * hkv, group, hd)?;
-                let kgroups = 128 / (hd / 2);
-                let smem = 4 * (group * hd + group * split_len + kgroups * group * hd);
+                let (split_len, splits) = choose_split(max_len, s * hkv, group)?;
+                let smem = decode_smem(group, split_len);
                 let seq_lens = at(m.seq_lens);
                 let (po, pml) = (ptr(&b.part_o, st), ptr(&b.part_ml, st));
                 let (sl, ms) = (split_len as i32, MAX_SPLITS as i32);
@@ -486,16 +485,20 @@ impl CudaBackend {
     }
 }
 
+/// Dynamic shared memory of `decode_attn`: scores of `split_len` keys per query
+/// head, and a [128 / (hd / 4)][group][hd] = [group][512] f32 reduction area.
+fn decode_smem(group: usize, split_len: usize) -> usize {
+    4 * (group * split_len + 512 * group)
+}
+
 /// The context length each decode block takes and the number of splits: enough
 /// blocks to fill the GPU (`units` = sequences × KV heads), within shared memory.
 fn choose_split(
     max_len: usize,
     units: usize,
     group: usize,
-    hd: usize,
 ) -> Result<(usize, usize), CudaError> {
-    let kgroups = 128 / (hd / 2);
-    let fits = |sl: usize| 4 * (group * hd + group * sl + kgroups * group * hd) <= SMEM_LIMIT;
+    let fits = |sl: usize| decode_smem(group, sl) <= SMEM_LIMIT;
     let mut split_len = 128;
     loop {
         let splits = max_len.div_ceil(split_len);
@@ -576,12 +579,12 @@ mod tests {
     #[test]
     fn splits_fill_the_gpu_and_fit_shared_memory() {
         // One sequence of 1k tokens, 8 KV heads: split finely.
-        let (sl, n) = choose_split(1024, 8, 4, 128).unwrap();
+        let (sl, n) = choose_split(1024, 8, 4).unwrap();
         assert_eq!((sl, n), (128, 8));
         // A big batch needs no splitting beyond what memory asks.
-        let (sl, n) = choose_split(4096, 256 * 8, 4, 128).unwrap();
+        let (sl, n) = choose_split(4096, 256 * 8, 4).unwrap();
         assert!(n * sl >= 4096 && n <= super::MAX_SPLITS);
         // Very long contexts still fit.
-        assert!(choose_split(131_072, 8, 4, 128).is_ok());
+        assert!(choose_split(131_072, 8, 4).is_ok());
     }
 }
