@@ -205,9 +205,11 @@ impl ModelConfig {
             None => None,
             Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
         };
-        let rope_theta = hf
-            .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()));
+        let rope_theta = hf.rope_theta.or_else(|| {
+            params
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        });
         let eos_token_ids = match &hf.eos_token_id {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(serde_json::Value::Number(n)) => vec![as_token_id(n).map_err(bad)?],
@@ -329,7 +331,10 @@ mod tests {
         let text = LLAMA3
             .replace(r#""rope_theta": 500000.0,"#, "")
             .replace(r#""rope_scaling""#, r#""rope_parameters""#)
-            .replace(r#""rope_type": "llama3""#, r#""rope_type": "llama3", "rope_theta": 500000.0"#);
+            .replace(
+                r#""rope_type": "llama3""#,
+                r#""rope_type": "llama3", "rope_theta": 500000.0"#,
+            );
         let c = ModelConfig::from_json(&text).unwrap();
         assert_eq!(c.rope_theta, 500000.0);
         assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 8.0);
@@ -338,7 +343,12 @@ mod tests {
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
             r#""rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}"#,
         );
-        assert!(ModelConfig::from_json(&plain).unwrap().rope_scaling.is_none());
+        assert!(
+            ModelConfig::from_json(&plain)
+                .unwrap()
+                .rope_scaling
+                .is_none()
+        );
     }
 
     #[test]

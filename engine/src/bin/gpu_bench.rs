@@ -48,10 +48,13 @@ fn main() {
 /// max |a - b| / max |b|: the error relative to the logits' scale.
 fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
     let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = gpu
-        .iter()
-        .zip(cpu)
-        .fold(0f32, |m, (a, b)| if (a - b).is_nan() { f32::INFINITY } else { m.max((a - b).abs()) });
+    let diff = gpu.iter().zip(cpu).fold(0f32, |m, (a, b)| {
+        if (a - b).is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((a - b).abs())
+        }
+    });
     diff / scale
 }
 
@@ -83,7 +86,9 @@ fn check(args: &[String]) -> Res<()> {
     ];
     let mut failed = false;
     println!("## correctness: CUDA (bf16) vs CPU (f32) on synthesized bf16-weight models\n");
-    println!("| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |");
+    println!(
+        "| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (name, arch, hidden, heads, kv_heads, max_pos) in models {
         let dir = root.join(name);
@@ -127,7 +132,11 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
     let max_len = 400.min(config.max_position_embeddings - steps - 1);
     let prompts: Vec<Vec<u32>> = (0..20)
         .map(|i| {
-            let len = if i == 0 { 1 } else { rng.random_range(2..=max_len) };
+            let len = if i == 0 {
+                1
+            } else {
+                rng.random_range(2..=max_len)
+            };
             (0..len)
                 .map(|_| rng.random_range(0..config.vocab_size as u32))
                 .collect()
@@ -192,7 +201,11 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
     eprintln!(
         "{}: KV layer export rel err vs CPU {kv_err:.2e} ({used} tokens), import/export roundtrip {}",
         dir.display(),
-        if back == gpu_kv { "identical" } else { "DIFFERS" }
+        if back == gpu_kv {
+            "identical"
+        } else {
+            "DIFFERS"
+        }
     );
     if back != gpu_kv {
         return Err("KV import/export roundtrip differs".into());
@@ -250,7 +263,11 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
             where_.push(format!("#{i}(len {})@{k}", prompts[i].len()));
         }
     }
-    let where_ = if where_.is_empty() { "-".into() } else { where_.join(", ") };
+    let where_ = if where_.is_empty() {
+        "-".into()
+    } else {
+        where_.join(", ")
+    };
     Ok((prefill_err, decode_err, differ, where_, prefill_l2))
 }
 
@@ -332,8 +349,14 @@ fn hf(args: &[String]) -> Res<()> {
     println!("|---|---|---|---|");
     println!("| Tandem CUDA (bf16) | HF bf16 (SDPA) | {worst:.2e} | {worst_l2:.2e} |");
     if hf_f32.is_some() {
-        println!("| Tandem CUDA (bf16) | HF fp32 (same weights) | {:.2e} | {:.2e} |", ours_f32.0, ours_f32.1);
-        println!("| HF bf16 (SDPA) | HF fp32 (same weights) | {:.2e} | {:.2e} |", hf_vs_f32.0, hf_vs_f32.1);
+        println!(
+            "| Tandem CUDA (bf16) | HF fp32 (same weights) | {:.2e} | {:.2e} |",
+            ours_f32.0, ours_f32.1
+        );
+        println!(
+            "| HF bf16 (SDPA) | HF fp32 (same weights) | {:.2e} | {:.2e} |",
+            hf_vs_f32.0, hf_vs_f32.1
+        );
     }
     println!();
     println!(
@@ -397,16 +420,25 @@ fn bench(args: &[String]) -> Res<()> {
 
     // Decode.
     println!("### decode step (greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n");
-    println!("| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s |");
+    println!(
+        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s |"
+    );
     println!("|---|---|---|---|---|---|");
-    let batches: &[usize] = if quick { &[1, 64] } else { &[1, 8, 32, 64, 128, 256] };
+    let batches: &[usize] = if quick {
+        &[1, 64]
+    } else {
+        &[1, 8, 32, 64, 128, 256]
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     for ctx in [1024usize, 4096] {
         for &batch in batches {
             let steps = 13;
             let per_seq = blocks_for(ctx + steps + 1, BS);
             if per_seq * batch > num_blocks {
-                println!("| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |", per_seq * batch);
+                println!(
+                    "| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |",
+                    per_seq * batch
+                );
                 continue;
             }
             let tables: Vec<Vec<u32>> = (0..batch)
@@ -444,13 +476,27 @@ fn bench(args: &[String]) -> Res<()> {
     println!();
 
     // Prefill.
-    println!("### prefill (one sequence; chunks of {} tokens; median of 3 after a warm-up)\n", limits.max_tokens);
-    println!("| prompt | time ms | tokens/s | TFLOP/s (linear + causal attention) | of 793 TFLOP/s |");
+    println!(
+        "### prefill (one sequence; chunks of {} tokens; median of 3 after a warm-up)\n",
+        limits.max_tokens
+    );
+    println!(
+        "| prompt | time ms | tokens/s | TFLOP/s (linear + causal attention) | of 793 TFLOP/s |"
+    );
     println!("|---|---|---|---|---|");
-    let (h, hd, hq, hkv) = (config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads);
+    let (h, hd, hq, hkv) = (
+        config.hidden_size,
+        config.head_dim,
+        config.num_heads,
+        config.num_kv_heads,
+    );
     let linear_params = config.num_layers
         * ((hq + 2 * hkv) * hd * h + h * hq * hd + 3 * config.intermediate_size * h);
-    let lens: &[usize] = if quick { &[1024, 8192] } else { &[1024, 8192, 32768] };
+    let lens: &[usize] = if quick {
+        &[1024, 8192]
+    } else {
+        &[1024, 8192, 32768]
+    };
     let mut last_table = Vec::new();
     for &len in lens {
         let blocks = blocks_for(len, BS);
@@ -485,7 +531,10 @@ fn bench(args: &[String]) -> Res<()> {
         }
         let t = median(times);
         let flops = 2.0 * len as f64 * linear_params as f64
-            + config.num_layers as f64 * 4.0 * (hq * hd) as f64 * (len as f64 * (len as f64 + 1.0) / 2.0);
+            + config.num_layers as f64
+                * 4.0
+                * (hq * hd) as f64
+                * (len as f64 * (len as f64 + 1.0) / 2.0);
         println!(
             "| {len} | {:.1} | {:.0} | {:.0} | {:.1}% |",
             t * 1e3,
@@ -513,11 +562,25 @@ fn bench(args: &[String]) -> Res<()> {
             std::hint::black_box(v);
         }
         let (s, f) = (median(stage), median(full));
-        println!("### KV export, one layer of a {}-token prompt ({:.0} MB)\n", blocks.len() * BS, bytes / 1e6);
+        println!(
+            "### KV export, one layer of a {}-token prompt ({:.0} MB)\n",
+            blocks.len() * BS,
+            bytes / 1e6
+        );
         println!("| path | ms | GB/s | of 55 GB/s |");
         println!("|---|---|---|---|");
-        println!("| GPU blocks → pinned host (copy stream) | {:.2} | {:.1} | {:.0}% |", s * 1e3, bytes / s / 1e9, bytes / s / 55e9 * 100.0);
-        println!("| … → `Vec<u8>` (`Backend::export_layer`) | {:.2} | {:.1} | {:.0}% |", f * 1e3, bytes / f / 1e9, bytes / f / 55e9 * 100.0);
+        println!(
+            "| GPU blocks → pinned host (copy stream) | {:.2} | {:.1} | {:.0}% |",
+            s * 1e3,
+            bytes / s / 1e9,
+            bytes / s / 55e9 * 100.0
+        );
+        println!(
+            "| … → `Vec<u8>` (`Backend::export_layer`) | {:.2} | {:.1} | {:.0}% |",
+            f * 1e3,
+            bytes / f / 1e9,
+            bytes / f / 55e9 * 100.0
+        );
         println!();
     }
     Ok(())

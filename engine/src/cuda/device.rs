@@ -174,26 +174,24 @@ impl Gpu {
 
     /// Waits for the compute stream.
     pub fn sync(&self) -> Result<(), CudaError> {
-        self.compute.synchronize().op("cuStreamSynchronize (compute)")
+        self.compute
+            .synchronize()
+            .op("cuStreamSynchronize (compute)")
     }
 
     /// Fills `len` bytes at `ptr` with `byte` on the compute stream (poisoning outputs).
     pub fn memset(&self, ptr: u64, byte: u8, len: usize) -> Result<(), CudaError> {
         // SAFETY: callers pass a pointer to a live allocation of at least `len` bytes.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(ptr, byte, len, self.compute.cu_stream())
-        }
-        .op("cuMemsetD8Async")
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, len, self.compute.cu_stream()) }
+            .op("cuMemsetD8Async")
     }
 
     /// Copies `dst.len()` elements from device `src` to host `dst` on the compute stream, then waits.
     pub fn download<T: DeviceRepr>(&self, src: u64, dst: &mut [T]) -> Result<(), CudaError> {
         // SAFETY: `src` holds at least `dst.len()` elements (callers size it); we wait
         // for the copy before `dst` is used.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(dst, src, self.compute.cu_stream())
-        }
-        .op("cuMemcpyDtoHAsync")?;
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.compute.cu_stream()) }
+            .op("cuMemcpyDtoHAsync")?;
         self.sync()
     }
 
@@ -228,7 +226,13 @@ impl Gpu {
         if n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only {
             let (n_i, k_i, out_i, f) = (n as i32, k as i32, out as i32, y_f32 as i32);
             let mut b = self.compute.launch_builder(&self.k.gemv);
-            b.arg(&x).arg(&w).arg(&y).arg(&n_i).arg(&k_i).arg(&out_i).arg(&f);
+            b.arg(&x)
+                .arg(&w)
+                .arg(&y)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(&out_i)
+                .arg(&f);
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
             unsafe { b.launch(grid(out.div_ceil(8) as u32, 256)) }.op("launch gemv")?;

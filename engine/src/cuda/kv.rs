@@ -67,7 +67,9 @@ impl GpuKvCache {
 
     fn check(&self, layer: usize, blocks: &[BlockId]) -> Result<()> {
         if layer >= self.layout.num_layers {
-            return Err(EngineError::KvCache(format!("layer {layer} does not exist")));
+            return Err(EngineError::KvCache(format!(
+                "layer {layer} does not exist"
+            )));
         }
         if let Some(b) = blocks
             .iter()

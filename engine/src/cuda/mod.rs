@@ -162,8 +162,8 @@ impl CudaBackend {
         };
         // SAFETY: plain pinned memory, written by the host before each pass and read by
         // a copy that completes before the pass returns.
-        let meta_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(meta_cap, 0) }
-            .op("cuMemHostAlloc")?;
+        let meta_host =
+            unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(meta_cap, 0) }.op("cuMemHostAlloc")?;
         gpu.sync()?;
         Ok(CudaBackend {
             gpu,
@@ -360,7 +360,13 @@ impl CudaBackend {
             let first = if li == 0 { null } else { delta };
             let w = ptr(&layer.input_norm, st);
             let mut l = st.launch_builder(&g.k.add_rmsnorm);
-            l.arg(&x).arg(&first).arg(&null).arg(&w).arg(&hb).arg(&h_i).arg(&eps);
+            l.arg(&x)
+                .arg(&first)
+                .arg(&null)
+                .arg(&w)
+                .arg(&hb)
+                .arg(&h_i)
+                .arg(&eps);
             unsafe { l.launch(grid(n as u32, 256)) }.op("launch add_rmsnorm")?;
             g.gemm(hb, ptr(&layer.qkv, st), qkv, n, h, qkvw, false)?;
 
@@ -454,7 +460,13 @@ impl CudaBackend {
             g.gemm(attn, ptr(&layer.o, st), delta, n, qd, h, true)?;
             let w = ptr(&layer.post_norm, st);
             let mut l = st.launch_builder(&g.k.add_rmsnorm);
-            l.arg(&x).arg(&delta).arg(&null).arg(&w).arg(&hb).arg(&h_i).arg(&eps);
+            l.arg(&x)
+                .arg(&delta)
+                .arg(&null)
+                .arg(&w)
+                .arg(&hb)
+                .arg(&h_i)
+                .arg(&eps);
             unsafe { l.launch(grid(n as u32, 256)) }.op("launch add_rmsnorm")?;
             g.gemm(hb, ptr(&layer.gate_up, st), gu, n, h, 2 * inter, false)?;
             let (n_i, inter_i) = (n as i32, inter as i32);
@@ -469,7 +481,13 @@ impl CudaBackend {
         let last_h = ptr(&b.last_h, st);
         let w = ptr(&self.model.norm, st);
         let mut l = st.launch_builder(&g.k.add_rmsnorm);
-        l.arg(&x).arg(&delta).arg(&rows).arg(&w).arg(&last_h).arg(&h_i).arg(&eps);
+        l.arg(&x)
+            .arg(&delta)
+            .arg(&rows)
+            .arg(&w)
+            .arg(&last_h)
+            .arg(&h_i)
+            .arg(&eps);
         unsafe { l.launch(grid(s as u32, 256)) }.op("launch add_rmsnorm")?;
         let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
         g.gemm(
@@ -493,11 +511,7 @@ fn decode_smem(group: usize, split_len: usize) -> usize {
 
 /// The context length each decode block takes and the number of splits: enough
 /// blocks to fill the GPU (`units` = sequences × KV heads), within shared memory.
-fn choose_split(
-    max_len: usize,
-    units: usize,
-    group: usize,
-) -> Result<(usize, usize), CudaError> {
+fn choose_split(max_len: usize, units: usize, group: usize) -> Result<(usize, usize), CudaError> {
     let fits = |sl: usize| decode_smem(group, sl) <= SMEM_LIMIT;
     let mut split_len = 128;
     loop {
