@@ -110,6 +110,41 @@ pub trait Backend: Send {
     }
 }
 
+/// A boxed backend is a backend, so nodes can pick one at run time.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        (**self).kv_layout()
+    }
+
+    fn forward(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        (**self).forward(chunks, on_layer)
+    }
+
+    fn forward_greedy(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        (**self).forward_greedy(chunks, on_layer)
+    }
+
+    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
+        (**self).export_layer(layer, blocks)
+    }
+
+    fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
+        (**self).import_layer(layer, blocks, bytes)
+    }
+}
+
 /// Index of the largest value (the first one on ties; 0 for an empty slice).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;

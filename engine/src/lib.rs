@@ -34,6 +34,6 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
-pub use model_dir::ModelDir;
+pub use model_dir::{Device, ModelDir};
 pub use sampling::SamplingParams;
 pub use tokenizer::{ChatMessage, Tokenizer};

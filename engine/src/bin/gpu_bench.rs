@@ -388,7 +388,7 @@ fn bench(args: &[String]) -> Res<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
-    let gpu = Gpu::open(0, config.head_dim)?;
+    let gpu = Gpu::open(0, &config)?;
     let name = gpu.name();
     let model = GpuModel::random(&gpu, &config, 1)?;
     let (free, total) = gpu.mem_info()?;

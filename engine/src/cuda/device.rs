@@ -16,6 +16,7 @@ use cudarc::driver::{
 };
 
 use super::error::{CudaError, DriverContext};
+use crate::config::ModelConfig;
 
 /// The CUDA C source of every kernel.
 const KERNELS: &str = include_str!("kernels.cu");
@@ -37,7 +38,7 @@ pub(crate) struct Kernels {
     pub fill_uniform: CudaFunction,
     pub gemv: CudaFunction,
     pub attn_combine: CudaFunction,
-    /// `decode_attn_{32,64,128}` for the model's head_dim.
+    /// `decode_attn_{32,64,128}_{1,2,4,8}` for the model's head_dim and group size.
     pub decode_attn: CudaFunction,
     /// `prefill_attn_{32,64,128}` for the model's head_dim.
     pub prefill_attn: CudaFunction,
@@ -72,8 +73,22 @@ pub fn include_dir() -> String {
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` and compiles the kernels for a model whose heads are `head_dim` wide.
-    pub fn open(ordinal: usize, head_dim: usize) -> Result<Self, CudaError> {
+    /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
+    /// `config`'s head width and query heads per KV head.
+    pub fn open(ordinal: usize, config: &ModelConfig) -> Result<Self, CudaError> {
+        let head_dim = config.head_dim;
+        let group = config.num_heads / config.num_kv_heads.max(1);
+        let group_bound = match group {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            5..=8 => 8,
+            g => {
+                return Err(CudaError::Unsupported(format!(
+                    "{g} query heads per KV head: the CUDA kernels take at most 8"
+                )));
+            }
+        };
         if !matches!(head_dim, 32 | 64 | 128) {
             return Err(CudaError::Unsupported(format!(
                 "head_dim {head_dim}: the CUDA kernels are built for 32, 64 and 128"
@@ -133,9 +148,16 @@ impl Gpu {
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
             attn_combine: f("attn_combine")?,
-            decode_attn: f(&format!("decode_attn_{head_dim}"))?,
+            decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
         };
+        // The prefill attention kernel's two K/V stages exceed the default 48 KiB.
+        k.prefill_attn
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem(head_dim) as i32,
+            )
+            .op("cuFuncSetAttribute")?;
         let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
             .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
             .op("cublasCreate")?;
@@ -147,6 +169,12 @@ impl Gpu {
             blas,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
         })
+    }
+
+    /// Makes this GPU's context current on the calling thread (a backend is built on
+    /// one thread and driven from another; raw driver and cuBLAS calls need it).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().op("cuCtxSetCurrent")
     }
 
     /// The device's name.
@@ -292,6 +320,12 @@ impl Gpu {
         unsafe { b.launch(grid(1024, 256)) }.op("launch fill_uniform")?;
         Ok(())
     }
+}
+
+/// Dynamic shared memory of `prefill_attn`: two stages of a 64-key K and V tile,
+/// rows padded by 8 elements.
+pub(crate) fn prefill_smem(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim + 8) * 2
 }
 
 /// A launch of `blocks` blocks of `threads` threads, no dynamic shared memory.

@@ -194,7 +194,7 @@ extern "C" __global__ void fill_uniform(bf16* p, u64 n, u64 seed, float lo, floa
 // attn_combine merges the splits.
 #define MAXG 8
 
-template <int HD>
+template <int HD, int G>
 __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables, int table_stride,
                             const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv,
                             int bs, int split_len, int max_splits, int window, float scale) {
@@ -202,7 +202,7 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     int group = hq / hkv;
     float* scores = smem;                     // [group][split_len]
     float* red = scores + group * split_len;  // [key groups][group][HD]
-    __shared__ float ms[MAXG], ls[MAXG];
+    __shared__ float ms[G], ls[G];
 
     int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
     int len = seq_lens[b];
@@ -215,58 +215,65 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     const int* table = tables + (size_t)b * table_stride;
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
 
-    // Scores: 8 lanes per key (each DPL dims, q slice in registers), 4 keys per warp.
+    // Scores: 8 lanes per key (each DPL dims, q slice in registers), 4 keys per warp
+    // and two such sets per iteration, so two independent loads are in flight.
     constexpr int DPL = HD / 8;
     int sub = lane & 7, kslot = lane >> 3;
-    float qr[MAXG][DPL];
+    float qr[G][DPL];
 #pragma unroll
-    for (int g = 0; g < MAXG; g++)
+    for (int g = 0; g < G; g++)
 #pragma unroll
         for (int e = 0; e < DPL; e++)
             qr[g][e] = g < group ? bf(q[(head0 + g) * HD + sub * DPL + e]) * scale : 0.f;
-    for (int base = start + warp * 4; base < end; base += nwarps * 4) {
-        int j = base + kslot;
-        bool valid = j < end;
-        float kf[DPL];
-        if (valid) {
-            size_t blk = table[j / bs];
-            const bf16* k = cache + blk * block_elems + ((size_t)kh * bs + j % bs) * HD + sub * DPL;
-            if constexpr (DPL >= 8) {
+    for (int base = start + warp * 8; base < end; base += nwarps * 8) {
+        float kf[2][DPL];
 #pragma unroll
-                for (int c = 0; c < DPL; c += 8) {
-                    uint4 raw = *reinterpret_cast<const uint4*>(k + c);
+        for (int u = 0; u < 2; u++) {
+            int j = base + 4 * u + kslot;
+            if (j < end) {
+                size_t blk = table[j / bs];
+                const bf16* k =
+                    cache + blk * block_elems + ((size_t)kh * bs + j % bs) * HD + sub * DPL;
+                if constexpr (DPL >= 8) {
+#pragma unroll
+                    for (int c = 0; c < DPL; c += 8) {
+                        uint4 raw = *reinterpret_cast<const uint4*>(k + c);
+                        const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            float2 f = __bfloat1622float2(kv[e]);
+                            kf[u][c + 2 * e] = f.x;
+                            kf[u][c + 2 * e + 1] = f.y;
+                        }
+                    }
+                } else {
+                    uint2 raw = *reinterpret_cast<const uint2*>(k);
                     const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
+                    for (int e = 0; e < DPL / 2; e++) {
                         float2 f = __bfloat1622float2(kv[e]);
-                        kf[c + 2 * e] = f.x;
-                        kf[c + 2 * e + 1] = f.y;
+                        kf[u][2 * e] = f.x;
+                        kf[u][2 * e + 1] = f.y;
                     }
                 }
             } else {
-                uint2 raw = *reinterpret_cast<const uint2*>(k);
-                const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-                for (int e = 0; e < DPL / 2; e++) {
-                    float2 f = __bfloat1622float2(kv[e]);
-                    kf[2 * e] = f.x;
-                    kf[2 * e + 1] = f.y;
-                }
+                for (int e = 0; e < DPL; e++) kf[u][e] = 0.f;
             }
-        } else {
-#pragma unroll
-            for (int e = 0; e < DPL; e++) kf[e] = 0.f;
         }
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (g < group) {
+        for (int u = 0; u < 2; u++) {
+            int j = base + 4 * u + kslot;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
                 float acc = 0.f;
 #pragma unroll
-                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[e];
+                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[u][e];
                 acc += __shfl_xor_sync(0xffffffff, acc, 1);
                 acc += __shfl_xor_sync(0xffffffff, acc, 2);
                 acc += __shfl_xor_sync(0xffffffff, acc, 4);
-                if (valid && sub == 0) scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc;
+                if (g < group && j < end && sub == 0)
+                    scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc;
             }
         }
     }
@@ -296,9 +303,9 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     const int tpk = HD / 4;
     int kgroups = blockDim.x / tpk;
     int part = tid % tpk, kg = tid / tpk;
-    float4 o[MAXG];
+    float4 o[G];
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int g = 0; g < G; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4
     for (int j = start + kg; j < end; j += kgroups) {
         size_t blk = table[j / bs];
@@ -307,7 +314,7 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
         const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
         float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
+        for (int g = 0; g < G; g++) {
             if (g < group) {
                 float p = scores[g * split_len + (j - start)];
                 o[g].x += p * v01.x;
@@ -332,17 +339,26 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     }
 }
 
-#define DECODE_ATTN(HD)                                                                        \
-    extern "C" __global__ void decode_attn_##HD(                                               \
+#define DECODE_ATTN(HD, G)                                                                     \
+    extern "C" __global__ void decode_attn_##HD##_##G(                                         \
         const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
         const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
         int split_len, int max_splits, int window, float scale) {                              \
-        decode_attn<HD>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv,    \
-                        bs, split_len, max_splits, window, scale);                             \
+        decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
+                           bs, split_len, max_splits, window, scale);                          \
     }
-DECODE_ATTN(32)
-DECODE_ATTN(64)
-DECODE_ATTN(128)
+DECODE_ATTN(32, 1)
+DECODE_ATTN(32, 2)
+DECODE_ATTN(32, 4)
+DECODE_ATTN(32, 8)
+DECODE_ATTN(64, 1)
+DECODE_ATTN(64, 2)
+DECODE_ATTN(64, 4)
+DECODE_ATTN(64, 8)
+DECODE_ATTN(128, 1)
+DECODE_ATTN(128, 2)
+DECODE_ATTN(128, 4)
+DECODE_ATTN(128, 8)
 
 // grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
@@ -399,6 +415,18 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
                  : "r"(a));
 }
 
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+    u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 #define BQ 64
 #define BK 64
 
@@ -409,8 +437,9 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
                              float scale) {
     const int LD = HD + 8;  // padded smem row: conflict-free fragment loads
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    bf16* ks = reinterpret_cast<bf16*>(smem_raw);
-    bf16* vs = ks + BK * LD;
+    // Two stages of [K tile][V tile]: the next tile is fetched (cp.async) while
+    // this one is multiplied.
+    bf16* stage0 = reinterpret_cast<bf16*>(smem_raw);
 
     int c = blockIdx.z, h = blockIdx.y;
     int len = q_len[c];
@@ -448,23 +477,40 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
     if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
     int qp0 = pos0 + r0, qp1 = pos0 + r1;
 
-    for (int kt = kv_begin; kt < kv_end; kt += BK) {
-        __syncthreads();
+    auto load_tile = [&](int stage, int kt) {
+        bf16* kd = stage0 + stage * 2 * BK * LD;
+        bf16* vd = kd + BK * LD;
         for (int i = tid; i < BK * HD / 8; i += blockDim.x) {
             int r = i / (HD / 8), cc = (i % (HD / 8)) * 8;
             int key = kt + r;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            const bf16* kp = cache;
+            const bf16* vp = cache;
+            int bytes = 0;
             if (key < kv_end) {
-                size_t blk = table[key / bs];
+                const bf16* base = cache + (size_t)table[key / bs] * block_elems;
                 int s = key % bs;
-                const bf16* base = cache + blk * block_elems;
-                kv = *reinterpret_cast<const uint4*>(base + ((size_t)kh * bs + s) * HD + cc);
-                vv = *reinterpret_cast<const uint4*>(base + ((size_t)(hkv + kh) * bs + s) * HD + cc);
+                kp = base + ((size_t)kh * bs + s) * HD + cc;
+                vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc;
+                bytes = 16;
             }
-            *reinterpret_cast<uint4*>(ks + r * LD + cc) = kv;
-            *reinterpret_cast<uint4*>(vs + r * LD + cc) = vv;
+            cp_async16(kd + r * LD + cc, kp, bytes);
+            cp_async16(vd + r * LD + cc, vp, bytes);
+        }
+        cp_async_commit();
+    };
+    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
+    load_tile(0, kv_begin);
+    for (int t = 0; t < ntiles; t++) {
+        int kt = kv_begin + t * BK;
+        if (t + 1 < ntiles) {
+            load_tile((t + 1) & 1, kt + BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        const bf16* ks = stage0 + (t & 1) * 2 * BK * LD;
+        const bf16* vs = ks + BK * LD;
 
         // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
         // matrix l / 8: dims +0, +8 of this k-step and the next).
@@ -539,6 +585,7 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
                 mma16816(o[nt + 1], a, b[2], b[3]);
             }
         }
+        __syncthreads();
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {

@@ -93,6 +93,10 @@ impl GpuKvCache {
         mut sink: impl FnMut(&[u8]),
     ) -> Result<()> {
         self.check(layer, blocks)?;
+        self.compute
+            .context()
+            .bind_to_thread()
+            .op("cuCtxSetCurrent")?;
         let bb = self.layout.block_bytes();
         let done = self.compute.record_event(None).op("cuEventRecord")?;
         self.copy.wait(&done).op("cuStreamWaitEvent")?;
@@ -128,6 +132,10 @@ impl GpuKvCache {
     /// `blocks` of `layer`, through pinned memory on the copy stream.
     pub fn import_layer(&self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         self.check(layer, blocks)?;
+        self.compute
+            .context()
+            .bind_to_thread()
+            .op("cuCtxSetCurrent")?;
         let bb = self.layout.block_bytes();
         if bytes.len() != blocks.len() * bb {
             return Err(EngineError::KvCache(format!(

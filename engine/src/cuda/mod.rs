@@ -186,7 +186,7 @@ impl CudaBackend {
         block_size: usize,
         limits: CudaLimits,
     ) -> Result<Self> {
-        let gpu = Gpu::open(ordinal, config.head_dim)?;
+        let gpu = Gpu::open(ordinal, config)?;
         let model = GpuModel::load(&gpu, config, weights)?;
         Self::new(gpu, model, num_blocks, block_size, limits)
     }
@@ -209,6 +209,7 @@ impl CudaBackend {
     /// Fills every layer's cache with random values (benchmarks of long contexts
     /// without running the prefill first; never time on zeros).
     pub fn fill_cache_random(&mut self, seed: u64) -> Result<()> {
+        self.gpu.bind()?;
         let n = self.kv.layout().num_blocks * self.kv.layout().block_elems();
         for l in 0..self.kv.layout().num_layers {
             self.gpu
@@ -220,6 +221,7 @@ impl CudaBackend {
     /// Overwrites the activation and output buffers with NaN, so that a result a
     /// kernel failed to write cannot pass for a correct one.
     pub fn poison(&mut self) -> Result<()> {
+        self.gpu.bind()?;
         let s = &self.gpu.compute;
         let b = &self.bufs;
         for (p, bytes) in [
@@ -308,6 +310,7 @@ impl CudaBackend {
     /// Runs the layers; leaves each chunk's last-token logits in `bufs.logits`.
     fn run(&mut self, chunks: &[SeqChunk<'_>], mut on_layer: Option<LayerHook<'_>>) -> Result<()> {
         validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
+        self.gpu.bind()?;
         let m = self.upload_meta(chunks)?;
         let c = &self.model.config;
         let g = &self.gpu;
@@ -452,7 +455,7 @@ impl CudaBackend {
                 let cfg = LaunchConfig {
                     grid_dim: (max_q.div_ceil(64) as u32, hq as u32, s as u32),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (2 * 64 * (hd + 8) * 2) as u32,
+                    shared_mem_bytes: device::prefill_smem(hd) as u32,
                 };
                 unsafe { l.launch(cfg) }.op("launch prefill_attn")?;
             }
@@ -521,7 +524,7 @@ fn choose_split(max_len: usize, units: usize, group: usize) -> Result<(usize, us
                 "a decode context of {max_len} tokens does not fit the attention kernel's shared memory"
             )));
         }
-        if splits <= MAX_SPLITS && units * splits <= 1024 {
+        if splits <= MAX_SPLITS && units * splits <= 2048 {
             return Ok((split_len, splits));
         }
         if splits <= MAX_SPLITS && !fits(split_len * 2) {
