@@ -3,6 +3,7 @@
 # machine (see docs/GPU_BENCH.md). Expects the bench binary and this folder's
 # Python script under $GPU_DIR (default .gpu), writes Markdown under $OUT.
 #   MODE=smoke  : correctness on small models and a 4-layer quick bench
+#   MODE=ours   : correctness (CPU and HF) and our benchmark, no PyTorch baseline
 #   MODE=full   : everything (default)
 set -u
 GPU_DIR=${GPU_DIR:-.gpu}
@@ -27,6 +28,8 @@ else
   step 150 hfref $PY "$GPU_DIR/hf_reference.py" reference --dir /tmp/hf-llama3-2l --layers 2
   step 100 hf "$B" hf --dir /tmp/hf-llama3-2l
   step 240 bench "$B" bench --shape llama3-8b
+  if [ "$MODE" = full ]; then
   step 200 baseline $PY "$GPU_DIR/hf_reference.py" baseline --layers 32
   TANDEM_CUDA_CUBLAS_ONLY=1 step 120 bench_cublas_only "$B" bench --shape llama3-8b --quick
+  fi
 fi

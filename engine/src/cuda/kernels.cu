@@ -386,7 +386,8 @@ extern "C" __global__ void attn_combine(const float* part_o, const float* part_m
 // Queries of chunk c are rows q_off[c] .. q_off[c] + q_len[c] of q [n, hq, HD] at
 // positions q_pos[c] ..; keys 0 .. q_pos[c] + q_len[c] are read through the
 // chunk's block table (the chunk's own K/V are already in the cache).
-// grid (q tiles of 64, hq, chunks), block 128 = 4 warps x 16 query rows.
+// grid (q tiles of 128, hq, chunks), block 256 = 8 warps x 16 query rows; each K/V
+// tile in shared memory serves all 128 rows.
 
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -427,7 +428,7 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-#define BQ 64
+#define BQ 128
 #define BK 64
 
 template <int HD>
@@ -511,6 +512,14 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
         __syncthreads();
         const bf16* ks = stage0 + (t & 1) * 2 * BK * LD;
         const bf16* vs = ks + BK * LD;
+        // This warp's rows are at positions wq0 .. wq0 + 15.
+        int wq0 = pos0 + tile * BQ + warp * 16;
+        if (kt > wq0 + 15) {  // every key of the tile is in this warp's future
+            __syncthreads();
+            continue;
+        }
+        // No mask needed when every key is at or before every row of the warp.
+        bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
 
         // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
         // matrix l / 8: dims +0, +8 of this k-step and the next).
@@ -529,18 +538,28 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
             }
         }
         float mx[2] = {NEG_INF, NEG_INF};
+        if (full) {
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
+            for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key = kt + nt * 8 + tig * 2 + (e & 1);
-                int qp = (e & 2) ? qp1 : qp0;
-                int r = (e & 2) ? r1 : r0;
-                bool masked = key > qp || key >= kv_end || r >= len ||
-                              (window > 0 && qp - key >= window);
-                float v = masked ? NEG_INF : sc[nt][e] * scale;
-                sc[nt][e] = v;
-                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                for (int e = 0; e < 4; e++) {
+                    sc[nt][e] *= scale;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kt + nt * 8 + tig * 2 + (e & 1);
+                    int qp = (e & 2) ? qp1 : qp0;
+                    int r = (e & 2) ? r1 : r0;
+                    bool masked = key > qp || key >= kv_end || r >= len ||
+                                  (window > 0 && qp - key >= window);
+                    float v = masked ? NEG_INF : sc[nt][e] * scale;
+                    sc[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
             }
         }
 #pragma unroll

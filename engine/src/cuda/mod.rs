@@ -453,8 +453,8 @@ impl CudaBackend {
                     .arg(&window)
                     .arg(&scale);
                 let cfg = LaunchConfig {
-                    grid_dim: (max_q.div_ceil(64) as u32, hq as u32, s as u32),
-                    block_dim: (128, 1, 1),
+                    grid_dim: (max_q.div_ceil(128) as u32, hq as u32, s as u32),
+                    block_dim: (256, 1, 1),
                     shared_mem_bytes: device::prefill_smem(hd) as u32,
                 };
                 unsafe { l.launch(cfg) }.op("launch prefill_attn")?;
