@@ -38,6 +38,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo clippy, CUDA backend (builds without CUDA: cudarc loads the libraries at run time)"
+cargo clippy -p tandem-engine --features cuda --all-targets --locked -- -D warnings
+
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== disk after the build: target/ holds $(du -sh target 2>/dev/null | cut -f1)"

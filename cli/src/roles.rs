@@ -34,15 +34,22 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 
 /// Opens the configured model; the default path is synthesized on first use.
 pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
-    if section.backend != tandem_cluster::config::BackendKind::Cpu {
-        anyhow::bail!("this build has only the CPU backend (model.backend = \"cpu\")");
-    }
+    let device = match section.backend {
+        tandem_cluster::config::BackendKind::Cpu => tandem_engine::Device::Cpu,
+        #[cfg(feature = "cuda")]
+        tandem_cluster::config::BackendKind::Cuda => tandem_engine::Device::Cuda(section.device),
+        #[cfg(not(feature = "cuda"))]
+        tandem_cluster::config::BackendKind::Cuda => anyhow::bail!(
+            "model.backend = \"cuda\" needs a build with `--features cuda` (this one has only the CPU backend)"
+        ),
+    };
     let path: &Path = &section.path;
     if path == Path::new(DEFAULT_MODEL_DIR_PATH) {
         crate::model_cmd::default_model()?;
     }
-    let model =
+    let mut model =
         ModelDir::open(path).with_context(|| format!("opening model {}", path.display()))?;
+    model.device = device;
     Ok(Arc::new(model))
 }
 

@@ -80,7 +80,7 @@ pub async fn serve_advertising(
     let backend = {
         let model = model.clone();
         let (blocks, block_size) = (config.kv_blocks, config.block_size);
-        tokio::task::spawn_blocking(move || model.load_cpu(blocks, block_size))
+        tokio::task::spawn_blocking(move || model.load(blocks, block_size))
             .await
             .map_err(|e| DecodeError::Transfer(e.to_string()))??
     };

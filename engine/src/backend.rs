@@ -53,6 +53,22 @@ pub trait Backend: Send {
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<Vec<f32>>>;
 
+    /// Like [`forward`](Self::forward), but returns each chunk's greedy (argmax)
+    /// next token instead of its logits. A GPU backend samples on the device, so
+    /// only token ids cross to the host; the default takes the argmax of
+    /// `forward`'s logits (lowest id on ties, as the GPU does).
+    fn forward_greedy(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        Ok(self
+            .forward(chunks, on_layer)?
+            .iter()
+            .map(|logits| argmax(logits))
+            .collect())
+    }
+
     /// The bytes of `blocks` of `layer`.
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>>;
 
@@ -92,6 +108,52 @@ pub trait Backend: Send {
             .collect();
         self.forward(&chunks, None)
     }
+}
+
+/// A boxed backend is a backend, so nodes can pick one at run time.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        (**self).kv_layout()
+    }
+
+    fn forward(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        (**self).forward(chunks, on_layer)
+    }
+
+    fn forward_greedy(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        (**self).forward_greedy(chunks, on_layer)
+    }
+
+    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
+        (**self).export_layer(layer, blocks)
+    }
+
+    fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
+        (**self).import_layer(layer, blocks, bytes)
+    }
+}
+
+/// Index of the largest value (the first one on ties; 0 for an empty slice).
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Checks a batch against the model and cache before any of it runs, so that

@@ -111,6 +111,8 @@ struct HfConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 writes `rope_theta` and the scaling here instead.
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -190,10 +192,24 @@ impl ModelConfig {
         if hf.mlp_bias == Some(true) {
             return Err(bad("mlp_bias = true is not supported".into()));
         }
-        let rope_scaling = match &hf.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
+        let params = hf.rope_parameters.as_ref().filter(|v| v.is_object());
+        let scaling = match &hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => params.filter(|p| {
+                p.get("rope_type")
+                    .and_then(|t| t.as_str())
+                    .is_some_and(|t| t != "default")
+            }),
+            Some(v) => Some(v),
+        };
+        let rope_scaling = match scaling {
+            None => None,
             Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
         };
+        let rope_theta = hf.rope_theta.or_else(|| {
+            params
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|t| t.as_f64())
+        });
         let eos_token_ids = match &hf.eos_token_id {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(serde_json::Value::Number(n)) => vec![as_token_id(n).map_err(bad)?],
@@ -223,7 +239,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: need(hf.max_position_embeddings, "max_position_embeddings")?,
             tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
@@ -308,6 +324,31 @@ mod tests {
             );
         let c = ModelConfig::from_json(&text).unwrap();
         assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let text = LLAMA3
+            .replace(r#""rope_theta": 500000.0,"#, "")
+            .replace(r#""rope_scaling""#, r#""rope_parameters""#)
+            .replace(
+                r#""rope_type": "llama3""#,
+                r#""rope_type": "llama3", "rope_theta": 500000.0"#,
+            );
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 8.0);
+        let plain = LLAMA3.replace(
+            r#""rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}"#,
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}"#,
+        );
+        assert!(
+            ModelConfig::from_json(&plain)
+                .unwrap()
+                .rope_scaling
+                .is_none()
+        );
     }
 
     #[test]

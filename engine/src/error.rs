@@ -71,6 +71,10 @@ pub enum EngineError {
     /// A tensor operation failed (a bug or an exhausted allocator).
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
+    /// The CUDA backend failed (driver, compiler, cuBLAS, or an unsupported shape).
+    #[cfg(feature = "cuda")]
+    #[error("cuda: {0}")]
+    Cuda(#[from] crate::cuda::CudaError),
 }
 
 /// Result alias for the engine.

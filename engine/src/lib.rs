@@ -5,7 +5,7 @@
 //! - [`block_manager`] and [`kv_cache`]: the paged KV cache, its allocation and its
 //!   layout (shared by every backend and by the KV wire format).
 //! - [`backend`]: the forward-pass interface built for disaggregation, and
-//!   [`cpu`], its CPU implementation.
+//!   [`cpu`], its CPU implementation; `cuda` (feature `cuda`), the GPU one.
 //! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state.
 //! - [`local`]: whole-request generation in one process.
 //! - [`synth`]: small random-weight models for tests and the quick start.
@@ -14,6 +14,8 @@ pub mod backend;
 pub mod block_manager;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod generation;
 pub mod kv_cache;
@@ -32,6 +34,6 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
-pub use model_dir::ModelDir;
+pub use model_dir::{Device, ModelDir};
 pub use sampling::SamplingParams;
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -2,11 +2,22 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
+
+/// Where a model's forward pass runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend (candle, f32).
+    #[default]
+    Cpu,
+    /// The CUDA backend on this GPU (bf16; needs a build with the `cuda` feature).
+    Cuda(usize),
+}
 
 /// A model directory whose config and tokenizer have been read and checked.
 pub struct ModelDir {
@@ -16,6 +27,8 @@ pub struct ModelDir {
     pub config: ModelConfig,
     /// Its tokenizer and chat template.
     pub tokenizer: Tokenizer,
+    /// Where [`load`](Self::load) puts the model (the CPU unless set).
+    pub device: Device,
 }
 
 impl ModelDir {
@@ -27,6 +40,7 @@ impl ModelDir {
             path: path.to_owned(),
             config,
             tokenizer,
+            device: Device::Cpu,
         })
     }
 
@@ -36,6 +50,30 @@ impl ModelDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
+    }
+
+    /// Loads the weights onto [`device`](Self::device) with a KV cache of
+    /// `num_blocks` blocks of `block_size` tokens.
+    pub fn load(&self, num_blocks: usize, block_size: usize) -> Result<Box<dyn Backend>> {
+        match self.device {
+            Device::Cpu => Ok(Box::new(self.load_cpu(num_blocks, block_size)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                let weights = Weights::open_dir(&self.path)?;
+                Ok(Box::new(crate::cuda::CudaBackend::load(
+                    ordinal,
+                    &self.config,
+                    &weights,
+                    num_blocks,
+                    block_size,
+                    crate::cuda::CudaLimits::default(),
+                )?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(crate::error::EngineError::InvalidInput(
+                "this build has no CUDA backend: rebuild with `--features cuda`".into(),
+            )),
+        }
     }
 
     /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.

@@ -178,3 +178,30 @@ fn chat_template_renders() {
         "special tokens are atomic"
     );
 }
+
+#[test]
+fn load_picks_the_device_and_a_boxed_backend_forwards() {
+    use tandem_engine::backend::{Backend, argmax};
+    use tandem_engine::{Device, KvDtype, SeqChunk};
+    let (_d, mut m) = setup();
+    let mut boxed = m.load(8, 16).unwrap();
+    assert_eq!(boxed.kv_layout().dtype, KvDtype::F32);
+    let mut plain = m.load_cpu(8, 16).unwrap();
+    let chunk = [SeqChunk {
+        tokens: &[1, 2, 3],
+        start: 0,
+        block_table: &[0],
+    }];
+    let ids = boxed.forward_greedy(&chunk, None).unwrap();
+    let logits = plain.forward(&chunk, None).unwrap();
+    assert_eq!(ids, vec![argmax(&logits[0])]);
+    m.device = Device::Cuda(0);
+    if cfg!(not(feature = "cuda")) {
+        let err = m
+            .load(8, 16)
+            .err()
+            .expect("no CUDA in this build")
+            .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

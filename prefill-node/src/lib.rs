@@ -99,15 +99,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<RunningPrefill, PrefillError> {
     check_config(&config)?;
-    let shape = NodeShape::new(&model.config, config.block_size);
+    let mut shape = NodeShape::new(&model.config, config.block_size);
     shape.check_wire_limits()?;
     let backend = {
         let model = model.clone();
         let (blocks, bs) = (config.kv_blocks, config.block_size);
-        tokio::task::spawn_blocking(move || model.load_cpu(blocks, bs))
+        tokio::task::spawn_blocking(move || model.load(blocks, bs))
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };
+    shape.kv_dtype = scheduler::wire_dtype(backend.kv_layout().dtype);
     let scheduler = Arc::new(Scheduler::start(
         backend,
         SchedulerConfig {

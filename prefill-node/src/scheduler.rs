@@ -371,7 +371,7 @@ impl<B: Backend> Worker<B> {
                         layer: layer as u16,
                         first_block: first as u32,
                         block_count: (last - first) as u32,
-                        dtype: WireDtype::F32,
+                        dtype: wire_dtype(layout.dtype),
                         head_start: 0,
                         head_count: layout.num_kv_heads as u16,
                         total_heads: layout.num_kv_heads as u16,
@@ -452,4 +452,13 @@ fn first_sample(job: &Job, logits: &mut [f32]) -> u32 {
         sampler.resume_after(t);
     }
     sampler.sample(logits)
+}
+
+/// The wire's code for a cache dtype.
+pub(crate) fn wire_dtype(d: tandem_engine::KvDtype) -> WireDtype {
+    match d {
+        tandem_engine::KvDtype::F32 => WireDtype::F32,
+        tandem_engine::KvDtype::Bf16 => WireDtype::Bf16,
+        tandem_engine::KvDtype::F16 => WireDtype::F16,
+    }
 }

@@ -20,6 +20,8 @@ pub(crate) struct NodeShape {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// What the cache holds and frames carry (f32 on the CPU, bf16 on CUDA).
+    pub kv_dtype: WireDtype,
 }
 
 impl NodeShape {
@@ -31,6 +33,7 @@ impl NodeShape {
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
             block_size,
+            kv_dtype: WireDtype::F32,
         }
     }
 
@@ -155,10 +158,16 @@ async fn validate_target(
         )));
     }
     let dtype = u8::try_from(t.dtype).ok().and_then(WireDtype::from_code);
-    if dtype != Some(WireDtype::F32) {
+    if dtype != Some(shape.kv_dtype) {
         return Err(invalid(format!(
-            "kv_target.dtype {} is not supported: the CPU backend sends f32 (0)",
-            t.dtype
+            "kv_target.dtype {} is not supported: this node's cache sends {} ({})",
+            t.dtype,
+            shape.kv_dtype as u8,
+            match shape.kv_dtype {
+                WireDtype::F32 => "f32",
+                WireDtype::Bf16 => "bf16",
+                WireDtype::F16 => "f16",
+            }
         )));
     }
     if t.quic_addr.is_empty() {

@@ -1,0 +1,587 @@
+//! `tandem-gpu-bench`: checks the CUDA backend against the CPU backend (and
+//! against Hugging Face logits) and measures it, in one process, so that one
+//! call on a GPU machine does everything. Built with `--features cuda`.
+//!
+//! ```text
+//! tandem-gpu-bench check  [--dir DIR]                  CPU vs GPU on synthesized models
+//! tandem-gpu-bench hf     --dir DIR                    GPU vs HF logits (scripts/hf_reference.py)
+//! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
+use tandem_engine::block_manager::blocks_for;
+use tandem_engine::config::{Architecture, ModelConfig};
+use tandem_engine::cpu::{CpuBackend, CpuModel};
+use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel, named_config};
+use tandem_engine::synth::{SynthDtype, SynthSpec, write_model_dir};
+use tandem_engine::weights::Weights;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BS: usize = 16;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("check") => check(&args),
+        Some("hf") => hf(&args),
+        Some("bench") => bench(&args),
+        _ => Err("usage: tandem-gpu-bench check|hf|bench [options]".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// max |a - b| / max |b|: the error relative to the logits' scale.
+fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let diff = gpu.iter().zip(cpu).fold(0f32, |m, (a, b)| {
+        if (a - b).is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((a - b).abs())
+        }
+    });
+    diff / scale
+}
+
+/// ||a - b|| / ||b||.
+fn l2_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let (mut d, mut r) = (0f64, 0f64);
+    for (a, b) in gpu.iter().zip(cpu) {
+        d += ((a - b) as f64).powi(2);
+        r += (*b as f64).powi(2);
+    }
+    (d.sqrt() / r.sqrt().max(1e-12)) as f32
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+// ---------------------------------------------------------------------------
+// Correctness against the CPU backend.
+
+fn check(args: &[String]) -> Res<()> {
+    let root = PathBuf::from(arg(args, "--dir").unwrap_or_else(|| "/tmp/tandem-check".into()));
+    let models = [
+        ("llama-hd32", Architecture::Llama, 256, 8, 4, 2048),
+        ("llama-hd128", Architecture::Llama, 1024, 8, 2, 2048),
+        ("qwen2-hd64", Architecture::Qwen2, 512, 8, 2, 2048),
+        ("mistral-window256", Architecture::Mistral, 256, 8, 4, 512),
+    ];
+    let mut failed = false;
+    println!("## correctness: CUDA (bf16) vs CPU (f32) on synthesized bf16-weight models\n");
+    println!(
+        "| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, arch, hidden, heads, kv_heads, max_pos) in models {
+        let dir = root.join(name);
+        if !dir.join("config.json").exists() {
+            write_model_dir(
+                &dir,
+                &SynthSpec {
+                    architecture: arch,
+                    hidden_size: hidden,
+                    intermediate_size: hidden * 11 / 4,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    max_position_embeddings: max_pos,
+                    dtype: SynthDtype::Bf16,
+                    seed: 7,
+                    ..SynthSpec::default()
+                },
+            )?;
+        }
+        let r = check_model(&dir)?;
+        failed |= !(r.0 < 5e-2 && r.1 < 5e-2 && r.4 < 1e-2);
+        println!(
+            "| {name} | 20 (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
+            r.0, r.4, r.1, r.2, r.3
+        );
+    }
+    println!();
+    if failed {
+        return Err("logits error above tolerance (L2 1e-2, max 5e-2)".into());
+    }
+    Ok(())
+}
+
+/// (max prefill rel err, max decode rel err, continuations differing, divergence
+/// steps, max prefill L2 rel err).
+fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let weights = Weights::open_dir(dir)?;
+    let steps = 16;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let max_len = 400.min(config.max_position_embeddings - steps - 1);
+    let prompts: Vec<Vec<u32>> = (0..20)
+        .map(|i| {
+            let len = if i == 0 {
+                1
+            } else {
+                rng.random_range(2..=max_len)
+            };
+            (0..len)
+                .map(|_| rng.random_range(0..config.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    // Each sequence gets its own blocks, in reverse order, so paging is exercised.
+    let per_seq = blocks_for(max_len + steps + 1, BS);
+    let num_blocks = per_seq * prompts.len() + 8;
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|i| {
+            (0..per_seq)
+                .rev()
+                .map(|j| (i * per_seq + j) as u32)
+                .collect()
+        })
+        .collect();
+    let mut cpu = CpuBackend::new(CpuModel::load(&config, &weights)?, num_blocks, BS)?;
+    let limits = CudaLimits {
+        max_tokens: 1024,
+        max_seqs: 64,
+        staging_blocks: 64,
+    };
+    let mut gpu = CudaBackend::load(0, &config, &weights, num_blocks, BS, limits)?;
+    gpu.poison()?;
+
+    let mut prefill_err = 0f32;
+    let mut prefill_l2 = 0f32;
+    let mut cpu_next = Vec::new();
+    let mut gpu_next = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let c = cpu.prefill(p, 0, &tables[i])?;
+        let g = if i % 3 == 0 && p.len() > 1 {
+            let half = p.len() / 2;
+            gpu.prefill(&p[..half], 0, &tables[i])?;
+            gpu.prefill(&p[half..], half, &tables[i])?
+        } else {
+            gpu.prefill(p, 0, &tables[i])?
+        };
+        prefill_err = prefill_err.max(rel_err(&g, &c));
+        prefill_l2 = prefill_l2.max(l2_err(&g, &c));
+        cpu_next.push(argmax(&c));
+        gpu_next.push(argmax(&g));
+    }
+
+    // KV wire: the GPU's exported layer (bf16) against the CPU's (f32).
+    let cpu_kv = cpu.export_layer(1, &tables[5][..2])?;
+    let gpu_kv = gpu.export_layer(1, &tables[5][..2])?;
+    let as_f32: Vec<f32> = gpu_kv
+        .chunks_exact(2)
+        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    let cpu_f32: Vec<f32> = cpu_kv
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let used = prompts[5].len().min(2 * BS);
+    let kv_err = rel_err(&as_f32, &cpu_f32);
+    // Import into spare blocks and read back: byte-identical.
+    let spare: Vec<u32> = (num_blocks as u32 - 2..num_blocks as u32).collect();
+    gpu.import_layer(1, &spare, &gpu_kv)?;
+    let back = gpu.export_layer(1, &spare)?;
+    eprintln!(
+        "{}: KV layer export rel err vs CPU {kv_err:.2e} ({used} tokens), import/export roundtrip {}",
+        dir.display(),
+        if back == gpu_kv {
+            "identical"
+        } else {
+            "DIFFERS"
+        }
+    );
+    if back != gpu_kv {
+        return Err("KV import/export roundtrip differs".into());
+    }
+
+    // Greedy continuations: the GPU decodes all 20 in one batch per step, on the
+    // device (forward_greedy); the CPU one sequence at a time.
+    let mut decode_err = 0f32;
+    let mut cpu_cont = vec![Vec::new(); prompts.len()];
+    let mut gpu_cont = vec![Vec::new(); prompts.len()];
+    let mut cpu_step0 = Vec::new();
+    for step in 0..steps {
+        let mut batch = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let pos = p.len() + step;
+            let c = cpu.decode(&[(cpu_next[i], pos, &tables[i])])?;
+            cpu_cont[i].push(cpu_next[i]);
+            cpu_next[i] = argmax(&c[0]);
+            if step == 0 {
+                cpu_step0.push(c.into_iter().next().unwrap_or_default());
+            }
+            batch.push((gpu_next[i], pos, tables[i].as_slice()));
+        }
+        let toks: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
+        let chunks: Vec<SeqChunk<'_>> = batch
+            .iter()
+            .zip(&toks)
+            .map(|(b, t)| SeqChunk {
+                tokens: t,
+                start: b.1,
+                block_table: b.2,
+            })
+            .collect();
+        if step == 0 {
+            // The batched decode step's logits against the CPU's, where both were fed
+            // the same token (forward_greedy below rewrites the same K/V).
+            let g = gpu.forward(&chunks, None)?;
+            for i in 0..prompts.len() {
+                if cpu_cont[i][0] == gpu_next[i] {
+                    decode_err = decode_err.max(rel_err(&g[i], &cpu_step0[i]));
+                }
+            }
+        }
+        let ids = gpu.forward_greedy(&chunks, None)?;
+        for (i, id) in ids.into_iter().enumerate() {
+            gpu_cont[i].push(gpu_next[i]);
+            gpu_next[i] = id;
+        }
+    }
+    let mut differ = 0;
+    let mut where_ = Vec::new();
+    for i in 0..prompts.len() {
+        if let Some(k) = (0..steps).find(|&k| cpu_cont[i][k] != gpu_cont[i][k]) {
+            differ += 1;
+            where_.push(format!("#{i}(len {})@{k}", prompts[i].len()));
+        }
+    }
+    let where_ = if where_.is_empty() {
+        "-".into()
+    } else {
+        where_.join(", ")
+    };
+    Ok((prefill_err, decode_err, differ, where_, prefill_l2))
+}
+
+// ---------------------------------------------------------------------------
+// Against Hugging Face transformers (reference files written by scripts/hf_reference.py).
+
+fn hf(args: &[String]) -> Res<()> {
+    let dir = PathBuf::from(arg(args, "--dir").ok_or("--dir is required")?);
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let weights = Weights::open_dir(&dir)?;
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hf_ref.json"))?)?;
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(refs["prompts"].clone())?;
+    let hf_greedy: Vec<Vec<u32>> = serde_json::from_value(refs["greedy"].clone())?;
+    let read = |name: &str| -> Res<Vec<f32>> {
+        Ok(std::fs::read(dir.join(name))?
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    };
+    let hf_logits = read("hf_logits.f32")?;
+    let hf_f32 = read("hf_logits_fp32.f32").ok();
+    let v = config.vocab_size;
+    if hf_logits.len() != prompts.len() * v {
+        return Err("hf_logits.f32 does not hold one row per prompt".into());
+    }
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let steps = hf_greedy.first().map_or(0, Vec::len);
+    let per_seq = blocks_for(max_len + steps + 1, BS);
+    let mut gpu = CudaBackend::load(
+        0,
+        &config,
+        &weights,
+        per_seq * prompts.len() + 1,
+        BS,
+        CudaLimits {
+            max_tokens: 8192,
+            max_seqs: 64,
+            staging_blocks: 16,
+        },
+    )?;
+    gpu.poison()?;
+    let mut worst = 0f32;
+    let mut worst_l2 = 0f32;
+    let (mut ours_f32, mut hf_vs_f32) = ((0f32, 0f32), (0f32, 0f32));
+    let mut differ = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let table: Vec<u32> = (0..per_seq).map(|j| (i * per_seq + j) as u32).collect();
+        let logits = gpu.prefill(p, 0, &table)?;
+        let row = |x: &[f32]| x[i * v..(i + 1) * v].to_vec();
+        worst = worst.max(rel_err(&logits, &row(&hf_logits)));
+        worst_l2 = worst_l2.max(l2_err(&logits, &row(&hf_logits)));
+        if let Some(f) = &hf_f32 {
+            ours_f32.0 = ours_f32.0.max(rel_err(&logits, &row(f)));
+            ours_f32.1 = ours_f32.1.max(l2_err(&logits, &row(f)));
+            hf_vs_f32.0 = hf_vs_f32.0.max(rel_err(&row(&hf_logits), &row(f)));
+            hf_vs_f32.1 = hf_vs_f32.1.max(l2_err(&row(&hf_logits), &row(f)));
+        }
+        let mut next = argmax(&logits);
+        let mut cont = Vec::new();
+        for k in 0..steps {
+            cont.push(next);
+            let t = [next];
+            next = gpu.forward_greedy(
+                &[SeqChunk {
+                    tokens: &t,
+                    start: p.len() + k,
+                    block_table: &table,
+                }],
+                None,
+            )?[0];
+        }
+        if let Some(k) = (0..steps).find(|&k| cont[k] != hf_greedy[i][k]) {
+            differ.push(format!("#{i}(len {})@{k}", p.len()));
+        }
+    }
+    println!("## correctness: CUDA vs Hugging Face transformers (bf16, SDPA)\n");
+    println!("| logits of | against | max abs err / max abs | L2 rel err |");
+    println!("|---|---|---|---|");
+    println!("| Tandem CUDA (bf16) | HF bf16 (SDPA) | {worst:.2e} | {worst_l2:.2e} |");
+    if hf_f32.is_some() {
+        println!(
+            "| Tandem CUDA (bf16) | HF fp32 (same weights) | {:.2e} | {:.2e} |",
+            ours_f32.0, ours_f32.1
+        );
+        println!(
+            "| HF bf16 (SDPA) | HF fp32 (same weights) | {:.2e} | {:.2e} |",
+            hf_vs_f32.0, hf_vs_f32.1
+        );
+    }
+    println!();
+    println!(
+        "model {} ({} layers, hidden {}, {} heads, {} KV heads, vocab {}), {} prompts (lengths {:?}); greedy continuations ({steps} tokens) differing from HF bf16: {} {}\n",
+        dir.display(),
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.vocab_size,
+        prompts.len(),
+        prompts.iter().map(Vec::len).collect::<Vec<_>>(),
+        differ.len(),
+        differ.join(", ")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Benchmarks on a random-weight model of a named shape.
+
+fn bench(args: &[String]) -> Res<()> {
+    let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
+    let layers = arg(args, "--layers").map(|s| s.parse()).transpose()?;
+    let bw: f64 = arg(args, "--bandwidth-gbs")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3000.0);
+    let quick = args.iter().any(|a| a == "--quick");
+    let config = named_config(&shape, layers)?;
+    let t0 = Instant::now();
+    let gpu = Gpu::open(0, &config)?;
+    let name = gpu.name();
+    let model = GpuModel::random(&gpu, &config, 1)?;
+    let (free, total) = gpu.mem_info()?;
+    let kv_token_bytes = config.num_layers * config.kv_bytes_per_token_per_layer(2);
+    let block_bytes_all = kv_token_bytes * BS;
+    let reserve = 3usize << 30;
+    let num_blocks = (free.saturating_sub(reserve)) / block_bytes_all;
+    let limits = CudaLimits::default();
+    let weight_bytes = 2 * model.streamed_params();
+    let mut be = CudaBackend::new(gpu, model, num_blocks, BS, limits)?;
+    be.fill_cache_random(3)?;
+    println!(
+        "## benchmark: {shape} ({} layers, hidden {}, {} heads, {} KV heads, FFN {}, vocab {}), random bf16 weights on {name}\n",
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.intermediate_size,
+        config.vocab_size
+    );
+    println!(
+        "GPU memory {:.1} GiB; weights {:.2} GB; KV cache {num_blocks} blocks of {BS} tokens ({:.1} GB, {} KiB/token); set-up {:.1} s\n",
+        total as f64 / (1u64 << 30) as f64,
+        weight_bytes as f64 / 1e9,
+        (num_blocks * block_bytes_all) as f64 / 1e9,
+        kv_token_bytes / 1024,
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Decode.
+    println!("### decode step (greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n");
+    println!(
+        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let batches: &[usize] = if quick {
+        &[1, 64]
+    } else {
+        &[1, 8, 32, 64, 128, 256]
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for ctx in [1024usize, 4096] {
+        for &batch in batches {
+            let steps = 13;
+            let per_seq = blocks_for(ctx + steps + 1, BS);
+            if per_seq * batch > num_blocks {
+                println!(
+                    "| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |",
+                    per_seq * batch
+                );
+                continue;
+            }
+            let tables: Vec<Vec<u32>> = (0..batch)
+                .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+                .collect();
+            let mut toks: Vec<u32> = (0..batch)
+                .map(|_| rng.random_range(0..config.vocab_size as u32))
+                .collect();
+            let mut times = Vec::new();
+            for step in 0..steps {
+                let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
+                let chunks: Vec<SeqChunk<'_>> = (0..batch)
+                    .map(|i| SeqChunk {
+                        tokens: &t[i],
+                        start: ctx + step,
+                        block_table: &tables[i],
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                toks = be.forward_greedy(&chunks, None)?;
+                if step >= 3 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let ms = median(times) * 1e3;
+            let kv = (batch * (ctx + 8) * kv_token_bytes) as f64;
+            let floor = (weight_bytes as f64 + kv) / (bw * 1e9) * 1e3;
+            println!(
+                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} |",
+                ms / floor,
+                batch as f64 / ms * 1e3
+            );
+        }
+    }
+    println!();
+
+    // Prefill.
+    println!(
+        "### prefill (one sequence; chunks of {} tokens; median of 3 after a warm-up)\n",
+        limits.max_tokens
+    );
+    println!(
+        "| prompt | time ms | tokens/s | TFLOP/s (linear + causal attention) | of 793 TFLOP/s |"
+    );
+    println!("|---|---|---|---|---|");
+    let (h, hd, hq, hkv) = (
+        config.hidden_size,
+        config.head_dim,
+        config.num_heads,
+        config.num_kv_heads,
+    );
+    let linear_params = config.num_layers
+        * ((hq + 2 * hkv) * hd * h + h * hq * hd + 3 * config.intermediate_size * h);
+    let lens: &[usize] = if quick {
+        &[1024, 8192]
+    } else {
+        &[1024, 8192, 32768]
+    };
+    let mut last_table = Vec::new();
+    for &len in lens {
+        let blocks = blocks_for(len, BS);
+        if blocks > num_blocks {
+            println!("| {len} | does not fit | | | |");
+            continue;
+        }
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let prompt: Vec<u32> = (0..len)
+            .map(|_| rng.random_range(0..config.vocab_size as u32))
+            .collect();
+        let runs = if len > 8192 { 2 } else { 4 };
+        let mut times = Vec::new();
+        for r in 0..runs {
+            let t0 = Instant::now();
+            let mut start = 0;
+            while start < len {
+                let end = (start + limits.max_tokens).min(len);
+                be.forward_greedy(
+                    &[SeqChunk {
+                        tokens: &prompt[start..end],
+                        start,
+                        block_table: &table,
+                    }],
+                    None,
+                )?;
+                start = end;
+            }
+            if r > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let t = median(times);
+        let flops = 2.0 * len as f64 * linear_params as f64
+            + config.num_layers as f64
+                * 4.0
+                * (hq * hd) as f64
+                * (len as f64 * (len as f64 + 1.0) / 2.0);
+        println!(
+            "| {len} | {:.1} | {:.0} | {:.0} | {:.1}% |",
+            t * 1e3,
+            len as f64 / t,
+            flops / t / 1e12,
+            flops / t / 793e12 * 100.0
+        );
+        last_table = table;
+    }
+    println!();
+
+    // KV export of one layer of the longest prompt.
+    if !last_table.is_empty() {
+        let blocks = &last_table;
+        let bytes = (blocks.len() * be.kv_layout().block_bytes()) as f64;
+        let mut stage = Vec::new();
+        let mut full = Vec::new();
+        for _ in 0..6 {
+            let t0 = Instant::now();
+            be.kv().export_with(0, blocks, |_| {})?;
+            stage.push(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            let v = be.kv().export_layer(0, blocks)?;
+            full.push(t0.elapsed().as_secs_f64());
+            std::hint::black_box(v);
+        }
+        let (s, f) = (median(stage), median(full));
+        println!(
+            "### KV export, one layer of a {}-token prompt ({:.0} MB)\n",
+            blocks.len() * BS,
+            bytes / 1e6
+        );
+        println!("| path | ms | GB/s | of 55 GB/s |");
+        println!("|---|---|---|---|");
+        println!(
+            "| GPU blocks → pinned host (copy stream) | {:.2} | {:.1} | {:.0}% |",
+            s * 1e3,
+            bytes / s / 1e9,
+            bytes / s / 55e9 * 100.0
+        );
+        println!(
+            "| … → `Vec<u8>` (`Backend::export_layer`) | {:.2} | {:.1} | {:.0}% |",
+            f * 1e3,
+            bytes / f / 1e9,
+            bytes / f / 55e9 * 100.0
+        );
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! One GPU: its context, streams, the compiled kernels and cuBLAS, and the few
+//! unsafe calls (launches, raw copies, GEMMs) the backend makes.
+//!
+//! Kernels take raw device pointers (`u64`): the backend owns every buffer for
+//! its whole life (allocated once at start), so lifetimes are simple, and
+//! cudarc's per-argument event tracking, which the compute stream does not
+//! need, is switched off. Ordering between the compute stream and the copy
+//! stream is explicit (events).
+
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, sys as blas_sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+
+use super::error::{CudaError, DriverContext};
+use crate::config::ModelConfig;
+
+/// The CUDA C source of every kernel.
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// Where NVRTC looks for `cuda_bf16.h` when `TANDEM_CUDA_INCLUDE` is unset: the
+/// GPU machines' PyTorch wheels, then a system toolkit.
+pub const DEFAULT_INCLUDE_DIRS: &[&str] = &[
+    "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/include",
+    "/usr/local/cuda/include",
+];
+
+/// The kernels, looked up once.
+pub(crate) struct Kernels {
+    pub embed: CudaFunction,
+    pub add_rmsnorm: CudaFunction,
+    pub rope_kv: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    pub fill_uniform: CudaFunction,
+    pub gemv: CudaFunction,
+    pub attn_combine: CudaFunction,
+    /// `decode_attn_{32,64,128}_{1,2,4,8}` for the model's head_dim and group size.
+    pub decode_attn: CudaFunction,
+    /// `prefill_attn_{32,64,128}` for the model's head_dim.
+    pub prefill_attn: CudaFunction,
+}
+
+/// A GPU with a compute stream, a copy stream, kernels and cuBLAS.
+pub struct Gpu {
+    pub(crate) ctx: Arc<CudaContext>,
+    /// Where the forward pass runs.
+    pub(crate) compute: Arc<CudaStream>,
+    /// Where KV layers move to and from pinned host memory.
+    pub(crate) copy: Arc<CudaStream>,
+    pub(crate) k: Kernels,
+    blas: CudaBlas,
+    /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
+    cublas_only: bool,
+}
+
+/// Products with at most this many rows use the `gemv` kernel instead of cuBLAS
+/// (measured on an H100: faster than cuBLAS at 1 row, slower at 8).
+const GEMV_MAX_ROWS: usize = 1;
+
+/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`, else the first default that exists.
+pub fn include_dir() -> String {
+    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
+        return dir;
+    }
+    DEFAULT_INCLUDE_DIRS
+        .iter()
+        .find(|d| std::path::Path::new(d).join("cuda_bf16.h").exists())
+        .unwrap_or(&DEFAULT_INCLUDE_DIRS[0])
+        .to_string()
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
+    /// `config`'s head width and query heads per KV head.
+    pub fn open(ordinal: usize, config: &ModelConfig) -> Result<Self, CudaError> {
+        let head_dim = config.head_dim;
+        let group = config.num_heads / config.num_kv_heads.max(1);
+        let group_bound = match group {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            5..=8 => 8,
+            g => {
+                return Err(CudaError::Unsupported(format!(
+                    "{g} query heads per KV head: the CUDA kernels take at most 8"
+                )));
+            }
+        };
+        if !matches!(head_dim, 32 | 64 | 128) {
+            return Err(CudaError::Unsupported(format!(
+                "head_dim {head_dim}: the CUDA kernels are built for 32, 64 and 128"
+            )));
+        }
+        // cudarc panics when the driver library is missing; make that an error.
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|p| {
+                CudaError::NoDriver(
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "libcuda not found".into()),
+                )
+            })?
+            .op("cuCtxCreate")?;
+        // SAFETY: the backend orders its streams with explicit events and owns every
+        // buffer for its whole life, so cudarc's automatic tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let compute = ctx.new_stream().op("create compute stream")?;
+        let copy = ctx.new_stream().op("create copy stream")?;
+        let include = include_dir();
+        let ptx = std::panic::catch_unwind(|| {
+            cudarc::nvrtc::compile_ptx_with_opts(
+                KERNELS,
+                cudarc::nvrtc::CompileOptions {
+                    arch: Some("sm_90"),
+                    include_paths: vec![include.clone()],
+                    options: vec!["--std=c++17".into()],
+                    ..Default::default()
+                },
+            )
+        })
+        .map_err(|_| CudaError::Compile {
+            include: include.clone(),
+            message: "libnvrtc could not be loaded".into(),
+        })?
+        .map_err(|e| CudaError::Compile {
+            include: include.clone(),
+            message: e.to_string(),
+        })?;
+        let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|source| CudaError::Driver {
+                    op: "cuModuleGetFunction",
+                    source,
+                })
+        };
+        let k = Kernels {
+            embed: f("embed")?,
+            add_rmsnorm: f("add_rmsnorm")?,
+            rope_kv: f("rope_kv")?,
+            silu_mul: f("silu_mul")?,
+            argmax_rows: f("argmax_rows")?,
+            fill_uniform: f("fill_uniform")?,
+            gemv: f("gemv")?,
+            attn_combine: f("attn_combine")?,
+            decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
+            prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
+        };
+        // The prefill attention kernel's two K/V stages exceed the default 48 KiB.
+        k.prefill_attn
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                prefill_smem(head_dim) as i32,
+            )
+            .op("cuFuncSetAttribute")?;
+        let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
+            .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
+            .op("cublasCreate")?;
+        Ok(Gpu {
+            ctx,
+            compute,
+            copy,
+            k,
+            blas,
+            cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// Makes this GPU's context current on the calling thread (a backend is built on
+    /// one thread and driven from another; raw driver and cuBLAS calls need it).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().op("cuCtxSetCurrent")
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        self.ctx.mem_get_info().op("cuMemGetInfo")
+    }
+
+    /// A zeroed device buffer.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>, CudaError> {
+        self.compute.alloc_zeros::<T>(len.max(1)).op("cuMemAlloc")
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
+        self.compute.clone_htod(data).op("cuMemcpyHtoD")
+    }
+
+    /// Waits for the compute stream.
+    pub fn sync(&self) -> Result<(), CudaError> {
+        self.compute
+            .synchronize()
+            .op("cuStreamSynchronize (compute)")
+    }
+
+    /// Fills `len` bytes at `ptr` with `byte` on the compute stream (poisoning outputs).
+    pub fn memset(&self, ptr: u64, byte: u8, len: usize) -> Result<(), CudaError> {
+        // SAFETY: callers pass a pointer to a live allocation of at least `len` bytes.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, len, self.compute.cu_stream()) }
+            .op("cuMemsetD8Async")
+    }
+
+    /// Copies `dst.len()` elements from device `src` to host `dst` on the compute stream, then waits.
+    pub fn download<T: DeviceRepr>(&self, src: u64, dst: &mut [T]) -> Result<(), CudaError> {
+        // SAFETY: `src` holds at least `dst.len()` elements (callers size it); we wait
+        // for the copy before `dst` is used.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.compute.cu_stream()) }
+            .op("cuMemcpyDtoHAsync")?;
+        self.sync()
+    }
+
+    /// Copies host `src` to device `dst` on the compute stream.
+    ///
+    /// # Safety
+    /// `dst` must hold `src.len()` elements and `src` must stay alive and unchanged
+    /// until the compute stream has passed this copy (pinned memory is copied
+    /// asynchronously).
+    pub unsafe fn upload_to<T: DeviceRepr>(&self, src: &[T], dst: u64) -> Result<(), CudaError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.compute.cu_stream()) }
+            .op("cuMemcpyHtoDAsync")
+    }
+
+    /// `y [n, out] = x [n, k] · wᵀ` with `w [out, k]` (HF layout), bf16 in, f32
+    /// accumulation; `y` is f32 when `y_f32`, else bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        n: usize,
+        k: usize,
+        out: usize,
+        y_f32: bool,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only {
+            let (n_i, k_i, out_i, f) = (n as i32, k as i32, out as i32, y_f32 as i32);
+            let mut b = self.compute.launch_builder(&self.k.gemv);
+            b.arg(&x)
+                .arg(&w)
+                .arg(&y)
+                .arg(&n_i)
+                .arg(&k_i)
+                .arg(&out_i)
+                .arg(&f);
+            // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
+            // kernel's 16-byte loads stay inside each row.
+            unsafe { b.launch(grid(out.div_ceil(8) as u32, 256)) }.op("launch gemv")?;
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
+        let y_type = if y_f32 {
+            blas_sys::cudaDataType::CUDA_R_32F
+        } else {
+            bf16
+        };
+        let dim = |v: usize| {
+            i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v}")))
+        };
+        // Column-major view: yᵀ [out, n] = w [out, k] (stored as [k, out], transposed) · xᵀ [k, n].
+        // SAFETY: the pointers are live device buffers of the sizes the dimensions imply.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                dim(out)?,
+                dim(n)?,
+                dim(k)?,
+                (&alpha) as *const f32 as *const _,
+                w as *const _,
+                bf16,
+                dim(k)?,
+                x as *const _,
+                bf16,
+                dim(k)?,
+                (&beta) as *const f32 as *const _,
+                y as *mut _,
+                y_type,
+                dim(out)?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .op("cublasGemmEx")
+    }
+
+    /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)`.
+    pub fn fill_uniform(
+        &self,
+        ptr: u64,
+        n: usize,
+        seed: u64,
+        lo: f32,
+        hi: f32,
+    ) -> Result<(), CudaError> {
+        let n64 = n as u64;
+        let mut b = self.compute.launch_builder(&self.k.fill_uniform);
+        b.arg(&ptr).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
+        // SAFETY: `ptr` holds `n` bf16 (callers allocate it so).
+        unsafe { b.launch(grid(1024, 256)) }.op("launch fill_uniform")?;
+        Ok(())
+    }
+}
+
+/// Dynamic shared memory of `prefill_attn`: two stages of a 64-key K and V tile,
+/// rows padded by 8 elements.
+pub(crate) fn prefill_smem(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim + 8) * 2
+}
+
+/// A launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
+pub(crate) fn grid(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The raw device address of a buffer.
+pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _guard) = s.device_ptr(stream);
+    p
+}

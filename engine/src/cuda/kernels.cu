@@ -1,0 +1,701 @@
+// Tandem's CUDA kernels, compiled once per process with NVRTC for sm_90.
+//
+// Conventions: activations between GEMMs are bf16 row-major [tokens, width];
+// the residual stream and the GEMM outputs added to it are f32. The KV cache
+// of one layer is bf16 in the layout of engine/src/kv_cache.rs:
+//   block b: [K: head 0 [slot][hd] .. head H-1][V: head 0 .. head H-1]
+#include <cuda_bf16.h>
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. blockDim.x is a multiple of 32.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = (threadIdx.x < (blockDim.x >> 5)) ? part[threadIdx.x] : 0.f;
+    if (warp == 0) {
+        t = warp_sum(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// x[row] = table[ids[row]] (f32 residual stream).
+extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, int hidden) {
+    size_t row = blockIdx.x;
+    size_t id = ids[row];
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        x[row * hidden + i] = bf(table[id * hidden + i]);
+}
+
+// For output row r, source row s = rows ? rows[r] : r:
+//   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
+extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
+                                       const bf16* w, bf16* out, int hidden, float eps) {
+    size_t r = blockIdx.x;
+    size_t s = rows ? (size_t)rows[r] : r;
+    float* xr = x + s * hidden;
+    const float* dr = delta ? delta + s * hidden : nullptr;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (dr) {
+            v += dr[i];
+            xr[i] = v;
+        }
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        out[r * hidden + i] = __float2bfloat16(xr[i] * inv * bf(w[i]));
+}
+
+// Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
+// qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
+// position; slots[t] = block * bs + slot where its K/V go.
+extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
+                                   const int* slots, const float* inv_freq, bf16* q_out,
+                                   bf16* cache, int hq, int hkv, int hd, int bs) {
+    size_t t = blockIdx.x;
+    int half = hd / 2;
+    size_t width = (size_t)(hq + 2 * hkv) * hd;
+    const bf16* row = qkv + t * width;
+    float p = (float)pos[t];
+    int slot = slots[t];
+    size_t blk = slot / bs;
+    int s = slot % bs;
+    size_t block_elems = 2 * (size_t)hkv * bs * hd;
+    bf16* base = cache + blk * block_elems;
+    for (int i = threadIdx.x; i < (hq + hkv) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        int c1 = h * hd + j, c2 = c1 + half;
+        float x1 = bf(row[c1]), x2 = bf(row[c2]);
+        if (bias) {
+            x1 += bf(bias[c1]);
+            x2 += bf(bias[c2]);
+        }
+        float ang = p * inv_freq[j];
+        float cs = cosf(ang), sn = sinf(ang);
+        float a = x1 * cs - x2 * sn, b = x2 * cs + x1 * sn;
+        if (h < hq) {
+            q_out[t * hq * hd + c1] = __float2bfloat16(a);
+            q_out[t * hq * hd + c2] = __float2bfloat16(b);
+        } else {
+            bf16* k = base + ((size_t)(h - hq) * bs + s) * hd;
+            k[j] = __float2bfloat16(a);
+            k[j + half] = __float2bfloat16(b);
+        }
+    }
+    for (int i = threadIdx.x; i < hkv * hd; i += blockDim.x) {
+        int kh = i / hd, d = i % hd;
+        int c = (hq + hkv) * hd + i;
+        float v = bf(row[c]);
+        if (bias) v += bf(bias[c]);
+        base[((size_t)(hkv + kh) * bs + s) * hd + d] = __float2bfloat16(v);
+    }
+}
+
+// act[r, i] = silu(gu[r, i]) * gu[r, inter + i].
+extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter) {
+    size_t total = (size_t)n * inter;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        size_t r = idx / inter, i = idx % inter;
+        float g = bf(gu[r * 2 * inter + i]);
+        float u = bf(gu[r * 2 * inter + inter + i]);
+        act[idx] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// ids[r] = argmax over logits[r, 0..vocab) (lowest index on ties).
+extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int vocab) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* row = logits + (size_t)blockIdx.x * vocab;
+    float best = NEG_INF;
+    int besti = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (v > best) {
+            best = v;
+            besti = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, best, o);
+        int oi = __shfl_xor_sync(0xffffffff, besti, o);
+        if (ov > best || (ov == best && oi < besti)) {
+            best = ov;
+            besti = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        bv[warp] = best;
+        bi[warp] = besti;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
+                best = bv[w];
+                besti = bi[w];
+            }
+        ids[blockIdx.x] = besti == 0x7fffffff ? 0 : (u32)besti;
+    }
+}
+
+// Fills n bf16 with uniform values in [lo, hi) from a counter-based hash: random
+// weights of any shape without host memory.
+__device__ __forceinline__ u64 splitmix(u64 x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+extern "C" __global__ void fill_uniform(bf16* p, u64 n, u64 seed, float lo, float hi) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        u64 r = splitmix(seed * 0x632be59bd9b4e019ull + i);
+        float u = (float)(r >> 40) * (1.0f / 16777216.0f);
+        p[i] = __float2bfloat16(lo + (hi - lo) * u);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Decode attention over the paged cache: one query token per sequence.
+// grid (splits, hkv, batch), block 128. Each block takes keys
+// [split * split_len, ...) of one sequence for the `group` query heads that share
+// KV head blockIdx.y, and writes unnormalised partial results:
+//   part_o[b, h, split, d] = sum_j exp(s_j - m) v_j[d], part_ml[b, h, split] = (m, l).
+// attn_combine merges the splits.
+#define MAXG 8
+
+template <int HD, int G>
+__device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables, int table_stride,
+                            const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv,
+                            int bs, int split_len, int max_splits, int window, float scale) {
+    extern __shared__ float smem[];
+    int group = hq / hkv;
+    float* scores = smem;                     // [group][split_len]
+    float* red = scores + group * split_len;  // [key groups][group][HD]
+    __shared__ float ms[G], ls[G];
+
+    int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
+    int len = seq_lens[b];
+    int start = sp * split_len;
+    int end = min(start + split_len, len);
+    size_t head0 = (size_t)b * hq + (size_t)kh * group;
+    if (start >= len) return;  // attn_combine only reads splits that hold keys
+    int lo = window > 0 ? max(0, len - window) : 0;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const int* table = tables + (size_t)b * table_stride;
+    size_t block_elems = 2 * (size_t)hkv * bs * HD;
+
+    // Scores: 8 lanes per key (each DPL dims, q slice in registers), 4 keys per warp
+    // and two such sets per iteration, so two independent loads are in flight.
+    constexpr int DPL = HD / 8;
+    int sub = lane & 7, kslot = lane >> 3;
+    float qr[G][DPL];
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int e = 0; e < DPL; e++)
+            qr[g][e] = g < group ? bf(q[(head0 + g) * HD + sub * DPL + e]) * scale : 0.f;
+    for (int base = start + warp * 8; base < end; base += nwarps * 8) {
+        float kf[2][DPL];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int j = base + 4 * u + kslot;
+            if (j < end) {
+                size_t blk = table[j / bs];
+                const bf16* k =
+                    cache + blk * block_elems + ((size_t)kh * bs + j % bs) * HD + sub * DPL;
+                if constexpr (DPL >= 8) {
+#pragma unroll
+                    for (int c = 0; c < DPL; c += 8) {
+                        uint4 raw = *reinterpret_cast<const uint4*>(k + c);
+                        const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            float2 f = __bfloat1622float2(kv[e]);
+                            kf[u][c + 2 * e] = f.x;
+                            kf[u][c + 2 * e + 1] = f.y;
+                        }
+                    }
+                } else {
+                    uint2 raw = *reinterpret_cast<const uint2*>(k);
+                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int e = 0; e < DPL / 2; e++) {
+                        float2 f = __bfloat1622float2(kv[e]);
+                        kf[u][2 * e] = f.x;
+                        kf[u][2 * e + 1] = f.y;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < DPL; e++) kf[u][e] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int j = base + 4 * u + kslot;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float acc = 0.f;
+#pragma unroll
+                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[u][e];
+                acc += __shfl_xor_sync(0xffffffff, acc, 1);
+                acc += __shfl_xor_sync(0xffffffff, acc, 2);
+                acc += __shfl_xor_sync(0xffffffff, acc, 4);
+                if (g < group && j < end && sub == 0)
+                    scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc;
+            }
+        }
+    }
+    __syncthreads();
+
+    int n = end - start;
+    for (int g = warp; g < group; g += nwarps) {
+        float* sc = scores + g * split_len;
+        float m = NEG_INF;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            float p = m == NEG_INF ? 0.f : __expf(sc[j] - m);
+            sc[j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            ms[g] = m;
+            ls[g] = l;
+        }
+    }
+    __syncthreads();
+
+    // P·V: HD/4 threads per key (4 dims each, one 8-byte load), the rest over keys.
+    const int tpk = HD / 4;
+    int kgroups = blockDim.x / tpk;
+    int part = tid % tpk, kg = tid / tpk;
+    float4 o[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int j = start + kg; j < end; j += kgroups) {
+        size_t blk = table[j / bs];
+        const bf16* v = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + j % bs) * HD + part * 4;
+        uint2 raw = *reinterpret_cast<const uint2*>(v);
+        const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            if (g < group) {
+                float p = scores[g * split_len + (j - start)];
+                o[g].x += p * v01.x;
+                o[g].y += p * v01.y;
+                o[g].z += p * v23.x;
+                o[g].w += p * v23.y;
+            }
+        }
+    }
+    for (int g = 0; g < group; g++)
+        *reinterpret_cast<float4*>(red + (kg * group + g) * HD + part * 4) = o[g];
+    __syncthreads();
+    for (int i = tid; i < group * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float sum = 0.f;
+        for (int k2 = 0; k2 < kgroups; k2++) sum += red[(k2 * group + g) * HD + d];
+        part_o[((head0 + g) * max_splits + sp) * HD + d] = sum;
+    }
+    if (tid < group) {
+        part_ml[((head0 + tid) * max_splits + sp) * 2] = ms[tid];
+        part_ml[((head0 + tid) * max_splits + sp) * 2 + 1] = ls[tid];
+    }
+}
+
+#define DECODE_ATTN(HD, G)                                                                     \
+    extern "C" __global__ void decode_attn_##HD##_##G(                                         \
+        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
+        const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
+        int split_len, int max_splits, int window, float scale) {                              \
+        decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
+                           bs, split_len, max_splits, window, scale);                          \
+    }
+DECODE_ATTN(32, 1)
+DECODE_ATTN(32, 2)
+DECODE_ATTN(32, 4)
+DECODE_ATTN(32, 8)
+DECODE_ATTN(64, 1)
+DECODE_ATTN(64, 2)
+DECODE_ATTN(64, 4)
+DECODE_ATTN(64, 8)
+DECODE_ATTN(128, 1)
+DECODE_ATTN(128, 2)
+DECODE_ATTN(128, 4)
+DECODE_ATTN(128, 8)
+
+// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16.
+extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
+                                        const int* seq_lens, bf16* out, int hq, int hd,
+                                        int split_len, int max_splits) {
+    int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+    size_t head = (size_t)b * hq + h;
+    int splits = (seq_lens[b] + split_len - 1) / split_len;
+    float m = NEG_INF;
+    for (int s = 0; s < splits; s++) m = fmaxf(m, part_ml[(head * max_splits + s) * 2]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float ms = part_ml[(head * max_splits + s) * 2];
+        if (ms == NEG_INF) continue;
+        float w = __expf(ms - m);
+        num += w * part_o[(head * max_splits + s) * hd + d];
+        den += w * part_ml[(head * max_splits + s) * 2 + 1];
+    }
+    out[head * hd + d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
+}
+
+// ---------------------------------------------------------------------------
+// Prefill attention: causal, flash-attention style (online softmax, the score
+// matrix never leaves registers), bf16 tensor cores through mma.m16n8k16.
+// Queries of chunk c are rows q_off[c] .. q_off[c] + q_len[c] of q [n, hq, HD] at
+// positions q_pos[c] ..; keys 0 .. q_pos[c] + q_len[c] are read through the
+// chunk's block table (the chunk's own K/V are already in the cache).
+// grid (q tiles of 128, hq, chunks), block 256 = 8 warps x 16 query rows; each K/V
+// tile in shared memory serves all 128 rows.
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&v);
+}
+
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+    u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+#define BQ 128
+#define BK 64
+
+template <int HD>
+__device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables,
+                             int table_stride, const int* q_off, const int* q_pos,
+                             const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
+                             float scale) {
+    const int LD = HD + 8;  // padded smem row: conflict-free fragment loads
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Two stages of [K tile][V tile]: the next tile is fetched (cp.async) while
+    // this one is multiplied.
+    bf16* stage0 = reinterpret_cast<bf16*>(smem_raw);
+
+    int c = blockIdx.z, h = blockIdx.y;
+    int len = q_len[c];
+    int tiles = (len + BQ - 1) / BQ;
+    int tile = tiles - 1 - (int)blockIdx.x;  // the longest tiles first
+    if (tile < 0) return;
+    int off = q_off[c], pos0 = q_pos[c];
+    int kh = h / (hq / hkv);
+    const int* table = tables + (size_t)c * table_stride;
+    size_t block_elems = 2 * (size_t)hkv * bs * HD;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    int r0 = tile * BQ + warp * 16 + gid;  // this thread's rows: r0 and r0 + 8
+    int r1 = r0 + 8;
+
+    u32 qf[HD / 16][4];
+#pragma unroll
+    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
+        int col = ks2 * 16 + tig * 2;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = (e & 1) ? r1 : r0;
+            int cc = col + ((e & 2) ? 8 : 0);
+            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
+                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
+                                 : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+
+    int kv_end = pos0 + min(len, tile * BQ + BQ);
+    int kv_begin = 0;
+    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
+    int qp0 = pos0 + r0, qp1 = pos0 + r1;
+
+    auto load_tile = [&](int stage, int kt) {
+        bf16* kd = stage0 + stage * 2 * BK * LD;
+        bf16* vd = kd + BK * LD;
+        for (int i = tid; i < BK * HD / 8; i += blockDim.x) {
+            int r = i / (HD / 8), cc = (i % (HD / 8)) * 8;
+            int key = kt + r;
+            const bf16* kp = cache;
+            const bf16* vp = cache;
+            int bytes = 0;
+            if (key < kv_end) {
+                const bf16* base = cache + (size_t)table[key / bs] * block_elems;
+                int s = key % bs;
+                kp = base + ((size_t)kh * bs + s) * HD + cc;
+                vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc;
+                bytes = 16;
+            }
+            cp_async16(kd + r * LD + cc, kp, bytes);
+            cp_async16(vd + r * LD + cc, vp, bytes);
+        }
+        cp_async_commit();
+    };
+    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
+    load_tile(0, kv_begin);
+    for (int t = 0; t < ntiles; t++) {
+        int kt = kv_begin + t * BK;
+        if (t + 1 < ntiles) {
+            load_tile((t + 1) & 1, kt + BK);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* ks = stage0 + (t & 1) * 2 * BK * LD;
+        const bf16* vs = ks + BK * LD;
+        // This warp's rows are at positions wq0 .. wq0 + 15.
+        int wq0 = pos0 + tile * BQ + warp * 16;
+        if (kt > wq0 + 15) {  // every key of the tile is in this warp's future
+            __syncthreads();
+            continue;
+        }
+        // No mask needed when every key is at or before every row of the warp.
+        bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
+
+        // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
+        // matrix l / 8: dims +0, +8 of this k-step and the next).
+        float sc[BK / 8][4];
+        int mi = lane >> 3, mr = lane & 7;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            const bf16* krow = ks + (nt * 8 + mr) * LD + mi * 8;
+#pragma unroll
+            for (int ks2 = 0; ks2 < HD / 16; ks2 += 2) {
+                u32 b[4];
+                ldsm_x4(b, krow + ks2 * 16);
+                mma16816(sc[nt], qf[ks2], b[0], b[1]);
+                mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
+            }
+        }
+        float mx[2] = {NEG_INF, NEG_INF};
+        if (full) {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    sc[nt][e] *= scale;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kt + nt * 8 + tig * 2 + (e & 1);
+                    int qp = (e & 2) ? qp1 : qp0;
+                    int r = (e & 2) ? r1 : r0;
+                    bool masked = key > qp || key >= kv_end || r >= len ||
+                                  (window > 0 && qp - key >= window);
+                    float v = masked ? NEG_INF : sc[nt][e] * scale;
+                    sc[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+            float mn = fmaxf(m[rr], mx[rr]);
+            float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
+            if (mn == NEG_INF) corr = 1.f;
+            l[rr] *= corr;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][2 * rr] *= corr;
+                o[i][2 * rr + 1] *= corr;
+            }
+            m[rr] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mm = m[e >> 1];
+                float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
+                sc[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            u32 a[4];
+            a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            // V fragments through ldmatrix.trans: matrices (keys +0, +8) x (dims +0, +8).
+            const bf16* vrow = vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + (mi >> 1) * 8;
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt += 2) {
+                u32 b[4];
+                ldsm_x4_trans(b, vrow + nt * 8);
+                mma16816(o[nt], a, b[0], b[1]);
+                mma16816(o[nt + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
+        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) {
+        int col = nt * 8 + tig * 2;
+        if (r0 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
+        }
+        if (r1 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
+        }
+    }
+}
+
+#define PREFILL_ATTN(HD)                                                                       \
+    extern "C" __global__ void prefill_attn_##HD(                                              \
+        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
+        const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
+        int bs, int window, float scale) {                                                     \
+        prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
+                         bs, window, scale);                                                   \
+    }
+PREFILL_ATTN(32)
+PREFILL_ATTN(64)
+PREFILL_ATTN(128)
+
+// ---------------------------------------------------------------------------
+// Skinny GEMM for decode (n <= 8 rows): y[r, o] = sum_k x[r, k] w[o, k].
+// cuBLAS is tuned for large n; at batch 1..8 the step is a pure weight stream, so
+// one warp per output row reads its weight row once with 16-byte loads.
+// grid ceil(out / 8), block 256 (8 warps).
+template <int N>
+__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (o >= out) return;
+    const bf16* wr = w + (size_t)o * k;
+    float acc[N];
+#pragma unroll
+    for (int r = 0; r < N; r++) acc[r] = 0.f;
+#pragma unroll 4
+    for (int c = lane * 8; c < k; c += 256) {
+        uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + c));
+        const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+        float wf[8];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float2 f = __bfloat1622float2(w2[e]);
+            wf[2 * e] = f.x;
+            wf[2 * e + 1] = f.y;
+        }
+#pragma unroll
+        for (int r = 0; r < N; r++) {
+            uint4 xv = *reinterpret_cast<const uint4*>(x + (size_t)r * k + c);
+            const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float2 f = __bfloat1622float2(x2[e]);
+                acc[r] += f.x * wf[2 * e] + f.y * wf[2 * e + 1];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+        float v = warp_sum(acc[r]);
+        if (lane == 0) {
+            if (y_f32)
+                reinterpret_cast<float*>(y)[(size_t)r * out + o] = v;
+            else
+                reinterpret_cast<bf16*>(y)[(size_t)r * out + o] = __float2bfloat16(v);
+        }
+    }
+}
+
+extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, int k, int out,
+                                int y_f32) {
+    switch (n) {
+        case 1: gemv_rows<1>(x, w, y, k, out, y_f32); break;
+        case 2: gemv_rows<2>(x, w, y, k, out, y_f32); break;
+        case 3: gemv_rows<3>(x, w, y, k, out, y_f32); break;
+        case 4: gemv_rows<4>(x, w, y, k, out, y_f32); break;
+        case 5: gemv_rows<5>(x, w, y, k, out, y_f32); break;
+        case 6: gemv_rows<6>(x, w, y, k, out, y_f32); break;
+        case 7: gemv_rows<7>(x, w, y, k, out, y_f32); break;
+        default: gemv_rows<8>(x, w, y, k, out, y_f32); break;
+    }
+}

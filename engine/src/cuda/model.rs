@@ -1,0 +1,265 @@
+//! The model's weights in GPU memory, in bf16: loaded from safetensors, or
+//! random of a named shape (benchmarks of real shapes without carrying weights).
+//!
+//! Projections that read the same input are fused into one matrix so each is
+//! one GEMM: q, k and v rows stacked (`[q; k; v]`), and gate and up rows
+//! stacked (`[gate; up]`).
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use super::device::{Gpu, ptr};
+use super::error::CudaError;
+use crate::config::{Architecture, Llama3RopeScaling, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::weights::Weights;
+
+/// One decoder layer's weights.
+pub(crate) struct GpuLayer {
+    pub input_norm: CudaSlice<bf16>,
+    /// `[(hq + 2 hkv) hd, hidden]`.
+    pub qkv: CudaSlice<bf16>,
+    pub qkv_bias: Option<CudaSlice<bf16>>,
+    /// `[hidden, hq hd]`.
+    pub o: CudaSlice<bf16>,
+    pub post_norm: CudaSlice<bf16>,
+    /// `[2 inter, hidden]`.
+    pub gate_up: CudaSlice<bf16>,
+    /// `[hidden, inter]`.
+    pub down: CudaSlice<bf16>,
+}
+
+/// Every weight of the model on the GPU.
+pub struct GpuModel {
+    pub(crate) config: ModelConfig,
+    pub(crate) embed: CudaSlice<bf16>,
+    pub(crate) layers: Vec<GpuLayer>,
+    pub(crate) norm: CudaSlice<bf16>,
+    /// `None`: tied to the embedding.
+    pub(crate) lm_head: Option<CudaSlice<bf16>>,
+}
+
+/// Model shapes that can be initialised with random weights by name.
+pub const NAMED_SHAPES: &[&str] = &["llama3-8b", "llama3-1b", "tiny"];
+
+/// The config of a named model shape, optionally with fewer or more layers.
+pub fn named_config(name: &str, layers: Option<usize>) -> Result<ModelConfig> {
+    let llama3 = |hidden, inter, layers, heads, kv_heads, tie| ModelConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 128256,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: Some(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        }),
+        max_position_embeddings: 131_072,
+        tie_word_embeddings: tie,
+        qkv_bias: false,
+        o_bias: false,
+        sliding_window: None,
+        bos_token_id: Some(128_000),
+        eos_token_ids: vec![128_001, 128_008, 128_009],
+    };
+    let mut c = match name {
+        "llama3-8b" => llama3(4096, 14336, 32, 32, 8, false),
+        "llama3-1b" => llama3(2048, 8192, 16, 32, 8, true),
+        "tiny" => ModelConfig {
+            vocab_size: 1024,
+            ..llama3(512, 1408, 2, 8, 2, true)
+        },
+        other => {
+            return Err(EngineError::InvalidInput(format!(
+                "unknown model shape {other:?}; known: {}",
+                NAMED_SHAPES.join(", ")
+            )));
+        }
+    };
+    if let Some(l) = layers {
+        c.num_layers = l;
+    }
+    Ok(c)
+}
+
+fn check_supported(c: &ModelConfig) -> Result<()> {
+    if c.o_bias {
+        return Err(CudaError::Unsupported(
+            "a bias on the attention output projection is not supported on CUDA".into(),
+        )
+        .into());
+    }
+    if c.num_heads / c.num_kv_heads > 8 {
+        return Err(CudaError::Unsupported(format!(
+            "{} query heads per KV head: the CUDA kernels take at most 8",
+            c.num_heads / c.num_kv_heads
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// A tensor's elements as bf16, converted from whatever the file holds.
+fn host_bf16(w: &Weights, name: &str, expected: &[usize]) -> Result<Vec<bf16>> {
+    let (dtype, shape, bytes) = w.raw(name)?;
+    if shape != expected {
+        return Err(EngineError::TensorShape {
+            name: name.into(),
+            actual: shape.to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    let bad = |what: &str| EngineError::MissingTensor {
+        name: format!("{name} ({what})"),
+    };
+    Ok(match dtype {
+        safetensors::Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+            .collect(),
+        safetensors::Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+            .collect(),
+        safetensors::Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        _ => return Err(bad("dtype is not f32, f16 or bf16")),
+    })
+}
+
+impl GpuModel {
+    /// Uploads the weights of a safetensors model (converted to bf16).
+    pub fn load(gpu: &Gpu, config: &ModelConfig, w: &Weights) -> Result<Self> {
+        check_supported(config)?;
+        let c = config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let up = |v: &[bf16]| gpu.upload(v).map_err(EngineError::from);
+        let embed = host_bf16(w, "model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let t = |name: &str, shape: &[usize]| host_bf16(w, &format!("{p}.{name}"), shape);
+            let mut qkv = t("self_attn.q_proj.weight", &[qd, h])?;
+            qkv.extend(t("self_attn.k_proj.weight", &[kvd, h])?);
+            qkv.extend(t("self_attn.v_proj.weight", &[kvd, h])?);
+            let qkv_bias = if c.qkv_bias {
+                let mut b = t("self_attn.q_proj.bias", &[qd])?;
+                b.extend(t("self_attn.k_proj.bias", &[kvd])?);
+                b.extend(t("self_attn.v_proj.bias", &[kvd])?);
+                Some(up(&b)?)
+            } else {
+                None
+            };
+            let mut gate_up = t("mlp.gate_proj.weight", &[c.intermediate_size, h])?;
+            gate_up.extend(t("mlp.up_proj.weight", &[c.intermediate_size, h])?);
+            layers.push(GpuLayer {
+                input_norm: up(&t("input_layernorm.weight", &[h])?)?,
+                qkv: up(&qkv)?,
+                qkv_bias,
+                o: up(&t("self_attn.o_proj.weight", &[h, qd])?)?,
+                post_norm: up(&t("post_attention_layernorm.weight", &[h])?)?,
+                gate_up: up(&gate_up)?,
+                down: up(&t("mlp.down_proj.weight", &[h, c.intermediate_size])?)?,
+            });
+        }
+        let norm = up(&host_bf16(w, "model.norm.weight", &[h])?)?;
+        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(up(&host_bf16(w, "lm_head.weight", &[c.vocab_size, h])?)?)
+        };
+        Ok(GpuModel {
+            config: config.clone(),
+            embed: up(&embed)?,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Random weights of `config`'s shape, made on the GPU (no host memory, no files):
+    /// projections uniform in ±1/√fan_in, norms near 1, embeddings in ±1.
+    pub fn random(gpu: &Gpu, config: &ModelConfig, seed: u64) -> Result<Self> {
+        check_supported(config)?;
+        let c = config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let mut n = 0u64;
+        let mut rand = |len: usize, lo: f32, hi: f32| -> Result<CudaSlice<bf16>> {
+            let buf = gpu.zeros::<bf16>(len)?;
+            n += 1;
+            gpu.fill_uniform(
+                ptr(&buf, &gpu.compute),
+                len,
+                seed.wrapping_mul(1_000_003).wrapping_add(n),
+                lo,
+                hi,
+            )?;
+            Ok(buf)
+        };
+        let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        let embed = rand(c.vocab_size * h, -1.0, 1.0)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let s = proj(h);
+            layers.push(GpuLayer {
+                input_norm: rand(h, 0.9, 1.1)?,
+                qkv: rand((qd + 2 * kvd) * h, -s, s)?,
+                qkv_bias: if c.qkv_bias {
+                    Some(rand(qd + 2 * kvd, -0.1, 0.1)?)
+                } else {
+                    None
+                },
+                o: rand(h * qd, -proj(qd), proj(qd))?,
+                post_norm: rand(h, 0.9, 1.1)?,
+                gate_up: rand(2 * c.intermediate_size * h, -s, s)?,
+                down: rand(
+                    h * c.intermediate_size,
+                    -proj(c.intermediate_size),
+                    proj(c.intermediate_size),
+                )?,
+            });
+        }
+        let norm = rand(h, 0.9, 1.1)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(rand(c.vocab_size * h, -proj(h), proj(h))?)
+        };
+        gpu.sync()?;
+        Ok(GpuModel {
+            config: config.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Parameters read by one decode step (every weight but the embedding table,
+    /// of which only a row per token is read).
+    pub fn streamed_params(&self) -> usize {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let per_layer = 2 * h
+            + (c.num_heads + 2 * c.num_kv_heads) * hd * h
+            + h * c.num_heads * hd
+            + 3 * c.intermediate_size * h;
+        c.num_layers * per_layer + h + c.vocab_size * h
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
