@@ -2,10 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
+use crate::tp::TpBackend;
 use crate::weights::Weights;
 
 /// A model directory whose config and tokenizer have been read and checked.
@@ -46,5 +48,27 @@ impl ModelDir {
             num_blocks,
             block_size,
         )
+    }
+
+    /// Loads the weights onto the CPU sharded over `tp` tensor-parallel ranks
+    /// (each with a KV cache of `num_blocks` blocks for its heads); `tp = 1`
+    /// is exactly [`load_cpu`](Self::load_cpu).
+    pub fn load_cpu_tp(
+        &self,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Box<dyn Backend>> {
+        if tp == 1 {
+            return Ok(Box::new(self.load_cpu(num_blocks, block_size)?));
+        }
+        let weights = Weights::open_dir(&self.path)?;
+        Ok(Box::new(TpBackend::load(
+            &self.config,
+            &weights,
+            tp,
+            num_blocks,
+            block_size,
+        )?))
     }
 }
