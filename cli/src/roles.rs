@@ -53,16 +53,21 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut router = config.router.clone().unwrap_or_default();
     let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
+        let tp = decode.tp;
         let d = tandem_decode::serve(model.clone(), decode, shutdown.clone()).await?;
         router.decode_nodes.push(format!("http://{}", d.grpc_addr));
-        eprintln!("decode node: gRPC {} KV/QUIC {}", d.grpc_addr, d.quic_addr);
+        eprintln!(
+            "decode node (tp = {tp}): gRPC {} KV/QUIC {}",
+            d.grpc_addr, d.quic_addr
+        );
         decode_done = Some(d.done);
     }
     let mut prefill_done = None;
     if let Some(prefill) = config.prefill.clone() {
+        let tp = prefill.tp;
         let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
         router.prefill_nodes.push(format!("http://{}", p.addr));
-        eprintln!("prefill node: gRPC {}", p.addr);
+        eprintln!("prefill node (tp = {tp}): gRPC {}", p.addr);
         prefill_done = Some(p);
     }
     let membership = Arc::new(StaticMembership::new(
