@@ -80,6 +80,7 @@ pub trait Backend: Send {
     /// The KV head ranges a transfer ships as separate frames: one per
     /// tensor-parallel rank owning distinct heads (replicas of a head ship
     /// once), in order, covering `0..kv_layout().num_kv_heads` without overlap.
+    #[allow(clippy::single_range_in_vec_init)] // one shard holding every head
     fn kv_head_shards(&self) -> Vec<Range<usize>> {
         vec![0..self.kv_layout().num_kv_heads]
     }

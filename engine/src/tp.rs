@@ -167,7 +167,7 @@ struct Replicated {
 fn load_shard(c: &ModelConfig, w: &Weights, plan: &TpPlan, r: usize) -> Result<Shard> {
     let (h, hd, cpu, f32) = (c.hidden_size, c.head_dim, &Device::Cpu, DType::F32);
     let rows = |name: &str, full: &[usize], range: &Range<usize>| {
-        w.load_narrow(name, full, 0, range.start, range.len(), f32, cpu)
+        w.load_narrow(name, full, 0, range.clone(), f32, cpu)
     };
     let linear_rows = |p: &str, out: usize, range: Range<usize>, bias: bool| -> Result<Linear> {
         Ok(Linear {
@@ -216,8 +216,7 @@ fn load_shard(c: &ModelConfig, w: &Weights, plan: &TpPlan, r: usize) -> Result<S
                 &format!("{a}.o_proj.weight"),
                 &[h, c.num_heads * hd],
                 1,
-                qh.start * hd,
-                qh.len() * hd,
+                qh.start * hd..qh.end * hd,
                 f32,
                 cpu,
             )?,
@@ -243,8 +242,7 @@ fn load_shard(c: &ModelConfig, w: &Weights, plan: &TpPlan, r: usize) -> Result<S
                 &format!("{m}.down_proj.weight"),
                 &[h, c.intermediate_size],
                 1,
-                inter.start,
-                inter.len(),
+                inter.clone(),
                 f32,
                 cpu,
             )?,

@@ -7,6 +7,7 @@
 //! opened, so a corrupt or truncated file fails at load time with its name.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -154,7 +155,7 @@ impl Weights {
         Ok(t.to_dtype(dtype)?)
     }
 
-    /// Loads rows `start..start + len` of dimension `dim` (0 or 1) of a tensor
+    /// Loads indices `range` of dimension `dim` (0 or 1) of a tensor
     /// whose full shape must be `expected`: a tensor-parallel rank's shard.
     /// Only the shard's bytes are copied out of the mapping (row slices of a
     /// row-major matrix are one range; column slices one range per row).
@@ -163,11 +164,11 @@ impl Weights {
         name: &str,
         expected: &[usize],
         dim: usize,
-        start: usize,
-        len: usize,
+        range: Range<usize>,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let (start, len) = (range.start, range.len());
         let (st_dtype, shape, bytes) = self.raw(name)?;
         if shape != expected {
             return Err(EngineError::TensorShape {
