@@ -233,11 +233,14 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut registrations = Vec::new();
     let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
-        let id = decode.id.clone();
+        let (id, tp) = (decode.id.clone(), decode.tp);
         let d =
             tandem_decode::serve_advertising(model.clone(), decode, advertise, shutdown.clone())
                 .await?;
-        eprintln!("decode node: gRPC {} KV/QUIC {}", d.grpc_addr, d.quic_addr);
+        eprintln!(
+            "decode node (tp = {tp}): gRPC {} KV/QUIC {}",
+            d.grpc_addr, d.quic_addr
+        );
         router.decode_nodes.push(format!("http://{}", d.grpc_addr));
         registrations.extend(register(&config, || {
             decode_record(&config, &model, &d, &id, advertise)
@@ -246,9 +249,9 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let mut prefill_done = None;
     if let Some(prefill) = config.prefill.clone() {
-        let id = prefill.id.clone();
+        let (id, tp) = (prefill.id.clone(), prefill.tp);
         let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
-        eprintln!("prefill node: gRPC {}", p.addr);
+        eprintln!("prefill node (tp = {tp}): gRPC {}", p.addr);
         router.prefill_nodes.push(format!("http://{}", p.addr));
         registrations.extend(register(&config, || {
             prefill_record(&config, &model, p.addr, &id, advertise)

@@ -246,6 +246,10 @@ pub struct PrefillSection {
     /// QUIC connections to each decode node.
     #[serde(default = "default_kv_connections")]
     pub kv_connections: usize,
+    /// Tensor-parallel ranks the model is sharded over (CPU: threads). Any
+    /// size works with any decode node's: each rank ships its own KV heads.
+    #[serde(default = "default_tp")]
+    pub tp: usize,
 }
 
 fn default_prefill_id() -> String {
@@ -277,6 +281,9 @@ fn default_kv_connections() -> usize {
 }
 fn default_max_batch() -> usize {
     64
+}
+fn default_tp() -> usize {
+    1
 }
 fn default_local_prefill_below() -> usize {
     32
@@ -311,6 +318,10 @@ pub struct DecodeSection {
     /// (conditional disaggregation). A very large value makes this a colocated engine.
     #[serde(default = "default_local_prefill_below")]
     pub local_prefill_below: usize,
+    /// Tensor-parallel ranks the model is sharded over (CPU: threads); each
+    /// rank receives the KV heads it owns, whatever the prefill node's TP.
+    #[serde(default = "default_tp")]
+    pub tp: usize,
 }
 
 impl Config {
@@ -366,6 +377,12 @@ impl Config {
                 "decode.block_size, max_batch, kv_blocks and max_batch_tokens must be positive"
                     .into(),
             ));
+        }
+        if self.prefill.as_ref().is_some_and(|p| p.tp == 0) {
+            return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
+        }
+        if self.decode.as_ref().is_some_and(|d| d.tp == 0) {
+            return Err(ConfigError::Invalid("decode.tp must be at least 1".into()));
         }
         if let (Some(p), Some(d)) = (&self.prefill, &self.decode)
             && p.block_size != d.block_size
@@ -445,6 +462,16 @@ mod tests {
         assert!(err.contains("max_bach"), "{err}");
         let err = Config::parse("[decoder]\n").unwrap_err().to_string();
         assert!(err.contains("decoder"), "{err}");
+    }
+
+    #[test]
+    fn tp_is_per_role_and_defaults_to_one() {
+        let c = Config::parse("[prefill]\ntp = 2\n[decode]\n").unwrap();
+        assert_eq!((c.prefill.unwrap().tp, c.decode.unwrap().tp), (2, 1));
+        let err = Config::parse("[decode]\ntp = 0\n").unwrap_err().to_string();
+        assert!(err.contains("decode.tp"), "{err}");
+        let err = Config::parse("[model]\ntp = 2\n").unwrap_err().to_string();
+        assert!(err.contains("tp"), "unknown in [model]: {err}");
     }
 
     #[test]

@@ -79,8 +79,8 @@ pub async fn serve_advertising(
 ) -> Result<RunningDecode, DecodeError> {
     let backend = {
         let model = model.clone();
-        let (blocks, block_size) = (config.kv_blocks, config.block_size);
-        tokio::task::spawn_blocking(move || model.load(blocks, block_size))
+        let (blocks, block_size, tp) = (config.kv_blocks, config.block_size, config.tp);
+        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, block_size))
             .await
             .map_err(|e| DecodeError::Transfer(e.to_string()))??
     };
@@ -162,6 +162,7 @@ pub async fn serve_advertising(
         model,
         commands,
         local_prefill_below: config.local_prefill_below,
+        tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         stats: stats.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

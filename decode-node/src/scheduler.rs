@@ -49,6 +49,9 @@ pub enum Command {
         first_block: usize,
         /// Blocks in `payload`.
         block_count: usize,
+        /// The KV heads `payload` carries (a sending tensor-parallel rank's;
+        /// the reservation table has refused overlaps).
+        heads: std::ops::Range<usize>,
         /// The bytes, in the cache layout.
         payload: Bytes,
     },
@@ -222,6 +225,7 @@ impl<B: Backend> Scheduler<B> {
                 layer,
                 first_block,
                 block_count,
+                heads,
                 payload,
             } => {
                 let Some(seq) = self.seqs.get(&transfer_id) else {
@@ -234,7 +238,7 @@ impl<B: Backend> Scheduler<B> {
                 let result = match blocks {
                     Some(blocks) => self
                         .backend
-                        .import_layer(layer, &blocks, &payload)
+                        .import_heads(layer, &blocks, heads, &payload)
                         .map_err(|e| e.to_string()),
                     None => Err(format!(
                         "blocks {first_block}+{block_count} beyond the reservation"

@@ -25,6 +25,8 @@ pub struct DecodeService {
     pub commands: Sender<Command>,
     /// Prompts shorter than this are prefilled here.
     pub local_prefill_below: usize,
+    /// Tensor-parallel ranks of the node's model.
+    pub tp_size: u32,
     /// Load figures from the engine loop.
     pub stats: Arc<Mutex<Stats>>,
 }
@@ -114,7 +116,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let interval = Duration::from_millis(if ms == 0 { 50 } else { u64::from(ms.max(5)) });
         let (tx, rx) = mpsc::channel(1);
         let stats = self.stats.clone();
-        let (node_id, model) = (self.node_id.clone(), self.model.name());
+        let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -128,7 +130,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     running: s.running,
                     queued: s.queued,
                     queued_prefill_tokens: s.queued_prefill_tokens,
-                    tp_size: 1,
+                    tp_size,
                     model: model.clone(),
                     steps_total: s.steps_total,
                     max_batch_seen: s.max_batch_seen,

@@ -29,11 +29,6 @@ impl ReservedSink {
 
 impl KvSink for ReservedSink {
     fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String> {
-        if header.head_count != header.total_heads {
-            return Err(
-                "frames with a subset of the KV heads are not supported by this decode node".into(),
-            );
-        }
         let accepted = self
             .table()
             .on_layer_frame(header)
@@ -44,6 +39,8 @@ impl KvSink for ReservedSink {
                 layer: accepted.layer as usize,
                 first_block: accepted.first_block as usize,
                 block_count: accepted.block_count as usize,
+                heads: accepted.head_start as usize
+                    ..accepted.head_start as usize + accepted.head_count as usize,
                 payload,
             })
             .map_err(|_| "the decode node is shutting down".to_string())

@@ -13,6 +13,8 @@
 //! [`Backend::export_layer`] / [`Backend::import_layer`] move a layer's blocks
 //! as bytes in the layout of [`kv_cache`](crate::kv_cache).
 
+use std::ops::Range;
+
 use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -33,6 +35,21 @@ pub struct SeqChunk<'a> {
 pub trait KvExport {
     /// The bytes of `blocks` of `layer`, block after block.
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>>;
+
+    /// KV heads `heads` (model numbering) of `blocks` of `layer`: each block
+    /// laid out like the cache's restricted to those heads
+    /// (`[K: heads][slot][dim]` then V), what one tensor-parallel rank ships.
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        let _ = (layer, blocks);
+        Err(EngineError::KvCache(format!(
+            "this cache cannot export the head range {heads:?} alone"
+        )))
+    }
 }
 
 /// Called with each layer index once that layer's K/V is in the cache.
@@ -75,6 +92,47 @@ pub trait Backend: Send {
     /// Writes bytes made by [`export_layer`](Self::export_layer) (on any node with the
     /// same layout) into `blocks` of `layer`.
     fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()>;
+
+    /// The KV head ranges a transfer ships as separate frames: one per
+    /// tensor-parallel rank owning distinct heads (replicas of a head ship
+    /// once), in order, covering `0..kv_layout().num_kv_heads` without overlap.
+    #[allow(clippy::single_range_in_vec_init)] // one shard holding every head
+    fn kv_head_shards(&self) -> Vec<Range<usize>> {
+        vec![0..self.kv_layout().num_kv_heads]
+    }
+
+    /// Heads `heads` of `blocks` of `layer` (see [`KvExport::export_heads`]).
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        if heads == (0..self.kv_layout().num_kv_heads) {
+            return self.export_layer(layer, blocks);
+        }
+        Err(EngineError::KvCache(format!(
+            "this backend cannot export the head range {heads:?} alone"
+        )))
+    }
+
+    /// Writes a frame of heads `heads` (made by [`export_heads`](Self::export_heads)
+    /// on any node whose model has the same KV shape, whatever its tensor
+    /// parallelism) into those heads of `blocks` of `layer`; other heads are untouched.
+    fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        if heads == (0..self.kv_layout().num_kv_heads) {
+            return self.import_layer(layer, blocks, bytes);
+        }
+        Err(EngineError::KvCache(format!(
+            "this backend cannot import the head range {heads:?} alone"
+        )))
+    }
 
     /// Prefills `tokens` at positions `start..` of a sequence; returns the last token's logits.
     fn prefill(
@@ -142,6 +200,29 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         (**self).import_layer(layer, blocks, bytes)
+    }
+
+    fn kv_head_shards(&self) -> Vec<Range<usize>> {
+        (**self).kv_head_shards()
+    }
+
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        (**self).export_heads(layer, blocks, heads)
+    }
+
+    fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        (**self).import_heads(layer, blocks, heads, bytes)
     }
 }
 

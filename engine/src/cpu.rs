@@ -4,6 +4,8 @@
 //! plain, obviously-correct code: linear layers over all the batch's tokens at
 //! once, then attention per sequence over K/V gathered from its blocks.
 
+use std::ops::Range;
+
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::backend::{Backend, KvExport, LayerHook, SeqChunk, validate_chunks};
@@ -14,10 +16,10 @@ use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
 use crate::rope;
 use crate::weights::Weights;
 
-struct Linear {
+pub(crate) struct Linear {
     /// `[out, in]`, as stored by HF.
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -37,7 +39,7 @@ impl Linear {
     }
 
     /// `x [n, in] -> [n, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -60,7 +62,7 @@ struct Layer {
 
 /// The model's weights on the CPU.
 pub struct CpuModel {
-    config: ModelConfig,
+    pub(crate) config: ModelConfig,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -164,13 +166,13 @@ impl CpuModel {
     }
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)?)
 }
 
 /// Rotates `x [n, heads, head_dim]` by the angles in `cos`/`sin` `[n, 1, head_dim/2]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -209,41 +211,73 @@ impl CpuBackend {
     /// Attention of one chunk's queries `q [n, heads, hd]` over its whole sequence so far.
     fn attend(&self, layer: usize, q: &Tensor, chunk: &SeqChunk<'_>) -> Result<Tensor> {
         let c = &self.model.config;
-        let (n, hd, kvh) = (chunk.tokens.len(), c.head_dim, c.num_kv_heads);
-        let group = c.num_heads / kvh;
-        let total = chunk.start + n;
-        let (k, v) = self.cache.gather(layer, chunk.block_table, total)?;
-        let k = Tensor::from_vec(k, (kvh, total, hd), &Device::Cpu)?;
-        let v = Tensor::from_vec(v, (kvh, total, hd), &Device::Cpu)?;
-        // Heads g*group .. (g+1)*group share KV head g: fold them into the row dimension.
-        let q = q
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((kvh, group * n, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mut mask = vec![0f32; n * total];
-        for i in 0..n {
-            let qp = chunk.start + i;
-            for (j, m) in mask[i * total..(i + 1) * total].iter_mut().enumerate() {
-                let outside_window = c.sliding_window.is_some_and(|w| qp >= j + w);
-                if j > qp || outside_window {
-                    *m = f32::NEG_INFINITY;
-                }
+        attend(
+            &self.cache,
+            layer,
+            q,
+            chunk,
+            c.num_heads,
+            c.head_dim,
+            c.sliding_window,
+        )
+    }
+}
+
+/// Attention of one chunk's queries `q [n, num_heads, hd]` over its whole
+/// sequence so far, whose K/V (all of `cache`'s heads) are in `cache`; the
+/// query heads are grouped evenly over the cache's KV heads. Returns `[n, num_heads * hd]`.
+pub(crate) fn attend(
+    cache: &CpuKvCache,
+    layer: usize,
+    q: &Tensor,
+    chunk: &SeqChunk<'_>,
+    num_heads: usize,
+    hd: usize,
+    sliding_window: Option<usize>,
+) -> Result<Tensor> {
+    let (n, kvh) = (chunk.tokens.len(), cache.layout().num_kv_heads);
+    let group = num_heads / kvh;
+    let total = chunk.start + n;
+    let (k, v) = cache.gather(layer, chunk.block_table, total)?;
+    let k = Tensor::from_vec(k, (kvh, total, hd), &Device::Cpu)?;
+    let v = Tensor::from_vec(v, (kvh, total, hd), &Device::Cpu)?;
+    // Heads g*group .. (g+1)*group share KV head g: fold them into the row dimension.
+    let q = q
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((kvh, group * n, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let mut mask = vec![0f32; n * total];
+    for i in 0..n {
+        let qp = chunk.start + i;
+        for (j, m) in mask[i * total..(i + 1) * total].iter_mut().enumerate() {
+            let outside_window = sliding_window.is_some_and(|w| qp >= j + w);
+            if j > qp || outside_window {
+                *m = f32::NEG_INFINITY;
             }
         }
-        let mask = Tensor::from_vec(mask, (1, 1, n, total), &Device::Cpu)?;
-        let scores = scores
-            .reshape((kvh, group, n, total))?
-            .broadcast_add(&mask)?;
-        let probs = softmax_last_dim(&scores)?.reshape((kvh, group * n, total))?;
-        let out = probs.matmul(&v)?.reshape((c.num_heads, n, hd))?;
-        Ok(out.transpose(0, 1)?.reshape((n, c.num_heads * hd))?)
     }
+    let mask = Tensor::from_vec(mask, (1, 1, n, total), &Device::Cpu)?;
+    let scores = scores
+        .reshape((kvh, group, n, total))?
+        .broadcast_add(&mask)?;
+    let probs = softmax_last_dim(&scores)?.reshape((kvh, group * n, total))?;
+    let out = probs.matmul(&v)?.reshape((num_heads, n, hd))?;
+    Ok(out.transpose(0, 1)?.reshape((n, num_heads * hd))?)
 }
 
 impl KvExport for CpuKvCache {
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
         CpuKvCache::export_layer(self, layer, blocks)
+    }
+
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        CpuKvCache::export_heads(self, layer, blocks, heads)
     }
 }
 
@@ -348,5 +382,24 @@ impl Backend for CpuBackend {
 
     fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         self.cache.import_layer(layer, blocks, bytes)
+    }
+
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        self.cache.export_heads(layer, blocks, heads)
+    }
+
+    fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.cache.import_heads(layer, blocks, 0, heads, bytes)
     }
 }

@@ -68,6 +68,9 @@ pub enum EngineError {
     /// A KV layer import or export did not fit the cache.
     #[error("kv cache: {0}")]
     KvCache(String),
+    /// The model cannot be split over the requested tensor-parallel ranks, or a rank failed.
+    #[error("tensor parallelism: {0}")]
+    TensorParallel(String),
     /// A tensor operation failed (a bug or an exhausted allocator).
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),

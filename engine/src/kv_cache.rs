@@ -23,6 +23,8 @@
 //! attention kernel reads, and what a tensor-parallel rank owning a subset of
 //! heads slices out.
 
+use std::ops::Range;
+
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
 
@@ -233,6 +235,132 @@ impl CpuKvCache {
     }
 }
 
+/// Bytes of one block of a frame holding `heads` KV heads of `layout`'s shape.
+pub fn frame_block_bytes(layout: &KvLayout, heads: usize) -> usize {
+    2 * heads * layout.block_size * layout.head_dim * layout.dtype.size()
+}
+
+impl CpuKvCache {
+    /// Checks a head-range transfer and returns the heads it and this cache share.
+    /// This cache holds global heads `first..first + num_kv_heads`; the frame holds `frame`.
+    fn head_overlap(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        first: usize,
+        frame: &Range<usize>,
+        bytes: usize,
+    ) -> Result<Range<usize>> {
+        let l = self.layout;
+        if layer >= l.num_layers {
+            return Err(EngineError::KvCache(format!(
+                "layer {layer} does not exist"
+            )));
+        }
+        if frame.is_empty() {
+            return Err(EngineError::KvCache("empty head range".into()));
+        }
+        let want = blocks.len() * frame_block_bytes(&l, frame.len());
+        if bytes != want {
+            return Err(EngineError::KvCache(format!(
+                "{bytes} bytes do not fill {} blocks of heads {frame:?} ({want} bytes)",
+                blocks.len()
+            )));
+        }
+        for &b in blocks {
+            self.check_block(b)?;
+        }
+        Ok(frame.start.max(first)..frame.end.min(first + l.num_kv_heads))
+    }
+
+    /// Writes the heads this cache holds out of a frame of heads `frame`
+    /// (global indices; this cache holds heads `first..first + num_kv_heads`)
+    /// whose blocks are laid out like the cache's restricted to those heads:
+    /// `[K: frame heads][slot][dim]` then V. Heads outside the cache are skipped.
+    pub fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        first: usize,
+        frame: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let l = self.layout;
+        let common = self.head_overlap(layer, blocks, first, &frame, bytes.len())?;
+        let (fc, run) = (frame.len(), l.block_size * l.head_dim);
+        let fbe = 2 * fc * run;
+        let be = l.block_elems();
+        for (i, &b) in blocks.iter().enumerate() {
+            let dst_block = b as usize * be;
+            for kind in 0..2 {
+                for h in common.clone() {
+                    let src = (i * fbe + (kind * fc + h - frame.start) * run) * 4;
+                    let dst = dst_block + l.offset_in_block(kind, h - first, 0);
+                    for (d, c) in self.layers[layer][dst..dst + run]
+                        .iter_mut()
+                        .zip(bytes[src..src + run * 4].chunks_exact(4))
+                    {
+                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The inverse of [`import_heads`](Self::import_heads): writes the heads
+    /// this cache holds into `out`, a frame of heads `frame`.
+    pub fn export_heads_into(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        first: usize,
+        frame: Range<usize>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let l = self.layout;
+        let common = self.head_overlap(layer, blocks, first, &frame, out.len())?;
+        let (fc, run) = (frame.len(), l.block_size * l.head_dim);
+        let fbe = 2 * fc * run;
+        let be = l.block_elems();
+        for (i, &b) in blocks.iter().enumerate() {
+            let src_block = b as usize * be;
+            for kind in 0..2 {
+                for h in common.clone() {
+                    let dst = (i * fbe + (kind * fc + h - frame.start) * run) * 4;
+                    let src = src_block + l.offset_in_block(kind, h - first, 0);
+                    for (o, x) in out[dst..dst + run * 4]
+                        .chunks_exact_mut(4)
+                        .zip(&self.layers[layer][src..src + run])
+                    {
+                        o.copy_from_slice(&x.to_le_bytes());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Heads `heads` (of this cache's own numbering) of `blocks` of one layer,
+    /// as a frame laid out like [`import_heads`](Self::import_heads) reads.
+    pub fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        if heads.end > self.layout.num_kv_heads {
+            return Err(EngineError::KvCache(format!(
+                "heads {heads:?} beyond the cache's {} heads",
+                self.layout.num_kv_heads
+            )));
+        }
+        let mut out = vec![0u8; blocks.len() * frame_block_bytes(&self.layout, heads.len())];
+        self.export_heads_into(layer, blocks, 0, heads, &mut out)?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +419,39 @@ mod tests {
             b.import_layer(0, &[1, 9], &bytes).is_err(),
             "bad block refused"
         );
+    }
+
+    #[test]
+    fn head_ranges_reassemble_a_layer() {
+        let mut a = CpuKvCache::new(layout()).unwrap();
+        for p in 0..8 {
+            let k: Vec<f32> = (0..6).map(|i| (p * 10 + i) as f32).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            a.write_token(1, &[2, 0], p, &k, &v).unwrap();
+        }
+        let whole = a.export_layer(1, &[2, 0]).unwrap();
+        assert_eq!(a.export_heads(1, &[2, 0], 0..2).unwrap(), whole);
+        let h0 = a.export_heads(1, &[2, 0], 0..1).unwrap();
+        let h1 = a.export_heads(1, &[2, 0], 1..2).unwrap();
+        assert_eq!(h0.len() * 2, whole.len());
+        // Two half-caches (one head each) take their head out of the whole frame...
+        let half = KvLayout {
+            num_kv_heads: 1,
+            ..layout()
+        };
+        let mut lo = CpuKvCache::new(half).unwrap();
+        let mut hi = CpuKvCache::new(half).unwrap();
+        lo.import_heads(1, &[1, 3], 0, 0..2, &whole).unwrap();
+        hi.import_heads(1, &[1, 3], 1, 0..2, &whole).unwrap();
+        assert_eq!(lo.export_layer(1, &[1, 3]).unwrap(), h0);
+        assert_eq!(hi.export_layer(1, &[1, 3]).unwrap(), h1);
+        // ...and a whole cache reassembles from the two single-head frames.
+        let mut b = CpuKvCache::new(layout()).unwrap();
+        b.import_heads(1, &[3, 1], 0, 1..2, &h1).unwrap();
+        b.import_heads(1, &[3, 1], 0, 0..1, &h0).unwrap();
+        assert_eq!(b.export_layer(1, &[3, 1]).unwrap(), whole);
+        assert!(b.import_heads(1, &[3], 0, 0..1, &h0).is_err(), "size");
+        assert!(b.import_heads(1, &[3, 1], 0, 0..0, &[]).is_err(), "empty");
+        assert!(a.export_heads(1, &[2, 0], 1..3).is_err(), "beyond");
     }
 }

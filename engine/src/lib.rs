@@ -5,7 +5,8 @@
 //! - [`block_manager`] and [`kv_cache`]: the paged KV cache, its allocation and its
 //!   layout (shared by every backend and by the KV wire format).
 //! - [`backend`]: the forward-pass interface built for disaggregation, and
-//!   [`cpu`], its CPU implementation; `cuda` (feature `cuda`), the GPU one.
+//!   [`cpu`], its CPU implementation, and [`tp`], the CPU model sharded over
+//!   tensor-parallel ranks; `cuda` (feature `cuda`), the GPU one.
 //! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state.
 //! - [`local`]: whole-request generation in one process.
 //! - [`synth`]: small random-weight models for tests and the quick start.
@@ -26,6 +27,7 @@ pub mod sampling;
 pub mod stop;
 pub mod synth;
 pub mod tokenizer;
+pub mod tp;
 pub mod weights;
 
 pub use backend::{Backend, SeqChunk};

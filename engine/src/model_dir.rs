@@ -7,6 +7,7 @@ use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
+use crate::tp::TpBackend;
 use crate::weights::Weights;
 
 /// Where a model's forward pass runs.
@@ -76,6 +77,23 @@ impl ModelDir {
         }
     }
 
+    /// Like [`load`](Self::load), sharded over `tp` tensor-parallel ranks
+    /// (CPU only for now; `tp = 1` is exactly `load`).
+    pub fn load_tp(
+        &self,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Box<dyn Backend>> {
+        match self.device {
+            _ if tp == 1 => self.load(num_blocks, block_size),
+            Device::Cpu => self.load_cpu_tp(tp, num_blocks, block_size),
+            Device::Cuda(_) => Err(crate::error::EngineError::InvalidInput(format!(
+                "tp = {tp}: tensor parallelism runs on the CPU backend only so far"
+            ))),
+        }
+    }
+
     /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.
     pub fn load_cpu(&self, num_blocks: usize, block_size: usize) -> Result<CpuBackend> {
         let weights = Weights::open_dir(&self.path)?;
@@ -84,5 +102,27 @@ impl ModelDir {
             num_blocks,
             block_size,
         )
+    }
+
+    /// Loads the weights onto the CPU sharded over `tp` tensor-parallel ranks
+    /// (each with a KV cache of `num_blocks` blocks for its heads); `tp = 1`
+    /// is exactly [`load_cpu`](Self::load_cpu).
+    pub fn load_cpu_tp(
+        &self,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Box<dyn Backend>> {
+        if tp == 1 {
+            return Ok(Box::new(self.load_cpu(num_blocks, block_size)?));
+        }
+        let weights = Weights::open_dir(&self.path)?;
+        Ok(Box::new(TpBackend::load(
+            &self.config,
+            &weights,
+            tp,
+            num_blocks,
+            block_size,
+        )?))
     }
 }

@@ -7,6 +7,7 @@
 //! opened, so a corrupt or truncated file fails at load time with its name.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -149,21 +150,75 @@ impl Weights {
                 expected: expected.to_vec(),
             });
         }
-        let file_dtype = match st_dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
+        let file_dtype = self.file_dtype(name, st_dtype)?;
+        let t = Tensor::from_raw_buffer(bytes, file_dtype, shape, device)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Loads indices `range` of dimension `dim` (0 or 1) of a tensor
+    /// whose full shape must be `expected`: a tensor-parallel rank's shard.
+    /// Only the shard's bytes are copied out of the mapping (row slices of a
+    /// row-major matrix are one range; column slices one range per row).
+    pub fn load_narrow(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dim: usize,
+        range: Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (start, len) = (range.start, range.len());
+        let (st_dtype, shape, bytes) = self.raw(name)?;
+        if shape != expected {
+            return Err(EngineError::TensorShape {
+                name: name.into(),
+                actual: shape.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        if dim >= shape.len() || dim > 1 || start + len > shape[dim] {
+            return Err(EngineError::InvalidInput(format!(
+                "cannot take {start}..{} of dimension {dim} of tensor {name:?} of shape {shape:?}",
+                start + len
+            )));
+        }
+        let file_dtype = self.file_dtype(name, st_dtype)?;
+        let elem = file_dtype.size_in_bytes();
+        let rows = shape[0];
+        let row_elems: usize = shape[1..].iter().product();
+        let mut out_shape = shape.to_vec();
+        out_shape[dim] = len;
+        let t = if dim == 0 {
+            let range = start * row_elems * elem..(start + len) * row_elems * elem;
+            Tensor::from_raw_buffer(&bytes[range], file_dtype, &out_shape, device)?
+        } else {
+            // dim 1 of a matrix [rows, cols]: `len` columns out of every row.
+            let cols = shape[1];
+            let mut buf = Vec::with_capacity(rows * len * elem);
+            for r in 0..rows {
+                let from = (r * cols + start) * elem;
+                buf.extend_from_slice(&bytes[from..from + len * elem]);
+            }
+            Tensor::from_raw_buffer(&buf, file_dtype, &out_shape, device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    fn file_dtype(&self, name: &str, st_dtype: safetensors::Dtype) -> Result<DType> {
+        match st_dtype {
+            safetensors::Dtype::F32 => Ok(DType::F32),
+            safetensors::Dtype::F16 => Ok(DType::F16),
+            safetensors::Dtype::BF16 => Ok(DType::BF16),
             other => {
                 let e = &self.entries[name];
-                return Err(EngineError::Weights {
+                Err(EngineError::Weights {
                     path: self.paths[e.file].clone(),
                     message: format!(
                         "tensor {name:?} has dtype {other:?}; expected f32, f16 or bf16"
                     ),
-                });
+                })
             }
-        };
-        let t = Tensor::from_raw_buffer(bytes, file_dtype, shape, device)?;
-        Ok(t.to_dtype(dtype)?)
+        }
     }
 }

@@ -103,8 +103,8 @@ pub async fn serve(
     shape.check_wire_limits()?;
     let backend = {
         let model = model.clone();
-        let (blocks, bs) = (config.kv_blocks, config.block_size);
-        tokio::task::spawn_blocking(move || model.load(blocks, bs))
+        let (blocks, bs, tp) = (config.kv_blocks, config.block_size, config.tp);
+        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs))
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };
@@ -140,6 +140,7 @@ pub async fn serve(
         senders: senders.clone(),
         node_id: config.id.clone(),
         model_name: model.name(),
+        tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         shutdown: shutdown.clone(),
     }));
     let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -342,6 +342,7 @@ impl<B: Backend> Worker<B> {
             return;
         }
         let layout = self.backend.kv_layout();
+        let shards = self.backend.kv_head_shards();
         let bs = layout.block_size;
         // A job whose sending task has gone (transfer failed, caller left).
         let mut gone = vec![false; plan.len()];
@@ -365,22 +366,27 @@ impl<B: Backend> Worker<B> {
                     }
                     let a = &active[p.job];
                     let (first, last) = (p.start / bs, p.end.div_ceil(bs));
-                    let bytes = kv.export_layer(layer, &a.table[first..last])?;
-                    // The node checked at start that these fit the wire's fields.
-                    let shape = LayerShape {
-                        layer: layer as u16,
-                        first_block: first as u32,
-                        block_count: (last - first) as u32,
-                        dtype: wire_dtype(layout.dtype),
-                        head_start: 0,
-                        head_count: layout.num_kv_heads as u16,
-                        total_heads: layout.num_kv_heads as u16,
-                        head_dim: layout.head_dim as u16,
-                        block_size: bs as u16,
-                    };
-                    let event = JobEvent::Layer(shape, Bytes::from(bytes));
-                    if a.job.events.blocking_send(event).is_err() {
-                        gone[i] = true;
+                    // One frame per tensor-parallel rank, carrying the KV heads it
+                    // owns, laid out as in its cache (one frame of all heads at TP=1).
+                    for heads in &shards {
+                        let bytes = kv.export_heads(layer, &a.table[first..last], heads.clone())?;
+                        // The node checked at start that these fit the wire's fields.
+                        let shape = LayerShape {
+                            layer: layer as u16,
+                            first_block: first as u32,
+                            block_count: (last - first) as u32,
+                            dtype: wire_dtype(layout.dtype),
+                            head_start: heads.start as u16,
+                            head_count: heads.len() as u16,
+                            total_heads: layout.num_kv_heads as u16,
+                            head_dim: layout.head_dim as u16,
+                            block_size: bs as u16,
+                        };
+                        let event = JobEvent::Layer(shape, Bytes::from(bytes));
+                        if a.job.events.blocking_send(event).is_err() {
+                            gone[i] = true;
+                            break;
+                        }
                     }
                 }
                 Ok(())

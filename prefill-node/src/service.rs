@@ -30,6 +30,8 @@ pub(crate) struct PrefillService {
     pub senders: Arc<SenderCache>,
     pub node_id: String,
     pub model_name: String,
+    /// Tensor-parallel ranks of the node's model.
+    pub tp_size: u32,
     pub shutdown: CancellationToken,
 }
 
@@ -97,7 +99,7 @@ impl PrefillService {
             running: u32_of(l.running),
             queued: u32_of(l.queued),
             queued_prefill_tokens: l.queued_prefill_tokens,
-            tp_size: 1,
+            tp_size: self.tp_size,
             model: self.model_name.clone(),
             steps_total: l.steps_total,
             max_batch_seen: u32_of(l.max_batch_seen),
