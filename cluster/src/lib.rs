@@ -8,6 +8,6 @@ pub mod membership;
 
 pub use config::{
     Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, ModelSection,
-    PrefillSection, RouterSection,
+    PrefillSection, RouterSection, TlsSection,
 };
 pub use membership::{Member, Membership, Role, StaticMembership};
