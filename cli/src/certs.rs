@@ -82,13 +82,21 @@ pub fn run(args: &CertsArgs) -> anyhow::Result<()> {
     write_key(&args.out.join("ca-key.pem"), &ca.key_pem(), args.force)?;
     for (name, sans) in &nodes {
         let cert = ca.issue(sans)?;
-        write(&args.out.join(format!("{name}.pem")), &cert.cert_pem, args.force)?;
+        write(
+            &args.out.join(format!("{name}.pem")),
+            &cert.cert_pem,
+            args.force,
+        )?;
         write_key(
             &args.out.join(format!("{name}-key.pem")),
             &cert.key_pem,
             args.force,
         )?;
-        println!("{name}: {} ({})", args.out.join(format!("{name}.pem")).display(), sans.join(", "));
+        println!(
+            "{name}: {} ({})",
+            args.out.join(format!("{name}.pem")).display(),
+            sans.join(", ")
+        );
     }
     println!("CA: {}", args.out.join("ca.pem").display());
     Ok(())

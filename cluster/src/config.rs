@@ -423,13 +423,18 @@ impl Config {
             ));
         }
         if let Some(r) = &self.router {
-            if r.api_keys.iter().any(|k| k.is_empty() || k.contains(char::is_whitespace)) {
+            if r.api_keys
+                .iter()
+                .any(|k| k.is_empty() || k.contains(char::is_whitespace))
+            {
                 return Err(ConfigError::Invalid(
                     "router.api_keys: a key is empty or contains whitespace".into(),
                 ));
             }
-            if r.rate_limit_rps.is_some_and(|v| !(v > 0.0 && v.is_finite()))
-                || r.rate_limit_tokens_per_min.is_some_and(|v| !(v > 0.0 && v.is_finite()))
+            if r.rate_limit_rps
+                .is_some_and(|v| !(v > 0.0 && v.is_finite()))
+                || r.rate_limit_tokens_per_min
+                    .is_some_and(|v| !(v > 0.0 && v.is_finite()))
             {
                 return Err(ConfigError::Invalid(
                     "router.rate_limit_rps and rate_limit_tokens_per_min must be positive".into(),

@@ -79,18 +79,23 @@ pub async fn serve(
     // certificate made now, handed to prefill nodes with each KV target.
     let (server_tls, cert_der, server_name) = match &config.tls {
         Some(t) => {
-            let tls_err = |e: tandem_kv_transfer::TlsError| DecodeError::Transfer(format!("[tls]: {e}"));
+            let tls_err =
+                |e: tandem_kv_transfer::TlsError| DecodeError::Transfer(format!("[tls]: {e}"));
             let server_tls =
                 tandem_kv_transfer::tls::server_config_from_pem(&t.cert, &t.key, Some(&t.ca))
                     .map_err(tls_err)?;
-            let pem = std::fs::read(&t.cert)
-                .map_err(|e| DecodeError::Transfer(format!("[tls] cert {}: {e}", t.cert.display())))?;
+            let pem = std::fs::read(&t.cert).map_err(|e| {
+                DecodeError::Transfer(format!("[tls] cert {}: {e}", t.cert.display()))
+            })?;
             use rustls::pki_types::pem::PemObject;
             let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
                 .next()
                 .and_then(Result::ok)
                 .ok_or_else(|| {
-                    DecodeError::Transfer(format!("[tls] cert {}: no certificate", t.cert.display()))
+                    DecodeError::Transfer(format!(
+                        "[tls] cert {}: no certificate",
+                        t.cert.display()
+                    ))
                 })?;
             (server_tls, leaf.to_vec(), t.server_name.clone())
         }

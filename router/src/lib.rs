@@ -83,8 +83,9 @@ pub async fn serve(
         Some(http) => Some(
             serve_http(
                 http,
-                openai::app(service.clone(), model, name)
-                    .layer(axum::extract::DefaultBodyLimit::max(config.max_request_bytes)),
+                openai::app(service.clone(), model, name).layer(
+                    axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
+                ),
                 shutdown.clone(),
             )
             .await?,
@@ -109,8 +110,7 @@ pub async fn serve(
             .add_service(health)
             .add_service(reflection)
             .add_service(
-                GenerateServer::from_arc(service)
-                    .max_decoding_message_size(max_request_bytes),
+                GenerateServer::from_arc(service).max_decoding_message_size(max_request_bytes),
             )
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;

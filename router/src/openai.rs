@@ -122,7 +122,10 @@ fn error_body(status: StatusCode, message: &str) -> Value {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(error_body(self.status, &self.message))).into_response();
-        if let Some(v) = self.retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        if let Some(v) = self
+            .retry_after
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
         r
@@ -188,6 +191,17 @@ fn to_request(
         return Err(ApiError::bad_request(
             "n must be 1: Tandem returns one choice per request",
         ));
+    }
+    // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
+    if let Some(p) = s.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "top_p must be in (0, 1], got {p}"
+        )));
+    }
+    if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
+        return Err(ApiError::bad_request("max_tokens must be at least 1"));
     }
     Ok(pb::GenerateRequest {
         request_id: String::new(),

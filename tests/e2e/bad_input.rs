@@ -9,9 +9,9 @@
 //! | empty prompt (text or token ids)            | INVALID_ARGUMENT            | `client_api_rows` |
 //! | token ids out of vocabulary                 | INVALID_ARGUMENT            | `client_api_rows` |
 //! | max_tokens above the limit                  | INVALID_ARGUMENT            | `client_api_rows` |
-//! | max_tokens 0                                | (means "default" in the proto; not an error) | — |
+//! | max_tokens 0                                | HTTP 400 (in the gRPC proto 0 means "default") | `http_rows` |
 //! | temperature negative or NaN                 | INVALID_ARGUMENT            | `client_api_rows` |
-//! | top_p outside (0, 1]                        | INVALID_ARGUMENT            | `client_api_rows` |
+//! | top_p outside (0, 1]                        | INVALID_ARGUMENT / HTTP 400 | `client_api_rows` (gRPC: 0 means unset), `http_rows` (0) |
 //! | top_k negative                              | INVALID_ARGUMENT            | `client_api_rows` |
 //! | stop list too long                          | INVALID_ARGUMENT            | `client_api_rows` |
 //! | prompt longer than the context              | INVALID_ARGUMENT            | `client_api_rows` |
@@ -67,25 +67,108 @@ async fn client_api_rows() {
     // A good request runs through the whole table.
     let mut good_client = cluster.client().await;
     let good_prompt = prompt(100, 7);
-    let good = tokio::spawn(async move {
-        complete(&mut good_client, greedy_request(&good_prompt, 48)).await
-    });
+    let good =
+        tokio::spawn(
+            async move { complete(&mut good_client, greedy_request(&good_prompt, 48)).await },
+        );
 
     let rows: Vec<(&str, pb::GenerateRequest, &[Code], &str)> = vec![
-        ("empty text prompt", text(""), &[Code::InvalidArgument], "empty"),
-        ("empty token ids", ids(vec![]), &[Code::InvalidArgument], "empty"),
-        ("no prompt", pb::GenerateRequest::default(), &[Code::InvalidArgument], "prompt is missing"),
-        ("token out of vocabulary", ids(vec![1, vocab, 2]), &[Code::InvalidArgument], "outside the vocabulary"),
-        ("max_tokens above the limit", { let mut r = ids(prompt(4, 1)); r.max_tokens = 1_000_000; r }, &[Code::InvalidArgument], "max_tokens"),
-        ("temperature negative", sampling(|s| s.temperature = -0.5), &[Code::InvalidArgument], "temperature"),
-        ("temperature NaN", sampling(|s| s.temperature = f32::NAN), &[Code::InvalidArgument], "temperature"),
-        ("top_p 0", sampling(|s| s.top_p = 0.0), &[Code::InvalidArgument], "top_p"),
-        ("top_p above 1", sampling(|s| s.top_p = 1.5), &[Code::InvalidArgument], "top_p"),
-        ("top_k negative", sampling(|s| s.top_k = -1), &[Code::InvalidArgument], "top_k"),
-        ("stop list too long", { let mut r = ids(prompt(4, 1)); r.stop = vec!["x".into(); 17]; r }, &[Code::InvalidArgument], "stop"),
-        ("prompt longer than the context", ids(prompt(context + 10, 1)), &[Code::InvalidArgument], "context"),
-        ("unknown model", { let mut r = ids(prompt(4, 1)); r.model = "gpt-17".into(); r }, &[Code::NotFound], "gpt-17"),
-        ("oversized message", text(&"a".repeat(5 << 20)), &[Code::OutOfRange, Code::ResourceExhausted], "message"),
+        (
+            "empty text prompt",
+            text(""),
+            &[Code::InvalidArgument],
+            "empty",
+        ),
+        (
+            "empty token ids",
+            ids(vec![]),
+            &[Code::InvalidArgument],
+            "empty",
+        ),
+        (
+            "no prompt",
+            pb::GenerateRequest::default(),
+            &[Code::InvalidArgument],
+            "prompt is missing",
+        ),
+        (
+            "token out of vocabulary",
+            ids(vec![1, vocab, 2]),
+            &[Code::InvalidArgument],
+            "outside the vocabulary",
+        ),
+        (
+            "max_tokens above the limit",
+            {
+                let mut r = ids(prompt(4, 1));
+                r.max_tokens = 1_000_000;
+                r
+            },
+            &[Code::InvalidArgument],
+            "max_tokens",
+        ),
+        (
+            "temperature negative",
+            sampling(|s| s.temperature = -0.5),
+            &[Code::InvalidArgument],
+            "temperature",
+        ),
+        (
+            "temperature NaN",
+            sampling(|s| s.temperature = f32::NAN),
+            &[Code::InvalidArgument],
+            "temperature",
+        ),
+        (
+            "top_p negative",
+            sampling(|s| s.top_p = -0.1),
+            &[Code::InvalidArgument],
+            "top_p",
+        ),
+        (
+            "top_p above 1",
+            sampling(|s| s.top_p = 1.5),
+            &[Code::InvalidArgument],
+            "top_p",
+        ),
+        (
+            "top_k negative",
+            sampling(|s| s.top_k = -1),
+            &[Code::InvalidArgument],
+            "top_k",
+        ),
+        (
+            "stop list too long",
+            {
+                let mut r = ids(prompt(4, 1));
+                r.stop = vec!["x".into(); 17];
+                r
+            },
+            &[Code::InvalidArgument],
+            "stop",
+        ),
+        (
+            "prompt longer than the context",
+            ids(prompt(context + 10, 1)),
+            &[Code::InvalidArgument],
+            "context",
+        ),
+        (
+            "unknown model",
+            {
+                let mut r = ids(prompt(4, 1));
+                r.model = "gpt-17".into();
+                r
+            },
+            &[Code::NotFound],
+            "gpt-17",
+        ),
+        (
+            "oversized message",
+            text(&"a".repeat(5 << 20)),
+            &[Code::OutOfRange, Code::ResourceExhausted],
+            "message",
+        ),
     ];
     let mut client = cluster.client().await;
     for (name, request, codes, needle) in rows {
@@ -95,7 +178,10 @@ async fn client_api_rows() {
         };
         assert!(codes.contains(&status.code()), "{name}: {status:?}");
         assert!(
-            status.message().to_lowercase().contains(&needle.to_lowercase()),
+            status
+                .message()
+                .to_lowercase()
+                .contains(&needle.to_lowercase()),
             "{name}: message {:?} does not mention {needle:?}",
             status.message()
         );
@@ -126,7 +212,10 @@ async fn post(addr: std::net::SocketAddr, body: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -147,10 +236,21 @@ async fn http_rows() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
 
-    let big = format!(r#"{{"prompt": "{}", "max_tokens": 2}}"#, "a".repeat(100 << 10));
+    let big = format!(
+        r#"{{"prompt": "{}", "max_tokens": 2}}"#,
+        "a".repeat(100 << 10)
+    );
     let (status, body) = post(http, big.as_bytes()).await;
     assert_eq!(status, 413, "{body}");
 
+    for bad in [
+        &br#"{"prompt": "hi", "max_tokens": 0}"#[..],
+        br#"{"prompt": "hi", "max_tokens": 2, "top_p": 0}"#,
+        br#"{"prompt": "hi", "max_tokens": 2, "top_p": 1.5}"#,
+    ] {
+        let (status, body) = post(http, bad).await;
+        assert_eq!(status, 400, "{body}");
+    }
     let (status, body) = post(http, br#"{"prompt": "", "max_tokens": 2}"#).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("empty"), "{body}");

@@ -47,7 +47,10 @@ fn write_certs(dir: &std::path::Path, ca: &ClusterCa, name: &str) -> TlsSection 
 
 /// Tries a QUIC connection to the KV receiver with `tls` and sends a byte on
 /// a stream; `true` if the receiver kept the connection open for a while.
-async fn quic_peer_accepted(addr: std::net::SocketAddr, tls: Arc<rustls_client::ClientConfig>) -> bool {
+async fn quic_peer_accepted(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls_client::ClientConfig>,
+) -> bool {
     let client_config = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from((*tls).clone()).unwrap(),
     ));
@@ -92,11 +95,9 @@ async fn mutual_tls_serves_members_and_refuses_strangers_on_quic() {
 
     use tandem_kv_transfer::tls::{client_config_from_pem, client_config_trusting};
     // A member's certificate is accepted...
-    let member = client_config_from_pem(
-        &prefill_tls.ca,
-        Some((&prefill_tls.cert, &prefill_tls.key)),
-    )
-    .unwrap();
+    let member =
+        client_config_from_pem(&prefill_tls.ca, Some((&prefill_tls.cert, &prefill_tls.key)))
+            .unwrap();
     assert!(quic_peer_accepted(cluster.decode_quic, member).await);
     // ...a peer with no client certificate is refused...
     let anonymous = client_config_from_pem(&prefill_tls.ca, None).unwrap();
@@ -104,7 +105,8 @@ async fn mutual_tls_serves_members_and_refuses_strangers_on_quic() {
     // ...and so is one whose certificate another CA signed.
     let other_ca = ClusterCa::generate("another CA").unwrap();
     let other = write_certs(certs.path(), &other_ca, "stranger");
-    let stranger = client_config_from_pem(&prefill_tls.ca, Some((&other.cert, &other.key))).unwrap();
+    let stranger =
+        client_config_from_pem(&prefill_tls.ca, Some((&other.cert, &other.key))).unwrap();
     assert!(!quic_peer_accepted(cluster.decode_quic, stranger).await);
     // A peer trusting only a self-signed certificate cannot even verify the node.
     let selfsigned = tandem_kv_transfer::SelfSigned::generate(&["localhost"]).unwrap();
@@ -164,7 +166,7 @@ async fn api_keys_and_rate_limits() {
     spec.router.api_keys = vec!["key-a".into(), "key-b".into()];
     spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
     spec.router.rate_limit_rps = Some(2.0);
-    spec.router.rate_limit_tokens_per_min = Some(6000.0);
+    spec.router.rate_limit_tokens_per_min = Some(2000.0);
     let cluster = Cluster::start(model.clone(), spec).await;
     let mut client = cluster.client().await;
     let req = || greedy_request(&prompt(6, 1), 2);
@@ -176,7 +178,11 @@ async fn api_keys_and_rate_limits() {
     let err = client.generate(with_key(req(), "nope")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     // The right key works.
-    let mut stream = client.generate(with_key(req(), "key-a")).await.unwrap().into_inner();
+    let mut stream = client
+        .generate(with_key(req(), "key-a"))
+        .await
+        .unwrap()
+        .into_inner();
     while stream.message().await.unwrap().is_some() {}
 
     // Requests/s: key-a has a burst of 2 and just used 1; the third in a row is refused.
@@ -184,17 +190,34 @@ async fn api_keys_and_rate_limits() {
     let err = client.generate(with_key(req(), "key-a")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("requests/s"), "{err:?}");
-    let retry: u64 = err.metadata().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    let retry: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=2).contains(&retry), "{retry}");
     // Keys are limited separately.
     let _ = client.generate(with_key(req(), "key-b")).await.unwrap();
 
-    // Tokens/min: 6000/min is a bucket of 6000; one request for 5000 fits, the next does not.
+    // Tokens/min: a bucket of 2000 refilled at 33/s; requests of 908 tokens (prompt 8 +
+    // max_tokens 900): two fit, the third does not.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut big = greedy_request(&prompt(8, 2), 900);
     big.max_tokens = 900;
-    let _ = client.generate(with_key(big.clone(), "key-b")).await.unwrap();
-    let _ = client.generate(with_key(big.clone(), "key-b")).await.unwrap();
+    let _ = client
+        .generate(with_key(big.clone(), "key-b"))
+        .await
+        .unwrap();
+    // (a pause between, so the requests/s limit stays out of the way)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _ = client
+        .generate(with_key(big.clone(), "key-b"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let err = client.generate(with_key(big, "key-b")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("tokens/min"), "{err:?}");
