@@ -1,6 +1,7 @@
 //! `tandem`: the one binary a user installs.
 
 mod bench;
+mod certs;
 mod client;
 mod model_cmd;
 mod roles;
@@ -58,6 +59,8 @@ enum Command {
     /// Model tools: synthesize a small random model, measure engine speed.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Make a cluster CA and one certificate per node for mutual TLS between nodes.
+    Certs(certs::CertsArgs),
     /// Load-test the router and report throughput and latency as `vllm bench serve` does.
     Bench(bench::BenchArgs),
 }
@@ -134,6 +137,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(client::generate(&args.router, request, Some(&args.prompt)))
         }
         Command::Model(cmd) => model_cmd::run(cmd),
+        Command::Certs(args) => certs::run(&args),
         Command::Bench(args) => runtime()?.block_on(bench::run_bench(&args)).map(|_| ()),
     }
 }

@@ -50,6 +50,9 @@ pub struct Config {
     pub prefill: Option<PrefillSection>,
     /// The decode role.
     pub decode: Option<DecodeSection>,
+    /// Mutual TLS between nodes (QUIC KV transport); absent: the local
+    /// default (a self-signed certificate per decode node, no client certificates).
+    pub tls: Option<TlsSection>,
     /// How nodes find each other: static (the router's node lists) unless
     /// `[membership.etcd]` is set.
     #[serde(default)]
@@ -101,6 +104,29 @@ fn default_cluster_name() -> String {
 }
 fn default_lease_ttl() -> u32 {
     5
+}
+
+/// `[tls]`: the cluster CA and this node's certificate, PEM files as written
+/// by `tandem certs`. With it, every QUIC KV connection is mutual TLS: the
+/// receiver presents `cert` and requires a client certificate signed by
+/// `ca`; the sender verifies the receiver against `ca` and presents `cert`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The cluster CA's certificate.
+    pub ca: PathBuf,
+    /// This node's certificate (chain, leaf first), signed by `ca`.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+    /// The name receivers' certificates are checked against (a SAN of
+    /// their certificates); default `localhost`.
+    #[serde(default = "default_tls_server_name")]
+    pub server_name: String,
+}
+
+fn default_tls_server_name() -> String {
+    "localhost".into()
 }
 
 /// Which compute backend runs the model.
@@ -185,6 +211,32 @@ pub struct RouterSection {
     /// Interval of the nodes' load reports, in milliseconds.
     #[serde(default = "default_load_interval")]
     pub load_interval_ms: u32,
+    /// API keys clients must send as `authorization: Bearer <key>`; with
+    /// none here nor in `api_keys_file`, the router is open (the local default).
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments
+    /// skipped); read at start and added to `api_keys`.
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests per second each API key may make (token bucket, burst of one
+    /// second); absent: unlimited.
+    #[serde(default)]
+    pub rate_limit_rps: Option<f64>,
+    /// Tokens per minute each API key may use, counting prompt tokens plus
+    /// max_tokens per request (token bucket); absent: unlimited.
+    #[serde(default)]
+    pub rate_limit_tokens_per_min: Option<f64>,
+    /// Longest prompt, in tokens (besides the model's context); absent: the context.
+    #[serde(default)]
+    pub max_prompt_tokens: Option<u32>,
+    /// Largest request message, in bytes: gRPC messages and HTTP bodies.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+}
+
+fn default_max_request_bytes() -> usize {
+    4 << 20
 }
 
 fn default_router_listen() -> SocketAddr {
@@ -250,6 +302,11 @@ pub struct PrefillSection {
     /// size works with any decode node's: each rank ships its own KV heads.
     #[serde(default = "default_tp")]
     pub tp: usize,
+
+    /// The config's `[tls]` section, copied here by the loader (not a key of
+    /// this section); `None`: the local default.
+    #[serde(skip)]
+    pub tls: Option<TlsSection>,
 }
 
 fn default_prefill_id() -> String {
@@ -322,6 +379,11 @@ pub struct DecodeSection {
     /// rank receives the KV heads it owns, whatever the prefill node's TP.
     #[serde(default = "default_tp")]
     pub tp: usize,
+
+    /// The config's `[tls]` section, copied here by the loader (not a key of
+    /// this section); `None`: the local default.
+    #[serde(skip)]
+    pub tls: Option<TlsSection>,
 }
 
 impl Config {
@@ -346,8 +408,36 @@ impl Config {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
         })?;
+        let mut config = config;
+        config.read_key_files()?;
+        if let Some(p) = config.prefill.as_mut() {
+            p.tls = config.tls.clone();
+        }
+        if let Some(d) = config.decode.as_mut() {
+            d.tls = config.tls.clone();
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds the keys of `router.api_keys_file` to `router.api_keys`.
+    fn read_key_files(&mut self) -> Result<(), ConfigError> {
+        let Some(r) = self.router.as_mut() else {
+            return Ok(());
+        };
+        if let Some(path) = &r.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            r.api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -399,6 +489,30 @@ impl Config {
                 "router.max_running, default_max_tokens and request_timeout_s must be positive"
                     .into(),
             ));
+        }
+        if let Some(r) = &self.router {
+            if r.api_keys
+                .iter()
+                .any(|k| k.is_empty() || k.contains(char::is_whitespace))
+            {
+                return Err(ConfigError::Invalid(
+                    "router.api_keys: a key is empty or contains whitespace".into(),
+                ));
+            }
+            if r.rate_limit_rps
+                .is_some_and(|v| !(v > 0.0 && v.is_finite()))
+                || r.rate_limit_tokens_per_min
+                    .is_some_and(|v| !(v > 0.0 && v.is_finite()))
+            {
+                return Err(ConfigError::Invalid(
+                    "router.rate_limit_rps and rate_limit_tokens_per_min must be positive".into(),
+                ));
+            }
+            if r.max_request_bytes < 1024 {
+                return Err(ConfigError::Invalid(
+                    "router.max_request_bytes must be at least 1024".into(),
+                ));
+            }
         }
         if let (Some(_), Some(r)) = (&self.membership.etcd, &self.router)
             && !(r.prefill_nodes.is_empty() && r.decode_nodes.is_empty())

@@ -88,11 +88,40 @@ pub async fn serve_advertising(
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (commands, command_rx) = std::sync::mpsc::channel();
 
-    let cert =
-        SelfSigned::generate(&["localhost"]).map_err(|e| DecodeError::Transfer(e.to_string()))?;
-    let server_tls = cert
-        .server_config()
-        .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+    // With `[tls]`: the cluster certificate, and senders must present one
+    // signed by the cluster CA (mutual TLS). Without: a self-signed
+    // certificate made now, handed to prefill nodes with each KV target.
+    let (server_tls, cert_der, server_name) = match &config.tls {
+        Some(t) => {
+            let tls_err =
+                |e: tandem_kv_transfer::TlsError| DecodeError::Transfer(format!("[tls]: {e}"));
+            let server_tls =
+                tandem_kv_transfer::tls::server_config_from_pem(&t.cert, &t.key, Some(&t.ca))
+                    .map_err(tls_err)?;
+            let pem = std::fs::read(&t.cert).map_err(|e| {
+                DecodeError::Transfer(format!("[tls] cert {}: {e}", t.cert.display()))
+            })?;
+            use rustls::pki_types::pem::PemObject;
+            let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .and_then(Result::ok)
+                .ok_or_else(|| {
+                    DecodeError::Transfer(format!(
+                        "[tls] cert {}: no certificate",
+                        t.cert.display()
+                    ))
+                })?;
+            (server_tls, leaf.to_vec(), t.server_name.clone())
+        }
+        None => {
+            let cert = SelfSigned::generate(&["localhost"])
+                .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+            let server_tls = cert
+                .server_config()
+                .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+            (server_tls, cert.cert.to_vec(), "localhost".to_owned())
+        }
+    };
     let sink = Arc::new(ReservedSink {
         reservations: reservations.clone(),
         commands: commands.clone(),
@@ -123,8 +152,8 @@ pub async fn serve_advertising(
     let endpoint = KvEndpoint {
         quic_addr: advertised(quic_addr).to_string(),
         quic_addrs: quic_addrs.iter().map(ToString::to_string).collect(),
-        server_name: "localhost".into(),
-        cert_der: cert.cert.to_vec(),
+        server_name,
+        cert_der,
     };
     let kv_addrs = endpoint.quic_addrs.clone();
     let limits = Limits {

@@ -26,6 +26,6 @@ pub use error::TransferError;
 pub use receiver::{KvReceiver, KvSink, ReceiverConfig};
 pub use reservation::{Accepted, Complete, Expectation, Refusal, Reservations};
 pub use sender::{KvSender, RequestStream, SenderConfig};
-pub use tls::{SelfSigned, TlsError};
+pub use tls::{ClusterCa, NodeCert, SelfSigned, TlsError};
 pub use transport::TransportTuning;
 pub use wire::{Frame, FrameDecoder, LayerHeader, LayerShape, WireDtype, WireError};

@@ -79,6 +79,80 @@ impl SelfSigned {
     }
 }
 
+/// A cluster certificate authority, made with rcgen: it signs one
+/// certificate per node, valid both as a TLS server (receiver) and as a
+/// client (sender), so one cert/key pair serves a node in either role.
+/// Used by `tandem certs` and by tests.
+pub struct ClusterCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A node certificate and its key, both PEM.
+pub struct NodeCert {
+    /// The certificate (PEM).
+    pub cert_pem: String,
+    /// The private key (PKCS#8 PEM).
+    pub key_pem: String,
+}
+
+impl ClusterCa {
+    /// A fresh CA named `common_name`.
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        Ok(ClusterCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key)?,
+        })
+    }
+
+    /// The CA certificate (PEM): every node's `[tls] ca`.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// The CA's private key (PEM); keep it off the nodes.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// The CA certificate (DER).
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// A node certificate for `names` (DNS names or IP addresses, its SANs;
+    /// the first is also its common name), for server and client auth.
+    pub fn issue(&self, names: &[String]) -> Result<NodeCert, TlsError> {
+        let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+        if let Some(first) = names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, first.as_str());
+        }
+        params.is_ca = rcgen::IsCa::NoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(NodeCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// A sender config trusting exactly `cert` (a [`SelfSigned::cert`]).
 pub fn client_config_trusting(
     cert: &CertificateDer<'static>,
@@ -204,6 +278,23 @@ mod tests {
         assert_eq!(server.alpn_protocols, vec![ALPN.to_vec()]);
         let client = client_config_trusting(&s.cert).unwrap();
         assert_eq!(client.alpn_protocols, vec![ALPN.to_vec()]);
+    }
+
+    #[test]
+    fn a_cluster_ca_signs_node_certificates_that_load() {
+        let ca = ClusterCa::generate("test CA").unwrap();
+        let node = ca.issue(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_p, cert_p, key_p) = (
+            dir.path().join("ca.pem"),
+            dir.path().join("n.pem"),
+            dir.path().join("n-key.pem"),
+        );
+        std::fs::write(&ca_p, ca.cert_pem()).unwrap();
+        std::fs::write(&cert_p, &node.cert_pem).unwrap();
+        std::fs::write(&key_p, &node.key_pem).unwrap();
+        server_config_from_pem(&cert_p, &key_p, Some(&ca_p)).unwrap();
+        client_config_from_pem(&ca_p, Some((&cert_p, &key_p))).unwrap();
     }
 
     #[test]

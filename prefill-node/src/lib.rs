@@ -133,7 +133,14 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| PrefillError::Server(e.to_string()))?;
-    let senders = Arc::new(SenderCache::new(config.kv_connections));
+    let cluster_tls = match &config.tls {
+        None => None,
+        Some(t) => Some(
+            tandem_kv_transfer::tls::client_config_from_pem(&t.ca, Some((&t.cert, &t.key)))
+                .map_err(|e| PrefillError::Config(format!("[tls]: {e}")))?,
+        ),
+    };
+    let senders = Arc::new(SenderCache::new(config.kv_connections, cluster_tls));
     let service = PrefillGrpc(Arc::new(PrefillService {
         shape,
         scheduler: scheduler.clone(),

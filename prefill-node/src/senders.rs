@@ -20,6 +20,9 @@ type Key = (SocketAddr, String, Vec<u8>);
 /// The prefill node's connections to decode nodes.
 pub(crate) struct SenderCache {
     connections: usize,
+    /// With `[tls]`: trust the cluster CA and present this node's certificate
+    /// (mutual TLS); without: trust the certificate each decode node hands out.
+    cluster_tls: Option<Arc<rustls::ClientConfig>>,
     senders: Mutex<HashMap<Key, Arc<KvSender>>>,
 }
 
@@ -28,9 +31,10 @@ fn key(d: &KvDestination) -> Key {
 }
 
 impl SenderCache {
-    pub fn new(connections: usize) -> Self {
+    pub fn new(connections: usize, cluster_tls: Option<Arc<rustls::ClientConfig>>) -> Self {
         SenderCache {
             connections,
+            cluster_tls,
             senders: Mutex::new(HashMap::new()),
         }
     }
@@ -49,9 +53,15 @@ impl SenderCache {
             addr: dest.addr,
             source,
         };
-        let cert = CertificateDer::from(dest.cert_der.clone());
-        let client_tls = tls::client_config_trusting(&cert)
-            .map_err(|e| PrefillError::InvalidRequest(format!("kv_target.server_cert_der: {e}")))?;
+        let client_tls = match &self.cluster_tls {
+            Some(c) => c.clone(),
+            None => {
+                let cert = CertificateDer::from(dest.cert_der.clone());
+                tls::client_config_trusting(&cert).map_err(|e| {
+                    PrefillError::InvalidRequest(format!("kv_target.server_cert_der: {e}"))
+                })?
+            }
+        };
         let config = SenderConfig {
             // At least one connection per receiver endpoint, to use them all.
             connections: self.connections.max(dest.addrs.len()),

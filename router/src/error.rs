@@ -15,6 +15,17 @@ pub enum RouterError {
     /// The request is malformed; the message names the bad field.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The client gave no API key, or a wrong one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The client's API key is past one of its rate limits.
+    #[error("{message}; retry in {retry_after_s:.1} s")]
+    RateLimited {
+        /// Which limit.
+        message: String,
+        /// Seconds until the request would fit.
+        retry_after_s: f64,
+    },
     /// The request names a model this cluster does not serve.
     #[error("model {requested:?} is not served here (this cluster serves {served:?})")]
     ModelNotFound {
@@ -104,10 +115,29 @@ impl RouterError {
     }
 }
 
+/// The metadata key carrying a retry hint in whole seconds on
+/// `RESOURCE_EXHAUSTED` statuses (the HTTP API turns it into `Retry-After`).
+pub const RETRY_AFTER: &str = "retry-after";
+
+impl RouterError {
+    /// Seconds a client should wait before retrying, for refusals a retry can cure.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            RouterError::RateLimited { retry_after_s, .. } => {
+                Some(retry_after_s.ceil().clamp(1.0, 86_400.0) as u64)
+            }
+            RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => Some(1),
+            _ => None,
+        }
+    }
+}
+
 impl From<RouterError> for Status {
     fn from(err: RouterError) -> Self {
         let code = match &err {
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
+            RouterError::RateLimited { .. } => Code::ResourceExhausted,
             RouterError::ModelNotFound { .. } => Code::NotFound,
             RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => {
                 Code::ResourceExhausted
@@ -123,7 +153,13 @@ impl From<RouterError> for Status {
             | RouterError::Serve(_)
             | RouterError::Reflection(_) => Code::Internal,
         };
-        Status::new(code, err.to_string())
+        let mut status = Status::new(code, err.to_string());
+        if let Some(secs) = err.retry_after_s() {
+            status
+                .metadata_mut()
+                .insert(RETRY_AFTER, tonic::metadata::MetadataValue::from(secs));
+        }
+        status
     }
 }
 
@@ -148,5 +184,6 @@ mod tests {
         let s = Status::from(RouterError::QueueFull { max_queue: 3 });
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("queue is full") && s.message().contains("retry"));
+        assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "1");
     }
 }

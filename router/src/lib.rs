@@ -2,6 +2,7 @@
 //! prefill and decode nodes.
 //!
 //! A request passes through, in order:
+//! - [`auth`]: the client's API key and its rate limits;
 //! - [`validation`]: checks the request and tokenizes the prompt;
 //! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting);
 //! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to use;
@@ -11,6 +12,7 @@
 //! is the bare service for embedding in another server.
 
 pub mod admission;
+pub mod auth;
 pub mod choice;
 pub mod error;
 pub mod generate;
@@ -81,7 +83,9 @@ pub async fn serve(
         Some(http) => Some(
             serve_http(
                 http,
-                openai::app(service.clone(), model, name),
+                openai::app(service.clone(), model, name).layer(
+                    axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
+                ),
                 shutdown.clone(),
             )
             .await?,
@@ -98,13 +102,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
+    let max_request_bytes = config.max_request_bytes;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     info!(%addr, "router listening");
     let join = tokio::spawn(async move {
         Server::builder()
             .add_service(health)
             .add_service(reflection)
-            .add_service(GenerateServer::from_arc(service))
+            .add_service(
+                GenerateServer::from_arc(service).max_decoding_message_size(max_request_bytes),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         info!("router stopped");

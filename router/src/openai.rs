@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
+use crate::error::RETRY_AFTER;
 use crate::service::GenerateService;
 
 /// What the handlers share.
@@ -56,6 +57,8 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds to wait before retrying (`Retry-After`).
+    retry_after: Option<String>,
 }
 
 impl ApiError {
@@ -63,6 +66,7 @@ impl ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -84,13 +88,22 @@ impl From<Status> for ApiError {
         ApiError {
             status,
             message: s.message().to_string(),
+            retry_after: s
+                .metadata()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         }
     }
 }
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        ApiError::bad_request(format!("invalid request body: {}", r.body_text()))
+        let mut e = ApiError::bad_request(format!("invalid request body: {}", r.body_text()));
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            e.status = StatusCode::PAYLOAD_TOO_LARGE;
+        }
+        e
     }
 }
 
@@ -99,6 +112,8 @@ fn error_body(status: StatusCode, message: &str) -> Value {
         StatusCode::BAD_REQUEST => "invalid_request_error",
         StatusCode::NOT_FOUND => "not_found_error",
         StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
         _ => "server_error",
     };
     json!({ "error": { "message": message, "type": kind, "param": null, "code": status.as_u16() } })
@@ -106,7 +121,14 @@ fn error_body(status: StatusCode, message: &str) -> Value {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(error_body(self.status, &self.message))).into_response()
+        let mut r = (self.status, Json(error_body(self.status, &self.message))).into_response();
+        if let Some(v) = self
+            .retry_after
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
     }
 }
 
@@ -170,6 +192,17 @@ fn to_request(
             "n must be 1: Tandem returns one choice per request",
         ));
     }
+    // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
+    if let Some(p) = s.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(ApiError::bad_request(format!(
+            "top_p must be in (0, 1], got {p}"
+        )));
+    }
+    if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
+        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+    }
     Ok(pb::GenerateRequest {
         request_id: String::new(),
         model: s.model.clone().unwrap_or_default(),
@@ -222,8 +255,10 @@ async fn models(State(st): State<AppState>) -> Json<Value> {
 
 async fn completions(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let auth = authorization(&st, &headers)?;
     let Json(req) = body?;
     let prompt = match req.prompt {
         PromptInput::Text(t) => pb::generate_request::Prompt::Text(t),
@@ -238,13 +273,15 @@ async fn completions(
         }
     };
     let request = to_request(prompt, &req.sampling)?;
-    run(st, request, req.sampling.stream, Kind::Completion).await
+    run(st, auth, request, req.sampling.stream, Kind::Completion).await
 }
 
 async fn chat_completions(
     State(st): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let auth = authorization(&st, &headers)?;
     let Json(req) = body?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
@@ -264,7 +301,7 @@ async fn chat_completions(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
     )?;
-    run(st, request, req.sampling.stream, Kind::Chat).await
+    run(st, auth, request, req.sampling.stream, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -273,18 +310,38 @@ enum Kind {
     Chat,
 }
 
+/// The request's `Authorization` header, checked before its body is read
+/// (so a client without a key learns that first), to pass on as gRPC metadata.
+fn authorization(st: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValue>, ApiError> {
+    let value = headers.get(header::AUTHORIZATION).cloned();
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Some(v) = &value
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+    {
+        md.insert("authorization", v);
+    }
+    st.service
+        .auth()
+        .authenticate(&md)
+        .map_err(|e| ApiError::from(Status::from(e)))?;
+    Ok(value)
+}
+
 /// Runs the request through the gRPC service and answers in OpenAI's shape.
 async fn run(
     st: AppState,
+    auth: Option<HeaderValue>,
     request: pb::GenerateRequest,
     stream: bool,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let responses = st
-        .service
-        .generate(tonic::Request::new(request))
-        .await?
-        .into_inner();
+    let mut request = tonic::Request::new(request);
+    if let Some(v) = auth
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+    {
+        request.metadata_mut().insert("authorization", v);
+    }
+    let responses = st.service.generate(request).await?.into_inner();
     let id = format!(
         "{}-{:x}",
         if kind == Kind::Chat {

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::Admission;
+use crate::auth::ClientAuth;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
 use crate::validation::Validator;
@@ -28,6 +29,7 @@ const CLIENT_BUFFER: usize = 64;
 
 /// The router's `Generate` service.
 pub struct GenerateService {
+    auth: ClientAuth,
     validator: Validator,
     admission: Admission,
     relay: Arc<Relay>,
@@ -47,6 +49,7 @@ impl GenerateService {
     ) -> Self {
         let nodes = NodePool::start(membership, config.load_interval_ms, shutdown.clone());
         GenerateService {
+            auth: ClientAuth::new(config),
             validator: Validator::new(model, model_name, config),
             admission: Admission::new(config.max_running, config.max_queue),
             relay: Arc::new(Relay {
@@ -64,6 +67,11 @@ impl GenerateService {
     pub fn into_server(self) -> GenerateServer<Self> {
         GenerateServer::new(self)
     }
+
+    /// The API keys and rate limits.
+    pub fn auth(&self) -> &ClientAuth {
+        &self.auth
+    }
 }
 
 #[tonic::async_trait]
@@ -78,7 +86,10 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
+        let key = self.auth.check(request.metadata())?;
         let req = self.validator.validate(request.into_inner())?;
+        self.auth
+            .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
         let span = tracing::info_span!("generate", request_id = %req.request_id);
         let permit = self
             .admission

@@ -48,6 +48,7 @@ pub struct Validator {
     served_names: Vec<String>,
     default_max_tokens: u32,
     max_tokens_limit: u32,
+    max_prompt_tokens: Option<u32>,
 }
 
 fn invalid(msg: impl Into<String>) -> RouterError {
@@ -69,6 +70,7 @@ impl Validator {
             served_names,
             default_max_tokens: config.default_max_tokens,
             max_tokens_limit: config.max_tokens_limit,
+            max_prompt_tokens: config.max_prompt_tokens,
         }
     }
 
@@ -125,6 +127,14 @@ impl Validator {
         };
         if prompt.is_empty() {
             return Err(invalid("prompt is empty (no tokens)"));
+        }
+        if let Some(limit) = self.max_prompt_tokens
+            && prompt.len() > limit as usize
+        {
+            return Err(invalid(format!(
+                "prompt has {} tokens; the limit is {limit} (router.max_prompt_tokens)",
+                prompt.len()
+            )));
         }
         let context = config.max_position_embeddings;
         if prompt.len() >= context {
