@@ -5,6 +5,8 @@
 #   MODE=smoke  : correctness on small models and a 4-layer quick bench
 #   MODE=ours   : correctness (CPU and HF) and our benchmark, no PyTorch baseline
 #   MODE=full   : everything (default)
+#   KERNELS=1   : then where a decode step's time goes (tandem-gpu-bench kernels)
+#   SMOKE=1     : then the cluster as separate processes on the GPU (gpu_1p1d_smoke.sh)
 set -u
 GPU_DIR=${GPU_DIR:-.gpu}
 OUT=${OUT:-/tmp/tandem-gpu-out}
@@ -30,6 +32,11 @@ else
   step 240 bench "$B" bench --shape llama3-8b
   if [ "$MODE" = full ]; then
   step 200 baseline $PY "$GPU_DIR/hf_reference.py" baseline --layers 32
-  TANDEM_CUDA_CUBLAS_ONLY=1 step 120 bench_cublas_only "$B" bench --shape llama3-8b --quick
   fi
+fi
+if [ "${KERNELS:-0}" = 1 ]; then
+  step 60 kernels "$B" kernels --shape llama3-8b
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  step 120 cluster env OUT=/tmp/tandem-1p1d bash "$GPU_DIR/gpu_1p1d_smoke.sh"
 fi

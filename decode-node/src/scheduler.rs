@@ -25,12 +25,24 @@ use bytes::Bytes;
 use tandem_cluster::convert::finish_reason_to_pb;
 use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{BlockId, BlockManager, blocks_for};
-use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenEvent};
+use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::{Expectation, Reservations, WireDtype};
 use tandem_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+
+/// What a forward pass gave back: chosen tokens, or logits to sample from.
+enum Sampled {
+    Tokens(Vec<u32>),
+    Logits(Vec<Vec<f32>>),
+}
+
+/// One row of a [`Sampled`].
+enum Row {
+    Token(u32),
+    Logits(Vec<f32>),
+}
 
 /// A message on a request's response stream.
 pub type Event = Result<pb::DecodeResponse, Status>;
@@ -459,6 +471,24 @@ impl<B: Backend> Scheduler<B> {
         if plan.is_empty() {
             return;
         }
+        // Rows whose token is used: running sequences and prompts' last chunks.
+        let sampled = |state: &State, completes: bool| matches!(state, State::Running) || completes;
+        // Without penalties every row's token can be drawn where the logits are
+        // (on a GPU only ids come back); otherwise the logits come to the host.
+        let on_device = plan.iter().all(|(id, _, _, completes)| {
+            let seq = &self.seqs[id];
+            !sampled(&seq.state, *completes) || seq.generation.draws_from_raw_logits()
+        });
+        let draws: Vec<TokenDraw> = if on_device {
+            plan.iter()
+                .map(|(id, _, _, completes)| match self.seqs.get_mut(id) {
+                    Some(seq) if sampled(&seq.state, *completes) => seq.generation.next_draw(),
+                    _ => TokenDraw::GREEDY,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
             .map(|(id, tokens, start, _)| SeqChunk {
@@ -467,15 +497,22 @@ impl<B: Backend> Scheduler<B> {
                 block_table: &self.seqs[id].table,
             })
             .collect();
-        let result = self.backend.forward(&chunks, None);
+        let result = if on_device {
+            self.backend
+                .forward_draw(&chunks, &draws, None)
+                .map(Sampled::Tokens)
+        } else {
+            self.backend.forward(&chunks, None).map(Sampled::Logits)
+        };
         drop(chunks);
         {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             stats.steps_total += 1;
             stats.max_batch_seen = stats.max_batch_seen.max(decoding as u32);
         }
-        let logits = match result {
-            Ok(l) => l,
+        let rows: Vec<Row> = match result {
+            Ok(Sampled::Tokens(t)) => t.into_iter().map(Row::Token).collect(),
+            Ok(Sampled::Logits(l)) => l.into_iter().map(Row::Logits).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing its sequences");
                 for (id, ..) in plan {
@@ -484,7 +521,7 @@ impl<B: Backend> Scheduler<B> {
                 return;
             }
         };
-        for ((id, tokens, start, completes), mut row) in plan.into_iter().zip(logits) {
+        for ((id, tokens, start, completes), row) in plan.into_iter().zip(rows) {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
@@ -497,7 +534,10 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             seq.state = State::Running;
-            let event = seq.generation.step(&mut row, &self.model.tokenizer);
+            let event = match row {
+                Row::Token(t) => seq.generation.accept_drawn(t, &self.model.tokenizer),
+                Row::Logits(mut l) => seq.generation.step(&mut l, &self.model.tokenizer),
+            };
             self.emit(id, event);
         }
     }

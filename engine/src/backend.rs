@@ -15,10 +15,13 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
+
 use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvLayout;
+use crate::sampling::TokenDraw;
 
 /// New tokens of one sequence.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +52,56 @@ pub trait KvExport {
         Err(EngineError::KvCache(format!(
             "this cache cannot export the head range {heads:?} alone"
         )))
+    }
+
+    /// Like [`export_heads`](Self::export_heads), but may return before the bytes
+    /// are in host memory: called from a layer hook, this starts the copy of
+    /// layer L and lets the forward pass go on to layer L + 1 while it runs.
+    fn export_heads_async(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<KvBytes> {
+        Ok(KvBytes::Ready(Bytes::from(
+            self.export_heads(layer, blocks, heads)?,
+        )))
+    }
+}
+
+/// The bytes of an export on their way out of a cache: ready at once (the CPU
+/// backend), or once a device-to-host copy already queued has completed (the
+/// GPU backend's pinned staging memory, handed on without a copy).
+pub enum KvBytes {
+    /// Already in host memory.
+    Ready(Bytes),
+    /// A copy in flight.
+    Pending(Box<dyn PendingKv>),
+}
+
+/// A device-to-host copy of KV in flight.
+pub trait PendingKv: Send {
+    /// Blocks until the copy is done; the bytes then stay valid for as long as
+    /// the returned `Bytes` (and its clones) live.
+    fn wait(self: Box<Self>) -> Result<Bytes>;
+}
+
+impl KvBytes {
+    /// The bytes, waiting for the copy if one is in flight.
+    pub fn wait(self) -> Result<Bytes> {
+        match self {
+            KvBytes::Ready(b) => Ok(b),
+            KvBytes::Pending(p) => p.wait(),
+        }
+    }
+}
+
+impl std::fmt::Debug for KvBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvBytes::Ready(b) => write!(f, "KvBytes::Ready({} bytes)", b.len()),
+            KvBytes::Pending(_) => f.write_str("KvBytes::Pending"),
+        }
     }
 }
 
@@ -83,6 +136,31 @@ pub trait Backend: Send {
             .forward(chunks, on_layer)?
             .iter()
             .map(|logits| argmax(logits))
+            .collect())
+    }
+
+    /// Runs `chunks` and chooses each chunk's next token with its draw
+    /// (`draws[i]` for `chunks[i]`). A GPU backend samples on the device, so
+    /// only token ids cross to the host; the default chooses on the host from
+    /// [`forward`](Self::forward)'s logits.
+    fn forward_draw(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        if draws.len() != chunks.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} draws for {} sequences",
+                draws.len(),
+                chunks.len()
+            )));
+        }
+        Ok(self
+            .forward(chunks, on_layer)?
+            .iter()
+            .zip(draws)
+            .map(|(logits, d)| d.choose(logits))
             .collect())
     }
 
@@ -192,6 +270,15 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<u32>> {
         (**self).forward_greedy(chunks, on_layer)
+    }
+
+    fn forward_draw(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        (**self).forward_draw(chunks, draws, on_layer)
     }
 
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {

@@ -8,7 +8,7 @@
 //! is what makes their outputs identical.
 
 use crate::error::{EngineError, Result};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenDraw};
 use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 
@@ -158,6 +158,25 @@ impl Generation {
     /// Samples the next token from `logits` and accounts for it.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<TokenEvent> {
         let token = self.sampler.sample(logits);
+        self.accept(token, tokenizer)
+    }
+
+    /// Whether the next token can be chosen from the raw logits by a
+    /// [`TokenDraw`] (no penalty needs this request's history), so a GPU backend
+    /// can sample it without the logits leaving the device.
+    pub fn draws_from_raw_logits(&self) -> bool {
+        self.sampler.draws_from_raw_logits()
+    }
+
+    /// The next token's draw, from this request's random stream; give the token
+    /// it chose to [`accept_drawn`](Self::accept_drawn).
+    pub fn next_draw(&mut self) -> TokenDraw {
+        self.sampler.next_draw()
+    }
+
+    /// Accounts for the token chosen with the draw [`next_draw`](Self::next_draw) gave.
+    pub fn accept_drawn(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
+        self.sampler.observe(token);
         self.accept(token, tokenizer)
     }
 

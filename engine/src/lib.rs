@@ -37,5 +37,5 @@ pub use error::{EngineError, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model_dir::{Device, ModelDir};
-pub use sampling::SamplingParams;
+pub use sampling::{SamplingParams, TokenDraw};
 pub use tokenizer::{ChatMessage, Tokenizer};

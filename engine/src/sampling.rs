@@ -171,48 +171,145 @@ impl Sampler {
         // Exactly one draw per sampled token, whatever the logits, so a stream can be
         // resumed on another node by replaying the count (see `resume_after`).
         let u01 = self.rng.random::<f32>();
+        TokenDraw::new(&self.params, u01).choose(logits)
+    }
+
+    /// Whether the next token can be drawn from the raw logits alone (no penalty
+    /// needs this request's history), so a device can sample it without the
+    /// logits ever leaving it.
+    pub fn draws_from_raw_logits(&self) -> bool {
         let p = &self.params;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Candidates sorted by probability, most likely first (ties: lower id first).
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp()))
-            .filter(|&(_, w)| w > 0.0)
-            .collect();
-        if cand.is_empty() {
+        p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    }
+
+    /// The next token's draw, taking this step's uniform variate from the
+    /// request's stream exactly as [`sample`](Self::sample) does. Only valid when
+    /// [`draws_from_raw_logits`](Self::draws_from_raw_logits); record the token the
+    /// draw chose with [`observe`](Self::observe).
+    pub fn next_draw(&mut self) -> TokenDraw {
+        let u01 = if self.params.is_greedy() {
+            0.0
+        } else {
+            self.rng.random::<f32>()
+        };
+        TokenDraw::new(&self.params, u01)
+    }
+}
+
+/// Everything needed to choose one token from raw logits: the request's cuts
+/// and this step's uniform variate. A GPU backend ships these to the device and
+/// samples there; [`choose`](Self::choose) is the host's version.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenDraw {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// 0 keeps all.
+    pub top_k: u32,
+    /// 1 keeps all.
+    pub top_p: f32,
+    /// 0 keeps all.
+    pub min_p: f32,
+    /// Uniform in [0, 1): where the draw lands in the kept probability mass.
+    pub u01: f32,
+}
+
+impl TokenDraw {
+    /// The greedy draw.
+    pub const GREEDY: TokenDraw = TokenDraw {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        u01: 0.0,
+    };
+
+    /// A draw with `params`' cuts at variate `u01`.
+    pub fn new(params: &SamplingParams, u01: f32) -> Self {
+        TokenDraw {
+            temperature: params.temperature,
+            top_k: params.top_k.min(u32::MAX as usize) as u32,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            u01,
+        }
+    }
+
+    /// The token this draw picks from `logits`: temperature, then the top-k, top-p
+    /// and min-p cuts (in that order, as vLLM applies them), then the token where
+    /// `u01` lands in the kept mass, walking from the most likely down.
+    pub fn choose(&self, logits: &[f32]) -> u32 {
+        let cand = self.kept(logits);
+        let Some(&(last, _)) = cand.last() else {
             return argmax(logits);
-        }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 {
-            cand.truncate(p.top_k);
-        }
-        let sum: f32 = cand.iter().map(|c| c.1).sum();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (i, c) in cand.iter().enumerate() {
-                acc += c.1 / sum;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cand.truncate(keep);
-        }
-        if p.min_p > 0.0 {
-            let threshold = cand[0].1 * p.min_p;
-            cand.retain(|c| c.1 >= threshold);
-        }
+        };
         let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut u = u01 * total;
+        let mut u = self.u01 * total;
         for &(t, w) in &cand {
             if u < w {
                 return t;
             }
             u -= w;
         }
-        cand[cand.len() - 1].0
+        last
+    }
+
+    /// The tokens the cuts keep with their unnormalised weights, most likely
+    /// first (lower id first on ties); empty for greedy or when nothing has weight.
+    fn kept(&self, logits: &[f32]) -> Vec<(u32, f32)> {
+        if self.temperature == 0.0 {
+            return Vec::new();
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp()))
+            .filter(|&(_, w)| w > 0.0)
+            .collect();
+        if cand.is_empty() {
+            return cand;
+        }
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.top_k > 0 {
+            cand.truncate(self.top_k as usize);
+        }
+        let sum: f32 = cand.iter().map(|c| c.1).sum();
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = cand.len();
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.1 / sum;
+                if acc >= self.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep);
+        }
+        if self.min_p > 0.0 {
+            let threshold = cand[0].1 * self.min_p;
+            cand.retain(|c| c.1 >= threshold);
+        }
+        cand
+    }
+
+    /// The probability of each token under this draw's cuts (zero outside the
+    /// kept set): what a correct sampler with these cuts picks with, whatever
+    /// order it walks the kept mass in; for checking a device's sampler.
+    pub fn distribution(&self, logits: &[f32]) -> Vec<f64> {
+        let mut out = vec![0f64; logits.len()];
+        let cand = self.kept(logits);
+        if cand.is_empty() {
+            if let Some(v) = out.get_mut(argmax(logits) as usize) {
+                *v = 1.0;
+            }
+            return out;
+        }
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        for &(t, w) in &cand {
+            out[t as usize] = w as f64 / total;
+        }
+        out
     }
 }
 
@@ -263,6 +360,40 @@ mod tests {
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn device_draws_follow_the_same_stream_as_host_sampling() {
+        let logits: Vec<f32> = (0..64).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
+        let p = params(|p| {
+            p.temperature = 0.8;
+            p.top_k = 20;
+            p.top_p = 0.9;
+        });
+        let mut host = Sampler::new(p.clone(), &[]);
+        let mut device = Sampler::new(p, &[]);
+        assert!(device.draws_from_raw_logits());
+        for _ in 0..50 {
+            let a = host.sample(&mut logits.clone());
+            let d = device.next_draw();
+            let b = d.choose(&logits);
+            device.observe(b);
+            assert_eq!(a, b);
+            // The token drawn is in the kept set.
+            assert!(d.distribution(&logits)[b as usize] > 0.0);
+        }
+        let dist = TokenDraw::new(
+            &params(|p| {
+                p.temperature = 1.0;
+                p.top_k = 3;
+            }),
+            0.5,
+        )
+        .distribution(&logits);
+        assert_eq!(dist.iter().filter(|&&x| x > 0.0).count(), 3);
+        assert!((dist.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        let penalised = Sampler::new(params(|p| p.repetition_penalty = 1.2), &[1]);
+        assert!(!penalised.draws_from_raw_logits());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use tandem_engine::SamplingParams;
+use tandem_engine::backend::KvBytes;
 use tandem_kv_transfer::LayerShape;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -14,8 +14,8 @@ use crate::error::PrefillError;
 /// Events of one job, from the worker thread to the job's sending task.
 #[derive(Debug)]
 pub(crate) enum JobEvent {
-    /// Blocks of one layer are final: ship them.
-    Layer(LayerShape, Bytes),
+    /// Blocks of one layer are final: ship them (once a device copy is done).
+    Layer(LayerShape, KvBytes),
     /// The prompt is computed and the first token sampled.
     Done {
         first_token: u32,

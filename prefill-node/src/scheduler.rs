@@ -9,7 +9,9 @@
 //! one `forward`. In the forward's per-layer hook, the blocks each chunk
 //! wrote are exported and handed to that job's sending task through a
 //! bounded channel, so the transfer of layer L overlaps the compute of layer
-//! L+1 and a slow decode node slows this worker instead of filling memory.
+//! L+1 and a slow decode node slows this worker instead of filling memory. On
+//! a GPU the export only queues a device-to-host copy into pinned memory and
+//! the sending task waits for it, so the forward pass does not stop for it.
 //! After a job's last chunk its first token is sampled, its sending task is
 //! told to finish, and its blocks are freed.
 //!
@@ -22,7 +24,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
@@ -369,7 +370,10 @@ impl<B: Backend> Worker<B> {
                     // One frame per tensor-parallel rank, carrying the KV heads it
                     // owns, laid out as in its cache (one frame of all heads at TP=1).
                     for heads in &shards {
-                        let bytes = kv.export_heads(layer, &a.table[first..last], heads.clone())?;
+                        // The copy out of the cache starts now and overlaps the next
+                        // layer's compute; the sending task waits for it.
+                        let bytes =
+                            kv.export_heads_async(layer, &a.table[first..last], heads.clone())?;
                         // The node checked at start that these fit the wire's fields.
                         let shape = LayerShape {
                             layer: layer as u16,
@@ -382,7 +386,7 @@ impl<B: Backend> Worker<B> {
                             head_dim: layout.head_dim as u16,
                             block_size: bs as u16,
                         };
-                        let event = JobEvent::Layer(shape, Bytes::from(bytes));
+                        let event = JobEvent::Layer(shape, bytes);
                         if a.job.events.blocking_send(event).is_err() {
                             gone[i] = true;
                             break;

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use tandem_engine::backend::KvBytes;
 use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
 use tandem_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -40,7 +41,15 @@ pub(crate) async fn ship(
             e = events.recv() => e,
         };
         match event {
-            Some(JobEvent::Layer(shape, payload)) => {
+            Some(JobEvent::Layer(shape, kv)) => {
+                let payload = match kv {
+                    KvBytes::Ready(b) => b,
+                    // A device copy still in flight: wait for it off the async threads.
+                    pending => tokio::task::spawn_blocking(move || pending.wait())
+                        .await
+                        .map_err(|e| PrefillError::Compute(format!("KV export task: {e}")))?
+                        .map_err(|e| PrefillError::Compute(e.to_string()))?,
+                };
                 let s = match stream.as_mut() {
                     Some(s) => s,
                     None => {

@@ -6,6 +6,7 @@
 //! tandem-gpu-bench check  [--dir DIR]                  CPU vs GPU on synthesized models
 //! tandem-gpu-bench hf     --dir DIR                    GPU vs HF logits (scripts/hf_reference.py)
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
+//! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tandem_engine::TokenDraw;
 use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::config::{Architecture, ModelConfig};
@@ -37,6 +39,7 @@ fn main() {
         Some("check") => check(&args),
         Some("hf") => hf(&args),
         Some("bench") => bench(&args),
+        Some("kernels") => kernels(&args),
         _ => Err("usage: tandem-gpu-bench check|hf|bench [options]".into()),
     };
     if let Err(e) = result {
@@ -158,6 +161,7 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
         max_tokens: 1024,
         max_seqs: 64,
         staging_blocks: 64,
+        ..CudaLimits::default()
     };
     let mut gpu = CudaBackend::load(0, &config, &weights, num_blocks, BS, limits)?;
     gpu.poison()?;
@@ -212,49 +216,97 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
     }
 
     // Greedy continuations: the GPU decodes all 20 in one batch per step, on the
-    // device (forward_greedy); the CPU one sequence at a time.
+    // device (forward_greedy), first kernel by kernel, then as graph replays (the
+    // same K/V is rewritten where the two agree); the CPU one sequence at a time.
     let mut decode_err = 0f32;
     let mut cpu_cont = vec![Vec::new(); prompts.len()];
-    let mut gpu_cont = vec![Vec::new(); prompts.len()];
     let mut cpu_step0 = Vec::new();
-    for step in 0..steps {
-        let mut batch = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let pos = p.len() + step;
-            let c = cpu.decode(&[(cpu_next[i], pos, &tables[i])])?;
-            cpu_cont[i].push(cpu_next[i]);
-            cpu_next[i] = argmax(&c[0]);
-            if step == 0 {
-                cpu_step0.push(c.into_iter().next().unwrap_or_default());
+    let first_tokens = gpu_next.clone();
+    let mut conts = Vec::new();
+    for graphs in [false, true] {
+        gpu.set_graphs(graphs);
+        let mut next = first_tokens.clone();
+        let mut cont = vec![Vec::new(); prompts.len()];
+        for step in 0..steps {
+            let mut batch = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let pos = p.len() + step;
+                if !graphs {
+                    let c = cpu.decode(&[(cpu_next[i], pos, &tables[i])])?;
+                    cpu_cont[i].push(cpu_next[i]);
+                    cpu_next[i] = argmax(&c[0]);
+                    if step == 0 {
+                        cpu_step0.push(c.into_iter().next().unwrap_or_default());
+                    }
+                }
+                batch.push((next[i], pos, tables[i].as_slice()));
             }
-            batch.push((gpu_next[i], pos, tables[i].as_slice()));
-        }
-        let toks: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
-        let chunks: Vec<SeqChunk<'_>> = batch
-            .iter()
-            .zip(&toks)
-            .map(|(b, t)| SeqChunk {
-                tokens: t,
-                start: b.1,
-                block_table: b.2,
-            })
-            .collect();
-        if step == 0 {
-            // The batched decode step's logits against the CPU's, where both were fed
-            // the same token (forward_greedy below rewrites the same K/V).
-            let g = gpu.forward(&chunks, None)?;
-            for i in 0..prompts.len() {
-                if cpu_cont[i][0] == gpu_next[i] {
-                    decode_err = decode_err.max(rel_err(&g[i], &cpu_step0[i]));
+            let toks: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
+            let chunks: Vec<SeqChunk<'_>> = batch
+                .iter()
+                .zip(&toks)
+                .map(|(b, t)| SeqChunk {
+                    tokens: t,
+                    start: b.1,
+                    block_table: b.2,
+                })
+                .collect();
+            if step == 0 && !graphs {
+                // The batched decode step's logits against the CPU's, where both were
+                // fed the same token (forward_greedy below rewrites the same K/V).
+                let g = gpu.forward(&chunks, None)?;
+                for i in 0..prompts.len() {
+                    if cpu_cont[i][0] == next[i] {
+                        decode_err = decode_err.max(rel_err(&g[i], &cpu_step0[i]));
+                    }
                 }
             }
+            let ids = gpu.forward_greedy(&chunks, None)?;
+            for (i, id) in ids.into_iter().enumerate() {
+                cont[i].push(next[i]);
+                next[i] = id;
+            }
         }
-        let ids = gpu.forward_greedy(&chunks, None)?;
-        for (i, id) in ids.into_iter().enumerate() {
-            gpu_cont[i].push(gpu_next[i]);
-            gpu_next[i] = id;
+        conts.push(cont);
+    }
+    let graph_differ = (0..prompts.len())
+        .filter(|&i| conts[0][i] != conts[1][i])
+        .count();
+    eprintln!(
+        "{}: greedy continuations, graph replays vs kernel-by-kernel: {graph_differ} of {} differ ({} graphs captured)",
+        dir.display(),
+        prompts.len(),
+        gpu.graphs_captured()
+    );
+    let gpu_cont = conts.pop().unwrap_or_default();
+    // The first six sequences decoded alone (one-token passes take the fused
+    // single-row path), against the CPU.
+    let mut alone_differ = Vec::new();
+    for i in 0..6.min(prompts.len()) {
+        let mut next = first_tokens[i];
+        let mut cont = Vec::new();
+        for step in 0..steps {
+            cont.push(next);
+            let t = [next];
+            next = gpu.forward_greedy(
+                &[SeqChunk {
+                    tokens: &t,
+                    start: prompts[i].len() + step,
+                    block_table: &tables[i],
+                }],
+                None,
+            )?[0];
+        }
+        if let Some(k) = (0..steps).find(|&k| cont[k] != cpu_cont[i][k]) {
+            alone_differ.push(format!("#{i}@{k}"));
         }
     }
+    eprintln!(
+        "{}: sequences decoded alone vs the CPU: {} of 6 differ {}",
+        dir.display(),
+        alone_differ.len(),
+        alone_differ.join(", ")
+    );
     let mut differ = 0;
     let mut where_ = Vec::new();
     for i in 0..prompts.len() {
@@ -307,6 +359,7 @@ fn hf(args: &[String]) -> Res<()> {
             max_tokens: 8192,
             max_seqs: 64,
             staging_blocks: 16,
+            ..CudaLimits::default()
         },
     )?;
     gpu.poison()?;
@@ -381,15 +434,16 @@ fn hf(args: &[String]) -> Res<()> {
 fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let layers = arg(args, "--layers").map(|s| s.parse()).transpose()?;
-    let bw: f64 = arg(args, "--bandwidth-gbs")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(3000.0);
     let quick = args.iter().any(|a| a == "--quick");
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
     let gpu = Gpu::open(0, &config)?;
     let name = gpu.name();
+    // The floor's bandwidth: given, or this GPU's device-to-device copy rate.
+    let bw: f64 = match arg(args, "--bandwidth-gbs") {
+        Some(s) => s.parse()?,
+        None => gpu.copy_bandwidth_gbs(2 << 30)?,
+    };
     let model = GpuModel::random(&gpu, &config, 1)?;
     let (free, total) = gpu.mem_info()?;
     let kv_token_bytes = config.num_layers * config.kv_bytes_per_token_per_layer(2);
@@ -419,11 +473,16 @@ fn bench(args: &[String]) -> Res<()> {
     );
 
     // Decode.
-    println!("### decode step (greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n");
     println!(
-        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s |"
+        "### decode step (CUDA graph replays, greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n"
     );
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "Floor bandwidth {bw:.0} GB/s: a 2 GiB device-to-device copy on this GPU, bytes read + written.\n"
+    );
+    println!(
+        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | top-p sampling ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let batches: &[usize] = if quick {
         &[1, 64]
     } else {
@@ -447,27 +506,42 @@ fn bench(args: &[String]) -> Res<()> {
             let mut toks: Vec<u32> = (0..batch)
                 .map(|_| rng.random_range(0..config.vocab_size as u32))
                 .collect();
-            let mut times = Vec::new();
-            for step in 0..steps {
-                let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
-                let chunks: Vec<SeqChunk<'_>> = (0..batch)
-                    .map(|i| SeqChunk {
-                        tokens: &t[i],
-                        start: ctx + step,
-                        block_table: &tables[i],
-                    })
-                    .collect();
-                let t0 = Instant::now();
-                toks = be.forward_greedy(&chunks, None)?;
-                if step >= 3 {
-                    times.push(t0.elapsed().as_secs_f64());
+            let mut run = |be: &mut CudaBackend, draw: TokenDraw| -> Res<f64> {
+                let mut times = Vec::new();
+                for step in 0..steps {
+                    let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
+                    let chunks: Vec<SeqChunk<'_>> = (0..batch)
+                        .map(|i| SeqChunk {
+                            tokens: &t[i],
+                            start: ctx + step,
+                            block_table: &tables[i],
+                        })
+                        .collect();
+                    let draws = vec![draw; batch];
+                    let t0 = Instant::now();
+                    toks = be.forward_draw(&chunks, &draws, None)?;
+                    if step >= 3 {
+                        times.push(t0.elapsed().as_secs_f64());
+                    }
                 }
-            }
-            let ms = median(times) * 1e3;
+                Ok(median(times) * 1e3)
+            };
+            let ms = run(&mut be, TokenDraw::GREEDY)?;
+            let top_p = TokenDraw {
+                temperature: 0.8,
+                top_k: 0,
+                top_p: 0.95,
+                min_p: 0.0,
+                u01: 0.37,
+            };
+            let sampled = run(&mut be, top_p)?;
+            be.set_graphs(false);
+            let direct = run(&mut be, TokenDraw::GREEDY)?;
+            be.set_graphs(true);
             let kv = (batch * (ctx + 8) * kv_token_bytes) as f64;
             let floor = (weight_bytes as f64 + kv) / (bw * 1e9) * 1e3;
             println!(
-                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} |",
+                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} | {direct:.2} | {sampled:.2} |",
                 ms / floor,
                 batch as f64 / ms * 1e3
             );
@@ -475,15 +549,17 @@ fn bench(args: &[String]) -> Res<()> {
     }
     println!();
 
+    sampling_check(&mut be, config.vocab_size)?;
+
     // Prefill.
     println!(
         "### prefill (one sequence; chunks of {} tokens; median of 3 after a warm-up)\n",
         limits.max_tokens
     );
     println!(
-        "| prompt | time ms | tokens/s | TFLOP/s (linear + causal attention) | of 793 TFLOP/s |"
+        "| prompt | time ms | tokens/s | TFLOP/s (linear + causal attention) | of 793 TFLOP/s | with every layer exported as computed, ms |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let (h, hd, hq, hkv) = (
         config.hidden_size,
         config.head_dim,
@@ -501,7 +577,7 @@ fn bench(args: &[String]) -> Res<()> {
     for &len in lens {
         let blocks = blocks_for(len, BS);
         if blocks > num_blocks {
-            println!("| {len} | does not fit | | | |");
+            println!("| {len} | does not fit | | | | |");
             continue;
         }
         let table: Vec<u32> = (0..blocks as u32).collect();
@@ -509,38 +585,65 @@ fn bench(args: &[String]) -> Res<()> {
             .map(|_| rng.random_range(0..config.vocab_size as u32))
             .collect();
         let runs = if len > 8192 { 2 } else { 4 };
-        let mut times = Vec::new();
-        for r in 0..runs {
-            let t0 = Instant::now();
-            let mut start = 0;
-            while start < len {
-                let end = (start + limits.max_tokens).min(len);
-                be.forward_greedy(
-                    &[SeqChunk {
-                        tokens: &prompt[start..end],
-                        start,
-                        block_table: &table,
-                    }],
-                    None,
-                )?;
-                start = end;
+        let prefill = |be: &mut CudaBackend, export: bool| -> Res<f64> {
+            let mut times = Vec::new();
+            let heads = 0..config.num_kv_heads;
+            for r in 0..runs {
+                // Exports go to a thread that waits for each copy and drops the bytes,
+                // as a prefill node's sending task does.
+                let (tx, rx) = std::sync::mpsc::sync_channel::<tandem_engine::backend::KvBytes>(64);
+                let sink = std::thread::spawn(move || -> usize {
+                    rx.into_iter()
+                        .map(|b| b.wait().map_or(0, |b| b.len()))
+                        .sum()
+                });
+                let t0 = Instant::now();
+                let mut start = 0;
+                while start < len {
+                    let end = (start + limits.max_tokens).min(len);
+                    let chunk_blocks = &table[start / BS..end.div_ceil(BS)];
+                    let mut hook = |layer: usize, kv: &dyn KvExport| -> tandem_engine::Result<()> {
+                        let b = kv.export_heads_async(layer, chunk_blocks, heads.clone())?;
+                        let _ = tx.send(b);
+                        Ok(())
+                    };
+                    let on_layer: Option<tandem_engine::backend::LayerHook<'_>> =
+                        if export { Some(&mut hook) } else { None };
+                    be.forward_greedy(
+                        &[SeqChunk {
+                            tokens: &prompt[start..end],
+                            start,
+                            block_table: &table,
+                        }],
+                        on_layer,
+                    )?;
+                    start = end;
+                }
+                drop(tx);
+                let moved = sink.join().map_err(|_| "export sink panicked")?;
+                if r > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+                if export && moved == 0 {
+                    return Err("no KV bytes were exported".into());
+                }
             }
-            if r > 0 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        let t = median(times);
+            Ok(median(times))
+        };
+        let t = prefill(&mut be, false)?;
+        let te = prefill(&mut be, true)?;
         let flops = 2.0 * len as f64 * linear_params as f64
             + config.num_layers as f64
                 * 4.0
                 * (hq * hd) as f64
                 * (len as f64 * (len as f64 + 1.0) / 2.0);
         println!(
-            "| {len} | {:.1} | {:.0} | {:.0} | {:.1}% |",
+            "| {len} | {:.1} | {:.0} | {:.0} | {:.1}% | {:.1} |",
             t * 1e3,
             len as f64 / t,
             flops / t / 1e12,
-            flops / t / 793e12 * 100.0
+            flops / t / 793e12 * 100.0,
+            te * 1e3
         );
         last_table = table;
     }
@@ -552,6 +655,7 @@ fn bench(args: &[String]) -> Res<()> {
         let bytes = (blocks.len() * be.kv_layout().block_bytes()) as f64;
         let mut stage = Vec::new();
         let mut full = Vec::new();
+        let mut ring = Vec::new();
         for _ in 0..6 {
             let t0 = Instant::now();
             be.kv().export_with(0, blocks, |_| {})?;
@@ -560,6 +664,12 @@ fn bench(args: &[String]) -> Res<()> {
             let v = be.kv().export_layer(0, blocks)?;
             full.push(t0.elapsed().as_secs_f64());
             std::hint::black_box(v);
+            if (blocks.len() * be.kv_layout().block_bytes()) <= be.kv().ring_bytes() {
+                let t0 = Instant::now();
+                let b = be.kv().export_async(0, blocks)?.wait()?;
+                ring.push(t0.elapsed().as_secs_f64());
+                std::hint::black_box(b);
+            }
         }
         let (s, f) = (median(stage), median(full));
         println!(
@@ -575,6 +685,15 @@ fn bench(args: &[String]) -> Res<()> {
             bytes / s / 1e9,
             bytes / s / 55e9 * 100.0
         );
+        if !ring.is_empty() {
+            let r = median(ring);
+            println!(
+                "| … → export ring → `Bytes` (`export_heads_async`, what the prefill node sends) | {:.2} | {:.1} | {:.0}% |",
+                r * 1e3,
+                bytes / r / 1e9,
+                bytes / r / 55e9 * 100.0
+            );
+        }
         println!(
             "| … → `Vec<u8>` (`Backend::export_layer`) | {:.2} | {:.1} | {:.0}% |",
             f * 1e3,
@@ -584,4 +703,232 @@ fn bench(args: &[String]) -> Res<()> {
         println!();
     }
     Ok(())
+}
+
+/// GPU sampling against the host's distribution for the same logits: a batch of
+/// identical sequences, each drawing with its own variate, many rounds.
+fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
+    let (batch, ctx, rounds) = (64usize, 256usize, 80usize);
+    let table: Vec<u32> = (0..blocks_for(ctx + 1, BS) as u32).collect();
+    let tok = [7u32];
+    let chunks: Vec<SeqChunk<'_>> = (0..batch)
+        .map(|_| SeqChunk {
+            tokens: &tok,
+            start: ctx,
+            block_table: &table,
+        })
+        .collect();
+    be.poison()?;
+    let logits = be.forward(&chunks, None)?.swap_remove(0);
+    let greedy = be.forward_greedy(&chunks, None)?;
+    let greedy_ok = greedy.iter().all(|&t| t == argmax(&logits));
+    println!(
+        "### sampling on the GPU against the host's distribution ({batch} identical sequences × {rounds} rounds, one variate each; vocabulary {vocab})\n"
+    );
+    println!(
+        "Greedy on the GPU = host argmax of the same logits: {}\n",
+        if greedy_ok { "yes" } else { "NO" }
+    );
+    println!(
+        "| cuts | tokens kept (host) | draws | drawn outside the kept set | total variation, GPU vs exact | total variation, host sampler vs exact (same count) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let configs = [
+        ("T 0.7, top-k 40", 0.7, 40, 1.0, 0.0),
+        ("T 0.1, top-p 0.9", 0.1, 0, 0.9, 0.0),
+        (
+            "T 0.2, top-k 200, top-p 0.8, min-p 0.05",
+            0.2,
+            200,
+            0.8,
+            0.05,
+        ),
+        ("T 0.05, min-p 0.1", 0.05, 0, 1.0, 0.1),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut bad = !greedy_ok;
+    for (name, temperature, top_k, top_p, min_p) in configs {
+        let draw = TokenDraw {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            u01: 0.0,
+        };
+        let dist = draw.distribution(&logits);
+        let kept = dist.iter().filter(|&&p| p > 0.0).count();
+        let mut gpu_counts = vec![0u64; vocab];
+        let mut host_counts = vec![0u64; vocab];
+        let mut outside = 0;
+        for _ in 0..rounds {
+            let draws: Vec<TokenDraw> = (0..batch)
+                .map(|_| TokenDraw {
+                    u01: rng.random::<f32>(),
+                    ..draw
+                })
+                .collect();
+            for (id, d) in be
+                .forward_draw(&chunks, &draws, None)?
+                .into_iter()
+                .zip(&draws)
+            {
+                let id = id as usize;
+                if id >= vocab || dist[id] == 0.0 {
+                    outside += 1;
+                } else {
+                    gpu_counts[id] += 1;
+                }
+                host_counts[d.choose(&logits) as usize] += 1;
+            }
+        }
+        let n = (rounds * batch) as f64;
+        let tv = |counts: &[u64]| -> f64 {
+            0.5 * counts
+                .iter()
+                .zip(&dist)
+                .map(|(&c, &p)| (c as f64 / n - p).abs())
+                .sum::<f64>()
+        };
+        let (tg, th) = (tv(&gpu_counts), tv(&host_counts));
+        bad |= outside > 0 || tg > 2.0 * th + 0.02;
+        println!(
+            "| {name} | {kept} | {} | {outside} | {tg:.3} | {th:.3} |",
+            rounds * batch
+        );
+    }
+    println!();
+    if bad {
+        return Err("GPU sampling does not follow the host's distribution".into());
+    }
+    Ok(())
+}
+
+/// Where a decode step's time goes: each weight product alone (as the `gemv`
+/// kernel at batch 1 and cuBLAS at batch 64) against the copy bandwidth, and the
+/// cost of one decoder layer (steps of a 4-layer model minus a 0-layer one).
+fn kernels(args: &[String]) -> Res<()> {
+    let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
+    let config = named_config(&shape, Some(4))?;
+    let gpu = Gpu::open(0, &config)?;
+    let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
+    let (h, inter, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
+    println!(
+        "## where a decode step's time goes ({shape}, {})\n",
+        gpu.name()
+    );
+    println!("Copy bandwidth {bw:.0} GB/s.\n");
+    println!("| product (out × in) | rows | µs | weight GB/s | of copy bandwidth |");
+    println!("|---|---|---|---|---|");
+    for (name, out, k) in [
+        ("qkv", qkvw, h),
+        ("o", h, config.num_heads * config.head_dim),
+        ("gate_up", 2 * inter, h),
+        ("down", h, inter),
+        ("lm_head", v, h),
+    ] {
+        let w = gpu.zeros::<half::bf16>(out * k)?;
+        let x = gpu.zeros::<half::bf16>(64 * k)?;
+        let y = gpu.zeros::<f32>(64 * out)?;
+        let st = gpu_stream_ptr(&gpu, &w);
+        gpu.fill_uniform(st, out * k, 3, -0.05, 0.05)?;
+        gpu.fill_uniform(gpu_stream_ptr(&gpu, &x), 64 * k, 4, -1.0, 1.0)?;
+        for rows in [1usize, 64] {
+            let mut times = Vec::new();
+            for i in 0..25 {
+                gpu.sync()?;
+                let t0 = Instant::now();
+                for _ in 0..10 {
+                    gpu.gemm(
+                        gpu_stream_ptr(&gpu, &x),
+                        st,
+                        gpu_stream_ptr(&gpu, &y),
+                        rows,
+                        k,
+                        out,
+                        true,
+                    )?;
+                }
+                gpu.sync()?;
+                if i >= 5 {
+                    times.push(t0.elapsed().as_secs_f64() / 10.0);
+                }
+            }
+            let t = median(times);
+            let gbs = (out * k * 2) as f64 / t / 1e9;
+            println!(
+                "| {name} ({out} × {k}) | {rows} | {:.1} | {gbs:.0} | {:.0}% |",
+                t * 1e6,
+                gbs / bw * 100.0
+            );
+        }
+    }
+    println!();
+    println!(
+        "| layers | context | batch | step ms | per layer ms | layer bytes (weights + KV) GB/s | of copy bandwidth |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut steps = Vec::new();
+    for layers in [0usize, 4] {
+        let c = named_config(&shape, Some(layers))?;
+        let g = Gpu::open(0, &c)?;
+        let model = GpuModel::random(&g, &c, 1)?;
+        let mut be = CudaBackend::new(g, model, 64 * 260 + 8, BS, CudaLimits::default())?;
+        be.fill_cache_random(3)?;
+        for (ctx, batch) in [(1024usize, 1usize), (4096, 64)] {
+            let per_seq = blocks_for(ctx + 20, BS);
+            let tables: Vec<Vec<u32>> = (0..batch)
+                .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+                .collect();
+            let mut times = Vec::new();
+            let mut toks = vec![1u32; batch];
+            for step in 0..13 {
+                let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
+                let chunks: Vec<SeqChunk<'_>> = (0..batch)
+                    .map(|i| SeqChunk {
+                        tokens: &t[i],
+                        start: ctx + step,
+                        block_table: &tables[i],
+                    })
+                    .collect();
+                let t0 = Instant::now();
+                toks = be.forward_greedy(&chunks, None)?;
+                if step >= 3 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            steps.push((layers, ctx, batch, median(times)));
+        }
+    }
+    let layer_weights =
+        (qkvw * h + h * config.num_heads * config.head_dim + 3 * inter * h + 2 * h) * 2;
+    for &(layers, ctx, batch, t) in &steps {
+        let base = steps
+            .iter()
+            .find(|s| s.0 == 0 && s.1 == ctx && s.2 == batch)
+            .map_or(0.0, |s| s.3);
+        if layers == 0 {
+            println!("| 0 | {ctx} | {batch} | {:.3} | | | |", t * 1e3);
+            continue;
+        }
+        let per = (t - base) / layers as f64;
+        let kv = batch * (ctx + 8) * config.kv_bytes_per_token_per_layer(2);
+        let gbs = (layer_weights + kv) as f64 / per / 1e9;
+        println!(
+            "| {layers} | {ctx} | {batch} | {:.3} | {:.3} | {gbs:.0} | {:.0}% |",
+            t * 1e3,
+            per * 1e3,
+            gbs / bw * 100.0
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn gpu_stream_ptr<T>(gpu: &Gpu, s: &cudarc::driver::CudaSlice<T>) -> u64 {
+    gpu.device_ptr(s)
 }

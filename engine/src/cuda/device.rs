@@ -15,6 +15,8 @@ use cudarc::driver::{
     PushKernelArg, ValidAsZeroBits,
 };
 
+use half::bf16;
+
 use super::error::{CudaError, DriverContext};
 use crate::config::ModelConfig;
 
@@ -34,7 +36,8 @@ pub(crate) struct Kernels {
     pub add_rmsnorm: CudaFunction,
     pub rope_kv: CudaFunction,
     pub silu_mul: CudaFunction,
-    pub argmax_rows: CudaFunction,
+    /// Greedy or top-k/top-p/min-p sampling of rows of logits.
+    pub sample_rows: CudaFunction,
     pub fill_uniform: CudaFunction,
     pub gemv: CudaFunction,
     pub attn_combine: CudaFunction,
@@ -53,9 +56,17 @@ pub struct Gpu {
     pub(crate) copy: Arc<CudaStream>,
     pub(crate) k: Kernels,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set once so that GEMMs captured in a CUDA graph never
+    /// allocate.
+    _blas_workspace: CudaSlice<u8>,
+    /// Dynamic shared memory the decode attention kernel is launched with.
+    pub(crate) decode_smem: usize,
     /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
     cublas_only: bool,
 }
+
+/// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Products with at most this many rows use the `gemv` kernel instead of cuBLAS
 /// (measured on an H100: faster than cuBLAS at 1 row, slower at 8).
@@ -145,13 +156,19 @@ impl Gpu {
             add_rmsnorm: f("add_rmsnorm")?,
             rope_kv: f("rope_kv")?,
             silu_mul: f("silu_mul")?,
-            argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
         };
+        k.decode_attn
+            .set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                decode_smem(head_dim, group_bound) as i32,
+            )
+            .op("cuFuncSetAttribute")?;
         // The prefill attention kernel's two K/V stages exceed the default 48 KiB.
         k.prefill_attn
             .set_attribute(
@@ -162,12 +179,22 @@ impl Gpu {
         let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
             .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
             .op("cublasCreate")?;
+        let workspace = compute
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .op("cuMemAlloc (cuBLAS workspace)")?;
+        let (wp, _) = workspace.device_ptr(&compute);
+        // SAFETY: the workspace lives as long as the handle (both are fields of `Gpu`).
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, BLAS_WORKSPACE) }
+            .result()
+            .op("cublasSetWorkspace")?;
         Ok(Gpu {
             ctx,
             compute,
             copy,
             k,
             blas,
+            _blas_workspace: workspace,
+            decode_smem: decode_smem(head_dim, group_bound),
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
         })
     }
@@ -199,6 +226,12 @@ impl Gpu {
     /// A device copy of `data`.
     pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>, CudaError> {
         self.compute.clone_htod(data).op("cuMemcpyHtoD")
+    }
+
+    /// The device address of a buffer of this GPU (for benchmarks driving
+    /// [`gemm`](Self::gemm) directly).
+    pub fn device_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        ptr(s, &self.compute)
     }
 
     /// Waits for the compute stream.
@@ -305,6 +338,40 @@ impl Gpu {
         .op("cublasGemmEx")
     }
 
+    /// This GPU's device-to-device copy rate in GB/s, counting bytes read and
+    /// written (the ceiling a memory-bound decode step is judged against):
+    /// the median of 10 copies of `bytes` of random data, after a warm-up.
+    pub fn copy_bandwidth_gbs(&self, bytes: usize) -> Result<f64, CudaError> {
+        self.bind()?;
+        let src = self.zeros::<bf16>(bytes / 2)?;
+        let dst = self.zeros::<bf16>(bytes / 2)?;
+        let (s, d) = (ptr(&src, &self.compute), ptr(&dst, &self.compute));
+        self.fill_uniform(s, bytes / 2, 17, -1.0, 1.0)?;
+        let copy = || {
+            // SAFETY: both buffers hold `bytes / 2` bf16.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    d,
+                    s,
+                    bytes / 2 * 2,
+                    self.compute.cu_stream(),
+                )
+            }
+            .op("cuMemcpyDtoDAsync")
+        };
+        copy()?;
+        self.sync()?;
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            let t0 = std::time::Instant::now();
+            copy()?;
+            self.sync()?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(2.0 * (bytes / 2 * 2) as f64 / times[times.len() / 2] / 1e9)
+    }
+
     /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)`.
     pub fn fill_uniform(
         &self,
@@ -321,6 +388,13 @@ impl Gpu {
         unsafe { b.launch(grid(1024, 256)) }.op("launch fill_uniform")?;
         Ok(())
     }
+}
+
+/// Dynamic shared memory of `decode_attn_{head_dim}_{group}` (kernels.cu,
+/// `decode_smem_bytes`): double-buffered 64-key K and V tiles, the tile's scores
+/// and the P·V reduction area.
+pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
+    2 * 2 * 64 * head_dim * 2 + 4 * group * 64 + 4 * 512 * group
 }
 
 /// Dynamic shared memory of `prefill_attn`: two stages of a 64-key K and V tile,

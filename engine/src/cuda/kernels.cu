@@ -41,6 +41,19 @@ __device__ float block_sum(float v) {
     return part[0];
 }
 
+// Asynchronous 16-byte copies global -> shared (bytes < 16 zero-fills the rest).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+    u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // x[row] = table[ids[row]] (f32 residual stream).
 extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, int hidden) {
     size_t row = blockIdx.x;
@@ -129,44 +142,6 @@ extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter)
     }
 }
 
-// ids[r] = argmax over logits[r, 0..vocab) (lowest index on ties).
-extern "C" __global__ void argmax_rows(const float* logits, u32* ids, int vocab) {
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    const float* row = logits + (size_t)blockIdx.x * vocab;
-    float best = NEG_INF;
-    int besti = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = row[i];
-        if (v > best) {
-            best = v;
-            besti = i;
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffff, best, o);
-        int oi = __shfl_xor_sync(0xffffffff, besti, o);
-        if (ov > best || (ov == best && oi < besti)) {
-            best = ov;
-            besti = oi;
-        }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        bv[warp] = best;
-        bi[warp] = besti;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
-                best = bv[w];
-                besti = bi[w];
-            }
-        ids[blockIdx.x] = besti == 0x7fffffff ? 0 : (u32)besti;
-    }
-}
-
 // Fills n bf16 with uniform values in [lo, hi) from a counter-based hash: random
 // weights of any shape without host memory.
 __device__ __forceinline__ u64 splitmix(u64 x) {
@@ -187,145 +162,220 @@ extern "C" __global__ void fill_uniform(bf16* p, u64 n, u64 seed, float lo, floa
 
 // ---------------------------------------------------------------------------
 // Decode attention over the paged cache: one query token per sequence.
-// grid (splits, hkv, batch), block 128. Each block takes keys
-// [split * split_len, ...) of one sequence for the `group` query heads that share
-// KV head blockIdx.y, and writes unnormalised partial results:
+// grid (max_splits, hkv, batch), block 128. A sequence of `len` keys is cut into
+// splits of `chunk` keys (split_chunk below: the split count follows each
+// sequence's own length, up to the grid's max_splits, so nothing the host
+// computes from the batch's lengths enters the launch and one CUDA graph serves
+// every step of a batch-size bucket). Each block takes one split of one sequence
+// for the `group` query heads sharing KV head blockIdx.y, in tiles of TILE keys
+// with an online softmax, and writes unnormalised partial results:
 //   part_o[b, h, split, d] = sum_j exp(s_j - m) v_j[d], part_ml[b, h, split] = (m, l).
-// attn_combine merges the splits.
-#define MAXG 8
+// attn_combine merges the splits. The block table's row stride is read from
+// device memory (*table_stride) for the same reason.
+#define DECODE_TILE 64
+
+__device__ __forceinline__ int split_chunk(int len, int max_splits) {
+    int c = (len + max_splits - 1) / max_splits;
+    c = (c + 15) & ~15;
+    return c < 64 ? 64 : c;
+}
+
+// Dynamic shared memory: K and V tiles, double-buffered, then the tile's scores
+// [G][TILE] and the P·V reduction area [key groups][G][HD] (= [G][512] floats).
+__host__ __device__ constexpr int decode_smem_bytes(int hd, int g) {
+    return 2 * 2 * DECODE_TILE * hd * 2 + 4 * g * DECODE_TILE + 4 * 512 * g;
+}
+
+// K/V rows of keys t0 .. t0 + DECODE_TILE into tile buffer `buf` with cp.async
+// (keys past `end` are zero-filled), as one commit group.
+template <int HD>
+__device__ __forceinline__ void decode_load_tile(bf16* ks, bf16* vs, const bf16* cache,
+                                                 const int* table, size_t block_elems, int kh,
+                                                 int hkv, int bs, int t0, int end) {
+    constexpr int CPR = HD / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < DECODE_TILE * CPR; c += blockDim.x) {
+        int key = c / CPR, part = c % CPR;
+        int j = t0 + key;
+        const bf16* kp = cache;
+        const bf16* vp = cache;
+        int bytes = 0;
+        if (j < end) {
+            size_t blk = table[j / bs];
+            size_t slot = j % bs;
+            kp = cache + blk * block_elems + ((size_t)kh * bs + slot) * HD + part * 8;
+            vp = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + slot) * HD + part * 8;
+            bytes = 16;
+        }
+        cp_async16(ks + key * HD + part * 8, kp, bytes);
+        cp_async16(vs + key * HD + part * 8, vp, bytes);
+    }
+    cp_async_commit();
+}
 
 template <int HD, int G>
-__device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables, int table_stride,
-                            const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv,
-                            int bs, int split_len, int max_splits, int window, float scale) {
-    extern __shared__ float smem[];
+__device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
+                            const int* table_stride, const int* seq_lens, float* part_o,
+                            float* part_ml, int hq, int hkv, int bs, int max_splits, int window,
+                            float scale) {
+    extern __shared__ __align__(16) unsigned char decode_smem[];
+    bf16* kbuf = reinterpret_cast<bf16*>(decode_smem);  // [2][TILE][HD]
+    bf16* vbuf = kbuf + 2 * DECODE_TILE * HD;            // [2][TILE][HD]
+    float* scores = reinterpret_cast<float*>(vbuf + 2 * DECODE_TILE * HD);  // [G][TILE]
+    float* red = scores + G * DECODE_TILE;                                   // [kg][G][HD]
+    __shared__ float m_run[G], l_run[G], alpha[G];
     int group = hq / hkv;
-    float* scores = smem;                     // [group][split_len]
-    float* red = scores + group * split_len;  // [key groups][group][HD]
-    __shared__ float ms[G], ls[G];
 
     int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
     int len = seq_lens[b];
-    int start = sp * split_len;
-    int end = min(start + split_len, len);
-    size_t head0 = (size_t)b * hq + (size_t)kh * group;
+    int chunk = split_chunk(len, max_splits);
+    int start = sp * chunk;
     if (start >= len) return;  // attn_combine only reads splits that hold keys
+    int end = min(start + chunk, len);
+    size_t head0 = (size_t)b * hq + (size_t)kh * group;
     int lo = window > 0 ? max(0, len - window) : 0;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-    const int* table = tables + (size_t)b * table_stride;
+    const int* table = tables + (size_t)b * (*table_stride);
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
 
-    // Scores: 8 lanes per key (each DPL dims, q slice in registers), 4 keys per warp
-    // and two such sets per iteration, so two independent loads are in flight.
+    // Scores: 8 lanes per key, lane `sub` holding the 8-dim chunks sub, sub + 8, ..
+    // (HD >= 64; 4 dims at HD 32), so the lanes' shared-memory reads do not collide.
     constexpr int DPL = HD / 8;
+    constexpr int NCH = HD >= 64 ? HD / 64 : 1;  // chunks per lane
+    constexpr int CW = HD >= 64 ? 8 : 4;         // dims per chunk
     int sub = lane & 7, kslot = lane >> 3;
     float qr[G][DPL];
 #pragma unroll
     for (int g = 0; g < G; g++)
 #pragma unroll
-        for (int e = 0; e < DPL; e++)
-            qr[g][e] = g < group ? bf(q[(head0 + g) * HD + sub * DPL + e]) * scale : 0.f;
-    for (int base = start + warp * 8; base < end; base += nwarps * 8) {
-        float kf[2][DPL];
+        for (int c = 0; c < NCH; c++)
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int j = base + 4 * u + kslot;
-            if (j < end) {
-                size_t blk = table[j / bs];
-                const bf16* k =
-                    cache + blk * block_elems + ((size_t)kh * bs + j % bs) * HD + sub * DPL;
-                if constexpr (DPL >= 8) {
-#pragma unroll
-                    for (int c = 0; c < DPL; c += 8) {
-                        uint4 raw = *reinterpret_cast<const uint4*>(k + c);
-                        const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            float2 f = __bfloat1622float2(kv[e]);
-                            kf[u][c + 2 * e] = f.x;
-                            kf[u][c + 2 * e + 1] = f.y;
-                        }
-                    }
-                } else {
-                    uint2 raw = *reinterpret_cast<const uint2*>(k);
-                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                    for (int e = 0; e < DPL / 2; e++) {
-                        float2 f = __bfloat1622float2(kv[e]);
-                        kf[u][2 * e] = f.x;
-                        kf[u][2 * e + 1] = f.y;
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < DPL; e++) kf[u][e] = 0.f;
+            for (int e = 0; e < CW; e++) {
+                int d = HD >= 64 ? c * 64 + sub * 8 + e : sub * 4 + e;
+                qr[g][c * CW + e] = g < group ? bf(q[(head0 + g) * HD + d]) * scale : 0.f;
             }
-        }
-#pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int j = base + 4 * u + kslot;
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                float acc = 0.f;
-#pragma unroll
-                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[u][e];
-                acc += __shfl_xor_sync(0xffffffff, acc, 1);
-                acc += __shfl_xor_sync(0xffffffff, acc, 2);
-                acc += __shfl_xor_sync(0xffffffff, acc, 4);
-                if (g < group && j < end && sub == 0)
-                    scores[g * split_len + (j - start)] = j < lo ? NEG_INF : acc;
-            }
-        }
+    if (tid < G) {
+        m_run[tid] = NEG_INF;
+        l_run[tid] = 0.f;
     }
-    __syncthreads();
-
-    int n = end - start;
-    for (int g = warp; g < group; g += nwarps) {
-        float* sc = scores + g * split_len;
-        float m = NEG_INF;
-        for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int j = lane; j < n; j += 32) {
-            float p = m == NEG_INF ? 0.f : __expf(sc[j] - m);
-            sc[j] = p;
-            l += p;
-        }
-        l = warp_sum(l);
-        if (lane == 0) {
-            ms[g] = m;
-            ls[g] = l;
-        }
-    }
-    __syncthreads();
-
-    // P·V: HD/4 threads per key (4 dims each, one 8-byte load), the rest over keys.
     const int tpk = HD / 4;
     int kgroups = blockDim.x / tpk;
     int part = tid % tpk, kg = tid / tpk;
     float4 o[G];
 #pragma unroll
     for (int g = 0; g < G; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int j = start + kg; j < end; j += kgroups) {
-        size_t blk = table[j / bs];
-        const bf16* v = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + j % bs) * HD + part * 4;
-        uint2 raw = *reinterpret_cast<const uint2*>(v);
-        const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
+
+    decode_load_tile<HD>(kbuf, vbuf, cache, table, block_elems, kh, hkv, bs, start, end);
+    for (int t0 = start, it = 0; t0 < end; t0 += DECODE_TILE, it++) {
+        int t1 = min(t0 + DECODE_TILE, end);
+        int cur = it & 1;
+        // Start the next tile's loads, then wait for this one's.
+        if (t0 + DECODE_TILE < end) {
+            decode_load_tile<HD>(kbuf + (cur ^ 1) * DECODE_TILE * HD,
+                                 vbuf + (cur ^ 1) * DECODE_TILE * HD, cache, table, block_elems,
+                                 kh, hkv, bs, t0 + DECODE_TILE, end);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* ks = kbuf + cur * DECODE_TILE * HD;
+        const bf16* vs = vbuf + cur * DECODE_TILE * HD;
+
+        for (int key = warp * 4 + kslot; key < DECODE_TILE; key += nwarps * 4) {
+            float kf[DPL];
+#pragma unroll
+            for (int c = 0; c < NCH; c++) {
+                if constexpr (HD >= 64) {
+                    uint4 raw = *reinterpret_cast<const uint4*>(ks + key * HD + c * 64 + sub * 8);
+                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        float2 f = __bfloat1622float2(kv[e]);
+                        kf[c * 8 + 2 * e] = f.x;
+                        kf[c * 8 + 2 * e + 1] = f.y;
+                    }
+                } else {
+                    uint2 raw = *reinterpret_cast<const uint2*>(ks + key * HD + sub * 4);
+                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        float2 f = __bfloat1622float2(kv[e]);
+                        kf[2 * e] = f.x;
+                        kf[2 * e + 1] = f.y;
+                    }
+                }
+            }
+            int j = t0 + key;
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float acc = 0.f;
+#pragma unroll
+                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[e];
+                acc += __shfl_xor_sync(0xffffffff, acc, 1);
+                acc += __shfl_xor_sync(0xffffffff, acc, 2);
+                acc += __shfl_xor_sync(0xffffffff, acc, 4);
+                if (g < group && sub == 0)
+                    scores[g * DECODE_TILE + key] = (j >= t1 || j < lo) ? NEG_INF : acc;
+            }
+        }
+        __syncthreads();
+
+        // Online softmax: fold this tile into each head's running max and sum.
+        int n = t1 - t0;
+        for (int g = warp; g < group; g += nwarps) {
+            float* sc = scores + g * DECODE_TILE;
+            float m = NEG_INF;
+            for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
+            m = warp_max(m);
+            float m_new = fmaxf(m_run[g], m);
+            float l = 0.f;
+            for (int j = lane; j < DECODE_TILE; j += 32) {
+                float p = (j >= n || m_new == NEG_INF) ? 0.f : __expf(sc[j] - m_new);
+                sc[j] = p;
+                l += p;
+            }
+            l = warp_sum(l);
+            if (lane == 0) {
+                float a = m_run[g] == NEG_INF ? 0.f : __expf(m_run[g] - m_new);
+                alpha[g] = a;
+                l_run[g] = l_run[g] * a + l;
+                m_run[g] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // P·V: HD/4 threads per key (4 dims each, one 8-byte read), the rest over keys.
 #pragma unroll
         for (int g = 0; g < G; g++) {
             if (g < group) {
-                float p = scores[g * split_len + (j - start)];
-                o[g].x += p * v01.x;
-                o[g].y += p * v01.y;
-                o[g].z += p * v23.x;
-                o[g].w += p * v23.y;
+                float a = alpha[g];
+                o[g].x *= a;
+                o[g].y *= a;
+                o[g].z *= a;
+                o[g].w *= a;
             }
         }
+#pragma unroll 4
+        for (int key = kg; key < n; key += kgroups) {
+            uint2 raw = *reinterpret_cast<const uint2*>(vs + key * HD + part * 4);
+            const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+            float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                if (g < group) {
+                    float p = scores[g * DECODE_TILE + key];
+                    o[g].x += p * v01.x;
+                    o[g].y += p * v01.y;
+                    o[g].z += p * v23.x;
+                    o[g].w += p * v23.y;
+                }
+            }
+        }
+        __syncthreads();  // the tile buffers and scores are rewritten two tiles on
     }
-    for (int g = 0; g < group; g++)
-        *reinterpret_cast<float4*>(red + (kg * group + g) * HD + part * 4) = o[g];
+#pragma unroll
+    for (int g = 0; g < G; g++)
+        if (g < group) *reinterpret_cast<float4*>(red + (kg * group + g) * HD + part * 4) = o[g];
     __syncthreads();
     for (int i = tid; i < group * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
@@ -334,18 +384,18 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
         part_o[((head0 + g) * max_splits + sp) * HD + d] = sum;
     }
     if (tid < group) {
-        part_ml[((head0 + tid) * max_splits + sp) * 2] = ms[tid];
-        part_ml[((head0 + tid) * max_splits + sp) * 2 + 1] = ls[tid];
+        part_ml[((head0 + tid) * max_splits + sp) * 2] = m_run[tid];
+        part_ml[((head0 + tid) * max_splits + sp) * 2 + 1] = l_run[tid];
     }
 }
 
 #define DECODE_ATTN(HD, G)                                                                     \
     extern "C" __global__ void decode_attn_##HD##_##G(                                         \
-        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
+        const bf16* q, const bf16* cache, const int* tables, const int* table_stride,          \
         const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
-        int split_len, int max_splits, int window, float scale) {                              \
+        int max_splits, int window, float scale) {                                             \
         decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
-                           bs, split_len, max_splits, window, scale);                          \
+                           bs, max_splits, window, scale);                                     \
     }
 DECODE_ATTN(32, 1)
 DECODE_ATTN(32, 2)
@@ -363,10 +413,12 @@ DECODE_ATTN(128, 8)
 // grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
                                         const int* seq_lens, bf16* out, int hq, int hd,
-                                        int split_len, int max_splits) {
+                                        int max_splits) {
     int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     size_t head = (size_t)b * hq + h;
-    int splits = (seq_lens[b] + split_len - 1) / split_len;
+    int len = seq_lens[b];
+    int chunk = split_chunk(len, max_splits);
+    int splits = (len + chunk - 1) / chunk;
     float m = NEG_INF;
     for (int s = 0; s < splits; s++) m = fmaxf(m, part_ml[(head * max_splits + s) * 2]);
     float num = 0.f, den = 0.f;
@@ -378,6 +430,214 @@ extern "C" __global__ void attn_combine(const float* part_o, const float* part_m
         den += w * part_ml[(head * max_splits + s) * 2 + 1];
     }
     out[head * hd + d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
+}
+
+// ---------------------------------------------------------------------------
+// Sampling on the GPU: one block (1024 threads) per row of logits [rows, vocab].
+// draws[row] = (temperature, top_k, top_p, min_p, u01) as 5 x 32 bits (the
+// floats' bit patterns). Temperature 0 is the argmax (lowest id on ties). Else
+// p_i = exp((l_i - max) / T); the top-k cut keeps the k largest, the top-p cut
+// the smallest most-likely set holding top_p of what top-k kept, min-p those
+// with p_i >= min_p (p_max = 1): each cut is a threshold on l_i, found by radix
+// selection over the logits' order-preserving bit keys (4 passes of 8 bits, a
+// histogram of counts or of probability mass per pass), so nothing is sorted.
+// The token is where u01 * (kept mass) falls walking the vocabulary in id
+// order: the same distribution as the host's TokenDraw::choose, which walks
+// from the most likely down (so the two pick different tokens for one u01).
+
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = (threadIdx.x < (blockDim.x >> 5)) ? part[threadIdx.x] : NEG_INF;
+    if (warp == 0) {
+        t = warp_max(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// The largest key K with (count or mass) of {i : key_i >= K} >= target.
+// by_mass: weigh each token by its probability, else by 1.
+__device__ u32 radix_threshold(const float* row, int vocab, float mx, float inv_t, float target,
+                               bool by_mass, float* hist, u32* prefix_s, float* above_s) {
+    u32 prefix = 0;
+    float above = 0.f;
+    for (int pass = 0; pass < 4; pass++) {
+        int shift = 24 - 8 * pass;
+        u32 mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0.f;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float l = row[i];
+            u32 k = order_key(l);
+            if ((k & mask) == prefix) {
+                float w = by_mass ? __expf((l - mx) * inv_t) : 1.f;
+                atomicAdd(&hist[(k >> shift) & 255], w);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int d = 255;
+            for (; d > 0; d--) {
+                if (above + hist[d] >= target) break;
+                above += hist[d];
+            }
+            *prefix_s = prefix | ((u32)d << shift);
+            *above_s = above;
+        }
+        __syncthreads();
+        prefix = *prefix_s;
+        above = *above_s;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+extern "C" __global__ void sample_rows(const float* logits, const int* draws, u32* ids,
+                                       int vocab) {
+    __shared__ float hist[256];
+    __shared__ u32 prefix_s;
+    __shared__ float above_s;
+    __shared__ float scan[32];
+    __shared__ int found, last_kept;
+    int row_i = blockIdx.x;
+    const float* row = logits + (size_t)row_i * vocab;
+    const int* d = draws + 5 * row_i;
+    float temp = __int_as_float(d[0]);
+    int top_k = d[1];
+    float top_p = __int_as_float(d[2]), min_p = __int_as_float(d[3]), u01 = __int_as_float(d[4]);
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    if (!(temp > 0.f)) {
+        // Greedy: as argmax_rows.
+        float best = NEG_INF;
+        int besti = 0x7fffffff;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = row[i];
+            if (v > best) {
+                best = v;
+                besti = i;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffff, best, o);
+            int oi = __shfl_xor_sync(0xffffffff, besti, o);
+            if (ov > best || (ov == best && oi < besti)) {
+                best = ov;
+                besti = oi;
+            }
+        }
+        __shared__ float bv[32];
+        __shared__ int bi[32];
+        if (lane == 0) {
+            bv[warp] = best;
+            bi[warp] = besti;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+                if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
+                    best = bv[w];
+                    besti = bi[w];
+                }
+            ids[row_i] = besti == 0x7fffffff ? 0 : (u32)besti;
+        }
+        return;
+    }
+
+    float inv_t = 1.f / temp;
+    float mx = NEG_INF;
+    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    mx = block_max(mx);
+
+    u32 thr = 0;  // keep key >= thr
+    if (top_k > 0 && top_k < vocab)
+        thr = radix_threshold(row, vocab, mx, inv_t, (float)top_k, false, hist, &prefix_s,
+                              &above_s);
+    if (top_p < 1.f) {
+        float kept = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float l = row[i];
+            if (order_key(l) >= thr) kept += __expf((l - mx) * inv_t);
+        }
+        kept = block_sum(kept);
+        u32 t = radix_threshold(row, vocab, mx, inv_t, top_p * kept, true, hist, &prefix_s,
+                                &above_s);
+        thr = max(thr, t);
+    }
+
+    // Contiguous ranges per thread, so a prefix scan walks the vocabulary in id order.
+    int per = (vocab + blockDim.x - 1) / blockDim.x;
+    int a = tid * per, b = min(vocab, a + per);
+    float local = 0.f;
+    for (int i = a; i < b; i++) {
+        float l = row[i];
+        float p = __expf((l - mx) * inv_t);
+        if (order_key(l) >= thr && p >= min_p) local += p;
+    }
+    // Exclusive prefix sum over the block.
+    float incl = local;
+    for (int o = 1; o < 32; o <<= 1) {
+        float n = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += n;
+    }
+    if (lane == 31) scan[warp] = incl;
+    if (tid == 0) {
+        found = 0x7fffffff;
+        last_kept = -1;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < (int)(blockDim.x >> 5) ? scan[lane] : 0.f;
+        for (int o = 1; o < 32; o <<= 1) {
+            float n = __shfl_up_sync(0xffffffff, w, o);
+            if (lane >= o) w += n;
+        }
+        scan[lane] = w;  // inclusive per warp
+    }
+    __syncthreads();
+    float total = scan[(blockDim.x >> 5) - 1];
+    float before = (warp > 0 ? scan[warp - 1] : 0.f) + incl - local;
+    float target = u01 * total;
+    if (local > 0.f && target >= before && target < before + local) {
+        float acc = before;
+        for (int i = a; i < b; i++) {
+            float l = row[i];
+            float p = __expf((l - mx) * inv_t);
+            if (order_key(l) >= thr && p >= min_p) {
+                acc += p;
+                if (target < acc) {
+                    atomicMin(&found, i);
+                    break;
+                }
+            }
+        }
+    }
+    if (local > 0.f) {
+        for (int i = b - 1; i >= a; i--) {
+            float l = row[i];
+            if (order_key(l) >= thr && __expf((l - mx) * inv_t) >= min_p) {
+                atomicMax(&last_kept, i);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        // Rounding can leave the target past the last kept token: take that one.
+        int pick = found != 0x7fffffff ? found : last_kept;
+        ids[row_i] = pick < 0 ? 0 : (u32)pick;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -416,17 +676,6 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
                  : "r"(a));
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
-    u32 a = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 #define BQ 128
 #define BK 64
@@ -652,7 +901,7 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
     float acc[N];
 #pragma unroll
     for (int r = 0; r < N; r++) acc[r] = 0.f;
-#pragma unroll 4
+#pragma unroll 8
     for (int c = lane * 8; c < k; c += 256) {
         uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + c));
         const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);

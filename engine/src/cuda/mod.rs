@@ -15,15 +15,27 @@
 //! head for each chunk's last token only. The residual stream is f32, GEMMs take
 //! bf16 and accumulate in f32. Every buffer is allocated once, at construction,
 //! for at most [`CudaLimits::max_tokens`] tokens and [`CudaLimits::max_seqs`]
-//! sequences per pass. Greedy sampling runs on the GPU
-//! ([`Backend::forward_greedy`]) so only token ids cross to the host.
+//! sequences per pass. Sampling (greedy, temperature, top-k, top-p, min-p)
+//! runs on the GPU ([`Backend::forward_draw`]) so only token ids cross to the host.
+//!
+//! Decode steps run as CUDA graphs, one per batch-size bucket (captured at first
+//! use): the batch is padded to the bucket (padding rows write their K/V to a
+//! scratch block), and nothing that changes from step to step is a launch
+//! parameter: token ids, positions, block tables, their row stride, sequence
+//! lengths and sampling parameters are read from the metadata buffer, uploaded
+//! before each replay, and the decode attention splits each sequence's context
+//! by its own length on the device. `TANDEM_CUDA_GRAPHS=0` launches the same
+//! kernels one by one instead.
 
 pub mod device;
 pub mod error;
 pub mod kv;
 pub mod model;
+mod staging;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use std::collections::HashMap;
+
+use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use half::bf16;
 
 pub use device::Gpu;
@@ -36,13 +48,15 @@ use crate::block_manager::{BlockId, blocks_for};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
+use crate::sampling::TokenDraw;
 use device::{grid, ptr};
 use error::DriverContext;
 
 /// The most splits a decode sequence's context is cut into.
 const MAX_SPLITS: usize = 64;
-/// Largest dynamic shared memory a kernel is launched with (the default limit).
-const SMEM_LIMIT: usize = 48 * 1024;
+/// Decode batch sizes a graph is captured for; a batch runs in the smallest
+/// bucket that holds it (and without a graph above the largest).
+const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
 
 /// What one forward pass may hold; buffers are sized for it once.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +65,11 @@ pub struct CudaLimits {
     pub max_tokens: usize,
     /// Chunks (sequences) in one pass.
     pub max_seqs: usize,
-    /// Blocks the pinned staging buffer for KV export/import holds.
+    /// Blocks the pinned staging buffer for synchronous KV export/import holds.
     pub staging_blocks: usize,
+    /// Bytes of the pinned ring asynchronous exports land in (0: room for eight
+    /// layers of a pass of `max_tokens` tokens).
+    pub export_ring_bytes: usize,
 }
 
 impl Default for CudaLimits {
@@ -61,6 +78,7 @@ impl Default for CudaLimits {
             max_tokens: 8192,
             max_seqs: 256,
             staging_blocks: 2048,
+            export_ring_bytes: 0,
         }
     }
 }
@@ -95,8 +113,33 @@ struct Meta {
     q_pos: usize,
     q_len: usize,
     seq_lens: usize,
+    /// Five 32-bit words per sequence: see `sample_rows` in kernels.cu.
+    draws: usize,
+    /// One word: the block tables' row stride.
+    stride: usize,
     tables: usize,
     table_stride: usize,
+}
+
+/// A captured decode step.
+struct DecodeGraph(CudaGraph);
+
+// SAFETY: a graph is only touched through `&mut CudaBackend`, so by one thread at a
+// time (the backend moves between threads but is never shared); CUDA allows a graph
+// to be launched from any thread when calls are serialized.
+unsafe impl Send for DecodeGraph {}
+
+/// Shape of one pass, as the kernels are launched for it.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    /// Token rows.
+    n: usize,
+    /// Sequences (chunks).
+    s: usize,
+    /// Every chunk is one token: paged decode attention.
+    decode: bool,
+    /// Longest chunk (prefill attention's grid).
+    max_q: usize,
 }
 
 /// The model and its KV cache on one GPU.
@@ -110,6 +153,10 @@ pub struct CudaBackend {
     meta_cap: usize,
     /// Longest block table a sequence can have.
     max_table: usize,
+    /// Decode-step graphs by batch bucket.
+    graphs: HashMap<usize, DecodeGraph>,
+    /// Graphs in use (false after `TANDEM_CUDA_GRAPHS=0` or a failed capture).
+    use_graphs: bool,
 }
 
 impl CudaBackend {
@@ -135,14 +182,19 @@ impl CudaBackend {
             head_dim: c.head_dim,
             dtype: KvDtype::Bf16,
         };
-        let kv = GpuKvCache::new(&gpu, layout, limits.staging_blocks)?;
+        let ring = if limits.export_ring_bytes > 0 {
+            limits.export_ring_bytes
+        } else {
+            8 * (blocks_for(limits.max_tokens, block_size) + 1) * layout.block_bytes()
+        };
+        let kv = GpuKvCache::new(&gpu, layout, limits.staging_blocks, ring)?;
         let (t, s) = (limits.max_tokens, limits.max_seqs);
         let (h, hd) = (c.hidden_size, c.head_dim);
         let qd = c.num_heads * hd;
         let qkvw = (c.num_heads + 2 * c.num_kv_heads) * hd;
         let inter = c.intermediate_size;
         let max_table = blocks_for(c.max_position_embeddings, block_size).min(num_blocks);
-        let meta_cap = 3 * t + 7 * s + s * max_table;
+        let meta_cap = 3 * t + 10 * s + 1 + s * max_table;
         let bufs = Buffers {
             x: gpu.zeros(t * h)?,
             delta: gpu.zeros(t * h)?,
@@ -174,6 +226,8 @@ impl CudaBackend {
             meta_host,
             meta_cap,
             max_table,
+            graphs: HashMap::new(),
+            use_graphs: std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         })
     }
 
@@ -242,10 +296,18 @@ impl CudaBackend {
         Ok(self.gpu.sync()?)
     }
 
-    /// Writes the pass's metadata into pinned memory and copies it to the GPU.
-    fn upload_meta(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Meta> {
-        let n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let s = chunks.len();
+    /// Writes the pass's metadata into pinned memory and copies it to the GPU;
+    /// with `pad_to`, one-token rows for the scratch block fill the batch up to
+    /// that many sequences (a graph bucket).
+    fn upload_meta(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        pad_to: Option<usize>,
+    ) -> Result<(Meta, Pass)> {
+        let real_n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let s = pad_to.unwrap_or(chunks.len()).max(chunks.len());
+        let n = real_n + (s - chunks.len());
         let bs = self.kv.layout().block_size;
         let table_stride = chunks
             .iter()
@@ -274,50 +336,86 @@ impl CudaBackend {
             q_pos: 3 * n + 2 * s,
             q_len: 3 * n + 3 * s,
             seq_lens: 3 * n + 4 * s,
-            tables: 3 * n + 5 * s,
+            draws: 3 * n + 5 * s,
+            stride: 3 * n + 10 * s,
+            tables: 3 * n + 10 * s + 1,
             table_stride,
         };
         let total = m.tables + s * table_stride;
         debug_assert!(total <= self.meta_cap);
+        let scratch = self.kv.scratch_block();
         let host = self.meta_host.as_mut_slice().op("pinned buffer")?;
         let mut row = 0usize;
-        for (i, c) in chunks.iter().enumerate() {
-            for (j, &t) in c.tokens.iter().enumerate() {
-                let p = c.start + j;
-                host[m.ids + row] = t as i32;
-                host[m.pos + row] = p as i32;
-                host[m.slots + row] = (c.block_table[p / bs] as usize * bs + p % bs) as i32;
-                row += 1;
-            }
+        for i in 0..s {
+            let (len, start) = match chunks.get(i) {
+                Some(c) => {
+                    for (j, &t) in c.tokens.iter().enumerate() {
+                        let p = c.start + j;
+                        host[m.ids + row] = t as i32;
+                        host[m.pos + row] = p as i32;
+                        host[m.slots + row] = (c.block_table[p / bs] as usize * bs + p % bs) as i32;
+                        row += 1;
+                    }
+                    let dst = &mut host[m.tables + i * table_stride..][..table_stride];
+                    let used = blocks_for(c.start + c.tokens.len(), bs);
+                    for (d, &b) in dst.iter_mut().zip(c.block_table.iter().take(used)) {
+                        *d = b as i32;
+                    }
+                    (c.tokens.len(), c.start)
+                }
+                None => {
+                    // Padding: token 0 at position 0, its K/V into the scratch block.
+                    host[m.ids + row] = 0;
+                    host[m.pos + row] = 0;
+                    host[m.slots + row] = (scratch as usize * bs) as i32;
+                    row += 1;
+                    host[m.tables + i * table_stride..][..table_stride].fill(scratch as i32);
+                    (1, 0)
+                }
+            };
             host[m.last_rows + i] = (row - 1) as i32;
-            host[m.q_off + i] = (row - c.tokens.len()) as i32;
-            host[m.q_pos + i] = c.start as i32;
-            host[m.q_len + i] = c.tokens.len() as i32;
-            host[m.seq_lens + i] = (c.start + c.tokens.len()) as i32;
-            let dst = &mut host[m.tables + i * table_stride..][..table_stride];
-            let used = blocks_for(c.start + c.tokens.len(), bs);
-            for (d, &b) in dst.iter_mut().zip(c.block_table.iter().take(used)) {
-                *d = b as i32;
-            }
+            host[m.q_off + i] = (row - len) as i32;
+            host[m.q_pos + i] = start as i32;
+            host[m.q_len + i] = len as i32;
+            host[m.seq_lens + i] = (start + len) as i32;
+            let d = draws.get(i).copied().unwrap_or(TokenDraw::GREEDY);
+            let w = &mut host[m.draws + 5 * i..][..5];
+            w[0] = d.temperature.to_bits() as i32;
+            w[1] = d.top_k.min(i32::MAX as u32) as i32;
+            w[2] = d.top_p.to_bits() as i32;
+            w[3] = d.min_p.to_bits() as i32;
+            w[4] = d.u01.to_bits() as i32;
         }
+        host[m.stride] = table_stride as i32;
         let dev = ptr(&self.bufs.meta, &self.gpu.compute);
         // SAFETY: `meta` holds `meta_cap >= total` elements; the pinned source is not
         // written again before this pass synchronizes at its end.
         unsafe { self.gpu.upload_to(&host[..total], dev) }?;
-        Ok(m)
+        let pass = Pass {
+            n,
+            s,
+            decode: chunks.iter().all(|c| c.tokens.len() == 1),
+            max_q: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
+        };
+        Ok((m, pass))
     }
 
     /// Runs the layers; leaves each chunk's last-token logits in `bufs.logits`.
-    fn run(&mut self, chunks: &[SeqChunk<'_>], mut on_layer: Option<LayerHook<'_>>) -> Result<()> {
+    fn run(&mut self, chunks: &[SeqChunk<'_>], on_layer: Option<LayerHook<'_>>) -> Result<()> {
         validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
         self.gpu.bind()?;
-        let m = self.upload_meta(chunks)?;
+        let (m, pass) = self.upload_meta(chunks, &[], None)?;
+        self.enqueue(&m, pass, on_layer)
+    }
+
+    /// Queues every kernel of one pass on the compute stream (also while a graph
+    /// is being captured: nothing here waits or allocates).
+    fn enqueue(&self, m: &Meta, p: Pass, mut on_layer: Option<LayerHook<'_>>) -> Result<()> {
         let c = &self.model.config;
         let g = &self.gpu;
         let st = &g.compute;
         let b = &self.bufs;
-        let n = chunks.iter().map(|c| c.tokens.len()).sum::<usize>();
-        let s = chunks.len();
+        let (n, s) = (p.n, p.s);
         let (h, hd, hq, hkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let (qd, inter) = (hq * hd, c.intermediate_size);
         let qkvw = (hq + 2 * hkv) * hd;
@@ -341,17 +439,12 @@ impl CudaBackend {
         let null = 0u64;
         let inv_freq = ptr(&b.inv_freq, st);
         let ts = m.table_stride as i32;
-        let decode = chunks.iter().all(|c| c.tokens.len() == 1);
-        let max_len = chunks
-            .iter()
-            .map(|c| c.start + c.tokens.len())
-            .max()
-            .unwrap_or(1);
-        let group = hq / hkv;
+        let splits = decode_splits(s, hkv);
 
         // SAFETY (every launch below): the pointers are the backend's own buffers, sized
         // at construction for `max_tokens`/`max_seqs` (checked in `upload_meta`), the
-        // cache layers, and the metadata just uploaded; grids match the kernels' indexing.
+        // cache layers (one scratch block beyond the layout), and the metadata just
+        // uploaded; grids match the kernels' indexing.
         let ids = at(m.ids);
         let mut l = st.launch_builder(&g.k.embed);
         let table = ptr(&self.model.embed, st);
@@ -393,31 +486,28 @@ impl CudaBackend {
             }
 
             let tables = at(m.tables);
-            if decode {
-                let (split_len, splits) = choose_split(max_len, s * hkv, group)?;
-                let smem = decode_smem(group, split_len);
-                let seq_lens = at(m.seq_lens);
+            if p.decode {
+                let (seq_lens, stride) = (at(m.seq_lens), at(m.stride));
                 let (po, pml) = (ptr(&b.part_o, st), ptr(&b.part_ml, st));
-                let (sl, ms) = (split_len as i32, MAX_SPLITS as i32);
+                let ms = splits as i32;
                 let mut l = st.launch_builder(&g.k.decode_attn);
                 l.arg(&q)
                     .arg(&cache)
                     .arg(&tables)
-                    .arg(&ts)
+                    .arg(&stride)
                     .arg(&seq_lens)
                     .arg(&po)
                     .arg(&pml)
                     .arg(&hq_i)
                     .arg(&hkv_i)
                     .arg(&bs)
-                    .arg(&sl)
                     .arg(&ms)
                     .arg(&window)
                     .arg(&scale);
                 let cfg = LaunchConfig {
                     grid_dim: (splits as u32, hkv as u32, s as u32),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: smem as u32,
+                    shared_mem_bytes: g.decode_smem as u32,
                 };
                 unsafe { l.launch(cfg) }.op("launch decode_attn")?;
                 let mut l = st.launch_builder(&g.k.attn_combine);
@@ -427,7 +517,6 @@ impl CudaBackend {
                     .arg(&attn)
                     .arg(&hq_i)
                     .arg(&hd_i)
-                    .arg(&sl)
                     .arg(&ms);
                 let cfg = LaunchConfig {
                     grid_dim: (hq as u32, s as u32, 1),
@@ -436,7 +525,6 @@ impl CudaBackend {
                 };
                 unsafe { l.launch(cfg) }.op("launch attn_combine")?;
             } else {
-                let max_q = chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1);
                 let (q_off, q_pos, q_len) = (at(m.q_off), at(m.q_pos), at(m.q_len));
                 let mut l = st.launch_builder(&g.k.prefill_attn);
                 l.arg(&q)
@@ -453,7 +541,7 @@ impl CudaBackend {
                     .arg(&window)
                     .arg(&scale);
                 let cfg = LaunchConfig {
-                    grid_dim: (max_q.div_ceil(128) as u32, hq as u32, s as u32),
+                    grid_dim: (p.max_q.div_ceil(128) as u32, hq as u32, s as u32),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: device::prefill_smem(hd) as u32,
                 };
@@ -483,9 +571,15 @@ impl CudaBackend {
         let rows = at(m.last_rows);
         let last_h = ptr(&b.last_h, st);
         let w = ptr(&self.model.norm, st);
+        // The last layer's output is in `delta`, still to be added (unless no layer ran).
+        let pending = if self.model.layers.is_empty() {
+            null
+        } else {
+            delta
+        };
         let mut l = st.launch_builder(&g.k.add_rmsnorm);
         l.arg(&x)
-            .arg(&delta)
+            .arg(&pending)
             .arg(&rows)
             .arg(&w)
             .arg(&last_h)
@@ -504,34 +598,105 @@ impl CudaBackend {
         )?;
         Ok(())
     }
-}
 
-/// Dynamic shared memory of `decode_attn`: scores of `split_len` keys per query
-/// head, and a [128 / (hd / 4)][group][hd] = [group][512] f32 reduction area.
-fn decode_smem(group: usize, split_len: usize) -> usize {
-    4 * (group * split_len + 512 * group)
-}
-
-/// The context length each decode block takes and the number of splits: enough
-/// blocks to fill the GPU (`units` = sequences × KV heads), within shared memory.
-fn choose_split(max_len: usize, units: usize, group: usize) -> Result<(usize, usize), CudaError> {
-    let fits = |sl: usize| decode_smem(group, sl) <= SMEM_LIMIT;
-    let mut split_len = 128;
-    loop {
-        let splits = max_len.div_ceil(split_len);
-        if !fits(split_len) {
-            return Err(CudaError::Unsupported(format!(
-                "a decode context of {max_len} tokens does not fit the attention kernel's shared memory"
-            )));
-        }
-        if splits <= MAX_SPLITS && units * splits <= 2048 {
-            return Ok((split_len, splits));
-        }
-        if splits <= MAX_SPLITS && !fits(split_len * 2) {
-            return Ok((split_len, splits));
-        }
-        split_len *= 2;
+    /// Queues the sampling of each of the pass's `s` rows of logits into `ids_out`.
+    fn enqueue_sample(&self, m: &Meta, p: Pass) -> Result<()> {
+        let st = &self.gpu.compute;
+        let (logits, ids) = (ptr(&self.bufs.logits, st), ptr(&self.bufs.ids_out, st));
+        let draws = ptr(&self.bufs.meta, st) + 4 * m.draws as u64;
+        let v = self.model.config.vocab_size as i32;
+        let mut l = st.launch_builder(&self.gpu.k.sample_rows);
+        l.arg(&logits).arg(&draws).arg(&ids).arg(&v);
+        // SAFETY: `logits` holds `s` rows of `vocab` f32, `draws` 5 words per row
+        // (uploaded with the metadata), `ids` room for `s` ids.
+        unsafe { l.launch(grid(p.s as u32, 1024)) }.op("launch sample_rows")?;
+        Ok(())
     }
+
+    /// One decode step as a graph replay: the batch padded to its bucket, the
+    /// bucket's graph captured on first use.
+    fn decode_graph(&mut self, chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<Vec<u32>> {
+        let Some(&bucket) = GRAPH_BUCKETS
+            .iter()
+            .find(|&&b| b >= chunks.len() && b <= self.limits.max_seqs)
+        else {
+            return self.decode_direct(chunks, draws);
+        };
+        let (m, pass) = self.upload_meta(chunks, draws, Some(bucket))?;
+        if !self.graphs.contains_key(&bucket) {
+            match self.capture(&m, pass) {
+                Ok(graph) => {
+                    self.graphs.insert(bucket, DecodeGraph(graph));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "capturing a CUDA graph for decode batches of {bucket} failed ({e}); running without graphs"
+                    );
+                    self.use_graphs = false;
+                    self.gpu.bind()?;
+                    self.enqueue(&m, pass, None)?;
+                    self.enqueue_sample(&m, pass)?;
+                    return self.download_ids(chunks.len());
+                }
+            }
+        }
+        if let Some(graph) = self.graphs.get(&bucket) {
+            graph.0.launch().op("cuGraphLaunch")?;
+        }
+        self.download_ids(chunks.len())
+    }
+
+    /// Captures one decode step (layers and sampling) for metadata laid out as `m`.
+    fn capture(&self, m: &Meta, pass: Pass) -> Result<CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let st = &self.gpu.compute;
+        st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .op("cuStreamBeginCapture")?;
+        let queued = self
+            .enqueue(m, pass, None)
+            .and_then(|()| self.enqueue_sample(m, pass));
+        let ended = st.end_capture(CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = ended
+            .op("cuStreamEndCapture")?
+            .ok_or_else(|| CudaError::Unsupported("the captured decode graph is empty".into()))?;
+        graph.upload().op("cuGraphUpload")?;
+        Ok(graph)
+    }
+
+    /// A decode step launched kernel by kernel.
+    fn decode_direct(&mut self, chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<Vec<u32>> {
+        let (m, pass) = self.upload_meta(chunks, draws, None)?;
+        self.enqueue(&m, pass, None)?;
+        self.enqueue_sample(&m, pass)?;
+        self.download_ids(chunks.len())
+    }
+
+    fn download_ids(&self, n: usize) -> Result<Vec<u32>> {
+        let mut out = vec![0u32; n];
+        self.gpu
+            .download(ptr(&self.bufs.ids_out, &self.gpu.compute), &mut out)?;
+        Ok(out)
+    }
+
+    /// Turns decode-step graphs on or off (benchmarks and checks compare the two).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+    }
+
+    /// Decode-step graphs captured so far (for benchmarks and tests).
+    pub fn graphs_captured(&self) -> usize {
+        self.graphs.len()
+    }
+}
+
+/// Splits per sequence the decode attention grid has for a batch of `s`
+/// sequences: enough blocks (sequences × KV heads × splits ≈ 4096, some ten waves
+/// of resident blocks, so the last wave's idle share is small) to fill the
+/// GPU; each sequence then uses as many as its own length needs (kernels.cu,
+/// `split_chunk`).
+fn decode_splits(s: usize, hkv: usize) -> usize {
+    (4096 / (s * hkv).max(1)).clamp(1, MAX_SPLITS)
 }
 
 impl Backend for CudaBackend {
@@ -564,20 +729,40 @@ impl Backend for CudaBackend {
         chunks: &[SeqChunk<'_>],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<u32>> {
+        let draws = vec![TokenDraw::GREEDY; chunks.len()];
+        self.forward_draw(chunks, &draws, on_layer)
+    }
+
+    fn forward_draw(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        if draws.len() != chunks.len() {
+            return Err(EngineError::InvalidInput(format!(
+                "{} draws for {} sequences",
+                draws.len(),
+                chunks.len()
+            )));
+        }
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(chunks, on_layer)?;
-        let st = &self.gpu.compute;
-        let (logits, ids) = (ptr(&self.bufs.logits, st), ptr(&self.bufs.ids_out, st));
-        let v = self.model.config.vocab_size as i32;
-        let mut l = st.launch_builder(&self.gpu.k.argmax_rows);
-        l.arg(&logits).arg(&ids).arg(&v);
-        // SAFETY: `logits` holds `chunks.len()` rows of `vocab` f32, `ids` as many u32.
-        unsafe { l.launch(grid(chunks.len() as u32, 1024)) }.op("launch argmax_rows")?;
-        let mut out = vec![0u32; chunks.len()];
-        self.gpu.download(ids, &mut out)?;
-        Ok(out)
+        validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
+        self.gpu.bind()?;
+        let decode = chunks.iter().all(|c| c.tokens.len() == 1);
+        if decode && on_layer.is_none() {
+            return if self.use_graphs {
+                self.decode_graph(chunks, draws)
+            } else {
+                self.decode_direct(chunks, draws)
+            };
+        }
+        let (m, pass) = self.upload_meta(chunks, draws, None)?;
+        self.enqueue(&m, pass, on_layer)?;
+        self.enqueue_sample(&m, pass)?;
+        self.download_ids(chunks.len())
     }
 
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
@@ -591,17 +776,14 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::choose_split;
+    use super::{MAX_SPLITS, decode_splits};
 
     #[test]
-    fn splits_fill_the_gpu_and_fit_shared_memory() {
-        // One sequence of 1k tokens, 8 KV heads: split finely.
-        let (sl, n) = choose_split(1024, 8, 4).unwrap();
-        assert_eq!((sl, n), (128, 8));
-        // A big batch needs no splitting beyond what memory asks.
-        let (sl, n) = choose_split(4096, 256 * 8, 4).unwrap();
-        assert!(n * sl >= 4096 && n <= super::MAX_SPLITS);
-        // Very long contexts still fit.
-        assert!(choose_split(131_072, 8, 4).is_ok());
+    fn decode_grids_fill_the_gpu_within_the_split_limit() {
+        assert_eq!(decode_splits(1, 8), MAX_SPLITS);
+        assert_eq!(decode_splits(64, 8), 8);
+        assert_eq!(decode_splits(256, 8), 2);
+        assert_eq!(decode_splits(1024, 8), 1);
+        assert_eq!(decode_splits(0, 8), MAX_SPLITS);
     }
 }
