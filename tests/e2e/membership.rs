@@ -105,6 +105,7 @@ fn record(model: &ModelDir, role: &str, id: &str, addr: &str, quic: Vec<String>)
         id: id.into(),
         role: role.into(),
         grpc_addr: addr.into(),
+        tls_name: None,
         quic_addrs: quic,
         model: model.name(),
         tp_size: 1,
