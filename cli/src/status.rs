@@ -210,7 +210,7 @@ async fn load_of(
 /// TLS handshake is only "transport error" at the top).
 fn status_text(status: &tonic::Status) -> String {
     match std::error::Error::source(status) {
-        Some(source) => format!("{}: {}", status.message(), grpc_tls::error_chain(source)),
+        Some(source) => grpc_tls::error_chain(source),
         None => status.message().to_string(),
     }
 }

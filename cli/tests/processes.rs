@@ -2,6 +2,8 @@
 //! started from config files, serve a request end to end (`tandem generate`):
 //! in plaintext, and with `[tls]` in every config (certificates from
 //! `tandem certs`), where `tandem status` asks the nodes over mutual TLS too.
+//! Then 2,000 concurrent streams against the router process, measuring its
+//! own peak memory.
 
 mod support;
 
@@ -41,7 +43,8 @@ fn tls_section(certs: &Path, name: &str) -> String {
     )
 }
 
-fn write_configs(dir: &Path, tls: bool) -> Configs {
+/// Writes the three configs; `router_extra` is added to `[router]`.
+fn write_configs(dir: &Path, tls: bool, router_extra: &str) -> Configs {
     let model = synth_model(dir);
     let (decode, quic, prefill, router) = (free_port(), free_port(), free_port(), free_port());
     let certs = dir.join("certs");
@@ -91,7 +94,7 @@ fn write_configs(dir: &Path, tls: bool) -> Configs {
         router: write(
             "router",
             format!(
-                "[router]\nlisten = \"127.0.0.1:{router}\"\nprefill_nodes = [\"{scheme}://127.0.0.1:{prefill}\"]\ndecode_nodes = [\"{scheme}://127.0.0.1:{decode}\"]\n"
+                "[router]\nlisten = \"127.0.0.1:{router}\"\nprefill_nodes = [\"{scheme}://127.0.0.1:{prefill}\"]\ndecode_nodes = [\"{scheme}://127.0.0.1:{decode}\"]\n{router_extra}"
             ),
         ),
         router_port: router,
@@ -154,7 +157,7 @@ fn generate(dir: &Path, router: u16) {
 #[test]
 fn roles_as_separate_processes_serve_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let configs = write_configs(dir.path(), false);
+    let configs = write_configs(dir.path(), false, "");
     let _procs = start(dir.path(), &configs);
     generate(dir.path(), configs.router_port);
 }
@@ -162,7 +165,7 @@ fn roles_as_separate_processes_serve_a_request() {
 #[test]
 fn roles_with_tls_serve_a_request_and_status_asks_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let configs = write_configs(dir.path(), true);
+    let configs = write_configs(dir.path(), true, "");
     let _procs = start(dir.path(), &configs);
     generate(dir.path(), configs.router_port);
     let logs = logs(dir.path());
@@ -210,4 +213,82 @@ fn roles_with_tls_serve_a_request_and_status_asks_over_mutual_tls() {
         2,
         "{table}"
     );
+}
+
+/// Peak (VmHWM) and current (VmRSS) resident memory of process `pid`, in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(f64::NAN)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[test]
+fn two_thousand_streams_against_a_router_process() {
+    const STREAMS: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let configs = write_configs(dir.path(), false, "max_running = 128\nmax_queue = 512\n");
+    let procs = start(dir.path(), &configs);
+    // Up, and one request served.
+    generate(dir.path(), configs.router_port);
+    let router_pid = procs.0[2].id();
+    let (peak_before, rss_before) = memory_mib(router_pid);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{}", configs.router_port);
+    let (done, refused, elapsed) = runtime.block_on(async move {
+        use tandem_tests::{complete, greedy_request, prompt};
+        // Several connections, as many clients would open.
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(
+                tandem_proto::v1::generate_client::GenerateClient::connect(url.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..STREAMS {
+            let mut client = clients[i % clients.len()].clone();
+            tasks.spawn(async move {
+                let req = greedy_request(&prompt(4, i as u32), 2);
+                tokio::time::timeout(Duration::from_secs(120), complete(&mut client, req)).await
+            });
+        }
+        let (mut done, mut refused) = (0, 0);
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Err(_) => panic!("a stream hung past its 120 s timeout"),
+                Ok(Ok(c)) => {
+                    assert_eq!(c.tokens.len(), 2);
+                    done += 1;
+                }
+                Ok(Err(s)) => {
+                    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                    refused += 1;
+                }
+            }
+        }
+        (done, refused, started.elapsed())
+    });
+    let (peak, rss) = memory_mib(router_pid);
+    eprintln!(
+        "{STREAMS} streams against the router process in {elapsed:.1?}: {done} completed, \
+         {refused} refused (RESOURCE_EXHAUSTED); router process memory: peak (VmHWM) \
+         {peak:.1} MiB, {rss:.1} MiB resident after; before the streams: peak \
+         {peak_before:.1} MiB, resident {rss_before:.1} MiB"
+    );
+    assert_eq!(done + refused, STREAMS);
+    assert!(done >= 128, "{done} completed\n{}", logs(dir.path()));
+    assert!(peak < 512.0, "router peak RSS {peak:.0} MiB");
 }
