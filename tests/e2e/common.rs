@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tandem_cluster::{
-    DecodeSection, GrpcTls, PrefillSection, RouterSection, StaticMembership, grpc_tls,
+    DecodeSection, GrpcTls, PrefillSection, RouterSection, StaticMembership, TlsSection, grpc_tls,
 };
 use tandem_engine::ModelDir;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
@@ -226,4 +226,31 @@ pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500)
         .collect()
+}
+
+/// Writes the CA's certificate and one certificate for `name` with the
+/// SANs `sans` (the first is also its `server_name`) into `dir`, as
+/// `tandem certs` would; returns the `[tls]` section naming them.
+pub fn write_certs(
+    dir: &std::path::Path,
+    ca: &tandem_kv_transfer::ClusterCa,
+    name: &str,
+    sans: &[&str],
+) -> TlsSection {
+    let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+    let node = ca.issue(&sans).expect("issue a node certificate");
+    let (ca_p, cert_p, key_p) = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&ca_p, ca.cert_pem()).expect("write the CA");
+    std::fs::write(&cert_p, &node.cert_pem).expect("write the certificate");
+    std::fs::write(&key_p, &node.key_pem).expect("write the key");
+    TlsSection {
+        ca: ca_p,
+        cert: cert_p,
+        key: key_p,
+        server_name: sans.first().cloned().unwrap_or_else(|| "localhost".into()),
+    }
 }

@@ -28,23 +28,10 @@ async fn wait_for_no_leak(cluster: &Cluster) {
     }
 }
 
-/// Writes a CA and one node certificate into `dir`; returns the `[tls]` section.
+/// Writes `ca` and a certificate for `name` (valid for localhost and
+/// 127.0.0.1, the addresses the harness dials) into `dir`.
 fn write_certs(dir: &std::path::Path, ca: &ClusterCa, name: &str) -> TlsSection {
-    let node = ca.issue(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (ca_p, cert_p, key_p) = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}-key.pem")),
-    );
-    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
-    std::fs::write(&cert_p, &node.cert_pem).unwrap();
-    std::fs::write(&key_p, &node.key_pem).unwrap();
-    TlsSection {
-        ca: ca_p,
-        cert: cert_p,
-        key: key_p,
-        server_name: "localhost".into(),
-    }
+    tandem_tests::write_certs(dir, ca, name, &["localhost", "127.0.0.1"])
 }
 
 /// Tries a QUIC connection to the KV receiver with `tls` and sends a byte on
