@@ -245,6 +245,44 @@ mod tests {
     }
 
     #[test]
+    fn cluster_certificates_load_into_server_and_client_configs() {
+        let ca = tandem_kv_transfer::ClusterCa::generate("test CA").unwrap();
+        let node = ca.issue(&["decode-0.tandem".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |f: &str| dir.path().join(f);
+        std::fs::write(path("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(path("n.pem"), &node.cert_pem).unwrap();
+        std::fs::write(path("n-key.pem"), &node.key_pem).unwrap();
+        let tls = GrpcTls::load(&TlsSection {
+            ca: path("ca.pem"),
+            cert: path("n.pem"),
+            key: path("n-key.pem"),
+            server_name: "decode-0.tandem".into(),
+        })
+        .unwrap();
+        assert_eq!(tls.server_name(), "decode-0.tandem");
+        tonic::transport::Server::builder()
+            .tls_config(tls.server_config())
+            .unwrap();
+        endpoint("https://10.0.0.5:7000", Some(&tls), Some("decode-0.tandem")).unwrap();
+        endpoint("https://10.0.0.5:7000", Some(&tls), None).unwrap();
+        let err = endpoint("http://10.0.0.5:7000", Some(&tls), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plaintext"), "{err}");
+        // A key file that is not a key is named.
+        let err = GrpcTls::load(&TlsSection {
+            ca: path("ca.pem"),
+            cert: path("n.pem"),
+            key: path("n.pem"),
+            server_name: "x".into(),
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[tls] key"), "{err}");
+    }
+
+    #[test]
     fn bad_files_are_named_with_their_key() {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
