@@ -1,6 +1,13 @@
 //! `tandem certs`: a cluster CA and one certificate per node, as PEM files,
 //! for the `[tls]` section of each node's config (mutual TLS on the QUIC KV
-//! transport).
+//! transport and on the internal gRPC services).
+//!
+//! Every certificate is valid as a TLS server and as a client. The router
+//! needs one too (it is the nodes' gRPC client): `--node router=NAME`. A
+//! node's SANs must hold the name it is checked under: its `[tls]
+//! server_name` with etcd membership, else the host of the address the
+//! router dials. Servers check only that a client's certificate chains to
+//! the CA, not its name.
 //!
 //! The CA key is written too, but nothing here reads it back: run the
 //! command once with every node, or make a new CA to add nodes later.
@@ -17,7 +24,8 @@ pub struct CertsArgs {
     #[arg(long, default_value = "certs")]
     out: PathBuf,
     /// A node: `NAME=SAN[,SAN...]`, SANs being DNS names or IP addresses
-    /// the node is reached by (repeatable), e.g. `decode-0=decode-0.tandem,10.0.0.5`.
+    /// the node is reached by (repeatable), e.g. `decode-0=decode-0.tandem,10.0.0.5`;
+    /// the router needs one too, e.g. `router=tandem-router`.
     #[arg(long = "node", required = true)]
     nodes: Vec<String>,
     /// The CA's common name.

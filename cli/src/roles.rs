@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_cluster::membership::Membership;
+use tandem_cluster::membership::{Member, Membership, Role as MemberRole};
 use tandem_cluster::{
     Capacity, Config, DEFAULT_MODEL_DIR_PATH, EtcdMembership, ModelSection, NodeRecord,
-    Registration, StaticMembership,
+    Registration, StaticMembership, grpc_tls,
 };
 use tandem_engine::ModelDir;
 use tokio_util::sync::CancellationToken;
@@ -97,8 +97,13 @@ fn model_name(config: &Config, model: &ModelDir) -> String {
     config.model.name.clone().unwrap_or_else(|| model.name())
 }
 
-/// `http://ip:port` that other hosts use for a node listening on `bound`.
-fn advertised_url(bound: SocketAddr, advertise: Option<IpAddr>) -> anyhow::Result<String> {
+/// `http://ip:port` (`https://` with `tls`) that other hosts use for a
+/// node listening on `bound`.
+fn advertised_url(
+    bound: SocketAddr,
+    advertise: Option<IpAddr>,
+    tls: bool,
+) -> anyhow::Result<String> {
     let ip = match advertise {
         Some(ip) => ip,
         None if bound.ip().is_unspecified() => anyhow::bail!(
@@ -106,7 +111,16 @@ fn advertised_url(bound: SocketAddr, advertise: Option<IpAddr>) -> anyhow::Resul
         ),
         None => bound.ip(),
     };
-    Ok(format!("http://{}", SocketAddr::new(ip, bound.port())))
+    Ok(format!(
+        "{}://{}",
+        grpc_tls::scheme(tls),
+        SocketAddr::new(ip, bound.port())
+    ))
+}
+
+/// The name this node's certificate is checked against, with `[tls]`.
+fn tls_name(config: &Config) -> Option<String> {
+    config.tls.as_ref().map(|t| t.server_name.clone())
 }
 
 /// Registers the node `record` describes when the config has etcd membership.
@@ -149,12 +163,15 @@ async fn drain(registration: Registration, timeout: Duration, in_flight: impl Fn
     );
 }
 
-/// The router's membership: etcd when configured, else its node lists.
+/// The router's membership: etcd when configured, else its node lists
+/// (bare `host:port`s get `https://` with `[tls]`) and `in_process`, the
+/// nodes `tandem up` started.
 fn router_membership(
     config: &Config,
     model: &ModelDir,
     prefill: &[String],
     decode: &[String],
+    in_process: Vec<Member>,
     shutdown: &CancellationToken,
 ) -> Arc<dyn Membership> {
     match &config.membership.etcd {
@@ -170,7 +187,21 @@ fn router_membership(
                 shutdown.clone(),
             )
         }
-        None => Arc::new(StaticMembership::new(prefill, decode)),
+        None => {
+            let tls = config.tls.is_some();
+            let mut members = in_process;
+            members.extend(
+                prefill
+                    .iter()
+                    .map(|a| Member::new(MemberRole::Prefill, grpc_tls::with_scheme(a, tls))),
+            );
+            members.extend(
+                decode
+                    .iter()
+                    .map(|a| Member::new(MemberRole::Decode, grpc_tls::with_scheme(a, tls))),
+            );
+            Arc::new(StaticMembership::from_members(members))
+        }
     }
 }
 
@@ -185,7 +216,8 @@ fn decode_record(
     Ok(NodeRecord {
         id: id.to_string(),
         role: "decode".into(),
-        grpc_addr: advertised_url(d.grpc_addr, advertise)?,
+        grpc_addr: advertised_url(d.grpc_addr, advertise, config.tls.is_some())?,
+        tls_name: tls_name(config),
         quic_addrs: d.quic_addrs.clone(),
         model: model_name(config, model),
         tp_size: 1,
@@ -209,7 +241,8 @@ fn prefill_record(
     Ok(NodeRecord {
         id: id.to_string(),
         role: "prefill".into(),
-        grpc_addr: advertised_url(addr, advertise)?,
+        grpc_addr: advertised_url(addr, advertise, config.tls.is_some())?,
+        tls_name: tls_name(config),
         quic_addrs: Vec::new(),
         model: model_name(config, model),
         tp_size: 1,
@@ -230,6 +263,11 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let advertise = config.membership.advertise_ip;
     let mut router = config.router.clone().unwrap_or_default();
+    // `[tls]` covers every role of the file, the router included.
+    router.tls = config.tls.clone();
+    let tls = config.tls.is_some();
+    // The nodes started here, checked under this file's `[tls] server_name`.
+    let mut in_process = Vec::new();
     let mut registrations = Vec::new();
     let mut decode_done = None;
     if let Some(decode) = config.decode.clone() {
@@ -241,7 +279,13 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             "decode node (tp = {tp}): gRPC {} KV/QUIC {}",
             d.grpc_addr, d.quic_addr
         );
-        router.decode_nodes.push(format!("http://{}", d.grpc_addr));
+        in_process.push(Member {
+            tls_name: tls_name(&config),
+            ..Member::new(
+                MemberRole::Decode,
+                format!("{}://{}", grpc_tls::scheme(tls), d.grpc_addr),
+            )
+        });
         registrations.extend(register(&config, || {
             decode_record(&config, &model, &d, &id, advertise)
         })?);
@@ -252,7 +296,13 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let (id, tp) = (prefill.id.clone(), prefill.tp);
         let p = tandem_prefill::serve(model.clone(), prefill, shutdown.clone()).await?;
         eprintln!("prefill node (tp = {tp}): gRPC {}", p.addr);
-        router.prefill_nodes.push(format!("http://{}", p.addr));
+        in_process.push(Member {
+            tls_name: tls_name(&config),
+            ..Member::new(
+                MemberRole::Prefill,
+                format!("{}://{}", grpc_tls::scheme(tls), p.addr),
+            )
+        });
         registrations.extend(register(&config, || {
             prefill_record(&config, &model, p.addr, &id, advertise)
         })?);
@@ -263,6 +313,7 @@ pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         &model,
         &router.prefill_nodes,
         &router.decode_nodes,
+        in_process,
         &shutdown,
     );
     let r = tandem_router::serve(
@@ -324,6 +375,7 @@ pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> any
                 &model,
                 &router.prefill_nodes,
                 &router.decode_nodes,
+                Vec::new(),
                 &shutdown,
             );
             let r = tandem_router::serve(
@@ -419,20 +471,24 @@ mod tests {
     fn advertised_addresses_are_dialable() {
         let bound: SocketAddr = "127.0.0.1:7000".parse().unwrap();
         assert_eq!(
-            advertised_url(bound, None).unwrap(),
+            advertised_url(bound, None, false).unwrap(),
             "http://127.0.0.1:7000"
         );
+        assert_eq!(
+            advertised_url(bound, None, true).unwrap(),
+            "https://127.0.0.1:7000"
+        );
         let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
-        let err = advertised_url(any, None).unwrap_err().to_string();
+        let err = advertised_url(any, None, false).unwrap_err().to_string();
         assert!(err.contains("advertise_ip"), "{err}");
         let pod: IpAddr = "10.1.2.3".parse().unwrap();
         assert_eq!(
-            advertised_url(any, Some(pod)).unwrap(),
+            advertised_url(any, Some(pod), false).unwrap(),
             "http://10.1.2.3:7000"
         );
         let v6: IpAddr = "fd00::5".parse().unwrap();
         assert_eq!(
-            advertised_url("[::]:7000".parse().unwrap(), Some(v6)).unwrap(),
+            advertised_url("[::]:7000".parse().unwrap(), Some(v6), false).unwrap(),
             "http://[fd00::5]:7000"
         );
     }

@@ -2,23 +2,25 @@
 //!
 //! Members come from etcd (`--etcd`, or a config with `[membership.etcd]`)
 //! or from a config's static node lists; each node is then asked for one
-//! load report over its `WatchLoad` stream, as the router does.
+//! load report over its `WatchLoad` stream, as the router does. With a
+//! config that has `[tls]` (the router's, say), nodes are asked over mutual
+//! TLS with that certificate.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_cluster::{EtcdSection, NodeRecord};
+use tandem_cluster::{Config, EtcdSection, GrpcTls, NodeRecord, grpc_tls};
 use tandem_proto::v1 as pb;
 use tokio::task::JoinSet;
-use tonic::transport::Endpoint;
 
 /// How long one node may take to send its first load report.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// A config file: its [membership.etcd], else its router's node lists.
+    /// A config file: its [membership.etcd], else its router's node lists;
+    /// its [tls] certificate, if any, for asking the nodes.
     #[arg(long)]
     config: Option<PathBuf>,
     /// etcd endpoint (repeatable), instead of a config.
@@ -34,20 +36,36 @@ struct Listed {
     role: String,
     id: Option<String>,
     addr: String,
+    /// The name its certificate is checked against (`None`: the address's host).
+    tls_name: Option<String>,
     model: Option<String>,
     tp_size: Option<u32>,
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let listed = members(&args).await?;
+    let config = match &args.config {
+        Some(p) => Some(Config::from_file(p)?),
+        None => None,
+    };
+    let tls = match config.as_ref().and_then(|c| c.tls.as_ref()) {
+        Some(t) => Some(GrpcTls::load(t)?),
+        None => None,
+    };
+    let listed = members(&args, config).await?;
     if listed.is_empty() {
         println!("no members");
         return Ok(());
     }
     let mut loads = JoinSet::new();
     for (i, m) in listed.iter().enumerate() {
-        let (role, addr) = (m.role.clone(), m.addr.clone());
-        loads.spawn(async move { (i, load_of(&role, &addr).await) });
+        let (role, addr, name) = (m.role.clone(), m.addr.clone(), m.tls_name.clone());
+        let tls = tls.clone();
+        loads.spawn(async move {
+            (
+                i,
+                load_of(&role, &addr, tls.as_ref(), name.as_deref()).await,
+            )
+        });
     }
     let mut results: Vec<Option<Result<pb::NodeLoad, String>>> = vec![None; listed.len()];
     while let Some(done) = loads.join_next().await {
@@ -95,7 +113,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 /// The members, from etcd or from the config's router lists.
-async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
+async fn members(args: &StatusArgs, config: Option<Config>) -> anyhow::Result<Vec<Listed>> {
     let etcd = if !args.etcd.is_empty() {
         Some(EtcdSection {
             endpoints: args.etcd.clone(),
@@ -104,10 +122,6 @@ async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
         })
     } else {
         None
-    };
-    let config = match &args.config {
-        Some(p) => Some(tandem_cluster::Config::from_file(p)?),
-        None => None,
     };
     let etcd = etcd.or_else(|| config.as_ref().and_then(|c| c.membership.etcd.clone()));
     if let Some(etcd) = etcd {
@@ -118,6 +132,7 @@ async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
             })?;
         return Ok(records.into_iter().map(from_record).collect());
     }
+    let tls = config.as_ref().is_some_and(|c| c.tls.is_some());
     let Some(router) = config.and_then(|c| c.router) else {
         anyhow::bail!(
             "give --etcd URL, or --config FILE with [membership.etcd] or a [router] section"
@@ -129,11 +144,8 @@ async fn members(args: &StatusArgs) -> anyhow::Result<Vec<Listed>> {
             .map(|a| Listed {
                 role: role.to_string(),
                 id: None,
-                addr: if a.contains("://") {
-                    a.clone()
-                } else {
-                    format!("http://{a}")
-                },
+                addr: grpc_tls::with_scheme(a, tls),
+                tls_name: None,
                 model: None,
                 tp_size: None,
             })
@@ -149,40 +161,56 @@ fn from_record(r: NodeRecord) -> Listed {
         role: r.role,
         id: Some(r.id),
         addr: r.grpc_addr,
+        tls_name: r.tls_name,
         model: Some(r.model),
         tp_size: Some(r.tp_size),
     }
 }
 
-/// One load report from the node at `addr`.
-async fn load_of(role: &str, addr: &str) -> Result<pb::NodeLoad, String> {
+/// One load report from the node at `addr`, over mutual TLS with `tls`
+/// (checking its certificate under `tls_name`, or the address's host).
+async fn load_of(
+    role: &str,
+    addr: &str,
+    tls: Option<&GrpcTls>,
+    tls_name: Option<&str>,
+) -> Result<pb::NodeLoad, String> {
     let query = async {
-        let channel = Endpoint::from_shared(addr.to_string())
+        let channel = grpc_tls::endpoint(addr, tls, tls_name)
             .map_err(|e| e.to_string())?
             .connect_timeout(LOAD_TIMEOUT)
             .connect()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| grpc_tls::error_chain(&e))?;
         let request = pb::WatchLoadRequest { interval_ms: 100 };
         let mut stream = match role {
             "prefill" => pb::prefill_node_client::PrefillNodeClient::new(channel)
                 .watch_load(request)
                 .await
-                .map_err(|s| s.message().to_string())?
+                .map_err(|s| status_text(&s))?
                 .into_inner(),
             _ => pb::decode_node_client::DecodeNodeClient::new(channel)
                 .watch_load(request)
                 .await
-                .map_err(|s| s.message().to_string())?
+                .map_err(|s| status_text(&s))?
                 .into_inner(),
         };
         stream
             .message()
             .await
-            .map_err(|s| s.message().to_string())?
+            .map_err(|s| status_text(&s))?
             .ok_or_else(|| "the load stream ended".to_string())
     };
     tokio::time::timeout(LOAD_TIMEOUT, query)
         .await
         .unwrap_or_else(|_| Err(format!("no load report within {LOAD_TIMEOUT:?}")))
+}
+
+/// A status's message and the transport error behind it, if any (a refused
+/// TLS handshake is only "transport error" at the top).
+fn status_text(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => grpc_tls::error_chain(source),
+        None => status.message().to_string(),
+    }
 }

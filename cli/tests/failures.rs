@@ -38,6 +38,15 @@ struct Cluster {
     decode: Vec<Node>,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failed assertion anywhere shows the processes' logs.
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
 impl Cluster {
     /// A router, two prefill nodes and three decode nodes, each its own
     /// process, serving a model `hidden` wide.
@@ -310,6 +319,28 @@ async fn read_tokens(
     None
 }
 
+/// One request to the end, or the status that ended it (at the call or
+/// mid-stream): while the nodes start up, the router may reserve a request
+/// at a decode node that is up before any prefill node is, and fail it.
+async fn serve_once(
+    client: &mut GenerateClient<tonic::transport::Channel>,
+    request: pb::GenerateRequest,
+) -> Result<(Vec<u32>, pb::Finished), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut tokens = Vec::new();
+    loop {
+        match stream.message().await? {
+            Some(pb::GenerateResponse {
+                event: Some(Event::Token(chunk)),
+            }) => tokens.extend(chunk.ids),
+            Some(pb::GenerateResponse {
+                event: Some(Event::Finished(f)),
+            }) => return Ok((tokens, f)),
+            other => return Err(tonic::Status::internal(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
 async fn read_to_end(
     stream: &mut Streaming<pb::GenerateResponse>,
     tokens: &mut Vec<u32>,
@@ -363,11 +394,8 @@ async fn requests_survive_nodes_that_die_or_stop_answering() {
             ignore_eos: true,
             ..Default::default()
         };
-        match client.generate(request).await {
-            Ok(r) => {
-                let mut stream = r.into_inner();
-                let mut tokens = Vec::new();
-                let finished = read_to_end(&mut stream, &mut tokens).await;
+        match serve_once(&mut client, request).await {
+            Ok((tokens, finished)) => {
                 assert_eq!(finished.usage.unwrap().completion_tokens, MAX_TOKENS);
                 break tokens;
             }
@@ -452,6 +480,24 @@ async fn requests_survive_nodes_that_die_or_stop_answering() {
     cluster.assert_no_leak().await;
 }
 
+/// `line` without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Requests in the chaos run, how many run at once, and after how many a node dies.
 const CHAOS_REQUESTS: usize = 300;
 const CHAOS_CONCURRENCY: usize = 24;
@@ -489,12 +535,8 @@ async fn a_chaos_run_with_a_node_killed_loses_no_request() {
     let mut references = Vec::new();
     for i in 0..prompts.len() {
         let tokens = loop {
-            match client.clone().generate(request(i)).await {
-                Ok(r) => {
-                    let mut tokens = Vec::new();
-                    read_to_end(&mut r.into_inner(), &mut tokens).await;
-                    break tokens;
-                }
+            match serve_once(&mut client.clone(), request(i)).await {
+                Ok((tokens, _)) => break tokens,
                 Err(s) if Instant::now() > deadline => {
                     panic!("the cluster never served: {s:?}\n{}", cluster.logs())
                 }
@@ -559,12 +601,23 @@ async fn a_chaos_run_with_a_node_killed_loses_no_request() {
         }
     }
     let router_log = std::fs::read_to_string(cluster.dir.path().join("router.log")).unwrap();
-    let retried = router_log
-        .matches("re-running the request elsewhere")
-        .count();
+    let rerun_lines: Vec<String> = router_log
+        .lines()
+        .filter(|l| l.contains("re-running the request elsewhere"))
+        .map(strip_ansi)
+        .collect();
+    let retried = rerun_lines.len();
+    let mut rerun_requests: Vec<&str> = rerun_lines
+        .iter()
+        .filter_map(|l| l.split("request_id=").nth(1))
+        .filter_map(|rest| rest.split(['}', ' ']).next())
+        .collect();
+    rerun_requests.sort_unstable();
+    rerun_requests.dedup();
     eprintln!(
-        "chaos run: {CHAOS_REQUESTS} requests ({CHAOS_CONCURRENCY} at once, a decode node killed after {CHAOS_KILL_AFTER}) in {:?}: {completed} completed, {retried} re-runs, {} failed {failed:?}",
+        "chaos run: {CHAOS_REQUESTS} requests ({CHAOS_CONCURRENCY} at once, a decode node killed after {CHAOS_KILL_AFTER}) in {:?}: {completed} completed, {} requests re-run elsewhere ({retried} re-runs), {} failed {failed:?}",
         started.elapsed(),
+        rerun_requests.len(),
         failed.len()
     );
     assert!(failed.is_empty(), "{failed:?}\n{}", cluster.logs());

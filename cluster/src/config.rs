@@ -50,8 +50,10 @@ pub struct Config {
     pub prefill: Option<PrefillSection>,
     /// The decode role.
     pub decode: Option<DecodeSection>,
-    /// Mutual TLS between nodes (QUIC KV transport); absent: the local
-    /// default (a self-signed certificate per decode node, no client certificates).
+    /// Mutual TLS between the router and nodes: the QUIC KV transport and
+    /// the internal gRPC services; absent: the local default (plaintext
+    /// gRPC, a self-signed certificate per decode node's QUIC receiver, no
+    /// client certificates).
     pub tls: Option<TlsSection>,
     /// How nodes find each other: static (the router's node lists) unless
     /// `[membership.etcd]` is set.
@@ -106,21 +108,30 @@ fn default_lease_ttl() -> u32 {
     5
 }
 
-/// `[tls]`: the cluster CA and this node's certificate, PEM files as written
-/// by `tandem certs`. With it, every QUIC KV connection is mutual TLS: the
-/// receiver presents `cert` and requires a client certificate signed by
-/// `ca`; the sender verifies the receiver against `ca` and presents `cert`.
+/// `[tls]`: the cluster CA and this process's certificate, PEM files as
+/// written by `tandem certs`. With it, every connection between the router
+/// and the nodes is mutual TLS, each side presenting `cert` and checking the
+/// other's against `ca`:
+///
+/// - QUIC KV: the decode node's receiver requires a client certificate; the
+///   prefill node verifies the receiver and presents its own.
+/// - Internal gRPC (`DecodeNode`, `PrefillNode`, their health service): the
+///   nodes serve TLS only and require a client certificate; the router and
+///   `tandem status` dial `https://` addresses, verify the node and present
+///   theirs. Node addresses are `https://host:port`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// The cluster CA's certificate.
     pub ca: PathBuf,
-    /// This node's certificate (chain, leaf first), signed by `ca`.
+    /// This process's certificate (chain, leaf first), signed by `ca`.
     pub cert: PathBuf,
-    /// This node's private key.
+    /// This process's private key.
     pub key: PathBuf,
-    /// The name receivers' certificates are checked against (a SAN of
-    /// their certificates); default `localhost`.
+    /// This node's name, a SAN of `cert`: advertised to peers (in etcd and
+    /// in KV targets), which check this node's certificate against it.
+    /// Default `localhost`. With static membership the router checks a
+    /// node's certificate against the host of its address instead.
     #[serde(default = "default_tls_server_name")]
     pub server_name: String,
 }
@@ -233,6 +244,11 @@ pub struct RouterSection {
     /// Largest request message, in bytes: gRPC messages and HTTP bodies.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+
+    /// The config's `[tls]` section, copied here by the loader (not a key of
+    /// this section): with it the router dials nodes over mutual TLS.
+    #[serde(skip)]
+    pub tls: Option<TlsSection>,
 }
 
 fn default_max_request_bytes() -> usize {
@@ -416,6 +432,9 @@ impl Config {
         if let Some(d) = config.decode.as_mut() {
             d.tls = config.tls.clone();
         }
+        if let Some(r) = config.router.as_mut() {
+            r.tls = config.tls.clone();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -512,6 +531,17 @@ impl Config {
                 return Err(ConfigError::Invalid(
                     "router.max_request_bytes must be at least 1024".into(),
                 ));
+            }
+            let tls = self.tls.is_some();
+            for (key, addrs) in [
+                ("router.prefill_nodes", &r.prefill_nodes),
+                ("router.decode_nodes", &r.decode_nodes),
+            ] {
+                for addr in addrs {
+                    let full = crate::grpc_tls::with_scheme(addr, tls);
+                    crate::grpc_tls::check_scheme(&full, tls)
+                        .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+                }
             }
         }
         if let (Some(_), Some(r)) = (&self.membership.etcd, &self.router)
@@ -612,6 +642,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.membership.etcd.unwrap().lease_ttl_s, 2);
+    }
+
+    #[test]
+    fn tls_reaches_every_role_and_node_schemes_must_match_it() {
+        let tls = "[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n-key.pem\"\n";
+        let c = Config::parse(&format!(
+            "[router]\ndecode_nodes = [\"10.0.0.5:7000\", \"https://d1:7000\"]\n[prefill]\n[decode]\n{tls}"
+        ))
+        .unwrap();
+        assert!(c.router.unwrap().tls.is_some());
+        assert!(c.prefill.unwrap().tls.is_some() && c.decode.unwrap().tls.is_some());
+        let err = Config::parse(&format!(
+            "[router]\nprefill_nodes = [\"http://p:7000\"]\n{tls}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("router.prefill_nodes") && err.contains("https://"),
+            "{err}"
+        );
+        let err = Config::parse("[router]\ndecode_nodes = [\"https://d:7000\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("router.decode_nodes") && err.contains("[tls]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! What every Tandem role shares: the config schema ([`config`]), cluster
 //! membership ([`membership`]: static, or etcd through [`etcd`] on the
 //! router's side and [`registration`] on a node's, with the records and keys
-//! in [`node_record`]) and conversions between wire and engine types
+//! in [`node_record`]), mutual TLS on the internal gRPC services
+//! ([`grpc_tls`]) and conversions between wire and engine types
 //! ([`convert`]).
 
 pub mod config;
 pub mod convert;
 pub mod etcd;
+pub mod grpc_tls;
 pub mod membership;
 pub mod node_record;
 pub mod registration;
@@ -16,6 +18,7 @@ pub use config::{
     MembershipSection, ModelSection, PrefillSection, RouterSection, TlsSection,
 };
 pub use etcd::EtcdMembership;
+pub use grpc_tls::{GrpcTls, GrpcTlsError};
 pub use membership::{Member, Membership, Role, StaticMembership};
 pub use node_record::{Capacity, NodeRecord};
 pub use registration::Registration;

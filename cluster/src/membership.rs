@@ -4,6 +4,8 @@
 
 use tokio::sync::watch;
 
+use crate::grpc_tls::with_scheme;
+
 /// A node's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -18,8 +20,24 @@ pub enum Role {
 pub struct Member {
     /// Its role.
     pub role: Role,
-    /// Its internal gRPC address, `http://host:port`; also its identity here.
+    /// Its internal gRPC address, `http://host:port` (`https://` with
+    /// `[tls]`); also its identity here.
     pub grpc_addr: String,
+    /// The name its TLS certificate is checked against, when it advertised
+    /// one (its `[tls] server_name`, through etcd); `None`: the host of
+    /// `grpc_addr`.
+    pub tls_name: Option<String>,
+}
+
+impl Member {
+    /// A member whose certificate, if any, is checked against its address's host.
+    pub fn new(role: Role, grpc_addr: impl Into<String>) -> Self {
+        Member {
+            role,
+            grpc_addr: grpc_addr.into(),
+            tls_name: None,
+        }
+    }
 }
 
 /// A source of the cluster's members.
@@ -34,31 +52,32 @@ pub struct StaticMembership {
 }
 
 impl StaticMembership {
-    /// Membership of these prefill and decode nodes.
+    /// Membership of these prefill and decode nodes (plaintext: a bare
+    /// `host:port` gets `http://`).
     pub fn new(prefill: &[String], decode: &[String]) -> Self {
+        Self::with_tls(prefill, decode, false)
+    }
+
+    /// Membership of these prefill and decode nodes; a bare `host:port` gets
+    /// `https://` when `tls` is set, `http://` otherwise.
+    pub fn with_tls(prefill: &[String], decode: &[String], tls: bool) -> Self {
         let members = prefill
             .iter()
-            .map(|a| Member {
-                role: Role::Prefill,
-                grpc_addr: normalize(a),
-            })
-            .chain(decode.iter().map(|a| Member {
-                role: Role::Decode,
-                grpc_addr: normalize(a),
-            }))
+            .map(|a| Member::new(Role::Prefill, with_scheme(a, tls)))
+            .chain(
+                decode
+                    .iter()
+                    .map(|a| Member::new(Role::Decode, with_scheme(a, tls))),
+            )
             .collect();
+        Self::from_members(members)
+    }
+
+    /// Exactly these members.
+    pub fn from_members(members: Vec<Member>) -> Self {
         StaticMembership {
             tx: watch::Sender::new(members),
         }
-    }
-}
-
-/// Adds `http://` to a bare `host:port`.
-fn normalize(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
     }
 }
 

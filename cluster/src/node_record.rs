@@ -52,8 +52,13 @@ pub struct NodeRecord {
     pub id: String,
     /// `prefill` or `decode`.
     pub role: String,
-    /// Internal gRPC address, `http://host:port`.
+    /// Internal gRPC address, `http://host:port`, or `https://host:port`
+    /// when the node serves mutual TLS.
     pub grpc_addr: String,
+    /// With mutual TLS, the name the node's certificate is checked against
+    /// (its `[tls] server_name`); absent: the host of `grpc_addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
     /// The decode node's QUIC KV receiver addresses (empty for prefill nodes).
     #[serde(default)]
     pub quic_addrs: Vec<String>,
@@ -220,7 +225,7 @@ impl MemberTable {
                     .records
                     .insert(key.to_vec(), record.clone())
                     .or(lingered.map(|(r, _)| r));
-                old.is_none_or(|o| o.grpc_addr != record.grpc_addr)
+                old.is_none_or(|o| o.grpc_addr != record.grpc_addr || o.tls_name != record.tls_name)
             }
             Err(e) => {
                 warn!("ignoring a registration: {e}");
@@ -249,6 +254,7 @@ impl MemberTable {
             let member = Member {
                 role,
                 grpc_addr: r.grpc_addr.clone(),
+                tls_name: r.tls_name.clone(),
             };
             if !out.contains(&member) {
                 out.push(member);
@@ -267,6 +273,7 @@ mod tests {
             id: id.into(),
             role: role.into(),
             grpc_addr: format!("http://127.0.0.1:{port}"),
+            tls_name: None,
             quic_addrs: vec![],
             model: "m".into(),
             tp_size: 1,
@@ -345,14 +352,8 @@ mod tests {
         assert_eq!(
             members,
             vec![
-                Member {
-                    role: Role::Decode,
-                    grpc_addr: d2.grpc_addr.clone()
-                },
-                Member {
-                    role: Role::Prefill,
-                    grpc_addr: p.grpc_addr.clone()
-                },
+                Member::new(Role::Decode, d2.grpc_addr.clone()),
+                Member::new(Role::Prefill, p.grpc_addr.clone()),
             ]
         );
         // A corrupt rewrite removes the node rather than keeping a stale address.
@@ -394,6 +395,31 @@ mod tests {
         assert!(!t.resync([], Some(deadline)));
         assert!(t.delete(b"/tandem/c/nodes/decode/d1"));
         assert!(t.members().is_empty());
+    }
+
+    #[test]
+    fn tls_names_reach_the_members_and_old_records_still_parse() {
+        let mut t = MemberTable::new("c", None);
+        let mut d = record("decode", "d", 7);
+        d.grpc_addr = "https://10.0.0.5:7".into();
+        d.tls_name = Some("decode-0.tandem".into());
+        assert!(d.to_json().contains("\"tls_name\":\"decode-0.tandem\""));
+        assert!(put(&mut t, &d));
+        assert_eq!(t.members()[0].tls_name.as_deref(), Some("decode-0.tandem"));
+        // A new name at the same address is a change (the channel must be redone).
+        d.tls_name = Some("decode-1.tandem".into());
+        assert!(put(&mut t, &d));
+        // A record written before names existed has none.
+        let plain = record("decode", "old", 8);
+        let json = plain.to_json();
+        assert!(!json.contains("tls_name"));
+        let back = parse_record(
+            &nodes_prefix("c"),
+            b"/tandem/c/nodes/decode/old",
+            json.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(back.tls_name, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_cluster::DecodeSection;
+use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
 use tandem_engine::ModelDir;
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
@@ -40,6 +40,15 @@ pub enum DecodeError {
         /// Why.
         source: std::io::Error,
     },
+    /// Mutual TLS on the gRPC service (`[tls]`).
+    #[error("gRPC TLS: {0}")]
+    GrpcTls(String),
+}
+
+impl From<GrpcTlsError> for DecodeError {
+    fn from(e: GrpcTlsError) -> Self {
+        DecodeError::GrpcTls(e.to_string())
+    }
 }
 
 /// A decode node that is serving.
@@ -60,6 +69,10 @@ pub struct RunningDecode {
 const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts a decode node: the engine loop, the QUIC receiver and the gRPC service.
+///
+/// With `config.tls` both the QUIC receiver and the gRPC service are mutual
+/// TLS: they present the node's certificate and refuse peers without one
+/// signed by the cluster CA.
 pub async fn serve(
     model: Arc<ModelDir>,
     config: DecodeSection,
@@ -77,6 +90,17 @@ pub async fn serve_advertising(
     advertise_ip: Option<IpAddr>,
     shutdown: CancellationToken,
 ) -> Result<RunningDecode, DecodeError> {
+    // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
+    let grpc_tls = match &config.tls {
+        Some(t) => Some(GrpcTls::load(t)?.server_config()),
+        None => None,
+    };
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| DecodeError::GrpcTls(grpc_tls::error_chain(&e)))?;
+    }
     let backend = {
         let model = model.clone();
         let (blocks, block_size, tp) = (config.kv_blocks, config.block_size, config.tp);
@@ -200,7 +224,7 @@ pub async fn serve_advertising(
         .await;
     tracing::info!(id = %config.id, %grpc_addr, %quic_addr, "decode node serving");
     let done = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = server
             .add_service(health_service)
             .add_service(DecodeNodeServer::new(service))
             .serve_with_incoming_shutdown(

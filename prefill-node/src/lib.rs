@@ -25,7 +25,7 @@ mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tandem_cluster::PrefillSection;
+use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
 use tandem_engine::ModelDir;
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
@@ -93,12 +93,24 @@ fn check_config(config: &PrefillSection) -> Result<(), PrefillError> {
 /// `PrefillNode` and gRPC health on `config.listen` (port 0 picks one).
 /// Returns once listening. Everything stops when `shutdown` fires; await
 /// [`RunningPrefill::wait`] to know when it has.
+///
+/// With `config.tls` the gRPC service is mutual TLS (it presents the node's
+/// certificate and refuses clients without one signed by the cluster CA),
+/// and KV goes to decode nodes over mutual-TLS QUIC.
 pub async fn serve(
     model: Arc<ModelDir>,
     config: PrefillSection,
     shutdown: CancellationToken,
 ) -> Result<RunningPrefill, PrefillError> {
     check_config(&config)?;
+    // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = &config.tls {
+        let tls = GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
+        server = server
+            .tls_config(tls.server_config())
+            .map_err(|e| PrefillError::Config(format!("[tls]: {}", grpc_tls::error_chain(&e))))?;
+    }
     let mut shape = NodeShape::new(&model.config, config.block_size);
     shape.check_wire_limits()?;
     let backend = {
@@ -164,7 +176,7 @@ pub async fn serve(
             scheduler.stop();
         });
     }
-    let server = tonic::transport::Server::builder()
+    let server = server
         .add_service(health)
         .add_service(PrefillNodeServer::new(service))
         .serve_with_incoming_shutdown(

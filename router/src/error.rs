@@ -96,6 +96,9 @@ pub enum RouterError {
     /// The reflection service could not be built from the descriptors.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    /// The `[tls]` files for dialing nodes could not be used.
+    #[error("mutual TLS to the nodes: {0}")]
+    Tls(#[from] tandem_cluster::GrpcTlsError),
 }
 
 impl RouterError {
@@ -151,7 +154,8 @@ impl From<RouterError> for Status {
             RouterError::Tokenizer(_)
             | RouterError::Bind { .. }
             | RouterError::Serve(_)
-            | RouterError::Reflection(_) => Code::Internal,
+            | RouterError::Reflection(_)
+            | RouterError::Tls(_) => Code::Internal,
         };
         let mut status = Status::new(code, err.to_string());
         if let Some(secs) = err.retry_after_s() {

@@ -52,6 +52,9 @@ pub struct RunningRouter {
 /// Binds `config.listen` and serves `Generate` and `grpc.health.v1` until
 /// `shutdown` fires. Returns once the socket is listening.
 ///
+/// The client-facing API is plaintext gRPC and HTTP, guarded by API keys;
+/// with `config.tls` the router's own calls to the nodes are mutual TLS.
+///
 /// `model_name` is the name clients may give in `GenerateRequest.model`
 /// besides the model directory's name (`[model] name` in the config).
 pub async fn serve(
@@ -78,7 +81,7 @@ pub async fn serve(
         &config,
         membership,
         shutdown.clone(),
-    ));
+    )?);
     let http_addr = match config.http_listen {
         Some(http) => Some(
             serve_http(

@@ -6,17 +6,24 @@
 //! with exponential backoff; a member that leaves is dropped and its load
 //! task stopped. The state is a small map behind a std mutex, held only to
 //! read or write a few fields, never across `.await`.
+//!
+//! With `[tls]` every channel is mutual TLS (`tandem_cluster::grpc_tls`): a
+//! member must have an `https://` address, its certificate is checked
+//! against the cluster CA under its advertised TLS name (or its address's
+//! host), and the router presents its own. A member with a plaintext address
+//! is not dialed at all; one whose certificate fails never answers a load
+//! query, so it stays unreachable and ranks last.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{Member, Membership, Role};
+use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, grpc_tls};
 use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
@@ -48,6 +55,8 @@ pub struct NodeHandle {
 
 struct Entry {
     handle: NodeHandle,
+    /// The member as the membership gave it (a change of it redials).
+    member: Member,
     status: NodeStatus,
     /// When the last load report arrived (or the node joined).
     last_report: Instant,
@@ -58,19 +67,23 @@ struct Entry {
 pub struct NodePool {
     nodes: Mutex<HashMap<String, Entry>>,
     load_interval_ms: u32,
+    tls: Option<GrpcTls>,
 }
 
 impl NodePool {
-    /// Starts following `membership`; the pool's tasks end when `shutdown` fires.
-    /// Must be called inside a tokio runtime.
+    /// Starts following `membership`, dialing its members over mutual TLS
+    /// with `tls` (plaintext without); the pool's tasks end when `shutdown`
+    /// fires. Must be called inside a tokio runtime.
     pub fn start(
         membership: Arc<dyn Membership>,
         load_interval_ms: u32,
+        tls: Option<GrpcTls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
             nodes: Mutex::new(HashMap::new()),
             load_interval_ms,
+            tls,
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -104,9 +117,7 @@ impl NodePool {
     fn apply(self: &Arc<Self>, members: &[Member], shutdown: &CancellationToken) {
         let mut nodes = self.lock();
         nodes.retain(|addr, e| {
-            let keep = members
-                .iter()
-                .any(|m| &m.grpc_addr == addr && m.role == e.handle.role);
+            let keep = members.contains(&e.member);
             if !keep {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
@@ -117,10 +128,10 @@ impl NodePool {
             if nodes.contains_key(&m.grpc_addr) {
                 continue;
             }
-            let channel = match channel_to(&m.grpc_addr) {
+            let channel = match channel_to(m, self.tls.as_ref()) {
                 Ok(c) => c,
                 Err(e) => {
-                    warn!(node = %m.grpc_addr, "bad node address, ignored: {e}");
+                    warn!(node = %m.grpc_addr, "not dialing this node: {e}");
                     continue;
                 }
             };
@@ -141,6 +152,7 @@ impl NodePool {
                 m.grpc_addr.clone(),
                 Entry {
                     handle,
+                    member: m.clone(),
                     status: NodeStatus::default(),
                     last_report: Instant::now(),
                     stop,
@@ -228,15 +240,18 @@ impl NodePool {
     }
 }
 
-/// A lazily connected channel with keep-alives, so a dead node is noticed.
-fn channel_to(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(addr.to_string())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+/// A lazily connected channel with keep-alives, so a dead node is noticed;
+/// mutual TLS with `tls`.
+fn channel_to(member: &Member, tls: Option<&GrpcTls>) -> Result<Channel, GrpcTlsError> {
+    Ok(
+        grpc_tls::endpoint(&member.grpc_addr, tls, member.tls_name.as_deref())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    )
 }
 
 /// Follows one node's load reports until `stop` fires.
@@ -283,13 +298,22 @@ async fn watch_load(
                             break;
                         }
                         Err(status) => {
-                            debug!(node = %node.addr, "load stream failed: {status}");
+                            debug!(node = %node.addr, "load stream failed: {}", status_chain(&status));
                             break;
                         }
                     }
                 }
             }
-            Err(status) => debug!(node = %node.addr, "cannot watch load: {status}"),
+            Err(status) => {
+                // A refused TLS handshake (wrong certificate, plaintext
+                // node) shows here, again and again: say it once the
+                // backoff is at its longest, so a misconfiguration is seen.
+                if backoff == BACKOFF_MAX {
+                    warn!(node = %node.addr, "cannot watch load: {}", status_chain(&status));
+                } else {
+                    debug!(node = %node.addr, "cannot watch load: {}", status_chain(&status));
+                }
+            }
         }
         pool.set_status(&node.addr, |s| s.reachable = false);
         tokio::select! {
@@ -297,6 +321,15 @@ async fn watch_load(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A status with the transport error behind it, if any (a failed TLS
+/// handshake is only "transport error" at the top).
+fn status_chain(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(source) => format!("{status}: {}", grpc_tls::error_chain(source)),
+        None => status.to_string(),
     }
 }
 
@@ -317,24 +350,24 @@ mod tests {
     #[tokio::test]
     async fn members_join_and_leave() {
         let shutdown = CancellationToken::new();
-        let members = tokio::sync::watch::Sender::new(vec![Member {
-            role: Role::Decode,
-            grpc_addr: "http://127.0.0.1:1".into(),
-        }]);
+        let members =
+            tokio::sync::watch::Sender::new(vec![Member::new(Role::Decode, "http://127.0.0.1:1")]);
         struct Source(tokio::sync::watch::Sender<Vec<Member>>);
         impl Membership for Source {
             fn watch(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
                 self.0.subscribe()
             }
         }
-        let pool = NodePool::start(Arc::new(Source(members.clone())), 10, shutdown.clone());
+        let pool = NodePool::start(
+            Arc::new(Source(members.clone())),
+            10,
+            None,
+            shutdown.clone(),
+        );
         assert!(pool.has(Role::Decode));
         assert!(!pool.has(Role::Prefill));
 
-        members.send_replace(vec![Member {
-            role: Role::Prefill,
-            grpc_addr: "http://127.0.0.1:2".into(),
-        }]);
+        members.send_replace(vec![Member::new(Role::Prefill, "http://127.0.0.1:2")]);
         for _ in 0..100 {
             if pool.has(Role::Prefill) {
                 break;
@@ -351,7 +384,7 @@ mod tests {
     async fn unreachable_nodes_rank_last_and_assignments_count() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, shutdown.clone());
+        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
         let a = "http://127.0.0.1:1";
         let b = "http://127.0.0.1:2";
         // Nothing listens on these ports: the load tasks mark both unreachable.

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_cluster::{Membership, RouterSection};
+use tandem_cluster::{GrpcTls, Membership, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::{Generate, GenerateServer};
@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::auth::ClientAuth;
+use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
 use crate::validation::Validator;
@@ -39,16 +40,18 @@ pub struct GenerateService {
 impl GenerateService {
     /// A service for `model` over the nodes of `membership`; starts following
     /// the membership at once (call inside a tokio runtime). Background tasks
-    /// end when `shutdown` fires.
+    /// end when `shutdown` fires. With `config.tls`, every node is dialed
+    /// over mutual TLS; its files are read here.
     pub fn new(
         model: Arc<ModelDir>,
         model_name: Option<String>,
         config: &RouterSection,
         membership: Arc<dyn Membership>,
         shutdown: CancellationToken,
-    ) -> Self {
-        let nodes = NodePool::start(membership, config.load_interval_ms, shutdown.clone());
-        GenerateService {
+    ) -> Result<Self, RouterError> {
+        let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
+        let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
+        Ok(GenerateService {
             auth: ClientAuth::new(config),
             validator: Validator::new(model, model_name, config),
             admission: Admission::new(config.max_running, config.max_queue),
@@ -60,7 +63,7 @@ impl GenerateService {
             }),
             request_timeout: Duration::try_from_secs_f64(config.request_timeout_s)
                 .unwrap_or(Duration::MAX),
-        }
+        })
     }
 
     /// The tonic server wrapping this service.

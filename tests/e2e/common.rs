@@ -6,7 +6,9 @@ pub mod etcd_server;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tandem_cluster::{DecodeSection, PrefillSection, RouterSection, StaticMembership};
+use tandem_cluster::{
+    DecodeSection, GrpcTls, PrefillSection, RouterSection, StaticMembership, TlsSection, grpc_tls,
+};
 use tandem_engine::ModelDir;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_proto::v1 as pb;
@@ -36,7 +38,8 @@ pub struct ClusterSpec {
     pub decode: DecodeSection,
     /// Prefill node settings; `None` runs without prefill nodes.
     pub prefill: Option<PrefillSection>,
-    /// Router settings.
+    /// Router settings. With `router.tls` the router dials the nodes at
+    /// `https://` addresses (give the nodes `tls` too).
     pub router: RouterSection,
 }
 
@@ -66,6 +69,8 @@ pub struct Cluster {
     pub decode_stats: Arc<Mutex<tandem_decode::scheduler::Stats>>,
     /// The prefill node's gRPC address.
     pub prefill_grpc: Option<SocketAddr>,
+    /// The router's `[tls]`: how this harness talks to the nodes itself.
+    pub node_tls: Option<GrpcTls>,
     shutdown: CancellationToken,
 }
 
@@ -79,6 +84,12 @@ impl Cluster {
     /// Starts a decode node, a prefill node (if any) and a router on loopback.
     pub async fn start(model: Arc<ModelDir>, spec: ClusterSpec) -> Cluster {
         let shutdown = CancellationToken::new();
+        let tls = spec.router.tls.is_some();
+        let node_tls = spec
+            .router
+            .tls
+            .as_ref()
+            .map(|t| GrpcTls::load(t).expect("the router's [tls]"));
         let d = tandem_decode::serve(model.clone(), spec.decode, shutdown.clone())
             .await
             .expect("decode node");
@@ -88,10 +99,10 @@ impl Cluster {
             let p = tandem_prefill::serve(model.clone(), p, shutdown.clone())
                 .await
                 .expect("prefill node");
-            prefill_nodes.push(format!("http://{}", p.addr));
+            prefill_nodes.push(format!("{}://{}", grpc_tls::scheme(tls), p.addr));
             prefill_grpc = Some(p.addr);
         }
-        let decode_nodes = vec![format!("http://{}", d.grpc_addr)];
+        let decode_nodes = vec![format!("{}://{}", grpc_tls::scheme(tls), d.grpc_addr)];
         let membership = Arc::new(StaticMembership::new(&prefill_nodes, &decode_nodes));
         let r = tandem_router::serve(model, None, spec.router, membership, shutdown.clone())
             .await
@@ -103,6 +114,7 @@ impl Cluster {
             decode_quic: d.quic_addr,
             decode_stats: d.stats,
             prefill_grpc,
+            node_tls,
             shutdown,
         }
     }
@@ -117,10 +129,14 @@ impl Cluster {
     /// Free and total KV blocks and running jobs of the prefill node, from its load reports.
     pub async fn prefill_load(&self) -> pb::NodeLoad {
         let addr = self.prefill_grpc.expect("the cluster has a prefill node");
-        let mut client =
-            pb::prefill_node_client::PrefillNodeClient::connect(format!("http://{addr}"))
-                .await
-                .expect("connect prefill node");
+        let tls = self.node_tls.as_ref();
+        let url = format!("{}://{addr}", grpc_tls::scheme(tls.is_some()));
+        let channel = grpc_tls::endpoint(&url, tls, None)
+            .expect("prefill node endpoint")
+            .connect()
+            .await
+            .expect("connect prefill node");
+        let mut client = pb::prefill_node_client::PrefillNodeClient::new(channel);
         let mut stream = client
             .watch_load(pb::WatchLoadRequest { interval_ms: 10 })
             .await
@@ -210,4 +226,31 @@ pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(salt * 97)) % 500)
         .collect()
+}
+
+/// Writes the CA's certificate and one certificate for `name` with the
+/// SANs `sans` (the first is also its `server_name`) into `dir`, as
+/// `tandem certs` would; returns the `[tls]` section naming them.
+pub fn write_certs(
+    dir: &std::path::Path,
+    ca: &tandem_kv_transfer::ClusterCa,
+    name: &str,
+    sans: &[&str],
+) -> TlsSection {
+    let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+    let node = ca.issue(&sans).expect("issue a node certificate");
+    let (ca_p, cert_p, key_p) = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&ca_p, ca.cert_pem()).expect("write the CA");
+    std::fs::write(&cert_p, &node.cert_pem).expect("write the certificate");
+    std::fs::write(&key_p, &node.key_pem).expect("write the key");
+    TlsSection {
+        ca: ca_p,
+        cert: cert_p,
+        key: key_p,
+        server_name: sans.first().cloned().unwrap_or_else(|| "localhost".into()),
+    }
 }

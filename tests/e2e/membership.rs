@@ -4,13 +4,16 @@
 //! goes away and comes back (with its data, and blank).
 //!
 //! The router's view is the `EtcdMembership` it was handed; its node pool
-//! applies each change within microseconds.
+//! applies each change within microseconds. With `[tls]`, nodes register
+//! `https://` addresses and their certificate names, which the router checks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::membership::Membership;
-use tandem_cluster::{Capacity, EtcdMembership, EtcdSection, NodeRecord, Registration, Role};
+use tandem_cluster::{
+    Capacity, EtcdMembership, EtcdSection, NodeRecord, Registration, Role, TlsSection, grpc_tls,
+};
 use tandem_engine::ModelDir;
 use tandem_tests::etcd_server::EtcdServer;
 use tandem_tests::*;
@@ -38,18 +41,31 @@ struct Node {
 
 impl Node {
     async fn decode(model: &Arc<ModelDir>, etcd: &EtcdSection, id: &str) -> Node {
+        Self::decode_with(model, etcd, id, None).await
+    }
+
+    /// A decode node; with `tls`, serving mutual TLS and registering its
+    /// `https://` address and `server_name`, as `tandem decode` does.
+    async fn decode_with(
+        model: &Arc<ModelDir>,
+        etcd: &EtcdSection,
+        id: &str,
+        tls: Option<TlsSection>,
+    ) -> Node {
         let mut config =
             tandem_cluster::Config::parse("[decode]\nkv_blocks = 1024\nlocal_prefill_below = 8\n")
                 .unwrap()
                 .decode
                 .unwrap();
         config.id = id.into();
+        config.tls = tls.clone();
         let shutdown = CancellationToken::new();
         let d = tandem_decode::serve(model.clone(), config, shutdown.clone())
             .await
             .expect("decode node");
-        let addr = format!("http://{}", d.grpc_addr);
-        let record = record(model, "decode", id, &addr, d.quic_addrs.clone());
+        let addr = format!("{}://{}", grpc_tls::scheme(tls.is_some()), d.grpc_addr);
+        let mut record = record(model, "decode", id, &addr, d.quic_addrs.clone());
+        record.tls_name = tls.map(|t| t.server_name);
         Node {
             id: id.into(),
             addr,
@@ -60,18 +76,30 @@ impl Node {
     }
 
     async fn prefill(model: &Arc<ModelDir>, etcd: &EtcdSection, id: &str) -> Node {
+        Self::prefill_with(model, etcd, id, None).await
+    }
+
+    /// A prefill node; with `tls` as [`Node::decode_with`].
+    async fn prefill_with(
+        model: &Arc<ModelDir>,
+        etcd: &EtcdSection,
+        id: &str,
+        tls: Option<TlsSection>,
+    ) -> Node {
         let mut config =
             tandem_cluster::Config::parse("[prefill]\nchunk_tokens = 64\nkv_blocks = 512\n")
                 .unwrap()
                 .prefill
                 .unwrap();
         config.id = id.into();
+        config.tls = tls.clone();
         let shutdown = CancellationToken::new();
         let p = tandem_prefill::serve(model.clone(), config, shutdown.clone())
             .await
             .expect("prefill node");
-        let addr = format!("http://{}", p.addr);
-        let record = record(model, "prefill", id, &addr, Vec::new());
+        let addr = format!("{}://{}", grpc_tls::scheme(tls.is_some()), p.addr);
+        let mut record = record(model, "prefill", id, &addr, Vec::new());
+        record.tls_name = tls.map(|t| t.server_name);
         Node {
             id: id.into(),
             addr,
@@ -105,6 +133,7 @@ fn record(model: &ModelDir, role: &str, id: &str, addr: &str, quic: Vec<String>)
         id: id.into(),
         role: role.into(),
         grpc_addr: addr.into(),
+        tls_name: None,
         quic_addrs: quic,
         model: model.name(),
         tp_size: 1,
@@ -173,10 +202,21 @@ async fn start_router(
     etcd: &EtcdSection,
     shutdown: &CancellationToken,
 ) -> (Arc<EtcdMembership>, std::net::SocketAddr) {
+    start_router_with(model, etcd, None, shutdown).await
+}
+
+/// A router following etcd; with `tls`, dialing the nodes over mutual TLS.
+async fn start_router_with(
+    model: &Arc<ModelDir>,
+    etcd: &EtcdSection,
+    tls: Option<TlsSection>,
+    shutdown: &CancellationToken,
+) -> (Arc<EtcdMembership>, std::net::SocketAddr) {
     let membership = EtcdMembership::start(etcd.clone(), Some(model.name()), shutdown.clone());
     let config = tandem_cluster::RouterSection {
         listen: "127.0.0.1:0".parse().unwrap(),
         request_timeout_s: 20.0,
+        tls,
         ..Default::default()
     };
     let r = tandem_router::serve(
@@ -335,4 +375,39 @@ async fn routing_survives_etcd_outages_and_resyncs_after() {
         d2.steps() > 0,
         "the node that joined after the restart served requests"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_nodes_register_their_names_and_the_router_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(&dir.path().join("etcd"));
+    let (_model_dir, model) = small_model();
+    let cfg = section(&etcd, "tls");
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    // Certificates that name the role, not the address (as pods sharing one
+    // certificate would): dialing 127.0.0.1 verifies only under the name the
+    // node registered.
+    let ca = tandem_kv_transfer::ClusterCa::generate("test cluster CA").unwrap();
+    let certs = dir.path();
+    let decode_tls = write_certs(certs, &ca, "decode", &["decode.tandem"]);
+    let prefill_tls = write_certs(certs, &ca, "prefill", &["prefill.tandem"]);
+    let router_tls = write_certs(certs, &ca, "router", &["router.tandem"]);
+    let (membership, router) = start_router_with(&model, &cfg, Some(router_tls), &shutdown).await;
+    let prefill = Node::prefill_with(&model, &cfg, "p0", Some(prefill_tls)).await;
+    let d = Node::decode_with(&model, &cfg, "d0", Some(decode_tls)).await;
+    wait_members(&membership, &[&prefill, &d], Duration::from_secs(10)).await;
+    let members = membership.watch().borrow().clone();
+    for m in &members {
+        assert!(m.grpc_addr.starts_with("https://127.0.0.1:"), "{m:?}");
+        let name = match m.role {
+            Role::Decode => "decode.tandem",
+            Role::Prefill => "prefill.tandem",
+        };
+        assert_eq!(m.tls_name.as_deref(), Some(name), "{m:?}");
+    }
+    // Through the prefill node: router -> both nodes over mutual-TLS gRPC,
+    // KV over mutual-TLS QUIC checked under the decode node's name.
+    generate_checked(router, &model, 7).await;
+    assert!(d.steps() > 0, "the decode node served the request");
 }

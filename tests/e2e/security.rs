@@ -1,15 +1,17 @@
-//! Security and overload end to end: mutual TLS on the QUIC KV transport,
-//! API keys and rate limits on the router, and 2,000 concurrent streams.
+//! Security and overload end to end: mutual TLS between the router and the
+//! nodes (the QUIC KV transport and the internal gRPC services), API keys
+//! and rate limits on the router, and 2,000 concurrent streams.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_cluster::TlsSection;
+use tandem_cluster::{Member, Role, StaticMembership, TlsSection, grpc_tls};
 use tandem_kv_transfer::ClusterCa;
 use tandem_proto::v1 as pb;
 use tandem_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 async fn wait_for_no_leak(cluster: &Cluster) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -26,23 +28,10 @@ async fn wait_for_no_leak(cluster: &Cluster) {
     }
 }
 
-/// Writes a CA and one node certificate into `dir`; returns the `[tls]` section.
+/// Writes `ca` and a certificate for `name` (valid for localhost and
+/// 127.0.0.1, the addresses the harness dials) into `dir`.
 fn write_certs(dir: &std::path::Path, ca: &ClusterCa, name: &str) -> TlsSection {
-    let node = ca.issue(&["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let (ca_p, cert_p, key_p) = (
-        dir.join(format!("{name}-ca.pem")),
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}-key.pem")),
-    );
-    std::fs::write(&ca_p, ca.cert_pem()).unwrap();
-    std::fs::write(&cert_p, &node.cert_pem).unwrap();
-    std::fs::write(&key_p, &node.key_pem).unwrap();
-    TlsSection {
-        ca: ca_p,
-        cert: cert_p,
-        key: key_p,
-        server_name: "localhost".into(),
-    }
+    tandem_tests::write_certs(dir, ca, name, &["localhost", "127.0.0.1"])
 }
 
 /// Tries a QUIC connection to the KV receiver with `tls` and sends a byte on
@@ -74,27 +63,132 @@ mod rustls_client {
     pub use rustls::ClientConfig;
 }
 
+/// The whole cluster's `[tls]`: a CA and one certificate per role, in `dir`.
+struct ClusterCerts {
+    decode: TlsSection,
+    prefill: TlsSection,
+    router: TlsSection,
+}
+
+impl ClusterCerts {
+    fn write(dir: &std::path::Path, ca: &ClusterCa) -> ClusterCerts {
+        ClusterCerts {
+            decode: write_certs(dir, ca, "decode"),
+            prefill: write_certs(dir, ca, "prefill"),
+            router: write_certs(dir, ca, "router"),
+        }
+    }
+
+    /// A cluster spec with `[tls]` on every role.
+    fn spec(&self) -> ClusterSpec {
+        let mut spec = ClusterSpec::default();
+        spec.decode.tls = Some(self.decode.clone());
+        spec.prefill.as_mut().unwrap().tls = Some(self.prefill.clone());
+        spec.router.tls = Some(self.router.clone());
+        spec
+    }
+}
+
+/// A gRPC client's TLS: trust the CA in `trust`, present `identity`'s
+/// certificate when given.
+fn grpc_client_tls(trust: &TlsSection, identity: Option<&TlsSection>) -> ClientTlsConfig {
+    let ca = Certificate::from_pem(std::fs::read(&trust.ca).unwrap());
+    let config = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name("localhost");
+    match identity {
+        Some(id) => config.identity(Identity::from_pem(
+            std::fs::read(&id.cert).unwrap(),
+            std::fs::read(&id.key).unwrap(),
+        )),
+        None => config,
+    }
+}
+
+/// Asks a node's internal gRPC port for one load report, as the router does:
+/// over TLS with `tls`, plaintext without. `Err` says where it was refused.
+async fn grpc_load(
+    addr: std::net::SocketAddr,
+    role: Role,
+    tls: Option<ClientTlsConfig>,
+) -> Result<pb::NodeLoad, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {}", grpc_tls::error_chain(&e)))?;
+    let request = pb::WatchLoadRequest { interval_ms: 10 };
+    let opened = match role {
+        Role::Decode => pb::decode_node_client::DecodeNodeClient::new(channel)
+            .watch_load(request)
+            .await
+            .map(|r| r.into_inner()),
+        Role::Prefill => pb::prefill_node_client::PrefillNodeClient::new(channel)
+            .watch_load(request)
+            .await
+            .map(|r| r.into_inner()),
+    };
+    // A status the server sent has no source; one the client made from a
+    // broken connection carries the transport error.
+    let call_err = |s: tonic::Status| {
+        let origin = match std::error::Error::source(&s) {
+            Some(e) => format!("transport: {}", grpc_tls::error_chain(e)),
+            None => "sent by the server".into(),
+        };
+        format!("call: {:?}: {} ({origin})", s.code(), s.message())
+    };
+    let mut stream = opened.map_err(call_err)?;
+    match stream.message().await {
+        Ok(Some(load)) => Ok(load),
+        Ok(None) => Err("call: the stream ended".into()),
+        Err(s) => Err(call_err(s)),
+    }
+}
+
+/// `true` when the error shows the connection refused, not a request
+/// answered: the connection attempt failed, or the first call on it broke
+/// in the transport. In TLS 1.3 the server checks a client's certificate
+/// after the client considers the handshake done, so the client learns of
+/// the refusal under its first call, as the server's `CertificateRequired`
+/// alert or the connection closing; tonic then says `UNKNOWN`, `CANCELLED`
+/// or `UNAVAILABLE` depending on which it read first. A status the server
+/// sent does not count.
+fn refused_at_handshake(err: &str) -> bool {
+    err.starts_with("connect: ") || (err.starts_with("call: ") && err.contains("(transport: "))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn mutual_tls_serves_members_and_refuses_strangers_on_quic() {
+async fn mutual_tls_on_every_role_serves_members_and_refuses_strangers() {
     let (_dir, model) = small_model();
     let certs = tempfile::tempdir().unwrap();
     let ca = ClusterCa::generate("test cluster CA").unwrap();
-    let mut spec = ClusterSpec::default();
-    spec.decode.tls = Some(write_certs(certs.path(), &ca, "decode"));
-    let prefill_tls = write_certs(certs.path(), &ca, "prefill");
-    spec.prefill.as_mut().unwrap().tls = Some(prefill_tls.clone());
-    let cluster = Cluster::start(model.clone(), spec).await;
+    let cluster_certs = ClusterCerts::write(certs.path(), &ca);
+    let cluster = Cluster::start(model.clone(), cluster_certs.spec()).await;
+    let prefill_tls = cluster_certs.prefill.clone();
 
-    // A long prompt goes through the prefill node, its KV over mutual-TLS QUIC.
+    // A long prompt (past decode.local_prefill_below) goes through the prefill
+    // node: router -> decode and router -> prefill over mutual-TLS gRPC, its
+    // KV over mutual-TLS QUIC.
     let mut client = cluster.client().await;
     let p = prompt(120, 9);
     let got = complete(&mut client, greedy_request(&p, 5))
         .await
         .expect("generate over mutual TLS");
     assert_eq!(got.tokens, reference(&model, &p, 5));
+    assert!(
+        cluster.prefill_load().await.node_id.starts_with("prefill"),
+        "the harness reads the prefill node's load over mutual TLS"
+    );
 
+    // QUIC KV. A member's certificate is accepted...
     use tandem_kv_transfer::tls::{client_config_from_pem, client_config_trusting};
-    // A member's certificate is accepted...
     let member =
         client_config_from_pem(&prefill_tls.ca, Some((&prefill_tls.cert, &prefill_tls.key)))
             .unwrap();
@@ -113,12 +207,123 @@ async fn mutual_tls_serves_members_and_refuses_strangers_on_quic() {
     let naive = client_config_trusting(&selfsigned.cert).unwrap();
     assert!(!quic_peer_accepted(cluster.decode_quic, naive).await);
 
-    // The cluster still works.
-    let got = complete(&mut client, greedy_request(&prompt(100, 10), 4))
+    // Internal gRPC, on the decode node's and the prefill node's ports.
+    let prefill_grpc = cluster.prefill_grpc.unwrap();
+    for (role, addr) in [
+        (Role::Decode, cluster.decode_grpc),
+        (Role::Prefill, prefill_grpc),
+    ] {
+        // A member's certificate is served (the router's, here)...
+        let router_tls = grpc_client_tls(&cluster_certs.router, Some(&cluster_certs.router));
+        let load = grpc_load(addr, role, Some(router_tls))
+            .await
+            .unwrap_or_else(|e| panic!("{role:?} refused a member: {e}"));
+        assert!(load.kv_blocks_total > 0);
+        // ...a client with no certificate is refused...
+        let err = grpc_load(addr, role, Some(grpc_client_tls(&prefill_tls, None)))
+            .await
+            .expect_err("a client without a certificate was served");
+        eprintln!("{role:?} gRPC, no client certificate: {err}");
+        assert!(refused_at_handshake(&err), "{role:?}: {err}");
+        // ...so is one whose certificate another CA signed...
+        let err = grpc_load(
+            addr,
+            role,
+            Some(grpc_client_tls(&prefill_tls, Some(&other))),
+        )
+        .await
+        .expect_err("a client with another CA's certificate was served");
+        eprintln!("{role:?} gRPC, another CA's client certificate: {err}");
+        assert!(refused_at_handshake(&err), "{role:?}: {err}");
+        // ...and a plaintext client.
+        let err = grpc_load(addr, role, None)
+            .await
+            .expect_err("a plaintext client was served");
+        eprintln!("{role:?} gRPC, plaintext client: {err}");
+        assert!(refused_at_handshake(&err), "{role:?}: {err}");
+        // A client with a member's certificate that trusts another CA does
+        // not accept the node either (it is the node that fails the check).
+        let err = grpc_load(
+            addr,
+            role,
+            Some(grpc_client_tls(&other, Some(&prefill_tls))),
+        )
+        .await
+        .expect_err("a client trusting another CA accepted the node");
+        assert!(err.starts_with("connect: "), "{role:?}: {err}");
+    }
+
+    // The cluster still works, through the prefill node.
+    let p = prompt(100, 10);
+    let got = complete(&mut client, greedy_request(&p, 4))
         .await
         .expect("generate after strangers");
-    assert_eq!(got.tokens.len(), 4);
+    assert_eq!(got.tokens, reference(&model, &p, 4));
     wait_for_no_leak(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tls_router_dials_no_node_without_a_cluster_certificate() {
+    let (_dir, model) = small_model();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("test cluster CA").unwrap();
+    let router_tls = write_certs(certs.path(), &ca, "router");
+    let other_ca = ClusterCa::generate("another CA").unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let mut spec = ClusterSpec::default();
+    // A decode node whose certificate another CA signed, and one with no TLS at all.
+    spec.decode.tls = Some(write_certs(certs.path(), &other_ca, "impostor"));
+    let impostor = tandem_decode::serve(model.clone(), spec.decode.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    spec.decode.tls = None;
+    let plain = tandem_decode::serve(model.clone(), spec.decode, shutdown.clone())
+        .await
+        .unwrap();
+    let mut router = spec.router;
+    router.tls = Some(router_tls);
+    router.request_timeout_s = 20.0;
+    for (what, addr) in [
+        (
+            "another CA's certificate",
+            format!("https://{}", impostor.grpc_addr),
+        ),
+        ("no TLS", format!("http://{}", plain.grpc_addr)),
+    ] {
+        let members = StaticMembership::from_members(vec![Member::new(Role::Decode, addr)]);
+        let r = tandem_router::serve(
+            model.clone(),
+            None,
+            router.clone(),
+            Arc::new(members),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let mut client = pb::generate_client::GenerateClient::connect(format!("http://{}", r.addr))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let err = complete(&mut client, greedy_request(&prompt(4, 1), 2))
+            .await
+            .expect_err("a request was served by a node without a cluster certificate");
+        eprintln!(
+            "decode node with {what}: {:?} after {:?}: {}",
+            err.code(),
+            started.elapsed(),
+            err.message()
+        );
+        assert_eq!(err.code(), Code::Unavailable, "{what}: {err:?}");
+    }
+    for node in [&impostor, &plain] {
+        let s = node.stats.lock().unwrap();
+        assert_eq!(
+            s.steps_total, 0,
+            "a node without a cluster certificate ran work"
+        );
+        assert_eq!(s.kv_blocks_free, s.kv_blocks_total);
+    }
 }
 
 /// One HTTP/1.1 request; returns the status, the raw head and the body.
