@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::node_metrics::DecodeMetrics;
+
 /// A message on a request's response stream.
 pub type Event = Result<pb::DecodeResponse, Status>;
 
@@ -89,6 +91,8 @@ pub struct Admission {
     pub kv_timeout: Duration,
     /// The response stream.
     pub events: mpsc::Sender<Event>,
+    /// The request's span (carrying its id); the loop logs the request's events in it.
+    pub span: tracing::Span,
 }
 
 /// Where prefill nodes send KV: the QUIC receiver's address and certificate.
@@ -144,6 +148,7 @@ struct Sequence {
     table: Vec<BlockId>,
     state: State,
     events: mpsc::Sender<Event>,
+    span: tracing::Span,
 }
 
 /// The engine loop's state.
@@ -155,6 +160,7 @@ pub struct Scheduler<B: Backend> {
     kv: KvEndpoint,
     reservations: Arc<Mutex<Reservations>>,
     stats: Arc<Mutex<Stats>>,
+    metrics: DecodeMetrics,
     /// By transfer id, which grows with arrival: iteration order is FIFO.
     seqs: BTreeMap<u64, Sequence>,
     by_request: HashMap<String, u64>,
@@ -162,7 +168,8 @@ pub struct Scheduler<B: Backend> {
 }
 
 impl<B: Backend> Scheduler<B> {
-    /// An engine loop over `backend`, whose whole cache it allocates.
+    /// An engine loop over `backend`, whose whole cache it allocates;
+    /// `node_id` labels its metrics.
     pub fn new(
         backend: B,
         model: Arc<ModelDir>,
@@ -170,6 +177,7 @@ impl<B: Backend> Scheduler<B> {
         kv: KvEndpoint,
         reservations: Arc<Mutex<Reservations>>,
         stats: Arc<Mutex<Stats>>,
+        node_id: &str,
     ) -> Self {
         let total = backend.kv_layout().num_blocks;
         Scheduler {
@@ -180,6 +188,7 @@ impl<B: Backend> Scheduler<B> {
             kv,
             reservations,
             stats,
+            metrics: DecodeMetrics::new(node_id),
             seqs: BTreeMap::new(),
             by_request: HashMap::new(),
             // Random start: transfer ids of a restarted node never match stale frames.
@@ -282,6 +291,7 @@ impl<B: Backend> Scheduler<B> {
                 let found = match self.by_request.get(&request_id).copied() {
                     Some(id) => {
                         if let Some(seq) = self.seqs.get(&id) {
+                            tracing::info!(parent: &seq.span, "cancelled by the router");
                             let done =
                                 finished_message(&seq.generation, pb::FinishReason::Cancelled, "");
                             let _ = seq.events.try_send(Ok(done));
@@ -383,7 +393,8 @@ impl<B: Backend> Scheduler<B> {
                 .release(transfer_id);
             return Err(Status::cancelled("the caller went away"));
         }
-        tracing::debug!(request_id = %a.request_id, transfer_id, prompt_len, local = a.local_prefill, "admitted");
+        let (span, local) = (&a.span, a.local_prefill);
+        tracing::debug!(parent: span, transfer_id, prompt_len, local, "admitted");
         self.by_request.insert(a.request_id.clone(), transfer_id);
         self.seqs.insert(
             transfer_id,
@@ -393,6 +404,7 @@ impl<B: Backend> Scheduler<B> {
                 table,
                 state,
                 events: a.events,
+                span: a.span,
             },
         );
         Ok(())
@@ -412,7 +424,9 @@ impl<B: Backend> Scheduler<B> {
             }
         }
         for id in gone {
-            tracing::debug!(transfer_id = id, "caller went away; freeing its blocks");
+            if let Some(seq) = self.seqs.get(&id) {
+                tracing::info!(parent: &seq.span, "caller went away; freeing its blocks");
+            }
             self.remove(id);
         }
         for id in expired {
@@ -469,6 +483,7 @@ impl<B: Backend> Scheduler<B> {
             .collect();
         let result = self.backend.forward(&chunks, None);
         drop(chunks);
+        self.metrics.step(plan.len());
         {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             stats.steps_total += 1;
@@ -530,7 +545,13 @@ impl<B: Backend> Scheduler<B> {
             let _ = seq
                 .events
                 .try_send(Ok(finished_message(&seq.generation, reason, "")));
-            tracing::debug!(request_id = %seq.request_id, ?reason, tokens = seq.generation.output().len(), "finished");
+            tracing::info!(
+                parent: &seq.span,
+                ?reason,
+                prompt_tokens = seq.generation.prompt().len(),
+                tokens = seq.generation.output().len(),
+                "finished"
+            );
             self.remove(id);
         } else if !alive {
             self.remove(id);
@@ -539,7 +560,7 @@ impl<B: Backend> Scheduler<B> {
 
     fn fail(&mut self, id: u64, status: Status) {
         if let Some(seq) = self.seqs.get(&id) {
-            tracing::warn!(request_id = %seq.request_id, error = %status.message(), "request failed");
+            tracing::warn!(parent: &seq.span, error = %status.message(), "request failed");
             let _ = seq.events.try_send(Err(status));
         }
         self.remove(id);
@@ -576,6 +597,11 @@ impl<B: Backend> Scheduler<B> {
                 _ => 0,
             })
             .sum();
+        self.metrics.publish(
+            self.blocks.total(),
+            self.blocks.num_free(),
+            s.queued as usize,
+        );
     }
 }
 

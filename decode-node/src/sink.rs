@@ -19,6 +19,8 @@ pub struct ReservedSink {
     pub reservations: Arc<Mutex<Reservations>>,
     /// The engine loop.
     pub commands: Sender<Command>,
+    /// `tandem_kv_transfer_bytes_total{direction="received"}`: accepted payload bytes.
+    pub received: metrics::Counter,
 }
 
 impl ReservedSink {
@@ -33,6 +35,7 @@ impl KvSink for ReservedSink {
             .table()
             .on_layer_frame(header)
             .map_err(|r| r.to_string())?;
+        self.received.increment(payload.len() as u64);
         self.commands
             .send(Command::ImportLayer {
                 transfer_id: header.request_id,

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::error::PrefillError;
 use crate::job::Job;
+use crate::node_metrics::TransferMetrics;
 use crate::scheduler::Scheduler;
 use crate::senders::SenderCache;
 use crate::transfer;
@@ -33,6 +34,7 @@ pub(crate) struct PrefillService {
     /// Tensor-parallel ranks of the node's model.
     pub tp_size: u32,
     pub shutdown: CancellationToken,
+    pub transfer_metrics: TransferMetrics,
 }
 
 /// Cancels a request's job unless disarmed: the `Prefill` call's future
@@ -78,6 +80,7 @@ impl PrefillService {
             self.shape.num_layers as u32,
             rx,
             &cancel,
+            &self.transfer_metrics,
         )
         .await;
         match &result {
@@ -118,11 +121,27 @@ impl PrefillNode for PrefillGrpc {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         let request_id = request.get_ref().request_id.clone();
+        let prompt_tokens = request.get_ref().prompt.len() + request.get_ref().generated.len();
         let span = tracing::info_span!("prefill", %request_id);
-        match self.0.prefill(request.into_inner()).instrument(span).await {
-            Ok(r) => Ok(Response::new(r)),
+        match self
+            .0
+            .prefill(request.into_inner())
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(
+                    parent: &span,
+                    prompt_tokens,
+                    kv_bytes = r.kv_bytes_sent,
+                    queue_ms = r.queue_seconds * 1e3,
+                    compute_ms = r.compute_seconds * 1e3,
+                    "prefilled"
+                );
+                Ok(Response::new(r))
+            }
             Err(e) => {
-                tracing::info!(%request_id, "prefill failed: {e}");
+                tracing::info!(parent: &span, "prefill failed: {e}");
                 Err(e.into())
             }
         }

@@ -8,6 +8,7 @@
 //! request waiting for blocks holds nothing at the decode node.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
 use tandem_proto::v1 as pb;
@@ -16,16 +17,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::PrefillError;
 use crate::job::JobEvent;
+use crate::node_metrics::TransferMetrics;
 use crate::validation::KvDestination;
 
 /// Ships a job's KV as the worker produces it; returns the response once the
-/// decode node has acknowledged every byte.
+/// decode node has acknowledged every byte. Counts the bytes as they go and
+/// records the transfer's time, first layer to acknowledgement, in `metrics`.
 pub(crate) async fn ship(
     sender: &Arc<KvSender>,
     dest: &KvDestination,
     num_layers: u32,
     mut events: mpsc::Receiver<JobEvent>,
     cancel: &CancellationToken,
+    metrics: &TransferMetrics,
 ) -> Result<pb::PrefillResponse, PrefillError> {
     let fail = |source: TransferError| PrefillError::Transfer {
         addr: dest.addr,
@@ -33,6 +37,7 @@ pub(crate) async fn ship(
     };
     let mut stream: Option<RequestStream> = None;
     let mut kv_bytes_sent = 0u64;
+    let mut started: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             biased;
@@ -44,15 +49,20 @@ pub(crate) async fn ship(
                 let s = match stream.as_mut() {
                     Some(s) => s,
                     None => {
+                        started = Some(Instant::now());
                         stream.insert(sender.open_request(dest.transfer_id).await.map_err(fail)?)
                     }
                 };
-                kv_bytes_sent += payload.len() as u64;
+                let bytes = payload.len() as u64;
                 // Cancellation while waiting on back-pressure ends the call too.
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => {}
-                    r = s.send_layer(shape, payload) => r.map_err(fail)?,
+                    r = s.send_layer(shape, payload) => {
+                        r.map_err(fail)?;
+                        kv_bytes_sent += bytes;
+                        metrics.bytes.increment(bytes);
+                    }
                 }
             }
             Some(JobEvent::Done {
@@ -67,6 +77,9 @@ pub(crate) async fn ship(
                     None => sender.open_request(dest.transfer_id).await.map_err(fail)?,
                 };
                 s.finish(first_token, num_layers).await.map_err(fail)?;
+                if let Some(t) = started {
+                    metrics.seconds.record(t.elapsed().as_secs_f64());
+                }
                 return Ok(pb::PrefillResponse {
                     first_token,
                     queue_seconds,

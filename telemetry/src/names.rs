@@ -174,7 +174,10 @@ mod tests {
         for name in HISTOGRAMS {
             assert!(ALL.contains(&name), "{name}");
             let b = buckets(name);
-            assert!(b.windows(2).all(|w| w[0] < w[1]), "{name}: buckets must rise");
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1]),
+                "{name}: buckets must rise"
+            );
         }
         let mut sorted = ALL.to_vec();
         sorted.sort_unstable();
