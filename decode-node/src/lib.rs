@@ -127,14 +127,7 @@ pub async fn serve_advertising(
             (server_tls, cert.cert.to_vec(), "localhost".to_owned())
         }
     };
-    let sink = Arc::new(ReservedSink {
-        reservations: reservations.clone(),
-        commands: commands.clone(),
-        received: metrics::counter!(
-            tandem_telemetry::names::KV_TRANSFER_BYTES_TOTAL,
-            tandem_telemetry::names::DIRECTION => "received"
-        ),
-    });
+    let sink = Arc::new(ReservedSink::new(reservations.clone(), commands.clone()));
     let (receiver, quic_addr) = KvReceiver::bind_with(
         config.quic_listen,
         server_tls,

@@ -1,7 +1,7 @@
 //! What a prefill node records (see `tandem_telemetry::names`): its queue
 //! depth as jobs come and go, its KV blocks used and free and the prompts
-//! per forward pass after every step (the worker), and each request's KV
-//! bytes and transfer time (the sending side, `transfer`).
+//! per forward pass after every step (the worker), and the KV bytes it ships
+//! (the sending side, `transfer`). Transfer times are the decode node's.
 //!
 //! Handles are taken once, at start.
 
@@ -48,15 +48,12 @@ pub(crate) fn queue_depth() -> Gauge {
 pub(crate) struct TransferMetrics {
     /// `tandem_kv_transfer_bytes_total{direction="sent"}`.
     pub bytes: Counter,
-    /// `tandem_kv_transfer_seconds`.
-    pub seconds: Histogram,
 }
 
 impl TransferMetrics {
     pub fn new() -> Self {
         TransferMetrics {
             bytes: metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "sent"),
-            seconds: metrics::histogram!(names::KV_TRANSFER_SECONDS),
         }
     }
 }

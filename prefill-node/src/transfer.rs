@@ -8,7 +8,6 @@
 //! request waiting for blocks holds nothing at the decode node.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
 use tandem_proto::v1 as pb;
@@ -21,8 +20,10 @@ use crate::node_metrics::TransferMetrics;
 use crate::validation::KvDestination;
 
 /// Ships a job's KV as the worker produces it; returns the response once the
-/// decode node has acknowledged every byte. Counts the bytes as they go and
-/// records the transfer's time, first layer to acknowledgement, in `metrics`.
+/// decode node has acknowledged every byte. Counts the bytes as they go in
+/// `metrics`. (The transfer's time is measured by the decode node: the router
+/// may drop this call as soon as the decode node has the KV and finishes, so
+/// the acknowledgement is not always seen here.)
 pub(crate) async fn ship(
     sender: &Arc<KvSender>,
     dest: &KvDestination,
@@ -37,7 +38,6 @@ pub(crate) async fn ship(
     };
     let mut stream: Option<RequestStream> = None;
     let mut kv_bytes_sent = 0u64;
-    let mut started: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             biased;
@@ -49,7 +49,6 @@ pub(crate) async fn ship(
                 let s = match stream.as_mut() {
                     Some(s) => s,
                     None => {
-                        started = Some(Instant::now());
                         stream.insert(sender.open_request(dest.transfer_id).await.map_err(fail)?)
                     }
                 };
@@ -77,9 +76,6 @@ pub(crate) async fn ship(
                     None => sender.open_request(dest.transfer_id).await.map_err(fail)?,
                 };
                 s.finish(first_token, num_layers).await.map_err(fail)?;
-                if let Some(t) = started {
-                    metrics.seconds.record(t.elapsed().as_secs_f64());
-                }
                 return Ok(pb::PrefillResponse {
                     first_token,
                     queue_seconds,

@@ -18,7 +18,7 @@
 //! | [`QUEUE_DEPTH`] | router (admission), prefill node (prefill queue), decode node (awaiting KV or local prefill) | `role`, `queue` |
 //! | [`KV_BLOCKS_USED`], [`KV_BLOCKS_FREE`] | prefill and decode nodes, after every step | `role`, `node` |
 //! | [`KV_TRANSFER_BYTES_TOTAL`] | prefill node (sent), decode node (received) | `direction` |
-//! | [`KV_TRANSFER_SECONDS`] | prefill node, first layer to the decode node's acknowledgement, per request | |
+//! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
@@ -35,7 +35,10 @@ pub const KV_BLOCKS_USED: &str = "tandem_kv_blocks_used";
 pub const KV_BLOCKS_FREE: &str = "tandem_kv_blocks_free";
 /// Counter: KV cache payload bytes moved over QUIC, by `direction` (`sent`, `received`).
 pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem_kv_transfer_bytes_total";
-/// Histogram: seconds one request's KV transfer took, first layer to the final acknowledgement.
+/// Histogram: seconds one request's KV transfer took at the decode node, first
+/// accepted frame to the final frame (every layer landed and checked). The
+/// receiver is the side that always sees a transfer end: the router may drop
+/// the prefill call as soon as the decode node finished the request.
 pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
 /// Histogram: sequences in one forward pass, by `role`.
 pub const BATCH_SIZE: &str = "tandem_batch_size";
@@ -125,7 +128,7 @@ pub fn describe() {
     describe_histogram!(
         KV_TRANSFER_SECONDS,
         Unit::Seconds,
-        "One request's KV transfer, first layer to the receiver's acknowledgement"
+        "One request's KV transfer at the decode node, first accepted frame to the final frame"
     );
     describe_histogram!(
         BATCH_SIZE,

@@ -253,7 +253,8 @@ async fn metrics_move_as_requests_go_through_the_cluster() {
     );
 
     // The three long prompts went through the prefill node and QUIC: bytes
-    // sent equal bytes received, one transfer time per remote request.
+    // sent equal bytes received, one transfer time per remote request (timed
+    // at the decode node).
     let sent = delta(names::KV_TRANSFER_BYTES_TOTAL, &[("direction", "sent")]);
     let received = delta(names::KV_TRANSFER_BYTES_TOTAL, &[("direction", "received")]);
     assert!(sent > 0.0, "no KV bytes sent:\n{}", after.text);
