@@ -123,6 +123,7 @@ impl PrefillNode for PrefillGrpc {
         let request_id = request.get_ref().request_id.clone();
         let prompt_tokens = request.get_ref().prompt.len() + request.get_ref().generated.len();
         let span = tracing::info_span!("prefill", %request_id);
+        tracing::debug!(parent: &span, prompt_tokens, "prefill requested");
         match self
             .0
             .prefill(request.into_inner())
@@ -130,14 +131,7 @@ impl PrefillNode for PrefillGrpc {
             .await
         {
             Ok(r) => {
-                tracing::info!(
-                    parent: &span,
-                    prompt_tokens,
-                    kv_bytes = r.kv_bytes_sent,
-                    queue_ms = r.queue_seconds * 1e3,
-                    compute_ms = r.compute_seconds * 1e3,
-                    "prefilled"
-                );
+                tracing::debug!(parent: &span, "KV delivered");
                 Ok(Response::new(r))
             }
             Err(e) => {

@@ -69,6 +69,15 @@ pub(crate) async fn ship(
                 queue_seconds,
                 compute_seconds,
             }) => {
+                // Logged now, in the call's `prefill` span: the router may drop
+                // the call once the decode node has the KV, before the
+                // acknowledgement below comes back.
+                tracing::info!(
+                    kv_bytes = kv_bytes_sent,
+                    queue_ms = queue_seconds * 1e3,
+                    compute_ms = compute_seconds * 1e3,
+                    "prefilled; sending the final frame"
+                );
                 let s = match stream.take() {
                     Some(s) => s,
                     // Every prompt has at least one block: this cannot happen,
