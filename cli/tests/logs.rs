@@ -161,7 +161,7 @@ fn json_logs_are_json_lines_carrying_the_request_id() {
         );
         for l in &in_span {
             assert_eq!(l["span"]["name"], span_name(role), "{role}: {l}");
-            assert!(l["spans"].is_array(), "{role}: {l}");
+            assert_eq!(l["spans"][0]["request_id"], id, "{role}: {l}");
         }
     }
 }

@@ -291,7 +291,8 @@ impl<B: Backend> Scheduler<B> {
                 let found = match self.by_request.get(&request_id).copied() {
                     Some(id) => {
                         if let Some(seq) = self.seqs.get(&id) {
-                            tracing::info!(parent: &seq.span, "cancelled by the router");
+                            seq.span
+                                .in_scope(|| tracing::info!("cancelled by the router"));
                             let done =
                                 finished_message(&seq.generation, pb::FinishReason::Cancelled, "");
                             let _ = seq.events.try_send(Ok(done));
@@ -394,7 +395,9 @@ impl<B: Backend> Scheduler<B> {
             return Err(Status::cancelled("the caller went away"));
         }
         let (span, local) = (&a.span, a.local_prefill);
-        tracing::debug!(parent: span, transfer_id, prompt_len, local, "admitted");
+        // The loop serves every request on one thread: it enters the
+        // request's span for the lines it logs about it.
+        span.in_scope(|| tracing::debug!(transfer_id, prompt_len, local, "admitted"));
         self.by_request.insert(a.request_id.clone(), transfer_id);
         self.seqs.insert(
             transfer_id,
@@ -425,7 +428,8 @@ impl<B: Backend> Scheduler<B> {
         }
         for id in gone {
             if let Some(seq) = self.seqs.get(&id) {
-                tracing::info!(parent: &seq.span, "caller went away; freeing its blocks");
+                seq.span
+                    .in_scope(|| tracing::info!("caller went away; freeing its blocks"));
             }
             self.remove(id);
         }
@@ -545,13 +549,14 @@ impl<B: Backend> Scheduler<B> {
             let _ = seq
                 .events
                 .try_send(Ok(finished_message(&seq.generation, reason, "")));
-            tracing::info!(
-                parent: &seq.span,
-                ?reason,
-                prompt_tokens = seq.generation.prompt().len(),
-                tokens = seq.generation.output().len(),
-                "finished"
-            );
+            seq.span.in_scope(|| {
+                tracing::info!(
+                    ?reason,
+                    prompt_tokens = seq.generation.prompt().len(),
+                    tokens = seq.generation.output().len(),
+                    "finished"
+                )
+            });
             self.remove(id);
         } else if !alive {
             self.remove(id);
@@ -560,7 +565,8 @@ impl<B: Backend> Scheduler<B> {
 
     fn fail(&mut self, id: u64, status: Status) {
         if let Some(seq) = self.seqs.get(&id) {
-            tracing::warn!(parent: &seq.span, error = %status.message(), "request failed");
+            seq.span
+                .in_scope(|| tracing::warn!(error = %status.message(), "request failed"));
             let _ = seq.events.try_send(Err(status));
         }
         self.remove(id);

@@ -98,7 +98,9 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             .await
             .map_err(|_| Status::unavailable("the decode node is shutting down"))?;
         if let Err(refused) = admitted {
-            tracing::info!(parent: &span, code = ?refused.code(), "refused: {}", refused.message());
+            span.in_scope(
+                || tracing::info!(code = ?refused.code(), "refused: {}", refused.message()),
+            );
             return Err(refused);
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

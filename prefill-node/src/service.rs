@@ -123,7 +123,7 @@ impl PrefillNode for PrefillGrpc {
         let request_id = request.get_ref().request_id.clone();
         let prompt_tokens = request.get_ref().prompt.len() + request.get_ref().generated.len();
         let span = tracing::info_span!("prefill", %request_id);
-        tracing::debug!(parent: &span, prompt_tokens, "prefill requested");
+        span.in_scope(|| tracing::debug!(prompt_tokens, "prefill requested"));
         match self
             .0
             .prefill(request.into_inner())
@@ -131,11 +131,11 @@ impl PrefillNode for PrefillGrpc {
             .await
         {
             Ok(r) => {
-                tracing::debug!(parent: &span, "KV delivered");
+                span.in_scope(|| tracing::debug!("KV delivered"));
                 Ok(Response::new(r))
             }
             Err(e) => {
-                tracing::info!(parent: &span, "prefill failed: {e}");
+                span.in_scope(|| tracing::info!("prefill failed: {e}"));
                 Err(e.into())
             }
         }
