@@ -11,8 +11,10 @@
 //! 2. **router**: the client calls `Generate` on the router with the prompt
 //!    as text, and reads the stream to `Finished`.
 //!
-//! Both phases make the same node calls over the same kind of connections,
-//! so the difference of their latencies is what the router adds: auth,
+//! The phases alternate second by second (`--seconds` rounds of one second
+//! of each), so background load on the machine falls on both alike. Both
+//! make the same node calls over the same kind of connections, so the
+//! difference of their latencies is what the router adds: auth,
 //! validation and tokenization, admission, node choice, the extra gRPC hop
 //! and the relay of every message. Reported per percentile:
 //! `router p50 - direct p50` and `router p99 - direct p99`.
@@ -94,6 +96,7 @@ impl Options {
 }
 
 /// Latencies of one phase, sorted, and its failures.
+#[derive(Default)]
 struct Phase {
     latencies: Vec<Duration>,
     errors: usize,
@@ -101,6 +104,14 @@ struct Phase {
 }
 
 impl Phase {
+    /// Adds another round's results.
+    fn extend(&mut self, other: Phase) {
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+        self.errors += other.errors;
+        self.wall += other.wall;
+    }
+
     fn quantile(&self, q: f64) -> f64 {
         if self.latencies.is_empty() {
             return f64::NAN;
@@ -289,8 +300,10 @@ async fn run(o: Options) -> Result<(), BoxError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let count = (o.rate * o.seconds).round() as usize;
-    let warmup = (o.rate.min(count as f64)) as usize;
+    let rounds = o.seconds.ceil().max(1.0) as usize;
+    let per_round = (o.rate * o.seconds / rounds as f64).round().max(1.0) as usize;
+    let count = per_round * rounds;
+    let warmup = o.rate.round().max(1.0) as usize;
     let direct_phase = |n: usize, offset: usize| {
         let (d, p) = (decode.clone(), prefill.clone());
         drive(o.rate, n, move |i| {
@@ -305,15 +318,17 @@ async fn run(o: Options) -> Result<(), BoxError> {
     // One second of each first, to warm connections and allocators.
     direct_phase(warmup, 0).await;
     routed_phase(warmup).await;
-    let d = direct_phase(count, warmup).await;
-    let r = routed_phase(count).await;
+    let (mut d, mut r) = (Phase::default(), Phase::default());
+    for round in 0..rounds {
+        d.extend(direct_phase(per_round, warmup + round * per_round).await);
+        r.extend(routed_phase(per_round).await);
+    }
     shutdown.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "router overhead: {} req/s for {} s per phase ({count} requests), prompt {} words = {} tokens (text, tokenized by the router), {} token messages per request, {} prefill{}{}",
+        "router overhead: {} req/s, {rounds} rounds of {per_round} requests per phase ({count} each, alternating), prompt {} words = {} tokens (text, tokenized by the router), {} token messages per request, {} prefill{}{}",
         o.rate,
-        o.seconds,
         o.prompt_words,
         ids.len(),
         o.tokens,
