@@ -6,7 +6,7 @@
 //! arrive, every token the client gets (across re-runs on other nodes) and
 //! how it ended, including refusals that never reach a node.
 
-use metrics::{counter, histogram};
+use metrics::{Histogram, counter, histogram};
 use tandem_proto::v1 as pb;
 use tandem_telemetry::names;
 use tokio::time::Instant;
@@ -24,10 +24,11 @@ pub fn finish_label(reason: i32) -> &'static str {
 }
 
 /// Times the token messages of one request.
-#[derive(Debug)]
 pub struct TokenClock {
     arrival: Instant,
     last: Option<Instant>,
+    /// Taken once per request rather than once per token.
+    inter_token: Histogram,
 }
 
 impl TokenClock {
@@ -36,6 +37,7 @@ impl TokenClock {
         TokenClock {
             arrival,
             last: None,
+            inter_token: histogram!(names::INTER_TOKEN_LATENCY_SECONDS),
         }
     }
 
@@ -45,7 +47,8 @@ impl TokenClock {
         match self.last.replace(now) {
             None => histogram!(names::TIME_TO_FIRST_TOKEN_SECONDS)
                 .record(now.duration_since(self.arrival).as_secs_f64()),
-            Some(before) => histogram!(names::INTER_TOKEN_LATENCY_SECONDS)
+            Some(before) => self
+                .inter_token
                 .record(now.duration_since(before).as_secs_f64()),
         }
     }
