@@ -76,7 +76,8 @@ pub const HISTOGRAMS: [&str; 5] = [
 
 /// Label: the role of the process part that records (`router`, `prefill`, `decode`).
 pub const ROLE: &str = "role";
-/// Label: which queue (`admission`, `prefill`, `kv_wait`).
+/// Label: which queue: `admission` (router), `prefill` (prefill node), `decode`
+/// (decode node: sequences waiting for their KV or being prefilled there).
 pub const QUEUE: &str = "queue";
 /// Label: the node's id (`prefill.id`, `decode.id`).
 pub const NODE: &str = "node";
