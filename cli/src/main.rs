@@ -21,6 +21,10 @@ use tandem_engine::{GenerationParams, ModelDir, SamplingParams};
     about = "Tandem: a disaggregated prefill/decode LLM inference cluster"
 )]
 struct Cli {
+    /// Log lines as `text` or `json` (one object per line, with the request's
+    /// span fields); the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", default_value = "text")]
+    log_format: tandem_telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,11 +36,15 @@ enum Command {
         /// Config file; default: the embedded cluster-configs/local.toml.
         #[arg(long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: roles::MetricsFlags,
     },
     /// Run the router from a config file.
     Router {
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        metrics: roles::MetricsFlags,
     },
     /// Run a prefill node from a config file.
     Prefill {
@@ -44,6 +52,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         node: roles::NodeFlags,
+        #[command(flatten)]
+        metrics: roles::MetricsFlags,
     },
     /// Run a decode node from a config file.
     Decode {
@@ -51,6 +61,8 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         node: roles::NodeFlags,
+        #[command(flatten)]
+        metrics: roles::MetricsFlags,
     },
     /// Show the cluster's members (from etcd or the config's node lists) and their load.
     Status(status::StatusArgs),
@@ -99,33 +111,38 @@ struct GenerateArgs {
     /// Render the prompt as a user message with the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// The request's id, in the router's and the nodes' logs (default: one the router makes).
+    #[arg(long)]
+    request_id: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    tandem_telemetry::init_logs(cli.log_format)?;
     let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
-    match Cli::parse().command {
-        Command::Up { config } => runtime()?.block_on(roles::up(config)),
-        Command::Router { config } => runtime()?.block_on(roles::run_role(
+    match cli.command {
+        Command::Up { config, metrics } => runtime()?.block_on(roles::up(config, metrics)),
+        Command::Router { config, metrics } => runtime()?.block_on(roles::run_role(
             roles::Role::Router,
             config,
             roles::NodeFlags::default(),
+            metrics,
         )),
-        Command::Prefill { config, node } => {
-            runtime()?.block_on(roles::run_role(roles::Role::Prefill, config, node))
-        }
-        Command::Decode { config, node } => {
-            runtime()?.block_on(roles::run_role(roles::Role::Decode, config, node))
-        }
+        Command::Prefill {
+            config,
+            node,
+            metrics,
+        } => runtime()?.block_on(roles::run_role(roles::Role::Prefill, config, node, metrics)),
+        Command::Decode {
+            config,
+            node,
+            metrics,
+        } => runtime()?.block_on(roles::run_role(roles::Role::Decode, config, node, metrics)),
         Command::Status(args) => runtime()?.block_on(status::run(args)),
         Command::Generate(args) if args.local => generate_local(args),
         Command::Generate(args) => {
             let request = tandem_proto::v1::GenerateRequest {
+                request_id: args.request_id.clone().unwrap_or_default(),
                 prompt: Some(tandem_proto::v1::generate_request::Prompt::Text(
                     args.prompt.clone(),
                 )),

@@ -92,6 +92,34 @@ pub struct NodeFlags {
     pub advertise_ip: Option<IpAddr>,
 }
 
+/// Flags for the process's Prometheus endpoint.
+#[derive(clap::Args, Default, Clone)]
+pub struct MetricsFlags {
+    /// Serve Prometheus `/metrics` on this address (overrides `[metrics] listen`;
+    /// port 0 picks a free one, printed at start).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Serves this process's `/metrics` when `--metrics-listen` or `[metrics]`
+/// asks for it. Called before any role starts, so every role records into
+/// the one recorder.
+async fn start_metrics(
+    config: &Config,
+    flags: &MetricsFlags,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(addr) = flags
+        .metrics_listen
+        .or(config.metrics.as_ref().map(|m| m.listen))
+    else {
+        return Ok(());
+    };
+    let endpoint = tandem_telemetry::serve_metrics(addr, shutdown.clone()).await?;
+    println!("metrics listening on http://{}/metrics", endpoint.addr);
+    Ok(())
+}
+
 /// The name the router and nodes use for the model.
 fn model_name(config: &Config, model: &ModelDir) -> String {
     config.model.name.clone().unwrap_or_else(|| model.name())
@@ -256,11 +284,12 @@ fn prefill_record(
 }
 
 /// `tandem up`: every role in the config, in this process.
-pub async fn up(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn up(config_path: Option<PathBuf>, metrics: MetricsFlags) -> anyhow::Result<()> {
     let config = load_config(config_path.as_deref())?;
     let model = open_model(&config.model)?;
     let stop = stop_signal();
     let shutdown = CancellationToken::new();
+    start_metrics(&config, &metrics, &shutdown).await?;
     let advertise = config.membership.advertise_ip;
     let mut router = config.router.clone().unwrap_or_default();
     // `[tls]` covers every role of the file, the router included.
@@ -357,11 +386,17 @@ pub enum Role {
 }
 
 /// `tandem router|prefill|decode --config FILE`.
-pub async fn run_role(role: Role, config_path: PathBuf, flags: NodeFlags) -> anyhow::Result<()> {
+pub async fn run_role(
+    role: Role,
+    config_path: PathBuf,
+    flags: NodeFlags,
+    metrics: MetricsFlags,
+) -> anyhow::Result<()> {
     let config = load_config(Some(&config_path))?;
     let model = open_model(&config.model)?;
     let stop = stop_signal();
     let shutdown = CancellationToken::new();
+    start_metrics(&config, &metrics, &shutdown).await?;
     let advertise = flags.advertise_ip.or(config.membership.advertise_ip);
     let drain_timeout = Duration::from_secs_f64(config.membership.drain_timeout_s);
     match role {

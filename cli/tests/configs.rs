@@ -1,7 +1,9 @@
 //! Every file under `cluster-configs/` is usable: each TOML parses with the
 //! real config parser (unknown keys are errors), each Kubernetes manifest is
-//! valid YAML, the TOML inside each ConfigMap parses too, and the ports that
-//! probes, containers and Services name are the ports the configs listen on.
+//! valid YAML, the TOML inside each ConfigMap parses too, the ports that
+//! probes, containers, Services and Prometheus annotations name are the ports
+//! the configs listen on, and the Grafana dashboard charts only metrics the
+//! code exports (and every one of them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -99,6 +101,9 @@ fn config_ports(config: &Config, role: &str) -> BTreeMap<&'static str, u16> {
             ports.insert("kv", d.quic_listen.port());
         }
         other => panic!("unknown role {other}"),
+    }
+    if let Some(m) = &config.metrics {
+        ports.insert("metrics", m.listen.port());
     }
     ports
 }
@@ -230,6 +235,24 @@ fn manifests_parse_and_agree_with_their_configs() {
             }
         }
 
+        // Prometheus scrapes the port the config serves /metrics on.
+        let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(
+            annotations["prometheus.io/scrape"],
+            "true",
+            "{}",
+            name(deployment)
+        );
+        assert_eq!(
+            annotations["prometheus.io/port"]
+                .as_str()
+                .map(str::parse::<u16>),
+            Some(Ok(wanted["metrics"])),
+            "{}: prometheus.io/port",
+            name(deployment)
+        );
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
         // Nodes listening on every interface tell others their pod IP; GPU nodes ask for a GPU.
         if role != "router" {
             assert!(
@@ -295,4 +318,80 @@ fn manifests_parse_and_agree_with_their_configs() {
             .into_iter()
             .collect()
     );
+}
+
+/// Every panel of a dashboard, rows' nested panels included.
+fn panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    let mut stack: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
+    while let Some(p) = stack.pop() {
+        if let Some(nested) = p["panels"].as_array() {
+            stack.extend(nested);
+        }
+        if p["type"] != "row" {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The `tandem_*` series names a PromQL expression reads.
+fn series_in(expr: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("tandem_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_charts_exported_metrics() {
+    use tandem_telemetry::names::{ALL, HISTOGRAMS};
+    let path = configs_dir().join("grafana/tandem.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
+    let panels = panels(&dashboard);
+    assert!(panels.len() >= 8, "only {} panels", panels.len());
+    let mut used = BTreeSet::new();
+    for panel in &panels {
+        let title = panel["title"].as_str().expect("every panel has a title");
+        let targets = panel["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: no targets"));
+        assert!(!targets.is_empty(), "{title}: no queries");
+        for target in targets {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{title}: a target without expr"));
+            let series = series_in(expr);
+            assert!(!series.is_empty(), "{title}: {expr} reads no tandem metric");
+            for s in series {
+                let metric = if ALL.contains(&s) {
+                    s
+                } else {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|suffix| s.strip_suffix(suffix))
+                        .filter(|base| HISTOGRAMS.contains(base))
+                        .unwrap_or_else(|| panic!("{title}: {s} is not a metric Tandem exports"))
+                };
+                if expr.contains("histogram_quantile") {
+                    assert!(
+                        s.ends_with("_bucket"),
+                        "{title}: histogram_quantile over {s}"
+                    );
+                }
+                used.insert(metric);
+            }
+        }
+    }
+    let unused: Vec<&str> = ALL.iter().copied().filter(|m| !used.contains(m)).collect();
+    assert!(unused.is_empty(), "no panel charts {unused:?}");
 }

@@ -59,6 +59,22 @@ pub struct Config {
     /// `[membership.etcd]` is set.
     #[serde(default)]
     pub membership: MembershipSection,
+    /// This process's Prometheus endpoint; absent: no metrics are recorded or served.
+    pub metrics: Option<MetricsSection>,
+}
+
+/// `[metrics]`: where this process serves Prometheus' `GET /metrics`. One
+/// endpoint per process: `tandem up` serves every role's metrics on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the `/metrics` endpoint; port 0 picks a free one (logged at start).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 
 /// `[membership]`: static by default; with `[membership.etcd]`, nodes register
@@ -616,6 +632,19 @@ mod tests {
         assert!(err.contains("decode.tp"), "{err}");
         let err = Config::parse("[model]\ntp = 2\n").unwrap_err().to_string();
         assert!(err.contains("tp"), "unknown in [model]: {err}");
+    }
+
+    #[test]
+    fn metrics_are_off_unless_configured() {
+        assert!(Config::parse("").unwrap().metrics.is_none());
+        let c = Config::parse("[metrics]\n").unwrap();
+        assert_eq!(c.metrics.unwrap().listen.port(), 9090);
+        let c = Config::parse("[metrics]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+        assert_eq!(c.metrics.unwrap().listen.port(), 0);
+        let err = Config::parse("[metrics]\nlisen = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
     }
 
     #[test]

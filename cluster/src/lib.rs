@@ -15,7 +15,7 @@ pub mod registration;
 
 pub use config::{
     Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, EtcdSection,
-    MembershipSection, ModelSection, PrefillSection, RouterSection, TlsSection,
+    MembershipSection, MetricsSection, ModelSection, PrefillSection, RouterSection, TlsSection,
 };
 pub use etcd::EtcdMembership;
 pub use grpc_tls::{GrpcTls, GrpcTlsError};

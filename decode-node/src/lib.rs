@@ -4,7 +4,12 @@
 //! - [`scheduler`]: the engine loop (continuous batching, local prefill of short prompts).
 //! - [`sink`]: checks arriving KV against the reservations and hands it to the loop.
 //! - [`service`]: the internal gRPC service the router calls.
+//! - [`node_metrics`]: the engine loop's metrics (KV blocks, waiting sequences, batch sizes).
+//!
+//! Each `Decode` call gets a `decode` span carrying the router's
+//! `request_id`; the engine loop logs the request's events in it.
 
+pub mod node_metrics;
 pub mod scheduler;
 pub mod service;
 pub mod sink;
@@ -146,10 +151,7 @@ pub async fn serve_advertising(
             (server_tls, cert.cert.to_vec(), "localhost".to_owned())
         }
     };
-    let sink = Arc::new(ReservedSink {
-        reservations: reservations.clone(),
-        commands: commands.clone(),
-    });
+    let sink = Arc::new(ReservedSink::new(reservations.clone(), commands.clone()));
     let (receiver, quic_addr) = KvReceiver::bind_with(
         config.quic_listen,
         server_tls,
@@ -191,6 +193,7 @@ pub async fn serve_advertising(
         endpoint,
         reservations,
         stats.clone(),
+        &config.id,
     );
     let loop_shutdown = shutdown.clone();
     let engine = std::thread::Builder::new()

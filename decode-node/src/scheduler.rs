@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::node_metrics::DecodeMetrics;
+
 /// What a forward pass gave back: chosen tokens, or logits to sample from.
 enum Sampled {
     Tokens(Vec<u32>),
@@ -101,6 +103,8 @@ pub struct Admission {
     pub kv_timeout: Duration,
     /// The response stream.
     pub events: mpsc::Sender<Event>,
+    /// The request's span (carrying its id); the loop logs the request's events in it.
+    pub span: tracing::Span,
 }
 
 /// Where prefill nodes send KV: the QUIC receiver's address and certificate.
@@ -156,6 +160,7 @@ struct Sequence {
     table: Vec<BlockId>,
     state: State,
     events: mpsc::Sender<Event>,
+    span: tracing::Span,
 }
 
 /// The engine loop's state.
@@ -167,6 +172,7 @@ pub struct Scheduler<B: Backend> {
     kv: KvEndpoint,
     reservations: Arc<Mutex<Reservations>>,
     stats: Arc<Mutex<Stats>>,
+    metrics: DecodeMetrics,
     /// By transfer id, which grows with arrival: iteration order is FIFO.
     seqs: BTreeMap<u64, Sequence>,
     by_request: HashMap<String, u64>,
@@ -174,7 +180,8 @@ pub struct Scheduler<B: Backend> {
 }
 
 impl<B: Backend> Scheduler<B> {
-    /// An engine loop over `backend`, whose whole cache it allocates.
+    /// An engine loop over `backend`, whose whole cache it allocates;
+    /// `node_id` labels its metrics.
     pub fn new(
         backend: B,
         model: Arc<ModelDir>,
@@ -182,6 +189,7 @@ impl<B: Backend> Scheduler<B> {
         kv: KvEndpoint,
         reservations: Arc<Mutex<Reservations>>,
         stats: Arc<Mutex<Stats>>,
+        node_id: &str,
     ) -> Self {
         let total = backend.kv_layout().num_blocks;
         Scheduler {
@@ -192,6 +200,7 @@ impl<B: Backend> Scheduler<B> {
             kv,
             reservations,
             stats,
+            metrics: DecodeMetrics::new(node_id),
             seqs: BTreeMap::new(),
             by_request: HashMap::new(),
             // Random start: transfer ids of a restarted node never match stale frames.
@@ -294,6 +303,8 @@ impl<B: Backend> Scheduler<B> {
                 let found = match self.by_request.get(&request_id).copied() {
                     Some(id) => {
                         if let Some(seq) = self.seqs.get(&id) {
+                            seq.span
+                                .in_scope(|| tracing::info!("cancelled by the router"));
                             let done =
                                 finished_message(&seq.generation, pb::FinishReason::Cancelled, "");
                             let _ = seq.events.try_send(Ok(done));
@@ -395,7 +406,10 @@ impl<B: Backend> Scheduler<B> {
                 .release(transfer_id);
             return Err(Status::cancelled("the caller went away"));
         }
-        tracing::debug!(request_id = %a.request_id, transfer_id, prompt_len, local = a.local_prefill, "admitted");
+        let (span, local) = (&a.span, a.local_prefill);
+        // The loop serves every request on one thread: it enters the
+        // request's span for the lines it logs about it.
+        span.in_scope(|| tracing::debug!(transfer_id, prompt_len, local, "admitted"));
         self.by_request.insert(a.request_id.clone(), transfer_id);
         self.seqs.insert(
             transfer_id,
@@ -405,6 +419,7 @@ impl<B: Backend> Scheduler<B> {
                 table,
                 state,
                 events: a.events,
+                span: a.span,
             },
         );
         Ok(())
@@ -424,7 +439,10 @@ impl<B: Backend> Scheduler<B> {
             }
         }
         for id in gone {
-            tracing::debug!(transfer_id = id, "caller went away; freeing its blocks");
+            if let Some(seq) = self.seqs.get(&id) {
+                seq.span
+                    .in_scope(|| tracing::info!("caller went away; freeing its blocks"));
+            }
             self.remove(id);
         }
         for id in expired {
@@ -505,6 +523,7 @@ impl<B: Backend> Scheduler<B> {
             self.backend.forward(&chunks, None).map(Sampled::Logits)
         };
         drop(chunks);
+        self.metrics.step(plan.len());
         {
             let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             stats.steps_total += 1;
@@ -570,7 +589,14 @@ impl<B: Backend> Scheduler<B> {
             let _ = seq
                 .events
                 .try_send(Ok(finished_message(&seq.generation, reason, "")));
-            tracing::debug!(request_id = %seq.request_id, ?reason, tokens = seq.generation.output().len(), "finished");
+            seq.span.in_scope(|| {
+                tracing::info!(
+                    ?reason,
+                    prompt_tokens = seq.generation.prompt().len(),
+                    tokens = seq.generation.output().len(),
+                    "finished"
+                )
+            });
             self.remove(id);
         } else if !alive {
             self.remove(id);
@@ -579,7 +605,8 @@ impl<B: Backend> Scheduler<B> {
 
     fn fail(&mut self, id: u64, status: Status) {
         if let Some(seq) = self.seqs.get(&id) {
-            tracing::warn!(request_id = %seq.request_id, error = %status.message(), "request failed");
+            seq.span
+                .in_scope(|| tracing::warn!(error = %status.message(), "request failed"));
             let _ = seq.events.try_send(Err(status));
         }
         self.remove(id);
@@ -616,6 +643,11 @@ impl<B: Backend> Scheduler<B> {
                 _ => 0,
             })
             .sum();
+        self.metrics.publish(
+            self.blocks.total(),
+            self.blocks.num_free(),
+            s.queued as usize,
+        );
     }
 }
 

@@ -52,6 +52,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
+        let span = tracing::info_span!("decode", request_id = %r.request_id);
         let config = &self.model.config;
         if r.prompt.is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
@@ -89,12 +90,19 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             params,
             kv_timeout: Duration::from_millis(u64::from(r.kv_timeout_ms.max(1))),
             events: tx,
+            span: span.clone(),
         };
         let (reply, admitted) = oneshot::channel();
         self.send(Command::Admit(Box::new(admission), reply))?;
-        admitted
+        let admitted = admitted
             .await
-            .map_err(|_| Status::unavailable("the decode node is shutting down"))??;
+            .map_err(|_| Status::unavailable("the decode node is shutting down"))?;
+        if let Err(refused) = admitted {
+            span.in_scope(
+                || tracing::info!(code = ?refused.code(), "refused: {}", refused.message()),
+            );
+            return Err(refused);
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

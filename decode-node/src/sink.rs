@@ -4,9 +4,14 @@
 //! The hand-off channel is unbounded on purpose: the reservation table accepts
 //! each (layer, block) of a reservation once, so the bytes waiting in it never
 //! exceed the KV reserved for the requests in flight, which the cache size bounds.
+//!
+//! The sink also measures each transfer (`tandem_kv_transfer_seconds`: first
+//! accepted frame to the final frame) and counts the bytes it accepts.
 
+use std::collections::HashMap;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_kv_transfer::{KvSink, LayerHeader, Reservations};
@@ -19,11 +24,39 @@ pub struct ReservedSink {
     pub reservations: Arc<Mutex<Reservations>>,
     /// The engine loop.
     pub commands: Sender<Command>,
+    /// `tandem_kv_transfer_bytes_total{direction="received"}`: accepted payload bytes.
+    pub received: metrics::Counter,
+    /// `tandem_kv_transfer_seconds`.
+    pub transfer_seconds: metrics::Histogram,
+    /// When each transfer in flight sent its first accepted frame, by transfer id.
+    pub started: Mutex<HashMap<u64, Instant>>,
 }
 
+/// Transfers tracked for timing before stale ones (never finished nor
+/// aborted, e.g. timed out) are swept.
+const TRACKED_TRANSFERS: usize = 4096;
+/// Age past which a transfer that never finished is forgotten.
+const STALE_TRANSFER: Duration = Duration::from_secs(120);
+
 impl ReservedSink {
+    /// A sink over `reservations`, handing accepted KV to `commands`.
+    pub fn new(reservations: Arc<Mutex<Reservations>>, commands: Sender<Command>) -> Self {
+        use tandem_telemetry::names;
+        ReservedSink {
+            reservations,
+            commands,
+            received: metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "received"),
+            transfer_seconds: metrics::histogram!(names::KV_TRANSFER_SECONDS),
+            started: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, Reservations> {
         self.reservations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn started(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.started.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -33,6 +66,15 @@ impl KvSink for ReservedSink {
             .table()
             .on_layer_frame(header)
             .map_err(|r| r.to_string())?;
+        self.received.increment(payload.len() as u64);
+        {
+            let now = Instant::now();
+            let mut started = self.started();
+            if started.len() >= TRACKED_TRANSFERS {
+                started.retain(|_, t| now.duration_since(*t) < STALE_TRANSFER);
+            }
+            started.entry(header.request_id).or_insert(now);
+        }
         self.commands
             .send(Command::ImportLayer {
                 transfer_id: header.request_id,
@@ -51,6 +93,9 @@ impl KvSink for ReservedSink {
             .table()
             .on_final(request_id, first_token, layers_sent)
             .map_err(|r| r.to_string())?;
+        if let Some(t) = self.started().remove(&request_id) {
+            self.transfer_seconds.record(t.elapsed().as_secs_f64());
+        }
         self.commands
             .send(Command::KvComplete {
                 transfer_id: complete.request_id,
@@ -60,6 +105,7 @@ impl KvSink for ReservedSink {
     }
 
     fn on_abort(&self, request_id: u64, reason: &str) {
+        self.started().remove(&request_id);
         self.table().release(request_id);
         let _ = self.commands.send(Command::KvAborted {
             transfer_id: request_id,

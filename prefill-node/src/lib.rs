@@ -10,12 +10,15 @@
 //! - `batch_plan`: the chunked-prefill policy (sans-I/O).
 //! - `scheduler`: the worker thread that owns the backend.
 //! - `transfer`: a request's sending side; `senders`: connections per decode node.
-//! - `service`: the gRPC shell.
+//! - `service`: the gRPC shell; each `Prefill` call runs in a `prefill` span
+//!   carrying the router's `request_id`.
+//! - `node_metrics`: queue depth, KV blocks, batch sizes, KV bytes and transfer time.
 //! - [`error`]: [`PrefillError`] and its mapping to gRPC codes.
 
 mod batch_plan;
 pub mod error;
 mod job;
+mod node_metrics;
 mod scheduler;
 mod senders;
 mod service;
@@ -35,6 +38,7 @@ pub use batch_plan::{PlannedChunk, StepLimits, plan_step};
 pub use error::PrefillError;
 pub use scheduler::LoadSnapshot;
 
+use crate::node_metrics::TransferMetrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::senders::SenderCache;
 use crate::service::{PrefillGrpc, PrefillService};
@@ -130,6 +134,7 @@ pub async fn serve(
                 block_size: config.block_size,
             },
             max_queue: config.max_queue,
+            node_id: &config.id,
         },
     )?);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -161,6 +166,7 @@ pub async fn serve(
         model_name: model.name(),
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         shutdown: shutdown.clone(),
+        transfer_metrics: TransferMetrics::new(),
     }));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

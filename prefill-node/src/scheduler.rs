@@ -24,6 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use metrics::Gauge;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch_plan::{StepLimits, plan_step};
 use crate::error::PrefillError;
 use crate::job::{Job, JobEvent};
+use crate::node_metrics::{PrefillMetrics, queue_depth};
 
 /// Load figures, as reported by `WatchLoad`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +69,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     max_queue: usize,
+    /// `tandem_queue_depth` of the prefill queue; set under the state's lock.
+    depth: Gauge,
 }
 
 impl Shared {
@@ -77,9 +81,11 @@ impl Shared {
 
 /// Worker settings.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct SchedulerConfig {
+pub(crate) struct SchedulerConfig<'a> {
     pub limits: StepLimits,
     pub max_queue: usize,
+    /// Labels the node's metrics.
+    pub node_id: &'a str,
 }
 
 /// The handle to the worker thread.
@@ -111,6 +117,7 @@ impl Scheduler {
             }),
             wake: Condvar::new(),
             max_queue: config.max_queue,
+            depth: queue_depth(),
         });
         let worker = Worker {
             backend,
@@ -119,7 +126,9 @@ impl Scheduler {
             cursor: 0,
             limits: config.limits,
             shared: shared.clone(),
+            metrics: PrefillMetrics::new(config.node_id),
         };
+        worker.metrics.blocks(total_blocks, total_blocks);
         let thread = std::thread::Builder::new()
             .name("prefill-worker".into())
             .spawn(move || worker.run())
@@ -154,6 +163,7 @@ impl Scheduler {
         }
         s.known.insert(job.request_id.clone(), job.cancel.clone());
         s.waiting.push_back(job);
+        self.shared.depth.set(s.waiting.len() as f64);
         drop(s);
         self.shared.wake.notify_all();
         Ok(())
@@ -175,6 +185,7 @@ impl Scheduler {
         if removed.is_some() {
             s.known.remove(request_id);
         }
+        self.shared.depth.set(s.waiting.len() as f64);
         drop(s);
         // Dropping the job closes its channel: its sending task sees the end.
         drop(removed);
@@ -225,6 +236,7 @@ struct Worker<B> {
     cursor: usize,
     limits: StepLimits,
     shared: Arc<Shared>,
+    metrics: PrefillMetrics,
 }
 
 impl<B: Backend> Worker<B> {
@@ -244,6 +256,7 @@ impl<B: Backend> Worker<B> {
         let mut s = self.shared.lock();
         s.waiting.clear();
         s.known.clear();
+        self.shared.depth.set(0.0);
         drop(s);
         self.active.clear();
     }
@@ -295,6 +308,7 @@ impl<B: Backend> Worker<B> {
                 });
             }
             self.fill_load(&mut s.load);
+            shared.depth.set(s.waiting.len() as f64);
             if !self.active.is_empty() {
                 return true;
             }
@@ -315,6 +329,8 @@ impl<B: Backend> Worker<B> {
 
     fn fill_load(&self, load: &mut LoadSnapshot) {
         load.kv_blocks_free = self.blocks.num_free();
+        self.metrics
+            .blocks(self.blocks.total(), self.blocks.num_free());
         load.running = self.active.len();
         load.queued_prefill_tokens = self
             .active
@@ -397,6 +413,7 @@ impl<B: Backend> Worker<B> {
             };
             self.backend.forward(&chunks, Some(&mut hook))
         };
+        self.metrics.step(plan.len());
         {
             let mut s = self.shared.lock();
             s.load.steps_total += 1;

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::error::PrefillError;
 use crate::job::Job;
+use crate::node_metrics::TransferMetrics;
 use crate::scheduler::Scheduler;
 use crate::senders::SenderCache;
 use crate::transfer;
@@ -33,6 +34,7 @@ pub(crate) struct PrefillService {
     /// Tensor-parallel ranks of the node's model.
     pub tp_size: u32,
     pub shutdown: CancellationToken,
+    pub transfer_metrics: TransferMetrics,
 }
 
 /// Cancels a request's job unless disarmed: the `Prefill` call's future
@@ -78,6 +80,7 @@ impl PrefillService {
             self.shape.num_layers as u32,
             rx,
             &cancel,
+            &self.transfer_metrics,
         )
         .await;
         match &result {
@@ -118,11 +121,21 @@ impl PrefillNode for PrefillGrpc {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         let request_id = request.get_ref().request_id.clone();
+        let prompt_tokens = request.get_ref().prompt.len() + request.get_ref().generated.len();
         let span = tracing::info_span!("prefill", %request_id);
-        match self.0.prefill(request.into_inner()).instrument(span).await {
-            Ok(r) => Ok(Response::new(r)),
+        span.in_scope(|| tracing::debug!(prompt_tokens, "prefill requested"));
+        match self
+            .0
+            .prefill(request.into_inner())
+            .instrument(span.clone())
+            .await
+        {
+            Ok(r) => {
+                span.in_scope(|| tracing::debug!("KV delivered"));
+                Ok(Response::new(r))
+            }
             Err(e) => {
-                tracing::info!(%request_id, "prefill failed: {e}");
+                span.in_scope(|| tracing::info!("prefill failed: {e}"));
                 Err(e.into())
             }
         }

@@ -17,16 +17,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::PrefillError;
 use crate::job::JobEvent;
+use crate::node_metrics::TransferMetrics;
 use crate::validation::KvDestination;
 
 /// Ships a job's KV as the worker produces it; returns the response once the
-/// decode node has acknowledged every byte.
+/// decode node has acknowledged every byte. Counts the bytes as they go in
+/// `metrics`. (The transfer's time is measured by the decode node: the router
+/// may drop this call as soon as the decode node has the KV and finishes, so
+/// the acknowledgement is not always seen here.)
 pub(crate) async fn ship(
     sender: &Arc<KvSender>,
     dest: &KvDestination,
     num_layers: u32,
     mut events: mpsc::Receiver<JobEvent>,
     cancel: &CancellationToken,
+    metrics: &TransferMetrics,
 ) -> Result<pb::PrefillResponse, PrefillError> {
     let fail = |source: TransferError| PrefillError::Transfer {
         addr: dest.addr,
@@ -56,12 +61,16 @@ pub(crate) async fn ship(
                         stream.insert(sender.open_request(dest.transfer_id).await.map_err(fail)?)
                     }
                 };
-                kv_bytes_sent += payload.len() as u64;
+                let bytes = payload.len() as u64;
                 // Cancellation while waiting on back-pressure ends the call too.
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => {}
-                    r = s.send_layer(shape, payload) => r.map_err(fail)?,
+                    r = s.send_layer(shape, payload) => {
+                        r.map_err(fail)?;
+                        kv_bytes_sent += bytes;
+                        metrics.bytes.increment(bytes);
+                    }
                 }
             }
             Some(JobEvent::Done {
@@ -69,6 +78,15 @@ pub(crate) async fn ship(
                 queue_seconds,
                 compute_seconds,
             }) => {
+                // Logged now, in the call's `prefill` span: the router may drop
+                // the call once the decode node has the KV, before the
+                // acknowledgement below comes back.
+                tracing::info!(
+                    kv_bytes = kv_bytes_sent,
+                    queue_ms = queue_seconds * 1e3,
+                    compute_ms = compute_seconds * 1e3,
+                    "prefilled; sending the final frame"
+                );
                 let s = match stream.take() {
                     Some(s) => s,
                     // Every prompt has at least one block: this cannot happen,

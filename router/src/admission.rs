@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use metrics::Gauge;
+use tandem_telemetry::names;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -25,14 +27,17 @@ pub struct Admission {
     running: Arc<Semaphore>,
     waiting: AtomicUsize,
     max_queue: usize,
+    /// `tandem_queue_depth{role="router",queue="admission"}`.
+    depth: Gauge,
 }
 
 /// Counts a waiter for as long as it waits, cancellation included.
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a Admission);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.depth.decrement(1.0);
     }
 }
 
@@ -43,6 +48,7 @@ impl Admission {
             running: Arc::new(Semaphore::new(max_running.min(Semaphore::MAX_PERMITS))),
             waiting: AtomicUsize::new(0),
             max_queue,
+            depth: metrics::gauge!(names::QUEUE_DEPTH, names::ROLE => "router", names::QUEUE => "admission"),
         }
     }
 
@@ -63,7 +69,8 @@ impl Admission {
                 max_queue: self.max_queue,
             });
         }
-        let _waiting = Waiting(&self.waiting);
+        self.depth.increment(1.0);
+        let _waiting = Waiting(self);
         match tokio::time::timeout_at(deadline, self.running.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Admitted { _permit: permit }),
             Ok(Err(_closed)) => Err(RouterError::ShuttingDown),

@@ -135,9 +135,10 @@ impl RouterError {
     }
 }
 
-impl From<RouterError> for Status {
-    fn from(err: RouterError) -> Self {
-        let code = match &err {
+impl RouterError {
+    /// The gRPC code a client sees for this error.
+    pub fn code(&self) -> Code {
+        match self {
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
             RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::RateLimited { .. } => Code::ResourceExhausted,
@@ -156,7 +157,42 @@ impl From<RouterError> for Status {
             | RouterError::Serve(_)
             | RouterError::Reflection(_)
             | RouterError::Tls(_) => Code::Internal,
-        };
+        }
+    }
+
+    /// The `status` label of `tandem_requests_total` for a request that
+    /// ended with this error: its gRPC code in snake case.
+    pub fn status_label(&self) -> &'static str {
+        code_label(self.code())
+    }
+}
+
+/// A gRPC code in snake case (`RESOURCE_EXHAUSTED` → `resource_exhausted`).
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(err: RouterError) -> Self {
+        let code = err.code();
         let mut status = Status::new(code, err.to_string());
         if let Some(secs) = err.retry_after_s() {
             status
@@ -181,6 +217,19 @@ mod tests {
         let s = Status::from(e);
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("prompt too long"));
+    }
+
+    #[test]
+    fn status_labels_name_the_code() {
+        assert_eq!(
+            RouterError::QueueFull { max_queue: 1 }.status_label(),
+            "resource_exhausted"
+        );
+        assert_eq!(RouterError::ClientGone.status_label(), "cancelled");
+        assert_eq!(
+            RouterError::DeadlineExceeded { timeout_s: 1.0 }.status_label(),
+            "deadline_exceeded"
+        );
     }
 
     #[test]

@@ -32,10 +32,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::codec::Streaming;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::RouterError;
 use crate::nodes::{NodeHandle, NodePool};
+use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
 use crate::validation::ValidRequest;
 
 /// Wait before asking the decode nodes again when all of them are full.
@@ -74,7 +75,6 @@ struct Request<'a> {
 }
 
 /// What a request has delivered so far, across attempts.
-#[derive(Default)]
 struct Progress {
     /// Token ids the client has received.
     sent: Vec<u32>,
@@ -82,6 +82,22 @@ struct Progress {
     admitted_at: Option<Instant>,
     /// When the first token went out.
     first_token_at: Option<Instant>,
+    /// Times the token messages for the latency histograms.
+    clock: TokenClock,
+    /// The finish reason's status label, once the request finished.
+    finish: Option<&'static str>,
+}
+
+impl Progress {
+    fn new(arrival: Instant) -> Self {
+        Progress {
+            sent: Vec::new(),
+            admitted_at: None,
+            first_token_at: None,
+            clock: TokenClock::new(arrival),
+            finish: None,
+        }
+    }
 }
 
 /// Sends `Cancel` for a request to the nodes still holding it when dropped.
@@ -153,25 +169,51 @@ impl Relay {
             deadline,
             tx: &tx,
         };
-        match request.serve().await {
-            Ok(()) => debug!("finished"),
-            Err(RouterError::ClientGone) => debug!("client went away; cancelled"),
+        let mut progress = Progress::new(arrival);
+        let result = request.serve(&mut progress).await;
+        let status = match &result {
+            Ok(()) => progress.finish.unwrap_or("unspecified"),
+            Err(err) => err.status_label(),
+        };
+        let tokens = progress.admitted_at.map(|_| Tokens {
+            prompt: req.prompt.len(),
+            generated: progress.sent.len(),
+        });
+        let ms = |t: Option<Instant>| t.map(|t| t.duration_since(arrival).as_secs_f64() * 1e3);
+        match result {
+            Ok(()) => info!(
+                status,
+                prompt_tokens = req.prompt.len(),
+                generated = progress.sent.len(),
+                ttft_ms = ms(progress.first_token_at),
+                total_ms = arrival.elapsed().as_secs_f64() * 1e3,
+                "request finished"
+            ),
+            Err(RouterError::ClientGone) => info!(
+                status,
+                generated = progress.sent.len(),
+                "client went away; cancelled"
+            ),
             Err(err) => {
-                warn!("request failed: {err}");
+                warn!(
+                    status,
+                    generated = progress.sent.len(),
+                    "request failed: {err}"
+                );
                 let _ = tokio::time::timeout(ERROR_SEND_TIMEOUT, tx.send(Err(err.into()))).await;
             }
         }
+        request_ended(status, arrival, tokens);
     }
 }
 
 impl Request<'_> {
     /// Runs attempts until one finishes the request or fails for good.
-    async fn serve(&self) -> Result<(), RouterError> {
-        let mut progress = Progress::default();
+    async fn serve(&self, progress: &mut Progress) -> Result<(), RouterError> {
         // Nodes that failed this request: tried again only when no other is left.
         let mut failed: Vec<String> = Vec::new();
         for attempt in 1..=MAX_ATTEMPTS {
-            let err = match self.attempt(&mut progress, &failed).await {
+            let err = match self.attempt(progress, &failed).await {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
@@ -194,14 +236,15 @@ impl Request<'_> {
             failed.push(node);
             if progress.sent.len() >= self.req.max_tokens as usize {
                 // Every token was delivered; only the Finished message was lost.
-                return self.finish_here(&progress).await;
+                return self.finish_here(progress).await;
             }
         }
         unreachable!("the last attempt returns")
     }
 
     /// Ends a request whose node failed after its last token.
-    async fn finish_here(&self, progress: &Progress) -> Result<(), RouterError> {
+    async fn finish_here(&self, progress: &mut Progress) -> Result<(), RouterError> {
+        progress.finish = Some(finish_label(pb::FinishReason::Length as i32));
         let finished = pb::Finished {
             reason: pb::FinishReason::Length as i32,
             usage: Some(pb::Usage {
@@ -327,13 +370,16 @@ impl Request<'_> {
             };
             match event {
                 DecodeEvent::Token(chunk) => {
-                    progress.first_token_at.get_or_insert_with(Instant::now);
+                    let now = Instant::now();
+                    progress.first_token_at.get_or_insert(now);
+                    progress.clock.on_token(now);
                     progress.sent.extend_from_slice(&chunk.ids);
                     self.send(ClientEvent::Token(chunk)).await?;
                 }
                 DecodeEvent::Finished(finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
+                    progress.finish = Some(finish_label(finished.reason));
                     return self.send_finished(finished, progress).await;
                 }
                 DecodeEvent::Admitted(_) => {

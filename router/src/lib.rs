@@ -6,7 +6,14 @@
 //! - [`validation`]: checks the request and tokenizes the prompt;
 //! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting);
 //! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to use;
-//! - [`generate`]: the request's life at the nodes, relaying tokens to the client.
+//! - [`generate`]: the request's life at the nodes, relaying tokens to the client;
+//! - [`request_metrics`]: what is recorded about each request (latencies,
+//!   tokens, final status), under `tandem_telemetry::names`.
+//!
+//! Each request runs in a `generate` span carrying its `request_id` (the
+//! client's, from the request or its `x-request-id` metadata / header, else a
+//! new one); the id travels to the nodes in `DecodeRequest` and
+//! `PrefillRequest`, whose handlers log in spans with the same id.
 //!
 //! [`serve`] runs it all on a listening socket; [`service::GenerateService`]
 //! is the bare service for embedding in another server.
@@ -18,6 +25,7 @@ pub mod error;
 pub mod generate;
 pub mod nodes;
 pub mod openai;
+pub mod request_metrics;
 pub mod service;
 pub mod validation;
 

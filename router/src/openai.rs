@@ -29,7 +29,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
-use crate::service::GenerateService;
+use crate::service::{GenerateService, REQUEST_ID_HEADER};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -273,7 +273,15 @@ async fn completions(
         }
     };
     let request = to_request(prompt, &req.sampling)?;
-    run(st, auth, request, req.sampling.stream, Kind::Completion).await
+    run(
+        st,
+        auth,
+        &headers,
+        request,
+        req.sampling.stream,
+        Kind::Completion,
+    )
+    .await
 }
 
 async fn chat_completions(
@@ -301,7 +309,7 @@ async fn chat_completions(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
     )?;
-    run(st, auth, request, req.sampling.stream, Kind::Chat).await
+    run(st, auth, &headers, request, req.sampling.stream, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -328,9 +336,11 @@ fn authorization(st: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValu
 }
 
 /// Runs the request through the gRPC service and answers in OpenAI's shape.
+/// An `X-Request-Id` header becomes the request's id (in logs on every node).
 async fn run(
     st: AppState,
     auth: Option<HeaderValue>,
+    headers: &HeaderMap,
     request: pb::GenerateRequest,
     stream: bool,
     kind: Kind,
@@ -340,6 +350,11 @@ async fn run(
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
     {
         request.metadata_mut().insert("authorization", v);
+    }
+    if let Some(v) = headers.get(REQUEST_ID_HEADER)
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+    {
+        request.metadata_mut().insert(REQUEST_ID_HEADER, v);
     }
     let responses = st.service.generate(request).await?.into_inner();
     let id = format!(

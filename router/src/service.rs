@@ -18,12 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Admitted};
 use crate::auth::ClientAuth;
 use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
-use crate::validation::Validator;
+use crate::request_metrics::request_ended;
+use crate::validation::{ValidRequest, Validator};
+
+/// The gRPC metadata key (and HTTP header) of a client-chosen request id,
+/// used when `GenerateRequest.request_id` is empty.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Responses buffered per client before the router waits for it to read.
 const CLIENT_BUFFER: usize = 64;
@@ -89,16 +94,14 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
-        let key = self.auth.check(request.metadata())?;
-        let req = self.validator.validate(request.into_inner())?;
-        self.auth
-            .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
-        let span = tracing::info_span!("generate", request_id = %req.request_id);
-        let permit = self
-            .admission
-            .admit(deadline, self.relay.request_timeout_s)
-            .instrument(span.clone())
-            .await?;
+        let (req, permit, span) = match self.admit(request, deadline).await {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                tracing::debug!(status = err.status_label(), "request refused: {err}");
+                request_ended(err.status_label(), arrival, None);
+                return Err(err.into());
+            }
+        };
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let relay = self.relay.clone();
         tokio::spawn(
@@ -109,5 +112,38 @@ impl Generate for GenerateService {
             .instrument(span),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl GenerateService {
+    /// Authenticates, validates and admits a request; returns it with its
+    /// admission permit and its span.
+    async fn admit(
+        &self,
+        request: Request<pb::GenerateRequest>,
+        deadline: Instant,
+    ) -> Result<(ValidRequest, Admitted, tracing::Span), RouterError> {
+        let key = self.auth.check(request.metadata())?;
+        let header_id = request
+            .metadata()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut message = request.into_inner();
+        if message.request_id.is_empty()
+            && let Some(id) = header_id
+        {
+            message.request_id = id;
+        }
+        let req = self.validator.validate(message)?;
+        self.auth
+            .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
+        let span = tracing::info_span!("generate", request_id = %req.request_id);
+        let permit = self
+            .admission
+            .admit(deadline, self.relay.request_timeout_s)
+            .instrument(span.clone())
+            .await?;
+        Ok((req, permit, span))
     }
 }

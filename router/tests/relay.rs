@@ -451,6 +451,30 @@ async fn remote_prefill_gets_the_kv_target() {
 }
 
 #[tokio::test]
+async fn an_x_request_id_names_the_request_at_both_nodes() {
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Ok),
+        token_delay: Duration::from_millis(30),
+        tokens: 2,
+        ..Setup::default()
+    })
+    .await;
+    for (message_id, header_id) in [("", "from-header-1"), ("from-message", "ignored")] {
+        let mut req = tonic::Request::new(request(message_id));
+        req.metadata_mut()
+            .insert("x-request-id", header_id.parse().unwrap());
+        let mut stream = c.client().await.generate(req).await.unwrap().into_inner();
+        while stream.message().await.unwrap().is_some() {}
+    }
+    let log = c.log.lock().unwrap();
+    let decode: Vec<&str> = log.decode.iter().map(|d| d.request_id.as_str()).collect();
+    let prefill: Vec<&str> = log.prefill.iter().map(|p| p.request_id.as_str()).collect();
+    // The header names a request without an id; the message's own id wins.
+    assert_eq!(decode, ["from-header-1", "from-message"]);
+    assert_eq!(prefill, ["from-header-1", "from-message"]);
+}
+
+#[tokio::test]
 async fn full_decode_nodes_are_retried_until_one_admits() {
     let c = cluster(Setup {
         decode_nodes: 2,

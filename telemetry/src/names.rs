@@ -1,0 +1,191 @@
+//! Every metric Tandem exports: names, labels, units and descriptions.
+//!
+//! Names follow Prometheus' conventions: `tandem_` first, the unit in the
+//! name (`_seconds`, `_bytes`), counters ending in `_total`. [`ALL`] is the
+//! list the Grafana dashboard (`cluster-configs/grafana/tandem.json`) is
+//! checked against by `cli/tests/configs.rs`: a panel can only chart a metric
+//! named here.
+//!
+//! Who records what:
+//!
+//! | metric | recorded by | labels |
+//! | --- | --- | --- |
+//! | [`TIME_TO_FIRST_TOKEN_SECONDS`] | router, when the first token goes to the client | |
+//! | [`INTER_TOKEN_LATENCY_SECONDS`] | router, between two token messages to the client | |
+//! | [`REQUEST_DURATION_SECONDS`] | router, arrival to the final message (or error) | `status` |
+//! | [`REQUESTS_TOTAL`] | router, once per request | `status` |
+//! | [`PROMPT_TOKENS_TOTAL`], [`GENERATION_TOKENS_TOTAL`] | router, once per request that reached a node | |
+//! | [`QUEUE_DEPTH`] | router (admission), prefill node (prefill queue), decode node (awaiting KV or local prefill) | `role`, `queue` |
+//! | [`KV_BLOCKS_USED`], [`KV_BLOCKS_FREE`] | prefill and decode nodes, after every step | `role`, `node` |
+//! | [`KV_TRANSFER_BYTES_TOTAL`] | prefill node (sent), decode node (received) | `direction` |
+//! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
+//! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
+
+/// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
+/// Histogram: seconds between two consecutive token messages of one request, at the router.
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "tandem_inter_token_latency_seconds";
+/// Histogram: seconds from a request's arrival at the router to its end, by `status`.
+pub const REQUEST_DURATION_SECONDS: &str = "tandem_request_duration_seconds";
+/// Gauge: requests waiting, by `role` and `queue`.
+pub const QUEUE_DEPTH: &str = "tandem_queue_depth";
+/// Gauge: KV blocks held by requests, by `role` and `node`.
+pub const KV_BLOCKS_USED: &str = "tandem_kv_blocks_used";
+/// Gauge: KV blocks free, by `role` and `node`.
+pub const KV_BLOCKS_FREE: &str = "tandem_kv_blocks_free";
+/// Counter: KV cache payload bytes moved over QUIC, by `direction` (`sent`, `received`).
+pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem_kv_transfer_bytes_total";
+/// Histogram: seconds one request's KV transfer took at the decode node, first
+/// accepted frame to the final frame (every layer landed and checked). The
+/// receiver is the side that always sees a transfer end: the router may drop
+/// the prefill call as soon as the decode node finished the request.
+pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
+/// Histogram: sequences in one forward pass, by `role`.
+pub const BATCH_SIZE: &str = "tandem_batch_size";
+/// Counter: prompt tokens of requests that reached a node.
+pub const PROMPT_TOKENS_TOTAL: &str = "tandem_prompt_tokens_total";
+/// Counter: tokens generated and sent to clients.
+pub const GENERATION_TOKENS_TOTAL: &str = "tandem_generation_tokens_total";
+/// Counter: requests by final `status` (a finish reason or an error kind).
+pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
+
+/// Every metric name, in the order of the table above.
+pub const ALL: [&str; 12] = [
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    INTER_TOKEN_LATENCY_SECONDS,
+    REQUEST_DURATION_SECONDS,
+    REQUESTS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+    GENERATION_TOKENS_TOTAL,
+    QUEUE_DEPTH,
+    KV_BLOCKS_USED,
+    KV_BLOCKS_FREE,
+    KV_TRANSFER_BYTES_TOTAL,
+    KV_TRANSFER_SECONDS,
+    BATCH_SIZE,
+];
+
+/// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
+pub const HISTOGRAMS: [&str; 5] = [
+    TIME_TO_FIRST_TOKEN_SECONDS,
+    INTER_TOKEN_LATENCY_SECONDS,
+    REQUEST_DURATION_SECONDS,
+    KV_TRANSFER_SECONDS,
+    BATCH_SIZE,
+];
+
+/// Label: the role of the process part that records (`router`, `prefill`, `decode`).
+pub const ROLE: &str = "role";
+/// Label: which queue: `admission` (router), `prefill` (prefill node), `decode`
+/// (decode node: sequences waiting for their KV or being prefilled there).
+pub const QUEUE: &str = "queue";
+/// Label: the node's id (`prefill.id`, `decode.id`).
+pub const NODE: &str = "node";
+/// Label: `sent` or `received`.
+pub const DIRECTION: &str = "direction";
+/// Label: how a request ended: `length`, `stop`, `eos`, `cancelled`, or an
+/// error kind named like its gRPC code (`invalid_argument`, `unauthenticated`,
+/// `not_found`, `resource_exhausted`, `unavailable`, `deadline_exceeded`, `internal`).
+pub const STATUS: &str = "status";
+
+/// Registers every metric's description and unit with the installed recorder
+/// (the `# HELP` lines of the scrape).
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Arrival at the router to the first token sent to the client"
+    );
+    describe_histogram!(
+        INTER_TOKEN_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time between consecutive token messages of a request, at the router"
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Arrival at the router to the request's end, by status"
+    );
+    describe_counter!(REQUESTS_TOTAL, "Requests by final status");
+    describe_counter!(
+        PROMPT_TOKENS_TOTAL,
+        Unit::Count,
+        "Prompt tokens of requests that reached a node"
+    );
+    describe_counter!(
+        GENERATION_TOKENS_TOTAL,
+        Unit::Count,
+        "Generated tokens sent to clients"
+    );
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting, by role and queue");
+    describe_gauge!(KV_BLOCKS_USED, "KV cache blocks held by requests");
+    describe_gauge!(KV_BLOCKS_FREE, "KV cache blocks free");
+    describe_counter!(
+        KV_TRANSFER_BYTES_TOTAL,
+        Unit::Bytes,
+        "KV cache bytes moved over QUIC, by direction"
+    );
+    describe_histogram!(
+        KV_TRANSFER_SECONDS,
+        Unit::Seconds,
+        "One request's KV transfer at the decode node, first accepted frame to the final frame"
+    );
+    describe_histogram!(
+        BATCH_SIZE,
+        Unit::Count,
+        "Sequences in one forward pass, by role"
+    );
+}
+
+/// Upper bounds of the histogram buckets of `name` (one of [`HISTOGRAMS`]).
+pub fn buckets(name: &str) -> &'static [f64] {
+    match name {
+        TIME_TO_FIRST_TOKEN_SECONDS => &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+            2.5, 5.0, 10.0, 30.0, 60.0,
+        ],
+        INTER_TOKEN_LATENCY_SECONDS => &[
+            0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+            0.2, 0.5, 1.0, 2.5,
+        ],
+        REQUEST_DURATION_SECONDS => &[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+            300.0,
+        ],
+        KV_TRANSFER_SECONDS => &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ],
+        BATCH_SIZE => &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        _ => &[0.001, 0.01, 0.1, 1.0, 10.0],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        for name in ALL {
+            assert!(name.starts_with("tandem_"), "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()),
+                "{name}"
+            );
+        }
+        for name in HISTOGRAMS {
+            assert!(ALL.contains(&name), "{name}");
+            let b = buckets(name);
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1]),
+                "{name}: buckets must rise"
+            );
+        }
+        let mut sorted = ALL.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ALL.len(), "a name is listed twice");
+    }
+}
