@@ -10,14 +10,40 @@ use support::{Processes, TANDEM, free_port, spawn, synth_model};
 
 #[test]
 fn bench_against_tandem_up() {
+    bench_against_up(|grpc, _| vec!["--router".into(), grpc.into()]);
+}
+
+/// The same run over the OpenAI-compatible HTTP API (streamed completions,
+/// tokens counted from the usage chunk).
+#[test]
+fn bench_over_the_openai_api() {
+    let stdout = bench_against_up(|_, http| {
+        vec![
+            "--backend".into(),
+            "openai".into(),
+            "--base-url".into(),
+            http.into(),
+        ]
+    });
+    // 24 requests x 6 tokens, counted from the server's usage.
+    assert!(
+        stdout.contains("Total generated tokens:                  144"),
+        "{stdout}"
+    );
+}
+
+/// Runs `tandem bench` (with the flags `target` gives for the gRPC and HTTP
+/// addresses) against `tandem up` and checks every request completed and the
+/// table, JSON and plot were written; returns the table.
+fn bench_against_up(target: impl Fn(&str, &str) -> Vec<String>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let model = synth_model(dir.path());
-    let port = free_port();
+    let (port, http_port) = (free_port(), free_port());
     let config = dir.path().join("local.toml");
     std::fs::write(
         &config,
         format!(
-            "[model]\npath = {:?}\n[router]\nlisten = \"127.0.0.1:{port}\"\n[prefill]\nchunk_tokens = 32\n[decode]\nlocal_prefill_below = 8\n",
+            "[model]\npath = {:?}\n[router]\nlisten = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{http_port}\"\n[prefill]\nchunk_tokens = 32\n[decode]\nlocal_prefill_below = 8\n",
             model.to_str().unwrap()
         ),
     )
@@ -28,18 +54,13 @@ fn bench_against_tandem_up() {
     )]);
     let (json, svg) = (dir.path().join("bench.json"), dir.path().join("bench.svg"));
     let router = format!("http://127.0.0.1:{port}");
+    let http = format!("http://127.0.0.1:{http_port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let out = loop {
         let out = Command::new(TANDEM)
-            .args([
-                "bench",
-                "--router",
-                &router,
-                "--num-prompts",
-                "24",
-                "--request-rate",
-                "50,inf",
-            ])
+            .arg("bench")
+            .args(target(&router, &http))
+            .args(["--num-prompts", "24", "--request-rate", "50,inf"])
             .args([
                 "--input-len",
                 "40",
@@ -91,4 +112,5 @@ fn bench_against_tandem_up() {
         plot.starts_with("<svg") || plot.contains("<svg"),
         "an SVG plot"
     );
+    stdout.into_owned()
 }

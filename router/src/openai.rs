@@ -167,6 +167,15 @@ struct Sampling {
     #[serde(default)]
     ignore_eos: bool,
     n: Option<u32>,
+    /// `{"include_usage": true}` adds a last chunk with the usage (OpenAI's
+    /// streaming option), which load generators count tokens with.
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -273,12 +282,13 @@ async fn completions(
         }
     };
     let request = to_request(prompt, &req.sampling)?;
+    let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     run(
         st,
         auth,
         &headers,
         request,
-        req.sampling.stream,
+        (req.sampling.stream, usage),
         Kind::Completion,
     )
     .await
@@ -309,7 +319,9 @@ async fn chat_completions(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
     )?;
-    run(st, auth, &headers, request, req.sampling.stream, Kind::Chat).await
+    let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+    let stream = (req.sampling.stream, usage);
+    run(st, auth, &headers, request, stream, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -335,14 +347,16 @@ fn authorization(st: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValu
     Ok(value)
 }
 
-/// Runs the request through the gRPC service and answers in OpenAI's shape.
-/// An `X-Request-Id` header becomes the request's id (in logs on every node).
+/// Runs the request through the gRPC service and answers in OpenAI's shape;
+/// `(stream, include_usage)` say whether to stream and whether a streamed
+/// answer ends with a usage chunk. An `X-Request-Id` header becomes the
+/// request's id (in logs on every node).
 async fn run(
     st: AppState,
     auth: Option<HeaderValue>,
     headers: &HeaderMap,
     request: pb::GenerateRequest,
-    stream: bool,
+    (stream, include_usage): (bool, bool),
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let mut request = tonic::Request::new(request);
@@ -368,7 +382,7 @@ async fn run(
     );
     let (created, model) = (now(), st.name.clone());
     if stream {
-        let events = sse_events(responses, kind, id, created, model);
+        let events = sse_events(responses, kind, include_usage, id, created, model);
         return Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -415,6 +429,7 @@ async fn run(
 fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
+    include_usage: bool,
     id: String,
     created: u64,
     model: String,
@@ -423,6 +438,14 @@ fn sse_events(
         "chat.completion.chunk"
     } else {
         "text_completion"
+    };
+    let usage_chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |u: pb::Usage| {
+            json!({ "id": id, "object": object, "created": created, "model": model, "choices": [],
+                    "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                               "total_tokens": u.prompt_tokens + u.completion_tokens } })
+        }
     };
     let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| {
         let choice = match kind {
@@ -446,12 +469,14 @@ fn sse_events(
     tokio::spawn(async move {
         let mut responses = responses;
         let mut first = true;
+        let mut usage = None;
         while let Some(msg) = responses.next().await {
             let data = match msg.map(|m| m.event) {
                 Ok(Some(pb::generate_response::Event::Token(t))) => {
                     chunk(Some(&t.text), None, first)
                 }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
+                    usage = f.usage;
                     let tail = (!f.text.is_empty()).then_some(f.text.as_str());
                     chunk(tail, Some(finish_reason(f.reason)), first)
                 }
@@ -469,6 +494,11 @@ fn sse_events(
             {
                 return; // The client went away; dropping `responses` cancels the request.
             }
+        }
+        if include_usage && let Some(u) = usage {
+            let _ = tx
+                .send(Event::default().data(usage_chunk(u).to_string()))
+                .await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });

@@ -5,7 +5,8 @@
 //! under SLOs, and TTFT / TPOT / ITL / end-to-end latency statistics.
 //!
 //! The pieces, one idea each: [`dataset`] makes the prompts, [`arrivals`]
-//! says when each is sent, [`request`] sends one and times its stream,
+//! says when each is sent, [`request`] sends one over gRPC and times its
+//! stream ([`openai`]: over the OpenAI-compatible HTTP API),
 //! [`runner`] drives one run at one rate, [`metrics`] turns records into
 //! numbers, [`report`] prints and saves them and [`plot`] draws them.
 //! [`run_bench`] is the whole command as a library call, for tests.
@@ -13,6 +14,7 @@
 pub mod arrivals;
 pub mod dataset;
 pub mod metrics;
+pub mod openai;
 pub mod plot;
 pub mod report;
 pub mod request;
@@ -31,6 +33,7 @@ use tonic::transport::Endpoint;
 
 pub use arrivals::RequestRate;
 pub use report::{BenchReport, RunReport};
+use request::Target;
 pub use slo::Slo;
 
 /// Where prompts come from.
@@ -40,6 +43,15 @@ pub enum DatasetKind {
     Synthetic,
     /// A ShareGPT JSON file (`--dataset-path`).
     Sharegpt,
+}
+
+/// Which of the router's APIs requests go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// gRPC `Generate` at `--router`.
+    Grpc,
+    /// Streamed `POST /v1/completions` at `--base-url` (vLLM's `openai` backend).
+    Openai,
 }
 
 /// How synthetic prompts are sent.
@@ -57,6 +69,12 @@ pub struct BenchArgs {
     /// The router's address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub router: String,
+    /// The API to load: gRPC, or the OpenAI-compatible HTTP API.
+    #[arg(long, value_enum, default_value_t = Backend::Grpc)]
+    pub backend: Backend,
+    /// The router's HTTP address, for `--backend openai`.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
     /// Model name to ask for; empty means the cluster's only model.
     #[arg(long, default_value = "")]
     pub model: String,
@@ -183,29 +201,29 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     );
     let mut rng = StdRng::seed_from_u64(args.seed);
     let prompts = load_prompts(args, &mut rng)?;
-    let channel = Endpoint::from_shared(args.router.clone())
-        .with_context(|| format!("--router {:?} is not a URL", args.router))?
-        .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the router at {} (is `tandem up` running?)",
-                args.router
-            )
-        })?;
-    let client = GenerateClient::new(channel);
+    let target = match args.backend {
+        Backend::Grpc => {
+            let channel = Endpoint::from_shared(args.router.clone())
+                .with_context(|| format!("--router {:?} is not a URL", args.router))?
+                .connect_timeout(Duration::from_secs(10))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot reach the router at {} (is `tandem up` running?)",
+                        args.router
+                    )
+                })?;
+            Target::Grpc(GenerateClient::new(channel))
+        }
+        Backend::Openai => Target::OpenAi(openai::HttpTarget::parse(&args.base_url)?),
+    };
 
     // As vLLM does: one request alone first, so a misconfigured run fails fast.
-    let probe = request::send(
-        client.clone(),
-        0,
-        &prompts[0],
-        &args.model,
-        std::time::Instant::now(),
-    )
-    .await;
+    let probe = target
+        .send(0, &prompts[0], &args.model, std::time::Instant::now())
+        .await;
     anyhow::ensure!(
         probe.success,
         "the test request failed ({}): {}",
@@ -214,7 +232,10 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     );
 
     let mut report = BenchReport {
-        router: args.router.clone(),
+        router: match args.backend {
+            Backend::Grpc => args.router.clone(),
+            Backend::Openai => args.base_url.clone(),
+        },
         dataset: format!("{:?}", args.dataset).to_lowercase(),
         num_prompts: prompts.len(),
         seed: args.seed,
@@ -239,7 +260,7 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             model: &args.model,
             progress: !args.no_progress,
         };
-        let (records, duration_s) = runner::run(&client, &plan).await;
+        let (records, duration_s) = runner::run(&target, &plan).await;
         let run = RunReport {
             request_rate: rate,
             burstiness: args.burstiness,

@@ -15,6 +15,32 @@ use tandem_proto::v1::generate_client::GenerateClient;
 use tonic::transport::Channel;
 
 use super::dataset::{BenchPrompt, PromptInput};
+use super::openai::{self, HttpTarget};
+
+/// Where a benchmark sends its requests.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// The router's gRPC `Generate`.
+    Grpc(GenerateClient<Channel>),
+    /// The router's OpenAI-compatible `/v1/completions`.
+    OpenAi(HttpTarget),
+}
+
+impl Target {
+    /// Sends request `index` and times it (see [`send`], [`openai::send`]).
+    pub async fn send(
+        &self,
+        index: usize,
+        prompt: &BenchPrompt,
+        model: &str,
+        run_start: Instant,
+    ) -> RequestRecord {
+        match self {
+            Target::Grpc(c) => send(c.clone(), index, prompt, model, run_start).await,
+            Target::OpenAi(t) => openai::send(t, index, prompt, model, run_start).await,
+        }
+    }
+}
 
 /// What happened to one request. Times are seconds.
 #[derive(Clone, Debug, Default, Serialize)]

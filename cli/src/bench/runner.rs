@@ -11,13 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tandem_proto::v1::generate_client::GenerateClient;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::dataset::BenchPrompt;
-use super::request::{self, RequestRecord};
+use super::request::{RequestRecord, Target};
 
 /// How one run sends its requests.
 pub struct RunPlan<'a> {
@@ -31,10 +29,7 @@ pub struct RunPlan<'a> {
 }
 
 /// Records of every request (in dataset order) and the run's duration in seconds.
-pub async fn run(
-    client: &GenerateClient<Channel>,
-    plan: &RunPlan<'_>,
-) -> (Vec<RequestRecord>, f64) {
+pub async fn run(target: &Target, plan: &RunPlan<'_>) -> (Vec<RequestRecord>, f64) {
     let bar = progress_bar(plan.prompts.len(), plan.progress);
     let permits = plan
         .max_concurrency
@@ -43,7 +38,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::from_std(start + plan.timeout);
     let mut tasks = JoinSet::new();
     for (index, (prompt, &offset)) in plan.prompts.iter().zip(plan.offsets).enumerate() {
-        let client = client.clone();
+        let target = target.clone();
         let prompt = prompt.clone();
         let model = plan.model.to_string();
         let permits = permits.clone();
@@ -55,7 +50,7 @@ pub async fn run(
                 Some(p) => p.clone().acquire_owned().await.ok(),
                 None => None,
             };
-            request::send(client, index, &prompt, &model, start).await
+            target.send(index, &prompt, &model, start).await
         });
     }
     let mut records: Vec<RequestRecord> = plan
