@@ -149,13 +149,7 @@ pub trait Backend: Send {
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<u32>> {
-        if draws.len() != chunks.len() {
-            return Err(EngineError::InvalidInput(format!(
-                "{} draws for {} sequences",
-                draws.len(),
-                chunks.len()
-            )));
-        }
+        check_draws(chunks, draws)?;
         Ok(self
             .forward(chunks, on_layer)?
             .iter()
@@ -322,6 +316,18 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Checks that `draws` has one draw per chunk (see [`Backend::forward_draw`]).
+pub fn check_draws(chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<()> {
+    if draws.len() != chunks.len() {
+        return Err(EngineError::InvalidInput(format!(
+            "{} draws for {} sequences",
+            draws.len(),
+            chunks.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a batch against the model and cache before any of it runs, so that

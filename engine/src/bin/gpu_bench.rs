@@ -507,24 +507,7 @@ fn bench(args: &[String]) -> Res<()> {
                 .map(|_| rng.random_range(0..config.vocab_size as u32))
                 .collect();
             let mut run = |be: &mut CudaBackend, draw: TokenDraw| -> Res<f64> {
-                let mut times = Vec::new();
-                for step in 0..steps {
-                    let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
-                    let chunks: Vec<SeqChunk<'_>> = (0..batch)
-                        .map(|i| SeqChunk {
-                            tokens: &t[i],
-                            start: ctx + step,
-                            block_table: &tables[i],
-                        })
-                        .collect();
-                    let draws = vec![draw; batch];
-                    let t0 = Instant::now();
-                    toks = be.forward_draw(&chunks, &draws, None)?;
-                    if step >= 3 {
-                        times.push(t0.elapsed().as_secs_f64());
-                    }
-                }
-                Ok(median(times) * 1e3)
+                Ok(time_decode(be, &tables, ctx, &mut toks, draw)? * 1e3)
             };
             let ms = run(&mut be, TokenDraw::GREEDY)?;
             let top_p = TokenDraw {
@@ -834,9 +817,9 @@ fn kernels(args: &[String]) -> Res<()> {
         let w = gpu.zeros::<half::bf16>(out * k)?;
         let x = gpu.zeros::<half::bf16>(64 * k)?;
         let y = gpu.zeros::<f32>(64 * out)?;
-        let st = gpu_stream_ptr(&gpu, &w);
+        let st = gpu.device_ptr(&w);
         gpu.fill_uniform(st, out * k, 3, -0.05, 0.05)?;
-        gpu.fill_uniform(gpu_stream_ptr(&gpu, &x), 64 * k, 4, -1.0, 1.0)?;
+        gpu.fill_uniform(gpu.device_ptr(&x), 64 * k, 4, -1.0, 1.0)?;
         for rows in [1usize, 64] {
             let mut times = Vec::new();
             for i in 0..25 {
@@ -844,9 +827,9 @@ fn kernels(args: &[String]) -> Res<()> {
                 let t0 = Instant::now();
                 for _ in 0..10 {
                     gpu.gemm(
-                        gpu_stream_ptr(&gpu, &x),
+                        gpu.device_ptr(&x),
                         st,
-                        gpu_stream_ptr(&gpu, &y),
+                        gpu.device_ptr(&y),
                         rows,
                         k,
                         out,
@@ -884,24 +867,9 @@ fn kernels(args: &[String]) -> Res<()> {
             let tables: Vec<Vec<u32>> = (0..batch)
                 .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
                 .collect();
-            let mut times = Vec::new();
             let mut toks = vec![1u32; batch];
-            for step in 0..13 {
-                let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
-                let chunks: Vec<SeqChunk<'_>> = (0..batch)
-                    .map(|i| SeqChunk {
-                        tokens: &t[i],
-                        start: ctx + step,
-                        block_table: &tables[i],
-                    })
-                    .collect();
-                let t0 = Instant::now();
-                toks = be.forward_greedy(&chunks, None)?;
-                if step >= 3 {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
-            steps.push((layers, ctx, batch, median(times)));
+            let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+            steps.push((layers, ctx, batch, t));
         }
     }
     let layer_weights =
@@ -929,6 +897,33 @@ fn kernels(args: &[String]) -> Res<()> {
     Ok(())
 }
 
-fn gpu_stream_ptr<T>(gpu: &Gpu, s: &cudarc::driver::CudaSlice<T>) -> u64 {
-    gpu.device_ptr(s)
+/// Median seconds of a decode step, of 13 after 3 warm-up: one sequence per block
+/// table at positions `ctx..`, each step fed the tokens the last one chose with `draw`.
+fn time_decode(
+    be: &mut CudaBackend,
+    tables: &[Vec<u32>],
+    ctx: usize,
+    toks: &mut Vec<u32>,
+    draw: TokenDraw,
+) -> Res<f64> {
+    let mut times = Vec::new();
+    for step in 0..13 {
+        let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
+        let chunks: Vec<SeqChunk<'_>> = t
+            .iter()
+            .zip(tables)
+            .map(|(t, table)| SeqChunk {
+                tokens: t,
+                start: ctx + step,
+                block_table: table,
+            })
+            .collect();
+        let draws = vec![draw; chunks.len()];
+        let t0 = Instant::now();
+        *toks = be.forward_draw(&chunks, &draws, None)?;
+        if step >= 3 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
 }

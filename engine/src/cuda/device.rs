@@ -343,19 +343,16 @@ impl Gpu {
     /// the median of 10 copies of `bytes` of random data, after a warm-up.
     pub fn copy_bandwidth_gbs(&self, bytes: usize) -> Result<f64, CudaError> {
         self.bind()?;
-        let src = self.zeros::<bf16>(bytes / 2)?;
-        let dst = self.zeros::<bf16>(bytes / 2)?;
+        let n = bytes / 2;
+        let len = 2 * n;
+        let src = self.zeros::<bf16>(n)?;
+        let dst = self.zeros::<bf16>(n)?;
         let (s, d) = (ptr(&src, &self.compute), ptr(&dst, &self.compute));
-        self.fill_uniform(s, bytes / 2, 17, -1.0, 1.0)?;
+        self.fill_uniform(s, n, 17, -1.0, 1.0)?;
         let copy = || {
-            // SAFETY: both buffers hold `bytes / 2` bf16.
+            // SAFETY: both buffers hold `len` bytes.
             unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    d,
-                    s,
-                    bytes / 2 * 2,
-                    self.compute.cu_stream(),
-                )
+                cudarc::driver::result::memcpy_dtod_async(d, s, len, self.compute.cu_stream())
             }
             .op("cuMemcpyDtoDAsync")
         };
@@ -369,7 +366,7 @@ impl Gpu {
             times.push(t0.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
-        Ok(2.0 * (bytes / 2 * 2) as f64 / times[times.len() / 2] / 1e9)
+        Ok(2.0 * len as f64 / times[times.len() / 2] / 1e9)
     }
 
     /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)`.

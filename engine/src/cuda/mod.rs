@@ -43,7 +43,7 @@ pub use error::CudaError;
 pub use kv::GpuKvCache;
 pub use model::{GpuModel, NAMED_SHAPES, named_config};
 
-use crate::backend::{Backend, LayerHook, SeqChunk, validate_chunks};
+use crate::backend::{Backend, LayerHook, SeqChunk, check_draws, validate_chunks};
 use crate::block_manager::{BlockId, blocks_for};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -620,7 +620,7 @@ impl CudaBackend {
             .iter()
             .find(|&&b| b >= chunks.len() && b <= self.limits.max_seqs)
         else {
-            return self.decode_direct(chunks, draws);
+            return self.direct(chunks, draws, None);
         };
         let (m, pass) = self.upload_meta(chunks, draws, Some(bucket))?;
         if !self.graphs.contains_key(&bucket) {
@@ -633,10 +633,7 @@ impl CudaBackend {
                         "capturing a CUDA graph for decode batches of {bucket} failed ({e}); running without graphs"
                     );
                     self.use_graphs = false;
-                    self.gpu.bind()?;
-                    self.enqueue(&m, pass, None)?;
-                    self.enqueue_sample(&m, pass)?;
-                    return self.download_ids(chunks.len());
+                    return self.direct(chunks, draws, None);
                 }
             }
         }
@@ -664,10 +661,15 @@ impl CudaBackend {
         Ok(graph)
     }
 
-    /// A decode step launched kernel by kernel.
-    fn decode_direct(&mut self, chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<Vec<u32>> {
+    /// A pass launched kernel by kernel, sampled on the device.
+    fn direct(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
         let (m, pass) = self.upload_meta(chunks, draws, None)?;
-        self.enqueue(&m, pass, None)?;
+        self.enqueue(&m, pass, on_layer)?;
         self.enqueue_sample(&m, pass)?;
         self.download_ids(chunks.len())
     }
@@ -739,30 +741,17 @@ impl Backend for CudaBackend {
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<u32>> {
-        if draws.len() != chunks.len() {
-            return Err(EngineError::InvalidInput(format!(
-                "{} draws for {} sequences",
-                draws.len(),
-                chunks.len()
-            )));
-        }
+        check_draws(chunks, draws)?;
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
         validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
         self.gpu.bind()?;
         let decode = chunks.iter().all(|c| c.tokens.len() == 1);
-        if decode && on_layer.is_none() {
-            return if self.use_graphs {
-                self.decode_graph(chunks, draws)
-            } else {
-                self.decode_direct(chunks, draws)
-            };
+        if decode && on_layer.is_none() && self.use_graphs {
+            return self.decode_graph(chunks, draws);
         }
-        let (m, pass) = self.upload_meta(chunks, draws, None)?;
-        self.enqueue(&m, pass, on_layer)?;
-        self.enqueue_sample(&m, pass)?;
-        self.download_ids(chunks.len())
+        self.direct(chunks, draws, on_layer)
     }
 
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
