@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Endpoint, EndpointConfig, Incoming, RecvStream, TokioRuntime, VarInt};
+use quinn::{Endpoint, Incoming, RecvStream, TokioRuntime, VarInt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -170,7 +170,7 @@ impl KvReceiver {
             };
             let socket = config.transport.udp_socket(bind)?;
             endpoints.push(Endpoint::new(
-                EndpointConfig::default(),
+                config.transport.endpoint_config(),
                 Some(server.clone()),
                 socket,
                 Arc::new(TokioRuntime),

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Connection, Endpoint, EndpointConfig, SendStream, TokioRuntime, VarInt, WriteError};
+use quinn::{Connection, Endpoint, SendStream, TokioRuntime, VarInt, WriteError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -198,7 +198,7 @@ impl KvSender {
         for _ in 0..n_endpoints {
             let socket = config.transport.udp_socket(bind)?;
             let mut ep = Endpoint::new(
-                EndpointConfig::default(),
+                config.transport.endpoint_config(),
                 None,
                 socket,
                 Arc::new(TokioRuntime),
@@ -287,6 +287,12 @@ impl KvSender {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Each connection's QUIC statistics (packets, losses, congestion
+    /// window, UDP calls), in connection order.
+    pub fn connection_stats(&self) -> Vec<quinn::ConnectionStats> {
+        self.connections.iter().map(Connection::stats).collect()
     }
 
     /// The receiver address each connection goes to, in connection order.

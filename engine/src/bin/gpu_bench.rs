@@ -281,25 +281,45 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
     let gpu_cont = conts.pop().unwrap_or_default();
     // The first six sequences decoded alone (one-token passes take the fused
     // single-row path), against the CPU.
+    // Then again without programmatic dependent launches: the same tokens, or the
+    // kernels' ordering is wrong.
     let mut alone_differ = Vec::new();
+    let mut pdl_differ = 0;
     for i in 0..6.min(prompts.len()) {
-        let mut next = first_tokens[i];
-        let mut cont = Vec::new();
-        for step in 0..steps {
-            cont.push(next);
-            let t = [next];
-            next = gpu.forward_greedy(
-                &[SeqChunk {
-                    tokens: &t,
-                    start: prompts[i].len() + step,
-                    block_table: &tables[i],
-                }],
-                None,
-            )?[0];
+        let mut conts = Vec::new();
+        for pdl in [true, false] {
+            gpu.set_pdl(pdl);
+            let mut next = first_tokens[i];
+            let mut cont = Vec::new();
+            for step in 0..steps {
+                cont.push(next);
+                let t = [next];
+                next = gpu.forward_greedy(
+                    &[SeqChunk {
+                        tokens: &t,
+                        start: prompts[i].len() + step,
+                        block_table: &tables[i],
+                    }],
+                    None,
+                )?[0];
+            }
+            conts.push(cont);
+        }
+        gpu.set_pdl(true);
+        let cont = &conts[0];
+        if conts[1] != *cont {
+            pdl_differ += 1;
         }
         if let Some(k) = (0..steps).find(|&k| cont[k] != cpu_cont[i][k]) {
             alone_differ.push(format!("#{i}@{k}"));
         }
+    }
+    eprintln!(
+        "{}: sequences decoded alone, with vs without programmatic dependent launches: {pdl_differ} of 6 differ",
+        dir.display()
+    );
+    if pdl_differ > 0 {
+        return Err("programmatic dependent launches change decode results".into());
     }
     eprintln!(
         "{}: sequences decoded alone vs the CPU: {} of 6 differ {}",
@@ -480,9 +500,9 @@ fn bench(args: &[String]) -> Res<()> {
         "Floor bandwidth {bw:.0} GB/s: a 2 GiB device-to-device copy on this GPU, bytes read + written.\n"
     );
     println!(
-        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | top-p sampling ms |"
+        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | without PDL ms | top-p sampling ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let batches: &[usize] = if quick {
         &[1, 64]
     } else {
@@ -521,10 +541,13 @@ fn bench(args: &[String]) -> Res<()> {
             be.set_graphs(false);
             let direct = run(&mut be, TokenDraw::GREEDY)?;
             be.set_graphs(true);
+            be.set_pdl(false);
+            let no_pdl = run(&mut be, TokenDraw::GREEDY)?;
+            be.set_pdl(true);
             let kv = (batch * (ctx + 8) * kv_token_bytes) as f64;
             let floor = (weight_bytes as f64 + kv) / (bw * 1e9) * 1e3;
             println!(
-                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} | {direct:.2} | {sampled:.2} |",
+                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} | {direct:.2} | {no_pdl:.2} | {sampled:.2} |",
                 ms / floor,
                 batch as f64 / ms * 1e3
             );
@@ -856,6 +879,8 @@ fn kernels(args: &[String]) -> Res<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     let mut steps = Vec::new();
+    let mut profiles = Vec::new();
+    let mut be_wave = 0;
     for layers in [0usize, 4] {
         let c = named_config(&shape, Some(layers))?;
         let g = Gpu::open(0, &c)?;
@@ -870,6 +895,49 @@ fn kernels(args: &[String]) -> Res<()> {
             let mut toks = vec![1u32; batch];
             let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
             steps.push((layers, ctx, batch, t));
+        }
+        if layers > 0 {
+            be_wave = be.decode_wave();
+            // Decode attention split as the backend chooses (None), or aiming at
+            // 4096 blocks (the rule before 2026-12-02) for comparison.
+            for (ctx, batch, blocks) in [
+                (1024usize, 1usize, None),
+                (1024, 1, Some(4096usize)),
+                (4096, 1, None),
+                (4096, 1, Some(4096)),
+                (4096, 8, None),
+                (4096, 8, Some(4096)),
+                (4096, 32, None),
+                (4096, 32, Some(4096)),
+                (4096, 64, None),
+            ] {
+                be.set_decode_blocks(blocks);
+                let per_seq = blocks_for(ctx + 20, BS);
+                let tables: Vec<Vec<u32>> = (0..batch)
+                    .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+                    .collect();
+                let toks = vec![[1u32]; batch];
+                let chunks: Vec<SeqChunk<'_>> = toks
+                    .iter()
+                    .zip(&tables)
+                    .map(|(t, table)| SeqChunk {
+                        tokens: t,
+                        start: ctx,
+                        block_table: table,
+                    })
+                    .collect();
+                // The fastest of 5 runs per kernel, after a warm-up.
+                let mut best: Vec<(&'static str, f64)> = be.profile(&chunks)?;
+                for _ in 0..5 {
+                    for (slot, (_, us)) in best.iter_mut().zip(be.profile(&chunks)?) {
+                        slot.1 = slot.1.min(us);
+                    }
+                }
+                let mut toks = vec![1u32; batch];
+                let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+                profiles.push((ctx, batch, layers, blocks, t, best));
+            }
+            be.set_decode_blocks(None);
         }
     }
     let layer_weights =
@@ -894,6 +962,25 @@ fn kernels(args: &[String]) -> Res<()> {
         );
     }
     println!();
+    for (ctx, batch, layers, blocks, step, prof) in &profiles {
+        let total: f64 = prof.iter().map(|p| p.1).sum();
+        println!(
+            "Kernel by kernel, an event after each launch (no graph, no PDL; each figure holds its launch gap): context {ctx}, batch {batch}, {layers} layers, decode attention blocks aimed at: {}: {total:.1} µs in all (graph replay of the step: {:.1} µs)\n",
+            blocks.map_or(format!("the backend's rule (one wave = {be_wave})"), |b| b
+                .to_string()),
+            step * 1e6
+        );
+        println!("| kernel | µs per step | µs per layer | share |");
+        println!("|---|---|---|---|");
+        for (name, us) in prof {
+            println!(
+                "| {name} | {us:.1} | {:.1} | {:.0}% |",
+                us / *layers as f64,
+                us / total * 100.0
+            );
+        }
+        println!();
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! need, is switched off. Ordering between the compute stream and the copy
 //! stream is explicit (events).
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
@@ -40,6 +41,8 @@ pub(crate) struct Kernels {
     pub sample_rows: CudaFunction,
     pub fill_uniform: CudaFunction,
     pub gemv: CudaFunction,
+    /// The gate/up product fused with the SiLU·up activation, one row.
+    pub gemv_silu: CudaFunction,
     pub attn_combine: CudaFunction,
     /// `decode_attn_{32,64,128}_{1,2,4,8}` for the model's head_dim and group size.
     pub decode_attn: CudaFunction,
@@ -61,8 +64,13 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     /// Dynamic shared memory the decode attention kernel is launched with.
     pub(crate) decode_smem: usize,
+    /// Decode attention blocks resident at once on the whole GPU (one wave).
+    pub(crate) decode_wave: usize,
     /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
     cublas_only: bool,
+    /// Launch the forward pass's kernels as programmatic dependent launches
+    /// (`TANDEM_CUDA_PDL=0` turns it off).
+    pub(crate) pdl: bool,
 }
 
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
@@ -159,6 +167,7 @@ impl Gpu {
             sample_rows: f("sample_rows")?,
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
+            gemv_silu: f("gemv_silu")?,
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
@@ -169,6 +178,20 @@ impl Gpu {
                 decode_smem(head_dim, group_bound) as i32,
             )
             .op("cuFuncSetAttribute")?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .op("cuDeviceGetAttribute")?;
+        let per_sm = k
+            .decode_attn
+            .occupancy_max_active_blocks_per_multiprocessor(
+                128,
+                decode_smem(head_dim, group_bound),
+                None,
+            )
+            .op("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
+        let decode_wave = (sms.max(1) as usize) * (per_sm.max(1) as usize);
         // The prefill attention kernel's two K/V stages exceed the default 48 KiB.
         k.prefill_attn
             .set_attribute(
@@ -195,7 +218,9 @@ impl Gpu {
             blas,
             _blas_workspace: workspace,
             decode_smem: decode_smem(head_dim, group_bound),
+            decode_wave,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
+            pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
         })
     }
 
@@ -269,6 +294,17 @@ impl Gpu {
             .op("cuMemcpyHtoDAsync")
     }
 
+    /// A launch of `func` on the compute stream, a programmatic dependent launch
+    /// when `pdl` (kernels.cu, `pdl_wait`).
+    pub(crate) fn kernel<'a>(&'a self, func: &'a CudaFunction, pdl: bool) -> Launch<'a> {
+        Launch {
+            stream: &self.compute,
+            func,
+            args: Vec::with_capacity(16),
+            pdl,
+        }
+    }
+
     /// `y [n, out] = x [n, k] · wᵀ` with `w [out, k]` (HF layout), bf16 in, f32
     /// accumulation; `y` is f32 when `y_f32`, else bf16.
     #[allow(clippy::too_many_arguments)]
@@ -282,12 +318,68 @@ impl Gpu {
         out: usize,
         y_f32: bool,
     ) -> Result<(), CudaError> {
+        self.gemm_with(x, w, y, n, k, out, y_f32, self.pdl)
+    }
+
+    /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
+    fn skinny(&self, n: usize, k: usize) -> bool {
+        n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
+    }
+
+    /// `act [n, inter] = silu(x · gateᵀ) * (x · upᵀ)` with `gate_up = [gate; up]`
+    /// of `[2 inter, k]`: at one row a single fused kernel (`gemv_silu`), else the
+    /// product into `gu` (bf16 `[n, 2 inter]`) and the activation kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_silu(
+        &self,
+        x: u64,
+        gate_up: u64,
+        gu: u64,
+        act: u64,
+        n: usize,
+        k: usize,
+        inter: usize,
+        pdl: bool,
+    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
-        if n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only {
+        let (n_i, k_i, inter_i) = (n as i32, k as i32, inter as i32);
+        if n == 1 && self.skinny(n, k) {
+            let mut b = self.kernel(&self.k.gemv_silu, pdl);
+            b.arg(&x).arg(&gate_up).arg(&act).arg(&k_i).arg(&inter_i);
+            // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
+            // inter bf16; k is a multiple of 8 for the 16-byte loads.
+            return unsafe { b.launch(grid(inter.div_ceil(8) as u32, 256)) }.op("launch gemv_silu");
+        }
+        self.gemm_with(x, gate_up, gu, n, k, 2 * inter, false, pdl)?;
+        let mut l = self.kernel(&self.k.silu_mul, pdl);
+        l.arg(&gu).arg(&act).arg(&n_i).arg(&inter_i);
+        let blocks = (n * inter).div_ceil(256).min(65535) as u32;
+        // SAFETY: `gu` holds n rows of 2 inter bf16, `act` n rows of inter.
+        unsafe { l.launch(grid(blocks, 256)) }.op("launch silu_mul")
+    }
+
+    /// [`gemm`](Self::gemm), the `gemv` kernel launched as a programmatic
+    /// dependent launch when `pdl`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_with(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        n: usize,
+        k: usize,
+        out: usize,
+        y_f32: bool,
+        pdl: bool,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if self.skinny(n, k) {
             let (n_i, k_i, out_i, f) = (n as i32, k as i32, out as i32, y_f32 as i32);
-            let mut b = self.compute.launch_builder(&self.k.gemv);
+            let mut b = self.kernel(&self.k.gemv, pdl);
             b.arg(&x)
                 .arg(&w)
                 .arg(&y)
@@ -398,6 +490,65 @@ pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
 /// rows padded by 8 elements.
 pub(crate) fn prefill_smem(head_dim: usize) -> usize {
     2 * 2 * 64 * (head_dim + 8) * 2
+}
+
+/// A kernel launch built argument by argument and submitted with
+/// `cuLaunchKernelEx`, so that it can carry the programmatic-stream-serialization
+/// attribute: the kernel may then be scheduled while the one before it in the
+/// stream finishes (its launch latency and prologue hide behind that kernel's
+/// tail) and waits in `pdl_wait` for that kernel's results. Captured into CUDA
+/// graphs as programmatic dependencies.
+pub(crate) struct Launch<'a> {
+    stream: &'a CudaStream,
+    func: &'a CudaFunction,
+    args: Vec<*mut c_void>,
+    pdl: bool,
+}
+
+impl<'a> Launch<'a> {
+    /// Appends a kernel argument (passed by address, as the driver wants).
+    pub fn arg<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.args.push(v as *const T as *mut c_void);
+        self
+    }
+
+    /// Queues the kernel.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and
+    /// type, and every pointer among them must be valid for what the kernel
+    /// does with it over the grid `cfg` describes.
+    pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), cudarc::driver::DriverError> {
+        use cudarc::driver::sys;
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: the attribute value is a plain C union; zero is a valid value of it.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.pdl),
+        };
+        // SAFETY: forwarded to the caller; `config`, `attr` and the argument
+        // addresses outlive the call, which copies what they point to.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                self.args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    }
 }
 
 /// A launch of `blocks` blocks of `threads` threads, no dynamic shared memory.

@@ -41,6 +41,15 @@ __device__ float block_sum(float v) {
     return part[0];
 }
 
+// Programmatic dependent launch (sm_90). The backend launches decode kernels with
+// the PDL attribute: such a kernel may be scheduled while the kernel before it in
+// the stream is still running. pdl_wait() blocks until that kernel has completed
+// and its writes are visible; pdl_launch() lets the next kernel be scheduled. Both
+// are no-ops in a kernel launched normally. Every kernel calls pdl_wait() before it
+// touches memory that an earlier kernel writes, and writes nothing before it.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+
 // Asynchronous 16-byte copies global -> shared (bytes < 16 zero-fills the rest).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
     u32 a = (u32)__cvta_generic_to_shared(smem);
@@ -56,6 +65,8 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // x[row] = table[ids[row]] (f32 residual stream).
 extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, int hidden) {
+    pdl_wait();
+    pdl_launch();
     size_t row = blockIdx.x;
     size_t id = ids[row];
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
@@ -66,6 +77,8 @@ extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, in
 //   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
 extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
                                        const bf16* w, bf16* out, int hidden, float eps) {
+    pdl_wait();
+    pdl_launch();
     size_t r = blockIdx.x;
     size_t s = rows ? (size_t)rows[r] : r;
     float* xr = x + s * hidden;
@@ -88,50 +101,52 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
 // qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
 // position; slots[t] = block * bs + slot where its K/V go.
+// grid (hq + hkv, n), block hd / 2: block (h, t) rotates head h of token t, a query
+// head, or a KV head whose K it rotates and whose V it copies into the cache.
 extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
                                    const int* slots, const float* inv_freq, bf16* q_out,
                                    bf16* cache, int hq, int hkv, int hd, int bs) {
-    size_t t = blockIdx.x;
-    int half = hd / 2;
+    pdl_wait();
+    pdl_launch();
+    int h = blockIdx.x, j = threadIdx.x, half = hd / 2;
+    size_t t = blockIdx.y;
     size_t width = (size_t)(hq + 2 * hkv) * hd;
     const bf16* row = qkv + t * width;
-    float p = (float)pos[t];
     int slot = slots[t];
     size_t blk = slot / bs;
     int s = slot % bs;
-    size_t block_elems = 2 * (size_t)hkv * bs * hd;
-    bf16* base = cache + blk * block_elems;
-    for (int i = threadIdx.x; i < (hq + hkv) * half; i += blockDim.x) {
-        int h = i / half, j = i % half;
-        int c1 = h * hd + j, c2 = c1 + half;
-        float x1 = bf(row[c1]), x2 = bf(row[c2]);
-        if (bias) {
-            x1 += bf(bias[c1]);
-            x2 += bf(bias[c2]);
-        }
-        float ang = p * inv_freq[j];
-        float cs = cosf(ang), sn = sinf(ang);
-        float a = x1 * cs - x2 * sn, b = x2 * cs + x1 * sn;
-        if (h < hq) {
-            q_out[t * hq * hd + c1] = __float2bfloat16(a);
-            q_out[t * hq * hd + c2] = __float2bfloat16(b);
-        } else {
-            bf16* k = base + ((size_t)(h - hq) * bs + s) * hd;
-            k[j] = __float2bfloat16(a);
-            k[j + half] = __float2bfloat16(b);
-        }
+    bf16* base = cache + blk * 2 * (size_t)hkv * bs * hd;
+    int c1 = h * hd + j, c2 = c1 + half;
+    float x1 = bf(row[c1]), x2 = bf(row[c2]);
+    if (bias) {
+        x1 += bf(bias[c1]);
+        x2 += bf(bias[c2]);
     }
-    for (int i = threadIdx.x; i < hkv * hd; i += blockDim.x) {
-        int kh = i / hd, d = i % hd;
-        int c = (hq + hkv) * hd + i;
-        float v = bf(row[c]);
-        if (bias) v += bf(bias[c]);
-        base[((size_t)(hkv + kh) * bs + s) * hd + d] = __float2bfloat16(v);
+    float sn, cs;
+    sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
+    float a = x1 * cs - x2 * sn, b = x2 * cs + x1 * sn;
+    if (h < hq) {
+        q_out[t * hq * hd + c1] = __float2bfloat16(a);
+        q_out[t * hq * hd + c2] = __float2bfloat16(b);
+        return;
+    }
+    int kh = h - hq;
+    bf16* k = base + ((size_t)kh * bs + s) * hd;
+    k[j] = __float2bfloat16(a);
+    k[j + half] = __float2bfloat16(b);
+    bf16* v = base + ((size_t)(hkv + kh) * bs + s) * hd;
+    int cv = (hq + hkv + kh) * hd;
+    for (int d = j; d < hd; d += half) {
+        float x = bf(row[cv + d]);
+        if (bias) x += bf(bias[cv + d]);
+        v[d] = __float2bfloat16(x);
     }
 }
 
 // act[r, i] = silu(gu[r, i]) * gu[r, inter + i].
 extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter) {
+    pdl_wait();
+    pdl_launch();
     size_t total = (size_t)n * inter;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
@@ -394,6 +409,8 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
         const bf16* q, const bf16* cache, const int* tables, const int* table_stride,          \
         const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
         int max_splits, int window, float scale) {                                             \
+        pdl_wait();                                                                            \
+        pdl_launch();                                                                          \
         decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
                            bs, max_splits, window, scale);                                     \
     }
@@ -410,25 +427,47 @@ DECODE_ATTN(128, 2)
 DECODE_ATTN(128, 4)
 DECODE_ATTN(128, 8)
 
-// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16.
+// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16. The block first
+// stages every split's (m, l) and weight in shared memory (one split per thread),
+// so the per-dimension sum over splits has no dependent loads but its own.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
                                         const int* seq_lens, bf16* out, int hq, int hd,
                                         int max_splits) {
+    __shared__ float wgt[64];  // max_splits <= 64 (MAX_SPLITS in mod.rs)
+    __shared__ float den_s;
+    pdl_wait();
+    pdl_launch();
     int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     size_t head = (size_t)b * hq + h;
     int len = seq_lens[b];
     int chunk = split_chunk(len, max_splits);
     int splits = (len + chunk - 1) / chunk;
-    float m = NEG_INF;
-    for (int s = 0; s < splits; s++) m = fmaxf(m, part_ml[(head * max_splits + s) * 2]);
-    float num = 0.f, den = 0.f;
-    for (int s = 0; s < splits; s++) {
-        float ms = part_ml[(head * max_splits + s) * 2];
-        if (ms == NEG_INF) continue;
-        float w = __expf(ms - m);
-        num += w * part_o[(head * max_splits + s) * hd + d];
-        den += w * part_ml[(head * max_splits + s) * 2 + 1];
+    const float* ml = part_ml + head * max_splits * 2;
+    // Warp 0: the splits' maximum, then each split's weight exp(m_s - m) and the
+    // weighted sum of the l_s.
+    if (d < 32) {
+        float m = NEG_INF;
+        for (int s = d; s < splits; s += 32) m = fmaxf(m, ml[2 * s]);
+        m = warp_max(m);
+        float den = 0.f;
+        for (int s = d; s < splits; s += 32) {
+            float ms = ml[2 * s];
+            float w = ms == NEG_INF ? 0.f : __expf(ms - m);
+            wgt[s] = w;
+            den += w * ml[2 * s + 1];
+        }
+        den = warp_sum(den);
+        if (d == 0) den_s = den;
     }
+    __syncthreads();
+    const float* po = part_o + head * max_splits * hd + d;
+    float num = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) {
+        float w = wgt[s];
+        if (w != 0.f) num += w * po[(size_t)s * hd];  // a split with no key in the window
+    }
+    float den = den_s;
     out[head * hd + d] = __float2bfloat16(den > 0.f ? num / den : 0.f);
 }
 
@@ -510,6 +549,8 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     __shared__ float above_s;
     __shared__ float scan[32];
     __shared__ int found, last_kept;
+    pdl_wait();
+    pdl_launch();
     int row_i = blockIdx.x;
     const float* row = logits + (size_t)row_i * vocab;
     const int* d = draws + 5 * row_i;
@@ -880,6 +921,8 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
         const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
         const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
         int bs, int window, float scale) {                                                     \
+        pdl_wait();                                                                            \
+        pdl_launch();                                                                          \
         prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
                          bs, window, scale);                                                   \
     }
@@ -892,25 +935,30 @@ PREFILL_ATTN(128)
 // cuBLAS is tuned for large n; at batch 1..8 the step is a pure weight stream, so
 // one warp per output row reads its weight row once with 16-byte loads.
 // grid ceil(out / 8), block 256 (8 warps).
-template <int N>
-__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32) {
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int o = blockIdx.x * (blockDim.x >> 5) + warp;
-    if (o >= out) return;
-    const bf16* wr = w + (size_t)o * k;
-    float acc[N];
+
+// acc[j][r] += x[r] · w[rows[j]] over k for this lane's share of the columns.
+template <int N, int R>
+__device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)[R], int k,
+                                          int lane, float (&acc)[R][N]) {
 #pragma unroll
-    for (int r = 0; r < N; r++) acc[r] = 0.f;
+    for (int j = 0; j < R; j++)
+#pragma unroll
+        for (int r = 0; r < N; r++) acc[j][r] = 0.f;
+    pdl_wait();
+    pdl_launch();
 #pragma unroll 8
     for (int c = lane * 8; c < k; c += 256) {
-        uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + c));
-        const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
-        float wf[8];
+        float wf[R][8];
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float2 f = __bfloat1622float2(w2[e]);
-            wf[2 * e] = f.x;
-            wf[2 * e + 1] = f.y;
+        for (int j = 0; j < R; j++) {
+            uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr[j] + c));
+            const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float2 f = __bfloat1622float2(w2[e]);
+                wf[j][2 * e] = f.x;
+                wf[j][2 * e + 1] = f.y;
+            }
         }
 #pragma unroll
         for (int r = 0; r < N; r++) {
@@ -919,18 +967,37 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 float2 f = __bfloat1622float2(x2[e]);
-                acc[r] += f.x * wf[2 * e] + f.y * wf[2 * e + 1];
+#pragma unroll
+                for (int j = 0; j < R; j++)
+                    acc[j][r] += f.x * wf[j][2 * e] + f.y * wf[j][2 * e + 1];
             }
         }
     }
 #pragma unroll
-    for (int r = 0; r < N; r++) {
-        float v = warp_sum(acc[r]);
-        if (lane == 0) {
+    for (int j = 0; j < R; j++)
+#pragma unroll
+        for (int r = 0; r < N; r++) acc[j][r] = warp_sum(acc[j][r]);
+}
+
+template <int N>
+__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (o >= out) {
+        pdl_wait();
+        pdl_launch();
+        return;
+    }
+    const bf16* wr[1] = {w + (size_t)o * k};
+    float acc[1][N];
+    warp_dots<N, 1>(x, wr, k, lane, acc);
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < N; r++) {
             if (y_f32)
-                reinterpret_cast<float*>(y)[(size_t)r * out + o] = v;
+                reinterpret_cast<float*>(y)[(size_t)r * out + o] = acc[0][r];
             else
-                reinterpret_cast<bf16*>(y)[(size_t)r * out + o] = __float2bfloat16(v);
+                reinterpret_cast<bf16*>(y)[(size_t)r * out + o] = __float2bfloat16(acc[0][r]);
         }
     }
 }
@@ -948,3 +1015,27 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, in
         default: gemv_rows<8>(x, w, y, k, out, y_f32); break;
     }
 }
+
+// The gate/up product and the activation in one pass, for one row (decode at batch
+// 1): act[o] = silu(x · w[o]) * (x · w[inter + o]), w = [gate; up] of [2 inter, k].
+// One warp reads both of its rows, so the activation needs no kernel of its own and
+// the product's output never goes to memory. grid ceil(inter / 8), block 256.
+extern "C" __global__ void gemv_silu(const bf16* x, const bf16* w, bf16* act, int k,
+                                     int inter) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int o = blockIdx.x * (blockDim.x >> 5) + warp;
+    if (o >= inter) {
+        pdl_wait();
+        pdl_launch();
+        return;
+    }
+    const bf16* wr[2] = {w + (size_t)o * k, w + ((size_t)inter + o) * k};
+    float acc[2][1];
+    warp_dots<1, 2>(x, wr, k, lane, acc);
+    if (lane == 0) {
+        // Rounded to bf16 first, as the two-pass path stores the product.
+        float g = bf(__float2bfloat16(acc[0][0])), u = bf(__float2bfloat16(acc[1][0]));
+        act[o] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+    }
+}
+

@@ -33,9 +33,11 @@ pub mod kv;
 pub mod model;
 mod staging;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
-use cudarc::driver::{CudaGraph, CudaSlice, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, LaunchConfig, PinnedHostSlice};
 use half::bf16;
 
 pub use device::Gpu;
@@ -52,8 +54,14 @@ use crate::sampling::TokenDraw;
 use device::{grid, ptr};
 use error::DriverContext;
 
-/// The most splits a decode sequence's context is cut into.
+/// The most splits a decode sequence's context is cut into (at most 64:
+/// `attn_combine` stages one weight per split in a 64-entry array).
 const MAX_SPLITS: usize = 64;
+const _: () = assert!(MAX_SPLITS <= 64);
+
+/// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
+/// its latency is the per-thread share of the hidden width.
+const NORM_THREADS: u32 = 1024;
 /// Decode batch sizes a graph is captured for; a batch runs in the smallest
 /// bucket that holds it (and without a graph above the largest).
 const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
@@ -157,6 +165,11 @@ pub struct CudaBackend {
     graphs: HashMap<usize, DecodeGraph>,
     /// Graphs in use (false after `TANDEM_CUDA_GRAPHS=0` or a failed capture).
     use_graphs: bool,
+    /// Decode attention blocks the split count aims at, when set (benchmarks);
+    /// else [`decode_splits`] decides.
+    decode_blocks: Option<usize>,
+    /// While [`profile`](Self::profile) runs: an event after every launch.
+    marks: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
 }
 
 impl CudaBackend {
@@ -228,6 +241,8 @@ impl CudaBackend {
             max_table,
             graphs: HashMap::new(),
             use_graphs: std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            marks: RefCell::new(None),
+            decode_blocks: None,
         })
     }
 
@@ -439,23 +454,27 @@ impl CudaBackend {
         let null = 0u64;
         let inv_freq = ptr(&b.inv_freq, st);
         let ts = m.table_stride as i32;
-        let splits = decode_splits(s, hkv);
+        let splits = decode_splits(s, hkv, self.decode_blocks.unwrap_or(self.gpu.decode_wave));
+        // Programmatic dependent launches, except around the export hook's events.
+        let pdl = g.pdl && on_layer.is_none();
 
         // SAFETY (every launch below): the pointers are the backend's own buffers, sized
         // at construction for `max_tokens`/`max_seqs` (checked in `upload_meta`), the
         // cache layers (one scratch block beyond the layout), and the metadata just
         // uploaded; grids match the kernels' indexing.
         let ids = at(m.ids);
-        let mut l = st.launch_builder(&g.k.embed);
+        let mut l = g.kernel(&g.k.embed, false);
         let table = ptr(&self.model.embed, st);
         l.arg(&ids).arg(&table).arg(&x).arg(&h_i);
         unsafe { l.launch(grid(n as u32, 256)) }.op("launch embed")?;
+        self.mark("embed")?;
 
         let (pos, slots) = (at(m.pos), at(m.slots));
+        let last_h = ptr(&b.last_h, st);
         for (li, layer) in self.model.layers.iter().enumerate() {
             let first = if li == 0 { null } else { delta };
             let w = ptr(&layer.input_norm, st);
-            let mut l = st.launch_builder(&g.k.add_rmsnorm);
+            let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
             l.arg(&x)
                 .arg(&first)
                 .arg(&null)
@@ -463,12 +482,14 @@ impl CudaBackend {
                 .arg(&hb)
                 .arg(&h_i)
                 .arg(&eps);
-            unsafe { l.launch(grid(n as u32, 256)) }.op("launch add_rmsnorm")?;
-            g.gemm(hb, ptr(&layer.qkv, st), qkv, n, h, qkvw, false)?;
+            unsafe { l.launch(grid(n as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
+            self.mark("input norm")?;
+            g.gemm_with(hb, ptr(&layer.qkv, st), qkv, n, h, qkvw, false, pdl)?;
+            self.mark("qkv product")?;
 
             let bias = layer.qkv_bias.as_ref().map_or(0, |bb| ptr(bb, st));
             let cache = self.kv.layer_ptr(li);
-            let mut l = st.launch_builder(&g.k.rope_kv);
+            let mut l = g.kernel(&g.k.rope_kv, pdl);
             l.arg(&qkv)
                 .arg(&bias)
                 .arg(&pos)
@@ -480,7 +501,13 @@ impl CudaBackend {
                 .arg(&hkv_i)
                 .arg(&hd_i)
                 .arg(&bs);
-            unsafe { l.launch(grid(n as u32, 128)) }.op("launch rope_kv")?;
+            let cfg = LaunchConfig {
+                grid_dim: ((hq + hkv) as u32, n as u32, 1),
+                block_dim: ((hd / 2) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { l.launch(cfg) }.op("launch rope_kv")?;
+            self.mark("rope_kv")?;
             if let Some(hook) = on_layer.as_mut() {
                 hook(li, &self.kv)?;
             }
@@ -490,7 +517,7 @@ impl CudaBackend {
                 let (seq_lens, stride) = (at(m.seq_lens), at(m.stride));
                 let (po, pml) = (ptr(&b.part_o, st), ptr(&b.part_ml, st));
                 let ms = splits as i32;
-                let mut l = st.launch_builder(&g.k.decode_attn);
+                let mut l = g.kernel(&g.k.decode_attn, pdl);
                 l.arg(&q)
                     .arg(&cache)
                     .arg(&tables)
@@ -510,7 +537,8 @@ impl CudaBackend {
                     shared_mem_bytes: g.decode_smem as u32,
                 };
                 unsafe { l.launch(cfg) }.op("launch decode_attn")?;
-                let mut l = st.launch_builder(&g.k.attn_combine);
+                self.mark("decode_attn")?;
+                let mut l = g.kernel(&g.k.attn_combine, pdl);
                 l.arg(&po)
                     .arg(&pml)
                     .arg(&seq_lens)
@@ -524,9 +552,10 @@ impl CudaBackend {
                     shared_mem_bytes: 0,
                 };
                 unsafe { l.launch(cfg) }.op("launch attn_combine")?;
+                self.mark("attn_combine")?;
             } else {
                 let (q_off, q_pos, q_len) = (at(m.q_off), at(m.q_pos), at(m.q_len));
-                let mut l = st.launch_builder(&g.k.prefill_attn);
+                let mut l = g.kernel(&g.k.prefill_attn, pdl);
                 l.arg(&q)
                     .arg(&cache)
                     .arg(&tables)
@@ -546,11 +575,13 @@ impl CudaBackend {
                     shared_mem_bytes: device::prefill_smem(hd) as u32,
                 };
                 unsafe { l.launch(cfg) }.op("launch prefill_attn")?;
+                self.mark("prefill_attn")?;
             }
 
-            g.gemm(attn, ptr(&layer.o, st), delta, n, qd, h, true)?;
+            g.gemm_with(attn, ptr(&layer.o, st), delta, n, qd, h, true, pdl)?;
+            self.mark("o product")?;
             let w = ptr(&layer.post_norm, st);
-            let mut l = st.launch_builder(&g.k.add_rmsnorm);
+            let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
             l.arg(&x)
                 .arg(&delta)
                 .arg(&null)
@@ -558,18 +589,15 @@ impl CudaBackend {
                 .arg(&hb)
                 .arg(&h_i)
                 .arg(&eps);
-            unsafe { l.launch(grid(n as u32, 256)) }.op("launch add_rmsnorm")?;
-            g.gemm(hb, ptr(&layer.gate_up, st), gu, n, h, 2 * inter, false)?;
-            let (n_i, inter_i) = (n as i32, inter as i32);
-            let mut l = st.launch_builder(&g.k.silu_mul);
-            l.arg(&gu).arg(&act).arg(&n_i).arg(&inter_i);
-            let blocks = (n * inter).div_ceil(256).min(65535) as u32;
-            unsafe { l.launch(grid(blocks, 256)) }.op("launch silu_mul")?;
-            g.gemm(act, ptr(&layer.down, st), delta, n, inter, h, true)?;
+            unsafe { l.launch(grid(n as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
+            self.mark("post-attention norm")?;
+            g.gemm_silu(hb, ptr(&layer.gate_up, st), gu, act, n, h, inter, pdl)?;
+            self.mark("gate_up product, SiLU")?;
+            g.gemm_with(act, ptr(&layer.down, st), delta, n, inter, h, true, pdl)?;
+            self.mark("down product")?;
         }
 
         let rows = at(m.last_rows);
-        let last_h = ptr(&b.last_h, st);
         let w = ptr(&self.model.norm, st);
         // The last layer's output is in `delta`, still to be added (unless no layer ran).
         let pending = if self.model.layers.is_empty() {
@@ -577,7 +605,7 @@ impl CudaBackend {
         } else {
             delta
         };
-        let mut l = st.launch_builder(&g.k.add_rmsnorm);
+        let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
         l.arg(&x)
             .arg(&pending)
             .arg(&rows)
@@ -585,9 +613,10 @@ impl CudaBackend {
             .arg(&last_h)
             .arg(&h_i)
             .arg(&eps);
-        unsafe { l.launch(grid(s as u32, 256)) }.op("launch add_rmsnorm")?;
+        unsafe { l.launch(grid(s as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
+        self.mark("final norm")?;
         let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
-        g.gemm(
+        g.gemm_with(
             last_h,
             ptr(head, st),
             ptr(&b.logits, st),
@@ -595,7 +624,9 @@ impl CudaBackend {
             h,
             c.vocab_size,
             true,
+            pdl,
         )?;
+        self.mark("lm_head product")?;
         Ok(())
     }
 
@@ -605,11 +636,12 @@ impl CudaBackend {
         let (logits, ids) = (ptr(&self.bufs.logits, st), ptr(&self.bufs.ids_out, st));
         let draws = ptr(&self.bufs.meta, st) + 4 * m.draws as u64;
         let v = self.model.config.vocab_size as i32;
-        let mut l = st.launch_builder(&self.gpu.k.sample_rows);
+        let mut l = self.gpu.kernel(&self.gpu.k.sample_rows, self.gpu.pdl);
         l.arg(&logits).arg(&draws).arg(&ids).arg(&v);
         // SAFETY: `logits` holds `s` rows of `vocab` f32, `draws` 5 words per row
         // (uploaded with the metadata), `ids` room for `s` ids.
         unsafe { l.launch(grid(p.s as u32, 1024)) }.op("launch sample_rows")?;
+        self.mark("sample")?;
         Ok(())
     }
 
@@ -686,19 +718,108 @@ impl CudaBackend {
         self.use_graphs = on;
     }
 
+    /// Records an event on the compute stream while [`profile`](Self::profile) runs.
+    fn mark(&self, name: &'static str) -> Result<()> {
+        if let Some(marks) = self.marks.borrow_mut().as_mut() {
+            let e = self
+                .gpu
+                .compute
+                .record_event(Some(CU_EVENT_DEFAULT))
+                .op("cuEventRecord (profile)")?;
+            marks.push((name, e));
+        }
+        Ok(())
+    }
+
+    /// Times one forward pass and its sampling kernel by kernel, with an event
+    /// after every launch (no graphs, no programmatic dependent launches):
+    /// microseconds per kernel, summed over the layers, in launch order. Each
+    /// figure holds its launch gap, so the sum exceeds a graph replay's time.
+    pub fn profile(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<(&'static str, f64)>> {
+        validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
+        self.gpu.bind()?;
+        let draws = vec![TokenDraw::GREEDY; chunks.len()];
+        let (m, pass) = self.upload_meta(chunks, &draws, None)?;
+        let pdl = std::mem::replace(&mut self.gpu.pdl, false);
+        let start = self
+            .gpu
+            .compute
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .op("cuEventRecord (profile)")?;
+        *self.marks.borrow_mut() = Some(Vec::new());
+        let queued = self
+            .enqueue(&m, pass, None)
+            .and_then(|()| self.enqueue_sample(&m, pass));
+        let marks = self.marks.borrow_mut().take().unwrap_or_default();
+        self.gpu.pdl = pdl;
+        queued?;
+        self.gpu.sync()?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        let mut prev = &start;
+        for (name, e) in &marks {
+            let us = f64::from(prev.elapsed_ms(e).op("cuEventElapsedTime")?) * 1e3;
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some(slot) => slot.1 += us,
+                None => out.push((name, us)),
+            }
+            prev = e;
+        }
+        Ok(out)
+    }
+
+    /// Sets the decode attention blocks a step aims at (benchmarks compare
+    /// settings; [`decode_wave`](Self::decode_wave) is one wave); graphs
+    /// captured with another setting are dropped.
+    pub fn set_decode_blocks(&mut self, blocks: Option<usize>) {
+        let blocks = blocks.map(|b| b.max(1));
+        if self.decode_blocks != blocks {
+            self.decode_blocks = blocks;
+            self.graphs.clear();
+        }
+    }
+
+    /// Decode attention blocks resident at once on this GPU.
+    pub fn decode_wave(&self) -> usize {
+        self.gpu.decode_wave
+    }
+
+    /// Turns programmatic dependent launches on or off (benchmarks compare the
+    /// two); graphs captured the other way are dropped.
+    pub fn set_pdl(&mut self, on: bool) {
+        if self.gpu.pdl != on {
+            self.gpu.pdl = on;
+            self.graphs.clear();
+        }
+    }
+
     /// Decode-step graphs captured so far (for benchmarks and tests).
     pub fn graphs_captured(&self) -> usize {
         self.graphs.len()
     }
 }
 
+/// Decode attention blocks a large batch's step aims at: some ten waves of
+/// resident blocks, so the last wave's idle share is small.
+const DECODE_BLOCKS: usize = 4096;
+
 /// Splits per sequence the decode attention grid has for a batch of `s`
-/// sequences: enough blocks (sequences × KV heads × splits ≈ 4096, some ten waves
-/// of resident blocks, so the last wave's idle share is small) to fill the
-/// GPU; each sequence then uses as many as its own length needs (kernels.cu,
-/// `split_chunk`).
-fn decode_splits(s: usize, hkv: usize) -> usize {
-    (4096 / (s * hkv).max(1)).clamp(1, MAX_SPLITS)
+/// sequences, `wave` blocks being resident at once: a batch whose sequences ×
+/// KV heads fill at most half a wave is split to fill exactly one (a block's
+/// fixed cost is paid once; measured on the H200 at 4k context: batch 1 25.7 →
+/// 18.8 µs a layer, batch 8 111 → 72 µs against aiming at 4096 blocks); a
+/// larger one aims at [`DECODE_BLOCKS`] (at batch 32 and 4k context, one
+/// split per sequence and head measured slower: 2268 against 2139 µs for a
+/// 4-layer step). Each sequence then uses as many splits as its own
+/// length needs (kernels.cu, `split_chunk`). A benchmark may pass `wave` as the
+/// block count to aim at.
+fn decode_splits(s: usize, hkv: usize, wave: usize) -> usize {
+    let rows = (s * hkv).max(1);
+    let blocks = if 2 * rows <= wave {
+        wave
+    } else {
+        DECODE_BLOCKS
+    };
+    (blocks / rows).clamp(1, MAX_SPLITS)
 }
 
 impl Backend for CudaBackend {
@@ -765,14 +886,21 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_SPLITS, decode_splits};
+    use super::decode_splits;
 
     #[test]
     fn decode_grids_fill_the_gpu_within_the_split_limit() {
-        assert_eq!(decode_splits(1, 8), MAX_SPLITS);
-        assert_eq!(decode_splits(64, 8), 8);
-        assert_eq!(decode_splits(256, 8), 2);
-        assert_eq!(decode_splits(1024, 8), 1);
-        assert_eq!(decode_splits(0, 8), MAX_SPLITS);
+        // An H200 holds 396 decode attention blocks of the Llama-3-8B shape at once.
+        assert_eq!(decode_splits(1, 8, 396), 49);
+        assert_eq!(decode_splits(8, 8, 396), 6);
+        assert_eq!(decode_splits(24, 8, 396), 2);
+        assert_eq!(decode_splits(32, 8, 396), 16);
+        assert_eq!(decode_splits(64, 8, 396), 8);
+        assert_eq!(decode_splits(256, 8, 396), 2);
+        assert_eq!(decode_splits(1024, 8, 396), 1);
+        assert_eq!(decode_splits(0, 8, 396), 49);
+        // A small GPU: one wave of 16 blocks.
+        assert_eq!(decode_splits(1, 8, 16), 2);
+        assert_eq!(decode_splits(4, 8, 16), 64);
     }
 }

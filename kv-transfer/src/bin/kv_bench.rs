@@ -5,12 +5,14 @@
 //! simulated layer-by-layer prefill.
 //!
 //! The binary re-executes itself with `--role receiver` as the receiving
-//! child. Usage (all flags optional):
+//! child. Each QUIC run connects, makes one untimed transfer of the same size
+//! (a prefill node's connections are long-lived, so MTU discovery and the
+//! congestion window are warm), then times the next. Usage (all flags optional):
 //!
 //! ```text
 //! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
-//!          [--max-udp-payload 8952] [--frame-kib 4096]
+//!          [--max-udp-payload 6550] [--frame-kib 4096]
 //!          [--rx-endpoints 1,0] [--stream-window-mib 32] [--conn-window-mib 128]
 //! ```
 //!
@@ -184,6 +186,17 @@ async fn receiver(args: &Args) -> Result<()> {
     let hex: String = cert.cert.iter().map(|b| format!("{b:02x}")).collect();
     let quic_addrs: Vec<String> = rx.local_addrs()?.iter().map(|a| a.to_string()).collect();
     println!("READY {} {tcp_addr} {hex}", quic_addrs.join(","));
+    // UDP drops what the receive buffer cannot hold; the kernel caps the
+    // buffer we ask for at net.core.rmem_max.
+    let probe = tuning(args).udp_socket("127.0.0.1:0".parse()?)?;
+    let rcvbuf = socket2::SockRef::from(&probe).recv_buffer_size()?;
+    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default();
+    eprintln!(
+        "receiver: asked SO_RCVBUF {} KiB, got {} KiB (net.core.rmem_max {})",
+        tuning(args).socket_buffer_bytes >> 10,
+        rcvbuf >> 10,
+        rmem_max.trim()
+    );
     std::io::stdout().flush()?;
     tokio::spawn(async move {
         while let Ok((sock, _)) = tcp.accept().await {
@@ -229,6 +242,7 @@ async fn tcp_serve(mut sock: TcpStream) {
 
 // ------------------------------------------------------------------ sender
 
+/// The bytes of one layer (every layer sends this same buffer).
 fn layer_payload(tokens: usize) -> Bytes {
     let blocks = tokens.div_ceil(BLOCK_SIZE as usize);
     let n = blocks * BLOCK_BYTES;
@@ -280,22 +294,20 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
         .max()
         .unwrap_or(1)
         .max(1);
-    let mut proc = Command::new(exe)
-        .args([
-            "--role",
-            "receiver",
-            "--max-udp-payload",
-            &args.max_udp_payload.to_string(),
-            "--rx-bind",
-            &rx_bind.to_string(),
-            "--stream-window-mib",
-            &(args.stream_window >> 20).to_string(),
-            "--conn-window-mib",
-            &(args.conn_window >> 20).to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "--role",
+        "receiver",
+        "--max-udp-payload",
+        &args.max_udp_payload.to_string(),
+        "--rx-bind",
+        &rx_bind.to_string(),
+        "--stream-window-mib",
+        &(args.stream_window >> 20).to_string(),
+        "--conn-window-mib",
+        &(args.conn_window >> 20).to_string(),
+    ]);
+    let mut proc = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     let out = proc.stdout.take().context("child stdout")?;
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
@@ -318,6 +330,29 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
     })
 }
 
+/// What the connections saw, summed: losses and congestion events say whether
+/// the link or the CPU is the limit; datagrams per send call say whether GSO
+/// batches.
+fn print_path_stats(stats: &[quinn::ConnectionStats]) {
+    let sum = |f: &dyn Fn(&quinn::ConnectionStats) -> u64| stats.iter().map(f).sum::<u64>();
+    let sent = sum(&|s| s.path.sent_packets);
+    let lost = sum(&|s| s.path.lost_packets);
+    let events = sum(&|s| s.path.congestion_events);
+    let datagrams = sum(&|s| s.udp_tx.datagrams);
+    let ios = sum(&|s| s.udp_tx.ios).max(1);
+    let cwnd = sum(&|s| s.path.cwnd) / stats.len().max(1) as u64;
+    let mtu = stats.iter().map(|s| s.path.current_mtu).min().unwrap_or(0);
+    let mtu_max = stats.iter().map(|s| s.path.current_mtu).max().unwrap_or(0);
+    let rtt = stats.iter().map(|s| s.path.rtt).max().unwrap_or_default();
+    println!(
+        "      packets sent {sent}, lost {lost} ({:.3}%), congestion events {events}, datagrams/send call {:.1}, mean cwnd {} KiB, mtu {mtu}..{mtu_max}, max rtt {:.0} us",
+        100.0 * lost as f64 / sent.max(1) as f64,
+        datagrams as f64 / ios as f64,
+        cwnd >> 10,
+        rtt.as_secs_f64() * 1e6
+    );
+}
+
 fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
@@ -327,10 +362,10 @@ async fn quic_run(
     args: &Args,
     conns: usize,
     rx_endpoints: usize,
-    tokens: usize,
+    payload: &Bytes,
     request_id: u64,
     compute: Option<Duration>,
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, Vec<quinn::ConnectionStats>)> {
     let cfg = SenderConfig {
         connections: conns,
         max_frame_payload: args.frame_bytes,
@@ -341,8 +376,15 @@ async fn quic_run(
     let addrs = &child.quic[..rx_endpoints.clamp(1, child.quic.len())];
     let sender =
         KvSender::connect_many_with(addrs, client_config_trusting(&child.cert)?, cfg).await?;
-    let payload = layer_payload(tokens);
     let blocks = (payload.len() / BLOCK_BYTES) as u32;
+    // A prefill node keeps its connections to a decode node: warm them up
+    // (MTU discovery, congestion window) with one untimed transfer.
+    let mut warm = sender.open_request(request_id + (1 << 40)).await?;
+    for layer in 0..LAYERS {
+        warm.send_layer(shape(layer, blocks), payload.clone())
+            .await?;
+    }
+    warm.finish(1, u32::from(LAYERS)).await?;
     let start = Instant::now();
     let mut req = sender.open_request(request_id).await?;
     for layer in 0..LAYERS {
@@ -356,13 +398,18 @@ async fn quic_run(
     }
     req.finish(1, u32::from(LAYERS)).await?;
     let total = start.elapsed();
+    let stats = sender.connection_stats();
     let compute_end = compute.map(|c| c * u32::from(LAYERS)).unwrap_or_default();
     sender.close().await;
-    Ok((total, total.saturating_sub(compute_end)))
+    Ok((total, total.saturating_sub(compute_end), stats))
 }
 
-async fn tcp_run(child: &Child, conns: usize, tokens: usize, frame_bytes: u32) -> Result<Duration> {
-    let payload = layer_payload(tokens);
+async fn tcp_run(
+    child: &Child,
+    conns: usize,
+    payload: &Bytes,
+    frame_bytes: u32,
+) -> Result<Duration> {
     let blocks = (payload.len() / BLOCK_BYTES) as u32;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
     let start = Instant::now();
@@ -426,14 +473,15 @@ async fn sender(args: &Args) -> Result<()> {
     let mut id = 100;
     let mut best_quic_by_tokens = std::collections::HashMap::new();
     for &tokens in &args.tokens {
-        let bytes = (layer_payload(tokens).len() * LAYERS as usize) as u64;
+        let payload = layer_payload(tokens);
+        let bytes = (payload.len() * LAYERS as usize) as u64;
         println!(
             "\n{tokens} tokens: {:.2} GiB",
             bytes as f64 / (1u64 << 30) as f64
         );
         let mut best_tcp = 0f64;
         for &c in &args.tcp_conns {
-            let d = tcp_run(&child, c, tokens, args.frame_bytes).await?;
+            let d = tcp_run(&child, c, &payload, args.frame_bytes).await?;
             let g = gbps(bytes, d);
             best_tcp = best_tcp.max(g);
             println!(
@@ -451,7 +499,7 @@ async fn sender(args: &Args) -> Result<()> {
                 }
                 tried.push(k);
                 id += 1;
-                let (d, _) = quic_run(&child, args, c, k, tokens, id, None).await?;
+                let (d, _, stats) = quic_run(&child, args, c, k, &payload, id, None).await?;
                 let g = gbps(bytes, d);
                 best_quic = best_quic.max(g);
                 println!(
@@ -459,6 +507,7 @@ async fn sender(args: &Args) -> Result<()> {
                     d.as_secs_f64() * 1e3,
                     g / best_tcp
                 );
+                print_path_stats(&stats);
             }
         }
         println!("  best quic / best tcp = {:.2}", best_quic / best_tcp);
@@ -469,15 +518,17 @@ async fn sender(args: &Args) -> Result<()> {
     // layer is queued as soon as it is ready.
     let compute = Duration::from_secs_f64(args.compute_ms / 1e3);
     let tokens = args.overlap_tokens;
-    let layer_bytes = layer_payload(tokens).len() as u64;
+    let payload = layer_payload(tokens);
+    let layer_bytes = payload.len() as u64;
     id += 1;
     // Overlap runs with one receiver endpoint per connection.
     let oc = args.overlap_conns;
-    let (alone, _) = quic_run(&child, args, oc, oc, tokens, id, None).await?;
+    let (alone, _, _) = quic_run(&child, args, oc, oc, &payload, id, None).await?;
     let rate = gbps(layer_bytes * u64::from(LAYERS), alone);
     let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     id += 1;
-    let (total, exposed) = quic_run(&child, args, oc, oc, tokens, id, Some(compute)).await?;
+    let (total, exposed, stats) =
+        quic_run(&child, args, oc, oc, &payload, id, Some(compute)).await?;
     println!(
         "\noverlap: {tokens} tokens, quic conns={} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
         args.overlap_conns,
@@ -496,6 +547,7 @@ async fn sender(args: &Args) -> Result<()> {
         exposed.as_secs_f64() * 1e3,
         exposed.as_secs_f64() / one_layer.as_secs_f64()
     );
+    print_path_stats(&stats);
     let needed = layer_bytes as f64 / compute.as_secs_f64() / 1e9;
     println!("  rate needed to hide the transfer: {needed:.2} GB/s");
 
