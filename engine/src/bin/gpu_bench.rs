@@ -289,21 +289,13 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
         let mut conts = Vec::new();
         for pdl in [true, false] {
             gpu.set_pdl(pdl);
-            let mut next = first_tokens[i];
-            let mut cont = Vec::new();
-            for step in 0..steps {
-                cont.push(next);
-                let t = [next];
-                next = gpu.forward_greedy(
-                    &[SeqChunk {
-                        tokens: &t,
-                        start: prompts[i].len() + step,
-                        block_table: &tables[i],
-                    }],
-                    None,
-                )?[0];
-            }
-            conts.push(cont);
+            conts.push(decode_alone(
+                &mut gpu,
+                first_tokens[i],
+                prompts[i].len(),
+                &tables[i],
+                steps,
+            )?);
         }
         gpu.set_pdl(true);
         let cont = &conts[0];
@@ -399,20 +391,7 @@ fn hf(args: &[String]) -> Res<()> {
             hf_vs_f32.0 = hf_vs_f32.0.max(rel_err(&row(&hf_logits), &row(f)));
             hf_vs_f32.1 = hf_vs_f32.1.max(l2_err(&row(&hf_logits), &row(f)));
         }
-        let mut next = argmax(&logits);
-        let mut cont = Vec::new();
-        for k in 0..steps {
-            cont.push(next);
-            let t = [next];
-            next = gpu.forward_greedy(
-                &[SeqChunk {
-                    tokens: &t,
-                    start: p.len() + k,
-                    block_table: &table,
-                }],
-                None,
-            )?[0];
-        }
+        let cont = decode_alone(&mut gpu, argmax(&logits), p.len(), &table, steps)?;
         if let Some(k) = (0..steps).find(|&k| cont[k] != hf_greedy[i][k]) {
             differ.push(format!("#{i}(len {})@{k}", p.len()));
         }
@@ -982,6 +961,30 @@ fn kernels(args: &[String]) -> Res<()> {
         println!();
     }
     Ok(())
+}
+
+/// `steps` greedy tokens of one sequence decoded alone (batch 1) from `first`
+/// at position `start`: `first` and the tokens it leads to, each fed back.
+fn decode_alone(
+    be: &mut CudaBackend,
+    first: u32,
+    start: usize,
+    table: &[u32],
+    steps: usize,
+) -> Res<Vec<u32>> {
+    let mut next = first;
+    let mut cont = Vec::with_capacity(steps);
+    for k in 0..steps {
+        cont.push(next);
+        let t = [next];
+        let chunk = SeqChunk {
+            tokens: &t,
+            start: start + k,
+            block_table: table,
+        };
+        next = be.forward_greedy(&[chunk], None)?[0];
+    }
+    Ok(cont)
 }
 
 /// Median seconds of a decode step, of 13 after 3 warm-up: one sequence per block

@@ -886,7 +886,7 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::decode_splits;
+    use super::{MAX_SPLITS, decode_splits};
 
     #[test]
     fn decode_grids_fill_the_gpu_within_the_split_limit() {
@@ -898,7 +898,7 @@ mod tests {
         assert_eq!(decode_splits(64, 8, 396), 8);
         assert_eq!(decode_splits(256, 8, 396), 2);
         assert_eq!(decode_splits(1024, 8, 396), 1);
-        assert_eq!(decode_splits(0, 8, 396), 49);
+        assert_eq!(decode_splits(0, 8, 396), MAX_SPLITS);
         // A small GPU: one wave of 16 blocks.
         assert_eq!(decode_splits(1, 8, 16), 2);
         assert_eq!(decode_splits(4, 8, 16), 64);
