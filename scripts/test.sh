@@ -43,4 +43,7 @@ cargo clippy -p tandem-engine --features cuda --all-targets --locked -- -D warni
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== the CUDA backend's unit tests that need no GPU (launch shapes, the export ring, block runs)"
+cargo test -p tandem-engine --features cuda --lib --locked cuda::
 echo "== disk after the build: target/ holds $(du -sh target 2>/dev/null | cut -f1)"
