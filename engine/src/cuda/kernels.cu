@@ -41,14 +41,16 @@ __device__ float block_sum(float v) {
     return part[0];
 }
 
-// Programmatic dependent launch (sm_90). The backend launches decode kernels with
-// the PDL attribute: such a kernel may be scheduled while the kernel before it in
-// the stream is still running. pdl_wait() blocks until that kernel has completed
-// and its writes are visible; pdl_launch() lets the next kernel be scheduled. Both
-// are no-ops in a kernel launched normally. Every kernel calls pdl_wait() before it
-// touches memory that an earlier kernel writes, and writes nothing before it.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+// Programmatic dependent launch (sm_90). The backend launches a forward pass's
+// kernels with the PDL attribute: such a kernel may be scheduled while the kernel
+// before it in the stream is still running. pdl_enter() waits until that kernel has
+// completed and its writes are visible, then lets the next kernel be scheduled; it
+// is a no-op in a kernel launched normally. Every kernel calls it before it touches
+// memory that an earlier kernel writes, and writes nothing before it.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
 
 // Asynchronous 16-byte copies global -> shared (bytes < 16 zero-fills the rest).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
@@ -65,8 +67,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // x[row] = table[ids[row]] (f32 residual stream).
 extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, int hidden) {
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     size_t row = blockIdx.x;
     size_t id = ids[row];
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
@@ -77,8 +78,7 @@ extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, in
 //   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
 extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
                                        const bf16* w, bf16* out, int hidden, float eps) {
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     size_t r = blockIdx.x;
     size_t s = rows ? (size_t)rows[r] : r;
     float* xr = x + s * hidden;
@@ -106,8 +106,7 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
 extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
                                    const int* slots, const float* inv_freq, bf16* q_out,
                                    bf16* cache, int hq, int hkv, int hd, int bs) {
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     int h = blockIdx.x, j = threadIdx.x, half = hd / 2;
     size_t t = blockIdx.y;
     size_t width = (size_t)(hq + 2 * hkv) * hd;
@@ -145,8 +144,7 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
 
 // act[r, i] = silu(gu[r, i]) * gu[r, inter + i].
 extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter) {
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     size_t total = (size_t)n * inter;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
          idx += (size_t)gridDim.x * blockDim.x) {
@@ -409,8 +407,7 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
         const bf16* q, const bf16* cache, const int* tables, const int* table_stride,          \
         const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
         int max_splits, int window, float scale) {                                             \
-        pdl_wait();                                                                            \
-        pdl_launch();                                                                          \
+        pdl_enter();                                                                           \
         decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
                            bs, max_splits, window, scale);                                     \
     }
@@ -427,16 +424,15 @@ DECODE_ATTN(128, 2)
 DECODE_ATTN(128, 4)
 DECODE_ATTN(128, 8)
 
-// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16. The block first
-// stages every split's (m, l) and weight in shared memory (one split per thread),
-// so the per-dimension sum over splits has no dependent loads but its own.
+// grid (hq, batch), block hd: out[b, h, :] = merged splits, bf16. Warp 0 first puts
+// every split's weight exp(m_s - m) in shared memory (a split per lane), so each
+// thread's sum over the splits for its dimension is a run of independent loads.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml,
                                         const int* seq_lens, bf16* out, int hq, int hd,
                                         int max_splits) {
     __shared__ float wgt[64];  // max_splits <= 64 (MAX_SPLITS in mod.rs)
     __shared__ float den_s;
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     size_t head = (size_t)b * hq + h;
     int len = seq_lens[b];
@@ -549,8 +545,7 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     __shared__ float above_s;
     __shared__ float scan[32];
     __shared__ int found, last_kept;
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
     int row_i = blockIdx.x;
     const float* row = logits + (size_t)row_i * vocab;
     const int* d = draws + 5 * row_i;
@@ -921,8 +916,7 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
         const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
         const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
         int bs, int window, float scale) {                                                     \
-        pdl_wait();                                                                            \
-        pdl_launch();                                                                          \
+        pdl_enter();                                                                           \
         prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
                          bs, window, scale);                                                   \
     }
@@ -936,7 +930,8 @@ PREFILL_ATTN(128)
 // one warp per output row reads its weight row once with 16-byte loads.
 // grid ceil(out / 8), block 256 (8 warps).
 
-// acc[j][r] += x[r] · w[rows[j]] over k for this lane's share of the columns.
+// acc[j][r] = x[r] · wr[j] over k, summed across the warp (every lane gets it), for R
+// weight rows read side by side; waits for the kernel before (pdl_enter) first.
 template <int N, int R>
 __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)[R], int k,
                                           int lane, float (&acc)[R][N]) {
@@ -944,8 +939,7 @@ __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)
     for (int j = 0; j < R; j++)
 #pragma unroll
         for (int r = 0; r < N; r++) acc[j][r] = 0.f;
-    pdl_wait();
-    pdl_launch();
+    pdl_enter();
 #pragma unroll 8
     for (int c = lane * 8; c < k; c += 256) {
         float wf[R][8];
@@ -984,8 +978,7 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + warp;
     if (o >= out) {
-        pdl_wait();
-        pdl_launch();
+        pdl_enter();
         return;
     }
     const bf16* wr[1] = {w + (size_t)o * k};
@@ -1025,8 +1018,7 @@ extern "C" __global__ void gemv_silu(const bf16* x, const bf16* w, bf16* act, in
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + warp;
     if (o >= inter) {
-        pdl_wait();
-        pdl_launch();
+        pdl_enter();
         return;
     }
     const bf16* wr[2] = {w + (size_t)o * k, w + ((size_t)inter + o) * k};

@@ -454,7 +454,10 @@ impl CudaBackend {
         let null = 0u64;
         let inv_freq = ptr(&b.inv_freq, st);
         let ts = m.table_stride as i32;
-        let splits = decode_splits(s, hkv, self.decode_blocks.unwrap_or(self.gpu.decode_wave));
+        let splits = match self.decode_blocks {
+            Some(blocks) => splits_aiming_at(blocks, s, hkv),
+            None => decode_splits(s, hkv, self.gpu.decode_wave),
+        };
         // Programmatic dependent launches, except around the export hook's events.
         let pdl = g.pdl && on_layer.is_none();
 
@@ -470,7 +473,6 @@ impl CudaBackend {
         self.mark("embed")?;
 
         let (pos, slots) = (at(m.pos), at(m.slots));
-        let last_h = ptr(&b.last_h, st);
         for (li, layer) in self.model.layers.iter().enumerate() {
             let first = if li == 0 { null } else { delta };
             let w = ptr(&layer.input_norm, st);
@@ -598,6 +600,7 @@ impl CudaBackend {
         }
 
         let rows = at(m.last_rows);
+        let last_h = ptr(&b.last_h, st);
         let w = ptr(&self.model.norm, st);
         // The last layer's output is in `delta`, still to be added (unless no layer ran).
         let pending = if self.model.layers.is_empty() {
@@ -810,16 +813,20 @@ const DECODE_BLOCKS: usize = 4096;
 /// larger one aims at [`DECODE_BLOCKS`] (at batch 32 and 4k context, one
 /// split per sequence and head measured slower: 2268 against 2139 µs for a
 /// 4-layer step). Each sequence then uses as many splits as its own
-/// length needs (kernels.cu, `split_chunk`). A benchmark may pass `wave` as the
-/// block count to aim at.
+/// length needs (kernels.cu, `split_chunk`).
 fn decode_splits(s: usize, hkv: usize, wave: usize) -> usize {
-    let rows = (s * hkv).max(1);
-    let blocks = if 2 * rows <= wave {
+    let blocks = if 2 * s * hkv <= wave {
         wave
     } else {
         DECODE_BLOCKS
     };
-    (blocks / rows).clamp(1, MAX_SPLITS)
+    splits_aiming_at(blocks, s, hkv)
+}
+
+/// Splits per sequence that make about `blocks` decode attention blocks for `s`
+/// sequences of `hkv` KV heads.
+fn splits_aiming_at(blocks: usize, s: usize, hkv: usize) -> usize {
+    (blocks / (s * hkv).max(1)).clamp(1, MAX_SPLITS)
 }
 
 impl Backend for CudaBackend {

@@ -376,32 +376,38 @@ async fn quic_run(
     let addrs = &child.quic[..rx_endpoints.clamp(1, child.quic.len())];
     let sender =
         KvSender::connect_many_with(addrs, client_config_trusting(&child.cert)?, cfg).await?;
-    let blocks = (payload.len() / BLOCK_BYTES) as u32;
     // A prefill node keeps its connections to a decode node: warm them up
     // (MTU discovery, congestion window) with one untimed transfer.
-    let mut warm = sender.open_request(request_id + (1 << 40)).await?;
-    for layer in 0..LAYERS {
-        warm.send_layer(shape(layer, blocks), payload.clone())
-            .await?;
-    }
-    warm.finish(1, u32::from(LAYERS)).await?;
+    send_request(&sender, request_id + (1 << 40), payload, None).await?;
     let start = Instant::now();
+    send_request(&sender, request_id, payload, compute.map(|c| (start, c))).await?;
+    let total = start.elapsed();
+    let stats = sender.connection_stats();
+    let compute_end = compute.map(|c| c * u32::from(LAYERS)).unwrap_or_default();
+    sender.close().await;
+    Ok((total, total.saturating_sub(compute_end), stats))
+}
+
+/// Sends every layer of one request and finishes it. With `pace = (start, c)`
+/// layer L is queued only at start + (L + 1) c, when the simulated GPU has
+/// finished it (the GPU timeline does not wait for the network).
+async fn send_request(
+    sender: &KvSender,
+    request_id: u64,
+    payload: &Bytes,
+    pace: Option<(Instant, Duration)>,
+) -> Result<()> {
+    let blocks = (payload.len() / BLOCK_BYTES) as u32;
     let mut req = sender.open_request(request_id).await?;
     for layer in 0..LAYERS {
-        if let Some(c) = compute {
-            // Layer L is ready when the simulated GPU finishes it; the GPU
-            // timeline does not wait for the network.
+        if let Some((start, c)) = pace {
             tokio::time::sleep_until((start + c * (u32::from(layer) + 1)).into()).await;
         }
         req.send_layer(shape(layer, blocks), payload.clone())
             .await?;
     }
     req.finish(1, u32::from(LAYERS)).await?;
-    let total = start.elapsed();
-    let stats = sender.connection_stats();
-    let compute_end = compute.map(|c| c * u32::from(LAYERS)).unwrap_or_default();
-    sender.close().await;
-    Ok((total, total.saturating_sub(compute_end), stats))
+    Ok(())
 }
 
 async fn tcp_run(
