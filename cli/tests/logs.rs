@@ -125,11 +125,12 @@ fn a_request_id_is_in_all_three_text_logs() {
     let id = "text-log-id-7";
     for (role, log) in serve_one_request(&[], id) {
         let span = format!("{}{{request_id={id}}}", span_name(role));
-        let line = log
-            .lines()
-            .find(|l| l.contains(&span))
-            .unwrap_or_else(|| panic!("{role}: no line in span {span}:\n{log}"));
-        assert!(line.contains("INFO"), "{role}: {line}");
+        // Not necessarily the first line in the span: the router may have
+        // warned that a node still starting refused it and retried.
+        assert!(
+            log.lines().any(|l| l.contains(&span) && l.contains(" INFO ")),
+            "{role}: no INFO line in span {span}:\n{log}"
+        );
     }
 }
 
