@@ -75,7 +75,7 @@
 //! error: it is "need more" (`Ok(None)`).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"TDKV";
@@ -205,8 +205,17 @@ impl LayerHeader {
         shape: LayerShape,
         payload: &[u8],
     ) -> Result<Self, WireError> {
-        let payload_len = u32::try_from(payload.len()).map_err(|_| WireError::PayloadTooLarge {
-            len: payload.len() as u64,
+        let mut header = Self::unhashed(request_id, shape, payload.len())?;
+        header.checksum = xxh3_64(payload);
+        Ok(header)
+    }
+
+    /// The header for a payload of `len` bytes in `shape`, validated, with
+    /// the checksum still 0: for a sender that hashes the payload elsewhere
+    /// (on the connection's task, in parallel with other connections).
+    pub fn unhashed(request_id: u64, shape: LayerShape, len: usize) -> Result<Self, WireError> {
+        let payload_len = u32::try_from(len).map_err(|_| WireError::PayloadTooLarge {
+            len: len as u64,
             max: u32::MAX,
         })?;
         let header = LayerHeader {
@@ -221,7 +230,7 @@ impl LayerHeader {
             head_dim: shape.head_dim,
             block_size: shape.block_size,
             payload_len,
-            checksum: xxh3_64(payload),
+            checksum: 0,
         };
         header.validate()?;
         Ok(header)
@@ -454,12 +463,31 @@ pub enum WireError {
 }
 
 /// Where the decoder is within the current frame.
-#[derive(Debug, Clone, Copy)]
 enum State {
     /// Waiting for a header.
     Header,
-    /// Header parsed; waiting for the payload.
-    Payload(LayerHeader),
+    /// Header parsed; waiting for the payload, of which the first `hashed`
+    /// bytes are already in `hasher`. Hashing each piece as it arrives, while
+    /// the copy into `buf` has it in cache, spares a second pass over a
+    /// multi-MiB payload at the end.
+    Payload {
+        header: LayerHeader,
+        hasher: Box<Xxh3>,
+        hashed: usize,
+    },
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Header => f.write_str("Header"),
+            State::Payload { header, hashed, .. } => f
+                .debug_struct("Payload")
+                .field("header", header)
+                .field("hashed", hashed)
+                .finish(),
+        }
+    }
 }
 
 /// A sans-I/O incremental frame decoder. Feed it bytes with
@@ -558,7 +586,11 @@ impl FrameDecoder {
                     self.last_request_id = Some(request_id);
                     self.buf.advance(LAYER_HEADER_LEN);
                     self.buf.reserve(header.payload_len as usize);
-                    self.state = State::Payload(header);
+                    self.state = State::Payload {
+                        header,
+                        hasher: Box::new(Xxh3::new()),
+                        hashed: 0,
+                    };
                 }
                 KIND_FINAL => {
                     if self.buf.len() < FINAL_LEN {
@@ -599,14 +631,22 @@ impl FrameDecoder {
                 other => return Err(WireError::UnknownKind(other)),
             }
         }
-        if let State::Payload(header) = self.state {
+        if let State::Payload {
+            header,
+            hasher,
+            hashed,
+        } = &mut self.state
+        {
             let len = header.payload_len as usize;
-            if self.buf.len() < len {
+            let have = self.buf.len().min(len);
+            hasher.update(&self.buf[*hashed..have]);
+            *hashed = have;
+            if have < len {
                 return Ok(None);
             }
+            let (header, actual) = (*header, hasher.digest());
             let payload = self.buf.split_to(len).freeze();
             self.state = State::Header;
-            let actual = xxh3_64(&payload);
             if actual != header.checksum {
                 return Err(WireError::ChecksumMismatch {
                     request_id: header.request_id,
@@ -794,14 +834,16 @@ mod tests {
 
         #[test]
         fn flipped_payload_byte_is_a_checksum_error(id in any::<u64>(), shape in shape_strategy(),
-                                                     at in any::<usize>(), bit in 0u8..8) {
+                                                     at in any::<usize>(), bit in 0u8..8,
+                                                     splits in prop::collection::vec(any::<usize>(), 0..8)) {
             let len = shape.payload_len().unwrap() as usize;
             let payload = vec![7u8; len];
             let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
             let mut bytes = encode_all(&[Frame::Layer { header, payload: Bytes::from(payload) }]);
             let i = LAYER_HEADER_LEN + at % len;
             bytes[i] ^= 1 << bit;
-            let (frames, r) = decode_in_pieces(&bytes, &[]);
+            // In pieces: the checksum is computed as the payload arrives.
+            let (frames, r) = decode_in_pieces(&bytes, &splits);
             prop_assert!(frames.is_empty());
             let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { request_id, .. }) if request_id == id);
             prop_assert!(is_checksum);

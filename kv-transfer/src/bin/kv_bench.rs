@@ -12,6 +12,7 @@
 //! ```text
 //! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
+//!          [--overlap-chunk-tokens 0,2048]
 //!          [--max-udp-payload 6550] [--frame-kib 4096]
 //!          [--rx-endpoints 1,0] [--stream-window-mib 32] [--conn-window-mib 128]
 //! ```
@@ -21,6 +22,12 @@
 //! receiver's endpoints). The receiver child binds the largest count needed
 //! (at least `max(--conns)`) and prints all its addresses; the sender
 //! connects round-robin over the first k of them.
+//!
+//! The overlap runs simulate a prefill of `--overlap-tokens` at
+//! `--compute-ms` per layer, once per `--overlap-chunk-tokens` entry: 0 is
+//! the whole prompt in one pass (the last layer's whole transfer is exposed
+//! by construction), n is chunked prefill in chunks of n tokens, as the
+//! prefill node runs it (each chunk's layers are sent as they finish).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -55,6 +62,7 @@ struct Args {
     tcp_conns: Vec<usize>,
     overlap_tokens: usize,
     overlap_conns: usize,
+    overlap_chunk_tokens: Vec<usize>,
     compute_ms: f64,
     max_udp_payload: u16,
     frame_bytes: u32,
@@ -87,6 +95,7 @@ fn parse_args() -> Result<Args> {
         tcp_conns: vec![1, 4],
         overlap_tokens: 8192,
         overlap_conns: 4,
+        overlap_chunk_tokens: vec![0, 2048],
         compute_ms: default_compute_ms(),
         max_udp_payload: TransportTuning::default().max_udp_payload,
         frame_bytes: 4 << 20,
@@ -105,6 +114,7 @@ fn parse_args() -> Result<Args> {
             "--tcp-conns" => a.tcp_conns = parse_list(&val()?)?,
             "--overlap-tokens" => a.overlap_tokens = val()?.parse()?,
             "--overlap-conns" => a.overlap_conns = val()?.parse()?,
+            "--overlap-chunk-tokens" => a.overlap_chunk_tokens = parse_list(&val()?)?,
             "--compute-ms" => a.compute_ms = val()?.parse()?,
             "--max-udp-payload" => a.max_udp_payload = val()?.parse()?,
             "--frame-kib" => a.frame_bytes = val()?.parse::<u32>()? * 1024,
@@ -242,25 +252,49 @@ async fn tcp_serve(mut sock: TcpStream) {
 
 // ------------------------------------------------------------------ sender
 
-/// The bytes of one layer (every layer sends this same buffer).
-fn layer_payload(tokens: usize) -> Bytes {
-    let blocks = tokens.div_ceil(BLOCK_SIZE as usize);
-    let n = blocks * BLOCK_BYTES;
-    Bytes::from(
-        (0..n)
-            .map(|i| {
-                (i as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .rotate_left(17) as u8
-            })
-            .collect::<Vec<u8>>(),
-    )
+/// A request's KV: one buffer per layer, each with its own bytes, as an
+/// engine's per-layer caches are (one buffer resent for every layer would
+/// stay in the CPU caches at small sizes and flatter a copy-bound transport).
+struct Kv {
+    layers: Vec<Bytes>,
+    blocks: u32,
 }
 
-fn shape(layer: u16, blocks: u32) -> LayerShape {
+impl Kv {
+    fn new(tokens: usize) -> Kv {
+        let blocks = tokens.div_ceil(BLOCK_SIZE as usize);
+        let layers = (0..u64::from(LAYERS))
+            .map(|layer| {
+                let words = blocks * BLOCK_BYTES / 8;
+                let mut v = Vec::with_capacity(words * 8);
+                for i in 0..words as u64 {
+                    let x = (i ^ (layer << 48))
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .rotate_left(17);
+                    v.extend_from_slice(&x.to_le_bytes());
+                }
+                Bytes::from(v)
+            })
+            .collect();
+        Kv {
+            layers,
+            blocks: blocks as u32,
+        }
+    }
+
+    fn layer_bytes(&self) -> u64 {
+        self.layers.first().map_or(0, |l| l.len() as u64)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.layer_bytes() * self.layers.len() as u64
+    }
+}
+
+fn shape(layer: u16, first_block: u32, blocks: u32) -> LayerShape {
     LayerShape {
         layer,
-        first_block: 0,
+        first_block,
         block_count: blocks,
         dtype: WireDtype::Bf16,
         head_start: 0,
@@ -357,14 +391,24 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
+/// The simulated prefill of an overlap run: `compute` per layer for the
+/// whole prompt, in chunks of `chunk_blocks` blocks (all layers of a chunk,
+/// then the next chunk, as chunked prefill runs; each chunk-layer takes its
+/// share of `compute` by token count).
+#[derive(Clone, Copy)]
+struct Pace {
+    compute: Duration,
+    chunk_blocks: u32,
+}
+
 async fn quic_run(
     child: &Child,
     args: &Args,
     conns: usize,
     rx_endpoints: usize,
-    payload: &Bytes,
+    kv: &Kv,
     request_id: u64,
-    compute: Option<Duration>,
+    pace: Option<Pace>,
 ) -> Result<(Duration, Duration, Vec<quinn::ConnectionStats>)> {
     let cfg = SenderConfig {
         connections: conns,
@@ -378,59 +422,71 @@ async fn quic_run(
         KvSender::connect_many_with(addrs, client_config_trusting(&child.cert)?, cfg).await?;
     // A prefill node keeps its connections to a decode node: warm them up
     // (MTU discovery, congestion window) with one untimed transfer.
-    send_request(&sender, request_id + (1 << 40), payload, None).await?;
+    send_request(&sender, request_id + (1 << 40), kv, None).await?;
     let start = Instant::now();
-    send_request(&sender, request_id, payload, compute.map(|c| (start, c))).await?;
+    send_request(&sender, request_id, kv, pace.map(|p| (start, p))).await?;
     let total = start.elapsed();
     let stats = sender.connection_stats();
-    let compute_end = compute.map(|c| c * u32::from(LAYERS)).unwrap_or_default();
+    let compute_end = pace
+        .map(|p| p.compute * u32::from(LAYERS))
+        .unwrap_or_default();
     sender.close().await;
     Ok((total, total.saturating_sub(compute_end), stats))
 }
 
-/// Sends every layer of one request and finishes it. With `pace = (start, c)`
-/// layer L is queued only at start + (L + 1) c, when the simulated GPU has
-/// finished it (the GPU timeline does not wait for the network).
+/// Sends every layer of one request and finishes it. With `pace`, each
+/// chunk-layer is queued only when the simulated GPU has finished it (the
+/// GPU timeline does not wait for the network); without, all at once as
+/// whole layers.
 async fn send_request(
     sender: &KvSender,
     request_id: u64,
-    payload: &Bytes,
-    pace: Option<(Instant, Duration)>,
+    kv: &Kv,
+    pace: Option<(Instant, Pace)>,
 ) -> Result<()> {
-    let blocks = (payload.len() / BLOCK_BYTES) as u32;
+    let chunk = pace.map_or(kv.blocks, |(_, p)| p.chunk_blocks.clamp(1, kv.blocks));
     let mut req = sender.open_request(request_id).await?;
-    for layer in 0..LAYERS {
-        if let Some((start, c)) = pace {
-            tokio::time::sleep_until((start + c * (u32::from(layer) + 1)).into()).await;
+    let mut first = 0;
+    while first < kv.blocks {
+        let n = chunk.min(kv.blocks - first);
+        for layer in 0..LAYERS {
+            if let Some((start, p)) = pace {
+                // Done after the layers of the chunks before, and this
+                // chunk's layers up to this one.
+                let done = p.compute.as_secs_f64()
+                    * (f64::from(first) + f64::from(n) * f64::from(layer + 1) / f64::from(LAYERS))
+                    / f64::from(kv.blocks)
+                    * f64::from(LAYERS);
+                tokio::time::sleep_until((start + Duration::from_secs_f64(done)).into()).await;
+            }
+            let bytes = kv.layers[usize::from(layer)]
+                .slice(first as usize * BLOCK_BYTES..(first + n) as usize * BLOCK_BYTES);
+            req.send_layer(shape(layer, first, n), bytes).await?;
         }
-        req.send_layer(shape(layer, blocks), payload.clone())
-            .await?;
+        first += n;
     }
     req.finish(1, u32::from(LAYERS)).await?;
     Ok(())
 }
 
-async fn tcp_run(
-    child: &Child,
-    conns: usize,
-    payload: &Bytes,
-    frame_bytes: u32,
-) -> Result<Duration> {
-    let blocks = (payload.len() / BLOCK_BYTES) as u32;
+/// TCP with the same frames; like the QUIC sender's lanes, each
+/// connection's task hashes its own frames.
+async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Result<Duration> {
+    let blocks = kv.blocks;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
     let start = Instant::now();
     let mut lanes = Vec::new();
     for _ in 0..conns {
         let mut sock = TcpStream::connect(child.tcp).await?;
         sock.set_nodelay(true)?;
-        let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(16);
+        let (tx, mut rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
         lanes.push((
             tx,
             tokio::spawn(async move {
-                while let Some(chunks) = rx.recv().await {
-                    for c in chunks {
-                        sock.write_all(&c).await?;
-                    }
+                while let Some((shape, piece)) = rx.recv().await {
+                    let header = LayerHeader::for_payload(2, shape, &piece)?;
+                    sock.write_all(&header.encode()).await?;
+                    sock.write_all(&piece).await?;
                 }
                 sock.write_all(&encode_final(2, 1, u32::from(LAYERS), 0))
                     .await?;
@@ -445,13 +501,11 @@ async fn tcp_run(
         let mut b = 0;
         while b < blocks {
             let n = per_frame.min(blocks - b);
-            let piece = payload.slice(b as usize * BLOCK_BYTES..(b + n) as usize * BLOCK_BYTES);
-            let mut s = shape(layer, n);
-            s.first_block = b;
-            let header = LayerHeader::for_payload(2, s, &piece)?;
+            let piece = kv.layers[usize::from(layer)]
+                .slice(b as usize * BLOCK_BYTES..(b + n) as usize * BLOCK_BYTES);
             lanes[next % conns]
                 .0
-                .send(vec![Bytes::copy_from_slice(&header.encode()), piece])
+                .send((shape(layer, b, n), piece))
                 .await?;
             next += 1;
             b += n;
@@ -471,23 +525,22 @@ async fn tcp_run(
 async fn sender(args: &Args) -> Result<()> {
     let mut child = spawn_receiver(args)?;
     println!(
-        "KV shape: {LAYERS} layers x {HEADS} KV heads x {HEAD_DIM} head_dim, bf16, block {BLOCK_SIZE} ({} KiB/token); frames <= {} KiB; max UDP payload {}",
+        "KV shape: {LAYERS} layers x {HEADS} KV heads x {HEAD_DIM} head_dim, bf16, block {BLOCK_SIZE} ({} KiB/token), a distinct buffer per layer; frames <= {} KiB; max UDP payload {}",
         BLOCK_BYTES * LAYERS as usize / BLOCK_SIZE as usize / 1024,
         args.frame_bytes / 1024,
         args.max_udp_payload
     );
     let mut id = 100;
-    let mut best_quic_by_tokens = std::collections::HashMap::new();
     for &tokens in &args.tokens {
-        let payload = layer_payload(tokens);
-        let bytes = (payload.len() * LAYERS as usize) as u64;
+        let kv = Kv::new(tokens);
+        let bytes = kv.bytes();
         println!(
             "\n{tokens} tokens: {:.2} GiB",
             bytes as f64 / (1u64 << 30) as f64
         );
         let mut best_tcp = 0f64;
         for &c in &args.tcp_conns {
-            let d = tcp_run(&child, c, &payload, args.frame_bytes).await?;
+            let d = tcp_run(&child, c, &kv, args.frame_bytes).await?;
             let g = gbps(bytes, d);
             best_tcp = best_tcp.max(g);
             println!(
@@ -505,7 +558,7 @@ async fn sender(args: &Args) -> Result<()> {
                 }
                 tried.push(k);
                 id += 1;
-                let (d, _, stats) = quic_run(&child, args, c, k, &payload, id, None).await?;
+                let (d, _, stats) = quic_run(&child, args, c, k, &kv, id, None).await?;
                 let g = gbps(bytes, d);
                 best_quic = best_quic.max(g);
                 println!(
@@ -517,27 +570,21 @@ async fn sender(args: &Args) -> Result<()> {
             }
         }
         println!("  best quic / best tcp = {:.2}", best_quic / best_tcp);
-        best_quic_by_tokens.insert(tokens, best_quic);
     }
 
-    // Overlap: the simulated GPU finishes layer L at (L+1) * compute; each
-    // layer is queued as soon as it is ready.
+    // Overlap: the simulated GPU finishes each chunk-layer in turn; each is
+    // queued as soon as it is ready. One receiver endpoint per connection.
     let compute = Duration::from_secs_f64(args.compute_ms / 1e3);
     let tokens = args.overlap_tokens;
-    let payload = layer_payload(tokens);
-    let layer_bytes = payload.len() as u64;
-    id += 1;
-    // Overlap runs with one receiver endpoint per connection.
+    let kv = Kv::new(tokens);
+    let layer_bytes = kv.layer_bytes();
     let oc = args.overlap_conns;
-    let (alone, _, _) = quic_run(&child, args, oc, oc, &payload, id, None).await?;
-    let rate = gbps(layer_bytes * u64::from(LAYERS), alone);
-    let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     id += 1;
-    let (total, exposed, stats) =
-        quic_run(&child, args, oc, oc, &payload, id, Some(compute)).await?;
+    let (alone, _, _) = quic_run(&child, args, oc, oc, &kv, id, None).await?;
+    let rate = gbps(kv.bytes(), alone);
+    let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     println!(
-        "\noverlap: {tokens} tokens, quic conns={} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
-        args.overlap_conns,
+        "\noverlap: {tokens} tokens, quic conns={oc} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
         args.compute_ms,
         args.compute_ms * f64::from(LAYERS),
         layer_bytes as f64 / (1 << 20) as f64
@@ -547,15 +594,28 @@ async fn sender(args: &Args) -> Result<()> {
         alone.as_secs_f64() * 1e3,
         one_layer.as_secs_f64() * 1e3
     );
-    println!(
-        "  with compute: total {:.1} ms; exposed after last layer's compute: {:.1} ms = {:.2} layer-transfers",
-        total.as_secs_f64() * 1e3,
-        exposed.as_secs_f64() * 1e3,
-        exposed.as_secs_f64() / one_layer.as_secs_f64()
-    );
-    print_path_stats(&stats);
     let needed = layer_bytes as f64 / compute.as_secs_f64() / 1e9;
     println!("  rate needed to hide the transfer: {needed:.2} GB/s");
+    for &chunk in &args.overlap_chunk_tokens {
+        let chunk = if chunk == 0 {
+            tokens
+        } else {
+            chunk.min(tokens)
+        };
+        let pace = Pace {
+            compute,
+            chunk_blocks: chunk.div_ceil(usize::from(BLOCK_SIZE)) as u32,
+        };
+        id += 1;
+        let (total, exposed, stats) = quic_run(&child, args, oc, oc, &kv, id, Some(pace)).await?;
+        println!(
+            "  prefill chunks of {chunk} tokens: total {:.1} ms; exposed after the last compute: {:.1} ms = {:.2} layer-transfers",
+            total.as_secs_f64() * 1e3,
+            exposed.as_secs_f64() * 1e3,
+            exposed.as_secs_f64() / one_layer.as_secs_f64()
+        );
+        print_path_stats(&stats);
+    }
 
     drop(child.proc.stdin.take());
     let _ = child.proc.wait();
