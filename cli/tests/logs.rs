@@ -128,7 +128,8 @@ fn a_request_id_is_in_all_three_text_logs() {
         // Not necessarily the first line in the span: the router may have
         // warned that a node still starting refused it and retried.
         assert!(
-            log.lines().any(|l| l.contains(&span) && l.contains(" INFO ")),
+            log.lines()
+                .any(|l| l.contains(&span) && l.contains(" INFO ")),
             "{role}: no INFO line in span {span}:\n{log}"
         );
     }

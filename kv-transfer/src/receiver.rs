@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Endpoint, Incoming, RecvStream, TokioRuntime, VarInt};
+use quinn::{Endpoint, Incoming, RecvStream, VarInt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -168,13 +168,7 @@ impl KvReceiver {
             } else {
                 SocketAddr::new(addr.ip(), 0)
             };
-            let socket = config.transport.udp_socket(bind)?;
-            endpoints.push(Endpoint::new(
-                config.transport.endpoint_config(),
-                Some(server.clone()),
-                socket,
-                Arc::new(TokioRuntime),
-            )?);
+            endpoints.push(config.transport.endpoint(bind, Some(server.clone()))?);
         }
         let local = endpoints[0].local_addr()?;
         let shared = Arc::new(Shared {

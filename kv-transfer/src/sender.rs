@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{Connection, Endpoint, SendStream, TokioRuntime, VarInt, WriteError};
+use quinn::{Connection, Endpoint, SendStream, VarInt, WriteError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -197,13 +197,7 @@ impl KvSender {
         };
         let mut endpoints = Vec::with_capacity(n_endpoints);
         for _ in 0..n_endpoints {
-            let socket = config.transport.udp_socket(bind)?;
-            let mut ep = Endpoint::new(
-                config.transport.endpoint_config(),
-                None,
-                socket,
-                Arc::new(TokioRuntime),
-            )?;
+            let mut ep = config.transport.endpoint(bind, None)?;
             ep.set_default_client_config(client.clone());
             endpoints.push(ep);
         }

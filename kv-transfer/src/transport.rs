@@ -20,11 +20,15 @@
 //!   the peer's discovery never goes above it, so without this every packet
 //!   stays at 1472 bytes whatever the path carries.
 //!   quinn sends up to 10 datagrams in one GSO call and the kernel refuses a
-//!   call over 64 KiB, so datagrams are capped at [`GSO_SAFE_PAYLOAD`]
-//!   (6550 bytes): larger ones fail whole batches, which looks like 30-40%
-//!   loss (measured on loopback at 6551, 8000 and 8952 bytes).
-//!   (Those failed batches also made discovery's black-hole detector fall
-//!   back to 1200-byte packets.)
+//!   call over 64 KiB ([`MAX_UDP_SEND`]) whole: with datagrams over
+//!   [`GSO_SAFE_PAYLOAD`] (6550 bytes) that looked like 30-40% loss
+//!   (measured on loopback at 6551, 8000 and 8952 bytes) and sent discovery's
+//!   black-hole detector back to 1200-byte packets. The endpoints' sockets
+//!   ([`endpoint`](TransportTuning::endpoint)) therefore cut each batch into
+//!   calls of at most 64 KiB, and datagrams may be as large as one call:
+//!   on loopback 64 KiB datagrams moved KV 1.4-1.6x faster than 6550-byte
+//!   ones (`kv-transfer/BENCH.md`), the per-packet work being most of what
+//!   is not the cipher.
 //!   GSO/GRO stay on (quinn-udp's default).
 //! - **Acknowledgement delay**: a receiver may hold an ACK back for up to
 //!   25 ms (QUIC's default `max_ack_delay`), and a transfer's end waits for
@@ -38,19 +42,28 @@
 //!   long; keep-alive keeps NAT/conntrack state warm, the idle timeout
 //!   notices a dead peer.
 
+use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use quinn::udp::{RecvMeta, Transmit};
 use quinn::{
-    AckFrequencyConfig, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt,
+    AckFrequencyConfig, AsyncUdpSocket, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig,
+    Runtime, ServerConfig, TokioRuntime, TransportConfig, UdpPoller, VarInt,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The largest UDP payload of which quinn's largest GSO batch (10 datagrams)
-/// fits one `sendmsg`: an IPv4 packet of at most 65535 bytes, less its 20-byte
-/// IP and 8-byte UDP headers (measured: 6550 works, 6551 loses every full batch).
-pub const GSO_SAFE_PAYLOAD: u16 = (65_535 - 20 - 8) / 10;
+/// fits one `sendmsg` (measured: 6550 works, 6551 loses every full batch
+/// unless the batch is cut, as [`TransportTuning::endpoint`]'s sockets do).
+pub const GSO_SAFE_PAYLOAD: u16 = MAX_UDP_SEND / 10;
+
+/// The most UDP payload one `sendmsg` may carry, all GSO segments together:
+/// an IPv4 packet's 65535 bytes less its IP and UDP headers.
+pub const MAX_UDP_SEND: u16 = 65_535 - 20 - 8;
 
 /// Transport knobs; the defaults suit a data-centre network.
 #[derive(Debug, Clone)]
@@ -63,7 +76,7 @@ pub struct TransportTuning {
     pub send_window: u64,
     /// Packet size to start with (1200 is always safe).
     pub initial_mtu: u16,
-    /// Largest UDP payload MTU discovery may try (capped at [`GSO_SAFE_PAYLOAD`]).
+    /// Largest UDP payload MTU discovery may try (capped at [`MAX_UDP_SEND`]).
     pub max_udp_payload: u16,
     /// Longest the peer may delay an acknowledgement.
     pub max_ack_delay: Duration,
@@ -82,7 +95,7 @@ impl Default for TransportTuning {
             receive_window: 128 << 20,
             send_window: 128 << 20,
             initial_mtu: 1200,
-            max_udp_payload: GSO_SAFE_PAYLOAD,
+            max_udp_payload: MAX_UDP_SEND,
             max_ack_delay: Duration::from_millis(1),
             socket_buffer_bytes: 16 << 20,
             idle_timeout: Duration::from_secs(30),
@@ -92,9 +105,23 @@ impl Default for TransportTuning {
 }
 
 impl TransportTuning {
-    /// The datagram size bound in effect: `max_udp_payload` within 1200..=[`GSO_SAFE_PAYLOAD`].
+    /// The datagram size bound in effect: `max_udp_payload` within 1200..=[`MAX_UDP_SEND`].
     pub fn udp_payload(&self) -> u16 {
-        self.max_udp_payload.clamp(1200, GSO_SAFE_PAYLOAD)
+        self.max_udp_payload.clamp(1200, MAX_UDP_SEND)
+    }
+
+    /// A quinn endpoint on a socket from [`udp_socket`](Self::udp_socket)
+    /// whose GSO batches are cut to fit one `sendmsg` each.
+    pub fn endpoint(
+        &self,
+        addr: SocketAddr,
+        server: Option<ServerConfig>,
+    ) -> std::io::Result<Endpoint> {
+        let runtime = Arc::new(TokioRuntime);
+        let socket = Arc::new(BoundedGso {
+            inner: runtime.wrap_udp_socket(self.udp_socket(addr)?)?,
+        });
+        Endpoint::new_with_abstract_socket(self.endpoint_config(), server, socket, runtime)
     }
 
     /// The quinn transport config; `max_uni_streams` is how many streams the
@@ -138,5 +165,189 @@ impl TransportTuning {
         let _ = socket.set_send_buffer_size(self.socket_buffer_bytes);
         socket.bind(&addr.into())?;
         Ok(socket.into())
+    }
+}
+
+/// quinn's socket, with each GSO batch cut into `sendmsg` calls of at most
+/// [`MAX_UDP_SEND`] bytes: quinn batches up to 10 datagrams of the current
+/// MTU per transmit, and the kernel refuses (and quinn drops) a batch over
+/// 64 KiB whole.
+#[derive(Debug)]
+struct BoundedGso {
+    inner: Arc<dyn AsyncUdpSocket>,
+}
+
+impl AsyncUdpSocket for BoundedGso {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        let max = usize::from(MAX_UDP_SEND);
+        let Some(segment) = transmit
+            .segment_size
+            .filter(|_| transmit.contents.len() > max)
+        else {
+            return self.inner.try_send(transmit);
+        };
+        let per_call = (max / segment).max(1) * segment;
+        for (i, piece) in transmit.contents.chunks(per_call).enumerate() {
+            let part = Transmit {
+                contents: piece,
+                segment_size: (piece.len() > segment).then_some(segment),
+                ..*transmit
+            };
+            match self.inner.try_send(&part) {
+                // Part of the batch went: the rest counts as lost, and QUIC
+                // sends it again (rare: UDP sockets seldom block).
+                Err(e) if i > 0 && e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Records what it is asked to send; refuses the sends listed in `block`.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        sent: Mutex<Vec<(Vec<u8>, Option<usize>)>>,
+        block: Vec<usize>,
+        calls: Mutex<usize>,
+    }
+
+    #[derive(Debug)]
+    struct Ready;
+
+    impl UdpPoller for Ready {
+        fn poll_writable(self: Pin<&mut Self>, _: &mut Context) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncUdpSocket for Recorder {
+        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+            Box::pin(Ready)
+        }
+        fn try_send(&self, t: &Transmit) -> std::io::Result<()> {
+            let mut calls = self.calls.lock().unwrap();
+            *calls += 1;
+            if self.block.contains(&(*calls - 1)) {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            self.sent
+                .lock()
+                .unwrap()
+                .push((t.contents.to_vec(), t.segment_size));
+            Ok(())
+        }
+        fn poll_recv(
+            &self,
+            _: &mut Context,
+            _: &mut [IoSliceMut<'_>],
+            _: &mut [RecvMeta],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn local_addr(&self) -> std::io::Result<SocketAddr> {
+            Ok(([127, 0, 0, 1], 1).into())
+        }
+        fn max_transmit_segments(&self) -> usize {
+            10
+        }
+    }
+
+    fn send(
+        block: Vec<usize>,
+        segment: usize,
+        count: usize,
+    ) -> (std::io::Result<()>, Arc<Recorder>) {
+        let rec = Arc::new(Recorder {
+            block,
+            ..Recorder::default()
+        });
+        let socket = BoundedGso { inner: rec.clone() };
+        let contents: Vec<u8> = (0..segment * count).map(|i| (i % 251) as u8).collect();
+        let t = Transmit {
+            destination: ([127, 0, 0, 1], 2).into(),
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(segment),
+            src_ip: None,
+        };
+        (socket.try_send(&t), rec)
+    }
+
+    #[test]
+    fn batches_over_64k_are_cut_into_whole_datagrams_in_order() {
+        let (r, rec) = send(vec![], 20_000, 10);
+        assert!(r.is_ok());
+        let sent = rec.sent.lock().unwrap();
+        // Three 20 000-byte datagrams fit one call: 3 + 3 + 3 + 1.
+        let sizes: Vec<(usize, Option<usize>)> = sent.iter().map(|(b, s)| (b.len(), *s)).collect();
+        assert_eq!(
+            sizes,
+            [
+                (60_000, Some(20_000)),
+                (60_000, Some(20_000)),
+                (60_000, Some(20_000)),
+                (20_000, None)
+            ]
+        );
+        let joined: Vec<u8> = sent.iter().flat_map(|(b, _)| b.clone()).collect();
+        let expected: Vec<u8> = (0..200_000).map(|i| (i % 251) as u8).collect();
+        assert!(joined == expected);
+    }
+
+    #[test]
+    fn small_batches_pass_through_whole() {
+        let (r, rec) = send(vec![], 6550, 10);
+        assert!(r.is_ok());
+        let sent = rec.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0].0.len(), sent[0].1), (65_500, Some(6550)));
+    }
+
+    #[test]
+    fn a_blocked_first_call_is_retried_later_a_blocked_later_one_is_dropped() {
+        let (r, rec) = send(vec![0], 65_000, 4);
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        assert!(rec.sent.lock().unwrap().is_empty());
+        // quinn must not resend the first datagram, so the rest is dropped
+        // (QUIC's loss recovery sends it again).
+        let (r, rec) = send(vec![1], 65_000, 4);
+        assert!(r.is_ok());
+        assert_eq!(rec.sent.lock().unwrap().len(), 1);
     }
 }

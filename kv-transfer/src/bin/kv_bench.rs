@@ -13,7 +13,7 @@
 //! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
 //!          [--overlap-chunk-tokens 0,2048]
-//!          [--max-udp-payload 6550] [--frame-kib 4096]
+//!          [--max-udp-payload 65507] [--frame-kib 4096]
 //!          [--rx-endpoints 1,0] [--stream-window-mib 32] [--conn-window-mib 128]
 //! ```
 //!
