@@ -2,6 +2,7 @@
 //! loopback, and a real etcd ([`etcd_server`]).
 
 pub mod etcd_server;
+pub mod ports;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::ports::free_port;
+
 /// How long etcd may take to become healthy.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,13 +39,6 @@ fn etcd_binary() -> PathBuf {
                  installs it; by hand: apt-get install -y etcd-server"
             )
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 impl EtcdServer {

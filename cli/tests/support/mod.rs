@@ -20,14 +20,7 @@ impl Drop for Processes {
     }
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use tandem_tests::ports::free_port;
 
 /// Writes a small model with `tandem model synth` into `dir/model`.
 pub fn synth_model(dir: &Path) -> PathBuf {
