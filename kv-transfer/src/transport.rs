@@ -26,7 +26,7 @@
 //!   black-hole detector back to 1200-byte packets. The endpoints' sockets
 //!   ([`endpoint`](TransportTuning::endpoint)) therefore cut each batch into
 //!   calls of at most 64 KiB, and datagrams may be as large as one call:
-//!   on loopback 64 KiB datagrams moved KV 1.4-1.6x faster than 6550-byte
+//!   on loopback 64 KiB datagrams moved KV 1.22-1.51x faster than 6550-byte
 //!   ones (`kv-transfer/BENCH.md`), the per-packet work being most of what
 //!   is not the cipher.
 //!   GSO/GRO stay on (quinn-udp's default).

@@ -499,9 +499,7 @@ fn bench(args: &[String]) -> Res<()> {
                 );
                 continue;
             }
-            let tables: Vec<Vec<u32>> = (0..batch)
-                .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-                .collect();
+            let tables = consecutive_tables(batch, per_seq);
             let mut toks: Vec<u32> = (0..batch)
                 .map(|_| rng.random_range(0..config.vocab_size as u32))
                 .collect();
@@ -868,9 +866,7 @@ fn kernels(args: &[String]) -> Res<()> {
         be.fill_cache_random(3)?;
         for (ctx, batch) in [(1024usize, 1usize), (4096, 64)] {
             let per_seq = blocks_for(ctx + 20, BS);
-            let tables: Vec<Vec<u32>> = (0..batch)
-                .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-                .collect();
+            let tables = consecutive_tables(batch, per_seq);
             let mut toks = vec![1u32; batch];
             let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
             steps.push((layers, ctx, batch, t));
@@ -892,9 +888,7 @@ fn kernels(args: &[String]) -> Res<()> {
             ] {
                 be.set_decode_blocks(blocks);
                 let per_seq = blocks_for(ctx + 20, BS);
-                let tables: Vec<Vec<u32>> = (0..batch)
-                    .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
-                    .collect();
+                let tables = consecutive_tables(batch, per_seq);
                 let toks = vec![[1u32]; batch];
                 let chunks: Vec<SeqChunk<'_>> = toks
                     .iter()
@@ -961,6 +955,14 @@ fn kernels(args: &[String]) -> Res<()> {
         println!();
     }
     Ok(())
+}
+
+/// Block tables for `batch` sequences of `per_seq` blocks each, side by side in
+/// the cache: sequence i owns blocks `i * per_seq .. (i + 1) * per_seq`.
+fn consecutive_tables(batch: usize, per_seq: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+        .collect()
 }
 
 /// `steps` greedy tokens of one sequence decoded alone (batch 1) from `first`
