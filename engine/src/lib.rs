@@ -1,7 +1,7 @@
 //! Tandem's inference engine.
 //!
-//! - [`model_dir`]: opening a Hugging Face model directory ([`config`],
-//!   [`tokenizer`], [`weights`]).
+//! - [`model_dir`]: opening a model: a Hugging Face directory ([`config`],
+//!   [`tokenizer`], [`weights`]) or a GGUF file ([`gguf`]).
 //! - [`block_manager`] and [`kv_cache`]: the paged KV cache, its allocation and its
 //!   layout (shared by every backend and by the KV wire format).
 //! - [`backend`]: the forward-pass interface built for disaggregation, and
@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod generation;
+pub mod gguf;
 pub mod kv_cache;
 pub mod local;
 pub mod model_dir;

@@ -1,4 +1,5 @@
-//! A Hugging Face model directory: config, tokenizer and weights, opened once.
+//! A model: a Hugging Face directory (`config.json`, `tokenizer.json`,
+//! safetensors) or a GGUF file, its config and tokenizer read once.
 
 use std::path::{Path, PathBuf};
 
@@ -6,6 +7,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
+use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 use crate::tp::TpBackend;
 use crate::weights::Weights;
@@ -20,9 +22,9 @@ pub enum Device {
     Cuda(usize),
 }
 
-/// A model directory whose config and tokenizer have been read and checked.
+/// A model (directory or GGUF file) whose config and tokenizer have been read and checked.
 pub struct ModelDir {
-    /// Where it is.
+    /// Where it is: a directory, or a `.gguf` file.
     pub path: PathBuf,
     /// Its normalized `config.json`.
     pub config: ModelConfig,
@@ -30,27 +32,46 @@ pub struct ModelDir {
     pub tokenizer: Tokenizer,
     /// Where [`load`](Self::load) puts the model (the CPU unless set).
     pub device: Device,
+    /// The name the model goes by unless configured otherwise.
+    name: String,
 }
 
 impl ModelDir {
-    /// Reads `config.json` and `tokenizer.json` (weights are mapped by the backend).
+    /// Reads a directory's `config.json` and `tokenizer.json`, or a GGUF file's
+    /// metadata (weights are mapped by the backend).
     pub fn open(path: &Path) -> Result<Self> {
-        let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let tokenizer = Tokenizer::from_dir(path, &config)?;
+        let (config, tokenizer, name) = if crate::gguf::is_gguf(path) {
+            let file = GgufFile::open(path)?;
+            let config = file.config()?;
+            let tokenizer = crate::gguf::tokenizer::load(&file, &config)?;
+            (config, tokenizer, file.name())
+        } else {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let tokenizer = Tokenizer::from_dir(path, &config)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            (config, tokenizer, name)
+        };
         Ok(ModelDir {
             path: path.to_owned(),
             config,
             tokenizer,
             device: Device::Cpu,
+            name,
         })
     }
 
-    /// The model's name: the directory's last component.
+    /// The model's name: a directory's last component, a GGUF file's
+    /// `general.name` (else its file stem).
     pub fn name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
+        self.name.clone()
+    }
+
+    /// Maps the model's weight files.
+    pub fn weights(&self) -> Result<Weights> {
+        Weights::open(&self.path)
     }
 
     /// Loads the weights onto [`device`](Self::device) with a KV cache of
@@ -60,7 +81,7 @@ impl ModelDir {
             Device::Cpu => Ok(Box::new(self.load_cpu(num_blocks, block_size)?)),
             #[cfg(feature = "cuda")]
             Device::Cuda(ordinal) => {
-                let weights = Weights::open_dir(&self.path)?;
+                let weights = self.weights()?;
                 Ok(Box::new(crate::cuda::CudaBackend::load(
                     ordinal,
                     &self.config,
@@ -96,7 +117,7 @@ impl ModelDir {
 
     /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.
     pub fn load_cpu(&self, num_blocks: usize, block_size: usize) -> Result<CpuBackend> {
-        let weights = Weights::open_dir(&self.path)?;
+        let weights = self.weights()?;
         CpuBackend::new(
             CpuModel::load(&self.config, &weights)?,
             num_blocks,
@@ -116,7 +137,7 @@ impl ModelDir {
         if tp == 1 {
             return Ok(Box::new(self.load_cpu(num_blocks, block_size)?));
         }
-        let weights = Weights::open_dir(&self.path)?;
+        let weights = self.weights()?;
         Ok(Box::new(TpBackend::load(
             &self.config,
             &weights,

@@ -88,6 +88,21 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// A tokenizer built elsewhere (e.g. from a GGUF file's metadata).
+    pub(crate) fn from_parts(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: String,
+        eos_token: String,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+        }
+    }
+
     /// Tokens in the tokenizer's vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -1,10 +1,13 @@
-//! Memory-mapped safetensors weights, single-file or sharded.
+//! A model's weights by Hugging Face tensor name: memory-mapped safetensors
+//! (single-file or sharded), or a GGUF file dequantized on load.
 //!
-//! Files are mapped, never read into a buffer, so a tensor is copied once: from
-//! the page cache into the backend's own storage (converted to its dtype on
-//! the way). A shard index (`model.safetensors.index.json`) is followed when
-//! present. Every tensor is located and its bounds checked when the files are
-//! opened, so a corrupt or truncated file fails at load time with its name.
+//! Files are mapped, never read into a buffer, so a safetensors tensor is copied
+//! once: from the page cache into the backend's own storage (converted to its
+//! dtype on the way). A shard index (`model.safetensors.index.json`) is followed
+//! when present. Every tensor is located and its bounds checked when the files
+//! are opened, so a corrupt or truncated file fails at load time with its name.
+//! Backends ask for tensors by their Hugging Face names and shapes only; which
+//! format is behind them is this module's business.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -15,6 +18,7 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 
 use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
 
 /// Where one tensor lives.
 #[derive(Debug, Clone)]
@@ -26,16 +30,110 @@ struct Entry {
     end: usize,
 }
 
-/// The mapped weight files of one model and an index of their tensors.
+/// A model's weights: its safetensors files or its GGUF file.
 pub struct Weights {
+    source: Source,
+}
+
+enum Source {
+    Safetensors(Safetensors),
+    Gguf(GgufFile),
+}
+
+impl From<GgufFile> for Weights {
+    fn from(file: GgufFile) -> Self {
+        Weights {
+            source: Source::Gguf(file),
+        }
+    }
+}
+
+impl Weights {
+    /// Opens a model's weights: a GGUF file, or the safetensors of a model directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(path) {
+            Ok(GgufFile::open(path)?.into())
+        } else {
+            Self::open_dir(path)
+        }
+    }
+
+    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        Ok(Weights {
+            source: Source::Safetensors(Safetensors::open_dir(dir)?),
+        })
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors(st) => st.entries.contains_key(name),
+            Source::Gguf(g) => g.contains(name),
+        }
+    }
+
+    /// Loads a tensor of the expected shape as `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match &self.source {
+            Source::Safetensors(st) => st.load(name, expected, dtype, device),
+            Source::Gguf(g) => Ok(g
+                .load_f32(name, expected)?
+                .to_dtype(dtype)?
+                .to_device(device)?),
+        }
+    }
+
+    /// Loads indices `range` of dimension `dim` (0 or 1) of a tensor
+    /// whose full shape must be `expected`: a tensor-parallel rank's shard.
+    pub fn load_narrow(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dim: usize,
+        range: Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match &self.source {
+            Source::Safetensors(st) => st.load_narrow(name, expected, dim, range, dtype, device),
+            Source::Gguf(g) => {
+                let t = g.load_f32(name, expected)?;
+                check_narrow(name, expected, dim, &range)?;
+                Ok(t.narrow(dim, range.start, range.len())?
+                    .contiguous()?
+                    .to_dtype(dtype)?
+                    .to_device(device)?)
+            }
+        }
+    }
+}
+
+fn check_narrow(name: &str, shape: &[usize], dim: usize, range: &Range<usize>) -> Result<()> {
+    if dim >= shape.len() || dim > 1 || range.end > shape[dim] {
+        return Err(EngineError::InvalidInput(format!(
+            "cannot take {}..{} of dimension {dim} of tensor {name:?} of shape {shape:?}",
+            range.start, range.end
+        )));
+    }
+    Ok(())
+}
+
+/// The mapped safetensors files of one model and an index of their tensors.
+struct Safetensors {
     paths: Vec<PathBuf>,
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
 }
 
-impl Weights {
-    /// Opens `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir`.
-    pub fn open_dir(dir: &Path) -> Result<Self> {
+impl Safetensors {
+    fn open_dir(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|source| EngineError::Io {
@@ -78,7 +176,7 @@ impl Weights {
     }
 
     /// Maps and indexes the given safetensors files.
-    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+    fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut maps = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (file, path) in paths.iter().enumerate() {
@@ -113,20 +211,15 @@ impl Weights {
             }
             maps.push(map);
         }
-        Ok(Weights {
+        Ok(Safetensors {
             paths: paths.to_vec(),
             maps,
             entries,
         })
     }
 
-    /// Whether a tensor of this name exists.
-    pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
-    }
-
     /// The dtype, shape and bytes of a tensor, straight from the mapping.
-    pub fn raw(&self, name: &str) -> Result<(safetensors::Dtype, &[usize], &[u8])> {
+    fn raw(&self, name: &str) -> Result<(safetensors::Dtype, &[usize], &[u8])> {
         let e = self
             .entries
             .get(name)
@@ -134,8 +227,7 @@ impl Weights {
         Ok((e.dtype, &e.shape, &self.maps[e.file][e.start..e.end]))
     }
 
-    /// Loads a tensor of the expected shape as `dtype` on `device`.
-    pub fn load(
+    fn load(
         &self,
         name: &str,
         expected: &[usize],
@@ -155,11 +247,10 @@ impl Weights {
         Ok(t.to_dtype(dtype)?)
     }
 
-    /// Loads indices `range` of dimension `dim` (0 or 1) of a tensor
-    /// whose full shape must be `expected`: a tensor-parallel rank's shard.
-    /// Only the shard's bytes are copied out of the mapping (row slices of a
-    /// row-major matrix are one range; column slices one range per row).
-    pub fn load_narrow(
+    /// A tensor-parallel rank's shard (see [`Weights::load_narrow`]). Only the
+    /// shard's bytes are copied out of the mapping (row slices of a row-major
+    /// matrix are one range; column slices one range per row).
+    fn load_narrow(
         &self,
         name: &str,
         expected: &[usize],
@@ -177,12 +268,7 @@ impl Weights {
                 expected: expected.to_vec(),
             });
         }
-        if dim >= shape.len() || dim > 1 || start + len > shape[dim] {
-            return Err(EngineError::InvalidInput(format!(
-                "cannot take {start}..{} of dimension {dim} of tensor {name:?} of shape {shape:?}",
-                start + len
-            )));
-        }
+        check_narrow(name, shape, dim, &range)?;
         let file_dtype = self.file_dtype(name, st_dtype)?;
         let elem = file_dtype.size_in_bytes();
         let rows = shape[0];

@@ -5,6 +5,7 @@
 //! ```text
 //! tandem-gpu-bench check  [--dir DIR]                  CPU vs GPU on synthesized models
 //! tandem-gpu-bench hf     --dir DIR                    GPU vs HF logits (scripts/hf_reference.py)
+//! tandem-gpu-bench real   --model PATH                 CPU vs GPU on a real model (GGUF or directory)
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
 //! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
 //! ```
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use tandem_engine::ModelDir;
 use tandem_engine::TokenDraw;
 use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
@@ -38,9 +40,10 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("check") => check(&args),
         Some("hf") => hf(&args),
+        Some("real") => real(&args),
         Some("bench") => bench(&args),
         Some("kernels") => kernels(&args),
-        _ => Err("usage: tandem-gpu-bench check|hf|bench [options]".into()),
+        _ => Err("usage: tandem-gpu-bench check|hf|real|bench|kernels [options]".into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -128,8 +131,8 @@ fn check(args: &[String]) -> Res<()> {
 /// (max prefill rel err, max decode rel err, continuations differing, divergence
 /// steps, max prefill L2 rel err).
 fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
-    let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = Weights::open_dir(dir)?;
+    let config = ModelDir::open(dir)?.config;
+    let weights = Weights::open(dir)?;
     let steps = 16;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let max_len = 400.min(config.max_position_embeddings - steps - 1);
@@ -336,12 +339,134 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
 }
 
 // ---------------------------------------------------------------------------
+// A real model (e.g. SmolLM2 from its GGUF file): the CPU comparison on random
+// prompts, the chat question answered by both backends, and the GPU's speed.
+
+fn real(args: &[String]) -> Res<()> {
+    let path = PathBuf::from(arg(args, "--model").ok_or("--model is required")?);
+    let start = Instant::now();
+    let model = ModelDir::open(&path)?;
+    let c = &model.config;
+    println!(
+        "## {} ({}): {} layers, hidden {}, {} heads / {} KV heads of {}, vocab {}\n",
+        model.name(),
+        path.display(),
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size
+    );
+    let r = check_model(&path)?;
+    println!(
+        "| prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| 20 random (1..400 tokens) | {:.2e} | {:.2e} | {:.2e} | {} | {} |\n",
+        r.0, r.4, r.1, r.2, r.3
+    );
+
+    let weights = Weights::open(&path)?;
+    let blocks = 80;
+    let mut cpu = CpuBackend::new(CpuModel::load(c, &weights)?, blocks, BS)?;
+    let limits = CudaLimits {
+        max_tokens: 1024,
+        max_seqs: 64,
+        staging_blocks: 64,
+        ..CudaLimits::default()
+    };
+    let t = Instant::now();
+    let mut gpu = CudaBackend::load(0, c, &weights, blocks, BS, limits)?;
+    println!(
+        "model opened in {:.2} s; GPU weights loaded in {:.2} s\n",
+        start.elapsed().as_secs_f64() - t.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    let chat = model.tokenizer.apply_chat_template(
+        &[tandem_engine::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }],
+        true,
+    )?;
+    let prompt = model.tokenizer.encode(&chat, false)?;
+    let table: Vec<u32> = (0..blocks_for(prompt.len() + 33, BS) as u32).collect();
+    let mut answers = Vec::new();
+    for backend in [&mut cpu as &mut dyn Backend, &mut gpu as &mut dyn Backend] {
+        let mut next = argmax(&backend.prefill(&prompt, 0, &table)?);
+        let mut out = Vec::new();
+        for k in 0..32 {
+            out.push(next);
+            if c.eos_token_ids.contains(&next) {
+                break;
+            }
+            next = argmax(&backend.decode(&[(next, prompt.len() + k, &table)])?[0]);
+        }
+        answers.push(out);
+    }
+    for (name, a) in ["CPU (f32)", "GPU (bf16)"].iter().zip(&answers) {
+        println!(
+            "{name}: {:?} ({} tokens)",
+            model.tokenizer.decode(a)?,
+            a.len()
+        );
+    }
+    let same = answers[0]
+        .iter()
+        .zip(&answers[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    println!("greedy answers agree on their first {same} tokens\n");
+    if !model.tokenizer.decode(&answers[1])?.contains("Paris") {
+        return Err("the GPU's answer does not contain \"Paris\"".into());
+    }
+
+    // Speed: a 1024-token prefill and batch-1 decode steps at 1k context.
+    let long: Vec<u32> = (0..1024u32)
+        .map(|i| (i * 7919 + 13) % c.vocab_size as u32)
+        .collect();
+    let table: Vec<u32> = (0..blocks_for(long.len() + 64, BS) as u32).collect();
+    let mut prefill = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        gpu.prefill(&long, 0, &table)?;
+        prefill.push(t.elapsed().as_secs_f64());
+    }
+    let mut decode = Vec::new();
+    let mut next = 1u32;
+    for k in 0..48 {
+        let t = Instant::now();
+        let t1 = [next];
+        let chunk = SeqChunk {
+            tokens: &t1,
+            start: long.len() + k,
+            block_table: &table,
+        };
+        next = gpu.forward_greedy(&[chunk], None)?[0];
+        if k >= 16 {
+            decode.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let (p, d) = (median(prefill), median(decode));
+    println!(
+        "GPU: prefill 1024 tokens {:.2} ms ({:.0} tokens/s); decode batch 1 at 1k context {:.3} ms/step ({:.0} tokens/s), medians",
+        p * 1e3,
+        1024.0 / p,
+        d * 1e3,
+        1.0 / d
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // Against Hugging Face transformers (reference files written by scripts/hf_reference.py).
 
 fn hf(args: &[String]) -> Res<()> {
     let dir = PathBuf::from(arg(args, "--dir").ok_or("--dir is required")?);
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = Weights::open_dir(&dir)?;
+    let weights = Weights::open(&dir)?;
     let refs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("hf_ref.json"))?)?;
     let prompts: Vec<Vec<u32>> = serde_json::from_value(refs["prompts"].clone())?;

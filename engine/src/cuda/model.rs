@@ -1,4 +1,4 @@
-//! The model's weights in GPU memory, in bf16: loaded from safetensors, or
+//! The model's weights in GPU memory, in bf16: loaded from a model's files, or
 //! random of a named shape (benchmarks of real shapes without carrying weights).
 //!
 //! Projections that read the same input are fused into one matrix so each is
@@ -108,36 +108,17 @@ fn check_supported(c: &ModelConfig) -> Result<()> {
 
 /// A tensor's elements as bf16, converted from whatever the file holds.
 fn host_bf16(w: &Weights, name: &str, expected: &[usize]) -> Result<Vec<bf16>> {
-    let (dtype, shape, bytes) = w.raw(name)?;
-    if shape != expected {
-        return Err(EngineError::TensorShape {
-            name: name.into(),
-            actual: shape.to_vec(),
-            expected: expected.to_vec(),
-        });
-    }
-    let bad = |what: &str| EngineError::MissingTensor {
-        name: format!("{name} ({what})"),
-    };
-    Ok(match dtype {
-        safetensors::Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-            .collect(),
-        safetensors::Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
-            .collect(),
-        safetensors::Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            .collect(),
-        _ => return Err(bad("dtype is not f32, f16 or bf16")),
-    })
+    let t = w.load(
+        name,
+        expected,
+        candle_core::DType::BF16,
+        &candle_core::Device::Cpu,
+    )?;
+    Ok(t.flatten_all()?.to_vec1::<bf16>()?)
 }
 
 impl GpuModel {
-    /// Uploads the weights of a safetensors model (converted to bf16).
+    /// Uploads a model's weights (converted to bf16).
     pub fn load(gpu: &Gpu, config: &ModelConfig, w: &Weights) -> Result<Self> {
         check_supported(config)?;
         let c = config;
