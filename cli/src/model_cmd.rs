@@ -180,12 +180,36 @@ fn open(model: Option<&Path>) -> anyhow::Result<ModelDir> {
     ModelDir::open(&path).with_context(|| format!("opening model {}", path.display()))
 }
 
+/// This process's resident memory, from /proc (Linux).
+fn resident_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
     let model = open(a.model.as_deref())?;
+    let opened = start.elapsed().as_secs_f64();
     let vocab = model.config.vocab_size as u32;
     let block_size = 16;
     let per_seq = (a.prompt_len + a.steps).div_ceil(block_size);
     let mut backend = model.load_cpu(per_seq * a.batch.max(1), block_size)?;
+    println!(
+        "model {} ({}): config and tokenizer read in {:.3}s, weights loaded in {:.3}s; resident memory {}",
+        model.name(),
+        model.path.display(),
+        opened,
+        start.elapsed().as_secs_f64() - opened,
+        resident_mib().map_or("unknown".into(), |m| format!("{m:.0} MiB"))
+    );
     let mut blocks = BlockManager::new(per_seq * a.batch.max(1));
     let tables: Vec<Vec<u32>> = (0..a.batch.max(1))
         .map(|_| blocks.allocate(per_seq))
