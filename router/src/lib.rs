@@ -21,10 +21,12 @@
 pub mod admission;
 pub mod auth;
 pub mod choice;
+pub mod client_grpc;
 pub mod error;
 pub mod generate;
 pub mod nodes;
 pub mod openai;
+pub mod openai_fields;
 pub mod request_metrics;
 pub mod service;
 pub mod validation;
@@ -107,11 +109,20 @@ pub async fn serve(
     health_reporter
         .set_serving::<GenerateServer<GenerateService>>()
         .await;
-    // Server reflection, so `grpcurl` and other tools work without the .proto files.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tandem_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Server reflection, so `grpcurl` and other tools work without the .proto
+    // files: v1 and v1alpha, over the client-facing descriptors only.
+    let reflection = || {
+        Ok::<_, RouterError>(
+            tonic_reflection::server::Builder::configure()
+                .register_file_descriptor_set(client_grpc::client_descriptors()?)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        )
+    };
+    let reflection_v1 = reflection()?
         .build_v1()
+        .map_err(|e| RouterError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()?
+        .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let max_request_bytes = config.max_request_bytes;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -119,10 +130,11 @@ pub async fn serve(
     let join = tokio::spawn(async move {
         Server::builder()
             .add_service(health)
-            .add_service(reflection)
-            .add_service(
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(client_grpc::ClientGenerateServer::new(
                 GenerateServer::from_arc(service).max_decoding_message_size(max_request_bytes),
-            )
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await?;
         info!("router stopped");

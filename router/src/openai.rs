@@ -6,7 +6,11 @@
 //! API uses, called in-process: requests become `GenerateRequest`s, token
 //! chunks become completion chunks, and every error comes back in OpenAI's
 //! `{"error": {"message", "type", "param", "code"}}` shape with the HTTP status
-//! matching the gRPC code.
+//! matching the gRPC code. Unknown routes and methods get that shape too.
+//!
+//! Nothing a client sends is silently ignored: [`crate::openai_fields`] lists
+//! every field of OpenAI's request schemas (and vLLM's extensions) and refuses,
+//! with HTTP 400 naming it, any field or value Tandem does not honour.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,12 +18,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tandem_engine::{ChatMessage, ModelDir};
 use tandem_proto::v1 as pb;
@@ -29,6 +34,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
+use crate::openai_fields::{self, Endpoint};
 use crate::service::{GenerateService, REQUEST_ID_HEADER};
 
 /// What the handlers share.
@@ -46,6 +52,8 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState {
             service,
             model,
@@ -53,10 +61,32 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
         })
 }
 
+/// 404 in OpenAI's shape, for a path with no route.
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route for {method} {}", uri.path()),
+        param: None,
+        retry_after: None,
+    }
+}
+
+/// 405 in OpenAI's shape, for a known path asked with the wrong method.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("method {method} is not allowed on {}", uri.path()),
+        param: None,
+        retry_after: None,
+    }
+}
+
 /// An error in OpenAI's shape.
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// The request field at fault, if one is.
+    param: Option<String>,
     /// Seconds to wait before retrying (`Retry-After`).
     retry_after: Option<String>,
 }
@@ -66,8 +96,23 @@ impl ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
+            param: None,
             retry_after: None,
         }
+    }
+
+    /// A 400 about one field of the request.
+    fn bad_field(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..ApiError::bad_request(message)
+        }
+    }
+}
+
+impl From<openai_fields::Refused> for ApiError {
+    fn from(r: openai_fields::Refused) -> Self {
+        ApiError::bad_field(&r.param, r.message)
     }
 }
 
@@ -88,6 +133,7 @@ impl From<Status> for ApiError {
         ApiError {
             status,
             message: s.message().to_string(),
+            param: None,
             retry_after: s
                 .metadata()
                 .get(RETRY_AFTER)
@@ -107,21 +153,29 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-fn error_body(status: StatusCode, message: &str) -> Value {
+fn error_body(status: StatusCode, message: &str, param: Option<&str>) -> Value {
     let kind = match status {
-        StatusCode::BAD_REQUEST => "invalid_request_error",
+        StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
         StatusCode::NOT_FOUND => "not_found_error",
         StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
         StatusCode::UNAUTHORIZED => "authentication_error",
         StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
         _ => "server_error",
     };
-    json!({ "error": { "message": message, "type": kind, "param": null, "code": status.as_u16() } })
+    json!({ "error": { "message": message, "type": kind, "param": param, "code": status.as_u16() } })
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(error_body(self.status, &self.message))).into_response();
+        let mut r = (
+            self.status,
+            Json(error_body(
+                self.status,
+                &self.message,
+                self.param.as_deref(),
+            )),
+        )
+            .into_response();
         if let Some(v) = self
             .retry_after
             .and_then(|v| HeaderValue::from_str(&v).ok())
@@ -147,9 +201,13 @@ enum StopInput {
     Many(Vec<String>),
 }
 
-/// Sampling fields both endpoints share (OpenAI's names, plus vLLM's extensions).
+/// Fields both endpoints share (OpenAI's names, plus vLLM's extensions).
+/// Fields absent here are either without effect or refused unless neutral:
+/// see [`openai_fields`].
 #[derive(Deserialize, Default)]
 struct Sampling {
+    /// vLLM's: the request's id (in logs on every node), like `X-Request-Id`.
+    request_id: Option<String>,
     model: Option<String>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -166,13 +224,16 @@ struct Sampling {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     ignore_eos: bool,
-    n: Option<u32>,
+    /// vLLM's: generation stops after one of these tokens.
+    #[serde(default)]
+    stop_token_ids: Vec<u32>,
     /// `{"include_usage": true}` adds a last chunk with the usage (OpenAI's
     /// streaming option), which load generators count tokens with.
     stream_options: Option<StreamOptions>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
@@ -188,6 +249,8 @@ struct CompletionRequest {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<ChatMessage>,
+    /// vLLM's: end the prompt with the template's assistant header (default).
+    add_generation_prompt: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -196,24 +259,28 @@ fn to_request(
     prompt: pb::generate_request::Prompt,
     s: &Sampling,
 ) -> Result<pb::GenerateRequest, ApiError> {
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request(
-            "n must be 1: Tandem returns one choice per request",
-        ));
-    }
     // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
     if let Some(p) = s.top_p
         && !(p > 0.0 && p <= 1.0)
     {
-        return Err(ApiError::bad_request(format!(
-            "top_p must be in (0, 1], got {p}"
-        )));
+        return Err(ApiError::bad_field(
+            "top_p",
+            format!("top_p must be in (0, 1], got {p}"),
+        ));
     }
     if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
-        return Err(ApiError::bad_request("max_tokens must be at least 1"));
+        let field = if s.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        return Err(ApiError::bad_field(
+            field,
+            format!("{field} must be at least 1"),
+        ));
     }
     Ok(pb::GenerateRequest {
-        request_id: String::new(),
+        request_id: s.request_id.clone().unwrap_or_default(),
         model: s.model.clone().unwrap_or_default(),
         prompt: Some(prompt),
         // OpenAI's defaults: temperature 1, top_p 1.
@@ -233,7 +300,7 @@ fn to_request(
             Some(StopInput::One(one)) => vec![one.clone()],
             Some(StopInput::Many(many)) => many.clone(),
         },
-        stop_token_ids: Vec::new(),
+        stop_token_ids: s.stop_token_ids.clone(),
         ignore_eos: s.ignore_eos,
     })
 }
@@ -265,10 +332,10 @@ async fn models(State(st): State<AppState>) -> Json<Value> {
 async fn completions(
     State(st): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let auth = authorization(&st, &headers)?;
-    let Json(req) = body?;
+    let req: CompletionRequest = strict_body(Endpoint::Completions, body)?;
     let prompt = match req.prompt {
         PromptInput::Text(t) => pb::generate_request::Prompt::Text(t),
         PromptInput::Tokens(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
@@ -297,17 +364,17 @@ async fn completions(
 async fn chat_completions(
     State(st): State<AppState>,
     headers: HeaderMap,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let auth = authorization(&st, &headers)?;
-    let Json(req) = body?;
+    let req: ChatRequest = strict_body(Endpoint::Chat, body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
     let text = st
         .model
         .tokenizer
-        .apply_chat_template(&req.messages, true)
+        .apply_chat_template(&req.messages, req.add_generation_prompt.unwrap_or(true))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     // The template writes every special token it wants; add none (as vLLM does).
     let ids = st
@@ -322,6 +389,23 @@ async fn chat_completions(
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let stream = (req.sampling.stream, usage);
     run(st, auth, &headers, request, stream, Kind::Chat).await
+}
+
+/// A request body checked field by field ([`openai_fields::check`]), then read
+/// into its typed request.
+fn strict_body<T: DeserializeOwned>(
+    endpoint: Endpoint,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<T, ApiError> {
+    let Json(body) = body?;
+    let Value::Object(fields) = &body else {
+        return Err(ApiError::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
+    };
+    openai_fields::check(endpoint, fields)?;
+    serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -483,7 +567,7 @@ fn sse_events(
                 Ok(None) => continue,
                 Err(status) => {
                     let e = ApiError::from(status);
-                    error_body(e.status, &e.message)
+                    error_body(e.status, &e.message, e.param.as_deref())
                 }
             };
             first = false;

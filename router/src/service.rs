@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
 use crate::auth::ClientAuth;
+use crate::client_grpc::RequestDecoded;
 use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
@@ -90,6 +91,10 @@ impl Generate for GenerateService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The request decoded: failures from here on are not malformed input.
+        if let Some(decoded) = request.extensions().get::<RequestDecoded>() {
+            decoded.mark();
+        }
         let arrival = Instant::now();
         let deadline = arrival
             .checked_add(self.request_timeout)

@@ -144,19 +144,29 @@ impl Validator {
             )));
         }
 
+        let room = u32::try_from(context - prompt.len()).unwrap_or(u32::MAX);
         let max_tokens = match req.max_tokens {
-            0 => self.default_max_tokens,
+            // The default is cut to what fits in the context.
+            0 => self.default_max_tokens.min(room).max(1),
             n if n > self.max_tokens_limit => {
                 return Err(invalid(format!(
                     "max_tokens {n} exceeds the limit of {}",
                     self.max_tokens_limit
                 )));
             }
+            // An explicit length that cannot fit is refused, in vLLM's words
+            // (clients match on "maximum context length").
+            n if n > room => {
+                let p = prompt.len();
+                return Err(invalid(format!(
+                    "This model's maximum context length is {context} tokens. However, you \
+                     requested {} tokens ({p} in the messages, {n} in the completion). Please \
+                     reduce the length of the messages or completion (max_tokens).",
+                    p + n as usize
+                )));
+            }
             n => n,
         };
-        // Generation cannot run past the context; cut max_tokens to what fits.
-        let room = u32::try_from(context - prompt.len()).unwrap_or(u32::MAX);
-        let max_tokens = max_tokens.min(room).max(1);
 
         validate_pb_sampling(req.sampling.as_ref())
             .map_err(|m| invalid(format!("sampling.{m}")))?;
@@ -339,7 +349,35 @@ mod tests {
     fn prompt_must_leave_room_in_the_context() {
         assert_invalid(ids(&vec![1; CONTEXT]), "context");
         let v = validator().validate(ids(&vec![1; CONTEXT - 1])).unwrap();
-        assert_eq!(v.max_tokens, 1, "max_tokens is cut to the room left");
+        assert_eq!(
+            v.max_tokens, 1,
+            "the default max_tokens is cut to the room left"
+        );
+    }
+
+    #[test]
+    fn explicit_max_tokens_past_the_context_is_refused_with_the_numbers() {
+        let mut r = ids(&vec![1; CONTEXT - 10]);
+        r.max_tokens = 11;
+        let (code, msg) = fails(r);
+        assert_eq!(code, Code::InvalidArgument);
+        assert_eq!(
+            msg,
+            format!(
+                "This model's maximum context length is {CONTEXT} tokens. However, you requested \
+                 {} tokens ({} in the messages, 11 in the completion). Please reduce the length \
+                 of the messages or completion (max_tokens).",
+                CONTEXT + 1,
+                CONTEXT - 10
+            )
+        );
+        let mut r = ids(&vec![1; CONTEXT - 10]);
+        r.max_tokens = 10;
+        assert_eq!(
+            validator().validate(r).unwrap().max_tokens,
+            10,
+            "exactly fits"
+        );
     }
 
     #[test]

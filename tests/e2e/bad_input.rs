@@ -17,6 +17,8 @@
 //! | prompt longer than the context              | INVALID_ARGUMENT            | `client_api_rows` |
 //! | unknown model name                          | NOT_FOUND                   | `client_api_rows` |
 //! | oversized gRPC message                      | OUT_OF_RANGE / RESOURCE_EXHAUSTED (tonic's limit) | `client_api_rows` |
+//! | invalid UTF-8 in `text`, truncated protobuf, no message | INVALID_ARGUMENT      | `malformed_grpc_requests` |
+//! | max_tokens past the model's context         | INVALID_ARGUMENT / HTTP 400, vLLM's message | `client_api_rows`, `openai` |
 //! | invalid UTF-8 in the HTTP API               | HTTP 400, OpenAI error JSON | `http_rows` |
 //! | oversized HTTP body                         | HTTP 413                    | `http_rows` |
 //! | random bytes, truncated frames on QUIC      | stream/connection refused, node keeps serving | `cluster::malformed_frames_on_the_quic_port_are_refused`, `kv-transfer/tests/transfer.rs::garbage_and_truncation_are_refused_and_service_continues` |
@@ -154,6 +156,16 @@ async fn client_api_rows() {
             "context",
         ),
         (
+            "max_tokens past the context",
+            {
+                let mut r = ids(prompt(context - 10, 1));
+                r.max_tokens = 11;
+                r
+            },
+            &[Code::InvalidArgument],
+            "maximum context length",
+        ),
+        (
             "unknown model",
             {
                 let mut r = ids(prompt(4, 1));
@@ -258,4 +270,126 @@ async fn http_rows() {
     // And a good one is still served.
     let (status, body) = post(http, br#"{"prompt": "hello", "max_tokens": 2}"#).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// Sends raw bytes as the one message of a `Generate` call (or none).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Calls `Generate` with `messages` as raw protobuf bytes; returns the status
+/// it fails with, or `None` if it streamed responses.
+async fn raw_generate(
+    channel: tonic::transport::Channel,
+    messages: Vec<Vec<u8>>,
+) -> Option<tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tandem.v1.Generate/Generate");
+    let request = tonic::Request::new(tokio_stream::iter(messages));
+    match grpc.streaming(request, path, RawCodec).await {
+        Err(status) => Some(status),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_grpc_requests() {
+    use prost::Message;
+
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.router))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // GenerateRequest.text (field 3, length-delimited) holding invalid UTF-8.
+    let mut invalid_utf8 = vec![3 << 3 | 2, 4, b'a', 0xff, 0xfe, b'b'];
+    invalid_utf8.extend([6 << 3, 2]); // max_tokens = 2
+    // A good request with its last bytes cut off.
+    let good = text("hello there").encode_to_vec();
+    let truncated = good[..good.len() - 3].to_vec();
+    let rows: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+        ("invalid UTF-8 in text", vec![invalid_utf8], "UTF-8"),
+        (
+            "truncated message",
+            vec![truncated],
+            "malformed GenerateRequest",
+        ),
+        ("no message", vec![], "malformed GenerateRequest"),
+    ];
+    for (name, messages, needle) in rows {
+        let status = raw_generate(channel.clone(), messages)
+            .await
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{name}: {:?} should mention {needle:?}",
+            status.message()
+        );
+        eprintln!("{name:24} -> {:?}: {}", status.code(), status.message());
+        // The same bytes, well formed, are served.
+        let next = raw_generate(channel.clone(), vec![good.clone()]).await;
+        assert!(next.is_none(), "{name}: the next request: {next:?}");
+    }
+    let mut client = cluster.client().await;
+    let got = complete(&mut client, text("hello")).await.unwrap();
+    assert_eq!(got.tokens.len(), 2);
 }

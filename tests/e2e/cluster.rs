@@ -248,6 +248,62 @@ async fn the_router_serves_reflection_and_health() {
             "{expected} missing from {names:?}"
         );
     }
+    // Only client-facing services: the nodes' are not served on this port.
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("DecodeNode") || n.contains("PrefillNode")),
+        "{names:?}"
+    );
+
+    // v1alpha too (grpcio's reflection client speaks only v1alpha), the same list.
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let requests = [
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(
+                    "tandem.v1.DecodeNode".into(),
+                )),
+            },
+        ];
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) = responses
+            .message()
+            .await
+            .unwrap()
+            .and_then(|r| r.message_response)
+        else {
+            panic!("expected a service list over v1alpha");
+        };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(alpha.iter().any(|n| n == "tandem.v1.Generate"), "{alpha:?}");
+        assert!(
+            !alpha
+                .iter()
+                .any(|n| n.contains("DecodeNode") || n.contains("PrefillNode")),
+            "{alpha:?}"
+        );
+        // tonic-reflection ends the stream with NOT_FOUND for an unknown symbol.
+        let e = responses
+            .message()
+            .await
+            .expect_err("tandem.v1.DecodeNode must not be described");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+        assert!(e.message().contains("tandem.v1.DecodeNode"), "{e:?}");
+    }
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {

@@ -15,12 +15,23 @@ async fn the_openai_client_library_works_against_the_router() {
         "http://{}/v1",
         cluster.http.expect("the router serves HTTP")
     );
+    // A token greedy decoding generates, not generated before it: stop_token_ids
+    // over HTTP must end the completion there.
+    let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
+    let greedy = reference(&model, &prompt, 8);
+    let stop_at = (1..greedy.len())
+        .find(|&i| !greedy[..i].contains(&greedy[i]))
+        .expect("greedy decoding generates two distinct tokens");
+    let stop_token = greedy[stop_at].to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_client.py");
-    let output =
-        tokio::task::spawn_blocking(move || Command::new("python3").args([script, &base]).output())
-            .await
-            .unwrap()
-            .expect("python3 must be installed (scripts/test.sh installs the openai package)");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([script, &base, &stop_token])
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 must be installed (scripts/test.sh installs the openai package)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -31,11 +42,7 @@ async fn the_openai_client_library_works_against_the_router() {
 
     assert_eq!(seen["models"][0], model.name());
     // Greedy completion equals the engine's own, in one piece and streamed.
-    let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
-    let expected = model
-        .tokenizer
-        .decode(&reference(&model, &prompt, 8))
-        .unwrap();
+    let expected = model.tokenizer.decode(&greedy).unwrap();
     assert_eq!(seen["completion"]["text"], expected.as_str());
     assert_eq!(seen["completion"]["finish_reason"], "length");
     assert_eq!(seen["completion"]["prompt_tokens"], prompt.len());
@@ -99,5 +106,77 @@ async fn the_openai_client_library_works_against_the_router() {
             message.contains(word),
             "{case}: {message:?} should mention {word}"
         );
+    }
+
+    // Past the context: vLLM's message, with the numbers.
+    let e = &errors["past_the_context"];
+    assert_eq!(e["status"], 400, "{e}");
+    let message = e["message"].as_str().unwrap_or_default();
+    let context = model.config.max_position_embeddings;
+    assert!(
+        message.starts_with(&format!(
+            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the messages, 1024 in the completion).",
+            chat_prompt.len() + 1024,
+            chat_prompt.len()
+        )),
+        "{message}"
+    );
+
+    // Each field Tandem cannot honour: 400 naming it, and the next request is served.
+    let refused = seen["refused"].as_object().unwrap();
+    assert_eq!(refused.len(), 18, "{refused:?}");
+    for (case, got) in refused {
+        let field = case.split_once('.').unwrap().1;
+        let e = &got["error"];
+        assert_eq!(e["status"], 400, "{case}: {got}");
+        assert_eq!(e["param"], field, "{case}: {got}");
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("`{field}`"))
+                && (message.contains("not supported") || message.contains("unknown field")),
+            "{case}: {message:?}"
+        );
+        assert_eq!(got["next_tokens"], 2, "{case}: the next request: {got}");
+    }
+    assert!(
+        refused["completions.max_token"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field")
+    );
+    // Their neutral values pass.
+    assert_eq!(seen["neutral"]["completion_tokens"], 2);
+    assert_eq!(seen["neutral"]["chat_tokens"], 2);
+
+    // stop_token_ids ends the completion at that token, its text left out.
+    let stopped = &seen["stop_token_ids"];
+    let before = model.tokenizer.decode(&greedy[..stop_at]).unwrap();
+    assert_eq!(stopped["text"], before.as_str(), "{stopped}");
+    assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
+    assert_eq!(stopped["completion_tokens"], stop_at + 1, "{stopped}");
+
+    // A seed makes sampling reproducible; other seeds sample otherwise.
+    let seeded = &seen["seeded"];
+    assert_eq!(seeded["first"], seeded["again"], "{seeded}");
+    assert!(
+        seeded["others"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| *o != seeded["first"]),
+        "{seeded}"
+    );
+
+    // Unknown routes and methods answer in OpenAI's error shape too.
+    let routes = &seen["routes"];
+    for (case, status, word) in [
+        ("not_found", 404, "/v1/no-such-route"),
+        ("wrong_method", 405, "GET"),
+    ] {
+        let r = &routes[case];
+        assert_eq!(r["status"], status, "{case}: {r}");
+        let message = r["body"]["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(word), "{case}: {r}");
+        assert!(r["body"]["error"]["type"].is_string(), "{case}: {r}");
     }
 }

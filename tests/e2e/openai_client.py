@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Drives Tandem's OpenAI-compatible API with the official `openai` client library.
 
-Usage: openai_client.py BASE_URL   (e.g. http://127.0.0.1:8000/v1)
+Usage: openai_client.py BASE_URL STOP_TOKEN_ID   (e.g. http://127.0.0.1:8000/v1 42)
+STOP_TOKEN_ID is a token greedy decoding of "Once upon a time" generates.
 Prints one JSON object with what it saw; tests/e2e/openai.rs asserts on it.
 """
 import json
@@ -12,6 +13,7 @@ import urllib.request
 import openai
 
 base = sys.argv[1]
+stop_token_id = int(sys.argv[2])
 client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
 out = {}
 
@@ -68,5 +70,84 @@ def raw_post(body: bytes):
 
 errors["invalid_utf8"] = raw_post(b'{"prompt": "\xff\xfe", "max_tokens": 3}')
 errors["invalid_json"] = raw_post(b'{"prompt": ')
+
+# Past the context: vLLM's message, with the numbers.
+try:
+    client.chat.completions.create(model=model, messages=messages, max_completion_tokens=1024)
+    errors["past_the_context"] = None
+except openai.APIStatusError as e:
+    errors["past_the_context"] = {"status": e.status_code, "message": e.body.get("message")}
 out["errors"] = errors
+
+# Every field Tandem cannot honour is refused by name, and the next request is served.
+refused = {}
+completion_refusals = {
+    "echo": {"echo": True},
+    "logprobs": {"logprobs": 2},
+    "logit_bias": {"logit_bias": {"50": 100}},
+    "n": {"n": 2},
+    "best_of": {"best_of": 2},
+    "suffix": {"suffix": " The end."},
+    "min_tokens": {"extra_body": {"min_tokens": 3}},
+    "guided_regex": {"extra_body": {"guided_regex": "a+"}},
+    "max_token": {"extra_body": {"max_token": 3}},
+}
+chat_refusals = {
+    "logprobs": {"logprobs": True, "top_logprobs": 2},
+    "top_logprobs": {"top_logprobs": 2},
+    "response_format": {"response_format": {"type": "json_object"}},
+    "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    "tool_choice": {"tool_choice": "required"},
+    "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
+    "function_call": {"extra_body": {"function_call": "auto"}},
+    "guided_json": {"extra_body": {"guided_json": {"type": "object"}}},
+    "prompt": {"extra_body": {"prompt": "hi"}},
+}
+for kind, cases in [("completions", completion_refusals), ("chat", chat_refusals)]:
+    for field, kwargs in cases.items():
+        try:
+            if kind == "completions":
+                client.completions.create(model=model, prompt="hi", max_tokens=2, **kwargs)
+            else:
+                client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kwargs)
+            seen = None
+        except openai.APIStatusError as e:
+            seen = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+        nxt = client.completions.create(model=model, prompt="hi", max_tokens=2, temperature=0)
+        refused[f"{kind}.{field}"] = {"error": seen, "next_tokens": nxt.usage.completion_tokens}
+out["refused"] = refused
+
+# Neutral values of the same fields pass, and so do the vLLM extras Tandem honours.
+c = client.completions.create(model=model, prompt="hi", max_tokens=2, temperature=0, n=1, best_of=1,
+                              echo=False, logprobs=None, logit_bias={}, user="someone",
+                              extra_body={"min_tokens": 0, "ignore_eos": True, "top_k": 5,
+                                          "repetition_penalty": 1.0, "min_p": 0.0})
+r = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=2, temperature=0,
+                                   logprobs=False, response_format={"type": "text"}, tool_choice="none",
+                                   metadata={"k": "v"}, store=False, stream_options=None)
+out["neutral"] = {"completion_tokens": c.usage.completion_tokens, "chat_tokens": r.usage.completion_tokens}
+
+# stop_token_ids (a vLLM extra) stops generation at that token.
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
+                              extra_body={"stop_token_ids": [stop_token_id]})
+out["stop_token_ids"] = {"text": c.choices[0].text, "finish_reason": c.choices[0].finish_reason,
+                         "completion_tokens": c.usage.completion_tokens}
+
+# seed makes sampling reproducible.
+def sample(seed):
+    return client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                     seed=seed, extra_body={"top_k": 50}).choices[0].text
+out["seeded"] = {"first": sample(1234), "again": sample(1234), "others": [sample(s) for s in (1, 2, 3)]}
+
+
+def raw(method: str, path: str):
+    req = urllib.request.Request(base.removesuffix("/v1") + path, method=method)
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return {"status": resp.status}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": json.loads(e.read().decode())}
+
+
+out["routes"] = {"not_found": raw("GET", "/v1/no-such-route"), "wrong_method": raw("GET", "/v1/completions")}
 print(json.dumps(out))
