@@ -231,3 +231,17 @@ fn the_smollm_pre_tokenizer_splits_numerals() {
         vec![216, 16738]
     );
 }
+
+/// Tensor parallelism slices the dequantized GGUF tensors: 3 ranks (3 query
+/// heads and 1 KV head each) give the same logits.
+#[test]
+fn three_tensor_parallel_ranks_match_transformers() {
+    let model = ModelDir::open(&gguf_path()).unwrap();
+    let cases = cases();
+    let case = &cases["cases"][0];
+    let theirs = read_f32(&fixtures().join(case["logits_file"].as_str().unwrap()));
+    let mut backend = model.load_cpu_tp(3, 16, 16).unwrap();
+    let (ours, _) = run_greedy(backend.as_mut(), &ids(&case["prompt_ids"]), 1);
+    let err = rel_err(&ours, &theirs);
+    assert!(err < MAX_REL_ERR, "TP=3 logits relative error {err:e}");
+}
