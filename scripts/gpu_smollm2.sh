@@ -13,7 +13,7 @@ export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/nccl/lib:${LD_LIBRARY_PATH:-}
 MODEL=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; } | tee "$OUT/env.txt"
-cat "$GPU_DIR/smollm2.part1" "$GPU_DIR/smollm2.part2" > "$MODEL"
+cat "${PART1:-$GPU_DIR/smollm2.part1}" "${PART2:-$GPU_DIR/smollm2.part2}" > "$MODEL"
 echo "$SHA  $MODEL" | sha256sum -c - || exit 1
 B=$GPU_DIR/tandem-gpu-bench
 step() { local t=$1 name=$2; shift 2; echo "=== $name (limit ${t}s)"; timeout "$t" "$@" 2>&1 | tee -a "$OUT/$name.md"; echo "=== $name rc=${PIPESTATUS[0]}"; }
