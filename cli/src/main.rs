@@ -109,7 +109,7 @@ struct GenerateArgs {
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Render the prompt as a user message with the model's chat template.
+    /// Render the prompt as a user message with the model's chat template (with --local).
     #[arg(long)]
     chat: bool,
     /// The request's id, in the router's and the nodes' logs (default: one the router makes).
@@ -141,6 +141,9 @@ fn main() -> anyhow::Result<()> {
         } => runtime()?.block_on(roles::run_role(roles::Role::Decode, config, node, metrics)),
         Command::Status(args) => runtime()?.block_on(status::run(args)),
         Command::Generate(args) if args.local => generate_local(args),
+        Command::Generate(args) if args.chat => anyhow::bail!(
+            "--chat needs --local (the chat template is applied in this process); against a running cluster, send chats to the OpenAI API's /v1/chat/completions (router.http_listen, 127.0.0.1:8000 with `tandem up`)"
+        ),
         Command::Generate(args) => {
             let request = tandem_proto::v1::GenerateRequest {
                 request_id: args.request_id.clone().unwrap_or_default(),
