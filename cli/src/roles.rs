@@ -252,7 +252,7 @@ fn decode_record(
         tls_name: tls_name(config),
         quic_addrs: d.quic_addrs.clone(),
         model: model_name(config, model),
-        tp_size: 1,
+        tp_size: section.tp as u32,
         capacity: Capacity {
             kv_blocks: section.kv_blocks as u64,
             block_size: section.block_size as u64,
@@ -277,7 +277,7 @@ fn prefill_record(
         tls_name: tls_name(config),
         quic_addrs: Vec::new(),
         model: model_name(config, model),
-        tp_size: 1,
+        tp_size: section.tp as u32,
         capacity: Capacity {
             kv_blocks: section.kv_blocks as u64,
             block_size: section.block_size as u64,

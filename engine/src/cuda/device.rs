@@ -24,12 +24,9 @@ use crate::config::ModelConfig;
 /// The CUDA C source of every kernel.
 const KERNELS: &str = include_str!("kernels.cu");
 
-/// Where NVRTC looks for `cuda_bf16.h` when `TANDEM_CUDA_INCLUDE` is unset: the
-/// GPU machines' PyTorch wheels, then a system toolkit.
-pub const DEFAULT_INCLUDE_DIRS: &[&str] = &[
-    "/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/include",
-    "/usr/local/cuda/include",
-];
+/// Where NVRTC looks for `cuda_bf16.h` when neither `TANDEM_CUDA_INCLUDE` nor the
+/// library path (below) names one: the system toolkit's usual places.
+pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/include"];
 
 /// The kernels, looked up once.
 pub(crate) struct Kernels {
@@ -80,16 +77,53 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// (measured on an H100: faster than cuBLAS at 1 row, slower at 8).
 const GEMV_MAX_ROWS: usize = 1;
 
-/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`, else the first default that exists.
+/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`; else the `include`
+/// beside a `lib` directory on `LD_LIBRARY_PATH` that has `cuda_bf16.h` (the
+/// layout of a toolkit and of the `nvidia-*` Python wheels, whose libraries are
+/// the ones this process loads); else the first default that has it.
 pub fn include_dir() -> String {
     if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
         return dir;
     }
+    let has_header = |d: &std::path::Path| d.join("cuda_bf16.h").exists();
+    let beside_libs = std::env::var_os("LD_LIBRARY_PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .filter_map(|lib| lib.parent().map(|p| p.join("include")))
+        .find(|d| has_header(d));
+    if let Some(dir) = beside_libs {
+        return dir.to_string_lossy().into_owned();
+    }
     DEFAULT_INCLUDE_DIRS
         .iter()
-        .find(|d| std::path::Path::new(d).join("cuda_bf16.h").exists())
+        .find(|d| has_header(std::path::Path::new(d)))
         .unwrap_or(&DEFAULT_INCLUDE_DIRS[0])
         .to_string()
+}
+
+/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90a`), else the
+/// GPU's own compute capability.
+fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let arch = match std::env::var("TANDEM_CUDA_ARCH") {
+        Ok(a) => a,
+        Err(_) => {
+            let major = ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .op("cuDeviceGetAttribute")?;
+            let minor = ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                .op("cuDeviceGetAttribute")?;
+            if major < 9 {
+                return Err(CudaError::Unsupported(format!(
+                    "compute capability {major}.{minor}: the kernels use Hopper's programmatic dependent launches (sm_90 or newer)"
+                )));
+            }
+            format!("sm_{major}{minor}")
+        }
+    };
+    // NVRTC's options take a `&'static str`; one per process is compiled.
+    Ok(Box::leak(arch.into_boxed_str()))
 }
 
 impl Gpu {
@@ -131,11 +165,12 @@ impl Gpu {
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
         let include = include_dir();
+        let arch = target_arch(&ctx)?;
         let ptx = std::panic::catch_unwind(|| {
             cudarc::nvrtc::compile_ptx_with_opts(
                 KERNELS,
                 cudarc::nvrtc::CompileOptions {
-                    arch: Some("sm_90"),
+                    arch: Some(arch),
                     include_paths: vec![include.clone()],
                     options: vec!["--std=c++17".into()],
                     ..Default::default()
