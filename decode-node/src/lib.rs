@@ -194,6 +194,7 @@ pub async fn serve_advertising(
         reservations,
         stats.clone(),
         &config.id,
+        config.prefix_cache,
     );
     let loop_shutdown = shutdown.clone();
     let engine = std::thread::Builder::new()

@@ -66,6 +66,10 @@ pub struct LoadSnapshot {
     pub prompt_tokens_total: u64,
     /// Of those, tokens whose KV came from the prefix cache (not computed).
     pub cached_tokens_total: u64,
+    /// Blocks in the prefix cache (in use or evictable).
+    pub prefix_cache_blocks: usize,
+    /// Cached blocks evicted since start.
+    pub prefix_cache_evictions: u64,
 }
 
 struct State {
@@ -373,6 +377,8 @@ impl<B: Backend> Worker<B> {
 
     fn fill_load(&self, load: &mut LoadSnapshot) {
         load.kv_blocks_free = self.blocks.num_free();
+        load.prefix_cache_blocks = self.blocks.num_cached();
+        load.prefix_cache_evictions = self.blocks.evictions();
         self.metrics.blocks(&self.blocks);
         load.running = self.active.len();
         load.queued_prefill_tokens = self

@@ -106,7 +106,7 @@ const BLOCK: usize = 16;
 const DECODE_STEPS: usize = 8;
 
 async fn start(max_pos: usize, chunk_tokens: usize, max_batch_tokens: usize) -> Result<Cluster> {
-    start_with(max_pos, chunk_tokens, max_batch_tokens, true).await
+    start_with(max_pos, chunk_tokens, max_batch_tokens, true, 256).await
 }
 
 async fn start_with(
@@ -114,6 +114,7 @@ async fn start_with(
     chunk_tokens: usize,
     max_batch_tokens: usize,
     prefix_cache: bool,
+    kv_blocks: usize,
 ) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
     write_model_dir(
@@ -132,7 +133,7 @@ async fn start_with(
     let config = PrefillSection {
         id: "prefill-test".into(),
         listen: "127.0.0.1:0".parse()?,
-        kv_blocks: 256,
+        kv_blocks,
         block_size: BLOCK,
         chunk_tokens,
         max_batch_tokens,
@@ -612,10 +613,46 @@ async fn cached_prefixes_are_reused_and_outputs_do_not_change() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_cache_off_every_prompt_is_computed() -> Result<()> {
-    let c = start_with(1024, 32, 256, false).await?;
+    let c = start_with(1024, 32, 256, false, 256).await?;
     let base = prompt_of(100, 3);
     c.check("first", &base, None).await?;
     c.check("repeat", &base, None).await?;
     assert_eq!(computed_tokens(&c), 200);
     c.stop().await
+}
+
+/// More distinct prompts than the cache holds: every one that fits is served
+/// (cached blocks are evicted, never one in use), outputs stay right, and the
+/// cache is all available again once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_under_pressure_never_fails_a_prompt_that_fits() -> Result<()> {
+    let c = Arc::new(start_with(1024, 32, 256, true, 16).await?);
+    // Two at a time, 7 blocks each, 12 distinct prompts: 84 blocks through 16.
+    for pair in 0..6u32 {
+        let (a, b) = (
+            prompt_of(100, 100 + 2 * pair),
+            prompt_of(100, 101 + 2 * pair),
+        );
+        let (c1, c2) = (c.clone(), c.clone());
+        let t1 = tokio::spawn(async move { c1.check(&format!("p{pair}a"), &a, None).await });
+        let t2 = tokio::spawn(async move { c2.check(&format!("p{pair}b"), &b, None).await });
+        t1.await??;
+        t2.await??;
+    }
+    // The most recent prompt is still cached; an older one was evicted.
+    let before = c.prefill.load().cached_tokens_total;
+    c.check("recent", &prompt_of(100, 111), None).await?;
+    assert_eq!(c.prefill.load().cached_tokens_total - before, 96);
+    let l = c.prefill.load();
+    assert!(l.prefix_cache_evictions > 0, "{l:?}");
+    assert!(l.prefix_cache_blocks <= 16);
+    assert_eq!(
+        l.kv_blocks_free, l.kv_blocks_total,
+        "idle after the drain: {l:?}"
+    );
+    assert_eq!(l.running + l.queued, 0);
+    Arc::try_unwrap(c)
+        .map_err(|_| anyhow!("cluster still shared"))?
+        .stop()
+        .await
 }
