@@ -128,6 +128,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Most tokens in one forward pass (decode tokens plus local prefill chunks).
     pub max_batch_tokens: usize,
+    /// Reuse the KV of prompt prefixes prefilled here before.
+    pub prefix_cache: bool,
 }
 
 /// Load figures, published after every iteration.
@@ -200,11 +202,10 @@ impl<B: Backend> Scheduler<B> {
         reservations: Arc<Mutex<Reservations>>,
         stats: Arc<Mutex<Stats>>,
         node_id: &str,
-        prefix_cache: bool,
     ) -> Self {
         let layout = backend.kv_layout();
         let total = layout.num_blocks;
-        let blocks = if prefix_cache {
+        let blocks = if limits.prefix_cache {
             BlockManager::with_prefix_cache(total)
         } else {
             BlockManager::new(total)

@@ -511,8 +511,8 @@ mod tests {
                         let before = m.num_free();
                         match m.allocate_sequence(&hashes, n) {
                             Ok(s) => {
-                                for i in 0..s.cached {
-                                    prop_assert_eq!(m.hash_of(s.table[i]), Some(hashes[i]));
+                                for (&b, &hash) in s.table.iter().zip(&hashes).take(s.cached) {
+                                    prop_assert_eq!(m.hash_of(b), Some(hash));
                                 }
                                 // "Compute" the prompt, then name its full blocks.
                                 for (b, hash) in s.table.iter().zip(&hashes) {
@@ -563,8 +563,8 @@ mod tests {
                         }
                     }
                 }
-                for b in 0..total {
-                    prop_assert_eq!(m.refcount(b as BlockId), uses[b]);
+                for (b, &n) in uses.iter().enumerate() {
+                    prop_assert_eq!(m.refcount(b as BlockId), n);
                 }
                 let in_use = uses.iter().filter(|&&u| u > 0).count();
                 prop_assert_eq!(m.num_free() + in_use, total);
