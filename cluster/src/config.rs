@@ -342,6 +342,11 @@ pub struct PrefillSection {
     #[serde(default = "default_tp")]
     pub tp: usize,
 
+    /// Keep computed prompt blocks for reuse by later prompts with the same
+    /// prefix (the prefix cache); `false` computes every prompt in full.
+    #[serde(default = "default_true")]
+    pub prefix_cache: bool,
+
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.
     #[serde(skip)]
@@ -377,6 +382,9 @@ fn default_kv_connections() -> usize {
 }
 fn default_max_batch() -> usize {
     64
+}
+fn default_true() -> bool {
+    true
 }
 fn default_tp() -> usize {
     1
@@ -418,6 +426,11 @@ pub struct DecodeSection {
     /// rank receives the KV heads it owns, whatever the prefill node's TP.
     #[serde(default = "default_tp")]
     pub tp: usize,
+
+    /// Keep computed prompt blocks for reuse by later prompts with the same
+    /// prefix (the prefix cache); `false` computes every prompt in full.
+    #[serde(default = "default_true")]
+    pub prefix_cache: bool,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.

@@ -185,6 +185,7 @@ pub async fn serve_advertising(
     let limits = Limits {
         max_batch: config.max_batch,
         max_batch_tokens: config.max_batch_tokens,
+        prefix_cache: config.prefix_cache,
     };
     let scheduler = Scheduler::new(
         backend,

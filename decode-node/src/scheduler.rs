@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_cluster::convert::finish_reason_to_pb;
 use tandem_engine::backend::Backend;
-use tandem_engine::block_manager::{BlockId, BlockManager, blocks_for};
+use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager, SequenceBlocks, blocks_for};
+use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::{Expectation, Reservations, WireDtype};
 use tandem_proto::v1 as pb;
@@ -127,6 +128,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Most tokens in one forward pass (decode tokens plus local prefill chunks).
     pub max_batch_tokens: usize,
+    /// Reuse the KV of prompt prefixes prefilled here before.
+    pub prefix_cache: bool,
 }
 
 /// Load figures, published after every iteration.
@@ -146,6 +149,10 @@ pub struct Stats {
     pub steps_total: u64,
     /// Most sequences decoded in one step so far.
     pub max_batch_seen: u32,
+    /// Prompt tokens prefilled here (local prefill) since start.
+    pub local_prompt_tokens_total: u64,
+    /// Of those, tokens whose KV came from the prefix cache (not computed).
+    pub cached_tokens_total: u64,
 }
 
 enum State {
@@ -158,6 +165,10 @@ struct Sequence {
     request_id: String,
     generation: Generation,
     table: Vec<BlockId>,
+    /// A locally prefilled context's full blocks' hashes (empty otherwise).
+    hashes: Vec<BlockHash>,
+    /// Leading blocks of `table` registered in the prefix cache (or taken from it).
+    registered: usize,
     state: State,
     events: mpsc::Sender<Event>,
     span: tracing::Span,
@@ -167,6 +178,7 @@ struct Sequence {
 pub struct Scheduler<B: Backend> {
     backend: B,
     blocks: BlockManager,
+    hasher: PrefixHasher,
     model: Arc<ModelDir>,
     limits: Limits,
     kv: KvEndpoint,
@@ -191,10 +203,17 @@ impl<B: Backend> Scheduler<B> {
         stats: Arc<Mutex<Stats>>,
         node_id: &str,
     ) -> Self {
-        let total = backend.kv_layout().num_blocks;
+        let layout = backend.kv_layout();
+        let total = layout.num_blocks;
+        let blocks = if limits.prefix_cache {
+            BlockManager::with_prefix_cache(total)
+        } else {
+            BlockManager::new(total)
+        };
         Scheduler {
+            hasher: PrefixHasher::for_model(backend.config(), &layout),
             backend,
-            blocks: BlockManager::new(total),
+            blocks,
             model,
             limits,
             kv,
@@ -339,6 +358,17 @@ impl<B: Backend> Scheduler<B> {
         // The KV that prefill computes covers the prompt and the tokens generated before.
         let prompt_blocks = blocks_for(context_len, layout.block_size);
         let prompt_len = context_len;
+        // A prompt prefilled here starts after the cached full blocks of its
+        // context (never the block of its last token, whose logits it needs).
+        // KV shipped by a prefill node is written into fresh blocks only.
+        let hashes = if a.local_prefill && self.blocks.caching() {
+            let mut context = a.prompt.clone();
+            context.extend_from_slice(&a.generated);
+            self.hasher.full_blocks(&context)
+        } else {
+            Vec::new()
+        };
+        let reusable = (context_len.saturating_sub(1) / layout.block_size).min(hashes.len());
         let generation = Generation::resume(
             a.prompt,
             &a.generated,
@@ -347,10 +377,11 @@ impl<B: Backend> Scheduler<B> {
             &self.model.tokenizer,
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let table = self
+        let SequenceBlocks { table, cached } = self
             .blocks
-            .allocate(blocks_for(max_len, layout.block_size))
+            .allocate_sequence(&hashes[..reusable], blocks_for(max_len, layout.block_size))
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let cached_tokens = cached * layout.block_size;
         let transfer_id = self.next_transfer_id;
         self.next_transfer_id += 1;
         let mut admitted = pb::Admitted {
@@ -358,7 +389,9 @@ impl<B: Backend> Scheduler<B> {
             kv_target: None,
         };
         let state = if a.local_prefill {
-            State::Prefilling { done: 0 }
+            State::Prefilling {
+                done: cached_tokens,
+            }
         } else {
             let expect = Expectation {
                 num_layers: layout.num_layers as u32,
@@ -409,7 +442,15 @@ impl<B: Backend> Scheduler<B> {
         let (span, local) = (&a.span, a.local_prefill);
         // The loop serves every request on one thread: it enters the
         // request's span for the lines it logs about it.
-        span.in_scope(|| tracing::debug!(transfer_id, prompt_len, local, "admitted"));
+        span.in_scope(|| {
+            tracing::debug!(transfer_id, prompt_len, cached_tokens, local, "admitted")
+        });
+        if local {
+            self.metrics.prefix_lookup(prompt_len, cached_tokens);
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.local_prompt_tokens_total += prompt_len as u64;
+            stats.cached_tokens_total += cached_tokens as u64;
+        }
         self.by_request.insert(a.request_id.clone(), transfer_id);
         self.seqs.insert(
             transfer_id,
@@ -417,6 +458,8 @@ impl<B: Backend> Scheduler<B> {
                 request_id: a.request_id,
                 generation,
                 table,
+                hashes,
+                registered: cached,
                 state,
                 events: a.events,
                 span: a.span,
@@ -544,6 +587,15 @@ impl<B: Backend> Scheduler<B> {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
+            if let State::Prefilling { .. } = seq.state {
+                // Full blocks now computed can serve later prompts.
+                let bs = self.hasher.block_size();
+                let full = ((start + tokens.len()) / bs).min(seq.hashes.len());
+                for b in seq.registered..full {
+                    self.blocks.register(seq.table[b], seq.hashes[b]);
+                }
+                seq.registered = seq.registered.max(full);
+            }
             if let State::Prefilling { .. } = seq.state
                 && !completes
             {
@@ -643,11 +695,7 @@ impl<B: Backend> Scheduler<B> {
                 _ => 0,
             })
             .sum();
-        self.metrics.publish(
-            self.blocks.total(),
-            self.blocks.num_free(),
-            s.queued as usize,
-        );
+        self.metrics.publish(&self.blocks, s.queued as usize);
     }
 }
 

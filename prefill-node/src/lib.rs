@@ -135,6 +135,7 @@ pub async fn serve(
             },
             max_queue: config.max_queue,
             node_id: &config.id,
+            prefix_cache: config.prefix_cache,
         },
     )?);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {

@@ -15,6 +15,14 @@
 //! After a job's last chunk its first token is sampled, its sending task is
 //! told to finish, and its blocks are freed.
 //!
+//! With the prefix cache on, admission takes the leading full blocks of a
+//! prompt that an earlier prompt already computed from the block manager by
+//! reference and starts computing after them (always leaving at least the
+//! last token to compute, for the logits of the first token). The decode
+//! node has none of that KV, so the cached blocks are shipped too, in each
+//! layer's frame of the job's first computed chunk. A job's full blocks are
+//! registered in the cache as soon as a step has computed them.
+//!
 //! The queue, the set of known request ids and the load figures live in one
 //! small struct behind a mutex, held only for bookkeeping, never across a
 //! forward pass.
@@ -28,7 +36,7 @@ use metrics::Gauge;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
-use tandem_engine::{Backend, BlockId, BlockManager, SeqChunk};
+use tandem_engine::{Backend, BlockHash, BlockId, BlockManager, PrefixHasher, SeqChunk};
 use tandem_kv_transfer::{LayerShape, WireDtype};
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +62,14 @@ pub struct LoadSnapshot {
     pub steps_total: u64,
     /// Most jobs in one forward pass.
     pub max_batch_seen: usize,
+    /// Prompt tokens of admitted jobs since start.
+    pub prompt_tokens_total: u64,
+    /// Of those, tokens whose KV came from the prefix cache (not computed).
+    pub cached_tokens_total: u64,
+    /// Blocks in the prefix cache (in use or evictable).
+    pub prefix_cache_blocks: usize,
+    /// Cached blocks evicted since start.
+    pub prefix_cache_evictions: u64,
 }
 
 struct State {
@@ -86,6 +102,8 @@ pub(crate) struct SchedulerConfig<'a> {
     pub max_queue: usize,
     /// Labels the node's metrics.
     pub node_id: &'a str,
+    /// Reuse the KV of prompt prefixes computed before.
+    pub prefix_cache: bool,
 }
 
 /// The handle to the worker thread.
@@ -119,16 +137,23 @@ impl Scheduler {
             max_queue: config.max_queue,
             depth: queue_depth(),
         });
+        let hasher = PrefixHasher::for_model(backend.config(), &layout);
+        let blocks = if config.prefix_cache {
+            BlockManager::with_prefix_cache(total_blocks)
+        } else {
+            BlockManager::new(total_blocks)
+        };
         let worker = Worker {
             backend,
-            blocks: BlockManager::new(total_blocks),
+            blocks,
+            hasher,
             active: Vec::new(),
             cursor: 0,
             limits: config.limits,
             shared: shared.clone(),
             metrics: PrefillMetrics::new(config.node_id),
         };
-        worker.metrics.blocks(total_blocks, total_blocks);
+        worker.metrics.blocks(&worker.blocks);
         let thread = std::thread::Builder::new()
             .name("prefill-worker".into())
             .spawn(move || worker.run())
@@ -224,6 +249,12 @@ impl Scheduler {
 struct Active {
     job: Job,
     table: Vec<BlockId>,
+    /// The prompt's full blocks' hashes.
+    hashes: Vec<BlockHash>,
+    /// Leading prompt tokens whose KV came from the prefix cache.
+    cached: usize,
+    /// Leading blocks of `table` registered in the prefix cache (or taken from it).
+    registered: usize,
     computed: usize,
     admitted: Instant,
     queue_seconds: f64,
@@ -232,6 +263,7 @@ struct Active {
 struct Worker<B> {
     backend: B,
     blocks: BlockManager,
+    hasher: PrefixHasher,
     active: Vec<Active>,
     cursor: usize,
     limits: StepLimits,
@@ -291,19 +323,35 @@ impl<B: Backend> Worker<B> {
                 keep
             });
             while let Some(front) = s.waiting.front() {
-                let needed = blocks_for(front.prompt.len(), self.limits.block_size);
-                let Ok(table) = self.blocks.allocate(needed) else {
+                let bs = self.limits.block_size;
+                let needed = blocks_for(front.prompt.len(), bs);
+                let hashes = if self.blocks.caching() {
+                    self.hasher.full_blocks(&front.prompt)
+                } else {
+                    Vec::new()
+                };
+                // At least the last token is computed, for its logits: a block
+                // holding it is never taken from the cache.
+                let reusable = (front.prompt.len().saturating_sub(1) / bs).min(hashes.len());
+                let Ok(seq) = self.blocks.allocate_sequence(&hashes[..reusable], needed) else {
                     break;
                 };
                 let Some(job) = s.waiting.pop_front() else {
                     break;
                 };
+                let cached = seq.cached * bs;
+                self.metrics.prefix_lookup(job.prompt.len(), cached);
+                s.load.prompt_tokens_total += job.prompt.len() as u64;
+                s.load.cached_tokens_total += cached as u64;
                 let now = Instant::now();
                 self.active.push(Active {
                     queue_seconds: now.duration_since(job.submitted).as_secs_f64(),
                     job,
-                    table,
-                    computed: 0,
+                    table: seq.table,
+                    hashes,
+                    cached,
+                    registered: seq.cached,
+                    computed: cached,
                     admitted: now,
                 });
             }
@@ -329,8 +377,9 @@ impl<B: Backend> Worker<B> {
 
     fn fill_load(&self, load: &mut LoadSnapshot) {
         load.kv_blocks_free = self.blocks.num_free();
-        self.metrics
-            .blocks(self.blocks.total(), self.blocks.num_free());
+        load.prefix_cache_blocks = self.blocks.num_cached();
+        load.prefix_cache_evictions = self.blocks.evictions();
+        self.metrics.blocks(&self.blocks);
         load.running = self.active.len();
         load.queued_prefill_tokens = self
             .active
@@ -382,7 +431,10 @@ impl<B: Backend> Worker<B> {
                         continue;
                     }
                     let a = &active[p.job];
-                    let (first, last) = (p.start / bs, p.end.div_ceil(bs));
+                    // The job's first computed chunk also ships the cached
+                    // blocks before it, whose KV the decode node lacks.
+                    let first = if p.start == a.cached { 0 } else { p.start / bs };
+                    let last = p.end.div_ceil(bs);
                     // One frame per tensor-parallel rank, carrying the KV heads it
                     // owns, laid out as in its cache (one frame of all heads at TP=1).
                     for heads in &shards {
@@ -425,6 +477,12 @@ impl<B: Backend> Worker<B> {
                 for (i, p) in plan.iter().enumerate() {
                     let a = &mut self.active[p.job];
                     a.computed = p.end;
+                    // Full blocks now computed can serve later prompts.
+                    let full = (a.computed / bs).min(a.hashes.len());
+                    for b in a.registered..full {
+                        self.blocks.register(a.table[b], a.hashes[b]);
+                    }
+                    a.registered = a.registered.max(full);
                     if gone[i] {
                         finished.push(p.job);
                     } else if a.computed == a.job.prompt.len() {

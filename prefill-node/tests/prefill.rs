@@ -106,6 +106,16 @@ const BLOCK: usize = 16;
 const DECODE_STEPS: usize = 8;
 
 async fn start(max_pos: usize, chunk_tokens: usize, max_batch_tokens: usize) -> Result<Cluster> {
+    start_with(max_pos, chunk_tokens, max_batch_tokens, true, 256).await
+}
+
+async fn start_with(
+    max_pos: usize,
+    chunk_tokens: usize,
+    max_batch_tokens: usize,
+    prefix_cache: bool,
+    kv_blocks: usize,
+) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
     write_model_dir(
         dir.path(),
@@ -123,13 +133,14 @@ async fn start(max_pos: usize, chunk_tokens: usize, max_batch_tokens: usize) -> 
     let config = PrefillSection {
         id: "prefill-test".into(),
         listen: "127.0.0.1:0".parse()?,
-        kv_blocks: 256,
+        kv_blocks,
         block_size: BLOCK,
         chunk_tokens,
         max_batch_tokens,
         max_queue: 16,
         kv_connections: 2,
         tp: 1,
+        prefix_cache,
         tls: None,
     };
     let shutdown = CancellationToken::new();
@@ -538,4 +549,110 @@ async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
     assert_eq!(load.kv_blocks_total, 256);
     assert!(load.steps_total >= 2);
     c.stop().await
+}
+
+/// Prompt tokens the node computed (not found in its prefix cache) so far.
+fn computed_tokens(c: &Cluster) -> u64 {
+    let l = c.prefill.load();
+    l.prompt_tokens_total - l.cached_tokens_total
+}
+
+/// Every prompt is checked against a local run with no cache (first token,
+/// and greedy decoding from the KV the node shipped, cached blocks included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_prefixes_are_reused_and_outputs_do_not_change() -> Result<()> {
+    let c = start(1024, 32, 256).await?;
+    let base = prompt_of(100, 3);
+    c.check("first", &base, None).await?;
+    assert_eq!(computed_tokens(&c), 100);
+    // The same prompt again: 6 full blocks (96 tokens) come from the cache.
+    c.check("repeat", &base, None).await?;
+    assert_eq!(
+        computed_tokens(&c),
+        100 + 4,
+        "the second identical prompt computes only its partial block"
+    );
+    // Seeded sampling of the first token over cached KV.
+    let seeded = pb::SamplingParams {
+        temperature: 0.9,
+        seed: Some(11),
+        ..Default::default()
+    };
+    c.check("repeat-seeded", &base, Some(seeded)).await?;
+    assert_eq!(computed_tokens(&c), 100 + 4 + 4);
+    // Extending the cached prompt mid-block (110 tokens) and to a block boundary (128).
+    c.check("mid-block", &prompt_of(110, 3), None).await?;
+    assert_eq!(computed_tokens(&c), 108 + 14);
+    c.check("boundary", &prompt_of(128, 3), None).await?;
+    assert_eq!(computed_tokens(&c), 122 + 32);
+    // Fully cached prompts: the block of the last token is computed again.
+    c.check("all-cached", &prompt_of(128, 3), None).await?;
+    assert_eq!(computed_tokens(&c), 154 + 16);
+    c.check("all-cached-short", &prompt_of(96, 3), None).await?;
+    assert_eq!(computed_tokens(&c), 170 + 16);
+    // A multi-turn chat: each turn's prompt is the last one, its answer and a
+    // new message; each turn reuses the full blocks the turn before computed.
+    let mut chat = prompt_of(40, 5);
+    let mut reused = Vec::new();
+    for turn in 0..3u32 {
+        let before = c.prefill.load().cached_tokens_total;
+        let resp = c.check(&format!("turn-{turn}"), &chat, None).await?;
+        reused.push(c.prefill.load().cached_tokens_total - before);
+        chat.push(resp.first_token);
+        chat.extend(prompt_of(20, 50 + turn));
+    }
+    // Turns of 40, 61 and 82 tokens: 0, then 40 / 16 and 61 / 16 full blocks.
+    assert_eq!(reused, vec![0, 32, 48]);
+    let l = c.prefill.load();
+    assert_eq!(
+        l.kv_blocks_free, l.kv_blocks_total,
+        "cached blocks are evictable"
+    );
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_every_prompt_is_computed() -> Result<()> {
+    let c = start_with(1024, 32, 256, false, 256).await?;
+    let base = prompt_of(100, 3);
+    c.check("first", &base, None).await?;
+    c.check("repeat", &base, None).await?;
+    assert_eq!(computed_tokens(&c), 200);
+    c.stop().await
+}
+
+/// More distinct prompts than the cache holds: every one that fits is served
+/// (cached blocks are evicted, never one in use), outputs stay right, and the
+/// cache is all available again once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_under_pressure_never_fails_a_prompt_that_fits() -> Result<()> {
+    let c = Arc::new(start_with(1024, 32, 256, true, 16).await?);
+    // Two at a time, 7 blocks each, 12 distinct prompts: 84 blocks through 16.
+    for pair in 0..6u32 {
+        let (a, b) = (
+            prompt_of(100, 100 + 2 * pair),
+            prompt_of(100, 101 + 2 * pair),
+        );
+        let (c1, c2) = (c.clone(), c.clone());
+        let t1 = tokio::spawn(async move { c1.check(&format!("p{pair}a"), &a, None).await });
+        let t2 = tokio::spawn(async move { c2.check(&format!("p{pair}b"), &b, None).await });
+        t1.await??;
+        t2.await??;
+    }
+    // The most recent prompt is still cached; an older one was evicted.
+    let before = c.prefill.load().cached_tokens_total;
+    c.check("recent", &prompt_of(100, 111), None).await?;
+    assert_eq!(c.prefill.load().cached_tokens_total - before, 96);
+    let l = c.prefill.load();
+    assert!(l.prefix_cache_evictions > 0, "{l:?}");
+    assert!(l.prefix_cache_blocks <= 16);
+    assert_eq!(
+        l.kv_blocks_free, l.kv_blocks_total,
+        "idle after the drain: {l:?}"
+    );
+    assert_eq!(l.running + l.queued, 0);
+    Arc::try_unwrap(c)
+        .map_err(|_| anyhow!("cluster still shared"))?
+        .stop()
+        .await
 }

@@ -17,6 +17,8 @@
 //! | [`PROMPT_TOKENS_TOTAL`], [`GENERATION_TOKENS_TOTAL`] | router, once per request that reached a node | |
 //! | [`QUEUE_DEPTH`] | router (admission), prefill node (prefill queue), decode node (awaiting KV or local prefill) | `role`, `queue` |
 //! | [`KV_BLOCKS_USED`], [`KV_BLOCKS_FREE`] | prefill and decode nodes, after every step | `role`, `node` |
+//! | [`PREFIX_CACHE_QUERIES_TOTAL`], [`PREFIX_CACHE_HITS_TOTAL`] | prefill and decode nodes, per prompt prefilled there (tokens looked up, tokens found) | `role`, `node` |
+//! | [`PREFIX_CACHE_BLOCKS`], [`PREFIX_CACHE_EVICTIONS_TOTAL`] | prefill and decode nodes, after every step | `role`, `node` |
 //! | [`KV_TRANSFER_BYTES_TOTAL`] | prefill node (sent), decode node (received) | `direction` |
 //! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
@@ -40,6 +42,15 @@ pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem_kv_transfer_bytes_total";
 /// receiver is the side that always sees a transfer end: the router may drop
 /// the prefill call as soon as the decode node finished the request.
 pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
+/// Counter: prompt tokens looked up in a node's prefix cache, by `role` and `node`.
+pub const PREFIX_CACHE_QUERIES_TOTAL: &str = "tandem_prefix_cache_queries_total";
+/// Counter: prompt tokens whose KV a node's prefix cache already held (not
+/// computed again), by `role` and `node`.
+pub const PREFIX_CACHE_HITS_TOTAL: &str = "tandem_prefix_cache_hits_total";
+/// Gauge: KV blocks in a node's prefix cache (in use or evictable), by `role` and `node`.
+pub const PREFIX_CACHE_BLOCKS: &str = "tandem_prefix_cache_blocks";
+/// Counter: cached KV blocks evicted to make room, by `role` and `node`.
+pub const PREFIX_CACHE_EVICTIONS_TOTAL: &str = "tandem_prefix_cache_evictions_total";
 /// Histogram: sequences in one forward pass, by `role`.
 pub const BATCH_SIZE: &str = "tandem_batch_size";
 /// Counter: prompt tokens of requests that reached a node.
@@ -50,7 +61,7 @@ pub const GENERATION_TOKENS_TOTAL: &str = "tandem_generation_tokens_total";
 pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 16] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -60,6 +71,10 @@ pub const ALL: [&str; 12] = [
     QUEUE_DEPTH,
     KV_BLOCKS_USED,
     KV_BLOCKS_FREE,
+    PREFIX_CACHE_QUERIES_TOTAL,
+    PREFIX_CACHE_HITS_TOTAL,
+    PREFIX_CACHE_BLOCKS,
+    PREFIX_CACHE_EVICTIONS_TOTAL,
     KV_TRANSFER_BYTES_TOTAL,
     KV_TRANSFER_SECONDS,
     BATCH_SIZE,

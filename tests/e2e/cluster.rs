@@ -318,3 +318,83 @@ async fn the_router_serves_reflection_and_health() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// The decode node's local prefill with its prefix cache on and off: greedy
+/// outputs equal the engine's, seeded ones equal each other, for a repeated
+/// prompt, prompts extending a cached one mid-block and at a block boundary,
+/// a multi-turn chat, and more distinct prompts than the cache holds (which
+/// evicts, never fails a request that fits, and leaves no block held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_prefill_with_the_prefix_cache_changes_no_output() {
+    let (_dir, model) = small_model();
+    let spec = |prefix_cache: bool| {
+        let mut s = ClusterSpec {
+            prefill: None, // every prompt is prefilled on the decode node
+            ..ClusterSpec::default()
+        };
+        s.decode.kv_blocks = 24;
+        s.decode.prefix_cache = prefix_cache;
+        s
+    };
+    let on = Cluster::start(model.clone(), spec(true)).await;
+    let off = Cluster::start(model.clone(), spec(false)).await;
+    let (mut on_client, mut off_client) = (on.client().await, off.client().await);
+    let seeded = |p: &[u32]| pb::GenerateRequest {
+        sampling: Some(pb::SamplingParams {
+            temperature: 0.9,
+            seed: Some(5),
+            ..Default::default()
+        }),
+        ..greedy_request(p, 8)
+    };
+    let cached = || on.decode_stats.lock().expect("stats").cached_tokens_total;
+    let mut run = async |p: &[u32]| -> (u64, Vec<u32>) {
+        let before = cached();
+        let got = complete(&mut on_client, greedy_request(p, 8))
+            .await
+            .expect("on");
+        let hit = cached() - before;
+        assert_eq!(got.tokens, reference(&model, p, 8), "{} tokens", p.len());
+        let a = complete(&mut on_client, seeded(p))
+            .await
+            .expect("on, seeded");
+        let b = complete(&mut off_client, seeded(p))
+            .await
+            .expect("off, seeded");
+        assert_eq!(a.tokens, b.tokens, "seeded, {} tokens", p.len());
+        (hit, got.tokens)
+    };
+    let base = prompt(100, 7);
+    let extend = |n: usize| [base.clone(), prompt(n, 8)].concat();
+    assert_eq!(run(&base).await.0, 0);
+    assert_eq!(
+        run(&base).await.0,
+        96,
+        "a repeated prompt reuses its 6 full blocks"
+    );
+    assert_eq!(run(&extend(10)).await.0, 96, "mid-block extension");
+    assert_eq!(run(&extend(28)).await.0, 96, "to a block boundary (128)");
+    assert_eq!(
+        run(&extend(28)).await.0,
+        112,
+        "fully cached: the last block is computed"
+    );
+    // A multi-turn chat: the last prompt, its answer and a new message.
+    let mut chat = prompt(40, 9);
+    for turn in 0..3 {
+        let (hit, answer) = run(&chat).await;
+        assert!(turn == 0 || hit >= 32, "turn {turn} reused {hit} tokens");
+        chat.extend(answer);
+        chat.extend(prompt(20, 10 + turn));
+    }
+    // Pressure: 7 blocks per request, 24 in the cache, many distinct prompts.
+    for salt in 100..108 {
+        run(&prompt(100, salt)).await;
+    }
+    wait_for_no_leak(&on).await;
+    wait_for_no_leak(&off).await;
+    assert_eq!(
+        off.decode_stats.lock().expect("stats").cached_tokens_total,
+        0
+    );
+}
