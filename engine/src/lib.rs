@@ -38,5 +38,5 @@ pub use error::{EngineError, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model_dir::{Device, ModelDir};
-pub use sampling::{SamplingParams, TokenDraw};
+pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};
