@@ -60,6 +60,20 @@ pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
         stop: r.stop.clone(),
         stop_token_ids: r.stop_token_ids.clone(),
         ignore_eos: r.ignore_eos,
+        logprobs: r.logprobs.map(|n| n as usize),
+    }
+}
+
+/// The wire form of a token's log probabilities.
+pub fn logprobs_to_pb(l: &tandem_engine::TokenLogprobs) -> pb::TokenLogprobs {
+    pb::TokenLogprobs {
+        id: l.token,
+        logprob: l.logprob,
+        top: l
+            .top
+            .iter()
+            .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
+            .collect(),
     }
 }
 

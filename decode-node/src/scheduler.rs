@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_cluster::convert::finish_reason_to_pb;
+use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager, SequenceBlocks, blocks_for};
 use tandem_engine::prefix_hash::PrefixHasher;
@@ -536,9 +536,12 @@ impl<B: Backend> Scheduler<B> {
         let sampled = |state: &State, completes: bool| matches!(state, State::Running) || completes;
         // Without penalties every row's token can be drawn where the logits are
         // (on a GPU only ids come back); otherwise the logits come to the host.
+        // Log probabilities are computed on the host too, from those logits (a
+        // device-side computation returning only the requested numbers is to come).
         let on_device = plan.iter().all(|(id, _, _, completes)| {
             let seq = &self.seqs[id];
-            !sampled(&seq.state, *completes) || seq.generation.draws_from_raw_logits()
+            !sampled(&seq.state, *completes)
+                || (seq.generation.draws_from_raw_logits() && !seq.generation.wants_logprobs())
         });
         let draws: Vec<TokenDraw> = if on_device {
             plan.iter()
@@ -626,6 +629,9 @@ impl<B: Backend> Scheduler<B> {
             event: Some(pb::decode_response::Event::Token(pb::TokenChunk {
                 ids: vec![event.token],
                 text: event.text,
+                // A first token sampled by a prefill node has none here: the
+                // router adds them from the prefill node's answer.
+                logprobs: event.logprobs.iter().map(logprobs_to_pb).collect(),
             })),
         };
         // The stream holds max_tokens + a few messages, so a full stream means a caller

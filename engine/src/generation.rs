@@ -8,7 +8,7 @@
 //! is what makes their outputs identical.
 
 use crate::error::{EngineError, Result};
-use crate::sampling::{Sampler, SamplingParams, TokenDraw};
+use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenDraw, TokenLogprobs};
 use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 
@@ -36,6 +36,9 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's EOS token.
     pub ignore_eos: bool,
+    /// Report each sampled token's log probability and those of this many most
+    /// likely tokens (at most [`MAX_TOP_LOGPROBS`]); `None` reports none.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -46,6 +49,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -59,12 +63,19 @@ impl GenerationParams {
                 "max_tokens must be at least 1".into(),
             ));
         }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+            )));
+        }
         Ok(())
     }
 }
 
 /// The outcome of one generated token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
     /// The token.
     pub token: u32,
@@ -73,6 +84,9 @@ pub struct TokenEvent {
     pub text: String,
     /// Set on the last token.
     pub finished: Option<FinishReason>,
+    /// The token's log probabilities, when the request asked for them and the
+    /// token was sampled here (see [`Generation::step`]).
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 /// One request's generation state.
@@ -155,10 +169,21 @@ impl Generation {
         self.finished
     }
 
-    /// Samples the next token from `logits` and accounts for it.
+    /// Samples the next token from `logits` and accounts for it; the event
+    /// carries its log probabilities when the request asked for them.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<TokenEvent> {
-        let token = self.sampler.sample(logits);
-        self.accept(token, tokenizer)
+        let (token, logprobs) = self
+            .sampler
+            .sample_with_logprobs(logits, self.params.logprobs);
+        let mut event = self.accept(token, tokenizer)?;
+        event.logprobs = logprobs;
+        Ok(event)
+    }
+
+    /// Whether the request asked for log probabilities: its tokens must then be
+    /// sampled by [`step`](Self::step), from logits on the host.
+    pub fn wants_logprobs(&self) -> bool {
+        self.params.logprobs.is_some()
     }
 
     /// Whether the next token can be chosen from the raw logits by a
@@ -232,6 +257,7 @@ impl Generation {
             token,
             text,
             finished,
+            logprobs: None,
         })
     }
 }

@@ -40,5 +40,5 @@ pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model_dir::{Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
-pub use sampling::{SamplingParams, TokenDraw};
+pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -4,6 +4,13 @@
 //! The order is vLLM's: penalties on the raw logits, then temperature, then the
 //! top-k / top-p / min-p cuts on the resulting distribution, then a draw.
 //! Temperature 0 is greedy (the lowest token id wins a tie).
+//!
+//! Log probabilities ([`TokenLogprobs`]) are computed here too, from the
+//! distribution the draw uses: the log-softmax of the logits after penalties
+//! and temperature (for greedy, of the penalised logits alone), before the
+//! top-k / top-p / min-p cuts. That is vLLM's V0 default and what its V1
+//! calls `processed_logprobs` less the cuts (V1's default, `raw_logprobs`,
+//! is the same when there are no penalties and the temperature is 0 or 1).
 
 use std::collections::HashMap;
 
@@ -131,6 +138,17 @@ impl Sampler {
 
     /// Chooses the next token from `logits` (modified in place) and records it.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.sample_with_logprobs(logits, None).0
+    }
+
+    /// Like [`sample`](Self::sample), and with `top_n` set also the log
+    /// probabilities of the chosen token and of the `top_n` most likely ones,
+    /// under the distribution the token was drawn from (see the module docs).
+    pub fn sample_with_logprobs(
+        &mut self,
+        logits: &mut [f32],
+        top_n: Option<usize>,
+    ) -> (u32, Option<TokenLogprobs>) {
         self.apply_penalties(logits);
         let token = if self.params.is_greedy() {
             argmax(logits)
@@ -138,7 +156,8 @@ impl Sampler {
             self.draw(logits)
         };
         self.observe(token);
-        token
+        let logprobs = top_n.map(|n| TokenLogprobs::of(logits, self.params.temperature, token, n));
+        (token, logprobs)
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -313,6 +332,79 @@ impl TokenDraw {
     }
 }
 
+/// Most top log probabilities a request may ask for per token (vLLM's default
+/// `max_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The log probabilities of one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token chosen.
+    pub token: u32,
+    /// Its log probability.
+    pub logprob: f32,
+    /// The most likely tokens with their log probabilities, most likely first
+    /// (the lower id first on ties); the chosen token is among them only when
+    /// it ranks there.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log probabilities of `token` and of the `top_n` most likely tokens
+    /// under `log_softmax(logits / temperature)` (temperature 0 counts as 1:
+    /// greedy decoding reports the model's own, penalised, distribution).
+    /// `logits` are the ones sampling chose from, penalties applied.
+    pub fn of(logits: &[f32], temperature: f32, token: u32, top_n: usize) -> Self {
+        let scale = if temperature > 0.0 {
+            1.0 / f64::from(temperature)
+        } else {
+            1.0
+        };
+        let log_z = log_sum_exp(logits, scale);
+        let logprob_of = |l: f32| (f64::from(l) * scale - log_z) as f32;
+        let logprob = logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob_of(l));
+        let by_rank = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = top_n.min(ids.len());
+        if n > 0 && n < ids.len() {
+            ids.select_nth_unstable_by(n - 1, by_rank);
+        }
+        ids.truncate(n);
+        ids.sort_unstable_by(by_rank);
+        TokenLogprobs {
+            token,
+            logprob,
+            top: ids
+                .into_iter()
+                .map(|id| (id, logprob_of(logits[id as usize])))
+                .collect(),
+        }
+    }
+}
+
+/// `log(sum(exp(l * scale)))` over the finite logits, in f64.
+fn log_sum_exp(logits: &[f32], scale: f64) -> f64 {
+    let max = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l) * scale));
+    if max == f64::NEG_INFINITY {
+        return 0.0;
+    }
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| !l.is_nan())
+        .map(|&l| (f64::from(l) * scale - max).exp())
+        .sum();
+    max + sum.ln()
+}
+
 /// Index of the largest logit (the lowest index on a tie; NaN never wins).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -464,6 +556,60 @@ mod tests {
         let mut l = [0.0, 0.0, 1.0];
         s.apply_penalties(&mut l);
         assert_eq!(l, [0.0, 0.0, 0.0]);
+    }
+
+    /// log_softmax(x / t) written out plainly, in f64.
+    fn log_softmax(logits: &[f32], t: f64) -> Vec<f64> {
+        let x: Vec<f64> = logits.iter().map(|&l| f64::from(l) / t).collect();
+        let z: f64 = x.iter().map(|v| v.exp()).sum::<f64>().ln();
+        x.iter().map(|v| v - z).collect()
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_processed_logits() {
+        let raw: Vec<f32> = (0..300).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+        for (temperature, penalty) in [(0.0, 1.0), (0.0, 1.3), (0.7, 1.0), (1.5, 1.2)] {
+            let p = params(|p| {
+                p.temperature = temperature;
+                p.repetition_penalty = penalty;
+                p.presence_penalty = 0.5;
+            });
+            let mut s = Sampler::new(p.clone(), &[3, 4, 5]);
+            let mut plain = Sampler::new(p, &[3, 4, 5]);
+            for step in 0..5 {
+                // What sampling chooses from: the penalised logits.
+                let mut processed = raw.clone();
+                s.apply_penalties(&mut processed);
+                let t = if temperature > 0.0 {
+                    f64::from(temperature)
+                } else {
+                    1.0
+                };
+                let want = log_softmax(&processed, t);
+                let (token, lp) = s.sample_with_logprobs(&mut raw.clone(), Some(5));
+                let lp = lp.expect("asked for logprobs");
+                // The same token as sampling without logprobs, and the same stream.
+                assert_eq!(plain.sample(&mut raw.clone()), token, "step {step}");
+                assert_eq!(lp.token, token);
+                assert!((f64::from(lp.logprob) - want[token as usize]).abs() < 1e-5);
+                let mut order: Vec<usize> = (0..want.len()).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+                assert_eq!(lp.top.len(), 5);
+                for (&(id, l), &expect) in lp.top.iter().zip(&order) {
+                    assert_eq!(id as usize, expect);
+                    assert!((f64::from(l) - want[expect]).abs() < 1e-5);
+                }
+                if temperature == 0.0 {
+                    assert_eq!(lp.top[0].0, token, "greedy picks the most likely");
+                }
+            }
+        }
+        // None asked, none computed; 0 asked: the chosen token's alone.
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample_with_logprobs(&mut [0.0, 1.0], None).1, None);
+        let lp = s.sample_with_logprobs(&mut [0.0, 0.0], Some(0)).1.unwrap();
+        assert!(lp.top.is_empty());
+        assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
     }
 
     #[test]

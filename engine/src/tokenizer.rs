@@ -130,6 +130,15 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
     }
 
+    /// The text of one token on its own, special tokens included (what
+    /// log probabilities name a token by, as vLLM does); a token holding part
+    /// of a multi-byte character gives U+FFFD for it.
+    pub fn token_text(&self, id: u32) -> Result<String> {
+        self.inner
+            .decode(&[id], false)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
+    }
+
     /// Whether the model ships a chat template.
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()

@@ -19,6 +19,8 @@ pub(crate) enum JobEvent {
     /// The prompt is computed and the first token sampled.
     Done {
         first_token: u32,
+        /// Its log probabilities, when the job asked for them.
+        logprobs: Option<tandem_engine::TokenLogprobs>,
         queue_seconds: f64,
         compute_seconds: f64,
     },
@@ -34,6 +36,8 @@ pub(crate) struct Job {
     /// How many of `prompt`'s last tokens were generated (see `PrefillRequest.generated`).
     pub generated: usize,
     pub sampling: SamplingParams,
+    /// Top log probabilities to report with the first token; `None`: none.
+    pub logprobs: Option<usize>,
     /// To the sending task; bounded, so a slow transfer holds the worker back.
     pub events: mpsc::Sender<JobEvent>,
     /// Fired by `Cancel` or when the caller goes away.

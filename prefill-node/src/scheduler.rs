@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
+use tandem_engine::TokenLogprobs;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
@@ -487,9 +488,10 @@ impl<B: Backend> Worker<B> {
                         finished.push(p.job);
                     } else if a.computed == a.job.prompt.len() {
                         let mut l = std::mem::take(&mut logits[i]);
-                        let first_token = first_sample(&a.job, &mut l);
+                        let (first_token, logprobs) = first_sample(&a.job, &mut l);
                         let done = JobEvent::Done {
                             first_token,
+                            logprobs,
                             queue_seconds: a.queue_seconds,
                             compute_seconds: a.admitted.elapsed().as_secs_f64(),
                         };
@@ -529,14 +531,15 @@ impl<B: Backend> Worker<B> {
 }
 
 /// Samples the token after `job.prompt` from its last logits, with the sampler
-/// in the state the generated tokens (if any) left it in.
-fn first_sample(job: &Job, logits: &mut [f32]) -> u32 {
+/// in the state the generated tokens (if any) left it in; with its log
+/// probabilities when the job asked for them.
+fn first_sample(job: &Job, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
     let (prompt, generated) = job.prompt.split_at(job.prompt.len() - job.generated);
     let mut sampler = Sampler::new(job.sampling.clone(), prompt);
     for &t in generated {
         sampler.resume_after(t);
     }
-    sampler.sample(logits)
+    sampler.sample_with_logprobs(logits, job.logprobs)
 }
 
 /// The wire's code for a cache dtype.

@@ -65,6 +65,7 @@ impl PrefillService {
             prompt: v.prompt,
             generated: v.generated,
             sampling: v.sampling,
+            logprobs: v.logprobs,
             events: tx,
             cancel: cancel.clone(),
             submitted,

@@ -75,6 +75,7 @@ pub(crate) async fn ship(
             }
             Some(JobEvent::Done {
                 first_token,
+                logprobs,
                 queue_seconds,
                 compute_seconds,
             }) => {
@@ -99,6 +100,9 @@ pub(crate) async fn ship(
                     queue_seconds,
                     compute_seconds,
                     kv_bytes_sent,
+                    first_token_logprobs: logprobs
+                        .as_ref()
+                        .map(tandem_cluster::convert::logprobs_to_pb),
                 });
             }
             Some(JobEvent::Failed(e)) => {

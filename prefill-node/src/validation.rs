@@ -75,6 +75,8 @@ pub(crate) struct ValidPrefill {
     /// How many of `prompt`'s last tokens were generated.
     pub generated: usize,
     pub sampling: SamplingParams,
+    /// Top log probabilities asked for the first token; `None`: none.
+    pub logprobs: Option<usize>,
     pub target: KvDestination,
 }
 
@@ -118,6 +120,14 @@ pub(crate) async fn validate(
     tandem_cluster::convert::validate_pb_sampling(req.sampling.as_ref()).map_err(invalid)?;
     let sampling = tandem_cluster::convert::sampling_from_pb(req.sampling.as_ref());
     sampling.validate().map_err(|e| invalid(e.to_string()))?;
+    if let Some(n) = req.logprobs
+        && n as usize > tandem_engine::MAX_TOP_LOGPROBS
+    {
+        return Err(invalid(format!(
+            "logprobs must be at most {}, got {n}",
+            tandem_engine::MAX_TOP_LOGPROBS
+        )));
+    }
     let target = req
         .kv_target
         .as_ref()
@@ -129,6 +139,7 @@ pub(crate) async fn validate(
         prompt,
         generated,
         sampling,
+        logprobs: req.logprobs.map(|n| n as usize),
         target,
     })
 }

@@ -274,6 +274,7 @@ impl Cluster {
             sampling,
             kv_target: Some(self.reserve(prompt.len().max(1))?),
             generated: Vec::new(),
+            logprobs: None,
         })
     }
 

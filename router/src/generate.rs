@@ -308,11 +308,18 @@ impl Request<'_> {
                 sampling: Some(self.req.sampling),
                 kv_target: Some(target),
                 generated: progress.sent.clone(),
+                logprobs: self.req.logprobs,
             };
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
 
+        // With log probabilities asked and the prompt prefilled remotely, the
+        // first token's are in the prefill node's answer, not on the decode
+        // stream: the first token waits (in `held`) until that answer is here.
+        let mut first_logprobs =
+            FirstLogprobs::new(self.req.logprobs.is_some() && prefill.is_some());
+        let mut held: Option<pb::TokenChunk> = None;
         let mut last_event = Instant::now();
         let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
@@ -344,6 +351,12 @@ impl Request<'_> {
                                 kv_bytes = r.kv_bytes_sent,
                                 "prefilled"
                             );
+                            let addr = node.map(|n| n.addr).unwrap_or_default();
+                            first_logprobs.answered(r.first_token_logprobs, &addr)?;
+                            if let Some(mut chunk) = held.take() {
+                                first_logprobs.fill(&mut chunk, &decode.addr)?;
+                                self.relay_token(chunk, progress).await?;
+                            }
                             continue;
                         }
                         Err(status) => {
@@ -352,7 +365,7 @@ impl Request<'_> {
                         }
                     }
                 }
-                next = stream.message() => next,
+                next = stream.message(), if held.is_none() => next,
             };
             last_event = Instant::now();
             let event = match next {
@@ -369,12 +382,13 @@ impl Request<'_> {
                 Err(status) => return Err(RouterError::from_node_status(&decode.addr, &status)),
             };
             match event {
-                DecodeEvent::Token(chunk) => {
-                    let now = Instant::now();
-                    progress.first_token_at.get_or_insert(now);
-                    progress.clock.on_token(now);
-                    progress.sent.extend_from_slice(&chunk.ids);
-                    self.send(ClientEvent::Token(chunk)).await?;
+                DecodeEvent::Token(mut chunk) => {
+                    if first_logprobs.waiting_for_answer() {
+                        held = Some(chunk);
+                        continue;
+                    }
+                    first_logprobs.fill(&mut chunk, &decode.addr)?;
+                    self.relay_token(chunk, progress).await?;
                 }
                 DecodeEvent::Finished(finished) => {
                     // The decode node has released the request.
@@ -387,6 +401,19 @@ impl Request<'_> {
                 }
             }
         }
+    }
+
+    /// Sends a token chunk to the client and accounts for it.
+    async fn relay_token(
+        &self,
+        chunk: pb::TokenChunk,
+        progress: &mut Progress,
+    ) -> Result<(), RouterError> {
+        let now = Instant::now();
+        progress.first_token_at.get_or_insert(now);
+        progress.clock.on_token(now);
+        progress.sent.extend_from_slice(&chunk.ids);
+        self.send(ClientEvent::Token(chunk)).await
     }
 
     /// Fails the attempt when a node holding the request has stopped answering:
@@ -440,6 +467,7 @@ impl Request<'_> {
                 kv_timeout_ms: self.relay.kv_timeout_ms,
                 force_local_prefill: !nodes.has(Role::Prefill),
                 generated: generated.to_vec(),
+                logprobs: self.req.logprobs,
             };
             let mut full = None;
             let mut failed = None;
@@ -554,6 +582,70 @@ impl Request<'_> {
             node: node.addr.clone(),
             message: format!("sent {what}"),
         }
+    }
+}
+
+/// The first token's log probabilities in an attempt with remote prefill: the
+/// prefill node sampled that token, so they come in its answer, and go into
+/// the decode stream's first chunk (which has the token without them).
+enum FirstLogprobs {
+    /// Not needed (none asked, or the decode node prefills and reports them),
+    /// or already put in.
+    Done,
+    /// The prefill node has not answered yet.
+    Awaited,
+    /// The prefill node's answer, for the first chunk.
+    Answered(pb::TokenLogprobs),
+}
+
+impl FirstLogprobs {
+    fn new(needed: bool) -> Self {
+        if needed {
+            FirstLogprobs::Awaited
+        } else {
+            FirstLogprobs::Done
+        }
+    }
+
+    /// Whether the first chunk must wait for the prefill node's answer.
+    fn waiting_for_answer(&self) -> bool {
+        matches!(self, FirstLogprobs::Awaited)
+    }
+
+    /// Takes the prefill node's answer.
+    fn answered(
+        &mut self,
+        logprobs: Option<pb::TokenLogprobs>,
+        node: &str,
+    ) -> Result<(), RouterError> {
+        if !self.waiting_for_answer() {
+            return Ok(());
+        }
+        let logprobs = logprobs.ok_or_else(|| RouterError::Protocol {
+            node: node.to_string(),
+            message: "answered a prefill asking for log probabilities without them".into(),
+        })?;
+        *self = FirstLogprobs::Answered(logprobs);
+        Ok(())
+    }
+
+    /// Puts the first token's log probabilities into the first chunk.
+    fn fill(&mut self, chunk: &mut pb::TokenChunk, decode: &str) -> Result<(), RouterError> {
+        let FirstLogprobs::Answered(first) = std::mem::replace(self, FirstLogprobs::Done) else {
+            return Ok(());
+        };
+        if chunk.ids.first() != Some(&first.id) || chunk.logprobs.len() >= chunk.ids.len() {
+            return Err(RouterError::Protocol {
+                node: decode.to_string(),
+                message: format!(
+                    "sent a first token {:?} other than the prefill node's {}",
+                    chunk.ids.first(),
+                    first.id
+                ),
+            });
+        }
+        chunk.logprobs.insert(0, first);
+        Ok(())
     }
 }
 

@@ -27,6 +27,7 @@ pub mod generate;
 pub mod nodes;
 pub mod openai;
 pub mod openai_fields;
+pub mod openai_logprobs;
 pub mod request_metrics;
 pub mod service;
 pub mod validation;

@@ -26,7 +26,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_engine::{ChatMessage, ModelDir};
+use tandem_engine::{ChatMessage, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,6 +35,7 @@ use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
 use crate::openai_fields::{self, Endpoint};
+use crate::openai_logprobs;
 use crate::service::{GenerateService, REQUEST_ID_HEADER};
 
 /// What the handlers share.
@@ -201,6 +202,14 @@ enum StopInput {
     Many(Vec<String>),
 }
 
+/// `logprobs`: a count on `/v1/completions`, a switch on `/v1/chat/completions`.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum LogprobsInput {
+    Switch(bool),
+    Count(u32),
+}
+
 /// Fields both endpoints share (OpenAI's names, plus vLLM's extensions).
 /// Fields absent here are either without effect or refused unless neutral:
 /// see [`openai_fields`].
@@ -230,6 +239,11 @@ struct Sampling {
     /// `{"include_usage": true}` adds a last chunk with the usage (OpenAI's
     /// streaming option), which load generators count tokens with.
     stream_options: Option<StreamOptions>,
+    /// Completions: how many top log probabilities per token; chat: whether to
+    /// report log probabilities (how many top ones: `top_logprobs`).
+    logprobs: Option<LogprobsInput>,
+    /// Chat only (the completions schema refuses it).
+    top_logprobs: Option<u32>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -255,9 +269,59 @@ struct ChatRequest {
     sampling: Sampling,
 }
 
+/// The number of top log probabilities a request asks for (`None`: none),
+/// checked as vLLM checks it, each error naming its field.
+fn logprobs_asked(s: &Sampling, kind: Kind) -> Result<Option<u32>, ApiError> {
+    let too_many = |field: &str, n: u32| {
+        ApiError::bad_field(
+            field,
+            format!(
+                "{field} = {n}: at most {MAX_TOP_LOGPROBS} top log probabilities per token can be requested"
+            ),
+        )
+    };
+    let asked = match (kind, s.logprobs) {
+        (_, None) => None,
+        (Kind::Completion, Some(LogprobsInput::Count(n))) => Some(n),
+        (Kind::Completion, Some(LogprobsInput::Switch(_))) => {
+            return Err(ApiError::bad_field(
+                "logprobs",
+                "logprobs must be an integer (how many top log probabilities per token) on /v1/completions",
+            ));
+        }
+        (Kind::Chat, Some(LogprobsInput::Switch(on))) => on.then(|| s.top_logprobs.unwrap_or(0)),
+        (Kind::Chat, Some(LogprobsInput::Count(_))) => {
+            return Err(ApiError::bad_field(
+                "logprobs",
+                "logprobs must be true or false on /v1/chat/completions; the count is top_logprobs",
+            ));
+        }
+    };
+    if kind == Kind::Chat
+        && let Some(n) = s.top_logprobs
+    {
+        if n as usize > MAX_TOP_LOGPROBS {
+            return Err(too_many("top_logprobs", n));
+        }
+        if n > 0 && asked.is_none() {
+            return Err(ApiError::bad_field(
+                "top_logprobs",
+                "when using top_logprobs, logprobs must be set to true",
+            ));
+        }
+    }
+    if let Some(n) = asked
+        && n as usize > MAX_TOP_LOGPROBS
+    {
+        return Err(too_many("logprobs", n));
+    }
+    Ok(asked)
+}
+
 fn to_request(
     prompt: pb::generate_request::Prompt,
     s: &Sampling,
+    kind: Kind,
 ) -> Result<pb::GenerateRequest, ApiError> {
     // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
     if let Some(p) = s.top_p
@@ -302,6 +366,7 @@ fn to_request(
         },
         stop_token_ids: s.stop_token_ids.clone(),
         ignore_eos: s.ignore_eos,
+        logprobs: logprobs_asked(s, kind)?,
     })
 }
 
@@ -348,7 +413,7 @@ async fn completions(
             ));
         }
     };
-    let request = to_request(prompt, &req.sampling)?;
+    let request = to_request(prompt, &req.sampling, Kind::Completion)?;
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     run(
         st,
@@ -385,6 +450,7 @@ async fn chat_completions(
     let request = to_request(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
+        Kind::Chat,
     )?;
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let stream = (req.sampling.stream, usage);
@@ -454,6 +520,7 @@ async fn run(
     {
         request.metadata_mut().insert(REQUEST_ID_HEADER, v);
     }
+    let request_logprobs = request.get_ref().logprobs;
     let responses = st.service.generate(request).await?.into_inner();
     let id = format!(
         "{}-{:x}",
@@ -465,18 +532,32 @@ async fn run(
         rand_id()
     );
     let (created, model) = (now(), st.name.clone());
+    let with_logprobs = request_logprobs.is_some();
     if stream {
-        let events = sse_events(responses, kind, include_usage, id, created, model);
+        let tokenizer = with_logprobs.then(|| st.model.clone());
+        let events = sse_events(
+            responses,
+            kind,
+            include_usage,
+            tokenizer,
+            id,
+            created,
+            model,
+        );
         return Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let mut responses = responses;
     let mut finished = None;
     while let Some(msg) = responses.next().await {
         match msg?.event {
-            Some(pb::generate_response::Event::Token(t)) => text.push_str(&t.text),
+            Some(pb::generate_response::Event::Token(t)) => {
+                text.push_str(&t.text);
+                logprobs.extend(t.logprobs);
+            }
             Some(pb::generate_response::Event::Finished(f)) => {
                 text.push_str(&f.text);
                 finished = Some(f);
@@ -488,12 +569,13 @@ async fn run(
         ApiError::from(Status::internal("the stream ended without a final message"))
     })?;
     let usage = f.usage.unwrap_or_default();
+    let logprobs = with_logprobs.then(|| logprobs_json(&st.model.tokenizer, kind, &logprobs, 0));
     let choice = match kind {
         Kind::Completion => {
-            json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason(f.reason) })
+            json!({ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
         }
         Kind::Chat => {
-            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null,
+            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": logprobs,
                               "finish_reason": finish_reason(f.reason) })
         }
     };
@@ -514,6 +596,7 @@ fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
     include_usage: bool,
+    logprobs_model: Option<Arc<ModelDir>>,
     id: String,
     created: u64,
     model: String,
@@ -531,10 +614,10 @@ fn sse_events(
                                "total_tokens": u.prompt_tokens + u.completion_tokens } })
         }
     };
-    let chunk = move |text: Option<&str>, finish: Option<&str>, first: bool| {
+    let chunk = move |text: Option<&str>, logprobs: Value, finish: Option<&str>, first: bool| {
         let choice = match kind {
             Kind::Completion => {
-                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish })
+                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Chat => {
                 let mut delta = json!({});
@@ -544,7 +627,7 @@ fn sse_events(
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
+                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
         };
         json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
@@ -554,15 +637,26 @@ fn sse_events(
         let mut responses = responses;
         let mut first = true;
         let mut usage = None;
+        // Characters of the completion's tokens so far, where the next
+        // chunk's `text_offset` starts.
+        let mut offset = 0;
         while let Some(msg) = responses.next().await {
             let data = match msg.map(|m| m.event) {
                 Ok(Some(pb::generate_response::Event::Token(t))) => {
-                    chunk(Some(&t.text), None, first)
+                    let logprobs = match &logprobs_model {
+                        Some(m) => {
+                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, offset);
+                            offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
+                            v
+                        }
+                        None => Value::Null,
+                    };
+                    chunk(Some(&t.text), logprobs, None, first)
                 }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
                     usage = f.usage;
                     let tail = (!f.text.is_empty()).then_some(f.text.as_str());
-                    chunk(tail, Some(finish_reason(f.reason)), first)
+                    chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
                 }
                 Ok(None) => continue,
                 Err(status) => {
@@ -587,6 +681,19 @@ fn sse_events(
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     ReceiverStream::new(rx).map(Ok)
+}
+
+/// `entries` in the endpoint's shape (see [`openai_logprobs`]).
+fn logprobs_json(
+    tokenizer: &Tokenizer,
+    kind: Kind,
+    entries: &[pb::TokenLogprobs],
+    offset: usize,
+) -> Value {
+    match kind {
+        Kind::Completion => openai_logprobs::completion(tokenizer, entries, offset),
+        Kind::Chat => openai_logprobs::chat(tokenizer, entries),
+    }
 }
 
 fn rand_id() -> u64 {

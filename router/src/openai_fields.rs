@@ -64,7 +64,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("frequency_penalty", On::Both, Rule::Used),
     ("n", On::Both, Rule::NeutralOnly(is_one)),
     ("logit_bias", On::Both, Rule::NeutralOnly(is_empty)),
-    ("logprobs", On::Both, Rule::NeutralOnly(is_false_or_zero)),
+    ("logprobs", On::Both, Rule::Used),
     ("user", On::Both, Rule::NoEffect),
     (
         "response_format",
@@ -79,11 +79,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     // OpenAI, chat only.
     ("messages", On::Chat, Rule::Used),
     ("max_completion_tokens", On::Chat, Rule::Used),
-    (
-        "top_logprobs",
-        On::Chat,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
+    ("top_logprobs", On::Chat, Rule::Used),
     ("tools", On::Chat, Rule::NeutralOnly(is_empty)),
     ("tool_choice", On::Chat, Rule::NeutralOnly(is_none_choice)),
     ("parallel_tool_calls", On::Chat, Rule::NoEffect),
@@ -329,15 +325,12 @@ mod tests {
             (Endpoint::Completions, json!({"echo": true}), "echo"),
             (Endpoint::Completions, json!({"n": 2}), "n"),
             (Endpoint::Completions, json!({"best_of": 3}), "best_of"),
-            (Endpoint::Completions, json!({"logprobs": 2}), "logprobs"),
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,
                 json!({"min_tokens": 4}),
                 "min_tokens",
             ),
-            (Endpoint::Chat, json!({"logprobs": true}), "logprobs"),
-            (Endpoint::Chat, json!({"top_logprobs": 2}), "top_logprobs"),
             (
                 Endpoint::Chat,
                 json!({"logit_bias": {"5": 10}}),

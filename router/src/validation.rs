@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_cluster::RouterSection;
 use tandem_cluster::convert::{sampling_from_pb, sampling_to_pb, validate_pb_sampling};
-use tandem_engine::ModelDir;
+use tandem_engine::{MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_request::Prompt;
 
@@ -40,6 +40,8 @@ pub struct ValidRequest {
     pub stop_token_ids: Vec<u32>,
     /// Whether EOS is ignored.
     pub ignore_eos: bool,
+    /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<u32>,
 }
 
 /// Checks requests against the served model and the router's limits.
@@ -203,6 +205,14 @@ impl Validator {
             )));
         }
 
+        if let Some(n) = req.logprobs
+            && n as usize > MAX_TOP_LOGPROBS
+        {
+            return Err(invalid(format!(
+                "logprobs {n} exceeds the limit of {MAX_TOP_LOGPROBS} top log probabilities per token"
+            )));
+        }
+
         Ok(ValidRequest {
             request_id,
             prompt,
@@ -211,6 +221,7 @@ impl Validator {
             stop: req.stop,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
         })
     }
 }

@@ -141,6 +141,7 @@ impl DecodeNode for FakeDecode {
                 let chunk = pb::TokenChunk {
                     ids: vec![10 + i],
                     text: format!("t{i}"),
+                    logprobs: Vec::new(),
                 };
                 if tx.send(event(E::Token(chunk))).await.is_err() {
                     return;

@@ -46,6 +46,72 @@ async fn greedy_output_through_the_cluster_equals_the_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logprobs_are_the_log_softmax_of_the_engines_logits() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut client = cluster.client().await;
+    let (n, top) = (6, 5);
+    // local_prefill_below is 8: the first prompt's first token is sampled by the
+    // prefill node, the second's by the decode node.
+    for (path, len) in [("remote prefill", 40), ("local prefill", 5)] {
+        let p = prompt(len, 11);
+        let mut request = greedy_request(&p, n as u32);
+        request.logprobs = Some(top as u32);
+        let (tokens, logprobs) = complete_with_logprobs(&mut client, request)
+            .await
+            .expect(path);
+        let logits = reference_logits(&model, &p, n);
+        assert_eq!(tokens, reference(&model, &p, n), "{path}");
+        assert_eq!(logprobs.len(), n, "{path}: one entry per token");
+        for (i, ((lp, &token), logits)) in logprobs.iter().zip(&tokens).zip(&logits).enumerate() {
+            let want = log_softmax(logits);
+            assert_eq!(lp.id, token, "{path}, token {i}");
+            let err = (f64::from(lp.logprob) - want[token as usize]).abs();
+            assert!(
+                err < 1e-4,
+                "{path}, token {i}: {} vs {}",
+                lp.logprob,
+                want[token as usize]
+            );
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+            assert_eq!(lp.top.len(), top, "{path}, token {i}");
+            for (t, &id) in lp.top.iter().zip(&order) {
+                assert_eq!(t.id as usize, id, "{path}, token {i}: the top ranks");
+                assert!(
+                    (f64::from(t.logprob) - want[id]).abs() < 1e-4,
+                    "{path}, token {i}"
+                );
+            }
+            // Greedy: the chosen token is the most likely.
+            assert_eq!(lp.top[0].id, token, "{path}, token {i}");
+        }
+        // Not asked, not sent.
+        let (_, none) = complete_with_logprobs(&mut client, greedy_request(&p, 3))
+            .await
+            .expect(path);
+        assert!(none.is_empty(), "{path}");
+        // 0: the chosen token's alone.
+        let mut request = greedy_request(&p, 2);
+        request.logprobs = Some(0);
+        let (_, only) = complete_with_logprobs(&mut client, request)
+            .await
+            .expect(path);
+        assert_eq!(only.len(), 2, "{path}");
+        assert!(only.iter().all(|l| l.top.is_empty()), "{path}");
+    }
+    // More than vLLM's 20 is refused, naming the field.
+    let mut request = greedy_request(&prompt(10, 1), 2);
+    request.logprobs = Some(21);
+    let err = complete_with_logprobs(&mut client, request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("logprobs"), "{}", err.message());
+    wait_for_no_leak(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_streams_batch_together() {
     let (_dir, model) = small_model();
     let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;

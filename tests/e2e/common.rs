@@ -222,6 +222,64 @@ pub fn reference(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<u32
         .tokens
 }
 
+/// The engine's own logits before each token of its greedy continuation of
+/// `prompt`, computed in this process on the CPU backend, forward pass by
+/// forward pass: what greedy log probabilities must be the log-softmax of.
+pub fn reference_logits(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<Vec<f32>> {
+    use tandem_engine::Backend;
+    let block_size = 16;
+    let mut backend = model.load_cpu(256, block_size).expect("backend");
+    let table: Vec<u32> = (0..(prompt.len() + max_tokens).div_ceil(block_size) as u32).collect();
+    let mut logits = backend.prefill(prompt, 0, &table).expect("prefill");
+    let mut out = Vec::with_capacity(max_tokens);
+    for i in 0..max_tokens {
+        let token = tandem_engine::sampling::argmax(&logits);
+        out.push(std::mem::take(&mut logits));
+        if i + 1 < max_tokens {
+            logits = backend
+                .decode(&[(token, prompt.len() + i, &table)])
+                .expect("decode")
+                .remove(0);
+        }
+    }
+    out
+}
+
+/// `log_softmax(logits)`, written out plainly in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(f64::from(l)));
+    let z = logits
+        .iter()
+        .map(|&l| (f64::from(l) - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    logits.iter().map(|&l| f64::from(l) - z).collect()
+}
+
+/// Runs a request to the end, keeping every token's log probabilities (and
+/// checking each chunk has one entry per token, or none).
+pub async fn complete_with_logprobs(
+    client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
+    request: pb::GenerateRequest,
+) -> Result<(Vec<u32>, Vec<pb::TokenLogprobs>), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());
+    while let Some(msg) = stream.message().await? {
+        if let Some(pb::generate_response::Event::Token(t)) = msg.event {
+            assert!(
+                t.logprobs.is_empty() || t.logprobs.len() == t.ids.len(),
+                "a chunk's ids and logprobs: {t:?}"
+            );
+            tokens.extend(t.ids);
+            logprobs.extend(t.logprobs);
+        }
+    }
+    Ok((tokens, logprobs))
+}
+
 /// A deterministic prompt of `len` token ids.
 pub fn prompt(len: usize, salt: u32) -> Vec<u32> {
     (0..len as u32)

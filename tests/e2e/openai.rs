@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use tandem_proto::v1 as pb;
 use tandem_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,6 +87,52 @@ async fn the_openai_client_library_works_against_the_router() {
         seen["chat_stream"]["roles"],
         serde_json::json!(["assistant"])
     );
+    // Log probabilities over HTTP are the gRPC stream's, in OpenAI's shapes.
+    let grpc = cluster.client().await;
+    let grpc_logprobs = |prompt: Vec<u32>| {
+        let mut client = grpc.clone();
+        async move {
+            let mut request = greedy_request(&prompt, 6);
+            request.logprobs = Some(3);
+            complete_with_logprobs(&mut client, request)
+                .await
+                .expect("gRPC logprobs")
+                .1
+        }
+    };
+    let completion_lp = grpc_logprobs(prompt.clone()).await;
+    let chat_lp = grpc_logprobs(chat_prompt.clone()).await;
+    assert_eq!((completion_lp.len(), chat_lp.len()), (6, 6));
+    let lp = &seen["logprobs"];
+    check_completion_logprobs(&model, &lp["completion"], &completion_lp);
+    check_completion_logprobs(&model, &lp["completion_stream"], &completion_lp);
+    assert!(
+        lp["completion_stream"]["chunks"].as_u64().unwrap() >= 2,
+        "streamed with each delta"
+    );
+    check_chat_logprobs(&model, &lp["chat"], &chat_lp, 3);
+    check_chat_logprobs(&model, &lp["chat_stream"]["content"], &chat_lp, 3);
+    assert!(
+        lp["chat_stream"]["chunks"].as_u64().unwrap() >= 2,
+        "streamed with each delta"
+    );
+    check_chat_logprobs(&model, &lp["chat_no_top"], &chat_lp, 0);
+    assert_eq!(lp["not_asked"]["completion"], true);
+    for (case, param) in [
+        ("completions.logprobs", "logprobs"),
+        ("chat.top_logprobs", "top_logprobs"),
+        ("chat.top_logprobs_without_logprobs", "top_logprobs"),
+    ] {
+        let e = &lp["errors"][case];
+        assert_eq!(e["status"], 400, "{case}: {e}");
+        assert_eq!(e["param"], param, "{case}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(param),
+            "{case}: {e}"
+        );
+    }
+    drop(grpc);
+
     // Errors: OpenAI's shape, the right status, a message naming the problem.
     let errors = &seen["errors"];
     for (case, status, word) in [
@@ -124,7 +171,7 @@ async fn the_openai_client_library_works_against_the_router() {
 
     // Each field Tandem cannot honour: 400 naming it, and the next request is served.
     let refused = seen["refused"].as_object().unwrap();
-    assert_eq!(refused.len(), 18, "{refused:?}");
+    assert_eq!(refused.len(), 15, "{refused:?}");
     for (case, got) in refused {
         let field = case.split_once('.').unwrap().1;
         let e = &got["error"];
@@ -178,5 +225,106 @@ async fn the_openai_client_library_works_against_the_router() {
         let message = r["body"]["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(word), "{case}: {r}");
         assert!(r["body"]["error"]["type"].is_string(), "{case}: {r}");
+    }
+}
+
+fn close(a: &serde_json::Value, b: f32) -> bool {
+    a.as_f64().is_some_and(|a| (a - f64::from(b)).abs() < 1e-6)
+}
+
+/// The completions shape (`tokens`, `token_logprobs`, `top_logprobs`,
+/// `text_offset`) holds exactly the gRPC stream's log probabilities.
+fn check_completion_logprobs(
+    model: &tandem_engine::ModelDir,
+    seen: &serde_json::Value,
+    grpc: &[pb::TokenLogprobs],
+) {
+    let text = |id| model.tokenizer.token_text(id).unwrap();
+    let mut offset = 0;
+    assert_eq!(
+        seen["tokens"].as_array().unwrap().len(),
+        grpc.len(),
+        "{seen}"
+    );
+    for (i, want) in grpc.iter().enumerate() {
+        let token = text(want.id);
+        assert_eq!(seen["tokens"][i], token.as_str(), "token {i}: {seen}");
+        assert!(
+            close(&seen["token_logprobs"][i], want.logprob),
+            "token {i}: {seen}"
+        );
+        assert_eq!(seen["text_offset"][i], offset, "token {i}: {seen}");
+        offset += token.chars().count();
+        // A dict of the top 3 and the chosen token (greedy: one of them), keyed
+        // by text: tokens with the same text (parts of a character all read
+        // U+FFFD) share the entry of the most likely one.
+        let top = seen["top_logprobs"][i].as_object().unwrap();
+        let mut expected: Vec<(String, f32)> = Vec::new();
+        for (id, l) in want
+            .top
+            .iter()
+            .map(|t| (t.id, t.logprob))
+            .chain([(want.id, want.logprob)])
+        {
+            if !expected.iter().any(|(t, _)| *t == text(id)) {
+                expected.push((text(id), l));
+            }
+        }
+        assert_eq!(top.len(), expected.len(), "token {i}: {seen}");
+        assert_eq!(
+            expected.len(),
+            want.top
+                .iter()
+                .map(|t| text(t.id))
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            "greedy: the chosen token is in the top 3"
+        );
+        for (t, l) in &expected {
+            assert!(close(&top[t], *l), "token {i}, {t:?}: {seen}");
+        }
+        assert!(close(&top[&token], want.logprob), "token {i}: {seen}");
+        assert!(
+            want.top.windows(2).all(|w| w[0].logprob >= w[1].logprob),
+            "sorted"
+        );
+    }
+}
+
+/// The chat shape (`[{token, logprob, bytes, top_logprobs}]`) holds exactly
+/// the gRPC stream's log probabilities, `top` of them per token, most likely first.
+fn check_chat_logprobs(
+    model: &tandem_engine::ModelDir,
+    seen: &serde_json::Value,
+    grpc: &[pb::TokenLogprobs],
+    top: usize,
+) {
+    let text = |id| model.tokenizer.token_text(id).unwrap();
+    let entries = seen.as_array().unwrap();
+    assert_eq!(entries.len(), grpc.len(), "{seen}");
+    for (i, (e, want)) in entries.iter().zip(grpc).enumerate() {
+        let token = text(want.id);
+        assert_eq!(e["token"], token.as_str(), "token {i}: {e}");
+        assert!(close(&e["logprob"], want.logprob), "token {i}: {e}");
+        assert_eq!(
+            e["bytes"],
+            serde_json::json!(token.as_bytes()),
+            "token {i}: {e}"
+        );
+        let listed = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(listed.len(), top, "token {i}: {e}");
+        for (l, t) in listed.iter().zip(&want.top) {
+            assert_eq!(l["token"], text(t.id).as_str(), "token {i}: {e}");
+            assert!(close(&l["logprob"], t.logprob), "token {i}: {e}");
+        }
+        let values: Vec<f64> = listed
+            .iter()
+            .map(|l| l["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "sorted: {e}");
+        if top > 0 {
+            // Greedy: the chosen token is in the top list, first.
+            assert_eq!(listed[0]["token"], token.as_str(), "token {i}: {e}");
+        }
     }
 }

@@ -44,6 +44,47 @@ for chunk in client.chat.completions.create(model=model, messages=messages, max_
         parts.append(d.content)
 out["chat_stream"] = {"content": "".join(parts), "roles": roles}
 
+# Log probabilities (greedy, EOS ignored so the lengths are known), in one piece and streamed.
+lp = {}
+greedy = {"model": model, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+c = client.completions.create(prompt="Once upon a time", logprobs=3, **greedy)
+lp["completion"] = c.choices[0].logprobs.model_dump()
+acc = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+chunks_with_logprobs = 0
+for chunk in client.completions.create(prompt="Once upon a time", logprobs=3, stream=True, **greedy):
+    l = chunk.choices[0].logprobs if chunk.choices else None
+    if l is not None and l.tokens:
+        chunks_with_logprobs += 1
+        for k in acc:
+            acc[k] += getattr(l, k)
+lp["completion_stream"] = {**acc, "chunks": chunks_with_logprobs}
+r = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, **greedy)
+lp["chat"] = [e.model_dump() for e in r.choices[0].logprobs.content]
+content, chunks_with_logprobs = [], 0
+for chunk in client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, stream=True, **greedy):
+    l = chunk.choices[0].logprobs if chunk.choices else None
+    if l is not None and l.content:
+        chunks_with_logprobs += 1
+        content += [e.model_dump() for e in l.content]
+lp["chat_stream"] = {"content": content, "chunks": chunks_with_logprobs}
+r = client.chat.completions.create(messages=messages, logprobs=True, **greedy)
+lp["chat_no_top"] = [e.model_dump() for e in r.choices[0].logprobs.content]
+c = client.completions.create(prompt="Once upon a time", **greedy)
+lp["not_asked"] = {"completion": c.choices[0].logprobs is None}
+lp_errors = {}
+for name, call in {
+    "completions.logprobs": lambda: client.completions.create(prompt="hi", logprobs=21, **greedy),
+    "chat.top_logprobs": lambda: client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=21, **greedy),
+    "chat.top_logprobs_without_logprobs": lambda: client.chat.completions.create(messages=messages, top_logprobs=2, **greedy),
+}.items():
+    try:
+        call()
+        lp_errors[name] = None
+    except openai.APIStatusError as e:
+        lp_errors[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+lp["errors"] = lp_errors
+out["logprobs"] = lp
+
 errors = {}
 for name, kwargs in {
     "negative_temperature": {"temperature": -1.0},
@@ -83,7 +124,6 @@ out["errors"] = errors
 refused = {}
 completion_refusals = {
     "echo": {"echo": True},
-    "logprobs": {"logprobs": 2},
     "logit_bias": {"logit_bias": {"50": 100}},
     "n": {"n": 2},
     "best_of": {"best_of": 2},
@@ -93,8 +133,6 @@ completion_refusals = {
     "max_token": {"extra_body": {"max_token": 3}},
 }
 chat_refusals = {
-    "logprobs": {"logprobs": True, "top_logprobs": 2},
-    "top_logprobs": {"top_logprobs": 2},
     "response_format": {"response_format": {"type": "json_object"}},
     "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     "tool_choice": {"tool_choice": "required"},

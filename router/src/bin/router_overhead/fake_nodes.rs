@@ -101,6 +101,7 @@ impl DecodeNode for FakeDecode {
                 let chunk = pb::TokenChunk {
                     ids: vec![first + i],
                     text: "x".into(),
+                    logprobs: Vec::new(),
                 };
                 let _ = tx.try_send(event(E::Token(chunk)));
             }
