@@ -131,6 +131,7 @@ async fn start(max_pos: usize, chunk_tokens: usize, max_batch_tokens: usize) -> 
         kv_connections: 2,
         tp: 1,
         tls: None,
+        connections: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let prefill = tandem_prefill::serve(model.clone(), config, shutdown.clone()).await?;

@@ -34,6 +34,7 @@ pub mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{Membership, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1::generate_server::GenerateServer;
@@ -41,7 +42,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 pub use error::RouterError;
@@ -84,6 +84,7 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
+    let limits = ConnectionLimits::from(&config.connections);
     let name = model_name.clone().unwrap_or_else(|| model.name());
     let service = Arc::new(GenerateService::new(
         model.clone(),
@@ -99,6 +100,7 @@ pub async fn serve(
                 openai::app(service.clone(), model, name).layer(
                     axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
                 ),
+                limits,
                 shutdown.clone(),
             )
             .await?,
@@ -125,10 +127,11 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let max_request_bytes = config.max_request_bytes;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener::incoming(listener, "router_grpc", limits, shutdown.clone());
     info!(%addr, "router listening");
     let join = tokio::spawn(async move {
-        Server::builder()
+        limits
+            .grpc_server(Server::builder())
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -148,9 +151,15 @@ pub async fn serve(
 }
 
 /// Serves the OpenAI-compatible HTTP API on `addr` until `shutdown` fires.
+///
+/// hyper's HTTP/1 server directly rather than `axum::serve`, for its
+/// header-read timeout: a request head that does not arrive within
+/// `limits.header_timeout` (a slowloris client, or a kept-alive connection
+/// sitting idle) closes the connection.
 async fn serve_http(
     addr: SocketAddr,
     app: axum::Router,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, RouterError> {
     let listener = TcpListener::bind(addr)
@@ -160,13 +169,32 @@ async fn serve_http(
         .local_addr()
         .map_err(|source| RouterError::Bind { addr, source })?;
     info!(addr = %bound, "OpenAI-compatible HTTP API listening");
+    let mut conns = listener::incoming(listener, "router_http", limits, shutdown.clone());
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP API failed");
+        use tokio_stream::StreamExt;
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Ends when shutdown fires: the accept task stops and drops its sender.
+        while let Some(Ok(stream)) = conns.next().await {
+            let peer = stream.peer();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let conn = graceful
+                .watch(http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    if e.is_timeout() {
+                        listener::count_header_timeout("router_http");
+                    }
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended");
+                }
+            });
         }
+        // Open connections finish their responses (streams end as the
+        // requests hear the same shutdown), then close.
+        graceful.shutdown().await;
     });
     Ok(bound)
 }
