@@ -74,6 +74,10 @@ pub enum RouterError {
         timeout_s: f64,
     },
     /// The router is shutting down.
+    /// The router has not read the cluster's membership yet (just started,
+    /// etcd not answered yet): UNAVAILABLE with a retry-after, not "no node".
+    #[error("the router has not read the cluster's membership yet; retry shortly")]
+    NotReady,
     #[error("the router is shutting down")]
     ShuttingDown,
     /// The client went away; nothing to tell it.
@@ -129,7 +133,9 @@ impl RouterError {
             RouterError::RateLimited { retry_after_s, .. } => {
                 Some(retry_after_s.ceil().clamp(1.0, 86_400.0) as u64)
             }
-            RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => Some(1),
+            RouterError::QueueFull { .. }
+            | RouterError::NodeExhausted { .. }
+            | RouterError::NotReady => Some(1),
             _ => None,
         }
     }
@@ -148,6 +154,7 @@ impl RouterError {
             }
             RouterError::NodeUnavailable { .. }
             | RouterError::NoNode(_)
+            | RouterError::NotReady
             | RouterError::ShuttingDown
             | RouterError::Protocol { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,

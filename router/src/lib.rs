@@ -108,9 +108,7 @@ pub async fn serve(
         None => None,
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GenerateServer<GenerateService>>()
-        .await;
+    report_health(health_reporter, service.ready(), shutdown.clone()).await;
     // Server reflection, so `grpcurl` and other tools work without the .proto
     // files: v1 and v1alpha, over the client-facing descriptors only.
     let reflection = || {
@@ -148,6 +146,44 @@ pub async fn serve(
         http_addr,
         join,
     })
+}
+
+/// Reports NOT_SERVING (for `Generate` and the whole server, `""`) until
+/// `ready` turns true (the membership read once), then SERVING: a router
+/// that just started does not turn requests away with "no decode node".
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let set = move |status| {
+        let reporter = reporter.clone();
+        async move {
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(
+                    <GenerateServer<GenerateService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+        }
+    };
+    if *ready.borrow_and_update() {
+        set(ServingStatus::Serving).await;
+        return;
+    }
+    set(ServingStatus::NotServing).await;
+    tokio::spawn(async move {
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            r = ready.wait_for(|r| *r) => r.is_ok(),
+        };
+        if read {
+            set(ServingStatus::Serving).await;
+            info!("membership read: serving");
+        }
+    });
 }
 
 /// Serves the OpenAI-compatible HTTP API on `addr` until `shutdown` fires.
