@@ -264,6 +264,7 @@ impl Cluster {
             sampling,
             kv_target: Some(self.reserve(prompt.len().max(1))?),
             generated: Vec::new(),
+            attempt: 0,
         })
     }
 
@@ -469,6 +470,7 @@ async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
     let found = client
         .cancel(pb::CancelRequest {
             request_id: "nobody".into(),
+            attempt: 0,
         })
         .await?
         .into_inner()
@@ -497,6 +499,7 @@ async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
         .clone()
         .cancel(pb::CancelRequest {
             request_id: "doomed".into(),
+            attempt: 0,
         })
         .await?
         .into_inner()

@@ -64,6 +64,14 @@ pub enum RouterError {
         /// What it did.
         message: String,
     },
+    /// A node already holds this attempt of the request (ALREADY_EXISTS).
+    #[error("node {node} already runs this request: {message}")]
+    AttemptConflict {
+        /// The node's gRPC address.
+        node: String,
+        /// The node's message.
+        message: String,
+    },
     /// The membership holds no node of a role the request needs.
     #[error("no {0} node is available")]
     NoNode(&'static str),
@@ -114,6 +122,10 @@ impl RouterError {
         match status.code() {
             Code::ResourceExhausted => RouterError::NodeExhausted { node, message },
             Code::InvalidArgument | Code::OutOfRange => RouterError::InvalidArgument(message),
+            // The node is healthy and refused this one request: it already
+            // holds the same attempt. Attempts have distinct ids, so this is
+            // not a retry meeting its earlier self; not a node failure either.
+            Code::AlreadyExists => RouterError::AttemptConflict { node, message },
             _ => RouterError::NodeUnavailable {
                 node,
                 message: format!("{}: {message}", status.code()),
@@ -158,6 +170,7 @@ impl RouterError {
             | RouterError::ShuttingDown
             | RouterError::Protocol { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            RouterError::AttemptConflict { .. } => Code::Aborted,
             RouterError::ClientGone => Code::Cancelled,
             RouterError::Tokenizer(_)
             | RouterError::Bind { .. }
@@ -245,5 +258,12 @@ mod tests {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("queue is full") && s.message().contains("retry"));
         assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "1");
+    }
+
+    #[test]
+    fn already_exists_is_a_conflict_not_a_node_failure() {
+        let e = RouterError::from_node_status("d0", &Status::already_exists("running"));
+        assert!(matches!(e, RouterError::AttemptConflict { .. }), "{e:?}");
+        assert_eq!(e.code(), Code::Aborted);
     }
 }

@@ -194,6 +194,7 @@ async fn direct(
                 sampling: request.sampling,
                 kv_target: admitted.kv_target,
                 generated: Vec::new(),
+                attempt: 0,
             })
             .await?;
     }
