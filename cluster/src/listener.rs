@@ -107,6 +107,15 @@ pub fn incoming(
     // Connections wait here only while the server takes the previous ones.
     let (tx, rx) = mpsc::channel(64);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Exported from the start (at 0), so a dashboard's rate has a baseline.
+    for reason in ["limit", "handshake_timeout"] {
+        metrics::counter!(
+            names::CONNECTIONS_REJECTED_TOTAL,
+            names::LISTENER => name,
+            names::REASON => reason
+        )
+        .increment(0);
+    }
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
