@@ -66,6 +66,81 @@ pub struct Config {
     pub membership: MembershipSection,
     /// This process's Prometheus endpoint; absent: no metrics are recorded or served.
     pub metrics: Option<MetricsSection>,
+    /// Limits on every TCP listener of the process (router gRPC and HTTP,
+    /// node gRPC), so half-open and slow connections cannot pile up.
+    #[serde(default)]
+    pub connections: ConnectionsSection,
+}
+
+/// `[connections]`: what every TCP listener of the process (the router's
+/// gRPC and HTTP APIs, each node's internal gRPC service) allows a
+/// connection, each listener on its own. Connections closed under these
+/// limits are counted in `tandem_connections_rejected_total`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsSection {
+    /// Open connections per listener; one more is accepted and closed at once.
+    /// Keep the sum over a process's listeners under its open-files limit
+    /// (`ulimit -n`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection has to start: an HTTP/2 (gRPC) connection to send
+    /// its preface (and, with `[tls]`, finish its TLS handshake), an HTTP/1
+    /// request to send its request line and headers. It is also how long an
+    /// HTTP/1 connection may sit idle between requests.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_s: f64,
+    /// Seconds between HTTP/2 keep-alive pings on a gRPC connection (and TCP
+    /// keep-alive probes on every connection): a peer that stops answering
+    /// is found out.
+    #[serde(default = "default_keepalive_interval")]
+    pub keepalive_interval_s: f64,
+    /// Seconds a gRPC peer has to acknowledge a keep-alive ping before its
+    /// connection is closed.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_s: f64,
+}
+
+fn default_max_connections() -> usize {
+    2048
+}
+fn default_header_timeout() -> f64 {
+    10.0
+}
+fn default_keepalive_interval() -> f64 {
+    30.0
+}
+fn default_keepalive_timeout() -> f64 {
+    10.0
+}
+
+impl Default for ConnectionsSection {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("every connections field has a default"))
+    }
+}
+
+impl ConnectionsSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "connections.max_connections must be at least 1".into(),
+            ));
+        }
+        for (key, v) in [
+            ("header_timeout_s", self.header_timeout_s),
+            ("keepalive_interval_s", self.keepalive_interval_s),
+            ("keepalive_timeout_s", self.keepalive_timeout_s),
+        ] {
+            // At most a day: a larger value is a typo, and Duration overflows past u64 seconds.
+            if !(v > 0.0 && v <= 86_400.0) {
+                return Err(ConfigError::Invalid(format!(
+                    "connections.{key} ({v}) must be a positive number of seconds, at most 86400"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[metrics]`: where this process serves Prometheus' `GET /metrics`. One
@@ -272,6 +347,10 @@ pub struct RouterSection {
     /// this section): with it the router dials nodes over mutual TLS.
     #[serde(skip)]
     pub tls: Option<TlsSection>,
+    /// The config's `[connections]` section, copied here by the loader (not
+    /// a key of this section): limits on the gRPC and HTTP listeners.
+    #[serde(skip)]
+    pub connections: ConnectionsSection,
 }
 
 fn default_max_request_bytes() -> usize {
@@ -351,6 +430,10 @@ pub struct PrefillSection {
     /// this section); `None`: the local default.
     #[serde(skip)]
     pub tls: Option<TlsSection>,
+    /// The config's `[connections]` section, copied here by the loader (not
+    /// a key of this section): limits on the gRPC listener.
+    #[serde(skip)]
+    pub connections: ConnectionsSection,
 }
 
 fn default_prefill_id() -> String {
@@ -436,6 +519,10 @@ pub struct DecodeSection {
     /// this section); `None`: the local default.
     #[serde(skip)]
     pub tls: Option<TlsSection>,
+    /// The config's `[connections]` section, copied here by the loader (not
+    /// a key of this section): limits on the gRPC listener.
+    #[serde(skip)]
+    pub connections: ConnectionsSection,
 }
 
 impl Config {
@@ -464,12 +551,15 @@ impl Config {
         config.read_key_files()?;
         if let Some(p) = config.prefill.as_mut() {
             p.tls = config.tls.clone();
+            p.connections = config.connections.clone();
         }
         if let Some(d) = config.decode.as_mut() {
             d.tls = config.tls.clone();
+            d.connections = config.connections.clone();
         }
         if let Some(r) = config.router.as_mut() {
             r.tls = config.tls.clone();
+            r.connections = config.connections.clone();
         }
         config.validate()?;
         Ok(config)
@@ -587,6 +677,7 @@ impl Config {
                 "router.prefill_nodes and router.decode_nodes must be empty with membership.etcd: nodes register themselves in etcd".into(),
             ));
         }
+        self.connections.validate()?;
         self.membership.validate()
     }
 }
@@ -718,6 +809,36 @@ mod tests {
             err.contains("router.decode_nodes") && err.contains("[tls]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_reach_every_role_and_are_checked() {
+        let c = Config::parse("[router]\n[decode]\n").unwrap();
+        assert_eq!(c.connections.max_connections, 2048);
+        assert_eq!(c.connections.header_timeout_s, 10.0);
+        let c = Config::parse(
+            "[router]\n[prefill]\n[decode]\n[connections]\nmax_connections = 7\nheader_timeout_s = 1.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.router.unwrap().connections.max_connections, 7);
+        assert_eq!(c.prefill.unwrap().connections.header_timeout_s, 1.5);
+        assert_eq!(c.decode.unwrap().connections.max_connections, 7);
+        for (text, key) in [
+            ("[connections]\nmax_connections = 0\n", "max_connections"),
+            ("[connections]\nheader_timeout_s = 0\n", "header_timeout_s"),
+            (
+                "[connections]\nkeepalive_interval_s = -1\n",
+                "keepalive_interval_s",
+            ),
+            (
+                "[connections]\nkeepalive_timeout_s = 1e30\n",
+                "keepalive_timeout_s",
+            ),
+            ("[connections]\nmax_conections = 3\n", "max_conections"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

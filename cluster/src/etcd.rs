@@ -82,6 +82,7 @@ pub async fn list_nodes(config: &EtcdSection) -> Result<Vec<NodeRecord>, EtcdErr
 pub struct EtcdMembership {
     members: watch::Sender<Vec<Member>>,
     synced: watch::Sender<u64>,
+    ready: watch::Sender<bool>,
 }
 
 impl EtcdMembership {
@@ -96,6 +97,7 @@ impl EtcdMembership {
         let this = Arc::new(EtcdMembership {
             members: watch::Sender::new(Vec::new()),
             synced: watch::Sender::new(0),
+            ready: watch::Sender::new(false),
         });
         let task = this.clone();
         tokio::spawn(async move { task.follow(config, model, shutdown).await });
@@ -164,6 +166,8 @@ impl EtcdMembership {
         );
         self.publish(table);
         self.synced.send_modify(|n| *n += 1);
+        self.ready
+            .send_if_modified(|ready| !std::mem::replace(ready, true));
         info!(
             members = table.members().len(),
             revision, "etcd membership listed; watching"
@@ -242,5 +246,11 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
 impl Membership for EtcdMembership {
     fn watch(&self) -> watch::Receiver<Vec<Member>> {
         self.members.subscribe()
+    }
+
+    /// `true` from the first successful listing on (an etcd outage later
+    /// keeps the last members, and the router stays ready).
+    fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 }

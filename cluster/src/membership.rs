@@ -44,6 +44,14 @@ impl Member {
 pub trait Membership: Send + Sync + 'static {
     /// The members now, and every change after.
     fn watch(&self) -> watch::Receiver<Vec<Member>>;
+
+    /// `true` once the members have been read from their source at least
+    /// once. Until then an empty [`Membership::watch`] means "not known yet",
+    /// not "no nodes", and the router answers neither health checks nor
+    /// requests. Static membership is known from the start (this default).
+    fn ready(&self) -> watch::Receiver<bool> {
+        watch::channel(true).1
+    }
 }
 
 /// Members fixed at start (from the config).

@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
 use tandem_engine::ModelDir;
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
@@ -96,11 +97,16 @@ pub async fn serve_advertising(
     shutdown: CancellationToken,
 ) -> Result<RunningDecode, DecodeError> {
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
+    let conn_limits = ConnectionLimits::from(&config.connections);
     let grpc_tls = match &config.tls {
-        Some(t) => Some(GrpcTls::load(t)?.server_config()),
+        Some(t) => Some(
+            GrpcTls::load(t)?
+                .server_config()
+                .timeout(conn_limits.header_timeout),
+        ),
         None => None,
     };
-    let mut server = tonic::transport::Server::builder();
+    let mut server = conn_limits.grpc_server(tonic::transport::Server::builder());
     if let Some(tls) = grpc_tls {
         server = server
             .tls_config(tls)
@@ -232,8 +238,7 @@ pub async fn serve_advertising(
             .add_service(health_service)
             .add_service(DecodeNodeServer::new(service))
             .serve_with_incoming_shutdown(
-                // No Nagle: token messages are small and latency is the product.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                listener::incoming(listener, "decode_grpc", conn_limits, shutdown.clone()),
                 shutdown.cancelled_owned(),
             )
             .await;

@@ -52,7 +52,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
-        let span = tracing::info_span!("decode", request_id = %r.request_id);
+        let span = tracing::info_span!("decode", request_id = %r.request_id, attempt = r.attempt);
         let config = &self.model.config;
         if r.prompt.is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
@@ -82,7 +82,8 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         // Room for every token, the Admitted message and the Finished message.
         let (tx, rx) = mpsc::channel(params.max_tokens + 4);
         let admission = Admission {
-            request_id: r.request_id,
+            // State, Cancel and the KV reservation are per attempt.
+            request_id: tandem_proto::attempt_key(&r.request_id, r.attempt),
             local_prefill: r.force_local_prefill
                 || r.prompt.len() + r.generated.len() < self.local_prefill_below,
             prompt: r.prompt,
@@ -111,7 +112,9 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
         let (reply, found) = oneshot::channel();
-        self.send(Command::Cancel(request.into_inner().request_id, reply))?;
+        let r = request.into_inner();
+        let key = tandem_proto::attempt_key(&r.request_id, r.attempt);
+        self.send(Command::Cancel(key, reply))?;
         let found = found.await.unwrap_or(false);
         Ok(Response::new(pb::CancelResponse { found }))
     }

@@ -28,6 +28,7 @@ mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
 use tandem_engine::ModelDir;
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
@@ -108,11 +109,12 @@ pub async fn serve(
 ) -> Result<RunningPrefill, PrefillError> {
     check_config(&config)?;
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
-    let mut server = tonic::transport::Server::builder();
+    let limits = ConnectionLimits::from(&config.connections);
+    let mut server = limits.grpc_server(tonic::transport::Server::builder());
     if let Some(t) = &config.tls {
         let tls = GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
         server = server
-            .tls_config(tls.server_config())
+            .tls_config(tls.server_config().timeout(limits.header_timeout))
             .map_err(|e| PrefillError::Config(format!("[tls]: {}", grpc_tls::error_chain(&e))))?;
     }
     let mut shape = NodeShape::new(&model.config, config.block_size);
@@ -187,7 +189,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(PrefillNodeServer::new(service))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            listener::incoming(listener, "prefill_grpc", limits, shutdown.clone()),
             shutdown.clone().cancelled_owned(),
         );
     let worker = scheduler.clone();

@@ -122,8 +122,9 @@ impl PrefillNode for PrefillGrpc {
         request: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
         let request_id = request.get_ref().request_id.clone();
+        let attempt = request.get_ref().attempt;
         let prompt_tokens = request.get_ref().prompt.len() + request.get_ref().generated.len();
-        let span = tracing::info_span!("prefill", %request_id);
+        let span = tracing::info_span!("prefill", %request_id, attempt);
         span.in_scope(|| tracing::debug!(prompt_tokens, "prefill requested"));
         match self
             .0
@@ -146,7 +147,11 @@ impl PrefillNode for PrefillGrpc {
         &self,
         request: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        let found = self.0.scheduler.cancel(&request.get_ref().request_id);
+        let r = request.get_ref();
+        let found = self
+            .0
+            .scheduler
+            .cancel(&tandem_proto::attempt_key(&r.request_id, r.attempt));
         Ok(Response::new(pb::CancelResponse { found }))
     }
 

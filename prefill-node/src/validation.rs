@@ -135,7 +135,8 @@ pub(crate) async fn validate(
     let needed = blocks_for(prompt.len(), shape.block_size);
     let target = validate_target(shape, target, needed).await?;
     Ok(ValidPrefill {
-        request_id: req.request_id,
+        // The job, its Cancel and its cancel-on-drop are per attempt.
+        request_id: tandem_proto::attempt_key(&req.request_id, req.attempt),
         prompt,
         generated,
         sampling,

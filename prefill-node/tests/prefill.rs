@@ -142,6 +142,7 @@ async fn start_with(
         tp: 1,
         prefix_cache,
         tls: None,
+        connections: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let prefill = tandem_prefill::serve(model.clone(), config, shutdown.clone()).await?;
@@ -275,6 +276,7 @@ impl Cluster {
             kv_target: Some(self.reserve(prompt.len().max(1))?),
             generated: Vec::new(),
             logprobs: None,
+            attempt: 0,
         })
     }
 
@@ -480,6 +482,7 @@ async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
     let found = client
         .cancel(pb::CancelRequest {
             request_id: "nobody".into(),
+            attempt: 0,
         })
         .await?
         .into_inner()
@@ -508,6 +511,7 @@ async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
         .clone()
         .cancel(pb::CancelRequest {
             request_id: "doomed".into(),
+            attempt: 0,
         })
         .await?
         .into_inner()

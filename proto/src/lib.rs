@@ -7,6 +7,18 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));
 
+/// The key a node holds one attempt of a request under: the request's id,
+/// then `#` and the attempt number (`DecodeRequest.attempt`,
+/// `PrefillRequest.attempt`, `CancelRequest.attempt`); the bare id when the
+/// attempt is unset (0).
+pub fn attempt_key(request_id: &str, attempt: u32) -> String {
+    if attempt == 0 {
+        request_id.to_owned()
+    } else {
+        format!("{request_id}#{attempt}")
+    }
+}
+
 /// Package `tandem.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all)]

@@ -64,6 +64,14 @@ pub enum RouterError {
         /// What it did.
         message: String,
     },
+    /// A node already holds this attempt of the request (ALREADY_EXISTS).
+    #[error("node {node} already runs this request: {message}")]
+    AttemptConflict {
+        /// The node's gRPC address.
+        node: String,
+        /// The node's message.
+        message: String,
+    },
     /// The membership holds no node of a role the request needs.
     #[error("no {0} node is available")]
     NoNode(&'static str),
@@ -74,6 +82,10 @@ pub enum RouterError {
         timeout_s: f64,
     },
     /// The router is shutting down.
+    /// The router has not read the cluster's membership yet (just started,
+    /// etcd not answered yet): UNAVAILABLE with a retry-after, not "no node".
+    #[error("the router has not read the cluster's membership yet; retry shortly")]
+    NotReady,
     #[error("the router is shutting down")]
     ShuttingDown,
     /// The client went away; nothing to tell it.
@@ -110,6 +122,10 @@ impl RouterError {
         match status.code() {
             Code::ResourceExhausted => RouterError::NodeExhausted { node, message },
             Code::InvalidArgument | Code::OutOfRange => RouterError::InvalidArgument(message),
+            // The node is healthy and refused this one request: it already
+            // holds the same attempt. Attempts have distinct ids, so this is
+            // not a retry meeting its earlier self; not a node failure either.
+            Code::AlreadyExists => RouterError::AttemptConflict { node, message },
             _ => RouterError::NodeUnavailable {
                 node,
                 message: format!("{}: {message}", status.code()),
@@ -129,7 +145,9 @@ impl RouterError {
             RouterError::RateLimited { retry_after_s, .. } => {
                 Some(retry_after_s.ceil().clamp(1.0, 86_400.0) as u64)
             }
-            RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => Some(1),
+            RouterError::QueueFull { .. }
+            | RouterError::NodeExhausted { .. }
+            | RouterError::NotReady => Some(1),
             _ => None,
         }
     }
@@ -148,9 +166,11 @@ impl RouterError {
             }
             RouterError::NodeUnavailable { .. }
             | RouterError::NoNode(_)
+            | RouterError::NotReady
             | RouterError::ShuttingDown
             | RouterError::Protocol { .. } => Code::Unavailable,
             RouterError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            RouterError::AttemptConflict { .. } => Code::Aborted,
             RouterError::ClientGone => Code::Cancelled,
             RouterError::Tokenizer(_)
             | RouterError::Bind { .. }
@@ -238,5 +258,12 @@ mod tests {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("queue is full") && s.message().contains("retry"));
         assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "1");
+    }
+
+    #[test]
+    fn already_exists_is_a_conflict_not_a_node_failure() {
+        let e = RouterError::from_node_status("d0", &Status::already_exists("running"));
+        assert!(matches!(e, RouterError::AttemptConflict { .. }), "{e:?}");
+        assert_eq!(e.code(), Code::Aborted);
     }
 }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::codec::Streaming;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::error::RouterError;
 use crate::nodes::{NodeHandle, NodePool};
@@ -103,6 +103,8 @@ impl Progress {
 /// Sends `Cancel` for a request to the nodes still holding it when dropped.
 struct CancelGuard {
     request_id: String,
+    /// The attempt the nodes hold: a stale Cancel never reaches a newer one.
+    attempt: u32,
     decode: Option<NodeHandle>,
     prefill: Option<NodeHandle>,
 }
@@ -118,6 +120,7 @@ impl Drop for CancelGuard {
         {
             let request = pb::CancelRequest {
                 request_id: self.request_id.clone(),
+                attempt: self.attempt,
             };
             runtime.spawn(async move {
                 let call = async {
@@ -212,8 +215,13 @@ impl Request<'_> {
     async fn serve(&self, progress: &mut Progress) -> Result<(), RouterError> {
         // Nodes that failed this request: tried again only when no other is left.
         let mut failed: Vec<String> = Vec::new();
-        for attempt in 1..=MAX_ATTEMPTS {
-            let err = match self.attempt(progress, &failed).await {
+        for attempt in 1..=MAX_ATTEMPTS as u32 {
+            let span = tracing::info_span!("attempt", attempt);
+            let err = match self
+                .attempt(progress, &failed, attempt)
+                .instrument(span)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(err) => err,
             };
@@ -223,7 +231,7 @@ impl Request<'_> {
                 }
                 _ => return Err(err),
             };
-            if attempt == MAX_ATTEMPTS || Instant::now() >= self.deadline {
+            if attempt == MAX_ATTEMPTS as u32 || Instant::now() >= self.deadline {
                 return Err(err);
             }
             warn!(
@@ -273,9 +281,15 @@ impl Request<'_> {
 
     /// One run of the request on a decode node (and a prefill node), continuing
     /// after the tokens in `progress`.
-    async fn attempt(&self, progress: &mut Progress, failed: &[String]) -> Result<(), RouterError> {
+    async fn attempt(
+        &self,
+        progress: &mut Progress,
+        failed: &[String],
+        attempt: u32,
+    ) -> Result<(), RouterError> {
         let mut guard = CancelGuard {
             request_id: self.req.request_id.clone(),
+            attempt,
             decode: None,
             prefill: None,
         };
@@ -309,6 +323,7 @@ impl Request<'_> {
                 kv_target: Some(target),
                 generated: progress.sent.clone(),
                 logprobs: self.req.logprobs,
+                attempt,
             };
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
@@ -468,6 +483,7 @@ impl Request<'_> {
                 force_local_prefill: !nodes.has(Role::Prefill),
                 generated: generated.to_vec(),
                 logprobs: self.req.logprobs,
+                attempt: guard.attempt,
             };
             let mut full = None;
             let mut failed = None;

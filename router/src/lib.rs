@@ -35,6 +35,7 @@ pub mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{Membership, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1::generate_server::GenerateServer;
@@ -42,7 +43,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 pub use error::RouterError;
@@ -85,6 +85,7 @@ pub async fn serve(
         addr: config.listen,
         source,
     })?;
+    let limits = ConnectionLimits::from(&config.connections);
     let name = model_name.clone().unwrap_or_else(|| model.name());
     let service = Arc::new(GenerateService::new(
         model.clone(),
@@ -100,6 +101,7 @@ pub async fn serve(
                 openai::app(service.clone(), model, name).layer(
                     axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
                 ),
+                limits,
                 shutdown.clone(),
             )
             .await?,
@@ -107,9 +109,7 @@ pub async fn serve(
         None => None,
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GenerateServer<GenerateService>>()
-        .await;
+    report_health(health_reporter, service.ready(), shutdown.clone()).await;
     // Server reflection, so `grpcurl` and other tools work without the .proto
     // files: v1 and v1alpha, over the client-facing descriptors only.
     let reflection = || {
@@ -126,10 +126,11 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let max_request_bytes = config.max_request_bytes;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener::incoming(listener, "router_grpc", limits, shutdown.clone());
     info!(%addr, "router listening");
     let join = tokio::spawn(async move {
-        Server::builder()
+        limits
+            .grpc_server(Server::builder())
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -148,10 +149,54 @@ pub async fn serve(
     })
 }
 
+/// Reports NOT_SERVING (for `Generate` and the whole server, `""`) until
+/// `ready` turns true (the membership read once), then SERVING: a router
+/// that just started does not turn requests away with "no decode node".
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    use tonic_health::ServingStatus;
+    let set = move |status| {
+        let reporter = reporter.clone();
+        async move {
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(
+                    <GenerateServer<GenerateService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+        }
+    };
+    if *ready.borrow_and_update() {
+        set(ServingStatus::Serving).await;
+        return;
+    }
+    set(ServingStatus::NotServing).await;
+    tokio::spawn(async move {
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            r = ready.wait_for(|r| *r) => r.is_ok(),
+        };
+        if read {
+            set(ServingStatus::Serving).await;
+            info!("membership read: serving");
+        }
+    });
+}
+
 /// Serves the OpenAI-compatible HTTP API on `addr` until `shutdown` fires.
+///
+/// hyper's HTTP/1 server directly rather than `axum::serve`, for its
+/// header-read timeout: a request head that does not arrive within
+/// `limits.header_timeout` (a slowloris client, or a kept-alive connection
+/// sitting idle) closes the connection.
 async fn serve_http(
     addr: SocketAddr,
     app: axum::Router,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, RouterError> {
     let listener = TcpListener::bind(addr)
@@ -161,13 +206,32 @@ async fn serve_http(
         .local_addr()
         .map_err(|source| RouterError::Bind { addr, source })?;
     info!(addr = %bound, "OpenAI-compatible HTTP API listening");
+    let mut conns = listener::incoming(listener, "router_http", limits, shutdown.clone());
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP API failed");
+        use tokio_stream::StreamExt;
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Ends when shutdown fires: the accept task stops and drops its sender.
+        while let Some(Ok(stream)) = conns.next().await {
+            let peer = stream.peer();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let conn = graceful
+                .watch(http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    if e.is_timeout() {
+                        listener::count_header_timeout("router_http");
+                    }
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended");
+                }
+            });
         }
+        // Open connections finish their responses (streams end as the
+        // requests hear the same shutdown), then close.
+        graceful.shutdown().await;
     });
     Ok(bound)
 }

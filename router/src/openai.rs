@@ -46,10 +46,25 @@ struct AppState {
     name: String,
 }
 
+/// `GET /health`: 200 once the router has read the membership, 503 (with a
+/// `Retry-After`) before.
+async fn health(State(st): State<AppState>) -> Response {
+    if st.service.is_ready() {
+        "ok".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            "not ready: the cluster's membership is not read yet",
+        )
+            .into_response()
+    }
+}
+
 /// The HTTP routes over `service`, serving `model` under `name`.
 pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))

@@ -11,7 +11,7 @@ use tandem_cluster::{GrpcTls, Membership, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::{Generate, GenerateServer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,8 @@ pub struct GenerateService {
     admission: Admission,
     relay: Arc<Relay>,
     request_timeout: Duration,
+    /// Whether the membership has been read once (see [`Membership::ready`]).
+    ready: watch::Receiver<bool>,
 }
 
 impl GenerateService {
@@ -56,6 +58,7 @@ impl GenerateService {
         shutdown: CancellationToken,
     ) -> Result<Self, RouterError> {
         let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
+        let ready = membership.ready();
         let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
         Ok(GenerateService {
             auth: ClientAuth::new(config),
@@ -69,6 +72,7 @@ impl GenerateService {
             }),
             request_timeout: Duration::try_from_secs_f64(config.request_timeout_s)
                 .unwrap_or(Duration::MAX),
+            ready,
         })
     }
 
@@ -80,6 +84,16 @@ impl GenerateService {
     /// The API keys and rate limits.
     pub fn auth(&self) -> &ClientAuth {
         &self.auth
+    }
+
+    /// Whether the router has read the membership once and serves requests.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Follows [`GenerateService::is_ready`] (for health reporting).
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
     }
 }
 
@@ -129,6 +143,9 @@ impl GenerateService {
         deadline: Instant,
     ) -> Result<(ValidRequest, Admitted, tracing::Span), RouterError> {
         let key = self.auth.check(request.metadata())?;
+        if !self.is_ready() {
+            return Err(RouterError::NotReady);
+        }
         let header_id = request
             .metadata()
             .get(REQUEST_ID_HEADER)

@@ -22,6 +22,7 @@
 //! | [`KV_TRANSFER_BYTES_TOTAL`] | prefill node (sent), decode node (received) | `direction` |
 //! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
+//! | [`CONNECTIONS_REJECTED_TOTAL`] | every TCP listener (router gRPC and HTTP, node gRPC), per connection shed or timed out | `listener`, `reason` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -59,9 +60,14 @@ pub const PROMPT_TOKENS_TOTAL: &str = "tandem_prompt_tokens_total";
 pub const GENERATION_TOKENS_TOTAL: &str = "tandem_generation_tokens_total";
 /// Counter: requests by final `status` (a finish reason or an error kind).
 pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
+/// Counter: connections a listener closed before serving them, by `listener`
+/// and `reason` (`limit`: over the listener's cap on open connections;
+/// `handshake_timeout`: no HTTP/2 preface in time; `header_timeout`: no
+/// complete HTTP/1 request head in time, or an idle kept-alive connection).
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "tandem_connections_rejected_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -78,6 +84,7 @@ pub const ALL: [&str; 16] = [
     KV_TRANSFER_BYTES_TOTAL,
     KV_TRANSFER_SECONDS,
     BATCH_SIZE,
+    CONNECTIONS_REJECTED_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -102,6 +109,10 @@ pub const DIRECTION: &str = "direction";
 /// error kind named like its gRPC code (`invalid_argument`, `unauthenticated`,
 /// `not_found`, `resource_exhausted`, `unavailable`, `deadline_exceeded`, `internal`).
 pub const STATUS: &str = "status";
+/// Label: which listener: `router_grpc`, `router_http`, `prefill_grpc`, `decode_grpc`.
+pub const LISTENER: &str = "listener";
+/// Label: why a connection was closed unserved (see [`CONNECTIONS_REJECTED_TOTAL`]).
+pub const REASON: &str = "reason";
 
 /// Registers every metric's description and unit with the installed recorder
 /// (the `# HELP` lines of the scrape).
@@ -150,6 +161,10 @@ pub fn describe() {
         BATCH_SIZE,
         Unit::Count,
         "Sequences in one forward pass, by role"
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED_TOTAL,
+        "Connections closed unserved (over the cap, or too slow to start), by listener and reason"
     );
 }
 

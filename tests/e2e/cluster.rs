@@ -260,6 +260,7 @@ async fn malformed_frames_on_the_quic_port_are_refused() {
     let _ = decode
         .cancel(pb::CancelRequest {
             request_id: "garbage-victim".into(),
+            attempt: 0,
         })
         .await
         .unwrap();
@@ -463,4 +464,75 @@ async fn local_prefill_with_the_prefix_cache_changes_no_output() {
         off.decode_stats.lock().expect("stats").cached_tokens_total,
         0
     );
+}
+
+/// Reads a decode node's stream to its end: the token ids and the finish reason.
+async fn read_decode(
+    stream: &mut tonic::Streaming<pb::DecodeResponse>,
+) -> (Vec<u32>, pb::FinishReason) {
+    let mut tokens = Vec::new();
+    let mut reason = pb::FinishReason::Unspecified;
+    while let Some(msg) = stream.message().await.expect("decode stream") {
+        match msg.event {
+            Some(pb::decode_response::Event::Token(t)) => tokens.extend(t.ids),
+            Some(pb::decode_response::Event::Finished(f)) => {
+                reason = pb::FinishReason::try_from(f.reason).unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+    (tokens, reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_of_one_request_never_touch_each_other() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut decode = pb::decode_node_client::DecodeNodeClient::connect(format!(
+        "http://{}",
+        cluster.decode_grpc
+    ))
+    .await
+    .unwrap();
+    // Short enough to be prefilled at the decode node itself.
+    let p = prompt(4, 9);
+    let request = |attempt, max_tokens| pb::DecodeRequest {
+        request_id: "retried".into(),
+        prompt: p.clone(),
+        max_tokens,
+        ignore_eos: true,
+        kv_timeout_ms: 30_000,
+        attempt,
+        ..Default::default()
+    };
+    // Attempt 1 lingers on the node (the router gave up on it; nobody reads it).
+    let _lingering = decode.decode(request(1, 400)).await.unwrap().into_inner();
+    // The retry reaches the same node: admitted, not ALREADY_EXISTS.
+    let mut second = decode
+        .decode(request(2, 12))
+        .await
+        .expect("a retry while the old attempt lingers is admitted")
+        .into_inner();
+    // The failed attempt's Cancel arrives late: it ends attempt 1 only.
+    let cancel = |attempt| pb::CancelRequest {
+        request_id: "retried".into(),
+        attempt,
+    };
+    assert!(decode.cancel(cancel(1)).await.unwrap().into_inner().found);
+    assert!(!decode.cancel(cancel(1)).await.unwrap().into_inner().found);
+    let (tokens, reason) = read_decode(&mut second).await;
+    assert_eq!(reason, pb::FinishReason::Length);
+    assert_eq!(
+        tokens,
+        reference(&model, &p, 12),
+        "attempt 2 got every token"
+    );
+    // The same attempt twice is still refused: a conflict, not a node failure.
+    let mut third = decode.decode(request(3, 50)).await.unwrap().into_inner();
+    let dup = decode.decode(request(3, 50)).await.unwrap_err();
+    assert_eq!(dup.code(), tonic::Code::AlreadyExists);
+    assert!(decode.cancel(cancel(3)).await.unwrap().into_inner().found);
+    let (_, reason) = read_decode(&mut third).await;
+    assert_eq!(reason, pb::FinishReason::Cancelled);
+    wait_for_no_leak(&cluster).await;
 }

@@ -411,3 +411,116 @@ async fn tls_nodes_register_their_names_and_the_router_checks_them() {
     generate_checked(router, &model, 7).await;
     assert!(d.steps() > 0, "the decode node served the request");
 }
+
+/// `GET /health` on the router's HTTP API: the status code and `Retry-After`.
+async fn http_health(addr: std::net::SocketAddr) -> (u16, Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let retry = text
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .map(|v| v.trim().to_owned());
+    (code, retry)
+}
+
+/// The router's gRPC health for the whole server (`""`) and for `Generate`.
+async fn grpc_health(router: std::net::SocketAddr) -> Vec<i32> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{router}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect health");
+    let mut client = HealthClient::new(channel);
+    let mut out = Vec::new();
+    for service in ["", "tandem.v1.Generate"] {
+        let r = client
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check");
+        out.push(r.into_inner().status);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_serves_only_after_it_read_the_membership() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("etcd");
+    let mut etcd = EtcdServer::start(&data);
+    let (_model_dir, model) = small_model();
+    let cfg = section(&etcd, "ready");
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    // A node registered while etcd is up; then etcd goes away and the router
+    // starts: it cannot have read the membership.
+    let prefill = Node::prefill(&model, &cfg, "p0").await;
+    let decode = Node::decode(&model, &cfg, "d0").await;
+    etcd.stop();
+
+    let membership = EtcdMembership::start(cfg.clone(), Some(model.name()), shutdown.clone());
+    let config = tandem_cluster::RouterSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        request_timeout_s: 20.0,
+        ..Default::default()
+    };
+    let r = tandem_router::serve(
+        model.clone(),
+        None,
+        config,
+        membership.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("router");
+    let http = r.http_addr.expect("http");
+
+    let not_serving = ServingStatus::NotServing as i32;
+    assert_eq!(grpc_health(r.addr).await, vec![not_serving, not_serving]);
+    assert_eq!(http_health(http).await, (503, Some("1".into())));
+    let mut client =
+        tandem_proto::v1::generate_client::GenerateClient::connect(format!("http://{}", r.addr))
+            .await
+            .expect("connect router");
+    let status = complete(&mut client, greedy_request(&prompt(40, 1), 4))
+        .await
+        .expect_err("refused before the membership is read");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("membership") && !status.message().contains("no decode"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
+
+    // etcd back: after the first listing the router is healthy and serves.
+    etcd.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let serving = ServingStatus::Serving as i32;
+    while grpc_health(r.addr).await != vec![serving, serving] {
+        assert!(Instant::now() < deadline, "the router never became healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(*membership.ready().borrow());
+    assert_eq!(http_health(http).await.0, 200);
+    wait_members(&membership, &[&prefill, &decode], Duration::from_secs(10)).await;
+    generate_checked(r.addr, &model, 3).await;
+}

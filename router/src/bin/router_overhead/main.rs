@@ -195,6 +195,7 @@ async fn direct(
                 kv_target: admitted.kv_target,
                 generated: Vec::new(),
                 logprobs: request.logprobs,
+                attempt: 0,
             })
             .await?;
     }
