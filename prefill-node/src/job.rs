@@ -19,6 +19,8 @@ pub(crate) enum JobEvent {
     /// The prompt is computed and the first token sampled.
     Done {
         first_token: u32,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: usize,
         queue_seconds: f64,
         compute_seconds: f64,
     },

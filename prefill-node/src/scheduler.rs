@@ -490,6 +490,7 @@ impl<B: Backend> Worker<B> {
                         let first_token = first_sample(&a.job, &mut l);
                         let done = JobEvent::Done {
                             first_token,
+                            cached_tokens: a.cached,
                             queue_seconds: a.queue_seconds,
                             compute_seconds: a.admitted.elapsed().as_secs_f64(),
                         };

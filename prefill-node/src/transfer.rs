@@ -75,6 +75,7 @@ pub(crate) async fn ship(
             }
             Some(JobEvent::Done {
                 first_token,
+                cached_tokens,
                 queue_seconds,
                 compute_seconds,
             }) => {
@@ -83,6 +84,7 @@ pub(crate) async fn ship(
                 // acknowledgement below comes back.
                 tracing::info!(
                     kv_bytes = kv_bytes_sent,
+                    cached_tokens,
                     queue_ms = queue_seconds * 1e3,
                     compute_ms = compute_seconds * 1e3,
                     "prefilled; sending the final frame"
@@ -99,6 +101,7 @@ pub(crate) async fn ship(
                     queue_seconds,
                     compute_seconds,
                     kv_bytes_sent,
+                    cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
                 });
             }
             Some(JobEvent::Failed(e)) => {
