@@ -393,11 +393,11 @@ impl Request<'_> {
                 DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
-                    if let Some(call) = prefill.take() {
-                        if let Some(cached) = self.prefill_answer(call).await {
-                            prefill_cached = cached;
-                            guard.prefill = None;
-                        }
+                    if let Some(call) = prefill.take()
+                        && let Some(cached) = self.prefill_answer(call).await
+                    {
+                        prefill_cached = cached;
+                        guard.prefill = None;
                     }
                     // One of the two is zero: the prompt was prefilled either
                     // by the prefill node or by the decode node itself.
