@@ -73,7 +73,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         results[i] = Some(load);
     }
     println!(
-        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14}",
+        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9}",
         "ROLE",
         "ID",
         "ADDRESS",
@@ -82,13 +82,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         "RUNNING",
         "QUEUED",
         "KV FREE/TOTAL",
-        "PREFILL TOKENS"
+        "PREFILL TOKENS",
+        "CACHED BLOCKS",
+        "CACHE HIT"
     );
     for (m, load) in listed.iter().zip(results) {
         let dash = || "-".to_string();
         match load.unwrap_or_else(|| Err("no answer".into())) {
             Ok(l) => println!(
-                "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14}",
+                "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9}",
                 m.role,
                 m.id.clone().unwrap_or(l.node_id.clone()),
                 m.addr,
@@ -97,7 +99,9 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 l.running,
                 l.queued,
                 format!("{}/{}", l.kv_blocks_free, l.kv_blocks_total),
-                l.queued_prefill_tokens
+                l.queued_prefill_tokens,
+                l.prefix_cache_blocks,
+                hit_rate(&l)
             ),
             Err(e) => println!(
                 "{:<8} {:<16} {:<26} {:<16} {:>2} unreachable: {e}",
@@ -110,6 +114,18 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The share of the prompt tokens a node prefilled whose KV came from its
+/// prefix cache, since it started; "-" before its first prompt.
+fn hit_rate(l: &pb::NodeLoad) -> String {
+    if l.prompt_tokens_total == 0 {
+        return "-".into();
+    }
+    format!(
+        "{:.1}%",
+        100.0 * l.cached_tokens_total as f64 / l.prompt_tokens_total as f64
+    )
 }
 
 /// The members, from etcd or from the config's router lists.

@@ -183,6 +183,10 @@ fn roles_with_tls_serve_a_request_and_status_asks_over_mutual_tls() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        table.contains("CACHED BLOCKS") && table.contains("CACHE HIT"),
+        "{table}"
+    );
     let (decode, prefill) = configs.ports;
     for (role, port) in [("decode", decode), ("prefill", prefill)] {
         let line = table

@@ -153,6 +153,8 @@ pub struct Stats {
     pub local_prompt_tokens_total: u64,
     /// Of those, tokens whose KV came from the prefix cache (not computed).
     pub cached_tokens_total: u64,
+    /// Blocks in the prefix cache (in use or evictable).
+    pub prefix_cache_blocks: u32,
 }
 
 enum State {
@@ -169,6 +171,8 @@ struct Sequence {
     hashes: Vec<BlockHash>,
     /// Leading blocks of `table` registered in the prefix cache (or taken from it).
     registered: usize,
+    /// Context tokens whose KV came from the prefix cache (local prefill only).
+    cached_tokens: usize,
     state: State,
     events: mpsc::Sender<Event>,
     span: tracing::Span,
@@ -324,8 +328,7 @@ impl<B: Backend> Scheduler<B> {
                         if let Some(seq) = self.seqs.get(&id) {
                             seq.span
                                 .in_scope(|| tracing::info!("cancelled by the router"));
-                            let done =
-                                finished_message(&seq.generation, pb::FinishReason::Cancelled, "");
+                            let done = finished_message(seq, pb::FinishReason::Cancelled, "");
                             let _ = seq.events.try_send(Ok(done));
                         }
                         self.remove(id);
@@ -460,6 +463,7 @@ impl<B: Backend> Scheduler<B> {
                 table,
                 hashes,
                 registered: cached,
+                cached_tokens,
                 state,
                 events: a.events,
                 span: a.span,
@@ -644,13 +648,12 @@ impl<B: Backend> Scheduler<B> {
             .map(finish_reason_to_pb)
             .or(at_context_end.then_some(pb::FinishReason::Length))
         {
-            let _ = seq
-                .events
-                .try_send(Ok(finished_message(&seq.generation, reason, "")));
+            let _ = seq.events.try_send(Ok(finished_message(seq, reason, "")));
             seq.span.in_scope(|| {
                 tracing::info!(
                     ?reason,
                     prompt_tokens = seq.generation.prompt().len(),
+                    cached_tokens = seq.cached_tokens,
                     tokens = seq.generation.output().len(),
                     "finished"
                 )
@@ -687,6 +690,7 @@ impl<B: Backend> Scheduler<B> {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.kv_blocks_total = self.blocks.total() as u32;
         s.kv_blocks_free = self.blocks.num_free() as u32;
+        s.prefix_cache_blocks = self.blocks.num_cached() as u32;
         s.running = self
             .seqs
             .values()
@@ -705,7 +709,8 @@ impl<B: Backend> Scheduler<B> {
     }
 }
 
-fn finished_message(g: &Generation, reason: pb::FinishReason, error: &str) -> pb::DecodeResponse {
+fn finished_message(seq: &Sequence, reason: pb::FinishReason, error: &str) -> pb::DecodeResponse {
+    let g = &seq.generation;
     pb::DecodeResponse {
         event: Some(pb::decode_response::Event::Finished(pb::Finished {
             reason: reason as i32,
@@ -713,6 +718,7 @@ fn finished_message(g: &Generation, reason: pb::FinishReason, error: &str) -> pb
             usage: Some(pb::Usage {
                 prompt_tokens: g.prompt().len() as u32,
                 completion_tokens: g.output().len() as u32,
+                cached_tokens: seq.cached_tokens as u32,
             }),
             timings: None,
             text: String::new(),

@@ -145,6 +145,9 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     model: model.clone(),
                     steps_total: s.steps_total,
                     max_batch_seen: s.max_batch_seen,
+                    prompt_tokens_total: s.local_prompt_tokens_total,
+                    cached_tokens_total: s.cached_tokens_total,
+                    prefix_cache_blocks: s.prefix_cache_blocks,
                 };
                 if tx.send(Ok(load)).await.is_err() {
                     return;

@@ -21,6 +21,8 @@ pub(crate) enum JobEvent {
         first_token: u32,
         /// Its log probabilities, when the job asked for them.
         logprobs: Option<tandem_engine::TokenLogprobs>,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: usize,
         queue_seconds: f64,
         compute_seconds: f64,
     },

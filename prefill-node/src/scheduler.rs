@@ -492,6 +492,7 @@ impl<B: Backend> Worker<B> {
                         let done = JobEvent::Done {
                             first_token,
                             logprobs,
+                            cached_tokens: a.cached,
                             queue_seconds: a.queue_seconds,
                             compute_seconds: a.admitted.elapsed().as_secs_f64(),
                         };

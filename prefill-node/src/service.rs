@@ -107,6 +107,9 @@ impl PrefillService {
             model: self.model_name.clone(),
             steps_total: l.steps_total,
             max_batch_seen: u32_of(l.max_batch_seen),
+            prompt_tokens_total: l.prompt_tokens_total,
+            cached_tokens_total: l.cached_tokens_total,
+            prefix_cache_blocks: u32_of(l.prefix_cache_blocks),
         }
     }
 }

@@ -76,6 +76,7 @@ pub(crate) async fn ship(
             Some(JobEvent::Done {
                 first_token,
                 logprobs,
+                cached_tokens,
                 queue_seconds,
                 compute_seconds,
             }) => {
@@ -84,6 +85,7 @@ pub(crate) async fn ship(
                 // acknowledgement below comes back.
                 tracing::info!(
                     kv_bytes = kv_bytes_sent,
+                    cached_tokens,
                     queue_ms = queue_seconds * 1e3,
                     compute_ms = compute_seconds * 1e3,
                     "prefilled; sending the final frame"
@@ -103,6 +105,7 @@ pub(crate) async fn ship(
                     first_token_logprobs: logprobs
                         .as_ref()
                         .map(tandem_cluster::convert::logprobs_to_pb),
+                    cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
                 });
             }
             Some(JobEvent::Failed(e)) => {

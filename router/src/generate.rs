@@ -49,6 +49,11 @@ const ERROR_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_ATTEMPTS: usize = 3;
 /// How often a running request checks that its nodes still answer.
 const STALL_CHECK: Duration = Duration::from_millis(250);
+/// How long a finished request waits for its prefill node's answer, which
+/// carries the prompt's cached-token count. The answer follows the decode
+/// node's acknowledgement of the KV, which came before its first token, so it
+/// is normally already here or a round trip away.
+const PREFILL_ANSWER_WAIT: Duration = Duration::from_millis(500);
 
 /// The stream of responses to one client.
 pub type ClientSender = mpsc::Sender<Result<pb::GenerateResponse, Status>>;
@@ -86,6 +91,8 @@ struct Progress {
     clock: TokenClock,
     /// The finish reason's status label, once the request finished.
     finish: Option<&'static str>,
+    /// Prompt tokens served from a prefix cache, as the final usage says.
+    cached_tokens: u32,
 }
 
 impl Progress {
@@ -96,6 +103,7 @@ impl Progress {
             first_token_at: None,
             clock: TokenClock::new(arrival),
             finish: None,
+            cached_tokens: 0,
         }
     }
 }
@@ -187,6 +195,7 @@ impl Relay {
             Ok(()) => info!(
                 status,
                 prompt_tokens = req.prompt.len(),
+                cached_tokens = progress.cached_tokens,
                 generated = progress.sent.len(),
                 ttft_ms = ms(progress.first_token_at),
                 total_ms = arrival.elapsed().as_secs_f64() * 1e3,
@@ -258,6 +267,7 @@ impl Request<'_> {
             usage: Some(pb::Usage {
                 prompt_tokens: self.req.prompt.len() as u32,
                 completion_tokens: progress.sent.len() as u32,
+                cached_tokens: 0,
             }),
             ..Default::default()
         };
@@ -335,6 +345,8 @@ impl Request<'_> {
         let mut first_logprobs =
             FirstLogprobs::new(self.req.logprobs.is_some() && prefill.is_some());
         let mut held: Option<pb::TokenChunk> = None;
+        // Prompt tokens the prefill node took from its cache, once it answers.
+        let mut prefill_cached = 0;
         let mut last_event = Instant::now();
         let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
@@ -364,6 +376,7 @@ impl Request<'_> {
                                 queue_s = r.queue_seconds,
                                 compute_s = r.compute_seconds,
                                 kv_bytes = r.kv_bytes_sent,
+                                cached_tokens = r.cached_tokens,
                                 "prefilled"
                             );
                             let addr = node.map(|n| n.addr).unwrap_or_default();
@@ -372,6 +385,7 @@ impl Request<'_> {
                                 first_logprobs.fill(&mut chunk, &decode.addr)?;
                                 self.relay_token(chunk, progress).await?;
                             }
+                            prefill_cached = r.cached_tokens;
                             continue;
                         }
                         Err(status) => {
@@ -405,9 +419,24 @@ impl Request<'_> {
                     first_logprobs.fill(&mut chunk, &decode.addr)?;
                     self.relay_token(chunk, progress).await?;
                 }
-                DecodeEvent::Finished(finished) => {
+                DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
+                    if let Some(call) = prefill.take()
+                        && let Some(cached) = self.prefill_answer(call).await
+                    {
+                        prefill_cached = cached;
+                        guard.prefill = None;
+                    }
+                    // One of the two is zero: the prompt was prefilled either
+                    // by the prefill node or by the decode node itself.
+                    if let Some(usage) = finished.usage.as_mut() {
+                        usage.cached_tokens = usage
+                            .cached_tokens
+                            .saturating_add(prefill_cached)
+                            .min(usage.prompt_tokens);
+                        progress.cached_tokens = usage.cached_tokens;
+                    }
                     progress.finish = Some(finish_label(finished.reason));
                     return self.send_finished(finished, progress).await;
                 }
@@ -429,6 +458,23 @@ impl Request<'_> {
         progress.clock.on_token(now);
         progress.sent.extend_from_slice(&chunk.ids);
         self.send(ClientEvent::Token(chunk)).await
+    }
+
+    /// The cached-token count of a prefill call still running when the
+    /// request finished; `None` when it does not answer soon (the guard then
+    /// cancels it) or failed (too late to matter: the tokens are delivered).
+    async fn prefill_answer(&self, call: PrefillCall) -> Option<u32> {
+        match tokio::time::timeout(PREFILL_ANSWER_WAIT, call).await {
+            Ok(Ok(r)) => Some(r.into_inner().cached_tokens),
+            Ok(Err(status)) => {
+                debug!("prefill call failed after the request finished: {status}");
+                None
+            }
+            Err(_) => {
+                debug!("no prefill answer within {PREFILL_ANSWER_WAIT:?} of the finish");
+                None
+            }
+        }
     }
 
     /// Fails the attempt when a node holding the request has stopped answering:

@@ -600,10 +600,20 @@ async fn run(
         "created": created,
         "model": model,
         "choices": [choice],
-        "usage": { "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                   "total_tokens": usage.prompt_tokens + usage.completion_tokens },
+        "usage": usage_json(&usage),
     }))
     .into_response())
+}
+
+/// OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the
+/// prompt tokens served from a prefix cache, as OpenAI and vLLM report them.
+fn usage_json(u: &pb::Usage) -> serde_json::Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
+    })
 }
 
 /// Server-sent events for a streamed completion, ending with `data: [DONE]`.
@@ -625,8 +635,7 @@ fn sse_events(
         let (id, model) = (id.clone(), model.clone());
         move |u: pb::Usage| {
             json!({ "id": id, "object": object, "created": created, "model": model, "choices": [],
-                    "usage": { "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                               "total_tokens": u.prompt_tokens + u.completion_tokens } })
+                    "usage": usage_json(&u) })
         }
     };
     let chunk = move |text: Option<&str>, logprobs: Value, finish: Option<&str>, first: bool| {

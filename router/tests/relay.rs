@@ -152,6 +152,7 @@ impl DecodeNode for FakeDecode {
                 usage: Some(pb::Usage {
                     prompt_tokens: r.prompt.len() as u32,
                     completion_tokens: tokens,
+                    cached_tokens: 0,
                 }),
                 timings: Some(pb::Timings {
                     queue_seconds: 99.0,

@@ -536,3 +536,32 @@ async fn attempts_of_one_request_never_touch_each_other() {
     assert_eq!(reason, pb::FinishReason::Cancelled);
     wait_for_no_leak(&cluster).await;
 }
+
+/// `usage.cached_tokens`: 0 the first time a prompt is seen, its cached full
+/// blocks the second, whether the prefill node or the decode node prefilled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_prompt_reports_its_cached_tokens() {
+    let (_dir, model) = small_model();
+    for remote in [true, false] {
+        let mut spec = ClusterSpec::default();
+        if !remote {
+            spec.prefill = None;
+        }
+        let cluster = Cluster::start(model.clone(), spec).await;
+        let mut client = cluster.client().await;
+        let p = prompt(100, 42);
+        let first = complete(&mut client, greedy_request(&p, 4))
+            .await
+            .expect("first");
+        let second = complete(&mut client, greedy_request(&p, 4))
+            .await
+            .expect("second");
+        assert_eq!(first.usage.prompt_tokens, 100, "remote {remote}");
+        assert_eq!(first.usage.cached_tokens, 0, "remote {remote}");
+        assert_eq!(
+            second.usage.cached_tokens, 96,
+            "remote {remote}: the 6 full blocks of 16"
+        );
+        assert_eq!(first.tokens, second.tokens, "remote {remote}");
+    }
+}

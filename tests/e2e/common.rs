@@ -166,6 +166,8 @@ pub struct Completion {
     pub text: String,
     /// Finish reason.
     pub reason: pb::FinishReason,
+    /// The final message's usage.
+    pub usage: pb::Usage,
 }
 
 /// A greedy request for these token ids.
@@ -190,6 +192,7 @@ pub async fn complete(
         tokens: Vec::new(),
         text: String::new(),
         reason: pb::FinishReason::Unspecified,
+        usage: pb::Usage::default(),
     };
     while let Some(msg) = stream.message().await? {
         match msg.event {
@@ -201,6 +204,7 @@ pub async fn complete(
                 out.text.push_str(&f.text);
                 out.reason =
                     pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
+                out.usage = f.usage.unwrap_or_default();
             }
             None => {}
         }

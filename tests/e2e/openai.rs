@@ -133,6 +133,16 @@ async fn the_openai_client_library_works_against_the_router() {
     }
     drop(grpc);
 
+    // A repeated prompt reports its cached tokens, streamed or not; the first, none.
+    let cached = &seen["cached_tokens"];
+    assert!(cached["prompt_tokens"].as_u64().unwrap() > 32, "{cached}");
+    for case in ["completion", "chat"] {
+        assert_eq!(cached[format!("{case}_first")], 0, "{case}: {cached}");
+        for again in ["second", "stream"] {
+            let n = cached[format!("{case}_{again}")].as_u64().unwrap_or(0);
+            assert!(n > 0, "{case}_{again}: {cached}");
+        }
+    }
     // Errors: OpenAI's shape, the right status, a message naming the problem.
     let errors = &seen["errors"];
     for (case, status, word) in [

@@ -120,6 +120,34 @@ except openai.APIStatusError as e:
     errors["past_the_context"] = {"status": e.status_code, "message": e.body.get("message")}
 out["errors"] = errors
 
+# A repeated prompt: usage.prompt_tokens_details.cached_tokens counts the
+# prompt tokens served from the prefix cache (0 the first time).
+def cached_of(usage):
+    d = usage.prompt_tokens_details
+    return None if d is None else d.cached_tokens
+
+long_prompt = "The quick brown fox jumps over the lazy dog near the river bank. " * 8
+cached = {}
+for name in ("first", "second"):
+    c = client.completions.create(model=model, prompt=long_prompt, max_tokens=4, temperature=0)
+    cached[f"completion_{name}"] = cached_of(c.usage)
+usage = None
+for chunk in client.completions.create(model=model, prompt=long_prompt, max_tokens=4, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}):
+    usage = chunk.usage or usage
+cached["completion_stream"] = cached_of(usage)
+cached["prompt_tokens"] = usage.prompt_tokens
+long_chat = [{"role": "system", "content": long_prompt}, {"role": "user", "content": "Who jumps?"}]
+for name in ("first", "second"):
+    r = client.chat.completions.create(model=model, messages=long_chat, max_tokens=4, temperature=0)
+    cached[f"chat_{name}"] = cached_of(r.usage)
+usage = None
+for chunk in client.chat.completions.create(model=model, messages=long_chat, max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}):
+    usage = chunk.usage or usage
+cached["chat_stream"] = cached_of(usage)
+out["cached_tokens"] = cached
+
 # Every field Tandem cannot honour is refused by name, and the next request is served.
 refused = {}
 completion_refusals = {

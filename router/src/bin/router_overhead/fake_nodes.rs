@@ -110,6 +110,7 @@ impl DecodeNode for FakeDecode {
                 usage: Some(pb::Usage {
                     prompt_tokens: r.prompt.len() as u32,
                     completion_tokens: tokens,
+                    cached_tokens: 0,
                 }),
                 ..Default::default()
             };
