@@ -52,7 +52,8 @@ pub struct SyntheticSpec {
     pub as_text: bool,
 }
 
-const WORDS: &[&str] = &[
+/// The words text prompts are made of; id `i` becomes `WORDS[i % len]`.
+pub(crate) const WORDS: &[&str] = &[
     "the", "river", "stone", "light", "green", "slow", "house", "bird", "cold", "open", "north",
     "paper", "quiet", "table", "small", "water", "bright", "road", "window", "summer",
 ];

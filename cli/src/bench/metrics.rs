@@ -8,6 +8,10 @@
 //! - ITL is every gap between consecutive streamed chunks, pooled over all
 //!   successful requests.
 //! - Throughputs divide by the benchmark duration (first send to last finish).
+//! - The prefix-cache hit rate is `Σ cached ÷ Σ prompt tokens` over
+//!   successful requests (0 when the server reports no cached tokens).
+//! - Multi-turn runs also split TTFT into first turns (nothing of the
+//!   conversation cached but the system prompt) and later turns.
 //! - Percentiles interpolate linearly between order statistics, as
 //!   `numpy.percentile` does.
 
@@ -74,6 +78,10 @@ pub struct Metrics {
     pub duration_s: f64,
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
+    /// Prompt tokens served from a prefix cache.
+    pub total_cached_tokens: u64,
+    /// `total_cached_tokens / total_input_tokens`, in [0, 1].
+    pub prefix_cache_hit_rate: f64,
     pub request_throughput: f64,
     /// Requests per second meeting every SLO; `None` when no SLO was given.
     pub request_goodput: Option<f64>,
@@ -83,6 +91,12 @@ pub struct Metrics {
     pub tpot: LatencyStats,
     pub itl: LatencyStats,
     pub e2el: LatencyStats,
+    /// Multi-turn only: TTFT of every session's first turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_turn_ttft: Option<LatencyStats>,
+    /// Multi-turn only: TTFT of every turn after the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub later_turn_ttft: Option<LatencyStats>,
 }
 
 /// Summarizes a run of `duration_s` seconds; goodput only when `slo` is given.
@@ -97,6 +111,18 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: Option<&Slo>) 
     let itls: Vec<f64> = ok.iter().flat_map(|r| r.itl_s.iter().copied()).collect();
     let input: u64 = ok.iter().map(|r| r.input_tokens).sum();
     let output: u64 = ok.iter().map(|r| r.output_tokens).sum();
+    let cached: u64 = ok.iter().map(|r| r.cached_tokens).sum();
+    let multi_turn = records.iter().any(|r| r.turn.is_some());
+    let turn_ttft = |first: bool| {
+        multi_turn.then(|| {
+            let t: Vec<f64> = ok
+                .iter()
+                .filter(|r| (r.turn == Some(0)) == first)
+                .map(|r| r.ttft_s)
+                .collect();
+            LatencyStats::of_seconds(&t)
+        })
+    };
     let per_s = |x: f64| {
         if duration_s > 0.0 {
             x / duration_s
@@ -120,6 +146,12 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: Option<&Slo>) 
         duration_s,
         total_input_tokens: input,
         total_output_tokens: output,
+        total_cached_tokens: cached,
+        prefix_cache_hit_rate: if input > 0 {
+            cached as f64 / input as f64
+        } else {
+            0.0
+        },
         request_throughput: per_s(ok.len() as f64),
         request_goodput: good,
         output_throughput: per_s(output as f64),
@@ -128,6 +160,8 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: Option<&Slo>) 
         tpot: LatencyStats::of_seconds(&tpots),
         itl: LatencyStats::of_seconds(&itls),
         e2el: LatencyStats::of_seconds(&e2els),
+        first_turn_ttft: turn_ttft(true),
+        later_turn_ttft: turn_ttft(false),
     }
 }
 
@@ -200,6 +234,29 @@ mod tests {
         assert!(close(m.tpot.mean_ms, 100.0));
         assert!(close(m.itl.median_ms, 100.0));
         assert_eq!(m.request_goodput, None);
+        assert_eq!(m.first_turn_ttft, None);
+    }
+
+    #[test]
+    fn hit_rate_and_ttft_by_turn() {
+        let turn = |t: usize, ttft: f64, cached: u64, success: bool| RequestRecord {
+            turn: Some(t),
+            session: Some(0),
+            cached_tokens: cached,
+            ..record(ttft, 1.0, 2, vec![], success)
+        };
+        let records = vec![
+            turn(0, 0.4, 0, true),
+            turn(1, 0.1, 5, true),
+            turn(2, 0.2, 8, true),
+            turn(3, 0.0, 10, false),
+        ];
+        let m = summarize(&records, 1.0, None);
+        assert_eq!(m.total_cached_tokens, 13);
+        assert!(close(m.prefix_cache_hit_rate, 13.0 / 30.0));
+        assert!(close(m.first_turn_ttft.unwrap().mean_ms, 400.0));
+        assert!(close(m.later_turn_ttft.unwrap().mean_ms, 150.0));
+        assert_eq!(summarize(&[], 1.0, None).prefix_cache_hit_rate, 0.0);
     }
 
     #[test]

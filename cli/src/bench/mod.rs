@@ -5,13 +5,15 @@
 //! under SLOs, and TTFT / TPOT / ITL / end-to-end latency statistics.
 //!
 //! The pieces, one idea each: [`dataset`] makes the prompts, [`arrivals`]
-//! says when each is sent, [`request`] sends one over gRPC and times its
+//! says when each is sent ([`conversation`] and [`sessions`]: the
+//! multi-turn workload, conversations that resend their history), [`request`] sends one over gRPC and times its
 //! stream ([`openai`]: over the OpenAI-compatible HTTP API),
 //! [`runner`] drives one run at one rate, [`metrics`] turns records into
 //! numbers, [`report`] prints and saves them and [`plot`] draws them.
 //! [`run_bench`] is the whole command as a library call, for tests.
 
 pub mod arrivals;
+pub mod conversation;
 pub mod dataset;
 pub mod metrics;
 pub mod openai;
@@ -19,6 +21,7 @@ pub mod plot;
 pub mod report;
 pub mod request;
 pub mod runner;
+pub mod sessions;
 pub mod slo;
 
 use std::path::PathBuf;
@@ -43,6 +46,10 @@ pub enum DatasetKind {
     Synthetic,
     /// A ShareGPT JSON file (`--dataset-path`).
     Sharegpt,
+    /// Synthetic conversations (`--sessions` x `--turns`) that share a system
+    /// prompt and resend their whole history each turn; `--request-rate` is
+    /// then sessions started per second.
+    MultiTurn,
 }
 
 /// Which of the router's APIs requests go to.
@@ -103,6 +110,21 @@ pub struct BenchArgs {
     /// Random tokens every synthetic prompt starts with.
     #[arg(long, default_value_t = 0)]
     pub prefix_len: usize,
+    /// Multi-turn: number of conversations.
+    #[arg(long, default_value_t = 8)]
+    pub sessions: usize,
+    /// Multi-turn: requests (user turns) per conversation.
+    #[arg(long, default_value_t = 4)]
+    pub turns: usize,
+    /// Multi-turn: tokens of the system prompt every conversation starts with.
+    #[arg(long, default_value_t = 256)]
+    pub system_prompt_len: usize,
+    /// Multi-turn: tokens of each user turn.
+    #[arg(long, default_value_t = 64)]
+    pub turn_len: usize,
+    /// Multi-turn: pause between an answer's end and the next turn.
+    #[arg(long, default_value_t = 0)]
+    pub think_time_ms: u64,
     /// Synthetic token ids are drawn below this; keep it within the model's vocabulary.
     #[arg(long, default_value_t = 500)]
     pub vocab_size: u32,
@@ -161,9 +183,47 @@ impl BenchArgs {
     }
 }
 
+/// What a run sends: independent prompts, or conversations.
+enum Workload {
+    Prompts(Vec<dataset::BenchPrompt>),
+    Conversations(conversation::Conversations),
+}
+
+impl Workload {
+    fn num_requests(&self) -> usize {
+        match self {
+            Workload::Prompts(p) => p.len(),
+            Workload::Conversations(c) => c.num_requests(),
+        }
+    }
+}
+
+fn load_workload(args: &BenchArgs, rng: &mut StdRng) -> anyhow::Result<Workload> {
+    if args.dataset != DatasetKind::MultiTurn {
+        return load_prompts(args, rng).map(Workload::Prompts);
+    }
+    let as_text = args.prompt_format == PromptFormat::Text;
+    // The HTTP API streams text only, so the history can resend answers only as text.
+    anyhow::ensure!(
+        as_text || args.backend == Backend::Grpc,
+        "--dataset multi-turn with --backend openai needs --prompt-format text"
+    );
+    let spec = conversation::MultiTurnSpec {
+        sessions: args.sessions,
+        turns: args.turns,
+        system_prompt_len: args.system_prompt_len,
+        turn_len: args.turn_len,
+        output_len: args.output_len.unwrap_or(128),
+        vocab_size: args.vocab_size,
+        as_text,
+    };
+    conversation::Conversations::synthetic(&spec, rng).map(Workload::Conversations)
+}
+
 fn load_prompts(args: &BenchArgs, rng: &mut StdRng) -> anyhow::Result<Vec<dataset::BenchPrompt>> {
     anyhow::ensure!(args.num_prompts > 0, "--num-prompts must be positive");
     match args.dataset {
+        DatasetKind::MultiTurn => anyhow::bail!("multi-turn conversations are not prompts"),
         DatasetKind::Synthetic => dataset::synthetic(
             &dataset::SyntheticSpec {
                 num_prompts: args.num_prompts,
@@ -200,7 +260,7 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         "--timeout-s must be a positive number of seconds"
     );
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let prompts = load_prompts(args, &mut rng)?;
+    let workload = load_workload(args, &mut rng)?;
     let target = match args.backend {
         Backend::Grpc => {
             let channel = Endpoint::from_shared(args.router.clone())
@@ -221,8 +281,14 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     };
 
     // As vLLM does: one request alone first, so a misconfigured run fails fast.
+    // (Multi-turn: the system prompt and a turn no session sends, so only the
+    // shared system prompt is warm when the run starts.)
+    let probe_prompt = match &workload {
+        Workload::Prompts(p) => p[0].clone(),
+        Workload::Conversations(c) => c.probe(),
+    };
     let probe = target
-        .send(0, &prompts[0], &args.model, std::time::Instant::now())
+        .send(0, &probe_prompt, &args.model, std::time::Instant::now())
         .await;
     anyhow::ensure!(
         probe.success,
@@ -237,30 +303,64 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             Backend::Openai => args.base_url.clone(),
         },
         dataset: format!("{:?}", args.dataset).to_lowercase(),
-        num_prompts: prompts.len(),
+        num_prompts: workload.num_requests(),
         seed: args.seed,
         runs: Vec::with_capacity(args.request_rate.len()),
     };
     for &rate in &args.request_rate {
         let mut arrival_rng = StdRng::seed_from_u64(args.seed);
-        let offsets =
-            arrivals::arrival_offsets(prompts.len(), rate, args.burstiness, &mut arrival_rng)?;
-        eprintln!(
-            "request rate {rate}, burstiness {}, max concurrency {}: {} requests",
-            args.burstiness,
-            args.max_concurrency
-                .map_or("none".to_string(), |c| c.to_string()),
-            prompts.len()
-        );
-        let plan = runner::RunPlan {
-            prompts: &prompts,
-            offsets: &offsets,
-            max_concurrency: args.max_concurrency,
-            timeout: Duration::from_secs_f64(args.timeout_s),
-            model: &args.model,
-            progress: !args.no_progress,
+        let (records, duration_s) = match &workload {
+            Workload::Prompts(prompts) => {
+                let offsets = arrivals::arrival_offsets(
+                    prompts.len(),
+                    rate,
+                    args.burstiness,
+                    &mut arrival_rng,
+                )?;
+                eprintln!(
+                    "request rate {rate}, burstiness {}, max concurrency {}: {} requests",
+                    args.burstiness,
+                    args.max_concurrency
+                        .map_or("none".to_string(), |c| c.to_string()),
+                    prompts.len()
+                );
+                let plan = runner::RunPlan {
+                    prompts,
+                    offsets: &offsets,
+                    max_concurrency: args.max_concurrency,
+                    timeout: Duration::from_secs_f64(args.timeout_s),
+                    model: &args.model,
+                    progress: !args.no_progress,
+                };
+                runner::run(&target, &plan).await
+            }
+            Workload::Conversations(conversations) => {
+                let offsets = arrivals::arrival_offsets(
+                    conversations.sessions.len(),
+                    rate,
+                    args.burstiness,
+                    &mut arrival_rng,
+                )?;
+                eprintln!(
+                    "session rate {rate}, burstiness {}, max concurrency {}: {} sessions x {} turns",
+                    args.burstiness,
+                    args.max_concurrency
+                        .map_or("none".to_string(), |c| c.to_string()),
+                    conversations.sessions.len(),
+                    conversations.turns()
+                );
+                let plan = sessions::SessionPlan {
+                    conversations,
+                    offsets: &offsets,
+                    think_time: Duration::from_millis(args.think_time_ms),
+                    max_concurrency: args.max_concurrency,
+                    timeout: Duration::from_secs_f64(args.timeout_s),
+                    model: &args.model,
+                    progress: !args.no_progress,
+                };
+                sessions::run(&target, &plan).await
+            }
         };
-        let (records, duration_s) = runner::run(&target, &plan).await;
         let run = RunReport {
             request_rate: rate,
             burstiness: args.burstiness,
@@ -318,5 +418,31 @@ mod tests {
         let a = BenchArgs::from_flags(["--dataset", "sharegpt"]).unwrap();
         let mut rng = StdRng::seed_from_u64(0);
         assert!(load_prompts(&a, &mut rng).is_err());
+    }
+
+    #[test]
+    fn multi_turn_flags_make_conversations() {
+        let a = BenchArgs::from_flags([
+            "--dataset",
+            "multi-turn",
+            "--sessions",
+            "3",
+            "--turns",
+            "2",
+            "--system-prompt-len",
+            "16",
+            "--think-time-ms",
+            "5",
+        ])
+        .unwrap();
+        let mut rng = StdRng::seed_from_u64(0);
+        let Workload::Conversations(c) = load_workload(&a, &mut rng).unwrap() else {
+            panic!("conversations expected")
+        };
+        assert_eq!(c.num_requests(), 6);
+        assert_eq!(c.system_prompt.len(), 16);
+        let http =
+            BenchArgs::from_flags(["--dataset", "multi-turn", "--backend", "openai"]).unwrap();
+        assert!(load_workload(&http, &mut rng).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //! [`request`](super::request) times a gRPC stream, with vLLM's
 //! `openai` backend's definitions: TTFT at the first chunk, one
 //! inter-token gap per later chunk, output tokens from the usage chunk
-//! (`stream_options.include_usage`), success when a chunk carries a
+//! (`stream_options.include_usage`, cached tokens from its
+//! `prompt_tokens_details.cached_tokens`), success when a chunk carries a
 //! `finish_reason` and no error came.
 
 use std::time::Instant;
@@ -157,6 +158,9 @@ async fn stream(
                     if let Some(p) = u["prompt_tokens"].as_u64().filter(|&p| p > 0) {
                         record.input_tokens = p;
                     }
+                    record.cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0);
                 }
                 let Some(choice) = v["choices"].get(0) else {
                     continue; // the usage chunk
@@ -165,6 +169,9 @@ async fn stream(
                 // carries text.
                 let is_finish = choice["finish_reason"].is_string();
                 finished |= is_finish;
+                if let Some(t) = choice["text"].as_str() {
+                    record.answer_text.push_str(t);
+                }
                 if !is_finish || choice["text"].as_str().is_some_and(|t| !t.is_empty()) {
                     match last_chunk {
                         None => record.ttft_s = (now - start).as_secs_f64(),

@@ -102,6 +102,16 @@ pub fn table(run: &RunReport) -> String {
     line(&mut out, "Total generated tokens:", m.total_output_tokens);
     line(
         &mut out,
+        "Total cached prompt tokens:",
+        m.total_cached_tokens,
+    );
+    line(
+        &mut out,
+        "Prefix cache hit rate (%):",
+        format!("{:.2}", m.prefix_cache_hit_rate * 100.0),
+    );
+    line(
+        &mut out,
         "Request throughput (req/s):",
         format!("{:.2}", m.request_throughput),
     );
@@ -119,6 +129,21 @@ pub fn table(run: &RunReport) -> String {
         format!("{:.2}", m.total_token_throughput),
     );
     latency_block(&mut out, "Time to First Token", "TTFT", &m.ttft);
+    if let (Some(first), Some(later)) = (&m.first_turn_ttft, &m.later_turn_ttft) {
+        header(&mut out, "TTFT by Turn", '-');
+        for (which, s) in [("first turns", first), ("later turns", later)] {
+            line(
+                &mut out,
+                &format!("Mean TTFT {which} (ms):"),
+                format!("{:.2}", s.mean_ms),
+            );
+            line(
+                &mut out,
+                &format!("P99 TTFT {which} (ms):"),
+                format!("{:.2}", s.p99_ms),
+            );
+        }
+    }
     latency_block(
         &mut out,
         "Time per Output Token (excl. 1st token)",
@@ -189,6 +214,7 @@ mod tests {
             "Benchmark duration (s):",
             "Total input tokens:",
             "Total generated tokens:",
+            "Prefix cache hit rate (%):",
             "Request throughput (req/s):",
             "Request goodput (req/s):",
             "Output token throughput (tok/s):",

@@ -4,8 +4,10 @@
 //! token ids; each later chunk adds one inter-token gap (a chunk may hold several
 //! tokens, as a vLLM SSE chunk may); end-to-end latency runs to the `finished`
 //! message. Output tokens are the server's `usage.completion_tokens` (the ids
-//! streamed, when the server sends no usage). A request succeeds when the stream
-//! ends with a `finished` message that is not an error or a cancellation.
+//! streamed, when the server sends no usage); cached tokens are its
+//! `usage.cached_tokens`, the prompt tokens a prefix cache supplied. A
+//! request succeeds when the stream ends with a `finished` message that is
+//! not an error or a cancellation.
 
 use std::time::Instant;
 
@@ -45,8 +47,14 @@ impl Target {
 /// What happened to one request. Times are seconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestRecord {
-    /// Position in the dataset.
+    /// Position in the dataset (multi-turn: `session * turns + turn`).
     pub index: usize,
+    /// Multi-turn only: the conversation this request belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<usize>,
+    /// Multi-turn only: the turn within its conversation, from 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub turn: Option<usize>,
     pub success: bool,
     /// gRPC status code (`Ok` on success; `DeadlineExceeded` when the run's
     /// `--timeout-s` stopped it).
@@ -61,10 +69,19 @@ pub struct RequestRecord {
     /// Output tokens asked for (`max_tokens`).
     pub requested_output_tokens: u64,
     pub output_tokens: u64,
+    /// Prompt tokens served from a prefix cache (the server's count; 0 when
+    /// it reports none).
+    pub cached_tokens: u64,
     pub ttft_s: f64,
     pub e2e_s: f64,
     /// Gaps between consecutive streamed chunks after the first.
     pub itl_s: Vec<f64>,
+    /// The answer as streamed, kept so a multi-turn session can send it back
+    /// as history: token ids (gRPC) and text (both APIs).
+    #[serde(skip)]
+    pub answer_ids: Vec<u32>,
+    #[serde(skip)]
+    pub answer_text: String,
 }
 
 impl RequestRecord {
@@ -138,6 +155,8 @@ pub async fn send(
         match msg.event {
             Some(pb::generate_response::Event::Token(chunk)) if !chunk.ids.is_empty() => {
                 streamed_ids += chunk.ids.len() as u64;
+                record.answer_ids.extend_from_slice(&chunk.ids);
+                record.answer_text.push_str(&chunk.text);
                 match last_chunk {
                     None => record.ttft_s = (now - start).as_secs_f64(),
                     Some(prev) => record.itl_s.push((now - prev).as_secs_f64()),
@@ -150,6 +169,7 @@ pub async fn send(
                 if usage.prompt_tokens > 0 {
                     record.input_tokens = usage.prompt_tokens as u64;
                 }
+                record.cached_tokens = usage.cached_tokens as u64;
                 record.output_tokens = if usage.completion_tokens > 0 {
                     usage.completion_tokens as u64
                 } else {

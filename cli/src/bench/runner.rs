@@ -82,7 +82,7 @@ pub async fn run(target: &Target, plan: &RunPlan<'_>) -> (Vec<RequestRecord>, f6
     (records, (last_finish - start).as_secs_f64())
 }
 
-fn progress_bar(len: usize, enabled: bool) -> ProgressBar {
+pub(crate) fn progress_bar(len: usize, enabled: bool) -> ProgressBar {
     if !enabled || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return ProgressBar::hidden();
     }
