@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct (GGUF) on the CUDA backend against the CPU backend, in one
-# call on a GPU machine. The device tool carries at most 64 MiB a call, so the
-# 98 MB model travels in two parts ($GPU_DIR/smollm2.part1 in an earlier call,
-# part2 in this one) and is put back together and checked here.
-#   GPU_DIR=.gpu OUT=... bash scripts/gpu_smollm2.sh
+# SmolLM2-135M-Instruct (GGUF) on the CUDA backend against the CPU backend, on a
+# GPU machine. The device tool carries at most 64 MiB a call and replaces a carried
+# folder wholesale, so the 98 MB model travels in two calls made back to back while
+# the machine is warm (it keeps /tmp between them):
+#   here:  M=models/SmolLM2-135M-Instruct.Q4_1.gguf
+#          head -c 48000000 $M > .gpu2/smollm2.part1; tail -c +48000001 $M > .gpu/smollm2.part2
+#          and the stripped tandem-gpu-bench and this script into .gpu2/
+#   call 1 (carry .gpu2): mkdir -p /tmp/p && cp .gpu2/* /tmp/p/
+#   call 2 (carry .gpu):  cp .gpu/smollm2.part2 /tmp/p/ && GPU_DIR=/tmp/p bash /tmp/p/gpu_smollm2.sh
+# The parts are put back together and SHA-256-checked here; results go to $OUT.
 set -u
 GPU_DIR=${GPU_DIR:-.gpu}
 OUT=${OUT:-/tmp/tandem-gpu-out}
