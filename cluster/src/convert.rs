@@ -25,6 +25,7 @@ pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
+        logit_bias: s.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
     }
 }
 
@@ -49,6 +50,7 @@ pub fn sampling_to_pb(s: &SamplingParams) -> pb::SamplingParams {
         presence_penalty: s.presence_penalty,
         frequency_penalty: s.frequency_penalty,
         seed: s.seed,
+        logit_bias: s.logit_bias.iter().map(|(&t, &b)| (t, b)).collect(),
     }
 }
 
@@ -60,6 +62,7 @@ pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
         stop: r.stop.clone(),
         stop_token_ids: r.stop_token_ids.clone(),
         ignore_eos: r.ignore_eos,
+        min_tokens: r.min_tokens as usize,
         logprobs: r.logprobs.map(|n| n as usize),
     }
 }

@@ -538,8 +538,9 @@ impl<B: Backend> Scheduler<B> {
         }
         // Rows whose token is used: running sequences and prompts' last chunks.
         let sampled = |state: &State, completes: bool| matches!(state, State::Running) || completes;
-        // Without penalties every row's token can be drawn where the logits are
-        // (on a GPU only ids come back); otherwise the logits come to the host.
+        // Without penalties, a logit_bias or min_tokens' bans every row's token
+        // can be drawn where the logits are (on a GPU only ids come back);
+        // otherwise the logits come to the host (`draws_from_raw_logits`).
         // Log probabilities are computed on the host too, from those logits (a
         // device-side computation returning only the requested numbers is to come).
         let on_device = plan.iter().all(|(id, _, _, completes)| {

@@ -36,6 +36,10 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's EOS token.
     pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: until this many tokens were generated, EOS and the
+    /// stop token ids cannot be drawn (their logits are -inf) and stop strings
+    /// do not end the output. At most `max_tokens`.
+    pub min_tokens: usize,
     /// Report each sampled token's log probability and those of this many most
     /// likely tokens (at most [`MAX_TOP_LOGPROBS`]); `None` reports none.
     pub logprobs: Option<usize>,
@@ -49,6 +53,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
             logprobs: None,
         }
     }
@@ -62,6 +67,12 @@ impl GenerationParams {
             return Err(EngineError::InvalidInput(
                 "max_tokens must be at least 1".into(),
             ));
+        }
+        if self.min_tokens > self.max_tokens {
+            return Err(EngineError::InvalidInput(format!(
+                "min_tokens ({}) must be at most max_tokens ({})",
+                self.min_tokens, self.max_tokens
+            )));
         }
         if let Some(n) = self.logprobs
             && n > MAX_TOP_LOGPROBS
@@ -87,6 +98,25 @@ pub struct TokenEvent {
     /// The token's log probabilities, when the request asked for them and the
     /// token was sampled here (see [`Generation::step`]).
     pub logprobs: Option<TokenLogprobs>,
+}
+
+/// The ids that cannot be the token at output index `generated` (0-based):
+/// EOS (`eos`, empty with `ignore_eos`) and the stop token ids while
+/// `generated < min_tokens`; none after. For a node sampling a request's
+/// first token itself (a prefill node) as well as for [`Generation`].
+pub fn banned_before_min_tokens(
+    params: &GenerationParams,
+    eos: &[u32],
+    generated: usize,
+) -> Vec<u32> {
+    if generated >= params.min_tokens {
+        return Vec::new();
+    }
+    let eos: &[u32] = if params.ignore_eos { &[] } else { eos };
+    let mut ids: Vec<u32> = eos.iter().chain(&params.stop_token_ids).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// One request's generation state.
@@ -172,9 +202,10 @@ impl Generation {
     /// Samples the next token from `logits` and accounts for it; the event
     /// carries its log probabilities when the request asked for them.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<TokenEvent> {
+        let banned = self.banned_next();
         let (token, logprobs) = self
             .sampler
-            .sample_with_logprobs(logits, self.params.logprobs);
+            .sample_banning(logits, self.params.logprobs, &banned);
         let mut event = self.accept(token, tokenizer)?;
         event.logprobs = logprobs;
         Ok(event)
@@ -190,7 +221,13 @@ impl Generation {
     /// [`TokenDraw`] (no penalty needs this request's history), so a GPU backend
     /// can sample it without the logits leaving the device.
     pub fn draws_from_raw_logits(&self) -> bool {
-        self.sampler.draws_from_raw_logits()
+        self.sampler.draws_from_raw_logits() && self.banned_next().is_empty()
+    }
+
+    /// The ids the next token may not be: EOS and the stop token ids while
+    /// fewer than `min_tokens` tokens were generated.
+    pub fn banned_next(&self) -> Vec<u32> {
+        banned_before_min_tokens(&self.params, &self.eos, self.output().len())
     }
 
     /// The next token's draw, from this request's random stream; give the token
@@ -221,7 +258,11 @@ impl Generation {
         self.tokens.push(token);
         let mut finished = None;
         let mut text = String::new();
-        if self.eos.contains(&token) {
+        if self.output().len() < self.params.min_tokens {
+            // Nothing ends the output yet (vLLM's `min_tokens`): not EOS or a
+            // stop id (only a token sampled elsewhere could be one), not a stop string.
+            text = self.detokenizer.step(tokenizer, &self.tokens)?;
+        } else if self.eos.contains(&token) {
             finished = Some(FinishReason::Eos);
         } else if self.params.stop_token_ids.contains(&token) {
             finished = Some(FinishReason::Stop);

@@ -36,9 +36,11 @@ pub use backend::{Backend, SeqChunk};
 pub use block_manager::{BlockError, BlockHash, BlockId, BlockManager, SequenceBlocks};
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
-pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
+pub use generation::{
+    FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,
+};
 pub use kv_cache::{KvDtype, KvLayout};
 pub use model_dir::{Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
-pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
+pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};

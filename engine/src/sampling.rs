@@ -1,18 +1,21 @@
 //! Turning logits into the next token: penalties, temperature, top-k, top-p,
 //! min-p, and a per-request seeded random stream.
 //!
-//! The order is vLLM's: penalties on the raw logits, then temperature, then the
+//! The order is vLLM's: penalties on the raw logits, then the request's
+//! `logit_bias` (added, as OpenAI applies it), then temperature, then the
 //! top-k / top-p / min-p cuts on the resulting distribution, then a draw.
-//! Temperature 0 is greedy (the lowest token id wins a tie).
+//! Temperature 0 is greedy (the lowest token id wins a tie). Ids the caller
+//! bans for this step (`min_tokens`: EOS and stop ids until enough tokens were
+//! generated) are set to -inf with the penalties.
 //!
 //! Log probabilities ([`TokenLogprobs`]) are computed here too, from the
-//! distribution the draw uses: the log-softmax of the logits after penalties
-//! and temperature (for greedy, of the penalised logits alone), before the
+//! distribution the draw uses: the log-softmax of the logits after penalties,
+//! bias and temperature (for greedy, of the biased logits alone), before the
 //! top-k / top-p / min-p cuts. That is vLLM's V0 default and what its V1
 //! calls `processed_logprobs` less the cuts (V1's default, `raw_logprobs`,
 //! is the same when there are no penalties and the temperature is 0 or 1).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +41,14 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Seed of the request's random stream; `None` draws one.
     pub seed: Option<u64>,
+    /// Added to a token's logit after the penalties (OpenAI's `logit_bias`, each
+    /// in [-100, 100]; -100 in effect bans the token). Ids outside the
+    /// vocabulary are the caller's to refuse; here they are skipped.
+    pub logit_bias: BTreeMap<u32, f32>,
 }
+
+/// Largest `logit_bias` magnitude (OpenAI's and vLLM's limit).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -51,6 +61,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: BTreeMap::new(),
         }
     }
 }
@@ -84,6 +95,15 @@ impl SamplingParams {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
+        }
+        if let Some((id, v)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && v.abs() <= MAX_LOGIT_BIAS))
+        {
+            return bad(format!(
+                "logit_bias[{id}] must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {v}"
+            ));
         }
         Ok(())
     }
@@ -149,7 +169,24 @@ impl Sampler {
         logits: &mut [f32],
         top_n: Option<usize>,
     ) -> (u32, Option<TokenLogprobs>) {
+        self.sample_banning(logits, top_n, &[])
+    }
+
+    /// Like [`sample_with_logprobs`](Self::sample_with_logprobs), with the
+    /// `banned` ids made impossible (their logits -inf, log probabilities too).
+    pub fn sample_banning(
+        &mut self,
+        logits: &mut [f32],
+        top_n: Option<usize>,
+        banned: &[u32],
+    ) -> (u32, Option<TokenLogprobs>) {
         self.apply_penalties(logits);
+        self.apply_bias(logits);
+        for &t in banned {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         let token = if self.params.is_greedy() {
             argmax(logits)
         } else {
@@ -186,6 +223,14 @@ impl Sampler {
         }
     }
 
+    fn apply_bias(&self, logits: &mut [f32]) {
+        for (&t, &b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+
     fn draw(&mut self, logits: &[f32]) -> u32 {
         // Exactly one draw per sampled token, whatever the logits, so a stream can be
         // resumed on another node by replaying the count (see `resume_after`).
@@ -194,11 +239,14 @@ impl Sampler {
     }
 
     /// Whether the next token can be drawn from the raw logits alone (no penalty
-    /// needs this request's history), so a device can sample it without the
-    /// logits ever leaving it.
+    /// needs this request's history, no bias moves them), so a device can sample
+    /// it without the logits ever leaving it.
     pub fn draws_from_raw_logits(&self) -> bool {
         let p = &self.params;
-        p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+        p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
     }
 
     /// The next token's draw, taking this step's uniform variate from the
@@ -613,6 +661,54 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_greedy_and_logprobs_follow() {
+        let raw = [1.0, 3.0, 2.5, 0.0];
+        // -100 on the greedy token: the runner-up wins.
+        let p = params(|p| p.logit_bias = BTreeMap::from([(1, -100.0)]));
+        let mut s = Sampler::new(p, &[]);
+        assert!(!s.draws_from_raw_logits(), "bias needs the host path");
+        let (t, lp) = s.sample_with_logprobs(&mut raw.clone(), Some(2));
+        assert_eq!(t, 2);
+        let lp = lp.unwrap();
+        assert_eq!(lp.top[0].0, 2, "log probabilities are of the biased logits");
+        let want = log_softmax(&[1.0, -97.0, 2.5, 0.0], 1.0);
+        assert!((f64::from(lp.logprob) - want[2]).abs() < 1e-5);
+        // A positive bias makes an unlikely token greedy's pick.
+        let mut s = Sampler::new(params(|p| p.logit_bias = BTreeMap::from([(3, 5.0)])), &[]);
+        assert_eq!(s.sample(&mut raw.clone()), 3);
+        // After the penalties: a repeated token's bias still applies in full.
+        let mut s = Sampler::new(
+            params(|p| {
+                p.presence_penalty = 2.0;
+                p.logit_bias = BTreeMap::from([(0, 1.5)]);
+            }),
+            &[],
+        );
+        s.observe(0);
+        let mut l = raw;
+        s.sample(&mut l);
+        assert_eq!(l[0], 1.0 - 2.0 + 1.5);
+        // Out-of-vocabulary ids are skipped, not a panic.
+        let mut s = Sampler::new(params(|p| p.logit_bias = BTreeMap::from([(99, 5.0)])), &[]);
+        assert_eq!(s.sample(&mut raw.clone()), 1);
+    }
+
+    #[test]
+    fn banned_ids_are_never_drawn() {
+        let raw = [1.0, 3.0, 2.5, 0.0];
+        let mut s = Sampler::new(params(|p| p.temperature = 50.0), &[]);
+        for _ in 0..200 {
+            let (t, lp) = s.sample_banning(&mut raw.clone(), Some(4), &[1, 3]);
+            assert!(t == 0 || t == 2, "{t}");
+            let lp = lp.unwrap();
+            assert_eq!(
+                lp.top.iter().find(|e| e.0 == 1).unwrap().1,
+                f32::NEG_INFINITY
+            );
+        }
+    }
+
+    #[test]
     fn validation_names_the_parameter() {
         for (p, name) in [
             (params(|p| p.temperature = -1.0), "temperature"),
@@ -624,6 +720,14 @@ mod tests {
             (
                 params(|p| p.presence_penalty = f32::INFINITY),
                 "presence_penalty",
+            ),
+            (
+                params(|p| p.logit_bias = BTreeMap::from([(3, 200.0)])),
+                "logit_bias",
+            ),
+            (
+                params(|p| p.logit_bias = BTreeMap::from([(3, f32::NAN)])),
+                "logit_bias",
             ),
         ] {
             let err = p.validate().unwrap_err().to_string();

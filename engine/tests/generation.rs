@@ -205,3 +205,106 @@ fn load_picks_the_device_and_a_boxed_backend_forwards() {
         assert!(err.contains("--features cuda"), "{err}");
     }
 }
+
+#[test]
+fn logit_bias_bans_or_promotes_tokens_under_greedy() {
+    let (_d, m) = setup();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    let one = |g: &mut LocalGenerator<_>, bias: &[(u32, f32)]| {
+        let params = GenerationParams {
+            sampling: SamplingParams {
+                logit_bias: bias.iter().copied().collect(),
+                ..Default::default()
+            },
+            max_tokens: 1,
+            ignore_eos: true,
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let mut lps = Vec::new();
+        let out = g
+            .generate(&prompt, &params, &m.tokenizer, |ev| {
+                lps.extend(ev.logprobs.clone())
+            })
+            .unwrap();
+        (out.tokens[0], lps.remove(0))
+    };
+    // The model's own ranking of the first token.
+    let (greedy, lp) = one(&mut g, &[]);
+    assert_eq!(lp.top[0].0, greedy);
+    let (runner_up, third) = (lp.top[1].0, lp.top[2].0);
+    assert_ne!(greedy, runner_up);
+    // -100 on the greedy token: the runner-up wins, and the log probabilities
+    // are of the biased distribution.
+    let (t, lp) = one(&mut g, &[(greedy, -100.0)]);
+    assert_eq!(t, runner_up);
+    assert_eq!(lp.top[0].0, runner_up);
+    // A large positive bias on the third most likely token makes greedy pick it.
+    let (t, _) = one(&mut g, &[(third, 100.0)]);
+    assert_eq!(t, third);
+}
+
+#[test]
+fn min_tokens_holds_back_stop_ids_and_eos() {
+    let (_d, m) = setup();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("The little fish", true).unwrap();
+    let free = GenerationParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let full = g.generate(&prompt, &free, &m.tokenizer, |_| {}).unwrap();
+    // The greedy first token as a stop id (and the model's EOS honoured): without
+    // min_tokens the output is that one token.
+    let stopping = GenerationParams {
+        stop_token_ids: vec![full.tokens[0]],
+        ignore_eos: false,
+        ..free.clone()
+    };
+    let out = g
+        .generate(&prompt, &stopping, &m.tokenizer, |_| {})
+        .unwrap();
+    assert_eq!(out.tokens, full.tokens[..1]);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    // With min_tokens 6: at least 6 tokens, none of the first 6 a stop id or EOS.
+    let held = GenerationParams {
+        min_tokens: 6,
+        ..stopping.clone()
+    };
+    let out = g.generate(&prompt, &held, &m.tokenizer, |_| {}).unwrap();
+    assert!(out.tokens.len() >= 6, "{:?}", out.tokens);
+    let eos = &m.config.eos_token_ids;
+    assert!(
+        out.tokens[..6]
+            .iter()
+            .all(|t| *t != full.tokens[0] && !eos.contains(t)),
+        "{:?}",
+        out.tokens
+    );
+    // A stop string does not end the output before min_tokens either.
+    let first_text = m.tokenizer.decode(&full.tokens[..1]).unwrap();
+    if !first_text.is_empty() {
+        let by_string = GenerationParams {
+            stop: vec![first_text],
+            min_tokens: 4,
+            ..free.clone()
+        };
+        let out = g
+            .generate(&prompt, &by_string, &m.tokenizer, |_| {})
+            .unwrap();
+        assert!(out.tokens.len() >= 4, "{:?}", out.tokens);
+    }
+    // min_tokens beyond max_tokens is refused.
+    let bad = GenerationParams {
+        min_tokens: 13,
+        ..free
+    };
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("min_tokens")
+    );
+}

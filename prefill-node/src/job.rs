@@ -40,6 +40,8 @@ pub(crate) struct Job {
     pub sampling: SamplingParams,
     /// Top log probabilities to report with the first token; `None`: none.
     pub logprobs: Option<usize>,
+    /// Ids the first token may not be (the request's `min_tokens` not reached).
+    pub banned: Vec<u32>,
     /// To the sending task; bounded, so a slow transfer holds the worker back.
     pub events: mpsc::Sender<JobEvent>,
     /// Fired by `Cancel` or when the caller goes away.

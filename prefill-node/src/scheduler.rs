@@ -533,14 +533,14 @@ impl<B: Backend> Worker<B> {
 
 /// Samples the token after `job.prompt` from its last logits, with the sampler
 /// in the state the generated tokens (if any) left it in; with its log
-/// probabilities when the job asked for them.
+/// probabilities when the job asked for them, and never one of `job.banned`.
 fn first_sample(job: &Job, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
     let (prompt, generated) = job.prompt.split_at(job.prompt.len() - job.generated);
     let mut sampler = Sampler::new(job.sampling.clone(), prompt);
     for &t in generated {
         sampler.resume_after(t);
     }
-    sampler.sample_with_logprobs(logits, job.logprobs)
+    sampler.sample_banning(logits, job.logprobs, &job.banned)
 }
 
 /// The wire's code for a cache dtype.

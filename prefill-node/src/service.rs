@@ -66,6 +66,7 @@ impl PrefillService {
             generated: v.generated,
             sampling: v.sampling,
             logprobs: v.logprobs,
+            banned: v.banned,
             events: tx,
             cancel: cancel.clone(),
             submitted,

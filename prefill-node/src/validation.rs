@@ -77,6 +77,8 @@ pub(crate) struct ValidPrefill {
     pub sampling: SamplingParams,
     /// Top log probabilities asked for the first token; `None`: none.
     pub logprobs: Option<usize>,
+    /// Ids the first token may not be (`PrefillRequest.banned_token_ids`).
+    pub banned: Vec<u32>,
     pub target: KvDestination,
 }
 
@@ -128,6 +130,16 @@ pub(crate) async fn validate(
             tandem_engine::MAX_TOP_LOGPROBS
         )));
     }
+    if let Some(&t) = req
+        .banned_token_ids
+        .iter()
+        .find(|&&t| t as usize >= shape.vocab_size)
+    {
+        return Err(invalid(format!(
+            "banned_token_ids has id {t}, beyond the vocabulary of {} tokens",
+            shape.vocab_size
+        )));
+    }
     let target = req
         .kv_target
         .as_ref()
@@ -141,6 +153,7 @@ pub(crate) async fn validate(
         generated,
         sampling,
         logprobs: req.logprobs.map(|n| n as usize),
+        banned: req.banned_token_ids,
         target,
     })
 }

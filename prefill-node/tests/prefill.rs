@@ -277,6 +277,7 @@ impl Cluster {
             generated: Vec::new(),
             logprobs: None,
             attempt: 0,
+            banned_token_ids: Vec::new(),
         })
     }
 

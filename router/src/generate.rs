@@ -329,11 +329,16 @@ impl Request<'_> {
             let request = pb::PrefillRequest {
                 request_id: self.req.request_id.clone(),
                 prompt: self.req.prompt.clone(),
-                sampling: Some(self.req.sampling),
+                sampling: Some(self.req.sampling.clone()),
                 kv_target: Some(target),
                 generated: progress.sent.clone(),
                 logprobs: self.req.logprobs,
                 attempt,
+                banned_token_ids: if progress.sent.len() < self.req.min_tokens as usize {
+                    self.req.min_tokens_banned.clone()
+                } else {
+                    Vec::new()
+                },
             };
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
@@ -520,7 +525,7 @@ impl Request<'_> {
             let request = pb::DecodeRequest {
                 request_id: self.req.request_id.clone(),
                 prompt: self.req.prompt.clone(),
-                sampling: Some(self.req.sampling),
+                sampling: Some(self.req.sampling.clone()),
                 max_tokens: self.req.max_tokens,
                 stop: self.req.stop.clone(),
                 stop_token_ids: self.req.stop_token_ids.clone(),
@@ -530,6 +535,7 @@ impl Request<'_> {
                 generated: generated.to_vec(),
                 logprobs: self.req.logprobs,
                 attempt: guard.attempt,
+                min_tokens: self.req.min_tokens,
             };
             let mut full = None;
             let mut failed = None;

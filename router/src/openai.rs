@@ -12,6 +12,7 @@
 //! every field of OpenAI's request schemas (and vLLM's extensions) and refuses,
 //! with HTTP 400 naming it, any field or value Tandem does not honour.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_engine::{ChatMessage, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
+use tandem_engine::{ChatMessage, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
@@ -259,6 +260,11 @@ struct Sampling {
     logprobs: Option<LogprobsInput>,
     /// Chat only (the completions schema refuses it).
     top_logprobs: Option<u32>,
+    /// Token id (a JSON object's keys are strings) -> bias in [-100, 100].
+    logit_bias: Option<BTreeMap<String, f32>>,
+    /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
+    #[serde(default)]
+    min_tokens: u32,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -271,6 +277,9 @@ struct StreamOptions {
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: PromptInput,
+    /// Start the completion's text with the prompt's.
+    #[serde(default)]
+    echo: bool,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -333,10 +342,36 @@ fn logprobs_asked(s: &Sampling, kind: Kind) -> Result<Option<u32>, ApiError> {
     Ok(asked)
 }
 
+/// `logit_bias` as the wire's map, each entry checked against the vocabulary
+/// (`vocab` ids) and OpenAI's range, the error naming the field.
+fn logit_bias(s: &Sampling, vocab: usize) -> Result<HashMap<u32, f32>, ApiError> {
+    let bad = |m: String| ApiError::bad_field("logit_bias", m);
+    let mut out = HashMap::new();
+    for (key, &bias) in s.logit_bias.iter().flatten() {
+        let id: u32 = key
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("logit_bias key {key:?} is not a token id")))?;
+        if id as usize >= vocab {
+            return Err(bad(format!(
+                "logit_bias: token id {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if !(bias.is_finite() && bias.abs() <= MAX_LOGIT_BIAS) {
+            return Err(bad(format!(
+                "logit_bias[{id}] = {bias}: a bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"
+            )));
+        }
+        out.insert(id, bias);
+    }
+    Ok(out)
+}
+
 fn to_request(
     prompt: pb::generate_request::Prompt,
     s: &Sampling,
     kind: Kind,
+    vocab: usize,
 ) -> Result<pb::GenerateRequest, ApiError> {
     // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
     if let Some(p) = s.top_p
@@ -372,6 +407,7 @@ fn to_request(
             presence_penalty: s.presence_penalty.unwrap_or(0.0),
             frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
             seed: s.seed,
+            logit_bias: logit_bias(s, vocab)?,
         }),
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(0),
         stop: match &s.stop {
@@ -382,6 +418,7 @@ fn to_request(
         stop_token_ids: s.stop_token_ids.clone(),
         ignore_eos: s.ignore_eos,
         logprobs: logprobs_asked(s, kind)?,
+        min_tokens: s.min_tokens,
     })
 }
 
@@ -416,6 +453,14 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let auth = authorization(&st, &headers)?;
     let req: CompletionRequest = strict_body(Endpoint::Completions, body)?;
+    if req.echo && req.sampling.logprobs.is_some() {
+        // vLLM then returns the prompt's log probabilities too, which Tandem
+        // does not compute: refused rather than silently left out.
+        return Err(ApiError::bad_field(
+            "echo",
+            "echo with logprobs (the prompt's log probabilities) is not supported yet",
+        ));
+    }
     let prompt = match req.prompt {
         PromptInput::Text(t) => pb::generate_request::Prompt::Text(t),
         PromptInput::Tokens(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
@@ -428,17 +473,27 @@ async fn completions(
             ));
         }
     };
-    let request = to_request(prompt, &req.sampling, Kind::Completion)?;
+    let echo = if req.echo {
+        Some(match &prompt {
+            pb::generate_request::Prompt::Text(t) => t.clone(),
+            pb::generate_request::Prompt::TokenIds(ids) => st
+                .model
+                .tokenizer
+                .decode(&ids.ids)
+                .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
+        })
+    } else {
+        None
+    };
+    let vocab = st.model.config.vocab_size;
+    let request = to_request(prompt, &req.sampling, Kind::Completion, vocab)?;
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-    run(
-        st,
-        auth,
-        &headers,
-        request,
-        (req.sampling.stream, usage),
-        Kind::Completion,
-    )
-    .await
+    let out = Output {
+        stream: req.sampling.stream,
+        include_usage: usage,
+        echo,
+    };
+    run(st, auth, &headers, request, out, Kind::Completion).await
 }
 
 async fn chat_completions(
@@ -466,10 +521,14 @@ async fn chat_completions(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
         Kind::Chat,
+        st.model.config.vocab_size,
     )?;
-    let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
-    let stream = (req.sampling.stream, usage);
-    run(st, auth, &headers, request, stream, Kind::Chat).await
+    let out = Output {
+        stream: req.sampling.stream,
+        include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
+        echo: None,
+    };
+    run(st, auth, &headers, request, out, Kind::Chat).await
 }
 
 /// A request body checked field by field ([`openai_fields::check`]), then read
@@ -512,18 +571,32 @@ fn authorization(st: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValu
     Ok(value)
 }
 
-/// Runs the request through the gRPC service and answers in OpenAI's shape;
-/// `(stream, include_usage)` say whether to stream and whether a streamed
-/// answer ends with a usage chunk. An `X-Request-Id` header becomes the
-/// request's id (in logs on every node).
+/// How to answer: streamed or not, a streamed answer ending with a usage
+/// chunk or not, and the text the completion starts with (`echo`).
+struct Output {
+    stream: bool,
+    include_usage: bool,
+    /// The prompt's text (completions' `echo`): first in `text`, or in the
+    /// first streamed chunk.
+    echo: Option<String>,
+}
+
+/// Runs the request through the gRPC service and answers in OpenAI's shape,
+/// as `out` says. An `X-Request-Id` header becomes the request's id (in logs
+/// on every node).
 async fn run(
     st: AppState,
     auth: Option<HeaderValue>,
     headers: &HeaderMap,
     request: pb::GenerateRequest,
-    (stream, include_usage): (bool, bool),
+    out: Output,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    let Output {
+        stream,
+        include_usage,
+        echo,
+    } = out;
     let mut request = tonic::Request::new(request);
     if let Some(v) = auth
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
@@ -553,7 +626,7 @@ async fn run(
         let events = sse_events(
             responses,
             kind,
-            include_usage,
+            (include_usage, echo),
             tokenizer,
             id,
             created,
@@ -563,7 +636,7 @@ async fn run(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let mut text = String::new();
+    let mut text = echo.unwrap_or_default();
     let mut logprobs = Vec::new();
     let mut responses = responses;
     let mut finished = None;
@@ -616,11 +689,12 @@ fn usage_json(u: &pb::Usage) -> serde_json::Value {
     })
 }
 
-/// Server-sent events for a streamed completion, ending with `data: [DONE]`.
+/// Server-sent events for a streamed completion, ending with `data: [DONE]`;
+/// with `echo` text, the first chunk starts with it.
 fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
-    include_usage: bool,
+    (include_usage, mut echo): (bool, Option<String>),
     logprobs_model: Option<Arc<ModelDir>>,
     id: String,
     created: u64,
@@ -675,11 +749,16 @@ fn sse_events(
                         }
                         None => Value::Null,
                     };
-                    chunk(Some(&t.text), logprobs, None, first)
+                    let text = match echo.take() {
+                        Some(prompt) => prompt + &t.text,
+                        None => t.text,
+                    };
+                    chunk(Some(&text), logprobs, None, first)
                 }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
                     usage = f.usage;
-                    let tail = (!f.text.is_empty()).then_some(f.text.as_str());
+                    let tail = echo.take().unwrap_or_default() + &f.text;
+                    let tail = (!tail.is_empty()).then_some(tail.as_str());
                     chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
                 }
                 Ok(None) => continue,

@@ -9,7 +9,7 @@
 //! - [`Rule::NoEffect`]: accepted and without effect on the output, as in
 //!   vLLM (`user`, `metadata`, `service_tier`, ...);
 //! - [`Rule::NeutralOnly`]: accepted only absent, `null` or at the value that
-//!   asks for nothing (`echo: false`, `logit_bias: {}`, `n: 1`, `tools: []`,
+//!   asks for nothing (`n: 1`, `best_of: 1`, `tools: []`,
 //!   `response_format: {"type": "text"}`, ...); any other value is refused
 //!   with HTTP 400 naming the field, because Tandem cannot do it yet.
 //!
@@ -63,7 +63,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("presence_penalty", On::Both, Rule::Used),
     ("frequency_penalty", On::Both, Rule::Used),
     ("n", On::Both, Rule::NeutralOnly(is_one)),
-    ("logit_bias", On::Both, Rule::NeutralOnly(is_empty)),
+    ("logit_bias", On::Both, Rule::Used),
     ("logprobs", On::Both, Rule::Used),
     ("user", On::Both, Rule::NoEffect),
     (
@@ -74,7 +74,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     // OpenAI, completions only.
     ("prompt", On::Completions, Rule::Used),
     ("best_of", On::Completions, Rule::NeutralOnly(is_one)),
-    ("echo", On::Completions, Rule::NeutralOnly(is_false_or_zero)),
+    ("echo", On::Completions, Rule::Used),
     ("suffix", On::Completions, Rule::NeutralOnly(is_empty)),
     // OpenAI, chat only.
     ("messages", On::Chat, Rule::Used),
@@ -103,7 +103,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("stop_token_ids", On::Both, Rule::Used),
     ("ignore_eos", On::Both, Rule::Used),
     ("request_id", On::Both, Rule::Used),
-    ("min_tokens", On::Both, Rule::NeutralOnly(is_false_or_zero)),
+    ("min_tokens", On::Both, Rule::Used),
     (
         "use_beam_search",
         On::Both,
@@ -322,19 +322,14 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused_by_name() {
         for (endpoint, body, param) in [
-            (Endpoint::Completions, json!({"echo": true}), "echo"),
+            (Endpoint::Chat, json!({"echo": true}), "echo"),
             (Endpoint::Completions, json!({"n": 2}), "n"),
             (Endpoint::Completions, json!({"best_of": 3}), "best_of"),
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,
-                json!({"min_tokens": 4}),
-                "min_tokens",
-            ),
-            (
-                Endpoint::Chat,
-                json!({"logit_bias": {"5": 10}}),
-                "logit_bias",
+                json!({"include_stop_str_in_output": true}),
+                "include_stop_str_in_output",
             ),
             (
                 Endpoint::Chat,

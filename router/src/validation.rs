@@ -42,6 +42,12 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
     /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
+    /// Tokens generated before EOS, a stop id or a stop string may end the output.
+    pub min_tokens: u32,
+    /// What the token at an output index below `min_tokens` may not be: the
+    /// model's EOS (unless ignored) and the stop ids. A prefill node sampling
+    /// such a token is sent them; empty when `min_tokens` is 0.
+    pub min_tokens_banned: Vec<u32>,
 }
 
 /// Checks requests against the served model and the router's limits.
@@ -205,6 +211,33 @@ impl Validator {
             )));
         }
 
+        if let Some((&id, _)) = req
+            .sampling
+            .as_ref()
+            .and_then(|s| s.logit_bias.iter().find(|&(&id, _)| id as usize >= vocab))
+        {
+            return Err(invalid(format!(
+                "sampling.logit_bias: token id {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if req.min_tokens > max_tokens {
+            return Err(invalid(format!(
+                "min_tokens ({}) must be at most max_tokens ({max_tokens})",
+                req.min_tokens
+            )));
+        }
+        let min_tokens_banned = if req.min_tokens > 0 {
+            let params = tandem_engine::GenerationParams {
+                stop_token_ids: req.stop_token_ids.clone(),
+                ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens as usize,
+                ..Default::default()
+            };
+            tandem_engine::banned_before_min_tokens(&params, &config.eos_token_ids, 0)
+        } else {
+            Vec::new()
+        };
+
         if let Some(n) = req.logprobs
             && n as usize > MAX_TOP_LOGPROBS
         {
@@ -222,6 +255,8 @@ impl Validator {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             logprobs: req.logprobs,
+            min_tokens: req.min_tokens,
+            min_tokens_banned,
         })
     }
 }

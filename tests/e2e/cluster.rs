@@ -111,6 +111,106 @@ async fn logprobs_are_the_log_softmax_of_the_engines_logits() {
     wait_for_no_leak(&cluster).await;
 }
 
+/// The engine's own output for `request`'s parameters, in this process.
+fn engine_output(
+    model: &tandem_engine::ModelDir,
+    p: &[u32],
+    request: &pb::GenerateRequest,
+) -> Vec<u32> {
+    let backend = model.load_cpu(256, 16).expect("backend");
+    let mut g = tandem_engine::local::LocalGenerator::new(backend);
+    let params = tandem_engine::GenerationParams {
+        sampling: tandem_cluster::convert::sampling_from_pb(request.sampling.as_ref()),
+        max_tokens: request.max_tokens as usize,
+        stop_token_ids: request.stop_token_ids.clone(),
+        ignore_eos: request.ignore_eos,
+        min_tokens: request.min_tokens as usize,
+        ..Default::default()
+    };
+    g.generate(p, &params, &model.tokenizer, |_| {})
+        .expect("engine generation")
+        .tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logit_bias_and_min_tokens_over_grpc() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut client = cluster.client().await;
+    let vocab = model.config.vocab_size as u32;
+    // local_prefill_below is 8: the first token is sampled by the prefill node
+    // for the first prompt, by the decode node for the second.
+    for (path, len) in [("remote prefill", 40), ("local prefill", 5)] {
+        let p = prompt(len, 23);
+        let logits = reference_logits(&model, &p, 1).remove(0);
+        let mut ranked: Vec<u32> = (0..vocab).collect();
+        ranked.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        let (greedy, runner_up, promoted) = (ranked[0], ranked[1], ranked[ranked.len() / 2]);
+
+        // -100 on the greedy token: the runner-up comes first, and the rest is
+        // the engine's own output under the same bias.
+        let mut request = greedy_request(&p, 6);
+        request.sampling = Some(pb::SamplingParams {
+            logit_bias: [(greedy, -100.0)].into(),
+            ..Default::default()
+        });
+        let got = complete(&mut client, request.clone()).await.expect(path);
+        assert_eq!(got.tokens[0], runner_up, "{path}");
+        assert!(!got.tokens.contains(&greedy), "{path}: {:?}", got.tokens);
+        assert_eq!(got.tokens, engine_output(&model, &p, &request), "{path}");
+        // +100 on a token from the middle of the ranking: greedy picks it.
+        let mut request = greedy_request(&p, 1);
+        request.sampling = Some(pb::SamplingParams {
+            logit_bias: [(promoted, 100.0)].into(),
+            ..Default::default()
+        });
+        let got = complete(&mut client, request).await.expect(path);
+        assert_eq!(got.tokens, [promoted], "{path}");
+
+        // The greedy first token as a stop id, EOS honoured: one token, unless
+        // min_tokens holds both back.
+        let mut request = greedy_request(&p, 8);
+        request.ignore_eos = false;
+        request.stop_token_ids = vec![greedy];
+        let got = complete(&mut client, request.clone()).await.expect(path);
+        assert_eq!(got.tokens, [greedy], "{path}");
+        assert_eq!(got.reason, pb::FinishReason::Stop, "{path}");
+        request.min_tokens = 5;
+        let got = complete(&mut client, request.clone()).await.expect(path);
+        assert!(got.tokens.len() >= 5, "{path}: {:?}", got.tokens);
+        let eos = &model.config.eos_token_ids;
+        assert!(
+            got.tokens[..5]
+                .iter()
+                .all(|t| *t != greedy && !eos.contains(t)),
+            "{path}: {:?}",
+            got.tokens
+        );
+        assert_eq!(got.tokens, engine_output(&model, &p, &request), "{path}");
+    }
+    // Refused, naming the field.
+    for (bias, min_tokens, field) in [
+        (vec![(vocab, 1.0)], 0, "logit_bias"),
+        (vec![(5, 200.0)], 0, "logit_bias"),
+        (vec![], 9, "min_tokens"),
+    ] {
+        let mut request = greedy_request(&prompt(10, 1), 8);
+        request.min_tokens = min_tokens;
+        request.sampling = Some(pb::SamplingParams {
+            logit_bias: bias.into_iter().collect(),
+            ..Default::default()
+        });
+        let err = complete(&mut client, request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    wait_for_no_leak(&cluster).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_streams_batch_together() {
     let (_dir, model) = small_model();

@@ -24,10 +24,37 @@ async fn the_openai_client_library_works_against_the_router() {
         .find(|&i| !greedy[..i].contains(&greedy[i]))
         .expect("greedy decoding generates two distinct tokens");
     let stop_token = greedy[stop_at].to_string();
+    // The first token's ranking under the engine's own logits, for logit_bias.
+    let first_logits = reference_logits(&model, &prompt, 1).remove(0);
+    let mut ranked: Vec<u32> = (0..first_logits.len() as u32).collect();
+    ranked.sort_by(|&a, &b| {
+        first_logits[b as usize]
+            .total_cmp(&first_logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    // A token from the middle of the ranking whose text stands alone.
+    let promoted = *ranked[ranked.len() / 2..]
+        .iter()
+        .find(|&&t| {
+            let s = model.tokenizer.decode(&[t]).unwrap();
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric())
+        })
+        .expect("a plain-text token");
+    let (greedy_first, runner_up) = (ranked[0], ranked[1]);
+    assert_eq!(greedy_first, greedy[0]);
+    let args = [
+        stop_token,
+        greedy_first.to_string(),
+        runner_up.to_string(),
+        promoted.to_string(),
+        model.config.vocab_size.to_string(),
+    ];
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_client.py");
     let output = tokio::task::spawn_blocking(move || {
         Command::new("python3")
-            .args([script, &base, &stop_token])
+            .arg(script)
+            .arg(&base)
+            .args(&args)
             .output()
     })
     .await
@@ -181,7 +208,7 @@ async fn the_openai_client_library_works_against_the_router() {
 
     // Each field Tandem cannot honour: 400 naming it, and the next request is served.
     let refused = seen["refused"].as_object().unwrap();
-    assert_eq!(refused.len(), 15, "{refused:?}");
+    assert_eq!(refused.len(), 13, "{refused:?}");
     for (case, got) in refused {
         let field = case.split_once('.').unwrap().1;
         let e = &got["error"];
@@ -222,6 +249,59 @@ async fn the_openai_client_library_works_against_the_router() {
             .iter()
             .any(|o| *o != seeded["first"]),
         "{seeded}"
+    );
+
+    // logit_bias: -100 on the greedy token gives the runner-up, +100 on a token
+    // from the middle of the ranking makes greedy pick it.
+    let bias = &seen["logit_bias"];
+    let text_of = |t: u32| model.tokenizer.decode(&[t]).unwrap();
+    assert_eq!(
+        bias["none"]["text"],
+        text_of(greedy_first).as_str(),
+        "{bias}"
+    );
+    assert_eq!(bias["ban"]["text"], text_of(runner_up).as_str(), "{bias}");
+    assert_eq!(
+        bias["promote"]["text"],
+        text_of(promoted).as_str(),
+        "{bias}"
+    );
+    for case in ["id_past_vocab", "value_200"] {
+        let e = &bias["errors"][case];
+        assert_eq!(e["status"], 400, "{case}: {e}");
+        assert_eq!(e["param"], "logit_bias", "{case}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("logit_bias"),
+            "{case}: {e}"
+        );
+    }
+
+    // min_tokens: a stop id that would end the output at once is held back.
+    let mt = &seen["min_tokens"];
+    assert_eq!(mt["without"]["completion_tokens"], 1, "{mt}");
+    assert!(
+        mt["with"]["completion_tokens"].as_u64().unwrap() >= 5,
+        "{mt}"
+    );
+
+    // echo: the prompt's text first, in one piece and streamed (in the first chunk).
+    let echo = &seen["echo"];
+    let echoed = format!("Once upon a time{expected}");
+    assert_eq!(echo["text"], echoed.as_str(), "{echo}");
+    assert_eq!(echo["stream"], echoed.as_str(), "{echo}");
+    assert!(
+        echo["stream_first"]
+            .as_str()
+            .unwrap()
+            .starts_with("Once upon a time"),
+        "{echo}"
+    );
+    let e = &echo["with_logprobs"];
+    assert_eq!(e["status"], 400, "{e}");
+    assert_eq!(e["param"], "echo", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("not supported"),
+        "{e}"
     );
 
     // Unknown routes and methods answer in OpenAI's error shape too.

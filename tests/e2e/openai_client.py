@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Drives Tandem's OpenAI-compatible API with the official `openai` client library.
 
-Usage: openai_client.py BASE_URL STOP_TOKEN_ID   (e.g. http://127.0.0.1:8000/v1 42)
-STOP_TOKEN_ID is a token greedy decoding of "Once upon a time" generates.
+Usage: openai_client.py BASE_URL STOP_TOKEN_ID GREEDY RUNNER_UP PROMOTED VOCAB
+(e.g. http://127.0.0.1:8000/v1 42 7 9 300 512). STOP_TOKEN_ID is a token greedy
+decoding of "Once upon a time" generates; GREEDY, RUNNER_UP and PROMOTED are the
+most likely, second most likely and a much less likely first token after it;
+VOCAB is the vocabulary's size.
 Prints one JSON object with what it saw; tests/e2e/openai.rs asserts on it.
 """
 import json
@@ -14,6 +17,7 @@ import openai
 
 base = sys.argv[1]
 stop_token_id = int(sys.argv[2])
+greedy_first, runner_up, promoted, vocab = (int(a) for a in sys.argv[3:7])
 client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
 out = {}
 
@@ -151,12 +155,9 @@ out["cached_tokens"] = cached
 # Every field Tandem cannot honour is refused by name, and the next request is served.
 refused = {}
 completion_refusals = {
-    "echo": {"echo": True},
-    "logit_bias": {"logit_bias": {"50": 100}},
     "n": {"n": 2},
     "best_of": {"best_of": 2},
     "suffix": {"suffix": " The end."},
-    "min_tokens": {"extra_body": {"min_tokens": 3}},
     "guided_regex": {"extra_body": {"guided_regex": "a+"}},
     "max_token": {"extra_body": {"max_token": 3}},
 }
@@ -168,6 +169,7 @@ chat_refusals = {
     "function_call": {"extra_body": {"function_call": "auto"}},
     "guided_json": {"extra_body": {"guided_json": {"type": "object"}}},
     "prompt": {"extra_body": {"prompt": "hi"}},
+    "echo": {"extra_body": {"echo": True}},
 }
 for kind, cases in [("completions", completion_refusals), ("chat", chat_refusals)]:
     for field, kwargs in cases.items():
@@ -204,6 +206,48 @@ def sample(seed):
     return client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=1.0,
                                      seed=seed, extra_body={"top_k": 50}).choices[0].text
 out["seeded"] = {"first": sample(1234), "again": sample(1234), "others": [sample(s) for s in (1, 2, 3)]}
+
+# logit_bias: -100 bans the greedy first token (the runner-up comes instead);
+# +100 makes a much less likely token the greedy pick.
+one = {"model": model, "prompt": "Once upon a time", "max_tokens": 1, "temperature": 0,
+       "extra_body": {"ignore_eos": True}}
+bias = {}
+for name, b in {"none": {}, "ban": {str(greedy_first): -100}, "promote": {str(promoted): 100}}.items():
+    c = client.completions.create(logit_bias=b, **one)
+    bias[name] = {"text": c.choices[0].text, "completion_tokens": c.usage.completion_tokens}
+bias_errors = {}
+for name, b in {"id_past_vocab": {str(vocab): 1}, "value_200": {"5": 200}}.items():
+    try:
+        client.completions.create(logit_bias=b, **one)
+        bias_errors[name] = None
+    except openai.APIStatusError as e:
+        bias_errors[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+bias["errors"] = bias_errors
+out["logit_bias"] = bias
+
+# min_tokens: the greedy first token as a stop id (EOS honoured) ends the output
+# at once, unless min_tokens holds it back.
+mt = {}
+for name, n in {"without": 0, "with": 5}.items():
+    c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                  extra_body={"stop_token_ids": [greedy_first], "min_tokens": n})
+    mt[name] = {"completion_tokens": c.usage.completion_tokens, "finish_reason": c.choices[0].finish_reason}
+out["min_tokens"] = mt
+
+# echo: the prompt's text, then the completion's; in one piece and streamed.
+ec = {}
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, echo=True)
+ec["text"] = c.choices[0].text
+parts = [ch.choices[0].text for ch in client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=8, temperature=0, echo=True, stream=True)]
+ec["stream"] = "".join(parts)
+ec["stream_first"] = parts[0]
+try:
+    client.completions.create(model=model, prompt="Once upon a time", max_tokens=2, echo=True, logprobs=1)
+    ec["with_logprobs"] = None
+except openai.APIStatusError as e:
+    ec["with_logprobs"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["echo"] = ec
 
 
 def raw(method: str, path: str):

@@ -196,6 +196,7 @@ async fn direct(
                 generated: Vec::new(),
                 logprobs: request.logprobs,
                 attempt: 0,
+                banned_token_ids: Vec::new(),
             })
             .await?;
     }
