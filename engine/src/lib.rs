@@ -38,7 +38,7 @@ pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};
 pub use generation::{FinishReason, Generation, GenerationParams, TokenEvent};
 pub use kv_cache::{KvDtype, KvLayout};
-pub use model_dir::{Device, ModelDir};
+pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};

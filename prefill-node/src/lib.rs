@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
-use tandem_engine::ModelDir;
+use tandem_engine::{BatchLimits, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,18 @@ impl RunningPrefill {
             Ok(r) => r,
             Err(e) => Err(PrefillError::Server(format!("server task failed: {e}"))),
         }
+    }
+}
+
+/// The most one prefill pass holds (see `batch_plan::plan_step`): at most
+/// `max_batch_tokens` tokens, or one block when the budget is below a block;
+/// every chunk (at most `chunk_tokens`, within the budget) has at least one
+/// token, so there are at most as many sequences as tokens.
+fn batch_limits(config: &PrefillSection) -> BatchLimits {
+    let max_tokens = config.max_batch_tokens.max(config.block_size);
+    BatchLimits {
+        max_tokens,
+        max_seqs: config.max_batch_tokens,
     }
 }
 
@@ -122,7 +134,8 @@ pub async fn serve(
     let backend = {
         let model = model.clone();
         let (blocks, bs, tp) = (config.kv_blocks, config.block_size, config.tp);
-        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs))
+        let limits = batch_limits(&config);
+        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs, limits))
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };
@@ -208,4 +221,37 @@ pub async fn serve(
         scheduler,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(toml: &str) -> PrefillSection {
+        tandem_cluster::Config::parse(toml)
+            .unwrap()
+            .prefill
+            .unwrap()
+    }
+
+    #[test]
+    fn the_backend_is_sized_for_the_configured_budget() {
+        let c = section("[prefill]\nchunk_tokens = 512\nmax_batch_tokens = 10000\n");
+        assert_eq!(
+            batch_limits(&c),
+            BatchLimits {
+                max_tokens: 10000,
+                max_seqs: 10000
+            }
+        );
+        // A budget below one block still runs a block-sized chunk.
+        let c = section("[prefill]\nblock_size = 32\nchunk_tokens = 32\nmax_batch_tokens = 8\n");
+        assert_eq!(
+            batch_limits(&c),
+            BatchLimits {
+                max_tokens: 32,
+                max_seqs: 8
+            }
+        );
+    }
 }
