@@ -16,7 +16,6 @@ pub mod sink;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
@@ -70,9 +69,6 @@ pub struct RunningDecode {
     /// Ends when the node has stopped.
     pub done: tokio::task::JoinHandle<()>,
 }
-
-/// How long a reservation may wait for its first frame before the receiver gives up on it.
-const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most one decode step holds (see `Scheduler::step`): `max_batch`
 /// sequences, decoding or prefilling locally, in `max_batch_tokens` tokens.
@@ -129,7 +125,7 @@ pub async fn serve_advertising(
             .await
             .map_err(|e| DecodeError::Transfer(e.to_string()))??
     };
-    let reservations = Arc::new(Mutex::new(Reservations::new(RESERVATION_TIMEOUT)));
+    let reservations = Arc::new(Mutex::new(Reservations::new()));
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (commands, command_rx) = std::sync::mpsc::channel();
 
