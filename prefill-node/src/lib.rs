@@ -69,15 +69,20 @@ impl RunningPrefill {
     }
 }
 
+/// Most jobs in one prefill pass: per-sequence buffers of a CUDA backend
+/// (logits, attention partials) grow with it, and a pass of this many
+/// prompts already fills a GPU.
+const MAX_SEQS_PER_PASS: usize = 256;
+
 /// The most one prefill pass holds (see `batch_plan::plan_step`): at most
 /// `max_batch_tokens` tokens, or one block when the budget is below a block;
-/// every chunk (at most `chunk_tokens`, within the budget) has at least one
-/// token, so there are at most as many sequences as tokens.
+/// every chunk has at least one token, so no more sequences than tokens, and
+/// no more than [`MAX_SEQS_PER_PASS`].
 fn batch_limits(config: &PrefillSection) -> BatchLimits {
     let max_tokens = config.max_batch_tokens.max(config.block_size);
     BatchLimits {
         max_tokens,
-        max_seqs: config.max_batch_tokens,
+        max_seqs: config.max_batch_tokens.min(MAX_SEQS_PER_PASS),
     }
 }
 
@@ -147,6 +152,7 @@ pub async fn serve(
                 chunk_tokens: config.chunk_tokens,
                 max_batch_tokens: config.max_batch_tokens,
                 block_size: config.block_size,
+                max_seqs: batch_limits(&config).max_seqs,
             },
             max_queue: config.max_queue,
             node_id: &config.id,
@@ -241,7 +247,7 @@ mod tests {
             batch_limits(&c),
             BatchLimits {
                 max_tokens: 10000,
-                max_seqs: 10000
+                max_seqs: MAX_SEQS_PER_PASS
             }
         );
         // A budget below one block still runs a block-sized chunk.
