@@ -613,6 +613,16 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(d) = &self.decode
+            && d.max_batch > d.max_batch_tokens
+        {
+            // Every running sequence takes a token per step, and the backend
+            // sizes its buffers for this many tokens.
+            return Err(ConfigError::Invalid(format!(
+                "decode.max_batch ({}) must not exceed decode.max_batch_tokens ({}): each sequence in a step takes at least one token",
+                d.max_batch, d.max_batch_tokens
+            )));
+        }
         if self.prefill.as_ref().is_some_and(|p| p.tp == 0) {
             return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
         }
@@ -756,6 +766,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn decode_batch_must_fit_its_token_budget() {
+        let err = Config::parse("[decode]\nmax_batch = 512\nmax_batch_tokens = 256\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("decode.max_batch (512)") && err.contains("decode.max_batch_tokens (256)"),
+            "{err}"
+        );
+        Config::parse("[decode]\nmax_batch = 256\nmax_batch_tokens = 256\n").unwrap();
     }
 
     #[test]

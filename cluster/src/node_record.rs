@@ -60,13 +60,18 @@ pub struct NodeRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_name: Option<String>,
     /// The decode node's QUIC KV receiver addresses (empty for prefill nodes).
+    /// For operators reading etcd (`etcdctl get --prefix /tandem/`): no part
+    /// of Tandem reads it, since a prefill node learns where to send KV from
+    /// the decode node's `Admitted.kv_target` for each request.
     #[serde(default)]
     pub quic_addrs: Vec<String>,
     /// Name of the served model.
     pub model: String,
     /// GPUs the model is sharded over (tensor parallelism).
     pub tp_size: u32,
-    /// Static capacity; live load comes over gRPC (`WatchLoad`).
+    /// Static capacity, for operators reading etcd: no part of Tandem reads
+    /// it. The router routes on live figures from each node's `WatchLoad`
+    /// reports (which carry `kv_blocks_total` and `block_size` too).
     pub capacity: Capacity,
 }
 

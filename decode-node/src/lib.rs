@@ -16,11 +16,10 @@ pub mod sink;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
-use tandem_engine::ModelDir;
+use tandem_engine::{BatchLimits, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
 use tokio_util::sync::CancellationToken;
@@ -71,8 +70,14 @@ pub struct RunningDecode {
     pub done: tokio::task::JoinHandle<()>,
 }
 
-/// How long a reservation may wait for its first frame before the receiver gives up on it.
-const RESERVATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most one decode step holds (see `Scheduler::step`): `max_batch`
+/// sequences, decoding or prefilling locally, in `max_batch_tokens` tokens.
+fn batch_limits(config: &DecodeSection) -> BatchLimits {
+    BatchLimits {
+        max_tokens: config.max_batch_tokens,
+        max_seqs: config.max_batch,
+    }
+}
 
 /// Starts a decode node: the engine loop, the QUIC receiver and the gRPC service.
 ///
@@ -115,11 +120,12 @@ pub async fn serve_advertising(
     let backend = {
         let model = model.clone();
         let (blocks, block_size, tp) = (config.kv_blocks, config.block_size, config.tp);
-        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, block_size))
+        let limits = batch_limits(&config);
+        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, block_size, limits))
             .await
             .map_err(|e| DecodeError::Transfer(e.to_string()))??
     };
-    let reservations = Arc::new(Mutex::new(Reservations::new(RESERVATION_TIMEOUT)));
+    let reservations = Arc::new(Mutex::new(Reservations::new()));
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (commands, command_rx) = std::sync::mpsc::channel();
 
@@ -226,6 +232,7 @@ pub async fn serve_advertising(
         commands,
         local_prefill_below: config.local_prefill_below,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
+        block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
         stats: stats.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -255,4 +262,25 @@ pub async fn serve_advertising(
         stats,
         done,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_is_sized_for_the_configured_batch() {
+        let config =
+            tandem_cluster::Config::parse("[decode]\nmax_batch = 300\nmax_batch_tokens = 5000\n")
+                .unwrap()
+                .decode
+                .unwrap();
+        assert_eq!(
+            batch_limits(&config),
+            BatchLimits {
+                max_tokens: 5000,
+                max_seqs: 300
+            }
+        );
+    }
 }

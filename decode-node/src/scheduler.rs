@@ -409,7 +409,7 @@ impl<B: Backend> Scheduler<B> {
                 .reservations
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .register(transfer_id, expect, Instant::now());
+                .register(transfer_id, expect);
             if let Err(e) = registered {
                 let _ = self.blocks.release(&table);
                 return Err(Status::internal(format!("cannot reserve KV: {e}")));

@@ -27,6 +27,8 @@ pub struct DecodeService {
     pub local_prefill_below: usize,
     /// Tensor-parallel ranks of the node's model.
     pub tp_size: u32,
+    /// Tokens per KV block, published in load reports.
+    pub block_size: u32,
     /// Load figures from the engine loop.
     pub stats: Arc<Mutex<Stats>>,
 }
@@ -128,6 +130,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let (tx, rx) = mpsc::channel(1);
         let stats = self.stats.clone();
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
+        let block_size = self.block_size;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -148,6 +151,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     prompt_tokens_total: s.local_prompt_tokens_total,
                     cached_tokens_total: s.cached_tokens_total,
                     prefix_cache_blocks: s.prefix_cache_blocks,
+                    block_size,
                 };
                 if tx.send(Ok(load)).await.is_err() {
                     return;

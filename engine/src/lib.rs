@@ -40,7 +40,7 @@ pub use generation::{
     FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,
 };
 pub use kv_cache::{KvDtype, KvLayout};
-pub use model_dir::{Device, ModelDir};
+pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -22,6 +22,30 @@ pub enum Device {
     Cuda(usize),
 }
 
+/// The most one forward pass of a node may hold, from the node's config
+/// (`prefill.max_batch_tokens`, `decode.max_batch`, ...). A backend that sizes
+/// its buffers once (CUDA) sizes them for this; the CPU backend allocates per
+/// pass and only checks that the limits are positive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Tokens in one pass, all sequences together.
+    pub max_tokens: usize,
+    /// Sequences (chunks) in one pass.
+    pub max_seqs: usize,
+}
+
+impl BatchLimits {
+    fn check(self) -> Result<()> {
+        if self.max_tokens == 0 || self.max_seqs == 0 {
+            return Err(crate::error::EngineError::InvalidInput(format!(
+                "batch limits of {} tokens and {} sequences: both must be positive",
+                self.max_tokens, self.max_seqs
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A model (directory or GGUF file) whose config and tokenizer have been read and checked.
 pub struct ModelDir {
     /// Where it is: a directory, or a `.gguf` file.
@@ -75,8 +99,14 @@ impl ModelDir {
     }
 
     /// Loads the weights onto [`device`](Self::device) with a KV cache of
-    /// `num_blocks` blocks of `block_size` tokens.
-    pub fn load(&self, num_blocks: usize, block_size: usize) -> Result<Box<dyn Backend>> {
+    /// `num_blocks` blocks of `block_size` tokens, for passes within `limits`.
+    pub fn load(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        limits: BatchLimits,
+    ) -> Result<Box<dyn Backend>> {
+        limits.check()?;
         match self.device {
             Device::Cpu => Ok(Box::new(self.load_cpu(num_blocks, block_size)?)),
             #[cfg(feature = "cuda")]
@@ -88,7 +118,7 @@ impl ModelDir {
                     &weights,
                     num_blocks,
                     block_size,
-                    crate::cuda::CudaLimits::default(),
+                    crate::cuda::CudaLimits::from(limits),
                 )?))
             }
             #[cfg(not(feature = "cuda"))]
@@ -105,9 +135,11 @@ impl ModelDir {
         tp: usize,
         num_blocks: usize,
         block_size: usize,
+        limits: BatchLimits,
     ) -> Result<Box<dyn Backend>> {
+        limits.check()?;
         match self.device {
-            _ if tp == 1 => self.load(num_blocks, block_size),
+            _ if tp == 1 => self.load(num_blocks, block_size, limits),
             Device::Cpu => self.load_cpu_tp(tp, num_blocks, block_size),
             Device::Cuda(_) => Err(crate::error::EngineError::InvalidInput(format!(
                 "tp = {tp}: tensor parallelism runs on the CPU backend only so far"

@@ -4,7 +4,12 @@ use std::time::Instant;
 
 use tandem_engine::local::LocalGenerator;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
-use tandem_engine::{FinishReason, GenerationParams, ModelDir, SamplingParams};
+use tandem_engine::{BatchLimits, FinishReason, GenerationParams, ModelDir, SamplingParams};
+
+const LIMITS: BatchLimits = BatchLimits {
+    max_tokens: 64,
+    max_seqs: 4,
+};
 
 fn setup() -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -184,7 +189,7 @@ fn load_picks_the_device_and_a_boxed_backend_forwards() {
     use tandem_engine::backend::{Backend, argmax};
     use tandem_engine::{Device, KvDtype, SeqChunk};
     let (_d, mut m) = setup();
-    let mut boxed = m.load(8, 16).unwrap();
+    let mut boxed = m.load(8, 16, LIMITS).unwrap();
     assert_eq!(boxed.kv_layout().dtype, KvDtype::F32);
     let mut plain = m.load_cpu(8, 16).unwrap();
     let chunk = [SeqChunk {
@@ -198,7 +203,7 @@ fn load_picks_the_device_and_a_boxed_backend_forwards() {
     m.device = Device::Cuda(0);
     if cfg!(not(feature = "cuda")) {
         let err = m
-            .load(8, 16)
+            .load(8, 16, LIMITS)
             .err()
             .expect("no CUDA in this build")
             .to_string();
@@ -307,4 +312,28 @@ fn min_tokens_holds_back_stop_ids_and_eos() {
             .to_string()
             .contains("min_tokens")
     );
+}
+
+#[test]
+fn load_refuses_empty_batch_limits() {
+    let (_d, m) = setup();
+    for limits in [
+        BatchLimits {
+            max_tokens: 0,
+            max_seqs: 4,
+        },
+        BatchLimits {
+            max_tokens: 64,
+            max_seqs: 0,
+        },
+    ] {
+        let err = m.load(8, 16, limits).err().expect("refused").to_string();
+        assert!(err.contains("batch limits"), "{err}");
+        let err = m
+            .load_tp(2, 8, 16, limits)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("batch limits"), "{err}");
+    }
 }

@@ -16,16 +16,15 @@
 //! A [`Refusal`] for a request this table knows means that transfer is
 //! broken: the caller must [`release`](Reservations::release) the
 //! reservation (and free its blocks), and the sender is told through the
-//! stream being stopped. Nothing here releases on its own except
-//! [`expire`](Reservations::expire), which returns the ids it dropped so the
-//! caller can free their blocks too. After a successful `on_final` the
-//! request is finished: further frames are refused with
-//! [`Refusal::Finished`] until the caller releases it.
+//! stream being stopped. Nothing here releases on its own: a reservation
+//! whose KV never arrives is released by the decode node when the request's
+//! `kv_timeout_ms` passes (its scheduler's `reap`), with the request's blocks.
+//! After a successful `on_final` the request is finished: further frames are
+//! refused with [`Refusal::Finished`] until the caller releases it.
 //!
-//! The table holds no clock: callers pass `now`, so tests are deterministic.
+//! The table holds no clock and no timer.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use crate::wire::{LayerHeader, WireDtype};
 
@@ -153,7 +152,6 @@ pub enum Refusal {
 #[derive(Debug)]
 struct Entry {
     expect: Expectation,
-    registered: Instant,
     /// One bit per (layer, block, head), in that order.
     received: Vec<u64>,
     received_count: u64,
@@ -183,19 +181,15 @@ impl Entry {
 }
 
 /// The decode node's expected transfers, keyed by request id.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Reservations {
     entries: HashMap<u64, Entry>,
-    timeout: Duration,
 }
 
 impl Reservations {
-    /// An empty table whose reservations expire `timeout` after registration.
-    pub fn new(timeout: Duration) -> Self {
-        Reservations {
-            entries: HashMap::new(),
-            timeout,
-        }
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Reservations held.
@@ -209,12 +203,7 @@ impl Reservations {
     }
 
     /// Expects a transfer for `request_id`.
-    pub fn register(
-        &mut self,
-        request_id: u64,
-        expect: Expectation,
-        now: Instant,
-    ) -> Result<(), Refusal> {
+    pub fn register(&mut self, request_id: u64, expect: Expectation) -> Result<(), Refusal> {
         if self.entries.contains_key(&request_id) {
             return Err(Refusal::AlreadyRegistered(request_id));
         }
@@ -237,7 +226,6 @@ impl Reservations {
             request_id,
             Entry {
                 expect,
-                registered: now,
                 received: vec![0; words],
                 received_count: 0,
                 finished: false,
@@ -375,22 +363,6 @@ impl Reservations {
     pub fn release(&mut self, request_id: u64) -> bool {
         self.entries.remove(&request_id).is_some()
     }
-
-    /// Drops unfinished reservations registered more than the timeout before
-    /// `now`, returning their ids so the caller frees their blocks.
-    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
-        let timeout = self.timeout;
-        let expired: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.finished && now.saturating_duration_since(e.registered) > timeout)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &expired {
-            self.entries.remove(id);
-        }
-        expired
-    }
 }
 
 #[cfg(test)]
@@ -437,16 +409,15 @@ mod tests {
         LayerHeader::for_payload(id, s, &vec![0; len]).unwrap()
     }
 
-    fn table() -> (Reservations, Instant) {
-        let now = Instant::now();
-        let mut r = Reservations::new(Duration::from_secs(10));
-        r.register(1, expect(), now).unwrap();
-        (r, now)
+    fn table() -> Reservations {
+        let mut r = Reservations::new();
+        r.register(1, expect()).unwrap();
+        r
     }
 
     #[test]
     fn full_and_split_transfers_complete() {
-        let (mut r, _) = table();
+        let mut r = table();
         r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
             .unwrap();
         // Layer 1 in two TP halves, blocks split too.
@@ -488,7 +459,7 @@ mod tests {
 
     #[test]
     fn refuses_unknown_request() {
-        let (mut r, _) = table();
+        let mut r = table();
         assert_eq!(
             r.on_layer_frame(&header(9, shape(0, 0, 1, 0, HEADS))),
             Err(Refusal::UnknownRequest(9))
@@ -498,7 +469,7 @@ mod tests {
 
     #[test]
     fn refuses_layer_out_of_range() {
-        let (mut r, _) = table();
+        let mut r = table();
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(2, 0, 1, 0, HEADS))),
             Err(Refusal::LayerOutOfRange {
@@ -510,7 +481,7 @@ mod tests {
 
     #[test]
     fn refuses_duplicates_including_overlaps() {
-        let (mut r, _) = table();
+        let mut r = table();
         r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))).unwrap();
         assert_eq!(
             r.on_layer_frame(&header(1, shape(0, 0, 2, 0, 2))),
@@ -528,7 +499,7 @@ mod tests {
 
     #[test]
     fn refuses_blocks_beyond_reservation() {
-        let (mut r, _) = table();
+        let mut r = table();
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(0, 2, 2, 0, HEADS))),
             Err(Refusal::BlocksOutOfRange {
@@ -545,7 +516,7 @@ mod tests {
 
     #[test]
     fn refuses_shape_mismatches() {
-        let (mut r, _) = table();
+        let mut r = table();
         let mut s = shape(0, 0, 1, 0, HEADS);
         s.dtype = WireDtype::F16;
         assert!(matches!(
@@ -596,7 +567,7 @@ mod tests {
 
     #[test]
     fn refuses_heads_out_of_range() {
-        let (mut r, _) = table();
+        let mut r = table();
         let mut h = header(1, shape(0, 0, 1, 3, 1));
         h.head_count = 2;
         assert!(matches!(
@@ -607,7 +578,7 @@ mod tests {
 
     #[test]
     fn final_checks_layer_count() {
-        let (mut r, _) = table();
+        let mut r = table();
         r.on_layer_frame(&header(1, shape(0, 0, 3, 0, HEADS)))
             .unwrap();
         r.on_layer_frame(&header(1, shape(1, 0, 3, 0, HEADS)))
@@ -624,35 +595,13 @@ mod tests {
 
     #[test]
     fn registration_checks() {
-        let (mut r, now) = table();
-        assert_eq!(
-            r.register(1, expect(), now),
-            Err(Refusal::AlreadyRegistered(1))
-        );
+        let mut r = table();
+        assert_eq!(r.register(1, expect()), Err(Refusal::AlreadyRegistered(1)));
         let mut e = expect();
         e.block_bytes += 1;
-        assert!(matches!(
-            r.register(2, e, now),
-            Err(Refusal::BadExpectation(_))
-        ));
+        assert!(matches!(r.register(2, e), Err(Refusal::BadExpectation(_))));
         let mut e = expect();
         e.num_blocks = 0;
-        assert!(matches!(
-            r.register(2, e, now),
-            Err(Refusal::BadExpectation(_))
-        ));
-    }
-
-    #[test]
-    fn expiry_drops_only_old_unfinished() {
-        let (mut r, now) = table();
-        r.register(2, expect(), now + Duration::from_secs(5))
-            .unwrap();
-        assert!(r.expire(now + Duration::from_secs(10)).is_empty());
-        assert_eq!(r.expire(now + Duration::from_secs(11)), vec![1]);
-        assert_eq!(r.len(), 1);
-        assert_eq!(r.on_final(1, 0, 2), Err(Refusal::UnknownRequest(1)));
-        assert_eq!(r.expire(now + Duration::from_secs(16)), vec![2]);
-        assert!(r.is_empty());
+        assert!(matches!(r.register(2, e), Err(Refusal::BadExpectation(_))));
     }
 }

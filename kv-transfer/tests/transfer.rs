@@ -71,7 +71,7 @@ impl TestSink {
     fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Ending>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = TestSink {
-            reservations: Mutex::new(Reservations::new(Duration::from_secs(60))),
+            reservations: Mutex::new(Reservations::new()),
             store: Mutex::new(HashMap::new()),
             endings: tx,
         };
@@ -88,11 +88,7 @@ impl TestSink {
             head_dim: HEAD_DIM,
             block_size: BLOCK_SIZE,
         };
-        self.reservations
-            .lock()
-            .unwrap()
-            .register(id, e, std::time::Instant::now())
-            .unwrap();
+        self.reservations.lock().unwrap().register(id, e).unwrap();
     }
 
     fn layer(&self, id: u64, layer: u32) -> Vec<u8> {

@@ -17,6 +17,9 @@ pub struct StepLimits {
     pub max_batch_tokens: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Most jobs per step (the backend's buffers are sized for this many
+    /// sequences in one pass).
+    pub max_seqs: usize,
 }
 
 /// One job's chunk in a step: prompt tokens `start..end` of job `job`.
@@ -48,6 +51,9 @@ pub fn plan_step(
     let mut budget = limits.max_batch_tokens;
     let mut next = cursor % n;
     for k in 0..n {
+        if chunks.len() >= limits.max_seqs.max(1) {
+            break;
+        }
         let j = (cursor + k) % n;
         let (computed, len) = jobs[j];
         if computed >= len {
@@ -91,7 +97,20 @@ mod tests {
         chunk_tokens: 32,
         max_batch_tokens: 48,
         block_size: 16,
+        max_seqs: 256,
     };
+
+    #[test]
+    fn a_step_holds_at_most_max_seqs_jobs() {
+        let limits = StepLimits {
+            max_seqs: 2,
+            ..LIMITS
+        };
+        let jobs = [(0, 1); 5];
+        let (chunks, next) = plan_step(&jobs, 1, limits);
+        let served: Vec<usize> = chunks.iter().map(|c| c.job).collect();
+        assert_eq!((served, next), (vec![1, 2], 3));
+    }
 
     #[test]
     fn long_prompt_is_cut_into_block_aligned_chunks() {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tandem_cluster::listener::{self, ConnectionLimits};
 use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
-use tandem_engine::ModelDir;
+use tandem_engine::{BatchLimits, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,23 @@ impl RunningPrefill {
             Ok(r) => r,
             Err(e) => Err(PrefillError::Server(format!("server task failed: {e}"))),
         }
+    }
+}
+
+/// Most jobs in one prefill pass: per-sequence buffers of a CUDA backend
+/// (logits, attention partials) grow with it, and a pass of this many
+/// prompts already fills a GPU.
+const MAX_SEQS_PER_PASS: usize = 256;
+
+/// The most one prefill pass holds (see `batch_plan::plan_step`): at most
+/// `max_batch_tokens` tokens, or one block when the budget is below a block;
+/// every chunk has at least one token, so no more sequences than tokens, and
+/// no more than [`MAX_SEQS_PER_PASS`].
+fn batch_limits(config: &PrefillSection) -> BatchLimits {
+    let max_tokens = config.max_batch_tokens.max(config.block_size);
+    BatchLimits {
+        max_tokens,
+        max_seqs: config.max_batch_tokens.min(MAX_SEQS_PER_PASS),
     }
 }
 
@@ -122,7 +139,8 @@ pub async fn serve(
     let backend = {
         let model = model.clone();
         let (blocks, bs, tp) = (config.kv_blocks, config.block_size, config.tp);
-        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs))
+        let limits = batch_limits(&config);
+        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs, limits))
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };
@@ -134,6 +152,7 @@ pub async fn serve(
                 chunk_tokens: config.chunk_tokens,
                 max_batch_tokens: config.max_batch_tokens,
                 block_size: config.block_size,
+                max_seqs: batch_limits(&config).max_seqs,
             },
             max_queue: config.max_queue,
             node_id: &config.id,
@@ -208,4 +227,37 @@ pub async fn serve(
         scheduler,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(toml: &str) -> PrefillSection {
+        tandem_cluster::Config::parse(toml)
+            .unwrap()
+            .prefill
+            .unwrap()
+    }
+
+    #[test]
+    fn the_backend_is_sized_for_the_configured_budget() {
+        let c = section("[prefill]\nchunk_tokens = 512\nmax_batch_tokens = 10000\n");
+        assert_eq!(
+            batch_limits(&c),
+            BatchLimits {
+                max_tokens: 10000,
+                max_seqs: MAX_SEQS_PER_PASS
+            }
+        );
+        // A budget below one block still runs a block-sized chunk.
+        let c = section("[prefill]\nblock_size = 32\nchunk_tokens = 32\nmax_batch_tokens = 8\n");
+        assert_eq!(
+            batch_limits(&c),
+            BatchLimits {
+                max_tokens: 32,
+                max_seqs: 8
+            }
+        );
+    }
 }

@@ -111,6 +111,7 @@ impl PrefillService {
             prompt_tokens_total: l.prompt_tokens_total,
             cached_tokens_total: l.cached_tokens_total,
             prefix_cache_blocks: u32_of(l.prefix_cache_blocks),
+            block_size: u32_of(self.shape.block_size),
         }
     }
 }

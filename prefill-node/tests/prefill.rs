@@ -148,7 +148,7 @@ async fn start_with(
     let prefill = tandem_prefill::serve(model.clone(), config, shutdown.clone()).await?;
     let tls = SelfSigned::generate(&["localhost"])?;
     let decode = Arc::new(Decode(Mutex::new(DecodeState {
-        reservations: Reservations::new(Duration::from_secs(60)),
+        reservations: Reservations::new(),
         backend: model.load_cpu(512, BLOCK)?,
         blocks: BlockManager::new(512),
         requests: HashMap::new(),
@@ -237,7 +237,6 @@ impl Cluster {
                     head_dim: layout.head_dim as u16,
                     block_size: BLOCK as u16,
                 },
-                Instant::now(),
             )
             .map_err(|e| anyhow!("{e:?}"))?;
         s.requests.insert(

@@ -32,8 +32,9 @@ use crate::choice::{NodeStatus, rank_decode, rank_prefill};
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Block size assumed when estimating a new request's KV use between reports.
-const ESTIMATE_BLOCK_SIZE: u32 = 16;
+/// Block size assumed when estimating a new request's KV use between reports
+/// for a node whose reports carry none (one that predates `block_size`).
+const FALLBACK_BLOCK_SIZE: u32 = 16;
 /// A node with no load report for this many intervals (and at least
 /// [`STALE_MIN`]) has stopped answering: it ranks last and requests on it are
 /// re-run elsewhere. A paused process keeps its connections open, so this,
@@ -225,9 +226,13 @@ impl NodePool {
                     .saturating_add(prompt_tokens as u64);
             }
             _ => {
+                let block_size = match load.block_size {
+                    0 => FALLBACK_BLOCK_SIZE,
+                    n => n,
+                };
                 let blocks = u32::try_from(prompt_tokens)
                     .unwrap_or(u32::MAX)
-                    .div_ceil(ESTIMATE_BLOCK_SIZE);
+                    .div_ceil(block_size);
                 load.kv_blocks_free = load.kv_blocks_free.saturating_sub(blocks);
             }
         }
@@ -407,6 +412,29 @@ mod tests {
         pool.note_assigned(b, 33);
         let load = pool.load_of(b).unwrap();
         assert_eq!((load.queued, load.kv_blocks_free), (1, 7));
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn assignments_count_blocks_of_the_nodes_block_size() {
+        let shutdown = CancellationToken::new();
+        let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
+        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let a = "http://127.0.0.1:1";
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pool.set_status(a, |s| {
+            s.load = Some(NodeLoad {
+                role: "decode".into(),
+                kv_blocks_free: 10,
+                block_size: 32,
+                ..Default::default()
+            });
+        });
+        // 33 tokens are two blocks of 32 (three of the old fixed 16).
+        pool.note_assigned(a, 33);
+        assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 8);
+        pool.note_assigned(a, 64);
+        assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 6);
         shutdown.cancel();
     }
 }

@@ -24,7 +24,7 @@
 //! | random bytes, truncated frames on QUIC      | stream/connection refused, node keeps serving | `cluster::malformed_frames_on_the_quic_port_are_refused`, `kv-transfer/tests/transfer.rs::garbage_and_truncation_are_refused_and_service_continues` |
 //! | duplicated KV frames                        | refused, request aborted    | `kv-transfer/src/reservation.rs::refuses_duplicates_including_overlaps` |
 //! | KV frames for an unknown request            | refused                     | `kv-transfer/src/reservation.rs::refuses_unknown_request` |
-//! | a reservation never filled                  | expired after the timeout, blocks returned | `kv-transfer/src/reservation.rs::expiry_drops_only_old_unfinished`, `cluster::malformed_frames_on_the_quic_port_are_refused` (no leak) |
+//! | a reservation never filled                  | expired after the timeout, blocks returned | the decode node's `Scheduler::reap` at `kv_timeout_ms`, `cluster::malformed_frames_on_the_quic_port_are_refused` (no leak) |
 //! | a peer without a valid certificate          | TLS refusal                 | `security::mutual_tls_serves_members_and_refuses_strangers_on_quic` |
 
 use std::time::Duration;

@@ -291,6 +291,44 @@ async fn a_client_that_goes_away_frees_everything() {
     assert_eq!(got.tokens, reference(&model, &p, 5));
 }
 
+/// A reservation whose KV never arrives ends at the request's `kv_timeout_ms`
+/// with DEADLINE_EXCEEDED, and its blocks (and reservation) are released: the
+/// decode node's only reservation timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_never_filled_ends_at_its_kv_timeout() {
+    let (_dir, model) = small_model();
+    let cluster = Cluster::start(model.clone(), ClusterSpec::default()).await;
+    let mut decode = pb::decode_node_client::DecodeNodeClient::connect(format!(
+        "http://{}",
+        cluster.decode_grpc
+    ))
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut stream = decode
+        .decode(pb::DecodeRequest {
+            request_id: "never-filled".into(),
+            prompt: prompt(40, 5),
+            max_tokens: 4,
+            kv_timeout_ms: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended without an error"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("no KV timeout after 10 s"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    wait_for_no_leak(&cluster).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_frames_on_the_quic_port_are_refused() {
     let (_dir, model) = small_model();

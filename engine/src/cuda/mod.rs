@@ -91,6 +91,19 @@ impl Default for CudaLimits {
     }
 }
 
+impl From<crate::model_dir::BatchLimits> for CudaLimits {
+    /// Buffers for a node's passes. A decode batch padded to its graph bucket
+    /// adds one token per padding row, so there is room for at least one token
+    /// per sequence.
+    fn from(b: crate::model_dir::BatchLimits) -> Self {
+        CudaLimits {
+            max_tokens: b.max_tokens.max(b.max_seqs),
+            max_seqs: b.max_seqs,
+            ..CudaLimits::default()
+        }
+    }
+}
+
 /// Activation buffers, allocated once.
 struct Buffers {
     x: CudaSlice<f32>,
@@ -893,7 +906,23 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_SPLITS, decode_splits};
+    use super::{CudaLimits, MAX_SPLITS, decode_splits};
+    use crate::model_dir::BatchLimits;
+
+    #[test]
+    fn a_nodes_batch_limits_size_the_buffers() {
+        let l = CudaLimits::from(BatchLimits {
+            max_tokens: 4096,
+            max_seqs: 512,
+        });
+        assert_eq!((l.max_tokens, l.max_seqs), (4096, 512));
+        // Fewer tokens than sequences: room for a padded decode batch.
+        let l = CudaLimits::from(BatchLimits {
+            max_tokens: 8,
+            max_seqs: 64,
+        });
+        assert_eq!((l.max_tokens, l.max_seqs), (64, 64));
+    }
 
     #[test]
     fn decode_grids_fill_the_gpu_within_the_split_limit() {
