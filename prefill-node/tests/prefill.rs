@@ -30,6 +30,8 @@ struct Incoming {
     table: Vec<BlockId>,
     first_token: Option<u32>,
     aborted: Option<String>,
+    /// Layer frames taken in.
+    frames: u32,
 }
 
 struct DecodeState {
@@ -56,11 +58,9 @@ impl KvSink for Decode {
             .reservations
             .on_layer_frame(h)
             .map_err(|e| format!("{e:?}"))?;
-        let table = &s
-            .requests
-            .get(&h.request_id)
-            .ok_or("unknown request")?
-            .table;
+        let incoming = s.requests.get_mut(&h.request_id).ok_or("unknown request")?;
+        incoming.frames += 1;
+        let table = &incoming.table;
         let (first, count) = (acc.first_block as usize, acc.block_count as usize);
         s.backend
             .import_layer(acc.layer as usize, &table[first..first + count], &payload)
@@ -245,6 +245,7 @@ impl Cluster {
                 table,
                 first_token: None,
                 aborted: None,
+                frames: 0,
             },
         );
         Ok(pb::KvTarget {
@@ -501,8 +502,18 @@ async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
     let transfer_id = req.kv_target.as_ref().map(|t| t.transfer_id).unwrap_or(0);
     let mut client = c.client.clone();
     let call = tokio::spawn(async move { client.prefill(req).await });
+    // Cancel once the transfer is under way (a layer has reached the receiver):
+    // a request cancelled before its first layer opens no stream, and the
+    // decode node then learns of it only at its KV timeout.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while c.prefill.load().steps_total < 2 {
+    while c.prefill.load().steps_total < 2
+        || c.decode
+            .lock()
+            .requests
+            .get(&transfer_id)
+            .map_or(0, |r| r.frames)
+            == 0
+    {
         assert!(Instant::now() < deadline, "the prefill never started");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
