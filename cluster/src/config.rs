@@ -404,7 +404,10 @@ pub struct PrefillSection {
     /// Tokens per KV block (must equal the decode nodes').
     #[serde(default = "default_block_size")]
     pub block_size: usize,
-    /// Most prompt tokens of one request per forward pass; a multiple of block_size.
+    /// A request's share of a forward pass while other requests wait to be
+    /// prefilled (a multiple of block_size); a request takes more of
+    /// `max_batch_tokens` when the others leave it unused, so a prompt
+    /// prefilled alone needs as few passes as that budget allows.
     #[serde(default = "default_chunk")]
     pub chunk_tokens: usize,
     /// Most prompt tokens per forward pass over all requests.

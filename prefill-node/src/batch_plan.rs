@@ -2,16 +2,21 @@
 //! policy, with no I/O so it is tested on its own.
 //!
 //! Every step takes, round-robin over the active jobs, a chunk of at most
-//! `chunk_tokens` tokens of each, until `max_batch_tokens` are taken. A chunk
-//! ends on a block boundary unless it ends the prompt, so the next chunk
-//! starts at a multiple of `block_size` and every block of every layer is
-//! written (and shipped) by exactly one chunk. The job after the last one
-//! served goes first next step, so a long prompt never starves short ones.
+//! `chunk_tokens` tokens of each, until `max_batch_tokens` are taken; budget
+//! left after that round goes to the step's jobs in the same order, so a
+//! prompt prefilled alone takes as few passes as the budget allows (a
+//! prefill node has no decode batch to protect: chunking only shares its
+//! passes fairly between prompts). A chunk ends on a block boundary unless
+//! it ends the prompt, so the next chunk starts at a multiple of
+//! `block_size` and every block of every layer is written (and shipped) by
+//! exactly one chunk. The job after the last one served goes first next
+//! step, so a long prompt never starves short ones.
 
 /// Token budget of a step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepLimits {
-    /// Most tokens of one job per step (a multiple of `block_size`).
+    /// One job's share of a step while other jobs wait (a multiple of
+    /// `block_size`); a job takes more only from budget the others left.
     pub chunk_tokens: usize,
     /// Most tokens per step over all jobs.
     pub max_batch_tokens: usize,
@@ -86,6 +91,24 @@ pub fn plan_step(
             break;
         }
     }
+    // Work-conserving: budget the round left extends the planned chunks, in
+    // the order they were served, still ending on block boundaries.
+    for ch in chunks.iter_mut() {
+        if budget < bs {
+            break;
+        }
+        let left = jobs[ch.job].1 - ch.end;
+        if left == 0 || ch.end % bs != 0 {
+            continue;
+        }
+        let more = if left <= budget {
+            left
+        } else {
+            budget / bs * bs
+        };
+        ch.end += more;
+        budget -= more;
+    }
     (chunks, next)
 }
 
@@ -126,7 +149,8 @@ mod tests {
             seen.push((ch.start, ch.end));
             jobs[0].0 = ch.end;
         }
-        assert_eq!(seen, vec![(0, 32), (32, 64), (64, 96), (96, 100)]);
+        // Alone, a job takes the whole step budget (48), not one chunk (32).
+        assert_eq!(seen, vec![(0, 48), (48, 96), (96, 100)]);
     }
 
     #[test]
@@ -162,6 +186,32 @@ mod tests {
             chunks.iter().map(|c| c.end - c.start).sum::<usize>(),
             5 + 32
         );
+    }
+
+    #[test]
+    fn budget_left_by_short_jobs_extends_long_ones() {
+        let limits = StepLimits {
+            max_batch_tokens: 96,
+            ..LIMITS
+        };
+        let (chunks, next) = plan_step(&[(0, 100), (0, 5)], 0, limits);
+        // 32 + 5 in the round; the 59 left extend job 0 by 48 (block-aligned).
+        assert_eq!(
+            chunks,
+            vec![
+                PlannedChunk {
+                    job: 0,
+                    start: 0,
+                    end: 80
+                },
+                PlannedChunk {
+                    job: 1,
+                    start: 0,
+                    end: 5
+                },
+            ]
+        );
+        assert_eq!(next, 0);
     }
 
     #[test]
