@@ -19,10 +19,14 @@ use tandem_engine::ModelDir;
 use tandem_engine::TokenDraw;
 use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
-use tandem_engine::config::{Architecture, ModelConfig};
+use tandem_engine::config::ModelConfig;
 use tandem_engine::cpu::{CpuBackend, CpuModel};
-use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel, named_config};
-use tandem_engine::synth::{SynthDtype, SynthSpec, write_model_dir};
+use tandem_engine::cuda::bench::named_config;
+use tandem_engine::cuda::check::{
+    CHECK_MODELS, CheckReport, L2_BOUND, MAX_REL_BOUND, check_model, decode_alone, l2_err, rel_err,
+    synthesize,
+};
+use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 use tandem_engine::weights::Weights;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -51,29 +55,6 @@ fn main() {
     }
 }
 
-/// max |a - b| / max |b|: the error relative to the logits' scale.
-fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
-    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = gpu.iter().zip(cpu).fold(0f32, |m, (a, b)| {
-        if (a - b).is_nan() {
-            f32::INFINITY
-        } else {
-            m.max((a - b).abs())
-        }
-    });
-    diff / scale
-}
-
-/// ||a - b|| / ||b||.
-fn l2_err(gpu: &[f32], cpu: &[f32]) -> f32 {
-    let (mut d, mut r) = (0f64, 0f64);
-    for (a, b) in gpu.iter().zip(cpu) {
-        d += ((a - b) as f64).powi(2);
-        r += (*b as f64).powi(2);
-    }
-    (d.sqrt() / r.sqrt().max(1e-12)) as f32
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -84,258 +65,83 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn check(args: &[String]) -> Res<()> {
     let root = PathBuf::from(arg(args, "--dir").unwrap_or_else(|| "/tmp/tandem-check".into()));
-    let models = [
-        ("llama-hd32", Architecture::Llama, 256, 8, 4, 2048),
-        ("llama-hd128", Architecture::Llama, 1024, 8, 2, 2048),
-        ("qwen2-hd64", Architecture::Qwen2, 512, 8, 2, 2048),
-        ("mistral-window256", Architecture::Mistral, 256, 8, 4, 512),
-    ];
-    let mut failed = false;
+    let mut failed = Vec::new();
     println!("## correctness: CUDA (bf16) vs CPU (f32) on synthesized bf16-weight models\n");
     println!(
         "| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, arch, hidden, heads, kv_heads, max_pos) in models {
-        let dir = root.join(name);
-        if !dir.join("config.json").exists() {
-            write_model_dir(
-                &dir,
-                &SynthSpec {
-                    architecture: arch,
-                    hidden_size: hidden,
-                    intermediate_size: hidden * 11 / 4,
-                    num_heads: heads,
-                    num_kv_heads: kv_heads,
-                    max_position_embeddings: max_pos,
-                    dtype: SynthDtype::Bf16,
-                    seed: 7,
-                    ..SynthSpec::default()
-                },
-            )?;
+    for model in &CHECK_MODELS {
+        let dir = synthesize(&root, model)?;
+        let r = checked_model(&dir)?;
+        for f in r.failures() {
+            failed.push(format!("{}: {f}", model.name));
         }
-        let r = check_model(&dir)?;
-        failed |= !(r.0 < 5e-2 && r.1 < 5e-2 && r.4 < 1e-2);
         println!(
-            "| {name} | 20 (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
-            r.0, r.4, r.1, r.2, r.3
+            "| {} | {} (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
+            model.name,
+            r.prompts,
+            r.prefill_max_rel,
+            r.prefill_l2,
+            r.decode_max_rel,
+            r.greedy_differ.len(),
+            where_(&r.greedy_differ)
         );
     }
     println!();
-    if failed {
-        return Err("logits error above tolerance (L2 1e-2, max 5e-2)".into());
+    if !failed.is_empty() {
+        return Err(format!(
+            "logits error above tolerance (L2 {L2_BOUND:.0e}, max {MAX_REL_BOUND:.0e}): {}",
+            failed.join("; ")
+        )
+        .into());
     }
     Ok(())
 }
 
-/// (max prefill rel err, max decode rel err, continuations differing, divergence
-/// steps, max prefill L2 rel err).
-fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
-    let config = ModelDir::open(dir)?.config;
-    let weights = Weights::open(dir)?;
-    let steps = 16;
-    let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let max_len = 400.min(config.max_position_embeddings - steps - 1);
-    let prompts: Vec<Vec<u32>> = (0..20)
-        .map(|i| {
-            let len = if i == 0 {
-                1
-            } else {
-                rng.random_range(2..=max_len)
-            };
-            (0..len)
-                .map(|_| rng.random_range(0..config.vocab_size as u32))
-                .collect()
-        })
-        .collect();
-    // Each sequence gets its own blocks, in reverse order, so paging is exercised.
-    let per_seq = blocks_for(max_len + steps + 1, BS);
-    let num_blocks = per_seq * prompts.len() + 8;
-    let tables: Vec<Vec<u32>> = (0..prompts.len())
-        .map(|i| {
-            (0..per_seq)
-                .rev()
-                .map(|j| (i * per_seq + j) as u32)
-                .collect()
-        })
-        .collect();
-    let mut cpu = CpuBackend::new(CpuModel::load(&config, &weights)?, num_blocks, BS)?;
-    let limits = CudaLimits {
-        max_tokens: 1024,
-        max_seqs: 64,
-        staging_blocks: 64,
-        ..CudaLimits::default()
-    };
-    let mut gpu = CudaBackend::load(0, &config, &weights, num_blocks, BS, limits)?;
-    gpu.poison()?;
-
-    let mut prefill_err = 0f32;
-    let mut prefill_l2 = 0f32;
-    let mut cpu_next = Vec::new();
-    let mut gpu_next = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let c = cpu.prefill(p, 0, &tables[i])?;
-        let g = if i % 3 == 0 && p.len() > 1 {
-            let half = p.len() / 2;
-            gpu.prefill(&p[..half], 0, &tables[i])?;
-            gpu.prefill(&p[half..], half, &tables[i])?
-        } else {
-            gpu.prefill(p, 0, &tables[i])?
-        };
-        prefill_err = prefill_err.max(rel_err(&g, &c));
-        prefill_l2 = prefill_l2.max(l2_err(&g, &c));
-        cpu_next.push(argmax(&c));
-        gpu_next.push(argmax(&g));
-    }
-
-    // KV wire: the GPU's exported layer (bf16) against the CPU's (f32).
-    let cpu_kv = cpu.export_layer(1, &tables[5][..2])?;
-    let gpu_kv = gpu.export_layer(1, &tables[5][..2])?;
-    let as_f32: Vec<f32> = gpu_kv
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
-    let cpu_f32: Vec<f32> = cpu_kv
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let used = prompts[5].len().min(2 * BS);
-    let kv_err = rel_err(&as_f32, &cpu_f32);
-    // Import into spare blocks and read back: byte-identical.
-    let spare: Vec<u32> = (num_blocks as u32 - 2..num_blocks as u32).collect();
-    gpu.import_layer(1, &spare, &gpu_kv)?;
-    let back = gpu.export_layer(1, &spare)?;
+/// `check_model` with its side findings on stderr; an error when the KV round
+/// trip differs or PDL changes decode results (the logits bounds are the caller's).
+fn checked_model(dir: &Path) -> Res<CheckReport> {
+    let r = check_model(dir)?;
+    let d = dir.display();
     eprintln!(
-        "{}: KV layer export rel err vs CPU {kv_err:.2e} ({used} tokens), import/export roundtrip {}",
-        dir.display(),
-        if back == gpu_kv {
+        "{d}: KV layer export rel err vs CPU {:.2e}, import/export roundtrip {}",
+        r.kv_export_rel,
+        if r.kv_roundtrip_identical {
             "identical"
         } else {
             "DIFFERS"
         }
     );
-    if back != gpu_kv {
+    if !r.kv_roundtrip_identical {
         return Err("KV import/export roundtrip differs".into());
     }
-
-    // Greedy continuations: the GPU decodes all 20 in one batch per step, on the
-    // device (forward_greedy), first kernel by kernel, then as graph replays (the
-    // same K/V is rewritten where the two agree); the CPU one sequence at a time.
-    let mut decode_err = 0f32;
-    let mut cpu_cont = vec![Vec::new(); prompts.len()];
-    let mut cpu_step0 = Vec::new();
-    let first_tokens = gpu_next.clone();
-    let mut conts = Vec::new();
-    for graphs in [false, true] {
-        gpu.set_graphs(graphs);
-        let mut next = first_tokens.clone();
-        let mut cont = vec![Vec::new(); prompts.len()];
-        for step in 0..steps {
-            let mut batch = Vec::new();
-            for (i, p) in prompts.iter().enumerate() {
-                let pos = p.len() + step;
-                if !graphs {
-                    let c = cpu.decode(&[(cpu_next[i], pos, &tables[i])])?;
-                    cpu_cont[i].push(cpu_next[i]);
-                    cpu_next[i] = argmax(&c[0]);
-                    if step == 0 {
-                        cpu_step0.push(c.into_iter().next().unwrap_or_default());
-                    }
-                }
-                batch.push((next[i], pos, tables[i].as_slice()));
-            }
-            let toks: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
-            let chunks: Vec<SeqChunk<'_>> = batch
-                .iter()
-                .zip(&toks)
-                .map(|(b, t)| SeqChunk {
-                    tokens: t,
-                    start: b.1,
-                    block_table: b.2,
-                })
-                .collect();
-            if step == 0 && !graphs {
-                // The batched decode step's logits against the CPU's, where both were
-                // fed the same token (forward_greedy below rewrites the same K/V).
-                let g = gpu.forward(&chunks, None)?;
-                for i in 0..prompts.len() {
-                    if cpu_cont[i][0] == next[i] {
-                        decode_err = decode_err.max(rel_err(&g[i], &cpu_step0[i]));
-                    }
-                }
-            }
-            let ids = gpu.forward_greedy(&chunks, None)?;
-            for (i, id) in ids.into_iter().enumerate() {
-                cont[i].push(next[i]);
-                next[i] = id;
-            }
-        }
-        conts.push(cont);
-    }
-    let graph_differ = (0..prompts.len())
-        .filter(|&i| conts[0][i] != conts[1][i])
-        .count();
     eprintln!(
-        "{}: greedy continuations, graph replays vs kernel-by-kernel: {graph_differ} of {} differ ({} graphs captured)",
-        dir.display(),
-        prompts.len(),
-        gpu.graphs_captured()
+        "{d}: greedy continuations, graph replays vs kernel-by-kernel: {} of {} differ ({} graphs captured)",
+        r.graph_differ, r.prompts, r.graphs_captured
     );
-    let gpu_cont = conts.pop().unwrap_or_default();
-    // The first six sequences decoded alone (one-token passes take the fused
-    // single-row path), against the CPU.
-    // Then again without programmatic dependent launches: the same tokens, or the
-    // kernels' ordering is wrong.
-    let mut alone_differ = Vec::new();
-    let mut pdl_differ = 0;
-    for i in 0..6.min(prompts.len()) {
-        let mut conts = Vec::new();
-        for pdl in [true, false] {
-            gpu.set_pdl(pdl);
-            conts.push(decode_alone(
-                &mut gpu,
-                first_tokens[i],
-                prompts[i].len(),
-                &tables[i],
-                steps,
-            )?);
-        }
-        gpu.set_pdl(true);
-        let cont = &conts[0];
-        if conts[1] != *cont {
-            pdl_differ += 1;
-        }
-        if let Some(k) = (0..steps).find(|&k| cont[k] != cpu_cont[i][k]) {
-            alone_differ.push(format!("#{i}@{k}"));
-        }
-    }
     eprintln!(
-        "{}: sequences decoded alone, with vs without programmatic dependent launches: {pdl_differ} of 6 differ",
-        dir.display()
+        "{d}: sequences decoded alone, with vs without programmatic dependent launches: {} of 6 differ",
+        r.pdl_differ
     );
-    if pdl_differ > 0 {
+    if r.pdl_differ > 0 {
         return Err("programmatic dependent launches change decode results".into());
     }
     eprintln!(
-        "{}: sequences decoded alone vs the CPU: {} of 6 differ {}",
-        dir.display(),
-        alone_differ.len(),
-        alone_differ.join(", ")
+        "{d}: sequences decoded alone vs the CPU: {} of 6 differ {}",
+        r.alone_differ.len(),
+        r.alone_differ.join(", ")
     );
-    let mut differ = 0;
-    let mut where_ = Vec::new();
-    for i in 0..prompts.len() {
-        if let Some(k) = (0..steps).find(|&k| cpu_cont[i][k] != gpu_cont[i][k]) {
-            differ += 1;
-            where_.push(format!("#{i}(len {})@{k}", prompts[i].len()));
-        }
-    }
-    let where_ = if where_.is_empty() {
+    Ok(r)
+}
+
+/// Where continuations diverge, or `-`.
+fn where_(differ: &[String]) -> String {
+    if differ.is_empty() {
         "-".into()
     } else {
-        where_.join(", ")
-    };
-    Ok((prefill_err, decode_err, differ, where_, prefill_l2))
+        differ.join(", ")
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -359,14 +165,18 @@ fn real(args: &[String]) -> Res<()> {
         c.head_dim,
         c.vocab_size
     );
-    let r = check_model(&path)?;
+    let r = checked_model(&path)?;
     println!(
         "| prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where |"
     );
     println!("|---|---|---|---|---|---|");
     println!(
         "| 20 random (1..400 tokens) | {:.2e} | {:.2e} | {:.2e} | {} | {} |\n",
-        r.0, r.4, r.1, r.2, r.3
+        r.prefill_max_rel,
+        r.prefill_l2,
+        r.decode_max_rel,
+        r.greedy_differ.len(),
+        where_(&r.greedy_differ)
     );
 
     let weights = Weights::open(&path)?;
@@ -971,27 +781,18 @@ fn kernels(args: &[String]) -> Res<()> {
         ("down", h, inter),
         ("lm_head", v, h),
     ] {
-        let w = gpu.zeros::<half::bf16>(out * k)?;
-        let x = gpu.zeros::<half::bf16>(64 * k)?;
-        let y = gpu.zeros::<f32>(64 * out)?;
-        let st = gpu.device_ptr(&w);
-        gpu.fill_uniform(st, out * k, 3, -0.05, 0.05)?;
-        gpu.fill_uniform(gpu.device_ptr(&x), 64 * k, 4, -1.0, 1.0)?;
+        let mut w = gpu.zeros::<half::bf16>(out * k)?;
+        let mut x = gpu.zeros::<half::bf16>(64 * k)?;
+        let mut y = gpu.zeros::<f32>(64 * out)?;
+        gpu.fill_uniform_slice(&mut w, 3, -0.05, 0.05)?;
+        gpu.fill_uniform_slice(&mut x, 4, -1.0, 1.0)?;
         for rows in [1usize, 64] {
             let mut times = Vec::new();
             for i in 0..25 {
                 gpu.sync()?;
                 let t0 = Instant::now();
                 for _ in 0..10 {
-                    gpu.gemm(
-                        gpu.device_ptr(&x),
-                        st,
-                        gpu.device_ptr(&y),
-                        rows,
-                        k,
-                        out,
-                        true,
-                    )?;
+                    gpu.gemm_f32(&x, &w, &mut y, rows, k, out)?;
                 }
                 gpu.sync()?;
                 if i >= 5 {
@@ -1120,30 +921,6 @@ fn consecutive_tables(batch: usize, per_seq: usize) -> Vec<Vec<u32>> {
     (0..batch)
         .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
         .collect()
-}
-
-/// `steps` greedy tokens of one sequence decoded alone (batch 1) from `first`
-/// at position `start`: `first` and the tokens it leads to, each fed back.
-fn decode_alone(
-    be: &mut CudaBackend,
-    first: u32,
-    start: usize,
-    table: &[u32],
-    steps: usize,
-) -> Res<Vec<u32>> {
-    let mut next = first;
-    let mut cont = Vec::with_capacity(steps);
-    for k in 0..steps {
-        cont.push(next);
-        let t = [next];
-        let chunk = SeqChunk {
-            tokens: &t,
-            start: start + k,
-            block_table: table,
-        };
-        next = be.forward_greedy(&[chunk], None)?[0];
-    }
-    Ok(cont)
 }
 
 /// Median seconds of a decode step, of 13 after 3 warm-up: one sequence per block
