@@ -7,9 +7,9 @@
 //!
 //! The parameter names are the kernels' own, and a test reads every kernel's
 //! signature out of the program source and checks names, count, order and
-//! kind (pointer, `int`, `u64`, `float`) against [`Kernel::params`], so a
-//! swapped argument fails here instead of giving a silently wrong answer on
-//! the GPU.
+//! types (a pointer's element type, `int`, `u64`, `float`) against
+//! [`Kernel::params`], so a swapped argument fails here instead of giving a
+//! silently wrong answer on the GPU.
 
 use std::marker::PhantomData;
 
@@ -93,11 +93,31 @@ impl<T> Dev<T> {
     }
 }
 
+/// An element type a kernel's pointer parameter points to, by its name in the
+/// kernel source.
+pub(crate) trait Elem {
+    /// The C type (`bf16`, `float`, `int`, `u32`).
+    const C: &'static str;
+}
+impl Elem for bf16 {
+    const C: &'static str = "bf16";
+}
+impl Elem for f32 {
+    const C: &'static str = "float";
+}
+impl Elem for i32 {
+    const C: &'static str = "int";
+}
+impl Elem for u32 {
+    const C: &'static str = "u32";
+}
+
 /// One kernel parameter, as the driver receives it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Param {
-    /// A device address (`T*` in the kernel).
-    Ptr(u64),
+    /// A device address (`T*` in the kernel) and the C name of `T` (`void` for
+    /// an untyped output).
+    Ptr(u64, &'static str),
     /// `int`.
     I32(i32),
     /// `u64`.
@@ -106,9 +126,9 @@ pub(crate) enum Param {
     F32(f32),
 }
 
-impl<T> From<Dev<T>> for Param {
+impl<T: Elem> From<Dev<T>> for Param {
     fn from(d: Dev<T>) -> Self {
-        Param::Ptr(d.addr)
+        Param::Ptr(d.addr, T::C)
     }
 }
 
@@ -143,7 +163,7 @@ pub(crate) unsafe fn launch<K: Kernel>(gpu: &Gpu, k: &K, pdl: bool) -> Result<()
     let mut l = gpu.kernel(K::function(gpu), pdl);
     for (_, p) in &params {
         match p {
-            Param::Ptr(v) | Param::U64(v) => l.arg(v),
+            Param::Ptr(v, _) | Param::U64(v) => l.arg(v),
             Param::I32(v) => l.arg(v),
             Param::F32(v) => l.arg(v),
         };
@@ -354,7 +374,7 @@ impl Kernel for Gemv {
         Ok(vec![
             ("x", self.x.into()),
             ("w", self.w.into()),
-            ("y", Param::Ptr(y)),
+            ("y", Param::Ptr(y, "void")),
             ("n", int(self.n)?),
             ("k", int(self.k)?),
             ("out", int(self.out)?),

@@ -4,10 +4,10 @@
 use super::*;
 use crate::cuda::program;
 
-/// A parameter's kind as the kernel declares it.
+/// A parameter's type as the kernel declares it (a pointer by its element type).
 #[derive(Debug, PartialEq)]
 enum Kind {
-    Ptr,
+    Ptr(String),
     I32,
     U64,
     F32,
@@ -15,7 +15,7 @@ enum Kind {
 
 fn kind(p: &Param) -> Kind {
     match p {
-        Param::Ptr(_) => Kind::Ptr,
+        Param::Ptr(_, elem) => Kind::Ptr(elem.to_string()),
         Param::I32(_) => Kind::I32,
         Param::U64(_) => Kind::U64,
         Param::F32(_) => Kind::F32,
@@ -39,8 +39,9 @@ fn signature(decl: &str) -> Vec<(String, Kind)> {
             let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
             let (ty, name) = p.rsplit_once(' ').unwrap_or(("", &p));
             let name = name.trim_start_matches('*').to_string();
-            let k = if ty.contains('*') || p.contains("* ") {
-                Kind::Ptr
+            let k = if ty.contains('*') {
+                let elem = ty.trim_start_matches("const ").trim_end_matches('*');
+                Kind::Ptr(elem.trim().to_string())
             } else {
                 match ty {
                     "int" => Kind::I32,
@@ -223,8 +224,8 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
 #[test]
 fn parameters_carry_the_values_given() {
     let p = rope().params().unwrap_or_default();
-    assert_eq!(p[3], ("slots", Param::Ptr(0x3000 + 5 * 4)));
-    assert_eq!(p[1], ("bias", Param::Ptr(0)));
+    assert_eq!(p[3], ("slots", Param::Ptr(0x3000 + 5 * 4, "int")));
+    assert_eq!(p[1], ("bias", Param::Ptr(0, "bf16")));
     assert_eq!(
         &p[7..],
         &[
@@ -243,10 +244,10 @@ fn parameters_carry_the_values_given() {
         out: 10,
     };
     let f32_out = g(ProductOut::F32(PF)).params().unwrap_or_default();
-    assert_eq!(f32_out[2], ("y", Param::Ptr(0x2000)));
+    assert_eq!(f32_out[2], ("y", Param::Ptr(0x2000, "void")));
     assert_eq!(f32_out[6], ("y_f32", Param::I32(1)));
     let bf16_out = g(ProductOut::Bf16(P)).params().unwrap_or_default();
-    assert_eq!(bf16_out[2], ("y", Param::Ptr(0x1000)));
+    assert_eq!(bf16_out[2], ("y", Param::Ptr(0x1000, "void")));
     assert_eq!(bf16_out[6], ("y_f32", Param::I32(0)));
     // Sizes past a 32-bit int are refused, not wrapped.
     let mut big = rope();
