@@ -332,7 +332,7 @@ impl Gpu {
     }
 
     /// A launch of `func` on the compute stream, a programmatic dependent launch
-    /// when `pdl` (kernels.cu, `pdl_wait`).
+    /// when `pdl` (kernels/common.cuh, `pdl_enter`).
     pub(crate) fn kernel<'a>(&'a self, func: &'a CudaFunction, pdl: bool) -> Launch<'a> {
         Launch {
             stream: &self.compute,

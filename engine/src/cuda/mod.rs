@@ -361,7 +361,7 @@ const DECODE_BLOCKS: usize = 4096;
 /// larger one aims at [`DECODE_BLOCKS`] (at batch 32 and 4k context, one
 /// split per sequence and head measured slower: 2268 against 2139 µs for a
 /// 4-layer step). Each sequence then uses as many splits as its own
-/// length needs (kernels.cu, `split_chunk`).
+/// length needs (kernels/decode_attn.cu, `split_chunk`).
 fn decode_splits(s: usize, hkv: usize, wave: usize) -> usize {
     let blocks = if 2 * s * hkv <= wave {
         wave
