@@ -25,11 +25,8 @@ use super::launch::{
     decode_smem, prefill_smem,
 };
 use super::program;
+pub use super::program::{DEFAULT_INCLUDE_DIRS, include_dir};
 use crate::config::ModelConfig;
-
-/// Where NVRTC looks for `cuda_bf16.h` when neither `TANDEM_CUDA_INCLUDE` nor the
-/// library path (below) names one: the system toolkit's usual places.
-pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/include"];
 
 /// The kernels, looked up once (launched through [`launch`](super::launch)).
 pub(crate) struct Kernels {
@@ -81,55 +78,6 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 const GEMV_MAX_ROWS: usize = 1;
 const _: () = assert!(GEMV_MAX_ROWS <= GEMV_KERNEL_ROWS);
 
-/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`; else the `include`
-/// beside a `lib` directory on `LD_LIBRARY_PATH` that has `cuda_bf16.h` (the
-/// layout of a toolkit and of the `nvidia-*` Python wheels, whose libraries are
-/// the ones this process loads); else the first default that has it.
-pub fn include_dir() -> String {
-    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
-        return dir;
-    }
-    let has_header = |d: &std::path::Path| d.join("cuda_bf16.h").exists();
-    let beside_libs = std::env::var_os("LD_LIBRARY_PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .filter_map(|lib| lib.parent().map(|p| p.join("include")))
-        .find(|d| has_header(d));
-    if let Some(dir) = beside_libs {
-        return dir.to_string_lossy().into_owned();
-    }
-    DEFAULT_INCLUDE_DIRS
-        .iter()
-        .find(|d| has_header(std::path::Path::new(d)))
-        .unwrap_or(&DEFAULT_INCLUDE_DIRS[0])
-        .to_string()
-}
-
-/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90a`), else the
-/// GPU's own compute capability.
-fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
-    use cudarc::driver::sys::CUdevice_attribute as A;
-    let arch = match std::env::var("TANDEM_CUDA_ARCH") {
-        Ok(a) => a,
-        Err(_) => {
-            let major = ctx
-                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-                .op("cuDeviceGetAttribute")?;
-            let minor = ctx
-                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-                .op("cuDeviceGetAttribute")?;
-            if major < 9 {
-                return Err(CudaError::Unsupported(format!(
-                    "compute capability {major}.{minor}: the kernels use Hopper's programmatic dependent launches (sm_90 or newer)"
-                )));
-            }
-            format!("sm_{major}{minor}")
-        }
-    };
-    // NVRTC's options take a `&'static str`; one per process is compiled.
-    Ok(Box::leak(arch.into_boxed_str()))
-}
-
 impl Gpu {
     /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
     /// `config`'s head width and query heads per KV head.
@@ -168,27 +116,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
-        let include = include_dir();
-        let arch = target_arch(&ctx)?;
-        let ptx = std::panic::catch_unwind(|| {
-            cudarc::nvrtc::compile_ptx_with_opts(
-                program::source(),
-                cudarc::nvrtc::CompileOptions {
-                    arch: Some(arch),
-                    include_paths: vec![include.clone()],
-                    options: program::options(),
-                    ..Default::default()
-                },
-            )
-        })
-        .map_err(|_| CudaError::Compile {
-            include: include.clone(),
-            message: "libnvrtc could not be loaded".into(),
-        })?
-        .map_err(|e| CudaError::Compile {
-            include: include.clone(),
-            message: e.to_string(),
-        })?;
+        let ptx = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
             module
