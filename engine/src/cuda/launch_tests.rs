@@ -308,6 +308,37 @@ fn grids_match_the_kernels_indexing() {
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (1792, 256));
+    let c = Embed {
+        rows: 9,
+        ids: PU,
+        table: P,
+        x: PF,
+        hidden: 4096,
+    }
+    .config();
+    assert_eq!(
+        (c.grid_dim, c.block_dim.0, c.shared_mem_bytes),
+        ((9, 1, 1), 256, 0)
+    );
+    let c = Gemv {
+        x: P,
+        w: P,
+        y: ProductOut::Bf16(P),
+        n: 1,
+        k: 4096,
+        out: 6144,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (768, 256));
+    let c = FillUniform {
+        p: P,
+        n: 1 << 30,
+        seed: 3,
+        lo: -1.0,
+        hi: 1.0,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (1024, 256));
     let c = SampleRows {
         rows: 4,
         logits: PF,
