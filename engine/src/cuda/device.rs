@@ -291,7 +291,8 @@ impl Gpu {
             )));
         }
         let s = &self.compute;
-        self.gemm_with(ptr(x, s), ptr(w, s), ptr(y, s), n, k, out, true, self.pdl)
+        let y = ProductOut::F32(Dev::of(y, s));
+        self.gemm_with(Dev::of(x, s), Dev::of(w, s), y, n, k, out, self.pdl)
     }
 
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
@@ -305,10 +306,10 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_silu(
         &self,
-        x: u64,
-        gate_up: u64,
-        gu: u64,
-        act: u64,
+        x: Dev<bf16>,
+        gate_up: Dev<bf16>,
+        gu: Dev<bf16>,
+        act: Dev<bf16>,
         n: usize,
         k: usize,
         inter: usize,
@@ -319,9 +320,9 @@ impl Gpu {
         }
         if n == 1 && self.skinny(n, k) {
             let fused = GemvSilu {
-                x: Dev::from_raw(x),
-                w: Dev::from_raw(gate_up),
-                act: Dev::from_raw(act),
+                x,
+                w: gate_up,
+                act,
                 k,
                 inter,
             };
@@ -329,58 +330,43 @@ impl Gpu {
             // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
             return unsafe { launch::launch(self, &fused, pdl) };
         }
-        self.gemm_with(x, gate_up, gu, n, k, 2 * inter, false, pdl)?;
-        let silu = SiluMul {
-            gu: Dev::from_raw(gu),
-            act: Dev::from_raw(act),
-            n,
-            inter,
-        };
+        self.gemm_with(x, gate_up, ProductOut::Bf16(gu), n, k, 2 * inter, pdl)?;
+        let silu = SiluMul { gu, act, n, inter };
         // SAFETY: `gu` holds n rows of 2 inter bf16, `act` n rows of inter.
         unsafe { launch::launch(self, &silu, pdl) }
     }
 
-    /// [`gemm`](Self::gemm), the `gemv` kernel launched as a programmatic
-    /// dependent launch when `pdl`.
+    /// `y [n, out] = x [n, k] · wᵀ` with `w [out, k]` (HF layout), bf16 in, f32
+    /// accumulation, `y` f32 or bf16: the `gemv` kernel (a programmatic
+    /// dependent launch when `pdl`) for skinny products, else cuBLAS.
+    /// Crate-private: the addresses must hold what the dimensions imply.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_with(
         &self,
-        x: u64,
-        w: u64,
-        y: u64,
+        x: Dev<bf16>,
+        w: Dev<bf16>,
+        y: ProductOut,
         n: usize,
         k: usize,
         out: usize,
-        y_f32: bool,
         pdl: bool,
     ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
         if self.skinny(n, k) {
-            let gemv = Gemv {
-                x: Dev::from_raw(x),
-                w: Dev::from_raw(w),
-                y: if y_f32 {
-                    ProductOut::F32(Dev::from_raw(y))
-                } else {
-                    ProductOut::Bf16(Dev::from_raw(y))
-                },
-                n,
-                k,
-                out,
-            };
+            let gemv = Gemv { x, w, y, n, k, out };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
             return unsafe { launch::launch(self, &gemv, pdl) };
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        let y_type = if y_f32 {
-            blas_sys::cudaDataType::CUDA_R_32F
-        } else {
-            bf16
+        let (y, y_type) = match y {
+            ProductOut::F32(y) => (y.addr(), blas_sys::cudaDataType::CUDA_R_32F),
+            ProductOut::Bf16(y) => (y.addr(), bf16),
         };
+        let (x, w) = (x.addr(), w.addr());
         let dim = |v: usize| {
             i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v}")))
         };

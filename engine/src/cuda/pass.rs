@@ -10,7 +10,8 @@ use super::CudaBackend;
 use super::device::ptr;
 use super::error::{CudaError, DriverContext};
 use super::launch::{
-    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, PrefillAttn, RopeKv, SampleRows,
+    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, PrefillAttn, ProductOut, RopeKv,
+    SampleRows,
 };
 use super::{decode_splits, splits_aiming_at};
 use crate::backend::{LayerHook, SeqChunk};
@@ -220,16 +221,8 @@ impl CudaBackend {
             };
             unsafe { launch::launch(g, &norm, pdl) }?;
             self.mark("input norm")?;
-            g.gemm_with(
-                hb.addr(),
-                Dev::of(&layer.qkv, st).addr(),
-                qkv.addr(),
-                n,
-                h,
-                qkvw,
-                false,
-                pdl,
-            )?;
+            let w = Dev::of(&layer.qkv, st);
+            g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, pdl)?;
             self.mark("qkv product")?;
 
             let cache = Dev::<bf16>::from_raw(self.kv.layer_ptr(li));
@@ -314,8 +307,8 @@ impl CudaBackend {
                 self.mark("prefill_attn")?;
             }
 
-            let o = Dev::<bf16>::of(&layer.o, st);
-            g.gemm_with(attn.addr(), o.addr(), delta.addr(), n, qd, h, true, pdl)?;
+            let w = Dev::of(&layer.o, st);
+            g.gemm_with(attn, w, ProductOut::F32(delta), n, qd, h, pdl)?;
             self.mark("o product")?;
             let norm = AddRmsnorm {
                 rows: n,
@@ -329,29 +322,11 @@ impl CudaBackend {
             };
             unsafe { launch::launch(g, &norm, pdl) }?;
             self.mark("post-attention norm")?;
-            let gate_up = Dev::<bf16>::of(&layer.gate_up, st);
-            g.gemm_silu(
-                hb.addr(),
-                gate_up.addr(),
-                gu.addr(),
-                act.addr(),
-                n,
-                h,
-                inter,
-                pdl,
-            )?;
+            let w = Dev::of(&layer.gate_up, st);
+            g.gemm_silu(hb, w, gu, act, n, h, inter, pdl)?;
             self.mark("gate_up product, SiLU")?;
-            let down = Dev::<bf16>::of(&layer.down, st);
-            g.gemm_with(
-                act.addr(),
-                down.addr(),
-                delta.addr(),
-                n,
-                inter,
-                h,
-                true,
-                pdl,
-            )?;
+            let w = Dev::of(&layer.down, st);
+            g.gemm_with(act, w, ProductOut::F32(delta), n, inter, h, pdl)?;
             self.mark("down product")?;
         }
 
@@ -374,16 +349,8 @@ impl CudaBackend {
         unsafe { launch::launch(g, &final_norm, pdl) }?;
         self.mark("final norm")?;
         let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
-        g.gemm_with(
-            last_h.addr(),
-            Dev::<bf16>::of(head, st).addr(),
-            Dev::<f32>::of(&b.logits, st).addr(),
-            s,
-            h,
-            c.vocab_size,
-            true,
-            pdl,
-        )?;
+        let logits = ProductOut::F32(Dev::of(&b.logits, st));
+        g.gemm_with(last_h, Dev::of(head, st), logits, s, h, c.vocab_size, pdl)?;
         self.mark("lm_head product")?;
         Ok(())
     }
