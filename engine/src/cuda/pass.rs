@@ -156,7 +156,7 @@ impl CudaBackend {
     }
 
     /// Queues every kernel of one pass on the compute stream (also while a graph
-    /// is being captured: nothing here waits or allocates).
+    /// is being captured: nothing here waits or allocates device memory).
     pub(super) fn enqueue(
         &self,
         m: &Meta,
