@@ -7,6 +7,8 @@
 #   MODE=full   : everything (default)
 #   KERNELS=1   : then where a decode step's time goes (tandem-gpu-bench kernels)
 #   SMOKE=1     : then the cluster as separate processes on the GPU (gpu_1p1d_smoke.sh)
+#   $GPU_DIR/engine-tests, when there (the engine's unit-test binary built with
+#   --features cuda): its GPU tests (`--ignored cuda::check`) run after `check`
 set -u
 GPU_DIR=${GPU_DIR:-.gpu}
 OUT=${OUT:-/tmp/tandem-gpu-out}
@@ -22,6 +24,9 @@ export PYTHONUNBUFFERED=1
 } | tee "$OUT/env.txt"
 step() { local t=$1 name=$2; shift 2; echo "=== $name (limit ${t}s)"; timeout "$t" "$@" 2>&1 | tee -a "$OUT/$name.md"; echo "=== $name rc=${PIPESTATUS[0]}"; }
 step 150 check "$B" check --dir /tmp/tandem-check
+if [ -x "$GPU_DIR/engine-tests" ]; then
+  step 300 gpu-tests "$GPU_DIR/engine-tests" --ignored cuda::check --test-threads 1
+fi
 if [ "$MODE" = smoke ]; then
   step 120 bench "$B" bench --shape llama3-8b --layers 4 --quick
   step 150 hfref $PY "$GPU_DIR/hf_reference.py" reference --dir /tmp/hf-llama3-2l --layers 2

@@ -1,26 +1,55 @@
 #!/usr/bin/env python3
-"""Compiles engine/src/cuda/kernels.cu with NVRTC for sm_90 on a machine without a GPU,
-as the CUDA backend does at start, and (with ptxas) prints each kernel's registers,
-shared memory and spills. Catches kernel compile errors before any GPU time is spent.
+"""Compiles the CUDA backend's kernels (engine/src/cuda/kernels/*.cu) with NVRTC for sm_90
+on a machine without a GPU, as the CUDA backend does at start: the files concatenated in
+the order of KERNEL_SOURCES and the -D defines of KERNEL_DEFINES, both read from
+engine/src/cuda/program.rs (values from engine/src/cuda/launch.rs). With --ptxas it prints
+each kernel's registers, shared memory and spills; with --ptx FILE it writes the PTX
+(compare two revisions' kernels: identical PTX, identical kernels). Catches kernel compile
+errors before any GPU time is spent.
 
     python3 -m pip install --target /tmp/nv "nvidia-cuda-nvrtc==13.0.*" \
         "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvcc==13.0.*"
-    NV=/tmp/nv/nvidia/cu13 python3 scripts/nvrtc_check.py [--ptxas]
+    NV=/tmp/nv/nvidia/cu13 python3 scripts/nvrtc_check.py [--ptxas] [--ptx FILE]
 """
 import ctypes
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
 nv = os.environ.get("NV", "/tmp/nv/nvidia/cu13")
-src_path = os.path.join(os.path.dirname(__file__), "..", "engine", "src", "cuda", "kernels.cu")
-src = open(src_path, "rb").read()
+cuda_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine", "src", "cuda")
+
+
+def program():
+    """The program source and its -D options, as engine/src/cuda/program.rs builds them."""
+    prog_rs = open(os.path.join(cuda_dir, "program.rs")).read()
+    launch_rs = open(os.path.join(cuda_dir, "launch.rs")).read()
+    files = re.findall(r'\("([\w.]+)", include_str!\("kernels/([\w.]+)"\)\)', prog_rs)
+    if not files:
+        sys.exit("no KERNEL_SOURCES found in program.rs")
+    src = ""
+    for name, path in files:
+        text = open(os.path.join(cuda_dir, "kernels", path)).read()
+        src += f'#line 1 "{name}"\n' + text + ("" if text.endswith("\n") else "\n")
+    table = prog_rs[prog_rs.index("const KERNEL_DEFINES"):]
+    table = table[: table.index("];")]
+    defines = []
+    for name, const in re.findall(r'\("(\w+)", (\w+)\)', table):
+        value = re.search(rf"const {const}: usize = (\d+);", launch_rs)
+        if not value:
+            sys.exit(f"no literal value for {const} in launch.rs")
+        defines.append(f"-D{name}={value.group(1)}".encode())
+    return src.encode(), defines
+
+
+src, defines = program()
 lib = ctypes.CDLL(os.path.join(nv, "lib", "libnvrtc.so.13"))
 prog = ctypes.c_void_p()
-rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None)
+rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"tandem_kernels.cu", 0, None, None)
 assert rc == 0, rc
-opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + os.path.join(nv, "include").encode()]
+opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + os.path.join(nv, "include").encode()] + defines
 arr = (ctypes.c_char_p * len(opts))(*opts)
 rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()
@@ -35,7 +64,10 @@ if rc != 0:
 lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
 ptx = ctypes.create_string_buffer(size.value)
 lib.nvrtcGetPTX(prog, ptx)
-print(f"NVRTC: compiled, {size.value} bytes of PTX")
+print(f"NVRTC: compiled, {size.value} bytes of PTX ({' '.join(d.decode() for d in defines)})")
+if "--ptx" in sys.argv:
+    with open(sys.argv[sys.argv.index("--ptx") + 1], "wb") as f:
+        f.write(ptx.value)
 if "--ptxas" in sys.argv:
     with tempfile.NamedTemporaryFile("wb", suffix=".ptx", delete=False) as f:
         f.write(ptx.value)

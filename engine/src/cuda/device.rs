@@ -1,11 +1,12 @@
-//! One GPU: its context, streams, the compiled kernels and cuBLAS, and the few
-//! unsafe calls (launches, raw copies, GEMMs) the backend makes.
+//! One GPU: its context, streams, the compiled kernels and cuBLAS, and the
+//! unsafe driver calls under the launches ([`Launch`]), raw copies and GEMMs.
 //!
 //! Kernels take raw device pointers (`u64`): the backend owns every buffer for
 //! its whole life (allocated once at start), so lifetimes are simple, and
 //! cudarc's per-argument event tracking, which the compute stream does not
 //! need, is switched off. Ordering between the compute stream and the copy
-//! stream is explicit (events).
+//! stream is explicit (events). The methods that take raw addresses are
+//! crate-private (or `unsafe`); the public ones take buffers.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -13,22 +14,21 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    ValidAsZeroBits,
 };
 
 use half::bf16;
 
 use super::error::{CudaError, DriverContext};
+use super::launch::{
+    self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, ProductOut, SiluMul,
+    decode_smem, prefill_smem,
+};
+use super::program;
+pub use super::program::{DEFAULT_INCLUDE_DIRS, include_dir};
 use crate::config::ModelConfig;
 
-/// The CUDA C source of every kernel.
-const KERNELS: &str = include_str!("kernels.cu");
-
-/// Where NVRTC looks for `cuda_bf16.h` when neither `TANDEM_CUDA_INCLUDE` nor the
-/// library path (below) names one: the system toolkit's usual places.
-pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/include"];
-
-/// The kernels, looked up once.
+/// The kernels, looked up once (launched through [`launch`](super::launch)).
 pub(crate) struct Kernels {
     pub embed: CudaFunction,
     pub add_rmsnorm: CudaFunction,
@@ -76,55 +76,7 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// Products with at most this many rows use the `gemv` kernel instead of cuBLAS
 /// (measured on an H100: faster than cuBLAS at 1 row, slower at 8).
 const GEMV_MAX_ROWS: usize = 1;
-
-/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`; else the `include`
-/// beside a `lib` directory on `LD_LIBRARY_PATH` that has `cuda_bf16.h` (the
-/// layout of a toolkit and of the `nvidia-*` Python wheels, whose libraries are
-/// the ones this process loads); else the first default that has it.
-pub fn include_dir() -> String {
-    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
-        return dir;
-    }
-    let has_header = |d: &std::path::Path| d.join("cuda_bf16.h").exists();
-    let beside_libs = std::env::var_os("LD_LIBRARY_PATH")
-        .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .filter_map(|lib| lib.parent().map(|p| p.join("include")))
-        .find(|d| has_header(d));
-    if let Some(dir) = beside_libs {
-        return dir.to_string_lossy().into_owned();
-    }
-    DEFAULT_INCLUDE_DIRS
-        .iter()
-        .find(|d| has_header(std::path::Path::new(d)))
-        .unwrap_or(&DEFAULT_INCLUDE_DIRS[0])
-        .to_string()
-}
-
-/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90a`), else the
-/// GPU's own compute capability.
-fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
-    use cudarc::driver::sys::CUdevice_attribute as A;
-    let arch = match std::env::var("TANDEM_CUDA_ARCH") {
-        Ok(a) => a,
-        Err(_) => {
-            let major = ctx
-                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-                .op("cuDeviceGetAttribute")?;
-            let minor = ctx
-                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-                .op("cuDeviceGetAttribute")?;
-            if major < 9 {
-                return Err(CudaError::Unsupported(format!(
-                    "compute capability {major}.{minor}: the kernels use Hopper's programmatic dependent launches (sm_90 or newer)"
-                )));
-            }
-            format!("sm_{major}{minor}")
-        }
-    };
-    // NVRTC's options take a `&'static str`; one per process is compiled.
-    Ok(Box::leak(arch.into_boxed_str()))
-}
+const _: () = assert!(GEMV_MAX_ROWS <= GEMV_KERNEL_ROWS);
 
 impl Gpu {
     /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
@@ -164,27 +116,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
-        let include = include_dir();
-        let arch = target_arch(&ctx)?;
-        let ptx = std::panic::catch_unwind(|| {
-            cudarc::nvrtc::compile_ptx_with_opts(
-                KERNELS,
-                cudarc::nvrtc::CompileOptions {
-                    arch: Some(arch),
-                    include_paths: vec![include.clone()],
-                    options: vec!["--std=c++17".into()],
-                    ..Default::default()
-                },
-            )
-        })
-        .map_err(|_| CudaError::Compile {
-            include: include.clone(),
-            message: "libnvrtc could not be loaded".into(),
-        })?
-        .map_err(|e| CudaError::Compile {
-            include: include.clone(),
-            message: e.to_string(),
-        })?;
+        let ptx = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
             module
@@ -221,7 +153,7 @@ impl Gpu {
         let per_sm = k
             .decode_attn
             .occupancy_max_active_blocks_per_multiprocessor(
-                128,
+                DECODE_THREADS,
                 decode_smem(head_dim, group_bound),
                 None,
             )
@@ -288,12 +220,6 @@ impl Gpu {
         self.compute.clone_htod(data).op("cuMemcpyHtoD")
     }
 
-    /// The device address of a buffer of this GPU (for benchmarks driving
-    /// [`gemm`](Self::gemm) directly).
-    pub fn device_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        ptr(s, &self.compute)
-    }
-
     /// Waits for the compute stream.
     pub fn sync(&self) -> Result<(), CudaError> {
         self.compute
@@ -302,14 +228,14 @@ impl Gpu {
     }
 
     /// Fills `len` bytes at `ptr` with `byte` on the compute stream (poisoning outputs).
-    pub fn memset(&self, ptr: u64, byte: u8, len: usize) -> Result<(), CudaError> {
+    pub(crate) fn memset(&self, ptr: u64, byte: u8, len: usize) -> Result<(), CudaError> {
         // SAFETY: callers pass a pointer to a live allocation of at least `len` bytes.
         unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, len, self.compute.cu_stream()) }
             .op("cuMemsetD8Async")
     }
 
     /// Copies `dst.len()` elements from device `src` to host `dst` on the compute stream, then waits.
-    pub fn download<T: DeviceRepr>(&self, src: u64, dst: &mut [T]) -> Result<(), CudaError> {
+    pub(crate) fn download<T: DeviceRepr>(&self, src: u64, dst: &mut [T]) -> Result<(), CudaError> {
         // SAFETY: `src` holds at least `dst.len()` elements (callers size it); we wait
         // for the copy before `dst` is used.
         unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, self.compute.cu_stream()) }
@@ -323,14 +249,18 @@ impl Gpu {
     /// `dst` must hold `src.len()` elements and `src` must stay alive and unchanged
     /// until the compute stream has passed this copy (pinned memory is copied
     /// asynchronously).
-    pub unsafe fn upload_to<T: DeviceRepr>(&self, src: &[T], dst: u64) -> Result<(), CudaError> {
+    pub(crate) unsafe fn upload_to<T: DeviceRepr>(
+        &self,
+        src: &[T],
+        dst: u64,
+    ) -> Result<(), CudaError> {
         // SAFETY: forwarded to the caller.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.compute.cu_stream()) }
             .op("cuMemcpyHtoDAsync")
     }
 
     /// A launch of `func` on the compute stream, a programmatic dependent launch
-    /// when `pdl` (kernels.cu, `pdl_wait`).
+    /// when `pdl` (kernels/common.cuh, `pdl_enter`).
     pub(crate) fn kernel<'a>(&'a self, func: &'a CudaFunction, pdl: bool) -> Launch<'a> {
         Launch {
             stream: &self.compute,
@@ -341,19 +271,28 @@ impl Gpu {
     }
 
     /// `y [n, out] = x [n, k] · wᵀ` with `w [out, k]` (HF layout), bf16 in, f32
-    /// accumulation; `y` is f32 when `y_f32`, else bf16.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm(
+    /// accumulation and output, as the forward pass runs its products (the
+    /// `gemv` kernel at one row, else cuBLAS); for benchmarks of the products.
+    pub fn gemm_f32(
         &self,
-        x: u64,
-        w: u64,
-        y: u64,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<f32>,
         n: usize,
         k: usize,
         out: usize,
-        y_f32: bool,
     ) -> Result<(), CudaError> {
-        self.gemm_with(x, w, y, n, k, out, y_f32, self.pdl)
+        if x.len() < n * k || w.len() < out * k || y.len() < n * out {
+            return Err(CudaError::Unsupported(format!(
+                "a product of {n} rows, {k} in, {out} out does not fit buffers of {}, {} and {} elements",
+                x.len(),
+                w.len(),
+                y.len()
+            )));
+        }
+        let s = &self.compute;
+        let y = ProductOut::F32(Dev::of(y, s));
+        self.gemm_with(Dev::of(x, s), Dev::of(w, s), y, n, k, out, self.pdl)
     }
 
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
@@ -367,10 +306,10 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_silu(
         &self,
-        x: u64,
-        gate_up: u64,
-        gu: u64,
-        act: u64,
+        x: Dev<bf16>,
+        gate_up: Dev<bf16>,
+        gu: Dev<bf16>,
+        act: Dev<bf16>,
         n: usize,
         k: usize,
         inter: usize,
@@ -379,61 +318,55 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let (n_i, k_i, inter_i) = (n as i32, k as i32, inter as i32);
         if n == 1 && self.skinny(n, k) {
-            let mut b = self.kernel(&self.k.gemv_silu, pdl);
-            b.arg(&x).arg(&gate_up).arg(&act).arg(&k_i).arg(&inter_i);
+            let fused = GemvSilu {
+                x,
+                w: gate_up,
+                act,
+                k,
+                inter,
+            };
             // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
-            // inter bf16; k is a multiple of 8 for the 16-byte loads.
-            return unsafe { b.launch(grid(inter.div_ceil(8) as u32, 256)) }.op("launch gemv_silu");
+            // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
+            return unsafe { launch::launch(self, &fused, pdl) };
         }
-        self.gemm_with(x, gate_up, gu, n, k, 2 * inter, false, pdl)?;
-        let mut l = self.kernel(&self.k.silu_mul, pdl);
-        l.arg(&gu).arg(&act).arg(&n_i).arg(&inter_i);
-        let blocks = (n * inter).div_ceil(256).min(65535) as u32;
+        self.gemm_with(x, gate_up, ProductOut::Bf16(gu), n, k, 2 * inter, pdl)?;
+        let silu = SiluMul { gu, act, n, inter };
         // SAFETY: `gu` holds n rows of 2 inter bf16, `act` n rows of inter.
-        unsafe { l.launch(grid(blocks, 256)) }.op("launch silu_mul")
+        unsafe { launch::launch(self, &silu, pdl) }
     }
 
-    /// [`gemm`](Self::gemm), the `gemv` kernel launched as a programmatic
-    /// dependent launch when `pdl`.
+    /// `y [n, out] = x [n, k] · wᵀ` with `w [out, k]` (HF layout), bf16 in, f32
+    /// accumulation, `y` f32 or bf16: the `gemv` kernel (a programmatic
+    /// dependent launch when `pdl`) for skinny products, else cuBLAS.
+    /// Crate-private: the addresses must hold what the dimensions imply.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_with(
         &self,
-        x: u64,
-        w: u64,
-        y: u64,
+        x: Dev<bf16>,
+        w: Dev<bf16>,
+        y: ProductOut,
         n: usize,
         k: usize,
         out: usize,
-        y_f32: bool,
         pdl: bool,
     ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
         if self.skinny(n, k) {
-            let (n_i, k_i, out_i, f) = (n as i32, k as i32, out as i32, y_f32 as i32);
-            let mut b = self.kernel(&self.k.gemv, pdl);
-            b.arg(&x)
-                .arg(&w)
-                .arg(&y)
-                .arg(&n_i)
-                .arg(&k_i)
-                .arg(&out_i)
-                .arg(&f);
+            let gemv = Gemv { x, w, y, n, k, out };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
-            unsafe { b.launch(grid(out.div_ceil(8) as u32, 256)) }.op("launch gemv")?;
-            return Ok(());
+            return unsafe { launch::launch(self, &gemv, pdl) };
         }
         let (alpha, beta) = (1.0f32, 0.0f32);
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        let y_type = if y_f32 {
-            blas_sys::cudaDataType::CUDA_R_32F
-        } else {
-            bf16
+        let (y, y_type) = match y {
+            ProductOut::F32(y) => (y.addr(), blas_sys::cudaDataType::CUDA_R_32F),
+            ProductOut::Bf16(y) => (y.addr(), bf16),
         };
+        let (x, w) = (x.addr(), w.addr());
         let dim = |v: usize| {
             i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v}")))
         };
@@ -496,8 +429,9 @@ impl Gpu {
         Ok(2.0 * len as f64 / times[times.len() / 2] / 1e9)
     }
 
-    /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)`.
-    pub fn fill_uniform(
+    /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)` (not a
+    /// programmatic dependent launch). Crate-private: `ptr` must hold `n` bf16.
+    pub(crate) fn fill_uniform(
         &self,
         ptr: u64,
         n: usize,
@@ -505,26 +439,27 @@ impl Gpu {
         lo: f32,
         hi: f32,
     ) -> Result<(), CudaError> {
-        let n64 = n as u64;
-        let mut b = self.compute.launch_builder(&self.k.fill_uniform);
-        b.arg(&ptr).arg(&n64).arg(&seed).arg(&lo).arg(&hi);
+        let fill = FillUniform {
+            p: Dev::from_raw(ptr),
+            n,
+            seed,
+            lo,
+            hi,
+        };
         // SAFETY: `ptr` holds `n` bf16 (callers allocate it so).
-        unsafe { b.launch(grid(1024, 256)) }.op("launch fill_uniform")?;
-        Ok(())
+        unsafe { launch::launch(self, &fill, false) }
     }
-}
 
-/// Dynamic shared memory of `decode_attn_{head_dim}_{group}` (kernels.cu,
-/// `decode_smem_bytes`): double-buffered 64-key K and V tiles, the tile's scores
-/// and the P·V reduction area.
-pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
-    2 * 2 * 64 * head_dim * 2 + 4 * group * 64 + 4 * 512 * group
-}
-
-/// Dynamic shared memory of `prefill_attn`: two stages of a 64-key K and V tile,
-/// rows padded by 8 elements.
-pub(crate) fn prefill_smem(head_dim: usize) -> usize {
-    2 * 2 * 64 * (head_dim + 8) * 2
+    /// Fills `buf` with uniform random values in `[lo, hi)`.
+    pub fn fill_uniform_slice(
+        &self,
+        buf: &mut CudaSlice<bf16>,
+        seed: u64,
+        lo: f32,
+        hi: f32,
+    ) -> Result<(), CudaError> {
+        self.fill_uniform(ptr(buf, &self.compute), buf.len(), seed, lo, hi)
+    }
 }
 
 /// A kernel launch built argument by argument and submitted with

@@ -1,11 +1,28 @@
 //! The CUDA backend (feature `cuda`): the Llama-family forward pass on one GPU
 //! in bf16, with the paged KV cache in GPU memory.
 //!
-//! - [`device`]: the GPU, its streams, the NVRTC-compiled kernels (`kernels.cu`)
-//!   and cuBLAS; every unsafe call lives there or in [`kv`].
+//! - [`device`]: the GPU, its streams, the NVRTC-compiled kernels and cuBLAS.
+//! - `program`: the NVRTC program, `kernels/*.cu` (common helpers, per-token
+//!   layer kernels, decode attention, sampling, prefill attention, GEMV)
+//!   concatenated in one order, and the constants shared with them as `-D` defines.
+//! - `launch`: one typed launch per kernel, its argument order written once
+//!   (and tested against the kernel source), its grid beside it.
+//! - `pass`: one forward pass: its metadata upload and the launches it queues.
 //! - [`model`]: weights in GPU memory, from safetensors or random of a named shape.
 //! - [`kv`]: the cache (same layout as the CPU backend's, bf16) and its copy path
-//!   through pinned memory on a stream of its own.
+//!   through pinned memory on a stream of its own (`staging`: the export ring).
+//! - [`bench`]: what benchmarks and checks alone do ([`BenchControls`]: poison,
+//!   graphs and PDL on/off, profiles, random caches; named shapes).
+//! - [`check`]: the CUDA backend against the CPU backend on synthesized models
+//!   (`tandem-gpu-bench check` and the GPU tests).
+//!
+//! Where `unsafe` lives: driver, NVRTC and cuBLAS calls in `device` (the
+//! [`Launch`](device::Launch) builder under every kernel launch); the typed
+//! launches, `unsafe fn`s whose contract names what each address must hold, in
+//! `launch`; their calls with the backend's own buffers in `pass` and `device`
+//! (products); pinned host memory in `kv`, `staging` and this module (the
+//! metadata buffer); and `DecodeGraph`'s `Send`. Each block has a `SAFETY` line.
+//! Raw device addresses never leave the crate: public methods take buffers.
 //!
 //! One forward pass over `n` tokens: embedding; per layer RMSNorm (fused with the
 //! residual add), one GEMM for q/k/v, rotary embedding fused with the cache write,
@@ -27,23 +44,28 @@
 //! by its own length on the device. `TANDEM_CUDA_GRAPHS=0` launches the same
 //! kernels one by one instead.
 
+pub mod bench;
+pub mod check;
 pub mod device;
 pub mod error;
 pub mod kv;
+mod launch;
 pub mod model;
+mod pass;
+mod program;
 mod staging;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, LaunchConfig, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice};
 use half::bf16;
 
+pub use bench::BenchControls;
 pub use device::Gpu;
 pub use error::CudaError;
 pub use kv::GpuKvCache;
-pub use model::{GpuModel, NAMED_SHAPES, named_config};
+pub use model::GpuModel;
 
 use crate::backend::{Backend, LayerHook, SeqChunk, check_draws, validate_chunks};
 use crate::block_manager::{BlockId, blocks_for};
@@ -51,17 +73,10 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
 use crate::sampling::TokenDraw;
-use device::{grid, ptr};
+use device::ptr;
 use error::DriverContext;
-
-/// The most splits a decode sequence's context is cut into (at most 64:
-/// `attn_combine` stages one weight per split in a 64-entry array).
-const MAX_SPLITS: usize = 64;
-const _: () = assert!(MAX_SPLITS <= 64);
-
-/// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
-/// its latency is the per-thread share of the hidden width.
-const NORM_THREADS: u32 = 1024;
+use launch::MAX_SPLITS;
+use pass::{Meta, Pass};
 /// Decode batch sizes a graph is captured for; a batch runs in the smallest
 /// bucket that holds it (and without a graph above the largest).
 const GRAPH_BUCKETS: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
@@ -124,24 +139,6 @@ struct Buffers {
     meta: CudaSlice<i32>,
 }
 
-/// Offsets (in i32 elements) of one pass's metadata sections.
-struct Meta {
-    ids: usize,
-    pos: usize,
-    slots: usize,
-    last_rows: usize,
-    q_off: usize,
-    q_pos: usize,
-    q_len: usize,
-    seq_lens: usize,
-    /// Five 32-bit words per sequence: see `sample_rows` in kernels.cu.
-    draws: usize,
-    /// One word: the block tables' row stride.
-    stride: usize,
-    tables: usize,
-    table_stride: usize,
-}
-
 /// A captured decode step.
 struct DecodeGraph(CudaGraph);
 
@@ -149,19 +146,6 @@ struct DecodeGraph(CudaGraph);
 // time (the backend moves between threads but is never shared); CUDA allows a graph
 // to be launched from any thread when calls are serialized.
 unsafe impl Send for DecodeGraph {}
-
-/// Shape of one pass, as the kernels are launched for it.
-#[derive(Debug, Clone, Copy)]
-struct Pass {
-    /// Token rows.
-    n: usize,
-    /// Sequences (chunks).
-    s: usize,
-    /// Every chunk is one token: paged decode attention.
-    decode: bool,
-    /// Longest chunk (prefill attention's grid).
-    max_q: usize,
-}
 
 /// The model and its KV cache on one GPU.
 pub struct CudaBackend {
@@ -288,377 +272,12 @@ impl CudaBackend {
         &self.kv
     }
 
-    /// Fills every layer's cache with random values (benchmarks of long contexts
-    /// without running the prefill first; never time on zeros).
-    pub fn fill_cache_random(&mut self, seed: u64) -> Result<()> {
-        self.gpu.bind()?;
-        let n = self.kv.layout().num_blocks * self.kv.layout().block_elems();
-        for l in 0..self.kv.layout().num_layers {
-            self.gpu
-                .fill_uniform(self.kv.layer_ptr(l), n, seed + l as u64, -1.0, 1.0)?;
-        }
-        Ok(self.gpu.sync()?)
-    }
-
-    /// Overwrites the activation and output buffers with NaN, so that a result a
-    /// kernel failed to write cannot pass for a correct one.
-    pub fn poison(&mut self) -> Result<()> {
-        self.gpu.bind()?;
-        let s = &self.gpu.compute;
-        let b = &self.bufs;
-        for (p, bytes) in [
-            (ptr(&b.h, s), b.h.num_bytes()),
-            (ptr(&b.qkv, s), b.qkv.num_bytes()),
-            (ptr(&b.q, s), b.q.num_bytes()),
-            (ptr(&b.attn, s), b.attn.num_bytes()),
-            (ptr(&b.gu, s), b.gu.num_bytes()),
-            (ptr(&b.act, s), b.act.num_bytes()),
-            (ptr(&b.last_h, s), b.last_h.num_bytes()),
-            (ptr(&b.logits, s), b.logits.num_bytes()),
-            (ptr(&b.ids_out, s), b.ids_out.num_bytes()),
-            (ptr(&b.x, s), b.x.num_bytes()),
-            (ptr(&b.delta, s), b.delta.num_bytes()),
-        ] {
-            self.gpu.memset(p, 0xff, bytes)?;
-        }
-        Ok(self.gpu.sync()?)
-    }
-
-    /// Writes the pass's metadata into pinned memory and copies it to the GPU;
-    /// with `pad_to`, one-token rows for the scratch block fill the batch up to
-    /// that many sequences (a graph bucket).
-    fn upload_meta(
-        &mut self,
-        chunks: &[SeqChunk<'_>],
-        draws: &[TokenDraw],
-        pad_to: Option<usize>,
-    ) -> Result<(Meta, Pass)> {
-        let real_n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        let s = pad_to.unwrap_or(chunks.len()).max(chunks.len());
-        let n = real_n + (s - chunks.len());
-        let bs = self.kv.layout().block_size;
-        let table_stride = chunks
-            .iter()
-            .map(|c| blocks_for(c.start + c.tokens.len(), bs))
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        if n > self.limits.max_tokens || s > self.limits.max_seqs {
-            return Err(CudaError::Unsupported(format!(
-                "a pass of {n} tokens in {s} sequences exceeds the backend's limits ({} tokens, {} sequences)",
-                self.limits.max_tokens, self.limits.max_seqs
-            ))
-            .into());
-        }
-        if table_stride > self.max_table {
-            return Err(EngineError::InvalidInput(format!(
-                "block table of {table_stride} blocks is longer than any sequence can need"
-            )));
-        }
-        let m = Meta {
-            ids: 0,
-            pos: n,
-            slots: 2 * n,
-            last_rows: 3 * n,
-            q_off: 3 * n + s,
-            q_pos: 3 * n + 2 * s,
-            q_len: 3 * n + 3 * s,
-            seq_lens: 3 * n + 4 * s,
-            draws: 3 * n + 5 * s,
-            stride: 3 * n + 10 * s,
-            tables: 3 * n + 10 * s + 1,
-            table_stride,
-        };
-        let total = m.tables + s * table_stride;
-        debug_assert!(total <= self.meta_cap);
-        let scratch = self.kv.scratch_block();
-        let host = self.meta_host.as_mut_slice().op("pinned buffer")?;
-        let mut row = 0usize;
-        for i in 0..s {
-            let (len, start) = match chunks.get(i) {
-                Some(c) => {
-                    for (j, &t) in c.tokens.iter().enumerate() {
-                        let p = c.start + j;
-                        host[m.ids + row] = t as i32;
-                        host[m.pos + row] = p as i32;
-                        host[m.slots + row] = (c.block_table[p / bs] as usize * bs + p % bs) as i32;
-                        row += 1;
-                    }
-                    let dst = &mut host[m.tables + i * table_stride..][..table_stride];
-                    let used = blocks_for(c.start + c.tokens.len(), bs);
-                    for (d, &b) in dst.iter_mut().zip(c.block_table.iter().take(used)) {
-                        *d = b as i32;
-                    }
-                    (c.tokens.len(), c.start)
-                }
-                None => {
-                    // Padding: token 0 at position 0, its K/V into the scratch block.
-                    host[m.ids + row] = 0;
-                    host[m.pos + row] = 0;
-                    host[m.slots + row] = (scratch as usize * bs) as i32;
-                    row += 1;
-                    host[m.tables + i * table_stride..][..table_stride].fill(scratch as i32);
-                    (1, 0)
-                }
-            };
-            host[m.last_rows + i] = (row - 1) as i32;
-            host[m.q_off + i] = (row - len) as i32;
-            host[m.q_pos + i] = start as i32;
-            host[m.q_len + i] = len as i32;
-            host[m.seq_lens + i] = (start + len) as i32;
-            let d = draws.get(i).copied().unwrap_or(TokenDraw::GREEDY);
-            let w = &mut host[m.draws + 5 * i..][..5];
-            w[0] = d.temperature.to_bits() as i32;
-            w[1] = d.top_k.min(i32::MAX as u32) as i32;
-            w[2] = d.top_p.to_bits() as i32;
-            w[3] = d.min_p.to_bits() as i32;
-            w[4] = d.u01.to_bits() as i32;
-        }
-        host[m.stride] = table_stride as i32;
-        let dev = ptr(&self.bufs.meta, &self.gpu.compute);
-        // SAFETY: `meta` holds `meta_cap >= total` elements; the pinned source is not
-        // written again before this pass synchronizes at its end.
-        unsafe { self.gpu.upload_to(&host[..total], dev) }?;
-        let pass = Pass {
-            n,
-            s,
-            decode: chunks.iter().all(|c| c.tokens.len() == 1),
-            max_q: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
-        };
-        Ok((m, pass))
-    }
-
     /// Runs the layers; leaves each chunk's last-token logits in `bufs.logits`.
     fn run(&mut self, chunks: &[SeqChunk<'_>], on_layer: Option<LayerHook<'_>>) -> Result<()> {
         validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
         self.gpu.bind()?;
         let (m, pass) = self.upload_meta(chunks, &[], None)?;
         self.enqueue(&m, pass, on_layer)
-    }
-
-    /// Queues every kernel of one pass on the compute stream (also while a graph
-    /// is being captured: nothing here waits or allocates).
-    fn enqueue(&self, m: &Meta, p: Pass, mut on_layer: Option<LayerHook<'_>>) -> Result<()> {
-        let c = &self.model.config;
-        let g = &self.gpu;
-        let st = &g.compute;
-        let b = &self.bufs;
-        let (n, s) = (p.n, p.s);
-        let (h, hd, hq, hkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-        let (qd, inter) = (hq * hd, c.intermediate_size);
-        let qkvw = (hq + 2 * hkv) * hd;
-        let bs = self.kv.layout().block_size as i32;
-        let meta = ptr(&b.meta, st);
-        let at = |off: usize| meta + 4 * off as u64;
-        let (x, delta, hb, qkv, q, attn, gu, act) = (
-            ptr(&b.x, st),
-            ptr(&b.delta, st),
-            ptr(&b.h, st),
-            ptr(&b.qkv, st),
-            ptr(&b.q, st),
-            ptr(&b.attn, st),
-            ptr(&b.gu, st),
-            ptr(&b.act, st),
-        );
-        let (h_i, hd_i, hq_i, hkv_i) = (h as i32, hd as i32, hq as i32, hkv as i32);
-        let eps = c.rms_norm_eps as f32;
-        let window = c.sliding_window.unwrap_or(0) as i32;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let null = 0u64;
-        let inv_freq = ptr(&b.inv_freq, st);
-        let ts = m.table_stride as i32;
-        let splits = match self.decode_blocks {
-            Some(blocks) => splits_aiming_at(blocks, s, hkv),
-            None => decode_splits(s, hkv, self.gpu.decode_wave),
-        };
-        // Programmatic dependent launches, except around the export hook's events.
-        let pdl = g.pdl && on_layer.is_none();
-
-        // SAFETY (every launch below): the pointers are the backend's own buffers, sized
-        // at construction for `max_tokens`/`max_seqs` (checked in `upload_meta`), the
-        // cache layers (one scratch block beyond the layout), and the metadata just
-        // uploaded; grids match the kernels' indexing.
-        let ids = at(m.ids);
-        let mut l = g.kernel(&g.k.embed, false);
-        let table = ptr(&self.model.embed, st);
-        l.arg(&ids).arg(&table).arg(&x).arg(&h_i);
-        unsafe { l.launch(grid(n as u32, 256)) }.op("launch embed")?;
-        self.mark("embed")?;
-
-        let (pos, slots) = (at(m.pos), at(m.slots));
-        for (li, layer) in self.model.layers.iter().enumerate() {
-            let first = if li == 0 { null } else { delta };
-            let w = ptr(&layer.input_norm, st);
-            let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
-            l.arg(&x)
-                .arg(&first)
-                .arg(&null)
-                .arg(&w)
-                .arg(&hb)
-                .arg(&h_i)
-                .arg(&eps);
-            unsafe { l.launch(grid(n as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
-            self.mark("input norm")?;
-            g.gemm_with(hb, ptr(&layer.qkv, st), qkv, n, h, qkvw, false, pdl)?;
-            self.mark("qkv product")?;
-
-            let bias = layer.qkv_bias.as_ref().map_or(0, |bb| ptr(bb, st));
-            let cache = self.kv.layer_ptr(li);
-            let mut l = g.kernel(&g.k.rope_kv, pdl);
-            l.arg(&qkv)
-                .arg(&bias)
-                .arg(&pos)
-                .arg(&slots)
-                .arg(&inv_freq)
-                .arg(&q)
-                .arg(&cache)
-                .arg(&hq_i)
-                .arg(&hkv_i)
-                .arg(&hd_i)
-                .arg(&bs);
-            let cfg = LaunchConfig {
-                grid_dim: ((hq + hkv) as u32, n as u32, 1),
-                block_dim: ((hd / 2) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { l.launch(cfg) }.op("launch rope_kv")?;
-            self.mark("rope_kv")?;
-            if let Some(hook) = on_layer.as_mut() {
-                hook(li, &self.kv)?;
-            }
-
-            let tables = at(m.tables);
-            if p.decode {
-                let (seq_lens, stride) = (at(m.seq_lens), at(m.stride));
-                let (po, pml) = (ptr(&b.part_o, st), ptr(&b.part_ml, st));
-                let ms = splits as i32;
-                let mut l = g.kernel(&g.k.decode_attn, pdl);
-                l.arg(&q)
-                    .arg(&cache)
-                    .arg(&tables)
-                    .arg(&stride)
-                    .arg(&seq_lens)
-                    .arg(&po)
-                    .arg(&pml)
-                    .arg(&hq_i)
-                    .arg(&hkv_i)
-                    .arg(&bs)
-                    .arg(&ms)
-                    .arg(&window)
-                    .arg(&scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (splits as u32, hkv as u32, s as u32),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: g.decode_smem as u32,
-                };
-                unsafe { l.launch(cfg) }.op("launch decode_attn")?;
-                self.mark("decode_attn")?;
-                let mut l = g.kernel(&g.k.attn_combine, pdl);
-                l.arg(&po)
-                    .arg(&pml)
-                    .arg(&seq_lens)
-                    .arg(&attn)
-                    .arg(&hq_i)
-                    .arg(&hd_i)
-                    .arg(&ms);
-                let cfg = LaunchConfig {
-                    grid_dim: (hq as u32, s as u32, 1),
-                    block_dim: (hd as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { l.launch(cfg) }.op("launch attn_combine")?;
-                self.mark("attn_combine")?;
-            } else {
-                let (q_off, q_pos, q_len) = (at(m.q_off), at(m.q_pos), at(m.q_len));
-                let mut l = g.kernel(&g.k.prefill_attn, pdl);
-                l.arg(&q)
-                    .arg(&cache)
-                    .arg(&tables)
-                    .arg(&ts)
-                    .arg(&q_off)
-                    .arg(&q_pos)
-                    .arg(&q_len)
-                    .arg(&attn)
-                    .arg(&hq_i)
-                    .arg(&hkv_i)
-                    .arg(&bs)
-                    .arg(&window)
-                    .arg(&scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (p.max_q.div_ceil(128) as u32, hq as u32, s as u32),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: device::prefill_smem(hd) as u32,
-                };
-                unsafe { l.launch(cfg) }.op("launch prefill_attn")?;
-                self.mark("prefill_attn")?;
-            }
-
-            g.gemm_with(attn, ptr(&layer.o, st), delta, n, qd, h, true, pdl)?;
-            self.mark("o product")?;
-            let w = ptr(&layer.post_norm, st);
-            let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
-            l.arg(&x)
-                .arg(&delta)
-                .arg(&null)
-                .arg(&w)
-                .arg(&hb)
-                .arg(&h_i)
-                .arg(&eps);
-            unsafe { l.launch(grid(n as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
-            self.mark("post-attention norm")?;
-            g.gemm_silu(hb, ptr(&layer.gate_up, st), gu, act, n, h, inter, pdl)?;
-            self.mark("gate_up product, SiLU")?;
-            g.gemm_with(act, ptr(&layer.down, st), delta, n, inter, h, true, pdl)?;
-            self.mark("down product")?;
-        }
-
-        let rows = at(m.last_rows);
-        let last_h = ptr(&b.last_h, st);
-        let w = ptr(&self.model.norm, st);
-        // The last layer's output is in `delta`, still to be added (unless no layer ran).
-        let pending = if self.model.layers.is_empty() {
-            null
-        } else {
-            delta
-        };
-        let mut l = g.kernel(&g.k.add_rmsnorm, pdl);
-        l.arg(&x)
-            .arg(&pending)
-            .arg(&rows)
-            .arg(&w)
-            .arg(&last_h)
-            .arg(&h_i)
-            .arg(&eps);
-        unsafe { l.launch(grid(s as u32, NORM_THREADS)) }.op("launch add_rmsnorm")?;
-        self.mark("final norm")?;
-        let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
-        g.gemm_with(
-            last_h,
-            ptr(head, st),
-            ptr(&b.logits, st),
-            s,
-            h,
-            c.vocab_size,
-            true,
-            pdl,
-        )?;
-        self.mark("lm_head product")?;
-        Ok(())
-    }
-
-    /// Queues the sampling of each of the pass's `s` rows of logits into `ids_out`.
-    fn enqueue_sample(&self, m: &Meta, p: Pass) -> Result<()> {
-        let st = &self.gpu.compute;
-        let (logits, ids) = (ptr(&self.bufs.logits, st), ptr(&self.bufs.ids_out, st));
-        let draws = ptr(&self.bufs.meta, st) + 4 * m.draws as u64;
-        let v = self.model.config.vocab_size as i32;
-        let mut l = self.gpu.kernel(&self.gpu.k.sample_rows, self.gpu.pdl);
-        l.arg(&logits).arg(&draws).arg(&ids).arg(&v);
-        // SAFETY: `logits` holds `s` rows of `vocab` f32, `draws` 5 words per row
-        // (uploaded with the metadata), `ids` room for `s` ids.
-        unsafe { l.launch(grid(p.s as u32, 1024)) }.op("launch sample_rows")?;
-        self.mark("sample")?;
-        Ok(())
     }
 
     /// One decode step as a graph replay: the batch padded to its bucket, the
@@ -728,90 +347,6 @@ impl CudaBackend {
             .download(ptr(&self.bufs.ids_out, &self.gpu.compute), &mut out)?;
         Ok(out)
     }
-
-    /// Turns decode-step graphs on or off (benchmarks and checks compare the two).
-    pub fn set_graphs(&mut self, on: bool) {
-        self.use_graphs = on;
-    }
-
-    /// Records an event on the compute stream while [`profile`](Self::profile) runs.
-    fn mark(&self, name: &'static str) -> Result<()> {
-        if let Some(marks) = self.marks.borrow_mut().as_mut() {
-            let e = self
-                .gpu
-                .compute
-                .record_event(Some(CU_EVENT_DEFAULT))
-                .op("cuEventRecord (profile)")?;
-            marks.push((name, e));
-        }
-        Ok(())
-    }
-
-    /// Times one forward pass and its sampling kernel by kernel, with an event
-    /// after every launch (no graphs, no programmatic dependent launches):
-    /// microseconds per kernel, summed over the layers, in launch order. Each
-    /// figure holds its launch gap, so the sum exceeds a graph replay's time.
-    pub fn profile(&mut self, chunks: &[SeqChunk<'_>]) -> Result<Vec<(&'static str, f64)>> {
-        validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
-        self.gpu.bind()?;
-        let draws = vec![TokenDraw::GREEDY; chunks.len()];
-        let (m, pass) = self.upload_meta(chunks, &draws, None)?;
-        let pdl = std::mem::replace(&mut self.gpu.pdl, false);
-        let start = self
-            .gpu
-            .compute
-            .record_event(Some(CU_EVENT_DEFAULT))
-            .op("cuEventRecord (profile)")?;
-        *self.marks.borrow_mut() = Some(Vec::new());
-        let queued = self
-            .enqueue(&m, pass, None)
-            .and_then(|()| self.enqueue_sample(&m, pass));
-        let marks = self.marks.borrow_mut().take().unwrap_or_default();
-        self.gpu.pdl = pdl;
-        queued?;
-        self.gpu.sync()?;
-        let mut out: Vec<(&'static str, f64)> = Vec::new();
-        let mut prev = &start;
-        for (name, e) in &marks {
-            let us = f64::from(prev.elapsed_ms(e).op("cuEventElapsedTime")?) * 1e3;
-            match out.iter_mut().find(|(n, _)| n == name) {
-                Some(slot) => slot.1 += us,
-                None => out.push((name, us)),
-            }
-            prev = e;
-        }
-        Ok(out)
-    }
-
-    /// Sets the decode attention blocks a step aims at (benchmarks compare
-    /// settings; [`decode_wave`](Self::decode_wave) is one wave); graphs
-    /// captured with another setting are dropped.
-    pub fn set_decode_blocks(&mut self, blocks: Option<usize>) {
-        let blocks = blocks.map(|b| b.max(1));
-        if self.decode_blocks != blocks {
-            self.decode_blocks = blocks;
-            self.graphs.clear();
-        }
-    }
-
-    /// Decode attention blocks resident at once on this GPU.
-    pub fn decode_wave(&self) -> usize {
-        self.gpu.decode_wave
-    }
-
-    /// Turns programmatic dependent launches on or off (benchmarks compare the
-    /// two); graphs captured the other way are dropped.
-    pub fn set_pdl(&mut self, on: bool) {
-        if self.gpu.pdl != on {
-            self.gpu.pdl = on;
-            self.graphs.clear();
-        }
-    }
-
-    /// Decode-step graphs captured so far (for benchmarks and tests).
-    pub fn graphs_captured(&self) -> usize {
-        self.graphs.len()
-    }
 }
 
 /// Decode attention blocks a large batch's step aims at: some ten waves of
@@ -826,7 +361,7 @@ const DECODE_BLOCKS: usize = 4096;
 /// larger one aims at [`DECODE_BLOCKS`] (at batch 32 and 4k context, one
 /// split per sequence and head measured slower: 2268 against 2139 µs for a
 /// 4-layer step). Each sequence then uses as many splits as its own
-/// length needs (kernels.cu, `split_chunk`).
+/// length needs (kernels/decode_attn.cu, `split_chunk`).
 fn decode_splits(s: usize, hkv: usize, wave: usize) -> usize {
     let blocks = if 2 * s * hkv <= wave {
         wave

@@ -1,0 +1,174 @@
+//! `tandem-gpu-bench kernels`: where a decode step's time goes.
+
+use std::time::Instant;
+
+use tandem_engine::TokenDraw;
+use tandem_engine::backend::SeqChunk;
+use tandem_engine::block_manager::blocks_for;
+use tandem_engine::cuda::bench::named_config;
+use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
+
+use super::speed::{consecutive_tables, time_decode};
+use super::{BS, Res, arg, median};
+
+/// Where a decode step's time goes: each weight product alone (as the `gemv`
+/// kernel at batch 1 and cuBLAS at batch 64) against the copy bandwidth, and the
+/// cost of one decoder layer (steps of a 4-layer model minus a 0-layer one).
+pub(crate) fn kernels(args: &[String]) -> Res<()> {
+    let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
+    let config = named_config(&shape, Some(4))?;
+    let gpu = Gpu::open(0, &config)?;
+    let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
+    let (h, inter, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
+    println!(
+        "## where a decode step's time goes ({shape}, {})\n",
+        gpu.name()
+    );
+    println!("Copy bandwidth {bw:.0} GB/s.\n");
+    println!("| product (out × in) | rows | µs | weight GB/s | of copy bandwidth |");
+    println!("|---|---|---|---|---|");
+    for (name, out, k) in [
+        ("qkv", qkvw, h),
+        ("o", h, config.num_heads * config.head_dim),
+        ("gate_up", 2 * inter, h),
+        ("down", h, inter),
+        ("lm_head", v, h),
+    ] {
+        let mut w = gpu.zeros::<half::bf16>(out * k)?;
+        let mut x = gpu.zeros::<half::bf16>(64 * k)?;
+        let mut y = gpu.zeros::<f32>(64 * out)?;
+        gpu.fill_uniform_slice(&mut w, 3, -0.05, 0.05)?;
+        gpu.fill_uniform_slice(&mut x, 4, -1.0, 1.0)?;
+        for rows in [1usize, 64] {
+            let mut times = Vec::new();
+            for i in 0..25 {
+                gpu.sync()?;
+                let t0 = Instant::now();
+                for _ in 0..10 {
+                    gpu.gemm_f32(&x, &w, &mut y, rows, k, out)?;
+                }
+                gpu.sync()?;
+                if i >= 5 {
+                    times.push(t0.elapsed().as_secs_f64() / 10.0);
+                }
+            }
+            let t = median(times);
+            let gbs = (out * k * 2) as f64 / t / 1e9;
+            println!(
+                "| {name} ({out} × {k}) | {rows} | {:.1} | {gbs:.0} | {:.0}% |",
+                t * 1e6,
+                gbs / bw * 100.0
+            );
+        }
+    }
+    println!();
+    println!(
+        "| layers | context | batch | step ms | per layer ms | layer bytes (weights + KV) GB/s | of copy bandwidth |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut steps = Vec::new();
+    let mut profiles = Vec::new();
+    let mut be_wave = 0;
+    for layers in [0usize, 4] {
+        let c = named_config(&shape, Some(layers))?;
+        let g = Gpu::open(0, &c)?;
+        let model = GpuModel::random(&g, &c, 1)?;
+        let mut be = CudaBackend::new(g, model, 64 * 260 + 8, BS, CudaLimits::default())?;
+        be.fill_cache_random(3)?;
+        for (ctx, batch) in [(1024usize, 1usize), (4096, 64)] {
+            let per_seq = blocks_for(ctx + 20, BS);
+            let tables = consecutive_tables(batch, per_seq);
+            let mut toks = vec![1u32; batch];
+            let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+            steps.push((layers, ctx, batch, t));
+        }
+        if layers > 0 {
+            be_wave = be.decode_wave();
+            // Decode attention split as the backend chooses (None), or aiming at
+            // 4096 blocks (the rule before 2026-12-02) for comparison.
+            for (ctx, batch, blocks) in [
+                (1024usize, 1usize, None),
+                (1024, 1, Some(4096usize)),
+                (4096, 1, None),
+                (4096, 1, Some(4096)),
+                (4096, 8, None),
+                (4096, 8, Some(4096)),
+                (4096, 32, None),
+                (4096, 32, Some(4096)),
+                (4096, 64, None),
+            ] {
+                be.set_decode_blocks(blocks);
+                let per_seq = blocks_for(ctx + 20, BS);
+                let tables = consecutive_tables(batch, per_seq);
+                let toks = vec![[1u32]; batch];
+                let chunks: Vec<SeqChunk<'_>> = toks
+                    .iter()
+                    .zip(&tables)
+                    .map(|(t, table)| SeqChunk {
+                        tokens: t,
+                        start: ctx,
+                        block_table: table,
+                    })
+                    .collect();
+                // The fastest of 5 runs per kernel, after a warm-up.
+                let mut best: Vec<(&'static str, f64)> = be.profile(&chunks)?;
+                for _ in 0..5 {
+                    for (slot, (_, us)) in best.iter_mut().zip(be.profile(&chunks)?) {
+                        slot.1 = slot.1.min(us);
+                    }
+                }
+                let mut toks = vec![1u32; batch];
+                let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+                profiles.push((ctx, batch, layers, blocks, t, best));
+            }
+            be.set_decode_blocks(None);
+        }
+    }
+    let layer_weights =
+        (qkvw * h + h * config.num_heads * config.head_dim + 3 * inter * h + 2 * h) * 2;
+    for &(layers, ctx, batch, t) in &steps {
+        let base = steps
+            .iter()
+            .find(|s| s.0 == 0 && s.1 == ctx && s.2 == batch)
+            .map_or(0.0, |s| s.3);
+        if layers == 0 {
+            println!("| 0 | {ctx} | {batch} | {:.3} | | | |", t * 1e3);
+            continue;
+        }
+        let per = (t - base) / layers as f64;
+        let kv = batch * (ctx + 8) * config.kv_bytes_per_token_per_layer(2);
+        let gbs = (layer_weights + kv) as f64 / per / 1e9;
+        println!(
+            "| {layers} | {ctx} | {batch} | {:.3} | {:.3} | {gbs:.0} | {:.0}% |",
+            t * 1e3,
+            per * 1e3,
+            gbs / bw * 100.0
+        );
+    }
+    println!();
+    for (ctx, batch, layers, blocks, step, prof) in &profiles {
+        let total: f64 = prof.iter().map(|p| p.1).sum();
+        println!(
+            "Kernel by kernel, an event after each launch (no graph, no PDL; each figure holds its launch gap): context {ctx}, batch {batch}, {layers} layers, decode attention blocks aimed at: {}: {total:.1} µs in all (graph replay of the step: {:.1} µs)\n",
+            blocks.map_or(format!("the backend's rule (one wave = {be_wave})"), |b| b
+                .to_string()),
+            step * 1e6
+        );
+        println!("| kernel | µs per step | µs per layer | share |");
+        println!("|---|---|---|---|");
+        for (name, us) in prof {
+            println!(
+                "| {name} | {us:.1} | {:.1} | {:.0}% |",
+                us / *layers as f64,
+                us / total * 100.0
+            );
+        }
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,492 @@
+//! The CUDA backend (bf16) against the CPU backend (f32) on one model: prefill
+//! logits, a batched decode step's logits, greedy continuations (batched, kernel
+//! by kernel and as graph replays; alone, with and without programmatic
+//! dependent launches), and a KV layer's export against the CPU's and its
+//! import/export round trip. `tandem-gpu-bench check` prints the figures for
+//! the synthesized [`CHECK_MODELS`]; the GPU tests (below, `--ignored`) assert
+//! [`CheckReport::failures`] is empty for each.
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::bench::BenchControls;
+use super::{CudaBackend, CudaLimits};
+use crate::ModelDir;
+use crate::backend::{Backend, SeqChunk, argmax};
+use crate::block_manager::blocks_for;
+use crate::config::Architecture;
+use crate::cpu::{CpuBackend, CpuModel};
+use crate::error::Result;
+use crate::synth::{SynthDtype, SynthSpec, write_model_dir};
+use crate::weights::Weights;
+
+/// Tokens per KV block in the checks.
+pub const BLOCK_SIZE: usize = 16;
+/// Bound on prefill and decode logits' max abs error over the CPU's max abs.
+pub const MAX_REL_BOUND: f32 = 5e-2;
+/// Bound on prefill logits' L2 error relative to the CPU's (issue 4's 1e-2 for
+/// bf16). llama-hd32 measured 1.08–1.11e-2 on the H200 (docs/GPU_BENCH.md:
+/// at the bf16 rounding floor, not a kernel fault); the bound stays where
+/// the target put it, so that check fails there until that is settled.
+pub const L2_BOUND: f32 = 1e-2;
+
+/// A synthesized model shape the check runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckModel {
+    /// Directory name and table label.
+    pub name: &'static str,
+    /// Architecture (Llama, Qwen2 with q/k/v biases, Mistral with a window).
+    pub architecture: Architecture,
+    /// Hidden width (head_dim = hidden / heads).
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Longest position (the window for Mistral comes from the synthesizer).
+    pub max_pos: usize,
+}
+
+/// The models `tandem-gpu-bench check` and the GPU tests run: head_dim 32,
+/// 128 and 64, groups 2, 4 and 2, biases, a sliding window.
+pub const CHECK_MODELS: [CheckModel; 4] = [
+    CheckModel {
+        name: "llama-hd32",
+        architecture: Architecture::Llama,
+        hidden: 256,
+        heads: 8,
+        kv_heads: 4,
+        max_pos: 2048,
+    },
+    CheckModel {
+        name: "llama-hd128",
+        architecture: Architecture::Llama,
+        hidden: 1024,
+        heads: 8,
+        kv_heads: 2,
+        max_pos: 2048,
+    },
+    CheckModel {
+        name: "qwen2-hd64",
+        architecture: Architecture::Qwen2,
+        hidden: 512,
+        heads: 8,
+        kv_heads: 2,
+        max_pos: 2048,
+    },
+    CheckModel {
+        name: "mistral-window256",
+        architecture: Architecture::Mistral,
+        hidden: 256,
+        heads: 8,
+        kv_heads: 4,
+        max_pos: 512,
+    },
+];
+
+/// Writes `model` (bf16 weights, seed 7) under `root` unless it is there; its directory.
+pub fn synthesize(root: &Path, model: &CheckModel) -> Result<PathBuf> {
+    let dir = root.join(model.name);
+    if !dir.join("config.json").exists() {
+        write_model_dir(
+            &dir,
+            &SynthSpec {
+                architecture: model.architecture,
+                hidden_size: model.hidden,
+                intermediate_size: model.hidden * 11 / 4,
+                num_heads: model.heads,
+                num_kv_heads: model.kv_heads,
+                max_position_embeddings: model.max_pos,
+                dtype: SynthDtype::Bf16,
+                seed: 7,
+                ..SynthSpec::default()
+            },
+        )?;
+    }
+    Ok(dir)
+}
+
+/// What [`check_model`] measured.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// Prompts compared (1..400 tokens, every 3rd prefilled on the GPU in 2 chunks).
+    pub prompts: usize,
+    /// Prefill logits: max abs error over max abs, the worst prompt.
+    pub prefill_max_rel: f32,
+    /// Prefill logits: L2 relative error, the worst prompt.
+    pub prefill_l2: f32,
+    /// The batched first decode step's logits: max abs error over max abs.
+    pub decode_max_rel: f32,
+    /// Greedy continuations (16 steps, batched) that differ from the CPU's.
+    pub greedy_differ: Vec<String>,
+    /// A KV layer exported by the GPU against the CPU's: max abs error over max abs.
+    pub kv_export_rel: f32,
+    /// Importing the exported layer and exporting it again gives the same bytes.
+    pub kv_roundtrip_identical: bool,
+    /// Batched continuations that differ between graph replays and kernel-by-kernel.
+    pub graph_differ: usize,
+    /// Decode graphs captured.
+    pub graphs_captured: usize,
+    /// Sequences decoded alone whose tokens change without programmatic dependent launches.
+    pub pdl_differ: usize,
+    /// Sequences decoded alone (of 6) that differ from the CPU's, as `#i@step`.
+    pub alone_differ: Vec<String>,
+}
+
+impl CheckReport {
+    /// What is wrong, empty when nothing: the logits bounds, the KV round trip,
+    /// and decode results that must not depend on PDL. (Greedy continuations of
+    /// random-weight models may differ where two tokens are near-tied: reported,
+    /// not failed; see docs/GPU_BENCH.md.)
+    pub fn failures(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if !below(self.prefill_max_rel, MAX_REL_BOUND) {
+            f.push(format!(
+                "prefill logits max rel err {:.2e} >= {MAX_REL_BOUND:.0e}",
+                self.prefill_max_rel
+            ));
+        }
+        if !below(self.decode_max_rel, MAX_REL_BOUND) {
+            f.push(format!(
+                "decode logits max rel err {:.2e} >= {MAX_REL_BOUND:.0e}",
+                self.decode_max_rel
+            ));
+        }
+        if !below(self.prefill_l2, L2_BOUND) {
+            f.push(format!(
+                "prefill logits L2 rel err {:.2e} >= {L2_BOUND:.0e}",
+                self.prefill_l2
+            ));
+        }
+        if !self.kv_roundtrip_identical {
+            f.push("KV import/export round trip differs".into());
+        }
+        if self.pdl_differ > 0 {
+            f.push(format!(
+                "programmatic dependent launches change decode results ({} of 6)",
+                self.pdl_differ
+            ));
+        }
+        f
+    }
+}
+
+/// `v < bound`, false for NaN (a NaN error fails its bound).
+fn below(v: f32, bound: f32) -> bool {
+    v < bound
+}
+
+/// max |a - b| / max |b|: the error relative to the logits' scale (infinite on a NaN).
+pub fn rel_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let diff = gpu.iter().zip(cpu).fold(0f32, |m, (a, b)| {
+        if (a - b).is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((a - b).abs())
+        }
+    });
+    diff / scale
+}
+
+/// ||a - b|| / ||b||.
+pub fn l2_err(gpu: &[f32], cpu: &[f32]) -> f32 {
+    let (mut d, mut r) = (0f64, 0f64);
+    for (a, b) in gpu.iter().zip(cpu) {
+        d += ((a - b) as f64).powi(2);
+        r += (*b as f64).powi(2);
+    }
+    (d.sqrt() / r.sqrt().max(1e-12)) as f32
+}
+
+/// `steps` greedy tokens of one sequence decoded alone (batch 1) from `first`
+/// at position `start`: `first` and the tokens it leads to, each fed back.
+pub fn decode_alone(
+    be: &mut CudaBackend,
+    first: u32,
+    start: usize,
+    table: &[u32],
+    steps: usize,
+) -> Result<Vec<u32>> {
+    let mut next = first;
+    let mut cont = Vec::with_capacity(steps);
+    for k in 0..steps {
+        cont.push(next);
+        let t = [next];
+        let chunk = SeqChunk {
+            tokens: &t,
+            start: start + k,
+            block_table: table,
+        };
+        next = be.forward_greedy(&[chunk], None)?[0];
+    }
+    Ok(cont)
+}
+
+/// Runs the comparison on GPU 0 for the model in `dir` (see the module doc).
+pub fn check_model(dir: &Path) -> Result<CheckReport> {
+    let config = ModelDir::open(dir)?.config;
+    let weights = Weights::open(dir)?;
+    let steps = 16;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let max_len = 400.min(config.max_position_embeddings - steps - 1);
+    let prompts: Vec<Vec<u32>> = (0..20)
+        .map(|i| {
+            let len = if i == 0 {
+                1
+            } else {
+                rng.random_range(2..=max_len)
+            };
+            (0..len)
+                .map(|_| rng.random_range(0..config.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    // Each sequence gets its own blocks, in reverse order, so paging is exercised.
+    let per_seq = blocks_for(max_len + steps + 1, BLOCK_SIZE);
+    let num_blocks = per_seq * prompts.len() + 8;
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|i| {
+            (0..per_seq)
+                .rev()
+                .map(|j| (i * per_seq + j) as u32)
+                .collect()
+        })
+        .collect();
+    let mut cpu = CpuBackend::new(CpuModel::load(&config, &weights)?, num_blocks, BLOCK_SIZE)?;
+    let limits = CudaLimits {
+        max_tokens: 1024,
+        max_seqs: 64,
+        staging_blocks: 64,
+        ..CudaLimits::default()
+    };
+    let mut gpu = CudaBackend::load(0, &config, &weights, num_blocks, BLOCK_SIZE, limits)?;
+    gpu.poison()?;
+
+    let mut prefill_max_rel = 0f32;
+    let mut prefill_l2 = 0f32;
+    let mut cpu_next = Vec::new();
+    let mut gpu_next = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let c = cpu.prefill(p, 0, &tables[i])?;
+        let g = if i % 3 == 0 && p.len() > 1 {
+            let half = p.len() / 2;
+            gpu.prefill(&p[..half], 0, &tables[i])?;
+            gpu.prefill(&p[half..], half, &tables[i])?
+        } else {
+            gpu.prefill(p, 0, &tables[i])?
+        };
+        prefill_max_rel = prefill_max_rel.max(rel_err(&g, &c));
+        prefill_l2 = prefill_l2.max(l2_err(&g, &c));
+        cpu_next.push(argmax(&c));
+        gpu_next.push(argmax(&g));
+    }
+
+    // KV wire: the GPU's exported layer (bf16) against the CPU's (f32).
+    let cpu_kv = cpu.export_layer(1, &tables[5][..2])?;
+    let gpu_kv = gpu.export_layer(1, &tables[5][..2])?;
+    let as_f32: Vec<f32> = gpu_kv
+        .chunks_exact(2)
+        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    let cpu_f32: Vec<f32> = cpu_kv
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let kv_export_rel = rel_err(&as_f32, &cpu_f32);
+    // Import into spare blocks and read back: byte-identical.
+    let spare: Vec<u32> = (num_blocks as u32 - 2..num_blocks as u32).collect();
+    gpu.import_layer(1, &spare, &gpu_kv)?;
+    let kv_roundtrip_identical = gpu.export_layer(1, &spare)? == gpu_kv;
+
+    // Greedy continuations: the GPU decodes all 20 in one batch per step, on the
+    // device (forward_greedy), first kernel by kernel, then as graph replays (the
+    // same K/V is rewritten where the two agree); the CPU one sequence at a time.
+    let mut decode_max_rel = 0f32;
+    let mut cpu_cont = vec![Vec::new(); prompts.len()];
+    let mut cpu_step0 = Vec::new();
+    let first_tokens = gpu_next.clone();
+    let mut conts = Vec::new();
+    for graphs in [false, true] {
+        gpu.set_graphs(graphs);
+        let mut next = first_tokens.clone();
+        let mut cont = vec![Vec::new(); prompts.len()];
+        for step in 0..steps {
+            let mut batch = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let pos = p.len() + step;
+                if !graphs {
+                    let c = cpu.decode(&[(cpu_next[i], pos, &tables[i])])?;
+                    cpu_cont[i].push(cpu_next[i]);
+                    cpu_next[i] = argmax(&c[0]);
+                    if step == 0 {
+                        cpu_step0.push(c.into_iter().next().unwrap_or_default());
+                    }
+                }
+                batch.push((next[i], pos, tables[i].as_slice()));
+            }
+            let toks: Vec<[u32; 1]> = batch.iter().map(|b| [b.0]).collect();
+            let chunks: Vec<SeqChunk<'_>> = batch
+                .iter()
+                .zip(&toks)
+                .map(|(b, t)| SeqChunk {
+                    tokens: t,
+                    start: b.1,
+                    block_table: b.2,
+                })
+                .collect();
+            if step == 0 && !graphs {
+                // The batched decode step's logits against the CPU's, where both were
+                // fed the same token (forward_greedy below rewrites the same K/V).
+                let g = gpu.forward(&chunks, None)?;
+                for i in 0..prompts.len() {
+                    if cpu_cont[i][0] == next[i] {
+                        decode_max_rel = decode_max_rel.max(rel_err(&g[i], &cpu_step0[i]));
+                    }
+                }
+            }
+            let ids = gpu.forward_greedy(&chunks, None)?;
+            for (i, id) in ids.into_iter().enumerate() {
+                cont[i].push(next[i]);
+                next[i] = id;
+            }
+        }
+        conts.push(cont);
+    }
+    let graph_differ = (0..prompts.len())
+        .filter(|&i| conts[0][i] != conts[1][i])
+        .count();
+    let graphs_captured = gpu.graphs_captured();
+    let gpu_cont = conts.pop().unwrap_or_default();
+    // The first six sequences decoded alone (one-token passes take the fused
+    // single-row path), against the CPU; then again without programmatic
+    // dependent launches: the same tokens, or the kernels' ordering is wrong.
+    let mut alone_differ = Vec::new();
+    let mut pdl_differ = 0;
+    for i in 0..6.min(prompts.len()) {
+        let mut conts = Vec::new();
+        for pdl in [true, false] {
+            gpu.set_pdl(pdl);
+            conts.push(decode_alone(
+                &mut gpu,
+                first_tokens[i],
+                prompts[i].len(),
+                &tables[i],
+                steps,
+            )?);
+        }
+        gpu.set_pdl(true);
+        let cont = &conts[0];
+        if conts[1] != *cont {
+            pdl_differ += 1;
+        }
+        if let Some(k) = (0..steps).find(|&k| cont[k] != cpu_cont[i][k]) {
+            alone_differ.push(format!("#{i}@{k}"));
+        }
+    }
+    let greedy_differ = (0..prompts.len())
+        .filter_map(|i| {
+            (0..steps)
+                .find(|&k| cpu_cont[i][k] != gpu_cont[i][k])
+                .map(|k| format!("#{i}(len {})@{k}", prompts[i].len()))
+        })
+        .collect();
+    Ok(CheckReport {
+        prompts: prompts.len(),
+        prefill_max_rel,
+        prefill_l2,
+        decode_max_rel,
+        greedy_differ,
+        kv_export_rel,
+        kv_roundtrip_identical,
+        graph_differ,
+        graphs_captured,
+        pdl_differ,
+        alone_differ,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! On a GPU machine: `cargo test -p tandem-engine --features cuda --lib
+    //! cuda::check -- --ignored` (docs/GPU_BENCH.md). Without a GPU they are
+    //! ignored, never passed: run anyway, they fail at opening the device.
+    use super::{CHECK_MODELS, CheckReport, check_model, l2_err, rel_err, synthesize};
+
+    fn run(name: &str) {
+        let root = std::env::temp_dir().join("tandem-gpu-tests");
+        let model = CHECK_MODELS
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no check model {name}"));
+        let dir = synthesize(&root, model).unwrap_or_else(|e| panic!("synthesizing {name}: {e}"));
+        let r: CheckReport = check_model(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        eprintln!("{name}: {r:?}");
+        assert!(
+            r.graphs_captured > 0,
+            "{name}: no decode graph was captured"
+        );
+        assert!(r.failures().is_empty(), "{name}: {:?}", r.failures());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_matches_cpu_llama_head_dim_32() {
+        run("llama-hd32");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_matches_cpu_llama_head_dim_128() {
+        run("llama-hd128");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_matches_cpu_qwen2_biases() {
+        run("qwen2-hd64");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_matches_cpu_mistral_sliding_window() {
+        run("mistral-window256");
+    }
+
+    #[test]
+    fn error_measures_see_nans_and_scale() {
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_err(&[1.0, 2.2], &[1.0, 2.0]) - 0.1).abs() < 1e-6);
+        assert_eq!(rel_err(&[f32::NAN, 2.0], &[1.0, 2.0]), f32::INFINITY);
+        assert!((l2_err(&[3.0, 4.4], &[3.0, 4.0]) - 0.08).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_report_over_a_bound_names_what_failed() {
+        let ok = CheckReport {
+            prompts: 20,
+            prefill_max_rel: 1e-2,
+            prefill_l2: 5e-3,
+            decode_max_rel: 1e-2,
+            greedy_differ: vec!["#3(len 9)@4".into()],
+            kv_export_rel: 1e-3,
+            kv_roundtrip_identical: true,
+            graph_differ: 0,
+            graphs_captured: 2,
+            pdl_differ: 0,
+            alone_differ: Vec::new(),
+        };
+        assert!(ok.failures().is_empty());
+        let bad = CheckReport {
+            prefill_l2: 1.1e-2,
+            kv_roundtrip_identical: false,
+            decode_max_rel: f32::NAN,
+            ..ok
+        };
+        let f = bad.failures();
+        assert_eq!(f.len(), 3, "{f:?}");
+        assert!(f[0].contains("decode") && f[1].contains("L2") && f[2].contains("round trip"));
+    }
+}

@@ -1,0 +1,77 @@
+// Tandem's CUDA kernels: what every kernel file shares (types, warp and block
+// reductions, programmatic dependent launch, cp.async). engine/src/cuda/program.rs
+// compiles this file and then elementwise.cu, decode_attn.cu, sampling.cu,
+// prefill_attn.cu and gemv.cu, concatenated in that order, as ONE NVRTC program
+// for the GPU's own architecture; the constants the host also uses (tile sizes,
+// the split limit) come from the host as -D defines (program.rs, KERNEL_DEFINES),
+// so they are written once, in Rust. Argument order of every kernel is written
+// once on the host side too: engine/src/cuda/launch.rs.
+//
+// Conventions: activations between GEMMs are bf16 row-major [tokens, width];
+// the residual stream and the GEMM outputs added to it are f32. The KV cache
+// of one layer is bf16 in the layout of engine/src/kv_cache.rs:
+//   block b: [K: head 0 [slot][hd] .. head H-1][V: head 0 .. head H-1]
+#include <cuda_bf16.h>
+
+#if !defined(MAX_SPLITS) || !defined(DECODE_TILE) || !defined(PREFILL_BQ) || !defined(PREFILL_BK)
+#error "compile with the host's -D defines (engine/src/cuda/program.rs, KERNEL_DEFINES)"
+#endif
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef __nv_bfloat16 bf16;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float bf(bf16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. blockDim.x is a multiple of 32.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = (threadIdx.x < (blockDim.x >> 5)) ? part[threadIdx.x] : 0.f;
+    if (warp == 0) {
+        t = warp_sum(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// Programmatic dependent launch (sm_90). The backend launches a forward pass's
+// kernels with the PDL attribute: such a kernel may be scheduled while the kernel
+// before it in the stream is still running. pdl_enter() waits until that kernel has
+// completed and its writes are visible, then lets the next kernel be scheduled; it
+// is a no-op in a kernel launched normally. Every kernel calls it before it touches
+// memory that an earlier kernel writes, and writes nothing before it.
+__device__ __forceinline__ void pdl_enter() {
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
+
+// Asynchronous 16-byte copies global -> shared (bytes < 16 zero-fills the rest).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+    u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}

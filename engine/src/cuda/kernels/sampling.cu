@@ -1,0 +1,208 @@
+// Sampling on the GPU (part of the program that starts with common.cuh): one block (1024 threads) per row of logits [rows, vocab].
+// draws[row] = (temperature, top_k, top_p, min_p, u01) as 5 x 32 bits (the
+// floats' bit patterns). Temperature 0 is the argmax (lowest id on ties). Else
+// p_i = exp((l_i - max) / T); the top-k cut keeps the k largest, the top-p cut
+// the smallest most-likely set holding top_p of what top-k kept, min-p those
+// with p_i >= min_p (p_max = 1): each cut is a threshold on l_i, found by radix
+// selection over the logits' order-preserving bit keys (4 passes of 8 bits, a
+// histogram of counts or of probability mass per pass), so nothing is sorted.
+// The token is where u01 * (kept mass) falls walking the vocabulary in id
+// order: the same distribution as the host's TokenDraw::choose, which walks
+// from the most likely down (so the two pick different tokens for one u01).
+
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float t = (threadIdx.x < (blockDim.x >> 5)) ? part[threadIdx.x] : NEG_INF;
+    if (warp == 0) {
+        t = warp_max(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// The largest key K with (count or mass) of {i : key_i >= K} >= target.
+// by_mass: weigh each token by its probability, else by 1.
+__device__ u32 radix_threshold(const float* row, int vocab, float mx, float inv_t, float target,
+                               bool by_mass, float* hist, u32* prefix_s, float* above_s) {
+    u32 prefix = 0;
+    float above = 0.f;
+    for (int pass = 0; pass < 4; pass++) {
+        int shift = 24 - 8 * pass;
+        u32 mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0.f;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float l = row[i];
+            u32 k = order_key(l);
+            if ((k & mask) == prefix) {
+                float w = by_mass ? __expf((l - mx) * inv_t) : 1.f;
+                atomicAdd(&hist[(k >> shift) & 255], w);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int d = 255;
+            for (; d > 0; d--) {
+                if (above + hist[d] >= target) break;
+                above += hist[d];
+            }
+            *prefix_s = prefix | ((u32)d << shift);
+            *above_s = above;
+        }
+        __syncthreads();
+        prefix = *prefix_s;
+        above = *above_s;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+extern "C" __global__ void sample_rows(const float* logits, const int* draws, u32* ids,
+                                       int vocab) {
+    __shared__ float hist[256];
+    __shared__ u32 prefix_s;
+    __shared__ float above_s;
+    __shared__ float scan[32];
+    __shared__ int found, last_kept;
+    pdl_enter();
+    int row_i = blockIdx.x;
+    const float* row = logits + (size_t)row_i * vocab;
+    const int* d = draws + 5 * row_i;
+    float temp = __int_as_float(d[0]);
+    int top_k = d[1];
+    float top_p = __int_as_float(d[2]), min_p = __int_as_float(d[3]), u01 = __int_as_float(d[4]);
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    if (!(temp > 0.f)) {
+        // Greedy: as argmax_rows.
+        float best = NEG_INF;
+        int besti = 0x7fffffff;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = row[i];
+            if (v > best) {
+                best = v;
+                besti = i;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffff, best, o);
+            int oi = __shfl_xor_sync(0xffffffff, besti, o);
+            if (ov > best || (ov == best && oi < besti)) {
+                best = ov;
+                besti = oi;
+            }
+        }
+        __shared__ float bv[32];
+        __shared__ int bi[32];
+        if (lane == 0) {
+            bv[warp] = best;
+            bi[warp] = besti;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+                if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
+                    best = bv[w];
+                    besti = bi[w];
+                }
+            ids[row_i] = besti == 0x7fffffff ? 0 : (u32)besti;
+        }
+        return;
+    }
+
+    float inv_t = 1.f / temp;
+    float mx = NEG_INF;
+    for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, row[i]);
+    mx = block_max(mx);
+
+    u32 thr = 0;  // keep key >= thr
+    if (top_k > 0 && top_k < vocab)
+        thr = radix_threshold(row, vocab, mx, inv_t, (float)top_k, false, hist, &prefix_s,
+                              &above_s);
+    if (top_p < 1.f) {
+        float kept = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float l = row[i];
+            if (order_key(l) >= thr) kept += __expf((l - mx) * inv_t);
+        }
+        kept = block_sum(kept);
+        u32 t = radix_threshold(row, vocab, mx, inv_t, top_p * kept, true, hist, &prefix_s,
+                                &above_s);
+        thr = max(thr, t);
+    }
+
+    // Contiguous ranges per thread, so a prefix scan walks the vocabulary in id order.
+    int per = (vocab + blockDim.x - 1) / blockDim.x;
+    int a = tid * per, b = min(vocab, a + per);
+    float local = 0.f;
+    for (int i = a; i < b; i++) {
+        float l = row[i];
+        float p = __expf((l - mx) * inv_t);
+        if (order_key(l) >= thr && p >= min_p) local += p;
+    }
+    // Exclusive prefix sum over the block.
+    float incl = local;
+    for (int o = 1; o < 32; o <<= 1) {
+        float n = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl += n;
+    }
+    if (lane == 31) scan[warp] = incl;
+    if (tid == 0) {
+        found = 0x7fffffff;
+        last_kept = -1;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float w = lane < (int)(blockDim.x >> 5) ? scan[lane] : 0.f;
+        for (int o = 1; o < 32; o <<= 1) {
+            float n = __shfl_up_sync(0xffffffff, w, o);
+            if (lane >= o) w += n;
+        }
+        scan[lane] = w;  // inclusive per warp
+    }
+    __syncthreads();
+    float total = scan[(blockDim.x >> 5) - 1];
+    float before = (warp > 0 ? scan[warp - 1] : 0.f) + incl - local;
+    float target = u01 * total;
+    if (local > 0.f && target >= before && target < before + local) {
+        float acc = before;
+        for (int i = a; i < b; i++) {
+            float l = row[i];
+            float p = __expf((l - mx) * inv_t);
+            if (order_key(l) >= thr && p >= min_p) {
+                acc += p;
+                if (target < acc) {
+                    atomicMin(&found, i);
+                    break;
+                }
+            }
+        }
+    }
+    if (local > 0.f) {
+        for (int i = b - 1; i >= a; i--) {
+            float l = row[i];
+            if (order_key(l) >= thr && __expf((l - mx) * inv_t) >= min_p) {
+                atomicMax(&last_kept, i);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        // Rounding can leave the target past the last kept token: take that one.
+        int pick = found != 0x7fffffff ? found : last_kept;
+        ids[row_i] = pick < 0 ? 0 : (u32)pick;
+    }
+}
+

@@ -1,0 +1,627 @@
+//! One typed launch per kernel: each kernel's arguments, in the order of its
+//! signature in `kernels/*.cu`, are written here once ([`Kernel::params`]),
+//! next to its grid ([`Kernel::config`]). A launch is a struct whose fields
+//! are the kernel's parameters (device addresses typed by element, sizes as
+//! `usize`) plus what the grid needs; `launch` is `unsafe` because the
+//! addresses are raw: its caller promises what each must hold.
+//!
+//! The parameter names are the kernels' own, and a test reads every kernel's
+//! signature out of the program source and checks names, count, order and
+//! types (a pointer's element type, `int`, `u64`, `float`) against
+//! [`Kernel::params`], so a swapped argument fails here instead of giving a
+//! silently wrong answer on the GPU.
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig};
+use half::bf16;
+
+use super::device::{Gpu, grid, ptr};
+use super::error::{CudaError, DriverContext};
+
+/// The most splits a decode sequence's context is cut into (`attn_combine`
+/// stages one weight per split in a shared array of this size). `-D` to the kernels.
+pub(crate) const MAX_SPLITS: usize = 64;
+/// Keys per tile of the decode attention kernel. `-D` to the kernels.
+pub(crate) const DECODE_TILE: usize = 64;
+/// Query rows per block of the prefill attention kernel (16 per warp). `-D` to the kernels.
+pub(crate) const PREFILL_BQ: usize = 128;
+/// Keys per tile of the prefill attention kernel. `-D` to the kernels.
+pub(crate) const PREFILL_BK: usize = 64;
+/// Threads of a decode attention block (its P·V reduction area is sized for it).
+pub(crate) const DECODE_THREADS: u32 = 128;
+/// Threads of a prefill attention block: one warp per 16 query rows.
+pub(crate) const PREFILL_THREADS: u32 = (PREFILL_BQ / 16 * 32) as u32;
+/// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
+/// its latency is the per-thread share of the hidden width.
+pub(crate) const NORM_THREADS: u32 = 1024;
+/// Threads per row of logits in the sampling kernel (its scans hold 32 warps).
+const SAMPLE_THREADS: u32 = 1024;
+/// Threads of a `gemv`/`gemv_silu` block: 8 warps, one output row each.
+const GEMV_THREADS: u32 = 256;
+/// Rows of input the `gemv` kernel handles (it is instantiated for 1..=8).
+pub(crate) const GEMV_KERNEL_ROWS: usize = 8;
+const _: () = assert!(MAX_SPLITS <= 64 && PREFILL_BQ.is_multiple_of(16));
+
+/// A device address of `T` elements (null allowed where a kernel takes an
+/// optional input). Making one is safe, as with a raw pointer; only a launch,
+/// which is `unsafe`, reads or writes through it.
+#[derive(Debug)]
+pub(crate) struct Dev<T> {
+    addr: u64,
+    _elem: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Dev<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Dev<T> {}
+
+impl<T> Dev<T> {
+    /// No buffer (the kernel's optional input is absent).
+    pub(crate) const NULL: Self = Dev::from_raw(0);
+
+    /// The address `addr` as a buffer of `T`.
+    pub(crate) const fn from_raw(addr: u64) -> Self {
+        Dev {
+            addr,
+            _elem: PhantomData,
+        }
+    }
+
+    /// The start of `s`.
+    pub(crate) fn of(s: &CudaSlice<T>, stream: &CudaStream) -> Self {
+        Dev::from_raw(ptr(s, stream))
+    }
+
+    /// `elems` elements further on.
+    pub(crate) fn add(self, elems: usize) -> Self {
+        Dev::from_raw(self.addr + (elems * std::mem::size_of::<T>()) as u64)
+    }
+
+    /// The same address, read as elements of `U` (the metadata buffer's words
+    /// as token ids).
+    pub(crate) fn cast<U>(self) -> Dev<U> {
+        Dev::from_raw(self.addr)
+    }
+
+    /// The raw address.
+    pub(crate) fn addr(self) -> u64 {
+        self.addr
+    }
+}
+
+/// An element type a kernel's pointer parameter points to, by its name in the
+/// kernel source.
+pub(crate) trait Elem {
+    /// The C type (`bf16`, `float`, `int`, `u32`).
+    const C: &'static str;
+}
+impl Elem for bf16 {
+    const C: &'static str = "bf16";
+}
+impl Elem for f32 {
+    const C: &'static str = "float";
+}
+impl Elem for i32 {
+    const C: &'static str = "int";
+}
+impl Elem for u32 {
+    const C: &'static str = "u32";
+}
+
+/// One kernel parameter, as the driver receives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Param {
+    /// A device address (`T*` in the kernel) and the C name of `T` (`void` for
+    /// an untyped output).
+    Ptr(u64, &'static str),
+    /// `int`.
+    I32(i32),
+    /// `u64`.
+    U64(u64),
+    /// `float`.
+    F32(f32),
+}
+
+impl<T: Elem> From<Dev<T>> for Param {
+    fn from(d: Dev<T>) -> Self {
+        Param::Ptr(d.addr, T::C)
+    }
+}
+
+/// A kernel's `int` parameter from a size; an error past `i32::MAX`.
+fn int(v: usize) -> Result<Param, CudaError> {
+    i32::try_from(v)
+        .map(Param::I32)
+        .map_err(|_| CudaError::Unsupported(format!("kernel argument {v} exceeds a 32-bit int")))
+}
+
+/// A kernel launch with its parameters and grid.
+pub(crate) trait Kernel {
+    /// The kernel's name in the program (`decode_attn_*`, `prefill_attn_*`: the
+    /// stem; the instance is picked for the model at start).
+    const NAME: &'static str;
+    /// The kernel's parameters by name, in the order of its signature.
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError>;
+    /// Grid, block and dynamic shared memory.
+    fn config(&self) -> LaunchConfig;
+    /// The compiled function on `gpu`.
+    fn function(gpu: &Gpu) -> &CudaFunction;
+}
+
+/// Queues `k` on `gpu`'s compute stream, a programmatic dependent launch when `pdl`.
+///
+/// # Safety
+/// Every address among `k`'s parameters must be a live allocation of the
+/// size and element type the kernel's documentation (its struct here) names
+/// for the grid [`Kernel::config`] gives.
+pub(crate) unsafe fn launch<K: Kernel>(gpu: &Gpu, k: &K, pdl: bool) -> Result<(), CudaError> {
+    let params = k.params()?;
+    let mut l = gpu.kernel(K::function(gpu), pdl);
+    for (_, p) in &params {
+        match p {
+            Param::Ptr(v, _) | Param::U64(v) => l.arg(v),
+            Param::I32(v) => l.arg(v),
+            Param::F32(v) => l.arg(v),
+        };
+    }
+    // SAFETY: `params` follows the kernel's signature (checked against the source
+    // in the tests below); the pointers are forwarded to the caller.
+    unsafe { l.launch(k.config()) }.op(K::NAME)
+}
+
+/// `embed`: `x[row] = table[ids[row]]` (f32) for `rows` token ids.
+/// Holds: `ids` `rows` ids below the table's rows, `table` `[vocab, hidden]`,
+/// `x` `rows × hidden`.
+pub(crate) struct Embed {
+    pub rows: usize,
+    pub ids: Dev<u32>,
+    pub table: Dev<bf16>,
+    pub x: Dev<f32>,
+    pub hidden: usize,
+}
+
+impl Kernel for Embed {
+    const NAME: &'static str = "embed";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("ids", self.ids.into()),
+            ("table", self.table.into()),
+            ("x", self.x.into()),
+            ("hidden", int(self.hidden)?),
+        ])
+    }
+    fn config(&self) -> LaunchConfig {
+        grid(self.rows as u32, 256)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.embed
+    }
+}
+
+/// `add_rmsnorm`: for output row `r` of `rows`, source row `s = rows_map[r]`
+/// (or `r` when null): `x[s] += delta[s]` (when `delta` is not null), then
+/// `out[r] = rmsnorm(x[s]) · w`. Holds: `x`, `delta` source rows × hidden f32,
+/// `rows_map` `rows` ints, `w` hidden bf16, `out` `rows × hidden` bf16.
+pub(crate) struct AddRmsnorm {
+    pub rows: usize,
+    pub x: Dev<f32>,
+    pub delta: Dev<f32>,
+    pub rows_map: Dev<i32>,
+    pub w: Dev<bf16>,
+    pub out: Dev<bf16>,
+    pub hidden: usize,
+    pub eps: f32,
+}
+
+impl Kernel for AddRmsnorm {
+    const NAME: &'static str = "add_rmsnorm";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("x", self.x.into()),
+            ("delta", self.delta.into()),
+            ("rows", self.rows_map.into()),
+            ("w", self.w.into()),
+            ("out", self.out.into()),
+            ("hidden", int(self.hidden)?),
+            ("eps", Param::F32(self.eps)),
+        ])
+    }
+    fn config(&self) -> LaunchConfig {
+        grid(self.rows as u32, NORM_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.add_rmsnorm
+    }
+}
+
+/// `rope_kv`: rotary embedding of q and k for `tokens` rows of `qkv`
+/// (`[tokens, (hq + 2 hkv) hd]`, optional `bias` of that width), q into
+/// `q_out` (`[tokens, hq hd]`), K and V into the cache layer `cache` at
+/// `slots[t]`; positions in `pos`. `inv_freq` holds `hd / 2` floats.
+pub(crate) struct RopeKv {
+    pub tokens: usize,
+    pub qkv: Dev<bf16>,
+    pub bias: Dev<bf16>,
+    pub pos: Dev<i32>,
+    pub slots: Dev<i32>,
+    pub inv_freq: Dev<f32>,
+    pub q_out: Dev<bf16>,
+    pub cache: Dev<bf16>,
+    pub hq: usize,
+    pub hkv: usize,
+    pub hd: usize,
+    pub block_size: usize,
+}
+
+impl Kernel for RopeKv {
+    const NAME: &'static str = "rope_kv";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("qkv", self.qkv.into()),
+            ("bias", self.bias.into()),
+            ("pos", self.pos.into()),
+            ("slots", self.slots.into()),
+            ("inv_freq", self.inv_freq.into()),
+            ("q_out", self.q_out.into()),
+            ("cache", self.cache.into()),
+            ("hq", int(self.hq)?),
+            ("hkv", int(self.hkv)?),
+            ("hd", int(self.hd)?),
+            ("bs", int(self.block_size)?),
+        ])
+    }
+    /// One block per (head, token), `hd / 2` threads (one rotated pair each).
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((self.hq + self.hkv) as u32, self.tokens as u32, 1),
+            block_dim: ((self.hd / 2) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.rope_kv
+    }
+}
+
+/// `silu_mul`: `act[r, i] = silu(gu[r, i]) · gu[r, inter + i]` for `n` rows;
+/// `gu` `n × 2 inter` bf16, `act` `n × inter` bf16.
+pub(crate) struct SiluMul {
+    pub gu: Dev<bf16>,
+    pub act: Dev<bf16>,
+    pub n: usize,
+    pub inter: usize,
+}
+
+impl Kernel for SiluMul {
+    const NAME: &'static str = "silu_mul";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("gu", self.gu.into()),
+            ("act", self.act.into()),
+            ("n", int(self.n)?),
+            ("inter", int(self.inter)?),
+        ])
+    }
+    /// A grid-stride loop: one thread per element up to 65535 blocks of 256.
+    fn config(&self) -> LaunchConfig {
+        grid((self.n * self.inter).div_ceil(256).min(65535) as u32, 256)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.silu_mul
+    }
+}
+
+/// `fill_uniform`: `n` bf16 at `p`, uniform in `[lo, hi)` from `seed`.
+pub(crate) struct FillUniform {
+    pub p: Dev<bf16>,
+    pub n: usize,
+    pub seed: u64,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Kernel for FillUniform {
+    const NAME: &'static str = "fill_uniform";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("p", self.p.into()),
+            ("n", Param::U64(self.n as u64)),
+            ("seed", Param::U64(self.seed)),
+            ("lo", Param::F32(self.lo)),
+            ("hi", Param::F32(self.hi)),
+        ])
+    }
+    /// A grid-stride loop over 1024 blocks of 256.
+    fn config(&self) -> LaunchConfig {
+        grid(1024, 256)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.fill_uniform
+    }
+}
+
+/// Where a product's output goes: f32 (added to the residual stream) or bf16.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ProductOut {
+    /// f32 rows.
+    F32(Dev<f32>),
+    /// bf16 rows.
+    Bf16(Dev<bf16>),
+}
+
+/// `gemv`: `y[r, o] = Σ_k x[r, k] w[o, k]` for `n` ≤ [`GEMV_KERNEL_ROWS`] rows;
+/// `x` `n × k` bf16, `w` `out × k` bf16, `y` `n × out`; `k` a multiple of 8.
+pub(crate) struct Gemv {
+    pub x: Dev<bf16>,
+    pub w: Dev<bf16>,
+    pub y: ProductOut,
+    pub n: usize,
+    pub k: usize,
+    pub out: usize,
+}
+
+impl Kernel for Gemv {
+    const NAME: &'static str = "gemv";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        let (y, y_f32) = match self.y {
+            ProductOut::F32(y) => (y.addr, 1),
+            ProductOut::Bf16(y) => (y.addr, 0),
+        };
+        Ok(vec![
+            ("x", self.x.into()),
+            ("w", self.w.into()),
+            ("y", Param::Ptr(y, "void")),
+            ("n", int(self.n)?),
+            ("k", int(self.k)?),
+            ("out", int(self.out)?),
+            ("y_f32", Param::I32(y_f32)),
+        ])
+    }
+    /// One warp per output row, 8 warps a block.
+    fn config(&self) -> LaunchConfig {
+        grid(self.out.div_ceil(8) as u32, GEMV_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.gemv
+    }
+}
+
+/// `gemv_silu`: `act[o] = silu(x · w[o]) · (x · w[inter + o])` for one row;
+/// `w = [gate; up]` of `2 inter × k` bf16, `x` `k` bf16, `act` `inter` bf16;
+/// `k` a multiple of 8.
+pub(crate) struct GemvSilu {
+    pub x: Dev<bf16>,
+    pub w: Dev<bf16>,
+    pub act: Dev<bf16>,
+    pub k: usize,
+    pub inter: usize,
+}
+
+impl Kernel for GemvSilu {
+    const NAME: &'static str = "gemv_silu";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("x", self.x.into()),
+            ("w", self.w.into()),
+            ("act", self.act.into()),
+            ("k", int(self.k)?),
+            ("inter", int(self.inter)?),
+        ])
+    }
+    /// One warp per output element, 8 warps a block.
+    fn config(&self) -> LaunchConfig {
+        grid(self.inter.div_ceil(8) as u32, GEMV_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.gemv_silu
+    }
+}
+
+/// `decode_attn_{hd}_{group}`: one query token per sequence for `seqs`
+/// sequences, each context cut into at most `max_splits` splits; unnormalised
+/// partial results into `part_o` (`seqs × hq × max_splits × hd` f32) and
+/// `part_ml` (`seqs × hq × max_splits × 2` f32). `q` `seqs × hq × hd` bf16;
+/// `tables` `seqs` rows of `*table_stride` block ids; `seq_lens` `seqs` ints;
+/// `window` 0 for none. `smem`: the dynamic shared memory (`decode_smem`).
+pub(crate) struct DecodeAttn {
+    pub seqs: usize,
+    pub smem: usize,
+    pub q: Dev<bf16>,
+    pub cache: Dev<bf16>,
+    pub tables: Dev<i32>,
+    pub table_stride: Dev<i32>,
+    pub seq_lens: Dev<i32>,
+    pub part_o: Dev<f32>,
+    pub part_ml: Dev<f32>,
+    pub hq: usize,
+    pub hkv: usize,
+    pub block_size: usize,
+    pub max_splits: usize,
+    pub window: usize,
+    pub scale: f32,
+}
+
+impl Kernel for DecodeAttn {
+    const NAME: &'static str = "decode_attn";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("q", self.q.into()),
+            ("cache", self.cache.into()),
+            ("tables", self.tables.into()),
+            ("table_stride", self.table_stride.into()),
+            ("seq_lens", self.seq_lens.into()),
+            ("part_o", self.part_o.into()),
+            ("part_ml", self.part_ml.into()),
+            ("hq", int(self.hq)?),
+            ("hkv", int(self.hkv)?),
+            ("bs", int(self.block_size)?),
+            ("max_splits", int(self.max_splits)?),
+            ("window", int(self.window)?),
+            ("scale", Param::F32(self.scale)),
+        ])
+    }
+    /// One block per (split, KV head, sequence).
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.max_splits as u32, self.hkv as u32, self.seqs as u32),
+            block_dim: (DECODE_THREADS, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        }
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.decode_attn
+    }
+}
+
+/// `attn_combine`: merges [`DecodeAttn`]'s splits into `out` (`seqs × hq × hd`
+/// bf16), the split count recomputed from `seq_lens` as the attention did.
+pub(crate) struct AttnCombine {
+    pub seqs: usize,
+    pub part_o: Dev<f32>,
+    pub part_ml: Dev<f32>,
+    pub seq_lens: Dev<i32>,
+    pub out: Dev<bf16>,
+    pub hq: usize,
+    pub hd: usize,
+    pub max_splits: usize,
+}
+
+impl Kernel for AttnCombine {
+    const NAME: &'static str = "attn_combine";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("part_o", self.part_o.into()),
+            ("part_ml", self.part_ml.into()),
+            ("seq_lens", self.seq_lens.into()),
+            ("out", self.out.into()),
+            ("hq", int(self.hq)?),
+            ("hd", int(self.hd)?),
+            ("max_splits", int(self.max_splits)?),
+        ])
+    }
+    /// One block per (query head, sequence), one thread per dimension.
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.hq as u32, self.seqs as u32, 1),
+            block_dim: (self.hd as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.attn_combine
+    }
+}
+
+/// `prefill_attn_{hd}`: causal attention of `chunks` chunks, the longest
+/// `max_q` tokens. Chunk `c`'s queries are rows `q_off[c] ..` of `q`
+/// (`[n, hq, hd]` bf16), `q_len[c]` of them at positions `q_pos[c] ..`; keys
+/// through `tables` (`chunks` rows of `table_stride` block ids); output rows
+/// into `out` like `q`.
+pub(crate) struct PrefillAttn {
+    pub chunks: usize,
+    pub max_q: usize,
+    pub hd: usize,
+    pub q: Dev<bf16>,
+    pub cache: Dev<bf16>,
+    pub tables: Dev<i32>,
+    pub table_stride: usize,
+    pub q_off: Dev<i32>,
+    pub q_pos: Dev<i32>,
+    pub q_len: Dev<i32>,
+    pub out: Dev<bf16>,
+    pub hq: usize,
+    pub hkv: usize,
+    pub block_size: usize,
+    pub window: usize,
+    pub scale: f32,
+}
+
+impl Kernel for PrefillAttn {
+    const NAME: &'static str = "prefill_attn";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("q", self.q.into()),
+            ("cache", self.cache.into()),
+            ("tables", self.tables.into()),
+            ("table_stride", int(self.table_stride)?),
+            ("q_off", self.q_off.into()),
+            ("q_pos", self.q_pos.into()),
+            ("q_len", self.q_len.into()),
+            ("out", self.out.into()),
+            ("hq", int(self.hq)?),
+            ("hkv", int(self.hkv)?),
+            ("bs", int(self.block_size)?),
+            ("window", int(self.window)?),
+            ("scale", Param::F32(self.scale)),
+        ])
+    }
+    /// One block per (tile of [`PREFILL_BQ`] queries, head, chunk).
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                self.max_q.div_ceil(PREFILL_BQ) as u32,
+                self.hq as u32,
+                self.chunks as u32,
+            ),
+            block_dim: (PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: prefill_smem(self.hd) as u32,
+        }
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.prefill_attn
+    }
+}
+
+/// `sample_rows`: one token id per row of `logits` (`rows × vocab` f32) into
+/// `ids`, drawn as `draws` (5 words a row: temperature, top_k, top_p, min_p,
+/// u01) says.
+pub(crate) struct SampleRows {
+    pub rows: usize,
+    pub logits: Dev<f32>,
+    pub draws: Dev<i32>,
+    pub ids: Dev<u32>,
+    pub vocab: usize,
+}
+
+impl Kernel for SampleRows {
+    const NAME: &'static str = "sample_rows";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("logits", self.logits.into()),
+            ("draws", self.draws.into()),
+            ("ids", self.ids.into()),
+            ("vocab", int(self.vocab)?),
+        ])
+    }
+    /// One block per row.
+    fn config(&self) -> LaunchConfig {
+        grid(self.rows as u32, SAMPLE_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.sample_rows
+    }
+}
+
+/// Dynamic shared memory of `decode_attn_{head_dim}_{group}`
+/// (`kernels/decode_attn.cu`): double-buffered K and V tiles of
+/// [`DECODE_TILE`] keys, the tile's scores (`group × DECODE_TILE` f32) and the
+/// P·V reduction area (`group × 4 × DECODE_THREADS` f32).
+pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
+    2 * 2 * DECODE_TILE * head_dim * 2
+        + 4 * group * DECODE_TILE
+        + 4 * (4 * DECODE_THREADS as usize) * group
+}
+
+/// Dynamic shared memory of `prefill_attn`: two stages of a [`PREFILL_BK`]-key
+/// K and V tile, rows padded by 8 elements.
+pub(crate) fn prefill_smem(head_dim: usize) -> usize {
+    2 * 2 * PREFILL_BK * (head_dim + 8) * 2
+}
+
+#[cfg(test)]
+#[path = "launch_tests.rs"]
+mod tests;

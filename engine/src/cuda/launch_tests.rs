@@ -1,0 +1,364 @@
+//! Tests of the typed launches that need no GPU: every launch's parameters
+//! against its kernel's signature in the program source, and the grids.
+
+use super::*;
+use crate::cuda::program;
+
+/// A parameter's type as the kernel declares it (a pointer by its element type).
+#[derive(Debug, PartialEq)]
+enum Kind {
+    Ptr(String),
+    I32,
+    U64,
+    F32,
+}
+
+fn kind(p: &Param) -> Kind {
+    match p {
+        Param::Ptr(_, elem) => Kind::Ptr(elem.to_string()),
+        Param::I32(_) => Kind::I32,
+        Param::U64(_) => Kind::U64,
+        Param::F32(_) => Kind::F32,
+    }
+}
+
+/// `(name, kind)` of each parameter of the `extern "C"` kernel whose
+/// declaration is `void {decl}(` in the program (macro-made kernels by their
+/// pasted name, e.g. `decode_attn_##HD##_##G`).
+fn signature(decl: &str) -> Vec<(String, Kind)> {
+    let src = program::source();
+    let needle = format!("void {decl}(");
+    let hits: Vec<usize> = src.match_indices(&needle).map(|(i, _)| i).collect();
+    assert_eq!(hits.len(), 1, "`{needle}` in the kernel source: {hits:?}");
+    let start = hits[0] + needle.len();
+    let end = start + src[start..].find(')').unwrap_or(0);
+    src[start..end]
+        .replace('\\', " ")
+        .split(',')
+        .map(|p| {
+            let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
+            let (ty, name) = p.rsplit_once(' ').unwrap_or(("", &p));
+            let name = name.trim_start_matches('*').to_string();
+            let k = if ty.contains('*') {
+                let elem = ty.trim_start_matches("const ").trim_end_matches('*');
+                Kind::Ptr(elem.trim().to_string())
+            } else {
+                match ty {
+                    "int" => Kind::I32,
+                    "u64" => Kind::U64,
+                    "float" => Kind::F32,
+                    other => panic!("parameter type {other:?} of {decl}"),
+                }
+            };
+            (name, k)
+        })
+        .collect()
+}
+
+fn check<K: Kernel>(decl: &str, k: &K) {
+    let ours: Vec<(String, Kind)> = k
+        .params()
+        .unwrap_or_default()
+        .iter()
+        .map(|(n, p)| (n.to_string(), kind(p)))
+        .collect();
+    assert_eq!(ours, signature(decl), "{} (`{decl}`)", K::NAME);
+}
+
+const P: Dev<bf16> = Dev::from_raw(0x1000);
+const PF: Dev<f32> = Dev::from_raw(0x2000);
+const PI: Dev<i32> = Dev::from_raw(0x3000);
+const PU: Dev<u32> = Dev::from_raw(0x4000);
+
+fn rope() -> RopeKv {
+    RopeKv {
+        tokens: 5,
+        qkv: P,
+        bias: Dev::NULL,
+        pos: PI,
+        slots: PI.add(5),
+        inv_freq: PF,
+        q_out: P,
+        cache: P,
+        hq: 32,
+        hkv: 8,
+        hd: 128,
+        block_size: 16,
+    }
+}
+
+fn decode() -> DecodeAttn {
+    DecodeAttn {
+        seqs: 3,
+        smem: decode_smem(128, 4),
+        q: P,
+        cache: P,
+        tables: PI,
+        table_stride: PI,
+        seq_lens: PI,
+        part_o: PF,
+        part_ml: PF,
+        hq: 32,
+        hkv: 8,
+        block_size: 16,
+        max_splits: 49,
+        window: 0,
+        scale: 0.125,
+    }
+}
+
+fn prefill() -> PrefillAttn {
+    PrefillAttn {
+        chunks: 2,
+        max_q: 300,
+        hd: 128,
+        q: P,
+        cache: P,
+        tables: PI,
+        table_stride: 20,
+        q_off: PI,
+        q_pos: PI,
+        q_len: PI,
+        out: P,
+        hq: 32,
+        hkv: 8,
+        block_size: 16,
+        window: 0,
+        scale: 0.125,
+    }
+}
+
+#[test]
+fn every_launch_passes_its_kernels_parameters_in_order() {
+    check(
+        "embed",
+        &Embed {
+            rows: 3,
+            ids: PU,
+            table: P,
+            x: PF,
+            hidden: 64,
+        },
+    );
+    check(
+        "add_rmsnorm",
+        &AddRmsnorm {
+            rows: 3,
+            x: PF,
+            delta: Dev::NULL,
+            rows_map: Dev::NULL,
+            w: P,
+            out: P,
+            hidden: 64,
+            eps: 1e-5,
+        },
+    );
+    check("rope_kv", &rope());
+    check(
+        "silu_mul",
+        &SiluMul {
+            gu: P,
+            act: P,
+            n: 2,
+            inter: 8,
+        },
+    );
+    check(
+        "fill_uniform",
+        &FillUniform {
+            p: P,
+            n: 10,
+            seed: 1,
+            lo: -1.0,
+            hi: 1.0,
+        },
+    );
+    check(
+        "gemv",
+        &Gemv {
+            x: P,
+            w: P,
+            y: ProductOut::F32(PF),
+            n: 1,
+            k: 64,
+            out: 10,
+        },
+    );
+    check(
+        "gemv_silu",
+        &GemvSilu {
+            x: P,
+            w: P,
+            act: P,
+            k: 64,
+            inter: 10,
+        },
+    );
+    check("decode_attn_##HD##_##G", &decode());
+    check(
+        "attn_combine",
+        &AttnCombine {
+            seqs: 3,
+            part_o: PF,
+            part_ml: PF,
+            seq_lens: PI,
+            out: P,
+            hq: 32,
+            hd: 128,
+            max_splits: 49,
+        },
+    );
+    check("prefill_attn_##HD", &prefill());
+    check(
+        "sample_rows",
+        &SampleRows {
+            rows: 4,
+            logits: PF,
+            draws: PI,
+            ids: PU,
+            vocab: 1000,
+        },
+    );
+}
+
+#[test]
+fn parameters_carry_the_values_given() {
+    let p = rope().params().unwrap_or_default();
+    assert_eq!(p[3], ("slots", Param::Ptr(0x3000 + 5 * 4, "int")));
+    assert_eq!(p[1], ("bias", Param::Ptr(0, "bf16")));
+    assert_eq!(
+        &p[7..],
+        &[
+            ("hq", Param::I32(32)),
+            ("hkv", Param::I32(8)),
+            ("hd", Param::I32(128)),
+            ("bs", Param::I32(16)),
+        ]
+    );
+    let g = |y| Gemv {
+        x: P,
+        w: P,
+        y,
+        n: 1,
+        k: 64,
+        out: 10,
+    };
+    let f32_out = g(ProductOut::F32(PF)).params().unwrap_or_default();
+    assert_eq!(f32_out[2], ("y", Param::Ptr(0x2000, "void")));
+    assert_eq!(f32_out[6], ("y_f32", Param::I32(1)));
+    let bf16_out = g(ProductOut::Bf16(P)).params().unwrap_or_default();
+    assert_eq!(bf16_out[2], ("y", Param::Ptr(0x1000, "void")));
+    assert_eq!(bf16_out[6], ("y_f32", Param::I32(0)));
+    // Sizes past a 32-bit int are refused, not wrapped.
+    let mut big = rope();
+    big.hd = 1 << 31;
+    assert!(big.params().is_err());
+}
+
+#[test]
+fn grids_match_the_kernels_indexing() {
+    let c = rope().config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((40, 5, 1), 64));
+    let c = decode().config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((49, 8, 3), 128));
+    assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4));
+    let c = prefill().config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 256));
+    assert_eq!(c.shared_mem_bytes, 69_632);
+    let c = AttnCombine {
+        seqs: 3,
+        part_o: PF,
+        part_ml: PF,
+        seq_lens: PI,
+        out: P,
+        hq: 32,
+        hd: 128,
+        max_splits: 49,
+    }
+    .config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((32, 3, 1), 128));
+    let norm = |rows| AddRmsnorm {
+        rows,
+        x: PF,
+        delta: PF,
+        rows_map: PI,
+        w: P,
+        out: P,
+        hidden: 4096,
+        eps: 1e-5,
+    };
+    let c = norm(7).config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((7, 1, 1), 1024));
+    // An empty pass still launches one block (the kernels need a grid).
+    assert_eq!(norm(0).config().grid_dim.0, 1);
+    let c = SiluMul {
+        gu: P,
+        act: P,
+        n: 8192,
+        inter: 14336,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (65535, 256));
+    let c = GemvSilu {
+        x: P,
+        w: P,
+        act: P,
+        k: 4096,
+        inter: 14336,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (1792, 256));
+    let c = Embed {
+        rows: 9,
+        ids: PU,
+        table: P,
+        x: PF,
+        hidden: 4096,
+    }
+    .config();
+    assert_eq!(
+        (c.grid_dim, c.block_dim.0, c.shared_mem_bytes),
+        ((9, 1, 1), 256, 0)
+    );
+    let c = Gemv {
+        x: P,
+        w: P,
+        y: ProductOut::Bf16(P),
+        n: 1,
+        k: 4096,
+        out: 6144,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (768, 256));
+    let c = FillUniform {
+        p: P,
+        n: 1 << 30,
+        seed: 3,
+        lo: -1.0,
+        hi: 1.0,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (1024, 256));
+    let c = SampleRows {
+        rows: 4,
+        logits: PF,
+        draws: PI,
+        ids: PU,
+        vocab: 1000,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.block_dim.0), (4, 1024));
+}
+
+#[test]
+fn shared_memory_sizes_are_the_kernels_layouts() {
+    // Llama-3-8B (head_dim 128, 4 query heads per KV head, bound 4):
+    // K/V tiles 2·2·64·128·2 + scores 4·4·64 + reduction 4·512·4.
+    assert_eq!(decode_smem(128, 4), 65_536 + 1_024 + 8_192);
+    assert_eq!(decode_smem(128, 8), 83_968);
+    assert_eq!(decode_smem(32, 1), 16_384 + 256 + 2_048);
+    assert_eq!(prefill_smem(128), 2 * 2 * 64 * 136 * 2);
+    assert_eq!(prefill_smem(64), 36_864);
+    // The prefill block is one warp per 16 query rows.
+    assert_eq!(PREFILL_THREADS as usize, PREFILL_BQ / 16 * 32);
+}

@@ -1,0 +1,177 @@
+//! The NVRTC program: the kernel files of `kernels/`, concatenated in one
+//! order into one translation unit (so nothing changes at run time against one
+//! `kernels.cu`), and the constants the host shares with them, passed as `-D`
+//! defines so that each is written once, here.
+//!
+//! `scripts/nvrtc_check.py` reads [`KERNEL_SOURCES`]' file names and
+//! [`KERNEL_DEFINES`]' names and values from this file to compile the same
+//! program without a GPU: keep both lists literal. Which include directory
+//! and architecture it is compiled for is decided here too ([`include_dir`],
+//! `TANDEM_CUDA_ARCH`).
+
+use cudarc::driver::CudaContext;
+use cudarc::nvrtc::Ptx;
+
+use super::error::{CudaError, DriverContext};
+use super::launch::{DECODE_TILE, MAX_SPLITS, PREFILL_BK, PREFILL_BQ};
+
+/// Where NVRTC looks for `cuda_bf16.h` when neither `TANDEM_CUDA_INCLUDE` nor the
+/// library path (below) names one: the system toolkit's usual places.
+pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/include"];
+
+/// The kernel files in the order they are concatenated: `common.cuh` first
+/// (types and helpers every other file uses), then one file per concern.
+pub(crate) const KERNEL_SOURCES: [(&str, &str); 6] = [
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("elementwise.cu", include_str!("kernels/elementwise.cu")),
+    ("decode_attn.cu", include_str!("kernels/decode_attn.cu")),
+    ("sampling.cu", include_str!("kernels/sampling.cu")),
+    ("prefill_attn.cu", include_str!("kernels/prefill_attn.cu")),
+    ("gemv.cu", include_str!("kernels/gemv.cu")),
+];
+
+/// Constants compiled into the kernels as `-DNAME=VALUE`; the host sizes grids
+/// and shared memory from the same values (`launch.rs`).
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 4] = [
+    ("MAX_SPLITS", MAX_SPLITS),
+    ("DECODE_TILE", DECODE_TILE),
+    ("PREFILL_BQ", PREFILL_BQ),
+    ("PREFILL_BK", PREFILL_BK),
+];
+
+/// The program's source: every file of [`KERNEL_SOURCES`] in order, each after
+/// a `#line` directive so compiler messages name the file and line.
+pub(crate) fn source() -> String {
+    let mut s = String::new();
+    for (name, text) in KERNEL_SOURCES {
+        s.push_str(&format!("#line 1 \"{name}\"\n"));
+        s.push_str(text);
+        if !text.ends_with('\n') {
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// NVRTC options besides the architecture and include path: the language
+/// standard and [`KERNEL_DEFINES`].
+pub(crate) fn options() -> Vec<String> {
+    let mut o = vec!["--std=c++17".to_string()];
+    o.extend(KERNEL_DEFINES.iter().map(|(n, v)| format!("-D{n}={v}")));
+    o
+}
+
+/// Compiles the program for `ctx`'s GPU (or `TANDEM_CUDA_ARCH`), with the
+/// include directory [`include_dir`] finds.
+pub(crate) fn compile(ctx: &CudaContext) -> Result<Ptx, CudaError> {
+    let include = include_dir();
+    let arch = target_arch(ctx)?;
+    std::panic::catch_unwind(|| {
+        cudarc::nvrtc::compile_ptx_with_opts(
+            source(),
+            cudarc::nvrtc::CompileOptions {
+                arch: Some(arch),
+                include_paths: vec![include.clone()],
+                options: options(),
+                ..Default::default()
+            },
+        )
+    })
+    .map_err(|_| CudaError::Compile {
+        include: include.clone(),
+        message: "libnvrtc could not be loaded".into(),
+    })?
+    .map_err(|e| CudaError::Compile {
+        include,
+        message: e.to_string(),
+    })
+}
+
+/// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`; else the `include`
+/// beside a `lib` directory on `LD_LIBRARY_PATH` that has `cuda_bf16.h` (the
+/// layout of a toolkit and of the `nvidia-*` Python wheels, whose libraries are
+/// the ones this process loads); else the first default that has it.
+pub fn include_dir() -> String {
+    if let Ok(dir) = std::env::var("TANDEM_CUDA_INCLUDE") {
+        return dir;
+    }
+    let has_header = |d: &std::path::Path| d.join("cuda_bf16.h").exists();
+    let beside_libs = std::env::var_os("LD_LIBRARY_PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .filter_map(|lib| lib.parent().map(|p| p.join("include")))
+        .find(|d| has_header(d));
+    if let Some(dir) = beside_libs {
+        return dir.to_string_lossy().into_owned();
+    }
+    DEFAULT_INCLUDE_DIRS
+        .iter()
+        .find(|d| has_header(std::path::Path::new(d)))
+        .unwrap_or(&DEFAULT_INCLUDE_DIRS[0])
+        .to_string()
+}
+
+/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90a`), else the
+/// GPU's own compute capability.
+fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let arch = match std::env::var("TANDEM_CUDA_ARCH") {
+        Ok(a) => a,
+        Err(_) => {
+            let major = ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .op("cuDeviceGetAttribute")?;
+            let minor = ctx
+                .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                .op("cuDeviceGetAttribute")?;
+            if major < 9 {
+                return Err(CudaError::Unsupported(format!(
+                    "compute capability {major}.{minor}: the kernels use Hopper's programmatic dependent launches (sm_90 or newer)"
+                )));
+            }
+            format!("sm_{major}{minor}")
+        }
+    };
+    // NVRTC's options take a `&'static str`; one per process is compiled.
+    Ok(Box::leak(arch.into_boxed_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{KERNEL_DEFINES, options, source};
+
+    #[test]
+    fn the_shared_constants_are_defined_only_by_the_host() {
+        let src = source();
+        for (name, _) in KERNEL_DEFINES {
+            assert!(
+                !src.contains(&format!("#define {name} ")),
+                "{name} is defined in the kernel source as well as passed as -D"
+            );
+            assert!(src.contains(name), "{name} is passed but never used");
+        }
+        let o = options();
+        assert!(o.contains(&"-DMAX_SPLITS=64".to_string()), "{o:?}");
+        assert!(o.contains(&"-DDECODE_TILE=64".to_string()), "{o:?}");
+        assert!(o.contains(&"-DPREFILL_BQ=128".to_string()), "{o:?}");
+        assert!(o.contains(&"-DPREFILL_BK=64".to_string()), "{o:?}");
+    }
+
+    #[test]
+    fn the_program_starts_with_the_common_header_and_names_each_file() {
+        let src = source();
+        assert!(src.starts_with("#line 1 \"common.cuh\"\n"));
+        let include = src.find("#include <cuda_bf16.h>").unwrap_or(usize::MAX);
+        let first_kernel = src.find("__global__").unwrap_or(0);
+        assert!(include < first_kernel);
+        for f in [
+            "elementwise.cu",
+            "decode_attn.cu",
+            "sampling.cu",
+            "prefill_attn.cu",
+            "gemv.cu",
+        ] {
+            assert_eq!(src.matches(&format!("#line 1 \"{f}\"")).count(), 1, "{f}");
+        }
+    }
+}
