@@ -191,3 +191,51 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn refusals_map_to_codes_a_router_acts_on() {
+        let cases = [
+            (Refusal::AlreadyRunning("r#1".into()), Code::AlreadyExists),
+            (
+                Refusal::ContextFull {
+                    context_len: 9,
+                    max_context: 8,
+                },
+                Code::InvalidArgument,
+            ),
+            (Refusal::InvalidRequest("bad".into()), Code::InvalidArgument),
+            (Refusal::OutOfBlocks("full".into()), Code::ResourceExhausted),
+            (
+                Refusal::Reservation(tandem_kv_transfer::Refusal::AlreadyRegistered(3)),
+                Code::Internal,
+            ),
+            (Refusal::CallerGone, Code::Cancelled),
+            (Refusal::ShuttingDown, Code::Unavailable),
+        ];
+        for (refusal, code) in cases {
+            let status = refusal_status(&refusal);
+            assert_eq!(status.code(), code, "{refusal:?}");
+            assert_eq!(status.message(), refusal.to_string());
+        }
+    }
+
+    #[test]
+    fn failures_map_to_codes_a_router_acts_on() {
+        let cases = [
+            (RequestError::KvTimeout, Code::DeadlineExceeded),
+            (RequestError::KvTransfer("reset".into()), Code::Unavailable),
+            (RequestError::ShuttingDown, Code::Unavailable),
+            (RequestError::KvImport("shape".into()), Code::Internal),
+            (RequestError::Forward("oom".into()), Code::Internal),
+            (RequestError::Generation("utf8".into()), Code::Internal),
+        ];
+        for (error, code) in cases {
+            assert_eq!(failure_status(&error).code(), code, "{error:?}");
+        }
+    }
+}

@@ -396,3 +396,55 @@ async fn claimed_blocks_survive_eviction_pressure_before_the_transfer() -> Resul
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_for_a_held_block_fails_the_request_and_frees_its_blocks() -> Result<()> {
+    use tandem_kv_transfer::tls::client_config_trusting;
+    use tandem_kv_transfer::{KvSender, LayerShape, WireDtype};
+
+    let (_dir, model) = model();
+    let node = Pair::start(&model, true, 0, 64).await;
+    let base = tokens(9, 22);
+    node.generate("warm", &base, None, 4).await?;
+    let free_idle = node.decode.stats.lock().unwrap().kv_blocks_free;
+    let mut a = node.admit("liar", &base, None, 4).await?;
+    let target = a.admitted.kv_target.clone().context("a KV target")?;
+    assert_eq!(target.cached_blocks, 5);
+    // A sender that ignores cached_blocks and ships block 0.
+    let cert = rustls::pki_types::CertificateDer::from(target.server_cert_der.clone());
+    let sender =
+        KvSender::connect(target.quic_addr.parse()?, client_config_trusting(&cert)?, 1).await?;
+    let mut stream = sender.open_request(target.transfer_id).await?;
+    let shape = LayerShape {
+        layer: 0,
+        first_block: 0,
+        block_count: 1,
+        dtype: WireDtype::F32,
+        head_start: 0,
+        head_count: 2,
+        total_heads: 2,
+        head_dim: 16,
+        block_size: BLOCK as u16,
+    };
+    stream
+        .send_layer(shape, bytes::Bytes::from(vec![0u8; BLOCK_BYTES as usize]))
+        .await?;
+    let status = loop {
+        match a.stream.message().await {
+            Err(status) => break status,
+            Ok(Some(_)) => continue,
+            Ok(None) => bail!("the stream ended without an error"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("held"), "{status}");
+    // The engine loop released the request's blocks (and its reservation).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.decode.stats.lock().unwrap().kv_blocks_free != free_idle {
+        if std::time::Instant::now() > deadline {
+            bail!("the refused request's blocks were not freed");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
