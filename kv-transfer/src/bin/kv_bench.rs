@@ -106,7 +106,7 @@ struct Flags {
     #[arg(long, value_delimiter = ',', default_values_t = [0usize, 2048])]
     overlap_chunk_tokens: Vec<usize>,
     /// Simulated compute per layer, milliseconds (default: Llama-3-8B, 8k
-    /// tokens at 55% of an H100's bf16 peak).
+    /// tokens at 55% of 793 TFLOP/s).
     #[arg(long, default_value_t = default_compute_ms())]
     compute_ms: f64,
     /// Largest UDP payload QUIC may use.
