@@ -479,6 +479,23 @@ async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("100000"), "{}", e.message());
 
+    // Claiming the block of the last token (or beyond) leaves nothing to ship.
+    let mut req = c.request("held-all", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.cached_blocks = t.num_blocks;
+    }
+    let e = client.prefill(req).await.expect_err("every block held");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("cached_blocks"), "{}", e.message());
+
+    let mut req = c.request("bad-dtype", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.dtype = 7;
+    }
+    let e = client.prefill(req).await.expect_err("unknown dtype");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("dtype 7"), "{}", e.message());
+
     let mut req = c.request("no-cert", &prompt, None)?;
     if let Some(t) = req.kv_target.as_mut() {
         t.server_cert_der.clear();
