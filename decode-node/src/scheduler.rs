@@ -12,10 +12,11 @@
 //! iteration after its last layer has landed and its first token arrived; a
 //! finished one leaves at once and its blocks are free for the next request.
 //!
-//! **One owner of a request's resources**: this loop. [`Scheduler::remove`]
-//! is the only place a sequence's blocks and its KV reservation are
-//! released, whatever ended it (finish, cancel, caller gone, KV timeout, a
-//! failed or refused transfer: the sink only reports those).
+//! **One owner of a request's resources**: this loop. Once a sequence is
+//! admitted, `Scheduler::remove` is the only place its blocks and its KV
+//! reservation are released, whatever ended it (finish, cancel, caller gone,
+//! KV timeout, a failed or refused transfer: the sink only reports those);
+//! before that, admission undoes its own allocation when it cannot answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
