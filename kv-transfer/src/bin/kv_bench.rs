@@ -28,6 +28,9 @@
 //! the whole prompt in one pass (the last layer's whole transfer is exposed
 //! by construction), n is chunked prefill in chunks of n tokens, as the
 //! prefill node runs it (each chunk's layers are sent as they finish).
+//!
+//! (One file of about 650 lines on purpose: a bench binary whose sender,
+//! receiver child and TCP baseline share the same constants and framing.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
