@@ -29,7 +29,6 @@ pub async fn generate(
                 let _ = stdout.flush();
             }
             Some(pb::generate_response::Event::Finished(f)) => {
-                print!("{}", f.text);
                 println!();
                 let reason =
                     pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
@@ -46,9 +45,6 @@ pub async fn generate(
                     t.time_to_first_token_seconds * 1e3,
                     t.total_seconds * 1e3
                 );
-                if !f.error.is_empty() {
-                    anyhow::bail!("the request failed: {}", f.error);
-                }
             }
             None => {}
         }

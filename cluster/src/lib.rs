@@ -3,12 +3,14 @@
 //! router's side and [`registration`] on a node's, with the records and keys
 //! in [`node_record`]), mutual TLS on the internal gRPC services
 //! ([`grpc_tls`]), limits on accepted connections ([`listener`]) and
-//! conversions between wire and engine types ([`convert`]).
+//! conversions between wire and engine types ([`convert`], and for the KV
+//! cache's element type [`kv_dtype`]).
 
 pub mod config;
 pub mod convert;
 pub mod etcd;
 pub mod grpc_tls;
+pub mod kv_dtype;
 pub mod listener;
 pub mod membership;
 pub mod node_record;

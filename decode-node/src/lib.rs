@@ -1,16 +1,27 @@
 //! Tandem's decode node: receives prompts' KV caches over QUIC, generates
 //! their tokens with continuous batching, and streams them to the router.
 //!
-//! - [`scheduler`]: the engine loop (continuous batching, local prefill of short prompts).
+//! - [`scheduler`]: the engine loop (continuous batching, local prefill of
+//!   short prompts); it alone releases a request's blocks and reservation.
+//! - [`admission`]: whether a request is taken, where its KV comes from, and
+//!   which leading blocks the prefix cache here already holds.
+//! - [`batch_plan`]: the sans-I/O choice of each forward pass's rows.
+//! - [`sequence`]: one admitted request's state and blocks.
+//! - [`errors`]: refusals at admission and failures after it (domain enums).
 //! - [`sink`]: checks arriving KV against the reservations and hands it to the loop.
-//! - [`service`]: the internal gRPC service the router calls.
+//! - [`service`]: the internal gRPC service the router calls, and the one
+//!   place domain errors become gRPC statuses.
 //! - [`node_metrics`]: the engine loop's metrics (KV blocks, waiting sequences, batch sizes).
 //!
 //! Each `Decode` call gets a `decode` span carrying the router's
 //! `request_id`; the engine loop logs the request's events in it.
 
+pub mod admission;
+pub mod batch_plan;
+pub mod errors;
 pub mod node_metrics;
 pub mod scheduler;
+pub mod sequence;
 pub mod service;
 pub mod sink;
 
@@ -34,9 +45,18 @@ pub enum DecodeError {
     /// The model could not be loaded.
     #[error(transparent)]
     Engine(#[from] tandem_engine::EngineError),
-    /// The QUIC receiver or its certificate.
+    /// The model-loading task ended without an answer (it panicked).
+    #[error("loading the model failed: {0}")]
+    ModelLoad(String),
+    /// The KV receiver's TLS material (`[tls]` or the self-signed certificate).
+    #[error("KV receiver TLS: {0}")]
+    ReceiverTls(String),
+    /// The QUIC KV receiver could not start.
     #[error("KV receiver: {0}")]
-    Transfer(String),
+    Receiver(#[from] tandem_kv_transfer::TransferError),
+    /// The engine thread could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    EngineThread(std::io::Error),
     /// The gRPC listener.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -123,7 +143,7 @@ pub async fn serve_advertising(
         let limits = batch_limits(&config);
         tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, block_size, limits))
             .await
-            .map_err(|e| DecodeError::Transfer(e.to_string()))??
+            .map_err(|e| DecodeError::ModelLoad(e.to_string()))??
     };
     let reservations = Arc::new(Mutex::new(Reservations::new()));
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -135,19 +155,19 @@ pub async fn serve_advertising(
     let (server_tls, cert_der, server_name) = match &config.tls {
         Some(t) => {
             let tls_err =
-                |e: tandem_kv_transfer::TlsError| DecodeError::Transfer(format!("[tls]: {e}"));
+                |e: tandem_kv_transfer::TlsError| DecodeError::ReceiverTls(format!("[tls]: {e}"));
             let server_tls =
                 tandem_kv_transfer::tls::server_config_from_pem(&t.cert, &t.key, Some(&t.ca))
                     .map_err(tls_err)?;
             let pem = std::fs::read(&t.cert).map_err(|e| {
-                DecodeError::Transfer(format!("[tls] cert {}: {e}", t.cert.display()))
+                DecodeError::ReceiverTls(format!("[tls] cert {}: {e}", t.cert.display()))
             })?;
             use rustls::pki_types::pem::PemObject;
             let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
                 .next()
                 .and_then(Result::ok)
                 .ok_or_else(|| {
-                    DecodeError::Transfer(format!(
+                    DecodeError::ReceiverTls(format!(
                         "[tls] cert {}: no certificate",
                         t.cert.display()
                     ))
@@ -156,10 +176,10 @@ pub async fn serve_advertising(
         }
         None => {
             let cert = SelfSigned::generate(&["localhost"])
-                .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+                .map_err(|e| DecodeError::ReceiverTls(e.to_string()))?;
             let server_tls = cert
                 .server_config()
-                .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+                .map_err(|e| DecodeError::ReceiverTls(e.to_string()))?;
             (server_tls, cert.cert.to_vec(), "localhost".to_owned())
         }
     };
@@ -170,8 +190,7 @@ pub async fn serve_advertising(
         sink,
         ReceiverConfig::default(),
         shutdown.clone(),
-    )
-    .map_err(|e| DecodeError::Transfer(e.to_string()))?;
+    )?;
 
     let advertised = |mut a: SocketAddr| {
         if let Some(ip) = advertise_ip
@@ -182,8 +201,7 @@ pub async fn serve_advertising(
         a
     };
     let quic_addrs: Vec<SocketAddr> = receiver
-        .local_addrs()
-        .map_err(|e| DecodeError::Transfer(e.to_string()))?
+        .local_addrs()?
         .into_iter()
         .map(advertised)
         .collect();
@@ -198,6 +216,7 @@ pub async fn serve_advertising(
         max_batch: config.max_batch,
         max_batch_tokens: config.max_batch_tokens,
         prefix_cache: config.prefix_cache,
+        local_prefill_below: config.local_prefill_below,
     };
     let scheduler = Scheduler::new(
         backend,
@@ -212,7 +231,7 @@ pub async fn serve_advertising(
     let engine = std::thread::Builder::new()
         .name(format!("decode-{}", config.id))
         .spawn(move || scheduler.run(command_rx, loop_shutdown))
-        .map_err(|e| DecodeError::Transfer(format!("cannot start the engine thread: {e}")))?;
+        .map_err(DecodeError::EngineThread)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -230,7 +249,6 @@ pub async fn serve_advertising(
         node_id: config.id.clone(),
         model,
         commands,
-        local_prefill_below: config.local_prefill_below,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
         stats: stats.clone(),

@@ -1,8 +1,10 @@
 //! What a decode node records (see `tandem_telemetry::names`): its KV
 //! blocks used and free, its prefix cache's size, evictions and hits (local
 //! prefills), and the sequences waiting (for KV, or being
-//! prefilled here) after every engine iteration, and the size of every
-//! forward pass. KV bytes received are counted by the sink as frames are accepted.
+//! prefilled here) after every engine iteration, the size of every
+//! forward pass, and the KV bytes prefill nodes did not send because the
+//! prefix cache here held them. KV bytes received are counted by the sink as
+//! frames are accepted.
 //!
 //! Handles are taken once, at start, so an iteration's updates are a few
 //! atomic stores.
@@ -21,6 +23,7 @@ pub struct DecodeMetrics {
     cache_hits: Counter,
     cache_blocks: Gauge,
     cache_evictions: Counter,
+    kv_skipped: Counter,
 }
 
 impl DecodeMetrics {
@@ -33,7 +36,8 @@ impl DecodeMetrics {
             cache_queries: metrics::counter!(names::PREFIX_CACHE_QUERIES_TOTAL, names::ROLE => "decode", names::NODE => node.clone()),
             cache_hits: metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL, names::ROLE => "decode", names::NODE => node.clone()),
             cache_blocks: metrics::gauge!(names::PREFIX_CACHE_BLOCKS, names::ROLE => "decode", names::NODE => node.clone()),
-            cache_evictions: metrics::counter!(names::PREFIX_CACHE_EVICTIONS_TOTAL, names::ROLE => "decode", names::NODE => node),
+            cache_evictions: metrics::counter!(names::PREFIX_CACHE_EVICTIONS_TOTAL, names::ROLE => "decode", names::NODE => node.clone()),
+            kv_skipped: metrics::counter!(names::KV_TRANSFER_SKIPPED_BYTES_TOTAL, names::NODE => node),
             waiting: metrics::gauge!(names::QUEUE_DEPTH, names::ROLE => "decode", names::QUEUE => "decode"),
             batch: metrics::histogram!(names::BATCH_SIZE, names::ROLE => "decode"),
         }
@@ -53,6 +57,11 @@ impl DecodeMetrics {
     pub fn prefix_lookup(&self, tokens: usize, cached: usize) {
         self.cache_queries.increment(tokens as u64);
         self.cache_hits.increment(cached as u64);
+    }
+
+    /// A prefill node was told not to send `bytes` of KV the cache here holds.
+    pub fn kv_skipped(&self, bytes: u64) {
+        self.kv_skipped.increment(bytes);
     }
 
     /// One forward pass over `sequences` sequences.

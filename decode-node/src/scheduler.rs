@@ -2,38 +2,43 @@
 //!
 //! One std thread owns the backend (model + KV cache), the block manager and
 //! every sequence; everything else talks to it through [`Command`]s. Each
-//! iteration it takes new commands, then runs one forward pass over
-//!
-//! - every running sequence's next token (at most `max_batch` of them), and
-//! - chunks of prompts it prefills itself (short prompts), within the token budget.
+//! iteration it takes new commands (admissions: [`admission`](crate::admission)),
+//! ends sequences whose KV is late or whose caller left, then runs one
+//! forward pass over the rows the planner ([`batch_plan`](crate::batch_plan))
+//! picks: every running sequence's next token, and chunks of prompts it
+//! prefills itself, within the batch limits.
 //!
 //! A sequence whose KV comes from a prefill node joins the batch at the next
 //! iteration after its last layer has landed and its first token arrived; a
 //! finished one leaves at once and its blocks are free for the next request.
 //!
-//! Blocks for a whole request (prompt + `max_tokens`, capped at the context)
-//! are taken when it is admitted, so a running sequence never runs out: when
-//! the cache is full, new requests are refused (`RESOURCE_EXHAUSTED`) and the
-//! router tries elsewhere or later. Nothing waits for memory, so nothing deadlocks.
+//! **One owner of a request's resources**: this loop. Once a sequence is
+//! admitted, `Scheduler::remove` is the only place its blocks and its KV
+//! reservation are released, whatever ended it (finish, cancel, caller gone,
+//! KV timeout, a failed or refused transfer: the sink only reports those);
+//! before that, admission undoes its own allocation when it cannot answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::Backend;
-use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager, SequenceBlocks, blocks_for};
+use tandem_engine::block_manager::{BlockId, BlockManager};
 use tandem_engine::prefix_hash::PrefixHasher;
-use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenDraw, TokenEvent};
-use tandem_kv_transfer::{Expectation, Reservations, WireDtype};
+use tandem_engine::{ModelDir, SeqChunk, TokenDraw, TokenEvent};
+use tandem_kv_transfer::Reservations;
 use tandem_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
+use crate::admission::Admission;
+use crate::batch_plan::{PlannedRow, RowKind, StepLimits, plan_step};
+use crate::errors::{Refusal, RequestError};
 use crate::node_metrics::DecodeMetrics;
+use crate::sequence::{Sequence, State};
 
 /// What a forward pass gave back: chosen tokens, or logits to sample from.
 enum Sampled {
@@ -47,16 +52,17 @@ enum Row {
     Logits(Vec<f32>),
 }
 
-/// A message on a request's response stream.
-pub type Event = Result<pb::DecodeResponse, Status>;
+/// A message on a request's response stream (the service turns the error
+/// into a gRPC status).
+pub type Event = Result<pb::DecodeResponse, RequestError>;
 
 /// What the rest of the node asks of the engine loop.
 pub enum Command {
     /// A new request; `reply` says whether it was admitted.
-    Admit(Box<Admission>, oneshot::Sender<Result<(), Status>>),
+    Admit(Box<Admission>, oneshot::Sender<Result<(), Refusal>>),
     /// Accepted KV bytes of one layer: blocks `first_block..` of the reservation.
     ImportLayer {
-        /// The request on the wire.
+        /// The transfer (`KvTarget.transfer_id`).
         transfer_id: u64,
         /// Decoder layer.
         layer: usize,
@@ -72,40 +78,20 @@ pub enum Command {
     },
     /// Every layer landed; the prefill node sampled `first_token`.
     KvComplete {
-        /// The request on the wire.
+        /// The transfer.
         transfer_id: u64,
         /// The first generated token.
         first_token: u32,
     },
     /// The KV transfer failed.
     KvAborted {
-        /// The request on the wire.
+        /// The transfer.
         transfer_id: u64,
         /// Why.
         reason: String,
     },
     /// Stop a request and free its blocks; the reply says whether it existed.
     Cancel(String, oneshot::Sender<bool>),
-}
-
-/// A request to admit.
-pub struct Admission {
-    /// Client-visible id.
-    pub request_id: String,
-    /// Prompt tokens.
-    pub prompt: Vec<u32>,
-    /// Tokens generated before, on a node that failed (see `DecodeRequest.generated`).
-    pub generated: Vec<u32>,
-    /// Sampling and stop conditions.
-    pub params: GenerationParams,
-    /// Prefill here rather than receiving KV.
-    pub local_prefill: bool,
-    /// How long to wait for remote KV.
-    pub kv_timeout: Duration,
-    /// The response stream.
-    pub events: mpsc::Sender<Event>,
-    /// The request's span (carrying its id); the loop logs the request's events in it.
-    pub span: tracing::Span,
 }
 
 /// Where prefill nodes send KV: the QUIC receiver's address and certificate.
@@ -121,15 +107,18 @@ pub struct KvEndpoint {
     pub cert_der: Vec<u8>,
 }
 
-/// Batching limits.
+/// Batching and admission limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Most sequences in one decode step.
     pub max_batch: usize,
     /// Most tokens in one forward pass (decode tokens plus local prefill chunks).
     pub max_batch_tokens: usize,
-    /// Reuse the KV of prompt prefixes prefilled here before.
+    /// Reuse the KV of prompt prefixes held here.
     pub prefix_cache: bool,
+    /// Prompts with fewer tokens than this left to compute (not held in the
+    /// prefix cache) are prefilled here.
+    pub local_prefill_below: usize,
 }
 
 /// Load figures, published after every iteration.
@@ -155,44 +144,28 @@ pub struct Stats {
     pub cached_tokens_total: u64,
     /// Blocks in the prefix cache (in use or evictable).
     pub prefix_cache_blocks: u32,
-}
-
-enum State {
-    AwaitingKv { deadline: Instant },
-    Prefilling { done: usize },
-    Running,
-}
-
-struct Sequence {
-    request_id: String,
-    generation: Generation,
-    table: Vec<BlockId>,
-    /// A locally prefilled context's full blocks' hashes (empty otherwise).
-    hashes: Vec<BlockHash>,
-    /// Leading blocks of `table` registered in the prefix cache (or taken from it).
-    registered: usize,
-    /// Context tokens whose KV came from the prefix cache (local prefill only).
-    cached_tokens: usize,
-    state: State,
-    events: mpsc::Sender<Event>,
-    span: tracing::Span,
+    /// KV payload bytes received from prefill nodes and written here.
+    pub kv_received_bytes_total: u64,
+    /// KV bytes prefill nodes were told not to send, the prefix cache here
+    /// holding them (`tandem_kv_transfer_skipped_bytes_total`).
+    pub kv_skipped_bytes_total: u64,
 }
 
 /// The engine loop's state.
 pub struct Scheduler<B: Backend> {
-    backend: B,
-    blocks: BlockManager,
-    hasher: PrefixHasher,
-    model: Arc<ModelDir>,
-    limits: Limits,
-    kv: KvEndpoint,
+    pub(crate) backend: B,
+    pub(crate) blocks: BlockManager,
+    pub(crate) hasher: PrefixHasher,
+    pub(crate) model: Arc<ModelDir>,
+    pub(crate) limits: Limits,
+    pub(crate) kv: KvEndpoint,
     reservations: Arc<Mutex<Reservations>>,
     stats: Arc<Mutex<Stats>>,
-    metrics: DecodeMetrics,
+    pub(crate) metrics: DecodeMetrics,
     /// By transfer id, which grows with arrival: iteration order is FIFO.
-    seqs: BTreeMap<u64, Sequence>,
-    by_request: HashMap<String, u64>,
-    next_transfer_id: u64,
+    pub(crate) seqs: BTreeMap<u64, Sequence>,
+    pub(crate) by_request: HashMap<String, u64>,
+    pub(crate) next_transfer_id: u64,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -254,9 +227,23 @@ impl<B: Backend> Scheduler<B> {
         }
         let ids: Vec<u64> = self.seqs.keys().copied().collect();
         for id in ids {
-            self.fail(id, Status::unavailable("the decode node is shutting down"));
+            self.fail(id, RequestError::ShuttingDown);
         }
         self.publish();
+    }
+
+    pub(crate) fn reservations(&self) -> MutexGuard<'_, Reservations> {
+        self.reservations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn stats(&self) -> MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn release_blocks(&mut self, table: &[BlockId]) {
+        if let Err(e) = self.blocks.release(table) {
+            tracing::error!(error = %e, "block accounting error");
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -271,30 +258,13 @@ impl<B: Backend> Scheduler<B> {
                 block_count,
                 heads,
                 payload,
-            } => {
-                let Some(seq) = self.seqs.get(&transfer_id) else {
-                    return;
-                };
-                let blocks = seq
-                    .table
-                    .get(first_block..first_block + block_count)
-                    .map(<[_]>::to_vec);
-                let result = match blocks {
-                    Some(blocks) => self
-                        .backend
-                        .import_heads(layer, &blocks, heads, &payload)
-                        .map_err(|e| e.to_string()),
-                    None => Err(format!(
-                        "blocks {first_block}+{block_count} beyond the reservation"
-                    )),
-                };
-                if let Err(e) = result {
-                    self.fail(
-                        transfer_id,
-                        Status::internal(format!("importing KV failed: {e}")),
-                    );
-                }
-            }
+            } => self.import(
+                transfer_id,
+                layer,
+                first_block..first_block + block_count,
+                heads,
+                &payload,
+            ),
             Command::KvComplete {
                 transfer_id,
                 first_token,
@@ -306,6 +276,10 @@ impl<B: Backend> Scheduler<B> {
                     return;
                 }
                 seq.state = State::Running;
+                // The context's full blocks now hold their KV (cached or
+                // shipped): the next turn of a chat can start from them.
+                let context_len = seq.generation.tokens().len();
+                seq.register_full_blocks(&mut self.blocks, &self.hasher, context_len);
                 let event = seq
                     .generation
                     .push_sampled(first_token, &self.model.tokenizer);
@@ -316,10 +290,7 @@ impl<B: Backend> Scheduler<B> {
                 reason,
             } => {
                 if self.seqs.contains_key(&transfer_id) {
-                    self.fail(
-                        transfer_id,
-                        Status::unavailable(format!("KV transfer failed: {reason}")),
-                    );
+                    self.fail(transfer_id, RequestError::KvTransfer(reason));
                 }
             }
             Command::Cancel(request_id, reply) => {
@@ -328,7 +299,7 @@ impl<B: Backend> Scheduler<B> {
                         if let Some(seq) = self.seqs.get(&id) {
                             seq.span
                                 .in_scope(|| tracing::info!("cancelled by the router"));
-                            let done = finished_message(seq, pb::FinishReason::Cancelled, "");
+                            let done = seq.finished_message(pb::FinishReason::Cancelled);
                             let _ = seq.events.try_send(Ok(done));
                         }
                         self.remove(id);
@@ -341,135 +312,33 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    fn admit(&mut self, a: Admission) -> Result<(), Status> {
-        let config = &self.model.config;
-        if self.by_request.contains_key(&a.request_id) {
-            return Err(Status::already_exists(format!(
-                "request {} is already running here",
-                a.request_id
-            )));
-        }
-        let context_len = a.prompt.len() + a.generated.len();
-        if context_len >= config.max_position_embeddings {
-            return Err(Status::invalid_argument(format!(
-                "prompt of {context_len} tokens leaves no room in the model's context of {} tokens",
-                config.max_position_embeddings
-            )));
-        }
-        let layout = self.backend.kv_layout();
-        let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
-        // The KV that prefill computes covers the prompt and the tokens generated before.
-        let prompt_blocks = blocks_for(context_len, layout.block_size);
-        let prompt_len = context_len;
-        // A prompt prefilled here starts after the cached full blocks of its
-        // context (never the block of its last token, whose logits it needs).
-        // KV shipped by a prefill node is written into fresh blocks only.
-        let hashes = if a.local_prefill && self.blocks.caching() {
-            let mut context = a.prompt.clone();
-            context.extend_from_slice(&a.generated);
-            self.hasher.full_blocks(&context)
-        } else {
-            Vec::new()
+    /// Writes accepted KV into blocks `blocks` (indices into the reservation)
+    /// of transfer `id`'s table.
+    fn import(
+        &mut self,
+        id: u64,
+        layer: usize,
+        blocks: std::ops::Range<usize>,
+        heads: std::ops::Range<usize>,
+        payload: &Bytes,
+    ) {
+        let Some(seq) = self.seqs.get(&id) else {
+            return;
         };
-        let reusable = (context_len.saturating_sub(1) / layout.block_size).min(hashes.len());
-        let generation = Generation::resume(
-            a.prompt,
-            &a.generated,
-            a.params,
-            &config.eos_token_ids,
-            &self.model.tokenizer,
-        )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let SequenceBlocks { table, cached } = self
-            .blocks
-            .allocate_sequence(&hashes[..reusable], blocks_for(max_len, layout.block_size))
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let cached_tokens = cached * layout.block_size;
-        let transfer_id = self.next_transfer_id;
-        self.next_transfer_id += 1;
-        let mut admitted = pb::Admitted {
-            local_prefill: a.local_prefill,
-            kv_target: None,
+        let result = match seq.table.get(blocks.clone()) {
+            Some(table) => self
+                .backend
+                .import_heads(layer, table, heads, payload)
+                .map_err(|e| e.to_string()),
+            None => Err(format!(
+                "blocks {}..{} beyond the reservation",
+                blocks.start, blocks.end
+            )),
         };
-        let state = if a.local_prefill {
-            State::Prefilling {
-                done: cached_tokens,
-            }
-        } else {
-            let expect = Expectation {
-                num_layers: layout.num_layers as u32,
-                num_blocks: prompt_blocks as u32,
-                block_bytes: layout.block_bytes() as u64,
-                dtype: wire_dtype(layout.dtype),
-                total_heads: layout.num_kv_heads as u16,
-                head_dim: layout.head_dim as u16,
-                block_size: layout.block_size as u16,
-            };
-            let registered = self
-                .reservations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .register(transfer_id, expect);
-            if let Err(e) = registered {
-                let _ = self.blocks.release(&table);
-                return Err(Status::internal(format!("cannot reserve KV: {e}")));
-            }
-            admitted.kv_target = Some(pb::KvTarget {
-                quic_addr: self.kv.quic_addr.clone(),
-                quic_addrs: self.kv.quic_addrs.clone(),
-                server_name: self.kv.server_name.clone(),
-                server_cert_der: self.kv.cert_der.clone(),
-                num_blocks: prompt_blocks as u32,
-                block_size: layout.block_size as u32,
-                num_layers: layout.num_layers as u32,
-                num_kv_heads: layout.num_kv_heads as u32,
-                head_dim: layout.head_dim as u32,
-                dtype: wire_dtype(layout.dtype) as u32,
-                transfer_id,
-            });
-            State::AwaitingKv {
-                deadline: Instant::now() + a.kv_timeout,
-            }
-        };
-        let message = pb::DecodeResponse {
-            event: Some(pb::decode_response::Event::Admitted(admitted)),
-        };
-        if a.events.try_send(Ok(message)).is_err() {
-            let _ = self.blocks.release(&table);
-            self.reservations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(transfer_id);
-            return Err(Status::cancelled("the caller went away"));
+        match result {
+            Ok(()) => self.stats().kv_received_bytes_total += payload.len() as u64,
+            Err(e) => self.fail(id, RequestError::KvImport(e)),
         }
-        let (span, local) = (&a.span, a.local_prefill);
-        // The loop serves every request on one thread: it enters the
-        // request's span for the lines it logs about it.
-        span.in_scope(|| {
-            tracing::debug!(transfer_id, prompt_len, cached_tokens, local, "admitted")
-        });
-        if local {
-            self.metrics.prefix_lookup(prompt_len, cached_tokens);
-            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            stats.local_prompt_tokens_total += prompt_len as u64;
-            stats.cached_tokens_total += cached_tokens as u64;
-        }
-        self.by_request.insert(a.request_id.clone(), transfer_id);
-        self.seqs.insert(
-            transfer_id,
-            Sequence {
-                request_id: a.request_id,
-                generation,
-                table,
-                hashes,
-                registered: cached,
-                cached_tokens,
-                state,
-                events: a.events,
-                span: a.span,
-            },
-        );
-        Ok(())
     }
 
     /// Ends sequences whose KV did not arrive in time or whose caller went away.
@@ -493,65 +362,35 @@ impl<B: Backend> Scheduler<B> {
             self.remove(id);
         }
         for id in expired {
-            self.fail(
-                id,
-                Status::deadline_exceeded("the request's KV cache did not arrive in time"),
-            );
+            self.fail(id, RequestError::KvTimeout);
         }
     }
 
-    /// One forward pass over the running batch and some local prefill.
+    /// One forward pass over the rows the planner picks.
     fn step(&mut self) {
-        let mut budget = self.limits.max_batch_tokens;
-        // (transfer id, chunk tokens, start, completes the prompt)
-        let mut plan: Vec<(u64, Vec<u32>, usize, bool)> = Vec::new();
-        for (&id, seq) in &self.seqs {
-            if plan.len() >= self.limits.max_batch || budget == 0 {
-                break;
-            }
-            if matches!(seq.state, State::Running) {
-                let tokens = seq.generation.tokens();
-                plan.push((id, vec![tokens[tokens.len() - 1]], tokens.len() - 1, false));
-                budget -= 1;
-            }
-        }
-        let decoding = plan.len();
-        for (&id, seq) in &self.seqs {
-            if plan.len() >= self.limits.max_batch || budget == 0 {
-                break;
-            }
-            if let State::Prefilling { done } = seq.state {
-                // The prompt and any tokens generated before a resume.
-                let context = seq.generation.tokens();
-                let n = (context.len() - done).min(budget);
-                plan.push((
-                    id,
-                    context[done..done + n].to_vec(),
-                    done,
-                    done + n == context.len(),
-                ));
-                budget -= n;
-            }
-        }
+        let views: Vec<_> = self.seqs.iter().map(|(&id, s)| s.view(id)).collect();
+        let plan = plan_step(
+            &views,
+            StepLimits {
+                max_seqs: self.limits.max_batch,
+                max_tokens: self.limits.max_batch_tokens,
+            },
+        );
         if plan.is_empty() {
             return;
         }
-        // Rows whose token is used: running sequences and prompts' last chunks.
-        let sampled = |state: &State, completes: bool| matches!(state, State::Running) || completes;
         // Without penalties, a logit_bias or min_tokens' bans every row's token
         // can be drawn where the logits are (on a GPU only ids come back);
         // otherwise the logits come to the host (`draws_from_raw_logits`).
-        // Log probabilities are computed on the host too, from those logits (a
-        // device-side computation returning only the requested numbers is to come).
-        let on_device = plan.iter().all(|(id, _, _, completes)| {
-            let seq = &self.seqs[id];
-            !sampled(&seq.state, *completes)
-                || (seq.generation.draws_from_raw_logits() && !seq.generation.wants_logprobs())
+        // Log probabilities are computed on the host too, from those logits.
+        let on_device = plan.iter().all(|r| {
+            let g = &self.seqs[&r.id].generation;
+            !r.samples() || (g.draws_from_raw_logits() && !g.wants_logprobs())
         });
         let draws: Vec<TokenDraw> = if on_device {
             plan.iter()
-                .map(|(id, _, _, completes)| match self.seqs.get_mut(id) {
-                    Some(seq) if sampled(&seq.state, *completes) => seq.generation.next_draw(),
+                .map(|r| match self.seqs.get_mut(&r.id) {
+                    Some(seq) if r.samples() => seq.generation.next_draw(),
                     _ => TokenDraw::GREEDY,
                 })
                 .collect()
@@ -560,10 +399,13 @@ impl<B: Backend> Scheduler<B> {
         };
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
-            .map(|(id, tokens, start, _)| SeqChunk {
-                tokens,
-                start: *start,
-                block_table: &self.seqs[id].table,
+            .map(|r| {
+                let seq = &self.seqs[&r.id];
+                SeqChunk {
+                    tokens: &seq.generation.tokens()[r.start..r.start + r.len],
+                    start: r.start,
+                    block_table: &seq.table,
+                }
             })
             .collect();
         let result = if on_device {
@@ -576,7 +418,8 @@ impl<B: Backend> Scheduler<B> {
         drop(chunks);
         self.metrics.step(plan.len());
         {
-            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            let decoding = plan.iter().filter(|r| r.kind == RowKind::Decode).count();
+            let mut stats = self.stats();
             stats.steps_total += 1;
             stats.max_batch_seen = stats.max_batch_seen.max(decoding as u32);
         }
@@ -585,40 +428,36 @@ impl<B: Backend> Scheduler<B> {
             Ok(Sampled::Logits(l)) => l.into_iter().map(Row::Logits).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing its sequences");
-                for (id, ..) in plan {
-                    self.fail(id, Status::internal(format!("forward pass failed: {e}")));
+                for r in plan {
+                    self.fail(r.id, RequestError::Forward(e.to_string()));
                 }
                 return;
             }
         };
-        for ((id, tokens, start, completes), row) in plan.into_iter().zip(rows) {
-            let Some(seq) = self.seqs.get_mut(&id) else {
-                continue;
-            };
-            if let State::Prefilling { .. } = seq.state {
-                // Full blocks now computed can serve later prompts.
-                let bs = self.hasher.block_size();
-                let full = ((start + tokens.len()) / bs).min(seq.hashes.len());
-                for b in seq.registered..full {
-                    self.blocks.register(seq.table[b], seq.hashes[b]);
-                }
-                seq.registered = seq.registered.max(full);
-            }
-            if let State::Prefilling { .. } = seq.state
-                && !completes
-            {
-                seq.state = State::Prefilling {
-                    done: start + tokens.len(),
-                };
-                continue;
-            }
-            seq.state = State::Running;
-            let event = match row {
-                Row::Token(t) => seq.generation.accept_drawn(t, &self.model.tokenizer),
-                Row::Logits(mut l) => seq.generation.step(&mut l, &self.model.tokenizer),
-            };
-            self.emit(id, event);
+        for (r, row) in plan.into_iter().zip(rows) {
+            self.finish_row(r, row);
         }
+    }
+
+    /// Takes one computed row's result: the next prefill position, or a token.
+    fn finish_row(&mut self, r: PlannedRow, row: Row) {
+        let Some(seq) = self.seqs.get_mut(&r.id) else {
+            return;
+        };
+        // Full blocks now computed can serve later prompts.
+        seq.register_full_blocks(&mut self.blocks, &self.hasher, r.start + r.len);
+        if r.kind == (RowKind::Prefill { completes: false }) {
+            seq.state = State::Prefilling {
+                done: r.start + r.len,
+            };
+            return;
+        }
+        seq.state = State::Running;
+        let event = match row {
+            Row::Token(t) => seq.generation.accept_drawn(t, &self.model.tokenizer),
+            Row::Logits(mut l) => seq.generation.step(&mut l, &self.model.tokenizer),
+        };
+        self.emit(r.id, event);
     }
 
     /// Sends a token to its stream; ends the sequence when it finished.
@@ -628,7 +467,7 @@ impl<B: Backend> Scheduler<B> {
         };
         let event = match event {
             Ok(e) => e,
-            Err(e) => return self.fail(id, Status::internal(e.to_string())),
+            Err(e) => return self.fail(id, RequestError::Generation(e.to_string())),
         };
         let chunk = pb::DecodeResponse {
             event: Some(pb::decode_response::Event::Token(pb::TokenChunk {
@@ -649,12 +488,13 @@ impl<B: Backend> Scheduler<B> {
             .map(finish_reason_to_pb)
             .or(at_context_end.then_some(pb::FinishReason::Length))
         {
-            let _ = seq.events.try_send(Ok(finished_message(seq, reason, "")));
+            let _ = seq.events.try_send(Ok(seq.finished_message(reason)));
             seq.span.in_scope(|| {
                 tracing::info!(
                     ?reason,
                     prompt_tokens = seq.generation.prompt().len(),
                     cached_tokens = seq.cached_tokens,
+                    local_prefill = seq.local,
                     tokens = seq.generation.output().len(),
                     "finished"
                 )
@@ -665,30 +505,27 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    fn fail(&mut self, id: u64, status: Status) {
+    fn fail(&mut self, id: u64, error: RequestError) {
         if let Some(seq) = self.seqs.get(&id) {
             seq.span
-                .in_scope(|| tracing::warn!(error = %status.message(), "request failed"));
-            let _ = seq.events.try_send(Err(status));
+                .in_scope(|| tracing::warn!(error = %error, "request failed"));
+            let _ = seq.events.try_send(Err(error));
         }
         self.remove(id);
     }
 
+    /// Forgets a sequence and releases its blocks and its KV reservation:
+    /// the one place either is released.
     fn remove(&mut self, id: u64) {
         if let Some(seq) = self.seqs.remove(&id) {
             self.by_request.remove(&seq.request_id);
-            if let Err(e) = self.blocks.release(&seq.table) {
-                tracing::error!(error = %e, "block accounting error");
-            }
-            self.reservations
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(id);
+            self.release_blocks(&seq.table);
+            self.reservations().release(id);
         }
     }
 
     fn publish(&self) {
-        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.stats();
         s.kv_blocks_total = self.blocks.total() as u32;
         s.kv_blocks_free = self.blocks.num_free() as u32;
         s.prefix_cache_blocks = self.blocks.num_cached() as u32;
@@ -707,31 +544,5 @@ impl<B: Backend> Scheduler<B> {
             })
             .sum();
         self.metrics.publish(&self.blocks, s.queued as usize);
-    }
-}
-
-fn finished_message(seq: &Sequence, reason: pb::FinishReason, error: &str) -> pb::DecodeResponse {
-    let g = &seq.generation;
-    pb::DecodeResponse {
-        event: Some(pb::decode_response::Event::Finished(pb::Finished {
-            reason: reason as i32,
-            error: error.to_string(),
-            usage: Some(pb::Usage {
-                prompt_tokens: g.prompt().len() as u32,
-                completion_tokens: g.output().len() as u32,
-                cached_tokens: seq.cached_tokens as u32,
-            }),
-            timings: None,
-            text: String::new(),
-        })),
-    }
-}
-
-/// The wire's code for a cache dtype.
-pub fn wire_dtype(d: tandem_engine::KvDtype) -> WireDtype {
-    match d {
-        tandem_engine::KvDtype::F32 => WireDtype::F32,
-        tandem_engine::KvDtype::Bf16 => WireDtype::Bf16,
-        tandem_engine::KvDtype::F16 => WireDtype::F16,
     }
 }

@@ -1,4 +1,8 @@
 //! The decode node's internal gRPC service: `Decode`, `Cancel`, `WatchLoad`.
+//!
+//! The edge of the node: it checks what a caller sent, hands requests to the
+//! engine loop, and is the one place the loop's domain errors
+//! ([`Refusal`], [`RequestError`]) become `tonic::Status` codes.
 
 use std::pin::Pin;
 use std::sync::mpsc::Sender;
@@ -9,11 +13,13 @@ use tandem_cluster::convert::generation_params;
 use tandem_engine::ModelDir;
 use tandem_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::scheduler::{Admission, Command, Event, Stats};
+use crate::admission::Admission;
+use crate::errors::{Refusal, RequestError};
+use crate::scheduler::{Command, Stats};
 
 /// The gRPC face of a decode node.
 pub struct DecodeService {
@@ -23,8 +29,6 @@ pub struct DecodeService {
     pub model: Arc<ModelDir>,
     /// The engine loop.
     pub commands: Sender<Command>,
-    /// Prompts shorter than this are prefilled here.
-    pub local_prefill_below: usize,
     /// Tensor-parallel ranks of the node's model.
     pub tp_size: u32,
     /// Tokens per KV block, published in load reports.
@@ -33,8 +37,35 @@ pub struct DecodeService {
     pub stats: Arc<Mutex<Stats>>,
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeResponse, Status>> + Send>>;
 type LoadStream = Pin<Box<dyn Stream<Item = Result<pb::NodeLoad, Status>> + Send>>;
+
+/// The status a caller gets for a refused admission.
+pub fn refusal_status(r: &Refusal) -> Status {
+    let message = r.to_string();
+    match r {
+        Refusal::AlreadyRunning(_) => Status::already_exists(message),
+        Refusal::ContextFull { .. } | Refusal::InvalidRequest(_) => {
+            Status::invalid_argument(message)
+        }
+        Refusal::OutOfBlocks(_) => Status::resource_exhausted(message),
+        Refusal::Reservation(_) => Status::internal(message),
+        Refusal::CallerGone => Status::cancelled(message),
+        Refusal::ShuttingDown => Status::unavailable(message),
+    }
+}
+
+/// The status that ends the stream of an admitted request that failed.
+pub fn failure_status(e: &RequestError) -> Status {
+    let message = e.to_string();
+    match e {
+        RequestError::KvTimeout => Status::deadline_exceeded(message),
+        RequestError::KvTransfer(_) | RequestError::ShuttingDown => Status::unavailable(message),
+        RequestError::KvImport(_) | RequestError::Forward(_) | RequestError::Generation(_) => {
+            Status::internal(message)
+        }
+    }
+}
 
 impl DecodeService {
     fn send(&self, cmd: Command) -> Result<(), Status> {
@@ -86,8 +117,9 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let admission = Admission {
             // State, Cancel and the KV reservation are per attempt.
             request_id: tandem_proto::attempt_key(&r.request_id, r.attempt),
-            local_prefill: r.force_local_prefill
-                || r.prompt.len() + r.generated.len() < self.local_prefill_below,
+            // Otherwise the loop decides, counting only the tokens its
+            // prefix cache lacks.
+            force_local: r.force_local_prefill,
             prompt: r.prompt,
             generated: r.generated,
             params,
@@ -97,16 +129,14 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         };
         let (reply, admitted) = oneshot::channel();
         self.send(Command::Admit(Box::new(admission), reply))?;
-        let admitted = admitted
-            .await
-            .map_err(|_| Status::unavailable("the decode node is shutting down"))?;
+        let admitted = admitted.await.unwrap_or(Err(Refusal::ShuttingDown));
         if let Err(refused) = admitted {
-            span.in_scope(
-                || tracing::info!(code = ?refused.code(), "refused: {}", refused.message()),
-            );
-            return Err(refused);
+            let status = refusal_status(&refused);
+            span.in_scope(|| tracing::info!(code = ?status.code(), "refused: {refused}"));
+            return Err(status);
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = ReceiverStream::new(rx).map(|e| e.map_err(|e| failure_status(&e)));
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn cancel(
@@ -159,5 +189,53 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn refusals_map_to_codes_a_router_acts_on() {
+        let cases = [
+            (Refusal::AlreadyRunning("r#1".into()), Code::AlreadyExists),
+            (
+                Refusal::ContextFull {
+                    context_len: 9,
+                    max_context: 8,
+                },
+                Code::InvalidArgument,
+            ),
+            (Refusal::InvalidRequest("bad".into()), Code::InvalidArgument),
+            (Refusal::OutOfBlocks("full".into()), Code::ResourceExhausted),
+            (
+                Refusal::Reservation(tandem_kv_transfer::Refusal::AlreadyRegistered(3)),
+                Code::Internal,
+            ),
+            (Refusal::CallerGone, Code::Cancelled),
+            (Refusal::ShuttingDown, Code::Unavailable),
+        ];
+        for (refusal, code) in cases {
+            let status = refusal_status(&refusal);
+            assert_eq!(status.code(), code, "{refusal:?}");
+            assert_eq!(status.message(), refusal.to_string());
+        }
+    }
+
+    #[test]
+    fn failures_map_to_codes_a_router_acts_on() {
+        let cases = [
+            (RequestError::KvTimeout, Code::DeadlineExceeded),
+            (RequestError::KvTransfer("reset".into()), Code::Unavailable),
+            (RequestError::ShuttingDown, Code::Unavailable),
+            (RequestError::KvImport("shape".into()), Code::Internal),
+            (RequestError::Forward("oom".into()), Code::Internal),
+            (RequestError::Generation("utf8".into()), Code::Internal),
+        ];
+        for (error, code) in cases {
+            assert_eq!(failure_status(&error).code(), code, "{error:?}");
+        }
     }
 }

@@ -1,6 +1,10 @@
 //! Where the QUIC receiver delivers KV: checked against the reservation table,
 //! then handed to the engine loop to be written into the reserved blocks.
 //!
+//! The sink never releases a reservation: a refused frame or a failed
+//! transfer is reported to the engine loop (`Command::KvAborted`), which owns
+//! the request and releases its reservation together with its blocks.
+//!
 //! The hand-off channel is unbounded on purpose: the reservation table accepts
 //! each (layer, block) of a reservation once, so the bytes waiting in it never
 //! exceed the KV reserved for the requests in flight, which the cache size bounds.
@@ -14,13 +18,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_kv_transfer::{KvSink, LayerHeader, Reservations};
+use tandem_kv_transfer::{KvSink, LayerHeader, Reservations, SinkError};
 
 use crate::scheduler::Command;
 
 /// The decode node's [`KvSink`].
 pub struct ReservedSink {
-    /// The table of expected transfers, shared with the engine loop.
+    /// The table of expected transfers, shared with the engine loop (which
+    /// registers and releases; the sink only checks frames against it).
     pub reservations: Arc<Mutex<Reservations>>,
     /// The engine loop.
     pub commands: Sender<Command>,
@@ -58,14 +63,15 @@ impl ReservedSink {
     fn started(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
         self.started.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn send(&self, cmd: Command) -> Result<(), SinkError> {
+        self.commands.send(cmd).map_err(|_| SinkError::ShuttingDown)
+    }
 }
 
 impl KvSink for ReservedSink {
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String> {
-        let accepted = self
-            .table()
-            .on_layer_frame(header)
-            .map_err(|r| r.to_string())?;
+    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+        let accepted = self.table().on_layer_frame(header)?;
         self.received.increment(payload.len() as u64);
         {
             let now = Instant::now();
@@ -73,42 +79,42 @@ impl KvSink for ReservedSink {
             if started.len() >= TRACKED_TRANSFERS {
                 started.retain(|_, t| now.duration_since(*t) < STALE_TRANSFER);
             }
-            started.entry(header.request_id).or_insert(now);
+            started.entry(header.transfer_id).or_insert(now);
         }
-        self.commands
-            .send(Command::ImportLayer {
-                transfer_id: header.request_id,
-                layer: accepted.layer as usize,
-                first_block: accepted.first_block as usize,
-                block_count: accepted.block_count as usize,
-                heads: accepted.head_start as usize
-                    ..accepted.head_start as usize + accepted.head_count as usize,
-                payload,
-            })
-            .map_err(|_| "the decode node is shutting down".to_string())
+        self.send(Command::ImportLayer {
+            transfer_id: header.transfer_id,
+            layer: accepted.layer as usize,
+            first_block: accepted.first_block as usize,
+            block_count: accepted.block_count as usize,
+            heads: accepted.head_start as usize
+                ..accepted.head_start as usize + accepted.head_count as usize,
+            payload,
+        })
     }
 
-    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
+    fn on_final(
+        &self,
+        transfer_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<(), SinkError> {
         let complete = self
             .table()
-            .on_final(request_id, first_token, layers_sent)
-            .map_err(|r| r.to_string())?;
-        if let Some(t) = self.started().remove(&request_id) {
+            .on_final(transfer_id, first_token, layers_sent)?;
+        if let Some(t) = self.started().remove(&transfer_id) {
             self.transfer_seconds.record(t.elapsed().as_secs_f64());
         }
-        self.commands
-            .send(Command::KvComplete {
-                transfer_id: complete.request_id,
-                first_token: complete.first_token,
-            })
-            .map_err(|_| "the decode node is shutting down".to_string())
+        self.send(Command::KvComplete {
+            transfer_id: complete.transfer_id,
+            first_token: complete.first_token,
+        })
     }
 
-    fn on_abort(&self, request_id: u64, reason: &str) {
-        self.started().remove(&request_id);
-        self.table().release(request_id);
+    fn on_abort(&self, transfer_id: u64, reason: &str) {
+        self.started().remove(&transfer_id);
+        // The engine loop fails the request and releases its reservation.
         let _ = self.commands.send(Command::KvAborted {
-            transfer_id: request_id,
+            transfer_id,
             reason: reason.to_string(),
         });
     }

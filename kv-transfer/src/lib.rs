@@ -7,6 +7,8 @@
 //! - [`tls`]: rustls configurations for both ends (self-signed for a local
 //!   cluster, or from PEM files).
 //! - [`transport`]: quinn settings for bulk transfer.
+//! - [`tracker`]: the receiver's sans-I/O bookkeeping of each transfer's
+//!   frames across lanes (when a Final is due, exactly one ending each).
 //! - [`receiver`]: the decode side's QUIC endpoint, handing frames to a [`KvSink`].
 //! - [`sender`]: the prefill side's QUIC connections, with back-pressure.
 //!
@@ -19,11 +21,12 @@ pub mod receiver;
 pub mod reservation;
 pub mod sender;
 pub mod tls;
+pub mod tracker;
 pub mod transport;
 pub mod wire;
 
 pub use error::TransferError;
-pub use receiver::{KvReceiver, KvSink, ReceiverConfig};
+pub use receiver::{KvReceiver, KvSink, ReceiverConfig, SinkError};
 pub use reservation::{Accepted, Complete, Expectation, Refusal, Reservations};
 pub use sender::{KvSender, RequestStream, SenderConfig};
 pub use tls::{ClusterCa, NodeCert, SelfSigned, TlsError};

@@ -29,7 +29,6 @@
 //! A broken stream is stopped with an application error code
 //! ([`stop_code`]); other streams and connections carry on.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::TransferError;
+use crate::reservation::Refusal;
 use crate::tls::TlsError;
+use crate::tracker::{FinalAction, PendingFinal, Tracker};
 use crate::transport::TransportTuning;
 use crate::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, LayerHeader};
 
@@ -58,6 +59,21 @@ pub mod stop_code {
     pub const SHUTDOWN: u32 = 4;
 }
 
+/// Why a [`KvSink`] refused a frame or a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// The reservation table refused it (unknown transfer, bad shape,
+    /// duplicate, incomplete at the Final frame, ...).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The KV could not be stored (e.g. the cache refused the bytes).
+    #[error("storing KV failed: {0}")]
+    Store(String),
+    /// The receiving node is shutting down.
+    #[error("the receiving node is shutting down")]
+    ShuttingDown,
+}
+
 /// Where received KV goes: the decode node's cache and reservation table.
 ///
 /// Calls are made from the receiver's tasks; keep them short (a copy into
@@ -65,12 +81,17 @@ pub mod stop_code {
 pub trait KvSink: Send + Sync + 'static {
     /// Some blocks of one layer arrived, checksum verified. `Err` refuses
     /// the frame: the stream is stopped and the request aborted.
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String>;
+    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError>;
     /// Every Layer frame of the request arrived and was accepted. `Err`
     /// refuses the request (e.g. incomplete): `on_abort` follows.
-    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String>;
+    fn on_final(
+        &self,
+        transfer_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<(), SinkError>;
     /// The transfer of the request failed; release its reservation.
-    fn on_abort(&self, request_id: u64, reason: &str);
+    fn on_abort(&self, transfer_id: u64, reason: &str);
 }
 
 /// Receiver limits.
@@ -173,7 +194,7 @@ impl KvReceiver {
         let local = endpoints[0].local_addr()?;
         let shared = Arc::new(Shared {
             sink,
-            tracker: Tracker::default(),
+            tracker: Mutex::new(Tracker::default()),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             config,
             shutdown: shutdown.clone(),
@@ -227,11 +248,20 @@ impl KvReceiver {
 
 struct Shared {
     sink: Arc<dyn KvSink>,
-    tracker: Tracker,
+    /// Held for a few map operations, never across an await or a sink call.
+    tracker: Mutex<Tracker>,
     /// Connections served at once, across all endpoints.
     limit: Arc<Semaphore>,
     config: ReceiverConfig,
     shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        // A panic elsewhere while holding the lock leaves counters that are
+        // still consistent enough to keep serving.
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
@@ -330,10 +360,10 @@ async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
     if failure.code == stop_code::ENDED {
         return;
     }
-    let request = request.or(decoder.last_request_id());
+    let request = request.or(decoder.last_transfer_id());
     match request {
-        Some(id) if shared.tracker.end(id) => {
-            debug!(request_id = id, reason = %failure.reason, "kv transfer aborted");
+        Some(id) if shared.tracker().end(id) => {
+            debug!(transfer_id = id, reason = %failure.reason, "kv transfer aborted");
             shared.sink.on_abort(id, &failure.reason);
         }
         Some(_) => {}
@@ -358,13 +388,13 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                 }));
             }
         };
-        let id = frame.request_id();
+        let id = frame.transfer_id();
         match *request {
             None => *request = Some(id),
             Some(r) if r != id => {
                 return Flow::Stop(Some(StreamFailure {
                     code: stop_code::MALFORMED,
-                    reason: format!("frame for request {id} on a stream of request {r}"),
+                    reason: format!("frame for transfer {id} on a stream of transfer {r}"),
                 }));
             }
             Some(_) => {}
@@ -383,13 +413,14 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
         };
         match frame {
             Frame::Layer { header, payload } => {
-                if !shared.tracker.begin_layer(id) {
+                if !shared.tracker().begin_layer(id, Instant::now()) {
                     return ended();
                 }
-                if let Err(reason) = shared.sink.on_layer(&header, payload) {
-                    return refused(reason);
+                if let Err(e) = shared.sink.on_layer(&header, payload) {
+                    return refused(e.to_string());
                 }
-                if let Some(fin) = shared.tracker.layer_done(id) {
+                let due = shared.tracker().layer_done(id, Instant::now());
+                if let Some(fin) = due {
                     deliver_final(shared, id, fin);
                 }
             }
@@ -399,14 +430,16 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                 frames_sent,
                 ..
             } => {
-                match shared.tracker.final_arrived(
+                let action = shared.tracker().final_arrived(
                     id,
                     PendingFinal {
                         first_token,
                         layers_sent,
                         frames_sent,
                     },
-                ) {
+                    Instant::now(),
+                );
+                match action {
                     FinalAction::Deliver(fin) => deliver_final(shared, id, fin),
                     FinalAction::Wait => {}
                     FinalAction::Ended => return ended(),
@@ -421,7 +454,8 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                 }
             }
             Frame::Abort { reason, .. } => {
-                if shared.tracker.end(id) {
+                let first_ending = shared.tracker().end(id);
+                if first_ending {
                     shared
                         .sink
                         .on_abort(id, &format!("sender aborted: {reason}"));
@@ -437,10 +471,8 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
 }
 
 fn deliver_final(shared: &Shared, id: u64, fin: PendingFinal) {
-    if let Err(reason) = shared.sink.on_final(id, fin.first_token, fin.layers_sent) {
-        shared
-            .sink
-            .on_abort(id, &format!("final refused: {reason}"));
+    if let Err(e) = shared.sink.on_final(id, fin.first_token, fin.layers_sent) {
+        shared.sink.on_abort(id, &format!("final refused: {e}"));
     }
 }
 
@@ -452,148 +484,13 @@ async fn sweep(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for id in shared
-            .tracker
-            .sweep(Instant::now(), shared.config.request_idle_timeout)
-        {
+        let stale = shared
+            .tracker()
+            .sweep(Instant::now(), shared.config.request_idle_timeout);
+        for id in stale {
             shared
                 .sink
                 .on_abort(id, "no progress within the idle timeout");
         }
-    }
-}
-
-/// Cross-stream progress of the requests being received: counts accepted
-/// Layer frames, parks a Final until they are all in, and remembers recently
-/// ended requests so each gets exactly one ending.
-#[derive(Default)]
-struct Tracker {
-    state: Mutex<TrackerState>,
-}
-
-#[derive(Default)]
-struct TrackerState {
-    open: HashMap<u64, Progress>,
-    ended: HashSet<u64>,
-    ended_order: VecDeque<u64>,
-}
-
-/// How many ended request ids are remembered.
-const ENDED_MEMORY: usize = 65_536;
-
-struct Progress {
-    frames_done: u32,
-    pending_final: Option<PendingFinal>,
-    last_activity: Instant,
-}
-
-#[derive(Clone, Copy)]
-struct PendingFinal {
-    first_token: u32,
-    layers_sent: u32,
-    frames_sent: u32,
-}
-
-enum FinalAction {
-    Deliver(PendingFinal),
-    Wait,
-    Ended,
-    TooManyFrames(u32),
-}
-
-impl TrackerState {
-    fn mark_ended(&mut self, id: u64) {
-        self.open.remove(&id);
-        if self.ended.insert(id) {
-            self.ended_order.push_back(id);
-            if self.ended_order.len() > ENDED_MEMORY
-                && let Some(old) = self.ended_order.pop_front()
-            {
-                self.ended.remove(&old);
-            }
-        }
-    }
-
-    fn progress(&mut self, id: u64) -> Option<&mut Progress> {
-        if self.ended.contains(&id) {
-            return None;
-        }
-        let p = self.open.entry(id).or_insert_with(|| Progress {
-            frames_done: 0,
-            pending_final: None,
-            last_activity: Instant::now(),
-        });
-        p.last_activity = Instant::now();
-        Some(p)
-    }
-}
-
-impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, TrackerState> {
-        // A panic elsewhere while holding the lock leaves counters that are
-        // still consistent enough to keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether a Layer frame of `id` should go to the sink.
-    fn begin_layer(&self, id: u64) -> bool {
-        self.lock().progress(id).is_some()
-    }
-
-    /// Counts an accepted Layer frame; returns a parked Final now due.
-    fn layer_done(&self, id: u64) -> Option<PendingFinal> {
-        let mut s = self.lock();
-        let p = s.progress(id)?;
-        p.frames_done += 1;
-        match p.pending_final {
-            Some(fin) if p.frames_done >= fin.frames_sent => {
-                s.mark_ended(id);
-                Some(fin)
-            }
-            _ => None,
-        }
-    }
-
-    fn final_arrived(&self, id: u64, fin: PendingFinal) -> FinalAction {
-        let mut s = self.lock();
-        let Some(p) = s.progress(id) else {
-            return FinalAction::Ended;
-        };
-        if p.pending_final.is_some() {
-            return FinalAction::TooManyFrames(p.frames_done);
-        }
-        if p.frames_done > fin.frames_sent {
-            return FinalAction::TooManyFrames(p.frames_done);
-        }
-        if p.frames_done == fin.frames_sent {
-            s.mark_ended(id);
-            return FinalAction::Deliver(fin);
-        }
-        p.pending_final = Some(fin);
-        FinalAction::Wait
-    }
-
-    /// Ends `id`; true if it had not ended before (the caller then tells the sink).
-    fn end(&self, id: u64) -> bool {
-        let mut s = self.lock();
-        if s.ended.contains(&id) {
-            return false;
-        }
-        s.mark_ended(id);
-        true
-    }
-
-    fn sweep(&self, now: Instant, idle: Duration) -> Vec<u64> {
-        let mut s = self.lock();
-        let stale: Vec<u64> = s
-            .open
-            .iter()
-            .filter(|(_, p)| now.saturating_duration_since(p.last_activity) > idle)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &stale {
-            s.mark_ended(*id);
-        }
-        stale
     }
 }

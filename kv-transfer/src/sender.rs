@@ -233,7 +233,7 @@ impl KvSender {
     }
 
     /// Opens the streams of one request's transfer.
-    pub async fn open_request(&self, request_id: u64) -> Result<RequestStream, TransferError> {
+    pub async fn open_request(&self, transfer_id: u64) -> Result<RequestStream, TransferError> {
         let n = self.connections.len();
         let lanes = match self.config.lanes_per_request {
             0 => n,
@@ -267,7 +267,7 @@ impl KvSender {
             })
             .collect();
         Ok(RequestStream {
-            request_id,
+            transfer_id,
             lanes,
             next_lane: 0,
             frames_sent: 0,
@@ -327,7 +327,7 @@ struct Lane {
 
 /// One request's transfer, striped over one or more streams.
 pub struct RequestStream {
-    request_id: u64,
+    transfer_id: u64,
     lanes: Vec<Lane>,
     next_lane: usize,
     frames_sent: u32,
@@ -340,8 +340,8 @@ pub struct RequestStream {
 
 impl RequestStream {
     /// The request.
-    pub fn request_id(&self) -> u64 {
-        self.request_id
+    pub fn transfer_id(&self) -> u64 {
+        self.transfer_id
     }
 
     /// Layer frames queued so far.
@@ -393,7 +393,7 @@ impl RequestStream {
                 block_count: count as u32,
                 ..shape
             };
-            let header = LayerHeader::unhashed(self.request_id, piece_shape, piece.len())?;
+            let header = LayerHeader::unhashed(self.transfer_id, piece_shape, piece.len())?;
             self.queue(header, piece).await?;
             self.frames_sent += 1;
             block += count;
@@ -430,7 +430,7 @@ impl RequestStream {
     /// the last acknowledgement reaches the router through the decode node.
     pub async fn finish(mut self, first_token: u32, layers_sent: u32) -> Result<(), TransferError> {
         self.done = true;
-        let fin = encode_final(self.request_id, first_token, layers_sent, self.frames_sent);
+        let fin = encode_final(self.transfer_id, first_token, layers_sent, self.frames_sent);
         // Final goes last on the lane the next frame would have used; the
         // receiver orders it after the other lanes by the frame count.
         let lane = &self.lanes[self.next_lane % self.lanes.len()];
@@ -468,7 +468,7 @@ impl RequestStream {
         for lane in lanes {
             lane.cancel.cancel();
         }
-        let msg = LaneMsg::Write(vec![encode_abort(self.request_id, reason)]);
+        let msg = LaneMsg::Write(vec![encode_abort(self.transfer_id, reason)]);
         if first.tx.send(msg).await.is_err() || first.tx.send(LaneMsg::Finish).await.is_err() {
             return Err(self.lane_failure());
         }

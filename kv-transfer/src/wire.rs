@@ -16,7 +16,11 @@
 //! | 4      | 1    | version      | `1`                                     |
 //! | 5      | 1    | kind         | `1` Layer, `2` Final, `3` Abort         |
 //! | 6      | 2    | reserved     | zero                                    |
-//! | 8      | 8    | request id   | u64                                     |
+//! | 8      | 8    | transfer id  | u64                                     |
+//!
+//! The transfer id names one request's transfer on the wire: the decode node
+//! picks it when it reserves the blocks and hands it out in
+//! `KvTarget.transfer_id` (it is not the router's string request id).
 //!
 //! # Layer frame (52-byte header, then the payload)
 //!
@@ -134,7 +138,7 @@ impl WireDtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LayerHeader {
     /// The request the KV belongs to.
-    pub request_id: u64,
+    pub transfer_id: u64,
     /// Decoder layer.
     pub layer: u16,
     /// First block, as an index within the request's reservation.
@@ -201,11 +205,11 @@ impl LayerShape {
 impl LayerHeader {
     /// The header for `payload` in `shape`, with length and checksum computed.
     pub fn for_payload(
-        request_id: u64,
+        transfer_id: u64,
         shape: LayerShape,
         payload: &[u8],
     ) -> Result<Self, WireError> {
-        let mut header = Self::unhashed(request_id, shape, payload.len())?;
+        let mut header = Self::unhashed(transfer_id, shape, payload.len())?;
         header.checksum = xxh3_64(payload);
         Ok(header)
     }
@@ -213,13 +217,13 @@ impl LayerHeader {
     /// The header for a payload of `len` bytes in `shape`, validated, with
     /// the checksum still 0: for a sender that hashes the payload elsewhere
     /// (on the connection's task, in parallel with other connections).
-    pub fn unhashed(request_id: u64, shape: LayerShape, len: usize) -> Result<Self, WireError> {
+    pub fn unhashed(transfer_id: u64, shape: LayerShape, len: usize) -> Result<Self, WireError> {
         let payload_len = u32::try_from(len).map_err(|_| WireError::PayloadTooLarge {
             len: len as u64,
             max: u32::MAX,
         })?;
         let header = LayerHeader {
-            request_id,
+            transfer_id,
             layer: shape.layer,
             first_block: shape.first_block,
             block_count: shape.block_count,
@@ -279,7 +283,7 @@ impl LayerHeader {
     pub fn encode(&self) -> [u8; LAYER_HEADER_LEN] {
         let mut out = [0u8; LAYER_HEADER_LEN];
         let mut b = &mut out[..];
-        put_prefix(&mut b, KIND_LAYER, self.request_id);
+        put_prefix(&mut b, KIND_LAYER, self.transfer_id);
         b.put_u64_le(self.checksum);
         b.put_u32_le(self.payload_len);
         b.put_u32_le(self.first_block);
@@ -309,7 +313,7 @@ pub enum Frame {
     /// Every Layer frame of the request has been sent.
     Final {
         /// The request.
-        request_id: u64,
+        transfer_id: u64,
         /// The first token prefill sampled.
         first_token: u32,
         /// Layers sent.
@@ -320,7 +324,7 @@ pub enum Frame {
     /// The sender gives the request up.
     Abort {
         /// The request.
-        request_id: u64,
+        transfer_id: u64,
         /// Why, for logs.
         reason: String,
     },
@@ -328,10 +332,10 @@ pub enum Frame {
 
 impl Frame {
     /// The request this frame belongs to.
-    pub fn request_id(&self) -> u64 {
+    pub fn transfer_id(&self) -> u64 {
         match self {
-            Frame::Layer { header, .. } => header.request_id,
-            Frame::Final { request_id, .. } | Frame::Abort { request_id, .. } => *request_id,
+            Frame::Layer { header, .. } => header.transfer_id,
+            Frame::Final { transfer_id, .. } | Frame::Abort { transfer_id, .. } => *transfer_id,
         }
     }
 
@@ -345,20 +349,23 @@ impl Frame {
                 out.extend_from_slice(payload);
             }
             Frame::Final {
-                request_id,
+                transfer_id,
                 first_token,
                 layers_sent,
                 frames_sent,
             } => {
                 out.extend_from_slice(&encode_final(
-                    *request_id,
+                    *transfer_id,
                     *first_token,
                     *layers_sent,
                     *frames_sent,
                 ));
             }
-            Frame::Abort { request_id, reason } => {
-                out.extend_from_slice(&encode_abort(*request_id, reason));
+            Frame::Abort {
+                transfer_id,
+                reason,
+            } => {
+                out.extend_from_slice(&encode_abort(*transfer_id, reason));
             }
         }
     }
@@ -366,13 +373,13 @@ impl Frame {
 
 /// The bytes of a Final frame.
 pub fn encode_final(
-    request_id: u64,
+    transfer_id: u64,
     first_token: u32,
     layers_sent: u32,
     frames_sent: u32,
 ) -> Bytes {
     let mut out = BytesMut::with_capacity(FINAL_LEN);
-    put_prefix(&mut out, KIND_FINAL, request_id);
+    put_prefix(&mut out, KIND_FINAL, transfer_id);
     out.put_u32_le(first_token);
     out.put_u32_le(layers_sent);
     out.put_u32_le(frames_sent);
@@ -381,10 +388,10 @@ pub fn encode_final(
 
 /// The bytes of an Abort frame; the reason is cut to [`MAX_REASON_LEN`] bytes
 /// at a character boundary.
-pub fn encode_abort(request_id: u64, reason: &str) -> Bytes {
+pub fn encode_abort(transfer_id: u64, reason: &str) -> Bytes {
     let reason = truncate_utf8(reason, MAX_REASON_LEN);
     let mut out = BytesMut::with_capacity(ABORT_HEADER_LEN + reason.len());
-    put_prefix(&mut out, KIND_ABORT, request_id);
+    put_prefix(&mut out, KIND_ABORT, transfer_id);
     // The cut above keeps the length within u16.
     out.put_u16_le(reason.len() as u16);
     out.extend_from_slice(reason.as_bytes());
@@ -402,12 +409,12 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn put_prefix(b: &mut impl BufMut, kind: u8, request_id: u64) {
+fn put_prefix(b: &mut impl BufMut, kind: u8, transfer_id: u64) {
     b.put_slice(&MAGIC);
     b.put_u8(VERSION);
     b.put_u8(kind);
     b.put_u16_le(0);
-    b.put_u64_le(request_id);
+    b.put_u64_le(transfer_id);
 }
 
 /// Why bytes could not be decoded. Every variant is final for the stream:
@@ -442,11 +449,11 @@ pub enum WireError {
     },
     /// The payload does not hash to the header's checksum.
     #[error(
-        "checksum mismatch for request {request_id} layer {layer}: header {expected:#018x}, payload {actual:#018x}"
+        "checksum mismatch for transfer {transfer_id} layer {layer}: header {expected:#018x}, payload {actual:#018x}"
     )]
     ChecksumMismatch {
         /// The request.
-        request_id: u64,
+        transfer_id: u64,
         /// The layer.
         layer: u16,
         /// From the header.
@@ -499,7 +506,7 @@ pub struct FrameDecoder {
     buf: BytesMut,
     state: State,
     max_payload: u32,
-    last_request_id: Option<u64>,
+    last_transfer_id: Option<u64>,
     error: Option<WireError>,
 }
 
@@ -510,7 +517,7 @@ impl FrameDecoder {
             buf: BytesMut::new(),
             state: State::Header,
             max_payload,
-            last_request_id: None,
+            last_transfer_id: None,
             error: None,
         }
     }
@@ -534,8 +541,8 @@ impl FrameDecoder {
     }
 
     /// The request id of the last frame whose header passed validation.
-    pub fn last_request_id(&self) -> Option<u64> {
-        self.last_request_id
+    pub fn last_transfer_id(&self) -> Option<u64> {
+        self.last_transfer_id
     }
 
     /// The next whole frame, `Ok(None)` when more bytes are needed, or the
@@ -576,14 +583,14 @@ impl FrameDecoder {
             if p[6] != 0 || p[7] != 0 {
                 return Err(WireError::ReservedNotZero);
             }
-            let request_id = (&p[8..16]).get_u64_le();
+            let transfer_id = (&p[8..16]).get_u64_le();
             match kind {
                 KIND_LAYER => {
                     if self.buf.len() < LAYER_HEADER_LEN {
                         return Ok(None);
                     }
-                    let header = self.parse_layer_header(request_id)?;
-                    self.last_request_id = Some(request_id);
+                    let header = self.parse_layer_header(transfer_id)?;
+                    self.last_transfer_id = Some(transfer_id);
                     self.buf.advance(LAYER_HEADER_LEN);
                     self.buf.reserve(header.payload_len as usize);
                     self.state = State::Payload {
@@ -600,10 +607,10 @@ impl FrameDecoder {
                     let first_token = b.get_u32_le();
                     let layers_sent = b.get_u32_le();
                     let frames_sent = b.get_u32_le();
-                    self.last_request_id = Some(request_id);
+                    self.last_transfer_id = Some(transfer_id);
                     self.buf.advance(FINAL_LEN);
                     return Ok(Some(Frame::Final {
-                        request_id,
+                        transfer_id,
                         first_token,
                         layers_sent,
                         frames_sent,
@@ -617,7 +624,7 @@ impl FrameDecoder {
                     if len > MAX_REASON_LEN {
                         return Err(WireError::ReasonTooLong(len));
                     }
-                    self.last_request_id = Some(request_id);
+                    self.last_transfer_id = Some(transfer_id);
                     if self.buf.len() < ABORT_HEADER_LEN + len {
                         return Ok(None);
                     }
@@ -626,7 +633,10 @@ impl FrameDecoder {
                             .map_err(|_| WireError::ReasonNotUtf8)?
                             .to_owned();
                     self.buf.advance(ABORT_HEADER_LEN + len);
-                    return Ok(Some(Frame::Abort { request_id, reason }));
+                    return Ok(Some(Frame::Abort {
+                        transfer_id,
+                        reason,
+                    }));
                 }
                 other => return Err(WireError::UnknownKind(other)),
             }
@@ -649,7 +659,7 @@ impl FrameDecoder {
             self.state = State::Header;
             if actual != header.checksum {
                 return Err(WireError::ChecksumMismatch {
-                    request_id: header.request_id,
+                    transfer_id: header.transfer_id,
                     layer: header.layer,
                     expected: header.checksum,
                     actual,
@@ -660,7 +670,7 @@ impl FrameDecoder {
         Ok(None)
     }
 
-    fn parse_layer_header(&self, request_id: u64) -> Result<LayerHeader, WireError> {
+    fn parse_layer_header(&self, transfer_id: u64) -> Result<LayerHeader, WireError> {
         let mut b = &self.buf[PREFIX_LEN..LAYER_HEADER_LEN];
         let checksum = b.get_u64_le();
         let payload_len = b.get_u32_le();
@@ -684,7 +694,7 @@ impl FrameDecoder {
         }
         let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
         let header = LayerHeader {
-            request_id,
+            transfer_id,
             layer,
             first_block,
             block_count,
@@ -750,17 +760,19 @@ mod tests {
                 }
             }),
             (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-                |(request_id, first_token, layers_sent, frames_sent)| {
+                |(transfer_id, first_token, layers_sent, frames_sent)| {
                     Frame::Final {
-                        request_id,
+                        transfer_id,
                         first_token,
                         layers_sent,
                         frames_sent,
                     }
                 }
             ),
-            (any::<u64>(), "\\PC{0,40}")
-                .prop_map(|(request_id, reason)| Frame::Abort { request_id, reason }),
+            (any::<u64>(), "\\PC{0,40}").prop_map(|(transfer_id, reason)| Frame::Abort {
+                transfer_id,
+                reason
+            }),
         ]
     }
 
@@ -845,7 +857,7 @@ mod tests {
             // In pieces: the checksum is computed as the payload arrives.
             let (frames, r) = decode_in_pieces(&bytes, &splits);
             prop_assert!(frames.is_empty());
-            let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { request_id, .. }) if request_id == id);
+            let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { transfer_id, .. }) if transfer_id == id);
             prop_assert!(is_checksum);
         }
     }
@@ -911,7 +923,7 @@ mod tests {
         d.extend(&bytes);
         match d.next_frame() {
             Ok(Some(Frame::Abort {
-                request_id: 3,
+                transfer_id: 3,
                 reason,
             })) => assert!(reason.len() <= MAX_REASON_LEN),
             other => panic!("unexpected {other:?}"),

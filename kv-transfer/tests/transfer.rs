@@ -13,7 +13,7 @@ use tandem_kv_transfer::transport::GSO_SAFE_PAYLOAD;
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
     Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
-    Reservations, SenderConfig, TransferError, TransportTuning, WireDtype,
+    Reservations, SenderConfig, SinkError, TransferError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
 
@@ -87,6 +87,7 @@ impl TestSink {
             total_heads: HEADS,
             head_dim: HEAD_DIM,
             block_size: BLOCK_SIZE,
+            held_blocks: 0,
         };
         self.reservations.lock().unwrap().register(id, e).unwrap();
     }
@@ -97,37 +98,36 @@ impl TestSink {
 }
 
 impl KvSink for TestSink {
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), String> {
-        let a = self
-            .reservations
-            .lock()
-            .unwrap()
-            .on_layer_frame(header)
-            .map_err(|e| e.to_string())?;
+    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+        let a = self.reservations.lock().unwrap().on_layer_frame(header)?;
         let mut store = self.store.lock().unwrap();
         let buf = store
-            .entry((header.request_id, a.layer))
+            .entry((header.transfer_id, a.layer))
             .or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
         let at = a.first_block as usize * block_bytes();
         buf[at..at + payload.len()].copy_from_slice(&payload);
         Ok(())
     }
 
-    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
+    fn on_final(
+        &self,
+        transfer_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<(), SinkError> {
         self.reservations
             .lock()
             .unwrap()
-            .on_final(request_id, first_token, layers_sent)
-            .map_err(|e| e.to_string())?;
-        let _ = self.endings.send(Ending::Final(request_id, first_token));
+            .on_final(transfer_id, first_token, layers_sent)?;
+        let _ = self.endings.send(Ending::Final(transfer_id, first_token));
         Ok(())
     }
 
-    fn on_abort(&self, request_id: u64, reason: &str) {
-        self.reservations.lock().unwrap().release(request_id);
+    fn on_abort(&self, transfer_id: u64, reason: &str) {
+        self.reservations.lock().unwrap().release(transfer_id);
         let _ = self
             .endings
-            .send(Ending::Abort(request_id, reason.to_owned()));
+            .send(Ending::Abort(transfer_id, reason.to_owned()));
     }
 }
 

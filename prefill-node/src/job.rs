@@ -42,6 +42,9 @@ pub(crate) struct Job {
     pub logprobs: Option<usize>,
     /// Ids the first token may not be (the request's `min_tokens` not reached).
     pub banned: Vec<u32>,
+    /// Leading blocks the decode node holds already (`KvTarget.cached_blocks`):
+    /// computed (or taken from this node's cache) but not shipped.
+    pub held_blocks: usize,
     /// To the sending task; bounded, so a slow transfer holds the worker back.
     pub events: mpsc::Sender<JobEvent>,
     /// Fired by `Cancel` or when the caller goes away.

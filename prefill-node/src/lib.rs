@@ -144,7 +144,7 @@ pub async fn serve(
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };
-    shape.kv_dtype = scheduler::wire_dtype(backend.kv_layout().dtype);
+    shape.kv_dtype = tandem_cluster::kv_dtype::wire_dtype(backend.kv_layout().dtype);
     let scheduler = Arc::new(Scheduler::start(
         backend,
         SchedulerConfig {

@@ -18,10 +18,15 @@
 //! With the prefix cache on, admission takes the leading full blocks of a
 //! prompt that an earlier prompt already computed from the block manager by
 //! reference and starts computing after them (always leaving at least the
-//! last token to compute, for the logits of the first token). The decode
-//! node has none of that KV, so the cached blocks are shipped too, in each
-//! layer's frame of the job's first computed chunk. A job's full blocks are
-//! registered in the cache as soon as a step has computed them.
+//! last token to compute, for the logits of the first token). A job's full
+//! blocks are registered in the cache as soon as a step has computed them.
+//!
+//! What is shipped is decided by the decode node, not by this cache: it
+//! holds the prompt's first `KvTarget.cached_blocks` blocks already (its own
+//! prefix cache), so a job ships every block from there on. Blocks this
+//! node had cached but the decode node lacks go in each layer's frame of the
+//! job's first computed chunk; a chunk wholly inside the decode node's
+//! blocks ships nothing (it is computed only for the blocks after it).
 //!
 //! The queue, the set of known request ids and the load figures live in one
 //! small struct behind a mutex, held only for bookkeeping, never across a
@@ -33,12 +38,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
+use tandem_cluster::kv_dtype::wire_dtype;
 use tandem_engine::TokenLogprobs;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
 use tandem_engine::{Backend, BlockHash, BlockId, BlockManager, PrefixHasher, SeqChunk};
-use tandem_kv_transfer::{LayerShape, WireDtype};
+use tandem_kv_transfer::LayerShape;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch_plan::{StepLimits, plan_step};
@@ -432,10 +438,15 @@ impl<B: Backend> Worker<B> {
                         continue;
                     }
                     let a = &active[p.job];
-                    // The job's first computed chunk also ships the cached
-                    // blocks before it, whose KV the decode node lacks.
+                    // The job's first computed chunk also ships the blocks
+                    // cached here before it, but never those the decode
+                    // node holds (`held`).
                     let first = if p.start == a.cached { 0 } else { p.start / bs };
+                    let first = first.max(a.job.held_blocks);
                     let last = p.end.div_ceil(bs);
+                    if first >= last {
+                        continue;
+                    }
                     // One frame per tensor-parallel rank, carrying the KV heads it
                     // owns, laid out as in its cache (one frame of all heads at TP=1).
                     for heads in &shards {
@@ -541,13 +552,4 @@ fn first_sample(job: &Job, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
         sampler.resume_after(t);
     }
     sampler.sample_banning(logits, job.logprobs, &job.banned)
-}
-
-/// The wire's code for a cache dtype.
-pub(crate) fn wire_dtype(d: tandem_engine::KvDtype) -> WireDtype {
-    match d {
-        tandem_engine::KvDtype::F32 => WireDtype::F32,
-        tandem_engine::KvDtype::Bf16 => WireDtype::Bf16,
-        tandem_engine::KvDtype::F16 => WireDtype::F16,
-    }
 }

@@ -67,6 +67,7 @@ impl PrefillService {
             sampling: v.sampling,
             logprobs: v.logprobs,
             banned: v.banned,
+            held_blocks: v.held_blocks,
             events: tx,
             cancel: cancel.clone(),
             submitted,

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use tandem_cluster::kv_dtype;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::{ModelConfig, SamplingParams};
 use tandem_kv_transfer::WireDtype;
@@ -80,6 +81,8 @@ pub(crate) struct ValidPrefill {
     /// Ids the first token may not be (`PrefillRequest.banned_token_ids`).
     pub banned: Vec<u32>,
     pub target: KvDestination,
+    /// Leading blocks the decode node holds (`KvTarget.cached_blocks`): not shipped.
+    pub held_blocks: usize,
 }
 
 fn invalid(m: String) -> PrefillError {
@@ -145,6 +148,16 @@ pub(crate) async fn validate(
         .as_ref()
         .ok_or_else(|| invalid("kv_target is missing".into()))?;
     let needed = blocks_for(prompt.len(), shape.block_size);
+    let held_blocks = target.cached_blocks as usize;
+    // The decode node never claims the block of the last token (its KV is
+    // computed here with the first token's logits), so something is shipped.
+    let claimable = (prompt.len() - 1) / shape.block_size;
+    if held_blocks > claimable {
+        return Err(invalid(format!(
+            "kv_target.cached_blocks is {held_blocks} but a prompt of {} tokens leaves at most {claimable} full blocks before its last token",
+            prompt.len()
+        )));
+    }
     let target = validate_target(shape, target, needed).await?;
     Ok(ValidPrefill {
         // The job, its Cancel and its cancel-on-drop are per attempt.
@@ -155,6 +168,7 @@ pub(crate) async fn validate(
         logprobs: req.logprobs.map(|n| n as usize),
         banned: req.banned_token_ids,
         target,
+        held_blocks,
     })
 }
 
@@ -182,17 +196,12 @@ async fn validate_target(
             t.num_blocks
         )));
     }
-    let dtype = u8::try_from(t.dtype).ok().and_then(WireDtype::from_code);
-    if dtype != Some(shape.kv_dtype) {
+    if kv_dtype::wire_from_pb(t.dtype) != Some(shape.kv_dtype) {
         return Err(invalid(format!(
             "kv_target.dtype {} is not supported: this node's cache sends {} ({})",
             t.dtype,
             shape.kv_dtype as u8,
-            match shape.kv_dtype {
-                WireDtype::F32 => "f32",
-                WireDtype::Bf16 => "bf16",
-                WireDtype::F16 => "f16",
-            }
+            kv_dtype::name(shape.kv_dtype)
         )));
     }
     if t.quic_addr.is_empty() {

@@ -17,7 +17,7 @@ use tandem_engine::sampling::Sampler;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::{Backend, BlockId, BlockManager, ModelDir, SamplingParams};
 use tandem_kv_transfer::{
-    Expectation, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, WireDtype,
+    Expectation, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, SinkError, WireDtype,
 };
 use tandem_prefill::RunningPrefill;
 use tandem_proto::v1 as pb;
@@ -51,39 +51,43 @@ impl Decode {
 }
 
 impl KvSink for Decode {
-    fn on_layer(&self, h: &LayerHeader, payload: Bytes) -> Result<(), String> {
+    fn on_layer(&self, h: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
         let mut s = self.lock();
         let s = &mut *s;
-        let acc = s
-            .reservations
-            .on_layer_frame(h)
-            .map_err(|e| format!("{e:?}"))?;
-        let incoming = s.requests.get_mut(&h.request_id).ok_or("unknown request")?;
+        let acc = s.reservations.on_layer_frame(h)?;
+        let incoming = s
+            .requests
+            .get_mut(&h.transfer_id)
+            .ok_or(SinkError::Store("unknown transfer".into()))?;
         incoming.frames += 1;
         let table = &incoming.table;
         let (first, count) = (acc.first_block as usize, acc.block_count as usize);
         s.backend
             .import_layer(acc.layer as usize, &table[first..first + count], &payload)
-            .map_err(|e| e.to_string())
+            .map_err(|e| SinkError::Store(e.to_string()))
     }
 
-    fn on_final(&self, request_id: u64, first_token: u32, layers_sent: u32) -> Result<(), String> {
+    fn on_final(
+        &self,
+        transfer_id: u64,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<(), SinkError> {
         let mut s = self.lock();
         let done = s
             .reservations
-            .on_final(request_id, first_token, layers_sent)
-            .map_err(|e| format!("{e:?}"))?;
-        s.reservations.release(request_id);
-        if let Some(r) = s.requests.get_mut(&request_id) {
+            .on_final(transfer_id, first_token, layers_sent)?;
+        s.reservations.release(transfer_id);
+        if let Some(r) = s.requests.get_mut(&transfer_id) {
             r.first_token = Some(done.first_token);
         }
         Ok(())
     }
 
-    fn on_abort(&self, request_id: u64, reason: &str) {
+    fn on_abort(&self, transfer_id: u64, reason: &str) {
         let mut s = self.lock();
-        s.reservations.release(request_id);
-        if let Some(r) = s.requests.get_mut(&request_id) {
+        s.reservations.release(transfer_id);
+        if let Some(r) = s.requests.get_mut(&transfer_id) {
             r.aborted = Some(reason.to_owned());
         }
     }
@@ -236,6 +240,7 @@ impl Cluster {
                     total_heads: layout.num_kv_heads as u16,
                     head_dim: layout.head_dim as u16,
                     block_size: BLOCK as u16,
+                    held_blocks: 0,
                 },
             )
             .map_err(|e| anyhow!("{e:?}"))?;
@@ -257,9 +262,10 @@ impl Cluster {
             num_layers: layout.num_layers as u32,
             num_kv_heads: layout.num_kv_heads as u32,
             head_dim: layout.head_dim as u32,
-            dtype: 0,
+            dtype: pb::KvDtype::F32 as i32,
             transfer_id,
             quic_addrs: Vec::new(),
+            cached_blocks: 0,
         })
     }
 
@@ -473,6 +479,23 @@ async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
         .expect_err("token out of vocabulary");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("100000"), "{}", e.message());
+
+    // Claiming the block of the last token (or beyond) leaves nothing to ship.
+    let mut req = c.request("held-all", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.cached_blocks = t.num_blocks;
+    }
+    let e = client.prefill(req).await.expect_err("every block held");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("cached_blocks"), "{}", e.message());
+
+    let mut req = c.request("bad-dtype", &prompt, None)?;
+    if let Some(t) = req.kv_target.as_mut() {
+        t.dtype = 7;
+    }
+    let e = client.prefill(req).await.expect_err("unknown dtype");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("dtype 7"), "{}", e.message());
 
     let mut req = c.request("no-cert", &prompt, None)?;
     if let Some(t) = req.kv_target.as_mut() {

@@ -433,7 +433,6 @@ fn finish_reason(reason: i32) -> &'static str {
     match pb::FinishReason::try_from(reason) {
         Ok(pb::FinishReason::Length) => "length",
         Ok(pb::FinishReason::Cancelled) => "abort",
-        Ok(pb::FinishReason::Error) => "error",
         _ => "stop",
     }
 }
@@ -647,7 +646,6 @@ async fn run(
                 logprobs.extend(t.logprobs);
             }
             Some(pb::generate_response::Event::Finished(f)) => {
-                text.push_str(&f.text);
                 finished = Some(f);
             }
             None => {}
@@ -757,7 +755,7 @@ fn sse_events(
                 }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
                     usage = f.usage;
-                    let tail = echo.take().unwrap_or_default() + &f.text;
+                    let tail = echo.take().unwrap_or_default();
                     let tail = (!tail.is_empty()).then_some(tail.as_str());
                     chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
                 }

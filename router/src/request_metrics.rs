@@ -18,7 +18,6 @@ pub fn finish_label(reason: i32) -> &'static str {
         Ok(pb::FinishReason::Stop) => "stop",
         Ok(pb::FinishReason::Eos) => "eos",
         Ok(pb::FinishReason::Cancelled) => "cancelled",
-        Ok(pb::FinishReason::Error) => "error",
         Ok(pb::FinishReason::Unspecified) | Err(_) => "unspecified",
     }
 }

@@ -159,7 +159,6 @@ impl DecodeNode for FakeDecode {
                     time_to_first_token_seconds: 99.0,
                     total_seconds: 99.0,
                 }),
-                ..Default::default()
             };
             let _ = tx.send(event(E::Finished(finished))).await;
         });

@@ -20,6 +20,7 @@
 //! | [`PREFIX_CACHE_QUERIES_TOTAL`], [`PREFIX_CACHE_HITS_TOTAL`] | prefill and decode nodes, per prompt prefilled there (tokens looked up, tokens found) | `role`, `node` |
 //! | [`PREFIX_CACHE_BLOCKS`], [`PREFIX_CACHE_EVICTIONS_TOTAL`] | prefill and decode nodes, after every step | `role`, `node` |
 //! | [`KV_TRANSFER_BYTES_TOTAL`] | prefill node (sent), decode node (received) | `direction` |
+//! | [`KV_TRANSFER_SKIPPED_BYTES_TOTAL`] | decode node, at admission, per request whose leading blocks its prefix cache holds | `node` |
 //! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
 //! | [`CONNECTIONS_REJECTED_TOTAL`] | every TCP listener (router gRPC and HTTP, node gRPC), per connection shed or timed out | `listener`, `reason` |
@@ -38,6 +39,9 @@ pub const KV_BLOCKS_USED: &str = "tandem_kv_blocks_used";
 pub const KV_BLOCKS_FREE: &str = "tandem_kv_blocks_free";
 /// Counter: KV cache payload bytes moved over QUIC, by `direction` (`sent`, `received`).
 pub const KV_TRANSFER_BYTES_TOTAL: &str = "tandem_kv_transfer_bytes_total";
+/// Counter: KV bytes a prefill node did not send because the decode node's
+/// prefix cache held the prompt's leading blocks (`KvTarget.cached_blocks`).
+pub const KV_TRANSFER_SKIPPED_BYTES_TOTAL: &str = "tandem_kv_transfer_skipped_bytes_total";
 /// Histogram: seconds one request's KV transfer took at the decode node, first
 /// accepted frame to the final frame (every layer landed and checked). The
 /// receiver is the side that always sees a transfer end: the router may drop
@@ -67,7 +71,7 @@ pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "tandem_connections_rejected_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -82,6 +86,7 @@ pub const ALL: [&str; 17] = [
     PREFIX_CACHE_BLOCKS,
     PREFIX_CACHE_EVICTIONS_TOTAL,
     KV_TRANSFER_BYTES_TOTAL,
+    KV_TRANSFER_SKIPPED_BYTES_TOTAL,
     KV_TRANSFER_SECONDS,
     BATCH_SIZE,
     CONNECTIONS_REJECTED_TOTAL,
@@ -151,6 +156,11 @@ pub fn describe() {
         KV_TRANSFER_BYTES_TOTAL,
         Unit::Bytes,
         "KV cache bytes moved over QUIC, by direction"
+    );
+    describe_counter!(
+        KV_TRANSFER_SKIPPED_BYTES_TOTAL,
+        Unit::Bytes,
+        "KV cache bytes not sent because the decode node's prefix cache held them"
     );
     describe_histogram!(
         KV_TRANSFER_SECONDS,

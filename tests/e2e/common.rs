@@ -201,7 +201,6 @@ pub async fn complete(
                 out.text.push_str(&t.text);
             }
             Some(pb::generate_response::Event::Finished(f)) => {
-                out.text.push_str(&f.text);
                 out.reason =
                     pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
                 out.usage = f.usage.unwrap_or_default();

@@ -177,10 +177,7 @@ pub async fn send(
                 };
                 let reason =
                     pb::FinishReason::try_from(fin.reason).unwrap_or(pb::FinishReason::Unspecified);
-                let failed = matches!(
-                    reason,
-                    pb::FinishReason::Error | pb::FinishReason::Cancelled
-                ) || last_chunk.is_none();
+                let failed = reason == pb::FinishReason::Cancelled || last_chunk.is_none();
                 record.success = !failed;
                 record.status = format!(
                     "{:?}",
@@ -190,9 +187,7 @@ pub async fn send(
                         tonic::Code::Ok
                     }
                 );
-                record.error = if !fin.error.is_empty() {
-                    fin.error
-                } else if failed {
+                record.error = if failed {
                     format!("finished as {}", reason.as_str_name())
                 } else {
                     String::new()

@@ -1,0 +1,210 @@
+//! Admission: whether the engine loop takes a request, where its KV comes
+//! from, and what it answers (`Admitted`).
+//!
+//! Blocks for the whole request (prompt + `max_tokens`, capped at the
+//! context) are taken at once, so a running sequence never runs out: when the
+//! cache is full the request is refused ([`Refusal::OutOfBlocks`], which the
+//! service answers `RESOURCE_EXHAUSTED`) and the router tries elsewhere or
+//! later. Nothing waits for memory, so nothing deadlocks.
+//!
+//! With the prefix cache on, the context's leading full blocks that this
+//! node already holds are taken from the cache by reference (never the block
+//! of the last token: its KV is computed with the first token's logits).
+//! Then:
+//!
+//! - **Local prefill** when the router forced it, or when the tokens *not*
+//!   cached here are fewer than `decode.local_prefill_below`: a long prompt
+//!   whose prefix is cached here needs no prefill node. Prefill starts after
+//!   the cached blocks.
+//! - **Otherwise a `KvTarget`** whose `cached_blocks` tells the prefill node
+//!   to ship only the blocks after them; the reservation table counts the
+//!   held blocks as received and refuses frames for them, and imported
+//!   blocks land after them in the same block table.
+//!
+//! The sequence holds its references on the cached blocks from admission
+//! until it ends, so the blocks the answer claims cannot be evicted before
+//! the KV arrives: an allocation evicts only blocks nobody references
+//! (`BlockManager::allocate_sequence`), and a node short of blocks refuses
+//! new requests instead. This is what keeps a claim true; nothing re-checks it.
+
+use std::time::{Duration, Instant};
+
+use tandem_cluster::kv_dtype::{wire_dtype, wire_to_pb};
+use tandem_engine::Generation;
+use tandem_engine::GenerationParams;
+use tandem_engine::backend::Backend;
+use tandem_engine::block_manager::{SequenceBlocks, blocks_for};
+use tandem_kv_transfer::Expectation;
+use tandem_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::errors::Refusal;
+use crate::scheduler::{Event, Scheduler};
+use crate::sequence::{Sequence, State};
+
+/// A request to admit.
+pub struct Admission {
+    /// The request's key: its id and attempt (`tandem_proto::attempt_key`).
+    pub request_id: String,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Tokens generated before, on a node that failed (see `DecodeRequest.generated`).
+    pub generated: Vec<u32>,
+    /// Sampling and stop conditions.
+    pub params: GenerationParams,
+    /// Prefill here whatever the prompt's length (the router found no prefill node).
+    pub force_local: bool,
+    /// How long to wait for remote KV.
+    pub kv_timeout: Duration,
+    /// The response stream.
+    pub events: mpsc::Sender<Event>,
+    /// The request's span (carrying its id); the loop logs the request's events in it.
+    pub span: tracing::Span,
+}
+
+impl<B: Backend> Scheduler<B> {
+    /// Admits `a` or says why not; on success the `Admitted` message is on
+    /// its stream and the sequence is in the loop.
+    pub(crate) fn admit(&mut self, a: Admission) -> Result<(), Refusal> {
+        let model = self.model.clone();
+        let config = &model.config;
+        if self.by_request.contains_key(&a.request_id) {
+            return Err(Refusal::AlreadyRunning(a.request_id));
+        }
+        let context_len = a.prompt.len() + a.generated.len();
+        if context_len >= config.max_position_embeddings {
+            return Err(Refusal::ContextFull {
+                context_len,
+                max_context: config.max_position_embeddings,
+            });
+        }
+        let layout = self.backend.kv_layout();
+        let bs = layout.block_size;
+        let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
+        // The KV a prefill computes covers the prompt and the tokens generated before.
+        let hashes = if self.blocks.caching() {
+            let mut context = a.prompt.clone();
+            context.extend_from_slice(&a.generated);
+            self.hasher.full_blocks(&context)
+        } else {
+            Vec::new()
+        };
+        let reusable = (context_len.saturating_sub(1) / bs).min(hashes.len());
+        let generation = Generation::resume(
+            a.prompt,
+            &a.generated,
+            a.params,
+            &config.eos_token_ids,
+            &model.tokenizer,
+        )
+        .map_err(|e| Refusal::InvalidRequest(e.to_string()))?;
+        let SequenceBlocks { table, cached } = self
+            .blocks
+            .allocate_sequence(&hashes[..reusable], blocks_for(max_len, bs))
+            .map_err(|e| Refusal::OutOfBlocks(e.to_string()))?;
+        // From here the sequence holds a reference on each of its `cached`
+        // leading blocks until `remove`: they cannot be evicted meanwhile.
+        let cached_tokens = cached * bs;
+        let local = a.force_local || context_len - cached_tokens < self.limits.local_prefill_below;
+        let transfer_id = self.next_transfer_id;
+        self.next_transfer_id += 1;
+        let mut admitted = pb::Admitted {
+            local_prefill: local,
+            kv_target: None,
+        };
+        let state = if local {
+            State::Prefilling {
+                done: cached_tokens,
+            }
+        } else {
+            let prompt_blocks = blocks_for(context_len, bs);
+            let expect = Expectation {
+                num_layers: layout.num_layers as u32,
+                num_blocks: prompt_blocks as u32,
+                block_bytes: layout.block_bytes() as u64,
+                dtype: wire_dtype(layout.dtype),
+                total_heads: layout.num_kv_heads as u16,
+                head_dim: layout.head_dim as u16,
+                block_size: bs as u16,
+                held_blocks: cached as u32,
+            };
+            let registered = self.reservations().register(transfer_id, expect);
+            if let Err(e) = registered {
+                self.release_blocks(&table);
+                return Err(Refusal::Reservation(e));
+            }
+            admitted.kv_target = Some(pb::KvTarget {
+                quic_addr: self.kv.quic_addr.clone(),
+                quic_addrs: self.kv.quic_addrs.clone(),
+                server_name: self.kv.server_name.clone(),
+                server_cert_der: self.kv.cert_der.clone(),
+                num_blocks: prompt_blocks as u32,
+                block_size: bs as u32,
+                num_layers: layout.num_layers as u32,
+                num_kv_heads: layout.num_kv_heads as u32,
+                head_dim: layout.head_dim as u32,
+                dtype: wire_to_pb(wire_dtype(layout.dtype)) as i32,
+                transfer_id,
+                cached_blocks: cached as u32,
+            });
+            State::AwaitingKv {
+                deadline: Instant::now() + a.kv_timeout,
+            }
+        };
+        let message = pb::DecodeResponse {
+            event: Some(pb::decode_response::Event::Admitted(admitted)),
+        };
+        if a.events.try_send(Ok(message)).is_err() {
+            self.release_blocks(&table);
+            self.reservations().release(transfer_id);
+            return Err(Refusal::CallerGone);
+        }
+        let skipped_bytes = if local {
+            0
+        } else {
+            (cached * layout.block_bytes() * layout.num_layers) as u64
+        };
+        // The loop serves every request on one thread: it enters the
+        // request's span for the lines it logs about it.
+        a.span.in_scope(|| {
+            tracing::debug!(
+                transfer_id,
+                prompt_len = context_len,
+                cached_tokens,
+                local,
+                skipped_bytes,
+                "admitted"
+            )
+        });
+        {
+            let mut stats = self.stats();
+            if local {
+                stats.local_prompt_tokens_total += context_len as u64;
+                stats.cached_tokens_total += cached_tokens as u64;
+            }
+            stats.kv_skipped_bytes_total += skipped_bytes;
+        }
+        if local {
+            self.metrics.prefix_lookup(context_len, cached_tokens);
+        } else {
+            self.metrics.kv_skipped(skipped_bytes);
+        }
+        self.by_request.insert(a.request_id.clone(), transfer_id);
+        self.seqs.insert(
+            transfer_id,
+            Sequence {
+                request_id: a.request_id,
+                generation,
+                table,
+                hashes,
+                registered: cached,
+                cached_tokens,
+                local,
+                state,
+                events: a.events,
+                span: a.span,
+            },
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,115 @@
+//! One request as the engine loop holds it: its generation state, its block
+//! table and which of its blocks are named in the prefix cache.
+
+use std::time::Instant;
+
+use tandem_engine::Generation;
+use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager};
+use tandem_engine::prefix_hash::PrefixHasher;
+use tandem_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::batch_plan::{Phase, SeqView};
+use crate::scheduler::Event;
+
+/// Where a sequence is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum State {
+    /// Its KV is coming from a prefill node; given up at `deadline`.
+    AwaitingKv { deadline: Instant },
+    /// Prefilled here: the first `done` context tokens have their KV.
+    Prefilling { done: usize },
+    /// Generating.
+    Running,
+}
+
+/// A request admitted here.
+pub(crate) struct Sequence {
+    /// The request's key (`request_id#attempt`).
+    pub request_id: String,
+    pub generation: Generation,
+    /// Its blocks: prompt + `max_tokens` (capped at the context). The first
+    /// `cached_tokens / block_size` came from the prefix cache by reference.
+    pub table: Vec<BlockId>,
+    /// Hashes of the full blocks of its context so far (empty with the
+    /// prefix cache off); extended as generated tokens fill blocks.
+    pub hashes: Vec<BlockHash>,
+    /// Leading blocks of `table` named in the prefix cache (or taken from it).
+    pub registered: usize,
+    /// Context tokens whose KV this node's prefix cache held at admission.
+    pub cached_tokens: usize,
+    /// Prefilled here rather than receiving KV.
+    pub local: bool,
+    pub state: State,
+    pub events: mpsc::Sender<Event>,
+    /// The request's span (carrying its id); the loop logs the request's events in it.
+    pub span: tracing::Span,
+}
+
+impl Sequence {
+    /// The sequence as the batch planner sees it.
+    pub fn view(&self, id: u64) -> SeqView {
+        SeqView {
+            id,
+            phase: match self.state {
+                State::AwaitingKv { .. } => Phase::AwaitingKv,
+                State::Prefilling { done } => Phase::Prefilling { done },
+                State::Running => Phase::Running,
+            },
+            context_len: self.generation.tokens().len(),
+        }
+    }
+
+    /// Names in the prefix cache the full blocks among the first `kv_len`
+    /// context positions, which now all have their KV written, so later
+    /// prompts (the next turn of a chat) can reuse them. Cheap when no block
+    /// was completed since the last call; does nothing with the cache off.
+    pub fn register_full_blocks(
+        &mut self,
+        blocks: &mut BlockManager,
+        hasher: &PrefixHasher,
+        kv_len: usize,
+    ) {
+        if !blocks.caching() {
+            return;
+        }
+        let tokens = self.generation.tokens();
+        let kv_len = kv_len.min(tokens.len());
+        let full = (kv_len / hasher.block_size()).min(self.table.len());
+        if full <= self.registered {
+            return;
+        }
+        if full > self.hashes.len() {
+            // A generated token completed a block: hash the chain again up
+            // to it (once per block_size tokens).
+            self.hashes = hasher.full_blocks(&tokens[..full * hasher.block_size()]);
+        }
+        for b in self.registered..full {
+            blocks.register(self.table[b], self.hashes[b]);
+        }
+        self.registered = full;
+    }
+
+    /// The stream's final message.
+    pub fn finished_message(&self, reason: pb::FinishReason) -> pb::DecodeResponse {
+        let g = &self.generation;
+        pb::DecodeResponse {
+            event: Some(pb::decode_response::Event::Finished(pb::Finished {
+                reason: reason as i32,
+                usage: Some(pb::Usage {
+                    prompt_tokens: g.prompt().len() as u32,
+                    completion_tokens: g.output().len() as u32,
+                    // Tokens this node did not compute. KV held here for a
+                    // prompt a prefill node computed saved the transfer, not
+                    // the compute: the prefill node reports its own cache hits.
+                    cached_tokens: if self.local {
+                        self.cached_tokens as u32
+                    } else {
+                        0
+                    },
+                }),
+                timings: None,
+            })),
+        }
+    }
+}
