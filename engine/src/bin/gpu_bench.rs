@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tandem_engine::ModelDir;
 use tandem_engine::TokenDraw;
-use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
+use tandem_engine::backend::{Backend, BackendExt, KvExport, KvIo, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::config::{Architecture, ModelConfig};
 use tandem_engine::cpu::{CpuBackend, CpuModel};
@@ -257,7 +257,7 @@ fn check_model(dir: &Path) -> Res<(f32, f32, usize, String, f32)> {
             if step == 0 && !graphs {
                 // The batched decode step's logits against the CPU's, where both were
                 // fed the same token (forward_greedy below rewrites the same K/V).
-                let g = gpu.forward(&chunks, None)?;
+                let g = gpu.forward_logits(&chunks, None)?;
                 for i in 0..prompts.len() {
                     if cpu_cont[i][0] == next[i] {
                         decode_err = decode_err.max(rel_err(&g[i], &cpu_step0[i]));
@@ -859,7 +859,7 @@ fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
         })
         .collect();
     be.poison()?;
-    let logits = be.forward(&chunks, None)?.swap_remove(0);
+    let logits = be.forward_logits(&chunks, None)?.swap_remove(0);
     let greedy = be.forward_greedy(&chunks, None)?;
     let greedy_ok = greedy.iter().all(|&t| t == argmax(&logits));
     println!(
