@@ -331,6 +331,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_rank_ends_the_exchange_on_every_rank_with_a_typed_error() {
+        let coll = Collective::new(2);
+        let (own, peer) = std::thread::scope(|s| {
+            let failing = s.spawn(|| {
+                coll.all_reduce(1, Err(EngineError::InvalidInput("rank 1 broke".into())))
+            });
+            let healthy =
+                coll.all_reduce(0, Ok(Tensor::ones(2, DType::F32, &Device::Cpu).unwrap()));
+            (failing.join().unwrap(), healthy)
+        });
+        assert!(matches!(own, Err(EngineError::InvalidInput(_))), "{own:?}");
+        assert!(matches!(peer, Err(EngineError::PeerRankFailed)), "{peer:?}");
+        // A healthy pass sums in rank order on every rank.
+        let coll = Collective::new(2);
+        let ones = || Ok(Tensor::ones(2, DType::F32, &Device::Cpu)?);
+        let (a, b) = std::thread::scope(|s| {
+            let other = s.spawn(|| coll.all_reduce(1, ones()));
+            (coll.all_reduce(0, ones()), other.join().unwrap())
+        });
+        for sum in [a, b] {
+            assert_eq!(sum.unwrap().to_vec1::<f32>().unwrap(), vec![2.0, 2.0]);
+        }
+    }
+
+    #[test]
     fn plan_refuses_what_does_not_split() {
         for (heads, kv, tp) in [(6, 2, 4), (8, 4, 3), (8, 8, 0), (12, 6, 4)] {
             let e = TpPlan::new(&config(heads, kv), tp).unwrap_err();
