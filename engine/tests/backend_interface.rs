@@ -108,3 +108,53 @@ fn sharded_ranks_compute_what_one_rank_does() {
     assert!(max_abs_diff(&a, &b) < 1e-4);
     assert_eq!(two.kv_head_shards(), vec![0..1, 1..2]);
 }
+
+/// On a GPU (`--features cuda` and `TANDEM_GPU_TESTS=1`; CI without a GPU
+/// compiles it): the CUDA backend copies off the device exactly the rows asked
+/// for, each equal to that row of a pass that copied them all.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_forward_copies_only_the_rows_asked_for() {
+    if std::env::var("TANDEM_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("TANDEM_GPU_TESTS is not 1: GPU test compiled, not run");
+        return;
+    }
+    let (_d, mut m) = model(Architecture::Llama);
+    m.device = tandem_engine::Device::Cuda(0);
+    let limits = tandem_engine::BatchLimits {
+        max_tokens: 256,
+        max_seqs: 8,
+    };
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|i| (0..3 + i).map(|t| (t * 7 + i) % 300).collect())
+        .collect();
+    let tables: Vec<Vec<u32>> = (0..5).map(|i| vec![i]).collect();
+    let chunks: Vec<SeqChunk<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqChunk {
+            tokens: p,
+            start: 0,
+            block_table: t,
+        })
+        .collect();
+    let mut all = m.load(8, 16, limits).unwrap();
+    let every = all.forward_logits(&chunks, None).unwrap();
+    for flags in [
+        [true, false, true, true, false],
+        [false, false, false, false, true],
+        [false; 5],
+    ] {
+        let mut gpu = m.load(8, 16, limits).unwrap();
+        let got = gpu.forward(&chunks, &flags, None).unwrap();
+        for (i, (row, &want)) in got.iter().zip(&flags).enumerate() {
+            match row {
+                Some(row) => {
+                    assert!(want, "row {i} not asked for");
+                    assert_eq!(row, &every[i], "row {i}");
+                }
+                None => assert!(!want, "row {i} asked for"),
+            }
+        }
+    }
+}
