@@ -13,7 +13,7 @@ use super::device::{Gpu, ptr};
 use super::error::CudaError;
 use crate::config::{Architecture, Llama3RopeScaling, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::llama::{LayerWeights, ModelParam, ShardSpec, WeightScope};
+use crate::llama::{Kind, LayerParam, LayerWeights, ModelParam, ShardSpec, WeightScope};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
 
@@ -109,6 +109,11 @@ fn check_supported(c: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Elements of a weight outside the layers.
+fn numel_of(p: ModelParam, c: &ModelConfig) -> usize {
+    p.shape(c).iter().product()
+}
+
 /// A tensor's elements as bf16 (loaded as bf16 from whatever the file holds).
 fn host_bf16(t: &Tensor) -> Result<Vec<bf16>> {
     Ok(t.flatten_all()?.to_vec1::<bf16>()?)
@@ -170,9 +175,15 @@ impl GpuModel {
     /// projections uniform in ±1/√fan_in, norms near 1, embeddings in ±1.
     pub fn random(gpu: &Gpu, config: &ModelConfig, seed: u64) -> Result<Self> {
         check_supported(config)?;
+        use LayerParam as P;
         let c = config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let numel = |ps: &[LayerParam]| -> usize {
+            ps.iter()
+                .map(|p| p.shape(c).iter().product::<usize>())
+                .sum()
+        };
+        // Projections uniform in ±1/√fan_in (fan_in: the `[out, in]` shape's `in`).
+        let bound = |p: LayerParam| 1.0 / (p.shape(c)[1] as f32).sqrt();
         let mut n = 0u64;
         let mut rand = |len: usize, lo: f32, hi: f32| -> Result<CudaSlice<bf16>> {
             let buf = gpu.zeros::<bf16>(len)?;
@@ -186,34 +197,31 @@ impl GpuModel {
             )?;
             Ok(buf)
         };
-        let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-        let embed = rand(c.vocab_size * h, -1.0, 1.0)?;
+        let h = c.hidden_size;
+        let embed = rand(numel_of(ModelParam::Embed, c), -1.0, 1.0)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
-            let s = proj(h);
+            let (s, o, down) = (bound(P::QProj), bound(P::OProj), bound(P::DownProj));
             layers.push(GpuLayer {
-                input_norm: rand(h, 0.9, 1.1)?,
-                qkv: rand((qd + 2 * kvd) * h, -s, s)?,
+                input_norm: rand(numel(&[P::InputNorm]), 0.9, 1.1)?,
+                qkv: rand(numel(&[P::QProj, P::KProj, P::VProj]), -s, s)?,
                 qkv_bias: if c.qkv_bias {
-                    Some(rand(qd + 2 * kvd, -0.1, 0.1)?)
+                    Some(rand(numel(&[P::QBias, P::KBias, P::VBias]), -0.1, 0.1)?)
                 } else {
                     None
                 },
-                o: rand(h * qd, -proj(qd), proj(qd))?,
-                post_norm: rand(h, 0.9, 1.1)?,
-                gate_up: rand(2 * c.intermediate_size * h, -s, s)?,
-                down: rand(
-                    h * c.intermediate_size,
-                    -proj(c.intermediate_size),
-                    proj(c.intermediate_size),
-                )?,
+                o: rand(numel(&[P::OProj]), -o, o)?,
+                post_norm: rand(numel(&[P::PostNorm]), 0.9, 1.1)?,
+                gate_up: rand(numel(&[P::GateProj, P::UpProj]), -s, s)?,
+                down: rand(numel(&[P::DownProj]), -down, down)?,
             });
         }
-        let norm = rand(h, 0.9, 1.1)?;
+        let norm = rand(numel_of(ModelParam::FinalNorm, c), 0.9, 1.1)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(rand(c.vocab_size * h, -proj(h), proj(h))?)
+            let b = 1.0 / (h as f32).sqrt();
+            Some(rand(numel_of(ModelParam::LmHead, c), -b, b)?)
         };
         gpu.sync()?;
         Ok(GpuModel {
@@ -229,12 +237,14 @@ impl GpuModel {
     /// of which only a row per token is read).
     pub fn streamed_params(&self) -> usize {
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let per_layer = 2 * h
-            + (c.num_heads + 2 * c.num_kv_heads) * hd * h
-            + h * c.num_heads * hd
-            + 3 * c.intermediate_size * h;
-        c.num_layers * per_layer + h + c.vocab_size * h
+        let per_layer: usize = LayerParam::ALL
+            .into_iter()
+            .filter(|p| matches!(p.kind(), Kind::Norm | Kind::Projection))
+            .map(|p| p.shape(c).iter().product::<usize>())
+            .sum();
+        c.num_layers * per_layer
+            + numel_of(ModelParam::FinalNorm, c)
+            + numel_of(ModelParam::LmHead, c)
     }
 
     /// The model's shape.
