@@ -493,7 +493,7 @@ impl<B: Backend> Worker<B> {
                     if gone[i] {
                         finished.push(p.job);
                     } else if a.computed == a.job.prompt.len() {
-                        let Some(mut l) = logits[i].take() else {
+                        let Some(mut l) = logits.get_mut(i).and_then(Option::take) else {
                             let err = PrefillError::Compute(
                                 "the backend returned no logits for a finished prompt".into(),
                             );
