@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use tandem_cluster::{DEFAULT_MODEL_PATH, SYNTH_MODEL_DIR};
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::BackendExt;
 use tandem_engine::synth::{SynthDtype, SynthSpec, write_model_dir};
 use tandem_engine::{Architecture, BlockManager, ModelDir};
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::{Backend, BackendExt};
 use tandem_engine::block_manager::{BlockId, BlockManager};
 use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{ModelDir, SeqChunk, TokenDraw, TokenEvent};
@@ -413,7 +413,9 @@ impl<B: Backend> Scheduler<B> {
                 .forward_draw(&chunks, &draws, None)
                 .map(Sampled::Tokens)
         } else {
-            self.backend.forward(&chunks, None).map(Sampled::Logits)
+            self.backend
+                .forward_logits(&chunks, None)
+                .map(Sampled::Logits)
         };
         drop(chunks);
         self.metrics.step(plan.len());

@@ -5,12 +5,18 @@
 //! table where that sequence's KV lives. A prefill is one long chunk (or
 //! several calls with consecutive chunks: chunked prefill); a decode step is
 //! many chunks of one token. Both write the new tokens' K/V into the paged
-//! cache and return the logits of each chunk's last token.
+//! cache and return the logits of the last token of the chunks that ask for
+//! them ([`Backend::forward_draw`] samples instead, on the device where it can).
+//!
+//! Three traits: [`Backend`] (the model: config, KV layout, the two forward
+//! calls), [`KvIo`] (KV in and out of the cache as bytes) and [`BackendExt`]
+//! (`prefill`, `decode`, `forward_greedy`, `forward_logits`, written once over
+//! the other two).
 //!
 //! Disaggregation needs the KV to leave and enter a cache one layer at a time:
 //! `on_layer` is called as soon as a layer's K/V for the whole batch is in the
 //! cache (so a prefill node can ship layer L while layer L+1 computes), and
-//! [`Backend::export_layer`] / [`Backend::import_layer`] move a layer's blocks
+//! [`KvIo::export_layer`] / [`KvIo::import_layer`] move a layer's blocks
 //! as bytes in the layout of [`kv_cache`](crate::kv_cache).
 
 use std::ops::Range;
@@ -108,56 +114,45 @@ impl std::fmt::Debug for KvBytes {
 /// Called with each layer index once that layer's K/V is in the cache.
 pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &dyn KvExport) -> Result<()>;
 
-/// A model with its KV cache on some device.
-pub trait Backend: Send {
+/// A model with its KV cache on some device: the few calls every backend
+/// implements. KV movement between caches is [`KvIo`] (a supertrait, so a
+/// `Box<dyn Backend>` moves KV too); conveniences built on these calls are
+/// [`BackendExt`].
+pub trait Backend: KvIo + Send {
     /// The model's shape.
     fn config(&self) -> &ModelConfig;
 
     /// The KV cache's shape.
     fn kv_layout(&self) -> KvLayout;
 
-    /// Runs `chunks` through the model; returns the logits of the last token of each.
+    /// Runs `chunks` through the model, writing their K/V into the cache.
+    /// `logits[i]` says whether `chunks[i]` needs its last token's logits on
+    /// the host: the result holds them for those chunks and `None` for the
+    /// others (a prefill chunk that does not end its prompt samples nothing,
+    /// so its logits never leave the device).
     fn forward(
         &mut self,
         chunks: &[SeqChunk<'_>],
+        logits: &[bool],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>>;
-
-    /// Like [`forward`](Self::forward), but returns each chunk's greedy (argmax)
-    /// next token instead of its logits. A GPU backend samples on the device, so
-    /// only token ids cross to the host; the default takes the argmax of
-    /// `forward`'s logits (lowest id on ties, as the GPU does).
-    fn forward_greedy(
-        &mut self,
-        chunks: &[SeqChunk<'_>],
-        on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
-        Ok(self
-            .forward(chunks, on_layer)?
-            .iter()
-            .map(|logits| argmax(logits))
-            .collect())
-    }
+    ) -> Result<Vec<Option<Vec<f32>>>>;
 
     /// Runs `chunks` and chooses each chunk's next token with its draw
     /// (`draws[i]` for `chunks[i]`). A GPU backend samples on the device, so
-    /// only token ids cross to the host; the default chooses on the host from
-    /// [`forward`](Self::forward)'s logits.
+    /// only token ids cross to the host; a CPU backend chooses from the
+    /// logits with [`draw_on_host`].
     fn forward_draw(
         &mut self,
         chunks: &[SeqChunk<'_>],
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
-        check_draws(chunks, draws)?;
-        Ok(self
-            .forward(chunks, on_layer)?
-            .iter()
-            .zip(draws)
-            .map(|(logits, d)| d.choose(logits))
-            .collect())
-    }
+    ) -> Result<Vec<u32>>;
+}
 
+/// Moving a cache's KV in and out as bytes, a layer (or a layer's KV heads)
+/// at a time, in the layout of [`kv_cache`](crate::kv_cache): what a prefill
+/// node ships and a decode node receives.
+pub trait KvIo {
     /// The bytes of `blocks` of `layer`.
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>>;
 
@@ -167,11 +162,8 @@ pub trait Backend: Send {
 
     /// The KV head ranges a transfer ships as separate frames: one per
     /// tensor-parallel rank owning distinct heads (replicas of a head ship
-    /// once), in order, covering `0..kv_layout().num_kv_heads` without overlap.
-    #[allow(clippy::single_range_in_vec_init)] // one shard holding every head
-    fn kv_head_shards(&self) -> Vec<Range<usize>> {
-        vec![0..self.kv_layout().num_kv_heads]
-    }
+    /// once), in order, covering every KV head without overlap.
+    fn kv_head_shards(&self) -> Vec<Range<usize>>;
 
     /// Heads `heads` of `blocks` of `layer` (see [`KvExport::export_heads`]).
     fn export_heads(
@@ -179,14 +171,7 @@ pub trait Backend: Send {
         layer: usize,
         blocks: &[BlockId],
         heads: Range<usize>,
-    ) -> Result<Vec<u8>> {
-        if heads == (0..self.kv_layout().num_kv_heads) {
-            return self.export_layer(layer, blocks);
-        }
-        Err(EngineError::KvCache(format!(
-            "this backend cannot export the head range {heads:?} alone"
-        )))
-    }
+    ) -> Result<Vec<u8>>;
 
     /// Writes a frame of heads `heads` (made by [`export_heads`](Self::export_heads)
     /// on any node whose model has the same KV shape, whatever its tensor
@@ -197,13 +182,41 @@ pub trait Backend: Send {
         blocks: &[BlockId],
         heads: Range<usize>,
         bytes: &[u8],
-    ) -> Result<()> {
-        if heads == (0..self.kv_layout().num_kv_heads) {
-            return self.import_layer(layer, blocks, bytes);
-        }
-        Err(EngineError::KvCache(format!(
-            "this backend cannot import the head range {heads:?} alone"
-        )))
+    ) -> Result<()>;
+}
+
+/// Conveniences over [`Backend`], for every backend. Greedy decoding goes
+/// through [`Backend::forward_draw`], so a backend that samples on the device
+/// (CUDA) keeps its fast path: only token ids cross to the host.
+pub trait BackendExt: Backend {
+    /// Runs `chunks`; returns the logits of the last token of each.
+    fn forward_logits(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let out = self.forward(chunks, &vec![true; chunks.len()], on_layer)?;
+        out.into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.ok_or_else(|| {
+                    EngineError::InvalidInput(format!(
+                        "the backend returned no logits for chunk {i}, which asked for them"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Like [`forward_logits`](Self::forward_logits), but returns each chunk's
+    /// greedy (argmax, lowest id on ties) next token.
+    fn forward_greedy(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        let draws = vec![TokenDraw::GREEDY; chunks.len()];
+        self.forward_draw(chunks, &draws, on_layer)
     }
 
     /// Prefills `tokens` at positions `start..` of a sequence; returns the last token's logits.
@@ -213,7 +226,7 @@ pub trait Backend: Send {
         start: usize,
         block_table: &[BlockId],
     ) -> Result<Vec<f32>> {
-        let mut out = self.forward(
+        let mut out = self.forward_logits(
             &[SeqChunk {
                 tokens,
                 start,
@@ -236,8 +249,27 @@ pub trait Backend: Send {
                 block_table,
             })
             .collect();
-        self.forward(&chunks, None)
+        self.forward_logits(&chunks, None)
     }
+}
+
+impl<B: Backend + ?Sized> BackendExt for B {}
+
+/// [`Backend::forward_draw`] for a backend that samples on the host: runs
+/// `chunks` and chooses each next token from its logits with its draw.
+pub fn draw_on_host<B: Backend + ?Sized>(
+    backend: &mut B,
+    chunks: &[SeqChunk<'_>],
+    draws: &[TokenDraw],
+    on_layer: Option<LayerHook<'_>>,
+) -> Result<Vec<u32>> {
+    check_draws(chunks, draws)?;
+    Ok(backend
+        .forward_logits(chunks, on_layer)?
+        .iter()
+        .zip(draws)
+        .map(|(logits, d)| d.choose(logits))
+        .collect())
 }
 
 /// A boxed backend is a backend, so nodes can pick one at run time.
@@ -253,17 +285,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn forward(
         &mut self,
         chunks: &[SeqChunk<'_>],
+        logits: &[bool],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>> {
-        (**self).forward(chunks, on_layer)
-    }
-
-    fn forward_greedy(
-        &mut self,
-        chunks: &[SeqChunk<'_>],
-        on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
-        (**self).forward_greedy(chunks, on_layer)
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        (**self).forward(chunks, logits, on_layer)
     }
 
     fn forward_draw(
@@ -274,7 +299,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     ) -> Result<Vec<u32>> {
         (**self).forward_draw(chunks, draws, on_layer)
     }
+}
 
+impl<B: KvIo + ?Sized> KvIo for Box<B> {
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
         (**self).export_layer(layer, blocks)
     }
@@ -305,6 +332,18 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     ) -> Result<()> {
         (**self).import_heads(layer, blocks, heads, bytes)
     }
+}
+
+/// Checks that `logits` has one flag per chunk (see [`Backend::forward`]).
+pub fn check_logit_flags(chunks: &[SeqChunk<'_>], logits: &[bool]) -> Result<()> {
+    if logits.len() != chunks.len() {
+        return Err(EngineError::InvalidInput(format!(
+            "{} logits flags for {} sequences",
+            logits.len(),
+            chunks.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Index of the largest value (the first one on ties; 0 for an empty slice).

@@ -1,269 +1,114 @@
-//! The CPU backend: the Llama-family forward pass on candle-core tensors, in f32.
+//! The CPU backend: the Llama-family forward pass ([`llama::forward`]) in
+//! f32 on candle-core tensors, on one rank or sharded over `tp`
+//! tensor-parallel ranks ([`tp`](crate::tp)). TP = 1 is the same code with
+//! one rank; it is the reference the CUDA backend is checked against.
 //!
-//! This is the reference the CUDA backend is checked against, so it favours
-//! plain, obviously-correct code: linear layers over all the batch's tokens at
-//! once, then attention per sequence over K/V gathered from its blocks.
+//! Threads: each forward pass runs the ranks as scoped threads (rank 0 on the
+//! caller's thread; at TP = 1 no thread is started), synchronised by a
+//! barrier-based all-reduce. Spawning a few threads per forward pass costs
+//! tens of microseconds, noise beside the matmuls of a CPU forward pass, and
+//! in exchange the ranks borrow the weights and caches directly (no `Arc`s,
+//! no long-lived pool to shut down), and a forward pass cannot outlive its
+//! inputs.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::backend::{Backend, KvExport, LayerHook, SeqChunk, validate_chunks};
+use crate::backend::{
+    Backend, KvExport, KvIo, LayerHook, SeqChunk, check_logit_flags, draw_on_host, validate_chunks,
+};
 use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
+use crate::llama::forward::Pass;
+use crate::llama::{ModelWeights, ShardSpec, WeightScope};
 use crate::rope;
+use crate::sampling::TokenDraw;
+use crate::tp::{Collective, RankCaches, TpPlan};
 use crate::weights::Weights;
 
-pub(crate) struct Linear {
-    /// `[out, in]`, as stored by HF.
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = w.load(
-            &format!("{prefix}.weight"),
-            &[out, inp],
-            DType::F32,
-            &Device::Cpu,
-        )?;
-        let bias = if bias {
-            Some(w.load(&format!("{prefix}.bias"), &[out], DType::F32, &Device::Cpu)?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    /// `x [n, in] -> [n, out]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
-    }
-}
-
-struct Layer {
-    input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-}
-
-/// The model's weights on the CPU.
+/// The model's weights on the CPU, each rank's share.
 pub struct CpuModel {
     pub(crate) config: ModelConfig,
-    embed: Tensor,
-    layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
+    plan: TpPlan,
+    ranks: Vec<ModelWeights>,
     inv_freq: Vec<f32>,
 }
 
 impl CpuModel {
-    /// Loads every tensor the config calls for; a missing one is an error naming it.
+    /// Loads every tensor the config calls for onto one rank; a missing one
+    /// is an error naming it.
     pub fn load(config: &ModelConfig, w: &Weights) -> Result<Self> {
-        let c = config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let cpu = &Device::Cpu;
-        let embed = w.load(
-            "model.embed_tokens.weight",
-            &[c.vocab_size, h],
-            DType::F32,
-            cpu,
-        )?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(Layer {
-                input_norm: w.load(
-                    &format!("{p}.input_layernorm.weight"),
-                    &[h],
-                    DType::F32,
-                    cpu,
-                )?,
-                q: Linear::load(
-                    w,
-                    &format!("{p}.self_attn.q_proj"),
-                    c.num_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                k: Linear::load(
-                    w,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                v: Linear::load(
-                    w,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.num_kv_heads * hd,
-                    h,
-                    c.qkv_bias,
-                )?,
-                o: Linear::load(
-                    w,
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
-                    c.num_heads * hd,
-                    c.o_bias,
-                )?,
-                post_norm: w.load(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                    DType::F32,
-                    cpu,
-                )?,
-                gate: Linear::load(
-                    w,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: Linear::load(
-                    w,
-                    &format!("{p}.mlp.up_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                )?,
-                down: Linear::load(
-                    w,
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                )?,
-            });
-        }
-        let norm = w.load("model.norm.weight", &[h], DType::F32, cpu)?;
-        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
-            embed.clone()
-        } else {
-            w.load("lm_head.weight", &[c.vocab_size, h], DType::F32, cpu)?
-        };
+        Self::load_sharded(config, w, 1)
+    }
+
+    /// Loads each of `tp` ranks' share of the weights.
+    pub fn load_sharded(config: &ModelConfig, w: &Weights, tp: usize) -> Result<Self> {
+        let plan = TpPlan::new(config, tp)?;
+        let vb = WeightScope::new(w, DType::F32, &Device::Cpu);
+        let ranks = (0..tp)
+            .map(|rank| ModelWeights::load(&vb, config, ShardSpec::Rank { plan: &plan, rank }))
+            .collect::<Result<Vec<_>>>()?;
         Ok(CpuModel {
             config: config.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
+            plan,
+            ranks,
             inv_freq: rope::inv_freq(config),
         })
     }
 }
 
-pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)?)
-}
-
-/// Rotates `x [n, heads, head_dim]` by the angles in `cos`/`sin` `[n, 1, head_dim/2]`.
-pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-    Ok(Tensor::cat(&[a, b], D::Minus1)?)
-}
-
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// The CPU model together with its KV cache.
+/// The CPU model together with each rank's KV cache.
 pub struct CpuBackend {
     model: CpuModel,
-    cache: CpuKvCache,
+    caches: Vec<Mutex<CpuKvCache>>,
+    layout: KvLayout,
 }
 
 impl CpuBackend {
-    /// A backend with a zeroed cache of `num_blocks` blocks of `block_size` tokens.
+    /// A backend with a zeroed cache of `num_blocks` blocks of `block_size`
+    /// tokens per rank (for the KV heads it holds).
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Result<Self> {
         let c = &model.config;
-        let cache = CpuKvCache::new(KvLayout {
+        let layout = KvLayout {
             num_layers: c.num_layers,
             num_blocks,
             block_size,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             dtype: KvDtype::F32,
-        })?;
-        Ok(CpuBackend { model, cache })
+        };
+        let caches = (0..model.plan.tp)
+            .map(|r| {
+                CpuKvCache::new(KvLayout {
+                    num_kv_heads: model.plan.kv_heads(r).len(),
+                    ..layout
+                })
+                .map(Mutex::new)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuBackend {
+            model,
+            caches,
+            layout,
+        })
     }
 
-    /// Attention of one chunk's queries `q [n, heads, hd]` over its whole sequence so far.
-    fn attend(&self, layer: usize, q: &Tensor, chunk: &SeqChunk<'_>) -> Result<Tensor> {
-        let c = &self.model.config;
-        attend(
-            &self.cache,
-            layer,
-            q,
-            chunk,
-            c.num_heads,
-            c.head_dim,
-            c.sliding_window,
-        )
+    /// The split over tensor-parallel ranks (one rank at TP = 1).
+    pub fn plan(&self) -> &TpPlan {
+        &self.model.plan
     }
-}
 
-/// Attention of one chunk's queries `q [n, num_heads, hd]` over its whole
-/// sequence so far, whose K/V (all of `cache`'s heads) are in `cache`; the
-/// query heads are grouped evenly over the cache's KV heads. Returns `[n, num_heads * hd]`.
-pub(crate) fn attend(
-    cache: &CpuKvCache,
-    layer: usize,
-    q: &Tensor,
-    chunk: &SeqChunk<'_>,
-    num_heads: usize,
-    hd: usize,
-    sliding_window: Option<usize>,
-) -> Result<Tensor> {
-    let (n, kvh) = (chunk.tokens.len(), cache.layout().num_kv_heads);
-    let group = num_heads / kvh;
-    let total = chunk.start + n;
-    let (k, v) = cache.gather(layer, chunk.block_table, total)?;
-    let k = Tensor::from_vec(k, (kvh, total, hd), &Device::Cpu)?;
-    let v = Tensor::from_vec(v, (kvh, total, hd), &Device::Cpu)?;
-    // Heads g*group .. (g+1)*group share KV head g: fold them into the row dimension.
-    let q = q
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((kvh, group * n, hd))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let mut mask = vec![0f32; n * total];
-    for i in 0..n {
-        let qp = chunk.start + i;
-        for (j, m) in mask[i * total..(i + 1) * total].iter_mut().enumerate() {
-            let outside_window = sliding_window.is_some_and(|w| qp >= j + w);
-            if j > qp || outside_window {
-                *m = f32::NEG_INFINITY;
-            }
+    fn rank_caches(&self) -> RankCaches<'_> {
+        RankCaches {
+            plan: &self.model.plan,
+            caches: &self.caches,
+            layout: self.layout,
         }
     }
-    let mask = Tensor::from_vec(mask, (1, 1, n, total), &Device::Cpu)?;
-    let scores = scores
-        .reshape((kvh, group, n, total))?
-        .broadcast_add(&mask)?;
-    let probs = softmax_last_dim(&scores)?.reshape((kvh, group * n, total))?;
-    let out = probs.matmul(&v)?.reshape((num_heads, n, hd))?;
-    Ok(out.transpose(0, 1)?.reshape((n, num_heads * hd))?)
 }
 
 impl KvExport for CpuKvCache {
@@ -287,20 +132,22 @@ impl Backend for CpuBackend {
     }
 
     fn kv_layout(&self) -> KvLayout {
-        *self.cache.layout()
+        self.layout
     }
 
     fn forward(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        mut on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>> {
-        validate_chunks(&self.model.config, self.cache.layout(), chunks)?;
+        logits: &[bool],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        check_logit_flags(chunks, logits)?;
+        validate_chunks(&self.model.config, &self.layout, chunks)?;
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let c = self.model.config.clone();
-        let (hd, cpu) = (c.head_dim, &Device::Cpu);
+        let (cpu, model) = (&Device::Cpu, &self.model);
+        let hd = model.config.head_dim;
         let ids: Vec<u32> = chunks
             .iter()
             .flat_map(|ch| ch.tokens.iter().copied())
@@ -309,79 +156,115 @@ impl Backend for CpuBackend {
             .iter()
             .flat_map(|ch| ch.start..ch.start + ch.tokens.len())
             .collect();
+        // The last token of each chunk that asks for logits.
+        let mut logit_rows = Vec::new();
+        let mut end = 0;
+        for (ch, &want) in chunks.iter().zip(logits) {
+            end += ch.tokens.len();
+            if want {
+                logit_rows.push((end - 1) as u32);
+            }
+        }
         let n = ids.len();
-        let (cos, sin) = rope::cos_sin(&self.model.inv_freq, &positions);
+        let (cos, sin) = rope::cos_sin(&model.inv_freq, &positions);
         let cos = Tensor::from_vec(cos, (n, 1, hd / 2), cpu)?;
         let sin = Tensor::from_vec(sin, (n, 1, hd / 2), cpu)?;
-        let mut x = self
-            .model
-            .embed
-            .index_select(&Tensor::new(ids.as_slice(), cpu)?, 0)?;
-
-        for li in 0..c.num_layers {
-            let layer = &self.model.layers[li];
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&h)?.reshape((n, c.num_heads, hd))?;
-            let k = layer.k.forward(&h)?.reshape((n, c.num_kv_heads, hd))?;
-            let v = layer.v.forward(&h)?.reshape((n, c.num_kv_heads, hd))?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = apply_rope(&k, &cos, &sin)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v = v.flatten_all()?.to_vec1::<f32>()?;
-            let row = c.num_kv_heads * hd;
-            let mut offset = 0;
-            for ch in chunks {
-                for i in 0..ch.tokens.len() {
-                    let r = (offset + i) * row..(offset + i + 1) * row;
-                    self.cache.write_token(
-                        li,
-                        ch.block_table,
-                        ch.start + i,
-                        &k[r.clone()],
-                        &v[r],
-                    )?;
+        let tp = model.plan.tp;
+        let coll = Collective::new(tp);
+        let pass = Pass {
+            config: &model.config,
+            plan: &model.plan,
+            layout: self.layout,
+            chunks,
+            logit_rows: &logit_rows,
+            ids: &ids,
+            cos: &cos,
+            sin: &sin,
+            caches: &self.caches,
+            coll: &coll,
+            with_hook: on_layer.is_some(),
+        };
+        let ranks = &model.ranks;
+        let results: Vec<Result<Option<Tensor>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..tp)
+                .map(|r| {
+                    let pass = &pass;
+                    std::thread::Builder::new()
+                        .name(format!("tp-rank-{r}"))
+                        .spawn_scoped(s, move || pass.run_rank(r, &ranks[r], None))
+                })
+                .collect();
+            let mut results = vec![pass.run_rank(0, &ranks[0], on_layer)];
+            for h in handles {
+                results.push(match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(EngineError::TensorParallel("a rank thread panicked".into()))
+                    }),
+                    Err(e) => Err(EngineError::TensorParallel(format!(
+                        "cannot start a rank thread: {e}"
+                    ))),
+                });
+            }
+            results
+        });
+        // The first rank's own error (not a peer's echo of it) is the one to report.
+        let mut rows = None;
+        let mut first_error: Option<EngineError> = None;
+        for res in results {
+            match res {
+                Ok(t) => rows = rows.or(Some(t)),
+                Err(e) => {
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, EngineError::PeerRankFailed))
+                    {
+                        first_error = Some(e);
+                    }
                 }
-                offset += ch.tokens.len();
             }
-            if let Some(hook) = on_layer.as_mut() {
-                hook(li, &self.cache)?;
-            }
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut offset = 0;
-            for ch in chunks {
-                let q_chunk = q.narrow(0, offset, ch.tokens.len())?;
-                outs.push(self.attend(li, &q_chunk, ch)?);
-                offset += ch.tokens.len();
-            }
-            let attn = Tensor::cat(&outs, 0)?;
-            let layer = &self.model.layers[li];
-            x = (x + layer.o.forward(&attn)?)?;
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let mlp = layer
-                .down
-                .forward(&(layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
         }
-
-        let mut last_rows = Vec::with_capacity(chunks.len());
-        let mut end = 0;
-        for ch in chunks {
-            end += ch.tokens.len();
-            last_rows.push((end - 1) as u32);
+        if let Some(e) = first_error {
+            return Err(e);
         }
-        let last = x.index_select(&Tensor::new(last_rows.as_slice(), cpu)?, 0)?;
-        let h = rms_norm(&last, &self.model.norm, c.rms_norm_eps)?;
-        let logits = h.matmul(&self.model.lm_head.t()?)?;
-        Ok(logits.to_vec2::<f32>()?)
+        let rows = rows
+            .ok_or_else(|| EngineError::TensorParallel("no rank returned logits".into()))?
+            .map(|t| t.to_vec2::<f32>())
+            .transpose()?
+            .unwrap_or_default();
+        let mut rows = rows.into_iter();
+        Ok(logits
+            .iter()
+            .map(|&want| if want { rows.next() } else { None })
+            .collect())
     }
 
+    fn forward_draw(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        draw_on_host(self, chunks, draws, on_layer)
+    }
+}
+
+impl KvIo for CpuBackend {
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
-        self.cache.export_layer(layer, blocks)
+        self.rank_caches()
+            .export(layer, blocks, 0..self.layout.num_kv_heads)
     }
 
     fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
-        self.cache.import_layer(layer, blocks, bytes)
+        self.rank_caches()
+            .import(layer, blocks, 0..self.layout.num_kv_heads, bytes)
+    }
+
+    fn kv_head_shards(&self) -> Vec<Range<usize>> {
+        let plan = &self.model.plan;
+        (0..plan.tp)
+            .filter(|&r| plan.ships_kv(r))
+            .map(|r| plan.kv_heads(r))
+            .collect()
     }
 
     fn export_heads(
@@ -390,7 +273,7 @@ impl Backend for CpuBackend {
         blocks: &[BlockId],
         heads: Range<usize>,
     ) -> Result<Vec<u8>> {
-        self.cache.export_heads(layer, blocks, heads)
+        self.rank_caches().export(layer, blocks, heads)
     }
 
     fn import_heads(
@@ -400,6 +283,6 @@ impl Backend for CpuBackend {
         heads: Range<usize>,
         bytes: &[u8],
     ) -> Result<()> {
-        self.cache.import_heads(layer, blocks, 0, heads, bytes)
+        self.rank_caches().import(layer, blocks, heads, bytes)
     }
 }

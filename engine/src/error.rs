@@ -79,13 +79,18 @@ pub enum EngineError {
     /// The model cannot be split over the requested tensor-parallel ranks, or a rank failed.
     #[error("tensor parallelism: {0}")]
     TensorParallel(String),
+    /// What a tensor-parallel rank reports when another rank of the same pass
+    /// failed first (that rank's own error is the one a pass returns).
+    #[error("tensor parallelism: another rank failed")]
+    PeerRankFailed,
     /// A tensor operation failed (a bug or an exhausted allocator).
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
-    /// The CUDA backend failed (driver, compiler, cuBLAS, or an unsupported shape).
-    #[cfg(feature = "cuda")]
+    /// A device backend failed (for CUDA: driver, compiler, cuBLAS, or an
+    /// unsupported shape; the source is the backend's own error type, so this
+    /// module depends on no backend).
     #[error("cuda: {0}")]
-    Cuda(#[from] crate::cuda::CudaError),
+    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Result alias for the engine.

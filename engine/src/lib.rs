@@ -4,9 +4,13 @@
 //!   [`tokenizer`], [`weights`]) or a GGUF file ([`gguf`]).
 //! - [`block_manager`] and [`kv_cache`]: the paged KV cache, its allocation and its
 //!   layout (shared by every backend and by the KV wire format).
-//! - [`backend`]: the forward-pass interface built for disaggregation, and
-//!   [`cpu`], its CPU implementation, and [`tp`], the CPU model sharded over
-//!   tensor-parallel ranks; `cuda` (feature `cuda`), the GPU one.
+//! - [`llama`]: the Llama family written once: every weight's name, shape,
+//!   tensor-parallel split and GGUF name, a scoped loader, and the forward
+//!   pass of one rank.
+//! - [`backend`]: the forward-pass interface built for disaggregation
+//!   ([`Backend`], [`KvIo`], [`BackendExt`]); [`cpu`], its CPU implementation
+//!   (one rank, or sharded over tensor-parallel ranks with [`tp`]); `cuda`
+//!   (feature `cuda`), the GPU one.
 //! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state.
 //! - [`local`]: whole-request generation in one process.
 //! - [`synth`]: small random-weight models for tests and the quick start.
@@ -21,6 +25,7 @@ pub mod error;
 pub mod generation;
 pub mod gguf;
 pub mod kv_cache;
+pub mod llama;
 pub mod local;
 pub mod model_dir;
 pub mod prefix_hash;
@@ -32,7 +37,7 @@ pub mod tokenizer;
 pub mod tp;
 pub mod weights;
 
-pub use backend::{Backend, SeqChunk};
+pub use backend::{Backend, BackendExt, KvIo, SeqChunk};
 pub use block_manager::{BlockError, BlockHash, BlockId, BlockManager, SequenceBlocks};
 pub use config::{Architecture, ModelConfig};
 pub use error::{EngineError, Result};

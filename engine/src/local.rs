@@ -2,7 +2,7 @@
 //! one sequence at a time. The `tandem generate --local` path and the reference
 //! that cluster tests compare against.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendExt};
 use crate::block_manager::{BlockId, BlockManager, blocks_for};
 use crate::error::{EngineError, Result};
 use crate::generation::{FinishReason, Generation, GenerationParams, TokenEvent};

@@ -9,7 +9,6 @@ use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
-use crate::tp::TpBackend;
 use crate::weights::Weights;
 
 /// Where a model's forward pass runs.
@@ -166,14 +165,9 @@ impl ModelDir {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Box<dyn Backend>> {
-        if tp == 1 {
-            return Ok(Box::new(self.load_cpu(num_blocks, block_size)?));
-        }
         let weights = self.weights()?;
-        Ok(Box::new(TpBackend::load(
-            &self.config,
-            &weights,
-            tp,
+        Ok(Box::new(CpuBackend::new(
+            CpuModel::load_sharded(&self.config, &weights, tp)?,
             num_blocks,
             block_size,
         )?))

@@ -1,8 +1,11 @@
-//! Tensor parallelism on the CPU: one model sharded Megatron-style over
-//! `tp` ranks, each rank a thread, summing partial results through an
-//! in-process all-reduce.
+//! Tensor parallelism on the CPU: how one model splits Megatron-style over
+//! `tp` ranks ([`TpPlan`]), the ranks' in-process collective ([`Collective`]:
+//! all-reduce, all-gather, barrier) and their KV caches seen as one
+//! ([`RankCaches`]). The CPU backend ([`CpuBackend`](crate::cpu::CpuBackend))
+//! runs the ranks; the Llama definition ([`llama`](crate::llama)) says which
+//! weight splits along which dimension.
 //!
-//! What each rank holds (sliced at load time from the mapped safetensors, so a
+//! What each rank holds (sliced at load time from the mapped weights, so a
 //! rank materialises only its shard):
 //!
 //! - Q, K, V, gate and up: column-parallel (rows of the HF `[out, in]`
@@ -19,25 +22,12 @@
 //!   `tp / num_kv_heads` consecutive ranks, as in vLLM. Query heads must divide by `tp`.
 //!
 //! Each rank owns a [`CpuKvCache`] for the heads it owns: the shared block
-//! layout restricted to those heads. [`TpBackend`] implements [`Backend`] for
-//! the whole model (its [`KvLayout`] has every KV head; whole-layer export and
-//! import gather and scatter heads across the ranks) and ships per-rank head
-//! ranges ([`Backend::kv_head_shards`], [`Backend::export_heads`],
-//! [`Backend::import_heads`]) so that transfers between nodes of different TP
-//! sizes move each rank's heads as they are.
-//!
-//! Threads: each forward pass runs the ranks as scoped threads (rank 0 on the
-//! caller's thread), synchronised by a barrier-based all-reduce. Spawning a
-//! few threads per forward pass costs tens of microseconds, noise beside the
-//! matmuls of a CPU forward pass, and in exchange the ranks borrow the weights
-//! and caches directly (no `Arc`s, no long-lived pool to shut down), and a
-//! forward pass cannot outlive its inputs. Every rank reaches every
-//! synchronisation point even when it has failed (it deposits its failure
-//! instead of a tensor), so one rank's error ends the pass on all ranks
-//! instead of leaving the others blocked on the barrier. The sum runs in rank
-//! order on every rank, so all ranks hold bitwise-identical activations.
-//!
-//! TP=1 is [`CpuBackend`](crate::cpu::CpuBackend), unchanged.
+//! layout restricted to those heads; [`RankCaches`] gathers and scatters
+//! heads across them, so that transfers between nodes of different TP sizes
+//! move each rank's heads as they are. The sum runs in rank order on every
+//! rank, so all ranks hold bitwise-identical activations; a rank that fails
+//! still reaches every meeting point (the others then get
+//! [`EngineError::PeerRankFailed`]).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,14 +35,12 @@ use std::sync::{Barrier, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::backend::{Backend, KvExport, LayerHook, SeqChunk, validate_chunks};
+use crate::backend::KvExport;
 use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
-use crate::cpu::{Linear, apply_rope, attend, rms_norm};
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout, frame_block_bytes};
-use crate::rope;
-use crate::weights::Weights;
+use crate::kv_cache::{CpuKvCache, KvLayout, frame_block_bytes};
+use crate::llama::Part;
 
 /// How a model splits over `tp` ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +49,7 @@ pub struct TpPlan {
     pub tp: usize,
     num_heads: usize,
     num_kv_heads: usize,
+    head_dim: usize,
     vocab: usize,
     intermediate: usize,
 }
@@ -99,6 +88,7 @@ impl TpPlan {
             tp,
             num_heads: config.num_heads,
             num_kv_heads: kvh,
+            head_dim: config.head_dim,
             vocab: config.vocab_size,
             intermediate: config.intermediate_size,
         })
@@ -135,146 +125,29 @@ impl TpPlan {
     pub fn intermediate(&self, r: usize) -> Range<usize> {
         even_split(self.intermediate, self.tp, r)
     }
-}
 
-struct ShardLayer {
-    input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    /// Columns of o_proj for the rank's query heads, without bias.
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    /// Columns of down_proj for the rank's MLP slice.
-    down: Tensor,
-}
-
-/// One rank's shard of the weights.
-struct Shard {
-    embed: Tensor,
-    layers: Vec<ShardLayer>,
-    norm: Tensor,
-    lm_head: Tensor,
-}
-
-/// Replicated weights added after a reduction.
-struct Replicated {
-    o_bias: Vec<Option<Tensor>>,
-}
-
-fn load_shard(c: &ModelConfig, w: &Weights, plan: &TpPlan, r: usize) -> Result<Shard> {
-    let (h, hd, cpu, f32) = (c.hidden_size, c.head_dim, &Device::Cpu, DType::F32);
-    let rows = |name: &str, full: &[usize], range: &Range<usize>| {
-        w.load_narrow(name, full, 0, range.clone(), f32, cpu)
-    };
-    let linear_rows = |p: &str, out: usize, range: Range<usize>, bias: bool| -> Result<Linear> {
-        Ok(Linear {
-            weight: rows(&format!("{p}.weight"), &[out, h], &range)?,
-            bias: if bias {
-                Some(rows(&format!("{p}.bias"), &[out], &range)?)
-            } else {
-                None
-            },
-        })
-    };
-    let scale = |r: Range<usize>, by: usize| r.start * by..r.end * by;
-    let (qh, kvh, inter, vocab) = (
-        plan.q_heads(r),
-        plan.kv_heads(r),
-        plan.intermediate(r),
-        plan.vocab(r),
-    );
-    let embed = rows("model.embed_tokens.weight", &[c.vocab_size, h], &vocab)?;
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        let a = format!("{p}.self_attn");
-        let m = format!("{p}.mlp");
-        layers.push(ShardLayer {
-            input_norm: w.load(&format!("{p}.input_layernorm.weight"), &[h], f32, cpu)?,
-            q: linear_rows(
-                &format!("{a}.q_proj"),
-                c.num_heads * hd,
-                scale(qh.clone(), hd),
-                c.qkv_bias,
-            )?,
-            k: linear_rows(
-                &format!("{a}.k_proj"),
-                c.num_kv_heads * hd,
-                scale(kvh.clone(), hd),
-                c.qkv_bias,
-            )?,
-            v: linear_rows(
-                &format!("{a}.v_proj"),
-                c.num_kv_heads * hd,
-                scale(kvh.clone(), hd),
-                c.qkv_bias,
-            )?,
-            o: w.load_narrow(
-                &format!("{a}.o_proj.weight"),
-                &[h, c.num_heads * hd],
-                1,
-                qh.start * hd..qh.end * hd,
-                f32,
-                cpu,
-            )?,
-            post_norm: w.load(
-                &format!("{p}.post_attention_layernorm.weight"),
-                &[h],
-                f32,
-                cpu,
-            )?,
-            gate: linear_rows(
-                &format!("{m}.gate_proj"),
-                c.intermediate_size,
-                inter.clone(),
-                false,
-            )?,
-            up: linear_rows(
-                &format!("{m}.up_proj"),
-                c.intermediate_size,
-                inter.clone(),
-                false,
-            )?,
-            down: w.load_narrow(
-                &format!("{m}.down_proj.weight"),
-                &[h, c.intermediate_size],
-                1,
-                inter.clone(),
-                f32,
-                cpu,
-            )?,
-        });
+    /// The rows (or columns) of a weight cut along `part` that rank `r` holds.
+    pub fn part(&self, part: Part, r: usize) -> Range<usize> {
+        let scale = |h: Range<usize>| h.start * self.head_dim..h.end * self.head_dim;
+        match part {
+            Part::QueryHeads => scale(self.q_heads(r)),
+            Part::KvHeads => scale(self.kv_heads(r)),
+            Part::Mlp => self.intermediate(r),
+            Part::Vocab => self.vocab(r),
+        }
     }
-    let norm = w.load("model.norm.weight", &[h], f32, cpu)?;
-    let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
-        embed.clone()
-    } else {
-        rows("lm_head.weight", &[c.vocab_size, h], &vocab)?
-    };
-    Ok(Shard {
-        embed,
-        layers,
-        norm,
-        lm_head,
-    })
 }
-
-/// The failure a rank reports when another rank failed first.
-const PEER_FAILED: &str = "another rank failed";
 
 /// The ranks' meeting point: an all-reduce (sum) and an all-gather over a
 /// barrier, tolerant of a rank arriving with an error.
-struct Collective {
+pub(crate) struct Collective {
     barrier: Barrier,
     slots: Vec<Mutex<Option<Tensor>>>,
     failed: AtomicBool,
 }
 
 impl Collective {
-    fn new(tp: usize) -> Self {
+    pub(crate) fn new(tp: usize) -> Self {
         Collective {
             barrier: Barrier::new(tp),
             slots: (0..tp).map(|_| Mutex::new(None)).collect(),
@@ -284,7 +157,7 @@ impl Collective {
 
     /// Every rank's tensor, in rank order; an error on every rank if any rank
     /// arrived with one (the failing rank gets its own error back).
-    fn exchange(&self, rank: usize, part: Result<Tensor>) -> Result<Vec<Tensor>> {
+    pub(crate) fn exchange(&self, rank: usize, part: Result<Tensor>) -> Result<Vec<Tensor>> {
         let own_error = match part {
             Ok(t) => {
                 *lock(&self.slots[rank])? = Some(t);
@@ -299,7 +172,7 @@ impl Collective {
         let out = if let Some(e) = own_error {
             Err(e)
         } else if self.failed.load(Ordering::SeqCst) {
-            Err(EngineError::TensorParallel(PEER_FAILED.into()))
+            Err(EngineError::PeerRankFailed)
         } else {
             self.slots
                 .iter()
@@ -316,7 +189,7 @@ impl Collective {
     }
 
     /// The sum of every rank's `part`, added in rank order (identical on every rank).
-    fn all_reduce(&self, rank: usize, part: Result<Tensor>) -> Result<Tensor> {
+    pub(crate) fn all_reduce(&self, rank: usize, part: Result<Tensor>) -> Result<Tensor> {
         let parts = self.exchange(rank, part)?;
         let mut sum = parts[0].clone();
         for p in &parts[1..] {
@@ -326,7 +199,7 @@ impl Collective {
     }
 
     /// A synchronisation point carrying only success or failure.
-    fn sync(&self, rank: usize, status: Result<()>) -> Result<()> {
+    pub(crate) fn sync(&self, rank: usize, status: Result<()>) -> Result<()> {
         self.exchange(
             rank,
             status.and_then(|()| Ok(Tensor::zeros(1, DType::U8, &Device::Cpu)?)),
@@ -335,24 +208,25 @@ impl Collective {
     }
 }
 
-fn is_peer_failure(e: &EngineError) -> bool {
-    matches!(e, EngineError::TensorParallel(m) if m == PEER_FAILED)
-}
-
-fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
     m.lock()
         .map_err(|_| EngineError::TensorParallel("a rank panicked holding a lock".into()))
 }
 
 /// The ranks' KV caches seen as one cache of all heads.
-struct RankCaches<'a> {
-    plan: &'a TpPlan,
-    caches: &'a [Mutex<CpuKvCache>],
-    layout: KvLayout,
+pub(crate) struct RankCaches<'a> {
+    pub plan: &'a TpPlan,
+    pub caches: &'a [Mutex<CpuKvCache>],
+    pub layout: KvLayout,
 }
 
 impl RankCaches<'_> {
-    fn export(&self, layer: usize, blocks: &[BlockId], heads: Range<usize>) -> Result<Vec<u8>> {
+    pub(crate) fn export(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
         if heads.is_empty() || heads.end > self.layout.num_kv_heads {
             return Err(EngineError::KvCache(format!(
                 "head range {heads:?} is not within the model's {} KV heads",
@@ -375,7 +249,7 @@ impl RankCaches<'_> {
         Ok(out)
     }
 
-    fn import(
+    pub(crate) fn import(
         &self,
         layer: usize,
         blocks: &[BlockId],
@@ -428,357 +302,6 @@ impl KvExport for RankCaches<'_> {
     }
 }
 
-/// What every rank of one forward pass reads.
-struct Pass<'a> {
-    config: &'a ModelConfig,
-    plan: &'a TpPlan,
-    layout: KvLayout,
-    chunks: &'a [SeqChunk<'a>],
-    ids: &'a [u32],
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    replicated: &'a Replicated,
-    caches: &'a [Mutex<CpuKvCache>],
-    coll: &'a Collective,
-    with_hook: bool,
-}
-
-impl Pass<'_> {
-    /// Runs rank `r`'s share of the pass; every rank returns the full logits.
-    fn run_rank(&self, r: usize, shard: &Shard, mut hook: Option<LayerHook<'_>>) -> Result<Tensor> {
-        let (c, coll, cpu) = (self.config, self.coll, &Device::Cpu);
-        let n = self.ids.len();
-        let hd = c.head_dim;
-        let (qh, kvh) = (self.plan.q_heads(r).len(), self.plan.kv_heads(r).len());
-
-        // Embedding: each row comes from the one rank owning its token id.
-        let vocab = self.plan.vocab(r);
-        let embedded = (|| -> Result<Tensor> {
-            let local: Vec<u32> = self
-                .ids
-                .iter()
-                .map(|&t| {
-                    let t = t as usize;
-                    if vocab.contains(&t) {
-                        (t - vocab.start) as u32
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            let mask: Vec<f32> = self
-                .ids
-                .iter()
-                .map(|&t| f32::from(u8::from(vocab.contains(&(t as usize)))))
-                .collect();
-            let rows = shard
-                .embed
-                .index_select(&Tensor::new(local.as_slice(), cpu)?, 0)?;
-            Ok(rows.broadcast_mul(&Tensor::from_vec(mask, (n, 1), cpu)?)?)
-        })();
-        let mut x = coll.all_reduce(r, embedded)?;
-
-        for li in 0..c.num_layers {
-            let layer = &shard.layers[li];
-            let qkv = (|| -> Result<Tensor> {
-                let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-                let q = layer.q.forward(&h)?.reshape((n, qh, hd))?;
-                let k = layer.k.forward(&h)?.reshape((n, kvh, hd))?;
-                let v = layer.v.forward(&h)?.reshape((n, kvh, hd))?;
-                let q = apply_rope(&q, self.cos, self.sin)?;
-                let k = apply_rope(&k, self.cos, self.sin)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                let v = v.flatten_all()?.to_vec1::<f32>()?;
-                let row = kvh * hd;
-                let mut cache = lock(&self.caches[r])?;
-                let mut offset = 0;
-                for ch in self.chunks {
-                    for i in 0..ch.tokens.len() {
-                        let span = (offset + i) * row..(offset + i + 1) * row;
-                        cache.write_token(
-                            li,
-                            ch.block_table,
-                            ch.start + i,
-                            &k[span.clone()],
-                            &v[span],
-                        )?;
-                    }
-                    offset += ch.tokens.len();
-                }
-                Ok(q)
-            })();
-            let q: Result<Option<Tensor>> = if self.with_hook {
-                // Every rank's K/V of this layer must be in before the hook reads it.
-                let (q, status) = match qkv {
-                    Ok(q) => (Some(q), Ok(())),
-                    Err(e) => (None, Err(e)),
-                };
-                coll.sync(r, status)?;
-                let caches = RankCaches {
-                    plan: self.plan,
-                    caches: self.caches,
-                    layout: self.layout,
-                };
-                match hook.as_mut() {
-                    Some(hook) => (*hook)(li, &caches).map(|()| q),
-                    None => Ok(q),
-                }
-            } else {
-                qkv.map(Some)
-            };
-            let attn = q.and_then(|q| {
-                let q = q.ok_or_else(|| EngineError::TensorParallel(PEER_FAILED.into()))?;
-                let cache = lock(&self.caches[r])?;
-                let mut outs = Vec::with_capacity(self.chunks.len());
-                let mut offset = 0;
-                for ch in self.chunks {
-                    let q_chunk = q.narrow(0, offset, ch.tokens.len())?;
-                    outs.push(attend(&cache, li, &q_chunk, ch, qh, hd, c.sliding_window)?);
-                    offset += ch.tokens.len();
-                }
-                let attn = Tensor::cat(&outs, 0)?;
-                Ok(attn.matmul(&layer.o.t()?)?)
-            });
-            let mut o = coll.all_reduce(r, attn)?;
-            if let Some(b) = &self.replicated.o_bias[li] {
-                o = o.broadcast_add(b)?;
-            }
-            x = (x + o)?;
-            let mlp = (|| -> Result<Tensor> {
-                let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-                let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-                Ok(act.matmul(&layer.down.t()?)?)
-            })();
-            x = (x + coll.all_reduce(r, mlp)?)?;
-        }
-
-        let logits = (|| -> Result<Tensor> {
-            let mut last_rows = Vec::with_capacity(self.chunks.len());
-            let mut end = 0;
-            for ch in self.chunks {
-                end += ch.tokens.len();
-                last_rows.push((end - 1) as u32);
-            }
-            let last = x.index_select(&Tensor::new(last_rows.as_slice(), cpu)?, 0)?;
-            let h = rms_norm(&last, &shard.norm, c.rms_norm_eps)?;
-            Ok(h.matmul(&shard.lm_head.t()?)?)
-        })();
-        let parts = coll.exchange(r, logits)?;
-        Ok(Tensor::cat(&parts, 1)?)
-    }
-}
-
-/// A model sharded over `tp` CPU ranks, with each rank's KV cache.
-pub struct TpBackend {
-    config: ModelConfig,
-    plan: TpPlan,
-    shards: Vec<Shard>,
-    replicated: Replicated,
-    caches: Vec<Mutex<CpuKvCache>>,
-    layout: KvLayout,
-    inv_freq: Vec<f32>,
-}
-
-impl TpBackend {
-    /// Loads each rank's shard of the weights and a zeroed cache of
-    /// `num_blocks` blocks of `block_size` tokens per rank (for its heads).
-    pub fn load(
-        config: &ModelConfig,
-        w: &Weights,
-        tp: usize,
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<Self> {
-        let plan = TpPlan::new(config, tp)?;
-        let shards = (0..tp)
-            .map(|r| load_shard(config, w, &plan, r))
-            .collect::<Result<Vec<_>>>()?;
-        let h = config.hidden_size;
-        let o_bias = (0..config.num_layers)
-            .map(|i| {
-                config
-                    .o_bias
-                    .then(|| {
-                        w.load(
-                            &format!("model.layers.{i}.self_attn.o_proj.bias"),
-                            &[h],
-                            DType::F32,
-                            &Device::Cpu,
-                        )
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let layout = KvLayout {
-            num_layers: config.num_layers,
-            num_blocks,
-            block_size,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-            dtype: KvDtype::F32,
-        };
-        let caches = (0..tp)
-            .map(|r| {
-                CpuKvCache::new(KvLayout {
-                    num_kv_heads: plan.kv_heads(r).len(),
-                    ..layout
-                })
-                .map(Mutex::new)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(TpBackend {
-            config: config.clone(),
-            plan,
-            shards,
-            replicated: Replicated { o_bias },
-            caches,
-            layout,
-            inv_freq: rope::inv_freq(config),
-        })
-    }
-
-    /// The split.
-    pub fn plan(&self) -> &TpPlan {
-        &self.plan
-    }
-
-    fn rank_caches(&self) -> RankCaches<'_> {
-        RankCaches {
-            plan: &self.plan,
-            caches: &self.caches,
-            layout: self.layout,
-        }
-    }
-}
-
-impl Backend for TpBackend {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn kv_layout(&self) -> KvLayout {
-        self.layout
-    }
-
-    fn forward(
-        &mut self,
-        chunks: &[SeqChunk<'_>],
-        on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>> {
-        validate_chunks(&self.config, &self.layout, chunks)?;
-        if chunks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let cpu = &Device::Cpu;
-        let hd = self.config.head_dim;
-        let ids: Vec<u32> = chunks
-            .iter()
-            .flat_map(|ch| ch.tokens.iter().copied())
-            .collect();
-        let positions: Vec<usize> = chunks
-            .iter()
-            .flat_map(|ch| ch.start..ch.start + ch.tokens.len())
-            .collect();
-        let n = ids.len();
-        let (cos, sin) = rope::cos_sin(&self.inv_freq, &positions);
-        let cos = Tensor::from_vec(cos, (n, 1, hd / 2), cpu)?;
-        let sin = Tensor::from_vec(sin, (n, 1, hd / 2), cpu)?;
-        let coll = Collective::new(self.plan.tp);
-        let pass = Pass {
-            config: &self.config,
-            plan: &self.plan,
-            layout: self.layout,
-            chunks,
-            ids: &ids,
-            cos: &cos,
-            sin: &sin,
-            replicated: &self.replicated,
-            caches: &self.caches,
-            coll: &coll,
-            with_hook: on_layer.is_some(),
-        };
-        let shards = &self.shards;
-        let results: Vec<Result<Tensor>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (1..self.plan.tp)
-                .map(|r| {
-                    let pass = &pass;
-                    std::thread::Builder::new()
-                        .name(format!("tp-rank-{r}"))
-                        .spawn_scoped(s, move || pass.run_rank(r, &shards[r], None))
-                })
-                .collect();
-            let mut results = vec![pass.run_rank(0, &shards[0], on_layer)];
-            for h in handles {
-                results.push(match h {
-                    Ok(h) => h.join().unwrap_or_else(|_| {
-                        Err(EngineError::TensorParallel("a rank thread panicked".into()))
-                    }),
-                    Err(e) => Err(EngineError::TensorParallel(format!(
-                        "cannot start a rank thread: {e}"
-                    ))),
-                });
-            }
-            results
-        });
-        // The first rank's own error (not a "another rank failed" echo) is the one to report.
-        let mut logits = None;
-        let mut first_error: Option<EngineError> = None;
-        for res in results {
-            match res {
-                Ok(t) => logits = logits.or(Some(t)),
-                Err(e) => {
-                    if first_error.as_ref().is_none_or(is_peer_failure) {
-                        first_error = Some(e);
-                    }
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let logits =
-            logits.ok_or_else(|| EngineError::TensorParallel("no rank returned logits".into()))?;
-        Ok(logits.to_vec2::<f32>()?)
-    }
-
-    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
-        self.rank_caches()
-            .export(layer, blocks, 0..self.layout.num_kv_heads)
-    }
-
-    fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
-        self.rank_caches()
-            .import(layer, blocks, 0..self.layout.num_kv_heads, bytes)
-    }
-
-    fn kv_head_shards(&self) -> Vec<Range<usize>> {
-        (0..self.plan.tp)
-            .filter(|&r| self.plan.ships_kv(r))
-            .map(|r| self.plan.kv_heads(r))
-            .collect()
-    }
-
-    fn export_heads(
-        &self,
-        layer: usize,
-        blocks: &[BlockId],
-        heads: Range<usize>,
-    ) -> Result<Vec<u8>> {
-        self.rank_caches().export(layer, blocks, heads)
-    }
-
-    fn import_heads(
-        &mut self,
-        layer: usize,
-        blocks: &[BlockId],
-        heads: Range<usize>,
-        bytes: &[u8],
-    ) -> Result<()> {
-        self.rank_caches().import(layer, blocks, heads, bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,6 +328,31 @@ mod tests {
         let ships: Vec<_> = (0..4).map(|r| p.ships_kv(r)).collect();
         assert_eq!(ships, vec![true, false, true, false]);
         assert_eq!((p.vocab(3), p.intermediate(0)), (75..100, 0..12));
+    }
+
+    #[test]
+    fn a_failed_rank_ends_the_exchange_on_every_rank_with_a_typed_error() {
+        let coll = Collective::new(2);
+        let (own, peer) = std::thread::scope(|s| {
+            let failing = s.spawn(|| {
+                coll.all_reduce(1, Err(EngineError::InvalidInput("rank 1 broke".into())))
+            });
+            let healthy =
+                coll.all_reduce(0, Ok(Tensor::ones(2, DType::F32, &Device::Cpu).unwrap()));
+            (failing.join().unwrap(), healthy)
+        });
+        assert!(matches!(own, Err(EngineError::InvalidInput(_))), "{own:?}");
+        assert!(matches!(peer, Err(EngineError::PeerRankFailed)), "{peer:?}");
+        // A healthy pass sums in rank order on every rank.
+        let coll = Collective::new(2);
+        let ones = || Ok(Tensor::ones(2, DType::F32, &Device::Cpu)?);
+        let (a, b) = std::thread::scope(|s| {
+            let other = s.spawn(|| coll.all_reduce(1, ones()));
+            (coll.all_reduce(0, ones()), other.join().unwrap())
+        });
+        for sum in [a, b] {
+            assert_eq!(sum.unwrap().to_vec1::<f32>().unwrap(), vec![2.0, 2.0]);
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::{BackendExt, KvIo};
 use tandem_engine::local::LocalGenerator;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::{EngineError, GenerationParams, ModelDir};

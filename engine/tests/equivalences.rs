@@ -1,6 +1,6 @@
 //! The equivalences disaggregation relies on, on the CPU backend.
 
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::{BackendExt, KvIo};
 use tandem_engine::block_manager::{BlockManager, blocks_for};
 use tandem_engine::cpu::CpuBackend;
 use tandem_engine::sampling::argmax;
@@ -131,7 +131,7 @@ fn kv_moved_layer_by_layer_continues_identically() {
         Ok(())
     };
     let logits = prefill_node
-        .forward(
+        .forward_logits(
             &[SeqChunk {
                 tokens: &p,
                 start: 0,

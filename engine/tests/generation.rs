@@ -186,7 +186,7 @@ fn chat_template_renders() {
 
 #[test]
 fn load_picks_the_device_and_a_boxed_backend_forwards() {
-    use tandem_engine::backend::{Backend, argmax};
+    use tandem_engine::backend::{BackendExt, argmax};
     use tandem_engine::{Device, KvDtype, SeqChunk};
     let (_d, mut m) = setup();
     let mut boxed = m.load(8, 16, LIMITS).unwrap();
@@ -198,7 +198,7 @@ fn load_picks_the_device_and_a_boxed_backend_forwards() {
         block_table: &[0],
     }];
     let ids = boxed.forward_greedy(&chunk, None).unwrap();
-    let logits = plain.forward(&chunk, None).unwrap();
+    let logits = plain.forward_logits(&chunk, None).unwrap();
     assert_eq!(ids, vec![argmax(&logits[0])]);
     m.device = Device::Cuda(0);
     if cfg!(not(feature = "cuda")) {

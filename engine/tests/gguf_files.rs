@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::BackendExt;
 use tandem_engine::{EngineError, ModelDir};
 
 const HIDDEN: usize = 32;

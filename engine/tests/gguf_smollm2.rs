@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::{Backend, BackendExt};
 use tandem_engine::block_manager::{BlockManager, blocks_for};
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::sampling::argmax;

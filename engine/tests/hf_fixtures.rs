@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem_engine::backend::Backend;
+use tandem_engine::backend::BackendExt;
 use tandem_engine::block_manager::{BlockManager, blocks_for};
 use tandem_engine::sampling::argmax;
 use tandem_engine::{ChatMessage, ModelDir};

@@ -2,7 +2,7 @@
 //! f32 rounding (row-parallel sums add partials in another order), and a
 //! rank's KV heads move between backends of different TP sizes.
 
-use tandem_engine::backend::{Backend, KvExport};
+use tandem_engine::backend::{Backend, BackendExt, KvExport, KvIo};
 use tandem_engine::block_manager::BlockManager;
 use tandem_engine::sampling::argmax;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
@@ -147,7 +147,7 @@ fn kv_heads_move_between_tp_sizes() {
             Ok(())
         };
         let logits = src
-            .forward(
+            .forward_logits(
                 &[SeqChunk {
                     tokens: &p,
                     start: 0,
@@ -207,7 +207,7 @@ fn a_failing_hook_fails_the_pass_without_hanging() {
         }
     };
     let err = b
-        .forward(
+        .forward_logits(
             &[SeqChunk {
                 tokens: &[1, 2, 3],
                 start: 0,

@@ -475,7 +475,13 @@ impl<B: Backend> Worker<B> {
                 }
                 Ok(())
             };
-            self.backend.forward(&chunks, Some(&mut hook))
+            // Only a chunk that ends its prompt samples (its first token);
+            // the others' logits stay on the device.
+            let wants: Vec<bool> = plan
+                .iter()
+                .map(|p| p.end == active[p.job].job.prompt.len())
+                .collect();
+            self.backend.forward(&chunks, &wants, Some(&mut hook))
         };
         self.metrics.step(plan.len());
         {
@@ -498,7 +504,14 @@ impl<B: Backend> Worker<B> {
                     if gone[i] {
                         finished.push(p.job);
                     } else if a.computed == a.job.prompt.len() {
-                        let mut l = std::mem::take(&mut logits[i]);
+                        let Some(mut l) = logits.get_mut(i).and_then(Option::take) else {
+                            let err = PrefillError::Compute(
+                                "the backend returned no logits for a finished prompt".into(),
+                            );
+                            let _ = a.job.events.try_send(JobEvent::Failed(err));
+                            finished.push(p.job);
+                            continue;
+                        };
                         let (first_token, logprobs) = first_sample(&a.job, &mut l);
                         let done = JobEvent::Done {
                             first_token,

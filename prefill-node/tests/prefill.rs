@@ -15,7 +15,7 @@ use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cpu::CpuBackend;
 use tandem_engine::sampling::Sampler;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
-use tandem_engine::{Backend, BlockId, BlockManager, ModelDir, SamplingParams};
+use tandem_engine::{Backend, BackendExt, BlockId, BlockManager, KvIo, ModelDir, SamplingParams};
 use tandem_kv_transfer::{
     Expectation, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, SinkError, WireDtype,
 };

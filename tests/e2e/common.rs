@@ -229,7 +229,7 @@ pub fn reference(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<u32
 /// `prompt`, computed in this process on the CPU backend, forward pass by
 /// forward pass: what greedy log probabilities must be the log-softmax of.
 pub fn reference_logits(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<Vec<f32>> {
-    use tandem_engine::Backend;
+    use tandem_engine::BackendExt;
     let block_size = 16;
     let mut backend = model.load_cpu(256, block_size).expect("backend");
     let table: Vec<u32> = (0..(prompt.len() + max_tokens).div_ceil(block_size) as u32).collect();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tandem_engine::ModelDir;
-use tandem_engine::backend::{Backend, SeqChunk, argmax};
+use tandem_engine::backend::{BackendExt, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::config::ModelConfig;
 use tandem_engine::cpu::{CpuBackend, CpuModel};

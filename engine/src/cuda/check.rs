@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::bench::BenchControls;
 use super::{CudaBackend, CudaLimits};
 use crate::ModelDir;
-use crate::backend::{Backend, SeqChunk, argmax};
+use crate::backend::{BackendExt, KvIo, SeqChunk, argmax};
 use crate::block_manager::blocks_for;
 use crate::config::Architecture;
 use crate::cpu::{CpuBackend, CpuModel};
@@ -340,7 +340,7 @@ pub fn check_model(dir: &Path) -> Result<CheckReport> {
             if step == 0 && !graphs {
                 // The batched decode step's logits against the CPU's, where both were
                 // fed the same token (forward_greedy below rewrites the same K/V).
-                let g = gpu.forward(&chunks, None)?;
+                let g = gpu.forward_logits(&chunks, None)?;
                 for i in 0..prompts.len() {
                     if cpu_cont[i][0] == next[i] {
                         decode_max_rel = decode_max_rel.max(rel_err(&g[i], &cpu_step0[i]));

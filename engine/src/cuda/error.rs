@@ -35,6 +35,12 @@ pub enum CudaError {
     Unsupported(String),
 }
 
+impl From<CudaError> for crate::error::EngineError {
+    fn from(e: CudaError) -> Self {
+        crate::error::EngineError::Device(Box::new(e))
+    }
+}
+
 /// Attaches the operation's name to a driver error.
 pub(crate) trait DriverContext<T> {
     fn op(self, op: &'static str) -> Result<T, CudaError>;

@@ -57,6 +57,7 @@ mod staging;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice};
 use half::bf16;
@@ -67,7 +68,9 @@ pub use error::CudaError;
 pub use kv::GpuKvCache;
 pub use model::GpuModel;
 
-use crate::backend::{Backend, LayerHook, SeqChunk, check_draws, validate_chunks};
+use crate::backend::{
+    Backend, KvIo, LayerHook, SeqChunk, check_draws, check_logit_flags, validate_chunks,
+};
 use crate::block_manager::{BlockId, blocks_for};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -389,26 +392,37 @@ impl Backend for CudaBackend {
     fn forward(
         &mut self,
         chunks: &[SeqChunk<'_>],
+        logits: &[bool],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        check_logit_flags(chunks, logits)?;
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
         self.run(chunks, on_layer)?;
+        // Only the rows asked for leave the device: one copy per run of
+        // consecutive rows (one copy when every row is wanted).
         let v = self.model.config.vocab_size;
-        let mut flat = vec![0f32; chunks.len() * v];
-        self.gpu
-            .download(ptr(&self.bufs.logits, &self.gpu.compute), &mut flat)?;
-        Ok(flat.chunks_exact(v).map(<[f32]>::to_vec).collect())
-    }
-
-    fn forward_greedy(
-        &mut self,
-        chunks: &[SeqChunk<'_>],
-        on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
-        let draws = vec![TokenDraw::GREEDY; chunks.len()];
-        self.forward_draw(chunks, &draws, on_layer)
+        let base = ptr(&self.bufs.logits, &self.gpu.compute);
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; chunks.len()];
+        let mut i = 0;
+        while i < logits.len() {
+            if !logits[i] {
+                i += 1;
+                continue;
+            }
+            let end = (i..logits.len())
+                .find(|&j| !logits[j])
+                .unwrap_or(logits.len());
+            let mut flat = vec![0f32; (end - i) * v];
+            let offset = (i * v * std::mem::size_of::<f32>()) as u64;
+            self.gpu.download(base + offset, &mut flat)?;
+            for (k, row) in flat.chunks_exact(v).enumerate() {
+                out[i + k] = Some(row.to_vec());
+            }
+            i = end;
+        }
+        Ok(out)
     }
 
     fn forward_draw(
@@ -429,13 +443,54 @@ impl Backend for CudaBackend {
         }
         self.direct(chunks, draws, on_layer)
     }
+}
 
+/// One GPU holds every KV head: a layer is one frame of all heads.
+impl KvIo for CudaBackend {
     fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
         crate::backend::KvExport::export_layer(&self.kv, layer, blocks)
     }
 
     fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         self.kv.import_layer(layer, blocks, bytes)
+    }
+
+    #[allow(clippy::single_range_in_vec_init)] // one shard holding every head
+    fn kv_head_shards(&self) -> Vec<Range<usize>> {
+        vec![0..self.kv.layout().num_kv_heads]
+    }
+
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> Result<Vec<u8>> {
+        self.all_heads(&heads, "export")?;
+        self.export_layer(layer, blocks)
+    }
+
+    fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.all_heads(&heads, "import")?;
+        self.import_layer(layer, blocks, bytes)
+    }
+}
+
+impl CudaBackend {
+    /// Refuses a head range other than every head (the cache moves whole layers).
+    fn all_heads(&self, heads: &Range<usize>, what: &str) -> Result<()> {
+        if *heads == (0..self.kv.layout().num_kv_heads) {
+            return Ok(());
+        }
+        Err(EngineError::KvCache(format!(
+            "this backend cannot {what} the head range {heads:?} alone"
+        )))
     }
 }
 

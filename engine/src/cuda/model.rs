@@ -1,5 +1,6 @@
-//! The model's weights in GPU memory, in bf16: loaded from a model's files, or
-//! random of a named shape (benchmarks of real shapes without carrying weights).
+//! The model's weights in GPU memory, in bf16: loaded from a model's files
+//! through the Llama definition ([`crate::llama`]), or random of a named shape
+//! (benchmarks of real shapes without carrying weights).
 //!
 //! Projections that read the same input are fused into one matrix so each is
 //! one GEMM: q, k and v rows stacked (`[q; k; v]`), and gate and up rows
@@ -12,7 +13,9 @@ use super::device::{Gpu, ptr};
 use super::error::CudaError;
 use crate::config::{Architecture, Llama3RopeScaling, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::llama::{Kind, LayerParam, LayerWeights, ModelParam, ShardSpec, WeightScope};
 use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor};
 
 /// One decoder layer's weights.
 pub(crate) struct GpuLayer {
@@ -106,62 +109,62 @@ fn check_supported(c: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// A tensor's elements as bf16, converted from whatever the file holds.
-fn host_bf16(w: &Weights, name: &str, expected: &[usize]) -> Result<Vec<bf16>> {
-    let t = w.load(
-        name,
-        expected,
-        candle_core::DType::BF16,
-        &candle_core::Device::Cpu,
-    )?;
+/// Elements of a weight outside the layers.
+fn numel_of(p: ModelParam, c: &ModelConfig) -> usize {
+    p.shape(c).iter().product()
+}
+
+/// A tensor's elements as bf16 (loaded as bf16 from whatever the file holds).
+fn host_bf16(t: &Tensor) -> Result<Vec<bf16>> {
     Ok(t.flatten_all()?.to_vec1::<bf16>()?)
 }
 
+/// Rows stacked: the fused projections' layout.
+fn stacked(parts: &[&Tensor]) -> Result<Vec<bf16>> {
+    let mut out = Vec::new();
+    for t in parts {
+        out.extend(host_bf16(t)?);
+    }
+    Ok(out)
+}
+
 impl GpuModel {
-    /// Uploads a model's weights (converted to bf16).
+    /// Uploads a model's weights (converted to bf16), a layer at a time, as
+    /// the Llama definition names them.
     pub fn load(gpu: &Gpu, config: &ModelConfig, w: &Weights) -> Result<Self> {
         check_supported(config)?;
         let c = config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let vb = WeightScope::new(w, DType::BF16, &Device::Cpu);
+        let whole = ShardSpec::Whole;
         let up = |v: &[bf16]| gpu.upload(v).map_err(EngineError::from);
-        let embed = host_bf16(w, "model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let tensor = |t: &Tensor| up(&host_bf16(t)?);
+        let embed = tensor(&ModelParam::Embed.load(&vb, c, whole)?)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = format!("model.layers.{i}");
-            let t = |name: &str, shape: &[usize]| host_bf16(w, &format!("{p}.{name}"), shape);
-            let mut qkv = t("self_attn.q_proj.weight", &[qd, h])?;
-            qkv.extend(t("self_attn.k_proj.weight", &[kvd, h])?);
-            qkv.extend(t("self_attn.v_proj.weight", &[kvd, h])?);
-            let qkv_bias = if c.qkv_bias {
-                let mut b = t("self_attn.q_proj.bias", &[qd])?;
-                b.extend(t("self_attn.k_proj.bias", &[kvd])?);
-                b.extend(t("self_attn.v_proj.bias", &[kvd])?);
-                Some(up(&b)?)
-            } else {
-                None
+            let l = LayerWeights::load(&vb, c, whole, i)?;
+            let qkv_bias = match (&l.q.bias, &l.k.bias, &l.v.bias) {
+                (Some(q), Some(k), Some(v)) => Some(up(&stacked(&[q, k, v])?)?),
+                _ => None,
             };
-            let mut gate_up = t("mlp.gate_proj.weight", &[c.intermediate_size, h])?;
-            gate_up.extend(t("mlp.up_proj.weight", &[c.intermediate_size, h])?);
             layers.push(GpuLayer {
-                input_norm: up(&t("input_layernorm.weight", &[h])?)?,
-                qkv: up(&qkv)?,
+                input_norm: tensor(&l.input_norm)?,
+                qkv: up(&stacked(&[&l.q.weight, &l.k.weight, &l.v.weight])?)?,
                 qkv_bias,
-                o: up(&t("self_attn.o_proj.weight", &[h, qd])?)?,
-                post_norm: up(&t("post_attention_layernorm.weight", &[h])?)?,
-                gate_up: up(&gate_up)?,
-                down: up(&t("mlp.down_proj.weight", &[h, c.intermediate_size])?)?,
+                o: tensor(&l.o.weight)?,
+                post_norm: tensor(&l.post_norm)?,
+                gate_up: up(&stacked(&[&l.gate.weight, &l.up.weight])?)?,
+                down: tensor(&l.down.weight)?,
             });
         }
-        let norm = up(&host_bf16(w, "model.norm.weight", &[h])?)?;
-        let lm_head = if c.tie_word_embeddings && !w.contains("lm_head.weight") {
-            None
+        let norm = tensor(&ModelParam::FinalNorm.load(&vb, c, whole)?)?;
+        let lm_head = if ModelParam::has_lm_head(&vb, c) {
+            Some(tensor(&ModelParam::LmHead.load(&vb, c, whole)?)?)
         } else {
-            Some(up(&host_bf16(w, "lm_head.weight", &[c.vocab_size, h])?)?)
+            None
         };
         Ok(GpuModel {
             config: config.clone(),
-            embed: up(&embed)?,
+            embed,
             layers,
             norm,
             lm_head,
@@ -172,9 +175,15 @@ impl GpuModel {
     /// projections uniform in ±1/√fan_in, norms near 1, embeddings in ±1.
     pub fn random(gpu: &Gpu, config: &ModelConfig, seed: u64) -> Result<Self> {
         check_supported(config)?;
+        use LayerParam as P;
         let c = config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let numel = |ps: &[LayerParam]| -> usize {
+            ps.iter()
+                .map(|p| p.shape(c).iter().product::<usize>())
+                .sum()
+        };
+        // Projections uniform in ±1/√fan_in (fan_in: the `[out, in]` shape's `in`).
+        let bound = |p: LayerParam| 1.0 / (p.shape(c)[1] as f32).sqrt();
         let mut n = 0u64;
         let mut rand = |len: usize, lo: f32, hi: f32| -> Result<CudaSlice<bf16>> {
             let buf = gpu.zeros::<bf16>(len)?;
@@ -188,34 +197,31 @@ impl GpuModel {
             )?;
             Ok(buf)
         };
-        let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-        let embed = rand(c.vocab_size * h, -1.0, 1.0)?;
+        let h = c.hidden_size;
+        let embed = rand(numel_of(ModelParam::Embed, c), -1.0, 1.0)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
-            let s = proj(h);
+            let (s, o, down) = (bound(P::QProj), bound(P::OProj), bound(P::DownProj));
             layers.push(GpuLayer {
-                input_norm: rand(h, 0.9, 1.1)?,
-                qkv: rand((qd + 2 * kvd) * h, -s, s)?,
+                input_norm: rand(numel(&[P::InputNorm]), 0.9, 1.1)?,
+                qkv: rand(numel(&[P::QProj, P::KProj, P::VProj]), -s, s)?,
                 qkv_bias: if c.qkv_bias {
-                    Some(rand(qd + 2 * kvd, -0.1, 0.1)?)
+                    Some(rand(numel(&[P::QBias, P::KBias, P::VBias]), -0.1, 0.1)?)
                 } else {
                     None
                 },
-                o: rand(h * qd, -proj(qd), proj(qd))?,
-                post_norm: rand(h, 0.9, 1.1)?,
-                gate_up: rand(2 * c.intermediate_size * h, -s, s)?,
-                down: rand(
-                    h * c.intermediate_size,
-                    -proj(c.intermediate_size),
-                    proj(c.intermediate_size),
-                )?,
+                o: rand(numel(&[P::OProj]), -o, o)?,
+                post_norm: rand(numel(&[P::PostNorm]), 0.9, 1.1)?,
+                gate_up: rand(numel(&[P::GateProj, P::UpProj]), -s, s)?,
+                down: rand(numel(&[P::DownProj]), -down, down)?,
             });
         }
-        let norm = rand(h, 0.9, 1.1)?;
+        let norm = rand(numel_of(ModelParam::FinalNorm, c), 0.9, 1.1)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(rand(c.vocab_size * h, -proj(h), proj(h))?)
+            let b = 1.0 / (h as f32).sqrt();
+            Some(rand(numel_of(ModelParam::LmHead, c), -b, b)?)
         };
         gpu.sync()?;
         Ok(GpuModel {
@@ -231,12 +237,14 @@ impl GpuModel {
     /// of which only a row per token is read).
     pub fn streamed_params(&self) -> usize {
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let per_layer = 2 * h
-            + (c.num_heads + 2 * c.num_kv_heads) * hd * h
-            + h * c.num_heads * hd
-            + 3 * c.intermediate_size * h;
-        c.num_layers * per_layer + h + c.vocab_size * h
+        let per_layer: usize = LayerParam::ALL
+            .into_iter()
+            .filter(|p| matches!(p.kind(), Kind::Norm | Kind::Projection))
+            .map(|p| p.shape(c).iter().product::<usize>())
+            .sum();
+        c.num_layers * per_layer
+            + numel_of(ModelParam::FinalNorm, c)
+            + numel_of(ModelParam::LmHead, c)
     }
 
     /// The model's shape.

@@ -21,6 +21,7 @@ use memmap2::Mmap;
 
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::llama::ModelParam;
 
 /// An opened GGUF file: its mapping and parsed header.
 pub struct GgufFile {
@@ -305,7 +306,7 @@ impl GgufFile {
             rope_theta: self.arch_f64("rope.freq_base")?.unwrap_or(10_000.0),
             rope_scaling: None,
             max_position_embeddings: self.arch_usize("context_length")?,
-            tie_word_embeddings: !self.has_tensor("output.weight"),
+            tie_word_embeddings: !self.has_tensor(ModelParam::LmHead.gguf_name()),
             qkv_bias: attention_bias,
             o_bias: false,
             sliding_window: match self.arch_meta("attention.sliding_window") {

@@ -1,4 +1,5 @@
-//! GGUF tensors under Hugging Face names, dequantized.
+//! GGUF tensors under Hugging Face names, dequantized (the names' mapping is
+//! the Llama definition's, [`crate::llama::gguf_name`]).
 //!
 //! llama.cpp's converter renames every tensor (`model.layers.3.mlp.up_proj.weight`
 //! becomes `blk.3.ffn_up.weight`) and, for Llama-style models, interleaves the two
@@ -14,36 +15,9 @@ use candle_core::{Device, Tensor};
 use super::GgufFile;
 use crate::config::Architecture;
 use crate::error::{EngineError, Result};
+use crate::llama::LayerParam;
 
-/// The GGUF name of a Hugging Face tensor name, if the format has one.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, name) = rest.split_once('.')?;
-    layer.parse::<usize>().ok()?;
-    let short = match name {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.o_proj.bias" => "attn_output.bias",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}"))
-}
+pub use crate::llama::gguf_name;
 
 /// How a tensor's rows must be reordered on load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +72,14 @@ impl GgufFile {
             return Ok(Rotary::None);
         }
         let heads = self.arch_usize("attention.head_count")?;
-        Ok(if gguf_name.ends_with(".attn_q.weight") {
+        let of = |p: LayerParam| {
+            gguf_name
+                .strip_suffix(p.gguf_name())
+                .is_some_and(|s| s.ends_with('.'))
+        };
+        Ok(if of(LayerParam::QProj) {
             Rotary::Unpermute { heads }
-        } else if gguf_name.ends_with(".attn_k.weight") {
+        } else if of(LayerParam::KProj) {
             let kv_heads = match self.arch_meta("attention.head_count_kv") {
                 Some(_) => self.arch_usize("attention.head_count_kv")?,
                 None => heads,
@@ -138,20 +117,6 @@ fn unpermute_rotary(t: &Tensor, heads: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_both_ways_of_a_layer() {
-        assert_eq!(
-            gguf_name("model.layers.12.self_attn.k_proj.weight").as_deref(),
-            Some("blk.12.attn_k.weight")
-        );
-        assert_eq!(
-            gguf_name("model.embed_tokens.weight").as_deref(),
-            Some("token_embd.weight")
-        );
-        assert_eq!(gguf_name("model.layers.x.mlp.up_proj.weight"), None);
-        assert_eq!(gguf_name("model.layers.1.mlp.bogus"), None);
-    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {

@@ -18,8 +18,9 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
-use crate::config::Architecture;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::llama::{self, Kind};
 
 const EMBED_STD_TIED: f32 = 0.2;
 const CORPUS: &str = include_str!("corpus.txt");
@@ -186,11 +187,10 @@ pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
         Architecture::Qwen2 => config["use_sliding_window"] = serde_json::json!(false),
     }
     let cfg_path = dir.join("config.json");
-    std::fs::write(
-        &cfg_path,
-        serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(io_err(&cfg_path))?;
+    let config_text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    std::fs::write(&cfg_path, &config_text).map_err(io_err(&cfg_path))?;
+    // The weights are the ones the engine will read for this config.
+    let model_config = ModelConfig::from_json(&config_text)?;
     let tok_cfg = serde_json::json!({
         "bos_token": BOS, "eos_token": EOS, "chat_template": CHAT_TEMPLATE,
         "add_bos_token": true, "model_max_length": spec.max_position_embeddings,
@@ -206,96 +206,25 @@ pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
     let gen_cfg = serde_json::json!({ "bos_token_id": id(BOS), "eos_token_id": id(EOS) });
     std::fs::write(&gen_path, gen_cfg.to_string()).map_err(io_err(&gen_path))?;
 
-    // Weights, in a fixed order so the stream of random numbers is reproducible.
-    let (h, f, hd) = (
-        spec.hidden_size,
-        spec.intermediate_size,
-        spec.hidden_size / spec.num_heads,
-    );
-    let (q_out, kv_out) = (spec.num_heads * hd, spec.num_kv_heads * hd);
+    // Weights, in the Llama definition's file order, so the stream of random
+    // numbers is reproducible.
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, mean: f32, std: f32, rng: &mut ChaCha8Rng| {
+    for (name, shape, kind) in llama::tensors(&model_config) {
+        let (mean, std) = match kind {
+            // A small embedding keeps the residual stream from being dominated by the
+            // current token, which with tied embeddings makes a random model repeat
+            // its last token.
+            Kind::Embedding if tied => (0.0, EMBED_STD_TIED),
+            Kind::Embedding => (0.0, 1.0),
+            Kind::Norm => (1.0, 0.1),
+            Kind::Bias | Kind::LmHead => (0.0, 0.5),
+            // `[out, in]`: unit-variance outputs for unit-variance inputs.
+            Kind::Projection => (0.0, 1.0 / (shape[1] as f32).sqrt()),
+        };
         let n = shape.iter().product();
-        tensors.push((name, shape, normal(rng, n, mean, std)));
-    };
-    // A small embedding keeps the residual stream from being dominated by the current
-    // token, which with tied embeddings makes a random model repeat its last token.
-    let embed_std = if tied { EMBED_STD_TIED } else { 1.0 };
-    push(
-        "model.embed_tokens.weight".into(),
-        vec![vocab, h],
-        0.0,
-        embed_std,
-        &mut rng,
-    );
-    let proj = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    for i in 0..spec.num_layers {
-        let p = format!("model.layers.{i}");
-        push(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            1.0,
-            0.1,
-            &mut rng,
-        );
-        for (name, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
-            push(
-                format!("{p}.self_attn.{name}.weight"),
-                vec![out, h],
-                0.0,
-                proj(h),
-                &mut rng,
-            );
-            if arch == Architecture::Qwen2 {
-                push(
-                    format!("{p}.self_attn.{name}.bias"),
-                    vec![out],
-                    0.0,
-                    0.5,
-                    &mut rng,
-                );
-            }
-        }
-        push(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, q_out],
-            0.0,
-            proj(q_out),
-            &mut rng,
-        );
-        push(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            1.0,
-            0.1,
-            &mut rng,
-        );
-        push(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![f, h],
-            0.0,
-            proj(h),
-            &mut rng,
-        );
-        push(
-            format!("{p}.mlp.up_proj.weight"),
-            vec![f, h],
-            0.0,
-            proj(h),
-            &mut rng,
-        );
-        push(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![h, f],
-            0.0,
-            proj(f),
-            &mut rng,
-        );
-    }
-    push("model.norm.weight".into(), vec![h], 1.0, 0.1, &mut rng);
-    if !tied {
-        push("lm_head.weight".into(), vec![vocab, h], 0.0, 0.5, &mut rng);
+        let values = normal(&mut rng, n, mean, std);
+        tensors.push((name, shape, values));
     }
     write_safetensors(dir, &tensors, spec)
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tandem_engine::TokenDraw;
-use tandem_engine::backend::{Backend, KvExport, SeqChunk, argmax};
+use tandem_engine::backend::{Backend, BackendExt, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
@@ -285,7 +285,7 @@ fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
         })
         .collect();
     be.poison()?;
-    let logits = be.forward(&chunks, None)?.swap_remove(0);
+    let logits = be.forward_logits(&chunks, None)?.swap_remove(0);
     let greedy = be.forward_greedy(&chunks, None)?;
     let greedy_ok = greedy.iter().all(|&t| t == argmax(&logits));
     println!(
