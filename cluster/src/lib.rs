@@ -1,13 +1,14 @@
 //! What every Tandem role shares: the config schema ([`config`]), cluster
 //! membership ([`membership`]: static, or etcd through [`etcd`] on the
 //! router's side and [`registration`] on a node's, with the records and keys
-//! in [`node_record`]), mutual TLS on the internal gRPC services
+//! in [`node_record`]), what a node serves ([`fingerprint`]), mutual TLS on the internal gRPC services
 //! ([`grpc_tls`]), limits on accepted connections ([`listener`]) and
 //! conversions between wire and engine types ([`convert`]).
 
 pub mod config;
 pub mod convert;
 pub mod etcd;
+pub mod fingerprint;
 pub mod grpc_tls;
 pub mod listener;
 pub mod membership;
@@ -20,6 +21,7 @@ pub use config::{
     SYNTH_MODEL_DIR, TlsSection,
 };
 pub use etcd::EtcdMembership;
+pub use fingerprint::{FingerprintError, ModelFingerprint};
 pub use grpc_tls::{GrpcTls, GrpcTlsError};
 pub use membership::{Member, Membership, Role, StaticMembership};
 pub use node_record::{Capacity, NodeRecord};
