@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tandem_cluster::listener::{self, ConnectionLimits};
-use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
+use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, ModelFingerprint, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
@@ -125,6 +125,13 @@ pub async fn serve_advertising(
             .await
             .map_err(|e| DecodeError::Transfer(e.to_string()))??
     };
+    let fingerprint = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || ModelFingerprint::of(&model))
+            .await
+            .map_err(|e| DecodeError::Transfer(e.to_string()))?
+            .map_err(|e| DecodeError::Transfer(format!("fingerprinting the model: {e}")))?
+    };
     let reservations = Arc::new(Mutex::new(Reservations::new()));
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (commands, command_rx) = std::sync::mpsc::channel();
@@ -168,7 +175,10 @@ pub async fn serve_advertising(
         config.quic_listen,
         server_tls,
         sink,
-        ReceiverConfig::default(),
+        ReceiverConfig {
+            model_fingerprint: fingerprint.digest(),
+            ..ReceiverConfig::default()
+        },
         shutdown.clone(),
     )
     .map_err(|e| DecodeError::Transfer(e.to_string()))?;
@@ -192,6 +202,7 @@ pub async fn serve_advertising(
         quic_addrs: quic_addrs.iter().map(ToString::to_string).collect(),
         server_name,
         cert_der,
+        model_fingerprint: fingerprint.to_string(),
     };
     let kv_addrs = endpoint.quic_addrs.clone();
     let limits = Limits {
@@ -233,6 +244,7 @@ pub async fn serve_advertising(
         local_prefill_below: config.local_prefill_below,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
+        fingerprint: fingerprint.to_string(),
         stats: stats.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

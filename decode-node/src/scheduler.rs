@@ -119,6 +119,8 @@ pub struct KvEndpoint {
     pub server_name: String,
     /// The receiver's certificate, for prefill nodes to trust.
     pub cert_der: Vec<u8>,
+    /// This node's model fingerprint, for prefill nodes to check.
+    pub model_fingerprint: String,
 }
 
 /// Batching limits.
@@ -316,10 +318,13 @@ impl<B: Backend> Scheduler<B> {
                 reason,
             } => {
                 if self.seqs.contains_key(&transfer_id) {
-                    self.fail(
-                        transfer_id,
-                        Status::unavailable(format!("KV transfer failed: {reason}")),
-                    );
+                    // KV of another model: the pairing is wrong, not the node.
+                    let status = if reason.starts_with(tandem_kv_transfer::receiver::MODEL_MISMATCH) {
+                        Status::failed_precondition(reason)
+                    } else {
+                        Status::unavailable(format!("KV transfer failed: {reason}"))
+                    };
+                    self.fail(transfer_id, status);
                 }
             }
             Command::Cancel(request_id, reply) => {
@@ -426,6 +431,7 @@ impl<B: Backend> Scheduler<B> {
                 head_dim: layout.head_dim as u32,
                 dtype: wire_dtype(layout.dtype) as u32,
                 transfer_id,
+                model_fingerprint: self.kv.model_fingerprint.clone(),
             });
             State::AwaitingKv {
                 deadline: Instant::now() + a.kv_timeout,

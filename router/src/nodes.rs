@@ -13,6 +13,10 @@
 //! host), and the router presents its own. A member with a plaintext address
 //! is not dialed at all; one whose certificate fails never answers a load
 //! query, so it stays unreachable and ranks last.
+//!
+//! A node serving another model than the cluster's (its fingerprint, from
+//! its record or its load reports, differs: see [`crate::identity`]) stays
+//! in the pool, reporting load, but is never ranked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +31,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
+use crate::identity::Identity;
 
 /// First wait before reopening a failed load stream.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -61,6 +66,8 @@ struct Entry {
     status: NodeStatus,
     /// When the last load report arrived (or the node joined).
     last_report: Instant,
+    /// False while the node serves another model than the cluster's.
+    compatible: bool,
     stop: CancellationToken,
 }
 
@@ -69,6 +76,7 @@ pub struct NodePool {
     nodes: Mutex<HashMap<String, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
+    identity: Identity,
 }
 
 impl NodePool {
@@ -81,10 +89,29 @@ impl NodePool {
         tls: Option<GrpcTls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        Self::start_with_identity(
+            membership,
+            load_interval_ms,
+            tls,
+            Identity::new(None),
+            shutdown,
+        )
+    }
+
+    /// [`start`](Self::start), routing only to nodes `identity` finds
+    /// compatible with the cluster's model.
+    pub fn start_with_identity(
+        membership: Arc<dyn Membership>,
+        load_interval_ms: u32,
+        tls: Option<GrpcTls>,
+        identity: Identity,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
             nodes: Mutex::new(HashMap::new()),
             load_interval_ms,
             tls,
+            identity,
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -122,6 +149,7 @@ impl NodePool {
             if !keep {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
+                self.identity.forget(addr);
             }
             keep
         });
@@ -143,6 +171,8 @@ impl NodePool {
             };
             let stop = shutdown.child_token();
             info!(node = %m.grpc_addr, role = ?m.role, "node joined the cluster");
+            let fingerprint = m.fingerprint.map(|f| f.to_string());
+            let compatible = self.identity.note(&m.grpc_addr, fingerprint.as_deref());
             tokio::spawn(watch_load(
                 self.clone(),
                 handle.clone(),
@@ -156,6 +186,7 @@ impl NodePool {
                     member: m.clone(),
                     status: NodeStatus::default(),
                     last_report: Instant::now(),
+                    compatible,
                     stop,
                 },
             );
@@ -165,7 +196,10 @@ impl NodePool {
     /// Nodes of `role`, best choice first.
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
-        let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
+        let mut entries: Vec<&Entry> = nodes
+            .values()
+            .filter(|e| e.handle.role == role && e.compatible)
+            .collect();
         // A stable base order, so that ties break the same way every time.
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
         let stale_after = self.stale_after();
@@ -208,7 +242,9 @@ impl NodePool {
 
     /// Whether the pool holds any node of `role`.
     pub fn has(&self, role: Role) -> bool {
-        self.lock().values().any(|e| e.handle.role == role)
+        self.lock()
+            .values()
+            .any(|e| e.handle.role == role && e.compatible)
     }
 
     /// Counts a request just sent to `addr` in its load until the node's next
@@ -219,8 +255,8 @@ impl NodePool {
             return;
         };
         load.queued = load.queued.saturating_add(1);
-        match load.role.as_str() {
-            "prefill" => {
+        match Role::of_load(load) {
+            Some(Role::Prefill) => {
                 load.queued_prefill_tokens = load
                     .queued_prefill_tokens
                     .saturating_add(prompt_tokens as u64);
@@ -292,7 +328,15 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
+                            let published = Some(load.model_fingerprint.as_str())
+                                .filter(|f| !f.is_empty());
+                            // A record's fingerprint stands until a report says otherwise.
+                            let compatible = published
+                                .is_none_or(|f| pool.identity.note(&node.addr, Some(f)));
                             if let Some(e) = pool.lock().get_mut(&node.addr) {
+                                if published.is_some() {
+                                    e.compatible = compatible;
+                                }
                                 e.status.load = Some(load);
                                 e.status.reachable = true;
                                 e.last_report = Instant::now();
@@ -397,7 +441,7 @@ mod tests {
         pool.set_status(b, |s| {
             s.reachable = true;
             s.load = Some(NodeLoad {
-                role: "decode".into(),
+                role: tandem_proto::v1::Role::Decode.into(),
                 kv_blocks_free: 10,
                 ..Default::default()
             });
@@ -424,7 +468,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.set_status(a, |s| {
             s.load = Some(NodeLoad {
-                role: "decode".into(),
+                role: tandem_proto::v1::Role::Decode.into(),
                 kv_blocks_free: 10,
                 block_size: 32,
                 ..Default::default()
