@@ -144,8 +144,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             let model = ModelDir::open(&a.model)
                 .with_context(|| format!("opening model {}", a.model.display()))?;
             let start = Instant::now();
-            let (fingerprint, source) =
-                tandem_cluster::ModelFingerprint::of_with_source(&model)?;
+            let (fingerprint, source) = tandem_cluster::ModelFingerprint::of_with_source(&model)?;
             println!("{fingerprint}");
             eprintln!(
                 "[{:.3} s, weights digest {}]",

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_cluster::{Config, EtcdSection, GrpcTls, ModelFingerprint, NodeRecord, grpc_tls};
-use tandem_router::identity::{Verdict, verdict};
 use tandem_proto::v1 as pb;
+use tandem_router::identity::{Verdict, verdict};
 use tokio::task::JoinSet;
 
 /// How long one node may take to send its first load report.
@@ -105,7 +105,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         })
         .collect();
     println!(
-        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9} {:<8} {}",
+        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9} {:<8} SERVES",
         "ROLE",
         "ID",
         "ADDRESS",
@@ -118,7 +118,6 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         "CACHED BLOCKS",
         "CACHE HIT",
         "MODEL ID",
-        "SERVES"
     );
     for (i, (m, load)) in listed.iter().zip(results).enumerate() {
         let dash = || "-".to_string();

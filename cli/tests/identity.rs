@@ -214,13 +214,21 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while registered(&runtime, &etcd) != ["d-good", "p-good"] {
-        assert!(Instant::now() < deadline, "nodes never registered\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "nodes never registered\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The fault-free run (retried until the router has its nodes).
     let deadline = Instant::now() + Duration::from_secs(30);
     while !generate(router, PROMPTS[0]).status.success() {
-        assert!(Instant::now() < deadline, "no request succeeded\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "no request succeeded\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let reference = outputs(router, &logs);
@@ -244,7 +252,11 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
             if registered(&runtime, &etcd).iter().any(|r| r == id) {
                 break Instant::now();
             }
-            assert!(Instant::now() < deadline, "{id} never registered\n{}", logs());
+            assert!(
+                Instant::now() < deadline,
+                "{id} never registered\n{}",
+                logs()
+            );
             std::thread::sleep(Duration::from_millis(2));
         };
         let want = (k + 1) as f64;
@@ -261,7 +273,9 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
         }
         exclusion.push((id, seen.elapsed()));
     }
-    eprintln!("from registered in etcd to excluded by the router (polled every 2 ms): {exclusion:?}");
+    eprintln!(
+        "from registered in etcd to excluded by the router (polled every 2 ms): {exclusion:?}"
+    );
 
     // Traffic: the same outputs, and none of it on the mismatched nodes.
     for _ in 0..3 {
@@ -301,13 +315,18 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
         row("d-shape")
     );
     let records = runtime
-        .block_on(tandem_cluster::etcd::list_nodes(&tandem_cluster::EtcdSection {
-            endpoints: vec![etcd.url()],
-            cluster: CLUSTER.into(),
-            lease_ttl_s: 2,
-        }))
+        .block_on(tandem_cluster::etcd::list_nodes(
+            &tandem_cluster::EtcdSection {
+                endpoints: vec![etcd.url()],
+                cluster: CLUSTER.into(),
+                lease_ttl_s: 2,
+            },
+        ))
         .unwrap();
-    for r in records.iter().filter(|r| r.id.ends_with("seed") || r.id == "d-shape") {
+    for r in records
+        .iter()
+        .filter(|r| r.id.ends_with("seed") || r.id == "d-shape")
+    {
         let load = load_of(&runtime, r.role.as_str(), &r.grpc_addr);
         assert_eq!(
             (load.steps_total, load.prompt_tokens_total, load.running),
@@ -322,5 +341,8 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
         .lines()
         .filter(|l| l.contains("serves another model"))
         .count();
-    assert_eq!(warnings, 3, "each mismatched node logged once:\n{router_log}");
+    assert_eq!(
+        warnings, 3,
+        "each mismatched node logged once:\n{router_log}"
+    );
 }

@@ -81,7 +81,11 @@ fn sigterm_finishes_admitted_requests_before_leaving_etcd() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !generate(router, 2).status.success() {
-        assert!(Instant::now() < deadline, "no request succeeded\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "no request succeeded\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 

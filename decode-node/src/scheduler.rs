@@ -319,7 +319,8 @@ impl<B: Backend> Scheduler<B> {
             } => {
                 if self.seqs.contains_key(&transfer_id) {
                     // KV of another model: the pairing is wrong, not the node.
-                    let status = if reason.starts_with(tandem_kv_transfer::receiver::MODEL_MISMATCH) {
+                    let status = if reason.starts_with(tandem_kv_transfer::receiver::MODEL_MISMATCH)
+                    {
                         Status::failed_precondition(reason)
                     } else {
                         Status::unavailable(format!("KV transfer failed: {reason}"))

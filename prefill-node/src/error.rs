@@ -44,7 +44,9 @@ pub enum PrefillError {
     /// `KvTarget.model_fingerprint` differs): its KV would be computed by one
     /// model and decoded by another. Not the client's fault, and no retry on
     /// this pair helps: the router must pair other nodes.
-    #[error("the decode node serves another model ({difference}): {theirs}, this prefill node {ours}")]
+    #[error(
+        "the decode node serves another model ({difference}): {theirs}, this prefill node {ours}"
+    )]
     ModelMismatch {
         /// What differs, in words.
         difference: String,

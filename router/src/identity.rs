@@ -146,10 +146,7 @@ mod tests {
     fn nodes_are_judged_against_the_reference() {
         let ours = fp(10, 1);
         let r = Some(&ours);
-        assert_eq!(
-            verdict(r, Some(&ours.to_string())),
-            Verdict::Compatible
-        );
+        assert_eq!(verdict(r, Some(&ours.to_string())), Verdict::Compatible);
         assert_eq!(verdict(r, None), Verdict::Unknown);
         assert_eq!(verdict(r, Some("")), Verdict::Unknown);
         assert_eq!(

@@ -96,10 +96,11 @@ pub async fn serve(
     let mut config = config;
     if config.model_fingerprint.is_none() {
         let m = model.clone();
-        let fingerprint = tokio::task::spawn_blocking(move || tandem_cluster::ModelFingerprint::of(&m))
-            .await
-            .map_err(|e| RouterError::Fingerprint(e.to_string()))?
-            .map_err(|e| RouterError::Fingerprint(e.to_string()))?;
+        let fingerprint =
+            tokio::task::spawn_blocking(move || tandem_cluster::ModelFingerprint::of(&m))
+                .await
+                .map_err(|e| RouterError::Fingerprint(e.to_string()))?
+                .map_err(|e| RouterError::Fingerprint(e.to_string()))?;
         config.model_fingerprint = Some(fingerprint);
     }
     let service = Arc::new(GenerateService::new(
@@ -137,7 +138,10 @@ pub async fn serve(
                     _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
                 }
             }
-            for name in ["", <GenerateServer<GenerateService> as tonic::server::NamedService>::NAME] {
+            for name in [
+                "",
+                <GenerateServer<GenerateService> as tonic::server::NamedService>::NAME,
+            ] {
                 health_reporter
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;

@@ -328,11 +328,11 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
-                            let published = Some(load.model_fingerprint.as_str())
-                                .filter(|f| !f.is_empty());
+                            let published =
+                                Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
                             // A record's fingerprint stands until a report says otherwise.
-                            let compatible = published
-                                .is_none_or(|f| pool.identity.note(&node.addr, Some(f)));
+                            let compatible =
+                                published.is_none_or(|f| pool.identity.note(&node.addr, Some(f)));
                             if let Some(e) = pool.lock().get_mut(&node.addr) {
                                 if published.is_some() {
                                     e.compatible = compatible;

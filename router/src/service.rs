@@ -21,9 +21,9 @@ use tracing::Instrument;
 use crate::admission::{Admission, Admitted};
 use crate::auth::ClientAuth;
 use crate::client_grpc::RequestDecoded;
+use crate::drain::Drain;
 use crate::error::RouterError;
 use crate::generate::Relay;
-use crate::drain::Drain;
 use crate::identity::Identity;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
@@ -130,10 +130,7 @@ impl Generate for GenerateService {
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
         let admitted = match self.drain.enter() {
-            Some(in_flight) => self
-                .admit(request, deadline)
-                .await
-                .map(|a| (a, in_flight)),
+            Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
             None => Err(RouterError::ShuttingDown),
         };
         let ((req, permit, span), in_flight) = match admitted {

@@ -47,7 +47,10 @@ async fn ship(target: &pb::KvTarget, fingerprint: u64) {
             block_size: target.block_size as u16,
         };
         let payload = vec![0u8; shape.payload_len().unwrap() as usize];
-        stream.send_layer(shape, Bytes::from(payload)).await.unwrap();
+        stream
+            .send_layer(shape, Bytes::from(payload))
+            .await
+            .unwrap();
     }
     // Delivery, not acceptance: a refusal may come after the last ack.
     let _ = stream.finish(1, target.num_layers).await;
