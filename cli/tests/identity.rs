@@ -282,7 +282,8 @@ fn nodes_serving_other_weights_or_shapes_get_no_requests() {
         assert_eq!(outputs(router, &logs), reference, "{}", logs());
     }
     let status = Command::new(TANDEM)
-        .args(["status", "--etcd", &etcd.url(), "--cluster", CLUSTER])
+        // With the router's config: the same reference as the router's.
+        .args(["status", "--config", &router_cfg])
         .stdin(Stdio::null())
         .output()
         .unwrap();

@@ -8,7 +8,8 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Processes, TANDEM, free_port, spawn, synth_model};
+use support::{Processes, TANDEM, free_port, spawn, synth_model_with};
+use tandem_proto::v1 as pb;
 use tandem_tests::etcd_server::EtcdServer;
 
 const CLUSTER: &str = "updrain";
@@ -26,6 +27,51 @@ fn generate(router: u16, max_tokens: u32) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// A long request over gRPC (EOS ignored, so the random model cannot end
+/// it early): the tokens it got and how it ended.
+fn long_request(router: u16, max_tokens: u32) -> Result<usize, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client =
+            pb::generate_client::GenerateClient::connect(format!("http://127.0.0.1:{router}"))
+                .await
+                .map_err(|e| e.to_string())?;
+        let request = pb::GenerateRequest {
+            prompt: Some(pb::generate_request::Prompt::Text(
+                "Once upon a time, in a small town by the sea".into(),
+            )),
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut stream = client
+            .generate(request)
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        let mut tokens = 0;
+        loop {
+            match stream.message().await.map_err(|s| s.to_string())? {
+                Some(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Token(t)),
+                }) => tokens += t.ids.len(),
+                Some(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Finished(f)),
+                }) => {
+                    return match f.reason() {
+                        pb::FinishReason::Length => Ok(tokens),
+                        other => Err(format!("finished {other:?} after {tokens} tokens")),
+                    };
+                }
+                other => return Err(format!("unexpected {other:?}")),
+            }
+        }
+    })
 }
 
 fn registered(runtime: &tokio::runtime::Runtime, url: &str) -> Option<Vec<String>> {
@@ -48,7 +94,24 @@ fn registered(runtime: &tokio::runtime::Runtime, url: &str) -> Option<Vec<String
 fn sigterm_finishes_admitted_requests_before_leaving_etcd() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = EtcdServer::start(&dir.path().join("etcd"));
-    let model = synth_model(dir.path());
+    // Big enough that a long request runs for seconds on a loaded CI machine.
+    let model = synth_model_with(
+        dir.path(),
+        &[
+            "--hidden",
+            "256",
+            "--intermediate",
+            "1024",
+            "--layers",
+            "4",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "4",
+            "--max-position",
+            "4096",
+        ],
+    );
     let router = free_port();
     let config = dir.path().join("up.toml");
     std::fs::write(
@@ -91,10 +154,10 @@ fn sigterm_finishes_admitted_requests_before_leaving_etcd() {
 
     // A long request, then SIGTERM while it runs.
     let long = std::thread::spawn(move || {
-        let out = generate(router, 800);
+        let out = long_request(router, 500);
         (out, Instant::now())
     });
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
     let pid = procs.0[0].id();
     let killed = Command::new("sh")
         .args(["-c", &format!("kill -TERM {pid}")])
@@ -120,13 +183,15 @@ fn sigterm_finishes_admitted_requests_before_leaving_etcd() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let (out, done) = long.join().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "the admitted request failed: {stderr}\n{}",
-        logs()
+    eprintln!(
+        "the long request ended {:?} after SIGTERM: {out:?}",
+        done.saturating_duration_since(term),
     );
-    assert!(stderr.contains("generated, finish"), "{stderr}");
+    assert_eq!(out, Ok(500), "the admitted request failed\n{}", logs());
+    assert!(
+        done > term + Duration::from_millis(300),
+        "the long request ended too soon to test a drain"
+    );
     let exit = procs.0[0].wait().unwrap();
     let exited = term.elapsed();
     assert!(exit.success(), "tandem up exited with {exit}\n{}", logs());
