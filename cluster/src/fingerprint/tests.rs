@@ -136,3 +136,22 @@ fn a_directory_without_weights_is_an_error() {
         Err(FingerprintError::NoWeights(_))
     ));
 }
+
+#[test]
+fn the_config_pins_a_fingerprint_for_the_router_or_names_a_bad_one() {
+    let pin = "c0000000000000001.t0000000000000002.p0000000000000003.w0000000000000004";
+    let config =
+        crate::Config::parse(&format!("[model]\nfingerprint = \"{pin}\"\n[router]\n")).unwrap();
+    let want: ModelFingerprint = pin.parse().unwrap();
+    assert_eq!(config.model.fingerprint, Some(want));
+    assert_eq!(config.router.unwrap().model_fingerprint, Some(want));
+    let unpinned = crate::Config::parse("[router]\n").unwrap();
+    assert_eq!(unpinned.router.unwrap().model_fingerprint, None);
+    let err = crate::Config::parse("[model]\nfingerprint = \"w1234\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fingerprint") && err.contains("w1234"),
+        "{err}"
+    );
+}
