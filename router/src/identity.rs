@@ -15,9 +15,9 @@
 //! from the first report on). A node whose fingerprint differs is
 //! *incompatible*: it gets no request, it is logged once (per fingerprint),
 //! and it counts in [`ROUTER_INCOMPATIBLE_NODES`]. A node whose
-//! fingerprint is not known yet (no record, no report: it has not answered,
-//! so it ranks last anyway) or that predates fingerprints is routed to as
-//! before.
+//! fingerprint is not known yet (static membership, before its first
+//! report) ranks after every node known to serve the cluster's model; one
+//! that predates fingerprints is routed to that way.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

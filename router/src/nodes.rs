@@ -68,6 +68,9 @@ struct Entry {
     last_report: Instant,
     /// False while the node serves another model than the cluster's.
     compatible: bool,
+    /// Whether the node said what it serves (record or load report); one
+    /// that has not ranks after those that did.
+    identified: bool,
     stop: CancellationToken,
 }
 
@@ -187,6 +190,7 @@ impl NodePool {
                     status: NodeStatus::default(),
                     last_report: Instant::now(),
                     compatible,
+                    identified: fingerprint.is_some(),
                     stop,
                 },
             );
@@ -210,10 +214,13 @@ impl NodePool {
                 ..e.status.clone()
             })
             .collect();
-        let order = match role {
+        let mut order = match role {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
         };
+        // A node not known to serve the cluster's model (static membership,
+        // before its first report) is a last resort (stable: ranks kept).
+        order.sort_by_key(|&i| !entries[i].identified);
         order
             .into_iter()
             .map(|i| entries[i].handle.clone())
@@ -274,6 +281,22 @@ impl NodePool {
         }
     }
 
+    /// Stores a load report of `addr`, and what it says the node serves.
+    fn on_report(&self, addr: &str, load: tandem_proto::v1::NodeLoad) {
+        let published = Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
+        // A record's fingerprint stands until a report says otherwise.
+        let compatible = published.is_none_or(|f| self.identity.note(addr, Some(f)));
+        if let Some(e) = self.lock().get_mut(addr) {
+            if published.is_some() {
+                e.compatible = compatible;
+                e.identified = true;
+            }
+            e.status.load = Some(load);
+            e.status.reachable = true;
+            e.last_report = Instant::now();
+        }
+    }
+
     fn set_status(&self, addr: &str, update: impl FnOnce(&mut NodeStatus)) {
         if let Some(e) = self.lock().get_mut(addr) {
             update(&mut e.status);
@@ -328,19 +351,7 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
-                            let published =
-                                Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
-                            // A record's fingerprint stands until a report says otherwise.
-                            let compatible =
-                                published.is_none_or(|f| pool.identity.note(&node.addr, Some(f)));
-                            if let Some(e) = pool.lock().get_mut(&node.addr) {
-                                if published.is_some() {
-                                    e.compatible = compatible;
-                                }
-                                e.status.load = Some(load);
-                                e.status.reachable = true;
-                                e.last_report = Instant::now();
-                            }
+                            pool.on_report(&node.addr, load);
                         }
                         Ok(None) => {
                             debug!(node = %node.addr, "load stream ended");
@@ -426,6 +437,70 @@ mod tests {
         assert!(pool.has(Role::Prefill));
         assert!(!pool.has(Role::Decode));
         assert_eq!(pool.ranked(Role::Prefill).len(), 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn nodes_of_another_model_are_never_ranked_and_unidentified_ones_rank_last() {
+        let ours = tandem_cluster::ModelFingerprint {
+            config: 1,
+            tokenizer: 2,
+            chat_template: 3,
+            weights: 4,
+        };
+        let theirs = tandem_cluster::ModelFingerprint { weights: 5, ..ours };
+        let shutdown = CancellationToken::new();
+        let membership = StaticMembership::new(
+            &["127.0.0.1:4".into()],
+            &[
+                "127.0.0.1:1".into(),
+                "127.0.0.1:2".into(),
+                "127.0.0.1:3".into(),
+            ],
+        );
+        let pool = NodePool::start_with_identity(
+            Arc::new(membership),
+            10,
+            None,
+            Identity::new(Some(ours)),
+            shutdown.clone(),
+        );
+        let (a, b, c, p) = (
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+            "http://127.0.0.1:4",
+        );
+        let report = |fingerprint: Option<&tandem_cluster::ModelFingerprint>, free: u32| NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_free: free,
+            model_fingerprint: fingerprint.map(|f| f.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        // a has said nothing (static membership, no report yet), though it
+        // has the most room; b serves the cluster's model; c another one.
+        pool.on_report(a, report(None, 100));
+        pool.on_report(b, report(Some(&ours), 10));
+        pool.on_report(c, report(Some(&theirs), 1000));
+        let ranked: Vec<String> = pool
+            .ranked(Role::Decode)
+            .into_iter()
+            .map(|n| n.addr)
+            .collect();
+        assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
+        // The only prefill node serves another model: there is none.
+        pool.on_report(
+            p,
+            NodeLoad {
+                role: tandem_proto::v1::Role::Prefill.into(),
+                ..report(Some(&theirs), 0)
+            },
+        );
+        assert!(!pool.has(Role::Prefill));
+        assert!(pool.ranked(Role::Prefill).is_empty());
+        // c restarted with the right weights: back in the ranking.
+        pool.on_report(c, report(Some(&ours), 1000));
+        assert_eq!(pool.ranked(Role::Decode)[0].addr, c);
         shutdown.cancel();
     }
 
