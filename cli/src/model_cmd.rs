@@ -20,6 +20,15 @@ pub enum ModelCommand {
     Synth(SynthArgs),
     /// Measure prefill and decode speed of the CPU engine on a model.
     Bench(BenchArgs),
+    /// Print a model's fingerprint (what `[model] fingerprint` pins), and how
+    /// long it took: the weights are read once, then cached beside the model.
+    Fingerprint(FingerprintArgs),
+}
+
+#[derive(clap::Args)]
+pub struct FingerprintArgs {
+    /// Model directory or GGUF file.
+    model: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,6 +140,22 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ModelCommand::Bench(a) => bench(a),
+        ModelCommand::Fingerprint(a) => {
+            let model = ModelDir::open(&a.model)
+                .with_context(|| format!("opening model {}", a.model.display()))?;
+            let start = Instant::now();
+            let (fingerprint, source) = tandem_cluster::ModelFingerprint::of_with_source(&model)?;
+            println!("{fingerprint}");
+            eprintln!(
+                "[{:.3} s, weights digest {}]",
+                start.elapsed().as_secs_f64(),
+                match source {
+                    tandem_cluster::fingerprint::WeightsSource::Cached => "from the cache",
+                    tandem_cluster::fingerprint::WeightsSource::Computed => "computed",
+                }
+            );
+            Ok(())
+        }
     }
 }
 

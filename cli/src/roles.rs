@@ -6,6 +6,12 @@
 //! SIGTERM) that is registered drains: it leaves etcd first, so the router
 //! sends it nothing new, finishes what it has (at most
 //! `membership.drain_timeout_s`), then stops.
+//!
+//! `tandem up` (router and nodes in one process) drains in this order:
+//! its router stops admitting (new requests get UNAVAILABLE, health says
+//! NOT_SERVING) and the requests it admitted run to their end; only then do
+//! its nodes leave etcd (other routers' requests still running on them
+//! finish too), and everything stops. One `drain_timeout_s` bounds it all.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,8 +21,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tandem_cluster::membership::{Member, Membership, Role as MemberRole};
 use tandem_cluster::{
-    Capacity, Config, DEFAULT_MODEL_PATH, EtcdMembership, ModelSection, NodeRecord, Registration,
-    SYNTH_MODEL_DIR, StaticMembership, grpc_tls,
+    Capacity, Config, DEFAULT_MODEL_PATH, EtcdMembership, ModelFingerprint, ModelSection,
+    NodeRecord, Registration, SYNTH_MODEL_DIR, StaticMembership, grpc_tls,
 };
 use tandem_engine::ModelDir;
 use tokio_util::sync::CancellationToken;
@@ -165,8 +171,14 @@ fn register(
     };
     let record = record()?;
     eprintln!(
-        "registering {} {} ({}) in etcd cluster {:?}",
-        record.role, record.id, record.grpc_addr, etcd.cluster
+        "registering {} {} ({}, model {}) in etcd cluster {:?}",
+        record.role.as_str(),
+        record.id,
+        record.grpc_addr,
+        record
+            .fingerprint
+            .map_or_else(|| "-".to_string(), |f| f.to_string()),
+        etcd.cluster
     );
     Ok(Some(Registration::start(etcd.clone(), record)?))
 }
@@ -175,6 +187,12 @@ fn register(
 async fn drain(registration: Registration, timeout: Duration, in_flight: impl Fn() -> usize) {
     eprintln!("draining: leaving the cluster");
     registration.withdraw().await;
+    wait_idle(timeout, in_flight).await;
+}
+
+/// Waits (at most `timeout`) until `in_flight` is zero, after a moment for
+/// requests already on their way.
+async fn wait_idle(timeout: Duration, in_flight: impl Fn() -> usize) {
     // A request the router chose just before it heard of the withdrawal may
     // still be on its way.
     let deadline = tokio::time::Instant::now() + timeout;
@@ -247,11 +265,12 @@ fn decode_record(
     let section = config.decode.as_ref().context("no [decode] section")?;
     Ok(NodeRecord {
         id: id.to_string(),
-        role: "decode".into(),
+        role: MemberRole::Decode,
         grpc_addr: advertised_url(d.grpc_addr, advertise, config.tls.is_some())?,
         tls_name: tls_name(config),
         quic_addrs: d.quic_addrs.clone(),
         model: model_name(config, model),
+        fingerprint: Some(ModelFingerprint::of(model)?),
         tp_size: section.tp as u32,
         capacity: Capacity {
             kv_blocks: section.kv_blocks as u64,
@@ -272,11 +291,12 @@ fn prefill_record(
     let section = config.prefill.as_ref().context("no [prefill] section")?;
     Ok(NodeRecord {
         id: id.to_string(),
-        role: "prefill".into(),
+        role: MemberRole::Prefill,
         grpc_addr: advertised_url(addr, advertise, config.tls.is_some())?,
         tls_name: tls_name(config),
         quic_addrs: Vec::new(),
         model: model_name(config, model),
+        fingerprint: Some(ModelFingerprint::of(model)?),
         tp_size: section.tp as u32,
         capacity: Capacity {
             kv_blocks: section.kv_blocks as u64,
@@ -303,6 +323,7 @@ pub async fn up(config_path: Option<PathBuf>, metrics: MetricsFlags) -> anyhow::
     let mut in_process = Vec::new();
     let mut registrations = Vec::new();
     let mut decode_done = None;
+    let mut decode_stats = None;
     if let Some(decode) = config.decode.clone() {
         let (id, tp) = (decode.id.clone(), decode.tp);
         let d =
@@ -322,6 +343,7 @@ pub async fn up(config_path: Option<PathBuf>, metrics: MetricsFlags) -> anyhow::
         registrations.extend(register(&config, || {
             decode_record(&config, &model, &d, &id, advertise)
         })?);
+        decode_stats = Some(d.stats.clone());
         decode_done = Some(d.done);
     }
     let mut prefill_done = None;
@@ -368,8 +390,33 @@ pub async fn up(config_path: Option<PathBuf>, metrics: MetricsFlags) -> anyhow::
         r.addr
     );
     stop.cancelled().await;
-    for registration in registrations {
-        registration.withdraw().await;
+    // Drain: stop admitting, let what was admitted finish, then leave etcd.
+    let timeout = Duration::from_secs_f64(config.membership.drain_timeout_s);
+    let started = tokio::time::Instant::now();
+    eprintln!("draining: the router admits no more requests");
+    r.drain.stop_admitting();
+    match r.drain.wait_idle(timeout).await {
+        0 => eprintln!("draining: the router's requests finished"),
+        n => eprintln!("drain timeout ({timeout:?}) with {n} router requests in flight"),
+    }
+    if !registrations.is_empty() {
+        eprintln!("draining: leaving the cluster");
+        for registration in registrations {
+            registration.withdraw().await;
+        }
+        // Other routers' requests on these nodes.
+        let nodes_in_flight = || {
+            let decode = decode_stats.as_ref().map_or(0, |s| {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                (s.running + s.queued) as usize
+            });
+            let prefill = prefill_done.as_ref().map_or(0, |p| {
+                let load = p.load();
+                load.running + load.queued
+            });
+            decode + prefill
+        };
+        wait_idle(timeout.saturating_sub(started.elapsed()), nodes_in_flight).await;
     }
     shutdown.cancel();
     let _ = r.join.await;

@@ -5,13 +5,21 @@
 //! load report over its `WatchLoad` stream, as the router does. With a
 //! config that has `[tls]` (the router's, say), nodes are asked over mutual
 //! TLS with that certificate.
+//!
+//! Each node's MODEL ID is the start of its fingerprint's weights digest
+//! (`tandem_cluster::fingerprint`); the last column says whether the node
+//! serves the cluster's model, and if not what differs. The cluster's
+//! fingerprint is the config's `[model] fingerprint`, else that of the
+//! config's model files (as the router decides), else, with `--etcd`
+//! only, the one most nodes of the model's name hold (see [`reference`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_cluster::{Config, EtcdSection, GrpcTls, NodeRecord, grpc_tls};
+use tandem_cluster::{Config, EtcdSection, GrpcTls, ModelFingerprint, NodeRecord, grpc_tls};
 use tandem_proto::v1 as pb;
+use tandem_router::identity::{Verdict, verdict};
 use tokio::task::JoinSet;
 
 /// How long one node may take to send its first load report.
@@ -40,6 +48,8 @@ struct Listed {
     tls_name: Option<String>,
     model: Option<String>,
     tp_size: Option<u32>,
+    /// Its model fingerprint, from its record.
+    fingerprint: Option<String>,
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
@@ -51,6 +61,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         Some(t) => Some(GrpcTls::load(t)?),
         None => None,
     };
+    let pinned = config.as_ref().and_then(reference_of_config);
     let listed = members(&args, config).await?;
     if listed.is_empty() {
         println!("no members");
@@ -72,8 +83,29 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         let (i, load) = done.context("a load query panicked")?;
         results[i] = Some(load);
     }
+    // What each node serves: its record's fingerprint, else its report's.
+    let fingerprints: Vec<Option<String>> = listed
+        .iter()
+        .zip(&results)
+        .map(|(m, load)| {
+            m.fingerprint.clone().or_else(|| match load {
+                Some(Ok(l)) if !l.model_fingerprint.is_empty() => Some(l.model_fingerprint.clone()),
+                _ => None,
+            })
+        })
+        .collect();
+    let models: Vec<Option<String>> = listed
+        .iter()
+        .zip(&results)
+        .map(|(m, load)| {
+            m.model.clone().or_else(|| match load {
+                Some(Ok(l)) => Some(l.model.clone()),
+                _ => None,
+            })
+        })
+        .collect();
     println!(
-        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9}",
+        "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9} {:<8} SERVES",
         "ROLE",
         "ID",
         "ADDRESS",
@@ -84,13 +116,25 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         "KV FREE/TOTAL",
         "PREFILL TOKENS",
         "CACHED BLOCKS",
-        "CACHE HIT"
+        "CACHE HIT",
+        "MODEL ID",
     );
-    for (m, load) in listed.iter().zip(results) {
+    for (i, (m, load)) in listed.iter().zip(results).enumerate() {
         let dash = || "-".to_string();
+        let fingerprint = fingerprints[i].as_deref();
+        let reference = pinned.or_else(|| reference(&models, &fingerprints, models[i].as_deref()));
+        let model_id = fingerprint
+            .and_then(|f| f.parse::<ModelFingerprint>().ok())
+            .map_or_else(dash, |f| f.short());
+        let serves = match verdict(reference.as_ref(), fingerprint) {
+            Verdict::Compatible if reference.is_some() => "cluster model".to_string(),
+            Verdict::Compatible => "? (no majority)".to_string(),
+            Verdict::Unknown => "? (no fingerprint)".to_string(),
+            Verdict::Incompatible(why) => format!("INCOMPATIBLE: {why}; gets no requests"),
+        };
         match load.unwrap_or_else(|| Err("no answer".into())) {
             Ok(l) => println!(
-                "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9}",
+                "{:<8} {:<16} {:<26} {:<16} {:>2} {:>7} {:>6} {:>13} {:>14} {:>13} {:>9} {:<8} {}",
                 m.role,
                 m.id.clone().unwrap_or(l.node_id.clone()),
                 m.addr,
@@ -101,10 +145,12 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 format!("{}/{}", l.kv_blocks_free, l.kv_blocks_total),
                 l.queued_prefill_tokens,
                 l.prefix_cache_blocks,
-                hit_rate(&l)
+                hit_rate(&l),
+                model_id,
+                serves
             ),
             Err(e) => println!(
-                "{:<8} {:<16} {:<26} {:<16} {:>2} unreachable: {e}",
+                "{:<8} {:<16} {:<26} {:<16} {:>2} unreachable: {e} ({model_id}: {serves})",
                 m.role,
                 m.id.clone().unwrap_or_else(dash),
                 m.addr,
@@ -114,6 +160,44 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cluster's fingerprint by the config: its `[model] fingerprint`, else
+/// that of its model files when they are here (the router's own choice).
+fn reference_of_config(config: &Config) -> Option<ModelFingerprint> {
+    if let Some(pinned) = config.model.fingerprint {
+        return Some(pinned);
+    }
+    let path = &config.model.path;
+    if !path.exists() {
+        return None;
+    }
+    let model = tandem_engine::ModelDir::open(path).ok()?;
+    ModelFingerprint::of(&model).ok()
+}
+
+/// Without a config: the fingerprint most nodes serving `model` hold (a
+/// strict majority; `None` on a tie, when nobody can say which is right).
+fn reference(
+    models: &[Option<String>],
+    fingerprints: &[Option<String>],
+    model: Option<&str>,
+) -> Option<ModelFingerprint> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for (m, f) in models.iter().zip(fingerprints) {
+        let Some(f) = f.as_deref().filter(|_| m.as_deref() == model) else {
+            continue;
+        };
+        match counts.iter_mut().find(|(g, _)| *g == f) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((f, 1)),
+        }
+    }
+    counts.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    match counts.as_slice() {
+        [(top, n), rest @ ..] if rest.first().is_none_or(|(_, m)| m < n) => top.parse().ok(),
+        _ => None,
+    }
 }
 
 /// The share of the prompt tokens a node prefilled whose KV came from its
@@ -164,6 +248,7 @@ async fn members(args: &StatusArgs, config: Option<Config>) -> anyhow::Result<Ve
                 tls_name: None,
                 model: None,
                 tp_size: None,
+                fingerprint: None,
             })
             .collect()
     };
@@ -174,7 +259,8 @@ async fn members(args: &StatusArgs, config: Option<Config>) -> anyhow::Result<Ve
 
 fn from_record(r: NodeRecord) -> Listed {
     Listed {
-        role: r.role,
+        role: r.role.as_str().to_string(),
+        fingerprint: r.fingerprint.map(|f| f.to_string()),
         id: Some(r.id),
         addr: r.grpc_addr,
         tls_name: r.tls_name,

@@ -265,6 +265,12 @@ pub struct ModelSection {
     /// GPU index for the CUDA backend.
     #[serde(default)]
     pub device: usize,
+    /// Pins the cluster's model identity (`c<hex>.t<hex>.p<hex>.w<hex>`, as
+    /// `tandem status` shows it): the router routes only to nodes whose
+    /// fingerprint is this one. Absent: the fingerprint of the router's own
+    /// model files (see `tandem_cluster::fingerprint`).
+    #[serde(default)]
+    pub fingerprint: Option<crate::fingerprint::ModelFingerprint>,
 }
 
 fn default_model_path() -> PathBuf {
@@ -278,6 +284,7 @@ impl Default for ModelSection {
             name: None,
             backend: BackendKind::Cpu,
             device: 0,
+            fingerprint: None,
         }
     }
 }
@@ -351,6 +358,10 @@ pub struct RouterSection {
     /// a key of this section): limits on the gRPC and HTTP listeners.
     #[serde(skip)]
     pub connections: ConnectionsSection,
+    /// The config's `[model] fingerprint`, copied here by the loader (not a
+    /// key of this section): the model identity the router pairs nodes by.
+    #[serde(skip)]
+    pub model_fingerprint: Option<crate::fingerprint::ModelFingerprint>,
 }
 
 fn default_max_request_bytes() -> usize {
@@ -563,6 +574,7 @@ impl Config {
         if let Some(r) = config.router.as_mut() {
             r.tls = config.tls.clone();
             r.connections = config.connections.clone();
+            r.model_fingerprint = config.model.fingerprint;
         }
         config.validate()?;
         Ok(config)

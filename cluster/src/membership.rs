@@ -2,17 +2,42 @@
 //! members and watches for changes; static membership comes from the config,
 //! and a dynamic source (etcd) implements the same trait.
 
+use serde::{Deserialize, Serialize};
+use tandem_proto::v1 as pb;
 use tokio::sync::watch;
 
+use crate::fingerprint::ModelFingerprint;
 use crate::grpc_tls::with_scheme;
 
-/// A node's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A node's role (`prefill` or `decode` in keys and JSON records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Computes prompts' KV caches.
     Prefill,
     /// Generates tokens with continuous batching.
     Decode,
+}
+
+impl From<Role> for pb::Role {
+    fn from(role: Role) -> pb::Role {
+        match role {
+            Role::Prefill => pb::Role::Prefill,
+            Role::Decode => pb::Role::Decode,
+        }
+    }
+}
+
+impl Role {
+    /// The role a load report names: its `role`, or the `legacy_role` string
+    /// of a node that predates the enum; `None` when neither names one.
+    pub fn of_load(load: &pb::NodeLoad) -> Option<Role> {
+        match load.role() {
+            pb::Role::Prefill => Some(Role::Prefill),
+            pb::Role::Decode => Some(Role::Decode),
+            pb::Role::Unspecified => Role::from_name(&load.legacy_role),
+        }
+    }
 }
 
 /// One node of the cluster.
@@ -27,6 +52,10 @@ pub struct Member {
     /// one (its `[tls] server_name`, through etcd); `None`: the host of
     /// `grpc_addr`.
     pub tls_name: Option<String>,
+    /// What it serves, when its membership record says
+    /// (`NodeRecord.fingerprint`); `None` with static membership, where the
+    /// router learns it from the node's load reports.
+    pub fingerprint: Option<ModelFingerprint>,
 }
 
 impl Member {
@@ -36,6 +65,7 @@ impl Member {
             role,
             grpc_addr: grpc_addr.into(),
             tls_name: None,
+            fingerprint: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::fingerprint::ModelFingerprint;
 use crate::membership::{Member, Role};
 
 impl Role {
@@ -51,7 +52,7 @@ pub struct NodeRecord {
     /// Node id (unique per role within the cluster).
     pub id: String,
     /// `prefill` or `decode`.
-    pub role: String,
+    pub role: Role,
     /// Internal gRPC address, `http://host:port`, or `https://host:port`
     /// when the node serves mutual TLS.
     pub grpc_addr: String,
@@ -67,6 +68,10 @@ pub struct NodeRecord {
     pub quic_addrs: Vec<String>,
     /// Name of the served model.
     pub model: String,
+    /// What the node serves (see [`crate::fingerprint`]); absent in a record
+    /// written before fingerprints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<ModelFingerprint>,
     /// GPUs the model is sharded over (tensor parallelism).
     pub tp_size: u32,
     /// Static capacity, for operators reading etcd: no part of Tandem reads
@@ -91,11 +96,6 @@ pub struct Capacity {
 }
 
 impl NodeRecord {
-    /// The record's role, if it names a known one.
-    pub fn role(&self) -> Option<Role> {
-        Role::from_name(&self.role)
-    }
-
     /// The record as etcd stores it.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|_| unreachable!("a record always serializes"))
@@ -133,7 +133,7 @@ pub fn parse_record(prefix: &str, key: &[u8], value: &[u8]) -> Result<NodeRecord
         key: key_text.clone(),
         message: e.to_string(),
     })?;
-    if record.role != role || record.id != id {
+    if record.role.as_str() != role || record.id != id {
         return Err(RecordError::Mismatch(key_text));
     }
     Ok(record)
@@ -230,7 +230,11 @@ impl MemberTable {
                     .records
                     .insert(key.to_vec(), record.clone())
                     .or(lingered.map(|(r, _)| r));
-                old.is_none_or(|o| o.grpc_addr != record.grpc_addr || o.tls_name != record.tls_name)
+                old.is_none_or(|o| {
+                    o.grpc_addr != record.grpc_addr
+                        || o.tls_name != record.tls_name
+                        || o.fingerprint != record.fingerprint
+                })
             }
             Err(e) => {
                 warn!("ignoring a registration: {e}");
@@ -255,11 +259,11 @@ impl MemberTable {
         let mut out: Vec<Member> = Vec::with_capacity(self.records.len());
         let lingering = self.lingering.values().map(|(r, _)| r);
         for r in self.records.values().chain(lingering) {
-            let Some(role) = r.role() else { continue };
             let member = Member {
-                role,
+                role: r.role,
                 grpc_addr: r.grpc_addr.clone(),
                 tls_name: r.tls_name.clone(),
+                fingerprint: r.fingerprint,
             };
             if !out.contains(&member) {
                 out.push(member);
@@ -276,11 +280,12 @@ mod tests {
     fn record(role: &str, id: &str, port: u16) -> NodeRecord {
         NodeRecord {
             id: id.into(),
-            role: role.into(),
+            role: Role::from_name(role).unwrap(),
             grpc_addr: format!("http://127.0.0.1:{port}"),
             tls_name: None,
             quic_addrs: vec![],
             model: "m".into(),
+            fingerprint: None,
             tp_size: 1,
             capacity: Capacity {
                 kv_blocks: 64,
@@ -292,7 +297,7 @@ mod tests {
     }
 
     fn put(t: &mut MemberTable, r: &NodeRecord) -> bool {
-        let key = node_key("c", r.role().unwrap(), &r.id);
+        let key = node_key("c", r.role, &r.id);
         t.put(key.as_bytes(), r.to_json().as_bytes())
     }
 

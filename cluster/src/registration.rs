@@ -32,10 +32,7 @@ impl Registration {
     /// Starts registering `record` in cluster `config.cluster`. Returns at once;
     /// the node serves whether or not etcd answers.
     pub fn start(config: EtcdSection, record: NodeRecord) -> Result<Registration, EtcdError> {
-        let role = record
-            .role()
-            .ok_or_else(|| EtcdError::Protocol(format!("unknown role {:?}", record.role)))?;
-        let key = node_key(&config.cluster, role, &record.id);
+        let key = node_key(&config.cluster, record.role, &record.id);
         let (registered_tx, registered) = watch::channel(false);
         let stop = CancellationToken::new();
         let task = tokio::spawn(keep_registered(

@@ -146,6 +146,7 @@ impl<B: Backend> Scheduler<B> {
                 dtype: wire_to_pb(wire_dtype(layout.dtype)) as i32,
                 transfer_id,
                 cached_blocks: cached as u32,
+                model_fingerprint: self.kv.model_fingerprint.clone(),
             });
             State::AwaitingKv {
                 deadline: Instant::now() + a.kv_timeout,

@@ -48,6 +48,10 @@ pub enum RequestError {
     /// the connection broke).
     #[error("KV transfer failed: {0}")]
     KvTransfer(String),
+    /// The KV came from a node serving another model (its fingerprint in the
+    /// final frame differs from this node's): the pairing is wrong, not the node.
+    #[error("{0}")]
+    ModelMismatch(String),
     /// Writing received KV into the cache failed.
     #[error("importing KV failed: {0}")]
     KvImport(String),

@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tandem_cluster::listener::{self, ConnectionLimits};
-use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, grpc_tls};
+use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, ModelFingerprint, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
@@ -48,6 +48,9 @@ pub enum DecodeError {
     /// The model-loading task ended without an answer (it panicked).
     #[error("loading the model failed: {0}")]
     ModelLoad(String),
+    /// The model's fingerprint could not be computed (reading its files).
+    #[error("fingerprinting the model: {0}")]
+    Fingerprint(String),
     /// The KV receiver's TLS material (`[tls]` or the self-signed certificate).
     #[error("KV receiver TLS: {0}")]
     ReceiverTls(String),
@@ -145,6 +148,13 @@ pub async fn serve_advertising(
             .await
             .map_err(|e| DecodeError::ModelLoad(e.to_string()))??
     };
+    let fingerprint = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || ModelFingerprint::of(&model))
+            .await
+            .map_err(|e| DecodeError::Fingerprint(e.to_string()))?
+            .map_err(|e| DecodeError::Fingerprint(e.to_string()))?
+    };
     let reservations = Arc::new(Mutex::new(Reservations::new()));
     let stats = Arc::new(Mutex::new(Stats::default()));
     let (commands, command_rx) = std::sync::mpsc::channel();
@@ -188,7 +198,10 @@ pub async fn serve_advertising(
         config.quic_listen,
         server_tls,
         sink,
-        ReceiverConfig::default(),
+        ReceiverConfig {
+            model_fingerprint: fingerprint.digest(),
+            ..ReceiverConfig::default()
+        },
         shutdown.clone(),
     )?;
 
@@ -210,6 +223,7 @@ pub async fn serve_advertising(
         quic_addrs: quic_addrs.iter().map(ToString::to_string).collect(),
         server_name,
         cert_der,
+        model_fingerprint: fingerprint.to_string(),
     };
     let kv_addrs = endpoint.quic_addrs.clone();
     let limits = Limits {
@@ -251,6 +265,7 @@ pub async fn serve_advertising(
         commands,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
+        fingerprint: fingerprint.to_string(),
         stats: stats.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -105,6 +105,8 @@ pub struct KvEndpoint {
     pub server_name: String,
     /// The receiver's certificate, for prefill nodes to trust.
     pub cert_der: Vec<u8>,
+    /// This node's model fingerprint, for prefill nodes to check.
+    pub model_fingerprint: String,
 }
 
 /// Batching and admission limits.
@@ -290,7 +292,14 @@ impl<B: Backend> Scheduler<B> {
                 reason,
             } => {
                 if self.seqs.contains_key(&transfer_id) {
-                    self.fail(transfer_id, RequestError::KvTransfer(reason));
+                    // KV of another model: the pairing is wrong, not the node.
+                    let error = if reason.starts_with(tandem_kv_transfer::receiver::MODEL_MISMATCH)
+                    {
+                        RequestError::ModelMismatch(reason)
+                    } else {
+                        RequestError::KvTransfer(reason)
+                    };
+                    self.fail(transfer_id, error);
                 }
             }
             Command::Cancel(request_id, reply) => {

@@ -33,6 +33,8 @@ pub struct DecodeService {
     pub tp_size: u32,
     /// Tokens per KV block, published in load reports.
     pub block_size: u32,
+    /// What the node serves, published in load reports.
+    pub fingerprint: String,
     /// Load figures from the engine loop.
     pub stats: Arc<Mutex<Stats>>,
 }
@@ -60,6 +62,7 @@ pub fn failure_status(e: &RequestError) -> Status {
     let message = e.to_string();
     match e {
         RequestError::KvTimeout => Status::deadline_exceeded(message),
+        RequestError::ModelMismatch(_) => Status::failed_precondition(message),
         RequestError::KvTransfer(_) | RequestError::ShuttingDown => Status::unavailable(message),
         RequestError::KvImport(_) | RequestError::Forward(_) | RequestError::Generation(_) => {
             Status::internal(message)
@@ -161,6 +164,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let stats = self.stats.clone();
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
         let block_size = self.block_size;
+        let fingerprint = self.fingerprint.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -168,7 +172,8 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                 let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let load = pb::NodeLoad {
                     node_id: node_id.clone(),
-                    role: "decode".into(),
+                    role: pb::Role::Decode.into(),
+                    model_fingerprint: fingerprint.clone(),
                     kv_blocks_total: s.kv_blocks_total,
                     kv_blocks_free: s.kv_blocks_free,
                     running: s.running,
@@ -182,6 +187,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     cached_tokens_total: s.cached_tokens_total,
                     prefix_cache_blocks: s.prefix_cache_blocks,
                     block_size,
+                    ..Default::default()
                 };
                 if tx.send(Ok(load)).await.is_err() {
                     return;

@@ -115,6 +115,10 @@ pub struct ReceiverConfig {
     pub endpoints: usize,
     /// Transport settings.
     pub transport: TransportTuning,
+    /// The receiving node's model fingerprint digest: a transfer whose Final
+    /// frame names another (non-zero) one is refused and aborted, since its
+    /// KV was computed by another model. 0: not checked.
+    pub model_fingerprint: u64,
 }
 
 /// The default endpoint count: one per core, at most 8.
@@ -135,9 +139,14 @@ impl Default for ReceiverConfig {
             handshake_timeout: Duration::from_secs(10),
             endpoints: default_endpoints(),
             transport: TransportTuning::default(),
+            model_fingerprint: 0,
         }
     }
 }
+
+/// How an abort for KV computed by another model begins (the decode node
+/// tells the router FAILED_PRECONDITION for it, not a transfer failure).
+pub const MODEL_MISMATCH: &str = "KV computed by another model";
 
 /// A running receiver. Dropping it does not stop it; call
 /// [`shutdown`](Self::shutdown) or cancel the token given to
@@ -428,8 +437,19 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                 first_token,
                 layers_sent,
                 frames_sent,
+                model_fingerprint,
                 ..
             } => {
+                let ours = shared.config.model_fingerprint;
+                if ours != 0 && model_fingerprint != 0 && model_fingerprint != ours {
+                    let reason = format!(
+                        "{MODEL_MISMATCH}: the sender's is {model_fingerprint:016x}, this node's {ours:016x}"
+                    );
+                    if shared.tracker().end(id) {
+                        shared.sink.on_abort(id, &reason);
+                    }
+                    return refused(reason);
+                }
                 let action = shared.tracker().final_arrived(
                     id,
                     PendingFinal {

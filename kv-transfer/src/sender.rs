@@ -70,6 +70,9 @@ pub struct SenderConfig {
     pub timeout: Duration,
     /// Transport settings.
     pub transport: TransportTuning,
+    /// The sending node's model fingerprint digest, carried in every Final
+    /// frame (`wire`); 0: unknown (the receiver then cannot check it).
+    pub model_fingerprint: u64,
 }
 
 impl Default for SenderConfig {
@@ -83,6 +86,7 @@ impl Default for SenderConfig {
             server_name: "localhost".into(),
             timeout: Duration::from_secs(30),
             transport: TransportTuning::default(),
+            model_fingerprint: 0,
         }
     }
 }
@@ -274,6 +278,7 @@ impl KvSender {
             budget: self.budget.clone(),
             max_permits: self.config.max_in_flight_bytes.min(Semaphore::MAX_PERMITS),
             max_frame_payload: self.config.max_frame_payload,
+            model_fingerprint: self.config.model_fingerprint,
             failure,
             done: false,
         })
@@ -334,6 +339,7 @@ pub struct RequestStream {
     budget: Arc<Semaphore>,
     max_permits: usize,
     max_frame_payload: u32,
+    model_fingerprint: u64,
     failure: Arc<Mutex<Option<TransferError>>>,
     done: bool,
 }
@@ -430,7 +436,13 @@ impl RequestStream {
     /// the last acknowledgement reaches the router through the decode node.
     pub async fn finish(mut self, first_token: u32, layers_sent: u32) -> Result<(), TransferError> {
         self.done = true;
-        let fin = encode_final(self.transfer_id, first_token, layers_sent, self.frames_sent);
+        let fin = encode_final(
+            self.transfer_id,
+            first_token,
+            layers_sent,
+            self.frames_sent,
+            self.model_fingerprint,
+        );
         // Final goes last on the lane the next frame would have used; the
         // receiver orders it after the other lanes by the frame count.
         let lane = &self.lanes[self.next_lane % self.lanes.len()];

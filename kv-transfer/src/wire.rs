@@ -13,7 +13,7 @@
 //! | offset | size | field        | notes                                   |
 //! | ------ | ---- | ------------ | --------------------------------------- |
 //! | 0      | 4    | magic        | ASCII `TDKV`                            |
-//! | 4      | 1    | version      | `1`                                     |
+//! | 4      | 1    | version      | `2` (1 had no model fingerprint)        |
 //! | 5      | 1    | kind         | `1` Layer, `2` Final, `3` Abort         |
 //! | 6      | 2    | reserved     | zero                                    |
 //! | 8      | 8    | transfer id  | u64                                     |
@@ -49,7 +49,7 @@
 //! unchanged and a full-head frame (`head start = 0`, `head count = total`)
 //! is a verbatim copy of `export_layer`'s bytes.
 //!
-//! # Final frame (24 bytes)
+//! # Final frame (36 bytes)
 //!
 //! | offset | size | field        | notes                                         |
 //! | ------ | ---- | ------------ | --------------------------------------------- |
@@ -57,8 +57,13 @@
 //! | 16     | 4    | first token  | u32, the token prefill sampled                |
 //! | 20     | 4    | layers sent  | u32                                           |
 //! | 24     | 4    | frames sent  | u32, Layer frames of this request, all lanes  |
+//! | 28     | 8    | model        | u64, the sender's model fingerprint digest    |
 //!
-//! (28 bytes in all.) `frames sent` lets a receiver whose request was striped
+//! (36 bytes in all.) `model` is `ModelFingerprint::digest` of what the
+//! prefill node serves (`tandem_cluster::fingerprint`), 0 when the sender
+//! does not know it; a receiver configured with its own refuses a transfer
+//! whose Final names another model, so KV of one model is never decoded by
+//! another even if the router paired the wrong nodes. `frames sent` lets a receiver whose request was striped
 //! over several streams hold the Final back until every Layer frame landed.
 //!
 //! # Abort frame (18 bytes + reason)
@@ -84,13 +89,13 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"TDKV";
 /// The wire format version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes in the common prefix.
 pub const PREFIX_LEN: usize = 16;
 /// Bytes in a Layer frame's header (payload excluded).
 pub const LAYER_HEADER_LEN: usize = 52;
 /// Bytes in a Final frame.
-pub const FINAL_LEN: usize = 28;
+pub const FINAL_LEN: usize = 36;
 /// Bytes in an Abort frame before its reason.
 pub const ABORT_HEADER_LEN: usize = 18;
 /// Longest abort reason, in bytes.
@@ -320,6 +325,8 @@ pub enum Frame {
         layers_sent: u32,
         /// Layer frames sent, over all of the request's streams.
         frames_sent: u32,
+        /// The sender's model fingerprint digest (0: unknown).
+        model_fingerprint: u64,
     },
     /// The sender gives the request up.
     Abort {
@@ -353,12 +360,14 @@ impl Frame {
                 first_token,
                 layers_sent,
                 frames_sent,
+                model_fingerprint,
             } => {
                 out.extend_from_slice(&encode_final(
                     *transfer_id,
                     *first_token,
                     *layers_sent,
                     *frames_sent,
+                    *model_fingerprint,
                 ));
             }
             Frame::Abort {
@@ -377,12 +386,14 @@ pub fn encode_final(
     first_token: u32,
     layers_sent: u32,
     frames_sent: u32,
+    model_fingerprint: u64,
 ) -> Bytes {
     let mut out = BytesMut::with_capacity(FINAL_LEN);
     put_prefix(&mut out, KIND_FINAL, transfer_id);
     out.put_u32_le(first_token);
     out.put_u32_le(layers_sent);
     out.put_u32_le(frames_sent);
+    out.put_u64_le(model_fingerprint);
     out.freeze()
 }
 
@@ -607,6 +618,7 @@ impl FrameDecoder {
                     let first_token = b.get_u32_le();
                     let layers_sent = b.get_u32_le();
                     let frames_sent = b.get_u32_le();
+                    let model_fingerprint = b.get_u64_le();
                     self.last_transfer_id = Some(transfer_id);
                     self.buf.advance(FINAL_LEN);
                     return Ok(Some(Frame::Final {
@@ -614,6 +626,7 @@ impl FrameDecoder {
                         first_token,
                         layers_sent,
                         frames_sent,
+                        model_fingerprint,
                     }));
                 }
                 KIND_ABORT => {
@@ -759,16 +772,24 @@ mod tests {
                     payload: Bytes::from(payload),
                 }
             }),
-            (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
-                |(transfer_id, first_token, layers_sent, frames_sent)| {
-                    Frame::Final {
-                        transfer_id,
-                        first_token,
-                        layers_sent,
-                        frames_sent,
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(transfer_id, first_token, layers_sent, frames_sent, model_fingerprint)| {
+                        Frame::Final {
+                            transfer_id,
+                            first_token,
+                            layers_sent,
+                            frames_sent,
+                            model_fingerprint,
+                        }
                     }
-                }
-            ),
+                ),
             (any::<u64>(), "\\PC{0,40}").prop_map(|(transfer_id, reason)| Frame::Abort {
                 transfer_id,
                 reason

@@ -366,7 +366,7 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
     // A Final for a request whose frames never came is held, then a sender abort ends it.
     s.sink.reserve(100);
     let conn = raw_connection(&s).await;
-    let _ = raw_stream(&conn, &encode_final(100, 1, 4, 4)).await;
+    let _ = raw_stream(&conn, &encode_final(100, 1, 4, 4, 0)).await;
     let req = sender.open_request(100).await.unwrap();
     req.abort("prefill node lost its GPU").await.unwrap();
     match next_ending(&mut s.endings).await {
@@ -425,5 +425,79 @@ async fn loopback_transfers_use_large_datagrams_without_loss() {
         path.sent_packets
     );
     sender.close().await;
+    s.receiver.shutdown().await;
+}
+
+/// A receiver that knows its model refuses a transfer whose Final frame
+/// names another (KV computed by other weights), releasing the reservation;
+/// the same model, or a sender that does not say, is accepted.
+#[tokio::test]
+async fn kv_of_another_model_is_refused_at_the_final_frame() {
+    const OURS: u64 = 0x5eed_0001;
+    let cert = SelfSigned::generate(&["localhost"]).unwrap();
+    let (sink, endings) = TestSink::new();
+    let (receiver, addr) = KvReceiver::bind_with(
+        "127.0.0.1:0".parse().unwrap(),
+        cert.server_config().unwrap(),
+        sink.clone(),
+        ReceiverConfig {
+            model_fingerprint: OURS,
+            ..ReceiverConfig::default()
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap();
+    let mut s = Setup {
+        receiver,
+        addr,
+        cert,
+        sink,
+        endings,
+    };
+    let sender_for = |fingerprint: u64| {
+        let tls = client_config_trusting(&s.cert.cert).unwrap();
+        let cfg = SenderConfig {
+            model_fingerprint: fingerprint,
+            ..SenderConfig::default()
+        };
+        KvSender::connect_with(s.addr, tls, cfg)
+    };
+    let other = sender_for(0x5eed_0002).await.unwrap();
+    let same = sender_for(OURS).await.unwrap();
+    let unknown = sender_for(0).await.unwrap();
+
+    s.sink.reserve(7);
+    let mut req = other.open_request(7).await.unwrap();
+    for layer in 0..LAYERS {
+        req.send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .unwrap();
+    }
+    let r = req.finish(1, u32::from(LAYERS)).await;
+    assert!(
+        matches!(r, Err(TransferError::Refused { .. }) | Ok(())),
+        "{r:?}"
+    );
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(7, reason) => {
+            assert!(
+                reason.starts_with(tandem_kv_transfer::receiver::MODEL_MISMATCH),
+                "{reason}"
+            );
+            assert!(reason.contains("000000005eed0002"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The reservation is gone: a late frame for it is refused.
+    assert!(
+        s.sink
+            .reservations
+            .lock()
+            .unwrap()
+            .on_final(7, 1, u32::from(LAYERS))
+            .is_err()
+    );
+    good_transfer(&mut s, &same, 8).await;
+    good_transfer(&mut s, &unknown, 9).await;
     s.receiver.shutdown().await;
 }

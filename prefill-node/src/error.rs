@@ -40,6 +40,21 @@ pub enum PrefillError {
         /// Why.
         source: TransferError,
     },
+    /// The decode node serves another model than this node (its
+    /// `KvTarget.model_fingerprint` differs): its KV would be computed by one
+    /// model and decoded by another. Not the client's fault, and no retry on
+    /// this pair helps: the router must pair other nodes.
+    #[error(
+        "the decode node serves another model ({difference}): {theirs}, this prefill node {ours}"
+    )]
+    ModelMismatch {
+        /// What differs, in words.
+        difference: String,
+        /// The decode node's fingerprint.
+        theirs: String,
+        /// This node's.
+        ours: String,
+    },
     /// The request was cancelled (by `Cancel` or by its caller going away).
     #[error("request cancelled")]
     Cancelled,
@@ -69,7 +84,9 @@ impl From<PrefillError> for tonic::Status {
                 Code::ResourceExhausted
             }
             PrefillError::Duplicate(_) => Code::AlreadyExists,
-            PrefillError::NoTrustAnchor(_) => Code::FailedPrecondition,
+            PrefillError::NoTrustAnchor(_) | PrefillError::ModelMismatch { .. } => {
+                Code::FailedPrecondition
+            }
             PrefillError::Transfer { .. } | PrefillError::ShuttingDown => Code::Unavailable,
             PrefillError::Cancelled => Code::Cancelled,
             PrefillError::Engine(_)

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tandem_cluster::listener::{self, ConnectionLimits};
-use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
+use tandem_cluster::{GrpcTls, ModelFingerprint, PrefillSection, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
@@ -136,6 +136,13 @@ pub async fn serve(
     }
     let mut shape = NodeShape::new(&model.config, config.block_size);
     shape.check_wire_limits()?;
+    let fingerprint = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || ModelFingerprint::of(&model))
+            .await
+            .map_err(|e| PrefillError::Server(format!("fingerprinting the model: {e}")))?
+            .map_err(|e| PrefillError::Config(format!("fingerprinting the model: {e}")))?
+    };
     let backend = {
         let model = model.clone();
         let (blocks, bs, tp) = (config.kv_blocks, config.block_size, config.tp);
@@ -179,13 +186,18 @@ pub async fn serve(
                 .map_err(|e| PrefillError::Config(format!("[tls]: {e}")))?,
         ),
     };
-    let senders = Arc::new(SenderCache::new(config.kv_connections, cluster_tls));
+    let senders = Arc::new(SenderCache::new(
+        config.kv_connections,
+        cluster_tls,
+        fingerprint.digest(),
+    ));
     let service = PrefillGrpc(Arc::new(PrefillService {
         shape,
         scheduler: scheduler.clone(),
         senders: senders.clone(),
         node_id: config.id.clone(),
         model_name: model.name(),
+        fingerprint,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         shutdown: shutdown.clone(),
         transfer_metrics: TransferMetrics::new(),

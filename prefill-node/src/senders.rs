@@ -23,6 +23,8 @@ pub(crate) struct SenderCache {
     /// With `[tls]`: trust the cluster CA and present this node's certificate
     /// (mutual TLS); without: trust the certificate each decode node hands out.
     cluster_tls: Option<Arc<rustls::ClientConfig>>,
+    /// This node's model fingerprint digest, in every transfer's Final frame.
+    model_fingerprint: u64,
     senders: Mutex<HashMap<Key, Arc<KvSender>>>,
 }
 
@@ -31,10 +33,15 @@ fn key(d: &KvDestination) -> Key {
 }
 
 impl SenderCache {
-    pub fn new(connections: usize, cluster_tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+    pub fn new(
+        connections: usize,
+        cluster_tls: Option<Arc<rustls::ClientConfig>>,
+        model_fingerprint: u64,
+    ) -> Self {
         SenderCache {
             connections,
             cluster_tls,
+            model_fingerprint,
             senders: Mutex::new(HashMap::new()),
         }
     }
@@ -66,6 +73,7 @@ impl SenderCache {
             // At least one connection per receiver endpoint, to use them all.
             connections: self.connections.max(dest.addrs.len()),
             server_name: dest.server_name.clone(),
+            model_fingerprint: self.model_fingerprint,
             ..SenderConfig::default()
         };
         let sender = Arc::new(

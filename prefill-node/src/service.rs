@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_cluster::ModelFingerprint;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::prefill_node_server::PrefillNode;
 use tokio::sync::mpsc;
@@ -31,6 +32,9 @@ pub(crate) struct PrefillService {
     pub senders: Arc<SenderCache>,
     pub node_id: String,
     pub model_name: String,
+    /// What this node serves; published in load reports and checked
+    /// against each KV target's.
+    pub fingerprint: ModelFingerprint,
     /// Tensor-parallel ranks of the node's model.
     pub tp_size: u32,
     pub shutdown: CancellationToken,
@@ -56,6 +60,7 @@ impl Drop for CancelOnDrop {
 impl PrefillService {
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
         let submitted = Instant::now();
+        self.check_model(req.kv_target.as_ref())?;
         let v = validate(&self.shape, req).await?;
         let sender = self.senders.get(&v.target).await?;
         let cancel = CancellationToken::new();
@@ -94,12 +99,36 @@ impl PrefillService {
         result
     }
 
+    /// Refuses a KV target whose decode node serves another model (before
+    /// the shape checks, so another shape reads as what it is).
+    fn check_model(&self, target: Option<&pb::KvTarget>) -> Result<(), PrefillError> {
+        let Some(theirs) = target
+            .map(|t| t.model_fingerprint.as_str())
+            .filter(|f| !f.is_empty())
+        else {
+            return Ok(());
+        };
+        let difference = match theirs.parse::<ModelFingerprint>() {
+            Ok(f) => match self.fingerprint.difference(&f) {
+                None => return Ok(()),
+                Some(d) => d,
+            },
+            Err(_) => "unreadable fingerprint".to_string(),
+        };
+        Err(PrefillError::ModelMismatch {
+            difference,
+            theirs: theirs.to_string(),
+            ours: self.fingerprint.to_string(),
+        })
+    }
+
     fn node_load(&self) -> pb::NodeLoad {
         let l = self.scheduler.load();
         let u32_of = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         pb::NodeLoad {
             node_id: self.node_id.clone(),
-            role: "prefill".into(),
+            role: pb::Role::Prefill.into(),
+            model_fingerprint: self.fingerprint.to_string(),
             kv_blocks_total: u32_of(l.kv_blocks_total),
             kv_blocks_free: u32_of(l.kv_blocks_free),
             running: u32_of(l.running),
@@ -113,6 +142,7 @@ impl PrefillService {
             cached_tokens_total: l.cached_tokens_total,
             prefix_cache_blocks: u32_of(l.prefix_cache_blocks),
             block_size: u32_of(self.shape.block_size),
+            ..Default::default()
         }
     }
 }

@@ -266,6 +266,8 @@ impl Cluster {
             transfer_id,
             quic_addrs: Vec::new(),
             cached_blocks: 0,
+            // The same model as the prefill node's: checked, and accepted.
+            model_fingerprint: tandem_cluster::ModelFingerprint::of(&self.model)?.to_string(),
         })
     }
 
@@ -504,6 +506,33 @@ async fn bad_requests_are_refused_and_the_node_keeps_serving() -> Result<()> {
     let e = client.prefill(req).await.expect_err("no certificate");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
+    // A decode node serving other weights (or another shape) under the same
+    // name: refused before any work, as a pairing error, not the client's.
+    let ours = tandem_cluster::ModelFingerprint::of(&c.model)?;
+    let other_weights = tandem_cluster::ModelFingerprint {
+        weights: ours.weights ^ 1,
+        ..ours
+    };
+    let other_shape = tandem_cluster::ModelFingerprint {
+        config: ours.config ^ 1,
+        ..other_weights
+    };
+    for (theirs, why) in [
+        (other_weights, "(weights differ)"),
+        (other_shape, "(model config (shape), weights differ)"),
+    ] {
+        let mut req = c.request("other-model", &prompt, None)?;
+        if let Some(t) = req.kv_target.as_mut() {
+            t.model_fingerprint = theirs.to_string();
+            // Another shape would also fail the shape checks; the model
+            // check comes first and says what is wrong.
+            t.num_layers = 5;
+        }
+        let e = client.prefill(req).await.expect_err("another model");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(why), "{}", e.message());
+    }
+
     let found = client
         .cancel(pb::CancelRequest {
             request_id: "nobody".into(),
@@ -584,7 +613,9 @@ async fn cancel_stops_a_running_prefill_and_frees_its_blocks() -> Result<()> {
         .await?
         .into_inner();
     let load = loads.message().await?.context("no load report")?;
-    assert_eq!(load.role, "prefill");
+    assert_eq!(load.role(), pb::Role::Prefill);
+    let fingerprint = tandem_cluster::ModelFingerprint::of(&c.model)?;
+    assert_eq!(load.model_fingerprint, fingerprint.to_string());
     assert_eq!(load.node_id, "prefill-test");
     assert_eq!(load.kv_blocks_total, 256);
     assert!(load.steps_total >= 2);

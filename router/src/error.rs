@@ -111,6 +111,9 @@ pub enum RouterError {
     /// The `[tls]` files for dialing nodes could not be used.
     #[error("mutual TLS to the nodes: {0}")]
     Tls(#[from] tandem_cluster::GrpcTlsError),
+    /// The router's model could not be fingerprinted (see `identity`).
+    #[error("fingerprinting the model: {0}")]
+    Fingerprint(String),
 }
 
 impl RouterError {
@@ -176,7 +179,8 @@ impl RouterError {
             | RouterError::Bind { .. }
             | RouterError::Serve(_)
             | RouterError::Reflection(_)
-            | RouterError::Tls(_) => Code::Internal,
+            | RouterError::Tls(_)
+            | RouterError::Fingerprint(_) => Code::Internal,
         }
     }
 

@@ -22,8 +22,10 @@ pub mod admission;
 pub mod auth;
 pub mod choice;
 pub mod client_grpc;
+pub mod drain;
 pub mod error;
 pub mod generate;
+pub mod identity;
 pub mod nodes;
 pub mod openai;
 pub mod openai_fields;
@@ -58,6 +60,9 @@ pub struct RunningRouter {
     pub http_addr: Option<SocketAddr>,
     /// The server task; ends after `shutdown` fires and open streams close.
     pub join: JoinHandle<Result<(), RouterError>>,
+    /// Stops admitting and counts admitted requests, for a drain before
+    /// `shutdown` (see [`drain`]).
+    pub drain: Arc<drain::Drain>,
 }
 
 /// Binds `config.listen` and serves `Generate` and `grpc.health.v1` until
@@ -87,6 +92,17 @@ pub async fn serve(
     })?;
     let limits = ConnectionLimits::from(&config.connections);
     let name = model_name.clone().unwrap_or_else(|| model.name());
+    // The cluster's model identity: pinned, or the router's own files'.
+    let mut config = config;
+    if config.model_fingerprint.is_none() {
+        let m = model.clone();
+        let fingerprint =
+            tokio::task::spawn_blocking(move || tandem_cluster::ModelFingerprint::of(&m))
+                .await
+                .map_err(|e| RouterError::Fingerprint(e.to_string()))?
+                .map_err(|e| RouterError::Fingerprint(e.to_string()))?;
+        config.model_fingerprint = Some(fingerprint);
+    }
     let service = Arc::new(GenerateService::new(
         model.clone(),
         model_name,
@@ -94,6 +110,7 @@ pub async fn serve(
         membership,
         shutdown.clone(),
     )?);
+    let drain = service.drain();
     let http_addr = match config.http_listen {
         Some(http) => Some(
             serve_http(
@@ -109,7 +126,28 @@ pub async fn serve(
         None => None,
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    report_health(health_reporter, service.ready(), shutdown.clone()).await;
+    report_health(health_reporter.clone(), service.ready(), shutdown.clone()).await;
+    {
+        // A draining router is not a target for new requests.
+        let drain = drain.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            while !drain.is_stopped() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+            }
+            for name in [
+                "",
+                <GenerateServer<GenerateService> as tonic::server::NamedService>::NAME,
+            ] {
+                health_reporter
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        });
+    }
     // Server reflection, so `grpcurl` and other tools work without the .proto
     // files: v1 and v1alpha, over the client-facing descriptors only.
     let reflection = || {
@@ -146,6 +184,7 @@ pub async fn serve(
         addr,
         http_addr,
         join,
+        drain,
     })
 }
 

@@ -13,6 +13,10 @@
 //! host), and the router presents its own. A member with a plaintext address
 //! is not dialed at all; one whose certificate fails never answers a load
 //! query, so it stays unreachable and ranks last.
+//!
+//! A node serving another model than the cluster's (its fingerprint, from
+//! its record or its load reports, differs: see [`crate::identity`]) stays
+//! in the pool, reporting load, but is never ranked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +31,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
+use crate::identity::Identity;
 
 /// First wait before reopening a failed load stream.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -61,6 +66,11 @@ struct Entry {
     status: NodeStatus,
     /// When the last load report arrived (or the node joined).
     last_report: Instant,
+    /// False while the node serves another model than the cluster's.
+    compatible: bool,
+    /// Whether the node said what it serves (record or load report); one
+    /// that has not ranks after those that did.
+    identified: bool,
     stop: CancellationToken,
 }
 
@@ -69,6 +79,7 @@ pub struct NodePool {
     nodes: Mutex<HashMap<String, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
+    identity: Identity,
 }
 
 impl NodePool {
@@ -81,10 +92,29 @@ impl NodePool {
         tls: Option<GrpcTls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        Self::start_with_identity(
+            membership,
+            load_interval_ms,
+            tls,
+            Identity::new(None),
+            shutdown,
+        )
+    }
+
+    /// [`start`](Self::start), routing only to nodes `identity` finds
+    /// compatible with the cluster's model.
+    pub fn start_with_identity(
+        membership: Arc<dyn Membership>,
+        load_interval_ms: u32,
+        tls: Option<GrpcTls>,
+        identity: Identity,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
             nodes: Mutex::new(HashMap::new()),
             load_interval_ms,
             tls,
+            identity,
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -122,6 +152,7 @@ impl NodePool {
             if !keep {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
+                self.identity.forget(addr);
             }
             keep
         });
@@ -143,6 +174,8 @@ impl NodePool {
             };
             let stop = shutdown.child_token();
             info!(node = %m.grpc_addr, role = ?m.role, "node joined the cluster");
+            let fingerprint = m.fingerprint.map(|f| f.to_string());
+            let compatible = self.identity.note(&m.grpc_addr, fingerprint.as_deref());
             tokio::spawn(watch_load(
                 self.clone(),
                 handle.clone(),
@@ -156,6 +189,8 @@ impl NodePool {
                     member: m.clone(),
                     status: NodeStatus::default(),
                     last_report: Instant::now(),
+                    compatible,
+                    identified: fingerprint.is_some(),
                     stop,
                 },
             );
@@ -165,7 +200,10 @@ impl NodePool {
     /// Nodes of `role`, best choice first.
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
-        let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
+        let mut entries: Vec<&Entry> = nodes
+            .values()
+            .filter(|e| e.handle.role == role && e.compatible)
+            .collect();
         // A stable base order, so that ties break the same way every time.
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
         let stale_after = self.stale_after();
@@ -176,10 +214,13 @@ impl NodePool {
                 ..e.status.clone()
             })
             .collect();
-        let order = match role {
+        let mut order = match role {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
         };
+        // A node not known to serve the cluster's model (static membership,
+        // before its first report) is a last resort (stable: ranks kept).
+        order.sort_by_key(|&i| !entries[i].identified);
         order
             .into_iter()
             .map(|i| entries[i].handle.clone())
@@ -208,7 +249,9 @@ impl NodePool {
 
     /// Whether the pool holds any node of `role`.
     pub fn has(&self, role: Role) -> bool {
-        self.lock().values().any(|e| e.handle.role == role)
+        self.lock()
+            .values()
+            .any(|e| e.handle.role == role && e.compatible)
     }
 
     /// Counts a request just sent to `addr` in its load until the node's next
@@ -219,8 +262,8 @@ impl NodePool {
             return;
         };
         load.queued = load.queued.saturating_add(1);
-        match load.role.as_str() {
-            "prefill" => {
+        match Role::of_load(load) {
+            Some(Role::Prefill) => {
                 load.queued_prefill_tokens = load
                     .queued_prefill_tokens
                     .saturating_add(prompt_tokens as u64);
@@ -235,6 +278,22 @@ impl NodePool {
                     .div_ceil(block_size);
                 load.kv_blocks_free = load.kv_blocks_free.saturating_sub(blocks);
             }
+        }
+    }
+
+    /// Stores a load report of `addr`, and what it says the node serves.
+    fn on_report(&self, addr: &str, load: tandem_proto::v1::NodeLoad) {
+        let published = Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
+        // A record's fingerprint stands until a report says otherwise.
+        let compatible = published.is_none_or(|f| self.identity.note(addr, Some(f)));
+        if let Some(e) = self.lock().get_mut(addr) {
+            if published.is_some() {
+                e.compatible = compatible;
+                e.identified = true;
+            }
+            e.status.load = Some(load);
+            e.status.reachable = true;
+            e.last_report = Instant::now();
         }
     }
 
@@ -292,11 +351,7 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
-                            if let Some(e) = pool.lock().get_mut(&node.addr) {
-                                e.status.load = Some(load);
-                                e.status.reachable = true;
-                                e.last_report = Instant::now();
-                            }
+                            pool.on_report(&node.addr, load);
                         }
                         Ok(None) => {
                             debug!(node = %node.addr, "load stream ended");
@@ -386,6 +441,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn nodes_of_another_model_are_never_ranked_and_unidentified_ones_rank_last() {
+        let ours = tandem_cluster::ModelFingerprint {
+            config: 1,
+            tokenizer: 2,
+            chat_template: 3,
+            weights: 4,
+        };
+        let theirs = tandem_cluster::ModelFingerprint { weights: 5, ..ours };
+        let shutdown = CancellationToken::new();
+        let membership = StaticMembership::new(
+            &["127.0.0.1:4".into()],
+            &[
+                "127.0.0.1:1".into(),
+                "127.0.0.1:2".into(),
+                "127.0.0.1:3".into(),
+            ],
+        );
+        let pool = NodePool::start_with_identity(
+            Arc::new(membership),
+            10,
+            None,
+            Identity::new(Some(ours)),
+            shutdown.clone(),
+        );
+        let (a, b, c, p) = (
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            "http://127.0.0.1:3",
+            "http://127.0.0.1:4",
+        );
+        let report = |fingerprint: Option<&tandem_cluster::ModelFingerprint>, free: u32| NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_free: free,
+            model_fingerprint: fingerprint.map(|f| f.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
+        // a has said nothing (static membership, no report yet), though it
+        // has the most room; b serves the cluster's model; c another one.
+        pool.on_report(a, report(None, 100));
+        pool.on_report(b, report(Some(&ours), 10));
+        pool.on_report(c, report(Some(&theirs), 1000));
+        let ranked: Vec<String> = pool
+            .ranked(Role::Decode)
+            .into_iter()
+            .map(|n| n.addr)
+            .collect();
+        assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
+        // The only prefill node serves another model: there is none.
+        pool.on_report(
+            p,
+            NodeLoad {
+                role: tandem_proto::v1::Role::Prefill.into(),
+                ..report(Some(&theirs), 0)
+            },
+        );
+        assert!(!pool.has(Role::Prefill));
+        assert!(pool.ranked(Role::Prefill).is_empty());
+        // c restarted with the right weights: back in the ranking.
+        pool.on_report(c, report(Some(&ours), 1000));
+        assert_eq!(pool.ranked(Role::Decode)[0].addr, c);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn unreachable_nodes_rank_last_and_assignments_count() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
@@ -397,7 +516,7 @@ mod tests {
         pool.set_status(b, |s| {
             s.reachable = true;
             s.load = Some(NodeLoad {
-                role: "decode".into(),
+                role: tandem_proto::v1::Role::Decode.into(),
                 kv_blocks_free: 10,
                 ..Default::default()
             });
@@ -424,7 +543,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.set_status(a, |s| {
             s.load = Some(NodeLoad {
-                role: "decode".into(),
+                role: tandem_proto::v1::Role::Decode.into(),
                 kv_blocks_free: 10,
                 block_size: 32,
                 ..Default::default()

@@ -21,8 +21,10 @@ use tracing::Instrument;
 use crate::admission::{Admission, Admitted};
 use crate::auth::ClientAuth;
 use crate::client_grpc::RequestDecoded;
+use crate::drain::Drain;
 use crate::error::RouterError;
 use crate::generate::Relay;
+use crate::identity::Identity;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
 use crate::validation::{ValidRequest, Validator};
@@ -43,6 +45,8 @@ pub struct GenerateService {
     request_timeout: Duration,
     /// Whether the membership has been read once (see [`Membership::ready`]).
     ready: watch::Receiver<bool>,
+    /// Admission on or off, and the admitted requests still running.
+    drain: Arc<Drain>,
 }
 
 impl GenerateService {
@@ -59,7 +63,13 @@ impl GenerateService {
     ) -> Result<Self, RouterError> {
         let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
         let ready = membership.ready();
-        let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
+        let nodes = NodePool::start_with_identity(
+            membership,
+            config.load_interval_ms,
+            tls,
+            Identity::new(config.model_fingerprint),
+            shutdown.clone(),
+        );
         Ok(GenerateService {
             auth: ClientAuth::new(config),
             validator: Validator::new(model, model_name, config),
@@ -73,6 +83,7 @@ impl GenerateService {
             request_timeout: Duration::try_from_secs_f64(config.request_timeout_s)
                 .unwrap_or(Duration::MAX),
             ready,
+            drain: Drain::new(),
         })
     }
 
@@ -89,6 +100,11 @@ impl GenerateService {
     /// Whether the router has read the membership once and serves requests.
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
+    }
+
+    /// The service's drain state (see [`crate::drain`]).
+    pub fn drain(&self) -> Arc<Drain> {
+        self.drain.clone()
     }
 
     /// Follows [`GenerateService::is_ready`] (for health reporting).
@@ -113,7 +129,11 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
-        let (req, permit, span) = match self.admit(request, deadline).await {
+        let admitted = match self.drain.enter() {
+            Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
+            None => Err(RouterError::ShuttingDown),
+        };
+        let ((req, permit, span), in_flight) = match admitted {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -127,6 +147,7 @@ impl Generate for GenerateService {
             async move {
                 relay.run(req, arrival, deadline, tx).await;
                 drop(permit);
+                drop(in_flight);
             }
             .instrument(span),
         );

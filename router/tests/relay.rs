@@ -88,7 +88,11 @@ struct FakeDecode {
 fn load_stream(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
     let (tx, rx) = mpsc::channel(4);
     let load = pb::NodeLoad {
-        role: role.into(),
+        role: match role {
+            "prefill" => pb::Role::Prefill,
+            _ => pb::Role::Decode,
+        }
+        .into(),
         kv_blocks_total: 100,
         kv_blocks_free: 100,
         ..Default::default()

@@ -24,6 +24,7 @@
 //! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
 //! | [`CONNECTIONS_REJECTED_TOTAL`] | every TCP listener (router gRPC and HTTP, node gRPC), per connection shed or timed out | `listener`, `reason` |
+//! | [`ROUTER_INCOMPATIBLE_NODES`] | router, whenever a node's model fingerprint is learnt or the node leaves | |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -69,9 +70,12 @@ pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
 /// `handshake_timeout`: no HTTP/2 preface in time; `header_timeout`: no
 /// complete HTTP/1 request head in time, or an idle kept-alive connection).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "tandem_connections_rejected_total";
+/// Gauge: nodes the router holds as serving another model than the cluster's
+/// (their fingerprint differs), which get no requests.
+pub const ROUTER_INCOMPATIBLE_NODES: &str = "tandem_router_incompatible_nodes";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -90,6 +94,7 @@ pub const ALL: [&str; 18] = [
     KV_TRANSFER_SECONDS,
     BATCH_SIZE,
     CONNECTIONS_REJECTED_TOTAL,
+    ROUTER_INCOMPATIBLE_NODES,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -175,6 +180,10 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,
         "Connections closed unserved (over the cap, or too slow to start), by listener and reason"
+    );
+    describe_gauge!(
+        ROUTER_INCOMPATIBLE_NODES,
+        "Nodes whose model fingerprint differs from the cluster's; they get no requests"
     );
 }
 

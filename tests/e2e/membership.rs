@@ -131,11 +131,12 @@ impl Drop for Node {
 fn record(model: &ModelDir, role: &str, id: &str, addr: &str, quic: Vec<String>) -> NodeRecord {
     NodeRecord {
         id: id.into(),
-        role: role.into(),
+        role: tandem_cluster::Role::from_name(role).expect("a role name"),
         grpc_addr: addr.into(),
         tls_name: None,
         quic_addrs: quic,
         model: model.name(),
+        fingerprint: Some(tandem_cluster::ModelFingerprint::of(model).expect("a fingerprint")),
         tp_size: 1,
         capacity: Capacity::default(),
     }

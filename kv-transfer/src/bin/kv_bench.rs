@@ -526,7 +526,7 @@ async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Resu
                     sock.write_all(&header.encode()).await?;
                     sock.write_all(&piece).await?;
                 }
-                sock.write_all(&encode_final(2, 1, u32::from(LAYERS), 0))
+                sock.write_all(&encode_final(2, 1, u32::from(LAYERS), 0, 0))
                     .await?;
                 let mut ack = [0u8; 1];
                 sock.read_exact(&mut ack).await?;

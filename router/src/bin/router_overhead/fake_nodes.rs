@@ -42,7 +42,11 @@ fn idle_load(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
     let (tx, rx) = mpsc::channel(1);
     let load = pb::NodeLoad {
         node_id: format!("fake-{role}"),
-        role: role.into(),
+        role: match role {
+            "prefill" => pb::Role::Prefill,
+            _ => pb::Role::Decode,
+        }
+        .into(),
         kv_blocks_total: 1 << 20,
         kv_blocks_free: 1 << 20,
         ..Default::default()
