@@ -525,6 +525,38 @@ pub struct DecodeSection {
     pub connections: ConnectionsSection,
 }
 
+impl PrefillSection {
+    /// Checks the values that parse but cannot work. [`Config::parse`] calls
+    /// it; a prefill node calls it again at start for a section built in
+    /// code (tests, `tandem up`'s overrides), so this is the one place the
+    /// rules live.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.block_size == 0
+            || self.chunk_tokens == 0
+            || !self.chunk_tokens.is_multiple_of(self.block_size)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
+                self.chunk_tokens, self.block_size
+            )));
+        }
+        if self.max_batch_tokens == 0
+            || self.max_queue == 0
+            || self.kv_blocks == 0
+            || self.kv_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "prefill.max_batch_tokens, max_queue, kv_blocks and kv_connections must be positive"
+                    .into(),
+            ));
+        }
+        if self.tp == 0 {
+            return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and parses a config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -587,20 +619,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(p) = &self.prefill {
-            if p.block_size == 0
-                || p.chunk_tokens == 0
-                || !p.chunk_tokens.is_multiple_of(p.block_size)
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
-                    p.chunk_tokens, p.block_size
-                )));
-            }
-            if p.kv_connections == 0 || p.max_queue == 0 || p.kv_blocks == 0 {
-                return Err(ConfigError::Invalid(
-                    "prefill.kv_connections, max_queue and kv_blocks must be positive".into(),
-                ));
-            }
+            p.validate()?;
         }
         if let Some(d) = &self.decode
             && (d.block_size == 0
@@ -622,9 +641,6 @@ impl Config {
                 "decode.max_batch ({}) must not exceed decode.max_batch_tokens ({}): each sequence in a step takes at least one token",
                 d.max_batch, d.max_batch_tokens
             )));
-        }
-        if self.prefill.as_ref().is_some_and(|p| p.tp == 0) {
-            return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
         }
         if self.decode.as_ref().is_some_and(|d| d.tp == 0) {
             return Err(ConfigError::Invalid("decode.tp must be at least 1".into()));
@@ -674,8 +690,8 @@ impl Config {
                 ("router.decode_nodes", &r.decode_nodes),
             ] {
                 for addr in addrs {
-                    let full = crate::grpc_tls::with_scheme(addr, tls);
-                    crate::grpc_tls::check_scheme(&full, tls)
+                    let full = crate::node_scheme::with_scheme(addr, tls);
+                    crate::node_scheme::check_scheme(&full, tls)
                         .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
                 }
             }
@@ -786,6 +802,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("chunk_tokens"), "{err}");
+        let err = Config::parse("[prefill]\nmax_batch_tokens = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefill.max_batch_tokens"), "{err}");
     }
 
     #[test]

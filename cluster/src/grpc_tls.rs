@@ -152,35 +152,7 @@ fn install_ring_provider() {
     }
 }
 
-/// The URL scheme of internal gRPC addresses: `https` with TLS, `http` without.
-pub fn scheme(tls: bool) -> &'static str {
-    if tls { "https" } else { "http" }
-}
-
-/// `addr` with a scheme: a bare `host:port` gets [`scheme`]`(tls)`; a full
-/// URL is returned as it is.
-pub fn with_scheme(addr: &str, tls: bool) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("{}://{addr}", scheme(tls))
-    }
-}
-
-/// Checks that `addr`'s scheme matches the TLS setting: `https://` with
-/// TLS, `http://` without.
-pub fn check_scheme(addr: &str, tls: bool) -> Result<(), GrpcTlsError> {
-    let message = match (addr.split_once("://").map(|(s, _)| s), tls) {
-        (Some("https"), true) | (Some("http"), false) => return Ok(()),
-        (Some("http"), true) => "a plaintext (http://) address, but [tls] is set: use https://",
-        (Some("https"), false) => "an https:// address needs a [tls] section",
-        _ => "expected http://host:port or https://host:port",
-    };
-    Err(GrpcTlsError::Address {
-        addr: addr.to_string(),
-        message: message.into(),
-    })
-}
+pub use crate::node_scheme::{check_scheme, scheme, with_scheme};
 
 /// An endpoint for the node at `addr`, not yet connected. With `tls`, `addr`
 /// must be `https://` and the node's certificate is checked under
@@ -190,7 +162,10 @@ pub fn endpoint(
     tls: Option<&GrpcTls>,
     server_name: Option<&str>,
 ) -> Result<Endpoint, GrpcTlsError> {
-    check_scheme(addr, tls.is_some())?;
+    check_scheme(addr, tls.is_some()).map_err(|e| GrpcTlsError::Address {
+        addr: e.addr,
+        message: e.message.into(),
+    })?;
     let bad = |e: tonic::transport::Error| GrpcTlsError::Address {
         addr: addr.to_string(),
         message: error_chain(&e),
@@ -225,20 +200,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schemes_follow_the_tls_setting() {
-        assert_eq!(with_scheme("10.0.0.5:7000", true), "https://10.0.0.5:7000");
-        assert_eq!(with_scheme("10.0.0.5:7000", false), "http://10.0.0.5:7000");
-        assert_eq!(with_scheme("http://h:1", true), "http://h:1");
-        check_scheme("https://h:1", true).unwrap();
-        check_scheme("http://h:1", false).unwrap();
-        let err = check_scheme("http://h:1", true).unwrap_err().to_string();
-        assert!(
-            err.contains("plaintext") && err.contains("https://"),
-            "{err}"
-        );
-        let err = check_scheme("https://h:1", false).unwrap_err().to_string();
-        assert!(err.contains("[tls]"), "{err}");
-        assert!(check_scheme("h:1", false).is_err());
+    fn endpoints_follow_the_tls_setting() {
         // Without TLS no client config is needed.
         endpoint("http://127.0.0.1:1", None, None).unwrap();
         assert!(endpoint("https://127.0.0.1:1", None, None).is_err());

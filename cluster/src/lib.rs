@@ -2,7 +2,8 @@
 //! membership ([`membership`]: static, or etcd through [`etcd`] on the
 //! router's side and [`registration`] on a node's, with the records and keys
 //! in [`node_record`]), mutual TLS on the internal gRPC services
-//! ([`grpc_tls`]), limits on accepted connections ([`listener`]) and
+//! ([`grpc_tls`], the `http`/`https` scheme of node addresses in
+//! [`node_scheme`]), limits on accepted connections ([`listener`]) and
 //! conversions between wire and engine types ([`convert`]).
 
 pub mod config;
@@ -12,6 +13,7 @@ pub mod grpc_tls;
 pub mod listener;
 pub mod membership;
 pub mod node_record;
+pub mod node_scheme;
 pub mod registration;
 
 pub use config::{

@@ -4,7 +4,7 @@
 
 use tokio::sync::watch;
 
-use crate::grpc_tls::with_scheme;
+use crate::node_scheme::with_scheme;
 
 /// A node's role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -86,30 +86,6 @@ fn batch_limits(config: &PrefillSection) -> BatchLimits {
     }
 }
 
-fn check_config(config: &PrefillSection) -> Result<(), PrefillError> {
-    let bad = |m: String| Err(PrefillError::Config(m));
-    if config.block_size == 0
-        || config.chunk_tokens == 0
-        || !config.chunk_tokens.is_multiple_of(config.block_size)
-    {
-        return bad(format!(
-            "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
-            config.chunk_tokens, config.block_size
-        ));
-    }
-    if config.max_batch_tokens == 0
-        || config.max_queue == 0
-        || config.kv_blocks == 0
-        || config.kv_connections == 0
-    {
-        return bad(
-            "prefill.max_batch_tokens, max_queue, kv_blocks and kv_connections must be positive"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
 /// Starts a prefill node: loads `model` on the CPU with a cache of
 /// `config.kv_blocks` blocks, starts the worker thread, and serves
 /// `PrefillNode` and gRPC health on `config.listen` (port 0 picks one).
@@ -124,7 +100,9 @@ pub async fn serve(
     config: PrefillSection,
     shutdown: CancellationToken,
 ) -> Result<RunningPrefill, PrefillError> {
-    check_config(&config)?;
+    config
+        .validate()
+        .map_err(|e| PrefillError::Config(e.to_string()))?;
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
     let limits = ConnectionLimits::from(&config.connections);
     let mut server = limits.grpc_server(tonic::transport::Server::builder());
