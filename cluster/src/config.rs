@@ -321,21 +321,34 @@ pub struct RouterSection {
     #[serde(default = "default_load_interval")]
     pub load_interval_ms: u32,
     /// API keys clients must send as `authorization: Bearer <key>`; with
-    /// none here nor in `api_keys_file`, the router is open (the local default).
+    /// none here, in `api_keys_file` nor in `[[router.keys]]`, the router is
+    /// open (the local default). Named `key-1`, `key-2`, ... in metrics, by
+    /// position; `[[router.keys]]` gives keys their own names.
     #[serde(default)]
     pub api_keys: Vec<String>,
-    /// A file of API keys, one per line (blank lines and `#` comments
-    /// skipped); read at start and added to `api_keys`.
+    /// A file of API keys, one per line: `<key>` or `<name> <key>` (blank
+    /// lines and `#` comments skipped); read at start and added to
+    /// `[[router.keys]]` (unnamed ones after `api_keys`, by position).
     #[serde(default)]
     pub api_keys_file: Option<PathBuf>,
+    /// API keys with a name (the `key` label of the per-key usage metrics)
+    /// and optionally their own limits.
+    #[serde(default)]
+    pub keys: Vec<ApiKeySection>,
     /// Requests per second each API key may make (token bucket, burst of one
-    /// second); absent: unlimited.
+    /// second); absent: unlimited. A key's `requests_per_s` overrides it.
     #[serde(default)]
     pub rate_limit_rps: Option<f64>,
-    /// Tokens per minute each API key may use, counting prompt tokens plus
-    /// max_tokens per request (token bucket); absent: unlimited.
+    /// Tokens per minute each API key may use (token bucket holding a
+    /// minute's worth): a request reserves its prompt tokens plus its
+    /// `max_tokens` when admitted, and gets back what it did not generate
+    /// when it ends. Absent: unlimited. A key's `tokens_per_min` overrides it.
     #[serde(default)]
     pub rate_limit_tokens_per_min: Option<f64>,
+    /// TLS for the client-facing gRPC and HTTP APIs (`[router.tls]`);
+    /// absent: plaintext (the local default).
+    #[serde(default, rename = "tls")]
+    pub client_tls: Option<ClientTlsSection>,
     /// Longest prompt, in tokens (besides the model's context); absent: the context.
     #[serde(default)]
     pub max_prompt_tokens: Option<u32>,
@@ -351,6 +364,43 @@ pub struct RouterSection {
     /// a key of this section): limits on the gRPC and HTTP listeners.
     #[serde(skip)]
     pub connections: ConnectionsSection,
+}
+
+/// `[[router.keys]]`: one API key, its name and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySection {
+    /// The key's name: the `key` label of its usage metrics and what logs
+    /// show (letters, digits, `-`, `_`, `.`). Never the secret.
+    pub name: String,
+    /// The secret clients send as `authorization: Bearer <key>`.
+    pub key: String,
+    /// This key's requests per second; absent: `router.rate_limit_rps`.
+    #[serde(default)]
+    pub requests_per_s: Option<f64>,
+    /// This key's tokens per minute; absent: `router.rate_limit_tokens_per_min`.
+    #[serde(default)]
+    pub tokens_per_min: Option<f64>,
+}
+
+/// `[router.tls]`: TLS on the router's client-facing listeners, the gRPC
+/// API (`listen`) and the OpenAI-compatible HTTP API (`http_listen`). Both
+/// present `cert`; it and `key` are reloaded when the files change, without
+/// a restart and without closing open streams. Separate from `[tls]`, the
+/// cluster's internal mutual TLS: clients need not hold cluster
+/// certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSection {
+    /// The certificate chain clients see (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// A CA (PEM): with it every client must present a certificate signed by
+    /// it (mutual TLS), on top of any API key; absent: no client certificate
+    /// is asked for.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 fn default_max_request_bytes() -> usize {
@@ -525,6 +575,67 @@ pub struct DecodeSection {
     pub connections: ConnectionsSection,
 }
 
+impl RouterSection {
+    /// Every API key with its name, in order: `api_keys` (named `key-1`,
+    /// `key-2`, ... by position), then `[[router.keys]]` (and the named
+    /// lines of `api_keys_file`).
+    pub fn all_keys(&self) -> Vec<ApiKeySection> {
+        let unnamed = self
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ApiKeySection {
+                name: format!("key-{}", i + 1),
+                key: k.clone(),
+                requests_per_s: None,
+                tokens_per_min: None,
+            });
+        unnamed.chain(self.keys.iter().cloned()).collect()
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        let keys = self.all_keys();
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        for (i, k) in keys.iter().enumerate() {
+            if k.key.is_empty() || k.key.contains(char::is_whitespace) {
+                return bad(format!(
+                    "router API key {:?} (api_keys, api_keys_file, keys): empty or contains whitespace",
+                    k.name
+                ));
+            }
+            let bad_char = |c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if k.name.is_empty() || k.name.contains(bad_char) {
+                return bad(format!(
+                    "router.keys: name {:?} must be letters, digits, '-', '_' or '.'",
+                    k.name
+                ));
+            }
+            if keys[..i].iter().any(|o| o.name == k.name) {
+                return bad(format!("router.keys: the name {:?} is used twice", k.name));
+            }
+            if keys[..i].iter().any(|o| o.key == k.key) {
+                return bad(format!(
+                    "router.keys: the key named {:?} is also configured as {:?}",
+                    k.name,
+                    keys[..i].iter().find(|o| o.key == k.key).map(|o| &o.name)
+                ));
+            }
+            for (field, v) in [
+                ("requests_per_s", k.requests_per_s),
+                ("tokens_per_min", k.tokens_per_min),
+            ] {
+                if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
+                    return bad(format!(
+                        "router.keys: {field} of the key named {:?} must be positive",
+                        k.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl PrefillSection {
     /// Checks the values that parse but cannot work. [`Config::parse`] calls
     /// it; a prefill node calls it again at start for a section built in
@@ -607,12 +718,29 @@ impl Config {
                 path: path.clone(),
                 source,
             })?;
-            r.api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_owned),
-            );
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields.as_slice() {
+                    [key] => r.api_keys.push((*key).to_owned()),
+                    [name, key] => r.keys.push(ApiKeySection {
+                        name: (*name).to_owned(),
+                        key: (*key).to_owned(),
+                        requests_per_s: None,
+                        tokens_per_min: None,
+                    }),
+                    _ => {
+                        return Err(ConfigError::Invalid(format!(
+                            "router.api_keys_file {} line {}: expected `<key>` or `<name> <key>`",
+                            path.display(),
+                            i + 1
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -662,14 +790,6 @@ impl Config {
             ));
         }
         if let Some(r) = &self.router {
-            if r.api_keys
-                .iter()
-                .any(|k| k.is_empty() || k.contains(char::is_whitespace))
-            {
-                return Err(ConfigError::Invalid(
-                    "router.api_keys: a key is empty or contains whitespace".into(),
-                ));
-            }
             if r.rate_limit_rps
                 .is_some_and(|v| !(v > 0.0 && v.is_finite()))
                 || r.rate_limit_tokens_per_min
@@ -679,6 +799,7 @@ impl Config {
                     "router.rate_limit_rps and rate_limit_tokens_per_min must be positive".into(),
                 ));
             }
+            r.validate_keys()?;
             if r.max_request_bytes < 1024 {
                 return Err(ConfigError::Invalid(
                     "router.max_request_bytes must be at least 1024".into(),

@@ -4,8 +4,10 @@
 //!
 //! With `[tls]` in a config, [`GrpcTls`] holds the cluster CA and the
 //! process's own certificate and key (the same files the QUIC KV transport
-//! uses). A node's server presents its certificate and refuses any client
-//! without a certificate signed by the CA; a client presents its own and
+//! uses). A node's server ([`node_server_tls`], served through
+//! [`crate::tls_listener`]) presents its certificate, reloaded when the
+//! files change, and refuses any client without a certificate signed by the
+//! CA; a client presents its own and
 //! verifies the server against the CA, under the name the node advertises
 //! (its `[tls] server_name`, in its etcd record) or else the host of its
 //! address. Addresses are `https://` when TLS is on and `http://` when it is
@@ -22,9 +24,11 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use crate::cert_reload::CertFiles;
 use crate::config::TlsSection;
+use crate::tls_listener::{ALPN_GRPC, ServerTls, ServerTlsError};
 
 /// Longest wait for a TLS handshake, on either side. A peer that connects
 /// and says nothing (or speaks plaintext and waits) is dropped after it.
@@ -118,16 +122,6 @@ impl GrpcTls {
         &self.server_name
     }
 
-    /// A server's TLS: present this certificate, require a client
-    /// certificate signed by the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
-            .client_auth_optional(false)
-            .timeout(HANDSHAKE_TIMEOUT)
-    }
-
     /// A client's TLS: verify the server against the CA under `server_name`
     /// (`None`: the host of the address dialed), present this certificate.
     pub fn client_config(&self, server_name: Option<&str>) -> ClientTlsConfig {
@@ -140,6 +134,20 @@ impl GrpcTls {
             None => config,
         }
     }
+}
+
+/// A node's gRPC server TLS: presents `[tls] cert` (reloaded when the files
+/// change), requires a client certificate signed by `[tls] ca`.
+pub fn node_server_tls(section: &TlsSection) -> Result<ServerTls, ServerTlsError> {
+    ServerTls::load(
+        CertFiles {
+            section: "[tls]",
+            cert: section.cert.clone(),
+            key: section.key.clone(),
+        },
+        Some(("ca", &section.ca)),
+        ALPN_GRPC,
+    )
 }
 
 /// Makes ring the process's default rustls provider if none is set yet, so
@@ -223,9 +231,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(tls.server_name(), "decode-0.tandem");
-        tonic::transport::Server::builder()
-            .tls_config(tls.server_config())
-            .unwrap();
+        node_server_tls(&TlsSection {
+            ca: path("ca.pem"),
+            cert: path("n.pem"),
+            key: path("n-key.pem"),
+            server_name: "decode-0.tandem".into(),
+        })
+        .unwrap();
         endpoint("https://10.0.0.5:7000", Some(&tls), Some("decode-0.tandem")).unwrap();
         endpoint("https://10.0.0.5:7000", Some(&tls), None).unwrap();
         let err = endpoint("http://10.0.0.5:7000", Some(&tls), None)

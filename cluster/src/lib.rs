@@ -3,9 +3,12 @@
 //! router's side and [`registration`] on a node's, with the records and keys
 //! in [`node_record`]), mutual TLS on the internal gRPC services
 //! ([`grpc_tls`], the `http`/`https` scheme of node addresses in
-//! [`node_scheme`]), limits on accepted connections ([`listener`]) and
+//! [`node_scheme`]), limits on accepted connections ([`listener`]), TLS on them with
+//! certificates reloaded when their files change ([`tls_listener`],
+//! [`cert_reload`]) and
 //! conversions between wire and engine types ([`convert`]).
 
+pub mod cert_reload;
 pub mod config;
 pub mod convert;
 pub mod etcd;
@@ -15,6 +18,7 @@ pub mod membership;
 pub mod node_record;
 pub mod node_scheme;
 pub mod registration;
+pub mod tls_listener;
 
 pub use config::{
     Config, ConfigError, ConnectionsSection, DEFAULT_MODEL_PATH, DecodeSection, EtcdSection,

@@ -28,7 +28,8 @@ mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tandem_cluster::listener::{self, ConnectionLimits};
+use tandem_cluster::listener::ConnectionLimits;
+use tandem_cluster::tls_listener;
 use tandem_cluster::{GrpcTls, PrefillSection, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
@@ -105,13 +106,15 @@ pub async fn serve(
         .map_err(|e| PrefillError::Config(e.to_string()))?;
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
     let limits = ConnectionLimits::from(&config.connections);
+    // Its certificate is reloaded when the files change.
     let mut server = limits.grpc_server(tonic::transport::Server::builder());
-    if let Some(t) = &config.tls {
-        let tls = GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
-        server = server
-            .tls_config(tls.server_config().timeout(limits.header_timeout))
-            .map_err(|e| PrefillError::Config(format!("[tls]: {}", grpc_tls::error_chain(&e))))?;
-    }
+    let grpc_tls = match &config.tls {
+        Some(t) => {
+            GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
+            Some(grpc_tls::node_server_tls(t).map_err(|e| PrefillError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let mut shape = NodeShape::new(&model.config, config.block_size);
     shape.check_wire_limits()?;
     let backend = {
@@ -182,11 +185,20 @@ pub async fn serve(
             scheduler.stop();
         });
     }
+    if let Some(tls) = &grpc_tls {
+        tls.watch("prefill_grpc", shutdown.clone());
+    }
     let server = server
         .add_service(health)
         .add_service(PrefillNodeServer::new(service))
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, "prefill_grpc", limits, shutdown.clone()),
+            tls_listener::incoming(
+                listener,
+                "prefill_grpc",
+                limits,
+                grpc_tls.as_ref(),
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
         );
     let worker = scheduler.clone();

@@ -111,6 +111,9 @@ pub enum RouterError {
     /// The `[tls]` files for dialing nodes could not be used.
     #[error("mutual TLS to the nodes: {0}")]
     Tls(#[from] tandem_cluster::GrpcTlsError),
+    /// The `[router.tls]` files for the client-facing listeners could not be used.
+    #[error("TLS for clients: {0}")]
+    ClientTls(String),
 }
 
 impl RouterError {
@@ -176,7 +179,8 @@ impl RouterError {
             | RouterError::Bind { .. }
             | RouterError::Serve(_)
             | RouterError::Reflection(_)
-            | RouterError::Tls(_) => Code::Internal,
+            | RouterError::Tls(_)
+            | RouterError::ClientTls(_) => Code::Internal,
         }
     }
 

@@ -19,12 +19,13 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
-use crate::auth::ClientAuth;
+use crate::auth::{ClientAuth, KeyId};
 use crate::client_grpc::RequestDecoded;
 use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
+use crate::usage;
 use crate::validation::{ValidRequest, Validator};
 
 /// The gRPC metadata key (and HTTP header) of a client-chosen request id,
@@ -34,9 +35,15 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Responses buffered per client before the router waits for it to read.
 const CLIENT_BUFFER: usize = 64;
 
+/// What a request reserves from its key's tokens per minute: its prompt and
+/// the most it may generate.
+fn reservation(req: &ValidRequest) -> u64 {
+    req.prompt.len() as u64 + u64::from(req.max_tokens)
+}
+
 /// The router's `Generate` service.
 pub struct GenerateService {
-    auth: ClientAuth,
+    auth: Arc<ClientAuth>,
     validator: Validator,
     admission: Admission,
     relay: Arc<Relay>,
@@ -61,7 +68,11 @@ impl GenerateService {
         let ready = membership.ready();
         let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
         Ok(GenerateService {
-            auth: ClientAuth::new(config),
+            auth: {
+                let auth = ClientAuth::new(config);
+                usage::register(&auth);
+                Arc::new(auth)
+            },
             validator: Validator::new(model, model_name, config),
             admission: Admission::new(config.max_running, config.max_queue),
             relay: Arc::new(Relay {
@@ -113,7 +124,7 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
-        let (req, permit, span) = match self.admit(request, deadline).await {
+        let (req, permit, span, key) = match self.admit(request, deadline).await {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -123,10 +134,19 @@ impl Generate for GenerateService {
         };
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let relay = self.relay.clone();
+        let auth = self.auth.clone();
+        let reserved = reservation(&req);
         tokio::spawn(
             async move {
-                relay.run(req, arrival, deadline, tx).await;
+                let tokens = relay.run(req, arrival, deadline, tx).await;
                 drop(permit);
+                // The quota keeps what was used: the prompt and the tokens
+                // sent, if the request reached a node; nothing otherwise.
+                let used = tokens.map_or(0, |t| (t.prompt + t.generated) as u64);
+                auth.refund(key, reserved.saturating_sub(used));
+                if let Some(t) = tokens {
+                    usage::tokens(auth.name(key), t);
+                }
             }
             .instrument(span),
         );
@@ -136,15 +156,57 @@ impl Generate for GenerateService {
 
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
-    /// admission permit and its span.
+    /// admission permit, its span and its API key. Refusals of an
+    /// authenticated request count against its key.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-    ) -> Result<(ValidRequest, Admitted, tracing::Span), RouterError> {
-        let key = self.auth.check(request.metadata())?;
+    ) -> Result<(ValidRequest, Admitted, tracing::Span, KeyId), RouterError> {
+        let key = self.auth.authenticate(request.metadata())?;
+        let name = self.auth.name(key);
+        usage::request(name);
+        if let Err(e) = self.auth.take_request(key) {
+            usage::refused(name, usage::REQUESTS_PER_S);
+            return Err(e);
+        }
+        let (req, reserved) = match self.validate(request, key) {
+            Ok(r) => r,
+            Err((e, reason)) => {
+                usage::refused(name, reason);
+                return Err(e);
+            }
+        };
+        let span = tracing::info_span!("generate", request_id = %req.request_id, key = name);
+        match self
+            .admission
+            .admit(deadline, self.relay.request_timeout_s)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(permit) => Ok((req, permit, span, key)),
+            Err(e) => {
+                self.auth.refund(key, reserved);
+                usage::refused(name, e.status_label());
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks readiness, validates the request and reserves its tokens from
+    /// its key's quota; a refusal comes with its usage reason.
+    #[allow(clippy::result_large_err)]
+    fn validate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+        key: KeyId,
+    ) -> Result<(ValidRequest, u64), (RouterError, &'static str)> {
+        let with_label = |e: RouterError| {
+            let label = e.status_label();
+            (e, label)
+        };
         if !self.is_ready() {
-            return Err(RouterError::NotReady);
+            return Err(with_label(RouterError::NotReady));
         }
         let header_id = request
             .metadata()
@@ -157,15 +219,11 @@ impl GenerateService {
         {
             message.request_id = id;
         }
-        let req = self.validator.validate(message)?;
+        let req = self.validator.validate(message).map_err(with_label)?;
+        let reserved = reservation(&req);
         self.auth
-            .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
-        let span = tracing::info_span!("generate", request_id = %req.request_id);
-        let permit = self
-            .admission
-            .admit(deadline, self.relay.request_timeout_s)
-            .instrument(span.clone())
-            .await?;
-        Ok((req, permit, span))
+            .charge_tokens(key, reserved)
+            .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
+        Ok((req, reserved))
     }
 }
