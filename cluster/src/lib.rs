@@ -21,9 +21,9 @@ pub mod registration;
 pub mod tls_listener;
 
 pub use config::{
-    Config, ConfigError, ConnectionsSection, DEFAULT_MODEL_PATH, DecodeSection, EtcdSection,
-    MembershipSection, MetricsSection, ModelSection, PrefillSection, RouterSection,
-    SYNTH_MODEL_DIR, TlsSection,
+    ApiKeySection, ClientTlsSection, Config, ConfigError, ConnectionsSection, DEFAULT_MODEL_PATH,
+    DecodeSection, EtcdSection, MembershipSection, MetricsSection, ModelSection, PrefillSection,
+    RouterSection, SYNTH_MODEL_DIR, TlsSection,
 };
 pub use etcd::EtcdMembership;
 pub use grpc_tls::{GrpcTls, GrpcTlsError};
