@@ -1005,6 +1005,57 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_get_names_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# keys\nsk-plain\nbatch sk-batch\n\n").unwrap();
+        let c = Config::parse(&format!(
+            "[router]\napi_keys = [\"sk-0\"]\napi_keys_file = {:?}\n\
+             [[router.keys]]\nname = \"team-a\"\nkey = \"sk-a\"\ntokens_per_min = 100\n\
+             [router.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        let r = c.router.unwrap();
+        let names: Vec<_> = r.all_keys().into_iter().map(|k| k.name).collect();
+        assert_eq!(names, ["key-1", "key-2", "team-a", "batch"]);
+        let tls = r.client_tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.client_ca), (Some("c.pem"), None));
+        assert!(r.tls.is_none(), "[router.tls] is not the cluster's [tls]");
+        for (text, needle) in [
+            ("[[router.keys]]\nname = \"a b\"\nkey = \"k\"\n", "\"a b\""),
+            (
+                "[router]\napi_keys = [\"k\"]\n[[router.keys]]\nname = \"x\"\nkey = \"k\"\n",
+                "also configured",
+            ),
+            (
+                "[[router.keys]]\nname = \"x\"\nkey = \"k1\"\n[[router.keys]]\nname = \"x\"\nkey = \"k2\"\n",
+                "used twice",
+            ),
+            (
+                "[[router.keys]]\nname = \"x\"\nkey = \"k\"\ntokens_per_min = 0\n",
+                "tokens_per_min",
+            ),
+            ("[router.tls]\ncert = \"c\"\n", "key"),
+            (
+                "[router.tls]\ncert = \"c\"\nkey = \"k\"\nca = \"x\"\n",
+                "ca",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        std::fs::write(&file, "a b c\n").unwrap();
+        let err = Config::parse(&format!(
+            "[router]\napi_keys_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
     fn bad_membership_is_named() {
         for (text, key) in [
             ("[membership.etcd]\nendpoints = []\n", "endpoints"),

@@ -58,12 +58,13 @@ impl Bucket {
     /// Takes `n` tokens, or says how many seconds until there are `n`.
     /// A cost above the capacity is capped to it, so a big request is slowed,
     /// never starved forever.
-    fn take(&mut self, n: f64, now: Instant) -> Result<(), f64> {
+    /// Returns what was taken.
+    fn take(&mut self, n: f64, now: Instant) -> Result<f64, f64> {
         self.refill(now);
         let n = n.min(self.capacity);
         if self.tokens >= n {
             self.tokens -= n;
-            Ok(())
+            Ok(n)
         } else {
             Err((n - self.tokens) / self.per_s)
         }
@@ -235,13 +236,16 @@ impl ClientAuth {
     }
 
     /// Reserves a validated request's tokens (prompt + max_tokens) from its
-    /// key's tokens per minute; [`ClientAuth::refund`] gives back what the
-    /// request did not use.
-    pub fn charge_tokens(&self, key: KeyId, tokens: u64) -> Result<(), RouterError> {
+    /// key's tokens per minute; returns what was taken (at most a minute's
+    /// worth; all of `tokens` for a key without a quota), of which
+    /// [`ClientAuth::refund`] gives back what the request did not use.
+    pub fn charge_tokens(&self, key: KeyId, tokens: u64) -> Result<u64, RouterError> {
         let k = self.key(key);
         let mut limits = k.lock();
         if let Some(b) = limits.tokens.as_mut() {
-            b.take(tokens as f64, Instant::now())
+            return b
+                .take(tokens as f64, Instant::now())
+                .map(|taken| taken as u64)
                 .map_err(|wait| RouterError::RateLimited {
                     message: format!(
                         "quota of {} tokens/min for this API key exceeded \
@@ -249,9 +253,9 @@ impl ClientAuth {
                         k.tokens_per_min.unwrap_or(0.0)
                     ),
                     retry_after_s: wait,
-                })?;
+                });
         }
-        Ok(())
+        Ok(tokens)
     }
 
     /// Gives `tokens` of a reservation back to `key` (a request that ended

@@ -124,7 +124,7 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
-        let (req, permit, span, key) = match self.admit(request, deadline).await {
+        let (req, permit, span, (key, reserved)) = match self.admit(request, deadline).await {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -135,7 +135,6 @@ impl Generate for GenerateService {
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let relay = self.relay.clone();
         let auth = self.auth.clone();
-        let reserved = reservation(&req);
         tokio::spawn(
             async move {
                 let tokens = relay.run(req, arrival, deadline, tx).await;
@@ -156,13 +155,14 @@ impl Generate for GenerateService {
 
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
-    /// admission permit, its span and its API key. Refusals of an
-    /// authenticated request count against its key.
+    /// admission permit, its span, its API key and the tokens it reserved
+    /// from the key's quota. Refusals of an authenticated request count
+    /// against its key.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-    ) -> Result<(ValidRequest, Admitted, tracing::Span, KeyId), RouterError> {
+    ) -> Result<(ValidRequest, Admitted, tracing::Span, (KeyId, u64)), RouterError> {
         let key = self.auth.authenticate(request.metadata())?;
         let name = self.auth.name(key);
         usage::request(name);
@@ -184,7 +184,7 @@ impl GenerateService {
             .instrument(span.clone())
             .await
         {
-            Ok(permit) => Ok((req, permit, span, key)),
+            Ok(permit) => Ok((req, permit, span, (key, reserved))),
             Err(e) => {
                 self.auth.refund(key, reserved);
                 usage::refused(name, e.status_label());
@@ -220,9 +220,9 @@ impl GenerateService {
             message.request_id = id;
         }
         let req = self.validator.validate(message).map_err(with_label)?;
-        let reserved = reservation(&req);
-        self.auth
-            .charge_tokens(key, reserved)
+        let reserved = self
+            .auth
+            .charge_tokens(key, reservation(&req))
             .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
         Ok((req, reserved))
     }

@@ -343,3 +343,51 @@ async fn a_rotated_certificate_is_served_within_seconds_and_no_stream_is_dropped
 fn prompt_tokens(len: usize, salt: u32) -> Vec<u32> {
     prompt(len, salt)
 }
+
+#[tokio::test]
+async fn bad_client_tls_files_stop_the_router_at_start_naming_the_file() {
+    let (_dir, model) = small_model();
+    let pki = Pki::new();
+    let other = Pki::new();
+    let membership = Arc::new(tandem_cluster::StaticMembership::new(&[], &[]));
+    for (tls, needle) in [
+        (
+            ClientTlsSection {
+                cert: pki.dir.path().join("missing.pem"),
+                ..pki.section(false)
+            },
+            "[router.tls] cert",
+        ),
+        (
+            // The key of another certificate.
+            ClientTlsSection {
+                key: other.key.clone(),
+                ..pki.section(false)
+            },
+            "does not fit cert",
+        ),
+        (
+            ClientTlsSection {
+                client_ca: Some(pki.key.clone()),
+                ..pki.section(false)
+            },
+            "[router.tls] client_ca",
+        ),
+    ] {
+        let mut config = ClusterSpec::default().router;
+        config.client_tls = Some(tls);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let err = tandem_router::serve(
+            model.clone(),
+            None,
+            config,
+            membership.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .expect_err("the router must not start");
+        shutdown.cancel();
+        let err = err.to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
