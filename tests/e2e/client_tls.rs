@@ -201,18 +201,39 @@ async fn client_certificates_are_required_when_client_ca_is_set() {
 /// The leaf certificate (DER) the listener at `addr` presents to a new
 /// TLS connection now, offering the ALPN protocol `alpn`.
 async fn served_cert(addr: std::net::SocketAddr, ca: &Path, alpn: &[u8]) -> Vec<u8> {
+    served_cert_to(addr, ca, alpn, None).await
+}
+
+/// [`served_cert`], presenting the client certificate `identity`.
+async fn served_cert_to(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    alpn: &[u8],
+    identity: Option<(&Path, &Path)>,
+) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => config
+            .with_client_auth_cert(
+                rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -390,4 +411,52 @@ async fn bad_client_tls_files_stop_the_router_at_start_naming_the_file() {
         let err = err.to_string();
         assert!(err.contains(needle), "{needle}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_serves_its_rotated_certificate_on_its_internal_grpc_listener() {
+    let (_dir, model) = small_model();
+    let pki = Pki::new();
+    let node = write_certs(
+        pki.dir.path(),
+        &pki.ca,
+        "decode",
+        &["localhost", "127.0.0.1"],
+    );
+    let (client_cert, client_key) = pki.client_cert();
+    let mut decode = ClusterSpec::default().decode;
+    decode.tls = Some(node.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let d = tandem_decode::serve(model, decode, shutdown.clone())
+        .await
+        .expect("decode node");
+    let identity = Some((client_cert.as_path(), client_key.as_path()));
+    let served = || served_cert_to(d.grpc_addr, &node.ca, b"h2", identity);
+    assert_eq!(served().await, der_of(&node.cert));
+
+    // A bad key keeps the old certificate in use.
+    std::fs::write(&node.key, "not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(served().await, der_of(&node.cert));
+
+    let rotated = pki
+        .ca
+        .issue(&["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let written = Instant::now();
+    std::fs::write(&node.key, &rotated.key_pem).unwrap();
+    std::fs::write(&node.cert, &rotated.cert_pem).unwrap();
+    let new = der_of(&node.cert);
+    while served().await != new {
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "the node's new certificate was not served within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "decode node gRPC certificate reload: {:.0} ms",
+        written.elapsed().as_secs_f64() * 1e3
+    );
+    shutdown.cancel();
 }
