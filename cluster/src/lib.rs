@@ -1,4 +1,5 @@
-//! What every Tandem role shares: the config schema ([`config`]), cluster
+//! What every Tandem role shares: the config schema ([`config`], with the
+//! router's client keys and TLS in [`client_access`]), cluster
 //! membership ([`membership`]: static, or etcd through [`etcd`] on the
 //! router's side and [`registration`] on a node's, with the records and keys
 //! in [`node_record`]), mutual TLS on the internal gRPC services
@@ -9,6 +10,7 @@
 //! conversions between wire and engine types ([`convert`]).
 
 pub mod cert_reload;
+pub mod client_access;
 pub mod config;
 pub mod convert;
 pub mod etcd;

@@ -195,7 +195,6 @@ impl GenerateService {
 
     /// Checks readiness, validates the request and reserves its tokens from
     /// its key's quota; a refusal comes with its usage reason.
-    #[allow(clippy::result_large_err)]
     fn validate(
         &self,
         request: Request<pb::GenerateRequest>,
