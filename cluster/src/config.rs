@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::client_access::{ApiKeySection, ClientTlsSection};
+
 /// The default `[model] path`: SmolLM2-135M-Instruct, which `tandem model fetch
 /// smollm2` puts there and the roles fetch on first use.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -328,21 +330,34 @@ pub struct RouterSection {
     #[serde(default = "default_load_interval")]
     pub load_interval_ms: u32,
     /// API keys clients must send as `authorization: Bearer <key>`; with
-    /// none here nor in `api_keys_file`, the router is open (the local default).
+    /// none here, in `api_keys_file` nor in `[[router.keys]]`, the router is
+    /// open (the local default). Named `key-1`, `key-2`, ... in metrics, by
+    /// position; `[[router.keys]]` gives keys their own names.
     #[serde(default)]
     pub api_keys: Vec<String>,
-    /// A file of API keys, one per line (blank lines and `#` comments
-    /// skipped); read at start and added to `api_keys`.
+    /// A file of API keys, one per line: `<key>` or `<name> <key>` (blank
+    /// lines and `#` comments skipped); read at start and added to
+    /// `[[router.keys]]` (unnamed ones after `api_keys`, by position).
     #[serde(default)]
     pub api_keys_file: Option<PathBuf>,
+    /// API keys with a name (the `key` label of the per-key usage metrics)
+    /// and optionally their own limits.
+    #[serde(default)]
+    pub keys: Vec<ApiKeySection>,
     /// Requests per second each API key may make (token bucket, burst of one
-    /// second); absent: unlimited.
+    /// second); absent: unlimited. A key's `requests_per_s` overrides it.
     #[serde(default)]
     pub rate_limit_rps: Option<f64>,
-    /// Tokens per minute each API key may use, counting prompt tokens plus
-    /// max_tokens per request (token bucket); absent: unlimited.
+    /// Tokens per minute each API key may use (token bucket holding a
+    /// minute's worth): a request reserves its prompt tokens plus its
+    /// `max_tokens` when admitted, and gets back what it did not generate
+    /// when it ends. Absent: unlimited. A key's `tokens_per_min` overrides it.
     #[serde(default)]
     pub rate_limit_tokens_per_min: Option<f64>,
+    /// TLS for the client-facing gRPC and HTTP APIs (`[router.tls]`);
+    /// absent: plaintext (the local default).
+    #[serde(default, rename = "tls")]
+    pub client_tls: Option<ClientTlsSection>,
     /// Longest prompt, in tokens (besides the model's context); absent: the context.
     #[serde(default)]
     pub max_prompt_tokens: Option<u32>,
@@ -539,6 +554,61 @@ pub struct DecodeSection {
     pub connections: ConnectionsSection,
 }
 
+impl RouterSection {
+    /// Every API key with its name, in order: `api_keys` (named `key-1`,
+    /// `key-2`, ... by position), then `[[router.keys]]` (and the named
+    /// lines of `api_keys_file`).
+    pub fn all_keys(&self) -> Vec<ApiKeySection> {
+        let unnamed = self
+            .api_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ApiKeySection {
+                name: format!("key-{}", i + 1),
+                key: k.clone(),
+                requests_per_s: None,
+                tokens_per_min: None,
+            });
+        unnamed.chain(self.keys.iter().cloned()).collect()
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        crate::client_access::validate_keys(&self.all_keys()).map_err(ConfigError::Invalid)
+    }
+}
+
+impl PrefillSection {
+    /// Checks the values that parse but cannot work. [`Config::parse`] calls
+    /// it; a prefill node calls it again at start for a section built in
+    /// code (tests, `tandem up`'s overrides), so this is the one place the
+    /// rules live.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.block_size == 0
+            || self.chunk_tokens == 0
+            || !self.chunk_tokens.is_multiple_of(self.block_size)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
+                self.chunk_tokens, self.block_size
+            )));
+        }
+        if self.max_batch_tokens == 0
+            || self.max_queue == 0
+            || self.kv_blocks == 0
+            || self.kv_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "prefill.max_batch_tokens, max_queue, kv_blocks and kv_connections must be positive"
+                    .into(),
+            ));
+        }
+        if self.tp == 0 {
+            return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads and parses a config file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -590,32 +660,36 @@ impl Config {
                 path: path.clone(),
                 source,
             })?;
-            r.api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_owned),
-            );
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields.as_slice() {
+                    [key] => r.api_keys.push((*key).to_owned()),
+                    [name, key] => r.keys.push(ApiKeySection {
+                        name: (*name).to_owned(),
+                        key: (*key).to_owned(),
+                        requests_per_s: None,
+                        tokens_per_min: None,
+                    }),
+                    _ => {
+                        return Err(ConfigError::Invalid(format!(
+                            "router.api_keys_file {} line {}: expected `<key>` or `<name> <key>`",
+                            path.display(),
+                            i + 1
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(p) = &self.prefill {
-            if p.block_size == 0
-                || p.chunk_tokens == 0
-                || !p.chunk_tokens.is_multiple_of(p.block_size)
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
-                    p.chunk_tokens, p.block_size
-                )));
-            }
-            if p.kv_connections == 0 || p.max_queue == 0 || p.kv_blocks == 0 {
-                return Err(ConfigError::Invalid(
-                    "prefill.kv_connections, max_queue and kv_blocks must be positive".into(),
-                ));
-            }
+            p.validate()?;
         }
         if let Some(d) = &self.decode
             && (d.block_size == 0
@@ -638,9 +712,6 @@ impl Config {
                 d.max_batch, d.max_batch_tokens
             )));
         }
-        if self.prefill.as_ref().is_some_and(|p| p.tp == 0) {
-            return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
-        }
         if self.decode.as_ref().is_some_and(|d| d.tp == 0) {
             return Err(ConfigError::Invalid("decode.tp must be at least 1".into()));
         }
@@ -661,14 +732,6 @@ impl Config {
             ));
         }
         if let Some(r) = &self.router {
-            if r.api_keys
-                .iter()
-                .any(|k| k.is_empty() || k.contains(char::is_whitespace))
-            {
-                return Err(ConfigError::Invalid(
-                    "router.api_keys: a key is empty or contains whitespace".into(),
-                ));
-            }
             if r.rate_limit_rps
                 .is_some_and(|v| !(v > 0.0 && v.is_finite()))
                 || r.rate_limit_tokens_per_min
@@ -678,6 +741,7 @@ impl Config {
                     "router.rate_limit_rps and rate_limit_tokens_per_min must be positive".into(),
                 ));
             }
+            r.validate_keys()?;
             if r.max_request_bytes < 1024 {
                 return Err(ConfigError::Invalid(
                     "router.max_request_bytes must be at least 1024".into(),
@@ -689,8 +753,8 @@ impl Config {
                 ("router.decode_nodes", &r.decode_nodes),
             ] {
                 for addr in addrs {
-                    let full = crate::grpc_tls::with_scheme(addr, tls);
-                    crate::grpc_tls::check_scheme(&full, tls)
+                    let full = crate::node_scheme::with_scheme(addr, tls);
+                    crate::node_scheme::check_scheme(&full, tls)
                         .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
                 }
             }
@@ -801,6 +865,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("chunk_tokens"), "{err}");
+        let err = Config::parse("[prefill]\nmax_batch_tokens = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefill.max_batch_tokens"), "{err}");
     }
 
     #[test]
@@ -876,6 +944,57 @@ mod tests {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn api_keys_get_names_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# keys\nsk-plain\nbatch sk-batch\n\n").unwrap();
+        let c = Config::parse(&format!(
+            "[router]\napi_keys = [\"sk-0\"]\napi_keys_file = {:?}\n\
+             [[router.keys]]\nname = \"team-a\"\nkey = \"sk-a\"\ntokens_per_min = 100\n\
+             [router.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+            file.display().to_string()
+        ))
+        .unwrap();
+        let r = c.router.unwrap();
+        let names: Vec<_> = r.all_keys().into_iter().map(|k| k.name).collect();
+        assert_eq!(names, ["key-1", "key-2", "team-a", "batch"]);
+        let tls = r.client_tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.client_ca), (Some("c.pem"), None));
+        assert!(r.tls.is_none(), "[router.tls] is not the cluster's [tls]");
+        for (text, needle) in [
+            ("[[router.keys]]\nname = \"a b\"\nkey = \"k\"\n", "\"a b\""),
+            (
+                "[router]\napi_keys = [\"k\"]\n[[router.keys]]\nname = \"x\"\nkey = \"k\"\n",
+                "also configured",
+            ),
+            (
+                "[[router.keys]]\nname = \"x\"\nkey = \"k1\"\n[[router.keys]]\nname = \"x\"\nkey = \"k2\"\n",
+                "used twice",
+            ),
+            (
+                "[[router.keys]]\nname = \"x\"\nkey = \"k\"\ntokens_per_min = 0\n",
+                "tokens_per_min",
+            ),
+            ("[router.tls]\ncert = \"c\"\n", "key"),
+            (
+                "[router.tls]\ncert = \"c\"\nkey = \"k\"\nca = \"x\"\n",
+                "ca",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        std::fs::write(&file, "a b c\n").unwrap();
+        let err = Config::parse(&format!(
+            "[router]\napi_keys_file = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]

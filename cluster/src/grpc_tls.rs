@@ -4,8 +4,10 @@
 //!
 //! With `[tls]` in a config, [`GrpcTls`] holds the cluster CA and the
 //! process's own certificate and key (the same files the QUIC KV transport
-//! uses). A node's server presents its certificate and refuses any client
-//! without a certificate signed by the CA; a client presents its own and
+//! uses). A node's server ([`node_server_tls`], served through
+//! [`crate::tls_listener`]) presents its certificate, reloaded when the
+//! files change, and refuses any client without a certificate signed by the
+//! CA; a client presents its own and
 //! verifies the server against the CA, under the name the node advertises
 //! (its `[tls] server_name`, in its etcd record) or else the host of its
 //! address. Addresses are `https://` when TLS is on and `http://` when it is
@@ -22,9 +24,11 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+use crate::cert_reload::CertFiles;
 use crate::config::TlsSection;
+use crate::tls_listener::{ALPN_GRPC, ServerTls, ServerTlsError};
 
 /// Longest wait for a TLS handshake, on either side. A peer that connects
 /// and says nothing (or speaks plaintext and waits) is dropped after it.
@@ -118,16 +122,6 @@ impl GrpcTls {
         &self.server_name
     }
 
-    /// A server's TLS: present this certificate, require a client
-    /// certificate signed by the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(self.identity.clone())
-            .client_ca_root(self.ca.clone())
-            .client_auth_optional(false)
-            .timeout(HANDSHAKE_TIMEOUT)
-    }
-
     /// A client's TLS: verify the server against the CA under `server_name`
     /// (`None`: the host of the address dialed), present this certificate.
     pub fn client_config(&self, server_name: Option<&str>) -> ClientTlsConfig {
@@ -142,6 +136,20 @@ impl GrpcTls {
     }
 }
 
+/// A node's gRPC server TLS: presents `[tls] cert` (reloaded when the files
+/// change), requires a client certificate signed by `[tls] ca`.
+pub fn node_server_tls(section: &TlsSection) -> Result<ServerTls, ServerTlsError> {
+    ServerTls::load(
+        CertFiles {
+            section: "[tls]",
+            cert: section.cert.clone(),
+            key: section.key.clone(),
+        },
+        Some(("ca", &section.ca)),
+        ALPN_GRPC,
+    )
+}
+
 /// Makes ring the process's default rustls provider if none is set yet, so
 /// that tonic's server (which asks rustls for the default) never finds the
 /// choice ambiguous should another provider enter the dependency tree.
@@ -152,35 +160,7 @@ fn install_ring_provider() {
     }
 }
 
-/// The URL scheme of internal gRPC addresses: `https` with TLS, `http` without.
-pub fn scheme(tls: bool) -> &'static str {
-    if tls { "https" } else { "http" }
-}
-
-/// `addr` with a scheme: a bare `host:port` gets [`scheme`]`(tls)`; a full
-/// URL is returned as it is.
-pub fn with_scheme(addr: &str, tls: bool) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("{}://{addr}", scheme(tls))
-    }
-}
-
-/// Checks that `addr`'s scheme matches the TLS setting: `https://` with
-/// TLS, `http://` without.
-pub fn check_scheme(addr: &str, tls: bool) -> Result<(), GrpcTlsError> {
-    let message = match (addr.split_once("://").map(|(s, _)| s), tls) {
-        (Some("https"), true) | (Some("http"), false) => return Ok(()),
-        (Some("http"), true) => "a plaintext (http://) address, but [tls] is set: use https://",
-        (Some("https"), false) => "an https:// address needs a [tls] section",
-        _ => "expected http://host:port or https://host:port",
-    };
-    Err(GrpcTlsError::Address {
-        addr: addr.to_string(),
-        message: message.into(),
-    })
-}
+pub use crate::node_scheme::{check_scheme, scheme, with_scheme};
 
 /// An endpoint for the node at `addr`, not yet connected. With `tls`, `addr`
 /// must be `https://` and the node's certificate is checked under
@@ -190,7 +170,10 @@ pub fn endpoint(
     tls: Option<&GrpcTls>,
     server_name: Option<&str>,
 ) -> Result<Endpoint, GrpcTlsError> {
-    check_scheme(addr, tls.is_some())?;
+    check_scheme(addr, tls.is_some()).map_err(|e| GrpcTlsError::Address {
+        addr: e.addr,
+        message: e.message.into(),
+    })?;
     let bad = |e: tonic::transport::Error| GrpcTlsError::Address {
         addr: addr.to_string(),
         message: error_chain(&e),
@@ -225,20 +208,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn schemes_follow_the_tls_setting() {
-        assert_eq!(with_scheme("10.0.0.5:7000", true), "https://10.0.0.5:7000");
-        assert_eq!(with_scheme("10.0.0.5:7000", false), "http://10.0.0.5:7000");
-        assert_eq!(with_scheme("http://h:1", true), "http://h:1");
-        check_scheme("https://h:1", true).unwrap();
-        check_scheme("http://h:1", false).unwrap();
-        let err = check_scheme("http://h:1", true).unwrap_err().to_string();
-        assert!(
-            err.contains("plaintext") && err.contains("https://"),
-            "{err}"
-        );
-        let err = check_scheme("https://h:1", false).unwrap_err().to_string();
-        assert!(err.contains("[tls]"), "{err}");
-        assert!(check_scheme("h:1", false).is_err());
+    fn endpoints_follow_the_tls_setting() {
         // Without TLS no client config is needed.
         endpoint("http://127.0.0.1:1", None, None).unwrap();
         assert!(endpoint("https://127.0.0.1:1", None, None).is_err());
@@ -261,9 +231,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(tls.server_name(), "decode-0.tandem");
-        tonic::transport::Server::builder()
-            .tls_config(tls.server_config())
-            .unwrap();
+        node_server_tls(&TlsSection {
+            ca: path("ca.pem"),
+            cert: path("n.pem"),
+            key: path("n-key.pem"),
+            server_name: "decode-0.tandem".into(),
+        })
+        .unwrap();
         endpoint("https://10.0.0.5:7000", Some(&tls), Some("decode-0.tandem")).unwrap();
         endpoint("https://10.0.0.5:7000", Some(&tls), None).unwrap();
         let err = endpoint("http://10.0.0.5:7000", Some(&tls), None)

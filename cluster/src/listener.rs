@@ -14,9 +14,9 @@
 //! closes it unless its first [`HTTP2_PREFACE_LEN`] bytes (an HTTP/2
 //! preface's length, less than any HTTP/1 request head, less than a TLS
 //! ClientHello) arrive in time. What follows is the protocol's: hyper's
-//! HTTP/1 header-read timeout (the router's HTTP API), tonic's TLS handshake
-//! timeout and HTTP/2 keep-alive pings (gRPC), which the callers set from the
-//! same section. TCP keep-alive finds peers that vanished.
+//! HTTP/1 header-read timeout (the router's HTTP API), the TLS handshake
+//! timeout ([`crate::tls_listener`]) and HTTP/2 keep-alive pings (gRPC),
+//! which the callers set from the same section. TCP keep-alive finds peers that vanished.
 //!
 //! Every connection closed unserved is counted in
 //! `tandem_connections_rejected_total{listener, reason}`.
@@ -77,13 +77,23 @@ impl ConnectionLimits {
 }
 
 /// Counts one connection closed unserved.
-fn rejected(listener: &'static str, reason: &'static str) {
+pub(crate) fn rejected(listener: &'static str, reason: &'static str) {
     metrics::counter!(
         names::CONNECTIONS_REJECTED_TOTAL,
         names::LISTENER => listener,
         names::REASON => reason
     )
     .increment(1);
+}
+
+/// Exports a `reason` of `listener` at 0, so a dashboard's rate has a baseline.
+pub(crate) fn rejected_baseline(listener: &'static str, reason: &'static str) {
+    metrics::counter!(
+        names::CONNECTIONS_REJECTED_TOTAL,
+        names::LISTENER => listener,
+        names::REASON => reason
+    )
+    .increment(0);
 }
 
 /// Counts an HTTP/1 connection closed because its request head was too slow
@@ -109,12 +119,7 @@ pub fn incoming(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Exported from the start (at 0), so a dashboard's rate has a baseline.
     for reason in ["limit", "handshake_timeout"] {
-        metrics::counter!(
-            names::CONNECTIONS_REJECTED_TOTAL,
-            names::LISTENER => name,
-            names::REASON => reason
-        )
-        .increment(0);
+        rejected_baseline(name, reason);
     }
     tokio::spawn(async move {
         loop {

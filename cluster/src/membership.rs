@@ -7,7 +7,7 @@ use tandem_proto::v1 as pb;
 use tokio::sync::watch;
 
 use crate::fingerprint::ModelFingerprint;
-use crate::grpc_tls::with_scheme;
+use crate::node_scheme::with_scheme;
 
 /// A node's role (`prefill` or `decode` in keys and JSON records).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

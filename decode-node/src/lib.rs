@@ -28,7 +28,8 @@ pub mod sink;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use tandem_cluster::listener::{self, ConnectionLimits};
+use tandem_cluster::listener::ConnectionLimits;
+use tandem_cluster::tls_listener;
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, ModelFingerprint, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
@@ -126,20 +127,16 @@ pub async fn serve_advertising(
 ) -> Result<RunningDecode, DecodeError> {
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
     let conn_limits = ConnectionLimits::from(&config.connections);
+    // Its certificate is reloaded when the files change (the QUIC receiver
+    // below serves the same one).
     let grpc_tls = match &config.tls {
-        Some(t) => Some(
-            GrpcTls::load(t)?
-                .server_config()
-                .timeout(conn_limits.header_timeout),
-        ),
+        Some(t) => {
+            GrpcTls::load(t)?;
+            Some(grpc_tls::node_server_tls(t).map_err(|e| DecodeError::GrpcTls(e.to_string()))?)
+        }
         None => None,
     };
     let mut server = conn_limits.grpc_server(tonic::transport::Server::builder());
-    if let Some(tls) = grpc_tls {
-        server = server
-            .tls_config(tls)
-            .map_err(|e| DecodeError::GrpcTls(grpc_tls::error_chain(&e)))?;
-    }
     let backend = {
         let model = model.clone();
         let (blocks, block_size, tp) = (config.kv_blocks, config.block_size, config.tp);
@@ -164,24 +161,16 @@ pub async fn serve_advertising(
     // certificate made now, handed to prefill nodes with each KV target.
     let (server_tls, cert_der, server_name) = match &config.tls {
         Some(t) => {
-            let tls_err =
-                |e: tandem_kv_transfer::TlsError| DecodeError::ReceiverTls(format!("[tls]: {e}"));
-            let server_tls =
-                tandem_kv_transfer::tls::server_config_from_pem(&t.cert, &t.key, Some(&t.ca))
-                    .map_err(tls_err)?;
-            let pem = std::fs::read(&t.cert).map_err(|e| {
-                DecodeError::ReceiverTls(format!("[tls] cert {}: {e}", t.cert.display()))
+            let cert = grpc_tls
+                .as_ref()
+                .map(|g| g.cert().clone())
+                .ok_or_else(|| DecodeError::GrpcTls("[tls] not loaded".into()))?;
+            let leaf = cert.current().cert.first().cloned().ok_or_else(|| {
+                DecodeError::ReceiverTls(format!("[tls] cert {}: no certificate", t.cert.display()))
             })?;
-            use rustls::pki_types::pem::PemObject;
-            let leaf = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
-                .next()
-                .and_then(Result::ok)
-                .ok_or_else(|| {
-                    DecodeError::ReceiverTls(format!(
-                        "[tls] cert {}: no certificate",
-                        t.cert.display()
-                    ))
-                })?;
+            let server_tls =
+                tandem_kv_transfer::tls::server_config_with_resolver(cert, Some(&t.ca))
+                    .map_err(|e| DecodeError::ReceiverTls(format!("[tls]: {e}")))?;
             (server_tls, leaf.to_vec(), t.server_name.clone())
         }
         None => {
@@ -272,13 +261,22 @@ pub async fn serve_advertising(
     health_reporter
         .set_serving::<DecodeNodeServer<DecodeService>>()
         .await;
+    if let Some(tls) = &grpc_tls {
+        tls.watch("decode_grpc", shutdown.clone());
+    }
     tracing::info!(id = %config.id, %grpc_addr, %quic_addr, "decode node serving");
     let done = tokio::spawn(async move {
         let result = server
             .add_service(health_service)
             .add_service(DecodeNodeServer::new(service))
             .serve_with_incoming_shutdown(
-                listener::incoming(listener, "decode_grpc", conn_limits, shutdown.clone()),
+                tls_listener::incoming(
+                    listener,
+                    "decode_grpc",
+                    conn_limits,
+                    grpc_tls.as_ref(),
+                    shutdown.clone(),
+                ),
                 shutdown.cancelled_owned(),
             )
             .await;

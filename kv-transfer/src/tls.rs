@@ -185,6 +185,29 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    let cfg = server_builder(client_auth)?.with_single_cert(chain, key)?;
+    Ok(finish_server_config(cfg))
+}
+
+/// A receiver config whose certificate comes from `resolver` at each
+/// handshake (a certificate reloaded when its files change: new KV
+/// connections get the new one, open ones go on). `client_ca`, when given,
+/// makes client certificates signed by it mandatory.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let auth = match client_ca {
+        None => ClientAuth::None,
+        Some(ca) => ClientAuth::Require(read_certs(ca)?),
+    };
+    let cfg = server_builder(auth)?.with_cert_resolver(resolver);
+    Ok(finish_server_config(cfg))
+}
+
+fn server_builder(
+    client_auth: ClientAuth,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_auth {
@@ -200,11 +223,14 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut cfg = builder.with_single_cert(chain, key)?;
+    Ok(builder)
+}
+
+fn finish_server_config(mut cfg: ServerConfig) -> Arc<ServerConfig> {
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     // 0-RTT would let a replayed first flight re-send KV; not worth it.
     cfg.max_early_data_size = 0;
-    Ok(Arc::new(cfg))
+    Arc::new(cfg)
 }
 
 fn client_config(

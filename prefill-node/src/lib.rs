@@ -28,7 +28,8 @@ mod validation;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tandem_cluster::listener::{self, ConnectionLimits};
+use tandem_cluster::listener::ConnectionLimits;
+use tandem_cluster::tls_listener;
 use tandem_cluster::{GrpcTls, ModelFingerprint, PrefillSection, grpc_tls};
 use tandem_engine::{BatchLimits, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
@@ -86,30 +87,6 @@ fn batch_limits(config: &PrefillSection) -> BatchLimits {
     }
 }
 
-fn check_config(config: &PrefillSection) -> Result<(), PrefillError> {
-    let bad = |m: String| Err(PrefillError::Config(m));
-    if config.block_size == 0
-        || config.chunk_tokens == 0
-        || !config.chunk_tokens.is_multiple_of(config.block_size)
-    {
-        return bad(format!(
-            "prefill.chunk_tokens ({}) must be a positive multiple of prefill.block_size ({})",
-            config.chunk_tokens, config.block_size
-        ));
-    }
-    if config.max_batch_tokens == 0
-        || config.max_queue == 0
-        || config.kv_blocks == 0
-        || config.kv_connections == 0
-    {
-        return bad(
-            "prefill.max_batch_tokens, max_queue, kv_blocks and kv_connections must be positive"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
 /// Starts a prefill node: loads `model` on the CPU with a cache of
 /// `config.kv_blocks` blocks, starts the worker thread, and serves
 /// `PrefillNode` and gRPC health on `config.listen` (port 0 picks one).
@@ -124,16 +101,20 @@ pub async fn serve(
     config: PrefillSection,
     shutdown: CancellationToken,
 ) -> Result<RunningPrefill, PrefillError> {
-    check_config(&config)?;
+    config
+        .validate()
+        .map_err(|e| PrefillError::Config(e.to_string()))?;
     // The gRPC server's TLS first: a bad `[tls]` file fails before the model loads.
     let limits = ConnectionLimits::from(&config.connections);
+    // Its certificate is reloaded when the files change.
     let mut server = limits.grpc_server(tonic::transport::Server::builder());
-    if let Some(t) = &config.tls {
-        let tls = GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
-        server = server
-            .tls_config(tls.server_config().timeout(limits.header_timeout))
-            .map_err(|e| PrefillError::Config(format!("[tls]: {}", grpc_tls::error_chain(&e))))?;
-    }
+    let grpc_tls = match &config.tls {
+        Some(t) => {
+            GrpcTls::load(t).map_err(|e| PrefillError::Config(e.to_string()))?;
+            Some(grpc_tls::node_server_tls(t).map_err(|e| PrefillError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let mut shape = NodeShape::new(&model.config, config.block_size);
     shape.check_wire_limits()?;
     let fingerprint = {
@@ -216,11 +197,20 @@ pub async fn serve(
             scheduler.stop();
         });
     }
+    if let Some(tls) = &grpc_tls {
+        tls.watch("prefill_grpc", shutdown.clone());
+    }
     let server = server
         .add_service(health)
         .add_service(PrefillNodeServer::new(service))
         .serve_with_incoming_shutdown(
-            listener::incoming(listener, "prefill_grpc", limits, shutdown.clone()),
+            tls_listener::incoming(
+                listener,
+                "prefill_grpc",
+                limits,
+                grpc_tls.as_ref(),
+                shutdown.clone(),
+            ),
             shutdown.clone().cancelled_owned(),
         );
     let worker = scheduler.clone();

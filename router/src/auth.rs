@@ -6,10 +6,14 @@
 //! With no keys configured (the local default) the router is open and every
 //! client shares one anonymous key, to which the rate limits (if any) apply.
 //!
-//! Each key has two token buckets: requests per second, and tokens per minute
-//! (a request costs its prompt tokens plus its `max_tokens`, charged once it
-//! is validated). A refusal carries how long to wait, which becomes the
-//! `retry-after` metadata / HTTP header.
+//! Each key has a name (`[[router.keys]] name`; `key-N` for the unnamed
+//! ones, `anonymous` for an open router's), the `key` label of its usage
+//! metrics ([`crate::usage`]), and two token buckets: requests per second,
+//! and tokens per minute. A request reserves its prompt tokens plus its
+//! `max_tokens` once it is validated, and when it ends gets back what it did
+//! not use (the tokens it did not generate; everything if it never reached a
+//! node). A refusal (RESOURCE_EXHAUSTED) carries how long to wait, which
+//! becomes the `retry-after` metadata / HTTP `Retry-After` header (HTTP 429).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,15 +49,22 @@ impl Bucket {
         self.last = now;
     }
 
+    /// Puts `n` tokens back (at most up to the capacity).
+    fn give_back(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.tokens = (self.tokens + n).min(self.capacity);
+    }
+
     /// Takes `n` tokens, or says how many seconds until there are `n`.
     /// A cost above the capacity is capped to it, so a big request is slowed,
     /// never starved forever.
-    fn take(&mut self, n: f64, now: Instant) -> Result<(), f64> {
+    /// Returns what was taken.
+    fn take(&mut self, n: f64, now: Instant) -> Result<f64, f64> {
         self.refill(now);
         let n = n.min(self.capacity);
         if self.tokens >= n {
             self.tokens -= n;
-            Ok(())
+            Ok(n)
         } else {
             Err((n - self.tokens) / self.per_s)
         }
@@ -72,58 +83,103 @@ struct KeyLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyId(usize);
 
+/// The name of the one key of an open router (no keys configured).
+pub const ANONYMOUS: &str = "anonymous";
+
+/// One configured key.
+#[derive(Debug)]
+struct Key {
+    name: String,
+    rps: Option<f64>,
+    tokens_per_min: Option<f64>,
+    limits: Mutex<KeyLimits>,
+}
+
 /// The router's API keys and their rate limits.
 #[derive(Debug)]
 pub struct ClientAuth {
-    keys: HashMap<String, KeyId>,
-    limits: Vec<Mutex<KeyLimits>>,
-    rps: Option<f64>,
-    tokens_per_min: Option<f64>,
+    by_secret: HashMap<String, KeyId>,
+    /// At least one: the anonymous key when none is configured.
+    keys: Vec<Key>,
 }
 
 impl ClientAuth {
-    /// Keys and limits from the router's config (`api_keys`, and the keys
-    /// already read from `api_keys_file` by the config loader).
+    /// Keys and limits from the router's config (`api_keys`,
+    /// `[[router.keys]]`, and the keys already read from `api_keys_file` by
+    /// the config loader), each key's own limits over the router's.
     pub fn new(config: &RouterSection) -> Self {
-        Self::with_keys(
-            config.api_keys.iter().cloned(),
+        Self::with_named_keys(
+            config.all_keys().into_iter().map(|k| NamedKey {
+                name: k.name,
+                secret: k.key,
+                rps: k.requests_per_s.or(config.rate_limit_rps),
+                tokens_per_min: k.tokens_per_min.or(config.rate_limit_tokens_per_min),
+            }),
             config.rate_limit_rps,
             config.rate_limit_tokens_per_min,
         )
     }
 
-    /// Keys and limits given directly.
+    /// Unnamed keys (named `key-1`, `key-2`, ...) sharing one set of limits.
     pub fn with_keys(
         keys: impl IntoIterator<Item = String>,
         rps: Option<f64>,
         tokens_per_min: Option<f64>,
     ) -> Self {
-        let mut map = HashMap::new();
-        for k in keys {
-            let next = KeyId(map.len());
-            map.entry(k).or_insert(next);
-        }
-        let n = map.len().max(1);
-        let limits = (0..n)
-            .map(|_| {
-                Mutex::new(KeyLimits {
-                    // A burst of one second's worth (at least one request).
-                    requests: rps.map(|r| Bucket::new(r.max(1.0), r)),
-                    tokens: tokens_per_min.map(|t| Bucket::new(t, t / 60.0)),
-                })
-            })
-            .collect();
-        ClientAuth {
-            keys: map,
-            limits,
+        Self::with_named_keys(
+            keys.into_iter().enumerate().map(|(i, secret)| NamedKey {
+                name: format!("key-{}", i + 1),
+                secret,
+                rps,
+                tokens_per_min,
+            }),
             rps,
             tokens_per_min,
+        )
+    }
+
+    /// Named keys with their own limits; `anonymous_*` are the limits of an
+    /// open router's anonymous key (used when `keys` is empty).
+    pub fn with_named_keys(
+        keys: impl IntoIterator<Item = NamedKey>,
+        anonymous_rps: Option<f64>,
+        anonymous_tokens_per_min: Option<f64>,
+    ) -> Self {
+        let mut by_secret = HashMap::new();
+        let mut list = Vec::new();
+        for k in keys {
+            if by_secret.contains_key(&k.secret) {
+                continue;
+            }
+            by_secret.insert(k.secret, KeyId(list.len()));
+            list.push(Key::new(k.name, k.rps, k.tokens_per_min));
+        }
+        if list.is_empty() {
+            list.push(Key::new(
+                ANONYMOUS.into(),
+                anonymous_rps,
+                anonymous_tokens_per_min,
+            ));
+        }
+        ClientAuth {
+            by_secret,
+            keys: list,
         }
     }
 
     /// Whether clients must present a key.
     pub fn is_open(&self) -> bool {
-        self.keys.is_empty()
+        self.by_secret.is_empty()
+    }
+
+    /// The configured name of `key` (the metrics' `key` label).
+    pub fn name(&self, key: KeyId) -> &str {
+        &self.key(key).name
+    }
+
+    /// Every key's name, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.name.as_str())
     }
 
     /// Who the request is from: its bearer token must be a configured key
@@ -149,7 +205,7 @@ impl ClientAuth {
                 )
             })?
             .trim();
-        self.keys
+        self.by_secret
             .get(token)
             .copied()
             .ok_or_else(|| RouterError::Unauthenticated("invalid API key".into()))
@@ -158,30 +214,20 @@ impl ClientAuth {
     /// Authenticates and counts one request against the key's requests/s.
     pub fn check(&self, metadata: &MetadataMap) -> Result<KeyId, RouterError> {
         let key = self.authenticate(metadata)?;
-        let mut limits = self.lock(key);
+        self.take_request(key)?;
+        Ok(key)
+    }
+
+    /// Counts one request against `key`'s requests/s.
+    pub fn take_request(&self, key: KeyId) -> Result<(), RouterError> {
+        let k = self.key(key);
+        let mut limits = k.lock();
         if let Some(b) = limits.requests.as_mut() {
             b.take(1.0, Instant::now())
                 .map_err(|wait| RouterError::RateLimited {
                     message: format!(
                         "rate limit of {} requests/s for this API key exceeded",
-                        self.rps.unwrap_or(0.0)
-                    ),
-                    retry_after_s: wait,
-                })?;
-        }
-        Ok(key)
-    }
-
-    /// Charges a validated request's tokens (prompt + max_tokens) to its key.
-    pub fn charge_tokens(&self, key: KeyId, tokens: u64) -> Result<(), RouterError> {
-        let mut limits = self.lock(key);
-        if let Some(b) = limits.tokens.as_mut() {
-            b.take(tokens as f64, Instant::now())
-                .map_err(|wait| RouterError::RateLimited {
-                    message: format!(
-                        "rate limit of {} tokens/min for this API key exceeded \
-                         (this request costs {tokens} tokens: prompt + max_tokens)",
-                        self.tokens_per_min.unwrap_or(0.0)
+                        k.rps.unwrap_or(0.0)
                     ),
                     retry_after_s: wait,
                 })?;
@@ -189,11 +235,73 @@ impl ClientAuth {
         Ok(())
     }
 
-    fn lock(&self, key: KeyId) -> std::sync::MutexGuard<'_, KeyLimits> {
+    /// Reserves a validated request's tokens (prompt + max_tokens) from its
+    /// key's tokens per minute; returns what was taken (at most a minute's
+    /// worth; all of `tokens` for a key without a quota), of which
+    /// [`ClientAuth::refund`] gives back what the request did not use.
+    pub fn charge_tokens(&self, key: KeyId, tokens: u64) -> Result<u64, RouterError> {
+        let k = self.key(key);
+        let mut limits = k.lock();
+        if let Some(b) = limits.tokens.as_mut() {
+            return b
+                .take(tokens as f64, Instant::now())
+                .map(|taken| taken as u64)
+                .map_err(|wait| RouterError::RateLimited {
+                    message: format!(
+                        "quota of {} tokens/min for this API key exceeded \
+                         (this request reserves {tokens} tokens: prompt + max_tokens)",
+                        k.tokens_per_min.unwrap_or(0.0)
+                    ),
+                    retry_after_s: wait,
+                });
+        }
+        Ok(tokens)
+    }
+
+    /// Gives `tokens` of a reservation back to `key` (a request that ended
+    /// before its `max_tokens`, or was refused after its reservation).
+    pub fn refund(&self, key: KeyId, tokens: u64) {
+        if let Some(b) = self.key(key).lock().tokens.as_mut() {
+            b.give_back(tokens as f64, Instant::now());
+        }
+    }
+
+    fn key(&self, key: KeyId) -> &Key {
+        // Ids are only made here, so in range; the last key is a safe fallback.
+        &self.keys[key.0.min(self.keys.len() - 1)]
+    }
+}
+
+/// A key given to [`ClientAuth::with_named_keys`].
+#[derive(Debug, Clone)]
+pub struct NamedKey {
+    /// Its name (metrics label).
+    pub name: String,
+    /// The secret clients send.
+    pub secret: String,
+    /// Requests per second; `None`: unlimited.
+    pub rps: Option<f64>,
+    /// Tokens per minute; `None`: unlimited.
+    pub tokens_per_min: Option<f64>,
+}
+
+impl Key {
+    fn new(name: String, rps: Option<f64>, tokens_per_min: Option<f64>) -> Self {
+        Key {
+            name,
+            rps,
+            tokens_per_min,
+            limits: Mutex::new(KeyLimits {
+                // A burst of one second's worth (at least one request).
+                requests: rps.map(|r| Bucket::new(r.max(1.0), r)),
+                tokens: tokens_per_min.map(|t| Bucket::new(t, t / 60.0)),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeyLimits> {
         // A poisoned bucket is still a valid bucket.
-        self.limits[key.0.min(self.limits.len() - 1)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -221,6 +329,7 @@ mod tests {
     fn keys_are_checked() {
         let a = ClientAuth::with_keys(["k1".to_string(), "k2".to_string()], None, None);
         assert_eq!(a.check(&md(Some("Bearer k2"))).unwrap(), KeyId(1));
+        assert_eq!(a.name(KeyId(1)), "key-2");
         for bad in [None, Some("Bearer nope"), Some("k1"), Some("Basic k1")] {
             let s = tonic::Status::from(a.check(&md(bad)).unwrap_err());
             assert_eq!(s.code(), Code::Unauthenticated, "{bad:?}");
@@ -251,5 +360,50 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // What a request did not generate comes back.
+        a.refund(k, 450);
+        a.charge_tokens(k, 500).unwrap();
+    }
+
+    #[test]
+    fn keys_have_names_and_their_own_limits() {
+        let config = tandem_cluster::Config::parse(
+            "[router]\napi_keys = [\"plain\"]\nrate_limit_tokens_per_min = 6000\n\
+             [[router.keys]]\nname = \"team-a\"\nkey = \"sk-a\"\ntokens_per_min = 60\n\
+             [[router.keys]]\nname = \"team-b\"\nkey = \"sk-b\"\n",
+        )
+        .unwrap()
+        .router
+        .unwrap();
+        let a = ClientAuth::new(&config);
+        assert_eq!(a.names().collect::<Vec<_>>(), ["key-1", "team-a", "team-b"]);
+        let team_a = a.check(&md(Some("Bearer sk-a"))).unwrap();
+        let team_b = a.check(&md(Some("Bearer sk-b"))).unwrap();
+        assert_eq!((a.name(team_a), a.name(team_b)), ("team-a", "team-b"));
+        // team-a's own 60/min, team-b the router's 6000/min. A request
+        // reserving more than a minute's worth waits for a full bucket.
+        a.charge_tokens(team_a, 30).unwrap();
+        let s = tonic::Status::from(a.charge_tokens(team_a, 100).unwrap_err());
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("60 tokens/min"), "{}", s.message());
+        let wait: u64 = s
+            .metadata()
+            .get("retry-after")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((29..=31).contains(&wait), "{wait}");
+        a.charge_tokens(team_b, 5000).unwrap();
+    }
+
+    #[test]
+    fn an_open_router_has_one_anonymous_key() {
+        let a = ClientAuth::with_keys(Vec::new(), None, Some(60.0));
+        let k = a.check(&md(None)).unwrap();
+        assert_eq!(a.name(k), ANONYMOUS);
+        a.charge_tokens(k, 60).unwrap();
+        assert!(a.charge_tokens(k, 60).is_err());
     }
 }

@@ -114,6 +114,9 @@ pub enum RouterError {
     /// The router's model could not be fingerprinted (see `identity`).
     #[error("fingerprinting the model: {0}")]
     Fingerprint(String),
+    /// The `[router.tls]` files for the client-facing listeners could not be used.
+    #[error("TLS for clients: {0}")]
+    ClientTls(String),
 }
 
 impl RouterError {
@@ -180,7 +183,8 @@ impl RouterError {
             | RouterError::Serve(_)
             | RouterError::Reflection(_)
             | RouterError::Tls(_)
-            | RouterError::Fingerprint(_) => Code::Internal,
+            | RouterError::Fingerprint(_)
+            | RouterError::ClientTls(_) => Code::Internal,
         }
     }
 

@@ -166,13 +166,15 @@ type PrefillCall =
 impl Relay {
     /// Serves `req` to the end, writing its responses to `tx`. The caller
     /// holds the request's admission permit for as long as this runs.
+    /// Returns the request's tokens if it reached a node (for its API key's
+    /// usage and quota).
     pub async fn run(
         &self,
         req: ValidRequest,
         arrival: Instant,
         deadline: Instant,
         tx: ClientSender,
-    ) {
+    ) -> Option<Tokens> {
         let request = Request {
             relay: self,
             req: &req,
@@ -216,6 +218,7 @@ impl Relay {
             }
         }
         request_ended(status, arrival, tokens);
+        tokens
     }
 }
 

@@ -2,7 +2,8 @@
 //! prefill and decode nodes.
 //!
 //! A request passes through, in order:
-//! - [`auth`]: the client's API key and its rate limits;
+//! - [`auth`]: the client's API key and its rate limits (and [`usage`]: what
+//!   each key used, as metrics);
 //! - [`validation`]: checks the request and tokenizes the prompt;
 //! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting);
 //! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to use;
@@ -32,12 +33,15 @@ pub mod openai_fields;
 pub mod openai_logprobs;
 pub mod request_metrics;
 pub mod service;
+pub mod usage;
 pub mod validation;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tandem_cluster::cert_reload::{CertFiles, ReloadingCert};
 use tandem_cluster::listener::{self, ConnectionLimits};
+use tandem_cluster::tls_listener::{self, ALPN_GRPC, ALPN_HTTP1, ServerTls, ServerTlsError};
 use tandem_cluster::{Membership, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1::generate_server::GenerateServer;
@@ -68,8 +72,10 @@ pub struct RunningRouter {
 /// Binds `config.listen` and serves `Generate` and `grpc.health.v1` until
 /// `shutdown` fires. Returns once the socket is listening.
 ///
-/// The client-facing API is plaintext gRPC and HTTP, guarded by API keys;
-/// with `config.tls` the router's own calls to the nodes are mutual TLS.
+/// The client-facing API is gRPC and HTTP guarded by API keys, plaintext
+/// unless `config.client_tls` (`[router.tls]`) turns TLS on for both
+/// (optionally requiring client certificates); with `config.tls` the
+/// router's own calls to the nodes are mutual TLS.
 ///
 /// `model_name` is the name clients may give in `GenerateRequest.model`
 /// besides the model directory's name (`[model] name` in the config).
@@ -91,6 +97,7 @@ pub async fn serve(
         source,
     })?;
     let limits = ConnectionLimits::from(&config.connections);
+    let (grpc_tls, http_tls) = client_tls(&config, shutdown.clone())?;
     let name = model_name.clone().unwrap_or_else(|| model.name());
     // The cluster's model identity: pinned, or the router's own files'.
     let mut config = config;
@@ -119,6 +126,7 @@ pub async fn serve(
                     axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
                 ),
                 limits,
+                http_tls,
                 shutdown.clone(),
             )
             .await?,
@@ -164,8 +172,14 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| RouterError::Reflection(e.to_string()))?;
     let max_request_bytes = config.max_request_bytes;
-    let incoming = listener::incoming(listener, "router_grpc", limits, shutdown.clone());
-    info!(%addr, "router listening");
+    let incoming = tls_listener::incoming(
+        listener,
+        "router_grpc",
+        limits,
+        grpc_tls.as_ref(),
+        shutdown.clone(),
+    );
+    info!(%addr, tls = grpc_tls.is_some(), "router listening");
     let join = tokio::spawn(async move {
         limits
             .grpc_server(Server::builder())
@@ -186,6 +200,38 @@ pub async fn serve(
         join,
         drain,
     })
+}
+
+/// The client-facing listeners' TLS from `[router.tls]` (gRPC, HTTP), one
+/// certificate for both, reloaded when its files change until `shutdown`;
+/// `(None, None)` without the section. A missing or unusable file is an
+/// error naming it.
+fn client_tls(
+    config: &RouterSection,
+    shutdown: CancellationToken,
+) -> Result<(Option<ServerTls>, Option<ServerTls>), RouterError> {
+    let Some(t) = &config.client_tls else {
+        return Ok((None, None));
+    };
+    const SECTION: &str = "[router.tls]";
+    let tls_err = |e: ServerTlsError| RouterError::ClientTls(e.to_string());
+    let cert = ReloadingCert::load(CertFiles {
+        section: SECTION,
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    })
+    .map_err(|e| tls_err(e.into()))?;
+    let client_ca = t.client_ca.as_deref().map(|p| ("client_ca", p));
+    let grpc = ServerTls::with_cert(cert.clone(), client_ca, ALPN_GRPC).map_err(tls_err)?;
+    let http = ServerTls::with_cert(cert, client_ca, ALPN_HTTP1).map_err(tls_err)?;
+    // One watcher: both configurations resolve through the same certificate.
+    grpc.watch("router", shutdown);
+    info!(
+        cert = %t.cert.display(),
+        client_certificates = t.client_ca.is_some(),
+        "client-facing TLS on"
+    );
+    Ok((Some(grpc), Some(http)))
 }
 
 /// Reports NOT_SERVING (for `Generate` and the whole server, `""`) until
@@ -236,6 +282,7 @@ async fn serve_http(
     addr: SocketAddr,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, RouterError> {
     let listener = TcpListener::bind(addr)
@@ -244,8 +291,14 @@ async fn serve_http(
     let bound = listener
         .local_addr()
         .map_err(|source| RouterError::Bind { addr, source })?;
-    info!(addr = %bound, "OpenAI-compatible HTTP API listening");
-    let mut conns = listener::incoming(listener, "router_http", limits, shutdown.clone());
+    info!(addr = %bound, tls = tls.is_some(), "OpenAI-compatible HTTP API listening");
+    let mut conns = tls_listener::incoming(
+        listener,
+        "router_http",
+        limits,
+        tls.as_ref(),
+        shutdown.clone(),
+    );
     tokio::spawn(async move {
         use tokio_stream::StreamExt;
         let mut http1 = hyper::server::conn::http1::Builder::new();

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
-use crate::auth::ClientAuth;
+use crate::auth::{ClientAuth, KeyId};
 use crate::client_grpc::RequestDecoded;
 use crate::drain::Drain;
 use crate::error::RouterError;
@@ -27,6 +27,7 @@ use crate::generate::Relay;
 use crate::identity::Identity;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
+use crate::usage;
 use crate::validation::{ValidRequest, Validator};
 
 /// The gRPC metadata key (and HTTP header) of a client-chosen request id,
@@ -36,9 +37,15 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Responses buffered per client before the router waits for it to read.
 const CLIENT_BUFFER: usize = 64;
 
+/// What a request reserves from its key's tokens per minute: its prompt and
+/// the most it may generate.
+fn reservation(req: &ValidRequest) -> u64 {
+    req.prompt.len() as u64 + u64::from(req.max_tokens)
+}
+
 /// The router's `Generate` service.
 pub struct GenerateService {
-    auth: ClientAuth,
+    auth: Arc<ClientAuth>,
     validator: Validator,
     admission: Admission,
     relay: Arc<Relay>,
@@ -71,7 +78,11 @@ impl GenerateService {
             shutdown.clone(),
         );
         Ok(GenerateService {
-            auth: ClientAuth::new(config),
+            auth: {
+                let auth = ClientAuth::new(config);
+                usage::register(&auth);
+                Arc::new(auth)
+            },
             validator: Validator::new(model, model_name, config),
             admission: Admission::new(config.max_running, config.max_queue),
             relay: Arc::new(Relay {
@@ -133,7 +144,7 @@ impl Generate for GenerateService {
             Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
             None => Err(RouterError::ShuttingDown),
         };
-        let ((req, permit, span), in_flight) = match admitted {
+        let ((req, permit, span, (key, reserved)), in_flight) = match admitted {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -143,10 +154,18 @@ impl Generate for GenerateService {
         };
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let relay = self.relay.clone();
+        let auth = self.auth.clone();
         tokio::spawn(
             async move {
-                relay.run(req, arrival, deadline, tx).await;
+                let tokens = relay.run(req, arrival, deadline, tx).await;
                 drop(permit);
+                // The quota keeps what was used: the prompt and the tokens
+                // sent, if the request reached a node; nothing otherwise.
+                let used = tokens.map_or(0, |t| (t.prompt + t.generated) as u64);
+                auth.refund(key, reserved.saturating_sub(used));
+                if let Some(t) = tokens {
+                    usage::tokens(auth.name(key), t);
+                }
                 drop(in_flight);
             }
             .instrument(span),
@@ -157,15 +176,57 @@ impl Generate for GenerateService {
 
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
-    /// admission permit and its span.
+    /// admission permit, its span, its API key and the tokens it reserved
+    /// from the key's quota. Refusals of an authenticated request count
+    /// against its key.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-    ) -> Result<(ValidRequest, Admitted, tracing::Span), RouterError> {
-        let key = self.auth.check(request.metadata())?;
+    ) -> Result<(ValidRequest, Admitted, tracing::Span, (KeyId, u64)), RouterError> {
+        let key = self.auth.authenticate(request.metadata())?;
+        let name = self.auth.name(key);
+        usage::request(name);
+        if let Err(e) = self.auth.take_request(key) {
+            usage::refused(name, usage::REQUESTS_PER_S);
+            return Err(e);
+        }
+        let (req, reserved) = match self.validate(request, key) {
+            Ok(r) => r,
+            Err((e, reason)) => {
+                usage::refused(name, reason);
+                return Err(e);
+            }
+        };
+        let span = tracing::info_span!("generate", request_id = %req.request_id, key = name);
+        match self
+            .admission
+            .admit(deadline, self.relay.request_timeout_s)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(permit) => Ok((req, permit, span, (key, reserved))),
+            Err(e) => {
+                self.auth.refund(key, reserved);
+                usage::refused(name, e.status_label());
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks readiness, validates the request and reserves its tokens from
+    /// its key's quota; a refusal comes with its usage reason.
+    fn validate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+        key: KeyId,
+    ) -> Result<(ValidRequest, u64), (RouterError, &'static str)> {
+        let with_label = |e: RouterError| {
+            let label = e.status_label();
+            (e, label)
+        };
         if !self.is_ready() {
-            return Err(RouterError::NotReady);
+            return Err(with_label(RouterError::NotReady));
         }
         let header_id = request
             .metadata()
@@ -178,15 +239,11 @@ impl GenerateService {
         {
             message.request_id = id;
         }
-        let req = self.validator.validate(message)?;
-        self.auth
-            .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
-        let span = tracing::info_span!("generate", request_id = %req.request_id);
-        let permit = self
-            .admission
-            .admit(deadline, self.relay.request_timeout_s)
-            .instrument(span.clone())
-            .await?;
-        Ok((req, permit, span))
+        let req = self.validator.validate(message).map_err(with_label)?;
+        let reserved = self
+            .auth
+            .charge_tokens(key, reservation(&req))
+            .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
+        Ok((req, reserved))
     }
 }

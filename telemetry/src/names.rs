@@ -25,6 +25,9 @@
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
 //! | [`CONNECTIONS_REJECTED_TOTAL`] | every TCP listener (router gRPC and HTTP, node gRPC), per connection shed or timed out | `listener`, `reason` |
 //! | [`ROUTER_INCOMPATIBLE_NODES`] | router, whenever a node's model fingerprint is learnt or the node leaves | |
+//! | [`TLS_CERT_RELOADS_TOTAL`] | every TLS listener, per reload of its certificate files | `listener`, `result` |
+//! | [`API_KEY_REQUESTS_TOTAL`], [`API_KEY_REFUSALS_TOTAL`] | router, per authenticated request (refused ones again by `reason`) | `key` (, `reason`) |
+//! | [`API_KEY_PROMPT_TOKENS_TOTAL`], [`API_KEY_COMPLETION_TOKENS_TOTAL`] | router, per request that reached a node | `key` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -68,14 +71,30 @@ pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
 /// Counter: connections a listener closed before serving them, by `listener`
 /// and `reason` (`limit`: over the listener's cap on open connections;
 /// `handshake_timeout`: no HTTP/2 preface in time; `header_timeout`: no
-/// complete HTTP/1 request head in time, or an idle kept-alive connection).
+/// complete HTTP/1 request head in time, or an idle kept-alive connection;
+/// `tls_handshake`: a TLS handshake that failed or did not finish in time).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "tandem_connections_rejected_total";
 /// Gauge: nodes the router holds as serving another model than the cluster's
 /// (their fingerprint differs), which get no requests.
 pub const ROUTER_INCOMPATIBLE_NODES: &str = "tandem_router_incompatible_nodes";
 
+/// Counter: certificate reloads of a TLS listener, by `listener` and
+/// `result` (`ok`: the new certificate is served; `error`: the files could
+/// not be used and the old certificate stays).
+pub const TLS_CERT_RELOADS_TOTAL: &str = "tandem_tls_cert_reloads_total";
+/// Counter: requests authenticated with an API key, by `key` (the key's
+/// configured name, never the secret).
+pub const API_KEY_REQUESTS_TOTAL: &str = "tandem_api_key_requests_total";
+/// Counter: an API key's requests refused before they ran, by `key` and
+/// `reason` (the request's status label: `rate_limited`, `invalid`, ...).
+pub const API_KEY_REFUSALS_TOTAL: &str = "tandem_api_key_refusals_total";
+/// Counter: prompt tokens of an API key's requests that reached a node, by `key`.
+pub const API_KEY_PROMPT_TOKENS_TOTAL: &str = "tandem_api_key_prompt_tokens_total";
+/// Counter: generated tokens an API key's clients received, by `key`.
+pub const API_KEY_COMPLETION_TOKENS_TOTAL: &str = "tandem_api_key_completion_tokens_total";
+
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 24] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -95,6 +114,11 @@ pub const ALL: [&str; 19] = [
     BATCH_SIZE,
     CONNECTIONS_REJECTED_TOTAL,
     ROUTER_INCOMPATIBLE_NODES,
+    TLS_CERT_RELOADS_TOTAL,
+    API_KEY_REQUESTS_TOTAL,
+    API_KEY_REFUSALS_TOTAL,
+    API_KEY_PROMPT_TOKENS_TOTAL,
+    API_KEY_COMPLETION_TOKENS_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -123,6 +147,10 @@ pub const STATUS: &str = "status";
 pub const LISTENER: &str = "listener";
 /// Label: why a connection was closed unserved (see [`CONNECTIONS_REJECTED_TOTAL`]).
 pub const REASON: &str = "reason";
+/// Label: an API key's name (`[[router.api_key]] name`), never the key itself.
+pub const KEY: &str = "key";
+/// Label: how something ended (`ok`, `error`).
+pub const RESULT: &str = "result";
 
 /// Registers every metric's description and unit with the installed recorder
 /// (the `# HELP` lines of the scrape).
@@ -184,6 +212,28 @@ pub fn describe() {
     describe_gauge!(
         ROUTER_INCOMPATIBLE_NODES,
         "Nodes whose model fingerprint differs from the cluster's; they get no requests"
+    );
+    describe_counter!(
+        TLS_CERT_RELOADS_TOTAL,
+        "Reloads of a TLS listener's certificate files, by listener and result"
+    );
+    describe_counter!(
+        API_KEY_REQUESTS_TOTAL,
+        "Requests authenticated with an API key, by key name"
+    );
+    describe_counter!(
+        API_KEY_REFUSALS_TOTAL,
+        "An API key's requests refused before they ran, by key name and reason"
+    );
+    describe_counter!(
+        API_KEY_PROMPT_TOKENS_TOTAL,
+        Unit::Count,
+        "Prompt tokens of an API key's requests that reached a node, by key name"
+    );
+    describe_counter!(
+        API_KEY_COMPLETION_TOKENS_TOTAL,
+        Unit::Count,
+        "Generated tokens sent to an API key's clients, by key name"
     );
 }
 

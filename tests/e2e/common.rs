@@ -187,6 +187,14 @@ pub async fn complete(
     client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
     request: pb::GenerateRequest,
 ) -> Result<Completion, tonic::Status> {
+    complete_request(client, tonic::Request::new(request)).await
+}
+
+/// Runs a request with its metadata (an API key, ...) to the end.
+pub async fn complete_request(
+    client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
+    request: tonic::Request<pb::GenerateRequest>,
+) -> Result<Completion, tonic::Status> {
     let mut stream = client.generate(request).await?.into_inner();
     let mut out = Completion {
         tokens: Vec::new(),

@@ -408,17 +408,18 @@ async fn api_keys_and_rate_limits() {
     let _ = client.generate(with_key(req(), "key-b")).await.unwrap();
 
     // Tokens/min: a bucket of 2000 refilled at 33/s; requests of 908 tokens (prompt 8 +
-    // max_tokens 900): two fit, the third does not.
+    // max_tokens 900): two fit, the third does not. (The two streams stay
+    // open: a request that ends gives back the tokens it did not generate.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut big = greedy_request(&prompt(8, 2), 900);
     big.max_tokens = 900;
-    let _ = client
+    let _first = client
         .generate(with_key(big.clone(), "key-b"))
         .await
         .unwrap();
     // (a pause between, so the requests/s limit stays out of the way)
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let _ = client
+    let _second = client
         .generate(with_key(big.clone(), "key-b"))
         .await
         .unwrap();
@@ -426,6 +427,7 @@ async fn api_keys_and_rate_limits() {
     let err = client.generate(with_key(big, "key-b")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("tokens/min"), "{err:?}");
+    drop((_first, _second));
 
     // HTTP: 401 in OpenAI's shape, then 200 with the key, then 429 with Retry-After.
     let http_addr = cluster.http.unwrap();
