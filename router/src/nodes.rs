@@ -7,6 +7,12 @@
 //! task stopped. The state is a small map behind a std mutex, held only to
 //! read or write a few fields, never across `.await`.
 //!
+//! Each node has a circuit breaker ([`crate::breaker`]): failures of the
+//! node open it and keep the node out of [`NodePool::ranked`] until its load
+//! reports and a trial request show it works again. Prefill nodes' reports
+//! also measure their prefill rate ([`crate::backlog`]), for admission and
+//! KV waits.
+//!
 //! With `[tls]` every channel is mutual TLS (`tandem_cluster::grpc_tls`): a
 //! member must have an `https://` address, its certificate is checked
 //! against the cluster CA under its advertised TLS name (or its address's
@@ -22,10 +28,13 @@ use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, grpc_tls};
 use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
+use tandem_telemetry::names;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::backlog::{Backlog, PrefillRate};
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
 
 /// First wait before reopening a failed load stream.
@@ -62,6 +71,43 @@ struct Entry {
     /// When the last load report arrived (or the node joined).
     last_report: Instant,
     stop: CancellationToken,
+    breaker: Breaker,
+    /// Measured from the reports (prefill nodes).
+    rate: PrefillRate,
+}
+
+impl Entry {
+    /// Whether a request may go to the node now: its breaker allows it, its
+    /// load stream works, and it has reported lately.
+    fn usable(&self, now: Instant, stale_after: Duration) -> bool {
+        self.breaker.allows(now)
+            && self.status.reachable
+            && now.saturating_duration_since(self.last_report) < stale_after
+    }
+
+    /// Records a breaker change in the log and the metrics.
+    fn breaker_changed(&self, state: Option<BreakerState>) {
+        let Some(state) = state else { return };
+        let role = role_label(self.handle.role);
+        match state {
+            BreakerState::Open => {
+                warn!(node = %self.handle.addr, role, "circuit breaker open: the node gets no requests")
+            }
+            _ => info!(node = %self.handle.addr, role, "circuit breaker {}", state.name()),
+        }
+        let node = self.handle.addr.clone();
+        metrics::gauge!(names::ROUTER_BREAKER_STATE, names::ROLE => role, names::NODE => node.clone())
+            .set(state.gauge());
+        metrics::counter!(names::ROUTER_BREAKER_TRANSITIONS_TOTAL, names::ROLE => role, names::NODE => node, names::STATE => state.name())
+            .increment(1);
+    }
+}
+
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Decode => "decode",
+        Role::Prefill => "prefill",
+    }
 }
 
 /// The nodes of the cluster and their last load reports.
@@ -69,6 +115,7 @@ pub struct NodePool {
     nodes: Mutex<HashMap<String, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
+    breakers: BreakerConfig,
 }
 
 impl NodePool {
@@ -81,10 +128,28 @@ impl NodePool {
         tls: Option<GrpcTls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        Self::start_with_breakers(
+            membership,
+            load_interval_ms,
+            tls,
+            BreakerConfig::default(),
+            shutdown,
+        )
+    }
+
+    /// As [`NodePool::start`], with every node's circuit breaker set by `breakers`.
+    pub fn start_with_breakers(
+        membership: Arc<dyn Membership>,
+        load_interval_ms: u32,
+        tls: Option<GrpcTls>,
+        breakers: BreakerConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
             nodes: Mutex::new(HashMap::new()),
             load_interval_ms,
             tls,
+            breakers,
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -143,6 +208,12 @@ impl NodePool {
             };
             let stop = shutdown.child_token();
             info!(node = %m.grpc_addr, role = ?m.role, "node joined the cluster");
+            let role = role_label(m.role);
+            metrics::gauge!(names::ROUTER_BREAKER_STATE, names::ROLE => role, names::NODE => m.grpc_addr.clone())
+                .set(BreakerState::Closed.gauge());
+            // Registered at zero, so the series exist before a first change.
+            metrics::counter!(names::ROUTER_BREAKER_TRANSITIONS_TOTAL, names::ROLE => role, names::NODE => m.grpc_addr.clone(), names::STATE => BreakerState::Open.name())
+                .increment(0);
             tokio::spawn(watch_load(
                 self.clone(),
                 handle.clone(),
@@ -157,15 +228,22 @@ impl NodePool {
                     status: NodeStatus::default(),
                     last_report: Instant::now(),
                     stop,
+                    breaker: Breaker::new(self.breakers),
+                    rate: PrefillRate::default(),
                 },
             );
         }
     }
 
-    /// Nodes of `role`, best choice first.
+    /// Nodes of `role` whose circuit breaker lets a request through, best
+    /// choice first.
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
-        let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
+        let now = Instant::now();
+        let mut entries: Vec<&Entry> = nodes
+            .values()
+            .filter(|e| e.handle.role == role && e.breaker.allows(now))
+            .collect();
         // A stable base order, so that ties break the same way every time.
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
         let stale_after = self.stale_after();
@@ -200,10 +278,85 @@ impl NodePool {
             .is_some_and(|e| e.last_report.elapsed() >= stale_after)
     }
 
-    /// Marks `addr` unreachable after a request failed on it; its next load
-    /// report marks it reachable again.
+    /// Marks `addr` unreachable after it failed a request (a failure of the
+    /// node, not a refusal of the request); its next load report marks it
+    /// reachable again. The failure counts towards opening its breaker.
     pub fn mark_failed(&self, addr: &str) {
-        self.set_status(addr, |s| s.reachable = false);
+        if let Some(e) = self.lock().get_mut(addr) {
+            e.status.reachable = false;
+            let changed = e.breaker.on_failure(Instant::now());
+            e.breaker_changed(changed);
+        }
+    }
+
+    /// Records that `addr` served a request (or answered one as a healthy
+    /// node does): a half-open breaker closes, a closed one forgets failures.
+    pub fn record_success(&self, addr: &str) {
+        if let Some(e) = self.lock().get_mut(addr) {
+            let changed = e.breaker.on_success();
+            e.breaker_changed(changed);
+        }
+    }
+
+    /// Whether a node of `role` not in `avoid` is usable now: its breaker
+    /// lets requests through, its load stream works and it reports.
+    pub fn usable(&self, role: Role, avoid: &[String]) -> bool {
+        let now = Instant::now();
+        let stale_after = self.stale_after();
+        self.lock().values().any(|e| {
+            e.handle.role == role && !avoid.contains(&e.handle.addr) && e.usable(now, stale_after)
+        })
+    }
+
+    /// Each node's breaker state, by address (for status listings and tests).
+    pub fn breaker_states(&self) -> Vec<(String, Role, BreakerState)> {
+        let mut states: Vec<_> = self
+            .lock()
+            .values()
+            .map(|e| (e.handle.addr.clone(), e.handle.role, e.breaker.state()))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        states
+    }
+
+    /// The retry hint when no node of a role is usable: the breakers' first
+    /// open time, after which a load report lets a trial through (at least 1 s).
+    pub fn retry_after_s(&self) -> u64 {
+        (self.breakers.open.as_secs_f64().ceil() as u64).max(1)
+    }
+
+    /// The prompt tokens queued at the usable prefill nodes and their
+    /// summed measured rate.
+    pub fn prefill_backlog(&self) -> Backlog {
+        let now = Instant::now();
+        let stale_after = self.stale_after();
+        let nodes = self.lock();
+        let mut backlog = Backlog::default();
+        for e in nodes.values() {
+            if e.handle.role != Role::Prefill || !e.usable(now, stale_after) {
+                continue;
+            }
+            backlog.nodes += 1;
+            if let Some(load) = &e.status.load {
+                backlog.queued_tokens = backlog
+                    .queued_tokens
+                    .saturating_add(load.queued_prefill_tokens);
+            }
+            backlog.tokens_per_s += e.rate.tokens_per_s().unwrap_or(0.0);
+        }
+        backlog
+    }
+
+    /// Prompt tokens queued at prefill node `addr` and its measured rate.
+    pub fn prefill_queue(&self, addr: &str) -> Option<(u64, Option<f64>)> {
+        let nodes = self.lock();
+        let e = nodes.get(addr)?;
+        let queued = e
+            .status
+            .load
+            .as_ref()
+            .map_or(0, |l| l.queued_prefill_tokens);
+        Some((queued, e.rate.tokens_per_s()))
     }
 
     /// Whether the pool holds any node of `role`.
@@ -215,7 +368,12 @@ impl NodePool {
     /// report, so that a burst between reports spreads over the nodes.
     pub fn note_assigned(&self, addr: &str, prompt_tokens: usize) {
         let mut nodes = self.lock();
-        let Some(load) = nodes.get_mut(addr).and_then(|e| e.status.load.as_mut()) else {
+        let Some(entry) = nodes.get_mut(addr) else {
+            return;
+        };
+        // While half-open, the request is one of the breaker's trials.
+        entry.breaker.on_sent(Instant::now());
+        let Some(load) = entry.status.load.as_mut() else {
             return;
         };
         load.queued = load.queued.saturating_add(1);
@@ -238,6 +396,7 @@ impl NodePool {
         }
     }
 
+    #[cfg(test)]
     fn set_status(&self, addr: &str, update: impl FnOnce(&mut NodeStatus)) {
         if let Some(e) = self.lock().get_mut(addr) {
             update(&mut e.status);
@@ -293,9 +452,16 @@ async fn watch_load(
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
                             if let Some(e) = pool.lock().get_mut(&node.addr) {
+                                let now = Instant::now();
+                                if node.role == Role::Prefill {
+                                    e.rate.on_report(&load, now);
+                                }
                                 e.status.load = Some(load);
                                 e.status.reachable = true;
-                                e.last_report = Instant::now();
+                                e.last_report = now;
+                                // The report is the probe of an open breaker.
+                                let changed = e.breaker.on_report(now);
+                                e.breaker_changed(changed);
                             }
                         }
                         Ok(None) => {
@@ -320,7 +486,8 @@ async fn watch_load(
                 }
             }
         }
-        pool.set_status(&node.addr, |s| s.reachable = false);
+        // A node that cannot be reached, or ends its stream, has failed.
+        pool.mark_failed(&node.addr);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

@@ -3,8 +3,15 @@
 //!
 //! Validation and admission errors are the RPC's own status; anything later
 //! ends the response stream with an error status.
+//!
+//! Besides the admission gate's bounds, a request is refused
+//! (RESOURCE_EXHAUSTED, retry-after) while the prefill nodes' queued prompts,
+//! plus those of the requests waiting at the gate, would take longer than
+//! `max_prefill_backlog_s` at the nodes' measured rate: refusing at the door
+//! keeps the admitted requests' KV waits from expiring.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_cluster::{GrpcTls, Membership, RouterSection};
@@ -20,6 +27,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
 use crate::auth::ClientAuth;
+use crate::breaker::BreakerConfig;
 use crate::client_grpc::RequestDecoded;
 use crate::error::RouterError;
 use crate::generate::Relay;
@@ -43,6 +51,26 @@ pub struct GenerateService {
     request_timeout: Duration,
     /// Whether the membership has been read once (see [`Membership::ready`]).
     ready: watch::Receiver<bool>,
+    /// `router.max_prefill_backlog_s`; 0: no backlog check.
+    max_prefill_backlog_s: f64,
+    /// Prompt tokens of the requests waiting at the admission gate.
+    waiting_tokens: AtomicU64,
+}
+
+/// Counts a request's prompt among the waiting ones while it waits.
+struct WaitingTokens<'a>(&'a AtomicU64, u64);
+
+impl<'a> WaitingTokens<'a> {
+    fn new(counter: &'a AtomicU64, tokens: u64) -> Self {
+        counter.fetch_add(tokens, Ordering::AcqRel);
+        WaitingTokens(counter, tokens)
+    }
+}
+
+impl Drop for WaitingTokens<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
 }
 
 impl GenerateService {
@@ -59,7 +87,23 @@ impl GenerateService {
     ) -> Result<Self, RouterError> {
         let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
         let ready = membership.ready();
-        let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
+        let breakers = BreakerConfig {
+            failures: config.breaker_failures,
+            open: Duration::from_millis(u64::from(config.breaker_open_ms)),
+            probes: config.breaker_probes,
+        };
+        for reason in ["node_failure", "kv_timeout"] {
+            // Registered at zero, so the series exist before a first re-run.
+            metrics::counter!(tandem_telemetry::names::ROUTER_RERUNS_TOTAL, tandem_telemetry::names::REASON => reason)
+                .increment(0);
+        }
+        let nodes = NodePool::start_with_breakers(
+            membership,
+            config.load_interval_ms,
+            tls,
+            breakers,
+            shutdown.clone(),
+        );
         Ok(GenerateService {
             auth: ClientAuth::new(config),
             validator: Validator::new(model, model_name, config),
@@ -67,12 +111,15 @@ impl GenerateService {
             relay: Arc::new(Relay {
                 nodes,
                 kv_timeout_ms: config.kv_timeout_ms,
+                kv_timeout_max_ms: config.kv_timeout_max_ms,
                 request_timeout_s: config.request_timeout_s,
                 shutdown,
             }),
             request_timeout: Duration::try_from_secs_f64(config.request_timeout_s)
                 .unwrap_or(Duration::MAX),
             ready,
+            max_prefill_backlog_s: config.max_prefill_backlog_s,
+            waiting_tokens: AtomicU64::new(0),
         })
     }
 
@@ -161,11 +208,33 @@ impl GenerateService {
         self.auth
             .charge_tokens(key, req.prompt.len() as u64 + u64::from(req.max_tokens))?;
         let span = tracing::info_span!("generate", request_id = %req.request_id);
+        let prompt_tokens = req.prompt.len() as u64;
+        self.check_prefill_backlog(prompt_tokens)?;
+        let _waiting = WaitingTokens::new(&self.waiting_tokens, prompt_tokens);
         let permit = self
             .admission
             .admit(deadline, self.relay.request_timeout_s)
             .instrument(span.clone())
             .await?;
         Ok((req, permit, span))
+    }
+
+    /// Refuses a request of `prompt_tokens` while the prefill backlog (the
+    /// nodes' queues and the prompts waiting here) is past the bound.
+    fn check_prefill_backlog(&self, prompt_tokens: u64) -> Result<(), RouterError> {
+        if self.max_prefill_backlog_s <= 0.0 {
+            return Ok(());
+        }
+        let waiting = self.waiting_tokens.load(Ordering::Acquire);
+        let backlog = self.relay.nodes.prefill_backlog();
+        match backlog.wait_s(waiting.saturating_add(prompt_tokens)) {
+            Some(wait_s) if wait_s > self.max_prefill_backlog_s => {
+                Err(RouterError::PrefillBacklog {
+                    wait_s,
+                    limit_s: self.max_prefill_backlog_s,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }

@@ -23,6 +23,9 @@
 //! | [`KV_TRANSFER_SECONDS`] | decode node, first accepted frame to the final frame, per request | |
 //! | [`BATCH_SIZE`] | decode node (sequences per forward pass), prefill node (prompts per forward pass) | `role` |
 //! | [`CONNECTIONS_REJECTED_TOTAL`] | every TCP listener (router gRPC and HTTP, node gRPC), per connection shed or timed out | `listener`, `reason` |
+//! | [`ROUTER_BREAKER_STATE`] | router, per node, at every change of its circuit breaker | `role`, `node` |
+//! | [`ROUTER_BREAKER_TRANSITIONS_TOTAL`] | router, per node, per change of its circuit breaker | `role`, `node`, `state` |
+//! | [`ROUTER_RERUNS_TOTAL`] | router, per re-run of a request after an attempt failed | `reason` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -65,9 +68,18 @@ pub const REQUESTS_TOTAL: &str = "tandem_requests_total";
 /// `handshake_timeout`: no HTTP/2 preface in time; `header_timeout`: no
 /// complete HTTP/1 request head in time, or an idle kept-alive connection).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "tandem_connections_rejected_total";
+/// Gauge: a node's circuit breaker at the router (`node`: its gRPC address):
+/// 0 closed, 1 half-open (trial requests), 2 open (no requests).
+pub const ROUTER_BREAKER_STATE: &str = "tandem_router_breaker_state";
+/// Counter: changes of a node's circuit breaker, by the `state` entered
+/// (`closed`, `half-open`, `open`).
+pub const ROUTER_BREAKER_TRANSITIONS_TOTAL: &str = "tandem_router_breaker_transitions_total";
+/// Counter: requests re-run on other nodes, by `reason`: `node_failure` (a
+/// node failed the attempt) or `kv_timeout` (the decode node's KV wait expired).
+pub const ROUTER_RERUNS_TOTAL: &str = "tandem_router_reruns_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 20] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -85,6 +97,9 @@ pub const ALL: [&str; 17] = [
     KV_TRANSFER_SECONDS,
     BATCH_SIZE,
     CONNECTIONS_REJECTED_TOTAL,
+    ROUTER_BREAKER_STATE,
+    ROUTER_BREAKER_TRANSITIONS_TOTAL,
+    ROUTER_RERUNS_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -113,6 +128,8 @@ pub const STATUS: &str = "status";
 pub const LISTENER: &str = "listener";
 /// Label: why a connection was closed unserved (see [`CONNECTIONS_REJECTED_TOTAL`]).
 pub const REASON: &str = "reason";
+/// Label: a circuit breaker state entered (see [`ROUTER_BREAKER_TRANSITIONS_TOTAL`]).
+pub const STATE: &str = "state";
 
 /// Registers every metric's description and unit with the installed recorder
 /// (the `# HELP` lines of the scrape).
@@ -165,6 +182,18 @@ pub fn describe() {
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,
         "Connections closed unserved (over the cap, or too slow to start), by listener and reason"
+    );
+    describe_gauge!(
+        ROUTER_BREAKER_STATE,
+        "A node's circuit breaker at the router: 0 closed, 1 half-open, 2 open"
+    );
+    describe_counter!(
+        ROUTER_BREAKER_TRANSITIONS_TOTAL,
+        "Changes of a node's circuit breaker at the router, by the state entered"
+    );
+    describe_counter!(
+        ROUTER_RERUNS_TOTAL,
+        "Requests re-run on other nodes after a failed attempt, by reason"
     );
 }
 
