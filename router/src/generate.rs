@@ -328,6 +328,8 @@ impl Request<'_> {
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
         let mut prefill: Option<PrefillCall> = None;
+        // The prefill node of this attempt, if any: a finished request proves it worked.
+        let mut prefill_addr: Option<String> = None;
         if !admitted.local_prefill {
             let target = admitted.kv_target.ok_or_else(|| RouterError::Protocol {
                 node: decode.addr.clone(),
@@ -355,6 +357,7 @@ impl Request<'_> {
                     Vec::new()
                 },
             };
+            prefill_addr = Some(node.addr.clone());
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
@@ -445,6 +448,10 @@ impl Request<'_> {
                 DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
+                    // Its KV came, so the prefill node did its part.
+                    if let Some(addr) = &prefill_addr {
+                        self.relay.nodes.record_success(addr);
+                    }
                     if let Some(call) = prefill.take()
                         && let Some(cached) = self.prefill_answer(call).await
                     {
@@ -568,6 +575,7 @@ impl Request<'_> {
             let mut failed = None;
             for node in ranked {
                 guard.decode = Some(node.clone());
+                nodes.note_sent(&node.addr);
                 match self.watch(self.try_decode(&node, request.clone())).await {
                     Ok(reserved) => {
                         nodes.record_success(&node.addr);

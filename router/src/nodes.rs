@@ -298,6 +298,14 @@ impl NodePool {
         }
     }
 
+    /// A request is about to go to `addr`: while its breaker is half-open,
+    /// the request takes one of the trial slots.
+    pub fn note_sent(&self, addr: &str) {
+        if let Some(e) = self.lock().get_mut(addr) {
+            e.breaker.on_sent(Instant::now());
+        }
+    }
+
     /// Whether a node of `role` not in `avoid` is usable now: its breaker
     /// lets requests through, its load stream works and it reports.
     pub fn usable(&self, role: Role, avoid: &[String]) -> bool {
@@ -519,6 +527,53 @@ mod tests {
     use tandem_cluster::StaticMembership;
     use tandem_proto::v1::NodeLoad;
 
+    /// Breakers that stay closed, for tests of ranking alone (the load
+    /// streams to these dead addresses fail over and over).
+    fn never_open() -> BreakerConfig {
+        BreakerConfig {
+            failures: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_node_opens_its_breaker_and_leaves_the_choice() {
+        let shutdown = CancellationToken::new();
+        // Nothing listens at the prefill address.
+        let membership = StaticMembership::new(&["127.0.0.1:1".into()], &["127.0.0.1:2".into()]);
+        let breakers = BreakerConfig {
+            failures: 2,
+            open: Duration::from_secs(60),
+            probes: 1,
+        };
+        let pool = NodePool::start_with_breakers(
+            Arc::new(membership),
+            10,
+            None,
+            breakers,
+            shutdown.clone(),
+        );
+        let p = "http://127.0.0.1:1";
+        for _ in 0..200 {
+            if pool.ranked(Role::Prefill).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            pool.ranked(Role::Prefill).is_empty(),
+            "the failing load stream opened it"
+        );
+        assert!(!pool.usable(Role::Prefill, &[]));
+        assert_eq!(pool.prefill_backlog().nodes, 0);
+        let states = pool.breaker_states();
+        assert!(
+            states.contains(&(p.to_string(), Role::Prefill, BreakerState::Open)),
+            "{states:?}"
+        );
+        shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn members_join_and_leave() {
         let shutdown = CancellationToken::new();
@@ -556,7 +611,13 @@ mod tests {
     async fn unreachable_nodes_rank_last_and_assignments_count() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start_with_breakers(
+            Arc::new(membership),
+            10,
+            None,
+            never_open(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         let b = "http://127.0.0.1:2";
         // Nothing listens on these ports: the load tasks mark both unreachable.
@@ -586,7 +647,13 @@ mod tests {
     async fn assignments_count_blocks_of_the_nodes_block_size() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start_with_breakers(
+            Arc::new(membership),
+            10,
+            None,
+            never_open(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.set_status(a, |s| {
