@@ -3,12 +3,15 @@
 //! waits would expire and (2) give each decode reservation a KV wait long
 //! enough for the prefill work queued ahead of it.
 //!
-//! A prefill node's rate is measured from its own load reports: the growth
-//! of `prompt_tokens_total` over windows of at least [`RATE_WINDOW`] during
-//! which the node was busy (something queued or running), smoothed. Until a
-//! node has been measured, its rate is unknown and the router neither
-//! refuses nor stretches waits on its account (the configured base wait
-//! applies), so a cold cluster is never refused for want of a figure.
+//! A prefill node's rate is measured by conservation over windows of at
+//! least [`RATE_WINDOW`] during which the node was busy: the prompt tokens
+//! the router sent it, less the growth of its reported queue
+//! (`queued_prefill_tokens`: what is waiting plus what its active prompts
+//! still lack), smoothed. (The node's `prompt_tokens_total` counts a prompt
+//! when it starts, not when it is done, so it cannot give the rate.) Until a
+//! node has been measured its rate is unknown: admission does not refuse on
+//! its account, and KV waits are the longest allowed, since nothing says how
+//! long the queue takes.
 //!
 //! Everything here is sans-I/O: reports and times go in, estimates come out.
 
@@ -24,29 +27,49 @@ const SMOOTHING: f64 = 0.3;
 /// One prefill node's measured rate, in prompt tokens per second.
 #[derive(Debug, Clone, Default)]
 pub struct PrefillRate {
-    /// The start of the current busy window: its time and token total.
-    window: Option<(Instant, u64)>,
+    /// The start of the current busy window.
+    window: Option<Mark>,
     tokens_per_s: Option<f64>,
 }
 
+/// A report's figures at the start of a window.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    at: Instant,
+    /// Prompt tokens the router had sent the node (its own count).
+    sent: u64,
+    /// The node's queued prompt tokens.
+    queued: u64,
+    /// The node's `prompt_tokens_total` (falls when the node restarts).
+    started: u64,
+}
+
 impl PrefillRate {
-    /// Takes a load report that arrived at `now`.
-    pub fn on_report(&mut self, load: &NodeLoad, now: Instant) {
+    /// Takes a load report that arrived at `now`; `sent` is how many prompt
+    /// tokens the router has sent the node so far.
+    pub fn on_report(&mut self, load: &NodeLoad, sent: u64, now: Instant) {
         let busy = load.queued > 0 || load.running > 0 || load.queued_prefill_tokens > 0;
-        let Some((start, total)) = self.window else {
+        let mark = Mark {
+            at: now,
+            sent,
+            queued: load.queued_prefill_tokens,
+            started: load.prompt_tokens_total,
+        };
+        let Some(start) = self.window else {
             if busy {
-                self.window = Some((now, load.prompt_tokens_total));
+                self.window = Some(mark);
             }
             return;
         };
-        let elapsed = now.saturating_duration_since(start);
-        if load.prompt_tokens_total < total {
-            // The node restarted: its totals began again.
-            self.window = busy.then_some((now, load.prompt_tokens_total));
+        if mark.started < start.started {
+            // The node restarted: its queue and totals began again.
+            self.window = busy.then_some(mark);
             return;
         }
+        let elapsed = now.saturating_duration_since(start.at);
         if elapsed >= RATE_WINDOW {
-            let done = load.prompt_tokens_total - total;
+            let arrived = mark.sent.saturating_sub(start.sent);
+            let done = (start.queued + arrived).saturating_sub(mark.queued);
             // A window in which nothing finished says little when the node
             // holds one long prompt; it lowers the rate only if it was long.
             if done > 0 || elapsed >= RATE_WINDOW * 8 {
@@ -55,7 +78,7 @@ impl PrefillRate {
                     Some(r) => r + SMOOTHING * (sample - r),
                     None => sample,
                 });
-                self.window = busy.then_some((now, load.prompt_tokens_total));
+                self.window = busy.then_some(mark);
             }
         }
         if !busy {
@@ -91,7 +114,7 @@ impl Backlog {
 
 /// A decode reservation's KV wait: `base` plus the time the chosen prefill
 /// node needs for `tokens_ahead` (its queue plus this prompt) at its rate,
-/// at most `max` (and never below `base`).
+/// at most `max` (and never below `base`); `max` while no rate is measured.
 pub fn kv_wait(
     base: Duration,
     max: Duration,
@@ -99,7 +122,7 @@ pub fn kv_wait(
     tokens_per_s: Option<f64>,
 ) -> Duration {
     let Some(rate) = tokens_per_s.filter(|r| *r > 0.0) else {
-        return base;
+        return max.max(base);
     };
     let ahead = Duration::try_from_secs_f64(tokens_ahead as f64 / rate).unwrap_or(Duration::MAX);
     base.saturating_add(ahead).min(max.max(base))
@@ -109,12 +132,12 @@ pub fn kv_wait(
 mod tests {
     use super::*;
 
-    fn load(queued: u32, queued_tokens: u64, total: u64) -> NodeLoad {
+    fn load(queued: u32, queued_tokens: u64, started: u64) -> NodeLoad {
         NodeLoad {
             role: "prefill".into(),
             queued,
             queued_prefill_tokens: queued_tokens,
-            prompt_tokens_total: total,
+            prompt_tokens_total: started,
             ..Default::default()
         }
     }
@@ -124,34 +147,36 @@ mod tests {
     }
 
     #[test]
-    fn the_rate_is_measured_over_busy_windows() {
+    fn the_rate_is_what_was_sent_less_what_is_still_queued() {
         let t = Instant::now();
         let mut r = PrefillRate::default();
-        r.on_report(&load(0, 0, 0), t);
+        r.on_report(&load(0, 0, 0), 0, t);
         assert_eq!(r.tokens_per_s(), None, "idle: nothing to measure");
-        r.on_report(&load(2, 800, 0), t + ms(100));
-        r.on_report(&load(2, 600, 200), t + ms(300));
+        // 800 tokens sent; the node starts them all at once (its
+        // prompt_tokens_total jumps), which is not work done.
+        r.on_report(&load(2, 800, 800), 800, t + ms(100));
+        r.on_report(&load(2, 600, 800), 800, t + ms(300));
         assert_eq!(r.tokens_per_s(), None, "the window is too short yet");
-        r.on_report(&load(1, 400, 500), t + ms(600));
-        // 500 tokens in 0.5 s.
+        // 500 more sent, 800 queued: 500 done in 0.5 s.
+        r.on_report(&load(3, 800, 1300), 1300, t + ms(600));
         assert_eq!(r.tokens_per_s(), Some(1000.0));
-        // Smoothed towards the next sample (2000/s), not replaced by it.
-        r.on_report(&load(1, 100, 1500), t + ms(1100));
+        // Smoothed towards the next sample (700 done in 0.5 s), not replaced by it.
+        r.on_report(&load(1, 100, 1300), 1300, t + ms(1100));
         let rate = r.tokens_per_s().unwrap();
-        assert!((rate - 1300.0).abs() < 1e-6, "{rate}");
+        assert!((rate - 1120.0).abs() < 1e-6, "{rate}");
     }
 
     #[test]
     fn idle_time_does_not_lower_the_rate() {
         let t = Instant::now();
         let mut r = PrefillRate::default();
-        r.on_report(&load(1, 100, 0), t);
-        r.on_report(&load(0, 0, 500), t + ms(500));
+        r.on_report(&load(1, 500, 500), 500, t);
+        r.on_report(&load(0, 0, 500), 500, t + ms(500));
         assert_eq!(r.tokens_per_s(), Some(1000.0));
         // A minute idle, then busy again.
-        r.on_report(&load(0, 0, 500), t + ms(60_000));
-        r.on_report(&load(1, 100, 500), t + ms(60_100));
-        r.on_report(&load(0, 0, 1000), t + ms(60_600));
+        r.on_report(&load(0, 0, 500), 500, t + ms(60_000));
+        r.on_report(&load(1, 500, 1000), 1000, t + ms(60_100));
+        r.on_report(&load(0, 0, 1000), 1000, t + ms(60_600));
         assert_eq!(r.tokens_per_s(), Some(1000.0));
     }
 
@@ -159,9 +184,10 @@ mod tests {
     fn a_restarted_node_starts_a_new_window() {
         let t = Instant::now();
         let mut r = PrefillRate::default();
-        r.on_report(&load(1, 100, 10_000), t);
-        r.on_report(&load(1, 100, 0), t + ms(100));
-        r.on_report(&load(1, 100, 300), t + ms(700));
+        r.on_report(&load(1, 9_000, 10_000), 10_000, t);
+        // Restarted: its queue is empty, which is not 9,000 tokens done.
+        r.on_report(&load(1, 300, 300), 10_300, t + ms(100));
+        r.on_report(&load(1, 0, 300), 10_300, t + ms(700));
         assert_eq!(r.tokens_per_s(), Some(500.0));
     }
 
@@ -169,7 +195,11 @@ mod tests {
     fn kv_waits_grow_with_the_work_ahead_up_to_the_cap() {
         let base = Duration::from_secs(30);
         let max = Duration::from_secs(120);
-        assert_eq!(kv_wait(base, max, 50_000, None), base, "no rate: the base");
+        assert_eq!(
+            kv_wait(base, max, 50_000, None),
+            max,
+            "no rate: the longest"
+        );
         assert_eq!(
             kv_wait(base, max, 10_000, Some(1000.0)),
             Duration::from_secs(40)

@@ -74,6 +74,8 @@ struct Entry {
     breaker: Breaker,
     /// Measured from the reports (prefill nodes).
     rate: PrefillRate,
+    /// Prompt tokens sent to the node (prefill nodes), for its rate.
+    sent_tokens: u64,
 }
 
 impl Entry {
@@ -230,6 +232,7 @@ impl NodePool {
                     stop,
                     breaker: Breaker::new(self.breakers),
                     rate: PrefillRate::default(),
+                    sent_tokens: 0,
                 },
             );
         }
@@ -381,6 +384,9 @@ impl NodePool {
         };
         // While half-open, the request is one of the breaker's trials.
         entry.breaker.on_sent(Instant::now());
+        if entry.handle.role == Role::Prefill {
+            entry.sent_tokens = entry.sent_tokens.saturating_add(prompt_tokens as u64);
+        }
         let Some(load) = entry.status.load.as_mut() else {
             return;
         };
@@ -462,7 +468,7 @@ async fn watch_load(
                             if let Some(e) = pool.lock().get_mut(&node.addr) {
                                 let now = Instant::now();
                                 if node.role == Role::Prefill {
-                                    e.rate.on_report(&load, now);
+                                    e.rate.on_report(&load, e.sent_tokens, now);
                                 }
                                 e.status.load = Some(load);
                                 e.status.reachable = true;

@@ -28,12 +28,15 @@ use tandem_tests::*;
 use tonic::Code;
 
 /// One overload run's shape.
+#[derive(Clone, Copy)]
 struct Load {
     streams: usize,
     prompt_len: usize,
     max_tokens: u32,
     /// gRPC connections the streams spread over.
     connections: usize,
+    /// Stream `i` sends `prompt(prompt_len, salt + i)`.
+    salt: u32,
 }
 
 /// What a run produced.
@@ -100,7 +103,7 @@ async fn run(cluster: &Cluster, references: &[Vec<u32>], load: &Load) -> Outcome
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..load.streams {
         let mut client = clients[i % clients.len()].clone();
-        let p = prompt(load.prompt_len, i as u32);
+        let p = prompt(load.prompt_len, load.salt + i as u32);
         let max_tokens = load.max_tokens;
         tasks.spawn(async move {
             let t = Instant::now();
@@ -140,10 +143,15 @@ async fn run(cluster: &Cluster, references: &[Vec<u32>], load: &Load) -> Outcome
 /// The engine's greedy continuations of the run's prompts, computed in this process.
 async fn references(model: &Arc<ModelDir>, load: &Load) -> Vec<Vec<u32>> {
     let model = model.clone();
-    let (n, len, max) = (load.streams, load.prompt_len, load.max_tokens as usize);
+    let (n, len, max, salt) = (
+        load.streams,
+        load.prompt_len,
+        load.max_tokens as usize,
+        load.salt,
+    );
     tokio::task::spawn_blocking(move || {
         (0..n)
-            .map(|i| reference(&model, &prompt(len, i as u32), max))
+            .map(|i| reference(&model, &prompt(len, salt + i as u32), max))
             .collect()
     })
     .await
@@ -193,6 +201,7 @@ async fn overload_completes_every_admitted_request_and_refuses_the_rest_cleanly(
         prompt_len: 200,
         max_tokens: 8,
         connections: 8,
+        salt: 0,
     };
     let references = references(&model, &load).await;
     let cluster = Cluster::start(
@@ -262,12 +271,21 @@ async fn overload_figures_before_and_after() {
     tandem_telemetry::install_recorder().expect("recorder");
     let (_dir, model) = load_model();
     let load = Load {
-        streams: 1000,
+        streams: 600,
         prompt_len: 400,
         max_tokens: 8,
         connections: 16,
+        salt: 0,
+    };
+    // A warm-up, so the router has measured the prefill rate (a cold router
+    // admits and waits as if nothing were queued: docs/RELIABILITY.md).
+    let warm_up = Load {
+        streams: 64,
+        salt: 100_000,
+        ..load
     };
     let references = references(&model, &load).await;
+    let warm_references = self::references(&model, &warm_up).await;
     for (name, admission_and_scaling) in [("before", false), ("after", true)] {
         let mut spec = spec(|r| {
             r.max_running = 256;
@@ -288,6 +306,9 @@ async fn overload_figures_before_and_after() {
         }
         spec.decode.kv_blocks = 8192;
         let cluster = Cluster::start(model.clone(), spec).await;
+        let warm = run(&cluster, &warm_references, &warm_up).await;
+        println!("{name}: warm-up {warm:?}");
+        wait_idle(&cluster).await;
         let failures = counter(names::ROUTER_RERUNS_TOTAL, "node_failure");
         let timeouts = counter(names::ROUTER_RERUNS_TOTAL, "kv_timeout");
         let out = run(&cluster, &references, &load).await;
