@@ -15,6 +15,8 @@
 //!
 //! Everything here is sans-I/O: reports and times go in, estimates come out.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1::NodeLoad;
@@ -109,6 +111,31 @@ impl Backlog {
     pub fn wait_s(&self, extra_tokens: u64) -> Option<f64> {
         (self.tokens_per_s > 0.0)
             .then(|| (self.queued_tokens.saturating_add(extra_tokens)) as f64 / self.tokens_per_s)
+    }
+}
+
+/// A request's prompt tokens counted as pending prefill work from its
+/// admission until a prefill node is given it (or the decode node will
+/// prefill it): the nodes' reports cannot show it yet, and a burst admitted
+/// at once would otherwise pass the backlog check and get KV waits as if the
+/// queue were empty. Dropping it takes the tokens off the count.
+#[derive(Debug)]
+pub struct PendingTokens {
+    counter: Arc<AtomicU64>,
+    tokens: u64,
+}
+
+impl PendingTokens {
+    /// Adds `tokens` to `counter` until dropped.
+    pub fn new(counter: Arc<AtomicU64>, tokens: u64) -> Self {
+        counter.fetch_add(tokens, Ordering::AcqRel);
+        PendingTokens { counter, tokens }
+    }
+}
+
+impl Drop for PendingTokens {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.tokens, Ordering::AcqRel);
     }
 }
 
@@ -210,6 +237,18 @@ mod tests {
             base,
             "never below the base"
         );
+    }
+
+    #[test]
+    fn pending_tokens_count_until_dropped() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let a = PendingTokens::new(counter.clone(), 300);
+        let b = PendingTokens::new(counter.clone(), 200);
+        assert_eq!(counter.load(Ordering::Acquire), 500);
+        drop(a);
+        assert_eq!(counter.load(Ordering::Acquire), 200);
+        drop(b);
+        assert_eq!(counter.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -26,6 +26,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_cluster::Role;
@@ -42,6 +43,7 @@ use tonic::Status;
 use tonic::codec::Streaming;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::backlog::PendingTokens;
 use crate::error::RouterError;
 use crate::nodes::{NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
@@ -74,6 +76,9 @@ pub struct Relay {
     pub kv_timeout_ms: u32,
     /// The longest KV wait, however much prefill work is queued ahead.
     pub kv_timeout_max_ms: u32,
+    /// Prompt tokens of admitted requests not yet given to a prefill node
+    /// (see [`PendingTokens`]).
+    pub pending_prefill: Arc<AtomicU64>,
     /// The request deadline, for messages.
     pub request_timeout_s: f64,
     /// Fires when the router shuts down.
@@ -103,10 +108,13 @@ struct Progress {
     finish: Option<&'static str>,
     /// Prompt tokens served from a prefix cache, as the final usage says.
     cached_tokens: u32,
+    /// The request's count among the pending prefill tokens, until its
+    /// first attempt has a prefill node (or prefills at the decode node).
+    pending: Option<PendingTokens>,
 }
 
 impl Progress {
-    fn new(arrival: Instant) -> Self {
+    fn new(arrival: Instant, pending: PendingTokens) -> Self {
         Progress {
             sent: Vec::new(),
             admitted_at: None,
@@ -114,6 +122,7 @@ impl Progress {
             clock: TokenClock::new(arrival),
             finish: None,
             cached_tokens: 0,
+            pending: Some(pending),
         }
     }
 }
@@ -182,6 +191,7 @@ impl Relay {
         arrival: Instant,
         deadline: Instant,
         tx: ClientSender,
+        pending: PendingTokens,
     ) {
         let request = Request {
             relay: self,
@@ -190,7 +200,7 @@ impl Relay {
             deadline,
             tx: &tx,
         };
-        let mut progress = Progress::new(arrival);
+        let mut progress = Progress::new(arrival, pending);
         let result = request.serve(&mut progress).await;
         let status = match &result {
             Ok(()) => progress.finish.unwrap_or("unspecified"),
@@ -327,6 +337,10 @@ impl Request<'_> {
         progress.admitted_at.get_or_insert_with(Instant::now);
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
+        if admitted.local_prefill {
+            // The decode node prefills it: no longer prefill work pending.
+            progress.pending = None;
+        }
         let mut prefill: Option<PrefillCall> = None;
         // The prefill node of this attempt, if any: a finished request proves it worked.
         let mut prefill_addr: Option<String> = None;
@@ -358,6 +372,8 @@ impl Request<'_> {
                 },
             };
             prefill_addr = Some(node.addr.clone());
+            // Counted in the node's queue from now on.
+            progress.pending = None;
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
@@ -639,7 +655,12 @@ impl Request<'_> {
             let b = nodes.prefill_backlog();
             (b.nodes > 0 && b.tokens_per_s > 0.0).then(|| b.tokens_per_s / b.nodes as f64)
         });
-        let ahead = queued.saturating_add((self.req.prompt.len() + generated) as u64);
+        // Requests admitted alongside this one and not yet given a prefill
+        // node will be prefilled beside it (the node interleaves prompts).
+        let pending = self.relay.pending_prefill.load(Ordering::Acquire);
+        let ahead = queued
+            .saturating_add(pending)
+            .saturating_add((self.req.prompt.len() + generated) as u64);
         let wait = crate::backlog::kv_wait(base, max, ahead, rate);
         u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
     }

@@ -6,12 +6,15 @@
 //!
 //! Besides the admission gate's bounds, a request is refused
 //! (RESOURCE_EXHAUSTED, retry-after) while the prefill nodes' queued prompts,
-//! plus those of the requests waiting at the gate, would take longer than
+//! plus those of the requests admitted but not yet given to a prefill node
+//! (waiting at the gate or just past it), would take longer than
 //! `max_prefill_backlog_s` at the nodes' measured rate: refusing at the door
 //! keeps the admitted requests' KV waits from expiring.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backlog::PendingTokens;
 use std::time::Duration;
 
 use tandem_cluster::{GrpcTls, Membership, RouterSection};
@@ -53,24 +56,6 @@ pub struct GenerateService {
     ready: watch::Receiver<bool>,
     /// `router.max_prefill_backlog_s`; 0: no backlog check.
     max_prefill_backlog_s: f64,
-    /// Prompt tokens of the requests waiting at the admission gate.
-    waiting_tokens: AtomicU64,
-}
-
-/// Counts a request's prompt among the waiting ones while it waits.
-struct WaitingTokens<'a>(&'a AtomicU64, u64);
-
-impl<'a> WaitingTokens<'a> {
-    fn new(counter: &'a AtomicU64, tokens: u64) -> Self {
-        counter.fetch_add(tokens, Ordering::AcqRel);
-        WaitingTokens(counter, tokens)
-    }
-}
-
-impl Drop for WaitingTokens<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::AcqRel);
-    }
 }
 
 impl GenerateService {
@@ -112,6 +97,7 @@ impl GenerateService {
                 nodes,
                 kv_timeout_ms: config.kv_timeout_ms,
                 kv_timeout_max_ms: config.kv_timeout_max_ms,
+                pending_prefill: Arc::new(AtomicU64::new(0)),
                 request_timeout_s: config.request_timeout_s,
                 shutdown,
             }),
@@ -119,7 +105,6 @@ impl GenerateService {
                 .unwrap_or(Duration::MAX),
             ready,
             max_prefill_backlog_s: config.max_prefill_backlog_s,
-            waiting_tokens: AtomicU64::new(0),
         })
     }
 
@@ -160,7 +145,7 @@ impl Generate for GenerateService {
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
-        let (req, permit, span) = match self.admit(request, deadline).await {
+        let (req, permit, pending, span) = match self.admit(request, deadline).await {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -172,7 +157,7 @@ impl Generate for GenerateService {
         let relay = self.relay.clone();
         tokio::spawn(
             async move {
-                relay.run(req, arrival, deadline, tx).await;
+                relay.run(req, arrival, deadline, tx, pending).await;
                 drop(permit);
             }
             .instrument(span),
@@ -183,12 +168,12 @@ impl Generate for GenerateService {
 
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
-    /// admission permit and its span.
+    /// admission permit, its count among the pending prefill tokens, and its span.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-    ) -> Result<(ValidRequest, Admitted, tracing::Span), RouterError> {
+    ) -> Result<(ValidRequest, Admitted, PendingTokens, tracing::Span), RouterError> {
         let key = self.auth.check(request.metadata())?;
         if !self.is_ready() {
             return Err(RouterError::NotReady);
@@ -210,24 +195,24 @@ impl GenerateService {
         let span = tracing::info_span!("generate", request_id = %req.request_id);
         let prompt_tokens = req.prompt.len() as u64;
         self.check_prefill_backlog(prompt_tokens)?;
-        let _waiting = WaitingTokens::new(&self.waiting_tokens, prompt_tokens);
+        let pending = PendingTokens::new(self.relay.pending_prefill.clone(), prompt_tokens);
         let permit = self
             .admission
             .admit(deadline, self.relay.request_timeout_s)
             .instrument(span.clone())
             .await?;
-        Ok((req, permit, span))
+        Ok((req, permit, pending, span))
     }
 
     /// Refuses a request of `prompt_tokens` while the prefill backlog (the
-    /// nodes' queues and the prompts waiting here) is past the bound.
+    /// nodes' queues and the prompts pending here) is past the bound.
     fn check_prefill_backlog(&self, prompt_tokens: u64) -> Result<(), RouterError> {
         if self.max_prefill_backlog_s <= 0.0 {
             return Ok(());
         }
-        let waiting = self.waiting_tokens.load(Ordering::Acquire);
+        let pending = self.relay.pending_prefill.load(Ordering::Acquire);
         let backlog = self.relay.nodes.prefill_backlog();
-        match backlog.wait_s(waiting.saturating_add(prompt_tokens)) {
+        match backlog.wait_s(pending.saturating_add(prompt_tokens)) {
             Some(wait_s) if wait_s > self.max_prefill_backlog_s => {
                 Err(RouterError::PrefillBacklog {
                     wait_s,
