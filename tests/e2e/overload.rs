@@ -294,7 +294,8 @@ async fn overload_figures_before_and_after() {
             r.kv_timeout_ms = 2_000;
             r.request_timeout_s = 300.0;
             if admission_and_scaling {
-                r.max_prefill_backlog_s = 1.0;
+                // The default bound.
+                r.max_prefill_backlog_s = 10.0;
                 r.kv_timeout_max_ms = 60_000;
             } else {
                 r.max_prefill_backlog_s = 0.0;
