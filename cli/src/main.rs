@@ -7,6 +7,7 @@ mod fetch;
 mod model_cmd;
 mod roles;
 mod status;
+mod status_breakers;
 
 use std::io::Write;
 use std::path::PathBuf;

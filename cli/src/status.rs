@@ -37,6 +37,10 @@ pub struct StatusArgs {
     /// Cluster name in etcd (with --etcd).
     #[arg(long, default_value = "tandem")]
     cluster: String,
+    /// The router's metrics endpoint (HOST:PORT of its `[metrics] listen`):
+    /// also show its circuit breaker for each node.
+    #[arg(long)]
+    router_metrics: Option<String>,
 }
 
 /// One member as listed, before its load is known.
@@ -65,8 +69,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let listed = members(&args, config).await?;
     if listed.is_empty() {
         println!("no members");
-        return Ok(());
+    } else {
+        print_members(listed, tls, pinned).await?;
     }
+    if let Some(addr) = &args.router_metrics {
+        crate::status_breakers::print(addr).await?;
+    }
+    Ok(())
+}
+
+/// The members' load table.
+async fn print_members(
+    listed: Vec<Listed>,
+    tls: Option<GrpcTls>,
+    pinned: Option<ModelFingerprint>,
+) -> anyhow::Result<()> {
     let mut loads = JoinSet::new();
     for (i, m) in listed.iter().enumerate() {
         let (role, addr, name) = (m.role.clone(), m.addr.clone(), m.tls_name.clone());

@@ -364,6 +364,26 @@ pub struct RouterSection {
     /// Largest request message, in bytes: gRPC messages and HTTP bodies.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Longest KV wait a decode reservation gets, in milliseconds: the wait
+    /// is `kv_timeout_ms` plus the prefill work queued ahead of the request
+    /// at its measured rate, capped here. Equal to `kv_timeout_ms`: a fixed wait.
+    #[serde(default = "default_kv_timeout_max")]
+    pub kv_timeout_max_ms: u32,
+    /// Admission refuses new requests (RESOURCE_EXHAUSTED, retry-after)
+    /// while the prefill nodes' queued prompt tokens would take longer than
+    /// this many seconds at their measured rate; 0 turns the check off.
+    #[serde(default = "default_max_prefill_backlog")]
+    pub max_prefill_backlog_s: f64,
+    /// Failures of a node in a row that open its circuit breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker first keeps a node out, in milliseconds
+    /// (doubling after each failed trial, up to a minute).
+    #[serde(default = "default_breaker_open")]
+    pub breaker_open_ms: u32,
+    /// Trial requests a half-open breaker lets through at a time.
+    #[serde(default = "default_breaker_probes")]
+    pub breaker_probes: u32,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section): with it the router dials nodes over mutual TLS.
@@ -381,6 +401,21 @@ pub struct RouterSection {
 
 fn default_max_request_bytes() -> usize {
     4 << 20
+}
+fn default_kv_timeout_max() -> u32 {
+    120_000
+}
+fn default_max_prefill_backlog() -> f64 {
+    10.0
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_open() -> u32 {
+    5_000
+}
+fn default_breaker_probes() -> u32 {
+    1
 }
 
 fn default_router_listen() -> SocketAddr {
@@ -742,6 +777,23 @@ impl Config {
                 ));
             }
             r.validate_keys()?;
+            if r.kv_timeout_max_ms < r.kv_timeout_ms {
+                return Err(ConfigError::Invalid(
+                    "router.kv_timeout_max_ms must be at least router.kv_timeout_ms".into(),
+                ));
+            }
+            if !(r.max_prefill_backlog_s >= 0.0 && r.max_prefill_backlog_s.is_finite()) {
+                return Err(ConfigError::Invalid(
+                    "router.max_prefill_backlog_s must be a non-negative number of seconds (0: off)"
+                        .into(),
+                ));
+            }
+            if r.breaker_failures == 0 || r.breaker_probes == 0 || r.breaker_open_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "router.breaker_failures, breaker_open_ms and breaker_probes must be at least 1"
+                        .into(),
+                ));
+            }
             if r.max_request_bytes < 1024 {
                 return Err(ConfigError::Invalid(
                     "router.max_request_bytes must be at least 1024".into(),
@@ -995,6 +1047,46 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn overload_and_breaker_settings_have_defaults_and_are_checked() {
+        let r = RouterSection::default();
+        assert_eq!((r.kv_timeout_ms, r.kv_timeout_max_ms), (30_000, 120_000));
+        assert_eq!(r.max_prefill_backlog_s, 10.0);
+        assert_eq!(
+            (r.breaker_failures, r.breaker_open_ms, r.breaker_probes),
+            (3, 5_000, 1)
+        );
+        for (text, key) in [
+            (
+                "[router]
+kv_timeout_max_ms = 100
+",
+                "kv_timeout_max_ms",
+            ),
+            (
+                "[router]
+max_prefill_backlog_s = -1
+",
+                "max_prefill_backlog_s",
+            ),
+            (
+                "[router]
+breaker_failures = 0
+",
+                "breaker_failures",
+            ),
+            (
+                "[router]
+breaker_probes = 0
+",
+                "breaker_probes",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

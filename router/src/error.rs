@@ -75,6 +75,34 @@ pub enum RouterError {
     /// The membership holds no node of a role the request needs.
     #[error("no {0} node is available")]
     NoNode(&'static str),
+    /// Every node of a role is failing: their circuit breakers are open.
+    #[error("every {role} node is failing (circuit breakers open); retry in {retry_after_s} s")]
+    NoUsableNode {
+        /// `decode` (with no usable prefill node the decode node prefills).
+        role: &'static str,
+        /// Seconds until a breaker lets a trial request through.
+        retry_after_s: u64,
+    },
+    /// A decode node gave up waiting for the request's KV (DEADLINE_EXCEEDED
+    /// from the node): the prefill side was late, not the decode node's
+    /// fault; the request is re-run.
+    #[error("node {node} did not receive the KV in time: {message}")]
+    KvTimeout {
+        /// The decode node's gRPC address.
+        node: String,
+        /// The node's message.
+        message: String,
+    },
+    /// The prefill nodes' queue would take longer than the admission bound.
+    #[error(
+        "the prefill queue is full ({wait_s:.1} s of prompts queued, limit {limit_s} s); retry later"
+    )]
+    PrefillBacklog {
+        /// Estimated seconds to prefill what is queued.
+        wait_s: f64,
+        /// `router.max_prefill_backlog_s`.
+        limit_s: f64,
+    },
     /// The request's deadline passed.
     #[error("the request did not finish within {timeout_s} s")]
     DeadlineExceeded {
@@ -132,6 +160,7 @@ impl RouterError {
             // holds the same attempt. Attempts have distinct ids, so this is
             // not a retry meeting its earlier self; not a node failure either.
             Code::AlreadyExists => RouterError::AttemptConflict { node, message },
+            Code::DeadlineExceeded => RouterError::KvTimeout { node, message },
             _ => RouterError::NodeUnavailable {
                 node,
                 message: format!("{}: {message}", status.code()),
@@ -145,14 +174,31 @@ impl RouterError {
 pub const RETRY_AFTER: &str = "retry-after";
 
 impl RouterError {
+    /// The node to blame for this error, if it is a failure of the node
+    /// (its breaker counts it). Refusals of the request, attempt conflicts
+    /// and KV waits that expired under load are not.
+    pub fn blames_node(&self) -> Option<&str> {
+        match self {
+            RouterError::NodeUnavailable { node, .. } | RouterError::Protocol { node, .. } => {
+                Some(node)
+            }
+            _ => None,
+        }
+    }
+
     /// Seconds a client should wait before retrying, for refusals a retry can cure.
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             RouterError::RateLimited { retry_after_s, .. } => {
                 Some(retry_after_s.ceil().clamp(1.0, 86_400.0) as u64)
             }
+            RouterError::NoUsableNode { retry_after_s, .. } => Some(*retry_after_s),
+            RouterError::PrefillBacklog { wait_s, limit_s } => {
+                Some((wait_s - limit_s).ceil().clamp(1.0, 60.0) as u64)
+            }
             RouterError::QueueFull { .. }
             | RouterError::NodeExhausted { .. }
+            | RouterError::NoNode(_)
             | RouterError::NotReady => Some(1),
             _ => None,
         }
@@ -167,10 +213,12 @@ impl RouterError {
             RouterError::Unauthenticated(_) => Code::Unauthenticated,
             RouterError::RateLimited { .. } => Code::ResourceExhausted,
             RouterError::ModelNotFound { .. } => Code::NotFound,
-            RouterError::QueueFull { .. } | RouterError::NodeExhausted { .. } => {
-                Code::ResourceExhausted
-            }
+            RouterError::QueueFull { .. }
+            | RouterError::NodeExhausted { .. }
+            | RouterError::PrefillBacklog { .. } => Code::ResourceExhausted,
             RouterError::NodeUnavailable { .. }
+            | RouterError::KvTimeout { .. }
+            | RouterError::NoUsableNode { .. }
             | RouterError::NoNode(_)
             | RouterError::NotReady
             | RouterError::ShuttingDown
@@ -266,6 +314,44 @@ mod tests {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("queue is full") && s.message().contains("retry"));
         assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "1");
+    }
+
+    #[test]
+    fn only_failures_of_the_node_blame_it() {
+        for (status, blamed) in [
+            (Status::internal("boom"), true),
+            (Status::unavailable("down"), true),
+            (Status::resource_exhausted("no blocks"), false),
+            (Status::invalid_argument("bad"), false),
+            (Status::already_exists("running"), false),
+            (Status::deadline_exceeded("no KV in time"), false),
+        ] {
+            let e = RouterError::from_node_status("n", &status);
+            assert_eq!(e.blames_node().is_some(), blamed, "{status:?} -> {e:?}");
+        }
+        let e = RouterError::from_node_status("n", &Status::deadline_exceeded("late"));
+        assert_eq!(
+            e.code(),
+            Code::Unavailable,
+            "retryable, not the client's deadline"
+        );
+    }
+
+    #[test]
+    fn no_usable_node_and_backlog_say_when_to_retry() {
+        let s = Status::from(RouterError::NoUsableNode {
+            role: "decode",
+            retry_after_s: 5,
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "5");
+        let s = Status::from(RouterError::PrefillBacklog {
+            wait_s: 12.5,
+            limit_s: 10.0,
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.metadata().get(RETRY_AFTER).unwrap(), "3");
+        assert!(s.message().contains("prefill queue"), "{s:?}");
     }
 
     #[test]

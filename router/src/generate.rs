@@ -15,10 +15,18 @@
 //! generated and replay them through sampling and stop matching, so the
 //! client's stream continues with no token repeated or lost (and, for greedy
 //! or seeded sampling, exactly as if nothing had failed).
+//!
+//! Only failures of a node count against it ([`RouterError::blames_node`]):
+//! they open its circuit breaker, and a node whose breaker is open gets no
+//! requests. With no usable prefill node the decode node prefills the prompt
+//! itself (slower, not failed); with no usable decode node the request fails
+//! UNAVAILABLE with a retry-after. A decode reservation's KV wait grows with
+//! the prefill work queued ahead of it ([`crate::backlog::kv_wait`]).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tandem_cluster::Role;
@@ -27,6 +35,7 @@ use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::decode_response::Event as DecodeEvent;
 use tandem_proto::v1::generate_response::Event as ClientEvent;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
+use tandem_telemetry::names;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +43,7 @@ use tonic::Status;
 use tonic::codec::Streaming;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::backlog::PendingTokens;
 use crate::error::RouterError;
 use crate::nodes::{NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
@@ -62,8 +72,13 @@ pub type ClientSender = mpsc::Sender<Result<pb::GenerateResponse, Status>>;
 pub struct Relay {
     /// The cluster's nodes.
     pub nodes: Arc<NodePool>,
-    /// How long a decode node waits for KV.
+    /// How long a decode node waits for KV, with nothing queued ahead.
     pub kv_timeout_ms: u32,
+    /// The longest KV wait, however much prefill work is queued ahead.
+    pub kv_timeout_max_ms: u32,
+    /// Prompt tokens of admitted requests not yet given to a prefill node
+    /// (see [`PendingTokens`]).
+    pub pending_prefill: Arc<AtomicU64>,
     /// The request deadline, for messages.
     pub request_timeout_s: f64,
     /// Fires when the router shuts down.
@@ -93,10 +108,13 @@ struct Progress {
     finish: Option<&'static str>,
     /// Prompt tokens served from a prefix cache, as the final usage says.
     cached_tokens: u32,
+    /// The request's count among the pending prefill tokens, until its
+    /// first attempt has a prefill node (or prefills at the decode node).
+    pending: Option<PendingTokens>,
 }
 
 impl Progress {
-    fn new(arrival: Instant) -> Self {
+    fn new(arrival: Instant, pending: PendingTokens) -> Self {
         Progress {
             sent: Vec::new(),
             admitted_at: None,
@@ -104,6 +122,7 @@ impl Progress {
             clock: TokenClock::new(arrival),
             finish: None,
             cached_tokens: 0,
+            pending: Some(pending),
         }
     }
 }
@@ -174,6 +193,7 @@ impl Relay {
         arrival: Instant,
         deadline: Instant,
         tx: ClientSender,
+        pending: PendingTokens,
     ) -> Option<Tokens> {
         let request = Request {
             relay: self,
@@ -182,7 +202,7 @@ impl Relay {
             deadline,
             tx: &tx,
         };
-        let mut progress = Progress::new(arrival);
+        let mut progress = Progress::new(arrival, pending);
         let result = request.serve(&mut progress).await;
         let status = match &result {
             Ok(()) => progress.finish.unwrap_or("unspecified"),
@@ -238,9 +258,9 @@ impl Request<'_> {
                 Err(err) => err,
             };
             let node = match &err {
-                RouterError::NodeUnavailable { node, .. } | RouterError::Protocol { node, .. } => {
-                    node.clone()
-                }
+                RouterError::NodeUnavailable { node, .. }
+                | RouterError::Protocol { node, .. }
+                | RouterError::KvTimeout { node, .. } => node.clone(),
                 _ => return Err(err),
             };
             if attempt == MAX_ATTEMPTS as u32 || Instant::now() >= self.deadline {
@@ -252,7 +272,13 @@ impl Request<'_> {
                 generated = progress.sent.len(),
                 "node failed mid-request; re-running the request elsewhere: {err}"
             );
-            self.relay.nodes.mark_failed(&node);
+            let reason = if err.blames_node().is_some() {
+                self.relay.nodes.mark_failed(&node);
+                "node_failure"
+            } else {
+                "kv_timeout"
+            };
+            metrics::counter!(names::ROUTER_RERUNS_TOTAL, names::REASON => reason).increment(1);
             failed.push(node);
             if progress.sent.len() >= self.req.max_tokens as usize {
                 // Every token was delivered; only the Finished message was lost.
@@ -314,15 +340,20 @@ impl Request<'_> {
         progress.admitted_at.get_or_insert_with(Instant::now);
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
+        if admitted.local_prefill {
+            // The decode node prefills it: no longer prefill work pending.
+            progress.pending = None;
+        }
         let mut prefill: Option<PrefillCall> = None;
+        // The prefill node of this attempt, if any: a finished request proves it worked.
+        let mut prefill_addr: Option<String> = None;
         if !admitted.local_prefill {
             let target = admitted.kv_target.ok_or_else(|| RouterError::Protocol {
                 node: decode.addr.clone(),
                 message: "Admitted for remote prefill without a kv_target".into(),
             })?;
-            let node = prefer_unfailed(self.relay.nodes.ranked(Role::Prefill), failed)
-                .into_iter()
-                .next()
+            let node = self
+                .usable_prefill(failed)
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
             self.relay
@@ -343,6 +374,9 @@ impl Request<'_> {
                     Vec::new()
                 },
             };
+            prefill_addr = Some(node.addr.clone());
+            // Counted in the node's queue from now on.
+            progress.pending = None;
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
@@ -379,6 +413,9 @@ impl Request<'_> {
                     match result {
                         Ok(r) => {
                             let r = r.into_inner();
+                            if let Some(n) = &node {
+                                self.relay.nodes.record_success(&n.addr);
+                            }
                             debug!(
                                 first_token = r.first_token,
                                 queue_s = r.queue_seconds,
@@ -430,6 +467,10 @@ impl Request<'_> {
                 DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
+                    // Its KV came, so the prefill node did its part.
+                    if let Some(addr) = &prefill_addr {
+                        self.relay.nodes.record_success(addr);
+                    }
                     if let Some(call) = prefill.take()
                         && let Some(cached) = self.prefill_answer(call).await
                     {
@@ -523,8 +564,17 @@ impl Request<'_> {
         loop {
             let ranked = prefer_unfailed(nodes.ranked(Role::Decode), avoid);
             if ranked.is_empty() {
-                return Err(RouterError::NoNode("decode"));
+                if !nodes.has(Role::Decode) {
+                    return Err(RouterError::NoNode("decode"));
+                }
+                return Err(RouterError::NoUsableNode {
+                    role: "decode",
+                    retry_after_s: nodes.retry_after_s(),
+                });
             }
+            // No usable prefill node (none registered, all failing): the
+            // decode node prefills the prompt itself.
+            let local = !nodes.usable(Role::Prefill, avoid);
             let request = pb::DecodeRequest {
                 request_id: self.req.request_id.clone(),
                 prompt: self.req.prompt.clone(),
@@ -533,8 +583,8 @@ impl Request<'_> {
                 stop: self.req.stop.clone(),
                 stop_token_ids: self.req.stop_token_ids.clone(),
                 ignore_eos: self.req.ignore_eos,
-                kv_timeout_ms: self.relay.kv_timeout_ms,
-                force_local_prefill: !nodes.has(Role::Prefill),
+                kv_timeout_ms: self.kv_timeout_ms(local, generated.len(), avoid),
+                force_local_prefill: local,
                 generated: generated.to_vec(),
                 logprobs: self.req.logprobs,
                 attempt: guard.attempt,
@@ -544,8 +594,10 @@ impl Request<'_> {
             let mut failed = None;
             for node in ranked {
                 guard.decode = Some(node.clone());
+                nodes.note_sent(&node.addr);
                 match self.watch(self.try_decode(&node, request.clone())).await {
                     Ok(reserved) => {
+                        nodes.record_success(&node.addr);
                         nodes.note_assigned(&node.addr, self.req.prompt.len() + generated.len());
                         return Ok(reserved);
                     }
@@ -556,6 +608,7 @@ impl Request<'_> {
                             RouterError::NodeExhausted { .. } => full = Some(err),
                             RouterError::NodeUnavailable { .. } | RouterError::Protocol { .. } => {
                                 warn!(node = %node.addr, "decode node failed, trying another: {err}");
+                                nodes.mark_failed(&node.addr);
                                 failed = Some(err);
                             }
                             other => return Err(other),
@@ -576,6 +629,43 @@ impl Request<'_> {
             })
             .await?;
         }
+    }
+
+    /// The best usable prefill node, those that failed this request last.
+    fn usable_prefill(&self, failed: &[String]) -> Option<NodeHandle> {
+        prefer_unfailed(self.relay.nodes.ranked(Role::Prefill), failed)
+            .into_iter()
+            .next()
+    }
+
+    /// The KV wait for a reservation: the base, plus (for a remote prefill)
+    /// the time the likely prefill node needs for what is queued there and
+    /// this prompt, at its measured rate (else the cluster's average), capped.
+    fn kv_timeout_ms(&self, local: bool, generated: usize, avoid: &[String]) -> u32 {
+        let base = Duration::from_millis(u64::from(self.relay.kv_timeout_ms));
+        let max = Duration::from_millis(u64::from(self.relay.kv_timeout_max_ms));
+        if local {
+            return self.relay.kv_timeout_ms;
+        }
+        let nodes = &self.relay.nodes;
+        let Some((queued, rate)) = self
+            .usable_prefill(avoid)
+            .and_then(|n| nodes.prefill_queue(&n.addr))
+        else {
+            return self.relay.kv_timeout_ms;
+        };
+        let rate = rate.or_else(|| {
+            let b = nodes.prefill_backlog();
+            (b.nodes > 0 && b.tokens_per_s > 0.0).then(|| b.tokens_per_s / b.nodes as f64)
+        });
+        // Requests admitted alongside this one and not yet given a prefill
+        // node will be prefilled beside it (the node interleaves prompts).
+        let pending = self.relay.pending_prefill.load(Ordering::Acquire);
+        let ahead = queued
+            .saturating_add(pending)
+            .saturating_add((self.req.prompt.len() + generated) as u64);
+        let wait = crate::backlog::kv_wait(base, max, ahead, rate);
+        u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
     }
 
     /// Calls `Decode` on one node and reads its first answer.

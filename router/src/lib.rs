@@ -5,8 +5,10 @@
 //! - [`auth`]: the client's API key and its rate limits (and [`usage`]: what
 //!   each key used, as metrics);
 //! - [`validation`]: checks the request and tokenizes the prompt;
-//! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting);
-//! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to use;
+//! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting),
+//!   and a refusal while the prefill backlog ([`backlog`]) is past its bound;
+//! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to
+//!   use; [`breaker`]: a circuit breaker per node;
 //! - [`generate`]: the request's life at the nodes, relaying tokens to the client;
 //! - [`request_metrics`]: what is recorded about each request (latencies,
 //!   tokens, final status), under `tandem_telemetry::names`.
@@ -21,6 +23,8 @@
 
 pub mod admission;
 pub mod auth;
+pub mod backlog;
+pub mod breaker;
 pub mod choice;
 pub mod client_grpc;
 pub mod drain;

@@ -7,6 +7,12 @@
 //! task stopped. The state is a small map behind a std mutex, held only to
 //! read or write a few fields, never across `.await`.
 //!
+//! Each node has a circuit breaker ([`crate::breaker`]): failures of the
+//! node open it and keep the node out of [`NodePool::ranked`] until its load
+//! reports and a trial request show it works again. Prefill nodes' reports
+//! also measure their prefill rate ([`crate::backlog`]), for admission and
+//! KV waits.
+//!
 //! With `[tls]` every channel is mutual TLS (`tandem_cluster::grpc_tls`): a
 //! member must have an `https://` address, its certificate is checked
 //! against the cluster CA under its advertised TLS name (or its address's
@@ -26,10 +32,13 @@ use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, grpc_tls};
 use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
+use tandem_telemetry::names;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::backlog::{Backlog, PrefillRate};
+use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
 use crate::identity::Identity;
 
@@ -72,6 +81,46 @@ struct Entry {
     /// that has not ranks after those that did.
     identified: bool,
     stop: CancellationToken,
+    breaker: Breaker,
+    /// Measured from the reports (prefill nodes).
+    rate: PrefillRate,
+    /// Prompt tokens sent to the node (prefill nodes), for its rate.
+    sent_tokens: u64,
+}
+
+impl Entry {
+    /// Whether a request may go to the node now: its breaker allows it, its
+    /// load stream works, and it has reported lately.
+    fn usable(&self, now: Instant, stale_after: Duration) -> bool {
+        self.compatible
+            && self.breaker.allows(now)
+            && self.status.reachable
+            && now.saturating_duration_since(self.last_report) < stale_after
+    }
+
+    /// Records a breaker change in the log and the metrics.
+    fn breaker_changed(&self, state: Option<BreakerState>) {
+        let Some(state) = state else { return };
+        let role = role_label(self.handle.role);
+        match state {
+            BreakerState::Open => {
+                warn!(node = %self.handle.addr, role, "circuit breaker open: the node gets no requests")
+            }
+            _ => info!(node = %self.handle.addr, role, "circuit breaker {}", state.name()),
+        }
+        let node = self.handle.addr.clone();
+        metrics::gauge!(names::ROUTER_BREAKER_STATE, names::ROLE => role, names::NODE => node.clone())
+            .set(state.gauge());
+        metrics::counter!(names::ROUTER_BREAKER_TRANSITIONS_TOTAL, names::ROLE => role, names::NODE => node, names::STATE => state.name())
+            .increment(1);
+    }
+}
+
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Decode => "decode",
+        Role::Prefill => "prefill",
+    }
 }
 
 /// The nodes of the cluster and their last load reports.
@@ -80,6 +129,7 @@ pub struct NodePool {
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
     identity: Identity,
+    breakers: BreakerConfig,
 }
 
 impl NodePool {
@@ -92,22 +142,25 @@ impl NodePool {
         tls: Option<GrpcTls>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        Self::start_with_identity(
+        Self::start_with(
             membership,
             load_interval_ms,
             tls,
             Identity::new(None),
+            BreakerConfig::default(),
             shutdown,
         )
     }
 
-    /// [`start`](Self::start), routing only to nodes `identity` finds
-    /// compatible with the cluster's model.
-    pub fn start_with_identity(
+    /// As [`NodePool::start`], routing only to nodes `identity` finds
+    /// compatible with the cluster's model, with every node's circuit breaker
+    /// set by `breakers`.
+    pub fn start_with(
         membership: Arc<dyn Membership>,
         load_interval_ms: u32,
         tls: Option<GrpcTls>,
         identity: Identity,
+        breakers: BreakerConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
@@ -115,6 +168,7 @@ impl NodePool {
             load_interval_ms,
             tls,
             identity,
+            breakers,
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -176,6 +230,12 @@ impl NodePool {
             info!(node = %m.grpc_addr, role = ?m.role, "node joined the cluster");
             let fingerprint = m.fingerprint.map(|f| f.to_string());
             let compatible = self.identity.note(&m.grpc_addr, fingerprint.as_deref());
+            let role = role_label(m.role);
+            metrics::gauge!(names::ROUTER_BREAKER_STATE, names::ROLE => role, names::NODE => m.grpc_addr.clone())
+                .set(BreakerState::Closed.gauge());
+            // Registered at zero, so the series exist before a first change.
+            metrics::counter!(names::ROUTER_BREAKER_TRANSITIONS_TOTAL, names::ROLE => role, names::NODE => m.grpc_addr.clone(), names::STATE => BreakerState::Open.name())
+                .increment(0);
             tokio::spawn(watch_load(
                 self.clone(),
                 handle.clone(),
@@ -192,17 +252,22 @@ impl NodePool {
                     compatible,
                     identified: fingerprint.is_some(),
                     stop,
+                    breaker: Breaker::new(self.breakers),
+                    rate: PrefillRate::default(),
+                    sent_tokens: 0,
                 },
             );
         }
     }
 
-    /// Nodes of `role`, best choice first.
+    /// Nodes of `role` whose circuit breaker lets a request through, best
+    /// choice first.
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
+        let now = Instant::now();
         let mut entries: Vec<&Entry> = nodes
             .values()
-            .filter(|e| e.handle.role == role && e.compatible)
+            .filter(|e| e.handle.role == role && e.compatible && e.breaker.allows(now))
             .collect();
         // A stable base order, so that ties break the same way every time.
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
@@ -241,10 +306,93 @@ impl NodePool {
             .is_some_and(|e| e.last_report.elapsed() >= stale_after)
     }
 
-    /// Marks `addr` unreachable after a request failed on it; its next load
-    /// report marks it reachable again.
+    /// Marks `addr` unreachable after it failed a request (a failure of the
+    /// node, not a refusal of the request); its next load report marks it
+    /// reachable again. The failure counts towards opening its breaker.
     pub fn mark_failed(&self, addr: &str) {
-        self.set_status(addr, |s| s.reachable = false);
+        if let Some(e) = self.lock().get_mut(addr) {
+            e.status.reachable = false;
+            let changed = e.breaker.on_failure(Instant::now());
+            e.breaker_changed(changed);
+        }
+    }
+
+    /// Records that `addr` served a request (or answered one as a healthy
+    /// node does): a half-open breaker closes, a closed one forgets failures.
+    pub fn record_success(&self, addr: &str) {
+        if let Some(e) = self.lock().get_mut(addr) {
+            let changed = e.breaker.on_success();
+            e.breaker_changed(changed);
+        }
+    }
+
+    /// A request is about to go to `addr`: while its breaker is half-open,
+    /// the request takes one of the trial slots.
+    pub fn note_sent(&self, addr: &str) {
+        if let Some(e) = self.lock().get_mut(addr) {
+            e.breaker.on_sent(Instant::now());
+        }
+    }
+
+    /// Whether a node of `role` not in `avoid` is usable now: its breaker
+    /// lets requests through, its load stream works and it reports.
+    pub fn usable(&self, role: Role, avoid: &[String]) -> bool {
+        let now = Instant::now();
+        let stale_after = self.stale_after();
+        self.lock().values().any(|e| {
+            e.handle.role == role && !avoid.contains(&e.handle.addr) && e.usable(now, stale_after)
+        })
+    }
+
+    /// Each node's breaker state, by address (for status listings and tests).
+    pub fn breaker_states(&self) -> Vec<(String, Role, BreakerState)> {
+        let mut states: Vec<_> = self
+            .lock()
+            .values()
+            .map(|e| (e.handle.addr.clone(), e.handle.role, e.breaker.state()))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        states
+    }
+
+    /// The retry hint when no node of a role is usable: the breakers' first
+    /// open time, after which a load report lets a trial through (at least 1 s).
+    pub fn retry_after_s(&self) -> u64 {
+        (self.breakers.open.as_secs_f64().ceil() as u64).max(1)
+    }
+
+    /// The prompt tokens queued at the usable prefill nodes and their
+    /// summed measured rate.
+    pub fn prefill_backlog(&self) -> Backlog {
+        let now = Instant::now();
+        let stale_after = self.stale_after();
+        let nodes = self.lock();
+        let mut backlog = Backlog::default();
+        for e in nodes.values() {
+            if e.handle.role != Role::Prefill || !e.usable(now, stale_after) {
+                continue;
+            }
+            backlog.nodes += 1;
+            if let Some(load) = &e.status.load {
+                backlog.queued_tokens = backlog
+                    .queued_tokens
+                    .saturating_add(load.queued_prefill_tokens);
+            }
+            backlog.tokens_per_s += e.rate.tokens_per_s().unwrap_or(0.0);
+        }
+        backlog
+    }
+
+    /// Prompt tokens queued at prefill node `addr` and its measured rate.
+    pub fn prefill_queue(&self, addr: &str) -> Option<(u64, Option<f64>)> {
+        let nodes = self.lock();
+        let e = nodes.get(addr)?;
+        let queued = e
+            .status
+            .load
+            .as_ref()
+            .map_or(0, |l| l.queued_prefill_tokens);
+        Some((queued, e.rate.tokens_per_s()))
     }
 
     /// Whether the pool holds any node of `role`.
@@ -258,7 +406,15 @@ impl NodePool {
     /// report, so that a burst between reports spreads over the nodes.
     pub fn note_assigned(&self, addr: &str, prompt_tokens: usize) {
         let mut nodes = self.lock();
-        let Some(load) = nodes.get_mut(addr).and_then(|e| e.status.load.as_mut()) else {
+        let Some(entry) = nodes.get_mut(addr) else {
+            return;
+        };
+        // While half-open, the request is one of the breaker's trials.
+        entry.breaker.on_sent(Instant::now());
+        if entry.handle.role == Role::Prefill {
+            entry.sent_tokens = entry.sent_tokens.saturating_add(prompt_tokens as u64);
+        }
+        let Some(load) = entry.status.load.as_mut() else {
             return;
         };
         load.queued = load.queued.saturating_add(1);
@@ -281,7 +437,8 @@ impl NodePool {
         }
     }
 
-    /// Stores a load report of `addr`, and what it says the node serves.
+    /// Stores a load report of `addr`, and what it says the node serves; the
+    /// report is also the probe of an open breaker.
     fn on_report(&self, addr: &str, load: tandem_proto::v1::NodeLoad) {
         let published = Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
         // A record's fingerprint stands until a report says otherwise.
@@ -291,12 +448,19 @@ impl NodePool {
                 e.compatible = compatible;
                 e.identified = true;
             }
+            let now = Instant::now();
+            if e.handle.role == Role::Prefill {
+                e.rate.on_report(&load, e.sent_tokens, now);
+            }
             e.status.load = Some(load);
             e.status.reachable = true;
-            e.last_report = Instant::now();
+            e.last_report = now;
+            let changed = e.breaker.on_report(now);
+            e.breaker_changed(changed);
         }
     }
 
+    #[cfg(test)]
     fn set_status(&self, addr: &str, update: impl FnOnce(&mut NodeStatus)) {
         if let Some(e) = self.lock().get_mut(addr) {
             update(&mut e.status);
@@ -375,7 +539,8 @@ async fn watch_load(
                 }
             }
         }
-        pool.set_status(&node.addr, |s| s.reachable = false);
+        // A node that cannot be reached, or ends its stream, has failed.
+        pool.mark_failed(&node.addr);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -406,6 +571,54 @@ mod tests {
     use super::*;
     use tandem_cluster::StaticMembership;
     use tandem_proto::v1::NodeLoad;
+
+    /// Breakers that stay closed, for tests of ranking alone (the load
+    /// streams to these dead addresses fail over and over).
+    fn never_open() -> BreakerConfig {
+        BreakerConfig {
+            failures: u32::MAX,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_node_opens_its_breaker_and_leaves_the_choice() {
+        let shutdown = CancellationToken::new();
+        // Nothing listens at the prefill address.
+        let membership = StaticMembership::new(&["127.0.0.1:1".into()], &["127.0.0.1:2".into()]);
+        let breakers = BreakerConfig {
+            failures: 2,
+            open: Duration::from_secs(60),
+            probes: 1,
+        };
+        let pool = NodePool::start_with(
+            Arc::new(membership),
+            10,
+            None,
+            Identity::new(None),
+            breakers,
+            shutdown.clone(),
+        );
+        let p = "http://127.0.0.1:1";
+        for _ in 0..200 {
+            if pool.ranked(Role::Prefill).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            pool.ranked(Role::Prefill).is_empty(),
+            "the failing load stream opened it"
+        );
+        assert!(!pool.usable(Role::Prefill, &[]));
+        assert_eq!(pool.prefill_backlog().nodes, 0);
+        let states = pool.breaker_states();
+        assert!(
+            states.contains(&(p.to_string(), Role::Prefill, BreakerState::Open)),
+            "{states:?}"
+        );
+        shutdown.cancel();
+    }
 
     #[tokio::test]
     async fn members_join_and_leave() {
@@ -458,11 +671,12 @@ mod tests {
                 "127.0.0.1:3".into(),
             ],
         );
-        let pool = NodePool::start_with_identity(
+        let pool = NodePool::start_with(
             Arc::new(membership),
             10,
             None,
             Identity::new(Some(ours)),
+            BreakerConfig::default(),
             shutdown.clone(),
         );
         let (a, b, c, p) = (
@@ -508,7 +722,14 @@ mod tests {
     async fn unreachable_nodes_rank_last_and_assignments_count() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start_with(
+            Arc::new(membership),
+            10,
+            None,
+            Identity::new(None),
+            never_open(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         let b = "http://127.0.0.1:2";
         // Nothing listens on these ports: the load tasks mark both unreachable.
@@ -538,7 +759,14 @@ mod tests {
     async fn assignments_count_blocks_of_the_nodes_block_size() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start_with(
+            Arc::new(membership),
+            10,
+            None,
+            Identity::new(None),
+            never_open(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.set_status(a, |s| {

@@ -3,8 +3,18 @@
 //!
 //! Validation and admission errors are the RPC's own status; anything later
 //! ends the response stream with an error status.
+//!
+//! Besides the admission gate's bounds, a request is refused
+//! (RESOURCE_EXHAUSTED, retry-after) while the prefill nodes' queued prompts,
+//! plus those of the requests admitted but not yet given to a prefill node
+//! (waiting at the gate or just past it), would take longer than
+//! `max_prefill_backlog_s` at the nodes' measured rate: refusing at the door
+//! keeps the admitted requests' KV waits from expiring.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backlog::PendingTokens;
 use std::time::Duration;
 
 use tandem_cluster::{GrpcTls, Membership, RouterSection};
@@ -20,6 +30,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
 use crate::auth::{ClientAuth, KeyId};
+use crate::breaker::BreakerConfig;
 use crate::client_grpc::RequestDecoded;
 use crate::drain::Drain;
 use crate::error::RouterError;
@@ -54,6 +65,8 @@ pub struct GenerateService {
     ready: watch::Receiver<bool>,
     /// Admission on or off, and the admitted requests still running.
     drain: Arc<Drain>,
+    /// `router.max_prefill_backlog_s`; 0: no backlog check.
+    max_prefill_backlog_s: f64,
 }
 
 impl GenerateService {
@@ -70,11 +83,22 @@ impl GenerateService {
     ) -> Result<Self, RouterError> {
         let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
         let ready = membership.ready();
-        let nodes = NodePool::start_with_identity(
+        let breakers = BreakerConfig {
+            failures: config.breaker_failures,
+            open: Duration::from_millis(u64::from(config.breaker_open_ms)),
+            probes: config.breaker_probes,
+        };
+        for reason in ["node_failure", "kv_timeout"] {
+            // Registered at zero, so the series exist before a first re-run.
+            metrics::counter!(tandem_telemetry::names::ROUTER_RERUNS_TOTAL, tandem_telemetry::names::REASON => reason)
+                .increment(0);
+        }
+        let nodes = NodePool::start_with(
             membership,
             config.load_interval_ms,
             tls,
             Identity::new(config.model_fingerprint),
+            breakers,
             shutdown.clone(),
         );
         Ok(GenerateService {
@@ -88,6 +112,8 @@ impl GenerateService {
             relay: Arc::new(Relay {
                 nodes,
                 kv_timeout_ms: config.kv_timeout_ms,
+                kv_timeout_max_ms: config.kv_timeout_max_ms,
+                pending_prefill: Arc::new(AtomicU64::new(0)),
                 request_timeout_s: config.request_timeout_s,
                 shutdown,
             }),
@@ -95,6 +121,7 @@ impl GenerateService {
                 .unwrap_or(Duration::MAX),
             ready,
             drain: Drain::new(),
+            max_prefill_backlog_s: config.max_prefill_backlog_s,
         })
     }
 
@@ -144,7 +171,7 @@ impl Generate for GenerateService {
             Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
             None => Err(RouterError::ShuttingDown),
         };
-        let ((req, permit, span, (key, reserved)), in_flight) = match admitted {
+        let ((req, permit, pending, span, (key, reserved)), in_flight) = match admitted {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -157,7 +184,7 @@ impl Generate for GenerateService {
         let auth = self.auth.clone();
         tokio::spawn(
             async move {
-                let tokens = relay.run(req, arrival, deadline, tx).await;
+                let tokens = relay.run(req, arrival, deadline, tx, pending).await;
                 drop(permit);
                 // The quota keeps what was used: the prompt and the tokens
                 // sent, if the request reached a node; nothing otherwise.
@@ -176,14 +203,23 @@ impl Generate for GenerateService {
 
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
-    /// admission permit, its span, its API key and the tokens it reserved
-    /// from the key's quota. Refusals of an authenticated request count
-    /// against its key.
+    /// admission permit, its count among the pending prefill tokens, its
+    /// span, its API key and the tokens it reserved from the key's quota.
+    /// Refusals of an authenticated request count against its key.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-    ) -> Result<(ValidRequest, Admitted, tracing::Span, (KeyId, u64)), RouterError> {
+    ) -> Result<
+        (
+            ValidRequest,
+            Admitted,
+            PendingTokens,
+            tracing::Span,
+            (KeyId, u64),
+        ),
+        RouterError,
+    > {
         let key = self.auth.authenticate(request.metadata())?;
         let name = self.auth.name(key);
         usage::request(name);
@@ -199,13 +235,20 @@ impl GenerateService {
             }
         };
         let span = tracing::info_span!("generate", request_id = %req.request_id, key = name);
+        let prompt_tokens = req.prompt.len() as u64;
+        if let Err(e) = self.check_prefill_backlog(prompt_tokens) {
+            self.auth.refund(key, reserved);
+            usage::refused(name, e.status_label());
+            return Err(e);
+        }
+        let pending = PendingTokens::new(self.relay.pending_prefill.clone(), prompt_tokens);
         match self
             .admission
             .admit(deadline, self.relay.request_timeout_s)
             .instrument(span.clone())
             .await
         {
-            Ok(permit) => Ok((req, permit, span, (key, reserved))),
+            Ok(permit) => Ok((req, permit, pending, span, (key, reserved))),
             Err(e) => {
                 self.auth.refund(key, reserved);
                 usage::refused(name, e.status_label());
@@ -245,5 +288,24 @@ impl GenerateService {
             .charge_tokens(key, reservation(&req))
             .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
         Ok((req, reserved))
+    }
+
+    /// Refuses a request of `prompt_tokens` while the prefill backlog (the
+    /// nodes' queues and the prompts pending here) is past the bound.
+    fn check_prefill_backlog(&self, prompt_tokens: u64) -> Result<(), RouterError> {
+        if self.max_prefill_backlog_s <= 0.0 {
+            return Ok(());
+        }
+        let pending = self.relay.pending_prefill.load(Ordering::Acquire);
+        let backlog = self.relay.nodes.prefill_backlog();
+        match backlog.wait_s(pending.saturating_add(prompt_tokens)) {
+            Some(wait_s) if wait_s > self.max_prefill_backlog_s => {
+                Err(RouterError::PrefillBacklog {
+                    wait_s,
+                    limit_s: self.max_prefill_backlog_s,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }

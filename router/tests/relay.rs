@@ -495,29 +495,49 @@ async fn full_decode_nodes_are_retried_until_one_admits() {
 
 #[tokio::test]
 async fn prefill_failure_cancels_at_the_decode_node() {
-    // A failing node is retried (each attempt's reservation cancelled); a full one is not.
-    for (code, want, attempts) in [
-        (
-            Code::Internal,
-            Code::Unavailable,
-            tandem_router::generate::MAX_ATTEMPTS,
-        ),
-        (Code::ResourceExhausted, Code::ResourceExhausted, 1),
-    ] {
-        let c = cluster(Setup {
-            prefill: Some(PrefillBehaviour::Fail(code)),
-            token_delay: Duration::from_secs(5),
-            ..Setup::default()
-        })
-        .await;
-        let (tokens, finished) = c.generate(request("r4")).await;
-        assert!(tokens.is_empty());
-        assert_eq!(finished.unwrap_err().code(), want);
-        eventually("decode cancels", || {
-            cancels(&c.log) == vec!["decode:r4".to_string(); attempts]
-        })
-        .await;
+    // A full prefill node is not retried: the request fails, its reservation cancelled.
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Fail(Code::ResourceExhausted)),
+        token_delay: Duration::from_secs(5),
+        ..Setup::default()
+    })
+    .await;
+    let (tokens, finished) = c.generate(request("r4")).await;
+    assert!(tokens.is_empty());
+    assert_eq!(finished.unwrap_err().code(), Code::ResourceExhausted);
+    eventually("decode cancels", || {
+        cancels(&c.log) == vec!["decode:r4".to_string()]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_prefill_node_falls_back_to_prefill_at_the_decode_node() {
+    // The only prefill node fails the request: its reservation is cancelled
+    // and the re-run, with no prefill node left that has not failed it, is
+    // prefilled by the decode node.
+    // (The fake decode node streams without waiting for KV: its first token
+    // comes after the prefill node's failure.)
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Fail(Code::Internal)),
+        tokens: 2,
+        token_delay: Duration::from_millis(300),
+        ..Setup::default()
+    })
+    .await;
+    let (tokens, finished) = c.generate(request("r4")).await;
+    finished.unwrap();
+    assert_eq!(tokens.len(), 2);
+    {
+        let log = c.log.lock().unwrap();
+        let local: Vec<bool> = log.decode.iter().map(|d| d.force_local_prefill).collect();
+        assert_eq!(local, [false, true]);
+        assert_eq!(log.prefill.len(), 1);
     }
+    eventually("decode cancels", || {
+        cancels(&c.log) == vec!["decode:r4".to_string()]
+    })
+    .await;
 }
 
 #[tokio::test]

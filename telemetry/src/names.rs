@@ -28,6 +28,9 @@
 //! | [`TLS_CERT_RELOADS_TOTAL`] | every TLS listener, per reload of its certificate files | `listener`, `result` |
 //! | [`API_KEY_REQUESTS_TOTAL`], [`API_KEY_REFUSALS_TOTAL`] | router, per authenticated request (refused ones again by `reason`) | `key` (, `reason`) |
 //! | [`API_KEY_PROMPT_TOKENS_TOTAL`], [`API_KEY_COMPLETION_TOKENS_TOTAL`] | router, per request that reached a node | `key` |
+//! | [`ROUTER_BREAKER_STATE`] | router, per node, at every change of its circuit breaker | `role`, `node` |
+//! | [`ROUTER_BREAKER_TRANSITIONS_TOTAL`] | router, per node, per change of its circuit breaker | `role`, `node`, `state` |
+//! | [`ROUTER_RERUNS_TOTAL`] | router, per re-run of a request after an attempt failed | `reason` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -93,8 +96,18 @@ pub const API_KEY_PROMPT_TOKENS_TOTAL: &str = "tandem_api_key_prompt_tokens_tota
 /// Counter: generated tokens an API key's clients received, by `key`.
 pub const API_KEY_COMPLETION_TOKENS_TOTAL: &str = "tandem_api_key_completion_tokens_total";
 
+/// Gauge: a node's circuit breaker at the router (`node`: its gRPC address):
+/// 0 closed, 1 half-open (trial requests), 2 open (no requests).
+pub const ROUTER_BREAKER_STATE: &str = "tandem_router_breaker_state";
+/// Counter: changes of a node's circuit breaker, by the `state` entered
+/// (`closed`, `half-open`, `open`).
+pub const ROUTER_BREAKER_TRANSITIONS_TOTAL: &str = "tandem_router_breaker_transitions_total";
+/// Counter: requests re-run on other nodes, by `reason`: `node_failure` (a
+/// node failed the attempt) or `kv_timeout` (the decode node's KV wait expired).
+pub const ROUTER_RERUNS_TOTAL: &str = "tandem_router_reruns_total";
+
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 27] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -119,6 +132,9 @@ pub const ALL: [&str; 24] = [
     API_KEY_REFUSALS_TOTAL,
     API_KEY_PROMPT_TOKENS_TOTAL,
     API_KEY_COMPLETION_TOKENS_TOTAL,
+    ROUTER_BREAKER_STATE,
+    ROUTER_BREAKER_TRANSITIONS_TOTAL,
+    ROUTER_RERUNS_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -151,6 +167,8 @@ pub const REASON: &str = "reason";
 pub const KEY: &str = "key";
 /// Label: how something ended (`ok`, `error`).
 pub const RESULT: &str = "result";
+/// Label: a circuit breaker state entered (see [`ROUTER_BREAKER_TRANSITIONS_TOTAL`]).
+pub const STATE: &str = "state";
 
 /// Registers every metric's description and unit with the installed recorder
 /// (the `# HELP` lines of the scrape).
@@ -234,6 +252,18 @@ pub fn describe() {
         API_KEY_COMPLETION_TOKENS_TOTAL,
         Unit::Count,
         "Generated tokens sent to an API key's clients, by key name"
+    );
+    describe_gauge!(
+        ROUTER_BREAKER_STATE,
+        "A node's circuit breaker at the router: 0 closed, 1 half-open, 2 open"
+    );
+    describe_counter!(
+        ROUTER_BREAKER_TRANSITIONS_TOTAL,
+        "Changes of a node's circuit breaker at the router, by the state entered"
+    );
+    describe_counter!(
+        ROUTER_RERUNS_TOTAL,
+        "Requests re-run on other nodes after a failed attempt, by reason"
     );
 }
 
