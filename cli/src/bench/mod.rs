@@ -18,6 +18,7 @@ pub mod dataset;
 pub mod metrics;
 pub mod openai;
 pub mod plot;
+pub mod record;
 pub mod report;
 pub mod request;
 pub mod runner;

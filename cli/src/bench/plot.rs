@@ -145,7 +145,7 @@ mod tests {
     use super::*;
     use crate::bench::arrivals::RequestRate;
     use crate::bench::metrics::Metrics;
-    use crate::bench::request::RequestRecord;
+    use crate::bench::record::RequestRecord;
 
     #[test]
     fn cdf_is_sorted_and_ends_at_one() {

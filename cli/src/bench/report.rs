@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::arrivals::RequestRate;
 use super::metrics::{LatencyStats, Metrics};
-use super::request::RequestRecord;
+use super::record::RequestRecord;
 
 /// One run at one request rate.
 #[derive(Clone, Debug, Serialize)]
