@@ -25,6 +25,7 @@ use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager, SequenceBlocks, blocks_for};
+use tandem_engine::kv_events::KvEventLog;
 use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{Generation, GenerationParams, ModelDir, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::{Expectation, Reservations, WireDtype};
@@ -155,6 +156,10 @@ pub struct Stats {
     pub cached_tokens_total: u64,
     /// Blocks in the prefix cache (in use or evictable).
     pub prefix_cache_blocks: u32,
+    /// The salt of the node's block hashes (published for KV-aware routing).
+    pub prefix_hash_salt: u64,
+    /// The prefix cache's gains and drops, read by each load stream.
+    pub kv_events: Arc<KvEventLog>,
 }
 
 enum State {
@@ -687,8 +692,10 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.kv_events.record(self.blocks.drain_kv_events());
+        s.prefix_hash_salt = self.hasher.salt();
         s.kv_blocks_total = self.blocks.total() as u32;
         s.kv_blocks_free = self.blocks.num_free() as u32;
         s.prefix_cache_blocks = self.blocks.num_cached() as u32;

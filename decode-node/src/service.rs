@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_cluster::convert::generation_params;
-use tandem_engine::ModelDir;
+use tandem_engine::{KvCursor, ModelDir};
 use tandem_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
@@ -133,9 +133,12 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let block_size = self.block_size;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
+            // This stream's place in the KV event log: a snapshot first.
+            let mut cursor = KvCursor::default();
             loop {
                 tick.tick().await;
                 let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let kv = s.kv_events.read(&mut cursor);
                 let load = pb::NodeLoad {
                     node_id: node_id.clone(),
                     role: "decode".into(),
@@ -152,6 +155,10 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     cached_tokens_total: s.cached_tokens_total,
                     prefix_cache_blocks: s.prefix_cache_blocks,
                     block_size,
+                    prefix_hash_salt: s.prefix_hash_salt,
+                    blocks_gained: kv.gained,
+                    blocks_dropped: kv.dropped,
+                    blocks_snapshot: kv.snapshot,
                 };
                 if tx.send(Ok(load)).await.is_err() {
                     return;
