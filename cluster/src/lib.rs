@@ -13,6 +13,7 @@ pub mod listener;
 pub mod membership;
 pub mod node_record;
 pub mod registration;
+pub mod routing;
 
 pub use config::{
     Config, ConfigError, ConnectionsSection, DEFAULT_MODEL_PATH, DecodeSection, EtcdSection,
@@ -24,3 +25,4 @@ pub use grpc_tls::{GrpcTls, GrpcTlsError};
 pub use membership::{Member, Membership, Role, StaticMembership};
 pub use node_record::{Capacity, NodeRecord};
 pub use registration::Registration;
+pub use routing::RoutingPolicy;

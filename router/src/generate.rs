@@ -317,7 +317,8 @@ impl Request<'_> {
                 node: decode.addr.clone(),
                 message: "Admitted for remote prefill without a kv_target".into(),
             })?;
-            let node = prefer_unfailed(self.relay.nodes.ranked(Role::Prefill), failed)
+            let tokens = self.routed_tokens(&progress.sent);
+            let node = prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, &tokens), failed)
                 .into_iter()
                 .next()
                 .ok_or(RouterError::NoNode("prefill"))?;
@@ -518,7 +519,8 @@ impl Request<'_> {
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
-            let ranked = prefer_unfailed(nodes.ranked(Role::Decode), avoid);
+            let tokens = self.routed_tokens(generated);
+            let ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
             if ranked.is_empty() {
                 return Err(RouterError::NoNode("decode"));
             }
@@ -572,6 +574,16 @@ impl Request<'_> {
                 Ok(())
             })
             .await?;
+        }
+    }
+
+    /// The tokens whose KV a node may hold for this attempt: the prompt,
+    /// then what was generated before a retry.
+    fn routed_tokens(&self, generated: &[u32]) -> std::borrow::Cow<'_, [u32]> {
+        if generated.is_empty() {
+            std::borrow::Cow::Borrowed(&self.req.prompt)
+        } else {
+            std::borrow::Cow::Owned([&self.req.prompt[..], generated].concat())
         }
     }
 

@@ -24,11 +24,14 @@ pub mod choice;
 pub mod client_grpc;
 pub mod error;
 pub mod generate;
+pub mod kv_index;
+pub mod node_addr;
 pub mod nodes;
 pub mod openai;
 pub mod openai_fields;
 pub mod openai_logprobs;
 pub mod request_metrics;
+pub mod routing;
 pub mod service;
 pub mod validation;
 

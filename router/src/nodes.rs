@@ -13,12 +13,18 @@
 //! host), and the router presents its own. A member with a plaintext address
 //! is not dialed at all; one whose certificate fails never answers a load
 //! query, so it stays unreachable and ranks last.
+//!
+//! The KV events on the load reports feed the pool's [`KvIndex`]; a node's
+//! entries go when it leaves or its stream breaks (its next stream starts
+//! with a snapshot). [`NodePool::ranked_for`] orders a role's nodes for a
+//! request by the configured [`routing`](crate::routing) policy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, grpc_tls};
+use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, RoutingPolicy, grpc_tls};
 use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
@@ -27,6 +33,9 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
+use crate::kv_index::KvIndex;
+use crate::node_addr::NodeAddr;
+use crate::routing::{RoutingConfig, rank_kv_aware, rank_round_robin};
 
 /// First wait before reopening a failed load stream.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -69,6 +78,11 @@ pub struct NodePool {
     nodes: Mutex<HashMap<String, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
+    /// Which node holds which cached blocks; locked after `nodes` when both are.
+    kv: Mutex<KvIndex>,
+    routing: RoutingConfig,
+    /// Round-robin turns, decode and prefill.
+    turns: [AtomicUsize; 2],
 }
 
 impl NodePool {
@@ -79,12 +93,16 @@ impl NodePool {
         membership: Arc<dyn Membership>,
         load_interval_ms: u32,
         tls: Option<GrpcTls>,
+        routing: RoutingConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
             nodes: Mutex::new(HashMap::new()),
             load_interval_ms,
             tls,
+            kv: Mutex::new(KvIndex::new()),
+            routing,
+            turns: [AtomicUsize::new(0), AtomicUsize::new(0)],
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -114,6 +132,11 @@ impl NodePool {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn kv_lock(&self) -> MutexGuard<'_, KvIndex> {
+        // The index is consistent between statements: a panic cannot break it.
+        self.kv.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Brings the pool in line with `members`.
     fn apply(self: &Arc<Self>, members: &[Member], shutdown: &CancellationToken) {
         let mut nodes = self.lock();
@@ -122,6 +145,7 @@ impl NodePool {
             if !keep {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
+                self.kv_lock().remove_node(&NodeAddr::from(addr.as_str()));
             }
             keep
         });
@@ -162,7 +186,77 @@ impl NodePool {
         }
     }
 
-    /// Nodes of `role`, best choice first.
+    /// Nodes of `role`, best choice first for a request over `tokens` (its
+    /// prompt, and any tokens generated before a retry), by the configured
+    /// routing policy.
+    pub fn ranked_for(&self, role: Role, tokens: &[u32]) -> Vec<NodeHandle> {
+        let (handles, statuses) = self.statuses(role);
+        let least_loaded = match role {
+            Role::Decode => rank_decode(&statuses),
+            Role::Prefill => rank_prefill(&statuses),
+        };
+        let order = match self.routing.policy {
+            RoutingPolicy::LeastLoaded => least_loaded,
+            RoutingPolicy::RoundRobin => {
+                let slot = match role {
+                    Role::Decode => 0,
+                    Role::Prefill => 1,
+                };
+                let turn = self.turns[slot].fetch_add(1, Ordering::Relaxed);
+                rank_round_robin(&statuses, turn)
+            }
+            RoutingPolicy::KvAware => {
+                let addrs: Vec<NodeAddr> = handles
+                    .iter()
+                    .map(|h| NodeAddr::from(h.addr.as_str()))
+                    .collect();
+                let refs: Vec<&NodeAddr> = addrs.iter().collect();
+                let cached = self.kv_lock().cached_tokens(tokens, &refs);
+                let order = rank_kv_aware(
+                    &statuses,
+                    least_loaded,
+                    tokens.len(),
+                    &cached,
+                    &self.routing,
+                );
+                if let Some(&best) = order.first() {
+                    debug!(
+                        node = %handles[best].addr,
+                        cached_tokens = cached[best],
+                        "kv-aware choice"
+                    );
+                }
+                order
+            }
+        };
+        order.into_iter().map(|i| handles[i].clone()).collect()
+    }
+
+    /// Nodes of `role` in address order, with their statuses (a stale node
+    /// unreachable).
+    fn statuses(&self, role: Role) -> (Vec<NodeHandle>, Vec<NodeStatus>) {
+        let nodes = self.lock();
+        let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
+        entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
+        let stale_after = self.stale_after();
+        entries
+            .iter()
+            .map(|e| {
+                let status = NodeStatus {
+                    reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
+                    ..e.status.clone()
+                };
+                (e.handle.clone(), status)
+            })
+            .unzip()
+    }
+
+    /// Hashes the KV index credits to `addr`.
+    pub fn cached_blocks_of(&self, addr: &str) -> usize {
+        self.kv_lock().blocks_of(&NodeAddr::from(addr))
+    }
+
+    /// Nodes of `role`, least loaded first (blind to the routing policy).
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
         let mut entries: Vec<&Entry> = nodes.values().filter(|e| e.handle.role == role).collect();
@@ -268,6 +362,7 @@ async fn watch_load(
 ) {
     let mut backoff = BACKOFF_MIN;
     let request = WatchLoadRequest { interval_ms };
+    let kv_addr = NodeAddr::from(node.addr.as_str());
     while !stop.is_cancelled() {
         let opened = match node.role {
             Role::Decode => {
@@ -290,9 +385,15 @@ async fn watch_load(
                         next = stream.message() => next,
                     };
                     match next {
-                        Ok(Some(load)) => {
+                        Ok(Some(mut load)) => {
                             backoff = BACKOFF_MIN;
-                            if let Some(e) = pool.lock().get_mut(&node.addr) {
+                            let mut nodes = pool.lock();
+                            // Events of a node that left are dropped with it.
+                            if let Some(e) = nodes.get_mut(&node.addr) {
+                                pool.kv_lock().apply(&kv_addr, &load);
+                                // The status keeps the figures, not the events.
+                                load.blocks_gained = Vec::new();
+                                load.blocks_dropped = Vec::new();
                                 e.status.load = Some(load);
                                 e.status.reachable = true;
                                 e.last_report = Instant::now();
@@ -321,6 +422,8 @@ async fn watch_load(
             }
         }
         pool.set_status(&node.addr, |s| s.reachable = false);
+        // It may come back empty: forget its blocks until its next snapshot.
+        pool.kv_lock().remove_node(&kv_addr);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -367,6 +470,7 @@ mod tests {
             Arc::new(Source(members.clone())),
             10,
             None,
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         assert!(pool.has(Role::Decode));
@@ -389,7 +493,13 @@ mod tests {
     async fn unreachable_nodes_rank_last_and_assignments_count() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start(
+            Arc::new(membership),
+            10,
+            None,
+            RoutingConfig::default(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         let b = "http://127.0.0.1:2";
         // Nothing listens on these ports: the load tasks mark both unreachable.
@@ -419,7 +529,13 @@ mod tests {
     async fn assignments_count_blocks_of_the_nodes_block_size() {
         let shutdown = CancellationToken::new();
         let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
-        let pool = NodePool::start(Arc::new(membership), 10, None, shutdown.clone());
+        let pool = NodePool::start(
+            Arc::new(membership),
+            10,
+            None,
+            RoutingConfig::default(),
+            shutdown.clone(),
+        );
         let a = "http://127.0.0.1:1";
         tokio::time::sleep(Duration::from_millis(100)).await;
         pool.set_status(a, |s| {

@@ -25,6 +25,7 @@ use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
+use crate::routing::RoutingConfig;
 use crate::validation::{ValidRequest, Validator};
 
 /// The gRPC metadata key (and HTTP header) of a client-chosen request id,
@@ -59,7 +60,13 @@ impl GenerateService {
     ) -> Result<Self, RouterError> {
         let tls = config.tls.as_ref().map(GrpcTls::load).transpose()?;
         let ready = membership.ready();
-        let nodes = NodePool::start(membership, config.load_interval_ms, tls, shutdown.clone());
+        let nodes = NodePool::start(
+            membership,
+            config.load_interval_ms,
+            tls,
+            RoutingConfig::from(config),
+            shutdown.clone(),
+        );
         Ok(GenerateService {
             auth: ClientAuth::new(config),
             validator: Validator::new(model, model_name, config),
