@@ -234,6 +234,7 @@ pub async fn serve_advertising(
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
         stats: stats.clone(),
+        shutdown: shutdown.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -31,6 +31,9 @@ pub struct DecodeService {
     pub block_size: u32,
     /// Load figures from the engine loop.
     pub stats: Arc<Mutex<Stats>>,
+    /// Ends the load streams, so a stopping node's server is not held open
+    /// by the routers watching it.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
@@ -131,12 +134,16 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let stats = self.stats.clone();
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
         let block_size = self.block_size;
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             // This stream's place in the KV event log: a snapshot first.
             let mut cursor = KvCursor::default();
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let kv = s.kv_events.read(&mut cursor);
                 let load = pb::NodeLoad {
