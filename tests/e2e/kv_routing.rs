@@ -85,7 +85,7 @@ async fn start_decode(model: &Arc<ModelDir>, listen: Option<SocketAddr>) -> Deco
 }
 
 fn member(d: &Decode) -> Member {
-    Member::new(Role::Decode, &format!("http://{}", d.addr))
+    Member::new(Role::Decode, format!("http://{}", d.addr))
 }
 
 /// A router over `members`; returns its client.

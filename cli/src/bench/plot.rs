@@ -170,6 +170,7 @@ mod tests {
             burstiness: 1.0,
             max_concurrency: None,
             metrics: crate::bench::metrics::summarize(&requests, 1.0, None),
+            node_work: None,
             requests,
         }
     }
