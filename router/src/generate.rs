@@ -35,6 +35,7 @@ use tonic::codec::Streaming;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::error::RouterError;
+use crate::node_addr::NodeAddr;
 use crate::nodes::{NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
 use crate::validation::ValidRequest;
@@ -223,7 +224,7 @@ impl Request<'_> {
     /// Runs attempts until one finishes the request or fails for good.
     async fn serve(&self, progress: &mut Progress) -> Result<(), RouterError> {
         // Nodes that failed this request: tried again only when no other is left.
-        let mut failed: Vec<String> = Vec::new();
+        let mut failed: Vec<NodeAddr> = Vec::new();
         for attempt in 1..=MAX_ATTEMPTS as u32 {
             let span = tracing::info_span!("attempt", attempt);
             let err = match self
@@ -294,7 +295,7 @@ impl Request<'_> {
     async fn attempt(
         &self,
         progress: &mut Progress,
-        failed: &[String],
+        failed: &[NodeAddr],
         attempt: u32,
     ) -> Result<(), RouterError> {
         let mut guard = CancelGuard {
@@ -489,7 +490,7 @@ impl Request<'_> {
     fn check_answering(&self, guard: &CancelGuard, last_event: Instant) -> Result<(), RouterError> {
         let nodes = &self.relay.nodes;
         let silent = |addr: &str| RouterError::NodeUnavailable {
-            node: addr.to_string(),
+            node: addr.into(),
             message: format!(
                 "stopped answering (no load report for {:?})",
                 nodes.stale_after()
@@ -515,7 +516,7 @@ impl Request<'_> {
         &self,
         guard: &mut CancelGuard,
         generated: &[u32],
-        avoid: &[String],
+        avoid: &[NodeAddr],
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
@@ -702,7 +703,7 @@ impl FirstLogprobs {
             return Ok(());
         }
         let logprobs = logprobs.ok_or_else(|| RouterError::Protocol {
-            node: node.to_string(),
+            node: node.into(),
             message: "answered a prefill asking for log probabilities without them".into(),
         })?;
         *self = FirstLogprobs::Answered(logprobs);
@@ -716,7 +717,7 @@ impl FirstLogprobs {
         };
         if chunk.ids.first() != Some(&first.id) || chunk.logprobs.len() >= chunk.ids.len() {
             return Err(RouterError::Protocol {
-                node: decode.to_string(),
+                node: decode.into(),
                 message: format!(
                     "sent a first token {:?} other than the prefill node's {}",
                     chunk.ids.first(),
@@ -730,7 +731,7 @@ impl FirstLogprobs {
 }
 
 /// `nodes` in their order, but those in `failed` last.
-fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[String]) -> Vec<NodeHandle> {
+fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[NodeAddr]) -> Vec<NodeHandle> {
     // A stable sort keeps the ranking within each group.
     nodes.sort_by_key(|n| failed.contains(&n.addr));
     nodes

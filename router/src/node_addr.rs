@@ -35,6 +35,14 @@ impl From<String> for NodeAddr {
     }
 }
 
+/// Reads as the `&str` it holds, where an address is taken as text.
+impl std::ops::Deref for NodeAddr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for NodeAddr {
     fn as_ref(&self) -> &str {
         &self.0

@@ -56,7 +56,7 @@ const STALE_MIN: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     /// gRPC address, `http://host:port`.
-    pub addr: String,
+    pub addr: NodeAddr,
     /// Its role.
     pub role: Role,
     /// A lazily connected channel, shared by every call to the node.
@@ -75,7 +75,7 @@ struct Entry {
 
 /// The nodes of the cluster and their last load reports.
 pub struct NodePool {
-    nodes: Mutex<HashMap<String, Entry>>,
+    nodes: Mutex<HashMap<NodeAddr, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
     /// Which node holds which cached blocks; locked after `nodes` when both are.
@@ -127,7 +127,7 @@ impl NodePool {
         pool
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<NodeAddr, Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -145,12 +145,12 @@ impl NodePool {
             if !keep {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
-                self.kv_lock().remove_node(&NodeAddr::from(addr.as_str()));
+                self.kv_lock().remove_node(addr);
             }
             keep
         });
         for m in members {
-            if nodes.contains_key(&m.grpc_addr) {
+            if nodes.contains_key(m.grpc_addr.as_str()) {
                 continue;
             }
             let channel = match channel_to(m, self.tls.as_ref()) {
@@ -161,7 +161,7 @@ impl NodePool {
                 }
             };
             let handle = NodeHandle {
-                addr: m.grpc_addr.clone(),
+                addr: NodeAddr::from(m.grpc_addr.as_str()),
                 role: m.role,
                 channel,
             };
@@ -174,7 +174,7 @@ impl NodePool {
                 stop.clone(),
             ));
             nodes.insert(
-                m.grpc_addr.clone(),
+                handle.addr.clone(),
                 Entry {
                     handle,
                     member: m.clone(),
@@ -206,11 +206,7 @@ impl NodePool {
                 rank_round_robin(&statuses, turn)
             }
             RoutingPolicy::KvAware => {
-                let addrs: Vec<NodeAddr> = handles
-                    .iter()
-                    .map(|h| NodeAddr::from(h.addr.as_str()))
-                    .collect();
-                let refs: Vec<&NodeAddr> = addrs.iter().collect();
+                let refs: Vec<&NodeAddr> = handles.iter().map(|h| &h.addr).collect();
                 let cached = self.kv_lock().cached_tokens(tokens, &refs);
                 let order = rank_kv_aware(
                     &statuses,
@@ -362,7 +358,6 @@ async fn watch_load(
 ) {
     let mut backoff = BACKOFF_MIN;
     let request = WatchLoadRequest { interval_ms };
-    let kv_addr = NodeAddr::from(node.addr.as_str());
     while !stop.is_cancelled() {
         let opened = match node.role {
             Role::Decode => {
@@ -390,7 +385,7 @@ async fn watch_load(
                             let mut nodes = pool.lock();
                             // Events of a node that left are dropped with it.
                             if let Some(e) = nodes.get_mut(&node.addr) {
-                                pool.kv_lock().apply(&kv_addr, &load);
+                                pool.kv_lock().apply(&node.addr, &load);
                                 // The status keeps the figures, not the events.
                                 load.blocks_gained = Vec::new();
                                 load.blocks_dropped = Vec::new();
@@ -423,7 +418,7 @@ async fn watch_load(
         }
         pool.set_status(&node.addr, |s| s.reachable = false);
         // It may come back empty: forget its blocks until its next snapshot.
-        pool.kv_lock().remove_node(&kv_addr);
+        pool.kv_lock().remove_node(&node.addr);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -515,7 +510,7 @@ mod tests {
         let ranked: Vec<String> = pool
             .ranked(Role::Decode)
             .into_iter()
-            .map(|n| n.addr)
+            .map(|n| n.addr.to_string())
             .collect();
         assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
 
