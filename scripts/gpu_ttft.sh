@@ -7,6 +7,7 @@
 #   disagg-512  : the same with max_batch_tokens 512 (the chunk size: eight passes,
 #                 what a lone prompt took before the planner was work-conserving)
 #   colocated   : the decode node prefills every prompt itself
+# SKIP512=1 leaves out the second set-up.
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 GPU_DIR=$(cd "${GPU_DIR:-.gpu}" && pwd)
@@ -33,8 +34,12 @@ done
 sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
 sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
 PIDS=()
-start() { # role config log
-  "$T" "$1" --config "$2" > "$OUT/$3.log" 2>&1 & PIDS+=($!); echo $! ; }
+start() { # role config log: starts a node; its pid in $PID
+  "$T" "$1" --config "$2" > "$OUT/$3.log" 2>&1 & PID=$!; PIDS+=("$PID"); }
+stop() { # pid: stops a node and waits until it is gone (its ports free)
+  kill "$1" 2>/dev/null
+  for _ in $(seq 1 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null; sleep 1; }
 ready() { # wait for the router to answer a 4k prompt end to end
   for _ in $(seq 1 240); do
     if "$T" bench --router http://127.0.0.1:50051 --num-prompts 1 --input-len 4096 --output-len 4 \
@@ -49,20 +54,22 @@ bench() { # label rate
     --request-rate "$2" --seed 1 --no-progress --result-file "$OUT/$1-$2.json" 2>&1 \
     | tee -a "$OUT/ttft.md"
 }
-D=$(start decode decode.toml decode-disagg)
-P=$(start prefill prefill.toml prefill-4096)
-R=$(start router router.toml router)
+start decode decode.toml decode-disagg; D=$PID
+start prefill prefill.toml prefill-4096; P=$PID
+start router router.toml router
 ready || { tail -20 "$OUT"/*.log; exit 1; }
 bench disagg 1; bench disagg 4
-kill "$P"; wait "$P" 2>/dev/null
+if [ -z "${SKIP512:-}" ]; then
+stop "$P"
 sed -e 's/^max_batch_tokens = .*/max_batch_tokens = 512/' prefill.toml > prefill-512.toml
-P=$(start prefill prefill-512.toml prefill-512)
-sleep 2; ready || exit 1
+start prefill prefill-512.toml prefill-512; P=$PID
+ready || exit 1
 bench disagg-512 1; bench disagg-512 4
-kill "$D"; wait "$D" 2>/dev/null
+fi
+stop "$D"
 sed -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' decode.toml > decode-colo.toml
-D=$(start decode decode-colo.toml decode-colocated)
-sleep 2; ready || exit 1
+start decode decode-colo.toml decode-colocated; D=$PID
+ready || exit 1
 bench colocated 1; bench colocated 4
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null

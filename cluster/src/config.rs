@@ -384,6 +384,20 @@ pub struct RouterSection {
     /// Trial requests a half-open breaker lets through at a time.
     #[serde(default = "default_breaker_probes")]
     pub breaker_probes: u32,
+    /// How nodes are chosen (`kv_aware`, `least_loaded`, `round_robin`); see
+    /// [`crate::routing`].
+    #[serde(default)]
+    pub routing: crate::routing::RoutingPolicy,
+    /// `kv_aware`: cost of each prompt block the node would still prefill.
+    #[serde(default = "crate::routing::default_overlap_weight")]
+    pub kv_overlap_weight: f64,
+    /// `kv_aware`: cost of each block of load (queued prefill, KV in use).
+    #[serde(default = "crate::routing::default_load_weight")]
+    pub kv_load_weight: f64,
+    /// `kv_aware`: fraction of KV blocks in use past which a node's cached
+    /// blocks no longer attract requests.
+    #[serde(default = "crate::routing::default_overload_threshold")]
+    pub kv_overload_threshold: f64,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section): with it the router dials nodes over mutual TLS.
@@ -794,6 +808,11 @@ impl Config {
                         .into(),
                 ));
             }
+            crate::routing::validate(
+                r.kv_overlap_weight,
+                r.kv_load_weight,
+                r.kv_overload_threshold,
+            )?;
             if r.max_request_bytes < 1024 {
                 return Err(ConfigError::Invalid(
                     "router.max_request_bytes must be at least 1024".into(),
@@ -966,6 +985,41 @@ mod tests {
             err.contains("router.decode_nodes") && err.contains("[tls]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn routing_keys_have_defaults_and_are_checked() {
+        use crate::routing::RoutingPolicy;
+        let r = Config::parse("[router]\n").unwrap().router.unwrap();
+        assert_eq!(r.routing, RoutingPolicy::KvAware);
+        assert_eq!(
+            (
+                r.kv_overlap_weight,
+                r.kv_load_weight,
+                r.kv_overload_threshold
+            ),
+            (1.0, 1.0, 0.9)
+        );
+        let r = Config::parse("[router]\nrouting = \"round_robin\"\nkv_load_weight = 0.5\n")
+            .unwrap()
+            .router
+            .unwrap();
+        assert_eq!(
+            (r.routing, r.kv_load_weight),
+            (RoutingPolicy::RoundRobin, 0.5)
+        );
+        let err = Config::parse("[router]\nrouting = \"random\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routing"), "{err}");
+        let err = Config::parse("[router]\nkv_overload_threshold = 1.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("router.kv_overload_threshold"), "{err}");
+        let err = Config::parse("[router]\nkv_overlap_weight = -1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("router.kv_overlap_weight"), "{err}");
     }
 
     #[test]

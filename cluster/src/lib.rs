@@ -23,6 +23,7 @@ pub mod membership;
 pub mod node_record;
 pub mod node_scheme;
 pub mod registration;
+pub mod routing;
 pub mod tls_listener;
 
 pub use config::{
@@ -36,3 +37,4 @@ pub use grpc_tls::{GrpcTls, GrpcTlsError};
 pub use membership::{Member, Membership, Role, StaticMembership};
 pub use node_record::{Capacity, NodeRecord};
 pub use registration::Registration;
+pub use routing::RoutingPolicy;

@@ -256,6 +256,7 @@ pub async fn serve_advertising(
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
         fingerprint: fingerprint.to_string(),
         stats: stats.clone(),
+        shutdown: shutdown.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::{Backend, BackendExt};
 use tandem_engine::block_manager::{BlockId, BlockManager};
+use tandem_engine::kv_events::KvEventLog;
 use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{ModelDir, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::Reservations;
@@ -151,6 +152,10 @@ pub struct Stats {
     /// KV bytes prefill nodes were told not to send, the prefix cache here
     /// holding them (`tandem_kv_transfer_skipped_bytes_total`).
     pub kv_skipped_bytes_total: u64,
+    /// The salt of the node's block hashes (published for KV-aware routing).
+    pub prefix_hash_salt: u64,
+    /// The prefix cache's gains and drops, read by each load stream.
+    pub kv_events: Arc<KvEventLog>,
 }
 
 /// The engine loop's state.
@@ -535,8 +540,12 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        let events = self.blocks.drain_kv_events();
+        let salt = self.hasher.salt();
         let mut s = self.stats();
+        s.kv_events.record(events);
+        s.prefix_hash_salt = salt;
         s.kv_blocks_total = self.blocks.total() as u32;
         s.kv_blocks_free = self.blocks.num_free() as u32;
         s.prefix_cache_blocks = self.blocks.num_cached() as u32;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_cluster::convert::generation_params;
-use tandem_engine::ModelDir;
+use tandem_engine::{KvCursor, ModelDir};
 use tandem_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,6 +37,9 @@ pub struct DecodeService {
     pub fingerprint: String,
     /// Load figures from the engine loop.
     pub stats: Arc<Mutex<Stats>>,
+    /// Ends the load streams, so a stopping node's server is not held open
+    /// by the routers watching it.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::DecodeResponse, Status>> + Send>>;
@@ -165,11 +168,18 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
         let block_size = self.block_size;
         let fingerprint = self.fingerprint.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
+            // This stream's place in the KV event log: a snapshot first.
+            let mut cursor = KvCursor::default();
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
                 let s = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let kv = s.kv_events.read(&mut cursor);
                 let load = pb::NodeLoad {
                     node_id: node_id.clone(),
                     role: pb::Role::Decode.into(),
@@ -187,6 +197,10 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     cached_tokens_total: s.cached_tokens_total,
                     prefix_cache_blocks: s.prefix_cache_blocks,
                     block_size,
+                    prefix_hash_salt: s.prefix_hash_salt,
+                    blocks_gained: kv.gained,
+                    blocks_dropped: kv.dropped,
+                    blocks_snapshot: kv.snapshot,
                     ..Default::default()
                 };
                 if tx.send(Ok(load)).await.is_err() {

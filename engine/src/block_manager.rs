@@ -21,10 +21,22 @@
 //! in use is never evicted. Each block is in exactly one of three states:
 //! free, in use (count > 0, maybe registered), or evictable (count 0,
 //! registered).
+//!
+//! Every change of the hash index (a block registered, a cached block
+//! evicted) is also recorded as a [`KvEvent`] for the node to drain
+//! ([`drain_kv_events`](BlockManager::drain_kv_events)) and publish to
+//! routers ([`kv_events`](crate::kv_events)).
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::kv_events::{CacheChanges, KvEvent};
 pub use crate::prefix_hash::BlockHash;
+
+/// Undrained events kept per block of the cache (at least
+/// [`MIN_PENDING_EVENTS`]); past that the next drain is a full resync.
+const PENDING_EVENTS_PER_BLOCK: usize = 4;
+/// The fewest undrained events kept.
+const MIN_PENDING_EVENTS: usize = 1024;
 
 /// Index of a block in the KV cache.
 pub type BlockId = u32;
@@ -72,6 +84,10 @@ pub struct BlockManager {
     tick: u64,
     caching: bool,
     evictions: u64,
+    /// Index changes not yet drained.
+    events: Vec<KvEvent>,
+    /// More changes than `events` may hold piled up: the next drain resyncs.
+    events_overflowed: bool,
 }
 
 impl BlockManager {
@@ -89,6 +105,8 @@ impl BlockManager {
             tick: 0,
             caching: false,
             evictions: 0,
+            events: Vec::new(),
+            events_overflowed: false,
         }
     }
 
@@ -142,9 +160,7 @@ impl BlockManager {
             let Some((_, b)) = self.evictable.pop_first() else {
                 break; // unreachable: counted above
             };
-            if let Some(h) = self.hash[b as usize].take() {
-                self.index.remove(&h);
-            }
+            self.unregister(b);
             self.evictions += 1;
             blocks.push(b);
         }
@@ -212,7 +228,43 @@ impl BlockManager {
         }
         self.hash[block as usize] = Some(hash);
         self.index.insert(hash, block);
+        self.note(KvEvent::Gained(hash));
         true
+    }
+
+    /// Takes an evicted block's hash out of the index.
+    fn unregister(&mut self, block: BlockId) {
+        if let Some(h) = self.hash[block as usize].take() {
+            self.index.remove(&h);
+            self.note(KvEvent::Dropped(h));
+        }
+    }
+
+    fn note(&mut self, event: KvEvent) {
+        if self.events_overflowed {
+            return;
+        }
+        let cap = (PENDING_EVENTS_PER_BLOCK * self.total()).max(MIN_PENDING_EVENTS);
+        if self.events.len() >= cap {
+            self.events = Vec::new();
+            self.events_overflowed = true;
+        } else {
+            self.events.push(event);
+        }
+    }
+
+    /// The index's changes since the last drain, in order; or, when more
+    /// piled up than are kept, every hash cached now.
+    pub fn drain_kv_events(&mut self) -> CacheChanges {
+        if std::mem::take(&mut self.events_overflowed) {
+            return CacheChanges::Resync(self.cached_hashes());
+        }
+        CacheChanges::Events(std::mem::take(&mut self.events))
+    }
+
+    /// The hashes of every cached block (in use or evictable).
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.index.keys().copied().collect()
     }
 
     /// Adds a reference to each block (all must be in use; on error nothing changes).
@@ -256,9 +308,7 @@ impl BlockManager {
             let Some((_, b)) = self.evictable.pop_first() else {
                 break;
             };
-            if let Some(h) = self.hash[b as usize].take() {
-                self.index.remove(&h);
-            }
+            self.unregister(b);
             self.free.push(b);
             self.evictions += 1;
             done += 1;
@@ -375,6 +425,7 @@ mod tests {
         assert_eq!(m.refcount(a[0]), 1);
     }
 
+    use crate::kv_events::{CacheChanges, KvEvent};
     use crate::prefix_hash::PrefixHasher;
 
     #[test]
@@ -450,6 +501,48 @@ mod tests {
     }
 
     #[test]
+    fn index_changes_are_drained_as_events_and_overflow_resyncs() {
+        let h = PrefixHasher::new(1, 1);
+        let mut m = BlockManager::with_prefix_cache(2);
+        let hashes = h.full_blocks(&[1, 2]);
+        let a = m.allocate_sequence(&hashes, 2).unwrap();
+        m.register(a.table[0], hashes[0]);
+        m.register(a.table[1], hashes[1]);
+        assert_eq!(
+            m.drain_kv_events(),
+            CacheChanges::Events(vec![KvEvent::Gained(hashes[0]), KvEvent::Gained(hashes[1])])
+        );
+        m.release(&a.table).unwrap();
+        assert_eq!(
+            m.drain_kv_events(),
+            CacheChanges::Events(vec![]),
+            "released, still cached"
+        );
+        m.evict(1);
+        assert_eq!(
+            m.drain_kv_events(),
+            CacheChanges::Events(vec![KvEvent::Dropped(hashes[1])]),
+            "the leaf goes first"
+        );
+        // Undrained changes past the cap turn into one resync.
+        for i in 0..MIN_PENDING_EVENTS as u32 + 1 {
+            let t = m.allocate(1).unwrap();
+            let hash = h.full_blocks(&[1000 + i])[0];
+            m.register(t[0], hash);
+            m.release(&t).unwrap();
+        }
+        let CacheChanges::Resync(now) = m.drain_kv_events() else {
+            panic!("expected a resync");
+        };
+        let mut expected = m.cached_hashes();
+        expected.sort();
+        let mut now = now;
+        now.sort();
+        assert_eq!(now, expected);
+        assert_eq!(m.drain_kv_events(), CacheChanges::Events(vec![]));
+    }
+
+    #[test]
     fn without_the_cache_nothing_is_kept() {
         let h = PrefixHasher::new(1, 1);
         let mut m = BlockManager::new(2);
@@ -499,6 +592,8 @@ mod tests {
             let h = PrefixHasher::new(9, bs);
             let mut m = BlockManager::with_prefix_cache(total);
             let mut live: Vec<Seq> = Vec::new();
+            // The cache as a router sees it, from the drained events alone.
+            let mut mirror: std::collections::HashSet<BlockHash> = Default::default();
             for op in ops {
                 match op {
                     CacheOp::Start { family, len, extra } => {
@@ -553,6 +648,19 @@ mod tests {
                 if let Err(e) = m.audit() {
                     prop_assert!(false, "{}", e);
                 }
+                match m.drain_kv_events() {
+                    CacheChanges::Events(events) => {
+                        for e in events {
+                            match e {
+                                KvEvent::Gained(h) => prop_assert!(mirror.insert(h), "gained twice"),
+                                KvEvent::Dropped(h) => prop_assert!(mirror.remove(&h), "dropped unheld"),
+                            }
+                        }
+                    }
+                    CacheChanges::Resync(hashes) => mirror = hashes.into_iter().collect(),
+                }
+                let cached: std::collections::HashSet<BlockHash> = m.cached_hashes().into_iter().collect();
+                prop_assert_eq!(&mirror, &cached, "the events replay to the index");
                 let mut uses = vec![0u32; total];
                 for s in &live {
                     for (i, &b) in s.table.iter().enumerate() {

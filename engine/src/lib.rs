@@ -25,6 +25,7 @@ pub mod error;
 pub mod generation;
 pub mod gguf;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod llama;
 pub mod local;
 pub mod model_dir;
@@ -45,6 +46,7 @@ pub use generation::{
     FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,
 };
 pub use kv_cache::{KvDtype, KvLayout};
+pub use kv_events::{CacheChanges, KvCursor, KvDelta, KvEvent, KvEventLog};
 pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};

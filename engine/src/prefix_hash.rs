@@ -45,6 +45,12 @@ impl PrefixHasher {
         PrefixHasher::new(xxh3_64(identity.as_bytes()), layout.block_size)
     }
 
+    /// The salt the chain starts from: what a router needs, with the block
+    /// size, to name a prompt's blocks as this node does.
+    pub fn salt(&self) -> u64 {
+        self.salt
+    }
+
     /// Tokens per block.
     pub fn block_size(&self) -> usize {
         self.block_size

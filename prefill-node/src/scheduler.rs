@@ -43,7 +43,10 @@ use tandem_engine::TokenLogprobs;
 use tandem_engine::backend::KvExport;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::sampling::Sampler;
-use tandem_engine::{Backend, BlockHash, BlockId, BlockManager, PrefixHasher, SeqChunk};
+use tandem_engine::{
+    Backend, BlockHash, BlockId, BlockManager, KvCursor, KvDelta, KvEventLog, PrefixHasher,
+    SeqChunk,
+};
 use tandem_kv_transfer::LayerShape;
 use tokio_util::sync::CancellationToken;
 
@@ -94,6 +97,11 @@ struct Shared {
     max_queue: usize,
     /// `tandem_queue_depth` of the prefill queue; set under the state's lock.
     depth: Gauge,
+    /// The prefix cache's gains and drops, read by each load stream (its
+    /// own lock, taken after `state`'s when both are).
+    kv_events: KvEventLog,
+    /// The salt of the block hashes (published for KV-aware routing).
+    prefix_hash_salt: u64,
 }
 
 impl Shared {
@@ -129,6 +137,7 @@ impl Scheduler {
     ) -> Result<Scheduler, PrefillError> {
         let layout = backend.kv_layout();
         let total_blocks = layout.num_blocks;
+        let hasher = PrefixHasher::for_model(backend.config(), &layout);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
@@ -143,8 +152,9 @@ impl Scheduler {
             wake: Condvar::new(),
             max_queue: config.max_queue,
             depth: queue_depth(),
+            kv_events: KvEventLog::new(),
+            prefix_hash_salt: hasher.salt(),
         });
-        let hasher = PrefixHasher::for_model(backend.config(), &layout);
         let blocks = if config.prefix_cache {
             BlockManager::with_prefix_cache(total_blocks)
         } else {
@@ -223,6 +233,15 @@ impl Scheduler {
         drop(removed);
         self.shared.wake.notify_all();
         true
+    }
+
+    /// The prefix cache's changes since `cursor`'s last read (a snapshot
+    /// on its first), and the salt of the hashes.
+    pub fn kv_delta(&self, cursor: &mut KvCursor) -> (KvDelta, u64) {
+        (
+            self.shared.kv_events.read(cursor),
+            self.shared.prefix_hash_salt,
+        )
     }
 
     /// The current load.
@@ -363,6 +382,7 @@ impl<B: Backend> Worker<B> {
                 });
             }
             self.fill_load(&mut s.load);
+            shared.kv_events.record(self.blocks.drain_kv_events());
             shared.depth.set(s.waiting.len() as f64);
             if !self.active.is_empty() {
                 return true;
@@ -395,11 +415,12 @@ impl<B: Backend> Worker<B> {
             .sum();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let mut s = self.shared.lock();
         let mut load = s.load;
         self.fill_load(&mut load);
         s.load = load;
+        self.shared.kv_events.record(self.blocks.drain_kv_events());
     }
 
     /// One forward pass over the next chunks of the active jobs.

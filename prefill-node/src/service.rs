@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_cluster::ModelFingerprint;
+use tandem_engine::KvCursor;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::prefill_node_server::PrefillNode;
 use tokio::sync::mpsc;
@@ -122,8 +123,10 @@ impl PrefillService {
         })
     }
 
-    fn node_load(&self) -> pb::NodeLoad {
+    /// The load report of one stream, with the KV events since `cursor`.
+    fn node_load(&self, cursor: &mut KvCursor) -> pb::NodeLoad {
         let l = self.scheduler.load();
+        let (kv, salt) = self.scheduler.kv_delta(cursor);
         let u32_of = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         pb::NodeLoad {
             node_id: self.node_id.clone(),
@@ -142,6 +145,10 @@ impl PrefillService {
             cached_tokens_total: l.cached_tokens_total,
             prefix_cache_blocks: u32_of(l.prefix_cache_blocks),
             block_size: u32_of(self.shape.block_size),
+            prefix_hash_salt: salt,
+            blocks_gained: kv.gained,
+            blocks_dropped: kv.dropped,
+            blocks_snapshot: kv.snapshot,
             ..Default::default()
         }
     }
@@ -205,13 +212,15 @@ impl PrefillNode for PrefillGrpc {
         let service = self.0.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // This stream's place in the KV event log: a snapshot first.
+            let mut cursor = KvCursor::default();
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = service.shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let load = service.node_load();
+                let load = service.node_load(&mut cursor);
                 tokio::select! {
                     _ = service.shutdown.cancelled() => break,
                     r = tx.send(Ok(load)) => if r.is_err() { break },

@@ -5,6 +5,7 @@
 //! (`INVALID_ARGUMENT`, `NOT_FOUND`), retry later (`RESOURCE_EXHAUSTED`,
 //! `UNAVAILABLE`) or give up (`DEADLINE_EXCEEDED`).
 
+use crate::node_addr::NodeAddr;
 use std::net::SocketAddr;
 
 use tonic::{Code, Status};
@@ -44,7 +45,7 @@ pub enum RouterError {
     #[error("node {node} is out of capacity: {message}; retry later")]
     NodeExhausted {
         /// The node's gRPC address.
-        node: String,
+        node: NodeAddr,
         /// The node's message.
         message: String,
     },
@@ -52,7 +53,7 @@ pub enum RouterError {
     #[error("node {node} failed: {message}")]
     NodeUnavailable {
         /// The node's gRPC address.
-        node: String,
+        node: NodeAddr,
         /// What went wrong.
         message: String,
     },
@@ -60,7 +61,7 @@ pub enum RouterError {
     #[error("node {node} broke the protocol: {message}")]
     Protocol {
         /// The node's gRPC address.
-        node: String,
+        node: NodeAddr,
         /// What it did.
         message: String,
     },
@@ -68,7 +69,7 @@ pub enum RouterError {
     #[error("node {node} already runs this request: {message}")]
     AttemptConflict {
         /// The node's gRPC address.
-        node: String,
+        node: NodeAddr,
         /// The node's message.
         message: String,
     },
@@ -89,7 +90,7 @@ pub enum RouterError {
     #[error("node {node} did not receive the KV in time: {message}")]
     KvTimeout {
         /// The decode node's gRPC address.
-        node: String,
+        node: NodeAddr,
         /// The node's message.
         message: String,
     },
@@ -151,7 +152,7 @@ impl RouterError {
     /// Classifies a status returned by a node: a node's own refusal of the
     /// request is passed through, anything else is a node failure.
     pub fn from_node_status(node: &str, status: &Status) -> Self {
-        let node = node.to_string();
+        let node = NodeAddr::from(node);
         let message = status.message().to_string();
         match status.code() {
             Code::ResourceExhausted => RouterError::NodeExhausted { node, message },

@@ -45,6 +45,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::backlog::PendingTokens;
 use crate::error::RouterError;
+use crate::node_addr::NodeAddr;
 use crate::nodes::{NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
 use crate::validation::ValidRequest;
@@ -246,7 +247,7 @@ impl Request<'_> {
     /// Runs attempts until one finishes the request or fails for good.
     async fn serve(&self, progress: &mut Progress) -> Result<(), RouterError> {
         // Nodes that failed this request: tried again only when no other is left.
-        let mut failed: Vec<String> = Vec::new();
+        let mut failed: Vec<NodeAddr> = Vec::new();
         for attempt in 1..=MAX_ATTEMPTS as u32 {
             let span = tracing::info_span!("attempt", attempt);
             let err = match self
@@ -323,7 +324,7 @@ impl Request<'_> {
     async fn attempt(
         &self,
         progress: &mut Progress,
-        failed: &[String],
+        failed: &[NodeAddr],
         attempt: u32,
     ) -> Result<(), RouterError> {
         let mut guard = CancelGuard {
@@ -346,14 +347,15 @@ impl Request<'_> {
         }
         let mut prefill: Option<PrefillCall> = None;
         // The prefill node of this attempt, if any: a finished request proves it worked.
-        let mut prefill_addr: Option<String> = None;
+        let mut prefill_addr: Option<NodeAddr> = None;
         if !admitted.local_prefill {
             let target = admitted.kv_target.ok_or_else(|| RouterError::Protocol {
                 node: decode.addr.clone(),
                 message: "Admitted for remote prefill without a kv_target".into(),
             })?;
+            let tokens = self.routed_tokens(&progress.sent);
             let node = self
-                .usable_prefill(failed)
+                .usable_prefill(failed, &tokens)
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
             self.relay
@@ -532,7 +534,7 @@ impl Request<'_> {
     fn check_answering(&self, guard: &CancelGuard, last_event: Instant) -> Result<(), RouterError> {
         let nodes = &self.relay.nodes;
         let silent = |addr: &str| RouterError::NodeUnavailable {
-            node: addr.to_string(),
+            node: addr.into(),
             message: format!(
                 "stopped answering (no load report for {:?})",
                 nodes.stale_after()
@@ -558,11 +560,12 @@ impl Request<'_> {
         &self,
         guard: &mut CancelGuard,
         generated: &[u32],
-        avoid: &[String],
+        avoid: &[NodeAddr],
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
-            let ranked = prefer_unfailed(nodes.ranked(Role::Decode), avoid);
+            let tokens = self.routed_tokens(generated);
+            let ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
             if ranked.is_empty() {
                 if !nodes.has(Role::Decode) {
                     return Err(RouterError::NoNode("decode"));
@@ -632,8 +635,8 @@ impl Request<'_> {
     }
 
     /// The best usable prefill node, those that failed this request last.
-    fn usable_prefill(&self, failed: &[String]) -> Option<NodeHandle> {
-        prefer_unfailed(self.relay.nodes.ranked(Role::Prefill), failed)
+    fn usable_prefill(&self, failed: &[NodeAddr], tokens: &[u32]) -> Option<NodeHandle> {
+        prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, tokens), failed)
             .into_iter()
             .next()
     }
@@ -641,7 +644,7 @@ impl Request<'_> {
     /// The KV wait for a reservation: the base, plus (for a remote prefill)
     /// the time the likely prefill node needs for what is queued there and
     /// this prompt, at its measured rate (else the cluster's average), capped.
-    fn kv_timeout_ms(&self, local: bool, generated: usize, avoid: &[String]) -> u32 {
+    fn kv_timeout_ms(&self, local: bool, generated: usize, avoid: &[NodeAddr]) -> u32 {
         let base = Duration::from_millis(u64::from(self.relay.kv_timeout_ms));
         let max = Duration::from_millis(u64::from(self.relay.kv_timeout_max_ms));
         if local {
@@ -649,7 +652,7 @@ impl Request<'_> {
         }
         let nodes = &self.relay.nodes;
         let Some((queued, rate)) = self
-            .usable_prefill(avoid)
+            .usable_prefill(avoid, &self.req.prompt)
             .and_then(|n| nodes.prefill_queue(&n.addr))
         else {
             return self.relay.kv_timeout_ms;
@@ -666,6 +669,16 @@ impl Request<'_> {
             .saturating_add((self.req.prompt.len() + generated) as u64);
         let wait = crate::backlog::kv_wait(base, max, ahead, rate);
         u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The tokens whose KV a node may hold for this attempt: the prompt,
+    /// then what was generated before a retry.
+    fn routed_tokens(&self, generated: &[u32]) -> std::borrow::Cow<'_, [u32]> {
+        if generated.is_empty() {
+            std::borrow::Cow::Borrowed(&self.req.prompt)
+        } else {
+            std::borrow::Cow::Owned([&self.req.prompt[..], generated].concat())
+        }
     }
 
     /// Calls `Decode` on one node and reads its first answer.
@@ -783,7 +796,7 @@ impl FirstLogprobs {
             return Ok(());
         }
         let logprobs = logprobs.ok_or_else(|| RouterError::Protocol {
-            node: node.to_string(),
+            node: node.into(),
             message: "answered a prefill asking for log probabilities without them".into(),
         })?;
         *self = FirstLogprobs::Answered(logprobs);
@@ -797,7 +810,7 @@ impl FirstLogprobs {
         };
         if chunk.ids.first() != Some(&first.id) || chunk.logprobs.len() >= chunk.ids.len() {
             return Err(RouterError::Protocol {
-                node: decode.to_string(),
+                node: decode.into(),
                 message: format!(
                     "sent a first token {:?} other than the prefill node's {}",
                     chunk.ids.first(),
@@ -811,7 +824,7 @@ impl FirstLogprobs {
 }
 
 /// `nodes` in their order, but those in `failed` last.
-fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[String]) -> Vec<NodeHandle> {
+fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[NodeAddr]) -> Vec<NodeHandle> {
     // A stable sort keeps the ranking within each group.
     nodes.sort_by_key(|n| failed.contains(&n.addr));
     nodes

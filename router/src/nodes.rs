@@ -23,12 +23,18 @@
 //! A node serving another model than the cluster's (its fingerprint, from
 //! its record or its load reports, differs: see [`crate::identity`]) stays
 //! in the pool, reporting load, but is never ranked.
+//!
+//! The KV events on the load reports feed the pool's [`KvIndex`]; a node's
+//! entries go when it leaves or its stream breaks (its next stream starts
+//! with a snapshot). [`NodePool::ranked_for`] orders a role's nodes for a
+//! request by the configured [`routing`](crate::routing) policy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, grpc_tls};
+use tandem_cluster::{GrpcTls, GrpcTlsError, Member, Membership, Role, RoutingPolicy, grpc_tls};
 use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
@@ -41,6 +47,9 @@ use crate::backlog::{Backlog, PrefillRate};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
 use crate::identity::Identity;
+use crate::kv_index::KvIndex;
+use crate::node_addr::NodeAddr;
+use crate::routing::{RoutingConfig, rank_kv_aware, rank_round_robin};
 
 /// First wait before reopening a failed load stream.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -61,7 +70,7 @@ const STALE_MIN: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     /// gRPC address, `http://host:port`.
-    pub addr: String,
+    pub addr: NodeAddr,
     /// Its role.
     pub role: Role,
     /// A lazily connected channel, shared by every call to the node.
@@ -108,7 +117,7 @@ impl Entry {
             }
             _ => info!(node = %self.handle.addr, role, "circuit breaker {}", state.name()),
         }
-        let node = self.handle.addr.clone();
+        let node = self.handle.addr.to_string();
         metrics::gauge!(names::ROUTER_BREAKER_STATE, names::ROLE => role, names::NODE => node.clone())
             .set(state.gauge());
         metrics::counter!(names::ROUTER_BREAKER_TRANSITIONS_TOTAL, names::ROLE => role, names::NODE => node, names::STATE => state.name())
@@ -125,11 +134,16 @@ fn role_label(role: Role) -> &'static str {
 
 /// The nodes of the cluster and their last load reports.
 pub struct NodePool {
-    nodes: Mutex<HashMap<String, Entry>>,
+    nodes: Mutex<HashMap<NodeAddr, Entry>>,
     load_interval_ms: u32,
     tls: Option<GrpcTls>,
     identity: Identity,
     breakers: BreakerConfig,
+    /// Which node holds which cached blocks; locked after `nodes` when both are.
+    kv: Mutex<KvIndex>,
+    routing: RoutingConfig,
+    /// Round-robin turns, decode and prefill.
+    turns: [AtomicUsize; 2],
 }
 
 impl NodePool {
@@ -140,6 +154,7 @@ impl NodePool {
         membership: Arc<dyn Membership>,
         load_interval_ms: u32,
         tls: Option<GrpcTls>,
+        routing: RoutingConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Self::start_with(
@@ -148,6 +163,7 @@ impl NodePool {
             tls,
             Identity::new(None),
             BreakerConfig::default(),
+            routing,
             shutdown,
         )
     }
@@ -161,6 +177,7 @@ impl NodePool {
         tls: Option<GrpcTls>,
         identity: Identity,
         breakers: BreakerConfig,
+        routing: RoutingConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let pool = Arc::new(NodePool {
@@ -169,6 +186,9 @@ impl NodePool {
             tls,
             identity,
             breakers,
+            kv: Mutex::new(KvIndex::new()),
+            routing,
+            turns: [AtomicUsize::new(0), AtomicUsize::new(0)],
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -193,9 +213,14 @@ impl NodePool {
         pool
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<NodeAddr, Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kv_lock(&self) -> MutexGuard<'_, KvIndex> {
+        // The index is consistent between statements: a panic cannot break it.
+        self.kv.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Brings the pool in line with `members`.
@@ -207,11 +232,12 @@ impl NodePool {
                 info!(node = %addr, "node left the cluster");
                 e.stop.cancel();
                 self.identity.forget(addr);
+                self.kv_lock().remove_node(addr);
             }
             keep
         });
         for m in members {
-            if nodes.contains_key(&m.grpc_addr) {
+            if nodes.contains_key(m.grpc_addr.as_str()) {
                 continue;
             }
             let channel = match channel_to(m, self.tls.as_ref()) {
@@ -222,7 +248,7 @@ impl NodePool {
                 }
             };
             let handle = NodeHandle {
-                addr: m.grpc_addr.clone(),
+                addr: NodeAddr::from(m.grpc_addr.as_str()),
                 role: m.role,
                 channel,
             };
@@ -243,7 +269,7 @@ impl NodePool {
                 stop.clone(),
             ));
             nodes.insert(
-                m.grpc_addr.clone(),
+                handle.addr.clone(),
                 Entry {
                     handle,
                     member: m.clone(),
@@ -260,8 +286,78 @@ impl NodePool {
         }
     }
 
-    /// Nodes of `role` whose circuit breaker lets a request through, best
-    /// choice first.
+    /// Nodes of `role`, best choice first for a request over `tokens` (its
+    /// prompt, and any tokens generated before a retry), by the configured
+    /// routing policy.
+    pub fn ranked_for(&self, role: Role, tokens: &[u32]) -> Vec<NodeHandle> {
+        let (handles, statuses) = self.statuses(role);
+        let least_loaded = match role {
+            Role::Decode => rank_decode(&statuses),
+            Role::Prefill => rank_prefill(&statuses),
+        };
+        let order = match self.routing.policy {
+            RoutingPolicy::LeastLoaded => least_loaded,
+            RoutingPolicy::RoundRobin => {
+                let slot = match role {
+                    Role::Decode => 0,
+                    Role::Prefill => 1,
+                };
+                let turn = self.turns[slot].fetch_add(1, Ordering::Relaxed);
+                rank_round_robin(&statuses, turn)
+            }
+            RoutingPolicy::KvAware => {
+                let refs: Vec<&NodeAddr> = handles.iter().map(|h| &h.addr).collect();
+                let cached = self.kv_lock().cached_tokens(tokens, &refs);
+                let order = rank_kv_aware(
+                    &statuses,
+                    least_loaded,
+                    tokens.len(),
+                    &cached,
+                    &self.routing,
+                );
+                if let Some(&best) = order.first() {
+                    debug!(
+                        node = %handles[best].addr,
+                        cached_tokens = cached[best],
+                        "kv-aware choice"
+                    );
+                }
+                order
+            }
+        };
+        order.into_iter().map(|i| handles[i].clone()).collect()
+    }
+
+    /// Nodes of `role` in address order, with their statuses (a stale node
+    /// unreachable).
+    fn statuses(&self, role: Role) -> (Vec<NodeHandle>, Vec<NodeStatus>) {
+        let nodes = self.lock();
+        let now = Instant::now();
+        let mut entries: Vec<&Entry> = nodes
+            .values()
+            .filter(|e| e.handle.role == role && e.compatible && e.breaker.allows(now))
+            .collect();
+        entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
+        let stale_after = self.stale_after();
+        entries
+            .iter()
+            .map(|e| {
+                let status = NodeStatus {
+                    reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
+                    ..e.status.clone()
+                };
+                (e.handle.clone(), status)
+            })
+            .unzip()
+    }
+
+    /// Hashes the KV index credits to `addr`.
+    pub fn cached_blocks_of(&self, addr: &str) -> usize {
+        self.kv_lock().blocks_of(&NodeAddr::from(addr))
+    }
+
+    /// Nodes of `role` whose circuit breaker lets a request through, least
+    /// loaded first (blind to the routing policy).
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
         let nodes = self.lock();
         let now = Instant::now();
@@ -336,7 +432,7 @@ impl NodePool {
 
     /// Whether a node of `role` not in `avoid` is usable now: its breaker
     /// lets requests through, its load stream works and it reports.
-    pub fn usable(&self, role: Role, avoid: &[String]) -> bool {
+    pub fn usable(&self, role: Role, avoid: &[NodeAddr]) -> bool {
         let now = Instant::now();
         let stale_after = self.stale_after();
         self.lock().values().any(|e| {
@@ -345,7 +441,7 @@ impl NodePool {
     }
 
     /// Each node's breaker state, by address (for status listings and tests).
-    pub fn breaker_states(&self) -> Vec<(String, Role, BreakerState)> {
+    pub fn breaker_states(&self) -> Vec<(NodeAddr, Role, BreakerState)> {
         let mut states: Vec<_> = self
             .lock()
             .values()
@@ -439,11 +535,19 @@ impl NodePool {
 
     /// Stores a load report of `addr`, and what it says the node serves; the
     /// report is also the probe of an open breaker.
-    fn on_report(&self, addr: &str, load: tandem_proto::v1::NodeLoad) {
-        let published = Some(load.model_fingerprint.as_str()).filter(|f| !f.is_empty());
+    fn on_report(&self, addr: &str, mut load: tandem_proto::v1::NodeLoad) {
+        let published = Some(load.model_fingerprint.clone()).filter(|f| !f.is_empty());
         // A record's fingerprint stands until a report says otherwise.
-        let compatible = published.is_none_or(|f| self.identity.note(addr, Some(f)));
-        if let Some(e) = self.lock().get_mut(addr) {
+        let compatible = published
+            .as_deref()
+            .is_none_or(|f| self.identity.note(addr, Some(f)));
+        let mut nodes = self.lock();
+        // Events of a node that left are dropped with it.
+        if let Some(e) = nodes.get_mut(addr) {
+            self.kv_lock().apply(&e.handle.addr, &load);
+            // The status keeps the figures, not the events.
+            load.blocks_gained = Vec::new();
+            load.blocks_dropped = Vec::new();
             if published.is_some() {
                 e.compatible = compatible;
                 e.identified = true;
@@ -541,6 +645,8 @@ async fn watch_load(
         }
         // A node that cannot be reached, or ends its stream, has failed.
         pool.mark_failed(&node.addr);
+        // It may come back empty: forget its blocks until its next snapshot.
+        pool.kv_lock().remove_node(&node.addr);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -597,6 +703,7 @@ mod tests {
             None,
             Identity::new(None),
             breakers,
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         let p = "http://127.0.0.1:1";
@@ -614,7 +721,7 @@ mod tests {
         assert_eq!(pool.prefill_backlog().nodes, 0);
         let states = pool.breaker_states();
         assert!(
-            states.contains(&(p.to_string(), Role::Prefill, BreakerState::Open)),
+            states.contains(&(NodeAddr::from(p), Role::Prefill, BreakerState::Open)),
             "{states:?}"
         );
         shutdown.cancel();
@@ -635,6 +742,7 @@ mod tests {
             Arc::new(Source(members.clone())),
             10,
             None,
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         assert!(pool.has(Role::Decode));
@@ -677,6 +785,7 @@ mod tests {
             None,
             Identity::new(Some(ours)),
             BreakerConfig::default(),
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         let (a, b, c, p) = (
@@ -699,7 +808,7 @@ mod tests {
         let ranked: Vec<String> = pool
             .ranked(Role::Decode)
             .into_iter()
-            .map(|n| n.addr)
+            .map(|n| n.addr.to_string())
             .collect();
         assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
         // The only prefill node serves another model: there is none.
@@ -714,7 +823,7 @@ mod tests {
         assert!(pool.ranked(Role::Prefill).is_empty());
         // c restarted with the right weights: back in the ranking.
         pool.on_report(c, report(Some(&ours), 1000));
-        assert_eq!(pool.ranked(Role::Decode)[0].addr, c);
+        assert_eq!(&*pool.ranked(Role::Decode)[0].addr, c);
         shutdown.cancel();
     }
 
@@ -728,6 +837,7 @@ mod tests {
             None,
             Identity::new(None),
             never_open(),
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         let a = "http://127.0.0.1:1";
@@ -745,7 +855,7 @@ mod tests {
         let ranked: Vec<String> = pool
             .ranked(Role::Decode)
             .into_iter()
-            .map(|n| n.addr)
+            .map(|n| n.addr.to_string())
             .collect();
         assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
 
@@ -765,6 +875,7 @@ mod tests {
             None,
             Identity::new(None),
             never_open(),
+            RoutingConfig::default(),
             shutdown.clone(),
         );
         let a = "http://127.0.0.1:1";

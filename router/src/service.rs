@@ -38,6 +38,7 @@ use crate::generate::Relay;
 use crate::identity::Identity;
 use crate::nodes::NodePool;
 use crate::request_metrics::request_ended;
+use crate::routing::RoutingConfig;
 use crate::usage;
 use crate::validation::{ValidRequest, Validator};
 
@@ -99,6 +100,7 @@ impl GenerateService {
             tls,
             Identity::new(config.model_fingerprint),
             breakers,
+            RoutingConfig::from(config),
             shutdown.clone(),
         );
         Ok(GenerateService {

@@ -12,7 +12,7 @@
 use rand::Rng;
 
 use super::dataset::{BenchPrompt, PromptInput, WORDS};
-use super::request::RequestRecord;
+use super::record::RequestRecord;
 
 /// Shape of the conversations.
 #[derive(Clone, Copy, Debug)]

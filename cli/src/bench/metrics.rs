@@ -17,7 +17,7 @@
 
 use serde::Serialize;
 
-use super::request::RequestRecord;
+use super::record::RequestRecord;
 use super::slo::Slo;
 
 /// Mean, median, p90, p99 and standard deviation, in milliseconds.

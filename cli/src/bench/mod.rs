@@ -9,15 +9,18 @@
 //! multi-turn workload, conversations that resend their history), [`request`] sends one over gRPC and times its
 //! stream ([`openai`]: over the OpenAI-compatible HTTP API),
 //! [`runner`] drives one run at one rate, [`metrics`] turns records into
-//! numbers, [`report`] prints and saves them and [`plot`] draws them.
+//! numbers, [`node_metrics`] adds the nodes' own counters around each run
+//! (`--metrics-url`), [`report`] prints and saves them and [`plot`] draws them.
 //! [`run_bench`] is the whole command as a library call, for tests.
 
 pub mod arrivals;
 pub mod conversation;
 pub mod dataset;
 pub mod metrics;
+pub mod node_metrics;
 pub mod openai;
 pub mod plot;
+pub mod record;
 pub mod report;
 pub mod request;
 pub mod runner;
@@ -159,6 +162,11 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Prometheus endpoints of the cluster's nodes (`http://host:port/metrics`;
+    /// comma-separated or repeated), scraped before and after each run: the
+    /// report then adds prompt tokens the nodes computed and KV bytes over QUIC.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_url: Vec<String>,
 }
 
 #[derive(Parser)]
@@ -247,6 +255,14 @@ fn load_prompts(args: &BenchArgs, rng: &mut StdRng) -> anyhow::Result<Vec<datase
     }
 }
 
+/// The nodes' counters, when `--metrics-url` names endpoints.
+async fn scrape(urls: &[String]) -> anyhow::Result<Option<node_metrics::NodeCounters>> {
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    node_metrics::scrape_all(urls).await.map(Some)
+}
+
 /// Runs the benchmark `args` describes: one run per request rate, each
 /// run's table printed to stdout as it ends; writes `--result-file` and
 /// `--plot` when asked.
@@ -308,6 +324,7 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         runs: Vec::with_capacity(args.request_rate.len()),
     };
     for &rate in &args.request_rate {
+        let before = scrape(&args.metrics_url).await?;
         let mut arrival_rng = StdRng::seed_from_u64(args.seed);
         let (records, duration_s) = match &workload {
             Workload::Prompts(prompts) => {
@@ -361,7 +378,14 @@ pub async fn run_bench(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 sessions::run(&target, &plan).await
             }
         };
+        let node_work = match before {
+            Some(before) => scrape(&args.metrics_url)
+                .await?
+                .map(|after| node_metrics::NodeWork::from(after.since(&before))),
+            None => None,
+        };
         let run = RunReport {
+            node_work,
             request_rate: rate,
             burstiness: args.burstiness,
             max_concurrency: args.max_concurrency,

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use super::dataset::{BenchPrompt, PromptInput};
-use super::request::RequestRecord;
+use super::record::RequestRecord;
 
 /// Where completions are posted: `host:port` and the path prefix of `--base-url`.
 #[derive(Clone, Debug)]

@@ -145,7 +145,7 @@ mod tests {
     use super::*;
     use crate::bench::arrivals::RequestRate;
     use crate::bench::metrics::Metrics;
-    use crate::bench::request::RequestRecord;
+    use crate::bench::record::RequestRecord;
 
     #[test]
     fn cdf_is_sorted_and_ends_at_one() {
@@ -170,6 +170,7 @@ mod tests {
             burstiness: 1.0,
             max_concurrency: None,
             metrics: crate::bench::metrics::summarize(&requests, 1.0, None),
+            node_work: None,
             requests,
         }
     }

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use super::arrivals::RequestRate;
 use super::metrics::{LatencyStats, Metrics};
-use super::request::RequestRecord;
+use super::node_metrics::NodeWork;
+use super::record::RequestRecord;
 
 /// One run at one request rate.
 #[derive(Clone, Debug, Serialize)]
@@ -17,6 +18,9 @@ pub struct RunReport {
     pub burstiness: f64,
     pub max_concurrency: Option<usize>,
     pub metrics: Metrics,
+    /// What the nodes did during the run (`--metrics-url`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_work: Option<NodeWork>,
     /// Every request, in dataset order.
     pub requests: Vec<RequestRecord>,
 }
@@ -128,6 +132,24 @@ pub fn table(run: &RunReport) -> String {
         "Total Token throughput (tok/s):",
         format!("{:.2}", m.total_token_throughput),
     );
+    if let Some(w) = &run.node_work {
+        header(&mut out, "Node Counters", '-');
+        line(
+            &mut out,
+            "Prompt tokens computed by nodes:",
+            format!("{:.0}", w.prefill_tokens_computed),
+        );
+        line(
+            &mut out,
+            "Prompt tokens cached at nodes:",
+            format!("{:.0}", w.prefill_tokens_cached),
+        );
+        line(
+            &mut out,
+            "KV bytes over QUIC:",
+            format!("{:.0}", w.kv_bytes_over_quic),
+        );
+    }
     latency_block(&mut out, "Time to First Token", "TTFT", &m.ttft);
     if let (Some(first), Some(later)) = (&m.first_turn_ttft, &m.later_turn_ttft) {
         header(&mut out, "TTFT by Turn", '-');
@@ -206,6 +228,7 @@ mod tests {
                 request_goodput: Some(1.0),
                 ..Default::default()
             },
+            node_work: Some(NodeWork::default()),
             requests: vec![],
         };
         let t = table(&run);
@@ -223,6 +246,8 @@ mod tests {
             "P99 TPOT (ms):",
             "P90 ITL (ms):",
             "Mean E2EL (ms):",
+            "Prompt tokens computed by nodes:",
+            "KV bytes over QUIC:",
         ] {
             assert!(t.contains(label), "missing {label} in\n{t}");
         }

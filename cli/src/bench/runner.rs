@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::dataset::BenchPrompt;
-use super::request::{RequestRecord, Target};
+use super::{record::RequestRecord, request::Target};
 
 /// How one run sends its requests.
 pub struct RunPlan<'a> {

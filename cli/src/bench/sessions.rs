@@ -18,8 +18,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::conversation::Conversations;
-use super::request::{RequestRecord, Target};
 use super::runner::progress_bar;
+use super::{record::RequestRecord, request::Target};
 
 /// How one multi-turn run sends its sessions.
 pub struct SessionPlan<'a> {
