@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod block_manager;
 pub mod config;
+pub mod constraint;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -35,6 +36,7 @@ pub mod weights;
 pub use backend::{Backend, SeqChunk};
 pub use block_manager::{BlockError, BlockHash, BlockId, BlockManager, SequenceBlocks};
 pub use config::{Architecture, ModelConfig};
+pub use constraint::{Constraint, ConstraintCompiler, ConstraintState};
 pub use error::{EngineError, Result};
 pub use generation::{
     FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,

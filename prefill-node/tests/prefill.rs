@@ -278,6 +278,7 @@ impl Cluster {
             logprobs: None,
             attempt: 0,
             banned_token_ids: Vec::new(),
+            constraint: None,
         })
     }
 

@@ -339,6 +339,7 @@ impl Request<'_> {
                 } else {
                     Vec::new()
                 },
+                constraint: self.req.constraint.clone(),
             };
             guard.prefill = Some(node);
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
@@ -536,6 +537,7 @@ impl Request<'_> {
                 logprobs: self.req.logprobs,
                 attempt: guard.attempt,
                 min_tokens: self.req.min_tokens,
+                constraint: self.req.constraint.clone(),
             };
             let mut full = None;
             let mut failed = None;

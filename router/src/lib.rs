@@ -28,6 +28,7 @@ pub mod nodes;
 pub mod openai;
 pub mod openai_fields;
 pub mod openai_logprobs;
+pub mod openai_structured;
 pub mod request_metrics;
 pub mod service;
 pub mod validation;
