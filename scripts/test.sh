@@ -17,7 +17,7 @@ for tool in fmt clippy; do
 done
 
 echo "== python packages for the client-library tests"
-python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet openai
+python3 -c "import openai, jsonschema" 2>/dev/null || python3 -m pip install --quiet openai jsonschema
 python3 -c "import openai" || { echo "error: the openai Python package is needed by tests/e2e/openai.rs" >&2; exit 1; }
 
 echo "== etcd for the membership tests"

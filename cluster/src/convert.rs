@@ -1,6 +1,6 @@
 //! Conversions between wire messages and engine types, in one place.
 
-use tandem_engine::{FinishReason, GenerationParams, SamplingParams};
+use tandem_engine::{Constraint, FinishReason, GenerationParams, SamplingParams};
 use tandem_proto::v1 as pb;
 
 /// Engine sampling parameters from the wire's, mapping "unset" (0) to neutral values.
@@ -64,7 +64,36 @@ pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
         ignore_eos: r.ignore_eos,
         min_tokens: r.min_tokens as usize,
         logprobs: r.logprobs.map(|n| n as usize),
+        constraint: constraint_from_pb(r.constraint.as_ref()),
     }
+}
+
+/// The engine's structured-output constraint from the wire's (`None`: the
+/// message is absent or sets no kind).
+pub fn constraint_from_pb(c: Option<&pb::OutputConstraint>) -> Option<Constraint> {
+    use pb::output_constraint::Kind;
+    Some(match c?.kind.as_ref()? {
+        Kind::JsonObject(_) => Constraint::JsonObject,
+        Kind::JsonSchema(s) => Constraint::JsonSchema(s.clone()),
+        Kind::Regex(r) => Constraint::Regex(r.clone()),
+        Kind::Choice(list) => Constraint::Choice(list.choices.clone()),
+        Kind::LarkGrammar(g) => Constraint::LarkGrammar(g.clone()),
+    })
+}
+
+/// The wire form of a structured-output constraint.
+pub fn constraint_to_pb(c: &Constraint) -> pb::OutputConstraint {
+    use pb::output_constraint::Kind;
+    let kind = match c {
+        Constraint::JsonObject => Kind::JsonObject(true),
+        Constraint::JsonSchema(s) => Kind::JsonSchema(s.clone()),
+        Constraint::Regex(r) => Kind::Regex(r.clone()),
+        Constraint::Choice(choices) => Kind::Choice(pb::ChoiceList {
+            choices: choices.clone(),
+        }),
+        Constraint::LarkGrammar(g) => Kind::LarkGrammar(g.clone()),
+    };
+    pb::OutputConstraint { kind: Some(kind) }
 }
 
 /// The wire form of a token's log probabilities.

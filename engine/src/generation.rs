@@ -7,6 +7,7 @@
 //! single-process generator and the decode node's scheduler share it, which
 //! is what makes their outputs identical.
 
+use crate::constraint::{Constraint, ConstraintState};
 use crate::error::{EngineError, Result};
 use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenDraw, TokenLogprobs};
 use crate::stop::{StopMatcher, StopScan};
@@ -43,6 +44,9 @@ pub struct GenerationParams {
     /// Report each sampled token's log probability and those of this many most
     /// likely tokens (at most [`MAX_TOP_LOGPROBS`]); `None` reports none.
     pub logprobs: Option<usize>,
+    /// Structured output: the generated text must match this (see
+    /// [`crate::constraint`]); `None` leaves it free.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerationParams {
@@ -55,6 +59,7 @@ impl Default for GenerationParams {
             ignore_eos: false,
             min_tokens: 0,
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -130,6 +135,9 @@ pub struct Generation {
     tokens: Vec<u32>,
     prompt_len: usize,
     finished: Option<FinishReason>,
+    /// The constraint's parser, started with the first token (which brings the
+    /// tokenizer it is compiled against); `None` before or without one.
+    grammar: Option<ConstraintState>,
 }
 
 impl Generation {
@@ -152,6 +160,7 @@ impl Generation {
             tokens: prompt,
             params,
             finished: None,
+            grammar: None,
         })
     }
 
@@ -202,7 +211,15 @@ impl Generation {
     /// Samples the next token from `logits` and accounts for it; the event
     /// carries its log probabilities when the request asked for them.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<TokenEvent> {
-        let banned = self.banned_next();
+        let mut banned = self.banned_next();
+        if self.params.constraint.is_some() {
+            let ends = self.ending_ids();
+            let grammar = self.grammar(tokenizer)?;
+            if !grammar.mask_logits(logits, &ends)? {
+                // Only the end is left: min_tokens cannot hold it back.
+                banned.clear();
+            }
+        }
         let (token, logprobs) = self
             .sampler
             .sample_banning(logits, self.params.logprobs, &banned);
@@ -221,7 +238,9 @@ impl Generation {
     /// [`TokenDraw`] (no penalty needs this request's history), so a GPU backend
     /// can sample it without the logits leaving the device.
     pub fn draws_from_raw_logits(&self) -> bool {
-        self.sampler.draws_from_raw_logits() && self.banned_next().is_empty()
+        self.sampler.draws_from_raw_logits()
+            && self.banned_next().is_empty()
+            && self.params.constraint.is_none()
     }
 
     /// The ids the next token may not be: EOS and the stop token ids while
@@ -249,12 +268,47 @@ impl Generation {
         self.accept(token, tokenizer)
     }
 
+    /// The ids that end the output (EOS unless ignored, the stop token ids).
+    fn ending_ids(&self) -> Vec<u32> {
+        self.eos
+            .iter()
+            .chain(&self.params.stop_token_ids)
+            .copied()
+            .collect()
+    }
+
+    /// The constraint's parser, started on first use.
+    fn grammar(&mut self, tokenizer: &Tokenizer) -> Result<&mut ConstraintState> {
+        let state = match self.grammar.take() {
+            Some(state) => state,
+            None => {
+                let constraint = self.params.constraint.as_ref().ok_or_else(|| {
+                    EngineError::InvalidInput("the request has no constraint".into())
+                })?;
+                tokenizer.constraints()?.start(constraint)?
+            }
+        };
+        Ok(self.grammar.insert(state))
+    }
+
+    /// Feeds `token` to the constraint's parser, if the request has one;
+    /// true when the grammar can take nothing more (the output is complete).
+    fn advance_grammar(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<bool> {
+        if self.params.constraint.is_none() || self.ending_ids().contains(&token) {
+            return Ok(false);
+        }
+        let grammar = self.grammar(tokenizer)?;
+        grammar.advance(token)?;
+        Ok(grammar.is_stopped())
+    }
+
     fn accept(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
         if self.finished.is_some() {
             return Err(EngineError::InvalidInput(
                 "the generation has already finished".into(),
             ));
         }
+        let grammar_done = self.advance_grammar(token, tokenizer)?;
         self.tokens.push(token);
         let mut finished = None;
         let mut text = String::new();
@@ -276,8 +330,13 @@ impl Generation {
                 }
             }
         }
-        if finished.is_none() && self.output().len() >= self.params.max_tokens {
-            finished = Some(FinishReason::Length);
+        if finished.is_none() && (grammar_done || self.output().len() >= self.params.max_tokens) {
+            // A complete structured output ends the request as a stop would.
+            finished = Some(if grammar_done {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            });
             // The last tokens may end inside a character: release what they make.
             let tail = self.detokenizer.flush(tokenizer, &self.tokens)?;
             match self.stop.push(&tail) {
@@ -289,6 +348,7 @@ impl Generation {
             }
         }
         if matches!(finished, Some(FinishReason::Length | FinishReason::Eos))
+            || grammar_done
             || (finished == Some(FinishReason::Stop) && self.params.stop_token_ids.contains(&token))
         {
             text.push_str(&self.stop.flush());

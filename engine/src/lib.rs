@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod block_manager;
 pub mod config;
+pub mod constraint;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -41,6 +42,7 @@ pub mod weights;
 pub use backend::{Backend, BackendExt, KvIo, SeqChunk};
 pub use block_manager::{BlockError, BlockHash, BlockId, BlockManager, SequenceBlocks};
 pub use config::{Architecture, ModelConfig};
+pub use constraint::{Constraint, ConstraintCompiler, ConstraintState};
 pub use error::{EngineError, Result};
 pub use generation::{
     FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,

@@ -2,10 +2,12 @@
 //! (`tokenizer_config.json`), and incremental detokenization for streaming.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
+use crate::constraint::ConstraintCompiler;
 use crate::error::{EngineError, Result};
 
 /// One message of a chat, as OpenAI's API and HF chat templates take it.
@@ -23,6 +25,8 @@ pub struct Tokenizer {
     chat_template: Option<String>,
     bos_token: String,
     eos_token: String,
+    /// Built on the first constrained request (see [`Tokenizer::constraints`]).
+    constraints: OnceLock<std::result::Result<Arc<ConstraintCompiler>, String>>,
 }
 
 fn special_token(v: Option<&serde_json::Value>) -> String {
@@ -62,6 +66,7 @@ impl Tokenizer {
             chat_template: None,
             bos_token: String::new(),
             eos_token: String::new(),
+            constraints: OnceLock::new(),
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
@@ -100,7 +105,31 @@ impl Tokenizer {
             chat_template,
             bos_token,
             eos_token,
+            constraints: OnceLock::new(),
         }
+    }
+
+    /// The Hugging Face tokenizer (for the constraint compiler's byte trie).
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The EOS token's text (empty when unknown).
+    pub(crate) fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
+    /// The structured-output compiler over this vocabulary, built on first use
+    /// (tens of milliseconds) and shared afterwards.
+    pub fn constraints(&self) -> Result<Arc<ConstraintCompiler>> {
+        self.constraints
+            .get_or_init(|| {
+                ConstraintCompiler::new(self)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Tokenizer)
     }
 
     /// Tokens in the tokenizer's vocabulary, special tokens included.

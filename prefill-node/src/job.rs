@@ -45,6 +45,11 @@ pub(crate) struct Job {
     /// Leading blocks the decode node holds already (`KvTarget.cached_blocks`):
     /// computed (or taken from this node's cache) but not shipped.
     pub held_blocks: usize,
+    /// Structured output: the grammar's parser, the generated tokens already
+    /// replayed through it; the first token obeys it.
+    pub grammar: Option<tandem_engine::ConstraintState>,
+    /// The model's EOS ids, which end the output where the grammar accepts it.
+    pub eos: Vec<u32>,
     /// To the sending task; bounded, so a slow transfer holds the worker back.
     pub events: mpsc::Sender<JobEvent>,
     /// Fired by `Cancel` or when the caller goes away.

@@ -182,6 +182,8 @@ pub async fn serve(
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         shutdown: shutdown.clone(),
         transfer_metrics: TransferMetrics::new(),
+        eos: model.config.eos_token_ids.clone(),
+        model: model.clone(),
     }));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -529,11 +529,20 @@ impl<B: Backend> Worker<B> {
                             let err = PrefillError::Compute(
                                 "the backend returned no logits for a finished prompt".into(),
                             );
-                            let _ = a.job.events.try_send(JobEvent::Failed(err));
+                            let _ = a.job.events.blocking_send(JobEvent::Failed(err));
                             finished.push(p.job);
                             continue;
                         };
-                        let (first_token, logprobs) = first_sample(&a.job, &mut l);
+                        let (first_token, logprobs) = match first_sample(&mut a.job, &mut l) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                let failed =
+                                    JobEvent::Failed(PrefillError::InvalidRequest(e.to_string()));
+                                let _ = a.job.events.blocking_send(failed);
+                                finished.push(p.job);
+                                continue;
+                            }
+                        };
                         let done = JobEvent::Done {
                             first_token,
                             logprobs,
@@ -578,12 +587,29 @@ impl<B: Backend> Worker<B> {
 
 /// Samples the token after `job.prompt` from its last logits, with the sampler
 /// in the state the generated tokens (if any) left it in; with its log
-/// probabilities when the job asked for them, and never one of `job.banned`.
-fn first_sample(job: &Job, logits: &mut [f32]) -> (u32, Option<TokenLogprobs>) {
+/// probabilities when the job asked for them, never one of `job.banned`, and
+/// one the job's grammar allows (an error of the grammar is the job's).
+fn first_sample(
+    job: &mut Job,
+    logits: &mut [f32],
+) -> tandem_engine::Result<(u32, Option<TokenLogprobs>)> {
     let (prompt, generated) = job.prompt.split_at(job.prompt.len() - job.generated);
     let mut sampler = Sampler::new(job.sampling.clone(), prompt);
     for &t in generated {
         sampler.resume_after(t);
     }
-    sampler.sample_banning(logits, job.logprobs, &job.banned)
+    let mut banned: &[u32] = &job.banned;
+    if let Some(grammar) = job.grammar.as_mut() {
+        let ends: Vec<u32> = job
+            .eos
+            .iter()
+            .filter(|t| !banned.contains(t))
+            .copied()
+            .collect();
+        if !grammar.mask_logits(logits, &ends)? {
+            // Only the end is left: min_tokens cannot hold it back.
+            banned = &[];
+        }
+    }
+    Ok(sampler.sample_banning(logits, job.logprobs, banned))
 }

@@ -40,6 +40,10 @@ pub(crate) struct PrefillService {
     pub tp_size: u32,
     pub shutdown: CancellationToken,
     pub transfer_metrics: TransferMetrics,
+    /// The model (its tokenizer compiles structured-output constraints).
+    pub model: Arc<tandem_engine::ModelDir>,
+    /// The model's EOS ids.
+    pub eos: Vec<u32>,
 }
 
 /// Cancels a request's job unless disarmed: the `Prefill` call's future
@@ -59,10 +63,37 @@ impl Drop for CancelOnDrop {
 }
 
 impl PrefillService {
+    /// Compiles a request's constraint and replays its generated tokens
+    /// through it (off the async workers: the first constrained request
+    /// builds the vocabulary's trie). Bad input is `InvalidRequest`.
+    async fn start_grammar(
+        &self,
+        constraint: &tandem_engine::Constraint,
+        generated: &[u32],
+    ) -> Result<tandem_engine::ConstraintState, PrefillError> {
+        let (model, constraint, generated) =
+            (self.model.clone(), constraint.clone(), generated.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let mut state = model.tokenizer.constraints()?.start(&constraint)?;
+            state.replay(&generated)?;
+            Ok::<_, tandem_engine::EngineError>(state)
+        })
+        .await
+        .map_err(|e| PrefillError::Server(format!("compiling the constraint: {e}")))?
+        .map_err(|e| PrefillError::InvalidRequest(e.to_string()))
+    }
+
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, PrefillError> {
         let submitted = Instant::now();
         self.check_model(req.kv_target.as_ref())?;
         let v = validate(&self.shape, req).await?;
+        let grammar = match &v.constraint {
+            None => None,
+            Some(c) => Some(
+                self.start_grammar(c, &v.prompt[v.prompt.len() - v.generated..])
+                    .await?,
+            ),
+        };
         let sender = self.senders.get(&v.target).await?;
         let cancel = CancellationToken::new();
         let (tx, rx) = mpsc::channel((2 * self.shape.num_layers).max(8));
@@ -74,6 +105,8 @@ impl PrefillService {
             logprobs: v.logprobs,
             banned: v.banned,
             held_blocks: v.held_blocks,
+            grammar,
+            eos: self.eos.clone(),
             events: tx,
             cancel: cancel.clone(),
             submitted,

@@ -80,6 +80,8 @@ pub(crate) struct ValidPrefill {
     pub logprobs: Option<usize>,
     /// Ids the first token may not be (`PrefillRequest.banned_token_ids`).
     pub banned: Vec<u32>,
+    /// `PrefillRequest.constraint`.
+    pub constraint: Option<tandem_engine::Constraint>,
     pub target: KvDestination,
     /// Leading blocks the decode node holds (`KvTarget.cached_blocks`): not shipped.
     pub held_blocks: usize,
@@ -167,6 +169,7 @@ pub(crate) async fn validate(
         sampling,
         logprobs: req.logprobs.map(|n| n as usize),
         banned: req.banned_token_ids,
+        constraint: tandem_cluster::convert::constraint_from_pb(req.constraint.as_ref()),
         target,
         held_blocks,
     })

@@ -286,6 +286,7 @@ impl Cluster {
             logprobs: None,
             attempt: 0,
             banned_token_ids: Vec::new(),
+            constraint: None,
         })
     }
 

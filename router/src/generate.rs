@@ -375,6 +375,7 @@ impl Request<'_> {
                 } else {
                     Vec::new()
                 },
+                constraint: self.req.constraint.clone(),
             };
             prefill_addr = Some(node.addr.clone());
             // Counted in the node's queue from now on.
@@ -592,6 +593,7 @@ impl Request<'_> {
                 logprobs: self.req.logprobs,
                 attempt: guard.attempt,
                 min_tokens: self.req.min_tokens,
+                constraint: self.req.constraint.clone(),
             };
             let mut full = None;
             let mut failed = None;

@@ -37,6 +37,7 @@ pub mod nodes;
 pub mod openai;
 pub mod openai_fields;
 pub mod openai_logprobs;
+pub mod openai_structured;
 pub mod request_metrics;
 pub mod routing;
 pub mod service;

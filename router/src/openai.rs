@@ -36,8 +36,8 @@ use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
 use crate::openai_fields::{self, Endpoint};
-use crate::openai_logprobs;
 use crate::service::{GenerateService, REQUEST_ID_HEADER};
+use crate::{openai_logprobs, openai_structured};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -265,6 +265,9 @@ struct Sampling {
     /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
     #[serde(default)]
     min_tokens: u32,
+    /// `response_format` and vLLM's guided-decoding fields.
+    #[serde(flatten)]
+    structured: openai_structured::StructuredFields,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -419,6 +422,7 @@ fn to_request(
         ignore_eos: s.ignore_eos,
         logprobs: logprobs_asked(s, kind)?,
         min_tokens: s.min_tokens,
+        constraint: openai_structured::constraint(&s.structured)?,
     })
 }
 

@@ -10,7 +10,7 @@
 //!   vLLM (`user`, `metadata`, `service_tier`, ...);
 //! - [`Rule::NeutralOnly`]: accepted only absent, `null` or at the value that
 //!   asks for nothing (`n: 1`, `best_of: 1`, `tools: []`,
-//!   `response_format: {"type": "text"}`, ...); any other value is refused
+//!   `suffix: ""`, ...); any other value is refused
 //!   with HTTP 400 naming the field, because Tandem cannot do it yet.
 //!
 //! A field in neither schema is refused too (HTTP 400 naming it), as a strict
@@ -66,11 +66,8 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("logit_bias", On::Both, Rule::Used),
     ("logprobs", On::Both, Rule::Used),
     ("user", On::Both, Rule::NoEffect),
-    (
-        "response_format",
-        On::Both,
-        Rule::NeutralOnly(is_text_format),
-    ),
+    // Structured output: see `openai_structured`.
+    ("response_format", On::Both, Rule::Used),
     // OpenAI, completions only.
     ("prompt", On::Completions, Rule::Used),
     ("best_of", On::Completions, Rule::NeutralOnly(is_one)),
@@ -148,10 +145,10 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("cache_salt", On::Both, Rule::NoEffect),
     ("kv_transfer_params", On::Both, Rule::NeutralOnly(is_empty)),
     ("vllm_xargs", On::Both, Rule::NeutralOnly(is_empty)),
-    ("guided_json", On::Both, Rule::NeutralOnly(is_empty)),
-    ("guided_regex", On::Both, Rule::NeutralOnly(is_empty)),
-    ("guided_choice", On::Both, Rule::NeutralOnly(is_empty)),
-    ("guided_grammar", On::Both, Rule::NeutralOnly(is_empty)),
+    ("guided_json", On::Both, Rule::Used),
+    ("guided_regex", On::Both, Rule::Used),
+    ("guided_choice", On::Both, Rule::Used),
+    ("guided_grammar", On::Both, Rule::Used),
     (
         "guided_decoding_backend",
         On::Both,
@@ -162,7 +159,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         On::Both,
         Rule::NeutralOnly(is_empty),
     ),
-    ("structured_outputs", On::Both, Rule::NeutralOnly(is_empty)),
+    ("structured_outputs", On::Both, Rule::Used),
     (
         "add_special_tokens",
         On::Completions,
@@ -277,12 +274,6 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-/// `{"type": "text"}`: plain text, what the model writes anyway.
-fn is_text_format(v: &Value) -> bool {
-    v.as_object()
-        .is_some_and(|m| m.get("type").and_then(Value::as_str) == Some("text") && m.len() == 1)
-}
-
 /// `"none"`: call no tool.
 fn is_none_choice(v: &Value) -> bool {
     v.as_str() == Some("none")
@@ -333,11 +324,6 @@ mod tests {
             ),
             (
                 Endpoint::Chat,
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
-            (
-                Endpoint::Chat,
                 json!({"tools": [{"type": "function"}]}),
                 "tools",
             ),
@@ -351,11 +337,6 @@ mod tests {
                 Endpoint::Chat,
                 json!({"function_call": "auto"}),
                 "function_call",
-            ),
-            (
-                Endpoint::Chat,
-                json!({"guided_regex": "a+"}),
-                "guided_regex",
             ),
             (Endpoint::Chat, json!({"store": true}), "store"),
         ] {

@@ -48,6 +48,8 @@ pub struct ValidRequest {
     /// model's EOS (unless ignored) and the stop ids. A prefill node sampling
     /// such a token is sent them; empty when `min_tokens` is 0.
     pub min_tokens_banned: Vec<u32>,
+    /// Structured output, checked to compile against the model's tokenizer.
+    pub constraint: Option<pb::OutputConstraint>,
 }
 
 /// Checks requests against the served model and the router's limits.
@@ -85,6 +87,23 @@ impl Validator {
     /// The name the cluster serves its model under (the first accepted one).
     pub fn model_name(&self) -> &str {
         self.served_names.first().map(String::as_str).unwrap_or("")
+    }
+
+    /// Compiles a structured-output constraint once, so that a bad schema,
+    /// regex or grammar is refused here rather than failing on a node.
+    fn check_constraint(&self, c: &pb::OutputConstraint) -> Result<(), RouterError> {
+        let Some(constraint) = tandem_cluster::convert::constraint_from_pb(Some(c)) else {
+            return Ok(());
+        };
+        let compiler = self
+            .model
+            .tokenizer
+            .constraints()
+            .map_err(|e| RouterError::Tokenizer(e.to_string()))?;
+        compiler
+            .start(&constraint)
+            .map(drop)
+            .map_err(|e| invalid(format!("constraint: {e}")))
     }
 
     /// Validates and tokenizes one request.
@@ -246,7 +265,16 @@ impl Validator {
             )));
         }
 
+        let constraint = match req.constraint {
+            Some(c) if c.kind.is_some() => {
+                self.check_constraint(&c)?;
+                Some(c)
+            }
+            _ => None,
+        };
+
         Ok(ValidRequest {
+            constraint,
             request_id,
             prompt,
             sampling: sampling_to_pb(&sampling),

@@ -158,16 +158,16 @@ completion_refusals = {
     "n": {"n": 2},
     "best_of": {"best_of": 2},
     "suffix": {"suffix": " The end."},
-    "guided_regex": {"extra_body": {"guided_regex": "a+"}},
+    "guided_decoding_backend": {"extra_body": {"guided_decoding_backend": "xgrammar"}},
     "max_token": {"extra_body": {"max_token": 3}},
 }
 chat_refusals = {
-    "response_format": {"response_format": {"type": "json_object"}},
+    "bad_words": {"extra_body": {"bad_words": ["x"]}},
     "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     "tool_choice": {"tool_choice": "required"},
     "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
     "function_call": {"extra_body": {"function_call": "auto"}},
-    "guided_json": {"extra_body": {"guided_json": {"type": "object"}}},
+    "guided_whitespace_pattern": {"extra_body": {"guided_whitespace_pattern": " "}},
     "prompt": {"extra_body": {"prompt": "hi"}},
     "echo": {"extra_body": {"echo": True}},
 }

@@ -197,6 +197,7 @@ async fn direct(
                 logprobs: request.logprobs,
                 attempt: 0,
                 banned_token_ids: Vec::new(),
+                constraint: request.constraint,
             })
             .await?;
     }
