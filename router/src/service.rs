@@ -300,6 +300,11 @@ impl GenerateService {
         }
         let pending = self.relay.pending_prefill.load(Ordering::Acquire);
         let backlog = self.relay.nodes.prefill_backlog();
+        if pending == 0 && backlog.queued_tokens == 0 {
+            // Nothing queued ahead: refusing it would shorten no one's wait,
+            // however long the prompt itself takes.
+            return Ok(());
+        }
         match backlog.wait_s(pending.saturating_add(prompt_tokens)) {
             Some(wait_s) if wait_s > self.max_prefill_backlog_s => {
                 Err(RouterError::PrefillBacklog {
