@@ -219,10 +219,20 @@ async fn overload_completes_every_admitted_request_and_refuses_the_rest_cleanly(
     // admission queue's bound refuses what does not fit.
     let first = run(&cluster, &references, &load).await;
     eprintln!("first wave: {first:?}");
-    // The second finds the prefill rate measured: the backlog bound refuses.
-    let second = run(&cluster, &references, &load).await;
-    eprintln!("second wave: {second:?}");
-    for out in [&first, &second] {
+    // Later waves find the prefill rate measured (a busy window of at least
+    // 0.5 s in which prompts finished: usually the first wave; on a loaded
+    // machine the rate may take a wave more): the backlog bound refuses.
+    let mut waves = vec![first];
+    while waves.len() < 5 {
+        let out = run(&cluster, &references, &load).await;
+        eprintln!("wave {}: {out:?}", waves.len() + 1);
+        let backlog_refused = out.refused.contains_key("the prefill queue is full");
+        waves.push(out);
+        if backlog_refused {
+            break;
+        }
+    }
+    for out in &waves {
         assert_eq!(out.wrong, 0, "wrong tokens: {out:?}");
         assert!(out.failed.is_empty(), "failed requests: {out:?}");
         assert_eq!(out.refused_without_retry_after, 0, "{out:?}");
@@ -234,10 +244,12 @@ async fn overload_completes_every_admitted_request_and_refuses_the_rest_cleanly(
         );
     }
     // 32 run and 128 wait: at least that many are served.
-    assert!(first.completed >= 160, "{first:?}");
+    assert!(waves[0].completed >= 160, "{:?}", waves[0]);
+    let last = &waves[waves.len() - 1];
     assert!(
-        second.refused.contains_key("the prefill queue is full"),
-        "the backlog bound refused: {second:?}"
+        last.refused.contains_key("the prefill queue is full"),
+        "the backlog bound refused within {} waves: {last:?}",
+        waves.len()
     );
     assert_eq!(
         counter(names::ROUTER_RERUNS_TOTAL, "reason") - reruns_before,
