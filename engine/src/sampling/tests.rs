@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {

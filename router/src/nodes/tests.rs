@@ -1,4 +1,3 @@
-
 use super::*;
 use tandem_cluster::StaticMembership;
 use tandem_proto::v1::NodeLoad;
