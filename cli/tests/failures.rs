@@ -4,6 +4,9 @@
 //! elsewhere and the client's stream goes on with no token repeated or lost:
 //! for greedy sampling the whole output equals a run with no failure. Then
 //! every surviving node's KV blocks return to their total.
+//!
+//! (Long on purpose: one file per test binary; these tests share one harness
+//! that spawns and kills the real `tandem` processes, most of the file.)
 
 mod support;
 

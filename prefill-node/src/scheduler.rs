@@ -31,6 +31,10 @@
 //! The queue, the set of known request ids and the load figures live in one
 //! small struct behind a mutex, held only for bookkeeping, never across a
 //! forward pass.
+//!
+//! (Long on purpose: the worker thread's admission, chunk planning, per-layer
+//! export and bookkeeping are one state machine over one set of jobs; split,
+//! each piece would need the others' private state.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

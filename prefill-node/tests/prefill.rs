@@ -2,6 +2,9 @@
 //! gRPC, shipping KV over QUIC to a real `KvReceiver` whose sink imports it
 //! into a second engine, as a decode node does. The receiving engine then
 //! decodes from the imported cache and must agree with a local run.
+//!
+//! (Long on purpose: one file per test binary; these tests share one harness,
+//! a real prefill node shipping KV to a fake decode sink and a local reference.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -39,6 +39,12 @@ use crate::openai_fields::{self, Endpoint};
 use crate::service::{GenerateService, REQUEST_ID_HEADER};
 use crate::{openai_logprobs, openai_structured};
 
+mod error;
+use error::{ApiError, error_body};
+
+mod chunks;
+use chunks::{logprobs_json, sse_events, usage_json};
+
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
@@ -95,111 +101,6 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         message: format!("method {method} is not allowed on {}", uri.path()),
         param: None,
         retry_after: None,
-    }
-}
-
-/// An error in OpenAI's shape.
-struct ApiError {
-    status: StatusCode,
-    message: String,
-    /// The request field at fault, if one is.
-    param: Option<String>,
-    /// Seconds to wait before retrying (`Retry-After`).
-    retry_after: Option<String>,
-}
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
-    }
-
-    /// A 400 about one field of the request.
-    fn bad_field(param: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            param: Some(param.to_string()),
-            ..ApiError::bad_request(message)
-        }
-    }
-}
-
-impl From<openai_fields::Refused> for ApiError {
-    fn from(r: openai_fields::Refused) -> Self {
-        ApiError::bad_field(&r.param, r.message)
-    }
-}
-
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        let status = match s.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-                StatusCode::BAD_REQUEST
-            }
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError {
-            status,
-            message: s.message().to_string(),
-            param: None,
-            retry_after: s
-                .metadata()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-        }
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> Self {
-        let mut e = ApiError::bad_request(format!("invalid request body: {}", r.body_text()));
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            e.status = StatusCode::PAYLOAD_TOO_LARGE;
-        }
-        e
-    }
-}
-
-fn error_body(status: StatusCode, message: &str, param: Option<&str>) -> Value {
-    let kind = match status {
-        StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED => "invalid_request_error",
-        StatusCode::NOT_FOUND => "not_found_error",
-        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-        StatusCode::UNAUTHORIZED => "authentication_error",
-        StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
-        _ => "server_error",
-    };
-    json!({ "error": { "message": message, "type": kind, "param": param, "code": status.as_u16() } })
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (
-            self.status,
-            Json(error_body(
-                self.status,
-                &self.message,
-                self.param.as_deref(),
-            )),
-        )
-            .into_response();
-        if let Some(v) = self
-            .retry_after
-            .and_then(|v| HeaderValue::from_str(&v).ok())
-        {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        r
     }
 }
 
@@ -678,127 +579,6 @@ async fn run(
         "usage": usage_json(&usage),
     }))
     .into_response())
-}
-
-/// OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the
-/// prompt tokens served from a prefix cache, as OpenAI and vLLM report them.
-fn usage_json(u: &pb::Usage) -> serde_json::Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
-    })
-}
-
-/// Server-sent events for a streamed completion, ending with `data: [DONE]`;
-/// with `echo` text, the first chunk starts with it.
-fn sse_events(
-    responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
-    kind: Kind,
-    (include_usage, mut echo): (bool, Option<String>),
-    logprobs_model: Option<Arc<ModelDir>>,
-    id: String,
-    created: u64,
-    model: String,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let object = if kind == Kind::Chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let usage_chunk = {
-        let (id, model) = (id.clone(), model.clone());
-        move |u: pb::Usage| {
-            json!({ "id": id, "object": object, "created": created, "model": model, "choices": [],
-                    "usage": usage_json(&u) })
-        }
-    };
-    let chunk = move |text: Option<&str>, logprobs: Value, finish: Option<&str>, first: bool| {
-        let choice = match kind {
-            Kind::Completion => {
-                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
-            }
-            Kind::Chat => {
-                let mut delta = json!({});
-                if first {
-                    delta["role"] = json!("assistant");
-                }
-                if let Some(t) = text {
-                    delta["content"] = json!(t);
-                }
-                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
-            }
-        };
-        json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        let mut responses = responses;
-        let mut first = true;
-        let mut usage = None;
-        // Characters of the completion's tokens so far, where the next
-        // chunk's `text_offset` starts.
-        let mut offset = 0;
-        while let Some(msg) = responses.next().await {
-            let data = match msg.map(|m| m.event) {
-                Ok(Some(pb::generate_response::Event::Token(t))) => {
-                    let logprobs = match &logprobs_model {
-                        Some(m) => {
-                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, offset);
-                            offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
-                            v
-                        }
-                        None => Value::Null,
-                    };
-                    let text = match echo.take() {
-                        Some(prompt) => prompt + &t.text,
-                        None => t.text,
-                    };
-                    chunk(Some(&text), logprobs, None, first)
-                }
-                Ok(Some(pb::generate_response::Event::Finished(f))) => {
-                    usage = f.usage;
-                    let tail = echo.take().unwrap_or_default();
-                    let tail = (!tail.is_empty()).then_some(tail.as_str());
-                    chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
-                }
-                Ok(None) => continue,
-                Err(status) => {
-                    let e = ApiError::from(status);
-                    error_body(e.status, &e.message, e.param.as_deref())
-                }
-            };
-            first = false;
-            if tx
-                .send(Event::default().data(data.to_string()))
-                .await
-                .is_err()
-            {
-                return; // The client went away; dropping `responses` cancels the request.
-            }
-        }
-        if include_usage && let Some(u) = usage {
-            let _ = tx
-                .send(Event::default().data(usage_chunk(u).to_string()))
-                .await;
-        }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
-    });
-    ReceiverStream::new(rx).map(Ok)
-}
-
-/// `entries` in the endpoint's shape (see [`openai_logprobs`]).
-fn logprobs_json(
-    tokenizer: &Tokenizer,
-    kind: Kind,
-    entries: &[pb::TokenLogprobs],
-    offset: usize,
-) -> Value {
-    match kind {
-        Kind::Completion => openai_logprobs::completion(tokenizer, entries, offset),
-        Kind::Chat => openai_logprobs::chat(tokenizer, entries),
-    }
 }
 
 fn rand_id() -> u64 {

@@ -2,6 +2,9 @@
 //! request's life (local and remote prefill), retries on full decode nodes,
 //! cancellation on prefill failure, client departure and deadline, and the
 //! health service.
+//!
+//! (Long on purpose: one file per test binary; these tests share the fake
+//! decode and prefill nodes and their log, most of the file.)
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,5 +1,8 @@
 //! The disaggregated cluster end to end: a router, a prefill node and a decode
 //! node on loopback, talking real gRPC and real QUIC.
+//!
+//! (Long on purpose: one file per test binary; these tests share one cluster
+//! harness and its leak check, and each starts the whole cluster.)
 
 use std::time::{Duration, Instant};
 

@@ -10,6 +10,9 @@
 //! types (a pointer's element type, `int`, `u64`, `float`) against
 //! [`Kernel::params`], so a swapped argument fails here instead of giving a
 //! silently wrong answer on the GPU.
+//!
+//! (Long on purpose: one table of every kernel's launch, kept in one file so
+//! the signature test checks all of them against the program source together.)
 
 use std::marker::PhantomData;
 

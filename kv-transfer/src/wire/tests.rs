@@ -1,0 +1,223 @@
+use super::*;
+use proptest::prelude::*;
+
+fn shape_strategy() -> impl Strategy<Value = LayerShape> {
+    (
+        0u16..64,
+        0u32..1000,
+        1u32..4,
+        0u8..3,
+        1u16..5,
+        1u16..17,
+        1u16..9,
+    )
+        .prop_flat_map(
+            |(layer, first_block, block_count, dt, total_heads, head_dim, block_size)| {
+                (0..total_heads).prop_flat_map(move |head_start| {
+                    (1..=total_heads - head_start).prop_map(move |head_count| LayerShape {
+                        layer,
+                        first_block,
+                        block_count,
+                        dtype: WireDtype::from_code(dt).unwrap(),
+                        head_start,
+                        head_count,
+                        total_heads,
+                        head_dim,
+                        block_size,
+                    })
+                })
+            },
+        )
+}
+
+fn frame_strategy() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u64>(), shape_strategy(), any::<u8>()).prop_map(|(id, shape, seed)| {
+            let len = shape.payload_len().unwrap() as usize;
+            let payload: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect();
+            let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
+            Frame::Layer {
+                header,
+                payload: Bytes::from(payload),
+            }
+        }),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(transfer_id, first_token, layers_sent, frames_sent, model_fingerprint)| {
+                    Frame::Final {
+                        transfer_id,
+                        first_token,
+                        layers_sent,
+                        frames_sent,
+                        model_fingerprint,
+                    }
+                }
+            ),
+        (any::<u64>(), "\\PC{0,40}").prop_map(|(transfer_id, reason)| Frame::Abort {
+            transfer_id,
+            reason
+        }),
+    ]
+}
+
+fn encode_all(frames: &[Frame]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    for f in frames {
+        f.encode(&mut out);
+    }
+    out.to_vec()
+}
+
+fn decode_in_pieces(bytes: &[u8], splits: &[usize]) -> (Vec<Frame>, Result<(), WireError>) {
+    let mut d = FrameDecoder::new(1 << 20);
+    let mut frames = Vec::new();
+    let mut cuts: Vec<usize> = splits.iter().map(|s| s % (bytes.len() + 1)).collect();
+    cuts.push(0);
+    cuts.push(bytes.len());
+    cuts.sort_unstable();
+    for w in cuts.windows(2) {
+        d.extend(&bytes[w[0]..w[1]]);
+        loop {
+            match d.next_frame() {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => return (frames, Err(e)),
+            }
+        }
+    }
+    (frames, Ok(()))
+}
+
+proptest! {
+    #[test]
+    fn roundtrip_in_arbitrary_pieces(frames in prop::collection::vec(frame_strategy(), 1..6),
+                                     splits in prop::collection::vec(any::<usize>(), 0..8)) {
+        let bytes = encode_all(&frames);
+        let (decoded, r) = decode_in_pieces(&bytes, &splits);
+        prop_assert_eq!(r, Ok(()));
+        prop_assert_eq!(decoded, frames);
+    }
+
+    #[test]
+    fn never_panics_on_garbage(bytes in prop::collection::vec(any::<u8>(), 0..512),
+                               splits in prop::collection::vec(any::<usize>(), 0..8)) {
+        let _ = decode_in_pieces(&bytes, &splits);
+    }
+
+    #[test]
+    fn never_panics_on_mutated_frames(frames in prop::collection::vec(frame_strategy(), 1..4),
+                                      flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+                                      splits in prop::collection::vec(any::<usize>(), 0..8)) {
+        let mut bytes = encode_all(&frames);
+        for (at, x) in flips {
+            let i = at % bytes.len();
+            bytes[i] ^= x;
+        }
+        let _ = decode_in_pieces(&bytes, &splits);
+    }
+
+    #[test]
+    fn truncation_needs_more(frame in frame_strategy(), cut in any::<usize>()) {
+        let bytes = encode_all(std::slice::from_ref(&frame));
+        let cut = cut % bytes.len();
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(&bytes[..cut]);
+        prop_assert_eq!(d.next_frame(), Ok(None));
+        d.extend(&bytes[cut..]);
+        prop_assert_eq!(d.next_frame(), Ok(Some(frame)));
+        prop_assert!(d.is_idle());
+    }
+
+    #[test]
+    fn flipped_payload_byte_is_a_checksum_error(id in any::<u64>(), shape in shape_strategy(),
+                                                 at in any::<usize>(), bit in 0u8..8,
+                                                 splits in prop::collection::vec(any::<usize>(), 0..8)) {
+        let len = shape.payload_len().unwrap() as usize;
+        let payload = vec![7u8; len];
+        let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
+        let mut bytes = encode_all(&[Frame::Layer { header, payload: Bytes::from(payload) }]);
+        let i = LAYER_HEADER_LEN + at % len;
+        bytes[i] ^= 1 << bit;
+        // In pieces: the checksum is computed as the payload arrives.
+        let (frames, r) = decode_in_pieces(&bytes, &splits);
+        prop_assert!(frames.is_empty());
+        let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { transfer_id, .. }) if transfer_id == id);
+        prop_assert!(is_checksum);
+    }
+}
+
+#[test]
+fn refuses_oversized_payload_before_buffering_it() {
+    let shape = LayerShape {
+        layer: 0,
+        first_block: 0,
+        block_count: 1024,
+        dtype: WireDtype::Bf16,
+        head_start: 0,
+        head_count: 8,
+        total_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+    };
+    let payload = vec![0u8; shape.payload_len().unwrap() as usize];
+    let header = LayerHeader::for_payload(1, shape, &payload).unwrap();
+    let mut d = FrameDecoder::new(1 << 20);
+    d.extend(&header.encode());
+    assert!(matches!(
+        d.next_frame(),
+        Err(WireError::PayloadTooLarge { .. })
+    ));
+    // Poisoned: stays an error.
+    assert!(d.next_frame().is_err());
+}
+
+#[test]
+fn refuses_inconsistent_payload_length() {
+    let shape = LayerShape {
+        layer: 0,
+        first_block: 0,
+        block_count: 1,
+        dtype: WireDtype::F32,
+        head_start: 0,
+        head_count: 1,
+        total_heads: 1,
+        head_dim: 2,
+        block_size: 2,
+    };
+    let payload = vec![0u8; 32];
+    let mut header = LayerHeader::for_payload(1, shape, &payload).unwrap();
+    header.payload_len = 16;
+    let mut d = FrameDecoder::new(1 << 20);
+    d.extend(&header.encode());
+    assert!(matches!(d.next_frame(), Err(WireError::BadHeader(_))));
+}
+
+#[test]
+fn garbage_fails_on_first_bytes() {
+    let mut d = FrameDecoder::new(1 << 20);
+    d.extend(b"GET");
+    assert!(matches!(d.next_frame(), Err(WireError::BadMagic(_))));
+}
+
+#[test]
+fn long_abort_reason_is_cut() {
+    let reason = "é".repeat(MAX_REASON_LEN);
+    let bytes = encode_abort(3, &reason);
+    let mut d = FrameDecoder::new(16);
+    d.extend(&bytes);
+    match d.next_frame() {
+        Ok(Some(Frame::Abort {
+            transfer_id: 3,
+            reason,
+        })) => assert!(reason.len() <= MAX_REASON_LEN),
+        other => panic!("unexpected {other:?}"),
+    }
+}

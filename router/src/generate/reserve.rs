@@ -1,0 +1,191 @@
+//! Choosing nodes for one attempt of a request: the reservation at a decode
+//! node (best first, waiting while all are full), the prefill node to use,
+//! the KV wait the reservation asks for, and the ordering that puts nodes
+//! that already failed this request last.
+
+use super::*;
+
+/// A reservation at a decode node: its answer and the stream that follows.
+pub(super) struct Reserved {
+    pub(super) node: NodeHandle,
+    pub(super) admitted: pb::Admitted,
+    pub(super) stream: Streaming<pb::DecodeResponse>,
+}
+
+impl Request<'_> {
+    /// Reserves the request at a decode node: the best one first, then the
+    /// others; when all are full, waits briefly and asks again until the deadline.
+    pub(super) async fn reserve(
+        &self,
+        guard: &mut CancelGuard,
+        generated: &[u32],
+        avoid: &[NodeAddr],
+    ) -> Result<Reserved, RouterError> {
+        let nodes = &self.relay.nodes;
+        loop {
+            let tokens = self.routed_tokens(generated);
+            let ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
+            if ranked.is_empty() {
+                if !nodes.has(Role::Decode) {
+                    return Err(RouterError::NoNode("decode"));
+                }
+                return Err(RouterError::NoUsableNode {
+                    role: "decode",
+                    retry_after_s: nodes.retry_after_s(),
+                });
+            }
+            // No usable prefill node (none registered, all failing): the
+            // decode node prefills the prompt itself.
+            let local = !nodes.usable(Role::Prefill, avoid);
+            let request = pb::DecodeRequest {
+                request_id: self.req.request_id.clone(),
+                prompt: self.req.prompt.clone(),
+                sampling: Some(self.req.sampling.clone()),
+                max_tokens: self.req.max_tokens,
+                stop: self.req.stop.clone(),
+                stop_token_ids: self.req.stop_token_ids.clone(),
+                ignore_eos: self.req.ignore_eos,
+                kv_timeout_ms: self.kv_timeout_ms(local, generated.len(), avoid),
+                force_local_prefill: local,
+                generated: generated.to_vec(),
+                logprobs: self.req.logprobs,
+                attempt: guard.attempt,
+                min_tokens: self.req.min_tokens,
+                constraint: self.req.constraint.clone(),
+            };
+            let mut full = None;
+            let mut failed = None;
+            for node in ranked {
+                guard.decode = Some(node.clone());
+                nodes.note_sent(&node.addr);
+                match self.watch(self.try_decode(&node, request.clone())).await {
+                    Ok(reserved) => {
+                        nodes.record_success(&node.addr);
+                        nodes.note_assigned(&node.addr, self.req.prompt.len() + generated.len());
+                        return Ok(reserved);
+                    }
+                    Err(err) => {
+                        // The node answered: it holds nothing for the request.
+                        guard.decode = None;
+                        match err {
+                            RouterError::NodeExhausted { .. } => full = Some(err),
+                            RouterError::NodeUnavailable { .. } | RouterError::Protocol { .. } => {
+                                warn!(node = %node.addr, "decode node failed, trying another: {err}");
+                                nodes.mark_failed(&node.addr);
+                                failed = Some(err);
+                            }
+                            other => return Err(other),
+                        }
+                    }
+                }
+            }
+            let Some(full) = full else {
+                return Err(failed.unwrap_or(RouterError::NoNode("decode")));
+            };
+            debug!("every decode node is full: {full}");
+            if Instant::now() + FULL_BACKOFF >= self.deadline {
+                return Err(self.deadline_exceeded());
+            }
+            self.watch(async {
+                tokio::time::sleep(FULL_BACKOFF).await;
+                Ok(())
+            })
+            .await?;
+        }
+    }
+
+    /// The best usable prefill node, those that failed this request last.
+    pub(super) fn usable_prefill(&self, failed: &[NodeAddr], tokens: &[u32]) -> Option<NodeHandle> {
+        prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, tokens), failed)
+            .into_iter()
+            .next()
+    }
+
+    /// The KV wait for a reservation: the base, plus (for a remote prefill)
+    /// the time the likely prefill node needs for what is queued there and
+    /// this prompt, at its measured rate (else the cluster's average), capped.
+    pub(super) fn kv_timeout_ms(&self, local: bool, generated: usize, avoid: &[NodeAddr]) -> u32 {
+        let base = Duration::from_millis(u64::from(self.relay.kv_timeout_ms));
+        let max = Duration::from_millis(u64::from(self.relay.kv_timeout_max_ms));
+        if local {
+            return self.relay.kv_timeout_ms;
+        }
+        let nodes = &self.relay.nodes;
+        let Some((queued, rate)) = self
+            .usable_prefill(avoid, &self.req.prompt)
+            .and_then(|n| nodes.prefill_queue(&n.addr))
+        else {
+            return self.relay.kv_timeout_ms;
+        };
+        let rate = rate.or_else(|| {
+            let b = nodes.prefill_backlog();
+            (b.nodes > 0 && b.tokens_per_s > 0.0).then(|| b.tokens_per_s / b.nodes as f64)
+        });
+        // Requests admitted alongside this one and not yet given a prefill
+        // node will be prefilled beside it (the node interleaves prompts).
+        let pending = self.relay.pending_prefill.load(Ordering::Acquire);
+        let ahead = queued
+            .saturating_add(pending)
+            .saturating_add((self.req.prompt.len() + generated) as u64);
+        let wait = crate::backlog::kv_wait(base, max, ahead, rate);
+        u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The tokens whose KV a node may hold for this attempt: the prompt,
+    /// then what was generated before a retry.
+    pub(super) fn routed_tokens(&self, generated: &[u32]) -> std::borrow::Cow<'_, [u32]> {
+        if generated.is_empty() {
+            std::borrow::Cow::Borrowed(&self.req.prompt)
+        } else {
+            std::borrow::Cow::Owned([&self.req.prompt[..], generated].concat())
+        }
+    }
+
+    /// Calls `Decode` on one node and reads its first answer.
+    pub(super) async fn try_decode(
+        &self,
+        node: &NodeHandle,
+        request: pb::DecodeRequest,
+    ) -> Result<Reserved, RouterError> {
+        let mut client = DecodeNodeClient::new(node.channel.clone());
+        let reservation = async {
+            let mut stream = client.decode(request).await?.into_inner();
+            let first = stream.message().await;
+            Ok::<_, Status>((stream, first))
+        };
+        // A node that stopped answering (a paused process) must not hold the request.
+        let limit = self.relay.nodes.stale_after();
+        let (stream, first) = match tokio::time::timeout(limit, reservation).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(s)) => return Err(RouterError::from_node_status(&node.addr, &s)),
+            Err(_) => {
+                return Err(RouterError::NodeUnavailable {
+                    node: node.addr.clone(),
+                    message: format!("no answer to the reservation within {limit:?}"),
+                });
+            }
+        };
+        match first {
+            Ok(Some(pb::DecodeResponse {
+                event: Some(DecodeEvent::Admitted(admitted)),
+            })) => Ok(Reserved {
+                node: node.clone(),
+                admitted,
+                stream,
+            }),
+            Ok(Some(_)) => Err(self.protocol(node, "a Decode stream not starting with Admitted")),
+            Ok(None) => Err(RouterError::NodeUnavailable {
+                node: node.addr.clone(),
+                message: "the decode stream ended before Admitted".into(),
+            }),
+            Err(s) => Err(RouterError::from_node_status(&node.addr, &s)),
+        }
+    }
+}
+
+/// `nodes` in their order, but those in `failed` last.
+pub(super) fn prefer_unfailed(mut nodes: Vec<NodeHandle>, failed: &[NodeAddr]) -> Vec<NodeHandle> {
+    // A stable sort keeps the ranking within each group.
+    nodes.sort_by_key(|n| failed.contains(&n.addr));
+    nodes
+}

@@ -1,0 +1,221 @@
+use super::*;
+use tandem_cluster::StaticMembership;
+use tandem_proto::v1::NodeLoad;
+
+/// Breakers that stay closed, for tests of ranking alone (the load
+/// streams to these dead addresses fail over and over).
+fn never_open() -> BreakerConfig {
+    BreakerConfig {
+        failures: u32::MAX,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_dead_node_opens_its_breaker_and_leaves_the_choice() {
+    let shutdown = CancellationToken::new();
+    // Nothing listens at the prefill address.
+    let membership = StaticMembership::new(&["127.0.0.1:1".into()], &["127.0.0.1:2".into()]);
+    let breakers = BreakerConfig {
+        failures: 2,
+        open: Duration::from_secs(60),
+        probes: 1,
+    };
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        breakers,
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    let p = "http://127.0.0.1:1";
+    for _ in 0..200 {
+        if pool.ranked(Role::Prefill).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        pool.ranked(Role::Prefill).is_empty(),
+        "the failing load stream opened it"
+    );
+    assert!(!pool.usable(Role::Prefill, &[]));
+    assert_eq!(pool.prefill_backlog().nodes, 0);
+    let states = pool.breaker_states();
+    assert!(
+        states.contains(&(NodeAddr::from(p), Role::Prefill, BreakerState::Open)),
+        "{states:?}"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn members_join_and_leave() {
+    let shutdown = CancellationToken::new();
+    let members =
+        tokio::sync::watch::Sender::new(vec![Member::new(Role::Decode, "http://127.0.0.1:1")]);
+    struct Source(tokio::sync::watch::Sender<Vec<Member>>);
+    impl Membership for Source {
+        fn watch(&self) -> tokio::sync::watch::Receiver<Vec<Member>> {
+            self.0.subscribe()
+        }
+    }
+    let pool = NodePool::start(
+        Arc::new(Source(members.clone())),
+        10,
+        None,
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    assert!(pool.has(Role::Decode));
+    assert!(!pool.has(Role::Prefill));
+
+    members.send_replace(vec![Member::new(Role::Prefill, "http://127.0.0.1:2")]);
+    for _ in 0..100 {
+        if pool.has(Role::Prefill) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(pool.has(Role::Prefill));
+    assert!(!pool.has(Role::Decode));
+    assert_eq!(pool.ranked(Role::Prefill).len(), 1);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn nodes_of_another_model_are_never_ranked_and_unidentified_ones_rank_last() {
+    let ours = tandem_cluster::ModelFingerprint {
+        config: 1,
+        tokenizer: 2,
+        chat_template: 3,
+        weights: 4,
+    };
+    let theirs = tandem_cluster::ModelFingerprint { weights: 5, ..ours };
+    let shutdown = CancellationToken::new();
+    let membership = StaticMembership::new(
+        &["127.0.0.1:4".into()],
+        &[
+            "127.0.0.1:1".into(),
+            "127.0.0.1:2".into(),
+            "127.0.0.1:3".into(),
+        ],
+    );
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(Some(ours)),
+        BreakerConfig::default(),
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    let (a, b, c, p) = (
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:2",
+        "http://127.0.0.1:3",
+        "http://127.0.0.1:4",
+    );
+    let report = |fingerprint: Option<&tandem_cluster::ModelFingerprint>, free: u32| NodeLoad {
+        role: tandem_proto::v1::Role::Decode.into(),
+        kv_blocks_free: free,
+        model_fingerprint: fingerprint.map(|f| f.to_string()).unwrap_or_default(),
+        ..Default::default()
+    };
+    // a has said nothing (static membership, no report yet), though it
+    // has the most room; b serves the cluster's model; c another one.
+    pool.on_report(a, report(None, 100));
+    pool.on_report(b, report(Some(&ours), 10));
+    pool.on_report(c, report(Some(&theirs), 1000));
+    let ranked: Vec<String> = pool
+        .ranked(Role::Decode)
+        .into_iter()
+        .map(|n| n.addr.to_string())
+        .collect();
+    assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
+    // The only prefill node serves another model: there is none.
+    pool.on_report(
+        p,
+        NodeLoad {
+            role: tandem_proto::v1::Role::Prefill.into(),
+            ..report(Some(&theirs), 0)
+        },
+    );
+    assert!(!pool.has(Role::Prefill));
+    assert!(pool.ranked(Role::Prefill).is_empty());
+    // c restarted with the right weights: back in the ranking.
+    pool.on_report(c, report(Some(&ours), 1000));
+    assert_eq!(&*pool.ranked(Role::Decode)[0].addr, c);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn unreachable_nodes_rank_last_and_assignments_count() {
+    let shutdown = CancellationToken::new();
+    let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        never_open(),
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    let a = "http://127.0.0.1:1";
+    let b = "http://127.0.0.1:2";
+    // Nothing listens on these ports: the load tasks mark both unreachable.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.set_status(b, |s| {
+        s.reachable = true;
+        s.load = Some(NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_free: 10,
+            ..Default::default()
+        });
+    });
+    let ranked: Vec<String> = pool
+        .ranked(Role::Decode)
+        .into_iter()
+        .map(|n| n.addr.to_string())
+        .collect();
+    assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
+
+    pool.note_assigned(b, 33);
+    let load = pool.load_of(b).unwrap();
+    assert_eq!((load.queued, load.kv_blocks_free), (1, 7));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn assignments_count_blocks_of_the_nodes_block_size() {
+    let shutdown = CancellationToken::new();
+    let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        never_open(),
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    let a = "http://127.0.0.1:1";
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.set_status(a, |s| {
+        s.load = Some(NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_free: 10,
+            block_size: 32,
+            ..Default::default()
+        });
+    });
+    // 33 tokens are two blocks of 32 (three of the old fixed 16).
+    pool.note_assigned(a, 33);
+    assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 8);
+    pool.note_assigned(a, 64);
+    assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 6);
+    shutdown.cancel();
+}

@@ -1,0 +1,126 @@
+//! The JSON pieces of an answer: the server-sent events of a streamed
+//! completion (one chunk per token chunk, then usage and `[DONE]`), and the
+//! `usage` and `logprobs` objects a streamed and a plain answer share.
+
+use super::*;
+
+/// OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the
+/// prompt tokens served from a prefix cache, as OpenAI and vLLM report them.
+pub(super) fn usage_json(u: &pb::Usage) -> serde_json::Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
+    })
+}
+
+/// Server-sent events for a streamed completion, ending with `data: [DONE]`;
+/// with `echo` text, the first chunk starts with it.
+pub(super) fn sse_events(
+    responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
+    kind: Kind,
+    (include_usage, mut echo): (bool, Option<String>),
+    logprobs_model: Option<Arc<ModelDir>>,
+    id: String,
+    created: u64,
+    model: String,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let usage_chunk = {
+        let (id, model) = (id.clone(), model.clone());
+        move |u: pb::Usage| {
+            json!({ "id": id, "object": object, "created": created, "model": model, "choices": [],
+                    "usage": usage_json(&u) })
+        }
+    };
+    let chunk = move |text: Option<&str>, logprobs: Value, finish: Option<&str>, first: bool| {
+        let choice = match kind {
+            Kind::Completion => {
+                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
+            }
+            Kind::Chat => {
+                let mut delta = json!({});
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                if let Some(t) = text {
+                    delta["content"] = json!(t);
+                }
+                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+            }
+        };
+        json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut responses = responses;
+        let mut first = true;
+        let mut usage = None;
+        // Characters of the completion's tokens so far, where the next
+        // chunk's `text_offset` starts.
+        let mut offset = 0;
+        while let Some(msg) = responses.next().await {
+            let data = match msg.map(|m| m.event) {
+                Ok(Some(pb::generate_response::Event::Token(t))) => {
+                    let logprobs = match &logprobs_model {
+                        Some(m) => {
+                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, offset);
+                            offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
+                            v
+                        }
+                        None => Value::Null,
+                    };
+                    let text = match echo.take() {
+                        Some(prompt) => prompt + &t.text,
+                        None => t.text,
+                    };
+                    chunk(Some(&text), logprobs, None, first)
+                }
+                Ok(Some(pb::generate_response::Event::Finished(f))) => {
+                    usage = f.usage;
+                    let tail = echo.take().unwrap_or_default();
+                    let tail = (!tail.is_empty()).then_some(tail.as_str());
+                    chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
+                }
+                Ok(None) => continue,
+                Err(status) => {
+                    let e = ApiError::from(status);
+                    error_body(e.status, &e.message, e.param.as_deref())
+                }
+            };
+            first = false;
+            if tx
+                .send(Event::default().data(data.to_string()))
+                .await
+                .is_err()
+            {
+                return; // The client went away; dropping `responses` cancels the request.
+            }
+        }
+        if include_usage && let Some(u) = usage {
+            let _ = tx
+                .send(Event::default().data(usage_chunk(u).to_string()))
+                .await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    ReceiverStream::new(rx).map(Ok)
+}
+
+/// `entries` in the endpoint's shape (see [`openai_logprobs`]).
+pub(super) fn logprobs_json(
+    tokenizer: &Tokenizer,
+    kind: Kind,
+    entries: &[pb::TokenLogprobs],
+    offset: usize,
+) -> Value {
+    match kind {
+        Kind::Completion => openai_logprobs::completion(tokenizer, entries, offset),
+        Kind::Chat => openai_logprobs::chat(tokenizer, entries),
+    }
+}
