@@ -55,6 +55,9 @@ listen = "127.0.0.1:50051"
 prefill_nodes = [$1]
 decode_nodes = [$2]
 routing = "$3"
+# Measures the caches, not admission: no refusals for the prefill backlog
+# (on a slow CPU a few sessions' first turns would be refused).
+max_prefill_backlog_s = 0
 [metrics]
 listen = "127.0.0.1:9190"
 T
@@ -75,6 +78,8 @@ bench() { # name metrics-urls
 for cache in true false; do
   rm -f "$OUT"/*.log
   decode decode-0 50061 50062 9192 "$cache"; prefill "$cache"
+  # Nodes first: a router watching a node that is not up yet opens its breaker.
+  ready "$OUT"/*.log
   router '"http://127.0.0.1:50071"' '"http://127.0.0.1:50061"' kv_aware
   bench "cache-$cache" http://127.0.0.1:9191/metrics,http://127.0.0.1:9192/metrics
   stop_all
@@ -82,6 +87,7 @@ done
 for routing in kv_aware round_robin least_loaded; do
   rm -f "$OUT"/*.log
   decode decode-0 50061 50062 9192 true; decode decode-1 50081 50082 9193 true
+  ready "$OUT"/*.log
   router '' '"http://127.0.0.1:50061", "http://127.0.0.1:50081"' "$routing"
   bench "2decode-$routing" http://127.0.0.1:9192/metrics,http://127.0.0.1:9193/metrics
   stop_all

@@ -1,6 +1,10 @@
 //! The KV transfer wire format: frames, their encoder, and a sans-I/O
 //! incremental decoder.
 //!
+//! (Long on purpose: most of it is the format's specification below, and
+//! the encoder and decoder are one unit that must change together; the
+//! tests are in `wire/tests.rs`.)
+//!
 //! A prefill node pushes a request's KV cache to a decode node as a sequence
 //! of frames on one or more QUIC unidirectional streams. Every frame starts
 //! with the same 16-byte prefix; the kind decides what follows. All integers

@@ -1,5 +1,10 @@
 //! The node pool: the cluster's members as the router sees them.
 //!
+//! (Long on purpose: one owner of the per-node state that membership, load
+//! streams, model identity, breakers, the prefill rate and the KV index all
+//! update under one lock; their logic lives in those modules, this file
+//! only wires it. The tests are in `nodes/tests.rs`.)
+//!
 //! One task follows [`Membership::watch`]; for every member it keeps a lazily
 //! connected gRPC [`Channel`] and a load task that subscribes to the node's
 //! `WatchLoad` stream and stores each report. A stream that ends is reopened
