@@ -128,7 +128,12 @@ impl Cluster {
             "router".into(),
             "router",
             format!(
-                "[router]\nlisten = \"127.0.0.1:{router}\"\nprefill_nodes = [{}]\ndecode_nodes = [{}]\n",
+                // No prefill-backlog admission bound: these runs check that
+                // failures lose nothing, and a prefill node whose transfers
+                // stall on a killed decode node reads as slow to the rate
+                // estimate (docs/RELIABILITY.md), which would refuse (with
+                // retry-after) requests these tests count as lost.
+                "[router]\nlisten = \"127.0.0.1:{router}\"\nprefill_nodes = [{}]\ndecode_nodes = [{}]\nmax_prefill_backlog_s = 0\n",
                 list(&prefill),
                 list(&decode)
             ),
