@@ -61,6 +61,37 @@ fn serve_one_request(log_args: &[&str], id: &str) -> Vec<(&'static str, String)>
     }
 
     let prompt = "Once upon a time, in a small town by the sea, there lived a girl who liked to walk on the beach.";
+    // Until the prefill node has reported to the router, the router has the
+    // decode node prefill (the fallback when no prefill node is usable): warm
+    // up until a request reached the prefill node, so the one below goes
+    // through all three roles.
+    let warm_deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0.. {
+        let warm = format!("warm-up-{n}");
+        let _ = Command::new(TANDEM)
+            .args([
+                "generate",
+                "--router",
+                &format!("http://127.0.0.1:{router}"),
+                "--max-tokens",
+                "1",
+                "--request-id",
+                &warm,
+                prompt,
+            ])
+            .stdin(Stdio::null())
+            .output();
+        let prefill_log =
+            std::fs::read_to_string(dir.path().join("prefill.log")).unwrap_or_default();
+        if prefill_log.contains("warm-up-") {
+            break;
+        }
+        assert!(
+            Instant::now() < warm_deadline,
+            "no request reached the prefill node:\n{prefill_log}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = Command::new(TANDEM)
