@@ -295,7 +295,7 @@ impl NodePool {
     /// prompt, and any tokens generated before a retry), by the configured
     /// routing policy.
     pub fn ranked_for(&self, role: Role, tokens: &[u32]) -> Vec<NodeHandle> {
-        let (handles, statuses) = self.statuses(role);
+        let (handles, statuses, identified) = self.statuses(role);
         let least_loaded = match role {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
@@ -330,12 +330,14 @@ impl NodePool {
                 order
             }
         };
-        order.into_iter().map(|i| handles[i].clone()).collect()
+        Self::in_order(order, &handles, &identified)
     }
 
-    /// Nodes of `role` in address order, with their statuses (a stale node
-    /// unreachable).
-    fn statuses(&self, role: Role) -> (Vec<NodeHandle>, Vec<NodeStatus>) {
+    /// Nodes of `role` whose breaker lets a request through, in address
+    /// order (so ties break the same way every time), with their statuses (a
+    /// stale node unreachable) and whether each is known to serve the
+    /// cluster's model.
+    fn statuses(&self, role: Role) -> (Vec<NodeHandle>, Vec<NodeStatus>, Vec<bool>) {
         let nodes = self.lock();
         let now = Instant::now();
         let mut entries: Vec<&Entry> = nodes
@@ -344,16 +346,27 @@ impl NodePool {
             .collect();
         entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
         let stale_after = self.stale_after();
-        entries
-            .iter()
-            .map(|e| {
-                let status = NodeStatus {
-                    reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
-                    ..e.status.clone()
-                };
-                (e.handle.clone(), status)
-            })
-            .unzip()
+        let mut handles = Vec::with_capacity(entries.len());
+        let mut statuses = Vec::with_capacity(entries.len());
+        let mut identified = Vec::with_capacity(entries.len());
+        for e in entries {
+            handles.push(e.handle.clone());
+            statuses.push(NodeStatus {
+                reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
+                ..e.status.clone()
+            });
+            identified.push(e.identified);
+        }
+        (handles, statuses, identified)
+    }
+
+    /// `order` as handles, a node not known to serve the cluster's model
+    /// (static membership, before its first report) moved last as a last
+    /// resort (stable: ranks otherwise kept).
+    fn in_order(order: Vec<usize>, handles: &[NodeHandle], identified: &[bool]) -> Vec<NodeHandle> {
+        let mut order = order;
+        order.sort_by_key(|&i| !identified[i]);
+        order.into_iter().map(|i| handles[i].clone()).collect()
     }
 
     /// Hashes the KV index credits to `addr`.
@@ -364,33 +377,12 @@ impl NodePool {
     /// Nodes of `role` whose circuit breaker lets a request through, least
     /// loaded first (blind to the routing policy).
     pub fn ranked(&self, role: Role) -> Vec<NodeHandle> {
-        let nodes = self.lock();
-        let now = Instant::now();
-        let mut entries: Vec<&Entry> = nodes
-            .values()
-            .filter(|e| e.handle.role == role && e.compatible && e.breaker.allows(now))
-            .collect();
-        // A stable base order, so that ties break the same way every time.
-        entries.sort_by(|a, b| a.handle.addr.cmp(&b.handle.addr));
-        let stale_after = self.stale_after();
-        let statuses: Vec<NodeStatus> = entries
-            .iter()
-            .map(|e| NodeStatus {
-                reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
-                ..e.status.clone()
-            })
-            .collect();
-        let mut order = match role {
+        let (handles, statuses, identified) = self.statuses(role);
+        let order = match role {
             Role::Decode => rank_decode(&statuses),
             Role::Prefill => rank_prefill(&statuses),
         };
-        // A node not known to serve the cluster's model (static membership,
-        // before its first report) is a last resort (stable: ranks kept).
-        order.sort_by_key(|&i| !entries[i].identified);
-        order
-            .into_iter()
-            .map(|i| entries[i].handle.clone())
-            .collect()
+        Self::in_order(order, &handles, &identified)
     }
 
     /// How long without a load report makes a node stale.
