@@ -8,6 +8,7 @@
 //! tandem-gpu-bench real   --model PATH                 CPU vs GPU on a real model (GGUF or directory)
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
 //! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
+//! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2]  wgmma vs mma.sync prefill attention
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use tandem_engine::cuda::check::{
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits};
 use tandem_engine::weights::Weights;
 
+#[path = "gpu_bench/attn.rs"]
+mod attn;
 #[path = "gpu_bench/kernels.rs"]
 mod kernels;
 #[path = "gpu_bench/speed.rs"]
@@ -51,7 +54,8 @@ fn main() {
         Some("real") => real(&args),
         Some("bench") => bench(&args),
         Some("kernels") => kernels(&args),
-        _ => Err("usage: tandem-gpu-bench check|hf|real|bench|kernels [options]".into()),
+        Some("attn") => attn::attn(&args),
+        _ => Err("usage: tandem-gpu-bench check|hf|real|bench|kernels|attn [options]".into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

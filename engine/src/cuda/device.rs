@@ -63,6 +63,8 @@ pub struct Gpu {
     pub(crate) decode_smem: usize,
     /// Decode attention blocks resident at once on the whole GPU (one wave).
     pub(crate) decode_wave: usize,
+    /// The target the kernels were compiled for (`sm_90a`, `sm_90`, ..).
+    arch: &'static str,
     /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
     cublas_only: bool,
     /// Launch the forward pass's kernels as programmatic dependent launches
@@ -116,7 +118,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
-        let ptx = program::compile(&ctx)?;
+        let (ptx, arch) = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
             module
@@ -186,6 +188,7 @@ impl Gpu {
             _blas_workspace: workspace,
             decode_smem: decode_smem(head_dim, group_bound),
             decode_wave,
+            arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
         })
@@ -195,6 +198,17 @@ impl Gpu {
     /// one thread and driven from another; raw driver and cuBLAS calls need it).
     pub fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().op("cuCtxSetCurrent")
+    }
+
+    /// The target the kernels were compiled for (`sm_90a` selects the Hopper
+    /// prefill attention) and the registers a thread of `prefill_attn` uses.
+    pub fn kernel_target(&self) -> Result<(&'static str, i32), CudaError> {
+        let regs = self
+            .k
+            .prefill_attn
+            .get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS)
+            .op("cuFuncGetAttribute")?;
+        Ok((self.arch, regs))
     }
 
     /// The device's name.

@@ -610,19 +610,24 @@ impl Kernel for SampleRows {
 }
 
 /// Dynamic shared memory of `decode_attn_{head_dim}_{group}`
-/// (`kernels/decode_attn.cu`): double-buffered K and V tiles of
-/// [`DECODE_TILE`] keys, the tile's scores (`group × DECODE_TILE` f32) and the
-/// P·V reduction area (`group × 4 × DECODE_THREADS` f32).
+/// (`kernels/decode_attn.cu`): each of the 4 warps' two stages of 16-key K and
+/// V tiles (`2 · 2 · DECODE_TILE · head_dim` bf16 in all), then room for the
+/// merge of the warps' partial outputs and (m, l) (`4 · group · head_dim` +
+/// `8 · group` f32 at most; the size kept from the earlier kernel's scores and
+/// reduction area covers it).
 pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
     2 * 2 * DECODE_TILE * head_dim * 2
         + 4 * group * DECODE_TILE
         + 4 * (4 * DECODE_THREADS as usize) * group
 }
 
-/// Dynamic shared memory of `prefill_attn`: two stages of a [`PREFILL_BK`]-key
-/// K and V tile, rows padded by 8 elements.
+/// Dynamic shared memory of `prefill_attn`: room for up to three stages of a
+/// [`PREFILL_BK`]-key K and V tile and one [`PREFILL_BQ`]-row query tile, rows
+/// padded by 8 elements. The kernel decides how it uses it; at 256 threads of
+/// ~180 registers one block fills an SM's register file anyway, so the room
+/// costs no occupancy.
 pub(crate) fn prefill_smem(head_dim: usize) -> usize {
-    2 * 2 * PREFILL_BK * (head_dim + 8) * 2
+    (3 * 2 * PREFILL_BK + PREFILL_BQ) * (head_dim + 8) * 2
 }
 
 #[cfg(test)]

@@ -41,16 +41,33 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 4] = [
 
 /// The program's source: every file of [`KERNEL_SOURCES`] in order, each after
 /// a `#line` directive so compiler messages name the file and line.
-pub(crate) fn source() -> String {
+///
+/// With `TANDEM_CUDA_KERNELS` set to a directory, each file is read from there
+/// instead of the copy compiled into the binary: a kernel can then be changed
+/// and measured on a GPU machine that has no Rust toolchain, as long as its
+/// launch (arguments, grid, shared memory) stays the same. A file missing there
+/// falls back to the compiled-in copy; one that cannot be read is an error.
+pub(crate) fn source() -> Result<String, CudaError> {
+    let dir = std::env::var_os("TANDEM_CUDA_KERNELS").map(std::path::PathBuf::from);
     let mut s = String::new();
-    for (name, text) in KERNEL_SOURCES {
+    for (name, builtin) in KERNEL_SOURCES {
+        let from_dir = match &dir {
+            Some(d) if d.join(name).exists() => Some(
+                std::fs::read_to_string(d.join(name)).map_err(|e| CudaError::Compile {
+                    include: include_dir(),
+                    message: format!("TANDEM_CUDA_KERNELS: {}: {e}", d.join(name).display()),
+                })?,
+            ),
+            _ => None,
+        };
+        let text = from_dir.as_deref().unwrap_or(builtin);
         s.push_str(&format!("#line 1 \"{name}\"\n"));
         s.push_str(text);
         if !text.ends_with('\n') {
             s.push('\n');
         }
     }
-    s
+    Ok(s)
 }
 
 /// NVRTC options besides the architecture and include path: the language
@@ -62,13 +79,14 @@ pub(crate) fn options() -> Vec<String> {
 }
 
 /// Compiles the program for `ctx`'s GPU (or `TANDEM_CUDA_ARCH`), with the
-/// include directory [`include_dir`] finds.
-pub(crate) fn compile(ctx: &CudaContext) -> Result<Ptx, CudaError> {
+/// include directory [`include_dir`] finds; returns the PTX and the target.
+pub(crate) fn compile(ctx: &CudaContext) -> Result<(Ptx, &'static str), CudaError> {
     let include = include_dir();
     let arch = target_arch(ctx)?;
+    let source = source()?;
     std::panic::catch_unwind(|| {
         cudarc::nvrtc::compile_ptx_with_opts(
-            source(),
+            source,
             cudarc::nvrtc::CompileOptions {
                 arch: Some(arch),
                 include_paths: vec![include.clone()],
@@ -85,6 +103,7 @@ pub(crate) fn compile(ctx: &CudaContext) -> Result<Ptx, CudaError> {
         include,
         message: e.to_string(),
     })
+    .map(|ptx| (ptx, arch))
 }
 
 /// The include directory NVRTC gets: `TANDEM_CUDA_INCLUDE`; else the `include`
@@ -111,8 +130,9 @@ pub fn include_dir() -> String {
         .to_string()
 }
 
-/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90a`), else the
-/// GPU's own compute capability.
+/// The `sm_XY` NVRTC compiles for: `TANDEM_CUDA_ARCH` (e.g. `sm_90`), else the
+/// GPU's own compute capability (`sm_90a` on 9.0, so the Hopper-only kernels
+/// are compiled; `TANDEM_CUDA_ARCH=sm_90` compiles the portable fallbacks).
 fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     let arch = match std::env::var("TANDEM_CUDA_ARCH") {
@@ -129,7 +149,13 @@ fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
                     "compute capability {major}.{minor}: the kernels use Hopper's programmatic dependent launches (sm_90 or newer)"
                 )));
             }
-            format!("sm_{major}{minor}")
+            // Hopper's warpgroup MMA (`wgmma`, the prefill attention's) exists
+            // only in the architecture-specific target of compute capability 9.0.
+            if (major, minor) == (9, 0) {
+                "sm_90a".to_string()
+            } else {
+                format!("sm_{major}{minor}")
+            }
         }
     };
     // NVRTC's options take a `&'static str`; one per process is compiled.
@@ -142,7 +168,7 @@ mod tests {
 
     #[test]
     fn the_shared_constants_are_defined_only_by_the_host() {
-        let src = source();
+        let src = source().expect("the compiled-in kernels");
         for (name, _) in KERNEL_DEFINES {
             assert!(
                 !src.contains(&format!("#define {name} ")),
@@ -159,7 +185,7 @@ mod tests {
 
     #[test]
     fn the_program_starts_with_the_common_header_and_names_each_file() {
-        let src = source();
+        let src = source().expect("the compiled-in kernels");
         assert!(src.starts_with("#line 1 \"common.cuh\"\n"));
         let include = src.find("#include <cuda_bf16.h>").unwrap_or(usize::MAX);
         let first_kernel = src.find("__global__").unwrap_or(0);

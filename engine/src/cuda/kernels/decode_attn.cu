@@ -6,13 +6,14 @@
 // sequence's own length, up to the grid's max_splits, so nothing the host
 // computes from the batch's lengths enters the launch and one CUDA graph serves
 // every step of a batch-size bucket). Each block takes one split of one sequence
-// for the `group` query heads sharing KV head blockIdx.y, in tiles of TILE keys
-// with an online softmax, and writes unnormalised partial results:
+// for the `group` query heads sharing KV head blockIdx.y (on tensor cores, each
+// warp with its own 16-key tiles and online softmax: decode_attn below), and
+// writes unnormalised partial results:
 //   part_o[b, h, split, d] = sum_j exp(s_j - m) v_j[d], part_ml[b, h, split] = (m, l).
 // attn_combine merges the splits. The block table's row stride is read from
 // device memory (*table_stride) for the same reason.
-// DECODE_TILE (keys per tile) comes from the host (-D), which sizes the dynamic
-// shared memory from it (launch.rs, decode_smem).
+// DECODE_TILE (keys a block has in flight per stage, 16 per warp) comes from the
+// host (-D), which sizes the dynamic shared memory from it (launch.rs, decode_smem).
 
 __device__ __forceinline__ int split_chunk(int len, int max_splits) {
     int c = (len + max_splits - 1) / max_splits;
@@ -20,47 +21,66 @@ __device__ __forceinline__ int split_chunk(int len, int max_splits) {
     return c < 64 ? 64 : c;
 }
 
-// Dynamic shared memory (sized by the host: launch.rs, decode_smem): K and V
-// tiles, double-buffered, then the tile's scores [G][TILE] and the P·V reduction
-// area [key groups][G][HD] (= [G][4 blockDim.x] floats).
-
-// K/V rows of keys t0 .. t0 + DECODE_TILE into tile buffer `buf` with cp.async
-// (keys past `end` are zero-filled), as one commit group.
+// The tile's row `r`, 16-byte chunk `c` sits at chunk c ^ phase(r) of its row, so
+// the eight rows an ldmatrix reads at one chunk hit eight different banks (rows
+// are HD * 2 bytes: at HD 32 two rows share a 128-byte line).
 template <int HD>
-__device__ __forceinline__ void decode_load_tile(bf16* ks, bf16* vs, const bf16* cache,
-                                                 const int* table, size_t block_elems, int kh,
-                                                 int hkv, int bs, int t0, int end) {
+__device__ __forceinline__ int decode_swz(int r, int c) {
+    if constexpr (HD >= 64) return c ^ (r & 7);
+    else return c ^ ((r >> 1) & 3);
+}
+
+// One warp's tile: keys t0 .. t0 + 15 of K and V into ks/vs ([16][HD] each,
+// swizzled), with cp.async (keys at or past `end` zero-filled), as one commit group.
+// (Reading the block table a tile ahead into registers was measured slower:
+// docs/GPU_BENCH.md.)
+template <int HD>
+__device__ __forceinline__ void decode_load_warp_tile(bf16* ks, bf16* vs, const bf16* cache,
+                                                      const int* table, size_t block_elems,
+                                                      int kh, int hkv, int bs, int t0, int end,
+                                                      int lane) {
     constexpr int CPR = HD / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < DECODE_TILE * CPR; c += blockDim.x) {
-        int key = c / CPR, part = c % CPR;
-        int j = t0 + key;
+#pragma unroll
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        int r = i / CPR, c = i % CPR;
+        int j = t0 + r;
         const bf16* kp = cache;
         const bf16* vp = cache;
         int bytes = 0;
         if (j < end) {
             size_t blk = table[j / bs];
             size_t slot = j % bs;
-            kp = cache + blk * block_elems + ((size_t)kh * bs + slot) * HD + part * 8;
-            vp = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + slot) * HD + part * 8;
+            kp = cache + blk * block_elems + ((size_t)kh * bs + slot) * HD + c * 8;
+            vp = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + slot) * HD + c * 8;
             bytes = 16;
         }
-        cp_async16(ks + key * HD + part * 8, kp, bytes);
-        cp_async16(vs + key * HD + part * 8, vp, bytes);
+        int dst = r * HD + decode_swz<HD>(r, c) * 8;
+        cp_async16(ks + dst, kp, bytes);
+        cp_async16(vs + dst, vp, bytes);
     }
     cp_async_commit();
 }
 
+// Tensor cores for the `group` query heads of KV head kh: they are the rows of
+// an m16n8k16 product (rows past `group` are zero), keys its columns. Each of
+// the block's 4 warps walks its own tiles of 16 keys (tiles w, w + 4, ..) with
+// its own online softmax and double-buffered cp.async tiles in shared memory,
+// so nothing but the final merge of the warps' partial results waits for the
+// whole block. The merge writes the split's unnormalised output and (m, l),
+// like the rest of this file. G <= 8.
 template <int HD, int G>
 __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
                             const int* table_stride, const int* seq_lens, float* part_o,
                             float* part_ml, int hq, int hkv, int bs, int max_splits, int window,
                             float scale) {
+    static_assert(G <= 8, "query heads per KV head are the rows 0..7 of the product");
+    constexpr int WARPS = 4;  // blockDim.x == 128 (launch.rs)
     extern __shared__ __align__(16) unsigned char decode_smem[];
-    bf16* kbuf = reinterpret_cast<bf16*>(decode_smem);  // [2][TILE][HD]
-    bf16* vbuf = kbuf + 2 * DECODE_TILE * HD;            // [2][TILE][HD]
-    float* scores = reinterpret_cast<float*>(vbuf + 2 * DECODE_TILE * HD);  // [G][TILE]
-    float* red = scores + G * DECODE_TILE;                                   // [kg][G][HD]
-    __shared__ float m_run[G], l_run[G], alpha[G];
+    // [warp][stage][K 16 x HD, V 16 x HD]: the host's 2 * 2 * DECODE_TILE * HD
+    // elements (DECODE_TILE = 64 = 4 warps x 16 keys).
+    bf16* tiles = reinterpret_cast<bf16*>(decode_smem);
+    float* red_o = reinterpret_cast<float*>(tiles + 2 * 2 * DECODE_TILE * HD);  // [warp][G][HD]
+    float* red_ml = red_o + WARPS * G * HD;                                      // [warp][G][2]
     int group = hq / hkv;
 
     int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
@@ -71,159 +91,147 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     int end = min(start + chunk, len);
     size_t head0 = (size_t)b * hq + (size_t)kh * group;
     int lo = window > 0 ? max(0, len - window) : 0;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int gid = lane >> 2, tig = lane & 3, mi = lane >> 3, mr = lane & 7;
     const int* table = tables + (size_t)b * (*table_stride);
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
+    bf16* wt = tiles + (size_t)warp * 2 * 2 * 16 * HD;  // this warp's two stages
 
-    // Scores: 8 lanes per key, lane `sub` holding the 8-dim chunks sub, sub + 8, ..
-    // (HD >= 64; 4 dims at HD 32), so the lanes' shared-memory reads do not collide.
-    constexpr int DPL = HD / 8;
-    constexpr int NCH = HD >= 64 ? HD / 64 : 1;  // chunks per lane
-    constexpr int CW = HD >= 64 ? 8 : 4;         // dims per chunk
-    int sub = lane & 7, kslot = lane >> 3;
-    float qr[G][DPL];
+    // Q as the product's A fragments: row gid = query head gid of the group.
+    u32 qf[HD / 16][2];
 #pragma unroll
-    for (int g = 0; g < G; g++)
+    for (int ks = 0; ks < HD / 16; ks++) {
 #pragma unroll
-        for (int c = 0; c < NCH; c++)
-#pragma unroll
-            for (int e = 0; e < CW; e++) {
-                int d = HD >= 64 ? c * 64 + sub * 8 + e : sub * 4 + e;
-                qr[g][c * CW + e] = g < group ? bf(q[(head0 + g) * HD + d]) * scale : 0.f;
-            }
-    if (tid < G) {
-        m_run[tid] = NEG_INF;
-        l_run[tid] = 0.f;
+        for (int e = 0; e < 2; e++) {
+            int d = ks * 16 + tig * 2 + e * 8;
+            qf[ks][e] = gid < group ? *reinterpret_cast<const u32*>(q + (head0 + gid) * HD + d)
+                                    : 0u;
+        }
     }
-    const int tpk = HD / 4;
-    int kgroups = blockDim.x / tpk;
-    int part = tid % tpk, kg = tid / tpk;
-    float4 o[G];
+    float o[HD / 8][2];
 #pragma unroll
-    for (int g = 0; g < G; g++) o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = 0.f;
+    float m = NEG_INF, l = 0.f;
 
-    decode_load_tile<HD>(kbuf, vbuf, cache, table, block_elems, kh, hkv, bs, start, end);
-    for (int t0 = start, it = 0; t0 < end; t0 += DECODE_TILE, it++) {
-        int t1 = min(t0 + DECODE_TILE, end);
-        int cur = it & 1;
-        // Start the next tile's loads, then wait for this one's.
-        if (t0 + DECODE_TILE < end) {
-            decode_load_tile<HD>(kbuf + (cur ^ 1) * DECODE_TILE * HD,
-                                 vbuf + (cur ^ 1) * DECODE_TILE * HD, cache, table, block_elems,
-                                 kh, hkv, bs, t0 + DECODE_TILE, end);
+    int first = start + warp * 16;
+    if (first < end)
+        decode_load_warp_tile<HD>(wt, wt + 16 * HD, cache, table, block_elems, kh, hkv, bs, first,
+                                  end, lane);
+    for (int t0 = first, it = 0; t0 < end; t0 += WARPS * 16, it++) {
+        bf16* ks = wt + (it & 1) * 2 * 16 * HD;
+        bf16* vs = ks + 16 * HD;
+        int next = t0 + WARPS * 16;
+        if (next < end) {
+            bf16* nk = wt + ((it + 1) & 1) * 2 * 16 * HD;
+            decode_load_warp_tile<HD>(nk, nk + 16 * HD, cache, table, block_elems, kh, hkv, bs,
+                                      next, end, lane);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
-        __syncthreads();
-        const bf16* ks = kbuf + cur * DECODE_TILE * HD;
-        const bf16* vs = vbuf + cur * DECODE_TILE * HD;
+        __syncwarp();
 
-        for (int key = warp * 4 + kslot; key < DECODE_TILE; key += nwarps * 4) {
-            float kf[DPL];
+        // S = Q K^T over the tile's two 8-key column blocks.
+        float sc[2][4];
 #pragma unroll
-            for (int c = 0; c < NCH; c++) {
-                if constexpr (HD >= 64) {
-                    uint4 raw = *reinterpret_cast<const uint4*>(ks + key * HD + c * 64 + sub * 8);
-                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        for (int nt = 0; nt < 2; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+            int r = nt * 8 + mr;
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        float2 f = __bfloat1622float2(kv[e]);
-                        kf[c * 8 + 2 * e] = f.x;
-                        kf[c * 8 + 2 * e + 1] = f.y;
-                    }
-                } else {
-                    uint2 raw = *reinterpret_cast<const uint2*>(ks + key * HD + sub * 4);
-                    const __nv_bfloat162* kv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        float2 f = __bfloat1622float2(kv[e]);
-                        kf[2 * e] = f.x;
-                        kf[2 * e + 1] = f.y;
-                    }
-                }
-            }
-            int j = t0 + key;
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                float acc = 0.f;
-#pragma unroll
-                for (int e = 0; e < DPL; e++) acc += qr[g][e] * kf[e];
-                acc += __shfl_xor_sync(0xffffffff, acc, 1);
-                acc += __shfl_xor_sync(0xffffffff, acc, 2);
-                acc += __shfl_xor_sync(0xffffffff, acc, 4);
-                if (g < group && sub == 0)
-                    scores[g * DECODE_TILE + key] = (j >= t1 || j < lo) ? NEG_INF : acc;
-            }
-        }
-        __syncthreads();
-
-        // Online softmax: fold this tile into each head's running max and sum.
-        int n = t1 - t0;
-        for (int g = warp; g < group; g += nwarps) {
-            float* sc = scores + g * DECODE_TILE;
-            float m = NEG_INF;
-            for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
-            m = warp_max(m);
-            float m_new = fmaxf(m_run[g], m);
-            float l = 0.f;
-            for (int j = lane; j < DECODE_TILE; j += 32) {
-                float p = (j >= n || m_new == NEG_INF) ? 0.f : __expf(sc[j] - m_new);
-                sc[j] = p;
-                l += p;
-            }
-            l = warp_sum(l);
-            if (lane == 0) {
-                float a = m_run[g] == NEG_INF ? 0.f : __expf(m_run[g] - m_new);
-                alpha[g] = a;
-                l_run[g] = l_run[g] * a + l;
-                m_run[g] = m_new;
-            }
-        }
-        __syncthreads();
-
-        // P·V: HD/4 threads per key (4 dims each, one 8-byte read), the rest over keys.
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            if (g < group) {
-                float a = alpha[g];
-                o[g].x *= a;
-                o[g].y *= a;
-                o[g].z *= a;
-                o[g].w *= a;
-            }
-        }
-#pragma unroll 4
-        for (int key = kg; key < n; key += kgroups) {
-            uint2 raw = *reinterpret_cast<const uint2*>(vs + key * HD + part * 4);
-            const __nv_bfloat162* vv = reinterpret_cast<const __nv_bfloat162*>(&raw);
-            float2 v01 = __bfloat1622float2(vv[0]), v23 = __bfloat1622float2(vv[1]);
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                if (g < group) {
-                    float p = scores[g * DECODE_TILE + key];
-                    o[g].x += p * v01.x;
-                    o[g].y += p * v01.y;
-                    o[g].z += p * v23.x;
-                    o[g].w += p * v23.y;
+            for (int ks2 = 0; ks2 < HD / 16; ks2 += 2) {
+                u32 bfr[4];
+                ldsm_x4(bfr, ks + r * HD + decode_swz<HD>(r, ks2 * 2 + mi) * 8);
+                u32 a0[4] = {qf[ks2][0], 0u, qf[ks2][1], 0u};
+                mma16816(sc[nt], a0, bfr[0], bfr[1]);
+                if (ks2 + 1 < HD / 16) {
+                    u32 a1[4] = {qf[ks2 + 1][0], 0u, qf[ks2 + 1][1], 0u};
+                    mma16816(sc[nt], a1, bfr[2], bfr[3]);
                 }
             }
         }
-        __syncthreads();  // the tile buffers and scores are rewritten two tiles on
+        // Online softmax of row gid over its 16 keys (c[0], c[1] of each block).
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = t0 + nt * 8 + tig * 2 + e;
+                float v = (j >= end || j < lo) ? NEG_INF : sc[nt][e] * scale;
+                sc[nt][e] = v;
+                mx = fmaxf(mx, v);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        float mn = fmaxf(m, mx);
+        float corr = (m == NEG_INF) ? 0.f : __expf(m - mn);
+        if (mn == NEG_INF) corr = 1.f;
+        m = mn;
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= corr;
+            o[i][1] *= corr;
+        }
+        float p[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                p[nt][e] = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mn);
+                l += p[nt][e];
+            }
+        // O += P V: P (row gid, the 16 keys) as A, V through ldmatrix.trans.
+        u32 pa[4] = {pack_bf16(p[0][0], p[0][1]), 0u, pack_bf16(p[1][0], p[1][1]), 0u};
+        int vr = (mi & 1) * 8 + mr;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt += 2) {
+            u32 bfr[4];
+            ldsm_x4_trans(bfr, vs + vr * HD + decode_swz<HD>(vr, nt + (mi >> 1)) * 8);
+            float c0[4] = {o[nt][0], o[nt][1], 0.f, 0.f};
+            float c1[4] = {o[nt + 1][0], o[nt + 1][1], 0.f, 0.f};
+            mma16816(c0, pa, bfr[0], bfr[1]);
+            mma16816(c1, pa, bfr[2], bfr[3]);
+            o[nt][0] = c0[0];
+            o[nt][1] = c0[1];
+            o[nt + 1][0] = c1[0];
+            o[nt + 1][1] = c1[1];
+        }
+        __syncwarp();  // this stage is refilled two tiles on
     }
+    // Each warp's (m, l) and output rows, then one merge over the warps.
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    if (gid < G) {
 #pragma unroll
-    for (int g = 0; g < G; g++)
-        if (g < group) *reinterpret_cast<float4*>(red + (kg * group + g) * HD + part * 4) = o[g];
+        for (int nt = 0; nt < HD / 8; nt++) {
+            float* dst = red_o + ((size_t)warp * G + gid) * HD + nt * 8 + tig * 2;
+            dst[0] = o[nt][0];
+            dst[1] = o[nt][1];
+        }
+        if (tig == 0) {
+            red_ml[(warp * G + gid) * 2] = m;
+            red_ml[(warp * G + gid) * 2 + 1] = l;
+        }
+    }
     __syncthreads();
-    for (int i = tid; i < group * HD; i += blockDim.x) {
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
-        float sum = 0.f;
-        for (int k2 = 0; k2 < kgroups; k2++) sum += red[(k2 * group + g) * HD + d];
-        part_o[((head0 + g) * max_splits + sp) * HD + d] = sum;
-    }
-    if (tid < group) {
-        part_ml[((head0 + tid) * max_splits + sp) * 2] = m_run[tid];
-        part_ml[((head0 + tid) * max_splits + sp) * 2 + 1] = l_run[tid];
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, red_ml[(w * G + g) * 2]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) {
+            float mw = red_ml[(w * G + g) * 2];
+            float a = mw == NEG_INF ? 0.f : __expf(mw - mm);
+            num += a * red_o[((size_t)w * G + g) * HD + d];
+            den += a * red_ml[(w * G + g) * 2 + 1];
+        }
+        part_o[((head0 + g) * max_splits + sp) * HD + d] = num;
+        if (d == 0) {
+            part_ml[((head0 + g) * max_splits + sp) * 2] = mm;
+            part_ml[((head0 + g) * max_splits + sp) * 2 + 1] = den;
+        }
     }
 }
 

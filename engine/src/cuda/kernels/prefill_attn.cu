@@ -7,34 +7,6 @@
 // grid (q tiles of 128, hq, chunks), block 256 = 8 warps x 16 query rows; each K/V
 // tile in shared memory serves all 128 rows.
 
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<u32*>(&v);
-}
-
-__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(u32* r, const bf16* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-
 // Query rows and keys per tile, from the host (-D): it sizes the grid, the block
 // (BQ / 16 warps) and the dynamic shared memory from them (launch.rs).
 #define BQ PREFILL_BQ
@@ -235,14 +207,334 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
     }
 }
 
+
+// ---------------------------------------------------------------------------
+// Hopper (sm_90a): the same attention with warpgroup MMAs. The block's two
+// warpgroups take 64 query rows each; per K/V tile, S = Q K^T is 8 (HD 128) or
+// 4 (HD 64) wgmma.m64n64k16 with Q's fragments in registers and K read by the
+// tensor cores straight from shared memory, then P V is wgmma.m64n{HD}k16 with
+// P in registers and V from shared memory (MN-major). The accumulators have the
+// mma.m16n8k16 fragment layout per warp, so the online softmax and causal mask
+// are the code above. K/V tiles are stored in the tensor cores' canonical
+// no-swizzle layout (8 x 16-byte core matrices) and filled by cp.async, three
+// stages deep.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PREFILL_WGMMA 1
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an accumulator across the
+// asynchronous MMA that owns it.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// Generic-proxy writes to shared memory (cp.async) made visible to the async
+// proxy the wgmma reads through.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// A no-swizzle shared-memory matrix descriptor: start, leading (K-direction)
+// and stride (MN-direction) byte offsets between 8 x 16-byte core matrices.
+__device__ __forceinline__ u64 smem_desc(const void* p, u32 lbo, u32 sbo) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    return (u64)((a >> 4) & 0x3FFF) | ((u64)((lbo >> 4) & 0x3FFF) << 16) |
+           ((u64)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// D[64 x 64] (+)= A[64 x 16] (registers) * B[16 x 64] (shared memory, descriptor);
+// TRANS_B: B is MN-major (N contiguous) instead of K-major.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const u32* a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+}
+
+// D[64 x 128] (+)= A[64 x 16] (registers) * B[16 x 128] (shared memory, descriptor);
+// TRANS_B: B is MN-major (N contiguous) instead of K-major.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, const u32* a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+}
+
+
+template <int HD>
+__device__ __forceinline__ void wgmma_pv(float* o, const u32* a, u64 desc) {
+    if constexpr (HD == 128) wgmma_m64n128k16_rs<1>(o, a, desc, 1);
+    else wgmma_m64n64k16_rs<1>(o, a, desc, 1);
+}
+
+template <int HD>
+__device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tables,
+                                int table_stride, const int* q_off, const int* q_pos,
+                                const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
+                                float scale) {
+    static_assert(BQ == 128 && BK == 64, "two warpgroups of 64 rows, m64n64 score tiles");
+    constexpr int CPR = HD / 8;                 // 16-byte chunks per K/V row
+    constexpr int TILE_BYTES = BK * HD * 2;     // one K (or V) tile
+    constexpr int STAGES = 3;
+    constexpr u32 K_SBO = CPR * 128;            // K: next 8 keys
+    constexpr u32 V_SBO = (BK / 8) * 128;       // V: next 8 dims
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+
+    int c = blockIdx.z, h = blockIdx.y;
+    int len = q_len[c];
+    int tiles = (len + BQ - 1) / BQ;
+    int tile = tiles - 1 - (int)blockIdx.x;  // the longest tiles first
+    if (tile < 0) return;
+    int off = q_off[c], pos0 = q_pos[c];
+    int kh = h / (hq / hkv);
+    const int* table = tables + (size_t)c * table_stride;
+    size_t block_elems = 2 * (size_t)hkv * bs * HD;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    int wg = warp >> 2;
+    int r0 = tile * BQ + warp * 16 + gid;  // this thread's rows: r0 and r0 + 8
+    int r1 = r0 + 8;
+
+    u32 qf[HD / 16][4];
+#pragma unroll
+    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
+        int col = ks2 * 16 + tig * 2;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = (e & 1) ? r1 : r0;
+            int cc = col + ((e & 2) ? 8 : 0);
+            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
+                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
+                                 : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+
+    int kv_end = pos0 + min(len, tile * BQ + BQ);
+    int kv_begin = 0;
+    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
+    int qp0 = pos0 + r0, qp1 = pos0 + r1;
+
+    // Stage s: K tile (K-major core matrices) then V tile (MN-major). Eight
+    // consecutive threads fill one 128-byte core matrix; thread tid fills rows
+    // row_of(k) of every tile, k < ITERS. Their cache blocks come from the block
+    // table, read a tile ahead into registers (`blk`), so no load waits on it.
+    constexpr int ITERS = BK * CPR / 256;  // blockDim.x == 256
+    static_assert(BK * CPR % 256 == 0, "whole rounds of 16-byte copies");
+    auto row_of = [&](int k) { return (((tid >> 3) + 32 * k) / CPR) * 8 + (tid & 7); };
+    const int cc = (tid >> 3) % CPR;
+    auto fetch_blocks = [&](int kt, int* blk) {
+#pragma unroll
+        for (int k = 0; k < ITERS; k++) {
+            int key = kt + row_of(k);
+            blk[k] = key < kv_end ? table[key / bs] : -1;
+        }
+    };
+    auto load_tile = [&](int stage, int kt, const int* blk) {
+        unsigned char* kd = smem_raw + (size_t)stage * 2 * TILE_BYTES;
+        unsigned char* vd = kd + TILE_BYTES;
+#pragma unroll
+        for (int k = 0; k < ITERS; k++) {
+            int r = row_of(k), rg = r >> 3, r8 = r & 7;
+            int key = kt + r;
+            const bf16* kp = cache;
+            const bf16* vp = cache;
+            int bytes = 0;
+            if (blk[k] >= 0) {
+                const bf16* base = cache + (size_t)blk[k] * block_elems;
+                int s = key % bs;
+                kp = base + ((size_t)kh * bs + s) * HD + cc * 8;
+                vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc * 8;
+                bytes = 16;
+            }
+            cp_async16(kd + rg * K_SBO + cc * 128 + r8 * 16, kp, bytes);
+            cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16, vp, bytes);
+        }
+        cp_async_commit();
+    };
+    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
+    int blk[ITERS];
+    fetch_blocks(kv_begin, blk);
+    load_tile(0, kv_begin, blk);
+    if (ntiles > 1) {
+        fetch_blocks(kv_begin + BK, blk);
+        load_tile(1, kv_begin + BK, blk);
+    }
+    if (ntiles > 2) fetch_blocks(kv_begin + 2 * BK, blk);
+    // This warpgroup's rows are at positions wg0 .. wg0 + 63, this warp's at wq0 ..
+    int wg0 = pos0 + tile * BQ + wg * 64;
+    int wq0 = pos0 + tile * BQ + warp * 16;
+    for (int t = 0; t < ntiles; t++) {
+        int kt = kv_begin + t * BK;
+        if (t + 2 < ntiles) {
+            load_tile((t + 2) % STAGES, kt + 2 * BK, blk);
+            if (t + 3 < ntiles) fetch_blocks(kt + 3 * BK, blk);  // used next round
+            cp_async_wait<2>();
+        } else if (t + 1 < ntiles) {
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+        const unsigned char* ks = smem_raw + (size_t)(t % STAGES) * 2 * TILE_BYTES;
+        const unsigned char* vs = ks + TILE_BYTES;
+        if (kt > wg0 + 63) {  // every key of the tile is in this warpgroup's future
+            __syncthreads();
+            continue;
+        }
+        bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
+
+        float sc[BK / 8][4];
+        float* scf = &sc[0][0];
+        wgmma_fence();
+#pragma unroll
+        for (int ks2 = 0; ks2 < HD / 16; ks2++)
+            wgmma_m64n64k16_rs<0>(scf, qf[ks2], smem_desc(ks + ks2 * 256, 128, K_SBO), ks2 > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
+
+        float mx[2] = {NEG_INF, NEG_INF};
+        if (full) {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    sc[nt][e] *= scale;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+                }
+        } else {
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = kt + nt * 8 + tig * 2 + (e & 1);
+                    int qp = (e & 2) ? qp1 : qp0;
+                    int r = (e & 2) ? r1 : r0;
+                    bool masked = key > qp || key >= kv_end || r >= len ||
+                                  (window > 0 && qp - key >= window);
+                    float v = masked ? NEG_INF : sc[nt][e] * scale;
+                    sc[nt][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+            float mn = fmaxf(m[rr], mx[rr]);
+            float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
+            if (mn == NEG_INF) corr = 1.f;
+            l[rr] *= corr;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][2 * rr] *= corr;
+                o[i][2 * rr + 1] *= corr;
+            }
+            m[rr] = mn;
+        }
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mm = m[e >> 1];
+                float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
+                sc[nt][e] = p;
+                l[e >> 1] += p;
+            }
+        }
+        u32 pa[BK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        }
+        float* of = &o[0][0];
+#pragma unroll
+        for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++)
+            wgmma_pv<HD>(of, pa[kk], smem_desc(vs + kk * 256, 128, V_SBO));
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
+        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) {
+        int col = nt * 8 + tig * 2;
+        if (r0 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
+        }
+        if (r1 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
+        }
+    }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// HD 64 and 128 on sm_90a take the warpgroup kernel; the rest the mma.sync one.
+#if defined(PREFILL_WGMMA)
+#define PREFILL_ATTN_BODY(HD)                                                                  \
+    if constexpr (HD == 64 || HD == 128)                                                       \
+        prefill_attn_wg<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv, \
+                            bs, window, scale);                                                \
+    else                                                                                       \
+        prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
+                         bs, window, scale);
+#else
+#define PREFILL_ATTN_BODY(HD)                                                                  \
+    prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv, bs,    \
+                     window, scale);
+#endif
 #define PREFILL_ATTN(HD)                                                                       \
     extern "C" __global__ void prefill_attn_##HD(                                              \
         const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
         const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
         int bs, int window, float scale) {                                                     \
         pdl_enter();                                                                           \
-        prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
-                         bs, window, scale);                                                   \
+        PREFILL_ATTN_BODY(HD)                                                                  \
     }
 PREFILL_ATTN(32)
 PREFILL_ATTN(64)

@@ -1,0 +1,157 @@
+//! `tandem-gpu-bench attn`: the Hopper prefill attention (wgmma, compiled for
+//! `sm_90a`) against the portable mma.sync kernel (the same program compiled
+//! for `sm_90`) on long prompts, in one process: two backends with the same
+//! random weights prefill the same prompts, whole, in chunks and from a cached
+//! prefix, and the logits at each chunk's end (and of a decode step after the
+//! prompt, which reads the KV the prefill wrote) must agree.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tandem_engine::backend::{BackendExt, SeqChunk};
+use tandem_engine::block_manager::blocks_for;
+use tandem_engine::cuda::bench::named_config;
+use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel};
+
+use super::{BS, Res, arg, l2_err};
+
+/// Largest L2 relative error of the logits the two kernels may differ by (both
+/// bf16 attention with f32 accumulation; they differ in summation order).
+const BOUND: f64 = 1e-2;
+
+fn backend(
+    arch: Option<&str>,
+    config: &tandem_engine::ModelConfig,
+    blocks: usize,
+) -> Res<CudaBackend> {
+    // SAFETY: set before any thread of this process reads the environment; the
+    // program is compiled by Gpu::open, which reads it once.
+    unsafe {
+        match arch {
+            Some(a) => std::env::set_var("TANDEM_CUDA_ARCH", a),
+            None => std::env::remove_var("TANDEM_CUDA_ARCH"),
+        }
+    }
+    let gpu = Gpu::open(0, config)?;
+    let (target, regs) = gpu.kernel_target()?;
+    println!("kernels compiled for {target}: prefill_attn uses {regs} registers a thread\n");
+    let model = GpuModel::random(&gpu, config, 1)?;
+    Ok(CudaBackend::new(
+        gpu,
+        model,
+        blocks,
+        BS,
+        CudaLimits::default(),
+    )?)
+}
+
+pub(crate) fn attn(args: &[String]) -> Res<()> {
+    let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
+    let layers = arg(args, "--layers")
+        .map(|s| s.parse())
+        .transpose()?
+        .or(Some(2));
+    let config = named_config(&shape, layers)?;
+    let max_len = 32768 + 64;
+    let blocks = blocks_for(max_len, BS) + 8;
+    let mut fallback = backend(Some("sm_90"), &config, blocks)?;
+    let mut hopper = backend(None, &config, blocks)?;
+    println!(
+        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights\n",
+        config.num_layers
+    );
+    println!(
+        "| prompt | chunks (start..end) | logits L2 rel err per chunk end | decode step after it |"
+    );
+    println!("|---|---|---|---|");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    // (length, chunk boundaries): whole, 8192-token chunks, a cached prefix that
+    // ends off a tile boundary.
+    let cases: Vec<(usize, Vec<usize>)> = vec![
+        (1, vec![]),
+        (77, vec![]),
+        (1000, vec![]),
+        (4097, vec![1000]),
+        (8192, vec![]),
+        (12345, vec![8192]),
+        (16384, vec![3001, 8192 + 3001]),
+        (32768, vec![8192, 16384, 24576]),
+    ];
+    let mut worst: f64 = 0.0;
+    for (len, cuts) in cases {
+        let prompt: Vec<u32> = (0..len)
+            .map(|_| rng.random_range(0..config.vocab_size as u32))
+            .collect();
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied());
+        bounds.push(len);
+        let mut errs = Vec::new();
+        for w in bounds.windows(2) {
+            let (s, e) = (w[0], w[1]);
+            let a = fallback.prefill(&prompt[s..e], s, &table)?;
+            let b = hopper.prefill(&prompt[s..e], s, &table)?;
+            errs.push(l2_err(&b, &a) as f64);
+        }
+        let step = |be: &mut CudaBackend| -> Res<Vec<f32>> {
+            let chunk = [SeqChunk {
+                tokens: &prompt[len - 1..len],
+                start: len,
+                block_table: &table,
+            }];
+            Ok(be.forward_logits(&chunk, None)?.remove(0))
+        };
+        let d = l2_err(&step(&mut hopper)?, &step(&mut fallback)?) as f64;
+        for &e in errs.iter().chain([&d]) {
+            worst = worst.max(e);
+        }
+        let spans: Vec<String> = bounds
+            .windows(2)
+            .map(|w| format!("{}..{}", w[0], w[1]))
+            .collect();
+        let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
+        println!(
+            "| {len} | {} | {} | {d:.2e} |",
+            spans.join(", "),
+            shown.join(", ")
+        );
+    }
+    println!();
+    // Speed: the attention's share of a prefill differs by kernel; same prompts,
+    // same weights, one after the other, median of 3 after a warm-up.
+    println!(
+        "| prompt (one chunk of 8192 at the end of it) | mma.sync ms | wgmma ms | mma.sync ÷ wgmma |"
+    );
+    println!("|---|---|---|---|");
+    for len in [8192usize, 32768] {
+        let prompt: Vec<u32> = (0..len)
+            .map(|_| rng.random_range(0..config.vocab_size as u32))
+            .collect();
+        let s = len - 8192;
+        let mut time = |be: &mut CudaBackend| -> Res<f64> {
+            if s > 0 {
+                for c in (0..s).step_by(8192) {
+                    be.prefill(&prompt[c..c + 8192], c, &table)?;
+                }
+            }
+            let mut v = Vec::new();
+            for r in 0..4 {
+                let t0 = std::time::Instant::now();
+                be.prefill(&prompt[s..len], s, &table)?;
+                if r > 0 {
+                    v.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok(super::median(v))
+        };
+        let (a, b) = (time(&mut fallback)?, time(&mut hopper)?);
+        println!("| {len} | {a:.2} | {b:.2} | {:.2} |", a / b);
+    }
+    println!();
+    if worst.is_nan() || worst > BOUND {
+        return Err(
+            format!("the kernels' logits differ by L2 {worst:.2e} (bound {BOUND:.0e})").into(),
+        );
+    }
+    println!("worst L2 rel err {worst:.2e} (bound {BOUND:.0e})\n");
+    Ok(())
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Kernel work on a GPU machine with no Rust toolchain: the binaries under
+# $GPU_DIR (built once with --features cuda) compile the kernels at start from
+# engine/src/cuda/kernels of this checkout (TANDEM_CUDA_KERNELS), so a kernel
+# edit is measured without a rebuild as long as its launch stays the same.
+#   STEPS="check attn bench"  which steps, in order (default: all three):
+#     check    CPU vs GPU on the synthesized models (tandem-gpu-bench check)
+#     attn     wgmma vs mma.sync prefill attention on 1..32k-token prompts
+#     bench    the llama3-8b benchmark (decode sweep, prefill, export)
+#     bench90  the same with the portable kernels (TANDEM_CUDA_ARCH=sm_90)
+#     kernels  where a decode step's time goes
+#   RUNS=3    how many times each bench step runs (medians and ranges over runs)
+# Writes one Markdown file per step under $OUT.
+set -u
+GPU_DIR=${GPU_DIR:-.gpu}
+OUT=${OUT:-/tmp/tandem-gpu-out}
+mkdir -p "$OUT"
+NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/nccl/lib:${LD_LIBRARY_PATH:-}
+export TANDEM_CUDA_KERNELS=$PWD/engine/src/cuda/kernels
+B=$GPU_DIR/tandem-gpu-bench
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; git log -1 --format='%h %s' 2>/dev/null; } > "$OUT/env.txt"
+for s in ${STEPS:-check attn bench}; do
+  for r in $(seq 1 "${RUNS:-1}"); do
+    case $s in
+      check) timeout 240 "$B" check --dir /tmp/tandem-check ;;
+      attn) timeout 240 "$B" attn ;;
+      bench) timeout 400 "$B" bench --shape llama3-8b ;;
+      bench90) TANDEM_CUDA_ARCH=sm_90 timeout 400 "$B" bench --shape llama3-8b ;;
+      kernels) timeout 120 "$B" kernels --shape llama3-8b ;;
+      *) echo "unknown step $s"; false ;;
+    esac >> "$OUT/$s.md" 2>&1
+    echo "=== $s run $r rc=$? ($(date -u +%T))"
+    case $s in check|attn|kernels) break ;; esac
+  done
+done
