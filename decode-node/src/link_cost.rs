@@ -13,6 +13,10 @@
 //!
 //! The local rate: prompt tokens over the duration of forward passes that
 //! prefilled at least [`MIN_PREFILL_TOKENS`] tokens here, smoothed alike.
+//! The bound is low so that the short prompts a decode node prefills anyway
+//! teach it its rate; a small pass's fixed costs make that rate an
+//! underestimate, which errs towards the prefill node. Until it is
+//! measured, long prompts go remote.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,7 +30,7 @@ pub const ALPHA: f64 = 0.3;
 /// Transfers with fewer bytes are not counted (latency, not the link, dominates).
 pub const MIN_SAMPLE_BYTES: u64 = 256 << 10;
 /// Forward passes prefilling fewer tokens here are not counted.
-pub const MIN_PREFILL_TOKENS: usize = 64;
+pub const MIN_PREFILL_TOKENS: usize = 16;
 /// Transfers being measured before unfinished ones are dropped.
 const MAX_METERS: usize = 4096;
 
@@ -175,6 +179,8 @@ mod tests {
     fn the_local_rate_ignores_small_passes() {
         let mut r = LocalRate::default();
         r.observe(10, Duration::from_millis(1));
+        assert_eq!(r.tokens_per_s(), None);
+        r.observe(MIN_PREFILL_TOKENS, Duration::ZERO);
         assert_eq!(r.tokens_per_s(), None);
         r.observe(1000, Duration::from_millis(100));
         assert_eq!(r.tokens_per_s(), Some(10_000.0));
