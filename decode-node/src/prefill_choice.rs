@@ -95,8 +95,9 @@ impl PrefillReason {
 pub struct Estimates {
     /// Local prefill time; `None` when not needed or the rate is unknown.
     pub local: Option<Duration>,
-    /// Queue + compute + KV transfer at the link rate; `None` when not needed
-    /// or the link is assumed fast.
+    /// Remote time to the KV's arrival: the queue, then the longer of the
+    /// compute and the transfer at the link rate (they overlap layer by
+    /// layer); `None` when not needed or the link is assumed fast.
     pub remote: Option<Duration>,
 }
 
