@@ -35,7 +35,6 @@ prefix_cache = false
 $3
 [decode]
 kv_blocks = 4096
-local_prefill_below = 32
 prefix_cache = false
 $2
 T
@@ -49,14 +48,15 @@ T
     --no-progress >/dev/null 2>&1 || true
   echo "=== $1"
   "$BIN" bench --router http://127.0.0.1:50061 "${WORKLOAD[@]}" \
-    --result-file "$OUT/$1.json" | sed -n '/Serving Benchmark Result/,$p'
+    --result-file "$OUT/$1.json" | sed -n '/Serving Benchmark Result/,$p' || echo "$1: bench failed"
+  if grep -q "^Error" "$OUT/$1.log"; then grep -v "^  " "$OUT/$1.log" | head -5; fi
   stop
 }
 
-run disagg "link_cost_prefill = false" ""
+run disagg $'local_prefill_below = 32\nlink_cost_prefill = false' ""
 run colocated "local_prefill_below = 1000000000" ""
-run slow-off "link_cost_prefill = false" "max_send_rate_mbps = $SLOW_MBPS"
-run slow-on "" "max_send_rate_mbps = $SLOW_MBPS"
+run slow-off $'local_prefill_below = 32\nlink_cost_prefill = false' "max_send_rate_mbps = $SLOW_MBPS"
+run slow-on "local_prefill_below = 32" "max_send_rate_mbps = $SLOW_MBPS"
 for n in disagg colocated slow-off slow-on; do
   printf '%-10s prefill decisions: %s\n' "$n" \
     "$(grep -o 'reason="[a-z_]*"' "$OUT/$n.log" | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
