@@ -1,6 +1,8 @@
 //! A request's id is in the logs of all three processes that served it
 //! (router, prefill node, decode node as separate `tandem` processes), in
-//! text and in JSON mode; in JSON mode every log line is a JSON object.
+//! text and in JSON mode; in JSON mode every log line is a JSON object, the
+//! router's last line carries the request's timing spans and the decode
+//! node's admission says why the prompt is prefilled where it is.
 
 mod support;
 
@@ -196,6 +198,37 @@ fn json_logs_are_json_lines_carrying_the_request_id() {
         for l in &in_span {
             assert_eq!(l["span"]["name"], span_name(role), "{role}: {l}");
             assert_eq!(l["spans"][0]["request_id"], id, "{role}: {l}");
+        }
+        let line = |message: &str| {
+            in_span
+                .iter()
+                .find(|l| l["fields"]["message"] == message)
+                .unwrap_or_else(|| panic!("{role}: no {message:?} line:\n{log}"))
+        };
+        match role {
+            // One line at the end carries every phase of the time to first
+            // token of this remotely prefilled request.
+            "router" => {
+                let done = line("request finished");
+                for phase in [
+                    "route_ms",
+                    "prefill_queue_ms",
+                    "prefill_compute_ms",
+                    "kv_send_tail_ms",
+                    "kv_import_tail_ms",
+                    "first_token_ms",
+                    "first_step_ms",
+                ] {
+                    let ms = done["fields"][phase].as_f64();
+                    assert!(ms.is_some_and(|ms| ms >= 0.0), "{phase}: {done}");
+                }
+            }
+            // The decode node says where the prompt is prefilled, and why.
+            "decode" => {
+                let admitted = line("admitted");
+                assert_eq!(admitted["fields"]["reason"], "remote", "{admitted}");
+            }
+            _ => {}
         }
     }
 }

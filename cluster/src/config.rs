@@ -403,6 +403,13 @@ impl Config {
         if self.decode.as_ref().is_some_and(|d| d.tp == 0) {
             return Err(ConfigError::Invalid("decode.tp must be at least 1".into()));
         }
+        if let Some(r) = self.decode.as_ref().and_then(|d| d.default_link_rate_mbps)
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "decode.default_link_rate_mbps ({r}) must be a positive number"
+            )));
+        }
         if let (Some(p), Some(d)) = (&self.prefill, &self.decode)
             && p.block_size != d.block_size
         {

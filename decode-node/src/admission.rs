@@ -12,10 +12,14 @@
 //! of the last token: its KV is computed with the first token's logits).
 //! Then:
 //!
-//! - **Local prefill** when the router forced it, or when the tokens *not*
-//!   cached here are fewer than `decode.local_prefill_below`: a long prompt
-//!   whose prefix is cached here needs no prefill node. Prefill starts after
-//!   the cached blocks.
+//! - **Local prefill** when the router forced it, when the tokens *not*
+//!   cached here are fewer than `decode.local_prefill_below` (a long prompt
+//!   whose prefix is cached here needs no prefill node), or when shipping
+//!   their KV from the router's prefill node would cost more time to first
+//!   token than prefilling here ([`prefill_choice`](crate::prefill_choice),
+//!   at the rates [`link_cost`](crate::link_cost) measures). Prefill starts
+//!   after the cached blocks. The reason is logged and counted
+//!   (`tandem_prefill_decisions_total{reason}`).
 //! - **Otherwise a `KvTarget`** whose `cached_blocks` tells the prefill node
 //!   to ship only the blocks after them; the reservation table counts the
 //!   held blocks as received and refuses frames for them, and imported
@@ -36,10 +40,13 @@ use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{SequenceBlocks, blocks_for};
 use tandem_kv_transfer::Expectation;
 use tandem_proto::v1 as pb;
+use tandem_telemetry::names;
 use tokio::sync::mpsc;
 
 use crate::errors::Refusal;
+use crate::prefill_choice::{PrefillFacts, choose};
 use crate::scheduler::{Event, Scheduler};
+use crate::seq_spans::SeqSpans;
 use crate::sequence::{Sequence, State};
 
 /// A request to admit.
@@ -56,6 +63,11 @@ pub struct Admission {
     pub force_local: bool,
     /// How long to wait for remote KV.
     pub kv_timeout: Duration,
+    /// The prefill node the router will use for a remote prefill (empty:
+    /// unknown); its measured link rate weighs the decision.
+    pub prefill_peer: String,
+    /// The router's estimate of the wait in that node's queue.
+    pub prefill_queue: Duration,
     /// The response stream.
     pub events: mpsc::Sender<Event>,
     /// The request's span (carrying its id); the loop logs the request's events in it.
@@ -105,7 +117,27 @@ impl<B: Backend> Scheduler<B> {
         // From here the sequence holds a reference on each of its `cached`
         // leading blocks until `remove`: they cannot be evicted meanwhile.
         let cached_tokens = cached * bs;
-        let local = a.force_local || context_len - cached_tokens < self.limits.local_prefill_below;
+        let prompt_blocks = blocks_for(context_len, bs);
+        let facts = PrefillFacts {
+            forced: a.force_local,
+            uncached_tokens: context_len - cached_tokens,
+            kv_bytes: (prompt_blocks.saturating_sub(cached)
+                * layout.block_bytes()
+                * layout.num_layers) as u64,
+            link_rate: match a.prefill_peer.as_str() {
+                "" => None,
+                peer => self.links.lock().rate(peer),
+            },
+            remote_queue: a.prefill_queue,
+            local_rate: self.local_rate.tokens_per_s(),
+            running: self
+                .seqs
+                .values()
+                .filter(|s| matches!(s.state, State::Running))
+                .count(),
+        };
+        let (reason, estimates) = choose(&self.policy, &facts);
+        let local = reason.local();
         let transfer_id = self.next_transfer_id;
         self.next_transfer_id += 1;
         let mut admitted = pb::Admitted {
@@ -117,7 +149,6 @@ impl<B: Backend> Scheduler<B> {
                 done: cached_tokens,
             }
         } else {
-            let prompt_blocks = blocks_for(context_len, bs);
             let expect = Expectation {
                 num_layers: layout.num_layers as u32,
                 num_blocks: prompt_blocks as u32,
@@ -167,16 +198,27 @@ impl<B: Backend> Scheduler<B> {
         };
         // The loop serves every request on one thread: it enters the
         // request's span for the lines it logs about it.
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
         a.span.in_scope(|| {
-            tracing::debug!(
+            tracing::info!(
                 transfer_id,
                 prompt_len = context_len,
                 cached_tokens,
                 local,
+                reason = reason.label(),
+                prefill_peer = %a.prefill_peer,
+                link_mbps = facts.link_rate.map(|r| r * 8e-6),
+                local_estimate_ms = ms(estimates.local),
+                remote_estimate_ms = ms(estimates.remote),
                 skipped_bytes,
                 "admitted"
             )
         });
+        metrics::counter!(names::PREFILL_DECISIONS_TOTAL, names::REASON => reason.label())
+            .increment(1);
+        if !local && !a.prefill_peer.is_empty() {
+            self.links.lock().expect(transfer_id, &a.prefill_peer);
+        }
         {
             let mut stats = self.stats();
             if local {
@@ -204,6 +246,7 @@ impl<B: Backend> Scheduler<B> {
                 state,
                 events: a.events,
                 span: a.span,
+                spans: SeqSpans::new(Instant::now()),
             },
         );
         Ok(())

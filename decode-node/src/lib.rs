@@ -12,6 +12,12 @@
 //! - [`service`]: the internal gRPC service the router calls, and the one
 //!   place domain errors become gRPC statuses.
 //! - [`node_metrics`]: the engine loop's metrics (KV blocks, waiting sequences, batch sizes).
+//! - [`prefill_choice`]: the sans-I/O decision where a prompt is prefilled
+//!   (here, or on a prefill node when the link pays) and why.
+//! - [`link_cost`]: what that decision measures (KV rate per prefill node,
+//!   this node's prefill rate).
+//! - [`seq_spans`]: when a request's KV landed and its first step ran, for
+//!   the router's per-request timing spans.
 //!
 //! Each `Decode` call gets a `decode` span carrying the router's
 //! `request_id`; the engine loop logs the request's events in it.
@@ -19,8 +25,11 @@
 pub mod admission;
 pub mod batch_plan;
 pub mod errors;
+pub mod link_cost;
 pub mod node_metrics;
+pub mod prefill_choice;
 pub mod scheduler;
+pub mod seq_spans;
 pub mod sequence;
 pub mod service;
 pub mod sink;
@@ -36,6 +45,8 @@ use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
 use tokio_util::sync::CancellationToken;
 
+use crate::link_cost::SharedLinks;
+use crate::prefill_choice::LinkPolicy;
 use crate::scheduler::{KvEndpoint, Limits, Scheduler, Stats};
 use crate::service::DecodeService;
 use crate::sink::ReservedSink;
@@ -182,7 +193,12 @@ pub async fn serve_advertising(
             (server_tls, cert.cert.to_vec(), "localhost".to_owned())
         }
     };
-    let sink = Arc::new(ReservedSink::new(reservations.clone(), commands.clone()));
+    let links = SharedLinks::default();
+    let sink = Arc::new(ReservedSink::new(
+        reservations.clone(),
+        commands.clone(),
+        links.clone(),
+    ));
     let (receiver, quic_addr) = KvReceiver::bind_with(
         config.quic_listen,
         server_tls,
@@ -221,6 +237,12 @@ pub async fn serve_advertising(
         prefix_cache: config.prefix_cache,
         local_prefill_below: config.local_prefill_below,
     };
+    let policy = LinkPolicy {
+        local_prefill_below: config.local_prefill_below,
+        link_cost: config.link_cost_prefill,
+        default_link_rate: config.default_link_rate_mbps.map(|m| m * 1e6 / 8.0),
+        tpot_budget: std::time::Duration::from_millis(config.tpot_budget_ms),
+    };
     let scheduler = Scheduler::new(
         backend,
         model.clone(),
@@ -229,7 +251,8 @@ pub async fn serve_advertising(
         reservations,
         stats.clone(),
         &config.id,
-    );
+    )
+    .with_link_cost(policy, links);
     let loop_shutdown = shutdown.clone();
     let engine = std::thread::Builder::new()
         .name(format!("decode-{}", config.id))

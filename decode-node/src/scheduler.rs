@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::batch_plan::{PlannedRow, RowKind, StepLimits, plan_step};
 use crate::errors::{Refusal, RequestError};
+use crate::link_cost::{LocalRate, SharedLinks};
 use crate::node_metrics::DecodeMetrics;
+use crate::prefill_choice::LinkPolicy;
 use crate::sequence::{Sequence, State};
 
 /// What a forward pass gave back: chosen tokens, or logits to sample from.
@@ -173,6 +175,10 @@ pub struct Scheduler<B: Backend> {
     pub(crate) seqs: BTreeMap<u64, Sequence>,
     pub(crate) by_request: HashMap<String, u64>,
     pub(crate) next_transfer_id: u64,
+    /// Where long prompts are prefilled (`prefill_choice`), and what it measures.
+    pub(crate) policy: LinkPolicy,
+    pub(crate) links: SharedLinks,
+    pub(crate) local_rate: LocalRate,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -208,7 +214,23 @@ impl<B: Backend> Scheduler<B> {
             by_request: HashMap::new(),
             // Random start: transfer ids of a restarted node never match stale frames.
             next_transfer_id: u64::from(std::process::id()) << 32,
+            policy: LinkPolicy {
+                local_prefill_below: limits.local_prefill_below,
+                link_cost: false,
+                default_link_rate: None,
+                tpot_budget: Duration::from_millis(50),
+            },
+            links: SharedLinks::default(),
+            local_rate: LocalRate::default(),
         }
+    }
+
+    /// Weighs the link's cost in where long prompts are prefilled, with the
+    /// rates `links` measures (shared with the KV sink).
+    pub fn with_link_cost(mut self, policy: LinkPolicy, links: SharedLinks) -> Self {
+        self.policy = policy;
+        self.links = links;
+        self
     }
 
     /// Runs until `shutdown` fires or every command sender is gone.
@@ -283,6 +305,7 @@ impl<B: Backend> Scheduler<B> {
                     return;
                 }
                 seq.state = State::Running;
+                seq.spans.kv_imported = Some(Instant::now());
                 // The context's full blocks now hold their KV (cached or
                 // shipped): the next turn of a chat can start from them.
                 let context_len = seq.generation.tokens().len();
@@ -422,6 +445,7 @@ impl<B: Backend> Scheduler<B> {
                 }
             })
             .collect();
+        let started = Instant::now();
         let result = if on_device {
             self.backend
                 .forward_draw(&chunks, &draws, None)
@@ -432,6 +456,7 @@ impl<B: Backend> Scheduler<B> {
                 .map(Sampled::Logits)
         };
         drop(chunks);
+        self.note_step(&plan, started);
         self.metrics.step(plan.len());
         {
             let decoding = plan.iter().filter(|r| r.kind == RowKind::Decode).count();
@@ -462,6 +487,9 @@ impl<B: Backend> Scheduler<B> {
         };
         // Full blocks now computed can serve later prompts.
         seq.register_full_blocks(&mut self.blocks, &self.hasher, r.start + r.len);
+        if r.kind == (RowKind::Prefill { completes: true }) {
+            seq.spans.prefill_computed = Some(Instant::now());
+        }
         if r.kind == (RowKind::Prefill { completes: false }) {
             seq.state = State::Prefilling {
                 done: r.start + r.len,
@@ -534,6 +562,7 @@ impl<B: Backend> Scheduler<B> {
     /// the one place either is released.
     fn remove(&mut self, id: u64) {
         if let Some(seq) = self.seqs.remove(&id) {
+            self.links.lock().forget(id);
             self.by_request.remove(&seq.request_id);
             self.release_blocks(&seq.table);
             self.reservations().release(id);

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::batch_plan::{Phase, SeqView};
 use crate::scheduler::Event;
+use crate::seq_spans::SeqSpans;
 
 /// Where a sequence is.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +45,8 @@ pub(crate) struct Sequence {
     pub events: mpsc::Sender<Event>,
     /// The request's span (carrying its id); the loop logs the request's events in it.
     pub span: tracing::Span,
+    /// When its KV landed and its first step ran (for the router's timing spans).
+    pub spans: SeqSpans,
 }
 
 impl Sequence {
@@ -108,7 +111,11 @@ impl Sequence {
                         0
                     },
                 }),
-                timings: None,
+                // Only the spans: the router fills in the rest.
+                timings: Some(pb::Timings {
+                    spans: Some(self.spans.to_pb()),
+                    ..Default::default()
+                }),
             })),
         }
     }

@@ -130,6 +130,9 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             generated: r.generated,
             params,
             kv_timeout: Duration::from_millis(u64::from(r.kv_timeout_ms.max(1))),
+            prefill_peer: r.prefill_peer,
+            // A negative or NaN estimate reads as no wait.
+            prefill_queue: Duration::try_from_secs_f64(r.prefill_queue_seconds).unwrap_or_default(),
             events: tx,
             span: span.clone(),
         };

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_kv_transfer::{KvSink, LayerHeader, Reservations, SinkError};
 
+use crate::link_cost::SharedLinks;
 use crate::scheduler::Command;
 
 /// The decode node's [`KvSink`].
@@ -35,6 +36,8 @@ pub struct ReservedSink {
     pub transfer_seconds: metrics::Histogram,
     /// When each transfer in flight sent its first accepted frame, by transfer id.
     pub started: Mutex<HashMap<u64, Instant>>,
+    /// The link rates per prefill node, fed with each frame's receive time.
+    pub links: SharedLinks,
 }
 
 /// Transfers tracked for timing before stale ones (never finished nor
@@ -45,7 +48,11 @@ const STALE_TRANSFER: Duration = Duration::from_secs(120);
 
 impl ReservedSink {
     /// A sink over `reservations`, handing accepted KV to `commands`.
-    pub fn new(reservations: Arc<Mutex<Reservations>>, commands: Sender<Command>) -> Self {
+    pub fn new(
+        reservations: Arc<Mutex<Reservations>>,
+        commands: Sender<Command>,
+        links: SharedLinks,
+    ) -> Self {
         use tandem_telemetry::names;
         ReservedSink {
             reservations,
@@ -53,6 +60,7 @@ impl ReservedSink {
             received: metrics::counter!(names::KV_TRANSFER_BYTES_TOTAL, names::DIRECTION => "received"),
             transfer_seconds: metrics::histogram!(names::KV_TRANSFER_SECONDS),
             started: Mutex::new(HashMap::new()),
+            links,
         }
     }
 
@@ -104,14 +112,24 @@ impl KvSink for ReservedSink {
         if let Some(t) = self.started().remove(&transfer_id) {
             self.transfer_seconds.record(t.elapsed().as_secs_f64());
         }
+        if let Some((peer, rate)) = self.links.lock().finished(transfer_id) {
+            tracing::debug!(transfer_id, %peer, rate_mbps = rate * 8e-6, "kv link rate");
+        }
         self.send(Command::KvComplete {
             transfer_id: complete.transfer_id,
             first_token: complete.first_token,
         })
     }
 
+    fn on_frame_received(&self, transfer_id: u64, bytes: u64, started: Instant) {
+        self.links
+            .lock()
+            .frame(transfer_id, bytes, started, Instant::now());
+    }
+
     fn on_abort(&self, transfer_id: u64, reason: &str) {
         self.started().remove(&transfer_id);
+        self.links.lock().forget(transfer_id);
         // The engine loop fails the request and releases its reservation.
         let _ = self.commands.send(Command::KvAborted {
             transfer_id,

@@ -11,12 +11,14 @@
 //!   frames across lanes (when a Final is due, exactly one ending each).
 //! - [`receiver`]: the decode side's QUIC endpoint, handing frames to a [`KvSink`].
 //! - [`sender`]: the prefill side's QUIC connections, with back-pressure.
+//! - [`rate`]: measured link rates per peer, and the send-rate cap.
 //!
 //! The decode node owns a [`KvReceiver`] and implements [`KvSink`] over its
 //! [`Reservations`] and cache; the prefill node owns a [`KvSender`] per
 //! decode node and opens a [`RequestStream`] per request.
 
 pub mod error;
+pub mod rate;
 pub mod receiver;
 pub mod reservation;
 pub mod sender;
@@ -26,6 +28,7 @@ pub mod transport;
 pub mod wire;
 
 pub use error::TransferError;
+pub use rate::{LinkRates, SendRateLimit};
 pub use receiver::{KvReceiver, KvSink, ReceiverConfig, SinkError};
 pub use reservation::{Accepted, Complete, Expectation, Refusal, Reservations};
 pub use sender::{KvSender, RequestStream, SenderConfig};

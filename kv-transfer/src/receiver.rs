@@ -92,6 +92,13 @@ pub trait KvSink: Send + Sync + 'static {
     ) -> Result<(), SinkError>;
     /// The transfer of the request failed; release its reservation.
     fn on_abort(&self, transfer_id: u64, reason: &str);
+    /// A Layer frame of `bytes` bytes (header included) of `transfer_id`
+    /// was received from `started` (about when its first byte arrived) to
+    /// now; called after `on_layer` accepted it. For measuring the link's
+    /// rate (`rate`); the default ignores it.
+    fn on_frame_received(&self, transfer_id: u64, bytes: u64, started: Instant) {
+        let _ = (transfer_id, bytes, started);
+    }
 }
 
 /// Receiver limits.
@@ -333,6 +340,8 @@ struct StreamFailure {
 async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
     let mut decoder = FrameDecoder::new(shared.config.max_frame_payload);
     let mut request: Option<u64> = None;
+    // When the frame being decoded began to arrive.
+    let mut frame_start: Option<Instant> = None;
     let failure = loop {
         let chunk = tokio::select! {
             _ = shared.shutdown.cancelled() => break Some(StreamFailure { code: stop_code::SHUTDOWN, reason: "receiver shutting down".into() }),
@@ -340,10 +349,17 @@ async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
         };
         match chunk {
             Ok(Some(chunk)) => {
+                if decoder.buffered() == 0 {
+                    frame_start = Some(Instant::now());
+                }
                 decoder.extend(&chunk.bytes);
-                match drain_frames(&mut decoder, &mut request, &shared) {
+                match drain_frames(&mut decoder, &mut request, &shared, &mut frame_start) {
                     Flow::Continue => {}
                     Flow::Stop(f) => break f,
+                }
+                if decoder.buffered() > 0 && frame_start.is_none() {
+                    // The next frame began in this chunk.
+                    frame_start = Some(Instant::now());
                 }
             }
             Ok(None) if decoder.is_idle() => break None,
@@ -385,7 +401,12 @@ enum Flow {
     Stop(Option<StreamFailure>),
 }
 
-fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &Shared) -> Flow {
+fn drain_frames(
+    decoder: &mut FrameDecoder,
+    request: &mut Option<u64>,
+    shared: &Shared,
+    frame_start: &mut Option<Instant>,
+) -> Flow {
     loop {
         let frame = match decoder.next_frame() {
             Ok(Some(f)) => f,
@@ -425,8 +446,12 @@ fn drain_frames(decoder: &mut FrameDecoder, request: &mut Option<u64>, shared: &
                 if !shared.tracker().begin_layer(id, Instant::now()) {
                     return ended();
                 }
+                let bytes = (crate::wire::LAYER_HEADER_LEN + payload.len()) as u64;
                 if let Err(e) = shared.sink.on_layer(&header, payload) {
                     return refused(e.to_string());
+                }
+                if let Some(started) = frame_start.take() {
+                    shared.sink.on_frame_received(id, bytes, started);
                 }
                 let due = shared.tracker().layer_done(id, Instant::now());
                 if let Some(fin) = due {

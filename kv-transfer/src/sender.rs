@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::TransferError;
+use crate::rate::SendRateLimit;
 use crate::tls::TlsError;
 use crate::transport::TransportTuning;
 use crate::wire::{LAYER_HEADER_LEN, LayerHeader, LayerShape, encode_abort, encode_final};
@@ -111,6 +112,8 @@ pub struct KvSender {
     next: AtomicUsize,
     budget: Arc<Semaphore>,
     config: SenderConfig,
+    /// A cap on the bytes/s all this sender's streams write together.
+    send_limit: Option<Arc<SendRateLimit>>,
 }
 
 impl KvSender {
@@ -233,7 +236,16 @@ impl KvSender {
             next: AtomicUsize::new(0),
             budget,
             config,
+            send_limit: None,
         })
+    }
+
+    /// Caps what every request of this sender writes, together, at
+    /// `bytes_per_s` (a token bucket, `[prefill] max_send_rate_mbps`): the
+    /// frames leave in [`SendRateLimit::SLICE`]-byte pieces at that rate.
+    pub fn with_send_rate_limit(mut self, bytes_per_s: f64) -> Self {
+        self.send_limit = Some(Arc::new(SendRateLimit::new(bytes_per_s)));
+        self
     }
 
     /// Opens the streams of one request's transfer.
@@ -266,6 +278,7 @@ impl KvSender {
                     cancel.clone(),
                     failure.clone(),
                     self.config.timeout,
+                    self.send_limit.clone(),
                 ));
                 Lane { tx, cancel, task }
             })
@@ -322,6 +335,8 @@ enum LaneMsg {
     Write(Vec<Bytes>),
     /// Finish the stream and wait for the receiver's acknowledgement.
     Finish,
+    /// Answer once every message before this one is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 struct Lane {
@@ -429,6 +444,23 @@ impl RequestStream {
         Ok(())
     }
 
+    /// Returns once every frame queued so far has been handed to the
+    /// transport (written to its stream, not yet acknowledged): the time
+    /// the request's last KV byte left, for its timing spans.
+    pub async fn flushed(&self) {
+        let mut waits = Vec::with_capacity(self.lanes.len());
+        for lane in &self.lanes {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if lane.tx.send(LaneMsg::Flush(tx)).await.is_ok() {
+                waits.push(rx);
+            }
+        }
+        // A lane that failed answers nothing; its error comes with `finish`.
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+
     /// Sends the Final frame, finishes every stream and waits until the
     /// receiver's QUIC stack has acknowledged all data. An error means the
     /// transfer failed (e.g. the receiver refused a frame and stopped the
@@ -518,8 +550,9 @@ async fn run_lane(
     cancel: CancellationToken,
     failure: Arc<Mutex<Option<TransferError>>>,
     timeout: Duration,
+    limit: Option<Arc<SendRateLimit>>,
 ) -> Result<(), TransferError> {
-    let r = lane_loop(&mut send, &mut rx, &cancel, timeout).await;
+    let r = lane_loop(&mut send, &mut rx, &cancel, timeout, limit.as_deref()).await;
     if let Err(e) = &r {
         if !matches!(e, TransferError::Aborted) {
             failure
@@ -544,11 +577,38 @@ async fn write(
     }
 }
 
+/// Writes `chunks`, at most at `limit`'s rate when there is one.
+async fn write_limited(
+    send: &mut SendStream,
+    chunks: &mut [Bytes],
+    cancel: &CancellationToken,
+    limit: Option<&SendRateLimit>,
+) -> Result<(), TransferError> {
+    let Some(limit) = limit else {
+        return write(send, chunks, cancel).await;
+    };
+    for chunk in chunks.iter() {
+        let mut at = 0;
+        while at < chunk.len() {
+            let end = (at + SendRateLimit::SLICE).min(chunk.len());
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(TransferError::Aborted),
+                _ = limit.take(end - at) => {}
+            }
+            write(send, &mut [chunk.slice(at..end)], cancel).await?;
+            at = end;
+        }
+    }
+    Ok(())
+}
+
 async fn lane_loop(
     send: &mut SendStream,
     rx: &mut mpsc::Receiver<LaneMsg>,
     cancel: &CancellationToken,
     timeout: Duration,
+    limit: Option<&SendRateLimit>,
 ) -> Result<(), TransferError> {
     loop {
         let msg = tokio::select! {
@@ -564,10 +624,13 @@ async fn lane_loop(
                 // lane's task: the lanes of a request hash side by side.
                 header.checksum = xxh3_64(&payload);
                 let mut chunks = [Bytes::copy_from_slice(&header.encode()), payload];
-                write(send, &mut chunks, cancel).await?;
+                write_limited(send, &mut chunks, cancel, limit).await?;
                 drop(permit);
             }
             Some(LaneMsg::Write(mut chunks)) => write(send, &mut chunks, cancel).await?,
+            Some(LaneMsg::Flush(done)) => {
+                let _ = done.send(());
+            }
             Some(LaneMsg::Finish) => {
                 send.finish()
                     .map_err(|e| TransferError::Stream(e.to_string()))?;

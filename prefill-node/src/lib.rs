@@ -171,6 +171,7 @@ pub async fn serve(
         config.kv_connections,
         cluster_tls,
         fingerprint.digest(),
+        config.max_send_rate_mbps,
     ));
     let service = PrefillGrpc(Arc::new(PrefillService {
         shape,

@@ -25,6 +25,8 @@ pub(crate) struct SenderCache {
     cluster_tls: Option<Arc<rustls::ClientConfig>>,
     /// This node's model fingerprint digest, in every transfer's Final frame.
     model_fingerprint: u64,
+    /// `[prefill] max_send_rate_mbps` in bytes/s: each sender's cap.
+    max_send_rate: Option<f64>,
     senders: Mutex<HashMap<Key, Arc<KvSender>>>,
 }
 
@@ -37,11 +39,13 @@ impl SenderCache {
         connections: usize,
         cluster_tls: Option<Arc<rustls::ClientConfig>>,
         model_fingerprint: u64,
+        max_send_rate_mbps: Option<f64>,
     ) -> Self {
         SenderCache {
             connections,
             cluster_tls,
             model_fingerprint,
+            max_send_rate: max_send_rate_mbps.map(|m| m * 1e6 / 8.0),
             senders: Mutex::new(HashMap::new()),
         }
     }
@@ -76,11 +80,13 @@ impl SenderCache {
             model_fingerprint: self.model_fingerprint,
             ..SenderConfig::default()
         };
-        let sender = Arc::new(
-            KvSender::connect_many_with(&dest.addrs, client_tls, config)
-                .await
-                .map_err(fail)?,
-        );
+        let mut sender = KvSender::connect_many_with(&dest.addrs, client_tls, config)
+            .await
+            .map_err(fail)?;
+        if let Some(rate) = self.max_send_rate {
+            sender = sender.with_send_rate_limit(rate);
+        }
+        let sender = Arc::new(sender);
         // Two requests may race to connect; the later one wins, the other's
         // connections close when its last request ends.
         self.lock().insert(k, sender.clone());

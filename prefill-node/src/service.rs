@@ -123,6 +123,7 @@ impl PrefillService {
             rx,
             &cancel,
             &self.transfer_metrics,
+            submitted,
         )
         .await;
         match &result {

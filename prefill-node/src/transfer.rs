@@ -8,6 +8,7 @@
 //! request waiting for blocks holds nothing at the decode node.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tandem_engine::backend::KvBytes;
 use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
@@ -32,6 +33,7 @@ pub(crate) async fn ship(
     mut events: mpsc::Receiver<JobEvent>,
     cancel: &CancellationToken,
     metrics: &TransferMetrics,
+    submitted: Instant,
 ) -> Result<pb::PrefillResponse, PrefillError> {
     let fail = |source: TransferError| PrefillError::Transfer {
         addr: dest.addr,
@@ -96,6 +98,10 @@ pub(crate) async fn ship(
                     // but a stream with no layers is still a valid transfer.
                     None => sender.open_request(dest.transfer_id).await.map_err(fail)?,
                 };
+                // The last layer is queued; the lanes' queues drained means
+                // its bytes went to the transport.
+                s.flushed().await;
+                let kv_sent_seconds = submitted.elapsed().as_secs_f64();
                 s.finish(first_token, num_layers).await.map_err(fail)?;
                 return Ok(pb::PrefillResponse {
                     first_token,
@@ -106,6 +112,7 @@ pub(crate) async fn ship(
                         .as_ref()
                         .map(tandem_cluster::convert::logprobs_to_pb),
                     cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
+                    kv_sent_seconds,
                 });
             }
             Some(JobEvent::Failed(e)) => {

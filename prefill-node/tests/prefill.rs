@@ -148,6 +148,7 @@ async fn start_with(
         kv_connections: 2,
         tp: 1,
         prefix_cache,
+        max_send_rate_mbps: None,
         tls: None,
         connections: Default::default(),
     };

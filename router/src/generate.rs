@@ -48,6 +48,7 @@ use crate::error::RouterError;
 use crate::node_addr::NodeAddr;
 use crate::nodes::{NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
+use crate::request_spans::{self, SpanClock};
 use crate::validation::ValidRequest;
 
 mod reserve;
@@ -118,6 +119,8 @@ struct Progress {
     /// The request's count among the pending prefill tokens, until its
     /// first attempt has a prefill node (or prefills at the decode node).
     pending: Option<PendingTokens>,
+    /// Where the last attempt's time to first token went.
+    spans: SpanClock,
 }
 
 impl Progress {
@@ -130,6 +133,7 @@ impl Progress {
             finish: None,
             cached_tokens: 0,
             pending: Some(pending),
+            spans: SpanClock::default(),
         }
     }
 }
@@ -212,17 +216,30 @@ impl Relay {
             prompt: req.prompt.len(),
             generated: progress.sent.len(),
         });
-        let ms = |t: Option<Instant>| t.map(|t| t.duration_since(arrival).as_secs_f64() * 1e3);
         match result {
-            Ok(()) => info!(
-                status,
-                prompt_tokens = req.prompt.len(),
-                cached_tokens = progress.cached_tokens,
-                generated = progress.sent.len(),
-                ttft_ms = ms(progress.first_token_at),
-                total_ms = arrival.elapsed().as_secs_f64() * 1e3,
-                "request finished"
-            ),
+            Ok(()) => {
+                let p = progress.spans.points(arrival, progress.first_token_at);
+                let ph = request_spans::phases(&p);
+                ph.record();
+                let ms = |s: Option<f64>| s.map(|s| s * 1e3);
+                info!(
+                    status,
+                    prompt_tokens = req.prompt.len(),
+                    cached_tokens = progress.cached_tokens,
+                    generated = progress.sent.len(),
+                    ttft_ms = ms(p.first_token_sent.gt(&0.0).then_some(p.first_token_sent)),
+                    total_ms = arrival.elapsed().as_secs_f64() * 1e3,
+                    route_ms = ms(ph.route),
+                    prefill_queue_ms = ms(ph.prefill_queue),
+                    prefill_compute_ms = ms(ph.prefill_compute),
+                    kv_send_tail_ms = ms(ph.kv_send_tail),
+                    kv_import_tail_ms = ms(ph.kv_import_tail),
+                    first_token_ms = ms(ph.first_token),
+                    first_step_ms = ms(ph.first_step),
+                    spans = ?p,
+                    "request finished"
+                )
+            }
             Err(RouterError::ClientGone) => info!(
                 status,
                 generated = progress.sent.len(),
@@ -314,6 +331,7 @@ impl Request<'_> {
             queue_seconds: since(progress.admitted_at.unwrap_or(now)),
             time_to_first_token_seconds: since(progress.first_token_at.unwrap_or(now)),
             total_seconds: since(now),
+            spans: Some(progress.spans.points(self.arrival, progress.first_token_at)),
         });
         self.send(ClientEvent::Finished(finished)).await
     }
@@ -336,8 +354,10 @@ impl Request<'_> {
             node: decode,
             admitted,
             mut stream,
+            prefill: named_prefill,
         } = self.reserve(&mut guard, &progress.sent, failed).await?;
         progress.admitted_at.get_or_insert_with(Instant::now);
+        progress.spans.admitted(Instant::now());
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
         if admitted.local_prefill {
@@ -353,8 +373,9 @@ impl Request<'_> {
                 message: "Admitted for remote prefill without a kv_target".into(),
             })?;
             let tokens = self.routed_tokens(&progress.sent);
-            let node = self
-                .usable_prefill(failed, &tokens)
+            // The node named to the decode node, whose link it weighed.
+            let node = named_prefill
+                .or_else(|| self.usable_prefill(failed, &tokens))
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
             self.relay
@@ -380,6 +401,7 @@ impl Request<'_> {
             // Counted in the node's queue from now on.
             progress.pending = None;
             guard.prefill = Some(node);
+            progress.spans.prefill_sent(Instant::now());
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
 
@@ -415,6 +437,7 @@ impl Request<'_> {
                     match result {
                         Ok(r) => {
                             let r = r.into_inner();
+                            progress.spans.prefill_answered(&r);
                             if let Some(n) = &node {
                                 self.relay.nodes.record_success(&n.addr);
                             }
@@ -474,11 +497,13 @@ impl Request<'_> {
                         self.relay.nodes.record_success(addr);
                     }
                     if let Some(call) = prefill.take()
-                        && let Some(cached) = self.prefill_answer(call).await
+                        && let Some(answer) = self.prefill_answer(call).await
                     {
-                        prefill_cached = cached;
+                        progress.spans.prefill_answered(&answer);
+                        prefill_cached = answer.cached_tokens;
                         guard.prefill = None;
                     }
+                    progress.spans.decode_finished(finished.timings.as_ref());
                     // One of the two is zero: the prompt was prefilled either
                     // by the prefill node or by the decode node itself.
                     if let Some(usage) = finished.usage.as_mut() {
@@ -511,12 +536,12 @@ impl Request<'_> {
         self.send(ClientEvent::Token(chunk)).await
     }
 
-    /// The cached-token count of a prefill call still running when the
+    /// The answer (cached-token count, timings) of a prefill call still running when the
     /// request finished; `None` when it does not answer soon (the guard then
     /// cancels it) or failed (too late to matter: the tokens are delivered).
-    async fn prefill_answer(&self, call: PrefillCall) -> Option<u32> {
+    async fn prefill_answer(&self, call: PrefillCall) -> Option<pb::PrefillResponse> {
         match tokio::time::timeout(PREFILL_ANSWER_WAIT, call).await {
-            Ok(Ok(r)) => Some(r.into_inner().cached_tokens),
+            Ok(Ok(r)) => Some(r.into_inner()),
             Ok(Err(status)) => {
                 debug!("prefill call failed after the request finished: {status}");
                 None

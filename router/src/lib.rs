@@ -11,7 +11,9 @@
 //!   use; [`breaker`]: a circuit breaker per node;
 //! - [`generate`]: the request's life at the nodes, relaying tokens to the client;
 //! - [`request_metrics`]: what is recorded about each request (latencies,
-//!   tokens, final status), under `tandem_telemetry::names`.
+//!   tokens, final status), under `tandem_telemetry::names`;
+//!   [`request_spans`]: where its time to first token went (the nodes'
+//!   points on the router's clock; phases logged and recorded).
 //!
 //! Each request runs in a `generate` span carrying its `request_id` (the
 //! client's, from the request or its `x-request-id` metadata / header, else a
@@ -39,6 +41,7 @@ pub mod openai_fields;
 pub mod openai_logprobs;
 pub mod openai_structured;
 pub mod request_metrics;
+pub mod request_spans;
 pub mod routing;
 pub mod service;
 pub mod usage;

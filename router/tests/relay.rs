@@ -165,6 +165,7 @@ impl DecodeNode for FakeDecode {
                     queue_seconds: 99.0,
                     time_to_first_token_seconds: 99.0,
                     total_seconds: 99.0,
+                    spans: None,
                 }),
             };
             let _ = tx.send(event(E::Finished(finished))).await;

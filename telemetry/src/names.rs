@@ -31,6 +31,9 @@
 //! | [`ROUTER_BREAKER_STATE`] | router, per node, at every change of its circuit breaker | `role`, `node` |
 //! | [`ROUTER_BREAKER_TRANSITIONS_TOTAL`] | router, per node, per change of its circuit breaker | `role`, `node`, `state` |
 //! | [`ROUTER_RERUNS_TOTAL`] | router, per re-run of a request after an attempt failed | `reason` |
+//! | [`REQUEST_SPAN_SECONDS`] | router, at the end of each finished request, per phase of its time to first token | `span` |
+//! | [`PREFILL_DECISIONS_TOTAL`] | decode node, at admission: where the prompt is prefilled and why | `reason` |
+//! | [`KV_LINK_RATE_BYTES_PER_SECOND`] | decode node, after each measured transfer: the smoothed rate from that prefill node | `peer` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -105,9 +108,24 @@ pub const ROUTER_BREAKER_TRANSITIONS_TOTAL: &str = "tandem_router_breaker_transi
 /// Counter: requests re-run on other nodes, by `reason`: `node_failure` (a
 /// node failed the attempt) or `kv_timeout` (the decode node's KV wait expired).
 pub const ROUTER_RERUNS_TOTAL: &str = "tandem_router_reruns_total";
+/// Histogram: seconds a phase of a request's time to first token took, by
+/// `span`: `route` (arrival to the decode node's admission), `prefill_queue`,
+/// `prefill_compute` (first chunk start to last chunk end), `kv_send_tail`
+/// (compute end to the last KV byte sent), `kv_import_tail` (last byte sent
+/// to the last layer landed at the decode node), `first_token` (KV landed,
+/// or local prefill done, to the first token sent to the client),
+/// `first_step` (KV landed, or local prefill done, to the first decode step).
+pub const REQUEST_SPAN_SECONDS: &str = "tandem_request_span_seconds";
+/// Counter: prompts admitted at a decode node, by where they are prefilled
+/// and why (`reason`: `forced`, `short_prompt`, `link_slow` (local);
+/// `remote`, `tpot_budget` (prefill node)).
+pub const PREFILL_DECISIONS_TOTAL: &str = "tandem_prefill_decisions_total";
+/// Gauge: the smoothed KV rate a decode node measured from a prefill node
+/// (`peer`, its address as the router names it), bytes per second.
+pub const KV_LINK_RATE_BYTES_PER_SECOND: &str = "tandem_kv_link_rate_bytes_per_second";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 30] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -135,11 +153,15 @@ pub const ALL: [&str; 27] = [
     ROUTER_BREAKER_STATE,
     ROUTER_BREAKER_TRANSITIONS_TOTAL,
     ROUTER_RERUNS_TOTAL,
+    REQUEST_SPAN_SECONDS,
+    PREFILL_DECISIONS_TOTAL,
+    KV_LINK_RATE_BYTES_PER_SECOND,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
-pub const HISTOGRAMS: [&str; 5] = [
+pub const HISTOGRAMS: [&str; 6] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
+    REQUEST_SPAN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
     KV_TRANSFER_SECONDS,
@@ -169,6 +191,10 @@ pub const KEY: &str = "key";
 pub const RESULT: &str = "result";
 /// Label: a circuit breaker state entered (see [`ROUTER_BREAKER_TRANSITIONS_TOTAL`]).
 pub const STATE: &str = "state";
+/// Label: a phase of a request's time to first token (see [`REQUEST_SPAN_SECONDS`]).
+pub const SPAN: &str = "span";
+/// Label: a prefill node as a decode node measures its link (see [`KV_LINK_RATE_BYTES_PER_SECOND`]).
+pub const PEER: &str = "peer";
 
 /// Registers every metric's description and unit with the installed recorder
 /// (the `# HELP` lines of the scrape).
@@ -265,12 +291,25 @@ pub fn describe() {
         ROUTER_RERUNS_TOTAL,
         "Requests re-run on other nodes after a failed attempt, by reason"
     );
+    describe_histogram!(
+        REQUEST_SPAN_SECONDS,
+        Unit::Seconds,
+        "Phases of a request's time to first token, by span"
+    );
+    describe_counter!(
+        PREFILL_DECISIONS_TOTAL,
+        "Prompts admitted at a decode node, by where they are prefilled and why (reason)"
+    );
+    describe_gauge!(
+        KV_LINK_RATE_BYTES_PER_SECOND,
+        "Smoothed KV transfer rate a decode node measured from a prefill node, bytes/s"
+    );
 }
 
 /// Upper bounds of the histogram buckets of `name` (one of [`HISTOGRAMS`]).
 pub fn buckets(name: &str) -> &'static [f64] {
     match name {
-        TIME_TO_FIRST_TOKEN_SECONDS => &[
+        TIME_TO_FIRST_TOKEN_SECONDS | REQUEST_SPAN_SECONDS => &[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
             2.5, 5.0, 10.0, 30.0, 60.0,
         ],

@@ -97,6 +97,9 @@ pub struct Metrics {
     /// Multi-turn only: TTFT of every turn after the first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub later_turn_ttft: Option<LatencyStats>,
+    /// The median of each phase of the time to first token (gRPC runs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ttft_spans: Vec<super::spans::SpanMedian>,
 }
 
 /// Summarizes a run of `duration_s` seconds; goodput only when `slo` is given.
@@ -162,6 +165,7 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: Option<&Slo>) 
         e2el: LatencyStats::of_seconds(&e2els),
         first_turn_ttft: turn_ttft(true),
         later_turn_ttft: turn_ttft(false),
+        ttft_spans: super::spans::medians(records),
     }
 }
 

@@ -9,7 +9,7 @@
 //! multi-turn workload, conversations that resend their history), [`request`] sends one over gRPC and times its
 //! stream ([`openai`]: over the OpenAI-compatible HTTP API),
 //! [`runner`] drives one run at one rate, [`metrics`] turns records into
-//! numbers, [`node_metrics`] adds the nodes' own counters around each run
+//! numbers ([`spans`]: the median of each phase of the TTFT), [`node_metrics`] adds the nodes' own counters around each run
 //! (`--metrics-url`), [`report`] prints and saves them and [`plot`] draws them.
 //! [`run_bench`] is the whole command as a library call, for tests.
 
@@ -26,6 +26,7 @@ pub mod request;
 pub mod runner;
 pub mod sessions;
 pub mod slo;
+pub mod spans;
 
 use std::path::PathBuf;
 use std::time::Duration;

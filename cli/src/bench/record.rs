@@ -39,6 +39,9 @@ pub struct RequestRecord {
     pub e2e_s: f64,
     /// Gaps between consecutive streamed chunks after the first.
     pub itl_s: Vec<f64>,
+    /// The phases of its time to first token (`spans`), seconds; gRPC only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub spans_s: Vec<(String, f64)>,
     /// The answer as streamed, kept so a multi-turn session can send it back
     /// as history: token ids (gRPC) and text (both APIs).
     #[serde(skip)]

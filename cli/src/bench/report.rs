@@ -166,6 +166,16 @@ pub fn table(run: &RunReport) -> String {
             );
         }
     }
+    if !m.ttft_spans.is_empty() {
+        header(&mut out, "TTFT Breakdown (median ms)", '-');
+        for s in &m.ttft_spans {
+            line(
+                &mut out,
+                &format!("{} ({} req):", s.span, s.requests),
+                format!("{:.2}", s.median_ms),
+            );
+        }
+    }
     latency_block(
         &mut out,
         "Time per Output Token (excl. 1st token)",

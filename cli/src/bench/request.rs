@@ -111,6 +111,9 @@ pub async fn send(
             }
             Some(pb::generate_response::Event::Finished(fin)) => {
                 record.e2e_s = (now - start).as_secs_f64();
+                if let Some(spans) = fin.timings.as_ref().and_then(|t| t.spans.as_ref()) {
+                    record.spans_s = super::spans::phases_of(spans);
+                }
                 let usage = fin.usage.unwrap_or_default();
                 if usage.prompt_tokens > 0 {
                     record.input_tokens = usage.prompt_tokens as u64;

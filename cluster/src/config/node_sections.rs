@@ -46,6 +46,11 @@ pub struct PrefillSection {
     /// prefix (the prefix cache); `false` computes every prompt in full.
     #[serde(default = "default_true")]
     pub prefix_cache: bool,
+    /// A cap on the KV this node sends to each decode node, in megabits per
+    /// second (a token bucket over all its transfers to that node); none by
+    /// default. For testing a slow link for real, or sharing a network.
+    #[serde(default)]
+    pub max_send_rate_mbps: Option<f64>,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.
@@ -57,6 +62,9 @@ pub struct PrefillSection {
     pub connections: ConnectionsSection,
 }
 
+fn default_tpot_budget_ms() -> u64 {
+    50
+}
 fn default_prefill_id() -> String {
     "prefill-0".into()
 }
@@ -135,6 +143,20 @@ pub struct DecodeSection {
     /// prefix (the prefix cache); `false` computes every prompt in full.
     #[serde(default = "default_true")]
     pub prefix_cache: bool,
+    /// Prefill a long prompt here too when shipping its KV from the prefill
+    /// node (at the rate measured from that node, plus its queue) would
+    /// delay its first token more than prefilling it here takes, and the
+    /// running batch can absorb that (`tpot_budget_ms`).
+    #[serde(default = "default_true")]
+    pub link_cost_prefill: bool,
+    /// The KV rate assumed from a prefill node not yet measured, in
+    /// megabits per second; none: assumed fast (the prompt goes remote).
+    #[serde(default)]
+    pub default_link_rate_mbps: Option<f64>,
+    /// The stall a local prefill may add to the running batch's steps, in
+    /// milliseconds, for `link_cost_prefill`.
+    #[serde(default = "default_tpot_budget_ms")]
+    pub tpot_budget_ms: u64,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.
@@ -173,6 +195,13 @@ impl PrefillSection {
         }
         if self.tp == 0 {
             return Err(ConfigError::Invalid("prefill.tp must be at least 1".into()));
+        }
+        if let Some(r) = self.max_send_rate_mbps
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "prefill.max_send_rate_mbps ({r}) must be a positive number"
+            )));
         }
         Ok(())
     }

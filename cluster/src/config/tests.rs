@@ -285,3 +285,29 @@ fn bad_membership_is_named() {
         assert!(err.contains(key), "{text}: {err}");
     }
 }
+
+#[test]
+fn link_cost_keys_parse_and_bad_rates_are_named() {
+    let c = Config::parse(
+        "[prefill]\nmax_send_rate_mbps = 100\n[decode]\nlink_cost_prefill = false\ndefault_link_rate_mbps = 2500.5\ntpot_budget_ms = 20\n",
+    )
+    .unwrap();
+    assert_eq!(c.prefill.unwrap().max_send_rate_mbps, Some(100.0));
+    let d = c.decode.unwrap();
+    assert!(!d.link_cost_prefill);
+    assert_eq!(d.default_link_rate_mbps, Some(2500.5));
+    assert_eq!(d.tpot_budget_ms, 20);
+    let d = Config::parse("[decode]\n").unwrap().decode.unwrap();
+    assert!(d.link_cost_prefill && d.default_link_rate_mbps.is_none());
+    for (text, key) in [
+        ("[prefill]\nmax_send_rate_mbps = 0\n", "max_send_rate_mbps"),
+        ("[prefill]\nmax_send_rate_mbps = -5\n", "max_send_rate_mbps"),
+        (
+            "[decode]\ndefault_link_rate_mbps = 0\n",
+            "default_link_rate_mbps",
+        ),
+    ] {
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

@@ -10,6 +10,9 @@ pub(super) struct Reserved {
     pub(super) node: NodeHandle,
     pub(super) admitted: pb::Admitted,
     pub(super) stream: Streaming<pb::DecodeResponse>,
+    /// The prefill node named to the decode node (`prefill_peer`), to use
+    /// if it asks for a remote prefill.
+    pub(super) prefill: Option<NodeHandle>,
 }
 
 impl Request<'_> {
@@ -37,7 +40,17 @@ impl Request<'_> {
             // No usable prefill node (none registered, all failing): the
             // decode node prefills the prompt itself.
             let local = !nodes.usable(Role::Prefill, avoid);
+            let prefill = if local {
+                None
+            } else {
+                self.usable_prefill(avoid, &tokens)
+            };
             let request = pb::DecodeRequest {
+                prefill_peer: prefill
+                    .as_ref()
+                    .map(|n| n.addr.to_string())
+                    .unwrap_or_default(),
+                prefill_queue_seconds: prefill.as_ref().map_or(0.0, |n| self.prefill_wait_s(n)),
                 request_id: self.req.request_id.clone(),
                 prompt: self.req.prompt.clone(),
                 sampling: Some(self.req.sampling.clone()),
@@ -59,7 +72,8 @@ impl Request<'_> {
                 guard.decode = Some(node.clone());
                 nodes.note_sent(&node.addr);
                 match self.watch(self.try_decode(&node, request.clone())).await {
-                    Ok(reserved) => {
+                    Ok(mut reserved) => {
+                        reserved.prefill = prefill;
                         nodes.record_success(&node.addr);
                         nodes.note_assigned(&node.addr, self.req.prompt.len() + generated.len());
                         return Ok(reserved);
@@ -99,6 +113,23 @@ impl Request<'_> {
         prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, tokens), failed)
             .into_iter()
             .next()
+    }
+
+    /// The wait in `node`'s prefill queue, in seconds: its queued prompt
+    /// tokens at its measured rate (else the cluster's average); 0 unknown.
+    fn prefill_wait_s(&self, node: &NodeHandle) -> f64 {
+        let nodes = &self.relay.nodes;
+        let Some((queued, rate)) = nodes.prefill_queue(&node.addr) else {
+            return 0.0;
+        };
+        let rate = rate.or_else(|| {
+            let b = nodes.prefill_backlog();
+            (b.nodes > 0 && b.tokens_per_s > 0.0).then(|| b.tokens_per_s / b.nodes as f64)
+        });
+        match rate {
+            Some(r) if r > 0.0 => queued as f64 / r,
+            _ => 0.0,
+        }
     }
 
     /// The KV wait for a reservation: the base, plus (for a remote prefill)
@@ -172,6 +203,7 @@ impl Request<'_> {
                 node: node.clone(),
                 admitted,
                 stream,
+                prefill: None,
             }),
             Ok(Some(_)) => Err(self.protocol(node, "a Decode stream not starting with Admitted")),
             Ok(None) => Err(RouterError::NodeUnavailable {

@@ -1,0 +1,152 @@
+//! Disaggregate when the link pays, through a real cluster: the prefill
+//! node's KV sends are capped (`[prefill] max_send_rate_mbps`, a token bucket
+//! in the KV sender, so the QUIC link is slow for real), the decode node
+//! measures the rate it achieves, and once it has, long prompts are
+//! prefilled on the decode node (`reason="link_slow"` in
+//! `tandem_prefill_decisions_total`). Every request's timing spans reach the
+//! client (`Timings.spans`) and the router's span histogram.
+//!
+//! The metrics recorder is global to the process, so this file holds one test.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tandem_telemetry::names;
+use tandem_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// `GET /metrics`, the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.expect("response");
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    body.to_string()
+}
+
+/// The sum of the samples of `name` whose labels contain `label` (0 when none).
+fn sample(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs one greedy request; returns its final message.
+async fn finished(
+    client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
+    prompt: &[u32],
+) -> pb::Finished {
+    let mut stream = client
+        .generate(greedy_request(prompt, 4))
+        .await
+        .expect("generate")
+        .into_inner();
+    while let Some(msg) = stream.message().await.expect("stream") {
+        if let Some(pb::generate_response::Event::Finished(f)) = msg.event {
+            return f;
+        }
+    }
+    panic!("the stream ended without Finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_link_makes_long_prompts_prefill_locally() {
+    let shutdown = CancellationToken::new();
+    let metrics = tandem_telemetry::serve_metrics("127.0.0.1:0".parse().unwrap(), shutdown.clone())
+        .await
+        .expect("metrics endpoint")
+        .addr;
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.decode.local_prefill_below = 32;
+    let prefill = spec.prefill.as_mut().expect("a prefill node");
+    // 16 Mbit/s: a 600-token prompt's ~460 KB of KV take about 0.23 s on
+    // the wire, while this model prefills it here in milliseconds.
+    prefill.max_send_rate_mbps = Some(16.0);
+    let cluster = Cluster::start(model, spec).await;
+    let mut client = cluster.client().await;
+
+    // A short prompt is prefilled here, which measures this node's rate.
+    let short = finished(&mut client, &prompt(24, 1)).await;
+    let spans = short.timings.and_then(|t| t.spans).expect("spans");
+    assert!(
+        spans.prefill_computed > 0.0 && spans.kv_sent == 0.0,
+        "{spans:?}"
+    );
+
+    // Long prompts (distinct: no prefix cache hits) go remote while the
+    // link is not measured (or no prefill node has reported yet), until a
+    // measured transfer shows the link slow.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut remote_spans = None;
+    let mut salt = 2;
+    let text = loop {
+        let f = finished(&mut client, &prompt(600, salt)).await;
+        salt += 1;
+        if let Some(s) = f.timings.and_then(|t| t.spans)
+            && s.kv_sent > 0.0
+        {
+            remote_spans = Some(s);
+        }
+        let text = scrape(metrics).await;
+        if sample(
+            &text,
+            names::PREFILL_DECISIONS_TOTAL,
+            "reason=\"link_slow\"",
+        ) >= 1.0
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no long prompt was prefilled locally:\n{text}"
+        );
+    };
+    // Shipped at least once, at about the capped rate (2 MB/s; the frames'
+    // headers and slicing make it a little lower, never above).
+    assert!(
+        sample(&text, names::PREFILL_DECISIONS_TOTAL, "reason=\"remote\"") >= 1.0,
+        "{text}"
+    );
+    let rate = sample(&text, names::KV_LINK_RATE_BYTES_PER_SECOND, "peer=");
+    assert!(rate > 0.5e6 && rate < 2.5e6, "measured {rate} B/s\n{text}");
+    let s = remote_spans.expect("a remote prefill's spans");
+    assert!(
+        s.routed > 0.0
+            && s.prefill_started >= s.routed
+            && s.prefill_computed >= s.prefill_started
+            && s.kv_sent >= s.prefill_computed
+            && s.kv_imported > 0.0
+            && s.first_token_sent + 0.005 >= s.kv_imported
+            && s.first_step > 0.0,
+        "{s:?}"
+    );
+    // Its ~467 KB of KV cannot have left faster than the cap (2 MB/s).
+    assert!(s.kv_sent - s.prefill_started >= 0.2, "{s:?}");
+
+    // The next long prompt is prefilled here too: no KV crosses the link.
+    let local = finished(&mut client, &prompt(600, salt)).await;
+    let spans = local.timings.and_then(|t| t.spans).expect("spans");
+    assert_eq!(spans.kv_sent, 0.0, "{spans:?}");
+    assert!(spans.prefill_computed > 0.0, "{spans:?}");
+
+    // The router recorded the phases.
+    let text = scrape(metrics).await;
+    let count = format!("{}_count", names::REQUEST_SPAN_SECONDS);
+    assert!(
+        sample(&text, &count, "span=\"kv_send_tail\"") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, &count, "span=\"prefill_compute\"") >= 3.0,
+        "{text}"
+    );
+    shutdown.cancel();
+}
