@@ -56,6 +56,9 @@ use reserve::Reserved;
 mod first_logprobs;
 use first_logprobs::FirstLogprobs;
 
+mod fanout;
+use fanout::Placement;
+
 /// Wait before asking the decode nodes again when all of them are full.
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a `Cancel` call may take.
@@ -118,10 +121,14 @@ struct Progress {
     /// The request's count among the pending prefill tokens, until its
     /// first attempt has a prefill node (or prefills at the decode node).
     pending: Option<PendingTokens>,
+    /// Where a sample of an `n` > 1 request goes (see `generate/fanout.rs`).
+    placement: Placement,
+    /// The decode node of the current attempt.
+    decode: Option<NodeAddr>,
 }
 
 impl Progress {
-    fn new(arrival: Instant, pending: PendingTokens) -> Self {
+    fn new(arrival: Instant, pending: PendingTokens, placement: Placement) -> Self {
         Progress {
             sent: Vec::new(),
             admitted_at: None,
@@ -130,6 +137,8 @@ impl Progress {
             finish: None,
             cached_tokens: 0,
             pending: Some(pending),
+            placement,
+            decode: None,
         }
     }
 }
@@ -195,6 +204,20 @@ impl Relay {
         tx: ClientSender,
         pending: PendingTokens,
     ) -> Option<Tokens> {
+        self.run_placed(req, arrival, deadline, tx, pending, Placement::default())
+            .await
+    }
+
+    /// [`Relay::run`] for one sample of a request, placed as `placement` says.
+    async fn run_placed(
+        &self,
+        req: ValidRequest,
+        arrival: Instant,
+        deadline: Instant,
+        tx: ClientSender,
+        pending: PendingTokens,
+        placement: Placement,
+    ) -> Option<Tokens> {
         let request = Request {
             relay: self,
             req: &req,
@@ -202,7 +225,7 @@ impl Relay {
             deadline,
             tx: &tx,
         };
-        let mut progress = Progress::new(arrival, pending);
+        let mut progress = Progress::new(arrival, pending, placement);
         let result = request.serve(&mut progress).await;
         let status = match &result {
             Ok(()) => progress.finish.unwrap_or("unspecified"),
@@ -336,8 +359,16 @@ impl Request<'_> {
             node: decode,
             admitted,
             mut stream,
-        } = self.reserve(&mut guard, &progress.sent, failed).await?;
+        } = self
+            .reserve(
+                &mut guard,
+                &progress.sent,
+                failed,
+                progress.placement.pin(attempt),
+            )
+            .await?;
         progress.admitted_at.get_or_insert_with(Instant::now);
+        progress.decode = Some(decode.addr.clone());
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
         if admitted.local_prefill {
@@ -508,6 +539,10 @@ impl Request<'_> {
         progress.first_token_at.get_or_insert(now);
         progress.clock.on_token(now);
         progress.sent.extend_from_slice(&chunk.ids);
+        // The prompt's KV is in place at the decode node: the other samples can follow.
+        if let Some(node) = &progress.decode {
+            progress.placement.prompt_ready(node);
+        }
         self.send(ClientEvent::Token(chunk)).await
     }
 
@@ -569,7 +604,10 @@ impl Request<'_> {
 
     /// Sends one event to the client, waiting no later than the deadline.
     async fn send(&self, event: ClientEvent) -> Result<(), RouterError> {
-        let response = pb::GenerateResponse { event: Some(event) };
+        let response = pb::GenerateResponse {
+            event: Some(event),
+            index: 0,
+        };
         match tokio::time::timeout_at(self.deadline, self.tx.send(Ok(response))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(RouterError::ClientGone),

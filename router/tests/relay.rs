@@ -376,9 +376,11 @@ impl Cluster {
             match stream.message().await {
                 Ok(Some(pb::GenerateResponse {
                     event: Some(Event::Token(t)),
+                    ..
                 })) => tokens.push(t),
                 Ok(Some(pb::GenerateResponse {
                     event: Some(Event::Finished(f)),
+                    ..
                 })) => {
                     assert!(
                         matches!(stream.message().await, Ok(None)),
