@@ -47,7 +47,7 @@ use crate::backlog::PendingTokens;
 use crate::error::RouterError;
 use crate::node_addr::NodeAddr;
 use crate::nodes::{NodeHandle, NodePool};
-use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
+use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended, sample_ended};
 use crate::validation::ValidRequest;
 
 mod reserve;
@@ -225,6 +225,7 @@ impl Relay {
             deadline,
             tx: &tx,
         };
+        let sibling = placement.is_later_sample();
         let mut progress = Progress::new(arrival, pending, placement);
         let result = request.serve(&mut progress).await;
         let status = match &result {
@@ -260,7 +261,11 @@ impl Relay {
                 let _ = tokio::time::timeout(ERROR_SEND_TIMEOUT, tx.send(Err(err.into()))).await;
             }
         }
-        request_ended(status, arrival, tokens);
+        if sibling {
+            sample_ended(tokens);
+        } else {
+            request_ended(status, arrival, tokens);
+        }
         tokens
     }
 }

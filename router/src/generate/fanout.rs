@@ -21,6 +21,9 @@
 //! `seed + i` for sample `i`, as vLLM does, and its own id (`<id>-s<i>`;
 //! sample 0 keeps the request's id) under which the nodes key and cancel it.
 //!
+//! The router's request metrics count the request once (sample 0's status
+//! and duration, the prompt once) and every sample's generated tokens.
+//!
 //! A sample whose node fails is re-run on its own, from the tokens it sent,
 //! like any request (`Request::serve`); a re-run is not pinned. The client
 //! going away closes every sample's stream, so each one's `CancelGuard`
@@ -47,6 +50,9 @@ pub(super) struct Placement {
     ready: Option<oneshot::Sender<NodeAddr>>,
     /// The samples after it: that decode node, for their first attempt.
     pin: Option<NodeAddr>,
+    /// A sample after the first (counted in the router's request metrics
+    /// only by its tokens).
+    later: bool,
 }
 
 impl Placement {
@@ -54,6 +60,11 @@ impl Placement {
     /// attempt is pinned (a re-run avoids the node that failed).
     pub(super) fn pin(&self, attempt: u32) -> Option<&NodeAddr> {
         self.pin.as_ref().filter(|_| attempt == 1)
+    }
+
+    /// Whether this is a sample after the first.
+    pub(super) fn is_later_sample(&self) -> bool {
+        self.later
     }
 
     /// The prompt's KV is at `node` (the sample's first token came from it).
@@ -93,7 +104,7 @@ impl Relay {
         let (ready, prompt_ready) = oneshot::channel();
         let first = Placement {
             ready: Some(ready),
-            pin: None,
+            ..Default::default()
         };
         let first = self.sample(&req, 0, &tx, (arrival, deadline), pending, first);
         let others = async {
@@ -108,6 +119,7 @@ impl Relay {
                 let placement = Placement {
                     ready: None,
                     pin: pin.clone(),
+                    later: true,
                 };
                 self.sample(&req, i, &tx, (arrival, deadline), pending, placement)
             }))
@@ -217,8 +229,8 @@ mod tests {
     #[test]
     fn only_the_first_attempt_is_pinned() {
         let p = Placement {
-            ready: None,
             pin: Some(NodeAddr::from("http://d:1")),
+            ..Default::default()
         };
         assert!(p.pin(1).is_some());
         assert!(p.pin(2).is_none());
@@ -229,7 +241,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let mut p = Placement {
             ready: Some(tx),
-            pin: None,
+            ..Default::default()
         };
         p.prompt_ready(&NodeAddr::from("http://d:1"));
         p.prompt_ready(&NodeAddr::from("http://d:2"));
