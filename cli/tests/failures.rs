@@ -340,9 +340,11 @@ async fn serve_once(
         match stream.message().await? {
             Some(pb::GenerateResponse {
                 event: Some(Event::Token(chunk)),
+                ..
             }) => tokens.extend(chunk.ids),
             Some(pb::GenerateResponse {
                 event: Some(Event::Finished(f)),
+                ..
             }) => return Ok((tokens, f)),
             other => return Err(tonic::Status::internal(format!("unexpected {other:?}"))),
         }
@@ -571,9 +573,11 @@ async fn a_chaos_run_with_a_node_killed_loses_no_request() {
                     match stream.message().await? {
                         Some(pb::GenerateResponse {
                             event: Some(Event::Token(chunk)),
+                            ..
                         }) => tokens.extend(chunk.ids),
                         Some(pb::GenerateResponse {
                             event: Some(Event::Finished(f)),
+                            ..
                         }) => return Ok::<_, tonic::Status>((tokens, f)),
                         other => {
                             return Err(tonic::Status::internal(format!("unexpected {other:?}")));

@@ -59,9 +59,11 @@ fn long_request(router: u16, max_tokens: u32) -> Result<usize, String> {
             match stream.message().await.map_err(|s| s.to_string())? {
                 Some(pb::GenerateResponse {
                     event: Some(pb::generate_response::Event::Token(t)),
+                    ..
                 }) => tokens += t.ids.len(),
                 Some(pb::GenerateResponse {
                     event: Some(pb::generate_response::Event::Finished(f)),
+                    ..
                 }) => {
                     return match f.reason() {
                         pb::FinishReason::Length => Ok(tokens),

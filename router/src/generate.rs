@@ -47,7 +47,7 @@ use crate::backlog::PendingTokens;
 use crate::error::RouterError;
 use crate::node_addr::NodeAddr;
 use crate::nodes::{NodeHandle, NodePool};
-use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended};
+use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended, sample_ended};
 use crate::request_spans::{self, SpanClock};
 use crate::validation::ValidRequest;
 
@@ -56,6 +56,9 @@ use reserve::Reserved;
 
 mod first_logprobs;
 use first_logprobs::FirstLogprobs;
+
+mod fanout;
+use fanout::Placement;
 
 /// Wait before asking the decode nodes again when all of them are full.
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
@@ -121,10 +124,14 @@ struct Progress {
     pending: Option<PendingTokens>,
     /// Where the last attempt's time to first token went.
     spans: SpanClock,
+    /// Where a sample of an `n` > 1 request goes (see `generate/fanout.rs`).
+    placement: Placement,
+    /// The decode node of the current attempt.
+    decode: Option<NodeAddr>,
 }
 
 impl Progress {
-    fn new(arrival: Instant, pending: PendingTokens) -> Self {
+    fn new(arrival: Instant, pending: PendingTokens, placement: Placement) -> Self {
         Progress {
             sent: Vec::new(),
             admitted_at: None,
@@ -134,6 +141,8 @@ impl Progress {
             cached_tokens: 0,
             pending: Some(pending),
             spans: SpanClock::default(),
+            placement,
+            decode: None,
         }
     }
 }
@@ -199,6 +208,20 @@ impl Relay {
         tx: ClientSender,
         pending: PendingTokens,
     ) -> Option<Tokens> {
+        self.run_placed(req, arrival, deadline, tx, pending, Placement::default())
+            .await
+    }
+
+    /// [`Relay::run`] for one sample of a request, placed as `placement` says.
+    async fn run_placed(
+        &self,
+        req: ValidRequest,
+        arrival: Instant,
+        deadline: Instant,
+        tx: ClientSender,
+        pending: PendingTokens,
+        placement: Placement,
+    ) -> Option<Tokens> {
         let request = Request {
             relay: self,
             req: &req,
@@ -206,7 +229,8 @@ impl Relay {
             deadline,
             tx: &tx,
         };
-        let mut progress = Progress::new(arrival, pending);
+        let sibling = placement.is_later_sample();
+        let mut progress = Progress::new(arrival, pending, placement);
         let result = request.serve(&mut progress).await;
         let status = match &result {
             Ok(()) => progress.finish.unwrap_or("unspecified"),
@@ -254,7 +278,11 @@ impl Relay {
                 let _ = tokio::time::timeout(ERROR_SEND_TIMEOUT, tx.send(Err(err.into()))).await;
             }
         }
-        request_ended(status, arrival, tokens);
+        if sibling {
+            sample_ended(tokens);
+        } else {
+            request_ended(status, arrival, tokens);
+        }
         tokens
     }
 }
@@ -355,9 +383,17 @@ impl Request<'_> {
             admitted,
             mut stream,
             prefill: named_prefill,
-        } = self.reserve(&mut guard, &progress.sent, failed).await?;
+        } = self
+            .reserve(
+                &mut guard,
+                &progress.sent,
+                failed,
+                progress.placement.pin(attempt),
+            )
+            .await?;
         progress.admitted_at.get_or_insert_with(Instant::now);
         progress.spans.admitted(Instant::now());
+        progress.decode = Some(decode.addr.clone());
         debug!(node = %decode.addr, local_prefill = admitted.local_prefill, "admitted");
 
         if admitted.local_prefill {
@@ -533,6 +569,10 @@ impl Request<'_> {
         progress.first_token_at.get_or_insert(now);
         progress.clock.on_token(now);
         progress.sent.extend_from_slice(&chunk.ids);
+        // The prompt's KV is in place at the decode node: the other samples can follow.
+        if let Some(node) = &progress.decode {
+            progress.placement.prompt_ready(node);
+        }
         self.send(ClientEvent::Token(chunk)).await
     }
 
@@ -594,7 +634,10 @@ impl Request<'_> {
 
     /// Sends one event to the client, waiting no later than the deadline.
     async fn send(&self, event: ClientEvent) -> Result<(), RouterError> {
-        let response = pb::GenerateResponse { event: Some(event) };
+        let response = pb::GenerateResponse {
+            event: Some(event),
+            index: 0,
+        };
         match tokio::time::timeout_at(self.deadline, self.tx.send(Ok(response))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_closed)) => Err(RouterError::ClientGone),

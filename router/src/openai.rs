@@ -45,6 +45,9 @@ use error::{ApiError, error_body};
 mod chunks;
 use chunks::{logprobs_json, sse_events, usage_json};
 
+mod choices;
+use choices::{Choices, Samples};
+
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
@@ -134,6 +137,8 @@ enum LogprobsInput {
 struct Sampling {
     /// vLLM's: the request's id (in logs on every node), like `X-Request-Id`.
     request_id: Option<String>,
+    /// Choices to return (parallel samples of the prompt).
+    n: Option<u32>,
     model: Option<String>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
@@ -184,6 +189,8 @@ struct CompletionRequest {
     /// Start the completion's text with the prompt's.
     #[serde(default)]
     echo: bool,
+    /// Samples to run, of which the `n` most likely are returned.
+    best_of: Option<u32>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -323,6 +330,8 @@ fn to_request(
         ignore_eos: s.ignore_eos,
         logprobs: logprobs_asked(s, kind)?,
         min_tokens: s.min_tokens,
+        // Set from the checked `n` and `best_of` in `run`.
+        n: 1,
         constraint: openai_structured::constraint(&s.structured)?,
     })
 }
@@ -392,10 +401,17 @@ async fn completions(
     let vocab = st.model.config.vocab_size;
     let request = to_request(prompt, &req.sampling, Kind::Completion, vocab)?;
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+    let samples = Samples::check(
+        req.sampling.n,
+        req.best_of,
+        req.sampling.stream,
+        st.service.max_n(),
+    )?;
     let out = Output {
         stream: req.sampling.stream,
         include_usage: usage,
         echo,
+        samples,
     };
     run(st, auth, &headers, request, out, Kind::Completion).await
 }
@@ -427,10 +443,17 @@ async fn chat_completions(
         Kind::Chat,
         st.model.config.vocab_size,
     )?;
+    let samples = Samples::check(
+        req.sampling.n,
+        None,
+        req.sampling.stream,
+        st.service.max_n(),
+    )?;
     let out = Output {
         stream: req.sampling.stream,
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         echo: None,
+        samples,
     };
     run(st, auth, &headers, request, out, Kind::Chat).await
 }
@@ -483,6 +506,8 @@ struct Output {
     /// The prompt's text (completions' `echo`): first in `text`, or in the
     /// first streamed chunk.
     echo: Option<String>,
+    /// `n` and `best_of`.
+    samples: Samples,
 }
 
 /// Runs the request through the gRPC service and answers in OpenAI's shape,
@@ -500,7 +525,15 @@ async fn run(
         stream,
         include_usage,
         echo,
+        samples,
     } = out;
+    let request_logprobs = request.logprobs;
+    let mut request = request;
+    request.n = samples.best_of;
+    if samples.ranks() {
+        // Ranking needs each sampled token's log probability.
+        request.logprobs = Some(request_logprobs.unwrap_or(0));
+    }
     let mut request = tonic::Request::new(request);
     if let Some(v) = auth
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
@@ -512,7 +545,6 @@ async fn run(
     {
         request.metadata_mut().insert(REQUEST_ID_HEADER, v);
     }
-    let request_logprobs = request.get_ref().logprobs;
     let responses = st.service.generate(request).await?.into_inner();
     let id = format!(
         "{}-{:x}",
@@ -540,42 +572,39 @@ async fn run(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let mut text = echo.unwrap_or_default();
-    let mut logprobs = Vec::new();
+    let mut answers = Choices::new(samples.best_of, echo.as_deref());
     let mut responses = responses;
-    let mut finished = None;
     while let Some(msg) = responses.next().await {
-        match msg?.event {
-            Some(pb::generate_response::Event::Token(t)) => {
-                text.push_str(&t.text);
-                logprobs.extend(t.logprobs);
-            }
-            Some(pb::generate_response::Event::Finished(f)) => {
-                finished = Some(f);
-            }
-            None => {}
+        let msg = msg?;
+        if let Some(event) = msg.event {
+            answers.add(msg.index, event)?;
         }
     }
-    let f = finished.ok_or_else(|| {
-        ApiError::from(Status::internal("the stream ended without a final message"))
-    })?;
-    let usage = f.usage.unwrap_or_default();
-    let logprobs = with_logprobs.then(|| logprobs_json(&st.model.tokenizer, kind, &logprobs, 0));
-    let choice = match kind {
-        Kind::Completion => {
-            json!({ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
-        }
-        Kind::Chat => {
-            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": logprobs,
-                              "finish_reason": finish_reason(f.reason) })
-        }
-    };
+    let (picked, usage) = answers.pick(samples)?;
+    let choices: Vec<Value> = picked
+        .into_iter()
+        .enumerate()
+        .map(|(index, (c, f))| {
+            let logprobs =
+                with_logprobs.then(|| logprobs_json(&st.model.tokenizer, kind, &c.logprobs, 0));
+            let text = c.text;
+            match kind {
+                Kind::Completion => {
+                    json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
+                }
+                Kind::Chat => {
+                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "logprobs": logprobs,
+                                      "finish_reason": finish_reason(f.reason) })
+                }
+            }
+        })
+        .collect();
     Ok(Json(json!({
         "id": id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage_json(&usage),
     }))
     .into_response())

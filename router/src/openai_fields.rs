@@ -9,7 +9,7 @@
 //! - [`Rule::NoEffect`]: accepted and without effect on the output, as in
 //!   vLLM (`user`, `metadata`, `service_tier`, ...);
 //! - [`Rule::NeutralOnly`]: accepted only absent, `null` or at the value that
-//!   asks for nothing (`n: 1`, `best_of: 1`, `tools: []`,
+//!   asks for nothing (`tools: []`,
 //!   `suffix: ""`, ...); any other value is refused
 //!   with HTTP 400 naming the field, because Tandem cannot do it yet.
 //!
@@ -62,7 +62,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("stream_options", On::Both, Rule::Used),
     ("presence_penalty", On::Both, Rule::Used),
     ("frequency_penalty", On::Both, Rule::Used),
-    ("n", On::Both, Rule::NeutralOnly(is_one)),
+    ("n", On::Both, Rule::Used),
     ("logit_bias", On::Both, Rule::Used),
     ("logprobs", On::Both, Rule::Used),
     ("user", On::Both, Rule::NoEffect),
@@ -70,7 +70,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("response_format", On::Both, Rule::Used),
     // OpenAI, completions only.
     ("prompt", On::Completions, Rule::Used),
-    ("best_of", On::Completions, Rule::NeutralOnly(is_one)),
+    ("best_of", On::Completions, Rule::Used),
     ("echo", On::Completions, Rule::Used),
     ("suffix", On::Completions, Rule::NeutralOnly(is_empty)),
     // OpenAI, chat only.
@@ -314,8 +314,6 @@ mod tests {
     fn unsupported_values_are_refused_by_name() {
         for (endpoint, body, param) in [
             (Endpoint::Chat, json!({"echo": true}), "echo"),
-            (Endpoint::Completions, json!({"n": 2}), "n"),
-            (Endpoint::Completions, json!({"best_of": 3}), "best_of"),
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,

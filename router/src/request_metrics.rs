@@ -74,6 +74,15 @@ pub fn request_ended(status: &'static str, arrival: Instant, tokens: Option<Toke
     }
 }
 
+/// Records the end of a later sample of an `n` > 1 request: only its
+/// generated tokens (the request, its prompt and its duration are counted
+/// once, by sample 0's [`request_ended`]).
+pub fn sample_ended(tokens: Option<Tokens>) {
+    if let Some(t) = tokens {
+        counter!(names::GENERATION_TOKENS_TOTAL).increment(t.generated as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ const CLIENT_BUFFER: usize = 64;
 /// What a request reserves from its key's tokens per minute: its prompt and
 /// the most it may generate.
 fn reservation(req: &ValidRequest) -> u64 {
-    req.prompt.len() as u64 + u64::from(req.max_tokens)
+    req.prompt.len() as u64 + u64::from(req.max_tokens) * u64::from(req.n)
 }
 
 /// The router's `Generate` service.
@@ -127,6 +127,11 @@ impl GenerateService {
         })
     }
 
+    /// The most samples (`n`, `best_of`) one request may ask for (`router.max_n`).
+    pub fn max_n(&self) -> u32 {
+        self.validator.max_n()
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> GenerateServer<Self> {
         GenerateServer::new(self)
@@ -186,7 +191,7 @@ impl Generate for GenerateService {
         let auth = self.auth.clone();
         tokio::spawn(
             async move {
-                let tokens = relay.run(req, arrival, deadline, tx, pending).await;
+                let tokens = relay.run_samples(req, arrival, deadline, tx, pending).await;
                 drop(permit);
                 // The quota keeps what was used: the prompt and the tokens
                 // sent, if the request reached a node; nothing otherwise.

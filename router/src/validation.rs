@@ -50,6 +50,8 @@ pub struct ValidRequest {
     pub min_tokens_banned: Vec<u32>,
     /// Structured output, checked to compile against the model's tokenizer.
     pub constraint: Option<pb::OutputConstraint>,
+    /// Parallel samples of the prompt, 1..=`router.max_n` (see `generate/fanout.rs`).
+    pub n: u32,
 }
 
 /// Checks requests against the served model and the router's limits.
@@ -59,6 +61,7 @@ pub struct Validator {
     default_max_tokens: u32,
     max_tokens_limit: u32,
     max_prompt_tokens: Option<u32>,
+    max_n: u32,
 }
 
 fn invalid(msg: impl Into<String>) -> RouterError {
@@ -81,7 +84,13 @@ impl Validator {
             default_max_tokens: config.default_max_tokens,
             max_tokens_limit: config.max_tokens_limit,
             max_prompt_tokens: config.max_prompt_tokens,
+            max_n: config.max_n,
         }
+    }
+
+    /// The most samples (`n`, `best_of`) one request may ask for.
+    pub fn max_n(&self) -> u32 {
+        self.max_n
     }
 
     /// The name the cluster serves its model under (the first accepted one).
@@ -113,6 +122,13 @@ impl Validator {
                 requested: req.model,
                 served: self.model_name().to_string(),
             });
+        }
+        let n = req.n.max(1);
+        if n > self.max_n {
+            return Err(invalid(format!(
+                "n = {n}: at most {} samples per request (router.max_n)",
+                self.max_n
+            )));
         }
         let request_id = if req.request_id.is_empty() {
             new_request_id()
@@ -285,6 +301,7 @@ impl Validator {
             logprobs: req.logprobs,
             min_tokens: req.min_tokens,
             min_tokens_banned,
+            n,
         })
     }
 }

@@ -1,6 +1,8 @@
 //! The router against fake decode and prefill nodes on loopback: the
 //! request's life (local and remote prefill), retries on full decode nodes,
-//! cancellation on prefill failure, client departure and deadline, and the
+//! cancellation on prefill failure, client departure and deadline, `n` > 1
+//! (one prefill, later samples at the first one's decode node, a failed
+//! sample resumed from its own tokens), and the
 //! health service.
 //!
 //! (Long on purpose: one file per test binary; these tests share the fake
@@ -86,6 +88,9 @@ struct FakeDecode {
     full: Arc<AtomicUsize>,
     tokens: u32,
     token_delay: Duration,
+    /// A request id whose stream breaks (UNAVAILABLE) after this many
+    /// tokens, once: a node failing mid-request.
+    break_once: Arc<Mutex<Option<(String, u32)>>>,
 }
 
 fn load_stream(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
@@ -128,6 +133,17 @@ impl DecodeNode for FakeDecode {
         }
         let (tx, rx) = mpsc::channel(8);
         let (tokens, delay) = (self.tokens, self.token_delay);
+        let break_after = {
+            let mut b = self.break_once.lock().unwrap();
+            match b.as_ref() {
+                Some((id, k)) if *id == r.request_id => {
+                    let k = *k;
+                    *b = None;
+                    Some(k)
+                }
+                _ => None,
+            }
+        };
         tokio::spawn(async move {
             let local = r.force_local_prefill;
             let admitted = pb::Admitted {
@@ -144,6 +160,10 @@ impl DecodeNode for FakeDecode {
                 return;
             }
             for i in 0..tokens {
+                if break_after == Some(i) {
+                    let _ = tx.send(Err(Status::unavailable("the node broke"))).await;
+                    return;
+                }
                 tokio::time::sleep(delay).await;
                 let chunk = pb::TokenChunk {
                     ids: vec![10 + i],
@@ -291,6 +311,7 @@ struct Setup {
     tokens: u32,
     token_delay: Duration,
     request_timeout_s: f64,
+    break_once: Option<(String, u32)>,
 }
 
 impl Default for Setup {
@@ -301,6 +322,7 @@ impl Default for Setup {
             tokens: 5,
             token_delay: Duration::from_millis(1),
             request_timeout_s: 30.0,
+            break_once: None,
         }
     }
 }
@@ -308,6 +330,7 @@ impl Default for Setup {
 async fn cluster(setup: Setup) -> Cluster {
     let log = SharedLog::default();
     let full = Arc::new(AtomicUsize::new(0));
+    let break_once = Arc::new(Mutex::new(setup.break_once));
     let mut decode = Vec::new();
     for _ in 0..setup.decode_nodes {
         decode.push(
@@ -316,6 +339,7 @@ async fn cluster(setup: Setup) -> Cluster {
                 full: full.clone(),
                 tokens: setup.tokens,
                 token_delay: setup.token_delay,
+                break_once: break_once.clone(),
             })
             .await,
         );
@@ -377,9 +401,11 @@ impl Cluster {
             match stream.message().await {
                 Ok(Some(pb::GenerateResponse {
                     event: Some(Event::Token(t)),
+                    ..
                 })) => tokens.push(t),
                 Ok(Some(pb::GenerateResponse {
                     event: Some(Event::Finished(f)),
+                    ..
                 })) => {
                     assert!(
                         matches!(stream.message().await, Ok(None)),
@@ -649,4 +675,99 @@ async fn health_is_served_and_shutdown_stops_the_server() {
         .expect("the server stops")
         .unwrap()
         .unwrap();
+}
+
+/// Runs an `n` > 1 request to its end: each sample's tokens and final event, by index.
+async fn generate_samples(
+    c: &Cluster,
+    req: pb::GenerateRequest,
+) -> std::collections::BTreeMap<u32, (Vec<u32>, Option<pb::Finished>)> {
+    let mut stream = c.client().await.generate(req).await.unwrap().into_inner();
+    let mut out: std::collections::BTreeMap<u32, (Vec<u32>, Option<pb::Finished>)> =
+        Default::default();
+    while let Some(msg) = stream.message().await.unwrap() {
+        let entry = out.entry(msg.index).or_default();
+        match msg.event {
+            Some(Event::Token(t)) => entry.0.extend(t.ids),
+            Some(Event::Finished(f)) => entry.1 = Some(f),
+            None => {}
+        }
+    }
+    out
+}
+
+fn samples_request(id: &str, n: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        n,
+        sampling: Some(pb::SamplingParams {
+            temperature: 0.8,
+            seed: Some(40),
+            ..Default::default()
+        }),
+        ..request(id)
+    }
+}
+
+#[tokio::test]
+async fn n_samples_prefill_once_and_follow_the_first_to_its_decode_node() {
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Ok),
+        ..Setup::default()
+    })
+    .await;
+    let got = generate_samples(&c, samples_request("rn", 3)).await;
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+    for (tokens, finished) in got.values() {
+        assert_eq!(tokens.len(), 5);
+        assert!(finished.is_some(), "each sample finishes");
+    }
+    let log = c.log.lock().unwrap();
+    // One prefill, of sample 0; the others prefill at the decode node.
+    let prefilled: Vec<&str> = log.prefill.iter().map(|p| p.request_id.as_str()).collect();
+    assert_eq!(prefilled, ["rn"]);
+    let mut decoded: Vec<(String, bool, Option<u64>)> = log
+        .decode
+        .iter()
+        .map(|d| {
+            let seed = d.sampling.as_ref().and_then(|s| s.seed);
+            (d.request_id.clone(), d.force_local_prefill, seed)
+        })
+        .collect();
+    decoded.sort();
+    assert_eq!(
+        decoded,
+        [
+            ("rn".to_string(), false, Some(40)),
+            ("rn-s1".to_string(), true, Some(41)),
+            ("rn-s2".to_string(), true, Some(42)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_sample_whose_node_fails_resumes_from_its_own_tokens() {
+    let c = cluster(Setup {
+        tokens: 4,
+        token_delay: Duration::from_millis(5),
+        break_once: Some(("rf-s1".into(), 2)),
+        ..Setup::default()
+    })
+    .await;
+    let got = generate_samples(&c, samples_request("rf", 2)).await;
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), [0, 1]);
+    assert!(got.values().all(|(_, f)| f.is_some()), "{got:?}");
+    assert_eq!(got[&0].0.len(), 4);
+    let log = c.log.lock().unwrap();
+    let reruns: Vec<(u32, Vec<u32>)> = log
+        .decode
+        .iter()
+        .filter(|d| d.request_id == "rf-s1")
+        .map(|d| (d.attempt, d.generated.clone()))
+        .collect();
+    // The re-run carries the two tokens sample 1 had sent; sample 0 ran once.
+    assert_eq!(reruns, [(1, vec![]), (2, vec![10, 11])]);
+    assert_eq!(
+        log.decode.iter().filter(|d| d.request_id == "rf").count(),
+        1
+    );
 }

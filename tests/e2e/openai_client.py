@@ -155,8 +155,6 @@ out["cached_tokens"] = cached
 # Every field Tandem cannot honour is refused by name, and the next request is served.
 refused = {}
 completion_refusals = {
-    "n": {"n": 2},
-    "best_of": {"best_of": 2},
     "suffix": {"suffix": " The end."},
     "guided_decoding_backend": {"extra_body": {"guided_decoding_backend": "xgrammar"}},
     "max_token": {"extra_body": {"max_token": 3}},

@@ -44,6 +44,10 @@ pub struct RouterSection {
     /// Largest max_tokens a request may ask for.
     #[serde(default = "default_max_tokens_limit")]
     pub max_tokens_limit: u32,
+    /// Largest `n` (parallel samples) and `best_of` a request may ask for;
+    /// more is refused with INVALID_ARGUMENT / HTTP 400 naming the field.
+    #[serde(default = "default_max_n")]
+    pub max_n: u32,
     /// Interval of the nodes' load reports, in milliseconds.
     #[serde(default = "default_load_interval")]
     pub load_interval_ms: u32,
@@ -170,6 +174,9 @@ fn default_max_tokens() -> u32 {
 }
 fn default_max_tokens_limit() -> u32 {
     8192
+}
+fn default_max_n() -> u32 {
+    16
 }
 fn default_load_interval() -> u32 {
     50

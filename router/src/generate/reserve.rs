@@ -23,11 +23,18 @@ impl Request<'_> {
         guard: &mut CancelGuard,
         generated: &[u32],
         avoid: &[NodeAddr],
+        pin: Option<&NodeAddr>,
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
             let tokens = self.routed_tokens(generated);
-            let ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
+            let mut ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
+            // A later sample of an `n` > 1 request goes to the decode node
+            // holding the prompt's KV and prefills there from its cached blocks.
+            let pinned = pin.is_some_and(|p| ranked.iter().any(|n| n.addr == *p));
+            if pinned {
+                ranked.retain(|n| pin == Some(&n.addr));
+            }
             if ranked.is_empty() {
                 if !nodes.has(Role::Decode) {
                     return Err(RouterError::NoNode("decode"));
@@ -39,7 +46,7 @@ impl Request<'_> {
             }
             // No usable prefill node (none registered, all failing): the
             // decode node prefills the prompt itself.
-            let local = !nodes.usable(Role::Prefill, avoid);
+            let local = pinned || !nodes.usable(Role::Prefill, avoid);
             let prefill = if local {
                 None
             } else {

@@ -16,11 +16,14 @@ pub(super) fn usage_json(u: &pb::Usage) -> serde_json::Value {
 }
 
 /// Server-sent events for a streamed completion, ending with `data: [DONE]`;
-/// with `echo` text, the first chunk starts with it.
+/// with `echo` text, each choice's first chunk starts with it. With `n` > 1
+/// the choices' chunks come interleaved, each carrying its choice's `index`
+/// (and its own `finish_reason`); the usage chunk counts the prompt once and
+/// every choice's completion tokens.
 pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
-    (include_usage, mut echo): (bool, Option<String>),
+    (include_usage, echo): (bool, Option<String>),
     logprobs_model: Option<Arc<ModelDir>>,
     id: String,
     created: u64,
@@ -38,10 +41,14 @@ pub(super) fn sse_events(
                     "usage": usage_json(&u) })
         }
     };
-    let chunk = move |text: Option<&str>, logprobs: Value, finish: Option<&str>, first: bool| {
+    let chunk = move |index: u32,
+                      text: Option<&str>,
+                      logprobs: Value,
+                      finish: Option<&str>,
+                      first: bool| {
         let choice = match kind {
             Kind::Completion => {
-                json!({ "index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
+                json!({ "index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
             }
             Kind::Chat => {
                 let mut delta = json!({});
@@ -51,7 +58,7 @@ pub(super) fn sse_events(
                 if let Some(t) = text {
                     delta["content"] = json!(t);
                 }
-                json!({ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
+                json!({ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
             }
         };
         json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] })
@@ -59,41 +66,68 @@ pub(super) fn sse_events(
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut responses = responses;
-        let mut first = true;
-        let mut usage = None;
-        // Characters of the completion's tokens so far, where the next
-        // chunk's `text_offset` starts.
-        let mut offset = 0;
+        // Per choice index: whether its first chunk went out, and the
+        // characters of its tokens so far (where its next `text_offset` starts).
+        let mut started: HashMap<u32, usize> = HashMap::new();
+        let mut usage: Option<pb::Usage> = None;
         while let Some(msg) = responses.next().await {
-            let data = match msg.map(|m| m.event) {
-                Ok(Some(pb::generate_response::Event::Token(t))) => {
+            let (index, event) = match msg {
+                Ok(m) => (m.index, m.event),
+                Err(status) => {
+                    let e = ApiError::from(status);
+                    let data = error_body(e.status, &e.message, e.param.as_deref());
+                    let _ = tx.send(Event::default().data(data.to_string())).await;
+                    // The request failed: no usage; dropping `responses`
+                    // cancels the samples still running.
+                    usage = None;
+                    break;
+                }
+            };
+            let first = !started.contains_key(&index);
+            let offset = started.entry(index).or_insert(0);
+            // A choice's first chunk starts with the echoed prompt.
+            let echoed = if first { echo.clone() } else { None };
+            let data = match event {
+                Some(pb::generate_response::Event::Token(t)) => {
                     let logprobs = match &logprobs_model {
                         Some(m) => {
-                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, offset);
-                            offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
+                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, *offset);
+                            *offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
                             v
                         }
                         None => Value::Null,
                     };
-                    let text = match echo.take() {
+                    let text = match echoed {
                         Some(prompt) => prompt + &t.text,
                         None => t.text,
                     };
-                    chunk(Some(&text), logprobs, None, first)
+                    chunk(index, Some(&text), logprobs, None, first)
                 }
-                Ok(Some(pb::generate_response::Event::Finished(f))) => {
-                    usage = f.usage;
-                    let tail = echo.take().unwrap_or_default();
+                Some(pb::generate_response::Event::Finished(f)) => {
+                    let u = f.usage.unwrap_or_default();
+                    usage = Some(match usage {
+                        None => u,
+                        Some(mut sum) => {
+                            // The prompt once; each choice's completion tokens.
+                            sum.completion_tokens += u.completion_tokens;
+                            if index == 0 {
+                                sum.cached_tokens = u.cached_tokens;
+                            }
+                            sum
+                        }
+                    });
+                    let tail = echoed.unwrap_or_default();
                     let tail = (!tail.is_empty()).then_some(tail.as_str());
-                    chunk(tail, Value::Null, Some(finish_reason(f.reason)), first)
+                    chunk(
+                        index,
+                        tail,
+                        Value::Null,
+                        Some(finish_reason(f.reason)),
+                        first,
+                    )
                 }
-                Ok(None) => continue,
-                Err(status) => {
-                    let e = ApiError::from(status);
-                    error_body(e.status, &e.message, e.param.as_deref())
-                }
+                None => continue,
             };
-            first = false;
             if tx
                 .send(Event::default().data(data.to_string()))
                 .await
