@@ -89,8 +89,7 @@ pub(crate) unsafe fn sample_rows_masked(
         .map(|n| n.min(MAX_TOP_LOGPROBS));
     let ids: CudaSlice<u32> = gpu.zeros(rows)?;
     let draws_dev = gpu.upload(&words5)?;
-    let _keep_bits;
-    if !bits.is_empty() {
+    let _keep_bits = if !bits.is_empty() {
         let bits_dev = gpu.upload(&bits)?;
         let masks_dev = gpu.upload(&masks)?;
         let k = MaskLogits {
@@ -104,10 +103,10 @@ pub(crate) unsafe fn sample_rows_masked(
         // promise), `bits` a mask of `words` words for each index in `masks`,
         // `masks` one index a row; both live until the stream is synchronised below.
         unsafe { launch::launch(gpu, &k, false) }?;
-        _keep_bits = Some((bits_dev, masks_dev));
+        Some((bits_dev, masks_dev))
     } else {
-        _keep_bits = None;
-    }
+        None
+    };
     let sample = SampleRows {
         rows,
         logits,
