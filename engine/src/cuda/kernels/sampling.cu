@@ -149,7 +149,7 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     for (int i = a; i < b; i++) {
         float l = row[i];
         float p = __expf((l - mx) * inv_t);
-        if (order_key(l) >= thr && p >= min_p) local += p;
+        if (order_key(l) >= thr && p > 0.f && p >= min_p) local += p;
     }
     // Exclusive prefix sum over the block.
     float incl = local;
@@ -180,7 +180,7 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
         for (int i = a; i < b; i++) {
             float l = row[i];
             float p = __expf((l - mx) * inv_t);
-            if (order_key(l) >= thr && p >= min_p) {
+            if (order_key(l) >= thr && p > 0.f && p >= min_p) {
                 acc += p;
                 if (target < acc) {
                     atomicMin(&found, i);
@@ -192,7 +192,9 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     if (local > 0.f) {
         for (int i = b - 1; i >= a; i--) {
             float l = row[i];
-            if (order_key(l) >= thr && __expf((l - mx) * inv_t) >= min_p) {
+            float p = __expf((l - mx) * inv_t);
+            // p > 0: a masked (-inf) token is never the fallback pick.
+            if (order_key(l) >= thr && p > 0.f && p >= min_p) {
                 atomicMax(&last_kept, i);
                 break;
             }
