@@ -127,3 +127,51 @@ fn masks_computed_during_the_pass_give_the_same_tokens() {
         assert!(v.get("name").is_some() && v.get("age").is_some(), "{text}");
     }
 }
+
+/// The packed bitmask a device applies (`Generation::next_mask_bits`) keeps
+/// exactly the tokens the host's masking in `Generation::step` leaves finite,
+/// `min_tokens`' bans and the ends included, step after step.
+#[test]
+fn packed_masks_keep_what_the_host_mask_keeps() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(dir.path(), &SynthSpec::default()).unwrap();
+    let m = ModelDir::open(dir.path()).unwrap();
+    let tk = &m.tokenizer;
+    let vocab = m.config.vocab_size;
+    let params = GenerationParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        },
+        max_tokens: 30,
+        min_tokens: 2,
+        constraint: Some(Constraint::JsonSchema(SCHEMA.into())),
+        ..Default::default()
+    };
+    let prompt = tk.encode("A person:", true).unwrap();
+    let mut g = Generation::new(prompt, params, &m.config.eos_token_ids).unwrap();
+    let mut step = 0u64;
+    while g.finished().is_none() {
+        let bits = g.next_mask_bits(vocab, tk).unwrap().expect("constrained");
+        assert_eq!(bits.len(), vocab.div_ceil(32));
+        let mut logits: Vec<f32> = (0..vocab as u64)
+            .map(|i| ((i * 2_654_435_761 + step * 97) % 1000) as f32 / 100.0)
+            .collect();
+        g.step(&mut logits, tk).unwrap();
+        let allowed = (0..vocab).filter(|&t| logits[t].is_finite()).count();
+        assert!(allowed > 0, "step {step}");
+        for (t, l) in logits.iter().enumerate() {
+            let bit = (bits[t / 32] >> (t % 32)) & 1 == 1;
+            assert_eq!(bit, l.is_finite(), "token {t} at step {step}");
+        }
+        assert!(
+            bits.iter()
+                .enumerate()
+                .all(|(w, &b)| w * 32 + 32 <= vocab || b >> (vocab - w * 32) == 0),
+            "no bit past the vocabulary"
+        );
+        step += 1;
+    }
+    assert!(step >= 2);
+}
