@@ -28,6 +28,7 @@ use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::{Backend, BackendExt};
 use tandem_engine::block_manager::{BlockId, BlockManager};
 use tandem_engine::kv_events::KvEventLog;
+use tandem_engine::mask_overlap::{MaskJob, overlap};
 use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{ModelDir, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::Reservations;
@@ -434,6 +435,18 @@ impl<B: Backend> Scheduler<B> {
         } else {
             Vec::new()
         };
+        // Constrained rows' grammar masks are computed on another thread
+        // while the pass runs (they depend only on the tokens so far), and
+        // given back before sampling (`tandem_engine::mask_overlap`).
+        let mut lent: Vec<(u64, MaskJob)> = Vec::new();
+        for r in plan.iter().filter(|r| r.samples()) {
+            if let Some(seq) = self.seqs.get_mut(&r.id)
+                && let Ok(Some(job)) = seq.generation.lend_mask_job(&self.model.tokenizer)
+            {
+                lent.push((r.id, job));
+            }
+        }
+        let (lent_ids, mut jobs): (Vec<u64>, Vec<MaskJob>) = lent.into_iter().unzip();
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
             .map(|r| {
@@ -446,17 +459,23 @@ impl<B: Backend> Scheduler<B> {
             })
             .collect();
         let started = Instant::now();
-        let result = if on_device {
-            self.backend
-                .forward_draw(&chunks, &draws, None)
-                .map(Sampled::Tokens)
-        } else {
-            self.backend
-                .forward_logits(&chunks, None)
-                .map(Sampled::Logits)
-        };
+        let backend = &mut self.backend;
+        let result = overlap(&mut jobs, || {
+            if on_device {
+                backend
+                    .forward_draw(&chunks, &draws, None)
+                    .map(Sampled::Tokens)
+            } else {
+                backend.forward_logits(&chunks, None).map(Sampled::Logits)
+            }
+        });
         drop(chunks);
         self.note_step(&plan, started);
+        for (id, job) in lent_ids.into_iter().zip(jobs) {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.generation.return_mask_job(job);
+            }
+        }
         self.metrics.step(plan.len());
         {
             let decoding = plan.iter().filter(|r| r.kind == RowKind::Decode).count();

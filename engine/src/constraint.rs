@@ -172,6 +172,56 @@ impl AllowedTokens {
     pub fn any(&self) -> bool {
         self.mask.num_set() > 0
     }
+
+    /// Sets to -inf the logits of the tokens not allowed next; the `ends`
+    /// (EOS, stop ids) keep theirs only where the grammar accepts the text so
+    /// far. False when nothing but an end is allowed.
+    pub fn apply(&self, logits: &mut [f32], ends: &[u32]) -> bool {
+        let kept: Vec<(usize, f32)> = if self.accepting {
+            ends.iter()
+                .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (t, l) in logits.iter_mut().enumerate() {
+            if !self.allows(t as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for (t, l) in kept {
+            logits[t] = l;
+        }
+        self.any()
+    }
+
+    /// The tokens [`apply`](Self::apply) keeps as a packed bitmask over
+    /// `vocab` logits (bit `t % 32` of word `t / 32` set when token `t` may be
+    /// drawn): what a device applies to a row of logits in place of `apply`.
+    /// `banned` ids are cleared too (`min_tokens`), unless only an end is left.
+    pub fn packed(&self, vocab: usize, ends: &[u32], banned: &[u32]) -> Vec<u32> {
+        let words = vocab.div_ceil(32);
+        let mut bits = vec![0u32; words];
+        let own = self.mask.as_slice();
+        let n = words.min(own.len());
+        bits[..n].copy_from_slice(&own[..n]);
+        // The trie's vocabulary can be shorter or longer than the logits: no
+        // bit past either.
+        for t in self.vocab_size.min(vocab)..words * 32 {
+            bits[t / 32] &= !(1 << (t % 32));
+        }
+        if self.accepting {
+            for &t in ends.iter().filter(|&&t| (t as usize) < vocab) {
+                bits[t as usize / 32] |= 1 << (t % 32);
+            }
+        }
+        if self.any() {
+            for &t in banned.iter().filter(|&&t| (t as usize) < vocab) {
+                bits[t as usize / 32] &= !(1 << (t % 32));
+            }
+        }
+        bits
+    }
 }
 
 impl ConstraintState {
@@ -197,23 +247,7 @@ impl ConstraintState {
     /// the `ends` (EOS, stop ids) keep theirs only where the grammar accepts
     /// the text so far. False when nothing but an end is allowed.
     pub fn mask_logits(&mut self, logits: &mut [f32], ends: &[u32]) -> Result<bool> {
-        let allowed = self.allowed()?;
-        let kept: Vec<(usize, f32)> = if allowed.accepting {
-            ends.iter()
-                .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for (t, l) in logits.iter_mut().enumerate() {
-            if !allowed.allows(t as u32) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        for (t, l) in kept {
-            logits[t] = l;
-        }
-        Ok(allowed.any())
+        Ok(self.allowed()?.apply(logits, ends))
     }
 
     /// Consumes tokens already generated (on a node that then failed, or

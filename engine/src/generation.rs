@@ -7,8 +7,9 @@
 //! single-process generator and the decode node's scheduler share it, which
 //! is what makes their outputs identical.
 
-use crate::constraint::{Constraint, ConstraintState};
+use crate::constraint::{AllowedTokens, Constraint, ConstraintState};
 use crate::error::{EngineError, Result};
+use crate::mask_overlap::MaskJob;
 use crate::sampling::{MAX_TOP_LOGPROBS, Sampler, SamplingParams, TokenDraw, TokenLogprobs};
 use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::{Detokenizer, Tokenizer};
@@ -138,6 +139,11 @@ pub struct Generation {
     /// The constraint's parser, started with the first token (which brings the
     /// tokenizer it is compiled against); `None` before or without one.
     grammar: Option<ConstraintState>,
+    /// The parser is lent out in a [`MaskJob`] (see [`crate::mask_overlap`]).
+    grammar_lent: bool,
+    /// The mask for the next token, computed while the step ran, with the
+    /// number of tokens it follows.
+    next_mask: Option<(usize, Result<AllowedTokens>)>,
 }
 
 impl Generation {
@@ -161,6 +167,8 @@ impl Generation {
             params,
             finished: None,
             grammar: None,
+            grammar_lent: false,
+            next_mask: None,
         })
     }
 
@@ -214,8 +222,8 @@ impl Generation {
         let mut banned = self.banned_next();
         if self.params.constraint.is_some() {
             let ends = self.ending_ids();
-            let grammar = self.grammar(tokenizer)?;
-            if !grammar.mask_logits(logits, &ends)? {
+            let allowed = self.allowed_next(tokenizer)?;
+            if !allowed.apply(logits, &ends) {
                 // Only the end is left: min_tokens cannot hold it back.
                 banned.clear();
             }
@@ -268,6 +276,67 @@ impl Generation {
         self.accept(token, tokenizer)
     }
 
+    /// Lends the constraint's parser out so the next token's mask can be
+    /// computed while the step runs ([`crate::mask_overlap`]); `None` without a
+    /// constraint or once finished. Give it back with
+    /// [`return_mask_job`](Self::return_mask_job) before the next
+    /// [`step`](Self::step).
+    pub fn lend_mask_job(&mut self, tokenizer: &Tokenizer) -> Result<Option<MaskJob>> {
+        if self.params.constraint.is_none() || self.finished.is_some() {
+            return Ok(None);
+        }
+        self.grammar(tokenizer)?;
+        let Some(state) = self.grammar.take() else {
+            return Ok(None);
+        };
+        self.grammar_lent = true;
+        Ok(Some(MaskJob {
+            state,
+            at: self.tokens.len(),
+            allowed: None,
+        }))
+    }
+
+    /// Takes back the parser [`lend_mask_job`](Self::lend_mask_job) lent, and
+    /// the mask it computed (used by the next [`step`](Self::step)).
+    pub fn return_mask_job(&mut self, job: MaskJob) {
+        self.grammar = Some(job.state);
+        self.grammar_lent = false;
+        self.next_mask = job
+            .allowed
+            .filter(|_| job.at == self.tokens.len())
+            .map(|a| (job.at, a));
+    }
+
+    /// The next token's constraint as a packed bitmask over `vocab` logits
+    /// (see [`AllowedTokens::packed`]: EOS and stop ids where the grammar
+    /// accepts, `min_tokens`' bans applied), for a device to apply before it
+    /// samples; `None` without a constraint. Uses the mask computed during the
+    /// step when there is one, as [`step`](Self::step) would.
+    pub fn next_mask_bits(
+        &mut self,
+        vocab: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<Vec<u32>>> {
+        if self.params.constraint.is_none() {
+            return Ok(None);
+        }
+        let ends = self.ending_ids();
+        let banned = self.banned_next();
+        let allowed = self.allowed_next(tokenizer)?;
+        Ok(Some(allowed.packed(vocab, &ends, &banned)))
+    }
+
+    /// The mask for the next token: the one computed during the step if it
+    /// follows the current tokens, else computed now.
+    fn allowed_next(&mut self, tokenizer: &Tokenizer) -> Result<AllowedTokens> {
+        let at = self.tokens.len();
+        match self.next_mask.take() {
+            Some((done_at, allowed)) if done_at == at => allowed,
+            _ => self.grammar(tokenizer)?.allowed(),
+        }
+    }
+
     /// The ids that end the output (EOS unless ignored, the stop token ids).
     fn ending_ids(&self) -> Vec<u32> {
         self.eos
@@ -279,6 +348,11 @@ impl Generation {
 
     /// The constraint's parser, started on first use.
     fn grammar(&mut self, tokenizer: &Tokenizer) -> Result<&mut ConstraintState> {
+        if self.grammar_lent {
+            return Err(EngineError::InvalidInput(
+                "the grammar's parser is lent to a mask job that was not given back".into(),
+            ));
+        }
         let state = match self.grammar.take() {
             Some(state) => state,
             None => {

@@ -29,6 +29,7 @@ pub mod kv_cache;
 pub mod kv_events;
 pub mod llama;
 pub mod local;
+pub mod mask_overlap;
 pub mod model_dir;
 pub mod prefix_hash;
 pub mod rope;

@@ -36,6 +36,10 @@ pub(crate) struct Kernels {
     pub silu_mul: CudaFunction,
     /// Greedy or top-k/top-p/min-p sampling of rows of logits.
     pub sample_rows: CudaFunction,
+    /// A grammar's allowed-token bitmask applied to rows of logits.
+    pub mask_logits: CudaFunction,
+    /// Log probabilities of sampled tokens and the most likely ones.
+    pub row_logprobs: CudaFunction,
     pub fill_uniform: CudaFunction,
     pub gemv: CudaFunction,
     /// The gate/up product fused with the SiLU·up activation, one row.
@@ -134,6 +138,8 @@ impl Gpu {
             rope_kv: f("rope_kv")?,
             silu_mul: f("silu_mul")?,
             sample_rows: f("sample_rows")?,
+            mask_logits: f("mask_logits")?,
+            row_logprobs: f("row_logprobs")?,
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
             gemv_silu: f("gemv_silu")?,

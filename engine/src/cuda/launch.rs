@@ -609,6 +609,73 @@ impl Kernel for SampleRows {
     }
 }
 
+/// `mask_logits`: a grammar's packed allowed-token bitmask applied to rows of
+/// `logits` (`rows × vocab` f32): `masks[row]` indexes `bits` (`vocab / 32`
+/// words a mask, rounded up), -1 for none; disallowed tokens get -inf.
+pub(crate) struct MaskLogits {
+    pub rows: usize,
+    pub logits: Dev<f32>,
+    pub bits: Dev<u32>,
+    pub masks: Dev<i32>,
+    pub vocab: usize,
+}
+
+impl Kernel for MaskLogits {
+    const NAME: &'static str = "mask_logits";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("logits", self.logits.into()),
+            ("bits", self.bits.into()),
+            ("masks", self.masks.into()),
+            ("vocab", int(self.vocab)?),
+        ])
+    }
+    /// One block per row.
+    fn config(&self) -> LaunchConfig {
+        grid(self.rows as u32, SAMPLE_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.mask_logits
+    }
+}
+
+/// `row_logprobs`: the sampled token's (`ids`) and the `top_n` most likely
+/// tokens' log probabilities of each row of `logits` under its draw's
+/// temperature (`draws`, 5 words a row): `lps` gets `1 + MAX_TOP_LOGPROBS`
+/// floats a row, `top_ids` `MAX_TOP_LOGPROBS` ids a row.
+pub(crate) struct RowLogprobs {
+    pub rows: usize,
+    pub logits: Dev<f32>,
+    pub draws: Dev<i32>,
+    pub ids: Dev<u32>,
+    pub lps: Dev<f32>,
+    pub top_ids: Dev<u32>,
+    pub vocab: usize,
+    pub top_n: usize,
+}
+
+impl Kernel for RowLogprobs {
+    const NAME: &'static str = "row_logprobs";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("logits", self.logits.into()),
+            ("draws", self.draws.into()),
+            ("ids", self.ids.into()),
+            ("lps", self.lps.into()),
+            ("top_ids", self.top_ids.into()),
+            ("vocab", int(self.vocab)?),
+            ("top_n", int(self.top_n)?),
+        ])
+    }
+    /// One block per row.
+    fn config(&self) -> LaunchConfig {
+        grid(self.rows as u32, SAMPLE_THREADS)
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.row_logprobs
+    }
+}
+
 /// Dynamic shared memory of `decode_attn_{head_dim}_{group}`
 /// (`kernels/decode_attn.cu`): each of the 4 warps' two stages of 16-key K and
 /// V tiles (`2 · 2 · DECODE_TILE · head_dim` bf16 in all), then room for the

@@ -219,6 +219,29 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             vocab: 1000,
         },
     );
+    check(
+        "mask_logits",
+        &MaskLogits {
+            rows: 4,
+            logits: PF,
+            bits: PU,
+            masks: PI,
+            vocab: 1000,
+        },
+    );
+    check(
+        "row_logprobs",
+        &RowLogprobs {
+            rows: 4,
+            logits: PF,
+            draws: PI,
+            ids: PU,
+            lps: PF,
+            top_ids: PU,
+            vocab: 1000,
+            top_n: 20,
+        },
+    );
 }
 
 #[test]

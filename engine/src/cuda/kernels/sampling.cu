@@ -149,7 +149,7 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     for (int i = a; i < b; i++) {
         float l = row[i];
         float p = __expf((l - mx) * inv_t);
-        if (order_key(l) >= thr && p >= min_p) local += p;
+        if (order_key(l) >= thr && p > 0.f && p >= min_p) local += p;
     }
     // Exclusive prefix sum over the block.
     float incl = local;
@@ -180,7 +180,7 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
         for (int i = a; i < b; i++) {
             float l = row[i];
             float p = __expf((l - mx) * inv_t);
-            if (order_key(l) >= thr && p >= min_p) {
+            if (order_key(l) >= thr && p > 0.f && p >= min_p) {
                 acc += p;
                 if (target < acc) {
                     atomicMin(&found, i);
@@ -192,7 +192,9 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     if (local > 0.f) {
         for (int i = b - 1; i >= a; i--) {
             float l = row[i];
-            if (order_key(l) >= thr && __expf((l - mx) * inv_t) >= min_p) {
+            float p = __expf((l - mx) * inv_t);
+            // p > 0: a masked (-inf) token is never the fallback pick.
+            if (order_key(l) >= thr && p > 0.f && p >= min_p) {
                 atomicMax(&last_kept, i);
                 break;
             }
@@ -206,3 +208,114 @@ extern "C" __global__ void sample_rows(const float* logits, const int* draws, u3
     }
 }
 
+
+// Structured output: a grammar's allowed tokens applied to rows of logits
+// before sample_rows. masks[row] is the row's mask index into bits, -1 for a
+// row without a constraint; a mask is (vocab + 31) / 32 words, bit t % 32 of
+// word t / 32 set when token t may be drawn (the host's
+// AllowedTokens::packed). One block per row; a token whose bit is clear gets -inf.
+extern "C" __global__ void mask_logits(float* logits, const u32* bits, const int* masks,
+                                       int vocab) {
+    pdl_enter();
+    int row = blockIdx.x;
+    int m = masks[row];
+    if (m < 0) return;
+    int words = (vocab + 31) >> 5;
+    const u32* b = bits + (size_t)m * words;
+    float* l = logits + (size_t)row * vocab;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        if (!((b[i >> 5] >> (i & 31)) & 1u)) l[i] = NEG_INF;
+}
+
+// The largest (value, then lowest index) over the block; NaN and index
+// 0x7fffffff stand for "none".
+__device__ void block_argmax(float& best, int& besti) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, best, o);
+        int oi = __shfl_xor_sync(0xffffffff, besti, o);
+        if (ov > best || (ov == best && oi < besti)) {
+            best = ov;
+            besti = oi;
+        }
+    }
+    __syncthreads();
+    if (lane == 0) {
+        bv[warp] = best;
+        bi[warp] = besti;
+    }
+    __syncthreads();
+    best = bv[0];
+    besti = bi[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+        if (bv[w] > best || (bv[w] == best && bi[w] < besti)) {
+            best = bv[w];
+            besti = bi[w];
+        }
+}
+
+#define MAX_TOP_LOGPROBS 20
+
+// Log probabilities of the sampled tokens, as the host's TokenLogprobs::of:
+// log_softmax(l * s) with s = 1 / temperature (1 for greedy; the temperature
+// is word 0 of draws[5 * row], the row's draw), over the logits sampling chose
+// from (mask applied). One block per row. lps[row * (1 + MAX_TOP_LOGPROBS)]
+// gets the chosen token's (ids[row]) then the top_n most likely tokens' log
+// probabilities, top_ids[row * MAX_TOP_LOGPROBS] those tokens, most likely
+// first, the lower id first on ties (0x7fffffff past the vocabulary's end).
+extern "C" __global__ void row_logprobs(const float* logits, const int* draws, const u32* ids,
+                                        float* lps, u32* top_ids, int vocab, int top_n) {
+    __shared__ float logz_s;
+    pdl_enter();
+    int r = blockIdx.x, tid = threadIdx.x;
+    const float* row = logits + (size_t)r * vocab;
+    float temp = __int_as_float(draws[5 * r]);
+    float scale = temp > 0.f ? 1.f / temp : 1.f;
+    float mx = NEG_INF;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (isfinite(v)) mx = fmaxf(mx, v * scale);
+    }
+    mx = block_max(mx);
+    float sum = 0.f;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        float v = row[i];
+        if (!isnan(v)) sum += __expf(v * scale - mx);
+    }
+    sum = block_sum(sum);
+    if (tid == 0) logz_s = mx == NEG_INF ? 0.f : mx + logf(sum);
+    __syncthreads();
+    float logz = logz_s;
+    float* out = lps + (size_t)r * (1 + MAX_TOP_LOGPROBS);
+    u32* out_ids = top_ids + (size_t)r * MAX_TOP_LOGPROBS;
+    if (tid == 0) {
+        u32 t = ids[r];
+        out[0] = t < (u32)vocab ? row[t] * scale - logz : NEG_INF;
+    }
+    // The k-th most likely: the largest (value, lowest id) ranked after the (k-1)-th.
+    float pv = __int_as_float(0x7f800000);
+    int pi = -1;
+    int n = min(top_n, MAX_TOP_LOGPROBS);
+    for (int k = 0; k < n; k++) {
+        float best = NEG_INF;
+        int besti = 0x7fffffff;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = row[i];
+            if (isnan(v)) continue;
+            if ((v < pv || (v == pv && i > pi)) && (v > best || (v == best && i < besti))) {
+                best = v;
+                besti = i;
+            }
+        }
+        block_argmax(best, besti);
+        if (tid == 0) {
+            out_ids[k] = (u32)besti;
+            out[1 + k] = besti == 0x7fffffff ? NEG_INF : best * scale - logz;
+        }
+        if (besti == 0x7fffffff) break;
+        pv = best;
+        pi = besti;
+    }
+}

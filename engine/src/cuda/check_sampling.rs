@@ -1,0 +1,149 @@
+//! GPU tests (`--ignored`) of structured output and log probabilities on the
+//! device ([`masked_sampling`](super::masked_sampling)) against the host path
+//! on the same logits: masked greedy picks the host's token, a masked draw
+//! only picks tokens the mask allows, and the device's log probabilities
+//! (chosen token and top-N) match [`TokenLogprobs::of`] to 1e-4.
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use crate::config::ModelConfig;
+    use crate::cuda::device::Gpu;
+    use crate::cuda::launch::Dev;
+    use crate::cuda::masked_sampling::{RowDraw, sample_rows_masked};
+    use crate::cuda::model::named_config;
+    use crate::sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs, argmax};
+
+    /// Not a multiple of 32: the last mask word is partial.
+    const VOCAB: usize = 49_157;
+
+    fn gpu() -> Gpu {
+        let config = ModelConfig {
+            vocab_size: VOCAB,
+            ..named_config("tiny", None).unwrap()
+        };
+        Gpu::open(0, &config).expect("a CUDA GPU")
+    }
+
+    /// A random mask allowing about one token in `one_in`, and at least one.
+    fn mask(rng: &mut ChaCha8Rng, one_in: u32) -> Vec<u32> {
+        let mut bits = vec![0u32; VOCAB.div_ceil(32)];
+        for t in 0..VOCAB {
+            if rng.random_range(0..one_in) == 0 {
+                bits[t / 32] |= 1 << (t % 32);
+            }
+        }
+        bits[0] |= 1;
+        bits
+    }
+
+    /// The host's masking: -inf where the bit is clear.
+    fn masked(row: &[f32], bits: Option<&[u32]>) -> Vec<f32> {
+        row.iter()
+            .enumerate()
+            .map(|(t, &l)| match bits {
+                Some(b) if (b[t / 32] >> (t % 32)) & 1 == 0 => f32::NEG_INFINITY,
+                _ => l,
+            })
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_mask_sample_and_logprobs_match_the_host() {
+        let gpu = gpu();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let rows = 8;
+        let logits: Vec<f32> = (0..rows * VOCAB)
+            .map(|_| rng.random_range(-8.0f32..8.0))
+            .collect();
+        let masks: Vec<Option<Vec<u32>>> = (0..rows)
+            .map(|r| (r % 4 != 3).then(|| mask(&mut rng, [2, 50, 5000][r % 3])))
+            .collect();
+        for temperature in [0.0f32, 0.7, 1.0] {
+            let draws: Vec<TokenDraw> = (0..rows)
+                .map(|r| {
+                    let params = SamplingParams {
+                        temperature,
+                        top_k: if r % 2 == 0 { 0 } else { 40 },
+                        top_p: if r % 3 == 0 { 0.9 } else { 1.0 },
+                        ..Default::default()
+                    };
+                    TokenDraw::new(&params, rng.random())
+                })
+                .collect();
+            let asks: Vec<RowDraw<'_>> = (0..rows)
+                .map(|r| RowDraw {
+                    draw: draws[r],
+                    mask: masks[r].as_deref(),
+                    logprobs: Some([0, 5, MAX_TOP_LOGPROBS][r % 3]),
+                })
+                .collect();
+            let dev = gpu.upload(&logits).unwrap();
+            // SAFETY: `dev` holds `rows` rows of VOCAB f32, uploaded on the compute stream.
+            let got =
+                unsafe { sample_rows_masked(&gpu, Dev::of(&dev, &gpu.compute), VOCAB, &asks) }
+                    .unwrap();
+            for (r, (token, lp)) in got.into_iter().enumerate() {
+                let row = masked(&logits[r * VOCAB..][..VOCAB], masks[r].as_deref());
+                let dist = draws[r].distribution(&row);
+                assert!(
+                    dist[token as usize] > 0.0,
+                    "row {r} T {temperature}: {token}"
+                );
+                if temperature == 0.0 {
+                    assert_eq!(token, argmax(&row), "row {r}");
+                }
+                let want = TokenLogprobs::of(&row, temperature, token, asks[r].logprobs.unwrap());
+                let lp = lp.expect("asked for logprobs");
+                assert_eq!(lp.token, token);
+                assert!(
+                    (lp.logprob - want.logprob).abs() < 1e-4,
+                    "row {r}: {} vs {}",
+                    lp.logprob,
+                    want.logprob
+                );
+                assert_eq!(lp.top.len(), want.top.len(), "row {r}");
+                for (g, w) in lp.top.iter().zip(&want.top) {
+                    assert_eq!(g.0, w.0, "row {r}");
+                    assert!((g.1 - w.1).abs() < 1e-4, "row {r}: {g:?} vs {w:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_mask_with_one_allowed_token_forces_it() {
+        let gpu = gpu();
+        let mut bits = vec![0u32; VOCAB.div_ceil(32)];
+        let only = VOCAB - 1;
+        bits[only / 32] |= 1 << (only % 32);
+        let logits: Vec<f32> = (0..VOCAB).map(|t| (t % 97) as f32).collect();
+        let dev = gpu.upload(&logits).unwrap();
+        for temperature in [0.0f32, 1.5] {
+            let params = SamplingParams {
+                temperature,
+                ..Default::default()
+            };
+            let ask = [RowDraw {
+                draw: TokenDraw::new(&params, 0.99),
+                mask: Some(&bits),
+                logprobs: Some(3),
+            }];
+            // SAFETY: `dev` holds one row of VOCAB f32.
+            let got = unsafe { sample_rows_masked(&gpu, Dev::of(&dev, &gpu.compute), VOCAB, &ask) }
+                .unwrap();
+            let (token, lp) = &got[0];
+            assert_eq!(*token as usize, only);
+            let lp = lp.as_ref().unwrap();
+            assert!(lp.logprob.abs() < 1e-6, "{}", lp.logprob);
+            assert_eq!(lp.top[0], (only as u32, lp.logprob));
+            // The rest are -inf, lowest ids first.
+            assert_eq!(lp.top[1], (0, f32::NEG_INFINITY));
+            assert_eq!(lp.top[2], (1, f32::NEG_INFINITY));
+        }
+    }
+}
