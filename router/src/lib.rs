@@ -38,6 +38,8 @@ pub mod openai;
 pub mod openai_fields;
 pub mod openai_logprobs;
 pub mod openai_structured;
+pub mod openai_tools;
+pub mod openai_tools_stream;
 pub mod request_metrics;
 pub mod routing;
 pub mod service;
