@@ -237,6 +237,7 @@ impl ToolPlan {
                                 "parameters": t.parameters,
                             },
                             "required": ["name", "parameters"],
+                            "additionalProperties": false,
                         })
                     })
                     .collect();
