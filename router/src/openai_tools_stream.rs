@@ -6,7 +6,8 @@
 //! - A named `tool_choice`: the text is the call's arguments; the call's id
 //!   and name go first, then each piece as an arguments delta.
 //! - `required`: the text is a JSON array of `{"name", "parameters"}`
-//!   (constrained); it is read at the end, one call per item.
+//!   (constrained); each item becomes a call once its name is complete, and
+//!   its `parameters` text streams as arguments deltas as it grows.
 //! - `auto`: Hermes `<tool_call>{"name", "arguments"}</tool_call>` blocks
 //!   become calls (a block left open at the end too, as vLLM's Hermes parser
 //!   reads it); text around them stays content (held back while it could be
@@ -65,6 +66,8 @@ pub struct ToolStream {
     /// Whitespace content held until more text comes (dropped at the end).
     pending_space: String,
     calls: usize,
+    /// Required: bytes of each call's arguments sent so far.
+    args_sent: Vec<usize>,
 }
 
 impl ToolStream {
@@ -80,6 +83,7 @@ impl ToolStream {
             buf: String::new(),
             pending_space: String::new(),
             calls: 0,
+            args_sent: Vec::new(),
         }
     }
 
@@ -112,6 +116,10 @@ impl ToolStream {
             return out;
         }
         self.buf.push_str(text);
+        if matches!(self.state, State::Forced) {
+            self.stream_required(&mut out);
+            return out;
+        }
         loop {
             match self.state {
                 State::Forced | State::Json => return out,
@@ -168,7 +176,16 @@ impl ToolStream {
                     out = self.push("");
                 }
             }
-            (State::Forced, _) | (State::Json, _) => {
+            (State::Forced, _) => {
+                self.buf = rest;
+                self.stream_required(&mut out);
+                if self.calls == 0 {
+                    // Cut short before a whole name: what came is content.
+                    let rest = std::mem::take(&mut self.buf);
+                    self.content(&rest, &mut out);
+                }
+            }
+            (State::Json, _) => {
                 if !self.calls_from_json(&rest, &mut out) {
                     self.content(&rest, &mut out);
                 }
@@ -181,6 +198,40 @@ impl ToolStream {
             (State::Start | State::Text, _) => self.content(&rest, &mut out),
         }
         out
+    }
+
+    /// Required: sends each call of the (constrained) JSON array as soon as
+    /// its name is complete, then its `parameters` text as it grows.
+    fn stream_required(&mut self, out: &mut Vec<ToolDelta>) {
+        for (index, call) in scan_required(&self.buf).into_iter().enumerate() {
+            let (Some(name), Some(start)) = (call.name, call.start) else {
+                continue;
+            };
+            if index > 0 && !self.plan.parallel {
+                break;
+            }
+            if index >= self.calls {
+                self.calls = index + 1;
+                self.args_sent.resize(self.calls, 0);
+                out.push(ToolDelta::Call {
+                    index,
+                    id: Some(call_id()),
+                    name: Some(name),
+                    arguments: String::new(),
+                });
+            }
+            let end = call.end.unwrap_or(self.buf.len());
+            let from = start + self.args_sent[index];
+            if let Some(more) = self.buf.get(from..end).filter(|m| !m.is_empty()) {
+                self.args_sent[index] += more.len();
+                out.push(ToolDelta::Call {
+                    index,
+                    id: None,
+                    name: None,
+                    arguments: more.to_string(),
+                });
+            }
+        }
     }
 
     /// Sends `text` as content, holding whitespace-only text back.
@@ -260,6 +311,107 @@ impl ToolStream {
         });
         true
     }
+}
+
+/// One item of a `required` answer's array as far as it has come: its
+/// name once its string is complete, and where its `parameters` value starts
+/// and (once complete) ends in the text.
+#[derive(Debug, Default)]
+struct RequiredItem {
+    name: Option<String>,
+    start: Option<usize>,
+    end: Option<usize>,
+}
+
+/// Scans a (possibly unfinished) `[{"name": .., "parameters": ..}, ..]`.
+fn scan_required(text: &str) -> Vec<RequiredItem> {
+    let mut items: Vec<RequiredItem> = Vec::new();
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    let mut str_start = 0;
+    // At depth 2 (inside an item): expecting a key, or the value of `key`.
+    let (mut expect_key, mut key) = (false, String::new());
+    for (i, c) in text.char_indices() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+                if depth == 2 {
+                    let s: Option<String> = serde_json::from_str(&text[str_start..=i]).ok();
+                    if expect_key {
+                        key = s.unwrap_or_default();
+                        expect_key = false;
+                    } else if key == "name"
+                        && let Some(item) = items.last_mut()
+                    {
+                        item.name = s;
+                    } else if key == "parameters"
+                        && let Some(item) = items.last_mut()
+                        && item.end.is_none()
+                    {
+                        item.end = Some(i + 1);
+                    }
+                }
+            }
+            continue;
+        }
+        let value_of_parameters = depth == 2 && !expect_key && key == "parameters";
+        if value_of_parameters
+            && !c.is_whitespace()
+            && !matches!(c, ':' | ',' | '}')
+            && let Some(item) = items.last_mut()
+            && item.start.is_none()
+        {
+            item.start = Some(i);
+        }
+        match c {
+            '"' => {
+                in_str = true;
+                str_start = i;
+            }
+            '{' | '[' => {
+                depth += 1;
+                if depth == 2 {
+                    items.push(RequiredItem::default());
+                    expect_key = true;
+                    key.clear();
+                }
+            }
+            '}' | ']' => {
+                if depth == 2 {
+                    // The item closes: a scalar `parameters` ends here.
+                    if let Some(item) = items.last_mut()
+                        && item.start.is_some()
+                        && item.end.is_none()
+                    {
+                        item.end = Some(text[..i].trim_end().len());
+                    }
+                }
+                depth = depth.saturating_sub(1);
+                if depth == 2
+                    && key == "parameters"
+                    && let Some(item) = items.last_mut()
+                    && item.end.is_none()
+                {
+                    item.end = Some(i + 1);
+                }
+            }
+            ',' if depth == 2 => {
+                if key == "parameters"
+                    && let Some(item) = items.last_mut()
+                    && item.start.is_some()
+                    && item.end.is_none()
+                {
+                    item.end = Some(text[..i].trim_end().len());
+                }
+                expect_key = true;
+            }
+            _ => {}
+        }
+    }
+    items
 }
 
 /// A whole answer's content (`None` when only whitespace) and calls
@@ -446,6 +598,31 @@ mod tests {
             vec![
                 ("add", json!({"a": 1})),
                 ("get_weather", json!({"city": "Oslo"}))
+            ]
+        );
+        // Streamed: the call goes out once its name is whole, then its
+        // arguments piece by piece.
+        let mut s = ToolStream::new(plan(ToolMode::Required, true));
+        let text = "[ {\"name\": \"add\", \"parameters\": {\"a\": [1, {\"b\": \"}\\\"\"}]}} ,{\"name\":\"get_weather\",\"parameters\":{}}]";
+        let mut deltas = Vec::new();
+        let mut arg_pieces = 0;
+        for ch in text.chars() {
+            for d in s.push(&ch.to_string()) {
+                if let ToolDelta::Call { id: None, .. } = d {
+                    arg_pieces += 1;
+                }
+                deltas.push(d);
+            }
+        }
+        deltas.extend(s.finish());
+        assert!(arg_pieces > 10, "arguments came in {arg_pieces} pieces");
+        let (content, c) = collect(&deltas);
+        assert_eq!(content, None);
+        assert_eq!(
+            calls(&c),
+            vec![
+                ("add", json!({"a": [1, {"b": "}\""}]})),
+                ("get_weather", json!({}))
             ]
         );
         // Cut short (max_tokens): what came stays content.

@@ -76,8 +76,10 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
     // Streamed as OpenAI does: the role first, the id and name on the call's
     // first delta, the arguments over several deltas.
     assert_eq!(seen["named_stream"]["role"], "assistant");
-    let deltas = seen["named_stream"]["calls"][0]["deltas"].as_u64().unwrap();
-    assert!(deltas > 1, "arguments came in {deltas} delta(s)");
+    for case in ["named_stream", "required_stream"] {
+        let deltas = seen[case]["calls"][0]["deltas"].as_u64().unwrap();
+        assert!(deltas > 1, "{case}: arguments came in {deltas} delta(s)");
+    }
     for case in ["required", "required_stream"] {
         assert_forced(case, &seen[case]);
         assert_eq!(
