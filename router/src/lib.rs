@@ -39,6 +39,8 @@ pub mod openai_fields;
 pub mod openai_logprobs;
 pub mod openai_structured;
 pub mod openai_tools;
+pub mod openai_tools_prompt;
+pub mod openai_tools_scan;
 pub mod openai_tools_stream;
 pub mod request_metrics;
 pub mod routing;

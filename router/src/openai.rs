@@ -430,7 +430,7 @@ async fn chat_completions(
             "logprobs together with tools is not supported yet",
         ));
     }
-    let text = openai_tools::render(
+    let text = crate::openai_tools_prompt::render(
         &st.model.tokenizer,
         &req.messages,
         tools.as_ref(),

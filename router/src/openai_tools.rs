@@ -14,17 +14,14 @@
 //! - a named function: the output is constrained to that function's
 //!   `parameters` schema and is the call's `arguments`.
 //!
-//! Tools reach the model through its chat template's `tools` variable (as
-//! transformers' `apply_chat_template(tools=...)`). A template that does not
-//! read `tools` (SmolLM2's) gets the Hermes convention instead: a system
-//! prompt listing the tools in `<tools></tools>`, earlier calls as
-//! `<tool_call>` blocks and tool results as user turns in `<tool_response>`.
+//! The prompt the tools and the history render to is
+//! [`crate::openai_tools_prompt`]'s.
 
 use std::collections::HashSet;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tandem_engine::{ChatMessage, Constraint, Tokenizer};
+use tandem_engine::{Constraint, Tokenizer};
 use tandem_proto::v1 as pb;
 
 use crate::openai_fields::Refused;
@@ -312,125 +309,6 @@ pub fn check_messages(turns: &[ChatTurn]) -> Result<(), Refused> {
     Ok(())
 }
 
-/// A call's arguments as an object (they come as JSON text), for templates
-/// that write `arguments | tojson`, as vLLM passes them.
-fn arguments_value(call: &Value) -> Value {
-    match call.pointer("/function/arguments") {
-        Some(Value::String(s)) => serde_json::from_str(s).unwrap_or_else(|_| json!(s)),
-        Some(v) => v.clone(),
-        None => json!({}),
-    }
-}
-
-/// The prompt text for `turns` with `plan`'s tools offered (none offered
-/// when `plan` is `None`).
-pub fn render(
-    tokenizer: &Tokenizer,
-    turns: &[ChatTurn],
-    plan: Option<&ToolPlan>,
-    add_generation_prompt: bool,
-) -> tandem_engine::Result<String> {
-    let tool_turns = turns
-        .iter()
-        .any(|m| m.role == "tool" || m.tool_calls.is_some());
-    if tokenizer.chat_template_takes_tools() && (plan.is_some() || tool_turns) {
-        let messages: Vec<Value> = turns
-            .iter()
-            .map(|m| {
-                let mut v = json!({"role": m.role, "content": m.content});
-                if let Some(calls) = &m.tool_calls {
-                    let calls: Vec<Value> = calls
-                        .iter()
-                        .map(|c| {
-                            let mut c = c.clone();
-                            c["function"]["arguments"] = arguments_value(&c);
-                            c
-                        })
-                        .collect();
-                    v["tool_calls"] = json!(calls);
-                }
-                if let Some(id) = &m.tool_call_id {
-                    v["tool_call_id"] = json!(id);
-                }
-                v
-            })
-            .collect();
-        let tools = plan.map(|p| json!(p.tools.iter().map(|t| &t.definition).collect::<Vec<_>>()));
-        return tokenizer.apply_chat_template_with_tools(
-            &json!(messages),
-            tools.as_ref(),
-            add_generation_prompt,
-        );
-    }
-    tokenizer.apply_chat_template(&hermes_messages(turns, plan), add_generation_prompt)
-}
-
-/// The Hermes tool prompt, as Qwen2.5's and Hermes-2-Pro's templates write it.
-pub fn hermes_system_prompt(plan: &ToolPlan) -> String {
-    let mut s = String::from(
-        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
-         You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
-    );
-    for t in &plan.tools {
-        s.push('\n');
-        s.push_str(&t.definition.to_string());
-    }
-    s.push_str(
-        "\n</tools>\n\nFor each function call, return a json object with function name and \
-         arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
-         {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
-    );
-    s
-}
-
-/// `turns` as plain messages in the Hermes convention, for a template that
-/// does not read `tools`.
-fn hermes_messages(turns: &[ChatTurn], plan: Option<&ToolPlan>) -> Vec<ChatMessage> {
-    let mut out: Vec<ChatMessage> = Vec::with_capacity(turns.len() + 1);
-    for m in turns {
-        let mut content = m.content.clone().unwrap_or_default();
-        let role = match m.role.as_str() {
-            "tool" => {
-                content = format!("<tool_response>\n{content}\n</tool_response>");
-                "user"
-            }
-            other => other,
-        };
-        for c in m.tool_calls.iter().flatten() {
-            // The name first, as the convention writes it.
-            let name = c.pointer("/function/name").cloned().unwrap_or(Value::Null);
-            let call = format!(
-                "{{\"name\": {name}, \"arguments\": {}}}",
-                arguments_value(c)
-            );
-            if !content.is_empty() {
-                content.push('\n');
-            }
-            content.push_str(&format!("<tool_call>\n{call}\n</tool_call>"));
-        }
-        out.push(ChatMessage {
-            role: role.to_string(),
-            content,
-        });
-    }
-    if let Some(plan) = plan {
-        let prompt = hermes_system_prompt(plan);
-        match out.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{}\n\n{prompt}", first.content);
-            }
-            _ => out.insert(
-                0,
-                ChatMessage {
-                    role: "system".into(),
-                    content: prompt,
-                },
-            ),
-        }
-    }
-    out
-}
-
 /// A fresh call id, `call_` and 24 random alphanumerics (OpenAI's shape).
 pub fn call_id() -> String {
     use std::hash::{BuildHasher, RandomState};
@@ -445,14 +323,14 @@ pub fn call_id() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, OnceLock};
     use tandem_engine::ModelDir;
     use tandem_engine::synth::{SynthSpec, write_model_dir};
 
     /// A tiny synthetic model whose chat template does not read `tools`.
-    fn model() -> Arc<ModelDir> {
+    pub(crate) fn model() -> Arc<ModelDir> {
         static MODEL: OnceLock<(tempfile::TempDir, Arc<ModelDir>)> = OnceLock::new();
         MODEL
             .get_or_init(|| {
@@ -474,11 +352,11 @@ mod tests {
             .clone()
     }
 
-    fn fields(v: Value) -> ToolFields {
+    pub(crate) fn fields(v: Value) -> ToolFields {
         serde_json::from_value(v).unwrap()
     }
 
-    fn weather() -> Value {
+    pub(crate) fn weather() -> Value {
         json!({"type": "function", "function": {"name": "get_weather",
                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                               "required": ["city"]}}})
@@ -564,7 +442,7 @@ mod tests {
         }
     }
 
-    fn turns(v: Value) -> Vec<ChatTurn> {
+    pub(crate) fn turns(v: Value) -> Vec<ChatTurn> {
         serde_json::from_value(v).unwrap()
     }
 
@@ -597,47 +475,6 @@ mod tests {
         ] {
             assert_eq!(check_messages(&turns(v)).unwrap_err().param, param);
         }
-    }
-
-    #[test]
-    fn hermes_fallback_offers_tools_and_renders_calls_and_results() {
-        let model = model();
-        let tok = &model.tokenizer;
-        assert!(!tok.chat_template_takes_tools());
-        let p = plan(&fields(json!({"tools": [weather()]})), tok)
-            .unwrap()
-            .unwrap();
-        let history = turns(json!([
-            {"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
-              "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
-        ]));
-        let text = render(tok, &history, Some(&p), true).unwrap();
-        assert!(text.contains("<tools>\n{"), "{text}");
-        assert!(text.contains("\"get_weather\""), "{text}");
-        assert!(
-            text.contains(
-                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Oslo\"}}\n</tool_call>"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("<tool_response>\ncold\n</tool_response>"),
-            "{text}"
-        );
-        // No tools and no tool turns: the prompt is what the template alone makes.
-        let plain = turns(json!([{"role": "user", "content": "hi"}]));
-        let expected = tok
-            .apply_chat_template(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: "hi".into(),
-                }],
-                true,
-            )
-            .unwrap();
-        assert_eq!(render(tok, &plain, None, true).unwrap(), expected);
     }
 
     #[test]

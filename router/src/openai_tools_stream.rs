@@ -19,6 +19,7 @@
 use serde_json::Value;
 
 use crate::openai_tools::{ToolMode, ToolPlan, call_id};
+use crate::openai_tools_scan::scan_required;
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -311,107 +312,6 @@ impl ToolStream {
         });
         true
     }
-}
-
-/// One item of a `required` answer's array as far as it has come: its
-/// name once its string is complete, and where its `parameters` value starts
-/// and (once complete) ends in the text.
-#[derive(Debug, Default)]
-struct RequiredItem {
-    name: Option<String>,
-    start: Option<usize>,
-    end: Option<usize>,
-}
-
-/// Scans a (possibly unfinished) `[{"name": .., "parameters": ..}, ..]`.
-fn scan_required(text: &str) -> Vec<RequiredItem> {
-    let mut items: Vec<RequiredItem> = Vec::new();
-    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
-    let mut str_start = 0;
-    // At depth 2 (inside an item): expecting a key, or the value of `key`.
-    let (mut expect_key, mut key) = (false, String::new());
-    for (i, c) in text.char_indices() {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_str = false;
-                if depth == 2 {
-                    let s: Option<String> = serde_json::from_str(&text[str_start..=i]).ok();
-                    if expect_key {
-                        key = s.unwrap_or_default();
-                        expect_key = false;
-                    } else if key == "name"
-                        && let Some(item) = items.last_mut()
-                    {
-                        item.name = s;
-                    } else if key == "parameters"
-                        && let Some(item) = items.last_mut()
-                        && item.end.is_none()
-                    {
-                        item.end = Some(i + 1);
-                    }
-                }
-            }
-            continue;
-        }
-        let value_of_parameters = depth == 2 && !expect_key && key == "parameters";
-        if value_of_parameters
-            && !c.is_whitespace()
-            && !matches!(c, ':' | ',' | '}')
-            && let Some(item) = items.last_mut()
-            && item.start.is_none()
-        {
-            item.start = Some(i);
-        }
-        match c {
-            '"' => {
-                in_str = true;
-                str_start = i;
-            }
-            '{' | '[' => {
-                depth += 1;
-                if depth == 2 {
-                    items.push(RequiredItem::default());
-                    expect_key = true;
-                    key.clear();
-                }
-            }
-            '}' | ']' => {
-                if depth == 2 {
-                    // The item closes: a scalar `parameters` ends here.
-                    if let Some(item) = items.last_mut()
-                        && item.start.is_some()
-                        && item.end.is_none()
-                    {
-                        item.end = Some(text[..i].trim_end().len());
-                    }
-                }
-                depth = depth.saturating_sub(1);
-                if depth == 2
-                    && key == "parameters"
-                    && let Some(item) = items.last_mut()
-                    && item.end.is_none()
-                {
-                    item.end = Some(i + 1);
-                }
-            }
-            ',' if depth == 2 => {
-                if key == "parameters"
-                    && let Some(item) = items.last_mut()
-                    && item.start.is_some()
-                    && item.end.is_none()
-                {
-                    item.end = Some(text[..i].trim_end().len());
-                }
-                expect_key = true;
-            }
-            _ => {}
-        }
-    }
-    items
 }
 
 /// A whole answer's content (`None` when only whitespace) and calls
