@@ -290,13 +290,9 @@ pub fn check_messages(turns: &[ChatTurn]) -> Result<(), Refused> {
                     }
                 }
             }
-            "system" | "user" | "tool" => {}
-            other => {
-                return Err(refused(
-                    format!("messages[{i}].role"),
-                    format!("messages[{i}].role {other:?} is not system, user, assistant or tool"),
-                ));
-            }
+            // Any other role (`developer`, a custom one) goes to the
+            // template as it is, as vLLM passes it.
+            _ => {}
         }
         let has_calls = m.tool_calls.as_ref().is_some_and(|c| !c.is_empty());
         if m.content.is_none() && !(m.role == "assistant" && has_calls) {
