@@ -451,6 +451,8 @@ pub(crate) mod tests {
             {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
         ]));
         check_messages(&ok).unwrap();
+        // Other roles go to the template as they are.
+        check_messages(&turns(json!([{"role": "developer", "content": "x"}]))).unwrap();
         for (v, param) in [
             (
                 json!([{"role": "tool", "content": "x"}]),
@@ -459,10 +461,6 @@ pub(crate) mod tests {
             (
                 json!([{"role": "user", "content": null}]),
                 "messages[0].content",
-            ),
-            (
-                json!([{"role": "robot", "content": "x"}]),
-                "messages[0].role",
             ),
             (
                 json!([{"role": "assistant", "content": null, "tool_calls": [{"id": "c"}]}]),
