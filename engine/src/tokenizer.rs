@@ -179,6 +179,44 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.render_chat(
+            minijinja::Value::from_serialize(messages),
+            None,
+            add_generation_prompt,
+        )
+    }
+
+    /// Whether the chat template reads a `tools` variable (function
+    /// definitions offered to the model), as tool-calling templates do.
+    pub fn chat_template_takes_tools(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("tools"))
+    }
+
+    /// Renders a chat given as OpenAI-shaped JSON messages (which may carry
+    /// `tool_calls`, `tool_call_id` and a `null` content) with `tools` (a
+    /// list of OpenAI tool definitions) in the template's context, as
+    /// transformers' `apply_chat_template(messages, tools=...)` does.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_chat(
+            minijinja::Value::from_serialize(messages),
+            tools.map(minijinja::Value::from_serialize),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_chat(
+        &self,
+        messages: minijinja::Value,
+        tools: Option<minijinja::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -200,13 +238,20 @@ impl Tokenizer {
         let tmpl = env
             .get_template("chat")
             .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        // `tools` is left undefined (not `none`) without tools, as
+        // transformers leaves it, so `{% if tools is defined %}` reads right.
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
-        })
-        .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+        };
+        let ctx = match tools {
+            Some(tools) => minijinja::context! { tools => tools, ..ctx },
+            None => ctx,
+        };
+        tmpl.render(ctx)
+            .map_err(|e| EngineError::ChatTemplate(e.to_string()))
     }
 }
 
@@ -257,5 +302,56 @@ impl Detokenizer {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_template(template: &str) -> Tokenizer {
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab([("a".to_string(), 0)].into_iter().collect())
+            .unk_token("a".into())
+            .build()
+            .unwrap();
+        Tokenizer::from_parts(
+            tokenizers::Tokenizer::new(model),
+            Some(template.into()),
+            String::new(),
+            String::new(),
+        )
+    }
+
+    #[test]
+    fn tools_reach_the_template_and_calls_render() {
+        let tok = with_template(
+            "{% if tools is defined %}T:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}\
+             {% for m in messages %}{{ m.role }}={% if m.tool_calls %}\
+             {% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}\
+             {% else %}{{ m.content }}{% endif %}|{% endfor %}",
+        );
+        assert!(tok.chat_template_takes_tools());
+        let messages = serde_json::json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+        ]);
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let text = tok
+            .apply_chat_template_with_tools(&messages, Some(&tools), false)
+            .unwrap();
+        assert_eq!(text, "T:f;user=hi|assistant=f({\"x\":1})|tool=2|");
+        let text = tok
+            .apply_chat_template_with_tools(&messages, None, false)
+            .unwrap();
+        assert!(text.starts_with("user=hi|"), "{text}");
+    }
+
+    #[test]
+    fn a_template_without_tools_says_so() {
+        let tok = with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
+        assert!(!tok.chat_template_takes_tools());
     }
 }

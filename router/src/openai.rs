@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_engine::{ChatMessage, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
+use tandem_engine::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,6 +36,7 @@ use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
 use crate::openai_fields::{self, Endpoint};
+use crate::openai_tools::{self, ChatTurn, ToolFields, ToolPlan};
 use crate::service::{GenerateService, REQUEST_ID_HEADER};
 use crate::{openai_logprobs, openai_structured};
 
@@ -47,6 +48,8 @@ use chunks::{logprobs_json, sse_events, usage_json};
 
 mod choices;
 use choices::{Choices, Samples};
+mod tool_chunks;
+use tool_chunks::{tool_message, tool_sse_events};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -197,9 +200,12 @@ struct CompletionRequest {
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    messages: Vec<ChatMessage>,
+    messages: Vec<ChatTurn>,
     /// vLLM's: end the prompt with the template's assistant header (default).
     add_generation_prompt: Option<bool>,
+    /// `tools`, `tool_choice`, `parallel_tool_calls`: see [`openai_tools`].
+    #[serde(flatten)]
+    tools: ToolFields,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -412,6 +418,7 @@ async fn completions(
         include_usage: usage,
         echo,
         samples,
+        tools: None,
     };
     run(st, auth, &headers, request, out, Kind::Completion).await
 }
@@ -426,18 +433,32 @@ async fn chat_completions(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
-    let text = st
-        .model
-        .tokenizer
-        .apply_chat_template(&req.messages, req.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    openai_tools::check_messages(&req.messages)?;
+    let tools = openai_tools::plan(&req.tools, &st.model.tokenizer)?;
+    let logprobs_on = matches!(
+        req.sampling.logprobs,
+        Some(LogprobsInput::Switch(true) | LogprobsInput::Count(_))
+    );
+    if tools.is_some() && logprobs_on {
+        return Err(ApiError::bad_field(
+            "logprobs",
+            "logprobs together with tools is not supported yet",
+        ));
+    }
+    let text = crate::openai_tools_prompt::render(
+        &st.model.tokenizer,
+        &req.messages,
+        tools.as_ref(),
+        req.add_generation_prompt.unwrap_or(true),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     // The template writes every special token it wants; add none (as vLLM does).
     let ids = st
         .model
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let request = to_request(
+    let mut request = to_request(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
         Kind::Chat,
@@ -449,11 +470,28 @@ async fn chat_completions(
         req.sampling.stream,
         st.service.max_n(),
     )?;
+    if tools.is_some() && samples.best_of > 1 {
+        return Err(ApiError::bad_field(
+            "n",
+            "n > 1 together with tools is not supported yet",
+        ));
+    }
+    if let Some(forced) = tools.as_ref().and_then(ToolPlan::constraint) {
+        if request.constraint.is_some() {
+            return Err(ApiError::bad_field(
+                "tool_choice",
+                "a required or named tool_choice constrains the output already; \
+                 it cannot be combined with response_format or guided decoding",
+            ));
+        }
+        request.constraint = Some(forced);
+    }
     let out = Output {
         stream: req.sampling.stream,
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
         echo: None,
         samples,
+        tools,
     };
     run(st, auth, &headers, request, out, Kind::Chat).await
 }
@@ -508,6 +546,8 @@ struct Output {
     echo: Option<String>,
     /// `n` and `best_of`.
     samples: Samples,
+    /// Chat: the tools in play, whose calls the answer is read for.
+    tools: Option<ToolPlan>,
 }
 
 /// Runs the request through the gRPC service and answers in OpenAI's shape,
@@ -526,6 +566,7 @@ async fn run(
         include_usage,
         echo,
         samples,
+        tools,
     } = out;
     let request_logprobs = request.logprobs;
     let mut request = request;
@@ -557,6 +598,15 @@ async fn run(
     );
     let (created, model) = (now(), st.name.clone());
     let with_logprobs = request_logprobs.is_some();
+    let tools = match (stream, tools) {
+        (true, Some(plan)) => {
+            let events = tool_sse_events(responses, plan, include_usage, (id, created, model));
+            return Ok(Sse::new(events)
+                .keep_alive(KeepAlive::default())
+                .into_response());
+        }
+        (_, tools) => tools,
+    };
     if stream {
         let tokenizer = with_logprobs.then(|| st.model.clone());
         let events = sse_events(
@@ -581,6 +631,7 @@ async fn run(
         }
     }
     let (picked, usage) = answers.pick(samples)?;
+    let mut tools = tools; // n > 1 is refused with tools: one choice reads them
     let choices: Vec<Value> = picked
         .into_iter()
         .enumerate()
@@ -593,8 +644,14 @@ async fn run(
                     json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
                 }
                 Kind::Chat => {
-                    json!({ "index": index, "message": { "role": "assistant", "content": text }, "logprobs": logprobs,
-                                      "finish_reason": finish_reason(f.reason) })
+                    let (message, reason) = match tools.take() {
+                        Some(plan) => tool_message(plan, &text, f.reason),
+                        None => (
+                            json!({ "role": "assistant", "content": text }),
+                            finish_reason(f.reason),
+                        ),
+                    };
+                    json!({ "index": index, "message": message, "logprobs": logprobs, "finish_reason": reason })
                 }
             }
         })

@@ -9,7 +9,7 @@
 //! - [`Rule::NoEffect`]: accepted and without effect on the output, as in
 //!   vLLM (`user`, `metadata`, `service_tier`, ...);
 //! - [`Rule::NeutralOnly`]: accepted only absent, `null` or at the value that
-//!   asks for nothing (`tools: []`,
+//!   asks for nothing (`functions: []`,
 //!   `suffix: ""`, ...); any other value is refused
 //!   with HTTP 400 naming the field, because Tandem cannot do it yet.
 //!
@@ -77,9 +77,10 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("messages", On::Chat, Rule::Used),
     ("max_completion_tokens", On::Chat, Rule::Used),
     ("top_logprobs", On::Chat, Rule::Used),
-    ("tools", On::Chat, Rule::NeutralOnly(is_empty)),
-    ("tool_choice", On::Chat, Rule::NeutralOnly(is_none_choice)),
-    ("parallel_tool_calls", On::Chat, Rule::NoEffect),
+    // Tool calling: see `openai_tools`.
+    ("tools", On::Chat, Rule::Used),
+    ("tool_choice", On::Chat, Rule::Used),
+    ("parallel_tool_calls", On::Chat, Rule::Used),
     ("functions", On::Chat, Rule::NeutralOnly(is_empty)),
     ("function_call", On::Chat, Rule::NeutralOnly(is_none_choice)),
     ("audio", On::Chat, Rule::NeutralOnly(is_empty)),
@@ -319,16 +320,6 @@ mod tests {
                 Endpoint::Completions,
                 json!({"include_stop_str_in_output": true}),
                 "include_stop_str_in_output",
-            ),
-            (
-                Endpoint::Chat,
-                json!({"tools": [{"type": "function"}]}),
-                "tools",
-            ),
-            (
-                Endpoint::Chat,
-                json!({"tool_choice": "auto"}),
-                "tool_choice",
             ),
             (Endpoint::Chat, json!({"functions": [{}]}), "functions"),
             (

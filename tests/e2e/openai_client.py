@@ -161,8 +161,7 @@ completion_refusals = {
 }
 chat_refusals = {
     "bad_words": {"extra_body": {"bad_words": ["x"]}},
-    "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-    "tool_choice": {"tool_choice": "required"},
+    # tools and tool_choice are honoured: their refusals are in tools_client.py.
     "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
     "function_call": {"extra_body": {"function_call": "auto"}},
     "guided_whitespace_pattern": {"extra_body": {"guided_whitespace_pattern": " "}},

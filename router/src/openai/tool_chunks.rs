@@ -1,0 +1,123 @@
+//! The answer of a chat request with tools in play: `tool_calls` in the
+//! message (content `null` when there is none besides the calls) and
+//! `finish_reason: "tool_calls"`, or, streamed, OpenAI's deltas: a call's
+//! first delta carries its `index`, `id`, `type` and `function.name`, later
+//! ones `function.arguments` pieces. The reading of calls out of the text is
+//! [`ToolStream`]'s.
+
+use super::*;
+use crate::openai_tools::ToolPlan;
+use crate::openai_tools_stream::{ToolDelta, ToolStream, collect};
+
+/// `"tool_calls"` when calls were made and the generation ended on its own;
+/// otherwise the generation's own reason (`length` keeps saying it was cut).
+fn tool_finish_reason(calls: usize, reason: i32) -> &'static str {
+    match finish_reason(reason) {
+        "stop" if calls > 0 => "tool_calls",
+        other => other,
+    }
+}
+
+/// The assistant message and finish reason of a whole answer `text`.
+pub(super) fn tool_message(plan: ToolPlan, text: &str, reason: i32) -> (Value, &'static str) {
+    let mut reader = ToolStream::new(plan);
+    let mut deltas = reader.push(text);
+    deltas.extend(reader.finish());
+    let (content, calls) = collect(&deltas);
+    let mut message = json!({ "role": "assistant", "content": content });
+    if !calls.is_empty() {
+        message["tool_calls"] = calls
+            .iter()
+            .map(|(id, name, arguments)| {
+                json!({ "id": id, "type": "function",
+                        "function": { "name": name, "arguments": arguments } })
+            })
+            .collect();
+    }
+    (message, tool_finish_reason(calls.len(), reason))
+}
+
+/// One delta in OpenAI's chunk shape.
+fn delta_json(d: ToolDelta) -> Value {
+    match d {
+        ToolDelta::Content(t) => json!({ "content": t }),
+        ToolDelta::Call {
+            index,
+            id,
+            name,
+            arguments,
+        } => {
+            let mut call = json!({ "index": index, "function": { "arguments": arguments } });
+            if let Some(id) = id {
+                call["id"] = json!(id);
+                call["type"] = json!("function");
+            }
+            if let Some(name) = name {
+                call["function"]["name"] = json!(name);
+            }
+            json!({ "tool_calls": [call] })
+        }
+    }
+}
+
+/// Server-sent events of a streamed chat answer read for tool calls, ending
+/// with `data: [DONE]` (and a usage chunk before it when asked).
+pub(super) fn tool_sse_events(
+    responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
+    plan: ToolPlan,
+    include_usage: bool,
+    (id, created, model): (String, u64, String),
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let (usage_id, usage_model) = (id.clone(), model.clone());
+    let chunk = move |mut delta: Value, finish: Option<&str>, first: bool| {
+        if first {
+            delta["role"] = json!("assistant");
+        }
+        json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }] })
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut responses = responses;
+        let mut reader = ToolStream::new(plan);
+        let mut first = true;
+        let mut usage = None;
+        while let Some(msg) = responses.next().await {
+            let data: Vec<Value> = match msg.map(|m| m.event) {
+                Ok(Some(pb::generate_response::Event::Token(t))) => reader
+                    .push(&t.text)
+                    .into_iter()
+                    .map(|d| chunk(delta_json(d), None, std::mem::take(&mut first)))
+                    .collect(),
+                Ok(Some(pb::generate_response::Event::Finished(f))) => {
+                    usage = f.usage;
+                    let mut out: Vec<Value> = reader
+                        .finish()
+                        .into_iter()
+                        .map(|d| chunk(delta_json(d), None, std::mem::take(&mut first)))
+                        .collect();
+                    let reason = tool_finish_reason(reader.calls(), f.reason);
+                    out.push(chunk(json!({}), Some(reason), std::mem::take(&mut first)));
+                    out
+                }
+                Ok(None) => continue,
+                Err(status) => {
+                    let e = ApiError::from(status);
+                    vec![error_body(e.status, &e.message, e.param.as_deref())]
+                }
+            };
+            for d in data {
+                if tx.send(Event::default().data(d.to_string())).await.is_err() {
+                    return; // The client went away; dropping `responses` cancels the request.
+                }
+            }
+        }
+        if include_usage && let Some(u) = usage {
+            let usage = json!({ "id": usage_id, "object": "chat.completion.chunk", "created": created,
+                                "model": usage_model, "choices": [], "usage": usage_json(&u) });
+            let _ = tx.send(Event::default().data(usage.to_string())).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    ReceiverStream::new(rx).map(Ok)
+}

@@ -1,0 +1,140 @@
+//! Tool calling through the whole cluster on SmolLM2-135M-Instruct (GGUF)
+//! with the official `openai` client: forced calls (`tool_choice` named and
+//! `required`, streamed and not) whose arguments parse and validate against
+//! the function's schema (`jsonschema`), `finish_reason: "tool_calls"`; a
+//! second turn carrying the call and the `tool` result; `tool_choice: "none"`
+//! giving plain content; `auto` served; and each bad tool field refused with
+//! HTTP 400 naming it, the next request served.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tandem_engine::ModelDir;
+use tandem_tests::*;
+
+fn smollm2() -> Arc<ModelDir> {
+    let path = std::env::var_os("TANDEM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    assert!(path.is_file(), "{} is missing", path.display());
+    Arc::new(ModelDir::open(&path).expect("open SmolLM2"))
+}
+
+/// A forced call's answer: calls only, each valid, finish reason `tool_calls`.
+fn assert_forced(case: &str, answer: &Value) {
+    assert_eq!(answer["finish_reason"], "tool_calls", "{case}: {answer}");
+    assert!(answer["content"].is_null(), "{case}: {answer}");
+    let calls = answer["calls"].as_array().expect("calls");
+    assert!(!calls.is_empty(), "{case}: no tool call in {answer}");
+    for c in calls {
+        assert_eq!(c["valid"], true, "{case}: {c}");
+        let id = c["id"].as_str().expect("an id");
+        assert!(id.starts_with("call_"), "{case}: {id}");
+        assert_eq!(c["type"], "function", "{case}: {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tool_calls_through_the_openai_client_on_smollm2() {
+    let model = smollm2();
+    let mut spec = ClusterSpec::default();
+    spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    // The tool prompts are long: prefilled on the prefill node, whose first
+    // token obeys the forced call's grammar too.
+    spec.decode.local_prefill_below = 4;
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let base = format!(
+        "http://{}/v1",
+        cluster.http.expect("the router serves HTTP")
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/tools_client.py");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3").arg(script).arg(&base).output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 must be installed (scripts/test.sh installs openai and jsonschema)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the client script failed:\n{stderr}"
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).expect("script output is JSON");
+    eprintln!("seconds per request: {}", seen["seconds"]);
+
+    // Named: exactly that function.
+    for case in ["named", "named_stream"] {
+        assert_forced(case, &seen[case]);
+        let calls = seen[case]["calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{case}: {}", seen[case]);
+        assert_eq!(calls[0]["name"], "get_weather", "{case}");
+    }
+    // Streamed as OpenAI does: the role first, the id and name on the call's
+    // first delta, the arguments over several deltas.
+    assert_eq!(seen["named_stream"]["role"], "assistant");
+    for case in ["named_stream", "required_stream"] {
+        let deltas = seen[case]["calls"][0]["deltas"].as_u64().unwrap();
+        assert!(deltas > 1, "{case}: arguments came in {deltas} delta(s)");
+    }
+    for case in ["required", "required_stream"] {
+        assert_forced(case, &seen[case]);
+        assert_eq!(
+            seen[case]["calls"].as_array().unwrap().len(),
+            1,
+            "{case}: parallel_tool_calls: false made more than one call: {}",
+            seen[case]
+        );
+    }
+
+    // The second turn (the call and its result in the history) is answered.
+    {
+        let case = "second_turn";
+        let a = &seen[case];
+        let reason = a["finish_reason"].as_str().unwrap();
+        assert!(
+            ["stop", "length", "tool_calls"].contains(&reason),
+            "{case}: {a}"
+        );
+        let said = a["content"].as_str().is_some_and(|c| !c.is_empty())
+            || !a["calls"].as_array().unwrap().is_empty();
+        assert!(said, "{case}: an empty answer: {a}");
+    }
+    // Auto: served; whatever calls the model made are valid ones.
+    for c in seen["auto_stream"]["calls"].as_array().unwrap() {
+        assert_eq!(c["valid"], true, "auto_stream: {c}");
+    }
+    // None: plain content, no calls.
+    {
+        let case = "none";
+        let a = &seen[case];
+        assert!(a["calls"].as_array().unwrap().is_empty(), "{case}: {a}");
+        assert!(
+            a["content"].as_str().is_some_and(|c| !c.is_empty()),
+            "{case}: {a}"
+        );
+        assert_ne!(a["finish_reason"], "tool_calls", "{case}: {a}");
+    }
+
+    for (case, field) in [
+        ("unknown_name", "tool_choice"),
+        ("choice_without_tools", "tool_choice"),
+        ("bad_schema", "tools[0].function.parameters"),
+        ("no_tool_call_id", "messages[1].tool_call_id"),
+        ("bad_tool_type", "tools[0].type"),
+        ("with_response_format", "tool_choice"),
+        ("bad_parallel", "parallel_tool_calls"),
+    ] {
+        let r = &seen["refused"][case];
+        assert_eq!(r["status"], 400, "{case}: {r}");
+        assert_eq!(r["param"], field, "{case}: {r}");
+        assert!(
+            r["message"].as_str().unwrap().contains(field),
+            "{case}: {r}"
+        );
+    }
+    assert_eq!(seen["after"], "length");
+}

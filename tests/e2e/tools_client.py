@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Tool calling through Tandem's OpenAI API with the official `openai` client.
+
+Usage: tools_client.py BASE_URL. Prints one JSON object with what it saw
+(each call's arguments parsed with `json.loads` and checked with `jsonschema`
+against its function's schema); tests/e2e/tools.rs asserts on it.
+"""
+import json
+import sys
+import time
+
+import jsonschema
+import openai
+
+base = sys.argv[1]
+client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+model = client.models.list().data[0].id
+out = {}
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                   "b": {"type": "integer", "minimum": 0, "maximum": 999}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}},
+]
+ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def check_call(name, arguments):
+    """True, or why the call is not a valid call of one of TOOLS."""
+    if name not in SCHEMAS:
+        return f"unknown function {name!r}"
+    try:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+        return True
+    except (ValueError, jsonschema.ValidationError) as e:
+        return f"{name}({arguments!r}): {e}"
+
+
+def answer(r):
+    c = r.choices[0]
+    calls = c.message.tool_calls or []
+    return {"finish_reason": c.finish_reason, "content": c.message.content,
+            "calls": [{"id": t.id, "type": t.type, "name": t.function.name, "arguments": t.function.arguments,
+                       "valid": check_call(t.function.name, t.function.arguments)} for t in calls]}
+
+
+def streamed(**kw):
+    calls, content, finish, role = {}, "", None, None
+    for chunk in client.chat.completions.create(model=model, stream=True, **kw):
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        role = role or d.role
+        content += d.content or ""
+        for t in d.tool_calls or []:
+            c = calls.setdefault(t.index, {"id": None, "type": None, "name": None, "arguments": "", "deltas": 0})
+            if t.id:
+                c["id"], c["type"] = t.id, t.type
+            if t.function and t.function.name:
+                c["name"] = t.function.name
+            if t.function and t.function.arguments:
+                c["arguments"] += t.function.arguments
+                c["deltas"] += 1
+        finish = chunk.choices[0].finish_reason or finish
+    calls = [calls[i] for i in sorted(calls)]
+    for c in calls:
+        c["valid"] = check_call(c["name"], c["arguments"])
+    return {"finish_reason": finish, "content": content or None, "role": role, "calls": calls}
+
+
+timings = {}
+
+
+def timed(case, f):
+    start = time.monotonic()
+    out[case] = f()
+    timings[case] = round(time.monotonic() - start, 2)
+
+
+timed("named", lambda: answer(client.chat.completions.create(
+    model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=40, temperature=0)))
+timed("named_stream", lambda: streamed(messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=40,
+                                       temperature=1.0, seed=1))
+# `required` with parallel_tool_calls false (one call at most): a 135M model
+# allowed several repeats its first call until max_tokens.
+timed("required", lambda: answer(client.chat.completions.create(
+    model=model, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+    max_tokens=60, temperature=0)))
+timed("required_stream", lambda: streamed(messages=ASK, tools=TOOLS, tool_choice="required",
+                                          parallel_tool_calls=False, max_tokens=60, temperature=0.5, seed=2))
+
+# Second turn: the call and its result in the history.
+call = out["named"]["calls"][0]
+history = ASK + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}]},
+    {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees celsius, sunny"},
+]
+timed("second_turn", lambda: answer(client.chat.completions.create(
+    model=model, messages=history, tools=TOOLS, max_tokens=12, temperature=0)))
+timed("auto_stream", lambda: streamed(messages=ASK, tools=TOOLS, max_tokens=24, temperature=0))
+timed("none", lambda: answer(client.chat.completions.create(
+    model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)))
+
+
+def refused(**kw):
+    kw.setdefault("messages", ASK)
+    try:
+        client.chat.completions.create(model=model, max_tokens=5, **kw)
+        return None
+    except openai.BadRequestError as e:
+        param = getattr(e, "param", None)
+        return {"status": e.status_code, "message": str(e), "param": param}
+
+
+BAD_SCHEMA = [{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]
+out["refused"] = {
+    "unknown_name": refused(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+    "choice_without_tools": refused(tool_choice="required"),
+    "bad_schema": refused(tools=BAD_SCHEMA),
+    "no_tool_call_id": refused(messages=ASK + [{"role": "tool", "content": "x"}], tools=TOOLS),
+    "bad_tool_type": refused(tools=[{"type": "retrieval", "function": {"name": "f"}}]),
+    "with_response_format": refused(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
+    "bad_parallel": refused(tools=TOOLS, parallel_tool_calls="yes"),
+}
+r = client.chat.completions.create(model=model, messages=ASK, max_tokens=4, temperature=0)
+out["after"] = r.choices[0].finish_reason
+out["seconds"] = timings
+print(json.dumps(out))
