@@ -61,10 +61,8 @@ pub struct Expectation {
 
 impl Expectation {
     fn full_block_bytes(&self) -> Option<u64> {
-        2u64.checked_mul(u64::from(self.total_heads))?
-            .checked_mul(u64::from(self.block_size))?
-            .checked_mul(u64::from(self.head_dim))?
-            .checked_mul(self.dtype.size() as u64)
+        self.dtype
+            .block_bytes(self.total_heads, self.block_size, self.head_dim)
     }
 }
 
@@ -239,7 +237,7 @@ impl Reservations {
         }
         if expect.full_block_bytes() != Some(expect.block_bytes) {
             return Err(Refusal::BadExpectation(
-                "block_bytes must be 2 * total_heads * block_size * head_dim * dtype size",
+                "block_bytes must be one block of total_heads heads in dtype (WireDtype::block_bytes)",
             ));
         }
         let cells = u64::from(expect.num_layers)
@@ -291,7 +289,8 @@ impl Reservations {
             expected,
             got,
         };
-        if h.dtype != e.dtype {
+        // A wider dtype into an fp8 cache is quantized on import.
+        if !h.dtype.imports_into(e.dtype) {
             return Err(mismatch("dtype", e.dtype as u64, h.dtype as u64));
         }
         if h.total_heads != e.total_heads {
@@ -335,9 +334,15 @@ impl Reservations {
         }
         // Full-head block bytes scaled to the carried heads; exact because
         // block_bytes is a multiple of total_heads (checked at registration).
-        let expected_len = e.block_bytes / u64::from(e.total_heads)
-            * u64::from(h.head_count)
-            * u64::from(h.block_count);
+        // A frame in another dtype (to be quantized on import) is sized by
+        // its own dtype.
+        let expected_len = if h.dtype == e.dtype {
+            e.block_bytes / u64::from(e.total_heads)
+                * u64::from(h.head_count)
+                * u64::from(h.block_count)
+        } else {
+            h.shape().payload_len().unwrap_or(u64::MAX)
+        };
         if u64::from(h.payload_len) != expected_len {
             return Err(mismatch("payload_len", expected_len, h.payload_len.into()));
         }
