@@ -562,6 +562,48 @@ mod tests {
     }
 
     #[test]
+    fn an_fp8_reservation_takes_wider_frames_but_a_wider_one_refuses_fp8() {
+        assert_eq!(WireDtype::from_code(3), Some(WireDtype::Fp8E4m3));
+        assert_eq!(WireDtype::from_code(4), None);
+        let mut e = expect();
+        e.dtype = WireDtype::Fp8E4m3;
+        e.block_bytes = WireDtype::Fp8E4m3.block_bytes(HEADS, 2, 8).unwrap();
+        assert_eq!(
+            e.block_bytes,
+            2 * 4 * (2 * 8 + 4),
+            "values, then a scale per K/V head"
+        );
+        let mut r = Reservations::new();
+        r.register(1, e).unwrap();
+        // bf16, sized as bf16: taken, to be quantized on import.
+        r.on_layer_frame(&header(1, shape(0, 0, 1, 0, HEADS)))
+            .unwrap();
+        let mut s = shape(1, 0, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        r.on_layer_frame(&header(1, s)).unwrap();
+        // An fp8 frame whose length is not its blocks and scales is refused.
+        let mut s = shape(0, 1, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        let mut h = header(1, s);
+        h.payload_len -= 4;
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::Mismatch {
+                field: "payload_len",
+                ..
+            })
+        ));
+        // A bf16 reservation refuses fp8: it is never widened.
+        let mut r = table();
+        let mut s = shape(0, 0, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch { field: "dtype", .. })
+        ));
+    }
+
+    #[test]
     fn refuses_shape_mismatches() {
         let mut r = table();
         let mut s = shape(0, 0, 1, 0, HEADS);
