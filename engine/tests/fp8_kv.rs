@@ -40,7 +40,7 @@ fn backend(model: &ModelDir, w: &Weights, dtype: KvDtype) -> CpuBackend {
 }
 
 fn greedy(b: &mut CpuBackend, prompt: &[u32], table: &[BlockId]) -> (Vec<u32>, Vec<Vec<f32>>) {
-    let mut logits = b.prefill(prompt, 0, &table).unwrap();
+    let mut logits = b.prefill(prompt, 0, table).unwrap();
     let (mut tokens, mut all) = (Vec::new(), Vec::new());
     for pos in prompt.len()..prompt.len() + STEPS {
         let t = argmax(&logits);
