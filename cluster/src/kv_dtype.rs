@@ -65,7 +65,7 @@ mod tests {
             assert_eq!(pb as i32, wire as i32);
             assert_eq!(wire_from_pb(pb as i32), Some(wire));
         }
-        assert_eq!(wire_from_pb(3), None);
+        assert_eq!(wire_from_pb(4), None);
         assert_eq!(wire_from_pb(-1), None);
     }
 }
