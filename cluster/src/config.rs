@@ -16,7 +16,7 @@ mod router_section;
 pub use router_section::RouterSection;
 
 mod node_sections;
-pub use node_sections::{DecodeSection, PrefillSection};
+pub use node_sections::{DecodeSection, KvCacheDtype, PrefillSection};
 
 /// The default `[model] path`: SmolLM2-135M-Instruct, which `tandem model fetch
 /// smollm2` puts there and the roles fetch on first use.

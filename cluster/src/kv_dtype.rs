@@ -16,6 +16,7 @@ pub fn wire_dtype(d: KvDtype) -> WireDtype {
         KvDtype::F32 => WireDtype::F32,
         KvDtype::Bf16 => WireDtype::Bf16,
         KvDtype::F16 => WireDtype::F16,
+        KvDtype::Fp8E4m3 => WireDtype::Fp8E4m3,
     }
 }
 
@@ -25,6 +26,7 @@ pub fn wire_to_pb(d: WireDtype) -> pb::KvDtype {
         WireDtype::F32 => pb::KvDtype::F32,
         WireDtype::Bf16 => pb::KvDtype::Bf16,
         WireDtype::F16 => pb::KvDtype::F16,
+        WireDtype::Fp8E4m3 => pb::KvDtype::Fp8E4m3,
     }
 }
 
@@ -35,6 +37,7 @@ pub fn wire_from_pb(value: i32) -> Option<WireDtype> {
         pb::KvDtype::F32 => Some(WireDtype::F32),
         pb::KvDtype::Bf16 => Some(WireDtype::Bf16),
         pb::KvDtype::F16 => Some(WireDtype::F16),
+        pb::KvDtype::Fp8E4m3 => Some(WireDtype::Fp8E4m3),
     }
 }
 
@@ -44,6 +47,7 @@ pub fn name(d: WireDtype) -> &'static str {
         WireDtype::F32 => "f32",
         WireDtype::Bf16 => "bf16",
         WireDtype::F16 => "f16",
+        WireDtype::Fp8E4m3 => "fp8_e4m3",
     }
 }
 
@@ -53,7 +57,7 @@ mod tests {
 
     #[test]
     fn every_dtype_round_trips_with_the_wire_codes_as_proto_values() {
-        for d in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16] {
+        for d in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16, KvDtype::Fp8E4m3] {
             let wire = wire_dtype(d);
             assert_eq!(wire.size(), d.size());
             let pb = wire_to_pb(wire);
@@ -61,7 +65,7 @@ mod tests {
             assert_eq!(pb as i32, wire as i32);
             assert_eq!(wire_from_pb(pb as i32), Some(wire));
         }
-        assert_eq!(wire_from_pb(3), None);
+        assert_eq!(wire_from_pb(4), None);
         assert_eq!(wire_from_pb(-1), None);
     }
 }

@@ -28,8 +28,8 @@ pub mod tls_listener;
 
 pub use config::{
     ApiKeySection, ClientTlsSection, Config, ConfigError, ConnectionsSection, DEFAULT_MODEL_PATH,
-    DecodeSection, EtcdSection, MembershipSection, MetricsSection, ModelSection, PrefillSection,
-    RouterSection, SYNTH_MODEL_DIR, TlsSection,
+    DecodeSection, EtcdSection, KvCacheDtype, MembershipSection, MetricsSection, ModelSection,
+    PrefillSection, RouterSection, SYNTH_MODEL_DIR, TlsSection,
 };
 pub use etcd::EtcdMembership;
 pub use fingerprint::{FingerprintError, ModelFingerprint};

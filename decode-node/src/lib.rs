@@ -26,6 +26,7 @@ pub mod admission;
 pub mod batch_plan;
 pub mod errors;
 pub mod link_cost;
+mod kv_convert;
 pub mod node_metrics;
 pub mod prefill_choice;
 pub mod scheduler;
@@ -152,9 +153,12 @@ pub async fn serve_advertising(
         let model = model.clone();
         let (blocks, block_size, tp) = (config.kv_blocks, config.block_size, config.tp);
         let limits = batch_limits(&config);
-        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, block_size, limits))
-            .await
-            .map_err(|e| DecodeError::ModelLoad(e.to_string()))??
+        let kv_dtype = config.kv_dtype.engine();
+        tokio::task::spawn_blocking(move || {
+            model.load_tp_kv(tp, blocks, block_size, limits, kv_dtype)
+        })
+        .await
+        .map_err(|e| DecodeError::ModelLoad(e.to_string()))??
     };
     let fingerprint = {
         let model = model.clone();

@@ -77,6 +77,8 @@ pub enum Command {
         /// The KV heads `payload` carries (a sending tensor-parallel rank's;
         /// the reservation table has refused overlaps).
         heads: std::ops::Range<usize>,
+        /// The frame's dtype: the cache's, or a wider one to quantize (fp8 cache).
+        dtype: tandem_kv_transfer::WireDtype,
         /// The bytes, in the cache layout.
         payload: Bytes,
     },
@@ -287,13 +289,14 @@ impl<B: Backend> Scheduler<B> {
                 first_block,
                 block_count,
                 heads,
+                dtype,
                 payload,
             } => self.import(
                 transfer_id,
                 layer,
                 first_block..first_block + block_count,
                 heads,
-                &payload,
+                (dtype, &payload),
             ),
             Command::KvComplete {
                 transfer_id,
@@ -358,16 +361,27 @@ impl<B: Backend> Scheduler<B> {
         layer: usize,
         blocks: std::ops::Range<usize>,
         heads: std::ops::Range<usize>,
-        payload: &Bytes,
+        (dtype, payload): (tandem_kv_transfer::WireDtype, &Bytes),
     ) {
         let Some(seq) = self.seqs.get(&id) else {
             return;
         };
+        let layout = self.backend.kv_layout();
+        let context_len = seq.generation.tokens().len();
         let result = match seq.table.get(blocks.clone()) {
-            Some(table) => self
-                .backend
-                .import_heads(layer, table, heads, payload)
-                .map_err(|e| e.to_string()),
+            Some(table) => crate::kv_convert::to_cache_dtype(
+                dtype,
+                &layout,
+                payload,
+                blocks.clone(),
+                heads.clone(),
+                context_len,
+            )
+            .and_then(|bytes| {
+                self.backend
+                    .import_heads(layer, table, heads, &bytes)
+                    .map_err(|e| e.to_string())
+            }),
             None => Err(format!(
                 "blocks {}..{} beyond the reservation",
                 blocks.start, blocks.end

@@ -72,6 +72,18 @@ impl CpuBackend {
     /// A backend with a zeroed cache of `num_blocks` blocks of `block_size`
     /// tokens per rank (for the KV heads it holds).
     pub fn new(model: CpuModel, num_blocks: usize, block_size: usize) -> Result<Self> {
+        Self::with_kv_dtype(model, num_blocks, block_size, KvDtype::F32)
+    }
+
+    /// Like [`new`](Self::new) with the cache in `dtype`: f32 (the CPU's own)
+    /// or fp8 e4m3 (quantized as [`kv_quant`](crate::kv_quant) says,
+    /// dequantized when attention reads it).
+    pub fn with_kv_dtype(
+        model: CpuModel,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDtype,
+    ) -> Result<Self> {
         let c = &model.config;
         let layout = KvLayout {
             num_layers: c.num_layers,
@@ -79,7 +91,7 @@ impl CpuBackend {
             block_size,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            dtype: KvDtype::F32,
+            dtype,
         };
         let caches = (0..model.plan.tp)
             .map(|r| {

@@ -27,6 +27,8 @@ use std::ops::Range;
 
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
+use crate::fp8_cache::Fp8Layers;
+use crate::kv_quant::fp8_block_bytes;
 
 /// Element type of the cache as stored and as sent on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub enum KvDtype {
     Bf16,
     /// IEEE half.
     F16,
+    /// FP8 e4m3 with an f32 scale per (block, K or V, KV head)
+    /// ([`kv_quant`](crate::kv_quant)); a block's bytes are its e4m3 values
+    /// in the layout above, then its scales (`[K heads][V heads]`, f32 LE).
+    Fp8E4m3,
 }
 
 impl KvDtype {
@@ -45,6 +51,17 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
+            KvDtype::Fp8E4m3 => 1,
+        }
+    }
+
+    /// The name configs and messages use (`f32`, `bf16`, `f16`, `fp8_e4m3`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F16 => "f16",
+            KvDtype::Fp8E4m3 => "fp8_e4m3",
         }
     }
 }
@@ -72,9 +89,16 @@ impl KvLayout {
         2 * self.num_kv_heads * self.block_size * self.head_dim
     }
 
-    /// Bytes in one block of one layer (K and V).
+    /// Bytes in one block of one layer (K and V; for fp8, with its scales).
     pub fn block_bytes(&self) -> usize {
-        self.block_elems() * self.dtype.size()
+        frame_block_bytes(self, self.num_kv_heads)
+    }
+
+    /// Tokens of KV one layer's block holds per byte of cache budget, as
+    /// blocks: how many blocks of this layout (all layers) fit in `budget`
+    /// bytes. The smaller the element, the more blocks.
+    pub fn blocks_in_budget(&self, budget: usize) -> usize {
+        budget / (self.block_bytes() * self.num_layers).max(1)
     }
 
     /// Offset, in elements within a block, of `(kind, head, slot)`; `kind` 0 is K, 1 is V.
@@ -83,24 +107,37 @@ impl KvLayout {
     }
 }
 
-/// The CPU backend's KV storage: one `f32` buffer per layer.
+/// The CPU backend's KV storage: one `f32` buffer per layer, or (fp8) one
+/// e4m3 buffer and its scales per layer ([`Fp8Layers`]).
 pub struct CpuKvCache {
     layout: KvLayout,
     layers: Vec<Vec<f32>>,
+    fp8: Option<Fp8Layers>,
 }
 
 impl CpuKvCache {
-    /// Zeroed storage for `layout` (whose dtype must be f32).
+    /// Zeroed storage for `layout` (whose dtype must be f32 or fp8_e4m3).
     pub fn new(layout: KvLayout) -> Result<Self> {
-        if layout.dtype != KvDtype::F32 {
-            return Err(EngineError::KvCache("the CPU cache stores f32".into()));
-        }
         let per_layer = layout.num_blocks * layout.block_elems();
+        let (layers, fp8) = match layout.dtype {
+            KvDtype::F32 => (
+                (0..layout.num_layers)
+                    .map(|_| vec![0.0; per_layer])
+                    .collect(),
+                None,
+            ),
+            KvDtype::Fp8E4m3 => (Vec::new(), Some(Fp8Layers::new(&layout))),
+            other => {
+                return Err(EngineError::KvCache(format!(
+                    "the CPU cache stores f32 or fp8_e4m3, not {}",
+                    other.name()
+                )));
+            }
+        };
         Ok(CpuKvCache {
             layout,
-            layers: (0..layout.num_layers)
-                .map(|_| vec![0.0; per_layer])
-                .collect(),
+            layers,
+            fp8,
         })
     }
 
@@ -133,8 +170,13 @@ impl CpuKvCache {
         let block = *block_table.get(position / l.block_size).ok_or_else(|| {
             EngineError::KvCache(format!("position {position} is beyond the block table"))
         })?;
-        let base = self.check_block(block)? * l.block_elems();
+        let b = self.check_block(block)?;
         let slot = position % l.block_size;
+        if let Some(f) = &mut self.fp8 {
+            f.write_token(&l, layer, b, slot, k, v);
+            return Ok(());
+        }
+        let base = b * l.block_elems();
         let buf = &mut self.layers[layer];
         for h in 0..l.num_kv_heads {
             let src = h * l.head_dim..(h + 1) * l.head_dim;
@@ -163,6 +205,16 @@ impl CpuKvCache {
         }
         let mut k = vec![0.0; l.num_kv_heads * len * l.head_dim];
         let mut v = vec![0.0; k.len()];
+        if let Some(f) = &self.fp8 {
+            for (i, &block) in block_table.iter().enumerate() {
+                if i * l.block_size >= len {
+                    break;
+                }
+                let b = self.check_block(block)?;
+                f.gather_block(&l, layer, b, i, len, &mut k, &mut v);
+            }
+            return Ok((k, v));
+        }
         let buf = &self.layers[layer];
         for (i, &block) in block_table.iter().enumerate() {
             let first = i * l.block_size;
@@ -189,6 +241,9 @@ impl CpuKvCache {
             return Err(EngineError::KvCache(format!(
                 "layer {layer} does not exist"
             )));
+        }
+        if self.fp8.is_some() {
+            return self.export_heads(layer, blocks, 0..self.layout.num_kv_heads);
         }
         let be = self.layout.block_elems();
         let mut out = Vec::with_capacity(blocks.len() * self.layout.block_bytes());
@@ -220,6 +275,9 @@ impl CpuKvCache {
         for &b in blocks {
             self.check_block(b)?;
         }
+        if self.fp8.is_some() {
+            return self.import_heads(layer, blocks, 0, 0..l.num_kv_heads, bytes);
+        }
         let be = l.block_elems();
         for (i, &b) in blocks.iter().enumerate() {
             let b = b as usize;
@@ -235,9 +293,13 @@ impl CpuKvCache {
     }
 }
 
-/// Bytes of one block of a frame holding `heads` KV heads of `layout`'s shape.
+/// Bytes of one block of a frame holding `heads` KV heads of `layout`'s
+/// shape (for fp8, the e4m3 values then the heads' scales).
 pub fn frame_block_bytes(layout: &KvLayout, heads: usize) -> usize {
-    2 * heads * layout.block_size * layout.head_dim * layout.dtype.size()
+    match layout.dtype {
+        KvDtype::Fp8E4m3 => fp8_block_bytes(heads, layout.block_size, layout.head_dim),
+        d => 2 * heads * layout.block_size * layout.head_dim * d.size(),
+    }
 }
 
 impl CpuKvCache {
@@ -287,6 +349,10 @@ impl CpuKvCache {
     ) -> Result<()> {
         let l = self.layout;
         let common = self.head_overlap(layer, blocks, first, &frame, bytes.len())?;
+        if let Some(f) = &mut self.fp8 {
+            f.import_heads(&l, layer, blocks, first, &frame, common, bytes);
+            return Ok(());
+        }
         let (fc, run) = (frame.len(), l.block_size * l.head_dim);
         let fbe = 2 * fc * run;
         let be = l.block_elems();
@@ -320,6 +386,10 @@ impl CpuKvCache {
     ) -> Result<()> {
         let l = self.layout;
         let common = self.head_overlap(layer, blocks, first, &frame, out.len())?;
+        if let Some(f) = &self.fp8 {
+            f.export_heads(&l, layer, blocks, first, &frame, common, out);
+            return Ok(());
+        }
         let (fc, run) = (frame.len(), l.block_size * l.head_dim);
         let fbe = 2 * fc * run;
         let be = l.block_elems();

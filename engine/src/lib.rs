@@ -23,10 +23,12 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+mod fp8_cache;
 pub mod generation;
 pub mod gguf;
 pub mod kv_cache;
 pub mod kv_events;
+pub mod kv_quant;
 pub mod llama;
 pub mod local;
 pub mod mask_overlap;

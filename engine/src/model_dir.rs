@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
 use crate::gguf::GgufFile;
+use crate::kv_cache::KvDtype;
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
 
@@ -124,6 +125,49 @@ impl ModelDir {
             Device::Cuda(_) => Err(crate::error::EngineError::InvalidInput(
                 "this build has no CUDA backend: rebuild with `--features cuda`".into(),
             )),
+        }
+    }
+
+    /// Like [`load_tp`](Self::load_tp) with the KV cache in `kv_dtype`:
+    /// `None` is the backend's own (f32 on the CPU, bf16 on CUDA);
+    /// `Some(KvDtype::Fp8E4m3)` stores e4m3 with per-block scales (CPU
+    /// backend; CUDA refuses it for now); any other dtype must be the
+    /// backend's own.
+    pub fn load_tp_kv(
+        &self,
+        tp: usize,
+        num_blocks: usize,
+        block_size: usize,
+        limits: BatchLimits,
+        kv_dtype: Option<KvDtype>,
+    ) -> Result<Box<dyn Backend>> {
+        let Some(dtype) = kv_dtype else {
+            return self.load_tp(tp, num_blocks, block_size, limits);
+        };
+        limits.check()?;
+        match self.device {
+            Device::Cpu if matches!(dtype, KvDtype::F32 | KvDtype::Fp8E4m3) => {
+                let weights = self.weights()?;
+                Ok(Box::new(CpuBackend::with_kv_dtype(
+                    CpuModel::load_sharded(&self.config, &weights, tp)?,
+                    num_blocks,
+                    block_size,
+                    dtype,
+                )?))
+            }
+            Device::Cuda(_) if dtype == KvDtype::Bf16 => {
+                self.load_tp(tp, num_blocks, block_size, limits)
+            }
+            _ => Err(crate::error::EngineError::InvalidInput(format!(
+                "kv_dtype {}: the {:?} backend's cache holds {} or fp8_e4m3 (CPU only so far)",
+                dtype.name(),
+                self.device,
+                if self.device == Device::Cpu {
+                    "f32"
+                } else {
+                    "bf16"
+                },
+            ))),
         }
     }
 

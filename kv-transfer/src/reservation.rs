@@ -61,10 +61,8 @@ pub struct Expectation {
 
 impl Expectation {
     fn full_block_bytes(&self) -> Option<u64> {
-        2u64.checked_mul(u64::from(self.total_heads))?
-            .checked_mul(u64::from(self.block_size))?
-            .checked_mul(u64::from(self.head_dim))?
-            .checked_mul(self.dtype.size() as u64)
+        self.dtype
+            .block_bytes(self.total_heads, self.block_size, self.head_dim)
     }
 }
 
@@ -239,7 +237,7 @@ impl Reservations {
         }
         if expect.full_block_bytes() != Some(expect.block_bytes) {
             return Err(Refusal::BadExpectation(
-                "block_bytes must be 2 * total_heads * block_size * head_dim * dtype size",
+                "block_bytes must be one block of total_heads heads in dtype (WireDtype::block_bytes)",
             ));
         }
         let cells = u64::from(expect.num_layers)
@@ -291,7 +289,8 @@ impl Reservations {
             expected,
             got,
         };
-        if h.dtype != e.dtype {
+        // A wider dtype into an fp8 cache is quantized on import.
+        if !h.dtype.imports_into(e.dtype) {
             return Err(mismatch("dtype", e.dtype as u64, h.dtype as u64));
         }
         if h.total_heads != e.total_heads {
@@ -335,9 +334,15 @@ impl Reservations {
         }
         // Full-head block bytes scaled to the carried heads; exact because
         // block_bytes is a multiple of total_heads (checked at registration).
-        let expected_len = e.block_bytes / u64::from(e.total_heads)
-            * u64::from(h.head_count)
-            * u64::from(h.block_count);
+        // A frame in another dtype (to be quantized on import) is sized by
+        // its own dtype.
+        let expected_len = if h.dtype == e.dtype {
+            e.block_bytes / u64::from(e.total_heads)
+                * u64::from(h.head_count)
+                * u64::from(h.block_count)
+        } else {
+            h.shape().payload_len().unwrap_or(u64::MAX)
+        };
         if u64::from(h.payload_len) != expected_len {
             return Err(mismatch("payload_len", expected_len, h.payload_len.into()));
         }
@@ -553,6 +558,48 @@ mod tests {
         assert!(matches!(
             r.on_layer_frame(&header(1, shape(0, u32::MAX, 1, 0, HEADS))),
             Err(Refusal::BlocksOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn an_fp8_reservation_takes_wider_frames_but_a_wider_one_refuses_fp8() {
+        assert_eq!(WireDtype::from_code(3), Some(WireDtype::Fp8E4m3));
+        assert_eq!(WireDtype::from_code(4), None);
+        let mut e = expect();
+        e.dtype = WireDtype::Fp8E4m3;
+        e.block_bytes = WireDtype::Fp8E4m3.block_bytes(HEADS, 2, 8).unwrap();
+        assert_eq!(
+            e.block_bytes,
+            2 * 4 * (2 * 8 + 4),
+            "values, then a scale per K/V head"
+        );
+        let mut r = Reservations::new();
+        r.register(1, e).unwrap();
+        // bf16, sized as bf16: taken, to be quantized on import.
+        r.on_layer_frame(&header(1, shape(0, 0, 1, 0, HEADS)))
+            .unwrap();
+        let mut s = shape(1, 0, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        r.on_layer_frame(&header(1, s)).unwrap();
+        // An fp8 frame whose length is not its blocks and scales is refused.
+        let mut s = shape(0, 1, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        let mut h = header(1, s);
+        h.payload_len -= 4;
+        assert!(matches!(
+            r.on_layer_frame(&h),
+            Err(Refusal::Mismatch {
+                field: "payload_len",
+                ..
+            })
+        ));
+        // A bf16 reservation refuses fp8: it is never widened.
+        let mut r = table();
+        let mut s = shape(0, 0, 1, 0, HEADS);
+        s.dtype = WireDtype::Fp8E4m3;
+        assert!(matches!(
+            r.on_layer_frame(&header(1, s)),
+            Err(Refusal::Mismatch { field: "dtype", .. })
         ));
     }
 

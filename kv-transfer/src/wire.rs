@@ -41,12 +41,18 @@
 //! | 42     | 2    | total heads   | u16, the model's KV heads                      |
 //! | 44     | 2    | head dim      | u16, >= 1                                      |
 //! | 46     | 2    | block size    | u16, tokens per block, >= 1                    |
-//! | 48     | 1    | dtype         | `0` f32, `1` bf16, `2` f16                     |
+//! | 48     | 1    | dtype         | `0` f32, `1` bf16, `2` f16, `3` fp8 e4m3       |
 //! | 49     | 3    | reserved      | zero                                           |
 //! | 52     | len  | payload       | `block count` blocks, concatenated             |
 //!
-//! The payload length must equal
-//! `block_count * 2 * head_count * block_size * head_dim * dtype_size`: each
+//! The payload length must equal `block_count * block_bytes`, where
+//! `block_bytes` is `2 * head_count * block_size * head_dim * dtype_size`
+//! (f32, bf16, f16) or, for fp8 e4m3, `2 * head_count * (block_size *
+//! head_dim + 4)`: the e4m3 values, then the **scales section** of the block,
+//! one f32 per (K or V, carried head), `[K heads][V heads]` (see
+//! `tandem_engine::kv_quant`). A receiver that predates code `3` refuses such
+//! frames as an unknown dtype (the frame's error names the code), so fp8
+//! needs no new version: old peers fail clearly, never misread. Each
 //! block is laid out exactly as the engine's cache block
 //! (`[K: head][slot][dim]` then `[V: head][slot][dim]`) restricted to the
 //! carried heads, so a tensor-parallel rank ships its own cache blocks
@@ -120,15 +126,38 @@ pub enum WireDtype {
     Bf16 = 1,
     /// IEEE half.
     F16 = 2,
+    /// FP8 e4m3 with an f32 scale per (block, K or V, head) after each block's values.
+    Fp8E4m3 = 3,
 }
 
 impl WireDtype {
-    /// Bytes per element.
+    /// Bytes per element (fp8 blocks add their scales: see [`block_bytes`](Self::block_bytes)).
     pub fn size(self) -> usize {
         match self {
             WireDtype::F32 => 4,
             WireDtype::Bf16 | WireDtype::F16 => 2,
+            WireDtype::Fp8E4m3 => 1,
         }
+    }
+
+    /// Bytes of one block (K and V) of `heads` heads, with an fp8 block's
+    /// scales section; `None` on overflow.
+    pub fn block_bytes(self, heads: u16, block_size: u16, head_dim: u16) -> Option<u64> {
+        let run = u64::from(block_size).checked_mul(u64::from(head_dim))?;
+        let per_head = match self {
+            WireDtype::Fp8E4m3 => run.checked_add(4)?,
+            d => run.checked_mul(d.size() as u64)?,
+        };
+        2u64.checked_mul(u64::from(heads))?.checked_mul(per_head)
+    }
+
+    /// Whether a frame in this dtype can be imported into a cache of
+    /// `cache`: the same dtype, or a wider one into an fp8 cache (the
+    /// receiver quantizes it). fp8 never widens into a wider cache: its
+    /// values are already rounded, and the receiver would hold less than it
+    /// advertises.
+    pub fn imports_into(self, cache: WireDtype) -> bool {
+        self == cache || cache == WireDtype::Fp8E4m3
     }
 
     /// The dtype a wire code names, if any.
@@ -137,6 +166,7 @@ impl WireDtype {
             0 => Some(WireDtype::F32),
             1 => Some(WireDtype::Bf16),
             2 => Some(WireDtype::F16),
+            3 => Some(WireDtype::Fp8E4m3),
             _ => None,
         }
     }
@@ -199,10 +229,8 @@ pub struct LayerShape {
 impl LayerShape {
     /// Bytes of one block restricted to the carried heads, or `None` on overflow.
     pub fn block_bytes(&self) -> Option<u64> {
-        2u64.checked_mul(u64::from(self.head_count))?
-            .checked_mul(u64::from(self.block_size))?
-            .checked_mul(u64::from(self.head_dim))?
-            .checked_mul(self.dtype.size() as u64)
+        self.dtype
+            .block_bytes(self.head_count, self.block_size, self.head_dim)
     }
 
     /// Payload bytes this shape implies, or `None` on overflow.

@@ -55,6 +55,19 @@ pub enum PrefillError {
         /// This node's.
         ours: String,
     },
+    /// The decode node's cache cannot take this node's KV dtype (an fp8
+    /// prefill node and a wider decode cache: fp8 is never widened, since the
+    /// decode node would hold less precision than it advertises). The router
+    /// must pair other nodes.
+    #[error(
+        "KV dtype mismatch: this prefill node's cache holds {ours} but the decode node's cache holds {theirs}; {ours} KV cannot be imported into a {theirs} cache (pair it with an fp8_e4m3 decode node, or set this node's kv_dtype to the decode node's)"
+    )]
+    KvDtypeMismatch {
+        /// This node's cache dtype.
+        ours: &'static str,
+        /// The decode node's (`KvTarget.dtype`).
+        theirs: String,
+    },
     /// The request was cancelled (by `Cancel` or by its caller going away).
     #[error("request cancelled")]
     Cancelled,
@@ -84,9 +97,9 @@ impl From<PrefillError> for tonic::Status {
                 Code::ResourceExhausted
             }
             PrefillError::Duplicate(_) => Code::AlreadyExists,
-            PrefillError::NoTrustAnchor(_) | PrefillError::ModelMismatch { .. } => {
-                Code::FailedPrecondition
-            }
+            PrefillError::NoTrustAnchor(_)
+            | PrefillError::ModelMismatch { .. }
+            | PrefillError::KvDtypeMismatch { .. } => Code::FailedPrecondition,
             PrefillError::Transfer { .. } | PrefillError::ShuttingDown => Code::Unavailable,
             PrefillError::Cancelled => Code::Cancelled,
             PrefillError::Engine(_)

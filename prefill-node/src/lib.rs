@@ -128,7 +128,8 @@ pub async fn serve(
         let model = model.clone();
         let (blocks, bs, tp) = (config.kv_blocks, config.block_size, config.tp);
         let limits = batch_limits(&config);
-        tokio::task::spawn_blocking(move || model.load_tp(tp, blocks, bs, limits))
+        let kv_dtype = config.kv_dtype.engine();
+        tokio::task::spawn_blocking(move || model.load_tp_kv(tp, blocks, bs, limits, kv_dtype))
             .await
             .map_err(|e| PrefillError::Server(format!("loading the model: {e}")))??
     };

@@ -199,13 +199,23 @@ async fn validate_target(
             t.num_blocks
         )));
     }
-    if kv_dtype::wire_from_pb(t.dtype) != Some(shape.kv_dtype) {
-        return Err(invalid(format!(
-            "kv_target.dtype {} is not supported: this node's cache sends {} ({})",
-            t.dtype,
-            shape.kv_dtype as u8,
-            kv_dtype::name(shape.kv_dtype)
-        )));
+    // The decode node quantizes a wider dtype into its fp8 cache; anything
+    // else must match.
+    match kv_dtype::wire_from_pb(t.dtype) {
+        Some(theirs) if shape.kv_dtype.imports_into(theirs) => {}
+        Some(theirs) => {
+            return Err(PrefillError::KvDtypeMismatch {
+                ours: kv_dtype::name(shape.kv_dtype),
+                theirs: kv_dtype::name(theirs).into(),
+            });
+        }
+        None => {
+            return Err(invalid(format!(
+                "kv_target.dtype {} is not a KV dtype this node knows (its cache sends {})",
+                t.dtype,
+                kv_dtype::name(shape.kv_dtype)
+            )));
+        }
     }
     if t.quic_addr.is_empty() {
         return Err(invalid("kv_target.quic_addr is empty".into()));

@@ -141,6 +141,7 @@ async fn start_with(
         id: "prefill-test".into(),
         listen: "127.0.0.1:0".parse()?,
         kv_blocks,
+        kv_dtype: Default::default(),
         block_size: BLOCK,
         chunk_tokens,
         max_batch_tokens,

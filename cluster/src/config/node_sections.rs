@@ -19,6 +19,13 @@ pub struct PrefillSection {
     /// KV blocks of the prefill node's own cache (the prompts being prefilled).
     #[serde(default = "default_prefill_blocks")]
     pub kv_blocks: usize,
+    /// Element type of this node's KV cache: `auto` (the backend's own: f32
+    /// on the CPU, bf16 on CUDA) or `fp8_e4m3` (half a bf16 cache's bytes per
+    /// token, a quarter of f32's; CPU backend so far). An fp8 decode node
+    /// takes KV from any prefill node (quantizing wider KV on import); an fp8
+    /// prefill node can feed only fp8 decode nodes.
+    #[serde(default)]
+    pub kv_dtype: KvCacheDtype,
     /// Tokens per KV block (must equal the decode nodes').
     #[serde(default = "default_block_size")]
     pub block_size: usize,
@@ -65,6 +72,27 @@ pub struct PrefillSection {
 fn default_tpot_budget_ms() -> u64 {
     50
 }
+/// A node's `kv_dtype` key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheDtype {
+    /// The backend's own dtype.
+    #[default]
+    Auto,
+    /// FP8 e4m3 with per-(block, K/V, head) scales.
+    Fp8E4m3,
+}
+
+impl KvCacheDtype {
+    /// The dtype to ask the engine for (`None`: the backend's own).
+    pub fn engine(self) -> Option<tandem_engine::KvDtype> {
+        match self {
+            KvCacheDtype::Auto => None,
+            KvCacheDtype::Fp8E4m3 => Some(tandem_engine::KvDtype::Fp8E4m3),
+        }
+    }
+}
+
 fn default_prefill_id() -> String {
     "prefill-0".into()
 }
@@ -121,6 +149,13 @@ pub struct DecodeSection {
     /// KV blocks of the cache.
     #[serde(default = "default_decode_blocks")]
     pub kv_blocks: usize,
+    /// Element type of this node's KV cache: `auto` (the backend's own: f32
+    /// on the CPU, bf16 on CUDA) or `fp8_e4m3` (half a bf16 cache's bytes per
+    /// token, a quarter of f32's; CPU backend so far). An fp8 decode node
+    /// takes KV from any prefill node (quantizing wider KV on import); an fp8
+    /// prefill node can feed only fp8 decode nodes.
+    #[serde(default)]
+    pub kv_dtype: KvCacheDtype,
     /// Tokens per KV block.
     #[serde(default = "default_block_size")]
     pub block_size: usize,

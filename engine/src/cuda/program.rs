@@ -21,13 +21,14 @@ pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/inc
 
 /// The kernel files in the order they are concatenated: `common.cuh` first
 /// (types and helpers every other file uses), then one file per concern.
-pub(crate) const KERNEL_SOURCES: [(&str, &str); 6] = [
+pub(crate) const KERNEL_SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("decode_attn.cu", include_str!("kernels/decode_attn.cu")),
     ("sampling.cu", include_str!("kernels/sampling.cu")),
     ("prefill_attn.cu", include_str!("kernels/prefill_attn.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
+    ("kv_fp8.cu", include_str!("kernels/kv_fp8.cu")),
 ];
 
 /// Constants compiled into the kernels as `-DNAME=VALUE`; the host sizes grids
