@@ -287,7 +287,7 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4));
     let c = prefill().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 256));
-    assert_eq!(c.shared_mem_bytes, 69_632);
+    assert_eq!(c.shared_mem_bytes, 139_264);
     let c = AttnCombine {
         seqs: 3,
         part_o: PF,
