@@ -10,6 +10,8 @@
 #                  `cargo build --release -p tandem-kv-transfer --bin kv_bench`
 #                  when missing)
 #   OUT=dir        where the table and log go (default: ./kv_bench_out)
+#   TOKENS, CONNS, TCP_CONNS, OVERLAP_TOKENS  override the run's sizes
+#                  (defaults below; OVERLAP_TOKENS=0 skips the overlap runs)
 #
 # Each size runs TCP with 4 and 8 connections, then QUIC with 8 and 16
 # connections (one receiver endpoint per connection) at the ACK-frequency
@@ -17,23 +19,28 @@
 # (the TransportTuning default), 4k- and 32k-token KV of a Llama-3-8B shape.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${1:-${KV_BENCH:-target/release/kv_bench}}
+BIN=${1:-${KV_BENCH:-${CARGO_TARGET_DIR:-target}/release/kv_bench}}
 shift || true
 OUT=${OUT:-./kv_bench_out}
 mkdir -p "$OUT"
 if [ ! -x "$BIN" ]; then
     cargo build --release -p tandem-kv-transfer --bin kv_bench
-    BIN=target/release/kv_bench
+    BIN=${CARGO_TARGET_DIR:-target}/release/kv_bench
 fi
 TABLE="$OUT/kv_bench_mtu.md"
+TOKENS=${TOKENS:-4096,32768}
+CONNS=${CONNS:-8,16}
+TCP_CONNS=${TCP_CONNS:-4,8}
+OVERLAP_TOKENS=${OVERLAP_TOKENS:-8192}
+OVERLAP_CONNS=${CONNS##*,}
+FLAGS=(--tokens "$TOKENS" --conns "$CONNS" --tcp-conns "$TCP_CONNS" --rx-endpoints 0
+    --max-udp-payload 1472,8952,65527 --ack-threshold 1,20
+    --overlap-tokens "$OVERLAP_TOKENS" --overlap-conns "$OVERLAP_CONNS" --overlap-chunk-tokens 0,2048)
 {
     echo "## kv_bench: QUIC vs TCP by datagram size ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs))"
     echo
-    echo "\`$BIN --tokens 4096,32768 --conns 8,16 --tcp-conns 4,8 --rx-endpoints 0 --max-udp-payload 1472,8952,65527 --ack-threshold 1,20 --overlap-tokens 8192 --overlap-conns 16 $*\`"
+    echo "\`$BIN ${FLAGS[*]} $*\`"
     echo
 } > "$TABLE"
-"$BIN" --tokens 4096,32768 --conns 8,16 --tcp-conns 4,8 --rx-endpoints 0 \
-    --max-udp-payload 1472,8952,65527 --ack-threshold 1,20 \
-    --overlap-tokens 8192 --overlap-conns 16 --overlap-chunk-tokens 0,2048 \
-    --markdown "$TABLE" "$@" 2>&1 | tee "$OUT/kv_bench_mtu.log"
+"$BIN" "${FLAGS[@]}" --markdown "$TABLE" "$@" 2>&1 | tee "$OUT/kv_bench_mtu.log"
 echo "table: $TABLE"

@@ -666,8 +666,9 @@ async fn compare(
     let kv = Kv::new(tokens);
     let bytes = kv.bytes();
     println!(
-        "\n{tokens} tokens: {:.2} GiB, max UDP payload {payload}",
-        bytes as f64 / (1u64 << 30) as f64
+        "\n{tokens} tokens: {:.2} GiB, max UDP payload {}",
+        bytes as f64 / (1u64 << 30) as f64,
+        payload_label(payload)
     );
     let mut row = Row {
         max_udp_payload: payload,
@@ -722,6 +723,21 @@ async fn compare(
     Ok(row)
 }
 
+/// A datagram bound as asked, and as used where the transport caps it
+/// (at one `sendmsg`'s 65507 bytes).
+fn payload_label(asked: u16) -> String {
+    let used = TransportTuning {
+        max_udp_payload: asked,
+        ..TransportTuning::default()
+    }
+    .udp_payload();
+    if used == asked {
+        asked.to_string()
+    } else {
+        format!("{asked} ({used} used)")
+    }
+}
+
 fn markdown(rows: &[Row]) -> String {
     let mut t = String::from(
         "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting |\n|---|---|---|---|---|---|\n",
@@ -729,7 +745,7 @@ fn markdown(rows: &[Row]) -> String {
     for r in rows {
         t.push_str(&format!(
             "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} |\n",
-            r.max_udp_payload,
+            payload_label(r.max_udp_payload),
             r.tokens,
             r.tcp,
             r.tcp_conns,
