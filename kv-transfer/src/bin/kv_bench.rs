@@ -13,9 +13,19 @@
 //! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
 //!          [--overlap-chunk-tokens 0,2048]
-//!          [--max-udp-payload 65507] [--frame-kib 4096]
+//!          [--max-udp-payload 1472,8952,65527] [--frame-kib 4096]
 //!          [--rx-endpoints 1,0] [--stream-window-mib 32] [--conn-window-mib 128]
+//!          [--send-window-mib 128] [--ack-threshold 1,20] [--markdown PATH]
 //! ```
+//!
+//! Each `--max-udp-payload` entry is a datagram size bound (the path MTU
+//! less IP and UDP headers: 1472 for a 1500-byte MTU, 8952 for 9000 over
+//! IPv6, 65527 loopback's most); for each, the bench runs TCP and then QUIC
+//! at every connection count, endpoint count and `--ack-threshold` (the
+//! ACK-frequency extension's ack-eliciting threshold the sender asks for),
+//! side by side in the same run. `--markdown` appends one Markdown table of
+//! the best QUIC against the best TCP per size to PATH. `--overlap-tokens 0`
+//! skips the overlap runs.
 //!
 //! `--rx-endpoints` lists receiver endpoint counts to try for each QUIC
 //! connection count; 0 means "as many as connections" (capped at the
@@ -67,7 +77,10 @@ struct Args {
     overlap_conns: usize,
     overlap_chunk_tokens: Vec<usize>,
     compute_ms: f64,
-    max_udp_payload: u16,
+    max_udp_payload: Vec<u16>,
+    ack_threshold: Vec<u32>,
+    send_window: u32,
+    markdown: Option<std::path::PathBuf>,
     frame_bytes: u32,
     rx_endpoints: Vec<usize>,
     rx_bind: usize,
@@ -112,9 +125,18 @@ struct Flags {
     /// tokens at 55% of 793 TFLOP/s).
     #[arg(long, default_value_t = default_compute_ms())]
     compute_ms: f64,
-    /// Largest UDP payload QUIC may use.
-    #[arg(long, default_value_t = TransportTuning::default().max_udp_payload)]
-    max_udp_payload: u16,
+    /// Largest UDP payloads QUIC may use, one run of everything per entry.
+    #[arg(long, value_delimiter = ',', default_values_t = [TransportTuning::default().max_udp_payload])]
+    max_udp_payload: Vec<u16>,
+    /// ACK-frequency ack-eliciting thresholds to try (QUIC runs only).
+    #[arg(long, value_delimiter = ',', default_values_t = [TransportTuning::default().ack_eliciting_threshold])]
+    ack_threshold: Vec<u32>,
+    /// QUIC per-connection send window (unacknowledged bytes), MiB.
+    #[arg(long, default_value_t = (TransportTuning::default().send_window >> 20) as u32)]
+    send_window_mib: u32,
+    /// Append a Markdown table of the results to this file.
+    #[arg(long)]
+    markdown: Option<std::path::PathBuf>,
     /// Largest frame payload, KiB.
     #[arg(long, default_value_t = 4096)]
     frame_kib: u32,
@@ -155,6 +177,9 @@ fn parse_args() -> Result<Args> {
         overlap_chunk_tokens: f.overlap_chunk_tokens,
         compute_ms: f.compute_ms,
         max_udp_payload: f.max_udp_payload,
+        ack_threshold: f.ack_threshold,
+        send_window: mib("send-window-mib", f.send_window_mib)?,
+        markdown: f.markdown,
         frame_bytes: f
             .frame_kib
             .checked_mul(1024)
@@ -166,14 +191,31 @@ fn parse_args() -> Result<Args> {
     })
 }
 
-fn tuning(a: &Args) -> TransportTuning {
+/// One QUIC configuration of a run: the datagram bound and the ACK threshold.
+#[derive(Debug, Clone, Copy)]
+struct Quic {
+    max_udp_payload: u16,
+    ack_threshold: u32,
+}
+
+fn tuning(a: &Args, q: Quic) -> TransportTuning {
     TransportTuning {
-        max_udp_payload: a.max_udp_payload,
+        max_udp_payload: q.max_udp_payload,
+        ack_eliciting_threshold: q.ack_threshold,
         stream_receive_window: a.stream_window,
         receive_window: a.conn_window,
-        send_window: u64::from(a.conn_window),
+        send_window: u64::from(a.send_window),
         ..TransportTuning::default()
     }
+}
+
+/// The receiver child's transport: it accepts the largest datagrams of any run.
+fn receiver_tuning(a: &Args) -> TransportTuning {
+    let q = Quic {
+        max_udp_payload: a.max_udp_payload.iter().copied().max().unwrap_or(1472),
+        ack_threshold: TransportTuning::default().ack_eliciting_threshold,
+    };
+    tuning(a, q)
 }
 
 #[tokio::main]
@@ -218,7 +260,7 @@ async fn receiver(args: &Args) -> Result<()> {
         bytes: AtomicU64::new(0),
     });
     let config = ReceiverConfig {
-        transport: tuning(args),
+        transport: receiver_tuning(args),
         endpoints: args.rx_bind.max(1),
         ..ReceiverConfig::default()
     };
@@ -236,12 +278,12 @@ async fn receiver(args: &Args) -> Result<()> {
     println!("READY {} {tcp_addr} {hex}", quic_addrs.join(","));
     // UDP drops what the receive buffer cannot hold; the kernel caps the
     // buffer we ask for at net.core.rmem_max.
-    let probe = tuning(args).udp_socket("127.0.0.1:0".parse()?)?;
+    let probe = receiver_tuning(args).udp_socket("127.0.0.1:0".parse()?)?;
     let rcvbuf = socket2::SockRef::from(&probe).recv_buffer_size()?;
     let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default();
     eprintln!(
         "receiver: asked SO_RCVBUF {} KiB, got {} KiB (net.core.rmem_max {})",
-        tuning(args).socket_buffer_bytes >> 10,
+        receiver_tuning(args).socket_buffer_bytes >> 10,
         rcvbuf >> 10,
         rmem_max.trim()
     );
@@ -371,13 +413,15 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
         "--role",
         "receiver",
         "--max-udp-payload",
-        &args.max_udp_payload.to_string(),
+        &receiver_tuning(args).max_udp_payload.to_string(),
         "--rx-bind",
         &rx_bind.to_string(),
         "--stream-window-mib",
         &(args.stream_window >> 20).to_string(),
         "--conn-window-mib",
         &(args.conn_window >> 20).to_string(),
+        "--send-window-mib",
+        &(args.send_window >> 20).to_string(),
     ]);
     let mut proc = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
     let out = proc.stdout.take().context("child stdout")?;
@@ -416,9 +460,11 @@ fn print_path_stats(stats: &[quinn::ConnectionStats]) {
     let mtu = stats.iter().map(|s| s.path.current_mtu).min().unwrap_or(0);
     let mtu_max = stats.iter().map(|s| s.path.current_mtu).max().unwrap_or(0);
     let rtt = stats.iter().map(|s| s.path.rtt).max().unwrap_or_default();
+    let acks = sum(&|s| s.frame_rx.acks);
     println!(
-        "      packets sent {sent}, lost {lost} ({:.3}%), congestion events {events}, datagrams/send call {:.1}, mean cwnd {} KiB, mtu {mtu}..{mtu_max}, max rtt {:.0} us",
+        "      packets sent {sent}, lost {lost} ({:.3}%), ACK frames received {acks} ({:.1} packets/ACK), congestion events {events}, datagrams/send call {:.1}, mean cwnd {} KiB, mtu {mtu}..{mtu_max}, max rtt {:.0} us",
         100.0 * lost as f64 / sent.max(1) as f64,
+        sent as f64 / acks.max(1) as f64,
         datagrams as f64 / ios as f64,
         cwnd >> 10,
         rtt.as_secs_f64() * 1e6
@@ -442,8 +488,8 @@ struct Pace {
 async fn quic_run(
     child: &Child,
     args: &Args,
-    conns: usize,
-    rx_endpoints: usize,
+    quic: Quic,
+    (conns, rx_endpoints): (usize, usize),
     kv: &Kv,
     transfer_id: u64,
     pace: Option<Pace>,
@@ -451,7 +497,7 @@ async fn quic_run(
     let cfg = SenderConfig {
         connections: conns,
         max_frame_payload: args.frame_bytes,
-        transport: tuning(args),
+        transport: tuning(args, quic),
         timeout: Duration::from_secs(120),
         ..SenderConfig::default()
     };
@@ -560,33 +606,94 @@ async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Resu
     Ok(start.elapsed())
 }
 
+/// The best of each transport for one datagram size and prompt size.
+struct Row {
+    max_udp_payload: u16,
+    tokens: usize,
+    tcp: f64,
+    tcp_conns: usize,
+    quic: f64,
+    quic_label: String,
+}
+
 async fn sender(args: &Args) -> Result<()> {
     let mut child = spawn_receiver(args)?;
     println!(
-        "KV shape: {LAYERS} layers x {HEADS} KV heads x {HEAD_DIM} head_dim, bf16, block {BLOCK_SIZE} ({} KiB/token), a distinct buffer per layer; frames <= {} KiB; max UDP payload {}",
+        "KV shape: {LAYERS} layers x {HEADS} KV heads x {HEAD_DIM} head_dim, bf16, block {BLOCK_SIZE} ({} KiB/token), a distinct buffer per layer; frames <= {} KiB; max UDP payloads {:?}; {} cores",
         BLOCK_BYTES * LAYERS as usize / BLOCK_SIZE as usize / 1024,
         args.frame_bytes / 1024,
-        args.max_udp_payload
+        args.max_udp_payload,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let mut id = 100;
-    for &tokens in &args.tokens {
-        let kv = Kv::new(tokens);
-        let bytes = kv.bytes();
-        println!(
-            "\n{tokens} tokens: {:.2} GiB",
-            bytes as f64 / (1u64 << 30) as f64
-        );
-        let mut best_tcp = 0f64;
-        for &c in &args.tcp_conns {
-            let d = tcp_run(&child, c, &kv, args.frame_bytes).await?;
-            let g = gbps(bytes, d);
-            best_tcp = best_tcp.max(g);
-            println!(
-                "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s",
-                d.as_secs_f64() * 1e3
-            );
+    let mut rows = Vec::new();
+    for &payload in &args.max_udp_payload {
+        for &tokens in &args.tokens {
+            id += 1000;
+            rows.push(compare(&child, args, payload, tokens, &mut id).await?);
         }
-        let mut best_quic = 0f64;
+    }
+    let table = markdown(&rows);
+    println!("\n{table}");
+    if let Some(path) = &args.markdown {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.write_all(table.as_bytes())?;
+    }
+    if args.overlap_tokens > 0 {
+        for &payload in &args.max_udp_payload {
+            id += 1000;
+            overlap(&child, args, payload, &mut id).await?;
+        }
+    }
+    drop(child.proc.stdin.take());
+    let _ = child.proc.wait();
+    Ok(())
+}
+
+/// TCP, then QUIC at every connection count, endpoint count and ACK
+/// threshold, for one datagram size and prompt size.
+async fn compare(
+    child: &Child,
+    args: &Args,
+    payload: u16,
+    tokens: usize,
+    id: &mut u64,
+) -> Result<Row> {
+    let kv = Kv::new(tokens);
+    let bytes = kv.bytes();
+    println!(
+        "\n{tokens} tokens: {:.2} GiB, max UDP payload {}",
+        bytes as f64 / (1u64 << 30) as f64,
+        payload_label(payload)
+    );
+    let mut row = Row {
+        max_udp_payload: payload,
+        tokens,
+        tcp: 0.0,
+        tcp_conns: 0,
+        quic: 0.0,
+        quic_label: String::new(),
+    };
+    for &c in &args.tcp_conns {
+        let d = tcp_run(child, c, &kv, args.frame_bytes).await?;
+        let g = gbps(bytes, d);
+        if g > row.tcp {
+            (row.tcp, row.tcp_conns) = (g, c);
+        }
+        println!(
+            "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s",
+            d.as_secs_f64() * 1e3
+        );
+    }
+    for &ack_threshold in &args.ack_threshold {
+        let quic = Quic {
+            max_udp_payload: payload,
+            ack_threshold,
+        };
         for &c in &args.conns {
             let mut tried = Vec::new();
             for &k in &args.rx_endpoints {
@@ -595,34 +702,83 @@ async fn sender(args: &Args) -> Result<()> {
                     continue;
                 }
                 tried.push(k);
-                id += 1;
-                let (d, _, stats) = quic_run(&child, args, c, k, &kv, id, None).await?;
+                *id += 1;
+                let (d, _, stats) = quic_run(child, args, quic, (c, k), &kv, *id, None).await?;
                 let g = gbps(bytes, d);
-                best_quic = best_quic.max(g);
+                if g > row.quic {
+                    row.quic = g;
+                    row.quic_label =
+                        format!("{c} conns, {k} rx endpoints, ack threshold {ack_threshold}");
+                }
                 println!(
-                    "  quic conns={c} rx_endpoints={k}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
+                    "  quic conns={c} rx_endpoints={k} ack_threshold={ack_threshold}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
                     d.as_secs_f64() * 1e3,
-                    g / best_tcp
+                    g / row.tcp
                 );
                 print_path_stats(&stats);
             }
         }
-        println!("  best quic / best tcp = {:.2}", best_quic / best_tcp);
     }
+    println!("  best quic / best tcp = {:.2}", row.quic / row.tcp);
+    Ok(row)
+}
 
-    // Overlap: the simulated GPU finishes each chunk-layer in turn; each is
-    // queued as soon as it is ready. One receiver endpoint per connection.
+/// A datagram bound as asked, and as used where the transport caps it
+/// (at one `sendmsg`'s 65507 bytes).
+fn payload_label(asked: u16) -> String {
+    let used = TransportTuning {
+        max_udp_payload: asked,
+        ..TransportTuning::default()
+    }
+    .udp_payload();
+    if used == asked {
+        asked.to_string()
+    } else {
+        format!("{asked} ({used} used)")
+    }
+}
+
+fn markdown(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting |\n|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} |\n",
+            payload_label(r.max_udp_payload),
+            r.tokens,
+            r.tcp,
+            r.tcp_conns,
+            r.quic,
+            r.quic / r.tcp,
+            r.quic_label
+        ));
+    }
+    t
+}
+
+/// Overlap: the simulated GPU finishes each chunk-layer in turn; each is
+/// queued as soon as it is ready. One receiver endpoint per connection.
+async fn overlap(child: &Child, args: &Args, payload: u16, id: &mut u64) -> Result<()> {
+    let quic = Quic {
+        max_udp_payload: payload,
+        ack_threshold: args
+            .ack_threshold
+            .last()
+            .copied()
+            .unwrap_or(TransportTuning::default().ack_eliciting_threshold),
+    };
     let compute = Duration::from_secs_f64(args.compute_ms / 1e3);
     let tokens = args.overlap_tokens;
     let kv = Kv::new(tokens);
     let layer_bytes = kv.layer_bytes();
     let oc = args.overlap_conns;
-    id += 1;
-    let (alone, _, _) = quic_run(&child, args, oc, oc, &kv, id, None).await?;
+    *id += 1;
+    let (alone, _, _) = quic_run(child, args, quic, (oc, oc), &kv, *id, None).await?;
     let rate = gbps(kv.bytes(), alone);
     let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     println!(
-        "\noverlap: {tokens} tokens, quic conns={oc} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
+        "\noverlap: {tokens} tokens, max UDP payload {payload}, quic conns={oc} (rx endpoints = conns), compute {:.2} ms/layer ({:.1} ms total), layer = {:.1} MiB",
         args.compute_ms,
         args.compute_ms * f64::from(LAYERS),
         layer_bytes as f64 / (1 << 20) as f64
@@ -644,8 +800,9 @@ async fn sender(args: &Args) -> Result<()> {
             compute,
             chunk_blocks: chunk.div_ceil(usize::from(BLOCK_SIZE)) as u32,
         };
-        id += 1;
-        let (total, exposed, stats) = quic_run(&child, args, oc, oc, &kv, id, Some(pace)).await?;
+        *id += 1;
+        let (total, exposed, stats) =
+            quic_run(child, args, quic, (oc, oc), &kv, *id, Some(pace)).await?;
         println!(
             "  prefill chunks of {chunk} tokens: total {:.1} ms; exposed after the last compute: {:.1} ms = {:.2} layer-transfers",
             total.as_secs_f64() * 1e3,
@@ -654,8 +811,5 @@ async fn sender(args: &Args) -> Result<()> {
         );
         print_path_stats(&stats);
     }
-
-    drop(child.proc.stdin.take());
-    let _ = child.proc.wait();
     Ok(())
 }
