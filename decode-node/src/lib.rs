@@ -25,8 +25,8 @@
 pub mod admission;
 pub mod batch_plan;
 pub mod errors;
-pub mod link_cost;
 mod kv_convert;
+pub mod link_cost;
 pub mod node_metrics;
 pub mod prefill_choice;
 pub mod scheduler;

@@ -127,7 +127,7 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
             .map(|_| rng.random_range(0..config.vocab_size as u32))
             .collect();
         let s = len - 8192;
-        let mut time = |be: &mut CudaBackend| -> Res<f64> {
+        let time = |be: &mut CudaBackend| -> Res<f64> {
             if s > 0 {
                 for c in (0..s).step_by(8192) {
                     be.prefill(&prompt[c..c + 8192], c, &table)?;
