@@ -438,16 +438,6 @@ async fn chat_completions(
     }
     openai_tools::check_messages(&req.messages)?;
     let tools = openai_tools::plan(&req.tools, &st.model.tokenizer)?;
-    let logprobs_on = matches!(
-        req.sampling.logprobs,
-        Some(LogprobsInput::Switch(true) | LogprobsInput::Count(_))
-    );
-    if tools.is_some() && logprobs_on {
-        return Err(ApiError::bad_field(
-            "logprobs",
-            "logprobs together with tools is not supported yet",
-        ));
-    }
     let text = crate::openai_tools_prompt::render(
         &st.model.tokenizer,
         &req.messages,

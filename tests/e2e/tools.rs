@@ -103,6 +103,18 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
             || !a["calls"].as_array().unwrap().is_empty();
         assert!(said, "{case}: an empty answer: {a}");
     }
+    // Logprobs with tools: one entry per generated token, streamed (each
+    // token's entry once, held-back text's on a later chunk) or not.
+    {
+        let a = &seen["logprobs"];
+        assert_eq!(a["calls"][0]["valid"], true, "logprobs: {a}");
+        let b = &seen["logprobs_stream"];
+        assert_eq!(b["valid"], true, "logprobs_stream: {b}");
+        for (case, x) in [("logprobs", a), ("logprobs_stream", b)] {
+            assert!(x["tokens"].as_u64().unwrap_or(0) > 0, "{case}: {x}");
+            assert_eq!(x["entries"], x["tokens"], "{case}: {x}");
+        }
+    }
     // Auto: served; whatever calls the model made are valid ones.
     for c in seen["auto_stream"]["calls"].as_array().unwrap() {
         assert_eq!(c["valid"], true, "auto_stream: {c}");
@@ -127,6 +139,7 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
         ("bad_tool_type", "tools[0].type"),
         ("with_response_format", "tool_choice"),
         ("bad_parallel", "parallel_tool_calls"),
+        ("n_with_tools", "n"),
     ] {
         let r = &seen["refused"][case];
         assert_eq!(r["status"], 400, "{case}: {r}");

@@ -116,6 +116,34 @@ history = ASK + [
 ]
 timed("second_turn", lambda: answer(client.chat.completions.create(
     model=model, messages=history, tools=TOOLS, max_tokens=12, temperature=0)))
+
+
+def with_logprobs(stream):
+    """A named call with logprobs: its call, how many token entries came back
+    and how many tokens were generated."""
+    kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=40,
+              temperature=0, logprobs=True, top_logprobs=2)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        a = answer(r)
+        a["entries"] = len(r.choices[0].logprobs.content)
+        a["tokens"] = r.usage.completion_tokens
+        return a
+    entries, tokens, args = 0, None, ""
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        entries += len(c.logprobs.content) if c.logprobs and c.logprobs.content else 0
+        for t in c.delta.tool_calls or []:
+            args += (t.function.arguments or "") if t.function else ""
+    return {"entries": entries, "tokens": tokens, "valid": check_call("get_weather", args)}
+
+
+timed("logprobs", lambda: with_logprobs(False))
+timed("logprobs_stream", lambda: with_logprobs(True))
 timed("auto_stream", lambda: streamed(messages=ASK, tools=TOOLS, max_tokens=24, temperature=0))
 timed("none", lambda: answer(client.chat.completions.create(
     model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)))
@@ -140,6 +168,7 @@ out["refused"] = {
     "bad_tool_type": refused(tools=[{"type": "retrieval", "function": {"name": "f"}}]),
     "with_response_format": refused(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
     "bad_parallel": refused(tools=TOOLS, parallel_tool_calls="yes"),
+    "n_with_tools": refused(tools=TOOLS, n=2),
 }
 r = client.chat.completions.create(model=model, messages=ASK, max_tokens=4, temperature=0)
 out["after"] = r.choices[0].finish_reason

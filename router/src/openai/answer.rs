@@ -67,7 +67,13 @@ pub(super) async fn run(
     let with_logprobs = request_logprobs.is_some();
     let tools = match (stream, tools) {
         (true, Some(plan)) => {
-            let events = tool_sse_events(responses, plan, include_usage, (id, created, model));
+            let logprobs_model = with_logprobs.then(|| st.model.clone());
+            let events = tool_sse_events(
+                responses,
+                plan,
+                (include_usage, logprobs_model),
+                (id, created, model),
+            );
             return Ok(Sse::new(events)
                 .keep_alive(KeepAlive::default())
                 .into_response());

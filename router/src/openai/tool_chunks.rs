@@ -62,19 +62,36 @@ fn delta_json(d: ToolDelta) -> Value {
 
 /// Server-sent events of a streamed chat answer read for tool calls, ending
 /// with `data: [DONE]` (and a usage chunk before it when asked).
+///
+/// With `logprobs_model`, each token's log probabilities ride on the first
+/// chunk sent after it (a token whose text the reader holds back, a possible
+/// start of a `<tool_call>` tag, has its entries carried to the next chunk),
+/// so every token's entry is sent once and in order.
 pub(super) fn tool_sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     plan: ToolPlan,
-    include_usage: bool,
+    (include_usage, logprobs_model): (bool, Option<Arc<ModelDir>>),
     (id, created, model): (String, u64, String),
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (usage_id, usage_model) = (id.clone(), model.clone());
-    let chunk = move |mut delta: Value, finish: Option<&str>, first: bool| {
+    // Entries not sent yet: taken by the next chunk.
+    let mut pending: Vec<pb::TokenLogprobs> = Vec::new();
+    let chunk = move |mut delta: Value,
+                      finish: Option<&str>,
+                      first: bool,
+                      pending: &mut Vec<pb::TokenLogprobs>| {
         if first {
             delta["role"] = json!("assistant");
         }
+        let logprobs = match &logprobs_model {
+            Some(m) if !pending.is_empty() => {
+                logprobs_json(&m.tokenizer, Kind::Chat, &std::mem::take(pending), 0)
+            }
+            Some(_) => json!({ "content": [] }),
+            None => Value::Null,
+        };
         json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }] })
+                "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }] })
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
@@ -84,20 +101,42 @@ pub(super) fn tool_sse_events(
         let mut usage = None;
         while let Some(msg) = responses.next().await {
             let data: Vec<Value> = match msg.map(|m| m.event) {
-                Ok(Some(pb::generate_response::Event::Token(t))) => reader
-                    .push(&t.text)
-                    .into_iter()
-                    .map(|d| chunk(delta_json(d), None, std::mem::take(&mut first)))
-                    .collect(),
+                Ok(Some(pb::generate_response::Event::Token(t))) => {
+                    pending.extend(t.logprobs);
+                    reader
+                        .push(&t.text)
+                        .into_iter()
+                        .map(|d| {
+                            chunk(
+                                delta_json(d),
+                                None,
+                                std::mem::take(&mut first),
+                                &mut pending,
+                            )
+                        })
+                        .collect()
+                }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
                     usage = f.usage;
                     let mut out: Vec<Value> = reader
                         .finish()
                         .into_iter()
-                        .map(|d| chunk(delta_json(d), None, std::mem::take(&mut first)))
+                        .map(|d| {
+                            chunk(
+                                delta_json(d),
+                                None,
+                                std::mem::take(&mut first),
+                                &mut pending,
+                            )
+                        })
                         .collect();
                     let reason = tool_finish_reason(reader.calls(), f.reason);
-                    out.push(chunk(json!({}), Some(reason), std::mem::take(&mut first)));
+                    out.push(chunk(
+                        json!({}),
+                        Some(reason),
+                        std::mem::take(&mut first),
+                        &mut pending,
+                    ));
                     out
                 }
                 Ok(None) => continue,
