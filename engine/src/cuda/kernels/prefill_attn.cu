@@ -12,6 +12,116 @@
 #define BQ PREFILL_BQ
 #define BK PREFILL_BK
 
+// What both prefill kernels do with a warp's fragments (mma.m16n8k16 layout:
+// this thread holds rows r0 = .. + gid and r1 = r0 + 8, columns tig * 2, +1
+// of each 8-wide block).
+
+// Q's A fragments of rows r0 and r1 (zero past the chunk's `len` rows).
+template <int HD>
+__device__ __forceinline__ void prefill_q_fragments(u32 (&qf)[HD / 16][4], const bf16* q, int off,
+                                                    int hq, int h, int r0, int r1, int len,
+                                                    int tig) {
+#pragma unroll
+    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
+        int col = ks2 * 16 + tig * 2;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = (e & 1) ? r1 : r0;
+            int cc = col + ((e & 2) ? 8 : 0);
+            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
+                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
+                                 : 0u;
+        }
+    }
+}
+
+// One K tile's scores `sc` (keys kt ..) folded into the online softmax: scaled,
+// masked unless `full` (a key after the row's position, past kv_end or the
+// window, a row past the chunk), the running max m, sum l and output o
+// rescaled; `sc` becomes the tile's unnormalised probabilities P.
+template <int HD>
+__device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], float (&m)[2],
+                                                     float (&l)[2], float (&o)[HD / 8][4],
+                                                     bool full, int kt, int kv_end, int len,
+                                                     int r0, int r1, int qp0, int qp1, int tig,
+                                                     int window, float scale) {
+    float mx[2] = {NEG_INF, NEG_INF};
+    if (full) {
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[nt][e] *= scale;
+                mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+            }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kt + nt * 8 + tig * 2 + (e & 1);
+                int qp = (e & 2) ? qp1 : qp0;
+                int r = (e & 2) ? r1 : r0;
+                bool masked = key > qp || key >= kv_end || r >= len ||
+                              (window > 0 && qp - key >= window);
+                float v = masked ? NEG_INF : sc[nt][e] * scale;
+                sc[nt][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+        float mn = fmaxf(m[rr], mx[rr]);
+        float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
+        if (mn == NEG_INF) corr = 1.f;
+        l[rr] *= corr;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][2 * rr] *= corr;
+            o[i][2 * rr + 1] *= corr;
+        }
+        m[rr] = mn;
+    }
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float mm = m[e >> 1];
+            float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
+            sc[nt][e] = p;
+            l[e >> 1] += p;
+        }
+    }
+}
+
+// The normalised output rows r0 and r1 (those inside the chunk), bf16.
+template <int HD>
+__device__ __forceinline__ void prefill_store_rows(const float (&o)[HD / 8][4], float (&l)[2],
+                                                   bf16* out, int off, int hq, int h, int r0,
+                                                   int r1, int len, int tig) {
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
+        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++) {
+        int col = nt * 8 + tig * 2;
+        if (r0 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
+        }
+        if (r1 < len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
+                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
+        }
+    }
+}
+
 template <int HD>
 __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables,
                              int table_stride, const int* q_off, const int* q_pos,
@@ -37,18 +147,7 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
     int r1 = r0 + 8;
 
     u32 qf[HD / 16][4];
-#pragma unroll
-    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
-        int col = ks2 * 16 + tig * 2;
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int r = (e & 1) ? r1 : r0;
-            int cc = col + ((e & 2) ? 8 : 0);
-            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
-                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
-                                 : 0u;
-        }
-    }
+    prefill_q_fragments<HD>(qf, q, off, hq, h, r0, r1, len, tig);
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -118,56 +217,8 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
                 mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
             }
         }
-        float mx[2] = {NEG_INF, NEG_INF};
-        if (full) {
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    sc[nt][e] *= scale;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
-                }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = kt + nt * 8 + tig * 2 + (e & 1);
-                    int qp = (e & 2) ? qp1 : qp0;
-                    int r = (e & 2) ? r1 : r0;
-                    bool masked = key > qp || key >= kv_end || r >= len ||
-                                  (window > 0 && qp - key >= window);
-                    float v = masked ? NEG_INF : sc[nt][e] * scale;
-                    sc[nt][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                }
-            }
-        }
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
-            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
-            float mn = fmaxf(m[rr], mx[rr]);
-            float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
-            if (mn == NEG_INF) corr = 1.f;
-            l[rr] *= corr;
-#pragma unroll
-            for (int i = 0; i < HD / 8; i++) {
-                o[i][2 * rr] *= corr;
-                o[i][2 * rr + 1] *= corr;
-            }
-            m[rr] = mn;
-        }
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float mm = m[e >> 1];
-                float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
-                sc[nt][e] = p;
-                l[e >> 1] += p;
-            }
-        }
+        prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
+                                 scale);
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
             u32 a[4];
@@ -187,24 +238,7 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
-        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
-        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
-    }
-#pragma unroll
-    for (int nt = 0; nt < HD / 8; nt++) {
-        int col = nt * 8 + tig * 2;
-        if (r0 < len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
-                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
-        }
-        if (r1 < len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
-                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
-        }
-    }
+    prefill_store_rows<HD>(o, l, out, off, hq, h, r0, r1, len, tig);
 }
 
 
@@ -319,18 +353,7 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
     int r1 = r0 + 8;
 
     u32 qf[HD / 16][4];
-#pragma unroll
-    for (int ks2 = 0; ks2 < HD / 16; ks2++) {
-        int col = ks2 * 16 + tig * 2;
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int r = (e & 1) ? r1 : r0;
-            int cc = col + ((e & 2) ? 8 : 0);
-            qf[ks2][e] = r < len ? *reinterpret_cast<const u32*>(
-                                       q + ((size_t)(off + r) * hq + h) * HD + cc)
-                                 : 0u;
-        }
-    }
+    prefill_q_fragments<HD>(qf, q, off, hq, h, r0, r1, len, tig);
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
@@ -422,56 +445,8 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
 #pragma unroll
         for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
 
-        float mx[2] = {NEG_INF, NEG_INF};
-        if (full) {
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    sc[nt][e] *= scale;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
-                }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = kt + nt * 8 + tig * 2 + (e & 1);
-                    int qp = (e & 2) ? qp1 : qp0;
-                    int r = (e & 2) ? r1 : r0;
-                    bool masked = key > qp || key >= kv_end || r >= len ||
-                                  (window > 0 && qp - key >= window);
-                    float v = masked ? NEG_INF : sc[nt][e] * scale;
-                    sc[nt][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                }
-            }
-        }
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
-            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
-            float mn = fmaxf(m[rr], mx[rr]);
-            float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
-            if (mn == NEG_INF) corr = 1.f;
-            l[rr] *= corr;
-#pragma unroll
-            for (int i = 0; i < HD / 8; i++) {
-                o[i][2 * rr] *= corr;
-                o[i][2 * rr + 1] *= corr;
-            }
-            m[rr] = mn;
-        }
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float mm = m[e >> 1];
-                float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
-                sc[nt][e] = p;
-                l[e >> 1] += p;
-            }
-        }
+        prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
+                                 scale);
         u32 pa[BK / 16][4];
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
@@ -493,24 +468,7 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
         for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
         __syncthreads();
     }
-#pragma unroll
-    for (int rr = 0; rr < 2; rr++) {
-        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 1);
-        l[rr] += __shfl_xor_sync(0xffffffff, l[rr], 2);
-        l[rr] = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
-    }
-#pragma unroll
-    for (int nt = 0; nt < HD / 8; nt++) {
-        int col = nt * 8 + tig * 2;
-        if (r0 < len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r0) * hq + h) * HD + col) =
-                __floats2bfloat162_rn(o[nt][0] * l[0], o[nt][1] * l[0]);
-        }
-        if (r1 < len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + ((size_t)(off + r1) * hq + h) * HD + col) =
-                __floats2bfloat162_rn(o[nt][2] * l[1], o[nt][3] * l[1]);
-        }
-    }
+    prefill_store_rows<HD>(o, l, out, off, hq, h, r0, r1, len, tig);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
