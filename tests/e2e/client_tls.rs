@@ -5,7 +5,6 @@
 //! that started before the rotation runs to its last token.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,24 +90,12 @@ async fn openai_client(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> serde_json::Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_tls_client.py");
     let mut args = vec![base, ca.display().to_string()];
     if let Some((cert, key)) = identity {
         args.push(cert.display().to_string());
         args.push(key.display().to_string());
     }
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3").arg(script).args(&args).output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 must be installed (scripts/test.sh installs the openai package)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the openai client script failed:\n{stderr}"
-    );
-    serde_json::from_slice(&output.stdout).expect("script output is JSON")
+    run_client_script("openai_tls_client.py", args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -324,3 +324,26 @@ pub fn write_certs(
         server_name: sans.first().cloned().unwrap_or_else(|| "localhost".into()),
     }
 }
+
+/// Runs the Python client script `tests/e2e/<script>` with `args` (the
+/// official client libraries against a cluster: scripts/test.sh installs
+/// `openai` and `jsonschema`) and returns the JSON it printed; fails the test
+/// with the script's stderr when it fails.
+pub async fn run_client_script(script: &str, args: Vec<String>) -> serde_json::Value {
+    let path = format!("{}/e2e/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(path)
+            .args(&args)
+            .output()
+    })
+    .await
+    .expect("the script's task")
+    .expect("python3 must be installed (scripts/test.sh installs openai and jsonschema)");
+    assert!(
+        output.status.success(),
+        "the client script {script} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("script output is JSON")
+}

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,23 +161,7 @@ async fn n_samples_share_the_prompt_kv_over_grpc_and_the_openai_client() {
     // The official client: n, streamed and not, best_of, refusals.
     let base = format!("http://{}/v1", cluster.http.expect("HTTP API"));
     let name = model.name();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/nbest_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(&base)
-            .arg(&name)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 must be installed (scripts/test.sh installs the openai package)");
-    assert!(
-        output.status.success(),
-        "the openai client script failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&output.stdout).expect("script output is JSON");
+    let seen = run_client_script("nbest_client.py", vec![base, name]).await;
     let three_distinct = |v: &Value, what: &str| {
         assert_eq!(v["indices"], serde_json::json!([0, 1, 2]), "{what}: {v}");
         let t = v["texts"].as_array().expect("texts");

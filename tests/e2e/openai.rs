@@ -1,8 +1,6 @@
 //! The OpenAI-compatible HTTP API, driven by the official `openai` Python client
 //! (installed by scripts/test.sh) against a real cluster on loopback.
 
-use std::process::Command;
-
 use tandem_proto::v1 as pb;
 use tandem_tests::*;
 
@@ -49,24 +47,9 @@ async fn the_openai_client_library_works_against_the_router() {
         promoted.to_string(),
         model.config.vocab_size.to_string(),
     ];
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3")
-            .arg(script)
-            .arg(&base)
-            .args(&args)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 must be installed (scripts/test.sh installs the openai package)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the openai client script failed:\n{stderr}"
-    );
-    let seen: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("script output is JSON");
+    let mut script_args = vec![base];
+    script_args.extend(args);
+    let seen = run_client_script("openai_client.py", script_args).await;
 
     assert_eq!(seen["models"][0], model.name());
     // Greedy completion equals the engine's own, in one piece and streamed.

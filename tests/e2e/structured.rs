@@ -6,7 +6,6 @@
 //! INVALID_ARGUMENT naming the field, and the next request is served.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use tandem_engine::ModelDir;
@@ -73,20 +72,7 @@ async fn constrained_outputs_obey_their_constraint_on_smollm2() {
         "http://{}/v1",
         cluster.http.expect("the router serves HTTP")
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/structured_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3").arg(script).arg(&base).output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 must be installed (scripts/test.sh installs openai and jsonschema)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the client script failed:\n{stderr}"
-    );
-    let seen: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("script output is JSON");
+    let seen = run_client_script("structured_client.py", vec![base]).await;
 
     for r in seen["json_schema"].as_array().unwrap() {
         assert_eq!(r["valid"], true, "{r}");

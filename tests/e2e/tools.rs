@@ -7,7 +7,6 @@
 //! HTTP 400 naming it, the next request served.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -51,19 +50,7 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
         "http://{}/v1",
         cluster.http.expect("the router serves HTTP")
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/tools_client.py");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("python3").arg(script).arg(&base).output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 must be installed (scripts/test.sh installs openai and jsonschema)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the client script failed:\n{stderr}"
-    );
-    let seen: Value = serde_json::from_slice(&output.stdout).expect("script output is JSON");
+    let seen = run_client_script("tools_client.py", vec![base]).await;
     eprintln!("seconds per request: {}", seen["seconds"]);
 
     // Named: exactly that function.
