@@ -239,6 +239,9 @@ async fn round_robin_ignores_the_caches_and_least_loaded_too() {
         .expect("connect");
     let p = prompt(100, 3);
     let nodes = [&a, &b];
+    // Both nodes' first load reports in before the first turn: a node the
+    // router has not heard from yet is ranked last, whatever the policy.
+    let_reports_flow().await;
     let mut seen = Vec::new();
     for _ in 0..4 {
         let (who, _) = served_by(&nodes, async { turn(&mut router, &p).await.1 }).await;
