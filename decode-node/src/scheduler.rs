@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
-use tandem_engine::backend::{Backend, BackendExt};
+use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{BlockId, BlockManager};
 use tandem_engine::kv_events::KvEventLog;
 use tandem_engine::mask_overlap::{MaskJob, overlap};
 use tandem_engine::prefix_hash::PrefixHasher;
-use tandem_engine::{ModelDir, SeqChunk, TokenDraw, TokenEvent};
+use tandem_engine::{ModelDir, RowAsk, RowOut, SeqChunk, TokenDraw, TokenEvent};
 use tandem_kv_transfer::Reservations;
 use tandem_proto::v1 as pb;
 use tokio::sync::oneshot;
@@ -43,18 +43,6 @@ use crate::link_cost::{LocalRate, SharedLinks};
 use crate::node_metrics::DecodeMetrics;
 use crate::prefill_choice::LinkPolicy;
 use crate::sequence::{Sequence, State};
-
-/// What a forward pass gave back: chosen tokens, or logits to sample from.
-enum Sampled {
-    Tokens(Vec<u32>),
-    Logits(Vec<Vec<f32>>),
-}
-
-/// One row of a [`Sampled`].
-enum Row {
-    Token(u32),
-    Logits(Vec<f32>),
-}
 
 /// A message on a request's response stream (the service turns the error
 /// into a gRPC status).
@@ -431,27 +419,26 @@ impl<B: Backend> Scheduler<B> {
         if plan.is_empty() {
             return;
         }
-        // Without penalties, a logit_bias or min_tokens' bans every row's token
-        // can be drawn where the logits are (on a GPU only ids come back);
-        // otherwise the logits come to the host (`draws_from_raw_logits`).
-        // Log probabilities are computed on the host too, from those logits.
-        let on_device = plan.iter().all(|r| {
-            let g = &self.seqs[&r.id].generation;
-            !r.samples() || (g.draws_from_raw_logits() && !g.wants_logprobs())
-        });
-        let draws: Vec<TokenDraw> = if on_device {
-            plan.iter()
-                .map(|r| match self.seqs.get_mut(&r.id) {
-                    Some(seq) if r.samples() => seq.generation.next_draw(),
-                    _ => TokenDraw::GREEDY,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Each row's token is chosen by the backend (on a GPU on the device,
+        // under the row's grammar mask, with its log probabilities: only ids
+        // and those numbers come back), except where penalties or a
+        // logit_bias need the request's history: those rows' logits come to
+        // the host (`Generation::step`).
+        let on_host: Vec<bool> = plan
+            .iter()
+            .map(|r| r.samples() && !self.seqs[&r.id].generation.draws_from_raw_logits())
+            .collect();
+        let draws: Vec<TokenDraw> = plan
+            .iter()
+            .zip(&on_host)
+            .map(|(r, &host)| match self.seqs.get_mut(&r.id) {
+                Some(seq) if r.samples() && !host => seq.generation.next_draw(),
+                _ => TokenDraw::GREEDY,
+            })
+            .collect();
         // Constrained rows' grammar masks are computed on another thread
         // while the pass runs (they depend only on the tokens so far), and
-        // given back before sampling (`tandem_engine::mask_overlap`).
+        // given back before the backend samples (`tandem_engine::mask_overlap`).
         let mut lent: Vec<(u64, MaskJob)> = Vec::new();
         for r in plan.iter().filter(|r| r.samples()) {
             if let Some(seq) = self.seqs.get_mut(&r.id)
@@ -474,22 +461,46 @@ impl<B: Backend> Scheduler<B> {
             .collect();
         let started = Instant::now();
         let backend = &mut self.backend;
-        let result = overlap(&mut jobs, || {
-            if on_device {
-                backend
-                    .forward_draw(&chunks, &draws, None)
-                    .map(Sampled::Tokens)
-            } else {
-                backend.forward_logits(&chunks, None).map(Sampled::Logits)
-            }
-        });
+        let result = overlap(&mut jobs, || backend.start_step(&chunks, &draws, None));
         drop(chunks);
-        self.note_step(&plan, started);
         for (id, job) in lent_ids.into_iter().zip(jobs) {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.generation.return_mask_job(job);
             }
         }
+        // A row whose mask cannot be computed fails alone, after the step.
+        let vocab = self.backend.config().vocab_size;
+        let mut broken: Vec<(u64, String)> = Vec::new();
+        let mut masks: Vec<Option<Vec<u32>>> = Vec::with_capacity(plan.len());
+        let mut logprobs: Vec<Option<usize>> = Vec::with_capacity(plan.len());
+        for (r, &host) in plan.iter().zip(&on_host) {
+            let (mut mask, mut lp) = (None, None);
+            if let Some(seq) = self.seqs.get_mut(&r.id)
+                && r.samples()
+                && !host
+            {
+                lp = seq.generation.logprobs();
+                match seq.generation.next_mask_bits(vocab, &self.model.tokenizer) {
+                    Ok(m) => mask = m,
+                    Err(e) => broken.push((r.id, e.to_string())),
+                }
+            }
+            masks.push(mask);
+            logprobs.push(lp);
+        }
+        let asks: Vec<RowAsk<'_>> = masks
+            .iter()
+            .zip(&logprobs)
+            .zip(&on_host)
+            .map(|((mask, &logprobs), &logits)| RowAsk {
+                mask: mask.as_deref(),
+                logprobs,
+                logits,
+            })
+            .collect();
+        let result = result.and_then(|()| self.backend.finish_step(&asks));
+        drop(asks);
+        self.note_step(&plan, started);
         self.metrics.step(plan.len());
         {
             let decoding = plan.iter().filter(|r| r.kind == RowKind::Decode).count();
@@ -497,9 +508,8 @@ impl<B: Backend> Scheduler<B> {
             stats.steps_total += 1;
             stats.max_batch_seen = stats.max_batch_seen.max(decoding as u32);
         }
-        let rows: Vec<Row> = match result {
-            Ok(Sampled::Tokens(t)) => t.into_iter().map(Row::Token).collect(),
-            Ok(Sampled::Logits(l)) => l.into_iter().map(Row::Logits).collect(),
+        let rows = match result {
+            Ok(rows) => rows,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing its sequences");
                 for r in plan {
@@ -509,12 +519,16 @@ impl<B: Backend> Scheduler<B> {
             }
         };
         for (r, row) in plan.into_iter().zip(rows) {
+            if let Some((_, e)) = broken.iter().find(|(id, _)| *id == r.id) {
+                self.fail(r.id, RequestError::Generation(e.clone()));
+                continue;
+            }
             self.finish_row(r, row);
         }
     }
 
     /// Takes one computed row's result: the next prefill position, or a token.
-    fn finish_row(&mut self, r: PlannedRow, row: Row) {
+    fn finish_row(&mut self, r: PlannedRow, row: RowOut) {
         let Some(seq) = self.seqs.get_mut(&r.id) else {
             return;
         };
@@ -531,8 +545,11 @@ impl<B: Backend> Scheduler<B> {
         }
         seq.state = State::Running;
         let event = match row {
-            Row::Token(t) => seq.generation.accept_drawn(t, &self.model.tokenizer),
-            Row::Logits(mut l) => seq.generation.step(&mut l, &self.model.tokenizer),
+            RowOut::Token { token, logprobs } => {
+                seq.generation
+                    .accept_drawn(token, logprobs, &self.model.tokenizer)
+            }
+            RowOut::Logits(mut l) => seq.generation.step(&mut l, &self.model.tokenizer),
         };
         self.emit(r.id, event);
     }

@@ -6,9 +6,11 @@
 //! several calls with consecutive chunks: chunked prefill); a decode step is
 //! many chunks of one token. Both write the new tokens' K/V into the paged
 //! cache and return the logits of the last token of the chunks that ask for
-//! them ([`Backend::forward_draw`] samples instead, on the device where it can).
+//! them. A step that samples is two calls, [`Backend::start_step`] and
+//! [`Backend::finish_step`] (the token each row's draw chooses, under its
+//! grammar mask, with its log probabilities: on the device where it can).
 //!
-//! Three traits: [`Backend`] (the model: config, KV layout, the two forward
+//! Three traits: [`Backend`] (the model: config, KV layout, the forward
 //! calls), [`KvIo`] (KV in and out of the cache as bytes) and [`BackendExt`]
 //! (`prefill`, `decode`, `forward_greedy`, `forward_logits`, written once over
 //! the other two).
@@ -27,6 +29,7 @@ use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvLayout;
+use crate::row_sampling::{RowAsk, RowOut};
 use crate::sampling::TokenDraw;
 
 /// New tokens of one sequence.
@@ -137,16 +140,45 @@ pub trait Backend: KvIo + Send {
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<Option<Vec<f32>>>>;
 
+    /// Starts a step: runs `chunks`, leaving each chunk's last-token logits
+    /// where [`finish_step`](Self::finish_step) chooses from them with
+    /// `draws[i]` for `chunks[i]`. A GPU backend may return as soon as the
+    /// pass is queued, so the host computes the grammar masks while it runs
+    /// ([`crate::mask_overlap`]).
+    fn start_step(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<()>;
+
+    /// Finishes the step [`start_step`](Self::start_step) started: each row's
+    /// token (its mask applied, its log probabilities computed when asked) or
+    /// its logits, as `asks[i]` says for row `i` (see
+    /// [`row_sampling`](crate::row_sampling)). A GPU backend does it all on the
+    /// device: only token ids and the numbers asked for cross to the host.
+    fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>>;
+
     /// Runs `chunks` and chooses each chunk's next token with its draw
-    /// (`draws[i]` for `chunks[i]`). A GPU backend samples on the device, so
-    /// only token ids cross to the host; a CPU backend chooses from the
-    /// logits with [`draw_on_host`].
+    /// (`draws[i]` for `chunks[i]`) from the raw logits: a step whose rows ask
+    /// for nothing more.
     fn forward_draw(
         &mut self,
         chunks: &[SeqChunk<'_>],
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>>;
+    ) -> Result<Vec<u32>> {
+        self.start_step(chunks, draws, on_layer)?;
+        self.finish_step(&vec![RowAsk::default(); chunks.len()])?
+            .into_iter()
+            .map(|row| match row {
+                RowOut::Token { token, .. } => Ok(token),
+                RowOut::Logits(_) => Err(EngineError::InvalidInput(
+                    "the backend returned logits for a row that asked for a token".into(),
+                )),
+            })
+            .collect()
+    }
 }
 
 /// Moving a cache's KV in and out as bytes, a layer (or a layer's KV heads)
@@ -255,23 +287,6 @@ pub trait BackendExt: Backend {
 
 impl<B: Backend + ?Sized> BackendExt for B {}
 
-/// [`Backend::forward_draw`] for a backend that samples on the host: runs
-/// `chunks` and chooses each next token from its logits with its draw.
-pub fn draw_on_host<B: Backend + ?Sized>(
-    backend: &mut B,
-    chunks: &[SeqChunk<'_>],
-    draws: &[TokenDraw],
-    on_layer: Option<LayerHook<'_>>,
-) -> Result<Vec<u32>> {
-    check_draws(chunks, draws)?;
-    Ok(backend
-        .forward_logits(chunks, on_layer)?
-        .iter()
-        .zip(draws)
-        .map(|(logits, d)| d.choose(logits))
-        .collect())
-}
-
 /// A boxed backend is a backend, so nodes can pick one at run time.
 impl<B: Backend + ?Sized> Backend for Box<B> {
     fn config(&self) -> &ModelConfig {
@@ -289,6 +304,19 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         (**self).forward(chunks, logits, on_layer)
+    }
+
+    fn start_step(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<()> {
+        (**self).start_step(chunks, draws, on_layer)
+    }
+
+    fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
+        (**self).finish_step(asks)
     }
 
     fn forward_draw(

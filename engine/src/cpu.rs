@@ -17,7 +17,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::{
-    Backend, KvExport, KvIo, LayerHook, SeqChunk, check_logit_flags, draw_on_host, validate_chunks,
+    Backend, BackendExt, KvExport, KvIo, LayerHook, SeqChunk, check_draws, check_logit_flags,
+    validate_chunks,
 };
 use crate::block_manager::BlockId;
 use crate::config::ModelConfig;
@@ -26,6 +27,7 @@ use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
 use crate::llama::forward::Pass;
 use crate::llama::{ModelWeights, ShardSpec, WeightScope};
 use crate::rope;
+use crate::row_sampling::{HostStep, RowAsk, RowOut};
 use crate::sampling::TokenDraw;
 use crate::tp::{Collective, RankCaches, TpPlan};
 use crate::weights::Weights;
@@ -66,6 +68,8 @@ pub struct CpuBackend {
     model: CpuModel,
     caches: Vec<Mutex<CpuKvCache>>,
     layout: KvLayout,
+    /// The logits of a step started and not yet finished.
+    step: HostStep,
 }
 
 impl CpuBackend {
@@ -106,6 +110,7 @@ impl CpuBackend {
             model,
             caches,
             layout,
+            step: HostStep::default(),
         })
     }
 
@@ -250,13 +255,20 @@ impl Backend for CpuBackend {
             .collect())
     }
 
-    fn forward_draw(
+    fn start_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
-        draw_on_host(self, chunks, draws, on_layer)
+    ) -> Result<()> {
+        check_draws(chunks, draws)?;
+        let logits = self.forward_logits(chunks, on_layer)?;
+        self.step.keep(logits, draws);
+        Ok(())
+    }
+
+    fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
+        self.step.finish(asks)
     }
 }
 

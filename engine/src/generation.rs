@@ -236,19 +236,19 @@ impl Generation {
         Ok(event)
     }
 
-    /// Whether the request asked for log probabilities: its tokens must then be
-    /// sampled by [`step`](Self::step), from logits on the host.
-    pub fn wants_logprobs(&self) -> bool {
-        self.params.logprobs.is_some()
+    /// How many top log probabilities each token reports, when the request
+    /// asked for log probabilities at all.
+    pub fn logprobs(&self) -> Option<usize> {
+        self.params.logprobs
     }
 
-    /// Whether the next token can be chosen from the raw logits by a
-    /// [`TokenDraw`] (no penalty needs this request's history), so a GPU backend
-    /// can sample it without the logits leaving the device.
+    /// Whether the next token can be chosen by a [`TokenDraw`] from the raw
+    /// logits under the mask of [`next_mask_bits`](Self::next_mask_bits) (no
+    /// penalty or bias needs this request's history), so a GPU backend can
+    /// sample it, and compute its log probabilities, without the logits
+    /// leaving the device.
     pub fn draws_from_raw_logits(&self) -> bool {
         self.sampler.draws_from_raw_logits()
-            && self.banned_next().is_empty()
-            && self.params.constraint.is_none()
     }
 
     /// The ids the next token may not be: EOS and the stop token ids while
@@ -263,10 +263,19 @@ impl Generation {
         self.sampler.next_draw()
     }
 
-    /// Accounts for the token chosen with the draw [`next_draw`](Self::next_draw) gave.
-    pub fn accept_drawn(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
+    /// Accounts for the token chosen with the draw [`next_draw`](Self::next_draw)
+    /// gave (under the mask of [`next_mask_bits`](Self::next_mask_bits)), with
+    /// its log probabilities when the request asked for them.
+    pub fn accept_drawn(
+        &mut self,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+        tokenizer: &Tokenizer,
+    ) -> Result<TokenEvent> {
         self.sampler.observe(token);
-        self.accept(token, tokenizer)
+        let mut event = self.accept(token, tokenizer)?;
+        event.logprobs = logprobs;
+        Ok(event)
     }
 
     /// Accounts for a token sampled elsewhere with this request's parameters
@@ -308,21 +317,34 @@ impl Generation {
             .map(|a| (job.at, a));
     }
 
-    /// The next token's constraint as a packed bitmask over `vocab` logits
-    /// (see [`AllowedTokens::packed`]: EOS and stop ids where the grammar
-    /// accepts, `min_tokens`' bans applied), for a device to apply before it
-    /// samples; `None` without a constraint. Uses the mask computed during the
-    /// step when there is one, as [`step`](Self::step) would.
+    /// The tokens the next one may be, as a packed bitmask over `vocab`
+    /// logits for a device to apply before it samples (see
+    /// [`AllowedTokens::packed`]): the constraint's mask (EOS and stop ids
+    /// where the grammar accepts) with `min_tokens`' bans applied; `None` when
+    /// every token may come. Uses the mask computed during the step when there
+    /// is one, as [`step`](Self::step) would.
     pub fn next_mask_bits(
         &mut self,
         vocab: usize,
         tokenizer: &Tokenizer,
     ) -> Result<Option<Vec<u32>>> {
+        let banned = self.banned_next();
         if self.params.constraint.is_none() {
-            return Ok(None);
+            if banned.is_empty() {
+                return Ok(None);
+            }
+            let mut bits = vec![u32::MAX; vocab.div_ceil(32)];
+            if !vocab.is_multiple_of(32)
+                && let Some(last) = bits.last_mut()
+            {
+                *last = (1u32 << (vocab % 32)) - 1;
+            }
+            for t in banned.into_iter().filter(|&t| (t as usize) < vocab) {
+                bits[t as usize / 32] &= !(1 << (t % 32));
+            }
+            return Ok(Some(bits));
         }
         let ends = self.ending_ids();
-        let banned = self.banned_next();
         let allowed = self.allowed_next(tokenizer)?;
         Ok(Some(allowed.packed(vocab, &ends, &banned)))
     }

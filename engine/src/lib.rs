@@ -11,7 +11,8 @@
 //!   ([`Backend`], [`KvIo`], [`BackendExt`]); [`cpu`], its CPU implementation
 //!   (one rank, or sharded over tensor-parallel ranks with [`tp`]); `cuda`
 //!   (feature `cuda`), the GPU one.
-//! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state.
+//! - [`sampling`], [`stop`], [`generation`]: a request's token-by-token state;
+//!   [`row_sampling`]: what a step returns per row (token, logprobs, logits).
 //! - [`local`]: whole-request generation in one process.
 //! - [`synth`]: small random-weight models for tests and the quick start.
 
@@ -35,6 +36,7 @@ pub mod mask_overlap;
 pub mod model_dir;
 pub mod prefix_hash;
 pub mod rope;
+pub mod row_sampling;
 pub mod sampling;
 pub mod stop;
 pub mod synth;
@@ -54,5 +56,6 @@ pub use kv_cache::{KvDtype, KvLayout};
 pub use kv_events::{CacheChanges, KvCursor, KvDelta, KvEvent, KvEventLog};
 pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
+pub use row_sampling::{RowAsk, RowOut};
 pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
 pub use tokenizer::{ChatMessage, Tokenizer};

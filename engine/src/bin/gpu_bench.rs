@@ -9,6 +9,7 @@
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
 //! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
 //! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2]  wgmma vs mma.sync prefill attention
+//! tandem-gpu-bench rows   [--shape llama3-8b]          decode steps with masked / logprobs rows
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ use tandem_engine::weights::Weights;
 mod attn;
 #[path = "gpu_bench/kernels.rs"]
 mod kernels;
+#[path = "gpu_bench/rows.rs"]
+mod rows;
 #[path = "gpu_bench/speed.rs"]
 mod speed;
 
@@ -55,7 +58,8 @@ fn main() {
         Some("bench") => bench(&args),
         Some("kernels") => kernels(&args),
         Some("attn") => attn::attn(&args),
-        _ => Err("usage: tandem-gpu-bench check|hf|real|bench|kernels|attn [options]".into()),
+        Some("rows") => rows::rows(&args),
+        _ => Err("usage: tandem-gpu-bench check|hf|real|bench|kernels|attn|rows [options]".into()),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

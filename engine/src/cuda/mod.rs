@@ -33,7 +33,9 @@
 //! bf16 and accumulate in f32. Every buffer is allocated once, at construction,
 //! for at most [`CudaLimits::max_tokens`] tokens and [`CudaLimits::max_seqs`]
 //! sequences per pass. Sampling (greedy, temperature, top-k, top-p, min-p)
-//! runs on the GPU ([`Backend::forward_draw`]) so only token ids cross to the host.
+//! runs on the GPU ([`Backend::finish_step`]), with grammar masks and log
+//! probabilities (`masked_sampling`), so only token ids and the numbers asked
+//! for cross to the host.
 //!
 //! Decode steps run as CUDA graphs, one per batch-size bucket (captured at first
 //! use): the batch is padded to the bucket (padding rows write their K/V to a
@@ -51,9 +53,6 @@ pub mod device;
 pub mod error;
 pub mod kv;
 mod launch;
-// Device-side grammar masks and logprobs: checked against the host path by
-// the GPU tests in `check_sampling`; the step loop does not call it yet.
-#[allow(dead_code)]
 mod masked_sampling;
 pub mod model;
 mod pass;
@@ -80,10 +79,12 @@ use crate::block_manager::{BlockId, blocks_for};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
+use crate::row_sampling::{RowAsk, RowOut, check_asks};
 use crate::sampling::TokenDraw;
 use device::ptr;
 use error::DriverContext;
 use launch::MAX_SPLITS;
+use masked_sampling::RowDraw;
 use pass::{Meta, Pass};
 /// Decode batch sizes a graph is captured for; a batch runs in the smallest
 /// bucket that holds it (and without a graph above the largest).
@@ -175,6 +176,9 @@ pub struct CudaBackend {
     decode_blocks: Option<usize>,
     /// While [`profile`](Self::profile) runs: an event after every launch.
     marks: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// The draws of the step [`Backend::start_step`] queued, until
+    /// [`Backend::finish_step`] takes its rows.
+    pending: Option<Vec<TokenDraw>>,
 }
 
 impl CudaBackend {
@@ -248,6 +252,7 @@ impl CudaBackend {
             use_graphs: std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             marks: RefCell::new(None),
             decode_blocks: None,
+            pending: None,
         })
     }
 
@@ -290,7 +295,7 @@ impl CudaBackend {
 
     /// One decode step as a graph replay: the batch padded to its bucket, the
     /// bucket's graph captured on first use.
-    fn decode_graph(&mut self, chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<Vec<u32>> {
+    fn decode_graph(&mut self, chunks: &[SeqChunk<'_>], draws: &[TokenDraw]) -> Result<()> {
         let Some(&bucket) = GRAPH_BUCKETS
             .iter()
             .find(|&&b| b >= chunks.len() && b <= self.limits.max_seqs)
@@ -315,7 +320,7 @@ impl CudaBackend {
         if let Some(graph) = self.graphs.get(&bucket) {
             graph.0.launch().op("cuGraphLaunch")?;
         }
-        self.download_ids(chunks.len())
+        Ok(())
     }
 
     /// Captures one decode step (layers and sampling) for metadata laid out as `m`.
@@ -342,11 +347,54 @@ impl CudaBackend {
         chunks: &[SeqChunk<'_>],
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<()> {
         let (m, pass) = self.upload_meta(chunks, draws, None)?;
         self.enqueue(&m, pass, on_layer)?;
-        self.enqueue_sample(&m, pass)?;
-        self.download_ids(chunks.len())
+        self.enqueue_sample(&m, pass)
+    }
+
+    /// The rows of a finished step that ask for more than their draw's token
+    /// (see [`Backend::finish_step`]): logits rows leave the device first (as
+    /// the pass left them), then every row is masked, sampled and given its
+    /// log probabilities on the device.
+    fn finish_rows(&self, draws: &[TokenDraw], asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
+        let v = self.model.config.vocab_size;
+        let st = &self.gpu.compute;
+        let base = ptr(&self.bufs.logits, st);
+        let mut logits: Vec<Option<Vec<f32>>> = vec![None; asks.len()];
+        for (i, _) in asks.iter().enumerate().filter(|(_, a)| a.logits) {
+            let mut row = vec![0f32; v];
+            self.gpu
+                .download(base + (i * v * std::mem::size_of::<f32>()) as u64, &mut row)?;
+            logits[i] = Some(row);
+        }
+        let rows: Vec<RowDraw<'_>> = draws
+            .iter()
+            .zip(asks)
+            .map(|(&draw, a)| RowDraw {
+                draw,
+                mask: a.mask,
+                logprobs: a.logprobs,
+            })
+            .collect();
+        // SAFETY: `bufs.logits` holds `max_seqs` ≥ `rows.len()` rows of `v`
+        // f32, written by the step queued on the compute stream.
+        let chosen = unsafe {
+            masked_sampling::sample_rows_masked(
+                &self.gpu,
+                launch::Dev::of(&self.bufs.logits, st),
+                v,
+                &rows,
+            )
+        }?;
+        Ok(chosen
+            .into_iter()
+            .zip(logits)
+            .map(|((token, logprobs), l)| match l {
+                Some(l) => RowOut::Logits(l),
+                None => RowOut::Token { token, logprobs },
+            })
+            .collect())
     }
 
     fn download_ids(&self, n: usize) -> Result<Vec<u32>> {
@@ -430,23 +478,48 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn forward_draw(
+    fn start_step(
         &mut self,
         chunks: &[SeqChunk<'_>],
         draws: &[TokenDraw],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<u32>> {
+    ) -> Result<()> {
         check_draws(chunks, draws)?;
-        if chunks.is_empty() {
+        self.pending = None;
+        if !chunks.is_empty() {
+            validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
+            self.gpu.bind()?;
+            let decode = chunks.iter().all(|c| c.tokens.len() == 1);
+            if decode && on_layer.is_none() && self.use_graphs {
+                self.decode_graph(chunks, draws)?;
+            } else {
+                self.direct(chunks, draws, on_layer)?;
+            }
+        }
+        self.pending = Some(draws.to_vec());
+        Ok(())
+    }
+
+    fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
+        let draws = self.pending.take().ok_or_else(|| {
+            EngineError::InvalidInput("finish_step without a started step".into())
+        })?;
+        check_asks(asks, draws.len(), self.model.config.vocab_size)?;
+        if draws.is_empty() {
             return Ok(Vec::new());
         }
-        validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
-        self.gpu.bind()?;
-        let decode = chunks.iter().all(|c| c.tokens.len() == 1);
-        if decode && on_layer.is_none() && self.use_graphs {
-            return self.decode_graph(chunks, draws);
+        if asks.iter().all(RowAsk::is_plain) {
+            // The graph sampled every row already: only the ids come back.
+            let ids = self.download_ids(draws.len())?;
+            return Ok(ids
+                .into_iter()
+                .map(|token| RowOut::Token {
+                    token,
+                    logprobs: None,
+                })
+                .collect());
         }
-        self.direct(chunks, draws, on_layer)
+        self.finish_rows(&draws, asks)
     }
 }
 
