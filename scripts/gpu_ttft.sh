@@ -7,7 +7,11 @@
 #   disagg-512  : the same with max_batch_tokens 512 (the chunk size: eight passes,
 #                 what a lone prompt took before the planner was work-conserving)
 #   colocated   : the decode node prefills every prompt itself
-# SKIP512=1 leaves out the second set-up.
+# RATES (default "1 4") are the request rates of the 4k runs. SKIP512=1 leaves out the second set-up. SAT=1 adds, for the first and the
+# last set-up, the saturation run: 768 requests of 512 prompt tokens and 256
+# output tokens, 256 at a time. PROBE=1 sends, on the disaggregated cluster, a
+# completion with logprobs and a JSON-mode chat (the decode node masks and
+# computes log probabilities on the GPU) and records the answers.
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 GPU_DIR=$(cd "${GPU_DIR:-.gpu}" && pwd)
@@ -54,11 +58,44 @@ bench() { # label rate
     --request-rate "$2" --seed 1 --no-progress --result-file "$OUT/$1-$2.json" 2>&1 \
     | tee -a "$OUT/ttft.md"
 }
+sat() { # label: the saturation run
+  [ -n "${SAT:-}" ] || return 0
+  echo "### $1, saturation (768 x 512/256, 256 concurrent)" >> "$OUT/ttft.md"
+  "$T" bench --router http://127.0.0.1:50051 --num-prompts 768 --input-len 512 --output-len 256 \
+    --request-rate inf --max-concurrency 256 --seed 1 --no-progress --result-file "$OUT/$1-sat.json" 2>&1 \
+    | tee -a "$OUT/ttft.md"
+}
+probe() { # a logprobs completion and a JSON-mode chat, answers into ttft.md
+  [ -n "${PROBE:-}" ] || return 0
+  python3 - >> "$OUT/ttft.md" 2>&1 <<'PY'
+import json, urllib.request
+def post(path, body):
+    req = urllib.request.Request("http://127.0.0.1:8000" + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=120))
+c = post("/v1/completions", {"model": "llama3-8b-synth", "prompt": "The cluster", "max_tokens": 6,
+                             "logprobs": 3, "seed": 1, "temperature": 0.8})
+lp = c["choices"][0]["logprobs"]
+print("### probe: completion with logprobs 3\n\ntokens", lp["tokens"], "\nlogprobs", lp["token_logprobs"],
+      "\ntop", lp["top_logprobs"][:2], "\n")
+ok = 0
+for seed in range(5):
+    r = post("/v1/chat/completions", {"model": "llama3-8b-synth", "max_tokens": 64, "seed": seed,
+             "messages": [{"role": "user", "content": "a json object"}],
+             "response_format": {"type": "json_object"}})
+    text = r["choices"][0]["message"]["content"]
+    try:
+        json.loads(text); ok += 1
+    except ValueError:
+        print("not JSON (finish %s): %r" % (r["choices"][0]["finish_reason"], text[:200]))
+print("### probe: JSON mode, %d of 5 answers parse\n" % ok)
+PY
+}
 start decode decode.toml decode-disagg; D=$PID
 start prefill prefill.toml prefill-4096; P=$PID
 start router router.toml router
 ready || { tail -20 "$OUT"/*.log; exit 1; }
-bench disagg 1; bench disagg 4
+probe; for r in ${RATES-1 4}; do bench disagg "$r"; done; sat disagg
 if [ -z "${SKIP512:-}" ]; then
 stop "$P"
 sed -e 's/^max_batch_tokens = .*/max_batch_tokens = 512/' prefill.toml > prefill-512.toml
@@ -70,7 +107,7 @@ stop "$D"
 sed -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' decode.toml > decode-colo.toml
 start decode decode-colo.toml decode-colocated; D=$PID
 ready || exit 1
-bench colocated 1; bench colocated 4
+for r in ${RATES-1 4}; do bench colocated "$r"; done; sat colocated
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null
 echo done

@@ -130,6 +130,14 @@ impl<B: Backend> Scheduler<B> {
             },
             remote_queue: a.prefill_queue,
             local_rate: self.local_rate.tokens_per_s(),
+            local_backlog: self
+                .seqs
+                .values()
+                .map(|s| match s.state {
+                    State::Prefilling { done } => s.generation.tokens().len().saturating_sub(done),
+                    _ => 0,
+                })
+                .sum(),
             running: self
                 .seqs
                 .values()
