@@ -118,15 +118,76 @@ fn train_tokenizer(vocab_size: usize) -> Result<HfTokenizer> {
     Ok(tok)
 }
 
-/// Gaussian samples (Box-Muller) of standard deviation `std` around `mean`.
-fn normal(rng: &mut ChaCha8Rng, n: usize, mean: f32, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
-            let u2: f32 = rng.random();
-            mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-        })
-        .collect()
+/// A Gaussian sample (Box-Muller) of standard deviation `std` around `mean`;
+/// it takes two `u32` words of the stream ([`WORDS_PER_SAMPLE`]).
+fn normal_sample(rng: &mut ChaCha8Rng, mean: f32, std: f32) -> f32 {
+    let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+    let u2: f32 = rng.random();
+    mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+/// Stream words one [`normal_sample`] takes (a `f32` draw is one `u32` word).
+const WORDS_PER_SAMPLE: u128 = 2;
+
+/// Samples one generator's piece makes (one job of [`tensor_bytes`]).
+const SAMPLES_PER_JOB: usize = 1 << 20;
+
+/// One tensor's sampling: its element count, mean and standard deviation.
+struct Draw {
+    n: usize,
+    mean: f32,
+    std: f32,
+}
+
+/// The tensors' values as `dtype` bytes, exactly what one generator seeded
+/// with `seed` gives drawing every tensor's samples in order: the stream is
+/// cut into pieces that each seek to their place in it
+/// (`ChaCha8Rng::set_word_pos`) and run on all cores, so an 8B-shaped model
+/// takes seconds, not minutes, and the values do not depend on the core count.
+fn tensor_bytes(seed: u64, draws: &[Draw], dtype: SynthDtype) -> Vec<Vec<u8>> {
+    let width = match dtype {
+        SynthDtype::F32 => 4,
+        SynthDtype::Bf16 => 2,
+    };
+    let mut out: Vec<Vec<u8>> = draws.iter().map(|d| vec![0u8; d.n * width]).collect();
+    let mut jobs = Vec::new();
+    let mut first: u128 = 0;
+    for (d, bytes) in draws.iter().zip(out.iter_mut()) {
+        for (k, piece) in bytes.chunks_mut(SAMPLES_PER_JOB * width).enumerate() {
+            let start = first + (k * SAMPLES_PER_JOB) as u128;
+            jobs.push((piece, start * WORDS_PER_SAMPLE, d.mean, d.std));
+        }
+        first += d.n as u128;
+    }
+    let jobs = std::sync::Mutex::new(jobs.into_iter());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                loop {
+                    let job = match jobs.lock() {
+                        Ok(mut it) => it.next(),
+                        Err(poisoned) => poisoned.into_inner().next(),
+                    };
+                    let Some((piece, word, mean, std)) = job else {
+                        break;
+                    };
+                    rng.set_word_pos(word);
+                    for v in piece.chunks_exact_mut(width) {
+                        let x = normal_sample(&mut rng, mean, std);
+                        match dtype {
+                            SynthDtype::F32 => v.copy_from_slice(&x.to_le_bytes()),
+                            SynthDtype::Bf16 => {
+                                v.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes())
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    out
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
@@ -208,8 +269,8 @@ pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
 
     // Weights, in the Llama definition's file order, so the stream of random
     // numbers is reproducible.
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut draws = Vec::new();
     for (name, shape, kind) in llama::tensors(&model_config) {
         let (mean, std) = match kind {
             // A small embedding keeps the residual stream from being dominated by the
@@ -222,37 +283,26 @@ pub fn write_model_dir(dir: &Path, spec: &SynthSpec) -> Result<()> {
             // `[out, in]`: unit-variance outputs for unit-variance inputs.
             Kind::Projection => (0.0, 1.0 / (shape[1] as f32).sqrt()),
         };
-        let n = shape.iter().product();
-        let values = normal(&mut rng, n, mean, std);
-        tensors.push((name, shape, values));
+        draws.push(Draw {
+            n: shape.iter().product(),
+            mean,
+            std,
+        });
+        tensors.push((name, shape));
     }
-    write_safetensors(dir, &tensors, spec)
+    let bytes = tensor_bytes(spec.seed, &draws, spec.dtype);
+    write_safetensors(dir, &tensors, &bytes, spec)
 }
 
 fn write_safetensors(
     dir: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[(String, Vec<usize>)],
+    bytes: &[Vec<u8>],
     spec: &SynthSpec,
 ) -> Result<()> {
-    let (st_dtype, bytes): (safetensors::Dtype, Vec<Vec<u8>>) = match spec.dtype {
-        SynthDtype::F32 => (
-            safetensors::Dtype::F32,
-            tensors
-                .iter()
-                .map(|t| t.2.iter().flat_map(|x| x.to_le_bytes()).collect())
-                .collect(),
-        ),
-        SynthDtype::Bf16 => (
-            safetensors::Dtype::BF16,
-            tensors
-                .iter()
-                .map(|t| {
-                    t.2.iter()
-                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                        .collect()
-                })
-                .collect(),
-        ),
+    let st_dtype = match spec.dtype {
+        SynthDtype::F32 => safetensors::Dtype::F32,
+        SynthDtype::Bf16 => safetensors::Dtype::BF16,
     };
     let shards = spec.shards.clamp(1, tensors.len());
     let per_shard = tensors.len().div_ceil(shards);
@@ -284,4 +334,51 @@ fn write_safetensors(
         std::fs::write(&path, index.to_string()).map_err(io_err(&path))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_drawn_in_parallel_are_the_sequential_stream() {
+        // The middle tensor spans two jobs and starts off a job boundary.
+        let draws = [
+            Draw {
+                n: 3,
+                mean: 1.0,
+                std: 0.1,
+            },
+            Draw {
+                n: SAMPLES_PER_JOB + 5,
+                mean: 0.0,
+                std: 2.0,
+            },
+            Draw {
+                n: 7,
+                mean: 0.0,
+                std: 0.5,
+            },
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let want: Vec<Vec<f32>> = draws
+            .iter()
+            .map(|d| {
+                (0..d.n)
+                    .map(|_| normal_sample(&mut rng, d.mean, d.std))
+                    .collect()
+            })
+            .collect();
+        let got = tensor_bytes(11, &draws, SynthDtype::F32);
+        for (w, g) in want.iter().zip(&got) {
+            let g: Vec<f32> = g
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(&g, w);
+        }
+        let bf = tensor_bytes(11, &draws, SynthDtype::Bf16);
+        let last = half::bf16::from_f32(want[2][6]).to_le_bytes();
+        assert_eq!(&bf[2][12..14], &last);
+    }
 }
