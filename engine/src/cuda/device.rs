@@ -33,6 +33,9 @@ pub(crate) struct Kernels {
     pub embed: CudaFunction,
     pub add_rmsnorm: CudaFunction,
     pub rope_kv: CudaFunction,
+    /// The fp8 (e4m3) KV cache store (kernels/kv_fp8.cu); not used by the pass yet.
+    #[allow(dead_code)]
+    pub kv_fp8_store: CudaFunction,
     pub silu_mul: CudaFunction,
     /// Greedy or top-k/top-p/min-p sampling of rows of logits.
     pub sample_rows: CudaFunction,
@@ -136,6 +139,7 @@ impl Gpu {
             embed: f("embed")?,
             add_rmsnorm: f("add_rmsnorm")?,
             rope_kv: f("rope_kv")?,
+            kv_fp8_store: f("kv_fp8_store")?,
             silu_mul: f("silu_mul")?,
             sample_rows: f("sample_rows")?,
             mask_logits: f("mask_logits")?,

@@ -114,6 +114,9 @@ impl Elem for i32 {
 impl Elem for u32 {
     const C: &'static str = "u32";
 }
+impl Elem for u8 {
+    const C: &'static str = "unsigned char";
+}
 
 /// One kernel parameter, as the driver receives it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -288,6 +291,79 @@ impl Kernel for RopeKv {
     fn function(gpu: &Gpu) -> &CudaFunction {
         &gpu.k.rope_kv
     }
+}
+
+/// `kv_fp8_store`: stores `tokens`' rotated K and V (`kv`, `[tokens, 2, hkv,
+/// hd]` f32) into an fp8 (e4m3) cache layer at `slots[t]`, bit for bit as
+/// [`kv_quant::write_token`](crate::kv_quant::write_token) token by token
+/// (requantizing a block's earlier slots when its scale rises). Holds:
+/// `runs` `runs + 1` ints from [`fp8_store_runs`], `slots` `tokens` ints,
+/// `cache` the layer's blocks (`2 hkv bs hd` bytes each, `[K: head][slot][dim]`
+/// then V), `scales` `2 hkv` f32 per block (`[kind][head]`).
+///
+/// Not called by the forward pass yet (docs/FP8_KV.md, "CUDA").
+#[allow(dead_code)]
+pub(crate) struct KvFp8Store {
+    pub runs: usize,
+    pub kv: Dev<f32>,
+    pub run_starts: Dev<i32>,
+    pub slots: Dev<i32>,
+    pub cache: Dev<u8>,
+    pub scales: Dev<f32>,
+    pub hkv: usize,
+    pub hd: usize,
+    pub block_size: usize,
+}
+
+impl Kernel for KvFp8Store {
+    const NAME: &'static str = "kv_fp8_store";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("kv", self.kv.into()),
+            ("runs", self.run_starts.into()),
+            ("slots", self.slots.into()),
+            ("cache", self.cache.into()),
+            ("scales", self.scales.into()),
+            ("hkv", int(self.hkv)?),
+            ("hd", int(self.hd)?),
+            ("bs", int(self.block_size)?),
+        ])
+    }
+    /// One block per (run, K or V and head), `hd` threads (a multiple of 32:
+    /// the kernel's block-wide max reduces whole warps).
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.runs as u32, (2 * self.hkv) as u32, 1),
+            block_dim: (self.hd as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+    fn function(gpu: &Gpu) -> &CudaFunction {
+        &gpu.k.kv_fp8_store
+    }
+}
+
+/// The runs `kv_fp8_store` takes for tokens written at `slots` (`block * bs +
+/// slot`, in the order the tokens are stored): `starts[r]..starts[r + 1]` are
+/// the tokens of run `r`, cut wherever a token's block differs from the one
+/// before it. A block may appear in two runs only if it does in `slots` with
+/// other blocks between (two sequences never share a written block, and one
+/// sequence's tokens are in position order, so in a pass it does not); runs of
+/// one launch run concurrently, so the caller must not pass such slots.
+#[allow(dead_code)]
+pub(crate) fn fp8_store_runs(slots: &[i32], block_size: usize) -> Vec<i32> {
+    let bs = block_size.max(1) as i64;
+    let mut starts = Vec::with_capacity(slots.len() / block_size.max(1) + 2);
+    let mut prev = None;
+    for (t, &s) in slots.iter().enumerate() {
+        let block = i64::from(s).div_euclid(bs);
+        if prev != Some(block) {
+            starts.push(t as i32);
+            prev = Some(block);
+        }
+    }
+    starts.push(slots.len() as i32);
+    starts
 }
 
 /// `silu_mul`: `act[r, i] = silu(gu[r, i]) · gu[r, inter + i]` for `n` rows;

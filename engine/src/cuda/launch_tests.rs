@@ -155,6 +155,20 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
     );
     check("rope_kv", &rope());
     check(
+        "kv_fp8_store",
+        &KvFp8Store {
+            runs: 3,
+            kv: PF,
+            run_starts: PI,
+            slots: PI.add(4),
+            cache: Dev::from_raw(0x5000),
+            scales: PF,
+            hkv: 8,
+            hd: 128,
+            block_size: 16,
+        },
+    );
+    check(
         "silu_mul",
         &SiluMul {
             gu: P,
@@ -384,4 +398,37 @@ fn shared_memory_sizes_are_the_kernels_layouts() {
     assert_eq!(prefill_smem(64), 73_728);
     // The prefill block is one warp per 16 query rows.
     assert_eq!(PREFILL_THREADS as usize, PREFILL_BQ / 16 * 32);
+}
+
+#[test]
+fn fp8_store_grid_is_runs_by_k_and_v_heads_with_a_thread_per_dim() {
+    let c = KvFp8Store {
+        runs: 3,
+        kv: PF,
+        run_starts: PI,
+        slots: PI,
+        cache: Dev::from_raw(0x5000),
+        scales: PF,
+        hkv: 8,
+        hd: 128,
+        block_size: 16,
+    }
+    .config();
+    assert_eq!((c.grid_dim.0, c.grid_dim.1, c.block_dim.0), (3, 16, 128));
+}
+
+#[test]
+fn fp8_store_runs_cut_where_the_block_changes() {
+    // A prefill chunk from position 13 of a sequence on blocks 7, 2, 9 (bs 16):
+    // slots 7*16+13.. then block 2 whole, then block 9's first 3.
+    let mut slots: Vec<i32> = (13..16).map(|s| 7 * 16 + s).collect();
+    slots.extend((0..16).map(|s| 2 * 16 + s));
+    slots.extend((0..3).map(|s| 9 * 16 + s));
+    assert_eq!(fp8_store_runs(&slots, 16), vec![0, 3, 19, 22]);
+    // A decode step: one token per sequence, each its own run.
+    assert_eq!(fp8_store_runs(&[5, 40, 17], 16), vec![0, 1, 2, 3]);
+    // Two sequences in one block number order still cut between them (block 1, then 0).
+    assert_eq!(fp8_store_runs(&[16, 17, 3], 16), vec![0, 2, 3]);
+    // Nothing to store: no runs.
+    assert_eq!(fp8_store_runs(&[], 16), vec![0]);
 }

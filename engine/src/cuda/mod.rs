@@ -48,6 +48,7 @@
 
 pub mod bench;
 pub mod check;
+mod check_fp8;
 mod check_sampling;
 pub mod device;
 pub mod error;
