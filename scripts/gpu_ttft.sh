@@ -7,7 +7,9 @@
 #   disagg-512  : the same with max_batch_tokens 512 (the chunk size: eight passes,
 #                 what a lone prompt took before the planner was work-conserving)
 #   colocated   : the decode node prefills every prompt itself
-# RATES (default "1 4") are the request rates of the 4k runs. SKIP512=1 leaves out the second set-up. SAT=1 adds, for the first and the
+# RATES (default "1 4") are the request rates of the 4k runs. KVCONN=N adds the
+# disaggregated set-up again with N QUIC connections per transfer (4 in the configs).
+# NOCOLO=1 leaves out the colocated set-up. SKIP512=1 leaves out the second set-up. SAT=1 adds, for the first and the
 # last set-up, the saturation run: 768 requests of 512 prompt tokens and 256
 # output tokens, 256 at a time. PROBE=1 sends, on the disaggregated cluster, a
 # completion with logprobs and a JSON-mode chat (the decode node masks and
@@ -103,11 +105,20 @@ start prefill prefill-512.toml prefill-512; P=$PID
 ready || exit 1
 bench disagg-512 1; bench disagg-512 4
 fi
+if [ -n "${KVCONN:-}" ]; then
+stop "$P"
+sed -e "s/^kv_connections = .*/kv_connections = $KVCONN/" prefill.toml > prefill-conn.toml
+start prefill prefill-conn.toml "prefill-conn$KVCONN"; P=$PID
+ready || exit 1
+for r in ${RATES-1 4}; do bench "disagg-conn$KVCONN" "$r"; done
+fi
+if [ -z "${NOCOLO:-}" ]; then
 stop "$D"
 sed -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' decode.toml > decode-colo.toml
 start decode decode-colo.toml decode-colocated; D=$PID
 ready || exit 1
 for r in ${RATES-1 4}; do bench colocated "$r"; done; sat colocated
+fi
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null
 echo done
