@@ -131,9 +131,12 @@ async fn served_by<F: std::future::Future<Output = u32>>(
     (grew[0], cached)
 }
 
-/// Lets every router hear a few load reports (the KV events ride on them).
+/// Lets every router hear a few load reports (the KV events ride on them):
+/// 50 report intervals, so a router whose report streams are still
+/// connecting on a loaded machine has them too (300 ms once was not enough
+/// while other builds ran).
 async fn let_reports_flow() {
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
