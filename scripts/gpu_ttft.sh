@@ -54,6 +54,16 @@ ready() { # wait for the router to answer a 4k prompt end to end
   done
   echo "cluster not ready"; return 1
 }
+ready_remote() { # after a prefill node restart: ready, and the probe was prefilled there
+  # (until the router uses the new node again it forces local prefills, which
+  # would make a disaggregated run a colocated one)
+  for _ in $(seq 1 60); do
+    ready || return 1
+    grep -h admitted "$OUT"/decode-disagg.log | tail -1 | grep -q 'reason="remote"' && return 0
+    sleep 1
+  done
+  echo "the router does not use the restarted prefill node"; return 1
+}
 bench() { # label rate
   echo "### $1, $2 req/s" >> "$OUT/ttft.md"
   "$T" bench --router http://127.0.0.1:50051 --num-prompts "$N" --input-len 4096 --output-len 128 \
@@ -102,14 +112,14 @@ if [ -z "${SKIP512:-}" ]; then
 stop "$P"
 sed -e 's/^max_batch_tokens = .*/max_batch_tokens = 512/' prefill.toml > prefill-512.toml
 start prefill prefill-512.toml prefill-512; P=$PID
-ready || exit 1
+ready_remote || exit 1
 bench disagg-512 1; bench disagg-512 4
 fi
 if [ -n "${KVCONN:-}" ]; then
 stop "$P"
 sed -e "s/^kv_connections = .*/kv_connections = $KVCONN/" prefill.toml > prefill-conn.toml
 start prefill prefill-conn.toml "prefill-conn$KVCONN"; P=$PID
-ready || exit 1
+ready_remote || exit 1
 for r in ${RATES-1 4}; do bench "disagg-conn$KVCONN" "$r"; done
 fi
 if [ -z "${NOCOLO:-}" ]; then
