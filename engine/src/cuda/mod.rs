@@ -361,14 +361,8 @@ impl CudaBackend {
     fn finish_rows(&self, draws: &[TokenDraw], asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
         let v = self.model.config.vocab_size;
         let st = &self.gpu.compute;
-        let base = ptr(&self.bufs.logits, st);
-        let mut logits: Vec<Option<Vec<f32>>> = vec![None; asks.len()];
-        for (i, _) in asks.iter().enumerate().filter(|(_, a)| a.logits) {
-            let mut row = vec![0f32; v];
-            self.gpu
-                .download(base + (i * v * std::mem::size_of::<f32>()) as u64, &mut row)?;
-            logits[i] = Some(row);
-        }
+        let wanted: Vec<bool> = asks.iter().map(|a| a.logits).collect();
+        let logits = self.download_logits(&wanted)?;
         let rows: Vec<RowDraw<'_>> = draws
             .iter()
             .zip(asks)
@@ -396,6 +390,33 @@ impl CudaBackend {
                 None => RowOut::Token { token, logprobs },
             })
             .collect())
+    }
+
+    /// The logits rows the last pass left in `bufs.logits` for which `wanted`
+    /// is true (`None` for the others): one copy per run of consecutive
+    /// wanted rows (one copy when every row is wanted).
+    fn download_logits(&self, wanted: &[bool]) -> Result<Vec<Option<Vec<f32>>>> {
+        let v = self.model.config.vocab_size;
+        let base = ptr(&self.bufs.logits, &self.gpu.compute);
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; wanted.len()];
+        let mut i = 0;
+        while i < wanted.len() {
+            if !wanted[i] {
+                i += 1;
+                continue;
+            }
+            let end = (i..wanted.len())
+                .find(|&j| !wanted[j])
+                .unwrap_or(wanted.len());
+            let mut flat = vec![0f32; (end - i) * v];
+            let offset = (i * v * std::mem::size_of::<f32>()) as u64;
+            self.gpu.download(base + offset, &mut flat)?;
+            for (k, row) in flat.chunks_exact(v).enumerate() {
+                out[i + k] = Some(row.to_vec());
+            }
+            i = end;
+        }
+        Ok(out)
     }
 
     fn download_ids(&self, n: usize) -> Result<Vec<u32>> {
@@ -454,29 +475,7 @@ impl Backend for CudaBackend {
             return Ok(Vec::new());
         }
         self.run(chunks, on_layer)?;
-        // Only the rows asked for leave the device: one copy per run of
-        // consecutive rows (one copy when every row is wanted).
-        let v = self.model.config.vocab_size;
-        let base = ptr(&self.bufs.logits, &self.gpu.compute);
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; chunks.len()];
-        let mut i = 0;
-        while i < logits.len() {
-            if !logits[i] {
-                i += 1;
-                continue;
-            }
-            let end = (i..logits.len())
-                .find(|&j| !logits[j])
-                .unwrap_or(logits.len());
-            let mut flat = vec![0f32; (end - i) * v];
-            let offset = (i * v * std::mem::size_of::<f32>()) as u64;
-            self.gpu.download(base + offset, &mut flat)?;
-            for (k, row) in flat.chunks_exact(v).enumerate() {
-                out[i + k] = Some(row.to_vec());
-            }
-            i = end;
-        }
-        Ok(out)
+        self.download_logits(logits)
     }
 
     fn start_step(
