@@ -13,7 +13,8 @@
 # last set-up, the saturation run: 768 requests of 512 prompt tokens and 256
 # output tokens, 256 at a time. PROBE=1 sends, on the disaggregated cluster, a
 # completion with logprobs and a JSON-mode chat (the decode node masks and
-# computes log probabilities on the GPU) and records the answers.
+# computes log probabilities on the GPU) and records the answers. KVDTYPE=fp8_e4m3
+# gives both nodes an fp8 KV cache (and so fp8 KV on the wire).
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 GPU_DIR=$(cd "${GPU_DIR:-.gpu}" && pwd)
@@ -39,6 +40,10 @@ done
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
 sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
 sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
+if [ -n "${KVDTYPE:-}" ]; then
+  sed -i -e "/^\[prefill\]/a kv_dtype = \"$KVDTYPE\"" prefill.toml
+  sed -i -e "/^\[decode\]/a kv_dtype = \"$KVDTYPE\"" decode.toml
+fi
 PIDS=()
 start() { # role config log: starts a node; its pid in $PID
   "$T" "$1" --config "$2" > "$OUT/$3.log" 2>&1 & PID=$!; PIDS+=("$PID"); }

@@ -9,7 +9,7 @@ errors before any GPU time is spent.
 
     python3 -m pip install --target /tmp/nv "nvidia-cuda-nvrtc==13.0.*" \
         "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvcc==13.0.*"
-    NV=/tmp/nv/nvidia/cu13 python3 scripts/nvrtc_check.py [--ptxas] [--ptx FILE]
+    NV=/tmp/nv/nvidia/cu13 [ARCH=90a] python3 scripts/nvrtc_check.py [--ptxas] [--ptx FILE]
 """
 import ctypes
 import os
@@ -49,7 +49,8 @@ lib = ctypes.CDLL(os.path.join(nv, "lib", "libnvrtc.so.13"))
 prog = ctypes.c_void_p()
 rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"tandem_kernels.cu", 0, None, None)
 assert rc == 0, rc
-opts = [b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + os.path.join(nv, "include").encode()] + defines
+arch = os.environ.get("ARCH", "90")  # ARCH=90a: the Hopper-only (wgmma) kernels too
+opts = [f"--gpu-architecture=compute_{arch}".encode(), b"--std=c++17", b"-I" + os.path.join(nv, "include").encode()] + defines
 arr = (ctypes.c_char_p * len(opts))(*opts)
 rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
 size = ctypes.c_size_t()
@@ -72,7 +73,7 @@ if "--ptxas" in sys.argv:
     with tempfile.NamedTemporaryFile("wb", suffix=".ptx", delete=False) as f:
         f.write(ptx.value)
     ptxas = os.path.join(nv, "bin", "ptxas")
-    out = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", "/dev/null"],
+    out = subprocess.run([ptxas, f"-arch=sm_{arch}", "-v", f.name, "-o", "/dev/null"],
                          capture_output=True, text=True)
     lines = (out.stdout + out.stderr).splitlines()
     fn = None

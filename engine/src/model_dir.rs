@@ -130,9 +130,8 @@ impl ModelDir {
 
     /// Like [`load_tp`](Self::load_tp) with the KV cache in `kv_dtype`:
     /// `None` is the backend's own (f32 on the CPU, bf16 on CUDA);
-    /// `Some(KvDtype::Fp8E4m3)` stores e4m3 with per-block scales (CPU
-    /// backend; CUDA refuses it for now); any other dtype must be the
-    /// backend's own.
+    /// `Some(KvDtype::Fp8E4m3)` stores e4m3 with per-block scales (both
+    /// backends); any other dtype must be the backend's own.
     pub fn load_tp_kv(
         &self,
         tp: usize,
@@ -158,8 +157,26 @@ impl ModelDir {
             Device::Cuda(_) if dtype == KvDtype::Bf16 => {
                 self.load_tp(tp, num_blocks, block_size, limits)
             }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) if dtype == KvDtype::Fp8E4m3 => {
+                if tp != 1 {
+                    return self.load_tp(tp, num_blocks, block_size, limits);
+                }
+                let weights = self.weights()?;
+                Ok(Box::new(crate::cuda::CudaBackend::load(
+                    ordinal,
+                    &self.config,
+                    &weights,
+                    num_blocks,
+                    block_size,
+                    crate::cuda::CudaLimits {
+                        kv_dtype: dtype,
+                        ..crate::cuda::CudaLimits::from(limits)
+                    },
+                )?))
+            }
             _ => Err(crate::error::EngineError::InvalidInput(format!(
-                "kv_dtype {}: the {:?} backend's cache holds {} or fp8_e4m3 (CPU only so far)",
+                "kv_dtype {}: the {:?} backend's cache holds {} or fp8_e4m3",
                 dtype.name(),
                 self.device,
                 if self.device == Device::Cpu {

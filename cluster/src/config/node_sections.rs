@@ -21,7 +21,7 @@ pub struct PrefillSection {
     pub kv_blocks: usize,
     /// Element type of this node's KV cache: `auto` (the backend's own: f32
     /// on the CPU, bf16 on CUDA) or `fp8_e4m3` (half a bf16 cache's bytes per
-    /// token, a quarter of f32's; CPU backend so far). An fp8 decode node
+    /// token, a quarter of f32's; CPU and CUDA backends). An fp8 decode node
     /// takes KV from any prefill node (quantizing wider KV on import); an fp8
     /// prefill node can feed only fp8 decode nodes.
     #[serde(default)]
@@ -151,7 +151,7 @@ pub struct DecodeSection {
     pub kv_blocks: usize,
     /// Element type of this node's KV cache: `auto` (the backend's own: f32
     /// on the CPU, bf16 on CUDA) or `fp8_e4m3` (half a bf16 cache's bytes per
-    /// token, a quarter of f32's; CPU backend so far). An fp8 decode node
+    /// token, a quarter of f32's; CPU and CUDA backends). An fp8 decode node
     /// takes KV from any prefill node (quantizing wider KV on import); an fp8
     /// prefill node can feed only fp8 decode nodes.
     #[serde(default)]

@@ -6,7 +6,7 @@
 //! tandem-gpu-bench check  [--dir DIR]                  CPU vs GPU on synthesized models
 //! tandem-gpu-bench hf     --dir DIR                    GPU vs HF logits (scripts/hf_reference.py)
 //! tandem-gpu-bench real   --model PATH                 CPU vs GPU on a real model (GGUF or directory)
-//! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick]
+//! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick] [--kv-dtype bf16|fp8_e4m3]
 //! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
 //! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2]  wgmma vs mma.sync prefill attention
 //! tandem-gpu-bench rows   [--shape llama3-8b]          decode steps with masked / logprobs rows
@@ -21,10 +21,10 @@ use tandem_engine::block_manager::blocks_for;
 use tandem_engine::config::ModelConfig;
 use tandem_engine::cpu::{CpuBackend, CpuModel};
 use tandem_engine::cuda::check::{
-    CHECK_MODELS, CheckReport, L2_BOUND, MAX_REL_BOUND, check_model, decode_alone, l2_err, rel_err,
-    synthesize,
+    CHECK_MODELS, CheckReport, check_model, decode_alone, l2_err, rel_err, synthesize,
 };
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits};
+use tandem_engine::kv_cache::KvDtype;
 use tandem_engine::weights::Weights;
 
 #[path = "gpu_bench/attn.rs"]
@@ -78,44 +78,50 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn check(args: &[String]) -> Res<()> {
     let root = PathBuf::from(arg(args, "--dir").unwrap_or_else(|| "/tmp/tandem-check".into()));
     let mut failed = Vec::new();
-    println!("## correctness: CUDA (bf16) vs CPU (f32) on synthesized bf16-weight models\n");
-    println!(
-        "| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for model in &CHECK_MODELS {
-        let dir = synthesize(&root, model)?;
-        let r = checked_model(&dir)?;
-        for f in r.failures() {
-            failed.push(format!("{}: {f}", model.name));
-        }
+    for (kv, title) in [
+        (KvDtype::Bf16, "CUDA (bf16 KV) vs CPU (f32 KV)"),
+        (KvDtype::Fp8E4m3, "CUDA (fp8_e4m3 KV) vs CPU (fp8_e4m3 KV)"),
+    ] {
+        println!("## correctness: {title} on synthesized bf16-weight models\n");
         println!(
-            "| {} | {} (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
-            model.name,
-            r.prompts,
-            r.prefill_max_rel,
-            r.prefill_l2,
-            r.decode_max_rel,
-            r.greedy_differ.len(),
-            where_(&r.greedy_differ)
+            "| model | prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where (prompt, step) |"
         );
+        println!("|---|---|---|---|---|---|---|");
+        for model in &CHECK_MODELS {
+            let dir = synthesize(&root, model)?;
+            let r = checked_model(&dir, kv)?;
+            let (max_rel, l2) = r.bounds();
+            for f in r.failures() {
+                failed.push(format!(
+                    "{} ({}, bounds L2 {l2:.0e}, max {max_rel:.0e}): {f}",
+                    model.name,
+                    kv.name()
+                ));
+            }
+            println!(
+                "| {} | {} (1..400 tokens, every 3rd prefilled in 2 chunks) | {:.2e} | {:.2e} | {:.2e} | {} | {} |",
+                model.name,
+                r.prompts,
+                r.prefill_max_rel,
+                r.prefill_l2,
+                r.decode_max_rel,
+                r.greedy_differ.len(),
+                where_(&r.greedy_differ)
+            );
+        }
+        println!();
     }
-    println!();
     if !failed.is_empty() {
-        return Err(format!(
-            "logits error above tolerance (L2 {L2_BOUND:.0e}, max {MAX_REL_BOUND:.0e}): {}",
-            failed.join("; ")
-        )
-        .into());
+        return Err(format!("logits error above tolerance: {}", failed.join("; ")).into());
     }
     Ok(())
 }
 
 /// `check_model` with its side findings on stderr; an error when the KV round
 /// trip differs or PDL changes decode results (the logits bounds are the caller's).
-fn checked_model(dir: &Path) -> Res<CheckReport> {
-    let r = check_model(dir)?;
-    let d = dir.display();
+fn checked_model(dir: &Path, kv: KvDtype) -> Res<CheckReport> {
+    let r = check_model(dir, kv)?;
+    let d = format!("{} ({})", dir.display(), kv.name());
     eprintln!(
         "{d}: KV layer export rel err vs CPU {:.2e}, import/export roundtrip {}",
         r.kv_export_rel,
@@ -177,7 +183,7 @@ fn real(args: &[String]) -> Res<()> {
         c.head_dim,
         c.vocab_size
     );
-    let r = checked_model(&path)?;
+    let r = checked_model(&path, KvDtype::Bf16)?;
     println!(
         "| prompts | prefill logits: max abs err / max abs | prefill logits: L2 rel err | decode step 1 (batched): max abs err / max abs | greedy continuations differing (of 20, 16 steps) | where |"
     );

@@ -62,11 +62,7 @@ impl CudaBackend {
 impl BenchControls for CudaBackend {
     fn fill_cache_random(&mut self, seed: u64) -> Result<()> {
         self.gpu.bind()?;
-        let n = self.kv.layout().num_blocks * self.kv.layout().block_elems();
-        for l in 0..self.kv.layout().num_layers {
-            self.gpu
-                .fill_uniform(self.kv.layer_ptr(l), n, seed + l as u64, -1.0, 1.0)?;
-        }
+        self.kv.fill_random(&self.gpu, seed)?;
         Ok(self.gpu.sync()?)
     }
 

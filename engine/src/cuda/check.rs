@@ -1,4 +1,5 @@
-//! The CUDA backend (bf16) against the CPU backend (f32) on one model: prefill
+//! The CUDA backend (bf16 KV) against the CPU backend (f32 KV), or both with an
+//! fp8 (e4m3) cache, on one model: prefill
 //! logits, a batched decode step's logits, greedy continuations (batched, kernel
 //! by kernel and as graph replays; alone, with and without programmatic
 //! dependent launches), and a KV layer's export against the CPU's and its
@@ -14,11 +15,13 @@ use rand_chacha::ChaCha8Rng;
 use super::bench::BenchControls;
 use super::{CudaBackend, CudaLimits};
 use crate::ModelDir;
-use crate::backend::{BackendExt, KvIo, SeqChunk, argmax};
+use crate::backend::{Backend, BackendExt, KvIo, SeqChunk, argmax};
 use crate::block_manager::blocks_for;
 use crate::config::Architecture;
 use crate::cpu::{CpuBackend, CpuModel};
 use crate::error::Result;
+use crate::kv_cache::{KvDtype, KvLayout};
+use crate::kv_quant;
 use crate::synth::{SynthDtype, SynthSpec, write_model_dir};
 use crate::weights::Weights;
 
@@ -31,6 +34,12 @@ pub const MAX_REL_BOUND: f32 = 5e-2;
 /// at the bf16 rounding floor, not a kernel fault); the bound stays where
 /// the target put it, so that check fails there until that is settled.
 pub const L2_BOUND: f32 = 1e-2;
+/// The same bounds with an fp8 cache on both sides: the GPU's K/V (from bf16
+/// products) differ from the CPU's in the last bits, and a value near a
+/// rounding boundary of e4m3 (3 mantissa bits) then lands one e4m3 step away.
+pub const MAX_REL_BOUND_FP8: f32 = 1e-1;
+/// See [`MAX_REL_BOUND_FP8`].
+pub const L2_BOUND_FP8: f32 = 3e-2;
 
 /// A synthesized model shape the check runs on.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +120,8 @@ pub fn synthesize(root: &Path, model: &CheckModel) -> Result<PathBuf> {
 /// What [`check_model`] measured.
 #[derive(Debug, Clone)]
 pub struct CheckReport {
+    /// The GPU's cache dtype (bf16, or fp8_e4m3 against a CPU fp8 cache).
+    pub kv_dtype: KvDtype,
     /// Prompts compared (1..400 tokens, every 3rd prefilled on the GPU in 2 chunks).
     pub prompts: usize,
     /// Prefill logits: max abs error over max abs, the worst prompt.
@@ -142,21 +153,22 @@ impl CheckReport {
     /// not failed; see docs/GPU_BENCH.md.)
     pub fn failures(&self) -> Vec<String> {
         let mut f = Vec::new();
-        if !below(self.prefill_max_rel, MAX_REL_BOUND) {
+        let (max_rel, l2) = self.bounds();
+        if !below(self.prefill_max_rel, max_rel) {
             f.push(format!(
-                "prefill logits max rel err {:.2e} >= {MAX_REL_BOUND:.0e}",
+                "prefill logits max rel err {:.2e} >= {max_rel:.0e}",
                 self.prefill_max_rel
             ));
         }
-        if !below(self.decode_max_rel, MAX_REL_BOUND) {
+        if !below(self.decode_max_rel, max_rel) {
             f.push(format!(
-                "decode logits max rel err {:.2e} >= {MAX_REL_BOUND:.0e}",
+                "decode logits max rel err {:.2e} >= {max_rel:.0e}",
                 self.decode_max_rel
             ));
         }
-        if !below(self.prefill_l2, L2_BOUND) {
+        if !below(self.prefill_l2, l2) {
             f.push(format!(
-                "prefill logits L2 rel err {:.2e} >= {L2_BOUND:.0e}",
+                "prefill logits L2 rel err {:.2e} >= {l2:.0e}",
                 self.prefill_l2
             ));
         }
@@ -170,6 +182,52 @@ impl CheckReport {
             ));
         }
         f
+    }
+}
+
+impl CheckReport {
+    /// The (max rel, L2) bounds for this report's cache dtype.
+    pub fn bounds(&self) -> (f32, f32) {
+        match self.kv_dtype {
+            KvDtype::Fp8E4m3 => (MAX_REL_BOUND_FP8, L2_BOUND_FP8),
+            _ => (MAX_REL_BOUND, L2_BOUND),
+        }
+    }
+}
+
+/// A KV frame's values as f32: bf16, f16 or f32 as they are, fp8 times its
+/// block's scales (each block's values, then its scales, as on the wire).
+pub fn frame_values(bytes: &[u8], l: &KvLayout) -> Vec<f32> {
+    match l.dtype {
+        KvDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        KvDtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        KvDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        KvDtype::Fp8E4m3 => {
+            let run = l.block_size * l.head_dim;
+            bytes
+                .chunks_exact(l.block_bytes())
+                .flat_map(|b| {
+                    let (vals, sc) = b.split_at(l.block_elems());
+                    let sc: Vec<f32> = sc
+                        .chunks_exact(4)
+                        .map(|s| f32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+                        .collect();
+                    vals.iter()
+                        .enumerate()
+                        .map(|(i, &q)| kv_quant::dequantize(q, sc[i / run]))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        }
     }
 }
 
@@ -225,8 +283,10 @@ pub fn decode_alone(
     Ok(cont)
 }
 
-/// Runs the comparison on GPU 0 for the model in `dir` (see the module doc).
-pub fn check_model(dir: &Path) -> Result<CheckReport> {
+/// Runs the comparison on GPU 0 for the model in `dir` (see the module doc),
+/// the GPU's cache in `kv` (bf16 against the CPU's f32, or fp8_e4m3 against
+/// the CPU's fp8_e4m3).
+pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
     let config = ModelDir::open(dir)?.config;
     let weights = Weights::open(dir)?;
     let steps = 16;
@@ -255,11 +315,21 @@ pub fn check_model(dir: &Path) -> Result<CheckReport> {
                 .collect()
         })
         .collect();
-    let mut cpu = CpuBackend::new(CpuModel::load(&config, &weights)?, num_blocks, BLOCK_SIZE)?;
+    let cpu_kv = match kv {
+        KvDtype::Fp8E4m3 => KvDtype::Fp8E4m3,
+        _ => KvDtype::F32,
+    };
+    let mut cpu = CpuBackend::with_kv_dtype(
+        CpuModel::load(&config, &weights)?,
+        num_blocks,
+        BLOCK_SIZE,
+        cpu_kv,
+    )?;
     let limits = CudaLimits {
         max_tokens: 1024,
         max_seqs: 64,
         staging_blocks: 64,
+        kv_dtype: kv,
         ..CudaLimits::default()
     };
     let mut gpu = CudaBackend::load(0, &config, &weights, num_blocks, BLOCK_SIZE, limits)?;
@@ -284,18 +354,13 @@ pub fn check_model(dir: &Path) -> Result<CheckReport> {
         gpu_next.push(argmax(&g));
     }
 
-    // KV wire: the GPU's exported layer (bf16) against the CPU's (f32).
-    let cpu_kv = cpu.export_layer(1, &tables[5][..2])?;
+    // KV wire: the GPU's exported layer against the CPU's, as values.
+    let cpu_frame = cpu.export_layer(1, &tables[5][..2])?;
     let gpu_kv = gpu.export_layer(1, &tables[5][..2])?;
-    let as_f32: Vec<f32> = gpu_kv
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
-    let cpu_f32: Vec<f32> = cpu_kv
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let kv_export_rel = rel_err(&as_f32, &cpu_f32);
+    let kv_export_rel = rel_err(
+        &frame_values(&gpu_kv, &gpu.kv_layout()),
+        &frame_values(&cpu_frame, &cpu.kv_layout()),
+    );
     // Import into spare blocks and read back: byte-identical.
     let spare: Vec<u32> = (num_blocks as u32 - 2..num_blocks as u32).collect();
     gpu.import_layer(1, &spare, &gpu_kv)?;
@@ -394,6 +459,7 @@ pub fn check_model(dir: &Path) -> Result<CheckReport> {
         })
         .collect();
     Ok(CheckReport {
+        kv_dtype: kv,
         prompts: prompts.len(),
         prefill_max_rel,
         prefill_l2,
@@ -414,15 +480,20 @@ mod tests {
     //! cuda::check -- --ignored` (docs/GPU_BENCH.md). Without a GPU they are
     //! ignored, never passed: run anyway, they fail at opening the device.
     use super::{CHECK_MODELS, CheckReport, check_model, l2_err, rel_err, synthesize};
+    use crate::kv_cache::KvDtype;
 
     fn run(name: &str) {
+        run_kv(name, KvDtype::Bf16);
+    }
+
+    fn run_kv(name: &str, kv: KvDtype) {
         let root = std::env::temp_dir().join("tandem-gpu-tests");
         let model = CHECK_MODELS
             .iter()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("no check model {name}"));
         let dir = synthesize(&root, model).unwrap_or_else(|e| panic!("synthesizing {name}: {e}"));
-        let r: CheckReport = check_model(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let r: CheckReport = check_model(&dir, kv).unwrap_or_else(|e| panic!("{name}: {e}"));
         eprintln!("{name}: {r:?}");
         assert!(
             r.graphs_captured > 0,
@@ -456,6 +527,30 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_fp8_cache_matches_cpu_fp8_llama_head_dim_32() {
+        run_kv("llama-hd32", KvDtype::Fp8E4m3);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_fp8_cache_matches_cpu_fp8_llama_head_dim_128() {
+        run_kv("llama-hd128", KvDtype::Fp8E4m3);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_fp8_cache_matches_cpu_fp8_qwen2_biases() {
+        run_kv("qwen2-hd64", KvDtype::Fp8E4m3);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_fp8_cache_matches_cpu_fp8_mistral_sliding_window() {
+        run_kv("mistral-window256", KvDtype::Fp8E4m3);
+    }
+
+    #[test]
     fn error_measures_see_nans_and_scale() {
         assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
         assert!((rel_err(&[1.0, 2.2], &[1.0, 2.0]) - 0.1).abs() < 1e-6);
@@ -466,6 +561,7 @@ mod tests {
     #[test]
     fn a_report_over_a_bound_names_what_failed() {
         let ok = CheckReport {
+            kv_dtype: KvDtype::Bf16,
             prompts: 20,
             prefill_max_rel: 1e-2,
             prefill_l2: 5e-3,
@@ -483,8 +579,24 @@ mod tests {
             prefill_l2: 1.1e-2,
             kv_roundtrip_identical: false,
             decode_max_rel: f32::NAN,
-            ..ok
+            ..ok.clone()
         };
+        // An fp8 cache on both sides has its own, wider bounds.
+        let fp8 = CheckReport {
+            kv_dtype: KvDtype::Fp8E4m3,
+            prefill_l2: 2e-2,
+            ..ok.clone()
+        };
+        assert!(fp8.failures().is_empty());
+        assert_eq!(
+            CheckReport {
+                kv_dtype: KvDtype::Bf16,
+                ..fp8
+            }
+            .failures()
+            .len(),
+            1
+        );
         let f = bad.failures();
         assert_eq!(f.len(), 3, "{f:?}");
         assert!(f[0].contains("decode") && f[1].contains("L2") && f[2].contains("round trip"));

@@ -33,8 +33,7 @@ pub(crate) struct Kernels {
     pub embed: CudaFunction,
     pub add_rmsnorm: CudaFunction,
     pub rope_kv: CudaFunction,
-    /// The fp8 (e4m3) KV cache store (kernels/kv_fp8.cu); not used by the pass yet.
-    #[allow(dead_code)]
+    /// The fp8 (e4m3) KV cache store (kernels/kv_fp8.cu).
     pub kv_fp8_store: CudaFunction,
     pub silu_mul: CudaFunction,
     /// Greedy or top-k/top-p/min-p sampling of rows of logits.
@@ -52,6 +51,10 @@ pub(crate) struct Kernels {
     pub decode_attn: CudaFunction,
     /// `prefill_attn_{32,64,128}` for the model's head_dim.
     pub prefill_attn: CudaFunction,
+    /// `decode_attn_fp8_*`: the same over an fp8 (e4m3) cache.
+    pub decode_attn_fp8: CudaFunction,
+    /// `prefill_attn_fp8_*`: the same over an fp8 (e4m3) cache.
+    pub prefill_attn_fp8: CudaFunction,
 }
 
 /// A GPU with a compute stream, a copy stream, kernels and cuBLAS.
@@ -68,6 +71,8 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     /// Dynamic shared memory the decode attention kernel is launched with.
     pub(crate) decode_smem: usize,
+    /// The same for its fp8-cache instance.
+    pub(crate) decode_smem_fp8: usize,
     /// Decode attention blocks resident at once on the whole GPU (one wave).
     pub(crate) decode_wave: usize,
     /// The target the kernels were compiled for (`sm_90a`, `sm_90`, ..).
@@ -150,13 +155,21 @@ impl Gpu {
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
+            decode_attn_fp8: f(&format!("decode_attn_fp8_{head_dim}_{group_bound}"))?,
+            prefill_attn_fp8: f(&format!("prefill_attn_fp8_{head_dim}"))?,
         };
-        k.decode_attn
-            .set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                decode_smem(head_dim, group_bound) as i32,
-            )
-            .op("cuFuncSetAttribute")?;
+        let max_smem =
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        for (func, bytes) in [
+            (&k.decode_attn, decode_smem(head_dim, group_bound, false)),
+            (&k.decode_attn_fp8, decode_smem(head_dim, group_bound, true)),
+            // The prefill attention kernel's K/V stages exceed the default 48 KiB.
+            (&k.prefill_attn, prefill_smem(head_dim)),
+            (&k.prefill_attn_fp8, prefill_smem(head_dim)),
+        ] {
+            func.set_attribute(max_smem, bytes as i32)
+                .op("cuFuncSetAttribute")?;
+        }
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -166,18 +179,11 @@ impl Gpu {
             .decode_attn
             .occupancy_max_active_blocks_per_multiprocessor(
                 DECODE_THREADS,
-                decode_smem(head_dim, group_bound),
+                decode_smem(head_dim, group_bound, false),
                 None,
             )
             .op("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
         let decode_wave = (sms.max(1) as usize) * (per_sm.max(1) as usize);
-        // The prefill attention kernel's two K/V stages exceed the default 48 KiB.
-        k.prefill_attn
-            .set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                prefill_smem(head_dim) as i32,
-            )
-            .op("cuFuncSetAttribute")?;
         let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
             .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
             .op("cublasCreate")?;
@@ -196,7 +202,8 @@ impl Gpu {
             k,
             blas,
             _blas_workspace: workspace,
-            decode_smem: decode_smem(head_dim, group_bound),
+            decode_smem: decode_smem(head_dim, group_bound, false),
+            decode_smem_fp8: decode_smem(head_dim, group_bound, true),
             decode_wave,
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),

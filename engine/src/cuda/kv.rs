@@ -1,7 +1,7 @@
-//! The paged KV cache in GPU memory, bf16, in the layout of
+//! The paged KV cache in GPU memory, bf16 or fp8 (e4m3), in the layout of
 //! [`kv_cache`](crate::kv_cache) (so the wire format is the same as the CPU
-//! backend's, with dtype bf16), and its copy paths to and from pinned host
-//! memory on the copy stream: [`GpuKvCache::export_async`] queues a layer's
+//! backend's), and its copy paths to and from pinned host memory on the copy
+//! stream: [`GpuKvCache::export_async`] queues a layer's
 //! blocks into the [staging ring](super::staging) and returns at once, so a
 //! prefill's layer hook costs the GPU nothing; the synchronous paths
 //! ([`GpuKvCache::export_with`], [`GpuKvCache::import_layer`]) go through a
@@ -9,25 +9,42 @@
 //!
 //! Each layer holds one block more than the layout says: the scratch block,
 //! where the padding rows of a CUDA-graph decode step write their K/V.
+//!
+//! An fp8 layer is its blocks' e4m3 values, then all its blocks' scales (`2 ·
+//! kv heads` f32 per block), so the attention kernels' 16-byte loads of values
+//! stay aligned whatever the head count. On the wire (and in the CPU cache's
+//! frames) a block is its values then its scales: a move of consecutive
+//! blocks is two strided copies, values and scales ([`GpuKvCache`]'s `copy_run`).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::sys::{CUDA_MEMCPY2D, CUmemorytype, CUstream};
 use cudarc::driver::{CudaSlice, CudaStream, PinnedHostSlice};
 use half::bf16;
 
 use super::device::{Gpu, ptr};
 use super::error::DriverContext;
+use super::launch::{Dev, KvRead};
 use super::staging::{PendingRange, StagingRing};
 use crate::backend::{KvBytes, KvExport};
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvLayout;
+use crate::kv_cache::{KvDtype, KvLayout};
+
+/// Which way [`GpuKvCache::copy_run`] copies.
+#[derive(Clone, Copy)]
+enum Dir {
+    /// GPU to pinned host memory.
+    Export,
+    /// Pinned host memory to the GPU.
+    Import,
+}
 
 /// One buffer per layer, plus a pinned staging buffer for moving layers.
 pub struct GpuKvCache {
     layout: KvLayout,
-    pub(crate) layers: Vec<CudaSlice<bf16>>,
+    layers: Vec<CudaSlice<u8>>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     /// Blocks the staging buffer holds; larger moves go in several rounds.
@@ -38,20 +55,24 @@ pub struct GpuKvCache {
 }
 
 impl GpuKvCache {
-    /// A zeroed cache of `layout` (dtype bf16), a pinned staging buffer of
-    /// `staging_blocks` blocks and an export ring of `ring_bytes`.
+    /// A zeroed cache of `layout` (dtype bf16 or fp8_e4m3), a pinned staging
+    /// buffer of `staging_blocks` blocks and an export ring of `ring_bytes`.
     pub fn new(
         gpu: &Gpu,
         layout: KvLayout,
         staging_blocks: usize,
         ring_bytes: usize,
     ) -> Result<Self> {
-        if layout.dtype != crate::kv_cache::KvDtype::Bf16 {
-            return Err(EngineError::KvCache("the CUDA cache stores bf16".into()));
+        if !matches!(layout.dtype, KvDtype::Bf16 | KvDtype::Fp8E4m3) {
+            return Err(EngineError::KvCache(format!(
+                "the CUDA cache stores bf16 or fp8_e4m3, not {}",
+                layout.dtype.name()
+            )));
         }
-        let per_layer = (layout.num_blocks + 1) * layout.block_elems();
+        // Blocks and scratch block, whose bytes (scales included) are block_bytes.
+        let per_layer = (layout.num_blocks + 1) * layout.block_bytes();
         let layers = (0..layout.num_layers)
-            .map(|_| gpu.zeros::<bf16>(per_layer))
+            .map(|_| gpu.zeros::<u8>(per_layer))
             .collect::<Result<Vec<_>, _>>()?;
         let staging_blocks = staging_blocks.clamp(1, layout.num_blocks.max(1));
         // SAFETY: plain (not write-combined) pinned memory, read back by the CPU; its
@@ -113,31 +134,153 @@ impl GpuKvCache {
         };
         let computed = self.compute.record_event(None).op("cuEventRecord")?;
         self.copy.wait(&computed).op("cuStreamWaitEvent")?;
-        let base = self.layer_ptr(layer);
         let host = self.ring.ptr(&pending.range);
         for (first, run) in runs(blocks) {
-            let src = base + (run[0] as usize * bb) as u64;
-            // SAFETY: `src..src + run.len() * bb` lies inside the layer (checked above);
-            // the destination is inside the range this export owns; the range is read
+            // SAFETY: the run's blocks lie inside the layer (checked above); the
+            // destination is inside the range this export owns; the range is read
             // only after `done` (below) has completed.
-            unsafe {
-                cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
-                    host.add(first * bb) as *mut _,
-                    src,
-                    run.len() * bb,
-                    self.copy.cu_stream(),
-                )
-            }
-            .result()
-            .op("cuMemcpyDtoHAsync (KV export)")?;
+            unsafe { self.copy_run(Dir::Export, layer, run, host.add(first * bb)) }?;
         }
         pending.done = Some(self.copy.record_event(None).op("cuEventRecord (copy)")?);
         Ok(KvBytes::Pending(Box::new(pending)))
     }
 
     /// Device address of `layer`'s blocks.
-    pub(crate) fn layer_ptr(&self, layer: usize) -> u64 {
+    fn layer_ptr(&self, layer: usize) -> u64 {
         ptr(&self.layers[layer], &self.compute)
+    }
+
+    /// Device address of an fp8 `layer`'s scales (after its blocks and the scratch block).
+    fn scales_ptr(&self, layer: usize) -> u64 {
+        self.layer_ptr(layer) + ((self.layout.num_blocks + 1) * self.values_bytes()) as u64
+    }
+
+    /// Bytes of a block's values (a bf16 block's whole size).
+    fn values_bytes(&self) -> usize {
+        match self.layout.dtype {
+            KvDtype::Fp8E4m3 => self.layout.block_elems(),
+            _ => self.layout.block_bytes(),
+        }
+    }
+
+    /// `layer` as the attention kernels read it.
+    pub(crate) fn read(&self, layer: usize) -> KvRead {
+        match self.layout.dtype {
+            KvDtype::Fp8E4m3 => KvRead::Fp8 {
+                cache: Dev::from_raw(self.layer_ptr(layer)),
+                scales: Dev::from_raw(self.scales_ptr(layer)),
+            },
+            _ => KvRead::Bf16(Dev::from_raw(self.layer_ptr(layer))),
+        }
+    }
+
+    /// Where the forward pass writes `layer`'s K/V: a bf16 layer, or an fp8
+    /// one's values and scales (for `kv_fp8_store`).
+    pub(crate) fn write_target(&self, layer: usize) -> (Dev<bf16>, Dev<u8>, Dev<f32>) {
+        match self.layout.dtype {
+            KvDtype::Fp8E4m3 => (
+                Dev::NULL,
+                Dev::from_raw(self.layer_ptr(layer)),
+                Dev::from_raw(self.scales_ptr(layer)),
+            ),
+            _ => (Dev::from_raw(self.layer_ptr(layer)), Dev::NULL, Dev::NULL),
+        }
+    }
+
+    /// Fills every block for a benchmark: bf16 values uniform in [-1, 1) from
+    /// `seed`; an fp8 cache one value (0.5) and scale (1/64) throughout (random
+    /// bytes would hold e4m3 NaNs; attention does the same work either way).
+    pub(crate) fn fill_random(&self, gpu: &Gpu, seed: u64) -> Result<()> {
+        let blocks = self.layout.num_blocks;
+        for l in 0..self.layout.num_layers {
+            if self.layout.dtype == KvDtype::Fp8E4m3 {
+                let (vals, scales) = (self.layer_ptr(l), self.scales_ptr(l));
+                let n_scales = blocks * (self.layout.block_bytes() - self.values_bytes()) / 4;
+                // SAFETY: both ranges lie inside the layer's allocation.
+                unsafe {
+                    cudarc::driver::sys::cuMemsetD8Async(
+                        vals,
+                        0x30,
+                        blocks * self.values_bytes(),
+                        self.compute.cu_stream(),
+                    )
+                    .result()
+                    .op("cuMemsetD8Async")?;
+                    cudarc::driver::sys::cuMemsetD32Async(
+                        scales,
+                        (1.0f32 / 64.0).to_bits(),
+                        n_scales,
+                        self.compute.cu_stream(),
+                    )
+                    .result()
+                    .op("cuMemsetD32Async")?;
+                }
+            } else {
+                let n = blocks * self.layout.block_elems();
+                gpu.fill_uniform(self.layer_ptr(l), n, seed + l as u64, -1.0, 1.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues on the copy stream the move of the consecutive blocks `run` of
+    /// `layer` between the GPU and `host` (`run.len()` blocks in the wire
+    /// layout): one copy for bf16, two strided ones (values, scales) for fp8.
+    ///
+    /// # Safety
+    /// `run` must lie inside the layer and `host` hold `run.len() * block_bytes`
+    /// bytes of pinned memory that stay untouched until the copy stream has
+    /// passed this copy.
+    unsafe fn copy_run(
+        &self,
+        dir: Dir,
+        layer: usize,
+        run: &[BlockId],
+        host: *mut u8,
+    ) -> Result<()> {
+        let (b0, n) = (run[0] as usize, run.len());
+        let bb = self.layout.block_bytes();
+        let vb = self.values_bytes();
+        let stream: CUstream = self.copy.cu_stream();
+        let mut parts = vec![(self.layer_ptr(layer) + (b0 * vb) as u64, vb, 0usize)];
+        if self.layout.dtype == KvDtype::Fp8E4m3 {
+            let sb = bb - vb;
+            parts.push((self.scales_ptr(layer) + (b0 * sb) as u64, sb, vb));
+        }
+        for (dev, width, at) in parts {
+            // A device run of `n` rows of `width` bytes (pitch `width`) and host rows
+            // at `at` within each `bb`-byte block: contiguous when width == bb.
+            let (host_ty, dev_ty) = (
+                CUmemorytype::CU_MEMORYTYPE_HOST,
+                CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            );
+            // SAFETY: a plain-data struct the driver reads; zero is valid for every field.
+            let mut c: CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+            c.WidthInBytes = width;
+            c.Height = n;
+            // SAFETY (both arms): `host + at` and the rows after it stay inside the
+            // caller's `n * bb` bytes.
+            match dir {
+                Dir::Export => {
+                    (c.srcMemoryType, c.srcDevice, c.srcPitch) = (dev_ty, dev, width);
+                    (c.dstMemoryType, c.dstHost, c.dstPitch) =
+                        (host_ty, unsafe { host.add(at) } as *mut _, bb);
+                }
+                Dir::Import => {
+                    (c.srcMemoryType, c.srcHost, c.srcPitch) =
+                        (host_ty, unsafe { host.add(at) } as *const _, bb);
+                    (c.dstMemoryType, c.dstDevice, c.dstPitch) = (dev_ty, dev, width);
+                }
+            }
+            // SAFETY: the caller's promises cover both ends of the copy.
+            unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&c, stream) }
+                .result()
+                .op(match dir {
+                    Dir::Export => "cuMemcpy2DAsync (KV export)",
+                    Dir::Import => "cuMemcpy2DAsync (KV import)",
+                })?;
+        }
+        Ok(())
     }
 
     fn check(&self, layer: usize, blocks: &[BlockId]) -> Result<()> {
@@ -175,7 +318,6 @@ impl GpuKvCache {
         let bb = self.layout.block_bytes();
         let done = self.compute.record_event(None).op("cuEventRecord")?;
         self.copy.wait(&done).op("cuStreamWaitEvent")?;
-        let base = self.layer_ptr(layer);
         let mut staging = self
             .staging
             .lock()
@@ -183,19 +325,10 @@ impl GpuKvCache {
         for round in blocks.chunks(self.staging_blocks) {
             let host = staging.as_mut_slice().op("pinned buffer")?;
             for (first, run) in runs(round) {
-                let (at, len) = (first * bb, run.len() * bb);
-                let src = base + (run[0] as usize * bb) as u64;
-                // SAFETY: `src..src+len` lies inside the layer (blocks checked above);
-                // the staging range is inside the pinned buffer; we wait for the copy
+                // SAFETY: the run lies inside the layer (blocks checked above); the
+                // staging range is inside the pinned buffer; we wait for the copy
                 // stream before reading it.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut host[at..at + len],
-                        src,
-                        self.copy.cu_stream(),
-                    )
-                }
-                .op("cuMemcpyDtoHAsync (KV export)")?;
+                unsafe { self.copy_run(Dir::Export, layer, run, host[first * bb..].as_mut_ptr()) }?;
             }
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
             sink(&host[..round.len() * bb]);
@@ -219,7 +352,6 @@ impl GpuKvCache {
                 blocks.len()
             )));
         }
-        let base = self.layer_ptr(layer);
         let mut staging = self
             .staging
             .lock()
@@ -229,18 +361,9 @@ impl GpuKvCache {
             let src = &bytes[r * self.staging_blocks * bb..][..round.len() * bb];
             host[..src.len()].copy_from_slice(src);
             for (first, run) in runs(round) {
-                let (at, len) = (first * bb, run.len() * bb);
-                let dst = base + (run[0] as usize * bb) as u64;
-                // SAFETY: `dst..dst+len` lies inside the layer; the pinned range stays
+                // SAFETY: the run lies inside the layer; the pinned range stays
                 // untouched until the copy stream is synchronized below.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        dst,
-                        &host[at..at + len],
-                        self.copy.cu_stream(),
-                    )
-                }
-                .op("cuMemcpyHtoDAsync (KV import)")?;
+                unsafe { self.copy_run(Dir::Import, layer, run, host[first * bb..].as_mut_ptr()) }?;
             }
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
         }

@@ -155,7 +155,7 @@ pub(crate) trait Kernel {
     /// Grid, block and dynamic shared memory.
     fn config(&self) -> LaunchConfig;
     /// The compiled function on `gpu`.
-    fn function(gpu: &Gpu) -> &CudaFunction;
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction;
 }
 
 /// Queues `k` on `gpu`'s compute stream, a programmatic dependent launch when `pdl`.
@@ -166,7 +166,7 @@ pub(crate) trait Kernel {
 /// for the grid [`Kernel::config`] gives.
 pub(crate) unsafe fn launch<K: Kernel>(gpu: &Gpu, k: &K, pdl: bool) -> Result<(), CudaError> {
     let params = k.params()?;
-    let mut l = gpu.kernel(K::function(gpu), pdl);
+    let mut l = gpu.kernel(k.function(gpu), pdl);
     for (_, p) in &params {
         match p {
             Param::Ptr(v, _) | Param::U64(v) => l.arg(v),
@@ -203,7 +203,7 @@ impl Kernel for Embed {
     fn config(&self) -> LaunchConfig {
         grid(self.rows as u32, 256)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.embed
     }
 }
@@ -239,7 +239,7 @@ impl Kernel for AddRmsnorm {
     fn config(&self) -> LaunchConfig {
         grid(self.rows as u32, NORM_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.add_rmsnorm
     }
 }
@@ -247,7 +247,9 @@ impl Kernel for AddRmsnorm {
 /// `rope_kv`: rotary embedding of q and k for `tokens` rows of `qkv`
 /// (`[tokens, (hq + 2 hkv) hd]`, optional `bias` of that width), q into
 /// `q_out` (`[tokens, hq hd]`), K and V into the cache layer `cache` at
-/// `slots[t]`; positions in `pos`. `inv_freq` holds `hd / 2` floats.
+/// `slots[t]`, or (when `kv_out` is not null: an fp8 cache) as f32 rows
+/// `[tokens, 2, hkv, hd]` into `kv_out` for [`KvFp8Store`]; positions in
+/// `pos`. `inv_freq` holds `hd / 2` floats.
 pub(crate) struct RopeKv {
     pub tokens: usize,
     pub qkv: Dev<bf16>,
@@ -257,6 +259,7 @@ pub(crate) struct RopeKv {
     pub inv_freq: Dev<f32>,
     pub q_out: Dev<bf16>,
     pub cache: Dev<bf16>,
+    pub kv_out: Dev<f32>,
     pub hq: usize,
     pub hkv: usize,
     pub hd: usize,
@@ -274,6 +277,7 @@ impl Kernel for RopeKv {
             ("inv_freq", self.inv_freq.into()),
             ("q_out", self.q_out.into()),
             ("cache", self.cache.into()),
+            ("kv_out", self.kv_out.into()),
             ("hq", int(self.hq)?),
             ("hkv", int(self.hkv)?),
             ("hd", int(self.hd)?),
@@ -288,7 +292,7 @@ impl Kernel for RopeKv {
             shared_mem_bytes: 0,
         }
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.rope_kv
     }
 }
@@ -300,9 +304,6 @@ impl Kernel for RopeKv {
 /// `runs` `runs + 1` ints from [`fp8_store_runs`], `slots` `tokens` ints,
 /// `cache` the layer's blocks (`2 hkv bs hd` bytes each, `[K: head][slot][dim]`
 /// then V), `scales` `2 hkv` f32 per block (`[kind][head]`).
-///
-/// Not called by the forward pass yet (docs/FP8_KV.md, "CUDA").
-#[allow(dead_code)]
 pub(crate) struct KvFp8Store {
     pub runs: usize,
     pub kv: Dev<f32>,
@@ -338,7 +339,7 @@ impl Kernel for KvFp8Store {
             shared_mem_bytes: 0,
         }
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.kv_fp8_store
     }
 }
@@ -350,7 +351,6 @@ impl Kernel for KvFp8Store {
 /// other blocks between (two sequences never share a written block, and one
 /// sequence's tokens are in position order, so in a pass it does not); runs of
 /// one launch run concurrently, so the caller must not pass such slots.
-#[allow(dead_code)]
 pub(crate) fn fp8_store_runs(slots: &[i32], block_size: usize) -> Vec<i32> {
     let bs = block_size.max(1) as i64;
     let mut starts = Vec::with_capacity(slots.len() / block_size.max(1) + 2);
@@ -389,7 +389,7 @@ impl Kernel for SiluMul {
     fn config(&self) -> LaunchConfig {
         grid((self.n * self.inter).div_ceil(256).min(65535) as u32, 256)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.silu_mul
     }
 }
@@ -418,7 +418,7 @@ impl Kernel for FillUniform {
     fn config(&self) -> LaunchConfig {
         grid(1024, 256)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.fill_uniform
     }
 }
@@ -464,7 +464,7 @@ impl Kernel for Gemv {
     fn config(&self) -> LaunchConfig {
         grid(self.out.div_ceil(8) as u32, GEMV_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.gemv
     }
 }
@@ -495,8 +495,31 @@ impl Kernel for GemvSilu {
     fn config(&self) -> LaunchConfig {
         grid(self.inter.div_ceil(8) as u32, GEMV_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.gemv_silu
+    }
+}
+
+/// The KV cache layer an attention kernel reads: bf16, or fp8 (e4m3) values
+/// and their scales (`decode_attn_fp8_*`, `prefill_attn_fp8_*`, picked at
+/// start for the cache's dtype: [`Gpu::open`](super::device::Gpu::open)).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum KvRead {
+    /// `2 hkv bs hd` bf16 per block.
+    Bf16(Dev<bf16>),
+    /// `2 hkv bs hd` e4m3 bytes per block; `2 hkv` f32 scales per block.
+    Fp8 { cache: Dev<u8>, scales: Dev<f32> },
+}
+
+impl KvRead {
+    /// The kernel parameters it stands for: `cache` (and `scales`).
+    fn params(self) -> Vec<(&'static str, Param)> {
+        match self {
+            KvRead::Bf16(c) => vec![("cache", c.into())],
+            KvRead::Fp8 { cache, scales } => {
+                vec![("cache", cache.into()), ("scales", scales.into())]
+            }
+        }
     }
 }
 
@@ -510,7 +533,7 @@ pub(crate) struct DecodeAttn {
     pub seqs: usize,
     pub smem: usize,
     pub q: Dev<bf16>,
-    pub cache: Dev<bf16>,
+    pub cache: KvRead,
     pub tables: Dev<i32>,
     pub table_stride: Dev<i32>,
     pub seq_lens: Dev<i32>,
@@ -527,9 +550,9 @@ pub(crate) struct DecodeAttn {
 impl Kernel for DecodeAttn {
     const NAME: &'static str = "decode_attn";
     fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
-        Ok(vec![
-            ("q", self.q.into()),
-            ("cache", self.cache.into()),
+        let mut p = vec![("q", self.q.into())];
+        p.extend(self.cache.params());
+        p.extend([
             ("tables", self.tables.into()),
             ("table_stride", self.table_stride.into()),
             ("seq_lens", self.seq_lens.into()),
@@ -541,7 +564,8 @@ impl Kernel for DecodeAttn {
             ("max_splits", int(self.max_splits)?),
             ("window", int(self.window)?),
             ("scale", Param::F32(self.scale)),
-        ])
+        ]);
+        Ok(p)
     }
     /// One block per (split, KV head, sequence).
     fn config(&self) -> LaunchConfig {
@@ -551,8 +575,11 @@ impl Kernel for DecodeAttn {
             shared_mem_bytes: self.smem as u32,
         }
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
-        &gpu.k.decode_attn
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
+        match self.cache {
+            KvRead::Bf16(_) => &gpu.k.decode_attn,
+            KvRead::Fp8 { .. } => &gpu.k.decode_attn_fp8,
+        }
     }
 }
 
@@ -590,7 +617,7 @@ impl Kernel for AttnCombine {
             shared_mem_bytes: 0,
         }
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.attn_combine
     }
 }
@@ -605,7 +632,7 @@ pub(crate) struct PrefillAttn {
     pub max_q: usize,
     pub hd: usize,
     pub q: Dev<bf16>,
-    pub cache: Dev<bf16>,
+    pub cache: KvRead,
     pub tables: Dev<i32>,
     pub table_stride: usize,
     pub q_off: Dev<i32>,
@@ -622,9 +649,9 @@ pub(crate) struct PrefillAttn {
 impl Kernel for PrefillAttn {
     const NAME: &'static str = "prefill_attn";
     fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
-        Ok(vec![
-            ("q", self.q.into()),
-            ("cache", self.cache.into()),
+        let mut p = vec![("q", self.q.into())];
+        p.extend(self.cache.params());
+        p.extend([
             ("tables", self.tables.into()),
             ("table_stride", int(self.table_stride)?),
             ("q_off", self.q_off.into()),
@@ -636,7 +663,8 @@ impl Kernel for PrefillAttn {
             ("bs", int(self.block_size)?),
             ("window", int(self.window)?),
             ("scale", Param::F32(self.scale)),
-        ])
+        ]);
+        Ok(p)
     }
     /// One block per (tile of [`PREFILL_BQ`] queries, head, chunk).
     fn config(&self) -> LaunchConfig {
@@ -650,8 +678,11 @@ impl Kernel for PrefillAttn {
             shared_mem_bytes: prefill_smem(self.hd) as u32,
         }
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
-        &gpu.k.prefill_attn
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
+        match self.cache {
+            KvRead::Bf16(_) => &gpu.k.prefill_attn,
+            KvRead::Fp8 { .. } => &gpu.k.prefill_attn_fp8,
+        }
     }
 }
 
@@ -680,7 +711,7 @@ impl Kernel for SampleRows {
     fn config(&self) -> LaunchConfig {
         grid(self.rows as u32, SAMPLE_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.sample_rows
     }
 }
@@ -710,7 +741,7 @@ impl Kernel for MaskLogits {
     fn config(&self) -> LaunchConfig {
         grid(self.rows as u32, SAMPLE_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.mask_logits
     }
 }
@@ -747,7 +778,7 @@ impl Kernel for RowLogprobs {
     fn config(&self) -> LaunchConfig {
         grid(self.rows as u32, SAMPLE_THREADS)
     }
-    fn function(gpu: &Gpu) -> &CudaFunction {
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.row_logprobs
     }
 }
@@ -757,9 +788,16 @@ impl Kernel for RowLogprobs {
 /// V tiles (`2 · 2 · DECODE_TILE · head_dim` bf16 in all), then room for the
 /// merge of the warps' partial outputs and (m, l) (`4 · group · head_dim` +
 /// `8 · group` f32 at most; the size kept from the earlier kernel's scores and
-/// reduction area covers it).
-pub(crate) fn decode_smem(head_dim: usize, group: usize) -> usize {
+/// reduction area covers it). `fp8` (`decode_attn_fp8_*`): the same tile bytes
+/// hold each warp's one bf16 tile and two stages of e4m3 tiles, plus two
+/// stages of its 16 keys' K and V scales.
+pub(crate) fn decode_smem(head_dim: usize, group: usize, fp8: bool) -> usize {
     2 * 2 * DECODE_TILE * head_dim * 2
+        + if fp8 {
+            DECODE_TILE / 16 * 2 * 2 * 16 * 4
+        } else {
+            0
+        }
         + 4 * group * DECODE_TILE
         + 4 * (4 * DECODE_THREADS as usize) * group
 }

@@ -69,6 +69,10 @@ const P: Dev<bf16> = Dev::from_raw(0x1000);
 const PF: Dev<f32> = Dev::from_raw(0x2000);
 const PI: Dev<i32> = Dev::from_raw(0x3000);
 const PU: Dev<u32> = Dev::from_raw(0x4000);
+const FP8: KvRead = KvRead::Fp8 {
+    cache: Dev::from_raw(0x5000),
+    scales: Dev::from_raw(0x6000),
+};
 
 fn rope() -> RopeKv {
     RopeKv {
@@ -80,6 +84,7 @@ fn rope() -> RopeKv {
         inv_freq: PF,
         q_out: P,
         cache: P,
+        kv_out: PF.add(64),
         hq: 32,
         hkv: 8,
         hd: 128,
@@ -90,9 +95,9 @@ fn rope() -> RopeKv {
 fn decode() -> DecodeAttn {
     DecodeAttn {
         seqs: 3,
-        smem: decode_smem(128, 4),
+        smem: decode_smem(128, 4, false),
         q: P,
-        cache: P,
+        cache: KvRead::Bf16(P),
         tables: PI,
         table_stride: PI,
         seq_lens: PI,
@@ -113,7 +118,7 @@ fn prefill() -> PrefillAttn {
         max_q: 300,
         hd: 128,
         q: P,
-        cache: P,
+        cache: KvRead::Bf16(P),
         tables: PI,
         table_stride: 20,
         q_off: PI,
@@ -210,6 +215,13 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
     );
     check("decode_attn_##HD##_##G", &decode());
     check(
+        "decode_attn_fp8_##HD##_##G",
+        &DecodeAttn {
+            cache: FP8,
+            ..decode()
+        },
+    );
+    check(
         "attn_combine",
         &AttnCombine {
             seqs: 3,
@@ -223,6 +235,13 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
         },
     );
     check("prefill_attn_##HD", &prefill());
+    check(
+        "prefill_attn_fp8_##HD",
+        &PrefillAttn {
+            cache: FP8,
+            ..prefill()
+        },
+    );
     check(
         "sample_rows",
         &SampleRows {
@@ -266,6 +285,7 @@ fn parameters_carry_the_values_given() {
     assert_eq!(
         &p[7..],
         &[
+            ("kv_out", Param::Ptr(0x2000 + 64 * 4, "float")),
             ("hq", Param::I32(32)),
             ("hkv", Param::I32(8)),
             ("hd", Param::I32(128)),
@@ -280,6 +300,15 @@ fn parameters_carry_the_values_given() {
         k: 64,
         out: 10,
     };
+    // An fp8 cache is two parameters where bf16 is one.
+    let d8 = DecodeAttn {
+        cache: FP8,
+        ..decode()
+    }
+    .params()
+    .unwrap_or_default();
+    assert_eq!(d8[1], ("cache", Param::Ptr(0x5000, "unsigned char")));
+    assert_eq!(d8[2], ("scales", Param::Ptr(0x6000, "float")));
     let f32_out = g(ProductOut::F32(PF)).params().unwrap_or_default();
     assert_eq!(f32_out[2], ("y", Param::Ptr(0x2000, "void")));
     assert_eq!(f32_out[6], ("y_f32", Param::I32(1)));
@@ -298,7 +327,7 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!((c.grid_dim, c.block_dim.0), ((40, 5, 1), 64));
     let c = decode().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((49, 8, 3), 128));
-    assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4));
+    assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4, false));
     let c = prefill().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 256));
     assert_eq!(c.shared_mem_bytes, 139_264);
@@ -391,9 +420,14 @@ fn grids_match_the_kernels_indexing() {
 fn shared_memory_sizes_are_the_kernels_layouts() {
     // Llama-3-8B (head_dim 128, 4 query heads per KV head, bound 4):
     // K/V tiles 2·2·64·128·2 + scores 4·4·64 + reduction 4·512·4.
-    assert_eq!(decode_smem(128, 4), 65_536 + 1_024 + 8_192);
-    assert_eq!(decode_smem(128, 8), 83_968);
-    assert_eq!(decode_smem(32, 1), 16_384 + 256 + 2_048);
+    assert_eq!(decode_smem(128, 4, false), 65_536 + 1_024 + 8_192);
+    assert_eq!(decode_smem(128, 8, false), 83_968);
+    assert_eq!(decode_smem(32, 1, false), 16_384 + 256 + 2_048);
+    // fp8: each of the 4 warps' two stages of 16 K and 16 V scales on top.
+    assert_eq!(
+        decode_smem(128, 4, true),
+        decode_smem(128, 4, false) + 4 * 2 * 32 * 4
+    );
     assert_eq!(prefill_smem(128), (3 * 2 * 64 + 128) * 136 * 2);
     assert_eq!(prefill_smem(64), 73_728);
     // The prefill block is one warp per 16 query rows.

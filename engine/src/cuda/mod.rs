@@ -9,8 +9,9 @@
 //!   (and tested against the kernel source), its grid beside it.
 //! - `pass`: one forward pass: its metadata upload and the launches it queues.
 //! - [`model`]: weights in GPU memory, from safetensors or random of a named shape.
-//! - [`kv`]: the cache (same layout as the CPU backend's, bf16) and its copy path
-//!   through pinned memory on a stream of its own (`staging`: the export ring).
+//! - [`kv`]: the cache (same layout as the CPU backend's, bf16 or fp8 e4m3 with
+//!   per-block scales) and its copy path through pinned memory on a stream of its
+//!   own (`staging`: the export ring).
 //! - [`bench`]: what benchmarks and checks alone do ([`BenchControls`]: poison,
 //!   graphs and PDL on/off, profiles, random caches; named shapes).
 //! - [`check`]: the CUDA backend against the CPU backend on synthesized models
@@ -25,9 +26,12 @@
 //! Raw device addresses never leave the crate: public methods take buffers.
 //!
 //! One forward pass over `n` tokens: embedding; per layer RMSNorm (fused with the
-//! residual add), one GEMM for q/k/v, rotary embedding fused with the cache write,
-//! attention (paged, split along the context for decode batches; tiled causal
-//! flash attention on tensor cores for prefill chunks), the output GEMM, RMSNorm,
+//! residual add), one GEMM for q/k/v, rotary embedding fused with the cache write
+//! (an fp8 cache: rotated K/V in f32, then `kv_fp8_store` quantizes them as the
+//! CPU does, bit for bit), attention (paged, split along the context for decode
+//! batches; tiled causal flash attention on tensor cores for prefill chunks; an
+//! fp8 cache is expanded into bf16 tiles in shared memory as it is read), the
+//! output GEMM, RMSNorm,
 //! one GEMM for gate/up, SiLU·up, the down GEMM; then the final norm and the LM
 //! head for each chunk's last token only. The residual stream is f32, GEMMs take
 //! bf16 and accumulate in f32. Every buffer is allocated once, at construction,
@@ -103,6 +107,8 @@ pub struct CudaLimits {
     /// Bytes of the pinned ring asynchronous exports land in (0: room for eight
     /// layers of a pass of `max_tokens` tokens).
     pub export_ring_bytes: usize,
+    /// The cache's dtype: bf16 or fp8_e4m3 (docs/FP8_KV.md).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for CudaLimits {
@@ -112,6 +118,7 @@ impl Default for CudaLimits {
             max_seqs: 256,
             staging_blocks: 2048,
             export_ring_bytes: 0,
+            kv_dtype: KvDtype::Bf16,
         }
     }
 }
@@ -147,6 +154,9 @@ struct Buffers {
     inv_freq: CudaSlice<f32>,
     /// Per-pass metadata (token ids, positions, slots, chunk descriptors, block tables).
     meta: CudaSlice<i32>,
+    /// An fp8 cache: a layer's rotated K and V as f32 (`[tokens, 2, hkv, hd]`),
+    /// between `rope_kv` and `kv_fp8_store`.
+    kv_f32: Option<CudaSlice<f32>>,
 }
 
 /// A captured decode step.
@@ -203,7 +213,7 @@ impl CudaBackend {
             block_size,
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            dtype: KvDtype::Bf16,
+            dtype: limits.kv_dtype,
         };
         let ring = if limits.export_ring_bytes > 0 {
             limits.export_ring_bytes
@@ -217,7 +227,9 @@ impl CudaBackend {
         let qkvw = (c.num_heads + 2 * c.num_kv_heads) * hd;
         let inter = c.intermediate_size;
         let max_table = blocks_for(c.max_position_embeddings, block_size).min(num_blocks);
-        let meta_cap = 3 * t + 10 * s + 1 + s * max_table;
+        // Sections of `pass::Meta`: 3 per token, 10 per sequence, the stride, the
+        // fp8 store's runs, the block tables.
+        let meta_cap = 3 * t + 10 * s + 1 + t + 1 + s * max_table;
         let bufs = Buffers {
             x: gpu.zeros(t * h)?,
             delta: gpu.zeros(t * h)?,
@@ -234,6 +246,10 @@ impl CudaBackend {
             part_ml: gpu.zeros(s * c.num_heads * MAX_SPLITS * 2)?,
             inv_freq: gpu.upload(&crate::rope::inv_freq(&c))?,
             meta: gpu.zeros(meta_cap)?,
+            kv_f32: match layout.dtype {
+                KvDtype::Fp8E4m3 => Some(gpu.zeros(t * 2 * c.num_kv_heads * hd)?),
+                _ => None,
+            },
         };
         // SAFETY: plain pinned memory, written by the host before each pass and read by
         // a copy that completes before the pass returns.

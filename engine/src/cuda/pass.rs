@@ -10,8 +10,8 @@ use super::CudaBackend;
 use super::device::ptr;
 use super::error::{CudaError, DriverContext};
 use super::launch::{
-    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, PrefillAttn, ProductOut, RopeKv,
-    SampleRows,
+    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, KvFp8Store, KvRead, PrefillAttn,
+    ProductOut, RopeKv, SampleRows, fp8_store_runs,
 };
 use super::{decode_splits, splits_aiming_at};
 use crate::backend::{LayerHook, SeqChunk};
@@ -33,6 +33,8 @@ pub(super) struct Meta {
     draws: usize,
     /// One word: the block tables' row stride.
     stride: usize,
+    /// An fp8 cache: the `kv_fp8_store` runs (`Pass::runs + 1` starts; room for `n + 1`).
+    runs: usize,
     tables: usize,
     table_stride: usize,
 }
@@ -48,6 +50,8 @@ pub(super) struct Pass {
     decode: bool,
     /// Longest chunk (prefill attention's grid).
     max_q: usize,
+    /// An fp8 cache: runs of tokens `kv_fp8_store` writes (0 for bf16).
+    runs: usize,
 }
 
 impl CudaBackend {
@@ -93,7 +97,10 @@ impl CudaBackend {
             seq_lens: 3 * n + 4 * s,
             draws: 3 * n + 5 * s,
             stride: 3 * n + 10 * s,
-            tables: 3 * n + 10 * s + 1,
+            // Before the tables, whose length varies from step to step: a captured
+            // graph's launches keep the offsets they were captured with.
+            runs: 3 * n + 10 * s + 1,
+            tables: 4 * n + 10 * s + 2,
             table_stride,
         };
         let total = m.tables + s * table_stride;
@@ -142,6 +149,20 @@ impl CudaBackend {
             w[4] = d.u01.to_bits() as i32;
         }
         host[m.stride] = table_stride as i32;
+        let decode = chunks.iter().all(|c| c.tokens.len() == 1);
+        let runs = if self.bufs.kv_f32.is_none() {
+            0
+        } else {
+            // A decode step's rows are one run each, padding rows too (their scratch
+            // block is garbage anyway), so a captured graph's grid fits every step.
+            let starts = if decode {
+                (0..=n as i32).collect()
+            } else {
+                fp8_store_runs(&host[m.slots..m.slots + n], bs)
+            };
+            host[m.runs..m.runs + starts.len()].copy_from_slice(&starts);
+            starts.len() - 1
+        };
         let dev = ptr(&self.bufs.meta, &self.gpu.compute);
         // SAFETY: `meta` holds `meta_cap >= total` elements; the pinned source is not
         // written again before this pass synchronizes at its end.
@@ -149,8 +170,9 @@ impl CudaBackend {
         let pass = Pass {
             n,
             s,
-            decode: chunks.iter().all(|c| c.tokens.len() == 1),
+            decode,
             max_q: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
+            runs,
         };
         Ok((m, pass))
     }
@@ -225,7 +247,8 @@ impl CudaBackend {
             g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, pdl)?;
             self.mark("qkv product")?;
 
-            let cache = Dev::<bf16>::from_raw(self.kv.layer_ptr(li));
+            let (cache, cache8, scales) = self.kv.write_target(li);
+            let kv_out = b.kv_f32.as_ref().map_or(Dev::NULL, |k| Dev::of(k, st));
             let rope = RopeKv {
                 tokens: n,
                 qkv,
@@ -238,6 +261,7 @@ impl CudaBackend {
                 inv_freq,
                 q_out: q,
                 cache,
+                kv_out,
                 hq,
                 hkv,
                 hd,
@@ -245,6 +269,22 @@ impl CudaBackend {
             };
             unsafe { launch::launch(g, &rope, pdl) }?;
             self.mark("rope_kv")?;
+            if p.runs > 0 {
+                let store = KvFp8Store {
+                    runs: p.runs,
+                    kv: kv_out,
+                    run_starts: meta.add(m.runs),
+                    slots,
+                    cache: cache8,
+                    scales,
+                    hkv,
+                    hd,
+                    block_size,
+                };
+                unsafe { launch::launch(g, &store, pdl) }?;
+                self.mark("kv_fp8_store")?;
+            }
+            let cache = self.kv.read(li);
             if let Some(hook) = on_layer.as_mut() {
                 hook(li, &self.kv)?;
             }
@@ -255,7 +295,10 @@ impl CudaBackend {
                 let (part_o, part_ml) = (Dev::of(&b.part_o, st), Dev::of(&b.part_ml, st));
                 let attend = DecodeAttn {
                     seqs: s,
-                    smem: g.decode_smem,
+                    smem: match cache {
+                        KvRead::Bf16(_) => g.decode_smem,
+                        KvRead::Fp8 { .. } => g.decode_smem_fp8,
+                    },
                     q,
                     cache,
                     tables,

@@ -24,11 +24,11 @@ pub const DEFAULT_INCLUDE_DIRS: &[&str] = &["/usr/local/cuda/include", "/usr/inc
 pub(crate) const KERNEL_SOURCES: [(&str, &str); 7] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
+    ("kv_fp8.cu", include_str!("kernels/kv_fp8.cu")),
     ("decode_attn.cu", include_str!("kernels/decode_attn.cu")),
     ("sampling.cu", include_str!("kernels/sampling.cu")),
     ("prefill_attn.cu", include_str!("kernels/prefill_attn.cu")),
     ("gemv.cu", include_str!("kernels/gemv.cu")),
-    ("kv_fp8.cu", include_str!("kernels/kv_fp8.cu")),
 ];
 
 /// Constants compiled into the kernels as `-DNAME=VALUE`; the host sizes grids

@@ -10,6 +10,7 @@ use tandem_engine::backend::{Backend, BackendExt, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
+use tandem_engine::kv_cache::{KvDtype, KvLayout};
 
 use super::{BS, Res, arg, median};
 
@@ -17,6 +18,11 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let layers = arg(args, "--layers").map(|s| s.parse()).transpose()?;
     let quick = args.iter().any(|a| a == "--quick");
+    let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
+        None | Some("bf16") => KvDtype::Bf16,
+        Some("fp8_e4m3") => KvDtype::Fp8E4m3,
+        Some(other) => return Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
+    };
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
     let gpu = Gpu::open(0, &config)?;
@@ -28,11 +34,24 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     };
     let model = GpuModel::random(&gpu, &config, 1)?;
     let (free, total) = gpu.mem_info()?;
-    let kv_token_bytes = config.num_layers * config.kv_bytes_per_token_per_layer(2);
-    let block_bytes_all = kv_token_bytes * BS;
+    // A layer's block in the cache's dtype (fp8: values and scales).
+    let layer_block = KvLayout {
+        num_layers: config.num_layers,
+        num_blocks: 1,
+        block_size: BS,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        dtype: kv_dtype,
+    }
+    .block_bytes();
+    let block_bytes_all = config.num_layers * layer_block;
+    let kv_token_bytes = block_bytes_all / BS;
     let reserve = 3usize << 30;
     let num_blocks = (free.saturating_sub(reserve)) / block_bytes_all;
-    let limits = CudaLimits::default();
+    let limits = CudaLimits {
+        kv_dtype,
+        ..CudaLimits::default()
+    };
     let weight_bytes = 2 * model.streamed_params();
     let mut be = CudaBackend::new(gpu, model, num_blocks, BS, limits)?;
     be.fill_cache_random(3)?;
@@ -46,11 +65,12 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         config.vocab_size
     );
     println!(
-        "GPU memory {:.1} GiB; weights {:.2} GB; KV cache {num_blocks} blocks of {BS} tokens ({:.1} GB, {} KiB/token); set-up {:.1} s\n",
+        "GPU memory {:.1} GiB; weights {:.2} GB; KV cache ({}) {num_blocks} blocks of {BS} tokens = {} tokens ({:.1} GB, {kv_token_bytes} B/token); set-up {:.1} s\n",
         total as f64 / (1u64 << 30) as f64,
         weight_bytes as f64 / 1e9,
+        kv_dtype.name(),
+        num_blocks * BS,
         (num_blocks * block_bytes_all) as f64 / 1e9,
-        kv_token_bytes / 1024,
         t0.elapsed().as_secs_f64()
     );
 

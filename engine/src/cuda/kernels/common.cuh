@@ -1,6 +1,6 @@
 // Tandem's CUDA kernels: what every kernel file shares (types, warp and block
 // reductions, programmatic dependent launch, cp.async). engine/src/cuda/program.rs
-// compiles this file and then elementwise.cu, decode_attn.cu, sampling.cu,
+// compiles this file and then elementwise.cu, kv_fp8.cu, decode_attn.cu, sampling.cu,
 // prefill_attn.cu and gemv.cu, concatenated in that order, as ONE NVRTC program
 // for the GPU's own architecture; the constants the host also uses (tile sizes,
 // the split limit) come from the host as -D defines (program.rs, KERNEL_DEFINES),
@@ -11,6 +11,8 @@
 // the residual stream and the GEMM outputs added to it are f32. The KV cache
 // of one layer is bf16 in the layout of engine/src/kv_cache.rs:
 //   block b: [K: head 0 [slot][hd] .. head H-1][V: head 0 .. head H-1]
+// or (kv_dtype fp8_e4m3) e4m3 bytes in that layout, the layer's blocks' scales
+// after its last block (kv_fp8.cu).
 #include <cuda_bf16.h>
 
 #if !defined(MAX_SPLITS) || !defined(DECODE_TILE) || !defined(PREFILL_BQ) || !defined(PREFILL_BK)
@@ -67,6 +69,12 @@ __device__ __forceinline__ void pdl_enter() {
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
     u32 a = (u32)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
+}
+
+// The same for 4 bytes (bytes 0 or 4), through L1 (`.ca`: `.cg` takes only 16).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, int bytes) {
+    u32 a = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -61,6 +61,66 @@ __device__ __forceinline__ void decode_load_warp_tile(bf16* ks, bf16* vs, const 
     cp_async_commit();
 }
 
+// An fp8 cache: the warp's tile as e4m3 bytes into raw stage `kr`/`vr` ([16][HD]
+// bytes each) and its keys' K and V scales into `sr` ([2][16] f32), one commit
+// group as above (keys at or past `end` zero-filled, scale 0 too).
+template <int HD>
+__device__ __forceinline__ void decode_load_warp_raw(unsigned char* kr, unsigned char* vr,
+                                                     float* sr, const unsigned char* cache,
+                                                     const float* scales, const int* table,
+                                                     size_t block_bytes, int kh, int hkv, int bs,
+                                                     int t0, int end, int lane) {
+    constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
+#pragma unroll
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        int r = i / CPR, c = i % CPR;
+        int j = t0 + r;
+        const unsigned char* kp = cache;
+        const unsigned char* vp = cache;
+        int bytes = 0;
+        if (j < end) {
+            size_t blk = table[j / bs];
+            size_t slot = j % bs;
+            kp = cache + blk * block_bytes + ((size_t)kh * bs + slot) * HD + c * 16;
+            vp = cache + blk * block_bytes + ((size_t)(hkv + kh) * bs + slot) * HD + c * 16;
+            bytes = 16;
+        }
+        cp_async16(kr + r * HD + c * 16, kp, bytes);
+        cp_async16(vr + r * HD + c * 16, vp, bytes);
+    }
+    if (lane < 16) {
+        int j = t0 + lane;
+        const float* sk = scales;
+        int bytes = 0;
+        if (j < end) {
+            sk = scales + (size_t)table[j / bs] * 2 * hkv + kh;
+            bytes = 4;
+        }
+        cp_async4(sr + lane, sk, bytes);
+        cp_async4(sr + 16 + lane, sk + (bytes ? hkv : 0), bytes);
+    }
+    cp_async_commit();
+}
+
+// The raw stage expanded into the bf16 tile (swizzled as decode_load_warp_tile
+// stores it), each value times its key's scale.
+template <int HD>
+__device__ __forceinline__ void decode_expand_warp_tile(bf16* ks, bf16* vs,
+                                                        const unsigned char* kr,
+                                                        const unsigned char* vr, const float* sr,
+                                                        int lane) {
+    constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
+#pragma unroll
+    for (int i = lane; i < 16 * CPR; i += 32) {
+        int r = i / CPR, c = i % CPR;
+        int dst = r * HD + decode_swz<HD>(r, c) * 8;
+        *reinterpret_cast<uint4*>(ks + dst) =
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8), sr[r]);
+        *reinterpret_cast<uint4*>(vs + dst) =
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8), sr[16 + r]);
+    }
+}
+
 // Tensor cores for the `group` query heads of KV head kh: they are the rows of
 // an m16n8k16 product (rows past `group` are zero), keys its columns. Each of
 // the block's 4 warps walks its own tiles of 16 keys (tiles w, w + 4, ..) with
@@ -68,19 +128,26 @@ __device__ __forceinline__ void decode_load_warp_tile(bf16* ks, bf16* vs, const 
 // so nothing but the final merge of the warps' partial results waits for the
 // whole block. The merge writes the split's unnormalised output and (m, l),
 // like the rest of this file. G <= 8.
-template <int HD, int G>
-__device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
-                            const int* table_stride, const int* seq_lens, float* part_o,
-                            float* part_ml, int hq, int hkv, int bs, int max_splits, int window,
-                            float scale) {
+// FP8: `cache` holds e4m3 bytes and `scales` their scales (kv_fp8.cu); each tile
+// comes in as bytes (two raw stages) and is expanded into one bf16 tile right
+// before it is used, so the products below are the same.
+template <int HD, int G, bool FP8>
+__device__ void decode_attn(const bf16* q, const void* cache_v, const float* scales,
+                            const int* tables, const int* table_stride, const int* seq_lens,
+                            float* part_o, float* part_ml, int hq, int hkv, int bs,
+                            int max_splits, int window, float scale) {
     static_assert(G <= 8, "query heads per KV head are the rows 0..7 of the product");
     constexpr int WARPS = 4;  // blockDim.x == 128 (launch.rs)
     extern __shared__ __align__(16) unsigned char decode_smem[];
-    // [warp][stage][K 16 x HD, V 16 x HD]: the host's 2 * 2 * DECODE_TILE * HD
-    // elements (DECODE_TILE = 64 = 4 warps x 16 keys).
-    bf16* tiles = reinterpret_cast<bf16*>(decode_smem);
-    float* red_o = reinterpret_cast<float*>(tiles + 2 * 2 * DECODE_TILE * HD);  // [warp][G][HD]
+    // Per warp (DECODE_TILE = 64 = 4 warps x 16 keys), the host's decode_smem:
+    // bf16 [stage][K 16 x HD, V 16 x HD]; FP8 [K, V bf16 tile][stage][K, V
+    // 16 x HD bytes][stage][K, V 16 scales].
+    constexpr int WARP_BYTES = 2 * 2 * 16 * HD * 2 + (FP8 ? 2 * 2 * 16 * 4 : 0);
+    static_assert(DECODE_TILE == WARPS * 16, "a 16-key tile per warp");
+    float* red_o = reinterpret_cast<float*>(decode_smem + WARPS * WARP_BYTES);  // [warp][G][HD]
     float* red_ml = red_o + WARPS * G * HD;                                      // [warp][G][2]
+    const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
+    const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
     int group = hq / hkv;
 
     int b = blockIdx.z, kh = blockIdx.y, sp = blockIdx.x;
@@ -95,7 +162,10 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     int gid = lane >> 2, tig = lane & 3, mi = lane >> 3, mr = lane & 7;
     const int* table = tables + (size_t)b * (*table_stride);
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
-    bf16* wt = tiles + (size_t)warp * 2 * 2 * 16 * HD;  // this warp's two stages
+    unsigned char* wbase = decode_smem + (size_t)warp * WARP_BYTES;
+    bf16* wt = reinterpret_cast<bf16*>(wbase);  // this warp's two stages (FP8: its tile)
+    unsigned char* raw = wbase + 2 * 16 * HD * 2;                    // FP8: [stage][K, V]
+    float* wsc = reinterpret_cast<float*>(wbase + 2 * 2 * 16 * HD * 2);  // FP8: [stage][32]
 
     // Q as the product's A fragments: row gid = query head gid of the group.
     u32 qf[HD / 16][2];
@@ -114,22 +184,39 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
     float m = NEG_INF, l = 0.f;
 
     int first = start + warp * 16;
-    if (first < end)
-        decode_load_warp_tile<HD>(wt, wt + 16 * HD, cache, table, block_elems, kh, hkv, bs, first,
-                                  end, lane);
+    if (first < end) {
+        if constexpr (FP8)
+            decode_load_warp_raw<HD>(raw, raw + 16 * HD, wsc, cache8, scales, table, block_elems,
+                                     kh, hkv, bs, first, end, lane);
+        else
+            decode_load_warp_tile<HD>(wt, wt + 16 * HD, cache, table, block_elems, kh, hkv, bs,
+                                      first, end, lane);
+    }
     for (int t0 = first, it = 0; t0 < end; t0 += WARPS * 16, it++) {
-        bf16* ks = wt + (it & 1) * 2 * 16 * HD;
+        bf16* ks = FP8 ? wt : wt + (it & 1) * 2 * 16 * HD;
         bf16* vs = ks + 16 * HD;
         int next = t0 + WARPS * 16;
         if (next < end) {
-            bf16* nk = wt + ((it + 1) & 1) * 2 * 16 * HD;
-            decode_load_warp_tile<HD>(nk, nk + 16 * HD, cache, table, block_elems, kh, hkv, bs,
-                                      next, end, lane);
+            int ns = (it + 1) & 1;
+            if constexpr (FP8) {
+                unsigned char* nr = raw + ns * 2 * 16 * HD;
+                decode_load_warp_raw<HD>(nr, nr + 16 * HD, wsc + ns * 32, cache8, scales, table,
+                                         block_elems, kh, hkv, bs, next, end, lane);
+            } else {
+                bf16* nk = wt + ns * 2 * 16 * HD;
+                decode_load_warp_tile<HD>(nk, nk + 16 * HD, cache, table, block_elems, kh, hkv,
+                                          bs, next, end, lane);
+            }
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncwarp();
+        if constexpr (FP8) {
+            const unsigned char* cr = raw + (it & 1) * 2 * 16 * HD;
+            decode_expand_warp_tile<HD>(ks, vs, cr, cr + 16 * HD, wsc + (it & 1) * 32, lane);
+            __syncwarp();
+        }
 
         // S = Q K^T over the tile's two 8-key column blocks.
         float sc[2][4];
@@ -241,8 +328,16 @@ __device__ void decode_attn(const bf16* q, const bf16* cache, const int* tables,
         const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
         int max_splits, int window, float scale) {                                             \
         pdl_enter();                                                                           \
-        decode_attn<HD, G>(q, cache, tables, table_stride, seq_lens, part_o, part_ml, hq, hkv, \
-                           bs, max_splits, window, scale);                                     \
+        decode_attn<HD, G, false>(q, cache, nullptr, tables, table_stride, seq_lens, part_o,    \
+                                  part_ml, hq, hkv, bs, max_splits, window, scale);            \
+    }                                                                                          \
+    extern "C" __global__ void decode_attn_fp8_##HD##_##G(                                     \
+        const bf16* q, const unsigned char* cache, const float* scales, const int* tables,     \
+        const int* table_stride, const int* seq_lens, float* part_o, float* part_ml, int hq,   \
+        int hkv, int bs, int max_splits, int window, float scale) {                            \
+        pdl_enter();                                                                           \
+        decode_attn<HD, G, true>(q, cache, scales, tables, table_stride, seq_lens, part_o,      \
+                                 part_ml, hq, hkv, bs, max_splits, window, scale);             \
     }
 DECODE_ATTN(32, 1)
 DECODE_ATTN(32, 2)

@@ -37,12 +37,13 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
 
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
 // qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
-// position; slots[t] = block * bs + slot where its K/V go.
+// position; slots[t] = block * bs + slot where its K/V go. With kv_out (an fp8
+// cache) K and V go there instead, as f32 rows [n, 2, hkv, hd], for kv_fp8_store.
 // grid (hq + hkv, n), block hd / 2: block (h, t) rotates head h of token t, a query
 // head, or a KV head whose K it rotates and whose V it copies into the cache.
 extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
                                    const int* slots, const float* inv_freq, bf16* q_out,
-                                   bf16* cache, int hq, int hkv, int hd, int bs) {
+                                   bf16* cache, float* kv_out, int hq, int hkv, int hd, int bs) {
     pdl_enter();
     int h = blockIdx.x, j = threadIdx.x, half = hd / 2;
     size_t t = blockIdx.y;
@@ -67,11 +68,23 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
         return;
     }
     int kh = h - hq;
+    int cv = (hq + hkv + kh) * hd;
+    if (kv_out) {  // an fp8 cache: kv_fp8_store quantizes these
+        float* k = kv_out + (t * 2 * hkv + kh) * hd;
+        float* v = k + (size_t)hkv * hd;
+        k[j] = a;
+        k[j + half] = b;
+        for (int d = j; d < hd; d += half) {
+            float x = bf(row[cv + d]);
+            if (bias) x += bf(bias[cv + d]);
+            v[d] = x;
+        }
+        return;
+    }
     bf16* k = base + ((size_t)kh * bs + s) * hd;
     k[j] = __float2bfloat16(a);
     k[j + half] = __float2bfloat16(b);
     bf16* v = base + ((size_t)(hkv + kh) * bs + s) * hd;
-    int cv = (hq + hkv + kh) * hd;
     for (int d = j; d < hd; d += half) {
         float x = bf(row[cv + d]);
         if (bias) x += bf(bias[cv + d]);

@@ -1,11 +1,12 @@
 // FP8 (e4m3) KV: the codec and the cache store, bit for bit as the CPU
-// reference (engine/src/kv_quant.rs), and the load helper attention kernels
-// use to read an fp8 cache. Not wired into the forward pass yet: see
-// docs/FP8_KV.md, "CUDA". Every float operation is an explicit _rn intrinsic
-// so no contraction or fast-math division changes a byte against the CPU.
+// reference (engine/src/kv_quant.rs), and the expansion the attention kernels
+// (decode_attn.cu, prefill_attn.cu) use to read an fp8 cache into their bf16
+// tiles. Every float operation of the store is an explicit _rn intrinsic so no
+// contraction or fast-math division changes a byte against the CPU.
 //
 // Cache layout as the CPU's: per layer, block b at b * 2 * hkv * bs * hd bytes,
-// [K: head][slot][dim] then V; scales[b * 2 * hkv + kind * hkv + head] (f32).
+// [K: head][slot][dim] then V; scales[b * 2 * hkv + kind * hkv + head] (f32),
+// one array after the layer's last block (engine/src/cuda/kv.rs).
 
 // x as e4m3: round to nearest even, saturating at +-448 (infinities too), NaN to NaN.
 __device__ __forceinline__ unsigned char e4m3_from_f32(float x) {
@@ -22,24 +23,36 @@ __device__ __forceinline__ unsigned char e4m3_from_f32(float x) {
     return sign | (unsigned char)(e << 3) | (unsigned char)((r >> 20) & 7u);
 }
 
-// The value of an e4m3 byte.
+// The value of an e4m3 byte (exact: a normal one is 2^(e-7) (1 + m/8), whose f32
+// bits are the exponent rebiased by 120 and the mantissa shifted up).
 __device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
-    int e = (b >> 3) & 15, m = b & 7;
+    unsigned int e = (b >> 3) & 15, m = b & 7;
     float v;
     if (e == 15 && m == 7) {
         v = __int_as_float(0x7fc00000);
     } else if (e == 0) {
         v = (float)m * (1.f / 512.f);
     } else {
-        v = ldexpf(1.f + (float)m * 0.125f, e - 7);
+        v = __uint_as_float(((e + 120u) << 23) | (m << 20));
     }
     return (b & 0x80) ? -v : v;
 }
 
-// Element i of a (block, K or V, head) run of an fp8 cache, dequantized: the
-// load path attention kernels take for an fp8 cache (one scale per run).
-__device__ __forceinline__ float kv_fp8_load(const unsigned char* run, float scale, int i) {
-    return __fmul_rn(e4m3_to_f32(run[i]), scale);
+// Eight e4m3 values (the bytes of `raw`, in memory order) dequantized with
+// `scale` in f32 as the CPU reads them, rounded to bf16: one 16-byte chunk of an
+// attention kernel's K or V tile.
+__device__ __forceinline__ uint4 kv_fp8_expand8(uint2 raw, float scale) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u32 word = i < 2 ? raw.x : raw.y;
+        int sh = (i & 1) * 16;
+        float a = __fmul_rn(e4m3_to_f32((unsigned char)(word >> sh)), scale);
+        float b = __fmul_rn(e4m3_to_f32((unsigned char)(word >> (sh + 8))), scale);
+        __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+        w[i] = *reinterpret_cast<u32*>(&p);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 __device__ __forceinline__ float kv_fp8_block_max(float v, float* red) {
@@ -64,6 +77,7 @@ __device__ __forceinline__ float kv_fp8_block_max(float v, float* red) {
 extern "C" __global__ void kv_fp8_store(const float* kv, const int* runs, const int* slots,
                                         unsigned char* cache, float* scales, int hkv, int hd,
                                         int bs) {
+    pdl_enter();
     __shared__ float red[32];
     int r = blockIdx.x, kind = blockIdx.y / hkv, h = blockIdx.y % hkv, d = threadIdx.x;
     for (int t = runs[r]; t < runs[r + 1]; ++t) {

@@ -122,16 +122,80 @@ __device__ __forceinline__ void prefill_store_rows(const float (&o)[HD / 8][4], 
     }
 }
 
+// An fp8 cache (both kernels below): keys kt .. kt + BK - 1 of K and V as e4m3
+// bytes into `kr`/`vr` ([BK][HD] each) and their scales into `sr` ([K, V][BK]
+// f32), with cp.async as one commit group (keys at or past kv_end zero-filled).
 template <int HD>
-__device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables,
+__device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned char* vr, float* sr,
+                                                 const unsigned char* cache, const float* scales,
+                                                 const int* table, size_t block_bytes, int kh,
+                                                 int hkv, int bs, int kt, int kv_end) {
+    constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
+    for (int i = threadIdx.x; i < BK * CPR; i += blockDim.x) {
+        int r = i / CPR, cc = (i % CPR) * 16;
+        int key = kt + r;
+        const unsigned char* kp = cache;
+        const unsigned char* vp = cache;
+        int bytes = 0;
+        if (key < kv_end) {
+            const unsigned char* base = cache + (size_t)table[key / bs] * block_bytes;
+            int s = key % bs;
+            kp = base + ((size_t)kh * bs + s) * HD + cc;
+            vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc;
+            bytes = 16;
+        }
+        cp_async16(kr + r * HD + cc, kp, bytes);
+        cp_async16(vr + r * HD + cc, vp, bytes);
+    }
+    if (threadIdx.x < BK) {
+        int key = kt + threadIdx.x;
+        const float* sk = scales;
+        int bytes = 0;
+        if (key < kv_end) {
+            sk = scales + (size_t)table[key / bs] * 2 * hkv + kh;
+            bytes = 4;
+        }
+        cp_async4(sr + threadIdx.x, sk, bytes);
+        cp_async4(sr + BK + threadIdx.x, sk + (bytes ? hkv : 0), bytes);
+    }
+    cp_async_commit();
+}
+
+// A raw tile expanded into the bf16 K and V tiles, each value times its key's
+// scale; the 16-byte chunk (row r, chunk c) of K goes to byte koff(r, c) of
+// `kd`, of V to voff(r, c) of `vd` (each kernel's own tile layout).
+template <int HD, typename KOff, typename VOff>
+__device__ __forceinline__ void prefill_expand(unsigned char* kd, unsigned char* vd,
+                                               const unsigned char* kr, const unsigned char* vr,
+                                               const float* sr, KOff koff, VOff voff) {
+    constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
+    for (int i = threadIdx.x; i < BK * CPR; i += blockDim.x) {
+        int r = i / CPR, c = i % CPR;
+        *reinterpret_cast<uint4*>(kd + koff(r, c)) =
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8), sr[r]);
+        *reinterpret_cast<uint4*>(vd + voff(r, c)) =
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8), sr[BK + r]);
+    }
+}
+
+// FP8: `cache` holds e4m3 bytes and `scales` their scales; each K/V tile comes
+// in as bytes (two raw stages) and is expanded into one bf16 tile before use.
+template <int HD, bool FP8>
+__device__ void prefill_attn(const bf16* q, const void* cache_v, const float* scales,
+                             const int* tables,
                              int table_stride, const int* q_off, const int* q_pos,
                              const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
                              float scale) {
     const int LD = HD + 8;  // padded smem row: conflict-free fragment loads
     extern __shared__ __align__(16) unsigned char smem_raw[];
     // Two stages of [K tile][V tile]: the next tile is fetched (cp.async) while
-    // this one is multiplied.
+    // this one is multiplied. FP8: one [K tile][V tile], then two raw stages of
+    // [K][V] BK x HD bytes, then two of [K][V] BK scales.
     bf16* stage0 = reinterpret_cast<bf16*>(smem_raw);
+    const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
+    const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
+    unsigned char* raw = smem_raw + 2 * BK * LD * 2;
+    float* raw_sc = reinterpret_cast<float*>(raw + 2 * 2 * BK * HD);
 
     int c = blockIdx.z, h = blockIdx.y;
     int len = q_len[c];
@@ -159,6 +223,12 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
     int qp0 = pos0 + r0, qp1 = pos0 + r1;
 
     auto load_tile = [&](int stage, int kt) {
+        if constexpr (FP8) {
+            unsigned char* kr = raw + stage * 2 * BK * HD;
+            prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
+                                 block_elems, kh, hkv, bs, kt, kv_end);
+            return;
+        }
         bf16* kd = stage0 + stage * 2 * BK * LD;
         bf16* vd = kd + BK * LD;
         for (int i = tid; i < BK * HD / 8; i += blockDim.x) {
@@ -190,7 +260,15 @@ __device__ void prefill_attn(const bf16* q, const bf16* cache, const int* tables
             cp_async_wait<0>();
         }
         __syncthreads();
-        const bf16* ks = stage0 + (t & 1) * 2 * BK * LD;
+        if constexpr (FP8) {
+            const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
+            auto off = [&](int r, int c) { return (r * LD + c * 8) * 2; };
+            unsigned char* kd = smem_raw;
+            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, raw_sc + (t & 1) * 2 * BK,
+                               off, off);
+            __syncthreads();
+        }
+        const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
         const bf16* vs = ks + BK * LD;
         // This warp's rows are at positions wq0 .. wq0 + 15.
         int wq0 = pos0 + tile * BQ + warp * 16;
@@ -325,8 +403,11 @@ __device__ __forceinline__ void wgmma_pv(float* o, const u32* a, u64 desc) {
     else wgmma_m64n64k16_rs<1>(o, a, desc, 1);
 }
 
-template <int HD>
-__device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tables,
+// FP8 as prefill_attn above: one bf16 [K][V] tile, then three raw stages of
+// [K][V] BK x HD bytes, then three of [K][V] BK scales.
+template <int HD, bool FP8>
+__device__ void prefill_attn_wg(const bf16* q, const void* cache_v, const float* scales,
+                                const int* tables,
                                 int table_stride, const int* q_off, const int* q_pos,
                                 const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
                                 float scale) {
@@ -337,6 +418,10 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
     constexpr u32 K_SBO = CPR * 128;            // K: next 8 keys
     constexpr u32 V_SBO = (BK / 8) * 128;       // V: next 8 dims
     extern __shared__ __align__(128) unsigned char smem_raw[];
+    const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
+    const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
+    unsigned char* raw = smem_raw + 2 * TILE_BYTES;
+    float* raw_sc = reinterpret_cast<float*>(raw + STAGES * 2 * BK * HD);
 
     int c = blockIdx.z, h = blockIdx.y;
     int len = q_len[c];
@@ -380,6 +465,12 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
         }
     };
     auto load_tile = [&](int stage, int kt, const int* blk) {
+        if constexpr (FP8) {
+            unsigned char* kr = raw + stage * 2 * BK * HD;
+            prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
+                                 block_elems, kh, hkv, bs, kt, kv_end);
+            return;
+        }
         unsigned char* kd = smem_raw + (size_t)stage * 2 * TILE_BYTES;
         unsigned char* vd = kd + TILE_BYTES;
 #pragma unroll
@@ -426,7 +517,16 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
         }
         fence_proxy_async();
         __syncthreads();
-        const unsigned char* ks = smem_raw + (size_t)(t % STAGES) * 2 * TILE_BYTES;
+        if constexpr (FP8) {
+            const unsigned char* kr = raw + (t % STAGES) * 2 * BK * HD;
+            prefill_expand<HD>(
+                smem_raw, smem_raw + TILE_BYTES, kr, kr + BK * HD, raw_sc + (t % STAGES) * 2 * BK,
+                [](int r, int c) { return (r >> 3) * (int)K_SBO + c * 128 + (r & 7) * 16; },
+                [](int r, int c) { return c * (int)V_SBO + (r >> 3) * 128 + (r & 7) * 16; });
+            fence_proxy_async();
+            __syncthreads();
+        }
+        const unsigned char* ks = smem_raw + (FP8 ? 0 : (size_t)(t % STAGES) * 2 * TILE_BYTES);
         const unsigned char* vs = ks + TILE_BYTES;
         if (kt > wg0 + 63) {  // every key of the tile is in this warpgroup's future
             __syncthreads();
@@ -474,17 +574,17 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
 
 // HD 64 and 128 on sm_90a take the warpgroup kernel; the rest the mma.sync one.
 #if defined(PREFILL_WGMMA)
-#define PREFILL_ATTN_BODY(HD)                                                                  \
+#define PREFILL_ATTN_BODY(HD, FP8)                                                             \
     if constexpr (HD == 64 || HD == 128)                                                       \
-        prefill_attn_wg<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv, \
-                            bs, window, scale);                                                \
+        prefill_attn_wg<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len,  \
+                                 out, hq, hkv, bs, window, scale);                             \
     else                                                                                       \
-        prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv,    \
-                         bs, window, scale);
+        prefill_attn<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len,     \
+                              out, hq, hkv, bs, window, scale);
 #else
-#define PREFILL_ATTN_BODY(HD)                                                                  \
-    prefill_attn<HD>(q, cache, tables, table_stride, q_off, q_pos, q_len, out, hq, hkv, bs,    \
-                     window, scale);
+#define PREFILL_ATTN_BODY(HD, FP8)                                                             \
+    prefill_attn<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len, out,    \
+                          hq, hkv, bs, window, scale);
 #endif
 #define PREFILL_ATTN(HD)                                                                       \
     extern "C" __global__ void prefill_attn_##HD(                                              \
@@ -492,7 +592,15 @@ __device__ void prefill_attn_wg(const bf16* q, const bf16* cache, const int* tab
         const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
         int bs, int window, float scale) {                                                     \
         pdl_enter();                                                                           \
-        PREFILL_ATTN_BODY(HD)                                                                  \
+        const float* scales = nullptr;                                                         \
+        PREFILL_ATTN_BODY(HD, false)                                                           \
+    }                                                                                          \
+    extern "C" __global__ void prefill_attn_fp8_##HD(                                          \
+        const bf16* q, const unsigned char* cache, const float* scales, const int* tables,     \
+        int table_stride, const int* q_off, const int* q_pos, const int* q_len, bf16* out,     \
+        int hq, int hkv, int bs, int window, float scale) {                                    \
+        pdl_enter();                                                                           \
+        PREFILL_ATTN_BODY(HD, true)                                                            \
     }
 PREFILL_ATTN(32)
 PREFILL_ATTN(64)
