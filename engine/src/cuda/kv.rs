@@ -254,24 +254,36 @@ impl GpuKvCache {
                 CUmemorytype::CU_MEMORYTYPE_HOST,
                 CUmemorytype::CU_MEMORYTYPE_DEVICE,
             );
-            // SAFETY: a plain-data struct the driver reads; zero is valid for every field.
-            let mut c: CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-            c.WidthInBytes = width;
-            c.Height = n;
-            // SAFETY (both arms): `host + at` and the rows after it stay inside the
-            // caller's `n * bb` bytes.
-            match dir {
-                Dir::Export => {
-                    (c.srcMemoryType, c.srcDevice, c.srcPitch) = (dev_ty, dev, width);
-                    (c.dstMemoryType, c.dstHost, c.dstPitch) =
-                        (host_ty, unsafe { host.add(at) } as *mut _, bb);
-                }
-                Dir::Import => {
-                    (c.srcMemoryType, c.srcHost, c.srcPitch) =
-                        (host_ty, unsafe { host.add(at) } as *const _, bb);
-                    (c.dstMemoryType, c.dstDevice, c.dstPitch) = (dev_ty, dev, width);
-                }
-            }
+            // SAFETY: `host + at` and the rows after it stay inside the caller's
+            // `n * bb` bytes.
+            let host_at = unsafe { host.add(at) };
+            let (export, import) = (matches!(dir, Dir::Export), matches!(dir, Dir::Import));
+            let c = CUDA_MEMCPY2D {
+                srcXInBytes: 0,
+                srcY: 0,
+                srcMemoryType: if export { dev_ty } else { host_ty },
+                srcHost: if import {
+                    host_at
+                } else {
+                    std::ptr::null_mut()
+                } as *const _,
+                srcDevice: if export { dev } else { 0 },
+                srcArray: std::ptr::null_mut(),
+                srcPitch: if export { width } else { bb },
+                dstXInBytes: 0,
+                dstY: 0,
+                dstMemoryType: if export { host_ty } else { dev_ty },
+                dstHost: if export {
+                    host_at
+                } else {
+                    std::ptr::null_mut()
+                } as *mut _,
+                dstDevice: if import { dev } else { 0 },
+                dstArray: std::ptr::null_mut(),
+                dstPitch: if export { bb } else { width },
+                WidthInBytes: width,
+                Height: n,
+            };
             // SAFETY: the caller's promises cover both ends of the copy.
             unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&c, stream) }
                 .result()

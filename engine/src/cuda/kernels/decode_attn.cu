@@ -103,21 +103,20 @@ __device__ __forceinline__ void decode_load_warp_raw(unsigned char* kr, unsigned
 }
 
 // The raw stage expanded into the bf16 tile (swizzled as decode_load_warp_tile
-// stores it), each value times its key's scale.
+// stores it), unscaled: the keys' scales go into the scores and probabilities.
 template <int HD>
 __device__ __forceinline__ void decode_expand_warp_tile(bf16* ks, bf16* vs,
                                                         const unsigned char* kr,
-                                                        const unsigned char* vr, const float* sr,
-                                                        int lane) {
+                                                        const unsigned char* vr, int lane) {
     constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
 #pragma unroll
     for (int i = lane; i < 16 * CPR; i += 32) {
         int r = i / CPR, c = i % CPR;
         int dst = r * HD + decode_swz<HD>(r, c) * 8;
         *reinterpret_cast<uint4*>(ks + dst) =
-            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8), sr[r]);
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8));
         *reinterpret_cast<uint4*>(vs + dst) =
-            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8), sr[16 + r]);
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8));
     }
 }
 
@@ -212,9 +211,11 @@ __device__ void decode_attn(const bf16* q, const void* cache_v, const float* sca
             cp_async_wait<0>();
         }
         __syncwarp();
+        // FP8: the tile's K scales (key r: sr[r]) and V scales (sr[16 + r]).
+        const float* sr = wsc + (it & 1) * 32;
         if constexpr (FP8) {
             const unsigned char* cr = raw + (it & 1) * 2 * 16 * HD;
-            decode_expand_warp_tile<HD>(ks, vs, cr, cr + 16 * HD, wsc + (it & 1) * 32, lane);
+            decode_expand_warp_tile<HD>(ks, vs, cr, cr + 16 * HD, lane);
             __syncwarp();
         }
 
@@ -243,7 +244,8 @@ __device__ void decode_attn(const bf16* q, const void* cache_v, const float* sca
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int j = t0 + nt * 8 + tig * 2 + e;
-                float v = (j >= end || j < lo) ? NEG_INF : sc[nt][e] * scale;
+                float s = FP8 ? sc[nt][e] * sr[nt * 8 + tig * 2 + e] : sc[nt][e];
+                float v = (j >= end || j < lo) ? NEG_INF : s * scale;
                 sc[nt][e] = v;
                 mx = fmaxf(mx, v);
             }
@@ -266,6 +268,7 @@ __device__ void decode_attn(const bf16* q, const void* cache_v, const float* sca
             for (int e = 0; e < 2; e++) {
                 p[nt][e] = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mn);
                 l += p[nt][e];
+                if constexpr (FP8) p[nt][e] *= sr[16 + nt * 8 + tig * 2 + e];
             }
         // O += P V: P (row gid, the 16 keys) as A, V through ldmatrix.trans.
         u32 pa[4] = {pack_bf16(p[0][0], p[0][1]), 0u, pack_bf16(p[1][0], p[1][1]), 0u};

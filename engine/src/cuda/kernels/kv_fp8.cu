@@ -38,17 +38,27 @@ __device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
     return (b & 0x80) ? -v : v;
 }
 
-// Eight e4m3 values (the bytes of `raw`, in memory order) dequantized with
-// `scale` in f32 as the CPU reads them, rounded to bf16: one 16-byte chunk of an
-// attention kernel's K or V tile.
-__device__ __forceinline__ uint4 kv_fp8_expand8(uint2 raw, float scale) {
+// Eight e4m3 values (the bytes of `raw`, in memory order) as bf16, exactly
+// (every e4m3 value is a bf16 value): one 16-byte chunk of an attention
+// kernel's K or V tile. The scales are applied where the tile is used: K's to
+// the scores, V's to the probabilities (kv_fp8_scale_cols in prefill_attn.cu,
+// and decode_attn.cu). sm_89 and later convert two values per instruction.
+__device__ __forceinline__ uint4 kv_fp8_expand8(uint2 raw) {
     u32 w[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         u32 word = i < 2 ? raw.x : raw.y;
-        int sh = (i & 1) * 16;
-        float a = __fmul_rn(e4m3_to_f32((unsigned char)(word >> sh)), scale);
-        float b = __fmul_rn(e4m3_to_f32((unsigned char)(word >> (sh + 8))), scale);
+        unsigned short pair = (unsigned short)(word >> ((i & 1) * 16));
+        float a, b;
+#if __CUDA_ARCH__ >= 890
+        u32 h2;
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"((unsigned short)(h2 & 0xffffu)));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(b) : "h"((unsigned short)(h2 >> 16)));
+#else
+        a = e4m3_to_f32((unsigned char)(pair & 0xffu));
+        b = e4m3_to_f32((unsigned char)(pair >> 8));
+#endif
         __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
         w[i] = *reinterpret_cast<u32*>(&p);
     }

@@ -161,21 +161,32 @@ __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned cha
     cp_async_commit();
 }
 
-// A raw tile expanded into the bf16 K and V tiles, each value times its key's
-// scale; the 16-byte chunk (row r, chunk c) of K goes to byte koff(r, c) of
-// `kd`, of V to voff(r, c) of `vd` (each kernel's own tile layout).
+// A raw tile expanded into the bf16 K and V tiles, unscaled; the 16-byte chunk
+// (row r, chunk c) of K goes to byte koff(r, c) of `kd`, of V to voff(r, c) of
+// `vd` (each kernel's own tile layout).
 template <int HD, typename KOff, typename VOff>
 __device__ __forceinline__ void prefill_expand(unsigned char* kd, unsigned char* vd,
                                                const unsigned char* kr, const unsigned char* vr,
-                                               const float* sr, KOff koff, VOff voff) {
+                                               KOff koff, VOff voff) {
     constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
     for (int i = threadIdx.x; i < BK * CPR; i += blockDim.x) {
         int r = i / CPR, c = i % CPR;
         *reinterpret_cast<uint4*>(kd + koff(r, c)) =
-            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8), sr[r]);
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8));
         *reinterpret_cast<uint4*>(vd + voff(r, c)) =
-            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8), sr[BK + r]);
+            kv_fp8_expand8(*reinterpret_cast<const uint2*>(vr + r * HD + c * 8));
     }
+}
+
+// FP8: each key's scale `s[key]` (of the tile's BK) into the fragment `sc`
+// (columns tig * 2, +1 of each 8-key block): K's into the scores before the
+// softmax, V's into the probabilities after it (the sum l stays unscaled).
+__device__ __forceinline__ void kv_fp8_scale_cols(float (&sc)[BK / 8][4], const float* s,
+                                                  int tig) {
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) sc[nt][e] *= s[nt * 8 + tig * 2 + (e & 1)];
 }
 
 // FP8: `cache` holds e4m3 bytes and `scales` their scales; each K/V tile comes
@@ -264,8 +275,7 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
             const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
             auto off = [&](int r, int c) { return (r * LD + c * 8) * 2; };
             unsigned char* kd = smem_raw;
-            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, raw_sc + (t & 1) * 2 * BK,
-                               off, off);
+            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off);
             __syncthreads();
         }
         const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
@@ -295,8 +305,11 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
                 mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
             }
         }
+        const float* sr = raw_sc + (t & 1) * 2 * BK;  // FP8: K scales, then V's
+        if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
         prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
                                  scale);
+        if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
             u32 a[4];
@@ -520,7 +533,7 @@ __device__ void prefill_attn_wg(const bf16* q, const void* cache_v, const float*
         if constexpr (FP8) {
             const unsigned char* kr = raw + (t % STAGES) * 2 * BK * HD;
             prefill_expand<HD>(
-                smem_raw, smem_raw + TILE_BYTES, kr, kr + BK * HD, raw_sc + (t % STAGES) * 2 * BK,
+                smem_raw, smem_raw + TILE_BYTES, kr, kr + BK * HD,
                 [](int r, int c) { return (r >> 3) * (int)K_SBO + c * 128 + (r & 7) * 16; },
                 [](int r, int c) { return c * (int)V_SBO + (r >> 3) * 128 + (r & 7) * 16; });
             fence_proxy_async();
@@ -545,8 +558,11 @@ __device__ void prefill_attn_wg(const bf16* q, const void* cache_v, const float*
 #pragma unroll
         for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
 
+        const float* sr = raw_sc + (t % STAGES) * 2 * BK;  // FP8: K scales, then V's
+        if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
         prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
                                  scale);
+        if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
         u32 pa[BK / 16][4];
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
