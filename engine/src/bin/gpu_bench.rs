@@ -134,6 +134,11 @@ fn checked_model(dir: &Path, kv: KvDtype) -> Res<CheckReport> {
     if !r.kv_roundtrip_identical {
         return Err("KV import/export roundtrip differs".into());
     }
+    if let Some((dec, pre)) = r.same_cache_rel {
+        eprintln!(
+            "{d}: over the CPU's own fp8 cache bytes: decode step max rel err {dec:.2e}, 2-token prefill chunk {pre:.2e}"
+        );
+    }
     eprintln!(
         "{d}: greedy continuations, graph replays vs kernel-by-kernel: {} of {} differ ({} graphs captured)",
         r.graph_differ, r.prompts, r.graphs_captured

@@ -37,9 +37,13 @@ pub const L2_BOUND: f32 = 1e-2;
 /// The same bounds with an fp8 cache on both sides: the GPU's K/V (from bf16
 /// products) differ from the CPU's in the last bits, and a value near a
 /// rounding boundary of e4m3 (3 mantissa bits) then lands one e4m3 step away.
+/// Measured on the H200 (2026-12-04): max rel 1.7e-2 .. 6.1e-2, L2 1.5e-2 ..
+/// 5.4e-2 over the four models; a kernel fault gives errors of order 1. The
+/// kernels themselves are held to the bf16 bound by
+/// [`CheckReport::same_cache_rel`].
 pub const MAX_REL_BOUND_FP8: f32 = 1e-1;
 /// See [`MAX_REL_BOUND_FP8`].
-pub const L2_BOUND_FP8: f32 = 3e-2;
+pub const L2_BOUND_FP8: f32 = 8e-2;
 
 /// A synthesized model shape the check runs on.
 #[derive(Debug, Clone, Copy)]
@@ -144,6 +148,12 @@ pub struct CheckReport {
     pub pdl_differ: usize,
     /// Sequences decoded alone (of 6) that differ from the CPU's, as `#i@step`.
     pub alone_differ: Vec<String>,
+    /// fp8 only: the GPU's cache overwritten with the CPU's bytes (the same e4m3
+    /// values and scales, so only the attention kernels' reading of them and the
+    /// bf16 arithmetic differ), then one decode step and one 2-token prefill
+    /// chunk on both: their logits' max abs err / max abs, the worst of 6
+    /// sequences (decode attention, then prefill attention over the fp8 cache).
+    pub same_cache_rel: Option<(f32, f32)>,
 }
 
 impl CheckReport {
@@ -174,6 +184,13 @@ impl CheckReport {
         }
         if !self.kv_roundtrip_identical {
             f.push("KV import/export round trip differs".into());
+        }
+        if let Some((d, p)) = self.same_cache_rel
+            && !(below(d, MAX_REL_BOUND) && below(p, MAX_REL_BOUND))
+        {
+            f.push(format!(
+                "over the CPU's fp8 cache: decode {d:.2e} / prefill {p:.2e} max rel err >= {MAX_REL_BOUND:.0e}"
+            ));
         }
         if self.pdl_differ > 0 {
             f.push(format!(
@@ -305,7 +322,8 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
         })
         .collect();
     // Each sequence gets its own blocks, in reverse order, so paging is exercised.
-    let per_seq = blocks_for(max_len + steps + 1, BLOCK_SIZE);
+    // Room for the prompt, the steps and the same-cache check's three tokens.
+    let per_seq = blocks_for(max_len + steps + 4, BLOCK_SIZE);
     let num_blocks = per_seq * prompts.len() + 8;
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|i| {
@@ -451,6 +469,27 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
             alone_differ.push(format!("#{i}@{k}"));
         }
     }
+    let same_cache_rel = if kv == KvDtype::Fp8E4m3 {
+        let mut worst = (0f32, 0f32);
+        for i in 0..6.min(prompts.len()) {
+            let pos = prompts[i].len() + steps;
+            let blocks = &tables[i][..blocks_for(pos + 3, BLOCK_SIZE)];
+            for layer in 0..config.num_layers {
+                gpu.import_layer(layer, blocks, &cpu.export_layer(layer, blocks)?)?;
+            }
+            let t = cpu_next[i];
+            let c = cpu.decode(&[(t, pos, &tables[i])])?;
+            let g = gpu.decode(&[(t, pos, &tables[i])])?;
+            worst.0 = worst.0.max(rel_err(&g[0], &c[0]));
+            let two = [t, first_tokens[i]];
+            let c = cpu.prefill(&two, pos + 1, &tables[i])?;
+            let g = gpu.prefill(&two, pos + 1, &tables[i])?;
+            worst.1 = worst.1.max(rel_err(&g, &c));
+        }
+        Some(worst)
+    } else {
+        None
+    };
     let greedy_differ = (0..prompts.len())
         .filter_map(|i| {
             (0..steps)
@@ -471,6 +510,7 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
         graphs_captured,
         pdl_differ,
         alone_differ,
+        same_cache_rel,
     })
 }
 
@@ -573,6 +613,7 @@ mod tests {
             graphs_captured: 2,
             pdl_differ: 0,
             alone_differ: Vec::new(),
+            same_cache_rel: None,
         };
         assert!(ok.failures().is_empty());
         let bad = CheckReport {
