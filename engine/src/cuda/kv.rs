@@ -368,14 +368,55 @@ impl GpuKvCache {
             .staging
             .lock()
             .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))?;
+        let fp8 = self.layout.dtype == KvDtype::Fp8E4m3;
+        let (vb, sb) = (self.values_bytes(), bb - self.values_bytes());
         for (r, round) in blocks.chunks(self.staging_blocks).enumerate() {
             let host = staging.as_mut_slice().op("pinned buffer")?;
             let src = &bytes[r * self.staging_blocks * bb..][..round.len() * bb];
-            host[..src.len()].copy_from_slice(src);
-            for (first, run) in runs(round) {
-                // SAFETY: the run lies inside the layer; the pinned range stays
-                // untouched until the copy stream is synchronized below.
-                unsafe { self.copy_run(Dir::Import, layer, run, host[first * bb..].as_mut_ptr()) }?;
+            if !fp8 {
+                host[..src.len()].copy_from_slice(src);
+                for (first, run) in runs(round) {
+                    // SAFETY: the run lies inside the layer; the pinned range stays
+                    // untouched until the copy stream is synchronized below.
+                    unsafe {
+                        self.copy_run(Dir::Import, layer, run, host[first * bb..].as_mut_ptr())
+                    }?;
+                }
+            } else {
+                // The frame's blocks split into all their values, then all their
+                // scales, so each run is two plain copies, not strided ones with
+                // rows of a few dozen bytes (docs/FP8_KV.md, "CUDA").
+                let n = round.len();
+                let (vals, scales) = host[..n * bb].split_at_mut(n * vb);
+                for (j, block) in src.chunks_exact(bb).enumerate() {
+                    vals[j * vb..][..vb].copy_from_slice(&block[..vb]);
+                    scales[j * sb..][..sb].copy_from_slice(&block[vb..]);
+                }
+                for (first, run) in runs(round) {
+                    let (b0, m) = (run[0] as usize, run.len());
+                    for (dst, part) in [
+                        (
+                            self.layer_ptr(layer) + (b0 * vb) as u64,
+                            &vals[first * vb..][..m * vb],
+                        ),
+                        (
+                            self.scales_ptr(layer) + (b0 * sb) as u64,
+                            &scales[first * sb..][..m * sb],
+                        ),
+                    ] {
+                        // SAFETY: `dst` and the `part.len()` bytes after it lie inside the
+                        // layer's blocks or scales (blocks checked above); the pinned
+                        // source stays untouched until the copy stream is synchronized.
+                        unsafe {
+                            cudarc::driver::result::memcpy_htod_async(
+                                dst,
+                                part,
+                                self.copy.cu_stream(),
+                            )
+                        }
+                        .op("cuMemcpyHtoDAsync (KV import)")?;
+                    }
+                }
             }
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
         }
