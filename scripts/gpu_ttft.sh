@@ -111,7 +111,8 @@ PY
 start decode decode.toml decode-disagg; D=$PID
 start prefill prefill.toml prefill-4096; P=$PID
 start router router.toml router
-ready || { tail -20 "$OUT"/*.log; exit 1; }
+# Until the router has seen the prefill node it forces local prefills: wait for a remote one.
+ready_remote || { tail -20 "$OUT"/*.log; exit 1; }
 probe; for r in ${RATES-1 4}; do bench disagg "$r"; done; sat disagg
 if [ -z "${SKIP512:-}" ]; then
 stop "$P"
