@@ -242,7 +242,12 @@ impl<B: Backend> Scheduler<B> {
                 self.handle(cmd);
             }
             self.reap(Instant::now());
+            let started = Instant::now();
             self.step();
+            let took = started.elapsed();
+            if took > Duration::from_millis(50) {
+                tracing::debug!(ms = took.as_secs_f64() * 1e3, "slow engine step");
+            }
             self.publish();
         }
         let ids: Vec<u64> = self.seqs.keys().copied().collect();
@@ -298,6 +303,13 @@ impl<B: Backend> Scheduler<B> {
                 }
                 seq.state = State::Running;
                 seq.spans.kv_imported = Some(Instant::now());
+                seq.span.in_scope(|| {
+                    tracing::debug!(
+                        frames = seq.spans.imports,
+                        import_ms = seq.spans.import_time.as_secs_f64() * 1e3,
+                        "shipped KV imported"
+                    )
+                });
                 // The context's full blocks now hold their KV (cached or
                 // shipped): the next turn of a chat can start from them.
                 let context_len = seq.generation.tokens().len();
@@ -356,6 +368,7 @@ impl<B: Backend> Scheduler<B> {
         };
         let layout = self.backend.kv_layout();
         let context_len = seq.generation.tokens().len();
+        let started = Instant::now();
         let result = match seq.table.get(blocks.clone()) {
             Some(table) => crate::kv_convert::to_cache_dtype(
                 dtype,
@@ -375,6 +388,10 @@ impl<B: Backend> Scheduler<B> {
                 blocks.start, blocks.end
             )),
         };
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.spans.imports += 1;
+            seq.spans.import_time += started.elapsed();
+        }
         match result {
             Ok(()) => self.stats().kv_received_bytes_total += payload.len() as u64,
             Err(e) => self.fail(id, RequestError::KvImport(e)),

@@ -3,7 +3,7 @@
 //! in seconds since admission): the local prefill's first and last chunk,
 //! the last layer of shipped KV landing, and the first decode step.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_proto::v1 as pb;
 
@@ -15,6 +15,9 @@ pub(crate) struct SeqSpans {
     pub prefill_computed: Option<Instant>,
     pub kv_imported: Option<Instant>,
     pub first_step: Option<Instant>,
+    /// Shipped KV: frames imported and the engine loop's time in them.
+    pub imports: u32,
+    pub import_time: Duration,
 }
 
 impl SeqSpans {
@@ -25,6 +28,8 @@ impl SeqSpans {
             prefill_computed: None,
             kv_imported: None,
             first_step: None,
+            imports: 0,
+            import_time: Duration::ZERO,
         }
     }
 
