@@ -13,8 +13,10 @@
 //! An fp8 layer is its blocks' e4m3 values, then all its blocks' scales (`2 ·
 //! kv heads` f32 per block), so the attention kernels' 16-byte loads of values
 //! stay aligned whatever the head count. On the wire (and in the CPU cache's
-//! frames) a block is its values then its scales: a move of consecutive
-//! blocks is two strided copies, values and scales ([`GpuKvCache`]'s `copy_run`).
+//! frames) a block is its values then its scales: an export of consecutive
+//! blocks is two strided copies, values and scales (`copy_run`); an import
+//! splits the frame into its values and its scales on the host first and
+//! makes two plain copies.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
