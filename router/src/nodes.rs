@@ -170,6 +170,14 @@ pub struct NodePool {
     next_id: AtomicU64,
 }
 
+impl std::fmt::Debug for NodePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePool")
+            .field("nodes", &self.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// A request of this router at a node: counted in the node's load (see
 /// [`crate::own_load`]) until dropped, when the node is done with it (it
 /// answered, finished, or the request was given up there).
@@ -434,6 +442,13 @@ impl NodePool {
         let mut order = order;
         order.sort_by_key(|&i| !identified[i]);
         order.into_iter().map(|i| handles[i].clone()).collect()
+    }
+
+    /// The load of `addr` as this router sees it now: its last report,
+    /// corrected by this router's requests since (for status listings and
+    /// tests); `None` before its first report.
+    pub fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
+        self.lock().get(addr).and_then(|e| e.status_now().load)
     }
 
     /// Hashes the KV index credits to `addr`.
@@ -728,14 +743,6 @@ fn status_chain(status: &tonic::Status) -> String {
     match std::error::Error::source(status) {
         Some(source) => format!("{status}: {}", grpc_tls::error_chain(source)),
         None => status.to_string(),
-    }
-}
-
-/// Loads as the pool holds them, for tests.
-#[cfg(test)]
-impl NodePool {
-    fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
-        self.lock().get(addr).and_then(|e| e.status_now().load)
     }
 }
 
