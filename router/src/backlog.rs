@@ -8,9 +8,16 @@
 //! the router sent it, less the growth of its reported queue
 //! (`queued_prefill_tokens`: what is waiting plus what its active prompts
 //! still lack), smoothed. (The node's `prompt_tokens_total` counts a prompt
-//! when it starts, not when it is done, so it cannot give the rate.) Until a
-//! node has been measured its rate is unknown: admission does not refuse on
-//! its account, and KV waits are the longest allowed, since nothing says how
+//! when it starts, not when it is done, so it cannot give the rate.) A node
+//! whose busy spells are all shorter than the window (it goes idle between
+//! prompts that come a few at a time) would never be measured, and admission
+//! would never bound its queue: until a node has a rate, its short spells
+//! add up, and once together they are a window long they give its first
+//! sample. That sample runs low (a spell is timed from the report that first
+//! shows it busy to the one that shows it idle, so up to an interval too
+//! long), which errs on the side of refusing; full windows correct it. Until
+//! a node has been measured its rate is unknown: admission does not refuse on its
+//! account, and KV waits are the longest allowed, since nothing says how
 //! long the queue takes.
 //!
 //! Everything here is sans-I/O: reports and times go in, estimates come out.
@@ -31,6 +38,10 @@ const SMOOTHING: f64 = 0.3;
 pub struct PrefillRate {
     /// The start of the current busy window.
     window: Option<Mark>,
+    /// Busy spells that ended (the node went idle) before they were
+    /// [`RATE_WINDOW`] long, while no rate is measured: their time and the
+    /// tokens done in them.
+    short: (Duration, u64),
     tokens_per_s: Option<f64>,
 }
 
@@ -66,26 +77,42 @@ impl PrefillRate {
         if mark.started < start.started {
             // The node restarted: its queue and totals began again.
             self.window = busy.then_some(mark);
+            self.short = (Duration::ZERO, 0);
             return;
         }
         let elapsed = now.saturating_duration_since(start.at);
+        let arrived = mark.sent.saturating_sub(start.sent);
+        let done = (start.queued + arrived).saturating_sub(mark.queued);
         if elapsed >= RATE_WINDOW {
-            let arrived = mark.sent.saturating_sub(start.sent);
-            let done = (start.queued + arrived).saturating_sub(mark.queued);
             // A window in which nothing finished says little when the node
             // holds one long prompt; it lowers the rate only if it was long.
             if done > 0 || elapsed >= RATE_WINDOW * 8 {
-                let sample = done as f64 / elapsed.as_secs_f64();
-                self.tokens_per_s = Some(match self.tokens_per_s {
-                    Some(r) => r + SMOOTHING * (sample - r),
-                    None => sample,
-                });
+                self.sample(done, elapsed);
                 self.window = busy.then_some(mark);
+            }
+        } else if !busy && self.tokens_per_s().is_none() {
+            // A short spell: kept until the spells add up to a window.
+            let (time, tokens) = self.short;
+            let (time, tokens) = (time + elapsed, tokens.saturating_add(done));
+            if time >= RATE_WINDOW && tokens > 0 {
+                self.sample(tokens, time);
+                self.short = (Duration::ZERO, 0);
+            } else {
+                self.short = (time, tokens);
             }
         }
         if !busy {
             self.window = None;
         }
+    }
+
+    /// Takes `done` tokens prefilled in `elapsed` into the smoothed rate.
+    fn sample(&mut self, done: u64, elapsed: Duration) {
+        let sample = done as f64 / elapsed.as_secs_f64();
+        self.tokens_per_s = Some(match self.tokens_per_s {
+            Some(r) => r + SMOOTHING * (sample - r),
+            None => sample,
+        });
     }
 
     /// The measured rate, if any (tokens per second, positive).
@@ -205,6 +232,30 @@ mod tests {
         r.on_report(&load(1, 500, 1000), 1000, t + ms(60_100));
         r.on_report(&load(0, 0, 1000), 1000, t + ms(60_600));
         assert_eq!(r.tokens_per_s(), Some(1000.0));
+    }
+
+    #[test]
+    fn short_busy_spells_add_up_to_a_sample() {
+        // Prompts come a few at a time: the node is busy for 200 ms, idle,
+        // busy again; no spell is a window long, together they are.
+        let t = Instant::now();
+        let mut r = PrefillRate::default();
+        r.on_report(&load(1, 400, 400), 400, t);
+        r.on_report(&load(0, 0, 400), 400, t + ms(200));
+        r.on_report(&load(0, 0, 400), 400, t + ms(300));
+        assert_eq!(r.tokens_per_s(), None, "200 ms is not a window");
+        r.on_report(&load(1, 300, 700), 700, t + ms(400));
+        r.on_report(&load(1, 100, 900), 900, t + ms(600));
+        assert_eq!(r.tokens_per_s(), None, "another 200 ms: 400 ms in all");
+        r.on_report(&load(0, 0, 900), 900, t + ms(700));
+        // 400 + 500 tokens done in 200 + 300 ms of busy spells.
+        assert_eq!(r.tokens_per_s(), Some(1800.0));
+        // Measured: short spells no longer count, full windows do.
+        r.on_report(&load(1, 1000, 1900), 1900, t + ms(800));
+        r.on_report(&load(0, 0, 1900), 1900, t + ms(900));
+        r.on_report(&load(1, 1000, 2900), 2900, t + ms(1000));
+        r.on_report(&load(0, 0, 2900), 2900, t + ms(1100));
+        assert_eq!(r.tokens_per_s(), Some(1800.0));
     }
 
     #[test]

@@ -46,7 +46,7 @@ use tracing::{Instrument, debug, info, warn};
 use crate::backlog::PendingTokens;
 use crate::error::RouterError;
 use crate::node_addr::NodeAddr;
-use crate::nodes::{NodeHandle, NodePool};
+use crate::nodes::{Assignment, NodeHandle, NodePool};
 use crate::request_metrics::{TokenClock, Tokens, finish_label, request_ended, sample_ended};
 use crate::request_spans::{self, SpanClock};
 use crate::validation::ValidRequest;

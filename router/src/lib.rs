@@ -44,6 +44,7 @@ pub mod openai_tools;
 pub mod openai_tools_prompt;
 pub mod openai_tools_scan;
 pub mod openai_tools_stream;
+pub mod own_load;
 pub mod request_metrics;
 pub mod request_spans;
 pub mod routing;
@@ -82,6 +83,9 @@ pub struct RunningRouter {
     /// Stops admitting and counts admitted requests, for a drain before
     /// `shutdown` (see [`drain`]).
     pub drain: Arc<drain::Drain>,
+    /// The router's view of the cluster's nodes, for status listings and
+    /// tests (what it knows of their load and cached blocks).
+    pub nodes: Arc<nodes::NodePool>,
 }
 
 /// Binds `config.listen` and serves `Generate` and `grpc.health.v1` until
@@ -133,6 +137,7 @@ pub async fn serve(
         shutdown.clone(),
     )?);
     let drain = service.drain();
+    let nodes = service.nodes();
     let http_addr = match config.http_listen {
         Some(http) => Some(
             serve_http(
@@ -214,6 +219,7 @@ pub async fn serve(
         http_addr,
         join,
         drain,
+        nodes,
     })
 }
 

@@ -16,7 +16,9 @@
 //! node open it and keep the node out of [`NodePool::ranked`] until its load
 //! reports and a trial request show it works again. Prefill nodes' reports
 //! also measure their prefill rate ([`crate::backlog`]), for admission and
-//! KV waits.
+//! KV waits. Between reports, each node's figures are corrected by this
+//! router's own requests there ([`crate::own_load`]): an [`Assignment`]
+//! counts a request from before it is sent until the node is done with it.
 //!
 //! With `[tls]` every channel is mutual TLS (`tandem_cluster::grpc_tls`): a
 //! member must have an `https://` address, its certificate is checked
@@ -35,7 +37,7 @@
 //! request by the configured [`routing`](crate::routing) policy.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,7 @@ use crate::choice::{NodeStatus, rank_decode, rank_prefill};
 use crate::identity::Identity;
 use crate::kv_index::KvIndex;
 use crate::node_addr::NodeAddr;
+use crate::own_load::{OwnLoad, Share};
 use crate::routing::{RoutingConfig, rank_kv_aware, rank_round_robin};
 
 /// First wait before reopening a failed load stream.
@@ -83,6 +86,9 @@ pub struct NodeHandle {
 }
 
 struct Entry {
+    /// Tells this entry from an earlier one of the same address (a node
+    /// that left and came back), so a late [`Assignment`] finds its own.
+    id: u64,
     handle: NodeHandle,
     /// The member as the membership gave it (a change of it redials).
     member: Member,
@@ -100,6 +106,8 @@ struct Entry {
     rate: PrefillRate,
     /// Prompt tokens sent to the node (prefill nodes), for its rate.
     sent_tokens: u64,
+    /// The reported load corrected by this router's requests (see [`crate::own_load`]).
+    own: OwnLoad,
 }
 
 impl Entry {
@@ -110,6 +118,15 @@ impl Entry {
             && self.breaker.allows(now)
             && self.status.reachable
             && now.saturating_duration_since(self.last_report) < stale_after
+    }
+
+    /// The node's status, its load figures corrected by what this router
+    /// saw since the report.
+    fn status_now(&self) -> NodeStatus {
+        NodeStatus {
+            load: self.status.load.as_ref().map(|l| self.own.corrected(l)),
+            reachable: self.status.reachable,
+        }
     }
 
     /// Records a breaker change in the log and the metrics.
@@ -149,6 +166,60 @@ pub struct NodePool {
     routing: RoutingConfig,
     /// Round-robin turns, decode and prefill.
     turns: [AtomicUsize; 2],
+    /// The next [`Entry::id`].
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for NodePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePool")
+            .field("nodes", &self.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request of this router at a node: counted in the node's load (see
+/// [`crate::own_load`]) until dropped, when the node is done with it (it
+/// answered, finished, or the request was given up there).
+#[must_use = "the request counts at the node only while this is held"]
+pub struct Assignment {
+    pool: Arc<NodePool>,
+    addr: NodeAddr,
+    entry: u64,
+    share: Share,
+    /// The node refused the request: it never held it.
+    refused: bool,
+}
+
+impl Assignment {
+    /// The node refused the request (it holds nothing of it): it stops
+    /// counting as if it had never been sent.
+    pub fn refused(mut self) {
+        self.refused = true;
+    }
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("addr", &self.addr)
+            .field("share", &self.share)
+            .finish()
+    }
+}
+
+impl Drop for Assignment {
+    fn drop(&mut self) {
+        if let Some(e) = self.pool.lock().get_mut(&self.addr)
+            && e.id == self.entry
+        {
+            if self.refused {
+                e.own.on_refused(self.share);
+            } else {
+                e.own.on_done(self.share);
+            }
+        }
+    }
 }
 
 impl NodePool {
@@ -194,6 +265,7 @@ impl NodePool {
             kv: Mutex::new(KvIndex::new()),
             routing,
             turns: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            next_id: AtomicU64::new(0),
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -276,6 +348,7 @@ impl NodePool {
             nodes.insert(
                 handle.addr.clone(),
                 Entry {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     handle,
                     member: m.clone(),
                     status: NodeStatus::default(),
@@ -286,6 +359,7 @@ impl NodePool {
                     breaker: Breaker::new(self.breakers),
                     rate: PrefillRate::default(),
                     sent_tokens: 0,
+                    own: OwnLoad::default(),
                 },
             );
         }
@@ -351,9 +425,10 @@ impl NodePool {
         let mut identified = Vec::with_capacity(entries.len());
         for e in entries {
             handles.push(e.handle.clone());
+            let status = e.status_now();
             statuses.push(NodeStatus {
-                reachable: e.status.reachable && e.last_report.elapsed() < stale_after,
-                ..e.status.clone()
+                reachable: status.reachable && e.last_report.elapsed() < stale_after,
+                ..status
             });
             identified.push(e.identified);
         }
@@ -367,6 +442,13 @@ impl NodePool {
         let mut order = order;
         order.sort_by_key(|&i| !identified[i]);
         order.into_iter().map(|i| handles[i].clone()).collect()
+    }
+
+    /// The load of `addr` as this router sees it now: its last report,
+    /// corrected by this router's requests since (for status listings and
+    /// tests); `None` before its first report.
+    pub fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
+        self.lock().get(addr).and_then(|e| e.status_now().load)
     }
 
     /// Hashes the KV index credits to `addr`.
@@ -466,10 +548,8 @@ impl NodePool {
                 continue;
             }
             backlog.nodes += 1;
-            if let Some(load) = &e.status.load {
-                backlog.queued_tokens = backlog
-                    .queued_tokens
-                    .saturating_add(load.queued_prefill_tokens);
+            if e.status.load.is_some() {
+                backlog.queued_tokens = backlog.queued_tokens.saturating_add(e.own.queued_tokens());
             }
             backlog.tokens_per_s += e.rate.tokens_per_s().unwrap_or(0.0);
         }
@@ -480,11 +560,10 @@ impl NodePool {
     pub fn prefill_queue(&self, addr: &str) -> Option<(u64, Option<f64>)> {
         let nodes = self.lock();
         let e = nodes.get(addr)?;
-        let queued = e
-            .status
-            .load
-            .as_ref()
-            .map_or(0, |l| l.queued_prefill_tokens);
+        let queued = match e.status.load {
+            Some(_) => e.own.queued_tokens(),
+            None => 0,
+        };
         Some((queued, e.rate.tokens_per_s()))
     }
 
@@ -495,39 +574,40 @@ impl NodePool {
             .any(|e| e.handle.role == role && e.compatible)
     }
 
-    /// Counts a request just sent to `addr` in its load until the node's next
-    /// report, so that a burst between reports spreads over the nodes.
-    pub fn note_assigned(&self, addr: &str, prompt_tokens: usize) {
+    /// Counts a request of `prompt_tokens` (its prompt and any tokens
+    /// generated before a re-run) about to be sent to `addr` in the node's
+    /// load until the returned [`Assignment`] is dropped, so that a burst
+    /// between reports spreads over the nodes and a finished request stops
+    /// counting before the node's next report; `None` for a node not in the
+    /// pool. Call it before the request goes out: a report that already
+    /// shows the request must find it counted as this router's.
+    pub fn assign(self: &Arc<Self>, addr: &str, prompt_tokens: usize) -> Option<Assignment> {
         let mut nodes = self.lock();
-        let Some(entry) = nodes.get_mut(addr) else {
-            return;
-        };
-        // While half-open, the request is one of the breaker's trials.
-        entry.breaker.on_sent(Instant::now());
+        let entry = nodes.get_mut(addr)?;
         if entry.handle.role == Role::Prefill {
             entry.sent_tokens = entry.sent_tokens.saturating_add(prompt_tokens as u64);
         }
-        let Some(load) = entry.status.load.as_mut() else {
-            return;
+        let block_size = match entry.status.load.as_ref().map_or(0, |l| l.block_size) {
+            0 => FALLBACK_BLOCK_SIZE,
+            n => n,
         };
-        load.queued = load.queued.saturating_add(1);
-        match Role::of_load(load) {
-            Some(Role::Prefill) => {
-                load.queued_prefill_tokens = load
-                    .queued_prefill_tokens
-                    .saturating_add(prompt_tokens as u64);
-            }
-            _ => {
-                let block_size = match load.block_size {
-                    0 => FALLBACK_BLOCK_SIZE,
-                    n => n,
-                };
-                let blocks = u32::try_from(prompt_tokens)
-                    .unwrap_or(u32::MAX)
-                    .div_ceil(block_size);
-                load.kv_blocks_free = load.kv_blocks_free.saturating_sub(blocks);
-            }
-        }
+        let share = Share {
+            // A decode node prefills only some prompts itself (short ones,
+            // or with no prefill node): its queued tokens are its reports'.
+            tokens: match entry.handle.role {
+                Role::Prefill => prompt_tokens as u64,
+                Role::Decode => 0,
+            },
+            blocks: (prompt_tokens as u64).div_ceil(u64::from(block_size)),
+        };
+        entry.own.on_sent(share);
+        Some(Assignment {
+            pool: self.clone(),
+            addr: entry.handle.addr.clone(),
+            entry: entry.id,
+            share,
+            refused: false,
+        })
     }
 
     /// Stores a load report of `addr`, and what it says the node serves; the
@@ -553,6 +633,7 @@ impl NodePool {
             if e.handle.role == Role::Prefill {
                 e.rate.on_report(&load, e.sent_tokens, now);
             }
+            e.own.on_report(&load);
             e.status.load = Some(load);
             e.status.reachable = true;
             e.last_report = now;
@@ -565,6 +646,10 @@ impl NodePool {
     fn set_status(&self, addr: &str, update: impl FnOnce(&mut NodeStatus)) {
         if let Some(e) = self.lock().get_mut(addr) {
             update(&mut e.status);
+            // As a report would.
+            if let Some(load) = &e.status.load {
+                e.own.on_report(load);
+            }
         }
     }
 }
@@ -658,14 +743,6 @@ fn status_chain(status: &tonic::Status) -> String {
     match std::error::Error::source(status) {
         Some(source) => format!("{status}: {}", grpc_tls::error_chain(source)),
         None => status.to_string(),
-    }
-}
-
-/// Loads as the pool holds them, for tests.
-#[cfg(test)]
-impl NodePool {
-    fn load_of(&self, addr: &str) -> Option<tandem_proto::v1::NodeLoad> {
-        self.lock().get(addr).and_then(|e| e.status.load.clone())
     }
 }
 

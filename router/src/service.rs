@@ -152,6 +152,12 @@ impl GenerateService {
         self.drain.clone()
     }
 
+    /// The router's view of the cluster's nodes (their load, breakers and
+    /// cached blocks as this router knows them).
+    pub fn nodes(&self) -> Arc<NodePool> {
+        self.relay.nodes.clone()
+    }
+
     /// Follows [`GenerateService::is_ready`] (for health reporting).
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.clone()

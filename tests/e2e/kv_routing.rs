@@ -8,11 +8,13 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_cluster::{Config, DecodeSection, Member, Membership, Role, RouterSection};
 use tandem_engine::ModelDir;
 use tandem_proto::v1 as pb;
+use tandem_router::node_addr::NodeAddr;
+use tandem_router::nodes::NodePool;
 use tandem_tests::{complete, greedy_request, prompt, small_model};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -88,19 +90,48 @@ fn member(d: &Decode) -> Member {
     Member::new(Role::Decode, format!("http://{}", d.addr))
 }
 
-/// A router over `members`; returns its client.
+/// A router over `members`; returns its client and its view of the nodes.
 async fn start_router(
     model: &Arc<ModelDir>,
     members: Arc<Members>,
     shutdown: &CancellationToken,
-) -> Client {
+) -> (Client, Arc<NodePool>) {
     let (_, section) = sections();
     let r = tandem_router::serve(model.clone(), None, section, members, shutdown.clone())
         .await
         .expect("router");
-    Client::connect(format!("http://{}", r.addr))
+    let client = Client::connect(format!("http://{}", r.addr))
         .await
-        .expect("connect router")
+        .expect("connect router");
+    (client, r.nodes)
+}
+
+/// Waits until `what` holds of the router's view, or fails the test after
+/// 20 s (the router's load streams may still be connecting on a loaded
+/// machine: a fixed sleep once was too short).
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the router's view of `nodes` is current: it credits each
+/// with exactly the blocks its prefix cache holds (it heard every KV event
+/// they published) and sees it idle (a report from after the last turn,
+/// which a helper router sent and this one cannot know finished).
+async fn wait_until_known(router: &NodePool, nodes: &[&Decode]) {
+    wait_for("the router to learn the nodes' caches and load", || {
+        nodes.iter().all(|d| {
+            let addr = member(d).grpc_addr;
+            let idle = router
+                .load_of(&addr)
+                .is_some_and(|l| l.running == 0 && l.queued == 0);
+            idle && router.cached_blocks_of(&addr) == d.cached_blocks() as usize
+        })
+    })
+    .await;
 }
 
 fn members_of(nodes: &[&Decode]) -> Arc<Members> {
@@ -147,10 +178,10 @@ async fn later_turns_follow_their_history_and_a_restarted_node_loses_its_claim()
     let b = start_decode(&model, None).await;
 
     // Helpers that see one node each, and the router under test that sees both.
-    let mut via_a = start_router(&model, members_of(&[&a]), &shutdown).await;
-    let mut via_b = start_router(&model, members_of(&[&b]), &shutdown).await;
+    let (mut via_a, _) = start_router(&model, members_of(&[&a]), &shutdown).await;
+    let (mut via_b, _) = start_router(&model, members_of(&[&b]), &shutdown).await;
     let both = members_of(&[&a, &b]);
-    let mut router = start_router(&model, both.clone(), &shutdown).await;
+    let (mut router, view) = start_router(&model, both.clone(), &shutdown).await;
 
     // Two conversations' first turns: one on each node, behind the router's back.
     let conv1 = prompt(200, 1);
@@ -159,7 +190,7 @@ async fn later_turns_follow_their_history_and_a_restarted_node_loses_its_claim()
     let (answer2, _) = turn(&mut via_b, &conv2).await;
     eprintln!("first turns done");
     assert!(a.cached_blocks() > 0 && b.cached_blocks() > 0);
-    let_reports_flow().await;
+    wait_until_known(&view, &[&a, &b]).await;
 
     // Their second turns (history + answer + a new message) go where the history is.
     let next = |history: &[u32], answer: &[u32], salt: u32| -> Vec<u32> {
@@ -188,9 +219,16 @@ async fn later_turns_follow_their_history_and_a_restarted_node_loses_its_claim()
     let a = start_decode(&model, Some(a.addr)).await;
     let _ = turn(&mut via_b, &conv1).await;
     eprintln!("node a restarted");
-    let_reports_flow().await;
-    // The router's stream to the old a broke; give it time to redial.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The router's stream to the old a broke (which marks a failed and
+    // drops its claim), and it learnt b's new blocks...
+    wait_until_known(&view, &[&a, &b]).await;
+    // ...then it redials: a report of the new a (its stream starts with its
+    // empty snapshot) makes it usable again.
+    let b_addr = NodeAddr::from(member(&b).grpc_addr.as_str());
+    wait_for("the router to redial the restarted node", || {
+        view.usable(tandem_cluster::Role::Decode, std::slice::from_ref(&b_addr))
+    })
+    .await;
     let conv1_t3 = next(&conv1_t2, &[], 13);
     let nodes = [&a, &b];
     let (who, cached) = served_by(&nodes, async { turn(&mut router, &conv1_t3).await.1 }).await;
@@ -203,7 +241,10 @@ async fn later_turns_follow_their_history_and_a_restarted_node_loses_its_claim()
     // b leaves the cluster (still running, still holding conversation 2):
     // its events are dropped with it and nothing more goes there.
     both.0.send_replace(vec![member(&a)]);
-    let_reports_flow().await;
+    wait_for("the router to drop the node that left", || {
+        view.ranked(tandem_cluster::Role::Decode).len() == 1
+    })
+    .await;
     let before_b = b.prompt_tokens();
     let conv2_t3 = next(&conv2_t2, &[], 14);
     let (_, cached) = turn(&mut router, &conv2_t3).await;

@@ -23,6 +23,7 @@ impl Request<'_> {
             admitted,
             mut stream,
             prefill: named_prefill,
+            assignment: decode_assignment,
         } = self
             .reserve(
                 &mut guard,
@@ -43,6 +44,9 @@ impl Request<'_> {
         let mut prefill: Option<PrefillCall> = None;
         // The prefill node of this attempt, if any: a finished request proves it worked.
         let mut prefill_addr: Option<NodeAddr> = None;
+        // The prompt counted in the prefill node's load until the node is
+        // done with it: it answered, or the decode node has the KV.
+        let mut prefill_assignment = None;
         if !admitted.local_prefill {
             let target = admitted.kv_target.ok_or_else(|| RouterError::Protocol {
                 node: decode.addr.clone(),
@@ -54,9 +58,12 @@ impl Request<'_> {
                 .or_else(|| self.usable_prefill(failed, &tokens))
                 .ok_or(RouterError::NoNode("prefill"))?;
             debug!(node = %node.addr, "prefill");
-            self.relay
+            // While its breaker is half-open, the request is one of its trials.
+            self.relay.nodes.note_sent(&node.addr);
+            prefill_assignment = self
+                .relay
                 .nodes
-                .note_assigned(&node.addr, self.req.prompt.len() + progress.sent.len());
+                .assign(&node.addr, self.req.prompt.len() + progress.sent.len());
             let mut client = PrefillNodeClient::new(node.channel.clone());
             let request = pb::PrefillRequest {
                 request_id: self.req.request_id.clone(),
@@ -108,6 +115,7 @@ impl Request<'_> {
                 }
                 result = prefill_done => {
                     prefill = None;
+                    drop(prefill_assignment.take());
                     // The prefill node is done with the request either way.
                     let node = guard.prefill.take();
                     match result {
@@ -158,6 +166,8 @@ impl Request<'_> {
             };
             match event {
                 DecodeEvent::Token(mut chunk) => {
+                    // A token: the decode node has the prompt's KV.
+                    drop(prefill_assignment.take());
                     if first_logprobs.waiting_for_answer() {
                         held = Some(chunk);
                         continue;
@@ -168,6 +178,8 @@ impl Request<'_> {
                 DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
                     guard.decode = None;
+                    drop(decode_assignment);
+                    drop(prefill_assignment.take());
                     // Its KV came, so the prefill node did its part.
                     if let Some(addr) = &prefill_addr {
                         self.relay.nodes.record_success(addr);

@@ -13,6 +13,8 @@ pub(super) struct Reserved {
     /// The prefill node named to the decode node (`prefill_peer`), to use
     /// if it asks for a remote prefill.
     pub(super) prefill: Option<NodeHandle>,
+    /// The request counted in the decode node's load until it finishes there.
+    pub(super) assignment: Option<Assignment>,
 }
 
 impl Request<'_> {
@@ -78,18 +80,25 @@ impl Request<'_> {
             for node in ranked {
                 guard.decode = Some(node.clone());
                 nodes.note_sent(&node.addr);
+                let assignment = nodes.assign(&node.addr, self.req.prompt.len() + generated.len());
                 match self.watch(self.try_decode(&node, request.clone())).await {
                     Ok(mut reserved) => {
                         reserved.prefill = prefill;
+                        reserved.assignment = assignment;
                         nodes.record_success(&node.addr);
-                        nodes.note_assigned(&node.addr, self.req.prompt.len() + generated.len());
                         return Ok(reserved);
                     }
                     Err(err) => {
                         // The node answered: it holds nothing for the request.
                         guard.decode = None;
                         match err {
-                            RouterError::NodeExhausted { .. } => full = Some(err),
+                            RouterError::NodeExhausted { .. } => {
+                                // Refused for room: the node's load never had it.
+                                if let Some(a) = assignment {
+                                    a.refused();
+                                }
+                                full = Some(err)
+                            }
                             RouterError::NodeUnavailable { .. } | RouterError::Protocol { .. } => {
                                 warn!(node = %node.addr, "decode node failed, trying another: {err}");
                                 nodes.mark_failed(&node.addr);
@@ -211,6 +220,7 @@ impl Request<'_> {
                 admitted,
                 stream,
                 prefill: None,
+                assignment: None,
             }),
             Ok(Some(_)) => Err(self.protocol(node, "a Decode stream not starting with Admitted")),
             Ok(None) => Err(RouterError::NodeUnavailable {

@@ -172,6 +172,7 @@ async fn unreachable_nodes_rank_last_and_assignments_count() {
         s.reachable = true;
         s.load = Some(NodeLoad {
             role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_total: 10,
             kv_blocks_free: 10,
             ..Default::default()
         });
@@ -183,9 +184,13 @@ async fn unreachable_nodes_rank_last_and_assignments_count() {
         .collect();
     assert_eq!(ranked, vec![b.to_string(), a.to_string()]);
 
-    pool.note_assigned(b, 33);
+    let assigned = pool.assign(b, 33);
     let load = pool.load_of(b).unwrap();
     assert_eq!((load.queued, load.kv_blocks_free), (1, 7));
+    // Done with it: it stops counting before the node's next report.
+    drop(assigned);
+    let load = pool.load_of(b).unwrap();
+    assert_eq!((load.queued, load.kv_blocks_free), (0, 10));
     shutdown.cancel();
 }
 
@@ -207,15 +212,53 @@ async fn assignments_count_blocks_of_the_nodes_block_size() {
     pool.set_status(a, |s| {
         s.load = Some(NodeLoad {
             role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_total: 10,
             kv_blocks_free: 10,
             block_size: 32,
             ..Default::default()
         });
     });
     // 33 tokens are two blocks of 32 (three of the old fixed 16).
-    pool.note_assigned(a, 33);
+    let _first = pool.assign(a, 33);
     assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 8);
-    pool.note_assigned(a, 64);
+    let _second = pool.assign(a, 64);
     assert_eq!(pool.load_of(a).unwrap().kv_blocks_free, 6);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_stale_prefill_report_does_not_outlive_the_requests_it_counted() {
+    let shutdown = CancellationToken::new();
+    let membership = StaticMembership::new(&["127.0.0.1:1".into()], &[]);
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        never_open(),
+        RoutingConfig::default(),
+        shutdown.clone(),
+    );
+    let p = "http://127.0.0.1:1";
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = |queued: u64| NodeLoad {
+        role: tandem_proto::v1::Role::Prefill.into(),
+        kv_blocks_total: 512,
+        kv_blocks_free: 512,
+        queued_prefill_tokens: queued,
+        ..Default::default()
+    };
+    pool.set_status(p, |s| s.load = Some(report(0)));
+    let first = pool.assign(p, 200);
+    let second = pool.assign(p, 200);
+    assert_eq!(pool.prefill_queue(p).map(|q| q.0), Some(400));
+    // The last report before the queue drained: one prompt half done.
+    pool.set_status(p, |s| s.load = Some(report(300)));
+    assert_eq!(pool.prefill_queue(p).map(|q| q.0), Some(300));
+    drop(first);
+    assert_eq!(pool.prefill_queue(p).map(|q| q.0), Some(200));
+    drop(second);
+    // Both answered, no report since: nothing is queued there.
+    assert_eq!(pool.prefill_queue(p).map(|q| q.0), Some(0));
     shutdown.cancel();
 }
