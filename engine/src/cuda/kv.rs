@@ -389,11 +389,8 @@ impl GpuKvCache {
                 // scales, so each run is two plain copies, not strided ones with
                 // rows of a few dozen bytes (docs/FP8_KV.md, "CUDA").
                 let n = round.len();
-                let (vals, scales) = host[..n * bb].split_at_mut(n * vb);
-                for (j, block) in src.chunks_exact(bb).enumerate() {
-                    vals[j * vb..][..vb].copy_from_slice(&block[..vb]);
-                    scales[j * sb..][..sb].copy_from_slice(&block[vb..]);
-                }
+                split_frame(src, bb, vb, &mut host[..n * bb]);
+                let (vals, scales) = host[..n * bb].split_at(n * vb);
                 for (first, run) in runs(round) {
                     let (b0, m) = (run[0] as usize, run.len());
                     for (dst, part) in [
@@ -423,6 +420,19 @@ impl GpuKvCache {
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
         }
         Ok(())
+    }
+}
+
+/// Writes `frame`'s blocks of `block_bytes` (each `values` bytes of values,
+/// then its scales) into `out` (as long as `frame`) as all their values, then
+/// all their scales.
+fn split_frame(frame: &[u8], block_bytes: usize, values: usize, out: &mut [u8]) {
+    let n = frame.len() / block_bytes;
+    let sb = block_bytes - values;
+    let (vals, scales) = out.split_at_mut(n * values);
+    for (j, block) in frame.chunks_exact(block_bytes).enumerate() {
+        vals[j * values..][..values].copy_from_slice(&block[..values]);
+        scales[j * sb..][..sb].copy_from_slice(&block[values..]);
     }
 }
 
@@ -482,7 +492,19 @@ impl GpuKvCache {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::{runs, split_frame};
+
+    #[test]
+    fn a_frame_splits_into_its_values_then_its_scales() {
+        // Three blocks of 4 value bytes and 2 scale bytes: v0 s0 v1 s1 v2 s2.
+        let frame = [1, 1, 1, 1, 10, 10, 2, 2, 2, 2, 20, 20, 3, 3, 3, 3, 30, 30];
+        let mut out = [0u8; 18];
+        split_frame(&frame, 6, 4, &mut out);
+        assert_eq!(
+            out,
+            [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 10, 10, 20, 20, 30, 30]
+        );
+    }
 
     #[test]
     fn runs_merge_consecutive_blocks() {
