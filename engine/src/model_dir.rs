@@ -110,17 +110,12 @@ impl ModelDir {
         match self.device {
             Device::Cpu => Ok(Box::new(self.load_cpu(num_blocks, block_size)?)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => {
-                let weights = self.weights()?;
-                Ok(Box::new(crate::cuda::CudaBackend::load(
-                    ordinal,
-                    &self.config,
-                    &weights,
-                    num_blocks,
-                    block_size,
-                    crate::cuda::CudaLimits::from(limits),
-                )?))
-            }
+            Device::Cuda(ordinal) => self.load_cuda(
+                ordinal,
+                num_blocks,
+                block_size,
+                crate::cuda::CudaLimits::from(limits),
+            ),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(crate::error::EngineError::InvalidInput(
                 "this build has no CUDA backend: rebuild with `--features cuda`".into(),
@@ -162,18 +157,15 @@ impl ModelDir {
                 if tp != 1 {
                     return self.load_tp(tp, num_blocks, block_size, limits);
                 }
-                let weights = self.weights()?;
-                Ok(Box::new(crate::cuda::CudaBackend::load(
+                self.load_cuda(
                     ordinal,
-                    &self.config,
-                    &weights,
                     num_blocks,
                     block_size,
                     crate::cuda::CudaLimits {
                         kv_dtype: dtype,
                         ..crate::cuda::CudaLimits::from(limits)
                     },
-                )?))
+                )
             }
             _ => Err(crate::error::EngineError::InvalidInput(format!(
                 "kv_dtype {}: the {:?} backend's cache holds {} or fp8_e4m3",
@@ -205,6 +197,26 @@ impl ModelDir {
                 "tp = {tp}: tensor parallelism runs on the CPU backend only so far"
             ))),
         }
+    }
+
+    /// Loads the weights onto GPU `ordinal` with a cache of `num_blocks` blocks.
+    #[cfg(feature = "cuda")]
+    fn load_cuda(
+        &self,
+        ordinal: usize,
+        num_blocks: usize,
+        block_size: usize,
+        limits: crate::cuda::CudaLimits,
+    ) -> Result<Box<dyn Backend>> {
+        let weights = self.weights()?;
+        Ok(Box::new(crate::cuda::CudaBackend::load(
+            ordinal,
+            &self.config,
+            &weights,
+            num_blocks,
+            block_size,
+            limits,
+        )?))
     }
 
     /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.

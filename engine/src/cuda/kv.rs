@@ -16,7 +16,7 @@
 //! frames) a block is its values then its scales: an export of consecutive
 //! blocks is two strided copies, values and scales (`copy_run`); an import
 //! splits the frame into its values and its scales on the host first and
-//! makes two plain copies.
+//! makes two plain copies (bf16: one of each, a block being all values).
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -33,15 +33,6 @@ use crate::backend::{KvBytes, KvExport};
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
-
-/// Which way [`GpuKvCache::copy_run`] copies.
-#[derive(Clone, Copy)]
-enum Dir {
-    /// GPU to pinned host memory.
-    Export,
-    /// Pinned host memory to the GPU.
-    Import,
-}
 
 /// One buffer per layer, plus a pinned staging buffer for moving layers.
 pub struct GpuKvCache {
@@ -141,7 +132,7 @@ impl GpuKvCache {
             // SAFETY: the run's blocks lie inside the layer (checked above); the
             // destination is inside the range this export owns; the range is read
             // only after `done` (below) has completed.
-            unsafe { self.copy_run(Dir::Export, layer, run, host.add(first * bb)) }?;
+            unsafe { self.copy_run(layer, run, host.add(first * bb)) }?;
         }
         pending.done = Some(self.copy.record_event(None).op("cuEventRecord (copy)")?);
         Ok(KvBytes::Pending(Box::new(pending)))
@@ -225,74 +216,52 @@ impl GpuKvCache {
         Ok(())
     }
 
-    /// Queues on the copy stream the move of the consecutive blocks `run` of
-    /// `layer` between the GPU and `host` (`run.len()` blocks in the wire
-    /// layout): one copy for bf16, two strided ones (values, scales) for fp8.
+    /// Queues on the copy stream the copy of the consecutive blocks `run` of
+    /// `layer` into `host` (`run.len()` blocks in the wire layout): one copy
+    /// for bf16, two strided ones (values, scales) for fp8.
     ///
     /// # Safety
     /// `run` must lie inside the layer and `host` hold `run.len() * block_bytes`
     /// bytes of pinned memory that stay untouched until the copy stream has
     /// passed this copy.
-    unsafe fn copy_run(
-        &self,
-        dir: Dir,
-        layer: usize,
-        run: &[BlockId],
-        host: *mut u8,
-    ) -> Result<()> {
+    unsafe fn copy_run(&self, layer: usize, run: &[BlockId], host: *mut u8) -> Result<()> {
         let (b0, n) = (run[0] as usize, run.len());
         let bb = self.layout.block_bytes();
         let vb = self.values_bytes();
         let stream: CUstream = self.copy.cu_stream();
-        let mut parts = vec![(self.layer_ptr(layer) + (b0 * vb) as u64, vb, 0usize)];
-        if self.layout.dtype == KvDtype::Fp8E4m3 {
-            let sb = bb - vb;
-            parts.push((self.scales_ptr(layer) + (b0 * sb) as u64, sb, vb));
-        }
-        for (dev, width, at) in parts {
+        let sb = bb - vb;
+        let parts = [
+            (self.layer_ptr(layer) + (b0 * vb) as u64, vb, 0usize),
+            (self.scales_ptr(layer) + (b0 * sb) as u64, sb, vb),
+        ];
+        for (dev, width, at) in parts.into_iter().filter(|&(_, w, _)| w > 0) {
             // A device run of `n` rows of `width` bytes (pitch `width`) and host rows
             // at `at` within each `bb`-byte block: contiguous when width == bb.
-            let (host_ty, dev_ty) = (
-                CUmemorytype::CU_MEMORYTYPE_HOST,
-                CUmemorytype::CU_MEMORYTYPE_DEVICE,
-            );
             // SAFETY: `host + at` and the rows after it stay inside the caller's
             // `n * bb` bytes.
             let host_at = unsafe { host.add(at) };
-            let (export, import) = (matches!(dir, Dir::Export), matches!(dir, Dir::Import));
             let c = CUDA_MEMCPY2D {
                 srcXInBytes: 0,
                 srcY: 0,
-                srcMemoryType: if export { dev_ty } else { host_ty },
-                srcHost: if import {
-                    host_at
-                } else {
-                    std::ptr::null_mut()
-                } as *const _,
-                srcDevice: if export { dev } else { 0 },
+                srcMemoryType: CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                srcHost: std::ptr::null(),
+                srcDevice: dev,
                 srcArray: std::ptr::null_mut(),
-                srcPitch: if export { width } else { bb },
+                srcPitch: width,
                 dstXInBytes: 0,
                 dstY: 0,
-                dstMemoryType: if export { host_ty } else { dev_ty },
-                dstHost: if export {
-                    host_at
-                } else {
-                    std::ptr::null_mut()
-                } as *mut _,
-                dstDevice: if import { dev } else { 0 },
+                dstMemoryType: CUmemorytype::CU_MEMORYTYPE_HOST,
+                dstHost: host_at.cast(),
+                dstDevice: 0,
                 dstArray: std::ptr::null_mut(),
-                dstPitch: if export { bb } else { width },
+                dstPitch: bb,
                 WidthInBytes: width,
                 Height: n,
             };
             // SAFETY: the caller's promises cover both ends of the copy.
             unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&c, stream) }
                 .result()
-                .op(match dir {
-                    Dir::Export => "cuMemcpy2DAsync (KV export)",
-                    Dir::Import => "cuMemcpy2DAsync (KV import)",
-                })?;
+                .op("cuMemcpy2DAsync (KV export)")?;
         }
         Ok(())
     }
@@ -342,7 +311,7 @@ impl GpuKvCache {
                 // SAFETY: the run lies inside the layer (blocks checked above); the
                 // staging range is inside the pinned buffer; we wait for the copy
                 // stream before reading it.
-                unsafe { self.copy_run(Dir::Export, layer, run, host[first * bb..].as_mut_ptr()) }?;
+                unsafe { self.copy_run(layer, run, host[first * bb..].as_mut_ptr()) }?;
             }
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
             sink(&host[..round.len() * bb]);
@@ -370,51 +339,36 @@ impl GpuKvCache {
             .staging
             .lock()
             .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))?;
-        let fp8 = self.layout.dtype == KvDtype::Fp8E4m3;
+        // The frame's blocks split into all their values, then all their scales
+        // (fp8; a bf16 block is all values), so each run is one or two plain
+        // copies, not strided ones with rows of a few dozen bytes.
         let (vb, sb) = (self.values_bytes(), bb - self.values_bytes());
         for (r, round) in blocks.chunks(self.staging_blocks).enumerate() {
             let host = staging.as_mut_slice().op("pinned buffer")?;
             let src = &bytes[r * self.staging_blocks * bb..][..round.len() * bb];
-            if !fp8 {
-                host[..src.len()].copy_from_slice(src);
-                for (first, run) in runs(round) {
-                    // SAFETY: the run lies inside the layer; the pinned range stays
-                    // untouched until the copy stream is synchronized below.
+            let n = round.len();
+            split_frame(src, bb, vb, &mut host[..n * bb]);
+            let (vals, scales) = host[..n * bb].split_at(n * vb);
+            for (first, run) in runs(round) {
+                let (b0, m) = (run[0] as usize, run.len());
+                let parts = [
+                    (
+                        self.layer_ptr(layer) + (b0 * vb) as u64,
+                        &vals[first * vb..][..m * vb],
+                    ),
+                    (
+                        self.scales_ptr(layer) + (b0 * sb) as u64,
+                        &scales[first * sb..][..m * sb],
+                    ),
+                ];
+                for (dst, part) in parts.into_iter().filter(|(_, p)| !p.is_empty()) {
+                    // SAFETY: `dst` and the `part.len()` bytes after it lie inside the
+                    // layer's blocks or scales (blocks checked above); the pinned
+                    // source stays untouched until the copy stream is synchronized.
                     unsafe {
-                        self.copy_run(Dir::Import, layer, run, host[first * bb..].as_mut_ptr())
-                    }?;
-                }
-            } else {
-                // The frame's blocks split into all their values, then all their
-                // scales, so each run is two plain copies, not strided ones with
-                // rows of a few dozen bytes (docs/FP8_KV.md, "CUDA").
-                let n = round.len();
-                split_frame(src, bb, vb, &mut host[..n * bb]);
-                let (vals, scales) = host[..n * bb].split_at(n * vb);
-                for (first, run) in runs(round) {
-                    let (b0, m) = (run[0] as usize, run.len());
-                    for (dst, part) in [
-                        (
-                            self.layer_ptr(layer) + (b0 * vb) as u64,
-                            &vals[first * vb..][..m * vb],
-                        ),
-                        (
-                            self.scales_ptr(layer) + (b0 * sb) as u64,
-                            &scales[first * sb..][..m * sb],
-                        ),
-                    ] {
-                        // SAFETY: `dst` and the `part.len()` bytes after it lie inside the
-                        // layer's blocks or scales (blocks checked above); the pinned
-                        // source stays untouched until the copy stream is synchronized.
-                        unsafe {
-                            cudarc::driver::result::memcpy_htod_async(
-                                dst,
-                                part,
-                                self.copy.cu_stream(),
-                            )
-                        }
-                        .op("cuMemcpyHtoDAsync (KV import)")?;
+                        cudarc::driver::result::memcpy_htod_async(dst, part, self.copy.cu_stream())
                     }
+                    .op("cuMemcpyHtoDAsync (KV import)")?;
                 }
             }
             self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
