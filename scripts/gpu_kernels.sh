@@ -9,6 +9,9 @@
 #     bench    the llama3-8b benchmark (decode sweep, prefill, export)
 #     bench90  the same with the portable kernels (TANDEM_CUDA_ARCH=sm_90)
 #     kernels  where a decode step's time goes
+#     tests    the GPU unit tests ($GPU_DIR/engine-tests --ignored cuda::), fp8 included
+#     memcheck compute-sanitizer memcheck over `check` (the toolkit's, if present)
+#     synccheck compute-sanitizer synccheck over `attn --layers 1` (barrier misuse)
 #   RUNS=3    how many times each bench step runs (medians and ranges over runs)
 # Writes one Markdown file per step under $OUT.
 set -u
@@ -28,9 +31,12 @@ for s in ${STEPS:-check attn bench}; do
       bench) timeout 400 "$B" bench --shape llama3-8b ;;
       bench90) TANDEM_CUDA_ARCH=sm_90 timeout 400 "$B" bench --shape llama3-8b ;;
       kernels) timeout 120 "$B" kernels --shape llama3-8b ;;
+      tests) timeout 300 "$GPU_DIR/engine-tests" --ignored cuda:: --test-threads 1 ;;
+      memcheck) timeout 400 /usr/local/cuda/bin/compute-sanitizer --tool memcheck "$B" check --dir /tmp/tandem-check ;;
+      synccheck) timeout 400 /usr/local/cuda/bin/compute-sanitizer --tool synccheck "$B" attn --layers 1 ;;
       *) echo "unknown step $s"; false ;;
     esac >> "$OUT/$s.md" 2>&1
     echo "=== $s run $r rc=$? ($(date -u +%T))"
-    case $s in check|attn|kernels) break ;; esac
+    case $s in check|attn|kernels|tests|memcheck|synccheck) break ;; esac
   done
 done

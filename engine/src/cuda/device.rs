@@ -22,7 +22,7 @@ use half::bf16;
 use super::error::{CudaError, DriverContext};
 use super::launch::{
     self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, ProductOut, SiluMul,
-    decode_smem, prefill_smem,
+    PrefillShape, decode_smem, prefill_shape,
 };
 use super::program;
 pub use super::program::{DEFAULT_INCLUDE_DIRS, include_dir};
@@ -75,6 +75,9 @@ pub struct Gpu {
     pub(crate) decode_smem_fp8: usize,
     /// Decode attention blocks resident at once on the whole GPU (one wave).
     pub(crate) decode_wave: usize,
+    /// How `prefill_attn` and its fp8-cache instance are launched.
+    pub(crate) prefill: PrefillShape,
+    pub(crate) prefill_fp8: PrefillShape,
     /// The target the kernels were compiled for (`sm_90a`, `sm_90`, ..).
     arch: &'static str,
     /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
@@ -164,8 +167,8 @@ impl Gpu {
             (&k.decode_attn, decode_smem(head_dim, group_bound, false)),
             (&k.decode_attn_fp8, decode_smem(head_dim, group_bound, true)),
             // The prefill attention kernel's K/V stages exceed the default 48 KiB.
-            (&k.prefill_attn, prefill_smem(head_dim)),
-            (&k.prefill_attn_fp8, prefill_smem(head_dim)),
+            (&k.prefill_attn, prefill_shape(arch, head_dim, false).smem),
+            (&k.prefill_attn_fp8, prefill_shape(arch, head_dim, true).smem),
         ] {
             func.set_attribute(max_smem, bytes as i32)
                 .op("cuFuncSetAttribute")?;
@@ -205,6 +208,8 @@ impl Gpu {
             decode_smem: decode_smem(head_dim, group_bound, false),
             decode_smem_fp8: decode_smem(head_dim, group_bound, true),
             decode_wave,
+            prefill: prefill_shape(arch, head_dim, false),
+            prefill_fp8: prefill_shape(arch, head_dim, true),
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),

@@ -33,8 +33,13 @@ pub(crate) const PREFILL_BQ: usize = 128;
 pub(crate) const PREFILL_BK: usize = 64;
 /// Threads of a decode attention block (its P·V reduction area is sized for it).
 pub(crate) const DECODE_THREADS: u32 = 128;
-/// Threads of a prefill attention block: one warp per 16 query rows.
+/// Threads of a portable prefill attention block: one warp per 16 query rows.
 pub(crate) const PREFILL_THREADS: u32 = (PREFILL_BQ / 16 * 32) as u32;
+/// Threads of the warp-specialized Hopper prefill attention block: a producer
+/// warpgroup and one consumer warpgroup per 64 query rows.
+pub(crate) const PREFILL_WS_THREADS: u32 = ((PREFILL_BQ / 64 + 1) * 128) as u32;
+/// K/V tiles in flight in the warp-specialized kernel's ring. `-D` to the kernels.
+pub(crate) const PREFILL_STAGES: usize = 4;
 /// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
 /// its latency is the per-thread share of the hidden width.
 pub(crate) const NORM_THREADS: u32 = 1024;
@@ -630,7 +635,6 @@ impl Kernel for AttnCombine {
 pub(crate) struct PrefillAttn {
     pub chunks: usize,
     pub max_q: usize,
-    pub hd: usize,
     pub q: Dev<bf16>,
     pub cache: KvRead,
     pub tables: Dev<i32>,
@@ -644,6 +648,8 @@ pub(crate) struct PrefillAttn {
     pub block_size: usize,
     pub window: usize,
     pub scale: f32,
+    /// Block size and shared memory of the kernel instance ([`prefill_shape`]).
+    pub shape: PrefillShape,
 }
 
 impl Kernel for PrefillAttn {
@@ -674,8 +680,8 @@ impl Kernel for PrefillAttn {
                 self.hq as u32,
                 self.chunks as u32,
             ),
-            block_dim: (PREFILL_THREADS, 1, 1),
-            shared_mem_bytes: prefill_smem(self.hd) as u32,
+            block_dim: (self.shape.threads, 1, 1),
+            shared_mem_bytes: self.shape.smem as u32,
         }
     }
     fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
@@ -802,13 +808,48 @@ pub(crate) fn decode_smem(head_dim: usize, group: usize, fp8: bool) -> usize {
         + 4 * (4 * DECODE_THREADS as usize) * group
 }
 
-/// Dynamic shared memory of `prefill_attn`: room for up to three stages of a
-/// [`PREFILL_BK`]-key K and V tile and one [`PREFILL_BQ`]-row query tile, rows
-/// padded by 8 elements. The kernel decides how it uses it; at 256 threads of
-/// ~180 registers one block fills an SM's register file anyway, so the room
-/// costs no occupancy.
+/// How a `prefill_attn_*` block is launched: threads and dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PrefillShape {
+    pub threads: u32,
+    pub smem: usize,
+}
+
+/// The launch of `prefill_attn_{head_dim}` (`fp8`: `prefill_attn_fp8_*`) as
+/// compiled for `arch`: on `sm_90a` head sizes 64 and 128 take the
+/// warp-specialized kernel, everything else the portable one (the same test
+/// as the dispatch at the end of `kernels/prefill_attn.cu`).
+pub(crate) fn prefill_shape(arch: &str, head_dim: usize, fp8: bool) -> PrefillShape {
+    if arch == "sm_90a" && matches!(head_dim, 64 | 128) {
+        PrefillShape {
+            threads: PREFILL_WS_THREADS,
+            smem: prefill_ws_smem(head_dim, fp8),
+        }
+    } else {
+        PrefillShape {
+            threads: PREFILL_THREADS,
+            smem: prefill_smem(head_dim),
+        }
+    }
+}
+
+/// Dynamic shared memory of the portable `prefill_attn`: room for up to three
+/// stages of a [`PREFILL_BK`]-key K and V tile and one [`PREFILL_BQ`]-row query
+/// tile, rows padded by 8 elements. The kernel decides how it uses it; at 256
+/// threads of ~180 registers one block fills an SM's register file anyway, so
+/// the room costs no occupancy.
 pub(crate) fn prefill_smem(head_dim: usize) -> usize {
     (3 * 2 * PREFILL_BK + PREFILL_BQ) * (head_dim + 8) * 2
+}
+
+/// Dynamic shared memory of the warp-specialized `prefill_attn`: its ring of
+/// [`PREFILL_STAGES`] bf16 K and V tiles with their keys' f32 scales, a `full`
+/// and an `empty` barrier (8 bytes each) per stage, and (`fp8`) two staging
+/// buffers of e4m3 K and V tiles with their scales.
+pub(crate) fn prefill_ws_smem(head_dim: usize, fp8: bool) -> usize {
+    let raw = 2 * (2 * PREFILL_BK * head_dim + 2 * PREFILL_BK * 4);
+    PREFILL_STAGES * (2 * PREFILL_BK * head_dim * 2 + 2 * PREFILL_BK * 4 + 2 * 8)
+        + if fp8 { raw } else { 0 }
 }
 
 #[cfg(test)]

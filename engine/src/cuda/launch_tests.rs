@@ -116,7 +116,6 @@ fn prefill() -> PrefillAttn {
     PrefillAttn {
         chunks: 2,
         max_q: 300,
-        hd: 128,
         q: P,
         cache: KvRead::Bf16(P),
         tables: PI,
@@ -130,6 +129,7 @@ fn prefill() -> PrefillAttn {
         block_size: 16,
         window: 0,
         scale: 0.125,
+        shape: prefill_shape("sm_90a", 128, false),
     }
 }
 
@@ -329,6 +329,13 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!((c.grid_dim, c.block_dim.0), ((49, 8, 3), 128));
     assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4, false));
     let c = prefill().config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 384));
+    assert_eq!(c.shared_mem_bytes, 133_184);
+    let portable = PrefillAttn {
+        shape: prefill_shape("sm_90", 128, false),
+        ..prefill()
+    };
+    let c = portable.config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 256));
     assert_eq!(c.shared_mem_bytes, 139_264);
     let c = AttnCombine {
@@ -432,6 +439,26 @@ fn shared_memory_sizes_are_the_kernels_layouts() {
     assert_eq!(prefill_smem(64), 73_728);
     // The prefill block is one warp per 16 query rows.
     assert_eq!(PREFILL_THREADS as usize, PREFILL_BQ / 16 * 32);
+    // The warp-specialized one (sm_90a, head sizes 64 and 128): a producer and
+    // two consumer warpgroups; 4 stages of 64-key K and V tiles (2 · 16 KiB at
+    // head_dim 128) with 2 · 64 scales each and two 8-byte barriers; fp8 adds
+    // two staging buffers of e4m3 K and V tiles and their scales.
+    assert_eq!(PREFILL_WS_THREADS, 384);
+    let ws = prefill_shape("sm_90a", 128, false);
+    assert_eq!(ws.threads, 384);
+    assert_eq!(ws.smem, 4 * (32_768 + 512 + 16));
+    assert_eq!(
+        prefill_shape("sm_90a", 128, true).smem,
+        ws.smem + 2 * (16_384 + 512)
+    );
+    assert_eq!(prefill_shape("sm_90a", 64, false).smem, 4 * (16_384 + 512 + 16));
+    // Within the 227 KiB a block may have on Hopper.
+    assert!(prefill_shape("sm_90a", 128, true).smem <= 227 * 1024);
+    // Elsewhere (other head sizes, the portable target) the mma.sync kernel.
+    for (arch, hd) in [("sm_90", 128), ("sm_90a", 32), ("sm_100", 64)] {
+        let p = prefill_shape(arch, hd, false);
+        assert_eq!((p.threads, p.smem), (PREFILL_THREADS, prefill_smem(hd)));
+    }
 }
 
 #[test]

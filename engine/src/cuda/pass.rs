@@ -331,7 +331,6 @@ impl CudaBackend {
                 let attend = PrefillAttn {
                     chunks: s,
                     max_q: p.max_q,
-                    hd,
                     q,
                     cache,
                     tables,
@@ -345,6 +344,10 @@ impl CudaBackend {
                     block_size,
                     window,
                     scale,
+                    shape: match cache {
+                        KvRead::Bf16(_) => g.prefill,
+                        KvRead::Fp8 { .. } => g.prefill_fp8,
+                    },
                 };
                 unsafe { launch::launch(g, &attend, pdl) }?;
                 self.mark("prefill_attn")?;

@@ -15,7 +15,8 @@
 // after its last block (kv_fp8.cu).
 #include <cuda_bf16.h>
 
-#if !defined(MAX_SPLITS) || !defined(DECODE_TILE) || !defined(PREFILL_BQ) || !defined(PREFILL_BK)
+#if !defined(MAX_SPLITS) || !defined(DECODE_TILE) || !defined(PREFILL_BQ) || !defined(PREFILL_BK) || \
+    !defined(PREFILL_STAGES)
 #error "compile with the host's -D defines (engine/src/cuda/program.rs, KERNEL_DEFINES)"
 #endif
 

@@ -37,14 +37,14 @@ __device__ __forceinline__ void prefill_q_fragments(u32 (&qf)[HD / 16][4], const
 
 // One K tile's scores `sc` (keys kt ..) folded into the online softmax: scaled,
 // masked unless `full` (a key after the row's position, past kv_end or the
-// window, a row past the chunk), the running max m, sum l and output o
-// rescaled; `sc` becomes the tile's unnormalised probabilities P.
-template <int HD>
-__device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], float (&m)[2],
-                                                     float (&l)[2], float (&o)[HD / 8][4],
-                                                     bool full, int kt, int kv_end, int len,
-                                                     int r0, int r1, int qp0, int qp1, int tig,
-                                                     int window, float scale) {
+// window, a row past the chunk), the running max m and sum l updated; `sc`
+// becomes the tile's unnormalised probabilities P and `corr` the factor the
+// output rows must be rescaled by (prefill_rescale) before P V is added.
+__device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], float (&m)[2],
+                                                       float (&l)[2], float (&corr)[2], bool full,
+                                                       int kt, int kv_end, int len, int r0,
+                                                       int r1, int qp0, int qp1, int tig,
+                                                       int window, float scale) {
     float mx[2] = {NEG_INF, NEG_INF};
     if (full) {
 #pragma unroll
@@ -75,14 +75,9 @@ __device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], flo
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
         float mn = fmaxf(m[rr], mx[rr]);
-        float corr = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
-        if (mn == NEG_INF) corr = 1.f;
-        l[rr] *= corr;
-#pragma unroll
-        for (int i = 0; i < HD / 8; i++) {
-            o[i][2 * rr] *= corr;
-            o[i][2 * rr + 1] *= corr;
-        }
+        corr[rr] = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
+        if (mn == NEG_INF) corr[rr] = 1.f;
+        l[rr] *= corr[rr];
         m[rr] = mn;
     }
 #pragma unroll
@@ -95,6 +90,30 @@ __device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], flo
             l[e >> 1] += p;
         }
     }
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_rescale(float (&o)[HD / 8][4], const float (&corr)[2]) {
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) {
+        o[i][0] *= corr[0];
+        o[i][1] *= corr[0];
+        o[i][2] *= corr[1];
+        o[i][3] *= corr[1];
+    }
+}
+
+// Both steps at once, for a kernel with no product in flight.
+template <int HD>
+__device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], float (&m)[2],
+                                                     float (&l)[2], float (&o)[HD / 8][4],
+                                                     bool full, int kt, int kv_end, int len,
+                                                     int r0, int r1, int qp0, int qp1, int tig,
+                                                     int window, float scale) {
+    float corr[2];
+    prefill_softmax_scores(sc, m, l, corr, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
+                           scale);
+    prefill_rescale<HD>(o, corr);
 }
 
 // The normalised output rows r0 and r1 (those inside the chunk), bf16.
@@ -124,14 +143,16 @@ __device__ __forceinline__ void prefill_store_rows(const float (&o)[HD / 8][4], 
 
 // An fp8 cache (both kernels below): keys kt .. kt + BK - 1 of K and V as e4m3
 // bytes into `kr`/`vr` ([BK][HD] each) and their scales into `sr` ([K, V][BK]
-// f32), with cp.async as one commit group (keys at or past kv_end zero-filled).
+// f32), with cp.async as one commit group (keys at or past kv_end zero-filled),
+// by `nthr` threads of which this is thread `tid`.
 template <int HD>
 __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned char* vr, float* sr,
                                                  const unsigned char* cache, const float* scales,
                                                  const int* table, size_t block_bytes, int kh,
-                                                 int hkv, int bs, int kt, int kv_end) {
+                                                 int hkv, int bs, int kt, int kv_end, int tid,
+                                                 int nthr) {
     constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
-    for (int i = threadIdx.x; i < BK * CPR; i += blockDim.x) {
+    for (int i = tid; i < BK * CPR; i += nthr) {
         int r = i / CPR, cc = (i % CPR) * 16;
         int key = kt + r;
         const unsigned char* kp = cache;
@@ -147,29 +168,29 @@ __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned cha
         cp_async16(kr + r * HD + cc, kp, bytes);
         cp_async16(vr + r * HD + cc, vp, bytes);
     }
-    if (threadIdx.x < BK) {
-        int key = kt + threadIdx.x;
+    if (tid < BK) {
+        int key = kt + tid;
         const float* sk = scales;
         int bytes = 0;
         if (key < kv_end) {
             sk = scales + (size_t)table[key / bs] * 2 * hkv + kh;
             bytes = 4;
         }
-        cp_async4(sr + threadIdx.x, sk, bytes);
-        cp_async4(sr + BK + threadIdx.x, sk + (bytes ? hkv : 0), bytes);
+        cp_async4(sr + tid, sk, bytes);
+        cp_async4(sr + BK + tid, sk + (bytes ? hkv : 0), bytes);
     }
     cp_async_commit();
 }
 
 // A raw tile expanded into the bf16 K and V tiles, unscaled; the 16-byte chunk
 // (row r, chunk c) of K goes to byte koff(r, c) of `kd`, of V to voff(r, c) of
-// `vd` (each kernel's own tile layout).
+// `vd` (each kernel's own tile layout); `nthr` threads, this one `tid`.
 template <int HD, typename KOff, typename VOff>
 __device__ __forceinline__ void prefill_expand(unsigned char* kd, unsigned char* vd,
                                                const unsigned char* kr, const unsigned char* vr,
-                                               KOff koff, VOff voff) {
+                                               KOff koff, VOff voff, int tid, int nthr) {
     constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
-    for (int i = threadIdx.x; i < BK * CPR; i += blockDim.x) {
+    for (int i = tid; i < BK * CPR; i += nthr) {
         int r = i / CPR, c = i % CPR;
         *reinterpret_cast<uint4*>(kd + koff(r, c)) =
             kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8));
@@ -237,7 +258,7 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
         if constexpr (FP8) {
             unsigned char* kr = raw + stage * 2 * BK * HD;
             prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
-                                 block_elems, kh, hkv, bs, kt, kv_end);
+                                 block_elems, kh, hkv, bs, kt, kv_end, tid, blockDim.x);
             return;
         }
         bf16* kd = stage0 + stage * 2 * BK * LD;
@@ -275,7 +296,7 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
             const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
             auto off = [&](int r, int c) { return (r * LD + c * 8) * 2; };
             unsigned char* kd = smem_raw;
-            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off);
+            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off, tid, blockDim.x);
             __syncthreads();
         }
         const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
@@ -416,154 +437,226 @@ __device__ __forceinline__ void wgmma_pv(float* o, const u32* a, u64 desc) {
     else wgmma_m64n64k16_rs<1>(o, a, desc, 1);
 }
 
-// FP8 as prefill_attn above: one bf16 [K][V] tile, then three raw stages of
-// [K][V] BK x HD bytes, then three of [K][V] BK scales.
+// Shared-memory barriers (mbarrier) of the warp-specialized kernel below.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// The arrival of this thread, made when all its earlier cp.async copies have
+// landed (`noinc`: it counts against the barrier's expected arrivals).
+__device__ __forceinline__ void mbar_arrive_cp_async(u64* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+                 : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(smem_u32(bar)),
+        "r"(parity)
+        : "memory");
+}
+// A barrier of the producer warpgroup's 128 threads alone (barrier 0 is __syncthreads).
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+
+// Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
+// and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
+// K/V tiles (cp.async; each stage's `full` barrier completes when its copies
+// land, so no thread waits on its own copies) and refills a stage when both
+// consumers have released it (its `empty` barrier, one arrival per consumer
+// thread). Each consumer runs its own online softmax with no block-wide
+// barrier: it issues tile t's S = Q K^T and tile t-1's O += P V together and
+// computes tile t's softmax while P V is still in the tensor cores, so the
+// exponentials overlap the products. Registers move from the producer (copies
+// only) to the consumers with setmaxnreg.
+// FP8: the producer loads raw e4m3 tiles and their scales into two staging
+// buffers and expands each into its stage's bf16 tile (and the scales beside
+// it) before marking it full; the consumers apply the scales as prefill_attn.
+//
+// Shared memory (prefill_ws_smem on the host): the stages' [K][V] bf16 tiles,
+// then their [K, V][BK] f32 scales, then the barriers (full, empty per stage),
+// then (FP8) two raw stages of [K][V] BK x HD bytes and [K, V][BK] scales.
+#define PREFILL_WS_THREADS ((BQ / 64 + 1) * 128)
 template <int HD, bool FP8>
-__device__ void prefill_attn_wg(const bf16* q, const void* cache_v, const float* scales,
-                                const int* tables,
-                                int table_stride, const int* q_off, const int* q_pos,
-                                const int* q_len, bf16* out, int hq, int hkv, int bs, int window,
-                                float scale) {
-    static_assert(BQ == 128 && BK == 64, "two warpgroups of 64 rows, m64n64 score tiles");
-    constexpr int CPR = HD / 8;                 // 16-byte chunks per K/V row
-    constexpr int TILE_BYTES = BK * HD * 2;     // one K (or V) tile
-    constexpr int STAGES = 3;
-    constexpr u32 K_SBO = CPR * 128;            // K: next 8 keys
-    constexpr u32 V_SBO = (BK / 8) * 128;       // V: next 8 dims
+__device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float* scales,
+                                const int* tables, int table_stride, const int* q_off,
+                                const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,
+                                int bs, int window, float scale) {
+    static_assert(BQ == 128 && BK == 64, "two consumer warpgroups of 64 rows, m64n64 score tiles");
+    constexpr int STAGES = PREFILL_STAGES;
+    constexpr int CPR = HD / 8;              // 16-byte chunks per K/V row
+    constexpr int TILE_BYTES = BK * HD * 2;  // one K (or V) tile
+    constexpr u32 K_SBO = CPR * 128;         // K: next 8 keys
+    constexpr u32 V_SBO = (BK / 8) * 128;    // V: next 8 dims
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
-    const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
-    unsigned char* raw = smem_raw + 2 * TILE_BYTES;
-    float* raw_sc = reinterpret_cast<float*>(raw + STAGES * 2 * BK * HD);
+    float* stage_sc = reinterpret_cast<float*>(smem_raw + STAGES * 2 * TILE_BYTES);
+    u64* full = reinterpret_cast<u64*>(stage_sc + STAGES * 2 * BK);
+    u64* empty = full + STAGES;
+    unsigned char* raw = reinterpret_cast<unsigned char*>(empty + STAGES);
+    float* raw_sc = reinterpret_cast<float*>(raw + 2 * 2 * BK * HD);
 
     int c = blockIdx.z, h = blockIdx.y;
     int len = q_len[c];
     int tiles = (len + BQ - 1) / BQ;
     int tile = tiles - 1 - (int)blockIdx.x;  // the longest tiles first
     if (tile < 0) return;
-    int off = q_off[c], pos0 = q_pos[c];
+    int pos0 = q_pos[c];
     int kh = h / (hq / hkv);
     const int* table = tables + (size_t)c * table_stride;
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
-    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-    int wg = warp >> 2;
-    int r0 = tile * BQ + warp * 16 + gid;  // this thread's rows: r0 and r0 + 8
-    int r1 = r0 + 8;
+    int kv_end = pos0 + min(len, tile * BQ + BQ);
+    int kv_begin = 0;
+    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
+    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
+    int tid = threadIdx.x;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], BQ / 64 * 128);
+        }
+    }
+    __syncthreads();
 
+    if (tid < 128) {  // the producer warpgroup
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 64;\n" ::: "memory");
+        if constexpr (FP8) {
+            const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
+            auto load_raw = [&](int buf, int kt) {
+                unsigned char* kr = raw + buf * 2 * BK * HD;
+                prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + buf * 2 * BK, cache8, scales,
+                                     table, block_elems, kh, hkv, bs, kt, kv_end, tid, 128);
+            };
+            load_raw(0, kv_begin);
+            for (int t = 0; t < ntiles; t++) {
+                int kt = kv_begin + t * BK, s = t % STAGES;
+                if (t + 1 < ntiles) {
+                    load_raw((t + 1) & 1, kt + BK);
+                    cp_async_wait<1>();
+                } else {
+                    cp_async_wait<0>();
+                }
+                producer_sync();  // every thread's copies of tile t have landed
+                if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+                const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
+                unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
+                prefill_expand<HD>(
+                    kd, kd + TILE_BYTES, kr, kr + BK * HD,
+                    [](int r, int c) { return (r >> 3) * (int)K_SBO + c * 128 + (r & 7) * 16; },
+                    [](int r, int c) { return c * (int)V_SBO + (r >> 3) * 128 + (r & 7) * 16; },
+                    tid, 128);
+                stage_sc[s * 2 * BK + tid] = raw_sc[(t & 1) * 2 * BK + tid];  // 128 == 2 * BK
+                fence_proxy_async();  // the tile is read by the tensor cores
+                mbar_arrive(&full[s]);
+                producer_sync();  // staging buffer t & 1 is free for tile t + 2
+            }
+        } else {
+            const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
+            // Eight consecutive threads fill one 128-byte core matrix; thread
+            // tid fills rows row_of(k) of every tile, k < ITERS, at chunk cc.
+            // Their cache blocks are read from the table a tile ahead (`blk`).
+            constexpr int ITERS = BK * CPR / 128;
+            static_assert(BK * CPR % 128 == 0 && 16 % CPR == 0, "whole rounds of copies");
+            auto row_of = [&](int k) { return (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7); };
+            const int cc = (tid >> 3) % CPR;
+            int blk[ITERS];
+            auto fetch_blocks = [&](int kt) {
+#pragma unroll
+                for (int k = 0; k < ITERS; k++) {
+                    int key = kt + row_of(k);
+                    blk[k] = key < kv_end ? table[key / bs] : -1;
+                }
+            };
+            fetch_blocks(kv_begin);
+            for (int t = 0; t < ntiles; t++) {
+                int kt = kv_begin + t * BK, s = t % STAGES;
+                if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+                unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
+                unsigned char* vd = kd + TILE_BYTES;
+#pragma unroll
+                for (int k = 0; k < ITERS; k++) {
+                    int r = row_of(k), rg = r >> 3, r8 = r & 7;
+                    const bf16* kp = cache;
+                    const bf16* vp = cache;
+                    int bytes = 0;
+                    if (blk[k] >= 0) {
+                        const bf16* base = cache + (size_t)blk[k] * block_elems;
+                        int sl = (kt + r) % bs;
+                        kp = base + ((size_t)kh * bs + sl) * HD + cc * 8;
+                        vp = base + ((size_t)(hkv + kh) * bs + sl) * HD + cc * 8;
+                        bytes = 16;
+                    }
+                    cp_async16(kd + rg * K_SBO + cc * 128 + r8 * 16, kp, bytes);
+                    cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16, vp, bytes);
+                }
+                mbar_arrive_cp_async(&full[s]);
+                if (t + 1 < ntiles) fetch_blocks(kt + BK);
+            }
+            asm volatile("cp.async.wait_all;\n" ::: "memory");
+        }
+        return;
+    }
+
+    // A consumer warpgroup.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    int cw = (tid >> 5) - 4, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    int wg = cw >> 2;
+    int off = q_off[c];
+    int r0 = tile * BQ + cw * 16 + gid;  // this thread's rows: r0 and r0 + 8
+    int r1 = r0 + 8;
     u32 qf[HD / 16][4];
     prefill_q_fragments<HD>(qf, q, off, hq, h, r0, r1, len, tig);
     float o[HD / 8][4];
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-
-    int kv_end = pos0 + min(len, tile * BQ + BQ);
-    int kv_begin = 0;
-    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, corr[2];
     int qp0 = pos0 + r0, qp1 = pos0 + r1;
-
-    // Stage s: K tile (K-major core matrices) then V tile (MN-major). Eight
-    // consecutive threads fill one 128-byte core matrix; thread tid fills rows
-    // row_of(k) of every tile, k < ITERS. Their cache blocks come from the block
-    // table, read a tile ahead into registers (`blk`), so no load waits on it.
-    constexpr int ITERS = BK * CPR / 256;  // blockDim.x == 256
-    static_assert(BK * CPR % 256 == 0, "whole rounds of 16-byte copies");
-    auto row_of = [&](int k) { return (((tid >> 3) + 32 * k) / CPR) * 8 + (tid & 7); };
-    const int cc = (tid >> 3) % CPR;
-    auto fetch_blocks = [&](int kt, int* blk) {
-#pragma unroll
-        for (int k = 0; k < ITERS; k++) {
-            int key = kt + row_of(k);
-            blk[k] = key < kv_end ? table[key / bs] : -1;
-        }
-    };
-    auto load_tile = [&](int stage, int kt, const int* blk) {
-        if constexpr (FP8) {
-            unsigned char* kr = raw + stage * 2 * BK * HD;
-            prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
-                                 block_elems, kh, hkv, bs, kt, kv_end);
-            return;
-        }
-        unsigned char* kd = smem_raw + (size_t)stage * 2 * TILE_BYTES;
-        unsigned char* vd = kd + TILE_BYTES;
-#pragma unroll
-        for (int k = 0; k < ITERS; k++) {
-            int r = row_of(k), rg = r >> 3, r8 = r & 7;
-            int key = kt + r;
-            const bf16* kp = cache;
-            const bf16* vp = cache;
-            int bytes = 0;
-            if (blk[k] >= 0) {
-                const bf16* base = cache + (size_t)blk[k] * block_elems;
-                int s = key % bs;
-                kp = base + ((size_t)kh * bs + s) * HD + cc * 8;
-                vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc * 8;
-                bytes = 16;
-            }
-            cp_async16(kd + rg * K_SBO + cc * 128 + r8 * 16, kp, bytes);
-            cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16, vp, bytes);
-        }
-        cp_async_commit();
-    };
-    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
-    int blk[ITERS];
-    fetch_blocks(kv_begin, blk);
-    load_tile(0, kv_begin, blk);
-    if (ntiles > 1) {
-        fetch_blocks(kv_begin + BK, blk);
-        load_tile(1, kv_begin + BK, blk);
-    }
-    if (ntiles > 2) fetch_blocks(kv_begin + 2 * BK, blk);
-    // This warpgroup's rows are at positions wg0 .. wg0 + 63, this warp's at wq0 ..
+    // This warpgroup's rows are at positions wg0 .. wg0 + 63, this warp's at
+    // wq0 .. wq0 + 15; tiles past the warpgroup's last row are only released.
     int wg0 = pos0 + tile * BQ + wg * 64;
-    int wq0 = pos0 + tile * BQ + warp * 16;
-    for (int t = 0; t < ntiles; t++) {
-        int kt = kv_begin + t * BK;
-        if (t + 2 < ntiles) {
-            load_tile((t + 2) % STAGES, kt + 2 * BK, blk);
-            if (t + 3 < ntiles) fetch_blocks(kt + 3 * BK, blk);  // used next round
-            cp_async_wait<2>();
-        } else if (t + 1 < ntiles) {
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        fence_proxy_async();
-        __syncthreads();
-        if constexpr (FP8) {
-            const unsigned char* kr = raw + (t % STAGES) * 2 * BK * HD;
-            prefill_expand<HD>(
-                smem_raw, smem_raw + TILE_BYTES, kr, kr + BK * HD,
-                [](int r, int c) { return (r >> 3) * (int)K_SBO + c * 128 + (r & 7) * 16; },
-                [](int r, int c) { return c * (int)V_SBO + (r >> 3) * 128 + (r & 7) * 16; });
-            fence_proxy_async();
-            __syncthreads();
-        }
-        const unsigned char* ks = smem_raw + (FP8 ? 0 : (size_t)(t % STAGES) * 2 * TILE_BYTES);
-        const unsigned char* vs = ks + TILE_BYTES;
-        if (kt > wg0 + 63) {  // every key of the tile is in this warpgroup's future
-            __syncthreads();
-            continue;
-        }
-        bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
+    int wq0 = pos0 + tile * BQ + cw * 16;
+    int mine = min(ntiles, (wg0 + 63 - kv_begin) / BK + 1);
 
-        float sc[BK / 8][4];
-        float* scf = &sc[0][0];
-        wgmma_fence();
+    float sc[BK / 8][4];
+    float* scf = &sc[0][0];
+    float* of = &o[0][0];
+    u32 pa[BK / 16][4];
+    auto tile_at = [&](int t) { return smem_raw + (size_t)(t % STAGES) * 2 * TILE_BYTES; };
+    auto acquire = [&](int t) {
+        mbar_wait(&full[t % STAGES], (t / STAGES) & 1);
+        fence_proxy_async();  // cp.async's writes, then the tensor cores' reads
+    };
+    auto release = [&](int t) { mbar_arrive(&empty[t % STAGES]); };
+    auto issue_qk = [&](int t) {
+        const unsigned char* ks = tile_at(t);
 #pragma unroll
         for (int ks2 = 0; ks2 < HD / 16; ks2++)
             wgmma_m64n64k16_rs<0>(scf, qf[ks2], smem_desc(ks + ks2 * 256, 128, K_SBO), ks2 > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+    };
+    auto issue_pv = [&](int t) {
+        const unsigned char* vs = tile_at(t) + TILE_BYTES;
 #pragma unroll
-        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
-
-        const float* sr = raw_sc + (t % STAGES) * 2 * BK;  // FP8: K scales, then V's
+        for (int kk = 0; kk < BK / 16; kk++)
+            wgmma_pv<HD>(of, pa[kk], smem_desc(vs + kk * 256, 128, V_SBO));
+        wgmma_commit();
+    };
+    // Tile t's scores into P (f32, in sc) and corr; touches neither o nor pa.
+    auto softmax = [&](int t) {
+        int kt = kv_begin + t * BK;
+        bool full_tile = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
+        const float* sr = stage_sc + (t % STAGES) * 2 * BK;  // FP8: K scales, then V's
         if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
-        prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
-                                 scale);
+        prefill_softmax_scores(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1, tig,
+                               window, scale);
         if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
-        u32 pa[BK / 16][4];
+    };
+    auto pack = [&]() {
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++) {
             pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
@@ -571,54 +664,83 @@ __device__ void prefill_attn_wg(const bf16* q, const void* cache_v, const float*
             pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
             pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
         }
-        float* of = &o[0][0];
+    };
+    auto fence_regs = [&]() {
+#pragma unroll
+        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
 #pragma unroll
         for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
+    };
+
+    acquire(0);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_wait<0>();
+    fence_regs();
+    softmax(0);
+    prefill_rescale<HD>(o, corr);
+    pack();
+    for (int t = 1; t < mine; t++) {
+        acquire(t);
+        fence_regs();
         wgmma_fence();
+        issue_qk(t);      // S_t = Q K_t^T
+        issue_pv(t - 1);  // O += P_{t-1} V_{t-1}
+        wgmma_wait<1>();  // S_t is ready; P V may still run
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++)
-            wgmma_pv<HD>(of, pa[kk], smem_desc(vs + kk * 256, 128, V_SBO));
-        wgmma_commit();
+        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
+        softmax(t);
         wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
-        __syncthreads();
+        fence_regs();
+        release(t - 1);
+        prefill_rescale<HD>(o, corr);
+        pack();
+    }
+    fence_regs();
+    wgmma_fence();
+    issue_pv(mine - 1);
+    wgmma_wait<0>();
+    fence_regs();
+    release(mine - 1);
+    for (int t = mine; t < ntiles; t++) {  // acquired first, so each release lands in its phase
+        acquire(t);
+        release(t);
     }
     prefill_store_rows<HD>(o, l, out, off, hq, h, r0, r1, len, tig);
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// HD 64 and 128 on sm_90a take the warpgroup kernel; the rest the mma.sync one.
-#if defined(PREFILL_WGMMA)
-#define PREFILL_ATTN_BODY(HD, FP8)                                                             \
-    if constexpr (HD == 64 || HD == 128)                                                       \
-        prefill_attn_wg<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len,  \
-                                 out, hq, hkv, bs, window, scale);                             \
-    else                                                                                       \
-        prefill_attn<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len,     \
-                              out, hq, hkv, bs, window, scale);
-#else
-#define PREFILL_ATTN_BODY(HD, FP8)                                                             \
+// HD 64 and 128 on sm_90a take the warp-specialized kernel (PREFILL_WS_THREADS
+// threads, register cap for setmaxnreg); the rest the mma.sync one (host:
+// prefill_shape in launch.rs decides the same way).
+#define PREFILL_ATTN_PORTABLE(HD, FP8)                                                         \
     prefill_attn<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len, out,    \
                           hq, hkv, bs, window, scale);
+#if defined(PREFILL_WGMMA)
+#define PREFILL_ATTN_HOPPER(HD, FP8)                                                           \
+    prefill_attn_ws<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len, out, \
+                             hq, hkv, bs, window, scale);
+#define PREFILL_HOPPER_BOUNDS __launch_bounds__(PREFILL_WS_THREADS, 1)
+#else
+#define PREFILL_ATTN_HOPPER PREFILL_ATTN_PORTABLE
+#define PREFILL_HOPPER_BOUNDS
 #endif
-#define PREFILL_ATTN(HD)                                                                       \
-    extern "C" __global__ void prefill_attn_##HD(                                              \
+#define PREFILL_ATTN(HD, BODY, BOUNDS)                                                         \
+    extern "C" __global__ BOUNDS void prefill_attn_##HD(                                       \
         const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
         const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
         int bs, int window, float scale) {                                                     \
         pdl_enter();                                                                           \
         const float* scales = nullptr;                                                         \
-        PREFILL_ATTN_BODY(HD, false)                                                           \
+        BODY(HD, false)                                                                        \
     }                                                                                          \
-    extern "C" __global__ void prefill_attn_fp8_##HD(                                          \
+    extern "C" __global__ BOUNDS void prefill_attn_fp8_##HD(                                   \
         const bf16* q, const unsigned char* cache, const float* scales, const int* tables,     \
         int table_stride, const int* q_off, const int* q_pos, const int* q_len, bf16* out,     \
         int hq, int hkv, int bs, int window, float scale) {                                    \
         pdl_enter();                                                                           \
-        PREFILL_ATTN_BODY(HD, true)                                                            \
+        BODY(HD, true)                                                                         \
     }
-PREFILL_ATTN(32)
-PREFILL_ATTN(64)
-PREFILL_ATTN(128)
-
+PREFILL_ATTN(32, PREFILL_ATTN_PORTABLE, )
+PREFILL_ATTN(64, PREFILL_ATTN_HOPPER, PREFILL_HOPPER_BOUNDS)
+PREFILL_ATTN(128, PREFILL_ATTN_HOPPER, PREFILL_HOPPER_BOUNDS)
