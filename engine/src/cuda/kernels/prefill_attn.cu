@@ -35,25 +35,32 @@ __device__ __forceinline__ void prefill_q_fragments(u32 (&qf)[HD / 16][4], const
     }
 }
 
-// One K tile's scores `sc` (keys kt ..) folded into the online softmax: scaled,
-// masked unless `full` (a key after the row's position, past kv_end or the
-// window, a row past the chunk), the running max m and sum l updated; `sc`
-// becomes the tile's unnormalised probabilities P and `corr` the factor the
-// output rows must be rescaled by (prefill_rescale) before P V is added.
+// 2^x (ex2.approx: 2^-inf is 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// One K tile's scores `sc` (keys kt ..) folded into the online softmax: masked
+// unless `full` (a key after the row's position, past kv_end or the window, a
+// row past the chunk), the running max m and sum l updated; `sc` becomes the
+// tile's unnormalised probabilities P and `corr` the factor the output rows
+// must be rescaled by (prefill_rescale) before P V is added. Scores and m stay
+// unscaled (scale > 0 keeps their order): each P is 2^(s·c − m·c), c = scale ·
+// log2(e), one FFMA and one ex2, and a masked score (−inf) gives 0 with no test.
 __device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], float (&m)[2],
                                                        float (&l)[2], float (&corr)[2], bool full,
                                                        int kt, int kv_end, int len, int r0,
                                                        int r1, int qp0, int qp1, int tig,
                                                        int window, float scale) {
+    const float c = scale * 1.4426950408889634f;
     float mx[2] = {NEG_INF, NEG_INF};
     if (full) {
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                sc[nt][e] *= scale;
-                mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
-            }
+            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
     } else {
 #pragma unroll
         for (int nt = 0; nt < BK / 8; nt++) {
@@ -64,19 +71,19 @@ __device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], f
                 int r = (e & 2) ? r1 : r0;
                 bool masked = key > qp || key >= kv_end || r >= len ||
                               (window > 0 && qp - key >= window);
-                float v = masked ? NEG_INF : sc[nt][e] * scale;
-                sc[nt][e] = v;
-                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                if (masked) sc[nt][e] = NEG_INF;
+                mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
             }
         }
     }
+    float mc[2];  // the new max times c (0 while every score so far is masked)
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
         float mn = fmaxf(m[rr], mx[rr]);
-        corr[rr] = (m[rr] == NEG_INF) ? 0.f : __expf(m[rr] - mn);
-        if (mn == NEG_INF) corr[rr] = 1.f;
+        corr[rr] = (mn == NEG_INF) ? 1.f : fast_exp2((m[rr] - mn) * c);
+        mc[rr] = (mn == NEG_INF) ? 0.f : mn * c;
         l[rr] *= corr[rr];
         m[rr] = mn;
     }
@@ -84,8 +91,7 @@ __device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], f
     for (int nt = 0; nt < BK / 8; nt++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            float mm = m[e >> 1];
-            float p = (sc[nt][e] == NEG_INF) ? 0.f : __expf(sc[nt][e] - mm);
+            float p = fast_exp2(fmaf(sc[nt][e], c, -mc[e >> 1]));
             sc[nt][e] = p;
             l[e >> 1] += p;
         }
@@ -470,7 +476,7 @@ __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;
 // K/V tiles (cp.async; each stage's `full` barrier completes when its copies
 // land, so no thread waits on its own copies) and refills a stage when both
 // consumers have released it (its `empty` barrier, one arrival per consumer
-// thread). Each consumer runs its own online softmax with no block-wide
+// warp). Each consumer runs its own online softmax with no block-wide
 // barrier: it issues tile t's S = Q K^T and tile t-1's O += P V together and
 // computes tile t's softmax while P V is still in the tensor cores, so the
 // exponentials overlap the products. Registers move from the producer (copies
@@ -518,13 +524,13 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
             mbar_init(&full[s], 128);
-            mbar_init(&empty[s], BQ / 64 * 128);
+            mbar_init(&empty[s], BQ / 16);  // one arrival per consumer warp
         }
     }
     __syncthreads();
 
     if (tid < 128) {  // the producer warpgroup
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 64;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");
         if constexpr (FP8) {
             const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
             auto load_raw = [&](int buf, int kt) {
@@ -559,43 +565,66 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
             const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
             // Eight consecutive threads fill one 128-byte core matrix; thread
             // tid fills rows row_of(k) of every tile, k < ITERS, at chunk cc.
-            // Their cache blocks are read from the table a tile ahead (`blk`).
+            // Row r of the tile starting at key kt = kb·bs + ko is key
+            // (kb + r / bs)·bs + ko + r % bs: r / bs and r % bs are worked out
+            // once (`rq`), kb and ko advance by whole tiles, so a copy's address
+            // costs no division. Cache blocks come from the table a tile ahead.
             constexpr int ITERS = BK * CPR / 128;
             static_assert(BK * CPR % 128 == 0 && 16 % CPR == 0, "whole rounds of copies");
-            auto row_of = [&](int k) { return (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7); };
             const int cc = (tid >> 3) % CPR;
+            int rq[ITERS];  // (r / bs) << 16 | r % bs of each of this thread's rows
+#pragma unroll
+            for (int k = 0; k < ITERS; k++) {
+                int r = (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7);
+                rq[k] = (r / bs) << 16 | (r % bs);
+            }
+            const int tile_q = BK / bs, tile_r = BK % bs;
+            const size_t v_delta = (size_t)hkv * bs * HD;  // K head kh to V head kh
+            const bf16* head = cache + (size_t)kh * bs * HD + cc * 8;
+            int kb = kv_begin / bs, ko = kv_begin % bs;
             int blk[ITERS];
+            u32 slot[ITERS];  // the rows' byte offsets in their blocks
             auto fetch_blocks = [&](int kt) {
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
-                    int key = kt + row_of(k);
-                    blk[k] = key < kv_end ? table[key / bs] : -1;
+                    int sl = ko + (rq[k] & 0xffff);
+                    int carry = sl >= bs;
+                    int key = kt + (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7);
+                    blk[k] = key < kv_end ? table[kb + (rq[k] >> 16) + carry] : -1;
+                    slot[k] = (u32)((carry ? sl - bs : sl) * HD * 2);
                 }
             };
             fetch_blocks(kv_begin);
             for (int t = 0; t < ntiles; t++) {
-                int kt = kv_begin + t * BK, s = t % STAGES;
+                int s = t % STAGES;
                 if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
                 unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
                 unsigned char* vd = kd + TILE_BYTES;
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
-                    int r = row_of(k), rg = r >> 3, r8 = r & 7;
-                    const bf16* kp = cache;
-                    const bf16* vp = cache;
+                    int rg = (((tid >> 3) + 16 * k) / CPR), r8 = tid & 7;
+                    const unsigned char* kp = reinterpret_cast<const unsigned char*>(cache);
                     int bytes = 0;
                     if (blk[k] >= 0) {
-                        const bf16* base = cache + (size_t)blk[k] * block_elems;
-                        int sl = (kt + r) % bs;
-                        kp = base + ((size_t)kh * bs + sl) * HD + cc * 8;
-                        vp = base + ((size_t)(hkv + kh) * bs + sl) * HD + cc * 8;
+                        kp = reinterpret_cast<const unsigned char*>(
+                                 head + (size_t)blk[k] * block_elems) +
+                             slot[k];
                         bytes = 16;
                     }
                     cp_async16(kd + rg * K_SBO + cc * 128 + r8 * 16, kp, bytes);
-                    cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16, vp, bytes);
+                    cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16,
+                               bytes ? kp + v_delta * 2 : kp, bytes);
                 }
                 mbar_arrive_cp_async(&full[s]);
-                if (t + 1 < ntiles) fetch_blocks(kt + BK);
+                if (t + 1 < ntiles) {
+                    kb += tile_q;
+                    ko += tile_r;
+                    if (ko >= bs) {
+                        ko -= bs;
+                        kb++;
+                    }
+                    fetch_blocks(kv_begin + (t + 1) * BK);
+                }
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
         }
@@ -603,7 +632,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     }
 
     // A consumer warpgroup.
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
     int cw = (tid >> 5) - 4, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     int wg = cw >> 2;
     int off = q_off[c];
@@ -631,7 +660,10 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         mbar_wait(&full[t % STAGES], (t / STAGES) & 1);
         fence_proxy_async();  // cp.async's writes, then the tensor cores' reads
     };
-    auto release = [&](int t) { mbar_arrive(&empty[t % STAGES]); };
+    auto release = [&](int t) {  // one arrival per warp, once all its lanes are done
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[t % STAGES]);
+    };
     auto issue_qk = [&](int t) {
         const unsigned char* ks = tile_at(t);
 #pragma unroll
