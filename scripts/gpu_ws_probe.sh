@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prefill attention probe on a GPU machine (binaries under $GPU_DIR built once):
-# the speed half of `tandem-gpu-bench attn` for the checkout's kernels and for
+# `tandem-gpu-bench attn --speed` (ATTN_ARGS="" for the whole check) for the checkout's kernels and for
 # each variant directory under $GPU_DIR/var (TANDEM_CUDA_KERNELS), then Nsight
 # Compute on one launch of each kernel (the 8192-token chunk after 24576 cached
 # tokens, layer 0) when `ncu` is there. Writes under $OUT.
@@ -14,7 +14,7 @@ B=$GPU_DIR/tandem-gpu-bench
 for d in "$PWD/engine/src/cuda/kernels" "$GPU_DIR"/var/*; do
   [ -d "$d" ] || continue
   echo "=== $(basename "$d")" >> "$OUT/speed.md"
-  TANDEM_CUDA_KERNELS=$d timeout 200 "$B" attn --speed ${ATTN_ARGS:-} >> "$OUT/speed.md" 2>&1
+  TANDEM_CUDA_KERNELS=$d timeout 200 "$B" attn ${ATTN_ARGS---speed} >> "$OUT/speed.md" 2>&1
   echo "=== $(basename "$d") rc=$? ($(date -u +%T))"
 done
 NCU=$(ls /usr/local/cuda/bin/ncu /usr/local/cuda/nsight-compute*/ncu 2>/dev/null | head -1)

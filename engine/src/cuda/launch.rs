@@ -845,10 +845,11 @@ pub(crate) fn prefill_smem(head_dim: usize) -> usize {
 /// Dynamic shared memory of the warp-specialized `prefill_attn`: its ring of
 /// [`PREFILL_STAGES`] bf16 K and V tiles with their keys' f32 scales, a `full`
 /// and an `empty` barrier (8 bytes each) per stage, and (`fp8`) two staging
-/// buffers of e4m3 K and V tiles with their scales.
+/// buffers of e4m3 K and V tiles with their scales; plus 1 KiB so the kernel
+/// can start its tiles on a 1024-byte boundary (the 128-byte swizzle's period).
 pub(crate) fn prefill_ws_smem(head_dim: usize, fp8: bool) -> usize {
     let raw = 2 * (2 * PREFILL_BK * head_dim + 2 * PREFILL_BK * 4);
-    PREFILL_STAGES * (2 * PREFILL_BK * head_dim * 2 + 2 * PREFILL_BK * 4 + 2 * 8)
+    1024 + PREFILL_STAGES * (2 * PREFILL_BK * head_dim * 2 + 2 * PREFILL_BK * 4 + 2 * 8)
         + if fp8 { raw } else { 0 }
 }
 

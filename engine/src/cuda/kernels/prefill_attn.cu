@@ -400,6 +400,25 @@ __device__ __forceinline__ u64 smem_desc(const void* p, u32 lbo, u32 sbo) {
            ((u64)((sbo >> 4) & 0x3FFF) << 32);
 }
 
+// The same for a 128-byte-swizzled layout (start on a 1024-byte boundary, or
+// 32/64/96 bytes past one to step along K inside a swizzled row).
+__device__ __forceinline__ u64 smem_desc_sw128(const void* p, u32 lbo, u32 sbo) {
+    return smem_desc(p, lbo, sbo) | (1ull << 62);
+}
+
+// The warp-specialized kernel's K and V tiles: 128-byte rows, one per key, of
+// 64 dims (HD 128: two such parts, dims 0-63 then 64-127, each BK rows), the
+// 16-byte chunk j of row r stored at chunk j ^ (r % 8): the tensor cores' 128B
+// swizzle, which spreads any 8 rows' same chunk over all banks. K is read as a
+// K-major operand (8-row groups 1024 bytes apart), V as an MN-major one (the
+// same groups along the keys, the next 64 dims SW_PART bytes on).
+#define SW_PART (BK * 128)
+__device__ __forceinline__ int sw128_offset(int r, int c) {
+    return (c >> 3) * SW_PART + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+#define V_LBO SW_PART  // MN-major: the next 64 dims
+#define V_SBO 1024     // the next 8 keys
+
 // D[64 x 64] (+)= A[64 x 16] (registers) * B[16 x 64] (shared memory, descriptor);
 // TRANS_B: B is MN-major (N contiguous) instead of K-major.
 template <int TRANS_B>
@@ -498,9 +517,9 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     constexpr int STAGES = PREFILL_STAGES;
     constexpr int CPR = HD / 8;              // 16-byte chunks per K/V row
     constexpr int TILE_BYTES = BK * HD * 2;  // one K (or V) tile
-    constexpr u32 K_SBO = CPR * 128;         // K: next 8 keys
-    constexpr u32 V_SBO = (BK / 8) * 128;    // V: next 8 dims
-    extern __shared__ __align__(128) unsigned char smem_raw[];
+    extern __shared__ __align__(128) unsigned char smem_dyn[];
+    // Tiles start on a 1024-byte boundary (the host allots 1 KiB for it).
+    unsigned char* smem_raw = smem_dyn + ((1024 - (smem_u32(smem_dyn) & 1023)) & 1023);
     float* stage_sc = reinterpret_cast<float*>(smem_raw + STAGES * 2 * TILE_BYTES);
     u64* full = reinterpret_cast<u64*>(stage_sc + STAGES * 2 * BK);
     u64* empty = full + STAGES;
@@ -553,8 +572,8 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                 unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
                 prefill_expand<HD>(
                     kd, kd + TILE_BYTES, kr, kr + BK * HD,
-                    [](int r, int c) { return (r >> 3) * (int)K_SBO + c * 128 + (r & 7) * 16; },
-                    [](int r, int c) { return c * (int)V_SBO + (r >> 3) * 128 + (r & 7) * 16; },
+                    [](int r, int c) { return sw128_offset(r, c); },
+                    [](int r, int c) { return sw128_offset(r, c); },
                     tid, 128);
                 stage_sc[s * 2 * BK + tid] = raw_sc[(t & 1) * 2 * BK + tid];  // 128 == 2 * BK
                 fence_proxy_async();  // the tile is read by the tensor cores
@@ -563,19 +582,20 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
             }
         } else {
             const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
-            // Eight consecutive threads fill one 128-byte core matrix; thread
-            // tid fills rows row_of(k) of every tile, k < ITERS, at chunk cc.
-            // Row r of the tile starting at key kt = kb·bs + ko is key
+            // Each key's row is read whole by CPR consecutive threads: thread
+            // tid copies chunk cc of rows tid / CPR + k · (128 / CPR), k < ITERS
+            // (the swizzle keeps the shared-memory writes conflict-free). Row r of the tile starting at key kt = kb·bs + ko is key
             // (kb + r / bs)·bs + ko + r % bs: r / bs and r % bs are worked out
             // once (`rq`), kb and ko advance by whole tiles, so a copy's address
             // costs no division. Cache blocks come from the table a tile ahead.
             constexpr int ITERS = BK * CPR / 128;
-            static_assert(BK * CPR % 128 == 0 && 16 % CPR == 0, "whole rounds of copies");
-            const int cc = (tid >> 3) % CPR;
+            static_assert(BK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
+            constexpr int RSTEP = 128 / CPR;  // rows per round
+            const int cc = tid % CPR;
             int rq[ITERS];  // (r / bs) << 16 | r % bs of each of this thread's rows
 #pragma unroll
             for (int k = 0; k < ITERS; k++) {
-                int r = (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7);
+                int r = tid / CPR + RSTEP * k;
                 rq[k] = (r / bs) << 16 | (r % bs);
             }
             const int tile_q = BK / bs, tile_r = BK % bs;
@@ -589,7 +609,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                 for (int k = 0; k < ITERS; k++) {
                     int sl = ko + (rq[k] & 0xffff);
                     int carry = sl >= bs;
-                    int key = kt + (((tid >> 3) + 16 * k) / CPR) * 8 + (tid & 7);
+                    int key = kt + tid / CPR + RSTEP * k;
                     blk[k] = key < kv_end ? table[kb + (rq[k] >> 16) + carry] : -1;
                     slot[k] = (u32)((carry ? sl - bs : sl) * HD * 2);
                 }
@@ -602,7 +622,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                 unsigned char* vd = kd + TILE_BYTES;
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
-                    int rg = (((tid >> 3) + 16 * k) / CPR), r8 = tid & 7;
+                    int dst = sw128_offset(tid / CPR + RSTEP * k, cc);
                     const unsigned char* kp = reinterpret_cast<const unsigned char*>(cache);
                     int bytes = 0;
                     if (blk[k] >= 0) {
@@ -611,9 +631,8 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                              slot[k];
                         bytes = 16;
                     }
-                    cp_async16(kd + rg * K_SBO + cc * 128 + r8 * 16, kp, bytes);
-                    cp_async16(vd + cc * V_SBO + rg * 128 + r8 * 16,
-                               bytes ? kp + v_delta * 2 : kp, bytes);
+                    cp_async16(kd + dst, kp, bytes);
+                    cp_async16(vd + dst, bytes ? kp + v_delta * 2 : kp, bytes);
                 }
                 mbar_arrive_cp_async(&full[s]);
                 if (t + 1 < ntiles) {
@@ -668,14 +687,16 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         const unsigned char* ks = tile_at(t);
 #pragma unroll
         for (int ks2 = 0; ks2 < HD / 16; ks2++)
-            wgmma_m64n64k16_rs<0>(scf, qf[ks2], smem_desc(ks + ks2 * 256, 128, K_SBO), ks2 > 0);
+            wgmma_m64n64k16_rs<0>(
+                scf, qf[ks2],
+                smem_desc_sw128(ks + (ks2 >> 2) * SW_PART + (ks2 & 3) * 32, 16, 1024), ks2 > 0);
         wgmma_commit();
     };
     auto issue_pv = [&](int t) {
         const unsigned char* vs = tile_at(t) + TILE_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; kk++)
-            wgmma_pv<HD>(of, pa[kk], smem_desc(vs + kk * 256, 128, V_SBO));
+            wgmma_pv<HD>(of, pa[kk], smem_desc_sw128(vs + kk * 2048, V_LBO, V_SBO));
         wgmma_commit();
     };
     // Tile t's scores into P (f32, in sc) and corr; touches neither o nor pa.
