@@ -581,68 +581,62 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                 producer_sync();  // staging buffer t & 1 is free for tile t + 2
             }
         } else {
-            const bf16* cache = reinterpret_cast<const bf16*>(cache_v);
             // Each key's row is read whole by CPR consecutive threads: thread
-            // tid copies chunk cc of rows tid / CPR + k · (128 / CPR), k < ITERS
-            // (the swizzle keeps the shared-memory writes conflict-free). Row r of the tile starting at key kt = kb·bs + ko is key
-            // (kb + r / bs)·bs + ko + r % bs: r / bs and r % bs are worked out
-            // once (`rq`), kb and ko advance by whole tiles, so a copy's address
-            // costs no division. Cache blocks come from the table a tile ahead.
+            // tid copies chunk cc of rows row0 + k · RSTEP, k < ITERS (the
+            // swizzle keeps the shared-memory writes conflict-free). When
+            // tiles start on block boundaries (bs divides BK, the usual case)
+            // a row's block is entry kt / bs + r / bs of the table and its slot
+            // r % bs, both fixed per thread: a copy costs a table entry, a
+            // multiply-add and two 16-byte copies. Otherwise each row divides.
             constexpr int ITERS = BK * CPR / 128;
-            static_assert(BK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
             constexpr int RSTEP = 128 / CPR;  // rows per round
-            const int cc = tid % CPR;
-            int rq[ITERS];  // (r / bs) << 16 | r % bs of each of this thread's rows
-#pragma unroll
-            for (int k = 0; k < ITERS; k++) {
-                int r = tid / CPR + RSTEP * k;
-                rq[k] = (r / bs) << 16 | (r % bs);
-            }
-            const int tile_q = BK / bs, tile_r = BK % bs;
-            const size_t v_delta = (size_t)hkv * bs * HD;  // K head kh to V head kh
-            const bf16* head = cache + (size_t)kh * bs * HD + cc * 8;
-            int kb = kv_begin / bs, ko = kv_begin % bs;
-            int blk[ITERS];
-            u32 slot[ITERS];  // the rows' byte offsets in their blocks
-            auto fetch_blocks = [&](int kt) {
+            static_assert(BK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
+            const int row0 = tid / CPR, cc = tid % CPR;
+            const unsigned char* cache = reinterpret_cast<const unsigned char*>(cache_v) +
+                                         ((size_t)kh * bs * HD + cc * 8) * 2;
+            const size_t block_bytes = block_elems * 2;
+            const size_t v_delta = (size_t)hkv * bs * HD * 2;  // K head kh to V head kh
+            const int dst0 = sw128_offset(row0, cc);  // row0 + k·RSTEP: + k·RSTEP·128
+            {
+                const bool ALIGNED = BK % bs == 0 && kv_begin % bs == 0;
+                int tq[ITERS];  // ALIGNED: r / bs
+                u32 soff[ITERS];  // ALIGNED: r % bs as a byte offset
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
-                    int sl = ko + (rq[k] & 0xffff);
-                    int carry = sl >= bs;
-                    int key = kt + tid / CPR + RSTEP * k;
-                    blk[k] = key < kv_end ? table[kb + (rq[k] >> 16) + carry] : -1;
-                    slot[k] = (u32)((carry ? sl - bs : sl) * HD * 2);
+                    int r = row0 + RSTEP * k;
+                    tq[k] = ALIGNED ? r / bs : 0;
+                    soff[k] = ALIGNED ? (u32)((r % bs) * HD * 2) : 0u;
                 }
-            };
-            fetch_blocks(kv_begin);
-            for (int t = 0; t < ntiles; t++) {
-                int s = t % STAGES;
-                if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
-                unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
-                unsigned char* vd = kd + TILE_BYTES;
+                for (int t = 0; t < ntiles; t++) {
+                    int kt = kv_begin + t * BK, s = t % STAGES;
+                    int lim = kv_end - kt;  // rows at or past it are zero-filled
+                    const int* tb = table + (ALIGNED ? kt / bs : 0);
+                    const unsigned char* src[ITERS];
 #pragma unroll
-                for (int k = 0; k < ITERS; k++) {
-                    int dst = sw128_offset(tid / CPR + RSTEP * k, cc);
-                    const unsigned char* kp = reinterpret_cast<const unsigned char*>(cache);
-                    int bytes = 0;
-                    if (blk[k] >= 0) {
-                        kp = reinterpret_cast<const unsigned char*>(
-                                 head + (size_t)blk[k] * block_elems) +
-                             slot[k];
-                        bytes = 16;
+                    for (int k = 0; k < ITERS; k++) {
+                        int r = row0 + RSTEP * k;
+                        src[k] = nullptr;
+                        if (r < lim) {
+                            if (ALIGNED) {
+                                src[k] = cache + (size_t)(u32)tb[tq[k]] * block_bytes + soff[k];
+                            } else {
+                                int key = kt + r;
+                                src[k] = cache + (size_t)(u32)table[key / bs] * block_bytes +
+                                         (size_t)(key % bs) * HD * 2;
+                            }
+                        }
                     }
-                    cp_async16(kd + dst, kp, bytes);
-                    cp_async16(vd + dst, bytes ? kp + v_delta * 2 : kp, bytes);
-                }
-                mbar_arrive_cp_async(&full[s]);
-                if (t + 1 < ntiles) {
-                    kb += tile_q;
-                    ko += tile_r;
-                    if (ko >= bs) {
-                        ko -= bs;
-                        kb++;
+                    if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+                    unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES + dst0;
+#pragma unroll
+                    for (int k = 0; k < ITERS; k++) {
+                        const unsigned char* p = src[k] ? src[k] : cache;
+                        int bytes = src[k] ? 16 : 0;
+                        cp_async16(kd + k * RSTEP * 128, p, bytes);
+                        cp_async16(kd + TILE_BYTES + k * RSTEP * 128, src[k] ? p + v_delta : p,
+                                   bytes);
                     }
-                    fetch_blocks(kv_begin + (t + 1) * BK);
+                    mbar_arrive_cp_async(&full[s]);
                 }
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -674,7 +668,6 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     float* scf = &sc[0][0];
     float* of = &o[0][0];
     u32 pa[BK / 16][4];
-    auto tile_at = [&](int t) { return smem_raw + (size_t)(t % STAGES) * 2 * TILE_BYTES; };
     auto acquire = [&](int t) {
         mbar_wait(&full[t % STAGES], (t / STAGES) & 1);
         fence_proxy_async();  // cp.async's writes, then the tensor cores' reads
@@ -683,20 +676,23 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[t % STAGES]);
     };
+    // Descriptors of stage 0's K and V; a stage or a k-step further is an
+    // offset (in 16-byte units) added to the start-address field.
+    const u64 kdesc = smem_desc_sw128(smem_raw, 16, 1024);
+    const u64 vdesc = smem_desc_sw128(smem_raw + TILE_BYTES, V_LBO, V_SBO);
+    auto stage_units = [&](int t) { return (u64)((t % STAGES) * 2 * TILE_BYTES / 16); };
     auto issue_qk = [&](int t) {
-        const unsigned char* ks = tile_at(t);
+        u64 d = kdesc + stage_units(t);
 #pragma unroll
         for (int ks2 = 0; ks2 < HD / 16; ks2++)
-            wgmma_m64n64k16_rs<0>(
-                scf, qf[ks2],
-                smem_desc_sw128(ks + (ks2 >> 2) * SW_PART + (ks2 & 3) * 32, 16, 1024), ks2 > 0);
+            wgmma_m64n64k16_rs<0>(scf, qf[ks2], d + ((ks2 >> 2) * SW_PART + (ks2 & 3) * 32) / 16,
+                                  ks2 > 0);
         wgmma_commit();
     };
     auto issue_pv = [&](int t) {
-        const unsigned char* vs = tile_at(t) + TILE_BYTES;
+        u64 d = vdesc + stage_units(t);
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++)
-            wgmma_pv<HD>(of, pa[kk], smem_desc_sw128(vs + kk * 2048, V_LBO, V_SBO));
+        for (int kk = 0; kk < BK / 16; kk++) wgmma_pv<HD>(of, pa[kk], d + kk * 2048 / 16);
         wgmma_commit();
     };
     // Tile t's scores into P (f32, in sc) and corr; touches neither o nor pa.
@@ -746,7 +742,10 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         wgmma_wait<0>();
         fence_regs();
         release(t - 1);
-        prefill_rescale<HD>(o, corr);
+        // Rescaling by exactly 1 changes nothing: most tiles of a long prompt
+        // leave every row's max where it was.
+        if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f))
+            prefill_rescale<HD>(o, corr);
         pack();
     }
     fence_regs();
