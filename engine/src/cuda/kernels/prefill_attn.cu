@@ -585,59 +585,62 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
             // tid copies chunk cc of rows row0 + k · RSTEP, k < ITERS (the
             // swizzle keeps the shared-memory writes conflict-free). When
             // tiles start on block boundaries (bs divides BK, the usual case)
-            // a row's block is entry kt / bs + r / bs of the table and its slot
-            // r % bs, both fixed per thread: a copy costs a table entry, a
-            // multiply-add and two 16-byte copies. Otherwise each row divides.
+            // a row's block is entry kb + r / bs of the table (kb = kt / bs) and
+            // its slot r % bs, both fixed per thread; otherwise each row
+            // divides. The table entries are loaded a tile ahead, so no copy
+            // waits on a table read.
             constexpr int ITERS = BK * CPR / 128;
             constexpr int RSTEP = 128 / CPR;  // rows per round
             static_assert(BK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
             const int row0 = tid / CPR, cc = tid % CPR;
             const unsigned char* cache = reinterpret_cast<const unsigned char*>(cache_v) +
                                          ((size_t)kh * bs * HD + cc * 8) * 2;
-            const size_t block_bytes = block_elems * 2;
+            const u32 block_bytes = (u32)(block_elems * 2);
             const size_t v_delta = (size_t)hkv * bs * HD * 2;  // K head kh to V head kh
             const int dst0 = sw128_offset(row0, cc);  // row0 + k·RSTEP: + k·RSTEP·128
-            {
-                const bool ALIGNED = BK % bs == 0 && kv_begin % bs == 0;
-                int tq[ITERS];  // ALIGNED: r / bs
-                u32 soff[ITERS];  // ALIGNED: r % bs as a byte offset
+            const bool aligned = BK % bs == 0 && kv_begin % bs == 0;
+            const int tile_blocks = BK / bs;
+            int tq[ITERS];    // aligned: r / bs
+            u32 soff[ITERS];  // aligned: r % bs as a byte offset
+#pragma unroll
+            for (int k = 0; k < ITERS; k++) {
+                int r = row0 + RSTEP * k;
+                tq[k] = aligned ? r / bs : 0;
+                soff[k] = aligned ? (u32)((r % bs) * HD * 2) : 0u;
+            }
+            int blk[ITERS];  // the next tile's rows' blocks, -1 past kv_end
+            int kb = kv_begin / bs;
+            auto fetch = [&](int t) {
+                int kt = kv_begin + t * BK, lim = kv_end - kt;
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
                     int r = row0 + RSTEP * k;
-                    tq[k] = ALIGNED ? r / bs : 0;
-                    soff[k] = ALIGNED ? (u32)((r % bs) * HD * 2) : 0u;
+                    int e = aligned ? kb + tq[k] : (kt + r) / bs;
+                    blk[k] = r < lim ? table[e] : -1;
                 }
-                for (int t = 0; t < ntiles; t++) {
-                    int kt = kv_begin + t * BK, s = t % STAGES;
-                    int lim = kv_end - kt;  // rows at or past it are zero-filled
-                    const int* tb = table + (ALIGNED ? kt / bs : 0);
-                    const unsigned char* src[ITERS];
+            };
+            fetch(0);
+            for (int t = 0; t < ntiles; t++) {
+                int kt = kv_begin + t * BK, s = t % STAGES;
+                int cur[ITERS];
 #pragma unroll
-                    for (int k = 0; k < ITERS; k++) {
-                        int r = row0 + RSTEP * k;
-                        src[k] = nullptr;
-                        if (r < lim) {
-                            if (ALIGNED) {
-                                src[k] = cache + (size_t)(u32)tb[tq[k]] * block_bytes + soff[k];
-                            } else {
-                                int key = kt + r;
-                                src[k] = cache + (size_t)(u32)table[key / bs] * block_bytes +
-                                         (size_t)(key % bs) * HD * 2;
-                            }
-                        }
-                    }
-                    if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
-                    unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES + dst0;
-#pragma unroll
-                    for (int k = 0; k < ITERS; k++) {
-                        const unsigned char* p = src[k] ? src[k] : cache;
-                        int bytes = src[k] ? 16 : 0;
-                        cp_async16(kd + k * RSTEP * 128, p, bytes);
-                        cp_async16(kd + TILE_BYTES + k * RSTEP * 128, src[k] ? p + v_delta : p,
-                                   bytes);
-                    }
-                    mbar_arrive_cp_async(&full[s]);
+                for (int k = 0; k < ITERS; k++) cur[k] = blk[k];
+                if (t + 1 < ntiles) {
+                    kb += tile_blocks;
+                    fetch(t + 1);
                 }
+                if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+                unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES + dst0;
+#pragma unroll
+                for (int k = 0; k < ITERS; k++) {
+                    u32 so = aligned ? soff[k] : (u32)(((kt + row0 + RSTEP * k) % bs) * HD * 2);
+                    const unsigned char* p =
+                        cache + (size_t)(u32)max(cur[k], 0) * block_bytes + so;
+                    int bytes = cur[k] >= 0 ? 16 : 0;
+                    cp_async16(kd + k * RSTEP * 128, p, bytes);
+                    cp_async16(kd + TILE_BYTES + k * RSTEP * 128, p + v_delta, bytes);
+                }
+                mbar_arrive_cp_async(&full[s]);
             }
             asm volatile("cp.async.wait_all;\n" ::: "memory");
         }
