@@ -492,7 +492,7 @@ __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;
 
 // Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
 // and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
-// K/V tiles (cp.async; each stage's `full` barrier completes when its copies
+// (FP8: PREFILL_STAGES_FP8) K/V tiles (cp.async; each stage's `full` barrier completes when its copies
 // land, so no thread waits on its own copies) and refills a stage when both
 // consumers have released it (its `empty` barrier, one arrival per consumer
 // warp). Each consumer runs its own online softmax with no block-wide
@@ -514,7 +514,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                                 const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,
                                 int bs, int window, float scale) {
     static_assert(BQ == 128 && BK == 64, "two consumer warpgroups of 64 rows, m64n64 score tiles");
-    constexpr int STAGES = PREFILL_STAGES;
+    constexpr int STAGES = FP8 ? PREFILL_STAGES_FP8 : PREFILL_STAGES;
     constexpr int CPR = HD / 8;              // 16-byte chunks per K/V row
     constexpr int TILE_BYTES = BK * HD * 2;  // one K (or V) tile
     extern __shared__ __align__(128) unsigned char smem_dyn[];
