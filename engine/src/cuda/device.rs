@@ -21,8 +21,8 @@ use half::bf16;
 
 use super::error::{CudaError, DriverContext};
 use super::launch::{
-    self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, ProductOut, SiluMul,
-    PrefillShape, decode_smem, prefill_shape,
+    self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
+    ProductOut, SiluMul, decode_smem, prefill_shape,
 };
 use super::program;
 pub use super::program::{DEFAULT_INCLUDE_DIRS, include_dir};
@@ -168,7 +168,10 @@ impl Gpu {
             (&k.decode_attn_fp8, decode_smem(head_dim, group_bound, true)),
             // The prefill attention kernel's K/V stages exceed the default 48 KiB.
             (&k.prefill_attn, prefill_shape(arch, head_dim, false).smem),
-            (&k.prefill_attn_fp8, prefill_shape(arch, head_dim, true).smem),
+            (
+                &k.prefill_attn_fp8,
+                prefill_shape(arch, head_dim, true).smem,
+            ),
         ] {
             func.set_attribute(max_smem, bytes as i32)
                 .op("cuFuncSetAttribute")?;

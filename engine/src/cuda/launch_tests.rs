@@ -330,7 +330,7 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4, false));
     let c = prefill().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 384));
-    assert_eq!(c.shared_mem_bytes, 200_800);
+    assert_eq!(c.shared_mem_bytes, 134_208);
     let portable = PrefillAttn {
         shape: prefill_shape("sm_90", 128, false),
         ..prefill()
@@ -440,20 +440,20 @@ fn shared_memory_sizes_are_the_kernels_layouts() {
     // The prefill block is one warp per 16 query rows.
     assert_eq!(PREFILL_THREADS as usize, PREFILL_BQ / 16 * 32);
     // The warp-specialized one (sm_90a, head sizes 64 and 128): a producer and
-    // two consumer warpgroups; 1 KiB for alignment, 6 stages of 64-key K and V
+    // two consumer warpgroups; 1 KiB for alignment, 4 stages of 64-key K and V
     // tiles (2 · 16 KiB at head_dim 128) with 2 · 64 scales each and two 8-byte
-    // barriers; fp8: 5 stages and two staging buffers of e4m3 tiles and scales.
+    // barriers; fp8 adds two staging buffers of e4m3 K and V tiles and scales.
     assert_eq!(PREFILL_WS_THREADS, 384);
     let ws = prefill_shape("sm_90a", 128, false);
     assert_eq!(ws.threads, 384);
-    assert_eq!(ws.smem, 1024 + 6 * (32_768 + 512 + 16));
+    assert_eq!(ws.smem, 1024 + 4 * (32_768 + 512 + 16));
     assert_eq!(
         prefill_shape("sm_90a", 128, true).smem,
-        1024 + 5 * (32_768 + 512 + 16) + 2 * (16_384 + 512)
+        ws.smem + 2 * (16_384 + 512)
     );
     assert_eq!(
         prefill_shape("sm_90a", 64, false).smem,
-        1024 + 6 * (16_384 + 512 + 16)
+        1024 + 4 * (16_384 + 512 + 16)
     );
     // Within the 227 KiB a block may have on Hopper.
     assert!(prefill_shape("sm_90a", 128, true).smem <= 227 * 1024);

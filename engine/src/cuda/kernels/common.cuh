@@ -16,7 +16,7 @@
 #include <cuda_bf16.h>
 
 #if !defined(MAX_SPLITS) || !defined(DECODE_TILE) || !defined(PREFILL_BQ) || !defined(PREFILL_BK) || \
-    !defined(PREFILL_STAGES) || !defined(PREFILL_STAGES_FP8)
+    !defined(PREFILL_STAGES)
 #error "compile with the host's -D defines (engine/src/cuda/program.rs, KERNEL_DEFINES)"
 #endif
 

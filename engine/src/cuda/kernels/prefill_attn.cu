@@ -492,14 +492,15 @@ __device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;
 
 // Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
 // and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
-// (FP8: PREFILL_STAGES_FP8) K/V tiles (cp.async; each stage's `full` barrier completes when its copies
+// K/V tiles (cp.async; each stage's `full` barrier completes when its copies
 // land, so no thread waits on its own copies) and refills a stage when both
 // consumers have released it (its `empty` barrier, one arrival per consumer
 // warp). Each consumer runs its own online softmax with no block-wide
 // barrier: it issues tile t's S = Q K^T and tile t-1's O += P V together and
 // computes tile t's softmax while P V is still in the tensor cores, so the
-// exponentials overlap the products. Registers move from the producer (copies
-// only) to the consumers with setmaxnreg.
+// exponentials overlap the products; and the two consumers take turns issuing
+// (ping-pong), so one's products run while the other's softmax does. Registers
+// move from the producer (copies only) to the consumers with setmaxnreg.
 // FP8: the producer loads raw e4m3 tiles and their scales into two staging
 // buffers and expands each into its stage's bf16 tile (and the scales beside
 // it) before marking it full; the consumers apply the scales as prefill_attn.
@@ -514,7 +515,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                                 const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,
                                 int bs, int window, float scale) {
     static_assert(BQ == 128 && BK == 64, "two consumer warpgroups of 64 rows, m64n64 score tiles");
-    constexpr int STAGES = FP8 ? PREFILL_STAGES_FP8 : PREFILL_STAGES;
+    constexpr int STAGES = PREFILL_STAGES;
     constexpr int CPR = HD / 8;              // 16-byte chunks per K/V row
     constexpr int TILE_BYTES = BK * HD * 2;  // one K (or V) tile
     extern __shared__ __align__(128) unsigned char smem_dyn[];
@@ -724,9 +725,21 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
     };
 
+    // Ping-pong: the two warpgroups take turns at the tensor cores (named
+    // barriers 2 + wg), so one's products run while the other computes its
+    // softmax. Each does ntiles + 1 turns; warpgroup 1 hands the first turn
+    // to warpgroup 0 and keeps its own last one.
+    auto turn_wait = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
+    auto turn_pass = [&](int round) {
+        if (!(wg == 1 && round == ntiles))
+            asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory");
+    };
+    if (wg == 1) asm volatile("bar.arrive 2, 256;\n" ::: "memory");
     acquire(0);
+    turn_wait();
     wgmma_fence();
     issue_qk(0);
+    turn_pass(0);
     wgmma_wait<0>();
     fence_regs();
     softmax(0);
@@ -735,9 +748,11 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     for (int t = 1; t < mine; t++) {
         acquire(t);
         fence_regs();
+        turn_wait();
         wgmma_fence();
         issue_qk(t);      // S_t = Q K_t^T
         issue_pv(t - 1);  // O += P_{t-1} V_{t-1}
+        turn_pass(t);
         wgmma_wait<1>();  // S_t is ready; P V may still run
 #pragma unroll
         for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
@@ -745,19 +760,21 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         wgmma_wait<0>();
         fence_regs();
         release(t - 1);
-        // Rescaling by exactly 1 changes nothing: most tiles of a long prompt
-        // leave every row's max where it was.
         if (__any_sync(0xffffffff, corr[0] != 1.f || corr[1] != 1.f))
             prefill_rescale<HD>(o, corr);
         pack();
     }
     fence_regs();
+    turn_wait();
     wgmma_fence();
     issue_pv(mine - 1);
+    turn_pass(mine);
     wgmma_wait<0>();
     fence_regs();
     release(mine - 1);
     for (int t = mine; t < ntiles; t++) {  // acquired first, so each release lands in its phase
+        turn_wait();
+        turn_pass(t + 1);
         acquire(t);
         release(t);
     }
