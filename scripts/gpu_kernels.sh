@@ -6,6 +6,7 @@
 #   STEPS="check attn bench"  which steps, in order (default: all three):
 #     check    CPU vs GPU on the synthesized models (tandem-gpu-bench check)
 #     attn     wgmma vs mma.sync prefill attention on 1..32k-token prompts
+#     attn8    the same with an fp8_e4m3 KV cache (both kernels' fp8 instances)
 #     bench    the llama3-8b benchmark (decode sweep, prefill, export)
 #     bench90  the same with the portable kernels (TANDEM_CUDA_ARCH=sm_90)
 #     kernels  where a decode step's time goes
@@ -28,6 +29,7 @@ for s in ${STEPS:-check attn bench}; do
     case $s in
       check) timeout 240 "$B" check --dir /tmp/tandem-check ;;
       attn) timeout 240 "$B" attn ;;
+      attn8) timeout 240 "$B" attn --kv-dtype fp8_e4m3 ;;
       bench) timeout 400 "$B" bench --shape llama3-8b ;;
       bench90) TANDEM_CUDA_ARCH=sm_90 timeout 400 "$B" bench --shape llama3-8b ;;
       kernels) timeout 120 "$B" kernels --shape llama3-8b ;;
@@ -37,6 +39,6 @@ for s in ${STEPS:-check attn bench}; do
       *) echo "unknown step $s"; false ;;
     esac >> "$OUT/$s.md" 2>&1
     echo "=== $s run $r rc=$? ($(date -u +%T))"
-    case $s in check|attn|kernels|tests|memcheck|synccheck) break ;; esac
+    case $s in check|attn|attn8|kernels|tests|memcheck|synccheck) break ;; esac
   done
 done

@@ -11,6 +11,7 @@ use tandem_engine::backend::{BackendExt, SeqChunk};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel};
+use tandem_engine::kv_cache::KvDtype;
 
 use super::{BS, Res, arg, l2_err};
 
@@ -22,6 +23,7 @@ fn backend(
     arch: Option<&str>,
     config: &tandem_engine::ModelConfig,
     blocks: usize,
+    kv_dtype: KvDtype,
 ) -> Res<CudaBackend> {
     // SAFETY: set before any thread of this process reads the environment; the
     // program is compiled by Gpu::open, which reads it once.
@@ -40,7 +42,10 @@ fn backend(
         model,
         blocks,
         BS,
-        CudaLimits::default(),
+        CudaLimits {
+            kv_dtype,
+            ..CudaLimits::default()
+        },
     )?)
 }
 
@@ -51,13 +56,21 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
         .transpose()?
         .or(Some(2));
     let config = named_config(&shape, layers)?;
+    // `--kv-dtype fp8_e4m3`: both kernels' fp8-cache instances (e4m3 tiles
+    // expanded to the same bf16 tiles, so they too should agree).
+    let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
+        None | Some("bf16") => KvDtype::Bf16,
+        Some("fp8_e4m3") => KvDtype::Fp8E4m3,
+        Some(other) => return Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
+    };
     let max_len = 32768 + 64;
     let blocks = blocks_for(max_len, BS) + 8;
-    let mut fallback = backend(Some("sm_90"), &config, blocks)?;
-    let mut hopper = backend(None, &config, blocks)?;
+    let mut fallback = backend(Some("sm_90"), &config, blocks, kv_dtype)?;
+    let mut hopper = backend(None, &config, blocks, kv_dtype)?;
     println!(
-        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights\n",
-        config.num_layers
+        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights, {} KV cache\n",
+        config.num_layers,
+        kv_dtype.name()
     );
     println!(
         "| prompt | chunks (start..end) | logits L2 rel err per chunk end | decode step after it |"
