@@ -7,6 +7,8 @@
 #     check    CPU vs GPU on the synthesized models (tandem-gpu-bench check)
 #     attn     wgmma vs mma.sync prefill attention on 1..32k-token prompts
 #     attn8    the same with an fp8_e4m3 KV cache (both kernels' fp8 instances)
+#     attnw    the same with a 1000-token sliding window and 24-token cache blocks
+#              (the windowed path and the per-row block lookup)
 #     bench    the llama3-8b benchmark (decode sweep, prefill, export)
 #     bench90  the same with the portable kernels (TANDEM_CUDA_ARCH=sm_90)
 #     kernels  where a decode step's time goes
@@ -30,6 +32,7 @@ for s in ${STEPS:-check attn bench}; do
       check) timeout 240 "$B" check --dir /tmp/tandem-check ;;
       attn) timeout 240 "$B" attn ;;
       attn8) timeout 240 "$B" attn --kv-dtype fp8_e4m3 ;;
+      attnw) timeout 240 "$B" attn --window 1000 --block-size 24 ;;
       bench) timeout 400 "$B" bench --shape llama3-8b ;;
       bench90) TANDEM_CUDA_ARCH=sm_90 timeout 400 "$B" bench --shape llama3-8b ;;
       kernels) timeout 120 "$B" kernels --shape llama3-8b ;;
@@ -39,6 +42,6 @@ for s in ${STEPS:-check attn bench}; do
       *) echo "unknown step $s"; false ;;
     esac >> "$OUT/$s.md" 2>&1
     echo "=== $s run $r rc=$? ($(date -u +%T))"
-    case $s in check|attn|attn8|kernels|tests|memcheck|synccheck) break ;; esac
+    case $s in check|attn|attn8|attnw|kernels|tests|memcheck|synccheck) break ;; esac
   done
 done

@@ -9,6 +9,7 @@
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick] [--kv-dtype bf16|fp8_e4m3]
 //! tandem-gpu-bench kernels [--shape llama3-8b]          where a decode step's time goes
 //! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2] [--speed] [--kv-dtype bf16|fp8_e4m3]
+//!                         [--window W] [--block-size N]
 //!                                                      wgmma vs mma.sync prefill attention
 //! tandem-gpu-bench rows   [--shape llama3-8b]          decode steps with masked / logprobs rows
 //! ```

@@ -22,7 +22,7 @@ const BOUND: f64 = 1e-2;
 fn backend(
     arch: Option<&str>,
     config: &tandem_engine::ModelConfig,
-    blocks: usize,
+    (blocks, block_size): (usize, usize),
     kv_dtype: KvDtype,
 ) -> Res<CudaBackend> {
     // SAFETY: set before any thread of this process reads the environment; the
@@ -41,7 +41,7 @@ fn backend(
         gpu,
         model,
         blocks,
-        BS,
+        block_size,
         CudaLimits {
             kv_dtype,
             ..CudaLimits::default()
@@ -55,7 +55,17 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
         .map(|s| s.parse())
         .transpose()?
         .or(Some(2));
-    let config = named_config(&shape, layers)?;
+    let mut config = named_config(&shape, layers)?;
+    // `--window W`: a sliding attention window (the kernels' windowed path);
+    // `--block-size N`: cache blocks of N tokens (one that does not divide the
+    // 64-key tile takes the kernels' per-row block lookup).
+    if let Some(w) = arg(args, "--window") {
+        config.sliding_window = Some(w.parse()?);
+    }
+    let bs: usize = arg(args, "--block-size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(BS);
     // `--kv-dtype fp8_e4m3`: both kernels' fp8-cache instances (e4m3 tiles
     // expanded to the same bf16 tiles, so they too should agree).
     let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
@@ -64,13 +74,14 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
         Some(other) => return Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
     };
     let max_len = 32768 + 64;
-    let blocks = blocks_for(max_len, BS) + 8;
-    let mut fallback = backend(Some("sm_90"), &config, blocks, kv_dtype)?;
-    let mut hopper = backend(None, &config, blocks, kv_dtype)?;
+    let blocks = blocks_for(max_len, bs) + 8;
+    let mut fallback = backend(Some("sm_90"), &config, (blocks, bs), kv_dtype)?;
+    let mut hopper = backend(None, &config, (blocks, bs), kv_dtype)?;
     println!(
-        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights, {} KV cache\n",
+        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights, {} KV cache, blocks of {bs}, window {:?}\n",
         config.num_layers,
-        kv_dtype.name()
+        kv_dtype.name(),
+        config.sliding_window
     );
     println!(
         "| prompt | chunks (start..end) | logits L2 rel err per chunk end | decode step after it |"
