@@ -63,8 +63,10 @@ pub struct CheckModel {
 }
 
 /// The models `tandem-gpu-bench check` and the GPU tests run: head_dim 32,
-/// 128 and 64, groups 2, 4 and 2, biases, a sliding window.
-pub const CHECK_MODELS: [CheckModel; 4] = [
+/// 128 and 64, groups 2, 4 and 2, biases, a sliding window at head_dim 32
+/// (the portable prefill attention) and at 128 (on Hopper the warp-specialized
+/// one, whose windowed tiles start past key 0).
+pub const CHECK_MODELS: [CheckModel; 5] = [
     CheckModel {
         name: "llama-hd32",
         architecture: Architecture::Llama,
@@ -95,6 +97,14 @@ pub const CHECK_MODELS: [CheckModel; 4] = [
         hidden: 256,
         heads: 8,
         kv_heads: 4,
+        max_pos: 512,
+    },
+    CheckModel {
+        name: "mistral-hd128-window256",
+        architecture: Architecture::Mistral,
+        hidden: 1024,
+        heads: 8,
+        kv_heads: 2,
         max_pos: 512,
     },
 ];
@@ -568,6 +578,12 @@ mod tests {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_matches_cpu_mistral_head_dim_128_sliding_window() {
+        run("mistral-hd128-window256");
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
     fn gpu_fp8_cache_matches_cpu_fp8_llama_head_dim_32() {
         run_kv("llama-hd32", KvDtype::Fp8E4m3);
     }
@@ -588,6 +604,12 @@ mod tests {
     #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
     fn gpu_fp8_cache_matches_cpu_fp8_mistral_sliding_window() {
         run_kv("mistral-window256", KvDtype::Fp8E4m3);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_fp8_cache_matches_cpu_fp8_mistral_head_dim_128_sliding_window() {
+        run_kv("mistral-hd128-window256", KvDtype::Fp8E4m3);
     }
 
     #[test]
