@@ -10,6 +10,7 @@
 #     attnw    the same with a 1000-token sliding window and 24-token cache blocks
 #              (the windowed path and the per-row block lookup)
 #     bench    the llama3-8b benchmark (decode sweep, prefill, export)
+#     prefill  its prefill part alone (`bench --only prefill`: ~1/3 of the time)
 #     bench90  the same with the portable kernels (TANDEM_CUDA_ARCH=sm_90)
 #     kernels  where a decode step's time goes
 #     tests    the GPU unit tests ($GPU_DIR/engine-tests --ignored cuda::), fp8 included
@@ -34,6 +35,7 @@ for s in ${STEPS:-check attn bench}; do
       attn8) timeout 240 "$B" attn --kv-dtype fp8_e4m3 ;;
       attnw) timeout 240 "$B" attn --window 1000 --block-size 24 ;;
       bench) timeout 400 "$B" bench --shape llama3-8b ;;
+      prefill) timeout 300 "$B" bench --shape llama3-8b --only prefill ;;
       bench90) TANDEM_CUDA_ARCH=sm_90 timeout 400 "$B" bench --shape llama3-8b ;;
       kernels) timeout 120 "$B" kernels --shape llama3-8b ;;
       tests) timeout 300 "$GPU_DIR/engine-tests" --ignored cuda:: --test-threads 1 ;;

@@ -18,6 +18,15 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let layers = arg(args, "--layers").map(|s| s.parse()).transpose()?;
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only decode` (the decode sweep and the sampling check) or `--only
+    // prefill` (the prefill sweep and the KV export): one part, in less time.
+    let only = arg(args, "--only");
+    let (decode, prefill) = match only.as_deref() {
+        None => (true, true),
+        Some("decode") => (true, false),
+        Some("prefill") => (false, true),
+        Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
+    };
     let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
         None | Some("bf16") => KvDtype::Bf16,
         Some("fp8_e4m3") => KvDtype::Fp8E4m3,
@@ -74,69 +83,74 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    // Decode.
-    println!(
-        "### decode step (CUDA graph replays, greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n"
-    );
-    println!(
-        "Floor bandwidth {bw:.0} GB/s: a 2 GiB device-to-device copy on this GPU, bytes read + written.\n"
-    );
-    println!(
-        "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | without PDL ms | top-p sampling ms |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let batches: &[usize] = if quick {
-        &[1, 64]
-    } else {
-        &[1, 8, 32, 64, 128, 256]
-    };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    for ctx in [1024usize, 4096] {
-        for &batch in batches {
-            let steps = 13;
-            let per_seq = blocks_for(ctx + steps + 1, BS);
-            if per_seq * batch > num_blocks {
+    if decode {
+        // Decode.
+        println!(
+            "### decode step (CUDA graph replays, greedy sampling on the GPU; median of 10 steps after 3 warm-up)\n"
+        );
+        println!(
+            "Floor bandwidth {bw:.0} GB/s: a 2 GiB device-to-device copy on this GPU, bytes read + written.\n"
+        );
+        println!(
+            "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | without PDL ms | top-p sampling ms |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let batches: &[usize] = if quick {
+            &[1, 64]
+        } else {
+            &[1, 8, 32, 64, 128, 256]
+        };
+        for ctx in [1024usize, 4096] {
+            for &batch in batches {
+                let steps = 13;
+                let per_seq = blocks_for(ctx + steps + 1, BS);
+                if per_seq * batch > num_blocks {
+                    println!(
+                        "| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |",
+                        per_seq * batch
+                    );
+                    continue;
+                }
+                let tables = consecutive_tables(batch, per_seq);
+                let mut toks: Vec<u32> = (0..batch)
+                    .map(|_| rng.random_range(0..config.vocab_size as u32))
+                    .collect();
+                let mut run = |be: &mut CudaBackend, draw: TokenDraw| -> Res<f64> {
+                    Ok(time_decode(be, &tables, ctx, &mut toks, draw)? * 1e3)
+                };
+                let ms = run(&mut be, TokenDraw::GREEDY)?;
+                let top_p = TokenDraw {
+                    temperature: 0.8,
+                    top_k: 0,
+                    top_p: 0.95,
+                    min_p: 0.0,
+                    u01: 0.37,
+                };
+                let sampled = run(&mut be, top_p)?;
+                be.set_graphs(false);
+                let direct = run(&mut be, TokenDraw::GREEDY)?;
+                be.set_graphs(true);
+                be.set_pdl(false);
+                let no_pdl = run(&mut be, TokenDraw::GREEDY)?;
+                be.set_pdl(true);
+                let kv = (batch * (ctx + 8) * kv_token_bytes) as f64;
+                let floor = (weight_bytes as f64 + kv) / (bw * 1e9) * 1e3;
                 println!(
-                    "| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |",
-                    per_seq * batch
+                    "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} | {direct:.2} | {no_pdl:.2} | {sampled:.2} |",
+                    ms / floor,
+                    batch as f64 / ms * 1e3
                 );
-                continue;
             }
-            let tables = consecutive_tables(batch, per_seq);
-            let mut toks: Vec<u32> = (0..batch)
-                .map(|_| rng.random_range(0..config.vocab_size as u32))
-                .collect();
-            let mut run = |be: &mut CudaBackend, draw: TokenDraw| -> Res<f64> {
-                Ok(time_decode(be, &tables, ctx, &mut toks, draw)? * 1e3)
-            };
-            let ms = run(&mut be, TokenDraw::GREEDY)?;
-            let top_p = TokenDraw {
-                temperature: 0.8,
-                top_k: 0,
-                top_p: 0.95,
-                min_p: 0.0,
-                u01: 0.37,
-            };
-            let sampled = run(&mut be, top_p)?;
-            be.set_graphs(false);
-            let direct = run(&mut be, TokenDraw::GREEDY)?;
-            be.set_graphs(true);
-            be.set_pdl(false);
-            let no_pdl = run(&mut be, TokenDraw::GREEDY)?;
-            be.set_pdl(true);
-            let kv = (batch * (ctx + 8) * kv_token_bytes) as f64;
-            let floor = (weight_bytes as f64 + kv) / (bw * 1e9) * 1e3;
-            println!(
-                "| {ctx} | {batch} | {ms:.2} | {floor:.2} | {:.2} | {:.0} | {direct:.2} | {no_pdl:.2} | {sampled:.2} |",
-                ms / floor,
-                batch as f64 / ms * 1e3
-            );
         }
+        println!();
+
+        sampling_check(&mut be, config.vocab_size)?;
     }
-    println!();
 
-    sampling_check(&mut be, config.vocab_size)?;
-
+    if !prefill {
+        return Ok(());
+    }
     // Prefill.
     println!(
         "### prefill (one sequence; chunks of {} tokens; median of 3 after a warm-up)\n",
