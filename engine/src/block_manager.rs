@@ -156,6 +156,11 @@ impl BlockManager {
         }
         let from_free = n.min(self.free.len());
         let mut blocks = self.free.split_off(self.free.len() - from_free);
+        // The stack's top is its end: reversed, a fresh run of ids comes out
+        // ascending (and a sequence released in table order goes back so that
+        // it does again), so KV moves of a sequence's blocks are few long
+        // copies, not one per block.
+        blocks.reverse();
         while blocks.len() < n {
             let Some((_, b)) = self.evictable.pop_first() else {
                 break; // unreachable: counted above

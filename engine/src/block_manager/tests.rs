@@ -25,6 +25,20 @@ fn allocate_release_roundtrip() {
 }
 
 #[test]
+fn a_sequence_gets_ascending_runs_of_ids_again_after_a_release() {
+    // Consecutive ids make a sequence's KV one copy per run, not per block.
+    let mut m = BlockManager::new(16);
+    let a = m.allocate(4).unwrap();
+    assert_eq!(a, vec![0, 1, 2, 3]);
+    let b = m.allocate(3).unwrap();
+    assert_eq!(b, vec![4, 5, 6]);
+    m.release(&a).unwrap();
+    assert_eq!(m.allocate(4).unwrap(), vec![0, 1, 2, 3]);
+    m.release(&b).unwrap();
+    assert_eq!(m.allocate(5).unwrap(), vec![4, 5, 6, 7, 8]);
+}
+
+#[test]
 fn double_release_in_one_call_is_refused_whole() {
     let mut m = BlockManager::new(2);
     let a = m.allocate(1).unwrap();
