@@ -52,6 +52,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// `--kv-dtype bf16|fp8_e4m3` (bf16 when absent).
+fn kv_dtype_arg(args: &[String]) -> Res<KvDtype> {
+    match arg(args, "--kv-dtype").as_deref() {
+        None | Some("bf16") => Ok(KvDtype::Bf16),
+        Some("fp8_e4m3") => Ok(KvDtype::Fp8E4m3),
+        Some(other) => Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

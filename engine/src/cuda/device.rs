@@ -161,17 +161,18 @@ impl Gpu {
             decode_attn_fp8: f(&format!("decode_attn_fp8_{head_dim}_{group_bound}"))?,
             prefill_attn_fp8: f(&format!("prefill_attn_fp8_{head_dim}"))?,
         };
+        let (prefill, prefill_fp8) = (
+            prefill_shape(arch, head_dim, false),
+            prefill_shape(arch, head_dim, true),
+        );
         let max_smem =
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         for (func, bytes) in [
             (&k.decode_attn, decode_smem(head_dim, group_bound, false)),
             (&k.decode_attn_fp8, decode_smem(head_dim, group_bound, true)),
             // The prefill attention kernel's K/V stages exceed the default 48 KiB.
-            (&k.prefill_attn, prefill_shape(arch, head_dim, false).smem),
-            (
-                &k.prefill_attn_fp8,
-                prefill_shape(arch, head_dim, true).smem,
-            ),
+            (&k.prefill_attn, prefill.smem),
+            (&k.prefill_attn_fp8, prefill_fp8.smem),
         ] {
             func.set_attribute(max_smem, bytes as i32)
                 .op("cuFuncSetAttribute")?;
@@ -211,8 +212,8 @@ impl Gpu {
             decode_smem: decode_smem(head_dim, group_bound, false),
             decode_smem_fp8: decode_smem(head_dim, group_bound, true),
             decode_wave,
-            prefill: prefill_shape(arch, head_dim, false),
-            prefill_fp8: prefill_shape(arch, head_dim, true),
+            prefill,
+            prefill_fp8,
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),

@@ -11,6 +11,22 @@ fn never_open() -> BreakerConfig {
     }
 }
 
+/// A pool over static `prefill` and `decode` addresses whose breakers never
+/// open, with default routing.
+fn ranking_pool(prefill: &[&str], decode: &[&str], shutdown: &CancellationToken) -> Arc<NodePool> {
+    let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    let membership = StaticMembership::new(&owned(prefill), &owned(decode));
+    NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        never_open(),
+        RoutingConfig::default(),
+        shutdown.clone(),
+    )
+}
+
 #[tokio::test]
 async fn a_dead_node_opens_its_breaker_and_leaves_the_choice() {
     let shutdown = CancellationToken::new();
@@ -154,16 +170,7 @@ async fn nodes_of_another_model_are_never_ranked_and_unidentified_ones_rank_last
 #[tokio::test]
 async fn unreachable_nodes_rank_last_and_assignments_count() {
     let shutdown = CancellationToken::new();
-    let membership = StaticMembership::new(&[], &["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
-    let pool = NodePool::start_with(
-        Arc::new(membership),
-        10,
-        None,
-        Identity::new(None),
-        never_open(),
-        RoutingConfig::default(),
-        shutdown.clone(),
-    );
+    let pool = ranking_pool(&[], &["127.0.0.1:1", "127.0.0.1:2"], &shutdown);
     let a = "http://127.0.0.1:1";
     let b = "http://127.0.0.1:2";
     // Nothing listens on these ports: the load tasks mark both unreachable.
@@ -197,16 +204,7 @@ async fn unreachable_nodes_rank_last_and_assignments_count() {
 #[tokio::test]
 async fn assignments_count_blocks_of_the_nodes_block_size() {
     let shutdown = CancellationToken::new();
-    let membership = StaticMembership::new(&[], &["127.0.0.1:1".into()]);
-    let pool = NodePool::start_with(
-        Arc::new(membership),
-        10,
-        None,
-        Identity::new(None),
-        never_open(),
-        RoutingConfig::default(),
-        shutdown.clone(),
-    );
+    let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
     let a = "http://127.0.0.1:1";
     tokio::time::sleep(Duration::from_millis(100)).await;
     pool.set_status(a, |s| {
@@ -229,16 +227,7 @@ async fn assignments_count_blocks_of_the_nodes_block_size() {
 #[tokio::test]
 async fn a_stale_prefill_report_does_not_outlive_the_requests_it_counted() {
     let shutdown = CancellationToken::new();
-    let membership = StaticMembership::new(&["127.0.0.1:1".into()], &[]);
-    let pool = NodePool::start_with(
-        Arc::new(membership),
-        10,
-        None,
-        Identity::new(None),
-        never_open(),
-        RoutingConfig::default(),
-        shutdown.clone(),
-    );
+    let pool = ranking_pool(&["127.0.0.1:1"], &[], &shutdown);
     let p = "http://127.0.0.1:1";
     tokio::time::sleep(Duration::from_millis(100)).await;
     let report = |queued: u64| NodeLoad {

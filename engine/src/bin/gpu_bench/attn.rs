@@ -13,7 +13,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel};
 use tandem_engine::kv_cache::KvDtype;
 
-use super::{BS, Res, arg, l2_err};
+use super::{BS, Res, arg, kv_dtype_arg, l2_err};
 
 /// Largest L2 relative error of the logits the two kernels may differ by (both
 /// bf16 attention with f32 accumulation; they differ in summation order).
@@ -68,11 +68,7 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
         .unwrap_or(BS);
     // `--kv-dtype fp8_e4m3`: both kernels' fp8-cache instances (e4m3 tiles
     // expanded to the same bf16 tiles, so they too should agree).
-    let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
-        None | Some("bf16") => KvDtype::Bf16,
-        Some("fp8_e4m3") => KvDtype::Fp8E4m3,
-        Some(other) => return Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
-    };
+    let kv_dtype = kv_dtype_arg(args)?;
     let max_len = 32768 + 64;
     let blocks = blocks_for(max_len, bs) + 8;
     let mut fallback = backend(Some("sm_90"), &config, (blocks, bs), kv_dtype)?;

@@ -10,9 +10,9 @@ use tandem_engine::backend::{Backend, BackendExt, KvExport, SeqChunk, argmax};
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
-use tandem_engine::kv_cache::{KvDtype, KvLayout};
+use tandem_engine::kv_cache::KvLayout;
 
-use super::{BS, Res, arg, median};
+use super::{BS, Res, arg, kv_dtype_arg, median};
 
 pub(crate) fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
@@ -27,11 +27,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         Some("prefill") => (false, true),
         Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
     };
-    let kv_dtype = match arg(args, "--kv-dtype").as_deref() {
-        None | Some("bf16") => KvDtype::Bf16,
-        Some("fp8_e4m3") => KvDtype::Fp8E4m3,
-        Some(other) => return Err(format!("--kv-dtype {other}: bf16 or fp8_e4m3").into()),
-    };
+    let kv_dtype = kv_dtype_arg(args)?;
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
     let gpu = Gpu::open(0, &config)?;

@@ -78,6 +78,22 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, int byte
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(a), "l"(gmem), "r"(bytes));
 }
 
+// Key `key`'s K and V rows (KV head `kh`) at element `col`, in a paged cache of
+// `block_elems` elements a block (layout above); false, and both left at
+// `cache`, at or past `end` (the caller's copy then zero-fills).
+template <typename T, int HD>
+__device__ __forceinline__ bool paged_kv_rows(const T*& kp, const T*& vp, const T* cache,
+                                              const int* table, size_t block_elems, int kh,
+                                              int hkv, int bs, int key, int end, int col) {
+    kp = vp = cache;
+    if (key >= end) return false;
+    const T* base = cache + (size_t)table[key / bs] * block_elems;
+    int s = key % bs;
+    kp = base + ((size_t)kh * bs + s) * HD + col;
+    vp = base + ((size_t)(hkv + kh) * bs + s) * HD + col;
+    return true;
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

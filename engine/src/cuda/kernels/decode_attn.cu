@@ -43,17 +43,11 @@ __device__ __forceinline__ void decode_load_warp_tile(bf16* ks, bf16* vs, const 
 #pragma unroll
     for (int i = lane; i < 16 * CPR; i += 32) {
         int r = i / CPR, c = i % CPR;
-        int j = t0 + r;
-        const bf16* kp = cache;
-        const bf16* vp = cache;
-        int bytes = 0;
-        if (j < end) {
-            size_t blk = table[j / bs];
-            size_t slot = j % bs;
-            kp = cache + blk * block_elems + ((size_t)kh * bs + slot) * HD + c * 8;
-            vp = cache + blk * block_elems + ((size_t)(hkv + kh) * bs + slot) * HD + c * 8;
-            bytes = 16;
-        }
+        const bf16 *kp, *vp;
+        int bytes = paged_kv_rows<bf16, HD>(kp, vp, cache, table, block_elems, kh, hkv, bs,
+                                            t0 + r, end, c * 8)
+                        ? 16
+                        : 0;
         int dst = r * HD + decode_swz<HD>(r, c) * 8;
         cp_async16(ks + dst, kp, bytes);
         cp_async16(vs + dst, vp, bytes);
@@ -74,31 +68,16 @@ __device__ __forceinline__ void decode_load_warp_raw(unsigned char* kr, unsigned
 #pragma unroll
     for (int i = lane; i < 16 * CPR; i += 32) {
         int r = i / CPR, c = i % CPR;
-        int j = t0 + r;
-        const unsigned char* kp = cache;
-        const unsigned char* vp = cache;
-        int bytes = 0;
-        if (j < end) {
-            size_t blk = table[j / bs];
-            size_t slot = j % bs;
-            kp = cache + blk * block_bytes + ((size_t)kh * bs + slot) * HD + c * 16;
-            vp = cache + blk * block_bytes + ((size_t)(hkv + kh) * bs + slot) * HD + c * 16;
-            bytes = 16;
-        }
+        const unsigned char *kp, *vp;
+        int bytes = paged_kv_rows<unsigned char, HD>(kp, vp, cache, table, block_bytes, kh, hkv,
+                                                     bs, t0 + r, end, c * 16)
+                        ? 16
+                        : 0;
         cp_async16(kr + r * HD + c * 16, kp, bytes);
         cp_async16(vr + r * HD + c * 16, vp, bytes);
     }
-    if (lane < 16) {
-        int j = t0 + lane;
-        const float* sk = scales;
-        int bytes = 0;
-        if (j < end) {
-            sk = scales + (size_t)table[j / bs] * 2 * hkv + kh;
-            bytes = 4;
-        }
-        cp_async4(sr + lane, sk, bytes);
-        cp_async4(sr + 16 + lane, sk + (bytes ? hkv : 0), bytes);
-    }
+    if (lane < 16)
+        kv_fp8_load_scales(sr + lane, sr + 16 + lane, scales, table, kh, hkv, bs, t0 + lane, end);
     cp_async_commit();
 }
 

@@ -38,6 +38,21 @@ __device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
     return (b & 0x80) ? -v : v;
 }
 
+// Key `key`'s K and V scales (KV head kh) into `*sk` and `*sv` with cp.async,
+// 0 at or past `end` (its cache block then is not looked up).
+__device__ __forceinline__ void kv_fp8_load_scales(float* sk, float* sv, const float* scales,
+                                                   const int* table, int kh, int hkv, int bs,
+                                                   int key, int end) {
+    const float* src = scales;
+    int bytes = 0;
+    if (key < end) {
+        src = scales + (size_t)table[key / bs] * 2 * hkv + kh;
+        bytes = 4;
+    }
+    cp_async4(sk, src, bytes);
+    cp_async4(sv, src + (bytes ? hkv : 0), bytes);
+}
+
 // Eight e4m3 values (the bytes of `raw`, in memory order) as bf16, exactly
 // (every e4m3 value is a bf16 value): one 16-byte chunk of an attention
 // kernel's K or V tile. The scales are applied where the tile is used: K's to

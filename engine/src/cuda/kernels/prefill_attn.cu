@@ -160,31 +160,16 @@ __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned cha
     constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
     for (int i = tid; i < BK * CPR; i += nthr) {
         int r = i / CPR, cc = (i % CPR) * 16;
-        int key = kt + r;
-        const unsigned char* kp = cache;
-        const unsigned char* vp = cache;
-        int bytes = 0;
-        if (key < kv_end) {
-            const unsigned char* base = cache + (size_t)table[key / bs] * block_bytes;
-            int s = key % bs;
-            kp = base + ((size_t)kh * bs + s) * HD + cc;
-            vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc;
-            bytes = 16;
-        }
+        const unsigned char *kp, *vp;
+        int bytes = paged_kv_rows<unsigned char, HD>(kp, vp, cache, table, block_bytes, kh, hkv,
+                                                     bs, kt + r, kv_end, cc)
+                        ? 16
+                        : 0;
         cp_async16(kr + r * HD + cc, kp, bytes);
         cp_async16(vr + r * HD + cc, vp, bytes);
     }
-    if (tid < BK) {
-        int key = kt + tid;
-        const float* sk = scales;
-        int bytes = 0;
-        if (key < kv_end) {
-            sk = scales + (size_t)table[key / bs] * 2 * hkv + kh;
-            bytes = 4;
-        }
-        cp_async4(sr + tid, sk, bytes);
-        cp_async4(sr + BK + tid, sk + (bytes ? hkv : 0), bytes);
-    }
+    if (tid < BK)
+        kv_fp8_load_scales(sr + tid, sr + BK + tid, scales, table, kh, hkv, bs, kt + tid, kv_end);
     cp_async_commit();
 }
 
@@ -271,17 +256,11 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
         bf16* vd = kd + BK * LD;
         for (int i = tid; i < BK * HD / 8; i += blockDim.x) {
             int r = i / (HD / 8), cc = (i % (HD / 8)) * 8;
-            int key = kt + r;
-            const bf16* kp = cache;
-            const bf16* vp = cache;
-            int bytes = 0;
-            if (key < kv_end) {
-                const bf16* base = cache + (size_t)table[key / bs] * block_elems;
-                int s = key % bs;
-                kp = base + ((size_t)kh * bs + s) * HD + cc;
-                vp = base + ((size_t)(hkv + kh) * bs + s) * HD + cc;
-                bytes = 16;
-            }
+            const bf16 *kp, *vp;
+            int bytes = paged_kv_rows<bf16, HD>(kp, vp, cache, table, block_elems, kh, hkv, bs,
+                                                kt + r, kv_end, cc)
+                            ? 16
+                            : 0;
             cp_async16(kd + r * LD + cc, kp, bytes);
             cp_async16(vd + r * LD + cc, vp, bytes);
         }
