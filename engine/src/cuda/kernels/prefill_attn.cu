@@ -286,51 +286,51 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
         }
         const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
         const bf16* vs = ks + BK * LD;
-        // This warp's rows are at positions wq0 .. wq0 + 15.
+        // This warp's rows are at positions wq0 .. wq0 + 15; a tile whose every key
+        // is in their future is skipped (the block's one barrier below is still
+        // met: `__syncthreads` is aligned, every thread must reach the same one).
         int wq0 = pos0 + tile * BQ + warp * 16;
-        if (kt > wq0 + 15) {  // every key of the tile is in this warp's future
-            __syncthreads();
-            continue;
-        }
-        // No mask needed when every key is at or before every row of the warp.
-        bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
+        if (kt <= wq0 + 15) {
+            // No mask needed when every key is at or before every row of the warp.
+            bool full = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
 
-        // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
-        // matrix l / 8: dims +0, +8 of this k-step and the next).
-        float sc[BK / 8][4];
-        int mi = lane >> 3, mr = lane & 7;
+            // S = Q K^T; K fragments through ldmatrix (lane l points at key row l % 8 of
+            // matrix l / 8: dims +0, +8 of this k-step and the next).
+            float sc[BK / 8][4];
+            int mi = lane >> 3, mr = lane & 7;
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-            const bf16* krow = ks + (nt * 8 + mr) * LD + mi * 8;
+            for (int nt = 0; nt < BK / 8; nt++) {
+                sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+                const bf16* krow = ks + (nt * 8 + mr) * LD + mi * 8;
 #pragma unroll
-            for (int ks2 = 0; ks2 < HD / 16; ks2 += 2) {
-                u32 b[4];
-                ldsm_x4(b, krow + ks2 * 16);
-                mma16816(sc[nt], qf[ks2], b[0], b[1]);
-                mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
+                for (int ks2 = 0; ks2 < HD / 16; ks2 += 2) {
+                    u32 b[4];
+                    ldsm_x4(b, krow + ks2 * 16);
+                    mma16816(sc[nt], qf[ks2], b[0], b[1]);
+                    mma16816(sc[nt], qf[ks2 + 1], b[2], b[3]);
+                }
             }
-        }
-        const float* sr = raw_sc + (t & 1) * 2 * BK;  // FP8: K scales, then V's
-        if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
-        prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
-                                 scale);
-        if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
+            const float* sr = raw_sc + (t & 1) * 2 * BK;  // FP8: K scales, then V's
+            if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
+            prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig,
+                                     window, scale);
+            if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
-            u32 a[4];
-            a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-            a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-            a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-            // V fragments through ldmatrix.trans: matrices (keys +0, +8) x (dims +0, +8).
-            const bf16* vrow = vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + (mi >> 1) * 8;
+            for (int kk = 0; kk < BK / 16; kk++) {
+                u32 a[4];
+                a[0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+                a[1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+                a[2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                a[3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                // V fragments through ldmatrix.trans: matrices (keys +0, +8) x (dims +0, +8).
+                const bf16* vrow = vs + (kk * 16 + (mi & 1) * 8 + mr) * LD + (mi >> 1) * 8;
 #pragma unroll
-            for (int nt = 0; nt < HD / 8; nt += 2) {
-                u32 b[4];
-                ldsm_x4_trans(b, vrow + nt * 8);
-                mma16816(o[nt], a, b[0], b[1]);
-                mma16816(o[nt + 1], a, b[2], b[3]);
+                for (int nt = 0; nt < HD / 8; nt += 2) {
+                    u32 b[4];
+                    ldsm_x4_trans(b, vrow + nt * 8);
+                    mma16816(o[nt], a, b[0], b[1]);
+                    mma16816(o[nt + 1], a, b[2], b[3]);
+                }
             }
         }
         __syncthreads();
@@ -466,8 +466,11 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
         "r"(parity)
         : "memory");
 }
-// A barrier of the producer warpgroup's 128 threads alone (barrier 0 is __syncthreads).
-__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+// A barrier of the producer warpgroup's 128 threads alone (barrier 0 is __syncthreads;
+// not `.aligned`: the consumers never run it).
+__device__ __forceinline__ void producer_sync() {
+    asm volatile("barrier.sync 1, 128;\n" ::: "memory");
+}
 
 // Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
 // and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
@@ -707,13 +710,16 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     // Ping-pong: the two warpgroups take turns at the tensor cores (named
     // barriers 2 + wg), so one's products run while the other computes its
     // softmax. Each does ntiles + 1 turns; warpgroup 1 hands the first turn
-    // to warpgroup 0 and keeps its own last one.
-    auto turn_wait = [&]() { asm volatile("bar.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
+    // to warpgroup 0 and keeps its own last one. The barriers are the
+    // non-`.aligned` forms (`bar.sync` is `barrier.sync.aligned`, which promises
+    // that every thread of the block runs the same barrier instruction; here
+    // one warpgroup waits at one of several sites while the other arrives).
+    auto turn_wait = [&]() { asm volatile("barrier.sync %0, 256;\n" ::"r"(2 + wg) : "memory"); };
     auto turn_pass = [&](int round) {
         if (!(wg == 1 && round == ntiles))
-            asm volatile("bar.arrive %0, 256;\n" ::"r"(3 - wg) : "memory");
+            asm volatile("barrier.arrive %0, 256;\n" ::"r"(3 - wg) : "memory");
     };
-    if (wg == 1) asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+    if (wg == 1) asm volatile("barrier.arrive 2, 256;\n" ::: "memory");
     acquire(0);
     turn_wait();
     wgmma_fence();
