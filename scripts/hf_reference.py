@@ -116,7 +116,7 @@ def timed(fn, warmup, runs):
         fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 @torch.no_grad()
@@ -125,13 +125,17 @@ def baseline(args):
     name = torch.cuda.get_device_name()
     print(f"## baseline: transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
           f"SDPA bf16, random Llama-3-8B shape ({args.layers} layers) on {name}\n")
-    print("| what | ms | tokens/s |")
+    print("| what | ms: median (range) | tokens/s |")
     print("|---|---|---|")
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, 128256, (1, 8192), generator=g).cuda()
-    t = timed(lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1), 1, 3)
-    print(f"| prefill 8192 tokens | {t * 1e3:.1f} | {8192 / t:.0f} |", flush=True)
-    for batch in (1, 64):
+    for n in args.prefill:
+        prompt = torch.randint(0, 128256, (1, n), generator=g).cuda()
+        ts = timed(lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1), 1, args.runs)
+        t = statistics.median(ts)
+        print(f"| prefill {n} tokens | {t * 1e3:.1f} ({min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}) | {n / t:.0f} |", flush=True)
+        del prompt
+        torch.cuda.empty_cache()
+    for batch in args.decode:
         ctx = torch.randint(0, 128256, (batch, 1024), generator=g).cuda()
         out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
@@ -162,6 +166,10 @@ def main():
     r.add_argument("--steps", type=int, default=8)
     b = sub.add_parser("baseline")
     b.add_argument("--layers", type=int, default=32)
+    ints = lambda v: [int(x) for x in v.split(",") if x]
+    b.add_argument("--prefill", type=ints, default=[8192], help="prompt lengths, comma-separated")
+    b.add_argument("--runs", type=int, default=3, help="timed prefill runs (median)")
+    b.add_argument("--decode", type=ints, default=[1, 64], help="decode batch sizes ('' for none)")
     args = ap.parse_args()
     reference(args) if args.cmd == "reference" else baseline(args)
 

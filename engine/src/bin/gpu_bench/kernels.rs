@@ -12,7 +12,7 @@ use super::speed::{consecutive_tables, time_decode};
 use super::{BS, Res, arg, median};
 
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
-/// kernel at batch 1 and cuBLAS at batch 64) against the copy bandwidth, and the
+/// kernel at batch 1 and cuBLAS at batch 64 and 256) against the copy bandwidth, and the
 /// cost of one decoder layer (steps of a 4-layer model minus a 0-layer one).
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
@@ -30,8 +30,8 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         gpu.name()
     );
     println!("Copy bandwidth {bw:.0} GB/s.\n");
-    println!("| product (out × in) | rows | µs | weight GB/s | of copy bandwidth |");
-    println!("|---|---|---|---|---|");
+    println!("| product (out × in) | rows | µs | weight GB/s | of copy bandwidth | TFLOP/s |");
+    println!("|---|---|---|---|---|---|");
     for (name, out, k) in [
         ("qkv", qkvw, h),
         ("o", h, config.num_heads * config.head_dim),
@@ -40,11 +40,11 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         ("lm_head", v, h),
     ] {
         let mut w = gpu.zeros::<half::bf16>(out * k)?;
-        let mut x = gpu.zeros::<half::bf16>(64 * k)?;
-        let mut y = gpu.zeros::<f32>(64 * out)?;
+        let mut x = gpu.zeros::<half::bf16>(256 * k)?;
+        let mut y = gpu.zeros::<f32>(256 * out)?;
         gpu.fill_uniform_slice(&mut w, 3, -0.05, 0.05)?;
         gpu.fill_uniform_slice(&mut x, 4, -1.0, 1.0)?;
-        for rows in [1usize, 64] {
+        for rows in [1usize, 64, 256] {
             let mut times = Vec::new();
             for i in 0..25 {
                 gpu.sync()?;
@@ -60,9 +60,10 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
             let t = median(times);
             let gbs = (out * k * 2) as f64 / t / 1e9;
             println!(
-                "| {name} ({out} × {k}) | {rows} | {:.1} | {gbs:.0} | {:.0}% |",
+                "| {name} ({out} × {k}) | {rows} | {:.1} | {gbs:.0} | {:.0}% | {:.0} |",
                 t * 1e6,
-                gbs / bw * 100.0
+                gbs / bw * 100.0,
+                (2 * rows * out * k) as f64 / t / 1e12
             );
         }
     }
@@ -78,9 +79,10 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         let c = named_config(&shape, Some(layers))?;
         let g = Gpu::open(0, &c)?;
         let model = GpuModel::random(&g, &c, 1)?;
-        let mut be = CudaBackend::new(g, model, 64 * 260 + 8, BS, CudaLimits::default())?;
+        // Enough blocks for 256 sequences of 1k and 64 of 4k.
+        let mut be = CudaBackend::new(g, model, 256 * 66 + 8, BS, CudaLimits::default())?;
         be.fill_cache_random(3)?;
-        for (ctx, batch) in [(1024usize, 1usize), (4096, 64)] {
+        for (ctx, batch) in [(1024usize, 1usize), (4096, 64), (1024, 256)] {
             let per_seq = blocks_for(ctx + 20, BS);
             let tables = consecutive_tables(batch, per_seq);
             let mut toks = vec![1u32; batch];
@@ -101,6 +103,8 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 (4096, 32, None),
                 (4096, 32, Some(4096)),
                 (4096, 64, None),
+                (1024, 256, None),
+                (1024, 256, Some(2048)),
             ] {
                 be.set_decode_blocks(blocks);
                 let per_seq = blocks_for(ctx + 20, BS);
