@@ -3,9 +3,11 @@
 //! backend's), and its copy paths to and from pinned host memory on the copy
 //! stream: [`GpuKvCache::export_async`] queues a layer's
 //! blocks into the [staging ring](super::staging) and returns at once, so a
-//! prefill's layer hook costs the GPU nothing; the synchronous paths
-//! ([`GpuKvCache::export_with`], [`GpuKvCache::import_layer`]) go through a
-//! staging buffer of their own.
+//! prefill's layer hook costs the GPU nothing. [`GpuKvCache::import_layer`]
+//! stages a frame in a pinned [copy ring](super::copy_ring) and queues its copy
+//! without waiting for it (the compute stream is ordered after it), so a decode
+//! node's engine thread never waits on the GPU for imports; the synchronous
+//! [`GpuKvCache::export_with`] uses the same buffer.
 //!
 //! Each layer holds one block more than the layout says: the scratch block,
 //! where the padding rows of a CUDA-graph decode step write their K/V.
@@ -22,9 +24,10 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUDA_MEMCPY2D, CUmemorytype, CUstream};
-use cudarc::driver::{CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use half::bf16;
 
+use super::copy_ring::CopyRing;
 use super::device::{Gpu, ptr};
 use super::error::DriverContext;
 use super::launch::{Dev, KvRead};
@@ -34,6 +37,21 @@ use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
 
+/// Pinned memory of imports (and synchronous exports) with its ranges in flight.
+struct Staging {
+    buf: PinnedHostSlice<u8>,
+    ring: CopyRing<CudaEvent>,
+}
+
+impl Drop for Staging {
+    /// The buffer is freed only after the copies still reading it.
+    fn drop(&mut self) {
+        if let Err(e) = self.ring.drain(|e| e.synchronize()) {
+            tracing::error!(error = %e, "KV import copies did not finish");
+        }
+    }
+}
+
 /// One buffer per layer, plus a pinned staging buffer for moving layers.
 pub struct GpuKvCache {
     layout: KvLayout,
@@ -42,7 +60,7 @@ pub struct GpuKvCache {
     copy: Arc<CudaStream>,
     /// Blocks the staging buffer holds; larger moves go in several rounds.
     staging_blocks: usize,
-    staging: Mutex<PinnedHostSlice<u8>>,
+    staging: Mutex<Staging>,
     /// Where asynchronous exports land.
     ring: Arc<StagingRing>,
 }
@@ -88,7 +106,10 @@ impl GpuKvCache {
             compute: gpu.compute.clone(),
             copy: gpu.copy.clone(),
             staging_blocks,
-            staging: Mutex::new(staging),
+            staging: Mutex::new(Staging {
+                ring: CopyRing::new(staging.len()),
+                buf: staging,
+            }),
         })
     }
 
@@ -301,12 +322,12 @@ impl GpuKvCache {
         let bb = self.layout.block_bytes();
         let done = self.compute.record_event(None).op("cuEventRecord")?;
         self.copy.wait(&done).op("cuStreamWaitEvent")?;
-        let mut staging = self
-            .staging
-            .lock()
-            .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))?;
+        let mut staging = self.lock_staging()?;
+        let Staging { buf, ring } = &mut *staging;
+        // Every import still reading the buffer is done before it is overwritten.
+        ring.drain(|e| e.synchronize().op("cuEventSynchronize (KV import)"))?;
         for round in blocks.chunks(self.staging_blocks) {
-            let host = staging.as_mut_slice().op("pinned buffer")?;
+            let host = buf.as_mut_slice().op("pinned buffer")?;
             for (first, run) in runs(round) {
                 // SAFETY: the run lies inside the layer (blocks checked above); the
                 // staging range is inside the pinned buffer; we wait for the copy
@@ -319,8 +340,16 @@ impl GpuKvCache {
         Ok(())
     }
 
+    fn lock_staging(&self) -> Result<std::sync::MutexGuard<'_, Staging>> {
+        self.staging
+            .lock()
+            .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))
+    }
+
     /// Writes `bytes` (as made by an export, on any node of the same layout) into
-    /// `blocks` of `layer`, through pinned memory on the copy stream.
+    /// `blocks` of `layer`, through pinned memory on the copy stream. Returns
+    /// once the copies are queued: work queued on the compute stream afterwards
+    /// runs after them.
     pub fn import_layer(&self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         self.check(layer, blocks)?;
         self.compute
@@ -335,20 +364,25 @@ impl GpuKvCache {
                 blocks.len()
             )));
         }
-        let mut staging = self
-            .staging
-            .lock()
-            .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))?;
+        let mut staging = self.lock_staging()?;
+        let Staging { buf, ring } = &mut *staging;
+        // The copies write blocks that work already queued on the compute stream
+        // may have used (a released sequence's): they start after it.
+        let computed = self.compute.record_event(None).op("cuEventRecord")?;
+        self.copy.wait(&computed).op("cuStreamWaitEvent")?;
         // The frame's blocks split into all their values, then all their scales
         // (fp8; a bf16 block is all values), so each run is one or two plain
         // copies, not strided ones with rows of a few dozen bytes.
         let (vb, sb) = (self.values_bytes(), bb - self.values_bytes());
         for (r, round) in blocks.chunks(self.staging_blocks).enumerate() {
-            let host = staging.as_mut_slice().op("pinned buffer")?;
-            let src = &bytes[r * self.staging_blocks * bb..][..round.len() * bb];
             let n = round.len();
-            split_frame(src, bb, vb, &mut host[..n * bb]);
-            let (vals, scales) = host[..n * bb].split_at(n * vb);
+            let range = ring.take(n * bb, |e| {
+                e.synchronize().op("cuEventSynchronize (KV import)")
+            })?;
+            let host = &mut buf.as_mut_slice().op("pinned buffer")?[range.clone()];
+            let src = &bytes[r * self.staging_blocks * bb..][..n * bb];
+            split_frame(src, bb, vb, host);
+            let (vals, scales) = host.split_at(n * vb);
             for (first, run) in runs(round) {
                 let (b0, m) = (run[0] as usize, run.len());
                 let parts = [
@@ -364,26 +398,82 @@ impl GpuKvCache {
                 for (dst, part) in parts.into_iter().filter(|(_, p)| !p.is_empty()) {
                     // SAFETY: `dst` and the `part.len()` bytes after it lie inside the
                     // layer's blocks or scales (blocks checked above); the pinned
-                    // source stays untouched until the copy stream is synchronized.
+                    // source stays untouched until the copy's event (kept in the
+                    // ring with its range) has completed.
                     unsafe {
                         cudarc::driver::result::memcpy_htod_async(dst, part, self.copy.cu_stream())
                     }
                     .op("cuMemcpyHtoDAsync (KV import)")?;
                 }
             }
-            self.copy.synchronize().op("cuStreamSynchronize (copy)")?;
+            let done = self.copy.record_event(None).op("cuEventRecord (copy)")?;
+            // Whatever the compute stream runs from now on (the sequence's first
+            // decode step, or another's pass on reused blocks) sees the imported KV.
+            self.compute.wait(&done).op("cuStreamWaitEvent")?;
+            ring.in_flight(range, done);
         }
         Ok(())
     }
 }
 
+/// Parts a frame's copy into the staging buffer is cut into, at most: one
+/// core's memcpy moves a few GB/s (measured: a 4k prompt's 537 MB took the
+/// decode node's engine thread ~100 ms to import), under what the link
+/// delivers, so a large frame is copied by several threads.
+const COPY_THREADS: usize = 8;
+/// The least bytes worth a thread of their own.
+const COPY_PART_BYTES: usize = 1 << 20;
+
 /// Writes `frame`'s blocks of `block_bytes` (each `values` bytes of values,
 /// then its scales) into `out` (as long as `frame`) as all their values, then
-/// all their scales.
+/// all their scales; frames of several MiB in parallel.
 fn split_frame(frame: &[u8], block_bytes: usize, values: usize, out: &mut [u8]) {
+    split_frame_in_parts(frame, block_bytes, values, out, COPY_PART_BYTES);
+}
+
+/// [`split_frame`] with parts of at least `part_bytes` (rounded to blocks).
+fn split_frame_in_parts(
+    frame: &[u8],
+    block_bytes: usize,
+    values: usize,
+    out: &mut [u8],
+    part_bytes: usize,
+) {
     let n = frame.len() / block_bytes;
     let sb = block_bytes - values;
     let (vals, scales) = out.split_at_mut(n * values);
+    let parts = (frame.len() / part_bytes.max(1)).clamp(1, COPY_THREADS.min(n.max(1)));
+    if parts == 1 {
+        split_blocks(frame, block_bytes, values, vals, scales);
+        return;
+    }
+    let per = n.div_ceil(parts);
+    std::thread::scope(|s| {
+        let (mut vals, mut scales) = (vals, scales);
+        for src in frame.chunks(per * block_bytes) {
+            let m = src.len() / block_bytes;
+            let (v, v_rest) = std::mem::take(&mut vals).split_at_mut(m * values);
+            let (sc, sc_rest) = std::mem::take(&mut scales).split_at_mut(m * sb);
+            (vals, scales) = (v_rest, sc_rest);
+            s.spawn(move || split_blocks(src, block_bytes, values, v, sc));
+        }
+    });
+}
+
+/// One thread's part of [`split_frame`]: `vals` and `scales` hold exactly
+/// `frame`'s blocks.
+fn split_blocks(
+    frame: &[u8],
+    block_bytes: usize,
+    values: usize,
+    vals: &mut [u8],
+    scales: &mut [u8],
+) {
+    let sb = block_bytes - values;
+    if sb == 0 {
+        vals.copy_from_slice(frame);
+        return;
+    }
     for (j, block) in frame.chunks_exact(block_bytes).enumerate() {
         vals[j * values..][..values].copy_from_slice(&block[..values]);
         scales[j * sb..][..sb].copy_from_slice(&block[values..]);
@@ -446,7 +536,7 @@ impl GpuKvCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{runs, split_frame};
+    use super::{runs, split_frame, split_frame_in_parts};
 
     #[test]
     fn a_frame_splits_into_its_values_then_its_scales() {
@@ -458,6 +548,24 @@ mod tests {
             out,
             [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 10, 10, 20, 20, 30, 30]
         );
+    }
+
+    #[test]
+    fn a_frame_split_by_several_threads_is_the_same() {
+        // 37 blocks of 5 value bytes and 3 scale bytes, by 8 threads (5 blocks each).
+        let (bb, vb) = (8, 5);
+        let frame: Vec<u8> = (0..37 * bb).map(|i| (i * 7 % 251) as u8).collect();
+        let mut one = vec![0u8; frame.len()];
+        let mut many = vec![0u8; frame.len()];
+        split_frame_in_parts(&frame, bb, vb, &mut one, usize::MAX);
+        split_frame_in_parts(&frame, bb, vb, &mut many, 4 * bb);
+        assert_eq!(one, many);
+        assert_eq!(&one[..vb], &frame[..vb]);
+        assert_eq!(&one[37 * vb..][..3], &frame[vb..bb]);
+        // A bf16 frame (no scales) is the frame itself.
+        let mut plain = vec![0u8; frame.len()];
+        split_frame_in_parts(&frame, bb, bb, &mut plain, 3 * bb);
+        assert_eq!(plain, frame);
     }
 
     #[test]

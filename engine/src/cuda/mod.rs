@@ -54,6 +54,7 @@ pub mod bench;
 pub mod check;
 mod check_fp8;
 mod check_sampling;
+mod copy_ring;
 pub mod device;
 pub mod error;
 pub mod kv;
