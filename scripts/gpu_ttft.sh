@@ -137,4 +137,7 @@ for r in ${RATES-1 4}; do bench colocated "$r"; done; sat colocated
 fi
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null
+# The device tool brings back only a few files: the node logs and the bench's
+# JSON results travel as one archive beside ttft.md.
+(cd "$OUT" && tar -czf logs.tgz ./*.log ./*.json 2>/dev/null && rm -f ./*.log ./*.json)
 echo done
