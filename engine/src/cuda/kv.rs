@@ -54,13 +54,15 @@ impl Drop for Staging {
 
 /// One buffer per layer, plus a pinned staging buffer for moving layers.
 pub struct GpuKvCache {
+    /// First field, so dropped first: it waits for the imports still copying
+    /// into `layers`.
+    staging: Mutex<Staging>,
+    /// Blocks the staging buffer holds; larger moves go in several rounds.
+    staging_blocks: usize,
     layout: KvLayout,
     layers: Vec<CudaSlice<u8>>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
-    /// Blocks the staging buffer holds; larger moves go in several rounds.
-    staging_blocks: usize,
-    staging: Mutex<Staging>,
     /// Where asynchronous exports land.
     ring: Arc<StagingRing>,
 }
