@@ -385,30 +385,48 @@ impl GpuKvCache {
             let src = &bytes[r * self.staging_blocks * bb..][..n * bb];
             split_frame(src, bb, vb, host);
             let (vals, scales) = host.split_at(n * vb);
-            for (first, run) in runs(round) {
-                let (b0, m) = (run[0] as usize, run.len());
-                let parts = [
-                    (
-                        self.layer_ptr(layer) + (b0 * vb) as u64,
-                        &vals[first * vb..][..m * vb],
-                    ),
-                    (
-                        self.scales_ptr(layer) + (b0 * sb) as u64,
-                        &scales[first * sb..][..m * sb],
-                    ),
-                ];
-                for (dst, part) in parts.into_iter().filter(|(_, p)| !p.is_empty()) {
-                    // SAFETY: `dst` and the `part.len()` bytes after it lie inside the
-                    // layer's blocks or scales (blocks checked above); the pinned
-                    // source stays untouched until the copy's event (kept in the
-                    // ring with its range) has completed.
-                    unsafe {
-                        cudarc::driver::result::memcpy_htod_async(dst, part, self.copy.cu_stream())
+            let queue = || -> Result<()> {
+                for (first, run) in runs(round) {
+                    let (b0, m) = (run[0] as usize, run.len());
+                    let parts = [
+                        (
+                            self.layer_ptr(layer) + (b0 * vb) as u64,
+                            &vals[first * vb..][..m * vb],
+                        ),
+                        (
+                            self.scales_ptr(layer) + (b0 * sb) as u64,
+                            &scales[first * sb..][..m * sb],
+                        ),
+                    ];
+                    for (dst, part) in parts.into_iter().filter(|(_, p)| !p.is_empty()) {
+                        // SAFETY: `dst` and the `part.len()` bytes after it lie inside
+                        // the layer's blocks or scales (blocks checked above); the
+                        // pinned source stays untouched until the copy's event (kept
+                        // in the ring with its range) has completed.
+                        unsafe {
+                            cudarc::driver::result::memcpy_htod_async(
+                                dst,
+                                part,
+                                self.copy.cu_stream(),
+                            )
+                        }
+                        .op("cuMemcpyHtoDAsync (KV import)")?;
                     }
-                    .op("cuMemcpyHtoDAsync (KV import)")?;
                 }
+                Ok(())
+            };
+            if let Err(e) = queue() {
+                // Copies queued before the failure may still read the range.
+                let _ = self.copy.synchronize();
+                return Err(e);
             }
-            let done = self.copy.record_event(None).op("cuEventRecord (copy)")?;
+            let done = match self.copy.record_event(None).op("cuEventRecord (copy)") {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = self.copy.synchronize();
+                    return Err(e.into());
+                }
+            };
             // Whatever the compute stream runs from now on (the sequence's first
             // decode step, or another's pass on reused blocks) sees the imported KV.
             self.compute.wait(&done).op("cuStreamWaitEvent")?;
