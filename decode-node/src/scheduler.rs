@@ -11,6 +11,10 @@
 //! A sequence whose KV comes from a prefill node joins the batch at the next
 //! iteration after its last layer has landed and its first token arrived; a
 //! finished one leaves at once and its blocks are free for the next request.
+//! While a step runs on the device the loop also takes the commands that
+//! arrive (KV layers, completed transfers, admissions), so a landing transfer
+//! does not wait for the step's end; cancels and aborted transfers, which end
+//! sequences that may be in the step, wait for it.
 //!
 //! **One owner of a request's resources**: this loop. Once a sequence is
 //! admitted, `Scheduler::remove` is the only place its blocks and its KV
@@ -170,6 +174,9 @@ pub struct Scheduler<B: Backend> {
     pub(crate) policy: LinkPolicy,
     pub(crate) links: SharedLinks,
     pub(crate) local_rate: LocalRate,
+    /// A command taken while a step ran that had to wait for its end (one that
+    /// can end a sequence, which may be in the step); handled first next turn.
+    held: Option<Command>,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -213,6 +220,7 @@ impl<B: Backend> Scheduler<B> {
             },
             links: SharedLinks::default(),
             local_rate: LocalRate::default(),
+            held: None,
         }
     }
 
@@ -227,6 +235,9 @@ impl<B: Backend> Scheduler<B> {
     /// Runs until `shutdown` fires or every command sender is gone.
     pub fn run(mut self, commands: Receiver<Command>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
+            if let Some(cmd) = self.held.take() {
+                self.handle(cmd);
+            }
             let busy = self
                 .seqs
                 .values()
@@ -243,7 +254,7 @@ impl<B: Backend> Scheduler<B> {
             }
             self.reap(Instant::now());
             let started = Instant::now();
-            self.step();
+            self.step(&commands);
             let took = started.elapsed();
             if took > Duration::from_millis(50) {
                 tracing::debug!(ms = took.as_secs_f64() * 1e3, "slow engine step");
@@ -424,7 +435,25 @@ impl<B: Backend> Scheduler<B> {
     }
 
     /// One forward pass over the rows the planner picks.
-    fn step(&mut self) {
+    /// Takes the commands that arrive while a step runs on the device: KV
+    /// layers to import (a GPU backend queues their copies behind the step),
+    /// completed transfers (their first token leaves now, their first decode
+    /// step is the next one) and admissions. A command that can end a
+    /// sequence (a cancel, an aborted transfer) is held for after the step, and
+    /// the ones behind it with it, so the commands keep their order.
+    fn take_commands_during_step(&mut self, commands: &Receiver<Command>) {
+        while self.held.is_none() {
+            match commands.try_recv() {
+                Ok(cmd @ (Command::Cancel(..) | Command::KvAborted { .. })) => {
+                    self.held = Some(cmd);
+                }
+                Ok(cmd) => self.handle(cmd),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn step(&mut self, commands: &Receiver<Command>) {
         let views: Vec<_> = self.seqs.iter().map(|(&id, s)| s.view(id)).collect();
         let plan = plan_step(
             &views,
@@ -480,6 +509,9 @@ impl<B: Backend> Scheduler<B> {
         let backend = &mut self.backend;
         let result = overlap(&mut jobs, || backend.start_step(&chunks, &draws, None));
         drop(chunks);
+        if result.is_ok() {
+            self.take_commands_during_step(commands);
+        }
         for (id, job) in lent_ids.into_iter().zip(jobs) {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.generation.return_mask_job(job);
@@ -660,5 +692,140 @@ impl<B: Backend> Scheduler<B> {
             })
             .sum();
         self.metrics.publish(&self.blocks, s.queued as usize);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Sender, channel};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tandem_engine::ModelDir;
+    use tandem_engine::generation::GenerationParams;
+    use tandem_engine::model_dir::BatchLimits;
+    use tandem_engine::synth::{SynthSpec, write_model_dir};
+    use tandem_kv_transfer::Reservations;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::{Command, Event, KvEndpoint, Limits, Scheduler, Stats};
+    use crate::admission::Admission;
+    use crate::errors::Refusal;
+
+    type Reply = oneshot::Receiver<Result<(), Refusal>>;
+
+    /// A scheduler over a small synthesized model on the CPU, every prompt
+    /// prefilled here.
+    fn scheduler() -> (
+        tempfile::TempDir,
+        Scheduler<Box<dyn tandem_engine::backend::Backend>>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = SynthSpec {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            max_position_embeddings: 512,
+            seed: 5,
+            ..Default::default()
+        };
+        write_model_dir(dir.path(), &spec).expect("synth");
+        let model = Arc::new(ModelDir::open(dir.path()).expect("open"));
+        let limits = BatchLimits {
+            max_tokens: 256,
+            max_seqs: 8,
+        };
+        let backend = model.load(64, 4, limits).expect("backend");
+        let endpoint = KvEndpoint {
+            quic_addr: "127.0.0.1:1".into(),
+            quic_addrs: vec!["127.0.0.1:1".into()],
+            server_name: "decode".into(),
+            cert_der: Vec::new(),
+            model_fingerprint: String::new(),
+        };
+        let limits = Limits {
+            max_batch: 8,
+            max_batch_tokens: 256,
+            prefix_cache: false,
+            local_prefill_below: usize::MAX,
+        };
+        let s = Scheduler::new(
+            backend,
+            model,
+            limits,
+            endpoint,
+            Arc::new(Mutex::new(Reservations::new())),
+            Arc::new(Mutex::new(Stats::default())),
+            "test",
+        );
+        (dir, s)
+    }
+
+    /// Sends an admission of `id` (a 6-token prompt, `max_tokens` to generate).
+    fn admit(tx: &Sender<Command>, id: &str, max_tokens: usize) -> (Reply, mpsc::Receiver<Event>) {
+        let (events, rx) = mpsc::channel(max_tokens + 4);
+        let a = Admission {
+            request_id: id.into(),
+            prompt: vec![1, 2, 3, 4, 5, 6],
+            generated: Vec::new(),
+            params: GenerationParams {
+                max_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            force_local: true,
+            kv_timeout: Duration::from_secs(10),
+            prefill_peer: String::new(),
+            prefill_queue: Duration::ZERO,
+            events,
+            span: tracing::Span::none(),
+        };
+        let (reply, answer) = oneshot::channel();
+        tx.send(Command::Admit(Box::new(a), reply))
+            .expect("loop's channel");
+        (answer, rx)
+    }
+
+    #[test]
+    fn commands_arriving_during_a_step_are_taken_and_a_cancel_waits_for_its_end() {
+        let (_dir, mut s) = scheduler();
+        let (tx, rx) = channel();
+        let (mut a_reply, _a_events) = admit(&tx, "a", 32);
+        s.handle(rx.try_recv().expect("admission of a"));
+        assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
+
+        // An admission waiting while a's prompt is prefilled is taken during
+        // the step: answered when the step returns.
+        let (mut b_reply, _b_events) = admit(&tx, "b", 32);
+        s.step(&rx);
+        assert_eq!(
+            b_reply.try_recv().ok(),
+            Some(Ok(())),
+            "b admitted during the step"
+        );
+        assert!(s.held.is_none());
+
+        // A cancel of a (in the next step) waits for that step's end, and the
+        // admission behind it waits with it, so the order holds.
+        let (cancelled, mut found) = oneshot::channel();
+        tx.send(Command::Cancel("a".into(), cancelled))
+            .expect("loop's channel");
+        let (mut c_reply, _c_events) = admit(&tx, "c", 32);
+        s.step(&rx);
+        assert!(
+            matches!(s.held, Some(Command::Cancel(..))),
+            "the cancel is held"
+        );
+        assert!(s.by_request.contains_key("a"), "a ran its step to the end");
+        assert!(found.try_recv().is_err(), "not yet answered");
+        assert!(c_reply.try_recv().is_err(), "c waits behind the cancel");
+        let held = s.held.take().expect("held cancel");
+        s.handle(held);
+        assert_eq!(found.try_recv().ok(), Some(true));
+        assert!(!s.by_request.contains_key("a"));
+        s.handle(rx.try_recv().expect("admission of c"));
+        assert_eq!(c_reply.try_recv().ok(), Some(Ok(())));
     }
 }

@@ -5,9 +5,9 @@
 //! blocks into the [staging ring](super::staging) and returns at once, so a
 //! prefill's layer hook costs the GPU nothing. [`GpuKvCache::import_layer`]
 //! stages a frame in a pinned [copy ring](super::copy_ring) and queues its copy
-//! without waiting for it (the compute stream is ordered after it), so a decode
-//! node's engine thread never waits on the GPU for imports; the synchronous
-//! [`GpuKvCache::export_with`] uses the same buffer.
+//! without waiting for it (the next forward pass is ordered after it), so a
+//! decode node's engine thread never waits on the GPU for imports; the
+//! synchronous [`GpuKvCache::export_with`] uses the same buffer.
 //!
 //! Each layer holds one block more than the layout says: the scratch block,
 //! where the padding rows of a CUDA-graph decode step write their K/V.
@@ -21,6 +21,7 @@
 //! makes two plain copies (bf16: one of each, a block being all values).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUDA_MEMCPY2D, CUmemorytype, CUstream};
@@ -65,6 +66,9 @@ pub struct GpuKvCache {
     copy: Arc<CudaStream>,
     /// Where asynchronous exports land.
     ring: Arc<StagingRing>,
+    /// Imports were queued since the compute stream last waited for the copy
+    /// stream ([`GpuKvCache::order_after_imports`]).
+    imports_pending: AtomicBool,
 }
 
 impl GpuKvCache {
@@ -112,6 +116,7 @@ impl GpuKvCache {
                 ring: CopyRing::new(staging.len()),
                 buf: staging,
             }),
+            imports_pending: AtomicBool::new(false),
         })
     }
 
@@ -348,10 +353,23 @@ impl GpuKvCache {
             .map_err(|_| EngineError::KvCache("staging buffer lock poisoned".into()))
     }
 
+    /// Makes the compute stream's next work wait for the imports queued so far
+    /// (nothing when there were none). Every forward pass calls it before its
+    /// first kernel (`upload_meta`), so a pass sees the KV imported before it,
+    /// while a step already in flight, and the download of its token ids, do
+    /// not wait for imports queued after it.
+    pub(crate) fn order_after_imports(&self) -> Result<()> {
+        if self.imports_pending.swap(false, Ordering::AcqRel) {
+            let imported = self.copy.record_event(None).op("cuEventRecord (copy)")?;
+            self.compute.wait(&imported).op("cuStreamWaitEvent")?;
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` (as made by an export, on any node of the same layout) into
     /// `blocks` of `layer`, through pinned memory on the copy stream. Returns
-    /// once the copies are queued: work queued on the compute stream afterwards
-    /// runs after them.
+    /// once the copies are queued; the next forward pass waits for them
+    /// ([`order_after_imports`](Self::order_after_imports)).
     pub fn import_layer(&self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
         self.check(layer, blocks)?;
         self.compute
@@ -427,9 +445,9 @@ impl GpuKvCache {
                     return Err(e.into());
                 }
             };
-            // Whatever the compute stream runs from now on (the sequence's first
-            // decode step, or another's pass on reused blocks) sees the imported KV.
-            self.compute.wait(&done).op("cuStreamWaitEvent")?;
+            // The next pass (the sequence's first decode step, or another's on
+            // reused blocks) waits for these copies.
+            self.imports_pending.store(true, Ordering::Release);
             ring.in_flight(range, done);
         }
         Ok(())

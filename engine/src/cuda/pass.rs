@@ -64,6 +64,8 @@ impl CudaBackend {
         draws: &[TokenDraw],
         pad_to: Option<usize>,
     ) -> Result<(Meta, Pass)> {
+        // The KV imported so far is in before this pass reads the cache.
+        self.kv.order_after_imports()?;
         let real_n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         let s = pad_to.unwrap_or(chunks.len()).max(chunks.len());
         let n = real_n + (s - chunks.len());
