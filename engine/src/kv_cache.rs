@@ -27,15 +27,18 @@ use std::ops::Range;
 
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
+use half::bf16;
+
 use crate::fp8_cache::Fp8Layers;
 use crate::kv_quant::fp8_block_bytes;
+use crate::plain_cache::PlainLayers;
 
 /// Element type of the cache as stored and as sent on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDtype {
-    /// 32-bit float (the CPU backend).
+    /// 32-bit float (the CPU backend's default).
     F32,
-    /// bfloat16 (the CUDA backend).
+    /// bfloat16 (the CUDA backend; the CPU backend when asked).
     Bf16,
     /// IEEE half.
     F16,
@@ -107,38 +110,47 @@ impl KvLayout {
     }
 }
 
-/// The CPU backend's KV storage: one `f32` buffer per layer, or (fp8) one
-/// e4m3 buffer and its scales per layer ([`Fp8Layers`]).
+/// The CPU backend's KV storage: one `f32` or `bf16` buffer per layer
+/// ([`PlainLayers`]), or one e4m3 buffer and its scales per layer ([`Fp8Layers`]).
 pub struct CpuKvCache {
     layout: KvLayout,
-    layers: Vec<Vec<f32>>,
-    fp8: Option<Fp8Layers>,
+    store: Store,
+}
+
+/// What a [`CpuKvCache`] holds, by its dtype.
+enum Store {
+    F32(PlainLayers<f32>),
+    Bf16(PlainLayers<bf16>),
+    Fp8(Fp8Layers),
+}
+
+/// Runs `$body` with `$s` bound to the store, whichever its element type
+/// (the three have the same methods).
+macro_rules! each_store {
+    ($store:expr, $s:ident => $body:expr) => {
+        match $store {
+            Store::F32($s) => $body,
+            Store::Bf16($s) => $body,
+            Store::Fp8($s) => $body,
+        }
+    };
 }
 
 impl CpuKvCache {
-    /// Zeroed storage for `layout` (whose dtype must be f32 or fp8_e4m3).
+    /// Zeroed storage for `layout` (whose dtype must be f32, bf16 or fp8_e4m3).
     pub fn new(layout: KvLayout) -> Result<Self> {
-        let per_layer = layout.num_blocks * layout.block_elems();
-        let (layers, fp8) = match layout.dtype {
-            KvDtype::F32 => (
-                (0..layout.num_layers)
-                    .map(|_| vec![0.0; per_layer])
-                    .collect(),
-                None,
-            ),
-            KvDtype::Fp8E4m3 => (Vec::new(), Some(Fp8Layers::new(&layout))),
+        let store = match layout.dtype {
+            KvDtype::F32 => Store::F32(PlainLayers::new(&layout)),
+            KvDtype::Bf16 => Store::Bf16(PlainLayers::new(&layout)),
+            KvDtype::Fp8E4m3 => Store::Fp8(Fp8Layers::new(&layout)),
             other => {
                 return Err(EngineError::KvCache(format!(
-                    "the CPU cache stores f32 or fp8_e4m3, not {}",
+                    "the CPU cache stores f32, bf16 or fp8_e4m3, not {}",
                     other.name()
                 )));
             }
         };
-        Ok(CpuKvCache {
-            layout,
-            layers,
-            fp8,
-        })
+        Ok(CpuKvCache { layout, store })
     }
 
     /// The cache's shape.
@@ -172,19 +184,7 @@ impl CpuKvCache {
         })?;
         let b = self.check_block(block)?;
         let slot = position % l.block_size;
-        if let Some(f) = &mut self.fp8 {
-            f.write_token(&l, layer, b, slot, k, v);
-            return Ok(());
-        }
-        let base = b * l.block_elems();
-        let buf = &mut self.layers[layer];
-        for h in 0..l.num_kv_heads {
-            let src = h * l.head_dim..(h + 1) * l.head_dim;
-            let kd = base + l.offset_in_block(0, h, slot);
-            buf[kd..kd + l.head_dim].copy_from_slice(&k[src.clone()]);
-            let vd = base + l.offset_in_block(1, h, slot);
-            buf[vd..vd + l.head_dim].copy_from_slice(&v[src]);
-        }
+        each_store!(&mut self.store, st => st.write_token(&l, layer, b, slot, k, v));
         Ok(())
     }
 
@@ -205,31 +205,12 @@ impl CpuKvCache {
         }
         let mut k = vec![0.0; l.num_kv_heads * len * l.head_dim];
         let mut v = vec![0.0; k.len()];
-        if let Some(f) = &self.fp8 {
-            for (i, &block) in block_table.iter().enumerate() {
-                if i * l.block_size >= len {
-                    break;
-                }
-                let b = self.check_block(block)?;
-                f.gather_block(&l, layer, b, i, len, &mut k, &mut v);
-            }
-            return Ok((k, v));
-        }
-        let buf = &self.layers[layer];
         for (i, &block) in block_table.iter().enumerate() {
-            let first = i * l.block_size;
-            if first >= len {
+            if i * l.block_size >= len {
                 break;
             }
-            let n = (len - first).min(l.block_size);
-            let base = self.check_block(block)? * l.block_elems();
-            for h in 0..l.num_kv_heads {
-                let dst = (h * len + first) * l.head_dim..(h * len + first + n) * l.head_dim;
-                let ks = base + l.offset_in_block(0, h, 0);
-                k[dst.clone()].copy_from_slice(&buf[ks..ks + n * l.head_dim]);
-                let vs = base + l.offset_in_block(1, h, 0);
-                v[dst].copy_from_slice(&buf[vs..vs + n * l.head_dim]);
-            }
+            let b = self.check_block(block)?;
+            each_store!(&self.store, st => st.gather_block(&l, layer, b, i, len, &mut k, &mut v));
         }
         Ok((k, v))
     }
@@ -237,59 +218,12 @@ impl CpuKvCache {
     /// The bytes (little-endian) of `blocks` of one layer, block after block:
     /// what goes on the wire for that layer.
     pub fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> Result<Vec<u8>> {
-        if layer >= self.layout.num_layers {
-            return Err(EngineError::KvCache(format!(
-                "layer {layer} does not exist"
-            )));
-        }
-        if self.fp8.is_some() {
-            return self.export_heads(layer, blocks, 0..self.layout.num_kv_heads);
-        }
-        let be = self.layout.block_elems();
-        let mut out = Vec::with_capacity(blocks.len() * self.layout.block_bytes());
-        for &b in blocks {
-            let b = self.check_block(b)?;
-            for x in &self.layers[layer][b * be..(b + 1) * be] {
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        }
-        Ok(out)
+        self.export_heads(layer, blocks, 0..self.layout.num_kv_heads)
     }
 
     /// Writes bytes produced by [`export_layer`](Self::export_layer) into `blocks` of one layer.
     pub fn import_layer(&mut self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
-        let l = self.layout;
-        if layer >= l.num_layers {
-            return Err(EngineError::KvCache(format!(
-                "layer {layer} does not exist"
-            )));
-        }
-        if bytes.len() != blocks.len() * l.block_bytes() {
-            return Err(EngineError::KvCache(format!(
-                "{} bytes do not fill {} blocks of {} bytes",
-                bytes.len(),
-                blocks.len(),
-                l.block_bytes()
-            )));
-        }
-        for &b in blocks {
-            self.check_block(b)?;
-        }
-        if self.fp8.is_some() {
-            return self.import_heads(layer, blocks, 0, 0..l.num_kv_heads, bytes);
-        }
-        let be = l.block_elems();
-        for (i, &b) in blocks.iter().enumerate() {
-            let b = b as usize;
-            let src = &bytes[i * l.block_bytes()..(i + 1) * l.block_bytes()];
-            for (dst, chunk) in self.layers[layer][b * be..(b + 1) * be]
-                .iter_mut()
-                .zip(src.chunks_exact(4))
-            {
-                *dst = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-        }
-        Ok(())
+        self.import_heads(layer, blocks, 0, 0..self.layout.num_kv_heads, bytes)
     }
 }
 
@@ -349,28 +283,7 @@ impl CpuKvCache {
     ) -> Result<()> {
         let l = self.layout;
         let common = self.head_overlap(layer, blocks, first, &frame, bytes.len())?;
-        if let Some(f) = &mut self.fp8 {
-            f.import_heads(&l, layer, blocks, first, &frame, common, bytes);
-            return Ok(());
-        }
-        let (fc, run) = (frame.len(), l.block_size * l.head_dim);
-        let fbe = 2 * fc * run;
-        let be = l.block_elems();
-        for (i, &b) in blocks.iter().enumerate() {
-            let dst_block = b as usize * be;
-            for kind in 0..2 {
-                for h in common.clone() {
-                    let src = (i * fbe + (kind * fc + h - frame.start) * run) * 4;
-                    let dst = dst_block + l.offset_in_block(kind, h - first, 0);
-                    for (d, c) in self.layers[layer][dst..dst + run]
-                        .iter_mut()
-                        .zip(bytes[src..src + run * 4].chunks_exact(4))
-                    {
-                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
-                }
-            }
-        }
+        each_store!(&mut self.store, st => st.import_heads(&l, layer, blocks, first, &frame, common, bytes));
         Ok(())
     }
 
@@ -386,28 +299,7 @@ impl CpuKvCache {
     ) -> Result<()> {
         let l = self.layout;
         let common = self.head_overlap(layer, blocks, first, &frame, out.len())?;
-        if let Some(f) = &self.fp8 {
-            f.export_heads(&l, layer, blocks, first, &frame, common, out);
-            return Ok(());
-        }
-        let (fc, run) = (frame.len(), l.block_size * l.head_dim);
-        let fbe = 2 * fc * run;
-        let be = l.block_elems();
-        for (i, &b) in blocks.iter().enumerate() {
-            let src_block = b as usize * be;
-            for kind in 0..2 {
-                for h in common.clone() {
-                    let dst = (i * fbe + (kind * fc + h - frame.start) * run) * 4;
-                    let src = src_block + l.offset_in_block(kind, h - first, 0);
-                    for (o, x) in out[dst..dst + run * 4]
-                        .chunks_exact_mut(4)
-                        .zip(&self.layers[layer][src..src + run])
-                    {
-                        o.copy_from_slice(&x.to_le_bytes());
-                    }
-                }
-            }
-        }
+        each_store!(&self.store, st => st.export_heads(&l, layer, blocks, first, &frame, common, out));
         Ok(())
     }
 

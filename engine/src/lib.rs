@@ -34,6 +34,7 @@ pub mod llama;
 pub mod local;
 pub mod mask_overlap;
 pub mod model_dir;
+mod plain_cache;
 pub mod prefix_hash;
 pub mod rope;
 pub mod row_sampling;

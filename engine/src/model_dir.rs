@@ -126,7 +126,8 @@ impl ModelDir {
     /// Like [`load_tp`](Self::load_tp) with the KV cache in `kv_dtype`:
     /// `None` is the backend's own (f32 on the CPU, bf16 on CUDA);
     /// `Some(KvDtype::Fp8E4m3)` stores e4m3 with per-block scales (both
-    /// backends); any other dtype must be the backend's own.
+    /// backends); `Some(KvDtype::Bf16)` is CUDA's own and a CPU option (half
+    /// the memory of f32, and the same KV a CUDA node sends); f16 is refused.
     pub fn load_tp_kv(
         &self,
         tp: usize,
@@ -140,7 +141,7 @@ impl ModelDir {
         };
         limits.check()?;
         match self.device {
-            Device::Cpu if matches!(dtype, KvDtype::F32 | KvDtype::Fp8E4m3) => {
+            Device::Cpu if matches!(dtype, KvDtype::F32 | KvDtype::Bf16 | KvDtype::Fp8E4m3) => {
                 let weights = self.weights()?;
                 Ok(Box::new(CpuBackend::with_kv_dtype(
                     CpuModel::load_sharded(&self.config, &weights, tp)?,
@@ -172,7 +173,7 @@ impl ModelDir {
                 dtype.name(),
                 self.device,
                 if self.device == Device::Cpu {
-                    "f32"
+                    "f32, bf16"
                 } else {
                     "bf16"
                 },

@@ -76,9 +76,13 @@ fn default_tpot_budget_ms() -> u64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KvCacheDtype {
-    /// The backend's own dtype.
+    /// The backend's own dtype (f32 on the CPU, bf16 on CUDA).
     #[default]
     Auto,
+    /// bfloat16: CUDA's own; on the CPU half of f32's memory, and the KV a
+    /// CUDA node sends (so a CPU node pairs with CUDA nodes).
+    #[serde(alias = "bfloat16")]
+    Bf16,
     /// FP8 e4m3 with per-(block, K/V, head) scales.
     Fp8E4m3,
 }
@@ -88,6 +92,7 @@ impl KvCacheDtype {
     pub fn engine(self) -> Option<tandem_engine::KvDtype> {
         match self {
             KvCacheDtype::Auto => None,
+            KvCacheDtype::Bf16 => Some(tandem_engine::KvDtype::Bf16),
             KvCacheDtype::Fp8E4m3 => Some(tandem_engine::KvDtype::Fp8E4m3),
         }
     }

@@ -1,4 +1,4 @@
-//! FP8 (e4m3) KV against the f32 cache, same weights, same prompts: on the
+//! FP8 (e4m3) and bf16 KV against the f32 cache, same weights, same prompts: on the
 //! synthesized model and on the real SmolLM2-135M (`models/`, fetched by
 //! `tandem model fetch smollm2`; missing, the test fails, never skips).
 //!
@@ -10,7 +10,9 @@
 //! little). Bound: the largest logit difference stays under 10% of the logit
 //! range, and teacher-forced argmax agrees on at least 70% (synthesized,
 //! random weights) / 90% (SmolLM2) of the steps. The asserted bounds are what e4m3 (3 mantissa bits,
-//! a relative step of 1/16 at worst) allows with margin, not tuned to pass.
+//! a relative step of 1/16 at worst) allows with margin, not tuned to pass. bf16
+//! (7 mantissa bits, a step 16 times finer) is held to a fifth of fp8's logit
+//! bound, 0.02, and the same argmax agreement.
 
 use std::path::{Path, PathBuf};
 
@@ -64,11 +66,8 @@ fn forced(b: &mut CpuBackend, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     all
 }
 
-fn compare(model: &ModelDir, w: &Weights, prompt: &[u32]) -> Compared {
-    let (mut f32b, mut fp8b) = (
-        backend(model, w, KvDtype::F32),
-        backend(model, w, KvDtype::Fp8E4m3),
-    );
+fn compare(model: &ModelDir, w: &Weights, prompt: &[u32], dtype: KvDtype) -> Compared {
+    let (mut f32b, mut fp8b) = (backend(model, w, KvDtype::F32), backend(model, w, dtype));
     let (first, second): (Vec<BlockId>, Vec<BlockId>) = ((0..32).collect(), (32..64).collect());
     let (ref_tokens, ref_logits) = greedy(&mut f32b, prompt, &first);
     let fp8_logits = forced(&mut fp8b, prompt, &ref_tokens);
@@ -101,9 +100,10 @@ fn compare(model: &ModelDir, w: &Weights, prompt: &[u32]) -> Compared {
     c
 }
 
-fn report(name: &str, c: &Compared) {
+fn report(name: &str, dtype: KvDtype, c: &Compared) {
     println!(
-        "{name}: fp8 vs f32 KV: max logit error {:.4} of the logit range; teacher-forced argmax agrees {}/{STEPS}; free-running greedy tokens identical {}/{STEPS} ({:.0}%), first difference after {} tokens",
+        "{name}: {} vs f32 KV: max logit error {:.4} of the logit range; teacher-forced argmax agrees {}/{STEPS}; free-running greedy tokens identical {}/{STEPS} ({:.0}%), first difference after {} tokens",
+        dtype.name(),
         c.max_rel_logit_err,
         c.same_argmax,
         c.same_tokens,
@@ -131,8 +131,8 @@ fn fp8_kv_tracks_f32_on_the_synthesized_model() {
     let prompt: Vec<u32> = (0..70u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 7) % 500)
         .collect();
-    let c = compare(&model, &w, &prompt);
-    report("synthesized model", &c);
+    let c = compare(&model, &w, &prompt, KvDtype::Fp8E4m3);
+    report("synthesized model", KvDtype::Fp8E4m3, &c);
     assert!(c.max_rel_logit_err < 0.1, "{}", c.max_rel_logit_err);
     assert!(c.same_argmax * 10 >= STEPS * 7, "{}", c.same_argmax);
 }
@@ -159,8 +159,12 @@ fn fp8_kv_tracks_f32_on_smollm2() {
             true,
         )
         .unwrap();
-    let c = compare(&model, &w, &prompt);
-    report("SmolLM2-135M", &c);
+    let c = compare(&model, &w, &prompt, KvDtype::Fp8E4m3);
+    report("SmolLM2-135M", KvDtype::Fp8E4m3, &c);
     assert!(c.max_rel_logit_err < 0.1, "{}", c.max_rel_logit_err);
+    assert!(c.same_argmax * 10 >= STEPS * 9, "{}", c.same_argmax);
+    let c = compare(&model, &w, &prompt, KvDtype::Bf16);
+    report("SmolLM2-135M", KvDtype::Bf16, &c);
+    assert!(c.max_rel_logit_err < 0.02, "{}", c.max_rel_logit_err);
     assert!(c.same_argmax * 10 >= STEPS * 9, "{}", c.same_argmax);
 }

@@ -1,4 +1,7 @@
-//! FP8 (e4m3) KV across nodes: an f32 prefill node feeds an fp8 decode
+//! KV dtypes across nodes. bf16 (`kv_dtype = "bf16"`, a CUDA node's own
+//! dtype, here on the CPU backend): two bf16 nodes ship bf16 KV and decode
+//! it exactly as one process's bf16 cache, and a bf16 prefill node refuses an
+//! f32 decode node's target. FP8 (e4m3): an f32 prefill node feeds an fp8 decode
 //! node (the decode node quantizes the arriving KV on import, with the rule
 //! its cache applies to KV it computes: so the output equals an fp8 run in
 //! one process exactly), and an fp8 prefill node paired with an f32 decode
@@ -168,4 +171,63 @@ async fn fp8_nodes_ship_fp8_kv_and_decode_it_exactly() {
         .expect("stats")
         .kv_received_bytes_total;
     assert_eq!(received, (7 * c.num_layers * block) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_nodes_ship_bf16_kv_and_decode_it_exactly() {
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.decode.kv_dtype = KvCacheDtype::Bf16;
+    if let Some(p) = spec.prefill.as_mut() {
+        p.kv_dtype = KvCacheDtype::Bf16;
+        p.prefix_cache = false;
+    }
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let mut client = cluster.client().await;
+    let p = prompt(100, 4);
+    let got = complete(&mut client, greedy_request(&p, 12))
+        .await
+        .expect("the request completes");
+    // K/V rounded to bf16 once, on the prefill node, and imported bit for bit:
+    // the same tokens as one process with a bf16 cache.
+    assert_eq!(got.tokens, reference_in(&model, &p, 12, KvDtype::Bf16));
+    // bf16 on the wire: 7 blocks x 3 layers of K and V, 2 bytes a value.
+    let c = &model.config;
+    let block = 2 * c.num_kv_heads * 16 * c.head_dim * 2;
+    let received = cluster
+        .decode_stats
+        .lock()
+        .expect("stats")
+        .kv_received_bytes_total;
+    assert_eq!(received, (7 * c.num_layers * block) as u64);
+    // An f32 decode node's target is refused at the bf16 prefill node's
+    // admission, naming both dtypes (bf16 KV is not widened on import).
+    let target = pb::KvTarget {
+        quic_addr: cluster.decode_quic.to_string(),
+        server_name: "localhost".into(),
+        num_blocks: 8,
+        block_size: 16,
+        num_layers: c.num_layers as u32,
+        num_kv_heads: c.num_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        dtype: pb::KvDtype::F32 as i32,
+        transfer_id: 1,
+        ..Default::default()
+    };
+    let addr = cluster.prefill_grpc.expect("a prefill node");
+    let mut prefill = PrefillNodeClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect prefill node");
+    let err = prefill
+        .prefill(pb::PrefillRequest {
+            request_id: "bf16-to-f32".into(),
+            prompt: prompt(100, 5),
+            kv_target: Some(target),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the pairing is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let m = err.message();
+    assert!(m.contains("bf16") && m.contains("f32"), "{m}");
 }
