@@ -14,7 +14,10 @@
 # output tokens, 256 at a time. PROBE=1 sends, on the disaggregated cluster, a
 # completion with logprobs and a JSON-mode chat (the decode node masks and
 # computes log probabilities on the GPU) and records the answers. KVDTYPE=fp8_e4m3
-# gives both nodes an fp8 KV cache (and so fp8 KV on the wire).
+# gives both nodes an fp8 KV cache (and so fp8 KV on the wire). UP=1 adds, last,
+# the disaggregated set-up as one `tandem up` process (router, prefill and decode
+# nodes sharing the process's CUDA context, so the GPU runs their kernels side by
+# side instead of time-slicing between two processes' contexts).
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 GPU_DIR=$(cd "${GPU_DIR:-.gpu}" && pwd)
@@ -59,12 +62,12 @@ ready() { # wait for the router to answer a 4k prompt end to end
   done
   echo "cluster not ready"; return 1
 }
-ready_remote() { # after a prefill node restart: ready, and the probe was prefilled there
+ready_remote() { # [log]: after a prefill node (re)start: ready, and the probe was prefilled there
   # (until the router uses the new node again it forces local prefills, which
   # would make a disaggregated run a colocated one)
   for _ in $(seq 1 60); do
     ready || return 1
-    grep -h admitted "$OUT"/decode-disagg.log | tail -1 | grep -q 'reason="remote"' && return 0
+    grep -h admitted "$OUT/${1:-decode-disagg}.log" | tail -1 | grep -q 'reason="remote"' && return 0
     sleep 1
   done
   echo "the router does not use the restarted prefill node"; return 1
@@ -134,6 +137,19 @@ sed -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' decode.toml 
 start decode decode-colo.toml decode-colocated; D=$PID
 ready || exit 1
 for r in ${RATES-1 4}; do bench colocated "$r"; done; sat colocated
+fi
+if [ -n "${UP:-}" ]; then
+kill "${PIDS[@]}" 2>/dev/null; for p in "${PIDS[@]}"; do stop "$p"; done
+# One file: [model] and [decode] from decode.toml, [router] without the static
+# node lists (`up` fills them in), [prefill], one [metrics].
+{ sed -n '/^\[model\]/,/^\[/p' decode.toml | sed '$d'
+  sed -n '/^\[router\]/,/^\[metrics\]/p' router.toml | sed -e '$d' -e '/^prefill_nodes\|^decode_nodes/d'
+  sed -n '/^\[prefill\]/,/^\[metrics\]/p' prefill.toml | sed '$d'
+  sed -n '/^\[decode\]/,$p' decode.toml; } > up.toml
+cp up.toml "$OUT/up.toml"
+start up up.toml up
+ready_remote up || { tail -20 "$OUT/up.log"; exit 1; }
+for r in ${RATES-1 4}; do bench up "$r"; done; sat up
 fi
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null
