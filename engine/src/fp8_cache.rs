@@ -153,18 +153,7 @@ impl Fp8Layers {
 
 #[cfg(test)]
 mod tests {
-    use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
-
-    fn layout(dtype: KvDtype) -> KvLayout {
-        KvLayout {
-            num_layers: 2,
-            num_blocks: 4,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 3,
-            dtype,
-        }
-    }
+    use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout, small_layout as layout};
 
     fn token(p: usize) -> (Vec<f32>, Vec<f32>) {
         let k: Vec<f32> = (0..6).map(|i| (p * 10 + i) as f32 * 0.1 - 2.0).collect();

@@ -323,19 +323,26 @@ impl CpuKvCache {
     }
 }
 
+/// The small cache shape the storage tests share: 2 layers of 4 blocks of 4
+/// tokens, 2 KV heads of width 3.
+#[cfg(test)]
+pub(crate) fn small_layout(dtype: KvDtype) -> KvLayout {
+    KvLayout {
+        num_layers: 2,
+        num_blocks: 4,
+        block_size: 4,
+        num_kv_heads: 2,
+        head_dim: 3,
+        dtype,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout {
-            num_layers: 2,
-            num_blocks: 4,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 3,
-            dtype: KvDtype::F32,
-        }
+        small_layout(KvDtype::F32)
     }
 
     #[test]

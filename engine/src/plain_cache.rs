@@ -195,18 +195,7 @@ impl<T: Elem> PlainLayers<T> {
 mod tests {
     use half::bf16;
 
-    use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
-
-    fn layout(dtype: KvDtype) -> KvLayout {
-        KvLayout {
-            num_layers: 2,
-            num_blocks: 4,
-            block_size: 4,
-            num_kv_heads: 2,
-            head_dim: 3,
-            dtype,
-        }
-    }
+    use crate::kv_cache::{CpuKvCache, KvDtype, small_layout as layout};
 
     #[test]
     fn a_bf16_cache_holds_each_value_rounded_to_bf16() {

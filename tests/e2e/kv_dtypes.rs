@@ -47,6 +47,40 @@ fn reference_in(
         .tokens
 }
 
+/// Asks the cluster's prefill node, whose cache holds `ours`, to ship to an
+/// f32 cache: refused at admission with FAILED_PRECONDITION naming both dtypes.
+async fn refused_f32_target(cluster: &Cluster, model: &tandem_engine::ModelDir, ours: &str) {
+    let c = &model.config;
+    let target = pb::KvTarget {
+        quic_addr: cluster.decode_quic.to_string(),
+        server_name: "localhost".into(),
+        num_blocks: 8,
+        block_size: 16,
+        num_layers: c.num_layers as u32,
+        num_kv_heads: c.num_kv_heads as u32,
+        head_dim: c.head_dim as u32,
+        dtype: pb::KvDtype::F32 as i32,
+        transfer_id: 1,
+        ..Default::default()
+    };
+    let addr = cluster.prefill_grpc.expect("a prefill node");
+    let mut prefill = PrefillNodeClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect prefill node");
+    let err = prefill
+        .prefill(pb::PrefillRequest {
+            request_id: format!("{ours}-to-f32"),
+            prompt: prompt(100, 1),
+            kv_target: Some(target),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the pairing is refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let m = err.message();
+    assert!(m.contains(ours) && m.contains("f32"), "{m}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_f32_prefill_node_feeds_an_fp8_decode_node() {
     let (_dir, model) = small_model();
@@ -95,35 +129,7 @@ async fn an_fp8_prefill_node_is_refused_by_an_f32_decode_node() {
     let cluster = Cluster::start(model.clone(), spec).await;
     // The prefill node refuses the f32 decode node's target at admission,
     // naming both dtypes.
-    let c = &model.config;
-    let target = pb::KvTarget {
-        quic_addr: cluster.decode_quic.to_string(),
-        server_name: "localhost".into(),
-        num_blocks: 8,
-        block_size: 16,
-        num_layers: c.num_layers as u32,
-        num_kv_heads: c.num_kv_heads as u32,
-        head_dim: c.head_dim as u32,
-        dtype: pb::KvDtype::F32 as i32,
-        transfer_id: 1,
-        ..Default::default()
-    };
-    let addr = cluster.prefill_grpc.expect("a prefill node");
-    let mut prefill = PrefillNodeClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect prefill node");
-    let err = prefill
-        .prefill(pb::PrefillRequest {
-            request_id: "fp8-to-f32".into(),
-            prompt: prompt(100, 1),
-            kv_target: Some(target),
-            ..Default::default()
-        })
-        .await
-        .expect_err("the pairing is refused");
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    let m = err.message();
-    assert!(m.contains("fp8_e4m3") && m.contains("f32"), "{m}");
+    refused_f32_target(&cluster, &model, "fp8_e4m3").await;
     // Through the router the refusal is a pairing failure, not the
     // client's: the router prefills on the decode node instead, the answer is
     // the f32 one, and the decode node's blocks are all free afterwards.
@@ -202,32 +208,5 @@ async fn bf16_nodes_ship_bf16_kv_and_decode_it_exactly() {
     assert_eq!(received, (7 * c.num_layers * block) as u64);
     // An f32 decode node's target is refused at the bf16 prefill node's
     // admission, naming both dtypes (bf16 KV is not widened on import).
-    let target = pb::KvTarget {
-        quic_addr: cluster.decode_quic.to_string(),
-        server_name: "localhost".into(),
-        num_blocks: 8,
-        block_size: 16,
-        num_layers: c.num_layers as u32,
-        num_kv_heads: c.num_kv_heads as u32,
-        head_dim: c.head_dim as u32,
-        dtype: pb::KvDtype::F32 as i32,
-        transfer_id: 1,
-        ..Default::default()
-    };
-    let addr = cluster.prefill_grpc.expect("a prefill node");
-    let mut prefill = PrefillNodeClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect prefill node");
-    let err = prefill
-        .prefill(pb::PrefillRequest {
-            request_id: "bf16-to-f32".into(),
-            prompt: prompt(100, 5),
-            kv_target: Some(target),
-            ..Default::default()
-        })
-        .await
-        .expect_err("the pairing is refused");
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    let m = err.message();
-    assert!(m.contains("bf16") && m.contains("f32"), "{m}");
+    refused_f32_target(&cluster, &model, "bf16").await;
 }
