@@ -20,6 +20,7 @@
 # side instead of time-slicing between two processes' contexts).
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 GPU_DIR=$(cd "${GPU_DIR:-.gpu}" && pwd)
 OUT=${OUT:-/tmp/tandem-ttft-out}
 N=${N:-48}
@@ -153,6 +154,8 @@ for r in ${RATES-1 4}; do bench up "$r"; done; sat up
 fi
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null
+{ echo; echo "### TTFT of requests alone vs while another request decodes (scripts/ttft_split.py)"; echo
+  (cd "$OUT" && python3 "$SCRIPTS/ttft_split.py" ./*.json); } >> "$OUT/ttft.md" 2>&1
 # The device tool brings back only a few files: the node logs and the bench's
 # JSON results travel as one archive beside ttft.md.
 (cd "$OUT" && tar -czf logs.tgz ./*.log ./*.json 2>/dev/null && rm -f ./*.log ./*.json)
