@@ -23,7 +23,7 @@
 //! before that, admission undoes its own allocation when it cannot answer.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,10 @@ use crate::link_cost::{LocalRate, SharedLinks};
 use crate::node_metrics::DecodeMetrics;
 use crate::prefill_choice::LinkPolicy;
 use crate::sequence::{Sequence, State};
+
+/// How long the engine loop waits for a command before it looks again whether
+/// the step on the device is done: the most a step's end can go unnoticed.
+const STEP_POLL: Duration = Duration::from_micros(100);
 
 /// A message on a request's response stream (the service turns the error
 /// into a gRPC status).
@@ -441,14 +445,25 @@ impl<B: Backend> Scheduler<B> {
     /// step is the next one) and admissions. A command that can end a
     /// sequence (a cancel, an aborted transfer) is held for after the step, and
     /// the ones behind it with it, so the commands keep their order.
+    /// Commands keep being taken until the step is done on the device (a
+    /// backend that computes it in `start_step` is done at once): a KV frame
+    /// that lands mid-step is imported then, and a transfer that completes
+    /// mid-step sends its first token then, not after the step.
     fn take_commands_during_step(&mut self, commands: &Receiver<Command>) {
         while self.held.is_none() {
-            match commands.try_recv() {
-                Ok(cmd @ (Command::Cancel(..) | Command::KvAborted { .. })) => {
-                    self.held = Some(cmd);
-                }
-                Ok(cmd) => self.handle(cmd),
-                Err(_) => break,
+            let cmd = match commands.try_recv() {
+                Ok(cmd) => cmd,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if !self.backend.step_running() => break,
+                Err(TryRecvError::Empty) => match commands.recv_timeout(STEP_POLL) {
+                    Ok(cmd) => cmd,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            match cmd {
+                Command::Cancel(..) | Command::KvAborted { .. } => self.held = Some(cmd),
+                cmd => self.handle(cmd),
             }
         }
     }
@@ -697,9 +712,17 @@ impl<B: Backend> Scheduler<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc::{Sender, channel};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
+
+    use tandem_engine::backend::{Backend, KvIo, LayerHook};
+    use tandem_engine::kv_cache::KvLayout;
+    use tandem_engine::{
+        BlockId, ModelConfig, Result as EngineResult, RowAsk, RowOut, SeqChunk, TokenDraw,
+    };
 
     use tandem_engine::ModelDir;
     use tandem_engine::generation::GenerationParams;
@@ -720,6 +743,13 @@ mod tests {
         tempfile::TempDir,
         Scheduler<Box<dyn tandem_engine::backend::Backend>>,
     ) {
+        scheduler_with(|b| b)
+    }
+
+    /// The same over the CPU backend as `wrap` returns it.
+    fn scheduler_with<B: Backend>(
+        wrap: impl FnOnce(Box<dyn Backend>) -> B,
+    ) -> (tempfile::TempDir, Scheduler<B>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = SynthSpec {
             hidden_size: 64,
@@ -737,7 +767,7 @@ mod tests {
             max_tokens: 256,
             max_seqs: 8,
         };
-        let backend = model.load(64, 4, limits).expect("backend");
+        let backend = wrap(model.load(64, 4, limits).expect("backend"));
         let endpoint = KvEndpoint {
             quic_addr: "127.0.0.1:1".into(),
             quic_addrs: vec!["127.0.0.1:1".into()],
@@ -827,5 +857,113 @@ mod tests {
         assert!(!s.by_request.contains_key("a"));
         s.handle(rx.try_recv().expect("admission of c"));
         assert_eq!(c_reply.try_recv().ok(), Some(Ok(())));
+    }
+
+    /// The CPU backend, reporting its step as running on a device until the
+    /// test says it is done: the scheduler's side of a GPU step, isolated.
+    struct DeviceLike {
+        inner: Box<dyn Backend>,
+        running: Arc<AtomicBool>,
+    }
+
+    impl KvIo for DeviceLike {
+        fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> EngineResult<Vec<u8>> {
+            self.inner.export_layer(layer, blocks)
+        }
+        fn import_layer(&mut self, layer: usize, blocks: &[BlockId], b: &[u8]) -> EngineResult<()> {
+            self.inner.import_layer(layer, blocks, b)
+        }
+        fn kv_head_shards(&self) -> Vec<Range<usize>> {
+            self.inner.kv_head_shards()
+        }
+        fn export_heads(
+            &self,
+            layer: usize,
+            blocks: &[BlockId],
+            heads: Range<usize>,
+        ) -> EngineResult<Vec<u8>> {
+            self.inner.export_heads(layer, blocks, heads)
+        }
+        fn import_heads(
+            &mut self,
+            layer: usize,
+            blocks: &[BlockId],
+            heads: Range<usize>,
+            b: &[u8],
+        ) -> EngineResult<()> {
+            self.inner.import_heads(layer, blocks, heads, b)
+        }
+    }
+
+    impl Backend for DeviceLike {
+        fn config(&self) -> &ModelConfig {
+            self.inner.config()
+        }
+        fn kv_layout(&self) -> KvLayout {
+            self.inner.kv_layout()
+        }
+        fn forward(
+            &mut self,
+            chunks: &[SeqChunk<'_>],
+            logits: &[bool],
+            on_layer: Option<LayerHook<'_>>,
+        ) -> EngineResult<Vec<Option<Vec<f32>>>> {
+            self.inner.forward(chunks, logits, on_layer)
+        }
+        fn start_step(
+            &mut self,
+            chunks: &[SeqChunk<'_>],
+            draws: &[TokenDraw],
+            on_layer: Option<LayerHook<'_>>,
+        ) -> EngineResult<()> {
+            self.inner.start_step(chunks, draws, on_layer)
+        }
+        fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> EngineResult<Vec<RowOut>> {
+            self.inner.finish_step(asks)
+        }
+        fn step_running(&self) -> bool {
+            self.running.load(Ordering::Acquire)
+        }
+    }
+
+    #[test]
+    fn commands_keep_being_taken_until_the_step_is_done_on_the_device() {
+        let running = Arc::new(AtomicBool::new(false));
+        let r = running.clone();
+        let (_dir, mut s) = scheduler_with(move |inner| DeviceLike { inner, running: r });
+        let (tx, rx) = channel();
+        let (mut a_reply, _a_events) = admit(&tx, "a", 32);
+        s.handle(rx.try_recv().expect("admission of a"));
+        assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
+        // The step "runs on the device" while b's admission arrives, then ends.
+        running.store(true, Ordering::Release);
+        let late = std::thread::spawn({
+            let (tx, running) = (tx.clone(), running.clone());
+            move || {
+                std::thread::sleep(Duration::from_millis(30));
+                let b = admit(&tx, "b", 32);
+                std::thread::sleep(Duration::from_millis(30));
+                running.store(false, Ordering::Release);
+                b
+            }
+        });
+        s.step(&rx);
+        let (mut b_reply, _b_events) = late.join().expect("sender thread");
+        assert_eq!(
+            b_reply.try_recv().ok(),
+            Some(Ok(())),
+            "b, sent after the step started, was admitted before it ended"
+        );
+        // With the step done, nothing is waited for: a command sent now stays
+        // in the channel for the loop's next turn.
+        let (mut c_reply, _c_events) = admit(&tx, "c", 32);
+        let started = std::time::Instant::now();
+        s.take_commands_during_step(&rx);
+        assert!(started.elapsed() < Duration::from_millis(20));
+        assert_eq!(
+            c_reply.try_recv().ok(),
+            Some(Ok(())),
+            "queued commands are still taken"
+        );
     }
 }

@@ -159,6 +159,16 @@ pub trait Backend: KvIo + Send {
     /// device: only token ids and the numbers asked for cross to the host.
     fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>>;
 
+    /// Whether the step [`start_step`](Self::start_step) queued is still
+    /// running on the device, without waiting: the caller may do other work
+    /// (take KV imports, answer admissions) until it is not. False when no
+    /// step is in flight, and on a backend that computes the step in
+    /// `start_step` (the CPU). An error reading the device's state is
+    /// `false`: [`finish_step`](Self::finish_step) reports it.
+    fn step_running(&self) -> bool {
+        false
+    }
+
     /// Runs `chunks` and chooses each chunk's next token with its draw
     /// (`draws[i]` for `chunks[i]`) from the raw logits: a step whose rows ask
     /// for nothing more.
@@ -317,6 +327,10 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
         (**self).finish_step(asks)
+    }
+
+    fn step_running(&self) -> bool {
+        (**self).step_running()
     }
 
     fn forward_draw(

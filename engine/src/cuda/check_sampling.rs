@@ -205,7 +205,18 @@ mod tests {
             // Twice: the first decode step of a bucket captures its graph, the second replays it.
             be.start_step(&chunks, &[TokenDraw::GREEDY; 4], None)
                 .unwrap();
+            // The step is done on the device within a second (it is tiny), and
+            // step_running says so without waiting for it.
+            let queued = std::time::Instant::now();
+            while be.step_running() {
+                assert!(
+                    queued.elapsed().as_secs() < 1,
+                    "step_running never turns false"
+                );
+                std::hint::spin_loop();
+            }
             let out = be.finish_step(&asks).unwrap();
+            assert!(!be.step_running(), "no step in flight after finish_step");
             assert_eq!(
                 out[0],
                 RowOut::Token {

@@ -191,6 +191,9 @@ pub struct CudaBackend {
     /// The draws of the step [`Backend::start_step`] queued, until
     /// [`Backend::finish_step`] takes its rows.
     pending: Option<Vec<TokenDraw>>,
+    /// Recorded on the compute stream after the queued step's work, for
+    /// [`Backend::step_running`].
+    step_done: Option<CudaEvent>,
 }
 
 impl CudaBackend {
@@ -271,6 +274,7 @@ impl CudaBackend {
             marks: RefCell::new(None),
             decode_blocks: None,
             pending: None,
+            step_done: None,
         })
     }
 
@@ -503,6 +507,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         check_draws(chunks, draws)?;
         self.pending = None;
+        self.step_done = None;
         if !chunks.is_empty() {
             validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
             self.gpu.bind()?;
@@ -512,15 +517,29 @@ impl Backend for CudaBackend {
             } else {
                 self.direct(chunks, draws, on_layer)?;
             }
+            // No timing: the event only says when the step's work is done.
+            self.step_done = Some(
+                self.gpu
+                    .compute
+                    .record_event(None)
+                    .op("cuEventRecord (step)")?,
+            );
         }
         self.pending = Some(draws.to_vec());
         Ok(())
+    }
+
+    fn step_running(&self) -> bool {
+        self.step_done
+            .as_ref()
+            .is_some_and(|e| matches!(e.try_is_complete(), Ok(false)))
     }
 
     fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> Result<Vec<RowOut>> {
         let draws = self.pending.take().ok_or_else(|| {
             EngineError::InvalidInput("finish_step without a started step".into())
         })?;
+        self.step_done = None;
         check_asks(asks, draws.len(), self.model.config.vocab_size)?;
         if draws.is_empty() {
             return Ok(Vec::new());
