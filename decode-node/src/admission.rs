@@ -255,6 +255,8 @@ impl<B: Backend> Scheduler<B> {
                 events: a.events,
                 span: a.span,
                 spans: SeqSpans::new(Instant::now()),
+                first_ahead: None,
+                answered: false,
             },
         );
         Ok(())

@@ -78,6 +78,15 @@ pub enum Command {
         /// The bytes, in the cache layout.
         payload: Bytes,
     },
+    /// The prefill node's Final frame arrived ahead of some of its layers:
+    /// its first token can go to the caller now (the sequence joins the batch
+    /// at `KvComplete`).
+    FirstToken {
+        /// The transfer.
+        transfer_id: u64,
+        /// The first generated token.
+        first_token: u32,
+    },
     /// Every layer landed; the prefill node sampled `first_token`.
     KvComplete {
         /// The transfer.
@@ -316,6 +325,12 @@ impl<B: Backend> Scheduler<B> {
                 if !matches!(seq.state, State::AwaitingKv { .. }) {
                     return;
                 }
+                if let Some((sent, _)) = seq.first_ahead
+                    && sent != first_token
+                {
+                    let e = format!("the Final frame said first token {first_token}, then {sent}");
+                    return self.fail(transfer_id, RequestError::KvImport(e));
+                }
                 seq.state = State::Running;
                 seq.spans.kv_imported = Some(Instant::now());
                 seq.span.in_scope(|| {
@@ -327,8 +342,33 @@ impl<B: Backend> Scheduler<B> {
                 });
                 // The context's full blocks now hold their KV (cached or
                 // shipped): the next turn of a chat can start from them.
-                let context_len = seq.generation.tokens().len();
+                let context_len = seq.shipped_len();
                 seq.register_full_blocks(&mut self.blocks, &self.hasher, context_len);
+                if seq.answered {
+                    // Its first token ended it: it waited only for its KV.
+                    return self.remove(transfer_id);
+                }
+                if seq.first_ahead.is_none() {
+                    let event = seq
+                        .generation
+                        .push_sampled(first_token, &self.model.tokenizer);
+                    self.emit(transfer_id, event);
+                }
+            }
+            Command::FirstToken {
+                transfer_id,
+                first_token,
+            } => {
+                let Some(seq) = self.seqs.get_mut(&transfer_id) else {
+                    return;
+                };
+                if !matches!(seq.state, State::AwaitingKv { .. }) || seq.first_ahead.is_some() {
+                    return;
+                }
+                seq.first_ahead = Some((first_token, seq.generation.tokens().len()));
+                // A token that ends the request answers it now; the sequence
+                // keeps its blocks until the KV has landed, so the transfer
+                // ends as usual (`answered`).
                 let event = seq
                     .generation
                     .push_sampled(first_token, &self.model.tokenizer);
@@ -382,7 +422,7 @@ impl<B: Backend> Scheduler<B> {
             return;
         };
         let layout = self.backend.kv_layout();
-        let context_len = seq.generation.tokens().len();
+        let context_len = seq.shipped_len();
         let started = Instant::now();
         let result = match seq.table.get(blocks.clone()) {
             Some(table) => crate::kv_convert::to_cache_dtype(
@@ -418,7 +458,8 @@ impl<B: Backend> Scheduler<B> {
         let mut expired = Vec::new();
         let mut gone = Vec::new();
         for (&id, seq) in &self.seqs {
-            if seq.events.is_closed() {
+            // An answered sequence's caller is done with it: it waits for its KV.
+            if seq.events.is_closed() && !seq.answered {
                 gone.push(id);
             } else if let State::AwaitingKv { deadline } = seq.state
                 && now >= deadline
@@ -618,7 +659,8 @@ impl<B: Backend> Scheduler<B> {
         self.emit(r.id, event);
     }
 
-    /// Sends a token to its stream; ends the sequence when it finished.
+    /// Sends a token to its stream; ends the sequence when it finished (one
+    /// still waiting for its KV is `answered` and ends when the KV is in).
     fn emit(&mut self, id: u64, event: tandem_engine::Result<TokenEvent>) {
         let Some(seq) = self.seqs.get(&id) else {
             return;
@@ -657,7 +699,13 @@ impl<B: Backend> Scheduler<B> {
                     "finished"
                 )
             });
-            self.remove(id);
+            if matches!(seq.state, State::AwaitingKv { .. }) {
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.answered = true;
+                }
+            } else {
+                self.remove(id);
+            }
         } else if !alive {
             self.remove(id);
         }
@@ -665,9 +713,15 @@ impl<B: Backend> Scheduler<B> {
 
     fn fail(&mut self, id: u64, error: RequestError) {
         if let Some(seq) = self.seqs.get(&id) {
-            seq.span
-                .in_scope(|| tracing::warn!(error = %error, "request failed"));
-            let _ = seq.events.try_send(Err(error));
+            if seq.answered {
+                // The caller has its answer; only the KV it waited for failed.
+                seq.span
+                    .in_scope(|| tracing::debug!(error = %error, "KV of an answered request"));
+            } else {
+                seq.span
+                    .in_scope(|| tracing::warn!(error = %error, "request failed"));
+                let _ = seq.events.try_send(Err(error));
+            }
         }
         self.remove(id);
     }
@@ -734,6 +788,8 @@ mod tests {
     use super::{Command, Event, KvEndpoint, Limits, Scheduler, Stats};
     use crate::admission::Admission;
     use crate::errors::Refusal;
+    use crate::sequence::State;
+    use tandem_proto::v1 as pb;
 
     type Reply = oneshot::Receiver<Result<(), Refusal>>;
 
@@ -793,8 +849,19 @@ mod tests {
         (dir, s)
     }
 
-    /// Sends an admission of `id` (a 6-token prompt, `max_tokens` to generate).
+    /// Sends an admission of `id` (a 6-token prompt, `max_tokens` to generate),
+    /// prefilled here.
     fn admit(tx: &Sender<Command>, id: &str, max_tokens: usize) -> (Reply, mpsc::Receiver<Event>) {
+        admit_as(tx, id, max_tokens, true)
+    }
+
+    /// The same, prefilled here when `local` (else as the scheduler's policy says).
+    fn admit_as(
+        tx: &Sender<Command>,
+        id: &str,
+        max_tokens: usize,
+        local: bool,
+    ) -> (Reply, mpsc::Receiver<Event>) {
         let (events, rx) = mpsc::channel(max_tokens + 4);
         let a = Admission {
             request_id: id.into(),
@@ -805,7 +872,7 @@ mod tests {
                 ignore_eos: true,
                 ..Default::default()
             },
-            force_local: true,
+            force_local: local,
             kv_timeout: Duration::from_secs(10),
             prefill_peer: String::new(),
             prefill_queue: Duration::ZERO,
@@ -965,5 +1032,97 @@ mod tests {
             Some(Ok(())),
             "queued commands are still taken"
         );
+    }
+
+    /// The events on a stream so far: token ids, and whether it finished.
+    fn drain(rx: &mut mpsc::Receiver<Event>) -> (Vec<u32>, bool) {
+        let (mut ids, mut finished) = (Vec::new(), false);
+        while let Ok(Ok(m)) = rx.try_recv() {
+            match m.event {
+                Some(pb::decode_response::Event::Token(t)) => ids.extend(t.ids),
+                Some(pb::decode_response::Event::Finished(_)) => finished = true,
+                _ => {}
+            }
+        }
+        (ids, finished)
+    }
+
+    #[test]
+    fn a_first_token_ahead_of_the_kv_goes_out_once_and_an_answered_request_waits_for_its_kv() {
+        let (_dir, mut s) = scheduler();
+        s.policy.local_prefill_below = 0;
+        let (tx, rx) = channel();
+        let free = s.blocks.num_free();
+
+        // Four tokens: the first leaves at FirstToken, not again at KvComplete.
+        let (mut reply, mut events) = admit_as(&tx, "four", 4, false);
+        s.handle(rx.try_recv().expect("admission"));
+        assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+        let id = s.by_request["four"];
+        assert!(matches!(s.seqs[&id].state, State::AwaitingKv { .. }));
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first_token: 42,
+        });
+        assert_eq!(drain(&mut events), (vec![42], false));
+        assert!(
+            matches!(s.seqs[&id].state, State::AwaitingKv { .. }),
+            "not in a step yet"
+        );
+        s.handle(Command::KvComplete {
+            transfer_id: id,
+            first_token: 42,
+        });
+        assert!(matches!(s.seqs[&id].state, State::Running));
+        assert_eq!(drain(&mut events), (vec![], false), "no second first token");
+        s.step(&rx);
+        assert_eq!(
+            drain(&mut events).0.len(),
+            1,
+            "the first decode step's token"
+        );
+        s.handle(Command::Cancel("four".into(), oneshot::channel().0));
+
+        // One token: answered at FirstToken; the caller goes away; the blocks
+        // and the reservation stay until the KV is in, then all are free.
+        let (mut reply, mut events) = admit_as(&tx, "one", 1, false);
+        s.handle(rx.try_recv().expect("admission"));
+        assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+        let id = s.by_request["one"];
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first_token: 7,
+        });
+        assert_eq!(drain(&mut events), (vec![7], true));
+        drop(events);
+        s.reap(std::time::Instant::now());
+        assert!(s.seqs[&id].answered, "held for its KV");
+        assert!(s.blocks.num_free() < free);
+        s.handle(Command::KvComplete {
+            transfer_id: id,
+            first_token: 7,
+        });
+        assert!(!s.seqs.contains_key(&id));
+        assert_eq!(s.blocks.num_free(), free, "every block free");
+
+        // A KvComplete naming another first token fails the request.
+        let (_reply, mut events) = admit_as(&tx, "odd", 4, false);
+        s.handle(rx.try_recv().expect("admission"));
+        let id = s.by_request["odd"];
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first_token: 5,
+        });
+        s.handle(Command::KvComplete {
+            transfer_id: id,
+            first_token: 6,
+        });
+        assert!(!s.seqs.contains_key(&id));
+        let mut failed = false;
+        while let Ok(m) = events.try_recv() {
+            failed |= m.is_err();
+        }
+        assert!(failed, "the stream ends in an error");
+        assert_eq!(s.blocks.num_free(), free);
     }
 }

@@ -47,6 +47,14 @@ pub(crate) struct Sequence {
     pub span: tracing::Span,
     /// When its KV landed and its first step ran (for the router's timing spans).
     pub spans: SeqSpans,
+    /// Shipped KV: the first token, sent to the router when the prefill node's
+    /// Final frame overtook its layers, and the context length before it (the
+    /// KV the layers carry).
+    pub first_ahead: Option<(u32, usize)>,
+    /// Its first token (sent ahead) ended it and the caller has its answer:
+    /// it holds its blocks and reservation only until its KV has landed (or
+    /// the transfer ended otherwise), so the transfer ends as usual.
+    pub answered: bool,
 }
 
 impl Sequence {
@@ -60,6 +68,15 @@ impl Sequence {
                 State::Running => Phase::Running,
             },
             context_len: self.generation.tokens().len(),
+        }
+    }
+
+    /// Context tokens whose KV the shipped layers carry (the first token, when
+    /// it went ahead, has none until the first decode step).
+    pub fn shipped_len(&self) -> usize {
+        match self.first_ahead {
+            Some((_, len)) => len,
+            None => self.generation.tokens().len(),
         }
     }
 

@@ -122,6 +122,14 @@ impl KvSink for ReservedSink {
         })
     }
 
+    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
+        // A node shutting down drops it; the transfer's ending says the rest.
+        let _ = self.send(Command::FirstToken {
+            transfer_id,
+            first_token,
+        });
+    }
+
     fn on_frame_received(&self, transfer_id: u64, bytes: u64, started: Instant) {
         self.links
             .lock()

@@ -10,7 +10,9 @@
 //! different connections). Its Final frame says how many Layer frames were
 //! sent in all; the receiver holds the Final back until that many Layer
 //! frames have been accepted by the sink, so `on_final` always comes after
-//! every `on_layer` of the request.
+//! every `on_layer` of the request. A Final that arrives ahead of some of
+//! them (the sender sends it on a stream of its own) is announced at once
+//! with `on_first_token`.
 //!
 //! # What the sink sees
 //!
@@ -92,6 +94,13 @@ pub trait KvSink: Send + Sync + 'static {
     ) -> Result<(), SinkError>;
     /// The transfer of the request failed; release its reservation.
     fn on_abort(&self, transfer_id: u64, reason: &str);
+    /// The request's Final frame arrived ahead of some of its Layer frames:
+    /// the prefill is done and sampled `first_token` (checked against this
+    /// node's model fingerprint), and `on_final` or `on_abort` follows. The
+    /// default ignores it.
+    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
+        let _ = (transfer_id, first_token);
+    }
     /// A Layer frame of `bytes` bytes (header included) of `transfer_id`
     /// was received from `started` (about when its first byte arrived) to
     /// now; called after `on_layer` accepted it. For measuring the link's
@@ -498,7 +507,7 @@ fn drain_frames(
                 );
                 match action {
                     FinalAction::Deliver(fin) => deliver_final(shared, id, fin),
-                    FinalAction::Wait => {}
+                    FinalAction::Wait => shared.sink.on_first_token(id, first_token),
                     FinalAction::Ended => return ended(),
                     FinalAction::TooManyFrames(done) => {
                         return Flow::Stop(Some(StreamFailure {

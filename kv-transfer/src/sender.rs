@@ -23,8 +23,9 @@
 //!
 //! # Ending a request
 //!
-//! [`RequestStream::finish`] sends the Final frame, finishes every lane and
-//! waits until the receiver has acknowledged all data (or refused it).
+//! [`RequestStream::finish`] sends the Final frame ahead of the Layer frames
+//! still queued (on a stream of its own), finishes every lane and waits until
+//! the receiver has acknowledged all data (or refused it).
 //! [`RequestStream::abort`] sends an Abort frame. Dropping a `RequestStream`
 //! without either resets its streams, which the receiver reports as an abort.
 
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, SendStream, VarInt, WriteError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -285,6 +287,8 @@ impl KvSender {
             .collect();
         Ok(RequestStream {
             transfer_id,
+            final_conn: self.connections[start % n].clone(),
+            timeout: self.config.timeout,
             lanes,
             next_lane: 0,
             frames_sent: 0,
@@ -348,6 +352,10 @@ struct Lane {
 /// One request's transfer, striped over one or more streams.
 pub struct RequestStream {
     transfer_id: u64,
+    /// Where the Final frame's own stream opens (the first lane's connection).
+    final_conn: Connection,
+    /// Limit on waiting for the receiver's acknowledgement.
+    timeout: Duration,
     lanes: Vec<Lane>,
     next_lane: usize,
     frames_sent: u32,
@@ -461,12 +469,25 @@ impl RequestStream {
         }
     }
 
-    /// Sends the Final frame, finishes every stream and waits until the
-    /// receiver's QUIC stack has acknowledged all data. An error means the
-    /// transfer failed (e.g. the receiver refused a frame and stopped the
-    /// stream). `Ok` is delivery, not acceptance: a refusal decided after
-    /// the last acknowledgement reaches the router through the decode node.
-    pub async fn finish(mut self, first_token: u32, layers_sent: u32) -> Result<(), TransferError> {
+    /// Sends the Final frame, waits until every Layer frame queued is handed
+    /// to the transport, then finishes every stream and waits until the
+    /// receiver's QUIC stack has acknowledged all data. Returns when the last
+    /// Layer frame was handed over (the request's last KV byte left).
+    ///
+    /// The Final goes on a stream of its own, at a higher priority than the
+    /// lanes, so it overtakes the Layer frames still queued: the receiver
+    /// learns the first token as soon as the prefill is done (its frame count
+    /// says when the layers are all in, and the receiver waits for them). When
+    /// the connection has no stream to spare at once it goes last on a lane.
+    /// An error means the transfer failed (e.g. the receiver refused a frame
+    /// and stopped the stream). `Ok` is delivery, not acceptance: a refusal
+    /// decided after the last acknowledgement reaches the router through the
+    /// decode node.
+    pub async fn finish(
+        mut self,
+        first_token: u32,
+        layers_sent: u32,
+    ) -> Result<std::time::Instant, TransferError> {
         self.done = true;
         let fin = encode_final(
             self.transfer_id,
@@ -475,30 +496,52 @@ impl RequestStream {
             self.frames_sent,
             self.model_fingerprint,
         );
-        // Final goes last on the lane the next frame would have used; the
-        // receiver orders it after the other lanes by the frame count.
-        let lane = &self.lanes[self.next_lane % self.lanes.len()];
-        if lane.tx.send(LaneMsg::Write(vec![fin])).await.is_err() {
-            return Err(self.lane_failure());
+        let ahead = match self.final_conn.open_uni().now_or_never() {
+            Some(Ok(send)) => {
+                // The lanes are at the default priority, 0.
+                let _ = send.set_priority(1);
+                let (tx, rx) = mpsc::channel(2);
+                let task = tokio::spawn(run_lane(
+                    send,
+                    rx,
+                    CancellationToken::new(),
+                    self.failure.clone(),
+                    self.timeout,
+                    None,
+                ));
+                // The channel has room for both.
+                let _ = tx.try_send(LaneMsg::Write(vec![fin.clone()]));
+                let _ = tx.try_send(LaneMsg::Finish);
+                Some(task)
+            }
+            _ => None,
+        };
+        if ahead.is_none() {
+            // Last on the lane the next frame would have used; the receiver
+            // orders it after the other lanes by the frame count.
+            let lane = &self.lanes[self.next_lane % self.lanes.len()];
+            if lane.tx.send(LaneMsg::Write(vec![fin])).await.is_err() {
+                return Err(self.lane_failure());
+            }
         }
+        self.flushed().await;
+        let flushed = std::time::Instant::now();
         for lane in &self.lanes {
             // A closed lane has failed; its task's result says why.
             let _ = lane.tx.send(LaneMsg::Finish).await;
         }
-        let mut first_err = None;
-        for lane in std::mem::take(&mut self.lanes) {
-            let r = match lane.task.await {
-                Ok(r) => r,
-                Err(e) => Err(TransferError::Stream(format!("lane task failed: {e}"))),
-            };
-            if let Err(e) = r {
-                first_err.get_or_insert(e);
-            }
+        let tasks = std::mem::take(&mut self.lanes)
+            .into_iter()
+            .map(|l| l.task)
+            .chain(ahead);
+        let mut failed = false;
+        for task in tasks {
+            failed |= !matches!(task.await, Ok(Ok(())));
         }
-        match first_err {
-            None => Ok(()),
-            Some(_) => Err(self.lane_failure()),
+        if failed {
+            return Err(self.lane_failure());
         }
+        Ok(flushed)
     }
 
     /// Gives the request up: the receiver is told `reason` (on the first

@@ -65,6 +65,9 @@ struct TestSink {
     reservations: Mutex<Reservations>,
     store: Mutex<HashMap<(u64, u32), Vec<u8>>>,
     endings: mpsc::UnboundedSender<Ending>,
+    /// `on_first_token` calls: transfer, token, Layer frames stored by then.
+    first_tokens: Mutex<Vec<(u64, u32, usize)>>,
+    frames: Mutex<usize>,
 }
 
 impl TestSink {
@@ -74,6 +77,8 @@ impl TestSink {
             reservations: Mutex::new(Reservations::new()),
             store: Mutex::new(HashMap::new()),
             endings: tx,
+            first_tokens: Mutex::new(Vec::new()),
+            frames: Mutex::new(0),
         };
         (Arc::new(sink), rx)
     }
@@ -106,7 +111,16 @@ impl KvSink for TestSink {
             .or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
         let at = a.first_block as usize * block_bytes();
         buf[at..at + payload.len()].copy_from_slice(&payload);
+        *self.frames.lock().unwrap() += 1;
         Ok(())
+    }
+
+    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
+        let frames = *self.frames.lock().unwrap();
+        self.first_tokens
+            .lock()
+            .unwrap()
+            .push((transfer_id, first_token, frames));
     }
 
     fn on_final(
@@ -179,6 +193,42 @@ async fn good_transfer(s: &mut Setup, sender: &KvSender, id: u64) {
             s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec(),
             "layer {layer} byte-exact"
         );
+    }
+}
+
+/// The Final frame overtakes the Layer frames still queued (it has a stream
+/// of its own): with the layers held to 4 MB/s, the receiver announces the
+/// first token while most of them are still to come, and delivers the Final
+/// only after every one of them, byte-exact.
+#[tokio::test]
+async fn the_first_token_is_announced_ahead_of_the_layers() {
+    let mut s = start();
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let sender = KvSender::connect(s.addr, tls, 2)
+        .await
+        .unwrap()
+        .with_send_rate_limit(4e6);
+    let id = 77;
+    s.sink.reserve(id);
+    let mut req = sender.open_request(id).await.unwrap();
+    for layer in 0..LAYERS {
+        req.send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .unwrap();
+    }
+    req.finish(4321, u32::from(LAYERS)).await.unwrap();
+    assert_eq!(next_ending(&mut s.endings).await, Ending::Final(id, 4321));
+    let announced = s.sink.first_tokens.lock().unwrap().clone();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    let (tid, token, frames_by_then) = announced[0];
+    assert_eq!((tid, token), (id, 4321));
+    let frames = *s.sink.frames.lock().unwrap();
+    assert!(
+        frames_by_then < frames,
+        "announced after {frames_by_then} of {frames} frames"
+    );
+    for layer in 0..LAYERS {
+        assert!(s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec());
     }
 }
 
@@ -350,7 +400,7 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
     }
     let r = req.finish(1, u32::from(LAYERS)).await;
     assert!(
-        matches!(r, Err(TransferError::Refused { .. }) | Ok(())),
+        matches!(r, Err(TransferError::Refused { .. }) | Ok(_)),
         "{r:?}"
     );
     match next_ending(&mut s.endings).await {
@@ -475,7 +525,7 @@ async fn kv_of_another_model_is_refused_at_the_final_frame() {
     }
     let r = req.finish(1, u32::from(LAYERS)).await;
     assert!(
-        matches!(r, Err(TransferError::Refused { .. }) | Ok(())),
+        matches!(r, Err(TransferError::Refused { .. }) | Ok(_)),
         "{r:?}"
     );
     match next_ending(&mut s.endings).await {

@@ -98,11 +98,11 @@ pub(crate) async fn ship(
                     // but a stream with no layers is still a valid transfer.
                     None => sender.open_request(dest.transfer_id).await.map_err(fail)?,
                 };
-                // The last layer is queued; the lanes' queues drained means
-                // its bytes went to the transport.
-                s.flushed().await;
-                let kv_sent_seconds = submitted.elapsed().as_secs_f64();
-                s.finish(first_token, num_layers).await.map_err(fail)?;
+                // The last layer is queued: the Final (the first token) goes
+                // ahead of what is still queued, and `finish` says when the
+                // queued bytes went to the transport.
+                let flushed = s.finish(first_token, num_layers).await.map_err(fail)?;
+                let kv_sent_seconds = flushed.saturating_duration_since(submitted).as_secs_f64();
                 return Ok(pb::PrefillResponse {
                     first_token,
                     queue_seconds,

@@ -42,7 +42,9 @@ pub struct Phases {
     pub kv_send_tail: Option<f64>,
     /// Last KV byte sent to the last layer landed at the decode node.
     pub kv_import_tail: Option<f64>,
-    /// KV landed (or local prefill done) to the first token sent to the client.
+    /// KV landed (or local prefill done) to the first token sent to the
+    /// client; when the token left before the KV landed, prefill compute end
+    /// to the token sent (the KV tails then follow it).
     pub first_token: Option<f64>,
     /// KV landed (or local prefill done) to the first decode step.
     pub first_step: Option<f64>,
@@ -108,15 +110,23 @@ pub fn phases(p: &pb::RequestSpans) -> Phases {
     let computed = known(p.prefill_computed);
     let kv_sent = known(p.kv_sent);
     let imported = known(p.kv_imported);
-    // The first token can be sampled once the KV is here, or the local prefill done.
+    // The first token can be sampled once the KV is here, or the local prefill
+    // done; a prefill node's first token may also leave before its KV lands
+    // (its Final frame overtakes the layers): then it follows the compute, and
+    // the KV tails come after it.
     let ready = imported.or(computed);
+    let first_token_sent = known(p.first_token_sent);
+    let token_ready = match (imported, first_token_sent) {
+        (Some(i), Some(t)) if t < i => computed,
+        _ => ready,
+    };
     Phases {
         route: routed,
         prefill_queue: between(routed, known(p.prefill_started)),
         prefill_compute: between(known(p.prefill_started), computed),
         kv_send_tail: between(computed, kv_sent),
         kv_import_tail: between(kv_sent, imported),
-        first_token: between(ready, known(p.first_token_sent)),
+        first_token: between(token_ready, first_token_sent),
         first_step: between(ready, known(p.first_step)),
     }
 }
@@ -209,5 +219,24 @@ mod tests {
         assert_eq!(ph.kv_import_tail, None);
         assert!((ph.prefill_compute.unwrap() - 0.049).abs() < 1e-9);
         assert!((ph.first_token.unwrap() - 0.001).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_first_token_ahead_of_the_kv_follows_the_compute() {
+        let p = pb::RequestSpans {
+            routed: 0.002,
+            prefill_started: 0.013,
+            prefill_computed: 0.113,
+            first_token_sent: 0.115,
+            kv_sent: 0.125,
+            kv_imported: 0.130,
+            first_step: 0.131,
+        };
+        let ph = phases(&p);
+        let close = |a: Option<f64>, b: f64| (a.unwrap() - b).abs() < 1e-9;
+        assert!(close(ph.first_token, 0.002), "{ph:?}");
+        assert!(close(ph.kv_send_tail, 0.012));
+        assert!(close(ph.kv_import_tail, 0.005));
+        assert!(close(ph.first_step, 0.001));
     }
 }

@@ -4,7 +4,8 @@
 //! measures the rate it achieves, and once it has, long prompts are
 //! prefilled on the decode node (`reason="link_slow"` in
 //! `tandem_prefill_decisions_total`). Every request's timing spans reach the
-//! client (`Timings.spans`) and the router's span histogram.
+//! client (`Timings.spans`) and the router's span histogram; a shipped
+//! prompt's first token reaches the client ahead of its KV.
 //!
 //! The metrics recorder is global to the process, so this file holds one test.
 
@@ -38,22 +39,33 @@ fn sample(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// Runs one greedy request; returns its final message.
-async fn finished(
+/// Runs one greedy request of 4 tokens; returns its final message and tokens.
+async fn finished_with_tokens(
     client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
     prompt: &[u32],
-) -> pb::Finished {
+) -> (pb::Finished, Vec<u32>) {
     let mut stream = client
         .generate(greedy_request(prompt, 4))
         .await
         .expect("generate")
         .into_inner();
+    let mut tokens = Vec::new();
     while let Some(msg) = stream.message().await.expect("stream") {
-        if let Some(pb::generate_response::Event::Finished(f)) = msg.event {
-            return f;
+        match msg.event {
+            Some(pb::generate_response::Event::Token(t)) => tokens.extend(t.ids),
+            Some(pb::generate_response::Event::Finished(f)) => return (f, tokens),
+            _ => {}
         }
     }
     panic!("the stream ended without Finished");
+}
+
+/// Runs one greedy request of 4 tokens; returns its final message.
+async fn finished(
+    client: &mut pb::generate_client::GenerateClient<tonic::transport::Channel>,
+    prompt: &[u32],
+) -> pb::Finished {
+    finished_with_tokens(client, prompt).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -70,7 +82,7 @@ async fn a_throttled_link_makes_long_prompts_prefill_locally() {
     // 16 Mbit/s: a 600-token prompt's ~460 KB of KV take about 0.23 s on
     // the wire, while this model prefills it here in milliseconds.
     prefill.max_send_rate_mbps = Some(16.0);
-    let cluster = Cluster::start(model, spec).await;
+    let cluster = Cluster::start(model.clone(), spec).await;
     let mut client = cluster.client().await;
 
     // A short prompt is prefilled here, which measures this node's rate.
@@ -88,11 +100,14 @@ async fn a_throttled_link_makes_long_prompts_prefill_locally() {
     let mut remote_spans = None;
     let mut salt = 2;
     let text = loop {
-        let f = finished(&mut client, &prompt(600, salt)).await;
+        let p = prompt(600, salt);
+        let (f, tokens) = finished_with_tokens(&mut client, &p).await;
         salt += 1;
         if let Some(s) = f.timings.and_then(|t| t.spans)
             && s.kv_sent > 0.0
         {
+            // The first token went ahead of the KV, once, and the rest followed it.
+            assert_eq!(tokens, reference(&model, &p, 4), "{s:?}");
             remote_spans = Some(s);
         }
         let text = scrape(metrics).await;
@@ -124,12 +139,18 @@ async fn a_throttled_link_makes_long_prompts_prefill_locally() {
             && s.prefill_computed >= s.prefill_started
             && s.kv_sent >= s.prefill_computed
             && s.kv_imported > 0.0
-            && s.first_token_sent + 0.005 >= s.kv_imported
-            && s.first_step > 0.0,
+            && s.first_step >= s.kv_imported,
         "{s:?}"
     );
     // Its ~467 KB of KV cannot have left faster than the cap (2 MB/s).
     assert!(s.kv_sent - s.prefill_started >= 0.2, "{s:?}");
+    // The first token went ahead of the KV (the prefill node's Final frame
+    // overtakes its layers): it reached the client about when the prefill's
+    // compute ended, a tenth of a second and more before the KV landed.
+    assert!(
+        s.first_token_sent >= s.prefill_computed && s.first_token_sent + 0.1 < s.kv_imported,
+        "{s:?}"
+    );
 
     // The next long prompt is prefilled here too: no KV crosses the link.
     let local = finished(&mut client, &prompt(600, salt)).await;

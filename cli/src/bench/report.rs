@@ -167,7 +167,7 @@ pub fn table(run: &RunReport) -> String {
         }
     }
     if !m.ttft_spans.is_empty() {
-        header(&mut out, "TTFT Breakdown (median ms)", '-');
+        header(&mut out, "Request phases (median ms)", '-');
         for s in &m.ttft_spans {
             line(
                 &mut out,

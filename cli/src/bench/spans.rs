@@ -1,7 +1,10 @@
 //! Where the benchmark's time to first token went: the median of each phase
 //! of the requests' timing spans (`Timings.spans`, which the router fills in
 //! from what the nodes report; see `tandem_router::request_spans`), printed
-//! under the TTFT block. gRPC runs only: the HTTP API does not carry them.
+//! under the TTFT block as "Request phases". A first token that left ahead of
+//! its KV (the prefill node's Final frame overtakes the layers) follows the
+//! prefill compute, and the KV tails come after it. gRPC runs only: the HTTP
+//! API does not carry them.
 
 use serde::Serialize;
 

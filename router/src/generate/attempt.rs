@@ -97,6 +97,8 @@ impl Request<'_> {
         // Prompt tokens the prefill node took from its cache, once it answers.
         let mut prefill_cached = 0;
         let mut last_event = Instant::now();
+        // Tokens the decode node sent in this attempt.
+        let mut tokens = 0usize;
         let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
             let prefill_done = async {
@@ -137,7 +139,7 @@ impl Request<'_> {
                             first_logprobs.answered(r.first_token_logprobs, &addr)?;
                             if let Some(mut chunk) = held.take() {
                                 first_logprobs.fill(&mut chunk, &decode.addr)?;
-                                self.relay_token(chunk, progress).await?;
+                                self.relay_token(chunk, progress, true).await?;
                             }
                             prefill_cached = r.cached_tokens;
                             continue;
@@ -166,14 +168,21 @@ impl Request<'_> {
             };
             match event {
                 DecodeEvent::Token(mut chunk) => {
-                    // A token: the decode node has the prompt's KV.
-                    drop(prefill_assignment.take());
+                    tokens += 1;
+                    // The prompt's KV is at the decode node once it prefilled
+                    // it, the prefill node answered (every byte delivered), or
+                    // a second token came (a first one may come from the
+                    // prefill node's Final frame, ahead of its layers).
+                    let kv_here = admitted.local_prefill || prefill.is_none() || tokens > 1;
+                    if kv_here {
+                        drop(prefill_assignment.take());
+                    }
                     if first_logprobs.waiting_for_answer() {
                         held = Some(chunk);
                         continue;
                     }
                     first_logprobs.fill(&mut chunk, &decode.addr)?;
-                    self.relay_token(chunk, progress).await?;
+                    self.relay_token(chunk, progress, kv_here).await?;
                 }
                 DecodeEvent::Finished(mut finished) => {
                     // The decode node has released the request.
@@ -211,18 +220,20 @@ impl Request<'_> {
         }
     }
 
-    /// Sends a token chunk to the client and accounts for it.
+    /// Sends a token chunk to the client and accounts for it; `kv_here`: the
+    /// prompt's KV is in place at the decode node.
     async fn relay_token(
         &self,
         chunk: pb::TokenChunk,
         progress: &mut Progress,
+        kv_here: bool,
     ) -> Result<(), RouterError> {
         let now = Instant::now();
         progress.first_token_at.get_or_insert(now);
         progress.clock.on_token(now);
         progress.sent.extend_from_slice(&chunk.ids);
-        // The prompt's KV is in place at the decode node: the other samples can follow.
-        if let Some(node) = &progress.decode {
+        // The other samples can follow, reusing the prompt's KV there.
+        if kv_here && let Some(node) = &progress.decode {
             progress.placement.prompt_ready(node);
         }
         self.send(ClientEvent::Token(chunk)).await
