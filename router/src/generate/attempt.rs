@@ -99,6 +99,8 @@ impl Request<'_> {
         let mut last_event = Instant::now();
         // Tokens the decode node sent in this attempt.
         let mut tokens = 0usize;
+        // The prefill node answered: every KV byte reached the decode node.
+        let mut delivered = false;
         let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
             let prefill_done = async {
@@ -122,6 +124,7 @@ impl Request<'_> {
                     let node = guard.prefill.take();
                     match result {
                         Ok(r) => {
+                            delivered = true;
                             let r = r.into_inner();
                             progress.spans.prefill_answered(&r);
                             if let Some(n) = &node {
@@ -185,11 +188,12 @@ impl Request<'_> {
                     self.relay_token(chunk, progress, kv_here).await?;
                 }
                 DecodeEvent::Finished(mut finished) => {
-                    // The decode node has released the request.
+                    // The decode node is done with the request (one its first
+                    // token ended keeps its blocks there until its KV lands).
                     guard.decode = None;
                     drop(decode_assignment);
                     drop(prefill_assignment.take());
-                    // Its KV came, so the prefill node did its part.
+                    // Its first token came, so the prefill node did its part.
                     if let Some(addr) = &prefill_addr {
                         self.relay.nodes.record_success(addr);
                     }
@@ -199,6 +203,13 @@ impl Request<'_> {
                         progress.spans.prefill_answered(&answer);
                         prefill_cached = answer.cached_tokens;
                         guard.prefill = None;
+                        delivered = true;
+                    }
+                    // A request that ended at its first token, that token sent
+                    // ahead of the KV: the other samples follow once the KV is
+                    // known to be at the decode node.
+                    if admitted.local_prefill || delivered {
+                        progress.placement.prompt_ready(&decode.addr);
                     }
                     progress.spans.decode_finished(finished.timings.as_ref());
                     // One of the two is zero: the prompt was prefilled either
