@@ -442,7 +442,10 @@ async fn a_frame_for_a_held_block_fails_the_request_and_frees_its_blocks() -> Re
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while node.decode.stats.lock().unwrap().kv_blocks_free != free_idle {
         if std::time::Instant::now() > deadline {
-            bail!("the refused request's blocks were not freed");
+            let stats = node.decode.stats.lock().unwrap().clone();
+            bail!(
+                "the refused request's blocks were not freed: {free_idle} free before it, now {stats:?}"
+            );
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
