@@ -150,62 +150,61 @@ async fn an_fp8_prefill_node_is_refused_by_an_f32_decode_node() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fp8_nodes_ship_fp8_kv_and_decode_it_exactly() {
-    let (_dir, model) = small_model();
+/// Both nodes' caches in `dtype`: a 100-token prompt's KV crosses QUIC as
+/// `dtype`, imported byte for byte, and decodes exactly as one process's
+/// cache of that dtype; 7 blocks x the layers of `block(config)` bytes arrive.
+/// Returns the cluster for more checks.
+async fn same_dtype_nodes(
+    cache: KvCacheDtype,
+    dtype: KvDtype,
+    salt: u32,
+    block: impl Fn(&tandem_engine::ModelConfig) -> usize,
+) -> (
+    tempfile::TempDir,
+    std::sync::Arc<tandem_engine::ModelDir>,
+    Cluster,
+) {
+    let (dir, model) = small_model();
     let mut spec = ClusterSpec::default();
-    spec.decode.kv_dtype = KvCacheDtype::Fp8E4m3;
+    spec.decode.kv_dtype = cache;
     if let Some(p) = spec.prefill.as_mut() {
-        p.kv_dtype = KvCacheDtype::Fp8E4m3;
+        p.kv_dtype = cache;
         p.prefix_cache = false;
     }
     let cluster = Cluster::start(model.clone(), spec).await;
     let mut client = cluster.client().await;
-    let p = prompt(100, 3);
+    let p = prompt(100, salt);
     let got = complete(&mut client, greedy_request(&p, 12))
         .await
         .expect("the request completes");
-    // The prefill node's quantized KV, shipped with its scales over QUIC and
-    // imported byte for byte, decodes exactly as one process's fp8 cache.
-    assert_eq!(got.tokens, reference_in(&model, &p, 12, KvDtype::Fp8E4m3));
-    // fp8 on the wire: 7 blocks x 3 layers of e4m3 values and scales.
+    assert_eq!(got.tokens, reference_in(&model, &p, 12, dtype));
     let c = &model.config;
-    let block = 2 * c.num_kv_heads * (16 * c.head_dim + 4);
     let received = cluster
         .decode_stats
         .lock()
         .expect("stats")
         .kv_received_bytes_total;
-    assert_eq!(received, (7 * c.num_layers * block) as u64);
+    assert_eq!(received, (7 * c.num_layers * block(c)) as u64);
+    (dir, model, cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fp8_nodes_ship_fp8_kv_and_decode_it_exactly() {
+    // The prefill node's quantized KV, shipped with its scales: per block
+    // and head, 16 slots of e4m3 values and one f32 scale, for K and V.
+    same_dtype_nodes(KvCacheDtype::Fp8E4m3, KvDtype::Fp8E4m3, 3, |c| {
+        2 * c.num_kv_heads * (16 * c.head_dim + 4)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_nodes_ship_bf16_kv_and_decode_it_exactly() {
-    let (_dir, model) = small_model();
-    let mut spec = ClusterSpec::default();
-    spec.decode.kv_dtype = KvCacheDtype::Bf16;
-    if let Some(p) = spec.prefill.as_mut() {
-        p.kv_dtype = KvCacheDtype::Bf16;
-        p.prefix_cache = false;
-    }
-    let cluster = Cluster::start(model.clone(), spec).await;
-    let mut client = cluster.client().await;
-    let p = prompt(100, 4);
-    let got = complete(&mut client, greedy_request(&p, 12))
-        .await
-        .expect("the request completes");
-    // K/V rounded to bf16 once, on the prefill node, and imported bit for bit:
-    // the same tokens as one process with a bf16 cache.
-    assert_eq!(got.tokens, reference_in(&model, &p, 12, KvDtype::Bf16));
-    // bf16 on the wire: 7 blocks x 3 layers of K and V, 2 bytes a value.
-    let c = &model.config;
-    let block = 2 * c.num_kv_heads * 16 * c.head_dim * 2;
-    let received = cluster
-        .decode_stats
-        .lock()
-        .expect("stats")
-        .kv_received_bytes_total;
-    assert_eq!(received, (7 * c.num_layers * block) as u64);
+    // K/V rounded to bf16 once, on the prefill node: K and V, 2 bytes a value.
+    let (_dir, model, cluster) = same_dtype_nodes(KvCacheDtype::Bf16, KvDtype::Bf16, 4, |c| {
+        2 * c.num_kv_heads * 16 * c.head_dim * 2
+    })
+    .await;
     // An f32 decode node's target is refused at the bf16 prefill node's
     // admission, naming both dtypes (bf16 KV is not widened on import).
     refused_f32_target(&cluster, &model, "bf16").await;

@@ -99,8 +99,6 @@ impl Request<'_> {
         let mut last_event = Instant::now();
         // Tokens the decode node sent in this attempt.
         let mut tokens = 0usize;
-        // The prefill node answered: every KV byte reached the decode node.
-        let mut delivered = false;
         let mut stall_check = tokio::time::interval(STALL_CHECK);
         loop {
             let prefill_done = async {
@@ -124,7 +122,6 @@ impl Request<'_> {
                     let node = guard.prefill.take();
                     match result {
                         Ok(r) => {
-                            delivered = true;
                             let r = r.into_inner();
                             progress.spans.prefill_answered(&r);
                             if let Some(n) = &node {
@@ -197,18 +194,21 @@ impl Request<'_> {
                     if let Some(addr) = &prefill_addr {
                         self.relay.nodes.record_success(addr);
                     }
+                    // The prompt's KV is at the decode node when it prefilled it
+                    // or the prefill node answered (every byte delivered).
+                    let mut kv_here = prefill.is_none();
                     if let Some(call) = prefill.take()
                         && let Some(answer) = self.prefill_answer(call).await
                     {
                         progress.spans.prefill_answered(&answer);
                         prefill_cached = answer.cached_tokens;
                         guard.prefill = None;
-                        delivered = true;
+                        kv_here = true;
                     }
                     // A request that ended at its first token, that token sent
                     // ahead of the KV: the other samples follow once the KV is
                     // known to be at the decode node.
-                    if admitted.local_prefill || delivered {
+                    if kv_here {
                         progress.placement.prompt_ready(&decode.addr);
                     }
                     progress.spans.decode_finished(finished.timings.as_ref());
