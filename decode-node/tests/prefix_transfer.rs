@@ -196,6 +196,24 @@ impl Pair {
     fn skipped_bytes(&self) -> u64 {
         self.decode.stats.lock().unwrap().kv_skipped_bytes_total
     }
+
+    /// The node's stats once they were published with `seqs` sequences on
+    /// the node. The engine loop publishes after each iteration, after its
+    /// replies and events went out: a client that just got its answer (a
+    /// `Finished`, an admission) can read stats from before it.
+    async fn stats_with(&self, seqs: u32) -> Result<tandem_decode::scheduler::Stats> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stats = self.decode.stats.lock().unwrap().clone();
+            if stats.running + stats.queued == seqs {
+                return Ok(stats);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the node never published {seqs} sequences: {stats:?}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Deterministic prompt tokens (the synthesized vocabulary has 512).
@@ -364,7 +382,7 @@ async fn claimed_blocks_survive_eviction_pressure_before_the_transfer() -> Resul
     }
     let refused = refused.context("the node never ran out of blocks")?;
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    let stats = cached.decode.stats.lock().unwrap().clone();
+    let stats = cached.stats_with(flood.len() as u32 + 1).await?;
     assert_eq!(
         stats.kv_blocks_free, 0,
         "the flood took every block: {stats:?}"
@@ -406,7 +424,7 @@ async fn a_frame_for_a_held_block_fails_the_request_and_frees_its_blocks() -> Re
     let node = Pair::start(&model, true, 0, 64).await;
     let base = tokens(9, 22);
     node.generate("warm", &base, None, 4).await?;
-    let free_idle = node.decode.stats.lock().unwrap().kv_blocks_free;
+    let free_idle = node.stats_with(0).await?.kv_blocks_free;
     let mut a = node.admit("liar", &base, None, 4).await?;
     let target = a.admitted.kv_target.clone().context("a KV target")?;
     assert_eq!(target.cached_blocks, 5);
