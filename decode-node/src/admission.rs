@@ -255,7 +255,7 @@ impl<B: Backend> Scheduler<B> {
                 events: a.events,
                 span: a.span,
                 spans: SeqSpans::new(Instant::now()),
-                first_ahead: None,
+                first_token_at: None,
                 answered: false,
             },
         );

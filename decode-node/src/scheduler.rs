@@ -34,7 +34,7 @@ use tandem_engine::block_manager::{BlockId, BlockManager};
 use tandem_engine::kv_events::KvEventLog;
 use tandem_engine::mask_overlap::{MaskJob, overlap};
 use tandem_engine::prefix_hash::PrefixHasher;
-use tandem_engine::{ModelDir, RowAsk, RowOut, SeqChunk, TokenDraw, TokenEvent};
+use tandem_engine::{ModelDir, RowAsk, RowOut, SeqChunk, TokenDraw, TokenEvent, TokenLogprobs};
 use tandem_kv_transfer::Reservations;
 use tandem_proto::v1 as pb;
 use tokio::sync::oneshot;
@@ -78,21 +78,19 @@ pub enum Command {
         /// The bytes, in the cache layout.
         payload: Bytes,
     },
-    /// The prefill node's Final frame arrived ahead of some of its layers:
-    /// its first token can go to the caller now (the sequence joins the batch
-    /// at `KvComplete`).
+    /// The prefill node's Final frame arrived (often ahead of its last
+    /// layers): its first token goes to the caller now; the sequence joins
+    /// the batch at `KvComplete`, which follows it.
     FirstToken {
         /// The transfer.
         transfer_id: u64,
-        /// The first generated token.
-        first_token: u32,
+        /// The first generated token, with its log probabilities if asked.
+        first: tandem_kv_transfer::FirstToken,
     },
-    /// Every layer landed; the prefill node sampled `first_token`.
+    /// Every layer landed.
     KvComplete {
         /// The transfer.
         transfer_id: u64,
-        /// The first generated token.
-        first_token: u32,
     },
     /// The KV transfer failed.
     KvAborted {
@@ -315,20 +313,17 @@ impl<B: Backend> Scheduler<B> {
                 heads,
                 (dtype, &payload),
             ),
-            Command::KvComplete {
-                transfer_id,
-                first_token,
-            } => {
+            Command::KvComplete { transfer_id } => {
                 let Some(seq) = self.seqs.get_mut(&transfer_id) else {
                     return;
                 };
                 if !matches!(seq.state, State::AwaitingKv { .. }) {
                     return;
                 }
-                if let Some((sent, _)) = seq.first_ahead
-                    && sent != first_token
-                {
-                    let e = format!("the Final frame said first token {first_token}, then {sent}");
+                if seq.first_token_at.is_none() {
+                    // The receiver announces the first token before it
+                    // completes a transfer; a node shutting down may drop it.
+                    let e = "the KV landed without the first token".to_string();
                     return self.fail(transfer_id, RequestError::KvImport(e));
                 }
                 seq.state = State::Running;
@@ -348,30 +343,30 @@ impl<B: Backend> Scheduler<B> {
                     // Its first token ended it: it waited only for its KV.
                     return self.remove(transfer_id);
                 }
-                if seq.first_ahead.is_none() {
-                    let event = seq
-                        .generation
-                        .push_sampled(first_token, &self.model.tokenizer);
-                    self.emit(transfer_id, event);
-                }
             }
-            Command::FirstToken {
-                transfer_id,
-                first_token,
-            } => {
+            Command::FirstToken { transfer_id, first } => {
                 let Some(seq) = self.seqs.get_mut(&transfer_id) else {
                     return;
                 };
-                if !matches!(seq.state, State::AwaitingKv { .. }) || seq.first_ahead.is_some() {
+                if !matches!(seq.state, State::AwaitingKv { .. }) || seq.first_token_at.is_some() {
                     return;
                 }
-                seq.first_ahead = Some((first_token, seq.generation.tokens().len()));
+                let logprobs = first.logprobs.map(|l| TokenLogprobs {
+                    token: first.id,
+                    logprob: l.logprob,
+                    top: l.top,
+                });
+                if seq.generation.logprobs().is_some() && logprobs.is_none() {
+                    let e = "the prefill node sent the first token without the log probabilities asked for";
+                    return self.fail(transfer_id, RequestError::KvTransfer(e.into()));
+                }
+                seq.first_token_at = Some(seq.generation.tokens().len());
                 // A token that ends the request answers it now; the sequence
                 // keeps its blocks until the KV has landed, so the transfer
                 // ends as usual (`answered`).
                 let event = seq
                     .generation
-                    .push_sampled(first_token, &self.model.tokenizer);
+                    .push_sampled(first.id, logprobs, &self.model.tokenizer);
                 self.emit(transfer_id, event);
             }
             Command::KvAborted {
@@ -673,8 +668,6 @@ impl<B: Backend> Scheduler<B> {
             event: Some(pb::decode_response::Event::Token(pb::TokenChunk {
                 ids: vec![event.token],
                 text: event.text,
-                // A first token sampled by a prefill node has none here: the
-                // router adds them from the prefill node's answer.
                 logprobs: event.logprobs.iter().map(logprobs_to_pb).collect(),
             })),
         };
@@ -777,6 +770,7 @@ mod tests {
     use tandem_engine::{
         BlockId, ModelConfig, Result as EngineResult, RowAsk, RowOut, SeqChunk, TokenDraw,
     };
+    use tandem_kv_transfer::{FirstLogprobs, FirstToken};
 
     use tandem_engine::ModelDir;
     use tandem_engine::generation::GenerationParams;
@@ -862,16 +856,26 @@ mod tests {
         max_tokens: usize,
         local: bool,
     ) -> (Reply, mpsc::Receiver<Event>) {
-        let (events, rx) = mpsc::channel(max_tokens + 4);
+        let params = GenerationParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        admit_with(tx, id, params, local)
+    }
+
+    fn admit_with(
+        tx: &Sender<Command>,
+        id: &str,
+        params: GenerationParams,
+        local: bool,
+    ) -> (Reply, mpsc::Receiver<Event>) {
+        let (events, rx) = mpsc::channel(params.max_tokens + 4);
         let a = Admission {
             request_id: id.into(),
             prompt: vec![1, 2, 3, 4, 5, 6],
             generated: Vec::new(),
-            params: GenerationParams {
-                max_tokens,
-                ignore_eos: true,
-                ..Default::default()
-            },
+            params,
             force_local: local,
             kv_timeout: Duration::from_secs(10),
             prefill_peer: String::new(),
@@ -1062,17 +1066,14 @@ mod tests {
         assert!(matches!(s.seqs[&id].state, State::AwaitingKv { .. }));
         s.handle(Command::FirstToken {
             transfer_id: id,
-            first_token: 42,
+            first: first(42),
         });
         assert_eq!(drain(&mut events), (vec![42], false));
         assert!(
             matches!(s.seqs[&id].state, State::AwaitingKv { .. }),
             "not in a step yet"
         );
-        s.handle(Command::KvComplete {
-            transfer_id: id,
-            first_token: 42,
-        });
+        s.handle(Command::KvComplete { transfer_id: id });
         assert!(matches!(s.seqs[&id].state, State::Running));
         assert_eq!(drain(&mut events), (vec![], false), "no second first token");
         s.step(&rx);
@@ -1091,32 +1092,22 @@ mod tests {
         let id = s.by_request["one"];
         s.handle(Command::FirstToken {
             transfer_id: id,
-            first_token: 7,
+            first: first(7),
         });
         assert_eq!(drain(&mut events), (vec![7], true));
         drop(events);
         s.reap(std::time::Instant::now());
         assert!(s.seqs[&id].answered, "held for its KV");
         assert!(s.blocks.num_free() < free);
-        s.handle(Command::KvComplete {
-            transfer_id: id,
-            first_token: 7,
-        });
+        s.handle(Command::KvComplete { transfer_id: id });
         assert!(!s.seqs.contains_key(&id));
         assert_eq!(s.blocks.num_free(), free, "every block free");
 
-        // A KvComplete naming another first token fails the request.
+        // A KvComplete before any first token fails the request.
         let (_reply, mut events) = admit_as(&tx, "odd", 4, false);
         s.handle(rx.try_recv().expect("admission"));
         let id = s.by_request["odd"];
-        s.handle(Command::FirstToken {
-            transfer_id: id,
-            first_token: 5,
-        });
-        s.handle(Command::KvComplete {
-            transfer_id: id,
-            first_token: 6,
-        });
+        s.handle(Command::KvComplete { transfer_id: id });
         assert!(!s.seqs.contains_key(&id));
         let mut failed = false;
         while let Ok(m) = events.try_recv() {
@@ -1124,5 +1115,80 @@ mod tests {
         }
         assert!(failed, "the stream ends in an error");
         assert_eq!(s.blocks.num_free(), free);
+    }
+
+    fn first(id: u32) -> FirstToken {
+        FirstToken { id, logprobs: None }
+    }
+
+    #[test]
+    fn the_first_token_goes_out_with_its_log_probabilities_and_one_without_them_fails() {
+        let (_dir, mut s) = scheduler();
+        s.policy.local_prefill_below = 0;
+        let (tx, rx) = channel();
+        let free = s.blocks.num_free();
+        let params = GenerationParams {
+            max_tokens: 4,
+            ignore_eos: true,
+            logprobs: Some(2),
+            ..Default::default()
+        };
+
+        let (_reply, mut events) = admit_with(&tx, "with", params.clone(), false);
+        s.handle(rx.try_recv().expect("admission"));
+        let id = s.by_request["with"];
+        let logprobs = FirstLogprobs {
+            logprob: -0.5,
+            top: vec![(42, -0.5), (3, -1.25)],
+        };
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first: FirstToken {
+                id: 42,
+                logprobs: Some(logprobs),
+            },
+        });
+        let chunk = loop {
+            let message = events.try_recv().expect("a token").expect("no error");
+            if let Some(pb::decode_response::Event::Token(chunk)) = message.event {
+                break chunk;
+            }
+        };
+        assert_eq!(chunk.ids, vec![42]);
+        let expected = pb::TokenLogprobs {
+            id: 42,
+            logprob: -0.5,
+            top: vec![
+                pb::TopLogprob {
+                    id: 42,
+                    logprob: -0.5,
+                },
+                pb::TopLogprob {
+                    id: 3,
+                    logprob: -1.25,
+                },
+            ],
+        };
+        assert_eq!(chunk.logprobs, vec![expected]);
+        s.handle(Command::Cancel("with".into(), oneshot::channel().0));
+
+        // Asked for, not sent: the request fails, its blocks come back.
+        let (_reply, mut events) = admit_with(&tx, "without", params, false);
+        s.handle(rx.try_recv().expect("admission"));
+        let id = s.by_request["without"];
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first: first(42),
+        });
+        assert!(!s.seqs.contains_key(&id));
+        let error = loop {
+            match events.try_recv() {
+                Ok(Err(status)) => break status,
+                Ok(Ok(_)) => continue,
+                Err(e) => panic!("the stream ended without an error: {e:?}"),
+            }
+        };
+        assert!(error.to_string().contains("log probabilities"), "{error}");
+        assert_eq!(s.blocks.num_free(), free, "every block free");
     }
 }

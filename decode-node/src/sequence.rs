@@ -47,11 +47,11 @@ pub(crate) struct Sequence {
     pub span: tracing::Span,
     /// When its KV landed and its first step ran (for the router's timing spans).
     pub spans: SeqSpans,
-    /// Shipped KV: the first token, sent to the router when the prefill node's
-    /// Final frame overtook its layers, and the context length before it (the
-    /// KV the layers carry).
-    pub first_ahead: Option<(u32, usize)>,
-    /// Its first token (sent ahead) ended it and the caller has its answer:
+    /// Shipped KV: the context length before the prefill node's first token
+    /// (the KV its layers carry), set when that token arrived in the Final
+    /// frame and went to the router (often ahead of the last layers).
+    pub first_token_at: Option<usize>,
+    /// Its first token (sent ahead of the KV) ended it and the caller has its answer:
     /// it holds its blocks and reservation only until its KV has landed (or
     /// the transfer ended otherwise), so the transfer ends as usual.
     pub answered: bool,
@@ -71,13 +71,11 @@ impl Sequence {
         }
     }
 
-    /// Context tokens whose KV the shipped layers carry (the first token, when
-    /// it went ahead, has none until the first decode step).
+    /// Context tokens whose KV the shipped layers carry (the prefill node's
+    /// first token has none until the first decode step).
     pub fn shipped_len(&self) -> usize {
-        match self.first_ahead {
-            Some((_, len)) => len,
-            None => self.generation.tokens().len(),
-        }
+        self.first_token_at
+            .unwrap_or_else(|| self.generation.tokens().len())
     }
 
     /// Names in the prefix cache the full blocks among the first `kv_len`

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_kv_transfer::{KvSink, LayerHeader, Reservations, SinkError};
+use tandem_kv_transfer::{FirstToken, KvSink, LayerHeader, Reservations, SinkError};
 
 use crate::link_cost::SharedLinks;
 use crate::scheduler::Command;
@@ -101,33 +101,20 @@ impl KvSink for ReservedSink {
         })
     }
 
-    fn on_final(
-        &self,
-        transfer_id: u64,
-        first_token: u32,
-        layers_sent: u32,
-    ) -> Result<(), SinkError> {
-        let complete = self
-            .table()
-            .on_final(transfer_id, first_token, layers_sent)?;
+    fn on_final(&self, transfer_id: u64, layers_sent: u32) -> Result<(), SinkError> {
+        self.table().on_final(transfer_id, layers_sent)?;
         if let Some(t) = self.started().remove(&transfer_id) {
             self.transfer_seconds.record(t.elapsed().as_secs_f64());
         }
         if let Some((peer, rate)) = self.links.lock().finished(transfer_id) {
             tracing::debug!(transfer_id, %peer, rate_mbps = rate * 8e-6, "kv link rate");
         }
-        self.send(Command::KvComplete {
-            transfer_id: complete.transfer_id,
-            first_token: complete.first_token,
-        })
+        self.send(Command::KvComplete { transfer_id })
     }
 
-    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
+    fn on_first_token(&self, transfer_id: u64, first: FirstToken) {
         // A node shutting down drops it; the transfer's ending says the rest.
-        let _ = self.send(Command::FirstToken {
-            transfer_id,
-            first_token,
-        });
+        let _ = self.send(Command::FirstToken { transfer_id, first });
     }
 
     fn on_frame_received(&self, transfer_id: u64, bytes: u64, started: Instant) {

@@ -185,7 +185,7 @@ impl Generation {
     ) -> Result<Self> {
         let mut g = Generation::new(prompt, params, eos)?;
         for (i, &token) in generated.iter().enumerate() {
-            g.push_sampled(token, tokenizer)?;
+            g.push_sampled(token, None, tokenizer)?;
             if g.finished.is_some() {
                 return Err(EngineError::InvalidInput(format!(
                     "the {} already generated tokens end the request at token {i}; nothing is left to generate",
@@ -279,10 +279,18 @@ impl Generation {
     }
 
     /// Accounts for a token sampled elsewhere with this request's parameters
-    /// (the first token, sampled by a prefill node), keeping the random stream in step.
-    pub fn push_sampled(&mut self, token: u32, tokenizer: &Tokenizer) -> Result<TokenEvent> {
+    /// (the first token, sampled by a prefill node, with its `logprobs` when
+    /// asked), keeping the random stream in step.
+    pub fn push_sampled(
+        &mut self,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+        tokenizer: &Tokenizer,
+    ) -> Result<TokenEvent> {
         self.sampler.resume_after(token);
-        self.accept(token, tokenizer)
+        let mut event = self.accept(token, tokenizer)?;
+        event.logprobs = logprobs;
+        Ok(event)
     }
 
     /// Lends the constraint's parser out so the next token's mask can be

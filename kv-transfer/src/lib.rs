@@ -30,8 +30,10 @@ pub mod wire;
 pub use error::TransferError;
 pub use rate::{LinkRates, SendRateLimit};
 pub use receiver::{KvReceiver, KvSink, ReceiverConfig, SinkError};
-pub use reservation::{Accepted, Complete, Expectation, Refusal, Reservations};
+pub use reservation::{Accepted, Expectation, Refusal, Reservations};
 pub use sender::{KvSender, RequestStream, SenderConfig};
 pub use tls::{ClusterCa, NodeCert, SelfSigned, TlsError};
 pub use transport::TransportTuning;
-pub use wire::{Frame, FrameDecoder, LayerHeader, LayerShape, WireDtype, WireError};
+pub use wire::{
+    FirstLogprobs, FirstToken, Frame, FrameDecoder, LayerHeader, LayerShape, WireDtype, WireError,
+};

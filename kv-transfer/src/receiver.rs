@@ -10,9 +10,10 @@
 //! different connections). Its Final frame says how many Layer frames were
 //! sent in all; the receiver holds the Final back until that many Layer
 //! frames have been accepted by the sink, so `on_final` always comes after
-//! every `on_layer` of the request. A Final that arrives ahead of some of
-//! them (the sender sends it on a stream of its own) is announced at once
-//! with `on_first_token`.
+//! every `on_layer` of the request. The first token the Final carries is
+//! handed over with `on_first_token` as soon as the Final arrives, ahead of
+//! Layer frames still to come (the sender sends it on a stream of its own)
+//! or just before `on_final` when they are all in.
 //!
 //! # What the sink sees
 //!
@@ -47,7 +48,7 @@ use crate::reservation::Refusal;
 use crate::tls::TlsError;
 use crate::tracker::{FinalAction, PendingFinal, Tracker};
 use crate::transport::TransportTuning;
-use crate::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, LayerHeader};
+use crate::wire::{DEFAULT_MAX_PAYLOAD, FirstToken, Frame, FrameDecoder, LayerHeader};
 
 /// Application error codes the receiver stops streams with.
 pub mod stop_code {
@@ -86,21 +87,14 @@ pub trait KvSink: Send + Sync + 'static {
     fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError>;
     /// Every Layer frame of the request arrived and was accepted. `Err`
     /// refuses the request (e.g. incomplete): `on_abort` follows.
-    fn on_final(
-        &self,
-        transfer_id: u64,
-        first_token: u32,
-        layers_sent: u32,
-    ) -> Result<(), SinkError>;
+    fn on_final(&self, transfer_id: u64, layers_sent: u32) -> Result<(), SinkError>;
     /// The transfer of the request failed; release its reservation.
     fn on_abort(&self, transfer_id: u64, reason: &str);
-    /// The request's Final frame arrived ahead of some of its Layer frames:
-    /// the prefill is done and sampled `first_token` (checked against this
-    /// node's model fingerprint), and `on_final` or `on_abort` follows. The
-    /// default ignores it.
-    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
-        let _ = (transfer_id, first_token);
-    }
+    /// The request's Final frame arrived (from a sender whose model
+    /// fingerprint matches this node's): the prefill is done and sampled
+    /// `first`. Called once per transfer, before its `on_final`, possibly
+    /// while Layer frames are still to come; `on_final` or `on_abort` follows.
+    fn on_first_token(&self, transfer_id: u64, first: FirstToken);
     /// A Layer frame of `bytes` bytes (header included) of `transfer_id`
     /// was received from `started` (about when its first byte arrived) to
     /// now; called after `on_layer` accepted it. For measuring the link's
@@ -480,7 +474,7 @@ fn drain_frames(
                 }
             }
             Frame::Final {
-                first_token,
+                first,
                 layers_sent,
                 frames_sent,
                 model_fingerprint,
@@ -499,15 +493,23 @@ fn drain_frames(
                 let action = shared.tracker().final_arrived(
                     id,
                     PendingFinal {
-                        first_token,
                         layers_sent,
                         frames_sent,
                     },
                     Instant::now(),
                 );
                 match action {
-                    FinalAction::Deliver(fin) => deliver_final(shared, id, fin),
-                    FinalAction::Wait => shared.sink.on_first_token(id, first_token),
+                    FinalAction::Deliver(fin) => {
+                        shared.sink.on_first_token(id, first);
+                        deliver_final(shared, id, fin);
+                    }
+                    FinalAction::Wait => {
+                        shared.sink.on_first_token(id, first);
+                        let due = shared.tracker().first_token_announced(id);
+                        if let Some(fin) = due {
+                            deliver_final(shared, id, fin);
+                        }
+                    }
                     FinalAction::Ended => return ended(),
                     FinalAction::TooManyFrames(done) => {
                         return Flow::Stop(Some(StreamFailure {
@@ -537,7 +539,7 @@ fn drain_frames(
 }
 
 fn deliver_final(shared: &Shared, id: u64, fin: PendingFinal) {
-    if let Err(e) = shared.sink.on_final(id, fin.first_token, fin.layers_sent) {
+    if let Err(e) = shared.sink.on_final(id, fin.layers_sent) {
         shared.sink.on_abort(id, &format!("final refused: {e}"));
     }
 }

@@ -81,15 +81,6 @@ pub struct Accepted {
     pub head_count: u16,
 }
 
-/// A request whose KV has fully arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Complete {
-    /// The request.
-    pub transfer_id: u64,
-    /// The first token prefill sampled.
-    pub first_token: u32,
-}
-
 /// Why a frame or registration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -371,12 +362,7 @@ impl Reservations {
 
     /// Marks the request finished if every cell arrived and the sender's
     /// layer count matches.
-    pub fn on_final(
-        &mut self,
-        transfer_id: u64,
-        first_token: u32,
-        layers_sent: u32,
-    ) -> Result<Complete, Refusal> {
+    pub fn on_final(&mut self, transfer_id: u64, layers_sent: u32) -> Result<(), Refusal> {
         let entry = self
             .entries
             .get_mut(&transfer_id)
@@ -399,10 +385,7 @@ impl Reservations {
             });
         }
         entry.finished = true;
-        Ok(Complete {
-            transfer_id,
-            first_token,
-        })
+        Ok(())
     }
 
     /// Forgets a reservation; returns whether it existed.
@@ -471,7 +454,7 @@ mod tests {
         r.on_layer_frame(&header(1, shape(1, 0, 2, 0, 2))).unwrap();
         r.on_layer_frame(&header(1, shape(1, 2, 1, 0, 2))).unwrap();
         assert!(matches!(
-            r.on_final(1, 42, 2),
+            r.on_final(1, 2),
             Err(Refusal::Incomplete { missing: 6, .. })
         ));
         let a = r.on_layer_frame(&header(1, shape(1, 0, 3, 2, 2))).unwrap();
@@ -485,18 +468,12 @@ mod tests {
                 head_count: 2
             }
         );
-        assert_eq!(
-            r.on_final(1, 42, 2),
-            Ok(Complete {
-                transfer_id: 1,
-                first_token: 42
-            })
-        );
+        assert_eq!(r.on_final(1, 2), Ok(()));
         assert_eq!(
             r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
             Err(Refusal::Finished(1))
         );
-        assert_eq!(r.on_final(1, 42, 2), Err(Refusal::Finished(1)));
+        assert_eq!(r.on_final(1, 2), Err(Refusal::Finished(1)));
         assert!(r.release(1));
         assert_eq!(
             r.on_layer_frame(&header(1, shape(0, 0, 1, 0, 1))),
@@ -511,7 +488,7 @@ mod tests {
             r.on_layer_frame(&header(9, shape(0, 0, 1, 0, HEADS))),
             Err(Refusal::UnknownRequest(9))
         );
-        assert_eq!(r.on_final(9, 0, 2), Err(Refusal::UnknownRequest(9)));
+        assert_eq!(r.on_final(9, 2), Err(Refusal::UnknownRequest(9)));
     }
 
     #[test]
@@ -673,13 +650,13 @@ mod tests {
         r.on_layer_frame(&header(1, shape(1, 0, 3, 0, HEADS)))
             .unwrap();
         assert!(matches!(
-            r.on_final(1, 0, 1),
+            r.on_final(1, 1),
             Err(Refusal::Mismatch {
                 field: "layers_sent",
                 ..
             })
         ));
-        assert!(r.on_final(1, 0, 2).is_ok());
+        assert!(r.on_final(1, 2).is_ok());
     }
 
     #[test]
@@ -710,14 +687,14 @@ mod tests {
         }
         // Only block 2 is missing: one frame per layer completes the transfer.
         assert!(matches!(
-            r.on_final(9, 5, 2),
+            r.on_final(9, 2),
             Err(Refusal::Incomplete { missing: 8, .. })
         ));
         for layer in 0..2 {
             r.on_layer_frame(&header(9, shape(layer, 2, 1, 0, HEADS)))
                 .unwrap();
         }
-        assert_eq!(r.on_final(9, 5, 2).unwrap().first_token, 5);
+        assert_eq!(r.on_final(9, 2), Ok(()));
         // Holding every block leaves nothing to receive: refused at registration.
         let all = Expectation {
             held_blocks: 3,

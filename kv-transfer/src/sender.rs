@@ -47,7 +47,9 @@ use crate::error::TransferError;
 use crate::rate::SendRateLimit;
 use crate::tls::TlsError;
 use crate::transport::TransportTuning;
-use crate::wire::{LAYER_HEADER_LEN, LayerHeader, LayerShape, encode_abort, encode_final};
+use crate::wire::{
+    FirstToken, LAYER_HEADER_LEN, LayerHeader, LayerShape, encode_abort, encode_final,
+};
 
 /// Application error code a sender resets abandoned streams with.
 pub const RESET_ABANDONED: u32 = 16;
@@ -485,13 +487,13 @@ impl RequestStream {
     /// decode node.
     pub async fn finish(
         mut self,
-        first_token: u32,
+        first: &FirstToken,
         layers_sent: u32,
     ) -> Result<std::time::Instant, TransferError> {
         self.done = true;
         let fin = encode_final(
             self.transfer_id,
-            first_token,
+            first,
             layers_sent,
             self.frames_sent,
             self.model_fingerprint,

@@ -19,8 +19,6 @@ pub const ENDED_MEMORY: usize = 65_536;
 /// A Final frame waiting for its Layer frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingFinal {
-    /// The first token the prefill node sampled.
-    pub first_token: u32,
     /// Layers the sender says it sent.
     pub layers_sent: u32,
     /// Layer frames the sender says it sent, over all lanes.
@@ -45,6 +43,9 @@ pub enum FinalAction {
 struct Progress {
     frames_done: u32,
     pending_final: Option<PendingFinal>,
+    /// The parked Final's first token went to the sink: the Final may be
+    /// delivered (so `on_final` never overtakes `on_first_token`).
+    announced: bool,
     last_activity: Instant,
 }
 
@@ -98,6 +99,7 @@ impl Tracker {
         let p = self.open.entry(id).or_insert_with(|| Progress {
             frames_done: 0,
             pending_final: None,
+            announced: false,
             last_activity: now,
         });
         p.last_activity = now;
@@ -111,12 +113,25 @@ impl Tracker {
     }
 
     /// Counts a Layer frame the sink accepted; returns a parked Final now
-    /// due (the transfer then has ended).
+    /// due (the transfer then has ended). One whose first token is not yet
+    /// announced waits for [`first_token_announced`](Self::first_token_announced).
     pub fn layer_done(&mut self, id: u64, now: Instant) -> Option<PendingFinal> {
         let p = self.progress(id, now)?;
         p.frames_done += 1;
+        self.due(id)
+    }
+
+    /// The first token of the Final parked for `id` went to the sink;
+    /// returns the Final if it is now due (the transfer then has ended).
+    pub fn first_token_announced(&mut self, id: u64) -> Option<PendingFinal> {
+        self.open.get_mut(&id)?.announced = true;
+        self.due(id)
+    }
+
+    fn due(&mut self, id: u64) -> Option<PendingFinal> {
+        let p = self.open.get(&id)?;
         match p.pending_final {
-            Some(fin) if p.frames_done >= fin.frames_sent => {
+            Some(fin) if p.announced && p.frames_done >= fin.frames_sent => {
                 self.mark_ended(id);
                 Some(fin)
             }
@@ -124,7 +139,8 @@ impl Tracker {
         }
     }
 
-    /// A Final frame of `id` arrived.
+    /// A Final frame of `id` arrived. `Wait`: the caller announces its first
+    /// token, then calls [`first_token_announced`](Self::first_token_announced).
     pub fn final_arrived(&mut self, id: u64, fin: PendingFinal, now: Instant) -> FinalAction {
         let Some(p) = self.progress(id, now) else {
             return FinalAction::Ended;
@@ -171,7 +187,6 @@ mod tests {
 
     fn fin(frames_sent: u32) -> PendingFinal {
         PendingFinal {
-            first_token: 7,
             layers_sent: 2,
             frames_sent,
         }
@@ -201,9 +216,27 @@ mod tests {
         assert!(t.begin_layer(1, now));
         assert_eq!(t.layer_done(1, now), None);
         assert_eq!(t.final_arrived(1, fin(2), now), FinalAction::Wait);
+        assert_eq!(t.first_token_announced(1), None, "a layer is missing");
         assert!(t.begin_layer(1, now));
         assert_eq!(t.layer_done(1, now), Some(fin(2)));
         assert!(!t.end(1), "delivering the final ended the transfer");
+    }
+
+    #[test]
+    fn a_parked_final_is_not_delivered_before_its_first_token_is_announced() {
+        // Lane A parks the Final; lane B's last layer lands before lane A
+        // told the sink the first token: the Final waits for that.
+        let (mut t, now) = (Tracker::default(), Instant::now());
+        assert_eq!(t.final_arrived(1, fin(1), now), FinalAction::Wait);
+        assert!(t.begin_layer(1, now));
+        assert_eq!(t.layer_done(1, now), None);
+        assert_eq!(t.first_token_announced(1), Some(fin(1)));
+        assert!(!t.end(1), "delivering the final ended the transfer");
+        // An announcement after the transfer ended (an abort on another
+        // lane) delivers nothing.
+        assert_eq!(t.final_arrived(2, fin(1), now), FinalAction::Wait);
+        assert!(t.end(2));
+        assert_eq!(t.first_token_announced(2), None);
     }
 
     #[test]

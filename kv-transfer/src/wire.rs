@@ -17,7 +17,7 @@
 //! | offset | size | field        | notes                                   |
 //! | ------ | ---- | ------------ | --------------------------------------- |
 //! | 0      | 4    | magic        | ASCII `TDKV`                            |
-//! | 4      | 1    | version      | `2` (1 had no model fingerprint)        |
+//! | 4      | 1    | version      | `3` (2: no logprobs in Final; 1: no model fingerprint) |
 //! | 5      | 1    | kind         | `1` Layer, `2` Final, `3` Abort         |
 //! | 6      | 2    | reserved     | zero                                    |
 //! | 8      | 8    | transfer id  | u64                                     |
@@ -59,7 +59,7 @@
 //! unchanged and a full-head frame (`head start = 0`, `head count = total`)
 //! is a verbatim copy of `export_layer`'s bytes.
 //!
-//! # Final frame (36 bytes)
+//! # Final frame (44 bytes + 8 per top log probability)
 //!
 //! | offset | size | field        | notes                                         |
 //! | ------ | ---- | ------------ | --------------------------------------------- |
@@ -68,13 +68,21 @@
 //! | 20     | 4    | layers sent  | u32                                           |
 //! | 24     | 4    | frames sent  | u32, Layer frames of this request, all lanes  |
 //! | 28     | 8    | model        | u64, the sender's model fingerprint digest    |
+//! | 36     | 1    | logprobs     | `0` none (not asked), `1` present             |
+//! | 37     | 1    | reserved     | zero                                          |
+//! | 38     | 2    | top count    | u16, at most [`MAX_TOP_LOGPROBS`]; 0 if none  |
+//! | 40     | 4    | logprob      | f32, the first token's; 0 if none             |
+//! | 44     | 8n   | top          | `top count` × (u32 token, f32 logprob)        |
 //!
-//! (36 bytes in all.) `model` is `ModelFingerprint::digest` of what the
+//! `model` is `ModelFingerprint::digest` of what the
 //! prefill node serves (`tandem_cluster::fingerprint`), 0 when the sender
 //! does not know it; a receiver configured with its own refuses a transfer
 //! whose Final names another model, so KV of one model is never decoded by
 //! another even if the router paired the wrong nodes. `frames sent` lets a receiver whose request was striped
 //! over several streams hold the Final back until every Layer frame landed.
+//! The log probabilities are the first token's when the request asked for
+//! them (its `logprobs`, most likely first), so the decode node streams the
+//! first token complete, whenever the Final arrives.
 //!
 //! # Abort frame (18 bytes + reason)
 //!
@@ -99,13 +107,15 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"TDKV";
 /// The wire format version this crate speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes in the common prefix.
 pub const PREFIX_LEN: usize = 16;
 /// Bytes in a Layer frame's header (payload excluded).
 pub const LAYER_HEADER_LEN: usize = 52;
-/// Bytes in a Final frame.
-pub const FINAL_LEN: usize = 36;
+/// Bytes in a Final frame before its top log probabilities.
+pub const FINAL_LEN: usize = 44;
+/// Most top log probabilities a Final frame carries.
+pub const MAX_TOP_LOGPROBS: usize = 256;
 /// Bytes in an Abort frame before its reason.
 pub const ABORT_HEADER_LEN: usize = 18;
 /// Longest abort reason, in bytes.
@@ -337,8 +347,27 @@ impl LayerHeader {
     }
 }
 
+/// The first token of a request, as the prefill node sampled it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstToken {
+    /// The token.
+    pub id: u32,
+    /// Its log probabilities, when the request asked for them.
+    pub logprobs: Option<FirstLogprobs>,
+}
+
+/// The first token's log probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstLogprobs {
+    /// The token's own.
+    pub logprob: f32,
+    /// The most likely tokens and theirs, most likely first; at most
+    /// [`MAX_TOP_LOGPROBS`] (more are cut when encoding).
+    pub top: Vec<(u32, f32)>,
+}
+
 /// One decoded frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// Some blocks of one layer.
     Layer {
@@ -352,7 +381,7 @@ pub enum Frame {
         /// The request.
         transfer_id: u64,
         /// The first token prefill sampled.
-        first_token: u32,
+        first: FirstToken,
         /// Layers sent.
         layers_sent: u32,
         /// Layer frames sent, over all of the request's streams.
@@ -389,14 +418,14 @@ impl Frame {
             }
             Frame::Final {
                 transfer_id,
-                first_token,
+                first,
                 layers_sent,
                 frames_sent,
                 model_fingerprint,
             } => {
                 out.extend_from_slice(&encode_final(
                     *transfer_id,
-                    *first_token,
+                    first,
                     *layers_sent,
                     *frames_sent,
                     *model_fingerprint,
@@ -412,20 +441,34 @@ impl Frame {
     }
 }
 
-/// The bytes of a Final frame.
+/// The bytes of a Final frame; top log probabilities beyond
+/// [`MAX_TOP_LOGPROBS`] are cut.
 pub fn encode_final(
     transfer_id: u64,
-    first_token: u32,
+    first: &FirstToken,
     layers_sent: u32,
     frames_sent: u32,
     model_fingerprint: u64,
 ) -> Bytes {
-    let mut out = BytesMut::with_capacity(FINAL_LEN);
+    let top = first
+        .logprobs
+        .as_ref()
+        .map_or(&[][..], |l| &l.top[..l.top.len().min(MAX_TOP_LOGPROBS)]);
+    let mut out = BytesMut::with_capacity(FINAL_LEN + 8 * top.len());
     put_prefix(&mut out, KIND_FINAL, transfer_id);
-    out.put_u32_le(first_token);
+    out.put_u32_le(first.id);
     out.put_u32_le(layers_sent);
     out.put_u32_le(frames_sent);
     out.put_u64_le(model_fingerprint);
+    out.put_u8(u8::from(first.logprobs.is_some()));
+    out.put_u8(0);
+    // At most MAX_TOP_LOGPROBS, within u16.
+    out.put_u16_le(top.len() as u16);
+    out.put_f32_le(first.logprobs.as_ref().map_or(0.0, |l| l.logprob));
+    for &(token, logprob) in top {
+        out.put_u32_le(token);
+        out.put_f32_le(logprob);
+    }
     out.freeze()
 }
 
@@ -510,6 +553,15 @@ pub enum WireError {
     /// An abort reason that is not UTF-8.
     #[error("abort reason is not UTF-8")]
     ReasonNotUtf8,
+    /// A Final frame's logprobs flag other than 0 or 1.
+    #[error("final frame logprobs flag {0} (0 or 1)")]
+    BadLogprobsFlag(u8),
+    /// A Final frame with more top log probabilities than
+    /// [`MAX_TOP_LOGPROBS`], or some without its logprobs flag.
+    #[error(
+        "final frame with {0} top log probabilities (at most {MAX_TOP_LOGPROBS}, none without the flag)"
+    )]
+    TooManyLogprobs(usize),
 }
 
 /// Where the decoder is within the current frame.
@@ -651,11 +703,38 @@ impl FrameDecoder {
                     let layers_sent = b.get_u32_le();
                     let frames_sent = b.get_u32_le();
                     let model_fingerprint = b.get_u64_le();
+                    let has_logprobs = b.get_u8();
+                    let reserved = b.get_u8();
+                    let top_count = usize::from(b.get_u16_le());
+                    let logprob = b.get_f32_le();
+                    if has_logprobs > 1 {
+                        return Err(WireError::BadLogprobsFlag(has_logprobs));
+                    }
+                    if reserved != 0 {
+                        return Err(WireError::ReservedNotZero);
+                    }
+                    if top_count > MAX_TOP_LOGPROBS || (has_logprobs == 0 && top_count != 0) {
+                        return Err(WireError::TooManyLogprobs(top_count));
+                    }
                     self.last_transfer_id = Some(transfer_id);
-                    self.buf.advance(FINAL_LEN);
+                    let len = FINAL_LEN + 8 * top_count;
+                    if self.buf.len() < len {
+                        return Ok(None);
+                    }
+                    let mut b = &self.buf[FINAL_LEN..len];
+                    let logprobs = (has_logprobs == 1).then(|| FirstLogprobs {
+                        logprob,
+                        top: (0..top_count)
+                            .map(|_| (b.get_u32_le(), b.get_f32_le()))
+                            .collect(),
+                    });
+                    self.buf.advance(len);
                     return Ok(Some(Frame::Final {
                         transfer_id,
-                        first_token,
+                        first: FirstToken {
+                            id: first_token,
+                            logprobs,
+                        },
                         layers_sent,
                         frames_sent,
                         model_fingerprint,

@@ -12,8 +12,9 @@ use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::transport::GSO_SAFE_PAYLOAD;
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
-    Expectation, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
-    Reservations, SenderConfig, SinkError, TransferError, TransportTuning, WireDtype,
+    Expectation, FirstLogprobs, FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape,
+    ReceiverConfig, Reservations, SenderConfig, SinkError, TransferError, TransportTuning,
+    WireDtype,
 };
 use tokio::sync::mpsc;
 
@@ -66,7 +67,7 @@ struct TestSink {
     store: Mutex<HashMap<(u64, u32), Vec<u8>>>,
     endings: mpsc::UnboundedSender<Ending>,
     /// `on_first_token` calls: transfer, token, Layer frames stored by then.
-    first_tokens: Mutex<Vec<(u64, u32, usize)>>,
+    first_tokens: Mutex<Vec<(u64, FirstToken, usize)>>,
     frames: Mutex<usize>,
 }
 
@@ -115,25 +116,28 @@ impl KvSink for TestSink {
         Ok(())
     }
 
-    fn on_first_token(&self, transfer_id: u64, first_token: u32) {
+    fn on_first_token(&self, transfer_id: u64, first: FirstToken) {
         let frames = *self.frames.lock().unwrap();
         self.first_tokens
             .lock()
             .unwrap()
-            .push((transfer_id, first_token, frames));
+            .push((transfer_id, first, frames));
     }
 
-    fn on_final(
-        &self,
-        transfer_id: u64,
-        first_token: u32,
-        layers_sent: u32,
-    ) -> Result<(), SinkError> {
+    fn on_final(&self, transfer_id: u64, layers_sent: u32) -> Result<(), SinkError> {
         self.reservations
             .lock()
             .unwrap()
-            .on_final(transfer_id, first_token, layers_sent)?;
-        let _ = self.endings.send(Ending::Final(transfer_id, first_token));
+            .on_final(transfer_id, layers_sent)?;
+        // The first token was announced before (u32::MAX: it was not).
+        let first = self
+            .first_tokens
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(id, ..)| *id == transfer_id)
+            .map_or(u32::MAX, |(_, first, _)| first.id);
+        let _ = self.endings.send(Ending::Final(transfer_id, first));
         Ok(())
     }
 
@@ -178,6 +182,17 @@ async fn next_ending(rx: &mut mpsc::UnboundedReceiver<Ending>) -> Ending {
         .expect("sink alive")
 }
 
+/// The first token every good transfer carries.
+fn first_token() -> FirstToken {
+    FirstToken {
+        id: 1234,
+        logprobs: Some(FirstLogprobs {
+            logprob: -0.25,
+            top: vec![(1234, -0.25), (7, -1.5), (99, -3.0)],
+        }),
+    }
+}
+
 async fn good_transfer(s: &mut Setup, sender: &KvSender, id: u64) {
     s.sink.reserve(id);
     let mut req = sender.open_request(id).await.unwrap();
@@ -186,8 +201,12 @@ async fn good_transfer(s: &mut Setup, sender: &KvSender, id: u64) {
             .await
             .unwrap();
     }
-    req.finish(1234, u32::from(LAYERS)).await.unwrap();
+    req.finish(&first_token(), u32::from(LAYERS)).await.unwrap();
     assert_eq!(next_ending(&mut s.endings).await, Ending::Final(id, 1234));
+    let announced = s.sink.first_tokens.lock().unwrap().clone();
+    let announced: Vec<_> = announced.iter().filter(|(t, ..)| *t == id).collect();
+    assert_eq!(announced.len(), 1, "announced once: {announced:?}");
+    assert_eq!(announced[0].1, first_token(), "with its log probabilities");
     for layer in 0..LAYERS {
         assert!(
             s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec(),
@@ -212,8 +231,8 @@ async fn the_first_token_is_announced_ahead_of_the_layers() {
     good_transfer(&mut s, &sender, id).await;
     let announced = s.sink.first_tokens.lock().unwrap().clone();
     assert_eq!(announced.len(), 1, "{announced:?}");
-    let (tid, token, frames_by_then) = announced[0];
-    assert_eq!((tid, token), (id, 1234));
+    let (tid, first, frames_by_then) = announced[0].clone();
+    assert_eq!((tid, first.id), (id, 1234));
     let frames = *s.sink.frames.lock().unwrap();
     assert!(
         frames_by_then < frames,
@@ -387,7 +406,7 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
             break;
         }
     }
-    let r = req.finish(1, u32::from(LAYERS)).await;
+    let r = req.finish(&first_token(), u32::from(LAYERS)).await;
     assert!(
         matches!(r, Err(TransferError::Refused { .. }) | Ok(_)),
         "{r:?}"
@@ -405,7 +424,7 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
     // A Final for a request whose frames never came is held, then a sender abort ends it.
     s.sink.reserve(100);
     let conn = raw_connection(&s).await;
-    let _ = raw_stream(&conn, &encode_final(100, 1, 4, 4, 0)).await;
+    let _ = raw_stream(&conn, &encode_final(100, &first_token(), 4, 4, 0)).await;
     let req = sender.open_request(100).await.unwrap();
     req.abort("prefill node lost its GPU").await.unwrap();
     match next_ending(&mut s.endings).await {
@@ -512,7 +531,7 @@ async fn kv_of_another_model_is_refused_at_the_final_frame() {
             .await
             .unwrap();
     }
-    let r = req.finish(1, u32::from(LAYERS)).await;
+    let r = req.finish(&first_token(), u32::from(LAYERS)).await;
     assert!(
         matches!(r, Err(TransferError::Refused { .. }) | Ok(_)),
         "{r:?}"
@@ -533,7 +552,7 @@ async fn kv_of_another_model_is_refused_at_the_final_frame() {
             .reservations
             .lock()
             .unwrap()
-            .on_final(7, 1, u32::from(LAYERS))
+            .on_final(7, u32::from(LAYERS))
             .is_err()
     );
     good_transfer(&mut s, &same, 8).await;

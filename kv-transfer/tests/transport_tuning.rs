@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::{
-    KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig, SenderConfig, SinkError,
-    TransportTuning, WireDtype,
+    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
+    SenderConfig, SinkError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +64,9 @@ impl KvSink for Store {
         layer[at..at + payload.len()].copy_from_slice(&payload);
         Ok(())
     }
-    fn on_final(&self, transfer_id: u64, _: u32, _: u32) -> Result<(), SinkError> {
+    fn on_first_token(&self, _: u64, _: FirstToken) {}
+
+    fn on_final(&self, transfer_id: u64, _: u32) -> Result<(), SinkError> {
         let _ = self.finals.send(Ok(transfer_id));
         Ok(())
     }
@@ -132,7 +134,11 @@ async fn a_1500_byte_mtu_bound_keeps_datagrams_at_1472_and_stripes_byte_exact() 
                     .unwrap();
             }
         }
-        req.finish(1, u32::from(LAYERS)).await.unwrap();
+        let first = FirstToken {
+            id: 1,
+            logprobs: None,
+        };
+        req.finish(&first, u32::from(LAYERS)).await.unwrap();
         let end = tokio::time::timeout(Duration::from_secs(10), ended.recv())
             .await
             .expect("an ending in time")

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tandem_engine::backend::KvBytes;
-use tandem_kv_transfer::{KvSender, RequestStream, TransferError};
+use tandem_kv_transfer::{FirstLogprobs, FirstToken, KvSender, RequestStream, TransferError};
 use tandem_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,10 @@ use crate::error::PrefillError;
 use crate::job::JobEvent;
 use crate::node_metrics::TransferMetrics;
 use crate::validation::KvDestination;
+
+// Every top log probability a request may ask for fits in the Final frame.
+const _: () =
+    assert!(tandem_engine::MAX_TOP_LOGPROBS <= tandem_kv_transfer::wire::MAX_TOP_LOGPROBS);
 
 /// Ships a job's KV as the worker produces it; returns the response once the
 /// decode node has acknowledged every byte. Counts the bytes as they go in
@@ -101,16 +105,20 @@ pub(crate) async fn ship(
                 // The last layer is queued: the Final (the first token) goes
                 // ahead of what is still queued, and `finish` says when the
                 // queued bytes went to the transport.
-                let flushed = s.finish(first_token, num_layers).await.map_err(fail)?;
+                let first = FirstToken {
+                    id: first_token,
+                    logprobs: logprobs.map(|l| FirstLogprobs {
+                        logprob: l.logprob,
+                        top: l.top,
+                    }),
+                };
+                let flushed = s.finish(&first, num_layers).await.map_err(fail)?;
                 let kv_sent_seconds = flushed.saturating_duration_since(submitted).as_secs_f64();
                 return Ok(pb::PrefillResponse {
                     first_token,
                     queue_seconds,
                     compute_seconds,
                     kv_bytes_sent,
-                    first_token_logprobs: logprobs
-                        .as_ref()
-                        .map(tandem_cluster::convert::logprobs_to_pb),
                     cached_tokens: u32::try_from(cached_tokens).unwrap_or(u32::MAX),
                     kv_sent_seconds,
                 });

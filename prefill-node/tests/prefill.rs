@@ -20,7 +20,8 @@ use tandem_engine::sampling::Sampler;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::{Backend, BackendExt, BlockId, BlockManager, KvIo, ModelDir, SamplingParams};
 use tandem_kv_transfer::{
-    Expectation, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, SinkError, WireDtype,
+    Expectation, FirstToken, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, SinkError,
+    WireDtype,
 };
 use tandem_prefill::RunningPrefill;
 use tandem_proto::v1 as pb;
@@ -31,7 +32,10 @@ use tonic::transport::Channel;
 /// A request being received.
 struct Incoming {
     table: Vec<BlockId>,
-    first_token: Option<u32>,
+    /// What the Final frame announced.
+    first: Option<FirstToken>,
+    /// Every layer is in.
+    complete: bool,
     aborted: Option<String>,
     /// Layer frames taken in.
     frames: u32,
@@ -70,19 +74,18 @@ impl KvSink for Decode {
             .map_err(|e| SinkError::Store(e.to_string()))
     }
 
-    fn on_final(
-        &self,
-        transfer_id: u64,
-        first_token: u32,
-        layers_sent: u32,
-    ) -> Result<(), SinkError> {
+    fn on_first_token(&self, transfer_id: u64, first: FirstToken) {
+        if let Some(r) = self.lock().requests.get_mut(&transfer_id) {
+            r.first = Some(first);
+        }
+    }
+
+    fn on_final(&self, transfer_id: u64, layers_sent: u32) -> Result<(), SinkError> {
         let mut s = self.lock();
-        let done = s
-            .reservations
-            .on_final(transfer_id, first_token, layers_sent)?;
+        s.reservations.on_final(transfer_id, layers_sent)?;
         s.reservations.release(transfer_id);
         if let Some(r) = s.requests.get_mut(&transfer_id) {
-            r.first_token = Some(done.first_token);
+            r.complete = true;
         }
         Ok(())
     }
@@ -253,7 +256,8 @@ impl Cluster {
             transfer_id,
             Incoming {
                 table,
-                first_token: None,
+                first: None,
+                complete: false,
                 aborted: None,
                 frames: 0,
             },
@@ -306,7 +310,7 @@ impl Cluster {
                 if let Some(reason) = &r.aborted {
                     return Err(anyhow!("transfer aborted: {reason}"));
                 }
-                if let Some(first) = r.first_token {
+                if let (true, Some(first)) = (r.complete, r.first.as_ref().map(|f| f.id)) {
                     let table = r.table.clone();
                     let rest = decode_greedy(&mut s.backend, &table, prompt, first)?;
                     s.blocks.release(&table)?;
@@ -402,6 +406,36 @@ async fn prompts_of_every_shape_match_a_local_run() -> Result<()> {
     // take the whole step budget (256) a pass, not one 64-token chunk: 3 passes.
     let expected_steps = 4 + 700u64.div_ceil(256);
     assert_eq!(load.steps_total, expected_steps);
+    c.stop().await
+}
+
+/// The first token's log probabilities travel in the Final frame (the decode
+/// node streams the token with them), only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_frame_carries_the_first_tokens_log_probabilities() -> Result<()> {
+    let c = start(1024, 64, 256).await?;
+    let prompt = prompt_of(20, 3);
+    for asked in [Some(4u32), None] {
+        let mut req = c.request("lp", &prompt, None)?;
+        req.logprobs = asked;
+        let transfer_id = req.kv_target.as_ref().map_or(0, |t| t.transfer_id);
+        let resp = c.client.clone().prefill(req).await?.into_inner();
+        let (first, _) = c.received(transfer_id, &prompt).await?;
+        assert_eq!(first, resp.first_token);
+        let announced = c.decode.lock().requests[&transfer_id].first.clone();
+        let logprobs = announced.context("announced")?.logprobs;
+        match (asked, logprobs) {
+            (Some(n), Some(l)) => {
+                assert_eq!(l.top.len(), n as usize);
+                // Greedy: the token is the most likely one.
+                assert_eq!(l.top[0], (first, l.logprob));
+                assert!(l.logprob <= 0.0 && l.logprob > -30.0, "{}", l.logprob);
+                assert!(l.top.windows(2).all(|w| w[0].1 >= w[1].1), "{:?}", l.top);
+            }
+            (None, None) => {}
+            (asked, got) => panic!("asked {asked:?}, got {got:?}"),
+        }
+    }
     c.stop().await
 }
 

@@ -55,9 +55,6 @@ mod attempt;
 mod reserve;
 use reserve::Reserved;
 
-mod first_logprobs;
-use first_logprobs::FirstLogprobs;
-
 mod fanout;
 use fanout::Placement;
 

@@ -13,7 +13,7 @@ use prost::bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use tandem_cluster::{Config, ModelFingerprint};
 use tandem_kv_transfer::tls::client_config_trusting;
-use tandem_kv_transfer::{KvSender, LayerShape, SenderConfig, WireDtype};
+use tandem_kv_transfer::{FirstToken, KvSender, LayerShape, SenderConfig, WireDtype};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_tests::small_model;
@@ -53,7 +53,11 @@ async fn ship(target: &pb::KvTarget, fingerprint: u64) {
             .unwrap();
     }
     // Delivery, not acceptance: a refusal may come after the last ack.
-    let _ = stream.finish(1, target.num_layers).await;
+    let first = FirstToken {
+        id: 1,
+        logprobs: None,
+    };
+    let _ = stream.finish(&first, target.num_layers).await;
     sender.close().await;
 }
 

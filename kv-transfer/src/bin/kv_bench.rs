@@ -55,8 +55,8 @@ use rustls::pki_types::CertificateDer;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, encode_final};
 use tandem_kv_transfer::{
-    KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig, SenderConfig, SinkError,
-    TransportTuning, WireDtype,
+    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
+    SenderConfig, SinkError, TransportTuning, WireDtype,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -241,18 +241,20 @@ impl KvSink for CountingSink {
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
         Ok(())
     }
-    fn on_final(
-        &self,
-        _transfer_id: u64,
-        _first_token: u32,
-        _layers_sent: u32,
-    ) -> Result<(), SinkError> {
+    fn on_final(&self, _transfer_id: u64, _layers_sent: u32) -> Result<(), SinkError> {
         Ok(())
     }
     fn on_abort(&self, transfer_id: u64, reason: &str) {
         eprintln!("receiver: transfer {transfer_id} aborted: {reason}");
     }
+    fn on_first_token(&self, _transfer_id: u64, _first: FirstToken) {}
 }
+
+/// The first token the bench's transfers carry.
+const FIRST: FirstToken = FirstToken {
+    id: 1,
+    logprobs: None,
+};
 
 async fn receiver(args: &Args) -> Result<()> {
     let cert = SelfSigned::generate(&["localhost"])?;
@@ -549,7 +551,7 @@ async fn send_request(
         }
         first += n;
     }
-    req.finish(1, u32::from(LAYERS)).await?;
+    req.finish(&FIRST, u32::from(LAYERS)).await?;
     Ok(())
 }
 
@@ -572,7 +574,7 @@ async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Resu
                     sock.write_all(&header.encode()).await?;
                     sock.write_all(&piece).await?;
                 }
-                sock.write_all(&encode_final(2, 1, u32::from(LAYERS), 0, 0))
+                sock.write_all(&encode_final(2, &FIRST, u32::from(LAYERS), 0, 0))
                     .await?;
                 let mut ack = [0u8; 1];
                 sock.read_exact(&mut ack).await?;

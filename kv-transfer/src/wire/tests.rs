@@ -30,6 +30,16 @@ fn shape_strategy() -> impl Strategy<Value = LayerShape> {
         )
 }
 
+fn logprobs_strategy() -> impl Strategy<Value = Option<FirstLogprobs>> {
+    prop::option::of(
+        (
+            -50f32..0.0,
+            prop::collection::vec((any::<u32>(), -50f32..0.0), 0..21),
+        )
+            .prop_map(|(logprob, top)| FirstLogprobs { logprob, top }),
+    )
+}
+
 fn frame_strategy() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (any::<u64>(), shape_strategy(), any::<u8>()).prop_map(|(id, shape, seed)| {
@@ -48,13 +58,14 @@ fn frame_strategy() -> impl Strategy<Value = Frame> {
             any::<u32>(),
             any::<u32>(),
             any::<u32>(),
-            any::<u64>()
+            any::<u64>(),
+            logprobs_strategy(),
         )
             .prop_map(
-                |(transfer_id, first_token, layers_sent, frames_sent, model_fingerprint)| {
+                |(transfer_id, id, layers_sent, frames_sent, model_fingerprint, logprobs)| {
                     Frame::Final {
                         transfer_id,
-                        first_token,
+                        first: FirstToken { id, logprobs },
                         layers_sent,
                         frames_sent,
                         model_fingerprint,
@@ -220,4 +231,83 @@ fn long_abort_reason_is_cut() {
         })) => assert!(reason.len() <= MAX_REASON_LEN),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+fn final_with(top: usize) -> Vec<u8> {
+    let first = FirstToken {
+        id: 9,
+        logprobs: Some(FirstLogprobs {
+            logprob: -0.5,
+            top: (0..top as u32).map(|t| (t, -1.0 - t as f32)).collect(),
+        }),
+    };
+    encode_final(4, &first, 2, 6, 0).to_vec()
+}
+
+#[test]
+fn final_frame_carries_the_first_tokens_logprobs() {
+    let bytes = final_with(3);
+    assert_eq!(bytes.len(), FINAL_LEN + 3 * 8);
+    let mut d = FrameDecoder::new(16);
+    d.extend(&bytes);
+    let Ok(Some(Frame::Final { first, .. })) = d.next_frame() else {
+        panic!("not a final frame");
+    };
+    assert_eq!(first.id, 9);
+    let l = first.logprobs.expect("logprobs");
+    assert_eq!(l.logprob, -0.5);
+    assert_eq!(l.top, vec![(0, -1.0), (1, -2.0), (2, -3.0)]);
+    // None asked: none carried, and the frame is the fixed part only.
+    let plain = encode_final(
+        4,
+        &FirstToken {
+            id: 9,
+            logprobs: None,
+        },
+        2,
+        6,
+        0,
+    );
+    assert_eq!(plain.len(), FINAL_LEN);
+}
+
+#[test]
+fn final_frame_cuts_top_logprobs_at_the_limit() {
+    let bytes = final_with(MAX_TOP_LOGPROBS + 5);
+    assert_eq!(bytes.len(), FINAL_LEN + MAX_TOP_LOGPROBS * 8);
+    let mut d = FrameDecoder::new(16);
+    d.extend(&bytes);
+    let Ok(Some(Frame::Final { first, .. })) = d.next_frame() else {
+        panic!("not a final frame");
+    };
+    assert_eq!(
+        first.logprobs.expect("logprobs").top.len(),
+        MAX_TOP_LOGPROBS
+    );
+}
+
+#[test]
+fn final_frame_refuses_a_bad_logprobs_section() {
+    let decode = |bytes: &[u8]| {
+        let mut d = FrameDecoder::new(16);
+        d.extend(bytes);
+        d.next_frame()
+    };
+    let mut flag = final_with(0);
+    flag[36] = 2;
+    assert_eq!(decode(&flag), Err(WireError::BadLogprobsFlag(2)));
+    let mut reserved = final_with(0);
+    reserved[37] = 1;
+    assert_eq!(decode(&reserved), Err(WireError::ReservedNotZero));
+    // A count above the limit fails before any of it is awaited.
+    let mut many = final_with(0);
+    many[38..40].copy_from_slice(&(MAX_TOP_LOGPROBS as u16 + 1).to_le_bytes());
+    assert_eq!(
+        decode(&many),
+        Err(WireError::TooManyLogprobs(MAX_TOP_LOGPROBS + 1))
+    );
+    // Top entries without the flag.
+    let mut unflagged = final_with(1);
+    unflagged[36] = 0;
+    assert_eq!(decode(&unflagged), Err(WireError::TooManyLogprobs(1)));
 }

@@ -88,12 +88,6 @@ impl Request<'_> {
             prefill = Some(Box::pin(async move { client.prefill(request).await }));
         }
 
-        // With log probabilities asked and the prompt prefilled remotely, the
-        // first token's are in the prefill node's answer, not on the decode
-        // stream: the first token waits (in `held`) until that answer is here.
-        let mut first_logprobs =
-            FirstLogprobs::new(self.req.logprobs.is_some() && prefill.is_some());
-        let mut held: Option<pb::TokenChunk> = None;
         // Prompt tokens the prefill node took from its cache, once it answers.
         let mut prefill_cached = 0;
         let mut last_event = Instant::now();
@@ -135,12 +129,6 @@ impl Request<'_> {
                                 cached_tokens = r.cached_tokens,
                                 "prefilled"
                             );
-                            let addr = node.map(|n| n.addr).unwrap_or_default();
-                            first_logprobs.answered(r.first_token_logprobs, &addr)?;
-                            if let Some(mut chunk) = held.take() {
-                                first_logprobs.fill(&mut chunk, &decode.addr)?;
-                                self.relay_token(chunk, progress, true).await?;
-                            }
                             prefill_cached = r.cached_tokens;
                             continue;
                         }
@@ -150,7 +138,7 @@ impl Request<'_> {
                         }
                     }
                 }
-                next = stream.message(), if held.is_none() => next,
+                next = stream.message() => next,
             };
             last_event = Instant::now();
             let event = match next {
@@ -167,7 +155,7 @@ impl Request<'_> {
                 Err(status) => return Err(RouterError::from_node_status(&decode.addr, &status)),
             };
             match event {
-                DecodeEvent::Token(mut chunk) => {
+                DecodeEvent::Token(chunk) => {
                     tokens += 1;
                     // The prompt's KV is at the decode node once it prefilled
                     // it, the prefill node answered (every byte delivered), or
@@ -177,11 +165,6 @@ impl Request<'_> {
                     if kv_here {
                         drop(prefill_assignment.take());
                     }
-                    if first_logprobs.waiting_for_answer() {
-                        held = Some(chunk);
-                        continue;
-                    }
-                    first_logprobs.fill(&mut chunk, &decode.addr)?;
                     self.relay_token(chunk, progress, kv_here).await?;
                 }
                 DecodeEvent::Finished(mut finished) => {
