@@ -341,7 +341,7 @@ impl<B: Backend> Scheduler<B> {
                 seq.register_full_blocks(&mut self.blocks, &self.hasher, context_len);
                 if seq.answered {
                     // Its first token ended it: it waited only for its KV.
-                    return self.remove(transfer_id);
+                    self.remove(transfer_id);
                 }
             }
             Command::FirstToken { transfer_id, first } => {
