@@ -1,0 +1,429 @@
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_engine::backend::{Backend, KvIo, LayerHook};
+use tandem_engine::generation::GenerationParams;
+use tandem_engine::kv_cache::KvLayout;
+use tandem_engine::model_dir::BatchLimits;
+use tandem_engine::synth::{SynthSpec, write_model_dir};
+use tandem_engine::{
+    BlockId, ModelConfig, ModelDir, Result as EngineResult, RowAsk, RowOut, SeqChunk, TokenDraw,
+};
+use tandem_kv_transfer::{FirstLogprobs, FirstToken, Reservations};
+use tandem_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Command, Event, KvEndpoint, Limits, Scheduler, Stats};
+use crate::admission::Admission;
+use crate::errors::Refusal;
+use crate::sequence::State;
+
+type Reply = oneshot::Receiver<Result<(), Refusal>>;
+
+/// A scheduler over a small synthesized model on the CPU, every prompt
+/// prefilled here.
+fn scheduler() -> (
+    tempfile::TempDir,
+    Scheduler<Box<dyn tandem_engine::backend::Backend>>,
+) {
+    scheduler_with(|b| b)
+}
+
+/// The same over the CPU backend as `wrap` returns it.
+fn scheduler_with<B: Backend>(
+    wrap: impl FnOnce(Box<dyn Backend>) -> B,
+) -> (tempfile::TempDir, Scheduler<B>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = SynthSpec {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        max_position_embeddings: 512,
+        seed: 5,
+        ..Default::default()
+    };
+    write_model_dir(dir.path(), &spec).expect("synth");
+    let model = Arc::new(ModelDir::open(dir.path()).expect("open"));
+    let limits = BatchLimits {
+        max_tokens: 256,
+        max_seqs: 8,
+    };
+    let backend = wrap(model.load(64, 4, limits).expect("backend"));
+    let endpoint = KvEndpoint {
+        quic_addr: "127.0.0.1:1".into(),
+        quic_addrs: vec!["127.0.0.1:1".into()],
+        server_name: "decode".into(),
+        cert_der: Vec::new(),
+        model_fingerprint: String::new(),
+    };
+    let limits = Limits {
+        max_batch: 8,
+        max_batch_tokens: 256,
+        prefix_cache: false,
+        local_prefill_below: usize::MAX,
+    };
+    let s = Scheduler::new(
+        backend,
+        model,
+        limits,
+        endpoint,
+        Arc::new(Mutex::new(Reservations::new())),
+        Arc::new(Mutex::new(Stats::default())),
+        "test",
+    );
+    (dir, s)
+}
+
+/// Sends an admission of `id` (a 6-token prompt, `max_tokens` to generate),
+/// prefilled here.
+fn admit(tx: &Sender<Command>, id: &str, max_tokens: usize) -> (Reply, mpsc::Receiver<Event>) {
+    admit_as(tx, id, max_tokens, true)
+}
+
+/// The same, prefilled here when `local` (else as the scheduler's policy says).
+fn admit_as(
+    tx: &Sender<Command>,
+    id: &str,
+    max_tokens: usize,
+    local: bool,
+) -> (Reply, mpsc::Receiver<Event>) {
+    let params = GenerationParams {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    admit_with(tx, id, params, local)
+}
+
+fn admit_with(
+    tx: &Sender<Command>,
+    id: &str,
+    params: GenerationParams,
+    local: bool,
+) -> (Reply, mpsc::Receiver<Event>) {
+    let (events, rx) = mpsc::channel(params.max_tokens + 4);
+    let a = Admission {
+        request_id: id.into(),
+        prompt: vec![1, 2, 3, 4, 5, 6],
+        generated: Vec::new(),
+        params,
+        force_local: local,
+        kv_timeout: Duration::from_secs(10),
+        prefill_peer: String::new(),
+        prefill_queue: Duration::ZERO,
+        events,
+        span: tracing::Span::none(),
+    };
+    let (reply, answer) = oneshot::channel();
+    tx.send(Command::Admit(Box::new(a), reply))
+        .expect("loop's channel");
+    (answer, rx)
+}
+
+#[test]
+fn commands_arriving_during_a_step_are_taken_and_a_cancel_waits_for_its_end() {
+    let (_dir, mut s) = scheduler();
+    let (tx, rx) = channel();
+    let (mut a_reply, _a_events) = admit(&tx, "a", 32);
+    s.handle(rx.try_recv().expect("admission of a"));
+    assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
+
+    // An admission waiting while a's prompt is prefilled is taken during
+    // the step: answered when the step returns.
+    let (mut b_reply, _b_events) = admit(&tx, "b", 32);
+    s.step(&rx);
+    assert_eq!(
+        b_reply.try_recv().ok(),
+        Some(Ok(())),
+        "b admitted during the step"
+    );
+    assert!(s.held.is_none());
+
+    // A cancel of a (in the next step) waits for that step's end, and the
+    // admission behind it waits with it, so the order holds.
+    let (cancelled, mut found) = oneshot::channel();
+    tx.send(Command::Cancel("a".into(), cancelled))
+        .expect("loop's channel");
+    let (mut c_reply, _c_events) = admit(&tx, "c", 32);
+    s.step(&rx);
+    assert!(
+        matches!(s.held, Some(Command::Cancel(..))),
+        "the cancel is held"
+    );
+    assert!(s.by_request.contains_key("a"), "a ran its step to the end");
+    assert!(found.try_recv().is_err(), "not yet answered");
+    assert!(c_reply.try_recv().is_err(), "c waits behind the cancel");
+    let held = s.held.take().expect("held cancel");
+    s.handle(held);
+    assert_eq!(found.try_recv().ok(), Some(true));
+    assert!(!s.by_request.contains_key("a"));
+    s.handle(rx.try_recv().expect("admission of c"));
+    assert_eq!(c_reply.try_recv().ok(), Some(Ok(())));
+}
+
+/// The CPU backend, reporting its step as running on a device until the
+/// test says it is done: the scheduler's side of a GPU step, isolated.
+struct DeviceLike {
+    inner: Box<dyn Backend>,
+    running: Arc<AtomicBool>,
+}
+
+impl KvIo for DeviceLike {
+    fn export_layer(&self, layer: usize, blocks: &[BlockId]) -> EngineResult<Vec<u8>> {
+        self.inner.export_layer(layer, blocks)
+    }
+    fn import_layer(&mut self, layer: usize, blocks: &[BlockId], b: &[u8]) -> EngineResult<()> {
+        self.inner.import_layer(layer, blocks, b)
+    }
+    fn kv_head_shards(&self) -> Vec<Range<usize>> {
+        self.inner.kv_head_shards()
+    }
+    fn export_heads(
+        &self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+    ) -> EngineResult<Vec<u8>> {
+        self.inner.export_heads(layer, blocks, heads)
+    }
+    fn import_heads(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        b: &[u8],
+    ) -> EngineResult<()> {
+        self.inner.import_heads(layer, blocks, heads, b)
+    }
+}
+
+impl Backend for DeviceLike {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn kv_layout(&self) -> KvLayout {
+        self.inner.kv_layout()
+    }
+    fn forward(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        logits: &[bool],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> EngineResult<Vec<Option<Vec<f32>>>> {
+        self.inner.forward(chunks, logits, on_layer)
+    }
+    fn start_step(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        draws: &[TokenDraw],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> EngineResult<()> {
+        self.inner.start_step(chunks, draws, on_layer)
+    }
+    fn finish_step(&mut self, asks: &[RowAsk<'_>]) -> EngineResult<Vec<RowOut>> {
+        self.inner.finish_step(asks)
+    }
+    fn step_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+}
+
+#[test]
+fn commands_keep_being_taken_until_the_step_is_done_on_the_device() {
+    let running = Arc::new(AtomicBool::new(false));
+    let r = running.clone();
+    let (_dir, mut s) = scheduler_with(move |inner| DeviceLike { inner, running: r });
+    let (tx, rx) = channel();
+    let (mut a_reply, _a_events) = admit(&tx, "a", 32);
+    s.handle(rx.try_recv().expect("admission of a"));
+    assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
+    // The step "runs on the device" while b's admission arrives, then ends.
+    running.store(true, Ordering::Release);
+    let late = std::thread::spawn({
+        let (tx, running) = (tx.clone(), running.clone());
+        move || {
+            std::thread::sleep(Duration::from_millis(30));
+            let b = admit(&tx, "b", 32);
+            std::thread::sleep(Duration::from_millis(30));
+            running.store(false, Ordering::Release);
+            b
+        }
+    });
+    s.step(&rx);
+    let (mut b_reply, _b_events) = late.join().expect("sender thread");
+    assert_eq!(
+        b_reply.try_recv().ok(),
+        Some(Ok(())),
+        "b, sent after the step started, was admitted before it ended"
+    );
+    // With the step done, nothing is waited for: a command sent now stays
+    // in the channel for the loop's next turn.
+    let (mut c_reply, _c_events) = admit(&tx, "c", 32);
+    let started = std::time::Instant::now();
+    s.take_commands_during_step(&rx);
+    assert!(started.elapsed() < Duration::from_millis(20));
+    assert_eq!(
+        c_reply.try_recv().ok(),
+        Some(Ok(())),
+        "queued commands are still taken"
+    );
+}
+
+/// The events on a stream so far: token ids, and whether it finished.
+fn drain(rx: &mut mpsc::Receiver<Event>) -> (Vec<u32>, bool) {
+    let (mut ids, mut finished) = (Vec::new(), false);
+    while let Ok(Ok(m)) = rx.try_recv() {
+        match m.event {
+            Some(pb::decode_response::Event::Token(t)) => ids.extend(t.ids),
+            Some(pb::decode_response::Event::Finished(_)) => finished = true,
+            _ => {}
+        }
+    }
+    (ids, finished)
+}
+
+#[test]
+fn a_first_token_ahead_of_the_kv_goes_out_once_and_an_answered_request_waits_for_its_kv() {
+    let (_dir, mut s) = scheduler();
+    s.policy.local_prefill_below = 0;
+    let (tx, rx) = channel();
+    let free = s.blocks.num_free();
+
+    // Four tokens: the first leaves at FirstToken, not again at KvComplete.
+    let (mut reply, mut events) = admit_as(&tx, "four", 4, false);
+    s.handle(rx.try_recv().expect("admission"));
+    assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+    let id = s.by_request["four"];
+    assert!(matches!(s.seqs[&id].state, State::AwaitingKv { .. }));
+    s.handle(Command::FirstToken {
+        transfer_id: id,
+        first: first(42),
+    });
+    assert_eq!(drain(&mut events), (vec![42], false));
+    assert!(
+        matches!(s.seqs[&id].state, State::AwaitingKv { .. }),
+        "not in a step yet"
+    );
+    s.handle(Command::KvComplete { transfer_id: id });
+    assert!(matches!(s.seqs[&id].state, State::Running));
+    assert_eq!(drain(&mut events), (vec![], false), "no second first token");
+    s.step(&rx);
+    assert_eq!(
+        drain(&mut events).0.len(),
+        1,
+        "the first decode step's token"
+    );
+    s.handle(Command::Cancel("four".into(), oneshot::channel().0));
+
+    // One token: answered at FirstToken; the caller goes away; the blocks
+    // and the reservation stay until the KV is in, then all are free.
+    let (mut reply, mut events) = admit_as(&tx, "one", 1, false);
+    s.handle(rx.try_recv().expect("admission"));
+    assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+    let id = s.by_request["one"];
+    s.handle(Command::FirstToken {
+        transfer_id: id,
+        first: first(7),
+    });
+    assert_eq!(drain(&mut events), (vec![7], true));
+    drop(events);
+    s.reap(std::time::Instant::now());
+    assert!(s.seqs[&id].answered, "held for its KV");
+    assert!(s.blocks.num_free() < free);
+    s.handle(Command::KvComplete { transfer_id: id });
+    assert!(!s.seqs.contains_key(&id));
+    assert_eq!(s.blocks.num_free(), free, "every block free");
+
+    // A KvComplete before any first token fails the request.
+    let (_reply, mut events) = admit_as(&tx, "odd", 4, false);
+    s.handle(rx.try_recv().expect("admission"));
+    let id = s.by_request["odd"];
+    s.handle(Command::KvComplete { transfer_id: id });
+    assert!(!s.seqs.contains_key(&id));
+    let mut failed = false;
+    while let Ok(m) = events.try_recv() {
+        failed |= m.is_err();
+    }
+    assert!(failed, "the stream ends in an error");
+    assert_eq!(s.blocks.num_free(), free);
+}
+
+fn first(id: u32) -> FirstToken {
+    FirstToken { id, logprobs: None }
+}
+
+#[test]
+fn the_first_token_goes_out_with_its_log_probabilities_and_one_without_them_fails() {
+    let (_dir, mut s) = scheduler();
+    s.policy.local_prefill_below = 0;
+    let (tx, rx) = channel();
+    let free = s.blocks.num_free();
+    let params = GenerationParams {
+        max_tokens: 4,
+        ignore_eos: true,
+        logprobs: Some(2),
+        ..Default::default()
+    };
+
+    let (_reply, mut events) = admit_with(&tx, "with", params.clone(), false);
+    s.handle(rx.try_recv().expect("admission"));
+    let id = s.by_request["with"];
+    let logprobs = FirstLogprobs {
+        logprob: -0.5,
+        top: vec![(42, -0.5), (3, -1.25)],
+    };
+    s.handle(Command::FirstToken {
+        transfer_id: id,
+        first: FirstToken {
+            id: 42,
+            logprobs: Some(logprobs),
+        },
+    });
+    let chunk = loop {
+        let message = events.try_recv().expect("a token").expect("no error");
+        if let Some(pb::decode_response::Event::Token(chunk)) = message.event {
+            break chunk;
+        }
+    };
+    assert_eq!(chunk.ids, vec![42]);
+    let expected = pb::TokenLogprobs {
+        id: 42,
+        logprob: -0.5,
+        top: vec![
+            pb::TopLogprob {
+                id: 42,
+                logprob: -0.5,
+            },
+            pb::TopLogprob {
+                id: 3,
+                logprob: -1.25,
+            },
+        ],
+    };
+    assert_eq!(chunk.logprobs, vec![expected]);
+    s.handle(Command::Cancel("with".into(), oneshot::channel().0));
+
+    // Asked for, not sent: the request fails, its blocks come back.
+    let (_reply, mut events) = admit_with(&tx, "without", params, false);
+    s.handle(rx.try_recv().expect("admission"));
+    let id = s.by_request["without"];
+    s.handle(Command::FirstToken {
+        transfer_id: id,
+        first: first(42),
+    });
+    assert!(!s.seqs.contains_key(&id));
+    let error = loop {
+        match events.try_recv() {
+            Ok(Err(status)) => break status,
+            Ok(Ok(_)) => continue,
+            Err(e) => panic!("the stream ended without an error: {e:?}"),
+        }
+    };
+    assert!(error.to_string().contains("log probabilities"), "{error}");
+    assert_eq!(s.blocks.num_free(), free, "every block free");
+}
