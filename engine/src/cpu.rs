@@ -7,12 +7,12 @@
 //! caller's thread; at TP = 1 no thread is started), synchronised by a
 //! barrier-based all-reduce. Spawning a few threads per forward pass costs
 //! tens of microseconds, noise beside the matmuls of a CPU forward pass, and
-//! in exchange the ranks borrow the weights and caches directly (no `Arc`s,
-//! no long-lived pool to shut down), and a forward pass cannot outlive its
+//! in exchange the ranks borrow the weights and caches directly (no
+//! reference counting per pass, no long-lived pool to shut down), and a forward pass cannot outlive its
 //! inputs.
 
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -53,11 +53,13 @@ pub unsafe fn fix_cpu_thread_count() {
     }
 }
 
-/// The model's weights on the CPU, each rank's share.
+/// The model's weights on the CPU, each rank's share. A clone shares the
+/// weights (read-only once loaded) with the original.
+#[derive(Clone)]
 pub struct CpuModel {
     pub(crate) config: ModelConfig,
     plan: TpPlan,
-    ranks: Vec<ModelWeights>,
+    ranks: Arc<[ModelWeights]>,
     inv_freq: Vec<f32>,
 }
 
@@ -68,13 +70,18 @@ impl CpuModel {
         Self::load_sharded(config, w, 1)
     }
 
+    /// Whether `self` and `other` share their weights (one is a clone of the other).
+    pub fn shares_weights_with(&self, other: &CpuModel) -> bool {
+        Arc::ptr_eq(&self.ranks, &other.ranks)
+    }
+
     /// Loads each of `tp` ranks' share of the weights.
     pub fn load_sharded(config: &ModelConfig, w: &Weights, tp: usize) -> Result<Self> {
         let plan = TpPlan::new(config, tp)?;
         let vb = WeightScope::new(w, DType::F32, &Device::Cpu);
         let ranks = (0..tp)
             .map(|rank| ModelWeights::load(&vb, config, ShardSpec::Rank { plan: &plan, rank }))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<Arc<[_]>>>()?;
         Ok(CpuModel {
             config: config.clone(),
             plan,

@@ -1,7 +1,9 @@
 //! A model: a Hugging Face directory (`config.json`, `tokenizer.json`,
 //! safetensors) or a GGUF file, its config and tokenizer read once.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -58,6 +60,10 @@ pub struct ModelDir {
     pub device: Device,
     /// The name the model goes by unless configured otherwise.
     name: String,
+    /// CPU weights by tensor-parallel size, loaded once and shared by every
+    /// CPU backend made from this directory (the prefill and decode nodes of
+    /// one `tandem up` process).
+    cpu_models: Mutex<HashMap<usize, CpuModel>>,
 }
 
 impl ModelDir {
@@ -84,6 +90,7 @@ impl ModelDir {
             tokenizer,
             device: Device::Cpu,
             name,
+            cpu_models: Mutex::new(HashMap::new()),
         })
     }
 
@@ -142,9 +149,8 @@ impl ModelDir {
         limits.check()?;
         match self.device {
             Device::Cpu if matches!(dtype, KvDtype::F32 | KvDtype::Bf16 | KvDtype::Fp8E4m3) => {
-                let weights = self.weights()?;
                 Ok(Box::new(CpuBackend::with_kv_dtype(
-                    CpuModel::load_sharded(&self.config, &weights, tp)?,
+                    self.cpu_model(tp)?,
                     num_blocks,
                     block_size,
                     dtype,
@@ -220,14 +226,22 @@ impl ModelDir {
         )?))
     }
 
-    /// Loads the weights onto the CPU with a KV cache of `num_blocks` blocks.
+    /// A CPU backend with a KV cache of `num_blocks` blocks over this
+    /// directory's CPU weights (loaded at the first call).
     pub fn load_cpu(&self, num_blocks: usize, block_size: usize) -> Result<CpuBackend> {
-        let weights = self.weights()?;
-        CpuBackend::new(
-            CpuModel::load(&self.config, &weights)?,
-            num_blocks,
-            block_size,
-        )
+        CpuBackend::new(self.cpu_model(1)?, num_blocks, block_size)
+    }
+
+    /// The weights on the CPU sharded over `tp` ranks: loaded at the first
+    /// call for `tp`, shared afterwards.
+    pub fn cpu_model(&self, tp: usize) -> Result<CpuModel> {
+        let mut models = self.cpu_models.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(model) = models.get(&tp) {
+            return Ok(model.clone());
+        }
+        let model = CpuModel::load_sharded(&self.config, &self.weights()?, tp)?;
+        models.insert(tp, model.clone());
+        Ok(model)
     }
 
     /// Loads the weights onto the CPU sharded over `tp` tensor-parallel ranks
@@ -239,11 +253,30 @@ impl ModelDir {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Box<dyn Backend>> {
-        let weights = self.weights()?;
         Ok(Box::new(CpuBackend::new(
-            CpuModel::load_sharded(&self.config, &weights, tp)?,
+            self.cpu_model(tp)?,
             num_blocks,
             block_size,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::{SynthSpec, write_model_dir};
+
+    #[test]
+    fn cpu_backends_of_one_directory_share_its_weights() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_model_dir(dir.path(), &SynthSpec::default()).expect("synth");
+        let model = ModelDir::open(dir.path()).expect("open");
+        let (a, b) = (model.cpu_model(1).unwrap(), model.cpu_model(1).unwrap());
+        assert!(a.shares_weights_with(&b), "loaded once");
+        let sharded = model.cpu_model(2).unwrap();
+        assert!(!a.shares_weights_with(&sharded), "each TP size its own");
+        // Another directory object loads its own.
+        let other = ModelDir::open(dir.path()).expect("open").cpu_model(1).unwrap();
+        assert!(!a.shares_weights_with(&other));
     }
 }
