@@ -276,7 +276,10 @@ mod tests {
         let sharded = model.cpu_model(2).unwrap();
         assert!(!a.shares_weights_with(&sharded), "each TP size its own");
         // Another directory object loads its own.
-        let other = ModelDir::open(dir.path()).expect("open").cpu_model(1).unwrap();
+        let other = ModelDir::open(dir.path())
+            .expect("open")
+            .cpu_model(1)
+            .unwrap();
         assert!(!a.shares_weights_with(&other));
     }
 }

@@ -511,7 +511,9 @@ pub enum WireError {
     #[error("bad magic {0:02x?}")]
     BadMagic([u8; 4]),
     /// A version this decoder does not speak.
-    #[error("unsupported wire version {0}")]
+    #[error(
+        "KV wire version {0} from the peer, this node speaks {VERSION} (nodes of different releases)"
+    )]
     UnsupportedVersion(u8),
     /// An unknown frame kind.
     #[error("unknown frame kind {0}")]
@@ -671,14 +673,17 @@ impl FrameDecoder {
             if magic != MAGIC {
                 return Err(WireError::BadMagic(magic));
             }
+            let transfer_id = (&p[8..16]).get_u64_le();
             if p[4] != VERSION {
+                // Named, so the receiver ends that transfer with this reason
+                // (a peer of another version) instead of letting it time out.
+                self.last_transfer_id = Some(transfer_id);
                 return Err(WireError::UnsupportedVersion(p[4]));
             }
             let kind = p[5];
             if p[6] != 0 || p[7] != 0 {
                 return Err(WireError::ReservedNotZero);
             }
-            let transfer_id = (&p[8..16]).get_u64_le();
             match kind {
                 KIND_LAYER => {
                     if self.buf.len() < LAYER_HEADER_LEN {

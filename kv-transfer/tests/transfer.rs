@@ -431,6 +431,15 @@ async fn sink_refusal_reaches_the_sender_and_aborts_once() {
         Ending::Abort(100, reason) => assert!(reason.contains("lost its GPU"), "{reason}"),
         other => panic!("unexpected {other:?}"),
     }
+    // A peer of another wire version: its transfer ends at once, saying so.
+    s.sink.reserve(101);
+    let mut old = encode_final(101, &first_token(), 4, 4, 0).to_vec();
+    old[4] = 2;
+    let _ = raw_stream(&conn, &old).await;
+    match next_ending(&mut s.endings).await {
+        Ending::Abort(101, reason) => assert!(reason.contains("wire version 2"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
     s.receiver.shutdown().await;
 }
 
