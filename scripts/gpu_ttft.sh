@@ -17,7 +17,9 @@
 # gives both nodes an fp8 KV cache (and so fp8 KV on the wire). UP=1 adds, last,
 # the disaggregated set-up as one `tandem up` process (router, prefill and decode
 # nodes sharing the process's CUDA context, so the GPU runs their kernels side by
-# side instead of time-slicing between two processes' contexts).
+# side instead of time-slicing between two processes' contexts). MAXRUN=N sets the
+# router's max_running (256 in the configs; 128 + a few holds a saturated decode node's
+# requests at the router instead of after their first token, docs/GPU_BENCH.md).
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -41,6 +43,9 @@ for role in prefill decode router; do
   sed -e "s|^path = .*|path = \"$M\"|" -e 's|^name = .*|name = "llama3-8b-synth"|' \
       -e 's/^device = .*/device = 0/' "$GPU_DIR/gpu-1p1d/$role.toml" > "$role.toml"
 done
+if [ -n "${MAXRUN:-}" ]; then
+  sed -i -e "s/^max_running = .*/max_running = $MAXRUN/" router.toml
+fi
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
 sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
 sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
