@@ -281,6 +281,7 @@ pub async fn serve_advertising(
         commands,
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
+        max_batch: u32::try_from(config.max_batch).unwrap_or(u32::MAX),
         fingerprint: fingerprint.to_string(),
         stats: stats.clone(),
         shutdown: shutdown.clone(),

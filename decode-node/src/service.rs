@@ -33,6 +33,8 @@ pub struct DecodeService {
     pub tp_size: u32,
     /// Tokens per KV block, published in load reports.
     pub block_size: u32,
+    /// Most sequences in one step, published in load reports.
+    pub max_batch: u32,
     /// What the node serves, published in load reports.
     pub fingerprint: String,
     /// Load figures from the engine loop.
@@ -169,7 +171,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let (tx, rx) = mpsc::channel(1);
         let stats = self.stats.clone();
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
-        let block_size = self.block_size;
+        let (block_size, max_batch) = (self.block_size, self.max_batch);
         let fingerprint = self.fingerprint.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -200,6 +202,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     cached_tokens_total: s.cached_tokens_total,
                     prefix_cache_blocks: s.prefix_cache_blocks,
                     block_size,
+                    max_batch,
                     prefix_hash_salt: s.prefix_hash_salt,
                     blocks_gained: kv.gained,
                     blocks_dropped: kv.dropped,

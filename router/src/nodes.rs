@@ -46,6 +46,7 @@ use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
 use tandem_telemetry::names;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -154,6 +155,10 @@ fn role_label(role: Role) -> &'static str {
     }
 }
 
+/// A decode node's batch and waiting room are full (`router.decode_waiting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom;
+
 /// The nodes of the cluster and their last load reports.
 pub struct NodePool {
     nodes: Mutex<HashMap<NodeAddr, Entry>>,
@@ -168,6 +173,9 @@ pub struct NodePool {
     turns: [AtomicUsize; 2],
     /// The next [`Entry::id`].
     next_id: AtomicU64,
+    /// A decode node may have room for another request: one of this
+    /// router's requests there ended, or a report came.
+    decode_freed: Notify,
 }
 
 impl std::fmt::Debug for NodePool {
@@ -210,6 +218,7 @@ impl std::fmt::Debug for Assignment {
 
 impl Drop for Assignment {
     fn drop(&mut self) {
+        let mut decode = false;
         if let Some(e) = self.pool.lock().get_mut(&self.addr)
             && e.id == self.entry
         {
@@ -218,6 +227,11 @@ impl Drop for Assignment {
             } else {
                 e.own.on_done(self.share);
             }
+            decode = e.handle.role == Role::Decode;
+        }
+        if decode {
+            // The request waiting longest for room at a decode node looks again.
+            self.pool.decode_freed.notify_one();
         }
     }
 }
@@ -266,6 +280,7 @@ impl NodePool {
             routing,
             turns: [AtomicUsize::new(0), AtomicUsize::new(0)],
             next_id: AtomicU64::new(0),
+            decode_freed: Notify::new(),
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -567,6 +582,39 @@ impl NodePool {
         Some((queued, e.rate.tokens_per_s()))
     }
 
+    /// As [`assign`](Self::assign), unless `addr` is a decode node whose
+    /// batch and waiting room are full: with `router.decode_waiting` set, its
+    /// sequences (its last report corrected by this router's requests since,
+    /// [`crate::own_load`]) may reach its reported `max_batch` plus that
+    /// many, and no more (`Err(NoRoom)`). Checked and counted under one lock,
+    /// so a burst cannot overfill a node. A node that reports no `max_batch`
+    /// always has room.
+    pub fn assign_with_room(
+        self: &Arc<Self>,
+        addr: &str,
+        prompt_tokens: usize,
+    ) -> Result<Option<Assignment>, NoRoom> {
+        let mut nodes = self.lock();
+        if let (Some(waiting), Some(e)) = (self.routing.decode_waiting, nodes.get(addr)) {
+            let max_batch = e.status.load.as_ref().map_or(0, |l| l.max_batch);
+            if e.handle.role == Role::Decode
+                && max_batch > 0
+                && e.own.sequences() >= u64::from(max_batch) + waiting as u64
+            {
+                return Err(NoRoom);
+            }
+        }
+        Ok(self.assign_locked(&mut nodes, addr, prompt_tokens))
+    }
+
+    /// Completes once a decode node may have room again (see
+    /// [`assign_with_room`](Self::assign_with_room)); waiters are woken one
+    /// per request ended, longest waiting first, and all at a load report.
+    /// Enable it before looking, so a request ending meanwhile is not missed.
+    pub fn decode_freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.decode_freed.notified()
+    }
+
     /// Whether the pool holds any node of `role`.
     pub fn has(&self, role: Role) -> bool {
         self.lock()
@@ -582,7 +630,15 @@ impl NodePool {
     /// pool. Call it before the request goes out: a report that already
     /// shows the request must find it counted as this router's.
     pub fn assign(self: &Arc<Self>, addr: &str, prompt_tokens: usize) -> Option<Assignment> {
-        let mut nodes = self.lock();
+        self.assign_locked(&mut self.lock(), addr, prompt_tokens)
+    }
+
+    fn assign_locked(
+        self: &Arc<Self>,
+        nodes: &mut HashMap<NodeAddr, Entry>,
+        addr: &str,
+        prompt_tokens: usize,
+    ) -> Option<Assignment> {
         let entry = nodes.get_mut(addr)?;
         if entry.handle.role == Role::Prefill {
             entry.sent_tokens = entry.sent_tokens.saturating_add(prompt_tokens as u64);
@@ -634,6 +690,10 @@ impl NodePool {
                 e.rate.on_report(&load, e.sent_tokens, now);
             }
             e.own.on_report(&load);
+            if e.handle.role == Role::Decode && self.routing.decode_waiting.is_some() {
+                // Other routers' requests may have ended there.
+                self.decode_freed.notify_waiters();
+            }
             e.status.load = Some(load);
             e.status.reachable = true;
             e.last_report = now;

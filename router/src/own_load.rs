@@ -139,6 +139,11 @@ impl OwnLoad {
             .on_report(u64::from(load.running) + u64::from(load.queued));
     }
 
+    /// Sequences or jobs running or queued at the node now.
+    pub fn sequences(&self) -> u64 {
+        self.sequences.value()
+    }
+
     /// Prompt tokens queued or being prefilled at the node now.
     pub fn queued_tokens(&self) -> u64 {
         self.queued_tokens.value()

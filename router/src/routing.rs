@@ -41,6 +41,8 @@ pub struct RoutingConfig {
     pub load_weight: f64,
     /// Fraction of KV blocks in use past which cached blocks count for nothing.
     pub overload_threshold: f64,
+    /// Requests kept at a decode node beyond its `max_batch`; `None`: no limit.
+    pub decode_waiting: Option<usize>,
 }
 
 impl Default for RoutingConfig {
@@ -56,6 +58,7 @@ impl From<&RouterSection> for RoutingConfig {
             overlap_weight: r.kv_overlap_weight,
             load_weight: r.kv_load_weight,
             overload_threshold: r.kv_overload_threshold,
+            decode_waiting: r.decode_waiting,
         }
     }
 }

@@ -336,3 +336,61 @@ async fn overload_figures_before_and_after() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// The most sequences the decode node held at once while `run` ran.
+async fn run_watching_decode(
+    cluster: &Cluster,
+    references: &[Vec<u32>],
+    load: &Load,
+) -> (Outcome, u32) {
+    let stats = cluster.decode_stats.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watching = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !stop.is_cancelled() {
+                let s = stats.lock().expect("stats").clone();
+                most = most.max(s.running + s.queued);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            most
+        })
+    };
+    let out = run(cluster, references, load).await;
+    stop.cancel();
+    (out, watching.await.expect("watcher"))
+}
+
+/// With `router.decode_waiting`, a saturated decode node holds at most its
+/// `max_batch` plus that many requests (none gets its first token and then
+/// waits long for a batch slot); the others wait at the router and are all
+/// served, correctly. Without it the node takes them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saturated_decode_node_holds_max_batch_plus_decode_waiting() {
+    let (_dir, model) = small_model();
+    let load = Load {
+        streams: 12,
+        prompt_len: 40,
+        max_tokens: 16,
+        connections: 2,
+        salt: 500,
+    };
+    let references = references(&model, &load).await;
+    for waiting in [Some(1), None] {
+        let mut spec = spec(|r| r.decode_waiting = waiting);
+        spec.decode.max_batch = 2;
+        let cluster = Cluster::start(model.clone(), spec).await;
+        // The router learns the node's max_batch from its first report.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (out, most) = run_watching_decode(&cluster, &references, &load).await;
+        eprintln!("decode_waiting {waiting:?}: at most {most} at the node; {out:?}");
+        assert_eq!(out.completed, load.streams, "{out:?}");
+        assert_eq!(out.wrong, 0, "{out:?}");
+        match waiting {
+            Some(w) => assert!(most <= 2 + w as u32, "{most} at the node"),
+            None => assert!(most > 3, "without the bound the node takes more: {most}"),
+        }
+        wait_idle(&cluster).await;
+    }
+}

@@ -32,6 +32,13 @@ pub struct RouterSection {
     /// Requests waiting for admission; more are refused with RESOURCE_EXHAUSTED.
     #[serde(default = "default_max_queue")]
     pub max_queue: usize,
+    /// Requests this router keeps at a decode node beyond its `max_batch`
+    /// (waiting there for their KV or a batch slot); more wait at the router,
+    /// to be sent as the node finishes requests, so a saturated decode node
+    /// holds no request that gets its first token and then waits for a slot.
+    /// Absent: no limit (the node's KV blocks bound it).
+    #[serde(default)]
+    pub decode_waiting: Option<usize>,
     /// Deadline of a request from arrival to its last token, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: f64,

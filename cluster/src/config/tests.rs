@@ -114,6 +114,13 @@ fn tls_reaches_every_role_and_node_schemes_must_match_it() {
 fn routing_keys_have_defaults_and_are_checked() {
     use crate::routing::RoutingPolicy;
     let r = Config::parse("[router]\n").unwrap().router.unwrap();
+    assert_eq!(r.decode_waiting, None, "no bound unless asked");
+    let bounded = Config::parse("[router]\ndecode_waiting = 8\n")
+        .unwrap()
+        .router
+        .unwrap();
+    assert_eq!(bounded.decode_waiting, Some(8));
+    assert!(Config::parse("[router]\ndecode_waiting = -1\n").is_err());
     assert_eq!(r.routing, RoutingPolicy::KvAware);
     assert_eq!(
         (

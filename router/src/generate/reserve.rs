@@ -29,6 +29,11 @@ impl Request<'_> {
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         loop {
+            // Enabled before the nodes are looked at, so a request ending at
+            // one of them meanwhile still wakes this one.
+            let freed = nodes.decode_freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             let tokens = self.routed_tokens(generated);
             let mut ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
             // A later sample of an `n` > 1 request goes to the decode node
@@ -77,10 +82,18 @@ impl Request<'_> {
             };
             let mut full = None;
             let mut failed = None;
+            // With `router.decode_waiting`, a node whose batch and waiting
+            // room are full gets nothing more; when no node takes the
+            // request, it waits here for one to finish a request.
+            let mut no_room = false;
             for node in ranked {
+                let tokens = self.req.prompt.len() + generated.len();
+                let Ok(assignment) = nodes.assign_with_room(&node.addr, tokens) else {
+                    no_room = true;
+                    continue;
+                };
                 guard.decode = Some(node.clone());
                 nodes.note_sent(&node.addr);
-                let assignment = nodes.assign(&node.addr, self.req.prompt.len() + generated.len());
                 match self.watch(self.try_decode(&node, request.clone())).await {
                     Ok(mut reserved) => {
                         reserved.prefill = prefill;
@@ -108,6 +121,17 @@ impl Request<'_> {
                         }
                     }
                 }
+            }
+            if no_room {
+                // Woken when a request ends at a decode node (or a report
+                // comes), the longest waiting first.
+                debug!("every decode node's batch and waiting room are full");
+                self.watch(async {
+                    freed.await;
+                    Ok(())
+                })
+                .await?;
+                continue;
             }
             let Some(full) = full else {
                 return Err(failed.unwrap_or(RouterError::NoNode("decode")));

@@ -251,3 +251,77 @@ async fn a_stale_prefill_report_does_not_outlive_the_requests_it_counted() {
     assert_eq!(pool.prefill_queue(p).map(|q| q.0), Some(0));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_per_end() {
+    let shutdown = CancellationToken::new();
+    let membership = StaticMembership::new(&[], &["127.0.0.1:1".to_string()]);
+    let routing = RoutingConfig {
+        decode_waiting: Some(1),
+        ..RoutingConfig::default()
+    };
+    let pool = NodePool::start_with(
+        Arc::new(membership),
+        10,
+        None,
+        Identity::new(None),
+        never_open(),
+        routing,
+        shutdown.clone(),
+    );
+    let a = "http://127.0.0.1:1";
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let unknown: Vec<_> = (0..5).map(|_| pool.assign_with_room(a, 4)).collect();
+    assert!(
+        unknown.iter().all(|r| matches!(r, Ok(Some(_)))),
+        "no report yet: no max_batch known, no limit"
+    );
+    drop(unknown);
+    pool.set_status(a, |s| {
+        s.load = Some(NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_total: 100,
+            kv_blocks_free: 100,
+            max_batch: 2,
+            ..Default::default()
+        });
+    });
+    // max_batch 2 + 1 waiting: the fourth request finds no room.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            pool.assign_with_room(a, 4)
+                .expect("room")
+                .expect("in the pool")
+        })
+        .collect();
+    assert_eq!(pool.assign_with_room(a, 4).err(), Some(NoRoom));
+    let freed = pool.decode_freed();
+    tokio::pin!(freed);
+    freed.as_mut().enable();
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(1), freed)
+        .await
+        .expect("a request ending wakes a waiter");
+    assert!(pool.assign_with_room(a, 4).is_ok());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn without_decode_waiting_a_decode_node_always_has_room() {
+    let shutdown = CancellationToken::new();
+    let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
+    let a = "http://127.0.0.1:1";
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.set_status(a, |s| {
+        s.load = Some(NodeLoad {
+            role: tandem_proto::v1::Role::Decode.into(),
+            kv_blocks_total: 100,
+            kv_blocks_free: 100,
+            max_batch: 1,
+            ..Default::default()
+        });
+    });
+    let held: Vec<_> = (0..5).map(|_| pool.assign_with_room(a, 4)).collect();
+    assert!(held.iter().all(|r| matches!(r, Ok(Some(_)))));
+    shutdown.cancel();
+}
