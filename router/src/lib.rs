@@ -8,7 +8,8 @@
 //! - [`admission`]: a bounded gate (`max_running` in flight, `max_queue` waiting),
 //!   and a refusal while the prefill backlog ([`backlog`]) is past its bound;
 //! - [`nodes`] and [`choice`]: the cluster's nodes, their load, which one to
-//!   use; [`breaker`]: a circuit breaker per node;
+//!   use; [`breaker`]: a circuit breaker per node; [`decode_queue`]: requests
+//!   waiting for room at a decode node (`router.decode_waiting`), in order;
 //! - [`generate`]: the request's life at the nodes, relaying tokens to the client;
 //! - [`request_metrics`]: what is recorded about each request (latencies,
 //!   tokens, final status), under `tandem_telemetry::names`;
@@ -29,6 +30,7 @@ pub mod backlog;
 pub mod breaker;
 pub mod choice;
 pub mod client_grpc;
+pub mod decode_queue;
 pub mod drain;
 pub mod error;
 pub mod generate;

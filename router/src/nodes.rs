@@ -46,7 +46,6 @@ use tandem_proto::v1::WatchLoadRequest;
 use tandem_proto::v1::decode_node_client::DecodeNodeClient;
 use tandem_proto::v1::prefill_node_client::PrefillNodeClient;
 use tandem_telemetry::names;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
@@ -54,6 +53,7 @@ use tracing::{debug, info, warn};
 use crate::backlog::{Backlog, PrefillRate};
 use crate::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::choice::{NodeStatus, rank_decode, rank_prefill};
+use crate::decode_queue::DecodeQueue;
 use crate::identity::Identity;
 use crate::kv_index::KvIndex;
 use crate::node_addr::NodeAddr;
@@ -173,9 +173,8 @@ pub struct NodePool {
     turns: [AtomicUsize; 2],
     /// The next [`Entry::id`].
     next_id: AtomicU64,
-    /// A decode node may have room for another request: one of this
-    /// router's requests there ended, or a report came.
-    decode_freed: Notify,
+    /// Requests waiting for room at a decode node (`router.decode_waiting`).
+    decode_queue: DecodeQueue,
 }
 
 impl std::fmt::Debug for NodePool {
@@ -231,7 +230,7 @@ impl Drop for Assignment {
         }
         if decode {
             // The request waiting longest for room at a decode node looks again.
-            self.pool.decode_freed.notify_one();
+            self.pool.decode_queue.wake_head();
         }
     }
 }
@@ -280,7 +279,7 @@ impl NodePool {
             routing,
             turns: [AtomicUsize::new(0), AtomicUsize::new(0)],
             next_id: AtomicU64::new(0),
-            decode_freed: Notify::new(),
+            decode_queue: DecodeQueue::default(),
         });
         let mut members = membership.watch();
         pool.apply(&members.borrow_and_update().clone(), &shutdown);
@@ -607,12 +606,10 @@ impl NodePool {
         Ok(self.assign_locked(&mut nodes, addr, prompt_tokens))
     }
 
-    /// Completes once a decode node may have room again (see
-    /// [`assign_with_room`](Self::assign_with_room)); waiters are woken one
-    /// per request ended, longest waiting first, and all at a load report.
-    /// Enable it before looking, so a request ending meanwhile is not missed.
-    pub fn decode_freed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.decode_freed.notified()
+    /// Requests waiting for room at a decode node: woken by a request of
+    /// this router ending at one, and by the decode nodes' load reports.
+    pub fn decode_queue(&self) -> &DecodeQueue {
+        &self.decode_queue
     }
 
     /// Whether the pool holds any node of `role`.
@@ -692,7 +689,7 @@ impl NodePool {
             e.own.on_report(&load);
             if e.handle.role == Role::Decode && self.routing.decode_waiting.is_some() {
                 // Other routers' requests may have ended there.
-                self.decode_freed.notify_waiters();
+                self.decode_queue.wake_head();
             }
             e.status.load = Some(load);
             e.status.reachable = true;

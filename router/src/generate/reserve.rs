@@ -19,7 +19,10 @@ pub(super) struct Reserved {
 
 impl Request<'_> {
     /// Reserves the request at a decode node: the best one first, then the
-    /// others; when all are full, waits briefly and asks again until the deadline.
+    /// others; when all are full, waits briefly and asks again until the
+    /// deadline. With `router.decode_waiting`, a node whose batch and waiting
+    /// room are full is not asked, and when none has room the request waits
+    /// its turn in the pool's [`DecodeQueue`](crate::decode_queue::DecodeQueue).
     pub(super) async fn reserve(
         &self,
         guard: &mut CancelGuard,
@@ -28,12 +31,22 @@ impl Request<'_> {
         pin: Option<&NodeAddr>,
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
+        let queue = nodes.decode_queue();
+        // This request's place among those waiting for room at a decode
+        // node (`router.decode_waiting`); only the head looks for room, and a
+        // newcomer joins behind the waiting ones.
+        let mut place = (!queue.is_empty()).then(|| queue.join());
         loop {
-            // Enabled before the nodes are looked at, so a request ending at
-            // one of them meanwhile still wakes this one.
-            let freed = nodes.decode_freed();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
+            if let Some(p) = &place
+                && !p.is_head()
+            {
+                self.watch(async {
+                    p.woken().await;
+                    Ok(())
+                })
+                .await?;
+                continue;
+            }
             let tokens = self.routed_tokens(generated);
             let mut ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
             // A later sample of an `n` > 1 request goes to the decode node
@@ -92,6 +105,8 @@ impl Request<'_> {
                     no_room = true;
                     continue;
                 };
+                // Counted at the node: the next waiting request may look.
+                drop(place.take());
                 guard.decode = Some(node.clone());
                 nodes.note_sent(&node.addr);
                 match self.watch(self.try_decode(&node, request.clone())).await {
@@ -123,14 +138,21 @@ impl Request<'_> {
                 }
             }
             if no_room {
-                // Woken when a request ends at a decode node (or a report
-                // comes), the longest waiting first.
+                // At the head, woken when a request ends at a decode node or
+                // a report comes (a wake since the look above is kept).
                 debug!("every decode node's batch and waiting room are full");
-                self.watch(async {
-                    freed.await;
-                    Ok(())
-                })
-                .await?;
+                match &place {
+                    // Just queued: a request that ended before it joined
+                    // woke nobody, so it looks once more first.
+                    None => place = Some(queue.join()),
+                    Some(p) => {
+                        self.watch(async {
+                            p.woken().await;
+                            Ok(())
+                        })
+                        .await?
+                    }
+                }
                 continue;
             }
             let Some(full) = full else {

@@ -295,13 +295,11 @@ async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_pe
         })
         .collect();
     assert_eq!(pool.assign_with_room(a, 4).err(), Some(NoRoom));
-    let freed = pool.decode_freed();
-    tokio::pin!(freed);
-    freed.as_mut().enable();
+    let place = pool.decode_queue().join();
     drop(held);
-    tokio::time::timeout(Duration::from_secs(1), freed)
+    tokio::time::timeout(Duration::from_secs(1), place.woken())
         .await
-        .expect("a request ending wakes a waiter");
+        .expect("a request ending wakes the waiting one");
     assert!(pool.assign_with_room(a, 4).is_ok());
     shutdown.cancel();
 }
