@@ -18,8 +18,8 @@
 # the disaggregated set-up as one `tandem up` process (router, prefill and decode
 # nodes sharing the process's CUDA context, so the GPU runs their kernels side by
 # side instead of time-slicing between two processes' contexts). MAXRUN=N sets the
-# router's max_running (256 in the configs; 128 + a few holds a saturated decode node's
-# requests at the router instead of after their first token, docs/GPU_BENCH.md).
+# router's max_running (256 in the configs). DECODE_WAITING=N sets router.decode_waiting
+# (a saturated decode node holds max_batch + N requests, the rest wait at the router).
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -45,6 +45,9 @@ for role in prefill decode router; do
 done
 if [ -n "${MAXRUN:-}" ]; then
   sed -i -e "s/^max_running = .*/max_running = $MAXRUN/" router.toml
+fi
+if [ -n "${DECODE_WAITING:-}" ]; then
+  sed -i -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
 fi
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
 sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
