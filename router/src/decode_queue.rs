@@ -17,12 +17,25 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use metrics::Gauge;
+use tandem_telemetry::names;
 use tokio::sync::Notify;
 
 /// The queue.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DecodeQueue {
     inner: Mutex<Inner>,
+    /// `tandem_queue_depth{role="router",queue="decode_room"}`.
+    depth: Gauge,
+}
+
+impl Default for DecodeQueue {
+    fn default() -> Self {
+        DecodeQueue {
+            inner: Mutex::default(),
+            depth: metrics::gauge!(names::QUEUE_DEPTH, names::ROLE => "router", names::QUEUE => "decode_room"),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +75,7 @@ impl DecodeQueue {
         inner.next_ticket += 1;
         let wake = Arc::new(Notify::new());
         inner.waiting.push_back((ticket, wake.clone()));
+        self.depth.increment(1.0);
         Place {
             queue: self,
             ticket,
@@ -102,6 +116,7 @@ impl Drop for Place<'_> {
             .front()
             .is_some_and(|(t, _)| *t == self.ticket);
         inner.waiting.retain(|(t, _)| *t != self.ticket);
+        self.queue.depth.decrement(1.0);
         if was_head && let Some((_, next)) = inner.waiting.front() {
             // The head left (it found room, or gave up): the next one looks.
             next.notify_one();

@@ -15,7 +15,7 @@
 //! | [`REQUEST_DURATION_SECONDS`] | router, arrival to the final message (or error) | `status` |
 //! | [`REQUESTS_TOTAL`] | router, once per request | `status` |
 //! | [`PROMPT_TOKENS_TOTAL`], [`GENERATION_TOKENS_TOTAL`] | router, once per request that reached a node | |
-//! | [`QUEUE_DEPTH`] | router (admission), prefill node (prefill queue), decode node (awaiting KV or local prefill) | `role`, `queue` |
+//! | [`QUEUE_DEPTH`] | router (admission; decode_room: waiting for room at a decode node, `router.decode_waiting`), prefill node (prefill queue), decode node (awaiting KV or local prefill) | `role`, `queue` |
 //! | [`KV_BLOCKS_USED`], [`KV_BLOCKS_FREE`] | prefill and decode nodes, after every step | `role`, `node` |
 //! | [`PREFIX_CACHE_QUERIES_TOTAL`], [`PREFIX_CACHE_HITS_TOTAL`] | prefill and decode nodes, per prompt prefilled there (tokens looked up, tokens found) | `role`, `node` |
 //! | [`PREFIX_CACHE_BLOCKS`], [`PREFIX_CACHE_EVICTIONS_TOTAL`] | prefill and decode nodes, after every step | `role`, `node` |
