@@ -32,7 +32,8 @@ pub struct SpanClock {
 /// A request's phases in seconds, as logged and recorded.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Phases {
-    /// Arrival to the decode node's admission (router queue and choice).
+    /// Arrival to the decode node's admission (the router's queues, admission and
+    /// decode room, and its choice of node).
     pub route: Option<f64>,
     /// Admission to the prefill's first chunk (its queue wait).
     pub prefill_queue: Option<f64>,
