@@ -26,7 +26,7 @@ for r in $(seq 1 "$ROUNDS"); do
     "$BIN" up --config "$OUT/$w.toml" > "$OUT/up-$w-$r.log" 2>&1 & PID=$!
     until grep -q "Tandem is up" "$OUT/up-$w-$r.log" 2>/dev/null; do sleep 0.2; done
     "$BIN" bench --num-prompts "$NUM" --input-len 128 --output-len 32 --max-concurrency 16 \
-      --no-progress --result-file "$OUT/bench-$w-$r.json" > "$OUT/bench-$w-$r.txt" 2>&1
+      --no-progress > "$OUT/bench-$w-$r.txt" 2>&1
     kill "$PID"; wait "$PID" 2>/dev/null
     echo "round $r $w: $(grep -E 'Median TTFT|P99 TTFT|Median TPOT|P99 ITL|Median E2EL|Output token throughput' "$OUT/bench-$w-$r.txt" | tr -s ' ' | paste -sd ';')" | tee -a "$OUT/summary.txt"
   done
