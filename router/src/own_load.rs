@@ -80,6 +80,15 @@ impl Figure {
         self.done_since_report = 0;
     }
 
+    /// The estimate, but never less than this router's own part: a report
+    /// built before the node took requests this router had already sent
+    /// (reports and answers travel separately) resets what was sent since,
+    /// and the estimate alone can then fall below what this router holds
+    /// there. For a bound that must hold, not for ranking.
+    pub fn at_least_ours(&self) -> u64 {
+        self.value().max(self.ours)
+    }
+
     /// The estimate of the figure now.
     pub fn value(&self) -> u64 {
         let as_reported = self.reported.saturating_add(self.sent_since_report);
@@ -139,9 +148,10 @@ impl OwnLoad {
             .on_report(u64::from(load.running) + u64::from(load.queued));
     }
 
-    /// Sequences or jobs running or queued at the node now.
+    /// Sequences or jobs running or queued at the node now, never fewer
+    /// than this router's own ([`Figure::at_least_ours`]).
     pub fn sequences(&self) -> u64 {
-        self.sequences.value()
+        self.sequences.at_least_ours()
     }
 
     /// Prompt tokens queued or being prefilled at the node now.
@@ -229,6 +239,22 @@ mod tests {
         assert_eq!(q.value(), 450, "the node's own figure once it has it");
         q.on_sent(100);
         assert_eq!(q.value(), 550);
+    }
+
+    #[test]
+    fn a_report_from_before_the_node_took_our_requests_never_counts_fewer_than_ours() {
+        // Three sent, one answered; then a report built before the node had
+        // admitted any of them arrives.
+        let mut q = Figure::default();
+        q.on_report(0);
+        for _ in 0..3 {
+            q.on_sent(1);
+        }
+        q.on_done(1);
+        q.on_sent(1);
+        q.on_report(0);
+        assert_eq!(q.value(), 0, "the estimate alone trusts the report");
+        assert_eq!(q.at_least_ours(), 3, "three of ours are there");
     }
 
     #[test]
