@@ -14,6 +14,16 @@ fn never_open() -> BreakerConfig {
 /// A pool over static `prefill` and `decode` addresses whose breakers never
 /// open, with default routing.
 fn ranking_pool(prefill: &[&str], decode: &[&str], shutdown: &CancellationToken) -> Arc<NodePool> {
+    routing_pool(prefill, decode, RoutingConfig::default(), shutdown)
+}
+
+/// As [`ranking_pool`], with `routing`.
+fn routing_pool(
+    prefill: &[&str],
+    decode: &[&str],
+    routing: RoutingConfig,
+    shutdown: &CancellationToken,
+) -> Arc<NodePool> {
     let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let membership = StaticMembership::new(&owned(prefill), &owned(decode));
     NodePool::start_with(
@@ -22,7 +32,7 @@ fn ranking_pool(prefill: &[&str], decode: &[&str], shutdown: &CancellationToken)
         None,
         Identity::new(None),
         never_open(),
-        RoutingConfig::default(),
+        routing,
         shutdown.clone(),
     )
 }
@@ -255,20 +265,11 @@ async fn a_stale_prefill_report_does_not_outlive_the_requests_it_counted() {
 #[tokio::test]
 async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_per_end() {
     let shutdown = CancellationToken::new();
-    let membership = StaticMembership::new(&[], &["127.0.0.1:1".to_string()]);
     let routing = RoutingConfig {
         decode_waiting: Some(1),
         ..RoutingConfig::default()
     };
-    let pool = NodePool::start_with(
-        Arc::new(membership),
-        10,
-        None,
-        Identity::new(None),
-        never_open(),
-        routing,
-        shutdown.clone(),
-    );
+    let pool = routing_pool(&[], &["127.0.0.1:1"], routing, &shutdown);
     let a = "http://127.0.0.1:1";
     tokio::time::sleep(Duration::from_millis(100)).await;
     let unknown: Vec<_> = (0..5).map(|_| pool.assign_with_room(a, 4)).collect();
