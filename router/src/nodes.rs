@@ -507,9 +507,13 @@ impl NodePool {
     }
 
     /// Records that `addr` served a request (or answered one as a healthy
-    /// node does): a half-open breaker closes, a closed one forgets failures.
+    /// node does): a half-open breaker closes, a closed one forgets failures,
+    /// and the node is reachable again (a load stream that failed while the
+    /// node was starting marked it unreachable until its next report, though
+    /// requests already reach it).
     pub fn record_success(&self, addr: &str) {
         if let Some(e) = self.lock().get_mut(addr) {
+            e.status.reachable = true;
             let changed = e.breaker.on_success();
             e.breaker_changed(changed);
         }

@@ -212,6 +212,27 @@ async fn unreachable_nodes_rank_last_and_assignments_count() {
 }
 
 #[tokio::test]
+async fn a_node_that_served_a_request_is_reachable_before_its_next_report() {
+    let shutdown = CancellationToken::new();
+    let pool = ranking_pool(&["127.0.0.1:1"], &[], &shutdown);
+    let p = "http://127.0.0.1:1";
+    // Nothing listens: the load task's failures mark it unreachable. (Its
+    // task is then stopped, so that no later failure races the asserts.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pool.lock()[p].stop.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!pool.usable(Role::Prefill, &[]));
+    // A request it served says otherwise (as when its load stream failed
+    // while it started, and a request reached it after it listened).
+    pool.record_success(p);
+    assert!(pool.usable(Role::Prefill, &[]));
+    // A later failure marks it unreachable again.
+    pool.mark_failed(p);
+    assert!(!pool.usable(Role::Prefill, &[]));
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn assignments_count_blocks_of_the_nodes_block_size() {
     let shutdown = CancellationToken::new();
     let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
