@@ -47,6 +47,7 @@ use crate::link_cost::{LocalRate, SharedLinks};
 use crate::node_metrics::DecodeMetrics;
 use crate::prefill_choice::LinkPolicy;
 use crate::sequence::{Sequence, State};
+use inbox::Inbox;
 
 /// How long the engine loop waits for a command before it looks again whether
 /// the step on the device is done: the most a step's end can go unnoticed.
@@ -245,6 +246,7 @@ impl<B: Backend> Scheduler<B> {
 
     /// Runs until `shutdown` fires or every command sender is gone.
     pub fn run(mut self, commands: Receiver<Command>, shutdown: CancellationToken) {
+        let mut commands = Inbox::new(commands);
         while !shutdown.is_cancelled() {
             if let Some(cmd) = self.held.take() {
                 self.handle(cmd);
@@ -265,7 +267,7 @@ impl<B: Backend> Scheduler<B> {
             }
             self.reap(Instant::now());
             let started = Instant::now();
-            self.step(&commands);
+            self.step(&mut commands);
             let took = started.elapsed();
             if took > Duration::from_millis(50) {
                 tracing::debug!(ms = took.as_secs_f64() * 1e3, "slow engine step");
@@ -485,7 +487,7 @@ impl<B: Backend> Scheduler<B> {
     /// backend that computes it in `start_step` is done at once): a KV frame
     /// that lands mid-step is imported then, and a transfer that completes
     /// mid-step sends its first token then, not after the step.
-    fn take_commands_during_step(&mut self, commands: &Receiver<Command>) {
+    fn take_commands_during_step(&mut self, commands: &mut Inbox) {
         while self.held.is_none() {
             let cmd = match commands.try_recv() {
                 Ok(cmd) => cmd,
@@ -504,7 +506,7 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
-    fn step(&mut self, commands: &Receiver<Command>) {
+    fn step(&mut self, commands: &mut Inbox) {
         let views: Vec<_> = self.seqs.iter().map(|(&id, s)| s.view(id)).collect();
         let plan = plan_step(
             &views,
@@ -757,5 +759,6 @@ impl<B: Backend> Scheduler<B> {
     }
 }
 
+mod inbox;
 #[cfg(test)]
 mod tests;

@@ -31,7 +31,7 @@ pub use error::TransferError;
 pub use rate::{LinkRates, SendRateLimit};
 pub use receiver::{KvReceiver, KvSink, ReceiverConfig, SinkError};
 pub use reservation::{Accepted, Expectation, Refusal, Reservations};
-pub use sender::{KvSender, RequestStream, SenderConfig};
+pub use sender::{FinalAhead, KvSender, RequestStream, SenderConfig, SentFinal};
 pub use tls::{ClusterCa, NodeCert, SelfSigned, TlsError};
 pub use transport::TransportTuning;
 pub use wire::{

@@ -25,7 +25,10 @@
 //!
 //! [`RequestStream::finish`] sends the Final frame ahead of the Layer frames
 //! still queued (on a stream of its own), finishes every lane and waits until
-//! the receiver has acknowledged all data (or refused it).
+//! the receiver has acknowledged all data (or refused it). A caller that
+//! knows the first token before it has queued every layer sends the Final
+//! with [`FinalAhead`] (announcing the frames still to come) and ends with
+//! [`RequestStream::finish_after`].
 //! [`RequestStream::abort`] sends an Abort frame. Dropping a `RequestStream`
 //! without either resets its streams, which the receiver reports as an abort.
 
@@ -410,7 +413,7 @@ impl RequestStream {
                 shape.block_count
             )));
         }
-        let per_frame = (u64::from(self.max_frame_payload) / block_bytes).max(1);
+        let per_frame = blocks_per_frame(self.max_frame_payload, block_bytes);
         let mut block = 0u64;
         while block < u64::from(shape.block_count) {
             let count = per_frame.min(u64::from(shape.block_count) - block);
@@ -476,53 +479,68 @@ impl RequestStream {
     /// receiver's QUIC stack has acknowledged all data. Returns when the last
     /// Layer frame was handed over (the request's last KV byte left).
     ///
-    /// The Final goes on a stream of its own, at a higher priority than the
-    /// lanes, so it overtakes the Layer frames still queued: the receiver
-    /// learns the first token as soon as the prefill is done (its frame count
-    /// says when the layers are all in, and the receiver waits for them). When
-    /// the connection has no stream to spare at once it goes last on a lane.
+    /// The Final overtakes the Layer frames still queued ([`FinalAhead`]).
     /// An error means the transfer failed (e.g. the receiver refused a frame
     /// and stopped the stream). `Ok` is delivery, not acceptance: a refusal
     /// decided after the last acknowledgement reaches the router through the
     /// decode node.
     pub async fn finish(
-        mut self,
+        self,
         first: &FirstToken,
         layers_sent: u32,
     ) -> Result<std::time::Instant, TransferError> {
-        self.done = true;
-        let fin = encode_final(
-            self.transfer_id,
-            first,
-            layers_sent,
-            self.frames_sent,
-            self.model_fingerprint,
-        );
-        let ahead = match self.final_conn.open_uni().now_or_never() {
-            Some(Ok(send)) => {
-                // The lanes are at the default priority, 0.
-                let _ = send.set_priority(1);
-                let (tx, rx) = mpsc::channel(2);
-                let task = tokio::spawn(run_lane(
-                    send,
-                    rx,
-                    CancellationToken::new(),
-                    self.failure.clone(),
-                    self.timeout,
-                    None,
-                ));
-                // The channel has room for both.
-                let _ = tx.try_send(LaneMsg::Write(vec![fin.clone()]));
-                let _ = tx.try_send(LaneMsg::Finish);
-                Some(task)
+        let sent = self
+            .final_ahead()
+            .send(first, layers_sent, self.frames_sent);
+        self.finish_after(sent).await
+    }
+
+    /// What sends this request's Final frame ahead of its Layer frames, even
+    /// of those not yet handed to [`send_layer`](Self::send_layer) (while this
+    /// stream is busy queueing one).
+    pub fn final_ahead(&self) -> FinalAhead {
+        FinalAhead {
+            conn: self.final_conn.clone(),
+            transfer_id: self.transfer_id,
+            model_fingerprint: self.model_fingerprint,
+            max_frame_payload: self.max_frame_payload,
+            failure: self.failure.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Completes a transfer whose Final was made by [`FinalAhead::send`]:
+    /// sends it last on a lane if it could not go ahead, waits until every
+    /// Layer frame queued is handed to the transport, finishes every stream
+    /// and waits for the receiver's acknowledgement, as [`finish`](Self::finish).
+    /// The Layer frames queued must be the ones the Final announced; if not,
+    /// the transfer is aborted (the receiver is told) and this is an error.
+    pub async fn finish_after(
+        mut self,
+        sent: SentFinal,
+    ) -> Result<std::time::Instant, TransferError> {
+        if sent.frames_total != self.frames_sent {
+            let e = TransferError::InvalidArgument(format!(
+                "the Final frame announced {} Layer frames, {} were queued",
+                sent.frames_total, self.frames_sent
+            ));
+            // The receiver may hold the Final, waiting: tell it.
+            if let Err(abort) = self.abort(&e.to_string()).await {
+                tracing::debug!("aborting a KV transfer: {abort}");
             }
-            _ => None,
-        };
-        if ahead.is_none() {
+            return Err(e);
+        }
+        self.done = true;
+        if sent.task.is_none() {
             // Last on the lane the next frame would have used; the receiver
             // orders it after the other lanes by the frame count.
             let lane = &self.lanes[self.next_lane % self.lanes.len()];
-            if lane.tx.send(LaneMsg::Write(vec![fin])).await.is_err() {
+            if lane
+                .tx
+                .send(LaneMsg::Write(vec![sent.frame]))
+                .await
+                .is_err()
+            {
                 return Err(self.lane_failure());
             }
         }
@@ -535,7 +553,7 @@ impl RequestStream {
         let tasks = std::mem::take(&mut self.lanes)
             .into_iter()
             .map(|l| l.task)
-            .chain(ahead);
+            .chain(sent.task);
         let mut failed = false;
         for task in tasks {
             failed |= !matches!(task.await, Ok(Ok(())));
@@ -578,6 +596,92 @@ impl Drop for RequestStream {
             }
         }
     }
+}
+
+/// Sends one request's Final frame on a stream of its own, at a higher
+/// priority than the request's lanes, so that it overtakes the Layer frames
+/// still queued: the receiver learns the first token as soon as the prefill
+/// is done, and the frame count it announces says when the layers are all
+/// in (the receiver waits for them). From [`RequestStream::final_ahead`].
+pub struct FinalAhead {
+    conn: Connection,
+    transfer_id: u64,
+    model_fingerprint: u64,
+    max_frame_payload: u32,
+    failure: Arc<Mutex<Option<TransferError>>>,
+    timeout: Duration,
+}
+
+/// A Final frame made by [`FinalAhead::send`], for [`RequestStream::finish_after`].
+pub struct SentFinal {
+    frame: Bytes,
+    frames_total: u32,
+    /// Its stream's task; `None`: it did not go ahead (no stream to spare).
+    task: Option<JoinHandle<Result<(), TransferError>>>,
+}
+
+impl SentFinal {
+    /// Whether the frame went ahead on a stream of its own.
+    pub fn went_ahead(&self) -> bool {
+        self.task.is_some()
+    }
+}
+
+impl FinalAhead {
+    /// Layer frames [`RequestStream::send_layer`] cuts a layer of `shape` into.
+    pub fn frames_for(&self, shape: &LayerShape) -> Result<u32, TransferError> {
+        let block_bytes = shape
+            .block_bytes()
+            .filter(|&b| b > 0)
+            .ok_or_else(|| TransferError::InvalidArgument("bad block size".into()))?;
+        let per_frame = blocks_per_frame(self.max_frame_payload, block_bytes);
+        Ok(u64::from(shape.block_count).div_ceil(per_frame) as u32)
+    }
+
+    /// Sends the Final now, announcing `frames_total` Layer frames: every
+    /// one the request will have queued when [`RequestStream::finish_after`]
+    /// is called, including those not queued yet. When the connection has no
+    /// stream to spare at once, the frame waits to go last on a lane.
+    pub fn send(&self, first: &FirstToken, layers_sent: u32, frames_total: u32) -> SentFinal {
+        let frame = encode_final(
+            self.transfer_id,
+            first,
+            layers_sent,
+            frames_total,
+            self.model_fingerprint,
+        );
+        let task = match self.conn.open_uni().now_or_never() {
+            Some(Ok(send)) => {
+                // The lanes are at the default priority, 0.
+                let _ = send.set_priority(1);
+                let (tx, rx) = mpsc::channel(2);
+                let task = tokio::spawn(run_lane(
+                    send,
+                    rx,
+                    CancellationToken::new(),
+                    self.failure.clone(),
+                    self.timeout,
+                    None,
+                ));
+                // The channel has room for both.
+                let _ = tx.try_send(LaneMsg::Write(vec![frame.clone()]));
+                let _ = tx.try_send(LaneMsg::Finish);
+                Some(task)
+            }
+            _ => None,
+        };
+        SentFinal {
+            frame,
+            frames_total,
+            task,
+        }
+    }
+}
+
+/// Whole blocks a Layer frame of at most `max_frame_payload` bytes carries
+/// (one, when a block alone is larger).
+fn blocks_per_frame(max_frame_payload: u32, block_bytes: u64) -> u64 {
+    (u64::from(max_frame_payload) / block_bytes).max(1)
 }
 
 fn write_error(e: WriteError) -> TransferError {

@@ -240,6 +240,96 @@ async fn the_first_token_is_announced_ahead_of_the_layers() {
     );
 }
 
+/// A sender of frames of at most three blocks (a layer is three frames).
+async fn three_block_frames(s: &Setup) -> KvSender {
+    let tls = client_config_trusting(&s.cert.cert).unwrap();
+    let cfg = SenderConfig {
+        connections: 2,
+        max_frame_payload: 3 * block_bytes() as u32,
+        ..SenderConfig::default()
+    };
+    KvSender::connect_with(s.addr, tls, cfg).await.unwrap()
+}
+
+/// The Final can leave before any layer is queued (as a prefill node sends
+/// it once the first token is sampled, while earlier layers still wait for
+/// their device copies): it announces every frame the layers will be cut
+/// into, the first token is announced before a single Layer frame landed,
+/// and the transfer ends once they all did, byte-exact.
+#[tokio::test]
+async fn a_final_sent_before_any_layer_announces_the_first_token_at_once() {
+    let mut s = start();
+    let sender = three_block_frames(&s).await;
+    let id = 78;
+    s.sink.reserve(id);
+    let mut req = sender.open_request(id).await.unwrap();
+    let ahead = req.final_ahead();
+    let frames: u32 = (0..LAYERS)
+        .map(|l| ahead.frames_for(&shape(l)).unwrap())
+        .sum();
+    // Eight blocks in frames of three: 3 frames a layer.
+    assert_eq!(frames, 3 * u32::from(LAYERS));
+    let sent = ahead.send(&first_token(), u32::from(LAYERS), frames);
+    assert!(sent.went_ahead());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.sink.first_tokens.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no first token");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (tid, first, frames_by_then) = s.sink.first_tokens.lock().unwrap()[0].clone();
+    assert_eq!((tid, first, frames_by_then), (id, first_token(), 0));
+    for layer in 0..LAYERS {
+        req.send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .unwrap();
+    }
+    req.finish_after(sent).await.unwrap();
+    assert_eq!(next_ending(&mut s.endings).await, Ending::Final(id, 1234));
+    for layer in 0..LAYERS {
+        assert!(s.sink.layer(id, u32::from(layer)) == layer_bytes(layer).to_vec());
+    }
+    assert_eq!(
+        s.sink.first_tokens.lock().unwrap().len(),
+        1,
+        "announced once"
+    );
+}
+
+/// A Final that announced fewer frames than were then queued is a broken
+/// transfer: the sender says so and the receiver ends it with an abort
+/// (its blocks released), not a delivery.
+#[tokio::test]
+async fn a_final_announcing_the_wrong_frame_count_ends_in_an_abort() {
+    let mut s = start();
+    let sender = three_block_frames(&s).await;
+    let id = 79;
+    s.sink.reserve(id);
+    let mut req = sender.open_request(id).await.unwrap();
+    let ahead = req.final_ahead();
+    let sent = ahead.send(&first_token(), u32::from(LAYERS), 3 * u32::from(LAYERS) - 1);
+    for layer in 0..LAYERS {
+        // The receiver may refuse the frame beyond the announced count.
+        if req
+            .send_layer(shape(layer), layer_bytes(layer))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let e = req.finish_after(sent).await.unwrap_err();
+    assert!(
+        matches!(e, TransferError::InvalidArgument(_))
+            || matches!(e, TransferError::Refused { .. }),
+        "{e:?}"
+    );
+    assert!(matches!(
+        next_ending(&mut s.endings).await,
+        Ending::Abort(79, _)
+    ));
+    assert_eq!(s.sink.reservations.lock().unwrap().len(), 0, "released");
+}
+
 /// A raw QUIC connection for writing arbitrary bytes.
 async fn raw_connection(s: &Setup) -> quinn::Connection {
     let tls = client_config_trusting(&s.cert.cert).unwrap();

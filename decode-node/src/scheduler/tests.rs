@@ -16,6 +16,7 @@ use tandem_kv_transfer::{FirstLogprobs, FirstToken, Reservations};
 use tandem_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 
+use super::inbox::Inbox;
 use super::{Command, Event, KvEndpoint, Limits, Scheduler, Stats};
 use crate::admission::Admission;
 use crate::errors::Refusal;
@@ -129,6 +130,7 @@ fn admit_with(
 fn commands_arriving_during_a_step_are_taken_and_a_cancel_waits_for_its_end() {
     let (_dir, mut s) = scheduler();
     let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
     let (mut a_reply, _a_events) = admit(&tx, "a", 32);
     s.handle(rx.try_recv().expect("admission of a"));
     assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
@@ -136,7 +138,7 @@ fn commands_arriving_during_a_step_are_taken_and_a_cancel_waits_for_its_end() {
     // An admission waiting while a's prompt is prefilled is taken during
     // the step: answered when the step returns.
     let (mut b_reply, _b_events) = admit(&tx, "b", 32);
-    s.step(&rx);
+    s.step(&mut rx);
     assert_eq!(
         b_reply.try_recv().ok(),
         Some(Ok(())),
@@ -150,7 +152,7 @@ fn commands_arriving_during_a_step_are_taken_and_a_cancel_waits_for_its_end() {
     tx.send(Command::Cancel("a".into(), cancelled))
         .expect("loop's channel");
     let (mut c_reply, _c_events) = admit(&tx, "c", 32);
-    s.step(&rx);
+    s.step(&mut rx);
     assert!(
         matches!(s.held, Some(Command::Cancel(..))),
         "the cancel is held"
@@ -239,6 +241,7 @@ fn commands_keep_being_taken_until_the_step_is_done_on_the_device() {
     let r = running.clone();
     let (_dir, mut s) = scheduler_with(move |inner| DeviceLike { inner, running: r });
     let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
     let (mut a_reply, _a_events) = admit(&tx, "a", 32);
     s.handle(rx.try_recv().expect("admission of a"));
     assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
@@ -254,7 +257,7 @@ fn commands_keep_being_taken_until_the_step_is_done_on_the_device() {
             b
         }
     });
-    s.step(&rx);
+    s.step(&mut rx);
     let (mut b_reply, _b_events) = late.join().expect("sender thread");
     assert_eq!(
         b_reply.try_recv().ok(),
@@ -265,7 +268,7 @@ fn commands_keep_being_taken_until_the_step_is_done_on_the_device() {
     // in the channel for the loop's next turn.
     let (mut c_reply, _c_events) = admit(&tx, "c", 32);
     let started = std::time::Instant::now();
-    s.take_commands_during_step(&rx);
+    s.take_commands_during_step(&mut rx);
     assert!(started.elapsed() < Duration::from_millis(20));
     assert_eq!(
         c_reply.try_recv().ok(),
@@ -292,6 +295,7 @@ fn a_first_token_ahead_of_the_kv_goes_out_once_and_an_answered_request_waits_for
     let (_dir, mut s) = scheduler();
     s.policy.local_prefill_below = 0;
     let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
     let free = s.blocks.num_free();
 
     // Four tokens: the first leaves at FirstToken, not again at KvComplete.
@@ -312,7 +316,7 @@ fn a_first_token_ahead_of_the_kv_goes_out_once_and_an_answered_request_waits_for
     s.handle(Command::KvComplete { transfer_id: id });
     assert!(matches!(s.seqs[&id].state, State::Running));
     assert_eq!(drain(&mut events), (vec![], false), "no second first token");
-    s.step(&rx);
+    s.step(&mut rx);
     assert_eq!(
         drain(&mut events).0.len(),
         1,
@@ -362,6 +366,7 @@ fn the_first_token_goes_out_with_its_log_probabilities_and_one_without_them_fail
     let (_dir, mut s) = scheduler();
     s.policy.local_prefill_below = 0;
     let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
     let free = s.blocks.num_free();
     let params = GenerationParams {
         max_tokens: 4,
