@@ -141,7 +141,7 @@ pub(crate) async fn ship(
                 let Some(a) = &ahead else {
                     return Err(PrefillError::Server("the KV stream went missing".into()));
                 };
-                frames_total += a.frames_for(&shape).map_err(fail)?;
+                frames_total = frames_total.saturating_add(a.frames_for(&shape).map_err(fail)?);
                 queued.push_back((shape, kv));
             }
             Some(JobEvent::Done {
