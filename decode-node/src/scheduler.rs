@@ -53,6 +53,10 @@ use inbox::Inbox;
 /// the step on the device is done: the most a step's end can go unnoticed.
 const STEP_POLL: Duration = Duration::from_micros(100);
 
+/// The least time the loop spends importing KV frames outside a step's device
+/// time while sequences run ([`Scheduler::import_slice`]).
+const IMPORT_SLICE_MIN: Duration = Duration::from_millis(2);
+
 /// A message on a request's response stream (the service turns the error
 /// into a gRPC status).
 pub type Event = Result<pb::DecodeResponse, RequestError>;
@@ -189,6 +193,12 @@ pub struct Scheduler<B: Backend> {
     /// A command taken while a step ran that had to wait for its end (one that
     /// can end a sequence, which may be in the step); handled first next turn.
     held: Option<Command>,
+    /// While sequences run, how long imports may hold the loop outside a
+    /// step's device time before the next step starts (a quarter of the last
+    /// step, at least [`IMPORT_SLICE_MIN`]): a 4k prompt of an 8B model is
+    /// ~100 ms of imports, which taken in one go stalled every running
+    /// sequence's next token; the rest wait for the next step's device time.
+    import_slice: Duration,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -233,6 +243,7 @@ impl<B: Backend> Scheduler<B> {
             links: SharedLinks::default(),
             local_rate: LocalRate::default(),
             held: None,
+            import_slice: IMPORT_SLICE_MIN,
         }
     }
 
@@ -262,13 +273,12 @@ impl<B: Backend> Scheduler<B> {
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
-            while let Ok(cmd) = commands.try_recv() {
-                self.handle(cmd);
-            }
+            self.take_waiting_commands(&mut commands);
             self.reap(Instant::now());
             let started = Instant::now();
             self.step(&mut commands);
             let took = started.elapsed();
+            self.import_slice = (took / 4).max(IMPORT_SLICE_MIN);
             if took > Duration::from_millis(50) {
                 tracing::debug!(ms = took.as_secs_f64() * 1e3, "slow engine step");
             }
@@ -476,6 +486,26 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
+    /// Takes the commands waiting before a step: all of them when no
+    /// sequence would run in it; else imports stop after [`import_slice`]
+    /// (the others are cheap), and the rest wait in the inbox.
+    ///
+    /// [`import_slice`]: Self::import_slice
+    fn take_waiting_commands(&mut self, commands: &mut Inbox) {
+        let stepping = self
+            .seqs
+            .values()
+            .any(|s| !matches!(s.state, State::AwaitingKv { .. }));
+        let slice_ends = Instant::now() + self.import_slice;
+        while let Ok(cmd) = commands.try_recv() {
+            let import = matches!(cmd, Command::ImportLayer { .. });
+            self.handle(cmd);
+            if import && stepping && Instant::now() >= slice_ends {
+                break;
+            }
+        }
+    }
+
     /// One forward pass over the rows the planner picks.
     /// Takes the commands that arrive while a step runs on the device: KV
     /// layers to import (a GPU backend queues their copies behind the step),
@@ -484,11 +514,17 @@ impl<B: Backend> Scheduler<B> {
     /// sequence (a cancel, an aborted transfer) is held for after the step, and
     /// the ones behind it with it, so the commands keep their order.
     /// Commands keep being taken until the step is done on the device (a
-    /// backend that computes it in `start_step` is done at once): a KV frame
-    /// that lands mid-step is imported then, and a transfer that completes
-    /// mid-step sends its first token then, not after the step.
+    /// backend that computes it in `start_step` is done at once), then for
+    /// [`import_slice`](Self::import_slice) more: a KV frame that lands
+    /// mid-step is imported then, and a transfer that completes mid-step
+    /// sends its first token then, not after the step.
     fn take_commands_during_step(&mut self, commands: &mut Inbox) {
+        // Once the step is done on the device, imports may go on for a slice.
+        let mut slice_ends: Option<Instant> = None;
         while self.held.is_none() {
+            if slice_ends.is_some_and(|end| Instant::now() >= end) {
+                break;
+            }
             let cmd = match commands.try_recv() {
                 Ok(cmd) => cmd,
                 Err(TryRecvError::Disconnected) => break,
@@ -502,6 +538,9 @@ impl<B: Backend> Scheduler<B> {
             match cmd {
                 Command::Cancel(..) | Command::KvAborted { .. } => self.held = Some(cmd),
                 cmd => self.handle(cmd),
+            }
+            if slice_ends.is_none() && !self.backend.step_running() {
+                slice_ends = Some(Instant::now() + self.import_slice);
             }
         }
     }

@@ -432,3 +432,45 @@ fn the_first_token_goes_out_with_its_log_probabilities_and_one_without_them_fail
     assert!(error.to_string().contains("log probabilities"), "{error}");
     assert_eq!(s.blocks.num_free(), free, "every block free");
 }
+
+/// An ImportLayer of a transfer this node does not hold (handled at once: dropped).
+fn stray_import(layer: usize) -> Command {
+    Command::ImportLayer {
+        transfer_id: 999_999,
+        layer,
+        first_block: 0,
+        block_count: 1,
+        heads: 0..1,
+        dtype: tandem_kv_transfer::WireDtype::F32,
+        payload: bytes::Bytes::new(),
+    }
+}
+
+#[test]
+fn imports_waiting_before_a_step_stop_after_the_slice_while_sequences_run() {
+    let (_dir, mut s) = scheduler();
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    s.import_slice = Duration::ZERO;
+    // Nothing runs: every waiting command is taken.
+    for layer in 0..3 {
+        tx.send(stray_import(layer)).expect("open");
+    }
+    s.take_waiting_commands(&mut rx);
+    assert!(rx.try_recv().is_err(), "all taken");
+    // A sequence runs: the first import spends the (empty) slice, the
+    // rest wait for the step's device time, in order.
+    let (mut a_reply, _a_events) = admit(&tx, "a", 32);
+    s.handle(rx.try_recv().expect("admission of a"));
+    assert_eq!(a_reply.try_recv().ok(), Some(Ok(())));
+    for layer in 0..3 {
+        tx.send(stray_import(layer)).expect("open");
+    }
+    s.take_waiting_commands(&mut rx);
+    for layer in 1..3 {
+        match rx.try_recv() {
+            Ok(Command::ImportLayer { layer: l, .. }) => assert_eq!(l, layer),
+            _ => panic!("import of layer {layer} should be waiting"),
+        }
+    }
+}
