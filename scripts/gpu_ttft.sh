@@ -20,6 +20,9 @@
 # side instead of time-slicing between two processes' contexts). MAXRUN=N sets the
 # router's max_running (256 in the configs). DECODE_WAITING=N sets router.decode_waiting
 # (a saturated decode node holds max_batch + N requests, the rest wait at the router).
+# MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,
+# `nvidia-cuda-mps-control`, with its pipe and log directories under $WORK, stopped at
+# the end), so two processes' kernels share the GPU side by side instead of taking turns.
 # Expects a `--features cuda` build of `tandem` and cluster-configs/gpu-1p1d in $GPU_DIR.
 set -u
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -55,6 +58,16 @@ sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
 if [ -n "${KVDTYPE:-}" ]; then
   sed -i -e "/^\[prefill\]/a kv_dtype = \"$KVDTYPE\"" prefill.toml
   sed -i -e "/^\[decode\]/a kv_dtype = \"$KVDTYPE\"" decode.toml
+fi
+if [ -n "${MPS:-}" ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    echo "MPS daemon started" | tee -a "$OUT/ttft.md"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    echo "MPS: nvidia-cuda-mps-control did not start; running without it" | tee -a "$OUT/ttft.md"
+  fi
 fi
 PIDS=()
 start() { # role config log: starts a node; its pid in $PID
