@@ -131,17 +131,23 @@ pub(crate) async fn ship(
             }
             e = events.recv(), if done.is_none() => e,
         };
+        // The stream opens at the first layer (or, were a prompt to have no
+        // blocks, at its end: still a valid transfer), not while queued.
+        let opens = matches!(event, Some(JobEvent::Layer(..) | JobEvent::Done { .. }));
+        if opens && ahead.is_none() {
+            let s = sender.open_request(dest.transfer_id).await.map_err(fail)?;
+            ahead = Some(s.final_ahead());
+            stream = Some(s);
+        }
+        let opened = || {
+            ahead
+                .as_ref()
+                .ok_or_else(|| PrefillError::Server("the KV stream went missing".into()))
+        };
         match event {
             Some(JobEvent::Layer(shape, kv)) => {
-                if stream.is_none() && sending.is_none() {
-                    let s = sender.open_request(dest.transfer_id).await.map_err(fail)?;
-                    ahead = Some(s.final_ahead());
-                    stream = Some(s);
-                }
-                let Some(a) = &ahead else {
-                    return Err(PrefillError::Server("the KV stream went missing".into()));
-                };
-                frames_total = frames_total.saturating_add(a.frames_for(&shape).map_err(fail)?);
+                let frames = opened()?.frames_for(&shape).map_err(fail)?;
+                frames_total = frames_total.saturating_add(frames);
                 queued.push_back((shape, kv));
             }
             Some(JobEvent::Done {
@@ -162,16 +168,6 @@ pub(crate) async fn ship(
                     compute_ms = compute_seconds * 1e3,
                     "prefilled; sending the final frame"
                 );
-                if stream.is_none() && sending.is_none() {
-                    // Every prompt has at least one block: this cannot happen,
-                    // but a stream with no layers is still a valid transfer.
-                    let s = sender.open_request(dest.transfer_id).await.map_err(fail)?;
-                    ahead = Some(s.final_ahead());
-                    stream = Some(s);
-                }
-                let Some(a) = &ahead else {
-                    return Err(PrefillError::Server("the KV stream went missing".into()));
-                };
                 let first = FirstToken {
                     id: first_token,
                     logprobs: logprobs.map(|l| FirstLogprobs {
@@ -184,7 +180,7 @@ pub(crate) async fn ship(
                     cached_tokens,
                     queue_seconds,
                     compute_seconds,
-                    sent: a.send(&first, num_layers, frames_total),
+                    sent: opened()?.send(&first, num_layers, frames_total),
                 });
             }
             Some(JobEvent::Failed(e)) => {
