@@ -80,7 +80,9 @@ pub(crate) async fn ship(
     let mut done: Option<Done> = None;
     let mut kv_bytes_sent = 0u64;
     loop {
+        // The stream is idle: the next layer takes it.
         if sending.is_none()
+            && stream.is_some()
             && let Some((shape, kv)) = queued.pop_front()
             && let Some(s) = stream.take()
         {
