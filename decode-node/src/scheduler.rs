@@ -196,7 +196,7 @@ pub struct Scheduler<B: Backend> {
     /// While sequences run, how long imports may hold the loop outside a
     /// step's device time before the next step starts (a quarter of the last
     /// step, at least [`IMPORT_SLICE_MIN`]): a 4k prompt of an 8B model is
-    /// ~100 ms of imports, which taken in one go stalled every running
+    /// ~60 ms of imports on an H200 host, which taken in one go stalled every running
     /// sequence's next token; the rest wait for the next step's device time.
     import_slice: Duration,
 }
@@ -262,11 +262,7 @@ impl<B: Backend> Scheduler<B> {
             if let Some(cmd) = self.held.take() {
                 self.handle(cmd);
             }
-            let busy = self
-                .seqs
-                .values()
-                .any(|s| !matches!(s.state, State::AwaitingKv { .. }));
-            if !busy {
+            if !self.stepping() {
                 match commands.recv_timeout(Duration::from_millis(20)) {
                     Ok(cmd) => self.handle(cmd),
                     Err(RecvTimeoutError::Timeout) => {}
@@ -486,16 +482,21 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
+    /// Whether a sequence would run in the next step (one not waiting for
+    /// its KV).
+    fn stepping(&self) -> bool {
+        self.seqs
+            .values()
+            .any(|s| !matches!(s.state, State::AwaitingKv { .. }))
+    }
+
     /// Takes the commands waiting before a step: all of them when no
     /// sequence would run in it; else imports stop after [`import_slice`]
     /// (the others are cheap), and the rest wait in the inbox.
     ///
     /// [`import_slice`]: Self::import_slice
     fn take_waiting_commands(&mut self, commands: &mut Inbox) {
-        let stepping = self
-            .seqs
-            .values()
-            .any(|s| !matches!(s.state, State::AwaitingKv { .. }));
+        let stepping = self.stepping();
         let slice_ends = Instant::now() + self.import_slice;
         while let Ok(cmd) = commands.try_recv() {
             let import = matches!(cmd, Command::ImportLayer { .. });

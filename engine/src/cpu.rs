@@ -8,8 +8,8 @@
 //! barrier-based all-reduce. Spawning a few threads per forward pass costs
 //! tens of microseconds, noise beside the matmuls of a CPU forward pass, and
 //! in exchange the ranks borrow the weights and caches directly (no
-//! reference counting per pass, no long-lived pool to shut down), and a forward pass cannot outlive its
-//! inputs.
+//! reference counting per pass, no long-lived pool to shut down), and a
+//! forward pass cannot outlive its inputs.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

@@ -18,7 +18,9 @@ use super::Command;
 /// The loop's end of its command channel.
 pub(crate) struct Inbox {
     rx: Receiver<Command>,
-    /// Taken from the channel, not yet handed out.
+    /// First tokens taken from the channel, not yet handed out.
+    first_tokens: VecDeque<Command>,
+    /// The other commands taken from the channel, not yet handed out.
     waiting: VecDeque<Command>,
 }
 
@@ -26,6 +28,7 @@ impl Inbox {
     pub(crate) fn new(rx: Receiver<Command>) -> Self {
         Inbox {
             rx,
+            first_tokens: VecDeque::new(),
             waiting: VecDeque::new(),
         }
     }
@@ -48,32 +51,34 @@ impl Inbox {
             Err(TryRecvError::Empty) => {}
         }
         let cmd = self.rx.recv_timeout(timeout)?;
-        self.waiting.push_back(cmd);
+        self.keep(cmd);
         self.pull();
         // The one just queued, or a first token that came with it.
         self.take().ok_or(RecvTimeoutError::Timeout)
     }
 
-    /// Moves what the channel holds into `waiting`; whether it is closed.
+    /// Moves what the channel holds into the queues; whether it is closed.
     fn pull(&mut self) -> bool {
         loop {
             match self.rx.try_recv() {
-                Ok(cmd) => self.waiting.push_back(cmd),
+                Ok(cmd) => self.keep(cmd),
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
             }
         }
     }
 
-    fn take(&mut self) -> Option<Command> {
-        match self
-            .waiting
-            .iter()
-            .position(|c| matches!(c, Command::FirstToken { .. }))
-        {
-            Some(i) => self.waiting.remove(i),
-            None => self.waiting.pop_front(),
+    fn keep(&mut self, cmd: Command) {
+        match cmd {
+            Command::FirstToken { .. } => self.first_tokens.push_back(cmd),
+            cmd => self.waiting.push_back(cmd),
         }
+    }
+
+    fn take(&mut self) -> Option<Command> {
+        self.first_tokens
+            .pop_front()
+            .or_else(|| self.waiting.pop_front())
     }
 }
 

@@ -40,11 +40,7 @@ impl Request<'_> {
             if let Some(p) = &place
                 && !p.is_head()
             {
-                self.watch(async {
-                    p.woken().await;
-                    Ok(())
-                })
-                .await?;
+                self.wait_turn(p).await?;
                 continue;
             }
             let tokens = self.routed_tokens(generated);
@@ -99,9 +95,9 @@ impl Request<'_> {
             // room are full gets nothing more; when no node takes the
             // request, it waits here for one to finish a request.
             let mut no_room = false;
+            let prompt_tokens = self.req.prompt.len() + generated.len();
             for node in ranked {
-                let tokens = self.req.prompt.len() + generated.len();
-                let Ok(assignment) = nodes.assign_with_room(&node.addr, tokens) else {
+                let Ok(assignment) = nodes.assign_with_room(&node.addr, prompt_tokens) else {
                     no_room = true;
                     continue;
                 };
@@ -145,13 +141,7 @@ impl Request<'_> {
                     // Just queued: a request that ended before it joined
                     // woke nobody, so it looks once more first.
                     None => place = Some(queue.join()),
-                    Some(p) => {
-                        self.watch(async {
-                            p.woken().await;
-                            Ok(())
-                        })
-                        .await?
-                    }
+                    Some(p) => self.wait_turn(p).await?,
                 }
                 continue;
             }
@@ -175,6 +165,16 @@ impl Request<'_> {
         prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, tokens), failed)
             .into_iter()
             .next()
+    }
+
+    /// Waits until `place` is woken (a request ended at a decode node, a
+    /// report came, or the head before it left), or the request ends.
+    async fn wait_turn(&self, place: &crate::decode_queue::Place<'_>) -> Result<(), RouterError> {
+        self.watch(async {
+            place.woken().await;
+            Ok(())
+        })
+        .await
     }
 
     /// The wait in `node`'s prefill queue, in seconds: its queued prompt

@@ -283,6 +283,17 @@ async fn a_stale_prefill_report_does_not_outlive_the_requests_it_counted() {
     shutdown.cancel();
 }
 
+/// An idle decode node's report: 100 free blocks, `max_batch`.
+fn decode_load(max_batch: u32) -> NodeLoad {
+    NodeLoad {
+        role: tandem_proto::v1::Role::Decode.into(),
+        kv_blocks_total: 100,
+        kv_blocks_free: 100,
+        max_batch,
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_per_end() {
     let shutdown = CancellationToken::new();
@@ -299,15 +310,7 @@ async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_pe
         "no report yet: no max_batch known, no limit"
     );
     drop(unknown);
-    pool.set_status(a, |s| {
-        s.load = Some(NodeLoad {
-            role: tandem_proto::v1::Role::Decode.into(),
-            kv_blocks_total: 100,
-            kv_blocks_free: 100,
-            max_batch: 2,
-            ..Default::default()
-        });
-    });
+    pool.set_status(a, |s| s.load = Some(decode_load(2)));
     // max_batch 2 + 1 waiting: the fourth request finds no room.
     let held: Vec<_> = (0..3)
         .map(|_| {
@@ -332,15 +335,7 @@ async fn without_decode_waiting_a_decode_node_always_has_room() {
     let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
     let a = "http://127.0.0.1:1";
     tokio::time::sleep(Duration::from_millis(100)).await;
-    pool.set_status(a, |s| {
-        s.load = Some(NodeLoad {
-            role: tandem_proto::v1::Role::Decode.into(),
-            kv_blocks_total: 100,
-            kv_blocks_free: 100,
-            max_batch: 1,
-            ..Default::default()
-        });
-    });
+    pool.set_status(a, |s| s.load = Some(decode_load(1)));
     let held: Vec<_> = (0..5).map(|_| pool.assign_with_room(a, 4)).collect();
     assert!(held.iter().all(|r| matches!(r, Ok(Some(_)))));
     shutdown.cancel();
