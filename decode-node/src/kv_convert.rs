@@ -8,23 +8,23 @@
 
 use std::ops::Range;
 
-use bytes::Bytes;
 use tandem_cluster::kv_dtype::{name, wire_dtype};
 use tandem_engine::KvLayout;
 use tandem_engine::kv_quant::{SourceDtype, quantize_frame};
-use tandem_kv_transfer::WireDtype;
+use tandem_kv_transfer::{Payload, WireDtype};
 
 /// `payload` (blocks `blocks` of the reservation, heads `heads`, in
 /// `frame`'s dtype) in the cache's dtype; `context_len` tokens hold KV, which
 /// says how many slots of the last block are real (the rest are not quantized).
+/// A frame already in the cache's dtype is returned as it is (its pieces).
 pub(crate) fn to_cache_dtype(
     frame: WireDtype,
     layout: &KvLayout,
-    payload: &Bytes,
+    payload: &Payload,
     blocks: Range<usize>,
     heads: Range<usize>,
     context_len: usize,
-) -> Result<Bytes, String> {
+) -> Result<Payload, String> {
     let cache = wire_dtype(layout.dtype);
     if frame == cache {
         return Ok(payload.clone());
@@ -45,7 +45,14 @@ pub(crate) fn to_cache_dtype(
     let valid: Vec<usize> = blocks
         .map(|b| context_len.saturating_sub(b * bs).min(bs))
         .collect();
-    quantize_frame(src, payload, heads.len(), bs, layout.head_dim, &valid)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    quantize_frame(
+        src,
+        &payload.to_bytes(),
+        heads.len(),
+        bs,
+        layout.head_dim,
+        &valid,
+    )
+    .map(Payload::from)
+    .map_err(|e| e.to_string())
 }

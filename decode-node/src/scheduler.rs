@@ -27,7 +27,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tandem_cluster::convert::{finish_reason_to_pb, logprobs_to_pb};
 use tandem_engine::backend::Backend;
 use tandem_engine::block_manager::{BlockId, BlockManager};
@@ -81,7 +80,7 @@ pub enum Command {
         /// The frame's dtype: the cache's, or a wider one to quantize (fp8 cache).
         dtype: tandem_kv_transfer::WireDtype,
         /// The bytes, in the cache layout.
-        payload: Bytes,
+        payload: tandem_kv_transfer::Payload,
     },
     /// The prefill node's Final frame arrived (often ahead of its last
     /// layers): its first token goes to the caller now; the sequence joins
@@ -419,7 +418,7 @@ impl<B: Backend> Scheduler<B> {
         layer: usize,
         blocks: std::ops::Range<usize>,
         heads: std::ops::Range<usize>,
-        (dtype, payload): (tandem_kv_transfer::WireDtype, &Bytes),
+        (dtype, payload): (tandem_kv_transfer::WireDtype, &tandem_kv_transfer::Payload),
     ) {
         let Some(seq) = self.seqs.get(&id) else {
             return;
@@ -436,9 +435,10 @@ impl<B: Backend> Scheduler<B> {
                 heads.clone(),
                 context_len,
             )
-            .and_then(|bytes| {
+            .and_then(|frame| {
+                let pieces: Vec<&[u8]> = frame.parts().iter().map(|p| &p[..]).collect();
                 self.backend
-                    .import_heads(layer, table, heads, &bytes)
+                    .import_heads_vectored(layer, table, heads, &pieces)
                     .map_err(|e| e.to_string())
             }),
             None => Err(format!(

@@ -17,8 +17,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tandem_kv_transfer::{FirstToken, KvSink, LayerHeader, Reservations, SinkError};
+use tandem_kv_transfer::{FirstToken, KvSink, LayerHeader, Payload, Reservations, SinkError};
 
 use crate::link_cost::SharedLinks;
 use crate::scheduler::Command;
@@ -78,7 +77,7 @@ impl ReservedSink {
 }
 
 impl KvSink for ReservedSink {
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+    fn on_layer(&self, header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         let accepted = self.table().on_layer_frame(header)?;
         self.received.increment(payload.len() as u64);
         {

@@ -225,6 +225,23 @@ pub trait KvIo {
         heads: Range<usize>,
         bytes: &[u8],
     ) -> Result<()>;
+
+    /// [`import_heads`](Self::import_heads) of a frame given as pieces, in
+    /// order (the packets it arrived in). The default joins them, a copy; a
+    /// backend that copies the frame anyway (CUDA, into pinned memory)
+    /// gathers the pieces instead.
+    fn import_heads_vectored(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        pieces: &[&[u8]],
+    ) -> Result<()> {
+        match pieces {
+            [one] => self.import_heads(layer, blocks, heads, one),
+            _ => self.import_heads(layer, blocks, heads, &pieces.concat()),
+        }
+    }
 }
 
 /// Conveniences over [`Backend`], for every backend. Greedy decoding goes
@@ -373,6 +390,16 @@ impl<B: KvIo + ?Sized> KvIo for Box<B> {
         bytes: &[u8],
     ) -> Result<()> {
         (**self).import_heads(layer, blocks, heads, bytes)
+    }
+
+    fn import_heads_vectored(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        pieces: &[&[u8]],
+    ) -> Result<()> {
+        (**self).import_heads_vectored(layer, blocks, heads, pieces)
     }
 }
 

@@ -149,9 +149,18 @@ fn kv_moved_layer_by_layer_continues_identically() {
     let mut decode_node = m.load_cpu(16, BLOCK).unwrap();
     let dst_table = [10, 0, 12, 13];
     for (layer, bytes) in &exported {
-        decode_node
-            .import_layer(*layer, &dst_table[..3], bytes)
-            .unwrap();
+        if layer % 2 == 0 {
+            decode_node
+                .import_layer(*layer, &dst_table[..3], bytes)
+                .unwrap();
+        } else {
+            // As a frame arrives: in pieces that cut elements and blocks.
+            let pieces: Vec<&[u8]> = bytes.chunks(1001).collect();
+            let heads = 0..m.config.num_kv_heads;
+            decode_node
+                .import_heads_vectored(*layer, &dst_table[..3], heads, &pieces)
+                .unwrap();
+        }
     }
     let remote = greedy(&mut decode_node, &dst_table, &p, logits.clone(), 18);
     let mut local_table = src_table.to_vec();

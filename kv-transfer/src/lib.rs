@@ -35,5 +35,6 @@ pub use sender::{FinalAhead, KvSender, RequestStream, SenderConfig, SentFinal};
 pub use tls::{ClusterCa, NodeCert, SelfSigned, TlsError};
 pub use transport::TransportTuning;
 pub use wire::{
-    FirstLogprobs, FirstToken, Frame, FrameDecoder, LayerHeader, LayerShape, WireDtype, WireError,
+    FirstLogprobs, FirstToken, Frame, FrameDecoder, LayerHeader, LayerShape, Payload, WireDtype,
+    WireError,
 };

@@ -48,7 +48,7 @@ use crate::reservation::Refusal;
 use crate::tls::TlsError;
 use crate::tracker::{FinalAction, PendingFinal, Tracker};
 use crate::transport::TransportTuning;
-use crate::wire::{DEFAULT_MAX_PAYLOAD, FirstToken, Frame, FrameDecoder, LayerHeader};
+use crate::wire::{DEFAULT_MAX_PAYLOAD, FirstToken, Frame, FrameDecoder, LayerHeader, Payload};
 
 /// Application error codes the receiver stops streams with.
 pub mod stop_code {
@@ -82,9 +82,10 @@ pub enum SinkError {
 /// Calls are made from the receiver's tasks; keep them short (a copy into
 /// the cache), or hand the payload to a worker.
 pub trait KvSink: Send + Sync + 'static {
-    /// Some blocks of one layer arrived, checksum verified. `Err` refuses
+    /// Some blocks of one layer arrived, checksum (if any) verified; the
+    /// payload is the received packets' bytes, not yet copied. `Err` refuses
     /// the frame: the stream is stopped and the request aborted.
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError>;
+    fn on_layer(&self, header: &LayerHeader, payload: Payload) -> Result<(), SinkError>;
     /// Every Layer frame of the request arrived and was accepted. `Err`
     /// refuses the request (e.g. incomplete): `on_abort` follows.
     fn on_final(&self, transfer_id: u64, layers_sent: u32) -> Result<(), SinkError>;
@@ -364,9 +365,7 @@ async fn serve_stream(mut recv: RecvStream, shared: Arc<Shared>) {
                     frame_start = Some(Instant::now());
                 }
                 for chunk in &mut chunks[..n] {
-                    decoder.extend(chunk);
-                    // Release the packet's buffer now, not at the next read.
-                    *chunk = Bytes::new();
+                    decoder.push(std::mem::take(chunk));
                 }
                 match drain_frames(&mut decoder, &mut request, &shared, &mut frame_start) {
                     Flow::Continue => {}

@@ -31,7 +31,7 @@
 //! | offset | size | field         | notes                                          |
 //! | ------ | ---- | ------------- | ---------------------------------------------- |
 //! | 0      | 16   | prefix        | kind = 1                                       |
-//! | 16     | 8    | checksum      | u64, xxh3-64 (seed 0) of the payload           |
+//! | 16     | 8    | checksum      | u64, xxh3-64 (seed 0) of the payload; 0 if unchecked |
 //! | 24     | 4    | payload len   | u32, bytes that follow the header              |
 //! | 28     | 4    | first block   | u32, index within the request's reservation    |
 //! | 32     | 4    | block count   | u32, >= 1                                      |
@@ -42,7 +42,8 @@
 //! | 44     | 2    | head dim      | u16, >= 1                                      |
 //! | 46     | 2    | block size    | u16, tokens per block, >= 1                    |
 //! | 48     | 1    | dtype         | `0` f32, `1` bf16, `2` f16, `3` fp8 e4m3       |
-//! | 49     | 3    | reserved      | zero                                           |
+//! | 49     | 1    | flags         | bit 0: unchecked (no checksum); others zero    |
+//! | 50     | 2    | reserved      | zero                                           |
 //! | 52     | len  | payload       | `block count` blocks, concatenated             |
 //!
 //! The payload length must equal `block_count * block_bytes`, where
@@ -58,6 +59,14 @@
 //! carried heads, so a tensor-parallel rank ships its own cache blocks
 //! unchanged and a full-head frame (`head start = 0`, `head count = total`)
 //! is a verbatim copy of `export_layer`'s bytes.
+//!
+//! An **unchecked** frame (flag bit 0) carries no checksum: its checksum
+//! field is zero and the receiver verifies nothing. QUIC authenticates every
+//! packet (AEAD), so on it the checksum guards only against a bug in the
+//! sender's or the receiver's framing, and costs a pass over every byte on
+//! both sides; senders leave it out unless asked (`SenderConfig`). A receiver
+//! of version 3 that predates the flag refuses an unchecked frame (reserved
+//! bytes not zero), so the flag needs no new version either.
 //!
 //! # Final frame (44 bytes + 8 per top log probability)
 //!
@@ -98,8 +107,12 @@
 //! and yields whole frames. It validates every header field before it
 //! accepts a payload length, refuses payloads above its configured maximum
 //! (so a peer cannot make it allocate without bound), and checks the
-//! checksum before handing the payload out. Incomplete input is never an
-//! error: it is "need more" (`Ok(None)`).
+//! checksum (if any) before handing the payload out. Incomplete input is
+//! never an error: it is "need more" (`Ok(None)`). Pieces given as [`Bytes`]
+//! are not copied: a Layer frame's [`Payload`] is the received buffers'
+//! slices, and the one copy is the one into the cache.
+
+use std::collections::VecDeque;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
@@ -126,6 +139,8 @@ pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
 const KIND_LAYER: u8 = 1;
 const KIND_FINAL: u8 = 2;
 const KIND_ABORT: u8 = 3;
+/// Layer header flag: the frame carries no checksum.
+const FLAG_UNCHECKED: u8 = 1;
 
 /// Element type of the KV cache on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -208,8 +223,8 @@ pub struct LayerHeader {
     pub block_size: u16,
     /// Payload bytes.
     pub payload_len: u32,
-    /// xxh3-64 of the payload.
-    pub checksum: u64,
+    /// xxh3-64 of the payload; `None` for an unchecked frame.
+    pub checksum: Option<u64>,
 }
 
 /// The shape of a Layer frame, without the payload-derived fields; what a
@@ -257,13 +272,13 @@ impl LayerHeader {
         payload: &[u8],
     ) -> Result<Self, WireError> {
         let mut header = Self::unhashed(transfer_id, shape, payload.len())?;
-        header.checksum = xxh3_64(payload);
+        header.checksum = Some(xxh3_64(payload));
         Ok(header)
     }
 
-    /// The header for a payload of `len` bytes in `shape`, validated, with
-    /// the checksum still 0: for a sender that hashes the payload elsewhere
-    /// (on the connection's task, in parallel with other connections).
+    /// The header for a payload of `len` bytes in `shape`, validated, without
+    /// a checksum: an unchecked frame, or one whose sender hashes the payload
+    /// elsewhere (on the connection's task, in parallel with other connections).
     pub fn unhashed(transfer_id: u64, shape: LayerShape, len: usize) -> Result<Self, WireError> {
         let payload_len = u32::try_from(len).map_err(|_| WireError::PayloadTooLarge {
             len: len as u64,
@@ -281,7 +296,7 @@ impl LayerHeader {
             head_dim: shape.head_dim,
             block_size: shape.block_size,
             payload_len,
-            checksum: 0,
+            checksum: None,
         };
         header.validate()?;
         Ok(header)
@@ -331,7 +346,7 @@ impl LayerHeader {
         let mut out = [0u8; LAYER_HEADER_LEN];
         let mut b = &mut out[..];
         put_prefix(&mut b, KIND_LAYER, self.transfer_id);
-        b.put_u64_le(self.checksum);
+        b.put_u64_le(self.checksum.unwrap_or(0));
         b.put_u32_le(self.payload_len);
         b.put_u32_le(self.first_block);
         b.put_u32_le(self.block_count);
@@ -342,7 +357,12 @@ impl LayerHeader {
         b.put_u16_le(self.head_dim);
         b.put_u16_le(self.block_size);
         b.put_u8(self.dtype as u8);
-        b.put_bytes(0, 3);
+        b.put_u8(if self.checksum.is_some() {
+            0
+        } else {
+            FLAG_UNCHECKED
+        });
+        b.put_bytes(0, 2);
         out
     }
 }
@@ -366,6 +386,81 @@ pub struct FirstLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
+/// A Layer frame's payload: the blocks' bytes as the pieces they arrived
+/// in (slices of the transport's receive buffers, not copied).
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Payload {
+    /// Bytes in all parts.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, in order; none is empty.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The bytes in one buffer: the part itself when there is one, else a copy.
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.parts[..] {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut out = BytesMut::with_capacity(self.len);
+                for p in parts {
+                    out.extend_from_slice(p);
+                }
+                out.freeze()
+            }
+        }
+    }
+
+    fn push(&mut self, part: Bytes) {
+        if !part.is_empty() {
+            self.len += part.len();
+            self.parts.push(part);
+        }
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(b: Bytes) -> Self {
+        let mut p = Payload::default();
+        p.push(b);
+        p
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Bytes::from(v).into()
+    }
+}
+
+/// Equal bytes, however they are cut into parts.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len
+            && self
+                .parts
+                .iter()
+                .flat_map(|p| p.iter())
+                .eq(other.parts.iter().flat_map(|p| p.iter()))
+    }
+}
+
+impl Eq for Payload {}
+
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -373,8 +468,8 @@ pub enum Frame {
     Layer {
         /// What the payload is.
         header: LayerHeader,
-        /// The blocks' bytes, checksum verified.
-        payload: Bytes,
+        /// The blocks' bytes, checksum (if any) verified.
+        payload: Payload,
     },
     /// Every Layer frame of the request has been sent.
     Final {
@@ -414,7 +509,9 @@ impl Frame {
         match self {
             Frame::Layer { header, payload } => {
                 out.extend_from_slice(&header.encode());
-                out.extend_from_slice(payload);
+                for p in payload.parts() {
+                    out.extend_from_slice(p);
+                }
             }
             Frame::Final {
                 transfer_id,
@@ -570,14 +667,12 @@ pub enum WireError {
 enum State {
     /// Waiting for a header.
     Header,
-    /// Header parsed; waiting for the payload, of which the first `hashed`
-    /// bytes are already in `hasher`. Hashing each piece as it arrives, while
-    /// the copy into `buf` has it in cache, spares a second pass over a
-    /// multi-MiB payload at the end.
+    /// Header parsed; the payload's pieces taken so far, hashed as they are
+    /// taken (while they are in cache) when the frame is checked.
     Payload {
         header: LayerHeader,
-        hasher: Box<Xxh3>,
-        hashed: usize,
+        payload: Payload,
+        hasher: Option<Box<Xxh3>>,
     },
 }
 
@@ -585,22 +680,28 @@ impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             State::Header => f.write_str("Header"),
-            State::Payload { header, hashed, .. } => f
+            State::Payload {
+                header, payload, ..
+            } => f
                 .debug_struct("Payload")
                 .field("header", header)
-                .field("hashed", hashed)
+                .field("have", &payload.len())
                 .finish(),
         }
     }
 }
 
 /// A sans-I/O incremental frame decoder. Feed it bytes with
-/// [`extend`](Self::extend), take frames with [`next_frame`](Self::next_frame).
+/// [`push`](Self::push) (no copy) or [`extend`](Self::extend), take frames
+/// with [`next_frame`](Self::next_frame).
 ///
 /// After an error the decoder is poisoned: it keeps returning that error.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: BytesMut,
+    /// Received pieces not yet taken into a frame, in order; none empty.
+    input: VecDeque<Bytes>,
+    /// Bytes in `input`.
+    input_len: usize,
     state: State,
     max_payload: u32,
     last_transfer_id: Option<u64>,
@@ -611,7 +712,8 @@ impl FrameDecoder {
     /// A decoder refusing payloads above `max_payload` bytes.
     pub fn new(max_payload: u32) -> Self {
         FrameDecoder {
-            buf: BytesMut::new(),
+            input: VecDeque::new(),
+            input_len: 0,
             state: State::Header,
             max_payload,
             last_transfer_id: None,
@@ -619,22 +721,32 @@ impl FrameDecoder {
         }
     }
 
-    /// Appends received bytes.
-    pub fn extend(&mut self, data: &[u8]) {
-        if self.error.is_none() {
-            self.buf.extend_from_slice(data);
+    /// Appends received bytes; a payload keeps `data` itself, not a copy.
+    pub fn push(&mut self, data: Bytes) {
+        if self.error.is_none() && !data.is_empty() {
+            self.input_len += data.len();
+            self.input.push_back(data);
         }
+    }
+
+    /// Appends a copy of received bytes.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.push(Bytes::copy_from_slice(data));
     }
 
     /// Bytes buffered but not yet returned as frames; nonzero at the end of a
     /// stream means the stream was truncated.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        let partial = match &self.state {
+            State::Header => 0,
+            State::Payload { payload, .. } => payload.len(),
+        };
+        self.input_len + partial
     }
 
     /// Whether the decoder sits between frames with nothing buffered.
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Header) && self.buf.is_empty()
+        matches!(self.state, State::Header) && self.input_len == 0
     }
 
     /// The request id of the last frame whose header passed validation.
@@ -651,59 +763,103 @@ impl FrameDecoder {
         let r = self.step();
         if let Err(e) = &r {
             self.error = Some(e.clone());
-            self.buf = BytesMut::new();
+            self.input.clear();
+            self.input_len = 0;
+            self.state = State::Header;
         }
         r
     }
 
+    /// The first `n` buffered bytes in one slice, or `None` while fewer have
+    /// arrived. Pieces shorter than `n` at the front are joined (a header's
+    /// worth of bytes, never a payload).
+    fn front(&mut self, n: usize) -> Option<&[u8]> {
+        if self.input_len < n {
+            return None;
+        }
+        if self.input.front().map_or(0, Bytes::len) < n {
+            let mut joined = BytesMut::with_capacity(n);
+            while joined.len() < n {
+                let Some(piece) = self.input.front_mut() else {
+                    break;
+                };
+                let take = (n - joined.len()).min(piece.len());
+                joined.extend_from_slice(&piece[..take]);
+                piece.advance(take);
+                if piece.is_empty() {
+                    self.input.pop_front();
+                }
+            }
+            self.input.push_front(joined.freeze());
+        }
+        self.input.front().map(|f| &f[..n])
+    }
+
+    /// Drops the first `n` buffered bytes (at most what [`front`](Self::front) returned).
+    fn consume(&mut self, mut n: usize) {
+        self.input_len -= n;
+        while n > 0 {
+            let Some(piece) = self.input.front_mut() else {
+                return;
+            };
+            if piece.len() > n {
+                piece.advance(n);
+                return;
+            }
+            n -= piece.len();
+            self.input.pop_front();
+        }
+    }
+
     fn step(&mut self) -> Result<Option<Frame>, WireError> {
         if let State::Header = self.state {
-            if self.buf.len() < PREFIX_LEN {
+            let Some(p) = self.front(PREFIX_LEN) else {
                 // Check what we have early so garbage fails fast.
-                let n = self.buf.len().min(4);
-                if self.buf[..n] != MAGIC[..n] {
-                    let mut m = [0u8; 4];
-                    m[..n].copy_from_slice(&self.buf[..n]);
+                let mut m = [0u8; 4];
+                let n = self.input_len.min(4);
+                for (slot, byte) in m.iter_mut().zip(self.input.iter().flatten()).take(n) {
+                    *slot = *byte;
+                }
+                if m[..n] != MAGIC[..n] {
                     return Err(WireError::BadMagic(m));
                 }
                 return Ok(None);
-            }
-            let p = &self.buf[..PREFIX_LEN];
+            };
             let magic = [p[0], p[1], p[2], p[3]];
             if magic != MAGIC {
                 return Err(WireError::BadMagic(magic));
             }
             let transfer_id = (&p[8..16]).get_u64_le();
-            if p[4] != VERSION {
+            let (version, kind, reserved) = (p[4], p[5], [p[6], p[7]]);
+            if version != VERSION {
                 // Named, so the receiver ends that transfer with this reason
                 // (a peer of another version) instead of letting it time out.
                 self.last_transfer_id = Some(transfer_id);
-                return Err(WireError::UnsupportedVersion(p[4]));
+                return Err(WireError::UnsupportedVersion(version));
             }
-            let kind = p[5];
-            if p[6] != 0 || p[7] != 0 {
+            if reserved != [0, 0] {
                 return Err(WireError::ReservedNotZero);
             }
             match kind {
                 KIND_LAYER => {
-                    if self.buf.len() < LAYER_HEADER_LEN {
+                    let max_payload = self.max_payload;
+                    let Some(h) = self.front(LAYER_HEADER_LEN) else {
                         return Ok(None);
-                    }
-                    let header = self.parse_layer_header(transfer_id)?;
+                    };
+                    let header = parse_layer_header(h, transfer_id, max_payload)?;
                     self.last_transfer_id = Some(transfer_id);
-                    self.buf.advance(LAYER_HEADER_LEN);
-                    self.buf.reserve(header.payload_len as usize);
+                    self.consume(LAYER_HEADER_LEN);
                     self.state = State::Payload {
                         header,
-                        hasher: Box::new(Xxh3::new()),
-                        hashed: 0,
+                        payload: Payload::default(),
+                        hasher: header.checksum.map(|_| Box::new(Xxh3::new())),
                     };
                 }
                 KIND_FINAL => {
-                    if self.buf.len() < FINAL_LEN {
+                    let Some(f) = self.front(FINAL_LEN) else {
                         return Ok(None);
-                    }
-                    let mut b = &self.buf[PREFIX_LEN..FINAL_LEN];
+                    };
+                    let mut b = &f[PREFIX_LEN..FINAL_LEN];
                     let first_token = b.get_u32_le();
                     let layers_sent = b.get_u32_le();
                     let frames_sent = b.get_u32_le();
@@ -723,17 +879,17 @@ impl FrameDecoder {
                     }
                     self.last_transfer_id = Some(transfer_id);
                     let len = FINAL_LEN + 8 * top_count;
-                    if self.buf.len() < len {
+                    let Some(f) = self.front(len) else {
                         return Ok(None);
-                    }
-                    let mut b = &self.buf[FINAL_LEN..len];
+                    };
+                    let mut b = &f[FINAL_LEN..len];
                     let logprobs = (has_logprobs == 1).then(|| FirstLogprobs {
                         logprob,
                         top: (0..top_count)
                             .map(|_| (b.get_u32_le(), b.get_f32_le()))
                             .collect(),
                     });
-                    self.buf.advance(len);
+                    self.consume(len);
                     return Ok(Some(Frame::Final {
                         transfer_id,
                         first: FirstToken {
@@ -746,22 +902,21 @@ impl FrameDecoder {
                     }));
                 }
                 KIND_ABORT => {
-                    if self.buf.len() < ABORT_HEADER_LEN {
+                    let Some(a) = self.front(ABORT_HEADER_LEN) else {
                         return Ok(None);
-                    }
-                    let len = usize::from((&self.buf[PREFIX_LEN..ABORT_HEADER_LEN]).get_u16_le());
+                    };
+                    let len = usize::from((&a[PREFIX_LEN..ABORT_HEADER_LEN]).get_u16_le());
                     if len > MAX_REASON_LEN {
                         return Err(WireError::ReasonTooLong(len));
                     }
                     self.last_transfer_id = Some(transfer_id);
-                    if self.buf.len() < ABORT_HEADER_LEN + len {
+                    let Some(a) = self.front(ABORT_HEADER_LEN + len) else {
                         return Ok(None);
-                    }
-                    let reason =
-                        std::str::from_utf8(&self.buf[ABORT_HEADER_LEN..ABORT_HEADER_LEN + len])
-                            .map_err(|_| WireError::ReasonNotUtf8)?
-                            .to_owned();
-                    self.buf.advance(ABORT_HEADER_LEN + len);
+                    };
+                    let reason = std::str::from_utf8(&a[ABORT_HEADER_LEN..])
+                        .map_err(|_| WireError::ReasonNotUtf8)?
+                        .to_owned();
+                    self.consume(ABORT_HEADER_LEN + len);
                     return Ok(Some(Frame::Abort {
                         transfer_id,
                         reason,
@@ -770,75 +925,100 @@ impl FrameDecoder {
                 other => return Err(WireError::UnknownKind(other)),
             }
         }
-        if let State::Payload {
+        let State::Payload {
             header,
+            payload,
             hasher,
-            hashed,
         } = &mut self.state
+        else {
+            return Ok(None);
+        };
+        let len = header.payload_len as usize;
+        while payload.len() < len {
+            let need = len - payload.len();
+            let piece = match self.input.front_mut() {
+                None => return Ok(None),
+                Some(front) if front.len() > need => front.split_to(need),
+                Some(_) => match self.input.pop_front() {
+                    Some(piece) => piece,
+                    None => return Ok(None),
+                },
+            };
+            self.input_len -= piece.len();
+            if let Some(h) = hasher {
+                h.update(&piece);
+            }
+            payload.push(piece);
+        }
+        let (header, payload) = (*header, std::mem::take(payload));
+        let actual = hasher.as_ref().map(|h| h.digest());
+        self.state = State::Header;
+        if let (Some(expected), Some(actual)) = (header.checksum, actual)
+            && actual != expected
         {
-            let len = header.payload_len as usize;
-            let have = self.buf.len().min(len);
-            hasher.update(&self.buf[*hashed..have]);
-            *hashed = have;
-            if have < len {
-                return Ok(None);
-            }
-            let (header, actual) = (*header, hasher.digest());
-            let payload = self.buf.split_to(len).freeze();
-            self.state = State::Header;
-            if actual != header.checksum {
-                return Err(WireError::ChecksumMismatch {
-                    transfer_id: header.transfer_id,
-                    layer: header.layer,
-                    expected: header.checksum,
-                    actual,
-                });
-            }
-            return Ok(Some(Frame::Layer { header, payload }));
-        }
-        Ok(None)
-    }
-
-    fn parse_layer_header(&self, transfer_id: u64) -> Result<LayerHeader, WireError> {
-        let mut b = &self.buf[PREFIX_LEN..LAYER_HEADER_LEN];
-        let checksum = b.get_u64_le();
-        let payload_len = b.get_u32_le();
-        let first_block = b.get_u32_le();
-        let block_count = b.get_u32_le();
-        let layer = b.get_u16_le();
-        let head_start = b.get_u16_le();
-        let head_count = b.get_u16_le();
-        let total_heads = b.get_u16_le();
-        let head_dim = b.get_u16_le();
-        let block_size = b.get_u16_le();
-        let dtype_code = b.get_u8();
-        if b.chunk() != [0, 0, 0] {
-            return Err(WireError::ReservedNotZero);
-        }
-        if payload_len > self.max_payload {
-            return Err(WireError::PayloadTooLarge {
-                len: u64::from(payload_len),
-                max: self.max_payload,
+            return Err(WireError::ChecksumMismatch {
+                transfer_id: header.transfer_id,
+                layer: header.layer,
+                expected,
+                actual,
             });
         }
-        let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
-        let header = LayerHeader {
-            transfer_id,
-            layer,
-            first_block,
-            block_count,
-            dtype,
-            head_start,
-            head_count,
-            total_heads,
-            head_dim,
-            block_size,
-            payload_len,
-            checksum,
-        };
-        header.validate()?;
-        Ok(header)
+        Ok(Some(Frame::Layer { header, payload }))
     }
+}
+
+/// A Layer header's fields after the prefix, validated.
+fn parse_layer_header(
+    h: &[u8],
+    transfer_id: u64,
+    max_payload: u32,
+) -> Result<LayerHeader, WireError> {
+    let mut b = &h[PREFIX_LEN..LAYER_HEADER_LEN];
+    let checksum = b.get_u64_le();
+    let payload_len = b.get_u32_le();
+    let first_block = b.get_u32_le();
+    let block_count = b.get_u32_le();
+    let layer = b.get_u16_le();
+    let head_start = b.get_u16_le();
+    let head_count = b.get_u16_le();
+    let total_heads = b.get_u16_le();
+    let head_dim = b.get_u16_le();
+    let block_size = b.get_u16_le();
+    let dtype_code = b.get_u8();
+    let flags = b.get_u8();
+    if flags & !FLAG_UNCHECKED != 0 || b.chunk() != [0, 0] {
+        return Err(WireError::ReservedNotZero);
+    }
+    let checksum = if flags & FLAG_UNCHECKED == 0 {
+        Some(checksum)
+    } else if checksum == 0 {
+        None
+    } else {
+        return Err(WireError::BadHeader("a checksum on an unchecked frame"));
+    };
+    if payload_len > max_payload {
+        return Err(WireError::PayloadTooLarge {
+            len: u64::from(payload_len),
+            max: max_payload,
+        });
+    }
+    let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
+    let header = LayerHeader {
+        transfer_id,
+        layer,
+        first_block,
+        block_count,
+        dtype,
+        head_start,
+        head_count,
+        total_heads,
+        head_dim,
+        block_size,
+        payload_len,
+        checksum,
+    };
+    header.validate()?;
+    Ok(header)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tandem_kv_transfer::transport::GSO_SAFE_PAYLOAD;
 use tandem_kv_transfer::wire::{Frame, encode_final};
 use tandem_kv_transfer::{
     Expectation, FirstLogprobs, FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape,
-    ReceiverConfig, Reservations, SenderConfig, SinkError, TransferError, TransportTuning,
+    Payload, ReceiverConfig, Reservations, SenderConfig, SinkError, TransferError, TransportTuning,
     WireDtype,
 };
 use tokio::sync::mpsc;
@@ -69,6 +69,8 @@ struct TestSink {
     /// `on_first_token` calls: transfer, token, Layer frames stored by then.
     first_tokens: Mutex<Vec<(u64, FirstToken, usize)>>,
     frames: Mutex<usize>,
+    /// Layer frames that carried a checksum (the decoder verified it).
+    checked_frames: Mutex<usize>,
 }
 
 impl TestSink {
@@ -80,6 +82,7 @@ impl TestSink {
             endings: tx,
             first_tokens: Mutex::new(Vec::new()),
             frames: Mutex::new(0),
+            checked_frames: Mutex::new(0),
         };
         (Arc::new(sink), rx)
     }
@@ -104,15 +107,16 @@ impl TestSink {
 }
 
 impl KvSink for TestSink {
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+    fn on_layer(&self, header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         let a = self.reservations.lock().unwrap().on_layer_frame(header)?;
         let mut store = self.store.lock().unwrap();
         let buf = store
             .entry((header.transfer_id, a.layer))
             .or_insert_with(|| vec![0; BLOCKS as usize * block_bytes()]);
         let at = a.first_block as usize * block_bytes();
-        buf[at..at + payload.len()].copy_from_slice(&payload);
+        buf[at..at + payload.len()].copy_from_slice(&payload.to_bytes());
         *self.frames.lock().unwrap() += 1;
+        *self.checked_frames.lock().unwrap() += usize::from(header.checksum.is_some());
         Ok(())
     }
 
@@ -349,18 +353,31 @@ async fn raw_stream(conn: &quinn::Connection, bytes: &[u8]) -> Option<u64> {
         .map(|c| c.into_inner())
 }
 
+/// Byte-exact over one and three connections, with frames unchecked (the
+/// default: QUIC authenticates the packets) and checksummed when asked.
 #[tokio::test]
 async fn layer_by_layer_transfer_is_byte_exact() {
     let mut s = start();
-    for connections in [1, 3] {
+    for (connections, checksum_payloads) in [(1, false), (3, false), (3, true)] {
         let tls = client_config_trusting(&s.cert.cert).unwrap();
         let cfg = SenderConfig {
             connections,
             max_frame_payload: 3 * block_bytes() as u32,
+            checksum_payloads,
             ..SenderConfig::default()
         };
         let sender = KvSender::connect_with(s.addr, tls, cfg).await.unwrap();
-        good_transfer(&mut s, &sender, 10 + connections as u64).await;
+        let (frames, checked) = (
+            *s.sink.frames.lock().unwrap(),
+            *s.sink.checked_frames.lock().unwrap(),
+        );
+        let id = 10 + connections as u64 + 100 * u64::from(checksum_payloads);
+        good_transfer(&mut s, &sender, id).await;
+        let frames = *s.sink.frames.lock().unwrap() - frames;
+        let checked = *s.sink.checked_frames.lock().unwrap() - checked;
+        // Eight blocks a layer in frames of three.
+        assert_eq!(frames, 3 * usize::from(LAYERS));
+        assert_eq!(checked, if checksum_payloads { frames } else { 0 });
         sender.close().await;
     }
     s.receiver.shutdown().await;
@@ -437,7 +454,11 @@ async fn garbage_and_truncation_are_refused_and_service_continues() {
     let payload = layer_bytes(0);
     let header = LayerHeader::for_payload(7, shape(0), &payload).unwrap();
     let mut bytes = BytesMut::new();
-    Frame::Layer { header, payload }.encode(&mut bytes);
+    Frame::Layer {
+        header,
+        payload: payload.into(),
+    }
+    .encode(&mut bytes);
     let cut = bytes.len() / 2;
     let _ = raw_stream(&conn, &bytes[..cut]).await;
     match next_ending(&mut s.endings).await {
@@ -452,7 +473,11 @@ async fn garbage_and_truncation_are_refused_and_service_continues() {
     let payload = layer_bytes(1);
     let header = LayerHeader::for_payload(9, shape(1), &payload).unwrap();
     let mut bytes = BytesMut::new();
-    Frame::Layer { header, payload }.encode(&mut bytes);
+    Frame::Layer {
+        header,
+        payload: payload.into(),
+    }
+    .encode(&mut bytes);
     assert_eq!(
         raw_stream(&conn, &bytes).await,
         None,
@@ -469,7 +494,11 @@ async fn corrupted_checksum_aborts_the_request() {
     let payload = layer_bytes(0);
     let header = LayerHeader::for_payload(5, shape(0), &payload).unwrap();
     let mut bytes = BytesMut::new();
-    Frame::Layer { header, payload }.encode(&mut bytes);
+    Frame::Layer {
+        header,
+        payload: payload.into(),
+    }
+    .encode(&mut bytes);
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     let _ = raw_stream(&conn, &bytes).await;

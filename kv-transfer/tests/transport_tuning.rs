@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::{
-    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
+    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Payload, ReceiverConfig,
     SenderConfig, SinkError, TransportTuning, WireDtype,
 };
 use tokio::sync::mpsc;
@@ -55,13 +55,13 @@ struct Store {
 }
 
 impl KvSink for Store {
-    fn on_layer(&self, header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+    fn on_layer(&self, header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         let mut layers = self.layers.lock().unwrap();
         let layer = layers
             .entry((header.transfer_id, u32::from(header.shape().layer)))
             .or_insert_with(|| vec![0; BLOCKS as usize * BLOCK_BYTES]);
         let at = header.shape().first_block as usize * BLOCK_BYTES;
-        layer[at..at + payload.len()].copy_from_slice(&payload);
+        layer[at..at + payload.len()].copy_from_slice(&payload.to_bytes());
         Ok(())
     }
     fn on_first_token(&self, _: u64, _: FirstToken) {}

@@ -168,12 +168,7 @@ pub async fn serve(
                 .map_err(|e| PrefillError::Config(format!("[tls]: {e}")))?,
         ),
     };
-    let senders = Arc::new(SenderCache::new(
-        config.kv_connections,
-        cluster_tls,
-        fingerprint.digest(),
-        config.max_send_rate_mbps,
-    ));
+    let senders = Arc::new(SenderCache::new(&config, cluster_tls, fingerprint.digest()));
     let service = PrefillGrpc(Arc::new(PrefillService {
         shape,
         scheduler: scheduler.clone(),

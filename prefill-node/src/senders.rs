@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use rustls::pki_types::CertificateDer;
+use tandem_cluster::PrefillSection;
 use tandem_kv_transfer::{KvSender, SenderConfig, TransferError, tls};
 
 use crate::error::PrefillError;
@@ -27,6 +28,8 @@ pub(crate) struct SenderCache {
     model_fingerprint: u64,
     /// `[prefill] max_send_rate_mbps` in bytes/s: each sender's cap.
     max_send_rate: Option<f64>,
+    /// `[prefill] kv_checksum`.
+    checksum: bool,
     senders: Mutex<HashMap<Key, Arc<KvSender>>>,
 }
 
@@ -35,17 +38,19 @@ fn key(d: &KvDestination) -> Key {
 }
 
 impl SenderCache {
+    /// Senders as `config` (`[prefill]`) says, presenting `cluster_tls`, for
+    /// a node serving the model of `model_fingerprint`.
     pub fn new(
-        connections: usize,
+        config: &PrefillSection,
         cluster_tls: Option<Arc<rustls::ClientConfig>>,
         model_fingerprint: u64,
-        max_send_rate_mbps: Option<f64>,
     ) -> Self {
         SenderCache {
-            connections,
+            connections: config.kv_connections,
             cluster_tls,
             model_fingerprint,
-            max_send_rate: max_send_rate_mbps.map(|m| m * 1e6 / 8.0),
+            max_send_rate: config.max_send_rate_mbps.map(|m| m * 1e6 / 8.0),
+            checksum: config.kv_checksum,
             senders: Mutex::new(HashMap::new()),
         }
     }
@@ -78,6 +83,7 @@ impl SenderCache {
             connections: self.connections.max(dest.addrs.len()),
             server_name: dest.server_name.clone(),
             model_fingerprint: self.model_fingerprint,
+            checksum_payloads: self.checksum,
             ..SenderConfig::default()
         };
         let mut sender = KvSender::connect_many_with(&dest.addrs, client_tls, config)

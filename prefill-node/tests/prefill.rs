@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use bytes::Bytes;
 use tandem_cluster::PrefillSection;
 use tandem_engine::block_manager::blocks_for;
 use tandem_engine::cpu::CpuBackend;
@@ -20,8 +19,8 @@ use tandem_engine::sampling::Sampler;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::{Backend, BackendExt, BlockId, BlockManager, KvIo, ModelDir, SamplingParams};
 use tandem_kv_transfer::{
-    Expectation, FirstToken, KvReceiver, KvSink, LayerHeader, Reservations, SelfSigned, SinkError,
-    WireDtype,
+    Expectation, FirstToken, KvReceiver, KvSink, LayerHeader, Payload, Reservations, SelfSigned,
+    SinkError, WireDtype,
 };
 use tandem_prefill::RunningPrefill;
 use tandem_proto::v1 as pb;
@@ -58,7 +57,12 @@ impl Decode {
 }
 
 impl KvSink for Decode {
-    fn on_layer(&self, h: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+    fn on_layer(&self, h: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
+        if h.checksum.is_none() {
+            return Err(SinkError::Store(
+                "a frame without the checksum asked for".into(),
+            ));
+        }
         let mut s = self.lock();
         let s = &mut *s;
         let acc = s.reservations.on_layer_frame(h)?;
@@ -70,7 +74,11 @@ impl KvSink for Decode {
         let table = &incoming.table;
         let (first, count) = (acc.first_block as usize, acc.block_count as usize);
         s.backend
-            .import_layer(acc.layer as usize, &table[first..first + count], &payload)
+            .import_layer(
+                acc.layer as usize,
+                &table[first..first + count],
+                &payload.to_bytes(),
+            )
             .map_err(|e| SinkError::Store(e.to_string()))
     }
 
@@ -153,6 +161,9 @@ async fn start_with(
         tp: 1,
         prefix_cache,
         max_send_rate_mbps: None,
+        // Every frame checksummed (the sink below refuses any that is not):
+        // the option reaches the wire, and the decoder verifies the sums.
+        kv_checksum: true,
         tls: None,
         connections: Default::default(),
     };

@@ -58,6 +58,11 @@ pub struct PrefillSection {
     /// default. For testing a slow link for real, or sharing a network.
     #[serde(default)]
     pub max_send_rate_mbps: Option<f64>,
+    /// Give each KV frame an xxh3 checksum the decode node verifies. QUIC
+    /// already authenticates every packet, so this only catches a framing
+    /// bug, for about a quarter of a transfer's CPU; off by default.
+    #[serde(default)]
+    pub kv_checksum: bool,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.

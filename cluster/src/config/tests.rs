@@ -294,6 +294,15 @@ fn bad_membership_is_named() {
 }
 
 #[test]
+fn kv_checksum_is_off_unless_asked() {
+    let on = Config::parse("[prefill]\nkv_checksum = true\n").unwrap();
+    assert!(on.prefill.unwrap().kv_checksum);
+    let off = Config::parse("[prefill]\n").unwrap();
+    assert!(!off.prefill.unwrap().kv_checksum);
+    assert!(Config::parse("[prefill]\nkv_checksum = \"yes\"\n").is_err());
+}
+
+#[test]
 fn link_cost_keys_parse_and_bad_rates_are_named() {
     let c = Config::parse(
         "[prefill]\nmax_send_rate_mbps = 100\n[decode]\nlink_cost_prefill = false\ndefault_link_rate_mbps = 2500.5\ntpot_budget_ms = 20\n",

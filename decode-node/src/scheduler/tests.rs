@@ -442,7 +442,7 @@ fn stray_import(layer: usize) -> Command {
         block_count: 1,
         heads: 0..1,
         dtype: tandem_kv_transfer::WireDtype::F32,
-        payload: bytes::Bytes::new(),
+        payload: tandem_kv_transfer::Payload::default(),
     }
 }
 

@@ -7,7 +7,9 @@
 //! stages a frame in a pinned [copy ring](super::copy_ring) and queues its copy
 //! without waiting for it (the next forward pass is ordered after it), so a
 //! decode node's engine thread never waits on the GPU for imports; the
-//! synchronous [`GpuKvCache::export_with`] uses the same buffer.
+//! synchronous [`GpuKvCache::export_with`] uses the same buffer. A frame
+//! received in pieces (packets) is gathered into the ring as it is
+//! ([`GpuKvCache::import_pieces`]): never joined into one buffer first.
 //!
 //! Each layer holds one block more than the layout says: the scratch block,
 //! where the padding rows of a CUDA-graph decode step write their K/V.
@@ -371,16 +373,23 @@ impl GpuKvCache {
     /// once the copies are queued; the next forward pass waits for them
     /// ([`order_after_imports`](Self::order_after_imports)).
     pub fn import_layer(&self, layer: usize, blocks: &[BlockId], bytes: &[u8]) -> Result<()> {
+        self.import_pieces(layer, blocks, &[bytes])
+    }
+
+    /// [`import_layer`](Self::import_layer) of a frame in pieces (as it
+    /// arrived): they are gathered straight into the pinned buffer.
+    pub fn import_pieces(&self, layer: usize, blocks: &[BlockId], pieces: &[&[u8]]) -> Result<()> {
         self.check(layer, blocks)?;
         self.compute
             .context()
             .bind_to_thread()
             .op("cuCtxSetCurrent")?;
         let bb = self.layout.block_bytes();
-        if bytes.len() != blocks.len() * bb {
+        let frame = Pieces::new(pieces);
+        if frame.len() != blocks.len() * bb {
             return Err(EngineError::KvCache(format!(
                 "{} bytes do not fill {} blocks of {bb} bytes",
-                bytes.len(),
+                frame.len(),
                 blocks.len()
             )));
         }
@@ -400,8 +409,7 @@ impl GpuKvCache {
                 e.synchronize().op("cuEventSynchronize (KV import)")
             })?;
             let host = &mut buf.as_mut_slice().op("pinned buffer")?[range.clone()];
-            let src = &bytes[r * self.staging_blocks * bb..][..n * bb];
-            split_frame(src, bb, vb, host);
+            split_frame(&frame, r * self.staging_blocks, bb, vb, host);
             let (vals, scales) = host.split_at(n * vb);
             let queue = || -> Result<()> {
                 for (first, run) in runs(round) {
@@ -462,46 +470,94 @@ const COPY_THREADS: usize = 8;
 /// The least bytes worth a thread of their own.
 const COPY_PART_BYTES: usize = 1 << 20;
 
-/// Writes `frame`'s blocks of `block_bytes` (each `values` bytes of values,
-/// then its scales) into `out` (as long as `frame`) as all their values, then
-/// all their scales; frames of several MiB in parallel.
-fn split_frame(frame: &[u8], block_bytes: usize, values: usize, out: &mut [u8]) {
-    split_frame_in_parts(frame, block_bytes, values, out, COPY_PART_BYTES);
+/// A frame given as the pieces it arrived in, read by offset.
+struct Pieces<'a> {
+    pieces: &'a [&'a [u8]],
+    /// Where each piece starts in the frame.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(pieces: &'a [&'a [u8]]) -> Self {
+        let mut starts = Vec::with_capacity(pieces.len());
+        let mut len = 0;
+        for p in pieces {
+            starts.push(len);
+            len += p.len();
+        }
+        Pieces {
+            pieces,
+            starts,
+            len,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Fills `out` with the frame's bytes from `at` (which, with `out`, lies
+    /// inside the frame).
+    fn copy_out(&self, mut at: usize, mut out: &mut [u8]) {
+        let mut i = self.starts.partition_point(|&s| s <= at).saturating_sub(1);
+        while !out.is_empty() && i < self.pieces.len() {
+            let piece = self.pieces[i]
+                .get(at - self.starts[i]..)
+                .unwrap_or_default();
+            let n = piece.len().min(out.len());
+            out[..n].copy_from_slice(&piece[..n]);
+            out = &mut out[n..];
+            at += n;
+            i += 1;
+        }
+    }
+}
+
+/// Writes blocks `first..` of `frame` (blocks of `block_bytes`, each `values`
+/// bytes of values then its scales), as many as `out` holds, into `out` as
+/// all their values, then all their scales; several MiB in parallel.
+fn split_frame(frame: &Pieces, first: usize, block_bytes: usize, values: usize, out: &mut [u8]) {
+    split_frame_in_parts(frame, first, block_bytes, values, out, COPY_PART_BYTES);
 }
 
 /// [`split_frame`] with parts of at least `part_bytes` (rounded to blocks).
 fn split_frame_in_parts(
-    frame: &[u8],
+    frame: &Pieces,
+    first: usize,
     block_bytes: usize,
     values: usize,
     out: &mut [u8],
     part_bytes: usize,
 ) {
-    let n = frame.len() / block_bytes;
+    let n = out.len() / block_bytes;
     let sb = block_bytes - values;
+    let parts = (out.len() / part_bytes.max(1)).clamp(1, COPY_THREADS.min(n.max(1)));
     let (vals, scales) = out.split_at_mut(n * values);
-    let parts = (frame.len() / part_bytes.max(1)).clamp(1, COPY_THREADS.min(n.max(1)));
     if parts == 1 {
-        split_blocks(frame, block_bytes, values, vals, scales);
+        split_blocks(frame, first, block_bytes, values, vals, scales);
         return;
     }
     let per = n.div_ceil(parts);
     std::thread::scope(|s| {
         let (mut vals, mut scales) = (vals, scales);
-        for src in frame.chunks(per * block_bytes) {
-            let m = src.len() / block_bytes;
+        let mut block = first;
+        while !vals.is_empty() {
+            let m = per.min(vals.len() / values);
             let (v, v_rest) = std::mem::take(&mut vals).split_at_mut(m * values);
             let (sc, sc_rest) = std::mem::take(&mut scales).split_at_mut(m * sb);
             (vals, scales) = (v_rest, sc_rest);
-            s.spawn(move || split_blocks(src, block_bytes, values, v, sc));
+            s.spawn(move || split_blocks(frame, block, block_bytes, values, v, sc));
+            block += m;
         }
     });
 }
 
-/// One thread's part of [`split_frame`]: `vals` and `scales` hold exactly
-/// `frame`'s blocks.
+/// One thread's part of [`split_frame`]: blocks `first..` of `frame`, as
+/// many as `vals` and `scales` hold.
 fn split_blocks(
-    frame: &[u8],
+    frame: &Pieces,
+    first: usize,
     block_bytes: usize,
     values: usize,
     vals: &mut [u8],
@@ -509,12 +565,16 @@ fn split_blocks(
 ) {
     let sb = block_bytes - values;
     if sb == 0 {
-        vals.copy_from_slice(frame);
+        frame.copy_out(first * block_bytes, vals);
         return;
     }
-    for (j, block) in frame.chunks_exact(block_bytes).enumerate() {
-        vals[j * values..][..values].copy_from_slice(&block[..values]);
-        scales[j * sb..][..sb].copy_from_slice(&block[values..]);
+    let blocks = vals
+        .chunks_exact_mut(values)
+        .zip(scales.chunks_exact_mut(sb));
+    for (j, (v, sc)) in blocks.enumerate() {
+        let at = (first + j) * block_bytes;
+        frame.copy_out(at, v);
+        frame.copy_out(at + values, sc);
     }
 }
 
@@ -574,35 +634,48 @@ impl GpuKvCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{runs, split_frame, split_frame_in_parts};
+    use super::{Pieces, runs, split_frame, split_frame_in_parts};
 
     #[test]
     fn a_frame_splits_into_its_values_then_its_scales() {
         // Three blocks of 4 value bytes and 2 scale bytes: v0 s0 v1 s1 v2 s2.
         let frame = [1, 1, 1, 1, 10, 10, 2, 2, 2, 2, 20, 20, 3, 3, 3, 3, 30, 30];
         let mut out = [0u8; 18];
-        split_frame(&frame, 6, 4, &mut out);
+        split_frame(&Pieces::new(&[&frame]), 0, 6, 4, &mut out);
         assert_eq!(
             out,
             [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 10, 10, 20, 20, 30, 30]
         );
+        // The last two blocks alone, from the frame cut into odd pieces.
+        let (a, rest) = frame.split_at(5);
+        let (b, c) = rest.split_at(8);
+        let mut tail = [0u8; 12];
+        split_frame(&Pieces::new(&[a, &[], b, c]), 1, 6, 4, &mut tail);
+        assert_eq!(tail, [2, 2, 2, 2, 3, 3, 3, 3, 20, 20, 30, 30]);
     }
 
     #[test]
-    fn a_frame_split_by_several_threads_is_the_same() {
+    fn a_frame_split_by_several_threads_or_in_pieces_is_the_same() {
         // 37 blocks of 5 value bytes and 3 scale bytes, by 8 threads (5 blocks each).
         let (bb, vb) = (8, 5);
         let frame: Vec<u8> = (0..37 * bb).map(|i| (i * 7 % 251) as u8).collect();
+        let all = [&frame[..]];
+        let whole = Pieces::new(&all);
+        let cut: Vec<&[u8]> = frame.chunks(13).collect();
+        let cut = Pieces::new(&cut);
         let mut one = vec![0u8; frame.len()];
         let mut many = vec![0u8; frame.len()];
-        split_frame_in_parts(&frame, bb, vb, &mut one, usize::MAX);
-        split_frame_in_parts(&frame, bb, vb, &mut many, 4 * bb);
+        let mut pieces = vec![0u8; frame.len()];
+        split_frame_in_parts(&whole, 0, bb, vb, &mut one, usize::MAX);
+        split_frame_in_parts(&whole, 0, bb, vb, &mut many, 4 * bb);
+        split_frame_in_parts(&cut, 0, bb, vb, &mut pieces, 4 * bb);
         assert_eq!(one, many);
+        assert_eq!(one, pieces);
         assert_eq!(&one[..vb], &frame[..vb]);
         assert_eq!(&one[37 * vb..][..3], &frame[vb..bb]);
         // A bf16 frame (no scales) is the frame itself.
         let mut plain = vec![0u8; frame.len()];
-        split_frame_in_parts(&frame, bb, bb, &mut plain, 3 * bb);
+        split_frame_in_parts(&cut, 0, bb, bb, &mut plain, 3 * bb);
         assert_eq!(plain, frame);
     }
 

@@ -594,6 +594,17 @@ impl KvIo for CudaBackend {
         self.all_heads(&heads, "import")?;
         self.import_layer(layer, blocks, bytes)
     }
+
+    fn import_heads_vectored(
+        &mut self,
+        layer: usize,
+        blocks: &[BlockId],
+        heads: Range<usize>,
+        pieces: &[&[u8]],
+    ) -> Result<()> {
+        self.all_heads(&heads, "import")?;
+        self.kv.import_pieces(layer, blocks, pieces)
+    }
 }
 
 impl CudaBackend {

@@ -50,12 +50,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use rustls::pki_types::CertificateDer;
 use tandem_kv_transfer::tls::{SelfSigned, client_config_trusting};
 use tandem_kv_transfer::wire::{DEFAULT_MAX_PAYLOAD, Frame, FrameDecoder, encode_final};
 use tandem_kv_transfer::{
-    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, ReceiverConfig,
+    FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Payload, ReceiverConfig,
     SenderConfig, SinkError, TransportTuning, WireDtype,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,6 +86,7 @@ struct Args {
     rx_bind: usize,
     stream_window: u32,
     conn_window: u32,
+    checksum: bool,
 }
 
 fn default_compute_ms() -> f64 {
@@ -152,6 +153,10 @@ struct Flags {
     /// QUIC per-connection receive window, MiB.
     #[arg(long, default_value_t = TransportTuning::default().receive_window >> 20)]
     conn_window_mib: u32,
+    /// Layer frames carry their xxh3 checksum, over QUIC and TCP alike (a
+    /// prefill node's default is without: `SenderConfig::checksum_payloads`).
+    #[arg(long)]
+    checksum: bool,
 }
 
 /// `--role`.
@@ -188,6 +193,7 @@ fn parse_args() -> Result<Args> {
         rx_bind: f.rx_bind,
         stream_window: mib("stream-window-mib", f.stream_window_mib)?,
         conn_window: mib("conn-window-mib", f.conn_window_mib)?,
+        checksum: f.checksum,
     })
 }
 
@@ -230,13 +236,13 @@ async fn main() -> Result<()> {
 
 // ---------------------------------------------------------------- receiver
 
-/// Counts bytes; the decoder has already verified each checksum.
+/// Counts bytes; the decoder has already verified each checksum (if any).
 struct CountingSink {
     bytes: AtomicU64,
 }
 
 impl KvSink for CountingSink {
-    fn on_layer(&self, _header: &LayerHeader, payload: Bytes) -> Result<(), SinkError> {
+    fn on_layer(&self, _header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         self.bytes
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -303,17 +309,24 @@ async fn receiver(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// TCP: same frames, same decoder and checksum; one ack byte per Final.
+/// Bytes a TCP read asks for.
+const TCP_READ: usize = 1 << 20;
+
+/// TCP: same frames, same decoder (each read's buffer is handed to it, not
+/// copied); one ack byte per Final.
 async fn tcp_serve(mut sock: TcpStream) {
     let _ = sock.set_nodelay(true);
     let mut dec = FrameDecoder::new(DEFAULT_MAX_PAYLOAD);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = BytesMut::new();
     loop {
-        let n = match sock.read(&mut buf).await {
+        if buf.capacity() < TCP_READ / 4 {
+            buf = BytesMut::with_capacity(TCP_READ);
+        }
+        match sock.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        dec.extend(&buf[..n]);
+            Ok(_) => {}
+        }
+        dec.push(buf.split().freeze());
         loop {
             match dec.next_frame() {
                 Ok(Some(Frame::Final { .. })) => {
@@ -501,6 +514,7 @@ async fn quic_run(
         max_frame_payload: args.frame_bytes,
         transport: tuning(args, quic),
         timeout: Duration::from_secs(120),
+        checksum_payloads: args.checksum,
         ..SenderConfig::default()
     };
     let addrs = &child.quic[..rx_endpoints.clamp(1, child.quic.len())];
@@ -557,7 +571,8 @@ async fn send_request(
 
 /// TCP with the same frames; like the QUIC sender's lanes, each
 /// connection's task hashes its own frames.
-async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Result<Duration> {
+async fn tcp_run(child: &Child, conns: usize, kv: &Kv, args: &Args) -> Result<Duration> {
+    let (frame_bytes, checksum) = (args.frame_bytes, args.checksum);
     let blocks = kv.blocks;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
     let start = Instant::now();
@@ -570,7 +585,11 @@ async fn tcp_run(child: &Child, conns: usize, kv: &Kv, frame_bytes: u32) -> Resu
             tx,
             tokio::spawn(async move {
                 while let Some((shape, piece)) = rx.recv().await {
-                    let header = LayerHeader::for_payload(2, shape, &piece)?;
+                    let header = if checksum {
+                        LayerHeader::for_payload(2, shape, &piece)?
+                    } else {
+                        LayerHeader::unhashed(2, shape, piece.len())?
+                    };
                     sock.write_all(&header.encode()).await?;
                     sock.write_all(&piece).await?;
                 }
@@ -681,7 +700,7 @@ async fn compare(
         quic_label: String::new(),
     };
     for &c in &args.tcp_conns {
-        let d = tcp_run(child, c, &kv, args.frame_bytes).await?;
+        let d = tcp_run(child, c, &kv, args).await?;
         let g = gbps(bytes, d);
         if g > row.tcp {
             (row.tcp, row.tcp_conns) = (g, c);

@@ -42,17 +42,23 @@ fn logprobs_strategy() -> impl Strategy<Value = Option<FirstLogprobs>> {
 
 fn frame_strategy() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u64>(), shape_strategy(), any::<u8>()).prop_map(|(id, shape, seed)| {
-            let len = shape.payload_len().unwrap() as usize;
-            let payload: Vec<u8> = (0..len)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-                .collect();
-            let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
-            Frame::Layer {
-                header,
-                payload: Bytes::from(payload),
+        (any::<u64>(), shape_strategy(), any::<u8>(), any::<bool>()).prop_map(
+            |(id, shape, seed, checked)| {
+                let len = shape.payload_len().unwrap() as usize;
+                let payload: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                    .collect();
+                let header = if checked {
+                    LayerHeader::for_payload(id, shape, &payload).unwrap()
+                } else {
+                    LayerHeader::unhashed(id, shape, len).unwrap()
+                };
+                Frame::Layer {
+                    header,
+                    payload: payload.into(),
+                }
             }
-        }),
+        ),
         (
             any::<u64>(),
             any::<u32>(),
@@ -87,6 +93,8 @@ fn encode_all(frames: &[Frame]) -> Vec<u8> {
     out.to_vec()
 }
 
+/// Decodes `bytes` pushed as slices of one buffer cut at `splits`, as a
+/// transport hands over its packets.
 fn decode_in_pieces(bytes: &[u8], splits: &[usize]) -> (Vec<Frame>, Result<(), WireError>) {
     let mut d = FrameDecoder::new(1 << 20);
     let mut frames = Vec::new();
@@ -94,8 +102,9 @@ fn decode_in_pieces(bytes: &[u8], splits: &[usize]) -> (Vec<Frame>, Result<(), W
     cuts.push(0);
     cuts.push(bytes.len());
     cuts.sort_unstable();
+    let all = Bytes::copy_from_slice(bytes);
     for w in cuts.windows(2) {
-        d.extend(&bytes[w[0]..w[1]]);
+        d.push(all.slice(w[0]..w[1]));
         loop {
             match d.next_frame() {
                 Ok(Some(f)) => frames.push(f),
@@ -154,7 +163,7 @@ proptest! {
         let len = shape.payload_len().unwrap() as usize;
         let payload = vec![7u8; len];
         let header = LayerHeader::for_payload(id, shape, &payload).unwrap();
-        let mut bytes = encode_all(&[Frame::Layer { header, payload: Bytes::from(payload) }]);
+        let mut bytes = encode_all(&[Frame::Layer { header, payload: payload.into() }]);
         let i = LAYER_HEADER_LEN + at % len;
         bytes[i] ^= 1 << bit;
         // In pieces: the checksum is computed as the payload arrives.
@@ -163,6 +172,89 @@ proptest! {
         let is_checksum = matches!(r, Err(WireError::ChecksumMismatch { transfer_id, .. }) if transfer_id == id);
         prop_assert!(is_checksum);
     }
+}
+
+#[test]
+fn a_payload_is_the_pushed_buffers_not_a_copy() {
+    let shape = LayerShape {
+        layer: 0,
+        first_block: 0,
+        block_count: 4,
+        dtype: WireDtype::Bf16,
+        head_start: 0,
+        head_count: 1,
+        total_heads: 1,
+        head_dim: 8,
+        block_size: 4,
+    };
+    let payload: Vec<u8> = (0..shape.payload_len().unwrap()).map(|i| i as u8).collect();
+    let header = LayerHeader::unhashed(5, shape, payload.len()).unwrap();
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(&payload);
+    let all = Bytes::from(bytes);
+    // The header split over two pieces, the payload over three.
+    let cuts = [0, 30, 60, 100, 200, all.len()];
+    let mut d = FrameDecoder::new(1 << 20);
+    for w in cuts.windows(2) {
+        d.push(all.slice(w[0]..w[1]));
+    }
+    let Ok(Some(Frame::Layer {
+        header: got,
+        payload: p,
+    })) = d.next_frame()
+    else {
+        panic!("no layer frame");
+    };
+    assert_eq!(got, header);
+    assert_eq!(got.checksum, None);
+    assert_eq!(p.to_bytes(), Bytes::from(payload));
+    let starts: Vec<usize> = p
+        .parts()
+        .iter()
+        .map(|part| part.as_ptr() as usize - all.as_ptr() as usize)
+        .collect();
+    assert_eq!(starts, [LAYER_HEADER_LEN, 60, 100, 200]);
+    assert!(d.is_idle());
+}
+
+#[test]
+fn an_unchecked_frame_carries_no_checksum_and_nothing_else_in_its_flags() {
+    let shape = LayerShape {
+        layer: 1,
+        first_block: 0,
+        block_count: 1,
+        dtype: WireDtype::Bf16,
+        head_start: 0,
+        head_count: 1,
+        total_heads: 1,
+        head_dim: 4,
+        block_size: 2,
+    };
+    let payload = vec![3u8; shape.payload_len().unwrap() as usize];
+    let header = LayerHeader::unhashed(9, shape, payload.len()).unwrap();
+    let encoded = header.encode();
+    assert_eq!(encoded[49], 1, "the unchecked flag");
+    assert_eq!(&encoded[16..24], &[0; 8], "no checksum");
+    let decode = |h: [u8; LAYER_HEADER_LEN]| {
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(&h);
+        d.extend(&payload);
+        d.next_frame()
+    };
+    // A flipped payload byte goes unnoticed: nothing to check it against.
+    assert!(matches!(decode(encoded), Ok(Some(Frame::Layer { .. }))));
+    let mut with_sum = encoded;
+    with_sum[16] = 1;
+    assert_eq!(
+        decode(with_sum),
+        Err(WireError::BadHeader("a checksum on an unchecked frame"))
+    );
+    let mut unknown_flag = encoded;
+    unknown_flag[49] = 3;
+    assert_eq!(decode(unknown_flag), Err(WireError::ReservedNotZero));
+    let mut reserved = encoded;
+    reserved[51] = 1;
+    assert_eq!(decode(reserved), Err(WireError::ReservedNotZero));
 }
 
 #[test]
