@@ -10,8 +10,9 @@
 #                  `cargo build --release -p tandem-kv-transfer --bin kv_bench`
 #                  when missing)
 #   OUT=dir        where the table and log go (default: ./kv_bench_out)
-#   TOKENS, CONNS, TCP_CONNS, OVERLAP_TOKENS  override the run's sizes
-#                  (defaults below; OVERLAP_TOKENS=0 skips the overlap runs)
+#   TOKENS, CONNS, TCP_CONNS, OVERLAP_TOKENS, MTUS  override the run's sizes
+#                  (defaults below; OVERLAP_TOKENS=0 skips the overlap runs;
+#                  MTUS lists the datagram bounds)
 #
 # Each size runs TCP with 4 and 8 connections, then QUIC with 8 and 16
 # connections (one receiver endpoint per connection) at the ACK-frequency
@@ -32,9 +33,10 @@ TOKENS=${TOKENS:-4096,32768}
 CONNS=${CONNS:-8,16}
 TCP_CONNS=${TCP_CONNS:-4,8}
 OVERLAP_TOKENS=${OVERLAP_TOKENS:-8192}
+MTUS=${MTUS:-1472,8952,65527}
 OVERLAP_CONNS=${CONNS##*,}
 FLAGS=(--tokens "$TOKENS" --conns "$CONNS" --tcp-conns "$TCP_CONNS" --rx-endpoints 0
-    --max-udp-payload 1472,8952,65527 --ack-threshold 1,20
+    --max-udp-payload "$MTUS" --ack-threshold 1,20
     --overlap-tokens "$OVERLAP_TOKENS" --overlap-conns "$OVERLAP_CONNS" --overlap-chunk-tokens 0,2048)
 {
     echo "## kv_bench: QUIC vs TCP by datagram size ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs))"

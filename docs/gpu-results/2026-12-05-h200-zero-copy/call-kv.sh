@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Device call (16-core host; the GPU is not used): QUIC vs TCP at 1472- and
+# 8952-byte datagrams, kv_bench of ff5b012 (receiver copies every packet into
+# one buffer; every frame checksummed) against d2c6701 (the payload kept as
+# the packets' buffers; no checksum unless asked), and d2c6701 with
+# --checksum (frames checksummed, as before, over QUIC and TCP alike), taking
+# turns. Carry .gpu10 (the two stripped kv_bench binaries).
+set -u
+O=${OUT:-/tmp/out}/kv; mkdir -p "$O"
+t0=$(date +%s); el() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
+run() { # name binary [flags]
+  local name=$1 bin=$2; shift 2
+  OUT=$O/$name MTUS=1472,8952 OVERLAP_TOKENS=0 timeout -s KILL 150 \
+    bash scripts/kv_bench_mtu.sh "$bin" "$@" > "$O/$name.out" 2>&1; el "$name" $?
+}
+run old .gpu10/kv_bench_old
+run new .gpu10/kv_bench_new
+run new-checksum .gpu10/kv_bench_new --checksum
+for v in old new new-checksum; do echo "== $v"; grep -E "^\|" "$O/$v/kv_bench_mtu.md"; done
