@@ -668,24 +668,38 @@ enum State {
     /// Waiting for a header.
     Header,
     /// Header parsed; the payload's pieces taken so far, hashed as they are
-    /// taken (while they are in cache) when the frame is checked.
+    /// taken (while they are in cache) when the frame is checked. Pieces
+    /// shorter than [`KEEP_PIECES_FROM`] are copied into `small` (which
+    /// becomes one piece) rather than kept.
     Payload {
         header: LayerHeader,
         payload: Payload,
+        small: BytesMut,
         hasher: Option<Box<Xxh3>>,
     },
 }
+
+/// The shortest received piece a payload keeps as it is (pinning its
+/// packet's buffer); shorter ones are copied. A data packet carries a piece
+/// of a datagram's size (1.4 KiB on a 1500-byte MTU path, more on others),
+/// so this copies only the pieces at frame boundaries in a real transfer,
+/// while a peer that cuts its data into tiny stream frames cannot make a
+/// frame of n bytes cost more than about n / 1 KiB pieces.
+const KEEP_PIECES_FROM: usize = 1024;
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             State::Header => f.write_str("Header"),
             State::Payload {
-                header, payload, ..
+                header,
+                payload,
+                small,
+                ..
             } => f
                 .debug_struct("Payload")
                 .field("header", header)
-                .field("have", &payload.len())
+                .field("have", &(payload.len() + small.len()))
                 .finish(),
         }
     }
@@ -739,7 +753,7 @@ impl FrameDecoder {
     pub fn buffered(&self) -> usize {
         let partial = match &self.state {
             State::Header => 0,
-            State::Payload { payload, .. } => payload.len(),
+            State::Payload { payload, small, .. } => payload.len() + small.len(),
         };
         self.input_len + partial
     }
@@ -852,6 +866,7 @@ impl FrameDecoder {
                     self.state = State::Payload {
                         header,
                         payload: Payload::default(),
+                        small: BytesMut::new(),
                         hasher: header.checksum.map(|_| Box::new(Xxh3::new())),
                     };
                 }
@@ -928,14 +943,15 @@ impl FrameDecoder {
         let State::Payload {
             header,
             payload,
+            small,
             hasher,
         } = &mut self.state
         else {
             return Ok(None);
         };
         let len = header.payload_len as usize;
-        while payload.len() < len {
-            let need = len - payload.len();
+        while payload.len() + small.len() < len {
+            let need = len - payload.len() - small.len();
             let piece = match self.input.front_mut() {
                 None => return Ok(None),
                 Some(front) if front.len() > need => front.split_to(need),
@@ -948,7 +964,17 @@ impl FrameDecoder {
             if let Some(h) = hasher {
                 h.update(&piece);
             }
-            payload.push(piece);
+            if piece.len() < KEEP_PIECES_FROM {
+                small.extend_from_slice(&piece);
+            } else {
+                if !small.is_empty() {
+                    payload.push(small.split().freeze());
+                }
+                payload.push(piece);
+            }
+        }
+        if !small.is_empty() {
+            payload.push(small.split().freeze());
         }
         let (header, payload) = (*header, std::mem::take(payload));
         let actual = hasher.as_ref().map(|h| h.digest());

@@ -174,9 +174,9 @@ proptest! {
     }
 }
 
-#[test]
-fn a_payload_is_the_pushed_buffers_not_a_copy() {
-    let shape = LayerShape {
+fn big_shape() -> LayerShape {
+    // 4 blocks of 2 KiB (bf16, one head of 64 x 8).
+    LayerShape {
         layer: 0,
         first_block: 0,
         block_count: 4,
@@ -184,37 +184,69 @@ fn a_payload_is_the_pushed_buffers_not_a_copy() {
         head_start: 0,
         head_count: 1,
         total_heads: 1,
-        head_dim: 8,
-        block_size: 4,
-    };
-    let payload: Vec<u8> = (0..shape.payload_len().unwrap()).map(|i| i as u8).collect();
+        head_dim: 64,
+        block_size: 8,
+    }
+}
+
+/// A Layer frame of `big_shape` (unchecked), its payload, and the frame's bytes in one buffer.
+fn big_frame() -> (LayerHeader, Vec<u8>, Bytes) {
+    let shape = big_shape();
+    let payload: Vec<u8> = (0..shape.payload_len().unwrap())
+        .map(|i| (i * 7) as u8)
+        .collect();
     let header = LayerHeader::unhashed(5, shape, payload.len()).unwrap();
     let mut bytes = header.encode().to_vec();
     bytes.extend_from_slice(&payload);
-    let all = Bytes::from(bytes);
-    // The header split over two pieces, the payload over three.
-    let cuts = [0, 30, 60, 100, 200, all.len()];
+    (header, payload, Bytes::from(bytes))
+}
+
+fn decode_cut(all: &Bytes, cuts: impl IntoIterator<Item = usize>) -> (LayerHeader, Payload) {
     let mut d = FrameDecoder::new(1 << 20);
-    for w in cuts.windows(2) {
-        d.push(all.slice(w[0]..w[1]));
+    let mut at = 0;
+    for c in cuts.into_iter().chain([all.len()]) {
+        d.push(all.slice(at..c));
+        at = c;
     }
-    let Ok(Some(Frame::Layer {
-        header: got,
-        payload: p,
-    })) = d.next_frame()
-    else {
+    let Ok(Some(Frame::Layer { header, payload })) = d.next_frame() else {
         panic!("no layer frame");
     };
+    assert!(d.is_idle());
+    (header, payload)
+}
+
+#[test]
+fn a_payload_is_the_pushed_buffers_not_a_copy() {
+    let (header, payload, all) = big_frame();
+    // The header split over two pieces, the payload over packet-sized ones.
+    let (got, p) = decode_cut(&all, [30, 60, 1500, 3000, 4500, 6000]);
     assert_eq!(got, header);
     assert_eq!(got.checksum, None);
     assert_eq!(p.to_bytes(), Bytes::from(payload));
-    let starts: Vec<usize> = p
-        .parts()
+    // The 8-byte piece after the header is copied (too short to keep), the
+    // others are slices of the pushed buffer.
+    assert_eq!(p.parts()[0].len(), 60 - LAYER_HEADER_LEN);
+    let starts: Vec<usize> = p.parts()[1..]
         .iter()
         .map(|part| part.as_ptr() as usize - all.as_ptr() as usize)
         .collect();
-    assert_eq!(starts, [LAYER_HEADER_LEN, 60, 100, 200]);
-    assert!(d.is_idle());
+    assert_eq!(starts, [60, 1500, 3000, 4500, 6000]);
+}
+
+#[test]
+fn tiny_pieces_are_copied_together_not_kept_one_by_one() {
+    let (header, payload, all) = big_frame();
+    // A peer cutting its data into 3-byte pieces, then one large piece.
+    let (got, p) = decode_cut(&all, (LAYER_HEADER_LEN..6000).step_by(3));
+    assert_eq!(got, header);
+    assert_eq!(p.to_bytes(), Bytes::from(payload));
+    // The tiny ones joined into one piece, the large one kept.
+    assert_eq!(
+        p.parts().len(),
+        2,
+        "{:?}",
+        p.parts().iter().map(Bytes::len).collect::<Vec<_>>()
+    );
 }
 
 #[test]
