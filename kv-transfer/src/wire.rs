@@ -17,7 +17,7 @@
 //! | offset | size | field        | notes                                   |
 //! | ------ | ---- | ------------ | --------------------------------------- |
 //! | 0      | 4    | magic        | ASCII `TDKV`                            |
-//! | 4      | 1    | version      | `3` (2: no logprobs in Final; 1: no model fingerprint) |
+//! | 4      | 1    | version      | `4` (3: no unchecked flag; 2: no logprobs in Final; 1: no model fingerprint) |
 //! | 5      | 1    | kind         | `1` Layer, `2` Final, `3` Abort         |
 //! | 6      | 2    | reserved     | zero                                    |
 //! | 8      | 8    | transfer id  | u64                                     |
@@ -64,9 +64,10 @@
 //! field is zero and the receiver verifies nothing. QUIC authenticates every
 //! packet (AEAD), so on it the checksum guards only against a bug in the
 //! sender's or the receiver's framing, and costs a pass over every byte on
-//! both sides; senders leave it out unless asked (`SenderConfig`). A receiver
-//! of version 3 that predates the flag refuses an unchecked frame (reserved
-//! bytes not zero), so the flag needs no new version either.
+//! both sides; senders leave it out unless asked (`SenderConfig`). The flag
+//! came with version 4: a receiver accepts versions 3 and 4 (a version-3
+//! sender never sets it), and a version-3 receiver refuses a version-4 peer
+//! by its version, ending the transfer with a reason that says so.
 //!
 //! # Final frame (44 bytes + 8 per top log probability)
 //!
@@ -119,8 +120,10 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"TDKV";
-/// The wire format version this crate speaks.
-pub const VERSION: u8 = 3;
+/// The wire format version this crate sends.
+pub const VERSION: u8 = 4;
+/// The oldest version it still decodes (3: every Layer frame checksummed).
+pub const OLDEST_VERSION: u8 = 3;
 /// Bytes in the common prefix.
 pub const PREFIX_LEN: usize = 16;
 /// Bytes in a Layer frame's header (payload excluded).
@@ -609,7 +612,7 @@ pub enum WireError {
     BadMagic([u8; 4]),
     /// A version this decoder does not speak.
     #[error(
-        "KV wire version {0} from the peer, this node speaks {VERSION} (nodes of different releases)"
+        "KV wire version {0} from the peer, this node speaks {OLDEST_VERSION} to {VERSION} (nodes of different releases)"
     )]
     UnsupportedVersion(u8),
     /// An unknown frame kind.
@@ -845,7 +848,7 @@ impl FrameDecoder {
             }
             let transfer_id = (&p[8..16]).get_u64_le();
             let (version, kind, reserved) = (p[4], p[5], [p[6], p[7]]);
-            if version != VERSION {
+            if !(OLDEST_VERSION..=VERSION).contains(&version) {
                 // Named, so the receiver ends that transfer with this reason
                 // (a peer of another version) instead of letting it time out.
                 self.last_transfer_id = Some(transfer_id);

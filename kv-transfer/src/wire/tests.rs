@@ -250,6 +250,35 @@ fn tiny_pieces_are_copied_together_not_kept_one_by_one() {
 }
 
 #[test]
+fn a_version_3_peer_is_understood_and_a_version_5_one_refused() {
+    let (header, payload, _) = big_frame();
+    let checked = LayerHeader::for_payload(5, header.shape(), &payload).unwrap();
+    let mut frame = checked.encode().to_vec();
+    frame.extend_from_slice(&payload);
+    // Version 3 sent the same frames, always checksummed.
+    frame[4] = 3;
+    let mut d = FrameDecoder::new(1 << 20);
+    d.extend(&frame);
+    let Ok(Some(Frame::Layer {
+        header: got,
+        payload: p,
+    })) = d.next_frame()
+    else {
+        panic!("a version-3 frame refused");
+    };
+    assert_eq!((got, p.to_bytes()), (checked, Bytes::from(payload)));
+    frame[4] = 5;
+    let mut d = FrameDecoder::new(1 << 20);
+    d.extend(&frame);
+    assert_eq!(d.next_frame(), Err(WireError::UnsupportedVersion(5)));
+    assert_eq!(
+        d.last_transfer_id(),
+        Some(5),
+        "named, so its transfer can be ended"
+    );
+}
+
+#[test]
 fn an_unchecked_frame_carries_no_checksum_and_nothing_else_in_its_flags() {
     let shape = LayerShape {
         layer: 1,
