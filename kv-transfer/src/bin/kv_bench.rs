@@ -490,6 +490,46 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
+/// CPU time (user + system, all threads) of process `pid` so far, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms); zero where there is no `/proc`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// The CPU both ends of a run spent, for the CPU cost of a GB moved (a
+/// figure that, unlike the rate, does not depend on how many cores are free).
+#[derive(Clone, Copy)]
+struct CpuClock {
+    child: u32,
+    at: (Duration, Duration),
+}
+
+impl CpuClock {
+    fn start(child: &Child) -> Self {
+        let child = child.proc.id();
+        CpuClock {
+            child,
+            at: (cpu_time(std::process::id()), cpu_time(child)),
+        }
+    }
+
+    /// CPU seconds per GB of `bytes` since `start`, sender and receiver together.
+    fn per_gb(&self, bytes: u64) -> f64 {
+        let sender = cpu_time(std::process::id()).saturating_sub(self.at.0);
+        let receiver = cpu_time(self.child).saturating_sub(self.at.1);
+        (sender + receiver).as_secs_f64() / (bytes as f64 / 1e9)
+    }
+}
+
 /// The simulated prefill of an overlap run: `compute` per layer for the
 /// whole prompt, in chunks of `chunk_blocks` blocks (all layers of a chunk,
 /// then the next chunk, as chunked prefill runs; each chunk-layer takes its
@@ -500,6 +540,16 @@ struct Pace {
     chunk_blocks: u32,
 }
 
+/// One timed QUIC transfer.
+struct QuicRun {
+    total: Duration,
+    /// What outlasted the simulated compute (overlap runs).
+    exposed: Duration,
+    stats: Vec<quinn::ConnectionStats>,
+    /// CPU seconds per GB, both processes.
+    cpu_per_gb: f64,
+}
+
 async fn quic_run(
     child: &Child,
     args: &Args,
@@ -508,7 +558,7 @@ async fn quic_run(
     kv: &Kv,
     transfer_id: u64,
     pace: Option<Pace>,
-) -> Result<(Duration, Duration, Vec<quinn::ConnectionStats>)> {
+) -> Result<QuicRun> {
     let cfg = SenderConfig {
         connections: conns,
         max_frame_payload: args.frame_bytes,
@@ -523,15 +573,22 @@ async fn quic_run(
     // A prefill node keeps its connections to a decode node: warm them up
     // (MTU discovery, congestion window) with one untimed transfer.
     send_request(&sender, transfer_id + (1 << 40), kv, None).await?;
+    let cpu = CpuClock::start(child);
     let start = Instant::now();
     send_request(&sender, transfer_id, kv, pace.map(|p| (start, p))).await?;
     let total = start.elapsed();
+    let cpu_per_gb = cpu.per_gb(kv.bytes());
     let stats = sender.connection_stats();
     let compute_end = pace
         .map(|p| p.compute * u32::from(LAYERS))
         .unwrap_or_default();
     sender.close().await;
-    Ok((total, total.saturating_sub(compute_end), stats))
+    Ok(QuicRun {
+        total,
+        exposed: total.saturating_sub(compute_end),
+        stats,
+        cpu_per_gb,
+    })
 }
 
 /// Sends every layer of one request and finishes it. With `pace`, each
@@ -571,8 +628,9 @@ async fn send_request(
 
 /// TCP with the same frames; like the QUIC sender's lanes, each
 /// connection's task hashes its own frames.
-async fn tcp_run(child: &Child, conns: usize, kv: &Kv, args: &Args) -> Result<Duration> {
+async fn tcp_run(child: &Child, conns: usize, kv: &Kv, args: &Args) -> Result<(Duration, f64)> {
     let (frame_bytes, checksum) = (args.frame_bytes, args.checksum);
+    let cpu = CpuClock::start(child);
     let blocks = kv.blocks;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
     let start = Instant::now();
@@ -624,7 +682,7 @@ async fn tcp_run(child: &Child, conns: usize, kv: &Kv, args: &Args) -> Result<Du
     for t in tasks {
         t.await??;
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), cpu.per_gb(kv.bytes())))
 }
 
 /// The best of each transport for one datagram size and prompt size.
@@ -633,8 +691,12 @@ struct Row {
     tokens: usize,
     tcp: f64,
     tcp_conns: usize,
+    /// CPU seconds per GB of the best TCP run.
+    tcp_cpu: f64,
     quic: f64,
     quic_label: String,
+    /// CPU seconds per GB of the best QUIC run.
+    quic_cpu: f64,
 }
 
 async fn sender(args: &Args) -> Result<()> {
@@ -696,17 +758,19 @@ async fn compare(
         tokens,
         tcp: 0.0,
         tcp_conns: 0,
+        tcp_cpu: 0.0,
         quic: 0.0,
         quic_label: String::new(),
+        quic_cpu: 0.0,
     };
     for &c in &args.tcp_conns {
-        let d = tcp_run(child, c, &kv, args).await?;
+        let (d, cpu) = tcp_run(child, c, &kv, args).await?;
         let g = gbps(bytes, d);
         if g > row.tcp {
-            (row.tcp, row.tcp_conns) = (g, c);
+            (row.tcp, row.tcp_conns, row.tcp_cpu) = (g, c, cpu);
         }
         println!(
-            "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s",
+            "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s  cpu {cpu:.2} s/GB",
             d.as_secs_f64() * 1e3
         );
     }
@@ -724,19 +788,21 @@ async fn compare(
                 }
                 tried.push(k);
                 *id += 1;
-                let (d, _, stats) = quic_run(child, args, quic, (c, k), &kv, *id, None).await?;
-                let g = gbps(bytes, d);
+                let run = quic_run(child, args, quic, (c, k), &kv, *id, None).await?;
+                let g = gbps(bytes, run.total);
                 if g > row.quic {
                     row.quic = g;
                     row.quic_label =
                         format!("{c} conns, {k} rx endpoints, ack threshold {ack_threshold}");
+                    row.quic_cpu = run.cpu_per_gb;
                 }
                 println!(
-                    "  quic conns={c} rx_endpoints={k} ack_threshold={ack_threshold}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)",
-                    d.as_secs_f64() * 1e3,
-                    g / row.tcp
+                    "  quic conns={c} rx_endpoints={k} ack_threshold={ack_threshold}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)  cpu {:.2} s/GB",
+                    run.total.as_secs_f64() * 1e3,
+                    g / row.tcp,
+                    run.cpu_per_gb
                 );
-                print_path_stats(&stats);
+                print_path_stats(&run.stats);
             }
         }
     }
@@ -761,18 +827,20 @@ fn payload_label(asked: u16) -> String {
 
 fn markdown(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting |\n|---|---|---|---|---|---|\n",
+        "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting | CPU s/GB: TCP, QUIC |\n|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} | {:.2}, {:.2} |\n",
             payload_label(r.max_udp_payload),
             r.tokens,
             r.tcp,
             r.tcp_conns,
             r.quic,
             r.quic / r.tcp,
-            r.quic_label
+            r.quic_label,
+            r.tcp_cpu,
+            r.quic_cpu
         ));
     }
     t
@@ -795,7 +863,9 @@ async fn overlap(child: &Child, args: &Args, payload: u16, id: &mut u64) -> Resu
     let layer_bytes = kv.layer_bytes();
     let oc = args.overlap_conns;
     *id += 1;
-    let (alone, _, _) = quic_run(child, args, quic, (oc, oc), &kv, *id, None).await?;
+    let alone = quic_run(child, args, quic, (oc, oc), &kv, *id, None)
+        .await?
+        .total;
     let rate = gbps(kv.bytes(), alone);
     let one_layer = Duration::from_secs_f64(layer_bytes as f64 / (rate * 1e9));
     println!(
@@ -822,8 +892,12 @@ async fn overlap(child: &Child, args: &Args, payload: u16, id: &mut u64) -> Resu
             chunk_blocks: chunk.div_ceil(usize::from(BLOCK_SIZE)) as u32,
         };
         *id += 1;
-        let (total, exposed, stats) =
-            quic_run(child, args, quic, (oc, oc), &kv, *id, Some(pace)).await?;
+        let QuicRun {
+            total,
+            exposed,
+            stats,
+            ..
+        } = quic_run(child, args, quic, (oc, oc), &kv, *id, Some(pace)).await?;
         println!(
             "  prefill chunks of {chunk} tokens: total {:.1} ms; exposed after the last compute: {:.1} ms = {:.2} layer-transfers",
             total.as_secs_f64() * 1e3,
