@@ -4,7 +4,8 @@
 # one buffer; every frame checksummed) against d2c6701 (the payload kept as
 # the packets' buffers; no checksum unless asked), and d2c6701 with
 # --checksum (frames checksummed, as before, over QUIC and TCP alike), taking
-# turns. Carry .gpu10 (the two stripped kv_bench binaries).
+# turns. Carry .gpu10 (the two stripped kv_bench binaries; the new one, of
+# 86ba0ae's tree, also reports the CPU seconds per GB of each run).
 set -u
 O=${OUT:-/tmp/out}/kv; mkdir -p "$O"
 t0=$(date +%s); el() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
