@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Device call (16-core host; the GPU is not used): QUIC vs TCP at 1472- and
-# 8952-byte datagrams, kv_bench of ff5b012 (receiver copies every packet into
-# one buffer; every frame checksummed) against d2c6701 (the payload kept as
-# the packets' buffers; no checksum unless asked), and d2c6701 with
-# --checksum (frames checksummed, as before, over QUIC and TCP alike), taking
-# turns. Carry .gpu10 (the two stripped kv_bench binaries; the new one, of
-# 86ba0ae's tree, also reports the CPU seconds per GB of each run).
+# 8952-byte datagrams, kv_bench of ff5b012 (old: the receiver copies every
+# packet into one buffer; every frame checksummed) against 6c7917f (new: the
+# payload kept as the packets' buffers; no checksum unless asked; it also
+# reports the CPU seconds per GB of each run), and new with --checksum (frames
+# checksummed over QUIC and TCP alike, as old), taking turns.
+# Carry .gpu10 (the two stripped kv_bench binaries).
 set -u
 O=${OUT:-/tmp/out}/kv; mkdir -p "$O"
 t0=$(date +%s); el() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
