@@ -465,7 +465,10 @@ impl GpuKvCache {
 /// Parts a frame's copy into the staging buffer is cut into, at most: one
 /// core's memcpy moves a few GB/s (measured: a 4k prompt's 537 MB took the
 /// decode node's engine thread ~100 ms to import), under what the link
-/// delivers, so a large frame is copied by several threads.
+/// delivers, so a large frame is copied by several threads: rayon's pool's,
+/// as spawning threads for each frame cost more than the copy gained (on the
+/// 2-core VM, a 4 MiB frame in 8 parts took 360–404 µs on spawned threads,
+/// 190–226 on the pool: docs/cpu-results/2026-12-05-zero-copy/).
 const COPY_THREADS: usize = 8;
 /// The least bytes worth a thread of their own.
 const COPY_PART_BYTES: usize = 1 << 20;
@@ -539,7 +542,7 @@ fn split_frame_in_parts(
         return;
     }
     let per = n.div_ceil(parts);
-    std::thread::scope(|s| {
+    rayon::scope(|s| {
         let (mut vals, mut scales) = (vals, scales);
         let mut block = first;
         while !vals.is_empty() {
@@ -547,7 +550,7 @@ fn split_frame_in_parts(
             let (v, v_rest) = std::mem::take(&mut vals).split_at_mut(m * values);
             let (sc, sc_rest) = std::mem::take(&mut scales).split_at_mut(m * sb);
             (vals, scales) = (v_rest, sc_rest);
-            s.spawn(move || split_blocks(frame, block, block_bytes, values, v, sc));
+            s.spawn(move |_| split_blocks(frame, block, block_bytes, values, v, sc));
             block += m;
         }
     });
