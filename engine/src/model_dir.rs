@@ -64,6 +64,9 @@ pub struct ModelDir {
     /// CPU backend made from this directory (the prefill and decode nodes of
     /// one `tandem up` process).
     cpu_models: Mutex<HashMap<usize, CpuModel>>,
+    /// The same for the weights on each GPU (CUDA backends).
+    #[cfg(feature = "cuda")]
+    gpu_models: crate::cuda::GpuModels,
 }
 
 impl ModelDir {
@@ -91,6 +94,8 @@ impl ModelDir {
             device: Device::Cpu,
             name,
             cpu_models: Mutex::new(HashMap::new()),
+            #[cfg(feature = "cuda")]
+            gpu_models: Default::default(),
         })
     }
 
@@ -206,7 +211,8 @@ impl ModelDir {
         }
     }
 
-    /// Loads the weights onto GPU `ordinal` with a cache of `num_blocks` blocks.
+    /// Loads the weights onto GPU `ordinal` (or shares those another backend
+    /// from this directory holds there) with a cache of `num_blocks` blocks.
     #[cfg(feature = "cuda")]
     fn load_cuda(
         &self,
@@ -215,13 +221,12 @@ impl ModelDir {
         block_size: usize,
         limits: crate::cuda::CudaLimits,
     ) -> Result<Box<dyn Backend>> {
-        let weights = self.weights()?;
-        Ok(Box::new(crate::cuda::CudaBackend::load(
+        Ok(Box::new(crate::cuda::CudaBackend::load_shared(
             ordinal,
             &self.config,
-            &weights,
-            num_blocks,
-            block_size,
+            &self.gpu_models,
+            || self.weights(),
+            (num_blocks, block_size),
             limits,
         )?))
     }

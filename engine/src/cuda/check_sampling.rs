@@ -166,7 +166,7 @@ mod tests {
         let vocab = config.vocab_size;
         let gpu = Gpu::open(0, &config).expect("a CUDA GPU");
         let model = GpuModel::random(&gpu, &config, 7).unwrap();
-        let mut be = CudaBackend::new(gpu, model, 64, 16, CudaLimits::default()).unwrap();
+        let mut be = CudaBackend::new(gpu, model.into(), 64, 16, CudaLimits::default()).unwrap();
         be.fill_cache_random(3).unwrap();
         let tables: Vec<Vec<u32>> = (0..4u32).map(|s| vec![2 * s, 2 * s + 1]).collect();
         let toks = [[5u32], [17], [29], [3]];

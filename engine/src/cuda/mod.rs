@@ -68,6 +68,7 @@ mod staging;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice};
 use half::bf16;
@@ -168,10 +169,40 @@ struct DecodeGraph(CudaGraph);
 // to be launched from any thread when calls are serialized.
 unsafe impl Send for DecodeGraph {}
 
+/// Weights loaded on each GPU, shared by the backends of one process on that
+/// GPU while any of them lives. Their contexts are the device's primary one,
+/// so one backend's device pointers are valid in another's streams, and the
+/// weights are only read after loading.
+#[derive(Default)]
+pub struct GpuModels(std::sync::Mutex<HashMap<usize, std::sync::Weak<GpuModel>>>);
+
+impl GpuModels {
+    /// The weights on GPU `ordinal`: those a live backend holds, else loaded
+    /// through `gpu` from `weights()` (once: a second caller waits for the first).
+    fn get_or_load(
+        &self,
+        gpu: &Gpu,
+        ordinal: usize,
+        config: &ModelConfig,
+        weights: impl FnOnce() -> Result<crate::weights::Weights>,
+    ) -> Result<Arc<GpuModel>> {
+        let mut models = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(model) = models.get(&ordinal).and_then(std::sync::Weak::upgrade) {
+            tracing::info!(ordinal, "sharing the weights already loaded on this GPU");
+            return Ok(model);
+        }
+        let model = Arc::new(GpuModel::load(gpu, config, &weights()?)?);
+        models.insert(ordinal, Arc::downgrade(&model));
+        Ok(model)
+    }
+}
+
 /// The model and its KV cache on one GPU.
 pub struct CudaBackend {
     gpu: Gpu,
-    model: GpuModel,
+    /// The weights; shared with the other backends of this process on the
+    /// same GPU ([`GpuModels`]).
+    model: Arc<GpuModel>,
     kv: GpuKvCache,
     limits: CudaLimits,
     bufs: Buffers,
@@ -200,7 +231,7 @@ impl CudaBackend {
     /// A backend over `model` with a zeroed cache of `num_blocks` blocks of `block_size` tokens.
     pub fn new(
         gpu: Gpu,
-        model: GpuModel,
+        model: Arc<GpuModel>,
         num_blocks: usize,
         block_size: usize,
         limits: CudaLimits,
@@ -289,6 +320,22 @@ impl CudaBackend {
     ) -> Result<Self> {
         let gpu = Gpu::open(ordinal, config)?;
         let model = GpuModel::load(&gpu, config, weights)?;
+        Self::new(gpu, Arc::new(model), num_blocks, block_size, limits)
+    }
+
+    /// Like [`load`](Self::load), with the weights `models` already holds for
+    /// GPU `ordinal` if a backend of this process loaded them there (the
+    /// prefill and decode nodes of one `tandem up` process share one copy).
+    pub fn load_shared(
+        ordinal: usize,
+        config: &ModelConfig,
+        models: &GpuModels,
+        weights: impl FnOnce() -> Result<crate::weights::Weights>,
+        (num_blocks, block_size): (usize, usize),
+        limits: CudaLimits,
+    ) -> Result<Self> {
+        let gpu = Gpu::open(ordinal, config)?;
+        let model = models.get_or_load(&gpu, ordinal, config, weights)?;
         Self::new(gpu, model, num_blocks, block_size, limits)
     }
 

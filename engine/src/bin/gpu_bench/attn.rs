@@ -39,7 +39,7 @@ fn backend(
     let model = GpuModel::random(&gpu, config, 1)?;
     Ok(CudaBackend::new(
         gpu,
-        model,
+        model.into(),
         blocks,
         block_size,
         CudaLimits {

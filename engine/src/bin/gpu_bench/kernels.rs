@@ -80,7 +80,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         let g = Gpu::open(0, &c)?;
         let model = GpuModel::random(&g, &c, 1)?;
         // Enough blocks for 256 sequences of 1k and 64 of 4k.
-        let mut be = CudaBackend::new(g, model, 256 * 66 + 8, BS, CudaLimits::default())?;
+        let mut be = CudaBackend::new(g, model.into(), 256 * 66 + 8, BS, CudaLimits::default())?;
         be.fill_cache_random(3)?;
         for (ctx, batch) in [(1024usize, 1usize), (4096, 64), (1024, 256)] {
             let per_seq = blocks_for(ctx + 20, BS);

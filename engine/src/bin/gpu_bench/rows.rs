@@ -52,7 +52,13 @@ pub(crate) fn rows(args: &[String]) -> Res<()> {
     let model = GpuModel::random(&gpu, &config, 1)?;
     let ctx = 1024;
     let per_seq = blocks_for(ctx + 64, BS);
-    let mut be = CudaBackend::new(gpu, model, 64 * per_seq + 8, BS, CudaLimits::default())?;
+    let mut be = CudaBackend::new(
+        gpu,
+        model.into(),
+        64 * per_seq + 8,
+        BS,
+        CudaLimits::default(),
+    )?;
     be.fill_cache_random(3)?;
     // A mask allowing one token in 16, scattered (a grammar allows few).
     let mut rng = ChaCha8Rng::seed_from_u64(5);

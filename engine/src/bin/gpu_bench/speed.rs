@@ -58,7 +58,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         ..CudaLimits::default()
     };
     let weight_bytes = 2 * model.streamed_params();
-    let mut be = CudaBackend::new(gpu, model, num_blocks, BS, limits)?;
+    let mut be = CudaBackend::new(gpu, model.into(), num_blocks, BS, limits)?;
     be.fill_cache_random(3)?;
     println!(
         "## benchmark: {shape} ({} layers, hidden {}, {} heads, {} KV heads, FFN {}, vocab {}), random bf16 weights on {name}\n",
