@@ -192,6 +192,8 @@ impl GpuModels {
             return Ok(model);
         }
         let model = Arc::new(GpuModel::load(gpu, config, &weights()?)?);
+        // The uploads are on this backend's stream: done before another reads them.
+        gpu.sync()?;
         models.insert(ordinal, Arc::downgrade(&model));
         Ok(model)
     }
