@@ -1,18 +1,8 @@
 #!/usr/bin/env bash
-# CPU A/B of the first-token-ahead + import-slice changes: `tandem up` (embedded
-# default config, SmolLM2), 32 requests of 256 prompt / 32 output tokens at 2 req/s,
-# before and after taking turns. before: target/release/tandem of d40189c (the last
-# release build before these changes); after: ab079a1. Run from a directory with a
-# models/ link to the repo's models/ (here /tmp/ab).
-set -u
-OUT=${OUT:-/tmp/ab/out}; mkdir -p "$OUT"
-for round in 1 2; do
-  for v in before after; do
-    T=/work/bench-bin/tandem-$v
-    $T up > "$OUT/up-$v-$round.log" 2>&1 & PID=$!
-    for _ in $(seq 1 60); do $T bench --router http://127.0.0.1:50051 --num-prompts 1 --input-len 256 --output-len 2 --no-progress >/dev/null 2>&1 && break; sleep 1; done
-    echo "### $v, round $round" >> "$OUT/bench.md"
-    $T bench --router http://127.0.0.1:50051 --num-prompts 32 --input-len 256 --output-len 32 --request-rate 2 --seed 1 --no-progress 2>&1 | tee -a "$OUT/bench.md" | grep -E "Median TTFT|Median TPOT|P99 ITL|Output token throughput|first_token \(|prefill_compute"
-    kill $PID; wait $PID 2>/dev/null
-  done
-done
+# CPU A/B of the first-token-ahead + import-slice changes, end to end
+# (scripts/cpu_up_ab.sh; this run used its loop before it became that script):
+# before: target/release/tandem of d40189c (the last release build before these
+# changes); after: ab079a1. Run from a directory with a models/ link to the
+# repo's models/ (here /tmp/ab).
+OUT=${OUT:-/tmp/ab/out} exec "$(dirname "$0")/../../../scripts/cpu_up_ab.sh" \
+  /work/bench-bin/tandem-before /work/bench-bin/tandem-after
