@@ -690,6 +690,38 @@ enum State {
 /// frame of n bytes cost more than about n / 1 KiB pieces.
 const KEEP_PIECES_FROM: usize = 1024;
 
+/// Bytes between two pieces that still count as one run of a buffer: a
+/// packet's header and the previous one's tag (tens of bytes), not another
+/// stream's data.
+const RUN_GAP: usize = 256;
+
+/// The least average run a payload keeps its pieces for. A frame whose pieces
+/// sit in runs this short was interleaved packet by packet with other
+/// streams' data in the same receive buffers; keeping it would keep that data
+/// alive too, as long as the frame waits for its import (up to as many times
+/// the frame's size as streams shared the connection), so it is copied into
+/// one buffer instead, as every frame once was.
+const KEEP_RUNS_FROM: usize = 16 * 1024;
+
+/// `payload` as it is, or in one buffer when its pieces are scattered
+/// ([`KEEP_RUNS_FROM`]).
+fn compact_if_scattered(payload: Payload) -> Payload {
+    let runs = 1 + payload
+        .parts
+        .windows(2)
+        .filter(|w| {
+            let end = w[0].as_ptr() as usize + w[0].len();
+            let next = w[1].as_ptr() as usize;
+            next < end || next - end > RUN_GAP
+        })
+        .count();
+    if payload.parts.len() > 1 && payload.len < KEEP_RUNS_FROM * runs {
+        Payload::from(payload.to_bytes())
+    } else {
+        payload
+    }
+}
+
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -979,7 +1011,7 @@ impl FrameDecoder {
         if !small.is_empty() {
             payload.push(small.split().freeze());
         }
-        let (header, payload) = (*header, std::mem::take(payload));
+        let (header, payload) = (*header, compact_if_scattered(std::mem::take(payload)));
         let actual = hasher.as_ref().map(|h| h.digest());
         self.state = State::Header;
         if let (Some(expected), Some(actual)) = (header.checksum, actual)

@@ -239,12 +239,20 @@ async fn main() -> Result<()> {
 /// Counts bytes; the decoder has already verified each checksum (if any).
 struct CountingSink {
     bytes: AtomicU64,
+    frames: AtomicU64,
+    /// Frames whose payload came as the packets' buffers (not copied into one
+    /// because they were scattered: `wire::Payload`).
+    kept: AtomicU64,
 }
 
 impl KvSink for CountingSink {
     fn on_layer(&self, _header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         self.bytes
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.frames.fetch_add(1, Ordering::Relaxed);
+        if payload.parts().len() > 1 {
+            self.kept.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
     fn on_final(&self, _transfer_id: u64, _layers_sent: u32) -> Result<(), SinkError> {
@@ -266,6 +274,8 @@ async fn receiver(args: &Args) -> Result<()> {
     let cert = SelfSigned::generate(&["localhost"])?;
     let sink = Arc::new(CountingSink {
         bytes: AtomicU64::new(0),
+        frames: AtomicU64::new(0),
+        kept: AtomicU64::new(0),
     });
     let config = ReceiverConfig {
         transport: receiver_tuning(args),
@@ -275,7 +285,7 @@ async fn receiver(args: &Args) -> Result<()> {
     let (rx, _) = KvReceiver::bind_with(
         "127.0.0.1:0".parse()?,
         cert.server_config()?,
-        sink,
+        sink.clone(),
         config,
         tokio_util::sync::CancellationToken::new(),
     )?;
@@ -306,6 +316,11 @@ async fn receiver(args: &Args) -> Result<()> {
     let mut buf = [0u8; 64];
     while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
     rx.shutdown().await;
+    eprintln!(
+        "receiver: {} layer frames, {} kept as the packets' buffers (the rest copied into one)",
+        sink.frames.load(Ordering::Relaxed),
+        sink.kept.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

@@ -175,7 +175,7 @@ proptest! {
 }
 
 fn big_shape() -> LayerShape {
-    // 4 blocks of 2 KiB (bf16, one head of 64 x 8).
+    // 4 blocks of 16 KiB (bf16, one head of 128 x 32).
     LayerShape {
         layer: 0,
         first_block: 0,
@@ -184,8 +184,8 @@ fn big_shape() -> LayerShape {
         head_start: 0,
         head_count: 1,
         total_heads: 1,
-        head_dim: 64,
-        block_size: 8,
+        head_dim: 128,
+        block_size: 32,
     }
 }
 
@@ -231,6 +231,38 @@ fn a_payload_is_the_pushed_buffers_not_a_copy() {
         .map(|part| part.as_ptr() as usize - all.as_ptr() as usize)
         .collect();
     assert_eq!(starts, [60, 1500, 3000, 4500, 6000]);
+}
+
+#[test]
+fn a_payload_interleaved_with_other_data_is_copied_into_one_buffer() {
+    let (header, payload, frame) = big_frame();
+    // Packets of this frame's stream alternating with another stream's in the
+    // same receive buffer: 1400-byte pieces, each followed by 1400 foreign bytes.
+    let mut mixed = Vec::new();
+    for chunk in frame.chunks(1400) {
+        mixed.extend_from_slice(chunk);
+        mixed.extend_from_slice(&[0xEE; 1400]);
+    }
+    let mixed = Bytes::from(mixed);
+    let mut d = FrameDecoder::new(1 << 20);
+    for (i, chunk) in frame.chunks(1400).enumerate() {
+        d.push(mixed.slice(i * 2800..i * 2800 + chunk.len()));
+    }
+    let Ok(Some(Frame::Layer {
+        header: got,
+        payload: p,
+    })) = d.next_frame()
+    else {
+        panic!("no layer frame");
+    };
+    assert_eq!(got, header);
+    assert_eq!(p.parts().len(), 1, "copied into one buffer");
+    assert_eq!(p.to_bytes(), Bytes::from(payload));
+    let inside = |b: &Bytes| {
+        let (a, m) = (b.as_ptr() as usize, mixed.as_ptr() as usize);
+        a >= m && a < m + mixed.len()
+    };
+    assert!(!inside(&p.parts()[0]), "not a slice of the shared buffer");
 }
 
 #[test]
