@@ -139,6 +139,14 @@ pub struct TransportTuning {
     pub idle_timeout: Duration,
     /// Keep-alive ping interval.
     pub keep_alive: Duration,
+    /// Round-robin between a connection's streams of equal priority, packet
+    /// by packet (quinn's default), instead of sending them in the order they
+    /// were written. Off: a request's frame goes out in one run, so the
+    /// receiver keeps it as the packets' buffers (`wire::Payload`) instead of
+    /// copying it out from between other requests' packets, and the earlier
+    /// request's KV lands first. A Final frame's stream has a higher priority
+    /// and overtakes either way.
+    pub send_fairness: bool,
 }
 
 impl Default for TransportTuning {
@@ -156,6 +164,7 @@ impl Default for TransportTuning {
             socket_buffer_bytes: 16 << 20,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
+            send_fairness: false,
         }
     }
 }
@@ -190,7 +199,8 @@ impl TransportTuning {
             .send_window(self.send_window)
             .max_concurrent_uni_streams(VarInt::from_u32(max_uni_streams))
             .max_concurrent_bidi_streams(VarInt::from_u32(0))
-            .keep_alive_interval(Some(self.keep_alive));
+            .keep_alive_interval(Some(self.keep_alive))
+            .send_fairness(self.send_fairness);
         let mut ack = AckFrequencyConfig::default();
         ack.max_ack_delay(Some(self.max_ack_delay))
             .ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold))
@@ -430,6 +440,7 @@ mod tests {
             "reordering_threshold: 5 }",
             "initial_mtu: 1200",
             "max_ack_delay: Some(700µs)",
+            "send_fairness: false",
         ] {
             assert!(debug.contains(want), "{want} not in {debug}");
         }

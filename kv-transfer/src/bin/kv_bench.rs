@@ -27,6 +27,12 @@
 //! the best QUIC against the best TCP per size to PATH. `--overlap-tokens 0`
 //! skips the overlap runs.
 //!
+//! `--concurrent N` sends N requests at once in each timed QUIC run (the
+//! rate counts all of them; each request's own end is printed), over
+//! streams that round-robin packet by packet with `--fairness` or go in
+//! write order without (the default); the receiver says at the end how many
+//! frames it kept as the packets' buffers.
+//!
 //! `--rx-endpoints` lists receiver endpoint counts to try for each QUIC
 //! connection count; 0 means "as many as connections" (capped at the
 //! receiver's endpoints). The receiver child binds the largest count needed
@@ -87,6 +93,8 @@ struct Args {
     stream_window: u32,
     conn_window: u32,
     checksum: bool,
+    concurrent: usize,
+    fairness: bool,
 }
 
 fn default_compute_ms() -> f64 {
@@ -157,6 +165,14 @@ struct Flags {
     /// prefill node's default is without: `SenderConfig::checksum_payloads`).
     #[arg(long)]
     checksum: bool,
+    /// Requests each timed QUIC run sends at once over the same connections
+    /// (as a prefill node does for concurrent prompts).
+    #[arg(long, default_value_t = 1)]
+    concurrent: usize,
+    /// Round-robin between a connection's streams packet by packet
+    /// (`TransportTuning::send_fairness`; off by default).
+    #[arg(long)]
+    fairness: bool,
 }
 
 /// `--role`.
@@ -194,6 +210,8 @@ fn parse_args() -> Result<Args> {
         stream_window: mib("stream-window-mib", f.stream_window_mib)?,
         conn_window: mib("conn-window-mib", f.conn_window_mib)?,
         checksum: f.checksum,
+        concurrent: f.concurrent.max(1),
+        fairness: f.fairness,
     })
 }
 
@@ -211,6 +229,7 @@ fn tuning(a: &Args, q: Quic) -> TransportTuning {
         stream_receive_window: a.stream_window,
         receive_window: a.conn_window,
         send_window: u64::from(a.send_window),
+        send_fairness: a.fairness,
         ..TransportTuning::default()
     }
 }
@@ -590,9 +609,31 @@ async fn quic_run(
     send_request(&sender, transfer_id + (1 << 40), kv, None).await?;
     let cpu = CpuClock::start(child);
     let start = Instant::now();
-    send_request(&sender, transfer_id, kv, pace.map(|p| (start, p))).await?;
+    let n = if pace.is_some() { 1 } else { args.concurrent };
+    // Each of `n` requests, timed to its own end.
+    let sender_ref = &sender;
+    let ends = futures::future::try_join_all((0..n as u64).map(|i| async move {
+        send_request(
+            sender_ref,
+            transfer_id + (i << 48),
+            kv,
+            pace.map(|p| (start, p)),
+        )
+        .await?;
+        anyhow::Ok(start.elapsed())
+    }))
+    .await?;
     let total = start.elapsed();
-    let cpu_per_gb = cpu.per_gb(kv.bytes());
+    let cpu_per_gb = cpu.per_gb(kv.bytes() * n as u64);
+    if n > 1 {
+        let mean = ends.iter().sum::<Duration>() / n as u32;
+        println!(
+            "      {n} requests at once: each done after {:.1} ms on average (first {:.1}, last {:.1})",
+            mean.as_secs_f64() * 1e3,
+            ends.iter().min().unwrap_or(&total).as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3
+        );
+    }
     let stats = sender.connection_stats();
     let compute_end = pace
         .map(|p| p.compute * u32::from(LAYERS))
@@ -804,7 +845,7 @@ async fn compare(
                 tried.push(k);
                 *id += 1;
                 let run = quic_run(child, args, quic, (c, k), &kv, *id, None).await?;
-                let g = gbps(bytes, run.total);
+                let g = gbps(bytes * args.concurrent as u64, run.total);
                 if g > row.quic {
                     row.quic = g;
                     row.quic_label =
