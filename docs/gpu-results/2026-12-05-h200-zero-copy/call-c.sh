@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call (next session): binary c (2ed3e2b: a received KV frame is kept as
+# Device call (next session): binary c (c814acb: a received KV frame is kept as
 # the packets' buffers and the CUDA import gathers them into the pinned ring;
 # frames unchecked by default). First the 1p1d smoke (prefill and decode
 # processes on the GPU, a long prompt's KV over QUIC, its greedy text against
