@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds the git-ignored folders the pending device calls carry (README.md's
+# table), from the revisions they name, so a session that finds them gone (a
+# new checkout keeps no ignored files) rebuilds them with one command before
+# its first device call:
+#   .gpu8   call-3: old/ (this checkout's tandem-gpu-bench and kernels) and
+#           patched/ (decode-kernels-b256.patch: tandem-gpu-bench, engine-tests, kernels)
+#   .gpu9   call-c: c/tandem.xz (binary c, this checkout) and c/gpu-1p1d
+#   .gpu10  call-kv: kv_bench_old (ff5b012), kv_bench_zc (8b4e76d: stock quinn)
+#           and kv_bench_new (this checkout)
+# WHICH="8 9 10" picks folders. Each revision builds in a worktree of its own
+# with a target directory of its own (a shared one would rebuild everything
+# between them). CUDA builds on the 2-core VM take 10-20 minutes each.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+WHICH=${WHICH:-"8 9 10"}
+T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
+
+# worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
+worktree() {
+  local dir=/work/prep-$1
+  git worktree remove --force "$dir" 2>/dev/null || rm -rf "$dir"
+  git worktree prune
+  git worktree add -q --detach "$dir" "$2"
+  if [ -n "${3:-}" ]; then git -C "$dir" apply "$ROOT/$3"; fi
+  echo "$dir"
+}
+# build DIR NAME ARGS...: cargo build --release in DIR with its own target directory.
+build() {
+  local dir=$1 name=$2; shift 2
+  (cd "$dir" && CARGO_TARGET_DIR=$T/target-prep-$name cargo build --release --locked "$@")
+}
+rel() { echo "$T/target-prep-$1/release"; }
+
+for w in $WHICH; do
+  case $w in
+    8)
+      rm -rf .gpu8 && mkdir -p .gpu8/old .gpu8/patched
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      cp "$(rel head)/tandem-gpu-bench" .gpu8/old/ && cp -r engine/src/cuda/kernels .gpu8/old/
+      d=$(worktree b256 HEAD scripts/gpu-pending/decode-kernels-b256.patch)
+      build "$d" b256 --features cuda -p tandem-engine --bin tandem-gpu-bench
+      (cd "$d" && CARGO_TARGET_DIR=$T/target-prep-b256 cargo test --release --locked -p tandem-engine \
+         --features cuda --lib --no-run --message-format=json) \
+        | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | head -1 | xargs -I{} cp {} .gpu8/patched/engine-tests
+      cp "$(rel b256)/tandem-gpu-bench" .gpu8/patched/ && cp -r "$d/engine/src/cuda/kernels" .gpu8/patched/
+      cp docs/gpu-results/2026-12-04-h200-async/call-3.sh .gpu8/
+      strip .gpu8/old/tandem-gpu-bench .gpu8/patched/tandem-gpu-bench .gpu8/patched/engine-tests
+      ;;
+    9)
+      rm -rf .gpu9 && mkdir -p .gpu9/c
+      build "$ROOT" head --features cuda -p tandem --bin tandem
+      strip -o .gpu9/c/tandem "$(rel head)/tandem" && xz -T2 -6 .gpu9/c/tandem
+      cp -r cluster-configs/gpu-1p1d .gpu9/c/
+      ;;
+    10)
+      rm -rf .gpu10 && mkdir -p .gpu10
+      build "$ROOT" head -p tandem-kv-transfer --bin kv_bench
+      strip -o .gpu10/kv_bench_new "$(rel head)/kv_bench"
+      for pair in old:ff5b012 zc:8b4e76d; do
+        name=${pair%%:*}
+        d=$(worktree "kv$name" "${pair#*:}")
+        build "$d" "kv$name" -p tandem-kv-transfer --bin kv_bench
+        strip -o ".gpu10/kv_bench_$name" "$(rel "kv$name")/kv_bench"
+      done
+      ;;
+    *) echo "unknown folder $w (8, 9 or 10)" >&2; exit 1 ;;
+  esac
+  du -sh ".gpu$w"
+done
+EXCLUDE=$(git rev-parse --git-common-dir)/info/exclude
+for w in $WHICH; do
+  grep -qx "/.gpu$w/" "$EXCLUDE" 2>/dev/null || echo "/.gpu$w/" >> "$EXCLUDE"
+done
