@@ -19,7 +19,8 @@ run() { # name binary [flags]
 }
 run old .gpu10/kv_bench_old
 run zc .gpu10/kv_bench_zc
-run new .gpu10/kv_bench_new
+# 32 connections too: whether QUIC's rate still grows with connections (cores) there.
+CONNS=8,16,32 run new .gpu10/kv_bench_new
 run zc-checksum .gpu10/kv_bench_zc --checksum
 # Four requests at once over 8 connections: streams in write order (default)
 # or round-robin packet by packet (--fairness): frames kept, rate, each end.
