@@ -12,7 +12,7 @@
 //! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2] [--speed] [--kv-dtype bf16|fp8_e4m3]
 //!                         [--window W] [--block-size N]
 //!                                                      wgmma vs mma.sync prefill attention
-//! tandem-gpu-bench rows   [--shape llama3-8b]          decode steps with masked / logprobs rows
+//! tandem-gpu-bench rows   [--shape llama3-8b]          decode steps by draw, with masked / logprobs rows
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -2,7 +2,9 @@
 //! for more than a token: a grammar mask, log probabilities (both applied and
 //! computed on the device by `finish_step`), against a step of plain rows and
 //! against the host path (every row's logits downloaded, chosen on the host),
-//! which is what a constrained or logprobs request cost before the device did it.
+//! which is what a constrained or logprobs request cost before the device did it;
+//! and what the draw itself costs (greedy, temperature, top-k with top-p), each
+//! a different number of passes of `sample_rows` over every row's logits.
 
 use std::time::Instant;
 
@@ -21,20 +23,26 @@ use super::{BS, Res, arg, median};
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Plain,
+    Greedy,
+    TopKTopP,
     OneMasked,
     OneMaskedLogprobs,
     AllLogprobs,
+    AllTop20,
     HostLogits,
 }
 
-const KINDS: [(Kind, &str); 5] = [
+const KINDS: [(Kind, &str); 8] = [
     (Kind::Plain, "every row plain (ids only)"),
+    (Kind::Greedy, "every row plain, greedy"),
+    (Kind::TopKTopP, "every row plain, top-k 50 and top-p 0.9"),
     (Kind::OneMasked, "1 row with a grammar mask"),
     (
         Kind::OneMaskedLogprobs,
         "1 row with a mask and top-5 logprobs",
     ),
     (Kind::AllLogprobs, "every row top-5 logprobs"),
+    (Kind::AllTop20, "every row top-20 logprobs"),
     (
         Kind::HostLogits,
         "host path: every row's logits to the host, chosen there",
@@ -42,7 +50,8 @@ const KINDS: [(Kind, &str); 5] = [
 ];
 
 /// Decode step times (median of 3 rounds × 10 steps, the kinds round-robin)
-/// at batch 8 and 64, 1k context, sampling at temperature 0.7.
+/// at batch 1, 8 and 64, 1k context, sampling at temperature 0.7 unless the
+/// kind says otherwise.
 pub(crate) fn rows(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let layers = arg(args, "--layers").map(|l| l.parse()).transpose()?;
@@ -75,7 +84,7 @@ pub(crate) fn rows(args: &[String]) -> Res<()> {
     println!("| batch | rows | step ms | ÷ plain |");
     println!("|---|---|---|---|");
     let mut outside = 0usize;
-    for batch in [8usize, 64] {
+    for batch in [1usize, 8, 64] {
         let tables = consecutive_tables(batch, per_seq);
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); KINDS.len()];
         let mut step = 0;
@@ -96,12 +105,15 @@ pub(crate) fn rows(args: &[String]) -> Res<()> {
                         .collect();
                     step += 1;
                     let draws: Vec<TokenDraw> = (0..batch)
-                        .map(|_| TokenDraw {
-                            temperature: 0.7,
-                            top_k: 0,
-                            top_p: 1.0,
-                            min_p: 0.0,
-                            u01: rng.random(),
+                        .map(|_| match kind {
+                            Kind::Greedy => TokenDraw::GREEDY,
+                            _ => TokenDraw {
+                                temperature: 0.7,
+                                top_k: if kind == Kind::TopKTopP { 50 } else { 0 },
+                                top_p: if kind == Kind::TopKTopP { 0.9 } else { 1.0 },
+                                min_p: 0.0,
+                                u01: rng.random(),
+                            },
                         })
                         .collect();
                     let asks: Vec<RowAsk<'_>> = (0..batch)
@@ -117,6 +129,10 @@ pub(crate) fn rows(args: &[String]) -> Res<()> {
                             },
                             Kind::AllLogprobs => RowAsk {
                                 logprobs: Some(5),
+                                ..Default::default()
+                            },
+                            Kind::AllTop20 => RowAsk {
+                                logprobs: Some(20),
                                 ..Default::default()
                             },
                             _ => RowAsk::default(),
