@@ -582,7 +582,7 @@ async fn wrong_certificate_cannot_connect() {
 }
 
 /// Loopback carries 64 KiB datagrams, so discovery must take packets past
-/// quinn's 1472-byte endpoint default and past the size at which quinn's
+/// quinn's 1472-byte endpoint default and past the size at which stock quinn's
 /// 10-datagram GSO batches exceed 64 KiB: the kernel refuses such a batch
 /// whole, which shows as a third of the packets lost (and sends discovery
 /// back to 1200 bytes) unless the socket cuts batches to size.
