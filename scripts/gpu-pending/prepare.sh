@@ -8,13 +8,15 @@
 #   .gpu9   call-c: c/tandem.xz (binary c, this checkout) and c/gpu-1p1d
 #   .gpu10  call-kv: kv_bench_old (ff5b012), kv_bench_zc (8b4e76d: stock quinn)
 #           and kv_bench_new (this checkout)
-# WHICH="8 9 10" picks folders. Each revision builds in a worktree of its own
+#   .gpu11  call-s: this checkout's tandem-gpu-bench and engine-tests (xz), and the
+#           kernel variants of scripts/gpu-variants under var/
+# WHICH="8 9 10 11" picks folders. Each revision builds in a worktree of its own
 # with a target directory of its own (a shared one would rebuild everything
 # between them). CUDA builds on the 2-core VM take 10-20 minutes each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10"}
+WHICH=${WHICH:-"8 9 10 11"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
@@ -32,6 +34,17 @@ build() {
   (cd "$dir" && CARGO_TARGET_DIR=$T/target-prep-$name cargo build --release --locked "$@")
 }
 rel() { echo "$T/target-prep-$1/release"; }
+# engine_tests DIR NAME: builds the engine's unit-test binary (CUDA tests included) in
+# DIR with target directory NAME and prints its path.
+engine_tests() {
+  (cd "$1" && CARGO_TARGET_DIR=$T/target-prep-$2 cargo test --release --locked -p tandem-engine \
+     --features cuda --lib --no-run --message-format=json) \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | head -1
+}
 
 for w in $WHICH; do
   case $w in
@@ -41,13 +54,7 @@ for w in $WHICH; do
       cp "$(rel head)/tandem-gpu-bench" .gpu8/old/ && cp -r engine/src/cuda/kernels .gpu8/old/
       d=$(worktree b256 HEAD scripts/gpu-pending/decode-kernels-b256.patch)
       build "$d" b256 --features cuda -p tandem-engine --bin tandem-gpu-bench
-      (cd "$d" && CARGO_TARGET_DIR=$T/target-prep-b256 cargo test --release --locked -p tandem-engine \
-         --features cuda --lib --no-run --message-format=json) \
-        | python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
-        print(m["executable"])' | head -1 | xargs -I{} cp {} .gpu8/patched/engine-tests
+      cp "$(engine_tests "$d" b256)" .gpu8/patched/engine-tests
       cp "$(rel b256)/tandem-gpu-bench" .gpu8/patched/ && cp -r "$d/engine/src/cuda/kernels" .gpu8/patched/
       cp docs/gpu-results/2026-12-04-h200-async/call-3.sh .gpu8/
       strip .gpu8/old/tandem-gpu-bench .gpu8/patched/tandem-gpu-bench .gpu8/patched/engine-tests
@@ -69,7 +76,15 @@ for l in sys.stdin:
         strip -o ".gpu10/kv_bench_$name" "$(rel "kv$name")/kv_bench"
       done
       ;;
-    *) echo "unknown folder $w (8, 9 or 10)" >&2; exit 1 ;;
+    11)
+      rm -rf .gpu11 && mkdir -p .gpu11
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu11/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu11/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu11/tandem-gpu-bench .gpu11/engine-tests
+      GPU_DIR=.gpu11 bash scripts/gpu_variants_prepare.sh
+      ;;
+    *) echo "unknown folder $w (8, 9, 10 or 11)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
