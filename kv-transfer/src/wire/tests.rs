@@ -201,6 +201,14 @@ fn big_frame() -> (LayerHeader, Vec<u8>, Bytes) {
     (header, payload, Bytes::from(bytes))
 }
 
+/// The decoder's next frame, which must be a Layer frame.
+fn next_layer(d: &mut FrameDecoder) -> (LayerHeader, Payload) {
+    match d.next_frame() {
+        Ok(Some(Frame::Layer { header, payload })) => (header, payload),
+        other => panic!("no layer frame: {other:?}"),
+    }
+}
+
 fn decode_cut(all: &Bytes, cuts: impl IntoIterator<Item = usize>) -> (LayerHeader, Payload) {
     let mut d = FrameDecoder::new(1 << 20);
     let mut at = 0;
@@ -208,11 +216,9 @@ fn decode_cut(all: &Bytes, cuts: impl IntoIterator<Item = usize>) -> (LayerHeade
         d.push(all.slice(at..c));
         at = c;
     }
-    let Ok(Some(Frame::Layer { header, payload })) = d.next_frame() else {
-        panic!("no layer frame");
-    };
+    let layer = next_layer(&mut d);
     assert!(d.is_idle());
-    (header, payload)
+    layer
 }
 
 #[test]
@@ -248,13 +254,7 @@ fn a_payload_interleaved_with_other_data_is_copied_into_one_buffer() {
     for (i, chunk) in frame.chunks(1400).enumerate() {
         d.push(mixed.slice(i * 2800..i * 2800 + chunk.len()));
     }
-    let Ok(Some(Frame::Layer {
-        header: got,
-        payload: p,
-    })) = d.next_frame()
-    else {
-        panic!("no layer frame");
-    };
+    let (got, p) = next_layer(&mut d);
     assert_eq!(got, header);
     assert_eq!(p.parts().len(), 1, "copied into one buffer");
     assert_eq!(p.to_bytes(), Bytes::from(payload));
@@ -291,13 +291,7 @@ fn a_version_3_peer_is_understood_and_a_version_5_one_refused() {
     frame[4] = 3;
     let mut d = FrameDecoder::new(1 << 20);
     d.extend(&frame);
-    let Ok(Some(Frame::Layer {
-        header: got,
-        payload: p,
-    })) = d.next_frame()
-    else {
-        panic!("a version-3 frame refused");
-    };
+    let (got, p) = next_layer(&mut d);
     assert_eq!((got, p.to_bytes()), (checked, Bytes::from(payload)));
     frame[4] = 5;
     let mut d = FrameDecoder::new(1 << 20);
