@@ -2,27 +2,35 @@
 # router.decode_waiting side by side on the CPU (SmolLM2, `tandem up`): a decode
 # node with a small batch (max_batch 4) saturated by 16 concurrent requests of
 # 128 prompt tokens (prefilled on the prefill node) and 32 output tokens, with
-# the router's bound at 2 waiting requests per decode node, then without it;
-# ROUNDS rounds, the two taking turns. Writes each run's report and a summary
-# under $OUT.
+# the router's bound at 2 waiting requests per decode node ("bounded"), the
+# same with the decode node sending a first token on arrival even when the
+# batch has no place for its sequence ("bounded-early": decode.hold_first_token
+# = false), and without the bound ("unbounded", "unbounded-early"); ROUNDS rounds, the set-ups
+# taking turns. Writes each run's report and a summary under $OUT.
 #
-# Usage: OUT=dir [ROUNDS=2] [NUM=48] scripts/bench_decode_waiting.sh path/to/tandem
+# Usage: OUT=dir [ROUNDS=2] [NUM=48] [VARIANTS="bounded bounded-early unbounded"]
+#        scripts/bench_decode_waiting.sh path/to/tandem
 set -u
 BIN=$(realpath "${1:?path to a release tandem binary}")
 OUT=$(realpath -m "${OUT:-./decode-waiting-out}")
 ROUNDS=${ROUNDS:-2}
 NUM=${NUM:-48}
+VARIANTS=${VARIANTS:-bounded bounded-early unbounded}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-for w in bounded unbounded; do
-  sed -e 's/^max_batch = .*/max_batch = 4/' -e 's/^\[metrics\]/[metrics]/' \
-      cluster-configs/local.toml > "$OUT/$w.toml"
-  if [ "$w" = bounded ]; then
-    sed -i -e '/^max_queue = /a decode_waiting = 2' "$OUT/$w.toml"
-  fi
+for w in $VARIANTS; do
+  sed -e 's/^max_batch = .*/max_batch = 4/' cluster-configs/local.toml > "$OUT/$w.toml"
+  case $w in
+    bounded) sed -i -e '/^max_queue = /a decode_waiting = 2' "$OUT/$w.toml" ;;
+    bounded-early) sed -i -e '/^max_queue = /a decode_waiting = 2' \
+      -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
+    unbounded) ;;
+    unbounded-early) sed -i -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
+    *) echo "unknown variant $w" >&2; exit 2 ;;
+  esac
 done
 for r in $(seq 1 "$ROUNDS"); do
-  for w in bounded unbounded; do
+  for w in $VARIANTS; do
     "$BIN" up --config "$OUT/$w.toml" > "$OUT/up-$w-$r.log" 2>&1 & PID=$!
     until grep -q "Tandem is up" "$OUT/up-$w-$r.log" 2>/dev/null; do sleep 0.2; done
     "$BIN" bench --num-prompts "$NUM" --input-len 128 --output-len 32 --max-concurrency 16 \

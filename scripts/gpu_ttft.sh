@@ -20,6 +20,8 @@
 # side instead of time-slicing between two processes' contexts). MAXRUN=N sets the
 # router's max_running (256 in the configs). DECODE_WAITING=N sets router.decode_waiting
 # (a saturated decode node holds max_batch + N requests, the rest wait at the router).
+# HOLD=false sets decode.hold_first_token = false (a first token that arrives while the
+# decode batch is full goes out on arrival instead of with the second token).
 # MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,
 # `nvidia-cuda-mps-control`, with its pipe and log directories under $WORK, stopped at
 # the end), so two processes' kernels share the GPU side by side instead of taking turns.
@@ -51,6 +53,9 @@ if [ -n "${MAXRUN:-}" ]; then
 fi
 if [ -n "${DECODE_WAITING:-}" ]; then
   sed -i -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
+fi
+if [ -n "${HOLD:-}" ]; then
+  sed -i -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml
 fi
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
 sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml

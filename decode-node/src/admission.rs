@@ -257,6 +257,7 @@ impl<B: Backend> Scheduler<B> {
                 spans: SeqSpans::new(Instant::now()),
                 first_token_at: None,
                 answered: false,
+                held_first: None,
             },
         );
         Ok(())

@@ -5,9 +5,9 @@
 //! A step holds at most `max_seqs` rows in at most `max_tokens` tokens:
 //!
 //! 1. first one row per running sequence (its last token, at its position),
-//!    oldest first, so decoding never waits behind prompts;
+//!    in the caller's order, so decoding never waits behind prompts;
 //! 2. then, with what is left of the token budget, a chunk of each prompt
-//!    being prefilled here (local prefill), oldest first: the next
+//!    being prefilled here (local prefill), in that order: the next
 //!    `min(left to prefill, budget)` tokens.
 //!
 //! Sequences waiting for their KV from a prefill node take no row.
@@ -27,7 +27,9 @@ pub enum Phase {
     Running,
 }
 
-/// One sequence, as the planner sees it. The caller lists them oldest first.
+/// One sequence, as the planner sees it. The caller lists them in the order
+/// they take places in a step (the decode node: oldest first, those whose
+/// first token waits for a place last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqView {
     /// The caller's key for the sequence.
@@ -85,7 +87,7 @@ impl PlannedRow {
     }
 }
 
-/// Plans one forward pass over `seqs` (oldest first) within `limits`.
+/// Plans one forward pass over `seqs` (in the order they take places) within `limits`.
 pub fn plan_step(seqs: &[SeqView], limits: StepLimits) -> Vec<PlannedRow> {
     let mut budget = limits.max_tokens;
     let mut rows = Vec::new();

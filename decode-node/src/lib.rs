@@ -240,6 +240,7 @@ pub async fn serve_advertising(
         max_batch_tokens: config.max_batch_tokens,
         prefix_cache: config.prefix_cache,
         local_prefill_below: config.local_prefill_below,
+        hold_first_token: config.hold_first_token,
     };
     let policy = LinkPolicy {
         local_prefill_below: config.local_prefill_below,

@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
-use crate::batch_plan::{PlannedRow, RowKind, StepLimits, plan_step};
+use crate::batch_plan::{PlannedRow, RowKind, SeqView, StepLimits, plan_step};
 use crate::errors::{Refusal, RequestError};
 use crate::link_cost::{LocalRate, SharedLinks};
 use crate::node_metrics::DecodeMetrics;
@@ -134,6 +134,9 @@ pub struct Limits {
     /// Prompts with fewer tokens than this left to compute (not held in the
     /// prefix cache) are prefilled here.
     pub local_prefill_below: usize,
+    /// A first token sent ahead of its KV reaches the caller only once its
+    /// sequence has a place in the batch (`decode.hold_first_token`).
+    pub hold_first_token: bool,
 }
 
 /// Load figures, published after every iteration.
@@ -374,7 +377,16 @@ impl<B: Backend> Scheduler<B> {
                 let event = seq
                     .generation
                     .push_sampled(first.id, logprobs, &self.model.tokenizer);
-                self.emit(transfer_id, event);
+                let holds = |e: &TokenEvent| e.finished.is_none() && self.limits.hold_first_token;
+                match event {
+                    Ok(e) if holds(&e) && !self.batch_has_place_for(transfer_id) => {
+                        // Out with the step that computes its second token.
+                        if let Some(seq) = self.seqs.get_mut(&transfer_id) {
+                            seq.held_first = Some((e, Instant::now()));
+                        }
+                    }
+                    event => self.emit(transfer_id, event),
+                }
             }
             Command::KvAborted {
                 transfer_id,
@@ -546,15 +558,58 @@ impl<B: Backend> Scheduler<B> {
         }
     }
 
+    /// Whether sequence `id`'s first token, arriving now, finds a place in
+    /// the batch: fewer than `max_batch` other sequences hold one and none
+    /// waits for one (places go in the order first tokens came).
+    fn batch_has_place_for(&self, id: u64) -> bool {
+        let mut places = 0;
+        for (&other, seq) in &self.seqs {
+            if seq.held_first.is_some() {
+                return false;
+            }
+            places += usize::from(other != id && seq.has_place());
+        }
+        places < self.limits.max_batch
+    }
+
+    /// Sends the held first tokens of the sequences `plan` decodes: each goes
+    /// out as its second token is computed. Drops the rows of sequences that
+    /// ended meanwhile (a caller gone).
+    fn release_held_first_tokens(&mut self, plan: &mut Vec<PlannedRow>) {
+        for r in plan.iter().filter(|r| r.kind == RowKind::Decode) {
+            let Some(seq) = self.seqs.get_mut(&r.id) else {
+                continue;
+            };
+            if let Some((event, since)) = seq.held_first.take() {
+                seq.span.in_scope(|| {
+                    tracing::debug!(
+                        held_ms = since.elapsed().as_secs_f64() * 1e3,
+                        "first token held for a place in the batch"
+                    )
+                });
+                self.emit(r.id, Ok(event));
+            }
+        }
+        plan.retain(|r| self.seqs.contains_key(&r.id));
+    }
+
     fn step(&mut self, commands: &mut Inbox) {
-        let views: Vec<_> = self.seqs.iter().map(|(&id, s)| s.view(id)).collect();
-        let plan = plan_step(
+        // Sequences with a place first, then those whose first token waits
+        // for one, each in arrival order.
+        let (placed, waiting): (Vec<_>, Vec<_>) = self
+            .seqs
+            .iter()
+            .map(|(&id, s)| (s.view(id), s.held_first.is_some()))
+            .partition(|(_, held)| !held);
+        let views: Vec<SeqView> = placed.into_iter().chain(waiting).map(|(v, _)| v).collect();
+        let mut plan = plan_step(
             &views,
             StepLimits {
                 max_seqs: self.limits.max_batch,
                 max_tokens: self.limits.max_batch_tokens,
             },
         );
+        self.release_held_first_tokens(&mut plan);
         if plan.is_empty() {
             return;
         }

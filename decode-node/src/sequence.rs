@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
-use tandem_engine::Generation;
 use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager};
 use tandem_engine::prefix_hash::PrefixHasher;
+use tandem_engine::{Generation, TokenEvent};
 use tandem_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -55,6 +55,12 @@ pub(crate) struct Sequence {
     /// it holds its blocks and reservation only until its KV has landed (or
     /// the transfer ended otherwise), so the transfer ends as usual.
     pub answered: bool,
+    /// Its first token, come ahead of the KV while every place in the batch
+    /// was taken (`Limits::hold_first_token`), and when: it goes out with the
+    /// step that computes the second, so the caller sees no gap between the
+    /// two longer than a step (the wait for a place shows in the time to the
+    /// first token, as on a colocated node).
+    pub held_first: Option<(TokenEvent, Instant)>,
 }
 
 impl Sequence {
@@ -68,6 +74,19 @@ impl Sequence {
                 State::Running => Phase::Running,
             },
             context_len: self.generation.tokens().len(),
+        }
+    }
+
+    /// Whether it holds a place in the decode batch (`decode.max_batch`):
+    /// generating or being prefilled here, or waiting for its KV with its
+    /// first token already at the caller's.
+    pub fn has_place(&self) -> bool {
+        if self.held_first.is_some() || self.answered {
+            return false;
+        }
+        match self.state {
+            State::AwaitingKv { .. } => self.first_token_at.is_some(),
+            State::Prefilling { .. } | State::Running => true,
         }
     }
 

@@ -202,6 +202,15 @@ pub struct DecodeSection {
     /// milliseconds, for `link_cost_prefill`.
     #[serde(default = "default_tpot_budget_ms")]
     pub tpot_budget_ms: u64,
+    /// A first token that comes from the prefill node (ahead of the KV) while
+    /// `max_batch` sequences are decoding here waits for a place in the batch
+    /// and goes out with the step that computes the second token, so no
+    /// caller sees a gap longer than a step between its first two tokens (the
+    /// wait shows in its time to first token, as on a colocated node or a
+    /// vLLM decode instance); `false` sends it on arrival (an earlier first
+    /// token, then the wait before the second).
+    #[serde(default = "default_true")]
+    pub hold_first_token: bool,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.

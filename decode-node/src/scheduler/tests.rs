@@ -67,6 +67,7 @@ fn scheduler_with<B: Backend>(
         max_batch_tokens: 256,
         prefix_cache: false,
         local_prefill_below: usize::MAX,
+        hold_first_token: true,
     };
     let s = Scheduler::new(
         backend,
@@ -355,6 +356,91 @@ fn a_first_token_ahead_of_the_kv_goes_out_once_and_an_answered_request_waits_for
     }
     assert!(failed, "the stream ends in an error");
     assert_eq!(s.blocks.num_free(), free);
+}
+
+#[test]
+fn a_first_token_waits_for_a_place_in_the_batch_and_goes_out_with_the_second() {
+    let (_dir, mut s) = scheduler();
+    s.policy.local_prefill_below = 0;
+    s.limits.max_batch = 2;
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    let free = s.blocks.num_free();
+    let mut streams = Vec::new();
+    let mut ids = Vec::new();
+    for (name, max_tokens) in [("a", 8), ("b", 8), ("c", 8), ("d", 8), ("e", 1)] {
+        let (_reply, events) = admit_as(&tx, name, max_tokens, false);
+        s.handle(rx.try_recv().expect("admission"));
+        let id = s.by_request[name];
+        s.handle(Command::FirstToken {
+            transfer_id: id,
+            first: first(40 + ids.len() as u32),
+        });
+        streams.push(events);
+        ids.push(id);
+    }
+    let [a, b, c, d, e] = ids[..] else {
+        unreachable!()
+    };
+    // a and b take the two places; c and d wait; e's token ends it, so it
+    // needs no place and is answered now.
+    assert_eq!(drain(&mut streams[0]), (vec![40], false));
+    assert_eq!(drain(&mut streams[1]), (vec![41], false));
+    assert_eq!(
+        drain(&mut streams[2]),
+        (vec![], false),
+        "c waits for a place"
+    );
+    assert_eq!(
+        drain(&mut streams[3]),
+        (vec![], false),
+        "d waits for a place"
+    );
+    assert_eq!(drain(&mut streams[4]), (vec![44], true));
+    for id in [a, b, c, d, e] {
+        s.handle(Command::KvComplete { transfer_id: id });
+    }
+    s.step(&mut rx);
+    assert_eq!(drain(&mut streams[0]).0.len(), 1, "a decodes");
+    assert_eq!(
+        drain(&mut streams[2]),
+        (vec![], false),
+        "no place for c yet"
+    );
+
+    // a ends: c's first token goes out with the step that computes its second.
+    s.handle(Command::Cancel("a".into(), oneshot::channel().0));
+    s.step(&mut rx);
+    let (c_tokens, _) = drain(&mut streams[2]);
+    assert_eq!(c_tokens.len(), 2, "first and second token together");
+    assert_eq!(c_tokens[0], 42);
+    assert_eq!(drain(&mut streams[3]), (vec![], false), "d still waits");
+
+    // d's caller goes away while it waits: its row is dropped when its place
+    // comes, and everything is freed.
+    drop(streams.remove(3));
+    s.handle(Command::Cancel("b".into(), oneshot::channel().0));
+    s.step(&mut rx);
+    assert!(!s.seqs.contains_key(&d));
+    s.handle(Command::Cancel("c".into(), oneshot::channel().0));
+    assert!(s.seqs.is_empty());
+    assert_eq!(s.blocks.num_free(), free, "every block free");
+
+    // With `hold_first_token` off the token goes out on arrival, place or not.
+    s.limits.hold_first_token = false;
+    let mut streams = Vec::new();
+    for name in ["f", "g", "h"] {
+        let (_reply, events) = admit_as(&tx, name, 8, false);
+        s.handle(rx.try_recv().expect("admission"));
+        s.handle(Command::FirstToken {
+            transfer_id: s.by_request[name],
+            first: first(50),
+        });
+        streams.push(events);
+    }
+    for events in &mut streams {
+        assert_eq!(drain(events), (vec![50], false));
+    }
 }
 
 fn first(id: u32) -> FirstToken {
