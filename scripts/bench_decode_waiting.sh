@@ -5,7 +5,8 @@
 # the router's bound at 2 waiting requests per decode node ("bounded"), the
 # same with the decode node sending a first token on arrival even when the
 # batch has no place for its sequence ("bounded-early": decode.hold_first_token
-# = false), and without the bound ("unbounded", "unbounded-early"); ROUNDS rounds, the set-ups
+# = false), and without the bound ("unbounded", "unbounded-early"); "bounded8" etc.
+# set another bound (8 waiting places); ROUNDS rounds, the set-ups
 # taking turns. Writes each run's report and a summary under $OUT.
 #
 # Usage: OUT=dir [ROUNDS=2] [NUM=48] [VARIANTS="bounded bounded-early unbounded"]
@@ -20,13 +21,15 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 for w in $VARIANTS; do
   sed -e 's/^max_batch = .*/max_batch = 4/' cluster-configs/local.toml > "$OUT/$w.toml"
-  case $w in
-    bounded) sed -i -e '/^max_queue = /a decode_waiting = 2' "$OUT/$w.toml" ;;
-    bounded-early) sed -i -e '/^max_queue = /a decode_waiting = 2' \
-      -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
+  # bounded[N][-early] | unbounded[-early]: N waiting places (2 by default).
+  case ${w%-early} in
     unbounded) ;;
-    unbounded-early) sed -i -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
+    bounded*) n=${w%-early}; n=${n#bounded}
+      sed -i -e "/^max_queue = /a decode_waiting = ${n:-2}" "$OUT/$w.toml" ;;
     *) echo "unknown variant $w" >&2; exit 2 ;;
+  esac
+  case $w in
+    *-early) sed -i -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
   esac
 done
 for r in $(seq 1 "$ROUNDS"); do

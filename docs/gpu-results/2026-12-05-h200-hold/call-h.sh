@@ -3,7 +3,8 @@
 # 768 x 512/256 saturation run (256 concurrent) of the disaggregated set-up with
 # router.decode_waiting = 8, the decode node holding a first token that arrives
 # while its batch is full until the step that computes the second (the default),
-# then the same sending it on arrival (HOLD=false, as Round 6 ran), then without
+# then the same sending it on arrival (HOLD=false, as Round 6 ran), then with
+# decode_waiting = 32 (hold on), then without
 # decode_waiting: the disaggregated set-up (hold on) and the colocated one.
 # Carry .gpu9 (tandem of this checkout: scripts/gpu-pending/prepare.sh, WHICH=9).
 set -u
@@ -22,9 +23,12 @@ run() { # name limit env...: one gpu_ttft.sh run of saturation only
   cp "$O/$name/ttft.md" "$O/ttft-$name.md" 2>/dev/null
 }
 run hold 200 NOCOLO=1 DECODE_WAITING=8
-run early 150 NOCOLO=1 DECODE_WAITING=8 HOLD=false
+run early 130 NOCOLO=1 DECODE_WAITING=8 HOLD=false
+# More requests prefilled ahead of their place: with the hold their first token
+# still waits for it, so the prefill and transfer are off the TTFT's path.
+run hold32 130 NOCOLO=1 DECODE_WAITING=32
 # Without the bound: the disaggregated set-up (hold on), then the colocated one.
 run unbounded 230
 for f in "$O"/ttft-*.md; do echo "== $f"; grep -E "Output token throughput|Median TTFT|P99 TTFT|Median TPOT|P99 ITL|Median E2EL" "$f"; done
-tar -czf "$O/logs.tgz" -C "$O" $(cd "$O" && ls -d hold early unbounded 2>/dev/null) && rm -rf "$O"/hold "$O"/early "$O"/unbounded
+tar -czf "$O/logs.tgz" -C "$O" $(cd "$O" && ls -d hold early hold32 unbounded 2>/dev/null) && rm -rf "$O"/hold "$O"/early "$O"/hold32 "$O"/unbounded
 ls -la "$O"
