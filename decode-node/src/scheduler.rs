@@ -560,7 +560,7 @@ impl<B: Backend> Scheduler<B> {
 
     /// Whether sequence `id`'s first token, arriving now, finds a place in
     /// the batch: fewer than `max_batch` other sequences hold one and none
-    /// waits for one (places go in the order first tokens came).
+    /// waits for one (a newcomer does not overtake those already waiting).
     fn batch_has_place_for(&self, id: u64) -> bool {
         let mut places = 0;
         for (&other, seq) in &self.seqs {
@@ -595,7 +595,7 @@ impl<B: Backend> Scheduler<B> {
 
     fn step(&mut self, commands: &mut Inbox) {
         // Sequences with a place first, then those whose first token waits
-        // for one, each in arrival order.
+        // for one, each in admission order.
         let (placed, waiting): (Vec<_>, Vec<_>) = self
             .seqs
             .iter()
