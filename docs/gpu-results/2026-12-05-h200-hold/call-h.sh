@@ -6,6 +6,7 @@
 # then the same sending it on arrival (HOLD=false, as Round 6 ran), then with
 # decode_waiting = 32 (hold on), then without
 # decode_waiting: the disaggregated set-up (hold on) and the colocated one.
+# DEADLINE_S (590): runs that might not end within it are skipped.
 # Carry .gpu9 (tandem of this checkout: scripts/gpu-pending/prepare.sh, WHICH=9).
 set -u
 O=${OUT:-/tmp/out}/h; mkdir -p "$O"
@@ -16,7 +17,7 @@ G=/tmp/gpu9/c; mkdir -p "$G" && cp -r .gpu9/c/gpu-1p1d "$G/"
   .gpu9/c/tandem.xz "$G/tandem" && chmod +x "$G/tandem"; }
 run() { # name limit env...: one gpu_ttft.sh run of saturation only
   local name=$1 limit=$2; shift 2
-  [ $(( $(date +%s) - t0 + limit )) -lt 590 ] || { echo "$name: skipped (time)"; return; }
+  [ $(( $(date +%s) - t0 + limit )) -lt "${DEADLINE_S:-590}" ] || { echo "$name: skipped (time)"; return; }
   env "$@" OUT=$O/$name GPU_DIR=$G SAT=1 SKIP512=1 RATES= N=8 \
     timeout -s KILL "$limit" bash scripts/gpu_ttft.sh > "$O/$name.out" 2>&1; el "$name" $?
   pkill -9 -f "$G/tandem"; sleep 1
