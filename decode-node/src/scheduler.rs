@@ -377,9 +377,12 @@ impl<B: Backend> Scheduler<B> {
                 let event = seq
                     .generation
                     .push_sampled(first.id, logprobs, &self.model.tokenizer);
-                let holds = |e: &TokenEvent| e.finished.is_none() && self.limits.hold_first_token;
                 match event {
-                    Ok(e) if holds(&e) && !self.batch_has_place_for(transfer_id) => {
+                    Ok(e)
+                        if self.limits.hold_first_token
+                            && e.finished.is_none()
+                            && !self.batch_has_place_for(transfer_id) =>
+                    {
                         // Out with the step that computes its second token.
                         if let Some(seq) = self.seqs.get_mut(&transfer_id) {
                             seq.held_first = Some((e, Instant::now()));
@@ -596,12 +599,11 @@ impl<B: Backend> Scheduler<B> {
     fn step(&mut self, commands: &mut Inbox) {
         // Sequences with a place first, then those whose first token waits
         // for one, each in admission order.
-        let (placed, waiting): (Vec<_>, Vec<_>) = self
-            .seqs
-            .iter()
-            .map(|(&id, s)| (s.view(id), s.held_first.is_some()))
-            .partition(|(_, held)| !held);
-        let views: Vec<SeqView> = placed.into_iter().chain(waiting).map(|(v, _)| v).collect();
+        let held = |s: &Sequence| s.held_first.is_some();
+        let views: Vec<SeqView> = (self.seqs.iter().filter(|(_, s)| !held(s)))
+            .chain(self.seqs.iter().filter(|(_, s)| held(s)))
+            .map(|(&id, s)| s.view(id))
+            .collect();
         let mut plan = plan_step(
             &views,
             StepLimits {
