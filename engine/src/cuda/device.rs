@@ -85,6 +85,9 @@ pub struct Gpu {
     /// Launch the forward pass's kernels as programmatic dependent launches
     /// (`TANDEM_CUDA_PDL=0` turns it off).
     pub(crate) pdl: bool,
+    /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
+    /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
+    pub(crate) tma: bool,
 }
 
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
@@ -217,6 +220,7 @@ impl Gpu {
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
+            tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
 

@@ -35,6 +35,7 @@ use super::device::{Gpu, ptr};
 use super::error::DriverContext;
 use super::launch::{Dev, KvRead};
 use super::staging::{PendingRange, StagingRing};
+use super::tensor_map::{self, TensorMap};
 use crate::backend::{KvBytes, KvExport};
 use crate::block_manager::BlockId;
 use crate::error::{EngineError, Result};
@@ -64,6 +65,9 @@ pub struct GpuKvCache {
     staging_blocks: usize,
     layout: KvLayout,
     layers: Vec<CudaSlice<u8>>,
+    /// Each layer's TMA tensor map (`tensor_map`), where the GPU and the
+    /// layout allow one.
+    tensor_maps: Option<CudaSlice<u8>>,
     compute: Arc<CudaStream>,
     copy: Arc<CudaStream>,
     /// Where asynchronous exports land.
@@ -93,6 +97,15 @@ impl GpuKvCache {
         let layers = (0..layout.num_layers)
             .map(|_| gpu.zeros::<u8>(per_layer))
             .collect::<Result<Vec<_>, _>>()?;
+        let tensor_maps = if gpu.tma && tensor_map::kv_fits(&layout) {
+            let maps = layers
+                .iter()
+                .map(|l| tensor_map::encode_kv_layer(ptr(l, &gpu.compute), &layout))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(gpu.upload(&tensor_map::bytes(&maps))?)
+        } else {
+            None
+        };
         let staging_blocks = staging_blocks.clamp(1, layout.num_blocks.max(1));
         // SAFETY: plain (not write-combined) pinned memory, read back by the CPU; its
         // contents are only read after a copy into it has completed.
@@ -111,6 +124,7 @@ impl GpuKvCache {
             ring: StagingRing::new(region)?,
             layout,
             layers,
+            tensor_maps,
             compute: gpu.compute.clone(),
             copy: gpu.copy.clone(),
             staging_blocks,
@@ -194,6 +208,23 @@ impl GpuKvCache {
                 scales: Dev::from_raw(self.scales_ptr(layer)),
             },
             _ => KvRead::Bf16(Dev::from_raw(self.layer_ptr(layer))),
+        }
+    }
+
+    /// Whether the prefill attention loads this cache's tiles by TMA (tensor
+    /// maps: a Hopper GPU, a bf16 cache, a block size of 8, 16, 32 or 64, and
+    /// `TANDEM_CUDA_TMA` not `0`).
+    pub fn uses_tma(&self) -> bool {
+        self.tensor_maps.is_some()
+    }
+
+    /// `layer`'s TMA tensor map, or null where the cache has none.
+    pub(crate) fn tensor_map(&self, layer: usize) -> Dev<TensorMap> {
+        match &self.tensor_maps {
+            Some(m) => {
+                Dev::from_raw(ptr(m, &self.compute) + (layer * tensor_map::MAP_BYTES) as u64)
+            }
+            None => Dev::NULL,
         }
     }
 

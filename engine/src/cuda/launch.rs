@@ -21,6 +21,7 @@ use half::bf16;
 
 use super::device::{Gpu, grid, ptr};
 use super::error::{CudaError, DriverContext};
+use super::tensor_map::TensorMap;
 
 /// The most splits a decode sequence's context is cut into (`attn_combine`
 /// stages one weight per split in a shared array of this size). `-D` to the kernels.
@@ -638,6 +639,8 @@ pub(crate) struct PrefillAttn {
     pub max_q: usize,
     pub q: Dev<bf16>,
     pub cache: KvRead,
+    /// The layer's TMA tensor map (`tensor_map`), or null: a bf16 cache only.
+    pub tmap: Dev<TensorMap>,
     pub tables: Dev<i32>,
     pub table_stride: usize,
     pub q_off: Dev<i32>,
@@ -658,6 +661,9 @@ impl Kernel for PrefillAttn {
     fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
         let mut p = vec![("q", self.q.into())];
         p.extend(self.cache.params());
+        if let KvRead::Bf16(_) = self.cache {
+            p.push(("tmap", self.tmap.into()));
+        }
         p.extend([
             ("tables", self.tables.into()),
             ("table_stride", int(self.table_stride)?),

@@ -118,6 +118,7 @@ fn prefill() -> PrefillAttn {
         max_q: 300,
         q: P,
         cache: KvRead::Bf16(P),
+        tmap: Dev::from_raw(0x7000),
         tables: PI,
         table_stride: 20,
         q_off: PI,

@@ -64,6 +64,7 @@ pub mod model;
 mod pass;
 mod program;
 mod staging;
+mod tensor_map;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -335,6 +335,7 @@ impl CudaBackend {
                     max_q: p.max_q,
                     q,
                     cache,
+                    tmap: self.kv.tensor_map(li),
                     tables,
                     table_stride: m.table_stride,
                     q_off: meta.add(m.q_off),

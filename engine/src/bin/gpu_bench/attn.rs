@@ -1,9 +1,12 @@
 //! `tandem-gpu-bench attn`: the Hopper prefill attention (wgmma, compiled for
 //! `sm_90a`) against the portable mma.sync kernel (the same program compiled
-//! for `sm_90`) on long prompts, in one process: two backends with the same
-//! random weights prefill the same prompts, whole, in chunks and from a cached
-//! prefix, and the logits at each chunk's end (and of a decode step after the
-//! prompt, which reads the KV the prefill wrote) must agree.
+//! for `sm_90`) on long prompts, in one process: backends with the same random
+//! weights prefill the same prompts, whole, in chunks and from a cached prefix,
+//! and the logits at each chunk's end (and of a decode step after the prompt,
+//! which reads the KV the prefill wrote) must agree. Where the Hopper kernel
+//! loads its tiles by TMA (a bf16 cache, blocks of 8, 16, 32 or 64), a third
+//! backend runs it with its copies instead (`TANDEM_CUDA_TMA=0`), checked and
+//! timed beside the other two.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,6 +24,7 @@ const BOUND: f64 = 1e-2;
 
 fn backend(
     arch: Option<&str>,
+    tma: bool,
     config: &tandem_engine::ModelConfig,
     (blocks, block_size): (usize, usize),
     kv_dtype: KvDtype,
@@ -32,6 +36,7 @@ fn backend(
             Some(a) => std::env::set_var("TANDEM_CUDA_ARCH", a),
             None => std::env::remove_var("TANDEM_CUDA_ARCH"),
         }
+        std::env::set_var("TANDEM_CUDA_TMA", if tma { "1" } else { "0" });
     }
     let gpu = Gpu::open(0, config)?;
     let (target, regs) = gpu.kernel_target()?;
@@ -71,18 +76,26 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
     let kv_dtype = kv_dtype_arg(args)?;
     let max_len = 32768 + 64;
     let blocks = blocks_for(max_len, bs) + 8;
-    let mut fallback = backend(Some("sm_90"), &config, (blocks, bs), kv_dtype)?;
-    let mut hopper = backend(None, &config, (blocks, bs), kv_dtype)?;
+    let mut fallback = backend(Some("sm_90"), false, &config, (blocks, bs), kv_dtype)?;
+    let mut hopper = backend(None, true, &config, (blocks, bs), kv_dtype)?;
+    // The same kernel without TMA, where it would take it.
+    let tma = hopper.kv().uses_tma();
+    let mut copies = if tma {
+        Some(backend(None, false, &config, (blocks, bs), kv_dtype)?)
+    } else {
+        None
+    };
     println!(
-        "## prefill attention: wgmma (sm_90a) vs mma.sync (sm_90), {shape} with {} layers, random weights, {} KV cache, blocks of {bs}, window {:?}\n",
+        "## prefill attention: wgmma (sm_90a, tiles by {}) vs mma.sync (sm_90), {shape} with {} layers, random weights, {} KV cache, blocks of {bs}, window {:?}\n",
+        if tma { "TMA, and by copies" } else { "copies" },
         config.num_layers,
         kv_dtype.name(),
         config.sliding_window
     );
     println!(
-        "| prompt | chunks (start..end) | logits L2 rel err per chunk end | decode step after it |"
+        "| prompt | chunks (start..end) | logits L2 rel err per chunk end | decode step after it | wgmma by copies: per chunk end, decode step |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let table: Vec<u32> = (0..blocks as u32).collect();
     // (length, chunk boundaries): whole, 8192-token chunks, a cached prefix that
@@ -112,11 +125,15 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
         bounds.extend(cuts.iter().copied());
         bounds.push(len);
         let mut errs = Vec::new();
+        let mut errs_copies = Vec::new();
         for w in bounds.windows(2) {
             let (s, e) = (w[0], w[1]);
             let a = fallback.prefill(&prompt[s..e], s, &table)?;
             let b = hopper.prefill(&prompt[s..e], s, &table)?;
             errs.push(l2_err(&b, &a) as f64);
+            if let Some(c) = copies.as_mut() {
+                errs_copies.push(l2_err(&c.prefill(&prompt[s..e], s, &table)?, &a) as f64);
+            }
         }
         let step = |be: &mut CudaBackend| -> Res<Vec<f32>> {
             let chunk = [SeqChunk {
@@ -126,28 +143,36 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
             }];
             Ok(be.forward_logits(&chunk, None)?.remove(0))
         };
-        let d = l2_err(&step(&mut hopper)?, &step(&mut fallback)?) as f64;
-        for &e in errs.iter().chain([&d]) {
+        let reference = step(&mut fallback)?;
+        let d = l2_err(&step(&mut hopper)?, &reference) as f64;
+        if let Some(c) = copies.as_mut() {
+            errs_copies.push(l2_err(&step(c)?, &reference) as f64);
+        }
+        for &e in errs.iter().chain([&d]).chain(&errs_copies) {
             worst = worst.max(e);
         }
         let spans: Vec<String> = bounds
             .windows(2)
             .map(|w| format!("{}..{}", w[0], w[1]))
             .collect();
-        let shown: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
+        let show = |v: &[f64]| -> String {
+            let s: Vec<String> = v.iter().map(|e| format!("{e:.2e}")).collect();
+            s.join(", ")
+        };
         println!(
-            "| {len} | {} | {} | {d:.2e} |",
+            "| {len} | {} | {} | {d:.2e} | {} |",
             spans.join(", "),
-            shown.join(", ")
+            show(&errs),
+            if tma { show(&errs_copies) } else { "-".into() }
         );
     }
     println!();
     // Speed: the attention's share of a prefill differs by kernel; same prompts,
     // same weights, one after the other, median of 3 after a warm-up.
     println!(
-        "| prompt (one chunk of 8192 at the end of it) | mma.sync ms | wgmma ms | mma.sync ÷ wgmma |"
+        "| prompt (one chunk of 8192 at the end of it) | mma.sync ms | wgmma ms | mma.sync ÷ wgmma | wgmma by copies ms | copies ÷ TMA |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for len in [8192usize, 32768] {
         let prompt: Vec<u32> = (0..len)
             .map(|_| rng.random_range(0..config.vocab_size as u32))
@@ -170,7 +195,17 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
             Ok(super::median(v))
         };
         let (a, b) = (time(&mut fallback)?, time(&mut hopper)?);
-        println!("| {len} | {a:.2} | {b:.2} | {:.2} |", a / b);
+        match copies.as_mut() {
+            Some(c) => {
+                let c = time(c)?;
+                println!(
+                    "| {len} | {a:.2} | {b:.2} | {:.2} | {c:.2} | {:.2} |",
+                    a / b,
+                    c / b
+                );
+            }
+            None => println!("| {len} | {a:.2} | {b:.2} | {:.2} | - | - |", a / b),
+        }
     }
     println!();
     if worst.is_nan() || worst > BOUND {

@@ -12,6 +12,12 @@
 #define BQ PREFILL_BQ
 #define BK PREFILL_BK
 
+// A TMA tensor map (CUDA's CUtensorMap: 128 opaque bytes, 64-byte aligned),
+// one per layer of a bf16 cache (engine/src/cuda/tensor_map.rs says its shape).
+struct __align__(64) CUtensorMap {
+    unsigned long long opaque[16];
+};
+
 // What both prefill kernels do with a warp's fragments (mma.m16n8k16 layout:
 // this thread holds rows r0 = .. + gid and r1 = r0 + 8, columns tig * 2, +1
 // of each 8-wide block).
@@ -472,6 +478,76 @@ __device__ __forceinline__ void producer_sync() {
     asm volatile("barrier.sync 1, 128;\n" ::: "memory");
 }
 
+// The Tensor Memory Accelerator (TMA): a box of a tensor described by a tensor
+// map (built on the host with cuTensorMapEncodeTiled, kept in global memory)
+// copied into shared memory by the hardware, in the map's swizzle, completing
+// its bytes on an mbarrier. The barrier is told the bytes to wait for first
+// (expect_tx), then gets the arrivals its count asks for in one (arrive_n).
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_n(u64* bar, u32 n) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u64* bar, int c0,
+                                            int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
+        : "memory");
+}
+
+// The TMA producer of the warp-specialized kernel (one thread): tiles 0 ..
+// tiles - 1 of K and V, each BK / bs blocks whose entries start at `table`,
+// into the ring's stages. A block of K (or V) head kh is one box per 64 dims
+// (the map: dims, slot, K/V head, block, innermost first), written at its rows
+// of the stage in the 128-byte swizzle the consumers read (bs a multiple of 8
+// keeps every box on a 1024-byte boundary, the swizzle's period). Each stage's
+// `full` barrier gets the tile's bytes to wait for and the 128 arrivals its
+// count asks for (the copies' path makes one per producer thread).
+template <int HD>
+__device__ __forceinline__ void prefill_tma_tiles(unsigned char* stages, u64* full, u64* empty,
+                                                  const CUtensorMap* tmap, const int* table,
+                                                  int tiles, int kh, int hkv, int bs) {
+    constexpr int STAGES = PREFILL_STAGES;
+    constexpr int TILE_BYTES = BK * HD * 2;
+    constexpr int MAXB = BK / 8;  // blocks per tile at the smallest block size
+    const int nb = BK / bs;
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
+    int next[MAXB];  // the table entries a tile ahead, so no load waits on them
+#pragma unroll
+    for (int j = 0; j < MAXB; j++) next[j] = (j < nb && tiles > 0) ? table[j] : 0;
+    for (int t = 0; t < tiles; t++) {
+        int cur[MAXB];
+#pragma unroll
+        for (int j = 0; j < MAXB; j++) cur[j] = next[j];
+        if (t + 1 < tiles) {
+#pragma unroll
+            for (int j = 0; j < MAXB; j++)
+                if (j < nb) next[j] = table[(t + 1) * nb + j];
+        }
+        int s = t % STAGES;
+        if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+        mbar_expect_tx(&full[s], 2 * TILE_BYTES);
+        mbar_arrive_n(&full[s], 128);
+        unsigned char* kd = stages + (size_t)s * 2 * TILE_BYTES;
+#pragma unroll
+        for (int j = 0; j < MAXB; j++) {
+            if (j >= nb) break;
+#pragma unroll
+            for (int p = 0; p < HD / 64; p++) {
+                unsigned char* d = kd + p * SW_PART + j * bs * 128;
+                tma_load_4d(d, tmap, &full[s], p * 64, 0, kh, cur[j]);
+                tma_load_4d(d + TILE_BYTES, tmap, &full[s], p * 64, 0, hkv + kh, cur[j]);
+            }
+        }
+    }
+}
+
 // Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
 // and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
 // K/V tiles (cp.async; each stage's `full` barrier completes when its copies
@@ -493,7 +569,7 @@ __device__ __forceinline__ void producer_sync() {
 #define PREFILL_WS_THREADS ((BQ / 64 + 1) * 128)
 template <int HD, bool FP8>
 __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float* scales,
-                                const int* tables, int table_stride, const int* q_off,
+                                const CUtensorMap* tmap, const int* tables, int table_stride, const int* q_off,
                                 const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,
                                 int bs, int window, float scale) {
     static_assert(BQ == 128 && BK == 64, "two consumer warpgroups of 64 rows, m64n64 score tiles");
@@ -602,8 +678,27 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
                     blk[k] = r < lim ? table[e] : -1;
                 }
             };
-            fetch(0);
-            for (int t = 0; t < ntiles; t++) {
+            // With a tensor map (a bf16 cache whose blocks are whole multiples of
+            // 8 rows that tile BK), thread 0 loads every tile that ends at or
+            // before kv_end by TMA; the copies above then load only the tile
+            // holding kv_end, if any: a box brings whole blocks, and the rows of
+            // a sequence's last block past kv_end hold whatever was written there
+            // before (a NaN there would reach the output through 0 x NaN in P V),
+            // where the copies zero-fill them.
+            int t_first = 0;
+            if (tmap != nullptr && aligned && bs % 8 == 0) {
+                t_first = (kv_end - kv_begin) / BK;
+                if (tid == 0)
+                    prefill_tma_tiles<HD>(smem_raw, full, empty, tmap, table + kb, t_first, kh,
+                                          hkv, bs);
+                // Every tile before t_first is issued, and the stage of tile
+                // t_first was released for tile t_first - 2 STAGES at least, so
+                // the parity wait below is on the right phase.
+                producer_sync();
+                kb += t_first * tile_blocks;
+            }
+            if (t_first < ntiles) fetch(t_first);
+            for (int t = t_first; t < ntiles; t++) {
                 int kt = kv_begin + t * BK, s = t % STAGES;
                 int cur[ITERS];
 #pragma unroll
@@ -770,33 +865,35 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
 // HD 64 and 128 on sm_90a take the warp-specialized kernel (PREFILL_WS_THREADS
 // threads, register cap for setmaxnreg); the rest the mma.sync one (host:
 // prefill_shape in launch.rs decides the same way).
-#define PREFILL_ATTN_PORTABLE(HD, FP8)                                                         \
+#define PREFILL_ATTN_PORTABLE(HD, FP8, TMAP)                                                   \
     prefill_attn<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len, out,    \
                           hq, hkv, bs, window, scale);
 #if defined(PREFILL_WGMMA)
-#define PREFILL_ATTN_HOPPER(HD, FP8)                                                           \
-    prefill_attn_ws<HD, FP8>(q, cache, scales, tables, table_stride, q_off, q_pos, q_len, out, \
-                             hq, hkv, bs, window, scale);
+#define PREFILL_ATTN_HOPPER(HD, FP8, TMAP)                                                     \
+    prefill_attn_ws<HD, FP8>(q, cache, scales, TMAP, tables, table_stride, q_off, q_pos, q_len, \
+                             out, hq, hkv, bs, window, scale);
 #define PREFILL_HOPPER_BOUNDS __launch_bounds__(PREFILL_WS_THREADS, 1)
 #else
 #define PREFILL_ATTN_HOPPER PREFILL_ATTN_PORTABLE
 #define PREFILL_HOPPER_BOUNDS
 #endif
+// tmap: the layer's tensor map, or null (no TMA: the copies load every tile;
+// the portable kernel never uses it).
 #define PREFILL_ATTN(HD, BODY, BOUNDS)                                                         \
     extern "C" __global__ BOUNDS void prefill_attn_##HD(                                       \
-        const bf16* q, const bf16* cache, const int* tables, int table_stride,                 \
-        const int* q_off, const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,      \
-        int bs, int window, float scale) {                                                     \
+        const bf16* q, const bf16* cache, const CUtensorMap* tmap, const int* tables,          \
+        int table_stride, const int* q_off, const int* q_pos, const int* q_len, bf16* out,     \
+        int hq, int hkv, int bs, int window, float scale) {                                    \
         pdl_enter();                                                                           \
         const float* scales = nullptr;                                                         \
-        BODY(HD, false)                                                                        \
+        BODY(HD, false, tmap)                                                                  \
     }                                                                                          \
     extern "C" __global__ BOUNDS void prefill_attn_fp8_##HD(                                   \
         const bf16* q, const unsigned char* cache, const float* scales, const int* tables,     \
         int table_stride, const int* q_off, const int* q_pos, const int* q_len, bf16* out,     \
         int hq, int hkv, int bs, int window, float scale) {                                    \
         pdl_enter();                                                                           \
-        BODY(HD, true)                                                                         \
+        BODY(HD, true, nullptr)                                                                \
     }
 PREFILL_ATTN(32, PREFILL_ATTN_PORTABLE, )
 PREFILL_ATTN(64, PREFILL_ATTN_HOPPER, PREFILL_HOPPER_BOUNDS)
