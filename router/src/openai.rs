@@ -302,6 +302,15 @@ fn to_request(
             format!("top_p must be in (0, 1], got {p}"),
         ));
     }
+    // The wire's 0 means "not set" (1.0); vLLM refuses a penalty that is not positive.
+    if let Some(r) = s.repetition_penalty
+        && !(r > 0.0 && r.is_finite())
+    {
+        return Err(ApiError::bad_field(
+            "repetition_penalty",
+            format!("repetition_penalty must be a finite number > 0, got {r}"),
+        ));
+    }
     if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
         let field = if s.max_completion_tokens.is_some() {
             "max_completion_tokens"

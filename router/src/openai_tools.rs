@@ -43,7 +43,9 @@ pub struct ChatTurn {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text; may be `null` on an assistant message carrying `tool_calls`.
-    #[serde(default)]
+    /// OpenAI's list of content parts arrives here as its text parts joined
+    /// by newlines ([`content_text`]).
+    #[serde(default, deserialize_with = "content_text")]
     pub content: Option<String>,
     /// An assistant message's calls (OpenAI's shape).
     #[serde(default)]
@@ -51,6 +53,49 @@ pub struct ChatTurn {
     /// A `tool` message's answer to this call.
     #[serde(default)]
     pub tool_call_id: Option<String>,
+}
+
+/// A message's `content`: a string, or OpenAI's list of content parts whose
+/// text parts (`{"type": "text", "text": ..}`) are joined with newlines, as
+/// vLLM joins them for a chat template that takes text. Any other part
+/// (an image, audio, a file) is refused by name: the models served here read
+/// text only.
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    let parts = match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => return Ok(Some(s)),
+        Some(Value::Array(parts)) => parts,
+        Some(_) => {
+            return Err(D::Error::custom(
+                "a message's content must be a string or a list of content parts",
+            ));
+        }
+    };
+    let mut texts = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        match part.get("type").and_then(Value::as_str) {
+            Some("text") => match part.get("text").and_then(Value::as_str) {
+                Some(t) => texts.push(t),
+                None => {
+                    return Err(D::Error::custom(format!(
+                        "content part {j} is of type \"text\" but has no \"text\" string"
+                    )));
+                }
+            },
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "content part {j} is of type {other:?}: this model reads text only (parts of type \"text\")"
+                )));
+            }
+            None => {
+                return Err(D::Error::custom(format!(
+                    "content part {j} has no \"type\""
+                )));
+            }
+        }
+    }
+    Ok(Some(texts.join("\n")))
 }
 
 /// One function the model may call.
@@ -440,6 +485,37 @@ pub(crate) mod tests {
 
     pub(crate) fn turns(v: Value) -> Vec<ChatTurn> {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn content_parts_are_their_text_parts_joined_and_other_parts_are_refused() {
+        let t = turns(json!([
+            {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+            {"role": "user", "content": []},
+            {"role": "user", "content": "plain"},
+        ]));
+        let texts: Vec<Option<&str>> = t.iter().map(|m| m.content.as_deref()).collect();
+        assert_eq!(texts, [Some("one\ntwo"), Some(""), Some("plain")]);
+        for (bad, says) in [
+            (
+                json!([{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]),
+                "\"image_url\": this model reads text only",
+            ),
+            (
+                json!([{"type": "text"}]),
+                "content part 0 is of type \"text\" but has no \"text\"",
+            ),
+            (json!([{"text": "hi"}]), "content part 0 has no \"type\""),
+            (json!(7), "must be a string or a list of content parts"),
+        ] {
+            let e =
+                serde_json::from_value::<Vec<ChatTurn>>(json!([{"role": "user", "content": bad}]))
+                    .map(|_| ())
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -93,6 +93,16 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(seen["chat"]["role"], "assistant");
     assert_eq!(seen["chat"]["prompt_tokens"], chat_prompt.len());
     assert_eq!(seen["chat_stream"]["content"], chat_expected.as_str());
+    assert_eq!(seen["chat_parts"]["content"], chat_expected.as_str());
+    assert_eq!(seen["chat_parts"]["prompt_tokens"], chat_prompt.len());
+    assert_eq!(seen["chat_image"]["status"], 400, "{}", seen["chat_image"]);
+    assert!(
+        seen["chat_image"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"image_url\"") && m.contains("text only")),
+        "{}",
+        seen["chat_image"]
+    );
     assert_eq!(
         seen["chat_stream"]["roles"],
         serde_json::json!(["assistant"])
@@ -160,6 +170,7 @@ async fn the_openai_client_library_works_against_the_router() {
         ("top_p_zero_point", 400, "top_p"),
         ("unknown_model", 404, "no-such-model"),
         ("too_many_tokens", 400, "max_tokens"),
+        ("repetition_penalty_zero", 400, "repetition_penalty"),
         ("invalid_utf8", 400, "invalid request body"),
         ("invalid_json", 400, "invalid request body"),
     ] {

@@ -39,6 +39,19 @@ r = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
 out["chat"] = {"content": r.choices[0].message.content, "role": r.choices[0].message.role,
                "finish_reason": r.choices[0].finish_reason, "prompt_tokens": r.usage.prompt_tokens}
 
+# The same messages as lists of content parts (what the client sends for
+# multimodal messages): their text is the prompt; an image part is refused.
+part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+r = client.chat.completions.create(model=model, messages=part_messages, max_tokens=6, temperature=0)
+out["chat_parts"] = {"content": r.choices[0].message.content, "prompt_tokens": r.usage.prompt_tokens}
+try:
+    client.chat.completions.create(model=model, max_tokens=6, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    out["chat_image"] = None
+except openai.APIStatusError as e:
+    out["chat_image"] = {"status": e.status_code, "message": e.body.get("message")}
+
 parts, roles = [], []
 for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, stream=True):
     d = chunk.choices[0].delta
@@ -95,6 +108,7 @@ for name, kwargs in {
     "top_p_zero_point": {"top_p": 1.5},
     "unknown_model": {"model": "no-such-model"},
     "too_many_tokens": {"max_tokens": 10**6},
+    "repetition_penalty_zero": {"extra_body": {"repetition_penalty": 0}},
 }.items():
     args = {"model": model, "prompt": "hi", "max_tokens": 4, **kwargs}
     try:
