@@ -119,6 +119,9 @@ enum PromptInput {
     Text(String),
     Tokens(Vec<u32>),
     Texts(Vec<String>),
+    TokenLists(Vec<Vec<u32>>),
+    /// Any other shape, refused with a message naming the accepted ones.
+    Other(serde_json::Value),
 }
 
 #[derive(Deserialize)]
@@ -398,9 +401,19 @@ async fn completions(
         PromptInput::Texts(mut t) if t.len() == 1 => {
             pb::generate_request::Prompt::Text(t.remove(0))
         }
-        PromptInput::Texts(_) => {
-            return Err(ApiError::bad_request(
-                "prompt must be one string or one list of token ids",
+        PromptInput::TokenLists(mut t) if t.len() == 1 => {
+            pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: t.remove(0) })
+        }
+        PromptInput::Texts(_) | PromptInput::TokenLists(_) => {
+            return Err(ApiError::bad_field(
+                "prompt",
+                "a batch of several prompts in one request is not supported yet: send one prompt (a string or a list of token ids) per request",
+            ));
+        }
+        PromptInput::Other(_) => {
+            return Err(ApiError::bad_field(
+                "prompt",
+                "prompt must be a string or a list of token ids (non-negative integers below the vocabulary size)",
             ));
         }
     };

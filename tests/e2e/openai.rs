@@ -171,6 +171,8 @@ async fn the_openai_client_library_works_against_the_router() {
         ("unknown_model", 404, "no-such-model"),
         ("too_many_tokens", 400, "max_tokens"),
         ("repetition_penalty_zero", 400, "repetition_penalty"),
+        ("prompt_batch", 400, "one prompt"),
+        ("prompt_shape", 400, "a string or a list of token ids"),
         ("invalid_utf8", 400, "invalid request body"),
         ("invalid_json", 400, "invalid request body"),
     ] {

@@ -109,6 +109,8 @@ for name, kwargs in {
     "unknown_model": {"model": "no-such-model"},
     "too_many_tokens": {"max_tokens": 10**6},
     "repetition_penalty_zero": {"extra_body": {"repetition_penalty": 0}},
+    "prompt_batch": {"prompt": [[1, 2], [3, 4]]},
+    "prompt_shape": {"prompt": {"text": "hi"}},
 }.items():
     args = {"model": model, "prompt": "hi", "max_tokens": 4, **kwargs}
     try:
