@@ -410,10 +410,18 @@ async fn completions(
                 "a batch of several prompts in one request is not supported yet: send one prompt (a string or a list of token ids) per request",
             ));
         }
-        PromptInput::Other(_) => {
+        PromptInput::Other(v) => {
+            let got = match v {
+                serde_json::Value::Object(_) => "an object",
+                serde_json::Value::Array(_) => "a list of other values",
+                serde_json::Value::Null => "null",
+                _ => "a number or a boolean",
+            };
             return Err(ApiError::bad_field(
                 "prompt",
-                "prompt must be a string or a list of token ids (non-negative integers below the vocabulary size)",
+                format!(
+                    "prompt must be a string or a list of token ids (non-negative integers below the vocabulary size), got {got}"
+                ),
             ));
         }
     };
