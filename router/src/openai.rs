@@ -31,7 +31,7 @@ use tandem_engine::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::{Stream, StreamExt, StreamMap};
 use tonic::{Code, Status};
 
 use crate::error::RETRY_AFTER;
@@ -395,21 +395,21 @@ async fn completions(
             "echo with logprobs (the prompt's log probabilities) is not supported yet",
         ));
     }
-    let prompt = match req.prompt {
-        PromptInput::Text(t) => pb::generate_request::Prompt::Text(t),
-        PromptInput::Tokens(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
-        PromptInput::Texts(mut t) if t.len() == 1 => {
-            pb::generate_request::Prompt::Text(t.remove(0))
+    // A batch of prompts is answered as vLLM does: each prompt's `n` choices
+    // in turn, in one answer.
+    let prompts: Vec<pb::generate_request::Prompt> = match req.prompt {
+        PromptInput::Text(t) => vec![pb::generate_request::Prompt::Text(t)],
+        PromptInput::Tokens(ids) => {
+            vec![pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })]
         }
-        PromptInput::TokenLists(mut t) if t.len() == 1 => {
-            pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: t.remove(0) })
-        }
-        PromptInput::Texts(_) | PromptInput::TokenLists(_) => {
-            return Err(ApiError::bad_field(
-                "prompt",
-                "a batch of several prompts in one request is not supported yet: send one prompt (a string or a list of token ids) per request",
-            ));
-        }
+        PromptInput::Texts(t) => t
+            .into_iter()
+            .map(pb::generate_request::Prompt::Text)
+            .collect(),
+        PromptInput::TokenLists(t) => t
+            .into_iter()
+            .map(|ids| pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }))
+            .collect(),
         PromptInput::Other(v) => {
             let got = match v {
                 serde_json::Value::Object(_) => "an object",
@@ -420,25 +420,31 @@ async fn completions(
             return Err(ApiError::bad_field(
                 "prompt",
                 format!(
-                    "prompt must be a string or a list of token ids (non-negative integers below the vocabulary size), got {got}"
+                    "prompt must be a string, a list of token ids, or a batch (a list) of either, got {got}"
                 ),
             ));
         }
     };
     let echo = if req.echo {
-        Some(match &prompt {
-            pb::generate_request::Prompt::Text(t) => t.clone(),
-            pb::generate_request::Prompt::TokenIds(ids) => st
-                .model
-                .tokenizer
-                .decode(&ids.ids)
-                .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
-        })
+        prompts
+            .iter()
+            .map(|p| match p {
+                pb::generate_request::Prompt::Text(t) => Ok(t.clone()),
+                pb::generate_request::Prompt::TokenIds(ids) => st
+                    .model
+                    .tokenizer
+                    .decode(&ids.ids)
+                    .map_err(|e| ApiError::bad_field("prompt", e.to_string())),
+            })
+            .collect::<Result<Vec<_>, _>>()?
     } else {
-        None
+        Vec::new()
     };
     let vocab = st.model.config.vocab_size;
-    let request = to_request(prompt, &req.sampling, Kind::Completion, vocab)?;
+    let requests = prompts
+        .into_iter()
+        .map(|p| to_request(p, &req.sampling, Kind::Completion, vocab))
+        .collect::<Result<Vec<_>, _>>()?;
     let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
     let samples = Samples::check(
         req.sampling.n,
@@ -453,7 +459,7 @@ async fn completions(
         samples,
         tools: None,
     };
-    run(st, auth, &headers, request, out, Kind::Completion).await
+    run(st, auth, &headers, requests, out, Kind::Completion).await
 }
 
 async fn chat_completions(
@@ -512,11 +518,11 @@ async fn chat_completions(
     let out = Output {
         stream: req.sampling.stream,
         include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
-        echo: None,
+        echo: Vec::new(),
         samples,
         tools,
     };
-    run(st, auth, &headers, request, out, Kind::Chat).await
+    run(st, auth, &headers, vec![request], out, Kind::Chat).await
 }
 
 /// A request body checked field by field ([`openai_fields::check`]), then read

@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use tandem_proto::v1 as pb;
 use tandem_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 fn text(t: &str) -> pb::GenerateRequest {
@@ -208,29 +207,6 @@ async fn client_api_rows() {
     assert_eq!(got.tokens.len(), 48);
 }
 
-async fn post(addr: std::net::SocketAddr, body: &[u8]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let _ = s.write_all(body).await; // the server may answer 413 and close early
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_rows() {
     let (_dir, model) = small_model();
@@ -243,7 +219,7 @@ async fn http_rows() {
     let mut invalid_utf8 = br#"{"prompt": "ab"#.to_vec();
     invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
     invalid_utf8.extend_from_slice(br#"", "max_tokens": 2}"#);
-    let (status, body) = post(http, &invalid_utf8).await;
+    let (status, body) = post_completions(http, &invalid_utf8).await;
     assert_eq!(status, 400, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{body}");
@@ -252,7 +228,7 @@ async fn http_rows() {
         r#"{{"prompt": "{}", "max_tokens": 2}}"#,
         "a".repeat(100 << 10)
     );
-    let (status, body) = post(http, big.as_bytes()).await;
+    let (status, body) = post_completions(http, big.as_bytes()).await;
     assert_eq!(status, 413, "{body}");
 
     for bad in [
@@ -260,15 +236,15 @@ async fn http_rows() {
         br#"{"prompt": "hi", "max_tokens": 2, "top_p": 0}"#,
         br#"{"prompt": "hi", "max_tokens": 2, "top_p": 1.5}"#,
     ] {
-        let (status, body) = post(http, bad).await;
+        let (status, body) = post_completions(http, bad).await;
         assert_eq!(status, 400, "{body}");
     }
-    let (status, body) = post(http, br#"{"prompt": "", "max_tokens": 2}"#).await;
+    let (status, body) = post_completions(http, br#"{"prompt": "", "max_tokens": 2}"#).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("empty"), "{body}");
 
     // And a good one is still served.
-    let (status, body) = post(http, br#"{"prompt": "hello", "max_tokens": 2}"#).await;
+    let (status, body) = post_completions(http, br#"{"prompt": "hello", "max_tokens": 2}"#).await;
     assert_eq!(status, 200, "{body}");
 }
 

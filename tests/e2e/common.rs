@@ -347,3 +347,30 @@ pub async fn run_client_script(script: &str, args: Vec<String>) -> serde_json::V
     );
     serde_json::from_slice(&output.stdout).expect("script output is JSON")
 }
+
+/// `POST /v1/completions` with `body` on the router's HTTP listener at `addr`,
+/// as raw HTTP/1.1 (no client library's checks in the way): the status and
+/// the body.
+pub async fn post_completions(addr: SocketAddr, body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await; // the server may answer 413 and close early
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

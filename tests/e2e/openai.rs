@@ -64,6 +64,29 @@ async fn the_openai_client_library_works_against_the_router() {
         seen["completion_stream"]["chunks"].as_u64().unwrap() >= 2,
         "streamed in pieces"
     );
+    // A batch of prompts: each prompt's n choices in turn (vLLM's numbering),
+    // the usage counting each prompt once.
+    let second = model
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap();
+    let first_text = model.tokenizer.decode(&greedy[..4]).unwrap();
+    let second_text = model
+        .tokenizer
+        .decode(&reference(&model, &second, 4))
+        .unwrap();
+    let batch_texts = serde_json::json!([first_text, first_text, second_text, second_text]);
+    for case in ["batch", "batch_stream"] {
+        let b = &seen[case];
+        assert_eq!(b["indices"], serde_json::json!([0, 1, 2, 3]), "{case}: {b}");
+        assert_eq!(b["texts"], batch_texts, "{case}: {b}");
+        assert_eq!(
+            b["prompt_tokens"],
+            prompt.len() + second.len(),
+            "{case}: {b}"
+        );
+        assert_eq!(b["completion_tokens"], 16, "{case}: {b}");
+    }
     // Chat: the template is applied, the answer is the assistant's, streamed or not.
     let messages = [
         tandem_engine::ChatMessage {
@@ -171,8 +194,8 @@ async fn the_openai_client_library_works_against_the_router() {
         ("unknown_model", 404, "no-such-model"),
         ("too_many_tokens", 400, "max_tokens"),
         ("repetition_penalty_zero", 400, "repetition_penalty"),
-        ("prompt_batch", 400, "one prompt"),
-        ("prompt_shape", 400, "a string or a list of token ids"),
+        ("prompt_batch_empty", 400, "prompt is empty"),
+        ("prompt_shape", 400, "a string, a list of token ids"),
         ("invalid_utf8", 400, "invalid request body"),
         ("invalid_json", 400, "invalid request body"),
     ] {
@@ -413,6 +436,60 @@ fn check_chat_logprobs(
         if top > 0 {
             // Greedy: the chosen token is in the top list, first.
             assert_eq!(listed[0]["token"], token.as_str(), "token {i}: {e}");
+        }
+    }
+}
+
+/// A batch of more prompts than the router runs at once, each generating more
+/// tokens than a request's response buffer holds, is answered whole: the later
+/// prompts are admitted while the earlier ones' tokens are read (awaiting all
+/// admissions first would wait on the running limit for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_larger_than_the_running_limit_is_answered_whole() {
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    spec.router.max_running = 2;
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let http = cluster.http.expect("the router serves HTTP");
+    let prompts = ["One", "Two", "Three", "Four", "Five", "Six"];
+    let max_tokens = 80; // past the router's 64-response buffer per request
+    let body = serde_json::json!({
+        "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true,
+    });
+    for stream in [false, true] {
+        let mut body = body.clone();
+        body["stream"] = serde_json::json!(stream);
+        let (status, text) = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            post_completions(http, body.to_string().as_bytes()),
+        )
+        .await
+        .expect("the batch was answered in time");
+        assert_eq!(status, 200, "stream {stream}: {text}");
+        let mut texts = vec![String::new(); prompts.len()];
+        let events: Vec<serde_json::Value> = if stream {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str(d).expect("an event"))
+                .collect()
+        } else {
+            vec![serde_json::from_str(&text).expect("the answer")]
+        };
+        for e in &events {
+            for c in e["choices"].as_array().expect("choices") {
+                let i = c["index"].as_u64().expect("index") as usize;
+                texts[i].push_str(c["text"].as_str().expect("text"));
+            }
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            let ids = model.tokenizer.encode(p, true).unwrap();
+            let expected = model
+                .tokenizer
+                .decode(&reference(&model, &ids, max_tokens))
+                .unwrap();
+            assert_eq!(texts[i], expected, "stream {stream}: prompt {i}");
         }
     }
 }

@@ -39,6 +39,24 @@ r = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
 out["chat"] = {"content": r.choices[0].message.content, "role": r.choices[0].message.role,
                "finish_reason": r.choices[0].finish_reason, "prompt_tokens": r.usage.prompt_tokens}
 
+# A batch of two prompts, two samples each (greedy): choices 0-1 answer the
+# first prompt, 2-3 the second, in one piece and streamed.
+batch_prompts = ["Once upon a time", "The capital of France is"]
+batch_args = {"model": model, "prompt": batch_prompts, "max_tokens": 4, "temperature": 0, "n": 2,
+              "extra_body": {"ignore_eos": True}}
+b = client.completions.create(**batch_args)
+out["batch"] = {"texts": [c.text for c in sorted(b.choices, key=lambda c: c.index)],
+                "indices": sorted(c.index for c in b.choices),
+                "prompt_tokens": b.usage.prompt_tokens, "completion_tokens": b.usage.completion_tokens}
+texts, usage = {}, None
+for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **batch_args):
+    for c in chunk.choices:
+        texts[c.index] = texts.get(c.index, "") + c.text
+    if chunk.usage:
+        usage = chunk.usage
+out["batch_stream"] = {"texts": [texts[i] for i in sorted(texts)], "indices": sorted(texts),
+                       "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.
 part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
@@ -109,7 +127,7 @@ for name, kwargs in {
     "unknown_model": {"model": "no-such-model"},
     "too_many_tokens": {"max_tokens": 10**6},
     "repetition_penalty_zero": {"extra_body": {"repetition_penalty": 0}},
-    "prompt_batch": {"prompt": [[1, 2], [3, 4]]},
+    "prompt_batch_empty": {"prompt": []},
     "prompt_shape": {"prompt": {"text": "hi"}},
 }.items():
     args = {"model": model, "prompt": "hi", "max_tokens": 4, **kwargs}

@@ -4,27 +4,29 @@
 use super::*;
 
 /// How to answer: streamed or not, a streamed answer ending with a usage
-/// chunk or not, and the text the completion starts with (`echo`).
+/// chunk or not, and the text each prompt's completions start with (`echo`).
 pub(super) struct Output {
     pub(super) stream: bool,
     pub(super) include_usage: bool,
-    /// The prompt's text (completions' `echo`): first in `text`, or in the
-    /// first streamed chunk.
-    pub(super) echo: Option<String>,
-    /// `n` and `best_of`.
+    /// Each prompt's text (completions' `echo`): first in `text`, or in the
+    /// first streamed chunk; empty for none.
+    pub(super) echo: Vec<String>,
+    /// `n` and `best_of`, per prompt.
     pub(super) samples: Samples,
     /// Chat: the tools in play, whose calls the answer is read for.
     pub(super) tools: Option<ToolPlan>,
 }
 
-/// Runs the request through the gRPC service and answers in OpenAI's shape,
-/// as `out` says. An `X-Request-Id` header becomes the request's id (in logs
-/// on every node).
+/// Runs the requests (one per prompt of a completions batch; chat has one)
+/// through the gRPC service at once and answers in OpenAI's shape, as `out`
+/// says: prompt `p`'s choices are indexed `p · n ..`, as vLLM numbers a
+/// batch's. An `X-Request-Id` header becomes the request's id (in logs on
+/// every node; `-p` added for prompt `p` of a batch).
 pub(super) async fn run(
     st: AppState,
     auth: Option<HeaderValue>,
     headers: &HeaderMap,
-    request: pb::GenerateRequest,
+    requests: Vec<pb::GenerateRequest>,
     out: Output,
     kind: Kind,
 ) -> Result<Response, ApiError> {
@@ -35,25 +37,55 @@ pub(super) async fn run(
         samples,
         tools,
     } = out;
-    let request_logprobs = request.logprobs;
-    let mut request = request;
-    request.n = samples.best_of;
-    if samples.ranks() {
-        // Ranking needs each sampled token's log probability.
-        request.logprobs = Some(request_logprobs.unwrap_or(0));
+    let batch = requests.len() > 1;
+    let with_logprobs = requests.first().is_some_and(|r| r.logprobs.is_some());
+    // Each prompt's responses, keyed by prompt. The first prompt is admitted
+    // before the answer starts, so its refusal is the answer's status (a
+    // single prompt's, as before batches). A batch's other prompts are
+    // admitted as their streams are first polled, beside the earlier ones'
+    // tokens: awaiting every admission first could wait for ever on the
+    // router's running limit, held by earlier prompts whose tokens nobody
+    // reads yet. Their refusal ends the answer as any later error does.
+    let mut prompts: StreamMap<usize, Responses> = StreamMap::new();
+    for (p, mut request) in requests.into_iter().enumerate() {
+        request.n = samples.best_of;
+        if samples.ranks() {
+            // Ranking needs each sampled token's log probability.
+            request.logprobs = Some(request.logprobs.unwrap_or(0));
+        }
+        if batch && !request.request_id.is_empty() {
+            request.request_id = format!("{}-{p}", request.request_id);
+        }
+        let mut request = tonic::Request::new(request);
+        if let Some(v) = &auth
+            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+        {
+            request.metadata_mut().insert("authorization", v);
+        }
+        if let Some(v) = headers.get(REQUEST_ID_HEADER) {
+            let id = match (batch, v.to_str()) {
+                (true, Ok(id)) => format!("{id}-{p}"),
+                _ => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            };
+            if let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
+                request.metadata_mut().insert(REQUEST_ID_HEADER, v);
+            }
+        }
+        if p == 0 {
+            prompts.insert(
+                p,
+                Box::pin(st.service.generate(request).await?.into_inner()),
+            );
+            continue;
+        }
+        let service = st.service.clone();
+        let admitted = futures::stream::once(async move { service.generate(request).await });
+        let responses = futures::StreamExt::flat_map(admitted, |r| match r {
+            Ok(r) => futures::future::Either::Left(r.into_inner()),
+            Err(status) => futures::future::Either::Right(futures::stream::iter([Err(status)])),
+        });
+        prompts.insert(p, Box::pin(responses));
     }
-    let mut request = tonic::Request::new(request);
-    if let Some(v) = auth
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-    {
-        request.metadata_mut().insert("authorization", v);
-    }
-    if let Some(v) = headers.get(REQUEST_ID_HEADER)
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-    {
-        request.metadata_mut().insert(REQUEST_ID_HEADER, v);
-    }
-    let responses = st.service.generate(request).await?.into_inner();
     let id = format!(
         "{}-{:x}",
         if kind == Kind::Chat {
@@ -64,7 +96,15 @@ pub(super) async fn run(
         rand_id()
     );
     let (created, model) = (now(), st.name.clone());
-    let with_logprobs = request_logprobs.is_some();
+    let per_prompt = samples.best_of;
+    let prompt_count = prompts.len();
+    // One stream of every prompt's responses, each tagged with its choice index.
+    let responses = prompts.map(move |(p, r)| {
+        r.map(|mut m| {
+            m.index += p as u32 * per_prompt;
+            m
+        })
+    });
     let tools = match (stream, tools) {
         (true, Some(plan)) => {
             let logprobs_model = with_logprobs.then(|| st.model.clone());
@@ -85,7 +125,7 @@ pub(super) async fn run(
         let events = sse_events(
             responses,
             kind,
-            (include_usage, echo),
+            (include_usage, echo, per_prompt),
             tokenizer,
             id,
             created,
@@ -95,15 +135,29 @@ pub(super) async fn run(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let mut answers = Choices::new(samples.best_of, echo.as_deref());
+    let mut answers: Vec<Choices> = (0..prompt_count)
+        .map(|p| Choices::new(samples.best_of, echo.get(p).map(String::as_str)))
+        .collect();
     let mut responses = responses;
     while let Some(msg) = responses.next().await {
         let msg = msg?;
         if let Some(event) = msg.event {
-            answers.add(msg.index, event)?;
+            let p = (msg.index / per_prompt) as usize;
+            let answer = answers.get_mut(p).ok_or_else(|| {
+                Status::internal(format!("a response for prompt {p}, which was not sent"))
+            })?;
+            answer.add(msg.index % per_prompt, event)?;
         }
     }
-    let (picked, usage) = answers.pick(samples)?;
+    let mut picked = Vec::new();
+    let mut usage = pb::Usage::default();
+    for answer in answers {
+        let (choices, u) = answer.pick(samples)?;
+        picked.extend(choices);
+        usage.prompt_tokens += u.prompt_tokens;
+        usage.completion_tokens += u.completion_tokens;
+        usage.cached_tokens += u.cached_tokens;
+    }
     let mut tools = tools; // n > 1 is refused with tools: one choice reads them
     let choices: Vec<Value> = picked
         .into_iter()
@@ -139,6 +193,9 @@ pub(super) async fn run(
     }))
     .into_response())
 }
+
+/// One prompt's responses.
+type Responses = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher, RandomState};

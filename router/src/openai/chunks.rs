@@ -15,15 +15,16 @@ pub(super) fn usage_json(u: &pb::Usage) -> serde_json::Value {
     })
 }
 
-/// Server-sent events for a streamed completion, ending with `data: [DONE]`;
-/// with `echo` text, each choice's first chunk starts with it. With `n` > 1
-/// the choices' chunks come interleaved, each carrying its choice's `index`
-/// (and its own `finish_reason`); the usage chunk counts the prompt once and
-/// every choice's completion tokens.
+/// Server-sent events for a streamed completion, ending with `data: [DONE]`.
+/// Choice `i` answers prompt `i / per_prompt` (a completions batch; one
+/// prompt otherwise); with `echo` texts, each choice's first chunk starts
+/// with its prompt's. With several choices their chunks come interleaved,
+/// each carrying its choice's `index` (and its own `finish_reason`); the
+/// usage chunk counts each prompt once and every choice's completion tokens.
 pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
-    (include_usage, echo): (bool, Option<String>),
+    (include_usage, echo, per_prompt): (bool, Vec<String>, u32),
     logprobs_model: Option<Arc<ModelDir>>,
     id: String,
     created: u64,
@@ -69,7 +70,9 @@ pub(super) fn sse_events(
         // Per choice index: whether its first chunk went out, and the
         // characters of its tokens so far (where its next `text_offset` starts).
         let mut started: HashMap<u32, usize> = HashMap::new();
-        let mut usage: Option<pb::Usage> = None;
+        // Per prompt: its usage, the prompt once and its choices' tokens.
+        let mut usage: BTreeMap<u32, pb::Usage> = BTreeMap::new();
+        let mut failed = false;
         while let Some(msg) = responses.next().await {
             let (index, event) = match msg {
                 Ok(m) => (m.index, m.event),
@@ -79,14 +82,19 @@ pub(super) fn sse_events(
                     let _ = tx.send(Event::default().data(data.to_string())).await;
                     // The request failed: no usage; dropping `responses`
                     // cancels the samples still running.
-                    usage = None;
+                    failed = true;
                     break;
                 }
             };
             let first = !started.contains_key(&index);
             let offset = started.entry(index).or_insert(0);
-            // A choice's first chunk starts with the echoed prompt.
-            let echoed = if first { echo.clone() } else { None };
+            // A choice's first chunk starts with its echoed prompt.
+            let prompt = index / per_prompt.max(1);
+            let echoed = if first {
+                echo.get(prompt as usize).cloned()
+            } else {
+                None
+            };
             let data = match event {
                 Some(pb::generate_response::Event::Token(t)) => {
                     let logprobs = match &logprobs_model {
@@ -105,17 +113,19 @@ pub(super) fn sse_events(
                 }
                 Some(pb::generate_response::Event::Finished(f)) => {
                     let u = f.usage.unwrap_or_default();
-                    usage = Some(match usage {
-                        None => u,
-                        Some(mut sum) => {
-                            // The prompt once; each choice's completion tokens.
+                    match usage.get_mut(&prompt) {
+                        None => {
+                            usage.insert(prompt, u);
+                        }
+                        Some(sum) => {
+                            // The prompt once; each choice's completion tokens;
+                            // the prompt's first sample's cached tokens.
                             sum.completion_tokens += u.completion_tokens;
-                            if index == 0 {
+                            if index % per_prompt.max(1) == 0 {
                                 sum.cached_tokens = u.cached_tokens;
                             }
-                            sum
                         }
-                    });
+                    }
                     let tail = echoed.unwrap_or_default();
                     let tail = (!tail.is_empty()).then_some(tail.as_str());
                     chunk(
@@ -136,9 +146,15 @@ pub(super) fn sse_events(
                 return; // The client went away; dropping `responses` cancels the request.
             }
         }
-        if include_usage && let Some(u) = usage {
+        if include_usage && !failed && !usage.is_empty() {
+            let total = usage.values().fold(pb::Usage::default(), |mut t, u| {
+                t.prompt_tokens += u.prompt_tokens;
+                t.completion_tokens += u.completion_tokens;
+                t.cached_tokens += u.cached_tokens;
+                t
+            });
             let _ = tx
-                .send(Event::default().data(usage_chunk(u).to_string()))
+                .send(Event::default().data(usage_chunk(total).to_string()))
                 .await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
