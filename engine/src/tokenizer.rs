@@ -159,6 +159,13 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
     }
 
+    /// The vocabulary's string for token `id` as the tokenizer stores it
+    /// (byte-level pieces such as `Ġthe`, as transformers'
+    /// `convert_ids_to_tokens`); `None` outside the vocabulary.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The text of one token on its own, special tokens included (what
     /// log probabilities name a token by, as vLLM does); a token holding part
     /// of a multi-byte character gives U+FFFD for it.

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`
-//! (with `stream: true` as server-sent events, and without), `/v1/models` and
-//! `/health`.
+//! (with `stream: true` as server-sent events, and without), `/v1/models`,
+//! `/health`, and vLLM's `/tokenize` and `/detokenize`.
 //!
 //! It is a thin translation in front of the same [`GenerateService`] the gRPC
 //! API uses, called in-process: requests become `GenerateRequest`s, token
@@ -54,6 +54,8 @@ use tool_chunks::{tool_message, tool_sse_events};
 mod answer;
 use answer::{Output, run};
 
+mod tokenize;
+
 /// What the handlers share.
 #[derive(Clone)]
 struct AppState {
@@ -84,6 +86,8 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState {

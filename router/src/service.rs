@@ -132,6 +132,12 @@ impl GenerateService {
         self.validator.max_n()
     }
 
+    /// Whether `model` (empty: any) names the served model; NOT_FOUND naming
+    /// the served one otherwise.
+    pub fn check_model(&self, model: &str) -> Result<(), Status> {
+        self.validator.check_model(model).map_err(Status::from)
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> GenerateServer<Self> {
         GenerateServer::new(self)

@@ -115,14 +115,20 @@ impl Validator {
             .map_err(|e| invalid(format!("constraint: {e}")))
     }
 
+    /// Whether `requested` (empty: any) names the served model.
+    pub fn check_model(&self, requested: &str) -> Result<(), RouterError> {
+        if requested.is_empty() || self.served_names.iter().any(|n| n == requested) {
+            return Ok(());
+        }
+        Err(RouterError::ModelNotFound {
+            requested: requested.to_string(),
+            served: self.model_name().to_string(),
+        })
+    }
+
     /// Validates and tokenizes one request.
     pub fn validate(&self, req: pb::GenerateRequest) -> Result<ValidRequest, RouterError> {
-        if !req.model.is_empty() && !self.served_names.contains(&req.model) {
-            return Err(RouterError::ModelNotFound {
-                requested: req.model,
-                served: self.model_name().to_string(),
-            });
-        }
+        self.check_model(&req.model)?;
         let n = req.n.max(1);
         if n > self.max_n {
             return Err(invalid(format!(

@@ -64,6 +64,44 @@ async fn the_openai_client_library_works_against_the_router() {
         seen["completion_stream"]["chunks"].as_u64().unwrap() >= 2,
         "streamed in pieces"
     );
+    // vLLM's /tokenize and /detokenize: the cluster's own tokens.
+    let tok = &seen["tokenize"];
+    let ok = |case: &str| {
+        assert_eq!(tok[case]["status"], 200, "{case}: {}", tok[case]);
+        &tok[case]["body"]
+    };
+    assert_eq!(ok("prompt")["tokens"], serde_json::json!(prompt));
+    assert_eq!(ok("prompt")["count"], prompt.len());
+    assert_eq!(
+        ok("prompt")["max_model_len"],
+        model.config.max_position_embeddings
+    );
+    assert_eq!(ok("prompt")["token_strs"], serde_json::Value::Null);
+    let bare = model.tokenizer.encode("Once upon a time", false).unwrap();
+    let strs: Vec<String> = bare
+        .iter()
+        .map(|&t| model.tokenizer.id_to_token(t).unwrap())
+        .collect();
+    assert_eq!(ok("strs")["tokens"], serde_json::json!(bare));
+    assert_eq!(ok("strs")["token_strs"], serde_json::json!(strs));
+    assert_eq!(
+        ok("detokenize")["prompt"],
+        model.tokenizer.decode(&prompt).unwrap().as_str()
+    );
+    for (case, status, word) in [
+        ("bad_model", 404, "no-such-model"),
+        ("unknown_field", 400, "tools"),
+        ("both", 400, "not both"),
+        ("bad_token", 400, "outside the vocabulary"),
+    ] {
+        let e = &tok[case];
+        assert_eq!(e["status"], status, "{case}: {e}");
+        let message = e["body"]["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(word),
+            "{case}: {message:?} should mention {word}"
+        );
+    }
     // A batch of prompts: each prompt's n choices in turn (vLLM's numbering),
     // the usage counting each prompt once.
     let second = model
@@ -118,6 +156,11 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(seen["chat_stream"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat_parts"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat_parts"]["prompt_tokens"], chat_prompt.len());
+    // /tokenize renders messages as the chat endpoint does.
+    assert_eq!(
+        seen["tokenize"]["chat"]["body"]["tokens"],
+        serde_json::json!(chat_prompt)
+    );
     assert_eq!(seen["chat_image"]["status"], 400, "{}", seen["chat_image"]);
     assert!(
         seen["chat_image"]["message"]

@@ -39,6 +39,29 @@ r = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
 out["chat"] = {"content": r.choices[0].message.content, "role": r.choices[0].message.role,
                "finish_reason": r.choices[0].finish_reason, "prompt_tokens": r.usage.prompt_tokens}
 
+# vLLM's /tokenize and /detokenize, at the server's root.
+root = base[: -len("/v1")]
+
+
+def post_json(path, obj):
+    req = urllib.request.Request(root + path, data=json.dumps(obj).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return {"status": resp.status, "body": json.loads(resp.read().decode())}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "body": json.loads(e.read().decode())}
+
+
+tok = {"prompt": post_json("/tokenize", {"model": model, "prompt": "Once upon a time"})}
+tok["chat"] = post_json("/tokenize", {"model": model, "messages": messages})
+tok["strs"] = post_json("/tokenize", {"prompt": "Once upon a time", "add_special_tokens": False, "return_token_strs": True})
+tok["detokenize"] = post_json("/detokenize", {"model": model, "tokens": tok["prompt"]["body"]["tokens"]})
+tok["bad_model"] = post_json("/tokenize", {"model": "no-such-model", "prompt": "x"})
+tok["unknown_field"] = post_json("/tokenize", {"prompt": "x", "tools": []})
+tok["both"] = post_json("/tokenize", {"prompt": "x", "messages": messages})
+tok["bad_token"] = post_json("/detokenize", {"tokens": [vocab]})
+out["tokenize"] = tok
+
 # A batch of two prompts, two samples each (greedy): choices 0-1 answer the
 # first prompt, 2-3 the second, in one piece and streamed.
 batch_prompts = ["Once upon a time", "The capital of France is"]
