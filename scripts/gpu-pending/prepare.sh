@@ -10,13 +10,15 @@
 #           and kv_bench_new (this checkout)
 #   .gpu11  call-s: this checkout's tandem-gpu-bench and engine-tests (xz), and the
 #           kernel variants of scripts/gpu-variants under var/
-# WHICH="8 9 10 11" picks folders. Each revision builds in a worktree of its own
+#   .gpu12  call-t: this checkout's tandem-gpu-bench (TMA prefill attention) and
+#           scripts/hf_reference.py
+# WHICH="8 9 10 11 12" picks folders. Each revision builds in a worktree of its own
 # with a target directory of its own (a shared one would rebuild everything
 # between them). CUDA builds on the 2-core VM take 10-20 minutes each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 11"}
+WHICH=${WHICH:-"8 9 10 11 12"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
@@ -84,7 +86,13 @@ for w in $WHICH; do
       xz -T2 -6 .gpu11/tandem-gpu-bench .gpu11/engine-tests
       GPU_DIR=.gpu11 bash scripts/gpu_variants_prepare.sh
       ;;
-    *) echo "unknown folder $w (8, 9, 10 or 11)" >&2; exit 1 ;;
+    12)
+      rm -rf .gpu12 && mkdir -p .gpu12
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu12/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp scripts/hf_reference.py .gpu12/
+      ;;
+    *) echo "unknown folder $w (8, 9, 10, 11 or 12)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
