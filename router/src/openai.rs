@@ -44,7 +44,7 @@ mod error;
 use error::{ApiError, error_body};
 
 mod chunks;
-use chunks::{logprobs_json, sse_events, usage_json};
+use chunks::{add_usage, logprobs_json, sse_events, usage_json};
 
 mod choices;
 use choices::{Choices, Samples};
@@ -542,6 +542,11 @@ fn strict_body<T: DeserializeOwned>(
         ));
     };
     openai_fields::check(endpoint, fields)?;
+    typed_body(body)
+}
+
+/// A JSON body read into its typed request, the error in OpenAI's shape.
+fn typed_body<T: DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_json::from_value(body)
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }

@@ -154,9 +154,7 @@ pub(super) async fn run(
     for answer in answers {
         let (choices, u) = answer.pick(samples)?;
         picked.extend(choices);
-        usage.prompt_tokens += u.prompt_tokens;
-        usage.completion_tokens += u.completion_tokens;
-        usage.cached_tokens += u.cached_tokens;
+        add_usage(&mut usage, &u);
     }
     let mut tools = tools; // n > 1 is refused with tools: one choice reads them
     let choices: Vec<Value> = picked

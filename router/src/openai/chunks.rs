@@ -15,6 +15,14 @@ pub(super) fn usage_json(u: &pb::Usage) -> serde_json::Value {
     })
 }
 
+/// Adds `u`'s tokens (prompt, completion, cached) to `total`: the usage of
+/// a batch of prompts is the sum of theirs.
+pub(super) fn add_usage(total: &mut pb::Usage, u: &pb::Usage) {
+    total.prompt_tokens += u.prompt_tokens;
+    total.completion_tokens += u.completion_tokens;
+    total.cached_tokens += u.cached_tokens;
+}
+
 /// Server-sent events for a streamed completion, ending with `data: [DONE]`.
 /// Choice `i` answers prompt `i / per_prompt` (a completions batch; one
 /// prompt otherwise); with `echo` texts, each choice's first chunk starts
@@ -147,12 +155,8 @@ pub(super) fn sse_events(
             }
         }
         if include_usage && !failed && !usage.is_empty() {
-            let total = usage.values().fold(pb::Usage::default(), |mut t, u| {
-                t.prompt_tokens += u.prompt_tokens;
-                t.completion_tokens += u.completion_tokens;
-                t.cached_tokens += u.cached_tokens;
-                t
-            });
+            let mut total = pb::Usage::default();
+            usage.values().for_each(|u| add_usage(&mut total, u));
             let _ = tx
                 .send(Event::default().data(usage_chunk(total).to_string()))
                 .await;

@@ -36,20 +36,14 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-/// A body read as `T`, its errors in OpenAI's shape (an unknown field named).
-fn body<T: DeserializeOwned>(body: Result<Json<Value>, JsonRejection>) -> Result<T, ApiError> {
-    let Json(body) = body?;
-    serde_json::from_value(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
-}
-
 pub(super) async fn tokenize(
     State(st): State<AppState>,
     headers: HeaderMap,
     req: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorization(&st, &headers)?;
-    let req: TokenizeRequest = body(req)?;
+    let Json(req) = req?;
+    let req: TokenizeRequest = typed_body(req)?;
     st.service.check_model(&req.model)?;
     let tokenizer = &st.model.tokenizer;
     let tokens = match (req.prompt, req.messages) {
@@ -111,7 +105,8 @@ pub(super) async fn detokenize(
     req: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorization(&st, &headers)?;
-    let req: DetokenizeRequest = body(req)?;
+    let Json(req) = req?;
+    let req: DetokenizeRequest = typed_body(req)?;
     st.service.check_model(&req.model)?;
     let vocab = st.model.config.vocab_size;
     if let Some((i, id)) = req
