@@ -3,16 +3,21 @@
 # table), from the revisions they name, so a session that finds them gone (a
 # new checkout keeps no ignored files) rebuilds them with one command before
 # its first device call:
-#   .gpu8   call-3: old/ (this checkout's tandem-gpu-bench and kernels) and
-#           patched/ (decode-kernels-b256.patch: tandem-gpu-bench, engine-tests, kernels)
-#   .gpu9   call-c: c/tandem.xz (binary c, this checkout) and c/gpu-1p1d
+#   .gpu8   call-3: old/ (28df44d's tandem-gpu-bench and kernels, before the
+#           large-batch decode kernels) and patched/ (this checkout's tandem-gpu-bench,
+#           engine-tests and kernels)
+#   .gpu9   call-c, call-h: c/tandem.xz (binary c, this checkout), c/gpu-1p1d and
+#           c/kernels (the kernels it was built with)
 #   .gpu10  call-kv: kv_bench_old (ff5b012), kv_bench_zc (8b4e76d: stock quinn)
 #           and kv_bench_new (this checkout)
-#   .gpu11  call-s: this checkout's tandem-gpu-bench and engine-tests (xz), and the
-#           kernel variants of scripts/gpu-variants under var/
+#   .gpu11  call-s: this checkout's tandem-gpu-bench and engine-tests (xz), their
+#           kernels (kernels-main/), and the kernel variants of scripts/gpu-variants under var/
 #   .gpu12  call-t: this checkout's tandem-gpu-bench (TMA prefill attention) and
 #           scripts/hf_reference.py
-# WHICH="8 9 10 11 12" picks folders. Each revision builds in a worktree of its own
+# Every folder carries the kernel sources its binaries were built with: a binary
+# given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
+# wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
+# then a segfault). WHICH="8 9 10 11 12" picks folders. Each revision builds in a worktree of its own
 # with a target directory of its own (a shared one would rebuild everything
 # between them). CUDA builds on the 2-core VM take 10-20 minutes each.
 set -euo pipefail
@@ -51,13 +56,14 @@ for l in sys.stdin:
 for w in $WHICH; do
   case $w in
     8)
+      # old: 28df44d (before the large-batch decode kernels); patched: this checkout.
       rm -rf .gpu8 && mkdir -p .gpu8/old .gpu8/patched
+      d=$(worktree b256old 28df44d)
+      build "$d" b256old --features cuda -p tandem-engine --bin tandem-gpu-bench
+      cp "$(rel b256old)/tandem-gpu-bench" .gpu8/old/ && cp -r "$d/engine/src/cuda/kernels" .gpu8/old/
       build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      cp "$(rel head)/tandem-gpu-bench" .gpu8/old/ && cp -r engine/src/cuda/kernels .gpu8/old/
-      d=$(worktree b256 HEAD scripts/gpu-pending/decode-kernels-b256.patch)
-      build "$d" b256 --features cuda -p tandem-engine --bin tandem-gpu-bench
-      cp "$(engine_tests "$d" b256)" .gpu8/patched/engine-tests
-      cp "$(rel b256)/tandem-gpu-bench" .gpu8/patched/ && cp -r "$d/engine/src/cuda/kernels" .gpu8/patched/
+      cp "$(engine_tests "$ROOT" head)" .gpu8/patched/engine-tests
+      cp "$(rel head)/tandem-gpu-bench" .gpu8/patched/ && cp -r engine/src/cuda/kernels .gpu8/patched/
       cp docs/gpu-results/2026-12-04-h200-async/call-3.sh .gpu8/
       strip .gpu8/old/tandem-gpu-bench .gpu8/patched/tandem-gpu-bench .gpu8/patched/engine-tests
       ;;
@@ -65,7 +71,7 @@ for w in $WHICH; do
       rm -rf .gpu9 && mkdir -p .gpu9/c
       build "$ROOT" head --features cuda -p tandem --bin tandem
       strip -o .gpu9/c/tandem "$(rel head)/tandem" && xz -T2 -6 .gpu9/c/tandem
-      cp -r cluster-configs/gpu-1p1d .gpu9/c/
+      cp -r cluster-configs/gpu-1p1d .gpu9/c/ && cp -r engine/src/cuda/kernels .gpu9/c/
       ;;
     10)
       rm -rf .gpu10 && mkdir -p .gpu10
@@ -84,6 +90,7 @@ for w in $WHICH; do
       strip -o .gpu11/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       strip -o .gpu11/engine-tests "$(engine_tests "$ROOT" head)"
       xz -T2 -6 .gpu11/tandem-gpu-bench .gpu11/engine-tests
+      cp -r engine/src/cuda/kernels .gpu11/kernels-main
       GPU_DIR=.gpu11 bash scripts/gpu_variants_prepare.sh
       ;;
     12)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call 3: scripts/gpu-pending/decode-kernels-b256.patch (rope_kv one block
+# Device call 3: the large-batch decode kernels (first decode-kernels-b256.patch; rope_kv one block
 # a token, silu_mul and add_rmsnorm vectorised, decode_attn writing the output
 # itself at one split): its GPU tests, then the decode sweep of main's binary and
 # kernels ($G/old) and of the patched ones ($G/patched), taking turns, then where

@@ -7,16 +7,20 @@
 # decode_waiting = 32 (hold on), then without
 # decode_waiting: the disaggregated set-up (hold on) and the colocated one.
 # DEADLINE_S (590): runs that might not end within it are skipped.
-# Carry .gpu9 (tandem of this checkout: scripts/gpu-pending/prepare.sh, WHICH=9).
+# RUNS picks runs (default all: hold early hold32 unbounded).
+# Carry .gpu9 (tandem of this checkout: scripts/gpu-pending/prepare.sh, WHICH=9);
+# its kernels are this checkout's, so the binary must be built from it too.
 set -u
+RUNS=" ${RUNS:-hold early hold32 unbounded} "
 O=${OUT:-/tmp/out}/h; mkdir -p "$O"
-export TANDEM_CUDA_KERNELS=$PWD/engine/src/cuda/kernels
+export TANDEM_CUDA_KERNELS=$PWD/.gpu9/c/kernels
 t0=$(date +%s); el() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
 G=/tmp/gpu9/c; mkdir -p "$G" && cp -r .gpu9/c/gpu-1p1d "$G/"
 [ -x "$G/tandem" ] || { python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" \
   .gpu9/c/tandem.xz "$G/tandem" && chmod +x "$G/tandem"; }
 run() { # name limit env...: one gpu_ttft.sh run of saturation only
   local name=$1 limit=$2; shift 2
+  [[ $RUNS == *" $name "* ]] || return 0
   [ $(( $(date +%s) - t0 + limit )) -lt "${DEADLINE_S:-590}" ] || { echo "$name: skipped (time)"; return; }
   env "$@" OUT=$O/$name GPU_DIR=$G SAT=1 SKIP512=1 RATES= N=8 \
     timeout -s KILL "$limit" bash scripts/gpu_ttft.sh > "$O/$name.out" 2>&1; el "$name" $?

@@ -10,7 +10,7 @@
 # "sharing the weights"). Carry .gpu9.
 set -u
 O=${OUT:-/tmp/out}/c; mkdir -p "$O"
-export TANDEM_CUDA_KERNELS=$PWD/engine/src/cuda/kernels
+export TANDEM_CUDA_KERNELS=$PWD/.gpu9/c/kernels
 t0=$(date +%s); el() { echo "$1 rc=$2 at $(( $(date +%s) - t0 )) s"; }
 G=/tmp/gpu9/c; mkdir -p "$G" && cp -r .gpu9/c/gpu-1p1d "$G/"
 python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" \

@@ -15,7 +15,7 @@ for b in tandem-gpu-bench engine-tests; do
   python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" \
     ".gpu11/$b.xz" "$G/$b" && chmod +x "$G/$b"
 done
-MAIN=$PWD/engine/src/cuda/kernels
+MAIN=$PWD/.gpu11/kernels-main
 VAR=$PWD/.gpu11/var/sampling-loads-in-flight
 TANDEM_CUDA_KERNELS=$VAR timeout -s KILL 200 "$G/engine-tests" --ignored cuda:: --test-threads 1 \
   > "$O/gpu-tests-var.md" 2>&1; el "tests (variant kernels)" $?

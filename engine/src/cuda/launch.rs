@@ -45,6 +45,8 @@ pub(crate) const PREFILL_STAGES: usize = 4;
 /// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
 /// its latency is the per-thread share of the hidden width.
 pub(crate) const NORM_THREADS: u32 = 1024;
+/// Threads of a `rope_kv` block (one token's heads).
+const ROPE_THREADS: u32 = 512;
 /// Threads per row of logits in the sampling kernel (its scans hold 32 warps).
 const SAMPLE_THREADS: u32 = 1024;
 /// Threads of a `gemv`/`gemv_silu` block: 8 warps, one output row each.
@@ -291,11 +293,12 @@ impl Kernel for RopeKv {
             ("bs", int(self.block_size)?),
         ])
     }
-    /// One block per (head, token), `hd / 2` threads (one rotated pair each).
+    /// One block per token (no tokens: an invalid launch, never a block that
+    /// would write K/V at a stale slot).
     fn config(&self) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: ((self.hq + self.hkv) as u32, self.tokens as u32, 1),
-            block_dim: ((self.hd / 2) as u32, 1, 1),
+            grid_dim: (self.tokens as u32, 1, 1),
+            block_dim: (ROPE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         }
     }
@@ -392,9 +395,20 @@ impl Kernel for SiluMul {
             ("inter", int(self.inter)?),
         ])
     }
-    /// A grid-stride loop: one thread per element up to 65535 blocks of 256.
+    /// Rows along y (at most 65535 at once, the kernel strides over the rest);
+    /// along x enough blocks of 256 threads for a row, 8 values a thread when
+    /// `inter` is a multiple of 8 (the kernel's vector path).
     fn config(&self) -> LaunchConfig {
-        grid((self.n * self.inter).div_ceil(256).min(65535) as u32, 256)
+        let per_thread = if self.inter.is_multiple_of(8) { 8 } else { 1 };
+        LaunchConfig {
+            grid_dim: (
+                self.inter.div_ceil(256 * per_thread).max(1) as u32,
+                self.n.clamp(1, 65535) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
     fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.silu_mul
@@ -546,6 +560,10 @@ pub(crate) struct DecodeAttn {
     pub seq_lens: Dev<i32>,
     pub part_o: Dev<f32>,
     pub part_ml: Dev<f32>,
+    /// The normalised output (`seqs × hq × hd` bf16), written here instead of
+    /// the partial results when `max_splits` is 1 ([`AttnCombine`] is then not
+    /// launched).
+    pub out: Dev<bf16>,
     pub hq: usize,
     pub hkv: usize,
     pub block_size: usize,
@@ -565,6 +583,7 @@ impl Kernel for DecodeAttn {
             ("seq_lens", self.seq_lens.into()),
             ("part_o", self.part_o.into()),
             ("part_ml", self.part_ml.into()),
+            ("out", self.out.into()),
             ("hq", int(self.hq)?),
             ("hkv", int(self.hkv)?),
             ("bs", int(self.block_size)?),

@@ -103,6 +103,7 @@ fn decode() -> DecodeAttn {
         seq_lens: PI,
         part_o: PF,
         part_ml: PF,
+        out: P,
         hq: 32,
         hkv: 8,
         block_size: 16,
@@ -325,7 +326,7 @@ fn parameters_carry_the_values_given() {
 #[test]
 fn grids_match_the_kernels_indexing() {
     let c = rope().config();
-    assert_eq!((c.grid_dim, c.block_dim.0), ((40, 5, 1), 64));
+    assert_eq!((c.grid_dim, c.block_dim.0), ((5, 1, 1), 512));
     let c = decode().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((49, 8, 3), 128));
     assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4, false));
@@ -365,14 +366,20 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!((c.grid_dim, c.block_dim.0), ((7, 1, 1), 1024));
     // An empty pass still launches one block (the kernels need a grid).
     assert_eq!(norm(0).config().grid_dim.0, 1);
-    let c = SiluMul {
-        gu: P,
-        act: P,
-        n: 8192,
-        inter: 14336,
-    }
-    .config();
-    assert_eq!((c.grid_dim.0, c.block_dim.0), (65535, 256));
+    let silu = |n, inter| {
+        SiluMul {
+            gu: P,
+            act: P,
+            n,
+            inter,
+        }
+        .config()
+        .grid_dim
+    };
+    // 14336 values a row, 8 a thread: 7 blocks of 256; rows along y (the kernel strides past 65535); other widths one value a thread.
+    assert_eq!(silu(8192, 14336), (7, 8192, 1));
+    assert_eq!(silu(70_000, 100), (1, 65535, 1));
+    assert_eq!(silu(1, 100), (1, 1, 1));
     let c = GemvSilu {
         x: P,
         w: P,

@@ -308,6 +308,7 @@ impl CudaBackend {
                     seq_lens,
                     part_o,
                     part_ml,
+                    out: attn,
                     hq,
                     hkv,
                     block_size,
@@ -317,18 +318,21 @@ impl CudaBackend {
                 };
                 unsafe { launch::launch(g, &attend, pdl) }?;
                 self.mark("decode_attn")?;
-                let combine = AttnCombine {
-                    seqs: s,
-                    part_o,
-                    part_ml,
-                    seq_lens,
-                    out: attn,
-                    hq,
-                    hd,
-                    max_splits: splits,
-                };
-                unsafe { launch::launch(g, &combine, pdl) }?;
-                self.mark("attn_combine")?;
+                // One split a sequence: decode_attn wrote `attn` itself.
+                if splits > 1 {
+                    let combine = AttnCombine {
+                        seqs: s,
+                        part_o,
+                        part_ml,
+                        seq_lens,
+                        out: attn,
+                        hq,
+                        hd,
+                        max_splits: splits,
+                    };
+                    unsafe { launch::launch(g, &combine, pdl) }?;
+                    self.mark("attn_combine")?;
+                }
             } else {
                 let attend = PrefillAttn {
                     chunks: s,

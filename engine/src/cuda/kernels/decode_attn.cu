@@ -105,14 +105,16 @@ __device__ __forceinline__ void decode_expand_warp_tile(bf16* ks, bf16* vs,
 // its own online softmax and double-buffered cp.async tiles in shared memory,
 // so nothing but the final merge of the warps' partial results waits for the
 // whole block. The merge writes the split's unnormalised output and (m, l),
-// like the rest of this file. G <= 8.
+// like the rest of this file, or, when the launch has one split per sequence
+// (max_splits == 1), the normalised output into `out` as attn_combine would
+// (bit for bit), and attn_combine is not launched. G <= 8.
 // FP8: `cache` holds e4m3 bytes and `scales` their scales (kv_fp8.cu); each tile
 // comes in as bytes (two raw stages) and is expanded into one bf16 tile right
 // before it is used, so the products below are the same.
 template <int HD, int G, bool FP8>
 __device__ void decode_attn(const bf16* q, const void* cache_v, const float* scales,
                             const int* tables, const int* table_stride, const int* seq_lens,
-                            float* part_o, float* part_ml, int hq, int hkv, int bs,
+                            float* part_o, float* part_ml, bf16* out, int hq, int hkv, int bs,
                             int max_splits, int window, float scale) {
     static_assert(G <= 8, "query heads per KV head are the rows 0..7 of the product");
     constexpr int WARPS = 4;  // blockDim.x == 128 (launch.rs)
@@ -296,6 +298,13 @@ __device__ void decode_attn(const bf16* q, const void* cache_v, const float* sca
             num += a * red_o[((size_t)w * G + g) * HD + d];
             den += a * red_ml[(w * G + g) * 2 + 1];
         }
+        if (max_splits == 1) {
+            // attn_combine of one split: weight exp(m - m) = 1 (0 with no key).
+            float w = mm == NEG_INF ? 0.f : 1.f;
+            float dn = w * den, nm = w != 0.f ? w * num : 0.f;
+            out[(head0 + g) * HD + d] = __float2bfloat16(dn > 0.f ? nm / dn : 0.f);
+            continue;
+        }
         part_o[((head0 + g) * max_splits + sp) * HD + d] = num;
         if (d == 0) {
             part_ml[((head0 + g) * max_splits + sp) * 2] = mm;
@@ -307,19 +316,19 @@ __device__ void decode_attn(const bf16* q, const void* cache_v, const float* sca
 #define DECODE_ATTN(HD, G)                                                                     \
     extern "C" __global__ void decode_attn_##HD##_##G(                                         \
         const bf16* q, const bf16* cache, const int* tables, const int* table_stride,          \
-        const int* seq_lens, float* part_o, float* part_ml, int hq, int hkv, int bs,            \
+        const int* seq_lens, float* part_o, float* part_ml, bf16* out, int hq, int hkv, int bs, \
         int max_splits, int window, float scale) {                                             \
         pdl_enter();                                                                           \
         decode_attn<HD, G, false>(q, cache, nullptr, tables, table_stride, seq_lens, part_o,    \
-                                  part_ml, hq, hkv, bs, max_splits, window, scale);            \
+                                  part_ml, out, hq, hkv, bs, max_splits, window, scale);       \
     }                                                                                          \
     extern "C" __global__ void decode_attn_fp8_##HD##_##G(                                     \
         const bf16* q, const unsigned char* cache, const float* scales, const int* tables,     \
-        const int* table_stride, const int* seq_lens, float* part_o, float* part_ml, int hq,   \
-        int hkv, int bs, int max_splits, int window, float scale) {                            \
+        const int* table_stride, const int* seq_lens, float* part_o, float* part_ml, bf16* out, \
+        int hq, int hkv, int bs, int max_splits, int window, float scale) {                    \
         pdl_enter();                                                                           \
         decode_attn<HD, G, true>(q, cache, scales, tables, table_stride, seq_lens, part_o,      \
-                                 part_ml, hq, hkv, bs, max_splits, window, scale);             \
+                                 part_ml, out, hq, hkv, bs, max_splits, window, scale);        \
     }
 DECODE_ATTN(32, 1)
 DECODE_ATTN(32, 2)

@@ -13,6 +13,7 @@ extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, in
 
 // For output row r, source row s = rows ? rows[r] : r:
 //   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
+// Four values a thread at a time (16-byte loads) when hidden is a multiple of 4.
 extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
                                        const bf16* w, bf16* out, int hidden, float eps) {
     pdl_enter();
@@ -20,7 +21,34 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
     size_t s = rows ? (size_t)rows[r] : r;
     float* xr = x + s * hidden;
     const float* dr = delta ? delta + s * hidden : nullptr;
+    bf16* orow = out + r * hidden;
     float ss = 0.f;
+    if (hidden % 4 == 0) {
+        for (int i = threadIdx.x * 4; i < hidden; i += blockDim.x * 4) {
+            float4 v = *reinterpret_cast<const float4*>(xr + i);
+            if (dr) {
+                float4 d = *reinterpret_cast<const float4*>(dr + i);
+                v.x += d.x;
+                v.y += d.y;
+                v.z += d.z;
+                v.w += d.w;
+                *reinterpret_cast<float4*>(xr + i) = v;
+            }
+            ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        ss = block_sum(ss);
+        float inv = rsqrtf(ss / (float)hidden + eps);
+        for (int i = threadIdx.x * 4; i < hidden; i += blockDim.x * 4) {
+            float4 v = *reinterpret_cast<const float4*>(xr + i);
+            __nv_bfloat162 w01 = *reinterpret_cast<const __nv_bfloat162*>(w + i);
+            __nv_bfloat162 w23 = *reinterpret_cast<const __nv_bfloat162*>(w + i + 2);
+            float2 a = __bfloat1622float2(w01), b = __bfloat1622float2(w23);
+            __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x * inv * a.x, v.y * inv * a.y),
+                                   __floats2bfloat162_rn(v.z * inv * b.x, v.w * inv * b.y)};
+            *reinterpret_cast<uint2*>(orow + i) = *reinterpret_cast<uint2*>(o);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = xr[i];
         if (dr) {
@@ -32,76 +60,123 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
     ss = block_sum(ss);
     float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[r * hidden + i] = __float2bfloat16(xr[i] * inv * bf(w[i]));
+        orow[i] = __float2bfloat16(xr[i] * inv * bf(w[i]));
 }
 
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
 // qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
 // position; slots[t] = block * bs + slot where its K/V go. With kv_out (an fp8
 // cache) K and V go there instead, as f32 rows [n, 2, hkv, hd], for kv_fp8_store.
-// grid (hq + hkv, n), block hd / 2: block (h, t) rotates head h of token t, a query
-// head, or a KV head whose K it rotates and whose V it copies into the cache.
+// grid n, block ROPE_THREADS: block t takes token t's heads; the hd / 2 angles
+// are computed once per token (not per head) into shared memory, and each
+// thread rotates two adjacent pairs at a time (bf16x2 loads and stores): hd is a
+// multiple of 4, at most 256.
 extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
                                    const int* slots, const float* inv_freq, bf16* q_out,
                                    bf16* cache, float* kv_out, int hq, int hkv, int hd, int bs) {
+    __shared__ float sn_s[128], cs_s[128];  // hd / 2 <= 128
     pdl_enter();
-    int h = blockIdx.x, j = threadIdx.x, half = hd / 2;
-    size_t t = blockIdx.y;
+    int half = hd / 2, tid = threadIdx.x;
+    size_t t = blockIdx.x;
     size_t width = (size_t)(hq + 2 * hkv) * hd;
     const bf16* row = qkv + t * width;
+    const bf16* brow = bias;
+    for (int j = tid; j < half; j += blockDim.x) {
+        float sn, cs;
+        sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
+        sn_s[j] = sn;
+        cs_s[j] = cs;
+    }
     int slot = slots[t];
-    size_t blk = slot / bs;
+    bf16* base = cache + (size_t)(slot / bs) * 2 * (size_t)hkv * bs * hd;
     int s = slot % bs;
-    bf16* base = cache + blk * 2 * (size_t)hkv * bs * hd;
-    int c1 = h * hd + j, c2 = c1 + half;
-    float x1 = bf(row[c1]), x2 = bf(row[c2]);
-    if (bias) {
-        x1 += bf(bias[c1]);
-        x2 += bf(bias[c2]);
-    }
-    float sn, cs;
-    sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
-    float a = x1 * cs - x2 * sn, b = x2 * cs + x1 * sn;
-    if (h < hq) {
-        q_out[t * hq * hd + c1] = __float2bfloat16(a);
-        q_out[t * hq * hd + c2] = __float2bfloat16(b);
-        return;
-    }
-    int kh = h - hq;
-    int cv = (hq + hkv + kh) * hd;
-    if (kv_out) {  // an fp8 cache: kv_fp8_store quantizes these
-        float* k = kv_out + (t * 2 * hkv + kh) * hd;
-        float* v = k + (size_t)hkv * hd;
-        k[j] = a;
-        k[j + half] = b;
-        for (int d = j; d < hd; d += half) {
-            float x = bf(row[cv + d]);
-            if (bias) x += bf(bias[cv + d]);
-            v[d] = x;
+    __syncthreads();
+    // Pairs (j, j + 1) of every rotated head: (hq + hkv) * half / 2 of them.
+    int quarter = half / 2;
+    int pairs = (hq + hkv) * quarter;
+    for (int p = tid; p < pairs; p += blockDim.x) {
+        int h = p / quarter, j = (p % quarter) * 2;
+        int c1 = h * hd + j, c2 = c1 + half;
+        float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + c1));
+        float2 x2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + c2));
+        if (brow) {
+            float2 b1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(brow + c1));
+            float2 b2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(brow + c2));
+            x1.x += b1.x;
+            x1.y += b1.y;
+            x2.x += b2.x;
+            x2.y += b2.y;
         }
-        return;
+        float c0 = cs_s[j], s0 = sn_s[j], c1f = cs_s[j + 1], s1 = sn_s[j + 1];
+        float2 a = make_float2(x1.x * c0 - x2.x * s0, x1.y * c1f - x2.y * s1);
+        float2 b = make_float2(x2.x * c0 + x1.x * s0, x2.y * c1f + x1.y * s1);
+        if (h < hq) {
+            bf16* q = q_out + t * hq * hd + h * hd;
+            *reinterpret_cast<__nv_bfloat162*>(q + j) = __floats2bfloat162_rn(a.x, a.y);
+            *reinterpret_cast<__nv_bfloat162*>(q + j + half) = __floats2bfloat162_rn(b.x, b.y);
+        } else if (kv_out) {  // an fp8 cache: kv_fp8_store quantizes these
+            float* k = kv_out + (t * 2 * hkv + (h - hq)) * hd;
+            *reinterpret_cast<float2*>(k + j) = a;
+            *reinterpret_cast<float2*>(k + j + half) = b;
+        } else {
+            bf16* k = base + ((size_t)(h - hq) * bs + s) * hd;
+            *reinterpret_cast<__nv_bfloat162*>(k + j) = __floats2bfloat162_rn(a.x, a.y);
+            *reinterpret_cast<__nv_bfloat162*>(k + j + half) = __floats2bfloat162_rn(b.x, b.y);
+        }
     }
-    bf16* k = base + ((size_t)kh * bs + s) * hd;
-    k[j] = __float2bfloat16(a);
-    k[j + half] = __float2bfloat16(b);
-    bf16* v = base + ((size_t)(hkv + kh) * bs + s) * hd;
-    for (int d = j; d < hd; d += half) {
-        float x = bf(row[cv + d]);
-        if (bias) x += bf(bias[cv + d]);
-        v[d] = __float2bfloat16(x);
+    // V: hkv * hd values, two at a time.
+    int vbase = (hq + hkv) * hd;
+    for (int p = tid; p < hkv * half; p += blockDim.x) {
+        int kh = p / half, d = (p % half) * 2;
+        int c = vbase + kh * hd + d;
+        float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + c));
+        if (brow) {
+            float2 bv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(brow + c));
+            x.x += bv.x;
+            x.y += bv.y;
+        }
+        if (kv_out) {
+            float* v = kv_out + (t * 2 * hkv + hkv + kh) * hd;
+            *reinterpret_cast<float2*>(v + d) = x;
+        } else {
+            bf16* v = base + ((size_t)(hkv + kh) * bs + s) * hd;
+            *reinterpret_cast<__nv_bfloat162*>(v + d) = __floats2bfloat162_rn(x.x, x.y);
+        }
     }
 }
 
-// act[r, i] = silu(gu[r, i]) * gu[r, inter + i].
+// act[r, i] = silu(gu[r, i]) * gu[r, inter + i]. grid (x, y): rows blockIdx.y,
+// + gridDim.y, ...; each thread takes 8 consecutive values (16-byte loads) when
+// inter is a multiple of 8, else one.
 extern "C" __global__ void silu_mul(const bf16* gu, bf16* act, int n, int inter) {
     pdl_enter();
-    size_t total = (size_t)n * inter;
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < total;
-         idx += (size_t)gridDim.x * blockDim.x) {
-        size_t r = idx / inter, i = idx % inter;
-        float g = bf(gu[r * 2 * inter + i]);
-        float u = bf(gu[r * 2 * inter + inter + i]);
-        act[idx] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+    int step = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
+    for (size_t r = blockIdx.y; r < (size_t)n; r += gridDim.y) {
+        const bf16* g = gu + r * 2 * inter;
+        const bf16* u = g + inter;
+        bf16* out = act + r * inter;
+        if (inter % 8 == 0) {
+            for (int i = first * 8; i < inter; i += step * 8) {
+                uint4 gv = *reinterpret_cast<const uint4*>(g + i);
+                uint4 uv = *reinterpret_cast<const uint4*>(u + i);
+                const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+                const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+                uint4 ov;
+                __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&ov);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float2 gf = __bfloat1622float2(g2[e]), uf = __bfloat1622float2(u2[e]);
+                    o2[e] = __floats2bfloat162_rn(gf.x / (1.f + __expf(-gf.x)) * uf.x,
+                                                  gf.y / (1.f + __expf(-gf.y)) * uf.y);
+                }
+                *reinterpret_cast<uint4*>(out + i) = ov;
+            }
+        } else {
+            for (int i = first; i < inter; i += step) {
+                float gf = bf(g[i]), uf = bf(u[i]);
+                out[i] = __float2bfloat16(gf / (1.f + __expf(-gf)) * uf);
+            }
+        }
     }
 }
 
