@@ -25,7 +25,7 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{CpuKvCache, KvDtype, KvLayout};
 use crate::llama::forward::Pass;
-use crate::llama::{ModelWeights, ShardSpec, WeightScope};
+use crate::llama::{Activations, ModelWeights, ShardSpec, WeightScope};
 use crate::rope;
 use crate::row_sampling::{HostStep, RowAsk, RowOut};
 use crate::sampling::TokenDraw;
@@ -98,6 +98,8 @@ pub struct CpuBackend {
     layout: KvLayout,
     /// The logits of a step started and not yet finished.
     step: HostStep,
+    /// The activations' precision (f32 unless a check asks for bf16).
+    act: Activations,
 }
 
 impl CpuBackend {
@@ -139,7 +141,15 @@ impl CpuBackend {
             caches,
             layout,
             step: HostStep::default(),
+            act: Activations::F32,
         })
+    }
+
+    /// The same backend with its activations rounded as `act` says: bf16 makes
+    /// it the CUDA backend's reference for what bf16 arithmetic itself loses.
+    pub fn with_activations(mut self, act: Activations) -> Self {
+        self.act = act;
+        self
     }
 
     /// The split over tensor-parallel ranks (one rank at TP = 1).
@@ -228,6 +238,7 @@ impl Backend for CpuBackend {
             caches: &self.caches,
             coll: &coll,
             with_hook: on_layer.is_some(),
+            act: self.act,
         };
         let ranks = &model.ranks;
         let results: Vec<Result<Option<Tensor>>> = std::thread::scope(|s| {

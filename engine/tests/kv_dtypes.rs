@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use tandem_engine::backend::BackendExt;
 use tandem_engine::cpu::{CpuBackend, CpuModel};
+use tandem_engine::llama::Activations;
 use tandem_engine::sampling::argmax;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::weights::Weights;
@@ -167,4 +168,59 @@ fn fp8_kv_tracks_f32_on_smollm2() {
     report("SmolLM2-135M", KvDtype::Bf16, &c);
     assert!(c.max_rel_logit_err < 0.02, "{}", c.max_rel_logit_err);
     assert!(c.same_argmax * 10 >= STEPS * 9, "{}", c.same_argmax);
+}
+
+/// ||a - b|| / ||b||.
+fn l2_rel(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let r: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / r).sqrt()
+}
+
+/// The CUDA backend's reference (`cuda::check`): activations rounded to bf16
+/// where the GPU keeps bf16. It must actually round (logits move, by what bf16's
+/// 8 significant bits allow: the CUDA check's models move by 4.8e-3 to 1.3e-2),
+/// and `Activations::F32` must leave the pass as it was, bit for bit.
+#[test]
+fn bf16_activations_move_the_logits_by_bf16_precision_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        max_position_embeddings: 1024,
+        seed: 5,
+        ..Default::default()
+    };
+    write_model_dir(dir.path(), &spec).unwrap();
+    let model = ModelDir::open(dir.path()).unwrap();
+    let w = model.weights().unwrap();
+    let table: Vec<BlockId> = (0..32).collect();
+    let prompt: Vec<u32> = (0..200u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) % 500)
+        .collect();
+    let logits = |act: Option<Activations>| {
+        let b = backend(&model, &w, KvDtype::Bf16);
+        let mut b = match act {
+            Some(a) => b.with_activations(a),
+            None => b,
+        };
+        b.prefill(&prompt, 0, &table).unwrap()
+    };
+    let plain = logits(None);
+    assert_eq!(logits(Some(Activations::F32)), plain);
+    let rounded = logits(Some(Activations::Bf16));
+    let err = l2_rel(&rounded, &plain);
+    println!("synthesized model: bf16 activations against f32: logits L2 rel err {err:.2e}");
+    assert!(err > 1e-4 && err < 3e-2, "{err}");
+    // Rounding is to nearest, ties to even, as __float2bfloat16 does.
+    let t = candle_core::Tensor::new(
+        &[1.0f32 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.0 / 3.0],
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let r: Vec<f32> = Activations::Bf16.round(t).unwrap().to_vec1().unwrap();
+    assert_eq!(r, [1.0, 1.0 + 1.0 / 64.0, -0.66796875]);
 }

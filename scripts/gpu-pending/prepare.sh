@@ -14,6 +14,8 @@
 #           kernels (kernels-main/), and the kernel variants of scripts/gpu-variants under var/
 #   .gpu12  call-t: this checkout's tandem-gpu-bench (TMA prefill attention) and
 #           scripts/hf_reference.py
+#   .gpu13  call-v: this checkout's tandem-gpu-bench and engine-tests (xz), their
+#           kernels, scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -99,7 +101,15 @@ for w in $WHICH; do
       strip -o .gpu12/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       cp scripts/hf_reference.py .gpu12/
       ;;
-    *) echo "unknown folder $w (8, 9, 10, 11 or 12)" >&2; exit 1 ;;
+    13)
+      rm -rf .gpu13 && mkdir -p .gpu13
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu13/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu13/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu13/tandem-gpu-bench .gpu13/engine-tests
+      cp -r engine/src/cuda/kernels .gpu13/ && cp scripts/hf_reference.py .gpu13/
+      ;;
+    *) echo "unknown folder $w (8 to 13)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

@@ -4,7 +4,10 @@
 //!
 //! It favours plain, obviously-correct code, as the reference the CUDA
 //! backend is checked against: linear layers over all the batch's tokens at
-//! once, then attention per sequence over K/V gathered from its blocks.
+//! once, then attention per sequence over K/V gathered from its blocks. With
+//! [`Activations::Bf16`] it rounds to bf16 where the CUDA backend stores bf16
+//! (engine/src/cuda/pass.rs), so a check can tell the kernels' own error from
+//! what any bf16 pipeline loses against f32.
 //!
 //! Every rank reaches every synchronisation point even when it has failed (it
 //! deposits its failure instead of a tensor), so one rank's error ends the
@@ -12,9 +15,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{D, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
-use super::{LayerWeights, ModelWeights};
+use super::{LayerWeights, Linear, ModelWeights};
 use crate::backend::{LayerHook, SeqChunk};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
@@ -37,15 +40,43 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[a, b], D::Minus1)?)
 }
 
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+/// The precision of the activations between the forward pass's steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 throughout (the CPU backend's own).
+    #[default]
+    F32,
+    /// Rounded to bf16 (nearest even) where the CUDA backend keeps bf16: the
+    /// norms' outputs, the q/k/v and gate/up products (before any bias), q
+    /// after RoPE, attention's probabilities (unnormalised, as flash attention
+    /// feeds them to its P·V product) and output, and the SiLU product. The
+    /// residual stream, the o/down products and the logits stay f32, as there.
+    Bf16,
+}
+
+impl Activations {
+    /// `t` as this precision keeps it (a copy of `t` rounded, or `t`).
+    pub fn round(self, t: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activations::F32 => t,
+            Activations::Bf16 => t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+/// Softmax over the last dimension, its numerator rounded as `act` says
+/// before it weights V (the denominator sums the unrounded terms).
+fn softmax_last_dim(x: &Tensor, act: Activations) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(act.round(e)?.broadcast_div(&sum)?)
 }
 
 /// Attention of one chunk's queries `q [n, num_heads, hd]` over its whole
 /// sequence so far, whose K/V (all of `cache`'s heads) are in `cache`; the
 /// query heads are grouped evenly over the cache's KV heads. Returns `[n, num_heads * hd]`.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     cache: &CpuKvCache,
     layer: usize,
@@ -54,6 +85,7 @@ pub fn attend(
     num_heads: usize,
     hd: usize,
     sliding_window: Option<usize>,
+    act: Activations,
 ) -> Result<Tensor> {
     let (n, kvh) = (chunk.tokens.len(), cache.layout().num_kv_heads);
     let group = num_heads / kvh;
@@ -81,9 +113,9 @@ pub fn attend(
     let scores = scores
         .reshape((kvh, group, n, total))?
         .broadcast_add(&mask)?;
-    let probs = softmax_last_dim(&scores)?.reshape((kvh, group * n, total))?;
+    let probs = softmax_last_dim(&scores, act)?.reshape((kvh, group * n, total))?;
     let out = probs.matmul(&v)?.reshape((num_heads, n, hd))?;
-    Ok(out.transpose(0, 1)?.reshape((n, num_heads * hd))?)
+    act.round(out.transpose(0, 1)?.reshape((n, num_heads * hd))?)
 }
 
 /// What every rank of one forward pass reads.
@@ -100,6 +132,7 @@ pub(crate) struct Pass<'a> {
     pub caches: &'a [Mutex<CpuKvCache>],
     pub coll: &'a Collective,
     pub with_hook: bool,
+    pub act: Activations,
 }
 
 impl Pass<'_> {
@@ -150,7 +183,9 @@ impl Pass<'_> {
         }
         let logits = (|| -> Result<Tensor> {
             let last = x.index_select(&Tensor::new(self.logit_rows, cpu)?, 0)?;
-            let h = rms_norm(&last, &weights.norm, c.rms_norm_eps)?;
+            let h = self
+                .act
+                .round(rms_norm(&last, &weights.norm, c.rms_norm_eps)?)?;
             Ok(h.matmul(&weights.lm_head.t()?)?)
         })();
         let parts = coll.exchange(r, logits)?;
@@ -166,15 +201,23 @@ impl Pass<'_> {
         x: Tensor,
         hook: &mut Option<LayerHook<'_>>,
     ) -> Result<Tensor> {
-        let (c, coll) = (self.config, self.coll);
+        let (c, coll, act) = (self.config, self.coll, self.act);
         let (n, hd) = (self.ids.len(), c.head_dim);
         let (qh, kvh) = (self.plan.q_heads(r).len(), self.plan.kv_heads(r).len());
+        // A projection's product, rounded, then its bias.
+        let project = |l: &Linear, h: &Tensor| -> Result<Tensor> {
+            let y = act.round(l.product(h)?)?;
+            Ok(match &l.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        };
         let qkv = (|| -> Result<Tensor> {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&h)?.reshape((n, qh, hd))?;
-            let k = layer.k.forward(&h)?.reshape((n, kvh, hd))?;
-            let v = layer.v.forward(&h)?.reshape((n, kvh, hd))?;
-            let q = apply_rope(&q, self.cos, self.sin)?;
+            let h = act.round(rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?)?;
+            let q = project(&layer.q, &h)?.reshape((n, qh, hd))?;
+            let k = project(&layer.k, &h)?.reshape((n, kvh, hd))?;
+            let v = project(&layer.v, &h)?.reshape((n, kvh, hd))?;
+            let q = act.round(apply_rope(&q, self.cos, self.sin)?)?;
             let k = apply_rope(&k, self.cos, self.sin)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
@@ -223,7 +266,16 @@ impl Pass<'_> {
             let mut offset = 0;
             for ch in self.chunks {
                 let q_chunk = q.narrow(0, offset, ch.tokens.len())?;
-                outs.push(attend(&cache, li, &q_chunk, ch, qh, hd, c.sliding_window)?);
+                outs.push(attend(
+                    &cache,
+                    li,
+                    &q_chunk,
+                    ch,
+                    qh,
+                    hd,
+                    c.sliding_window,
+                    act,
+                )?);
                 offset += ch.tokens.len();
             }
             layer.o.product(&Tensor::cat(&outs, 0)?)
@@ -235,9 +287,9 @@ impl Pass<'_> {
         }
         let x = (x + o)?;
         let mlp = (|| -> Result<Tensor> {
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let act = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-            layer.down.product(&act)
+            let h = act.round(rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?)?;
+            let gated = (project(&layer.gate, &h)?.silu()? * project(&layer.up, &h)?)?;
+            layer.down.product(&act.round(gated)?)
         })();
         Ok((x + coll.all_reduce(r, mlp)?)?)
     }

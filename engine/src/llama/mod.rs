@@ -20,6 +20,7 @@ pub mod weights;
 
 use candle_core::Tensor;
 
+pub use forward::Activations;
 pub use scope::{Shard, WeightScope};
 pub use weights::{LayerWeights, Linear, ModelWeights};
 
