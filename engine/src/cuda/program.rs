@@ -48,18 +48,24 @@ pub(crate) const KERNEL_DEFINES: [(&str, usize); 5] = [
 /// instead of the copy compiled into the binary: a kernel can then be changed
 /// and measured on a GPU machine that has no Rust toolchain, as long as its
 /// launch (arguments, grid, shared memory) stays the same. A file missing there
-/// falls back to the compiled-in copy; one that cannot be read is an error.
+/// falls back to the compiled-in copy; one that cannot be read, or that declares
+/// a kernel of the binary with other parameters ([`same_kernel_parameters`]),
+/// is an error.
 pub(crate) fn source() -> Result<String, CudaError> {
     let dir = std::env::var_os("TANDEM_CUDA_KERNELS").map(std::path::PathBuf::from);
     let mut s = String::new();
     for (name, builtin) in KERNEL_SOURCES {
         let from_dir = match &dir {
-            Some(d) if d.join(name).exists() => Some(
-                std::fs::read_to_string(d.join(name)).map_err(|e| CudaError::Compile {
+            Some(d) if d.join(name).exists() => {
+                let path = d.join(name);
+                let failed = |message: String| CudaError::Compile {
                     include: include_dir(),
-                    message: format!("TANDEM_CUDA_KERNELS: {}: {e}", d.join(name).display()),
-                })?,
-            ),
+                    message: format!("TANDEM_CUDA_KERNELS: {}: {message}", path.display()),
+                };
+                let text = std::fs::read_to_string(&path).map_err(|e| failed(e.to_string()))?;
+                same_kernel_parameters(builtin, &text).map_err(failed)?;
+                Some(text)
+            }
             _ => None,
         };
         let text = from_dir.as_deref().unwrap_or(builtin);
@@ -70,6 +76,63 @@ pub(crate) fn source() -> Result<String, CudaError> {
         }
     }
     Ok(s)
+}
+
+/// Each `extern "C" __global__` kernel's name (as written, macro-made kernels
+/// by their pasted name) and parameter list, whitespace and macro line
+/// continuations folded.
+fn kernel_parameters(src: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (at, _) in src.match_indices("extern \"C\" __global__") {
+        let rest = &src[at..];
+        // Kernels return void; the name runs from it to the parameter list.
+        let Some(open) = rest.find("void ").and_then(|v| {
+            let from = v + "void ".len();
+            rest[from..].find('(').map(|p| (from, from + p))
+        }) else {
+            continue;
+        };
+        let (from, open) = open;
+        let Some(close) = rest[open..].find(')') else {
+            continue;
+        };
+        let fold = |t: &str| {
+            t.replace('\\', " ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        out.push((fold(&rest[from..open]), fold(&rest[open + 1..open + close])));
+    }
+    out
+}
+
+/// Whether `replacement` (a kernel file from `TANDEM_CUDA_KERNELS`) declares
+/// every kernel of `builtin` (the binary's copy of that file) with the same
+/// parameters: the binary launches them with its own argument lists, and a
+/// kernel given other arguments fails to launch or reads garbage (a binary
+/// given another revision's kernels died so on a GPU machine). Kernels only the
+/// replacement declares are fine (a variant may add some).
+pub(crate) fn same_kernel_parameters(builtin: &str, replacement: &str) -> Result<(), String> {
+    let theirs = kernel_parameters(replacement);
+    for (name, ours) in kernel_parameters(builtin) {
+        match theirs.iter().find(|(n, _)| *n == name) {
+            Some((_, p)) if *p == ours => {}
+            Some((_, p)) => {
+                return Err(format!(
+                    "kernel `{name}` takes ({p}) there, but this binary launches it with ({ours}): \
+                     these kernels come from another revision; use the binary built with them"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "kernel `{name}` of this binary is not declared there: these kernels come \
+                     from another revision; use the binary built with them"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// NVRTC options besides the architecture and include path: the language
@@ -166,7 +229,63 @@ fn target_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{KERNEL_DEFINES, options, source};
+    use super::{
+        KERNEL_DEFINES, KERNEL_SOURCES, kernel_parameters, options, same_kernel_parameters, source,
+    };
+
+    fn builtin(file: &str) -> &'static str {
+        KERNEL_SOURCES
+            .iter()
+            .find(|(n, _)| *n == file)
+            .map(|(_, s)| *s)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn kernels_from_another_revision_with_other_parameters_are_refused() {
+        // Every kernel the host launches is found, macro-made ones by their pasted name.
+        let all: Vec<String> = KERNEL_SOURCES
+            .iter()
+            .flat_map(|(_, src)| kernel_parameters(src))
+            .map(|(name, _)| name)
+            .collect();
+        for k in [
+            "prefill_attn_##HD",
+            "decode_attn_##HD##_##G",
+            "rope_kv",
+            "sample_rows",
+            "gemv",
+        ] {
+            assert!(all.iter().any(|n| n == k), "{k} not in {all:?}");
+        }
+        for (file, src) in KERNEL_SOURCES {
+            assert_eq!(same_kernel_parameters(src, src), Ok(()), "{file}");
+        }
+        // The prefill attention of a revision before TMA (no tensor-map parameter):
+        // launched with this binary's arguments it failed, then the process died.
+        let prefill = builtin("prefill_attn.cu");
+        let before_tma = prefill.replacen(
+            "const bf16* cache, const CUtensorMap* tmap,",
+            "const bf16* cache,",
+            1,
+        );
+        assert_ne!(before_tma, prefill);
+        let e = same_kernel_parameters(prefill, &before_tma).unwrap_err();
+        assert!(e.contains("kernel `prefill_attn_##HD` takes (const bf16* q, const bf16* cache, const int* tables"), "{e}");
+        assert!(e.contains("another revision"), "{e}");
+        // A kernel renamed away, and a body changed with the same parameters.
+        let renamed = builtin("elementwise.cu").replace("void rope_kv(", "void rope_kv_v2(");
+        let e = same_kernel_parameters(builtin("elementwise.cu"), &renamed).unwrap_err();
+        assert!(
+            e.contains("kernel `rope_kv` of this binary is not declared there"),
+            "{e}"
+        );
+        let tweaked = builtin("elementwise.cu").replacen("{", "{ /* a variant */", 3);
+        assert_eq!(
+            same_kernel_parameters(builtin("elementwise.cu"), &tweaked),
+            Ok(())
+        );
+    }
 
     #[test]
     fn the_shared_constants_are_defined_only_by_the_host() {
