@@ -113,8 +113,8 @@ fn report(name: &str, dtype: KvDtype, c: &Compared) {
     );
 }
 
-#[test]
-fn fp8_kv_tracks_f32_on_the_synthesized_model() {
+/// The small synthesized model these tests run (its directory lives as long as the guard).
+fn synthesized() -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
     let spec = SynthSpec {
         hidden_size: 64,
@@ -128,6 +128,12 @@ fn fp8_kv_tracks_f32_on_the_synthesized_model() {
     };
     write_model_dir(dir.path(), &spec).unwrap();
     let model = ModelDir::open(dir.path()).unwrap();
+    (dir, model)
+}
+
+#[test]
+fn fp8_kv_tracks_f32_on_the_synthesized_model() {
+    let (_dir, model) = synthesized();
     let w = model.weights().unwrap();
     let prompt: Vec<u32> = (0..70u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 7) % 500)
@@ -179,23 +185,11 @@ fn l2_rel(a: &[f32], b: &[f32]) -> f64 {
 
 /// The CUDA backend's reference (`cuda::check`): activations rounded to bf16
 /// where the GPU keeps bf16. It must actually round (logits move, by what bf16's
-/// 8 significant bits allow: the CUDA check's models move by 4.8e-3 to 1.3e-2),
+/// 8 significant bits allow: the CUDA check's models move by 4.9e-3 to 1.18e-2),
 /// and `Activations::F32` must leave the pass as it was, bit for bit.
 #[test]
 fn bf16_activations_move_the_logits_by_bf16_precision_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = SynthSpec {
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_layers: 3,
-        num_heads: 4,
-        num_kv_heads: 2,
-        max_position_embeddings: 1024,
-        seed: 5,
-        ..Default::default()
-    };
-    write_model_dir(dir.path(), &spec).unwrap();
-    let model = ModelDir::open(dir.path()).unwrap();
+    let (_dir, model) = synthesized();
     let w = model.weights().unwrap();
     let table: Vec<BlockId> = (0..32).collect();
     let prompt: Vec<u32> = (0..200u32)
