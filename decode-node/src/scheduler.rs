@@ -768,6 +768,8 @@ impl<B: Backend> Scheduler<B> {
                 ids: vec![event.token],
                 text: event.text,
                 logprobs: event.logprobs.iter().map(logprobs_to_pb).collect(),
+                // The router sets it, on the first chunk it relays.
+                prompt_tokens: 0,
             })),
         };
         // The stream holds max_tokens + a few messages, so a full stream means a caller

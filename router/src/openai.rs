@@ -44,7 +44,7 @@ mod error;
 use error::{ApiError, error_body};
 
 mod chunks;
-use chunks::{add_usage, logprobs_json, sse_events, usage_json};
+use chunks::{StreamUsage, add_usage, logprobs_json, running_usage_json, sse_events, usage_json};
 
 mod choices;
 use choices::{Choices, Samples};
@@ -172,7 +172,9 @@ struct Sampling {
     #[serde(default)]
     stop_token_ids: Vec<u32>,
     /// `{"include_usage": true}` adds a last chunk with the usage (OpenAI's
-    /// streaming option), which load generators count tokens with.
+    /// streaming option), which load generators count tokens with; vLLM's
+    /// `"continuous_usage_stats": true` beside it gives every chunk its
+    /// choice's usage so far.
     stream_options: Option<StreamOptions>,
     /// Completions: how many top log probabilities per token; chat: whether to
     /// report log probabilities (how many top ones: `top_logprobs`).
@@ -194,6 +196,20 @@ struct Sampling {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    #[serde(default)]
+    continuous_usage_stats: bool,
+}
+
+impl StreamOptions {
+    /// The usage a streamed answer reports: continuous only with
+    /// `include_usage`, as vLLM has it.
+    fn usage(options: Option<StreamOptions>) -> StreamUsage {
+        match options {
+            Some(o) if o.include_usage && o.continuous_usage_stats => StreamUsage::Continuous,
+            Some(o) if o.include_usage => StreamUsage::Final,
+            _ => StreamUsage::Off,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -449,7 +465,7 @@ async fn completions(
         .into_iter()
         .map(|p| to_request(p, &req.sampling, Kind::Completion, vocab))
         .collect::<Result<Vec<_>, _>>()?;
-    let usage = req.sampling.stream_options.is_some_and(|o| o.include_usage);
+    let usage = StreamOptions::usage(req.sampling.stream_options);
     let samples = Samples::check(
         req.sampling.n,
         req.best_of,
@@ -458,7 +474,7 @@ async fn completions(
     )?;
     let out = Output {
         stream: req.sampling.stream,
-        include_usage: usage,
+        usage,
         echo,
         samples,
         tools: None,
@@ -521,7 +537,7 @@ async fn chat_completions(
     }
     let out = Output {
         stream: req.sampling.stream,
-        include_usage: req.sampling.stream_options.is_some_and(|o| o.include_usage),
+        usage: StreamOptions::usage(req.sampling.stream_options),
         echo: Vec::new(),
         samples,
         tools,
@@ -572,4 +588,24 @@ fn authorization(st: &AppState, headers: &HeaderMap) -> Result<Option<HeaderValu
         .authenticate(&md)
         .map_err(|e| ApiError::from(Status::from(e)))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{StreamOptions, StreamUsage};
+
+    #[test]
+    fn continuous_usage_needs_include_usage_as_in_vllm() {
+        let o = |include_usage, continuous_usage_stats| {
+            StreamOptions::usage(Some(StreamOptions {
+                include_usage,
+                continuous_usage_stats,
+            }))
+        };
+        assert_eq!(StreamOptions::usage(None), StreamUsage::Off);
+        assert_eq!(o(false, false), StreamUsage::Off);
+        assert_eq!(o(false, true), StreamUsage::Off);
+        assert_eq!(o(true, false), StreamUsage::Final);
+        assert_eq!(o(true, true), StreamUsage::Continuous);
+    }
 }

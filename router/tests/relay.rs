@@ -169,6 +169,7 @@ impl DecodeNode for FakeDecode {
                     ids: vec![10 + i],
                     text: format!("t{i}"),
                     logprobs: Vec::new(),
+                    prompt_tokens: 0,
                 };
                 if tx.send(event(E::Token(chunk))).await.is_err() {
                     return;

@@ -125,6 +125,52 @@ async fn the_openai_client_library_works_against_the_router() {
         );
         assert_eq!(b["completion_tokens"], 16, "{case}: {b}");
     }
+    // Continuous usage (vLLM's `continuous_usage_stats`): each choice's chunks
+    // count its prompt and its tokens so far, one more a token; the finishing
+    // chunk repeats the count; the last chunk is the whole batch's usage.
+    // Without continuous_usage_stats only the last chunk has a usage.
+    assert_eq!(
+        seen["batch_stream"]["choice_chunks_with_usage"], 0,
+        "{}",
+        seen["batch_stream"]
+    );
+    let cu = &seen["continuous_usage"];
+    for (index, prompt_len) in [
+        (0, prompt.len()),
+        (1, prompt.len()),
+        (2, second.len()),
+        (3, second.len()),
+    ] {
+        let p = prompt_len as u32;
+        let want: Vec<[u32; 3]> = [1, 2, 3, 4, 4].map(|c| [p, c, p + c]).to_vec();
+        assert_eq!(
+            cu["running"][index.to_string()],
+            serde_json::json!(want),
+            "choice {index}: {cu}"
+        );
+    }
+    assert_eq!(
+        cu["last"],
+        serde_json::json!([prompt.len() + second.len(), 16]),
+        "{cu}"
+    );
+    let chat = cu["chat"].as_array().cloned().unwrap_or_default();
+    let chat_prompt = chat.first().map(|u| u[0].clone()).unwrap_or_default();
+    let counts: Vec<_> = chat.iter().map(|u| u[1].clone()).collect();
+    assert_eq!(
+        counts,
+        serde_json::json!([1, 2, 3, 3])
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+        "{cu}"
+    );
+    assert!(chat_prompt.as_u64().is_some_and(|p| p > 0), "{cu}");
+    assert!(
+        chat.iter().all(|u| u[0] == chat_prompt
+            && u[2] == u[0].as_u64().unwrap_or(0) + u[1].as_u64().unwrap_or(0)),
+        "{cu}"
+    );
     // Chat: the template is applied, the answer is the assistant's, streamed or not.
     let messages = [
         tandem_engine::ChatMessage {

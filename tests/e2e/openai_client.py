@@ -71,14 +71,37 @@ b = client.completions.create(**batch_args)
 out["batch"] = {"texts": [c.text for c in sorted(b.choices, key=lambda c: c.index)],
                 "indices": sorted(c.index for c in b.choices),
                 "prompt_tokens": b.usage.prompt_tokens, "completion_tokens": b.usage.completion_tokens}
-texts, usage = {}, None
+texts, usage, with_usage = {}, None, 0
 for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **batch_args):
     for c in chunk.choices:
         texts[c.index] = texts.get(c.index, "") + c.text
+    with_usage += bool(chunk.choices and chunk.usage)
     if chunk.usage:
         usage = chunk.usage
 out["batch_stream"] = {"texts": [texts[i] for i in sorted(texts)], "indices": sorted(texts),
-                       "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+                       "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                       "choice_chunks_with_usage": with_usage}
+
+# vLLM's continuous usage: every chunk with choices carries its choice's usage so
+# far (the prompt's tokens, the choice's completion tokens); the last chunk the total.
+running, last = {}, None
+for chunk in client.completions.create(stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}, **batch_args):
+    for c in chunk.choices:
+        u = chunk.usage
+        running.setdefault(str(c.index), []).append(
+            None if u is None else [u.prompt_tokens, u.completion_tokens, u.total_tokens])
+    if not chunk.choices:
+        last = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+chat_running = []
+for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}):
+    if chunk.choices:
+        u = chunk.usage
+        chat_running.append(None if u is None else [u.prompt_tokens, u.completion_tokens, u.total_tokens])
+out["continuous_usage"] = {"running": running, "last": last, "chat": chat_running}
 
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.

@@ -97,6 +97,22 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
         assert_eq!(a["calls"][0]["valid"], true, "logprobs: {a}");
         let b = &seen["logprobs_stream"];
         assert_eq!(b["valid"], true, "logprobs_stream: {b}");
+        // Continuous usage: every chunk counts the tokens so far, never
+        // fewer than the chunk before, ending at the answer's count.
+        let running: Vec<u64> = b["running"]
+            .as_array()
+            .map(|r| r.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
+            .unwrap_or_default();
+        assert!(!running.is_empty(), "logprobs_stream: {b}");
+        assert!(
+            running.windows(2).all(|w| w[0] <= w[1]) && running[0] > 0,
+            "logprobs_stream: {b}"
+        );
+        assert_eq!(
+            running.last(),
+            b["tokens"].as_u64().as_ref(),
+            "logprobs_stream: {b}"
+        );
         for (case, x) in [("logprobs", a), ("logprobs_stream", b)] {
             assert!(x["tokens"].as_u64().unwrap_or(0) > 0, "{case}: {x}");
             assert_eq!(x["entries"], x["tokens"], "{case}: {x}");

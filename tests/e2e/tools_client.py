@@ -129,17 +129,20 @@ def with_logprobs(stream):
         a["entries"] = len(r.choices[0].logprobs.content)
         a["tokens"] = r.usage.completion_tokens
         return a
-    entries, tokens, args = 0, None, ""
-    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+    # With vLLM's continuous usage: every chunk with a choice counts the tokens so far.
+    entries, tokens, args, running = 0, None, "", []
+    for chunk in client.chat.completions.create(stream=True, stream_options={
+            "include_usage": True, "continuous_usage_stats": True}, **kw):
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
         if not chunk.choices:
             continue
+        running.append(chunk.usage.completion_tokens if chunk.usage else None)
         c = chunk.choices[0]
         entries += len(c.logprobs.content) if c.logprobs and c.logprobs.content else 0
         for t in c.delta.tool_calls or []:
             args += (t.function.arguments or "") if t.function else ""
-    return {"entries": entries, "tokens": tokens, "valid": check_call("get_weather", args)}
+    return {"entries": entries, "tokens": tokens, "valid": check_call("get_weather", args), "running": running}
 
 
 timed("logprobs", lambda: with_logprobs(False))

@@ -218,10 +218,13 @@ impl Request<'_> {
     /// prompt's KV is in place at the decode node.
     async fn relay_token(
         &self,
-        chunk: pb::TokenChunk,
+        mut chunk: pb::TokenChunk,
         progress: &mut Progress,
         kv_here: bool,
     ) -> Result<(), RouterError> {
+        if progress.sent.is_empty() {
+            chunk.prompt_tokens = self.req.prompt.len() as u32;
+        }
         let now = Instant::now();
         progress.first_token_at.get_or_insert(now);
         progress.clock.on_token(now);

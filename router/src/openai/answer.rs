@@ -7,7 +7,8 @@ use super::*;
 /// chunk or not, and the text each prompt's completions start with (`echo`).
 pub(super) struct Output {
     pub(super) stream: bool,
-    pub(super) include_usage: bool,
+    /// The usage a streamed answer reports.
+    pub(super) usage: StreamUsage,
     /// Each prompt's text (completions' `echo`): first in `text`, or in the
     /// first streamed chunk; empty for none.
     pub(super) echo: Vec<String>,
@@ -32,7 +33,7 @@ pub(super) async fn run(
 ) -> Result<Response, ApiError> {
     let Output {
         stream,
-        include_usage,
+        usage,
         echo,
         samples,
         tools,
@@ -111,7 +112,7 @@ pub(super) async fn run(
             let events = tool_sse_events(
                 responses,
                 plan,
-                (include_usage, logprobs_model),
+                (usage, logprobs_model),
                 (id, created, model),
             );
             return Ok(Sse::new(events)
@@ -125,7 +126,7 @@ pub(super) async fn run(
         let events = sse_events(
             responses,
             kind,
-            (include_usage, echo, per_prompt),
+            (usage, echo, per_prompt),
             tokenizer,
             id,
             created,

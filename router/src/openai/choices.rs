@@ -168,6 +168,7 @@ mod tests {
                 logprob,
                 top: Vec::new(),
             }],
+            prompt_tokens: 0,
         })
     }
 

@@ -15,6 +15,29 @@ pub(super) fn usage_json(u: &pb::Usage) -> serde_json::Value {
     })
 }
 
+/// The usage a streamed answer reports (`stream_options`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum StreamUsage {
+    /// None.
+    #[default]
+    Off,
+    /// A last chunk with the whole answer's usage (`include_usage`).
+    Final,
+    /// That, and on every chunk its choice's usage so far: the prompt's
+    /// tokens and the choice's completion tokens (vLLM's
+    /// `continuous_usage_stats`).
+    Continuous,
+}
+
+/// A choice's usage so far, as vLLM's continuous usage reports it.
+pub(super) fn running_usage_json(prompt_tokens: u32, completion_tokens: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
 /// Adds `u`'s tokens (prompt, completion, cached) to `total`: the usage of
 /// a batch of prompts is the sum of theirs.
 pub(super) fn add_usage(total: &mut pb::Usage, u: &pb::Usage) {
@@ -29,10 +52,12 @@ pub(super) fn add_usage(total: &mut pb::Usage, u: &pb::Usage) {
 /// with its prompt's. With several choices their chunks come interleaved,
 /// each carrying its choice's `index` (and its own `finish_reason`); the
 /// usage chunk counts each prompt once and every choice's completion tokens.
+/// With [`StreamUsage::Continuous`] every chunk also carries its choice's
+/// usage so far.
 pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
-    (include_usage, echo, per_prompt): (bool, Vec<String>, u32),
+    (stream_usage, echo, per_prompt): (StreamUsage, Vec<String>, u32),
     logprobs_model: Option<Arc<ModelDir>>,
     id: String,
     created: u64,
@@ -80,6 +105,10 @@ pub(super) fn sse_events(
         let mut started: HashMap<u32, usize> = HashMap::new();
         // Per prompt: its usage, the prompt once and its choices' tokens.
         let mut usage: BTreeMap<u32, pb::Usage> = BTreeMap::new();
+        // Continuous usage: each prompt's tokens (from its first chunk) and
+        // each choice's completion tokens so far.
+        let mut prompt_tokens: HashMap<u32, u32> = HashMap::new();
+        let mut completion: HashMap<u32, u32> = HashMap::new();
         let mut failed = false;
         while let Some(msg) = responses.next().await {
             let (index, event) = match msg {
@@ -103,8 +132,12 @@ pub(super) fn sse_events(
             } else {
                 None
             };
-            let data = match event {
+            let mut data = match event {
                 Some(pb::generate_response::Event::Token(t)) => {
+                    if t.prompt_tokens > 0 {
+                        prompt_tokens.insert(prompt, t.prompt_tokens);
+                    }
+                    *completion.entry(index).or_insert(0) += t.ids.len() as u32;
                     let logprobs = match &logprobs_model {
                         Some(m) => {
                             let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, *offset);
@@ -121,6 +154,8 @@ pub(super) fn sse_events(
                 }
                 Some(pb::generate_response::Event::Finished(f)) => {
                     let u = f.usage.unwrap_or_default();
+                    prompt_tokens.insert(prompt, u.prompt_tokens);
+                    completion.insert(index, u.completion_tokens);
                     match usage.get_mut(&prompt) {
                         None => {
                             usage.insert(prompt, u);
@@ -146,6 +181,12 @@ pub(super) fn sse_events(
                 }
                 None => continue,
             };
+            if stream_usage == StreamUsage::Continuous {
+                data["usage"] = running_usage_json(
+                    prompt_tokens.get(&prompt).copied().unwrap_or(0),
+                    completion.get(&index).copied().unwrap_or(0),
+                );
+            }
             if tx
                 .send(Event::default().data(data.to_string()))
                 .await
@@ -154,7 +195,7 @@ pub(super) fn sse_events(
                 return; // The client went away; dropping `responses` cancels the request.
             }
         }
-        if include_usage && !failed && !usage.is_empty() {
+        if stream_usage != StreamUsage::Off && !failed && !usage.is_empty() {
             let mut total = pb::Usage::default();
             usage.values().for_each(|u| add_usage(&mut total, u));
             let _ = tx

@@ -70,7 +70,7 @@ fn delta_json(d: ToolDelta) -> Value {
 pub(super) fn tool_sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     plan: ToolPlan,
-    (include_usage, logprobs_model): (bool, Option<Arc<ModelDir>>),
+    (stream_usage, logprobs_model): (StreamUsage, Option<Arc<ModelDir>>),
     (id, created, model): (String, u64, String),
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (usage_id, usage_model) = (id.clone(), model.clone());
@@ -99,9 +99,15 @@ pub(super) fn tool_sse_events(
         let mut reader = ToolStream::new(plan);
         let mut first = true;
         let mut usage = None;
+        // Continuous usage: the prompt's tokens and the completion's so far.
+        let (mut prompt_tokens, mut completion) = (0u32, 0u32);
         while let Some(msg) = responses.next().await {
-            let data: Vec<Value> = match msg.map(|m| m.event) {
+            let mut data: Vec<Value> = match msg.map(|m| m.event) {
                 Ok(Some(pb::generate_response::Event::Token(t))) => {
+                    if t.prompt_tokens > 0 {
+                        prompt_tokens = t.prompt_tokens;
+                    }
+                    completion += t.ids.len() as u32;
                     pending.extend(t.logprobs);
                     reader
                         .push(&t.text)
@@ -117,6 +123,9 @@ pub(super) fn tool_sse_events(
                         .collect()
                 }
                 Ok(Some(pb::generate_response::Event::Finished(f))) => {
+                    if let Some(u) = &f.usage {
+                        (prompt_tokens, completion) = (u.prompt_tokens, u.completion_tokens);
+                    }
                     usage = f.usage;
                     let mut out: Vec<Value> = reader
                         .finish()
@@ -145,13 +154,20 @@ pub(super) fn tool_sse_events(
                     vec![error_body(e.status, &e.message, e.param.as_deref())]
                 }
             };
+            if stream_usage == StreamUsage::Continuous {
+                for d in data.iter_mut().filter(|d| d.get("choices").is_some()) {
+                    d["usage"] = running_usage_json(prompt_tokens, completion);
+                }
+            }
             for d in data {
                 if tx.send(Event::default().data(d.to_string())).await.is_err() {
                     return; // The client went away; dropping `responses` cancels the request.
                 }
             }
         }
-        if include_usage && let Some(u) = usage {
+        if stream_usage != StreamUsage::Off
+            && let Some(u) = usage
+        {
             let usage = json!({ "id": usage_id, "object": "chat.completion.chunk", "created": created,
                                 "model": usage_model, "choices": [], "usage": usage_json(&u) });
             let _ = tx.send(Event::default().data(usage.to_string())).await;

@@ -106,6 +106,7 @@ impl DecodeNode for FakeDecode {
                     ids: vec![first + i],
                     text: "x".into(),
                     logprobs: Vec::new(),
+                    prompt_tokens: 0,
                 };
                 let _ = tx.try_send(event(E::Token(chunk)));
             }
