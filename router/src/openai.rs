@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_engine::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir, Tokenizer};
+use tandem_engine::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,7 +44,9 @@ mod error;
 use error::{ApiError, error_body};
 
 mod chunks;
-use chunks::{StreamUsage, add_usage, logprobs_json, running_usage_json, sse_events, usage_json};
+use chunks::{
+    LogprobsOut, StreamUsage, add_usage, logprobs_json, running_usage_json, sse_events, usage_json,
+};
 
 mod choices;
 use choices::{Choices, Samples};
@@ -186,6 +188,9 @@ struct Sampling {
     /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
     #[serde(default)]
     min_tokens: u32,
+    /// vLLM's: log probabilities name each token `token_id:N` instead of its text.
+    #[serde(default)]
+    return_tokens_as_token_ids: bool,
     /// `response_format` and vLLM's guided-decoding fields.
     #[serde(flatten)]
     structured: openai_structured::StructuredFields,
@@ -478,6 +483,7 @@ async fn completions(
         echo,
         samples,
         tools: None,
+        tokens_as_ids: req.sampling.return_tokens_as_token_ids,
     };
     run(st, auth, &headers, requests, out, Kind::Completion).await
 }
@@ -541,6 +547,7 @@ async fn chat_completions(
         echo: Vec::new(),
         samples,
         tools,
+        tokens_as_ids: req.sampling.return_tokens_as_token_ids,
     };
     run(st, auth, &headers, vec![request], out, Kind::Chat).await
 }

@@ -131,11 +131,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         On::Both,
         Rule::NeutralOnly(is_false_or_zero),
     ),
-    (
-        "return_tokens_as_token_ids",
-        On::Both,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
+    ("return_tokens_as_token_ids", On::Both, Rule::Used),
     (
         "return_token_ids",
         On::Both,

@@ -250,6 +250,70 @@ async fn the_openai_client_library_works_against_the_router() {
     );
     check_chat_logprobs(&model, &lp["chat_no_top"], &chat_lp, 0);
     assert_eq!(lp["not_asked"]["completion"], true);
+    // vLLM's return_tokens_as_token_ids: the same tokens, named `token_id:N`,
+    // their offsets counting those names, streamed or not, chat too.
+    let name = |id: u32| format!("token_id:{id}");
+    let names: Vec<String> = completion_lp.iter().map(|e| name(e.id)).collect();
+    let offsets: Vec<usize> = names
+        .iter()
+        .scan(0, |at, n| {
+            let o = *at;
+            *at += n.len();
+            Some(o)
+        })
+        .collect();
+    for case in ["as_ids", "as_ids_stream"] {
+        assert_eq!(lp[case]["tokens"], serde_json::json!(names), "{case}");
+        assert_eq!(
+            lp[case]["text_offset"],
+            serde_json::json!(offsets),
+            "{case}"
+        );
+    }
+    for (i, want) in completion_lp.iter().enumerate() {
+        let mut keys: Vec<String> = want.top.iter().map(|t| name(t.id)).collect();
+        keys.push(name(want.id));
+        keys.sort();
+        keys.dedup();
+        let mut seen_keys: Vec<String> = lp["as_ids"]["top_logprobs"][i]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        seen_keys.sort();
+        assert_eq!(seen_keys, keys, "token {i}");
+    }
+    let chat_names: Vec<String> = chat_lp.iter().map(|e| name(e.id)).collect();
+    let seen_chat: Vec<String> = lp["as_ids_chat_stream"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|e| e["token"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(seen_chat, chat_names);
+    for (e, want) in lp["as_ids_chat_stream"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(&chat_lp)
+    {
+        let top: Vec<String> = want.top.iter().map(|t| name(t.id)).collect();
+        let seen_top: Vec<String> = e["top_logprobs"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .map(|x| x["token"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(seen_top, top, "{e}");
+        assert_eq!(
+            e["bytes"],
+            serde_json::json!(name(want.id).into_bytes()),
+            "{e}"
+        );
+    }
     for (case, param) in [
         ("completions.logprobs", "logprobs"),
         ("chat.top_logprobs", "top_logprobs"),

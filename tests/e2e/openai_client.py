@@ -152,6 +152,23 @@ r = client.chat.completions.create(messages=messages, logprobs=True, **greedy)
 lp["chat_no_top"] = [e.model_dump() for e in r.choices[0].logprobs.content]
 c = client.completions.create(prompt="Once upon a time", **greedy)
 lp["not_asked"] = {"completion": c.choices[0].logprobs is None}
+# vLLM's return_tokens_as_token_ids: tokens named `token_id:N`, one piece and streamed.
+as_ids = {**greedy, "extra_body": {**greedy["extra_body"], "return_tokens_as_token_ids": True}}
+c = client.completions.create(prompt="Once upon a time", logprobs=3, **as_ids)
+lp["as_ids"] = c.choices[0].logprobs.model_dump()
+acc = {"tokens": [], "text_offset": []}
+for chunk in client.completions.create(prompt="Once upon a time", logprobs=3, stream=True, **as_ids):
+    l = chunk.choices[0].logprobs if chunk.choices else None
+    if l is not None and l.tokens:
+        for k in acc:
+            acc[k] += getattr(l, k)
+lp["as_ids_stream"] = acc
+content = []
+for chunk in client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=3, stream=True, **as_ids):
+    l = chunk.choices[0].logprobs if chunk.choices else None
+    if l is not None and l.content:
+        content += [e.model_dump() for e in l.content]
+lp["as_ids_chat_stream"] = content
 lp_errors = {}
 for name, call in {
     "completions.logprobs": lambda: client.completions.create(prompt="hi", logprobs=21, **greedy),

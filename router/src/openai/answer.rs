@@ -16,6 +16,9 @@ pub(super) struct Output {
     pub(super) samples: Samples,
     /// Chat: the tools in play, whose calls the answer is read for.
     pub(super) tools: Option<ToolPlan>,
+    /// Log probabilities name tokens `token_id:N` (vLLM's
+    /// `return_tokens_as_token_ids`).
+    pub(super) tokens_as_ids: bool,
 }
 
 /// Runs the requests (one per prompt of a completions batch; chat has one)
@@ -37,9 +40,16 @@ pub(super) async fn run(
         echo,
         samples,
         tools,
+        tokens_as_ids,
     } = out;
     let batch = requests.len() > 1;
-    let with_logprobs = requests.first().is_some_and(|r| r.logprobs.is_some());
+    let logprobs_out = requests
+        .first()
+        .is_some_and(|r| r.logprobs.is_some())
+        .then(|| LogprobsOut {
+            model: st.model.clone(),
+            as_ids: tokens_as_ids,
+        });
     // Each prompt's responses, keyed by prompt. The first prompt is admitted
     // before the answer starts, so its refusal is the answer's status (a
     // single prompt's, as before batches). A batch's other prompts are
@@ -108,13 +118,8 @@ pub(super) async fn run(
     });
     let tools = match (stream, tools) {
         (true, Some(plan)) => {
-            let logprobs_model = with_logprobs.then(|| st.model.clone());
-            let events = tool_sse_events(
-                responses,
-                plan,
-                (usage, logprobs_model),
-                (id, created, model),
-            );
+            let events =
+                tool_sse_events(responses, plan, (usage, logprobs_out), (id, created, model));
             return Ok(Sse::new(events)
                 .keep_alive(KeepAlive::default())
                 .into_response());
@@ -122,12 +127,11 @@ pub(super) async fn run(
         (_, tools) => tools,
     };
     if stream {
-        let tokenizer = with_logprobs.then(|| st.model.clone());
         let events = sse_events(
             responses,
             kind,
             (usage, echo, per_prompt),
-            tokenizer,
+            logprobs_out,
             id,
             created,
             model,
@@ -162,8 +166,9 @@ pub(super) async fn run(
         .into_iter()
         .enumerate()
         .map(|(index, (c, f))| {
-            let logprobs =
-                with_logprobs.then(|| logprobs_json(&st.model.tokenizer, kind, &c.logprobs, 0));
+            let logprobs = logprobs_out
+                .as_ref()
+                .map(|m| logprobs_json(m.names(), kind, &c.logprobs, 0));
             let text = c.text;
             match kind {
                 Kind::Completion => {

@@ -3,6 +3,7 @@
 //! `usage` and `logprobs` objects a streamed and a plain answer share.
 
 use super::*;
+use crate::openai_logprobs::TokenNames;
 
 /// OpenAI's `usage` object; `prompt_tokens_details.cached_tokens` counts the
 /// prompt tokens served from a prefix cache, as OpenAI and vLLM report them.
@@ -58,7 +59,7 @@ pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
     (stream_usage, echo, per_prompt): (StreamUsage, Vec<String>, u32),
-    logprobs_model: Option<Arc<ModelDir>>,
+    logprobs_out: Option<LogprobsOut>,
     id: String,
     created: u64,
     model: String,
@@ -138,10 +139,10 @@ pub(super) fn sse_events(
                         prompt_tokens.insert(prompt, t.prompt_tokens);
                     }
                     *completion.entry(index).or_insert(0) += t.ids.len() as u32;
-                    let logprobs = match &logprobs_model {
+                    let logprobs = match &logprobs_out {
                         Some(m) => {
-                            let v = logprobs_json(&m.tokenizer, kind, &t.logprobs, *offset);
-                            *offset += openai_logprobs::token_chars(&m.tokenizer, &t.logprobs);
+                            let v = logprobs_json(m.names(), kind, &t.logprobs, *offset);
+                            *offset += openai_logprobs::token_chars(m.names(), &t.logprobs);
                             v
                         }
                         None => Value::Null,
@@ -207,15 +208,33 @@ pub(super) fn sse_events(
     ReceiverStream::new(rx).map(Ok)
 }
 
+/// What an answer's log probabilities are written with: the served model
+/// (its tokenizer names the tokens) and whether tokens are named `token_id:N`
+/// instead (vLLM's `return_tokens_as_token_ids`).
+#[derive(Clone)]
+pub(super) struct LogprobsOut {
+    pub(super) model: Arc<ModelDir>,
+    pub(super) as_ids: bool,
+}
+
+impl LogprobsOut {
+    pub(super) fn names(&self) -> TokenNames<'_> {
+        TokenNames {
+            tokenizer: &self.model.tokenizer,
+            as_ids: self.as_ids,
+        }
+    }
+}
+
 /// `entries` in the endpoint's shape (see [`openai_logprobs`]).
 pub(super) fn logprobs_json(
-    tokenizer: &Tokenizer,
+    names: TokenNames<'_>,
     kind: Kind,
     entries: &[pb::TokenLogprobs],
     offset: usize,
 ) -> Value {
     match kind {
-        Kind::Completion => openai_logprobs::completion(tokenizer, entries, offset),
-        Kind::Chat => openai_logprobs::chat(tokenizer, entries),
+        Kind::Completion => openai_logprobs::completion(names, entries, offset),
+        Kind::Chat => openai_logprobs::chat(names, entries),
     }
 }

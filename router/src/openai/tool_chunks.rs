@@ -63,14 +63,14 @@ fn delta_json(d: ToolDelta) -> Value {
 /// Server-sent events of a streamed chat answer read for tool calls, ending
 /// with `data: [DONE]` (and a usage chunk before it when asked).
 ///
-/// With `logprobs_model`, each token's log probabilities ride on the first
+/// With `logprobs_out`, each token's log probabilities ride on the first
 /// chunk sent after it (a token whose text the reader holds back, a possible
 /// start of a `<tool_call>` tag, has its entries carried to the next chunk),
 /// so every token's entry is sent once and in order.
 pub(super) fn tool_sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     plan: ToolPlan,
-    (stream_usage, logprobs_model): (StreamUsage, Option<Arc<ModelDir>>),
+    (stream_usage, logprobs_out): (StreamUsage, Option<LogprobsOut>),
     (id, created, model): (String, u64, String),
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (usage_id, usage_model) = (id.clone(), model.clone());
@@ -83,9 +83,9 @@ pub(super) fn tool_sse_events(
         if first {
             delta["role"] = json!("assistant");
         }
-        let logprobs = match &logprobs_model {
+        let logprobs = match &logprobs_out {
             Some(m) if !pending.is_empty() => {
-                logprobs_json(&m.tokenizer, Kind::Chat, &std::mem::take(pending), 0)
+                logprobs_json(m.names(), Kind::Chat, &std::mem::take(pending), 0)
             }
             Some(_) => json!({ "content": [] }),
             None => Value::Null,
