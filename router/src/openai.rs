@@ -191,6 +191,10 @@ struct Sampling {
     /// vLLM's: log probabilities name each token `token_id:N` instead of its text.
     #[serde(default)]
     return_tokens_as_token_ids: bool,
+    /// vLLM's: the answer carries the prompt's token ids and each choice's
+    /// (streamed: the prompt's in a choice's first chunk, each chunk its own).
+    #[serde(default)]
+    return_token_ids: bool,
     /// `response_format` and vLLM's guided-decoding fields.
     #[serde(flatten)]
     structured: openai_structured::StructuredFields,
@@ -450,6 +454,40 @@ async fn completions(
             ));
         }
     };
+    if req.echo && req.sampling.return_token_ids {
+        // vLLM then moves the prompt from the text into the token ids.
+        return Err(ApiError::bad_field(
+            "return_token_ids",
+            "return_token_ids together with echo is not supported yet",
+        ));
+    }
+    // With return_token_ids the prompts go as token ids, encoded here as the
+    // service would (special tokens added), so the ids returned are the ones run.
+    let prompts = if req.sampling.return_token_ids {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                pb::generate_request::Prompt::Text(t) => st
+                    .model
+                    .tokenizer
+                    .encode(&t, true)
+                    .map(|ids| pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }))
+                    .map_err(|e| ApiError::bad_field("prompt", e.to_string())),
+                ids => Ok(ids),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        prompts
+    };
+    let prompt_ids = req.sampling.return_token_ids.then(|| {
+        prompts
+            .iter()
+            .map(|p| match p {
+                pb::generate_request::Prompt::TokenIds(ids) => ids.ids.clone(),
+                pb::generate_request::Prompt::Text(_) => Vec::new(),
+            })
+            .collect()
+    });
     let echo = if req.echo {
         prompts
             .iter()
@@ -484,6 +522,7 @@ async fn completions(
         samples,
         tools: None,
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
+        prompt_ids,
     };
     run(st, auth, &headers, requests, out, Kind::Completion).await
 }
@@ -525,6 +564,19 @@ async fn chat_completions(
         req.sampling.stream,
         st.service.max_n(),
     )?;
+    if tools.is_some() && req.sampling.return_token_ids {
+        return Err(ApiError::bad_field(
+            "return_token_ids",
+            "return_token_ids together with tools is not supported yet",
+        ));
+    }
+    let prompt_ids = req
+        .sampling
+        .return_token_ids
+        .then(|| match &request.prompt {
+            Some(pb::generate_request::Prompt::TokenIds(ids)) => vec![ids.ids.clone()],
+            _ => vec![Vec::new()],
+        });
     if tools.is_some() && samples.best_of > 1 {
         return Err(ApiError::bad_field(
             "n",
@@ -548,6 +600,7 @@ async fn chat_completions(
         samples,
         tools,
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
+        prompt_ids,
     };
     run(st, auth, &headers, vec![request], out, Kind::Chat).await
 }

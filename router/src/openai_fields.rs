@@ -132,11 +132,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         Rule::NeutralOnly(is_false_or_zero),
     ),
     ("return_tokens_as_token_ids", On::Both, Rule::Used),
-    (
-        "return_token_ids",
-        On::Both,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
+    ("return_token_ids", On::Both, Rule::Used),
     ("logits_processors", On::Both, Rule::NeutralOnly(is_empty)),
     ("priority", On::Both, Rule::NeutralOnly(is_false_or_zero)),
     ("cache_salt", On::Both, Rule::NoEffect),

@@ -198,6 +198,57 @@ async fn the_openai_client_library_works_against_the_router() {
         .unwrap();
     assert_eq!(seen["chat"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat"]["role"], "assistant");
+    // vLLM's return_token_ids: the prompt's ids as the service encodes them,
+    // each choice's the greedy reference's; streamed, the prompt's come with
+    // the first chunk only and each chunk brings its own ids.
+    let ti = &seen["token_ids"];
+    let chat_greedy = reference(&model, &chat_prompt, 6);
+    assert_eq!(
+        ti["completion"]["prompt_token_ids"],
+        serde_json::json!(prompt),
+        "{ti}"
+    );
+    assert_eq!(
+        ti["completion"]["token_ids"],
+        serde_json::json!(greedy[..4]),
+        "{ti}"
+    );
+    let mut firsts = vec![serde_json::json!(prompt)];
+    firsts.extend(std::iter::repeat_n(serde_json::Value::Null, 4));
+    assert_eq!(
+        ti["completion_stream"]["prompt_token_ids"],
+        serde_json::json!(firsts),
+        "{ti}"
+    );
+    assert_eq!(
+        ti["completion_stream"]["token_ids"],
+        serde_json::json!(greedy[..4]),
+        "{ti}"
+    );
+    assert_eq!(
+        ti["chat"]["prompt_token_ids"],
+        serde_json::json!(chat_prompt),
+        "{ti}"
+    );
+    assert_eq!(
+        ti["chat"]["token_ids"],
+        serde_json::json!(chat_greedy),
+        "{ti}"
+    );
+    let mut firsts = vec![serde_json::json!(chat_prompt)];
+    firsts.extend(std::iter::repeat_n(serde_json::Value::Null, 6));
+    assert_eq!(
+        ti["chat_stream"]["prompt_token_ids"],
+        serde_json::json!(firsts),
+        "{ti}"
+    );
+    assert_eq!(
+        ti["chat_stream"]["token_ids"],
+        serde_json::json!(chat_greedy),
+        "{ti}"
+    );
+    assert_eq!(ti["echo"]["status"], 400, "{ti}");
+    assert_eq!(ti["echo"]["param"], "return_token_ids", "{ti}");
     assert_eq!(seen["chat"]["prompt_tokens"], chat_prompt.len());
     assert_eq!(seen["chat_stream"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat_parts"]["content"], chat_expected.as_str());

@@ -103,6 +103,34 @@ for chunk in client.chat.completions.create(model=model, messages=[{"role": "use
         chat_running.append(None if u is None else [u.prompt_tokens, u.completion_tokens, u.total_tokens])
 out["continuous_usage"] = {"running": running, "last": last, "chat": chat_running}
 
+# vLLM's return_token_ids: the prompt's ids and each choice's, in one piece and streamed.
+ids_args = {"model": model, "max_tokens": 4, "temperature": 0,
+            "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+c = client.completions.create(prompt="Once upon a time", **ids_args).model_dump()
+ti = {"completion": {k: c["choices"][0].get(k) for k in ("prompt_token_ids", "token_ids")}}
+prompt_ids, token_ids = [], []
+for chunk in client.completions.create(prompt="Once upon a time", stream=True, **ids_args):
+    d = chunk.model_dump()
+    for ch in d["choices"]:
+        prompt_ids.append(ch.get("prompt_token_ids"))
+        token_ids += ch.get("token_ids") or []
+ti["completion_stream"] = {"prompt_token_ids": prompt_ids, "token_ids": token_ids}
+r = client.chat.completions.create(messages=messages, **{**ids_args, "max_tokens": 6}).model_dump()
+ti["chat"] = {"prompt_token_ids": r.get("prompt_token_ids"), "token_ids": r["choices"][0].get("token_ids")}
+prompt_ids, token_ids = [], []
+for chunk in client.chat.completions.create(messages=messages, stream=True, **{**ids_args, "max_tokens": 6}):
+    d = chunk.model_dump()
+    if d["choices"]:
+        prompt_ids.append(d.get("prompt_token_ids"))
+        token_ids += d["choices"][0].get("token_ids") or []
+ti["chat_stream"] = {"prompt_token_ids": prompt_ids, "token_ids": token_ids}
+try:
+    client.completions.create(prompt="Once upon a time", echo=True, **ids_args)
+    ti["echo"] = None
+except openai.APIStatusError as e:
+    ti["echo"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["token_ids"] = ti
+
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.
 part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]

@@ -19,6 +19,9 @@ pub(super) struct Output {
     /// Log probabilities name tokens `token_id:N` (vLLM's
     /// `return_tokens_as_token_ids`).
     pub(super) tokens_as_ids: bool,
+    /// vLLM's `return_token_ids`: each prompt's token ids, returned with the
+    /// choices' own.
+    pub(super) prompt_ids: Option<Vec<Vec<u32>>>,
 }
 
 /// Runs the requests (one per prompt of a completions batch; chat has one)
@@ -41,6 +44,7 @@ pub(super) async fn run(
         samples,
         tools,
         tokens_as_ids,
+        prompt_ids,
     } = out;
     let batch = requests.len() > 1;
     let logprobs_out = requests
@@ -131,7 +135,7 @@ pub(super) async fn run(
             responses,
             kind,
             (usage, echo, per_prompt),
-            logprobs_out,
+            (logprobs_out, prompt_ids),
             id,
             created,
             model,
@@ -170,7 +174,7 @@ pub(super) async fn run(
                 .as_ref()
                 .map(|m| logprobs_json(m.names(), kind, &c.logprobs, 0));
             let text = c.text;
-            match kind {
+            let mut choice = match kind {
                 Kind::Completion => {
                     json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
                 }
@@ -184,18 +188,33 @@ pub(super) async fn run(
                     };
                     json!({ "index": index, "message": message, "logprobs": logprobs, "finish_reason": reason })
                 }
+            };
+            // vLLM's return_token_ids: the choice's ids, and for completions
+            // its prompt's (chat gives the prompt's once, beside the choices).
+            if let Some(prompts) = &prompt_ids {
+                choice["token_ids"] = json!(c.ids);
+                if kind == Kind::Completion {
+                    let p = index / samples.n.max(1) as usize;
+                    choice["prompt_token_ids"] = json!(prompts.get(p));
+                }
             }
+            choice
         })
         .collect();
-    Ok(Json(json!({
+    let mut answer = json!({
         "id": id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": model,
         "choices": choices,
         "usage": usage_json(&usage),
-    }))
-    .into_response())
+    });
+    if kind == Kind::Chat
+        && let Some(prompts) = &prompt_ids
+    {
+        answer["prompt_token_ids"] = json!(prompts.first());
+    }
+    Ok(Json(answer).into_response())
 }
 
 /// One prompt's responses.

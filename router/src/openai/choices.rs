@@ -73,6 +73,8 @@ impl Samples {
 #[derive(Default)]
 pub(super) struct Choice {
     pub text: String,
+    /// The generated tokens' ids.
+    pub ids: Vec<u32>,
     pub logprobs: Vec<pb::TokenLogprobs>,
     pub finished: Option<pb::Finished>,
 }
@@ -115,6 +117,7 @@ impl Choices {
         match event {
             pb::generate_response::Event::Token(t) => {
                 choice.text.push_str(&t.text);
+                choice.ids.extend(&t.ids);
                 choice.logprobs.extend(t.logprobs);
             }
             pb::generate_response::Event::Finished(f) => choice.finished = Some(f),

@@ -59,7 +59,7 @@ pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
     (stream_usage, echo, per_prompt): (StreamUsage, Vec<String>, u32),
-    logprobs_out: Option<LogprobsOut>,
+    (logprobs_out, prompt_ids): (Option<LogprobsOut>, Option<Vec<Vec<u32>>>),
     id: String,
     created: u64,
     model: String,
@@ -133,6 +133,12 @@ pub(super) fn sse_events(
             } else {
                 None
             };
+            // vLLM's return_token_ids: each chunk its tokens' ids.
+            let ids = match (&event, &prompt_ids) {
+                (Some(pb::generate_response::Event::Token(t)), Some(_)) => Some(t.ids.clone()),
+                (Some(_), Some(_)) => Some(Vec::new()),
+                _ => None,
+            };
             let mut data = match event {
                 Some(pb::generate_response::Event::Token(t)) => {
                     if t.prompt_tokens > 0 {
@@ -182,6 +188,18 @@ pub(super) fn sse_events(
                 }
                 None => continue,
             };
+            if let (Some(ids), Some(prompts)) = (ids, &prompt_ids) {
+                data["choices"][0]["token_ids"] = json!(ids);
+                // The prompt's ids with a choice's first chunk: in the choice
+                // for completions, beside the choices for chat (as vLLM).
+                if first {
+                    let p = json!(prompts.get(prompt as usize));
+                    match kind {
+                        Kind::Completion => data["choices"][0]["prompt_token_ids"] = p,
+                        Kind::Chat => data["prompt_token_ids"] = p,
+                    }
+                }
+            }
             if stream_usage == StreamUsage::Continuous {
                 data["usage"] = running_usage_json(
                     prompt_tokens.get(&prompt).copied().unwrap_or(0),
