@@ -38,6 +38,10 @@ pub struct GenerationParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past the model's EOS token.
     pub ignore_eos: bool,
+    /// vLLM's `include_stop_str_in_output`: the stop string that ends the
+    /// output stays in it, as does the text of a stop token id or EOS that
+    /// ends it (special tokens have none).
+    pub include_stop_str_in_output: bool,
     /// vLLM's `min_tokens`: until this many tokens were generated, EOS and the
     /// stop token ids cannot be drawn (their logits are -inf) and stop strings
     /// do not end the output. At most `max_tokens`.
@@ -58,6 +62,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            include_stop_str_in_output: false,
             min_tokens: 0,
             logprobs: None,
             constraint: None,
@@ -156,7 +161,7 @@ impl Generation {
         Ok(Generation {
             sampler: Sampler::new(params.sampling.clone(), &prompt),
             detokenizer: Detokenizer::starting_at(prompt.len()),
-            stop: StopMatcher::new(&params.stop),
+            stop: StopMatcher::new(&params.stop, params.include_stop_str_in_output),
             eos: if params.ignore_eos {
                 Vec::new()
             } else {
@@ -416,14 +421,22 @@ impl Generation {
         self.tokens.push(token);
         let mut finished = None;
         let mut text = String::new();
+        // The text of an ending token (EOS or a stop id), kept when the
+        // request includes what stopped it.
+        let mut ending_text = String::new();
         if self.output().len() < self.params.min_tokens {
             // Nothing ends the output yet (vLLM's `min_tokens`): not EOS or a
             // stop id (only a token sampled elsewhere could be one), not a stop string.
             text = self.detokenizer.step(tokenizer, &self.tokens)?;
-        } else if self.eos.contains(&token) {
-            finished = Some(FinishReason::Eos);
-        } else if self.params.stop_token_ids.contains(&token) {
-            finished = Some(FinishReason::Stop);
+        } else if self.eos.contains(&token) || self.params.stop_token_ids.contains(&token) {
+            finished = Some(if self.eos.contains(&token) {
+                FinishReason::Eos
+            } else {
+                FinishReason::Stop
+            });
+            if self.params.include_stop_str_in_output {
+                ending_text = self.detokenizer.step(tokenizer, &self.tokens)?;
+            }
         } else {
             let delta = self.detokenizer.step(tokenizer, &self.tokens)?;
             match self.stop.push(&delta) {
@@ -457,6 +470,7 @@ impl Generation {
         {
             text.push_str(&self.stop.flush());
         }
+        text.push_str(&ending_text);
         self.finished = finished;
         Ok(TokenEvent {
             token,

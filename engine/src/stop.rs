@@ -19,29 +19,36 @@ pub enum StopScan {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The matched stop string is part of the output (vLLM's
+    /// `include_stop_str_in_output`).
+    include: bool,
 }
 
 impl StopMatcher {
-    /// A matcher for these stop strings (empty strings are ignored).
-    pub fn new(stops: &[String]) -> Self {
+    /// A matcher for these stop strings (empty strings are ignored); with
+    /// `include`, the output keeps the stop string that ends it.
+    pub fn new(stops: &[String], include: bool) -> Self {
         StopMatcher {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             held: String::new(),
+            include,
         }
     }
 
     /// Feeds newly decoded text.
     pub fn push(&mut self, text: &str) -> StopScan {
         self.held.push_str(text);
+        // The earliest match; at one position, the first of the stop strings.
         let first_match = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
-        if let Some(at) = first_match {
-            let before = self.held[..at].to_string();
+            .filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, len)) = first_match {
+            let end = if self.include { at + len } else { at };
+            let out = self.held[..end].to_string();
             self.held.clear();
-            return StopScan::Stopped(before);
+            return StopScan::Stopped(out);
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
         let keep_from = self
@@ -69,7 +76,7 @@ mod tests {
     use super::*;
 
     fn stops(s: &[&str]) -> StopMatcher {
-        StopMatcher::new(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        StopMatcher::new(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>(), false)
     }
 
     #[test]
@@ -100,6 +107,17 @@ mod tests {
         let mut m = stops(&["日本"]);
         assert_eq!(m.push("こんにちは日"), StopScan::Emit("こんにちは".into()));
         assert_eq!(m.push("本語"), StopScan::Stopped("".into()));
+    }
+
+    #[test]
+    fn an_included_stop_string_ends_the_output() {
+        let words = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut m = StopMatcher::new(&words(&["world", "lo w"]), true);
+        assert_eq!(m.push("hello world"), StopScan::Stopped("hello w".into()));
+        // Split across pushes, multi-byte: the held prefix and the rest of it.
+        let mut m = StopMatcher::new(&words(&["日本"]), true);
+        assert_eq!(m.push("こんにちは日"), StopScan::Emit("こんにちは".into()));
+        assert_eq!(m.push("本語"), StopScan::Stopped("日本".into()));
     }
 
     #[test]

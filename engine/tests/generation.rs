@@ -105,6 +105,35 @@ fn stop_string_and_stop_token_and_length() {
     assert_eq!(out.finish_reason, FinishReason::Stop);
     let cut = full.tokens.iter().position(|&t| t == third).unwrap();
     assert_eq!(out.tokens, full.tokens[..=cut]);
+
+    // vLLM's include_stop_str_in_output: the stop string stays at the end,
+    // streamed as well; a stop id's token keeps its text.
+    let including = GenerationParams {
+        include_stop_str_in_output: true,
+        ..with_stop
+    };
+    let mut streamed = String::new();
+    let out = g
+        .generate(&prompt, &including, &m.tokenizer, |ev| {
+            streamed.push_str(&ev.text)
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.text, format!("{expected_text}{stop}"));
+    assert_eq!(streamed, out.text);
+    let out = g
+        .generate(
+            &prompt,
+            &GenerationParams {
+                include_stop_str_in_output: true,
+                ..with_stop_id
+            },
+            &m.tokenizer,
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(out.tokens, full.tokens[..=cut]);
+    assert_eq!(out.text, m.tokenizer.decode(&full.tokens[..=cut]).unwrap());
 }
 
 #[test]

@@ -108,11 +108,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         Rule::NeutralOnly(is_false_or_zero),
     ),
     ("length_penalty", On::Both, Rule::NeutralOnly(is_one)),
-    (
-        "include_stop_str_in_output",
-        On::Both,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
+    ("include_stop_str_in_output", On::Both, Rule::Used),
     ("skip_special_tokens", On::Both, Rule::NeutralOnly(is_true)),
     (
         "spaces_between_special_tokens",

@@ -40,6 +40,8 @@ pub struct ValidRequest {
     pub stop_token_ids: Vec<u32>,
     /// Whether EOS is ignored.
     pub ignore_eos: bool,
+    /// vLLM's `include_stop_str_in_output`.
+    pub include_stop_str_in_output: bool,
     /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
     /// Tokens generated before EOS, a stop id or a stop string may end the output.
@@ -304,6 +306,7 @@ impl Validator {
             stop: req.stop,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
+            include_stop_str_in_output: req.include_stop_str_in_output,
             logprobs: req.logprobs,
             min_tokens: req.min_tokens,
             min_tokens_banned,

@@ -463,6 +463,17 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(stopped["text"], before.as_str(), "{stopped}");
     assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
     assert_eq!(stopped["completion_tokens"], stop_at + 1, "{stopped}");
+    // With vLLM's include_stop_str_in_output the stop token's text stays, and
+    // a stop string stays at the end of the text, streamed or not.
+    let inc = &seen["include_stop"];
+    let through = model.tokenizer.decode(&greedy[..=stop_at]).unwrap();
+    assert_eq!(inc["stop_id"], through.as_str(), "{inc}");
+    let stop = inc["stop_string"].as_str().unwrap_or_default();
+    assert_eq!(stop.chars().count(), 3, "{inc}");
+    let cut = expected.find(stop).map(|at| &expected[..at + stop.len()]);
+    assert_eq!(inc["text"].as_str(), cut, "{inc}");
+    assert_eq!(inc["stream"], inc["text"], "{inc}");
+    assert_eq!(inc["finish_reason"], "stop", "{inc}");
 
     // A seed makes sampling reproducible; other seeds sample otherwise.
     let seeded = &seen["seeded"];

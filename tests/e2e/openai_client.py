@@ -322,6 +322,21 @@ c = client.completions.create(model=model, prompt="Once upon a time", max_tokens
                               extra_body={"stop_token_ids": [stop_token_id]})
 out["stop_token_ids"] = {"text": c.choices[0].text, "finish_reason": c.choices[0].finish_reason,
                          "completion_tokens": c.usage.completion_tokens}
+# vLLM's include_stop_str_in_output: the stop token's text, or the stop string, stays.
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
+                              extra_body={"stop_token_ids": [stop_token_id], "include_stop_str_in_output": True})
+included = {"stop_id": c.choices[0].text}
+stop_string = out["completion"]["text"][3:6]
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop_string],
+                              extra_body={"include_stop_str_in_output": True})
+included["stop_string"] = stop_string
+included["text"] = c.choices[0].text
+included["finish_reason"] = c.choices[0].finish_reason
+included["stream"] = "".join(
+    ch.choices[0].text for ch in client.completions.create(
+        model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop_string], stream=True,
+        extra_body={"include_stop_str_in_output": True}) if ch.choices)
+out["include_stop"] = included
 
 # seed makes sampling reproducible.
 def sample(seed):

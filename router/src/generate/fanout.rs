@@ -204,6 +204,7 @@ mod tests {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            include_stop_str_in_output: false,
             logprobs: None,
             min_tokens: 0,
             min_tokens_banned: Vec::new(),
