@@ -63,6 +63,7 @@ pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
         stop_token_ids: r.stop_token_ids.clone(),
         ignore_eos: r.ignore_eos,
         include_stop_str_in_output: r.include_stop_str_in_output,
+        skip_special_tokens: !r.keep_special_tokens,
         min_tokens: r.min_tokens as usize,
         logprobs: r.logprobs.map(|n| n as usize),
         constraint: constraint_from_pb(r.constraint.as_ref()),

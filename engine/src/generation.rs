@@ -42,6 +42,9 @@ pub struct GenerationParams {
     /// output stays in it, as does the text of a stop token id or EOS that
     /// ends it (special tokens have none).
     pub include_stop_str_in_output: bool,
+    /// Special tokens make no text (vLLM's `skip_special_tokens`, default
+    /// true); false keeps their text in the output.
+    pub skip_special_tokens: bool,
     /// vLLM's `min_tokens`: until this many tokens were generated, EOS and the
     /// stop token ids cannot be drawn (their logits are -inf) and stop strings
     /// do not end the output. At most `max_tokens`.
@@ -63,6 +66,7 @@ impl Default for GenerationParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             include_stop_str_in_output: false,
+            skip_special_tokens: true,
             min_tokens: 0,
             logprobs: None,
             constraint: None,
@@ -160,7 +164,8 @@ impl Generation {
         }
         Ok(Generation {
             sampler: Sampler::new(params.sampling.clone(), &prompt),
-            detokenizer: Detokenizer::starting_at(prompt.len()),
+            detokenizer: Detokenizer::starting_at(prompt.len())
+                .keeping_special(!params.skip_special_tokens),
             stop: StopMatcher::new(&params.stop, params.include_stop_str_in_output),
             eos: if params.ignore_eos {
                 Vec::new()

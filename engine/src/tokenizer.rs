@@ -154,8 +154,13 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, special tokens left out or (`skip_special` false) kept.
+    pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
-            .decode(ids, true)
+            .decode(ids, skip_special)
             .map_err(|e| EngineError::Tokenizer(format!("cannot decode: {e}")))
     }
 
@@ -273,6 +278,8 @@ impl Tokenizer {
 pub struct Detokenizer {
     prefix_offset: usize,
     read_offset: usize,
+    /// Special tokens' text is kept (vLLM's `skip_special_tokens: false`).
+    keep_special: bool,
 }
 
 impl Detokenizer {
@@ -281,14 +288,28 @@ impl Detokenizer {
         Detokenizer {
             prefix_offset: start,
             read_offset: start,
+            keep_special: false,
         }
+    }
+
+    /// The same, keeping special tokens' text when `keep` (vLLM's
+    /// `skip_special_tokens: false`).
+    pub fn keeping_special(self, keep: bool) -> Self {
+        Detokenizer {
+            keep_special: keep,
+            ..self
+        }
+    }
+
+    fn decode(&self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+        tokenizer.decode_with(ids, !self.keep_special)
     }
 
     /// Whatever text the tokens not yet turned into text make, complete or not
     /// (an unfinished character becomes U+FFFD): for the end of a generation.
     pub fn flush(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-        let prefix = tokenizer.decode(&ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&ids[self.prefix_offset..])?;
+        let prefix = self.decode(tokenizer, &ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(tokenizer, &ids[self.prefix_offset..])?;
         self.prefix_offset = ids.len();
         self.read_offset = ids.len();
         Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
@@ -296,8 +317,8 @@ impl Detokenizer {
 
     /// The text completed by the tokens of `ids` not yet turned into text.
     pub fn step(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-        let prefix = tokenizer.decode(&ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&ids[self.prefix_offset..])?;
+        let prefix = self.decode(tokenizer, &ids[self.prefix_offset..self.read_offset])?;
+        let full = self.decode(tokenizer, &ids[self.prefix_offset..])?;
         if full.len() > prefix.len()
             && !full.ends_with('\u{FFFD}')
             && full.is_char_boundary(prefix.len())

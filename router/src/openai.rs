@@ -188,6 +188,8 @@ struct Sampling {
     /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
     #[serde(default)]
     min_tokens: u32,
+    /// vLLM's: false keeps special tokens' text in the output (default true).
+    skip_special_tokens: Option<bool>,
     /// vLLM's: the stop string (or stop token's text) that ends the output stays in it.
     #[serde(default)]
     include_stop_str_in_output: bool,
@@ -382,6 +384,7 @@ fn to_request(
         stop_token_ids: s.stop_token_ids.clone(),
         ignore_eos: s.ignore_eos,
         include_stop_str_in_output: s.include_stop_str_in_output,
+        skip_special_tokens: s.skip_special_tokens,
         logprobs: logprobs_asked(s, kind)?,
         min_tokens: s.min_tokens,
         // Set from the checked `n` and `best_of` in `run`.

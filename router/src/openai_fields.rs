@@ -109,7 +109,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ),
     ("length_penalty", On::Both, Rule::NeutralOnly(is_one)),
     ("include_stop_str_in_output", On::Both, Rule::Used),
-    ("skip_special_tokens", On::Both, Rule::NeutralOnly(is_true)),
+    ("skip_special_tokens", On::Both, Rule::Used),
     (
         "spaces_between_special_tokens",
         On::Both,

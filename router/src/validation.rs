@@ -42,6 +42,8 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
     /// vLLM's `include_stop_str_in_output`.
     pub include_stop_str_in_output: bool,
+    /// vLLM's `skip_special_tokens: false`.
+    pub keep_special_tokens: bool,
     /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
     /// Tokens generated before EOS, a stop id or a stop string may end the output.
@@ -307,6 +309,7 @@ impl Validator {
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
             include_stop_str_in_output: req.include_stop_str_in_output,
+            keep_special_tokens: req.skip_special_tokens == Some(false),
             logprobs: req.logprobs,
             min_tokens: req.min_tokens,
             min_tokens_banned,

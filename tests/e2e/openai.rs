@@ -40,18 +40,34 @@ async fn the_openai_client_library_works_against_the_router() {
         .expect("a plain-text token");
     let (greedy_first, runner_up) = (ranked[0], ranked[1]);
     assert_eq!(greedy_first, greedy[0]);
+    // A special token: no text unless skip_special_tokens is false.
+    let special = (0..model.config.vocab_size as u32)
+        .find(|&t| {
+            model.tokenizer.decode(&[t]).unwrap().is_empty()
+                && !model.tokenizer.decode_with(&[t], false).unwrap().is_empty()
+                && !model.config.eos_token_ids.contains(&t)
+        })
+        .expect("a special token that is not EOS");
     let args = [
         stop_token,
         greedy_first.to_string(),
         runner_up.to_string(),
         promoted.to_string(),
         model.config.vocab_size.to_string(),
+        special.to_string(),
     ];
     let mut script_args = vec![base];
     script_args.extend(args);
     let seen = run_client_script("openai_client.py", script_args).await;
 
     assert_eq!(seen["models"][0], model.name());
+    // vLLM's skip_special_tokens: a special token forced three times (logit
+    // bias) makes no text by default, and its text with false, streamed too.
+    let sp = &seen["special"];
+    let kept = model.tokenizer.decode_with(&[special; 3], false).unwrap();
+    assert_eq!(sp["default"], "", "{sp}");
+    assert_eq!(sp["kept"], kept.as_str(), "{sp}");
+    assert_eq!(sp["kept_stream"], kept.as_str(), "{sp}");
     // Greedy completion equals the engine's own, in one piece and streamed.
     let expected = model.tokenizer.decode(&greedy).unwrap();
     assert_eq!(seen["completion"]["text"], expected.as_str());

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Drives Tandem's OpenAI-compatible API with the official `openai` client library.
 
-Usage: openai_client.py BASE_URL STOP_TOKEN_ID GREEDY RUNNER_UP PROMOTED VOCAB
-(e.g. http://127.0.0.1:8000/v1 42 7 9 300 512). STOP_TOKEN_ID is a token greedy
+Usage: openai_client.py BASE_URL STOP_TOKEN_ID GREEDY RUNNER_UP PROMOTED VOCAB SPECIAL
+(e.g. http://127.0.0.1:8000/v1 42 7 9 300 512 1). STOP_TOKEN_ID is a token greedy
 decoding of "Once upon a time" generates; GREEDY, RUNNER_UP and PROMOTED are the
 most likely, second most likely and a much less likely first token after it;
-VOCAB is the vocabulary's size.
+VOCAB is the vocabulary's size; SPECIAL a special token (not EOS).
 Prints one JSON object with what it saw; tests/e2e/openai.rs asserts on it.
 """
 import json
@@ -17,12 +17,23 @@ import openai
 
 base = sys.argv[1]
 stop_token_id = int(sys.argv[2])
-greedy_first, runner_up, promoted, vocab = (int(a) for a in sys.argv[3:7])
+greedy_first, runner_up, promoted, vocab, special = (int(a) for a in sys.argv[3:8])
 client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
 out = {}
 
 out["models"] = [m.id for m in client.models.list().data]
 model = out["models"][0]
+
+# vLLM's skip_special_tokens: a special token forced by logit_bias, three times.
+forced = {"model": model, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
+          "logit_bias": {str(special): 100}}
+keep = {"ignore_eos": True, "skip_special_tokens": False}
+out["special"] = {
+    "default": client.completions.create(**forced, extra_body={"ignore_eos": True}).choices[0].text,
+    "kept": client.completions.create(**forced, extra_body=keep).choices[0].text,
+    "kept_stream": "".join(ch.choices[0].text for ch in client.completions.create(
+        **forced, stream=True, extra_body=keep) if ch.choices),
+}
 
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
 out["completion"] = {"text": c.choices[0].text, "finish_reason": c.choices[0].finish_reason,

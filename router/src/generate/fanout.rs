@@ -205,6 +205,7 @@ mod tests {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             include_stop_str_in_output: false,
+            keep_special_tokens: false,
             logprobs: None,
             min_tokens: 0,
             min_tokens_banned: Vec::new(),
