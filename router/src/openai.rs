@@ -188,6 +188,9 @@ struct Sampling {
     /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
     #[serde(default)]
     min_tokens: u32,
+    /// vLLM's: only the prompt's last this many tokens are run (-1: as many
+    /// as the model's context holds).
+    truncate_prompt_tokens: Option<i64>,
     /// vLLM's: false keeps special tokens' text in the output (default true).
     skip_special_tokens: Option<bool>,
     /// vLLM's: the stop string (or stop token's text) that ends the output stays in it.
@@ -408,6 +411,34 @@ fn finish_reason(reason: i32) -> &'static str {
     }
 }
 
+/// vLLM's `truncate_prompt_tokens`: how many of a prompt's last tokens run
+/// (`None`: all); -1 is the model's context length; 0, below -1 or past the
+/// context: HTTP 400 naming it.
+fn kept_prompt_tokens(s: &Sampling, model: &ModelDir) -> Result<Option<usize>, ApiError> {
+    let max = model.config.max_position_embeddings;
+    match s.truncate_prompt_tokens {
+        None => Ok(None),
+        Some(-1) => Ok(Some(max)),
+        Some(k) if k >= 1 && k as usize <= max => Ok(Some(k as usize)),
+        Some(k) => Err(ApiError::bad_field(
+            "truncate_prompt_tokens",
+            format!(
+                "truncate_prompt_tokens must be -1 (the model's context, {max}) or from 1 to {max}, got {k}"
+            ),
+        )),
+    }
+}
+
+/// The last `keep` of `ids` (all of them with `None`).
+fn last_tokens(mut ids: Vec<u32>, keep: Option<usize>) -> Vec<u32> {
+    if let Some(k) = keep
+        && ids.len() > k
+    {
+        ids.drain(..ids.len() - k);
+    }
+    ids
+}
+
 async fn models(State(st): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -468,21 +499,27 @@ async fn completions(
             "return_token_ids together with echo is not supported yet",
         ));
     }
-    // With return_token_ids the prompts go as token ids, encoded here as the
-    // service would (special tokens added), so the ids returned are the ones run.
-    let prompts = if req.sampling.return_token_ids {
+    // With return_token_ids or truncate_prompt_tokens the prompts go as token
+    // ids, encoded here as the service would (special tokens added), so the
+    // ids returned (or cut) are the ones run.
+    let keep = kept_prompt_tokens(&req.sampling, &st.model)?;
+    let prompts = if req.sampling.return_token_ids || keep.is_some() {
         prompts
             .into_iter()
-            .map(|p| match p {
-                pb::generate_request::Prompt::Text(t) => st
-                    .model
-                    .tokenizer
-                    .encode(&t, true)
-                    .map(|ids| pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }))
-                    .map_err(|e| ApiError::bad_field("prompt", e.to_string())),
-                ids => Ok(ids),
+            .map(|p| {
+                let ids = match p {
+                    pb::generate_request::Prompt::Text(t) => st
+                        .model
+                        .tokenizer
+                        .encode(&t, true)
+                        .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
+                    pb::generate_request::Prompt::TokenIds(ids) => ids.ids,
+                };
+                Ok(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+                    ids: last_tokens(ids, keep),
+                }))
             })
-            .collect::<Result<Vec<_>, _>>()?
+            .collect::<Result<Vec<_>, ApiError>>()?
     } else {
         prompts
     };
@@ -559,6 +596,7 @@ async fn chat_completions(
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ids = last_tokens(ids, kept_prompt_tokens(&req.sampling, &st.model)?);
     let mut request = to_request(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,

@@ -115,11 +115,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         On::Both,
         Rule::NeutralOnly(is_true),
     ),
-    (
-        "truncate_prompt_tokens",
-        On::Both,
-        Rule::NeutralOnly(is_empty),
-    ),
+    ("truncate_prompt_tokens", On::Both, Rule::Used),
     ("allowed_token_ids", On::Both, Rule::NeutralOnly(is_empty)),
     ("bad_words", On::Both, Rule::NeutralOnly(is_empty)),
     (

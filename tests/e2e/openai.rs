@@ -263,6 +263,20 @@ async fn the_openai_client_library_works_against_the_router() {
         serde_json::json!(chat_greedy),
         "{ti}"
     );
+    // vLLM's truncate_prompt_tokens: the prompt's last tokens only, run as
+    // the engine runs them; 0 is refused naming the field.
+    let tr = &seen["truncate"];
+    let last3 = &prompt[prompt.len() - 3..];
+    assert_eq!(tr["prompt_token_ids"], serde_json::json!(last3), "{tr}");
+    assert_eq!(tr["prompt_tokens"], 3, "{tr}");
+    assert_eq!(
+        tr["token_ids"],
+        serde_json::json!(reference(&model, last3, 4)),
+        "{tr}"
+    );
+    assert_eq!(tr["chat_prompt_tokens"], 5, "{tr}");
+    assert_eq!(tr["zero"]["status"], 400, "{tr}");
+    assert_eq!(tr["zero"]["param"], "truncate_prompt_tokens", "{tr}");
     assert_eq!(ti["echo"]["status"], 400, "{ti}");
     assert_eq!(ti["echo"]["param"], "return_token_ids", "{ti}");
     assert_eq!(seen["chat"]["prompt_tokens"], chat_prompt.len());

@@ -142,6 +142,22 @@ except openai.APIStatusError as e:
     ti["echo"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
 out["token_ids"] = ti
 
+# vLLM's truncate_prompt_tokens: only the prompt's last 3 tokens run.
+c = client.completions.create(prompt="Once upon a time", **{**ids_args, "extra_body": {
+    **ids_args["extra_body"], "truncate_prompt_tokens": 3}}).model_dump()
+trunc = {"prompt_token_ids": c["choices"][0]["prompt_token_ids"], "token_ids": c["choices"][0]["token_ids"],
+         "prompt_tokens": c["usage"]["prompt_tokens"]}
+r = client.chat.completions.create(messages=messages, model=model, max_tokens=2, temperature=0,
+                                   extra_body={"truncate_prompt_tokens": 5})
+trunc["chat_prompt_tokens"] = r.usage.prompt_tokens
+try:
+    client.completions.create(prompt="Once upon a time", model=model, max_tokens=2,
+                              extra_body={"truncate_prompt_tokens": 0})
+    trunc["zero"] = None
+except openai.APIStatusError as e:
+    trunc["zero"] = {"status": e.status_code, "param": e.body.get("param")}
+out["truncate"] = trunc
+
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.
 part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
