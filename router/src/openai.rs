@@ -49,7 +49,9 @@ use chunks::{
 };
 
 mod choices;
+mod prompts;
 use choices::{Choices, Samples};
+use prompts::{Prompts, completion_prompts, kept_prompt_tokens, last_tokens};
 mod tool_chunks;
 use tool_chunks::{tool_message, tool_sse_events};
 
@@ -411,34 +413,6 @@ fn finish_reason(reason: i32) -> &'static str {
     }
 }
 
-/// vLLM's `truncate_prompt_tokens`: how many of a prompt's last tokens run
-/// (`None`: all); -1 is the model's context length; 0, below -1 or past the
-/// context: HTTP 400 naming it.
-fn kept_prompt_tokens(s: &Sampling, model: &ModelDir) -> Result<Option<usize>, ApiError> {
-    let max = model.config.max_position_embeddings;
-    match s.truncate_prompt_tokens {
-        None => Ok(None),
-        Some(-1) => Ok(Some(max)),
-        Some(k) if k >= 1 && k as usize <= max => Ok(Some(k as usize)),
-        Some(k) => Err(ApiError::bad_field(
-            "truncate_prompt_tokens",
-            format!(
-                "truncate_prompt_tokens must be -1 (the model's context, {max}) or from 1 to {max}, got {k}"
-            ),
-        )),
-    }
-}
-
-/// The last `keep` of `ids` (all of them with `None`).
-fn last_tokens(mut ids: Vec<u32>, keep: Option<usize>) -> Vec<u32> {
-    if let Some(k) = keep
-        && ids.len() > k
-    {
-        ids.drain(..ids.len() - k);
-    }
-    ids
-}
-
 async fn models(State(st): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -454,99 +428,11 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let auth = authorization(&st, &headers)?;
     let req: CompletionRequest = strict_body(Endpoint::Completions, body)?;
-    if req.echo && req.sampling.logprobs.is_some() {
-        // vLLM then returns the prompt's log probabilities too, which Tandem
-        // does not compute: refused rather than silently left out.
-        return Err(ApiError::bad_field(
-            "echo",
-            "echo with logprobs (the prompt's log probabilities) is not supported yet",
-        ));
-    }
-    // A batch of prompts is answered as vLLM does: each prompt's `n` choices
-    // in turn, in one answer.
-    let prompts: Vec<pb::generate_request::Prompt> = match req.prompt {
-        PromptInput::Text(t) => vec![pb::generate_request::Prompt::Text(t)],
-        PromptInput::Tokens(ids) => {
-            vec![pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })]
-        }
-        PromptInput::Texts(t) => t
-            .into_iter()
-            .map(pb::generate_request::Prompt::Text)
-            .collect(),
-        PromptInput::TokenLists(t) => t
-            .into_iter()
-            .map(|ids| pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }))
-            .collect(),
-        PromptInput::Other(v) => {
-            let got = match v {
-                serde_json::Value::Object(_) => "an object",
-                serde_json::Value::Array(_) => "a list of other values",
-                serde_json::Value::Null => "null",
-                _ => "a number or a boolean",
-            };
-            return Err(ApiError::bad_field(
-                "prompt",
-                format!(
-                    "prompt must be a string, a list of token ids, or a batch (a list) of either, got {got}"
-                ),
-            ));
-        }
-    };
-    if req.echo && req.sampling.return_token_ids {
-        // vLLM then moves the prompt from the text into the token ids.
-        return Err(ApiError::bad_field(
-            "return_token_ids",
-            "return_token_ids together with echo is not supported yet",
-        ));
-    }
-    // With return_token_ids or truncate_prompt_tokens the prompts go as token
-    // ids, encoded here as the service would (special tokens added), so the
-    // ids returned (or cut) are the ones run.
-    let keep = kept_prompt_tokens(&req.sampling, &st.model)?;
-    let prompts = if req.sampling.return_token_ids || keep.is_some() {
-        prompts
-            .into_iter()
-            .map(|p| {
-                let ids = match p {
-                    pb::generate_request::Prompt::Text(t) => st
-                        .model
-                        .tokenizer
-                        .encode(&t, true)
-                        .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
-                    pb::generate_request::Prompt::TokenIds(ids) => ids.ids,
-                };
-                Ok(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
-                    ids: last_tokens(ids, keep),
-                }))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?
-    } else {
-        prompts
-    };
-    let prompt_ids = req.sampling.return_token_ids.then(|| {
-        prompts
-            .iter()
-            .map(|p| match p {
-                pb::generate_request::Prompt::TokenIds(ids) => ids.ids.clone(),
-                pb::generate_request::Prompt::Text(_) => Vec::new(),
-            })
-            .collect()
-    });
-    let echo = if req.echo {
-        prompts
-            .iter()
-            .map(|p| match p {
-                pb::generate_request::Prompt::Text(t) => Ok(t.clone()),
-                pb::generate_request::Prompt::TokenIds(ids) => st
-                    .model
-                    .tokenizer
-                    .decode(&ids.ids)
-                    .map_err(|e| ApiError::bad_field("prompt", e.to_string())),
-            })
-            .collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
-    };
+    let Prompts {
+        prompts,
+        ids: prompt_ids,
+        echo,
+    } = completion_prompts(req.prompt, req.echo, &req.sampling, &st.model)?;
     let vocab = st.model.config.vocab_size;
     let requests = prompts
         .into_iter()

@@ -302,8 +302,8 @@ mod tests {
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,
-                json!({"include_stop_str_in_output": true}),
-                "include_stop_str_in_output",
+                json!({"allowed_token_ids": [1, 2]}),
+                "allowed_token_ids",
             ),
             (Endpoint::Chat, json!({"functions": [{}]}), "functions"),
             (
