@@ -80,6 +80,7 @@ pub fn constraint_from_pb(c: Option<&pb::OutputConstraint>) -> Option<Constraint
         Kind::Regex(r) => Constraint::Regex(r.clone()),
         Kind::Choice(list) => Constraint::Choice(list.choices.clone()),
         Kind::LarkGrammar(g) => Constraint::LarkGrammar(g.clone()),
+        Kind::AllowedTokenIds(ids) => Constraint::AllowedTokenIds(ids.ids.clone()),
     })
 }
 
@@ -94,6 +95,9 @@ pub fn constraint_to_pb(c: &Constraint) -> pb::OutputConstraint {
             choices: choices.clone(),
         }),
         Constraint::LarkGrammar(g) => Kind::LarkGrammar(g.clone()),
+        Constraint::AllowedTokenIds(ids) => {
+            Kind::AllowedTokenIds(pb::TokenIds { ids: ids.clone() })
+        }
     };
     pb::OutputConstraint { kind: Some(kind) }
 }

@@ -43,6 +43,10 @@ pub enum Constraint {
     Choice(Vec<String>),
     /// A grammar in llguidance's Lark syntax.
     LarkGrammar(String),
+    /// Only these token ids may be drawn, at every step (vLLM's
+    /// `allowed_token_ids`; EOS too only when listed). Not a grammar: the
+    /// output is never complete by it.
+    AllowedTokenIds(Vec<u32>),
 }
 
 impl Constraint {
@@ -54,6 +58,7 @@ impl Constraint {
             Constraint::Regex(_) => "guided_regex",
             Constraint::Choice(_) => "guided_choice",
             Constraint::LarkGrammar(_) => "guided_grammar",
+            Constraint::AllowedTokenIds(_) => "allowed_token_ids",
         }
     }
 
@@ -82,6 +87,9 @@ impl Constraint {
                 TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|")))
             }
             Constraint::LarkGrammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
+            Constraint::AllowedTokenIds(_) => {
+                return Err(invalid("a set of token ids is not a grammar".into()));
+            }
         })
     }
 }
@@ -127,6 +135,9 @@ impl ConstraintCompiler {
     /// Compiles `constraint` into a fresh parser for one sequence; a bad
     /// schema, regex or grammar is `InvalidInput` naming the field.
     pub fn start(&self, constraint: &Constraint) -> Result<ConstraintState> {
+        if let Constraint::AllowedTokenIds(ids) = constraint {
+            return self.token_set(ids);
+        }
         let grammar = constraint.grammar()?;
         let parser = self.factory.create_parser(grammar).map_err(|e| {
             EngineError::InvalidInput(format!("{}: cannot compile: {e}", constraint.field()))
@@ -139,18 +150,47 @@ impl ConstraintCompiler {
             )));
         }
         Ok(ConstraintState {
-            matcher,
+            kind: StateKind::Grammar(Box::new(matcher)),
             field: constraint.field(),
+            vocab_size: self.vocab_size,
+        })
+    }
+
+    /// The state of `allowed_token_ids`: a fixed mask.
+    fn token_set(&self, ids: &[u32]) -> Result<ConstraintState> {
+        let invalid = |m: String| EngineError::InvalidInput(format!("allowed_token_ids: {m}"));
+        if ids.is_empty() {
+            return Err(invalid("the list is empty".into()));
+        }
+        let mut mask = SimpleVob::alloc(self.vocab_size);
+        for &id in ids {
+            if id as usize >= self.vocab_size {
+                return Err(invalid(format!(
+                    "token id {id} is outside the vocabulary (size {})",
+                    self.vocab_size
+                )));
+            }
+            mask.allow_token(id);
+        }
+        Ok(ConstraintState {
+            kind: StateKind::Tokens(mask),
+            field: "allowed_token_ids",
             vocab_size: self.vocab_size,
         })
     }
 }
 
-/// One sequence's grammar state.
+/// One sequence's constraint state.
 pub struct ConstraintState {
-    matcher: Matcher,
+    kind: StateKind,
     field: &'static str,
     vocab_size: usize,
+}
+
+/// A grammar's parser, or a fixed set of tokens.
+enum StateKind {
+    Grammar(Box<Matcher>),
+    Tokens(SimpleVob),
 }
 
 /// The tokens a constrained sequence may take next.
@@ -227,10 +267,23 @@ impl AllowedTokens {
 impl ConstraintState {
     /// The tokens the grammar allows after the tokens consumed so far.
     pub fn allowed(&mut self) -> Result<AllowedTokens> {
-        let mut mask = self.matcher.compute_mask().map_err(|e| self.error(e))?;
-        let eos = self.matcher.tok_env().map_err(|e| self.error(e))?;
+        let matcher = match &mut self.kind {
+            StateKind::Grammar(m) => m,
+            // The listed ids, EOS among them only if listed: the ends are
+            // never added (`accepting` false).
+            StateKind::Tokens(mask) => {
+                return Ok(AllowedTokens {
+                    mask: mask.clone(),
+                    vocab_size: self.vocab_size,
+                    accepting: false,
+                });
+            }
+        };
+        let field = self.field;
+        let mut mask = matcher.compute_mask().map_err(|e| Self::error(field, e))?;
+        let eos = matcher.tok_env().map_err(|e| Self::error(field, e))?;
         let trie_eos = eos.tok_trie().eos_token();
-        let accepting = self.matcher.is_accepting().map_err(|e| self.error(e))?;
+        let accepting = matcher.is_accepting().map_err(|e| Self::error(field, e))?;
         // The trie's EOS placeholder stands for "the grammar may end"; the
         // generation decides which real ids that allows.
         if (trie_eos as usize) < self.vocab_size {
@@ -260,16 +313,28 @@ impl ConstraintState {
     /// (only a token sampled elsewhere without the constraint could be one) is
     /// `InvalidInput`.
     pub fn advance(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| self.error(e))
+        let field = self.field;
+        match &mut self.kind {
+            StateKind::Grammar(m) => m.consume_token(token).map_err(|e| Self::error(field, e)),
+            StateKind::Tokens(mask) if mask.is_allowed(token) => Ok(()),
+            StateKind::Tokens(_) => Err(EngineError::InvalidInput(format!(
+                "{field}: token {token} is not one of the allowed ids"
+            ))),
+        }
     }
 
-    /// Whether the grammar can take no further token: the output is complete.
+    /// Whether the grammar can take no further token: the output is complete
+    /// (never, for a set of allowed ids).
     pub fn is_stopped(&self) -> bool {
-        self.matcher.is_stopped()
+        match &self.kind {
+            StateKind::Grammar(m) => m.is_stopped(),
+            StateKind::Tokens(_) => false,
+        }
     }
 
-    fn error(&self, e: impl std::fmt::Display) -> EngineError {
-        EngineError::InvalidInput(format!("{}: {e}", self.field))
+    /// An llguidance error as `InvalidInput` naming the request's field.
+    fn error(field: &str, e: impl std::fmt::Display) -> EngineError {
+        EngineError::InvalidInput(format!("{field}: {e}"))
     }
 }
 

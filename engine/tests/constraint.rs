@@ -145,6 +145,47 @@ fn regex_and_choice_outputs_match() {
     }
 }
 
+/// vLLM's allowed_token_ids: sampling draws only the listed tokens, EOS
+/// included only when listed (so without it the output runs to max_tokens),
+/// and a replayed token outside the list is refused.
+#[test]
+fn only_allowed_token_ids_are_drawn() {
+    let (_d, m) = synth();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("Pick:", true).unwrap();
+    let eos = m.config.eos_token_ids.clone();
+    let allowed = vec![5u32, 17, 300];
+    for seed in 0..4 {
+        let p = GenerationParams {
+            max_tokens: 24,
+            ..params(Constraint::AllowedTokenIds(allowed.clone()), seed)
+        };
+        let out = g.generate(&prompt, &p, &m.tokenizer, |_| {}).unwrap();
+        assert_eq!(out.tokens.len(), 24, "{:?}", out.tokens);
+        assert!(
+            out.tokens.iter().all(|t| allowed.contains(t)),
+            "{:?}",
+            out.tokens
+        );
+        assert_eq!(out.finish_reason, FinishReason::Length);
+    }
+    // EOS listed: it may end the output (greedy among EOS alone ends at once).
+    let only_eos = GenerationParams {
+        sampling: SamplingParams::default(),
+        ..params(Constraint::AllowedTokenIds(eos.clone()), 0)
+    };
+    let out = g
+        .generate(&prompt, &only_eos, &m.tokenizer, |_| {})
+        .unwrap();
+    assert_eq!(out.finish_reason, FinishReason::Eos, "{:?}", out.tokens);
+    let p = params(Constraint::AllowedTokenIds(allowed), 0);
+    let err = Generation::resume(prompt, &[6], p, &eos, &m.tokenizer).err();
+    assert!(
+        matches!(&err, Some(EngineError::InvalidInput(e)) if e.starts_with("allowed_token_ids")),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn resume_replays_the_generated_tokens_through_the_grammar() {
     let (_d, m) = synth();
@@ -187,6 +228,11 @@ fn bad_constraints_are_invalid_input_naming_the_field() {
         (
             Constraint::LarkGrammar("start: undefined_rule".into()),
             "guided_grammar",
+        ),
+        (Constraint::AllowedTokenIds(Vec::new()), "allowed_token_ids"),
+        (
+            Constraint::AllowedTokenIds(vec![1, m.config.vocab_size as u32 + 3]),
+            "allowed_token_ids",
         ),
     ] {
         match compiler.start(&c) {

@@ -116,7 +116,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         Rule::NeutralOnly(is_true),
     ),
     ("truncate_prompt_tokens", On::Both, Rule::Used),
-    ("allowed_token_ids", On::Both, Rule::NeutralOnly(is_empty)),
+    ("allowed_token_ids", On::Both, Rule::Used),
     ("bad_words", On::Both, Rule::NeutralOnly(is_empty)),
     (
         "prompt_logprobs",
@@ -302,8 +302,8 @@ mod tests {
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,
-                json!({"allowed_token_ids": [1, 2]}),
-                "allowed_token_ids",
+                json!({"bad_words": ["x"]}),
+                "bad_words",
             ),
             (Endpoint::Chat, json!({"functions": [{}]}), "functions"),
             (

@@ -8,7 +8,9 @@
 //! - `guided_json` (a schema, as an object or as JSON text), `guided_regex`,
 //!   `guided_choice` (a list of strings), `guided_grammar` (llguidance's Lark syntax);
 //! - `structured_outputs`: `{"json": ..., "regex": ..., "choice": [...],
-//!   "grammar": ..., "json_object": true}` (vLLM's newer spelling).
+//!   "grammar": ..., "json_object": true}` (vLLM's newer spelling);
+//! - `allowed_token_ids`: only these tokens may be drawn (a fixed mask, not
+//!   a grammar; EOS too only when listed).
 //!
 //! At most one constraint per request; a second is refused naming its field.
 //! Whether the schema, regex or grammar compiles is the validator's check
@@ -36,6 +38,8 @@ pub struct StructuredFields {
     pub guided_grammar: Option<String>,
     /// vLLM's newer field holding any one of the above.
     pub structured_outputs: Option<Value>,
+    /// vLLM's: only these token ids may be drawn (one constraint too).
+    pub allowed_token_ids: Option<Vec<u32>>,
 }
 
 fn refused(param: &str, message: impl Into<String>) -> Refused {
@@ -161,6 +165,12 @@ pub fn constraint(f: &StructuredFields) -> Result<Option<pb::OutputConstraint>, 
     }
     if let Some(v) = &f.structured_outputs {
         found.extend(structured_outputs(v)?);
+    }
+    if let Some(ids) = &f.allowed_token_ids {
+        found.push((
+            "allowed_token_ids".into(),
+            Kind::AllowedTokenIds(pb::TokenIds { ids: ids.clone() }),
+        ));
     }
     let mut found = found.into_iter();
     let first = found.next();

@@ -275,6 +275,23 @@ async fn the_openai_client_library_works_against_the_router() {
         "{tr}"
     );
     assert_eq!(tr["chat_prompt_tokens"], 5, "{tr}");
+    // vLLM's allowed_token_ids: every token drawn is one of them (sampled,
+    // the greedy token not among them); refused with another constraint or
+    // outside the vocabulary.
+    let al = &seen["allowed_token_ids"];
+    let drawn = al["token_ids"].as_array().cloned().unwrap_or_default();
+    assert_eq!(drawn.len(), 8, "{al}");
+    assert!(
+        drawn
+            .iter()
+            .all(|t| t.as_u64() == Some(runner_up as u64) || t.as_u64() == Some(promoted as u64)),
+        "{al}"
+    );
+    for case in ["with_regex", "outside"] {
+        assert_eq!(al[case]["status"], 400, "{case}: {al}");
+        let message = al[case]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("allowed_token_ids"), "{case}: {al}");
+    }
     assert_eq!(tr["zero"]["status"], 400, "{tr}");
     assert_eq!(tr["zero"]["param"], "truncate_prompt_tokens", "{tr}");
     assert_eq!(ti["echo"]["status"], 400, "{ti}");

@@ -158,6 +158,22 @@ except openai.APIStatusError as e:
     trunc["zero"] = {"status": e.status_code, "param": e.body.get("param")}
 out["truncate"] = trunc
 
+# vLLM's allowed_token_ids: only those are drawn; with another constraint, or an
+# id outside the vocabulary, refused naming it.
+allowed = {}
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=3,
+                              extra_body={"allowed_token_ids": [runner_up, promoted], "return_token_ids": True,
+                                          "ignore_eos": True}).model_dump()
+allowed["token_ids"] = c["choices"][0]["token_ids"]
+for name, extra in {"with_regex": {"allowed_token_ids": [runner_up], "guided_regex": "a+"},
+                    "outside": {"allowed_token_ids": [vocab + 3]}}.items():
+    try:
+        client.completions.create(model=model, prompt="hi", max_tokens=2, extra_body=extra)
+        allowed[name] = None
+    except openai.APIStatusError as e:
+        allowed[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["allowed_token_ids"] = allowed
+
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.
 part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
