@@ -81,6 +81,7 @@ pub fn constraint_from_pb(c: Option<&pb::OutputConstraint>) -> Option<Constraint
         Kind::Choice(list) => Constraint::Choice(list.choices.clone()),
         Kind::LarkGrammar(g) => Constraint::LarkGrammar(g.clone()),
         Kind::AllowedTokenIds(ids) => Constraint::AllowedTokenIds(ids.ids.clone()),
+        Kind::BadWords(b) => Constraint::BadWords(b.words.iter().map(|w| w.ids.clone()).collect()),
     })
 }
 
@@ -98,6 +99,12 @@ pub fn constraint_to_pb(c: &Constraint) -> pb::OutputConstraint {
         Constraint::AllowedTokenIds(ids) => {
             Kind::AllowedTokenIds(pb::TokenIds { ids: ids.clone() })
         }
+        Constraint::BadWords(words) => Kind::BadWords(pb::BadWords {
+            words: words
+                .iter()
+                .map(|ids| pb::TokenIds { ids: ids.clone() })
+                .collect(),
+        }),
     };
     pb::OutputConstraint { kind: Some(kind) }
 }

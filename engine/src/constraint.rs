@@ -47,6 +47,10 @@ pub enum Constraint {
     /// `allowed_token_ids`; EOS too only when listed). Not a grammar: the
     /// output is never complete by it.
     AllowedTokenIds(Vec<u32>),
+    /// Token sequences whose last token cannot be drawn right after the rest
+    /// (a one-token sequence: never) (vLLM's `bad_words`, tokenized). Not a
+    /// grammar either.
+    BadWords(Vec<Vec<u32>>),
 }
 
 impl Constraint {
@@ -59,6 +63,7 @@ impl Constraint {
             Constraint::Choice(_) => "guided_choice",
             Constraint::LarkGrammar(_) => "guided_grammar",
             Constraint::AllowedTokenIds(_) => "allowed_token_ids",
+            Constraint::BadWords(_) => "bad_words",
         }
     }
 
@@ -87,8 +92,8 @@ impl Constraint {
                 TopLevelGrammar::from_regex(&format!("({})", alternatives.join("|")))
             }
             Constraint::LarkGrammar(lark) => TopLevelGrammar::from_lark(lark.clone()),
-            Constraint::AllowedTokenIds(_) => {
-                return Err(invalid("a set of token ids is not a grammar".into()));
+            Constraint::AllowedTokenIds(_) | Constraint::BadWords(_) => {
+                return Err(invalid("token ids are not a grammar".into()));
             }
         })
     }
@@ -135,8 +140,10 @@ impl ConstraintCompiler {
     /// Compiles `constraint` into a fresh parser for one sequence; a bad
     /// schema, regex or grammar is `InvalidInput` naming the field.
     pub fn start(&self, constraint: &Constraint) -> Result<ConstraintState> {
-        if let Constraint::AllowedTokenIds(ids) = constraint {
-            return self.token_set(ids);
+        match constraint {
+            Constraint::AllowedTokenIds(ids) => return self.token_set(ids),
+            Constraint::BadWords(words) => return self.bad_words(words),
+            _ => {}
         }
         let grammar = constraint.grammar()?;
         let parser = self.factory.create_parser(grammar).map_err(|e| {
@@ -180,6 +187,33 @@ impl ConstraintCompiler {
     }
 }
 
+impl ConstraintCompiler {
+    /// The state of `bad_words`: the sequences, and the tokens drawn so far
+    /// that could start one.
+    fn bad_words(&self, words: &[Vec<u32>]) -> Result<ConstraintState> {
+        let invalid = |m: String| EngineError::InvalidInput(format!("bad_words: {m}"));
+        for w in words {
+            if w.is_empty() {
+                return Err(invalid("a word has no tokens".into()));
+            }
+            if let Some(id) = w.iter().find(|&&id| id as usize >= self.vocab_size) {
+                return Err(invalid(format!(
+                    "token id {id} is outside the vocabulary (size {})",
+                    self.vocab_size
+                )));
+            }
+        }
+        Ok(ConstraintState {
+            kind: StateKind::BadWords {
+                words: words.to_vec(),
+                tail: Vec::new(),
+            },
+            field: "bad_words",
+            vocab_size: self.vocab_size,
+        })
+    }
+}
+
 /// One sequence's constraint state.
 pub struct ConstraintState {
     kind: StateKind,
@@ -187,10 +221,15 @@ pub struct ConstraintState {
     vocab_size: usize,
 }
 
-/// A grammar's parser, or a fixed set of tokens.
+/// A grammar's parser, a fixed set of tokens, or bad words and the tokens
+/// drawn last (as many as the longest word's prefix).
 enum StateKind {
     Grammar(Box<Matcher>),
     Tokens(SimpleVob),
+    BadWords {
+        words: Vec<Vec<u32>>,
+        tail: Vec<u32>,
+    },
 }
 
 /// The tokens a constrained sequence may take next.
@@ -278,6 +317,24 @@ impl ConstraintState {
                     accepting: false,
                 });
             }
+            // Everything but the last token of each word whose rest was just
+            // drawn; EOS and stop ids as without a constraint.
+            StateKind::BadWords { words, tail } => {
+                let mut mask = SimpleVob::alloc_ones(self.vocab_size);
+                for w in words.iter() {
+                    let Some((last, rest)) = w.split_last() else {
+                        continue;
+                    };
+                    if tail.ends_with(rest) {
+                        mask.disallow_token(*last);
+                    }
+                }
+                return Ok(AllowedTokens {
+                    mask,
+                    vocab_size: self.vocab_size,
+                    accepting: true,
+                });
+            }
         };
         let field = self.field;
         let mut mask = matcher.compute_mask().map_err(|e| Self::error(field, e))?;
@@ -317,6 +374,14 @@ impl ConstraintState {
         match &mut self.kind {
             StateKind::Grammar(m) => m.consume_token(token).map_err(|e| Self::error(field, e)),
             StateKind::Tokens(mask) if mask.is_allowed(token) => Ok(()),
+            StateKind::BadWords { words, tail } => {
+                tail.push(token);
+                let keep = words.iter().map(|w| w.len() - 1).max().unwrap_or(0);
+                if tail.len() > keep {
+                    tail.drain(..tail.len() - keep);
+                }
+                Ok(())
+            }
             StateKind::Tokens(_) => Err(EngineError::InvalidInput(format!(
                 "{field}: token {token} is not one of the allowed ids"
             ))),
@@ -328,7 +393,7 @@ impl ConstraintState {
     pub fn is_stopped(&self) -> bool {
         match &self.kind {
             StateKind::Grammar(m) => m.is_stopped(),
-            StateKind::Tokens(_) => false,
+            StateKind::Tokens(_) | StateKind::BadWords { .. } => false,
         }
     }
 

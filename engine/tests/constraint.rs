@@ -186,6 +186,41 @@ fn only_allowed_token_ids_are_drawn() {
     );
 }
 
+/// vLLM's bad_words: a one-token word is never drawn; a longer word's last
+/// token is not drawn right after the rest of it, while its first token
+/// still is.
+#[test]
+fn bad_words_are_not_written() {
+    let (_d, m) = synth();
+    let mut g = LocalGenerator::new(m.load_cpu(64, 16).unwrap());
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    let greedy = |c: Option<Constraint>| GenerationParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        constraint: c,
+        ..Default::default()
+    };
+    let free = g
+        .generate(&prompt, &greedy(None), &m.tokenizer, |_| {})
+        .unwrap()
+        .tokens;
+    let mut run = |c| {
+        g.generate(&prompt, &greedy(Some(c)), &m.tokenizer, |_| {})
+            .unwrap()
+            .tokens
+    };
+    let out = run(Constraint::BadWords(vec![vec![free[0]]]));
+    assert!(!out.contains(&free[0]), "{out:?} (free: {free:?})");
+    let pair = [free[0], free[1]];
+    let out = run(Constraint::BadWords(vec![pair.to_vec()]));
+    assert_eq!(out[0], free[0]);
+    assert_ne!(out[1], free[1], "{out:?}");
+    assert!(
+        out.windows(2).all(|w| w != pair),
+        "{out:?} (free: {free:?})"
+    );
+}
+
 #[test]
 fn resume_replays_the_generated_tokens_through_the_grammar() {
     let (_d, m) = synth();
@@ -230,6 +265,7 @@ fn bad_constraints_are_invalid_input_naming_the_field() {
             "guided_grammar",
         ),
         (Constraint::AllowedTokenIds(Vec::new()), "allowed_token_ids"),
+        (Constraint::BadWords(vec![vec![1], Vec::new()]), "bad_words"),
         (
             Constraint::AllowedTokenIds(vec![1, m.config.vocab_size as u32 + 3]),
             "allowed_token_ids",

@@ -333,8 +333,9 @@ fn to_request(
     prompt: pb::generate_request::Prompt,
     s: &Sampling,
     kind: Kind,
-    vocab: usize,
+    model: &ModelDir,
 ) -> Result<pb::GenerateRequest, ApiError> {
+    let vocab = model.config.vocab_size;
     // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
     if let Some(p) = s.top_p
         && !(p > 0.0 && p <= 1.0)
@@ -394,7 +395,7 @@ fn to_request(
         min_tokens: s.min_tokens,
         // Set from the checked `n` and `best_of` in `run`.
         n: 1,
-        constraint: openai_structured::constraint(&s.structured)?,
+        constraint: openai_structured::constraint(&s.structured, &model.tokenizer)?,
     })
 }
 
@@ -433,10 +434,9 @@ async fn completions(
         ids: prompt_ids,
         echo,
     } = completion_prompts(req.prompt, req.echo, &req.sampling, &st.model)?;
-    let vocab = st.model.config.vocab_size;
     let requests = prompts
         .into_iter()
-        .map(|p| to_request(p, &req.sampling, Kind::Completion, vocab))
+        .map(|p| to_request(p, &req.sampling, Kind::Completion, &st.model))
         .collect::<Result<Vec<_>, _>>()?;
     let usage = StreamOptions::usage(req.sampling.stream_options);
     let samples = Samples::check(
@@ -487,7 +487,7 @@ async fn chat_completions(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
         Kind::Chat,
-        st.model.config.vocab_size,
+        &st.model,
     )?;
     let samples = Samples::check(
         req.sampling.n,

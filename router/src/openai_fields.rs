@@ -117,7 +117,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ),
     ("truncate_prompt_tokens", On::Both, Rule::Used),
     ("allowed_token_ids", On::Both, Rule::Used),
-    ("bad_words", On::Both, Rule::NeutralOnly(is_empty)),
+    ("bad_words", On::Both, Rule::Used),
     (
         "prompt_logprobs",
         On::Both,
@@ -302,8 +302,8 @@ mod tests {
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,
-                json!({"bad_words": ["x"]}),
-                "bad_words",
+                json!({"kv_transfer_params": {"x": 1}}),
+                "kv_transfer_params",
             ),
             (Endpoint::Chat, json!({"functions": [{}]}), "functions"),
             (

@@ -10,7 +10,10 @@
 //! - `structured_outputs`: `{"json": ..., "regex": ..., "choice": [...],
 //!   "grammar": ..., "json_object": true}` (vLLM's newer spelling);
 //! - `allowed_token_ids`: only these tokens may be drawn (a fixed mask, not
-//!   a grammar; EOS too only when listed).
+//!   a grammar; EOS too only when listed);
+//! - `bad_words`: words never written, tokenized as vLLM does (each word, and
+//!   with a leading space where that tokenizes as many tokens from another
+//!   first one); a word's last token is banned right after the rest of it.
 //!
 //! At most one constraint per request; a second is refused naming its field.
 //! Whether the schema, regex or grammar compiles is the validator's check
@@ -20,6 +23,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::output_constraint::Kind;
+
+use tandem_engine::Tokenizer;
 
 use crate::openai_fields::Refused;
 
@@ -40,6 +45,8 @@ pub struct StructuredFields {
     pub structured_outputs: Option<Value>,
     /// vLLM's: only these token ids may be drawn (one constraint too).
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's: words never to write (one constraint too).
+    pub bad_words: Option<Vec<String>>,
 }
 
 fn refused(param: &str, message: impl Into<String>) -> Refused {
@@ -137,8 +144,37 @@ fn structured_outputs(v: &Value) -> Result<Vec<(String, Kind)>, Refused> {
     Ok(out)
 }
 
+/// `words` as vLLM's bad-words token sequences: each word's tokens, and its
+/// tokens with a leading space when that makes as many tokens starting with
+/// another one.
+fn bad_word_ids(words: &[String], tokenizer: &Tokenizer) -> Result<Vec<pb::TokenIds>, Refused> {
+    let mut out: Vec<pb::TokenIds> = Vec::new();
+    for w in words {
+        let bare = w.trim_start();
+        let encode = |text: &str| {
+            tokenizer
+                .encode(text, false)
+                .map_err(|e| refused("bad_words", format!("cannot tokenize {w:?}: {e}")))
+        };
+        let ids = encode(bare)?;
+        if ids.is_empty() {
+            return Err(refused("bad_words", format!("{w:?} has no tokens")));
+        }
+        let spaced = encode(&format!(" {bare}"))?;
+        let distinct = spaced.len() == ids.len() && spaced.first() != ids.first();
+        out.push(pb::TokenIds { ids });
+        if distinct {
+            out.push(pb::TokenIds { ids: spaced });
+        }
+    }
+    Ok(out)
+}
+
 /// The request's constraint, if it asks for one; two or more are refused.
-pub fn constraint(f: &StructuredFields) -> Result<Option<pb::OutputConstraint>, Refused> {
+pub fn constraint(
+    f: &StructuredFields,
+    tokenizer: &Tokenizer,
+) -> Result<Option<pb::OutputConstraint>, Refused> {
     let mut found: Vec<(String, Kind)> = Vec::new();
     if let Some(v) = &f.response_format
         && let Some(k) = response_format(v)?
@@ -172,6 +208,14 @@ pub fn constraint(f: &StructuredFields) -> Result<Option<pb::OutputConstraint>, 
             Kind::AllowedTokenIds(pb::TokenIds { ids: ids.clone() }),
         ));
     }
+    if let Some(words) = f.bad_words.as_ref().filter(|w| !w.is_empty()) {
+        found.push((
+            "bad_words".into(),
+            Kind::BadWords(pb::BadWords {
+                words: bad_word_ids(words, tokenizer)?,
+            }),
+        ));
+    }
     let mut found = found.into_iter();
     let first = found.next();
     if let Some((second, _)) = found.next() {
@@ -190,8 +234,34 @@ pub fn constraint(f: &StructuredFields) -> Result<Option<pb::OutputConstraint>, 
 mod tests {
     use super::*;
 
+    fn tokenizer() -> Tokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        tandem_engine::synth::write_model_dir(dir.path(), &Default::default()).unwrap();
+        tandem_engine::ModelDir::open(dir.path()).unwrap().tokenizer
+    }
+
     fn parse(body: Value) -> Result<Option<pb::OutputConstraint>, Refused> {
-        constraint(&serde_json::from_value(body).unwrap())
+        constraint(&serde_json::from_value(body).unwrap(), &tokenizer())
+    }
+
+    #[test]
+    fn bad_words_are_their_tokens_and_their_spaced_tokens() {
+        let tok = tokenizer();
+        let bare = tok.encode("hello world", false).unwrap();
+        let spaced = tok.encode(" hello world", false).unwrap();
+        let Some(Kind::BadWords(b)) = kind(serde_json::json!({"bad_words": ["  hello world"]}))
+        else {
+            panic!("bad_words read as another kind");
+        };
+        let words: Vec<Vec<u32>> = b.words.into_iter().map(|w| w.ids).collect();
+        assert_eq!(words[0], bare);
+        // The spaced form is a word of its own only where vLLM keeps it.
+        let distinct = spaced.len() == bare.len() && spaced[0] != bare[0];
+        assert_eq!(words.len(), 1 + usize::from(distinct), "{words:?}");
+        // None is no constraint; with another one, refused naming it.
+        assert_eq!(kind(serde_json::json!({"bad_words": []})), None);
+        let r = parse(serde_json::json!({"bad_words": ["x"], "guided_regex": "a"})).unwrap_err();
+        assert_eq!(r.param, "bad_words");
     }
 
     fn kind(body: Value) -> Option<Kind> {

@@ -55,6 +55,13 @@ async fn the_openai_client_library_works_against_the_router() {
         promoted.to_string(),
         model.config.vocab_size.to_string(),
         special.to_string(),
+        // The greedy text's first token, as a word to ban (vLLM's bad_words).
+        model
+            .tokenizer
+            .decode(&greedy[..1])
+            .unwrap()
+            .trim()
+            .to_string(),
     ];
     let mut script_args = vec![base];
     script_args.extend(args);
@@ -292,6 +299,44 @@ async fn the_openai_client_library_works_against_the_router() {
         let message = al[case]["message"].as_str().unwrap_or_default();
         assert!(message.contains("allowed_token_ids"), "{case}: {al}");
     }
+    // vLLM's bad_words: none of the word's token sequences (the word, and
+    // with a leading space where vLLM keeps that) is written, so greedy
+    // decoding leaves its path at once.
+    let bw = &seen["bad_words"];
+    let word = model
+        .tokenizer
+        .decode(&greedy[..1])
+        .unwrap()
+        .trim()
+        .to_string();
+    let bare = model.tokenizer.encode(&word, false).unwrap();
+    let spaced = model.tokenizer.encode(&format!(" {word}"), false).unwrap();
+    let mut banned = vec![bare.clone()];
+    if spaced.len() == bare.len() && spaced[0] != bare[0] {
+        banned.push(spaced);
+    }
+    let ids: Vec<u32> = bw["token_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_u64().map(|v| v as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ids.len(), 8, "{bw}");
+    for b in &banned {
+        assert!(
+            ids.windows(b.len()).all(|w| w != b.as_slice()),
+            "{b:?} in {bw}"
+        );
+    }
+    assert!(
+        banned
+            .iter()
+            .any(|b| b[..] == greedy[..b.len().min(greedy.len())]),
+        "{banned:?}"
+    );
+    assert_ne!(ids[..], greedy[..8], "{bw}");
     assert_eq!(tr["zero"]["status"], 400, "{tr}");
     assert_eq!(tr["zero"]["param"], "truncate_prompt_tokens", "{tr}");
     assert_eq!(ti["echo"]["status"], 400, "{ti}");

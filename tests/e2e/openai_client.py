@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Drives Tandem's OpenAI-compatible API with the official `openai` client library.
 
-Usage: openai_client.py BASE_URL STOP_TOKEN_ID GREEDY RUNNER_UP PROMOTED VOCAB SPECIAL
-(e.g. http://127.0.0.1:8000/v1 42 7 9 300 512 1). STOP_TOKEN_ID is a token greedy
+Usage: openai_client.py BASE_URL STOP_TOKEN_ID GREEDY RUNNER_UP PROMOTED VOCAB SPECIAL BAD_WORD
+(e.g. http://127.0.0.1:8000/v1 42 7 9 300 512 1 Once). STOP_TOKEN_ID is a token greedy
 decoding of "Once upon a time" generates; GREEDY, RUNNER_UP and PROMOTED are the
 most likely, second most likely and a much less likely first token after it;
-VOCAB is the vocabulary's size; SPECIAL a special token (not EOS).
+VOCAB is the vocabulary's size; SPECIAL a special token (not EOS); BAD_WORD the
+greedy text's first token's text, to ban.
 Prints one JSON object with what it saw; tests/e2e/openai.rs asserts on it.
 """
 import json
@@ -18,6 +19,7 @@ import openai
 base = sys.argv[1]
 stop_token_id = int(sys.argv[2])
 greedy_first, runner_up, promoted, vocab, special = (int(a) for a in sys.argv[3:8])
+bad_word = sys.argv[8]
 client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
 out = {}
 
@@ -174,6 +176,12 @@ for name, extra in {"with_regex": {"allowed_token_ids": [runner_up], "guided_reg
         allowed[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
 out["allowed_token_ids"] = allowed
 
+# vLLM's bad_words: the greedy text's first word banned.
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
+                              extra_body={"bad_words": [bad_word], "return_token_ids": True,
+                                          "ignore_eos": True}).model_dump()
+out["bad_words"] = {"token_ids": c["choices"][0]["token_ids"], "word": bad_word}
+
 # The same messages as lists of content parts (what the client sends for
 # multimodal messages): their text is the prompt; an image part is refused.
 part_messages = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages]
@@ -328,7 +336,7 @@ completion_refusals = {
     "max_token": {"extra_body": {"max_token": 3}},
 }
 chat_refusals = {
-    "bad_words": {"extra_body": {"bad_words": ["x"]}},
+    "kv_transfer_params": {"extra_body": {"kv_transfer_params": {"do_remote_prefill": True}}},
     # tools and tool_choice are honoured: their refusals are in tools_client.py.
     "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
     "function_call": {"extra_body": {"function_call": "auto"}},
