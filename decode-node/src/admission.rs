@@ -130,6 +130,7 @@ impl<B: Backend> Scheduler<B> {
             },
             remote_queue: a.prefill_queue,
             local_rate: self.local_rate.tokens_per_s(),
+            local_rate_age: self.local_rate.age(),
             local_backlog: self
                 .seqs
                 .values()

@@ -124,9 +124,12 @@ impl LinkBook {
     }
 }
 
-/// This node's smoothed prefill rate.
+/// This node's smoothed prefill rate, and when it was last sampled.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct LocalRate(Option<f64>);
+pub struct LocalRate {
+    rate: Option<f64>,
+    sampled: Option<Instant>,
+}
 
 impl LocalRate {
     /// A forward pass prefilled `tokens` (and decoded some rows) in `elapsed`.
@@ -136,15 +139,21 @@ impl LocalRate {
             return;
         }
         let sample = tokens as f64 / secs;
-        self.0 = Some(match self.0 {
+        self.rate = Some(match self.rate {
             Some(r) => r + ALPHA * (sample - r),
             None => sample,
         });
+        self.sampled = Some(Instant::now());
     }
 
     /// Tokens/s; `None` before any sample.
     pub fn tokens_per_s(&self) -> Option<f64> {
-        self.0
+        self.rate
+    }
+
+    /// How long ago the last sample came (zero before any).
+    pub fn age(&self) -> Duration {
+        self.sampled.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 
@@ -182,7 +191,12 @@ mod tests {
         assert_eq!(r.tokens_per_s(), None);
         r.observe(MIN_PREFILL_TOKENS, Duration::ZERO);
         assert_eq!(r.tokens_per_s(), None);
+        assert_eq!(r.age(), Duration::ZERO, "no sample, no age");
         r.observe(1000, Duration::from_millis(100));
         assert_eq!(r.tokens_per_s(), Some(10_000.0));
+        // Aged from the last counted sample; small passes do not refresh it.
+        std::thread::sleep(Duration::from_millis(20));
+        r.observe(10, Duration::from_millis(1));
+        assert!(r.age() >= Duration::from_millis(20), "{:?}", r.age());
     }
 }

@@ -23,11 +23,19 @@
 //!
 //! Otherwise the prompt goes to a prefill node: `remote`, or `tpot_budget`
 //! when the link was slow but the running batch could not absorb the local
-//! prefill. A peer whose link was never measured uses the configured default
+//! prefill; or it is prefilled here to measure this node's rate again
+//! (`probe`) when that was last measured [`LOCAL_RATE_MAX_AGE`] or longer ago
+//! and nothing runs or waits here. The local rate is learned only from local
+//! prefills, so one slow sample (a prefill under CPU contention) would
+//! otherwise send every long prompt away for good, with no local prefill to
+//! correct it. A peer whose link was never measured uses the configured default
 //! rate; with none, it is assumed fast (remote), so a cluster starts
 //! disaggregated and learns.
 
 use std::time::Duration;
+
+/// A local prefill rate older than this is measured again on an idle node.
+pub const LOCAL_RATE_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// Thresholds of the decision (`[decode]` keys).
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +65,8 @@ pub struct PrefillFacts {
     pub remote_queue: Duration,
     /// Measured local prefill rate, tokens/s; `None`: not measured yet.
     pub local_rate: Option<f64>,
+    /// How long ago the local rate was last sampled.
+    pub local_rate_age: Duration,
     /// Prompt tokens already admitted for a local prefill here and not yet computed.
     pub local_backlog: usize,
     /// Sequences decoding here now.
@@ -77,12 +87,18 @@ pub enum PrefillReason {
     TpotBudget,
     /// Remote: the link pays.
     Remote,
+    /// Local: the link pays by this node's rate, but that was measured long
+    /// ago and nothing runs here: the prefill measures it again.
+    Probe,
 }
 
 impl PrefillReason {
     /// Prefilled here?
     pub fn local(self) -> bool {
-        matches!(self, Self::Forced | Self::ShortPrompt | Self::LinkSlow)
+        matches!(
+            self,
+            Self::Forced | Self::ShortPrompt | Self::LinkSlow | Self::Probe
+        )
     }
 
     /// The metric label and log field.
@@ -93,6 +109,7 @@ impl PrefillReason {
             Self::LinkSlow => "link_slow",
             Self::TpotBudget => "tpot_budget",
             Self::Remote => "remote",
+            Self::Probe => "probe",
         }
     }
 }
@@ -139,6 +156,10 @@ pub fn choose(policy: &LinkPolicy, f: &PrefillFacts) -> (PrefillReason, Estimate
         remote: Some(f.remote_queue + transfer.max(local)),
     };
     if ship_cost <= local_wait {
+        let idle = f.running == 0 && f.local_backlog == 0;
+        if idle && f.local_rate_age >= LOCAL_RATE_MAX_AGE {
+            return (PrefillReason::Probe, est);
+        }
         return (PrefillReason::Remote, est);
     }
     if f.running > 0 && local_wait > policy.tpot_budget {
@@ -167,9 +188,41 @@ mod tests {
             link_rate,
             remote_queue: Duration::ZERO,
             local_rate: Some(20_000.0),
+            local_rate_age: Duration::from_secs(1),
             local_backlog: 0,
             running: 0,
         }
+    }
+
+    #[test]
+    fn a_stale_local_rate_is_measured_again_on_an_idle_node() {
+        // The link pays by a local rate measured long ago: an idle node
+        // prefills here once to measure it again; a busy one does not.
+        let stale = PrefillFacts {
+            local_rate_age: LOCAL_RATE_MAX_AGE,
+            ..facts(Some(1e9))
+        };
+        let (reason, _) = choose(&POLICY, &stale);
+        assert_eq!(reason, PrefillReason::Probe);
+        assert!(reason.local());
+        for busy in [
+            PrefillFacts {
+                running: 1,
+                ..stale
+            },
+            PrefillFacts {
+                local_backlog: 100,
+                ..stale
+            },
+        ] {
+            assert_eq!(choose(&POLICY, &busy).0, PrefillReason::Remote);
+        }
+        // A slow link is link_slow whatever the age.
+        let slow = PrefillFacts {
+            link_rate: Some(1e6),
+            ..stale
+        };
+        assert_eq!(choose(&POLICY, &slow).0, PrefillReason::LinkSlow);
     }
 
     #[test]

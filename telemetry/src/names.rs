@@ -117,7 +117,7 @@ pub const ROUTER_RERUNS_TOTAL: &str = "tandem_router_reruns_total";
 /// `first_step` (KV landed, or local prefill done, to the first decode step).
 pub const REQUEST_SPAN_SECONDS: &str = "tandem_request_span_seconds";
 /// Counter: prompts admitted at a decode node, by where they are prefilled
-/// and why (`reason`: `forced`, `short_prompt`, `link_slow` (local);
+/// and why (`reason`: `forced`, `short_prompt`, `link_slow`, `probe` (local);
 /// `remote`, `tpot_budget` (prefill node)).
 pub const PREFILL_DECISIONS_TOTAL: &str = "tandem_prefill_decisions_total";
 /// Gauge: the smoothed KV rate a decode node measured from a prefill node
