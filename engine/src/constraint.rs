@@ -165,18 +165,14 @@ impl ConstraintCompiler {
 
     /// The state of `allowed_token_ids`: a fixed mask.
     fn token_set(&self, ids: &[u32]) -> Result<ConstraintState> {
-        let invalid = |m: String| EngineError::InvalidInput(format!("allowed_token_ids: {m}"));
         if ids.is_empty() {
-            return Err(invalid("the list is empty".into()));
+            return Err(EngineError::InvalidInput(
+                "allowed_token_ids: the list is empty".into(),
+            ));
         }
+        self.check_vocabulary("allowed_token_ids", ids)?;
         let mut mask = SimpleVob::alloc(self.vocab_size);
         for &id in ids {
-            if id as usize >= self.vocab_size {
-                return Err(invalid(format!(
-                    "token id {id} is outside the vocabulary (size {})",
-                    self.vocab_size
-                )));
-            }
             mask.allow_token(id);
         }
         Ok(ConstraintState {
@@ -185,23 +181,17 @@ impl ConstraintCompiler {
             vocab_size: self.vocab_size,
         })
     }
-}
 
-impl ConstraintCompiler {
     /// The state of `bad_words`: the sequences, and the tokens drawn so far
     /// that could start one.
     fn bad_words(&self, words: &[Vec<u32>]) -> Result<ConstraintState> {
-        let invalid = |m: String| EngineError::InvalidInput(format!("bad_words: {m}"));
         for w in words {
             if w.is_empty() {
-                return Err(invalid("a word has no tokens".into()));
+                return Err(EngineError::InvalidInput(
+                    "bad_words: a word has no tokens".into(),
+                ));
             }
-            if let Some(id) = w.iter().find(|&&id| id as usize >= self.vocab_size) {
-                return Err(invalid(format!(
-                    "token id {id} is outside the vocabulary (size {})",
-                    self.vocab_size
-                )));
-            }
+            self.check_vocabulary("bad_words", w)?;
         }
         Ok(ConstraintState {
             kind: StateKind::BadWords {
@@ -211,6 +201,17 @@ impl ConstraintCompiler {
             field: "bad_words",
             vocab_size: self.vocab_size,
         })
+    }
+
+    /// Every id of `ids` is in the vocabulary; else `InvalidInput` naming `field`.
+    fn check_vocabulary(&self, field: &str, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            Some(id) => Err(EngineError::InvalidInput(format!(
+                "{field}: token id {id} is outside the vocabulary (size {})",
+                self.vocab_size
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -389,7 +390,7 @@ impl ConstraintState {
     }
 
     /// Whether the grammar can take no further token: the output is complete
-    /// (never, for a set of allowed ids).
+    /// (never, for allowed ids or bad words).
     pub fn is_stopped(&self) -> bool {
         match &self.kind {
             StateKind::Grammar(m) => m.is_stopped(),

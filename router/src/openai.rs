@@ -483,6 +483,7 @@ async fn chat_completions(
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let ids = last_tokens(ids, kept_prompt_tokens(&req.sampling, &st.model)?);
+    let prompt_ids = req.sampling.return_token_ids.then(|| vec![ids.clone()]);
     let mut request = to_request(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &req.sampling,
@@ -501,13 +502,6 @@ async fn chat_completions(
             "return_token_ids together with tools is not supported yet",
         ));
     }
-    let prompt_ids = req
-        .sampling
-        .return_token_ids
-        .then(|| match &request.prompt {
-            Some(pb::generate_request::Prompt::TokenIds(ids)) => vec![ids.ids.clone()],
-            _ => vec![Vec::new()],
-        });
     if tools.is_some() && samples.best_of > 1 {
         return Err(ApiError::bad_field(
             "n",
