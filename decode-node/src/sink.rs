@@ -95,7 +95,7 @@ impl KvSink for ReservedSink {
             block_count: accepted.block_count as usize,
             heads: accepted.head_start as usize
                 ..accepted.head_start as usize + accepted.head_count as usize,
-            dtype: header.dtype,
+            dtype: header.shape.dtype,
             payload,
         })
     }

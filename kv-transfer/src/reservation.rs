@@ -268,7 +268,8 @@ impl Reservations {
             return Err(Refusal::Finished(h.transfer_id));
         }
         let e = entry.expect;
-        let layer = u32::from(h.layer);
+        let s = h.shape;
+        let layer = u32::from(s.layer);
         if layer >= e.num_layers {
             return Err(Refusal::LayerOutOfRange {
                 layer,
@@ -281,45 +282,45 @@ impl Reservations {
             got,
         };
         // A wider dtype into an fp8 cache is quantized on import.
-        if !h.dtype.imports_into(e.dtype) {
-            return Err(mismatch("dtype", e.dtype as u64, h.dtype as u64));
+        if !s.dtype.imports_into(e.dtype) {
+            return Err(mismatch("dtype", e.dtype as u64, s.dtype as u64));
         }
-        if h.total_heads != e.total_heads {
+        if s.total_heads != e.total_heads {
             return Err(mismatch(
                 "total_heads",
                 e.total_heads.into(),
-                h.total_heads.into(),
+                s.total_heads.into(),
             ));
         }
-        if h.head_dim != e.head_dim {
-            return Err(mismatch("head_dim", e.head_dim.into(), h.head_dim.into()));
+        if s.head_dim != e.head_dim {
+            return Err(mismatch("head_dim", e.head_dim.into(), s.head_dim.into()));
         }
-        if h.block_size != e.block_size {
+        if s.block_size != e.block_size {
             return Err(mismatch(
                 "block_size",
                 e.block_size.into(),
-                h.block_size.into(),
+                s.block_size.into(),
             ));
         }
-        let head_end = u32::from(h.head_start) + u32::from(h.head_count);
-        if h.head_count == 0 || head_end > u32::from(e.total_heads) {
+        let head_end = u32::from(s.head_start) + u32::from(s.head_count);
+        if s.head_count == 0 || head_end > u32::from(e.total_heads) {
             return Err(Refusal::HeadsOutOfRange {
-                start: h.head_start,
+                start: s.head_start,
                 end: head_end,
                 total: e.total_heads,
             });
         }
-        let block_end = u64::from(h.first_block) + u64::from(h.block_count);
-        if h.block_count == 0 || block_end > u64::from(e.num_blocks) {
+        let block_end = u64::from(s.first_block) + u64::from(s.block_count);
+        if s.block_count == 0 || block_end > u64::from(e.num_blocks) {
             return Err(Refusal::BlocksOutOfRange {
-                first: h.first_block,
+                first: s.first_block,
                 end: block_end,
                 num_blocks: e.num_blocks,
             });
         }
-        if h.first_block < e.held_blocks {
+        if s.first_block < e.held_blocks {
             return Err(Refusal::HeldBlock {
-                block: h.first_block,
+                block: s.first_block,
                 held: e.held_blocks,
             });
         }
@@ -327,36 +328,36 @@ impl Reservations {
         // block_bytes is a multiple of total_heads (checked at registration).
         // A frame in another dtype (to be quantized on import) is sized by
         // its own dtype.
-        let expected_len = if h.dtype == e.dtype {
+        let expected_len = if s.dtype == e.dtype {
             e.block_bytes / u64::from(e.total_heads)
-                * u64::from(h.head_count)
-                * u64::from(h.block_count)
+                * u64::from(s.head_count)
+                * u64::from(s.block_count)
         } else {
-            h.shape().payload_len().unwrap_or(u64::MAX)
+            s.payload_len().unwrap_or(u64::MAX)
         };
         if u64::from(h.payload_len) != expected_len {
             return Err(mismatch("payload_len", expected_len, h.payload_len.into()));
         }
-        for b in h.first_block..h.first_block + h.block_count {
-            for head in h.head_start..h.head_start + h.head_count {
+        for b in s.first_block..s.first_block + s.block_count {
+            for head in s.head_start..s.head_start + s.head_count {
                 if entry.get(entry.cell(layer, b, head)) {
                     return Err(Refusal::Duplicate { layer });
                 }
             }
         }
-        for b in h.first_block..h.first_block + h.block_count {
-            for head in h.head_start..h.head_start + h.head_count {
+        for b in s.first_block..s.first_block + s.block_count {
+            for head in s.head_start..s.head_start + s.head_count {
                 let i = entry.cell(layer, b, head);
                 entry.set(i);
             }
         }
-        entry.received_count += u64::from(h.block_count) * u64::from(h.head_count);
+        entry.received_count += u64::from(s.block_count) * u64::from(s.head_count);
         Ok(Accepted {
             layer,
-            first_block: h.first_block,
-            block_count: h.block_count,
-            head_start: h.head_start,
-            head_count: h.head_count,
+            first_block: s.first_block,
+            block_count: s.block_count,
+            head_start: s.head_start,
+            head_count: s.head_count,
         })
     }
 
@@ -635,7 +636,7 @@ mod tests {
     fn refuses_heads_out_of_range() {
         let mut r = table();
         let mut h = header(1, shape(0, 0, 1, 3, 1));
-        h.head_count = 2;
+        h.shape.head_count = 2;
         assert!(matches!(
             r.on_layer_frame(&h),
             Err(Refusal::HeadsOutOfRange { .. })

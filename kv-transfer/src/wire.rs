@@ -206,24 +206,8 @@ impl WireDtype {
 pub struct LayerHeader {
     /// The request the KV belongs to.
     pub transfer_id: u64,
-    /// Decoder layer.
-    pub layer: u16,
-    /// First block, as an index within the request's reservation.
-    pub first_block: u32,
-    /// Consecutive blocks carried.
-    pub block_count: u32,
-    /// Element type.
-    pub dtype: WireDtype,
-    /// First KV head carried.
-    pub head_start: u16,
-    /// KV heads carried.
-    pub head_count: u16,
-    /// The model's KV heads.
-    pub total_heads: u16,
-    /// Width of a head.
-    pub head_dim: u16,
-    /// Tokens per block.
-    pub block_size: u16,
+    /// Which layer, blocks and heads, in which shape.
+    pub shape: LayerShape,
     /// Payload bytes.
     pub payload_len: u32,
     /// xxh3-64 of the payload; `None` for an unchecked frame.
@@ -289,15 +273,7 @@ impl LayerHeader {
         })?;
         let header = LayerHeader {
             transfer_id,
-            layer: shape.layer,
-            first_block: shape.first_block,
-            block_count: shape.block_count,
-            dtype: shape.dtype,
-            head_start: shape.head_start,
-            head_count: shape.head_count,
-            total_heads: shape.total_heads,
-            head_dim: shape.head_dim,
-            block_size: shape.block_size,
+            shape,
             payload_len,
             checksum: None,
         };
@@ -305,40 +281,27 @@ impl LayerHeader {
         Ok(header)
     }
 
-    /// The shape part of this header.
-    pub fn shape(&self) -> LayerShape {
-        LayerShape {
-            layer: self.layer,
-            first_block: self.first_block,
-            block_count: self.block_count,
-            dtype: self.dtype,
-            head_start: self.head_start,
-            head_count: self.head_count,
-            total_heads: self.total_heads,
-            head_dim: self.head_dim,
-            block_size: self.block_size,
-        }
-    }
-
     /// Checks the fields against each other (not the payload).
     pub fn validate(&self) -> Result<(), WireError> {
         let bad = |what: &'static str| Err(WireError::BadHeader(what));
-        if self.block_count == 0 {
+        if self.shape.block_count == 0 {
             return bad("block count is zero");
         }
-        if self.head_count == 0 {
+        if self.shape.head_count == 0 {
             return bad("head count is zero");
         }
-        if u32::from(self.head_start) + u32::from(self.head_count) > u32::from(self.total_heads) {
+        if u32::from(self.shape.head_start) + u32::from(self.shape.head_count)
+            > u32::from(self.shape.total_heads)
+        {
             return bad("head range exceeds total heads");
         }
-        if self.head_dim == 0 {
+        if self.shape.head_dim == 0 {
             return bad("head dim is zero");
         }
-        if self.block_size == 0 {
+        if self.shape.block_size == 0 {
             return bad("block size is zero");
         }
-        if self.shape().payload_len() != Some(u64::from(self.payload_len)) {
+        if self.shape.payload_len() != Some(u64::from(self.payload_len)) {
             return bad("payload length does not match the shape");
         }
         Ok(())
@@ -351,15 +314,15 @@ impl LayerHeader {
         put_prefix(&mut b, KIND_LAYER, self.transfer_id);
         b.put_u64_le(self.checksum.unwrap_or(0));
         b.put_u32_le(self.payload_len);
-        b.put_u32_le(self.first_block);
-        b.put_u32_le(self.block_count);
-        b.put_u16_le(self.layer);
-        b.put_u16_le(self.head_start);
-        b.put_u16_le(self.head_count);
-        b.put_u16_le(self.total_heads);
-        b.put_u16_le(self.head_dim);
-        b.put_u16_le(self.block_size);
-        b.put_u8(self.dtype as u8);
+        b.put_u32_le(self.shape.first_block);
+        b.put_u32_le(self.shape.block_count);
+        b.put_u16_le(self.shape.layer);
+        b.put_u16_le(self.shape.head_start);
+        b.put_u16_le(self.shape.head_count);
+        b.put_u16_le(self.shape.total_heads);
+        b.put_u16_le(self.shape.head_dim);
+        b.put_u16_le(self.shape.block_size);
+        b.put_u8(self.shape.dtype as u8);
         b.put_u8(if self.checksum.is_some() {
             0
         } else {
@@ -1019,7 +982,7 @@ impl FrameDecoder {
         {
             return Err(WireError::ChecksumMismatch {
                 transfer_id: header.transfer_id,
-                layer: header.layer,
+                layer: header.shape.layer,
                 expected,
                 actual,
             });
@@ -1066,15 +1029,17 @@ fn parse_layer_header(
     let dtype = WireDtype::from_code(dtype_code).ok_or(WireError::UnknownDtype(dtype_code))?;
     let header = LayerHeader {
         transfer_id,
-        layer,
-        first_block,
-        block_count,
-        dtype,
-        head_start,
-        head_count,
-        total_heads,
-        head_dim,
-        block_size,
+        shape: LayerShape {
+            layer,
+            first_block,
+            block_count,
+            dtype,
+            head_start,
+            head_count,
+            total_heads,
+            head_dim,
+            block_size,
+        },
         payload_len,
         checksum,
     };

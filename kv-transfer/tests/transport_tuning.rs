@@ -58,9 +58,9 @@ impl KvSink for Store {
     fn on_layer(&self, header: &LayerHeader, payload: Payload) -> Result<(), SinkError> {
         let mut layers = self.layers.lock().unwrap();
         let layer = layers
-            .entry((header.transfer_id, u32::from(header.shape().layer)))
+            .entry((header.transfer_id, u32::from(header.shape.layer)))
             .or_insert_with(|| vec![0; BLOCKS as usize * BLOCK_BYTES]);
-        let at = header.shape().first_block as usize * BLOCK_BYTES;
+        let at = header.shape.first_block as usize * BLOCK_BYTES;
         layer[at..at + payload.len()].copy_from_slice(&payload.to_bytes());
         Ok(())
     }
