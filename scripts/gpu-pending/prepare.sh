@@ -3,29 +3,29 @@
 # table), from the revisions they name, so a session that finds them gone (a
 # new checkout keeps no ignored files) rebuilds them with one command before
 # its first device call:
-#   .gpu8   call-3: old/ (28df44d's tandem-gpu-bench and kernels, before the
-#           large-batch decode kernels) and patched/ (this checkout's tandem-gpu-bench,
-#           engine-tests and kernels)
+#   .gpu8   call-a (old/), call-3: old/ (28df44d's tandem-gpu-bench and kernels,
+#           before the large-batch decode kernels) and patched/ (this checkout's
+#           tandem-gpu-bench, engine-tests and kernels)
 #   .gpu9   call-c, call-h: c/tandem.xz (binary c, this checkout), c/gpu-1p1d and
 #           c/kernels (the kernels it was built with)
 #   .gpu10  call-kv: kv_bench_old (ff5b012), kv_bench_zc (8b4e76d: stock quinn)
 #           and kv_bench_new (this checkout)
-#   .gpu11  call-s: this checkout's tandem-gpu-bench and engine-tests (xz), their
-#           kernels (kernels-main/), and the kernel variants of scripts/gpu-variants under var/
 #   .gpu12  call-t: this checkout's tandem-gpu-bench (TMA prefill attention) and
 #           scripts/hf_reference.py
-#   .gpu13  call-v: this checkout's tandem-gpu-bench and engine-tests (xz), their
-#           kernels, scripts/hf_reference.py
+#   .gpu13  call-a, call-b, call-v: this checkout's tandem-gpu-bench and
+#           engine-tests (xz), their kernels, scripts/hf_reference.py
+#   .gpu14  call-e: main/ (this checkout's tandem-gpu-bench and kernels) and split/
+#           (HEAD with gemv-split-k.patch: tandem-gpu-bench, engine-tests, kernels)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
-# then a segfault). WHICH="8 9 10 11 12" picks folders. Each revision builds in a worktree of its own
+# then a segfault). WHICH="13 14" picks folders. Each revision builds in a worktree of its own
 # with a target directory of its own (a shared one would rebuild everything
 # between them). CUDA builds on the 2-core VM take 10-20 minutes each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 11 12"}
+WHICH=${WHICH:-"8 9 10 12 13 14"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
@@ -86,15 +86,6 @@ for w in $WHICH; do
         strip -o ".gpu10/kv_bench_$name" "$(rel "kv$name")/kv_bench"
       done
       ;;
-    11)
-      rm -rf .gpu11 && mkdir -p .gpu11
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu11/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      strip -o .gpu11/engine-tests "$(engine_tests "$ROOT" head)"
-      xz -T2 -6 .gpu11/tandem-gpu-bench .gpu11/engine-tests
-      cp -r engine/src/cuda/kernels .gpu11/kernels-main
-      GPU_DIR=.gpu11 bash scripts/gpu_variants_prepare.sh
-      ;;
     12)
       rm -rf .gpu12 && mkdir -p .gpu12
       build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
@@ -109,7 +100,20 @@ for w in $WHICH; do
       xz -T2 -6 .gpu13/tandem-gpu-bench .gpu13/engine-tests
       cp -r engine/src/cuda/kernels .gpu13/ && cp scripts/hf_reference.py .gpu13/
       ;;
-    *) echo "unknown folder $w (8 to 13)" >&2; exit 1 ;;
+    14)
+      # main: this checkout; split: HEAD with gemv-split-k.patch applied.
+      rm -rf .gpu14 && mkdir -p .gpu14/main .gpu14/split
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu14/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp -r engine/src/cuda/kernels .gpu14/main/
+      d=$(worktree gemvsplit HEAD scripts/gpu-pending/gemv-split-k.patch)
+      build "$d" gemvsplit --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu14/split/tandem-gpu-bench "$(rel gemvsplit)/tandem-gpu-bench"
+      strip -o .gpu14/split/engine-tests "$(engine_tests "$d" gemvsplit)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu14/split/
+      xz -T2 -6 .gpu14/main/tandem-gpu-bench .gpu14/split/tandem-gpu-bench .gpu14/split/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 14)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
