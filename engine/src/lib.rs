@@ -59,4 +59,4 @@ pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use row_sampling::{RowAsk, RowOut};
 pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};

@@ -194,7 +194,10 @@ impl Tokenizer {
         self.render_chat(
             minijinja::Value::from_serialize(messages),
             None,
-            add_generation_prompt,
+            &ChatOptions {
+                add_generation_prompt,
+                ..ChatOptions::default()
+            },
         )
     }
 
@@ -209,30 +212,49 @@ impl Tokenizer {
     /// Renders a chat given as OpenAI-shaped JSON messages (which may carry
     /// `tool_calls`, `tool_call_id` and a `null` content) with `tools` (a
     /// list of OpenAI tool definitions) in the template's context, as
-    /// transformers' `apply_chat_template(messages, tools=...)` does.
-    pub fn apply_chat_template_with_tools(
+    /// transformers' `apply_chat_template(messages, tools=..., **options)` does.
+    pub fn apply_chat_template_json(
         &self,
         messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
-        add_generation_prompt: bool,
+        options: &ChatOptions<'_>,
     ) -> Result<String> {
-        self.render_chat(
+        let rendered = self.render_chat(
             minijinja::Value::from_serialize(messages),
             tools.map(minijinja::Value::from_serialize),
-            add_generation_prompt,
-        )
+            options,
+        )?;
+        if !options.continue_final_message {
+            return Ok(rendered);
+        }
+        let last = messages
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("content"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        open_final_message(rendered, last)
     }
 
     fn render_chat(
         &self,
         messages: minijinja::Value,
         tools: Option<minijinja::Value>,
-        add_generation_prompt: bool,
+        options: &ChatOptions<'_>,
     ) -> Result<String> {
+        let bad = |m: String| EngineError::ChatTemplate(m);
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| EngineError::ChatTemplate("the model has no chat template".into()))?;
+            .ok_or_else(|| bad("the model has no chat template".into()))?;
+        if options.continue_final_message && options.add_generation_prompt {
+            return Err(bad(
+                "continue_final_message and add_generation_prompt are not \
+                 compatible: continue_final_message continues the final message, \
+                 add_generation_prompt starts a new assistant message (set it to false)"
+                    .into(),
+            ));
+        }
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -246,25 +268,101 @@ impl Tokenizer {
             },
         );
         env.add_template("chat", template)
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        let tmpl = env
-            .get_template("chat")
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        // `tools` is left undefined (not `none`) without tools, as
-        // transformers leaves it, so `{% if tools is defined %}` reads right.
-        let ctx = minijinja::context! {
+            .map_err(|e| bad(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| bad(e.to_string()))?;
+        // What the template reads: a document or keyword argument it does not
+        // read is refused, not dropped.
+        let reads = tmpl.undeclared_variables(false);
+        if options.documents.is_some() && !reads.contains("documents") {
+            return Err(bad(
+                "documents: this model's chat template does not read documents".into(),
+            ));
+        }
+        // `tools` and `documents` are left undefined (not `none`) when not
+        // given, as transformers leaves them, so `{% if tools is defined %}`
+        // reads right.
+        let mut ctx = minijinja::context! {
             messages => messages,
-            add_generation_prompt => add_generation_prompt,
+            add_generation_prompt => options.add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
-        let ctx = match tools {
-            Some(tools) => minijinja::context! { tools => tools, ..ctx },
-            None => ctx,
-        };
-        tmpl.render(ctx)
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+        if let Some(tools) = tools {
+            ctx = minijinja::context! { tools => tools, ..ctx };
+        }
+        if let Some(documents) = options.documents {
+            ctx = minijinja::context! { documents => minijinja::Value::from_serialize(documents), ..ctx };
+        }
+        for key in options.template_kwargs.into_iter().flat_map(|m| m.keys()) {
+            if RESERVED_TEMPLATE_VARIABLES.contains(&key.as_str()) {
+                return Err(bad(format!(
+                    "chat_template_kwargs: `{key}` is set by the request itself, not as a \
+                     template keyword argument"
+                )));
+            }
+            if !reads.contains(key.as_str()) {
+                return Err(bad(format!(
+                    "chat_template_kwargs: this model's chat template does not read `{key}`"
+                )));
+            }
+        }
+        if let Some(kwargs) = options.template_kwargs {
+            ctx = minijinja::context! { ..ctx, ..minijinja::Value::from_serialize(kwargs) };
+        }
+        tmpl.render(ctx).map_err(|e| bad(e.to_string()))
     }
+}
+
+/// Template variables a request sets through fields of its own.
+const RESERVED_TEMPLATE_VARIABLES: &[&str] = &[
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "continue_final_message",
+    "bos_token",
+    "eos_token",
+];
+
+/// How a chat is rendered beyond its messages: transformers'
+/// `apply_chat_template` keyword arguments (vLLM's chat request fields of the
+/// same names).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChatOptions<'a> {
+    /// End with the template's header of a new assistant message.
+    pub add_generation_prompt: bool,
+    /// End right after the final message's content, open for the model to
+    /// continue it (its end-of-turn left out).
+    pub continue_final_message: bool,
+    /// `documents` for templates that read them (retrieval-augmented chats).
+    pub documents: Option<&'a serde_json::Value>,
+    /// Further variables for the template (vLLM's `chat_template_kwargs`,
+    /// e.g. `enable_thinking`); each must be one the template reads.
+    pub template_kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `rendered` cut right after the last occurrence of the final message's
+/// `content`, as transformers' `continue_final_message` cuts it (the stripped
+/// content where the template strips it).
+fn open_final_message(mut rendered: String, content: &str) -> Result<String> {
+    let at = match rendered.rfind(content) {
+        Some(at) if !content.is_empty() => at + content.len(),
+        _ => {
+            let trimmed = content.trim();
+            match rendered.rfind(trimmed) {
+                Some(at) if !trimmed.is_empty() => at + trimmed.len(),
+                _ => {
+                    return Err(EngineError::ChatTemplate(
+                        "continue_final_message: the final message's content does not appear \
+                         in the chat the template renders (it must be a non-empty string)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    };
+    rendered.truncate(at);
+    Ok(rendered)
 }
 
 /// Turns a growing list of token ids into text deltas, holding back an
@@ -368,13 +466,141 @@ mod tests {
         ]);
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
         let text = tok
-            .apply_chat_template_with_tools(&messages, Some(&tools), false)
+            .apply_chat_template_json(&messages, Some(&tools), &ChatOptions::default())
             .unwrap();
         assert_eq!(text, "T:f;user=hi|assistant=f({\"x\":1})|tool=2|");
         let text = tok
-            .apply_chat_template_with_tools(&messages, None, false)
+            .apply_chat_template_json(&messages, None, &ChatOptions::default())
             .unwrap();
         assert!(text.starts_with("user=hi|"), "{text}");
+    }
+
+    /// A ChatML-like template that strips contents and reads `enable_thinking`
+    /// and `documents`.
+    const CHATML: &str = "{% for d in documents or [] %}doc:{{ d.text }}\n{% endfor %}\
+        {% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}\
+        {% if add_generation_prompt %}<|im_start|>assistant\n\
+        {% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}";
+
+    #[test]
+    fn continue_final_message_leaves_the_last_message_open() {
+        let tok = with_template(CHATML);
+        let messages = serde_json::json!([
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "The colour is "},
+        ]);
+        let open = ChatOptions {
+            continue_final_message: true,
+            ..ChatOptions::default()
+        };
+        // The template strips the content: cut after its stripped form.
+        let text = tok
+            .apply_chat_template_json(&messages, None, &open)
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nThe colour is"
+        );
+        let closed = tok
+            .apply_chat_template_json(&messages, None, &ChatOptions::default())
+            .unwrap();
+        assert!(closed.ends_with("The colour is<|im_end|>\n"), "{closed}");
+        // Both at once is a contradiction, refused as transformers refuses it.
+        let both = ChatOptions {
+            add_generation_prompt: true,
+            ..open
+        };
+        let err = tok
+            .apply_chat_template_json(&messages, None, &both)
+            .unwrap_err();
+        assert!(err.to_string().contains("not compatible"), "{err}");
+        // A final message the rendering does not contain cannot be continued.
+        let empty = serde_json::json!([{"role": "assistant", "content": "  "}]);
+        let err = tok
+            .apply_chat_template_json(&empty, None, &open)
+            .unwrap_err();
+        assert!(err.to_string().contains("continue_final_message"), "{err}");
+    }
+
+    #[test]
+    fn template_kwargs_and_documents_reach_the_template_or_are_refused() {
+        let tok = with_template(CHATML);
+        let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let kwargs = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let off = kwargs(serde_json::json!({"enable_thinking": false}));
+        let generate = ChatOptions {
+            add_generation_prompt: true,
+            ..ChatOptions::default()
+        };
+        let text = tok
+            .apply_chat_template_json(
+                &messages,
+                None,
+                &ChatOptions {
+                    template_kwargs: Some(&off),
+                    ..generate
+                },
+            )
+            .unwrap();
+        assert!(
+            text.ends_with("<|im_start|>assistant\n<think></think>"),
+            "{text}"
+        );
+        let plain = tok
+            .apply_chat_template_json(&messages, None, &generate)
+            .unwrap();
+        assert!(plain.ends_with("<|im_start|>assistant\n"), "{plain}");
+        // A variable the template never reads, or one a field of its own sets.
+        for (bad, says) in [
+            (
+                serde_json::json!({"enable_thinkin": false}),
+                "does not read `enable_thinkin`",
+            ),
+            (
+                serde_json::json!({"add_generation_prompt": false}),
+                "set by the request itself",
+            ),
+        ] {
+            let bad = kwargs(bad);
+            let err = tok
+                .apply_chat_template_json(
+                    &messages,
+                    None,
+                    &ChatOptions {
+                        template_kwargs: Some(&bad),
+                        ..generate
+                    },
+                )
+                .unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        let docs = serde_json::json!([{"text": "Paris is in France."}]);
+        let text = tok
+            .apply_chat_template_json(
+                &messages,
+                None,
+                &ChatOptions {
+                    documents: Some(&docs),
+                    ..generate
+                },
+            )
+            .unwrap();
+        assert!(
+            text.starts_with("doc:Paris is in France.\n<|im_start|>user"),
+            "{text}"
+        );
+        let no_docs = with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
+        let err = no_docs
+            .apply_chat_template_json(
+                &messages,
+                None,
+                &ChatOptions {
+                    documents: Some(&docs),
+                    ..ChatOptions::default()
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("does not read documents"), "{err}");
     }
 
     #[test]

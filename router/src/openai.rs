@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_engine::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir};
+use tandem_engine::{ChatOptions, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
 use tokio_stream::wrappers::ReceiverStream;
@@ -239,6 +239,9 @@ struct CompletionRequest {
     echo: bool,
     /// Samples to run, of which the `n` most likely are returned.
     best_of: Option<u32>,
+    /// vLLM's: text prompts are encoded with the tokenizer's special tokens
+    /// (its BOS, for models that have one); false leaves them out.
+    add_special_tokens: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -248,6 +251,22 @@ struct ChatRequest {
     messages: Vec<ChatTurn>,
     /// vLLM's: end the prompt with the template's assistant header (default).
     add_generation_prompt: Option<bool>,
+    /// vLLM's: end the prompt inside the final message, for the model to
+    /// continue it (with `add_generation_prompt: false`).
+    #[serde(default)]
+    continue_final_message: bool,
+    /// vLLM's: the answer starts with the final message's content when that
+    /// message has the answer's role.
+    #[serde(default)]
+    echo: bool,
+    /// vLLM's: documents, for chat templates that read them.
+    documents: Option<Value>,
+    /// vLLM's: further variables for the chat template (`enable_thinking`, ..).
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// vLLM's: the tokenizer's special tokens added to the rendered prompt
+    /// (default false: the template writes the ones it wants).
+    #[serde(default)]
+    add_special_tokens: bool,
     /// `tools`, `tool_choice`, `parallel_tool_calls`: see [`openai_tools`].
     #[serde(flatten)]
     tools: ToolFields,
@@ -433,7 +452,13 @@ async fn completions(
         prompts,
         ids: prompt_ids,
         echo,
-    } = completion_prompts(req.prompt, req.echo, &req.sampling, &st.model)?;
+    } = completion_prompts(
+        req.prompt,
+        req.echo,
+        req.add_special_tokens.unwrap_or(true),
+        &req.sampling,
+        &st.model,
+    )?;
     let requests = prompts
         .into_iter()
         .map(|p| to_request(p, &req.sampling, Kind::Completion, &st.model))
@@ -469,19 +494,27 @@ async fn chat_completions(
     }
     openai_tools::check_messages(&req.messages)?;
     let tools = openai_tools::plan(&req.tools, &st.model.tokenizer)?;
+    let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let text = crate::openai_tools_prompt::render(
         &st.model.tokenizer,
         &req.messages,
         tools.as_ref(),
-        req.add_generation_prompt.unwrap_or(true),
+        &ChatOptions {
+            add_generation_prompt,
+            continue_final_message: req.continue_final_message,
+            documents: req.documents.as_ref(),
+            template_kwargs: req.chat_template_kwargs.as_ref(),
+        },
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // The template writes every special token it wants; add none (as vLLM does).
+    // The template writes every special token it wants; none are added
+    // unless asked (as vLLM does).
     let ids = st
         .model
         .tokenizer
-        .encode(&text, false)
+        .encode(&text, req.add_special_tokens)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let echo = chat_echo(&req, add_generation_prompt, tools.is_some())?;
     let ids = last_tokens(ids, kept_prompt_tokens(&req.sampling, &st.model)?);
     let prompt_ids = req.sampling.return_token_ids.then(|| vec![ids.clone()]);
     let mut request = to_request(
@@ -521,13 +554,44 @@ async fn chat_completions(
     let out = Output {
         stream: req.sampling.stream,
         usage: StreamOptions::usage(req.sampling.stream_options),
-        echo: Vec::new(),
+        echo,
         samples,
         tools,
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
         prompt_ids,
     };
     run(st, auth, &headers, vec![request], out, Kind::Chat).await
+}
+
+/// vLLM's chat `echo`: the text the answer starts with, the final message's
+/// content when that message has the answer's role (`assistant`, or the final
+/// message's own role without `add_generation_prompt`); nothing without it.
+fn chat_echo(
+    req: &ChatRequest,
+    add_generation_prompt: bool,
+    tools: bool,
+) -> Result<Vec<String>, ApiError> {
+    if !req.echo {
+        return Ok(Vec::new());
+    }
+    if tools {
+        return Err(ApiError::bad_field(
+            "echo",
+            "echo together with tools is not supported yet",
+        ));
+    }
+    let Some(last) = req.messages.last() else {
+        return Ok(Vec::new());
+    };
+    let role = if add_generation_prompt {
+        "assistant"
+    } else {
+        last.role.as_str()
+    };
+    Ok(match &last.content {
+        Some(content) if last.role == role => vec![content.clone()],
+        _ => Vec::new(),
+    })
 }
 
 /// A request body checked field by field ([`openai_fields::check`]), then read

@@ -145,11 +145,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
         Rule::NeutralOnly(is_empty),
     ),
     ("structured_outputs", On::Both, Rule::Used),
-    (
-        "add_special_tokens",
-        On::Completions,
-        Rule::NeutralOnly(is_true),
-    ),
+    ("add_special_tokens", On::Completions, Rule::Used),
     (
         "prompt_embeds",
         On::Completions,
@@ -157,24 +153,12 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ),
     // vLLM's chat extensions.
     ("add_generation_prompt", On::Chat, Rule::Used),
-    (
-        "add_special_tokens",
-        On::Chat,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
-    (
-        "continue_final_message",
-        On::Chat,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
-    ("echo", On::Chat, Rule::NeutralOnly(is_false_or_zero)),
-    ("documents", On::Chat, Rule::NeutralOnly(is_empty)),
+    ("add_special_tokens", On::Chat, Rule::Used),
+    ("continue_final_message", On::Chat, Rule::Used),
+    ("echo", On::Chat, Rule::Used),
+    ("documents", On::Chat, Rule::Used),
     ("chat_template", On::Chat, Rule::NeutralOnly(is_empty)),
-    (
-        "chat_template_kwargs",
-        On::Chat,
-        Rule::NeutralOnly(is_empty),
-    ),
+    ("chat_template_kwargs", On::Chat, Rule::Used),
     ("mm_processor_kwargs", On::Chat, Rule::NeutralOnly(is_empty)),
 ];
 
@@ -298,7 +282,11 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused_by_name() {
         for (endpoint, body, param) in [
-            (Endpoint::Chat, json!({"echo": true}), "echo"),
+            (
+                Endpoint::Chat,
+                json!({"chat_template": "{{ x }}"}),
+                "chat_template",
+            ),
             (Endpoint::Completions, json!({"suffix": "end"}), "suffix"),
             (
                 Endpoint::Completions,

@@ -8,7 +8,7 @@
 //! turns in `<tool_response></tool_response>`.
 
 use serde_json::{Value, json};
-use tandem_engine::{ChatMessage, Tokenizer};
+use tandem_engine::{ChatMessage, ChatOptions, Tokenizer};
 
 use crate::openai_tools::{ChatTurn, ToolPlan};
 
@@ -23,12 +23,12 @@ fn arguments_value(call: &Value) -> Value {
 }
 
 /// The prompt text for `turns` with `plan`'s tools offered (none offered
-/// when `plan` is `None`).
+/// when `plan` is `None`), rendered as `options` say.
 pub fn render(
     tokenizer: &Tokenizer,
     turns: &[ChatTurn],
     plan: Option<&ToolPlan>,
-    add_generation_prompt: bool,
+    options: &ChatOptions<'_>,
 ) -> tandem_engine::Result<String> {
     let tool_turns = turns
         .iter()
@@ -56,13 +56,9 @@ pub fn render(
             })
             .collect();
         let tools = plan.map(|p| json!(p.tools.iter().map(|t| &t.definition).collect::<Vec<_>>()));
-        return tokenizer.apply_chat_template_with_tools(
-            &json!(messages),
-            tools.as_ref(),
-            add_generation_prompt,
-        );
+        return tokenizer.apply_chat_template_json(&json!(messages), tools.as_ref(), options);
     }
-    tokenizer.apply_chat_template(&hermes_messages(turns, plan), add_generation_prompt)
+    tokenizer.apply_chat_template_json(&json!(hermes_messages(turns, plan)), None, options)
 }
 
 /// The Hermes tool prompt, as Qwen2.5's and Hermes-2-Pro's templates write it.
@@ -137,6 +133,13 @@ mod tests {
     use crate::openai_tools::plan;
     use crate::openai_tools::tests::{fields, model, turns, weather};
 
+    const GENERATE: ChatOptions<'static> = ChatOptions {
+        add_generation_prompt: true,
+        continue_final_message: false,
+        documents: None,
+        template_kwargs: None,
+    };
+
     #[test]
     fn hermes_fallback_offers_tools_and_renders_calls_and_results() {
         let model = model();
@@ -151,7 +154,7 @@ mod tests {
               "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
         ]));
-        let text = render(tok, &history, Some(&p), true).unwrap();
+        let text = render(tok, &history, Some(&p), &GENERATE).unwrap();
         assert!(text.contains("<tools>\n{"), "{text}");
         assert!(text.contains("\"get_weather\""), "{text}");
         assert!(
@@ -175,6 +178,6 @@ mod tests {
                 true,
             )
             .unwrap();
-        assert_eq!(render(tok, &plain, None, true).unwrap(), expected);
+        assert_eq!(render(tok, &plain, None, &GENERATE).unwrap(), expected);
     }
 }

@@ -632,6 +632,53 @@ async fn the_openai_client_library_works_against_the_router() {
         "{e}"
     );
 
+    // vLLM's chat extensions. continue_final_message: the prompt stops inside
+    // the final message (a prefix of the closed chat's ids), and the reply
+    // continues it as the engine continues those ids.
+    let cx = &seen["chat_ext"];
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    let (open, closed) = (ids(&cx["open_ids"]), ids(&cx["closed_ids"]));
+    assert!(
+        open.len() < closed.len() && closed.starts_with(&open),
+        "{cx}"
+    );
+    let open_text = model.tokenizer.decode(&open).unwrap();
+    assert!(open_text.ends_with("Once upon a time"), "{open_text:?}");
+    let continued = model
+        .tokenizer
+        .decode(&reference(&model, &open, 6))
+        .unwrap();
+    assert_eq!(cx["content"], continued.as_str(), "{cx}");
+    assert_eq!(cx["same_ids"], continued.as_str(), "{cx}");
+    // Chat echo: the final assistant message, then its continuation; nothing
+    // echoed when the final message is the user's.
+    let echoed = format!("Once upon a time{continued}");
+    assert_eq!(cx["echo"], echoed.as_str(), "{cx}");
+    assert_eq!(cx["echo_stream"], echoed.as_str(), "{cx}");
+    assert_eq!(cx["echo_other_role"], cx["plain"], "{cx}");
+    // add_special_tokens: the prompt ids that ran are the tokenizer's with and
+    // without its special tokens, as asked.
+    let sp = &cx["special"];
+    assert_eq!(sp["completion_default"], serde_json::json!(prompt), "{sp}");
+    let without = model.tokenizer.encode("Once upon a time", false).unwrap();
+    assert_ne!(without, prompt, "the tokenizer adds a special token");
+    assert_eq!(sp["completion_without"], serde_json::json!(without), "{sp}");
+    assert_eq!(sp["completion_without"], sp["tokenize_without"], "{sp}");
+    assert_eq!(sp["chat_with"], sp["tokenize_chat_with"], "{sp}");
+    // What cannot be honoured is refused, saying why.
+    for (case, word) in [
+        ("both", "not compatible"),
+        ("kwargs", "does not read `enable_thinking`"),
+        ("documents", "does not read documents"),
+    ] {
+        let r = &cx["refused"][case];
+        assert_eq!(r["status"], 400, "{case}: {r}");
+        assert!(
+            r["message"].as_str().unwrap_or_default().contains(word),
+            "{case}: {r}"
+        );
+    }
+
     // Unknown routes and methods answer in OpenAI's error shape too.
     let routes = &seen["routes"];
     for (case, status, word) in [

@@ -342,7 +342,7 @@ chat_refusals = {
     "function_call": {"extra_body": {"function_call": "auto"}},
     "guided_whitespace_pattern": {"extra_body": {"guided_whitespace_pattern": " "}},
     "prompt": {"extra_body": {"prompt": "hi"}},
-    "echo": {"extra_body": {"echo": True}},
+    "chat_template": {"extra_body": {"chat_template": "{{ messages }}"}},
 }
 for kind, cases in [("completions", completion_refusals), ("chat", chat_refusals)]:
     for field, kwargs in cases.items():
@@ -436,6 +436,57 @@ try:
 except openai.APIStatusError as e:
     ec["with_logprobs"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
 out["echo"] = ec
+
+
+# vLLM's chat extensions: continue_final_message (the reply continues the final
+# assistant message), chat echo, add_special_tokens, chat_template_kwargs and documents.
+turns = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time"}]
+open_chat = {"continue_final_message": True, "add_generation_prompt": False}
+cx = {
+    "open_ids": post_json("/tokenize", {"messages": turns, **open_chat})["body"].get("tokens"),
+    "closed_ids": post_json("/tokenize", {"messages": turns, "add_generation_prompt": False})["body"].get("tokens"),
+}
+six = {"max_tokens": 6, "temperature": 0}
+r = client.chat.completions.create(model=model, messages=turns, **six, extra_body={**open_chat, "ignore_eos": True})
+cx["content"] = r.choices[0].message.content
+cx["same_ids"] = client.completions.create(model=model, prompt=cx["open_ids"], **six,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+echo_body = {**open_chat, "ignore_eos": True, "echo": True}
+r = client.chat.completions.create(model=model, messages=turns, **six, extra_body=echo_body)
+cx["echo"] = r.choices[0].message.content
+cx["echo_stream"] = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+    model=model, messages=turns, **six, stream=True, extra_body=echo_body) if ch.choices)
+# echo after a user message: the answer is the assistant's, so nothing is echoed.
+r = client.chat.completions.create(model=model, messages=turns[:1], max_tokens=6, temperature=0,
+                                   extra_body={"echo": True})
+cx["echo_other_role"] = r.choices[0].message.content
+r = client.chat.completions.create(model=model, messages=turns[:1], max_tokens=6, temperature=0)
+cx["plain"] = r.choices[0].message.content
+# The prompt ids that ran, with and without the tokenizer's special tokens.
+ids = lambda c: c.model_extra.get("prompt_token_ids") or c.choices[0].model_extra.get("prompt_token_ids")
+cx["special"] = {
+    "completion_default": ids(client.completions.create(model=model, prompt="Once upon a time", max_tokens=1,
+                                                        extra_body={"return_token_ids": True})),
+    "completion_without": ids(client.completions.create(model=model, prompt="Once upon a time", max_tokens=1,
+                                                        extra_body={"return_token_ids": True, "add_special_tokens": False})),
+    "tokenize_without": post_json("/tokenize", {"prompt": "Once upon a time", "add_special_tokens": False})["body"]["tokens"],
+    "chat_with": ids(client.chat.completions.create(model=model, messages=turns[:1], max_tokens=1,
+                                                   extra_body={"return_token_ids": True, "add_special_tokens": True})),
+    "tokenize_chat_with": post_json("/tokenize", {"messages": turns[:1], "add_special_tokens": True})["body"]["tokens"],
+}
+refusals = {}
+for name, body in [
+    ("both", {"continue_final_message": True}),
+    ("kwargs", {"chat_template_kwargs": {"enable_thinking": False}}),
+    ("documents", {"documents": [{"text": "Paris is in France."}]}),
+]:
+    try:
+        client.chat.completions.create(model=model, messages=turns, max_tokens=2, extra_body=body)
+        refusals[name] = None
+    except openai.APIStatusError as e:
+        refusals[name] = {"status": e.status_code, "message": e.body.get("message")}
+cx["refused"] = refusals
+out["chat_ext"] = cx
 
 
 def raw(method: str, path: str):

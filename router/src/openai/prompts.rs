@@ -1,8 +1,9 @@
 //! A completions request's prompts as vLLM takes them: one or a batch, text
 //! or token ids. They are encoded here when the answer returns their ids
-//! (`return_token_ids`) or cuts them (`truncate_prompt_tokens`), as the
-//! service would encode them (special tokens added), so the ids returned or
-//! cut are the ones run; and each one's text for `echo`.
+//! (`return_token_ids`), cuts them (`truncate_prompt_tokens`) or asks for no
+//! special tokens (`add_special_tokens: false`), as the service would encode
+//! them otherwise (special tokens added), so the ids returned or cut are the
+//! ones run; and each one's text for `echo`.
 
 use super::*;
 
@@ -14,11 +15,13 @@ pub(super) struct Prompts {
     pub(super) echo: Vec<String>,
 }
 
-/// `input` checked and prepared for `s`; what cannot be honoured is refused
-/// naming its field.
+/// `input` checked and prepared for `s`, text encoded with the tokenizer's
+/// special tokens or (`add_special` false, vLLM's `add_special_tokens`)
+/// without; what cannot be honoured is refused naming its field.
 pub(super) fn completion_prompts(
     input: PromptInput,
     echo: bool,
+    add_special: bool,
     s: &Sampling,
     model: &ModelDir,
 ) -> Result<Prompts, ApiError> {
@@ -68,14 +71,24 @@ pub(super) fn completion_prompts(
         ));
     }
     let keep = kept_prompt_tokens(s, model)?;
-    let prompts = if s.return_token_ids || keep.is_some() {
+    // A prompt's text as sent, for `echo` when it runs whole.
+    let texts: Vec<Option<String>> = prompts
+        .iter()
+        .map(|p| match p {
+            pb::generate_request::Prompt::Text(t) if keep.is_none() => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    // The service encodes a text prompt with special tokens; encoded here
+    // otherwise, and where the ids are returned or cut.
+    let prompts = if s.return_token_ids || keep.is_some() || !add_special {
         prompts
             .into_iter()
             .map(|p| {
                 let ids = match p {
                     pb::generate_request::Prompt::Text(t) => model
                         .tokenizer
-                        .encode(&t, true)
+                        .encode(&t, add_special)
                         .map_err(|e| ApiError::bad_field("prompt", e.to_string()))?,
                     pb::generate_request::Prompt::TokenIds(ids) => ids.ids,
                 };
@@ -99,9 +112,11 @@ pub(super) fn completion_prompts(
     let echo = if echo {
         prompts
             .iter()
-            .map(|p| match p {
-                pb::generate_request::Prompt::Text(t) => Ok(t.clone()),
-                pb::generate_request::Prompt::TokenIds(ids) => model
+            .zip(texts)
+            .map(|(p, text)| match (p, text) {
+                (_, Some(t)) => Ok(t),
+                (pb::generate_request::Prompt::Text(t), None) => Ok(t.clone()),
+                (pb::generate_request::Prompt::TokenIds(ids), None) => model
                     .tokenizer
                     .decode(&ids.ids)
                     .map_err(|e| ApiError::bad_field("prompt", e.to_string())),

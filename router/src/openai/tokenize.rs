@@ -4,7 +4,8 @@
 //! - `POST /tokenize` `{"prompt": text}` (special tokens added unless
 //!   `add_special_tokens: false`) or `{"messages": [...]}` (rendered by the
 //!   chat template, the assistant header added unless `add_generation_prompt:
-//!   false`, no special tokens added unless asked, as vLLM): `{"count",
+//!   false`, `continue_final_message` and `chat_template_kwargs` as for chat
+//!   completions, no special tokens added unless asked, as vLLM): `{"count",
 //!   "max_model_len", "tokens", "token_strs"}` (each token's vocabulary
 //!   string, as transformers' `convert_ids_to_tokens`, with
 //!   `return_token_strs: true`, else `null`).
@@ -24,6 +25,9 @@ struct TokenizeRequest {
     messages: Option<Vec<ChatTurn>>,
     add_special_tokens: Option<bool>,
     add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    continue_final_message: bool,
+    chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     return_token_strs: bool,
 }
@@ -48,10 +52,15 @@ pub(super) async fn tokenize(
     let tokenizer = &st.model.tokenizer;
     let tokens = match (req.prompt, req.messages) {
         (Some(prompt), None) => {
-            if req.add_generation_prompt.is_some() {
+            let chat_only = [
+                ("add_generation_prompt", req.add_generation_prompt.is_some()),
+                ("continue_final_message", req.continue_final_message),
+                ("chat_template_kwargs", req.chat_template_kwargs.is_some()),
+            ];
+            if let Some((field, _)) = chat_only.into_iter().find(|(_, set)| *set) {
                 return Err(ApiError::bad_field(
-                    "add_generation_prompt",
-                    "add_generation_prompt applies to messages, not to a prompt",
+                    field,
+                    format!("{field} applies to messages, not to a prompt"),
                 ));
             }
             tokenizer.encode(&prompt, req.add_special_tokens.unwrap_or(true))
@@ -68,7 +77,12 @@ pub(super) async fn tokenize(
                 tokenizer,
                 &messages,
                 None,
-                req.add_generation_prompt.unwrap_or(true),
+                &tandem_engine::ChatOptions {
+                    add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                    continue_final_message: req.continue_final_message,
+                    documents: None,
+                    template_kwargs: req.chat_template_kwargs.as_ref(),
+                },
             )
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
             tokenizer.encode(&text, req.add_special_tokens.unwrap_or(false))
