@@ -124,6 +124,7 @@ struct GenerateArgs {
 fn main() -> anyhow::Result<()> {
     // SAFETY: the first thing the process does; no other thread runs yet.
     unsafe { tandem_engine::cpu::fix_cpu_thread_count() };
+    tandem_kv_transfer::memory::keep_freed_memory();
     let cli = Cli::parse();
     tandem_telemetry::init_logs(cli.log_format)?;
     let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");

@@ -18,6 +18,7 @@
 //! decode node and opens a [`RequestStream`] per request.
 
 pub mod error;
+pub mod memory;
 pub mod rate;
 pub mod receiver;
 pub mod reservation;

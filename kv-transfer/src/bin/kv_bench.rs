@@ -245,6 +245,8 @@ fn receiver_tuning(a: &Args) -> TransportTuning {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // As the node binaries do; TANDEM_KEEP_FREED_MEMORY=0 measures without.
+    tandem_kv_transfer::memory::keep_freed_memory();
     let args = parse_args()?;
     if args.role_receiver {
         receiver(&args).await
