@@ -5,23 +5,11 @@
 # product table gives µs per product at 1 row) and the decode sweep, main and split
 # taking turns. Carry .gpu14 (scripts/gpu-pending/prepare.sh, WHICH=14). DEADLINE_S (580).
 set -u
-O=${OUT:-/tmp/out}/e; mkdir -p "$O" /tmp/g14/main /tmp/g14/split
-NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$NV/cu13/lib:$NV/nccl/lib:${LD_LIBRARY_PATH:-}
-for f in main/tandem-gpu-bench split/tandem-gpu-bench split/engine-tests; do
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" \
-    ".gpu14/$f.xz" "/tmp/g14/$f" && chmod +x "/tmp/g14/$f"
-done
+source "$(dirname "$0")/common.sh" e
 MAIN=$PWD/.gpu14/main/kernels SPLIT=$PWD/.gpu14/split/kernels
-t0=$(date +%s)
-step() { # name limit kernels command...
-  local name=$1 limit=$2 k=$3; shift 3
-  [ $(( $(date +%s) - t0 + limit )) -lt "${DEADLINE_S:-580}" ] || { echo "$name: skipped (time)"; return; }
-  TANDEM_CUDA_KERNELS=$k timeout -s KILL "$limit" "$@" > "$O/$name.md" 2>&1
-  echo "$name rc=$? at $(( $(date +%s) - t0 )) s"
-}
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader; } > "$O/env.txt"
-cat "$O/env.txt"
+unxz_to /tmp/g14/main .gpu14/main/tandem-gpu-bench.xz
+unxz_to /tmp/g14/split .gpu14/split/tandem-gpu-bench.xz .gpu14/split/engine-tests.xz
+env_line
 step gpu-tests-split 170 "$SPLIT" /tmp/g14/split/engine-tests --ignored cuda:: --test-threads 1
 grep -E "^test result|FAILED|panicked" "$O/gpu-tests-split.md" | cut -c1-300
 step kernels-main 40 "$MAIN" /tmp/g14/main/tandem-gpu-bench kernels --shape llama3-8b
