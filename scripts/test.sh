@@ -17,8 +17,9 @@ for tool in fmt clippy; do
 done
 
 echo "== python packages for the client-library tests"
-python3 -c "import openai, jsonschema" 2>/dev/null || python3 -m pip install --quiet openai jsonschema
+python3 -c "import openai, jsonschema, grpc_tools" 2>/dev/null || python3 -m pip install --quiet openai jsonschema grpcio-tools
 python3 -c "import openai" || { echo "error: the openai Python package is needed by tests/e2e/openai.rs" >&2; exit 1; }
+python3 -c "import grpc, grpc_tools" || { echo "error: grpcio-tools is needed by tests/e2e/grpc_stubs.rs" >&2; exit 1; }
 
 echo "== etcd for the membership tests"
 # The etcd tests start their own etcd (free loopback ports, a temporary data dir) and fail
