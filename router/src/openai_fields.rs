@@ -134,16 +134,8 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("guided_regex", On::Both, Rule::Used),
     ("guided_choice", On::Both, Rule::Used),
     ("guided_grammar", On::Both, Rule::Used),
-    (
-        "guided_decoding_backend",
-        On::Both,
-        Rule::NeutralOnly(is_empty),
-    ),
-    (
-        "guided_whitespace_pattern",
-        On::Both,
-        Rule::NeutralOnly(is_empty),
-    ),
+    ("guided_decoding_backend", On::Both, Rule::Used),
+    ("guided_whitespace_pattern", On::Both, Rule::Used),
     ("structured_outputs", On::Both, Rule::Used),
     ("add_special_tokens", On::Completions, Rule::Used),
     (

@@ -13,7 +13,16 @@
 //!   a grammar; EOS too only when listed);
 //! - `bad_words`: words never written, tokenized as vLLM does (each word, and
 //!   with a leading space where that tokenizes as many tokens from another
-//!   first one); a word's last token is banned right after the rest of it.
+//!   first one); a word's last token is banned right after the rest of it;
+//! - JSON whitespace: `guided_whitespace_pattern` (or `structured_outputs`'
+//!   `whitespace_pattern`: a regex for the whitespace between JSON tokens) and
+//!   `structured_outputs.disable_any_whitespace` (none at all), written into the
+//!   schema's `x-guidance` options, as vLLM's guidance backend does; with no
+//!   JSON constraint they are refused;
+//! - `guided_decoding_backend` / `structured_outputs.backend`: `"guidance"`
+//!   (llguidance, what Tandem runs) or `"auto"`; another backend is refused,
+//!   as vLLM refuses a request's backend other than the engine's;
+//!   `structured_outputs.disable_fallback`: there is no fallback to disable.
 //!
 //! At most one constraint per request; a second is refused naming its field.
 //! Whether the schema, regex or grammar compiles is the validator's check
@@ -47,6 +56,92 @@ pub struct StructuredFields {
     pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's: words never to write (one constraint too).
     pub bad_words: Option<Vec<String>>,
+    /// vLLM's: the whitespace allowed between JSON tokens, as a regex.
+    pub guided_whitespace_pattern: Option<String>,
+    /// vLLM's: which structured-output backend (Tandem runs llguidance).
+    pub guided_decoding_backend: Option<String>,
+}
+
+/// A backend a request names: llguidance's (`"guidance"`) or the server's
+/// choice (`"auto"`), which is the same; any other is refused.
+fn check_backend(param: &str, name: &str) -> Result<(), Refused> {
+    if matches!(name, "guidance" | "auto") {
+        return Ok(());
+    }
+    Err(refused(
+        param,
+        format!(
+            "{param} = {name:?}: Tandem's structured output runs llguidance \
+             (\"guidance\"); a request cannot pick another backend"
+        ),
+    ))
+}
+
+/// What a request says of JSON whitespace, besides its constraint: `x-guidance`
+/// entries for a JSON constraint, each with the field that set it.
+#[derive(Default)]
+struct Options {
+    json: Vec<(String, &'static str, Value)>,
+}
+
+impl Options {
+    /// `kind` with the JSON options written into its schema's `x-guidance`.
+    fn apply(self, kind: Option<(String, Kind)>) -> Result<Option<(String, Kind)>, Refused> {
+        let Some((param, _, _)) = self.json.first() else {
+            return Ok(kind);
+        };
+        let param = param.clone();
+        let (name, mut schema) = match kind {
+            Some((name, Kind::JsonSchema(text))) => {
+                let schema: Value = serde_json::from_str(&text)
+                    .map_err(|e| refused(&name, format!("{name} is not valid JSON: {e}")))?;
+                let schema = match schema {
+                    Value::Bool(true) => serde_json::json!({}),
+                    Value::Object(_) => schema,
+                    _ => {
+                        return Err(refused(
+                            &param,
+                            format!("{param} needs a JSON schema that can be matched"),
+                        ));
+                    }
+                };
+                (name, schema)
+            }
+            Some((name, Kind::JsonObject(true))) => (name, serde_json::json!({"type": "object"})),
+            Some((name, _)) => {
+                return Err(refused(
+                    &param,
+                    format!("{param} applies to JSON output; {name} is not a JSON constraint"),
+                ));
+            }
+            None => {
+                return Err(refused(
+                    &param,
+                    format!("{param} applies to JSON output, and the request asks for none"),
+                ));
+            }
+        };
+        let options = schema.as_object_mut().map(|o| {
+            o.entry("x-guidance")
+                .or_insert_with(|| serde_json::json!({}))
+        });
+        let Some(Value::Object(options)) = options else {
+            return Err(refused(
+                &name,
+                format!("{name}'s x-guidance must be an object"),
+            ));
+        };
+        for (field, key, value) in self.json {
+            if let Some(set) = options.get(key).filter(|set| **set != value) {
+                return Err(refused(
+                    &field,
+                    format!("{field} conflicts with the schema's x-guidance {key} = {set}"),
+                ));
+            }
+            options.insert(key.to_string(), value);
+        }
+        Ok(Some((name, Kind::JsonSchema(schema.to_string()))))
+    }
 }
 
 fn refused(param: &str, message: impl Into<String>) -> Refused {
@@ -103,7 +198,7 @@ fn response_format(v: &Value) -> Result<Option<Kind>, Refused> {
     }
 }
 
-fn structured_outputs(v: &Value) -> Result<Vec<(String, Kind)>, Refused> {
+fn structured_outputs(v: &Value, opts: &mut Options) -> Result<Vec<(String, Kind)>, Refused> {
     let param = "structured_outputs";
     let Value::Object(fields) = v else {
         return Err(refused(param, "structured_outputs must be an object"));
@@ -128,8 +223,26 @@ fn structured_outputs(v: &Value) -> Result<Vec<(String, Kind)>, Refused> {
                     })
                     .collect::<Result<_, _>>()?,
             }),
-            ("disable_any_whitespace" | "disable_fallback" | "whitespace_pattern", _)
-            | ("structural_tag", _) => {
+            ("whitespace_pattern", Value::String(p)) => {
+                opts.json
+                    .push((name, "whitespace_pattern", Value::String(p.clone())));
+                continue;
+            }
+            ("disable_any_whitespace", Value::Bool(off)) => {
+                if *off {
+                    opts.json
+                        .push((name, "whitespace_flexible", Value::Bool(false)));
+                }
+                continue;
+            }
+            // llguidance compiles the request's constraint or refuses it: there
+            // is no other backend to fall back to, whatever this says.
+            ("disable_fallback", Value::Bool(_)) => continue,
+            ("backend", Value::String(b)) => {
+                check_backend(&name, b)?;
+                continue;
+            }
+            ("structural_tag", _) => {
                 return Err(refused(&name, format!("{name} is not supported by Tandem")));
             }
             (_, v) => {
@@ -176,6 +289,17 @@ pub fn constraint(
     tokenizer: &Tokenizer,
 ) -> Result<Option<pb::OutputConstraint>, Refused> {
     let mut found: Vec<(String, Kind)> = Vec::new();
+    let mut opts = Options::default();
+    if let Some(p) = &f.guided_whitespace_pattern {
+        opts.json.push((
+            "guided_whitespace_pattern".into(),
+            "whitespace_pattern",
+            Value::String(p.clone()),
+        ));
+    }
+    if let Some(b) = &f.guided_decoding_backend {
+        check_backend("guided_decoding_backend", b)?;
+    }
     if let Some(v) = &f.response_format
         && let Some(k) = response_format(v)?
     {
@@ -200,7 +324,7 @@ pub fn constraint(
         found.push(("guided_grammar".into(), Kind::LarkGrammar(g.clone())));
     }
     if let Some(v) = &f.structured_outputs {
-        found.extend(structured_outputs(v)?);
+        found.extend(structured_outputs(v, &mut opts)?);
     }
     if let Some(ids) = &f.allowed_token_ids {
         found.push((
@@ -227,6 +351,7 @@ pub fn constraint(
             ),
         ));
     }
+    let first = opts.apply(first)?;
     Ok(first.map(|(_, kind)| pb::OutputConstraint { kind: Some(kind) }))
 }
 
@@ -316,5 +441,83 @@ mod tests {
         assert_eq!(e.param, "guided_choice");
         let e = parse(serde_json::json!({"structured_outputs": {"regex": 5}})).unwrap_err();
         assert_eq!(e.param, "structured_outputs.regex");
+    }
+
+    /// The schema a JSON constraint carries, parsed.
+    fn schema(body: Value) -> Value {
+        match kind(body) {
+            Some(Kind::JsonSchema(text)) => serde_json::from_str(&text).unwrap(),
+            other => panic!("not a JSON schema: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_whitespace_options_go_into_the_schemas_x_guidance() {
+        use serde_json::json;
+        let s =
+            schema(json!({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "\\n?"}));
+        assert_eq!(
+            s,
+            json!({"type": "object", "x-guidance": {"whitespace_pattern": "\\n?"}})
+        );
+        // json_object becomes the schema of any object, with the option.
+        let s = schema(json!({
+            "response_format": {"type": "json_object"},
+            "structured_outputs": {"disable_any_whitespace": true, "disable_fallback": true}
+        }));
+        assert_eq!(
+            s,
+            json!({"type": "object", "x-guidance": {"whitespace_flexible": false}})
+        );
+        let s = schema(json!({"structured_outputs": {"json": true, "whitespace_pattern": " "}}));
+        assert_eq!(s, json!({"x-guidance": {"whitespace_pattern": " "}}));
+        // The schema's own x-guidance stays; a different value for the same key is a conflict.
+        let own = json!({"type": "object", "x-guidance": {"lenient": true}});
+        let s = schema(json!({"guided_json": own, "guided_whitespace_pattern": " "}));
+        assert_eq!(
+            s["x-guidance"],
+            json!({"lenient": true, "whitespace_pattern": " "})
+        );
+        let clash = json!({"x-guidance": {"whitespace_pattern": "\\t"}});
+        let e = parse(json!({"guided_json": clash, "guided_whitespace_pattern": " "})).unwrap_err();
+        assert_eq!(e.param, "guided_whitespace_pattern");
+        // Without disable_any_whitespace: true, nothing is added.
+        let s =
+            schema(json!({"structured_outputs": {"json": {}, "disable_any_whitespace": false}}));
+        assert_eq!(s, json!({}));
+    }
+
+    #[test]
+    fn json_whitespace_without_json_and_other_backends_are_refused() {
+        use serde_json::json;
+        for (body, param) in [
+            (
+                json!({"guided_whitespace_pattern": " "}),
+                "guided_whitespace_pattern",
+            ),
+            (
+                json!({"guided_regex": "a+", "guided_whitespace_pattern": " "}),
+                "guided_whitespace_pattern",
+            ),
+            (
+                json!({"structured_outputs": {"regex": "a+", "disable_any_whitespace": true}}),
+                "structured_outputs.disable_any_whitespace",
+            ),
+            (
+                json!({"guided_decoding_backend": "xgrammar"}),
+                "guided_decoding_backend",
+            ),
+            (
+                json!({"structured_outputs": {"json": {}, "backend": "outlines"}}),
+                "structured_outputs.backend",
+            ),
+        ] {
+            let e = parse(body.clone()).unwrap_err();
+            assert_eq!(e.param, param, "{body}: {}", e.message);
+        }
+        for backend in ["guidance", "auto"] {
+            let body = json!({"guided_regex": "a+", "guided_decoding_backend": backend});
+            assert_eq!(kind(body), Some(Kind::Regex("a+".into())));
+        }
     }
 }

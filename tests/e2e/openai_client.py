@@ -332,7 +332,7 @@ out["cached_tokens"] = cached
 refused = {}
 completion_refusals = {
     "suffix": {"suffix": " The end."},
-    "guided_decoding_backend": {"extra_body": {"guided_decoding_backend": "xgrammar"}},
+    "use_beam_search": {"extra_body": {"use_beam_search": True}},
     "max_token": {"extra_body": {"max_token": 3}},
 }
 chat_refusals = {
@@ -340,7 +340,7 @@ chat_refusals = {
     # tools and tool_choice are honoured: their refusals are in tools_client.py.
     "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
     "function_call": {"extra_body": {"function_call": "auto"}},
-    "guided_whitespace_pattern": {"extra_body": {"guided_whitespace_pattern": " "}},
+    "prompt_logprobs": {"extra_body": {"prompt_logprobs": 1}},
     "prompt": {"extra_body": {"prompt": "hi"}},
     "chat_template": {"extra_body": {"chat_template": "{{ messages }}"}},
 }

@@ -104,6 +104,27 @@ async fn constrained_outputs_obey_their_constraint_on_smollm2() {
         let message = seen[case]["message"].as_str().unwrap();
         assert!(message.contains(field), "{case}: {message}");
     }
+    // JSON whitespace: the biased space shows where whitespace is free, and
+    // never where only newlines or no whitespace are allowed; those outputs
+    // are the schema's JSON.
+    let ws = &seen["whitespace"];
+    assert!(!ws["space_tokens"].as_array().unwrap().is_empty(), "{ws}");
+    let text = |case: &str| ws[case]["text"].as_str().unwrap().to_string();
+    assert!(text("free").contains(' '), "{ws}");
+    assert!(!text("newlines").contains(' '), "{ws}");
+    assert!(!text("none").contains(|c: char| c.is_whitespace()), "{ws}");
+    for case in ["newlines", "none"] {
+        assert_eq!(ws[case]["valid"], true, "{case}: {ws}");
+        assert_eq!(ws[case]["finish"], "stop", "{case}: {ws}");
+    }
+    for (case, word) in [
+        ("other_backend", "guided_decoding_backend"),
+        ("not_json", "guided_whitespace_pattern"),
+    ] {
+        assert_eq!(ws[case]["status"], 400, "{case}: {ws}");
+        let message = ws[case]["message"].as_str().unwrap();
+        assert!(message.contains(word), "{case}: {message}");
+    }
     assert_eq!(seen["after"], "length");
 }
 

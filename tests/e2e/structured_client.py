@@ -8,6 +8,7 @@ asserts on it.
 import json
 import re
 import sys
+import urllib.request
 
 import jsonschema
 import openai
@@ -91,6 +92,29 @@ out["bad_schema"] = refused(response_format={"type": "json_schema", "json_schema
     "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}})
 out["bad_regex"] = refused(extra_body={"guided_regex": "(unclosed"})
 out["two_constraints"] = refused(extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+
+# JSON whitespace (vLLM's guided_whitespace_pattern, structured_outputs'
+# disable_any_whitespace): the space token pushed up by logit_bias shows with
+# free whitespace, never where the pattern allows newlines only or none is allowed.
+tokenize = urllib.request.Request(base.removesuffix("/v1") + "/tokenize", headers={"content-type": "application/json"},
+                                  data=json.dumps({"prompt": " ", "add_special_tokens": False}).encode())
+with urllib.request.urlopen(tokenize) as resp:
+    space = json.loads(resp.read())["tokens"]
+SMALL = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["a"], "additionalProperties": False}
+ws = {"space_tokens": space}
+for name, extra in [
+    ("free", {"guided_json": SMALL}),
+    ("newlines", {"guided_json": SMALL, "guided_whitespace_pattern": "\n"}),
+    ("none", {"structured_outputs": {"json": SMALL, "disable_any_whitespace": True}, "guided_decoding_backend": "guidance"}),
+]:
+    r = client.completions.create(model=model, prompt="Answer in JSON:", max_tokens=24, temperature=0,
+                                  logit_bias={str(t): 30 for t in space}, extra_body=extra)
+    ws[name] = {"text": r.choices[0].text, "finish": r.choices[0].finish_reason,
+                "valid": valid(r.choices[0].text, SMALL)}
+ws["other_backend"] = refused(extra_body={"guided_json": SMALL, "guided_decoding_backend": "xgrammar"})
+ws["not_json"] = refused(extra_body={"guided_regex": "a+", "guided_whitespace_pattern": " "})
+out["whitespace"] = ws
 
 r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=4, temperature=0)
 out["after"] = r.choices[0].finish_reason
