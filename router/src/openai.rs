@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`
-//! (with `stream: true` as server-sent events, and without), `/v1/models`,
-//! `/health`, and vLLM's `/tokenize` and `/detokenize`.
+//! (with `stream: true` as server-sent events, and without), `/v1/models` and
+//! `/v1/models/{model}`, `/health`, and vLLM's `/tokenize`, `/detokenize` and
+//! `/version`.
 //!
 //! It is a thin translation in front of the same [`GenerateService`] the gRPC
 //! API uses, called in-process: requests become `GenerateRequest`s, token
@@ -88,6 +89,8 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model_info))
+        .route("/version", get(version))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize::tokenize))
@@ -433,12 +436,46 @@ fn finish_reason(reason: i32) -> &'static str {
     }
 }
 
-async fn models(State(st): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": st.name, "object": "model", "created": 0, "owned_by": "tandem",
-                   "max_model_len": st.model.config.max_position_embeddings }],
-    }))
+/// The served model as OpenAI's model object.
+fn model_object(st: &AppState) -> Value {
+    json!({ "id": st.name, "object": "model", "created": 0, "owned_by": "tandem",
+            "max_model_len": st.model.config.max_position_embeddings })
+}
+
+/// `GET /v1/models`: the served model (an API key needed where keys are set,
+/// as for every `/v1` route).
+async fn models(State(st): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorization(&st, &headers)?;
+    Ok(Json(
+        json!({ "object": "list", "data": [model_object(&st)] }),
+    ))
+}
+
+/// `GET /v1/models/{model}` (OpenAI's retrieve): the model object, or 404 for
+/// a model not served here.
+async fn model_info(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorization(&st, &headers)?;
+    if model != st.name {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "The model `{model}` does not exist (this cluster serves `{}`)",
+                st.name
+            ),
+            param: Some("model".into()),
+            retry_after: None,
+        });
+    }
+    Ok(Json(model_object(&st)))
+}
+
+/// `GET /version` (vLLM's): the server's version.
+async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
 
 async fn completions(

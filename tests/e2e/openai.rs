@@ -68,6 +68,17 @@ async fn the_openai_client_library_works_against_the_router() {
     let seen = run_client_script("openai_client.py", script_args).await;
 
     assert_eq!(seen["models"][0], model.name());
+    // OpenAI's retrieve: the model object, or 404 naming the model asked for.
+    assert_eq!(seen["retrieved"], model.name());
+    let unknown = &seen["retrieve_unknown"];
+    assert_eq!(unknown["status"], 404, "{unknown}");
+    assert!(
+        unknown["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-model"),
+        "{unknown}"
+    );
     // vLLM's skip_special_tokens: a special token forced three times (logit
     // bias) makes no text by default, and its text with false, streamed too.
     let sp = &seen["special"];
@@ -93,6 +104,7 @@ async fn the_openai_client_library_works_against_the_router() {
         assert_eq!(tok[case]["status"], 200, "{case}: {}", tok[case]);
         &tok[case]["body"]
     };
+    assert_eq!(tok["version"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(ok("prompt")["tokens"], serde_json::json!(prompt));
     assert_eq!(ok("prompt")["count"], prompt.len());
     assert_eq!(

@@ -25,6 +25,12 @@ out = {}
 
 out["models"] = [m.id for m in client.models.list().data]
 model = out["models"][0]
+out["retrieved"] = client.models.retrieve(model).id
+try:
+    client.models.retrieve("no-such-model")
+    out["retrieve_unknown"] = None
+except openai.NotFoundError as e:
+    out["retrieve_unknown"] = {"status": e.status_code, "message": e.body.get("message")}
 
 # vLLM's skip_special_tokens: a special token forced by logit_bias, three times.
 forced = {"model": model, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0,
@@ -73,6 +79,8 @@ tok["bad_model"] = post_json("/tokenize", {"model": "no-such-model", "prompt": "
 tok["unknown_field"] = post_json("/tokenize", {"prompt": "x", "tools": []})
 tok["both"] = post_json("/tokenize", {"prompt": "x", "messages": messages})
 tok["bad_token"] = post_json("/detokenize", {"tokens": [vocab]})
+with urllib.request.urlopen(root + "/version") as resp:
+    tok["version"] = json.loads(resp.read().decode())
 out["tokenize"] = tok
 
 # A batch of two prompts, two samples each (greedy): choices 0-1 answer the

@@ -447,6 +447,25 @@ async fn api_keys_and_rate_limits() {
     // A client without a key learns that before anything about its body.
     let (status, _, _) = http(http_addr, "/v1/completions", &[], b"{not json").await;
     assert_eq!(status, 401);
+    // Every /v1 route needs the key, the model list too (as vLLM's --api-key).
+    let get = |path: &'static str, key: Option<&'static str>| async move {
+        let mut s = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+        let auth = key
+            .map(|k| format!("authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).to_string()
+    };
+    assert!(get("/v1/models", None).await.starts_with("HTTP/1.1 401"));
+    assert!(
+        get("/v1/models", Some("key-a"))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(get("/health", None).await.starts_with("HTTP/1.1 200"));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let auth = [("authorization", "Bearer key-a")];
     let (status, _, text) = http(http_addr, "/v1/completions", &auth, body).await;
