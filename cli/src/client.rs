@@ -46,7 +46,8 @@ pub async fn generate(
                     t.total_seconds * 1e3
                 );
             }
-            None => {}
+            // Not asked for (the request sets no prompt_logprobs).
+            Some(pb::generate_response::Event::PromptLogprobs(_)) | None => {}
         }
     }
     Ok(())

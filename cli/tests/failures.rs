@@ -321,6 +321,7 @@ async fn read_tokens(
         match message.event {
             Some(Event::Token(chunk)) => tokens.extend(chunk.ids),
             Some(Event::Finished(f)) => return Some(f),
+            Some(Event::PromptLogprobs(_)) => panic!("prompt log probabilities not asked for"),
             None => panic!("an empty response"),
         }
     }

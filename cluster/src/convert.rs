@@ -119,6 +119,25 @@ pub fn logprobs_to_pb(l: &tandem_engine::TokenLogprobs) -> pb::TokenLogprobs {
             .iter()
             .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
             .collect(),
+        rank: 0,
+    }
+}
+
+/// The wire form of a prompt's log probabilities: `entries` are those of its
+/// tokens from the second on, `first_id` its first token.
+pub fn prompt_logprobs_to_pb(
+    first_id: u32,
+    entries: &[tandem_engine::PromptLogprob],
+) -> pb::PromptLogprobs {
+    pb::PromptLogprobs {
+        first_id,
+        tokens: entries
+            .iter()
+            .map(|e| pb::TokenLogprobs {
+                rank: e.rank,
+                ..logprobs_to_pb(&e.logprobs)
+            })
+            .collect(),
     }
 }
 

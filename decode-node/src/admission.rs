@@ -47,7 +47,7 @@ use crate::errors::Refusal;
 use crate::prefill_choice::{PrefillFacts, choose};
 use crate::scheduler::{Event, Scheduler};
 use crate::seq_spans::SeqSpans;
-use crate::sequence::{Sequence, State};
+use crate::sequence::{PromptScoring, Sequence, State};
 
 /// A request to admit.
 pub struct Admission {
@@ -57,6 +57,9 @@ pub struct Admission {
     pub prompt: Vec<u32>,
     /// Tokens generated before, on a node that failed (see `DecodeRequest.generated`).
     pub generated: Vec<u32>,
+    /// The prompt's log probabilities with this many top tokens each
+    /// (`DecodeRequest.prompt_logprobs`): the prompt is prefilled here, whole.
+    pub prompt_logprobs: Option<usize>,
     /// Sampling and stop conditions.
     pub params: GenerationParams,
     /// Prefill here whatever the prompt's length (the router found no prefill node).
@@ -90,6 +93,11 @@ impl<B: Backend> Scheduler<B> {
                 max_context: config.max_position_embeddings,
             });
         }
+        if a.prompt_logprobs.is_some() && !self.backend.computes_every_logit() {
+            return Err(Refusal::InvalidRequest(
+                "prompt_logprobs is not supported on this decode node: its backend computes only the last token's logits of a prompt (the CPU backend computes them all)".into(),
+            ));
+        }
         let layout = self.backend.kv_layout();
         let bs = layout.block_size;
         let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
@@ -101,7 +109,13 @@ impl<B: Backend> Scheduler<B> {
         } else {
             Vec::new()
         };
-        let reusable = (context_len.saturating_sub(1) / bs).min(hashes.len());
+        // Prompt log probabilities need every position's logits: nothing is
+        // taken from the cache (its blocks are still named in it, for later prompts).
+        let reusable = if a.prompt_logprobs.is_some() {
+            0
+        } else {
+            (context_len.saturating_sub(1) / bs).min(hashes.len())
+        };
         let generation = Generation::resume(
             a.prompt,
             &a.generated,
@@ -120,6 +134,7 @@ impl<B: Backend> Scheduler<B> {
         let prompt_blocks = blocks_for(context_len, bs);
         let facts = PrefillFacts {
             forced: a.force_local,
+            prompt_logprobs: a.prompt_logprobs.is_some(),
             uncached_tokens: context_len - cached_tokens,
             kv_bytes: (prompt_blocks.saturating_sub(cached)
                 * layout.block_bytes()
@@ -259,6 +274,10 @@ impl<B: Backend> Scheduler<B> {
                 first_token_at: None,
                 answered: false,
                 held_first: None,
+                prompt_logprobs: a.prompt_logprobs.map(|top_n| PromptScoring {
+                    top_n,
+                    entries: Vec::new(),
+                }),
             },
         );
         Ok(())

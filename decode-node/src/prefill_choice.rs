@@ -4,6 +4,8 @@
 //! Prefill here when:
 //!
 //! - the router forced it (no usable prefill node): `forced`;
+//! - the request asks for the prompt's log probabilities, which need every
+//!   position's logits: `prompt_logprobs`;
 //! - the tokens not cached here are fewer than `local_prefill_below`:
 //!   `short_prompt`;
 //! - what shipping their KV adds to the time to first token exceeds what a
@@ -55,6 +57,9 @@ pub struct LinkPolicy {
 pub struct PrefillFacts {
     /// The router found no usable prefill node.
     pub forced: bool,
+    /// The request asks for the prompt's log probabilities, which only a
+    /// local prefill computes.
+    pub prompt_logprobs: bool,
     /// Context tokens whose KV is not held here.
     pub uncached_tokens: usize,
     /// Bytes of KV a prefill node would ship for them.
@@ -79,6 +84,8 @@ pub struct PrefillFacts {
 pub enum PrefillReason {
     /// Local: the router found no prefill node.
     Forced,
+    /// Local: the prompt's log probabilities are asked for.
+    PromptLogprobs,
     /// Local: few tokens to compute.
     ShortPrompt,
     /// Local: the link would cost more than the local prefill.
@@ -97,7 +104,7 @@ impl PrefillReason {
     pub fn local(self) -> bool {
         matches!(
             self,
-            Self::Forced | Self::ShortPrompt | Self::LinkSlow | Self::Probe
+            Self::Forced | Self::PromptLogprobs | Self::ShortPrompt | Self::LinkSlow | Self::Probe
         )
     }
 
@@ -105,6 +112,7 @@ impl PrefillReason {
     pub fn label(self) -> &'static str {
         match self {
             Self::Forced => "forced",
+            Self::PromptLogprobs => "prompt_logprobs",
             Self::ShortPrompt => "short_prompt",
             Self::LinkSlow => "link_slow",
             Self::TpotBudget => "tpot_budget",
@@ -130,6 +138,9 @@ pub struct Estimates {
 pub fn choose(policy: &LinkPolicy, f: &PrefillFacts) -> (PrefillReason, Estimates) {
     if f.forced {
         return (PrefillReason::Forced, Estimates::default());
+    }
+    if f.prompt_logprobs {
+        return (PrefillReason::PromptLogprobs, Estimates::default());
     }
     if f.uncached_tokens < policy.local_prefill_below {
         return (PrefillReason::ShortPrompt, Estimates::default());
@@ -183,6 +194,7 @@ mod tests {
     fn facts(link_rate: Option<f64>) -> PrefillFacts {
         PrefillFacts {
             forced: false,
+            prompt_logprobs: false,
             uncached_tokens: 1000,
             kv_bytes: 1_000_000,
             link_rate,
@@ -264,6 +276,13 @@ mod tests {
             ..facts(Some(1e12))
         };
         assert_eq!(choose(&POLICY, &forced).0, PrefillReason::Forced);
+        // Only a local prefill computes every position's logits.
+        let scored = PrefillFacts {
+            prompt_logprobs: true,
+            ..facts(Some(1e12))
+        };
+        assert_eq!(choose(&POLICY, &scored).0, PrefillReason::PromptLogprobs);
+        assert!(PrefillReason::PromptLogprobs.local());
     }
 
     #[test]

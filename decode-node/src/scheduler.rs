@@ -597,11 +597,14 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn step(&mut self, commands: &mut Inbox) {
+        self.score_prompts();
         // Sequences with a place first, then those whose first token waits
-        // for one, each in admission order.
+        // for one, each in admission order; not those whose prompt is being
+        // scored (`scoring.rs`).
         let held = |s: &Sequence| s.held_first.is_some();
         let views: Vec<SeqView> = (self.seqs.iter().filter(|(_, s)| !held(s)))
             .chain(self.seqs.iter().filter(|(_, s)| held(s)))
+            .filter(|(_, s)| s.prompt_logprobs.is_none())
             .map(|(&id, s)| s.view(id))
             .collect();
         let mut plan = plan_step(
@@ -859,5 +862,6 @@ impl<B: Backend> Scheduler<B> {
 }
 
 mod inbox;
+mod scoring;
 #[cfg(test)]
 mod tests;

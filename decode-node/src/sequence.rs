@@ -61,6 +61,17 @@ pub(crate) struct Sequence {
     /// two longer than a step (the wait for a place shows in the time to the
     /// first token, as on a colocated node).
     pub held_first: Option<(TokenEvent, Instant)>,
+    /// The prompt's log probabilities being computed (`prompt_logprobs`),
+    /// until they are sent, just before the first token.
+    pub prompt_logprobs: Option<PromptScoring>,
+}
+
+/// A prompt's log probabilities as its prefill computes them.
+pub(crate) struct PromptScoring {
+    /// Most likely tokens listed per prompt token.
+    pub top_n: usize,
+    /// One per prompt token from the second on, so far.
+    pub entries: Vec<tandem_engine::PromptLogprob>,
 }
 
 impl Sequence {

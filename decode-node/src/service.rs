@@ -120,8 +120,16 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                 params.max_tokens
             )));
         }
-        // Room for every token, the Admitted message and the Finished message.
-        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
+        if let Some(n) = r.prompt_logprobs
+            && n as usize > tandem_engine::MAX_TOP_LOGPROBS
+        {
+            return Err(Status::invalid_argument(format!(
+                "prompt_logprobs {n} exceeds the limit of {} top log probabilities per token",
+                tandem_engine::MAX_TOP_LOGPROBS
+            )));
+        }
+        // Room for every token, the Admitted, PromptLogprobs and Finished messages.
+        let (tx, rx) = mpsc::channel(params.max_tokens + 5);
         let admission = Admission {
             // State, Cancel and the KV reservation are per attempt.
             request_id: tandem_proto::attempt_key(&r.request_id, r.attempt),
@@ -130,6 +138,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             force_local: r.force_local_prefill,
             prompt: r.prompt,
             generated: r.generated,
+            prompt_logprobs: r.prompt_logprobs.map(|n| n as usize),
             params,
             kv_timeout: Duration::from_millis(u64::from(r.kv_timeout_ms.max(1))),
             prefill_peer: r.prefill_peer,

@@ -169,6 +169,24 @@ pub trait Backend: KvIo + Send {
         false
     }
 
+    /// Whether [`forward_every_logit`](Self::forward_every_logit) works here.
+    fn computes_every_logit(&self) -> bool {
+        false
+    }
+
+    /// Runs one chunk, writing its K/V into the cache like
+    /// [`forward`](Self::forward), and returns the logits of *every* one of its
+    /// tokens, in order: what the prompt's log probabilities (vLLM's
+    /// `prompt_logprobs`) are computed from. A backend that cannot says so
+    /// with [`computes_every_logit`](Self::computes_every_logit); calling it
+    /// there is an error and leaves the cache as it was.
+    fn forward_every_logit(&mut self, chunk: &SeqChunk<'_>) -> Result<Vec<Vec<f32>>> {
+        let _ = chunk;
+        Err(EngineError::InvalidInput(
+            "this backend computes only the last token's logits of a chunk (prompt log probabilities are not supported on it)".into(),
+        ))
+    }
+
     /// Runs `chunks` and chooses each chunk's next token with its draw
     /// (`draws[i]` for `chunks[i]`) from the raw logits: a step whose rows ask
     /// for nothing more.
@@ -348,6 +366,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 
     fn step_running(&self) -> bool {
         (**self).step_running()
+    }
+
+    fn computes_every_logit(&self) -> bool {
+        (**self).computes_every_logit()
+    }
+
+    fn forward_every_logit(&mut self, chunk: &SeqChunk<'_>) -> Result<Vec<Vec<f32>>> {
+        (**self).forward_every_logit(chunk)
     }
 
     fn forward_draw(

@@ -181,22 +181,16 @@ impl KvExport for CpuKvCache {
     }
 }
 
-impl Backend for CpuBackend {
-    fn config(&self) -> &ModelConfig {
-        &self.model.config
-    }
-
-    fn kv_layout(&self) -> KvLayout {
-        self.layout
-    }
-
-    fn forward(
+impl CpuBackend {
+    /// Runs `chunks` through the model (their K/V into the cache) and returns
+    /// the logits of the tokens `logit_rows` names (indices into the chunks'
+    /// tokens laid end to end), in that order.
+    fn run(
         &mut self,
         chunks: &[SeqChunk<'_>],
-        logits: &[bool],
+        logit_rows: &[u32],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<Option<Vec<f32>>>> {
-        check_logit_flags(chunks, logits)?;
+    ) -> Result<Vec<Vec<f32>>> {
         validate_chunks(&self.model.config, &self.layout, chunks)?;
         if chunks.is_empty() {
             return Ok(Vec::new());
@@ -211,15 +205,6 @@ impl Backend for CpuBackend {
             .iter()
             .flat_map(|ch| ch.start..ch.start + ch.tokens.len())
             .collect();
-        // The last token of each chunk that asks for logits.
-        let mut logit_rows = Vec::new();
-        let mut end = 0;
-        for (ch, &want) in chunks.iter().zip(logits) {
-            end += ch.tokens.len();
-            if want {
-                logit_rows.push((end - 1) as u32);
-            }
-        }
         let n = ids.len();
         let (cos, sin) = rope::cos_sin(&model.inv_freq, &positions);
         let cos = Tensor::from_vec(cos, (n, 1, hd / 2), cpu)?;
@@ -231,7 +216,7 @@ impl Backend for CpuBackend {
             plan: &model.plan,
             layout: self.layout,
             chunks,
-            logit_rows: &logit_rows,
+            logit_rows,
             ids: &ids,
             cos: &cos,
             sin: &sin,
@@ -287,11 +272,49 @@ impl Backend for CpuBackend {
             .map(|t| t.to_vec2::<f32>())
             .transpose()?
             .unwrap_or_default();
-        let mut rows = rows.into_iter();
+        Ok(rows)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn forward(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        logits: &[bool],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        check_logit_flags(chunks, logits)?;
+        // The last token of each chunk that asks for logits.
+        let mut logit_rows = Vec::new();
+        let mut end = 0;
+        for (ch, &want) in chunks.iter().zip(logits) {
+            end += ch.tokens.len();
+            if want {
+                logit_rows.push((end - 1) as u32);
+            }
+        }
+        let mut rows = self.run(chunks, &logit_rows, on_layer)?.into_iter();
         Ok(logits
             .iter()
             .map(|&want| if want { rows.next() } else { None })
             .collect())
+    }
+
+    fn computes_every_logit(&self) -> bool {
+        true
+    }
+
+    fn forward_every_logit(&mut self, chunk: &SeqChunk<'_>) -> Result<Vec<Vec<f32>>> {
+        let rows: Vec<u32> = (0..chunk.tokens.len() as u32).collect();
+        self.run(std::slice::from_ref(chunk), &rows, None)
     }
 
     fn start_step(

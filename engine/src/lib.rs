@@ -58,5 +58,8 @@ pub use kv_events::{CacheChanges, KvCursor, KvDelta, KvEvent, KvEventLog};
 pub use model_dir::{BatchLimits, Device, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use row_sampling::{RowAsk, RowOut};
-pub use sampling::{MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams, TokenDraw, TokenLogprobs};
+pub use sampling::{
+    MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PromptLogprob, SamplingParams, TokenDraw, TokenLogprobs,
+    prompt_logprobs,
+};
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};

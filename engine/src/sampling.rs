@@ -436,6 +436,37 @@ impl TokenLogprobs {
     }
 }
 
+/// One prompt token's log probability given the tokens before it (vLLM's
+/// `prompt_logprobs`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprob {
+    /// The token, its log probability and the most likely tokens at its place.
+    pub logprobs: TokenLogprobs,
+    /// Its rank among all tokens, 1 for the most likely (1 + how many tokens
+    /// have a larger logit).
+    pub rank: u32,
+}
+
+/// The log probabilities of `targets[i]` and of the `top_n` most likely
+/// tokens under `rows[i]`, the logits that followed the token before it: a
+/// prompt's, from the model's raw logits (no penalty, bias or temperature),
+/// as vLLM reports prompt log probabilities. Extra rows or targets are left out.
+pub fn prompt_logprobs(rows: &[Vec<f32>], targets: &[u32], top_n: usize) -> Vec<PromptLogprob> {
+    rows.iter()
+        .zip(targets)
+        .map(|(row, &token)| {
+            let own = row
+                .get(token as usize)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY);
+            PromptLogprob {
+                logprobs: TokenLogprobs::of(row, 1.0, token, top_n),
+                rank: 1 + row.iter().filter(|&&l| l > own).count() as u32,
+            }
+        })
+        .collect()
+}
+
 /// `log(sum(exp(l * scale)))` over the finite logits, in f64.
 fn log_sum_exp(logits: &[f32], scale: f64) -> f64 {
     let max = logits

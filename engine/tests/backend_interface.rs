@@ -77,6 +77,73 @@ fn forward_returns_logits_only_for_the_chunks_that_ask() {
 }
 
 #[test]
+fn every_logit_of_a_chunk_is_what_each_prefix_would_end_with() {
+    let (_d, m) = model(Architecture::Qwen2);
+    let prompt: Vec<u32> = vec![
+        3, 9, 27, 81, 5, 25, 7, 49, 100, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+    ];
+    let table = [0u32, 1];
+    let mut b = m.load_cpu(4, 16).unwrap();
+    assert!(b.computes_every_logit());
+    // The first 5 tokens, then the rest from position 5 on (a chunked prompt).
+    let mut every = b
+        .forward_every_logit(&SeqChunk {
+            tokens: &prompt[..5],
+            start: 0,
+            block_table: &table,
+        })
+        .unwrap();
+    every.extend(
+        b.forward_every_logit(&SeqChunk {
+            tokens: &prompt[5..],
+            start: 5,
+            block_table: &table,
+        })
+        .unwrap(),
+    );
+    assert_eq!(every.len(), prompt.len());
+    let mut one = m.load_cpu(4, 16).unwrap();
+    for (i, row) in every.iter().enumerate() {
+        assert_eq!(row.len(), m.config.vocab_size);
+        let last = one.prefill(&prompt[..=i], 0, &table).unwrap();
+        assert!(max_abs_diff(row, &last) < 1e-4, "position {i}");
+    }
+    // The cache holds the prompt's K/V: the next token's logits are a prefill's.
+    let next = |b: &mut dyn Backend| {
+        b.decode(&[(11, prompt.len(), &table[..])])
+            .unwrap()
+            .remove(0)
+    };
+    assert!(max_abs_diff(&next(&mut b), &next(&mut one)) < 1e-4);
+    // A chunk that does not fit its block table is refused.
+    let err = b
+        .forward_every_logit(&SeqChunk {
+            tokens: &prompt,
+            start: 20,
+            block_table: &table,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("block"), "{err}");
+}
+
+#[test]
+fn prompt_logprobs_are_the_raw_distribution_with_ranks() {
+    let rows = vec![vec![2.0f32, 0.0, 1.0, 1.0], vec![0.0, 0.0, 0.0, 0.0]];
+    let got = tandem_engine::prompt_logprobs(&rows, &[3, 1], 2);
+    assert_eq!(got.len(), 2);
+    let z = (2f64.exp() + 1.0 + 2.0 * 1f64.exp()).ln();
+    assert!((f64::from(got[0].logprobs.logprob) - (1.0 - z)).abs() < 1e-6);
+    // Token 2 ties token 3 and is more likely than nothing else but token 0.
+    assert_eq!(got[0].rank, 2);
+    assert_eq!(
+        got[0].logprobs.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+        [0, 2]
+    );
+    assert_eq!(got[1].rank, 1);
+    assert!((got[1].logprobs.logprob - 0.25f32.ln()).abs() < 1e-6);
+}
+
+#[test]
 fn the_synthesizer_writes_the_llama_definition() {
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let (_d, m) = model(arch);

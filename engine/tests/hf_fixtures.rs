@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem_engine::backend::BackendExt;
+use tandem_engine::backend::{Backend, BackendExt};
 use tandem_engine::block_manager::{BlockManager, blocks_for};
 use tandem_engine::sampling::argmax;
-use tandem_engine::{ChatMessage, ModelDir};
+use tandem_engine::{ChatMessage, ModelDir, SeqChunk};
 
 const MAX_REL_ERR: f32 = 1e-4;
 
@@ -77,6 +77,27 @@ fn check_model(name: &str) {
             "{name}: greedy continuation of a {}-token prompt",
             prompt.len()
         );
+        // Every position's logits in one pass (what prompt log probabilities
+        // are computed from): the sequence with its continuation, teacher
+        // forced, gives at positions prompt.len() - 1 .. the same rows.
+        let mut forced = prompt.clone();
+        forced.extend_from_slice(&expected[..expected.len() - 1]);
+        let every = backend
+            .forward_every_logit(&SeqChunk {
+                tokens: &forced,
+                start: 0,
+                block_table: &table,
+            })
+            .unwrap();
+        assert_eq!(every.len(), forced.len());
+        for (step, theirs) in rows.chunks_exact(vocab).enumerate() {
+            let err = rel_err(&every[prompt.len() - 1 + step], theirs);
+            assert!(
+                err < MAX_REL_ERR,
+                "{name} prompt {} tokens, every-logit row of step {step}: relative error {err:e}",
+                prompt.len()
+            );
+        }
         eprintln!(
             "{name}: prompt {:>3} tokens: max logits relative error {case_worst:.2e}",
             prompt.len()

@@ -126,6 +126,9 @@ struct Progress {
     placement: Placement,
     /// The decode node of the current attempt.
     decode: Option<NodeAddr>,
+    /// The prompt's log probabilities went to the client (a re-run does not
+    /// ask for them again).
+    prompt_logprobs_sent: bool,
 }
 
 impl Progress {
@@ -141,6 +144,7 @@ impl Progress {
             spans: SpanClock::default(),
             placement,
             decode: None,
+            prompt_logprobs_sent: false,
         }
     }
 }

@@ -188,6 +188,9 @@ struct Sampling {
     logprobs: Option<LogprobsInput>,
     /// Chat only (the completions schema refuses it).
     top_logprobs: Option<u32>,
+    /// vLLM's: the prompt tokens' log probabilities, with this many top
+    /// tokens each (-1 in vLLM: the whole vocabulary, refused here).
+    prompt_logprobs: Option<i64>,
     /// Token id (a JSON object's keys are strings) -> bias in [-100, 100].
     logit_bias: Option<BTreeMap<String, f32>>,
     /// vLLM's: tokens generated before EOS, a stop id or a stop string may end it.
@@ -326,6 +329,30 @@ fn logprobs_asked(s: &Sampling, kind: Kind) -> Result<Option<u32>, ApiError> {
     Ok(asked)
 }
 
+/// vLLM's `prompt_logprobs`, checked as vLLM checks it: how many top tokens
+/// each prompt token's entry lists (`None`: none asked, or 0 with `stream`,
+/// which vLLM accepts and answers nothing for).
+fn prompt_logprobs_asked(s: &Sampling) -> Result<Option<u32>, ApiError> {
+    let bad = |m: String| ApiError::bad_field("prompt_logprobs", m);
+    match s.prompt_logprobs {
+        None => Ok(None),
+        Some(n) if s.stream && (n > 0 || n == -1) => Err(bad(
+            "`prompt_logprobs` are not available when `stream=True`.".into(),
+        )),
+        Some(-1) => Err(bad(format!(
+            "prompt_logprobs = -1 (the whole vocabulary) is not supported: at most {MAX_TOP_LOGPROBS} top log probabilities per token can be requested"
+        ))),
+        Some(n) if n < 0 => Err(bad(
+            "`prompt_logprobs` must be a positive value or -1.".into()
+        )),
+        Some(n) if n as usize > MAX_TOP_LOGPROBS => Err(bad(format!(
+            "prompt_logprobs = {n}: at most {MAX_TOP_LOGPROBS} top log probabilities per token can be requested"
+        ))),
+        Some(_) if s.stream => Ok(None),
+        Some(n) => Ok(Some(n as u32)),
+    }
+}
+
 /// `logit_bias` as the wire's map, each entry checked against the vocabulary
 /// (`vocab` ids) and OpenAI's range, the error naming the field.
 fn logit_bias(s: &Sampling, vocab: usize) -> Result<HashMap<u32, f32>, ApiError> {
@@ -414,6 +441,7 @@ fn to_request(
         include_stop_str_in_output: s.include_stop_str_in_output,
         skip_special_tokens: s.skip_special_tokens,
         logprobs: logprobs_asked(s, kind)?,
+        prompt_logprobs: prompt_logprobs_asked(s)?,
         min_tokens: s.min_tokens,
         // Set from the checked `n` and `best_of` in `run`.
         n: 1,
@@ -496,10 +524,19 @@ async fn completions(
         &req.sampling,
         &st.model,
     )?;
-    let requests = prompts
+    let mut requests = prompts
         .into_iter()
         .map(|p| to_request(p, &req.sampling, Kind::Completion, &st.model))
         .collect::<Result<Vec<_>, _>>()?;
+    // vLLM's echo with logprobs: the prompt's tokens lead the log
+    // probabilities, with as many top tokens as `logprobs` asks (unless
+    // `prompt_logprobs` says how many).
+    let echo_logprobs = req.echo && req.sampling.logprobs.is_some();
+    if echo_logprobs {
+        for r in &mut requests {
+            r.prompt_logprobs = r.prompt_logprobs.or(r.logprobs);
+        }
+    }
     let usage = StreamOptions::usage(req.sampling.stream_options);
     let samples = Samples::check(
         req.sampling.n,
@@ -515,6 +552,7 @@ async fn completions(
         tools: None,
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
         prompt_ids,
+        echo_logprobs,
     };
     run(st, auth, &headers, requests, out, Kind::Completion).await
 }
@@ -596,6 +634,7 @@ async fn chat_completions(
         tools,
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
         prompt_ids,
+        echo_logprobs: false,
     };
     run(st, auth, &headers, vec![request], out, Kind::Chat).await
 }

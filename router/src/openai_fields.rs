@@ -118,11 +118,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("truncate_prompt_tokens", On::Both, Rule::Used),
     ("allowed_token_ids", On::Both, Rule::Used),
     ("bad_words", On::Both, Rule::Used),
-    (
-        "prompt_logprobs",
-        On::Both,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
+    ("prompt_logprobs", On::Both, Rule::Used),
     ("return_tokens_as_token_ids", On::Both, Rule::Used),
     ("return_token_ids", On::Both, Rule::Used),
     ("logits_processors", On::Both, Rule::NeutralOnly(is_empty)),

@@ -55,12 +55,32 @@ fn clamp(logprob: f32) -> f32 {
 /// The completions shape of `entries`; the first token starts at character
 /// `offset` of the completion's text (0, or what was streamed before).
 pub fn completion(names: TokenNames<'_>, entries: &[pb::TokenLogprobs], offset: usize) -> Value {
+    completion_after_prompt(names, None, entries, offset)
+}
+
+/// [`completion`] led by the prompt's tokens (completions' `echo` with
+/// `logprobs`, as vLLM answers it): the prompt's first token with a null
+/// log probability and null top list, then each later prompt token's.
+pub fn completion_after_prompt(
+    names: TokenNames<'_>,
+    prompt: Option<&pb::PromptLogprobs>,
+    entries: &[pb::TokenLogprobs],
+    offset: usize,
+) -> Value {
     let mut tokens = Vec::with_capacity(entries.len());
     let mut token_logprobs = Vec::with_capacity(entries.len());
     let mut top_logprobs = Vec::with_capacity(entries.len());
     let mut text_offset = Vec::with_capacity(entries.len());
     let mut at = offset;
-    for e in entries {
+    if let Some(p) = prompt {
+        let token = names.name(p.first_id);
+        text_offset.push(at);
+        at += token.chars().count();
+        tokens.push(token);
+        token_logprobs.push(Value::Null);
+        top_logprobs.push(Value::Null);
+    }
+    for e in prompt.into_iter().flat_map(|p| &p.tokens).chain(entries) {
         let token = names.name(e.id);
         let mut top = Map::new();
         for t in &e.top {
@@ -71,7 +91,7 @@ pub fn completion(names: TokenNames<'_>, entries: &[pb::TokenLogprobs], offset: 
         text_offset.push(at);
         at += token.chars().count();
         tokens.push(token);
-        token_logprobs.push(clamp(e.logprob));
+        token_logprobs.push(json!(clamp(e.logprob)));
         top_logprobs.push(Value::Object(top));
     }
     json!({
@@ -100,6 +120,26 @@ pub fn chat(names: TokenNames<'_>, entries: &[pb::TokenLogprobs]) -> Value {
     json!({ "content": content })
 }
 
+/// vLLM's `prompt_logprobs` answer: `null` for the prompt's first token, then
+/// per token a dict from token id (as a string) to `{logprob, rank,
+/// decoded_token}`: the prompt's token with its rank, and the most likely
+/// tokens ranked 1, 2, ...
+pub fn prompt(names: TokenNames<'_>, p: &pb::PromptLogprobs) -> Value {
+    let one = |id: u32, logprob: f32, rank: u32| json!({ "logprob": clamp(logprob), "rank": rank, "decoded_token": names.name(id) });
+    let mut out = vec![Value::Null];
+    for e in &p.tokens {
+        let mut entry = Map::new();
+        entry.insert(e.id.to_string(), one(e.id, e.logprob, e.rank));
+        for (i, t) in e.top.iter().enumerate() {
+            entry
+                .entry(t.id.to_string())
+                .or_insert_with(|| one(t.id, t.logprob, i as u32 + 1));
+        }
+        out.push(Value::Object(entry));
+    }
+    Value::Array(out)
+}
+
 /// Characters of the completions shape's tokens, to continue `text_offset`
 /// in the next streamed chunk.
 pub fn token_chars(names: TokenNames<'_>, entries: &[pb::TokenLogprobs]) -> usize {
@@ -107,6 +147,11 @@ pub fn token_chars(names: TokenNames<'_>, entries: &[pb::TokenLogprobs]) -> usiz
         .iter()
         .map(|e| names.name(e.id).chars().count())
         .sum()
+}
+
+/// Characters of a prompt's tokens in the completions shape (`echo`).
+pub fn prompt_chars(names: TokenNames<'_>, p: &pb::PromptLogprobs) -> usize {
+    names.name(p.first_id).chars().count() + token_chars(names, &p.tokens)
 }
 
 #[cfg(test)]
@@ -121,6 +166,7 @@ mod tests {
                 .iter()
                 .map(|&(id, logprob)| pb::TopLogprob { id, logprob })
                 .collect(),
+            rank: 0,
         }
     }
 
@@ -180,5 +226,50 @@ mod tests {
             json!("token_id:6")
         );
         assert_eq!(by_id["content"][0]["bytes"], json!(b"token_id:5".to_vec()));
+    }
+
+    #[test]
+    fn prompt_shapes_lead_with_a_null_first_token() {
+        let dir = tempfile::tempdir().unwrap();
+        tandem_engine::synth::write_model_dir(dir.path(), &Default::default()).unwrap();
+        let model = tandem_engine::ModelDir::open(dir.path()).unwrap();
+        let ids = TokenNames {
+            tokenizer: &model.tokenizer,
+            as_ids: true,
+        };
+        let mut second = entry(8, -2.5, &[(6, -1.0), (8, -2.5)]);
+        second.rank = 2;
+        let mut third = entry(9, -4.0, &[(6, -0.5)]);
+        third.rank = 7;
+        let p = pb::PromptLogprobs {
+            tokens: vec![second, third],
+            first_id: 3,
+        };
+        // vLLM's prompt_logprobs: null, then id -> {logprob, rank, decoded_token}.
+        let v = prompt(ids, &p);
+        assert_eq!(v[0], Value::Null);
+        assert_eq!(
+            v[1]["8"],
+            json!({"logprob": -2.5, "rank": 2, "decoded_token": "token_id:8"})
+        );
+        assert_eq!(v[1]["6"]["rank"], json!(1));
+        assert_eq!(
+            v[1].as_object().unwrap().len(),
+            2,
+            "the prompt token is among the top"
+        );
+        assert_eq!(v[2]["9"]["rank"], json!(7));
+        assert_eq!(v[2].as_object().unwrap().len(), 2);
+        // Echo: the prompt's tokens first, its first one without numbers.
+        let generated = [entry(5, -0.5, &[])];
+        let c = completion_after_prompt(ids, Some(&p), &generated, 0);
+        assert_eq!(
+            c["tokens"],
+            json!(["token_id:3", "token_id:8", "token_id:9", "token_id:5"])
+        );
+        assert_eq!(c["token_logprobs"], json!([null, -2.5, -4.0, -0.5]));
+        assert_eq!(c["top_logprobs"][0], Value::Null);
+        assert_eq!(c["text_offset"], json!([0, 10, 20, 30]));
+        assert_eq!(prompt_chars(ids, &p), 30);
     }
 }

@@ -46,6 +46,9 @@ pub struct ValidRequest {
     pub keep_special_tokens: bool,
     /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
+    /// The prompt's log probabilities with this many top tokens each (at most
+    /// [`MAX_TOP_LOGPROBS`]); `None`: none.
+    pub prompt_logprobs: Option<u32>,
     /// Tokens generated before EOS, a stop id or a stop string may end the output.
     pub min_tokens: u32,
     /// What the token at an output index below `min_tokens` may not be: the
@@ -291,6 +294,14 @@ impl Validator {
             )));
         }
 
+        if let Some(n) = req.prompt_logprobs
+            && n as usize > MAX_TOP_LOGPROBS
+        {
+            return Err(invalid(format!(
+                "prompt_logprobs {n} exceeds the limit of {MAX_TOP_LOGPROBS} top log probabilities per token"
+            )));
+        }
+
         let constraint = match req.constraint {
             Some(c) if c.kind.is_some() => {
                 self.check_constraint(&c)?;
@@ -311,6 +322,7 @@ impl Validator {
             include_stop_str_in_output: req.include_stop_str_in_output,
             keep_special_tokens: req.skip_special_tokens == Some(false),
             logprobs: req.logprobs,
+            prompt_logprobs: req.prompt_logprobs,
             min_tokens: req.min_tokens,
             min_tokens_banned,
             n,

@@ -691,7 +691,7 @@ async fn generate_samples(
         match msg.event {
             Some(Event::Token(t)) => entry.0.extend(t.ids),
             Some(Event::Finished(f)) => entry.1 = Some(f),
-            None => {}
+            Some(Event::PromptLogprobs(_)) | None => {}
         }
     }
     out

@@ -266,7 +266,7 @@ async fn a_rotated_certificate_is_served_within_seconds_and_no_stream_is_dropped
                     last_at = Some(Instant::now());
                 }
                 Some(pb::generate_response::Event::Finished(f)) => finished = Some(f.reason),
-                None => {}
+                Some(pb::generate_response::Event::PromptLogprobs(_)) | None => {}
             }
         }
         (tokens, finished, last_at)

@@ -114,6 +114,74 @@ async fn logprobs_are_the_log_softmax_of_the_engines_logits() {
     wait_for_no_leak(&cluster).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompt_logprobs_are_each_prompt_tokens_log_softmax() {
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.decode.prefix_cache = true;
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let mut client = cluster.client().await;
+    let top = 3;
+    // One token (nothing to score), a short prompt, a remote-prefill length,
+    // and one of several scoring chunks (256 positions a step).
+    for len in [1, 5, 40, 600] {
+        let p = prompt(len, 23);
+        let mut request = greedy_request(&p, 4);
+        request.prompt_logprobs = Some(top as u32);
+        let got = complete(&mut client, request.clone())
+            .await
+            .expect("generate");
+        // The prompt's KV the scoring wrote is the one the answer follows.
+        assert_eq!(got.tokens, reference(&model, &p, 4), "prompt of {len}");
+        let lp = got.prompt_logprobs.expect("prompt log probabilities");
+        assert_eq!(lp.first_id, p[0]);
+        assert_eq!(
+            lp.tokens.len(),
+            len - 1,
+            "one per prompt token from the second on"
+        );
+        let want = reference_prompt_logprobs(&model, &p);
+        for (i, (e, want)) in lp.tokens.iter().zip(&want).enumerate() {
+            let target = p[i + 1];
+            assert_eq!(e.id, target, "prompt of {len}, position {i}");
+            let own = want[target as usize];
+            assert!(
+                (f64::from(e.logprob) - own).abs() < 1e-4,
+                "prompt of {len}, position {i}: {} vs {own}",
+                e.logprob
+            );
+            let rank = 1 + want.iter().filter(|&&w| w > own + 1e-9).count() as u32;
+            assert!(
+                e.rank.abs_diff(rank) <= 1,
+                "prompt of {len}, position {i}: rank {} vs {rank}",
+                e.rank
+            );
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+            assert_eq!(e.top.len(), top);
+            for (t, &id) in e.top.iter().zip(&order) {
+                assert!((f64::from(t.logprob) - want[id]).abs() < 1e-4);
+            }
+        }
+        // Again, its blocks now in the prefix cache: the cache is not read,
+        // every position is computed, the same numbers come back.
+        let again = complete(&mut client, request).await.expect("again");
+        assert_eq!(again.prompt_logprobs.expect("again").tokens, lp.tokens);
+        assert_eq!(again.usage.cached_tokens, 0, "prompt of {len}");
+    }
+    // More than 20 is refused, naming the field.
+    let mut request = greedy_request(&prompt(10, 1), 2);
+    request.prompt_logprobs = Some(21);
+    let err = complete(&mut client, request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("prompt_logprobs"),
+        "{}",
+        err.message()
+    );
+    wait_for_no_leak(&cluster).await;
+}
+
 /// The engine's own output for `request`'s parameters, in this process.
 fn engine_output(
     model: &tandem_engine::ModelDir,

@@ -168,6 +168,8 @@ pub struct Completion {
     pub reason: pb::FinishReason,
     /// The final message's usage.
     pub usage: pb::Usage,
+    /// The prompt's log probabilities, when asked (`prompt_logprobs`).
+    pub prompt_logprobs: Option<pb::PromptLogprobs>,
 }
 
 /// A greedy request for these token ids.
@@ -201,6 +203,7 @@ pub async fn complete_request(
         text: String::new(),
         reason: pb::FinishReason::Unspecified,
         usage: pb::Usage::default(),
+        prompt_logprobs: None,
     };
     while let Some(msg) = stream.message().await? {
         match msg.event {
@@ -212,6 +215,13 @@ pub async fn complete_request(
                 out.reason =
                     pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
                 out.usage = f.usage.unwrap_or_default();
+            }
+            Some(pb::generate_response::Event::PromptLogprobs(p)) => {
+                assert!(
+                    out.tokens.is_empty() && out.prompt_logprobs.is_none(),
+                    "the prompt's log probabilities come once, before the first token"
+                );
+                out.prompt_logprobs = Some(p);
             }
             None => {}
         }
@@ -249,6 +259,29 @@ pub fn reference_logits(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> 
         if i + 1 < max_tokens {
             logits = backend
                 .decode(&[(token, prompt.len() + i, &table)])
+                .expect("decode")
+                .remove(0);
+        }
+    }
+    out
+}
+
+/// The log-softmax after each of `prompt`'s tokens but the last, teacher
+/// forced token by token through the engine's decode path on the CPU: entry
+/// `i` is the distribution `prompt[i + 1]` was drawn from, what its prompt log
+/// probability must be taken from.
+pub fn reference_prompt_logprobs(model: &ModelDir, prompt: &[u32]) -> Vec<Vec<f64>> {
+    use tandem_engine::BackendExt;
+    let block_size = 16;
+    let mut backend = model.load_cpu(256, block_size).expect("backend");
+    let table: Vec<u32> = (0..prompt.len().div_ceil(block_size) as u32).collect();
+    let mut logits = backend.prefill(&prompt[..1], 0, &table).expect("prefill");
+    let mut out = Vec::with_capacity(prompt.len());
+    for (pos, &token) in prompt.iter().enumerate().skip(1) {
+        out.push(log_softmax(&logits));
+        if pos + 1 < prompt.len() {
+            logits = backend
+                .decode(&[(token, pos, &table)])
                 .expect("decode")
                 .remove(0);
         }

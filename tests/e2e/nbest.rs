@@ -59,7 +59,7 @@ async fn samples(
                 entry.0.extend(t.ids);
             }
             Some(pb::generate_response::Event::Finished(f)) => entry.1 = Some(f),
-            None => {}
+            Some(pb::generate_response::Event::PromptLogprobs(_)) | None => {}
         }
     }
     Ok(out)

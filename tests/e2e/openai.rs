@@ -537,7 +537,7 @@ async fn the_openai_client_library_works_against_the_router() {
     let refused = seen["refused"].as_object().unwrap();
     // `n`, `best_of` (tests/e2e/nbest.rs) and `tools`, `tool_choice`
     // (tests/e2e/tools.rs) are honoured now.
-    assert_eq!(refused.len(), 9, "{refused:?}");
+    assert_eq!(refused.len(), 8, "{refused:?}");
     for (case, got) in refused {
         let field = case.split_once('.').unwrap().1;
         let e = &got["error"];
@@ -636,12 +636,64 @@ async fn the_openai_client_library_works_against_the_router() {
             .starts_with("Once upon a time"),
         "{echo}"
     );
+    // With logprobs: the prompt's tokens lead, the first with null numbers,
+    // then each one's log probability under the engine's own logits.
+    let want = reference_prompt_logprobs(&model, &prompt);
     let e = &echo["with_logprobs"];
-    assert_eq!(e["status"], 400, "{e}");
-    assert_eq!(e["param"], "echo", "{e}");
+    let lps = e["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), prompt.len() + 2, "{e}");
+    assert!(lps[0].is_null() && e["top_logprobs"][0].is_null(), "{e}");
+    for (i, w) in want.iter().enumerate() {
+        let got = lps[i + 1].as_f64().unwrap();
+        assert!(
+            (got - w[prompt[i + 1] as usize]).abs() < 1e-4,
+            "position {i}: {e}"
+        );
+    }
+    assert_eq!(e["text_offset"][0], 0, "{e}");
     assert!(
-        e["message"].as_str().unwrap().contains("not supported"),
+        e["text"].as_str().unwrap().starts_with("Once upon a time"),
         "{e}"
+    );
+    let s = &echo["with_logprobs_stream"];
+    assert_eq!(s["token_logprobs"], e["token_logprobs"], "streamed: {s}");
+    assert_eq!(s["tokens"], e["tokens"], "streamed: {s}");
+    assert_eq!(s["text"], e["text"], "streamed: {s}");
+
+    // prompt_logprobs: null, then per position the prompt token's entry (with
+    // its rank) and the top tokens, keyed by id.
+    let pl = &seen["prompt_logprobs"];
+    let c = pl["completions"].as_array().unwrap();
+    assert_eq!(c.len(), prompt.len(), "{pl}");
+    assert!(c[0].is_null());
+    for (i, w) in want.iter().enumerate() {
+        let entry = c[i + 1].as_object().unwrap();
+        let own = &entry[&prompt[i + 1].to_string()];
+        assert!((own["logprob"].as_f64().unwrap() - w[prompt[i + 1] as usize]).abs() < 1e-4);
+        assert!(own["rank"].as_u64().unwrap() >= 1, "{own}");
+        assert!(entry.len() == 2 || entry.len() == 3, "{entry:?}");
+        assert!(entry.values().any(|v| v["rank"] == 1), "{entry:?}");
+    }
+    let chat = pl["chat"].as_array().unwrap();
+    assert_eq!(
+        chat.len() as u64,
+        pl["chat_prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(
+        chat[0].is_null() && chat[1].as_object().unwrap().len() == 1,
+        "{pl}"
+    );
+    for case in ["stream", "minus_one", "too_many"] {
+        let e = &pl[case];
+        assert_eq!(e["status"], 400, "{case}: {e}");
+        assert_eq!(e["param"], "prompt_logprobs", "{case}: {e}");
+    }
+    assert!(
+        pl["stream"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not available when `stream=True`"),
+        "{pl}"
     );
 
     // vLLM's chat extensions. continue_final_message: the prompt stops inside

@@ -348,7 +348,6 @@ chat_refusals = {
     # tools and tool_choice are honoured: their refusals are in tools_client.py.
     "functions": {"extra_body": {"functions": [{"name": "f", "parameters": {}}]}},
     "function_call": {"extra_body": {"function_call": "auto"}},
-    "prompt_logprobs": {"extra_body": {"prompt_logprobs": 1}},
     "prompt": {"extra_body": {"prompt": "hi"}},
     "chat_template": {"extra_body": {"chat_template": "{{ messages }}"}},
 }
@@ -438,12 +437,43 @@ parts = [ch.choices[0].text for ch in client.completions.create(
     model=model, prompt="Once upon a time", max_tokens=8, temperature=0, echo=True, stream=True)]
 ec["stream"] = "".join(parts)
 ec["stream_first"] = parts[0]
-try:
-    client.completions.create(model=model, prompt="Once upon a time", max_tokens=2, echo=True, logprobs=1)
-    ec["with_logprobs"] = None
-except openai.APIStatusError as e:
-    ec["with_logprobs"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+# echo with logprobs: the prompt's tokens lead the log probabilities (the first one's null).
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=2, temperature=0,
+                              echo=True, logprobs=1)
+lp = c.choices[0].logprobs
+ec["with_logprobs"] = {"text": c.choices[0].text, "tokens": lp.tokens, "token_logprobs": lp.token_logprobs,
+                       "top_logprobs": lp.top_logprobs, "text_offset": lp.text_offset}
+stream_lp = {"tokens": [], "token_logprobs": [], "text": ""}
+for ch in client.completions.create(model=model, prompt="Once upon a time", max_tokens=2, temperature=0,
+                                    echo=True, logprobs=1, stream=True):
+    for choice in ch.choices:
+        stream_lp["text"] += choice.text
+        if choice.logprobs:
+            stream_lp["tokens"] += choice.logprobs.tokens
+            stream_lp["token_logprobs"] += choice.logprobs.token_logprobs
+ec["with_logprobs_stream"] = stream_lp
 out["echo"] = ec
+
+# vLLM's prompt_logprobs: on each completions choice, beside the choices for chat.
+pl = {}
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=2, temperature=0,
+                              extra_body={"prompt_logprobs": 2})
+pl["completions"] = c.choices[0].model_extra.get("prompt_logprobs")
+r = client.chat.completions.create(model=model, messages=messages, max_tokens=2, temperature=0,
+                                   extra_body={"prompt_logprobs": 0})
+pl["chat"] = r.model_extra.get("prompt_logprobs")
+pl["chat_prompt_tokens"] = r.usage.prompt_tokens
+for name, extra in {"stream": {"prompt_logprobs": 1}, "minus_one": {"prompt_logprobs": -1},
+                    "too_many": {"prompt_logprobs": 21}}.items():
+    try:
+        if name == "stream":
+            list(client.completions.create(model=model, prompt="hi", max_tokens=2, stream=True, extra_body=extra))
+        else:
+            client.completions.create(model=model, prompt="hi", max_tokens=2, extra_body=extra)
+        pl[name] = None
+    except openai.APIStatusError as e:
+        pl[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["prompt_logprobs"] = pl
 
 
 # vLLM's chat extensions: continue_final_message (the reply continues the final

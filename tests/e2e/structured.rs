@@ -142,7 +142,7 @@ async fn collect(
         match msg.event {
             Some(pb::generate_response::Event::Token(t)) => text.push_str(&t.text),
             Some(pb::generate_response::Event::Finished(f)) => return (text, f),
-            None => {}
+            Some(pb::generate_response::Event::PromptLogprobs(_)) | None => {}
         }
     }
     panic!("the stream ended without Finished");

@@ -113,6 +113,7 @@ fn admit_with(
         request_id: id.into(),
         prompt: vec![1, 2, 3, 4, 5, 6],
         generated: Vec::new(),
+        prompt_logprobs: None,
         params,
         force_local: local,
         kv_timeout: Duration::from_secs(10),
@@ -495,6 +496,7 @@ fn the_first_token_goes_out_with_its_log_probabilities_and_one_without_them_fail
                 logprob: -1.25,
             },
         ],
+        rank: 0,
     };
     assert_eq!(chunk.logprobs, vec![expected]);
     s.handle(Command::Cancel("with".into(), oneshot::channel().0));
@@ -559,4 +561,82 @@ fn imports_waiting_before_a_step_stop_after_the_slice_while_sequences_run() {
             _ => panic!("import of layer {layer} should be waiting"),
         }
     }
+}
+
+/// Admits `id` (the 6-token prompt, 2 tokens to generate) asking for its
+/// prompt's log probabilities with 2 top tokens each.
+fn admit_scored(tx: &Sender<Command>, id: &str) -> (Reply, mpsc::Receiver<Event>) {
+    let (events, rx) = mpsc::channel(8);
+    let a = Admission {
+        request_id: id.into(),
+        prompt: vec![1, 2, 3, 4, 5, 6],
+        generated: Vec::new(),
+        prompt_logprobs: Some(2),
+        params: GenerationParams {
+            max_tokens: 2,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        force_local: false,
+        kv_timeout: Duration::from_secs(10),
+        prefill_peer: String::new(),
+        prefill_queue: Duration::ZERO,
+        events,
+        span: tracing::Span::none(),
+    };
+    let (reply, answer) = oneshot::channel();
+    tx.send(Command::Admit(Box::new(a), reply))
+        .expect("loop's channel");
+    (answer, rx)
+}
+
+#[test]
+fn prompt_logprobs_come_before_the_first_token_or_are_refused_where_not_computed() {
+    // The CPU backend: prefilled here whatever the policy, the prompt's
+    // log probabilities first, then the tokens.
+    let (_dir, mut s) = scheduler();
+    s.policy.local_prefill_below = 0;
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    let (mut reply, mut events) = admit_scored(&tx, "scored");
+    s.handle(rx.try_recv().expect("admission"));
+    assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+    let admitted = events.try_recv().expect("Admitted").expect("not an error");
+    assert!(matches!(
+        admitted.event,
+        Some(pb::decode_response::Event::Admitted(pb::Admitted {
+            local_prefill: true,
+            ..
+        }))
+    ));
+    for _ in 0..4 {
+        s.step(&mut rx);
+    }
+    let first = events.try_recv().expect("a message").expect("not an error");
+    let Some(pb::decode_response::Event::PromptLogprobs(p)) = first.event else {
+        panic!("the prompt's log probabilities first, got {first:?}");
+    };
+    assert_eq!(p.first_id, 1);
+    assert_eq!(
+        p.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6]
+    );
+    assert!(p.tokens.iter().all(|t| t.top.len() == 2 && t.rank >= 1));
+    let (ids, finished) = drain(&mut events);
+    assert_eq!(ids.len(), 2);
+    assert!(finished);
+
+    // A backend that computes only a prompt's last logits (as CUDA's does
+    // today): refused at admission, holding nothing.
+    let running = Arc::new(AtomicBool::new(false));
+    let (_dir, mut s) = scheduler_with(move |inner| DeviceLike { inner, running });
+    let free = s.blocks.num_free();
+    let (mut reply, _events) = admit_scored(&tx, "refused");
+    s.handle(rx.try_recv().expect("admission"));
+    match reply.try_recv().ok() {
+        Some(Err(Refusal::InvalidRequest(m))) => assert!(m.contains("prompt_logprobs"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(s.blocks.num_free(), free);
+    assert!(s.seqs.is_empty());
 }

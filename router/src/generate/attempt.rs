@@ -30,6 +30,10 @@ impl Request<'_> {
                 &progress.sent,
                 failed,
                 progress.placement.pin(attempt),
+                // Sample 0 carries them, once.
+                self.req.prompt_logprobs.filter(|_| {
+                    !progress.prompt_logprobs_sent && !progress.placement.is_later_sample()
+                }),
             )
             .await?;
         progress.admitted_at.get_or_insert_with(Instant::now);
@@ -206,6 +210,12 @@ impl Request<'_> {
                     }
                     progress.finish = Some(finish_label(finished.reason));
                     return self.send_finished(finished, progress).await;
+                }
+                DecodeEvent::PromptLogprobs(p) => {
+                    if !progress.prompt_logprobs_sent {
+                        progress.prompt_logprobs_sent = true;
+                        self.send(ClientEvent::PromptLogprobs(p)).await?;
+                    }
                 }
                 DecodeEvent::Admitted(_) => {
                     return Err(self.protocol(&decode, "a second Admitted"));

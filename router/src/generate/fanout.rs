@@ -207,6 +207,7 @@ mod tests {
             include_stop_str_in_output: false,
             keep_special_tokens: false,
             logprobs: None,
+            prompt_logprobs: None,
             min_tokens: 0,
             min_tokens_banned: Vec::new(),
             constraint: None,

@@ -29,6 +29,7 @@ impl Request<'_> {
         generated: &[u32],
         avoid: &[NodeAddr],
         pin: Option<&NodeAddr>,
+        prompt_logprobs: Option<u32>,
     ) -> Result<Reserved, RouterError> {
         let nodes = &self.relay.nodes;
         let queue = nodes.decode_queue();
@@ -87,6 +88,7 @@ impl Request<'_> {
                 force_local_prefill: local,
                 generated: generated.to_vec(),
                 logprobs: self.req.logprobs,
+                prompt_logprobs,
                 attempt: guard.attempt,
                 min_tokens: self.req.min_tokens,
                 constraint: self.req.constraint.clone(),

@@ -22,6 +22,9 @@ pub(super) struct Output {
     /// vLLM's `return_token_ids`: each prompt's token ids, returned with the
     /// choices' own.
     pub(super) prompt_ids: Option<Vec<Vec<u32>>>,
+    /// Completions' `echo` with `logprobs`: the prompt's tokens lead each
+    /// choice's log probabilities.
+    pub(super) echo_logprobs: bool,
 }
 
 /// Runs the requests (one per prompt of a completions batch; chat has one)
@@ -45,6 +48,7 @@ pub(super) async fn run(
         tools,
         tokens_as_ids,
         prompt_ids,
+        echo_logprobs,
     } = out;
     let batch = requests.len() > 1;
     let logprobs_out = requests
@@ -135,7 +139,7 @@ pub(super) async fn run(
             responses,
             kind,
             (usage, echo, per_prompt),
-            (logprobs_out, prompt_ids),
+            (logprobs_out, prompt_ids, echo_logprobs),
             id,
             created,
             model,
@@ -160,23 +164,41 @@ pub(super) async fn run(
     }
     let mut picked = Vec::new();
     let mut usage = pb::Usage::default();
-    for answer in answers {
+    // Each prompt's log probabilities, when asked.
+    let mut prompt_logprobs = Vec::new();
+    for mut answer in answers {
+        prompt_logprobs.push(answer.prompt_logprobs.take());
         let (choices, u) = answer.pick(samples)?;
         picked.extend(choices);
         add_usage(&mut usage, &u);
     }
+    let names = LogprobsOut {
+        model: st.model.clone(),
+        as_ids: tokens_as_ids,
+    };
     let mut tools = tools; // n > 1 is refused with tools: one choice reads them
     let choices: Vec<Value> = picked
         .into_iter()
         .enumerate()
         .map(|(index, (c, f))| {
-            let logprobs = logprobs_out
-                .as_ref()
-                .map(|m| logprobs_json(m.names(), kind, &c.logprobs, 0));
+            let prompt = prompt_logprobs
+                .get(index / samples.n.max(1) as usize)
+                .and_then(Option::as_ref);
+            let logprobs = logprobs_out.as_ref().map(|m| match (kind, echo_logprobs) {
+                (Kind::Completion, true) => {
+                    openai_logprobs::completion_after_prompt(m.names(), prompt, &c.logprobs, 0)
+                }
+                _ => logprobs_json(m.names(), kind, &c.logprobs, 0),
+            });
             let text = c.text;
             let mut choice = match kind {
                 Kind::Completion => {
-                    json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) })
+                    let mut choice = json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) });
+                    // vLLM's prompt_logprobs: on each choice of its prompt.
+                    if let Some(p) = prompt {
+                        choice["prompt_logprobs"] = openai_logprobs::prompt(names.names(), p);
+                    }
+                    choice
                 }
                 Kind::Chat => {
                     let (message, reason) = match tools.take() {
@@ -213,6 +235,12 @@ pub(super) async fn run(
         && let Some(prompts) = &prompt_ids
     {
         answer["prompt_token_ids"] = json!(prompts.first());
+    }
+    // Chat's prompt_logprobs: beside the choices (as vLLM).
+    if kind == Kind::Chat
+        && let Some(Some(p)) = prompt_logprobs.first()
+    {
+        answer["prompt_logprobs"] = openai_logprobs::prompt(names.names(), p);
     }
     Ok(Json(answer).into_response())
 }

@@ -89,6 +89,8 @@ impl Choice {
 /// Every sample's answer, by index.
 pub(super) struct Choices {
     samples: Vec<Choice>,
+    /// The prompt's log probabilities, when asked (they come once, with sample 0).
+    pub prompt_logprobs: Option<pb::PromptLogprobs>,
 }
 
 impl Choices {
@@ -100,7 +102,10 @@ impl Choices {
                 ..Default::default()
             })
             .collect();
-        Choices { samples }
+        Choices {
+            samples,
+            prompt_logprobs: None,
+        }
     }
 
     /// Takes one response of sample `index`.
@@ -121,6 +126,7 @@ impl Choices {
                 choice.logprobs.extend(t.logprobs);
             }
             pb::generate_response::Event::Finished(f) => choice.finished = Some(f),
+            pb::generate_response::Event::PromptLogprobs(p) => self.prompt_logprobs = Some(p),
         }
         Ok(())
     }
@@ -170,6 +176,7 @@ mod tests {
                 id: 1,
                 logprob,
                 top: Vec::new(),
+                rank: 0,
             }],
             prompt_tokens: 0,
         })

@@ -54,12 +54,13 @@ pub(super) fn add_usage(total: &mut pb::Usage, u: &pb::Usage) {
 /// each carrying its choice's `index` (and its own `finish_reason`); the
 /// usage chunk counts each prompt once and every choice's completion tokens.
 /// With [`StreamUsage::Continuous`] every chunk also carries its choice's
-/// usage so far.
+/// usage so far. With `echo_logprobs` (completions' `echo` with `logprobs`)
+/// the prompt's tokens lead the log probabilities of each choice's first chunk.
 pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
     (stream_usage, echo, per_prompt): (StreamUsage, Vec<String>, u32),
-    (logprobs_out, prompt_ids): (Option<LogprobsOut>, Option<Vec<Vec<u32>>>),
+    (logprobs_out, prompt_ids, echo_logprobs): (Option<LogprobsOut>, Option<Vec<Vec<u32>>>, bool),
     id: String,
     created: u64,
     model: String,
@@ -110,6 +111,8 @@ pub(super) fn sse_events(
         // each choice's completion tokens so far.
         let mut prompt_tokens: HashMap<u32, u32> = HashMap::new();
         let mut completion: HashMap<u32, u32> = HashMap::new();
+        // Per prompt: its log probabilities (echo with logprobs), come before its first token.
+        let mut prompt_logprobs: HashMap<u32, pb::PromptLogprobs> = HashMap::new();
         let mut failed = false;
         while let Some(msg) = responses.next().await {
             let (index, event) = match msg {
@@ -124,10 +127,14 @@ pub(super) fn sse_events(
                     break;
                 }
             };
-            let first = !started.contains_key(&index);
-            let offset = started.entry(index).or_insert(0);
             // A choice's first chunk starts with its echoed prompt.
             let prompt = index / per_prompt.max(1);
+            if let Some(pb::generate_response::Event::PromptLogprobs(p)) = event {
+                prompt_logprobs.insert(prompt, p);
+                continue;
+            }
+            let first = !started.contains_key(&index);
+            let offset = started.entry(index).or_insert(0);
             let echoed = if first {
                 echo.get(prompt as usize).cloned()
             } else {
@@ -147,7 +154,22 @@ pub(super) fn sse_events(
                     *completion.entry(index).or_insert(0) += t.ids.len() as u32;
                     let logprobs = match &logprobs_out {
                         Some(m) => {
-                            let v = logprobs_json(m.names(), kind, &t.logprobs, *offset);
+                            let lead = prompt_logprobs
+                                .get(&prompt)
+                                .filter(|_| first && echo_logprobs);
+                            let v = match lead {
+                                Some(p) => {
+                                    let v = openai_logprobs::completion_after_prompt(
+                                        m.names(),
+                                        Some(p),
+                                        &t.logprobs,
+                                        *offset,
+                                    );
+                                    *offset += openai_logprobs::prompt_chars(m.names(), p);
+                                    v
+                                }
+                                None => logprobs_json(m.names(), kind, &t.logprobs, *offset),
+                            };
                             *offset += openai_logprobs::token_chars(m.names(), &t.logprobs);
                             v
                         }
@@ -186,7 +208,7 @@ pub(super) fn sse_events(
                         first,
                     )
                 }
-                None => continue,
+                Some(pb::generate_response::Event::PromptLogprobs(_)) | None => continue,
             };
             if let (Some(ids), Some(prompts)) = (ids, &prompt_ids) {
                 data["choices"][0]["token_ids"] = json!(ids);

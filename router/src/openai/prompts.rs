@@ -25,14 +25,6 @@ pub(super) fn completion_prompts(
     s: &Sampling,
     model: &ModelDir,
 ) -> Result<Prompts, ApiError> {
-    if echo && s.logprobs.is_some() {
-        // vLLM then returns the prompt's log probabilities too, which Tandem
-        // does not compute: refused rather than silently left out.
-        return Err(ApiError::bad_field(
-            "echo",
-            "echo with logprobs (the prompt's log probabilities) is not supported yet",
-        ));
-    }
     // A batch of prompts is answered as vLLM does: each prompt's `n` choices
     // in turn, in one answer.
     let prompts: Vec<pb::generate_request::Prompt> = match input {

@@ -148,7 +148,8 @@ pub(super) fn tool_sse_events(
                     ));
                     out
                 }
-                Ok(None) => continue,
+                // Streamed chat never asks for the prompt's log probabilities.
+                Ok(Some(pb::generate_response::Event::PromptLogprobs(_)) | None) => continue,
                 Err(status) => {
                     let e = ApiError::from(status);
                     vec![error_body(e.status, &e.message, e.param.as_deref())]
