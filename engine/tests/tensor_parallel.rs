@@ -39,8 +39,9 @@ fn prompt(i: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy decoding of the 20 prompts, prefilled one by one and decoded in one
-/// batch per step: the tokens and every logits row.
+/// Greedy decoding of the 20 prompts, prefilled one by one (the last with
+/// every position's logits, as prompt log probabilities are computed) and
+/// decoded in one batch per step: the tokens and every logits row.
 fn run(backend: &mut dyn Backend) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let mut blocks = BlockManager::new(backend.kv_layout().num_blocks);
     let prompts: Vec<Vec<u32>> = (0..PROMPTS).map(prompt).collect();
@@ -52,7 +53,21 @@ fn run(backend: &mut dyn Backend) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let mut logits: Vec<Vec<f32>> = prompts
         .iter()
         .zip(&tables)
-        .map(|(p, t)| backend.prefill(p, 0, t).unwrap())
+        .map(|(p, t)| {
+            if p.len() < prompts[PROMPTS - 1].len() {
+                return backend.prefill(p, 0, t).unwrap();
+            }
+            let mut every = backend
+                .forward_every_logit(&SeqChunk {
+                    tokens: p,
+                    start: 0,
+                    block_table: t,
+                })
+                .unwrap();
+            let last = every.pop().unwrap();
+            all_logits.extend(every);
+            last
+        })
         .collect();
     let mut tokens = vec![Vec::new(); PROMPTS];
     for step in 0..STEPS {

@@ -403,7 +403,9 @@ fn to_request(
             format!("repetition_penalty must be a finite number > 0, got {r}"),
         ));
     }
-    if s.max_completion_tokens.or(s.max_tokens) == Some(0) {
+    // OpenAI's and vLLM's completions echo a prompt without generating when
+    // `max_tokens` is 0 (`completions` asks for one token, then leaves it out).
+    if s.max_completion_tokens.or(s.max_tokens) == Some(0) && kind != Kind::Completion {
         let field = if s.max_completion_tokens.is_some() {
             "max_completion_tokens"
         } else {
@@ -537,6 +539,20 @@ async fn completions(
             r.prompt_logprobs = r.prompt_logprobs.or(r.logprobs);
         }
     }
+    // max_tokens 0 with echo (vLLM's `echo_without_generation`): one token is
+    // generated, as vLLM does, and only the prompt answered; without echo, an error.
+    let echo_only = req.sampling.max_tokens == Some(0);
+    if echo_only && !req.echo {
+        return Err(ApiError::bad_field(
+            "max_tokens",
+            "max_tokens must be at least 1 (0 only echoes the prompt, with echo: true)",
+        ));
+    }
+    if echo_only {
+        for r in &mut requests {
+            r.max_tokens = 1;
+        }
+    }
     let usage = StreamOptions::usage(req.sampling.stream_options);
     let samples = Samples::check(
         req.sampling.n,
@@ -553,6 +569,7 @@ async fn completions(
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
         prompt_ids,
         echo_logprobs,
+        echo_only,
     };
     run(st, auth, &headers, requests, out, Kind::Completion).await
 }
@@ -635,6 +652,7 @@ async fn chat_completions(
         tokens_as_ids: req.sampling.return_tokens_as_token_ids,
         prompt_ids,
         echo_logprobs: false,
+        echo_only: false,
     };
     run(st, auth, &headers, vec![request], out, Kind::Chat).await
 }

@@ -29,10 +29,15 @@ out = {}
 
 def run(req):
     """The stream's token ids, text, finish reason and usage, or its error."""
-    ids, text, finished = [], "", None
+    ids, text, finished, prompt_lp = [], "", None, None
     try:
         for r in client.Generate(req, timeout=60):
-            if r.HasField("token"):
+            if r.HasField("prompt_logprobs"):
+                p = r.prompt_logprobs
+                prompt_lp = {"first_id": p.first_id, "before_tokens": not ids,
+                             "tokens": [{"id": t.id, "logprob": t.logprob, "rank": t.rank,
+                                         "top": [x.id for x in t.top]} for t in p.tokens]}
+            elif r.HasField("token"):
                 ids += list(r.token.ids)
                 text += r.token.text
             elif r.HasField("finished"):
@@ -42,7 +47,7 @@ def run(req):
                             "completion_tokens": f.usage.completion_tokens}
     except grpc.RpcError as e:
         return {"error": {"code": e.code().name, "message": e.details()}}
-    return {"ids": ids, "text": text, "finished": finished}
+    return {"ids": ids, "text": text, "finished": finished, "prompt_logprobs": prompt_lp}
 
 
 greedy = pb.SamplingParams(temperature=0)
@@ -51,10 +56,13 @@ out["by_ids"] = run(pb.GenerateRequest(token_ids=pb.TokenIds(ids=out["greedy"]["
                                        max_tokens=4, sampling=greedy, ignore_eos=True))
 with_lp = run(pb.GenerateRequest(text="Once upon a time", max_tokens=2, sampling=greedy, logprobs=3))
 out["logprobs_ok"] = "error" not in with_lp
+out["prompt_logprobs"] = run(pb.GenerateRequest(text="Once upon a time", max_tokens=2, sampling=greedy,
+                                                prompt_logprobs=2))
 # Bad input: the status code and a message a person understands; the next request is served.
 bad = {
     "token_outside_vocab": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[vocab]), max_tokens=2),
     "too_many_logprobs": pb.GenerateRequest(text="hi", max_tokens=2, logprobs=21),
+    "too_many_prompt_logprobs": pb.GenerateRequest(text="hi", max_tokens=2, prompt_logprobs=21),
     "no_prompt": pb.GenerateRequest(max_tokens=2),
     "unknown_model": pb.GenerateRequest(text="hi", model="no-such-model", max_tokens=2),
     "negative_temperature": pb.GenerateRequest(text="hi", max_tokens=2, sampling=pb.SamplingParams(temperature=-1)),

@@ -39,10 +39,33 @@ async fn stubs_generated_from_the_proto_work_against_the_router() {
         "{by_ids}"
     );
     assert_eq!(seen["logprobs_ok"], true);
+    // The prompt's log probabilities: one message before the first token, one
+    // entry per prompt token after the first, each the engine's own.
+    let p = &seen["prompt_logprobs"]["prompt_logprobs"];
+    assert_eq!(p["before_tokens"], true, "{p}");
+    assert_eq!(p["first_id"], prompt[0], "{p}");
+    let entries = p["tokens"].as_array().unwrap();
+    let want = reference_prompt_logprobs(&model, &prompt);
+    assert_eq!(entries.len(), prompt.len() - 1, "{p}");
+    for (i, (e, w)) in entries.iter().zip(&want).enumerate() {
+        assert_eq!(e["id"], prompt[i + 1], "{p}");
+        let got = e["logprob"].as_f64().unwrap();
+        assert!(
+            (got - w[prompt[i + 1] as usize]).abs() < 1e-4,
+            "position {i}: {p}"
+        );
+        assert!(e["rank"].as_u64().unwrap() >= 1, "{p}");
+        assert_eq!(e["top"].as_array().unwrap().len(), 2, "{p}");
+    }
     // Bad input: the right status code, a message that says what is wrong.
     for (case, code, word) in [
         ("token_outside_vocab", "INVALID_ARGUMENT", "vocabulary"),
         ("too_many_logprobs", "INVALID_ARGUMENT", "logprobs"),
+        (
+            "too_many_prompt_logprobs",
+            "INVALID_ARGUMENT",
+            "prompt_logprobs",
+        ),
         ("no_prompt", "INVALID_ARGUMENT", "prompt"),
         ("unknown_model", "NOT_FOUND", "no-such-model"),
         ("negative_temperature", "INVALID_ARGUMENT", "temperature"),

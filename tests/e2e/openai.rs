@@ -655,6 +655,17 @@ async fn the_openai_client_library_works_against_the_router() {
         e["text"].as_str().unwrap().starts_with("Once upon a time"),
         "{e}"
     );
+    let only = &echo["only"];
+    assert_eq!(only["text"], "Once upon a time", "{only}");
+    assert_eq!(only["finish_reason"], "length", "{only}");
+    let only_lps = only["token_logprobs"].as_array().unwrap();
+    assert_eq!(
+        only_lps.len(),
+        prompt.len(),
+        "the prompt's tokens alone: {only}"
+    );
+    assert_eq!(only_lps[..], lps[..prompt.len()], "{only}");
+    assert_eq!(echo["only_stream"], "Once upon a time", "{echo}");
     let s = &echo["with_logprobs_stream"];
     assert_eq!(s["token_logprobs"], e["token_logprobs"], "streamed: {s}");
     assert_eq!(s["tokens"], e["tokens"], "streamed: {s}");

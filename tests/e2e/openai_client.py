@@ -452,6 +452,12 @@ for ch in client.completions.create(model=model, prompt="Once upon a time", max_
             stream_lp["tokens"] += choice.logprobs.tokens
             stream_lp["token_logprobs"] += choice.logprobs.token_logprobs
 ec["with_logprobs_stream"] = stream_lp
+# max_tokens 0 with echo: the prompt alone (as OpenAI's legacy API and vLLM answer it).
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=0, echo=True, logprobs=1)
+ec["only"] = {"text": c.choices[0].text, "token_logprobs": c.choices[0].logprobs.token_logprobs,
+              "finish_reason": c.choices[0].finish_reason}
+ec["only_stream"] = "".join(ch.choices[0].text for ch in client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=0, echo=True, stream=True) if ch.choices)
 out["echo"] = ec
 
 # vLLM's prompt_logprobs: on each completions choice, beside the choices for chat.

@@ -25,6 +25,9 @@ pub(super) struct Output {
     /// Completions' `echo` with `logprobs`: the prompt's tokens lead each
     /// choice's log probabilities.
     pub(super) echo_logprobs: bool,
+    /// Completions' `echo` with `max_tokens` 0: each choice is its prompt
+    /// alone (the one token generated is left out, as vLLM does).
+    pub(super) echo_only: bool,
 }
 
 /// Runs the requests (one per prompt of a completions batch; chat has one)
@@ -49,6 +52,7 @@ pub(super) async fn run(
         tokens_as_ids,
         prompt_ids,
         echo_logprobs,
+        echo_only,
     } = out;
     let batch = requests.len() > 1;
     let logprobs_out = requests
@@ -139,7 +143,7 @@ pub(super) async fn run(
             responses,
             kind,
             (usage, echo, per_prompt),
-            (logprobs_out, prompt_ids, echo_logprobs),
+            (logprobs_out, prompt_ids, echo_logprobs, echo_only),
             id,
             created,
             model,
@@ -181,16 +185,20 @@ pub(super) async fn run(
         .into_iter()
         .enumerate()
         .map(|(index, (c, f))| {
-            let prompt = prompt_logprobs
-                .get(index / samples.n.max(1) as usize)
-                .and_then(Option::as_ref);
+            let p = index / samples.n.max(1) as usize;
+            let prompt = prompt_logprobs.get(p).and_then(Option::as_ref);
+            // With max_tokens 0 the generated token is left out.
+            let generated: &[pb::TokenLogprobs] = if echo_only { &[] } else { &c.logprobs };
             let logprobs = logprobs_out.as_ref().map(|m| match (kind, echo_logprobs) {
                 (Kind::Completion, true) => {
-                    openai_logprobs::completion_after_prompt(m.names(), prompt, &c.logprobs, 0)
+                    openai_logprobs::completion_after_prompt(m.names(), prompt, generated, 0)
                 }
-                _ => logprobs_json(m.names(), kind, &c.logprobs, 0),
+                _ => logprobs_json(m.names(), kind, generated, 0),
             });
-            let text = c.text;
+            let text = match echo.get(p) {
+                Some(prompt_text) if echo_only => prompt_text.clone(),
+                _ => c.text,
+            };
             let mut choice = match kind {
                 Kind::Completion => {
                     let mut choice = json!({ "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(f.reason) });

@@ -55,12 +55,18 @@ pub(super) fn add_usage(total: &mut pb::Usage, u: &pb::Usage) {
 /// usage chunk counts each prompt once and every choice's completion tokens.
 /// With [`StreamUsage::Continuous`] every chunk also carries its choice's
 /// usage so far. With `echo_logprobs` (completions' `echo` with `logprobs`)
-/// the prompt's tokens lead the log probabilities of each choice's first chunk.
+/// the prompt's tokens lead the log probabilities of each choice's first chunk;
+/// with `echo_only` (`max_tokens` 0) the first chunk is the prompt alone.
 pub(super) fn sse_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     kind: Kind,
     (stream_usage, echo, per_prompt): (StreamUsage, Vec<String>, u32),
-    (logprobs_out, prompt_ids, echo_logprobs): (Option<LogprobsOut>, Option<Vec<Vec<u32>>>, bool),
+    (logprobs_out, prompt_ids, echo_logprobs, echo_only): (
+        Option<LogprobsOut>,
+        Option<Vec<Vec<u32>>>,
+        bool,
+        bool,
+    ),
     id: String,
     created: u64,
     model: String,
@@ -147,7 +153,12 @@ pub(super) fn sse_events(
                 _ => None,
             };
             let mut data = match event {
-                Some(pb::generate_response::Event::Token(t)) => {
+                Some(pb::generate_response::Event::Token(mut t)) => {
+                    if echo_only {
+                        // max_tokens 0: the generated token is left out.
+                        t.text.clear();
+                        t.logprobs.clear();
+                    }
                     if t.prompt_tokens > 0 {
                         prompt_tokens.insert(prompt, t.prompt_tokens);
                     }
