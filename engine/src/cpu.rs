@@ -182,16 +182,15 @@ impl KvExport for CpuKvCache {
 }
 
 impl CpuBackend {
-    /// Runs `chunks` through the model (their K/V into the cache) and returns
-    /// the logits of the tokens `logit_rows` names (indices into the chunks'
-    /// tokens laid end to end), in that order.
+    /// Runs `chunks`, checked with `validate_chunks`, through the model (their
+    /// K/V into the cache) and returns the logits of the tokens `logit_rows`
+    /// names (indices into the chunks' tokens laid end to end), in that order.
     fn run(
         &mut self,
         chunks: &[SeqChunk<'_>],
         logit_rows: &[u32],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<Vec<f32>>> {
-        validate_chunks(&self.model.config, &self.layout, chunks)?;
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
@@ -292,7 +291,8 @@ impl Backend for CpuBackend {
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         check_logit_flags(chunks, logits)?;
-        // The last token of each chunk that asks for logits.
+        validate_chunks(&self.model.config, &self.layout, chunks)?;
+        // The last token of each chunk that asks for logits (none is empty).
         let mut logit_rows = Vec::new();
         let mut end = 0;
         for (ch, &want) in chunks.iter().zip(logits) {
@@ -313,6 +313,11 @@ impl Backend for CpuBackend {
     }
 
     fn forward_every_logit(&mut self, chunk: &SeqChunk<'_>) -> Result<Vec<Vec<f32>>> {
+        validate_chunks(
+            &self.model.config,
+            &self.layout,
+            std::slice::from_ref(chunk),
+        )?;
         let rows: Vec<u32> = (0..chunk.tokens.len() as u32).collect();
         self.run(std::slice::from_ref(chunk), &rows, None)
     }

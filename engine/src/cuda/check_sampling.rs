@@ -265,4 +265,75 @@ mod tests {
         let ids = be.forward_greedy(&chunks, None).unwrap();
         assert_eq!(ids[0], argmax(&logits[0]));
     }
+
+    /// Prompt log probabilities' logits on the device: every row of
+    /// `forward_every_logit` (split into passes of `max_seqs` tokens) against
+    /// the same prompt prefilled then decoded token by token in another
+    /// sequence of the same backend, and the cache it wrote against a
+    /// prefill's (the next token's logits).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::check -- --ignored"]
+    fn gpu_every_logit_rows_are_each_prefix_s_last() {
+        use crate::backend::{Backend, BackendExt, SeqChunk};
+        use crate::cuda::{CudaBackend, CudaLimits, GpuModel};
+
+        let config = named_config("tiny", None).unwrap();
+        let gpu = Gpu::open(0, &config).expect("a CUDA GPU");
+        let model = GpuModel::random(&gpu, &config, 11).unwrap();
+        let limits = CudaLimits {
+            max_tokens: 256,
+            max_seqs: 16,
+            ..CudaLimits::default()
+        };
+        let mut be = CudaBackend::new(gpu, model.into(), 64, 16, limits).unwrap();
+        assert!(be.computes_every_logit());
+        let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 500).collect();
+        let (scored, forced): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (4..8).collect());
+        // Two pieces: the first 20 tokens, then the rest (3 passes of <= 16).
+        let mut every = be
+            .forward_every_logit(&SeqChunk {
+                tokens: &prompt[..20],
+                start: 0,
+                block_table: &scored,
+            })
+            .unwrap();
+        every.extend(
+            be.forward_every_logit(&SeqChunk {
+                tokens: &prompt[20..],
+                start: 20,
+                block_table: &scored,
+            })
+            .unwrap(),
+        );
+        assert_eq!(every.len(), prompt.len());
+        let mut want = vec![be.prefill(&prompt[..10], 0, &forced).unwrap()];
+        for (pos, &t) in prompt.iter().enumerate().skip(10) {
+            want.extend(be.decode(&[(t, pos, &forced[..])]).unwrap());
+        }
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let scale = want.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, w) in want.iter().take(prompt.len() - 9).enumerate() {
+            let d = diff(&every[9 + i], w);
+            // bf16 activations: the prefill and decode kernels round differently.
+            assert!(
+                d <= 0.05 * scale.max(1.0),
+                "position {}: {d} (max |logit| {scale})",
+                9 + i
+            );
+            // The same best token, or a near tie of the two.
+            let (got, best) = (argmax(&every[9 + i]) as usize, argmax(w) as usize);
+            assert!(got == best || w[best] - w[got] <= 0.02 * scale.max(1.0));
+        }
+        // The cache holds the prompt's K/V: the next token's logits agree.
+        let next = |be: &mut CudaBackend, table: &[u32]| {
+            be.decode(&[(7, prompt.len(), table)]).unwrap().remove(0)
+        };
+        let (a, b) = (next(&mut be, &scored), next(&mut be, &forced));
+        assert!(diff(&a, &b) <= 0.05 * scale.max(1.0));
+    }
 }

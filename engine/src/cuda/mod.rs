@@ -549,6 +549,38 @@ impl Backend for CudaBackend {
         self.download_logits(logits)
     }
 
+    fn computes_every_logit(&self) -> bool {
+        true
+    }
+
+    /// In passes of at most `max_seqs` tokens (the rows the logits buffer
+    /// holds), each one's logits downloaded before the next.
+    fn forward_every_logit(&mut self, chunk: &SeqChunk<'_>) -> Result<Vec<Vec<f32>>> {
+        validate_chunks(
+            &self.model.config,
+            self.kv.layout(),
+            std::slice::from_ref(chunk),
+        )?;
+        self.gpu.bind()?;
+        let piece_len = self.limits.max_seqs.max(1);
+        let mut out = Vec::with_capacity(chunk.tokens.len());
+        for (k, tokens) in chunk.tokens.chunks(piece_len).enumerate() {
+            let piece = SeqChunk {
+                tokens,
+                start: chunk.start + k * piece_len,
+                block_table: chunk.block_table,
+            };
+            let (m, pass) = self.upload_meta(std::slice::from_ref(&piece), &[], None)?;
+            self.enqueue(&m, pass.with_every_row(), None)?;
+            out.extend(
+                self.download_logits(&vec![true; tokens.len()])?
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        Ok(out)
+    }
+
     fn start_step(
         &mut self,
         chunks: &[SeqChunk<'_>],

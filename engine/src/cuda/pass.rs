@@ -52,6 +52,20 @@ pub(super) struct Pass {
     max_q: usize,
     /// An fp8 cache: runs of tokens `kv_fp8_store` writes (0 for bf16).
     runs: usize,
+    /// Logits for every token row (`n` ≤ `max_seqs`), not each chunk's last.
+    every_row: bool,
+}
+
+impl Pass {
+    /// The same pass computing the logits of every token row, in order (the
+    /// `last_h` and `logits` buffers hold `max_seqs` rows: the caller keeps
+    /// `n` within that).
+    pub(super) fn with_every_row(self) -> Pass {
+        Pass {
+            every_row: true,
+            ..self
+        }
+    }
 }
 
 impl CudaBackend {
@@ -175,6 +189,7 @@ impl CudaBackend {
             decode,
             max_q: chunks.iter().map(|c| c.tokens.len()).max().unwrap_or(1),
             runs,
+            every_row: false,
         };
         Ok((m, pass))
     }
@@ -384,16 +399,22 @@ impl CudaBackend {
         }
 
         let last_h = Dev::<bf16>::of(&b.last_h, st);
+        // Each chunk's last row, or every row.
+        let (rows, rows_map) = if p.every_row {
+            (n, Dev::NULL)
+        } else {
+            (s, meta.add(m.last_rows))
+        };
         // The last layer's output is in `delta`, still to be added (unless no layer ran).
         let final_norm = AddRmsnorm {
-            rows: s,
+            rows,
             x,
             delta: if self.model.layers.is_empty() {
                 Dev::NULL
             } else {
                 delta
             },
-            rows_map: meta.add(m.last_rows),
+            rows_map,
             w: Dev::of(&self.model.norm, st),
             out: last_h,
             hidden: h,
@@ -403,7 +424,15 @@ impl CudaBackend {
         self.mark("final norm")?;
         let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
         let logits = ProductOut::F32(Dev::of(&b.logits, st));
-        g.gemm_with(last_h, Dev::of(head, st), logits, s, h, c.vocab_size, pdl)?;
+        g.gemm_with(
+            last_h,
+            Dev::of(head, st),
+            logits,
+            rows,
+            h,
+            c.vocab_size,
+            pdl,
+        )?;
         self.mark("lm_head product")?;
         Ok(())
     }
