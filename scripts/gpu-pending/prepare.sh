@@ -16,6 +16,7 @@
 #           engine-tests (xz), their kernels, scripts/hf_reference.py
 #   .gpu14  call-e: main/ (this checkout's tandem-gpu-bench and kernels) and split/
 #           (HEAD with gemv-split-k.patch: tandem-gpu-bench, engine-tests, kernels)
+#   .gpu15  call-p: this checkout's engine-tests (xz; CUDA forward_every_logit's test)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -25,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
@@ -113,7 +114,12 @@ for w in $WHICH; do
       cp -r "$d/engine/src/cuda/kernels" .gpu14/split/
       xz -T2 -6 .gpu14/main/tandem-gpu-bench .gpu14/split/tandem-gpu-bench .gpu14/split/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 14)" >&2; exit 1 ;;
+    15)
+      rm -rf .gpu15 && mkdir -p .gpu15
+      strip -o .gpu15/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu15/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 15)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

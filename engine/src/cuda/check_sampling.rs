@@ -286,7 +286,6 @@ mod tests {
             ..CudaLimits::default()
         };
         let mut be = CudaBackend::new(gpu, model.into(), 64, 16, limits).unwrap();
-        assert!(be.computes_every_logit());
         let prompt: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 500).collect();
         let (scored, forced): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (4..8).collect());
         // Two pieces: the first 20 tokens, then the rest (3 passes of <= 16).
