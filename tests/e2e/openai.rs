@@ -666,6 +666,22 @@ async fn the_openai_client_library_works_against_the_router() {
     );
     assert_eq!(only_lps[..], lps[..prompt.len()], "{only}");
     assert_eq!(echo["only_stream"], "Once upon a time", "{echo}");
+    // A batch scored as lm-eval does: each choice covers its own prompt and token.
+    for (i, prompt) in [&[1u32, 5, 9, 14][..], &[1, 7, 3]].iter().enumerate() {
+        let got = &echo["batch"][i];
+        assert_eq!(got["index"], i, "{got}");
+        let lps = got["token_logprobs"].as_array().unwrap();
+        assert_eq!(lps.len(), prompt.len() + 1, "{got}");
+        assert!(lps[0].is_null(), "{got}");
+        let want = reference_prompt_logprobs(&model, prompt);
+        for (k, w) in want.iter().enumerate() {
+            let v = lps[k + 1].as_f64().unwrap();
+            assert!(
+                (v - w[prompt[k + 1] as usize]).abs() < 1e-4,
+                "prompt {i} position {k}: {got}"
+            );
+        }
+    }
     let s = &echo["with_logprobs_stream"];
     assert_eq!(s["token_logprobs"], e["token_logprobs"], "streamed: {s}");
     assert_eq!(s["tokens"], e["tokens"], "streamed: {s}");

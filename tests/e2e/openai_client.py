@@ -458,6 +458,11 @@ ec["only"] = {"text": c.choices[0].text, "token_logprobs": c.choices[0].logprobs
               "finish_reason": c.choices[0].finish_reason}
 ec["only_stream"] = "".join(ch.choices[0].text for ch in client.completions.create(
     model=model, prompt="Once upon a time", max_tokens=0, echo=True, stream=True) if ch.choices)
+# A batch of token-id prompts scored as lm-eval's local-completions does (echo,
+# logprobs=1, max_tokens=1): each choice's log probabilities cover its own prompt.
+batch = [[1, 5, 9, 14], [1, 7, 3]]
+c = client.completions.create(model=model, prompt=batch, max_tokens=1, temperature=0, echo=True, logprobs=1)
+ec["batch"] = [{"index": ch.index, "token_logprobs": ch.logprobs.token_logprobs} for ch in c.choices]
 out["echo"] = ec
 
 # vLLM's prompt_logprobs: on each completions choice, beside the choices for chat.
