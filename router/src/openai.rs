@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions`
 //! (with `stream: true` as server-sent events, and without), `/v1/models` and
-//! `/v1/models/{model}`, `/health`, and vLLM's `/tokenize`, `/detokenize` and
-//! `/version`.
+//! `/v1/models/{model}`, `/health`, and vLLM's `/tokenize`, `/detokenize`,
+//! `/version`, `/ping` (as `/health`) and `/metrics` (the process's Prometheus
+//! metrics).
 //!
 //! It is a thin translation in front of the same [`GenerateService`] the gRPC
 //! API uses, called in-process: requests become `GenerateRequest`s, token
@@ -69,8 +70,8 @@ struct AppState {
     name: String,
 }
 
-/// `GET /health`: 200 once the router has read the membership, 503 (with a
-/// `Retry-After`) before.
+/// `GET /health` (and vLLM's `GET`/`POST /ping`): 200 once the router has
+/// read the membership, 503 (with a `Retry-After`) before.
 async fn health(State(st): State<AppState>) -> Response {
     if st.service.is_ready() {
         "ok".into_response()
@@ -84,10 +85,28 @@ async fn health(State(st): State<AppState>) -> Response {
     }
 }
 
+/// `GET /metrics` on the API's port too, as vLLM serves it: the process's
+/// Prometheus metrics (the same as `[metrics] listen` serves), or 404 when
+/// the process records none. Like `/health`, it needs no API key.
+async fn prometheus() -> Response {
+    match tandem_telemetry::render() {
+        Some(text) => {
+            ([(header::CONTENT_TYPE, tandem_telemetry::EXPOSITION)], text).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            "this process records no metrics: set [metrics] listen to turn them on",
+        )
+            .into_response(),
+    }
+}
+
 /// The HTTP routes over `service`, serving `model` under `name`.
 pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ping", get(health).post(health))
+        .route("/metrics", get(prometheus))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model_info))
         .route("/version", get(version))

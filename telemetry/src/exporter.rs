@@ -29,7 +29,7 @@ use crate::names;
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The content type of Prometheus' text exposition format.
-const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -62,6 +62,14 @@ pub fn install_recorder() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(|e| TelemetryError::Recorder(format!("cannot start the upkeep thread: {e}")))?;
     *installed = Some(handle.clone());
     Ok(handle)
+}
+
+/// The process's metrics in the text exposition format, when its recorder is
+/// installed (`None` otherwise): what another server of the process (the
+/// router's HTTP API) answers on its own `/metrics`.
+pub fn render() -> Option<String> {
+    let installed = RECORDER.lock().unwrap_or_else(|p| p.into_inner());
+    installed.as_ref().map(PrometheusHandle::render)
 }
 
 /// A `/metrics` endpoint that is serving.

@@ -17,7 +17,7 @@ pub mod exporter;
 pub mod logs;
 pub mod names;
 
-pub use exporter::{MetricsEndpoint, install_recorder, serve_metrics};
+pub use exporter::{EXPOSITION, MetricsEndpoint, install_recorder, render, serve_metrics};
 pub use logs::{LogFormat, init_logs};
 
 /// Why observability could not be set up.

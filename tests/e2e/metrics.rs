@@ -133,7 +133,8 @@ async fn metrics_move_as_requests_go_through_the_cluster() {
     assert_ne!(addr.port(), 0, "the bound port is reported");
 
     let (_dir, model) = small_model();
-    let spec = ClusterSpec::default();
+    let mut spec = ClusterSpec::default();
+    spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
     let decode_total = spec.decode.kv_blocks as f64;
     let prefill_total = spec.prefill.as_ref().expect("a prefill node").kv_blocks as f64;
     assert!(
@@ -283,6 +284,25 @@ async fn metrics_move_as_requests_go_through_the_cluster() {
     ] {
         assert_eq!(after.get(names::QUEUE_DEPTH, &labels), 0.0, "{labels:?}");
     }
+    // The router's HTTP API serves the same metrics on its own /metrics, as vLLM's does.
+    let api = scrape(cluster.http.expect("the router serves HTTP")).await;
+    assert_eq!(
+        api.get(names::KV_BLOCKS_FREE, &DECODE),
+        after.get(names::KV_BLOCKS_FREE, &DECODE)
+    );
+    assert!(api.has(names::QUEUE_DEPTH), "{}", api.text);
+    // vLLM's /ping, for load balancers that probe it: as /health.
+    let mut conn = tokio::net::TcpStream::connect(cluster.http.unwrap())
+        .await
+        .unwrap();
+    conn.write_all(
+        b"POST /ping HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut pong = String::new();
+    conn.read_to_string(&mut pong).await.unwrap();
+    assert!(pong.starts_with("HTTP/1.1 200"), "{pong}");
     drop(cluster);
     shutdown.cancel();
 }
