@@ -60,6 +60,7 @@ use tool_chunks::{tool_message, tool_sse_events};
 mod answer;
 use answer::{Output, run};
 
+mod responses;
 mod tokenize;
 
 /// What the handlers share.
@@ -112,6 +113,7 @@ pub fn app(service: Arc<GenerateService>, model: Arc<ModelDir>, name: String) ->
         .route("/version", get(version))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .fallback(not_found)

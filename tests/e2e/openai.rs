@@ -233,6 +233,67 @@ async fn the_openai_client_library_works_against_the_router() {
         .unwrap();
     assert_eq!(seen["chat"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat"]["role"], "assistant");
+    // The Responses API renders the same prompt (instructions as the system
+    // message), so its text is the chat's; cut at max_output_tokens it is
+    // "incomplete", as OpenAI says.
+    let rs = &seen["responses"];
+    assert_eq!(rs["text"], chat_expected.as_str(), "{rs}");
+    assert_eq!(rs["messages_text"], chat_expected.as_str(), "{rs}");
+    assert_eq!(rs["stream_text"], chat_expected.as_str(), "{rs}");
+    assert_eq!(rs["stream_final"], chat_expected.as_str(), "{rs}");
+    assert_eq!(rs["status"], "incomplete", "{rs}");
+    assert_eq!(rs["incomplete"], "max_output_tokens", "{rs}");
+    assert_eq!(rs["role"], "assistant", "{rs}");
+    assert_eq!(rs["usage"]["input"], chat_prompt.len(), "{rs}");
+    assert_eq!(rs["usage"]["output"], 6, "{rs}");
+    assert_eq!(rs["usage"]["total"], chat_prompt.len() + 6, "{rs}");
+    assert!(rs["id"].as_str().unwrap().starts_with("resp_"), "{rs}");
+    let types: Vec<&str> = rs["stream_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        types[types.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete"
+        ]
+    );
+    assert!(types.contains(&"response.output_text.delta"), "{rs}");
+    let sequence: Vec<u64> = rs["stream_sequence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!(sequence, (0..sequence.len() as u64).collect::<Vec<_>>());
+    assert!(
+        ["\"yes\"", "\"no\""].contains(&rs["schema_text"].as_str().unwrap()),
+        "{rs}"
+    );
+    for field in ["previous_response_id", "tools", "foo"] {
+        let e = &rs[field];
+        assert_eq!(e["status"], 400, "{field}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(field),
+            "{field}: {e}"
+        );
+    }
+    assert_eq!(rs["tools"]["param"], "tools", "{rs}");
+    assert_eq!(rs["foo"]["param"], "foo", "{rs}");
     // vLLM's return_token_ids: the prompt's ids as the service encodes them,
     // each choice's the greedy reference's; streamed, the prompt's come with
     // the first chunk only and each chunk brings its own ids.

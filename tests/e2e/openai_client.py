@@ -58,6 +58,41 @@ r = client.chat.completions.create(model=model, messages=messages, max_tokens=6,
 out["chat"] = {"content": r.choices[0].message.content, "role": r.choices[0].message.role,
                "finish_reason": r.choices[0].finish_reason, "prompt_tokens": r.usage.prompt_tokens}
 
+# OpenAI's Responses API: instructions + input through the chat template, one
+# output_text message; whole, streamed as typed events, and from a list of messages.
+rs = {}
+r = client.responses.create(model=model, instructions="Be brief.", input="Tell me a story.",
+                            max_output_tokens=6, temperature=0)
+rs["text"] = r.output_text
+rs["status"] = r.status
+rs["incomplete"] = r.incomplete_details.reason if r.incomplete_details else None
+rs["usage"] = {"input": r.usage.input_tokens, "output": r.usage.output_tokens, "total": r.usage.total_tokens}
+rs["id"] = r.id
+rs["role"] = r.output[0].role
+events = list(client.responses.create(model=model, instructions="Be brief.", input="Tell me a story.",
+                                      max_output_tokens=6, temperature=0, stream=True))
+rs["stream_types"] = [e.type for e in events]
+rs["stream_sequence"] = [e.sequence_number for e in events]
+rs["stream_text"] = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+rs["stream_final"] = events[-1].response.output_text
+r = client.responses.create(model=model, max_output_tokens=6, temperature=0, input=[
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}])
+rs["messages_text"] = r.output_text
+r = client.responses.create(model=model, input="Yes or no?", max_output_tokens=10, temperature=0,
+                            text={"format": {"type": "json_schema", "name": "answer",
+                                             "schema": {"type": "string", "enum": ["yes", "no"]}}})
+rs["schema_text"] = r.output_text
+for name, kwargs in {"previous_response_id": {"previous_response_id": "resp_1"},
+                     "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+                     "foo": {"extra_body": {"foo": 1}}}.items():
+    try:
+        client.responses.create(model=model, input="hi", max_output_tokens=2, **kwargs)
+        rs[name] = None
+    except openai.APIStatusError as e:
+        rs[name] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["responses"] = rs
+
 # vLLM's /tokenize and /detokenize, at the server's root.
 root = base[: -len("/v1")]
 

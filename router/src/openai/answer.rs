@@ -256,7 +256,8 @@ pub(super) async fn run(
 /// One prompt's responses.
 type Responses = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
-fn rand_id() -> u64 {
+/// A random id for an answer (`chatcmpl-..`, `resp_..`).
+pub(super) fn rand_id() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(SystemTime::now())
 }
