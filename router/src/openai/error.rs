@@ -5,6 +5,7 @@
 use super::*;
 
 /// An error in OpenAI's shape.
+#[derive(Debug)]
 pub(super) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,

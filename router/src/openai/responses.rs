@@ -515,3 +515,112 @@ fn stream_events(
     });
     ReceiverStream::new(rx).map(Ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: Value) -> ResponsesRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn input_becomes_chat_turns_and_other_items_are_refused_by_name() {
+        let r = request(json!({
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "developer", "content": "No lists."},
+                {"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]},
+            ],
+        }));
+        let turns = r.turns().unwrap();
+        let got: Vec<(&str, &str)> = turns
+            .iter()
+            .map(|t| (t.role.as_str(), t.content.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("system", "Be brief."),
+                ("system", "No lists."),
+                ("user", "a\nb"),
+                ("assistant", "c")
+            ]
+        );
+        let param = |body: Value| request(body).turns().err().and_then(|e| e.param);
+        assert_eq!(
+            param(
+                json!({"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]})
+            )
+            .as_deref(),
+            Some("input[0].type")
+        );
+        assert_eq!(
+            param(json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}))
+                .as_deref(),
+            Some("input[0].content[0]")
+        );
+        assert_eq!(param(json!({"input": 3})).as_deref(), Some("input"));
+        assert_eq!(
+            param(json!({"input": [], "instructions": "x"})).as_deref(),
+            Some("input")
+        );
+    }
+
+    #[test]
+    fn what_is_not_served_is_refused_by_name() {
+        let param = |body: Value| request(body).check().err().and_then(|e| e.param);
+        for (body, field) in [
+            (
+                json!({"input": "x", "previous_response_id": "r"}),
+                "previous_response_id",
+            ),
+            (json!({"input": "x", "background": true}), "background"),
+            (
+                json!({"input": "x", "tools": [{"type": "function"}]}),
+                "tools",
+            ),
+            (
+                json!({"input": "x", "tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                json!({"input": "x", "reasoning": {"effort": "low"}}),
+                "reasoning",
+            ),
+            (
+                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
+                "include",
+            ),
+            (json!({"input": "x", "top_logprobs": 2}), "top_logprobs"),
+            (json!({"input": "x", "truncation": "auto"}), "truncation"),
+            (
+                json!({"input": "x", "max_output_tokens": 0}),
+                "max_output_tokens",
+            ),
+        ] {
+            assert_eq!(param(body).as_deref(), Some(field));
+        }
+        // Neutral values pass.
+        assert!(
+            request(
+                json!({"input": "x", "tools": [], "tool_choice": "auto", "store": true,
+                               "background": false, "reasoning": null, "truncation": "disabled"})
+            )
+            .check()
+            .is_ok()
+        );
+        let format =
+            |f: Value| request(json!({"input": "x", "text": {"format": f}})).response_format();
+        assert_eq!(format(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            format(json!({"type": "json_schema", "name": "n", "schema": {"type": "string"}}))
+                .unwrap()
+                .unwrap()["json_schema"]["schema"],
+            json!({"type": "string"})
+        );
+        assert!(format(json!({"type": "xml"})).is_err());
+    }
+}
