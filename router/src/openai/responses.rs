@@ -455,6 +455,12 @@ fn stream_events(
                           "part": { "type": "output_text", "text": "", "annotations": [] } }),
             ),
         ];
+        // The response is created and in progress before its first token.
+        for e in out.drain(..) {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
         let mut text = String::new();
         while let Some(msg) = responses.next().await {
             let finished = match msg {
