@@ -108,12 +108,24 @@ fn admit_with(
     params: GenerationParams,
     local: bool,
 ) -> (Reply, mpsc::Receiver<Event>) {
-    let (events, rx) = mpsc::channel(params.max_tokens + 4);
+    admit_asking(tx, id, params, local, None)
+}
+
+/// Admits `id` (the 6-token prompt), asking for its prompt's log
+/// probabilities with `prompt_logprobs` top tokens each when set.
+fn admit_asking(
+    tx: &Sender<Command>,
+    id: &str,
+    params: GenerationParams,
+    local: bool,
+    prompt_logprobs: Option<usize>,
+) -> (Reply, mpsc::Receiver<Event>) {
+    let (events, rx) = mpsc::channel(params.max_tokens + 5);
     let a = Admission {
         request_id: id.into(),
         prompt: vec![1, 2, 3, 4, 5, 6],
         generated: Vec::new(),
-        prompt_logprobs: None,
+        prompt_logprobs,
         params,
         force_local: local,
         kv_timeout: Duration::from_secs(10),
@@ -566,28 +578,12 @@ fn imports_waiting_before_a_step_stop_after_the_slice_while_sequences_run() {
 /// Admits `id` (the 6-token prompt, 2 tokens to generate) asking for its
 /// prompt's log probabilities with 2 top tokens each.
 fn admit_scored(tx: &Sender<Command>, id: &str) -> (Reply, mpsc::Receiver<Event>) {
-    let (events, rx) = mpsc::channel(8);
-    let a = Admission {
-        request_id: id.into(),
-        prompt: vec![1, 2, 3, 4, 5, 6],
-        generated: Vec::new(),
-        prompt_logprobs: Some(2),
-        params: GenerationParams {
-            max_tokens: 2,
-            ignore_eos: true,
-            ..Default::default()
-        },
-        force_local: false,
-        kv_timeout: Duration::from_secs(10),
-        prefill_peer: String::new(),
-        prefill_queue: Duration::ZERO,
-        events,
-        span: tracing::Span::none(),
+    let params = GenerationParams {
+        max_tokens: 2,
+        ignore_eos: true,
+        ..Default::default()
     };
-    let (reply, answer) = oneshot::channel();
-    tx.send(Command::Admit(Box::new(a), reply))
-        .expect("loop's channel");
-    (answer, rx)
+    admit_asking(tx, id, params, false, Some(2))
 }
 
 #[test]
