@@ -292,7 +292,7 @@ async fn the_openai_client_library_works_against_the_router() {
             "{field}: {e}"
         );
     }
-    assert_eq!(rs["tools"]["param"], "tools", "{rs}");
+    assert_eq!(rs["tools"]["param"], "tools[0].type", "{rs}");
     assert_eq!(rs["foo"]["param"], "foo", "{rs}");
     // vLLM's return_token_ids: the prompt's ids as the service encodes them,
     // each choice's the greedy reference's; streamed, the prompt's come with

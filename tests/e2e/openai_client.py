@@ -84,7 +84,7 @@ r = client.responses.create(model=model, input="Yes or no?", max_output_tokens=1
                                              "schema": {"type": "string", "enum": ["yes", "no"]}}})
 rs["schema_text"] = r.output_text
 for name, kwargs in {"previous_response_id": {"previous_response_id": "resp_1"},
-                     "tools": {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+                     "tools": {"tools": [{"type": "web_search"}]},
                      "foo": {"extra_body": {"foo": 1}}}.items():
     try:
         client.responses.create(model=model, input="hi", max_output_tokens=2, **kwargs)

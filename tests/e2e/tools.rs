@@ -77,6 +77,43 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
         );
     }
 
+    // The Responses API: the same forced call as the chat API's (same prompt,
+    // same greedy arguments), whole and streamed, and the second turn from the
+    // call and its output as input items.
+    let rn = &seen["responses_named"];
+    assert_eq!(rn["status"], "completed", "{rn}");
+    assert_eq!(rn["messages"], serde_json::json!([]), "{rn}");
+    let calls = rn["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{rn}");
+    assert_eq!(calls[0]["name"], "get_weather", "{rn}");
+    assert_eq!(calls[0]["valid"], true, "{rn}");
+    assert_eq!(
+        calls[0]["arguments"], seen["named"]["calls"][0]["arguments"],
+        "{rn}"
+    );
+    assert!(
+        calls[0]["call_id"].as_str().unwrap().starts_with("call_"),
+        "{rn}"
+    );
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("fc_"), "{rn}");
+    let rs = &seen["responses_named_stream"];
+    assert_eq!(
+        rs["arguments"],
+        serde_json::json!([calls[0]["arguments"]]),
+        "{rs}"
+    );
+    assert_eq!(rs["calls"][0]["arguments"], calls[0]["arguments"], "{rs}");
+    let types = rs["types"].as_array().unwrap();
+    assert_eq!(types.first().unwrap(), "response.created", "{rs}");
+    assert_eq!(types.last().unwrap(), "response.completed", "{rs}");
+    assert!(
+        types.contains(&serde_json::json!("response.function_call_arguments.delta")),
+        "{rs}"
+    );
+    let second = &seen["responses_second_turn"];
+    assert!(second["tokens"].as_u64().unwrap() > 0, "{second}");
+    assert!(!second["output"].as_array().unwrap().is_empty(), "{second}");
+
     // The second turn (the call and its result in the history) is answered.
     {
         let case = "second_turn";

@@ -117,6 +117,37 @@ history = ASK + [
 timed("second_turn", lambda: answer(client.chat.completions.create(
     model=model, messages=history, tools=TOOLS, max_tokens=12, temperature=0)))
 
+# The Responses API with the same function tools (its flat tool shape): a named
+# call whole and streamed, then the call and its output as input items.
+RTOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+RNAMED = {"type": "function", "name": "get_weather"}
+
+
+def response_calls(output):
+    return [{"call_id": o.call_id, "name": o.name, "arguments": o.arguments, "id": o.id,
+             "valid": check_call(o.name, o.arguments)} for o in output if o.type == "function_call"]
+
+
+r = client.responses.create(model=model, input=ASK[0]["content"], tools=RTOOLS, tool_choice=RNAMED,
+                            max_output_tokens=40, temperature=0)
+out["responses_named"] = {"status": r.status, "calls": response_calls(r.output),
+                          "messages": [o.type for o in r.output if o.type == "message"]}
+events = list(client.responses.create(model=model, input=ASK[0]["content"], tools=RTOOLS, tool_choice=RNAMED,
+                                      max_output_tokens=40, temperature=0, stream=True))
+out["responses_named_stream"] = {
+    "types": [e.type for e in events],
+    "arguments": [e.arguments for e in events if e.type == "response.function_call_arguments.done"],
+    "calls": response_calls(events[-1].response.output),
+}
+rc = out["responses_named"]["calls"][0] if out["responses_named"]["calls"] else None
+if rc:
+    r = client.responses.create(model=model, tools=RTOOLS, max_output_tokens=12, temperature=0, input=[
+        {"role": "user", "content": ASK[0]["content"]},
+        {"type": "function_call", "call_id": rc["call_id"], "name": rc["name"], "arguments": rc["arguments"]},
+        {"type": "function_call_output", "call_id": rc["call_id"], "output": "18 degrees celsius, sunny"}])
+    out["responses_second_turn"] = {"status": r.status, "output": [o.type for o in r.output],
+                                    "tokens": r.usage.output_tokens}
+
 
 def with_logprobs(stream):
     """A named call with logprobs: its call, how many token entries came back

@@ -1,17 +1,21 @@
 //! OpenAI's Responses API, `POST /v1/responses`, as vLLM serves it for a model
-//! without tools or reasoning: `input` (a string, or messages whose content is
-//! text) and `instructions` go through the chat template, the answer is one
-//! assistant message of `output_text`, streamed as OpenAI's typed events
-//! (`response.created` .. `response.output_text.delta` .. `response.completed`)
-//! or returned whole. `max_output_tokens`, `temperature`, `top_p` and
-//! `text.format` (plain text, `json_object`, `json_schema`: structured output)
-//! are honoured.
+//! without reasoning: `input` (a string, or messages whose content is text, and
+//! a conversation's `function_call` / `function_call_output` items) and
+//! `instructions` go through the chat template; the answer is an assistant
+//! message of `output_text` and, with function `tools`, `function_call` items
+//! (read out of the text as the chat API reads `tool_calls`, `tool_choice`
+//! forcing them as it does there). It is returned whole or streamed as OpenAI's
+//! typed events (`response.created` .. `response.output_text.delta` ..
+//! `response.completed`); with tools in play the items are sent when the
+//! answer is complete, since a call cannot be told from text before.
+//! `max_output_tokens`, `temperature`, `top_p` and `text.format` (plain text,
+//! `json_object`, `json_schema`: structured output) are honoured.
 //!
 //! Responses are not stored, as in vLLM by default (`store: true`, OpenAI's
 //! default, is accepted and the answer says `"store": false`), so
-//! `previous_response_id` and `background` are refused; so are `tools`,
-//! `reasoning`, `include` and `top_logprobs` (not supported yet), each by name.
-//! A field in neither list is refused as unknown.
+//! `previous_response_id` and `background` are refused; so are hosted tools
+//! (web search, files, ...), `reasoning`, `include` and `top_logprobs` (not
+//! supported yet), each by name. A field in neither list is refused as unknown.
 
 use super::*;
 
@@ -99,20 +103,6 @@ impl ResponsesRequest {
                 "background is not supported: responses are not stored",
             );
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return refuse(
-                "tools",
-                "tools on /v1/responses are not supported yet (use /v1/chat/completions)",
-            );
-        }
-        if let Some(choice) = &self.tool_choice
-            && !matches!(choice.as_str(), Some("none" | "auto"))
-        {
-            return refuse(
-                "tool_choice",
-                "tool_choice needs tools, which /v1/responses does not support yet",
-            );
-        }
         if self.reasoning.as_ref().is_some_and(|r| !r.is_null()) {
             return refuse(
                 "reasoning",
@@ -159,8 +149,37 @@ impl ResponsesRequest {
             Value::String(s) => turns.push(turn("user", s.clone())),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    let (role, text) = input_message(i, item)?;
-                    turns.push(turn(role, text));
+                    match item.get("type").and_then(Value::as_str) {
+                        Some("function_call") => {
+                            let call = function_call(i, item)?;
+                            // Calls after an assistant message (or after each
+                            // other) are that message's `tool_calls`.
+                            match turns.last_mut() {
+                                Some(last) if last.role == "assistant" => {
+                                    last.tool_calls.get_or_insert_with(Vec::new).push(call)
+                                }
+                                _ => turns.push(ChatTurn {
+                                    role: "assistant".into(),
+                                    content: None,
+                                    tool_calls: Some(vec![call]),
+                                    tool_call_id: None,
+                                }),
+                            }
+                        }
+                        Some("function_call_output") => {
+                            let (call_id, output) = function_output(i, item)?;
+                            turns.push(ChatTurn {
+                                role: "tool".into(),
+                                content: Some(output),
+                                tool_calls: None,
+                                tool_call_id: Some(call_id),
+                            });
+                        }
+                        _ => {
+                            let (role, text) = input_message(i, item)?;
+                            turns.push(turn(role, text));
+                        }
+                    }
                 }
             }
             _ => {
@@ -174,6 +193,55 @@ impl ResponsesRequest {
             return Err(ApiError::bad_field("input", "input holds no message"));
         }
         Ok(turns)
+    }
+
+    /// `tools`, `tool_choice` and `parallel_tool_calls` in the chat API's
+    /// shape: a function tool's `name`, `description`, `parameters` and
+    /// `strict` go under `function`, as does a named `tool_choice`'s name.
+    fn chat_tools(&self) -> Result<openai_tools::ToolFields, ApiError> {
+        let mut tools = Vec::new();
+        for (i, t) in self.tools.iter().flatten().enumerate() {
+            match t.get("type").and_then(Value::as_str) {
+                Some("function") => {
+                    let mut function = serde_json::Map::new();
+                    for key in ["name", "description", "parameters", "strict"] {
+                        if let Some(v) = t.get(key) {
+                            function.insert(key.into(), v.clone());
+                        }
+                    }
+                    tools.push(json!({ "type": "function", "function": function }));
+                }
+                other => {
+                    return Err(ApiError::bad_field(
+                        &format!("tools[{i}].type"),
+                        format!("tools of type {other:?} are not supported (function tools only)"),
+                    ));
+                }
+            }
+        }
+        let tool_choice = match &self.tool_choice {
+            None => None,
+            Some(Value::String(mode)) => Some(json!(mode)),
+            Some(choice) => match (
+                choice.get("type").and_then(Value::as_str),
+                choice.get("name"),
+            ) {
+                (Some("function"), Some(name)) => {
+                    Some(json!({ "type": "function", "function": { "name": name } }))
+                }
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "tool_choice",
+                        "tool_choice must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"name\": ...}",
+                    ));
+                }
+            },
+        };
+        Ok(openai_tools::ToolFields {
+            tools: (!tools.is_empty()).then_some(Value::Array(tools)),
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls.map(Value::Bool),
+        })
     }
 
     /// `text.format` as chat's `response_format` (`None`: plain text).
@@ -198,6 +266,32 @@ impl ResponsesRequest {
             )),
         }
     }
+}
+
+/// A string field of input item `i`, or HTTP 400 naming it.
+fn item_field<'a>(i: usize, item: &'a Value, kind: &str, name: &str) -> Result<&'a str, ApiError> {
+    item.get(name).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_field(
+            &format!("input[{i}].{name}"),
+            format!("a {kind} item needs a string {name}"),
+        )
+    })
+}
+
+/// A `function_call` input item as a chat `tool_calls` entry.
+fn function_call(i: usize, item: &Value) -> Result<Value, ApiError> {
+    let field = |name| item_field(i, item, "function_call", name);
+    Ok(json!({
+        "id": field("call_id")?,
+        "type": "function",
+        "function": { "name": field("name")?, "arguments": field("arguments")? },
+    }))
+}
+
+/// A `function_call_output` input item: its call's id and the output.
+fn function_output(i: usize, item: &Value) -> Result<(String, String), ApiError> {
+    let field = |name| item_field(i, item, "function_call_output", name);
+    Ok((field("call_id")?.to_string(), field("output")?.to_string()))
 }
 
 /// One `input` item: a message (`type` absent or `"message"`) with a role and
@@ -278,10 +372,12 @@ pub(super) async fn responses(
     let req: ResponsesRequest = typed_body(body)?;
     req.check()?;
     let turns = req.turns()?;
+    openai_tools::check_messages(&turns)?;
+    let plan = openai_tools::plan(&req.chat_tools()?, &st.model.tokenizer)?;
     let text = crate::openai_tools_prompt::render(
         &st.model.tokenizer,
         &turns,
-        None,
+        plan.as_ref(),
         &ChatOptions {
             add_generation_prompt: true,
             continue_final_message: false,
@@ -305,12 +401,23 @@ pub(super) async fn responses(
         structured,
         ..Default::default()
     };
-    let request = to_request(
+    let mut request = to_request(
         pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids }),
         &sampling,
         Kind::Chat,
         &st.model,
     )?;
+    // A required or named tool_choice constrains the output, as in the chat API.
+    if let Some(forced) = plan.as_ref().and_then(ToolPlan::constraint) {
+        if request.constraint.is_some() {
+            return Err(ApiError::bad_field(
+                "tool_choice",
+                "a required or named tool_choice constrains the output already; \
+                 it cannot be combined with text.format",
+            ));
+        }
+        request.constraint = Some(forced);
+    }
     let mut call = tonic::Request::new(request);
     if let Some(v) = &auth
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
@@ -331,7 +438,7 @@ pub(super) async fn responses(
         request: &req,
     };
     if req.stream {
-        let events = stream_events(responses, shell.base(), shell.item_id.clone());
+        let events = stream_events(responses, shell.base(), shell.item_id.clone(), plan);
         return Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -346,7 +453,9 @@ pub(super) async fn responses(
         }
     }
     let finished = finished.ok_or_else(|| Status::internal("the answer ended without Finished"))?;
-    Ok(Json(complete(shell.base(), &shell.item_id, &text, &finished)).into_response())
+    let status = status_of(&finished);
+    let items = output_items(plan.as_ref(), &shell.item_id, &text, &finished, status);
+    Ok(Json(complete(shell.base(), items, &finished)).into_response())
 }
 
 /// What every form of the answer repeats.
@@ -380,7 +489,7 @@ impl Shell<'_> {
             "temperature": r.temperature.unwrap_or(1.0),
             "text": r.text.clone().unwrap_or(json!({"format": {"type": "text"}})),
             "tool_choice": r.tool_choice.clone().unwrap_or(json!("auto")),
-            "tools": [],
+            "tools": r.tools.clone().unwrap_or_default(),
             "top_p": r.top_p.unwrap_or(1.0),
             "truncation": "disabled",
             "usage": null,
@@ -401,17 +510,56 @@ fn message(item_id: &str, text: &str, status: &str) -> Value {
     })
 }
 
-/// The finished response: `completed`, or `incomplete` with reason
-/// `max_output_tokens` when the output was cut at its limit.
-fn complete(mut base: Value, item_id: &str, text: &str, f: &pb::Finished) -> Value {
-    let cut = f.reason == pb::FinishReason::Length as i32;
-    let status = if cut { "incomplete" } else { "completed" };
+/// `incomplete` when the output was cut at `max_output_tokens`, else `completed`.
+fn status_of(f: &pb::Finished) -> &'static str {
+    if f.reason == pb::FinishReason::Length as i32 {
+        "incomplete"
+    } else {
+        "completed"
+    }
+}
+
+/// The answer's output items: the assistant message, and with tools in play
+/// each call read out of `text` (as the chat API reads `tool_calls`) as a
+/// `function_call` item, the message then only when text is left besides them.
+fn output_items(
+    plan: Option<&ToolPlan>,
+    item_id: &str,
+    text: &str,
+    f: &pb::Finished,
+    status: &str,
+) -> Vec<Value> {
+    let Some(plan) = plan else {
+        return vec![message(item_id, text, status)];
+    };
+    let (msg, _) = tool_message(plan.clone(), text, f.reason);
+    let mut items = Vec::new();
+    if let Some(content) = msg["content"].as_str().filter(|c| !c.is_empty()) {
+        items.push(message(item_id, content, status));
+    }
+    for call in msg["tool_calls"].as_array().into_iter().flatten() {
+        items.push(json!({
+            "type": "function_call",
+            "id": format!("fc_{:x}", answer::rand_id()),
+            "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"],
+            "status": "completed",
+        }));
+    }
+    items
+}
+
+/// The finished response with its `items`: `completed`, or `incomplete` with
+/// reason `max_output_tokens` when the output was cut at its limit.
+fn complete(mut base: Value, items: Vec<Value>, f: &pb::Finished) -> Value {
+    let status = status_of(f);
     let u = f.usage.unwrap_or_default();
     base["status"] = json!(status);
-    if cut {
+    if status == "incomplete" {
         base["incomplete_details"] = json!({ "reason": "max_output_tokens" });
     }
-    base["output"] = json!([message(item_id, text, status)]);
+    base["output"] = Value::Array(items);
     base["usage"] = json!({
         "input_tokens": u.prompt_tokens,
         "input_tokens_details": { "cached_tokens": u.cached_tokens },
@@ -422,14 +570,17 @@ fn complete(mut base: Value, item_id: &str, text: &str, f: &pb::Finished) -> Val
     base
 }
 
-/// OpenAI's streamed events for one message: the response created and in
-/// progress, the message and its text part added, a delta per token chunk,
-/// then each of them done and the response `completed` (or `incomplete`);
-/// a failure ends the stream with an `error` event.
+/// OpenAI's streamed events: the response created and in progress, then for
+/// a plain answer its message and text part added, a delta per token chunk,
+/// each of them done; with tools in play (`plan`) every item (message, function
+/// calls) once the answer is complete, each added, filled in one delta and
+/// done. Last the response `completed` (or `incomplete`); a failure ends the
+/// stream with an `error` event.
 fn stream_events(
     responses: impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + Unpin + 'static,
     base: Value,
     item_id: String,
+    plan: Option<ToolPlan>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
@@ -441,20 +592,19 @@ fn stream_events(
             let kind = data["type"].as_str().unwrap_or_default().to_string();
             Event::default().event(kind).data(data.to_string())
         };
+        let incremental = plan.is_none();
         let mut out = vec![
             event(json!({ "type": "response.created", "response": base })),
             event(json!({ "type": "response.in_progress", "response": base })),
-            event(
-                json!({ "type": "response.output_item.added", "output_index": 0,
-                          "item": { "type": "message", "id": item_id, "status": "in_progress",
-                                    "role": "assistant", "content": [] } }),
-            ),
-            event(
-                json!({ "type": "response.content_part.added", "item_id": item_id,
-                          "output_index": 0, "content_index": 0,
-                          "part": { "type": "output_text", "text": "", "annotations": [] } }),
-            ),
         ];
+        if incremental {
+            out.extend(item_events(
+                &mut event,
+                0,
+                &message(&item_id, "", "in_progress"),
+                Part::Opening,
+            ));
+        }
         // The response is created and in progress before its first token.
         for e in out.drain(..) {
             if tx.send(e).await.is_err() {
@@ -466,12 +616,12 @@ fn stream_events(
             let finished = match msg {
                 Ok(m) => match m.event {
                     Some(pb::generate_response::Event::Token(t)) => {
-                        if !t.text.is_empty() {
-                            text.push_str(&t.text);
+                        if incremental && !t.text.is_empty() {
                             out.push(event(json!({ "type": "response.output_text.delta",
                                 "item_id": item_id, "output_index": 0, "content_index": 0,
                                 "delta": t.text, "logprobs": [] })));
                         }
+                        text.push_str(&t.text);
                         None
                     }
                     Some(pb::generate_response::Event::Finished(f)) => Some(f),
@@ -481,7 +631,7 @@ fn stream_events(
                     let e = ApiError::from(status);
                     out.push(event(
                         json!({ "type": "error", "code": e.status.as_u16().to_string(),
-                                           "message": e.message, "param": e.param }),
+                                "message": e.message, "param": e.param }),
                     ));
                     for e in out.drain(..) {
                         let _ = tx.send(e).await;
@@ -490,27 +640,24 @@ fn stream_events(
                 }
             };
             if let Some(f) = finished {
-                let done = complete(base.clone(), &item_id, &text, &f);
-                let status = done["status"].as_str().unwrap_or("completed").to_string();
-                let part = json!({ "type": "output_text", "text": text, "annotations": [] });
-                out.push(event(
-                    json!({ "type": "response.output_text.done", "item_id": item_id,
-                    "output_index": 0, "content_index": 0, "text": text, "logprobs": [] }),
-                ));
-                out.push(event(
-                    json!({ "type": "response.content_part.done", "item_id": item_id,
-                    "output_index": 0, "content_index": 0, "part": part }),
-                ));
-                out.push(event(
-                    json!({ "type": "response.output_item.done", "output_index": 0,
-                    "item": message(&item_id, &text, &status) }),
-                ));
+                let status = status_of(&f);
+                let items = output_items(plan.as_ref(), &item_id, &text, &f, status);
+                for (index, item) in items.iter().enumerate() {
+                    let part = if incremental {
+                        Part::Closing
+                    } else {
+                        Part::Whole
+                    };
+                    out.extend(item_events(&mut event, index, item, part));
+                }
                 let kind = if status == "incomplete" {
                     "response.incomplete"
                 } else {
                     "response.completed"
                 };
-                out.push(event(json!({ "type": kind, "response": done })));
+                out.push(event(
+                    json!({ "type": kind, "response": complete(base.clone(), items, &f) }),
+                ));
             }
             for e in out.drain(..) {
                 if tx.send(e).await.is_err() {
@@ -520,6 +667,91 @@ fn stream_events(
         }
     });
     ReceiverStream::new(rx).map(Ok)
+}
+
+/// Which of an item's events [`item_events`] writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Part {
+    /// Added (its text to come as deltas).
+    Opening,
+    /// Done (its text came as deltas).
+    Closing,
+    /// Added, its whole text or arguments in one delta, done.
+    Whole,
+}
+
+/// The events of output item `index` (a message or a function call).
+fn item_events(
+    event: &mut impl FnMut(Value) -> Event,
+    index: usize,
+    item: &Value,
+    part: Part,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    let id = &item["id"];
+    let call = item["type"] == "function_call";
+    if part != Part::Closing {
+        let mut added = item.clone();
+        added["status"] = json!("in_progress");
+        if call {
+            added["arguments"] = json!("");
+        } else {
+            added["content"] = json!([]);
+        }
+        out.push(event(
+            json!({ "type": "response.output_item.added", "output_index": index, "item": added }),
+        ));
+    }
+    if call {
+        let arguments = &item["arguments"];
+        out.push(event(
+            json!({ "type": "response.function_call_arguments.delta", "item_id": id,
+                               "output_index": index, "delta": arguments }),
+        ));
+        out.push(event(
+            json!({ "type": "response.function_call_arguments.done", "item_id": id,
+                               "output_index": index, "arguments": arguments }),
+        ));
+    } else {
+        let text = &item["content"][0]["text"];
+        let at = json!({ "item_id": id, "output_index": index, "content_index": 0 });
+        let with = |kind: &str, extra: Value| {
+            let mut e = at.clone();
+            e["type"] = json!(kind);
+            if let (Some(e), Value::Object(extra)) = (e.as_object_mut(), extra) {
+                e.extend(extra);
+            }
+            e
+        };
+        if part != Part::Closing {
+            out.push(event(with(
+                "response.content_part.added",
+                json!({ "part": { "type": "output_text", "text": "", "annotations": [] } }),
+            )));
+        }
+        if part == Part::Whole {
+            out.push(event(with(
+                "response.output_text.delta",
+                json!({ "delta": text, "logprobs": [] }),
+            )));
+        }
+        if part != Part::Opening {
+            out.push(event(with(
+                "response.output_text.done",
+                json!({ "text": text, "logprobs": [] }),
+            )));
+            out.push(event(with(
+                "response.content_part.done",
+                json!({ "part": { "type": "output_text", "text": text, "annotations": [] } }),
+            )));
+        }
+    }
+    if part != Part::Opening {
+        out.push(event(
+            json!({ "type": "response.output_item.done", "output_index": index, "item": item }),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -557,10 +789,7 @@ mod tests {
         );
         let param = |body: Value| request(body).turns().err().and_then(|e| e.param);
         assert_eq!(
-            param(
-                json!({"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]})
-            )
-            .as_deref(),
+            param(json!({"input": [{"type": "reasoning", "summary": []}]})).as_deref(),
             Some("input[0].type")
         );
         assert_eq!(
@@ -584,14 +813,6 @@ mod tests {
                 "previous_response_id",
             ),
             (json!({"input": "x", "background": true}), "background"),
-            (
-                json!({"input": "x", "tools": [{"type": "function"}]}),
-                "tools",
-            ),
-            (
-                json!({"input": "x", "tool_choice": "required"}),
-                "tool_choice",
-            ),
             (
                 json!({"input": "x", "reasoning": {"effort": "low"}}),
                 "reasoning",
@@ -628,5 +849,64 @@ mod tests {
             json!({"type": "string"})
         );
         assert!(format(json!({"type": "xml"})).is_err());
+    }
+
+    #[test]
+    fn function_tools_take_the_chat_shape_and_hosted_tools_are_refused() {
+        let r = request(json!({
+            "input": "x",
+            "tools": [{"type": "function", "name": "f", "description": "d",
+                       "parameters": {"type": "object"}, "strict": true}],
+            "tool_choice": {"type": "function", "name": "f"},
+            "parallel_tool_calls": false,
+        }));
+        let t = r.chat_tools().unwrap();
+        assert_eq!(
+            t.tools.unwrap(),
+            json!([{"type": "function", "function": {"name": "f", "description": "d",
+                    "parameters": {"type": "object"}, "strict": true}}])
+        );
+        assert_eq!(
+            t.tool_choice.unwrap(),
+            json!({"type": "function", "function": {"name": "f"}})
+        );
+        assert_eq!(t.parallel_tool_calls, Some(json!(false)));
+        let param = |body: Value| request(body).chat_tools().err().and_then(|e| e.param);
+        assert_eq!(
+            param(json!({"input": "x", "tools": [{"type": "web_search"}]})).as_deref(),
+            Some("tools[0].type")
+        );
+        assert_eq!(
+            param(json!({"input": "x", "tool_choice": {"type": "file_search"}})).as_deref(),
+            Some("tool_choice")
+        );
+        // A conversation's calls and their outputs become the chat's turns.
+        let turns = request(json!({"input": [
+            {"role": "user", "content": "q"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{\"a\":1}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        ]}))
+        .turns()
+        .unwrap();
+        assert_eq!(turns[1].role, "assistant");
+        assert_eq!(turns[1].tool_calls.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            turns[1].tool_calls.as_ref().unwrap()[1]["function"]["arguments"],
+            "{\"a\":1}"
+        );
+        assert_eq!(
+            (
+                turns[2].role.as_str(),
+                turns[2].content.as_deref(),
+                turns[2].tool_call_id.as_deref()
+            ),
+            ("tool", Some("one"), Some("c1"))
+        );
+        let bad = request(json!({"input": [{"type": "function_call", "name": "f"}]})).turns();
+        assert_eq!(
+            bad.err().and_then(|e| e.param).as_deref(),
+            Some("input[0].call_id")
+        );
     }
 }
