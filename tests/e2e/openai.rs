@@ -284,6 +284,20 @@ async fn the_openai_client_library_works_against_the_router() {
         ["\"yes\"", "\"no\""].contains(&rs["schema_text"].as_str().unwrap()),
         "{rs}"
     );
+    // The output tokens' log probabilities (include + top_logprobs), as the
+    // chat API's entries: greedy, so each token is its top alternative.
+    let lps = rs["logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), 6, "{rs}");
+    for e in lps {
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{e}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{e}");
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+    }
+    assert_eq!(
+        rs["logprobs_stream"], rs["logprobs"],
+        "streamed, the deltas carry the same entries"
+    );
     for field in ["previous_response_id", "tools", "foo"] {
         let e = &rs[field];
         assert_eq!(e["status"], 400, "{field}: {e}");

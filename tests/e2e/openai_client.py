@@ -83,6 +83,13 @@ r = client.responses.create(model=model, input="Yes or no?", max_output_tokens=1
                             text={"format": {"type": "json_schema", "name": "answer",
                                              "schema": {"type": "string", "enum": ["yes", "no"]}}})
 rs["schema_text"] = r.output_text
+kw = dict(model=model, instructions="Be brief.", input="Tell me a story.", max_output_tokens=6, temperature=0,
+          include=["message.output_text.logprobs"], top_logprobs=2)
+r = client.responses.create(**kw)
+rs["logprobs"] = [e.model_dump() for e in r.output[0].content[0].logprobs]
+rs["logprobs_stream"] = [lp.model_dump() if hasattr(lp, "model_dump") else lp
+                         for e in client.responses.create(stream=True, **kw)
+                         if e.type == "response.output_text.delta" for lp in (e.logprobs or [])]
 for name, kwargs in {"previous_response_id": {"previous_response_id": "resp_1"},
                      "tools": {"tools": [{"type": "web_search"}]},
                      "foo": {"extra_body": {"foo": 1}}}.items():

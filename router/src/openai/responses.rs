@@ -14,8 +14,11 @@
 //! Responses are not stored, as in vLLM by default (`store: true`, OpenAI's
 //! default, is accepted and the answer says `"store": false`), so
 //! `previous_response_id` and `background` are refused; so are hosted tools
-//! (web search, files, ...), `reasoning`, `include` and `top_logprobs` (not
-//! supported yet), each by name. A field in neither list is refused as unknown.
+//! (web search, files, ...), `reasoning`, an `include` other than
+//! `message.output_text.logprobs` (the output tokens' log probabilities, with
+//! `top_logprobs` alternatives each, as chat reports them) and log
+//! probabilities together with tools (not supported yet), each by name. A
+//! field in neither list is refused as unknown.
 
 use super::*;
 
@@ -47,6 +50,9 @@ const FIELDS: [&str; 24] = [
     "safety_identifier",
     "stream_options",
 ];
+
+/// The `include` entry asking for the output text's log probabilities.
+const LOGPROBS_INCLUDE: &str = "message.output_text.logprobs";
 
 /// The request body (see [`FIELDS`]).
 #[derive(Deserialize)]
@@ -109,14 +115,26 @@ impl ResponsesRequest {
                 "reasoning is not supported: the served model does not reason",
             );
         }
-        if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
-            return refuse("include", "include is not supported yet");
+        if let Some(other) = self
+            .include
+            .iter()
+            .flatten()
+            .find(|i| i.as_str() != Some(LOGPROBS_INCLUDE))
+        {
+            return Err(ApiError::bad_field(
+                "include",
+                format!("include {other} is not supported (only \"{LOGPROBS_INCLUDE}\")"),
+            ));
         }
-        if self.top_logprobs.is_some_and(|n| n > 0) {
-            return refuse(
+        if let Some(n) = self.top_logprobs
+            && n as usize > MAX_TOP_LOGPROBS
+        {
+            return Err(ApiError::bad_field(
                 "top_logprobs",
-                "top_logprobs on /v1/responses is not supported yet",
-            );
+                format!(
+                    "top_logprobs = {n}: at most {MAX_TOP_LOGPROBS} top log probabilities per token can be requested"
+                ),
+            ));
         }
         if let Some(t) = self.truncation.as_deref()
             && t != "disabled"
@@ -242,6 +260,19 @@ impl ResponsesRequest {
             tool_choice,
             parallel_tool_calls: self.parallel_tool_calls.map(Value::Bool),
         })
+    }
+
+    /// How many top log probabilities each output token carries, when they are
+    /// asked for: `include` naming `message.output_text.logprobs`, or
+    /// `top_logprobs` above 0 (which would be pointless without them).
+    fn logprobs(&self) -> Option<u32> {
+        let included = self
+            .include
+            .iter()
+            .flatten()
+            .any(|i| i.as_str() == Some(LOGPROBS_INCLUDE));
+        (included || self.top_logprobs.is_some_and(|n| n > 0))
+            .then(|| self.top_logprobs.unwrap_or(0))
     }
 
     /// `text.format` as chat's `response_format` (`None`: plain text).
@@ -407,6 +438,17 @@ pub(super) async fn responses(
         Kind::Chat,
         &st.model,
     )?;
+    request.logprobs = req.logprobs();
+    if plan.is_some() && request.logprobs.is_some() {
+        return Err(ApiError::bad_field(
+            "include",
+            "log probabilities together with tools on /v1/responses are not supported yet",
+        ));
+    }
+    let names = request.logprobs.map(|_| LogprobsOut {
+        model: st.model.clone(),
+        as_ids: false,
+    });
     // A required or named tool_choice constrains the output, as in the chat API.
     if let Some(forced) = plan.as_ref().and_then(ToolPlan::constraint) {
         if request.constraint.is_some() {
@@ -438,23 +480,33 @@ pub(super) async fn responses(
         request: &req,
     };
     if req.stream {
-        let events = stream_events(responses, shell.base(), shell.item_id.clone(), plan);
+        let events = stream_events(responses, shell.base(), shell.item_id.clone(), plan, names);
         return Ok(Sse::new(events)
             .keep_alive(KeepAlive::default())
             .into_response());
     }
     let mut responses = responses;
-    let (mut text, mut finished) = (String::new(), None);
+    let (mut text, mut finished, mut entries) = (String::new(), None, Vec::new());
     while let Some(msg) = responses.next().await {
         match msg?.event {
-            Some(pb::generate_response::Event::Token(t)) => text.push_str(&t.text),
+            Some(pb::generate_response::Event::Token(t)) => {
+                text.push_str(&t.text);
+                entries.extend(t.logprobs);
+            }
             Some(pb::generate_response::Event::Finished(f)) => finished = Some(f),
             Some(pb::generate_response::Event::PromptLogprobs(_)) | None => {}
         }
     }
     let finished = finished.ok_or_else(|| Status::internal("the answer ended without Finished"))?;
     let status = status_of(&finished);
-    let items = output_items(plan.as_ref(), &shell.item_id, &text, &finished, status);
+    let logprobs = logprobs_json(names.as_ref(), &entries);
+    let items = output_items(
+        plan.as_ref(),
+        &shell.item_id,
+        (&text, logprobs),
+        &finished,
+        status,
+    );
     Ok(Json(complete(shell.base(), items, &finished)).into_response())
 }
 
@@ -499,15 +551,25 @@ impl Shell<'_> {
     }
 }
 
-/// The assistant message holding `text`.
-fn message(item_id: &str, text: &str, status: &str) -> Value {
+/// The assistant message holding `text` and its tokens' `logprobs` (an array).
+fn message(item_id: &str, text: &str, logprobs: Value, status: &str) -> Value {
     json!({
         "type": "message",
         "id": item_id,
         "status": status,
         "role": "assistant",
-        "content": [{ "type": "output_text", "text": text, "annotations": [], "logprobs": [] }],
+        "content": [{ "type": "output_text", "text": text, "annotations": [], "logprobs": logprobs }],
     })
+}
+
+/// Tokens' log probabilities in the Responses API's shape (the chat API's
+/// `content` entries: token, logprob, bytes, top_logprobs); `[]` when none
+/// were asked for.
+fn logprobs_json(names: Option<&LogprobsOut>, entries: &[pb::TokenLogprobs]) -> Value {
+    match names {
+        Some(n) => openai_logprobs::chat(n.names(), entries)["content"].take(),
+        None => json!([]),
+    }
 }
 
 /// `incomplete` when the output was cut at `max_output_tokens`, else `completed`.
@@ -525,17 +587,18 @@ fn status_of(f: &pb::Finished) -> &'static str {
 fn output_items(
     plan: Option<&ToolPlan>,
     item_id: &str,
-    text: &str,
+    (text, logprobs): (&str, Value),
     f: &pb::Finished,
     status: &str,
 ) -> Vec<Value> {
     let Some(plan) = plan else {
-        return vec![message(item_id, text, status)];
+        return vec![message(item_id, text, logprobs, status)];
     };
+    // No log probabilities with tools (refused before the request ran).
     let (msg, _) = tool_message(plan.clone(), text, f.reason);
     let mut items = Vec::new();
     if let Some(content) = msg["content"].as_str().filter(|c| !c.is_empty()) {
-        items.push(message(item_id, content, status));
+        items.push(message(item_id, content, json!([]), status));
     }
     for call in msg["tool_calls"].as_array().into_iter().flatten() {
         items.push(json!({
@@ -581,6 +644,7 @@ fn stream_events(
     base: Value,
     item_id: String,
     plan: Option<ToolPlan>,
+    names: Option<LogprobsOut>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
@@ -601,7 +665,7 @@ fn stream_events(
             out.extend(item_events(
                 &mut event,
                 0,
-                &message(&item_id, "", "in_progress"),
+                &message(&item_id, "", json!([]), "in_progress"),
                 Part::Opening,
             ));
         }
@@ -611,17 +675,21 @@ fn stream_events(
                 return;
             }
         }
-        let mut text = String::new();
+        let (mut text, mut entries) = (String::new(), Vec::new());
         while let Some(msg) = responses.next().await {
             let finished = match msg {
                 Ok(m) => match m.event {
                     Some(pb::generate_response::Event::Token(t)) => {
-                        if incremental && !t.text.is_empty() {
+                        // A chunk whose text is held back (part of a character)
+                        // still brings its tokens' log probabilities.
+                        if incremental && (!t.text.is_empty() || !t.logprobs.is_empty()) {
+                            let logprobs = logprobs_json(names.as_ref(), &t.logprobs);
                             out.push(event(json!({ "type": "response.output_text.delta",
                                 "item_id": item_id, "output_index": 0, "content_index": 0,
-                                "delta": t.text, "logprobs": [] })));
+                                "delta": t.text, "logprobs": logprobs })));
                         }
                         text.push_str(&t.text);
+                        entries.extend(t.logprobs);
                         None
                     }
                     Some(pb::generate_response::Event::Finished(f)) => Some(f),
@@ -641,7 +709,8 @@ fn stream_events(
             };
             if let Some(f) = finished {
                 let status = status_of(&f);
-                let items = output_items(plan.as_ref(), &item_id, &text, &f, status);
+                let logprobs = logprobs_json(names.as_ref(), &entries);
+                let items = output_items(plan.as_ref(), &item_id, (&text, logprobs), &f, status);
                 for (index, item) in items.iter().enumerate() {
                     let part = if incremental {
                         Part::Closing
@@ -732,13 +801,13 @@ fn item_events(
         if part == Part::Whole {
             out.push(event(with(
                 "response.output_text.delta",
-                json!({ "delta": text, "logprobs": [] }),
+                json!({ "delta": text, "logprobs": item["content"][0]["logprobs"] }),
             )));
         }
         if part != Part::Opening {
             out.push(event(with(
                 "response.output_text.done",
-                json!({ "text": text, "logprobs": [] }),
+                json!({ "text": text, "logprobs": item["content"][0]["logprobs"] }),
             )));
             out.push(event(with(
                 "response.content_part.done",
@@ -818,10 +887,10 @@ mod tests {
                 "reasoning",
             ),
             (
-                json!({"input": "x", "include": ["message.output_text.logprobs"]}),
+                json!({"input": "x", "include": ["file_search_call.results"]}),
                 "include",
             ),
-            (json!({"input": "x", "top_logprobs": 2}), "top_logprobs"),
+            (json!({"input": "x", "top_logprobs": 21}), "top_logprobs"),
             (json!({"input": "x", "truncation": "auto"}), "truncation"),
             (
                 json!({"input": "x", "max_output_tokens": 0}),
@@ -830,6 +899,16 @@ mod tests {
         ] {
             assert_eq!(param(body).as_deref(), Some(field));
         }
+        // Log probabilities: asked by `include` (top_logprobs alternatives each) or
+        // by top_logprobs alone.
+        let asked = |body: Value| request(body).logprobs();
+        assert_eq!(asked(json!({"input": "x"})), None);
+        assert_eq!(asked(json!({"input": "x", "top_logprobs": 0})), None);
+        assert_eq!(
+            asked(json!({"input": "x", "include": ["message.output_text.logprobs"]})),
+            Some(0)
+        );
+        assert_eq!(asked(json!({"input": "x", "top_logprobs": 3})), Some(3));
         // Neutral values pass.
         assert!(
             request(
