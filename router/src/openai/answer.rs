@@ -79,21 +79,7 @@ pub(super) async fn run(
         if batch && !request.request_id.is_empty() {
             request.request_id = format!("{}-{p}", request.request_id);
         }
-        let mut request = tonic::Request::new(request);
-        if let Some(v) = &auth
-            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-        {
-            request.metadata_mut().insert("authorization", v);
-        }
-        if let Some(v) = headers.get(REQUEST_ID_HEADER) {
-            let id = match (batch, v.to_str()) {
-                (true, Ok(id)) => format!("{id}-{p}"),
-                _ => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            };
-            if let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
-                request.metadata_mut().insert(REQUEST_ID_HEADER, v);
-            }
-        }
+        let request = grpc_call(request, auth.as_ref(), headers, batch.then_some(p));
         if p == 0 {
             prompts.insert(
                 p,
@@ -251,6 +237,33 @@ pub(super) async fn run(
         answer["prompt_logprobs"] = openai_logprobs::prompt(names.names(), p);
     }
     Ok(Json(answer).into_response())
+}
+
+/// `request` as a call of the gRPC service, carrying the HTTP request's
+/// `Authorization` (`auth`) and `X-Request-Id` (with `-p` added for prompt `p`
+/// of a batch: `batch_prompt`).
+pub(super) fn grpc_call(
+    request: pb::GenerateRequest,
+    auth: Option<&HeaderValue>,
+    headers: &HeaderMap,
+    batch_prompt: Option<usize>,
+) -> tonic::Request<pb::GenerateRequest> {
+    let mut call = tonic::Request::new(request);
+    if let Some(v) = auth
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+    {
+        call.metadata_mut().insert("authorization", v);
+    }
+    if let Some(v) = headers.get(REQUEST_ID_HEADER) {
+        let id = match (batch_prompt, v.to_str()) {
+            (Some(p), Ok(id)) => format!("{id}-{p}"),
+            _ => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+        };
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(id.as_str()) {
+            call.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        }
+    }
+    call
 }
 
 /// One prompt's responses.

@@ -460,17 +460,7 @@ pub(super) async fn responses(
         }
         request.constraint = Some(forced);
     }
-    let mut call = tonic::Request::new(request);
-    if let Some(v) = &auth
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-    {
-        call.metadata_mut().insert("authorization", v);
-    }
-    if let Some(v) = headers.get(REQUEST_ID_HEADER)
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-    {
-        call.metadata_mut().insert(REQUEST_ID_HEADER, v);
-    }
+    let call = answer::grpc_call(request, auth.as_ref(), &headers, None);
     let responses = st.service.generate(call).await?.into_inner();
     let shell = Shell {
         id: format!("resp_{:x}", answer::rand_id()),
