@@ -549,12 +549,11 @@ impl Backend for CudaBackend {
         self.download_logits(logits)
     }
 
-    /// Not yet: `forward_every_logit` below is written, and its GPU test
-    /// (`check_sampling::gpu_every_logit_rows_are_each_prefix_s_last`) waits for
-    /// a device; until it has passed, a decode node on the GPU refuses
-    /// `prompt_logprobs` rather than serve numbers never checked on one.
+    /// Yes: `forward_every_logit` below (its GPU test,
+    /// `check_sampling::gpu_every_logit_rows_are_each_prefix_s_last`, passed on
+    /// an H200 on 2026-12-05).
     fn computes_every_logit(&self) -> bool {
-        false
+        true
     }
 
     /// In passes of at most `max_seqs` tokens (the rows the logits buffer
