@@ -14,9 +14,9 @@
 #           scripts/hf_reference.py
 #   .gpu13  call-a, call-b, call-v: this checkout's tandem-gpu-bench and
 #           engine-tests (xz), their kernels, scripts/hf_reference.py
-#   .gpu14  call-e: main/ (this checkout's tandem-gpu-bench and kernels) and split/
-#           (HEAD with gemv-split-k.patch: tandem-gpu-bench, engine-tests, kernels)
-#   .gpu15  call-p: this checkout's engine-tests (xz; CUDA forward_every_logit's test)
+#   .gpu14  tenth session's call-1, call-4: main/ (this checkout's tandem-gpu-bench and
+#           kernels; the split/ of call-e came from gemv-split-k.patch, dropped)
+#   .gpu15  call-p, tenth session's call-1: this checkout's engine-tests (xz)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -102,17 +102,11 @@ for w in $WHICH; do
       cp -r engine/src/cuda/kernels .gpu13/ && cp scripts/hf_reference.py .gpu13/
       ;;
     14)
-      # main: this checkout; split: HEAD with gemv-split-k.patch applied.
-      rm -rf .gpu14 && mkdir -p .gpu14/main .gpu14/split
+      rm -rf .gpu14 && mkdir -p .gpu14/main
       build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu14/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       cp -r engine/src/cuda/kernels .gpu14/main/
-      d=$(worktree gemvsplit HEAD scripts/gpu-pending/gemv-split-k.patch)
-      build "$d" gemvsplit --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu14/split/tandem-gpu-bench "$(rel gemvsplit)/tandem-gpu-bench"
-      strip -o .gpu14/split/engine-tests "$(engine_tests "$d" gemvsplit)"
-      cp -r "$d/engine/src/cuda/kernels" .gpu14/split/
-      xz -T2 -6 .gpu14/main/tandem-gpu-bench .gpu14/split/tandem-gpu-bench .gpu14/split/engine-tests
+      xz -T2 -6 .gpu14/main/tandem-gpu-bench
       ;;
     15)
       rm -rf .gpu15 && mkdir -p .gpu15

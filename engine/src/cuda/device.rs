@@ -443,8 +443,12 @@ impl Gpu {
     }
 
     /// This GPU's device-to-device copy rate in GB/s, counting bytes read and
-    /// written (the ceiling a memory-bound decode step is judged against):
-    /// the median of 10 copies of `bytes` of random data, after a warm-up.
+    /// written (the ceiling a memory-bound decode step is judged against): the
+    /// best of three medians of 10 copies of `bytes` of random data, after half
+    /// a second of copies. (Timed straight after a model's set-up with one
+    /// warm-up copy, the median moved between 3.83 and 4.24 TB/s from one
+    /// process to the next on one H200 while the decode steps timed after it
+    /// stayed within 1%, so the low readings were the measurement's.)
     pub fn copy_bandwidth_gbs(&self, bytes: usize) -> Result<f64, CudaError> {
         self.bind()?;
         let n = bytes / 2;
@@ -460,17 +464,24 @@ impl Gpu {
             }
             .op("cuMemcpyDtoDAsync")
         };
-        copy()?;
-        self.sync()?;
-        let mut times = Vec::new();
-        for _ in 0..10 {
-            let t0 = std::time::Instant::now();
+        let warm = std::time::Instant::now();
+        while warm.elapsed().as_secs_f64() < 0.5 {
             copy()?;
             self.sync()?;
-            times.push(t0.elapsed().as_secs_f64());
         }
-        times.sort_by(f64::total_cmp);
-        Ok(2.0 * len as f64 / times[times.len() / 2] / 1e9)
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let t0 = std::time::Instant::now();
+                copy()?;
+                self.sync()?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            best = best.min(times[times.len() / 2]);
+        }
+        Ok(2.0 * len as f64 / best / 1e9)
     }
 
     /// Fills `n` bf16 at `ptr` with uniform random values in `[lo, hi)` (not a
