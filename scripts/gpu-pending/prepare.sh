@@ -17,6 +17,8 @@
 #   .gpu14  tenth session's call-1, call-4: main/ (this checkout's tandem-gpu-bench and
 #           kernels; the split/ of call-e came from gemv-split-k.patch, dropped)
 #   .gpu15  call-p, tenth session's call-1: this checkout's engine-tests (xz)
+#   .gpu17  tenth session's call-6: HEAD with gemv-rope-kv.patch (tandem-gpu-bench,
+#           engine-tests, kernels; xz); call-6 carries .gpu14 beside it
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -26,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
@@ -113,7 +115,16 @@ for w in $WHICH; do
       strip -o .gpu15/engine-tests "$(engine_tests "$ROOT" head)"
       xz -T2 -6 .gpu15/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 15)" >&2; exit 1 ;;
+    17)
+      rm -rf .gpu17 && mkdir -p .gpu17
+      d=$(worktree roperow HEAD scripts/gpu-pending/gemv-rope-kv.patch)
+      build "$d" roperow --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu17/tandem-gpu-bench "$(rel roperow)/tandem-gpu-bench"
+      strip -o .gpu17/engine-tests "$(engine_tests "$d" roperow)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu17/
+      xz -T2 -6 .gpu17/tandem-gpu-bench .gpu17/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 17)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
