@@ -18,7 +18,8 @@
 #           kernels; the split/ of call-e came from gemv-split-k.patch, dropped)
 #   .gpu15  call-p, tenth session's call-1: this checkout's engine-tests (xz)
 #   .gpu17  tenth session's call-6: HEAD with gemv-rope-kv.patch (tandem-gpu-bench,
-#           engine-tests, kernels; xz); call-6 carries .gpu14 beside it
+#           engine-tests, kernels; xz); call-6 carries .gpu14 and .gpu18 beside it
+#   .gpu18  the same with gemv-add-rmsnorm.patch applied after it
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -28,16 +29,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
-# worktree NAME REV [PATCH]: a clean worktree of REV at /work/prep-NAME, PATCH applied.
+# worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
+# space-separated PATCHES applied in order.
 worktree() {
   local dir=/work/prep-$1
   git worktree remove --force "$dir" 2>/dev/null || rm -rf "$dir"
   git worktree prune
   git worktree add -q --detach "$dir" "$2"
-  if [ -n "${3:-}" ]; then git -C "$dir" apply "$ROOT/$3"; fi
+  for p in ${3:-}; do git -C "$dir" apply "$ROOT/$p"; done
   echo "$dir"
 }
 # build DIR NAME ARGS...: cargo build --release in DIR with its own target directory.
@@ -115,16 +117,19 @@ for w in $WHICH; do
       strip -o .gpu15/engine-tests "$(engine_tests "$ROOT" head)"
       xz -T2 -6 .gpu15/engine-tests
       ;;
-    17)
-      rm -rf .gpu17 && mkdir -p .gpu17
-      d=$(worktree roperow HEAD scripts/gpu-pending/gemv-rope-kv.patch)
-      build "$d" roperow --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu17/tandem-gpu-bench "$(rel roperow)/tandem-gpu-bench"
-      strip -o .gpu17/engine-tests "$(engine_tests "$d" roperow)"
-      cp -r "$d/engine/src/cuda/kernels" .gpu17/
-      xz -T2 -6 .gpu17/tandem-gpu-bench .gpu17/engine-tests
+    17 | 18)
+      # 17: HEAD with gemv-rope-kv.patch; 18: with gemv-add-rmsnorm.patch after it.
+      patches=scripts/gpu-pending/gemv-rope-kv.patch
+      if [ "$w" = 18 ]; then patches="$patches scripts/gpu-pending/gemv-add-rmsnorm.patch"; fi
+      rm -rf ".gpu$w" && mkdir -p ".gpu$w"
+      d=$(worktree "fused$w" HEAD "$patches")
+      build "$d" "fused$w" --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o ".gpu$w/tandem-gpu-bench" "$(rel "fused$w")/tandem-gpu-bench"
+      strip -o ".gpu$w/engine-tests" "$(engine_tests "$d" "fused$w")"
+      cp -r "$d/engine/src/cuda/kernels" ".gpu$w/"
+      xz -T2 -6 ".gpu$w/tandem-gpu-bench" ".gpu$w/engine-tests"
       ;;
-    *) echo "unknown folder $w (8 to 17)" >&2; exit 1 ;;
+    *) echo "unknown folder $w (8 to 18)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
