@@ -26,12 +26,10 @@ impl<B: Backend> Scheduler<B> {
     /// prompt log probabilities are being computed; sends them once complete.
     pub(super) fn score_prompts(&mut self) {
         let budget = SCORE_TOKENS.min(self.limits.max_batch_tokens).max(1);
-        let Some((&id, seq)) = self.seqs.iter_mut().find(|(_, s)| {
-            s.prompt_logprobs.is_some() && matches!(s.state, State::Prefilling { .. })
+        let Some((id, seq, done)) = self.seqs.iter_mut().find_map(|(&id, s)| match s.state {
+            State::Prefilling { done } if s.prompt_logprobs.is_some() => Some((id, s, done)),
+            _ => None,
         }) else {
-            return;
-        };
-        let State::Prefilling { done } = seq.state else {
             return;
         };
         // The last prompt token is the batch's (it samples the first token).
