@@ -17,9 +17,11 @@
 #   .gpu14  tenth session's call-1, call-4: main/ (this checkout's tandem-gpu-bench and
 #           kernels; the split/ of call-e came from gemv-split-k.patch, dropped)
 #   .gpu15  call-p, tenth session's call-1: this checkout's engine-tests (xz)
-#   .gpu17  tenth session's call-6: HEAD with gemv-rope-kv.patch (tandem-gpu-bench,
+#   .gpu17  tenth session's call-6 (dropped after it ran): 53eef88 with gemv-rope-kv.patch (tandem-gpu-bench,
 #           engine-tests, kernels; xz); call-6 carries .gpu14 and .gpu18 beside it
 #   .gpu18  the same with gemv-add-rmsnorm.patch applied after it
+#   .gpu19  eleventh session's call-7: this checkout's tandem-gpu-bench and engine-tests
+#           (xz) and kernels (the L2 prefetches at batch 1)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -29,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -118,18 +120,26 @@ for w in $WHICH; do
       xz -T2 -6 .gpu15/engine-tests
       ;;
     17 | 18)
-      # 17: HEAD with gemv-rope-kv.patch; 18: with gemv-add-rmsnorm.patch after it.
-      patches=scripts/gpu-pending/gemv-rope-kv.patch
-      if [ "$w" = 18 ]; then patches="$patches scripts/gpu-pending/gemv-add-rmsnorm.patch"; fi
+      # 17: 53eef88 with gemv-rope-kv.patch; 18: with gemv-add-rmsnorm.patch after it.
+      patches=docs/gpu-results/2026-12-05-tenth/gemv-rope-kv.patch
+      if [ "$w" = 18 ]; then patches="$patches docs/gpu-results/2026-12-05-tenth/gemv-add-rmsnorm.patch"; fi
       rm -rf ".gpu$w" && mkdir -p ".gpu$w"
-      d=$(worktree "fused$w" HEAD "$patches")
+      d=$(worktree "fused$w" 53eef88 "$patches")
       build "$d" "fused$w" --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o ".gpu$w/tandem-gpu-bench" "$(rel "fused$w")/tandem-gpu-bench"
       strip -o ".gpu$w/engine-tests" "$(engine_tests "$d" "fused$w")"
       cp -r "$d/engine/src/cuda/kernels" ".gpu$w/"
       xz -T2 -6 ".gpu$w/tandem-gpu-bench" ".gpu$w/engine-tests"
       ;;
-    *) echo "unknown folder $w (8 to 18)" >&2; exit 1 ;;
+    19)
+      rm -rf .gpu19 && mkdir -p .gpu19
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu19/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu19/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu19/tandem-gpu-bench .gpu19/engine-tests
+      cp -r engine/src/cuda/kernels .gpu19/
+      ;;
+    *) echo "unknown folder $w (8 to 19)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

@@ -42,6 +42,10 @@ pub trait BenchControls {
     fn set_pdl(&mut self, on: bool);
     /// Decode-step graphs captured so far.
     fn graphs_captured(&self) -> usize;
+    /// Sets the L2 prefetches of batch-1 decode steps: `gemv` warps' weight rows
+    /// before their PDL wait (`rows`), the o product's weights on the side stream
+    /// (`side`); graphs captured otherwise are dropped.
+    fn set_prefetch(&mut self, rows: bool, side: bool);
 }
 
 impl CudaBackend {
@@ -145,5 +149,13 @@ impl BenchControls for CudaBackend {
 
     fn graphs_captured(&self) -> usize {
         self.graphs.len()
+    }
+
+    fn set_prefetch(&mut self, rows: bool, side: bool) {
+        let want = super::device::Prefetch { rows, side };
+        if self.gpu.prefetch != want {
+            self.gpu.prefetch = want;
+            self.graphs.clear();
+        }
     }
 }

@@ -165,7 +165,8 @@ pub struct CheckReport {
     pub graph_differ: usize,
     /// Decode graphs captured.
     pub graphs_captured: usize,
-    /// Sequences decoded alone whose tokens change without programmatic dependent launches.
+    /// Sequences decoded alone whose tokens change without programmatic dependent
+    /// launches or without the L2 prefetches.
     pub pdl_differ: usize,
     /// Sequences decoded alone (of 6) that differ from the CPU's, as `#i@step`.
     pub alone_differ: Vec<String>,
@@ -224,7 +225,7 @@ impl CheckReport {
         }
         if self.pdl_differ > 0 {
             f.push(format!(
-                "programmatic dependent launches change decode results ({} of 6)",
+                "programmatic dependent launches or L2 prefetches change decode results ({} of 6)",
                 self.pdl_differ
             ));
         }
@@ -495,14 +496,17 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
     let graphs_captured = gpu.graphs_captured();
     let gpu_cont = conts.pop().unwrap_or_default();
     // The first six sequences decoded alone (one-token passes take the fused
-    // single-row path), against the CPU; then again without programmatic
-    // dependent launches: the same tokens, or the kernels' ordering is wrong.
+    // single-row path, with the L2 prefetches), against the CPU; then again
+    // without programmatic dependent launches, and without the prefetches (the
+    // side stream's fork and join): the same tokens, or the kernels' ordering
+    // is wrong.
     let mut alone_differ = Vec::new();
     let mut pdl_differ = 0;
     for i in 0..6.min(prompts.len()) {
         let mut conts = Vec::new();
-        for pdl in [true, false] {
+        for (pdl, prefetch) in [(true, true), (false, true), (true, false)] {
             gpu.set_pdl(pdl);
+            gpu.set_prefetch(prefetch, prefetch);
             conts.push(decode_alone(
                 &mut gpu,
                 first_tokens[i],
@@ -512,8 +516,9 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
             )?);
         }
         gpu.set_pdl(true);
+        gpu.set_prefetch(true, true);
         let cont = &conts[0];
-        if conts[1] != *cont {
+        if conts[1..].iter().any(|c| c != cont) {
             pdl_differ += 1;
         }
         if let Some(k) = (0..steps).find(|&k| cont[k] != cpu_cont[i][k]) {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, ValidAsZeroBits,
 };
 
 use half::bf16;
@@ -46,6 +46,7 @@ pub(crate) struct Kernels {
     pub gemv: CudaFunction,
     /// The gate/up product fused with the SiLU·up activation, one row.
     pub gemv_silu: CudaFunction,
+    pub l2_prefetch: CudaFunction,
     pub attn_combine: CudaFunction,
     /// `decode_attn_{32,64,128}_{1,2,4,8}` for the model's head_dim and group size.
     pub decode_attn: CudaFunction,
@@ -64,6 +65,13 @@ pub struct Gpu {
     pub(crate) compute: Arc<CudaStream>,
     /// Where KV layers move to and from pinned host memory.
     pub(crate) copy: Arc<CudaStream>,
+    /// Beside the compute stream: L2 prefetches of weights a later kernel of the
+    /// pass reads (`pass.rs`), forked from it and joined back at the pass's end.
+    pub(crate) side: Arc<CudaStream>,
+    /// The fork and join points between `compute` and `side` (an event is
+    /// waited on as last recorded, so one of each serves every fork and join).
+    pub(crate) fork: CudaEvent,
+    pub(crate) join: CudaEvent,
     pub(crate) k: Kernels,
     blas: CudaBlas,
     /// cuBLAS's workspace, set once so that GEMMs captured in a CUDA graph never
@@ -85,9 +93,24 @@ pub struct Gpu {
     /// Launch the forward pass's kernels as programmatic dependent launches
     /// (`TANDEM_CUDA_PDL=0` turns it off).
     pub(crate) pdl: bool,
+    /// L2 prefetches of weights at batch 1 (docs/GPU_BENCH.md, eleventh session):
+    /// each `gemv` warp asks for its row before it waits for the kernel before
+    /// (`rows`, `TANDEM_CUDA_PREFETCH_ROWS=0` turns it off), and the o product's
+    /// weights are fetched on `side` while decode attention runs (`side`,
+    /// `TANDEM_CUDA_PREFETCH_SIDE=0`).
+    pub(crate) prefetch: Prefetch,
     /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
     /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
     pub(crate) tma: bool,
+}
+
+/// Which L2 prefetches a batch-1 decode step makes ([`Gpu::prefetch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefetch {
+    /// `gemv` warps ask for their weight rows before waiting (PDL launches only).
+    pub rows: bool,
+    /// The o product's weights on the side stream during decode attention.
+    pub side: bool,
 }
 
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
@@ -136,6 +159,10 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
+        let side = ctx.new_stream().op("create side stream")?;
+        let no_timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let fork = ctx.new_event(no_timing).op("cuEventCreate")?;
+        let join = ctx.new_event(no_timing).op("cuEventCreate")?;
         let (ptx, arch) = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
@@ -158,6 +185,7 @@ impl Gpu {
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
             gemv_silu: f("gemv_silu")?,
+            l2_prefetch: f("l2_prefetch")?,
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
@@ -209,6 +237,9 @@ impl Gpu {
             ctx,
             compute,
             copy,
+            side,
+            fork,
+            join,
             k,
             blas,
             _blas_workspace: workspace,
@@ -220,6 +251,10 @@ impl Gpu {
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
+            prefetch: Prefetch {
+                rows: !std::env::var("TANDEM_CUDA_PREFETCH_ROWS").is_ok_and(|v| v == "0"),
+                side: !std::env::var("TANDEM_CUDA_PREFETCH_SIDE").is_ok_and(|v| v == "0"),
+            },
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
@@ -303,11 +338,16 @@ impl Gpu {
             .op("cuMemcpyHtoDAsync")
     }
 
-    /// A launch of `func` on the compute stream, a programmatic dependent launch
+    /// A launch of `func` on `stream`, a programmatic dependent launch
     /// when `pdl` (kernels/common.cuh, `pdl_enter`).
-    pub(crate) fn kernel<'a>(&'a self, func: &'a CudaFunction, pdl: bool) -> Launch<'a> {
+    pub(crate) fn kernel_on<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+        func: &'a CudaFunction,
+        pdl: bool,
+    ) -> Launch<'a> {
         Launch {
-            stream: &self.compute,
+            stream,
             func,
             args: Vec::with_capacity(16),
             pdl,
@@ -340,7 +380,7 @@ impl Gpu {
     }
 
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
-    fn skinny(&self, n: usize, k: usize) -> bool {
+    pub(crate) fn skinny(&self, n: usize, k: usize) -> bool {
         n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
     }
 
@@ -369,6 +409,7 @@ impl Gpu {
                 act,
                 k,
                 inter,
+                prefetch: self.prefetch.rows && pdl,
             };
             // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
             // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
@@ -399,7 +440,15 @@ impl Gpu {
             return Ok(());
         }
         if self.skinny(n, k) {
-            let gemv = Gemv { x, w, y, n, k, out };
+            let gemv = Gemv {
+                x,
+                w,
+                y,
+                n,
+                k,
+                out,
+                prefetch: self.prefetch.rows && pdl,
+            };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
             return unsafe { launch::launch(self, &gemv, pdl) };

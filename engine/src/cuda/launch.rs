@@ -174,8 +174,22 @@ pub(crate) trait Kernel {
 /// size and element type the kernel's documentation (its struct here) names
 /// for the grid [`Kernel::config`] gives.
 pub(crate) unsafe fn launch<K: Kernel>(gpu: &Gpu, k: &K, pdl: bool) -> Result<(), CudaError> {
+    // SAFETY: forwarded to the caller.
+    unsafe { launch_on(gpu, &gpu.compute, k, pdl) }
+}
+
+/// [`launch`] on another of `gpu`'s streams.
+///
+/// # Safety
+/// As for [`launch`].
+pub(crate) unsafe fn launch_on<K: Kernel>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    k: &K,
+    pdl: bool,
+) -> Result<(), CudaError> {
     let params = k.params()?;
-    let mut l = gpu.kernel(k.function(gpu), pdl);
+    let mut l = gpu.kernel_on(stream, k.function(gpu), pdl);
     for (_, p) in &params {
         match p {
             Param::Ptr(v, _) | Param::U64(v) => l.arg(v),
@@ -462,6 +476,8 @@ pub(crate) struct Gemv {
     pub n: usize,
     pub k: usize,
     pub out: usize,
+    /// Each warp asks L2 for its weight row before it waits for the kernel before.
+    pub prefetch: bool,
 }
 
 impl Kernel for Gemv {
@@ -479,6 +495,7 @@ impl Kernel for Gemv {
             ("k", int(self.k)?),
             ("out", int(self.out)?),
             ("y_f32", Param::I32(y_f32)),
+            ("prefetch", Param::I32(i32::from(self.prefetch))),
         ])
     }
     /// One warp per output row, 8 warps a block.
@@ -487,6 +504,30 @@ impl Kernel for Gemv {
     }
     fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.gemv
+    }
+}
+
+/// `l2_prefetch`: asks L2 for `bytes` bytes from `p` (a weight matrix a later
+/// kernel reads); reads nothing into registers and writes nothing.
+pub(crate) struct L2Prefetch {
+    pub p: Dev<bf16>,
+    pub bytes: usize,
+}
+
+impl Kernel for L2Prefetch {
+    const NAME: &'static str = "l2_prefetch";
+    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
+        Ok(vec![
+            ("p", self.p.into()),
+            ("bytes", Param::U64(self.bytes as u64)),
+        ])
+    }
+    /// About eight lines a thread, 256 threads a block.
+    fn config(&self) -> LaunchConfig {
+        grid(self.bytes.div_ceil(128 * 256 * 8) as u32, 256)
+    }
+    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
+        &gpu.k.l2_prefetch
     }
 }
 
@@ -499,6 +540,8 @@ pub(crate) struct GemvSilu {
     pub act: Dev<bf16>,
     pub k: usize,
     pub inter: usize,
+    /// As [`Gemv::prefetch`].
+    pub prefetch: bool,
 }
 
 impl Kernel for GemvSilu {
@@ -510,6 +553,7 @@ impl Kernel for GemvSilu {
             ("act", self.act.into()),
             ("k", int(self.k)?),
             ("inter", int(self.inter)?),
+            ("prefetch", Param::I32(i32::from(self.prefetch))),
         ])
     }
     /// One warp per output element, 8 warps a block.

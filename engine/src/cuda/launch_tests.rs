@@ -203,6 +203,7 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             n: 1,
             k: 64,
             out: 10,
+            prefetch: true,
         },
     );
     check(
@@ -213,6 +214,14 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             act: P,
             k: 64,
             inter: 10,
+            prefetch: false,
+        },
+    );
+    check(
+        "l2_prefetch",
+        &L2Prefetch {
+            p: P,
+            bytes: 1 << 20,
         },
     );
     check("decode_attn_##HD##_##G", &decode());
@@ -301,6 +310,7 @@ fn parameters_carry_the_values_given() {
         n: 1,
         k: 64,
         out: 10,
+        prefetch: false,
     };
     // An fp8 cache is two parameters where bf16 is one.
     let d8 = DecodeAttn {
@@ -386,6 +396,7 @@ fn grids_match_the_kernels_indexing() {
         act: P,
         k: 4096,
         inter: 14336,
+        prefetch: false,
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (1792, 256));
@@ -408,6 +419,7 @@ fn grids_match_the_kernels_indexing() {
         n: 1,
         k: 4096,
         out: 6144,
+        prefetch: false,
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (768, 256));

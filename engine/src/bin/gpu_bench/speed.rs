@@ -92,10 +92,14 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
             "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | without PDL ms | top-p sampling ms |"
         );
         println!("|---|---|---|---|---|---|---|---|---|");
-        let batches: &[usize] = if quick {
-            &[1, 64]
-        } else {
-            &[1, 8, 32, 64, 128, 256]
+        // `--batches 1,256`: those batch sizes instead of the sweep's.
+        let chosen: Option<Vec<usize>> = arg(args, "--batches")
+            .map(|v| v.split(',').map(|b| b.trim().parse()).collect())
+            .transpose()?;
+        let batches: &[usize] = match &chosen {
+            Some(b) => b,
+            None if quick => &[1, 64],
+            None => &[1, 8, 32, 64, 128, 256],
         };
         for ctx in [1024usize, 4096] {
             for &batch in batches {
@@ -140,7 +144,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
             }
         }
         println!();
-
+        prefetch_table(&mut be, &mut rng, config.vocab_size)?;
         sampling_check(&mut be, config.vocab_size)?;
     }
 
@@ -396,6 +400,38 @@ fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
     if bad {
         return Err("GPU sampling does not follow the host's distribution".into());
     }
+    Ok(())
+}
+
+/// Batch-1 decode steps with each combination of the L2 prefetches
+/// (`BenchControls::set_prefetch`), taking turns three times, at 1k and 4k context.
+fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> Res<()> {
+    println!(
+        "### L2 prefetches at batch 1 (graph replays; ms per step, three rounds taking turns)\n"
+    );
+    println!("| context | none | gemv rows | o on the side stream | both |");
+    println!("|---|---|---|---|---|");
+    let combos = [(false, false), (true, false), (false, true), (true, true)];
+    for ctx in [1024usize, 4096] {
+        let tables = consecutive_tables(1, blocks_for(ctx + 14, BS));
+        let mut toks = vec![rng.random_range(0..vocab as u32)];
+        let mut ms: [Vec<f64>; 4] = Default::default();
+        for _round in 0..3 {
+            for (m, &(rows, side)) in ms.iter_mut().zip(&combos) {
+                be.set_prefetch(rows, side);
+                m.push(time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)? * 1e3);
+            }
+        }
+        let cells: Vec<String> = ms
+            .iter()
+            .map(|m| {
+                let v: Vec<String> = m.iter().map(|t| format!("{t:.3}")).collect();
+                v.join(", ")
+            })
+            .collect();
+        println!("| {ctx} | {} |", cells.join(" | "));
+    }
+    println!();
     Ok(())
 }
 

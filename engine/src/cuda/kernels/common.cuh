@@ -66,6 +66,11 @@ __device__ __forceinline__ void pdl_enter() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::);
 }
 
+// Asks L2 for the 128-byte line holding `p` (no register waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 // Asynchronous 16-byte copies global -> shared (bytes < 16 zero-fills the rest).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
     u32 a = (u32)__cvta_generic_to_shared(smem);

@@ -4,14 +4,22 @@
 // grid ceil(out / 8), block 256 (8 warps).
 
 // acc[j][r] = x[r] · wr[j] over k, summed across the warp (every lane gets it), for R
-// weight rows read side by side; waits for the kernel before (pdl_enter) first.
+// weight rows read side by side; waits for the kernel before (pdl_enter) first. With
+// `prefetch`, the warp first asks L2 for its rows (128-byte lines, a lane every 32nd):
+// a block launched early (PDL) starts streaming its weights, which no kernel writes,
+// while the kernel before it still runs.
 template <int N, int R>
 __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)[R], int k,
-                                          int lane, float (&acc)[R][N]) {
+                                          int lane, float (&acc)[R][N], int prefetch) {
 #pragma unroll
     for (int j = 0; j < R; j++)
 #pragma unroll
         for (int r = 0; r < N; r++) acc[j][r] = 0.f;
+    if (prefetch) {
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            for (int c = lane * 64; c < k; c += 32 * 64) prefetch_l2(wr[j] + c);
+    }
     pdl_enter();
 #pragma unroll 8
     for (int c = lane * 8; c < k; c += 256) {
@@ -47,7 +55,8 @@ __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)
 }
 
 template <int N>
-__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32) {
+__device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out, int y_f32,
+                          int prefetch) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + warp;
     if (o >= out) {
@@ -56,7 +65,7 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
     }
     const bf16* wr[1] = {w + (size_t)o * k};
     float acc[1][N];
-    warp_dots<N, 1>(x, wr, k, lane, acc);
+    warp_dots<N, 1>(x, wr, k, lane, acc, prefetch);
     if (lane == 0) {
 #pragma unroll
         for (int r = 0; r < N; r++) {
@@ -69,16 +78,16 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
 }
 
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, int k, int out,
-                                int y_f32) {
+                                int y_f32, int prefetch) {
     switch (n) {
-        case 1: gemv_rows<1>(x, w, y, k, out, y_f32); break;
-        case 2: gemv_rows<2>(x, w, y, k, out, y_f32); break;
-        case 3: gemv_rows<3>(x, w, y, k, out, y_f32); break;
-        case 4: gemv_rows<4>(x, w, y, k, out, y_f32); break;
-        case 5: gemv_rows<5>(x, w, y, k, out, y_f32); break;
-        case 6: gemv_rows<6>(x, w, y, k, out, y_f32); break;
-        case 7: gemv_rows<7>(x, w, y, k, out, y_f32); break;
-        default: gemv_rows<8>(x, w, y, k, out, y_f32); break;
+        case 1: gemv_rows<1>(x, w, y, k, out, y_f32, prefetch); break;
+        case 2: gemv_rows<2>(x, w, y, k, out, y_f32, prefetch); break;
+        case 3: gemv_rows<3>(x, w, y, k, out, y_f32, prefetch); break;
+        case 4: gemv_rows<4>(x, w, y, k, out, y_f32, prefetch); break;
+        case 5: gemv_rows<5>(x, w, y, k, out, y_f32, prefetch); break;
+        case 6: gemv_rows<6>(x, w, y, k, out, y_f32, prefetch); break;
+        case 7: gemv_rows<7>(x, w, y, k, out, y_f32, prefetch); break;
+        default: gemv_rows<8>(x, w, y, k, out, y_f32, prefetch); break;
     }
 }
 
@@ -87,7 +96,7 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, in
 // One warp reads both of its rows, so the activation needs no kernel of its own and
 // the product's output never goes to memory. grid ceil(inter / 8), block 256.
 extern "C" __global__ void gemv_silu(const bf16* x, const bf16* w, bf16* act, int k,
-                                     int inter) {
+                                     int inter, int prefetch) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + warp;
     if (o >= inter) {
@@ -96,7 +105,7 @@ extern "C" __global__ void gemv_silu(const bf16* x, const bf16* w, bf16* act, in
     }
     const bf16* wr[2] = {w + (size_t)o * k, w + ((size_t)inter + o) * k};
     float acc[2][1];
-    warp_dots<1, 2>(x, wr, k, lane, acc);
+    warp_dots<1, 2>(x, wr, k, lane, acc, prefetch);
     if (lane == 0) {
         // Rounded to bf16 first, as the two-pass path stores the product.
         float g = bf(__float2bfloat16(acc[0][0])), u = bf(__float2bfloat16(acc[1][0]));
