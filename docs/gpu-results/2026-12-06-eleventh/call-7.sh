@@ -3,8 +3,9 @@
 #   - the L2 prefetches at batch 1 (gemv warps ask L2 for their weight rows before their
 #     PDL wait; the o product's weights fetched on a side stream during decode attention):
 #     every GPU test with them on (the check decodes with and without them), then
-#     `bench --only decode --batches 1,256`, whose prefetch table times b1 steps with each
-#     combination taking turns three times in one process;
+#     `bench --only decode --batches 1,256`, whose prefetch table times b1 steps with none,
+#     1 KiB of each gemv row, whole rows, o on the side stream, and 1 KiB + side, taking
+#     turns three times in one process;
 #   - batch 256 on this card: graph replays against direct launches (the H200's b256 step
 #     ran slower as a graph), with the card's clocks, power and throttle reasons logged
 #     every 100 ms through the call (smi.csv, smi-reasons.csv; the step lines give times).

@@ -42,10 +42,10 @@ pub trait BenchControls {
     fn set_pdl(&mut self, on: bool);
     /// Decode-step graphs captured so far.
     fn graphs_captured(&self) -> usize;
-    /// Sets the L2 prefetches of batch-1 decode steps: `gemv` warps' weight rows
-    /// before their PDL wait (`rows`), the o product's weights on the side stream
-    /// (`side`); graphs captured otherwise are dropped.
-    fn set_prefetch(&mut self, rows: bool, side: bool);
+    /// Sets the L2 prefetches of batch-1 decode steps: the first `row_bytes` of
+    /// each `gemv` warp's weight rows before its PDL wait, the o product's
+    /// weights on the side stream (`side`); graphs captured otherwise are dropped.
+    fn set_prefetch(&mut self, row_bytes: usize, side: bool);
 }
 
 impl CudaBackend {
@@ -151,8 +151,8 @@ impl BenchControls for CudaBackend {
         self.graphs.len()
     }
 
-    fn set_prefetch(&mut self, rows: bool, side: bool) {
-        let want = super::device::Prefetch { rows, side };
+    fn set_prefetch(&mut self, row_bytes: usize, side: bool) {
+        let want = super::device::Prefetch { row_bytes, side };
         if self.gpu.prefetch != want {
             self.gpu.prefetch = want;
             self.graphs.clear();

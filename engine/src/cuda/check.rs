@@ -506,7 +506,7 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
         let mut conts = Vec::new();
         for (pdl, prefetch) in [(true, true), (false, true), (true, false)] {
             gpu.set_pdl(pdl);
-            gpu.set_prefetch(prefetch, prefetch);
+            gpu.set_prefetch(if prefetch { 1 << 20 } else { 0 }, prefetch);
             conts.push(decode_alone(
                 &mut gpu,
                 first_tokens[i],
@@ -516,7 +516,7 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
             )?);
         }
         gpu.set_pdl(true);
-        gpu.set_prefetch(true, true);
+        gpu.set_prefetch(1 << 20, true);
         let cont = &conts[0];
         if conts[1..].iter().any(|c| c != cont) {
             pdl_differ += 1;

@@ -94,10 +94,10 @@ pub struct Gpu {
     /// (`TANDEM_CUDA_PDL=0` turns it off).
     pub(crate) pdl: bool,
     /// L2 prefetches of weights at batch 1 (docs/GPU_BENCH.md, eleventh session):
-    /// each `gemv` warp asks for its row before it waits for the kernel before
-    /// (`rows`, `TANDEM_CUDA_PREFETCH_ROWS=0` turns it off), and the o product's
-    /// weights are fetched on `side` while decode attention runs (`side`,
-    /// `TANDEM_CUDA_PREFETCH_SIDE=0`).
+    /// each `gemv` warp asks for the start of its rows before it waits for the
+    /// kernel before (`row_bytes`, `TANDEM_CUDA_PREFETCH_ROWS=BYTES`, 0 turns it
+    /// off), and the o product's weights are fetched on `side` while decode
+    /// attention runs (`side`, `TANDEM_CUDA_PREFETCH_SIDE=0` turns it off).
     pub(crate) prefetch: Prefetch,
     /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
     /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
@@ -107,11 +107,16 @@ pub struct Gpu {
 /// Which L2 prefetches a batch-1 decode step makes ([`Gpu::prefetch`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefetch {
-    /// `gemv` warps ask for their weight rows before waiting (PDL launches only).
-    pub rows: bool,
+    /// Bytes at the start of each weight row a `gemv` warp asks for before
+    /// waiting (PDL launches only; 0: none).
+    pub row_bytes: usize,
     /// The o product's weights on the side stream during decode attention.
     pub side: bool,
 }
+
+/// [`Prefetch::row_bytes`] by default: a few µs of HBM time ahead of a product,
+/// spread over its first wave's rows (more than L2 holds would evict itself).
+const PREFETCH_ROW_BYTES: usize = 1024;
 
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -252,7 +257,10 @@ impl Gpu {
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
             prefetch: Prefetch {
-                rows: !std::env::var("TANDEM_CUDA_PREFETCH_ROWS").is_ok_and(|v| v == "0"),
+                row_bytes: std::env::var("TANDEM_CUDA_PREFETCH_ROWS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(PREFETCH_ROW_BYTES),
                 side: !std::env::var("TANDEM_CUDA_PREFETCH_SIDE").is_ok_and(|v| v == "0"),
             },
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
@@ -409,7 +417,7 @@ impl Gpu {
                 act,
                 k,
                 inter,
-                prefetch: self.prefetch.rows && pdl,
+                prefetch: if pdl { self.prefetch.row_bytes } else { 0 },
             };
             // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
             // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
@@ -447,7 +455,7 @@ impl Gpu {
                 n,
                 k,
                 out,
-                prefetch: self.prefetch.rows && pdl,
+                prefetch: if pdl { self.prefetch.row_bytes } else { 0 },
             };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.

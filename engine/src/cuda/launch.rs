@@ -476,8 +476,9 @@ pub(crate) struct Gemv {
     pub n: usize,
     pub k: usize,
     pub out: usize,
-    /// Each warp asks L2 for its weight row before it waits for the kernel before.
-    pub prefetch: bool,
+    /// Bytes at the start of each weight row a warp asks L2 for before it waits
+    /// for the kernel before (0: none).
+    pub prefetch: usize,
 }
 
 impl Kernel for Gemv {
@@ -495,7 +496,7 @@ impl Kernel for Gemv {
             ("k", int(self.k)?),
             ("out", int(self.out)?),
             ("y_f32", Param::I32(y_f32)),
-            ("prefetch", Param::I32(i32::from(self.prefetch))),
+            ("prefetch", int(self.prefetch)?),
         ])
     }
     /// One warp per output row, 8 warps a block.
@@ -540,8 +541,8 @@ pub(crate) struct GemvSilu {
     pub act: Dev<bf16>,
     pub k: usize,
     pub inter: usize,
-    /// As [`Gemv::prefetch`].
-    pub prefetch: bool,
+    /// As [`Gemv::prefetch`] (for each of the warp's two rows).
+    pub prefetch: usize,
 }
 
 impl Kernel for GemvSilu {
@@ -553,7 +554,7 @@ impl Kernel for GemvSilu {
             ("act", self.act.into()),
             ("k", int(self.k)?),
             ("inter", int(self.inter)?),
-            ("prefetch", Param::I32(i32::from(self.prefetch))),
+            ("prefetch", int(self.prefetch)?),
         ])
     }
     /// One warp per output element, 8 warps a block.

@@ -203,7 +203,7 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             n: 1,
             k: 64,
             out: 10,
-            prefetch: true,
+            prefetch: 1024,
         },
     );
     check(
@@ -214,7 +214,7 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             act: P,
             k: 64,
             inter: 10,
-            prefetch: false,
+            prefetch: 0,
         },
     );
     check(
@@ -310,7 +310,7 @@ fn parameters_carry_the_values_given() {
         n: 1,
         k: 64,
         out: 10,
-        prefetch: false,
+        prefetch: 0,
     };
     // An fp8 cache is two parameters where bf16 is one.
     let d8 = DecodeAttn {
@@ -396,7 +396,7 @@ fn grids_match_the_kernels_indexing() {
         act: P,
         k: 4096,
         inter: 14336,
-        prefetch: false,
+        prefetch: 0,
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (1792, 256));
@@ -419,7 +419,7 @@ fn grids_match_the_kernels_indexing() {
         n: 1,
         k: 4096,
         out: 6144,
-        prefetch: false,
+        prefetch: 0,
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (768, 256));

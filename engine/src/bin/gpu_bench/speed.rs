@@ -409,16 +409,24 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> R
     println!(
         "### L2 prefetches at batch 1 (graph replays; ms per step, three rounds taking turns)\n"
     );
-    println!("| context | none | gemv rows | o on the side stream | both |");
-    println!("|---|---|---|---|---|");
-    let combos = [(false, false), (true, false), (false, true), (true, true)];
+    println!(
+        "| context | none | 1 KiB of each gemv row | whole gemv rows | o on the side stream | 1 KiB rows + o on the side |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let combos = [
+        (0, false),
+        (1024, false),
+        (1 << 20, false),
+        (0, true),
+        (1024, true),
+    ];
     for ctx in [1024usize, 4096] {
         let tables = consecutive_tables(1, blocks_for(ctx + 14, BS));
         let mut toks = vec![rng.random_range(0..vocab as u32)];
-        let mut ms: [Vec<f64>; 4] = Default::default();
+        let mut ms: [Vec<f64>; 5] = Default::default();
         for _round in 0..3 {
-            for (m, &(rows, side)) in ms.iter_mut().zip(&combos) {
-                be.set_prefetch(rows, side);
+            for (m, &(row_bytes, side)) in ms.iter_mut().zip(&combos) {
+                be.set_prefetch(row_bytes, side);
                 m.push(time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)? * 1e3);
             }
         }

@@ -5,9 +5,9 @@
 
 // acc[j][r] = x[r] · wr[j] over k, summed across the warp (every lane gets it), for R
 // weight rows read side by side; waits for the kernel before (pdl_enter) first. With
-// `prefetch`, the warp first asks L2 for its rows (128-byte lines, a lane every 32nd):
-// a block launched early (PDL) starts streaming its weights, which no kernel writes,
-// while the kernel before it still runs.
+// `prefetch` > 0, the warp first asks L2 for the first `prefetch` bytes of each row
+// (128-byte lines, one a lane): a block launched early (PDL) starts streaming its
+// weights, which no kernel writes, while the kernel before it still runs.
 template <int N, int R>
 __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)[R], int k,
                                           int lane, float (&acc)[R][N], int prefetch) {
@@ -15,11 +15,10 @@ __device__ __forceinline__ void warp_dots(const bf16* x, const bf16* const (&wr)
     for (int j = 0; j < R; j++)
 #pragma unroll
         for (int r = 0; r < N; r++) acc[j][r] = 0.f;
-    if (prefetch) {
+    int ahead = min(prefetch / 2, k);  // bf16 values
 #pragma unroll
-        for (int j = 0; j < R; j++)
-            for (int c = lane * 64; c < k; c += 32 * 64) prefetch_l2(wr[j] + c);
-    }
+    for (int j = 0; j < R; j++)
+        for (int c = lane * 64; c < ahead; c += 32 * 64) prefetch_l2(wr[j] + c);
     pdl_enter();
 #pragma unroll 8
     for (int c = lane * 8; c < k; c += 256) {
