@@ -20,8 +20,9 @@
 #   .gpu17  tenth session's call-6 (dropped after it ran): 53eef88 with gemv-rope-kv.patch (tandem-gpu-bench,
 #           engine-tests, kernels; xz); call-6 carries .gpu14 and .gpu18 beside it
 #   .gpu18  the same with gemv-add-rmsnorm.patch applied after it
-#   .gpu19  eleventh session's call-7: this checkout's tandem-gpu-bench and engine-tests
-#           (xz) and kernels (the L2 prefetches at batch 1)
+#   .gpu19  eleventh session's call-7 (ran on an H100): 48811f9's tandem-gpu-bench and
+#           engine-tests (xz) and kernels (the L2 prefetches at batch 1, with the side
+#           stream that main dropped after that call)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -133,11 +134,12 @@ for w in $WHICH; do
       ;;
     19)
       rm -rf .gpu19 && mkdir -p .gpu19
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu19/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      strip -o .gpu19/engine-tests "$(engine_tests "$ROOT" head)"
+      d=$(worktree prefetch 48811f9)
+      build "$d" prefetch --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu19/tandem-gpu-bench "$(rel prefetch)/tandem-gpu-bench"
+      strip -o .gpu19/engine-tests "$(engine_tests "$d" prefetch)"
       xz -T2 -6 .gpu19/tandem-gpu-bench .gpu19/engine-tests
-      cp -r engine/src/cuda/kernels .gpu19/
+      cp -r "$d/engine/src/cuda/kernels" .gpu19/
       ;;
     *) echo "unknown folder $w (8 to 19)" >&2; exit 1 ;;
   esac

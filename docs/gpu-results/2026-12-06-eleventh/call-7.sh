@@ -9,7 +9,9 @@
 #   - batch 256 on this card: graph replays against direct launches (the H200's b256 step
 #     ran slower as a graph), with the card's clocks, power and throttle reasons logged
 #     every 100 ms through the call (smi.csv, smi-reasons.csv; the step lines give times).
-# Carry .gpu19 (this checkout's tandem-gpu-bench, engine-tests and kernels, xz). Everything
+# Ran 2026-12-06 on an H100 with DEADLINE_S=330 (raw output in call-7/). Carry .gpu19
+# (48811f9's tandem-gpu-bench, engine-tests and kernels, xz; main dropped the side stream
+# after this call: l2-prefetch-side-stream.patch puts it back). Everything
 # lands in one folder, tarred at the end (a call brings back at most 8 files).
 set -u
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c7

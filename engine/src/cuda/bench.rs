@@ -42,10 +42,9 @@ pub trait BenchControls {
     fn set_pdl(&mut self, on: bool);
     /// Decode-step graphs captured so far.
     fn graphs_captured(&self) -> usize;
-    /// Sets the L2 prefetches of batch-1 decode steps: the first `row_bytes` of
-    /// each `gemv` warp's weight rows before its PDL wait, the o product's
-    /// weights on the side stream (`side`); graphs captured otherwise are dropped.
-    fn set_prefetch(&mut self, row_bytes: usize, side: bool);
+    /// Sets the bytes of each weight row a `gemv` warp asks L2 for before its
+    /// PDL wait (0: none); graphs captured otherwise are dropped.
+    fn set_prefetch(&mut self, row_bytes: usize);
 }
 
 impl CudaBackend {
@@ -151,10 +150,9 @@ impl BenchControls for CudaBackend {
         self.graphs.len()
     }
 
-    fn set_prefetch(&mut self, row_bytes: usize, side: bool) {
-        let want = super::device::Prefetch { row_bytes, side };
-        if self.gpu.prefetch != want {
-            self.gpu.prefetch = want;
+    fn set_prefetch(&mut self, row_bytes: usize) {
+        if self.gpu.prefetch_row_bytes != row_bytes {
+            self.gpu.prefetch_row_bytes = row_bytes;
             self.graphs.clear();
         }
     }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    ValidAsZeroBits,
 };
 
 use half::bf16;
@@ -46,7 +46,6 @@ pub(crate) struct Kernels {
     pub gemv: CudaFunction,
     /// The gate/up product fused with the SiLU·up activation, one row.
     pub gemv_silu: CudaFunction,
-    pub l2_prefetch: CudaFunction,
     pub attn_combine: CudaFunction,
     /// `decode_attn_{32,64,128}_{1,2,4,8}` for the model's head_dim and group size.
     pub decode_attn: CudaFunction,
@@ -65,13 +64,6 @@ pub struct Gpu {
     pub(crate) compute: Arc<CudaStream>,
     /// Where KV layers move to and from pinned host memory.
     pub(crate) copy: Arc<CudaStream>,
-    /// Beside the compute stream: L2 prefetches of weights a later kernel of the
-    /// pass reads (`pass.rs`), forked from it and joined back at the pass's end.
-    pub(crate) side: Arc<CudaStream>,
-    /// The fork and join points between `compute` and `side` (an event is
-    /// waited on as last recorded, so one of each serves every fork and join).
-    pub(crate) fork: CudaEvent,
-    pub(crate) join: CudaEvent,
     pub(crate) k: Kernels,
     blas: CudaBlas,
     /// cuBLAS's workspace, set once so that GEMMs captured in a CUDA graph never
@@ -93,29 +85,18 @@ pub struct Gpu {
     /// Launch the forward pass's kernels as programmatic dependent launches
     /// (`TANDEM_CUDA_PDL=0` turns it off).
     pub(crate) pdl: bool,
-    /// L2 prefetches of weights at batch 1 (docs/GPU_BENCH.md, eleventh session):
-    /// each `gemv` warp asks for the start of its rows before it waits for the
-    /// kernel before (`row_bytes`, `TANDEM_CUDA_PREFETCH_ROWS=BYTES`, 0 turns it
-    /// off), and the o product's weights are fetched on `side` while decode
-    /// attention runs (`side`, `TANDEM_CUDA_PREFETCH_SIDE=0` turns it off).
-    pub(crate) prefetch: Prefetch,
+    /// Bytes at the start of each weight row a `gemv` warp asks L2 for before it
+    /// waits for the kernel before (PDL launches only; docs/GPU_BENCH.md, eleventh
+    /// session). `TANDEM_CUDA_PREFETCH_ROWS=BYTES` sets it, 0 turns it off.
+    pub(crate) prefetch_row_bytes: usize,
     /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
     /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
     pub(crate) tma: bool,
 }
 
-/// Which L2 prefetches a batch-1 decode step makes ([`Gpu::prefetch`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Prefetch {
-    /// Bytes at the start of each weight row a `gemv` warp asks for before
-    /// waiting (PDL launches only; 0: none).
-    pub row_bytes: usize,
-    /// The o product's weights on the side stream during decode attention.
-    pub side: bool,
-}
-
-/// [`Prefetch::row_bytes`] by default: a few µs of HBM time ahead of a product,
-/// spread over its first wave's rows (more than L2 holds would evict itself).
+/// [`Gpu::prefetch_row_bytes`] by default: a few µs of HBM time ahead of a
+/// product, spread over its first wave's rows (whole rows, more than L2 holds,
+/// evict each other: 24% slower steps on an H100).
 const PREFETCH_ROW_BYTES: usize = 1024;
 
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
@@ -164,10 +145,6 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let compute = ctx.new_stream().op("create compute stream")?;
         let copy = ctx.new_stream().op("create copy stream")?;
-        let side = ctx.new_stream().op("create side stream")?;
-        let no_timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
-        let fork = ctx.new_event(no_timing).op("cuEventCreate")?;
-        let join = ctx.new_event(no_timing).op("cuEventCreate")?;
         let (ptx, arch) = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
@@ -190,7 +167,6 @@ impl Gpu {
             fill_uniform: f("fill_uniform")?,
             gemv: f("gemv")?,
             gemv_silu: f("gemv_silu")?,
-            l2_prefetch: f("l2_prefetch")?,
             attn_combine: f("attn_combine")?,
             decode_attn: f(&format!("decode_attn_{head_dim}_{group_bound}"))?,
             prefill_attn: f(&format!("prefill_attn_{head_dim}"))?,
@@ -242,9 +218,6 @@ impl Gpu {
             ctx,
             compute,
             copy,
-            side,
-            fork,
-            join,
             k,
             blas,
             _blas_workspace: workspace,
@@ -256,13 +229,10 @@ impl Gpu {
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
-            prefetch: Prefetch {
-                row_bytes: std::env::var("TANDEM_CUDA_PREFETCH_ROWS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(PREFETCH_ROW_BYTES),
-                side: !std::env::var("TANDEM_CUDA_PREFETCH_SIDE").is_ok_and(|v| v == "0"),
-            },
+            prefetch_row_bytes: std::env::var("TANDEM_CUDA_PREFETCH_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(PREFETCH_ROW_BYTES),
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
@@ -346,16 +316,11 @@ impl Gpu {
             .op("cuMemcpyHtoDAsync")
     }
 
-    /// A launch of `func` on `stream`, a programmatic dependent launch
+    /// A launch of `func` on the compute stream, a programmatic dependent launch
     /// when `pdl` (kernels/common.cuh, `pdl_enter`).
-    pub(crate) fn kernel_on<'a>(
-        &'a self,
-        stream: &'a CudaStream,
-        func: &'a CudaFunction,
-        pdl: bool,
-    ) -> Launch<'a> {
+    pub(crate) fn kernel<'a>(&'a self, func: &'a CudaFunction, pdl: bool) -> Launch<'a> {
         Launch {
-            stream,
+            stream: &self.compute,
             func,
             args: Vec::with_capacity(16),
             pdl,
@@ -388,7 +353,7 @@ impl Gpu {
     }
 
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
-    pub(crate) fn skinny(&self, n: usize, k: usize) -> bool {
+    fn skinny(&self, n: usize, k: usize) -> bool {
         n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
     }
 
@@ -417,7 +382,7 @@ impl Gpu {
                 act,
                 k,
                 inter,
-                prefetch: if pdl { self.prefetch.row_bytes } else { 0 },
+                prefetch: if pdl { self.prefetch_row_bytes } else { 0 },
             };
             // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
             // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
@@ -455,7 +420,7 @@ impl Gpu {
                 n,
                 k,
                 out,
-                prefetch: if pdl { self.prefetch.row_bytes } else { 0 },
+                prefetch: if pdl { self.prefetch_row_bytes } else { 0 },
             };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.

@@ -174,22 +174,8 @@ pub(crate) trait Kernel {
 /// size and element type the kernel's documentation (its struct here) names
 /// for the grid [`Kernel::config`] gives.
 pub(crate) unsafe fn launch<K: Kernel>(gpu: &Gpu, k: &K, pdl: bool) -> Result<(), CudaError> {
-    // SAFETY: forwarded to the caller.
-    unsafe { launch_on(gpu, &gpu.compute, k, pdl) }
-}
-
-/// [`launch`] on another of `gpu`'s streams.
-///
-/// # Safety
-/// As for [`launch`].
-pub(crate) unsafe fn launch_on<K: Kernel>(
-    gpu: &Gpu,
-    stream: &CudaStream,
-    k: &K,
-    pdl: bool,
-) -> Result<(), CudaError> {
     let params = k.params()?;
-    let mut l = gpu.kernel_on(stream, k.function(gpu), pdl);
+    let mut l = gpu.kernel(k.function(gpu), pdl);
     for (_, p) in &params {
         match p {
             Param::Ptr(v, _) | Param::U64(v) => l.arg(v),
@@ -505,30 +491,6 @@ impl Kernel for Gemv {
     }
     fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
         &gpu.k.gemv
-    }
-}
-
-/// `l2_prefetch`: asks L2 for `bytes` bytes from `p` (a weight matrix a later
-/// kernel reads); reads nothing into registers and writes nothing.
-pub(crate) struct L2Prefetch {
-    pub p: Dev<bf16>,
-    pub bytes: usize,
-}
-
-impl Kernel for L2Prefetch {
-    const NAME: &'static str = "l2_prefetch";
-    fn params(&self) -> Result<Vec<(&'static str, Param)>, CudaError> {
-        Ok(vec![
-            ("p", self.p.into()),
-            ("bytes", Param::U64(self.bytes as u64)),
-        ])
-    }
-    /// About eight lines a thread, 256 threads a block.
-    fn config(&self) -> LaunchConfig {
-        grid(self.bytes.div_ceil(128 * 256 * 8) as u32, 256)
-    }
-    fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
-        &gpu.k.l2_prefetch
     }
 }
 

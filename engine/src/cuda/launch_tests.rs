@@ -217,13 +217,7 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             prefetch: 0,
         },
     );
-    check(
-        "l2_prefetch",
-        &L2Prefetch {
-            p: P,
-            bytes: 1 << 20,
-        },
-    );
+
     check("decode_attn_##HD##_##G", &decode());
     check(
         "decode_attn_fp8_##HD##_##G",

@@ -10,8 +10,8 @@ use super::CudaBackend;
 use super::device::ptr;
 use super::error::{CudaError, DriverContext};
 use super::launch::{
-    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, KvFp8Store, KvRead, L2Prefetch,
-    PrefillAttn, ProductOut, RopeKv, SampleRows, fp8_store_runs,
+    self, AddRmsnorm, AttnCombine, DecodeAttn, Dev, Embed, KvFp8Store, KvRead, PrefillAttn,
+    ProductOut, RopeKv, SampleRows, fp8_store_runs,
 };
 use super::{decode_splits, splits_aiming_at};
 use crate::backend::{LayerHook, SeqChunk};
@@ -230,10 +230,6 @@ impl CudaBackend {
         };
         // Programmatic dependent launches, except around the export hook's events.
         let pdl = g.pdl && on_layer.is_none();
-        // At batch 1 the kernels between the qkv and o products (rope_kv, decode
-        // attention) are short and leave HBM idle: the o product's weights are
-        // fetched into L2 meanwhile, on the side stream (joined at the pass's end).
-        let prefetch_o = g.prefetch.side && p.decode && g.skinny(n, qd);
 
         // SAFETY (every launch below): the pointers are the backend's own buffers, sized
         // at construction for `max_tokens`/`max_seqs` (checked in `upload_meta`), the
@@ -267,15 +263,6 @@ impl CudaBackend {
             let w = Dev::of(&layer.qkv, st);
             g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, pdl)?;
             self.mark("qkv product")?;
-            if prefetch_o {
-                g.fork.record(st).op("cuEventRecord (fork)")?;
-                g.side.wait(&g.fork).op("cuStreamWaitEvent (fork)")?;
-                let fetch = L2Prefetch {
-                    p: Dev::of(&layer.o, st),
-                    bytes: layer.o.num_bytes(),
-                };
-                unsafe { launch::launch_on(g, &g.side, &fetch, false) }?;
-            }
 
             let (cache, cache8, scales) = self.kv.write_target(li);
             let kv_out = b.kv_f32.as_ref().map_or(Dev::NULL, |k| Dev::of(k, st));
@@ -409,10 +396,6 @@ impl CudaBackend {
             let w = Dev::of(&layer.down, st);
             g.gemm_with(act, w, ProductOut::F32(delta), n, inter, h, pdl)?;
             self.mark("down product")?;
-        }
-        if prefetch_o && !self.model.layers.is_empty() {
-            g.join.record(&g.side).op("cuEventRecord (join)")?;
-            st.wait(&g.join).op("cuStreamWaitEvent (join)")?;
         }
 
         let last_h = Dev::<bf16>::of(&b.last_h, st);

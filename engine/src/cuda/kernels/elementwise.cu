@@ -197,13 +197,3 @@ extern "C" __global__ void fill_uniform(bf16* p, u64 n, u64 seed, float lo, floa
         p[i] = __float2bfloat16(lo + (hi - lo) * u);
     }
 }
-
-// Warms L2 with `bytes` bytes at `p` (weights a later kernel of the pass reads),
-// one 128-byte line per thread and step. Launched on a second stream beside the
-// short kernels of decode attention (no PDL wait: nothing here depends on them).
-extern "C" __global__ void l2_prefetch(const bf16* p, u64 bytes) {
-    const char* base = reinterpret_cast<const char*>(p);
-    u64 step = (u64)gridDim.x * blockDim.x * 128;
-    for (u64 off = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += step)
-        prefetch_l2(base + off);
-}
