@@ -166,7 +166,7 @@ pub struct CheckReport {
     /// Decode graphs captured.
     pub graphs_captured: usize,
     /// Sequences decoded alone whose tokens change without programmatic dependent
-    /// launches or without the L2 prefetches.
+    /// launches or with whole weight rows prefetched into L2.
     pub pdl_differ: usize,
     /// Sequences decoded alone (of 6) that differ from the CPU's, as `#i@step`.
     pub alone_differ: Vec<String>,
