@@ -2,6 +2,10 @@
 # libraries, the call's output folder $O ($OUT/$1), and
 #   unxz_to DIR FILE.xz..  each binary unpacked into DIR, executable
 #   env_line               the card, its memory, driver and clock, into $O/env.txt and out
+#   smi_start, smi_stop    log the card's clocks, power and temperature every 100 ms
+#                          ($O/smi.csv) and its power limit and throttle reasons every
+#                          250 ms ($O/smi-reasons.csv) between the two; smi_stop prints
+#                          how often each clock and each reason was seen
 #   step NAME LIMIT KERNELS COMMAND..
 #                          COMMAND with TANDEM_CUDA_KERNELS=KERNELS (empty: the binary's
 #                          own) under a LIMIT-second kill, output in $O/NAME.md; skipped
@@ -31,4 +35,16 @@ step() {
     timeout -s KILL "$limit" "$@" > "$O/$name.md" 2>&1
   fi
   echo "$name rc=$? at $(( $(date +%s) - t0 )) s"
+}
+smi_start() {
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 100 > "$O/smi.csv" 2>&1 &
+  SMI1=$!
+  nvidia-smi --query-gpu=timestamp,power.limit,clocks_throttle_reasons.active --format=csv -lms 250 > "$O/smi-reasons.csv" 2>&1 &
+  SMI2=$!
+}
+# Stops the logs and prints how often each clock and each throttle reason was seen.
+smi_stop() {
+  kill "$SMI1" "$SMI2" 2>/dev/null
+  awk -F', ' 'NR>1 {print $2}' "$O/smi.csv" | sort | uniq -c | sort -rn | head -8
+  awk -F', ' 'NR>1 {print $3}' "$O/smi-reasons.csv" | sort | uniq -c | sort -rn | head -6
 }

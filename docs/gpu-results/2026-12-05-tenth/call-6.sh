@@ -18,10 +18,7 @@ unxz_to /tmp/g17 .gpu17/tandem-gpu-bench.xz
 unxz_to /tmp/g18 .gpu18/tandem-gpu-bench.xz .gpu18/engine-tests.xz
 env_line
 # Clocks and power through the call (is the H200 power-capped under sustained load?).
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 100 > "$O/smi.csv" 2>&1 &
-SMI1=$!
-nvidia-smi --query-gpu=timestamp,power.limit,clocks_throttle_reasons.active --format=csv -lms 250 > "$O/smi-reasons.csv" 2>&1 &
-SMI2=$!
+smi_start
 date -u +%T.%N; step kernels-main 40 "$MAIN" /tmp/g14/tandem-gpu-bench kernels --shape llama3-8b
 date -u +%T.%N; step kernels-rope 40 "$ROPE" /tmp/g17/tandem-gpu-bench kernels --shape llama3-8b
 date -u +%T.%N; step kernels-norm 40 "$NORM" /tmp/g18/tandem-gpu-bench kernels --shape llama3-8b
@@ -33,4 +30,4 @@ grep -E "^test result|FAILED|panicked" "$O/gpu-tests.md" | cut -c1-300
 date -u +%T.%N; step decode-norm-2 80 "$NORM" /tmp/g18/tandem-gpu-bench bench --shape llama3-8b --only decode --quick
 for f in "$O"/kernels-*.md; do echo "== $f"; grep -E "^\| 4 \| 1024 \| 1 \||^\| [a-z_]+ \(6144|graph replay" "$f" | head -5; done
 for f in "$O"/decode-*.md; do echo "== $f"; grep -E "^Floor|^\| (1024|4096) \| (1|64) \|" "$f"; done
-kill $SMI1 $SMI2 2>/dev/null
+smi_stop

@@ -17,10 +17,7 @@ source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c8
 K=$PWD/.gpu20/kernels
 unxz_to /tmp/g20 .gpu20/tandem-gpu-bench.xz .gpu20/engine-tests.xz
 env_line
-nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 100 > "$O/smi.csv" 2>&1 &
-SMI1=$!
-nvidia-smi --query-gpu=timestamp,power.limit,clocks_throttle_reasons.active --format=csv -lms 250 > "$O/smi-reasons.csv" 2>&1 &
-SMI2=$!
+smi_start
 date -u +%T.%N; step decode-1 120 "$K" /tmp/g20/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,256
 date -u +%T.%N; step gpu-tests 170 "$K" /tmp/g20/engine-tests --ignored cuda:: --test-threads 1
 grep -E "^test result|FAILED|panicked" "$O/gpu-tests.md" | cut -c1-300
@@ -28,9 +25,7 @@ date -u +%T.%N; step kernels-fused 40 "$K" /tmp/g20/tandem-gpu-bench kernels --s
 date -u +%T.%N; step kernels-apart 40 "$K" env TANDEM_CUDA_FUSE_NORMS=0 /tmp/g20/tandem-gpu-bench kernels --shape llama3-8b
 date -u +%T.%N; step decode-2 120 "$K" /tmp/g20/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,256
 date -u +%T.%N
-kill $SMI1 $SMI2 2>/dev/null
+smi_stop
 grep -H "graph replay" "$O"/kernels-*.md | grep "context 1024, batch 1," | cut -c1-60,200-
 for f in "$O"/decode-*.md; do echo "== $f"; grep -E "^Floor|^\| (1024|4096) \| (1|256) \|" "$f"; grep -A5 -E "^### (L2|norms)" "$f" | grep -E "^\| [0-9]"; done
-awk -F', ' 'NR>1 {print $2}' "$O/smi.csv" | sort | uniq -c | sort -rn | head -8
-awk -F', ' 'NR>1 {print $3}' "$O/smi-reasons.csv" | sort | uniq -c | sort -rn | head -6
 tar -C "$OUT" -czf "$OUT/c8.tgz" c8 && rm -rf "$O"
