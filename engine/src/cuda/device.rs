@@ -99,6 +99,19 @@ pub struct Gpu {
 /// evict each other: 24% slower steps on an H100).
 const PREFETCH_ROW_BYTES: usize = 1024;
 
+/// `TANDEM_CUDA_PREFETCH_ROWS` (bytes), else [`PREFETCH_ROW_BYTES`].
+fn prefetch_row_bytes() -> usize {
+    let Ok(v) = std::env::var("TANDEM_CUDA_PREFETCH_ROWS") else {
+        return PREFETCH_ROW_BYTES;
+    };
+    v.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!(
+            "TANDEM_CUDA_PREFETCH_ROWS={v:?} is not a byte count; prefetching {PREFETCH_ROW_BYTES} bytes of each row"
+        );
+        PREFETCH_ROW_BYTES
+    })
+}
+
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
@@ -229,10 +242,7 @@ impl Gpu {
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
-            prefetch_row_bytes: std::env::var("TANDEM_CUDA_PREFETCH_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(PREFETCH_ROW_BYTES),
+            prefetch_row_bytes: prefetch_row_bytes(),
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
