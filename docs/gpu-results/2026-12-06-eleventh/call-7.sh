@@ -11,7 +11,7 @@
 #     every 100 ms through the call (smi.csv, smi-reasons.csv; the step lines give times).
 # Ran 2026-12-06 on an H100 with DEADLINE_S=330 (raw output in call-7/). Carry .gpu19
 # (48811f9's tandem-gpu-bench, engine-tests and kernels, xz; main dropped the side stream
-# after this call: l2-prefetch-side-stream.patch puts it back). Everything
+# after this call: l2-prefetch-side-stream.patch, against 658a399, puts it back). Everything
 # lands in one folder, tarred at the end (a call brings back at most 8 files).
 set -u
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c7
