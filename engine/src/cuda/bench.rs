@@ -45,6 +45,9 @@ pub trait BenchControls {
     /// Sets the bytes of each weight row a `gemv` warp asks L2 for before its
     /// PDL wait (0: none); graphs captured otherwise are dropped.
     fn set_prefetch(&mut self, row_bytes: usize);
+    /// The bytes [`set_prefetch`](Self::set_prefetch) set last (at first, the
+    /// default or `TANDEM_CUDA_PREFETCH_ROWS`).
+    fn prefetch(&self) -> usize;
 }
 
 impl CudaBackend {
@@ -148,6 +151,10 @@ impl BenchControls for CudaBackend {
 
     fn graphs_captured(&self) -> usize {
         self.graphs.len()
+    }
+
+    fn prefetch(&self) -> usize {
+        self.gpu.prefetch_row_bytes
     }
 
     fn set_prefetch(&mut self, row_bytes: usize) {

@@ -503,7 +503,8 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
     let mut pdl_differ = 0;
     for i in 0..6.min(prompts.len()) {
         let mut conts = Vec::new();
-        for (pdl, prefetch) in [(true, 1024), (false, 1024), (true, 1 << 20)] {
+        let rows = gpu.prefetch();
+        for (pdl, prefetch) in [(true, rows), (false, rows), (true, 1 << 20)] {
             gpu.set_pdl(pdl);
             gpu.set_prefetch(prefetch);
             conts.push(decode_alone(
@@ -515,7 +516,7 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
             )?);
         }
         gpu.set_pdl(true);
-        gpu.set_prefetch(1024);
+        gpu.set_prefetch(rows);
         let cont = &conts[0];
         if conts[1..].iter().any(|c| c != cont) {
             pdl_differ += 1;

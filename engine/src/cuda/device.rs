@@ -362,6 +362,12 @@ impl Gpu {
         self.gemm_with(Dev::of(x, s), Dev::of(w, s), y, n, k, out, self.pdl)
     }
 
+    /// The bytes of each weight row a `gemv` launch prefetches: only a
+    /// programmatic dependent launch starts before the kernel ahead of it ends.
+    fn row_prefetch(&self, pdl: bool) -> usize {
+        if pdl { self.prefetch_row_bytes } else { 0 }
+    }
+
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
     fn skinny(&self, n: usize, k: usize) -> bool {
         n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
@@ -392,7 +398,7 @@ impl Gpu {
                 act,
                 k,
                 inter,
-                prefetch: if pdl { self.prefetch_row_bytes } else { 0 },
+                prefetch: self.row_prefetch(pdl),
             };
             // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
             // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
@@ -430,7 +436,7 @@ impl Gpu {
                 n,
                 k,
                 out,
-                prefetch: if pdl { self.prefetch_row_bytes } else { 0 },
+                prefetch: self.row_prefetch(pdl),
             };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.

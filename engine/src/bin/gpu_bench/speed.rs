@@ -412,6 +412,7 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> R
     println!("| context | none | 512 B | 1 KiB | 2 KiB | whole rows |");
     println!("|---|---|---|---|---|---|");
     let settings = [0usize, 512, 1024, 2048, 1 << 20];
+    let before = be.prefetch();
     for ctx in [1024usize, 4096] {
         let tables = consecutive_tables(1, blocks_for(ctx + 14, BS));
         let mut toks = vec![rng.random_range(0..vocab as u32)];
@@ -431,7 +432,7 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> R
             .collect();
         println!("| {ctx} | {} |", cells.join(" | "));
     }
-    be.set_prefetch(1024);
+    be.set_prefetch(before);
     println!();
     Ok(())
 }
