@@ -23,8 +23,10 @@
 #   .gpu19  eleventh session's call-7 (ran on an H100): 48811f9's tandem-gpu-bench and
 #           engine-tests (xz) and kernels (the L2 prefetches at batch 1, with the side
 #           stream that main dropped after that call)
-#   .gpu20  eleventh session's call-8: this checkout with gemv-add-rmsnorm-v2.patch
+#   .gpu20  eleventh session's call-8: 4a40548 with gemv-add-rmsnorm-v2.patch
 #           (tandem-gpu-bench, engine-tests, xz; kernels)
+#   .gpu21  twelfth session's call-9: this checkout (cuBLASLt tuning of decode-sized
+#           products; tandem-gpu-bench, engine-tests, xz; kernels)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -34,7 +36,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -145,14 +147,22 @@ for w in $WHICH; do
       ;;
     20)
       rm -rf .gpu20 && mkdir -p .gpu20
-      d=$(worktree norm2 HEAD scripts/gpu-pending/gemv-add-rmsnorm-v2.patch)
+      d=$(worktree norm2 4a40548 scripts/gpu-pending/gemv-add-rmsnorm-v2.patch)
       build "$d" norm2 --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu20/tandem-gpu-bench "$(rel norm2)/tandem-gpu-bench"
       strip -o .gpu20/engine-tests "$(engine_tests "$d" norm2)"
       xz -T2 -6 .gpu20/tandem-gpu-bench .gpu20/engine-tests
       cp -r "$d/engine/src/cuda/kernels" .gpu20/
       ;;
-    *) echo "unknown folder $w (8 to 20)" >&2; exit 1 ;;
+    21)
+      rm -rf .gpu21 && mkdir -p .gpu21
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu21/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu21/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu21/tandem-gpu-bench .gpu21/engine-tests
+      cp -r engine/src/cuda/kernels .gpu21/
+      ;;
+    *) echo "unknown folder $w (8 to 21)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

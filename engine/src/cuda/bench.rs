@@ -48,6 +48,9 @@ pub trait BenchControls {
     /// The bytes [`set_prefetch`](Self::set_prefetch) set last (at first, the
     /// default or `TANDEM_CUDA_PREFETCH_ROWS`).
     fn prefetch(&self) -> usize;
+    /// Turns the tuned cuBLASLt algorithms of decode-sized products on or off
+    /// (off: `cublasGemmEx`'s own choice); graphs captured otherwise are dropped.
+    fn set_gemm_tune(&mut self, on: bool);
 }
 
 impl CudaBackend {
@@ -155,6 +158,13 @@ impl BenchControls for CudaBackend {
 
     fn prefetch(&self) -> usize {
         self.gpu.prefetch_row_bytes
+    }
+
+    fn set_gemm_tune(&mut self, on: bool) {
+        if self.gpu.gemm_tune() != on {
+            self.gpu.set_gemm_tune(on);
+            self.graphs.clear();
+        }
     }
 
     fn set_prefetch(&mut self, row_bytes: usize) {

@@ -20,6 +20,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::error::{CudaError, DriverContext};
+use super::gemm_tune::{Operands, Queue, Shape, Tuner, Tuning};
 use super::launch::{
     self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
     ProductOut, SiluMul, decode_smem, prefill_shape,
@@ -66,6 +67,8 @@ pub struct Gpu {
     pub(crate) copy: Arc<CudaStream>,
     pub(crate) k: Kernels,
     blas: CudaBlas,
+    /// cuBLASLt and the algorithms timed for decode-sized products (`gemm_tune`).
+    tuner: Tuner,
     /// cuBLAS's workspace, set once so that GEMMs captured in a CUDA graph never
     /// allocate.
     _blas_workspace: CudaSlice<u8>,
@@ -119,6 +122,10 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// (measured on an H100: faster than cuBLAS at 1 row, slower at 8).
 const GEMV_MAX_ROWS: usize = 1;
 const _: () = assert!(GEMV_MAX_ROWS <= GEMV_KERNEL_ROWS);
+
+/// Products of these many rows have their algorithm tuned (`gemm_tune`): the
+/// decode graph buckets, so a prefill chunk of any other length never waits.
+const TUNED_ROWS: &[usize] = super::GRAPH_BUCKETS;
 
 impl Gpu {
     /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
@@ -227,12 +234,15 @@ impl Gpu {
         unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), wp as *mut _, BLAS_WORKSPACE) }
             .result()
             .op("cublasSetWorkspace")?;
+        // The same workspace for cuBLASLt: both run on the compute stream only.
+        let tuner = Tuner::new((wp, BLAS_WORKSPACE))?;
         Ok(Gpu {
             ctx,
             compute,
             copy,
             k,
             blas,
+            tuner,
             _blas_workspace: workspace,
             decode_smem: decode_smem(head_dim, group_bound, false),
             decode_smem_fp8: decode_smem(head_dim, group_bound, true),
@@ -442,13 +452,49 @@ impl Gpu {
             // kernel's 16-byte loads stay inside each row.
             return unsafe { launch::launch(self, &gemv, pdl) };
         }
+        let (y, y_bf16) = match y {
+            ProductOut::F32(y) => (y.addr(), false),
+            ProductOut::Bf16(y) => (y.addr(), true),
+        };
+        let shape = Shape { n, k, out, y_bf16 };
+        let ops = Operands {
+            x: x.addr(),
+            w: w.addr(),
+            y,
+        };
+        if self.tuner.on && TUNED_ROWS.contains(&n) {
+            let stream = self.compute.cu_stream() as _;
+            if !self.tuner.tuned(shape) && !self.capturing()? {
+                // SAFETY: the operands are the caller's buffers of `shape`'s sizes;
+                // `time_ms` times on the compute stream, where the product runs.
+                unsafe {
+                    self.tuner
+                        .tune(shape, ops, stream, &|| self.gemm_ex(shape, ops), &|f| {
+                            self.time_ms(f)
+                        })
+                }?;
+                return Ok(());
+            }
+            // SAFETY: as above.
+            if unsafe { self.tuner.run_picked(shape, ops, stream) }? {
+                return Ok(());
+            }
+        }
+        self.gemm_ex(shape, ops)
+    }
+
+    /// The product through `cublasGemmEx` (cuBLAS's own algorithm choice).
+    /// Crate-private: the addresses must hold what `shape` implies.
+    fn gemm_ex(&self, shape: Shape, ops: Operands) -> Result<(), CudaError> {
+        let Shape { n, k, out, y_bf16 } = shape;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-        let (y, y_type) = match y {
-            ProductOut::F32(y) => (y.addr(), blas_sys::cudaDataType::CUDA_R_32F),
-            ProductOut::Bf16(y) => (y.addr(), bf16),
+        let y_type = if y_bf16 {
+            bf16
+        } else {
+            blas_sys::cudaDataType::CUDA_R_32F
         };
-        let (x, w) = (x.addr(), w.addr());
+        let Operands { x, w, y } = ops;
         let dim = |v: usize| {
             i32::try_from(v).map_err(|_| CudaError::Unsupported(format!("GEMM dimension {v}")))
         };
@@ -478,6 +524,86 @@ impl Gpu {
             )
         }
         .op("cublasGemmEx")
+    }
+
+    /// True while the compute stream is being captured into a graph.
+    fn capturing(&self) -> Result<bool, CudaError> {
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        let status = self.compute.capture_status().op("cuStreamIsCapturing")?;
+        Ok(status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    /// Milliseconds `f` takes on the compute stream (events around it; waits).
+    fn time_ms(&self, f: Queue<'_>) -> Result<f32, CudaError> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self
+            .compute
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .op("cuEventRecord")?;
+        f()?;
+        let end = self
+            .compute
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .op("cuEventRecord")?;
+        end.synchronize().op("cuEventSynchronize")?;
+        start.elapsed_ms(&end).op("cuEventElapsedTime")
+    }
+
+    /// Times cuBLAS's own algorithm and cuBLASLt's candidates for the product
+    /// `y [n, out] = x [n, k] · wᵀ` (f32 out), as decode-sized products are tuned,
+    /// and keeps the fastest for this shape (for benchmarks: the forward pass
+    /// tunes its own products at the graph bucket sizes).
+    pub fn tune_f32(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<f32>,
+        n: usize,
+        k: usize,
+        out: usize,
+    ) -> Result<Tuning, CudaError> {
+        if x.len() < n * k || w.len() < out * k || y.len() < n * out {
+            return Err(CudaError::Unsupported(format!(
+                "a product of {n} rows, {k} in, {out} out does not fit buffers of {}, {} and {} elements",
+                x.len(),
+                w.len(),
+                y.len()
+            )));
+        }
+        let s = &self.compute;
+        let shape = Shape {
+            n,
+            k,
+            out,
+            y_bf16: false,
+        };
+        let ops = Operands {
+            x: ptr(x, s),
+            w: ptr(w, s),
+            y: ptr(y, s),
+        };
+        // SAFETY: the buffers were checked against the shape above.
+        unsafe {
+            self.tuner.tune(
+                shape,
+                ops,
+                s.cu_stream() as _,
+                &|| self.gemm_ex(shape, ops),
+                &|f| self.time_ms(f),
+            )
+        }
+    }
+
+    /// Whether decode-sized products run with their tuned algorithms
+    /// (`TANDEM_CUDA_GEMM_TUNE=0` starts with it off).
+    pub fn gemm_tune(&self) -> bool {
+        self.tuner.on
+    }
+
+    /// Turns the tuned algorithms on or off (shapes already timed stay timed).
+    /// Graphs captured the other way keep the algorithms they were captured with.
+    pub fn set_gemm_tune(&mut self, on: bool) {
+        self.tuner.on = on;
     }
 
     /// This GPU's device-to-device copy rate in GB/s, counting bytes read and

@@ -30,6 +30,14 @@ pub enum CudaError {
         /// cuBLAS's error.
         source: cudarc::cublas::result::CublasError,
     },
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt `{op}` failed: {source}")]
+    BlasLt {
+        /// What was being done.
+        op: &'static str,
+        /// cuBLASLt's error.
+        source: cudarc::cublaslt::result::CublasError,
+    },
     /// The model or request does not fit what the backend supports or was sized for.
     #[error("{0}")]
     Unsupported(String),
@@ -55,5 +63,11 @@ impl<T> DriverContext<T> for Result<T, cudarc::driver::DriverError> {
 impl<T> DriverContext<T> for Result<T, cudarc::cublas::result::CublasError> {
     fn op(self, op: &'static str) -> Result<T, CudaError> {
         self.map_err(|source| CudaError::Blas { op, source })
+    }
+}
+
+impl<T> DriverContext<T> for Result<T, cudarc::cublaslt::result::CublasError> {
+    fn op(self, op: &'static str) -> Result<T, CudaError> {
+        self.map_err(|source| CudaError::BlasLt { op, source })
     }
 }

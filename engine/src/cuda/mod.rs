@@ -57,6 +57,7 @@ mod check_sampling;
 mod copy_ring;
 pub mod device;
 pub mod error;
+mod gemm_tune;
 pub mod kv;
 mod launch;
 mod masked_sampling;
@@ -77,6 +78,7 @@ use half::bf16;
 pub use bench::BenchControls;
 pub use device::Gpu;
 pub use error::CudaError;
+pub use gemm_tune::Tuning;
 pub use kv::GpuKvCache;
 pub use model::GpuModel;
 
@@ -376,6 +378,13 @@ impl CudaBackend {
         };
         let (m, pass) = self.upload_meta(chunks, draws, Some(bucket))?;
         if !self.graphs.contains_key(&bucket) {
+            if self.gpu.gemm_tune() {
+                // One pass launched directly first, so that the products of this
+                // batch size are tuned (`gemm_tune`), which waits on the stream and
+                // so cannot happen inside the capture. It writes what the graph's
+                // first replay writes again.
+                self.enqueue(&m, pass, None)?;
+            }
             match self.capture(&m, pass) {
                 Ok(graph) => {
                     self.graphs.insert(bucket, DecodeGraph(graph));

@@ -68,6 +68,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         }
     }
     println!();
+    tuning_table(&gpu, &config)?;
     println!(
         "| layers | context | batch | step ms | per layer ms | layer bytes (weights + KV) GB/s | of copy bandwidth |"
     );
@@ -174,5 +175,54 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         }
         println!();
     }
+    Ok(())
+}
+
+/// Each product at decode batch sizes: cuBLAS's own algorithm against the
+/// fastest of cuBLASLt's candidates (`Gpu::tune_f32`, events around 10 launches
+/// back to back, so no launch gaps: smaller figures than the table above's).
+fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<()> {
+    let (h, inter, v) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
+    println!(
+        "cuBLASLt candidates timed against cuBLAS's own pick (µs per launch, 10 back to back; rank 0 is the heuristic's first):\n"
+    );
+    println!(
+        "| product | rows | cuBLAS's own µs | best candidate µs | its rank of | own ÷ best | kept | TFLOP/s kept |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let rows_tuned = [16usize, 32, 64, 128, 256];
+    let max_rows = rows_tuned[rows_tuned.len() - 1];
+    for (name, out, k) in [
+        ("qkv", qkvw, h),
+        ("o", h, config.num_heads * config.head_dim),
+        ("gate_up", 2 * inter, h),
+        ("down", h, inter),
+        ("lm_head", v, h),
+    ] {
+        let mut w = gpu.zeros::<half::bf16>(out * k)?;
+        let mut x = gpu.zeros::<half::bf16>(max_rows * k)?;
+        let mut y = gpu.zeros::<f32>(max_rows * out)?;
+        gpu.fill_uniform_slice(&mut w, 3, -0.05, 0.05)?;
+        gpu.fill_uniform_slice(&mut x, 4, -1.0, 1.0)?;
+        for rows in rows_tuned {
+            let t = gpu.tune_f32(&x, &w, &mut y, rows, k, out)?;
+            let (best, rank) = t.best.unwrap_or((f32::NAN, 0));
+            let kept = if t.picked { best } else { t.default_us };
+            println!(
+                "| {name} | {rows} | {:.1} | {best:.1} | {rank} of {} | {:.3} | {} | {:.0} |",
+                t.default_us,
+                t.candidates,
+                t.default_us / best,
+                if t.picked { "candidate" } else { "own" },
+                (2 * rows * out * k) as f64 / (f64::from(kept) * 1e-6) / 1e12
+            );
+        }
+    }
+    println!();
     Ok(())
 }

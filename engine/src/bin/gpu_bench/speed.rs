@@ -145,6 +145,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         }
         println!();
         prefetch_table(&mut be, &mut rng, config.vocab_size)?;
+        gemm_tune_table(&mut be, &mut rng, config.vocab_size, num_blocks)?;
         sampling_check(&mut be, config.vocab_size)?;
     }
 
@@ -433,6 +434,54 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> R
         println!("| {ctx} | {} |", cells.join(" | "));
     }
     be.set_prefetch(before);
+    println!();
+    Ok(())
+}
+
+/// Decode steps at batch 64 and 256 with the products' tuned cuBLASLt
+/// algorithms and with cuBLAS's own (`BenchControls::set_gemm_tune`), taking
+/// turns three times, at 1k and 4k context.
+fn gemm_tune_table(
+    be: &mut CudaBackend,
+    rng: &mut ChaCha8Rng,
+    vocab: usize,
+    num_blocks: usize,
+) -> Res<()> {
+    println!(
+        "### products with tuned cuBLASLt algorithms against cuBLAS's own (graph replays; ms per step, three rounds taking turns)\n"
+    );
+    println!("| context | batch | cuBLAS's own | tuned | tuned ÷ own (median) |");
+    println!("|---|---|---|---|---|");
+    for ctx in [1024usize, 4096] {
+        for batch in [64usize, 256] {
+            let per_seq = blocks_for(ctx + 14, BS);
+            if per_seq * batch > num_blocks {
+                continue;
+            }
+            let tables = consecutive_tables(batch, per_seq);
+            let mut toks: Vec<u32> = (0..batch)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect();
+            let (mut own, mut tuned) = (Vec::new(), Vec::new());
+            for _round in 0..3 {
+                for (on, ms) in [(false, &mut own), (true, &mut tuned)] {
+                    be.set_gemm_tune(on);
+                    ms.push(time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)? * 1e3);
+                }
+            }
+            let cell = |m: &[f64]| {
+                let v: Vec<String> = m.iter().map(|t| format!("{t:.3}")).collect();
+                v.join(", ")
+            };
+            println!(
+                "| {ctx} | {batch} | {} | {} | {:.3} |",
+                cell(&own),
+                cell(&tuned),
+                median(tuned.clone()) / median(own.clone())
+            );
+        }
+    }
+    be.set_gemm_tune(true);
     println!();
     Ok(())
 }

@@ -1,0 +1,430 @@
+//! Products at decode batch sizes through cuBLASLt, each shape's algorithm
+//! picked by timing cuBLASLt's candidates on this GPU.
+//!
+//! At 64–256 rows a product is a wave of tiles or less (the o product's 4096
+//! outputs at 256 rows are 64 tiles of 128 × 128 on 132 multiprocessors), and
+//! cuBLAS's own pick (`cublasGemmEx`, its heuristic's first) ran the b256
+//! products at 44–57% of the H200's copy rate, 475–611 TFLOP/s where its large
+//! products reach ~750 (docs/GPU_BENCH.md). The heuristic's other candidates
+//! (other tiles, split-K, stream-K) are timed once per shape and the fastest
+//! kept, cuBLAS's own among them.
+//!
+//! Only the batch sizes decode graphs are captured for are tuned (a shape is
+//! timed the first time it runs outside a capture: the backend runs one pass
+//! directly before it captures a bucket); every other product keeps
+//! `cublasGemmEx`, so a prefill chunk of any length never waits for a tuning.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+use cudarc::cublaslt::result as lt_result;
+use cudarc::cublaslt::sys as lt;
+
+use super::error::{CudaError, DriverContext};
+
+/// Candidates asked of cuBLASLt's heuristic for each shape.
+const CANDIDATES: usize = 16;
+/// Launches timed per candidate (after two warm-up launches).
+const TIMED_LAUNCHES: usize = 10;
+/// A candidate replaces cuBLAS's own pick only when it is at least this much
+/// faster (timing noise must not swap algorithms run to run).
+const MIN_GAIN: f32 = 0.02;
+
+/// Something queued on the stream (one product, or a batch of them).
+pub(crate) type Queue<'a> = &'a dyn Fn() -> Result<(), CudaError>;
+
+/// A product `y [n, out] = x [n, k] · wᵀ`, `w [out, k]` bf16, `x` bf16, `y`
+/// bf16 or f32, f32 accumulation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(crate) struct Shape {
+    pub n: usize,
+    pub k: usize,
+    pub out: usize,
+    pub y_bf16: bool,
+}
+
+/// The device addresses of one product of a [`Shape`].
+#[derive(Clone, Copy)]
+pub(crate) struct Operands {
+    pub x: u64,
+    pub w: u64,
+    pub y: u64,
+}
+
+/// A shape's cuBLASLt descriptors (column-major: `yᵀ [out, n] = w [k, out]ᵀ · xᵀ [k, n]`).
+struct Descs {
+    op: lt::cublasLtMatmulDesc_t,
+    w: lt::cublasLtMatrixLayout_t,
+    x: lt::cublasLtMatrixLayout_t,
+    y: lt::cublasLtMatrixLayout_t,
+}
+
+// SAFETY: the descriptors are host-side objects owned by this value alone; cuBLASLt
+// allows them to be used from any thread, one at a time (the `Mutex` in `Tuner`).
+unsafe impl Send for Descs {}
+
+impl Descs {
+    fn new(s: Shape) -> Result<Self, CudaError> {
+        let bf16 = lt::cudaDataType::CUDA_R_16BF;
+        let y_type = if s.y_bf16 {
+            bf16
+        } else {
+            lt::cudaDataType::CUDA_R_32F
+        };
+        let dim = |v: usize| v as u64;
+        let op = lt_result::create_matmul_desc(
+            lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt::cudaDataType::CUDA_R_32F,
+        )
+        .op("cublasLtMatmulDescCreate")?;
+        // Built before anything else can fail, so `Drop` frees whatever was made.
+        let mut d = Descs {
+            op,
+            w: std::ptr::null_mut(),
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+        };
+        let transpose: i32 = 1; // CUBLAS_OP_T
+        // SAFETY: `d.op` is a live descriptor; the buffer is an i32 as the attribute takes.
+        unsafe {
+            lt_result::set_matmul_desc_attribute(
+                d.op,
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transpose) as *const i32 as *const c_void,
+                std::mem::size_of::<i32>(),
+            )
+        }
+        .op("cublasLtMatmulDescSetAttribute (TRANSA)")?;
+        d.w = lt_result::create_matrix_layout(bf16, dim(s.k), dim(s.out), s.k as i64)
+            .op("cublasLtMatrixLayoutCreate (w)")?;
+        d.x = lt_result::create_matrix_layout(bf16, dim(s.k), dim(s.n), s.k as i64)
+            .op("cublasLtMatrixLayoutCreate (x)")?;
+        d.y = lt_result::create_matrix_layout(y_type, dim(s.out), dim(s.n), s.out as i64)
+            .op("cublasLtMatrixLayoutCreate (y)")?;
+        Ok(d)
+    }
+}
+
+impl Drop for Descs {
+    fn drop(&mut self) {
+        // SAFETY: each was created by `Descs::new` (or is null) and is freed once.
+        unsafe {
+            for l in [self.w, self.x, self.y] {
+                if !l.is_null() {
+                    let _ = lt_result::destroy_matrix_layout(l);
+                }
+            }
+            let _ = lt_result::destroy_matmul_desc(self.op);
+        }
+    }
+}
+
+/// What timing chose for a shape.
+enum Pick {
+    /// cuBLAS's own (`cublasGemmEx`): no candidate was faster by [`MIN_GAIN`].
+    Default,
+    /// A cuBLASLt algorithm and the descriptors it runs with.
+    Lt(Descs, lt::cublasLtMatmulAlgo_t),
+}
+
+/// What [`Tuner::tune`] measured for one shape (for logs and the bench).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// µs per launch of cuBLAS's own pick.
+    pub default_us: f32,
+    /// µs per launch of the fastest cuBLASLt candidate, and its place in the
+    /// heuristic's order (0: the heuristic's first).
+    pub best: Option<(f32, usize)>,
+    /// Candidates the heuristic offered.
+    pub candidates: usize,
+    /// True when the candidate replaced cuBLAS's pick.
+    pub picked: bool,
+}
+
+/// cuBLASLt and the algorithm each tuned shape runs with.
+pub(crate) struct Tuner {
+    handle: lt::cublasLtHandle_t,
+    /// The workspace split-K candidates may use (cuBLAS's, on the same stream).
+    workspace: (u64, usize),
+    picks: Mutex<HashMap<Shape, Pick>>,
+    /// Tuning on (`TANDEM_CUDA_GEMM_TUNE=0` turns it off, for comparisons).
+    pub on: bool,
+}
+
+// SAFETY: the handle is used under the `picks` lock or from the owning backend's
+// thread with the context bound; cuBLASLt handles may move between threads.
+unsafe impl Send for Tuner {}
+unsafe impl Sync for Tuner {}
+
+impl Tuner {
+    /// cuBLASLt with `workspace` (device address and bytes), which must outlive it.
+    pub fn new(workspace: (u64, usize)) -> Result<Self, CudaError> {
+        let handle = std::panic::catch_unwind(lt_result::create_handle)
+            .map_err(|_| CudaError::NoDriver("libcublasLt could not be loaded".into()))?
+            .op("cublasLtCreate")?;
+        Ok(Tuner {
+            handle,
+            workspace,
+            picks: Mutex::new(HashMap::new()),
+            on: !std::env::var("TANDEM_CUDA_GEMM_TUNE").is_ok_and(|v| v == "0"),
+        })
+    }
+
+    /// Runs the product with the shape's tuned cuBLASLt algorithm, if it has one:
+    /// false when it was never tuned or cuBLAS's own pick won (the caller runs
+    /// `cublasGemmEx`).
+    ///
+    /// # Safety
+    /// The operands must be live device buffers of the sizes `shape` implies.
+    pub unsafe fn run_picked(
+        &self,
+        shape: Shape,
+        ops: Operands,
+        stream: lt::cudaStream_t,
+    ) -> Result<bool, CudaError> {
+        let picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
+        match picks.get(&shape) {
+            // SAFETY: forwarded to the caller.
+            Some(Pick::Lt(d, algo)) => unsafe { self.matmul(d, algo, ops, stream) }.map(|()| true),
+            _ => Ok(false),
+        }
+    }
+
+    /// True when `shape` has been timed.
+    pub fn tuned(&self, shape: Shape) -> bool {
+        let picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
+        picks.contains_key(&shape)
+    }
+
+    /// Times cuBLAS's own pick (`default`, which launches it once) and the
+    /// heuristic's candidates on `ops`, and keeps the fastest for `shape`. The
+    /// stream must not be capturing: this waits on it. `ops.y` ends up written by
+    /// the algorithm kept.
+    ///
+    /// # Safety
+    /// The operands must be live device buffers of the sizes `shape` implies, and
+    /// `time` must time its closure on the stream `stream` is.
+    pub unsafe fn tune(
+        &self,
+        shape: Shape,
+        ops: Operands,
+        stream: lt::cudaStream_t,
+        default: Queue<'_>,
+        time: &dyn Fn(Queue<'_>) -> Result<f32, CudaError>,
+    ) -> Result<Tuning, CudaError> {
+        let d = Descs::new(shape)?;
+        let candidates = self.candidates(&d)?;
+        let per_launch = |f: Queue<'_>| -> Result<f32, CudaError> {
+            f()?;
+            f()?;
+            let ms = time(&|| (0..TIMED_LAUNCHES).try_for_each(|_| f()))?;
+            Ok(ms * 1e3 / TIMED_LAUNCHES as f32)
+        };
+        let default_us = per_launch(default)?;
+        let mut best: Option<(f32, usize)> = None;
+        for (i, algo) in candidates.iter().enumerate() {
+            // SAFETY: forwarded to the caller. A candidate cuBLASLt refuses at launch
+            // is skipped (it returns before queueing anything).
+            let run = || unsafe { self.matmul(&d, algo, ops, stream) };
+            if let Ok(us) = per_launch(&run)
+                && best.is_none_or(|(b, _)| us < b)
+            {
+                best = Some((us, i));
+            }
+        }
+        let picked = best.filter(|&(us, _)| us < default_us * (1.0 - MIN_GAIN));
+        let tuning = Tuning {
+            default_us,
+            best,
+            candidates: candidates.len(),
+            picked: picked.is_some(),
+        };
+        tracing::debug!(?shape, ?tuning, "product tuned");
+        let pick = match picked {
+            Some((_, i)) => {
+                let algo = candidates[i];
+                // SAFETY: forwarded to the caller.
+                unsafe { self.matmul(&d, &algo, ops, stream) }?;
+                Pick::Lt(d, algo)
+            }
+            None => {
+                default()?;
+                Pick::Default
+            }
+        };
+        let mut picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
+        picks.insert(shape, pick);
+        Ok(tuning)
+    }
+
+    /// The heuristic's candidates for `d`, best first, that fit the workspace.
+    fn candidates(&self, d: &Descs) -> Result<Vec<lt::cublasLtMatmulAlgo_t>, CudaError> {
+        let pref = lt_result::create_matmul_pref().op("cublasLtMatmulPreferenceCreate")?;
+        let bytes = self.workspace.1 as u64;
+        // SAFETY: `pref` is live; the buffer is the u64 the attribute takes.
+        let set = unsafe {
+            lt_result::set_matmul_pref_attribute(
+                pref,
+                lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes) as *const u64 as *const c_void,
+                std::mem::size_of::<u64>(),
+            )
+        };
+        let mut results = Vec::<lt::cublasLtMatmulHeuristicResult_t>::with_capacity(CANDIDATES);
+        let mut count = 0i32;
+        // SAFETY: every descriptor is live; `results` has room for CANDIDATES entries,
+        // of which cuBLASLt writes `count`.
+        let asked = set.and_then(|()| unsafe {
+            lt::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                d.op,
+                d.w,
+                d.x,
+                d.y,
+                d.y,
+                pref,
+                CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut count,
+            )
+            .result()
+        });
+        // SAFETY: created above, freed once.
+        let _ = unsafe { lt_result::destroy_matmul_pref(pref) };
+        asked.op("cublasLtMatmulAlgoGetHeuristic")?;
+        // SAFETY: cuBLASLt initialized the first `count` (≤ CANDIDATES) entries.
+        unsafe { results.set_len(count.clamp(0, CANDIDATES as i32) as usize) };
+        Ok(results
+            .iter()
+            .filter(|r| r.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .filter(|r| r.workspaceSize <= self.workspace.1)
+            .map(|r| r.algo)
+            .collect())
+    }
+
+    /// One cuBLASLt product with `algo`.
+    ///
+    /// # Safety
+    /// The operands must be live device buffers of the sizes `d` describes.
+    unsafe fn matmul(
+        &self,
+        d: &Descs,
+        algo: &lt::cublasLtMatmulAlgo_t,
+        ops: Operands,
+        stream: lt::cudaStream_t,
+    ) -> Result<(), CudaError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the descriptors are live; the operands are the caller's; the
+        // workspace outlives the tuner.
+        unsafe {
+            lt_result::matmul(
+                self.handle,
+                d.op,
+                (&alpha) as *const f32 as *const c_void,
+                (&beta) as *const f32 as *const c_void,
+                ops.w as *const c_void,
+                d.w,
+                ops.x as *const c_void,
+                d.x,
+                ops.y as *const c_void,
+                d.y,
+                ops.y as *mut c_void,
+                d.y,
+                algo,
+                self.workspace.0 as *mut c_void,
+                self.workspace.1,
+                stream,
+            )
+        }
+        .op("cublasLtMatmul")
+    }
+}
+
+impl Drop for Tuner {
+    fn drop(&mut self) {
+        self.picks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // SAFETY: created in `new`, destroyed once, after every descriptor.
+        let _ = unsafe { lt_result::destroy_handle(self.handle) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use crate::cuda::device::Gpu;
+    use crate::cuda::model::named_config;
+
+    /// Products at graph-bucket row counts, tuned, against cuBLAS's own algorithm
+    /// (the same f32 sums in another order) and against the host at sampled entries
+    /// (a transposed operand or a wrong stride would pass the first alone).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::gemm_tune -- --ignored"]
+    fn gpu_tuned_products_match_cublas_own_and_the_host() {
+        let mut gpu = Gpu::open(0, &named_config("tiny", None).unwrap()).expect("a CUDA GPU");
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // o-like (one wave of tiles or less), down-like (long k: split-K), and an
+        // output count that is no multiple of 128.
+        for (k, out) in [(4096usize, 4096usize), (14336, 4096), (4096, 6208)] {
+            let w: Vec<bf16> = (0..out * k)
+                .map(|_| bf16::from_f32(rng.random_range(-0.05f32..0.05)))
+                .collect();
+            let x: Vec<bf16> = (0..256 * k)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+                .collect();
+            let (wd, xd) = (gpu.upload(&w).unwrap(), gpu.upload(&x).unwrap());
+            let mut y = gpu.zeros::<f32>(256 * out).unwrap();
+            for n in [16usize, 64, 256] {
+                gpu.set_gemm_tune(false);
+                gpu.gemm_f32(&xd, &wd, &mut y, n, k, out).unwrap();
+                let own = gpu.compute.clone_dtoh(&y).unwrap();
+                let t = gpu.tune_f32(&xd, &wd, &mut y, n, k, out).unwrap();
+                assert!(t.candidates > 0, "{k}×{out} at {n} rows: no candidate");
+                let tuned = gpu.compute.clone_dtoh(&y).unwrap();
+                // The forward pass's path with tuning on runs what was kept.
+                gpu.set_gemm_tune(true);
+                gpu.memset(
+                    crate::cuda::device::ptr(&y, &gpu.compute),
+                    0xff,
+                    4 * n * out,
+                )
+                .unwrap();
+                gpu.gemm_f32(&xd, &wd, &mut y, n, k, out).unwrap();
+                let again = gpu.compute.clone_dtoh(&y).unwrap();
+                let scale = own[..n * out].iter().fold(0f32, |m, v| m.max(v.abs()));
+                // Equal but for a split-K reduction's order (and no entry left poisoned).
+                for (i, (a, b)) in tuned[..n * out].iter().zip(&again[..n * out]).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * scale,
+                        "{k}×{out} at {n} rows, entry {i}: kept {a}, then {b}"
+                    );
+                }
+                for (i, (a, b)) in own[..n * out].iter().zip(&tuned[..n * out]).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * scale,
+                        "{k}×{out} at {n} rows, entry {i}: own {a}, tuned {b} ({t:?})"
+                    );
+                }
+                for _ in 0..64 {
+                    let (r, c) = (rng.random_range(0..n), rng.random_range(0..out));
+                    let host: f64 = (0..k)
+                        .map(|j| {
+                            f64::from(x[r * k + j].to_f32()) * f64::from(w[c * k + j].to_f32())
+                        })
+                        .sum();
+                    let got = f64::from(tuned[r * out + c]);
+                    assert!(
+                        (got - host).abs() <= 1e-4 * f64::from(scale),
+                        "{k}×{out} at {n} rows, ({r}, {c}): GPU {got}, host {host}"
+                    );
+                }
+            }
+        }
+    }
+}
