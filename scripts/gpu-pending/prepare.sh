@@ -23,7 +23,8 @@
 #   .gpu19  eleventh session's call-7 (ran on an H100): 48811f9's tandem-gpu-bench and
 #           engine-tests (xz) and kernels (the L2 prefetches at batch 1, with the side
 #           stream that main dropped after that call)
-#   .gpu20  eleventh session's call-8: 4a40548 with gemv-add-rmsnorm-v2.patch
+#   .gpu20  eleventh session's call-8 (ran in the twelfth; patch dropped): 4a40548 with
+#           docs/gpu-results/2026-12-06-eleventh/gemv-add-rmsnorm-v2.patch
 #           (tandem-gpu-bench, engine-tests, xz; kernels)
 #   .gpu21  twelfth session's call-9: this checkout (cuBLASLt tuning of decode-sized
 #           products; tandem-gpu-bench, engine-tests, xz; kernels)
@@ -147,7 +148,7 @@ for w in $WHICH; do
       ;;
     20)
       rm -rf .gpu20 && mkdir -p .gpu20
-      d=$(worktree norm2 4a40548 scripts/gpu-pending/gemv-add-rmsnorm-v2.patch)
+      d=$(worktree norm2 4a40548 docs/gpu-results/2026-12-06-eleventh/gemv-add-rmsnorm-v2.patch)
       build "$d" norm2 --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu20/tandem-gpu-bench "$(rel norm2)/tandem-gpu-bench"
       strip -o .gpu20/engine-tests "$(engine_tests "$d" norm2)"
