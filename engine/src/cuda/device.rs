@@ -67,8 +67,12 @@ pub struct Gpu {
     pub(crate) copy: Arc<CudaStream>,
     pub(crate) k: Kernels,
     blas: CudaBlas,
-    /// cuBLASLt and the algorithms timed for decode-sized products (`gemm_tune`).
+    /// cuBLASLt and the algorithms timed for decode-sized products and full
+    /// passes (`gemm_tune`).
     tuner: Tuner,
+    /// Rows of a full pass (the backend's token budget), whose products are
+    /// tuned too: a long prompt's chunks fill it (0: none).
+    pass_rows: usize,
     /// cuBLAS's workspace, set once so that GEMMs captured in a CUDA graph never
     /// allocate.
     _blas_workspace: CudaSlice<u8>,
@@ -124,7 +128,8 @@ const GEMV_MAX_ROWS: usize = 1;
 const _: () = assert!(GEMV_MAX_ROWS <= GEMV_KERNEL_ROWS);
 
 /// Products of these many rows have their algorithm tuned (`gemm_tune`): the
-/// decode graph buckets, so a prefill chunk of any other length never waits.
+/// decode graph buckets (and a full pass, `Gpu::pass_rows`), so a chunk of any
+/// other length never waits for a tuning.
 const TUNED_ROWS: &[usize] = super::GRAPH_BUCKETS;
 
 impl Gpu {
@@ -243,6 +248,7 @@ impl Gpu {
             k,
             blas,
             tuner,
+            pass_rows: 0,
             _blas_workspace: workspace,
             decode_smem: decode_smem(head_dim, group_bound, false),
             decode_smem_fp8: decode_smem(head_dim, group_bound, true),
@@ -462,7 +468,7 @@ impl Gpu {
             w: w.addr(),
             y,
         };
-        if self.tuner.on && TUNED_ROWS.contains(&n) {
+        if self.tuner.on && (TUNED_ROWS.contains(&n) || n == self.pass_rows) {
             let stream = self.compute.cu_stream() as _;
             if !self.tuner.tuned(shape) && !self.capturing()? {
                 // SAFETY: the operands are the caller's buffers of `shape`'s sizes;
@@ -592,6 +598,13 @@ impl Gpu {
                 &|f| self.time_ms(f),
             )
         }
+    }
+
+    /// Sets the rows of a full pass, whose products are tuned as the decode
+    /// buckets' are (the first full pass waits for it: ~0.3 s for an 8B model's
+    /// four products at 8192 rows).
+    pub(crate) fn set_pass_rows(&mut self, rows: usize) {
+        self.pass_rows = rows;
     }
 
     /// Whether decode-sized products run with their tuned algorithms

@@ -1,5 +1,5 @@
-//! Products at decode batch sizes through cuBLASLt, each shape's algorithm
-//! picked by timing cuBLASLt's candidates on this GPU.
+//! Products at decode batch sizes (and full prefill passes) through cuBLASLt,
+//! each shape's algorithm picked by timing cuBLASLt's candidates on this GPU.
 //!
 //! At 64–256 rows a product is a wave of tiles or less (the o product's 4096
 //! outputs at 256 rows are 64 tiles of 128 × 128 on 132 multiprocessors), and
@@ -9,10 +9,12 @@
 //! (other tiles, split-K, stream-K) are timed once per shape and the fastest
 //! kept, cuBLAS's own among them.
 //!
-//! Only the batch sizes decode graphs are captured for are tuned (a shape is
-//! timed the first time it runs outside a capture: the backend runs one pass
-//! directly before it captures a bucket); every other product keeps
-//! `cublasGemmEx`, so a prefill chunk of any length never waits for a tuning.
+//! Only the batch sizes decode graphs are captured for, and a full pass (the
+//! backend's token budget, which a long prompt's chunks fill), are tuned. A
+//! shape is timed the first time it runs outside a capture: the backend runs
+//! one pass directly before it captures a bucket, and the first full prefill
+//! pass waits for its products' tuning. Every other product keeps
+//! `cublasGemmEx`, so a chunk of any other length never waits for a tuning.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -375,12 +377,13 @@ mod tests {
             let w: Vec<bf16> = (0..out * k)
                 .map(|_| bf16::from_f32(rng.random_range(-0.05f32..0.05)))
                 .collect();
-            let x: Vec<bf16> = (0..256 * k)
+            let x: Vec<bf16> = (0..8192 * k)
                 .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
                 .collect();
             let (wd, xd) = (gpu.upload(&w).unwrap(), gpu.upload(&x).unwrap());
-            let mut y = gpu.zeros::<f32>(256 * out).unwrap();
-            for n in [16usize, 64, 256] {
+            let mut y = gpu.zeros::<f32>(8192 * out).unwrap();
+            // Decode batch sizes and a full prefill pass.
+            for n in [16usize, 64, 256, 8192] {
                 gpu.set_gemm_tune(false);
                 gpu.gemm_f32(&xd, &wd, &mut y, n, k, out).unwrap();
                 let own = gpu.compute.clone_dtoh(&y).unwrap();

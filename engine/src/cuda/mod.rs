@@ -235,7 +235,7 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend over `model` with a zeroed cache of `num_blocks` blocks of `block_size` tokens.
     pub fn new(
-        gpu: Gpu,
+        mut gpu: Gpu,
         model: Arc<GpuModel>,
         num_blocks: usize,
         block_size: usize,
@@ -261,6 +261,7 @@ impl CudaBackend {
             8 * (blocks_for(limits.max_tokens, block_size) + 1) * layout.block_bytes()
         };
         let kv = GpuKvCache::new(&gpu, layout, limits.staging_blocks, ring)?;
+        gpu.set_pass_rows(limits.max_tokens);
         let (t, s) = (limits.max_tokens, limits.max_seqs);
         let (h, hd) = (c.hidden_size, c.head_dim);
         let qd = c.num_heads * hd;

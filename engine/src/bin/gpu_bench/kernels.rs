@@ -195,8 +195,10 @@ fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<(
         "| product | rows | cuBLAS's own µs | best candidate µs | its rank of | own ÷ best | kept | TFLOP/s kept |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let rows_tuned = [16usize, 32, 64, 128, 256];
-    let max_rows = rows_tuned[rows_tuned.len() - 1];
+    // Decode batch sizes, and a full prefill pass (not for the LM head, which
+    // prefill runs on each chunk's last token only).
+    let decode_rows = [16usize, 32, 64, 128, 256];
+    let pass_rows = [16usize, 32, 64, 128, 256, 8192];
     for (name, out, k) in [
         ("qkv", qkvw, h),
         ("o", h, config.num_heads * config.head_dim),
@@ -204,12 +206,18 @@ fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<(
         ("down", h, inter),
         ("lm_head", v, h),
     ] {
+        let rows_tuned: &[usize] = if name == "lm_head" {
+            &decode_rows
+        } else {
+            &pass_rows
+        };
+        let max_rows = rows_tuned.iter().copied().max().unwrap_or(1);
         let mut w = gpu.zeros::<half::bf16>(out * k)?;
         let mut x = gpu.zeros::<half::bf16>(max_rows * k)?;
         let mut y = gpu.zeros::<f32>(max_rows * out)?;
         gpu.fill_uniform_slice(&mut w, 3, -0.05, 0.05)?;
         gpu.fill_uniform_slice(&mut x, 4, -1.0, 1.0)?;
-        for rows in rows_tuned {
+        for &rows in rows_tuned {
             let t = gpu.tune_f32(&x, &w, &mut y, rows, k, out)?;
             let (best, rank) = t.best.unwrap_or((f32::NAN, 0));
             let kept = if t.picked { best } else { t.default_us };
