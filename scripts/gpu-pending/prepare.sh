@@ -26,8 +26,10 @@
 #   .gpu20  eleventh session's call-8 (ran in the twelfth; patch dropped): 4a40548 with
 #           docs/gpu-results/2026-12-06-eleventh/gemv-add-rmsnorm-v2.patch
 #           (tandem-gpu-bench, engine-tests, xz; kernels)
-#   .gpu21  twelfth session's call-9: this checkout (cuBLASLt tuning of decode-sized
-#           products; tandem-gpu-bench, engine-tests, xz; kernels)
+#   .gpu21  cf4f676 (cuBLASLt tuning of decode-sized products only; tandem-gpu-bench,
+#           engine-tests, xz; kernels): superseded by .gpu22 before any call ran it
+#   .gpu22  twelfth session's call-9 and call-10: this checkout (the tuning of full prefill passes
+#           too; tandem-gpu-bench, engine-tests, xz; kernels; scripts/hf_reference.py)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -37,7 +39,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -157,13 +159,22 @@ for w in $WHICH; do
       ;;
     21)
       rm -rf .gpu21 && mkdir -p .gpu21
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu21/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      strip -o .gpu21/engine-tests "$(engine_tests "$ROOT" head)"
+      d=$(worktree tune1 cf4f676)
+      build "$d" tune1 --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu21/tandem-gpu-bench "$(rel tune1)/tandem-gpu-bench"
+      strip -o .gpu21/engine-tests "$(engine_tests "$d" tune1)"
       xz -T2 -6 .gpu21/tandem-gpu-bench .gpu21/engine-tests
       cp -r engine/src/cuda/kernels .gpu21/
       ;;
-    *) echo "unknown folder $w (8 to 21)" >&2; exit 1 ;;
+    22)
+      rm -rf .gpu22 && mkdir -p .gpu22
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu22/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu22/engine-tests "$(engine_tests "$ROOT" head)"
+      xz -T2 -6 .gpu22/tandem-gpu-bench .gpu22/engine-tests
+      cp -r engine/src/cuda/kernels .gpu22/ && cp scripts/hf_reference.py .gpu22/
+      ;;
+    *) echo "unknown folder $w (8 to 22)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
