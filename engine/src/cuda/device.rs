@@ -119,6 +119,26 @@ fn prefetch_row_bytes() -> usize {
     })
 }
 
+/// An error unless `x [n, k]`, `w [out, k]` and `y [n, out]` fit their buffers.
+fn fits(
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    y: &CudaSlice<f32>,
+    n: usize,
+    k: usize,
+    out: usize,
+) -> Result<(), CudaError> {
+    if x.len() < n * k || w.len() < out * k || y.len() < n * out {
+        return Err(CudaError::Unsupported(format!(
+            "a product of {n} rows, {k} in, {out} out does not fit buffers of {}, {} and {} elements",
+            x.len(),
+            w.len(),
+            y.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Bytes of cuBLAS's workspace (what PyTorch gives it on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 
@@ -365,14 +385,7 @@ impl Gpu {
         k: usize,
         out: usize,
     ) -> Result<(), CudaError> {
-        if x.len() < n * k || w.len() < out * k || y.len() < n * out {
-            return Err(CudaError::Unsupported(format!(
-                "a product of {n} rows, {k} in, {out} out does not fit buffers of {}, {} and {} elements",
-                x.len(),
-                w.len(),
-                y.len()
-            )));
-        }
+        fits(x, w, y, n, k, out)?;
         let s = &self.compute;
         let y = ProductOut::F32(Dev::of(y, s));
         self.gemm_with(Dev::of(x, s), Dev::of(w, s), y, n, k, out, self.pdl)
@@ -568,14 +581,7 @@ impl Gpu {
         k: usize,
         out: usize,
     ) -> Result<Tuning, CudaError> {
-        if x.len() < n * k || w.len() < out * k || y.len() < n * out {
-            return Err(CudaError::Unsupported(format!(
-                "a product of {n} rows, {k} in, {out} out does not fit buffers of {}, {} and {} elements",
-                x.len(),
-                w.len(),
-                y.len()
-            )));
-        }
+        fits(x, w, y, n, k, out)?;
         let s = &self.compute;
         let shape = Shape {
             n,

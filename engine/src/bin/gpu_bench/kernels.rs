@@ -185,34 +185,31 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 .to_string()),
             step * 1e6
         );
-        println!("| kernel | µs per step | µs per layer | share |");
-        println!("|---|---|---|---|");
-        for (name, us) in prof {
-            println!(
-                "| {name} | {us:.1} | {:.1} | {:.0}% |",
-                us / *layers as f64,
-                us / total * 100.0
-            );
-        }
-        println!();
+        profile_table(prof, *layers, "step");
     }
     for (start, len, layers, prof) in &prefill_profiles {
         let total: f64 = prof.iter().map(|p| p.1).sum();
         println!(
             "Kernel by kernel, a prefill chunk of {len} tokens after {start} cached, {layers} layers (events, no PDL; the fastest of 4): {total:.1} µs in all\n"
         );
-        println!("| kernel | µs per pass | µs per layer | share |");
-        println!("|---|---|---|---|");
-        for (name, us) in prof {
-            println!(
-                "| {name} | {us:.1} | {:.1} | {:.0}% |",
-                us / *layers as f64,
-                us / total * 100.0
-            );
-        }
-        println!();
+        profile_table(prof, *layers, "pass");
     }
     Ok(())
+}
+
+/// A profile's table: each kernel's µs summed over the layers, per layer, and its share.
+fn profile_table(prof: &[(&'static str, f64)], layers: usize, per: &str) {
+    let total: f64 = prof.iter().map(|p| p.1).sum();
+    println!("| kernel | µs per {per} | µs per layer | share |");
+    println!("|---|---|---|---|");
+    for (name, us) in prof {
+        println!(
+            "| {name} | {us:.1} | {:.1} | {:.0}% |",
+            us / layers as f64,
+            us / total * 100.0
+        );
+    }
+    println!();
 }
 
 /// Each product at decode batch sizes: cuBLAS's own algorithm against the
