@@ -402,40 +402,52 @@ impl Gpu {
         n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
     }
 
-    /// `act [n, inter] = silu(x · gateᵀ) * (x · upᵀ)` with `gate_up = [gate; up]`
-    /// of `[2 inter, k]`: at one row a single fused kernel (`gemv_silu`), else the
-    /// product into `gu` (bf16 `[n, 2 inter]`) and the activation kernel.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemm_silu(
+    /// True when `act = silu(x · gateᵀ) * (x · upᵀ)` over `n` rows of `k` runs
+    /// as one kernel ([`gemv_silu`](Self::gemv_silu)); else it is the product
+    /// into `gu` and [`silu_mul`](Self::silu_mul).
+    pub(crate) fn fuses_silu(&self, n: usize, k: usize) -> bool {
+        n == 1 && self.skinny(n, k)
+    }
+
+    /// `act [inter] = silu(x · gateᵀ) * (x · upᵀ)` for one row, with `gate_up =
+    /// [gate; up]` of `[2 inter, k]`, in one kernel (when [`fuses_silu`](Self::fuses_silu)).
+    pub(crate) fn gemv_silu(
         &self,
         x: Dev<bf16>,
         gate_up: Dev<bf16>,
+        act: Dev<bf16>,
+        k: usize,
+        inter: usize,
+        pdl: bool,
+    ) -> Result<(), CudaError> {
+        let fused = GemvSilu {
+            x,
+            w: gate_up,
+            act,
+            k,
+            inter,
+            prefetch: self.row_prefetch(pdl),
+        };
+        // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
+        // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
+        unsafe { launch::launch(self, &fused, pdl) }
+    }
+
+    /// `act [n, inter] = silu(gu[:, ..inter]) * gu[:, inter..]` (bf16 rows of
+    /// `2 inter`, the gate/up product's output).
+    pub(crate) fn silu_mul(
+        &self,
         gu: Dev<bf16>,
         act: Dev<bf16>,
         n: usize,
-        k: usize,
         inter: usize,
         pdl: bool,
     ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
-        if n == 1 && self.skinny(n, k) {
-            let fused = GemvSilu {
-                x,
-                w: gate_up,
-                act,
-                k,
-                inter,
-                prefetch: self.row_prefetch(pdl),
-            };
-            // SAFETY: `gate_up` holds 2 inter rows of k bf16, `x` one row of k, `act`
-            // inter bf16 (callers' buffers); k is a multiple of 8 for the 16-byte loads.
-            return unsafe { launch::launch(self, &fused, pdl) };
-        }
-        self.gemm_with(x, gate_up, ProductOut::Bf16(gu), n, k, 2 * inter, pdl)?;
         let silu = SiluMul { gu, act, n, inter };
-        // SAFETY: `gu` holds n rows of 2 inter bf16, `act` n rows of inter.
+        // SAFETY: `gu` holds n rows of 2 inter bf16, `act` n rows of inter (callers' buffers).
         unsafe { launch::launch(self, &silu, pdl) }
     }
 

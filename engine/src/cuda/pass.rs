@@ -391,8 +391,15 @@ impl CudaBackend {
             unsafe { launch::launch(g, &norm, pdl) }?;
             self.mark("post-attention norm")?;
             let w = Dev::of(&layer.gate_up, st);
-            g.gemm_silu(hb, w, gu, act, n, h, inter, pdl)?;
-            self.mark("gate_up product, SiLU")?;
+            if g.fuses_silu(n, h) {
+                g.gemv_silu(hb, w, act, h, inter, pdl)?;
+                self.mark("gate_up product, SiLU")?;
+            } else {
+                g.gemm_with(hb, w, ProductOut::Bf16(gu), n, h, 2 * inter, pdl)?;
+                self.mark("gate_up product")?;
+                g.silu_mul(gu, act, n, inter, pdl)?;
+                self.mark("SiLU")?;
+            }
             let w = Dev::of(&layer.down, st);
             g.gemm_with(act, w, ProductOut::F32(delta), n, inter, h, pdl)?;
             self.mark("down product")?;
