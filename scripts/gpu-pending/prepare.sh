@@ -30,6 +30,9 @@
 #           engine-tests, xz; kernels): superseded by .gpu22 before any call ran it
 #   .gpu22  twelfth session's call-9 and call-10: this checkout (the tuning of full prefill passes
 #           too; tandem-gpu-bench, engine-tests, xz; kernels; scripts/hf_reference.py)
+#   .gpu23  twelfth session's call-11 (not run yet): main/ (this checkout's tandem-gpu-bench
+#           and kernels) and silu/ (the same with silu-unrolled.patch, and its
+#           engine-tests), xz; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -39,7 +42,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -174,7 +177,21 @@ for w in $WHICH; do
       xz -T2 -6 .gpu22/tandem-gpu-bench .gpu22/engine-tests
       cp -r engine/src/cuda/kernels .gpu22/ && cp scripts/hf_reference.py .gpu22/
       ;;
-    *) echo "unknown folder $w (8 to 22)" >&2; exit 1 ;;
+    23)
+      # main/: this checkout; silu/: with silu-unrolled.patch (call-11).
+      rm -rf .gpu23 && mkdir -p .gpu23/main .gpu23/silu
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu23/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp -r engine/src/cuda/kernels .gpu23/main/
+      d=$(worktree silu HEAD scripts/gpu-pending/silu-unrolled.patch)
+      build "$d" silu --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu23/silu/tandem-gpu-bench "$(rel silu)/tandem-gpu-bench"
+      strip -o .gpu23/silu/engine-tests "$(engine_tests "$d" silu)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu23/silu/
+      xz -T2 -6 .gpu23/main/tandem-gpu-bench .gpu23/silu/tandem-gpu-bench .gpu23/silu/engine-tests
+      cp scripts/hf_reference.py .gpu23/
+      ;;
+    *) echo "unknown folder $w (8 to 23)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
