@@ -144,6 +144,25 @@ pub struct Tuning {
     pub picked: bool,
 }
 
+impl Tuning {
+    /// The verdict on cuBLAS's own pick (µs a launch) against each candidate's
+    /// time (`None`: it would not run): the fastest candidate replaces it only
+    /// when faster by [`MIN_GAIN`].
+    fn from_times(default_us: f32, times: &[Option<f32>]) -> Self {
+        let best = times
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.map(|t| (t, i)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        Tuning {
+            default_us,
+            best,
+            candidates: times.len(),
+            picked: best.is_some_and(|(t, _)| t < default_us * (1.0 - MIN_GAIN)),
+        }
+    }
+}
+
 /// cuBLASLt and the algorithm each tuned shape runs with.
 pub(crate) struct Tuner {
     handle: lt::cublasLtHandle_t,
@@ -224,24 +243,17 @@ impl Tuner {
             Ok(ms * 1e3 / TIMED_LAUNCHES as f32)
         };
         let default_us = per_launch(default)?;
-        let mut best: Option<(f32, usize)> = None;
-        for (i, algo) in candidates.iter().enumerate() {
-            // SAFETY: forwarded to the caller. A candidate cuBLASLt refuses at launch
-            // is skipped (it returns before queueing anything).
-            let run = || unsafe { self.matmul(&d, algo, ops, stream) };
-            if let Ok(us) = per_launch(&run)
-                && best.is_none_or(|(b, _)| us < b)
-            {
-                best = Some((us, i));
-            }
-        }
-        let picked = best.filter(|&(us, _)| us < default_us * (1.0 - MIN_GAIN));
-        let tuning = Tuning {
-            default_us,
-            best,
-            candidates: candidates.len(),
-            picked: picked.is_some(),
-        };
+        let times: Vec<Option<f32>> = candidates
+            .iter()
+            .map(|algo| {
+                // SAFETY: forwarded to the caller. A candidate cuBLASLt refuses at
+                // launch is skipped (it returns before queueing anything).
+                let run = || unsafe { self.matmul(&d, algo, ops, stream) };
+                per_launch(&run).ok()
+            })
+            .collect();
+        let tuning = Tuning::from_times(default_us, &times);
+        let picked = tuning.best.filter(|_| tuning.picked);
         tracing::debug!(?shape, ?tuning, "product tuned");
         let pick = match picked {
             Some((_, i)) => {
@@ -356,12 +368,26 @@ impl Drop for Tuner {
 
 #[cfg(test)]
 mod tests {
+    use super::Tuning;
     use half::bf16;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     use crate::cuda::device::Gpu;
     use crate::cuda::model::named_config;
+
+    /// The fastest candidate that ran wins, and replaces cuBLAS's own pick only
+    /// when 2% faster; ties keep the heuristic's earlier candidate.
+    #[test]
+    fn a_candidate_replaces_cublas_own_pick_only_when_clearly_faster() {
+        let t = Tuning::from_times(10.0, &[Some(9.9), None, Some(9.5), Some(9.5)]);
+        assert_eq!((t.best, t.candidates, t.picked), (Some((9.5, 2)), 4, true));
+        let t = Tuning::from_times(10.0, &[Some(9.9), Some(9.85)]);
+        assert_eq!((t.best, t.picked), (Some((9.85, 1)), false));
+        let t = Tuning::from_times(10.0, &[None, None]);
+        assert_eq!((t.best, t.picked), (None, false));
+        assert!(!Tuning::from_times(10.0, &[]).picked);
+    }
 
     /// Products at graph-bucket row counts, tuned, against cuBLAS's own algorithm
     /// (the same f32 sums in another order) and against the host at sampled entries
