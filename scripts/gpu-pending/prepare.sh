@@ -28,11 +28,11 @@
 #           (tandem-gpu-bench, engine-tests, xz; kernels)
 #   .gpu21  cf4f676 (cuBLASLt tuning of decode-sized products only; tandem-gpu-bench,
 #           engine-tests, xz; kernels): superseded by .gpu22 before any call ran it
-#   .gpu22  twelfth session's call-9 and call-10: this checkout (the tuning of full prefill passes
+#   .gpu22  twelfth session's call-9 and call-10: ef57e95 (the tuning of full prefill passes
 #           too; tandem-gpu-bench, engine-tests, xz; kernels; scripts/hf_reference.py)
-#   .gpu23  twelfth session's call-11 (not run yet): main/ (this checkout's tandem-gpu-bench
-#           and kernels) and silu/ (the same with silu-unrolled.patch, and its
-#           engine-tests), xz; scripts/hf_reference.py
+#   .gpu23  twelfth session's call-11 (not run yet): main/ (b064a30's tandem-gpu-bench and
+#           kernels) and silu/ (the same with silu-unrolled.patch, and its engine-tests),
+#           xz; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -171,19 +171,21 @@ for w in $WHICH; do
       ;;
     22)
       rm -rf .gpu22 && mkdir -p .gpu22
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu22/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      strip -o .gpu22/engine-tests "$(engine_tests "$ROOT" head)"
+      d=$(worktree tune2 ef57e95)
+      build "$d" tune2 --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu22/tandem-gpu-bench "$(rel tune2)/tandem-gpu-bench"
+      strip -o .gpu22/engine-tests "$(engine_tests "$d" tune2)"
       xz -T2 -6 .gpu22/tandem-gpu-bench .gpu22/engine-tests
-      cp -r engine/src/cuda/kernels .gpu22/ && cp scripts/hf_reference.py .gpu22/
+      cp -r "$d/engine/src/cuda/kernels" .gpu22/ && cp scripts/hf_reference.py .gpu22/
       ;;
     23)
-      # main/: this checkout; silu/: with silu-unrolled.patch (call-11).
+      # main/: b064a30; silu/: the same with silu-unrolled.patch (call-11).
       rm -rf .gpu23 && mkdir -p .gpu23/main .gpu23/silu
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu23/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      cp -r engine/src/cuda/kernels .gpu23/main/
-      d=$(worktree silu HEAD scripts/gpu-pending/silu-unrolled.patch)
+      d=$(worktree silumain b064a30)
+      build "$d" silumain --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu23/main/tandem-gpu-bench "$(rel silumain)/tandem-gpu-bench"
+      cp -r "$d/engine/src/cuda/kernels" .gpu23/main/
+      d=$(worktree silu b064a30 scripts/gpu-pending/silu-unrolled.patch)
       build "$d" silu --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu23/silu/tandem-gpu-bench "$(rel silu)/tandem-gpu-bench"
       strip -o .gpu23/silu/engine-tests "$(engine_tests "$d" silu)"
