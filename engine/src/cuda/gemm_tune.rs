@@ -133,7 +133,8 @@ enum Pick {
 /// What [`Tuner::tune`] measured for one shape (for logs and the bench).
 #[derive(Debug, Clone)]
 pub struct Tuning {
-    /// µs per launch of cuBLAS's own pick.
+    /// µs per launch of cuBLAS's own pick (NaN, untimed, when cuBLASLt could
+    /// not describe the product).
     pub default_us: f32,
     /// µs per launch of the fastest cuBLASLt candidate, and its place in the
     /// heuristic's order (0: the heuristic's first).
@@ -234,8 +235,21 @@ impl Tuner {
         default: Queue<'_>,
         time: &dyn Fn(Queue<'_>) -> Result<f32, CudaError>,
     ) -> Result<Tuning, CudaError> {
-        let d = Descs::new(shape)?;
-        let candidates = self.candidates(&d)?;
+        let lt = Descs::new(shape).and_then(|d| Ok((self.candidates(&d)?, d)));
+        let (candidates, d) = match lt {
+            Ok(lt) => lt,
+            Err(e) => {
+                // A product cuBLASLt cannot describe keeps cuBLAS's own algorithm.
+                tracing::warn!(
+                    ?shape,
+                    "cuBLASLt offers no algorithm ({e}); cuBLAS's own is kept"
+                );
+                default()?;
+                let mut picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
+                picks.insert(shape, Pick::Default);
+                return Ok(Tuning::from_times(f32::NAN, &[]));
+            }
+        };
         let per_launch = |f: Queue<'_>| -> Result<f32, CudaError> {
             f()?;
             f()?;
