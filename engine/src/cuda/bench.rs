@@ -48,8 +48,9 @@ pub trait BenchControls {
     /// The bytes [`set_prefetch`](Self::set_prefetch) set last (at first, the
     /// default or `TANDEM_CUDA_PREFETCH_ROWS`).
     fn prefetch(&self) -> usize;
-    /// Turns the tuned cuBLASLt algorithms of decode-sized products on or off
-    /// (off: `cublasGemmEx`'s own choice); graphs captured otherwise are dropped.
+    /// Turns the tuned cuBLASLt algorithms (products at the decode buckets' row
+    /// counts and at full passes) on or off (off: `cublasGemmEx`'s own choice);
+    /// graphs captured otherwise are dropped.
     fn set_gemm_tune(&mut self, on: bool);
 }
 

@@ -67,8 +67,8 @@ pub struct Gpu {
     pub(crate) copy: Arc<CudaStream>,
     pub(crate) k: Kernels,
     blas: CudaBlas,
-    /// cuBLASLt and the algorithms timed for decode-sized products and full
-    /// passes (`gemm_tune`).
+    /// cuBLASLt and the algorithms timed for the products at the decode
+    /// buckets' row counts and at full passes (`gemm_tune`).
     tuner: Tuner,
     /// Rows of a full pass (the backend's token budget), whose products are
     /// tuned too: a long prompt's chunks fill it (0: none).
@@ -581,9 +581,9 @@ impl Gpu {
     }
 
     /// Times cuBLAS's own algorithm and cuBLASLt's candidates for the product
-    /// `y [n, out] = x [n, k] · wᵀ` (f32 out), as decode-sized products are tuned,
-    /// and keeps the fastest for this shape (for benchmarks: the forward pass
-    /// tunes its own products at the graph bucket sizes).
+    /// `y [n, out] = x [n, k] · wᵀ` (f32 out), as the forward pass tunes its own,
+    /// and keeps the fastest for this shape (for benchmarks and tests: the pass
+    /// tunes its products at the graph buckets' row counts and at full passes).
     pub fn tune_f32(
         &self,
         x: &CudaSlice<bf16>,
@@ -625,8 +625,8 @@ impl Gpu {
         self.pass_rows = rows;
     }
 
-    /// Whether decode-sized products run with their tuned algorithms
-    /// (`TANDEM_CUDA_GEMM_TUNE=0` starts with it off).
+    /// Whether the products of tuned row counts (decode buckets, full passes)
+    /// run with their tuned algorithms (`TANDEM_CUDA_GEMM_TUNE=0` starts with it off).
     pub fn gemm_tune(&self) -> bool {
         self.tuner.on
     }
