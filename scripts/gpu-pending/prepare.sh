@@ -31,8 +31,9 @@
 #   .gpu22  twelfth session's call-9 and call-10: ef57e95 (the tuning of full prefill passes
 #           too; tandem-gpu-bench, engine-tests, xz; kernels; scripts/hf_reference.py)
 #   .gpu23  twelfth session's call-11 (not run yet): main/ (b064a30's tandem-gpu-bench and
-#           kernels) and silu/ (the same with silu-unrolled.patch, and its engine-tests),
-#           xz; scripts/hf_reference.py
+#           kernels), silu/ (the same with silu-unrolled.patch, and its engine-tests),
+#           resid/ (de73645 with residual-epilogue.patch, and its engine-tests), xz;
+#           scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -190,7 +191,15 @@ for w in $WHICH; do
       strip -o .gpu23/silu/tandem-gpu-bench "$(rel silu)/tandem-gpu-bench"
       strip -o .gpu23/silu/engine-tests "$(engine_tests "$d" silu)"
       cp -r "$d/engine/src/cuda/kernels" .gpu23/silu/
-      xz -T2 -6 .gpu23/main/tandem-gpu-bench .gpu23/silu/tandem-gpu-bench .gpu23/silu/engine-tests
+      # resid/: de73645 with residual-epilogue.patch.
+      mkdir -p .gpu23/resid
+      d=$(worktree resid de73645 scripts/gpu-pending/residual-epilogue.patch)
+      build "$d" resid --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu23/resid/tandem-gpu-bench "$(rel resid)/tandem-gpu-bench"
+      strip -o .gpu23/resid/engine-tests "$(engine_tests "$d" resid)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu23/resid/
+      xz -T2 -6 .gpu23/main/tandem-gpu-bench .gpu23/silu/tandem-gpu-bench .gpu23/silu/engine-tests \
+        .gpu23/resid/tandem-gpu-bench .gpu23/resid/engine-tests
       cp scripts/hf_reference.py .gpu23/
       ;;
     *) echo "unknown folder $w (8 to 23)" >&2; exit 1 ;;
