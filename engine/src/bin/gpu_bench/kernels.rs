@@ -5,6 +5,7 @@ use std::time::Instant;
 use tandem_engine::TokenDraw;
 use tandem_engine::backend::SeqChunk;
 use tandem_engine::block_manager::blocks_for;
+use tandem_engine::config::ModelConfig;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 
@@ -19,11 +20,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let config = named_config(&shape, Some(4))?;
     let gpu = Gpu::open(0, &config)?;
     let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
-    let (h, inter, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
+    let (h, inter) = (config.hidden_size, config.intermediate_size);
     let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
     println!(
         "## where a decode step's time goes ({shape}, {})\n",
@@ -32,13 +29,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
     println!("Copy bandwidth {bw:.0} GB/s.\n");
     println!("| product (out × in) | rows | µs | weight GB/s | of copy bandwidth | TFLOP/s |");
     println!("|---|---|---|---|---|---|");
-    for (name, out, k) in [
-        ("qkv", qkvw, h),
-        ("o", h, config.num_heads * config.head_dim),
-        ("gate_up", 2 * inter, h),
-        ("down", h, inter),
-        ("lm_head", v, h),
-    ] {
+    for (name, out, k) in products(&config) {
         let mut w = gpu.zeros::<half::bf16>(out * k)?;
         let mut x = gpu.zeros::<half::bf16>(256 * k)?;
         let mut y = gpu.zeros::<f32>(256 * out)?;
@@ -212,16 +203,10 @@ fn profile_table(prof: &[(&'static str, f64)], layers: usize, per: &str) {
     println!();
 }
 
-/// Each product at decode batch sizes: cuBLAS's own algorithm against the
+/// Each product at decode batch sizes and a full pass: cuBLAS's own algorithm against the
 /// fastest of cuBLASLt's candidates (`Gpu::tune_f32`, events around 10 launches
 /// back to back, so no launch gaps: smaller figures than the table above's).
-fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<()> {
-    let (h, inter, v) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.vocab_size,
-    );
-    let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
+fn tuning_table(gpu: &Gpu, config: &ModelConfig) -> Res<()> {
     println!(
         "cuBLASLt candidates timed against cuBLAS's own pick (µs per launch, 10 back to back; rank 0 is the heuristic's first):\n"
     );
@@ -233,13 +218,7 @@ fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<(
     // prefill runs on each chunk's last token only).
     let decode_rows = [16usize, 32, 64, 128, 256];
     let pass_rows = [16usize, 32, 64, 128, 256, 8192];
-    for (name, out, k) in [
-        ("qkv", qkvw, h),
-        ("o", h, config.num_heads * config.head_dim),
-        ("gate_up", 2 * inter, h),
-        ("down", h, inter),
-        ("lm_head", v, h),
-    ] {
+    for (name, out, k) in products(config) {
         let rows_tuned: &[usize] = if name == "lm_head" {
             &decode_rows
         } else {
@@ -267,4 +246,18 @@ fn tuning_table(gpu: &Gpu, config: &tandem_engine::config::ModelConfig) -> Res<(
     }
     println!();
     Ok(())
+}
+
+/// A layer's products and the LM head: name, outputs, inputs.
+fn products(config: &ModelConfig) -> [(&'static str, usize, usize); 5] {
+    let (h, inter) = (config.hidden_size, config.intermediate_size);
+    let qd = config.num_heads * config.head_dim;
+    let qkvw = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim;
+    [
+        ("qkv", qkvw, h),
+        ("o", h, qd),
+        ("gate_up", 2 * inter, h),
+        ("down", h, inter),
+        ("lm_head", config.vocab_size, h),
+    ]
 }
