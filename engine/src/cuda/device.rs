@@ -20,7 +20,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::error::{CudaError, DriverContext};
-use super::gemm_tune::{Operands, Queue, Shape, Tuner, Tuning};
+use super::gemm_tune::{Operands, Picked, Queue, Shape, Tuner, Tuning};
 use super::launch::{
     self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
     ProductOut, SiluMul, decode_smem, prefill_shape,
@@ -495,20 +495,23 @@ impl Gpu {
         };
         if self.tuner.on && (TUNED_ROWS.contains(&n) || n == self.pass_rows) {
             let stream = self.compute.cu_stream() as _;
-            if !self.tuner.tuned(shape) && !self.capturing()? {
-                // SAFETY: the operands are the caller's buffers of `shape`'s sizes;
-                // `time_ms` times on the compute stream, where the product runs.
-                unsafe {
-                    self.tuner
-                        .tune(shape, ops, stream, &|| self.gemm_ex(shape, ops), &|f| {
-                            self.time_ms(f)
-                        })
-                }?;
-                return Ok(());
-            }
-            // SAFETY: as above.
-            if unsafe { self.tuner.run_picked(shape, ops, stream) }? {
-                return Ok(());
+            // SAFETY: the operands are the caller's buffers of `shape`'s sizes.
+            match unsafe { self.tuner.run_picked(shape, ops, stream) }? {
+                Picked::Ran => return Ok(()),
+                Picked::Own => {}
+                // Timing waits on the stream, so inside a capture cuBLAS's own runs.
+                Picked::Untimed if !self.capturing()? => {
+                    // SAFETY: as above; `time_ms` times on the compute stream, where
+                    // the product runs.
+                    unsafe {
+                        self.tuner
+                            .tune(shape, ops, stream, &|| self.gemm_ex(shape, ops), &|f| {
+                                self.time_ms(f)
+                            })
+                    }?;
+                    return Ok(());
+                }
+                Picked::Untimed => {}
             }
         }
         self.gemm_ex(shape, ops)

@@ -16,9 +16,9 @@
 //! pass waits for its products' tuning. Every other product keeps
 //! `cublasGemmEx`, so a chunk of any other length never waits for a tuning.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
 
 use cudarc::cublaslt::result as lt_result;
 use cudarc::cublaslt::sys as lt;
@@ -63,7 +63,7 @@ struct Descs {
 }
 
 // SAFETY: the descriptors are host-side objects owned by this value alone; cuBLASLt
-// allows them to be used from any thread, one at a time (the `Mutex` in `Tuner`).
+// allows them to be used from any thread, one at a time (`Tuner` is not `Sync`).
 unsafe impl Send for Descs {}
 
 impl Descs {
@@ -164,20 +164,29 @@ impl Tuning {
     }
 }
 
+/// What [`Tuner::run_picked`] did with a product.
+pub(crate) enum Picked {
+    /// Ran it with the shape's tuned cuBLASLt algorithm.
+    Ran,
+    /// Nothing: cuBLAS's own pick won the shape's timing.
+    Own,
+    /// Nothing: the shape has not been timed.
+    Untimed,
+}
+
 /// cuBLASLt and the algorithm each tuned shape runs with.
 pub(crate) struct Tuner {
     handle: lt::cublasLtHandle_t,
     /// The workspace split-K candidates may use (cuBLAS's, on the same stream).
     workspace: (u64, usize),
-    picks: Mutex<HashMap<Shape, Pick>>,
+    picks: RefCell<HashMap<Shape, Pick>>,
     /// Tuning on (`TANDEM_CUDA_GEMM_TUNE=0` turns it off, for comparisons).
     pub on: bool,
 }
 
-// SAFETY: the handle is used under the `picks` lock or from the owning backend's
-// thread with the context bound; cuBLASLt handles may move between threads.
+// SAFETY: the handle is used from the owning backend's thread, with the context bound;
+// cuBLASLt handles may move between threads.
 unsafe impl Send for Tuner {}
-unsafe impl Sync for Tuner {}
 
 impl Tuner {
     /// cuBLASLt with `workspace` (device address and bytes), which must outlive it.
@@ -188,14 +197,13 @@ impl Tuner {
         Ok(Tuner {
             handle,
             workspace,
-            picks: Mutex::new(HashMap::new()),
+            picks: RefCell::new(HashMap::new()),
             on: !std::env::var("TANDEM_CUDA_GEMM_TUNE").is_ok_and(|v| v == "0"),
         })
     }
 
-    /// Runs the product with the shape's tuned cuBLASLt algorithm, if it has one:
-    /// false when it was never tuned or cuBLAS's own pick won (the caller runs
-    /// `cublasGemmEx`).
+    /// Runs the product with the shape's tuned cuBLASLt algorithm, if it has
+    /// one; otherwise says why not (the caller runs `cublasGemmEx`, or tunes).
     ///
     /// # Safety
     /// The operands must be live device buffers of the sizes `shape` implies.
@@ -204,19 +212,15 @@ impl Tuner {
         shape: Shape,
         ops: Operands,
         stream: lt::cudaStream_t,
-    ) -> Result<bool, CudaError> {
-        let picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
-        match picks.get(&shape) {
+    ) -> Result<Picked, CudaError> {
+        match self.picks.borrow().get(&shape) {
             // SAFETY: forwarded to the caller.
-            Some(Pick::Lt(d, algo)) => unsafe { self.matmul(d, algo, ops, stream) }.map(|()| true),
-            _ => Ok(false),
+            Some(Pick::Lt(d, algo)) => {
+                unsafe { self.matmul(d, algo, ops, stream) }.map(|()| Picked::Ran)
+            }
+            Some(Pick::Default) => Ok(Picked::Own),
+            None => Ok(Picked::Untimed),
         }
-    }
-
-    /// True when `shape` has been timed.
-    pub fn tuned(&self, shape: Shape) -> bool {
-        let picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
-        picks.contains_key(&shape)
     }
 
     /// Times cuBLAS's own pick (`default`, which launches it once) and the
@@ -245,8 +249,7 @@ impl Tuner {
                     "cuBLASLt offers no algorithm ({e}); cuBLAS's own is kept"
                 );
                 default()?;
-                let mut picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
-                picks.insert(shape, Pick::Default);
+                self.picks.borrow_mut().insert(shape, Pick::Default);
                 return Ok(Tuning::from_times(f32::NAN, &[]));
             }
         };
@@ -281,8 +284,7 @@ impl Tuner {
                 Pick::Default
             }
         };
-        let mut picks = self.picks.lock().unwrap_or_else(|e| e.into_inner());
-        picks.insert(shape, pick);
+        self.picks.borrow_mut().insert(shape, pick);
         Ok(tuning)
     }
 
@@ -371,10 +373,7 @@ impl Tuner {
 
 impl Drop for Tuner {
     fn drop(&mut self) {
-        self.picks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.picks.get_mut().clear();
         // SAFETY: created in `new`, destroyed once, after every descriptor.
         let _ = unsafe { lt_result::destroy_handle(self.handle) };
     }
