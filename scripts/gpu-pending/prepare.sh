@@ -32,7 +32,7 @@
 #           too; tandem-gpu-bench, engine-tests, xz; kernels; scripts/hf_reference.py)
 #   .gpu23  twelfth session's call-11 (not run yet): main/ (b064a30's tandem-gpu-bench and
 #           kernels), silu/ (the same with silu-unrolled.patch, and its engine-tests),
-#           resid/ (de73645 with residual-epilogue.patch, and its engine-tests), xz;
+#           resid/ (01b5f31 with residual-epilogue.patch, and its engine-tests), xz;
 #           scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
@@ -191,9 +191,9 @@ for w in $WHICH; do
       strip -o .gpu23/silu/tandem-gpu-bench "$(rel silu)/tandem-gpu-bench"
       strip -o .gpu23/silu/engine-tests "$(engine_tests "$d" silu)"
       cp -r "$d/engine/src/cuda/kernels" .gpu23/silu/
-      # resid/: de73645 with residual-epilogue.patch.
+      # resid/: 01b5f31 with residual-epilogue.patch.
       mkdir -p .gpu23/resid
-      d=$(worktree resid de73645 scripts/gpu-pending/residual-epilogue.patch)
+      d=$(worktree resid 01b5f31 scripts/gpu-pending/residual-epilogue.patch)
       build "$d" resid --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu23/resid/tandem-gpu-bench "$(rel resid)/tandem-gpu-bench"
       strip -o .gpu23/resid/engine-tests "$(engine_tests "$d" resid)"
