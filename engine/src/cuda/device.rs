@@ -397,6 +397,12 @@ impl Gpu {
         if pdl { self.prefetch_row_bytes } else { 0 }
     }
 
+    /// True when a product of `n` rows over `k` can add to its f32 output
+    /// ([`ProductOut::AddF32`]: cuBLAS's epilogue; the `gemv` kernel only writes).
+    pub(crate) fn adds_to_output(&self, n: usize, k: usize) -> bool {
+        !self.skinny(n, k)
+    }
+
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.
     fn skinny(&self, n: usize, k: usize) -> bool {
         n <= GEMV_MAX_ROWS && k.is_multiple_of(8) && !self.cublas_only
@@ -483,11 +489,18 @@ impl Gpu {
             // kernel's 16-byte loads stay inside each row.
             return unsafe { launch::launch(self, &gemv, pdl) };
         }
-        let (y, y_bf16) = match y {
-            ProductOut::F32(y) => (y.addr(), false),
-            ProductOut::Bf16(y) => (y.addr(), true),
+        let (y, y_bf16, add) = match y {
+            ProductOut::F32(y) => (y.addr(), false, false),
+            ProductOut::Bf16(y) => (y.addr(), true, false),
+            ProductOut::AddF32(y) => (y.addr(), false, true),
         };
-        let shape = Shape { n, k, out, y_bf16 };
+        let shape = Shape {
+            n,
+            k,
+            out,
+            y_bf16,
+            add,
+        };
         let ops = Operands {
             x: x.addr(),
             w: w.addr(),
@@ -501,15 +514,39 @@ impl Gpu {
                 Picked::Own => {}
                 // Timing waits on the stream, so inside a capture cuBLAS's own runs.
                 Picked::Untimed if !self.capturing()? => {
-                    // SAFETY: as above; `time_ms` times on the compute stream, where
-                    // the product runs.
+                    // A product that adds to its output is timed on a scratch output
+                    // (each timed launch adds again), then run once on its own.
+                    let scratch = if add {
+                        Some(
+                            self.compute
+                                .alloc_zeros::<f32>(n * out)
+                                .op("cuMemAlloc (tuning scratch)")?,
+                        )
+                    } else {
+                        None
+                    };
+                    let timed = Operands {
+                        y: scratch.as_ref().map_or(y, |b| ptr(b, &self.compute)),
+                        ..ops
+                    };
+                    // SAFETY: as above (the scratch is of `shape`'s output size);
+                    // `time_ms` times on the compute stream, where the product runs.
                     unsafe {
-                        self.tuner
-                            .tune(shape, ops, stream, &|| self.gemm_ex(shape, ops), &|f| {
-                                self.time_ms(f)
-                            })
+                        self.tuner.tune(
+                            shape,
+                            timed,
+                            stream,
+                            &|| self.gemm_ex(shape, timed),
+                            &|f| self.time_ms(f),
+                        )
                     }?;
-                    return Ok(());
+                    if !add {
+                        return Ok(());
+                    }
+                    // SAFETY: as above.
+                    if let Picked::Ran = unsafe { self.tuner.run_picked(shape, ops, stream) }? {
+                        return Ok(());
+                    }
                 }
                 Picked::Untimed => {}
             }
@@ -520,8 +557,10 @@ impl Gpu {
     /// The product through `cublasGemmEx` (cuBLAS's own algorithm choice).
     /// Crate-private: the addresses must hold what `shape` implies.
     fn gemm_ex(&self, shape: Shape, ops: Operands) -> Result<(), CudaError> {
-        let Shape { n, k, out, y_bf16 } = shape;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let Shape {
+            n, k, out, y_bf16, ..
+        } = shape;
+        let (alpha, beta) = (1.0f32, shape.beta());
         let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
         let y_type = if y_bf16 {
             bf16
@@ -603,6 +642,7 @@ impl Gpu {
             k,
             out,
             y_bf16: false,
+            add: false,
         };
         let ops = Operands {
             x: ptr(x, s),

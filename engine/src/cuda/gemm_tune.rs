@@ -36,14 +36,23 @@ const MIN_GAIN: f32 = 0.02;
 /// Something queued on the stream (one product, or a batch of them).
 pub(crate) type Queue<'a> = &'a dyn Fn() -> Result<(), CudaError>;
 
-/// A product `y [n, out] = x [n, k] · wᵀ`, `w [out, k]` bf16, `x` bf16, `y`
-/// bf16 or f32, f32 accumulation.
+/// A product `y [n, out] = x [n, k] · wᵀ` (or `y +=` it when `add`), `w [out,
+/// k]` bf16, `x` bf16, `y` bf16 or f32, f32 accumulation.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct Shape {
     pub n: usize,
     pub k: usize,
     pub out: usize,
     pub y_bf16: bool,
+    /// The product is added to what `y` holds (beta = 1; f32 `y` only).
+    pub add: bool,
+}
+
+impl Shape {
+    /// The epilogue's factor on what `y` held.
+    pub fn beta(&self) -> f32 {
+        if self.add { 1.0 } else { 0.0 }
+    }
 }
 
 /// The device addresses of one product of a [`Shape`].
@@ -56,6 +65,7 @@ pub(crate) struct Operands {
 
 /// A shape's cuBLASLt descriptors (column-major: `yᵀ [out, n] = w [k, out]ᵀ · xᵀ [k, n]`).
 struct Descs {
+    beta: f32,
     op: lt::cublasLtMatmulDesc_t,
     w: lt::cublasLtMatrixLayout_t,
     x: lt::cublasLtMatrixLayout_t,
@@ -82,6 +92,7 @@ impl Descs {
         .op("cublasLtMatmulDescCreate")?;
         // Built before anything else can fail, so `Drop` frees whatever was made.
         let mut d = Descs {
+            beta: s.beta(),
             op,
             w: std::ptr::null_mut(),
             x: std::ptr::null_mut(),
@@ -226,7 +237,8 @@ impl Tuner {
     /// Times cuBLAS's own pick (`default`, which launches it once) and the
     /// heuristic's candidates on `ops`, and keeps the fastest for `shape`. The
     /// stream must not be capturing: this waits on it. `ops.y` ends up written by
-    /// the algorithm kept.
+    /// the algorithm kept (for an adding shape, many times over: time it on a
+    /// scratch output).
     ///
     /// # Safety
     /// The operands must be live device buffers of the sizes `shape` implies, and
@@ -344,7 +356,7 @@ impl Tuner {
         ops: Operands,
         stream: lt::cudaStream_t,
     ) -> Result<(), CudaError> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, d.beta);
         // SAFETY: the descriptors are live; the operands are the caller's; the
         // workspace outlives the tuner.
         unsafe {
@@ -387,6 +399,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use crate::cuda::device::Gpu;
+    use crate::cuda::launch::{Dev, ProductOut};
     use crate::cuda::model::named_config;
 
     /// The fastest candidate that ran wins, and replaces cuBLAS's own pick only
@@ -404,7 +417,8 @@ mod tests {
 
     /// Products at graph-bucket row counts, tuned, against cuBLAS's own algorithm
     /// (the same f32 sums in another order) and against the host at sampled entries
-    /// (a transposed operand or a wrong stride would pass the first alone).
+    /// (a transposed operand or a wrong stride would pass the first alone); and
+    /// the same products added to an output (the residual stream's epilogue).
     #[test]
     #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::gemm_tune -- --ignored"]
     fn gpu_tuned_products_match_cublas_own_and_the_host() {
@@ -451,6 +465,25 @@ mod tests {
                     assert!(
                         (a - b).abs() <= 1e-4 * scale,
                         "{k}×{out} at {n} rows, entry {i}: own {a}, tuned {b} ({t:?})"
+                    );
+                }
+                // Added to what the output holds (tuned on a scratch output first,
+                // then run once on this one): the base plus the same product.
+                let base: Vec<f32> = (0..n * out)
+                    .map(|_| rng.random_range(-4.0f32..4.0))
+                    .collect();
+                let yb = gpu.upload(&base).unwrap();
+                let s = &gpu.compute;
+                let add = ProductOut::AddF32(Dev::of(&yb, s));
+                gpu.gemm_with(Dev::of(&xd, s), Dev::of(&wd, s), add, n, k, out, false)
+                    .unwrap();
+                let added = gpu.compute.clone_dtoh(&yb).unwrap();
+                for (i, a) in added.iter().enumerate() {
+                    assert!(
+                        (a - (base[i] + own[i])).abs() <= 1e-4 * (scale + 4.0),
+                        "{k}×{out} at {n} rows, entry {i}: added {a}, base {} + product {}",
+                        base[i],
+                        own[i]
                     );
                 }
                 for _ in 0..64 {

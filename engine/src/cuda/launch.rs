@@ -451,6 +451,9 @@ pub(crate) enum ProductOut {
     F32(Dev<f32>),
     /// bf16 rows.
     Bf16(Dev<bf16>),
+    /// f32 rows the product is added to (cuBLAS's epilogue, beta = 1; not the
+    /// `gemv` kernel, which only writes).
+    AddF32(Dev<f32>),
 }
 
 /// `gemv`: `y[r, o] = Σ_k x[r, k] w[o, k]` for `n` ≤ [`GEMV_KERNEL_ROWS`] rows;
@@ -473,6 +476,11 @@ impl Kernel for Gemv {
         let (y, y_f32) = match self.y {
             ProductOut::F32(y) => (y.addr, 1),
             ProductOut::Bf16(y) => (y.addr, 0),
+            ProductOut::AddF32(_) => {
+                return Err(CudaError::Unsupported(
+                    "the gemv kernel writes its output; it cannot add to it".into(),
+                ));
+            }
         };
         Ok(vec![
             ("x", self.x.into()),

@@ -247,11 +247,27 @@ impl CudaBackend {
         self.mark("embed")?;
 
         let (pos, slots) = (meta.add(m.pos), meta.add(m.slots));
+        // Above one row the o and down products add into the residual stream `x`
+        // in cuBLAS's epilogue, so the norm after each only reads it; one row's
+        // `gemv` writes `delta`, which the norm adds.
+        let o_adds = g.adds_to_output(n, qd);
+        let down_adds = g.adds_to_output(n, inter);
+        let into_residual = |adds: bool| {
+            if adds {
+                ProductOut::AddF32(x)
+            } else {
+                ProductOut::F32(delta)
+            }
+        };
         for (li, layer) in self.model.layers.iter().enumerate() {
             let norm = AddRmsnorm {
                 rows: n,
                 x,
-                delta: if li == 0 { Dev::NULL } else { delta },
+                delta: if li == 0 || down_adds {
+                    Dev::NULL
+                } else {
+                    delta
+                },
                 rows_map: Dev::NULL,
                 w: Dev::of(&layer.input_norm, st),
                 out: hb,
@@ -376,12 +392,12 @@ impl CudaBackend {
             }
 
             let w = Dev::of(&layer.o, st);
-            g.gemm_with(attn, w, ProductOut::F32(delta), n, qd, h, pdl)?;
+            g.gemm_with(attn, w, into_residual(o_adds), n, qd, h, pdl)?;
             self.mark("o product")?;
             let norm = AddRmsnorm {
                 rows: n,
                 x,
-                delta,
+                delta: if o_adds { Dev::NULL } else { delta },
                 rows_map: Dev::NULL,
                 w: Dev::of(&layer.post_norm, st),
                 out: hb,
@@ -401,7 +417,7 @@ impl CudaBackend {
                 self.mark("SiLU")?;
             }
             let w = Dev::of(&layer.down, st);
-            g.gemm_with(act, w, ProductOut::F32(delta), n, inter, h, pdl)?;
+            g.gemm_with(act, w, into_residual(down_adds), n, inter, h, pdl)?;
             self.mark("down product")?;
         }
 
@@ -412,11 +428,12 @@ impl CudaBackend {
         } else {
             (s, meta.add(m.last_rows))
         };
-        // The last layer's output is in `delta`, still to be added (unless no layer ran).
+        // The last layer's output is in `delta`, still to be added (unless no layer
+        // ran, or it was added in the down product's epilogue).
         let final_norm = AddRmsnorm {
             rows,
             x,
-            delta: if self.model.layers.is_empty() {
+            delta: if self.model.layers.is_empty() || down_adds {
                 Dev::NULL
             } else {
                 delta
