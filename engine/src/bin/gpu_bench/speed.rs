@@ -28,6 +28,12 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
     };
     let kv_dtype = kv_dtype_arg(args)?;
+    // `--block-size N`: cache blocks of N tokens (a block of 64 or 128 is one
+    // TMA box of the prefill attention's 128-key tile per 64 dims, not 8 or 4).
+    let bs: usize = arg(args, "--block-size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(BS);
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
     let gpu = Gpu::open(0, &config)?;
@@ -43,14 +49,14 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     let layer_block = KvLayout {
         num_layers: config.num_layers,
         num_blocks: 1,
-        block_size: BS,
+        block_size: bs,
         num_kv_heads: config.num_kv_heads,
         head_dim: config.head_dim,
         dtype: kv_dtype,
     }
     .block_bytes();
     let block_bytes_all = config.num_layers * layer_block;
-    let kv_token_bytes = block_bytes_all / BS;
+    let kv_token_bytes = block_bytes_all / bs;
     let reserve = 3usize << 30;
     let num_blocks = (free.saturating_sub(reserve)) / block_bytes_all;
     let limits = CudaLimits {
@@ -58,7 +64,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         ..CudaLimits::default()
     };
     let weight_bytes = 2 * model.streamed_params();
-    let mut be = CudaBackend::new(gpu, model.into(), num_blocks, BS, limits)?;
+    let mut be = CudaBackend::new(gpu, model.into(), num_blocks, bs, limits)?;
     be.fill_cache_random(3)?;
     println!(
         "## benchmark: {shape} ({} layers, hidden {}, {} heads, {} KV heads, FFN {}, vocab {}), random bf16 weights on {name}\n",
@@ -70,11 +76,11 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         config.vocab_size
     );
     println!(
-        "GPU memory {:.1} GiB; weights {:.2} GB; KV cache ({}) {num_blocks} blocks of {BS} tokens = {} tokens ({:.1} GB, {kv_token_bytes} B/token); set-up {:.1} s\n",
+        "GPU memory {:.1} GiB; weights {:.2} GB; KV cache ({}) {num_blocks} blocks of {bs} tokens = {} tokens ({:.1} GB, {kv_token_bytes} B/token); set-up {:.1} s\n",
         total as f64 / (1u64 << 30) as f64,
         weight_bytes as f64 / 1e9,
         kv_dtype.name(),
-        num_blocks * BS,
+        num_blocks * bs,
         (num_blocks * block_bytes_all) as f64 / 1e9,
         t0.elapsed().as_secs_f64()
     );
@@ -104,7 +110,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         for ctx in [1024usize, 4096] {
             for &batch in batches {
                 let steps = 13;
-                let per_seq = blocks_for(ctx + steps + 1, BS);
+                let per_seq = blocks_for(ctx + steps + 1, bs);
                 if per_seq * batch > num_blocks {
                     println!(
                         "| {ctx} | {batch} | does not fit ({} blocks needed, {num_blocks} in memory) | | | |",
@@ -144,9 +150,9 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
             }
         }
         println!();
-        prefetch_table(&mut be, &mut rng, config.vocab_size)?;
-        gemm_tune_table(&mut be, &mut rng, config.vocab_size, num_blocks)?;
-        sampling_check(&mut be, config.vocab_size)?;
+        prefetch_table(&mut be, &mut rng, config.vocab_size, bs)?;
+        gemm_tune_table(&mut be, &mut rng, config.vocab_size, num_blocks, bs)?;
+        sampling_check(&mut be, config.vocab_size, bs)?;
     }
 
     if !prefill {
@@ -176,7 +182,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     };
     let mut last_table = Vec::new();
     for &len in lens {
-        let blocks = blocks_for(len, BS);
+        let blocks = blocks_for(len, bs);
         if blocks > num_blocks {
             println!("| {len} | does not fit | | | | | |");
             continue;
@@ -202,7 +208,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
                 let mut start = 0;
                 while start < len {
                     let end = (start + limits.max_tokens).min(len);
-                    let chunk_blocks = &table[start / BS..end.div_ceil(BS)];
+                    let chunk_blocks = &table[start / bs..end.div_ceil(bs)];
                     let mut hook = |layer: usize, kv: &dyn KvExport| -> tandem_engine::Result<()> {
                         let b = kv.export_heads_async(layer, chunk_blocks, heads.clone())?;
                         let _ = tx.send(b);
@@ -279,7 +285,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         let (s, f) = (median(stage), median(full));
         println!(
             "### KV export, one layer of a {}-token prompt ({:.0} MB)\n",
-            blocks.len() * BS,
+            blocks.len() * bs,
             bytes / 1e6
         );
         println!("| path | ms | GB/s | of 55 GB/s |");
@@ -312,9 +318,9 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
 
 /// GPU sampling against the host's distribution for the same logits: a batch of
 /// identical sequences, each drawing with its own variate, many rounds.
-fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
+fn sampling_check(be: &mut CudaBackend, vocab: usize, bs: usize) -> Res<()> {
     let (batch, ctx, rounds) = (64usize, 256usize, 80usize);
-    let table: Vec<u32> = (0..blocks_for(ctx + 1, BS) as u32).collect();
+    let table: Vec<u32> = (0..blocks_for(ctx + 1, bs) as u32).collect();
     let tok = [7u32];
     let chunks: Vec<SeqChunk<'_>> = (0..batch)
         .map(|_| SeqChunk {
@@ -410,7 +416,7 @@ fn sampling_check(be: &mut CudaBackend, vocab: usize) -> Res<()> {
 
 /// Batch-1 decode steps with each setting of the `gemv` row prefetch
 /// (`BenchControls::set_prefetch`), taking turns three times, at 1k and 4k context.
-fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> Res<()> {
+fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize, bs: usize) -> Res<()> {
     println!(
         "### L2 prefetch of each gemv weight row's start at batch 1 (graph replays; ms per step, three rounds taking turns)\n"
     );
@@ -419,7 +425,7 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize) -> R
     let settings = [0usize, 512, 1024, 2048, 1 << 20];
     let before = be.prefetch();
     for ctx in [1024usize, 4096] {
-        let tables = consecutive_tables(1, blocks_for(ctx + 14, BS));
+        let tables = consecutive_tables(1, blocks_for(ctx + 14, bs));
         let mut toks = vec![rng.random_range(0..vocab as u32)];
         let mut ms: [Vec<f64>; 5] = Default::default();
         for _round in 0..3 {
@@ -450,6 +456,7 @@ fn gemm_tune_table(
     rng: &mut ChaCha8Rng,
     vocab: usize,
     num_blocks: usize,
+    bs: usize,
 ) -> Res<()> {
     println!(
         "### products with tuned cuBLASLt algorithms against cuBLAS's own (graph replays; ms per step, three rounds taking turns)\n"
@@ -458,7 +465,7 @@ fn gemm_tune_table(
     println!("|---|---|---|---|---|");
     for ctx in [1024usize, 4096] {
         for batch in [64usize, 256] {
-            let per_seq = blocks_for(ctx + 14, BS);
+            let per_seq = blocks_for(ctx + 14, bs);
             if per_seq * batch > num_blocks {
                 continue;
             }
