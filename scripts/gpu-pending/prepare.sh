@@ -34,6 +34,11 @@
 #           kernels), silu/ (the same with silu-unrolled.patch, and its engine-tests),
 #           resid/ (01b5f31 with residual-epilogue.patch, and its engine-tests), xz;
 #           scripts/hf_reference.py
+#   .gpu24-26 thirteenth session's calls 13-16 (ran; built by hand from 76b8069, its
+#           residual-epilogue and the 128-key tile patches; see that folder's scripts)
+#   .gpu27  call-17 (not run yet): main/ (this checkout's tandem-gpu-bench and kernels),
+#           bk128/ (the same with prefill-bk128-lanes.patch), lanes64/ (that patch's
+#           kernels with 64-key tiles, for main's binary), xz; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -43,7 +48,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -202,7 +207,25 @@ for w in $WHICH; do
         .gpu23/resid/tandem-gpu-bench .gpu23/resid/engine-tests
       cp scripts/hf_reference.py .gpu23/
       ;;
-    *) echo "unknown folder $w (8 to 23)" >&2; exit 1 ;;
+    27)
+      # main/: this checkout; bk128/: the same with prefill-bk128-lanes.patch;
+      # lanes64/: the patch's kernel source with main's 64-key tiles and 4 stages,
+      # for main's binary (call-17).
+      rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu27/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp -r engine/src/cuda/kernels .gpu27/main/
+      d=$(worktree bk128 HEAD scripts/gpu-pending/prefill-bk128-lanes.patch)
+      build "$d" bk128 --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu27/bk128/tandem-gpu-bench "$(rel bk128)/tandem-gpu-bench"
+      cp -r "$d/engine/src/cuda/kernels" .gpu27/bk128/
+      cp -r "$d/engine/src/cuda/kernels" .gpu27/lanes64/
+      { printf '#define PREFILL_WS_BK 64\n#define PREFILL_FP8_STAGES PREFILL_STAGES\n'
+        cat "$d/engine/src/cuda/kernels/prefill_attn.cu"; } > .gpu27/lanes64/kernels/prefill_attn.cu
+      xz -T2 -6 .gpu27/main/tandem-gpu-bench .gpu27/bk128/tandem-gpu-bench
+      cp scripts/hf_reference.py .gpu27/
+      ;;
+    *) echo "unknown folder $w (8 to 27)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
