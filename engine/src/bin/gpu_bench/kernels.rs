@@ -18,6 +18,11 @@ use super::{BS, Res, arg, median};
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
+    // `--block-size N`: cache blocks of N tokens (as `bench`'s).
+    let bs: usize = arg(args, "--block-size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(BS);
     let gpu = Gpu::open(0, &config)?;
     let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
     let (h, inter) = (config.hidden_size, config.intermediate_size);
@@ -72,11 +77,15 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         let c = named_config(&shape, Some(layers))?;
         let g = Gpu::open(0, &c)?;
         let model = GpuModel::random(&g, &c, 1)?;
-        // Enough blocks for 256 sequences of 1k and 64 of 4k.
-        let mut be = CudaBackend::new(g, model.into(), 256 * 66 + 8, BS, CudaLimits::default())?;
+        // Enough blocks for 256 sequences of 1k, 64 of 4k and a 32k prompt.
+        let blocks = (256 * blocks_for(1024 + 20, bs))
+            .max(64 * blocks_for(4096 + 20, bs))
+            .max(blocks_for(32768, bs))
+            + 8;
+        let mut be = CudaBackend::new(g, model.into(), blocks, bs, CudaLimits::default())?;
         be.fill_cache_random(3)?;
         for (ctx, batch) in [(1024usize, 1usize), (4096, 64), (1024, 256)] {
-            let per_seq = blocks_for(ctx + 20, BS);
+            let per_seq = blocks_for(ctx + 20, bs);
             let tables = consecutive_tables(batch, per_seq);
             let mut toks = vec![1u32; batch];
             let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
@@ -100,7 +109,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 (1024, 256, Some(2048)),
             ] {
                 be.set_decode_blocks(blocks);
-                let per_seq = blocks_for(ctx + 20, BS);
+                let per_seq = blocks_for(ctx + 20, bs);
                 let tables = consecutive_tables(batch, per_seq);
                 let toks = vec![[1u32]; batch];
                 let chunks: Vec<SeqChunk<'_>> = toks
@@ -129,7 +138,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
             // layer figures above; here it is beside the products it shares a pass with.
             let len = CudaLimits::default().max_tokens;
             for start in [0usize, 24576] {
-                let table: Vec<u32> = (0..blocks_for(start + len, BS) as u32).collect();
+                let table: Vec<u32> = (0..blocks_for(start + len, bs) as u32).collect();
                 let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 7919) % 1000).collect();
                 let chunk = [SeqChunk {
                     tokens: &prompt,
