@@ -9,8 +9,9 @@
 # chunk 3.5% ahead with blocks of 64 (25.45 against 26.36 ms, 2 layers). Here:
 # main, bk128 and lanes64 (the patch's warp-issued boxes with main's 64-key
 # tiles) taking turns twice at blocks of 16 and of 64 (`bench --block-size`),
-# transformers SDPA once, main's decode at b1 and b64 with blocks of 16 and 64,
-# then `kernels` of main (blocks of 16 and 64) and bk128. ~420 s.
+# transformers SDPA once, main's decode at b1 and b64 with blocks of 16 and 64
+# (with the residual epilogue off and on, taking turns, at b64 and b256),
+# then `kernels` of main (blocks of 16 and 64) and bk128. ~470 s.
 # Carry .gpu27 (`WHICH=27 bash scripts/gpu-pending/prepare.sh`). DEADLINE_S (default 580).
 set -u
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c17
@@ -28,9 +29,11 @@ for round in 1 2; do
   done
   [ "$round" = 1 ] && { date -u +%T.%N; step torch 60 "" /opt/torch/.venv/bin/python .gpu27/hf_reference.py baseline --prefill 8192,32768 --runs 3 --decode ""; }
 done
-# Main's decode at blocks of 16 and 64 (a node's block size serves both phases).
+# Main's decode at blocks of 16 and 64 (a node's block size serves both phases);
+# each also takes turns with the residual epilogue off and on at b64 and b256
+# (the twelfth session's open b256 question).
 for bs in 16 64; do
-  date -u +%T.%N; step "decode-main-bs$bs" 90 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64 --block-size $bs
+  date -u +%T.%N; step "decode-main-bs$bs" 150 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64 --block-size $bs
 done
 date -u +%T.%N; step kernels-main 60 "$M/kernels" /tmp/gm/tandem-gpu-bench kernels --shape llama3-8b
 date -u +%T.%N; step kernels-main-bs64 60 "$M/kernels" /tmp/gm/tandem-gpu-bench kernels --shape llama3-8b --block-size 64
@@ -38,6 +41,6 @@ date -u +%T.%N; step kernels-bk128 60 "$K/kernels" /tmp/gk/tandem-gpu-bench kern
 date -u +%T.%N
 smi_stop
 for f in "$O"/prefill-*.md "$O"/torch.md; do echo "== $f"; grep -E "^\| (1024|8192|32768) \||^\| prefill|rror|panick" "$f"; done
-grep -E "^Floor|^\| (1024|4096) \| (1|64) \|" "$O"/decode-main-bs*.md
+grep -E "^Floor|^###|^\| (1024|4096) \| (1|64|256) \|" "$O"/decode-main-bs*.md
 for f in "$O"/kernels-*.md; do echo "== $f"; grep -E "^Kernel by kernel, a prefill|^\| prefill_attn" "$f"; done
 tar -C "$OUT" -czf "$OUT/c17.tgz" c17 && rm -rf "$O"

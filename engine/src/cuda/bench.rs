@@ -52,6 +52,10 @@ pub trait BenchControls {
     /// counts and at full passes) on or off (off: `cublasGemmEx`'s own choice);
     /// graphs captured otherwise are dropped.
     fn set_gemm_tune(&mut self, on: bool);
+    /// Turns the residual added in the o and down products' epilogue on or off
+    /// (off: they write `delta` and the norms add it); graphs captured otherwise
+    /// are dropped.
+    fn set_residual_epilogue(&mut self, on: bool);
 }
 
 impl CudaBackend {
@@ -164,6 +168,13 @@ impl BenchControls for CudaBackend {
     fn set_gemm_tune(&mut self, on: bool) {
         if self.gpu.gemm_tune() != on {
             self.gpu.set_gemm_tune(on);
+            self.graphs.clear();
+        }
+    }
+
+    fn set_residual_epilogue(&mut self, on: bool) {
+        if self.gpu.residual_epilogue != on {
+            self.gpu.residual_epilogue = on;
             self.graphs.clear();
         }
     }

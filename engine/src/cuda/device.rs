@@ -89,6 +89,10 @@ pub struct Gpu {
     arch: &'static str,
     /// Use cuBLAS even for skinny products (`TANDEM_CUDA_CUBLAS_ONLY=1`, for comparisons).
     cublas_only: bool,
+    /// Above one row, the o and down products add into the residual stream in
+    /// cuBLAS's epilogue (`TANDEM_CUDA_RESIDUAL_EPILOGUE=0`: they write `delta`
+    /// and the norms add it, for comparisons).
+    pub(crate) residual_epilogue: bool,
     /// Launch the forward pass's kernels as programmatic dependent launches
     /// (`TANDEM_CUDA_PDL=0` turns it off).
     pub(crate) pdl: bool,
@@ -277,6 +281,8 @@ impl Gpu {
             prefill_fp8,
             arch,
             cublas_only: std::env::var("TANDEM_CUDA_CUBLAS_ONLY").is_ok_and(|v| v == "1"),
+            residual_epilogue: !std::env::var("TANDEM_CUDA_RESIDUAL_EPILOGUE")
+                .is_ok_and(|v| v == "0"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
             prefetch_row_bytes: prefetch_row_bytes(),
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
@@ -397,10 +403,11 @@ impl Gpu {
         if pdl { self.prefetch_row_bytes } else { 0 }
     }
 
-    /// True when a product of `n` rows over `k` can add to its f32 output
-    /// ([`ProductOut::AddF32`]: cuBLAS's epilogue; the `gemv` kernel only writes).
+    /// True when a product of `n` rows over `k` adds to its f32 output
+    /// ([`ProductOut::AddF32`]: cuBLAS's epilogue; the `gemv` kernel only writes)
+    /// where the forward pass can have it do so (`residual_epilogue`).
     pub(crate) fn adds_to_output(&self, n: usize, k: usize) -> bool {
-        !self.skinny(n, k)
+        self.residual_epilogue && !self.skinny(n, k)
     }
 
     /// True when a product of `n` rows over `k` runs as the `gemv` kernel.

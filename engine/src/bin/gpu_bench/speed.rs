@@ -151,7 +151,9 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         }
         println!();
         prefetch_table(&mut be, &mut rng, config.vocab_size, bs)?;
-        gemm_tune_table(&mut be, &mut rng, config.vocab_size, num_blocks, bs)?;
+        for ab in &ABS {
+            ab_table(&mut be, &mut rng, config.vocab_size, num_blocks, bs, ab)?;
+        }
         sampling_check(&mut be, config.vocab_size, bs)?;
     }
 
@@ -448,20 +450,51 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize, bs: 
     Ok(())
 }
 
-/// Decode steps at batch 64 and 256 with the products' tuned cuBLASLt
-/// algorithms and with cuBLAS's own (`BenchControls::set_gemm_tune`), taking
-/// turns three times, at 1k and 4k context.
-fn gemm_tune_table(
+/// What [`ab_table`] compares: its heading, the two settings' column names
+/// (off, on) and how to switch between them.
+struct Ab {
+    heading: &'static str,
+    off: &'static str,
+    on: &'static str,
+    set: fn(&mut CudaBackend, bool),
+}
+
+/// The A/B tables of `bench`'s decode part: the products' tuned cuBLASLt
+/// algorithms against cuBLAS's own, and the residual added in the o and down
+/// products' epilogue against the norms adding it.
+const ABS: [Ab; 2] = [
+    Ab {
+        heading: "products with tuned cuBLASLt algorithms against cuBLAS's own",
+        off: "cuBLAS's own",
+        on: "tuned",
+        set: |be, on| be.set_gemm_tune(on),
+    },
+    Ab {
+        heading: "the residual added in the o and down products' epilogue against the norms adding it",
+        off: "norms add",
+        on: "epilogue adds",
+        set: |be, on| be.set_residual_epilogue(on),
+    },
+];
+
+/// Decode steps at batch 64 and 256 with `ab`'s setting off and on, taking
+/// turns three times, at 1k and 4k context (graph replays); left on.
+fn ab_table(
     be: &mut CudaBackend,
     rng: &mut ChaCha8Rng,
     vocab: usize,
     num_blocks: usize,
     bs: usize,
+    ab: &Ab,
 ) -> Res<()> {
     println!(
-        "### products with tuned cuBLASLt algorithms against cuBLAS's own (graph replays; ms per step, three rounds taking turns)\n"
+        "### {} (graph replays; ms per step, three rounds taking turns)\n",
+        ab.heading
     );
-    println!("| context | batch | cuBLAS's own | tuned | tuned ÷ own (median) |");
+    println!(
+        "| context | batch | {} | {} | {} ÷ {} (median) |",
+        ab.off, ab.on, ab.on, ab.off
+    );
     println!("|---|---|---|---|---|");
     for ctx in [1024usize, 4096] {
         for batch in [64usize, 256] {
@@ -473,10 +506,10 @@ fn gemm_tune_table(
             let mut toks: Vec<u32> = (0..batch)
                 .map(|_| rng.random_range(0..vocab as u32))
                 .collect();
-            let (mut own, mut tuned) = (Vec::new(), Vec::new());
+            let (mut off, mut on) = (Vec::new(), Vec::new());
             for _round in 0..3 {
-                for (on, ms) in [(false, &mut own), (true, &mut tuned)] {
-                    be.set_gemm_tune(on);
+                for (setting, ms) in [(false, &mut off), (true, &mut on)] {
+                    (ab.set)(be, setting);
                     ms.push(time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)? * 1e3);
                 }
             }
@@ -486,13 +519,13 @@ fn gemm_tune_table(
             };
             println!(
                 "| {ctx} | {batch} | {} | {} | {:.3} |",
-                cell(&own),
-                cell(&tuned),
-                median(tuned.clone()) / median(own.clone())
+                cell(&off),
+                cell(&on),
+                median(on.clone()) / median(off.clone())
             );
         }
     }
-    be.set_gemm_tune(true);
+    (ab.set)(be, true);
     println!();
     Ok(())
 }
