@@ -36,9 +36,10 @@
 #           scripts/hf_reference.py
 #   .gpu24-26 thirteenth session's calls 13-16 (ran; built by hand from 76b8069, its
 #           residual-epilogue and the 128-key tile patches; see that folder's scripts)
-#   .gpu27  call-17 (not run yet): main/ (this checkout's tandem-gpu-bench and kernels),
-#           bk128/ (the same with prefill-bk128-lanes.patch), lanes64/ (that patch's
-#           kernels with 64-key tiles, for main's binary), xz; scripts/hf_reference.py
+#   .gpu27  calls 17-19 (not run yet): main/ (this checkout's tandem-gpu-bench and
+#           kernels), bk128/ (the same with prefill-bk128-lanes.patch), lanes64/ (that
+#           patch's kernels with 64-key tiles, for main's binary), nofence/ (main's kernels
+#           with prefill-tma-nofence.patch), xz; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -210,8 +211,8 @@ for w in $WHICH; do
     27)
       # main/: this checkout; bk128/: the same with prefill-bk128-lanes.patch;
       # lanes64/: the patch's kernel source with main's 64-key tiles and 4 stages,
-      # for main's binary (call-17).
-      rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64
+      # for main's binary (call-17, call-18, call-19).
+      rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64 .gpu27/nofence
       build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu27/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       cp -r engine/src/cuda/kernels .gpu27/main/
@@ -222,6 +223,10 @@ for w in $WHICH; do
       cp -r "$d/engine/src/cuda/kernels" .gpu27/lanes64/
       { printf '#define PREFILL_WS_BK 64\n#define PREFILL_FP8_STAGES PREFILL_STAGES\n'
         cat "$d/engine/src/cuda/kernels/prefill_attn.cu"; } > .gpu27/lanes64/kernels/prefill_attn.cu
+      # nofence/: main's kernels with prefill-tma-nofence.patch (kernels only).
+      cp -r engine/src/cuda/kernels .gpu27/nofence/
+      d=$(worktree nofence HEAD scripts/gpu-pending/prefill-tma-nofence.patch)
+      cp "$d/engine/src/cuda/kernels/prefill_attn.cu" .gpu27/nofence/kernels/
       xz -T2 -6 .gpu27/main/tandem-gpu-bench .gpu27/bk128/tandem-gpu-bench
       cp scripts/hf_reference.py .gpu27/
       ;;
