@@ -39,7 +39,8 @@
 #   .gpu27  calls 17-19 (not run yet): main/ (this checkout's tandem-gpu-bench and
 #           kernels), bk128/ (the same with prefill-bk128-lanes.patch), lanes64/ (that
 #           patch's kernels with 64-key tiles, for main's binary), nofence/ (main's kernels
-#           with prefill-tma-nofence.patch), xz; scripts/hf_reference.py
+#           with prefill-tma-nofence.patch), pairs/ (this checkout with
+#           prefill-tma-pairs.patch, and its engine-tests), xz; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -211,8 +212,8 @@ for w in $WHICH; do
     27)
       # main/: this checkout; bk128/: the same with prefill-bk128-lanes.patch;
       # lanes64/: the patch's kernel source with main's 64-key tiles and 4 stages,
-      # for main's binary (call-17, call-18, call-19).
-      rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64 .gpu27/nofence
+      # for main's binary (call-17, call-18, call-19, call-20).
+      rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64 .gpu27/nofence .gpu27/pairs
       build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu27/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       cp -r engine/src/cuda/kernels .gpu27/main/
@@ -227,7 +228,14 @@ for w in $WHICH; do
       cp -r engine/src/cuda/kernels .gpu27/nofence/
       d=$(worktree nofence HEAD scripts/gpu-pending/prefill-tma-nofence.patch)
       cp "$d/engine/src/cuda/kernels/prefill_attn.cu" .gpu27/nofence/kernels/
-      xz -T2 -6 .gpu27/main/tandem-gpu-bench .gpu27/bk128/tandem-gpu-bench
+      # pairs/: this checkout with prefill-tma-pairs.patch (call-20).
+      d=$(worktree pairs HEAD scripts/gpu-pending/prefill-tma-pairs.patch)
+      build "$d" pairs --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu27/pairs/tandem-gpu-bench "$(rel pairs)/tandem-gpu-bench"
+      strip -o .gpu27/pairs/engine-tests "$(engine_tests "$d" pairs)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu27/pairs/
+      xz -T2 -6 .gpu27/main/tandem-gpu-bench .gpu27/bk128/tandem-gpu-bench \
+        .gpu27/pairs/tandem-gpu-bench .gpu27/pairs/engine-tests
       cp scripts/hf_reference.py .gpu27/
       ;;
     *) echo "unknown folder $w (8 to 27)" >&2; exit 1 ;;
