@@ -62,6 +62,14 @@ fn kv_dtype_arg(args: &[String]) -> Res<KvDtype> {
     }
 }
 
+/// `--block-size N`: cache blocks of N tokens ([`BS`] when absent).
+fn block_size_arg(args: &[String]) -> Res<usize> {
+    Ok(arg(args, "--block-size")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(BS))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {

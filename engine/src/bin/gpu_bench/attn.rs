@@ -16,7 +16,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{CudaBackend, CudaLimits, Gpu, GpuModel};
 use tandem_engine::kv_cache::KvDtype;
 
-use super::{BS, Res, arg, kv_dtype_arg, l2_err};
+use super::{Res, arg, block_size_arg, kv_dtype_arg, l2_err};
 
 /// Largest L2 relative error of the logits the two kernels may differ by (both
 /// bf16 attention with f32 accumulation; they differ in summation order).
@@ -67,10 +67,7 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
     if let Some(w) = arg(args, "--window") {
         config.sliding_window = Some(w.parse()?);
     }
-    let bs: usize = arg(args, "--block-size")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(BS);
+    let bs = block_size_arg(args)?;
     // `--kv-dtype fp8_e4m3`: both kernels' fp8-cache instances (e4m3 tiles
     // expanded to the same bf16 tiles, so they too should agree).
     let kv_dtype = kv_dtype_arg(args)?;

@@ -10,7 +10,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 
 use super::speed::{consecutive_tables, time_decode};
-use super::{BS, Res, arg, median};
+use super::{Res, arg, block_size_arg, median};
 
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
 /// kernel at batch 1 and cuBLAS at batch 64 and 256) against the copy bandwidth, and the
@@ -18,11 +18,7 @@ use super::{BS, Res, arg, median};
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
-    // `--block-size N`: cache blocks of N tokens (as `bench`'s).
-    let bs: usize = arg(args, "--block-size")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(BS);
+    let bs = block_size_arg(args)?;
     let gpu = Gpu::open(0, &config)?;
     let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
     let (h, inter) = (config.hidden_size, config.intermediate_size);

@@ -12,7 +12,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 use tandem_engine::kv_cache::KvLayout;
 
-use super::{BS, Res, arg, kv_dtype_arg, median};
+use super::{Res, arg, block_size_arg, kv_dtype_arg, median};
 
 pub(crate) fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
@@ -28,12 +28,9 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
     };
     let kv_dtype = kv_dtype_arg(args)?;
-    // `--block-size N`: cache blocks of N tokens (a block of 64 or 128 is one
-    // TMA box of the prefill attention's 128-key tile per 64 dims, not 8 or 4).
-    let bs: usize = arg(args, "--block-size")
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(BS);
+    // `--block-size N`: a block of 64 tokens is one TMA box of the prefill
+    // attention's tile per 64 dims, where blocks of 16 are four.
+    let bs = block_size_arg(args)?;
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();
     let gpu = Gpu::open(0, &config)?;
