@@ -45,7 +45,12 @@ use speed::bench;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// Cache block size of the correctness checks (`check`, `hf`, `real`): the
+/// CPU backend's, so a block boundary falls inside their short prompts.
 const BS: usize = 16;
+/// Cache block size the timings default to: the GPU node configs' (fewer TMA
+/// boxes per prefill attention tile; docs/GPU_BENCH.md, fourteenth session).
+const BENCH_BS: usize = 64;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -62,12 +67,12 @@ fn kv_dtype_arg(args: &[String]) -> Res<KvDtype> {
     }
 }
 
-/// `--block-size N`: cache blocks of N tokens ([`BS`] when absent).
+/// `--block-size N`: cache blocks of N tokens ([`BENCH_BS`] when absent).
 fn block_size_arg(args: &[String]) -> Res<usize> {
     Ok(arg(args, "--block-size")
         .map(|s| s.parse())
         .transpose()?
-        .unwrap_or(BS))
+        .unwrap_or(BENCH_BS))
 }
 
 fn main() {

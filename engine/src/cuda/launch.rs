@@ -39,9 +39,15 @@ pub(crate) const PREFILL_THREADS: u32 = (PREFILL_BQ / 16 * 32) as u32;
 /// Threads of the warp-specialized Hopper prefill attention block: a producer
 /// warpgroup and one consumer warpgroup per 64 query rows.
 pub(crate) const PREFILL_WS_THREADS: u32 = ((PREFILL_BQ / 64 + 1) * 128) as u32;
-/// K/V tiles in the warp-specialized kernel's ring (4, 5 and 6 measured the
-/// same on the H200). `-D` to the kernels.
-pub(crate) const PREFILL_STAGES: usize = 4;
+/// Keys per tile of the warp-specialized Hopper prefill attention kernel
+/// (FlashAttention-3's causal tile). `-D` to the kernels.
+pub(crate) const PREFILL_WS_BK: usize = 128;
+/// K/V tiles in the warp-specialized kernel's ring for a bf16 cache (with
+/// 64-key tiles, 4, 5 and 6 measured the same on the H200). `-D` to the kernels.
+pub(crate) const PREFILL_STAGES: usize = 3;
+/// The same for an fp8 cache, whose two staging buffers of e4m3 tiles leave
+/// room for two. `-D` to the kernels.
+pub(crate) const PREFILL_FP8_STAGES: usize = 2;
 /// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
 /// its latency is the per-thread share of the hidden width.
 pub(crate) const NORM_THREADS: u32 = 1024;
@@ -884,14 +890,19 @@ pub(crate) fn prefill_smem(head_dim: usize) -> usize {
 }
 
 /// Dynamic shared memory of the warp-specialized `prefill_attn`: its ring of
-/// [`PREFILL_STAGES`] bf16 K and V tiles with their keys' f32 scales, a `full`
-/// and an `empty` barrier (8 bytes each) per stage, and (`fp8`) two staging
-/// buffers of e4m3 K and V tiles with their scales; plus 1 KiB so the kernel
-/// can start its tiles on a 1024-byte boundary (the 128-byte swizzle's period).
+/// [`PREFILL_STAGES`] ([`PREFILL_FP8_STAGES`]) bf16 K and V tiles of
+/// [`PREFILL_WS_BK`] keys with their keys' f32 scales, a `full` and an `empty`
+/// barrier (8 bytes each) per stage, and (`fp8`) two staging buffers of e4m3 K
+/// and V tiles with their scales; plus 1 KiB so the kernel can start its tiles
+/// on a 1024-byte boundary (the 128-byte swizzle's period).
 pub(crate) fn prefill_ws_smem(head_dim: usize, fp8: bool) -> usize {
-    let stage = 2 * PREFILL_BK * head_dim * 2 + 2 * PREFILL_BK * 4 + 2 * 8;
-    let raw = 2 * (2 * PREFILL_BK * head_dim + 2 * PREFILL_BK * 4);
-    1024 + PREFILL_STAGES * stage + if fp8 { raw } else { 0 }
+    let stage = 2 * PREFILL_WS_BK * head_dim * 2 + 2 * PREFILL_WS_BK * 4 + 2 * 8;
+    let raw = 2 * (2 * PREFILL_WS_BK * head_dim + 2 * PREFILL_WS_BK * 4);
+    if fp8 {
+        1024 + PREFILL_FP8_STAGES * stage + raw
+    } else {
+        1024 + PREFILL_STAGES * stage
+    }
 }
 
 #[cfg(test)]

@@ -336,7 +336,7 @@ fn grids_match_the_kernels_indexing() {
     assert_eq!(c.shared_mem_bytes as usize, decode_smem(128, 4, false));
     let c = prefill().config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((3, 32, 2), 384));
-    assert_eq!(c.shared_mem_bytes, 134_208);
+    assert_eq!(c.shared_mem_bytes as usize, prefill_ws_smem(128, false));
     let portable = PrefillAttn {
         shape: prefill_shape("sm_90", 128, false),
         ..prefill()
@@ -454,23 +454,26 @@ fn shared_memory_sizes_are_the_kernels_layouts() {
     // The prefill block is one warp per 16 query rows.
     assert_eq!(PREFILL_THREADS as usize, PREFILL_BQ / 16 * 32);
     // The warp-specialized one (sm_90a, head sizes 64 and 128): a producer and
-    // two consumer warpgroups; 1 KiB for alignment, 4 stages of 64-key K and V
-    // tiles (2 · 16 KiB at head_dim 128) with 2 · 64 scales each and two 8-byte
-    // barriers; fp8 adds two staging buffers of e4m3 K and V tiles and scales.
+    // two consumer warpgroups; 1 KiB for alignment, 3 stages of 128-key K and V
+    // tiles (2 · 32 KiB at head_dim 128) with 2 · 128 scales each and two 8-byte
+    // barriers; fp8 has 2 stages and two staging buffers of e4m3 K and V tiles
+    // and scales.
     assert_eq!(PREFILL_WS_THREADS, 384);
     let ws = prefill_shape("sm_90a", 128, false);
     assert_eq!(ws.threads, 384);
-    assert_eq!(ws.smem, 1024 + 4 * (32_768 + 512 + 16));
+    assert_eq!(ws.smem, 1024 + 3 * (65_536 + 1024 + 16));
     assert_eq!(
         prefill_shape("sm_90a", 128, true).smem,
-        ws.smem + 2 * (16_384 + 512)
+        1024 + 2 * (65_536 + 1024 + 16) + 2 * (32_768 + 1024)
     );
     assert_eq!(
         prefill_shape("sm_90a", 64, false).smem,
-        1024 + 4 * (16_384 + 512 + 16)
+        1024 + 3 * (32_768 + 1024 + 16)
     );
     // Within the 227 KiB a block may have on Hopper.
-    assert!(prefill_shape("sm_90a", 128, true).smem <= 227 * 1024);
+    for fp8 in [false, true] {
+        assert!(prefill_shape("sm_90a", 128, fp8).smem <= 227 * 1024);
+    }
     // Elsewhere (other head sizes, the portable target) the mma.sync kernel.
     for (arch, hd) in [("sm_90", 128), ("sm_90a", 32), ("sm_100", 64)] {
         let p = prefill_shape(arch, hd, false);

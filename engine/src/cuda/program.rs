@@ -13,7 +13,10 @@ use cudarc::driver::CudaContext;
 use cudarc::nvrtc::Ptx;
 
 use super::error::{CudaError, DriverContext};
-use super::launch::{DECODE_TILE, MAX_SPLITS, PREFILL_BK, PREFILL_BQ, PREFILL_STAGES};
+use super::launch::{
+    DECODE_TILE, MAX_SPLITS, PREFILL_BK, PREFILL_BQ, PREFILL_FP8_STAGES, PREFILL_STAGES,
+    PREFILL_WS_BK,
+};
 
 /// Where NVRTC looks for `cuda_bf16.h` when neither `TANDEM_CUDA_INCLUDE` nor the
 /// library path (below) names one: the system toolkit's usual places.
@@ -33,12 +36,14 @@ pub(crate) const KERNEL_SOURCES: [(&str, &str); 7] = [
 
 /// Constants compiled into the kernels as `-DNAME=VALUE`; the host sizes grids
 /// and shared memory from the same values (`launch.rs`).
-pub(crate) const KERNEL_DEFINES: [(&str, usize); 5] = [
+pub(crate) const KERNEL_DEFINES: [(&str, usize); 7] = [
     ("MAX_SPLITS", MAX_SPLITS),
     ("DECODE_TILE", DECODE_TILE),
     ("PREFILL_BQ", PREFILL_BQ),
     ("PREFILL_BK", PREFILL_BK),
+    ("PREFILL_WS_BK", PREFILL_WS_BK),
     ("PREFILL_STAGES", PREFILL_STAGES),
+    ("PREFILL_FP8_STAGES", PREFILL_FP8_STAGES),
 ];
 
 /// The program's source: every file of [`KERNEL_SOURCES`] in order, each after

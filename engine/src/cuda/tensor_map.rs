@@ -16,7 +16,7 @@ use cudarc::driver::sys::{
 };
 
 use super::error::{CudaError, DriverContext};
-use super::launch::{Elem, PREFILL_BK};
+use super::launch::{Elem, PREFILL_WS_BK};
 use crate::kv_cache::{KvDtype, KvLayout};
 
 /// The element type of a device address holding tensor maps (`CUtensorMap*`
@@ -37,14 +37,14 @@ const BOX_DIMS: u32 = 64;
 /// Whether the warp-specialized prefill attention can load `layout`'s blocks by
 /// TMA: a bf16 cache, head_dim 64 or 128 (whole 64-dimension boxes), blocks of
 /// a multiple of 8 slots (boxes on the swizzle's period) that tile a
-/// [`PREFILL_BK`]-key tile exactly.
+/// [`PREFILL_WS_BK`]-key tile exactly.
 pub(crate) fn kv_fits(layout: &KvLayout) -> bool {
     let bs = layout.block_size;
     layout.dtype == KvDtype::Bf16
         && matches!(layout.head_dim, 64 | 128)
         && bs > 0
         && bs.is_multiple_of(8)
-        && PREFILL_BK.is_multiple_of(bs)
+        && PREFILL_WS_BK.is_multiple_of(bs)
 }
 
 /// The map of one layer whose blocks (and scratch block) start at device
@@ -105,13 +105,13 @@ mod tests {
 
     #[test]
     fn tma_takes_bf16_caches_whose_blocks_tile_a_key_tile_in_whole_swizzle_periods() {
-        for bs in [8, 16, 32, 64] {
+        for bs in [8, 16, 32, 64, 128] {
             assert!(kv_fits(&layout(KvDtype::Bf16, 128, bs)), "block size {bs}");
         }
         assert!(kv_fits(&layout(KvDtype::Bf16, 64, 16)));
-        // 24 does not divide the 64-key tile, 4 is off the 1024-byte period, 128
+        // 24 does not divide the 128-key tile, 4 is off the 1024-byte period, 256
         // spans two tiles.
-        for bs in [4, 24, 128] {
+        for bs in [4, 24, 256] {
             assert!(!kv_fits(&layout(KvDtype::Bf16, 128, bs)), "block size {bs}");
         }
         assert!(!kv_fits(&layout(KvDtype::Bf16, 32, 16)));

@@ -4,7 +4,7 @@
 //! weights prefill the same prompts, whole, in chunks and from a cached prefix,
 //! and the logits at each chunk's end (and of a decode step after the prompt,
 //! which reads the KV the prefill wrote) must agree. Where the Hopper kernel
-//! loads its tiles by TMA (a bf16 cache, blocks of 8, 16, 32 or 64), a third
+//! loads its tiles by TMA (a bf16 cache, blocks of 8, 16, 32, 64 or 128), a third
 //! backend runs it with its copies instead (`TANDEM_CUDA_TMA=0`), checked and
 //! timed beside the other two.
 
@@ -63,7 +63,7 @@ pub(crate) fn attn(args: &[String]) -> Res<()> {
     let mut config = named_config(&shape, layers)?;
     // `--window W`: a sliding attention window (the kernels' windowed path);
     // `--block-size N`: cache blocks of N tokens (one that does not divide the
-    // 64-key tile takes the kernels' per-row block lookup).
+    // warp-specialized kernel's 128-key tile takes its per-row block lookup).
     if let Some(w) = arg(args, "--window") {
         config.sliding_window = Some(w.parse()?);
     }

@@ -17,7 +17,7 @@ use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel}
 use tandem_engine::{RowAsk, RowOut, TokenDraw};
 
 use super::speed::consecutive_tables;
-use super::{BS, Res, arg, median};
+use super::{BENCH_BS, Res, arg, median};
 
 /// How a step's rows are asked for.
 #[derive(Clone, Copy, PartialEq)]
@@ -60,12 +60,12 @@ pub(crate) fn rows(args: &[String]) -> Res<()> {
     let gpu = Gpu::open(0, &config)?;
     let model = GpuModel::random(&gpu, &config, 1)?;
     let ctx = 1024;
-    let per_seq = blocks_for(ctx + 64, BS);
+    let per_seq = blocks_for(ctx + 64, BENCH_BS);
     let mut be = CudaBackend::new(
         gpu,
         model.into(),
         64 * per_seq + 8,
-        BS,
+        BENCH_BS,
         CudaLimits::default(),
     )?;
     be.fill_cache_random(3)?;

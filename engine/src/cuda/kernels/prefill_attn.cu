@@ -55,7 +55,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // must be rescaled by (prefill_rescale) before P V is added. Scores and m stay
 // unscaled (scale > 0 keeps their order): each P is 2^(s·c − m·c), c = scale ·
 // log2(e), one FFMA and one ex2, and a masked score (−inf) gives 0 with no test.
-__device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], float (&m)[2],
+template <int KB>
+__device__ __forceinline__ void prefill_softmax_scores(float (&sc)[KB / 8][4], float (&m)[2],
                                                        float (&l)[2], float (&corr)[2], bool full,
                                                        int kt, int kv_end, int len, int r0,
                                                        int r1, int qp0, int qp1, int tig,
@@ -64,12 +65,12 @@ __device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], f
     float mx[2] = {NEG_INF, NEG_INF};
     if (full) {
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++)
+        for (int nt = 0; nt < KB / 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
     } else {
 #pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
+        for (int nt = 0; nt < KB / 8; nt++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = kt + nt * 8 + tig * 2 + (e & 1);
@@ -94,7 +95,7 @@ __device__ __forceinline__ void prefill_softmax_scores(float (&sc)[BK / 8][4], f
         m[rr] = mn;
     }
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++) {
+    for (int nt = 0; nt < KB / 8; nt++) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             float p = fast_exp2(fmaf(sc[nt][e], c, -mc[e >> 1]));
@@ -123,7 +124,7 @@ __device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], flo
                                                      int r0, int r1, int qp0, int qp1, int tig,
                                                      int window, float scale) {
     float corr[2];
-    prefill_softmax_scores(sc, m, l, corr, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
+    prefill_softmax_scores<BK>(sc, m, l, corr, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
                            scale);
     prefill_rescale<HD>(o, corr);
 }
@@ -153,18 +154,18 @@ __device__ __forceinline__ void prefill_store_rows(const float (&o)[HD / 8][4], 
     }
 }
 
-// An fp8 cache (both kernels below): keys kt .. kt + BK - 1 of K and V as e4m3
-// bytes into `kr`/`vr` ([BK][HD] each) and their scales into `sr` ([K, V][BK]
+// An fp8 cache (both kernels below): keys kt .. kt + KB - 1 of K and V as e4m3
+// bytes into `kr`/`vr` ([KB][HD] each) and their scales into `sr` ([K, V][KB]
 // f32), with cp.async as one commit group (keys at or past kv_end zero-filled),
 // by `nthr` threads of which this is thread `tid`.
-template <int HD>
+template <int HD, int KB>
 __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned char* vr, float* sr,
                                                  const unsigned char* cache, const float* scales,
                                                  const int* table, size_t block_bytes, int kh,
                                                  int hkv, int bs, int kt, int kv_end, int tid,
                                                  int nthr) {
     constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
-    for (int i = tid; i < BK * CPR; i += nthr) {
+    for (int i = tid; i < KB * CPR; i += nthr) {
         int r = i / CPR, cc = (i % CPR) * 16;
         const unsigned char *kp, *vp;
         int bytes = paged_kv_rows<unsigned char, HD>(kp, vp, cache, table, block_bytes, kh, hkv,
@@ -174,20 +175,20 @@ __device__ __forceinline__ void prefill_load_raw(unsigned char* kr, unsigned cha
         cp_async16(kr + r * HD + cc, kp, bytes);
         cp_async16(vr + r * HD + cc, vp, bytes);
     }
-    if (tid < BK)
-        kv_fp8_load_scales(sr + tid, sr + BK + tid, scales, table, kh, hkv, bs, kt + tid, kv_end);
+    for (int i = tid; i < KB; i += nthr)
+        kv_fp8_load_scales(sr + i, sr + KB + i, scales, table, kh, hkv, bs, kt + i, kv_end);
     cp_async_commit();
 }
 
 // A raw tile expanded into the bf16 K and V tiles, unscaled; the 16-byte chunk
 // (row r, chunk c) of K goes to byte koff(r, c) of `kd`, of V to voff(r, c) of
 // `vd` (each kernel's own tile layout); `nthr` threads, this one `tid`.
-template <int HD, typename KOff, typename VOff>
+template <int HD, int KB, typename KOff, typename VOff>
 __device__ __forceinline__ void prefill_expand(unsigned char* kd, unsigned char* vd,
                                                const unsigned char* kr, const unsigned char* vr,
                                                KOff koff, VOff voff, int tid, int nthr) {
     constexpr int CPR = HD / 8;  // 16-byte bf16 chunks per row
-    for (int i = tid; i < BK * CPR; i += nthr) {
+    for (int i = tid; i < KB * CPR; i += nthr) {
         int r = i / CPR, c = i % CPR;
         *reinterpret_cast<uint4*>(kd + koff(r, c)) =
             kv_fp8_expand8(*reinterpret_cast<const uint2*>(kr + r * HD + c * 8));
@@ -196,13 +197,14 @@ __device__ __forceinline__ void prefill_expand(unsigned char* kd, unsigned char*
     }
 }
 
-// FP8: each key's scale `s[key]` (of the tile's BK) into the fragment `sc`
+// FP8: each key's scale `s[key]` (of the tile's KB) into the fragment `sc`
 // (columns tig * 2, +1 of each 8-key block): K's into the scores before the
 // softmax, V's into the probabilities after it (the sum l stays unscaled).
-__device__ __forceinline__ void kv_fp8_scale_cols(float (&sc)[BK / 8][4], const float* s,
+template <int KB>
+__device__ __forceinline__ void kv_fp8_scale_cols(float (&sc)[KB / 8][4], const float* s,
                                                   int tig) {
 #pragma unroll
-    for (int nt = 0; nt < BK / 8; nt++)
+    for (int nt = 0; nt < KB / 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) sc[nt][e] *= s[nt * 8 + tig * 2 + (e & 1)];
 }
@@ -254,7 +256,7 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
     auto load_tile = [&](int stage, int kt) {
         if constexpr (FP8) {
             unsigned char* kr = raw + stage * 2 * BK * HD;
-            prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
+            prefill_load_raw<HD, BK>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
                                  block_elems, kh, hkv, bs, kt, kv_end, tid, blockDim.x);
             return;
         }
@@ -287,7 +289,7 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
             const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
             auto off = [&](int r, int c) { return (r * LD + c * 8) * 2; };
             unsigned char* kd = smem_raw;
-            prefill_expand<HD>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off, tid, blockDim.x);
+            prefill_expand<HD, BK>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off, tid, blockDim.x);
             __syncthreads();
         }
         const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
@@ -317,10 +319,10 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
                 }
             }
             const float* sr = raw_sc + (t & 1) * 2 * BK;  // FP8: K scales, then V's
-            if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
+            if constexpr (FP8) kv_fp8_scale_cols<BK>(sc, sr, tig);
             prefill_softmax_tile<HD>(sc, m, l, o, full, kt, kv_end, len, r0, r1, qp0, qp1, tig,
                                      window, scale);
-            if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
+            if constexpr (FP8) kv_fp8_scale_cols<BK>(sc, sr + BK, tig);
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++) {
                 u32 a[4];
@@ -347,14 +349,13 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
 
 // ---------------------------------------------------------------------------
 // Hopper (sm_90a): the same attention with warpgroup MMAs. The block's two
-// warpgroups take 64 query rows each; per K/V tile, S = Q K^T is 8 (HD 128) or
-// 4 (HD 64) wgmma.m64n64k16 with Q's fragments in registers and K read by the
-// tensor cores straight from shared memory, then P V is wgmma.m64n{HD}k16 with
-// P in registers and V from shared memory (MN-major). The accumulators have the
-// mma.m16n8k16 fragment layout per warp, so the online softmax and causal mask
-// are the code above. K/V tiles are stored in the tensor cores' canonical
-// no-swizzle layout (8 x 16-byte core matrices) and filled by cp.async, three
-// stages deep.
+// consumer warpgroups take 64 query rows each; per K/V tile of WBK keys, S = Q
+// K^T is 8 (HD 128) or 4 (HD 64) wgmma.m64n{WBK}k16 with Q's fragments in
+// registers and K read by the tensor cores straight from shared memory, then P V
+// is wgmma.m64n{HD}k16 with P in registers and V from shared memory (MN-major).
+// The accumulators have the mma.m16n8k16 fragment layout per warp, so the online
+// softmax and causal mask are the code above. K/V tiles are stored in the tensor
+// cores' 128-byte-swizzled layout and filled by TMA or cp.async.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PREFILL_WGMMA 1
 
@@ -391,13 +392,20 @@ __device__ __forceinline__ u64 smem_desc_sw128(const void* p, u32 lbo, u32 sbo) 
     return smem_desc(p, lbo, sbo) | (1ull << 62);
 }
 
+// Keys per K/V tile of the warp-specialized kernel (the host's PREFILL_WS_BK):
+// twice the portable kernel's, so each consumer's scores are one m64n128 product
+// per k-step and the per-tile work (barriers, the row max's shuffles, the
+// rescale) is spread over twice the keys, as FlashAttention-3 does for causal
+// head_dim 128.
+#define WBK PREFILL_WS_BK
+
 // The warp-specialized kernel's K and V tiles: 128-byte rows, one per key, of
-// 64 dims (HD 128: two such parts, dims 0-63 then 64-127, each BK rows), the
+// 64 dims (HD 128: two such parts, dims 0-63 then 64-127, each WBK rows), the
 // 16-byte chunk j of row r stored at chunk j ^ (r % 8): the tensor cores' 128B
 // swizzle, which spreads any 8 rows' same chunk over all banks. K is read as a
 // K-major operand (8-row groups 1024 bytes apart), V as an MN-major one (the
 // same groups along the keys, the next 64 dims SW_PART bytes on).
-#define SW_PART (BK * 128)
+#define SW_PART (WBK * 128)
 __device__ __forceinline__ int sw128_offset(int r, int c) {
     return (c >> 3) * SW_PART + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
@@ -440,6 +448,12 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, const u32* a, u64 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
 }
 
+
+// S[64 x WBK] (+)= Q[64 x 16] (registers) * K^T[16 x WBK] (K-major shared memory).
+__device__ __forceinline__ void wgmma_qk(float* s, const u32* a, u64 desc, int scale_d) {
+    if constexpr (WBK == 128) wgmma_m64n128k16_rs<0>(s, a, desc, scale_d);
+    else wgmma_m64n64k16_rs<0>(s, a, desc, scale_d);
+}
 
 template <int HD>
 __device__ __forceinline__ void wgmma_pv(float* o, const u32* a, u64 desc) {
@@ -501,56 +515,62 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, u
         : "memory");
 }
 
-// The TMA producer of the warp-specialized kernel (one thread): tiles 0 ..
-// tiles - 1 of K and V, each BK / bs blocks whose entries start at `table`,
-// into the ring's stages. A block of K (or V) head kh is one box per 64 dims
-// (the map: dims, slot, K/V head, block, innermost first), written at its rows
-// of the stage in the 128-byte swizzle the consumers read (bs a multiple of 8
-// keeps every box on a 1024-byte boundary, the swizzle's period). Each stage's
-// `full` barrier gets the tile's bytes to wait for and the 128 arrivals its
-// count asks for (the copies' path makes one per producer thread).
-template <int HD>
+// The TMA producer of the warp-specialized kernel (the producer's first warp,
+// this thread its lane `lane`): tiles 0 .. tiles - 1 of K and V, each WBK / bs
+// blocks whose entries start at `table`, into the ring's stages. A block of K
+// (or V) head kh is one box per 64 dims (the map: dims, slot, K/V head, block,
+// innermost first), written at its rows of the stage in the 128-byte swizzle
+// the consumers read (bs a multiple of 8 keeps every box on a 1024-byte
+// boundary, the swizzle's period). Lane 0 waits for the stage and gives its
+// `full` barrier the tile's bytes to wait for and the 128 arrivals its count
+// asks for (the copies' path makes one per producer thread); then the lanes
+// issue the tile's boxes (2 · WBK / bs · HD / 64: 32 of 2 KiB with blocks of 16
+// at head_dim 128), each reading its own boxes' table entries before the wait.
+// Small boxes cost the TMA unit time of their own: on an H100 the 32k prompt's
+// last 8k chunk (2 layers) took 29.1 ms with blocks of 16 and one thread issuing,
+// 27.6 with the lanes issuing, 25.1-25.5 with blocks of 64 or 128 (one thread),
+// and 34.2 with blocks of 8 (docs/GPU_BENCH.md, "thirteenth session").
+template <int HD, int STAGES>
 __device__ __forceinline__ void prefill_tma_tiles(unsigned char* stages, u64* full, u64* empty,
                                                   const CUtensorMap* tmap, const int* table,
-                                                  int tiles, int kh, int hkv, int bs) {
-    constexpr int STAGES = PREFILL_STAGES;
-    constexpr int TILE_BYTES = BK * HD * 2;
-    constexpr int MAXB = BK / 8;  // blocks per tile at the smallest block size
-    const int nb = BK / bs;
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
-    int next[MAXB];  // the table entries a tile ahead, so no load waits on them
-#pragma unroll
-    for (int j = 0; j < MAXB; j++) next[j] = (j < nb && tiles > 0) ? table[j] : 0;
+                                                  int tiles, int kh, int hkv, int bs, int lane) {
+    constexpr int TILE_BYTES = WBK * HD * 2;
+    constexpr int P = HD / 64;  // boxes per block of K (or V)
+    static_assert(2 * (WBK / 8) * P <= 64, "at most two boxes a lane");
+    const int nb = WBK / bs, boxes = 2 * nb * P;
+    // Box b: K (b < nb · P) or V, block (b mod nb · P) / P, dims 64 · (b mod P).
+    auto block_of = [&](int b) { return (b % (nb * P)) / P; };
+    if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(tmap) : "memory");
     for (int t = 0; t < tiles; t++) {
-        int cur[MAXB];
+        int e[2];  // the table entries of this lane's boxes lane and lane + 32
 #pragma unroll
-        for (int j = 0; j < MAXB; j++) cur[j] = next[j];
-        if (t + 1 < tiles) {
-#pragma unroll
-            for (int j = 0; j < MAXB; j++)
-                if (j < nb) next[j] = table[(t + 1) * nb + j];
+        for (int i = 0; i < 2; i++) {
+            int b = lane + 32 * i;
+            e[i] = b < boxes ? table[t * nb + block_of(b)] : 0;
         }
         int s = t % STAGES;
-        if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
-        mbar_expect_tx(&full[s], 2 * TILE_BYTES);
-        mbar_arrive_n(&full[s], 128);
+        if (lane == 0) {
+            if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
+            mbar_expect_tx(&full[s], 2 * TILE_BYTES);
+            mbar_arrive_n(&full[s], 128);
+        }
+        __syncwarp();  // the stage is free and armed
         unsigned char* kd = stages + (size_t)s * 2 * TILE_BYTES;
 #pragma unroll
-        for (int j = 0; j < MAXB; j++) {
-            if (j >= nb) break;
-#pragma unroll
-            for (int p = 0; p < HD / 64; p++) {
-                unsigned char* d = kd + p * SW_PART + j * bs * 128;
-                tma_load_4d(d, tmap, &full[s], p * 64, 0, kh, cur[j]);
-                tma_load_4d(d + TILE_BYTES, tmap, &full[s], p * 64, 0, hkv + kh, cur[j]);
+        for (int i = 0; i < 2; i++) {
+            int b = lane + 32 * i;
+            if (b < boxes) {
+                int kv = b / (nb * P), p = b % P;
+                tma_load_4d(kd + kv * TILE_BYTES + p * SW_PART + block_of(b) * bs * 128, tmap,
+                            &full[s], p * 64, 0, kv * hkv + kh, e[i]);
             }
         }
     }
 }
 
 // Warp-specialized (FlashAttention-3 style): warpgroup 0 produces, warpgroups 1
-// and 2 consume 64 query rows each. The producer fills a ring of PREFILL_STAGES
-// K/V tiles (cp.async; each stage's `full` barrier completes when its copies
+// and 2 consume 64 query rows each. The producer fills a ring of STAGES K/V
+// tiles (TMA or cp.async; each stage's `full` barrier completes when its copies
 // land, so no thread waits on its own copies) and refills a stage when both
 // consumers have released it (its `empty` barrier, one arrival per consumer
 // warp). Each consumer runs its own online softmax with no block-wide
@@ -564,26 +584,34 @@ __device__ __forceinline__ void prefill_tma_tiles(unsigned char* stages, u64* fu
 // it) before marking it full; the consumers apply the scales as prefill_attn.
 //
 // Shared memory (prefill_ws_smem on the host): the stages' [K][V] bf16 tiles,
-// then their [K, V][BK] f32 scales, then the barriers (full, empty per stage),
-// then (FP8) two raw stages of [K][V] BK x HD bytes and [K, V][BK] scales.
+// then their [K, V][WBK] f32 scales, then the barriers (full, empty per stage),
+// then (FP8) two raw stages of [K][V] WBK x HD bytes and [K, V][WBK] scales.
 #define PREFILL_WS_THREADS ((BQ / 64 + 1) * 128)
 template <int HD, bool FP8>
 __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float* scales,
                                 const CUtensorMap* tmap, const int* tables, int table_stride, const int* q_off,
                                 const int* q_pos, const int* q_len, bf16* out, int hq, int hkv,
                                 int bs, int window, float scale) {
-    static_assert(BQ == 128 && BK == 64, "two consumer warpgroups of 64 rows, m64n64 score tiles");
-    constexpr int STAGES = PREFILL_STAGES;
+    static_assert(BQ == 128 && (WBK == 64 || WBK == 128),
+                  "two consumer warpgroups of 64 rows, m64n64 or m64n128 score tiles");
+    constexpr int STAGES = FP8 ? PREFILL_FP8_STAGES : PREFILL_STAGES;
+    // Registers a thread after setmaxnreg (multiples of 8, the three warpgroups'
+    // total at most the 168 x 384 the launch gives the block): a consumer holds
+    // its scores and probabilities (WBK / 2 + WBK / 4), output (HD / 2) and Q
+    // fragments (HD / 4); a producer only addresses and table entries.
+    constexpr int PRODUCER_REGS = WBK == 128 ? 56 : 80;
+    constexpr int CONSUMER_REGS = WBK == 128 ? 224 : 208;
+    static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 256 <= 168 * 384, "registers");
     constexpr int CPR = HD / 8;              // 16-byte chunks per K/V row
-    constexpr int TILE_BYTES = BK * HD * 2;  // one K (or V) tile
+    constexpr int TILE_BYTES = WBK * HD * 2;  // one K (or V) tile
     extern __shared__ __align__(128) unsigned char smem_dyn[];
     // Tiles start on a 1024-byte boundary (the host allots 1 KiB for it).
     unsigned char* smem_raw = smem_dyn + ((1024 - (smem_u32(smem_dyn) & 1023)) & 1023);
     float* stage_sc = reinterpret_cast<float*>(smem_raw + STAGES * 2 * TILE_BYTES);
-    u64* full = reinterpret_cast<u64*>(stage_sc + STAGES * 2 * BK);
+    u64* full = reinterpret_cast<u64*>(stage_sc + STAGES * 2 * WBK);
     u64* empty = full + STAGES;
     unsigned char* raw = reinterpret_cast<unsigned char*>(empty + STAGES);
-    float* raw_sc = reinterpret_cast<float*>(raw + 2 * 2 * BK * HD);
+    float* raw_sc = reinterpret_cast<float*>(raw + 2 * 2 * WBK * HD);
 
     int c = blockIdx.z, h = blockIdx.y;
     int len = q_len[c];
@@ -596,8 +624,8 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     size_t block_elems = 2 * (size_t)hkv * bs * HD;
     int kv_end = pos0 + min(len, tile * BQ + BQ);
     int kv_begin = 0;
-    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / BK * BK;
-    int ntiles = (kv_end - kv_begin + BK - 1) / BK;
+    if (window > 0) kv_begin = max(0, pos0 + tile * BQ - window + 1) / WBK * WBK;
+    int ntiles = (kv_end - kv_begin + WBK - 1) / WBK;
     int tid = threadIdx.x;
     if (tid == 0) {
         for (int s = 0; s < STAGES; s++) {
@@ -608,33 +636,34 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     __syncthreads();
 
     if (tid < 128) {  // the producer warpgroup
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS) : "memory");
         if constexpr (FP8) {
             const unsigned char* cache8 = reinterpret_cast<const unsigned char*>(cache_v);
             auto load_raw = [&](int buf, int kt) {
-                unsigned char* kr = raw + buf * 2 * BK * HD;
-                prefill_load_raw<HD>(kr, kr + BK * HD, raw_sc + buf * 2 * BK, cache8, scales,
+                unsigned char* kr = raw + buf * 2 * WBK * HD;
+                prefill_load_raw<HD, WBK>(kr, kr + WBK * HD, raw_sc + buf * 2 * WBK, cache8, scales,
                                      table, block_elems, kh, hkv, bs, kt, kv_end, tid, 128);
             };
             load_raw(0, kv_begin);
             for (int t = 0; t < ntiles; t++) {
-                int kt = kv_begin + t * BK, s = t % STAGES;
+                int kt = kv_begin + t * WBK, s = t % STAGES;
                 if (t + 1 < ntiles) {
-                    load_raw((t + 1) & 1, kt + BK);
+                    load_raw((t + 1) & 1, kt + WBK);
                     cp_async_wait<1>();
                 } else {
                     cp_async_wait<0>();
                 }
                 producer_sync();  // every thread's copies of tile t have landed
                 if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
-                const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
+                const unsigned char* kr = raw + (t & 1) * 2 * WBK * HD;
                 unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES;
-                prefill_expand<HD>(
-                    kd, kd + TILE_BYTES, kr, kr + BK * HD,
+                prefill_expand<HD, WBK>(
+                    kd, kd + TILE_BYTES, kr, kr + WBK * HD,
                     [](int r, int c) { return sw128_offset(r, c); },
                     [](int r, int c) { return sw128_offset(r, c); },
                     tid, 128);
-                stage_sc[s * 2 * BK + tid] = raw_sc[(t & 1) * 2 * BK + tid];  // 128 == 2 * BK
+                for (int i = tid; i < 2 * WBK; i += 128)
+                    stage_sc[s * 2 * WBK + i] = raw_sc[(t & 1) * 2 * WBK + i];
                 fence_proxy_async();  // the tile is read by the tensor cores
                 mbar_arrive(&full[s]);
                 producer_sync();  // staging buffer t & 1 is free for tile t + 2
@@ -642,79 +671,52 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         } else {
             // Each key's row is read whole by CPR consecutive threads: thread
             // tid copies chunk cc of rows row0 + k · RSTEP, k < ITERS (the
-            // swizzle keeps the shared-memory writes conflict-free). When
-            // tiles start on block boundaries (bs divides BK, the usual case)
-            // a row's block is entry kb + r / bs of the table (kb = kt / bs) and
-            // its slot r % bs, both fixed per thread; otherwise each row
-            // divides. The table entries are loaded a tile ahead, so no copy
-            // waits on a table read.
-            constexpr int ITERS = BK * CPR / 128;
+            // swizzle keeps the shared-memory writes conflict-free). A tile's
+            // table entries are read before the wait for its stage, which their
+            // latency then overlaps.
+            constexpr int ITERS = WBK * CPR / 128;
             constexpr int RSTEP = 128 / CPR;  // rows per round
-            static_assert(BK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
+            static_assert(WBK * CPR % 128 == 0 && 128 % CPR == 0, "whole rounds of copies");
             const int row0 = tid / CPR, cc = tid % CPR;
             const unsigned char* cache = reinterpret_cast<const unsigned char*>(cache_v) +
                                          ((size_t)kh * bs * HD + cc * 8) * 2;
             const u32 block_bytes = (u32)(block_elems * 2);
             const size_t v_delta = (size_t)hkv * bs * HD * 2;  // K head kh to V head kh
             const int dst0 = sw128_offset(row0, cc);  // row0 + k·RSTEP: + k·RSTEP·128
-            const bool aligned = BK % bs == 0 && kv_begin % bs == 0;
-            const int tile_blocks = BK / bs;
-            int tq[ITERS];    // aligned: r / bs
-            u32 soff[ITERS];  // aligned: r % bs as a byte offset
-#pragma unroll
-            for (int k = 0; k < ITERS; k++) {
-                int r = row0 + RSTEP * k;
-                tq[k] = aligned ? r / bs : 0;
-                soff[k] = aligned ? (u32)((r % bs) * HD * 2) : 0u;
-            }
-            int blk[ITERS];  // the next tile's rows' blocks, -1 past kv_end
-            int kb = kv_begin / bs;
-            auto fetch = [&](int t) {
-                int kt = kv_begin + t * BK, lim = kv_end - kt;
-#pragma unroll
-                for (int k = 0; k < ITERS; k++) {
-                    int r = row0 + RSTEP * k;
-                    int e = aligned ? kb + tq[k] : (kt + r) / bs;
-                    blk[k] = r < lim ? table[e] : -1;
-                }
-            };
             // With a tensor map (a bf16 cache whose blocks are whole multiples of
-            // 8 rows that tile BK), thread 0 loads every tile that ends at or
-            // before kv_end by TMA; the copies above then load only the tile
-            // holding kv_end, if any: a box brings whole blocks, and the rows of
-            // a sequence's last block past kv_end hold whatever was written there
+            // 8 rows that tile WBK), the first warp loads every tile that ends at
+            // or before kv_end by TMA; the copies then load only the tile holding
+            // kv_end, if any: a box brings whole blocks, and the rows of a
+            // sequence's last block past kv_end hold whatever was written there
             // before (a NaN there would reach the output through 0 x NaN in P V),
             // where the copies zero-fill them.
             int t_first = 0;
-            if (tmap != nullptr && aligned && bs % 8 == 0) {
-                t_first = (kv_end - kv_begin) / BK;
-                if (tid == 0)
-                    prefill_tma_tiles<HD>(smem_raw, full, empty, tmap, table + kb, t_first, kh,
-                                          hkv, bs);
+            if (tmap != nullptr && WBK % bs == 0 && kv_begin % bs == 0 && bs % 8 == 0) {
+                t_first = (kv_end - kv_begin) / WBK;
+                if (tid < 32)
+                    prefill_tma_tiles<HD, STAGES>(smem_raw, full, empty, tmap,
+                                                  table + kv_begin / bs, t_first, kh, hkv, bs, tid);
                 // Every tile before t_first is issued, and the stage of tile
                 // t_first was released for tile t_first - 2 STAGES at least, so
                 // the parity wait below is on the right phase.
                 producer_sync();
-                kb += t_first * tile_blocks;
             }
-            if (t_first < ntiles) fetch(t_first);
             for (int t = t_first; t < ntiles; t++) {
-                int kt = kv_begin + t * BK, s = t % STAGES;
-                int cur[ITERS];
+                int kt = kv_begin + t * WBK, s = t % STAGES;
+                int blk[ITERS];  // the rows' blocks, -1 at or past kv_end
 #pragma unroll
-                for (int k = 0; k < ITERS; k++) cur[k] = blk[k];
-                if (t + 1 < ntiles) {
-                    kb += tile_blocks;
-                    fetch(t + 1);
+                for (int k = 0; k < ITERS; k++) {
+                    int key = kt + row0 + RSTEP * k;
+                    blk[k] = key < kv_end ? table[key / bs] : -1;
                 }
                 if (t >= STAGES) mbar_wait(&empty[s], (t / STAGES - 1) & 1);
                 unsigned char* kd = smem_raw + (size_t)s * 2 * TILE_BYTES + dst0;
 #pragma unroll
                 for (int k = 0; k < ITERS; k++) {
-                    u32 so = aligned ? soff[k] : (u32)(((kt + row0 + RSTEP * k) % bs) * HD * 2);
+                    u32 so = (u32)(((kt + row0 + RSTEP * k) % bs) * HD * 2);
                     const unsigned char* p =
-                        cache + (size_t)(u32)max(cur[k], 0) * block_bytes + so;
-                    int bytes = cur[k] >= 0 ? 16 : 0;
+                        cache + (size_t)(u32)max(blk[k], 0) * block_bytes + so;
+                    int bytes = blk[k] >= 0 ? 16 : 0;
                     cp_async16(kd + k * RSTEP * 128, p, bytes);
                     cp_async16(kd + TILE_BYTES + k * RSTEP * 128, p + v_delta, bytes);
                 }
@@ -726,7 +728,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     }
 
     // A consumer warpgroup.
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 208;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS) : "memory");
     int cw = (tid >> 5) - 4, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
     int wg = cw >> 2;
     int off = q_off[c];
@@ -743,12 +745,12 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     // wq0 .. wq0 + 15; tiles past the warpgroup's last row are only released.
     int wg0 = pos0 + tile * BQ + wg * 64;
     int wq0 = pos0 + tile * BQ + cw * 16;
-    int mine = min(ntiles, (wg0 + 63 - kv_begin) / BK + 1);
+    int mine = min(ntiles, (wg0 + 63 - kv_begin) / WBK + 1);
 
-    float sc[BK / 8][4];
+    float sc[WBK / 8][4];
     float* scf = &sc[0][0];
     float* of = &o[0][0];
-    u32 pa[BK / 16][4];
+    u32 pa[WBK / 16][4];
     auto acquire = [&](int t) {
         mbar_wait(&full[t % STAGES], (t / STAGES) & 1);
         fence_proxy_async();  // cp.async's writes, then the tensor cores' reads
@@ -766,29 +768,28 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         u64 d = kdesc + stage_units(t);
 #pragma unroll
         for (int ks2 = 0; ks2 < HD / 16; ks2++)
-            wgmma_m64n64k16_rs<0>(scf, qf[ks2], d + ((ks2 >> 2) * SW_PART + (ks2 & 3) * 32) / 16,
-                                  ks2 > 0);
+            wgmma_qk(scf, qf[ks2], d + ((ks2 >> 2) * SW_PART + (ks2 & 3) * 32) / 16, ks2 > 0);
         wgmma_commit();
     };
     auto issue_pv = [&](int t) {
         u64 d = vdesc + stage_units(t);
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) wgmma_pv<HD>(of, pa[kk], d + kk * 2048 / 16);
+        for (int kk = 0; kk < WBK / 16; kk++) wgmma_pv<HD>(of, pa[kk], d + kk * 2048 / 16);
         wgmma_commit();
     };
     // Tile t's scores into P (f32, in sc) and corr; touches neither o nor pa.
     auto softmax = [&](int t) {
-        int kt = kv_begin + t * BK;
-        bool full_tile = window == 0 && kt + BK <= kv_end && kt + BK - 1 <= wq0;
-        const float* sr = stage_sc + (t % STAGES) * 2 * BK;  // FP8: K scales, then V's
-        if constexpr (FP8) kv_fp8_scale_cols(sc, sr, tig);
-        prefill_softmax_scores(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1, tig,
+        int kt = kv_begin + t * WBK;
+        bool full_tile = window == 0 && kt + WBK <= kv_end && kt + WBK - 1 <= wq0;
+        const float* sr = stage_sc + (t % STAGES) * 2 * WBK;  // FP8: K scales, then V's
+        if constexpr (FP8) kv_fp8_scale_cols<WBK>(sc, sr, tig);
+        prefill_softmax_scores<WBK>(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1, tig,
                                window, scale);
-        if constexpr (FP8) kv_fp8_scale_cols(sc, sr + BK, tig);
+        if constexpr (FP8) kv_fp8_scale_cols<WBK>(sc, sr + WBK, tig);
     };
     auto pack = [&]() {
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
+        for (int kk = 0; kk < WBK / 16; kk++) {
             pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
             pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
             pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
@@ -797,7 +798,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
     };
     auto fence_regs = [&]() {
 #pragma unroll
-        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
+        for (int i = 0; i < WBK / 2; i++) reg_fence(scf[i]);
 #pragma unroll
         for (int i = 0; i < HD / 2; i++) reg_fence(of[i]);
     };
@@ -835,7 +836,7 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         turn_pass(t);
         wgmma_wait<1>();  // S_t is ready; P V may still run
 #pragma unroll
-        for (int i = 0; i < BK / 2; i++) reg_fence(scf[i]);
+        for (int i = 0; i < WBK / 2; i++) reg_fence(scf[i]);
         softmax(t);
         wgmma_wait<0>();
         fence_regs();
