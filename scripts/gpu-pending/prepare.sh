@@ -36,11 +36,14 @@
 #           scripts/hf_reference.py
 #   .gpu24-26 thirteenth session's calls 13-16 (ran; built by hand from 76b8069, its
 #           residual-epilogue and the 128-key tile patches; see that folder's scripts)
-#   .gpu27  calls 17-19 (not run yet): main/ (this checkout's tandem-gpu-bench and
+#   .gpu27  thirteenth session's calls 17-20 (ran in the fourteenth): main/ (7f94132's tandem-gpu-bench and
 #           kernels), bk128/ (the same with prefill-bk128-lanes.patch), lanes64/ (that
 #           patch's kernels with 64-key tiles, for main's binary), nofence/ (main's kernels
-#           with prefill-tma-nofence.patch), pairs/ (this checkout with
+#           with prefill-tma-nofence.patch), pairs/ (7f94132 with
 #           prefill-tma-pairs.patch, and its engine-tests), xz; scripts/hf_reference.py
+#   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
+#           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
+#           scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -50,7 +53,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -193,14 +196,14 @@ for w in $WHICH; do
       build "$d" silumain --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu23/main/tandem-gpu-bench "$(rel silumain)/tandem-gpu-bench"
       cp -r "$d/engine/src/cuda/kernels" .gpu23/main/
-      d=$(worktree silu b064a30 scripts/gpu-pending/silu-unrolled.patch)
+      d=$(worktree silu b064a30 docs/gpu-results/2026-12-06-twelfth/silu-unrolled.patch)
       build "$d" silu --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu23/silu/tandem-gpu-bench "$(rel silu)/tandem-gpu-bench"
       strip -o .gpu23/silu/engine-tests "$(engine_tests "$d" silu)"
       cp -r "$d/engine/src/cuda/kernels" .gpu23/silu/
       # resid/: 01b5f31 with residual-epilogue.patch.
       mkdir -p .gpu23/resid
-      d=$(worktree resid 01b5f31 scripts/gpu-pending/residual-epilogue.patch)
+      d=$(worktree resid 01b5f31 docs/gpu-results/2026-12-06-twelfth/residual-epilogue.patch)
       build "$d" resid --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu23/resid/tandem-gpu-bench "$(rel resid)/tandem-gpu-bench"
       strip -o .gpu23/resid/engine-tests "$(engine_tests "$d" resid)"
@@ -210,14 +213,15 @@ for w in $WHICH; do
       cp scripts/hf_reference.py .gpu23/
       ;;
     27)
-      # main/: this checkout; bk128/: the same with prefill-bk128-lanes.patch;
-      # lanes64/: the patch's kernel source with main's 64-key tiles and 4 stages,
-      # for main's binary (call-17, call-18, call-19, call-20).
+      # main/: 7f94132; bk128/: the same with prefill-bk128-lanes.patch (landed in
+      # e9ca8cc); lanes64/: the patch's kernel source with main's 64-key tiles and 4
+      # stages, for main's binary (call-17, call-18, call-19, call-20).
       rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64 .gpu27/nofence .gpu27/pairs
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu27/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      cp -r engine/src/cuda/kernels .gpu27/main/
-      d=$(worktree bk128 HEAD scripts/gpu-pending/prefill-bk128-lanes.patch)
+      m=$(worktree main27 7f94132)
+      build "$m" main27 --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu27/main/tandem-gpu-bench "$(rel main27)/tandem-gpu-bench"
+      cp -r "$m/engine/src/cuda/kernels" .gpu27/main/
+      d=$(worktree bk128 7f94132 docs/gpu-results/2026-12-06-thirteenth/prefill-bk128-lanes.patch)
       build "$d" bk128 --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu27/bk128/tandem-gpu-bench "$(rel bk128)/tandem-gpu-bench"
       cp -r "$d/engine/src/cuda/kernels" .gpu27/bk128/
@@ -225,11 +229,11 @@ for w in $WHICH; do
       { printf '#define PREFILL_WS_BK 64\n#define PREFILL_FP8_STAGES PREFILL_STAGES\n'
         cat "$d/engine/src/cuda/kernels/prefill_attn.cu"; } > .gpu27/lanes64/kernels/prefill_attn.cu
       # nofence/: main's kernels with prefill-tma-nofence.patch (kernels only).
-      cp -r engine/src/cuda/kernels .gpu27/nofence/
-      d=$(worktree nofence HEAD scripts/gpu-pending/prefill-tma-nofence.patch)
+      cp -r "$m/engine/src/cuda/kernels" .gpu27/nofence/
+      d=$(worktree nofence 7f94132 docs/gpu-results/2026-12-06-thirteenth/prefill-tma-nofence.patch)
       cp "$d/engine/src/cuda/kernels/prefill_attn.cu" .gpu27/nofence/kernels/
-      # pairs/: this checkout with prefill-tma-pairs.patch (call-20).
-      d=$(worktree pairs HEAD scripts/gpu-pending/prefill-tma-pairs.patch)
+      # pairs/: 7f94132 with prefill-tma-pairs.patch (call-20).
+      d=$(worktree pairs 7f94132 docs/gpu-results/2026-12-06-thirteenth/prefill-tma-pairs.patch)
       build "$d" pairs --features cuda -p tandem-engine --bin tandem-gpu-bench
       strip -o .gpu27/pairs/tandem-gpu-bench "$(rel pairs)/tandem-gpu-bench"
       strip -o .gpu27/pairs/engine-tests "$(engine_tests "$d" pairs)"
@@ -238,7 +242,19 @@ for w in $WHICH; do
         .gpu27/pairs/tandem-gpu-bench .gpu27/pairs/engine-tests
       cp scripts/hf_reference.py .gpu27/
       ;;
-    *) echo "unknown folder $w (8 to 27)" >&2; exit 1 ;;
+    28)
+      # main/: this checkout, with the tandem binary for gpu_1p1d_smoke.sh (call-21).
+      rm -rf .gpu28 && mkdir -p .gpu28/main
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      build "$ROOT" head --features cuda -p tandem --bin tandem
+      strip -o .gpu28/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu28/main/tandem "$(rel head)/tandem"
+      strip -o .gpu28/main/engine-tests "$(engine_tests "$ROOT" head)"
+      cp -r engine/src/cuda/kernels cluster-configs/gpu-1p1d .gpu28/main/
+      xz -T2 -6 .gpu28/main/tandem-gpu-bench .gpu28/main/tandem .gpu28/main/engine-tests
+      cp scripts/hf_reference.py .gpu28/
+      ;;
+    *) echo "unknown folder $w (8 to 28)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
