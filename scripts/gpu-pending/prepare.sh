@@ -44,6 +44,9 @@
 #   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
 #           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
 #           scripts/hf_reference.py
+#   .gpu29  fourteenth session's call-22 (not run yet): main/ (this checkout's
+#           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
+#           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -53,7 +56,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -254,7 +257,23 @@ for w in $WHICH; do
       xz -T2 -6 .gpu28/main/tandem-gpu-bench .gpu28/main/tandem .gpu28/main/engine-tests
       cp scripts/hf_reference.py .gpu28/
       ;;
-    *) echo "unknown folder $w (8 to 28)" >&2; exit 1 ;;
+    29)
+      # main/: this checkout; tune/: the same with tune-at-start.patch (call-22).
+      rm -rf .gpu29 && mkdir -p .gpu29/main .gpu29/tune
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu29/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp -r engine/src/cuda/kernels .gpu29/main/
+      d=$(worktree tune HEAD scripts/gpu-pending/tune-at-start.patch)
+      build "$d" tune --features cuda -p tandem-engine --bin tandem-gpu-bench
+      build "$d" tune --features cuda -p tandem --bin tandem
+      strip -o .gpu29/tune/tandem-gpu-bench "$(rel tune)/tandem-gpu-bench"
+      strip -o .gpu29/tune/tandem "$(rel tune)/tandem"
+      strip -o .gpu29/tune/engine-tests "$(engine_tests "$d" tune)"
+      cp -r "$d/engine/src/cuda/kernels" "$d/cluster-configs/gpu-1p1d" .gpu29/tune/
+      xz -T2 -6 .gpu29/main/tandem-gpu-bench .gpu29/tune/tandem-gpu-bench .gpu29/tune/tandem \
+        .gpu29/tune/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 29)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
