@@ -10,6 +10,8 @@ errors before any GPU time is spent.
     python3 -m pip install --target /tmp/nv "nvidia-cuda-nvrtc==13.0.*" \
         "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-nvcc==13.0.*"
     NV=/tmp/nv/nvidia/cu13 [ARCH=90a] python3 scripts/nvrtc_check.py [--ptxas] [--ptx FILE]
+
+KERNELS=DIR compiles the kernel files of DIR instead (as TANDEM_CUDA_KERNELS=DIR on the GPU).
 """
 import ctypes
 import os
@@ -20,6 +22,7 @@ import tempfile
 
 nv = os.environ.get("NV", "/tmp/nv/nvidia/cu13")
 cuda_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "engine", "src", "cuda")
+kernels_dir = os.environ.get("KERNELS", os.path.join(cuda_dir, "kernels"))
 
 
 def program():
@@ -31,7 +34,7 @@ def program():
         sys.exit("no KERNEL_SOURCES found in program.rs")
     src = ""
     for name, path in files:
-        text = open(os.path.join(cuda_dir, "kernels", path)).read()
+        text = open(os.path.join(kernels_dir, path)).read()
         src += f'#line 1 "{name}"\n' + text + ("" if text.endswith("\n") else "\n")
     table = prog_rs[prog_rs.index("const KERNEL_DEFINES"):]
     table = table[: table.index("];")]
