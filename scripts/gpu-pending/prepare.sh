@@ -44,9 +44,10 @@
 #   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
 #           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
 #           scripts/hf_reference.py
-#   .gpu29  fourteenth session's call-22 (not run yet): main/ (this checkout's
+#   .gpu29  fourteenth session's calls 22-24 (not run yet): main/ (this checkout's
 #           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
-#           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz
+#           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz;
+#           scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -272,6 +273,7 @@ for w in $WHICH; do
       cp -r "$d/engine/src/cuda/kernels" "$d/cluster-configs/gpu-1p1d" .gpu29/tune/
       xz -T2 -6 .gpu29/main/tandem-gpu-bench .gpu29/tune/tandem-gpu-bench .gpu29/tune/tandem \
         .gpu29/tune/engine-tests
+      cp scripts/hf_reference.py .gpu29/
       ;;
     *) echo "unknown folder $w (8 to 29)" >&2; exit 1 ;;
   esac
