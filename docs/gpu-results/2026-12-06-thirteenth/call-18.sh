@@ -12,16 +12,18 @@
 #   step read 17.5-17.9 ms against 16.2 extrapolated from 4 layers). A sweep takes
 #   ~150 s on an H100; the third is skipped if it would pass DEADLINE_S.
 # Carry .gpu27 (`WHICH=27 bash scripts/gpu-pending/prepare.sh`). ~580 s; run it with
-# timeout_s 600. DEADLINE_S (default 580).
+# timeout_s 600. DEADLINE_S (default 580). G (default .gpu27) and TAG (default c18)
+# let a later call run it on another folder's binaries (call-24.sh).
 set -u
-source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c18
-M=$PWD/.gpu27/main
-unxz_to /tmp/gm .gpu27/main/tandem-gpu-bench.xz
+G=${G:-.gpu27} TAG=${TAG:-c18}
+source "$(dirname "$0")/../2026-12-05-eighth/common.sh" "$TAG"
+M=$PWD/$G/main
+unxz_to /tmp/gm "$G/main/tandem-gpu-bench.xz"
 env_line
 smi_start
 for r in 1 2 3; do
   date -u +%T.%N; step "prefill-$r" 45 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only prefill
-  [ "$r" != 3 ] && { date -u +%T.%N; step "torch-$r" 60 "" /opt/torch/.venv/bin/python .gpu27/hf_reference.py baseline --prefill 8192,32768 --runs 3 --decode ""; }
+  [ "$r" != 3 ] && { date -u +%T.%N; step "torch-$r" 60 "" /opt/torch/.venv/bin/python "$G/hf_reference.py" baseline --prefill 8192,32768 --runs 3 --decode ""; }
 done
 for r in 1 2 3; do
   date -u +%T.%N; step "decode-$r" 150 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64,256
@@ -30,4 +32,4 @@ date -u +%T.%N
 smi_stop
 for f in "$O"/prefill-*.md "$O"/torch-*.md; do echo "== $f"; grep -E "^\| (1024|8192|32768) \||^\| prefill|rror|panick" "$f"; done
 for f in "$O"/decode-*.md; do echo "== $f"; grep -E "^Floor|^###|^\| (1024|4096) \| (1|64|256) \|" "$f"; done
-tar -C "$OUT" -czf "$OUT/c18.tgz" c18 && rm -rf "$O"
+tar -C "$OUT" -czf "$OUT/$TAG.tgz" "$TAG" && rm -rf "$O"
