@@ -19,8 +19,8 @@ import sys
 
 EXPECT_TX = "            mbar_expect_tx(&full[s], 2 * TILE_BYTES);\n"
 BOX_IF = "            if (b < boxes) {\n                int kv = b / (nb * P), p = b % P;"
-SOFTMAX_CALL = """        prefill_softmax_scores<WBK>(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1, tig,
-                               window, scale);"""
+SOFTMAX_CALL = """        prefill_softmax_scores<WBK>(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1,
+                                    tig, window, scale);"""
 EXP = "            float p = fast_exp2(fmaf(sc[nt][e], c, -mc[e >> 1]));"
 TURN_WAIT = """    auto turn_wait = [&]() { asm volatile("barrier.sync %0, 256;\\n" ::"r"(2 + wg) : "memory"); };"""
 TURN_PASS = """        if (!(wg == 1 && round == ntiles))

@@ -28,8 +28,6 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
     };
     let kv_dtype = kv_dtype_arg(args)?;
-    // `--block-size N`: a block of 64 tokens is one TMA box of the prefill
-    // attention's tile per 64 dims, where blocks of 16 are four.
     let bs = block_size_arg(args)?;
     let config = named_config(&shape, layers)?;
     let t0 = Instant::now();

@@ -124,8 +124,8 @@ __device__ __forceinline__ void prefill_softmax_tile(float (&sc)[BK / 8][4], flo
                                                      int r0, int r1, int qp0, int qp1, int tig,
                                                      int window, float scale) {
     float corr[2];
-    prefill_softmax_scores<BK>(sc, m, l, corr, full, kt, kv_end, len, r0, r1, qp0, qp1, tig, window,
-                           scale);
+    prefill_softmax_scores<BK>(sc, m, l, corr, full, kt, kv_end, len, r0, r1, qp0, qp1, tig,
+                               window, scale);
     prefill_rescale<HD>(o, corr);
 }
 
@@ -256,8 +256,8 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
     auto load_tile = [&](int stage, int kt) {
         if constexpr (FP8) {
             unsigned char* kr = raw + stage * 2 * BK * HD;
-            prefill_load_raw<HD, BK>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales, table,
-                                 block_elems, kh, hkv, bs, kt, kv_end, tid, blockDim.x);
+            prefill_load_raw<HD, BK>(kr, kr + BK * HD, raw_sc + stage * 2 * BK, cache8, scales,
+                                     table, block_elems, kh, hkv, bs, kt, kv_end, tid, blockDim.x);
             return;
         }
         bf16* kd = stage0 + stage * 2 * BK * LD;
@@ -289,7 +289,8 @@ __device__ void prefill_attn(const bf16* q, const void* cache_v, const float* sc
             const unsigned char* kr = raw + (t & 1) * 2 * BK * HD;
             auto off = [&](int r, int c) { return (r * LD + c * 8) * 2; };
             unsigned char* kd = smem_raw;
-            prefill_expand<HD, BK>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off, tid, blockDim.x);
+            prefill_expand<HD, BK>(kd, kd + BK * LD * 2, kr, kr + BK * HD, off, off, tid,
+                                   blockDim.x);
             __syncthreads();
         }
         const bf16* ks = stage0 + (FP8 ? 0 : (t & 1) * 2 * BK * LD);
@@ -783,8 +784,8 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
         bool full_tile = window == 0 && kt + WBK <= kv_end && kt + WBK - 1 <= wq0;
         const float* sr = stage_sc + (t % STAGES) * 2 * WBK;  // FP8: K scales, then V's
         if constexpr (FP8) kv_fp8_scale_cols<WBK>(sc, sr, tig);
-        prefill_softmax_scores<WBK>(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1, tig,
-                               window, scale);
+        prefill_softmax_scores<WBK>(sc, m, l, corr, full_tile, kt, kv_end, len, r0, r1, qp0, qp1,
+                                    tig, window, scale);
         if constexpr (FP8) kv_fp8_scale_cols<WBK>(sc, sr + WBK, tig);
     };
     auto pack = [&]() {
