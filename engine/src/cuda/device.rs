@@ -669,8 +669,8 @@ impl Gpu {
     }
 
     /// Sets the rows of a full pass, whose products are tuned as the decode
-    /// buckets' are (the first full pass waits for it: ~0.5 s for an 8B model's
-    /// four products at 8192 rows: 9 algorithms × 12 launches each).
+    /// buckets' are (~0.5 s for an 8B model's four products at 8192 rows: 9
+    /// algorithms × 12 launches each, when the backend is made).
     pub(crate) fn set_pass_rows(&mut self, rows: usize) {
         self.pass_rows = rows;
     }

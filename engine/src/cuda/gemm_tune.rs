@@ -10,11 +10,13 @@
 //! kept, cuBLAS's own among them.
 //!
 //! Only the batch sizes decode graphs are captured for, and a full pass (the
-//! backend's token budget, which a long prompt's chunks fill), are tuned. A
-//! shape is timed the first time it runs outside a capture: the backend runs
-//! one pass directly before it captures a bucket, and the first full prefill
-//! pass waits for its products' tuning. Every other product keeps
-//! `cublasGemmEx`, so a chunk of any other length never waits for a tuning.
+//! backend's token budget, which a long prompt's chunks fill), are tuned. The
+//! backend runs each of those products once when it is made
+//! (`CudaBackend::tune_products`), so no request waits for a tuning; a shape
+//! not yet timed (the tuning turned on later, for a benchmark) is timed the
+//! first time it runs outside a capture, and the backend runs one pass
+//! directly before it captures a bucket for that. Every other product keeps
+//! `cublasGemmEx`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -297,7 +297,7 @@ impl CudaBackend {
         let meta_host =
             unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(meta_cap, 0) }.op("cuMemHostAlloc")?;
         gpu.sync()?;
-        Ok(CudaBackend {
+        let backend = CudaBackend {
             gpu,
             model,
             kv,
@@ -312,7 +312,9 @@ impl CudaBackend {
             decode_blocks: None,
             pending: None,
             step_done: None,
-        })
+        };
+        backend.tune_products()?;
+        Ok(backend)
     }
 
     /// Opens GPU `ordinal`, loads a safetensors model onto it and makes a cache.

@@ -461,6 +461,82 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Runs each of a layer's products, and the lm_head's, once at every row
+    /// count whose algorithm is tuned (`gemm_tune`: the decode buckets and a
+    /// full pass), so that their candidates are timed now and not in the first
+    /// request whose pass has that many rows (a 24-row local prefill on a
+    /// decode node waited 324 ms for it on an H100, and 5.8 ms once tuned at
+    /// start on an H200: docs/GPU_BENCH.md, fifteenth session). Every
+    /// layer's products have the first's shapes.
+    /// Only the pass's buffers are written, and every pass writes them before
+    /// it reads them.
+    pub(super) fn tune_products(&self) -> Result<()> {
+        let g = &self.gpu;
+        let Some(layer) = self.model.layers.first() else {
+            return Ok(());
+        };
+        if !g.gemm_tune() {
+            return Ok(());
+        }
+        let c = &self.model.config;
+        let st = &g.compute;
+        let b = &self.bufs;
+        let (h, hd, hq, hkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+        let (qd, inter) = (hq * hd, c.intermediate_size);
+        let qkvw = (hq + 2 * hkv) * hd;
+        let (x, delta) = (Dev::<f32>::of(&b.x, st), Dev::<f32>::of(&b.delta, st));
+        let (hb, qkv, attn) = (
+            Dev::<bf16>::of(&b.h, st),
+            Dev::<bf16>::of(&b.qkv, st),
+            Dev::<bf16>::of(&b.attn, st),
+        );
+        let (gu, act) = (Dev::<bf16>::of(&b.gu, st), Dev::<bf16>::of(&b.act, st));
+        let last_h = Dev::<bf16>::of(&b.last_h, st);
+        let logits = Dev::<f32>::of(&b.logits, st);
+        let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
+        let (max_tokens, max_seqs) = (self.limits.max_tokens, self.limits.max_seqs);
+        let started = std::time::Instant::now();
+        let rows = super::GRAPH_BUCKETS.iter().copied().chain([max_tokens]);
+        for n in rows.filter(|&n| n <= max_tokens) {
+            // As `enqueue`: the o and down products add into `x` where the pass's do.
+            let into_residual = |k: usize| {
+                if g.adds_to_output(n, k) {
+                    ProductOut::AddF32(x)
+                } else {
+                    ProductOut::F32(delta)
+                }
+            };
+            let w = Dev::of(&layer.qkv, st);
+            g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, false)?;
+            let w = Dev::of(&layer.o, st);
+            g.gemm_with(attn, w, into_residual(qd), n, qd, h, false)?;
+            if !g.fuses_silu(n, h) {
+                let w = Dev::of(&layer.gate_up, st);
+                g.gemm_with(hb, w, ProductOut::Bf16(gu), n, h, 2 * inter, false)?;
+            }
+            let w = Dev::of(&layer.down, st);
+            g.gemm_with(act, w, into_residual(inter), n, inter, h, false)?;
+            if n <= max_seqs {
+                let w = Dev::of(head, st);
+                g.gemm_with(
+                    last_h,
+                    w,
+                    ProductOut::F32(logits),
+                    n,
+                    h,
+                    c.vocab_size,
+                    false,
+                )?;
+            }
+        }
+        g.sync()?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "timed cuBLASLt's candidates for the products of tuned row counts"
+        );
+        Ok(())
+    }
+
     /// Queues the sampling of each of the pass's `s` rows of logits into `ids_out`.
     pub(super) fn enqueue_sample(&self, m: &Meta, p: Pass) -> Result<()> {
         let st = &self.gpu.compute;
