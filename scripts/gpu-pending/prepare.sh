@@ -44,7 +44,7 @@
 #   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
 #           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
 #           scripts/hf_reference.py
-#   .gpu29  fourteenth session's calls 22-24 (not run yet): main/ (this checkout's
+#   .gpu29  fourteenth session's calls 22-24 (ran in the fifteenth): main/ (256e400's
 #           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
 #           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz;
 #           scripts/hf_reference.py
@@ -259,12 +259,14 @@ for w in $WHICH; do
       cp scripts/hf_reference.py .gpu28/
       ;;
     29)
-      # main/: this checkout; tune/: the same with tune-at-start.patch (call-22).
+      # main/: 256e400, before the patch landed; tune/: the same with tune-at-start.patch
+      # (call-22).
       rm -rf .gpu29 && mkdir -p .gpu29/main .gpu29/tune
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu29/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      cp -r engine/src/cuda/kernels .gpu29/main/
-      d=$(worktree tune HEAD scripts/gpu-pending/tune-at-start.patch)
+      m=$(worktree t29main 256e400)
+      build "$m" t29main --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu29/main/tandem-gpu-bench "$(rel t29main)/tandem-gpu-bench"
+      cp -r "$m/engine/src/cuda/kernels" .gpu29/main/
+      d=$(worktree tune 256e400 docs/gpu-results/2026-12-06-fourteenth/tune-at-start.patch)
       build "$d" tune --features cuda -p tandem-engine --bin tandem-gpu-bench
       build "$d" tune --features cuda -p tandem --bin tandem
       strip -o .gpu29/tune/tandem-gpu-bench "$(rel tune)/tandem-gpu-bench"
