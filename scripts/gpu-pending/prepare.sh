@@ -44,6 +44,9 @@
 #   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
 #           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
 #           scripts/hf_reference.py
+#   .gpu30  fifteenth session's call-25 (not run yet): this checkout's tandem-gpu-bench
+#           and engine-tests (xz); k/main, k/A (prefill-wait-after-softmax.patch), k/B (and
+#           prefill-fence-copies-only.patch): kernels; scripts/hf_reference.py
 #   .gpu29  fourteenth session's calls 22-24 (ran in the fifteenth): main/ (256e400's
 #           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
 #           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz;
@@ -57,7 +60,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29 30"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -277,7 +280,24 @@ for w in $WHICH; do
         .gpu29/tune/engine-tests
       cp scripts/hf_reference.py .gpu29/
       ;;
-    *) echo "unknown folder $w (8 to 29)" >&2; exit 1 ;;
+    30)
+      # main/: this checkout's tandem-gpu-bench and engine-tests; k/main, k/A, k/B: its
+      # kernels, with prefill-wait-after-softmax.patch, and with
+      # prefill-fence-copies-only.patch after it (call-25; the kernels' signatures are
+      # the same, so one binary runs all three through TANDEM_CUDA_KERNELS).
+      rm -rf .gpu30 && mkdir -p .gpu30/k
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu30/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      strip -o .gpu30/engine-tests "$(engine_tests "$ROOT" head)"
+      cp -r engine/src/cuda/kernels .gpu30/k/main
+      d=$(worktree t30 HEAD scripts/gpu-pending/prefill-wait-after-softmax.patch)
+      cp -r "$d/engine/src/cuda/kernels" .gpu30/k/A
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/prefill-fence-copies-only.patch"
+      cp -r "$d/engine/src/cuda/kernels" .gpu30/k/B
+      xz -T2 -6 .gpu30/tandem-gpu-bench .gpu30/engine-tests
+      cp scripts/hf_reference.py .gpu30/
+      ;;
+    *) echo "unknown folder $w (8 to 30)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
