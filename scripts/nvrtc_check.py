@@ -12,6 +12,15 @@ errors before any GPU time is spent.
     NV=/tmp/nv/nvidia/cu13 [ARCH=90a] python3 scripts/nvrtc_check.py [--ptxas] [--ptx FILE]
 
 KERNELS=DIR compiles the kernel files of DIR instead (as TANDEM_CUDA_KERNELS=DIR on the GPU).
+
+With --sass KERNEL it also prints the order in which ptxas placed KERNEL's tensor-core
+products (HGMMA), its waits for them (WARPGROUP.DEPBAR), its ex2s (MUFU.EX2) and barriers,
+consecutive repeats counted: where a wait landed is not where the source put it (the
+fifteenth session's prefill attention, docs/GPU_BENCH.md). It needs cuobjdump and nvdisasm:
+
+    python3 -m pip install --target /tmp/nvd "nvidia-cuda-cuobjdump==13.2.*" \
+        "nvidia-cuda-nvdisasm==13.2.*"
+    CUOBJDUMP=/tmp/nvd/nvidia/cu13/bin/cuobjdump (nvdisasm beside it)
 """
 import ctypes
 import os
@@ -87,4 +96,37 @@ if "--ptxas" in sys.argv:
             if "spill" in line and "0 bytes spill stores, 0 bytes spill loads" in line:
                 continue
             print(f"{fn}: {line.split('info    : ')[-1]}")
-    sys.exit(out.returncode)
+    if out.returncode != 0:
+        sys.exit(out.returncode)
+if "--sass" in sys.argv:
+    kernel = sys.argv[sys.argv.index("--sass") + 1]
+    cuobjdump = os.environ.get("CUOBJDUMP", "/tmp/nvd/nvidia/cu13/bin/cuobjdump")
+    env = dict(os.environ, PATH=os.path.dirname(cuobjdump) + ":" + os.environ.get("PATH", ""))
+    with tempfile.TemporaryDirectory() as d:
+        ptx_path, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx_path, "wb") as f:
+            f.write(ptx.value)
+        subprocess.run([os.path.join(nv, "bin", "ptxas"), f"-arch=sm_{arch}", ptx_path, "-o", cubin],
+                       check=True)
+        sass = subprocess.run([cuobjdump, "-sass", "-fun", kernel, cubin], env=env,
+                              capture_output=True, text=True, check=True).stdout
+    runs = []  # [opcode, count]
+    for line in sass.splitlines():
+        m = re.search(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);", line)
+        if not m:
+            continue
+        op, args = m.group(2), m.group(3).strip()
+        if op.startswith(("HGMMA", "MUFU.EX2", "BAR.", "NANOSLEEP")):
+            key = op
+        elif op == "WARPGROUP.DEPBAR.LE":
+            key = f"{op} {args}"
+        else:
+            continue
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += 1
+        else:
+            runs.append([key, 1])
+    if not runs:
+        sys.exit(f"no SASS for {kernel}")
+    for key, n in runs:
+        print(f"{n:4} {key}")
