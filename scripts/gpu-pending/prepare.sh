@@ -44,13 +44,13 @@
 #   .gpu28  fourteenth session's call-21: main/ (this checkout's tandem-gpu-bench,
 #           engine-tests and tandem, xz; kernels; the gpu-1p1d configs);
 #           scripts/hf_reference.py
-#   .gpu30  fifteenth session's call-25 (not run yet): this checkout's tandem-gpu-bench
-#           and engine-tests (xz); k/main, k/A (prefill-wait-after-softmax.patch), k/B (and
-#           prefill-fence-copies-only.patch): kernels; scripts/hf_reference.py
 #   .gpu29  fourteenth session's calls 22-24 (ran in the fifteenth): main/ (256e400's
 #           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
 #           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz;
 #           scripts/hf_reference.py
+#   .gpu30  fifteenth session's call-25 (not run yet): this checkout's tandem-gpu-bench
+#           and engine-tests (xz); k/main, k/A (prefill-wait-after-softmax.patch), k/B (and
+#           prefill-fence-copies-only.patch): kernels; scripts/hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,

@@ -467,9 +467,8 @@ impl CudaBackend {
     /// request whose pass has that many rows (a 24-row local prefill on a
     /// decode node waited 324 ms for it on an H100, and 5.8 ms once tuned at
     /// start on an H200: docs/GPU_BENCH.md, fifteenth session). Every
-    /// layer's products have the first's shapes.
-    /// Only the pass's buffers are written, and every pass writes them before
-    /// it reads them.
+    /// layer's products have the first's shapes. Only the pass's buffers are
+    /// written, and every pass writes them before it reads them.
     pub(super) fn tune_products(&self) -> Result<()> {
         let g = &self.gpu;
         let Some(layer) = self.model.layers.first() else {
