@@ -71,6 +71,9 @@ pub struct Admission {
     pub prefill_peer: String,
     /// The router's estimate of the wait in that node's queue.
     pub prefill_queue: Duration,
+    /// vLLM's `cache_salt` (empty: none): the prompt's blocks are looked up
+    /// and named in the prefix cache from it.
+    pub cache_salt: String,
     /// The response stream.
     pub events: mpsc::Sender<Event>,
     /// The request's span (carrying its id); the loop logs the request's events in it.
@@ -102,10 +105,11 @@ impl<B: Backend> Scheduler<B> {
         let bs = layout.block_size;
         let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
         // The KV a prefill computes covers the prompt and the tokens generated before.
+        let hasher = self.hasher.with_cache_salt(&a.cache_salt);
         let hashes = if self.blocks.caching() {
             let mut context = a.prompt.clone();
             context.extend_from_slice(&a.generated);
-            self.hasher.full_blocks(&context)
+            hasher.full_blocks(&context)
         } else {
             Vec::new()
         };
@@ -263,6 +267,7 @@ impl<B: Backend> Scheduler<B> {
                 request_id: a.request_id,
                 generation,
                 table,
+                hasher,
                 hashes,
                 registered: cached,
                 cached_tokens,

@@ -348,7 +348,7 @@ impl<B: Backend> Scheduler<B> {
                 // The context's full blocks now hold their KV (cached or
                 // shipped): the next turn of a chat can start from them.
                 let context_len = seq.shipped_len();
-                seq.register_full_blocks(&mut self.blocks, &self.hasher, context_len);
+                seq.register_full_blocks(&mut self.blocks, context_len);
                 if seq.answered {
                     // Its first token ended it: it waited only for its KV.
                     self.remove(transfer_id);
@@ -735,7 +735,7 @@ impl<B: Backend> Scheduler<B> {
             return;
         };
         // Full blocks now computed can serve later prompts.
-        seq.register_full_blocks(&mut self.blocks, &self.hasher, r.start + r.len);
+        seq.register_full_blocks(&mut self.blocks, r.start + r.len);
         if r.kind == (RowKind::Prefill { completes: true }) {
             seq.spans.prefill_computed = Some(Instant::now());
         }

@@ -32,6 +32,9 @@ pub(crate) struct Sequence {
     /// Its blocks: prompt + `max_tokens` (capped at the context). The first
     /// `cached_tokens / block_size` came from the prefix cache by reference.
     pub table: Vec<BlockId>,
+    /// Names its blocks in the prefix cache (the node's, salted with the
+    /// request's `cache_salt`).
+    pub hasher: PrefixHasher,
     /// Hashes of the full blocks of its context so far (empty with the
     /// prefix cache off); extended as generated tokens fill blocks.
     pub hashes: Vec<BlockHash>,
@@ -112,15 +115,11 @@ impl Sequence {
     /// context positions, which now all have their KV written, so later
     /// prompts (the next turn of a chat) can reuse them. Cheap when no block
     /// was completed since the last call; does nothing with the cache off.
-    pub fn register_full_blocks(
-        &mut self,
-        blocks: &mut BlockManager,
-        hasher: &PrefixHasher,
-        kv_len: usize,
-    ) {
+    pub fn register_full_blocks(&mut self, blocks: &mut BlockManager, kv_len: usize) {
         if !blocks.caching() {
             return;
         }
+        let hasher = self.hasher;
         let tokens = self.generation.tokens();
         let kv_len = kv_len.min(tokens.len());
         let full = (kv_len / hasher.block_size()).min(self.table.len());

@@ -144,6 +144,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
             prefill_peer: r.prefill_peer,
             // A negative or NaN estimate reads as no wait.
             prefill_queue: Duration::try_from_secs_f64(r.prefill_queue_seconds).unwrap_or_default(),
+            cache_salt: r.cache_salt,
             events: tx,
             span: span.clone(),
         };

@@ -45,6 +45,23 @@ impl PrefixHasher {
         PrefixHasher::new(xxh3_64(identity.as_bytes()), layout.block_size)
     }
 
+    /// The hasher for a request with vLLM's `cache_salt`: its chain starts
+    /// from this hasher's salt mixed with the request's, so its blocks are
+    /// found only by requests with the same salt, and never by one without.
+    /// An empty salt is none (the request shares the cache).
+    pub fn with_cache_salt(self, cache_salt: &str) -> Self {
+        if cache_salt.is_empty() {
+            return self;
+        }
+        let mut buf = Vec::with_capacity(8 + cache_salt.len());
+        buf.extend_from_slice(&self.salt.to_le_bytes());
+        buf.extend_from_slice(cache_salt.as_bytes());
+        PrefixHasher {
+            salt: xxh3_64(&buf),
+            block_size: self.block_size,
+        }
+    }
+
     /// The salt the chain starts from: what a router needs, with the block
     /// size, to name a prompt's blocks as this node does.
     pub fn salt(&self) -> u64 {
@@ -92,5 +109,20 @@ mod tests {
         assert_ne!(a[1], c[1], "the second block differs through its parent");
         let other_salt = PrefixHasher::new(8, 4).full_blocks(&[1, 2, 3, 4]);
         assert_ne!(a[0], other_salt[0]);
+    }
+
+    #[test]
+    fn a_cache_salt_separates_the_chains_of_equal_prompts() {
+        let h = PrefixHasher::new(7, 4);
+        let tokens = [1, 2, 3, 4, 5, 6, 7, 8];
+        let plain = h.full_blocks(&tokens);
+        let a = h.with_cache_salt("tenant-a").full_blocks(&tokens);
+        let b = h.with_cache_salt("tenant-b").full_blocks(&tokens);
+        assert_eq!(a, h.with_cache_salt("tenant-a").full_blocks(&tokens));
+        for (x, y) in [(&a, &plain), (&b, &plain), (&a, &b)] {
+            assert!(x.iter().all(|hash| !y.contains(hash)), "{x:?} {y:?}");
+        }
+        assert_eq!(h.with_cache_salt(""), h, "an empty salt is none");
+        assert_eq!(h.with_cache_salt("s").block_size(), 4);
     }
 }

@@ -45,6 +45,9 @@ pub(crate) struct Job {
     /// Leading blocks the decode node holds already (`KvTarget.cached_blocks`):
     /// computed (or taken from this node's cache) but not shipped.
     pub held_blocks: usize,
+    /// vLLM's `cache_salt` (empty: none): the prompt's blocks are looked up and
+    /// named in the prefix cache from it.
+    pub cache_salt: String,
     /// Structured output: the grammar's parser, the generated tokens already
     /// replayed through it; the first token obeys it.
     pub grammar: Option<tandem_engine::ConstraintState>,

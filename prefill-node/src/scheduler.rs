@@ -356,7 +356,8 @@ impl<B: Backend> Worker<B> {
                 let bs = self.limits.block_size;
                 let needed = blocks_for(front.prompt.len(), bs);
                 let hashes = if self.blocks.caching() {
-                    self.hasher.full_blocks(&front.prompt)
+                    let hasher = self.hasher.with_cache_salt(&front.cache_salt);
+                    hasher.full_blocks(&front.prompt)
                 } else {
                     Vec::new()
                 };

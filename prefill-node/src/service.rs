@@ -105,6 +105,7 @@ impl PrefillService {
             logprobs: v.logprobs,
             banned: v.banned,
             held_blocks: v.held_blocks,
+            cache_salt: v.cache_salt,
             grammar,
             eos: self.eos.clone(),
             events: tx,

@@ -85,6 +85,8 @@ pub(crate) struct ValidPrefill {
     pub target: KvDestination,
     /// Leading blocks the decode node holds (`KvTarget.cached_blocks`): not shipped.
     pub held_blocks: usize,
+    /// `PrefillRequest.cache_salt`.
+    pub cache_salt: String,
 }
 
 fn invalid(m: String) -> PrefillError {
@@ -172,6 +174,7 @@ pub(crate) async fn validate(
         constraint: tandem_cluster::convert::constraint_from_pb(req.constraint.as_ref()),
         target,
         held_blocks,
+        cache_salt: req.cache_salt,
     })
 }
 

@@ -307,6 +307,7 @@ impl Cluster {
             attempt: 0,
             banned_token_ids: Vec::new(),
             constraint: None,
+            cache_salt: String::new(),
         })
     }
 
@@ -343,6 +344,15 @@ impl Cluster {
         sampling: Option<pb::SamplingParams>,
     ) -> Result<pb::PrefillResponse> {
         let req = self.request(id, prompt, sampling)?;
+        self.check_request(req, prompt).await
+    }
+
+    /// As `check`, for a request made by `request` and then changed.
+    async fn check_request(
+        &self,
+        req: pb::PrefillRequest,
+        prompt: &[u32],
+    ) -> Result<pb::PrefillResponse> {
         let transfer_id = req.kv_target.as_ref().map(|t| t.transfer_id).unwrap_or(0);
         let params = tandem_cluster::convert::sampling_from_pb(req.sampling.as_ref());
         let resp = self.client.clone().prefill(req).await?.into_inner();
@@ -730,6 +740,33 @@ async fn cached_prefixes_are_reused_and_outputs_do_not_change() -> Result<()> {
         l.kv_blocks_free, l.kv_blocks_total,
         "cached blocks are evictable"
     );
+    c.stop().await
+}
+
+/// vLLM's `cache_salt`: a prompt reuses only the blocks computed under its
+/// own salt (none: the shared cache), and its output is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_salt_shares_blocks_only_with_the_same_salt() -> Result<()> {
+    let c = start_with(1024, 32, 256, true, 256).await?;
+    let base = prompt_of(100, 3);
+    c.check("plain", &base, None).await?;
+    // 100 tokens: 6 full blocks of 16 before the last token's.
+    for (id, salt, reused) in [
+        ("tenant-a", "a", 0),
+        ("tenant-a-again", "a", 96),
+        ("tenant-b", "b", 0),
+        ("plain-again", "", 96),
+    ] {
+        let mut req = c.request(id, &base, None)?;
+        req.cache_salt = salt.into();
+        let before = c.prefill.load().cached_tokens_total;
+        c.check_request(req, &base).await?;
+        assert_eq!(
+            c.prefill.load().cached_tokens_total - before,
+            reused,
+            "{id}"
+        );
+    }
     c.stop().await
 }
 

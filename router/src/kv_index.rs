@@ -145,8 +145,14 @@ impl KvIndex {
     }
 
     /// For each of `nodes`, the leading tokens of `tokens` whose KV it holds
-    /// (whole blocks; 0 for a node the index does not know).
-    pub fn cached_tokens(&self, tokens: &[u32], nodes: &[&NodeAddr]) -> Vec<usize> {
+    /// (whole blocks; 0 for a node the index does not know), for a request
+    /// with `cache_salt` (empty: none).
+    pub fn cached_tokens(
+        &self,
+        tokens: &[u32],
+        cache_salt: &str,
+        nodes: &[&NodeAddr],
+    ) -> Vec<usize> {
         // Nodes of one model share salt and block size: hash once per pair.
         let mut hashed: HashMap<(u64, u32), Vec<BlockHash>> = HashMap::new();
         nodes
@@ -159,7 +165,9 @@ impl KvIndex {
                     return 0;
                 }
                 let hashes = hashed.entry((n.salt, n.block_size)).or_insert_with(|| {
-                    PrefixHasher::new(n.salt, n.block_size as usize).full_blocks(tokens)
+                    PrefixHasher::new(n.salt, n.block_size as usize)
+                        .with_cache_salt(cache_salt)
+                        .full_blocks(tokens)
                 });
                 let blocks = hashes
                     .iter()
@@ -207,18 +215,38 @@ mod tests {
         index.apply(&a, &report(true, h.clone(), vec![]));
         // b holds blocks 0 and 2 but not 1: only block 0 is reusable.
         index.apply(&b, &report(true, vec![h[0], h[2]], vec![]));
-        assert_eq!(index.cached_tokens(&prompt, &[&a, &b, &c]), vec![12, 4, 0]);
+        assert_eq!(
+            index.cached_tokens(&prompt, "", &[&a, &b, &c]),
+            vec![12, 4, 0]
+        );
         // a drops its last block; b gains block 1.
         index.apply(&a, &report(false, vec![], vec![h[2]]));
         index.apply(&b, &report(false, vec![h[1]], vec![]));
-        assert_eq!(index.cached_tokens(&prompt, &[&a, &b]), vec![8, 12]);
+        assert_eq!(index.cached_tokens(&prompt, "", &[&a, &b]), vec![8, 12]);
         // Another salt (another model) matches nothing.
         let other = NodeLoad {
             prefix_hash_salt: SALT + 1,
             ..report(true, h.clone(), vec![])
         };
         index.apply(&c, &other);
-        assert_eq!(index.cached_tokens(&prompt, &[&c]), vec![0]);
+        assert_eq!(index.cached_tokens(&prompt, "", &[&c]), vec![0]);
+    }
+
+    #[test]
+    fn a_cache_salt_matches_only_blocks_named_with_it() {
+        let prompt: Vec<u32> = (0..8).collect();
+        let salted = |salt: &str| {
+            PrefixHasher::new(SALT, BS as usize)
+                .with_cache_salt(salt)
+                .full_blocks(&prompt)
+        };
+        let (a, b) = (addr("http://a"), addr("http://b"));
+        let mut index = KvIndex::new();
+        index.apply(&a, &report(true, hashes(&prompt), vec![]));
+        index.apply(&b, &report(true, salted("t1"), vec![]));
+        assert_eq!(index.cached_tokens(&prompt, "", &[&a, &b]), vec![8, 0]);
+        assert_eq!(index.cached_tokens(&prompt, "t1", &[&a, &b]), vec![0, 8]);
+        assert_eq!(index.cached_tokens(&prompt, "t2", &[&a, &b]), vec![0, 0]);
     }
 
     #[test]
@@ -231,11 +259,11 @@ mod tests {
         assert_eq!(index.blocks_of(&a), 2);
         // The node restarted empty: its snapshot is empty.
         index.apply(&a, &report(true, vec![], vec![]));
-        assert_eq!(index.cached_tokens(&prompt, &[&a]), vec![0]);
+        assert_eq!(index.cached_tokens(&prompt, "", &[&a]), vec![0]);
         assert!(index.holders.is_empty());
         index.apply(&a, &report(false, h.clone(), vec![]));
         index.remove_node(&a);
-        assert_eq!(index.cached_tokens(&prompt, &[&a]), vec![0]);
+        assert_eq!(index.cached_tokens(&prompt, "", &[&a]), vec![0]);
         assert!(index.holders.is_empty() && index.nodes.is_empty());
     }
 
@@ -264,7 +292,7 @@ mod tests {
             ..report(false, vec![1, 2], vec![])
         };
         index.apply(&a, &zero);
-        assert_eq!(index.cached_tokens(&[1, 2, 3, 4], &[&a]), vec![0]);
-        assert_eq!(index.cached_tokens(&[], &[&a]), vec![0]);
+        assert_eq!(index.cached_tokens(&[1, 2, 3, 4], "", &[&a]), vec![0]);
+        assert_eq!(index.cached_tokens(&[], "", &[&a]), vec![0]);
     }
 }

@@ -380,9 +380,9 @@ impl NodePool {
     }
 
     /// Nodes of `role`, best choice first for a request over `tokens` (its
-    /// prompt, and any tokens generated before a retry), by the configured
-    /// routing policy.
-    pub fn ranked_for(&self, role: Role, tokens: &[u32]) -> Vec<NodeHandle> {
+    /// prompt, and any tokens generated before a retry) with `cache_salt`
+    /// (empty: none), by the configured routing policy.
+    pub fn ranked_for(&self, role: Role, tokens: &[u32], cache_salt: &str) -> Vec<NodeHandle> {
         let (handles, statuses, identified) = self.statuses(role);
         let least_loaded = match role {
             Role::Decode => rank_decode(&statuses),
@@ -400,7 +400,7 @@ impl NodePool {
             }
             RoutingPolicy::KvAware => {
                 let refs: Vec<&NodeAddr> = handles.iter().map(|h| &h.addr).collect();
-                let cached = self.kv_lock().cached_tokens(tokens, &refs);
+                let cached = self.kv_lock().cached_tokens(tokens, cache_salt, &refs);
                 let order = rank_kv_aware(
                     &statuses,
                     least_loaded,

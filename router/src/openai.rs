@@ -232,6 +232,9 @@ struct Sampling {
     /// (streamed: the prompt's in a choice's first chunk, each chunk its own).
     #[serde(default)]
     return_token_ids: bool,
+    /// vLLM's: the prompt's blocks in the prefix caches are named from it,
+    /// so only requests with the same salt share them.
+    cache_salt: Option<String>,
     /// `response_format` and vLLM's guided-decoding fields.
     #[serde(flatten)]
     structured: openai_structured::StructuredFields,
@@ -437,6 +440,8 @@ fn to_request(
             format!("{field} must be at least 1"),
         ));
     }
+    crate::validation::check_cache_salt(s.cache_salt.as_deref())
+        .map_err(|m| ApiError::bad_field("cache_salt", m))?;
     Ok(pb::GenerateRequest {
         request_id: s.request_id.clone().unwrap_or_default(),
         model: s.model.clone().unwrap_or_default(),
@@ -469,6 +474,7 @@ fn to_request(
         // Set from the checked `n` and `best_of` in `run`.
         n: 1,
         constraint: openai_structured::constraint(&s.structured, &model.tokenizer)?,
+        cache_salt: s.cache_salt.clone(),
     })
 }
 

@@ -123,7 +123,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("return_token_ids", On::Both, Rule::Used),
     ("logits_processors", On::Both, Rule::NeutralOnly(is_empty)),
     ("priority", On::Both, Rule::NeutralOnly(is_false_or_zero)),
-    ("cache_salt", On::Both, Rule::NoEffect),
+    ("cache_salt", On::Both, Rule::Used),
     ("kv_transfer_params", On::Both, Rule::NeutralOnly(is_empty)),
     ("vllm_xargs", On::Both, Rule::NeutralOnly(is_empty)),
     ("guided_json", On::Both, Rule::Used),

@@ -57,6 +57,9 @@ pub struct ValidRequest {
     pub min_tokens_banned: Vec<u32>,
     /// Structured output, checked to compile against the model's tokenizer.
     pub constraint: Option<pb::OutputConstraint>,
+    /// vLLM's `cache_salt` (empty: none): the prompt's blocks are named in the
+    /// nodes' prefix caches, and in the router's index of them, from it.
+    pub cache_salt: String,
     /// Parallel samples of the prompt, 1..=`router.max_n` (see `generate/fanout.rs`).
     pub n: u32,
 }
@@ -69,6 +72,14 @@ pub struct Validator {
     max_tokens_limit: u32,
     max_prompt_tokens: Option<u32>,
     max_n: u32,
+}
+
+/// vLLM's check of `cache_salt`: absent, or a non-empty string.
+pub fn check_cache_salt(cache_salt: Option<&str>) -> Result<(), &'static str> {
+    match cache_salt {
+        Some("") => Err("cache_salt must be a non-empty string if provided"),
+        _ => Ok(()),
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> RouterError {
@@ -302,6 +313,8 @@ impl Validator {
             )));
         }
 
+        check_cache_salt(req.cache_salt.as_deref()).map_err(invalid)?;
+
         let constraint = match req.constraint {
             Some(c) if c.kind.is_some() => {
                 self.check_constraint(&c)?;
@@ -325,6 +338,7 @@ impl Validator {
             prompt_logprobs: req.prompt_logprobs,
             min_tokens: req.min_tokens,
             min_tokens_banned,
+            cache_salt: req.cache_salt.unwrap_or_default(),
             n,
         })
     }
@@ -442,6 +456,17 @@ mod tests {
         let mut r = ids(&[1]);
         r.request_id = "x".repeat(MAX_REQUEST_ID_BYTES + 1);
         assert_invalid(r, "request_id");
+    }
+
+    #[test]
+    fn a_cache_salt_is_kept_and_an_empty_one_refused() {
+        let mut r = ids(&[1, 2]);
+        r.cache_salt = Some("tenant".into());
+        assert_eq!(validator().validate(r).unwrap().cache_salt, "tenant");
+        assert_eq!(validator().validate(ids(&[1, 2])).unwrap().cache_salt, "");
+        let mut r = ids(&[1, 2]);
+        r.cache_salt = Some(String::new());
+        assert_invalid(r, "cache_salt");
     }
 
     #[test]

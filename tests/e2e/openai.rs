@@ -569,6 +569,18 @@ async fn the_openai_client_library_works_against_the_router() {
             assert!(n > 0, "{case}_{again}: {cached}");
         }
     }
+    // vLLM's cache_salt: the salted prompt found nothing the unsalted runs
+    // cached, then its own blocks, and another salt none; the text is the same.
+    let salted = &seen["cache_salt"];
+    assert_eq!(salted["a_first"], 0, "{salted}");
+    assert!(salted["a_second"].as_u64().unwrap_or(0) > 0, "{salted}");
+    assert_eq!(salted["b_first"], 0, "{salted}");
+    for case in ["a_first_text", "a_second_text", "b_first_text"] {
+        assert_eq!(salted[case], salted["plain_text"], "{case}: {salted}");
+    }
+    let empty = &salted["empty"];
+    assert_eq!(empty["status"], 400, "{empty}");
+    assert_eq!(empty["param"], "cache_salt", "{empty}");
     // Errors: OpenAI's shape, the right status, a message naming the problem.
     let errors = &seen["errors"];
     for (case, status, word) in [

@@ -378,6 +378,24 @@ for chunk in client.chat.completions.create(model=model, messages=long_chat, max
 cached["chat_stream"] = cached_of(usage)
 out["cached_tokens"] = cached
 
+# vLLM's cache_salt: a salted prompt shares the prefix cache only with requests of
+# the same salt (not with the unsalted ones above); an empty salt is refused.
+salted = {}
+for name, salt in (("a_first", "tenant-a"), ("a_second", "tenant-a"), ("b_first", "tenant-b")):
+    c = client.completions.create(model=model, prompt=long_prompt, max_tokens=4, temperature=0,
+                                  extra_body={"cache_salt": salt})
+    salted[name] = cached_of(c.usage)
+    salted[f"{name}_text"] = c.choices[0].text
+salted["plain_text"] = client.completions.create(model=model, prompt=long_prompt, max_tokens=4,
+                                                 temperature=0).choices[0].text
+try:
+    client.completions.create(model=model, prompt=long_prompt, max_tokens=4,
+                              extra_body={"cache_salt": ""})
+    salted["empty"] = None
+except openai.APIStatusError as e:
+    salted["empty"] = {"status": e.status_code, "param": e.body.get("param"), "message": e.body.get("message")}
+out["cache_salt"] = salted
+
 # Every field Tandem cannot honour is refused by name, and the next request is served.
 refused = {}
 completion_refusals = {

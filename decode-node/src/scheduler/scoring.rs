@@ -60,7 +60,7 @@ impl<B: Backend> Scheduler<B> {
             seq.spans
                 .prefill_started
                 .get_or_insert_with(std::time::Instant::now);
-            seq.register_full_blocks(&mut self.blocks, &self.hasher, end);
+            seq.register_full_blocks(&mut self.blocks, end);
             seq.state = State::Prefilling { done: end };
         }
         if end < scored_end {

@@ -131,6 +131,7 @@ fn admit_asking(
         kv_timeout: Duration::from_secs(10),
         prefill_peer: String::new(),
         prefill_queue: Duration::ZERO,
+        cache_salt: String::new(),
         events,
         span: tracing::Span::none(),
     };

@@ -83,6 +83,7 @@ impl Request<'_> {
                     Vec::new()
                 },
                 constraint: self.req.constraint.clone(),
+                cache_salt: self.req.cache_salt.clone(),
             };
             prefill_addr = Some(node.addr.clone());
             // Counted in the node's queue from now on.

@@ -211,6 +211,7 @@ mod tests {
             min_tokens: 0,
             min_tokens_banned: Vec::new(),
             constraint: None,
+            cache_salt: String::new(),
             n: 3,
         }
     }

@@ -45,7 +45,10 @@ impl Request<'_> {
                 continue;
             }
             let tokens = self.routed_tokens(generated);
-            let mut ranked = prefer_unfailed(nodes.ranked_for(Role::Decode, &tokens), avoid);
+            let mut ranked = prefer_unfailed(
+                nodes.ranked_for(Role::Decode, &tokens, &self.req.cache_salt),
+                avoid,
+            );
             // A later sample of an `n` > 1 request goes to the decode node
             // holding the prompt's KV and prefills there from its cached blocks.
             let pinned = pin.is_some_and(|p| ranked.iter().any(|n| n.addr == *p));
@@ -92,6 +95,7 @@ impl Request<'_> {
                 attempt: guard.attempt,
                 min_tokens: self.req.min_tokens,
                 constraint: self.req.constraint.clone(),
+                cache_salt: self.req.cache_salt.clone(),
             };
             let mut full = None;
             let mut failed = None;
@@ -166,9 +170,13 @@ impl Request<'_> {
 
     /// The best usable prefill node, those that failed this request last.
     pub(super) fn usable_prefill(&self, failed: &[NodeAddr], tokens: &[u32]) -> Option<NodeHandle> {
-        prefer_unfailed(self.relay.nodes.ranked_for(Role::Prefill, tokens), failed)
-            .into_iter()
-            .next()
+        let nodes = &self.relay.nodes;
+        prefer_unfailed(
+            nodes.ranked_for(Role::Prefill, tokens, &self.req.cache_salt),
+            failed,
+        )
+        .into_iter()
+        .next()
     }
 
     /// Waits until `place` is woken (a request ended at a decode node, a

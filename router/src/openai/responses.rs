@@ -8,8 +8,9 @@
 //! typed events (`response.created` .. `response.output_text.delta` ..
 //! `response.completed`); with tools in play the items are sent when the
 //! answer is complete, since a call cannot be told from text before.
-//! `max_output_tokens`, `temperature`, `top_p` and `text.format` (plain text,
-//! `json_object`, `json_schema`: structured output) are honoured.
+//! `max_output_tokens`, `temperature`, `top_p`, `text.format` (plain text,
+//! `json_object`, `json_schema`: structured output) and vLLM's `cache_salt` are
+//! honoured.
 //!
 //! Responses are not stored, as in vLLM by default (`store: true`, OpenAI's
 //! default, is accepted and the answer says `"store": false`), so
@@ -22,9 +23,9 @@
 
 use super::*;
 
-/// The request body's fields: every one OpenAI defines for a request. Any
-/// other is HTTP 400 naming it.
-const FIELDS: [&str; 24] = [
+/// The request body's fields: every one OpenAI defines for a request, and
+/// vLLM's `cache_salt`. Any other is HTTP 400 naming it.
+const FIELDS: [&str; 25] = [
     "model",
     "input",
     "instructions",
@@ -49,6 +50,7 @@ const FIELDS: [&str; 24] = [
     "prompt_cache_key",
     "safety_identifier",
     "stream_options",
+    "cache_salt",
 ];
 
 /// The `include` entry asking for the output text's log probabilities.
@@ -91,6 +93,8 @@ pub(super) struct ResponsesRequest {
     /// Streamed answers always end with the usage (in `response.completed`).
     #[serde(rename = "stream_options")]
     _stream_options: Option<Value>,
+    /// vLLM's: as in the chat API.
+    cache_salt: Option<String>,
 }
 
 impl ResponsesRequest {
@@ -429,6 +433,7 @@ pub(super) async fn responses(
         max_tokens: req.max_output_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
+        cache_salt: req.cache_salt.clone(),
         structured,
         ..Default::default()
     };

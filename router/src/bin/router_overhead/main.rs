@@ -198,6 +198,7 @@ async fn direct(
                 attempt: 0,
                 banned_token_ids: Vec::new(),
                 constraint: request.constraint,
+                cache_salt: request.cache_salt,
             })
             .await?;
     }
