@@ -298,7 +298,10 @@ async fn the_openai_client_library_works_against_the_router() {
         rs["logprobs_stream"], rs["logprobs"],
         "streamed, the deltas carry the same entries"
     );
-    for field in ["previous_response_id", "tools", "foo"] {
+    // vLLM's cache_salt: honoured (the same text), an empty one refused.
+    assert_eq!(rs["salted_text"], rs["text"], "{rs}");
+    assert_eq!(rs["cache_salt"]["param"], "cache_salt", "{rs}");
+    for field in ["previous_response_id", "tools", "foo", "cache_salt"] {
         let e = &rs[field];
         assert_eq!(e["status"], 400, "{field}: {e}");
         assert!(

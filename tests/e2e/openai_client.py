@@ -79,6 +79,9 @@ r = client.responses.create(model=model, max_output_tokens=6, temperature=0, inp
     {"role": "developer", "content": "Be brief."},
     {"role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}])
 rs["messages_text"] = r.output_text
+r = client.responses.create(model=model, instructions="Be brief.", input="Tell me a story.",
+                            max_output_tokens=6, temperature=0, extra_body={"cache_salt": "tenant-r"})
+rs["salted_text"] = r.output_text
 r = client.responses.create(model=model, input="Yes or no?", max_output_tokens=10, temperature=0,
                             text={"format": {"type": "json_schema", "name": "answer",
                                              "schema": {"type": "string", "enum": ["yes", "no"]}}})
@@ -92,7 +95,8 @@ rs["logprobs_stream"] = [lp.model_dump() if hasattr(lp, "model_dump") else lp
                          if e.type == "response.output_text.delta" for lp in (e.logprobs or [])]
 for name, kwargs in {"previous_response_id": {"previous_response_id": "resp_1"},
                      "tools": {"tools": [{"type": "web_search"}]},
-                     "foo": {"extra_body": {"foo": 1}}}.items():
+                     "foo": {"extra_body": {"foo": 1}},
+                     "cache_salt": {"extra_body": {"cache_salt": ""}}}.items():
     try:
         client.responses.create(model=model, input="hi", max_output_tokens=2, **kwargs)
         rs[name] = None
