@@ -51,6 +51,9 @@
 #   .gpu30  fifteenth session's call-25 (not run yet): this checkout's tandem-gpu-bench
 #           and engine-tests (xz); k/main, k/A (prefill-wait-after-softmax.patch), k/B (and
 #           prefill-fence-copies-only.patch): kernels; scripts/hf_reference.py
+#   .gpu31  fifteenth session's call-26 (not run yet): main/ (this checkout's
+#           tandem-gpu-bench and kernels), split/ (the same with
+#           gemm-split-k-variants.patch, and its engine-tests), xz
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -60,7 +63,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29 30"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29 30 31"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -297,7 +300,22 @@ for w in $WHICH; do
       xz -T2 -6 .gpu30/tandem-gpu-bench .gpu30/engine-tests
       cp scripts/hf_reference.py .gpu30/
       ;;
-    *) echo "unknown folder $w (8 to 30)" >&2; exit 1 ;;
+    31)
+      # main/: this checkout's tandem-gpu-bench and kernels; split/: the same with
+      # gemm-split-k-variants.patch, and its engine-tests (call-26).
+      rm -rf .gpu31 && mkdir -p .gpu31/main .gpu31/split
+      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu31/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
+      cp -r engine/src/cuda/kernels .gpu31/main/
+      d=$(worktree split HEAD scripts/gpu-pending/gemm-split-k-variants.patch)
+      build "$d" split --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu31/split/tandem-gpu-bench "$(rel split)/tandem-gpu-bench"
+      strip -o .gpu31/split/engine-tests "$(engine_tests "$d" split)"
+      cp -r "$d/engine/src/cuda/kernels" .gpu31/split/
+      xz -T2 -6 .gpu31/main/tandem-gpu-bench .gpu31/split/tandem-gpu-bench \
+        .gpu31/split/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 31)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
