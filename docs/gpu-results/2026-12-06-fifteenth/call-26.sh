@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call 26 (written in the fifteenth session, not yet run; ~430 s, after call-25
+# Device call 26 (written in the fifteenth session, not yet run; ~480 s, after call-25
 # on its warm machine or alone): gemm-split-k-variants.patch (scripts/gpu-pending/).
 # The cuBLASLt tuning times, beside each heuristic candidate that splits nothing,
 # its split-K ×2 and ×4 variants (f32 reduction in the workspace), for products of at
@@ -23,7 +23,7 @@ unxz_to /tmp/gp .gpu31/split/tandem-gpu-bench.xz .gpu31/split/engine-tests.xz
 env_line
 smi_start
 save() { tar -C "$OUT" -czf "$OUT/c26.tgz" c26; }
-date -u +%T.%N; step gpu-tests 170 "$P/kernels" /tmp/gp/engine-tests --ignored cuda:: --test-threads 1
+date -u +%T.%N; step gpu-tests 220 "$P/kernels" /tmp/gp/engine-tests --ignored cuda:: --test-threads 1
 grep -E "^test result|FAILED|panicked" "$O/gpu-tests.md" | cut -c1-300; save
 for v in main split; do
   b=/tmp/gm; k=$M/kernels; [ "$v" = split ] && { b=/tmp/gp; k=$P/kernels; }
