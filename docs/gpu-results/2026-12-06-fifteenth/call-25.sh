@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device call 25 (written in the fifteenth session, whose device time ran out before it
-# could run; ~540 s, kind nvidia-h200, timeout_s 600): the Hopper prefill attention with
+# could run; ~560 s, kind nvidia-h200, timeout_s 600): the Hopper prefill attention with
 # its wait for P V kept behind the softmax (scripts/gpu-pending/).
 # ptxas 13.0 placed the loop's wait for P V (WARPGROUP.DEPBAR.LE gsb0, 0x0) right
 # after the first shuffle of the softmax, ahead of all 64 ex2s of the tile (SASS of the
@@ -19,7 +19,8 @@
 #    with main, A and B, taking turns twice.
 # 3. The 8B prefill (1k, 8k, 32k) with main and A taking turns twice, transformers SDPA
 #    once between: issue 15's SDPA ratios.
-# 4. The GPU tests with A's kernels (what is left of the time).
+# 4. The GPU tests with A's kernels, then `kernels` with main and A (the prefill
+#    attention's µs a layer for an 8192-token chunk after 0 and after 24576 keys).
 # The results are re-tarred after every step, so a kill still brings back what ran.
 # Carry .gpu30 (`WHICH=30 bash scripts/gpu-pending/prepare.sh`). DEADLINE_S (580).
 set -u
@@ -42,7 +43,11 @@ for r in 1 2; do
   [ "$r" = 1 ] && { date -u +%T.%N; step torch 60 "" /opt/torch/.venv/bin/python "$G/hf_reference.py" baseline --prefill 8192,32768 --runs 3 --decode ""; grep -E "^\| prefill" "$O/torch.md"; save; }
 done
 date -u +%T.%N; step gpu-tests-A 150 "$K/A" /tmp/gm/engine-tests --ignored cuda:: --test-threads 1
-grep -E "^test result|FAILED|panicked" "$O/gpu-tests-A.md" | cut -c1-300
+grep -E "^test result|FAILED|panicked" "$O/gpu-tests-A.md" | cut -c1-300; save
+for v in main A; do
+  date -u +%T.%N; step "kernels-$v" 45 "$K/$v" /tmp/gm/tandem-gpu-bench kernels --shape llama3-8b
+  grep -E "^Kernel by kernel, a prefill|^\| prefill_attn" "$O/kernels-$v.md" | cut -c1-160; save
+done
 date -u +%T.%N
 smi_stop
 save
