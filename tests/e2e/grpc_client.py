@@ -58,6 +58,8 @@ with_lp = run(pb.GenerateRequest(text="Once upon a time", max_tokens=2, sampling
 out["logprobs_ok"] = "error" not in with_lp
 out["prompt_logprobs"] = run(pb.GenerateRequest(text="Once upon a time", max_tokens=2, sampling=greedy,
                                                 prompt_logprobs=2))
+out["salted"] = run(pb.GenerateRequest(text="Once upon a time", max_tokens=8, sampling=greedy, ignore_eos=True,
+                                       cache_salt="tenant"))
 # Bad input: the status code and a message a person understands; the next request is served.
 bad = {
     "token_outside_vocab": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[vocab]), max_tokens=2),
@@ -66,6 +68,7 @@ bad = {
     "no_prompt": pb.GenerateRequest(max_tokens=2),
     "unknown_model": pb.GenerateRequest(text="hi", model="no-such-model", max_tokens=2),
     "negative_temperature": pb.GenerateRequest(text="hi", max_tokens=2, sampling=pb.SamplingParams(temperature=-1)),
+    "empty_cache_salt": pb.GenerateRequest(text="hi", max_tokens=2, cache_salt=""),
 }
 out["bad"] = {name: run(req) for name, req in bad.items()}
 # A client that walks away mid-stream: the cluster goes on serving.

@@ -69,6 +69,7 @@ async fn stubs_generated_from_the_proto_work_against_the_router() {
         ("no_prompt", "INVALID_ARGUMENT", "prompt"),
         ("unknown_model", "NOT_FOUND", "no-such-model"),
         ("negative_temperature", "INVALID_ARGUMENT", "temperature"),
+        ("empty_cache_salt", "INVALID_ARGUMENT", "cache_salt"),
     ] {
         let e = &seen["bad"][case]["error"];
         assert_eq!(e["code"], code, "{case}: {e}");
@@ -77,6 +78,13 @@ async fn stubs_generated_from_the_proto_work_against_the_router() {
             "{case}: {e}"
         );
     }
+    // vLLM's cache_salt: the same greedy tokens.
+    assert_eq!(
+        seen["salted"]["ids"],
+        serde_json::json!(greedy),
+        "{}",
+        seen["salted"]
+    );
     // A cancelled stream costs the others nothing.
     assert_eq!(seen["after_cancel"]["ids"], serde_json::json!(greedy));
 }
