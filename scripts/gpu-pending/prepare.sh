@@ -82,6 +82,13 @@ build() {
   (cd "$dir" && CARGO_TARGET_DIR=$T/target-prep-$name cargo build --release --locked "$@")
 }
 rel() { echo "$T/target-prep-$1/release"; }
+# bench_into DIR NAME OUT: DIR's tandem-gpu-bench (target directory NAME), stripped,
+# into the folder OUT, with the kernel sources it was built with.
+bench_into() {
+  build "$1" "$2" --features cuda -p tandem-engine --bin tandem-gpu-bench
+  strip -o "$3/tandem-gpu-bench" "$(rel "$2")/tandem-gpu-bench"
+  cp -r "$1/engine/src/cuda/kernels" "$3/"
+}
 # engine_tests DIR NAME: builds the engine's unit-test binary (CUDA tests included) in
 # DIR with target directory NAME and prints its path.
 engine_tests() {
@@ -228,13 +235,9 @@ for w in $WHICH; do
       # stages, for main's binary (call-17, call-18, call-19, call-20).
       rm -rf .gpu27 && mkdir -p .gpu27/main .gpu27/bk128 .gpu27/lanes64 .gpu27/nofence .gpu27/pairs
       m=$(worktree main27 7f94132)
-      build "$m" main27 --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu27/main/tandem-gpu-bench "$(rel main27)/tandem-gpu-bench"
-      cp -r "$m/engine/src/cuda/kernels" .gpu27/main/
+      bench_into "$m" main27 .gpu27/main
       d=$(worktree bk128 7f94132 docs/gpu-results/2026-12-06-thirteenth/prefill-bk128-lanes.patch)
-      build "$d" bk128 --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu27/bk128/tandem-gpu-bench "$(rel bk128)/tandem-gpu-bench"
-      cp -r "$d/engine/src/cuda/kernels" .gpu27/bk128/
+      bench_into "$d" bk128 .gpu27/bk128
       cp -r "$d/engine/src/cuda/kernels" .gpu27/lanes64/
       { printf '#define PREFILL_WS_BK 64\n#define PREFILL_FP8_STAGES PREFILL_STAGES\n'
         cat "$d/engine/src/cuda/kernels/prefill_attn.cu"; } > .gpu27/lanes64/kernels/prefill_attn.cu
@@ -244,10 +247,8 @@ for w in $WHICH; do
       cp "$d/engine/src/cuda/kernels/prefill_attn.cu" .gpu27/nofence/kernels/
       # pairs/: 7f94132 with prefill-tma-pairs.patch (call-20).
       d=$(worktree pairs 7f94132 docs/gpu-results/2026-12-06-thirteenth/prefill-tma-pairs.patch)
-      build "$d" pairs --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu27/pairs/tandem-gpu-bench "$(rel pairs)/tandem-gpu-bench"
+      bench_into "$d" pairs .gpu27/pairs
       strip -o .gpu27/pairs/engine-tests "$(engine_tests "$d" pairs)"
-      cp -r "$d/engine/src/cuda/kernels" .gpu27/pairs/
       xz -T2 -6 .gpu27/main/tandem-gpu-bench .gpu27/bk128/tandem-gpu-bench \
         .gpu27/pairs/tandem-gpu-bench .gpu27/pairs/engine-tests
       cp scripts/hf_reference.py .gpu27/
@@ -255,12 +256,11 @@ for w in $WHICH; do
     28)
       # main/: this checkout, with the tandem binary for gpu_1p1d_smoke.sh (call-21).
       rm -rf .gpu28 && mkdir -p .gpu28/main
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
+      bench_into "$ROOT" head .gpu28/main
       build "$ROOT" head --features cuda -p tandem --bin tandem
-      strip -o .gpu28/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
       strip -o .gpu28/main/tandem "$(rel head)/tandem"
       strip -o .gpu28/main/engine-tests "$(engine_tests "$ROOT" head)"
-      cp -r engine/src/cuda/kernels cluster-configs/gpu-1p1d .gpu28/main/
+      cp -r cluster-configs/gpu-1p1d .gpu28/main/
       xz -T2 -6 .gpu28/main/tandem-gpu-bench .gpu28/main/tandem .gpu28/main/engine-tests
       cp scripts/hf_reference.py .gpu28/
       ;;
@@ -269,16 +269,13 @@ for w in $WHICH; do
       # (call-22).
       rm -rf .gpu29 && mkdir -p .gpu29/main .gpu29/tune
       m=$(worktree t29main 256e400)
-      build "$m" t29main --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu29/main/tandem-gpu-bench "$(rel t29main)/tandem-gpu-bench"
-      cp -r "$m/engine/src/cuda/kernels" .gpu29/main/
+      bench_into "$m" t29main .gpu29/main
       d=$(worktree tune 256e400 docs/gpu-results/2026-12-06-fourteenth/tune-at-start.patch)
-      build "$d" tune --features cuda -p tandem-engine --bin tandem-gpu-bench
+      bench_into "$d" tune .gpu29/tune
       build "$d" tune --features cuda -p tandem --bin tandem
-      strip -o .gpu29/tune/tandem-gpu-bench "$(rel tune)/tandem-gpu-bench"
       strip -o .gpu29/tune/tandem "$(rel tune)/tandem"
       strip -o .gpu29/tune/engine-tests "$(engine_tests "$d" tune)"
-      cp -r "$d/engine/src/cuda/kernels" "$d/cluster-configs/gpu-1p1d" .gpu29/tune/
+      cp -r "$d/cluster-configs/gpu-1p1d" .gpu29/tune/
       xz -T2 -6 .gpu29/main/tandem-gpu-bench .gpu29/tune/tandem-gpu-bench .gpu29/tune/tandem \
         .gpu29/tune/engine-tests
       cp scripts/hf_reference.py .gpu29/
@@ -304,14 +301,10 @@ for w in $WHICH; do
       # main/: this checkout's tandem-gpu-bench and kernels; split/: the same with
       # gemm-split-k-variants.patch, and its engine-tests (call-26).
       rm -rf .gpu31 && mkdir -p .gpu31/main .gpu31/split
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu31/main/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      cp -r engine/src/cuda/kernels .gpu31/main/
+      bench_into "$ROOT" head .gpu31/main
       d=$(worktree split HEAD scripts/gpu-pending/gemm-split-k-variants.patch)
-      build "$d" split --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu31/split/tandem-gpu-bench "$(rel split)/tandem-gpu-bench"
+      bench_into "$d" split .gpu31/split
       strip -o .gpu31/split/engine-tests "$(engine_tests "$d" split)"
-      cp -r "$d/engine/src/cuda/kernels" .gpu31/split/
       xz -T2 -6 .gpu31/main/tandem-gpu-bench .gpu31/split/tandem-gpu-bench \
         .gpu31/split/engine-tests
       ;;

@@ -252,13 +252,7 @@ impl CudaBackend {
         // `gemv` writes `delta`, which the norm adds.
         let o_adds = g.adds_to_output(n, qd);
         let down_adds = g.adds_to_output(n, inter);
-        let into_residual = |adds: bool| {
-            if adds {
-                ProductOut::AddF32(x)
-            } else {
-                ProductOut::F32(delta)
-            }
-        };
+        let into_residual = |adds| residual_out(adds, x, delta);
         for (li, layer) in self.model.layers.iter().enumerate() {
             let norm = AddRmsnorm {
                 rows: n,
@@ -498,13 +492,7 @@ impl CudaBackend {
         let rows = super::GRAPH_BUCKETS.iter().copied().chain([max_tokens]);
         for n in rows.filter(|&n| n <= max_tokens) {
             // As `enqueue`: the o and down products add into `x` where the pass's do.
-            let into_residual = |k: usize| {
-                if g.adds_to_output(n, k) {
-                    ProductOut::AddF32(x)
-                } else {
-                    ProductOut::F32(delta)
-                }
-            };
+            let into_residual = |k| residual_out(g.adds_to_output(n, k), x, delta);
             let w = Dev::of(&layer.qkv, st);
             g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, false)?;
             let w = Dev::of(&layer.o, st);
@@ -551,5 +539,15 @@ impl CudaBackend {
         unsafe { launch::launch(&self.gpu, &sample, self.gpu.pdl) }?;
         self.mark("sample")?;
         Ok(())
+    }
+}
+
+/// Where the o and down products of a pass go: added into the residual stream
+/// `x` (cuBLAS's epilogue), or written to `delta` for the norm after them to add.
+fn residual_out(adds: bool, x: Dev<f32>, delta: Dev<f32>) -> ProductOut {
+    if adds {
+        ProductOut::AddF32(x)
+    } else {
+        ProductOut::F32(delta)
     }
 }
