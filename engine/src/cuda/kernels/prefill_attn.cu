@@ -730,7 +730,12 @@ __device__ void prefill_attn_ws(const bf16* q, const void* cache_v, const float*
 
     // A consumer warpgroup.
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS) : "memory");
-    int cw = (tid >> 5) - 4, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
+    // The warp's index read through a shuffle: ptxas then knows it (and the
+    // warpgroup's tile range, the loop's bounds and its stage offsets) is the same
+    // in every lane, and keeps them in uniform registers, so the descriptors of
+    // the wgmmas are computed there.
+    int cw = __shfl_sync(0xffffffff, tid >> 5, 0) - 4, lane = tid & 31, gid = lane >> 2,
+        tig = lane & 3;
     int wg = cw >> 2;
     int off = q_off[c];
     int r0 = tile * BQ + cw * 16 + gid;  // this thread's rows: r0 and r0 + 8
