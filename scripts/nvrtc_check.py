@@ -21,6 +21,7 @@ fifteenth session's prefill attention, docs/GPU_BENCH.md). It needs cuobjdump an
     python3 -m pip install --target /tmp/nvd "nvidia-cuda-cuobjdump==13.2.*" \
         "nvidia-cuda-nvdisasm==13.2.*"
     CUOBJDUMP=/tmp/nvd/nvidia/cu13/bin/cuobjdump (nvdisasm beside it)
+SASS_OUT=FILE writes the kernel's whole SASS listing there as well.
 """
 import ctypes
 import os
@@ -110,6 +111,9 @@ if "--sass" in sys.argv:
                        check=True)
         sass = subprocess.run([cuobjdump, "-sass", "-fun", kernel, cubin], env=env,
                               capture_output=True, text=True, check=True).stdout
+    if os.environ.get("SASS_OUT"):  # the whole listing, for reading by hand
+        with open(os.environ["SASS_OUT"], "w") as f:
+            f.write(sass)
     runs = []  # [opcode, count]
     for line in sass.splitlines():
         m = re.search(r"\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)([^;]*);", line)

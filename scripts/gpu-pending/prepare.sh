@@ -48,12 +48,18 @@
 #           tandem-gpu-bench and kernels), tune/ (the same with tune-at-start.patch:
 #           tandem-gpu-bench, engine-tests, tandem, kernels, the gpu-1p1d configs), xz;
 #           scripts/hf_reference.py
-#   .gpu30  fifteenth session's call-25 (not run yet): this checkout's tandem-gpu-bench
-#           and engine-tests (xz); k/main, k/A (prefill-wait-after-softmax.patch), k/B (and
-#           prefill-fence-copies-only.patch): kernels; scripts/hf_reference.py
-#   .gpu31  fifteenth session's call-26 (not run yet): main/ (this checkout's
+#   .gpu30  fifteenth session's call-25 (ran in the sixteenth, and call-27 on it):
+#           32dcca8's tandem-gpu-bench and engine-tests (xz); k/main, k/A
+#           (prefill-wait-after-softmax.patch), k/B (and prefill-fence-copies-only.patch),
+#           k/U (7e67fc5's, for calls 28-30): kernels; scripts/hf_reference.py
+#   .gpu31  fifteenth session's call-26 (ran in the sixteenth): main/ (dc49b29's
 #           tandem-gpu-bench and kernels), split/ (the same with
 #           gemm-split-k-variants.patch, and its engine-tests), xz
+#   .gpu32  sixteenth session's call-31 (not run yet): tiles/ (7e67fc5 with
+#           gemm-tile-variants.patch: tandem-gpu-bench, kernels, engine-tests), xz
+#   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
+#           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
+#           engine-tests), xz
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -63,7 +69,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29 30 31"}
+WHICH=${WHICH:-"8 9 10 12 13 14 15 17 18 19 20 21 22 23 27 28 29 30 31 32 33"}
 T=${TARGETS:-/work}   # where the target directories go: $T/target-prep-NAME
 
 # worktree NAME REV [PATCHES]: a clean worktree of REV at /work/prep-NAME, the
@@ -281,34 +287,62 @@ for w in $WHICH; do
       cp scripts/hf_reference.py .gpu29/
       ;;
     30)
-      # main/: this checkout's tandem-gpu-bench and engine-tests; k/main, k/A, k/B: its
-      # kernels, with prefill-wait-after-softmax.patch, and with
-      # prefill-fence-copies-only.patch after it (call-25; the kernels' signatures are
-      # the same, so one binary runs all three through TANDEM_CUDA_KERNELS).
+      # 32dcca8's tandem-gpu-bench and engine-tests; k/main, k/A, k/B: its kernels,
+      # with prefill-wait-after-softmax.patch, and with prefill-fence-copies-only.patch
+      # after it (call-25, sixteenth session: neither faster, both dropped; the kernels'
+      # signatures are the same, so one binary runs all three through
+      # TANDEM_CUDA_KERNELS).
       rm -rf .gpu30 && mkdir -p .gpu30/k
-      build "$ROOT" head --features cuda -p tandem-engine --bin tandem-gpu-bench
-      strip -o .gpu30/tandem-gpu-bench "$(rel head)/tandem-gpu-bench"
-      strip -o .gpu30/engine-tests "$(engine_tests "$ROOT" head)"
-      cp -r engine/src/cuda/kernels .gpu30/k/main
-      d=$(worktree t30 HEAD scripts/gpu-pending/prefill-wait-after-softmax.patch)
+      m=$(worktree t30main 32dcca8)
+      build "$m" t30main --features cuda -p tandem-engine --bin tandem-gpu-bench
+      strip -o .gpu30/tandem-gpu-bench "$(rel t30main)/tandem-gpu-bench"
+      strip -o .gpu30/engine-tests "$(engine_tests "$m" t30main)"
+      cp -r "$m/engine/src/cuda/kernels" .gpu30/k/main
+      d=$(worktree t30 32dcca8 docs/gpu-results/2026-12-06-fifteenth/prefill-wait-after-softmax.patch)
       cp -r "$d/engine/src/cuda/kernels" .gpu30/k/A
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/prefill-fence-copies-only.patch"
+      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-fifteenth/prefill-fence-copies-only.patch"
       cp -r "$d/engine/src/cuda/kernels" .gpu30/k/B
+      # k/U: 7e67fc5's kernels, the uniform wgmma descriptors (calls 28-30).
+      mkdir -p .gpu30/k/U && git archive 7e67fc5 engine/src/cuda/kernels |
+        tar -x -C .gpu30/k/U --strip-components=4
       xz -T2 -6 .gpu30/tandem-gpu-bench .gpu30/engine-tests
       cp scripts/hf_reference.py .gpu30/
       ;;
     31)
-      # main/: this checkout's tandem-gpu-bench and kernels; split/: the same with
-      # gemm-split-k-variants.patch, and its engine-tests (call-26).
+      # main/: dc49b29's tandem-gpu-bench and kernels; split/: the same with
+      # gemm-split-k-variants.patch, and its engine-tests (call-26, sixteenth session:
+      # no split-K variant was kept; dropped).
       rm -rf .gpu31 && mkdir -p .gpu31/main .gpu31/split
-      bench_into "$ROOT" head .gpu31/main
-      d=$(worktree split HEAD scripts/gpu-pending/gemm-split-k-variants.patch)
+      m=$(worktree t31main dc49b29)
+      bench_into "$m" t31main .gpu31/main
+      d=$(worktree split dc49b29 docs/gpu-results/2026-12-06-fifteenth/gemm-split-k-variants.patch)
       bench_into "$d" split .gpu31/split
       strip -o .gpu31/split/engine-tests "$(engine_tests "$d" split)"
       xz -T2 -6 .gpu31/main/tandem-gpu-bench .gpu31/split/tandem-gpu-bench \
         .gpu31/split/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 31)" >&2; exit 1 ;;
+    32)
+      # tiles/: 7e67fc5 with gemm-tile-variants.patch: tandem-gpu-bench, its kernels and
+      # engine-tests (call-31; TANDEM_CUDA_GEMM_TILE_VARIANTS=0 turns the variants off,
+      # so one binary times both).
+      rm -rf .gpu32 && mkdir -p .gpu32/tiles
+      d=$(worktree tiles 7e67fc5 scripts/gpu-pending/gemm-tile-variants.patch)
+      bench_into "$d" tiles .gpu32/tiles
+      strip -o .gpu32/tiles/engine-tests "$(engine_tests "$d" tiles)"
+      xz -T2 -6 .gpu32/tiles/tandem-gpu-bench .gpu32/tiles/engine-tests
+      ;;
+    33)
+      # main/: 7e67fc5's tandem-gpu-bench and kernels; norm/: the same with
+      # norm-rows-in-registers.patch, and its engine-tests (call-33).
+      rm -rf .gpu33 && mkdir -p .gpu33/main .gpu33/norm
+      m=$(worktree t33main 7e67fc5)
+      bench_into "$m" t33main .gpu33/main
+      d=$(worktree norm 7e67fc5 scripts/gpu-pending/norm-rows-in-registers.patch)
+      bench_into "$d" norm .gpu33/norm
+      strip -o .gpu33/norm/engine-tests "$(engine_tests "$d" norm)"
+      xz -T2 -6 .gpu33/main/tandem-gpu-bench .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 33)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

@@ -17,16 +17,17 @@
 set -u
 G=${G:-.gpu27} TAG=${TAG:-c18}
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" "$TAG"
-M=$PWD/$G/main
-unxz_to /tmp/gm "$G/main/tandem-gpu-bench.xz"
+# BIN_XZ and KERN: another layout's binary and kernels (call-32: .gpu30 with k/U).
+BIN_XZ=${BIN_XZ:-$G/main/tandem-gpu-bench.xz} KERN=${KERN:-$PWD/$G/main/kernels}
+unxz_to /tmp/gm "$BIN_XZ"
 env_line
 smi_start
 for r in 1 2 3; do
-  date -u +%T.%N; step "prefill-$r" 45 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only prefill
+  date -u +%T.%N; step "prefill-$r" 45 "$KERN" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only prefill
   [ "$r" != 3 ] && { date -u +%T.%N; step "torch-$r" 60 "" /opt/torch/.venv/bin/python "$G/hf_reference.py" baseline --prefill 8192,32768 --runs 3 --decode ""; }
 done
 for r in 1 2 3; do
-  date -u +%T.%N; step "decode-$r" 150 "$M/kernels" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64,256
+  date -u +%T.%N; step "decode-$r" 150 "$KERN" /tmp/gm/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64,256
 done
 date -u +%T.%N
 smi_stop
