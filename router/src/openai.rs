@@ -59,6 +59,8 @@ use tool_chunks::{tool_message, tool_sse_events};
 
 mod answer;
 use answer::{Output, run};
+mod beam;
+use beam::BeamSearch;
 
 mod responses;
 mod tokenize;
@@ -235,6 +237,11 @@ struct Sampling {
     /// vLLM's: the prompt's blocks in the prefix caches are named from it,
     /// so only requests with the same salt share them.
     cache_salt: Option<String>,
+    /// vLLM's: answer with a beam search of `n` beams (see `beam`).
+    #[serde(default)]
+    use_beam_search: bool,
+    /// vLLM's: a beam's score is its log probability over its length to this power.
+    length_penalty: Option<f64>,
     /// `response_format` and vLLM's guided-decoding fields.
     #[serde(flatten)]
     structured: openai_structured::StructuredFields,
@@ -587,6 +594,24 @@ async fn completions(
         req.sampling.stream,
         st.service.max_n(),
     )?;
+    let beam = match requests.first() {
+        Some(r) => BeamSearch::from_request(&req.sampling, r)?,
+        None => None,
+    };
+    if let Some(b) = beam {
+        if req.best_of.is_some_and(|best_of| best_of != b.width) {
+            return Err(ApiError::bad_field(
+                "best_of",
+                "best_of is not supported with use_beam_search (n is the number of beams)",
+            ));
+        }
+        if echo_only {
+            return Err(ApiError::bad_field(
+                "max_tokens",
+                "max_tokens must be at least 1 with use_beam_search",
+            ));
+        }
+    }
     let out = Output {
         stream: req.sampling.stream,
         usage,
@@ -598,7 +623,10 @@ async fn completions(
         echo_logprobs,
         echo_only,
     };
-    run(st, auth, &headers, requests, out, Kind::Completion).await
+    match beam {
+        Some(b) => beam::run(st, auth, &headers, requests, out, Kind::Completion, b).await,
+        None => run(st, auth, &headers, requests, out, Kind::Completion).await,
+    }
 }
 
 async fn chat_completions(
@@ -660,6 +688,13 @@ async fn chat_completions(
             "n > 1 together with tools is not supported yet",
         ));
     }
+    let beam = BeamSearch::from_request(&req.sampling, &request)?;
+    if beam.is_some() && tools.is_some() {
+        return Err(ApiError::bad_field(
+            "tools",
+            "tools are not supported with use_beam_search",
+        ));
+    }
     if let Some(forced) = tools.as_ref().and_then(ToolPlan::constraint) {
         if request.constraint.is_some() {
             return Err(ApiError::bad_field(
@@ -681,7 +716,10 @@ async fn chat_completions(
         echo_logprobs: false,
         echo_only: false,
     };
-    run(st, auth, &headers, vec![request], out, Kind::Chat).await
+    match beam {
+        Some(b) => beam::run(st, auth, &headers, vec![request], out, Kind::Chat, b).await,
+        None => run(st, auth, &headers, vec![request], out, Kind::Chat).await,
+    }
 }
 
 /// vLLM's chat `echo`: the text the answer starts with, the final message's

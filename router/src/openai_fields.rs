@@ -102,12 +102,9 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("ignore_eos", On::Both, Rule::Used),
     ("request_id", On::Both, Rule::Used),
     ("min_tokens", On::Both, Rule::Used),
-    (
-        "use_beam_search",
-        On::Both,
-        Rule::NeutralOnly(is_false_or_zero),
-    ),
-    ("length_penalty", On::Both, Rule::NeutralOnly(is_one)),
+    // Beam search: see `openai/beam.rs`.
+    ("use_beam_search", On::Both, Rule::Used),
+    ("length_penalty", On::Both, Rule::Used),
     ("include_stop_str_in_output", On::Both, Rule::Used),
     ("skip_special_tokens", On::Both, Rule::Used),
     (
@@ -207,10 +204,6 @@ pub fn check(endpoint: Endpoint, body: &Map<String, Value>) -> Result<(), Refuse
         }
     }
     Ok(())
-}
-
-fn is_one(v: &Value) -> bool {
-    v.as_f64() == Some(1.0)
 }
 
 fn is_true(v: &Value) -> bool {

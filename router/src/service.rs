@@ -132,6 +132,15 @@ impl GenerateService {
         self.validator.max_n()
     }
 
+    /// How many tokens a prompt of `prompt_len` tokens may generate when
+    /// `asked` for (0: the default), as a request's validation decides it
+    /// (INVALID_ARGUMENT with the reason otherwise).
+    pub fn max_tokens(&self, prompt_len: usize, asked: u32) -> Result<u32, Status> {
+        self.validator
+            .max_tokens(prompt_len, asked)
+            .map_err(Status::from)
+    }
+
     /// Whether `model` (empty: any) names the served model; NOT_FOUND naming
     /// the served one otherwise.
     pub fn check_model(&self, model: &str) -> Result<(), Status> {

@@ -144,6 +144,50 @@ impl Validator {
         })
     }
 
+    /// How many tokens a prompt of `prompt_len` tokens generates when `asked`
+    /// for (0: the router's default, cut to what fits), or why it cannot: the
+    /// prompt past `router.max_prompt_tokens` or the model's context, or an
+    /// asked length over `router.max_tokens_limit` or past the context.
+    pub fn max_tokens(&self, prompt_len: usize, asked: u32) -> Result<u32, RouterError> {
+        let config = &self.model.config;
+        if let Some(limit) = self.max_prompt_tokens
+            && prompt_len > limit as usize
+        {
+            return Err(invalid(format!(
+                "prompt has {prompt_len} tokens; the limit is {limit} (router.max_prompt_tokens)"
+            )));
+        }
+        let context = config.max_position_embeddings;
+        if prompt_len >= context {
+            return Err(invalid(format!(
+                "prompt has {prompt_len} tokens; the model's context of {context} leaves no room to generate"
+            )));
+        }
+
+        let room = u32::try_from(context - prompt_len).unwrap_or(u32::MAX);
+        Ok(match asked {
+            // The default is cut to what fits in the context.
+            0 => self.default_max_tokens.min(room).max(1),
+            n if n > self.max_tokens_limit => {
+                return Err(invalid(format!(
+                    "max_tokens {n} exceeds the limit of {}",
+                    self.max_tokens_limit
+                )));
+            }
+            // An explicit length that cannot fit is refused, in vLLM's words
+            // (clients match on "maximum context length").
+            n if n > room => {
+                return Err(invalid(format!(
+                    "This model's maximum context length is {context} tokens. However, you \
+                     requested {} tokens ({prompt_len} in the messages, {n} in the completion). \
+                     Please reduce the length of the messages or completion (max_tokens).",
+                    prompt_len + n as usize
+                )));
+            }
+            n => n,
+        })
+    }
+
     /// Validates and tokenizes one request.
     pub fn validate(&self, req: pb::GenerateRequest) -> Result<ValidRequest, RouterError> {
         self.check_model(&req.model)?;
@@ -195,45 +239,7 @@ impl Validator {
         if prompt.is_empty() {
             return Err(invalid("prompt is empty (no tokens)"));
         }
-        if let Some(limit) = self.max_prompt_tokens
-            && prompt.len() > limit as usize
-        {
-            return Err(invalid(format!(
-                "prompt has {} tokens; the limit is {limit} (router.max_prompt_tokens)",
-                prompt.len()
-            )));
-        }
-        let context = config.max_position_embeddings;
-        if prompt.len() >= context {
-            return Err(invalid(format!(
-                "prompt has {} tokens; the model's context of {context} leaves no room to generate",
-                prompt.len()
-            )));
-        }
-
-        let room = u32::try_from(context - prompt.len()).unwrap_or(u32::MAX);
-        let max_tokens = match req.max_tokens {
-            // The default is cut to what fits in the context.
-            0 => self.default_max_tokens.min(room).max(1),
-            n if n > self.max_tokens_limit => {
-                return Err(invalid(format!(
-                    "max_tokens {n} exceeds the limit of {}",
-                    self.max_tokens_limit
-                )));
-            }
-            // An explicit length that cannot fit is refused, in vLLM's words
-            // (clients match on "maximum context length").
-            n if n > room => {
-                let p = prompt.len();
-                return Err(invalid(format!(
-                    "This model's maximum context length is {context} tokens. However, you \
-                     requested {} tokens ({p} in the messages, {n} in the completion). Please \
-                     reduce the length of the messages or completion (max_tokens).",
-                    p + n as usize
-                )));
-            }
-            n => n,
-        };
+        let max_tokens = self.max_tokens(prompt.len(), req.max_tokens)?;
 
         validate_pb_sampling(req.sampling.as_ref())
             .map_err(|m| invalid(format!("sampling.{m}")))?;

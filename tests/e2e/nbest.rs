@@ -2,7 +2,8 @@
 //! (SmolLM2-135M-Instruct, GGUF): parallel samples over the OpenAI API (the
 //! official `openai` Python client) and gRPC, the prompt's KV shipped once
 //! (the decode node's counters), refusals, and a cancelled `n = 4` stream
-//! leaving no KV block held.
+//! leaving no KV block held; vLLM's beam search (`use_beam_search`, `n`
+//! beams) against the same algorithm over the engine's own logits.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -252,4 +253,139 @@ async fn n_samples_share_the_prompt_kv_over_grpc_and_the_openai_client() {
     complete(&mut client, greedy_request(&prompt(20, 5), 2))
         .await
         .expect("served after the cancel");
+}
+
+/// vLLM's beam search written out plainly over the engine's own logits on the
+/// CPU (the oracle): `width` beams, each step reading every beam's `2 · width`
+/// most likely next tokens (lower id first on ties), a continuation by EOS a
+/// finished beam; the best `width` by log probability over the length
+/// (prompt included, EOS not) to the power `length_penalty`. Each beam's
+/// tokens and whether it ended with EOS.
+fn oracle_beams(
+    model: &ModelDir,
+    prompt: &[u32],
+    width: usize,
+    max_tokens: usize,
+    length_penalty: f64,
+) -> Vec<(Vec<u32>, bool)> {
+    use tandem_engine::BackendExt;
+    let mut backend = model.load_cpu(64, 16).expect("backend");
+    let mut next = |tokens: &[u32]| -> Vec<(u32, f64)> {
+        let table: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
+        let lp = log_softmax(&backend.prefill(tokens, 0, &table).expect("prefill"));
+        let mut ids: Vec<u32> = (0..lp.len() as u32).collect();
+        ids.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+        ids.truncate(2 * width);
+        ids.into_iter().map(|t| (t, lp[t as usize])).collect()
+    };
+    let eos = &model.config.eos_token_ids;
+    let mut live: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+    let mut done: Vec<(Vec<u32>, f64, bool)> = Vec::new();
+    for _ in 0..max_tokens {
+        let mut continued = Vec::new();
+        for (tokens, sum) in &live {
+            for (t, lp) in next(&[prompt, tokens].concat()) {
+                let longer = [tokens.as_slice(), &[t]].concat();
+                if eos.contains(&t) {
+                    done.push((longer, sum + lp, true));
+                } else {
+                    continued.push((longer, sum + lp));
+                }
+            }
+        }
+        continued.sort_by(|a, b| b.1.total_cmp(&a.1));
+        continued.truncate(width);
+        live = continued;
+        if live.is_empty() {
+            break;
+        }
+    }
+    done.extend(live.into_iter().map(|(t, s)| (t, s, false)));
+    let score = |(t, s, eos): &(Vec<u32>, f64, bool)| {
+        s / ((prompt.len() + t.len() - usize::from(*eos)) as f64).powf(length_penalty)
+    };
+    done.sort_by(|a, b| score(b).total_cmp(&score(a)));
+    done.truncate(width);
+    done.into_iter().map(|(t, _, eos)| (t, eos)).collect()
+}
+
+/// A JSON list of token-id lists.
+fn id_lists(v: &Value) -> Vec<Vec<u32>> {
+    serde_json::from_value(v.clone()).expect("lists of token ids")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beam_search_over_the_openai_client_matches_vllms_algorithm() {
+    let model = smollm2();
+    let mut spec = ClusterSpec::default();
+    spec.router.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let base = format!("http://{}/v1", cluster.http.expect("HTTP API"));
+    let seen = run_client_script("beam_client.py", vec![base, model.name()]).await;
+
+    let prompt: Vec<u32> = serde_json::from_value(seen["n3"]["prompt_ids"].clone()).unwrap();
+    assert_eq!(
+        prompt,
+        model
+            .tokenizer
+            .encode("The capital of France is", true)
+            .unwrap()
+    );
+    for (case, width, length_penalty) in [("n3", 3, 1.0), ("n2_lp0", 2, 0.0), ("n1", 1, 1.0)] {
+        let got = &seen[case];
+        let oracle = oracle_beams(&model, &prompt, width, 6, length_penalty);
+        let ids = id_lists(&got["ids"]);
+        let expected: Vec<Vec<u32>> = oracle
+            .iter()
+            .map(|(t, eos)| t[..t.len() - usize::from(*eos)].to_vec())
+            .collect();
+        assert_eq!(ids, expected, "{case}: {got}");
+        let indices: Vec<usize> = (0..width).collect();
+        assert_eq!(got["indices"], serde_json::json!(indices), "{case}: {got}");
+        for (i, (tokens, eos)) in oracle.iter().enumerate() {
+            let text = model.tokenizer.decode(&expected[i]).unwrap();
+            assert_eq!(got["texts"][i], text.as_str(), "{case} beam {i}: {got}");
+            let reason = if *eos { "stop" } else { "length" };
+            assert_eq!(got["finish"][i], reason, "{case} beam {i}: {tokens:?}");
+        }
+        assert_eq!(got["usage"]["prompt"], prompt.len(), "{case}: {got}");
+        let completion: usize = expected.iter().map(Vec::len).sum();
+        assert_eq!(got["usage"]["completion"], completion, "{case}: {got}");
+    }
+    // temperature and seed change nothing; streamed, the same choices.
+    assert_eq!(seen["n3_hot"]["ids"], seen["n3"]["ids"]);
+    assert_eq!(seen["n3_stream"]["texts"], seen["n3"]["texts"]);
+    assert_eq!(seen["n3_stream"]["finish"], seen["n3"]["finish"]);
+    assert_eq!(seen["n3_stream"]["usage"], seen["n3"]["usage"]);
+
+    // Chat: the rendered prompt's beams.
+    let chat = &seen["chat_n2"];
+    let chat_prompt: Vec<u32> = serde_json::from_value(chat["prompt_ids"].clone()).unwrap();
+    let oracle = oracle_beams(&model, &chat_prompt, 2, 5, 1.0);
+    let expected: Vec<Vec<u32>> = oracle
+        .iter()
+        .map(|(t, eos)| t[..t.len() - usize::from(*eos)].to_vec())
+        .collect();
+    assert_eq!(id_lists(&chat["ids"]), expected, "{chat}");
+    for (i, ids) in expected.iter().enumerate() {
+        let text = model.tokenizer.decode(ids).unwrap();
+        assert_eq!(chat["texts"][i], text.as_str(), "{chat}");
+    }
+
+    for (field, param) in [
+        ("top_p", "top_p"),
+        ("logprobs", "logprobs"),
+        ("stop", "stop"),
+        ("n", "n"),
+        ("best_of", "best_of"),
+        ("length_penalty", "length_penalty"),
+        ("tools", "tools"),
+    ] {
+        let e = &seen["refused"][field];
+        assert_eq!(e["status"], 400, "{field}: {e}");
+        assert_eq!(e["param"], param, "{field}: {e}");
+    }
+    assert_eq!(seen["next_tokens"], 2);
+    // Every step's request released its blocks.
+    wait_all_blocks_free(&cluster).await;
 }

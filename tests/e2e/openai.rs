@@ -625,9 +625,9 @@ async fn the_openai_client_library_works_against_the_router() {
 
     // Each field Tandem cannot honour: 400 naming it, and the next request is served.
     let refused = seen["refused"].as_object().unwrap();
-    // `n`, `best_of` (tests/e2e/nbest.rs) and `tools`, `tool_choice`
-    // (tests/e2e/tools.rs) are honoured now.
-    assert_eq!(refused.len(), 8, "{refused:?}");
+    // `n`, `best_of`, `use_beam_search` (tests/e2e/nbest.rs) and `tools`,
+    // `tool_choice` (tests/e2e/tools.rs) are honoured now.
+    assert_eq!(refused.len(), 7, "{refused:?}");
     for (case, got) in refused {
         let field = case.split_once('.').unwrap().1;
         let e = &got["error"];

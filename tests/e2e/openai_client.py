@@ -404,7 +404,6 @@ out["cache_salt"] = salted
 refused = {}
 completion_refusals = {
     "suffix": {"suffix": " The end."},
-    "use_beam_search": {"extra_body": {"use_beam_search": True}},
     "max_token": {"extra_body": {"max_token": 3}},
 }
 chat_refusals = {

@@ -43,25 +43,9 @@ pub(super) async fn run(
     out: Output,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let Output {
-        stream,
-        usage,
-        echo,
-        samples,
-        tools,
-        tokens_as_ids,
-        prompt_ids,
-        echo_logprobs,
-        echo_only,
-    } = out;
+    let samples = out.samples;
     let batch = requests.len() > 1;
-    let logprobs_out = requests
-        .first()
-        .is_some_and(|r| r.logprobs.is_some())
-        .then(|| LogprobsOut {
-            model: st.model.clone(),
-            as_ids: tokens_as_ids,
-        });
+    let logprobs = requests.first().is_some_and(|r| r.logprobs.is_some());
     // Each prompt's responses, keyed by prompt. The first prompt is admitted
     // before the answer starts, so its refusal is the answer's status (a
     // single prompt's, as before batches). A batch's other prompts are
@@ -95,6 +79,44 @@ pub(super) async fn run(
         });
         prompts.insert(p, Box::pin(responses));
     }
+    let per_prompt = samples.best_of;
+    let prompt_count = prompts.len();
+    // One stream of every prompt's responses, each tagged with its choice index.
+    let responses = prompts.map(move |(p, r)| {
+        r.map(|mut m| {
+            m.index += p as u32 * per_prompt;
+            m
+        })
+    });
+    respond(st, Box::pin(responses), prompt_count, logprobs, out, kind).await
+}
+
+/// Answers from `responses`, every prompt's (choice `i` answers prompt
+/// `i / best_of`), in OpenAI's shape as `out` says; `logprobs`: whether the
+/// requests asked for log probabilities.
+pub(super) async fn respond(
+    st: AppState,
+    responses: Responses,
+    prompt_count: usize,
+    logprobs: bool,
+    out: Output,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let Output {
+        stream,
+        usage,
+        echo,
+        samples,
+        tools,
+        tokens_as_ids,
+        prompt_ids,
+        echo_logprobs,
+        echo_only,
+    } = out;
+    let logprobs_out = logprobs.then(|| LogprobsOut {
+        model: st.model.clone(),
+        as_ids: tokens_as_ids,
+    });
     let id = format!(
         "{}-{:x}",
         if kind == Kind::Chat {
@@ -106,14 +128,6 @@ pub(super) async fn run(
     );
     let (created, model) = (now(), st.name.clone());
     let per_prompt = samples.best_of;
-    let prompt_count = prompts.len();
-    // One stream of every prompt's responses, each tagged with its choice index.
-    let responses = prompts.map(move |(p, r)| {
-        r.map(|mut m| {
-            m.index += p as u32 * per_prompt;
-            m
-        })
-    });
     let tools = match (stream, tools) {
         (true, Some(plan)) => {
             let events =
@@ -266,8 +280,9 @@ pub(super) fn grpc_call(
     call
 }
 
-/// One prompt's responses.
-type Responses = std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+/// One prompt's responses (or every prompt's, tagged by choice index).
+pub(super) type Responses =
+    std::pin::Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 /// A random id for an answer (`chatcmpl-..`, `resp_..`).
 pub(super) fn rand_id() -> u64 {
