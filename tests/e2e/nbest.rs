@@ -388,4 +388,43 @@ async fn beam_search_over_the_openai_client_matches_vllms_algorithm() {
     assert_eq!(seen["next_tokens"], 2);
     // Every step's request released its blocks.
     wait_all_blocks_free(&cluster).await;
+
+    // A client that goes away ends its search: no step is asked after it.
+    use tokio::io::AsyncWriteExt;
+    let activity = || {
+        let (received, local, _) = decode_counters(&cluster);
+        received + local
+    };
+    let body = serde_json::json!({"prompt": "The capital of France is", "n": 4,
+        "max_tokens": 300, "use_beam_search": true})
+    .to_string();
+    let mut conn = tokio::net::TcpStream::connect(cluster.http.expect("HTTP API"))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(format!("{head}{body}").as_bytes())
+        .await
+        .expect("send");
+    let before = activity();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while activity() < before + 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the beam search's steps run"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_close = activity();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        activity(),
+        after_close,
+        "steps went on after the client left"
+    );
+    wait_all_blocks_free(&cluster).await;
 }
