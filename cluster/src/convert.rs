@@ -1,6 +1,6 @@
 //! Conversions between wire messages and engine types, in one place.
 
-use tandem_engine::{Constraint, FinishReason, GenerationParams, SamplingParams};
+use tandem_engine::{Constraint, FinishReason, GenerationParams, SamplingParams, StopReason};
 use tandem_proto::v1 as pb;
 
 /// Engine sampling parameters from the wire's, mapping "unset" (0) to neutral values.
@@ -138,6 +138,14 @@ pub fn prompt_logprobs_to_pb(
                 ..logprobs_to_pb(&e.logprobs)
             })
             .collect(),
+    }
+}
+
+/// The wire stop reason.
+pub fn stop_reason_to_pb(r: StopReason) -> pb::finished::StopReason {
+    match r {
+        StopReason::String(s) => pb::finished::StopReason::StopString(s),
+        StopReason::TokenId(t) => pb::finished::StopReason::StopTokenId(t),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use tandem_cluster::convert::stop_reason_to_pb;
 use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager};
 use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_engine::{Generation, TokenEvent};
@@ -160,6 +161,7 @@ impl Sequence {
                     spans: Some(self.spans.to_pb()),
                     ..Default::default()
                 }),
+                stop_reason: g.stop_reason().map(stop_reason_to_pb),
             })),
         }
     }

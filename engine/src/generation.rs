@@ -25,6 +25,16 @@ pub enum FinishReason {
     Eos,
 }
 
+/// What ended a generation that finished with [`FinishReason::Stop`]
+/// (vLLM's `stop_reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// This stop string matched.
+    String(String),
+    /// This stop token id was generated.
+    TokenId(u32),
+}
+
 /// What a request asks of generation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
@@ -224,6 +234,21 @@ impl Generation {
     /// Why it ended, once it has.
     pub fn finished(&self) -> Option<FinishReason> {
         self.finished
+    }
+
+    /// The stop string or stop token id that ended it, when one did (`None`
+    /// for the other reasons, and for a structured output that completed).
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        if self.finished != Some(FinishReason::Stop) {
+            return None;
+        }
+        match (self.output().last(), self.stop.matched()) {
+            (Some(&t), _) if self.params.stop_token_ids.contains(&t) => {
+                Some(StopReason::TokenId(t))
+            }
+            (_, Some(s)) => Some(StopReason::String(s.to_string())),
+            _ => None,
+        }
     }
 
     /// Samples the next token from `logits` and accounts for it; the event

@@ -51,7 +51,7 @@ pub use config::{Architecture, ModelConfig};
 pub use constraint::{Constraint, ConstraintCompiler, ConstraintState};
 pub use error::{EngineError, Result};
 pub use generation::{
-    FinishReason, Generation, GenerationParams, TokenEvent, banned_before_min_tokens,
+    FinishReason, Generation, GenerationParams, StopReason, TokenEvent, banned_before_min_tokens,
 };
 pub use kv_cache::{KvDtype, KvLayout};
 pub use kv_events::{CacheChanges, KvCursor, KvDelta, KvEvent, KvEventLog};

@@ -5,7 +5,7 @@
 use crate::backend::{Backend, BackendExt};
 use crate::block_manager::{BlockId, BlockManager, blocks_for};
 use crate::error::{EngineError, Result};
-use crate::generation::{FinishReason, Generation, GenerationParams, TokenEvent};
+use crate::generation::{FinishReason, Generation, GenerationParams, StopReason, TokenEvent};
 use crate::tokenizer::Tokenizer;
 
 /// The result of a finished generation.
@@ -17,6 +17,8 @@ pub struct GenerationOutput {
     pub text: String,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// The stop string or stop token id that ended it, if one did.
+    pub stop_reason: Option<StopReason>,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
 }
@@ -97,6 +99,7 @@ impl<B: Backend> LocalGenerator<B> {
             tokens: generation.output().to_vec(),
             text,
             finish_reason: generation.finished().unwrap_or(FinishReason::Length),
+            stop_reason: generation.stop_reason(),
             prompt_tokens: prompt.len(),
         })
     }

@@ -22,6 +22,8 @@ pub struct StopMatcher {
     /// The matched stop string is part of the output (vLLM's
     /// `include_stop_str_in_output`).
     include: bool,
+    /// The stop string that matched, once one has.
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -32,7 +34,13 @@ impl StopMatcher {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             held: String::new(),
             include,
+            matched: None,
         }
+    }
+
+    /// The stop string that ended the text, once one has.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Feeds newly decoded text.
@@ -47,6 +55,7 @@ impl StopMatcher {
         if let Some((at, len)) = first_match {
             let end = if self.include { at + len } else { at };
             let out = self.held[..end].to_string();
+            self.matched = Some(self.held[at..at + len].to_string());
             self.held.clear();
             return StopScan::Stopped(out);
         }
@@ -84,7 +93,9 @@ mod tests {
         let mut m = stops(&["END"]);
         assert_eq!(m.push("hello E"), StopScan::Emit("hello ".into()));
         assert_eq!(m.push("N"), StopScan::Emit("".into()));
+        assert_eq!(m.matched(), None, "not yet");
         assert_eq!(m.push("D and more"), StopScan::Stopped("".into()));
+        assert_eq!(m.matched(), Some("END"));
     }
 
     #[test]
@@ -99,7 +110,9 @@ mod tests {
     #[test]
     fn earliest_stop_wins_and_text_before_is_kept() {
         let mut m = stops(&["world", "lo w"]);
+        assert_eq!(m.matched(), None);
         assert_eq!(m.push("hello world"), StopScan::Stopped("hel".into()));
+        assert_eq!(m.matched(), Some("lo w"), "the stop string that matched");
     }
 
     #[test]

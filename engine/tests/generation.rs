@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use tandem_engine::local::LocalGenerator;
 use tandem_engine::synth::{SynthSpec, write_model_dir};
-use tandem_engine::{BatchLimits, FinishReason, GenerationParams, ModelDir, SamplingParams};
+use tandem_engine::{
+    BatchLimits, FinishReason, GenerationParams, ModelDir, SamplingParams, StopReason,
+};
 
 const LIMITS: BatchLimits = BatchLimits {
     max_tokens: 64,
@@ -64,6 +66,7 @@ fn stop_string_and_stop_token_and_length() {
         .generate(&prompt, &free_run, &m.tokenizer, |_| {})
         .unwrap();
     assert_eq!(full.finish_reason, FinishReason::Length);
+    assert_eq!(full.stop_reason, None);
     assert_eq!(full.tokens.len(), 20);
     let streamed_text = m.tokenizer.decode(&full.tokens).unwrap();
     assert_eq!(
@@ -87,6 +90,7 @@ fn stop_string_and_stop_token_and_length() {
         })
         .unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.stop_reason, Some(StopReason::String(stop.clone())));
     assert_eq!(out.text, expected_text);
     assert_eq!(
         streamed, expected_text,
@@ -103,6 +107,7 @@ fn stop_string_and_stop_token_and_length() {
         .generate(&prompt, &with_stop_id, &m.tokenizer, |_| {})
         .unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert_eq!(out.stop_reason, Some(StopReason::TokenId(third)));
     let cut = full.tokens.iter().position(|&t| t == third).unwrap();
     assert_eq!(out.tokens, full.tokens[..=cut]);
 

@@ -492,6 +492,16 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// vLLM's `stop_reason`: the stop string or stop token id that ended a
+/// choice, `null` for anything else (EOS, `max_tokens`, ...).
+fn stop_reason(f: &pb::Finished) -> Value {
+    match &f.stop_reason {
+        Some(pb::finished::StopReason::StopString(s)) => json!(s),
+        Some(pb::finished::StopReason::StopTokenId(t)) => json!(t),
+        None => Value::Null,
+    }
+}
+
 fn finish_reason(reason: i32) -> &'static str {
     match pb::FinishReason::try_from(reason) {
         Ok(pb::FinishReason::Length) => "length",

@@ -188,6 +188,7 @@ impl DecodeNode for FakeDecode {
                     total_seconds: 99.0,
                     spans: None,
                 }),
+                stop_reason: None,
             };
             let _ = tx.send(event(E::Finished(finished))).await;
         });

@@ -250,6 +250,11 @@ async fn logit_bias_and_min_tokens_over_grpc() {
         let got = complete(&mut client, request.clone()).await.expect(path);
         assert_eq!(got.tokens, [greedy], "{path}");
         assert_eq!(got.reason, pb::FinishReason::Stop, "{path}");
+        assert_eq!(
+            got.stop_reason,
+            Some(pb::finished::StopReason::StopTokenId(greedy)),
+            "{path}"
+        );
         request.min_tokens = 5;
         let got = complete(&mut client, request.clone()).await.expect(path);
         assert!(got.tokens.len() >= 5, "{path}: {:?}", got.tokens);

@@ -168,6 +168,8 @@ pub struct Completion {
     pub reason: pb::FinishReason,
     /// The final message's usage.
     pub usage: pb::Usage,
+    /// The stop string or stop token id that ended it, if one did.
+    pub stop_reason: Option<pb::finished::StopReason>,
     /// The prompt's log probabilities, when asked (`prompt_logprobs`).
     pub prompt_logprobs: Option<pb::PromptLogprobs>,
 }
@@ -203,6 +205,7 @@ pub async fn complete_request(
         text: String::new(),
         reason: pb::FinishReason::Unspecified,
         usage: pb::Usage::default(),
+        stop_reason: None,
         prompt_logprobs: None,
     };
     while let Some(msg) = stream.message().await? {
@@ -215,6 +218,7 @@ pub async fn complete_request(
                 out.reason =
                     pb::FinishReason::try_from(f.reason).unwrap_or(pb::FinishReason::Unspecified);
                 out.usage = f.usage.unwrap_or_default();
+                out.stop_reason = f.stop_reason;
             }
             Some(pb::generate_response::Event::PromptLogprobs(p)) => {
                 assert!(

@@ -92,6 +92,7 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(seen["completion"]["finish_reason"], "length");
     assert_eq!(seen["completion"]["prompt_tokens"], prompt.len());
     assert_eq!(seen["completion"]["completion_tokens"], 8);
+    assert_eq!(seen["completion"]["stop_reason"], serde_json::Value::Null);
     assert_eq!(seen["completion_stream"]["text"], expected.as_str());
     assert_eq!(seen["completion_stream"]["finish_reason"], "length");
     assert!(
@@ -657,6 +658,8 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(stopped["text"], before.as_str(), "{stopped}");
     assert_eq!(stopped["finish_reason"], "stop", "{stopped}");
     assert_eq!(stopped["completion_tokens"], stop_at + 1, "{stopped}");
+    // vLLM's stop_reason names what stopped it: the token id, or the string.
+    assert_eq!(stopped["stop_reason"], greedy[stop_at], "{stopped}");
     // With vLLM's include_stop_str_in_output the stop token's text stays, and
     // a stop string stays at the end of the text, streamed or not.
     let inc = &seen["include_stop"];
@@ -668,6 +671,21 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(inc["text"].as_str(), cut, "{inc}");
     assert_eq!(inc["stream"], inc["text"], "{inc}");
     assert_eq!(inc["finish_reason"], "stop", "{inc}");
+    assert_eq!(inc["stop_reason"], stop, "{inc}");
+    assert_eq!(
+        inc["stream_stop_reason"],
+        serde_json::json!([stop]),
+        "{inc}"
+    );
+    let chat = &inc["chat"];
+    assert_eq!(
+        chat["stop"].as_str().unwrap_or_default().chars().count(),
+        3,
+        "{chat}"
+    );
+    assert_eq!(chat["free_stop_reason"], serde_json::Value::Null, "{chat}");
+    assert_eq!(chat["finish_reason"], "stop", "{chat}");
+    assert_eq!(chat["stop_reason"], chat["stop"], "{chat}");
 
     // A seed makes sampling reproducible; other seeds sample otherwise.
     let seeded = &seen["seeded"];

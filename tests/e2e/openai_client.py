@@ -45,7 +45,9 @@ out["special"] = {
 
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
 out["completion"] = {"text": c.choices[0].text, "finish_reason": c.choices[0].finish_reason,
-                     "prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens}
+                     "prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
+                     # vLLM's stop_reason: null when nothing of the request's stopped it.
+                     "stop_reason": c.choices[0].model_dump().get("stop_reason", "absent")}
 
 parts, finish = [], None
 for chunk in client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stream=True):
@@ -442,7 +444,8 @@ out["neutral"] = {"completion_tokens": c.usage.completion_tokens, "chat_tokens":
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
                               extra_body={"stop_token_ids": [stop_token_id]})
 out["stop_token_ids"] = {"text": c.choices[0].text, "finish_reason": c.choices[0].finish_reason,
-                         "completion_tokens": c.usage.completion_tokens}
+                         "completion_tokens": c.usage.completion_tokens,
+                         "stop_reason": c.choices[0].model_dump().get("stop_reason", "absent")}
 # vLLM's include_stop_str_in_output: the stop token's text, or the stop string, stays.
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0,
                               extra_body={"stop_token_ids": [stop_token_id], "include_stop_str_in_output": True})
@@ -453,10 +456,22 @@ c = client.completions.create(model=model, prompt="Once upon a time", max_tokens
 included["stop_string"] = stop_string
 included["text"] = c.choices[0].text
 included["finish_reason"] = c.choices[0].finish_reason
-included["stream"] = "".join(
-    ch.choices[0].text for ch in client.completions.create(
-        model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop_string], stream=True,
-        extra_body={"include_stop_str_in_output": True}) if ch.choices)
+included["stop_reason"] = c.choices[0].model_dump().get("stop_reason", "absent")
+chunks = [ch.choices[0].model_dump() for ch in client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop_string], stream=True,
+    extra_body={"include_stop_str_in_output": True}) if ch.choices]
+included["stream"] = "".join(ch["text"] for ch in chunks)
+included["stream_stop_reason"] = [ch.get("stop_reason") for ch in chunks if ch["finish_reason"]]
+# Chat reports it too: a stop string from the middle of the greedy answer.
+chat_messages = [{"role": "user", "content": "Count: one, two,"}]
+free = client.chat.completions.create(model=model, messages=chat_messages, max_tokens=8, temperature=0)
+chat_stop = free.choices[0].message.content[3:6]
+r = client.chat.completions.create(model=model, messages=chat_messages, max_tokens=8, temperature=0,
+                                   stop=[chat_stop])
+included["chat"] = {"free": free.choices[0].message.content, "stop": chat_stop,
+                    "free_stop_reason": free.choices[0].model_dump().get("stop_reason", "absent"),
+                    "finish_reason": r.choices[0].finish_reason,
+                    "stop_reason": r.choices[0].model_dump().get("stop_reason", "absent")}
 out["include_stop"] = included
 
 # seed makes sampling reproducible.

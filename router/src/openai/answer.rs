@@ -219,6 +219,7 @@ pub(super) async fn respond(
                     json!({ "index": index, "message": message, "logprobs": logprobs, "finish_reason": reason })
                 }
             };
+            choice["stop_reason"] = stop_reason(&f);
             // vLLM's return_token_ids: the choice's ids, and for completions
             // its prompt's (chat gives the prompt's once, beside the choices).
             if let Some(prompts) = &prompt_ids {

@@ -371,7 +371,7 @@ fn beam_responses(
     let prompt_tokens = u32::try_from(prompt_len).unwrap_or(u32::MAX);
     let finished = pb::Finished {
         reason: if beam.eos {
-            pb::FinishReason::Stop
+            pb::FinishReason::Eos
         } else {
             pb::FinishReason::Length
         } as i32,
@@ -380,7 +380,7 @@ fn beam_responses(
             completion_tokens: ids.len() as u32,
             cached_tokens: 0,
         }),
-        timings: None,
+        ..Default::default()
     };
     let mut out = Vec::with_capacity(2);
     if !ids.is_empty() || !text.is_empty() {

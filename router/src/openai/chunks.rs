@@ -211,13 +211,15 @@ pub(super) fn sse_events(
                     }
                     let tail = echoed.unwrap_or_default();
                     let tail = (!tail.is_empty()).then_some(tail.as_str());
-                    chunk(
+                    let mut data = chunk(
                         index,
                         tail,
                         Value::Null,
                         Some(finish_reason(f.reason)),
                         first,
-                    )
+                    );
+                    data["choices"][0]["stop_reason"] = stop_reason(&f);
+                    data
                 }
                 Some(pb::generate_response::Event::PromptLogprobs(_)) | None => continue,
             };

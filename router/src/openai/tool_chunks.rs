@@ -140,12 +140,14 @@ pub(super) fn tool_sse_events(
                         })
                         .collect();
                     let reason = tool_finish_reason(reader.calls(), f.reason);
-                    out.push(chunk(
+                    let mut last = chunk(
                         json!({}),
                         Some(reason),
                         std::mem::take(&mut first),
                         &mut pending,
-                    ));
+                    );
+                    last["choices"][0]["stop_reason"] = stop_reason(&f);
+                    out.push(last);
                     out
                 }
                 // Streamed chat never asks for the prompt's log probabilities.
