@@ -352,6 +352,22 @@ async fn beam_search_over_the_openai_client_matches_vllms_algorithm() {
         let completion: usize = expected.iter().map(Vec::len).sum();
         assert_eq!(got["usage"]["completion"], completion, "{case}: {got}");
     }
+    // A batch: prompt p's beams are choices 2p, 2p + 1.
+    let batch = &seen["batch"];
+    assert_eq!(batch["indices"], serde_json::json!([0, 1, 2, 3]), "{batch}");
+    let (ids, prompts) = (id_lists(&batch["ids"]), id_lists(&batch["prompt_ids"]));
+    let mut completion = 0;
+    for p in 0..2 {
+        assert_eq!(prompts[2 * p], prompts[2 * p + 1], "{batch}");
+        let beams: Vec<Vec<u32>> = oracle_beams(&model, &prompts[2 * p], 2, 4, 1.0)
+            .into_iter()
+            .map(|(t, eos)| t[..t.len() - usize::from(eos)].to_vec())
+            .collect();
+        assert_eq!(ids[2 * p..2 * p + 2], beams, "prompt {p}: {batch}");
+        completion += beams.iter().map(Vec::len).sum::<usize>();
+    }
+    assert_eq!(prompts[0], prompt);
+    assert_eq!(batch["usage"]["completion"], completion, "{batch}");
     // temperature and seed change nothing; streamed, the same choices.
     assert_eq!(seen["n3_hot"]["ids"], seen["n3"]["ids"]);
     assert_eq!(seen["n3_stream"]["texts"], seen["n3"]["texts"]);
