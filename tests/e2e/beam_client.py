@@ -39,8 +39,10 @@ out["n3"] = beams(3, 6)
 out["n2_lp0"] = beams(2, 6, length_penalty=0.0)
 out["n1"] = beams(1, 6)
 # A batch of prompts: prompt p's beams are choices p·n ...
+# With a request id of the client's: each prompt's steps get ids of their own.
 r = client.completions.create(model=model, prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=4,
-                              extra_body={"use_beam_search": True, "return_token_ids": True})
+                              extra_body={"use_beam_search": True, "return_token_ids": True,
+                                          "request_id": "client-batch"})
 d = r.model_dump()
 out["batch"] = {"indices": [c["index"] for c in d["choices"]], "ids": [c["token_ids"] for c in d["choices"]],
                 "prompt_ids": [c["prompt_token_ids"] for c in d["choices"]], "usage": usage(r.usage)}

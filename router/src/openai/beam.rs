@@ -230,9 +230,11 @@ pub(super) async fn run(
     b: BeamSearch,
 ) -> Result<Response, ApiError> {
     let prompt_count = requests.len();
+    let batch = prompt_count > 1;
     let searches = requests
         .iter()
-        .map(|r| prompt_search(&st, auth.as_ref(), headers, r, &b));
+        .enumerate()
+        .map(|(p, r)| prompt_search(&st, auth.as_ref(), headers, r, &b, batch.then_some(p)));
     let found = futures::future::try_join_all(searches).await?;
     let mut responses = Vec::new();
     for (p, (prompt_len, beams)) in found.into_iter().enumerate() {
@@ -253,13 +255,15 @@ pub(super) async fn run(
     respond(st, responses, prompt_count, false, out, kind).await
 }
 
-/// The beam search of one request's prompt: its length in tokens and its beams.
+/// The beam search of one request's prompt (prompt `batch_prompt` of a
+/// batch): its length in tokens and its beams.
 async fn prompt_search(
     st: &AppState,
     auth: Option<&HeaderValue>,
     headers: &HeaderMap,
     r: &pb::GenerateRequest,
     b: &BeamSearch,
+    batch_prompt: Option<usize>,
 ) -> Result<(usize, Vec<Beam>), ApiError> {
     // A text prompt is encoded as the service encodes it (special tokens added).
     let prompt = match &r.prompt {
@@ -272,13 +276,17 @@ async fn prompt_search(
         None => return Err(ApiError::bad_field("prompt", "prompt is missing")),
     };
     let max_tokens = st.service.max_tokens(prompt.len(), r.max_tokens)?;
-    // Each step's requests get ids of their own, after the request's.
+    // Each step's requests get ids of their own, after the request's (and
+    // the prompt's, in a batch: ids the nodes key requests by must differ).
     let base = match (r.request_id.as_str(), headers.get(REQUEST_ID_HEADER)) {
         ("", Some(v)) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
         ("", None) => format!("beam-{:x}", answer::rand_id()),
         (id, _) => id.to_string(),
     };
-    let base: String = base.chars().take(200).collect();
+    let mut base: String = base.chars().take(200).collect();
+    if let Some(p) = batch_prompt {
+        base = format!("{base}-{p}");
+    }
     let next = |tokens: Vec<u32>, step: u32, beam: usize| {
         let request = step_request(r, &prompt, tokens, b, format!("{base}-beam{step}.{beam}"));
         let call = grpc_call(request, auth, headers, None);
