@@ -342,7 +342,30 @@ for w in $WHICH; do
       strip -o .gpu33/norm/engine-tests "$(engine_tests "$d" norm)"
       xz -T2 -6 .gpu33/main/tandem-gpu-bench .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 33)" >&2; exit 1 ;;
+    h)
+      # Calls 30-33 from this checkout in one worktree and one target directory, the
+      # patches applied in turn (only the engine rebuilds between them; eighteenth
+      # session): .gpu30 (tandem-gpu-bench.xz, k/U = this checkout's kernels, whose CUDA
+      # code is 7e67fc5's), .gpu32/tiles and .gpu33/{main,norm}, the layouts calls 30-33 read.
+      rm -rf .gpu30 .gpu32 .gpu33
+      mkdir -p .gpu30/k .gpu32/tiles .gpu33/main .gpu33/norm
+      d=$(worktree hcalls HEAD)
+      bench_into "$d" hcalls .gpu33/main
+      cp .gpu33/main/tandem-gpu-bench .gpu30/ && cp -r .gpu33/main/kernels .gpu30/k/U
+      xz -T2 -6 .gpu30/tandem-gpu-bench .gpu33/main/tandem-gpu-bench
+      cp scripts/hf_reference.py .gpu30/
+      for pn in .gpu32/tiles:gemm-tile-variants .gpu33/norm:norm-rows-in-registers; do
+        git -C "$d" checkout -q -- . && git -C "$d" apply "$ROOT/scripts/gpu-pending/${pn#*:}.patch"
+        bench_into "$d" hcalls "${pn%%:*}"
+        strip -o "${pn%%:*}/engine-tests" "$(engine_tests "$d" hcalls)"
+      done
+      xz -T2 -6 .gpu32/tiles/tandem-gpu-bench .gpu32/tiles/engine-tests \
+        .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
+      WHICH="$WHICH 30 32 33"
+      du -sh .gpu30 .gpu32 .gpu33
+      continue
+      ;;
+    *) echo "unknown folder $w (8 to 33, h)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
