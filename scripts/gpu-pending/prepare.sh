@@ -60,6 +60,9 @@
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
+#   .gpu34  eighteenth session's call-34 (not run yet): main/ (this checkout's
+#           tandem-gpu-bench and kernels), new/ (the same with norm-many-rows.patch: its
+#           tandem-gpu-bench, engine-tests and kernels), xz
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -326,7 +329,7 @@ for w in $WHICH; do
       # engine-tests (call-31; TANDEM_CUDA_GEMM_TILE_VARIANTS=0 turns the variants off,
       # so one binary times both).
       rm -rf .gpu32 && mkdir -p .gpu32/tiles
-      d=$(worktree tiles 7e67fc5 scripts/gpu-pending/gemm-tile-variants.patch)
+      d=$(worktree tiles 7e67fc5 docs/gpu-results/2026-12-06-fifteenth/gemm-tile-variants.patch)
       bench_into "$d" tiles .gpu32/tiles
       strip -o .gpu32/tiles/engine-tests "$(engine_tests "$d" tiles)"
       xz -T2 -6 .gpu32/tiles/tandem-gpu-bench .gpu32/tiles/engine-tests
@@ -337,7 +340,7 @@ for w in $WHICH; do
       rm -rf .gpu33 && mkdir -p .gpu33/main .gpu33/norm
       m=$(worktree t33main 7e67fc5)
       bench_into "$m" t33main .gpu33/main
-      d=$(worktree norm 7e67fc5 scripts/gpu-pending/norm-rows-in-registers.patch)
+      d=$(worktree norm 7e67fc5 docs/gpu-results/2026-12-06-fifteenth/norm-rows-in-registers.patch)
       bench_into "$d" norm .gpu33/norm
       strip -o .gpu33/norm/engine-tests "$(engine_tests "$d" norm)"
       xz -T2 -6 .gpu33/main/tandem-gpu-bench .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
@@ -355,7 +358,7 @@ for w in $WHICH; do
       xz -T2 -6 .gpu30/tandem-gpu-bench .gpu33/main/tandem-gpu-bench
       cp scripts/hf_reference.py .gpu30/
       for pn in .gpu32/tiles:gemm-tile-variants .gpu33/norm:norm-rows-in-registers; do
-        git -C "$d" checkout -q -- . && git -C "$d" apply "$ROOT/scripts/gpu-pending/${pn#*:}.patch"
+        git -C "$d" checkout -q -- . && git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-fifteenth/${pn#*:}.patch"
         bench_into "$d" hcalls "${pn%%:*}"
         strip -o "${pn%%:*}/engine-tests" "$(engine_tests "$d" hcalls)"
       done
@@ -365,7 +368,17 @@ for w in $WHICH; do
       du -sh .gpu30 .gpu32 .gpu33
       continue
       ;;
-    *) echo "unknown folder $w (8 to 33, h)" >&2; exit 1 ;;
+    34)
+      # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
+      rm -rf .gpu34 && mkdir -p .gpu34/main .gpu34/new
+      d=$(worktree hcalls HEAD)
+      bench_into "$d" hcalls .gpu34/main
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/norm-many-rows.patch"
+      bench_into "$d" hcalls .gpu34/new
+      strip -o .gpu34/new/engine-tests "$(engine_tests "$d" hcalls)"
+      xz -T2 -6 .gpu34/main/tandem-gpu-bench .gpu34/new/tandem-gpu-bench .gpu34/new/engine-tests
+      ;;
+    *) echo "unknown folder $w (8 to 34, h)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Device call 31 (written in the sixteenth session, not yet run; ~330 s, carry .gpu32):
-# gemm-tile-variants.patch (scripts/gpu-pending/). At up to 256 rows the cuBLASLt tuning
+# Device call 31 (written in the sixteenth session; ran in the eighteenth on an H100, 446 s,
+# raw output in call-31/; the patch was dropped and sits beside this script; carry .gpu32):
+# gemm-tile-variants.patch. At up to 256 rows the cuBLASLt tuning
 # also times each heuristic candidate's algorithm with its other tile sizes (the
 # algorithm's CUBLASLT_ALGO_CAP_TILE_IDS, each with the first stage count and cluster
 # shape cuBLASLt accepts; at most 48 a shape). At 256 rows the o product is 64 tiles of

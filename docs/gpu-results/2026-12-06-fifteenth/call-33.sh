@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Device call 33 (written in the sixteenth session, not yet run; ~380 s, carry .gpu33):
-# norm-rows-in-registers.patch (scripts/gpu-pending/). The RMSNorm kernel ran with blocks
+# Device call 33 (written in the sixteenth session; ran in the eighteenth on call 31's warm
+# H100, 310 s, raw output in call-33/, as
+#   sed -i 's/step gpu-tests 150/step gpu-tests 215/; s/for r in 1 2; do/for r in 1; do/' call-33.sh
+#   DEADLINE_S=590 bash call-33.sh
+# (the cold machine's GPU tests had taken 201 s in call 31; one round of each loop to fit the
+# device time left); carry .gpu33): norm-rows-in-registers.patch, beside this script now
+# (superseded by scripts/gpu-pending/norm-many-rows.patch, call 34). The RMSNorm kernel ran with blocks
 # of 1024 threads, one 16-byte load a thread, the row read twice (before and after the
 # block's sum): at an 8k prefill chunk the input norm took 87.7 us a layer, 68% of the
 # H100's copy rate (call 28), 2 blocks a multiprocessor. The patch sizes the block to
