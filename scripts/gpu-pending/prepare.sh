@@ -364,7 +364,6 @@ for w in $WHICH; do
       done
       xz -T2 -6 .gpu32/tiles/tandem-gpu-bench .gpu32/tiles/engine-tests \
         .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
-      WHICH="$WHICH 30 32 33"
       du -sh .gpu30 .gpu32 .gpu33
       continue
       ;;
@@ -383,6 +382,4 @@ for w in $WHICH; do
   du -sh ".gpu$w"
 done
 EXCLUDE=$(git rev-parse --git-common-dir)/info/exclude
-for w in $WHICH; do
-  grep -qx "/.gpu$w/" "$EXCLUDE" 2>/dev/null || echo "/.gpu$w/" >> "$EXCLUDE"
-done
+grep -qxF "/.gpu*/" "$EXCLUDE" 2>/dev/null || echo "/.gpu*/" >> "$EXCLUDE"
