@@ -15,10 +15,22 @@ use super::{Res, arg, block_size_arg, median};
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
 /// kernel at batch 1 and cuBLAS at batch 64 and 256) against the copy bandwidth, and the
 /// cost of one decoder layer (steps of a 4-layer model minus a 0-layer one).
+///
+/// With `--decode-blocks N,N,..` it only times decode attention's split: the
+/// 4-layer model's kernels and step at b256 1k and b64 4k, as the backend splits
+/// them and aiming at each N blocks.
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
     let bs = block_size_arg(args)?;
+    if let Some(list) = arg(args, "--decode-blocks") {
+        let blocks = list
+            .split(',')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--decode-blocks {list}: {e}"))?;
+        return decode_blocks_sweep(&config, bs, &blocks);
+    }
     let gpu = Gpu::open(0, &config)?;
     let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
     let (h, inter) = (config.hidden_size, config.intermediate_size);
@@ -104,28 +116,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 (1024, 256, None),
                 (1024, 256, Some(2048)),
             ] {
-                be.set_decode_blocks(blocks);
-                let per_seq = blocks_for(ctx + 20, bs);
-                let tables = consecutive_tables(batch, per_seq);
-                let toks = vec![[1u32]; batch];
-                let chunks: Vec<SeqChunk<'_>> = toks
-                    .iter()
-                    .zip(&tables)
-                    .map(|(t, table)| SeqChunk {
-                        tokens: t,
-                        start: ctx,
-                        block_table: table,
-                    })
-                    .collect();
-                // The fastest of 5 runs per kernel, after a warm-up.
-                let mut best: Vec<(&'static str, f64)> = be.profile(&chunks)?;
-                for _ in 0..5 {
-                    for (slot, (_, us)) in best.iter_mut().zip(be.profile(&chunks)?) {
-                        slot.1 = slot.1.min(us);
-                    }
-                }
-                let mut toks = vec![1u32; batch];
-                let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+                let (best, t) = profile_decode(&mut be, bs, ctx, batch, blocks)?;
                 profiles.push((ctx, batch, layers, blocks, t, best));
             }
             be.set_decode_blocks(None);
@@ -190,6 +181,84 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         );
         profile_table(prof, *layers, "pass");
     }
+    Ok(())
+}
+
+/// A decode step of `batch` sequences at `ctx` with decode attention aiming at
+/// `blocks` (`None`: the backend's rule): each kernel's fastest of 5 runs after
+/// a warm-up (an event after each launch), and the graph-replayed step's time.
+fn profile_decode(
+    be: &mut CudaBackend,
+    bs: usize,
+    ctx: usize,
+    batch: usize,
+    blocks: Option<usize>,
+) -> Res<(Vec<(&'static str, f64)>, f64)> {
+    be.set_decode_blocks(blocks);
+    let per_seq = blocks_for(ctx + 20, bs);
+    let tables = consecutive_tables(batch, per_seq);
+    let toks = vec![[1u32]; batch];
+    let chunks: Vec<SeqChunk<'_>> = toks
+        .iter()
+        .zip(&tables)
+        .map(|(t, table)| SeqChunk {
+            tokens: t,
+            start: ctx,
+            block_table: table,
+        })
+        .collect();
+    let mut best: Vec<(&'static str, f64)> = be.profile(&chunks)?;
+    for _ in 0..5 {
+        for (slot, (_, us)) in best.iter_mut().zip(be.profile(&chunks)?) {
+            slot.1 = slot.1.min(us);
+        }
+    }
+    let mut toks = vec![1u32; batch];
+    let t = time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+    Ok((best, t))
+}
+
+/// `kernels --decode-blocks`: decode attention and its split merge (µs a layer)
+/// and the graph-replayed 4-layer step at b256 1k and b64 4k, split by the
+/// backend's rule and aiming at each of `blocks`, in turns: the rule, then each
+/// N, three rounds.
+fn decode_blocks_sweep(config: &ModelConfig, bs: usize, blocks: &[usize]) -> Res<()> {
+    let g = Gpu::open(0, config)?;
+    let name = g.name();
+    let model = GpuModel::random(&g, config, 1)?;
+    let cache_blocks = (256 * blocks_for(1024 + 20, bs)).max(64 * blocks_for(4096 + 20, bs)) + 8;
+    let mut be = CudaBackend::new(g, model.into(), cache_blocks, bs, CudaLimits::default())?;
+    be.fill_cache_random(3)?;
+    let layers = config.num_layers;
+    println!(
+        "## decode attention's split ({name}, {layers} layers; one wave = {} blocks)\n",
+        be.decode_wave()
+    );
+    println!(
+        "| context | batch | blocks aimed at | round | decode_attn µs/layer | attn_combine µs/layer | both | step µs (graph) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let aims: Vec<Option<usize>> = std::iter::once(None)
+        .chain(blocks.iter().map(|&b| Some(b)))
+        .collect();
+    for (ctx, batch) in [(1024usize, 256usize), (4096, 64)] {
+        for round in 1..=3 {
+            for &aim in &aims {
+                let (prof, t) = profile_decode(&mut be, bs, ctx, batch, aim)?;
+                let us = |k: &str| {
+                    prof.iter().filter(|p| p.0 == k).map(|p| p.1).sum::<f64>() / layers as f64
+                };
+                let (a, c) = (us("decode_attn"), us("attn_combine"));
+                println!(
+                    "| {ctx} | {batch} | {} | {round} | {a:.1} | {c:.1} | {:.1} | {:.1} |",
+                    aim.map_or("rule".to_string(), |b| b.to_string()),
+                    a + c,
+                    t * 1e6
+                );
+            }
+        }
+    }
+    be.set_decode_blocks(None);
     Ok(())
 }
 
