@@ -33,6 +33,8 @@ use crate::config::ModelConfig;
 pub(crate) struct Kernels {
     pub embed: CudaFunction,
     pub add_rmsnorm: CudaFunction,
+    /// The same for a pass of many rows (`AddRmsnorm`'s choice).
+    pub add_rmsnorm_rows: CudaFunction,
     pub rope_kv: CudaFunction,
     /// The fp8 (e4m3) KV cache store (kernels/kv_fp8.cu).
     pub kv_fp8_store: CudaFunction,
@@ -207,6 +209,7 @@ impl Gpu {
         let k = Kernels {
             embed: f("embed")?,
             add_rmsnorm: f("add_rmsnorm")?,
+            add_rmsnorm_rows: f("add_rmsnorm_rows")?,
             rope_kv: f("rope_kv")?,
             kv_fp8_store: f("kv_fp8_store")?,
             silu_mul: f("silu_mul")?,

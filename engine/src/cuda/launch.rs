@@ -48,9 +48,26 @@ pub(crate) const PREFILL_STAGES: usize = 3;
 /// The same for an fp8 cache, whose two staging buffers of e4m3 tiles leave
 /// room for two. `-D` to the kernels.
 pub(crate) const PREFILL_FP8_STAGES: usize = 2;
-/// Threads per row of the RMSNorm kernel: at batch 1 the norm is one block, so
-/// its latency is the per-thread share of the hidden width.
-pub(crate) const NORM_THREADS: u32 = 1024;
+/// Threads per row of the RMSNorm kernels for `rows` rows of `hidden` values.
+/// A pass of many rows (a prefill chunk, from [`NORM_MANY_ROWS`] on) runs
+/// `add_rmsnorm_rows` in blocks of a sixteenth of the width (128 to 1024), so
+/// each thread holds its four 16-byte loads of the row in registers, all in
+/// flight at once (`NORM_VEC` in kernels/elementwise.cu), and more blocks fit a
+/// multiprocessor: the norms of an 8k chunk of the 8B shape took 87 → 66-68 µs
+/// a layer on an H100 (docs/GPU_BENCH.md, nineteenth session). A decode step's
+/// few rows keep `add_rmsnorm` in blocks of 1024, one load a thread: there a
+/// row's latency counts, and the small blocks were 1-1.5 µs slower a norm at 1
+/// to 256 rows.
+pub(crate) fn norm_threads(rows: usize, hidden: usize) -> u32 {
+    if rows >= NORM_MANY_ROWS {
+        (hidden / 16).next_multiple_of(32).clamp(128, 1024) as u32
+    } else {
+        1024
+    }
+}
+/// Rows from which a norm launch uses [`norm_threads`]'s small blocks: above
+/// every decode batch bucket of the default limits (256 sequences).
+pub(crate) const NORM_MANY_ROWS: usize = 512;
 /// Threads of a `rope_kv` block (one token's heads).
 const ROPE_THREADS: u32 = 512;
 /// Threads per row of logits in the sampling kernel (its scans hold 32 warps).
@@ -223,7 +240,8 @@ impl Kernel for Embed {
     }
 }
 
-/// `add_rmsnorm`: for output row `r` of `rows`, source row `s = rows_map[r]`
+/// `add_rmsnorm` (`add_rmsnorm_rows` from [`NORM_MANY_ROWS`] rows on, the same
+/// signature): for output row `r` of `rows`, source row `s = rows_map[r]`
 /// (or `r` when null): `x[s] += delta[s]` (when `delta` is not null), then
 /// `out[r] = rmsnorm(x[s]) · w`. Holds: `x`, `delta` source rows × hidden f32,
 /// `rows_map` `rows` ints, `w` hidden bf16, `out` `rows × hidden` bf16.
@@ -252,10 +270,14 @@ impl Kernel for AddRmsnorm {
         ])
     }
     fn config(&self) -> LaunchConfig {
-        grid(self.rows as u32, NORM_THREADS)
+        grid(self.rows as u32, norm_threads(self.rows, self.hidden))
     }
     fn function<'g>(&self, gpu: &'g Gpu) -> &'g CudaFunction {
-        &gpu.k.add_rmsnorm
+        if self.rows >= NORM_MANY_ROWS {
+            &gpu.k.add_rmsnorm_rows
+        } else {
+            &gpu.k.add_rmsnorm
+        }
     }
 }
 

@@ -147,19 +147,22 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             hidden: 64,
         },
     );
-    check(
-        "add_rmsnorm",
-        &AddRmsnorm {
-            rows: 3,
-            x: PF,
-            delta: Dev::NULL,
-            rows_map: Dev::NULL,
-            w: P,
-            out: P,
-            hidden: 64,
-            eps: 1e-5,
-        },
-    );
+    // Few rows launch `add_rmsnorm`, many `add_rmsnorm_rows`: one signature.
+    for (decl, rows) in [("add_rmsnorm", 3), ("add_rmsnorm_rows", NORM_MANY_ROWS)] {
+        check(
+            decl,
+            &AddRmsnorm {
+                rows,
+                x: PF,
+                delta: Dev::NULL,
+                rows_map: Dev::NULL,
+                w: P,
+                out: P,
+                hidden: 64,
+                eps: 1e-5,
+            },
+        );
+    }
     check("rope_kv", &rope());
     check(
         "kv_fp8_store",
@@ -356,20 +359,29 @@ fn grids_match_the_kernels_indexing() {
     }
     .config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((32, 3, 1), 128));
-    let norm = |rows| AddRmsnorm {
+    let norm = |rows, hidden| AddRmsnorm {
         rows,
         x: PF,
         delta: PF,
         rows_map: PI,
         w: P,
         out: P,
-        hidden: 4096,
+        hidden,
         eps: 1e-5,
     };
-    let c = norm(7).config();
+    // A decode step's rows: blocks of 1024, one 16-byte load a thread.
+    let c = norm(7, 4096).config();
     assert_eq!((c.grid_dim, c.block_dim.0), ((7, 1, 1), 1024));
+    assert_eq!(norm(NORM_MANY_ROWS - 1, 4096).config().block_dim.0, 1024);
+    // A prefill pass's: four loads a thread. 4096 values take 256 threads,
+    // 8192 take 512; a narrow model's rows (SmolLM2-135M: 576) the fewest, 128.
+    let c = norm(8192, 4096).config();
+    assert_eq!((c.grid_dim, c.block_dim.0), ((8192, 1, 1), 256));
+    assert_eq!(norm(NORM_MANY_ROWS, 8192).config().block_dim.0, 512);
+    assert_eq!(norm(NORM_MANY_ROWS, 576).config().block_dim.0, 128);
+    assert_eq!(norm(NORM_MANY_ROWS, 65536).config().block_dim.0, 1024);
     // An empty pass still launches one block (the kernels need a grid).
-    assert_eq!(norm(0).config().grid_dim.0, 1);
+    assert_eq!(norm(0, 4096).config().grid_dim.0, 1);
     let silu = |n, inter| {
         SiluMul {
             gu: P,

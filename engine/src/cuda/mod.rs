@@ -53,6 +53,7 @@
 pub mod bench;
 pub mod check;
 mod check_fp8;
+mod check_norm;
 mod check_sampling;
 mod copy_ring;
 pub mod device;

@@ -11,17 +11,12 @@ extern "C" __global__ void embed(const u32* ids, const bf16* table, float* x, in
         x[row * hidden + i] = bf(table[id * hidden + i]);
 }
 
-// For output row r, source row s = rows ? rows[r] : r:
-//   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
-// Four values a thread at a time (16-byte loads) when hidden is a multiple of 4.
-extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
-                                       const bf16* w, bf16* out, int hidden, float eps) {
-    pdl_enter();
-    size_t r = blockIdx.x;
-    size_t s = rows ? (size_t)rows[r] : r;
-    float* xr = x + s * hidden;
-    const float* dr = delta ? delta + s * hidden : nullptr;
-    bf16* orow = out + r * hidden;
+// One row of the RMSNorm kernels below: xr += dr (when dr is given), then
+// orow = rmsnorm(xr) * w (bf16), the row read twice: once for the sum of
+// squares, once for the scaling. Four values a thread at a time (16-byte loads)
+// when hidden is a multiple of 4.
+__device__ __forceinline__ void rmsnorm_row(float* xr, const float* dr, const bf16* w,
+                                            bf16* orow, int hidden, float eps) {
     float ss = 0.f;
     if (hidden % 4 == 0) {
         for (int i = threadIdx.x * 4; i < hidden; i += blockDim.x * 4) {
@@ -61,6 +56,76 @@ extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* 
     float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
         orow[i] = __float2bfloat16(xr[i] * inv * bf(w[i]));
+}
+
+// For output row r, source row s = rows ? rows[r] : r:
+//   x[s] += delta[s] (when delta is given); out[r] = rmsnorm(x[s]) * w  (bf16).
+// A decode step's few rows: blocks of 1024 (the host's norm_threads), the row
+// read twice (rmsnorm_row).
+extern "C" __global__ void add_rmsnorm(float* x, const float* delta, const int* rows,
+                                       const bf16* w, bf16* out, int hidden, float eps) {
+    pdl_enter();
+    size_t r = blockIdx.x;
+    size_t s = rows ? (size_t)rows[r] : r;
+    rmsnorm_row(x + s * hidden, delta ? delta + s * hidden : nullptr, w, out + r * hidden,
+                hidden, eps);
+}
+
+// The same for a pass of many rows (a prefill chunk), in blocks of a sixteenth
+// of the width (norm_threads): a row of 2 to NORM_VEC 16-byte loads a thread is
+// held in registers between the sum and the scaling, read once with every load
+// of a thread in flight at once; any other row as add_rmsnorm reads it. A kernel
+// of its own, so that add_rmsnorm keeps its registers and its blocks a
+// multiprocessor (a shared kernel made 256 decode rows 1.4 us slower a norm on
+// an H100: docs/GPU_BENCH.md, nineteenth session).
+#define NORM_VEC 4
+extern "C" __global__ void add_rmsnorm_rows(float* x, const float* delta, const int* rows,
+                                            const bf16* w, bf16* out, int hidden, float eps) {
+    pdl_enter();
+    size_t r = blockIdx.x;
+    size_t s = rows ? (size_t)rows[r] : r;
+    float* xr = x + s * hidden;
+    const float* dr = delta ? delta + s * hidden : nullptr;
+    bf16* orow = out + r * hidden;
+    if (hidden % 4 != 0 || hidden <= 4 * (int)blockDim.x ||
+        hidden > NORM_VEC * 4 * (int)blockDim.x) {
+        rmsnorm_row(xr, dr, w, orow, hidden, eps);
+        return;
+    }
+    float4 v[NORM_VEC];
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++) {
+        int i = (j * blockDim.x + threadIdx.x) * 4;
+        if (i < hidden) v[j] = *reinterpret_cast<const float4*>(xr + i);
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++) {
+        int i = (j * blockDim.x + threadIdx.x) * 4;
+        if (i >= hidden) continue;
+        if (dr) {
+            float4 d = *reinterpret_cast<const float4*>(dr + i);
+            v[j].x += d.x;
+            v[j].y += d.y;
+            v[j].z += d.z;
+            v[j].w += d.w;
+            *reinterpret_cast<float4*>(xr + i) = v[j];
+        }
+        ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+    }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / (float)hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; j++) {
+        int i = (j * blockDim.x + threadIdx.x) * 4;
+        if (i >= hidden) continue;
+        __nv_bfloat162 w01 = *reinterpret_cast<const __nv_bfloat162*>(w + i);
+        __nv_bfloat162 w23 = *reinterpret_cast<const __nv_bfloat162*>(w + i + 2);
+        float2 a = __bfloat1622float2(w01), b = __bfloat1622float2(w23);
+        __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v[j].x * inv * a.x, v[j].y * inv * a.y),
+                               __floats2bfloat162_rn(v[j].z * inv * b.x, v[j].w * inv * b.y)};
+        *reinterpret_cast<uint2*>(orow + i) = *reinterpret_cast<uint2*>(o);
+    }
 }
 
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
