@@ -60,9 +60,14 @@
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
-#   .gpu34  eighteenth session's call-34 (not run yet): main/ (this checkout's
+#   .gpu34  eighteenth session's call-34 (ran in the nineteenth): main/ (7f960c0's
 #           tandem-gpu-bench and kernels), new/ (the same with norm-many-rows.patch: its
 #           tandem-gpu-bench, engine-tests and kernels), xz
+#   .gpu35  nineteenth session's call-35 (ran on an H100; waits for an H200): this
+#           checkout's tandem-gpu-bench (`kernels --decode-blocks`), xz, and kernels
+#   .gpu36  nineteenth session's calls 36-37 (ran): new/ (7cefa77, where
+#           norm-rows-kernel.patch landed: tandem-gpu-bench, engine-tests, kernels), xz;
+#           call-36 carries .gpu34 beside it for main/
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -346,38 +351,39 @@ for w in $WHICH; do
       xz -T2 -6 .gpu33/main/tandem-gpu-bench .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
       ;;
     h)
-      # Calls 30-33 from this checkout in one worktree and one target directory, the
-      # patches applied in turn (only the engine rebuilds between them; eighteenth
-      # session): .gpu30 (tandem-gpu-bench.xz, k/U = this checkout's kernels, whose CUDA
-      # code is 7e67fc5's), .gpu32/tiles and .gpu33/{main,norm}, the layouts calls 30-33 read.
-      rm -rf .gpu30 .gpu32 .gpu33
-      mkdir -p .gpu30/k .gpu32/tiles .gpu33/main .gpu33/norm
+      # The calls still waiting for an H200, from this checkout (nineteenth session):
+      # .gpu30 (tandem-gpu-bench.xz, k/U = its kernels, scripts/hf_reference.py) for
+      # call-32 and call-30, and .gpu35 (the same binary and kernels) for call-35.
+      # (Until the nineteenth session this case also built calls 31 and 33's folders,
+      # whose patches no longer apply; case 32 and 33 build them from 7e67fc5.)
+      rm -rf .gpu30 .gpu35 && mkdir -p .gpu30/k .gpu35
       d=$(worktree hcalls HEAD)
-      bench_into "$d" hcalls .gpu33/main
-      cp .gpu33/main/tandem-gpu-bench .gpu30/ && cp -r .gpu33/main/kernels .gpu30/k/U
-      xz -T2 -6 .gpu30/tandem-gpu-bench .gpu33/main/tandem-gpu-bench
+      bench_into "$d" hcalls .gpu35
+      cp .gpu35/tandem-gpu-bench .gpu30/ && cp -r .gpu35/kernels .gpu30/k/U
+      xz -T2 -6 .gpu30/tandem-gpu-bench .gpu35/tandem-gpu-bench
       cp scripts/hf_reference.py .gpu30/
-      for pn in .gpu32/tiles:gemm-tile-variants .gpu33/norm:norm-rows-in-registers; do
-        git -C "$d" checkout -q -- . && git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-fifteenth/${pn#*:}.patch"
-        bench_into "$d" hcalls "${pn%%:*}"
-        strip -o "${pn%%:*}/engine-tests" "$(engine_tests "$d" hcalls)"
-      done
-      xz -T2 -6 .gpu32/tiles/tandem-gpu-bench .gpu32/tiles/engine-tests \
-        .gpu33/norm/tandem-gpu-bench .gpu33/norm/engine-tests
-      du -sh .gpu30 .gpu32 .gpu33
+      du -sh .gpu30 .gpu35
       continue
+      ;;
+    36)
+      # new/: 7cefa77's tandem-gpu-bench, engine-tests and kernels (calls 36-37).
+      rm -rf .gpu36 && mkdir -p .gpu36/new
+      d=$(worktree hcalls 7cefa77)
+      bench_into "$d" hcalls .gpu36/new
+      strip -o .gpu36/new/engine-tests "$(engine_tests "$d" hcalls)"
+      xz -T2 -6 .gpu36/new/tandem-gpu-bench .gpu36/new/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
       rm -rf .gpu34 && mkdir -p .gpu34/main .gpu34/new
-      d=$(worktree hcalls HEAD)
+      d=$(worktree hcalls 7f960c0)
       bench_into "$d" hcalls .gpu34/main
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/norm-many-rows.patch"
+      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-eighteenth/norm-many-rows.patch"
       bench_into "$d" hcalls .gpu34/new
       strip -o .gpu34/new/engine-tests "$(engine_tests "$d" hcalls)"
       xz -T2 -6 .gpu34/main/tandem-gpu-bench .gpu34/new/tandem-gpu-bench .gpu34/new/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 34, h)" >&2; exit 1 ;;
+    *) echo "unknown folder $w (8 to 34, 36, h)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
