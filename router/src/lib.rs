@@ -47,6 +47,7 @@ pub mod openai_tools_prompt;
 pub mod openai_tools_scan;
 pub mod openai_tools_stream;
 pub mod own_load;
+pub mod prepaid;
 pub mod request_metrics;
 pub mod request_spans;
 pub mod routing;

@@ -37,6 +37,7 @@ use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::identity::Identity;
 use crate::nodes::NodePool;
+use crate::prepaid::{Prepaid, Prepayment};
 use crate::request_metrics::request_ended;
 use crate::routing::RoutingConfig;
 use crate::usage;
@@ -191,12 +192,16 @@ impl Generate for GenerateService {
         if let Some(decoded) = request.extensions().get::<RequestDecoded>() {
             decoded.mark();
         }
+        let prepaid = request.extensions().get::<Prepaid>().copied();
         let arrival = Instant::now();
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
         let admitted = match self.drain.enter() {
-            Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
+            Some(in_flight) => self
+                .admit(request, deadline, prepaid)
+                .await
+                .map(|a| (a, in_flight)),
             None => Err(RouterError::ShuttingDown),
         };
         let ((req, permit, pending, span, (key, reserved)), in_flight) = match admitted {
@@ -218,7 +223,9 @@ impl Generate for GenerateService {
                 // sent, if the request reached a node; nothing otherwise.
                 let used = tokens.map_or(0, |t| (t.prompt + t.generated) as u64);
                 auth.refund(key, reserved.saturating_sub(used));
-                if let Some(t) = tokens {
+                if let Some(t) = tokens
+                    && prepaid != Some(Prepaid::RequestAndTokens)
+                {
                     usage::tokens(auth.name(key), t);
                 }
                 drop(in_flight);
@@ -233,11 +240,14 @@ impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
     /// admission permit, its count among the pending prefill tokens, its
     /// span, its API key and the tokens it reserved from the key's quota.
-    /// Refusals of an authenticated request count against its key.
+    /// Refusals of an authenticated request count against its key. A
+    /// `prepaid` call ([`Prepaid`]) takes from the key only what its marker
+    /// leaves to it.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
+        prepaid: Option<Prepaid>,
     ) -> Result<
         (
             ValidRequest,
@@ -250,12 +260,14 @@ impl GenerateService {
     > {
         let key = self.auth.authenticate(request.metadata())?;
         let name = self.auth.name(key);
-        usage::request(name);
-        if let Err(e) = self.auth.take_request(key) {
-            usage::refused(name, usage::REQUESTS_PER_S);
-            return Err(e);
+        if prepaid.is_none() {
+            usage::request(name);
+            if let Err(e) = self.auth.take_request(key) {
+                usage::refused(name, usage::REQUESTS_PER_S);
+                return Err(e);
+            }
         }
-        let (req, reserved) = match self.validate(request, key) {
+        let (req, reserved) = match self.validate(request, key, prepaid) {
             Ok(r) => r,
             Err((e, reason)) => {
                 usage::refused(name, reason);
@@ -286,11 +298,13 @@ impl GenerateService {
     }
 
     /// Checks readiness, validates the request and reserves its tokens from
-    /// its key's quota; a refusal comes with its usage reason.
+    /// its key's quota (none for a call whose tokens are `prepaid`); a
+    /// refusal comes with its usage reason.
     fn validate(
         &self,
         request: Request<pb::GenerateRequest>,
         key: KeyId,
+        prepaid: Option<Prepaid>,
     ) -> Result<(ValidRequest, u64), (RouterError, &'static str)> {
         let with_label = |e: RouterError| {
             let label = e.status_label();
@@ -311,11 +325,40 @@ impl GenerateService {
             message.request_id = id;
         }
         let req = self.validator.validate(message).map_err(with_label)?;
+        if prepaid == Some(Prepaid::RequestAndTokens) {
+            return Ok((req, 0));
+        }
         let reserved = self
             .auth
             .charge_tokens(key, reservation(&req))
             .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
         Ok((req, reserved))
+    }
+
+    /// Authenticates a request that the HTTP API serves with calls of its own
+    /// (a beam search), counts it against its key and reserves `tokens` (its
+    /// prompts and the most it may generate) from the key's quota, once: its
+    /// calls then carry [`Prepaid::RequestAndTokens`]. Refusals count against
+    /// the key as a call's would.
+    pub fn prepay(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        tokens: u64,
+    ) -> Result<Prepayment, RouterError> {
+        let key = self.auth.authenticate(metadata)?;
+        let name = self.auth.name(key);
+        usage::request(name);
+        if let Err(e) = self.auth.take_request(key) {
+            usage::refused(name, usage::REQUESTS_PER_S);
+            return Err(e);
+        }
+        match self.auth.charge_tokens(key, tokens) {
+            Ok(reserved) => Ok(Prepayment::new(self.auth.clone(), key, reserved)),
+            Err(e) => {
+                usage::refused(name, usage::TOKENS_PER_MIN);
+                Err(e)
+            }
+        }
     }
 
     /// Refuses a request of `prompt_tokens` while the prefill backlog (the

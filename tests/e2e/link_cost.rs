@@ -146,9 +146,13 @@ async fn a_throttled_link_makes_long_prompts_prefill_locally() {
     assert!(s.kv_sent - s.prefill_started >= 0.2, "{s:?}");
     // The first token went ahead of the KV (the prefill node's Final frame
     // overtakes its layers): it reached the client about when the prefill's
-    // compute ended, a tenth of a second and more before the KV landed.
+    // compute ended, and the KV landed later by at least the last layer's
+    // time on the wire (it leaves only once computed: a third of the KV,
+    // ~78 ms at the cap). Layers computed earlier are sent meanwhile, so how
+    // much more depends on how long the compute took (milliseconds alone,
+    // 0.2 s on two cores busy with other builds).
     assert!(
-        s.first_token_sent >= s.prefill_computed && s.first_token_sent + 0.1 < s.kv_imported,
+        s.first_token_sent >= s.prefill_computed && s.first_token_sent + 0.05 < s.kv_imported,
         "{s:?}"
     );
 

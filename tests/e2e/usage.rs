@@ -1,7 +1,10 @@
 //! Usage per API key through a real cluster: per-key request, refusal and
 //! token counters in the Prometheus scrape (labelled with the key's name,
-//! never its secret), and a key's tokens-per-minute quota refusing a request
-//! with RESOURCE_EXHAUSTED over gRPC and 429 with Retry-After over HTTP.
+//! never its secret), a key's tokens-per-minute quota refusing a request
+//! with RESOURCE_EXHAUSTED over gRPC and 429 with Retry-After over HTTP, and
+//! a beam search over HTTP counted and charged once, as the one request its
+//! client sent, however many steps it takes, and a completions batch counted
+//! once against the key's requests per second.
 //!
 //! The recorder is global to the process, so this file holds one test.
 
@@ -57,7 +60,10 @@ async fn usage_is_counted_per_key_and_a_key_over_its_quota_is_refused() {
     let config = tandem_cluster::Config::parse(
         "[router]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
          [[router.keys]]\nname = \"team-a\"\nkey = \"sk-secret-a\"\ntokens_per_min = 100\n\
-         [[router.keys]]\nname = \"team-b\"\nkey = \"sk-secret-b\"\n",
+         [[router.keys]]\nname = \"team-b\"\nkey = \"sk-secret-b\"\n\
+         [[router.keys]]\nname = \"team-c\"\nkey = \"sk-secret-c\"\nrequests_per_s = 1\n\
+         tokens_per_min = 60\n\
+         [[router.keys]]\nname = \"team-d\"\nkey = \"sk-secret-d\"\nrequests_per_s = 1\n",
     )
     .unwrap();
     spec.router = config.router.unwrap();
@@ -132,6 +138,37 @@ async fn usage_is_counted_per_key_and_a_key_over_its_quota_is_refused() {
     complete_keyed(&mut client, greedy_request(&prompt(8, 9), 2), "sk-secret-b")
         .await
         .unwrap();
+    // team-c may send one request a second and 60 tokens a minute. A beam
+    // search of 2 beams and 6 tokens after a 10-token prompt reserves
+    // 10 + 2 · 6 = 22 of them, once; its dozen steps (each a call with the
+    // prompt and the beam so far) take nothing more.
+    let beam_prompt = prompt(10, 10);
+    let body = format!(
+        "{{\"model\":\"{}\",\"prompt\":[{}],\"max_tokens\":6,\"n\":2,\
+         \"use_beam_search\":true,\"ignore_eos\":true,\"temperature\":0}}",
+        model.name(),
+        beam_prompt
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let (status, head) = post_completion(http, "sk-secret-c", &body).await;
+    assert_eq!(status, 200, "{head}");
+    // team-d, one request a second, sends a batch of three prompts: one
+    // request, though each prompt is a call of its own.
+    let ids = |p: &[u32]| p.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let batch = [prompt(6, 11), prompt(7, 12), prompt(8, 13)];
+    let body = format!(
+        "{{\"model\":\"{}\",\"prompt\":[[{}],[{}],[{}]],\"max_tokens\":2,\
+         \"ignore_eos\":true,\"temperature\":0}}",
+        model.name(),
+        ids(&batch[0]),
+        ids(&batch[1]),
+        ids(&batch[2])
+    );
+    let (status, head) = post_completion(http, "sk-secret-d", &body).await;
+    assert_eq!(status, 200, "{head}");
     // A request without a valid key belongs to no key.
     let err = complete_keyed(&mut client, greedy_request(&p, 2), "sk-wrong")
         .await
@@ -155,6 +192,16 @@ async fn usage_is_counted_per_key_and_a_key_over_its_quota_is_refused() {
     assert_eq!(b(names::API_KEY_REFUSALS_TOTAL, None), 0.0);
     assert_eq!(b(names::API_KEY_PROMPT_TOKENS_TOTAL, None), 20.0);
     assert_eq!(b(names::API_KEY_COMPLETION_TOKENS_TOTAL, None), 5.0);
+    let c = |metric, reason| sample(&after, metric, "team-c", reason);
+    assert_eq!(c(names::API_KEY_REQUESTS_TOTAL, None), 1.0, "{after}");
+    assert_eq!(c(names::API_KEY_REFUSALS_TOTAL, None), 0.0, "{after}");
+    assert_eq!(c(names::API_KEY_PROMPT_TOKENS_TOTAL, None), 10.0);
+    assert_eq!(c(names::API_KEY_COMPLETION_TOKENS_TOTAL, None), 12.0);
+    let d = |metric, reason| sample(&after, metric, "team-d", reason);
+    assert_eq!(d(names::API_KEY_REQUESTS_TOTAL, None), 1.0, "{after}");
+    assert_eq!(d(names::API_KEY_REFUSALS_TOTAL, None), 0.0, "{after}");
+    assert_eq!(d(names::API_KEY_PROMPT_TOKENS_TOTAL, None), 21.0);
+    assert_eq!(d(names::API_KEY_COMPLETION_TOKENS_TOTAL, None), 6.0);
     assert!(
         !after.contains("sk-secret"),
         "a secret leaked into the metrics"

@@ -2,6 +2,7 @@
 //! shape: a server-sent event stream, or one JSON body with every choice.
 
 use super::*;
+use crate::prepaid::Prepaid;
 
 /// How to answer: streamed or not, a streamed answer ending with a usage
 /// chunk or not, and the text each prompt's completions start with (`echo`).
@@ -63,7 +64,7 @@ pub(super) async fn run(
         if batch && !request.request_id.is_empty() {
             request.request_id = format!("{}-{p}", request.request_id);
         }
-        let request = grpc_call(request, auth.as_ref(), headers, batch.then_some(p));
+        let mut request = grpc_call(request, auth.as_ref(), headers, batch.then_some(p));
         if p == 0 {
             prompts.insert(
                 p,
@@ -71,6 +72,8 @@ pub(super) async fn run(
             );
             continue;
         }
+        // The first prompt's call counted the client's request.
+        request.extensions_mut().insert(Prepaid::Request);
         let service = st.service.clone();
         let admitted = futures::stream::once(async move { service.generate(request).await });
         let responses = futures::StreamExt::flat_map(admitted, |r| match r {
@@ -254,6 +257,14 @@ pub(super) async fn respond(
     Ok(Json(answer).into_response())
 }
 
+/// The client's `Authorization` header as gRPC metadata (none if absent or
+/// not a valid metadata value, which the service then refuses as a missing key).
+pub(super) fn authorization(
+    auth: Option<&HeaderValue>,
+) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    tonic::metadata::MetadataValue::try_from(auth?.as_bytes()).ok()
+}
+
 /// `request` as a call of the gRPC service, carrying the HTTP request's
 /// `Authorization` (`auth`) and `X-Request-Id` (with `-p` added for prompt `p`
 /// of a batch: `batch_prompt`).
@@ -264,9 +275,7 @@ pub(super) fn grpc_call(
     batch_prompt: Option<usize>,
 ) -> tonic::Request<pb::GenerateRequest> {
     let mut call = tonic::Request::new(request);
-    if let Some(v) = auth
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
-    {
+    if let Some(v) = authorization(auth) {
         call.metadata_mut().insert("authorization", v);
     }
     if let Some(v) = headers.get(REQUEST_ID_HEADER) {

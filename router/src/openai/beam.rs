@@ -27,6 +27,8 @@ use std::future::Future;
 
 use super::answer::{Responses, grpc_call, respond};
 use super::*;
+use crate::prepaid::Prepaid;
+use crate::request_metrics::Tokens;
 
 /// A beam search's settings (vLLM's `BeamSearchParams`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -219,7 +221,9 @@ where
 
 /// Runs a beam search for each request's prompt (one per prompt of a
 /// completions batch; chat has one) and answers as `out` says: prompt `p`'s
-/// beams are choices `p · n ..`, best first.
+/// beams are choices `p · n ..`, best first. The client's request is counted
+/// and charged to its key once, for its prompts and `n · max_tokens` each
+/// (`prepaid`); the steps are not.
 pub(super) async fn run(
     st: AppState,
     auth: Option<HeaderValue>,
@@ -231,13 +235,51 @@ pub(super) async fn run(
 ) -> Result<Response, ApiError> {
     let prompt_count = requests.len();
     let batch = prompt_count > 1;
+    let prompts = requests
+        .iter()
+        .map(|r| beam_prompt(&st, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let reserve: u64 = prompts
+        .iter()
+        .map(|(prompt, max_tokens)| {
+            prompt.len() as u64 + u64::from(b.width) * u64::from(*max_tokens)
+        })
+        .sum();
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Some(v) = answer::authorization(auth.as_ref()) {
+        metadata.insert("authorization", v);
+    }
+    let prepayment = st
+        .service
+        .prepay(&metadata, reserve)
+        .map_err(Status::from)?;
     let searches = requests
         .iter()
+        .zip(&prompts)
         .enumerate()
-        .map(|(p, r)| prompt_search(&st, auth.as_ref(), headers, r, &b, batch.then_some(p)));
+        .map(|(p, (r, prompt))| {
+            prompt_search(
+                &st,
+                auth.as_ref(),
+                headers,
+                r,
+                prompt,
+                &b,
+                batch.then_some(p),
+            )
+        });
     let found = futures::future::try_join_all(searches).await?;
     let mut responses = Vec::new();
-    for (p, (prompt_len, beams)) in found.into_iter().enumerate() {
+    let mut used = Tokens {
+        prompt: 0,
+        generated: 0,
+    };
+    for (p, (prompt, beams)) in prompts
+        .iter()
+        .map(|(prompt, _)| prompt)
+        .zip(found)
+        .enumerate()
+    {
         if beams.len() < b.width as usize {
             return Err(Status::internal(format!(
                 "the beam search found {} beams, fewer than n = {}",
@@ -246,26 +288,21 @@ pub(super) async fn run(
             ))
             .into());
         }
+        used.prompt += prompt.len();
         for (i, beam) in beams.into_iter().enumerate() {
+            used.generated += beam.tokens.len();
             let index = (p * b.width as usize + i) as u32;
-            responses.extend(beam_responses(&st.model, index, prompt_len, beam, &b)?);
+            responses.extend(beam_responses(&st.model, index, prompt.len(), beam, &b)?);
         }
     }
+    prepayment.settle(used);
     let responses: Responses = Box::pin(futures::stream::iter(responses.into_iter().map(Ok)));
     respond(st, responses, prompt_count, false, out, kind).await
 }
 
-/// The beam search of one request's prompt (prompt `batch_prompt` of a
-/// batch): its length in tokens and its beams.
-async fn prompt_search(
-    st: &AppState,
-    auth: Option<&HeaderValue>,
-    headers: &HeaderMap,
-    r: &pb::GenerateRequest,
-    b: &BeamSearch,
-    batch_prompt: Option<usize>,
-) -> Result<(usize, Vec<Beam>), ApiError> {
-    // A text prompt is encoded as the service encodes it (special tokens added).
+/// A request's prompt as token ids (a text prompt encoded as the service
+/// encodes it, special tokens added) and the most tokens a beam may take.
+fn beam_prompt(st: &AppState, r: &pb::GenerateRequest) -> Result<(Vec<u32>, u32), ApiError> {
     let prompt = match &r.prompt {
         Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids.clone(),
         Some(pb::generate_request::Prompt::Text(t)) => st
@@ -276,6 +313,21 @@ async fn prompt_search(
         None => return Err(ApiError::bad_field("prompt", "prompt is missing")),
     };
     let max_tokens = st.service.max_tokens(prompt.len(), r.max_tokens)?;
+    Ok((prompt, max_tokens))
+}
+
+/// The beam search of one request's `prompt`, `max_tokens` at most
+/// ([`beam_prompt`]; prompt `batch_prompt` of a batch): its beams. Its steps'
+/// calls are prepaid: `run` counted and charged the request.
+async fn prompt_search(
+    st: &AppState,
+    auth: Option<&HeaderValue>,
+    headers: &HeaderMap,
+    r: &pb::GenerateRequest,
+    (prompt, max_tokens): &(Vec<u32>, u32),
+    b: &BeamSearch,
+    batch_prompt: Option<usize>,
+) -> Result<Vec<Beam>, ApiError> {
     // Each step's requests get ids of their own, after the request's (and
     // the prompt's, in a batch: ids the nodes key requests by must differ).
     let base = match (r.request_id.as_str(), headers.get(REQUEST_ID_HEADER)) {
@@ -288,19 +340,19 @@ async fn prompt_search(
         base = format!("{base}-{p}");
     }
     let next = |tokens: Vec<u32>, step: u32, beam: usize| {
-        let request = step_request(r, &prompt, tokens, b, format!("{base}-beam{step}.{beam}"));
-        let call = grpc_call(request, auth, headers, None);
+        let request = step_request(r, prompt, tokens, b, format!("{base}-beam{step}.{beam}"));
+        let mut call = grpc_call(request, auth, headers, None);
+        call.extensions_mut().insert(Prepaid::RequestAndTokens);
         async move { next_tokens(st, call).await }
     };
-    let beams = search(
+    search(
         prompt.len(),
-        max_tokens,
+        *max_tokens,
         &st.model.config.eos_token_ids,
         b,
         next,
     )
-    .await?;
-    Ok((prompt.len(), beams))
+    .await
 }
 
 /// The request of one step of one beam: a greedy token after the prompt and
