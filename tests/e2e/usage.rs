@@ -32,6 +32,15 @@ fn with_key(req: pb::GenerateRequest, key: &str) -> tonic::Request<pb::GenerateR
     r
 }
 
+/// Token ids as a JSON array's items.
+fn ids(tokens: &[u32]) -> String {
+    tokens
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// One HTTP/1.1 POST of a completion; returns the status and the lowercased head.
 async fn post_completion(addr: std::net::SocketAddr, key: &str, body: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -125,11 +134,7 @@ async fn usage_is_counted_per_key_and_a_key_over_its_quota_is_refused() {
     let body = format!(
         "{{\"model\":\"{}\",\"prompt\":[{}],\"max_tokens\":90}}",
         model.name(),
-        prompt(30, 8)
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        ids(&prompt(30, 8))
     );
     let (status, head) = post_completion(http, "sk-secret-a", &body).await;
     assert_eq!(status, 429, "{head}");
@@ -147,17 +152,12 @@ async fn usage_is_counted_per_key_and_a_key_over_its_quota_is_refused() {
         "{{\"model\":\"{}\",\"prompt\":[{}],\"max_tokens\":6,\"n\":2,\
          \"use_beam_search\":true,\"ignore_eos\":true,\"temperature\":0}}",
         model.name(),
-        beam_prompt
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        ids(&beam_prompt)
     );
     let (status, head) = post_completion(http, "sk-secret-c", &body).await;
     assert_eq!(status, 200, "{head}");
     // team-d, one request a second, sends a batch of three prompts: one
     // request, though each prompt is a call of its own.
-    let ids = |p: &[u32]| p.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let batch = [prompt(6, 11), prompt(7, 12), prompt(8, 13)];
     let body = format!(
         "{{\"model\":\"{}\",\"prompt\":[[{}],[{}],[{}]],\"max_tokens\":2,\
