@@ -68,6 +68,9 @@
 #   .gpu36  nineteenth session's calls 36-37 (ran): new/ (7cefa77, where
 #           norm-rows-kernel.patch landed: tandem-gpu-bench, engine-tests, kernels), xz;
 #           call-36 carries .gpu34 beside it for main/
+#   .gpu39  nineteenth session's call-39 (not run yet): this checkout's tandem-gpu-bench
+#           and engine-tests (xz), main/kernels (its kernels) and new/kernels (the same
+#           with decode-attn-table-smem.patch, kernels only)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -373,6 +376,17 @@ for w in $WHICH; do
       strip -o .gpu36/new/engine-tests "$(engine_tests "$d" hcalls)"
       xz -T2 -6 .gpu36/new/tandem-gpu-bench .gpu36/new/engine-tests
       ;;
+    39)
+      # One binary and test binary, main's kernels and the patch's (a kernels-only patch).
+      rm -rf .gpu39 && mkdir -p .gpu39/main .gpu39/new
+      d=$(worktree hcalls HEAD)
+      bench_into "$d" hcalls .gpu39/main
+      mv .gpu39/main/tandem-gpu-bench .gpu39/
+      strip -o .gpu39/engine-tests "$(engine_tests "$d" hcalls)"
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-attn-table-smem.patch"
+      cp -r "$d/engine/src/cuda/kernels" .gpu39/new/
+      xz -T2 -6 .gpu39/tandem-gpu-bench .gpu39/engine-tests
+      ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
       rm -rf .gpu34 && mkdir -p .gpu34/main .gpu34/new
@@ -383,7 +397,7 @@ for w in $WHICH; do
       strip -o .gpu34/new/engine-tests "$(engine_tests "$d" hcalls)"
       xz -T2 -6 .gpu34/main/tandem-gpu-bench .gpu34/new/tandem-gpu-bench .gpu34/new/engine-tests
       ;;
-    *) echo "unknown folder $w (8 to 34, 36, h)" >&2; exit 1 ;;
+    *) echo "unknown folder $w (8 to 34, 36, 39, h)" >&2; exit 1 ;;
   esac
   du -sh ".gpu$w"
 done
