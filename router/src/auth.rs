@@ -16,13 +16,15 @@
 //! becomes the `retry-after` metadata / HTTP `Retry-After` header (HTTP 429).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tandem_cluster::RouterSection;
 use tonic::metadata::MetadataMap;
 
 use crate::error::RouterError;
+use crate::request_metrics::Tokens;
+use crate::usage;
 
 /// A token bucket: `capacity` tokens, refilled at `per_s` tokens a second.
 #[derive(Debug)]
@@ -258,6 +260,17 @@ impl ClientAuth {
         Ok(tokens)
     }
 
+    /// [`charge_tokens`](Self::charge_tokens) as a [`Reservation`], which
+    /// gives back what the request does not use when it ends.
+    pub fn reserve(self: &Arc<Self>, key: KeyId, tokens: u64) -> Result<Reservation, RouterError> {
+        let reserved = self.charge_tokens(key, tokens)?;
+        Ok(Reservation {
+            auth: self.clone(),
+            key,
+            reserved,
+        })
+    }
+
     /// Gives `tokens` of a reservation back to `key` (a request that ended
     /// before its `max_tokens`, or was refused after its reservation).
     pub fn refund(&self, key: KeyId, tokens: u64) {
@@ -269,6 +282,37 @@ impl ClientAuth {
     fn key(&self, key: KeyId) -> &Key {
         // Ids are only made here, so in range; the last key is a safe fallback.
         &self.keys[key.0.min(self.keys.len() - 1)]
+    }
+}
+
+/// Tokens a request reserved from its key's quota ([`ClientAuth::reserve`]).
+/// [`settle`](Self::settle) keeps what the request used and counts it in the
+/// key's usage; dropped unsettled (the request was refused, or ended before
+/// reaching a node or with nothing for its client), it gives all of it back.
+pub struct Reservation {
+    auth: Arc<ClientAuth>,
+    key: KeyId,
+    reserved: u64,
+}
+
+impl Reservation {
+    /// Ends the request: the quota keeps `used` (the prompt and the tokens the
+    /// client received) and gets the rest back; the key's token counters
+    /// count `used`.
+    pub fn settle(mut self, used: Tokens) {
+        let kept = (used.prompt + used.generated) as u64;
+        self.auth
+            .refund(self.key, self.reserved.saturating_sub(kept));
+        self.reserved = 0;
+        usage::tokens(self.auth.name(self.key), used);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.reserved > 0 {
+            self.auth.refund(self.key, self.reserved);
+        }
     }
 }
 

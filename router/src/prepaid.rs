@@ -10,12 +10,6 @@
 //! steps (and its quota charged each step's whole prompt again), and its
 //! batches refused past their first prompts.
 
-use std::sync::Arc;
-
-use crate::auth::{ClientAuth, KeyId};
-use crate::request_metrics::Tokens;
-use crate::usage;
-
 /// The marker of a call the router makes for a client request it has already
 /// counted: the service still checks the call's key, but neither counts the
 /// call against the key nor takes it from the key's requests per second. Only
@@ -26,46 +20,9 @@ pub enum Prepaid {
     /// The request is counted; the call's tokens are charged and counted as
     /// any call's (a batch's prompts after the first).
     Request,
-    /// The request and its tokens are ([`Prepayment`]): the call takes
-    /// nothing from the key's quota and counts no tokens (a beam search's
-    /// steps).
+    /// The request and its tokens are (the [`Reservation`](crate::auth::Reservation)
+    /// that [`GenerateService::prepay`](crate::service::GenerateService::prepay)
+    /// made): the call takes nothing from the key's quota and counts no tokens
+    /// (a beam search's steps).
     RequestAndTokens,
-}
-
-/// A request's reservation from its key's quota. [`settle`](Self::settle) keeps
-/// what the request used and counts it; dropped unsettled (the request failed
-/// and its client got nothing), it gives all of it back.
-pub struct Prepayment {
-    auth: Arc<ClientAuth>,
-    key: KeyId,
-    reserved: u64,
-}
-
-impl Prepayment {
-    pub(crate) fn new(auth: Arc<ClientAuth>, key: KeyId, reserved: u64) -> Self {
-        Prepayment {
-            auth,
-            key,
-            reserved,
-        }
-    }
-
-    /// Ends the request: the quota keeps `used` (the prompt and the tokens the
-    /// client received) and gets the rest back; the key's token counters
-    /// count `used`.
-    pub fn settle(mut self, used: Tokens) {
-        let kept = (used.prompt + used.generated) as u64;
-        self.auth
-            .refund(self.key, self.reserved.saturating_sub(kept));
-        self.reserved = 0;
-        usage::tokens(self.auth.name(self.key), used);
-    }
-}
-
-impl Drop for Prepayment {
-    fn drop(&mut self) {
-        if self.reserved > 0 {
-            self.auth.refund(self.key, self.reserved);
-        }
-    }
 }

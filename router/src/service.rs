@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::admission::{Admission, Admitted};
-use crate::auth::{ClientAuth, KeyId};
+use crate::auth::{ClientAuth, KeyId, Reservation};
 use crate::breaker::BreakerConfig;
 use crate::client_grpc::RequestDecoded;
 use crate::drain::Drain;
@@ -37,7 +37,7 @@ use crate::error::RouterError;
 use crate::generate::Relay;
 use crate::identity::Identity;
 use crate::nodes::NodePool;
-use crate::prepaid::{Prepaid, Prepayment};
+use crate::prepaid::Prepaid;
 use crate::request_metrics::request_ended;
 use crate::routing::RoutingConfig;
 use crate::usage;
@@ -192,19 +192,15 @@ impl Generate for GenerateService {
         if let Some(decoded) = request.extensions().get::<RequestDecoded>() {
             decoded.mark();
         }
-        let prepaid = request.extensions().get::<Prepaid>().copied();
         let arrival = Instant::now();
         let deadline = arrival
             .checked_add(self.request_timeout)
             .unwrap_or_else(|| arrival + Duration::from_secs(86_400 * 365));
         let admitted = match self.drain.enter() {
-            Some(in_flight) => self
-                .admit(request, deadline, prepaid)
-                .await
-                .map(|a| (a, in_flight)),
+            Some(in_flight) => self.admit(request, deadline).await.map(|a| (a, in_flight)),
             None => Err(RouterError::ShuttingDown),
         };
-        let ((req, permit, pending, span, (key, reserved)), in_flight) = match admitted {
+        let ((req, permit, pending, span, reservation), in_flight) = match admitted {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(status = err.status_label(), "request refused: {err}");
@@ -214,19 +210,14 @@ impl Generate for GenerateService {
         };
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let relay = self.relay.clone();
-        let auth = self.auth.clone();
         tokio::spawn(
             async move {
                 let tokens = relay.run_samples(req, arrival, deadline, tx, pending).await;
                 drop(permit);
                 // The quota keeps what was used: the prompt and the tokens
                 // sent, if the request reached a node; nothing otherwise.
-                let used = tokens.map_or(0, |t| (t.prompt + t.generated) as u64);
-                auth.refund(key, reserved.saturating_sub(used));
-                if let Some(t) = tokens
-                    && prepaid != Some(Prepaid::RequestAndTokens)
-                {
-                    usage::tokens(auth.name(key), t);
+                if let (Some(t), Some(r)) = (tokens, reservation) {
+                    r.settle(t);
                 }
                 drop(in_flight);
             }
@@ -239,35 +230,31 @@ impl Generate for GenerateService {
 impl GenerateService {
     /// Authenticates, validates and admits a request; returns it with its
     /// admission permit, its count among the pending prefill tokens, its
-    /// span, its API key and the tokens it reserved from the key's quota.
-    /// Refusals of an authenticated request count against its key. A
-    /// `prepaid` call ([`Prepaid`]) takes from the key only what its marker
-    /// leaves to it.
+    /// span and its reservation from its key's quota (none for a call whose
+    /// tokens are prepaid). Refusals of an authenticated request count
+    /// against its key. A `prepaid` call ([`Prepaid`]) takes from the key
+    /// only what its marker leaves to it.
     async fn admit(
         &self,
         request: Request<pb::GenerateRequest>,
         deadline: Instant,
-        prepaid: Option<Prepaid>,
     ) -> Result<
         (
             ValidRequest,
             Admitted,
             PendingTokens,
             tracing::Span,
-            (KeyId, u64),
+            Option<Reservation>,
         ),
         RouterError,
     > {
+        let prepaid = request.extensions().get::<Prepaid>().copied();
         let key = self.auth.authenticate(request.metadata())?;
         let name = self.auth.name(key);
         if prepaid.is_none() {
-            usage::request(name);
-            if let Err(e) = self.auth.take_request(key) {
-                usage::refused(name, usage::REQUESTS_PER_S);
-                return Err(e);
-            }
+            self.count_request(key)?;
         }
-        let (req, reserved) = match self.validate(request, key, prepaid) {
+        let (req, reservation) = match self.validate(request, key, prepaid) {
             Ok(r) => r,
             Err((e, reason)) => {
                 usage::refused(name, reason);
@@ -276,8 +263,8 @@ impl GenerateService {
         };
         let span = tracing::info_span!("generate", request_id = %req.request_id, key = name);
         let prompt_tokens = req.prompt.len() as u64;
+        // A refusal from here on drops the reservation, which gives it back.
         if let Err(e) = self.check_prefill_backlog(prompt_tokens) {
-            self.auth.refund(key, reserved);
             usage::refused(name, e.status_label());
             return Err(e);
         }
@@ -288,9 +275,8 @@ impl GenerateService {
             .instrument(span.clone())
             .await
         {
-            Ok(permit) => Ok((req, permit, pending, span, (key, reserved))),
+            Ok(permit) => Ok((req, permit, pending, span, reservation)),
             Err(e) => {
-                self.auth.refund(key, reserved);
                 usage::refused(name, e.status_label());
                 Err(e)
             }
@@ -305,7 +291,7 @@ impl GenerateService {
         request: Request<pb::GenerateRequest>,
         key: KeyId,
         prepaid: Option<Prepaid>,
-    ) -> Result<(ValidRequest, u64), (RouterError, &'static str)> {
+    ) -> Result<(ValidRequest, Option<Reservation>), (RouterError, &'static str)> {
         let with_label = |e: RouterError| {
             let label = e.status_label();
             (e, label)
@@ -326,13 +312,23 @@ impl GenerateService {
         }
         let req = self.validator.validate(message).map_err(with_label)?;
         if prepaid == Some(Prepaid::RequestAndTokens) {
-            return Ok((req, 0));
+            return Ok((req, None));
         }
         let reserved = self
             .auth
-            .charge_tokens(key, reservation(&req))
+            .reserve(key, reservation(&req))
             .map_err(|e| (e, usage::TOKENS_PER_MIN))?;
-        Ok((req, reserved))
+        Ok((req, Some(reserved)))
+    }
+
+    /// Counts a request against `key` and takes it from the key's requests
+    /// per second (a refusal counted too).
+    fn count_request(&self, key: KeyId) -> Result<(), RouterError> {
+        let name = self.auth.name(key);
+        usage::request(name);
+        self.auth.take_request(key).inspect_err(|_| {
+            usage::refused(name, usage::REQUESTS_PER_S);
+        })
     }
 
     /// Authenticates a request that the HTTP API serves with calls of its own
@@ -344,21 +340,12 @@ impl GenerateService {
         &self,
         metadata: &tonic::metadata::MetadataMap,
         tokens: u64,
-    ) -> Result<Prepayment, RouterError> {
+    ) -> Result<Reservation, RouterError> {
         let key = self.auth.authenticate(metadata)?;
-        let name = self.auth.name(key);
-        usage::request(name);
-        if let Err(e) = self.auth.take_request(key) {
-            usage::refused(name, usage::REQUESTS_PER_S);
-            return Err(e);
-        }
-        match self.auth.charge_tokens(key, tokens) {
-            Ok(reserved) => Ok(Prepayment::new(self.auth.clone(), key, reserved)),
-            Err(e) => {
-                usage::refused(name, usage::TOKENS_PER_MIN);
-                Err(e)
-            }
-        }
+        self.count_request(key)?;
+        self.auth.reserve(key, tokens).inspect_err(|_| {
+            usage::refused(self.auth.name(key), usage::TOKENS_PER_MIN);
+        })
     }
 
     /// Refuses a request of `prompt_tokens` while the prefill backlog (the

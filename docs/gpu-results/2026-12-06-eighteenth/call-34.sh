@@ -12,16 +12,17 @@
 # 3. The 8B prefill with main and the change taking turns twice.
 # Carry .gpu34 (`WHICH=34 bash scripts/gpu-pending/prepare.sh`): main/ (main's
 # tandem-gpu-bench and kernels), new/ (scripts/gpu-pending/norm-many-rows.patch's
-# tandem-gpu-bench, engine-tests and kernels). DEADLINE_S (290).
+# tandem-gpu-bench, engine-tests and kernels). DEADLINE_S (290). TAG (c34) and NEW (.gpu34/new)
+# let a later call run it on another change's folder (call-36.sh).
 set -u
-DEADLINE_S=${DEADLINE_S:-290}
-source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c34
-M=$PWD/.gpu34/main P=$PWD/.gpu34/new
+DEADLINE_S=${DEADLINE_S:-290} TAG=${TAG:-c34} NEW=${NEW:-.gpu34/new}
+source "$(dirname "$0")/../2026-12-05-eighth/common.sh" "$TAG"
+M=$PWD/.gpu34/main P=$PWD/$NEW
 unxz_to /tmp/gm .gpu34/main/tandem-gpu-bench.xz
-unxz_to /tmp/gp .gpu34/new/tandem-gpu-bench.xz .gpu34/new/engine-tests.xz
+unxz_to /tmp/gp "$NEW/tandem-gpu-bench.xz" "$NEW/engine-tests.xz"
 env_line
 smi_start
-save() { tar -C "$OUT" -czf "$OUT/c34.tgz" c34; }
+save() { tar -C "$OUT" -czf "$OUT/$TAG.tgz" "$TAG"; }
 bin() { if [ "$1" = new ]; then echo "/tmp/gp/tandem-gpu-bench $P/kernels"; else echo "/tmp/gm/tandem-gpu-bench $M/kernels"; fi; }
 date -u +%T; step norm-test 60 "$P/kernels" /tmp/gp/engine-tests --ignored cuda::check_norm --test-threads 1
 grep -E "^test |^test result|panicked" "$O/norm-test.md" | cut -c1-300; save

@@ -249,7 +249,7 @@ pub(super) async fn run(
     if let Some(v) = answer::authorization(auth.as_ref()) {
         metadata.insert("authorization", v);
     }
-    let prepayment = st
+    let reservation = st
         .service
         .prepay(&metadata, reserve)
         .map_err(Status::from)?;
@@ -295,7 +295,7 @@ pub(super) async fn run(
             responses.extend(beam_responses(&st.model, index, prompt.len(), beam, &b)?);
         }
     }
-    prepayment.settle(used);
+    reservation.settle(used);
     let responses: Responses = Box::pin(futures::stream::iter(responses.into_iter().map(Ok)));
     respond(st, responses, prompt_count, false, out, kind).await
 }

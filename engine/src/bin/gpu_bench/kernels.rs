@@ -83,15 +83,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let mut prefill_profiles = Vec::new();
     for layers in [0usize, 4] {
         let c = named_config(&shape, Some(layers))?;
-        let g = Gpu::open(0, &c)?;
-        let model = GpuModel::random(&g, &c, 1)?;
-        // Enough blocks for 256 sequences of 1k, 64 of 4k and a 32k prompt.
-        let blocks = (256 * blocks_for(1024 + 20, bs))
-            .max(64 * blocks_for(4096 + 20, bs))
-            .max(blocks_for(32768, bs))
-            + 8;
-        let mut be = CudaBackend::new(g, model.into(), blocks, bs, CudaLimits::default())?;
-        be.fill_cache_random(3)?;
+        let mut be = random_backend(&c, bs, blocks_for(32768, bs))?;
         for (ctx, batch) in [(1024usize, 1usize), (4096, 64), (1024, 256)] {
             let per_seq = blocks_for(ctx + 20, bs);
             let tables = consecutive_tables(batch, per_seq);
@@ -184,6 +176,21 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
     Ok(())
 }
 
+/// A backend of `config` with random weights and a random cache of blocks of
+/// `bs` tokens, enough for 256 sequences of 1k or 64 of 4k, and at least
+/// `min_blocks` (a long prompt's).
+fn random_backend(config: &ModelConfig, bs: usize, min_blocks: usize) -> Res<CudaBackend> {
+    let g = Gpu::open(0, config)?;
+    let model = GpuModel::random(&g, config, 1)?;
+    let blocks = (256 * blocks_for(1024 + 20, bs))
+        .max(64 * blocks_for(4096 + 20, bs))
+        .max(min_blocks)
+        + 8;
+    let mut be = CudaBackend::new(g, model.into(), blocks, bs, CudaLimits::default())?;
+    be.fill_cache_random(3)?;
+    Ok(be)
+}
+
 /// A decode step of `batch` sequences at `ctx` with decode attention aiming at
 /// `blocks` (`None`: the backend's rule): each kernel's fastest of 5 runs after
 /// a warm-up (an event after each launch), and the graph-replayed step's time.
@@ -223,15 +230,11 @@ fn profile_decode(
 /// backend's rule and aiming at each of `blocks`, in turns: the rule, then each
 /// N, three rounds.
 fn decode_blocks_sweep(config: &ModelConfig, bs: usize, blocks: &[usize]) -> Res<()> {
-    let g = Gpu::open(0, config)?;
-    let name = g.name();
-    let model = GpuModel::random(&g, config, 1)?;
-    let cache_blocks = (256 * blocks_for(1024 + 20, bs)).max(64 * blocks_for(4096 + 20, bs)) + 8;
-    let mut be = CudaBackend::new(g, model.into(), cache_blocks, bs, CudaLimits::default())?;
-    be.fill_cache_random(3)?;
+    let mut be = random_backend(config, bs, 0)?;
     let layers = config.num_layers;
     println!(
-        "## decode attention's split ({name}, {layers} layers; one wave = {} blocks)\n",
+        "## decode attention's split ({}, {layers} layers; one wave = {} blocks)\n",
+        be.gpu().name(),
         be.decode_wave()
     );
     println!(
