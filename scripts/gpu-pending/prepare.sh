@@ -63,14 +63,18 @@
 #   .gpu34  eighteenth session's call-34 (ran in the nineteenth): main/ (7f960c0's
 #           tandem-gpu-bench and kernels), new/ (the same with norm-many-rows.patch: its
 #           tandem-gpu-bench, engine-tests and kernels), xz
-#   .gpu35  nineteenth session's call-35 (ran on an H100; waits for an H200): this
+#   .gpu35  nineteenth session's call-35 (ran on an H100, and an H200 in the twentieth): this
 #           checkout's tandem-gpu-bench (`kernels --decode-blocks`), xz, and kernels
 #   .gpu36  nineteenth session's calls 36-37 (ran): new/ (7cefa77, where
 #           norm-rows-kernel.patch landed: tandem-gpu-bench, engine-tests, kernels), xz;
 #           call-36 carries .gpu34 beside it for main/
-#   .gpu39  nineteenth session's call-39 (not run yet): this checkout's tandem-gpu-bench
-#           and engine-tests (xz), main/kernels (its kernels) and new/kernels (the same
-#           with decode-attn-table-smem.patch, kernels only)
+#   .gpu39  nineteenth session's call-39 (ran in the twentieth; patch dropped): this
+#           checkout's tandem-gpu-bench and engine-tests (xz), main/kernels (its kernels)
+#           and new/kernels (the same with decode-attn-table-smem.patch, kernels only)
+#   .gpu40  twentieth session's call-40 (ran): 9e0e23c's tandem-gpu-bench with the four-wave
+#           A/B table (built by hand from the working tree), xz, and kernels
+#   .gpu41  twentieth session's call-41 (not run yet): as .gpu39, with
+#           decode-tile-one-block.patch
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -383,9 +387,20 @@ for w in $WHICH; do
       bench_into "$d" hcalls .gpu39/main
       mv .gpu39/main/tandem-gpu-bench .gpu39/
       strip -o .gpu39/engine-tests "$(engine_tests "$d" hcalls)"
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-attn-table-smem.patch"
+      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-nineteenth/decode-attn-table-smem.patch"
       cp -r "$d/engine/src/cuda/kernels" .gpu39/new/
       xz -T2 -6 .gpu39/tandem-gpu-bench .gpu39/engine-tests
+      ;;
+    41)
+      # As 39, with the twentieth session's kernels-only patch.
+      rm -rf .gpu41 && mkdir -p .gpu41/main .gpu41/new
+      d=$(worktree hcalls HEAD)
+      bench_into "$d" hcalls .gpu41/main
+      mv .gpu41/main/tandem-gpu-bench .gpu41/
+      strip -o .gpu41/engine-tests "$(engine_tests "$d" hcalls)"
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-tile-one-block.patch"
+      cp -r "$d/engine/src/cuda/kernels" .gpu41/new/
+      xz -T2 -6 .gpu41/tandem-gpu-bench .gpu41/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.

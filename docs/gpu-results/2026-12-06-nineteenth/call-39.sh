@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call 39 (nineteenth session, not run: the device time was spent; ~250 s, carry
 # .gpu39; best on an H200, after call-32 and call-35): decode attention with the split's
-# block-table entries staged in shared memory (scripts/gpu-pending/decode-attn-table-smem.patch,
+# block-table entries staged in shared memory (docs/gpu-results/2026-12-06-nineteenth/decode-attn-table-smem.patch, dropped after it,
 # kernels only). Call 35's profile of the b256 1k launch on an H100 put 21.8% of the stall
 # samples on the first use of a block-table entry read from global memory, which each
 # tile's copies wait for. The patch reads the split's entries into the merge area once per

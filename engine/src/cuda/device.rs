@@ -690,6 +690,18 @@ impl Gpu {
         self.tuner.on = on;
     }
 
+    /// This GPU's DRAM peak in GB/s as the driver reports it (memory clock ×
+    /// bus width, two transfers a clock) and its multiprocessors, for benchmark
+    /// headers.
+    pub fn dram_peak(&self) -> Result<(f64, usize), CudaError> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let attr = |a| self.ctx.attribute(a).op("cuDeviceGetAttribute");
+        let khz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? as f64;
+        let bits = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? as f64;
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+        Ok((khz * 1e3 * 2.0 * bits / 8.0 / 1e9, sms))
+    }
+
     /// This GPU's device-to-device copy rate in GB/s, counting bytes read and
     /// written (the ceiling a memory-bound decode step is judged against): the
     /// best of three medians of 10 copies of `bytes` of random data, after half

@@ -511,24 +511,29 @@ impl CudaBackend {
     }
 }
 
-/// Decode attention blocks a large batch's step aims at: some ten waves of
-/// resident blocks, so the last wave's idle share is small.
-const DECODE_BLOCKS: usize = 4096;
+/// Waves of decode attention blocks a large batch's step aims at. Four beat
+/// ten (the rule until the twentieth session: 4096 blocks) at every batch size
+/// that uses them, in 32-layer 8B steps with the two taking turns
+/// (docs/GPU_BENCH.md, twentieth session): on an H200 b32-b128 steps 1.5-8%
+/// faster and b256 the same (0.98-1.015); on an H100 b256 2-3% faster. Longer
+/// blocks pay their start and the split merge less often; a sequence far longer
+/// than the rest of its batch gets fewer, longer splits than it did.
+const DECODE_WAVES: usize = 4;
 
 /// Splits per sequence the decode attention grid has for a batch of `s`
 /// sequences, `wave` blocks being resident at once: a batch whose sequences ×
 /// KV heads fill at most half a wave is split to fill exactly one (a block's
 /// fixed cost is paid once; measured on the H200 at 4k context: batch 1 25.7 →
 /// 18.8 µs a layer, batch 8 111 → 72 µs against aiming at 4096 blocks); a
-/// larger one aims at [`DECODE_BLOCKS`] (at batch 32 and 4k context, one
-/// split per sequence and head measured slower: 2268 against 2139 µs for a
-/// 4-layer step). Each sequence then uses as many splits as its own
-/// length needs (kernels/decode_attn.cu, `split_chunk`).
+/// larger one aims at [`DECODE_WAVES`] waves (at batch 32 and 4k context, one
+/// split per sequence and head, under one wave, measured slower: 2268 against
+/// 2139 µs for a 4-layer step). Each sequence then uses as many splits as its
+/// own length needs (kernels/decode_attn.cu, `split_chunk`).
 fn decode_splits(s: usize, hkv: usize, wave: usize) -> usize {
     let blocks = if 2 * s * hkv <= wave {
         wave
     } else {
-        DECODE_BLOCKS
+        DECODE_WAVES * wave
     };
     splits_aiming_at(blocks, s, hkv)
 }
@@ -743,13 +748,14 @@ mod tests {
         assert_eq!(decode_splits(1, 8, 396), 49);
         assert_eq!(decode_splits(8, 8, 396), 6);
         assert_eq!(decode_splits(24, 8, 396), 2);
-        assert_eq!(decode_splits(32, 8, 396), 16);
-        assert_eq!(decode_splits(64, 8, 396), 8);
-        assert_eq!(decode_splits(256, 8, 396), 2);
-        assert_eq!(decode_splits(1024, 8, 396), 1);
+        // From 25 sequences on, four waves (1584 blocks).
+        assert_eq!(decode_splits(32, 8, 396), 6);
+        assert_eq!(decode_splits(64, 8, 396), 3);
+        assert_eq!(decode_splits(128, 8, 396), 1);
+        assert_eq!(decode_splits(256, 8, 396), 1);
         assert_eq!(decode_splits(0, 8, 396), MAX_SPLITS);
         // A small GPU: one wave of 16 blocks.
         assert_eq!(decode_splits(1, 8, 16), 2);
-        assert_eq!(decode_splits(4, 8, 16), 64);
+        assert_eq!(decode_splits(4, 8, 16), 2);
     }
 }

@@ -94,7 +94,8 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         if layers > 0 {
             be_wave = be.decode_wave();
             // Decode attention split as the backend chooses (None), or aiming at
-            // 4096 blocks (the rule before 2026-12-02) for comparison.
+            // 4096 blocks (the rule for every batch before 2026-12-02, and for
+            // large ones until the twentieth session) for comparison.
             for (ctx, batch, blocks) in [
                 (1024usize, 1usize, None),
                 (1024, 1, Some(4096usize)),
@@ -105,8 +106,9 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 (4096, 32, None),
                 (4096, 32, Some(4096)),
                 (4096, 64, None),
+                (4096, 64, Some(4096)),
                 (1024, 256, None),
-                (1024, 256, Some(2048)),
+                (1024, 256, Some(4096)),
             ] {
                 let (best, t) = profile_decode(&mut be, bs, ctx, batch, blocks)?;
                 profiles.push((ctx, batch, layers, blocks, t, best));

@@ -89,6 +89,12 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         println!(
             "Floor bandwidth {bw:.0} GB/s: a 2 GiB device-to-device copy on this GPU, bytes read + written.\n"
         );
+        let (peak, sms) = be.gpu().dram_peak()?;
+        println!(
+            "DRAM peak as the driver reports it: {peak:.0} GB/s, {:.1} GB/s for each of {sms} multiprocessors; decode attention's wave {} blocks.\n",
+            peak / sms as f64,
+            be.decode_wave()
+        );
         println!(
             "| context | batch | step ms | floor ms (weights+KV ÷ {bw:.0} GB/s) | step ÷ floor | tokens/s | without graphs ms | without PDL ms | top-p sampling ms |"
         );
@@ -446,34 +452,47 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize, bs: 
 }
 
 /// What [`ab_table`] compares: its heading, the two settings' column names
-/// (off, on) and how to switch between them.
+/// (off, on; on is the backend's default), how to switch between them and the
+/// batch sizes it times.
 struct Ab {
     heading: &'static str,
     off: &'static str,
     on: &'static str,
     set: fn(&mut CudaBackend, bool),
+    batches: &'static [usize],
 }
 
 /// The A/B tables of `bench`'s decode part: the products' tuned cuBLASLt
-/// algorithms against cuBLAS's own, and the residual added in the o and down
-/// products' epilogue against the norms adding it.
-const ABS: [Ab; 2] = [
+/// algorithms against cuBLAS's own, the residual added in the o and down
+/// products' epilogue against the norms adding it, and decode attention's
+/// blocks aimed at ten waves against the rule's four (docs/GPU_BENCH.md,
+/// twentieth session).
+const ABS: [Ab; 3] = [
     Ab {
         heading: "products with tuned cuBLASLt algorithms against cuBLAS's own",
         off: "cuBLAS's own",
         on: "tuned",
         set: |be, on| be.set_gemm_tune(on),
+        batches: &[64, 256],
     },
     Ab {
         heading: "the residual added in the o and down products' epilogue against the norms adding it",
         off: "norms add",
         on: "epilogue adds",
         set: |be, on| be.set_residual_epilogue(on),
+        batches: &[64, 256],
+    },
+    Ab {
+        heading: "decode attention's blocks aimed at 4096 (about ten waves, the rule until the twentieth session) against the backend's rule (four waves)",
+        off: "4096 blocks",
+        on: "rule",
+        set: |be, on| be.set_decode_blocks((!on).then_some(4096)),
+        batches: &[32, 64, 128, 256],
     },
 ];
 
-/// Decode steps at batch 64 and 256 with `ab`'s setting off and on, taking
-/// turns three times, at 1k and 4k context (graph replays); left on.
+/// Decode steps at `ab`'s batch sizes with its setting off and on, taking
+/// turns three times, at 1k and 4k context (graph replays).
 fn ab_table(
     be: &mut CudaBackend,
     rng: &mut ChaCha8Rng,
@@ -492,7 +511,7 @@ fn ab_table(
     );
     println!("|---|---|---|---|---|");
     for ctx in [1024usize, 4096] {
-        for batch in [64usize, 256] {
+        for &batch in ab.batches {
             let per_seq = blocks_for(ctx + 14, bs);
             if per_seq * batch > num_blocks {
                 continue;
