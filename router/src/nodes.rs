@@ -64,6 +64,9 @@ use crate::routing::{RoutingConfig, rank_kv_aware, rank_round_robin};
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// A node still unreachable is named in a warning at most this often (each
+/// attempt at [`BACKOFF_MAX`] would be 30 warnings a minute).
+const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(60);
 /// Block size assumed when estimating a new request's KV use between reports
 /// for a node whose reports carry none (one that predates `block_size`).
 const FALLBACK_BLOCK_SIZE: u32 = 16;
@@ -729,6 +732,14 @@ fn channel_to(member: &Member, tls: Option<&GrpcTls>) -> Result<Channel, GrpcTls
     )
 }
 
+/// Whether a failed attempt to reach a node is worth a warning: once the
+/// backoff is at its longest, and then once every [`UNREACHABLE_WARN_EVERY`]
+/// (`warned`: the last warning of this outage).
+fn unreachable_warning_due(backoff: Duration, warned: Option<Instant>, now: Instant) -> bool {
+    backoff == BACKOFF_MAX
+        && warned.is_none_or(|at| now.duration_since(at) >= UNREACHABLE_WARN_EVERY)
+}
+
 /// Follows one node's load reports until `stop` fires.
 async fn watch_load(
     pool: Arc<NodePool>,
@@ -737,6 +748,7 @@ async fn watch_load(
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let mut warned: Option<Instant> = None;
     let request = WatchLoadRequest { interval_ms };
     while !stop.is_cancelled() {
         let opened = match node.role {
@@ -762,6 +774,7 @@ async fn watch_load(
                     match next {
                         Ok(Some(load)) => {
                             backoff = BACKOFF_MIN;
+                            warned = None;
                             pool.on_report(&node.addr, load);
                         }
                         Ok(None) => {
@@ -777,9 +790,12 @@ async fn watch_load(
             }
             Err(status) => {
                 // A refused TLS handshake (wrong certificate, plaintext
-                // node) shows here, again and again: say it once the
-                // backoff is at its longest, so a misconfiguration is seen.
-                if backoff == BACKOFF_MAX {
+                // node) or a node that is down shows here, again and again:
+                // say it once the backoff is at its longest, so a
+                // misconfiguration is seen, then once a minute.
+                let now = Instant::now();
+                if unreachable_warning_due(backoff, warned, now) {
+                    warned = Some(now);
                     warn!(node = %node.addr, "cannot watch load: {}", status_chain(&status));
                 } else {
                     debug!(node = %node.addr, "cannot watch load: {}", status_chain(&status));

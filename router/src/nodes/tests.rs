@@ -340,3 +340,17 @@ async fn without_decode_waiting_a_decode_node_always_has_room() {
     assert!(held.iter().all(|r| matches!(r, Ok(Some(_)))));
     shutdown.cancel();
 }
+
+#[test]
+fn an_unreachable_node_is_warned_of_once_a_minute() {
+    let t0 = Instant::now();
+    // Still backing off: the first attempts of an outage stay at debug.
+    assert!(!unreachable_warning_due(BACKOFF_MIN, None, t0));
+    assert!(!unreachable_warning_due(BACKOFF_MAX / 2, None, t0));
+    // At the longest backoff: a warning, then none for a minute.
+    assert!(unreachable_warning_due(BACKOFF_MAX, None, t0));
+    let later = |s| t0 + Duration::from_secs(s);
+    assert!(!unreachable_warning_due(BACKOFF_MAX, Some(t0), later(2)));
+    assert!(!unreachable_warning_due(BACKOFF_MAX, Some(t0), later(59)));
+    assert!(unreachable_warning_due(BACKOFF_MAX, Some(t0), later(60)));
+}
