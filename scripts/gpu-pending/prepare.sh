@@ -122,6 +122,20 @@ for l in sys.stdin:
         print(m["executable"])' | head -1
 }
 
+# A kernels-only patch's folder: this checkout's tandem-gpu-bench and engine tests
+# (xz), main/kernels (its kernels) and new/kernels (the same with the patch).
+kernels_patch_folder() {
+  local g=$1 patch=$2 d
+  rm -rf "$g" && mkdir -p "$g/main" "$g/new"
+  d=$(worktree hcalls HEAD)
+  bench_into "$d" hcalls "$g/main"
+  mv "$g/main/tandem-gpu-bench" "$g/"
+  strip -o "$g/engine-tests" "$(engine_tests "$d" hcalls)"
+  git -C "$d" apply "$ROOT/$patch"
+  cp -r "$d/engine/src/cuda/kernels" "$g/new/"
+  xz -T2 -6 "$g/tandem-gpu-bench" "$g/engine-tests"
+}
+
 for w in $WHICH; do
   case $w in
     8)
@@ -381,26 +395,10 @@ for w in $WHICH; do
       xz -T2 -6 .gpu36/new/tandem-gpu-bench .gpu36/new/engine-tests
       ;;
     39)
-      # One binary and test binary, main's kernels and the patch's (a kernels-only patch).
-      rm -rf .gpu39 && mkdir -p .gpu39/main .gpu39/new
-      d=$(worktree hcalls HEAD)
-      bench_into "$d" hcalls .gpu39/main
-      mv .gpu39/main/tandem-gpu-bench .gpu39/
-      strip -o .gpu39/engine-tests "$(engine_tests "$d" hcalls)"
-      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-nineteenth/decode-attn-table-smem.patch"
-      cp -r "$d/engine/src/cuda/kernels" .gpu39/new/
-      xz -T2 -6 .gpu39/tandem-gpu-bench .gpu39/engine-tests
+      kernels_patch_folder .gpu39 docs/gpu-results/2026-12-06-nineteenth/decode-attn-table-smem.patch
       ;;
     41)
-      # As 39, with the twentieth session's kernels-only patch.
-      rm -rf .gpu41 && mkdir -p .gpu41/main .gpu41/new
-      d=$(worktree hcalls HEAD)
-      bench_into "$d" hcalls .gpu41/main
-      mv .gpu41/main/tandem-gpu-bench .gpu41/
-      strip -o .gpu41/engine-tests "$(engine_tests "$d" hcalls)"
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-tile-one-block.patch"
-      cp -r "$d/engine/src/cuda/kernels" .gpu41/new/
-      xz -T2 -6 .gpu41/tandem-gpu-bench .gpu41/engine-tests
+      kernels_patch_folder .gpu41 scripts/gpu-pending/decode-tile-one-block.patch
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
