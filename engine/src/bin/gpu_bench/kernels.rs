@@ -17,19 +17,39 @@ use super::{Res, arg, block_size_arg, median};
 /// cost of one decoder layer (steps of a 4-layer model minus a 0-layer one).
 ///
 /// With `--decode-blocks N,N,..` it only times decode attention's split: the
-/// 4-layer model's kernels and step at b256 1k and b64 4k, as the backend splits
-/// them and aiming at each N blocks.
+/// 4-layer model's kernels and step at b256 1k and b64 4k (`--decode-shapes
+/// CTX:BATCH,..` for others), as the backend splits them and aiming at each N
+/// blocks; `--decode-splits S,S,..` aims at S splits a sequence instead.
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
     let bs = block_size_arg(args)?;
-    if let Some(list) = arg(args, "--decode-blocks") {
-        let blocks = list
-            .split(',')
-            .map(|n| n.trim().parse::<usize>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("--decode-blocks {list}: {e}"))?;
-        return decode_blocks_sweep(&config, bs, &blocks);
+    let numbers = |flag: &str| -> Res<Option<Vec<usize>>> {
+        let Some(list) = arg(args, flag) else {
+            return Ok(None);
+        };
+        let parsed: Result<Vec<usize>, _> = list.split(',').map(|n| n.trim().parse()).collect();
+        Ok(Some(parsed.map_err(|e| format!("{flag} {list}: {e}"))?))
+    };
+    let aims: Option<Vec<Aim>> = match (numbers("--decode-blocks")?, numbers("--decode-splits")?) {
+        (Some(_), Some(_)) => return Err("--decode-blocks or --decode-splits, not both".into()),
+        (Some(b), None) => Some(b.into_iter().map(Aim::Blocks).collect()),
+        (None, Some(s)) => Some(s.into_iter().map(Aim::Splits).collect()),
+        (None, None) => None,
+    };
+    if let Some(aims) = aims {
+        let shapes = match arg(args, "--decode-shapes") {
+            None => vec![(1024, 256), (4096, 64)],
+            Some(list) => list
+                .split(',')
+                .map(|s| {
+                    let (c, b) = s.trim().split_once(':').ok_or("CTX:BATCH")?;
+                    Ok((c.parse()?, b.parse()?))
+                })
+                .collect::<Res<Vec<(usize, usize)>>>()
+                .map_err(|e| format!("--decode-shapes {list}: {e}"))?,
+        };
+        return decode_blocks_sweep(&config, bs, &shapes, &aims);
     }
     let gpu = Gpu::open(0, &config)?;
     let bw = gpu.copy_bandwidth_gbs(2 << 30)?;
@@ -227,12 +247,32 @@ fn profile_decode(
     Ok((best, t))
 }
 
+/// What a `kernels --decode-blocks` / `--decode-splits` sweep aims decode
+/// attention at.
+#[derive(Clone, Copy)]
+enum Aim {
+    /// About this many blocks.
+    Blocks(usize),
+    /// This many splits a sequence.
+    Splits(usize),
+}
+
 /// `kernels --decode-blocks`: decode attention and its split merge (µs a layer)
-/// and the graph-replayed 4-layer step at b256 1k and b64 4k, split by the
-/// backend's rule and aiming at each of `blocks`, in turns: the rule, then each
-/// N, three rounds.
-fn decode_blocks_sweep(config: &ModelConfig, bs: usize, blocks: &[usize]) -> Res<()> {
-    let mut be = random_backend(config, bs, 0)?;
+/// and the graph-replayed 4-layer step at each (context, batch) of `shapes`,
+/// split by the backend's rule and as each of `aims` asks, in turns: the rule,
+/// then each aim, three rounds.
+fn decode_blocks_sweep(
+    config: &ModelConfig,
+    bs: usize,
+    shapes: &[(usize, usize)],
+    aims: &[Aim],
+) -> Res<()> {
+    let most = shapes
+        .iter()
+        .map(|&(ctx, batch)| batch * blocks_for(ctx + 20, bs))
+        .max()
+        .unwrap_or(0);
+    let mut be = random_backend(config, bs, most)?;
     let layers = config.num_layers;
     println!(
         "## decode attention's split ({}, {layers} layers; one wave = {} blocks)\n",
@@ -243,20 +283,28 @@ fn decode_blocks_sweep(config: &ModelConfig, bs: usize, blocks: &[usize]) -> Res
         "| context | batch | blocks aimed at | round | decode_attn µs/layer | attn_combine µs/layer | both | step µs (graph) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let aims: Vec<Option<usize>> = std::iter::once(None)
-        .chain(blocks.iter().map(|&b| Some(b)))
+    let aims: Vec<Option<Aim>> = std::iter::once(None)
+        .chain(aims.iter().map(|&a| Some(a)))
         .collect();
-    for (ctx, batch) in [(1024usize, 256usize), (4096, 64)] {
+    for &(ctx, batch) in shapes {
         for round in 1..=3 {
             for &aim in &aims {
-                let (prof, t) = profile_decode(&mut be, bs, ctx, batch, aim)?;
+                let blocks = aim.map(|a| match a {
+                    Aim::Blocks(b) => b,
+                    Aim::Splits(s) => s * batch * config.num_kv_heads,
+                });
+                let (prof, t) = profile_decode(&mut be, bs, ctx, batch, blocks)?;
                 let us = |k: &str| {
                     prof.iter().filter(|p| p.0 == k).map(|p| p.1).sum::<f64>() / layers as f64
                 };
                 let (a, c) = (us("decode_attn"), us("attn_combine"));
                 println!(
                     "| {ctx} | {batch} | {} | {round} | {a:.1} | {c:.1} | {:.1} | {:.1} |",
-                    aim.map_or("rule".to_string(), |b| b.to_string()),
+                    match aim {
+                        None => "rule".to_string(),
+                        Some(Aim::Blocks(b)) => b.to_string(),
+                        Some(Aim::Splits(s)) => format!("{s} splits"),
+                    },
                     a + c,
                     t * 1e6
                 );
