@@ -64,6 +64,7 @@ pub fn generation_params(r: &pb::DecodeRequest) -> GenerationParams {
         ignore_eos: r.ignore_eos,
         include_stop_str_in_output: r.include_stop_str_in_output,
         skip_special_tokens: !r.keep_special_tokens,
+        spaces_between_special_tokens: !r.no_spaces_between_special_tokens,
         min_tokens: r.min_tokens as usize,
         logprobs: r.logprobs.map(|n| n as usize),
         constraint: constraint_from_pb(r.constraint.as_ref()),
@@ -155,5 +156,22 @@ pub fn finish_reason_to_pb(r: FinishReason) -> pb::FinishReason {
         FinishReason::Length => pb::FinishReason::Length,
         FinishReason::Stop => pb::FinishReason::Stop,
         FinishReason::Eos => pb::FinishReason::Eos,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decode_request_s_special_token_fields_reach_the_engine() {
+        let p = generation_params(&pb::DecodeRequest::default());
+        assert!(p.skip_special_tokens && p.spaces_between_special_tokens);
+        let p = generation_params(&pb::DecodeRequest {
+            keep_special_tokens: true,
+            no_spaces_between_special_tokens: true,
+            ..Default::default()
+        });
+        assert!(!p.skip_special_tokens && !p.spaces_between_special_tokens);
     }
 }

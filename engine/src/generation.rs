@@ -55,6 +55,10 @@ pub struct GenerationParams {
     /// Special tokens make no text (vLLM's `skip_special_tokens`, default
     /// true); false keeps their text in the output.
     pub skip_special_tokens: bool,
+    /// vLLM's `spaces_between_special_tokens` (default true): false, with
+    /// special tokens kept, gives an added token that follows another its bare
+    /// text ([`Detokenizer::spacing_special`]).
+    pub spaces_between_special_tokens: bool,
     /// vLLM's `min_tokens`: until this many tokens were generated, EOS and the
     /// stop token ids cannot be drawn (their logits are -inf) and stop strings
     /// do not end the output. At most `max_tokens`.
@@ -77,6 +81,7 @@ impl Default for GenerationParams {
             ignore_eos: false,
             include_stop_str_in_output: false,
             skip_special_tokens: true,
+            spaces_between_special_tokens: true,
             min_tokens: 0,
             logprobs: None,
             constraint: None,
@@ -175,7 +180,8 @@ impl Generation {
         Ok(Generation {
             sampler: Sampler::new(params.sampling.clone(), &prompt),
             detokenizer: Detokenizer::starting_at(prompt.len())
-                .keeping_special(!params.skip_special_tokens),
+                .keeping_special(!params.skip_special_tokens)
+                .spacing_special(params.spaces_between_special_tokens),
             stop: StopMatcher::new(&params.stop, params.include_stop_str_in_output),
             eos: if params.ignore_eos {
                 Vec::new()

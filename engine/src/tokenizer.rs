@@ -171,6 +171,13 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The content of added token `id` (a special token, or another token the
+    /// tokenizer adds to the model's vocabulary); `None` for any other.
+    pub fn added_token(&self, id: u32) -> Option<&str> {
+        let added = self.inner.get_added_vocabulary().get_added_tokens_decoder();
+        added.get(&id).map(|t| t.content.as_str())
+    }
+
     /// The text of one token on its own, special tokens included (what
     /// log probabilities name a token by, as vLLM does); a token holding part
     /// of a multi-byte character gives U+FFFD for it.
@@ -378,6 +385,11 @@ pub struct Detokenizer {
     read_offset: usize,
     /// Special tokens' text is kept (vLLM's `skip_special_tokens: false`).
     keep_special: bool,
+    /// An added token that follows another is emitted as its bare content
+    /// (vLLM's `spaces_between_special_tokens: false`, with `keep_special`).
+    bare_added: bool,
+    /// The last token emitted was an added token (with `bare_added`).
+    last_added: bool,
 }
 
 impl Detokenizer {
@@ -386,7 +398,7 @@ impl Detokenizer {
         Detokenizer {
             prefix_offset: start,
             read_offset: start,
-            keep_special: false,
+            ..Detokenizer::default()
         }
     }
 
@@ -395,6 +407,17 @@ impl Detokenizer {
     pub fn keeping_special(self, keep: bool) -> Self {
         Detokenizer {
             keep_special: keep,
+            ..self
+        }
+    }
+
+    /// With special tokens kept, `spaced` false emits an added token that
+    /// follows another as its bare content, as vLLM's fast detokenizer does for
+    /// `spaces_between_special_tokens: false` (a decoder such as WordPiece's
+    /// would put a space before it); true, the default, leaves the decoder's text.
+    pub fn spacing_special(self, spaced: bool) -> Self {
+        Detokenizer {
+            bare_added: !spaced,
             ..self
         }
     }
@@ -415,19 +438,31 @@ impl Detokenizer {
 
     /// The text completed by the tokens of `ids` not yet turned into text.
     pub fn step(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
+        let new = self.read_offset..ids.len();
         let prefix = self.decode(tokenizer, &ids[self.prefix_offset..self.read_offset])?;
         let full = self.decode(tokenizer, &ids[self.prefix_offset..])?;
+        let mut delta = String::new();
         if full.len() > prefix.len()
             && !full.ends_with('\u{FFFD}')
             && full.is_char_boundary(prefix.len())
         {
-            let delta = full[prefix.len()..].to_string();
+            delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = ids.len();
-            Ok(delta)
-        } else {
-            Ok(String::new())
         }
+        if self.bare_added && self.keep_special {
+            // vLLM's rule, token by token: an added token after an added token
+            // is its content alone.
+            let new = ids.get(new).unwrap_or_default();
+            let last = new.last().and_then(|&id| tokenizer.added_token(id));
+            if let (Some(content), [_], true) = (last, new, self.last_added)
+                && !delta.is_empty()
+            {
+                delta = content.to_string();
+            }
+            self.last_added = last.is_some();
+        }
+        Ok(delta)
     }
 }
 
@@ -607,5 +642,60 @@ mod tests {
     fn a_template_without_tools_says_so() {
         let tok = with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
         assert!(!tok.chat_template_takes_tools());
+    }
+
+    /// A word-level tokenizer without a decoder (its tokens' text joined by
+    /// spaces, as BERT-style decoders do), with `[A]` and `[B]` added as
+    /// special tokens.
+    fn spaced_words() -> (Tokenizer, [u32; 4]) {
+        let vocab = [("x", 0), ("y", 1), ("p", 2)]
+            .into_iter()
+            .map(|(w, i)| (w.to_string(), i))
+            .collect();
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("p".into())
+            .build()
+            .unwrap();
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.add_special_tokens(&[
+            tokenizers::AddedToken::from("[A]", true),
+            tokenizers::AddedToken::from("[B]", true),
+        ]);
+        let id = |t: &str| inner.token_to_id(t).unwrap();
+        let ids = [id("x"), id("[A]"), id("[B]"), id("y")];
+        let tok = Tokenizer::from_parts(inner, None, String::new(), String::new());
+        (tok, ids)
+    }
+
+    /// The text deltas of `ids` generated one at a time after a one-token prompt.
+    fn deltas(tok: &Tokenizer, mut detok: Detokenizer, ids: &[u32]) -> Vec<String> {
+        let mut all = vec![2u32];
+        ids.iter()
+            .map(|&id| {
+                all.push(id);
+                detok.step(tok, &all).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spaces_between_special_tokens_false_gives_added_tokens_after_added_tokens_bare() {
+        let (tok, ids) = spaced_words();
+        assert_eq!(tok.added_token(ids[1]), Some("[A]"));
+        assert_eq!(tok.added_token(ids[0]), None);
+        let kept = Detokenizer::starting_at(1).keeping_special(true);
+        // The decoder's spacing, as vLLM leaves it by default.
+        assert_eq!(
+            deltas(&tok, kept.clone(), &ids),
+            ["x", " [A]", " [B]", " y"]
+        );
+        // vLLM's `spaces_between_special_tokens: false`: only `[B]`, which
+        // follows an added token, loses its space.
+        let bare = kept.spacing_special(false);
+        assert_eq!(deltas(&tok, bare.clone(), &ids), ["x", " [A]", "[B]", " y"]);
+        // With special tokens skipped the setting changes nothing.
+        let skipped = Detokenizer::starting_at(1).spacing_special(false);
+        assert_eq!(deltas(&tok, skipped, &ids), ["x", "", "", " y"]);
     }
 }

@@ -224,6 +224,9 @@ struct Sampling {
     truncate_prompt_tokens: Option<i64>,
     /// vLLM's: false keeps special tokens' text in the output (default true).
     skip_special_tokens: Option<bool>,
+    /// vLLM's: false, with special tokens kept, gives an added token that
+    /// follows another its bare text (default true).
+    spaces_between_special_tokens: Option<bool>,
     /// vLLM's: the stop string (or stop token's text) that ends the output stays in it.
     #[serde(default)]
     include_stop_str_in_output: bool,
@@ -475,6 +478,7 @@ fn to_request(
         ignore_eos: s.ignore_eos,
         include_stop_str_in_output: s.include_stop_str_in_output,
         skip_special_tokens: s.skip_special_tokens,
+        spaces_between_special_tokens: s.spaces_between_special_tokens,
         logprobs: logprobs_asked(s, kind)?,
         prompt_logprobs: prompt_logprobs_asked(s)?,
         min_tokens: s.min_tokens,

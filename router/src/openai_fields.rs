@@ -107,11 +107,7 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("length_penalty", On::Both, Rule::Used),
     ("include_stop_str_in_output", On::Both, Rule::Used),
     ("skip_special_tokens", On::Both, Rule::Used),
-    (
-        "spaces_between_special_tokens",
-        On::Both,
-        Rule::NeutralOnly(is_true),
-    ),
+    ("spaces_between_special_tokens", On::Both, Rule::Used),
     ("truncate_prompt_tokens", On::Both, Rule::Used),
     ("allowed_token_ids", On::Both, Rule::Used),
     ("bad_words", On::Both, Rule::Used),
@@ -204,10 +200,6 @@ pub fn check(endpoint: Endpoint, body: &Map<String, Value>) -> Result<(), Refuse
         }
     }
     Ok(())
-}
-
-fn is_true(v: &Value) -> bool {
-    v.as_bool() == Some(true)
 }
 
 fn is_false_or_zero(v: &Value) -> bool {

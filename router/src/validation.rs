@@ -44,6 +44,9 @@ pub struct ValidRequest {
     pub include_stop_str_in_output: bool,
     /// vLLM's `skip_special_tokens: false`.
     pub keep_special_tokens: bool,
+    /// vLLM's `spaces_between_special_tokens: false` (it acts only with
+    /// `keep_special_tokens`).
+    pub no_spaces_between_special_tokens: bool,
     /// Top log probabilities per token (at most [`MAX_TOP_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
     /// The prompt's log probabilities with this many top tokens each (at most
@@ -340,6 +343,7 @@ impl Validator {
             ignore_eos: req.ignore_eos,
             include_stop_str_in_output: req.include_stop_str_in_output,
             keep_special_tokens: req.skip_special_tokens == Some(false),
+            no_spaces_between_special_tokens: req.spaces_between_special_tokens == Some(false),
             logprobs: req.logprobs,
             prompt_logprobs: req.prompt_logprobs,
             min_tokens: req.min_tokens,
@@ -443,6 +447,27 @@ mod tests {
         assert!(v.prompt.len() > 1);
         assert_eq!(v.max_tokens, 20, "0 means the default");
         assert!(v.request_id.starts_with("req-"));
+    }
+
+    #[test]
+    fn special_token_text_and_its_spacing_follow_vllm_s_fields() {
+        let v = validator().validate(ids(&[5])).unwrap();
+        assert!(!v.keep_special_tokens && !v.no_spaces_between_special_tokens);
+        let v = validator()
+            .validate(pb::GenerateRequest {
+                skip_special_tokens: Some(false),
+                spaces_between_special_tokens: Some(false),
+                ..ids(&[5])
+            })
+            .unwrap();
+        assert!(v.keep_special_tokens && v.no_spaces_between_special_tokens);
+        let v = validator()
+            .validate(pb::GenerateRequest {
+                spaces_between_special_tokens: Some(true),
+                ..ids(&[5])
+            })
+            .unwrap();
+        assert!(!v.no_spaces_between_special_tokens);
     }
 
     #[test]

@@ -86,6 +86,7 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(sp["default"], "", "{sp}");
     assert_eq!(sp["kept"], kept.as_str(), "{sp}");
     assert_eq!(sp["kept_stream"], kept.as_str(), "{sp}");
+    assert_eq!(sp["kept_bare_stream"], kept.as_str(), "{sp}");
     // Greedy completion equals the engine's own, in one piece and streamed.
     let expected = model.tokenizer.decode(&greedy).unwrap();
     assert_eq!(seen["completion"]["text"], expected.as_str());

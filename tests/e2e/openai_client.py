@@ -41,6 +41,11 @@ out["special"] = {
     "kept": client.completions.create(**forced, extra_body=keep).choices[0].text,
     "kept_stream": "".join(ch.choices[0].text for ch in client.completions.create(
         **forced, stream=True, extra_body=keep) if ch.choices),
+    # vLLM's spaces_between_special_tokens: false (a byte-level decoder puts no
+    # space between special tokens, so the text is the same).
+    "kept_bare_stream": "".join(ch.choices[0].text for ch in client.completions.create(
+        **forced, stream=True, extra_body={**keep, "spaces_between_special_tokens": False})
+        if ch.choices),
 }
 
 c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)

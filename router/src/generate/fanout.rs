@@ -206,6 +206,7 @@ mod tests {
             ignore_eos: false,
             include_stop_str_in_output: false,
             keep_special_tokens: false,
+            no_spaces_between_special_tokens: false,
             logprobs: None,
             prompt_logprobs: None,
             min_tokens: 0,

@@ -87,6 +87,7 @@ impl Request<'_> {
                 ignore_eos: self.req.ignore_eos,
                 include_stop_str_in_output: self.req.include_stop_str_in_output,
                 keep_special_tokens: self.req.keep_special_tokens,
+                no_spaces_between_special_tokens: self.req.no_spaces_between_special_tokens,
                 kv_timeout_ms: self.kv_timeout_ms(local, generated.len(), avoid),
                 force_local_prefill: local,
                 generated: generated.to_vec(),

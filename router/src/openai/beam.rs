@@ -29,6 +29,7 @@ use super::answer::{Responses, grpc_call, respond};
 use super::*;
 use crate::prepaid::Prepaid;
 use crate::request_metrics::Tokens;
+use tandem_engine::tokenizer::{Detokenizer, Tokenizer};
 
 /// A beam search's settings (vLLM's `BeamSearchParams`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,6 +45,9 @@ pub(super) struct BeamSearch {
     pub include_eos: bool,
     /// `skip_special_tokens` (default true).
     pub skip_special: bool,
+    /// `spaces_between_special_tokens` (default true; acts only with special
+    /// tokens kept).
+    pub spaced_special: bool,
 }
 
 /// The most beams: each step reads `2 · n` log probabilities a beam.
@@ -121,6 +125,7 @@ impl BeamSearch {
             ignore_eos: r.ignore_eos,
             include_eos: r.include_stop_str_in_output,
             skip_special: r.skip_special_tokens.unwrap_or(true),
+            spaced_special: r.spaces_between_special_tokens.unwrap_or(true),
         }))
     }
 }
@@ -410,6 +415,24 @@ async fn next_tokens(
     })
 }
 
+/// A beam's text: its tokens decoded as `b` asks. Special tokens kept without
+/// spaces between them go through the streaming detokenizer, token by token,
+/// as a node would stream them.
+fn beam_text(tok: &Tokenizer, ids: &[u32], b: &BeamSearch) -> tandem_engine::Result<String> {
+    if b.skip_special || b.spaced_special {
+        return tok.decode_with(ids, b.skip_special);
+    }
+    let mut d = Detokenizer::starting_at(0)
+        .keeping_special(true)
+        .spacing_special(false);
+    let mut text = String::new();
+    for n in 1..=ids.len() {
+        text += &d.step(tok, &ids[..n])?;
+    }
+    text += &d.flush(tok, ids)?;
+    Ok(text)
+}
+
 /// Choice `index`'s responses, as a node would send them: the beam's tokens
 /// and text in one chunk, then its end and usage.
 fn beam_responses(
@@ -421,9 +444,7 @@ fn beam_responses(
 ) -> Result<Vec<pb::GenerateResponse>, ApiError> {
     let mut ids = beam.tokens;
     let text_ids = &ids[..ids.len() - usize::from(beam.eos)];
-    let text = model
-        .tokenizer
-        .decode_with(text_ids, b.skip_special)
+    let text = beam_text(&model.tokenizer, text_ids, b)
         .map_err(|e| ApiError::from(Status::internal(e.to_string())))?;
     if beam.eos && !b.include_eos {
         ids.pop();
@@ -474,6 +495,7 @@ mod tests {
             ignore_eos,
             include_eos: false,
             skip_special: true,
+            spaced_special: true,
         }
     }
 
@@ -627,6 +649,7 @@ mod tests {
                 ignore_eos: true,
                 include_eos: true,
                 skip_special: false,
+                spaced_special: true,
             })
         );
         let (s, r) = request(r#"{"length_penalty": 1.0}"#);
