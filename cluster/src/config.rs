@@ -309,6 +309,10 @@ impl Config {
                 path: path.to_owned(),
                 message,
             },
+            // Name the file: a deployment reads several.
+            ConfigError::Invalid(message) => {
+                ConfigError::Invalid(format!("{}: {message}", path.display()))
+            }
             other => other,
         })
     }

@@ -19,6 +19,20 @@ fn unknown_key_is_named() {
 }
 
 #[test]
+fn a_file_s_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decode.toml");
+    for (text, says) in [
+        ("[decode]\nmax_bach = 3\n", "max_bach"),
+        ("[decode]\ntp = 0\n", "decode.tp"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("decode.toml") && err.contains(says), "{err}");
+    }
+}
+
+#[test]
 fn tp_is_per_role_and_defaults_to_one() {
     let c = Config::parse("[prefill]\ntp = 2\n[decode]\n").unwrap();
     assert_eq!((c.prefill.unwrap().tp, c.decode.unwrap().tp), (2, 1));
