@@ -14,10 +14,12 @@
 #    and b256 1k and b32, b128 4k: the 4-layer attention and step at each split count a
 #    sequence, against the rule. Call 35's H200 sweep showed wave quantization (b64 4k: 3.88
 #    waves 264-266 µs a layer, 5.17 waves 284-291); this is the figure a rule that weighs
-#    the last wave's fill would be built from.
+#    the last wave's fill would be built from. Then the same at b1 (1k, 4k) and b8 4k with
+#    2-32 splits: the one-wave rule gives b1 16 splits of 64 keys at 1k (one tile a warp),
+#    and its attention and merge are latency, ~17 µs a layer in events on the H200 for 4 MB.
 # 4. `bench --only decode --batches 1,64,256` with the new kernels, if time is left.
 # Carry .gpu41 (this checkout's tandem-gpu-bench and engine-tests, xz; main/kernels and
-# new/kernels). DEADLINE_S (330).
+# new/kernels). DEADLINE_S (420).
 set -u
 DEADLINE_S=${DEADLINE_S:-420}
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c41
@@ -38,6 +40,9 @@ date -u +%T; step split-map 90 "$PWD/.gpu41/main/kernels" /tmp/g41/tandem-gpu-be
   --shape llama3-8b --decode-shapes 1024:32,1024:64,1024:128,1024:256,4096:32,4096:128 \
   --decode-splits 1,2,3,4,6
 grep -E "^\| (1024|4096) " "$O/split-map.md" | awk -F'|' '$5 ~ / 1 /' | cut -c1-120; save
+date -u +%T; step split-map-small 40 "$PWD/.gpu41/main/kernels" /tmp/g41/tandem-gpu-bench kernels \
+  --shape llama3-8b --decode-shapes 1024:1,4096:1,4096:8 --decode-splits 2,4,8,16,32
+grep -E "^\| (1024|4096) " "$O/split-map-small.md" | awk -F'|' '$5 ~ / 1 /' | cut -c1-120; save
 date -u +%T; step decode $(( DEADLINE_S - ($(date +%s) - t0) - 5 )) "$PWD/.gpu41/new/kernels" \
   /tmp/g41/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64,256
 grep -E "^DRAM|^###|^\| (1024|4096) \| " "$O/decode.md" | cut -c1-200
