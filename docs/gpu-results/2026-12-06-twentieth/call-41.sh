@@ -17,6 +17,8 @@
 #    the last wave's fill would be built from. Then the same at b1 (1k, 4k) and b8 4k with
 #    2-32 splits: the one-wave rule gives b1 16 splits of 64 keys at 1k (one tile a warp),
 #    and its attention and merge are latency, ~17 µs a layer in events on the H200 for 4 MB.
+#    Then batches with one 32k sequence among 63 of 4k and 255 of 1k, the rule against
+#    4096 blocks: fewer splits give the long sequence longer blocks (the rule's risk).
 # 4. `bench --only decode --batches 1,64,256` with the new kernels, if time is left.
 # Carry .gpu41 (this checkout's tandem-gpu-bench and engine-tests, xz; main/kernels and
 # new/kernels). DEADLINE_S (420).
@@ -43,6 +45,9 @@ grep -E "^\| (1024|4096) " "$O/split-map.md" | awk -F'|' '$5 ~ / 1 /' | cut -c1-
 date -u +%T; step split-map-small 40 "$PWD/.gpu41/main/kernels" /tmp/g41/tandem-gpu-bench kernels \
   --shape llama3-8b --decode-shapes 1024:1,4096:1,4096:8 --decode-splits 2,4,8,16,32
 grep -E "^\| (1024|4096) " "$O/split-map-small.md" | awk -F'|' '$5 ~ / 1 /' | cut -c1-120; save
+date -u +%T; step outlier 60 "$PWD/.gpu41/main/kernels" /tmp/g41/tandem-gpu-bench kernels \
+  --shape llama3-8b --decode-shapes 4096:63+32768:1,1024:255+32768:1 --decode-blocks 4096
+grep -E "^\| (1024|4096)" "$O/outlier.md" | cut -c1-140; save
 date -u +%T; step decode $(( DEADLINE_S - ($(date +%s) - t0) - 5 )) "$PWD/.gpu41/new/kernels" \
   /tmp/g41/tandem-gpu-bench bench --shape llama3-8b --only decode --batches 1,64,256
 grep -E "^DRAM|^###|^\| (1024|4096) \| " "$O/decode.md" | cut -c1-200

@@ -9,7 +9,8 @@
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick] [--kv-dtype bf16|fp8_e4m3]
 //!                         [--only decode|prefill] [--block-size N]
 //! tandem-gpu-bench kernels [--shape llama3-8b] [--block-size N]
-//!                         [--decode-blocks N,..|--decode-splits S,.. [--decode-shapes CTX:BATCH,..]]
+//!                         [--decode-blocks N,..|--decode-splits S,..
+//!                          [--decode-shapes CTX:BATCH[+CTX:BATCH..],..]]
 //!                                                      where a decode step's time goes
 //! tandem-gpu-bench attn   [--shape llama3-8b] [--layers 2] [--speed] [--kv-dtype bf16|fp8_e4m3]
 //!                         [--window W] [--block-size N]

@@ -9,7 +9,7 @@ use tandem_engine::config::ModelConfig;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 
-use super::speed::{consecutive_tables, time_decode};
+use super::speed::{consecutive_tables, time_decode, time_decode_at};
 use super::{Res, arg, block_size_arg, median};
 
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
@@ -18,8 +18,9 @@ use super::{Res, arg, block_size_arg, median};
 ///
 /// With `--decode-blocks N,N,..` it only times decode attention's split: the
 /// 4-layer model's kernels and step at b256 1k and b64 4k (`--decode-shapes
-/// CTX:BATCH,..` for others), as the backend splits them and aiming at each N
-/// blocks; `--decode-splits S,S,..` aims at S splits a sequence instead.
+/// CTX:BATCH,..` for others; `CTX:N+CTX:N` a batch of mixed lengths), as the
+/// backend splits them and aiming at each N blocks; `--decode-splits S,S,..`
+/// aims at S splits a sequence instead.
 pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
@@ -38,15 +39,22 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         (None, None) => None,
     };
     if let Some(aims) = aims {
-        let shapes = match arg(args, "--decode-shapes") {
-            None => vec![(1024, 256), (4096, 64)],
+        // A shape is a batch: CTX:BATCH, or sequences of several contexts
+        // (CTX:N+CTX:N, e.g. 4096:63+32768:1).
+        let shapes: Vec<Vec<(usize, usize)>> = match arg(args, "--decode-shapes") {
+            None => vec![vec![(1024, 256)], vec![(4096, 64)]],
             Some(list) => list
                 .split(',')
-                .map(|s| {
-                    let (c, b) = s.trim().split_once(':').ok_or("CTX:BATCH")?;
-                    Ok((c.parse()?, b.parse()?))
+                .map(|shape| {
+                    shape
+                        .split('+')
+                        .map(|group| {
+                            let (c, n) = group.trim().split_once(':').ok_or("CTX:BATCH")?;
+                            Ok((c.parse()?, n.parse()?))
+                        })
+                        .collect::<Res<Vec<(usize, usize)>>>()
                 })
-                .collect::<Res<Vec<(usize, usize)>>>()
+                .collect::<Res<Vec<_>>>()
                 .map_err(|e| format!("--decode-shapes {list}: {e}"))?,
         };
         return decode_blocks_sweep(&config, bs, &shapes, &aims);
@@ -130,7 +138,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
                 (1024, 256, None),
                 (1024, 256, Some(4096)),
             ] {
-                let (best, t) = profile_decode(&mut be, bs, ctx, batch, blocks)?;
+                let (best, t) = profile_decode(&mut be, bs, &vec![ctx; batch], blocks)?;
                 profiles.push((ctx, batch, layers, blocks, t, best));
             }
             be.set_decode_blocks(None);
@@ -213,24 +221,33 @@ fn random_backend(config: &ModelConfig, bs: usize, min_blocks: usize) -> Res<Cud
     Ok(be)
 }
 
-/// A decode step of `batch` sequences at `ctx` with decode attention aiming at
-/// `blocks` (`None`: the backend's rule): each kernel's fastest of 5 runs after
-/// a warm-up (an event after each launch), and the graph-replayed step's time.
+/// A decode step of sequences at contexts `ctxs` with decode attention aiming
+/// at `blocks` (`None`: the backend's rule): each kernel's fastest of 5 runs
+/// after a warm-up (an event after each launch), and the graph-replayed step's
+/// time.
 fn profile_decode(
     be: &mut CudaBackend,
     bs: usize,
-    ctx: usize,
-    batch: usize,
+    ctxs: &[usize],
     blocks: Option<usize>,
 ) -> Res<(Vec<(&'static str, f64)>, f64)> {
     be.set_decode_blocks(blocks);
-    let per_seq = blocks_for(ctx + 20, bs);
-    let tables = consecutive_tables(batch, per_seq);
-    let toks = vec![[1u32]; batch];
+    // Each sequence's blocks, side by side in the cache.
+    let mut next = 0u32;
+    let tables: Vec<Vec<u32>> = ctxs
+        .iter()
+        .map(|&ctx| {
+            let n = blocks_for(ctx + 20, bs) as u32;
+            next += n;
+            (next - n..next).collect()
+        })
+        .collect();
+    let toks = vec![[1u32]; ctxs.len()];
     let chunks: Vec<SeqChunk<'_>> = toks
         .iter()
         .zip(&tables)
-        .map(|(t, table)| SeqChunk {
+        .zip(ctxs)
+        .map(|((t, table), &ctx)| SeqChunk {
             tokens: t,
             start: ctx,
             block_table: table,
@@ -242,8 +259,8 @@ fn profile_decode(
             slot.1 = slot.1.min(us);
         }
     }
-    let mut toks = vec![1u32; batch];
-    let t = time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
+    let mut toks = vec![1u32; ctxs.len()];
+    let t = time_decode_at(be, &tables, ctxs, &mut toks, TokenDraw::GREEDY)?;
     Ok((best, t))
 }
 
@@ -258,18 +275,21 @@ enum Aim {
 }
 
 /// `kernels --decode-blocks`: decode attention and its split merge (µs a layer)
-/// and the graph-replayed 4-layer step at each (context, batch) of `shapes`,
-/// split by the backend's rule and as each of `aims` asks, in turns: the rule,
-/// then each aim, three rounds.
+/// and the graph-replayed 4-layer step for each batch of `shapes` (groups of
+/// (context, sequences)), split by the backend's rule and as each of `aims`
+/// asks, in turns: the rule, then each aim, three rounds.
 fn decode_blocks_sweep(
     config: &ModelConfig,
     bs: usize,
-    shapes: &[(usize, usize)],
+    shapes: &[Vec<(usize, usize)>],
     aims: &[Aim],
 ) -> Res<()> {
     let most = shapes
         .iter()
-        .map(|&(ctx, batch)| batch * blocks_for(ctx + 20, bs))
+        .map(|groups| {
+            let blocks = groups.iter().map(|&(ctx, n)| n * blocks_for(ctx + 20, bs));
+            blocks.sum::<usize>()
+        })
         .max()
         .unwrap_or(0);
     let mut be = random_backend(config, bs, most)?;
@@ -286,14 +306,27 @@ fn decode_blocks_sweep(
     let aims: Vec<Option<Aim>> = std::iter::once(None)
         .chain(aims.iter().map(|&a| Some(a)))
         .collect();
-    for &(ctx, batch) in shapes {
+    for groups in shapes {
+        let ctxs: Vec<usize> = groups
+            .iter()
+            .flat_map(|&(ctx, n)| std::iter::repeat_n(ctx, n))
+            .collect();
+        let batch = ctxs.len();
+        let ctx = match groups.as_slice() {
+            [(ctx, _)] => ctx.to_string(),
+            _ => groups
+                .iter()
+                .map(|(ctx, n)| format!("{ctx}×{n}"))
+                .collect::<Vec<_>>()
+                .join(" + "),
+        };
         for round in 1..=3 {
             for &aim in &aims {
                 let blocks = aim.map(|a| match a {
                     Aim::Blocks(b) => b,
                     Aim::Splits(s) => s * batch * config.num_kv_heads,
                 });
-                let (prof, t) = profile_decode(&mut be, bs, ctx, batch, blocks)?;
+                let (prof, t) = profile_decode(&mut be, bs, &ctxs, blocks)?;
                 let us = |k: &str| {
                     prof.iter().filter(|p| p.0 == k).map(|p| p.1).sum::<f64>() / layers as f64
                 };

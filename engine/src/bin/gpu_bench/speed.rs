@@ -561,13 +561,25 @@ pub(crate) fn time_decode(
     toks: &mut Vec<u32>,
     draw: TokenDraw,
 ) -> Res<f64> {
+    time_decode_at(be, tables, &vec![ctx; tables.len()], toks, draw)
+}
+
+/// As [`time_decode`], sequence `i` at positions `ctxs[i]..`.
+pub(crate) fn time_decode_at(
+    be: &mut CudaBackend,
+    tables: &[Vec<u32>],
+    ctxs: &[usize],
+    toks: &mut Vec<u32>,
+    draw: TokenDraw,
+) -> Res<f64> {
     let mut times = Vec::new();
     for step in 0..13 {
         let t: Vec<[u32; 1]> = toks.iter().map(|&x| [x]).collect();
         let chunks: Vec<SeqChunk<'_>> = t
             .iter()
             .zip(tables)
-            .map(|(t, table)| SeqChunk {
+            .zip(ctxs)
+            .map(|((t, table), &ctx)| SeqChunk {
                 tokens: t,
                 start: ctx + step,
                 block_table: table,
