@@ -9,7 +9,7 @@ use tandem_engine::config::ModelConfig;
 use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 
-use super::speed::{consecutive_tables, time_decode, time_decode_at};
+use super::speed::{consecutive_tables, tables_of, time_decode, time_decode_at};
 use super::{Res, arg, block_size_arg, median};
 
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
@@ -232,16 +232,8 @@ fn profile_decode(
     blocks: Option<usize>,
 ) -> Res<(Vec<(&'static str, f64)>, f64)> {
     be.set_decode_blocks(blocks);
-    // Each sequence's blocks, side by side in the cache.
-    let mut next = 0u32;
-    let tables: Vec<Vec<u32>> = ctxs
-        .iter()
-        .map(|&ctx| {
-            let n = blocks_for(ctx + 20, bs) as u32;
-            next += n;
-            (next - n..next).collect()
-        })
-        .collect();
+    let per_seq: Vec<usize> = ctxs.iter().map(|&ctx| blocks_for(ctx + 20, bs)).collect();
+    let tables = tables_of(&per_seq);
     let toks = vec![[1u32]; ctxs.len()];
     let chunks: Vec<SeqChunk<'_>> = toks
         .iter()

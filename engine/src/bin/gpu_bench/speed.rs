@@ -547,8 +547,20 @@ fn ab_table(
 /// Block tables for `batch` sequences of `per_seq` blocks each, side by side in
 /// the cache: sequence i owns blocks `i * per_seq .. (i + 1) * per_seq`.
 pub(crate) fn consecutive_tables(batch: usize, per_seq: usize) -> Vec<Vec<u32>> {
-    (0..batch)
-        .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+    tables_of(&vec![per_seq; batch])
+}
+
+/// Block tables of sequences holding `blocks[i]` blocks each, side by side in
+/// the cache in that order.
+pub(crate) fn tables_of(blocks: &[usize]) -> Vec<Vec<u32>> {
+    let mut next = 0u32;
+    blocks
+        .iter()
+        .map(|&n| {
+            let first = next;
+            next += n as u32;
+            (first..next).collect()
+        })
         .collect()
 }
 
