@@ -22,7 +22,7 @@ use half::bf16;
 use super::error::{CudaError, DriverContext};
 use super::gemm_tune::{Operands, Picked, Queue, Shape, Tuner, Tuning};
 use super::launch::{
-    self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
+    self, Ahead, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
     ProductOut, SiluMul, decode_smem, prefill_shape,
 };
 use super::program;
@@ -102,6 +102,11 @@ pub struct Gpu {
     /// waits for the kernel before (PDL launches only; docs/GPU_BENCH.md, eleventh
     /// session). `TANDEM_CUDA_PREFETCH_ROWS=BYTES` sets it, 0 turns it off.
     pub(crate) prefetch_row_bytes: usize,
+    /// The most bytes of the next product's weights a batch-1 `gemv` launch asks
+    /// L2 for once its own rows are read (launch::Ahead), so that they stream
+    /// during the short kernels before that product; 0 turns it off
+    /// (`TANDEM_CUDA_PREFETCH_AHEAD=BYTES`).
+    pub(crate) ahead_bytes: usize,
     /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
     /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
     pub(crate) tma: bool,
@@ -112,16 +117,19 @@ pub struct Gpu {
 /// evict each other: 24% slower steps on an H100).
 const PREFETCH_ROW_BYTES: usize = 1024;
 
-/// `TANDEM_CUDA_PREFETCH_ROWS` (bytes), else [`PREFETCH_ROW_BYTES`].
-fn prefetch_row_bytes() -> usize {
-    let Ok(v) = std::env::var("TANDEM_CUDA_PREFETCH_ROWS") else {
-        return PREFETCH_ROW_BYTES;
+/// [`Gpu::ahead_bytes`] by default: none until a GPU has timed it (`bench`'s
+/// table of budgets; 32 MiB, two thirds of an H100's or H200's 50 MB L2, holds
+/// all of an 8B model's o weights).
+const AHEAD_BYTES: usize = 0;
+
+/// The byte count in the environment variable `name`, else `default`.
+fn env_bytes(name: &str, default: usize) -> usize {
+    let Ok(v) = std::env::var(name) else {
+        return default;
     };
     v.trim().parse().unwrap_or_else(|_| {
-        tracing::warn!(
-            "TANDEM_CUDA_PREFETCH_ROWS={v:?} is not a byte count; prefetching {PREFETCH_ROW_BYTES} bytes of each row"
-        );
-        PREFETCH_ROW_BYTES
+        tracing::warn!("{name}={v:?} is not a byte count; using {default}");
+        default
     })
 }
 
@@ -287,7 +295,8 @@ impl Gpu {
             residual_epilogue: !std::env::var("TANDEM_CUDA_RESIDUAL_EPILOGUE")
                 .is_ok_and(|v| v == "0"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
-            prefetch_row_bytes: prefetch_row_bytes(),
+            prefetch_row_bytes: env_bytes("TANDEM_CUDA_PREFETCH_ROWS", PREFETCH_ROW_BYTES),
+            ahead_bytes: env_bytes("TANDEM_CUDA_PREFETCH_AHEAD", AHEAD_BYTES),
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
@@ -406,6 +415,17 @@ impl Gpu {
         if pdl { self.prefetch_row_bytes } else { 0 }
     }
 
+    /// [`Ahead::within`] this GPU's [`ahead_bytes`](Self::ahead_bytes).
+    pub(crate) fn ahead(
+        &self,
+        w: Dev<bf16>,
+        part_bytes: usize,
+        parts: usize,
+        stride: usize,
+    ) -> Ahead {
+        Ahead::within(w, part_bytes, parts, stride, self.ahead_bytes)
+    }
+
     /// True when a product of `n` rows over `k` adds to its f32 output
     /// ([`ProductOut::AddF32`]: cuBLAS's epilogue; the `gemv` kernel only writes)
     /// where the forward pass can have it do so (`residual_epilogue`).
@@ -482,6 +502,23 @@ impl Gpu {
         out: usize,
         pdl: bool,
     ) -> Result<(), CudaError> {
+        self.gemm_ahead(x, w, y, n, k, out, pdl, Ahead::NONE)
+    }
+
+    /// [`gemm_with`](Self::gemm_with), where the `gemv` kernel then asks L2 for
+    /// `ahead` (from [`ahead`](Self::ahead); cuBLAS's products ignore it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_ahead(
+        &self,
+        x: Dev<bf16>,
+        w: Dev<bf16>,
+        y: ProductOut,
+        n: usize,
+        k: usize,
+        out: usize,
+        pdl: bool,
+        ahead: Ahead,
+    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
@@ -494,6 +531,7 @@ impl Gpu {
                 k,
                 out,
                 prefetch: self.row_prefetch(pdl),
+                ahead,
             };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
