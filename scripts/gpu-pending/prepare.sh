@@ -75,6 +75,9 @@
 #           A/B table (built by hand from the working tree), xz, and kernels
 #   .gpu41  twentieth session's call-41 (not run yet): as .gpu39, with
 #           decode-tile-one-block.patch
+#   .gpu42  twenty-first session's call-42: 30b2ea6's tandem-gpu-bench and engine-tests
+#           (xz), kernels/ (its kernels) and kernels-tile/ (the same with
+#           decode-tile-one-block.patch); carried beside .gpu41
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -399,6 +402,16 @@ for w in $WHICH; do
       ;;
     41)
       kernels_patch_folder .gpu41 scripts/gpu-pending/decode-tile-one-block.patch
+      ;;
+    42)
+      rm -rf .gpu42 && mkdir -p .gpu42
+      d=$(worktree h42 30b2ea6)
+      bench_into "$d" h42 .gpu42
+      strip -o .gpu42/engine-tests "$(engine_tests "$d" h42)"
+      cp -r .gpu42/kernels .gpu42/kernels-tile
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-tile-one-block.patch"
+      cp "$d/engine/src/cuda/kernels/decode_attn.cu" .gpu42/kernels-tile/
+      xz -T2 -6 .gpu42/tandem-gpu-bench .gpu42/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
