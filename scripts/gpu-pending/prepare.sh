@@ -401,7 +401,7 @@ for w in $WHICH; do
       kernels_patch_folder .gpu39 docs/gpu-results/2026-12-06-nineteenth/decode-attn-table-smem.patch
       ;;
     41)
-      kernels_patch_folder .gpu41 scripts/gpu-pending/decode-tile-one-block.patch
+      kernels_patch_folder .gpu41 docs/gpu-results/2026-12-06-twenty-first/decode-tile-one-block.patch
       ;;
     42)
       rm -rf .gpu42 && mkdir -p .gpu42
@@ -409,7 +409,7 @@ for w in $WHICH; do
       bench_into "$d" h42 .gpu42
       strip -o .gpu42/engine-tests "$(engine_tests "$d" h42)"
       cp -r .gpu42/kernels .gpu42/kernels-tile
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/decode-tile-one-block.patch"
+      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-twenty-first/decode-tile-one-block.patch"
       cp "$d/engine/src/cuda/kernels/decode_attn.cu" .gpu42/kernels-tile/
       xz -T2 -6 .gpu42/tandem-gpu-bench .gpu42/engine-tests
       ;;

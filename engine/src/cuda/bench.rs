@@ -48,13 +48,6 @@ pub trait BenchControls {
     /// The bytes [`set_prefetch`](Self::set_prefetch) set last (at first, the
     /// default or `TANDEM_CUDA_PREFETCH_ROWS`).
     fn prefetch(&self) -> usize;
-    /// Sets the most bytes of the next product's weights a batch-1 `gemv`
-    /// launch asks L2 for once its own rows are read (0: none); graphs captured
-    /// otherwise are dropped.
-    fn set_ahead(&mut self, bytes: usize);
-    /// The bytes [`set_ahead`](Self::set_ahead) set last (at first, the default
-    /// or `TANDEM_CUDA_PREFETCH_AHEAD`).
-    fn ahead(&self) -> usize;
     /// Turns the tuned cuBLASLt algorithms (products at the decode buckets' row
     /// counts and at full passes) on or off (off: `cublasGemmEx`'s own choice);
     /// graphs captured otherwise are dropped.
@@ -191,16 +184,5 @@ impl BenchControls for CudaBackend {
             self.gpu.prefetch_row_bytes = row_bytes;
             self.graphs.clear();
         }
-    }
-
-    fn set_ahead(&mut self, bytes: usize) {
-        if self.gpu.ahead_bytes != bytes {
-            self.gpu.ahead_bytes = bytes;
-            self.graphs.clear();
-        }
-    }
-
-    fn ahead(&self) -> usize {
-        self.gpu.ahead_bytes
     }
 }

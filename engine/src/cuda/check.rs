@@ -508,24 +508,16 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
     let gpu_cont = conts.pop().unwrap_or_default();
     // The first six sequences decoded alone (one-token passes take the fused
     // single-row path, whose gemv warps prefetch their rows), against the CPU;
-    // then again without programmatic dependent launches, with whole rows
-    // prefetched, and with the next product's weights asked for ahead or not
-    // (the opposite of the default): the same tokens, or the kernels' ordering
-    // is wrong.
+    // then again without programmatic dependent launches, and with whole rows
+    // prefetched: the same tokens, or the kernels' ordering is wrong.
     let mut alone_differ = Vec::new();
     let mut pdl_differ = 0;
     for i in 0..6.min(prompts.len()) {
         let mut conts = Vec::new();
-        let (rows, ahead) = (gpu.prefetch(), gpu.ahead());
-        for (pdl, prefetch, next) in [
-            (true, rows, ahead),
-            (false, rows, ahead),
-            (true, 1 << 20, ahead),
-            (true, rows, if ahead == 0 { 32 << 20 } else { 0 }),
-        ] {
+        let rows = gpu.prefetch();
+        for (pdl, prefetch) in [(true, rows), (false, rows), (true, 1 << 20)] {
             gpu.set_pdl(pdl);
             gpu.set_prefetch(prefetch);
-            gpu.set_ahead(next);
             conts.push(decode_alone(
                 &mut gpu,
                 first_tokens[i],
@@ -536,7 +528,6 @@ pub fn check_model(dir: &Path, kv: KvDtype) -> Result<CheckReport> {
         }
         gpu.set_pdl(true);
         gpu.set_prefetch(rows);
-        gpu.set_ahead(ahead);
         let cont = &conts[0];
         if conts[1..].iter().any(|c| c != cont) {
             pdl_differ += 1;

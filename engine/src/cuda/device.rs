@@ -22,7 +22,7 @@ use half::bf16;
 use super::error::{CudaError, DriverContext};
 use super::gemm_tune::{Operands, Picked, Queue, Shape, Tuner, Tuning};
 use super::launch::{
-    self, Ahead, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
+    self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
     ProductOut, SiluMul, decode_smem, prefill_shape,
 };
 use super::program;
@@ -102,33 +102,38 @@ pub struct Gpu {
     /// waits for the kernel before (PDL launches only; docs/GPU_BENCH.md, eleventh
     /// session). `TANDEM_CUDA_PREFETCH_ROWS=BYTES` sets it, 0 turns it off.
     pub(crate) prefetch_row_bytes: usize,
-    /// The most bytes of the next product's weights a batch-1 `gemv` launch asks
-    /// L2 for once its own rows are read (launch::Ahead), so that they stream
-    /// during the short kernels before that product; 0 turns it off
-    /// (`TANDEM_CUDA_PREFETCH_AHEAD=BYTES`).
-    pub(crate) ahead_bytes: usize,
     /// The Hopper prefill attention loads a bf16 cache's tiles by TMA where the
     /// block size allows (`tensor_map`); `TANDEM_CUDA_TMA=0` keeps its copies.
     pub(crate) tma: bool,
 }
 
-/// [`Gpu::prefetch_row_bytes`] by default: a few µs of HBM time ahead of a
-/// product, spread over its first wave's rows (whole rows, more than L2 holds,
-/// evict each other: 24% slower steps on an H100).
+/// [`Gpu::prefetch_row_bytes`] by default on a GPU of at most
+/// [`PREFETCH_MAX_GBS_PER_SM`]: a few µs of HBM time ahead of a product, spread
+/// over its first wave's rows (whole rows, more than L2 holds, evict each
+/// other: 24% slower steps on an H100).
 const PREFETCH_ROW_BYTES: usize = 1024;
 
-/// [`Gpu::ahead_bytes`] by default: none until a GPU has timed it (`bench`'s
-/// table of budgets; 32 MiB, two thirds of an H100's or H200's 50 MB L2, holds
-/// all of an 8B model's o weights).
-const AHEAD_BYTES: usize = 0;
+/// The DRAM peak per multiprocessor (GB/s) above which a GPU prefetches no
+/// row starts by default. 1 KiB a row took 0.3-0.6% off the 1k batch-1 step on
+/// H100s (25.4 GB/s a multiprocessor) and added 0.3-0.5% on the H200 (36.5),
+/// in every process of each (docs/GPU_BENCH.md, twenty-first session).
+const PREFETCH_MAX_GBS_PER_SM: f64 = 30.0;
 
-/// The byte count in the environment variable `name`, else `default`.
-fn env_bytes(name: &str, default: usize) -> usize {
-    let Ok(v) = std::env::var(name) else {
+/// `TANDEM_CUDA_PREFETCH_ROWS` (bytes), else [`PREFETCH_ROW_BYTES`] where the
+/// DRAM peak per multiprocessor is at most [`PREFETCH_MAX_GBS_PER_SM`], else 0.
+fn prefetch_row_bytes(dram_gbs_per_sm: f64) -> usize {
+    let default = if dram_gbs_per_sm <= PREFETCH_MAX_GBS_PER_SM {
+        PREFETCH_ROW_BYTES
+    } else {
+        0
+    };
+    let Ok(v) = std::env::var("TANDEM_CUDA_PREFETCH_ROWS") else {
         return default;
     };
     v.trim().parse().unwrap_or_else(|_| {
-        tracing::warn!("{name}={v:?} is not a byte count; using {default}");
+        tracing::warn!(
+            "TANDEM_CUDA_PREFETCH_ROWS={v:?} is not a byte count; prefetching {default} bytes of each row"
+        );
         default
     })
 }
@@ -263,6 +268,8 @@ impl Gpu {
             )
             .op("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
         let decode_wave = (sms.max(1) as usize) * (per_sm.max(1) as usize);
+        let (dram_gbs, _) = dram_peak(&ctx)?;
+        let prefetch_row_bytes = prefetch_row_bytes(dram_gbs / sms.max(1) as f64);
         let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
             .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
             .op("cublasCreate")?;
@@ -295,8 +302,7 @@ impl Gpu {
             residual_epilogue: !std::env::var("TANDEM_CUDA_RESIDUAL_EPILOGUE")
                 .is_ok_and(|v| v == "0"),
             pdl: !std::env::var("TANDEM_CUDA_PDL").is_ok_and(|v| v == "0"),
-            prefetch_row_bytes: env_bytes("TANDEM_CUDA_PREFETCH_ROWS", PREFETCH_ROW_BYTES),
-            ahead_bytes: env_bytes("TANDEM_CUDA_PREFETCH_AHEAD", AHEAD_BYTES),
+            prefetch_row_bytes,
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
     }
@@ -415,17 +421,6 @@ impl Gpu {
         if pdl { self.prefetch_row_bytes } else { 0 }
     }
 
-    /// [`Ahead::within`] this GPU's [`ahead_bytes`](Self::ahead_bytes).
-    pub(crate) fn ahead(
-        &self,
-        w: Dev<bf16>,
-        part_bytes: usize,
-        parts: usize,
-        stride: usize,
-    ) -> Ahead {
-        Ahead::within(w, part_bytes, parts, stride, self.ahead_bytes)
-    }
-
     /// True when a product of `n` rows over `k` adds to its f32 output
     /// ([`ProductOut::AddF32`]: cuBLAS's epilogue; the `gemv` kernel only writes)
     /// where the forward pass can have it do so (`residual_epilogue`).
@@ -502,23 +497,6 @@ impl Gpu {
         out: usize,
         pdl: bool,
     ) -> Result<(), CudaError> {
-        self.gemm_ahead(x, w, y, n, k, out, pdl, Ahead::NONE)
-    }
-
-    /// [`gemm_with`](Self::gemm_with), where the `gemv` kernel then asks L2 for
-    /// `ahead` (from [`ahead`](Self::ahead); cuBLAS's products ignore it).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemm_ahead(
-        &self,
-        x: Dev<bf16>,
-        w: Dev<bf16>,
-        y: ProductOut,
-        n: usize,
-        k: usize,
-        out: usize,
-        pdl: bool,
-        ahead: Ahead,
-    ) -> Result<(), CudaError> {
         if n == 0 {
             return Ok(());
         }
@@ -531,7 +509,6 @@ impl Gpu {
                 k,
                 out,
                 prefetch: self.row_prefetch(pdl),
-                ahead,
             };
             // SAFETY: as for the cuBLAS path below; `k` is a multiple of 8 so the
             // kernel's 16-byte loads stay inside each row.
@@ -732,12 +709,7 @@ impl Gpu {
     /// bus width, two transfers a clock) and its multiprocessors, for benchmark
     /// headers.
     pub fn dram_peak(&self) -> Result<(f64, usize), CudaError> {
-        use cudarc::driver::sys::CUdevice_attribute as A;
-        let attr = |a| self.ctx.attribute(a).op("cuDeviceGetAttribute");
-        let khz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? as f64;
-        let bits = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? as f64;
-        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
-        Ok((khz * 1e3 * 2.0 * bits / 8.0 / 1e9, sms))
+        dram_peak(&self.ctx)
     }
 
     /// This GPU's device-to-device copy rate in GB/s, counting bytes read and
@@ -872,6 +844,17 @@ impl<'a> Launch<'a> {
         }
         .result()
     }
+}
+
+/// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
+/// and its multiprocessors.
+fn dram_peak(ctx: &CudaContext) -> Result<(f64, usize), CudaError> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let attr = |a| ctx.attribute(a).op("cuDeviceGetAttribute");
+    let khz = attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? as f64;
+    let bits = attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? as f64;
+    let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+    Ok((khz * 1e3 * 2.0 * bits / 8.0 / 1e9, sms))
 }
 
 /// A launch of `blocks` blocks of `threads` threads, no dynamic shared memory.

@@ -496,52 +496,6 @@ pub(crate) struct Gemv {
     /// Bytes at the start of each weight row a warp asks L2 for before it waits
     /// for the kernel before (0: none).
     pub prefetch: usize,
-    /// The next product's weights its blocks ask L2 for once their rows are read.
-    pub ahead: Ahead,
-}
-
-/// Weights a `gemv` launch asks L2 for once its blocks' own rows are read
-/// (kernels/gemv.cu, `ahead_l2`): `parts` ranges of `bytes` each (a multiple of
-/// 16), `stride` bytes apart, from `w` (16-byte aligned).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Ahead {
-    pub w: Dev<bf16>,
-    pub bytes: usize,
-    pub parts: usize,
-    pub stride: usize,
-}
-
-impl Ahead {
-    /// Nothing asked for.
-    pub(crate) const NONE: Ahead = Ahead {
-        w: Dev::NULL,
-        bytes: 0,
-        parts: 0,
-        stride: 0,
-    };
-
-    /// The start of each of `parts` ranges of `part_bytes`, `stride` bytes apart
-    /// from `w`, `budget` bytes at most in all (cut to 16-byte multiples); none
-    /// where that leaves nothing or `w` or `stride` is not 16-byte aligned. `w`
-    /// must hold the ranges.
-    pub(crate) fn within(
-        w: Dev<bf16>,
-        part_bytes: usize,
-        parts: usize,
-        stride: usize,
-        budget: usize,
-    ) -> Ahead {
-        let bytes = part_bytes.min(budget / parts.max(1)) & !15;
-        if bytes == 0 || !w.addr().is_multiple_of(16) || !stride.is_multiple_of(16) {
-            return Ahead::NONE;
-        }
-        Ahead {
-            w,
-            bytes,
-            parts,
-            stride,
-        }
-    }
 }
 
 impl Kernel for Gemv {
@@ -565,10 +519,6 @@ impl Kernel for Gemv {
             ("out", int(self.out)?),
             ("y_f32", Param::I32(y_f32)),
             ("prefetch", int(self.prefetch)?),
-            ("ahead", self.ahead.w.into()),
-            ("ahead_bytes", Param::U64(self.ahead.bytes as u64)),
-            ("ahead_parts", int(self.ahead.parts)?),
-            ("ahead_stride", Param::U64(self.ahead.stride as u64)),
         ])
     }
     /// One warp per output row, 8 warps a block.

@@ -207,12 +207,6 @@ fn every_launch_passes_its_kernels_parameters_in_order() {
             k: 64,
             out: 10,
             prefetch: 1024,
-            ahead: Ahead {
-                w: P,
-                bytes: 4096,
-                parts: 2,
-                stride: 8192,
-            },
         },
     );
     check(
@@ -314,7 +308,6 @@ fn parameters_carry_the_values_given() {
         k: 64,
         out: 10,
         prefetch: 0,
-        ahead: Ahead::NONE,
     };
     // An fp8 cache is two parameters where bf16 is one.
     let d8 = DecodeAttn {
@@ -433,7 +426,6 @@ fn grids_match_the_kernels_indexing() {
         k: 4096,
         out: 6144,
         prefetch: 0,
-        ahead: Ahead::NONE,
     }
     .config();
     assert_eq!((c.grid_dim.0, c.block_dim.0), (768, 256));
@@ -532,26 +524,4 @@ fn fp8_store_runs_cut_where_the_block_changes() {
     assert_eq!(fp8_store_runs(&[16, 17, 3], 16), vec![0, 2, 3]);
     // Nothing to store: no runs.
     assert_eq!(fp8_store_runs(&[], 16), vec![0]);
-}
-
-#[test]
-fn ahead_stays_within_its_budget_in_16_byte_multiples() {
-    let w = Dev::<bf16>::from_raw(0x1_0000);
-    // The o weights of an 8B shape (32 MiB) fit a 32 MiB budget whole.
-    let a = Ahead::within(w, 32 << 20, 1, 0, 32 << 20);
-    assert_eq!((a.bytes, a.parts, a.w.addr()), (32 << 20, 1, 0x1_0000));
-    // Gate and up share it: half each, `stride` apart.
-    let a = Ahead::within(w, 112 << 20, 2, 112 << 20, 32 << 20);
-    assert_eq!((a.bytes, a.parts, a.stride), (16 << 20, 2, 112 << 20));
-    // Cut down to a multiple of 16.
-    assert_eq!(Ahead::within(w, 100, 1, 0, 1 << 20).bytes, 96);
-    // No budget, less than 16 bytes, or a misaligned start: nothing.
-    for a in [
-        Ahead::within(w, 1 << 20, 1, 0, 0),
-        Ahead::within(w, 15, 1, 0, 1 << 20),
-        Ahead::within(Dev::from_raw(0x1_0008), 1 << 20, 1, 0, 1 << 20),
-        Ahead::within(w, 1 << 20, 2, 8, 1 << 20),
-    ] {
-        assert_eq!((a.bytes, a.w.addr()), (0, 0));
-    }
 }

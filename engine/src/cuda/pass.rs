@@ -253,7 +253,6 @@ impl CudaBackend {
         let o_adds = g.adds_to_output(n, qd);
         let down_adds = g.adds_to_output(n, inter);
         let into_residual = |adds| residual_out(adds, x, delta);
-        let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
         for (li, layer) in self.model.layers.iter().enumerate() {
             let norm = AddRmsnorm {
                 rows: n,
@@ -271,11 +270,8 @@ impl CudaBackend {
             };
             unsafe { launch::launch(g, &norm, pdl) }?;
             self.mark("input norm")?;
-            // At one row each product asks L2 for the next one's weights once its
-            // own are read (`Gpu::ahead`; cuBLAS's products, above one row, do not).
             let w = Dev::of(&layer.qkv, st);
-            let ahead = g.ahead(Dev::of(&layer.o, st), h * qd * 2, 1, 0);
-            g.gemm_ahead(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, pdl, ahead)?;
+            g.gemm_with(hb, w, ProductOut::Bf16(qkv), n, h, qkvw, pdl)?;
             self.mark("qkv product")?;
 
             let (cache, cache8, scales) = self.kv.write_target(li);
@@ -390,14 +386,7 @@ impl CudaBackend {
             }
 
             let w = Dev::of(&layer.o, st);
-            let gate_up = Dev::of(&layer.gate_up, st);
-            let ahead = if g.fuses_silu(n, h) {
-                // `gemv_silu`'s first blocks read the first rows of gate and of up.
-                g.ahead(gate_up, inter * h * 2, 2, inter * h * 2)
-            } else {
-                g.ahead(gate_up, 2 * inter * h * 2, 1, 0)
-            };
-            g.gemm_ahead(attn, w, into_residual(o_adds), n, qd, h, pdl, ahead)?;
+            g.gemm_with(attn, w, into_residual(o_adds), n, qd, h, pdl)?;
             self.mark("o product")?;
             let norm = AddRmsnorm {
                 rows: n,
@@ -411,7 +400,7 @@ impl CudaBackend {
             };
             unsafe { launch::launch(g, &norm, pdl) }?;
             self.mark("post-attention norm")?;
-            let w = gate_up;
+            let w = Dev::of(&layer.gate_up, st);
             if g.fuses_silu(n, h) {
                 g.gemv_silu(hb, w, act, h, inter, pdl)?;
                 self.mark("gate_up product, SiLU")?;
@@ -422,12 +411,7 @@ impl CudaBackend {
                 self.mark("SiLU")?;
             }
             let w = Dev::of(&layer.down, st);
-            let (next, next_rows) = match self.model.layers.get(li + 1) {
-                Some(next) => (&next.qkv, qkvw),
-                None => (head, c.vocab_size),
-            };
-            let ahead = g.ahead(Dev::of(next, st), next_rows * h * 2, 1, 0);
-            g.gemm_ahead(act, w, into_residual(down_adds), n, inter, h, pdl, ahead)?;
+            g.gemm_with(act, w, into_residual(down_adds), n, inter, h, pdl)?;
             self.mark("down product")?;
         }
 
@@ -456,6 +440,7 @@ impl CudaBackend {
         };
         unsafe { launch::launch(g, &final_norm, pdl) }?;
         self.mark("final norm")?;
+        let head = self.model.lm_head.as_ref().unwrap_or(&self.model.embed);
         let logits = ProductOut::F32(Dev::of(&b.logits, st));
         g.gemm_with(
             last_h,

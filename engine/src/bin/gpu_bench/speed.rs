@@ -27,11 +27,11 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         Some("prefill") => (false, true),
         Some(other) => return Err(format!("--only {other}: decode or prefill").into()),
     };
-    // `--tables ahead,waves`: only those of the tables after the decode sweep
-    // (rows, ahead, tune, epilogue, waves, sampling); all by default.
+    // `--tables rows,waves`: only those of the tables after the decode sweep
+    // (rows, tune, epilogue, waves, sampling); all by default.
     let tables: Option<Vec<String>> =
         arg(args, "--tables").map(|v| v.split(',').map(|t| t.trim().to_string()).collect());
-    let known = ["rows", "ahead", "tune", "epilogue", "waves", "sampling"];
+    let known = ["rows", "tune", "epilogue", "waves", "sampling"];
     if let Some(t) = tables
         .iter()
         .flatten()
@@ -166,9 +166,6 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         println!();
         if wanted("rows") {
             prefetch_table(&mut be, &mut rng, config.vocab_size, bs)?;
-        }
-        if wanted("ahead") {
-            ahead_table(&mut be, &mut rng, config.vocab_size, bs)?;
         }
         for ab in ABS.iter().filter(|ab| wanted(ab.name)) {
             ab_table(&mut be, &mut rng, config.vocab_size, num_blocks, bs, ab)?;
@@ -467,47 +464,6 @@ fn prefetch_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize, bs: 
         println!("| {ctx} | {} |", cells.join(" | "));
     }
     be.set_prefetch(before);
-    println!();
-    Ok(())
-}
-
-/// Batch-1 decode steps with each budget of the next product's weights a `gemv`
-/// launch asks L2 for once its own rows are read (`BenchControls::set_ahead`),
-/// taking turns three times, at 1k and 4k context.
-fn ahead_table(be: &mut CudaBackend, rng: &mut ChaCha8Rng, vocab: usize, bs: usize) -> Res<()> {
-    println!(
-        "### L2 prefetch of the next product's weights at batch 1 (graph replays; ms per step, three rounds taking turns)\n"
-    );
-    println!(
-        "| context | none | 8 MiB | 16 MiB | 24 MiB | 32 MiB | 48 MiB | 32 MiB ÷ none (median) |"
-    );
-    println!("|---|---|---|---|---|---|---|---|");
-    let settings = [0usize, 8 << 20, 16 << 20, 24 << 20, 32 << 20, 48 << 20];
-    let before = be.ahead();
-    for ctx in [1024usize, 4096] {
-        let tables = consecutive_tables(1, blocks_for(ctx + 14, bs));
-        let mut toks = vec![rng.random_range(0..vocab as u32)];
-        let mut ms: [Vec<f64>; 6] = Default::default();
-        for _round in 0..3 {
-            for (m, &bytes) in ms.iter_mut().zip(&settings) {
-                be.set_ahead(bytes);
-                m.push(time_decode(be, &tables, ctx, &mut toks, TokenDraw::GREEDY)? * 1e3);
-            }
-        }
-        let cells: Vec<String> = ms
-            .iter()
-            .map(|m| {
-                let v: Vec<String> = m.iter().map(|t| format!("{t:.3}")).collect();
-                v.join(", ")
-            })
-            .collect();
-        println!(
-            "| {ctx} | {} | {:.3} |",
-            cells.join(" | "),
-            median(ms[4].clone()) / median(ms[0].clone())
-        );
-    }
-    be.set_ahead(before);
     println!();
     Ok(())
 }

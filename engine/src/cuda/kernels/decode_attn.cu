@@ -30,22 +30,60 @@ __device__ __forceinline__ int decode_swz(int r, int c) {
     else return c ^ ((r >> 1) & 3);
 }
 
+// Key t0's K and V rows (KV head kh) in a cache whose blocks hold a multiple of 16
+// tokens. A warp's tile starts at a multiple of 16 (split_chunk), so its 16 keys
+// then share t0's block and follow in consecutive rows: the tile reads one
+// block-table entry and divides once, where paged_kv_rows does both for every row
+// (on the H200 the b256 launch was held by its integer work, not its loads:
+// docs/GPU_BENCH.md, twentieth session).
+template <typename T, int HD>
+__device__ __forceinline__ void paged_kv_tile(const T*& kb, const T*& vb, const T* cache,
+                                              const int* table, size_t block_elems, int kh,
+                                              int hkv, int bs, int t0) {
+    const T* base = cache + (size_t)table[t0 / bs] * block_elems;
+    int s = t0 % bs;
+    kb = base + ((size_t)kh * bs + s) * HD;
+    vb = base + ((size_t)(hkv + kh) * bs + s) * HD;
+}
+
+// Row r's K and V element `col` of the tile at t0 (false past `end`, both then at
+// the tile's first row, for a zero-filling copy): from the tile's base rows (kb,
+// vb: paged_kv_tile) when `one_block`, else from the block table (paged_kv_rows).
+template <typename T, int HD>
+__device__ __forceinline__ bool decode_tile_row(const T*& kp, const T*& vp, bool one_block,
+                                                const T* kb, const T* vb, const T* cache,
+                                                const int* table, size_t block_elems, int kh,
+                                                int hkv, int bs, int t0, int r, int end,
+                                                int col) {
+    if (!one_block)
+        return paged_kv_rows<T, HD>(kp, vp, cache, table, block_elems, kh, hkv, bs, t0 + r,
+                                    end, col);
+    bool in = t0 + r < end;
+    int off = in ? r * HD + col : 0;
+    kp = kb + off;
+    vp = vb + off;
+    return in;
+}
+
 // One warp's tile: keys t0 .. t0 + 15 of K and V into ks/vs ([16][HD] each,
 // swizzled), with cp.async (keys at or past `end` zero-filled), as one commit group.
-// (Reading the block table a tile ahead into registers was measured slower:
-// docs/GPU_BENCH.md.)
+// (Reading the block table a tile ahead into registers was measured slower, and so
+// was staging a split's entries in shared memory: docs/GPU_BENCH.md.)
 template <int HD>
 __device__ __forceinline__ void decode_load_warp_tile(bf16* ks, bf16* vs, const bf16* cache,
                                                       const int* table, size_t block_elems,
                                                       int kh, int hkv, int bs, int t0, int end,
                                                       int lane) {
     constexpr int CPR = HD / 8;  // 16-byte chunks per row
+    bool one_block = (bs & 15) == 0;
+    const bf16 *kb = cache, *vb = cache;
+    if (one_block) paged_kv_tile<bf16, HD>(kb, vb, cache, table, block_elems, kh, hkv, bs, t0);
 #pragma unroll
     for (int i = lane; i < 16 * CPR; i += 32) {
         int r = i / CPR, c = i % CPR;
         const bf16 *kp, *vp;
-        int bytes = paged_kv_rows<bf16, HD>(kp, vp, cache, table, block_elems, kh, hkv, bs,
-                                            t0 + r, end, c * 8)
+        int bytes = decode_tile_row<bf16, HD>(kp, vp, one_block, kb, vb, cache, table,
+                                              block_elems, kh, hkv, bs, t0, r, end, c * 8)
                         ? 16
                         : 0;
         int dst = r * HD + decode_swz<HD>(r, c) * 8;
@@ -65,12 +103,17 @@ __device__ __forceinline__ void decode_load_warp_raw(unsigned char* kr, unsigned
                                                      size_t block_bytes, int kh, int hkv, int bs,
                                                      int t0, int end, int lane) {
     constexpr int CPR = HD / 16;  // 16-byte chunks (16 values) per row
+    bool one_block = (bs & 15) == 0;
+    const unsigned char *kb = cache, *vb = cache;
+    if (one_block)
+        paged_kv_tile<unsigned char, HD>(kb, vb, cache, table, block_bytes, kh, hkv, bs, t0);
 #pragma unroll
     for (int i = lane; i < 16 * CPR; i += 32) {
         int r = i / CPR, c = i % CPR;
         const unsigned char *kp, *vp;
-        int bytes = paged_kv_rows<unsigned char, HD>(kp, vp, cache, table, block_bytes, kh, hkv,
-                                                     bs, t0 + r, end, c * 16)
+        int bytes = decode_tile_row<unsigned char, HD>(kp, vp, one_block, kb, vb, cache, table,
+                                                       block_bytes, kh, hkv, bs, t0, r, end,
+                                                       c * 16)
                         ? 16
                         : 0;
         cp_async16(kr + r * HD + c * 16, kp, bytes);

@@ -76,28 +76,8 @@ __device__ void gemv_rows(const bf16* x, const bf16* w, void* y, int k, int out,
     }
 }
 
-// The block's share of the bytes `ahead` asks L2 for once the block's own rows are
-// read: `parts` ranges of `bytes` each, `stride` bytes apart, cut evenly over the grid
-// (16-byte multiples, one bulk prefetch a part for each block). It is the weights of
-// the product that comes next, so that they stream from memory during the short,
-// latency-bound kernels in between (RoPE and attention before o, the norms before
-// gate_up and qkv), where memory is otherwise idle; they are read from L2 after.
-__device__ __forceinline__ void ahead_l2(const bf16* ahead, u64 bytes, int parts, u64 stride) {
-    if (ahead == nullptr || threadIdx.x != 0) return;
-    u64 share = (bytes / gridDim.x + 15) & ~15ull;
-    u64 start = share * blockIdx.x;
-    if (start >= bytes) return;
-    u32 len = (u32)min(share, bytes - start);
-    const char* base = reinterpret_cast<const char*>(ahead) + start;
-    for (int p = 0; p < parts; p++)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + p * stride),
-                     "r"(len)
-                     : "memory");
-}
-
 extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, int k, int out,
-                                int y_f32, int prefetch, const bf16* ahead, u64 ahead_bytes,
-                                int ahead_parts, u64 ahead_stride) {
+                                int y_f32, int prefetch) {
     switch (n) {
         case 1: gemv_rows<1>(x, w, y, k, out, y_f32, prefetch); break;
         case 2: gemv_rows<2>(x, w, y, k, out, y_f32, prefetch); break;
@@ -108,7 +88,6 @@ extern "C" __global__ void gemv(const bf16* x, const bf16* w, void* y, int n, in
         case 7: gemv_rows<7>(x, w, y, k, out, y_f32, prefetch); break;
         default: gemv_rows<8>(x, w, y, k, out, y_f32, prefetch); break;
     }
-    ahead_l2(ahead, ahead_bytes, ahead_parts, ahead_stride);
 }
 
 // The gate/up product and the activation in one pass, for one row (decode at batch
