@@ -78,6 +78,8 @@
 #   .gpu42  twenty-first session's call-42: 30b2ea6's tandem-gpu-bench and engine-tests
 #           (xz), kernels/ (its kernels) and kernels-tile/ (the same with
 #           decode-tile-one-block.patch); carried beside .gpu41
+#   .gpu46  twenty-first session's call-46 (not run yet): d0eb820's tandem-gpu-bench and
+#           engine-tests (xz) and kernels
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -412,6 +414,13 @@ for w in $WHICH; do
       git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-06-twenty-first/decode-tile-one-block.patch"
       cp "$d/engine/src/cuda/kernels/decode_attn.cu" .gpu42/kernels-tile/
       xz -T2 -6 .gpu42/tandem-gpu-bench .gpu42/engine-tests
+      ;;
+    46)
+      rm -rf .gpu46 && mkdir -p .gpu46
+      d=$(worktree h46 d0eb820)
+      bench_into "$d" h46 .gpu46
+      strip -o .gpu46/engine-tests "$(engine_tests "$d" h46)"
+      xz -T2 -6 .gpu46/tandem-gpu-bench .gpu46/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
