@@ -80,6 +80,9 @@
 #           decode-tile-one-block.patch); carried beside .gpu41
 #   .gpu46  twenty-first session's call-46 (not run yet): d0eb820's tandem-gpu-bench and
 #           engine-tests (xz) and kernels
+#   .gpu47  twenty-first session's call-47 (not run yet): d0eb820 with
+#           prefill-heads-fastest.patch (tandem-gpu-bench, engine-tests, xz; kernels);
+#           carried beside .gpu46
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -421,6 +424,13 @@ for w in $WHICH; do
       bench_into "$d" h46 .gpu46
       strip -o .gpu46/engine-tests "$(engine_tests "$d" h46)"
       xz -T2 -6 .gpu46/tandem-gpu-bench .gpu46/engine-tests
+      ;;
+    47)
+      rm -rf .gpu47 && mkdir -p .gpu47
+      d=$(worktree h47 d0eb820 scripts/gpu-pending/prefill-heads-fastest.patch)
+      bench_into "$d" h47 .gpu47
+      strip -o .gpu47/engine-tests "$(engine_tests "$d" h47)"
+      xz -T2 -6 .gpu47/tandem-gpu-bench .gpu47/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
