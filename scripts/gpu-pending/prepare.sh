@@ -81,8 +81,9 @@
 #   .gpu46  twenty-first session's call-46 (not run yet): d0eb820's tandem-gpu-bench and
 #           engine-tests (xz) and kernels
 #   .gpu47  twenty-first session's call-47 (not run yet): d0eb820 with
-#           prefill-heads-fastest.patch (tandem-gpu-bench, engine-tests, xz; kernels);
-#           carried beside .gpu46
+#           prefill-heads-fastest.patch (tandem-gpu-bench, engine-tests, xz; kernels/,
+#           kernels-both/ with rope-kv-wide.patch too, kernels-rope/ main's with
+#           rope-kv-wide.patch); carried beside .gpu46
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -431,6 +432,10 @@ for w in $WHICH; do
       bench_into "$d" h47 .gpu47
       strip -o .gpu47/engine-tests "$(engine_tests "$d" h47)"
       xz -T2 -6 .gpu47/tandem-gpu-bench .gpu47/engine-tests
+      git -C "$d" apply "$ROOT/scripts/gpu-pending/rope-kv-wide.patch"
+      cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-both
+      git -C "$d" checkout -q d0eb820 -- engine/src/cuda/kernels/prefill_attn.cu
+      cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-rope
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
