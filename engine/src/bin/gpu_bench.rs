@@ -61,6 +61,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The comma-separated numbers after `name` (`--batches 1,64,256`); `None` when absent.
+fn usize_list(args: &[String], name: &str) -> Res<Option<Vec<usize>>> {
+    let Some(list) = arg(args, name) else {
+        return Ok(None);
+    };
+    let parsed: Result<Vec<usize>, _> = list.split(',').map(|n| n.trim().parse()).collect();
+    Ok(Some(parsed.map_err(|e| format!("{name} {list}: {e}"))?))
+}
+
 /// `--kv-dtype bf16|fp8_e4m3` (bf16 when absent).
 fn kv_dtype_arg(args: &[String]) -> Res<KvDtype> {
     match arg(args, "--kv-dtype").as_deref() {

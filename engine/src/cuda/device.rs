@@ -254,11 +254,7 @@ impl Gpu {
             func.set_attribute(max_smem, bytes as i32)
                 .op("cuFuncSetAttribute")?;
         }
-        let sms = ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .op("cuDeviceGetAttribute")?;
+        let (dram_gbs, sms) = dram_peak(&ctx)?;
         let per_sm = k
             .decode_attn
             .occupancy_max_active_blocks_per_multiprocessor(
@@ -267,9 +263,8 @@ impl Gpu {
                 None,
             )
             .op("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
-        let decode_wave = (sms.max(1) as usize) * (per_sm.max(1) as usize);
-        let (dram_gbs, _) = dram_peak(&ctx)?;
-        let prefetch_row_bytes = prefetch_row_bytes(dram_gbs / sms.max(1) as f64);
+        let decode_wave = sms * (per_sm.max(1) as usize);
+        let prefetch_row_bytes = prefetch_row_bytes(dram_gbs / sms as f64);
         let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
             .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
             .op("cublasCreate")?;

@@ -10,7 +10,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 
 use super::speed::{consecutive_tables, tables_of, time_decode, time_decode_at};
-use super::{Res, arg, block_size_arg, median};
+use super::{Res, arg, block_size_arg, median, usize_list};
 
 /// Where a decode step's time goes: each weight product alone (as the `gemv`
 /// kernel at batch 1 and cuBLAS at batch 64 and 256) against the copy bandwidth, and the
@@ -25,14 +25,10 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
     let config = named_config(&shape, Some(4))?;
     let bs = block_size_arg(args)?;
-    let numbers = |flag: &str| -> Res<Option<Vec<usize>>> {
-        let Some(list) = arg(args, flag) else {
-            return Ok(None);
-        };
-        let parsed: Result<Vec<usize>, _> = list.split(',').map(|n| n.trim().parse()).collect();
-        Ok(Some(parsed.map_err(|e| format!("{flag} {list}: {e}"))?))
-    };
-    let aims: Option<Vec<Aim>> = match (numbers("--decode-blocks")?, numbers("--decode-splits")?) {
+    let aims: Option<Vec<Aim>> = match (
+        usize_list(args, "--decode-blocks")?,
+        usize_list(args, "--decode-splits")?,
+    ) {
         (Some(_), Some(_)) => return Err("--decode-blocks or --decode-splits, not both".into()),
         (Some(b), None) => Some(b.into_iter().map(Aim::Blocks).collect()),
         (None, Some(s)) => Some(s.into_iter().map(Aim::Splits).collect()),
@@ -113,8 +109,7 @@ pub(crate) fn kernels(args: &[String]) -> Res<()> {
         let c = named_config(&shape, Some(layers))?;
         let mut be = random_backend(&c, bs, blocks_for(32768, bs))?;
         for (ctx, batch) in [(1024usize, 1usize), (4096, 64), (1024, 256)] {
-            let per_seq = blocks_for(ctx + 20, bs);
-            let tables = consecutive_tables(batch, per_seq);
+            let tables = consecutive_tables(batch, step_blocks(ctx, bs));
             let mut toks = vec![1u32; batch];
             let t = time_decode(&mut be, &tables, ctx, &mut toks, TokenDraw::GREEDY)?;
             steps.push((layers, ctx, batch, t));
@@ -221,6 +216,12 @@ fn random_backend(config: &ModelConfig, bs: usize, min_blocks: usize) -> Res<Cud
     Ok(be)
 }
 
+/// Cache blocks of `bs` tokens a timed sequence at context `ctx` holds (its
+/// steps' tokens included).
+fn step_blocks(ctx: usize, bs: usize) -> usize {
+    blocks_for(ctx + 20, bs)
+}
+
 /// A decode step of sequences at contexts `ctxs` with decode attention aiming
 /// at `blocks` (`None`: the backend's rule): each kernel's fastest of 5 runs
 /// after a warm-up (an event after each launch), and the graph-replayed step's
@@ -232,7 +233,7 @@ fn profile_decode(
     blocks: Option<usize>,
 ) -> Res<(Vec<(&'static str, f64)>, f64)> {
     be.set_decode_blocks(blocks);
-    let per_seq: Vec<usize> = ctxs.iter().map(|&ctx| blocks_for(ctx + 20, bs)).collect();
+    let per_seq: Vec<usize> = ctxs.iter().map(|&ctx| step_blocks(ctx, bs)).collect();
     let tables = tables_of(&per_seq);
     let toks = vec![[1u32]; ctxs.len()];
     let chunks: Vec<SeqChunk<'_>> = toks
@@ -279,7 +280,7 @@ fn decode_blocks_sweep(
     let most = shapes
         .iter()
         .map(|groups| {
-            let blocks = groups.iter().map(|&(ctx, n)| n * blocks_for(ctx + 20, bs));
+            let blocks = groups.iter().map(|&(ctx, n)| n * step_blocks(ctx, bs));
             blocks.sum::<usize>()
         })
         .max()

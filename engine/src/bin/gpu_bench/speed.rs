@@ -12,7 +12,7 @@ use tandem_engine::cuda::bench::named_config;
 use tandem_engine::cuda::{BenchControls, CudaBackend, CudaLimits, Gpu, GpuModel};
 use tandem_engine::kv_cache::KvLayout;
 
-use super::{Res, arg, block_size_arg, kv_dtype_arg, median};
+use super::{Res, arg, block_size_arg, kv_dtype_arg, median, usize_list};
 
 pub(crate) fn bench(args: &[String]) -> Res<()> {
     let shape = arg(args, "--shape").unwrap_or_else(|| "llama3-8b".into());
@@ -113,9 +113,7 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         // `--batches 1,256`: those batch sizes instead of the sweep's.
-        let chosen: Option<Vec<usize>> = arg(args, "--batches")
-            .map(|v| v.split(',').map(|b| b.trim().parse()).collect())
-            .transpose()?;
+        let chosen = usize_list(args, "--batches")?;
         let batches: &[usize] = match &chosen {
             Some(b) => b,
             None if quick => &[1, 64],
