@@ -8,6 +8,7 @@
 //! tandem-gpu-bench real   --model PATH                 CPU vs GPU on a real model (GGUF or directory)
 //! tandem-gpu-bench bench  [--shape llama3-8b] [--layers N] [--quick] [--kv-dtype bf16|fp8_e4m3]
 //!                         [--only decode|prefill] [--block-size N] [--batches B,..]
+//!                         [--prefill-chunk N]
 //!                         [--tables rows,tune,epilogue,waves,sampling]
 //! tandem-gpu-bench kernels [--shape llama3-8b] [--block-size N]
 //!                         [--decode-blocks N,..|--decode-splits S,..
