@@ -84,6 +84,8 @@
 #           prefill-heads-fastest.patch (tandem-gpu-bench, engine-tests, xz; kernels/,
 #           kernels-both/ with rope-kv-wide.patch too, kernels-rope/ main's with
 #           rope-kv-wide.patch); carried beside .gpu46
+#   .gpu48  twenty-second session's call-48 and call-49: 384755e's tandem-gpu-bench (xz;
+#           `bench --prefill-chunk`) and kernels (main's, as .gpu46's)
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -436,6 +438,12 @@ for w in $WHICH; do
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-both
       git -C "$d" checkout -q d0eb820 -- engine/src/cuda/kernels/prefill_attn.cu
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-rope
+      ;;
+    48)
+      rm -rf .gpu48 && mkdir -p .gpu48
+      d=$(worktree h48 384755e)
+      bench_into "$d" h48 .gpu48
+      xz -T2 -6 .gpu48/tandem-gpu-bench
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
