@@ -67,17 +67,18 @@ pub(crate) fn bench(args: &[String]) -> Res<()> {
     let kv_token_bytes = block_bytes_all / bs;
     // `--prefill-chunk N`: a prefill pass's tokens (8192 by default; 32768 runs the
     // 32k prompt in one pass, as transformers does).
+    let default_chunk = CudaLimits::default().max_tokens;
     let chunk = match arg(args, "--prefill-chunk") {
         Some(s) => s
             .parse::<usize>()
             .ok()
             .filter(|&n| n > 0)
             .ok_or(format!("--prefill-chunk {s}: a positive number of tokens"))?,
-        None => CudaLimits::default().max_tokens,
+        None => default_chunk,
     };
     // The pass buffers take ~154 KiB a token at the 8B shape (f32 residual and delta,
     // bf16 activations, the gate/up output), 1.3 GB of the 3 GiB kept at 8192.
-    let reserve = (3usize << 30) + (160usize << 10) * chunk.saturating_sub(8192);
+    let reserve = (3usize << 30) + (160usize << 10) * chunk.saturating_sub(default_chunk);
     let num_blocks = (free.saturating_sub(reserve)) / block_bytes_all;
     let limits = CudaLimits {
         kv_dtype,
