@@ -5,7 +5,8 @@
 # 1. lscpu: are the 16 CPUs 8 cores with two threads each?
 # 2. aesb: AES-128-GCM seal/open, ring against aws-lc-rs, 1 thread and every CPU.
 # 3. kv_bench at 8952 then 1472 B, 32k tokens, the builds taking turns, 2 rounds:
-#    main; lanes (each endpoint's quinn drivers on one of N current-thread runtimes,
+#    main (with --tls: TCP under rustls's TLS 1.3 too, the baseline that encrypts as QUIC
+#    does); lanes (each endpoint's quinn drivers on one of N current-thread runtimes,
 #    TANDEM_KV_IO_THREADS=8 or 16); awslc (rustls and quinn on aws-lc-rs, not ring).
 # 4. perf (Debian 12's, carried with its libraries) over main's QUIC runs at 8952 B:
 #    the CPU by group (kernel, crypto, copies, quinn) against the 2-core VM's
@@ -26,20 +27,20 @@ tail -3 "$O/perf-record.md"
 $P script -i /tmp/g49/q.data -F time,comm,ip,sym,dso 2>/dev/null | python3 scripts/perf_window.py 40 > "$O/perf-8952.md" 2>&1
 head -14 "$O/perf-8952.md"; save
 step aesb 40 "" /tmp/g49/aesb; cat "$O/aesb.md"; save
-kv() { # NAME MTU BINARY [ENV..]
+kv() { # NAME MTU BINARY [ENV..]; TCP_CONNS (8), KV_EXTRA: more kv_bench flags
   local name=$1 mtu=$2 bin=$3; shift 3
   date -u +%T
-  step "$name" 60 "" env "$@" /tmp/g49/$bin --tokens 32768 --conns 16,32 --tcp-conns 8 \
-    --rx-endpoints 0 --max-udp-payload "$mtu" --overlap-tokens 0
-  grep -E "tcp  conns|quic conns" "$O/$name.md" | sed 's/ack_threshold=20//' | cut -c1-130; save
+  step "$name" 90 "" env "$@" /tmp/g49/$bin --tokens 32768 --conns 16,32 --tcp-conns ${TCP_CONNS:-8} \
+    --rx-endpoints 0 --max-udp-payload "$mtu" --overlap-tokens 0 ${KV_EXTRA:-}
+  grep -E "tcp  conns|tls  conns|quic conns|best quic" "$O/$name.md" | sed 's/ack_threshold=20//' | cut -c1-130; save
 }
 for r in 1 2; do
-  kv "main-8952-$r" 8952 kv_bench_main
+  TCP_CONNS=8,16 KV_EXTRA=--tls kv "main-8952-$r" 8952 kv_bench_main
   kv "lanes8-8952-$r" 8952 kv_bench_lanes TANDEM_KV_IO_THREADS=8
   kv "lanes16-8952-$r" 8952 kv_bench_lanes TANDEM_KV_IO_THREADS=16
   kv "awslc-8952-$r" 8952 kv_bench_awslc
 done
-kv "main-1472-1" 1472 kv_bench_main
+TCP_CONNS=8,16 KV_EXTRA=--tls kv "main-1472-1" 1472 kv_bench_main
 kv "lanes16-1472-1" 1472 kv_bench_lanes TANDEM_KV_IO_THREADS=16
 kv "awslc-1472-1" 1472 kv_bench_awslc
 save

@@ -10,7 +10,7 @@
 //! congestion window are warm), then times the next. Usage (all flags optional):
 //!
 //! ```text
-//! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4]
+//! kv_bench [--tokens 4096,32768] [--conns 1,4,8] [--tcp-conns 1,4] [--tls]
 //!          [--overlap-tokens 8192] [--overlap-conns 4] [--compute-ms 9.39]
 //!          [--overlap-chunk-tokens 0,2048]
 //!          [--max-udp-payload 1472,8952,65527] [--frame-kib 4096]
@@ -45,6 +45,11 @@
 //! by construction), n is chunked prefill in chunks of n tokens, as the
 //! prefill node runs it (each chunk's layers are sent as they finish).
 //!
+//! `--tls` also times TCP under TLS 1.3 (rustls, the QUIC transport's own
+//! provider and AES-128-GCM suite: `tls.rs`) at each `--tcp-conns` count:
+//! the baseline that encrypts as QUIC does, so the gap between the two ratios
+//! is what encryption costs and the rest is QUIC's own.
+//!
 //! (One file of about 650 lines on purpose: a bench binary whose sender,
 //! receiver child and TCP baseline share the same constants and framing.)
 
@@ -64,7 +69,7 @@ use tandem_kv_transfer::{
     FirstToken, KvReceiver, KvSender, KvSink, LayerHeader, LayerShape, Payload, ReceiverConfig,
     SenderConfig, SinkError, TransportTuning, WireDtype,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -95,6 +100,7 @@ struct Args {
     checksum: bool,
     concurrent: usize,
     fairness: bool,
+    tls: bool,
 }
 
 fn default_compute_ms() -> f64 {
@@ -173,6 +179,10 @@ struct Flags {
     /// (`TransportTuning::send_fairness`; off by default).
     #[arg(long)]
     fairness: bool,
+    /// Also time TCP under TLS 1.3 (the QUIC transport's rustls provider),
+    /// at each `--tcp-conns` count.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// `--role`.
@@ -212,6 +222,7 @@ fn parse_args() -> Result<Args> {
         checksum: f.checksum,
         concurrent: f.concurrent.max(1),
         fairness: f.fairness,
+        tls: f.tls,
     })
 }
 
@@ -312,9 +323,11 @@ async fn receiver(args: &Args) -> Result<()> {
     )?;
     let tcp = TcpListener::bind("127.0.0.1:0").await?;
     let tcp_addr = tcp.local_addr()?;
+    let tls = TcpListener::bind("127.0.0.1:0").await?;
+    let tls_addr = tls.local_addr()?;
     let hex: String = cert.cert.iter().map(|b| format!("{b:02x}")).collect();
     let quic_addrs: Vec<String> = rx.local_addrs()?.iter().map(|a| a.to_string()).collect();
-    println!("READY {} {tcp_addr} {hex}", quic_addrs.join(","));
+    println!("READY {} {tcp_addr} {tls_addr} {hex}", quic_addrs.join(","));
     // UDP drops what the receive buffer cannot hold; the kernel caps the
     // buffer we ask for at net.core.rmem_max.
     let probe = receiver_tuning(args).udp_socket("127.0.0.1:0".parse()?)?;
@@ -329,7 +342,21 @@ async fn receiver(args: &Args) -> Result<()> {
     std::io::stdout().flush()?;
     tokio::spawn(async move {
         while let Ok((sock, _)) = tcp.accept().await {
+            let _ = sock.set_nodelay(true);
             tokio::spawn(tcp_serve(sock));
+        }
+    });
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config()?);
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = tls.accept().await {
+            let _ = sock.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor.accept(sock).await {
+                    Ok(sock) => tcp_serve(sock).await,
+                    Err(e) => eprintln!("tls receiver: handshake: {e}"),
+                }
+            });
         }
     });
     // Run until the parent closes our stdin.
@@ -348,10 +375,9 @@ async fn receiver(args: &Args) -> Result<()> {
 /// Bytes a TCP read asks for.
 const TCP_READ: usize = 1 << 20;
 
-/// TCP: same frames, same decoder (each read's buffer is handed to it, not
-/// copied); one ack byte per Final.
-async fn tcp_serve(mut sock: TcpStream) {
-    let _ = sock.set_nodelay(true);
+/// TCP (plain or under TLS): same frames, same decoder (each read's buffer is
+/// handed to it, not copied); one ack byte per Final.
+async fn tcp_serve<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S) {
     let mut dec = FrameDecoder::new(DEFAULT_MAX_PAYLOAD);
     let mut buf = BytesMut::new();
     loop {
@@ -366,7 +392,7 @@ async fn tcp_serve(mut sock: TcpStream) {
         loop {
             match dec.next_frame() {
                 Ok(Some(Frame::Final { .. })) => {
-                    if sock.write_all(&[1]).await.is_err() {
+                    if sock.write_all(&[1]).await.is_err() || sock.flush().await.is_err() {
                         return;
                     }
                 }
@@ -439,6 +465,7 @@ fn shape(layer: u16, first_block: u32, blocks: u32) -> LayerShape {
 struct Child {
     quic: Vec<SocketAddr>,
     tcp: SocketAddr,
+    tls: SocketAddr,
     cert: CertificateDer<'static>,
     proc: std::process::Child,
 }
@@ -479,12 +506,12 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
     let parts: Vec<&str> = line.split_whitespace().collect();
-    if parts.len() != 4 || parts[0] != "READY" {
+    if parts.len() != 5 || parts[0] != "READY" {
         bail!("receiver said {line:?}");
     }
-    let der = (0..parts[3].len())
+    let der = (0..parts[4].len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&parts[3][i..i + 2], 16))
+        .map(|i| u8::from_str_radix(&parts[4][i..i + 2], 16))
         .collect::<Result<Vec<u8>, _>>()?;
     Ok(Child {
         quic: parts[1]
@@ -492,6 +519,7 @@ fn spawn_receiver(args: &Args) -> Result<Child> {
             .map(|a| a.parse())
             .collect::<Result<Vec<SocketAddr>, _>>()?,
         tcp: parts[2].parse()?,
+        tls: parts[3].parse()?,
         cert: CertificateDer::from(der),
         proc,
     })
@@ -686,36 +714,66 @@ async fn send_request(
 
 /// TCP with the same frames; like the QUIC sender's lanes, each
 /// connection's task hashes its own frames.
-async fn tcp_run(child: &Child, conns: usize, kv: &Kv, args: &Args) -> Result<(Duration, f64)> {
+/// One TCP connection's sending task: the frames it is handed, then a Final,
+/// then the receiver's ack byte.
+async fn tcp_lane<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    mut rx: mpsc::Receiver<(LayerShape, Bytes)>,
+    checksum: bool,
+) -> Result<()> {
+    while let Some((shape, piece)) = rx.recv().await {
+        let header = if checksum {
+            LayerHeader::for_payload(2, shape, &piece)?
+        } else {
+            LayerHeader::unhashed(2, shape, piece.len())?
+        };
+        sock.write_all(&header.encode()).await?;
+        sock.write_all(&piece).await?;
+    }
+    sock.write_all(&encode_final(2, &FIRST, u32::from(LAYERS), 0, 0))
+        .await?;
+    sock.flush().await?;
+    let mut ack = [0u8; 1];
+    sock.read_exact(&mut ack).await?;
+    Ok(())
+}
+
+/// A timed TCP run over `conns` connections, under TLS 1.3 when `tls`
+/// (handshakes before the clock starts, as QUIC's connections are warm).
+async fn tcp_run(
+    child: &Child,
+    conns: usize,
+    kv: &Kv,
+    args: &Args,
+    tls: bool,
+) -> Result<(Duration, f64)> {
     let (frame_bytes, checksum) = (args.frame_bytes, args.checksum);
-    let cpu = CpuClock::start(child);
     let blocks = kv.blocks;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
+    let connector = tokio_rustls::TlsConnector::from(client_config_trusting(&child.cert)?);
+    let mut socks = Vec::new();
+    for _ in 0..conns {
+        let sock = TcpStream::connect(if tls { child.tls } else { child.tcp }).await?;
+        sock.set_nodelay(true)?;
+        socks.push(sock);
+    }
+    let mut tls_socks = Vec::new();
+    if tls {
+        for sock in socks.drain(..) {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            tls_socks.push(connector.connect(name, sock).await?);
+        }
+    }
+    let cpu = CpuClock::start(child);
     let start = Instant::now();
     let mut lanes = Vec::new();
-    for _ in 0..conns {
-        let mut sock = TcpStream::connect(child.tcp).await?;
-        sock.set_nodelay(true)?;
-        let (tx, mut rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
-        lanes.push((
-            tx,
-            tokio::spawn(async move {
-                while let Some((shape, piece)) = rx.recv().await {
-                    let header = if checksum {
-                        LayerHeader::for_payload(2, shape, &piece)?
-                    } else {
-                        LayerHeader::unhashed(2, shape, piece.len())?
-                    };
-                    sock.write_all(&header.encode()).await?;
-                    sock.write_all(&piece).await?;
-                }
-                sock.write_all(&encode_final(2, &FIRST, u32::from(LAYERS), 0, 0))
-                    .await?;
-                let mut ack = [0u8; 1];
-                sock.read_exact(&mut ack).await?;
-                anyhow::Ok(())
-            }),
-        ));
+    for sock in socks {
+        let (tx, rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
+        lanes.push((tx, tokio::spawn(tcp_lane(sock, rx, checksum))));
+    }
+    for sock in tls_socks {
+        let (tx, rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
+        lanes.push((tx, tokio::spawn(tcp_lane(sock, rx, checksum))));
     }
     let mut next = 0;
     for layer in 0..LAYERS {
@@ -751,6 +809,10 @@ struct Row {
     tcp_conns: usize,
     /// CPU seconds per GB of the best TCP run.
     tcp_cpu: f64,
+    /// The best TCP-under-TLS run (`--tls`; 0 without), its connections and CPU per GB.
+    tls: f64,
+    tls_conns: usize,
+    tls_cpu: f64,
     quic: f64,
     quic_label: String,
     /// CPU seconds per GB of the best QUIC run.
@@ -817,12 +879,15 @@ async fn compare(
         tcp: 0.0,
         tcp_conns: 0,
         tcp_cpu: 0.0,
+        tls: 0.0,
+        tls_conns: 0,
+        tls_cpu: 0.0,
         quic: 0.0,
         quic_label: String::new(),
         quic_cpu: 0.0,
     };
     for &c in &args.tcp_conns {
-        let (d, cpu) = tcp_run(child, c, &kv, args).await?;
+        let (d, cpu) = tcp_run(child, c, &kv, args, false).await?;
         let g = gbps(bytes, d);
         if g > row.tcp {
             (row.tcp, row.tcp_conns, row.tcp_cpu) = (g, c, cpu);
@@ -830,6 +895,18 @@ async fn compare(
         println!(
             "  tcp  conns={c}: {:>7.1} ms  {g:>6.2} GB/s  cpu {cpu:.2} s/GB",
             d.as_secs_f64() * 1e3
+        );
+    }
+    for &c in args.tcp_conns.iter().filter(|_| args.tls) {
+        let (d, cpu) = tcp_run(child, c, &kv, args, true).await?;
+        let g = gbps(bytes, d);
+        if g > row.tls {
+            (row.tls, row.tls_conns, row.tls_cpu) = (g, c, cpu);
+        }
+        println!(
+            "  tls  conns={c}: {:>7.1} ms  {g:>6.2} GB/s  ({:.2}x of best tcp)  cpu {cpu:.2} s/GB",
+            d.as_secs_f64() * 1e3,
+            g / row.tcp
         );
     }
     for &ack_threshold in &args.ack_threshold {
@@ -865,6 +942,9 @@ async fn compare(
         }
     }
     println!("  best quic / best tcp = {:.2}", row.quic / row.tcp);
+    if args.tls {
+        println!("  best quic / best tls = {:.2}", row.quic / row.tls);
+    }
     Ok(row)
 }
 
@@ -884,12 +964,18 @@ fn payload_label(asked: u16) -> String {
 }
 
 fn markdown(rows: &[Row]) -> String {
+    let tls = rows.iter().any(|r| r.tls > 0.0);
     let mut t = String::from(
-        "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting | CPU s/GB: TCP, QUIC |\n|---|---|---|---|---|---|---|\n",
+        "| max UDP payload | KV tokens | best TCP GB/s | best QUIC GB/s | QUIC / TCP | best QUIC setting | CPU s/GB: TCP, QUIC |",
     );
+    t.push_str(if tls {
+        " best TLS/TCP GB/s | QUIC / TLS | TLS CPU s/GB |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|---|---|---|\n"
+    });
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} | {:.2}, {:.2} |\n",
+            "| {} | {} | {:.2} ({} conns) | {:.2} | {:.2} | {} | {:.2}, {:.2} |",
             payload_label(r.max_udp_payload),
             r.tokens,
             r.tcp,
@@ -900,6 +986,16 @@ fn markdown(rows: &[Row]) -> String {
             r.tcp_cpu,
             r.quic_cpu
         ));
+        if tls {
+            t.push_str(&format!(
+                " {:.2} ({} conns) | {:.2} | {:.2} |",
+                r.tls,
+                r.tls_conns,
+                r.quic / r.tls,
+                r.tls_cpu
+            ));
+        }
+        t.push('\n');
     }
     t
 }
