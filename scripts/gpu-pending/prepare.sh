@@ -430,11 +430,11 @@ for w in $WHICH; do
       ;;
     47)
       rm -rf .gpu47 && mkdir -p .gpu47
-      d=$(worktree h47 d0eb820 scripts/gpu-pending/prefill-heads-fastest.patch)
+      d=$(worktree h47 d0eb820 docs/gpu-results/2026-12-07-twenty-third/prefill-heads-fastest.patch)
       bench_into "$d" h47 .gpu47
       strip -o .gpu47/engine-tests "$(engine_tests "$d" h47)"
       xz -T2 -6 .gpu47/tandem-gpu-bench .gpu47/engine-tests
-      git -C "$d" apply "$ROOT/scripts/gpu-pending/rope-kv-wide.patch"
+      git -C "$d" apply "$ROOT/docs/gpu-results/2026-12-07-twenty-third/rope-kv-wide.patch"
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-both
       git -C "$d" checkout -q d0eb820 -- engine/src/cuda/kernels/prefill_attn.cu
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-rope

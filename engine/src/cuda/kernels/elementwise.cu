@@ -128,14 +128,115 @@ extern "C" __global__ void add_rmsnorm_rows(float* x, const float* delta, const 
     }
 }
 
+// Eight bf16 values (16 bytes) as floats, and back.
+__device__ __forceinline__ void bf16x8_to_f32(const uint4& u, float (&v)[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float2 f = __bfloat1622float2(h[e]);
+        v[2 * e] = f.x;
+        v[2 * e + 1] = f.y;
+    }
+}
+
+__device__ __forceinline__ void store_bf16x8(bf16* p, const float (&v)[8]) {
+    uint4 u;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(v[2 * e], v[2 * e + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+}
+
+__device__ __forceinline__ void store_f32x8(float* p, const float (&v)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// rope_kv's work for one token when hd is a multiple of 16, in items of 16 bytes:
+// item i < rot holds values j .. j + 7 of a q or k head's first half and the eight
+// they pair with in its second half (`per` items a head); the rest, eight values of
+// a V head. Loads (rope_kv_item_load) are apart from the rest so that the first
+// item's are in flight while the block computes its angles.
+__device__ __forceinline__ void rope_kv_item_load(const bf16* row, int i, int rot, int per,
+                                                  int half, int hd, int vbase, uint4& a,
+                                                  uint4& b) {
+    if (i < rot) {
+        int c1 = (i / per) * hd + (i % per) * 8;
+        a = *reinterpret_cast<const uint4*>(row + c1);
+        b = *reinterpret_cast<const uint4*>(row + c1 + half);
+    } else {
+        int r = i - rot, chunks = hd / 8;
+        a = *reinterpret_cast<const uint4*>(row + vbase + (r / chunks) * hd + (r % chunks) * 8);
+    }
+}
+
+__device__ __forceinline__ void rope_kv_item_store(const uint4& a, const uint4& b,
+                                                   const bf16* brow, const float* sn_s,
+                                                   const float* cs_s, int i, int rot, int per,
+                                                   int half, int hd, int hq, int hkv, int vbase,
+                                                   size_t t, bf16* q_out, bf16* base, int bs,
+                                                   int s, float* kv_out) {
+    float x1[8], x2[8];
+    bf16x8_to_f32(a, x1);
+    if (i < rot) {
+        int h = i / per, j = (i % per) * 8;
+        int c1 = h * hd + j;
+        bf16x8_to_f32(b, x2);
+        if (brow) {
+            float b1[8], b2[8];
+            bf16x8_to_f32(*reinterpret_cast<const uint4*>(brow + c1), b1);
+            bf16x8_to_f32(*reinterpret_cast<const uint4*>(brow + c1 + half), b2);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                x1[e] += b1[e];
+                x2[e] += b2[e];
+            }
+        }
+        float r1[8], r2[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float c = cs_s[j + e], sn = sn_s[j + e];
+            r1[e] = x1[e] * c - x2[e] * sn;
+            r2[e] = x2[e] * c + x1[e] * sn;
+        }
+        if (h < hq) {
+            bf16* q = q_out + (t * hq + h) * hd;
+            store_bf16x8(q + j, r1);
+            store_bf16x8(q + j + half, r2);
+        } else if (kv_out) {  // an fp8 cache: kv_fp8_store quantizes these
+            float* k = kv_out + (t * 2 * hkv + (h - hq)) * hd;
+            store_f32x8(k + j, r1);
+            store_f32x8(k + j + half, r2);
+        } else {
+            bf16* k = base + ((size_t)(h - hq) * bs + s) * hd;
+            store_bf16x8(k + j, r1);
+            store_bf16x8(k + j + half, r2);
+        }
+    } else {
+        int r = i - rot, chunks = hd / 8;
+        int kh = r / chunks, d = (r % chunks) * 8;
+        if (brow) {
+            float bv[8];
+            bf16x8_to_f32(*reinterpret_cast<const uint4*>(brow + vbase + kh * hd + d), bv);
+#pragma unroll
+            for (int e = 0; e < 8; e++) x1[e] += bv[e];
+        }
+        if (kv_out)
+            store_f32x8(kv_out + (t * 2 * hkv + hkv + kh) * hd + d, x1);
+        else
+            store_bf16x8(base + ((size_t)(hkv + kh) * bs + s) * hd + d, x1);
+    }
+}
+
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
 // qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
 // position; slots[t] = block * bs + slot where its K/V go. With kv_out (an fp8
 // cache) K and V go there instead, as f32 rows [n, 2, hkv, hd], for kv_fp8_store.
 // grid n, block ROPE_THREADS: block t takes token t's heads; the hd / 2 angles
-// are computed once per token (not per head) into shared memory, and each
-// thread rotates two adjacent pairs at a time (bf16x2 loads and stores): hd is a
-// multiple of 4, at most 256.
+// are computed once per token (not per head) into shared memory. Where hd is a
+// multiple of 16 each thread moves 16 bytes at a time (rope_kv_item_*), its first
+// loads issued before the angles; else it rotates two adjacent pairs at a time
+// (bf16x2 loads and stores). hd is a multiple of 4, at most 256.
 extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int* pos,
                                    const int* slots, const float* inv_freq, bf16* q_out,
                                    bf16* cache, float* kv_out, int hq, int hkv, int hd, int bs) {
@@ -146,6 +247,28 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
     size_t width = (size_t)(hq + 2 * hkv) * hd;
     const bf16* row = qkv + t * width;
     const bf16* brow = bias;
+    int vbase = (hq + hkv) * hd;
+    if ((hd & 15) == 0) {  // block-uniform: the whole block takes this path
+        int per = half / 8, rot = (hq + hkv) * per, items = rot + hkv * (hd / 8);
+        uint4 a = {}, b = {};
+        if (tid < items) rope_kv_item_load(row, tid, rot, per, half, hd, vbase, a, b);
+        for (int j = tid; j < half; j += blockDim.x) {
+            float sn, cs;
+            sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
+            sn_s[j] = sn;
+            cs_s[j] = cs;
+        }
+        int slot = slots[t];
+        bf16* base = cache + (size_t)(slot / bs) * 2 * (size_t)hkv * bs * hd;
+        int s = slot % bs;
+        __syncthreads();
+        for (int i = tid; i < items; i += blockDim.x) {
+            if (i != tid) rope_kv_item_load(row, i, rot, per, half, hd, vbase, a, b);
+            rope_kv_item_store(a, b, brow, sn_s, cs_s, i, rot, per, half, hd, hq, hkv, vbase, t,
+                               q_out, base, bs, s, kv_out);
+        }
+        return;
+    }
     for (int j = tid; j < half; j += blockDim.x) {
         float sn, cs;
         sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
@@ -190,7 +313,6 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
         }
     }
     // V: hkv * hd values, two at a time.
-    int vbase = (hq + hkv) * hd;
     for (int p = tid; p < hkv * half; p += blockDim.x) {
         int kh = p / half, d = (p % half) * 2;
         int c = vbase + kh * hd + d;
