@@ -50,7 +50,9 @@ pub enum TlsError {
 /// ring with TLS 1.3's AES-128-GCM suite first. Every KV byte is sealed and
 /// opened once; AES-128 runs 10 rounds per block to AES-256's 14, and the
 /// cipher is the largest item in a transfer's CPU profile (see BENCH.md).
-/// AES-256-GCM stays on offer for peers that insist on it.
+/// AES-256-GCM stays on offer for peers that insist on it. aws-lc-rs in ring's
+/// place moved 6-14% more at 8952-byte datagrams on the 16-core GPU host and
+/// 15% less at 1472 (docs/GPU_BENCH.md, twenty-third session), so ring stays.
 fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
     Arc::new(CryptoProvider {
