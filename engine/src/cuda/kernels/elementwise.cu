@@ -228,6 +228,18 @@ __device__ __forceinline__ void rope_kv_item_store(const uint4& a, const uint4& 
     }
 }
 
+// A token's hd / 2 rotation angles at position p into shared memory, the block's
+// threads taking them in turn.
+__device__ __forceinline__ void rope_angles(int p, const float* inv_freq, int half, float* sn_s,
+                                            float* cs_s) {
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        float sn, cs;
+        sincosf((float)p * inv_freq[j], &sn, &cs);
+        sn_s[j] = sn;
+        cs_s[j] = cs;
+    }
+}
+
 // Rotary embedding (rotate_half convention) of q and k, then K and V into the cache.
 // qkv: [n, (hq + 2 hkv) hd] bf16 (optional bias of that width); pos[t] the token's
 // position; slots[t] = block * bs + slot where its K/V go. With kv_out (an fp8
@@ -252,12 +264,7 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
         int per = half / 8, rot = (hq + hkv) * per, items = rot + hkv * (hd / 8);
         uint4 a = {}, b = {};
         if (tid < items) rope_kv_item_load(row, tid, rot, per, half, hd, vbase, a, b);
-        for (int j = tid; j < half; j += blockDim.x) {
-            float sn, cs;
-            sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
-            sn_s[j] = sn;
-            cs_s[j] = cs;
-        }
+        rope_angles(pos[t], inv_freq, half, sn_s, cs_s);
         int slot = slots[t];
         bf16* base = cache + (size_t)(slot / bs) * 2 * (size_t)hkv * bs * hd;
         int s = slot % bs;
@@ -269,12 +276,7 @@ extern "C" __global__ void rope_kv(const bf16* qkv, const bf16* bias, const int*
         }
         return;
     }
-    for (int j = tid; j < half; j += blockDim.x) {
-        float sn, cs;
-        sincosf((float)pos[t] * inv_freq[j], &sn, &cs);
-        sn_s[j] = sn;
-        cs_s[j] = cs;
-    }
+    rope_angles(pos[t], inv_freq, half, sn_s, cs_s);
     int slot = slots[t];
     bf16* base = cache + (size_t)(slot / bs) * 2 * (size_t)hkv * bs * hd;
     int s = slot % bs;
