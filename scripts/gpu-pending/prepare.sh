@@ -86,6 +86,8 @@
 #           rope-kv-wide.patch); carried beside .gpu46
 #   .gpu48  twenty-second session's call-48 and call-49: 384755e's tandem-gpu-bench (xz;
 #           `bench --prefill-chunk`) and kernels (main's, as .gpu46's)
+#   .gpu55  twenty-third session's call-55 (not run yet): a3fc187's tandem-gpu-bench and
+#           engine-tests (xz), kernels (rope_kv in 16-byte items) and hf_reference.py
 # Every folder carries the kernel sources its binaries were built with: a binary
 # given another revision's kernels (TANDEM_CUDA_KERNELS) launches them with the
 # wrong parameters (the call-h failure of 2026-12-05: CUDA_ERROR_INVALID_VALUE,
@@ -438,6 +440,14 @@ for w in $WHICH; do
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-both
       git -C "$d" checkout -q d0eb820 -- engine/src/cuda/kernels/prefill_attn.cu
       cp -r "$d/engine/src/cuda/kernels" .gpu47/kernels-rope
+      ;;
+    55)
+      rm -rf .gpu55 && mkdir -p .gpu55
+      d=$(worktree head a3fc187)
+      bench_into "$d" head .gpu55
+      strip -o .gpu55/engine-tests "$(engine_tests "$d" head)"
+      cp "$d/scripts/hf_reference.py" .gpu55/
+      xz -T2 -6 .gpu55/tandem-gpu-bench .gpu55/engine-tests
       ;;
     48)
       rm -rf .gpu48 && mkdir -p .gpu48
