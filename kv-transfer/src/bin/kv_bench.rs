@@ -72,6 +72,7 @@ use tandem_kv_transfer::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::either::Either;
 
 const LAYERS: u16 = 32;
 const HEADS: u16 = 8;
@@ -712,10 +713,9 @@ async fn send_request(
     Ok(())
 }
 
-/// TCP with the same frames; like the QUIC sender's lanes, each
-/// connection's task hashes its own frames.
-/// One TCP connection's sending task: the frames it is handed, then a Final,
-/// then the receiver's ack byte.
+/// One TCP connection's sending task: the frames it is handed (like the QUIC
+/// sender's lanes, it hashes its own frames), then a Final, then the
+/// receiver's ack byte.
 async fn tcp_lane<S: AsyncRead + AsyncWrite + Unpin>(
     mut sock: S,
     mut rx: mpsc::Receiver<(LayerShape, Bytes)>,
@@ -750,28 +750,29 @@ async fn tcp_run(
     let (frame_bytes, checksum) = (args.frame_bytes, args.checksum);
     let blocks = kv.blocks;
     let per_frame = (frame_bytes as usize / BLOCK_BYTES).max(1) as u32;
-    let connector = tokio_rustls::TlsConnector::from(client_config_trusting(&child.cert)?);
+    let connector = if tls {
+        Some(tokio_rustls::TlsConnector::from(client_config_trusting(
+            &child.cert,
+        )?))
+    } else {
+        None
+    };
     let mut socks = Vec::new();
     for _ in 0..conns {
         let sock = TcpStream::connect(if tls { child.tls } else { child.tcp }).await?;
         sock.set_nodelay(true)?;
-        socks.push(sock);
-    }
-    let mut tls_socks = Vec::new();
-    if tls {
-        for sock in socks.drain(..) {
-            let name = rustls::pki_types::ServerName::try_from("localhost")?;
-            tls_socks.push(connector.connect(name, sock).await?);
-        }
+        socks.push(match &connector {
+            Some(c) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost")?;
+                Either::Right(c.connect(name, sock).await?)
+            }
+            None => Either::Left(sock),
+        });
     }
     let cpu = CpuClock::start(child);
     let start = Instant::now();
     let mut lanes = Vec::new();
     for sock in socks {
-        let (tx, rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
-        lanes.push((tx, tokio::spawn(tcp_lane(sock, rx, checksum))));
-    }
-    for sock in tls_socks {
         let (tx, rx) = mpsc::channel::<(LayerShape, Bytes)>(16);
         lanes.push((tx, tokio::spawn(tcp_lane(sock, rx, checksum))));
     }
