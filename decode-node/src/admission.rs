@@ -64,7 +64,7 @@ pub struct Admission {
     pub params: GenerationParams,
     /// Prefill here whatever the prompt's length (the router found no prefill node).
     pub force_local: bool,
-    /// How long to wait for remote KV.
+    /// How long to wait for remote KV: for its first frame, and after each.
     pub kv_timeout: Duration,
     /// The prefill node the router will use for a remote prefill (empty:
     /// unknown); its measured link rate weighs the decision.
@@ -209,6 +209,7 @@ impl<B: Backend> Scheduler<B> {
             });
             State::AwaitingKv {
                 deadline: Instant::now() + a.kv_timeout,
+                patience: a.kv_timeout,
             }
         };
         let message = pb::DecodeResponse {

@@ -464,6 +464,9 @@ impl<B: Backend> Scheduler<B> {
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.spans.imports += 1;
             seq.spans.import_time += started.elapsed();
+            if let State::AwaitingKv { deadline, patience } = &mut seq.state {
+                *deadline = (*deadline).max(Instant::now() + *patience);
+            }
         }
         match result {
             Ok(()) => self.stats().kv_received_bytes_total += payload.len() as u64,
@@ -479,7 +482,7 @@ impl<B: Backend> Scheduler<B> {
             // An answered sequence's caller is done with it: it waits for its KV.
             if seq.events.is_closed() && !seq.answered {
                 gone.push(id);
-            } else if let State::AwaitingKv { deadline } = seq.state
+            } else if let State::AwaitingKv { deadline, .. } = seq.state
                 && now >= deadline
             {
                 expired.push(id);

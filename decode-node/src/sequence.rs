@@ -1,7 +1,7 @@
 //! One request as the engine loop holds it: its generation state, its block
 //! table and which of its blocks are named in the prefix cache.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tandem_cluster::convert::stop_reason_to_pb;
 use tandem_engine::block_manager::{BlockHash, BlockId, BlockManager};
@@ -17,8 +17,13 @@ use crate::seq_spans::SeqSpans;
 /// Where a sequence is.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum State {
-    /// Its KV is coming from a prefill node; given up at `deadline`.
-    AwaitingKv { deadline: Instant },
+    /// Its KV is coming from a prefill node; given up at `deadline`, which
+    /// each frame that lands moves to at least `patience` after it (a long
+    /// prompt's KV keeps coming for as long as its prefill takes).
+    AwaitingKv {
+        deadline: Instant,
+        patience: Duration,
+    },
     /// Prefilled here: the first `done` context tokens have their KV.
     Prefilling { done: usize },
     /// Generating.

@@ -498,6 +498,16 @@ impl NodePool {
             .is_some_and(|e| e.last_report.elapsed() >= stale_after)
     }
 
+    /// Whether `addr` is in the pool and sent a load report within
+    /// [`stale_after`](Self::stale_after): the process is alive, however long
+    /// its engine loop takes to answer a request.
+    pub fn is_reporting(&self, addr: &str) -> bool {
+        let stale_after = self.stale_after();
+        self.lock()
+            .get(addr)
+            .is_some_and(|e| e.last_report.elapsed() < stale_after)
+    }
+
     /// Marks `addr` unreachable after it failed a request (a failure of the
     /// node, not a refusal of the request); its next load report marks it
     /// reachable again. The failure counts towards opening its breaker.

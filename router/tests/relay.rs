@@ -9,7 +9,7 @@
 //! decode and prefill nodes and their log, most of the file.)
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -91,9 +91,19 @@ struct FakeDecode {
     /// A request id whose stream breaks (UNAVAILABLE) after this many
     /// tokens, once: a node failing mid-request.
     break_once: Arc<Mutex<Option<(String, u32)>>>,
+    /// How long an admission takes (a real node answers between engine
+    /// steps, which a long local prefill on a CPU makes seconds long).
+    admit_delay: Duration,
+    /// Set by the first `Decode` when `pause_on_decode`: the load reports
+    /// stop and the admission never comes (a paused process).
+    paused: Arc<AtomicBool>,
+    pause_on_decode: bool,
 }
 
-fn load_stream(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
+fn load_stream(
+    role: &str,
+    paused: Arc<AtomicBool>,
+) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
     let (tx, rx) = mpsc::channel(4);
     let load = pb::NodeLoad {
         role: match role {
@@ -106,7 +116,10 @@ fn load_stream(role: &str) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
         ..Default::default()
     };
     tokio::spawn(async move {
-        while tx.send(Ok(load.clone())).await.is_ok() {
+        loop {
+            if !paused.load(Ordering::Acquire) && tx.send(Ok(load.clone())).await.is_err() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -124,6 +137,11 @@ impl DecodeNode for FakeDecode {
     ) -> Result<Response<Self::DecodeStream>, Status> {
         let r = request.into_inner();
         self.log.lock().unwrap().decode.push(r.clone());
+        if self.pause_on_decode {
+            self.paused.store(true, Ordering::Release);
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(self.admit_delay).await;
         if self
             .full
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -212,7 +230,7 @@ impl DecodeNode for FakeDecode {
         &self,
         _request: Request<pb::WatchLoadRequest>,
     ) -> Result<Response<Self::WatchLoadStream>, Status> {
-        Ok(Response::new(load_stream("decode")))
+        Ok(Response::new(load_stream("decode", self.paused.clone())))
     }
 }
 
@@ -269,7 +287,7 @@ impl PrefillNode for FakePrefill {
         &self,
         _request: Request<pb::WatchLoadRequest>,
     ) -> Result<Response<Self::WatchLoadStream>, Status> {
-        Ok(Response::new(load_stream("prefill")))
+        Ok(Response::new(load_stream("prefill", Arc::default())))
     }
 }
 
@@ -314,6 +332,8 @@ struct Setup {
     token_delay: Duration,
     request_timeout_s: f64,
     break_once: Option<(String, u32)>,
+    admit_delay: Duration,
+    pause_on_decode: bool,
 }
 
 impl Default for Setup {
@@ -325,6 +345,8 @@ impl Default for Setup {
             token_delay: Duration::from_millis(1),
             request_timeout_s: 30.0,
             break_once: None,
+            admit_delay: Duration::ZERO,
+            pause_on_decode: false,
         }
     }
 }
@@ -342,6 +364,9 @@ async fn cluster(setup: Setup) -> Cluster {
                 tokens: setup.tokens,
                 token_delay: setup.token_delay,
                 break_once: break_once.clone(),
+                admit_delay: setup.admit_delay,
+                paused: Arc::default(),
+                pause_on_decode: setup.pause_on_decode,
             })
             .await,
         );
@@ -458,6 +483,41 @@ async fn local_prefill_relays_every_token_with_router_timings() {
     assert!(
         cancels(&c.log).is_empty(),
         "a finished request is not cancelled"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_admission_at_a_node_that_still_reports_is_waited_for() {
+    // Longer than the pool's stale bound (2 s): the router used to fail the
+    // node, and every request behind it, for a long step at the node.
+    let c = cluster(Setup {
+        admit_delay: Duration::from_millis(3500),
+        ..Setup::default()
+    })
+    .await;
+    let (tokens, finished) = c.generate(request("slow")).await;
+    let finished = finished.expect("the request waits for its admission");
+    assert_eq!(tokens.len(), 5);
+    assert_eq!(finished.reason, pb::FinishReason::Length as i32);
+    assert_eq!(c.log.lock().unwrap().decode.len(), 1, "one reservation");
+}
+
+#[tokio::test]
+async fn a_node_that_stops_reporting_while_it_admits_fails_the_reservation() {
+    let c = cluster(Setup {
+        pause_on_decode: true,
+        ..Setup::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (tokens, finished) = c.generate(request("paused")).await;
+    let status = finished.expect_err("a paused node does not hold the request");
+    assert!(tokens.is_empty());
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "noticed within a few stale bounds: {:?}",
+        started.elapsed()
     );
 }
 

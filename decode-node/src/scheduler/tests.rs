@@ -637,3 +637,50 @@ fn prompt_logprobs_come_before_the_first_token_or_are_refused_where_not_computed
     assert_eq!(s.blocks.num_free(), free);
     assert!(s.seqs.is_empty());
 }
+
+#[test]
+fn each_kv_frame_that_lands_moves_the_kv_deadline_and_a_silent_transfer_still_times_out() {
+    let (_dir, mut s) = scheduler();
+    s.policy.local_prefill_below = 0;
+    let (tx, rx) = channel();
+    let free = s.blocks.num_free();
+    let (mut reply, mut events) = admit_as(&tx, "long", 4, false);
+    s.handle(rx.try_recv().expect("admission"));
+    assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+    let id = s.by_request["long"];
+    // As if its KV wait were nearly over when the first frame lands.
+    let now = std::time::Instant::now();
+    let patience = Duration::from_secs(10);
+    s.seqs.get_mut(&id).expect("admitted").state = State::AwaitingKv {
+        deadline: now + Duration::from_millis(1),
+        patience,
+    };
+    let layout = s.backend.kv_layout();
+    s.handle(Command::ImportLayer {
+        transfer_id: id,
+        layer: 0,
+        first_block: 0,
+        block_count: 1,
+        heads: 0..layout.num_kv_heads,
+        dtype: tandem_cluster::kv_dtype::wire_dtype(layout.dtype),
+        payload: vec![0u8; layout.block_bytes()].into(),
+    });
+    let State::AwaitingKv { deadline, .. } = s.seqs[&id].state else {
+        panic!("the frame was refused: {:?}", s.seqs[&id].state);
+    };
+    assert!(deadline >= now + patience, "the frame moved the deadline");
+    s.reap(now + Duration::from_secs(5));
+    assert!(
+        s.seqs.contains_key(&id),
+        "still waiting after the old deadline"
+    );
+    // No frame for `patience` after the last one: the wait ends.
+    s.reap(deadline);
+    assert!(!s.seqs.contains_key(&id), "a silent transfer times out");
+    let mut timed_out = false;
+    while let Ok(m) = events.try_recv() {
+        timed_out |= m.is_err_and(|e| matches!(e, crate::errors::RequestError::KvTimeout));
+    }
+    assert!(timed_out, "the stream ends with the KV timeout");
+    assert_eq!(s.blocks.num_free(), free, "every block free");
+}

@@ -259,16 +259,28 @@ impl Request<'_> {
             let first = stream.message().await;
             Ok::<_, Status>((stream, first))
         };
-        // A node that stopped answering (a paused process) must not hold the request.
+        // A node that stopped answering (a paused process) must not hold the
+        // request; one that still sends load reports is alive, and answers
+        // admissions between engine steps, which a long local prefill (a
+        // long prompt on a CPU) makes seconds long: that request waits, as
+        // it would in the node's queue, rather than failing the node.
         let limit = self.relay.nodes.stale_after();
-        let (stream, first) = match tokio::time::timeout(limit, reservation).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(s)) => return Err(RouterError::from_node_status(&node.addr, &s)),
-            Err(_) => {
-                return Err(RouterError::NodeUnavailable {
-                    node: node.addr.clone(),
-                    message: format!("no answer to the reservation within {limit:?}"),
-                });
+        let mut reservation = std::pin::pin!(reservation);
+        let (stream, first) = loop {
+            match tokio::time::timeout(limit, reservation.as_mut()).await {
+                Ok(Ok(answer)) => break answer,
+                Ok(Err(s)) => return Err(RouterError::from_node_status(&node.addr, &s)),
+                Err(_) if self.relay.nodes.is_reporting(&node.addr) => {
+                    debug!(node = %node.addr, "no answer to the reservation yet; the node still reports");
+                }
+                Err(_) => {
+                    return Err(RouterError::NodeUnavailable {
+                        node: node.addr.clone(),
+                        message: format!(
+                            "no answer to the reservation and no load report within {limit:?}"
+                        ),
+                    });
+                }
             }
         };
         match first {
