@@ -10,11 +10,8 @@ pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
     };
     SamplingParams {
         temperature: s.temperature,
-        top_k: if s.top_k < 0 {
-            usize::MAX
-        } else {
-            s.top_k as usize
-        },
+        // -1 (vLLM's "disabled") is 0's no cut; validation refuses the rest.
+        top_k: s.top_k.max(0) as usize,
         top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
         min_p: s.min_p,
         repetition_penalty: if s.repetition_penalty == 0.0 {
@@ -32,9 +29,12 @@ pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
 /// Checks wire sampling parameters that the engine type cannot represent.
 pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), String> {
     if let Some(s) = s
-        && s.top_k < 0
+        && s.top_k < -1
     {
-        return Err(format!("top_k must be >= 0, got {}", s.top_k));
+        return Err(format!(
+            "top_k must be 0 or -1 (no cut) or at least 1, got {}",
+            s.top_k
+        ));
     }
     Ok(())
 }

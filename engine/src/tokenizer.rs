@@ -426,14 +426,17 @@ impl Detokenizer {
         tokenizer.decode_with(ids, !self.keep_special)
     }
 
-    /// Whatever text the tokens not yet turned into text make, complete or not
-    /// (an unfinished character becomes U+FFFD): for the end of a generation.
+    /// Whatever text the tokens not yet turned into text make, for the end of
+    /// a generation, less an unfinished character at its end (which decodes
+    /// as U+FFFD): vLLM's detokenizers never emit one, so a generation cut
+    /// mid-character ends before it.
     pub fn flush(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
         let prefix = self.decode(tokenizer, &ids[self.prefix_offset..self.read_offset])?;
         let full = self.decode(tokenizer, &ids[self.prefix_offset..])?;
         self.prefix_offset = ids.len();
         self.read_offset = ids.len();
-        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+        let tail = full.get(prefix.len()..).unwrap_or_default();
+        Ok(tail.trim_end_matches('\u{FFFD}').to_string())
     }
 
     /// The text completed by the tokens of `ids` not yet turned into text.
@@ -666,6 +669,33 @@ mod tests {
         let ids = [id("x"), id("[A]"), id("[B]"), id("y")];
         let tok = Tokenizer::from_parts(inner, None, String::new(), String::new());
         (tok, ids)
+    }
+
+    #[test]
+    fn a_generation_cut_mid_character_ends_before_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::synth::write_model_dir(dir.path(), &crate::synth::SynthSpec::default())
+            .expect("synth");
+        let tok = crate::ModelDir::open(dir.path()).expect("open").tokenizer;
+        let ids = tok.encode("ok 🎉", false).expect("encode");
+        assert!(ids.len() >= 3, "the emoji is several byte tokens: {ids:?}");
+        // All but the emoji's last byte: its first bytes are held back.
+        let cut = &ids[..ids.len() - 1];
+        let mut detok = Detokenizer::starting_at(0);
+        let mut text = String::new();
+        for end in 1..=cut.len() {
+            text += &detok.step(&tok, &cut[..end]).expect("step");
+        }
+        text += &detok.flush(&tok, cut).expect("flush");
+        assert_eq!(text, "ok ", "no U+FFFD for the unfinished character");
+        // Whole, the emoji comes out.
+        let mut detok = Detokenizer::starting_at(0);
+        let mut whole = String::new();
+        for end in 1..=ids.len() {
+            whole += &detok.step(&tok, &ids[..end]).expect("step");
+        }
+        whole += &detok.flush(&tok, &ids).expect("flush");
+        assert_eq!(whole, "ok 🎉");
     }
 
     /// The text deltas of `ids` generated one at a time after a one-token prompt.

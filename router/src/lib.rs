@@ -30,6 +30,7 @@ pub mod backlog;
 pub mod breaker;
 pub mod choice;
 pub mod client_grpc;
+pub mod cors;
 pub mod decode_queue;
 pub mod drain;
 pub mod error;
@@ -145,9 +146,15 @@ pub async fn serve(
         Some(http) => Some(
             serve_http(
                 http,
-                openai::app(service.clone(), model, name).layer(
-                    axum::extract::DefaultBodyLimit::max(config.max_request_bytes),
-                ),
+                openai::app(service.clone(), model, name)
+                    .layer(axum::extract::DefaultBodyLimit::max(
+                        config.max_request_bytes,
+                    ))
+                    // Outermost: a preflight is answered before routing and keys.
+                    .layer(axum::middleware::from_fn_with_state(
+                        Arc::new(cors::Cors::new(&config.http_allowed_origins)),
+                        cors::layer,
+                    )),
                 limits,
                 http_tls,
                 shutdown.clone(),

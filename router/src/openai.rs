@@ -189,9 +189,11 @@ struct Sampling {
     top_p: Option<f32>,
     top_k: Option<i32>,
     min_p: Option<f32>,
+    /// Any 64-bit integer, signed or not (vLLM's range); -1 is none, as in vLLM.
+    #[serde(default, deserialize_with = "seed")]
     seed: Option<u64>,
     stop: Option<StopInput>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     stream: bool,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
@@ -199,7 +201,7 @@ struct Sampling {
     #[serde(default)]
     ignore_eos: bool,
     /// vLLM's: generation stops after one of these tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     stop_token_ids: Vec<u32>,
     /// `{"include_usage": true}` adds a last chunk with the usage (OpenAI's
     /// streaming option), which load generators count tokens with; vLLM's
@@ -231,11 +233,11 @@ struct Sampling {
     #[serde(default)]
     include_stop_str_in_output: bool,
     /// vLLM's: log probabilities name each token `token_id:N` instead of its text.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     return_tokens_as_token_ids: bool,
     /// vLLM's: the answer carries the prompt's token ids and each choice's
     /// (streamed: the prompt's in a choice's first chunk, each chunk its own).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     return_token_ids: bool,
     /// vLLM's: the prompt's blocks in the prefix caches are named from it,
     /// so only requests with the same salt share them.
@@ -250,24 +252,66 @@ struct Sampling {
     structured: openai_structured::StructuredFields,
 }
 
+/// A field vLLM declares `T | None`: `null` reads as its default.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `seed`: vLLM takes any integer of 64 bits, signed (its range) or not;
+/// -1 asks for none (vLLM's "random"), another negative seed is used as its
+/// two's complement (as torch's generators take one).
+fn seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Unsigned(u64),
+        Signed(i64),
+    }
+    match Option::<Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(v) => match serde_json::from_value::<Seed>(v) {
+            Ok(Seed::Unsigned(n)) => Ok(Some(n)),
+            Ok(Seed::Signed(-1)) => Ok(None),
+            Ok(Seed::Signed(n)) => Ok(Some(n as u64)),
+            Err(_) => Err(serde::de::Error::custom(
+                "seed must be an integer of 64 bits (-1: none)",
+            )),
+        },
+    }
+}
+
+/// `stream_options`; vLLM's defaults: `include_usage` true, `continuous_usage_stats` false.
 #[derive(Deserialize, Default, Clone, Copy)]
 #[serde(deny_unknown_fields)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-    #[serde(default)]
-    continuous_usage_stats: bool,
+    include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
 }
 
 impl StreamOptions {
     /// The usage a streamed answer reports: continuous only with
     /// `include_usage`, as vLLM has it.
     fn usage(options: Option<StreamOptions>) -> StreamUsage {
-        match options {
-            Some(o) if o.include_usage && o.continuous_usage_stats => StreamUsage::Continuous,
-            Some(o) if o.include_usage => StreamUsage::Final,
-            _ => StreamUsage::Off,
+        let Some(o) = options else {
+            return StreamUsage::Off;
+        };
+        match (
+            o.include_usage.unwrap_or(true),
+            o.continuous_usage_stats.unwrap_or(false),
+        ) {
+            (true, true) => StreamUsage::Continuous,
+            (true, false) => StreamUsage::Final,
+            (false, _) => StreamUsage::Off,
         }
+    }
+
+    /// Whether an option is given (vLLM refuses that without `stream`).
+    fn any(options: Option<StreamOptions>) -> bool {
+        options.is_some_and(|o| o.include_usage.is_some() || o.continuous_usage_stats.is_some())
     }
 }
 
@@ -275,7 +319,7 @@ impl StreamOptions {
 struct CompletionRequest {
     prompt: PromptInput,
     /// Start the completion's text with the prompt's.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     echo: bool,
     /// Samples to run, of which the `n` most likely are returned.
     best_of: Option<u32>,
@@ -419,6 +463,12 @@ fn to_request(
     model: &ModelDir,
 ) -> Result<pb::GenerateRequest, ApiError> {
     let vocab = model.config.vocab_size;
+    if StreamOptions::any(s.stream_options) && !s.stream {
+        return Err(ApiError::bad_field(
+            "stream_options",
+            "Stream options can only be defined when stream=True.",
+        ));
+    }
     // In the proto 0 means "unset"; in OpenAI's API an explicit 0 is an error.
     if let Some(p) = s.top_p
         && !(p > 0.0 && p <= 1.0)
@@ -825,9 +875,17 @@ mod tests {
             }))
         };
         assert_eq!(StreamOptions::usage(None), StreamUsage::Off);
-        assert_eq!(o(false, false), StreamUsage::Off);
-        assert_eq!(o(false, true), StreamUsage::Off);
-        assert_eq!(o(true, false), StreamUsage::Final);
-        assert_eq!(o(true, true), StreamUsage::Continuous);
+        assert_eq!(o(Some(false), None), StreamUsage::Off);
+        assert_eq!(o(Some(false), Some(true)), StreamUsage::Off);
+        assert_eq!(o(Some(true), Some(false)), StreamUsage::Final);
+        assert_eq!(o(Some(true), Some(true)), StreamUsage::Continuous);
+        // vLLM's defaults: `{}` reports the usage at the end.
+        assert_eq!(o(None, None), StreamUsage::Final);
+        assert_eq!(o(None, Some(true)), StreamUsage::Continuous);
+        assert!(!StreamOptions::any(Some(StreamOptions::default())));
+        assert!(StreamOptions::any(Some(StreamOptions {
+            include_usage: Some(false),
+            continuous_usage_stats: None,
+        })));
     }
 }

@@ -573,7 +573,7 @@ mod tests {
         let bad = [
             (
                 pb::SamplingParams {
-                    top_k: -1,
+                    top_k: -2,
                     ..Default::default()
                 },
                 "top_k",

@@ -107,10 +107,7 @@ async fn both_client_listeners_serve_tls_to_the_openai_client_and_tonic() {
 
     // The official openai client over https, trusting the CA.
     let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
-    let expected = model
-        .tokenizer
-        .decode(&reference(&model, &prompt, 8))
-        .unwrap();
+    let expected = generated_text(&model, &reference(&model, &prompt, 8));
     let seen = openai_client(
         format!("https://localhost:{}/v1", http.port()),
         &pki.ca_pem,

@@ -43,7 +43,7 @@ async fn greedy_output_through_the_cluster_equals_the_engine() {
             .expect("generate");
         assert_eq!(got.tokens, expected, "prompt of {len} tokens");
         assert_eq!(got.reason, pb::FinishReason::Length);
-        assert_eq!(got.text, model.tokenizer.decode(&expected).unwrap());
+        assert_eq!(got.text, generated_text(&model, &expected));
     }
     wait_for_no_leak(&cluster).await;
 }

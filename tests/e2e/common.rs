@@ -233,6 +233,13 @@ pub async fn complete_request(
     Ok(out)
 }
 
+/// The text a generation of `ids` answers with: their decoding, less an
+/// unfinished character at its end, which the server leaves out as vLLM does.
+pub fn generated_text(model: &ModelDir, ids: &[u32]) -> String {
+    let text = model.tokenizer.decode(ids).expect("decode");
+    text.trim_end_matches('\u{FFFD}').to_string()
+}
+
 /// The engine's own greedy continuation, in one process: the reference.
 pub fn reference(model: &ModelDir, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let backend = model.load_cpu(256, 16).expect("backend");

@@ -343,7 +343,7 @@ async fn beam_search_over_the_openai_client_matches_vllms_algorithm() {
         let indices: Vec<usize> = (0..width).collect();
         assert_eq!(got["indices"], serde_json::json!(indices), "{case}: {got}");
         for (i, (tokens, eos)) in oracle.iter().enumerate() {
-            let text = model.tokenizer.decode(tokens).unwrap();
+            let text = generated_text(&model, tokens);
             assert_eq!(got["texts"][i], text.as_str(), "{case} beam {i}: {got}");
             let reason = if *eos { "stop" } else { "length" };
             assert_eq!(got["finish"][i], reason, "{case} beam {i}: {tokens:?}");
@@ -381,7 +381,7 @@ async fn beam_search_over_the_openai_client_matches_vllms_algorithm() {
     let expected: Vec<Vec<u32>> = oracle.into_iter().map(|(t, _)| t).collect();
     assert_eq!(id_lists(&chat["ids"]), expected, "{chat}");
     for (i, ids) in expected.iter().enumerate() {
-        let text = model.tokenizer.decode(ids).unwrap();
+        let text = generated_text(&model, ids);
         assert_eq!(chat["texts"][i], text.as_str(), "{chat}");
     }
 

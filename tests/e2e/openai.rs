@@ -88,7 +88,7 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(sp["kept_stream"], kept.as_str(), "{sp}");
     assert_eq!(sp["kept_bare_stream"], kept.as_str(), "{sp}");
     // Greedy completion equals the engine's own, in one piece and streamed.
-    let expected = model.tokenizer.decode(&greedy).unwrap();
+    let expected = generated_text(&model, &greedy);
     assert_eq!(seen["completion"]["text"], expected.as_str());
     assert_eq!(seen["completion"]["finish_reason"], "length");
     assert_eq!(seen["completion"]["prompt_tokens"], prompt.len());
@@ -145,11 +145,8 @@ async fn the_openai_client_library_works_against_the_router() {
         .tokenizer
         .encode("The capital of France is", true)
         .unwrap();
-    let first_text = model.tokenizer.decode(&greedy[..4]).unwrap();
-    let second_text = model
-        .tokenizer
-        .decode(&reference(&model, &second, 4))
-        .unwrap();
+    let first_text = generated_text(&model, &greedy[..4]);
+    let second_text = generated_text(&model, &reference(&model, &second, 4));
     let batch_texts = serde_json::json!([first_text, first_text, second_text, second_text]);
     for case in ["batch", "batch_stream"] {
         let b = &seen[case];
@@ -229,10 +226,7 @@ async fn the_openai_client_library_works_against_the_router() {
             false,
         )
         .unwrap();
-    let chat_expected = model
-        .tokenizer
-        .decode(&reference(&model, &chat_prompt, 6))
-        .unwrap();
+    let chat_expected = generated_text(&model, &reference(&model, &chat_prompt, 6));
     assert_eq!(seen["chat"]["content"], chat_expected.as_str());
     assert_eq!(seen["chat"]["role"], "assistant");
     // The Responses API renders the same prompt (instructions as the system
@@ -844,10 +838,7 @@ async fn the_openai_client_library_works_against_the_router() {
     );
     let open_text = model.tokenizer.decode(&open).unwrap();
     assert!(open_text.ends_with("Once upon a time"), "{open_text:?}");
-    let continued = model
-        .tokenizer
-        .decode(&reference(&model, &open, 6))
-        .unwrap();
+    let continued = generated_text(&model, &reference(&model, &open, 6));
     assert_eq!(cx["content"], continued.as_str(), "{cx}");
     assert_eq!(cx["same_ids"], continued.as_str(), "{cx}");
     // Chat echo: the final assistant message, then its continuation; nothing
@@ -877,6 +868,45 @@ async fn the_openai_client_library_works_against_the_router() {
             r["message"].as_str().unwrap_or_default().contains(word),
             "{case}: {r}"
         );
+    }
+
+    // As vLLM's server: CORS for every origin, `null` for its optional
+    // fields, top_k -1 and signed seeds, stream_options only with stream
+    // (include_usage true unless said).
+    let vc = &seen["vllm_compat"];
+    let pre = &vc["preflight"];
+    assert_eq!(pre["status"], 200, "{pre}");
+    assert_eq!(pre["headers"]["access-control-allow-origin"], "*", "{pre}");
+    assert!(
+        pre["headers"]["access-control-allow-methods"]
+            .as_str()
+            .is_some_and(|m| m.contains("POST")),
+        "{pre}"
+    );
+    assert_eq!(
+        pre["headers"]["access-control-allow-headers"], "authorization,content-type",
+        "{pre}"
+    );
+    let get = &vc["cors_get"];
+    assert_eq!(get["status"], 200, "{get}");
+    assert_eq!(get["headers"]["access-control-allow-origin"], "*", "{get}");
+    assert_eq!(vc["nulls"]["status"], 200, "{}", vc["nulls"]);
+    let alone = &vc["stream_options_alone"];
+    assert_eq!(alone["status"], 400, "{alone}");
+    assert!(
+        alone["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("\"param\":\"stream_options\"")),
+        "{alone}"
+    );
+    assert_eq!(vc["stream_options_empty"]["status"], 200, "{vc}");
+    assert_eq!(vc["stream_options_default_usage"], 2, "{vc}");
+    assert_eq!(vc["top_k_minus_one"], expected.as_str(), "{vc}");
+    let seeded = vc["negative_seed_twice"].as_array().unwrap();
+    assert_eq!(seeded[0], seeded[1], "a negative seed reproduces: {vc}");
+    assert_eq!(vc["seed_minus_one"], 200, "{vc}");
+    for case in ["seed_too_big", "top_k_minus_two"] {
+        assert_eq!(vc[case]["status"], 400, "{case}: {vc}");
     }
 
     // Unknown routes and methods answer in OpenAI's error shape too.
@@ -1039,10 +1069,7 @@ async fn a_batch_larger_than_the_running_limit_is_answered_whole() {
         }
         for (i, p) in prompts.iter().enumerate() {
             let ids = model.tokenizer.encode(p, true).unwrap();
-            let expected = model
-                .tokenizer
-                .decode(&reference(&model, &ids, max_tokens))
-                .unwrap();
+            let expected = generated_text(&model, &reference(&model, &ids, max_tokens));
             assert_eq!(texts[i], expected, "stream {stream}: prompt {i}");
         }
     }

@@ -630,5 +630,43 @@ def raw(method: str, path: str):
         return {"status": e.code, "body": json.loads(e.read().decode())}
 
 
+
+# What vLLM's server accepts that a stricter reading of OpenAI's would not, and
+# the CORS it answers browsers with.
+def raw_request(method: str, path: str, body=None, headers=None):
+    data = None if body is None else json.dumps(body).encode()
+    h = {"content-type": "application/json", **(headers or {})}
+    req = urllib.request.Request(root + path, data=data, headers=h, method=method)
+    try:
+        with urllib.request.urlopen(req) as resp:
+            return {"status": resp.status, "headers": {k.lower(): v for k, v in resp.headers.items()}, "body": resp.read().decode()}
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, "headers": {k.lower(): v for k, v in e.headers.items()}, "body": e.read().decode()}
+
+
+vc = {}
+vc["preflight"] = raw_request("OPTIONS", "/v1/chat/completions", headers={
+    "origin": "https://app.example", "access-control-request-method": "POST",
+    "access-control-request-headers": "authorization,content-type"})
+vc["cors_get"] = raw_request("GET", "/v1/models", headers={"origin": "https://app.example"})
+vc["nulls"] = raw_request("POST", "/v1/completions", {
+    "model": model, "prompt": "hi", "max_tokens": 2, "stream": None, "echo": None,
+    "stop_token_ids": None, "return_token_ids": None, "return_tokens_as_token_ids": None})
+vc["stream_options_alone"] = raw_request("POST", "/v1/completions", {
+    "model": model, "prompt": "hi", "max_tokens": 2, "stream_options": {"include_usage": True}})
+vc["stream_options_empty"] = raw_request("POST", "/v1/completions", {
+    "model": model, "prompt": "hi", "max_tokens": 2, "stream_options": {}})
+usage = None
+for chunk in client.completions.create(model=model, prompt="hi", max_tokens=2, stream=True, stream_options={}):
+    usage = chunk.usage or usage
+vc["stream_options_default_usage"] = usage.completion_tokens if usage else None
+vc["top_k_minus_one"] = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0, extra_body={"top_k": -1}).choices[0].text
+seeded = [client.completions.create(model=model, prompt="Once upon a time", max_tokens=6, temperature=1, seed=-5).choices[0].text for _ in range(2)]
+vc["negative_seed_twice"] = seeded
+vc["seed_minus_one"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "seed": -1})["status"]
+vc["seed_too_big"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "seed": 2**64})
+vc["top_k_minus_two"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": -2})
+out["vllm_compat"] = vc
+
 out["routes"] = {"not_found": raw("GET", "/v1/no-such-route"), "wrong_method": raw("GET", "/v1/completions")}
 print(json.dumps(out))

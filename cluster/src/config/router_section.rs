@@ -20,6 +20,10 @@ pub struct RouterSection {
     /// `/v1/chat/completions`, `/v1/models`, `/health`); absent: no HTTP API.
     #[serde(default)]
     pub http_listen: Option<SocketAddr>,
+    /// Origins whose pages may call the HTTP API from a browser (CORS), as
+    /// vLLM's `--allowed-origins`: `["*"]` (the default) any, `[]` none.
+    #[serde(default = "default_allowed_origins")]
+    pub http_allowed_origins: Vec<String>,
     /// gRPC addresses of the prefill nodes (`http://host:port`); filled in by `tandem up`.
     #[serde(default)]
     pub prefill_nodes: Vec<String>,
@@ -42,7 +46,9 @@ pub struct RouterSection {
     /// Deadline of a request from arrival to its last token, in seconds.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: f64,
-    /// How long a decode node waits for a request's KV, in milliseconds.
+    /// How long a decode node waits for a request's KV to start coming (and
+    /// then between its frames, so a long prompt's prefill is not cut), in
+    /// milliseconds.
     #[serde(default = "default_kv_timeout")]
     pub kv_timeout_ms: u32,
     /// max_tokens when a request gives none.
@@ -172,6 +178,9 @@ pub(super) fn default_max_queue() -> usize {
 }
 fn default_request_timeout() -> f64 {
     300.0
+}
+fn default_allowed_origins() -> Vec<String> {
+    vec!["*".into()]
 }
 fn default_kv_timeout() -> u32 {
     30_000
