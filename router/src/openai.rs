@@ -704,12 +704,12 @@ async fn chat_completions(
         return Err(ApiError::bad_request("messages must not be empty"));
     }
     openai_tools::check_messages(&req.messages)?;
-    let tools = openai_tools::plan(&req.tools, &st.model.tokenizer)?;
+    let offered = openai_tools::plan(&req.tools, &st.model.tokenizer)?;
     let add_generation_prompt = req.add_generation_prompt.unwrap_or(true);
     let text = crate::openai_tools_prompt::render(
         &st.model.tokenizer,
         &req.messages,
-        tools.as_ref(),
+        offered.as_ref(),
         &ChatOptions {
             add_generation_prompt,
             continue_final_message: req.continue_final_message,
@@ -718,6 +718,9 @@ async fn chat_completions(
         },
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // With `tool_choice: "none"` the model saw the tools but its output is
+    // plain content: no tool plan from here on.
+    let tools = offered.filter(|p| p.mode != openai_tools::ToolMode::Off);
     // The template writes every special token it wants; none are added
     // unless asked (as vLLM does).
     let ids = st

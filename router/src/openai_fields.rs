@@ -141,6 +141,9 @@ const FIELDS: &[(&str, On, Rule)] = &[
     ("chat_template", On::Chat, Rule::NeutralOnly(is_empty)),
     ("chat_template_kwargs", On::Chat, Rule::Used),
     ("mm_processor_kwargs", On::Chat, Rule::NeutralOnly(is_empty)),
+    // Splits a reasoning parser's `reasoning_content` off the answer; with no
+    // reasoning parser (none is served here) it has no effect, as in vLLM.
+    ("include_reasoning", On::Chat, Rule::NoEffect),
 ];
 
 /// A refused field: its name and why.
@@ -247,7 +250,7 @@ mod tests {
         let body = json!({
             "messages": [], "logprobs": false, "top_logprobs": 0, "tools": [],
             "tool_choice": "none", "metadata": {"a": "b"}, "store": false,
-            "max_completion_tokens": 3, "modalities": ["text"],
+            "max_completion_tokens": 3, "modalities": ["text"], "include_reasoning": true,
         });
         assert_eq!(refused(Endpoint::Chat, body), None);
     }

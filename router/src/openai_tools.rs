@@ -3,7 +3,9 @@
 //! and assistant `tool_calls`, the prompt they render to, the constraint a
 //! forced call generates under, and the `tool_calls` read back from the text.
 //!
-//! - `tool_choice: "none"`: the tools are not offered and nothing is parsed.
+//! - `tool_choice: "none"`: the tools are offered in the prompt (as vLLM does
+//!   unless started with `--exclude-tools-when-tool-choice-none`), but the
+//!   output is plain content: nothing is parsed or constrained.
 //! - `"auto"` (the default when tools are given): the tools are offered and
 //!   the output is read for calls ([`crate::openai_tools_stream`]): Hermes
 //!   `<tool_call>{"name": .., "arguments": ..}</tool_call>` blocks, or an
@@ -112,6 +114,8 @@ pub struct Tool {
 /// How the model may call the tools.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ToolMode {
+    /// `tool_choice: "none"`: shown to the model, never called; the output is content.
+    Off,
     /// May call any (or none): the output is parsed.
     Auto,
     /// Must call at least one: the output is a constrained JSON array.
@@ -138,8 +142,7 @@ fn refused(param: impl Into<String>, message: impl Into<String>) -> Refused {
     }
 }
 
-/// Reads and checks the request's tool fields. `None`: no tools in play
-/// (none given, or `tool_choice: "none"`). Each parameters schema is compiled
+/// Reads and checks the request's tool fields. `None`: no tools given. Each parameters schema is compiled
 /// with `tokenizer`'s constraint compiler, so a bad one is refused naming it.
 pub fn plan(f: &ToolFields, tokenizer: &Tokenizer) -> Result<Option<ToolPlan>, Refused> {
     let tools = match &f.tools {
@@ -163,7 +166,8 @@ pub fn plan(f: &ToolFields, tokenizer: &Tokenizer) -> Result<Option<ToolPlan>, R
     let mode = match &f.tool_choice {
         None | Some(Value::Null) if tools.is_empty() => return Ok(None),
         None | Some(Value::Null) => ToolMode::Auto,
-        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "none" && tools.is_empty() => return Ok(None),
+        Some(Value::String(s)) if s == "none" => ToolMode::Off,
         Some(Value::String(s)) if s == "auto" => ToolMode::Auto,
         Some(Value::String(s)) if s == "required" => ToolMode::Required,
         Some(v @ Value::Object(_)) => {
@@ -261,7 +265,7 @@ impl ToolPlan {
     /// The constraint a forced call generates under (`required` or named).
     pub fn constraint(&self) -> Option<pb::OutputConstraint> {
         let schema = match &self.mode {
-            ToolMode::Auto => return None,
+            ToolMode::Off | ToolMode::Auto => return None,
             ToolMode::Named(name) => self
                 .tools
                 .iter()
@@ -409,10 +413,12 @@ pub(crate) mod tests {
         let plan_of = |v: Value| plan(&fields(v), tok);
         assert_eq!(plan_of(json!({})).unwrap(), None);
         assert_eq!(plan_of(json!({"tool_choice": "none"})).unwrap(), None);
-        assert_eq!(
-            plan_of(json!({"tools": [weather()], "tool_choice": "none"})).unwrap(),
-            None
-        );
+        // Offered to the model, never called (vLLM's default).
+        let off = plan_of(json!({"tools": [weather()], "tool_choice": "none"}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(off.mode, ToolMode::Off);
+        assert_eq!(off.constraint(), None);
         let p = plan_of(json!({"tools": [weather()]})).unwrap().unwrap();
         assert_eq!(p.mode, ToolMode::Auto);
         assert!(p.parallel && p.constraint().is_none());

@@ -3,7 +3,7 @@
 //! `required`, streamed and not) whose arguments parse and validate against
 //! the function's schema (`jsonschema`), `finish_reason: "tool_calls"`; a
 //! second turn carrying the call and the `tool` result; `tool_choice: "none"`
-//! giving plain content; `auto` served; and each bad tool field refused with
+//! giving plain content (the tools in the prompt, as vLLM renders them); `auto` served; and each bad tool field refused with
 //! HTTP 400 naming it, the next request served.
 
 use std::path::{Path, PathBuf};
@@ -169,6 +169,12 @@ async fn tool_calls_through_the_openai_client_on_smollm2() {
             "{case}: {a}"
         );
         assert_ne!(a["finish_reason"], "tool_calls", "{case}: {a}");
+        // The tools are in its prompt all the same, as vLLM renders them.
+        let bare = seen["no_tools"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            a["prompt_tokens"].as_u64().unwrap() > bare + 20,
+            "{case}: {a}, without tools {bare}"
+        );
     }
 
     for (case, field) in [

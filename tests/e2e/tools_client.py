@@ -58,6 +58,7 @@ def answer(r):
     c = r.choices[0]
     calls = c.message.tool_calls or []
     return {"finish_reason": c.finish_reason, "content": c.message.content,
+            "prompt_tokens": r.usage.prompt_tokens if r.usage else None,
             "calls": [{"id": t.id, "type": t.type, "name": t.function.name, "arguments": t.function.arguments,
                        "valid": check_call(t.function.name, t.function.arguments)} for t in calls]}
 
@@ -179,6 +180,8 @@ def with_logprobs(stream):
 timed("logprobs", lambda: with_logprobs(False))
 timed("logprobs_stream", lambda: with_logprobs(True))
 timed("auto_stream", lambda: streamed(messages=ASK, tools=TOOLS, max_tokens=24, temperature=0))
+timed("no_tools", lambda: answer(client.chat.completions.create(
+    model=model, messages=ASK, max_tokens=1, temperature=0)))
 timed("none", lambda: answer(client.chat.completions.create(
     model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0)))
 
