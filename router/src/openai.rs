@@ -456,6 +456,9 @@ fn logit_bias(s: &Sampling, vocab: usize) -> Result<HashMap<u32, f32>, ApiError>
     Ok(out)
 }
 
+/// `max_tokens` of a completion that gives none, as in vLLM and OpenAI.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
+
 fn to_request(
     prompt: pb::generate_request::Prompt,
     s: &Sampling,
@@ -518,7 +521,16 @@ fn to_request(
             seed: s.seed,
             logit_bias: logit_bias(s, vocab)?,
         }),
-        max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(0),
+        // Left out: vLLM's 16 on completions (OpenAI's default there); the
+        // router's `default_max_tokens` on chat (vLLM: the rest of the
+        // context, which a node here would reserve KV blocks for up front).
+        max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(
+            if kind == Kind::Completion {
+                COMPLETIONS_DEFAULT_MAX_TOKENS
+            } else {
+                0
+            },
+        ),
         stop: match &s.stop {
             None => Vec::new(),
             Some(StopInput::One(one)) => vec![one.clone()],

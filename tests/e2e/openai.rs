@@ -905,6 +905,8 @@ async fn the_openai_client_library_works_against_the_router() {
     let seeded = vc["negative_seed_twice"].as_array().unwrap();
     assert_eq!(seeded[0], seeded[1], "a negative seed reproduces: {vc}");
     assert_eq!(vc["seed_minus_one"], 200, "{vc}");
+    // A completion without max_tokens: vLLM's (and OpenAI's) 16.
+    assert_eq!(vc["completions_default_len"], 16, "{vc}");
     for case in ["seed_too_big", "top_k_minus_two"] {
         assert_eq!(vc[case]["status"], 400, "{case}: {vc}");
     }

@@ -666,6 +666,8 @@ vc["negative_seed_twice"] = seeded
 vc["seed_minus_one"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "seed": -1})["status"]
 vc["seed_too_big"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "seed": 2**64})
 vc["top_k_minus_two"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": -2})
+vc["completions_default_len"] = client.completions.create(
+    model=model, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens
 out["vllm_compat"] = vc
 
 out["routes"] = {"not_found": raw("GET", "/v1/no-such-route"), "wrong_method": raw("GET", "/v1/completions")}
