@@ -26,8 +26,8 @@
 //! Otherwise the prompt goes to a prefill node: `remote`, or `tpot_budget`
 //! when the link was slow but the running batch could not absorb the local
 //! prefill; or it is prefilled here to measure this node's rate again
-//! (`probe`) when that was last measured [`LOCAL_RATE_MAX_AGE`] or longer ago
-//! and nothing runs or waits here. The local rate is learned only from local
+//! (`probe`) when that was last measured [`LOCAL_RATE_MAX_AGE`] or longer ago,
+//! nothing runs or waits here, and the prompt takes at most [`PROBE_MAX`] here. The local rate is learned only from local
 //! prefills, so one slow sample (a prefill under CPU contention) would
 //! otherwise send every long prompt away for good, with no local prefill to
 //! correct it. A peer whose link was never measured uses the configured default
@@ -38,6 +38,11 @@ use std::time::Duration;
 
 /// A local prefill rate older than this is measured again on an idle node.
 pub const LOCAL_RATE_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// The longest local prefill (at the old rate) a probe takes: requests that
+/// arrive meanwhile wait behind it, so a long prompt is never the probe (one
+/// 6000-token prompt held a CPU node for over a minute).
+pub const PROBE_MAX: Duration = Duration::from_secs(1);
 
 /// Thresholds of the decision (`[decode]` keys).
 #[derive(Debug, Clone, Copy)]
@@ -168,7 +173,7 @@ pub fn choose(policy: &LinkPolicy, f: &PrefillFacts) -> (PrefillReason, Estimate
     };
     if ship_cost <= local_wait {
         let idle = f.running == 0 && f.local_backlog == 0;
-        if idle && f.local_rate_age >= LOCAL_RATE_MAX_AGE {
+        if idle && f.local_rate_age >= LOCAL_RATE_MAX_AGE && local <= PROBE_MAX {
             return (PrefillReason::Probe, est);
         }
         return (PrefillReason::Remote, est);
@@ -229,6 +234,12 @@ mod tests {
         ] {
             assert_eq!(choose(&POLICY, &busy).0, PrefillReason::Remote);
         }
+        // A prompt too long to hold the node for is not the probe.
+        let long = PrefillFacts {
+            uncached_tokens: 40_000,
+            ..stale
+        };
+        assert_eq!(choose(&POLICY, &long).0, PrefillReason::Remote);
         // A slow link is link_slow whatever the age.
         let slow = PrefillFacts {
             link_rate: Some(1e6),

@@ -12,7 +12,7 @@
 //! | max_tokens 0                                | HTTP 400 (in the gRPC proto 0 means "default") | `http_rows` |
 //! | temperature negative or NaN                 | INVALID_ARGUMENT            | `client_api_rows` |
 //! | top_p outside (0, 1]                        | INVALID_ARGUMENT / HTTP 400 | `client_api_rows` (gRPC: 0 means unset), `http_rows` (0) |
-//! | top_k negative                              | INVALID_ARGUMENT            | `client_api_rows` |
+//! | top_k below -1 (-1 is vLLM's "no cut")      | INVALID_ARGUMENT            | `client_api_rows` |
 //! | stop list too long                          | INVALID_ARGUMENT            | `client_api_rows` |
 //! | prompt longer than the context              | INVALID_ARGUMENT            | `client_api_rows` |
 //! | unknown model name                          | NOT_FOUND                   | `client_api_rows` |
@@ -133,8 +133,8 @@ async fn client_api_rows() {
             "top_p",
         ),
         (
-            "top_k negative",
-            sampling(|s| s.top_k = -1),
+            "top_k below -1",
+            sampling(|s| s.top_k = -2),
             &[Code::InvalidArgument],
             "top_k",
         ),
