@@ -283,6 +283,7 @@ pub async fn serve_advertising(
         tp_size: u32::try_from(config.tp).unwrap_or(u32::MAX),
         block_size: u32::try_from(config.block_size).unwrap_or(u32::MAX),
         max_batch: u32::try_from(config.max_batch).unwrap_or(u32::MAX),
+        local_prefill_below: u32::try_from(config.local_prefill_below).unwrap_or(u32::MAX),
         fingerprint: fingerprint.to_string(),
         stats: stats.clone(),
         shutdown: shutdown.clone(),

@@ -35,6 +35,8 @@ pub struct DecodeService {
     pub block_size: u32,
     /// Most sequences in one step, published in load reports.
     pub max_batch: u32,
+    /// `decode.local_prefill_below`, published in load reports.
+    pub local_prefill_below: u32,
     /// What the node serves, published in load reports.
     pub fingerprint: String,
     /// Load figures from the engine loop.
@@ -182,6 +184,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let stats = self.stats.clone();
         let (node_id, model, tp_size) = (self.node_id.clone(), self.model.name(), self.tp_size);
         let (block_size, max_batch) = (self.block_size, self.max_batch);
+        let local_prefill_below = self.local_prefill_below;
         let fingerprint = self.fingerprint.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -213,6 +216,7 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
                     prefix_cache_blocks: s.prefix_cache_blocks,
                     block_size,
                     max_batch,
+                    local_prefill_below,
                     prefix_hash_salt: s.prefix_hash_salt,
                     blocks_gained: kv.gained,
                     blocks_dropped: kv.dropped,

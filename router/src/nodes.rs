@@ -629,6 +629,25 @@ impl NodePool {
         &self.decode_queue
     }
 
+    /// Prompts with fewer tokens than this are prefilled at whichever usable
+    /// decode node they go to (the least `local_prefill_below` the decode
+    /// nodes report; 0 if one reports none).
+    pub fn local_prefill_below(&self) -> u64 {
+        let now = Instant::now();
+        let stale_after = self.stale_after();
+        self.lock()
+            .values()
+            .filter(|e| e.handle.role == Role::Decode && e.usable(now, stale_after))
+            .map(|e| {
+                e.status
+                    .load
+                    .as_ref()
+                    .map_or(0, |l| u64::from(l.local_prefill_below))
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Whether the pool holds any node of `role`.
     pub fn has(&self, role: Role) -> bool {
         self.lock()

@@ -9,7 +9,9 @@
 //! plus those of the requests admitted but not yet given to a prefill node
 //! (waiting at the gate or just past it), would take longer than
 //! `max_prefill_backlog_s` at the nodes' measured rate: refusing at the door
-//! keeps the admitted requests' KV waits from expiring.
+//! keeps the admitted requests' KV waits from expiring. A prompt shorter than
+//! every decode node's `local_prefill_below` is not refused: a decode node
+//! prefills it, and it waits in no prefill queue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -359,6 +361,10 @@ impl GenerateService {
         if pending == 0 && backlog.queued_tokens == 0 {
             // Nothing queued ahead: refusing it would shorten no one's wait,
             // however long the prompt itself takes.
+            return Ok(());
+        }
+        if prompt_tokens < self.relay.nodes.local_prefill_below() {
+            // A decode node prefills it: it waits in no prefill queue.
             return Ok(());
         }
         match backlog.wait_s(pending.saturating_add(prompt_tokens)) {

@@ -98,11 +98,23 @@ struct FakeDecode {
     /// stop and the admission never comes (a paused process).
     paused: Arc<AtomicBool>,
     pause_on_decode: bool,
+    reports: Reports,
+}
+
+/// What a fake node's load reports say beyond an idle node's.
+#[derive(Clone, Copy, Default)]
+struct Reports {
+    /// A prefill node working through a deep queue: 100 prompt tokens done a
+    /// report (every 20 ms: a measured 5,000 tokens/s), a million queued.
+    backlogged: bool,
+    /// A decode node's `local_prefill_below`.
+    local_prefill_below: u32,
 }
 
 fn load_stream(
     role: &str,
     paused: Arc<AtomicBool>,
+    reports: Reports,
 ) -> ReceiverStream<Result<pb::NodeLoad, Status>> {
     let (tx, rx) = mpsc::channel(4);
     let load = pb::NodeLoad {
@@ -113,11 +125,17 @@ fn load_stream(
         .into(),
         kv_blocks_total: 100,
         kv_blocks_free: 100,
+        local_prefill_below: reports.local_prefill_below,
         ..Default::default()
     };
     tokio::spawn(async move {
-        loop {
-            if !paused.load(Ordering::Acquire) && tx.send(Ok(load.clone())).await.is_err() {
+        for tick in 0u64.. {
+            let mut load = load.clone();
+            if reports.backlogged {
+                load.queued = 1;
+                load.queued_prefill_tokens = 1_000_000 - 100 * tick.min(9_000);
+            }
+            if !paused.load(Ordering::Acquire) && tx.send(Ok(load)).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -230,7 +248,11 @@ impl DecodeNode for FakeDecode {
         &self,
         _request: Request<pb::WatchLoadRequest>,
     ) -> Result<Response<Self::WatchLoadStream>, Status> {
-        Ok(Response::new(load_stream("decode", self.paused.clone())))
+        Ok(Response::new(load_stream(
+            "decode",
+            self.paused.clone(),
+            self.reports,
+        )))
     }
 }
 
@@ -245,6 +267,7 @@ enum PrefillBehaviour {
 struct FakePrefill {
     log: SharedLog,
     behaviour: PrefillBehaviour,
+    reports: Reports,
 }
 
 #[tonic::async_trait]
@@ -287,7 +310,11 @@ impl PrefillNode for FakePrefill {
         &self,
         _request: Request<pb::WatchLoadRequest>,
     ) -> Result<Response<Self::WatchLoadStream>, Status> {
-        Ok(Response::new(load_stream("prefill", Arc::default())))
+        Ok(Response::new(load_stream(
+            "prefill",
+            Arc::default(),
+            self.reports,
+        )))
     }
 }
 
@@ -334,6 +361,8 @@ struct Setup {
     break_once: Option<(String, u32)>,
     admit_delay: Duration,
     pause_on_decode: bool,
+    reports: Reports,
+    max_prefill_backlog_s: f64,
 }
 
 impl Default for Setup {
@@ -347,6 +376,8 @@ impl Default for Setup {
             break_once: None,
             admit_delay: Duration::ZERO,
             pause_on_decode: false,
+            reports: Reports::default(),
+            max_prefill_backlog_s: RouterSection::default().max_prefill_backlog_s,
         }
     }
 }
@@ -367,6 +398,7 @@ async fn cluster(setup: Setup) -> Cluster {
                 admit_delay: setup.admit_delay,
                 paused: Arc::default(),
                 pause_on_decode: setup.pause_on_decode,
+                reports: setup.reports,
             })
             .await,
         );
@@ -377,6 +409,7 @@ async fn cluster(setup: Setup) -> Cluster {
             start_prefill(FakePrefill {
                 log: log.clone(),
                 behaviour,
+                reports: setup.reports,
             })
             .await,
         );
@@ -386,6 +419,7 @@ async fn cluster(setup: Setup) -> Cluster {
         request_timeout_s: setup.request_timeout_s,
         kv_timeout_ms: 1234,
         load_interval_ms: 10,
+        max_prefill_backlog_s: setup.max_prefill_backlog_s,
         ..RouterSection::default()
     };
     let shutdown = CancellationToken::new();
@@ -519,6 +553,51 @@ async fn a_node_that_stops_reporting_while_it_admits_fails_the_reservation() {
         "noticed within a few stale bounds: {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn the_prefill_backlog_refuses_long_prompts_but_not_those_a_decode_node_prefills() {
+    let c = cluster(Setup {
+        prefill: Some(PrefillBehaviour::Ok),
+        token_delay: Duration::from_millis(5),
+        reports: Reports {
+            backlogged: true,
+            local_prefill_below: 4,
+        },
+        max_prefill_backlog_s: 10.0,
+        ..Setup::default()
+    })
+    .await;
+    let long = |id: &str| pb::GenerateRequest {
+        prompt: Some(Prompt::TokenIds(pb::TokenIds { ids: vec![5; 20] })),
+        ..request(id)
+    };
+    // Once the prefill node's rate is measured (a busy window of 0.5 s), a
+    // long prompt would wait ~200 s behind its queue: refused.
+    let mut refused = None;
+    for i in 0..100 {
+        match c.generate(long(&format!("long-{i}"))).await.1 {
+            Err(s) if s.code() == Code::ResourceExhausted => {
+                refused = Some(s);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let refused = refused.expect("the backlog refuses a long prompt");
+    assert!(
+        refused.message().contains("prefill queue is full"),
+        "{refused:?}"
+    );
+    // Three tokens, under the decode node's local_prefill_below: prefilled
+    // there, in no prefill queue.
+    let (tokens, finished) = c.generate(request("short")).await;
+    finished.expect("a short prompt is served");
+    assert_eq!(tokens.len(), 5);
+    assert!(matches!(
+        c.generate(long("long-again")).await.1,
+        Err(s) if s.code() == Code::ResourceExhausted
+    ));
 }
 
 #[tokio::test]
