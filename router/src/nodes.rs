@@ -492,20 +492,21 @@ impl NodePool {
     /// Whether `addr` has sent no load report for [`stale_after`](Self::stale_after)
     /// (false for a node not in the pool: there is nothing to wait for).
     pub fn is_stale(&self, addr: &str) -> bool {
-        let stale_after = self.stale_after();
-        self.lock()
-            .get(addr)
-            .is_some_and(|e| e.last_report.elapsed() >= stale_after)
+        self.silent_for(addr)
+            .is_some_and(|silent| silent >= self.stale_after())
     }
 
     /// Whether `addr` is in the pool and sent a load report within
     /// [`stale_after`](Self::stale_after): the process is alive, however long
     /// its engine loop takes to answer a request.
     pub fn is_reporting(&self, addr: &str) -> bool {
-        let stale_after = self.stale_after();
-        self.lock()
-            .get(addr)
-            .is_some_and(|e| e.last_report.elapsed() < stale_after)
+        self.silent_for(addr)
+            .is_some_and(|silent| silent < self.stale_after())
+    }
+
+    /// How long since `addr`'s last load report; `None` for a node not in the pool.
+    fn silent_for(&self, addr: &str) -> Option<Duration> {
+        self.lock().get(addr).map(|e| e.last_report.elapsed())
     }
 
     /// Marks `addr` unreachable after it failed a request (a failure of the
