@@ -423,7 +423,7 @@ impl Config {
             )));
         }
         if let Some(r) = &self.router
-            && (r.max_running == 0 || r.default_max_tokens == 0 || r.request_timeout_s <= 0.0)
+            && (r.max_running == 0 || r.default_max_tokens == Some(0) || r.request_timeout_s <= 0.0)
         {
             return Err(ConfigError::Invalid(
                 "router.max_running, default_max_tokens and request_timeout_s must be positive"

@@ -1,11 +1,15 @@
 //! Admission: whether the engine loop takes a request, where its KV comes
 //! from, and what it answers (`Admitted`).
 //!
-//! Blocks for the whole request (prompt + `max_tokens`, capped at the
-//! context) are taken at once, so a running sequence never runs out: when the
-//! cache is full the request is refused ([`Refusal::OutOfBlocks`], which the
-//! service answers `RESOURCE_EXHAUSTED`) and the router tries elsewhere or
-//! later. Nothing waits for memory, so nothing deadlocks.
+//! Blocks for the context (prompt and tokens generated before) are taken at
+//! admission; a sequence takes one more each time it fills one
+//! ([`preemption`](crate::scheduler::preemption), which preempts the newest
+//! sequence when none is free, as vLLM does). A request is refused
+//! ([`Refusal::OutOfBlocks`], which the service answers `RESOURCE_EXHAUSTED`,
+//! and the router tries elsewhere or later) when its prompt and `max_tokens`
+//! could never fit in this node's cache, when preempted sequences wait for
+//! blocks (they go first), or when its blocks would leave fewer free than one
+//! for each sequence here to grow into.
 //!
 //! With the prefix cache on, the context's leading full blocks that this
 //! node already holds are taken from the cache by reference (never the block
@@ -128,10 +132,22 @@ impl<B: Backend> Scheduler<B> {
             &model.tokenizer,
         )
         .map_err(|e| Refusal::InvalidRequest(e.to_string()))?;
+        let whole = blocks_for(max_len, bs);
+        if whole > self.blocks.total() {
+            return Err(Refusal::OutOfBlocks(format!(
+                "the prompt and max_tokens take up to {whole} KV blocks of {bs} tokens; this node's cache holds {}",
+                self.blocks.total()
+            )));
+        }
+        let preempted = self.preempted();
+        if preempted > 0 {
+            return Err(Refusal::OutOfBlocks(format!(
+                "{preempted} preempted sequences wait for KV blocks here"
+            )));
+        }
         let SequenceBlocks { table, cached } = self
-            .blocks
-            .allocate_sequence(&hashes[..reusable], blocks_for(max_len, bs))
-            .map_err(|e| Refusal::OutOfBlocks(e.to_string()))?;
+            .take_blocks(&hashes[..reusable], blocks_for(context_len, bs))
+            .map_err(Refusal::OutOfBlocks)?;
         // From here the sequence holds a reference on each of its `cached`
         // leading blocks until `remove`: they cannot be evicted meanwhile.
         let cached_tokens = cached * bs;
@@ -150,14 +166,7 @@ impl<B: Backend> Scheduler<B> {
             remote_queue: a.prefill_queue,
             local_rate: self.local_rate.tokens_per_s(),
             local_rate_age: self.local_rate.age(),
-            local_backlog: self
-                .seqs
-                .values()
-                .map(|s| match s.state {
-                    State::Prefilling { done } => s.generation.tokens().len().saturating_sub(done),
-                    _ => 0,
-                })
-                .sum(),
+            local_backlog: self.seqs.values().map(Sequence::prefill_left).sum(),
             running: self
                 .seqs
                 .values()

@@ -10,7 +10,8 @@
 //!    being prefilled here (local prefill), in that order: the next
 //!    `min(left to prefill, budget)` tokens.
 //!
-//! Sequences waiting for their KV from a prefill node take no row.
+//! Sequences waiting for their KV from a prefill node, or preempted (holding
+//! no blocks until they are prefilled again), take no row.
 
 /// Where a sequence is, as the planner needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub enum Phase {
     },
     /// Generating: its last token is fed next.
     Running,
+    /// Gave its blocks back for others to grow: nothing to compute until it
+    /// is prefilled again.
+    Preempted,
 }
 
 /// One sequence, as the planner sees it. The caller lists them in the order

@@ -24,6 +24,7 @@ pub struct DecodeMetrics {
     cache_blocks: Gauge,
     cache_evictions: Counter,
     kv_skipped: Counter,
+    preemptions: Counter,
 }
 
 impl DecodeMetrics {
@@ -37,7 +38,8 @@ impl DecodeMetrics {
             cache_hits: metrics::counter!(names::PREFIX_CACHE_HITS_TOTAL, names::ROLE => "decode", names::NODE => node.clone()),
             cache_blocks: metrics::gauge!(names::PREFIX_CACHE_BLOCKS, names::ROLE => "decode", names::NODE => node.clone()),
             cache_evictions: metrics::counter!(names::PREFIX_CACHE_EVICTIONS_TOTAL, names::ROLE => "decode", names::NODE => node.clone()),
-            kv_skipped: metrics::counter!(names::KV_TRANSFER_SKIPPED_BYTES_TOTAL, names::NODE => node),
+            kv_skipped: metrics::counter!(names::KV_TRANSFER_SKIPPED_BYTES_TOTAL, names::NODE => node.clone()),
+            preemptions: metrics::counter!(names::PREEMPTIONS_TOTAL, names::NODE => node),
             waiting: metrics::gauge!(names::QUEUE_DEPTH, names::ROLE => "decode", names::QUEUE => "decode"),
             batch: metrics::histogram!(names::BATCH_SIZE, names::ROLE => "decode"),
         }
@@ -62,6 +64,11 @@ impl DecodeMetrics {
     /// A prefill node was told not to send `bytes` of KV the cache here holds.
     pub fn kv_skipped(&self, bytes: u64) {
         self.kv_skipped.increment(bytes);
+    }
+
+    /// A sequence gave its blocks back for others to grow.
+    pub fn preempted(&self) {
+        self.preemptions.increment(1);
     }
 
     /// One forward pass over `sequences` sequences.

@@ -156,6 +156,8 @@ pub struct Stats {
     pub steps_total: u64,
     /// Most sequences decoded in one step so far.
     pub max_batch_seen: u32,
+    /// Sequences preempted (their blocks given back) since start.
+    pub preemptions_total: u64,
     /// Prompt tokens prefilled here (local prefill) since start.
     pub local_prompt_tokens_total: u64,
     /// Of those, tokens whose KV came from the prefix cache (not computed).
@@ -501,11 +503,11 @@ impl<B: Backend> Scheduler<B> {
     }
 
     /// Whether a sequence would run in the next step (one not waiting for
-    /// its KV).
+    /// its KV or for blocks).
     fn stepping(&self) -> bool {
         self.seqs
             .values()
-            .any(|s| !matches!(s.state, State::AwaitingKv { .. }))
+            .any(|s| !matches!(s.state, State::AwaitingKv { .. } | State::Preempted))
     }
 
     /// Takes the commands waiting before a step: all of them when no
@@ -600,6 +602,7 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn step(&mut self, commands: &mut Inbox) {
+        self.resume_preempted();
         self.score_prompts();
         // Sequences with a place first, then those whose first token waits
         // for one, each in admission order; not those whose prompt is being
@@ -618,6 +621,7 @@ impl<B: Backend> Scheduler<B> {
             },
         );
         self.release_held_first_tokens(&mut plan);
+        self.grow_tables(&mut plan);
         if plan.is_empty() {
             return;
         }
@@ -852,19 +856,13 @@ impl<B: Backend> Scheduler<B> {
             .filter(|q| matches!(q.state, State::Running))
             .count() as u32;
         s.queued = self.seqs.len() as u32 - s.running;
-        s.queued_prefill_tokens = self
-            .seqs
-            .values()
-            .map(|q| match q.state {
-                State::Prefilling { done } => (q.generation.tokens().len() - done) as u64,
-                _ => 0,
-            })
-            .sum();
+        s.queued_prefill_tokens = self.seqs.values().map(|q| q.prefill_left() as u64).sum();
         self.metrics.publish(&self.blocks, s.queued as usize);
     }
 }
 
 mod inbox;
+pub(crate) mod preemption;
 mod scoring;
 #[cfg(test)]
 mod tests;

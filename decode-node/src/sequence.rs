@@ -28,6 +28,11 @@ pub(crate) enum State {
     Prefilling { done: usize },
     /// Generating.
     Running,
+    /// Its blocks were given back so that older sequences could grow
+    /// (`scheduler::preemption`); its context (prompt and tokens generated
+    /// so far) is prefilled here again once blocks are free, and generation
+    /// goes on where it stopped.
+    Preempted,
 }
 
 /// A request admitted here.
@@ -35,7 +40,8 @@ pub(crate) struct Sequence {
     /// The request's key (`request_id#attempt`).
     pub request_id: String,
     pub generation: Generation,
-    /// Its blocks: prompt + `max_tokens` (capped at the context). The first
+    /// Its blocks, one for each `block_size` tokens of its context, grown as
+    /// it generates (empty while preempted). At admission the first
     /// `cached_tokens / block_size` came from the prefix cache by reference.
     pub table: Vec<BlockId>,
     /// Names its blocks in the prefix cache (the node's, salted with the
@@ -92,6 +98,7 @@ impl Sequence {
                 State::AwaitingKv { .. } => Phase::AwaitingKv,
                 State::Prefilling { done } => Phase::Prefilling { done },
                 State::Running => Phase::Running,
+                State::Preempted => Phase::Preempted,
             },
             context_len: self.generation.tokens().len(),
         }
@@ -107,7 +114,25 @@ impl Sequence {
         match self.state {
             State::AwaitingKv { .. } => self.first_token_at.is_some(),
             State::Prefilling { .. } | State::Running => true,
+            State::Preempted => false,
         }
+    }
+
+    /// Context tokens still to prefill here: a local prefill's rest, or a
+    /// preempted sequence's whole context.
+    pub fn prefill_left(&self) -> usize {
+        let len = self.generation.tokens().len();
+        match self.state {
+            State::Prefilling { done } => len.saturating_sub(done),
+            State::Preempted => len,
+            State::AwaitingKv { .. } | State::Running => 0,
+        }
+    }
+
+    /// Whether it holds KV blocks that preempting it would give back: it
+    /// runs or is prefilled here (one waiting for shipped KV is left alone).
+    pub fn preemptible(&self) -> bool {
+        matches!(self.state, State::Running | State::Prefilling { .. }) && !self.table.is_empty()
     }
 
     /// Context tokens whose KV the shipped layers carry (the prefill node's

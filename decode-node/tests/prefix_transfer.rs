@@ -362,35 +362,32 @@ async fn claimed_blocks_survive_eviction_pressure_before_the_transfer() -> Resul
         .as_ref()
         .map_or(0, |t| t.cached_blocks);
     assert_eq!(held, 5, "the answer claims base's full blocks");
-    // Between the answer and the transfer, distinct prompts (2 blocks each)
-    // take every block they can: the cached blocks nobody references (the
-    // warm-up's 2 blocks holding generated tokens) are evicted for them, and
-    // the node refuses once only referenced blocks are left.
-    let mut flood = Vec::new();
-    let mut refused = None;
-    for i in 0..64 {
-        match cached
-            .admit(&format!("flood-{i}"), &tokens(100 + i, 4), None, 4)
-            .await
-        {
-            Ok(a) => flood.push(a),
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
-        }
-    }
-    let refused = refused.context("the node never ran out of blocks")?;
+    // Between the answer and the transfer, a long prompt takes every free
+    // block and one of the cached blocks nobody references (the warm-up's 2
+    // blocks holding generated tokens): the claimed ones are not evicted.
+    // It leaves one block for the claimed request to grow into, and the next
+    // request is refused: one more block would leave none for each
+    // sequence here.
+    let before = cached.stats_with(1).await?;
+    assert_eq!(before.prefix_cache_blocks, 7, "{before:?}");
+    let long = before.kv_blocks_free as usize - 1;
+    let flood = cached
+        .admit("flood", &tokens(100, long * BLOCK), None, 4)
+        .await?;
+    let stats = cached.stats_with(2).await?;
+    assert_eq!(
+        (stats.kv_blocks_free, stats.prefix_cache_blocks),
+        (1, 6),
+        "one unreferenced cached block evicted: {stats:?}"
+    );
+    let refused = cached.admit("one more", &tokens(101, 4), None, 4).await;
+    let refused = refused
+        .err()
+        .context("the node kept no block to grow into")?;
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-    let stats = cached.stats_with(flood.len() as u32 + 1).await?;
-    assert_eq!(
-        stats.kv_blocks_free, 0,
-        "the flood took every block: {stats:?}"
-    );
-    assert_eq!(
-        stats.prefix_cache_blocks, 5,
-        "only the claimed blocks are left in the cache: {stats:?}"
-    );
+    assert!(refused.message().contains("to grow"), "{refused:?}");
+    // The long prompt's caller goes away, and its blocks come back.
+    drop(flood);
     // The claimed blocks are still the request's: the transfer fills the rest.
     let with = cached.finish(claimed).await?;
     let without = plain.generate("claimed", &extended, None, 10).await?;
@@ -399,8 +396,6 @@ async fn claimed_blocks_survive_eviction_pressure_before_the_transfer() -> Resul
         with.kv_bytes_sent,
         shipped(extended.len().div_ceil(BLOCK) - 5)
     );
-    // The flood's callers go away: every block comes back.
-    drop(flood);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let free = cached.decode.stats.lock().unwrap().kv_blocks_free;

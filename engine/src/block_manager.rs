@@ -185,6 +185,17 @@ impl BlockManager {
         prefix: &[BlockHash],
         n: usize,
     ) -> Result<SequenceBlocks, BlockError> {
+        self.allocate_sequence_leaving(prefix, n, 0)
+    }
+
+    /// [`allocate_sequence`](Self::allocate_sequence), refused (changing
+    /// nothing) unless at least `leave` blocks stay available after it.
+    pub fn allocate_sequence_leaving(
+        &mut self,
+        prefix: &[BlockHash],
+        n: usize,
+        leave: usize,
+    ) -> Result<SequenceBlocks, BlockError> {
         let hits: Vec<BlockId> = if self.caching {
             prefix
                 .iter()
@@ -199,7 +210,7 @@ impl BlockManager {
             .filter(|&&b| self.refcount[b as usize] == 0)
             .count();
         let fresh = n - hits.len();
-        let available = self.num_free() - revived;
+        let available = (self.num_free() - revived).saturating_sub(leave);
         if fresh > available {
             return Err(BlockError::OutOfBlocks {
                 requested: fresh,

@@ -521,9 +521,9 @@ fn to_request(
             seed: s.seed,
             logit_bias: logit_bias(s, vocab)?,
         }),
-        // Left out: vLLM's 16 on completions (OpenAI's default there); the
-        // router's `default_max_tokens` on chat (vLLM: the rest of the
-        // context, which a node here would reserve KV blocks for up front).
+        // Left out: vLLM's 16 on completions (OpenAI's default there); on
+        // chat the router's default, the rest of the context as vLLM's
+        // (decode nodes take KV blocks as a sequence grows, not up front).
         max_tokens: s.max_completion_tokens.or(s.max_tokens).unwrap_or(
             if kind == Kind::Completion {
                 COMPLETIONS_DEFAULT_MAX_TOKENS

@@ -71,7 +71,8 @@ pub struct ValidRequest {
 pub struct Validator {
     model: Arc<ModelDir>,
     served_names: Vec<String>,
-    default_max_tokens: u32,
+    /// `router.default_max_tokens` (none: the rest of the context).
+    default_max_tokens: Option<u32>,
     max_tokens_limit: u32,
     max_prompt_tokens: Option<u32>,
     max_n: u32,
@@ -169,8 +170,13 @@ impl Validator {
 
         let room = u32::try_from(context - prompt_len).unwrap_or(u32::MAX);
         Ok(match asked {
-            // The default is cut to what fits in the context.
-            0 => self.default_max_tokens.min(room).max(1),
+            // The default: the rest of the context, as vLLM's, within the
+            // limit; or the configured one, cut to what fits.
+            0 => match self.default_max_tokens {
+                None => room.min(self.max_tokens_limit),
+                Some(n) => n.min(room),
+            }
+            .max(1),
             n if n > self.max_tokens_limit => {
                 return Err(invalid(format!(
                     "max_tokens {n} exceeds the limit of {}",
@@ -406,7 +412,7 @@ mod tests {
 
     fn validator() -> Validator {
         let config = RouterSection {
-            default_max_tokens: 20,
+            default_max_tokens: Some(20),
             max_tokens_limit: 100,
             ..RouterSection::default()
         };
@@ -549,6 +555,19 @@ mod tests {
             10,
             "exactly fits"
         );
+    }
+
+    #[test]
+    fn without_a_configured_default_max_tokens_is_the_rest_of_the_context() {
+        let mut v = validator();
+        v.default_max_tokens = None;
+        assert_eq!(v.max_tokens(CONTEXT - 40, 0).unwrap(), 40);
+        // Never past the limit on what a request may ask for.
+        v.max_tokens_limit = 30;
+        assert_eq!(v.max_tokens(10, 0).unwrap(), 30);
+        assert_eq!(v.max_tokens(CONTEXT - 1, 0).unwrap(), 1);
+        // An explicit length is the request's.
+        assert_eq!(v.max_tokens(10, 7).unwrap(), 7);
     }
 
     #[test]

@@ -769,10 +769,10 @@ async fn text_prompts_are_tokenized_for_the_nodes() {
     let log = c.log.lock().unwrap();
     let want = model().tokenizer.encode("hello world", true).unwrap();
     assert_eq!(log.decode[0].prompt, want);
-    // The default max_tokens, cut to the room left in the 128-token context.
+    // The default max_tokens: the room left in the 128-token context.
     let room = 128 - want.len() as u32;
-    let default = RouterSection::default().default_max_tokens;
-    assert_eq!(log.decode[0].max_tokens, default.min(room));
+    assert_eq!(RouterSection::default().default_max_tokens, None);
+    assert_eq!(log.decode[0].max_tokens, room);
     assert!(!log.decode[0].request_id.is_empty());
 }
 

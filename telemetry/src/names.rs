@@ -34,6 +34,7 @@
 //! | [`REQUEST_SPAN_SECONDS`] | router, at the end of each finished request, per phase of its time to first token | `span` |
 //! | [`PREFILL_DECISIONS_TOTAL`] | decode node, at admission: where the prompt is prefilled and why | `reason` |
 //! | [`KV_LINK_RATE_BYTES_PER_SECOND`] | decode node, after each measured transfer: the smoothed rate from that prefill node | `peer` |
+//! | [`PREEMPTIONS_TOTAL`] | decode node, per sequence whose KV blocks it gave back for others to grow (prefilled there again later) | `node` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -123,9 +124,13 @@ pub const PREFILL_DECISIONS_TOTAL: &str = "tandem_prefill_decisions_total";
 /// Gauge: the smoothed KV rate a decode node measured from a prefill node
 /// (`peer`, its address as the router names it), bytes per second.
 pub const KV_LINK_RATE_BYTES_PER_SECOND: &str = "tandem_kv_link_rate_bytes_per_second";
+/// Counter: sequences a decode node preempted: their KV blocks given back
+/// when a running sequence needed one and none was free (vLLM's
+/// `num_preemptions`); each is prefilled there again once blocks are free.
+pub const PREEMPTIONS_TOTAL: &str = "tandem_preemptions_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 30] = [
+pub const ALL: [&str; 31] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -156,6 +161,7 @@ pub const ALL: [&str; 30] = [
     REQUEST_SPAN_SECONDS,
     PREFILL_DECISIONS_TOTAL,
     KV_LINK_RATE_BYTES_PER_SECOND,
+    PREEMPTIONS_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -303,6 +309,10 @@ pub fn describe() {
     describe_gauge!(
         KV_LINK_RATE_BYTES_PER_SECOND,
         "Smoothed KV transfer rate a decode node measured from a prefill node, bytes/s"
+    );
+    describe_counter!(
+        PREEMPTIONS_TOTAL,
+        "Sequences whose KV blocks a decode node gave back for others to grow (recomputed later)"
     );
 }
 

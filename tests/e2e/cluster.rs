@@ -779,3 +779,44 @@ async fn a_repeated_prompt_reports_its_cached_tokens() {
         assert_eq!(first.tokens, second.tokens, "remote {remote}");
     }
 }
+
+/// Requests that leave `max_tokens` out generate to the end of the context,
+/// as vLLM's do. Four of them, shipped from the prefill node, need more KV
+/// than the decode node's cache holds at full length (63 blocks each of 150):
+/// the node takes blocks as they grow, preempts the newest when none is
+/// free and prefills it again later, and every request ends with the tokens
+/// it would have had alone, with no block left held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_to_the_end_of_the_context_finish_through_preemption() {
+    let (_dir, model) = small_model();
+    let mut spec = ClusterSpec::default();
+    spec.decode.kv_blocks = 150;
+    let cluster = Cluster::start(model.clone(), spec).await;
+    let context = model.config.max_position_embeddings;
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(24, 40 + i)).collect();
+    let mut runs = Vec::new();
+    for p in &prompts {
+        let mut client = cluster.client().await;
+        let request = greedy_request(p, 0);
+        runs.push(tokio::spawn(
+            async move { complete(&mut client, request).await },
+        ));
+    }
+    for (p, run) in prompts.iter().zip(runs) {
+        let got = run.await.expect("task").expect("completed");
+        assert_eq!(got.reason, pb::FinishReason::Length);
+        assert_eq!(
+            got.tokens.len(),
+            context - p.len(),
+            "the rest of the context"
+        );
+        assert_eq!(got.tokens, reference(&model, p, context - p.len()));
+    }
+    let preemptions = cluster
+        .decode_stats
+        .lock()
+        .expect("stats")
+        .preemptions_total;
+    assert!(preemptions > 0, "no request was preempted");
+    wait_for_no_leak(&cluster).await;
+}

@@ -907,6 +907,12 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(vc["seed_minus_one"], 200, "{vc}");
     // A completion without max_tokens: vLLM's (and OpenAI's) 16.
     assert_eq!(vc["completions_default_len"], 16, "{vc}");
+    // A chat without max_tokens: the rest of the context, as vLLM's.
+    let chat = vc["chat_default_len"].as_array().expect("chat_default_len");
+    let context = model.config.max_position_embeddings as u64;
+    let prompt_tokens = chat[0].as_u64().expect("prompt tokens");
+    assert_eq!(chat[1].as_u64(), Some(context - prompt_tokens), "{vc}");
+    assert_eq!(chat[2], "length", "{vc}");
     for case in ["seed_too_big", "top_k_minus_two"] {
         assert_eq!(vc[case]["status"], 400, "{case}: {vc}");
     }

@@ -668,6 +668,11 @@ vc["seed_too_big"] = raw_request("POST", "/v1/completions", {"model": model, "pr
 vc["top_k_minus_two"] = raw_request("POST", "/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2, "top_k": -2})
 vc["completions_default_len"] = client.completions.create(
     model=model, prompt="Once upon a time", temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens
+chat_default = client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Tell me a story"}], temperature=0,
+    extra_body={"ignore_eos": True})
+vc["chat_default_len"] = [chat_default.usage.prompt_tokens, chat_default.usage.completion_tokens,
+                          chat_default.choices[0].finish_reason]
 out["vllm_compat"] = vc
 
 out["routes"] = {"not_found": raw("GET", "/v1/no-such-route"), "wrong_method": raw("GET", "/v1/completions")}

@@ -51,9 +51,11 @@ pub struct RouterSection {
     /// milliseconds.
     #[serde(default = "default_kv_timeout")]
     pub kv_timeout_ms: u32,
-    /// max_tokens when a request gives none.
-    #[serde(default = "default_max_tokens")]
-    pub default_max_tokens: u32,
+    /// max_tokens when a chat, responses or gRPC request gives none; left
+    /// out, the rest of the model's context (vLLM's default), at most
+    /// `max_tokens_limit`. Completions default to 16, as vLLM's and OpenAI's.
+    #[serde(default)]
+    pub default_max_tokens: Option<u32>,
     /// Largest max_tokens a request may ask for.
     #[serde(default = "default_max_tokens_limit")]
     pub max_tokens_limit: u32,
@@ -184,9 +186,6 @@ fn default_allowed_origins() -> Vec<String> {
 }
 fn default_kv_timeout() -> u32 {
     30_000
-}
-fn default_max_tokens() -> u32 {
-    256
 }
 fn default_max_tokens_limit() -> u32 {
     8192

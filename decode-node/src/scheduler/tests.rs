@@ -684,3 +684,150 @@ fn each_kv_frame_that_lands_moves_the_kv_deadline_and_a_silent_transfer_still_ti
     assert!(timed_out, "the stream ends with the KV timeout");
     assert_eq!(s.blocks.num_free(), free, "every block free");
 }
+
+/// Steps until every stream of `streams` has finished (at most `limit`
+/// steps); their tokens.
+fn run_to_end(
+    s: &mut Scheduler<Box<dyn Backend>>,
+    rx: &mut Inbox,
+    streams: &mut [mpsc::Receiver<Event>],
+    limit: usize,
+) -> Vec<Vec<u32>> {
+    let mut out = vec![Vec::new(); streams.len()];
+    let mut done = vec![false; streams.len()];
+    for _ in 0..limit {
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        s.step(rx);
+        for ((events, out), done) in streams.iter_mut().zip(&mut out).zip(&mut done) {
+            let (ids, finished) = drain(events);
+            out.extend(ids);
+            *done |= finished;
+        }
+    }
+    assert!(done.iter().all(|&d| d), "every stream finished");
+    out
+}
+
+/// Seeded sampling with a penalty on the tokens so far: what a sequence draws
+/// depends on its whole history and its sampler's state.
+fn seeded(seed: u64, max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        ignore_eos: true,
+        sampling: tandem_engine::SamplingParams {
+            temperature: 0.8,
+            frequency_penalty: 0.5,
+            seed: Some(seed),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_newest_sequence_is_preempted_for_an_older_one_to_grow_and_resumes_with_the_same_tokens() {
+    // 64 blocks of 4 tokens. A 6-token prompt and 150 tokens take 39 blocks:
+    // each request fits alone, two do not fit together.
+    let alone = |seed: u64| {
+        let (_dir, mut s) = scheduler();
+        let (tx, rx) = channel();
+        let mut rx = Inbox::new(rx);
+        let (_reply, events) = admit_with(&tx, "alone", seeded(seed, 150), true);
+        s.handle(rx.try_recv().expect("admission"));
+        let out = run_to_end(&mut s, &mut rx, &mut [events], 400);
+        assert_eq!(s.stats().preemptions_total, 0);
+        out.into_iter().next().expect("one stream")
+    };
+    let (a_alone, b_alone) = (alone(1), alone(2));
+    assert_eq!((a_alone.len(), b_alone.len()), (150, 150));
+
+    let (_dir, mut s) = scheduler();
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    let total = s.blocks.total();
+    let mut streams = Vec::new();
+    for (id, seed) in [("a", 1), ("b", 2)] {
+        let (mut reply, events) = admit_with(&tx, id, seeded(seed, 150), true);
+        s.handle(rx.try_recv().expect("admission"));
+        assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+        assert_eq!(
+            s.seqs[&s.by_request[id]].table.len(),
+            2,
+            "its prompt's blocks"
+        );
+        streams.push(events);
+    }
+    // Until the cache is full both decode; then b, the newer, gives its
+    // blocks back for a to grow.
+    let b = s.by_request["b"];
+    let mut steps = 0;
+    while !matches!(s.seqs[&b].state, State::Preempted) {
+        s.step(&mut rx);
+        steps += 1;
+        assert!(steps < 200, "b was never preempted");
+    }
+    assert_eq!(s.stats().preemptions_total, 1);
+    assert!(s.seqs[&b].table.is_empty(), "its blocks are given back");
+    // While b waits for blocks, a new request is refused; so is one that
+    // could never fit in the cache.
+    let (mut reply, _c) = admit(&tx, "c", 8);
+    s.handle(rx.try_recv().expect("admission"));
+    match reply.try_recv().ok() {
+        Some(Err(Refusal::OutOfBlocks(m))) => assert!(m.contains("preempted"), "{m}"),
+        other => panic!("expected OutOfBlocks, got {other:?}"),
+    }
+    let (mut reply, _d) = admit(&tx, "d", 300);
+    s.handle(rx.try_recv().expect("admission"));
+    match reply.try_recv().ok() {
+        Some(Err(Refusal::OutOfBlocks(m))) => assert!(m.contains("cache holds 64"), "{m}"),
+        other => panic!("expected OutOfBlocks, got {other:?}"),
+    }
+    // a finishes; b is prefilled again and goes on where it stopped.
+    let out = run_to_end(&mut s, &mut rx, &mut streams, 400);
+    assert_eq!(out[0], a_alone, "a's tokens");
+    assert_eq!(out[1], b_alone, "b's tokens, across its preemption");
+    assert!(s.seqs.is_empty());
+    assert_eq!(s.blocks.num_free(), total, "every block free");
+}
+
+#[test]
+fn a_preempted_sequence_takes_its_full_blocks_back_from_the_prefix_cache() {
+    let (_dir, mut s) = scheduler();
+    let total = s.blocks.total();
+    s.blocks = tandem_engine::BlockManager::with_prefix_cache(total);
+    s.limits.prefix_cache = true;
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    let mut streams = Vec::new();
+    for (id, seed) in [("a", 1), ("b", 2)] {
+        let (_reply, events) = admit_with(&tx, id, seeded(seed, 150), true);
+        s.handle(rx.try_recv().expect("admission"));
+        streams.push(events);
+    }
+    let b = s.by_request["b"];
+    let mut steps = 0;
+    let resumed_at = loop {
+        s.step(&mut rx);
+        steps += 1;
+        assert!(steps < 400, "b never resumed");
+        // What the next step would do first, here to see its outcome.
+        s.resume_preempted();
+        if s.stats().preemptions_total == 1
+            && let State::Prefilling { done } = s.seqs[&b].state
+        {
+            break done;
+        }
+    };
+    // Its blocks were released leaves first, so a's growth evicted the end
+    // of b's context and left the start named in the cache.
+    let context = s.seqs[&b].generation.tokens().len();
+    assert!(
+        resumed_at >= 40 && resumed_at % 4 == 0 && resumed_at < context,
+        "resumed after {resumed_at} cached tokens of {context}"
+    );
+    let out = run_to_end(&mut s, &mut rx, &mut streams, 400);
+    assert_eq!(out[1].len(), 150);
+    assert_eq!(s.blocks.num_free(), total, "every block free or evictable");
+}

@@ -46,6 +46,33 @@ fn double_release_in_one_call_is_refused_whole() {
     assert_eq!(m.refcount(a[0]), 1);
 }
 
+#[test]
+fn a_sequence_that_would_leave_too_few_blocks_is_refused_whole() {
+    let h = PrefixHasher::new(1, 2);
+    let mut m = BlockManager::with_prefix_cache(8);
+    let prompt = [1, 2, 3, 4, 5];
+    let hashes = h.full_blocks(&prompt);
+    let a = m.allocate_sequence(&hashes, 3).unwrap();
+    for (b, h) in a.table.iter().zip(&hashes) {
+        assert!(m.register(*b, *h));
+    }
+    m.release(&a.table).unwrap();
+    // 8 available (2 of them cached). Taking both cached blocks and 3 fresh
+    // ones would leave 3: refused when 4 must stay, nothing taken or evicted.
+    assert_eq!(
+        m.allocate_sequence_leaving(&hashes, 5, 4),
+        Err(BlockError::OutOfBlocks {
+            requested: 3,
+            free: 2,
+            total: 8
+        })
+    );
+    assert_eq!((m.num_free(), m.num_cached()), (8, 2));
+    let b = m.allocate_sequence_leaving(&hashes, 5, 3).unwrap();
+    assert_eq!(b.cached, 2, "the cached blocks taken by reference");
+    assert_eq!(m.num_free(), 3);
+}
+
 use crate::kv_events::{CacheChanges, KvEvent};
 use crate::prefix_hash::PrefixHasher;
 
