@@ -22,6 +22,7 @@
 # (a saturated decode node holds max_batch + N requests, the rest wait at the router).
 # HOLD=false sets decode.hold_first_token = false (a first token that arrives while the
 # decode batch is full goes out on arrival instead of with the second token).
+# DECODE_BLOCKS=N sets the decode node's kv_blocks (4096 in the configs: 256k tokens).
 # MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,
 # `nvidia-cuda-mps-control`, with its pipe and log directories under $WORK, stopped at
 # the end), so two processes' kernels share the GPU side by side instead of taking turns.
@@ -53,6 +54,9 @@ if [ -n "${MAXRUN:-}" ]; then
 fi
 if [ -n "${DECODE_WAITING:-}" ]; then
   sed -i -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
+fi
+if [ -n "${DECODE_BLOCKS:-}" ]; then
+  sed -i -e "s/^kv_blocks = [0-9]*/kv_blocks = $DECODE_BLOCKS/" decode.toml
 fi
 if [ -n "${HOLD:-}" ]; then
   sed -i -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml

@@ -6,10 +6,12 @@
 //! ([`preemption`](crate::scheduler::preemption), which preempts the newest
 //! sequence when none is free, as vLLM does). A request is refused
 //! ([`Refusal::OutOfBlocks`], which the service answers `RESOURCE_EXHAUSTED`,
-//! and the router tries elsewhere or later) when its prompt and `max_tokens`
-//! could never fit in this node's cache, when preempted sequences wait for
-//! blocks (they go first), or when its blocks would leave fewer free than one
-//! for each sequence here to grow into.
+//! and the router tries elsewhere or later) while preempted sequences wait
+//! for blocks (they go first), or when its blocks would leave fewer free
+//! than one for each sequence here to grow into. A node whose cache holds
+//! fewer tokens than the model's context serves the cache's size as its
+//! context ([`Scheduler::max_context`]): a sequence ends there (`length`), so
+//! one alone always fits.
 //!
 //! With the prefix cache on, the context's leading full blocks that this
 //! node already holds are taken from the cache by reference (never the block
@@ -94,10 +96,11 @@ impl<B: Backend> Scheduler<B> {
             return Err(Refusal::AlreadyRunning(a.request_id));
         }
         let context_len = a.prompt.len() + a.generated.len();
-        if context_len >= config.max_position_embeddings {
+        let max_context = self.max_context();
+        if context_len >= max_context {
             return Err(Refusal::ContextFull {
                 context_len,
-                max_context: config.max_position_embeddings,
+                max_context,
             });
         }
         if a.prompt_logprobs.is_some() && !self.backend.computes_every_logit() {
@@ -107,7 +110,6 @@ impl<B: Backend> Scheduler<B> {
         }
         let layout = self.backend.kv_layout();
         let bs = layout.block_size;
-        let max_len = (a.prompt.len() + a.params.max_tokens).min(config.max_position_embeddings);
         // The KV a prefill computes covers the prompt and the tokens generated before.
         let hasher = self.hasher.with_cache_salt(&a.cache_salt);
         let hashes = if self.blocks.caching() {
@@ -132,13 +134,6 @@ impl<B: Backend> Scheduler<B> {
             &model.tokenizer,
         )
         .map_err(|e| Refusal::InvalidRequest(e.to_string()))?;
-        let whole = blocks_for(max_len, bs);
-        if whole > self.blocks.total() {
-            return Err(Refusal::OutOfBlocks(format!(
-                "the prompt and max_tokens take up to {whole} KV blocks of {bs} tokens; this node's cache holds {}",
-                self.blocks.total()
-            )));
-        }
         let preempted = self.preempted();
         if preempted > 0 {
             return Err(Refusal::OutOfBlocks(format!(

@@ -11,14 +11,15 @@ pub enum Refusal {
     /// The same attempt of the request is already here.
     #[error("request {0} is already running here")]
     AlreadyRunning(String),
-    /// The context fills the model's context window: nothing can be generated.
+    /// The context fills the context this node serves (the model's, or its
+    /// KV cache's size if smaller): nothing can be generated.
     #[error(
-        "prompt of {context_len} tokens leaves no room in the model's context of {max_context} tokens"
+        "prompt of {context_len} tokens leaves no room in this node's context of {max_context} tokens (the model's context, or its KV cache if smaller)"
     )]
     ContextFull {
         /// Prompt plus tokens generated before.
         context_len: usize,
-        /// The model's context length.
+        /// The context this node serves.
         max_context: usize,
     },
     /// The request's tokens or parameters cannot start a generation.

@@ -291,6 +291,13 @@ impl<B: Backend> Scheduler<B> {
         self.publish();
     }
 
+    /// The longest context a sequence here reaches: the model's, or the KV
+    /// cache's size if that is smaller (a sequence alone must fit in it).
+    pub(crate) fn max_context(&self) -> usize {
+        let cache = self.blocks.total() * self.backend.kv_layout().block_size;
+        self.model.config.max_position_embeddings.min(cache)
+    }
+
     pub(crate) fn reservations(&self) -> MutexGuard<'_, Reservations> {
         self.reservations.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -785,8 +792,7 @@ impl<B: Backend> Scheduler<B> {
         // The stream holds max_tokens + a few messages, so a full stream means a caller
         // that stopped reading: treat it like one that went away.
         let alive = seq.events.try_send(Ok(chunk)).is_ok();
-        let at_context_end =
-            seq.generation.tokens().len() >= self.model.config.max_position_embeddings;
+        let at_context_end = seq.generation.tokens().len() >= self.max_context();
         if let Some(reason) = event
             .finished
             .map(finish_reason_to_pb)

@@ -57,6 +57,8 @@
 #           gemm-split-k-variants.patch, and its engine-tests), xz
 #   .gpu32  sixteenth session's call-31 (not run yet): tiles/ (7e67fc5 with
 #           gemm-tile-variants.patch: tandem-gpu-bench, kernels, engine-tests), xz
+#   .gpu58  twenty-fifth session's call-58: old/ (6bd5912) and new/ (cc76a9a) tandem (xz),
+#           cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -454,6 +456,19 @@ for w in $WHICH; do
       d=$(worktree h48 384755e)
       bench_into "$d" h48 .gpu48
       xz -T2 -6 .gpu48/tandem-gpu-bench
+      ;;
+    58)
+      # old/ (6bd5912: KV blocks for prompt + max_tokens at admission) and new/ (cc76a9a:
+      # blocks as sequences grow, preemption) tandem builds, one worktree after the other in
+      # one target directory; the gpu-1p1d configs.
+      rm -rf .gpu58 && mkdir -p .gpu58/old .gpu58/new
+      for pair in new:cc76a9a old:6bd5912; do
+        d=$(worktree head "${pair#*:}")
+        build "$d" head --features cuda -p tandem --bin tandem
+        strip -o ".gpu58/${pair%%:*}/tandem" "$(rel head)/tandem"
+      done
+      cp -r cluster-configs/gpu-1p1d .gpu58/
+      xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.

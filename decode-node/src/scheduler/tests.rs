@@ -770,18 +770,11 @@ fn the_newest_sequence_is_preempted_for_an_older_one_to_grow_and_resumes_with_th
     }
     assert_eq!(s.stats().preemptions_total, 1);
     assert!(s.seqs[&b].table.is_empty(), "its blocks are given back");
-    // While b waits for blocks, a new request is refused; so is one that
-    // could never fit in the cache.
+    // While b waits for blocks, a new request is refused.
     let (mut reply, _c) = admit(&tx, "c", 8);
     s.handle(rx.try_recv().expect("admission"));
     match reply.try_recv().ok() {
         Some(Err(Refusal::OutOfBlocks(m))) => assert!(m.contains("preempted"), "{m}"),
-        other => panic!("expected OutOfBlocks, got {other:?}"),
-    }
-    let (mut reply, _d) = admit(&tx, "d", 300);
-    s.handle(rx.try_recv().expect("admission"));
-    match reply.try_recv().ok() {
-        Some(Err(Refusal::OutOfBlocks(m))) => assert!(m.contains("cache holds 64"), "{m}"),
         other => panic!("expected OutOfBlocks, got {other:?}"),
     }
     // a finishes; b is prefilled again and goes on where it stopped.
@@ -830,4 +823,45 @@ fn a_preempted_sequence_takes_its_full_blocks_back_from_the_prefix_cache() {
     let out = run_to_end(&mut s, &mut rx, &mut streams, 400);
     assert_eq!(out[1].len(), 150);
     assert_eq!(s.blocks.num_free(), total, "every block free or evictable");
+}
+
+#[test]
+fn a_cache_smaller_than_the_model_context_is_the_context_served() {
+    // 64 blocks of 4 tokens: 256 tokens, against the model's 512.
+    let (_dir, mut s) = scheduler();
+    let (tx, rx) = channel();
+    let mut rx = Inbox::new(rx);
+    assert_eq!(s.max_context(), 256);
+    let (mut reply, events) = admit(&tx, "long", 400);
+    s.handle(rx.try_recv().expect("admission"));
+    assert_eq!(reply.try_recv().ok(), Some(Ok(())));
+    let out = run_to_end(&mut s, &mut rx, &mut [events], 400);
+    assert_eq!(out[0].len(), 256 - 6, "it ends where the cache does");
+    assert_eq!(s.blocks.num_free(), s.blocks.total());
+    let params = GenerationParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let (events, _rx) = mpsc::channel(8);
+    let a = Admission {
+        request_id: "full".into(),
+        prompt: vec![7; 256],
+        generated: Vec::new(),
+        prompt_logprobs: None,
+        params,
+        force_local: true,
+        kv_timeout: Duration::from_secs(10),
+        prefill_peer: String::new(),
+        prefill_queue: Duration::ZERO,
+        cache_salt: String::new(),
+        events,
+        span: tracing::Span::none(),
+    };
+    match s.admit(a) {
+        Err(Refusal::ContextFull {
+            context_len: 256,
+            max_context: 256,
+        }) => {}
+        other => panic!("expected ContextFull, got {:?}", other.err()),
+    }
 }
