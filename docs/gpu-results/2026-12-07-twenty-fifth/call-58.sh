@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call 58 (twenty-fifth session; carry .gpu58, built by `WHICH=58 bash
 # scripts/gpu-pending/prepare.sh`): a decode node that takes KV blocks as sequences grow and
-# preempts the newest when none is free (new/: 7e0807a's tandem) against one that takes
+# preempts the newest when none is free (new/: f72def5's tandem) against one that takes
 # prompt + max_tokens blocks at admission (old/: 6bd5912's), on issue 16's saturation run
 # (768 requests of 512 prompt and 256 output tokens, 256 at a time, the 8B shape, the
 # gpu-1p1d configs with both nodes on GPU 0, disaggregated) with the decode node's cache cut
