@@ -155,7 +155,15 @@ impl pb::decode_node_server::DecodeNode for DecodeService {
         let admitted = admitted.await.unwrap_or(Err(Refusal::ShuttingDown));
         if let Err(refused) = admitted {
             let status = refusal_status(&refused);
-            span.in_scope(|| tracing::info!(code = ?status.code(), "refused: {refused}"));
+            span.in_scope(|| {
+                if matches!(refused, Refusal::OutOfBlocks(_)) {
+                    // Back-pressure: the router asks again every few
+                    // milliseconds while the node is full.
+                    tracing::debug!(code = ?status.code(), "refused: {refused}")
+                } else {
+                    tracing::info!(code = ?status.code(), "refused: {refused}")
+                }
+            });
             return Err(status);
         }
         let events = ReceiverStream::new(rx).map(|e| e.map_err(|e| failure_status(&e)));
