@@ -1,11 +1,14 @@
-//! Requests waiting at the router for room at a decode node
-//! (`router.decode_waiting`), served in arrival order.
+//! Requests waiting at the router for room at a decode node, served in
+//! arrival order.
 //!
 //! A request that finds every decode node's batch and waiting room full
-//! joins the queue; only the request at its head looks for room again, when
-//! it is woken: by a request ending at a decode node, by a decode node's load
-//! report, or by the request before it leaving the head (it found room, so
-//! there may be more). A newcomer joins behind the waiting ones instead of
+//! (`router.decode_waiting`) joins the queue; only the request at its head
+//! looks for room again, when it is woken: by a request ending at a decode
+//! node, by a decode node's load report, or by the request before it leaving
+//! the head (it found room, so there may be more). A request every decode
+//! node refused for KV blocks joins it too, and keeps its place through its
+//! next tries: at the head it asks again every few milliseconds, and the
+//! others wait for it to be admitted instead of each asking the full nodes. A newcomer joins behind the waiting ones instead of
 //! taking room they wait for. A request that stops waiting (its client went
 //! away, its deadline passed) leaves its place on drop.
 //!

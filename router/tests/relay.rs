@@ -665,6 +665,29 @@ async fn full_decode_nodes_are_retried_until_one_admits() {
 }
 
 #[tokio::test]
+async fn requests_waiting_for_a_full_decode_node_ask_it_one_at_a_time() {
+    let c = cluster(Setup::default()).await;
+    // Full until told otherwise: every request refused for blocks.
+    c.full.store(usize::MAX, Ordering::Release);
+    let runs: Vec<_> = (0..8)
+        .map(|i| c.generate(request(&format!("w{i}"))))
+        .collect();
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.full.store(0, Ordering::Release);
+    };
+    let (done, ()) = tokio::join!(futures::future::join_all(runs), release);
+    for (tokens, finished) in done {
+        finished.unwrap();
+        assert_eq!(tokens.len(), 5);
+    }
+    // Only the first in line asks again (every 20 ms); the others wait for
+    // it to be admitted. Each asking on its own would be ~15 calls apiece.
+    let calls = c.log.lock().unwrap().decode.len();
+    assert!(calls < 8 + 30, "{calls} Decode calls for 8 requests");
+}
+
+#[tokio::test]
 async fn prefill_failure_cancels_at_the_decode_node() {
     // A full prefill node is not retried: the request fails, its reservation cancelled.
     let c = cluster(Setup {

@@ -19,10 +19,11 @@ pub(super) struct Reserved {
 
 impl Request<'_> {
     /// Reserves the request at a decode node: the best one first, then the
-    /// others; when all are full, waits briefly and asks again until the
-    /// deadline. With `router.decode_waiting`, a node whose batch and waiting
-    /// room are full is not asked, and when none has room the request waits
-    /// its turn in the pool's [`DecodeQueue`](crate::decode_queue::DecodeQueue).
+    /// others; when all are full, it waits its turn in the pool's
+    /// [`DecodeQueue`](crate::decode_queue::DecodeQueue), and at the head asks
+    /// again every [`FULL_BACKOFF`] until the deadline. With
+    /// `router.decode_waiting`, a node whose batch and waiting room are full
+    /// is not asked, and when none has room the head waits to be woken.
     pub(super) async fn reserve(
         &self,
         guard: &mut CancelGuard,
@@ -37,6 +38,7 @@ impl Request<'_> {
         // node (`router.decode_waiting`); only the head looks for room, and a
         // newcomer joins behind the waiting ones.
         let mut place = (!queue.is_empty()).then(|| queue.join());
+        let mut refused_for_blocks = false;
         loop {
             if let Some(p) = &place
                 && !p.is_head()
@@ -110,8 +112,12 @@ impl Request<'_> {
                     no_room = true;
                     continue;
                 };
-                // Counted at the node: the next waiting request may look.
-                drop(place.take());
+                // Counted at the node: the next waiting request may look;
+                // one refused for blocks before keeps its place until a node
+                // takes it (the rest would each ask the full node again).
+                if !refused_for_blocks {
+                    drop(place.take());
+                }
                 guard.decode = Some(node.clone());
                 nodes.note_sent(&node.addr);
                 match self.watch(self.try_decode(&node, request.clone())).await {
@@ -161,6 +167,13 @@ impl Request<'_> {
             if Instant::now() + FULL_BACKOFF >= self.deadline {
                 return Err(self.deadline_exceeded());
             }
+            // In line with the others waiting: only the head asks again
+            // (every FULL_BACKOFF), the rest wait until it leaves, so a full
+            // node is not asked by every waiting request every few ms.
+            if place.is_none() {
+                place = Some(queue.join());
+            }
+            refused_for_blocks = true;
             self.watch(async {
                 tokio::time::sleep(FULL_BACKOFF).await;
                 Ok(())
