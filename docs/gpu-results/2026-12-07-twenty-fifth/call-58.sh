@@ -13,7 +13,8 @@ set -u
 DEADLINE_S=${DEADLINE_S:-580}
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c58
 BLOCKS=${BLOCKS:-1024}
-for b in old new; do
+for b in old new next; do  # next/: b21fc0e (waiting in line at the router), where built
+  [ -f .gpu58/$b/tandem.xz ] || continue
   mkdir -p /tmp/g58/$b && cp -r .gpu58/gpu-1p1d /tmp/g58/$b/
   unxz_to /tmp/g58/$b .gpu58/$b/tandem.xz
 done
