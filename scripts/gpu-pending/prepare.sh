@@ -57,7 +57,8 @@
 #           gemm-split-k-variants.patch, and its engine-tests), xz
 #   .gpu32  sixteenth session's call-31 (not run yet): tiles/ (7e67fc5 with
 #           gemm-tile-variants.patch: tandem-gpu-bench, kernels, engine-tests), xz
-#   .gpu58  twenty-fifth session's call-58: old/ (6bd5912) and new/ (f72def5) tandem (xz),
+#   .gpu58  twenty-fifth session's call-58: old/ (6bd5912), new/ (f72def5) and next/ (b21fc0e:
+#           waiting in line at the router) tandem (xz),
 #           cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
@@ -461,14 +462,14 @@ for w in $WHICH; do
       # old/ (6bd5912: KV blocks for prompt + max_tokens at admission) and new/ (f72def5:
       # blocks as sequences grow, preemption) tandem builds, one worktree after the other in
       # one target directory; the gpu-1p1d configs.
-      rm -rf .gpu58 && mkdir -p .gpu58/old .gpu58/new
-      for pair in new:f72def5 old:6bd5912; do
+      rm -rf .gpu58 && mkdir -p .gpu58/old .gpu58/new .gpu58/next
+      for pair in new:f72def5 old:6bd5912 next:b21fc0e; do
         d=$(worktree head "${pair#*:}")
         build "$d" head --features cuda -p tandem --bin tandem
         strip -o ".gpu58/${pair%%:*}/tandem" "$(rel head)/tandem"
       done
       cp -r cluster-configs/gpu-1p1d .gpu58/
-      xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem
+      xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem .gpu58/next/tandem
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
