@@ -144,7 +144,8 @@ impl<B: Backend> Scheduler<B> {
             .take_blocks(&hashes[..reusable], blocks_for(context_len, bs))
             .map_err(Refusal::OutOfBlocks)?;
         // From here the sequence holds a reference on each of its `cached`
-        // leading blocks until `remove`: they cannot be evicted meanwhile.
+        // leading blocks until `remove` (or its preemption, which a sequence
+        // waiting for shipped KV is spared): they cannot be evicted meanwhile.
         let cached_tokens = cached * bs;
         let prompt_blocks = blocks_for(context_len, bs);
         let facts = PrefillFacts {
