@@ -120,10 +120,25 @@ fn admit_asking(
     local: bool,
     prompt_logprobs: Option<usize>,
 ) -> (Reply, mpsc::Receiver<Event>) {
+    let (a, rx) = admission(id, vec![1, 2, 3, 4, 5, 6], params, local, prompt_logprobs);
+    let (reply, answer) = oneshot::channel();
+    tx.send(Command::Admit(Box::new(a), reply))
+        .expect("loop's channel");
+    (answer, rx)
+}
+
+/// An admission of `prompt` and its response stream.
+fn admission(
+    id: &str,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+    local: bool,
+    prompt_logprobs: Option<usize>,
+) -> (Admission, mpsc::Receiver<Event>) {
     let (events, rx) = mpsc::channel(params.max_tokens + 5);
     let a = Admission {
         request_id: id.into(),
-        prompt: vec![1, 2, 3, 4, 5, 6],
+        prompt,
         generated: Vec::new(),
         prompt_logprobs,
         params,
@@ -135,10 +150,7 @@ fn admit_asking(
         events,
         span: tracing::Span::none(),
     };
-    let (reply, answer) = oneshot::channel();
-    tx.send(Command::Admit(Box::new(a), reply))
-        .expect("loop's channel");
-    (answer, rx)
+    (a, rx)
 }
 
 #[test]
@@ -842,21 +854,7 @@ fn a_cache_smaller_than_the_model_context_is_the_context_served() {
         max_tokens: 4,
         ..Default::default()
     };
-    let (events, _rx) = mpsc::channel(8);
-    let a = Admission {
-        request_id: "full".into(),
-        prompt: vec![7; 256],
-        generated: Vec::new(),
-        prompt_logprobs: None,
-        params,
-        force_local: true,
-        kv_timeout: Duration::from_secs(10),
-        prefill_peer: String::new(),
-        prefill_queue: Duration::ZERO,
-        cache_salt: String::new(),
-        events,
-        span: tracing::Span::none(),
-    };
+    let (a, _events) = admission("full", vec![7; 256], params, true, None);
     match s.admit(a) {
         Err(Refusal::ContextFull {
             context_len: 256,
