@@ -43,7 +43,8 @@ use tandem_cluster::kv_dtype::{wire_dtype, wire_to_pb};
 use tandem_engine::Generation;
 use tandem_engine::GenerationParams;
 use tandem_engine::backend::Backend;
-use tandem_engine::block_manager::{SequenceBlocks, blocks_for};
+use tandem_engine::block_manager::{BlockHash, SequenceBlocks, blocks_for};
+use tandem_engine::prefix_hash::PrefixHasher;
 use tandem_kv_transfer::Expectation;
 use tandem_proto::v1 as pb;
 use tandem_telemetry::names;
@@ -87,6 +88,30 @@ pub struct Admission {
 }
 
 impl<B: Backend> Scheduler<B> {
+    /// The hashes of `context`'s full blocks (none with the prefix cache
+    /// off), and how many leading ones a sequence may take from the cache:
+    /// never the block of the last token (its KV is computed with the next
+    /// token's logits), and none when every position's logits are needed
+    /// (prompt log probabilities; the blocks are still named in the cache,
+    /// for later prompts).
+    pub(crate) fn reusable_prefix(
+        &self,
+        hasher: &PrefixHasher,
+        context: &[u32],
+        every_logit: bool,
+    ) -> (Vec<BlockHash>, usize) {
+        if !self.blocks.caching() {
+            return (Vec::new(), 0);
+        }
+        let hashes = hasher.full_blocks(context);
+        let reusable = if every_logit {
+            0
+        } else {
+            (context.len().saturating_sub(1) / hasher.block_size()).min(hashes.len())
+        };
+        (hashes, reusable)
+    }
+
     /// Admits `a` or says why not; on success the `Admitted` message is on
     /// its stream and the sequence is in the loop.
     pub(crate) fn admit(&mut self, a: Admission) -> Result<(), Refusal> {
@@ -112,20 +137,10 @@ impl<B: Backend> Scheduler<B> {
         let bs = layout.block_size;
         // The KV a prefill computes covers the prompt and the tokens generated before.
         let hasher = self.hasher.with_cache_salt(&a.cache_salt);
-        let hashes = if self.blocks.caching() {
-            let mut context = a.prompt.clone();
-            context.extend_from_slice(&a.generated);
-            hasher.full_blocks(&context)
-        } else {
-            Vec::new()
-        };
-        // Prompt log probabilities need every position's logits: nothing is
-        // taken from the cache (its blocks are still named in it, for later prompts).
-        let reusable = if a.prompt_logprobs.is_some() {
-            0
-        } else {
-            (context_len.saturating_sub(1) / bs).min(hashes.len())
-        };
+        let mut context = a.prompt.clone();
+        context.extend_from_slice(&a.generated);
+        let (hashes, reusable) =
+            self.reusable_prefix(&hasher, &context, a.prompt_logprobs.is_some());
         let generation = Generation::resume(
             a.prompt,
             &a.generated,

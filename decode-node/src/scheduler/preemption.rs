@@ -135,13 +135,8 @@ impl<B: Backend> Scheduler<B> {
             };
             let tokens = seq.generation.tokens();
             let context_len = tokens.len();
-            // Prompt log probabilities need every position's logits.
-            let hashes = if self.blocks.caching() && seq.prompt_logprobs.is_none() {
-                seq.hasher.full_blocks(tokens)
-            } else {
-                Vec::new()
-            };
-            let reusable = (context_len.saturating_sub(1) / bs).min(hashes.len());
+            let (hashes, reusable) =
+                self.reusable_prefix(&seq.hasher, tokens, seq.prompt_logprobs.is_some());
             let Ok(SequenceBlocks { table, cached }) =
                 self.take_blocks(&hashes[..reusable], blocks_for(context_len, bs))
             else {
