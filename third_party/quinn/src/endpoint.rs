@@ -741,7 +741,14 @@ impl std::ops::Deref for EndpointRef {
 struct RecvState {
     incoming: VecDeque<proto::Incoming>,
     connections: ConnectionSet,
-    recv_buf: Box<[u8]>,
+    /// Tandem: the buffer datagrams are received into, in slots of `slot_len` bytes
+    /// (one a received batch). A received batch is split out of it and handed on as
+    /// is (upstream copied every batch out of one fixed buffer into a new
+    /// `BytesMut`); once its slots are used up the buffer waits in `used_recv_bufs`
+    /// until every packet read from it has been dropped, then is received into again.
+    recv_buf: BytesMut,
+    used_recv_bufs: VecDeque<BytesMut>,
+    slot_len: usize,
     recv_limiter: WorkLimiter,
 }
 
@@ -751,12 +758,8 @@ impl RecvState {
         max_receive_segments: usize,
         endpoint: &proto::Endpoint,
     ) -> Self {
-        let recv_buf = vec![
-            0;
-            endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize
-                * max_receive_segments
-                * BATCH_SIZE
-        ];
+        let slot_len = endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize
+            * max_receive_segments;
         Self {
             connections: ConnectionSet {
                 senders: FxHashMap::default(),
@@ -764,9 +767,40 @@ impl RecvState {
                 close: None,
             },
             incoming: VecDeque::new(),
-            recv_buf: recv_buf.into(),
+            recv_buf: BytesMut::zeroed(slot_len * BATCH_SIZE),
+            used_recv_bufs: VecDeque::new(),
+            slot_len,
             recv_limiter: WorkLimiter::new(RECV_TIME_BOUND),
         }
+    }
+
+    /// Tandem: makes sure `recv_buf` has a slot left: the first used buffer that no
+    /// packet read from it still holds, else a new one of `BATCH_SIZE` slots
+    /// (zero-filled, so every byte of every buffer is initialized from the start).
+    fn refill_recv_buf(&mut self) {
+        if self.recv_buf.len() >= self.slot_len {
+            return;
+        }
+        let full = self.slot_len * BATCH_SIZE;
+        let used = std::mem::take(&mut self.recv_buf);
+        self.used_recv_bufs.push_back(used);
+        for _ in 0..self.used_recv_bufs.len() {
+            let Some(mut buf) = self.used_recv_bufs.pop_front() else {
+                break;
+            };
+            buf.clear();
+            if buf.try_reclaim(full) {
+                // SAFETY: the `full` bytes from the buffer's start were zero-filled when
+                // it was made and have only been written since (by the kernel's
+                // receives), so all are initialized; `try_reclaim` made them this
+                // handle's alone.
+                unsafe { buf.set_len(full) };
+                self.recv_buf = buf;
+                return;
+            }
+            self.used_recv_bufs.push_back(buf);
+        }
+        self.recv_buf = BytesMut::zeroed(full);
     }
 
     fn poll_socket(
@@ -779,23 +813,36 @@ impl RecvState {
     ) -> Result<PollProgress, io::Error> {
         let mut received_connection_packet = false;
         let mut metas = [RecvMeta::default(); BATCH_SIZE];
-        let mut iovs: [IoSliceMut; BATCH_SIZE] = {
-            let mut bufs = self
-                .recv_buf
-                .chunks_mut(self.recv_buf.len() / BATCH_SIZE)
-                .map(IoSliceMut::new);
-
-            // expect() safe as self.recv_buf is chunked into BATCH_SIZE items
-            // and iovs will be of size BATCH_SIZE, thus from_fn is called
-            // exactly BATCH_SIZE times.
-            std::array::from_fn(|_| bufs.next().expect("BATCH_SIZE elements"))
-        };
         loop {
-            match socket.poll_recv(cx, &mut iovs, &mut metas) {
+            self.refill_recv_buf();
+            let slot_len = self.slot_len;
+            let slots = (self.recv_buf.len() / slot_len).min(BATCH_SIZE);
+            let mut iovs: [IoSliceMut; BATCH_SIZE] = {
+                let mut bufs = self.recv_buf.chunks_mut(slot_len).map(IoSliceMut::new);
+                // Slots past the buffer's end are empty and not passed on.
+                std::array::from_fn(|_| bufs.next().unwrap_or_else(|| IoSliceMut::new(&mut [])))
+            };
+            let polled = socket.poll_recv(cx, &mut iovs[..slots], &mut metas[..slots]);
+            drop(iovs);
+            let msgs = match &polled {
+                Poll::Ready(Ok(msgs)) => *msgs,
+                _ => 0,
+            };
+            // Each received batch leaves the buffer as a `BytesMut` of its own, sharing
+            // its allocation.
+            let batches: Vec<BytesMut> = metas
+                .iter()
+                .take(msgs)
+                .map(|meta| {
+                    let mut slot = self.recv_buf.split_to(slot_len);
+                    slot.truncate(meta.len);
+                    slot
+                })
+                .collect();
+            match polled {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
-                    for (meta, buf) in metas.iter().zip(iovs.iter()).take(msgs) {
-                        let mut data: BytesMut = buf[0..meta.len].into();
+                    for (meta, mut data) in metas.iter().zip(batches) {
                         while !data.is_empty() {
                             let buf = data.split_to(meta.stride.min(data.len()));
                             let mut response_buffer = Vec::new();
