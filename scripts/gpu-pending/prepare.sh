@@ -60,6 +60,9 @@
 #   .gpu58  twenty-fifth session's call-58: old/ (6bd5912), new/ (f72def5) and next/ (b21fc0e:
 #           waiting in line at the router) tandem (xz),
 #           cluster-configs/gpu-1p1d
+#   .gpu60  twenty-sixth session's call-60 (ran on an H100's host): kv_bench_main (35bedb3),
+#           kv_bench_zc (461b630: quinn's receive buffers) and kv_bench_lanes (461b630 with
+#           the twenty-third session's kv-lanes.patch), xz
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -470,6 +473,17 @@ for w in $WHICH; do
       done
       cp -r cluster-configs/gpu-1p1d .gpu58/
       xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem .gpu58/next/tandem
+      ;;
+    60)
+      rm -rf .gpu60 && mkdir -p .gpu60
+      for pair in main:35bedb3 zc:461b630 lanes:461b630; do
+        name=${pair%%:*}
+        patch=""; [ "$name" = lanes ] && patch=docs/gpu-results/2026-12-07-twenty-third/kv-lanes.patch
+        d=$(worktree "kv$name" "${pair#*:}" "$patch")
+        build "$d" "kv$name" -p tandem-kv-transfer --bin kv_bench
+        strip -o ".gpu60/kv_bench_$name" "$(rel "kv$name")/kv_bench"
+      done
+      xz -T2 -6 .gpu60/kv_bench_main .gpu60/kv_bench_zc .gpu60/kv_bench_lanes
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.

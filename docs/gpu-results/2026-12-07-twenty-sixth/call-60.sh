@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device call 60 (twenty-sixth session; ~300 s, no GPU needed, the 16-core host; carry .gpu60):
+# Device call 60 (twenty-sixth session; ~80 s, no GPU needed, the 16-core host; carry .gpu60,
+# `WHICH=60 bash scripts/gpu-pending/prepare.sh`; ran on an H100 machine, raw output in call-60/):
 # QUIC's receive path without quinn's copy of every received batch (issue 16's transport
 # targets: 0.75 of TCP at 8952-byte datagrams, 0.5 at 1472). kv_bench, 32k tokens, the
 # builds taking turns, 3 rounds at 8952 B and 2 at 1472 B (main and zc only):
