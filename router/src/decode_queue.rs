@@ -8,9 +8,10 @@
 //! the head (it found room, so there may be more). A request every decode
 //! node refused for KV blocks joins it too, and keeps its place through its
 //! next tries: at the head it asks again every few milliseconds, and the
-//! others wait for it to be admitted instead of each asking the full nodes. A newcomer joins behind the waiting ones instead of
-//! taking room they wait for. A request that stops waiting (its client went
-//! away, its deadline passed) leaves its place on drop.
+//! others wait for it to be admitted instead of each asking the full nodes.
+//! A newcomer joins behind the waiting ones instead of taking room they wait
+//! for. A request that stops waiting (its client went away, its deadline
+//! passed) leaves its place on drop.
 //!
 //! The price of the order: a head waiting for one node (a later sample of an
 //! `n` > 1 request is pinned to the node holding its prompt's KV) holds back

@@ -170,9 +170,7 @@ impl Request<'_> {
             // In line with the others waiting: only the head asks again
             // (every FULL_BACKOFF), the rest wait until it leaves, so a full
             // node is not asked by every waiting request every few ms.
-            if place.is_none() {
-                place = Some(queue.join());
-            }
+            place.get_or_insert_with(|| queue.join());
             refused_for_blocks = true;
             self.watch(async {
                 tokio::time::sleep(FULL_BACKOFF).await;

@@ -824,25 +824,14 @@ impl RecvState {
             };
             let polled = socket.poll_recv(cx, &mut iovs[..slots], &mut metas[..slots]);
             drop(iovs);
-            let msgs = match &polled {
-                Poll::Ready(Ok(msgs)) => *msgs,
-                _ => 0,
-            };
-            // Each received batch leaves the buffer as a `BytesMut` of its own, sharing
-            // its allocation.
-            let batches: Vec<BytesMut> = metas
-                .iter()
-                .take(msgs)
-                .map(|meta| {
-                    let mut slot = self.recv_buf.split_to(slot_len);
-                    slot.truncate(meta.len);
-                    slot
-                })
-                .collect();
             match polled {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
-                    for (meta, mut data) in metas.iter().zip(batches) {
+                    for meta in metas.iter().take(msgs) {
+                        // The batch leaves the buffer as a `BytesMut` of its own, sharing
+                        // its allocation.
+                        let mut data = self.recv_buf.split_to(slot_len);
+                        data.truncate(meta.len);
                         while !data.is_empty() {
                             let buf = data.split_to(meta.stride.min(data.len()));
                             let mut response_buffer = Vec::new();
