@@ -18,7 +18,7 @@ use std::{
 #[cfg(all(not(wasm_browser), any(feature = "aws-lc-rs", feature = "ring")))]
 use crate::runtime::default_runtime;
 use crate::{
-    Instant,
+    Duration, Instant,
     runtime::{AsyncUdpSocket, Runtime},
     udp_transmit,
 };
@@ -747,9 +747,25 @@ struct RecvState {
     /// `BytesMut`); once its slots are used up the buffer waits in `used_recv_bufs`
     /// until every packet read from it has been dropped, then is received into again.
     recv_buf: BytesMut,
-    used_recv_bufs: VecDeque<BytesMut>,
+    used_recv_bufs: VecDeque<UsedRecvBuf>,
     slot_len: usize,
     recv_limiter: WorkLimiter,
+}
+
+/// Tandem: free receive buffers an endpoint keeps however long they go unused,
+/// beyond the one it receives into.
+const SPARE_RECV_BUFS: usize = 4;
+
+/// Tandem: how long a free receive buffer past the spares is kept unused before
+/// it is dropped.
+const RECV_BUF_IDLE: Duration = Duration::from_secs(1);
+
+/// Tandem: a receive buffer whose slots are used up, and since when no packet
+/// read from it has been held (when last looked at).
+struct UsedRecvBuf {
+    buf: BytesMut,
+    free_since: Option<Instant>,
+    expired: bool,
 }
 
 impl RecvState {
@@ -774,33 +790,52 @@ impl RecvState {
         }
     }
 
-    /// Tandem: makes sure `recv_buf` has a slot left: the first used buffer that no
-    /// packet read from it still holds, else a new one of `BATCH_SIZE` slots
-    /// (zero-filled, so every byte of every buffer is initialized from the start).
-    fn refill_recv_buf(&mut self) {
+    /// Tandem: makes sure `recv_buf` has a slot left: the used buffer that no
+    /// packet read from it still holds and that was used last (its pages are
+    /// resident), else a new one of `BATCH_SIZE` slots (zero-filled, so every byte
+    /// of every buffer is initialized from the start). Free buffers past the
+    /// `SPARE_RECV_BUFS` used last are dropped once unused for `RECV_BUF_IDLE`, so
+    /// the pool shrinks back after frames were held a while (an importer that
+    /// stalled).
+    fn refill_recv_buf(&mut self, now: Instant) {
         if self.recv_buf.len() >= self.slot_len {
             return;
         }
         let full = self.slot_len * BATCH_SIZE;
         let used = std::mem::take(&mut self.recv_buf);
-        self.used_recv_bufs.push_back(used);
-        for _ in 0..self.used_recv_bufs.len() {
-            let Some(mut buf) = self.used_recv_bufs.pop_front() else {
-                break;
-            };
-            buf.clear();
-            if buf.try_reclaim(full) {
+        self.used_recv_bufs.push_back(UsedRecvBuf {
+            buf: used,
+            free_since: None,
+            expired: false,
+        });
+        let mut next = None;
+        let mut free = 0;
+        for (i, u) in self.used_recv_bufs.iter_mut().enumerate().rev() {
+            u.buf.clear();
+            if !u.buf.try_reclaim(full) {
+                continue;
+            }
+            if next.is_none() {
+                next = Some(i);
+                continue;
+            }
+            free += 1;
+            let since = *u.free_since.get_or_insert(now);
+            u.expired = free > SPARE_RECV_BUFS && now.duration_since(since) >= RECV_BUF_IDLE;
+        }
+        let next = next.and_then(|i| self.used_recv_bufs.remove(i));
+        self.used_recv_bufs.retain(|u| !u.expired);
+        self.recv_buf = match next {
+            Some(UsedRecvBuf { mut buf, .. }) => {
                 // SAFETY: the `full` bytes from the buffer's start were zero-filled when
                 // it was made and have only been written since (by the kernel's
                 // receives), so all are initialized; `try_reclaim` made them this
                 // handle's alone.
                 unsafe { buf.set_len(full) };
-                self.recv_buf = buf;
-                return;
+                buf
             }
-            self.used_recv_bufs.push_back(buf);
-        }
-        self.recv_buf = BytesMut::zeroed(full);
+            None => BytesMut::zeroed(full),
+        };
     }
 
     fn poll_socket(
@@ -814,7 +849,7 @@ impl RecvState {
         let mut received_connection_packet = false;
         let mut metas = [RecvMeta::default(); BATCH_SIZE];
         loop {
-            self.refill_recv_buf();
+            self.refill_recv_buf(now);
             let slot_len = self.slot_len;
             let slots = (self.recv_buf.len() / slot_len).min(BATCH_SIZE);
             let mut iovs: [IoSliceMut; BATCH_SIZE] = {
