@@ -195,6 +195,16 @@ enum BenchRole {
 
 fn parse_args() -> Result<Args> {
     let f = <Flags as clap::Parser>::parse();
+    for (name, counts) in [
+        ("conns", &f.conns),
+        ("tcp-conns", &f.tcp_conns),
+        ("overlap-conns", &vec![f.overlap_conns]),
+        ("concurrent", &vec![f.concurrent]),
+    ] {
+        if counts.contains(&0) {
+            bail!("--{name} takes counts of 1 or more");
+        }
+    }
     let mib = |name: &str, v: u32| {
         v.checked_mul(1 << 20)
             .ok_or_else(|| anyhow!("--{name} {v} is too large"))
