@@ -63,6 +63,7 @@
 #   .gpu60  twenty-sixth session's call-60 (ran on an H100's host): kv_bench_main (35bedb3),
 #           kv_bench_zc (461b630: quinn's receive buffers) and kv_bench_lanes (461b630 with
 #           the twenty-third session's kv-lanes.patch), xz
+#   .gpu61  twenty-seventh session's call-61: 2553a5e's tandem (xz), cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -473,6 +474,15 @@ for w in $WHICH; do
       done
       cp -r cluster-configs/gpu-1p1d .gpu58/
       xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem .gpu58/next/tandem
+      ;;
+    61)
+      # 2553a5e's tandem (this session's main) and the gpu-1p1d configs, for call-61.
+      rm -rf .gpu61 && mkdir -p .gpu61
+      d=$(worktree head 2553a5e)
+      build "$d" head --features cuda -p tandem --bin tandem
+      strip -o .gpu61/tandem "$(rel head)/tandem"
+      cp -r cluster-configs/gpu-1p1d .gpu61/
+      xz -T2 -6 .gpu61/tandem
       ;;
     60)
       rm -rf .gpu60 && mkdir -p .gpu60
