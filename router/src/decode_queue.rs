@@ -7,8 +7,9 @@
 //! node, by a decode node's load report, or by the request before it leaving
 //! the head (it found room, so there may be more). A request every decode
 //! node refused for KV blocks joins it too, and keeps its place through its
-//! next tries: at the head it asks again every few milliseconds, and the
-//! others wait for it to be admitted instead of each asking the full nodes.
+//! next tries: at the head it asks again when a request ends at a decode node
+//! (at least every few milliseconds), and the others wait for it to be
+//! admitted instead of each asking the full nodes.
 //! A newcomer joins behind the waiting ones instead of taking room they wait
 //! for. A request that stops waiting (its client went away, its deadline
 //! passed) leaves its place on drop.

@@ -58,7 +58,8 @@ use reserve::Reserved;
 mod fanout;
 use fanout::Placement;
 
-/// Wait before asking the decode nodes again when all of them are full.
+/// The longest wait before asking the decode nodes again when all of them
+/// refused a request for room (a request ending there wakes it sooner).
 const FULL_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a `Cancel` call may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);

@@ -231,8 +231,10 @@ impl Drop for Assignment {
             }
             decode = e.handle.role == Role::Decode;
         }
-        if decode {
-            // The request waiting longest for room at a decode node looks again.
+        if decode && !self.refused {
+            // The request waiting longest for room at a decode node looks again
+            // (a refusal freed nothing there: it would only wake the head that
+            // was just refused).
             self.pool.decode_queue.wake_head();
         }
     }

@@ -681,7 +681,7 @@ async fn requests_waiting_for_a_full_decode_node_ask_it_one_at_a_time() {
         finished.unwrap();
         assert_eq!(tokens.len(), 5);
     }
-    // Only the first in line asks again (every 20 ms); the others wait for
+    // Only the first in line asks again (at least every 20 ms); the others wait for
     // it to be admitted. Each asking on its own would be ~15 calls apiece.
     let calls = c.log.lock().unwrap().decode.len();
     assert!(calls < 8 + 30, "{calls} Decode calls for 8 requests");

@@ -21,7 +21,8 @@ impl Request<'_> {
     /// Reserves the request at a decode node: the best one first, then the
     /// others; when all are full, it waits its turn in the pool's
     /// [`DecodeQueue`](crate::decode_queue::DecodeQueue), and at the head asks
-    /// again every [`FULL_BACKOFF`] until the deadline. With
+    /// again when a request ends at a decode node, at least every
+    /// [`FULL_BACKOFF`], until the deadline. With
     /// `router.decode_waiting`, a node whose batch and waiting room are full
     /// is not asked, and when none has room the head waits to be woken.
     pub(super) async fn reserve(
@@ -167,13 +168,15 @@ impl Request<'_> {
             if Instant::now() + FULL_BACKOFF >= self.deadline {
                 return Err(self.deadline_exceeded());
             }
-            // In line with the others waiting: only the head asks again
-            // (every FULL_BACKOFF), the rest wait until it leaves, so a full
-            // node is not asked by every waiting request every few ms.
-            place.get_or_insert_with(|| queue.join());
+            // In line with the others waiting: only the head asks again, when
+            // a request ends at a decode node (its blocks are free) or after
+            // FULL_BACKOFF (another router's requests may have ended); the rest
+            // wait until it leaves, so a full node is not asked by every
+            // waiting request every few ms.
+            let head = place.get_or_insert_with(|| queue.join());
             refused_for_blocks = true;
             self.watch(async {
-                tokio::time::sleep(FULL_BACKOFF).await;
+                let _ = tokio::time::timeout(FULL_BACKOFF, head.woken()).await;
                 Ok(())
             })
             .await?;

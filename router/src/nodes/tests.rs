@@ -330,6 +330,35 @@ async fn a_decode_node_takes_max_batch_plus_decode_waiting_and_wakes_a_waiter_pe
 }
 
 #[tokio::test]
+async fn a_refused_assignment_does_not_wake_the_waiting_head() {
+    let shutdown = CancellationToken::new();
+    let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
+    let a = "http://127.0.0.1:1";
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let place = pool.decode_queue().join();
+    let refused = pool
+        .assign_with_room(a, 4)
+        .expect("room")
+        .expect("in the pool");
+    refused.refused();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), place.woken())
+            .await
+            .is_err(),
+        "a refusal freed nothing at the node"
+    );
+    let ended = pool
+        .assign_with_room(a, 4)
+        .expect("room")
+        .expect("in the pool");
+    drop(ended);
+    tokio::time::timeout(Duration::from_secs(1), place.woken())
+        .await
+        .expect("a request ending at the node wakes the head");
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn without_decode_waiting_a_decode_node_always_has_room() {
     let shutdown = CancellationToken::new();
     let pool = ranking_pool(&[], &["127.0.0.1:1"], &shutdown);
