@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call 66 (twenty-seventh session; carry .gpu61; ~120 s on a fresh machine, any card):
+# Device call 66 (twenty-seventh session; carry .gpu61; ~130 s on a fresh machine, any card; ran on an H100):
 # call 61's disaggregated set-up under MPS with the prefill process at MPS's below-normal
 # client priority (CUDA_MPS_CLIENT_PRIORITY=1 in its environment alone; the decode process
 # normal), so the decode steps' kernels go first and a prefill takes what they leave:
