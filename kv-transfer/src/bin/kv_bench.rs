@@ -196,10 +196,10 @@ enum BenchRole {
 fn parse_args() -> Result<Args> {
     let f = <Flags as clap::Parser>::parse();
     for (name, counts) in [
-        ("conns", &f.conns),
-        ("tcp-conns", &f.tcp_conns),
-        ("overlap-conns", &vec![f.overlap_conns]),
-        ("concurrent", &vec![f.concurrent]),
+        ("conns", &f.conns[..]),
+        ("tcp-conns", &f.tcp_conns[..]),
+        ("overlap-conns", &[f.overlap_conns][..]),
+        ("concurrent", &[f.concurrent][..]),
     ] {
         if counts.contains(&0) {
             bail!("--{name} takes counts of 1 or more");

@@ -173,10 +173,10 @@ impl Request<'_> {
             // FULL_BACKOFF (another router's requests may have ended); the rest
             // wait until it leaves, so a full node is not asked by every
             // waiting request every few ms.
-            let head = place.get_or_insert_with(|| queue.join());
+            let ours = place.get_or_insert_with(|| queue.join());
             refused_for_blocks = true;
             self.watch(async {
-                let _ = tokio::time::timeout(FULL_BACKOFF, head.woken()).await;
+                let _ = tokio::time::timeout(FULL_BACKOFF, ours.woken()).await;
                 Ok(())
             })
             .await?;
