@@ -23,6 +23,10 @@
 # HOLD=false sets decode.hold_first_token = false (a first token that arrives while the
 # decode batch is full goes out on arrival instead of with the second token).
 # DECODE_BLOCKS=N sets the decode node's kv_blocks (4096 in the configs: 256k tokens).
+# NOPAIR=1 leaves out the two-process disaggregated set-up (and so disagg-512 and KVCONN).
+# UP2_ENV="VAR=value .." adds, after UP's, the one-process set-up again with those
+# variables set (label up2), e.g. TANDEM_CUDA_STREAM_PRIORITY=0 (the decode node's
+# streams at the prefill node's priority).
 # MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,
 # `nvidia-cuda-mps-control`, with its pipe and log directories under $WORK, stopped at
 # the end), so two processes' kernels share the GPU side by side instead of taking turns.
@@ -142,20 +146,24 @@ for seed in range(5):
 print("### probe: JSON mode, %d of 5 answers parse\n" % ok)
 PY
 }
+if [ -z "${NOPAIR:-}" ]; then
 start decode decode.toml decode-disagg; D=$PID
 start prefill prefill.toml prefill-4096; P=$PID
 start router router.toml router
 # Until the router has seen the prefill node it forces local prefills: wait for a remote one.
 ready_remote || { tail -20 "$OUT"/*.log; exit 1; }
 probe; for r in ${RATES-1 4}; do bench disagg "$r"; done; sat disagg
-if [ -z "${SKIP512:-}" ]; then
+else
+start router router.toml router
+fi
+if [ -z "${SKIP512:-}${NOPAIR:-}" ]; then
 stop "$P"
 sed -e 's/^max_batch_tokens = .*/max_batch_tokens = 512/' prefill.toml > prefill-512.toml
 start prefill prefill-512.toml prefill-512; P=$PID
 ready_remote || exit 1
 bench disagg-512 1; bench disagg-512 4
 fi
-if [ -n "${KVCONN:-}" ]; then
+if [ -n "${KVCONN:-}" ] && [ -z "${NOPAIR:-}" ]; then
 stop "$P"
 sed -e "s/^kv_connections = .*/kv_connections = $KVCONN/" prefill.toml > prefill-conn.toml
 start prefill prefill-conn.toml "prefill-conn$KVCONN"; P=$PID
@@ -163,7 +171,7 @@ ready_remote || exit 1
 for r in ${RATES-1 4}; do bench "disagg-conn$KVCONN" "$r"; done
 fi
 if [ -z "${NOCOLO:-}" ]; then
-stop "$D"
+[ -z "${NOPAIR:-}" ] && stop "$D"
 sed -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' decode.toml > decode-colo.toml
 start decode decode-colo.toml decode-colocated; D=$PID
 ready || exit 1
@@ -181,6 +189,13 @@ cp up.toml "$OUT/up.toml"
 start up up.toml up
 ready_remote up || { tail -20 "$OUT/up.log"; exit 1; }
 for r in ${RATES-1 4}; do bench up "$r"; done; sat up
+if [ -n "${UP2_ENV:-}" ]; then
+stop "$PID"
+# shellcheck disable=SC2086 # UP2_ENV is a list of VAR=value words
+env $UP2_ENV "$T" up --config up.toml > "$OUT/up2.log" 2>&1 & PID=$!; PIDS+=("$PID")
+ready_remote up2 || { tail -20 "$OUT/up2.log"; exit 1; }
+for r in ${RATES-1 4}; do bench up2 "$r"; done; sat up2
+fi
 fi
 grep -h "prefill\b.*ms\|compute" "$OUT"/prefill-*.log | tail -5 >> "$OUT/ttft.md"
 kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null

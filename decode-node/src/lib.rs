@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use tandem_cluster::listener::ConnectionLimits;
 use tandem_cluster::tls_listener;
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, ModelFingerprint, grpc_tls};
-use tandem_engine::{BatchLimits, ModelDir};
+use tandem_engine::{BatchLimits, GpuPriority, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
 use tokio_util::sync::CancellationToken;
@@ -108,10 +108,13 @@ pub struct RunningDecode {
 
 /// The most one decode step holds (see `Scheduler::step`): `max_batch`
 /// sequences, decoding or prefilling locally, in `max_batch_tokens` tokens.
+/// Its GPU work goes ahead of a prefill node's on the same GPU: a step late is
+/// every running request's next token late.
 fn batch_limits(config: &DecodeSection) -> BatchLimits {
     BatchLimits {
         max_tokens: config.max_batch_tokens,
         max_seqs: config.max_batch,
+        priority: GpuPriority::High,
     }
 }
 
@@ -341,7 +344,8 @@ mod tests {
             batch_limits(&config),
             BatchLimits {
                 max_tokens: 5000,
-                max_seqs: 300
+                max_seqs: 300,
+                priority: GpuPriority::High,
             }
         );
     }

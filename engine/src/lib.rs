@@ -55,7 +55,7 @@ pub use generation::{
 };
 pub use kv_cache::{KvDtype, KvLayout};
 pub use kv_events::{CacheChanges, KvCursor, KvDelta, KvEvent, KvEventLog};
-pub use model_dir::{BatchLimits, Device, ModelDir};
+pub use model_dir::{BatchLimits, Device, GpuPriority, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use row_sampling::{RowAsk, RowOut};
 pub use sampling::{

@@ -25,15 +25,33 @@ pub enum Device {
 }
 
 /// The most one forward pass of a node may hold, from the node's config
-/// (`prefill.max_batch_tokens`, `decode.max_batch`, ...). A backend that sizes
-/// its buffers once (CUDA) sizes them for this; the CPU backend allocates per
-/// pass and only checks that the limits are positive.
+/// (`prefill.max_batch_tokens`, `decode.max_batch`, ...), and how the node's
+/// GPU work ranks. A backend that sizes its buffers once (CUDA) sizes them for
+/// this; the CPU backend allocates per pass and only checks that the limits
+/// are positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     /// Tokens in one pass, all sequences together.
     pub max_tokens: usize,
     /// Sequences (chunks) in one pass.
     pub max_seqs: usize,
+    /// Its rank against other backends' work on the same GPU.
+    pub priority: GpuPriority,
+}
+
+/// How a backend's GPU work ranks against that of the other backends of this
+/// process on the same GPU: CUDA stream priorities, which decide whose waiting
+/// blocks the GPU schedules next when a multiprocessor frees (a running block
+/// is not preempted). The CPU backend has one rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GpuPriority {
+    /// The default.
+    #[default]
+    Normal,
+    /// Ahead of `Normal` work: a decode node's steps, which users wait on token
+    /// by token, ahead of the passes of a prefill node in the same `tandem up`
+    /// process. `TANDEM_CUDA_STREAM_PRIORITY=0` makes it `Normal` (to compare).
+    High,
 }
 
 impl BatchLimits {

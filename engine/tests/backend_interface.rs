@@ -191,6 +191,7 @@ fn gpu_forward_copies_only_the_rows_asked_for() {
     let limits = tandem_engine::BatchLimits {
         max_tokens: 256,
         max_seqs: 8,
+        priority: tandem_engine::GpuPriority::Normal,
     };
     let prompts: Vec<Vec<u32>> = (0..5u32)
         .map(|i| (0..3 + i).map(|t| (t * 7 + i) % 300).collect())

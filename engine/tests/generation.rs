@@ -11,6 +11,7 @@ use tandem_engine::{
 const LIMITS: BatchLimits = BatchLimits {
     max_tokens: 64,
     max_seqs: 4,
+    priority: tandem_engine::GpuPriority::Normal,
 };
 
 fn setup() -> (tempfile::TempDir, ModelDir) {
@@ -355,10 +356,12 @@ fn load_refuses_empty_batch_limits() {
         BatchLimits {
             max_tokens: 0,
             max_seqs: 4,
+            priority: tandem_engine::GpuPriority::Normal,
         },
         BatchLimits {
             max_tokens: 64,
             max_seqs: 0,
+            priority: tandem_engine::GpuPriority::Normal,
         },
     ] {
         let err = m.load(8, 16, limits).err().expect("refused").to_string();

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use tandem_cluster::listener::ConnectionLimits;
 use tandem_cluster::tls_listener;
 use tandem_cluster::{GrpcTls, ModelFingerprint, PrefillSection, grpc_tls};
-use tandem_engine::{BatchLimits, ModelDir};
+use tandem_engine::{BatchLimits, GpuPriority, ModelDir};
 use tandem_proto::v1::prefill_node_server::PrefillNodeServer;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,7 @@ fn batch_limits(config: &PrefillSection) -> BatchLimits {
     BatchLimits {
         max_tokens,
         max_seqs: config.max_batch_tokens.min(MAX_SEQS_PER_PASS),
+        priority: GpuPriority::Normal,
     }
 }
 
@@ -248,7 +249,8 @@ mod tests {
             batch_limits(&c),
             BatchLimits {
                 max_tokens: 10000,
-                max_seqs: MAX_SEQS_PER_PASS
+                max_seqs: MAX_SEQS_PER_PASS,
+                priority: GpuPriority::Normal,
             }
         );
         // A budget below one block still runs a block-sized chunk.
@@ -257,7 +259,8 @@ mod tests {
             batch_limits(&c),
             BatchLimits {
                 max_tokens: 32,
-                max_seqs: 8
+                max_seqs: 8,
+                priority: GpuPriority::Normal,
             }
         );
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tandem_engine::backend::{Backend, KvIo, LayerHook};
 use tandem_engine::generation::GenerationParams;
 use tandem_engine::kv_cache::KvLayout;
-use tandem_engine::model_dir::BatchLimits;
+use tandem_engine::model_dir::{BatchLimits, GpuPriority};
 use tandem_engine::synth::{SynthSpec, write_model_dir};
 use tandem_engine::{
     BlockId, ModelConfig, ModelDir, Result as EngineResult, RowAsk, RowOut, SeqChunk, TokenDraw,
@@ -53,6 +53,7 @@ fn scheduler_with<B: Backend>(
     let limits = BatchLimits {
         max_tokens: 256,
         max_seqs: 8,
+        priority: GpuPriority::Normal,
     };
     let backend = wrap(model.load(64, 4, limits).expect("backend"));
     let endpoint = KvEndpoint {

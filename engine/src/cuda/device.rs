@@ -28,6 +28,7 @@ use super::launch::{
 use super::program;
 pub use super::program::{DEFAULT_INCLUDE_DIRS, include_dir};
 use crate::config::ModelConfig;
+use crate::model_dir::GpuPriority;
 
 /// The kernels, looked up once (launched through [`launch`](super::launch)).
 pub(crate) struct Kernels {
@@ -175,6 +176,15 @@ impl Gpu {
     /// Opens GPU `ordinal` and compiles the kernels; picks the attention kernels for
     /// `config`'s head width and query heads per KV head.
     pub fn open(ordinal: usize, config: &ModelConfig) -> Result<Self, CudaError> {
+        Self::open_ranked(ordinal, config, GpuPriority::Normal)
+    }
+
+    /// Like [`open`](Self::open), with both streams at `priority`'s rank.
+    pub fn open_ranked(
+        ordinal: usize,
+        config: &ModelConfig,
+        priority: GpuPriority,
+    ) -> Result<Self, CudaError> {
         let head_dim = config.head_dim;
         let group = config.num_heads / config.num_kv_heads.max(1);
         let group_bound = match group {
@@ -207,8 +217,15 @@ impl Gpu {
         // SAFETY: the backend orders its streams with explicit events and owns every
         // buffer for its whole life, so cudarc's automatic tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
-        let compute = ctx.new_stream().op("create compute stream")?;
-        let copy = ctx.new_stream().op("create copy stream")?;
+        ctx.bind_to_thread().op("cuCtxSetCurrent")?;
+        let rank = stream_priority(priority)?;
+        tracing::info!(ordinal, ?priority, rank, "CUDA streams created");
+        let compute = ctx
+            .new_stream_with_priority(rank)
+            .op("create compute stream")?;
+        let copy = ctx
+            .new_stream_with_priority(rank)
+            .op("create copy stream")?;
         let (ptx, arch) = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
@@ -843,6 +860,19 @@ impl<'a> Launch<'a> {
 
 /// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
 /// and its multiprocessors.
+/// The CUDA stream priority of `priority` in the current context: the least
+/// (the default) for `Normal`, the greatest for `High` unless
+/// `TANDEM_CUDA_STREAM_PRIORITY=0`.
+fn stream_priority(priority: GpuPriority) -> Result<i32, CudaError> {
+    let (least, greatest) =
+        cudarc::driver::result::stream::get_priority_range().op("cuCtxGetStreamPriorityRange")?;
+    let ranked = std::env::var("TANDEM_CUDA_STREAM_PRIORITY").map_or(true, |v| v != "0");
+    Ok(match priority {
+        GpuPriority::High if ranked => greatest,
+        _ => least,
+    })
+}
+
 fn dram_peak(ctx: &CudaContext) -> Result<(f64, usize), CudaError> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     let attr = |a| ctx.attribute(a).op("cuDeviceGetAttribute");
@@ -865,4 +895,37 @@ pub(crate) fn grid(blocks: u32, threads: u32) -> LaunchConfig {
 pub(crate) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _guard) = s.device_ptr(stream);
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::model::named_config;
+
+    fn rank(stream: &CudaStream) -> i32 {
+        let mut p = 0;
+        // SAFETY: a live stream of this process and a valid out-pointer.
+        unsafe { cudarc::driver::sys::cuStreamGetPriority(stream.cu_stream(), &mut p) }
+            .result()
+            .expect("cuStreamGetPriority");
+        p
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::device -- --ignored"]
+    fn a_high_priority_gpu_ranks_its_streams_above_a_normal_one() {
+        let config = named_config("tiny", None).unwrap();
+        let normal = Gpu::open(0, &config).expect("a CUDA GPU");
+        let high = Gpu::open_ranked(0, &config, GpuPriority::High).expect("a CUDA GPU");
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range().unwrap();
+        assert!(greatest < least, "this GPU has one stream priority");
+        for (what, stream, want) in [
+            ("normal compute", &normal.compute, least),
+            ("normal copy", &normal.copy, least),
+            ("high compute", &high.compute, greatest),
+            ("high copy", &high.copy, greatest),
+        ] {
+            assert_eq!(rank(stream), want, "{what}");
+        }
+    }
 }

@@ -90,6 +90,7 @@ use crate::block_manager::{BlockId, blocks_for};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvDtype, KvLayout};
+use crate::model_dir::GpuPriority;
 use crate::row_sampling::{RowAsk, RowOut, check_asks};
 use crate::sampling::TokenDraw;
 use device::ptr;
@@ -115,6 +116,8 @@ pub struct CudaLimits {
     pub export_ring_bytes: usize,
     /// The cache's dtype: bf16 or fp8_e4m3 (docs/FP8_KV.md).
     pub kv_dtype: KvDtype,
+    /// The rank of its streams against other backends' on the GPU.
+    pub priority: GpuPriority,
 }
 
 impl Default for CudaLimits {
@@ -125,6 +128,7 @@ impl Default for CudaLimits {
             staging_blocks: 2048,
             export_ring_bytes: 0,
             kv_dtype: KvDtype::Bf16,
+            priority: GpuPriority::Normal,
         }
     }
 }
@@ -137,6 +141,7 @@ impl From<crate::model_dir::BatchLimits> for CudaLimits {
         CudaLimits {
             max_tokens: b.max_tokens.max(b.max_seqs),
             max_seqs: b.max_seqs,
+            priority: b.priority,
             ..CudaLimits::default()
         }
     }
@@ -327,7 +332,7 @@ impl CudaBackend {
         block_size: usize,
         limits: CudaLimits,
     ) -> Result<Self> {
-        let gpu = Gpu::open(ordinal, config)?;
+        let gpu = Gpu::open_ranked(ordinal, config, limits.priority)?;
         let model = GpuModel::load(&gpu, config, weights)?;
         Self::new(gpu, Arc::new(model), num_blocks, block_size, limits)
     }
@@ -343,7 +348,7 @@ impl CudaBackend {
         (num_blocks, block_size): (usize, usize),
         limits: CudaLimits,
     ) -> Result<Self> {
-        let gpu = Gpu::open(ordinal, config)?;
+        let gpu = Gpu::open_ranked(ordinal, config, limits.priority)?;
         let model = models.get_or_load(&gpu, ordinal, config, weights)?;
         Self::new(gpu, model, num_blocks, block_size, limits)
     }
@@ -732,12 +737,14 @@ mod tests {
         let l = CudaLimits::from(BatchLimits {
             max_tokens: 4096,
             max_seqs: 512,
+            priority: crate::model_dir::GpuPriority::Normal,
         });
         assert_eq!((l.max_tokens, l.max_seqs), (4096, 512));
         // Fewer tokens than sequences: room for a padded decode batch.
         let l = CudaLimits::from(BatchLimits {
             max_tokens: 8,
             max_seqs: 64,
+            priority: crate::model_dir::GpuPriority::Normal,
         });
         assert_eq!((l.max_tokens, l.max_seqs), (64, 64));
     }
