@@ -1,6 +1,8 @@
 //! Conversions between wire messages and engine types, in one place.
 
-use tandem_engine::{Constraint, FinishReason, GenerationParams, SamplingParams, StopReason};
+use tandem_engine::{
+    Constraint, FinishReason, GenerationParams, SamplingError, SamplingParams, StopReason,
+};
 use tandem_proto::v1 as pb;
 
 /// Engine sampling parameters from the wire's, mapping "unset" (0) to neutral values.
@@ -27,14 +29,17 @@ pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
 }
 
 /// Checks wire sampling parameters that the engine type cannot represent.
-pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), String> {
+pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), SamplingError> {
     if let Some(s) = s
         && s.top_k < -1
     {
-        return Err(format!(
-            "top_k must be 0 or -1 (no cut) or at least 1, got {}",
-            s.top_k
-        ));
+        return Err(SamplingError {
+            field: "top_k",
+            message: format!(
+                "top_k must be 0 or -1 (no cut) or at least 1, got {}",
+                s.top_k
+            ),
+        });
     }
     Ok(())
 }

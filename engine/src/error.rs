@@ -69,7 +69,7 @@ pub enum EngineError {
     InvalidInput(String),
     /// Sampling parameters out of range.
     #[error("invalid sampling parameters: {0}")]
-    Sampling(String),
+    Sampling(#[from] crate::sampling::SamplingError),
     /// The KV cache has too few free blocks.
     #[error(transparent)]
     Blocks(#[from] crate::block_manager::BlockError),

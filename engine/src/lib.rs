@@ -59,7 +59,7 @@ pub use model_dir::{BatchLimits, Device, GpuPriority, ModelDir};
 pub use prefix_hash::PrefixHasher;
 pub use row_sampling::{RowAsk, RowOut};
 pub use sampling::{
-    MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PromptLogprob, SamplingParams, TokenDraw, TokenLogprobs,
-    prompt_logprobs,
+    MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PromptLogprob, SamplingError, SamplingParams, TokenDraw,
+    TokenLogprobs, prompt_logprobs,
 };
 pub use tokenizer::{ChatMessage, ChatOptions, Tokenizer};

@@ -20,8 +20,6 @@ use std::collections::{BTreeMap, HashMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::{EngineError, Result};
-
 /// Sampling parameters of one request. The default is greedy decoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -66,34 +64,56 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling parameter out of its range: which one, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct SamplingError {
+    /// The parameter's name as the APIs spell it (`temperature`, `logit_bias`, ...).
+    pub field: &'static str,
+    /// What is wrong, naming the parameter and the value given.
+    pub message: String,
+}
+
 impl SamplingParams {
-    /// Checks every parameter's range; the message names the bad one.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(EngineError::Sampling(m));
+    /// Checks every parameter's range; the error names the bad one.
+    pub fn validate(&self) -> std::result::Result<(), SamplingError> {
+        let bad = |field: &'static str, message: String| Err(SamplingError { field, message });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            ));
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be a finite number >= 0, got {}",
+                    self.temperature
+                ),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return bad(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be > 0, got {}",
+                    self.repetition_penalty
+                ),
+            );
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
+                return bad(name, format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         if let Some((id, v)) = self
@@ -101,9 +121,12 @@ impl SamplingParams {
             .iter()
             .find(|(_, v)| !(v.is_finite() && v.abs() <= MAX_LOGIT_BIAS))
         {
-            return bad(format!(
-                "logit_bias[{id}] must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {v}"
-            ));
+            return bad(
+                "logit_bias",
+                format!(
+                    "logit_bias[{id}] must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {v}"
+                ),
+            );
         }
         Ok(())
     }

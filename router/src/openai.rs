@@ -29,6 +29,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tandem_cluster::convert::{sampling_from_pb, validate_pb_sampling};
 use tandem_engine::{ChatOptions, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
@@ -505,22 +506,28 @@ fn to_request(
     }
     crate::validation::check_cache_salt(s.cache_salt.as_deref())
         .map_err(|m| ApiError::bad_field("cache_salt", m))?;
+    // OpenAI's defaults: temperature 1, top_p 1.
+    let sampling = pb::SamplingParams {
+        temperature: s.temperature.unwrap_or(1.0),
+        top_k: s.top_k.unwrap_or(0),
+        top_p: s.top_p.unwrap_or(1.0),
+        min_p: s.min_p.unwrap_or(0.0),
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+        seed: s.seed,
+        logit_bias: logit_bias(s, vocab)?,
+    };
+    // Checked here too (the router's validation checks every request) so that
+    // the error names its field.
+    validate_pb_sampling(Some(&sampling))
+        .and_then(|()| sampling_from_pb(Some(&sampling)).validate())
+        .map_err(|e| ApiError::bad_field(e.field, e.message))?;
     Ok(pb::GenerateRequest {
         request_id: s.request_id.clone().unwrap_or_default(),
         model: s.model.clone().unwrap_or_default(),
         prompt: Some(prompt),
-        // OpenAI's defaults: temperature 1, top_p 1.
-        sampling: Some(pb::SamplingParams {
-            temperature: s.temperature.unwrap_or(1.0),
-            top_k: s.top_k.unwrap_or(0),
-            top_p: s.top_p.unwrap_or(1.0),
-            min_p: s.min_p.unwrap_or(0.0),
-            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
-            presence_penalty: s.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
-            seed: s.seed,
-            logit_bias: logit_bias(s, vocab)?,
-        }),
+        sampling: Some(sampling),
         // Left out: vLLM's 16 on completions (OpenAI's default there); on
         // chat the router's default, the rest of the context as vLLM's
         // (decode nodes take KV blocks as a sequence grows, not up front).

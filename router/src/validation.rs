@@ -250,12 +250,11 @@ impl Validator {
         }
         let max_tokens = self.max_tokens(prompt.len(), req.max_tokens)?;
 
-        validate_pb_sampling(req.sampling.as_ref())
-            .map_err(|m| invalid(format!("sampling.{m}")))?;
         let sampling = sampling_from_pb(req.sampling.as_ref());
-        sampling
-            .validate()
-            .map_err(|e| invalid(format!("sampling: {e}")))?;
+        // The message names the field's path: "sampling.top_p must be ...".
+        validate_pb_sampling(req.sampling.as_ref())
+            .and_then(|()| sampling.validate())
+            .map_err(|e| invalid(format!("sampling.{e}")))?;
 
         if req.stop.len() > MAX_STOP_STRINGS {
             return Err(invalid(format!(
@@ -634,7 +633,9 @@ mod tests {
             ),
         ];
         for (s, field) in bad {
-            assert_invalid(with_sampling(s), field);
+            let (code, msg) = fails(with_sampling(s));
+            assert_eq!(code, Code::InvalidArgument, "{msg}");
+            assert!(msg.contains(&format!("sampling.{field} must")), "{msg:?}");
         }
         let ok = validator()
             .validate(with_sampling(pb::SamplingParams {

@@ -582,12 +582,25 @@ async fn the_openai_client_library_works_against_the_router() {
     assert_eq!(empty["param"], "cache_salt", "{empty}");
     // Errors: OpenAI's shape, the right status, a message naming the problem.
     let errors = &seen["errors"];
+    // A sampling parameter out of range: a 400 whose `param` names it.
+    for (case, field) in [
+        ("negative_temperature", "temperature"),
+        ("top_p_zero_point", "top_p"),
+        ("repetition_penalty_zero", "repetition_penalty"),
+        ("presence_penalty_three", "presence_penalty"),
+        ("frequency_penalty_minus_three", "frequency_penalty"),
+        ("min_p_two", "min_p"),
+        ("top_k_minus_five", "top_k"),
+    ] {
+        let e = &errors[case];
+        assert_eq!(e["status"], 400, "{case}: {e}");
+        assert_eq!(e["param"], field, "{case}: {e}");
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(field), "{case}: {message:?}");
+    }
     for (case, status, word) in [
-        ("negative_temperature", 400, "temperature"),
-        ("top_p_zero_point", 400, "top_p"),
         ("unknown_model", 404, "no-such-model"),
         ("too_many_tokens", 400, "max_tokens"),
-        ("repetition_penalty_zero", 400, "repetition_penalty"),
         ("prompt_batch_empty", 400, "prompt is empty"),
         ("prompt_shape", 400, "a string, a list of token ids"),
         ("invalid_utf8", 400, "invalid request body"),

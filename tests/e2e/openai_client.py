@@ -330,6 +330,10 @@ for name, kwargs in {
     "unknown_model": {"model": "no-such-model"},
     "too_many_tokens": {"max_tokens": 10**6},
     "repetition_penalty_zero": {"extra_body": {"repetition_penalty": 0}},
+    "presence_penalty_three": {"presence_penalty": 3.0},
+    "frequency_penalty_minus_three": {"frequency_penalty": -3.0},
+    "min_p_two": {"extra_body": {"min_p": 2.0}},
+    "top_k_minus_five": {"extra_body": {"top_k": -5}},
     "prompt_batch_empty": {"prompt": []},
     "prompt_shape": {"prompt": {"text": "hi"}},
 }.items():
@@ -338,7 +342,9 @@ for name, kwargs in {
         client.completions.create(**args)
         errors[name] = None
     except openai.APIStatusError as e:
-        errors[name] = {"status": e.status_code, "message": e.body.get("message") if isinstance(e.body, dict) else str(e.body)}
+        body = e.body if isinstance(e.body, dict) else {}
+        errors[name] = {"status": e.status_code, "param": body.get("param"),
+                        "message": body.get("message") if body else str(e.body)}
 
 
 def raw_post(body: bytes):

@@ -262,8 +262,9 @@ fn validation_names_the_parameter() {
             "logit_bias",
         ),
     ] {
-        let err = p.validate().unwrap_err().to_string();
-        assert!(err.contains(name), "{err}");
+        let err = p.validate().unwrap_err();
+        assert_eq!(err.field, name, "{err}");
+        assert!(err.message.contains(name), "{err}");
     }
     assert!(SamplingParams::default().validate().is_ok());
 }
