@@ -24,9 +24,10 @@
 # decode batch is full goes out on arrival instead of with the second token).
 # DECODE_BLOCKS=N sets the decode node's kv_blocks (4096 in the configs: 256k tokens).
 # NOPAIR=1 leaves out the two-process disaggregated set-up (and so disagg-512 and KVCONN).
-# UP2_ENV="VAR=value .." adds, after UP's, the one-process set-up again with those
-# variables set (label up2), e.g. TANDEM_CUDA_STREAM_PRIORITY=0 (the decode node's
-# streams at the prefill node's priority).
+# DECODE_PRIORITY=high|normal sets decode.gpu_priority (the decode node's CUDA streams
+# ranked above the prefill node's, or not; counts in one process and under MPS).
+# UP2_PRIORITY=high|normal adds, after UP's, the one-process set-up again with
+# decode.gpu_priority set so (label up2).
 # MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,
 # `nvidia-cuda-mps-control`, with its pipe and log directories under $WORK, stopped at
 # the end), so two processes' kernels share the GPU side by side instead of taking turns.
@@ -61,6 +62,9 @@ if [ -n "${DECODE_WAITING:-}" ]; then
 fi
 if [ -n "${DECODE_BLOCKS:-}" ]; then
   sed -i -e "s/^kv_blocks = [0-9]*/kv_blocks = $DECODE_BLOCKS/" decode.toml
+fi
+if [ -n "${DECODE_PRIORITY:-}" ]; then
+  sed -i -e "/^\[decode\]/a gpu_priority = \"$DECODE_PRIORITY\"" decode.toml
 fi
 if [ -n "${HOLD:-}" ]; then
   sed -i -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml
@@ -189,10 +193,10 @@ cp up.toml "$OUT/up.toml"
 start up up.toml up
 ready_remote up || { tail -20 "$OUT/up.log"; exit 1; }
 for r in ${RATES-1 4}; do bench up "$r"; done; sat up
-if [ -n "${UP2_ENV:-}" ]; then
+if [ -n "${UP2_PRIORITY:-}" ]; then
 stop "$PID"
-# shellcheck disable=SC2086 # UP2_ENV is a list of VAR=value words
-env $UP2_ENV "$T" up --config up.toml > "$OUT/up2.log" 2>&1 & PID=$!; PIDS+=("$PID")
+sed -e '/^gpu_priority = /d' -e "/^\[decode\]/a gpu_priority = \"$UP2_PRIORITY\"" up.toml > up2.toml
+start up up2.toml up2
 ready_remote up2 || { tail -20 "$OUT/up2.log"; exit 1; }
 for r in ${RATES-1 4}; do bench up2 "$r"; done; sat up2
 fi

@@ -384,6 +384,15 @@ impl Config {
             p.validate()?;
         }
         if let Some(d) = &self.decode
+            && d.gpu_priority != tandem_engine::GpuPriority::Normal
+            && self.model.backend != BackendKind::Cuda
+        {
+            return Err(ConfigError::Invalid(
+                "decode.gpu_priority ranks CUDA streams: it needs [model] backend = \"cuda\""
+                    .into(),
+            ));
+        }
+        if let Some(d) = &self.decode
             && (d.block_size == 0
                 || d.max_batch == 0
                 || d.kv_blocks == 0

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use tandem_cluster::listener::ConnectionLimits;
 use tandem_cluster::tls_listener;
 use tandem_cluster::{DecodeSection, GrpcTls, GrpcTlsError, ModelFingerprint, grpc_tls};
-use tandem_engine::{BatchLimits, GpuPriority, ModelDir};
+use tandem_engine::{BatchLimits, ModelDir};
 use tandem_kv_transfer::{KvReceiver, ReceiverConfig, Reservations, SelfSigned};
 use tandem_proto::v1::decode_node_server::DecodeNodeServer;
 use tokio_util::sync::CancellationToken;
@@ -107,14 +107,13 @@ pub struct RunningDecode {
 }
 
 /// The most one decode step holds (see `Scheduler::step`): `max_batch`
-/// sequences, decoding or prefilling locally, in `max_batch_tokens` tokens.
-/// Its GPU work goes ahead of a prefill node's on the same GPU: a step late is
-/// every running request's next token late.
+/// sequences, decoding or prefilling locally, in `max_batch_tokens` tokens;
+/// its GPU work at `gpu_priority`.
 fn batch_limits(config: &DecodeSection) -> BatchLimits {
     BatchLimits {
         max_tokens: config.max_batch_tokens,
         max_seqs: config.max_batch,
-        priority: GpuPriority::High,
+        priority: config.gpu_priority,
     }
 }
 
@@ -332,14 +331,17 @@ pub async fn serve_advertising(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_engine::GpuPriority;
 
     #[test]
     fn the_backend_is_sized_for_the_configured_batch() {
         let config =
-            tandem_cluster::Config::parse("[decode]\nmax_batch = 300\nmax_batch_tokens = 5000\n")
-                .unwrap()
-                .decode
-                .unwrap();
+            tandem_cluster::Config::parse(
+                "[model]\nbackend = \"cuda\"\n[decode]\nmax_batch = 300\nmax_batch_tokens = 5000\ngpu_priority = \"high\"\n",
+            )
+            .unwrap()
+            .decode
+            .unwrap();
         assert_eq!(
             batch_limits(&config),
             BatchLimits {

@@ -42,15 +42,18 @@ pub struct BatchLimits {
 /// How a backend's GPU work ranks against that of the other backends of this
 /// process on the same GPU: CUDA stream priorities, which decide whose waiting
 /// blocks the GPU schedules next when a multiprocessor frees (a running block
-/// is not preempted). The CPU backend has one rank.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// is not preempted); under the CUDA MPS daemon they seemed to count between
+/// processes too (docs/GPU_BENCH.md, "twenty-eighth session"). The CPU backend
+/// has one rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum GpuPriority {
     /// The default.
     #[default]
     Normal,
-    /// Ahead of `Normal` work: a decode node's steps, which users wait on token
-    /// by token, ahead of the passes of a prefill node in the same `tandem up`
-    /// process. `TANDEM_CUDA_STREAM_PRIORITY=0` makes it `Normal` (to compare).
+    /// Ahead of `Normal` work (`[decode] gpu_priority = "high"`: a decode
+    /// node's steps, which users wait on token by token, ahead of a prefill
+    /// node's passes on the same GPU).
     High,
 }
 

@@ -211,6 +211,13 @@ pub struct DecodeSection {
     /// token, then the wait before the second).
     #[serde(default = "default_true")]
     pub hold_first_token: bool,
+    /// The rank of this node's GPU work (CUDA stream priority) against a
+    /// prefill node's on the same GPU: `normal` (the default) or `high`, where
+    /// a freed multiprocessor goes to a waiting decode kernel first. It counts
+    /// where both nodes' kernels run side by side: one `tandem up` process, or
+    /// two processes under the CUDA MPS daemon (README, "On GPUs"). CUDA only.
+    #[serde(default)]
+    pub gpu_priority: tandem_engine::GpuPriority,
 
     /// The config's `[tls]` section, copied here by the loader (not a key of
     /// this section); `None`: the local default.

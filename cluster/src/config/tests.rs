@@ -1,4 +1,5 @@
 use super::*;
+use tandem_engine::GpuPriority;
 
 #[test]
 fn empty_config_is_the_defaults() {
@@ -65,6 +66,27 @@ fn decode_batch_must_fit_its_token_budget() {
         "{err}"
     );
     Config::parse("[decode]\nmax_batch = 256\nmax_batch_tokens = 256\n").unwrap();
+}
+
+#[test]
+fn decode_gpu_priority_is_a_cuda_rank() {
+    let c = Config::parse("[decode]\n").unwrap();
+    assert_eq!(c.decode.unwrap().gpu_priority, GpuPriority::Normal);
+    let c =
+        Config::parse("[model]\nbackend = \"cuda\"\n[decode]\ngpu_priority = \"high\"\n").unwrap();
+    assert_eq!(c.decode.unwrap().gpu_priority, GpuPriority::High);
+    // The CPU backend has no ranks: refused, not ignored.
+    let err = Config::parse("[decode]\ngpu_priority = \"high\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("decode.gpu_priority") && err.contains("cuda"),
+        "{err}"
+    );
+    let err = Config::parse("[model]\nbackend = \"cuda\"\n[decode]\ngpu_priority = \"urgent\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("urgent") && err.contains("high"), "{err}");
 }
 
 #[test]

@@ -861,15 +861,13 @@ impl<'a> Launch<'a> {
 /// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
 /// and its multiprocessors.
 /// The CUDA stream priority of `priority` in the current context: the least
-/// (the default) for `Normal`, the greatest for `High` unless
-/// `TANDEM_CUDA_STREAM_PRIORITY=0`.
+/// (the default) for `Normal`, the greatest for `High`.
 fn stream_priority(priority: GpuPriority) -> Result<i32, CudaError> {
     let (least, greatest) =
         cudarc::driver::result::stream::get_priority_range().op("cuCtxGetStreamPriorityRange")?;
-    let ranked = std::env::var("TANDEM_CUDA_STREAM_PRIORITY").map_or(true, |v| v != "0");
     Ok(match priority {
-        GpuPriority::High if ranked => greatest,
-        _ => least,
+        GpuPriority::High => greatest,
+        GpuPriority::Normal => least,
     })
 }
 
