@@ -64,6 +64,10 @@
 #           kv_bench_zc (461b630: quinn's receive buffers) and kv_bench_lanes (461b630 with
 #           the twenty-third session's kv-lanes.patch), xz
 #   .gpu61  twenty-seventh session's call-61: 2553a5e's tandem (xz), cluster-configs/gpu-1p1d
+#   .gpu67  twenty-eighth session's call-67 (ran): 7c2deb7's tandem and engine tests (xz),
+#           cluster-configs/gpu-1p1d
+#   .gpu68  twenty-eighth session's call-68 (not run yet): ec50ce0's tandem (xz),
+#           cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -474,6 +478,21 @@ for w in $WHICH; do
       done
       cp -r cluster-configs/gpu-1p1d .gpu58/
       xz -T2 -6 .gpu58/old/tandem .gpu58/new/tandem .gpu58/next/tandem
+      ;;
+    67|68)
+      # 7c2deb7's (67: decode streams always ranked high, env toggle) or ec50ce0's (68:
+      # decode.gpu_priority) tandem and the gpu-1p1d configs; 67 also its engine tests.
+      rev=7c2deb7; [ "$w" = 68 ] && rev=ec50ce0
+      rm -rf ".gpu$w" && mkdir -p ".gpu$w"
+      d=$(worktree "h$w" "$rev")
+      build "$d" "h$w" --features cuda -p tandem --bin tandem
+      strip -o ".gpu$w/tandem" "$(rel "h$w")/tandem"
+      cp -r cluster-configs/gpu-1p1d ".gpu$w/"
+      if [ "$w" = 67 ]; then
+        strip -o .gpu67/engine-tests "$(engine_tests "$d" "h$w")"
+        xz -T2 -6 .gpu67/engine-tests
+      fi
+      xz -T2 -6 ".gpu$w/tandem"
       ;;
     61)
       # 2553a5e's tandem (this session's main) and the gpu-1p1d configs, for call-61.
