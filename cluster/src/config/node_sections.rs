@@ -215,7 +215,7 @@ pub struct DecodeSection {
     /// prefill node's on the same GPU: `normal` (the default) or `high`, where
     /// a freed multiprocessor goes to a waiting decode kernel first. It counts
     /// where both nodes' kernels run side by side: one `tandem up` process, or
-    /// two processes under the CUDA MPS daemon (README, "On GPUs"). CUDA only.
+    /// two processes under the CUDA MPS daemon (README, "GPUs"). CUDA only.
     #[serde(default)]
     pub gpu_priority: tandem_engine::GpuPriority,
 
