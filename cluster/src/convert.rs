@@ -28,8 +28,11 @@ pub fn sampling_from_pb(s: Option<&pb::SamplingParams>) -> SamplingParams {
     }
 }
 
-/// Checks wire sampling parameters that the engine type cannot represent.
-pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), SamplingError> {
+/// [`sampling_from_pb`], checked: a wire `top_k` the engine type cannot
+/// represent, then every range ([`SamplingParams::validate`]).
+pub fn checked_sampling_from_pb(
+    s: Option<&pb::SamplingParams>,
+) -> Result<SamplingParams, SamplingError> {
     if let Some(s) = s
         && s.top_k < -1
     {
@@ -41,7 +44,9 @@ pub fn validate_pb_sampling(s: Option<&pb::SamplingParams>) -> Result<(), Sampli
             ),
         });
     }
-    Ok(())
+    let sampling = sampling_from_pb(s);
+    sampling.validate()?;
+    Ok(sampling)
 }
 
 /// The wire form of engine sampling parameters.

@@ -126,10 +126,8 @@ pub(crate) async fn validate(
             shape.max_position_embeddings
         )));
     }
-    tandem_cluster::convert::validate_pb_sampling(req.sampling.as_ref())
+    let sampling = tandem_cluster::convert::checked_sampling_from_pb(req.sampling.as_ref())
         .map_err(|e| invalid(e.to_string()))?;
-    let sampling = tandem_cluster::convert::sampling_from_pb(req.sampling.as_ref());
-    sampling.validate().map_err(|e| invalid(e.to_string()))?;
     if let Some(n) = req.logprobs
         && n as usize > tandem_engine::MAX_TOP_LOGPROBS
     {

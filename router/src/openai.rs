@@ -29,7 +29,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tandem_cluster::convert::{sampling_from_pb, validate_pb_sampling};
+use tandem_cluster::convert::checked_sampling_from_pb;
 use tandem_engine::{ChatOptions, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_server::Generate;
@@ -520,8 +520,7 @@ fn to_request(
     };
     // Checked here too (the router's validation checks every request) so that
     // the error names its field.
-    validate_pb_sampling(Some(&sampling))
-        .and_then(|()| sampling_from_pb(Some(&sampling)).validate())
+    checked_sampling_from_pb(Some(&sampling))
         .map_err(|e| ApiError::bad_field(e.field, e.message))?;
     Ok(pb::GenerateRequest {
         request_id: s.request_id.clone().unwrap_or_default(),

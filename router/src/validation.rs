@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tandem_cluster::RouterSection;
-use tandem_cluster::convert::{sampling_from_pb, sampling_to_pb, validate_pb_sampling};
+use tandem_cluster::convert::{checked_sampling_from_pb, sampling_to_pb};
 use tandem_engine::{MAX_TOP_LOGPROBS, ModelDir};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::generate_request::Prompt;
@@ -250,10 +250,8 @@ impl Validator {
         }
         let max_tokens = self.max_tokens(prompt.len(), req.max_tokens)?;
 
-        let sampling = sampling_from_pb(req.sampling.as_ref());
         // The message names the field's path: "sampling.top_p must be ...".
-        validate_pb_sampling(req.sampling.as_ref())
-            .and_then(|()| sampling.validate())
+        let sampling = checked_sampling_from_pb(req.sampling.as_ref())
             .map_err(|e| invalid(format!("sampling.{e}")))?;
 
         if req.stop.len() > MAX_STOP_STRINGS {

@@ -219,13 +219,13 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         ctx.bind_to_thread().op("cuCtxSetCurrent")?;
         let rank = stream_priority(priority)?;
-        tracing::info!(ordinal, ?priority, rank, "CUDA streams created");
         let compute = ctx
             .new_stream_with_priority(rank)
             .op("create compute stream")?;
         let copy = ctx
             .new_stream_with_priority(rank)
             .op("create copy stream")?;
+        tracing::info!(ordinal, ?priority, rank, "CUDA streams created");
         let (ptx, arch) = program::compile(&ctx)?;
         let module = ctx.load_module(ptx).op("cuModuleLoadData")?;
         let f = |name: &str| {
@@ -858,8 +858,6 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
-/// and its multiprocessors.
 /// The CUDA stream priority of `priority` in the current context: the least
 /// (the default) for `Normal`, the greatest for `High`.
 fn stream_priority(priority: GpuPriority) -> Result<i32, CudaError> {
@@ -871,6 +869,8 @@ fn stream_priority(priority: GpuPriority) -> Result<i32, CudaError> {
     })
 }
 
+/// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
+/// and its multiprocessors.
 fn dram_peak(ctx: &CudaContext) -> Result<(f64, usize), CudaError> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     let attr = |a| ctx.attribute(a).op("cuDeviceGetAttribute");
