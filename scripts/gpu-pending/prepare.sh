@@ -68,6 +68,8 @@
 #           cluster-configs/gpu-1p1d
 #   .gpu68  twenty-eighth session's call-68 (not run yet): ec50ce0's tandem (xz),
 #           cluster-configs/gpu-1p1d
+#   .gpu70  twenty-ninth session's call-70 (not run yet): kv_bench_ring (c6efb50) and
+#           kv_bench_awslc (c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch), xz
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -513,6 +515,16 @@ for w in $WHICH; do
         strip -o ".gpu60/kv_bench_$name" "$(rel "kv$name")/kv_bench"
       done
       xz -T2 -6 .gpu60/kv_bench_main .gpu60/kv_bench_zc .gpu60/kv_bench_lanes
+      ;;
+    70)
+      rm -rf .gpu70 && mkdir -p .gpu70
+      for name in ring awslc; do
+        patch=""; [ "$name" = awslc ] && patch=docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch
+        d=$(worktree "kv$name" c6efb50 "$patch")
+        build "$d" "kv$name" -p tandem-kv-transfer --bin kv_bench
+        strip -o ".gpu70/kv_bench_$name" "$(rel "kv$name")/kv_bench"
+      done
+      xz -T2 -6 .gpu70/kv_bench_ring .gpu70/kv_bench_awslc
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
