@@ -25,11 +25,11 @@ for w in $VARIANTS; do
   case ${w%-early} in
     unbounded) ;;
     bounded*) n=${w%-early}; n=${n#bounded}
-      sed -i -e "/^max_queue = /a decode_waiting = ${n:-2}" "$OUT/$w.toml" ;;
+      sed -i -e "/^decode_waiting *=/d" -e "/^max_queue = /a decode_waiting = ${n:-2}" "$OUT/$w.toml" ;;
     *) echo "unknown variant $w" >&2; exit 2 ;;
   esac
   case $w in
-    *-early) sed -i -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
+    *-early) sed -i -e '/^hold_first_token *=/d' -e '/^local_prefill_below = /a hold_first_token = false' "$OUT/$w.toml" ;;
   esac
 done
 for r in $(seq 1 "$ROUNDS"); do

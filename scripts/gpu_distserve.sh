@@ -39,8 +39,8 @@ for role in prefill decode router; do
   sed -e "s|^path = .*|path = \"$M\"|" -e 's|^name = .*|name = "llama3-8b-synth"|' \
       "$GPU_DIR/gpu-1p1d/$role.toml" > "$role.toml"
 done
-sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
-sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
+sed -i -e '/^prefix_cache *=/d' -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
+sed -i -e '/^prefix_cache *=/d' -e '/^\[decode\]/a prefix_cache = false' decode.toml
 # Colocated: decode-0 on GPU 0 and decode-1 on GPU 1, each prefilling every prompt.
 sed -e 's/^device = .*/device = 0/' -e 's/^local_prefill_below = .*/local_prefill_below = 1000000/' \
     decode.toml > colo-0.toml

@@ -58,23 +58,23 @@ if [ -n "${MAXRUN:-}" ]; then
   sed -i -e "s/^max_running = .*/max_running = $MAXRUN/" router.toml
 fi
 if [ -n "${DECODE_WAITING:-}" ]; then
-  sed -i -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
+  sed -i -e "/^decode_waiting *=/d" -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
 fi
 if [ -n "${DECODE_BLOCKS:-}" ]; then
   sed -i -e "s/^kv_blocks = [0-9]*/kv_blocks = $DECODE_BLOCKS/" decode.toml
 fi
 if [ -n "${DECODE_PRIORITY:-}" ]; then
-  sed -i -e "/^\[decode\]/a gpu_priority = \"$DECODE_PRIORITY\"" decode.toml
+  sed -i -e "/^gpu_priority *=/d" -e "/^\[decode\]/a gpu_priority = \"$DECODE_PRIORITY\"" decode.toml
 fi
 if [ -n "${HOLD:-}" ]; then
-  sed -i -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml
+  sed -i -e "/^hold_first_token *=/d" -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml
 fi
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
-sed -i -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
-sed -i -e '/^\[decode\]/a prefix_cache = false' decode.toml
+sed -i -e '/^prefix_cache *=/d' -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
+sed -i -e '/^prefix_cache *=/d' -e '/^\[decode\]/a prefix_cache = false' decode.toml
 if [ -n "${KVDTYPE:-}" ]; then
-  sed -i -e "/^\[prefill\]/a kv_dtype = \"$KVDTYPE\"" prefill.toml
-  sed -i -e "/^\[decode\]/a kv_dtype = \"$KVDTYPE\"" decode.toml
+  sed -i -e "/^kv_dtype *=/d" -e "/^\[prefill\]/a kv_dtype = \"$KVDTYPE\"" prefill.toml
+  sed -i -e "/^kv_dtype *=/d" -e "/^\[decode\]/a kv_dtype = \"$KVDTYPE\"" decode.toml
 fi
 if [ -n "${MPS:-}" ]; then
   export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
