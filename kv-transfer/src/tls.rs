@@ -1,4 +1,4 @@
-//! TLS for the KV transport: rustls configurations (aws-lc-rs provider, TLS 1.3,
+//! TLS for the KV transport: rustls configurations (ring provider, TLS 1.3,
 //! ALPN `tandem-kv/1`) that the receiver and sender wrap into quinn configs.
 //!
 //! Two ways to get them:
@@ -47,21 +47,17 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// aws-lc-rs with TLS 1.3's AES-128-GCM suite first. Every KV byte is sealed
-/// and opened once; AES-128 runs 10 rounds per block to AES-256's 14, and the
+/// ring with TLS 1.3's AES-128-GCM suite first. Every KV byte is sealed and
+/// opened once; AES-128 runs 10 rounds per block to AES-256's 14, and the
 /// cipher is the largest item in a transfer's CPU profile (see BENCH.md).
-/// AES-256-GCM stays on offer for peers that insist on it. aws-lc-rs, not
-/// ring: with VAES and AVX-512 its AES-GCM seals an 8900-byte packet in
-/// 0.63-0.79 of ring's time and a 1400-byte one in about the same, and a
-/// transfer at 8952-byte datagrams costs ~0.93x the CPU a GB
-/// (kv-transfer/BENCH.md, "aws-lc-rs's AES-GCM").
+/// AES-256-GCM stays on offer for peers that insist on it. aws-lc-rs in ring's
+/// place moved 6-14% more at 8952-byte datagrams on the 16-core GPU host and
+/// 15% less at 1472 (docs/GPU_BENCH.md, twenty-third session), so ring stays.
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite::{
-        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
-    };
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
     Arc::new(CryptoProvider {
         cipher_suites: vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384],
-        ..rustls::crypto::aws_lc_rs::default_provider()
+        ..rustls::crypto::ring::default_provider()
     })
 }
 

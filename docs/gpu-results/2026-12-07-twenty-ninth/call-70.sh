@@ -7,8 +7,8 @@
 # (docs/cpu-results/2026-12-07-aws-lc/), but whole transfers there were within the VM's
 # spread. kv_bench, 32k tokens, 16 and 32 connections, the builds taking turns, 3 rounds at
 # 8952 bytes and 3 at 1472:
-#   ring   c6efb50 (the build before)
-#   awslc  c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch (as main since)
+#   ring   c6efb50 (main)
+#   awslc  c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch
 set -u
 DEADLINE_S=${DEADLINE_S:-560}
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c70
