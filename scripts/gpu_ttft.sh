@@ -50,6 +50,10 @@ if [ ! -f "$M/config.json" ]; then
     --heads 32 --kv-heads 8 --max-position 8192 --bf16 --shards 4 > /dev/null || exit 1
   echo "synthesized the 8B shape in $(( $(date +%s) - s )) s" | tee -a "$OUT/ttft.md"
 fi
+# Sets KEY = VALUE in SECTION of FILE, in place of any line that set it.
+set_key() { # FILE SECTION KEY VALUE
+  sed -i -e "/^$3 *=/d" -e "/^\[$2\]/a $3 = $4" "$1"
+}
 for role in prefill decode router; do
   sed -e "s|^path = .*|path = \"$M\"|" -e 's|^name = .*|name = "llama3-8b-synth"|' \
       -e 's/^device = .*/device = 0/' "$GPU_DIR/gpu-1p1d/$role.toml" > "$role.toml"
@@ -58,23 +62,23 @@ if [ -n "${MAXRUN:-}" ]; then
   sed -i -e "s/^max_running = .*/max_running = $MAXRUN/" router.toml
 fi
 if [ -n "${DECODE_WAITING:-}" ]; then
-  sed -i -e "/^decode_waiting *=/d" -e "/^max_queue = /a decode_waiting = $DECODE_WAITING" router.toml
+  set_key router.toml router decode_waiting "$DECODE_WAITING"
 fi
 if [ -n "${DECODE_BLOCKS:-}" ]; then
   sed -i -e "s/^kv_blocks = [0-9]*/kv_blocks = $DECODE_BLOCKS/" decode.toml
 fi
 if [ -n "${DECODE_PRIORITY:-}" ]; then
-  sed -i -e "/^gpu_priority *=/d" -e "/^\[decode\]/a gpu_priority = \"$DECODE_PRIORITY\"" decode.toml
+  set_key decode.toml decode gpu_priority "\"$DECODE_PRIORITY\""
 fi
 if [ -n "${HOLD:-}" ]; then
-  sed -i -e "/^hold_first_token *=/d" -e "/^\[decode\]/a hold_first_token = $HOLD" decode.toml
+  set_key decode.toml decode hold_first_token "$HOLD"
 fi
 # Every prompt computed in full: the prefix cache would let repeated probes skip work.
-sed -i -e '/^prefix_cache *=/d' -e '/^\[prefill\]/a prefix_cache = false' prefill.toml
-sed -i -e '/^prefix_cache *=/d' -e '/^\[decode\]/a prefix_cache = false' decode.toml
+set_key prefill.toml prefill prefix_cache false
+set_key decode.toml decode prefix_cache false
 if [ -n "${KVDTYPE:-}" ]; then
-  sed -i -e "/^kv_dtype *=/d" -e "/^\[prefill\]/a kv_dtype = \"$KVDTYPE\"" prefill.toml
-  sed -i -e "/^kv_dtype *=/d" -e "/^\[decode\]/a kv_dtype = \"$KVDTYPE\"" decode.toml
+  set_key prefill.toml prefill kv_dtype "\"$KVDTYPE\""
+  set_key decode.toml decode kv_dtype "\"$KVDTYPE\""
 fi
 if [ -n "${MPS:-}" ]; then
   export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
@@ -195,7 +199,7 @@ ready_remote up || { tail -20 "$OUT/up.log"; exit 1; }
 for r in ${RATES-1 4}; do bench up "$r"; done; sat up
 if [ -n "${UP2_PRIORITY:-}" ]; then
 stop "$PID"
-sed -e '/^gpu_priority = /d' -e "/^\[decode\]/a gpu_priority = \"$UP2_PRIORITY\"" up.toml > up2.toml
+cp up.toml up2.toml && set_key up2.toml decode gpu_priority "\"$UP2_PRIORITY\""
 start up up2.toml up2
 ready_remote up2 || { tail -20 "$OUT/up2.log"; exit 1; }
 for r in ${RATES-1 4}; do bench up2 "$r"; done; sat up2
