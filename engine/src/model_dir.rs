@@ -42,9 +42,9 @@ pub struct BatchLimits {
 /// How a backend's GPU work ranks against that of the other backends of this
 /// process on the same GPU: CUDA stream priorities, which decide whose waiting
 /// blocks the GPU schedules next when a multiprocessor frees (a running block
-/// is not preempted); under the CUDA MPS daemon they seemed to count between
-/// processes too (docs/GPU_BENCH.md, "twenty-eighth session"). The CPU backend
-/// has one rank.
+/// is not preempted); under the CUDA MPS daemon they count between processes
+/// too (docs/GPU_BENCH.md, "twenty-ninth session"). The CPU backend has one
+/// rank.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GpuPriority {
