@@ -24,8 +24,9 @@
 # decode batch is full goes out on arrival instead of with the second token).
 # DECODE_BLOCKS=N sets the decode node's kv_blocks (4096 in the configs: 256k tokens).
 # NOPAIR=1 leaves out the two-process disaggregated set-up (and so disagg-512 and KVCONN).
-# DECODE_PRIORITY=high|normal sets decode.gpu_priority (the decode node's CUDA streams
-# ranked above the prefill node's, or not; counts in one process and under MPS).
+# DECODE_PRIORITY=high|normal|auto sets decode.gpu_priority (the decode node's CUDA streams
+# ranked above the prefill node's, or not, or only in steps of 32 sequences or more; counts
+# in one process and under MPS).
 # UP2_PRIORITY=high|normal adds, after UP's, the one-process set-up again with
 # decode.gpu_priority set so (label up2).
 # MPS=1 runs every set-up under the CUDA Multi-Process Service (a daemon of the driver's,

@@ -55,6 +55,31 @@ pub enum GpuPriority {
     /// node's steps, which users wait on token by token, ahead of a prefill
     /// node's passes on the same GPU).
     High,
+    /// `High` for steps of at least [`AUTO_HIGH_FROM_SEQS`] sequences,
+    /// `Normal` for smaller ones (`[decode] gpu_priority = "auto"`): a full
+    /// batch's tokens go ahead of a prompt's prefill on the same GPU, a few
+    /// sequences' steps do not hold it back (docs/GPU_BENCH.md, thirtieth
+    /// session).
+    Auto,
+}
+
+/// The sequences in a step from which [`GpuPriority::Auto`] ranks it `High`.
+/// On a GPU shared by two processes under MPS (an H100), ranking a decode
+/// node's steps high took a saturated cluster's P99 inter-token latency to
+/// 0.61x (256 sequences a step) and a lightly loaded one's time to first token
+/// to 1.12x (a few sequences a step; docs/GPU_BENCH.md, twenty-ninth session);
+/// 32 lies well between the two.
+pub const AUTO_HIGH_FROM_SEQS: usize = 32;
+
+impl GpuPriority {
+    /// Whether a step of `seqs` sequences runs at the high rank.
+    pub fn high_for(self, seqs: usize) -> bool {
+        match self {
+            GpuPriority::Normal => false,
+            GpuPriority::High => true,
+            GpuPriority::Auto => seqs >= AUTO_HIGH_FROM_SEQS,
+        }
+    }
 }
 
 impl BatchLimits {
@@ -307,5 +332,22 @@ mod tests {
             .cpu_model(1)
             .unwrap();
         assert!(!a.shares_weights_with(&other));
+    }
+
+    #[test]
+    fn auto_ranks_only_full_steps_high() {
+        use GpuPriority::*;
+        for seqs in [0, 1, AUTO_HIGH_FROM_SEQS - 1] {
+            assert_eq!(
+                [Normal, High, Auto].map(|p| p.high_for(seqs)),
+                [false, true, false]
+            );
+        }
+        for seqs in [AUTO_HIGH_FROM_SEQS, 256] {
+            assert_eq!(
+                [Normal, High, Auto].map(|p| p.high_for(seqs)),
+                [false, true, true]
+            );
+        }
     }
 }

@@ -212,8 +212,9 @@ pub struct DecodeSection {
     #[serde(default = "default_true")]
     pub hold_first_token: bool,
     /// The rank of this node's GPU work (CUDA stream priority) against a
-    /// prefill node's on the same GPU: `normal` (the default) or `high`, where
-    /// a freed multiprocessor goes to a waiting decode kernel first. It counts
+    /// prefill node's on the same GPU: `normal` (the default), `high`, where
+    /// a freed multiprocessor goes to a waiting decode kernel first, or `auto`,
+    /// `high` for steps of at least 32 sequences and `normal` below. It counts
     /// where both nodes' kernels run side by side: one `tandem up` process, or
     /// two processes under the CUDA MPS daemon (README, "GPUs"). CUDA only.
     #[serde(default)]

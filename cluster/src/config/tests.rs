@@ -75,14 +75,19 @@ fn decode_gpu_priority_is_a_cuda_rank() {
     let c =
         Config::parse("[model]\nbackend = \"cuda\"\n[decode]\ngpu_priority = \"high\"\n").unwrap();
     assert_eq!(c.decode.unwrap().gpu_priority, GpuPriority::High);
+    let c =
+        Config::parse("[model]\nbackend = \"cuda\"\n[decode]\ngpu_priority = \"auto\"\n").unwrap();
+    assert_eq!(c.decode.unwrap().gpu_priority, GpuPriority::Auto);
     // The CPU backend has no ranks: refused, not ignored.
-    let err = Config::parse("[decode]\ngpu_priority = \"high\"\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("decode.gpu_priority") && err.contains("cuda"),
-        "{err}"
-    );
+    for p in ["high", "auto"] {
+        let err = Config::parse(&format!("[decode]\ngpu_priority = \"{p}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("decode.gpu_priority") && err.contains("cuda"),
+            "{err}"
+        );
+    }
     let err = Config::parse("[model]\nbackend = \"cuda\"\n[decode]\ngpu_priority = \"urgent\"\n")
         .unwrap_err()
         .to_string();

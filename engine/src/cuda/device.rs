@@ -10,6 +10,7 @@
 
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
@@ -68,6 +69,10 @@ pub struct Gpu {
     pub(crate) compute: Arc<CudaStream>,
     /// Where KV layers move to and from pinned host memory.
     pub(crate) copy: Arc<CudaStream>,
+    /// How both streams rank against other work on the GPU, and their rank
+    /// now (a CUDA stream priority: lower is ahead; `Auto` moves it per step).
+    priority: GpuPriority,
+    rank: AtomicI32,
     pub(crate) k: Kernels,
     blas: CudaBlas,
     /// cuBLASLt and the algorithms timed for the products at the decode
@@ -179,7 +184,8 @@ impl Gpu {
         Self::open_ranked(ordinal, config, GpuPriority::Normal)
     }
 
-    /// Like [`open`](Self::open), with both streams at `priority`'s rank.
+    /// Like [`open`](Self::open), with both streams at `priority`'s rank (for
+    /// `Auto`, the normal one until [`rank_step`](Self::rank_step) moves it).
     pub fn open_ranked(
         ordinal: usize,
         config: &ModelConfig,
@@ -218,7 +224,7 @@ impl Gpu {
         // buffer for its whole life, so cudarc's automatic tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         ctx.bind_to_thread().op("cuCtxSetCurrent")?;
-        let rank = stream_priority(priority)?;
+        let rank = stream_priority(priority.high_for(0))?;
         let compute = ctx
             .new_stream_with_priority(rank)
             .op("create compute stream")?;
@@ -299,6 +305,8 @@ impl Gpu {
             ctx,
             compute,
             copy,
+            priority,
+            rank: AtomicI32::new(rank),
             k,
             blas,
             tuner,
@@ -317,6 +325,39 @@ impl Gpu {
             prefetch_row_bytes,
             tma: arch == "sm_90a" && !std::env::var("TANDEM_CUDA_TMA").is_ok_and(|v| v == "0"),
         })
+    }
+
+    /// Ranks both streams for a step of `seqs` sequences ([`GpuPriority::high_for`]):
+    /// the work queued after this call runs at that rank, graph replays included
+    /// (a graph runs at the priority of the stream it is launched into). Only
+    /// `Auto` ever changes the rank.
+    pub(crate) fn rank_step(&self, seqs: usize) -> Result<(), CudaError> {
+        if self.priority != GpuPriority::Auto {
+            return Ok(());
+        }
+        let rank = stream_priority(self.priority.high_for(seqs))?;
+        if self.rank.swap(rank, Ordering::Relaxed) == rank {
+            return Ok(());
+        }
+        use cudarc::driver::sys::{CUlaunchAttributeID, CUstreamAttrValue, cuStreamSetAttribute};
+        // SAFETY: an all-zero attribute value is valid (a plain C union); only
+        // its priority member is read for this attribute.
+        let mut value: CUstreamAttrValue = unsafe { std::mem::zeroed() };
+        value.priority = rank;
+        for stream in [&self.compute, &self.copy] {
+            // SAFETY: a live stream of this context and a valid attribute value.
+            unsafe {
+                cuStreamSetAttribute(
+                    stream.cu_stream(),
+                    CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+                    &value,
+                )
+            }
+            .result()
+            .op("cuStreamSetAttribute (priority)")?;
+        }
+        tracing::debug!(seqs, rank, "CUDA streams ranked");
+        Ok(())
     }
 
     /// Makes this GPU's context current on the calling thread (a backend is built on
@@ -858,15 +899,12 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// The CUDA stream priority of `priority` in the current context: the least
-/// (the default) for `Normal`, the greatest for `High`.
-fn stream_priority(priority: GpuPriority) -> Result<i32, CudaError> {
+/// The CUDA stream priority in the current context of a high rank (the
+/// greatest) or not (the least, the default).
+fn stream_priority(high: bool) -> Result<i32, CudaError> {
     let (least, greatest) =
         cudarc::driver::result::stream::get_priority_range().op("cuCtxGetStreamPriorityRange")?;
-    Ok(match priority {
-        GpuPriority::High => greatest,
-        GpuPriority::Normal => least,
-    })
+    Ok(if high { greatest } else { least })
 }
 
 /// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
@@ -924,6 +962,49 @@ mod tests {
             ("high copy", &high.copy, greatest),
         ] {
             assert_eq!(rank(stream), want, "{what}");
+        }
+    }
+
+    /// The rank a stream's priority attribute holds (what `rank_step` sets).
+    fn attribute_rank(stream: &CudaStream) -> i32 {
+        use cudarc::driver::sys::{CUlaunchAttributeID, CUstreamAttrValue, cuStreamGetAttribute};
+        // SAFETY: zeroed is a valid value of the C union; a live stream and valid pointers.
+        unsafe {
+            let mut v: CUstreamAttrValue = std::mem::zeroed();
+            cuStreamGetAttribute(
+                stream.cu_stream(),
+                CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+                &mut v,
+            )
+            .result()
+            .expect("cuStreamGetAttribute");
+            v.priority
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: cargo test -p tandem-engine --features cuda --lib cuda::device -- --ignored"]
+    fn an_auto_gpu_ranks_its_streams_by_the_step() {
+        use crate::model_dir::AUTO_HIGH_FROM_SEQS;
+        let config = named_config("tiny", None).unwrap();
+        let gpu = Gpu::open_ranked(0, &config, GpuPriority::Auto).expect("a CUDA GPU");
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range().unwrap();
+        assert!(greatest < least, "this GPU has one stream priority");
+        let ranks = |gpu: &Gpu| [&gpu.compute, &gpu.copy].map(|s| (rank(s), attribute_rank(s)));
+        assert_eq!(
+            ranks(&gpu),
+            [(least, least); 2],
+            "opened at the normal rank"
+        );
+        for (seqs, want) in [
+            (AUTO_HIGH_FROM_SEQS, greatest),
+            (256, greatest),
+            (AUTO_HIGH_FROM_SEQS - 1, least),
+            (1, least),
+            (AUTO_HIGH_FROM_SEQS, greatest),
+        ] {
+            gpu.rank_step(seqs).expect("rank_step");
+            assert_eq!(ranks(&gpu), [(want, want); 2], "a step of {seqs}");
         }
     }
 }
