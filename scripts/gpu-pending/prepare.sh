@@ -70,6 +70,8 @@
 #           cluster-configs/gpu-1p1d
 #   .gpu70  twenty-ninth session's call-70 (not run yet): kv_bench_ring (c6efb50) and
 #           kv_bench_awslc (c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch), xz
+#   .gpu71  thirtieth session's call-71 (not run yet): 8eca200's tandem and engine tests
+#           (xz: decode.gpu_priority = "auto"), cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -525,6 +527,15 @@ for w in $WHICH; do
         strip -o ".gpu70/kv_bench_$name" "$(rel "kv$name")/kv_bench"
       done
       xz -T2 -6 .gpu70/kv_bench_ring .gpu70/kv_bench_awslc
+      ;;
+    71)
+      rm -rf .gpu71 && mkdir -p .gpu71
+      d=$(worktree h71 8eca200)
+      build "$d" h71 --features cuda -p tandem --bin tandem
+      strip -o .gpu71/tandem "$(rel h71)/tandem"
+      strip -o .gpu71/engine-tests "$(engine_tests "$d" h71)"
+      cp -r cluster-configs/gpu-1p1d .gpu71/
+      xz -T2 -6 .gpu71/tandem .gpu71/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.
