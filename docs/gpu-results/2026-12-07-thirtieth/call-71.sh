@@ -7,6 +7,7 @@
 #   mps-auto   the two-process pair under MPS ranked auto, then the colocated node; 32 x
 #              4096/128 at 1 req/s and the saturation run (768 x 512/256, 256 at a time)
 #   mps-high, mps-normal   the pair alone, ranked high, then normal
+#   one-auto   if time is left: one `tandem up` process (no MPS) ranked auto
 # The decode node logs each change of rank (debug); the summary counts them.
 set -u
 DEADLINE_S=${DEADLINE_S:-580}
@@ -32,17 +33,18 @@ run() { # LABEL PRIORITY LIMIT ENV..: one gpu_ttft.sh run under MPS
 run mps-auto auto 260
 run mps-high high 140 NOCOLO=1
 run mps-normal normal 140 NOCOLO=1
+run one-auto auto 140 MPS= NOPAIR=1 NOCOLO=1 UP=1
 smi_stop
 pkill -9 -f "$G/tandem"
 # Few files come back: the summaries only.
-for r in mps-auto mps-high mps-normal; do
+for r in mps-auto mps-high mps-normal one-auto; do
   d=/tmp/c71/$r
   [ -f "$d/ttft.md" ] || continue
   { echo "## $r"
     grep -E "^### |^MPS|Output token throughput|Median TTFT|P99 TTFT|Median TPOT|P99 ITL" "$d/ttft.md"
     sed -n '/alone vs/,$p' "$d/ttft.md"
     mkdir -p "$d/x" && tar -xzf "$d/logs.tgz" -C "$d/x" 2>/dev/null
-    for l in "$d"/x/decode-*.log; do
+    for l in "$d"/x/decode-*.log "$d"/x/up.log; do
       [ -f "$l" ] || continue
       ranked=$(sed 's/\x1b\[[0-9;]*m//g' "$l" | grep 'CUDA streams ranked')
       echo "$(basename "$l"): $(printf '%s' "$ranked" | grep -c .) rank changes:" \
