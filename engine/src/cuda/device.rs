@@ -10,7 +10,7 @@
 
 use std::ffi::c_void;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use cudarc::cublas::{CudaBlas, sys as blas_sys};
 use cudarc::driver::{
@@ -69,10 +69,13 @@ pub struct Gpu {
     pub(crate) compute: Arc<CudaStream>,
     /// Where KV layers move to and from pinned host memory.
     pub(crate) copy: Arc<CudaStream>,
-    /// How both streams rank against other work on the GPU, and their rank
-    /// now (a CUDA stream priority: lower is ahead; `Auto` moves it per step).
-    priority: GpuPriority,
+    /// How both streams rank against other work on the GPU: the CUDA stream
+    /// priorities of the normal and the high rank (lower is ahead), the one
+    /// the streams have now, and whether steps still move it (`Auto`, until
+    /// the driver refuses a move).
+    ranks: [i32; 2],
     rank: AtomicI32,
+    ranked_by_step: AtomicBool,
     pub(crate) k: Kernels,
     blas: CudaBlas,
     /// cuBLASLt and the algorithms timed for the products at the decode
@@ -224,7 +227,10 @@ impl Gpu {
         // buffer for its whole life, so cudarc's automatic tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         ctx.bind_to_thread().op("cuCtxSetCurrent")?;
-        let rank = stream_priority(priority.high_for(0))?;
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range()
+            .op("cuCtxGetStreamPriorityRange")?;
+        let ranks = [least, greatest];
+        let rank = ranks[usize::from(priority.high_for(0))];
         let compute = ctx
             .new_stream_with_priority(rank)
             .op("create compute stream")?;
@@ -305,8 +311,9 @@ impl Gpu {
             ctx,
             compute,
             copy,
-            priority,
+            ranks,
             rank: AtomicI32::new(rank),
+            ranked_by_step: AtomicBool::new(priority == GpuPriority::Auto),
             k,
             blas,
             tuner,
@@ -330,14 +337,15 @@ impl Gpu {
     /// Ranks both streams for a step of `seqs` sequences ([`GpuPriority::high_for`]):
     /// the work queued after this call runs at that rank, graph replays included
     /// (a graph runs at the priority of the stream it is launched into). Only
-    /// `Auto` ever changes the rank.
-    pub(crate) fn rank_step(&self, seqs: usize) -> Result<(), CudaError> {
-        if self.priority != GpuPriority::Auto {
-            return Ok(());
+    /// `Auto` ever changes the rank; where the driver refuses, the streams keep
+    /// the rank they have (a warning says so) and the steps run on.
+    pub(crate) fn rank_step(&self, seqs: usize) {
+        if !self.ranked_by_step.load(Ordering::Relaxed) {
+            return;
         }
-        let rank = stream_priority(self.priority.high_for(seqs))?;
+        let rank = self.ranks[usize::from(GpuPriority::Auto.high_for(seqs))];
         if self.rank.swap(rank, Ordering::Relaxed) == rank {
-            return Ok(());
+            return;
         }
         use cudarc::driver::sys::{CUlaunchAttributeID, CUstreamAttrValue, cuStreamSetAttribute};
         // SAFETY: an all-zero attribute value is valid (a plain C union); only
@@ -346,18 +354,23 @@ impl Gpu {
         value.priority = rank;
         for stream in [&self.compute, &self.copy] {
             // SAFETY: a live stream of this context and a valid attribute value.
-            unsafe {
+            let set = unsafe {
                 cuStreamSetAttribute(
                     stream.cu_stream(),
                     CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PRIORITY,
                     &value,
                 )
             }
-            .result()
-            .op("cuStreamSetAttribute (priority)")?;
+            .result();
+            if let Err(e) = set {
+                tracing::warn!(
+                    "the driver refused to move a CUDA stream's priority ({e}); gpu_priority \"auto\" keeps the rank it has"
+                );
+                self.ranked_by_step.store(false, Ordering::Relaxed);
+                return;
+            }
         }
         tracing::debug!(seqs, rank, "CUDA streams ranked");
-        Ok(())
     }
 
     /// Makes this GPU's context current on the calling thread (a backend is built on
@@ -899,14 +912,6 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// The CUDA stream priority in the current context of a high rank (the
-/// greatest) or not (the least, the default).
-fn stream_priority(high: bool) -> Result<i32, CudaError> {
-    let (least, greatest) =
-        cudarc::driver::result::stream::get_priority_range().op("cuCtxGetStreamPriorityRange")?;
-    Ok(if high { greatest } else { least })
-}
-
 /// `ctx`'s DRAM peak in GB/s (memory clock × bus width, two transfers a clock)
 /// and its multiprocessors.
 fn dram_peak(ctx: &CudaContext) -> Result<(f64, usize), CudaError> {
@@ -1003,7 +1008,7 @@ mod tests {
             (1, least),
             (AUTO_HIGH_FROM_SEQS, greatest),
         ] {
-            gpu.rank_step(seqs).expect("rank_step");
+            gpu.rank_step(seqs);
             assert_eq!(ranks(&gpu), [(want, want); 2], "a step of {seqs}");
         }
     }

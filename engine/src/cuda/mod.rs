@@ -619,7 +619,7 @@ impl Backend for CudaBackend {
         if !chunks.is_empty() {
             validate_chunks(&self.model.config, self.kv.layout(), chunks)?;
             self.gpu.bind()?;
-            self.gpu.rank_step(chunks.len())?;
+            self.gpu.rank_step(chunks.len());
             let decode = chunks.iter().all(|c| c.tokens.len() == 1);
             if decode && on_layer.is_none() && self.use_graphs {
                 self.decode_graph(chunks, draws)?;
