@@ -70,7 +70,7 @@
 #           cluster-configs/gpu-1p1d
 #   .gpu70  twenty-ninth session's call-70 (not run yet): kv_bench_ring (c6efb50) and
 #           kv_bench_awslc (c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch), xz
-#   .gpu71  thirtieth session's call-71 (not run yet): 8eca200's tandem and engine tests
+#   .gpu71  thirtieth session's call-71 (not run yet): e29da65's tandem and engine tests
 #           (xz: decode.gpu_priority = "auto"), cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
@@ -530,7 +530,7 @@ for w in $WHICH; do
       ;;
     71)
       rm -rf .gpu71 && mkdir -p .gpu71
-      d=$(worktree h71 8eca200)
+      d=$(worktree h71 e29da65)
       build "$d" h71 --features cuda -p tandem --bin tandem
       strip -o .gpu71/tandem "$(rel h71)/tandem"
       strip -o .gpu71/engine-tests "$(engine_tests "$d" h71)"
