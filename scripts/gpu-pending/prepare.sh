@@ -72,6 +72,9 @@
 #           kv_bench_awslc (c6efb50 with docs/cpu-results/2026-12-07-aws-lc/kv-awslc.patch), xz
 #   .gpu71  thirtieth session's call-71 (not run yet): e29da65's tandem and engine tests
 #           (xz: decode.gpu_priority = "auto"), cluster-configs/gpu-1p1d
+#   .gpu72  thirty-first session's call-72 (calls 69 and 71 from one build): 2efd84e's
+#           tandem-gpu-bench, tandem and engine tests (xz), kernels, hf_reference.py,
+#           cluster-configs/gpu-1p1d
 #   .gpu33  sixteenth session's call-33 (not run yet): main/ (7e67fc5's tandem-gpu-bench
 #           and kernels), norm/ (the same with norm-rows-in-registers.patch, and its
 #           engine-tests), xz
@@ -536,6 +539,17 @@ for w in $WHICH; do
       strip -o .gpu71/engine-tests "$(engine_tests "$d" h71)"
       cp -r cluster-configs/gpu-1p1d .gpu71/
       xz -T2 -6 .gpu71/tandem .gpu71/engine-tests
+      ;;
+    72)
+      rm -rf .gpu72 && mkdir -p .gpu72
+      d=$(worktree h72 2efd84e)
+      bench_into "$d" h72 .gpu72
+      build "$d" h72 --features cuda -p tandem --bin tandem
+      strip -o .gpu72/tandem "$(rel h72)/tandem"
+      strip -o .gpu72/engine-tests "$(engine_tests "$d" h72)"
+      cp "$d/scripts/hf_reference.py" .gpu72/
+      cp -r "$d/cluster-configs/gpu-1p1d" .gpu72/
+      xz -T2 -6 .gpu72/tandem-gpu-bench .gpu72/tandem .gpu72/engine-tests
       ;;
     34)
       # main/ and new/ (norm-many-rows.patch) from one worktree and target directory.

@@ -9,11 +9,13 @@
 #   mps-high, mps-normal   the pair alone, ranked high, then normal
 #   one-auto   if time is left: one `tandem up` process (no MPS) ranked auto
 # The decode node logs each change of rank (debug); the summary counts them.
+# C71: the carried folder (.gpu71; call 72 passes .gpu72, built from 2efd84e).
 set -u
 DEADLINE_S=${DEADLINE_S:-580}
 source "$(dirname "$0")/../2026-12-05-eighth/common.sh" c71
-G=/tmp/g71; mkdir -p "$G" && cp -r .gpu71/gpu-1p1d "$G/"
-unxz_to "$G" .gpu71/tandem.xz .gpu71/engine-tests.xz
+C71=${C71:-.gpu71}
+G=/tmp/g71; mkdir -p "$G" && cp -r "$C71/gpu-1p1d" "$G/"
+unxz_to "$G" "$C71/tandem.xz" "$C71/engine-tests.xz"
 env_line
 step tests 60 "" "$G/engine-tests" --ignored cuda::device --test-threads 1
 tail -3 "$O/tests.md"
