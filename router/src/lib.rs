@@ -35,6 +35,7 @@ pub mod decode_queue;
 pub mod drain;
 pub mod error;
 pub mod generate;
+pub mod http_access;
 pub mod identity;
 pub mod kv_index;
 pub mod node_addr;
@@ -150,11 +151,13 @@ pub async fn serve(
                     .layer(axum::extract::DefaultBodyLimit::max(
                         config.max_request_bytes,
                     ))
-                    // Outermost: a preflight is answered before routing and keys.
+                    // A preflight is answered before keys.
                     .layer(axum::middleware::from_fn_with_state(
                         Arc::new(cors::Cors::new(&config.http_allowed_origins)),
                         cors::layer,
-                    )),
+                    ))
+                    // Outermost: every answer counted and every refusal logged.
+                    .layer(axum::middleware::from_fn(http_access::layer)),
                 limits,
                 http_tls,
                 shutdown.clone(),

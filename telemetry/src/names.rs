@@ -35,6 +35,7 @@
 //! | [`PREFILL_DECISIONS_TOTAL`] | decode node, at admission: where the prompt is prefilled and why | `reason` |
 //! | [`KV_LINK_RATE_BYTES_PER_SECOND`] | decode node, after each measured transfer: the smoothed rate from that prefill node | `peer` |
 //! | [`PREEMPTIONS_TOTAL`] | decode node, per sequence whose KV blocks it gave back for others to grow (prefilled there again later) | `node` |
+//! | [`HTTP_REQUESTS_TOTAL`] | router, per answer of its HTTP API (refused ones included) | `endpoint`, `code` |
 
 /// Histogram: seconds from a request's arrival at the router to its first token leaving for the client.
 pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "tandem_time_to_first_token_seconds";
@@ -128,9 +129,14 @@ pub const KV_LINK_RATE_BYTES_PER_SECOND: &str = "tandem_kv_link_rate_bytes_per_s
 /// when a running sequence needed one and none was free (vLLM's
 /// `num_preemptions`); each is prefilled there again once blocks are free.
 pub const PREEMPTIONS_TOTAL: &str = "tandem_preemptions_total";
+/// Counter: answers of the router's HTTP API, by `endpoint` (the route's
+/// template, `unmatched` for a path with none) and `code` (the HTTP status):
+/// what vLLM's `http_requests_total` counts, refusals before a request runs
+/// included.
+pub const HTTP_REQUESTS_TOTAL: &str = "tandem_http_requests_total";
 
 /// Every metric name, in the order of the table above.
-pub const ALL: [&str; 31] = [
+pub const ALL: [&str; 32] = [
     TIME_TO_FIRST_TOKEN_SECONDS,
     INTER_TOKEN_LATENCY_SECONDS,
     REQUEST_DURATION_SECONDS,
@@ -162,6 +168,7 @@ pub const ALL: [&str; 31] = [
     PREFILL_DECISIONS_TOTAL,
     KV_LINK_RATE_BYTES_PER_SECOND,
     PREEMPTIONS_TOTAL,
+    HTTP_REQUESTS_TOTAL,
 ];
 
 /// The histograms among [`ALL`] (exported with `_bucket`, `_sum` and `_count` series).
@@ -187,6 +194,10 @@ pub const DIRECTION: &str = "direction";
 /// error kind named like its gRPC code (`invalid_argument`, `unauthenticated`,
 /// `not_found`, `resource_exhausted`, `unavailable`, `deadline_exceeded`, `internal`).
 pub const STATUS: &str = "status";
+/// Label: an HTTP route's template (see [`HTTP_REQUESTS_TOTAL`]).
+pub const ENDPOINT: &str = "endpoint";
+/// Label: an HTTP status code, as digits (see [`HTTP_REQUESTS_TOTAL`]).
+pub const CODE: &str = "code";
 /// Label: which listener: `router_grpc`, `router_http`, `prefill_grpc`, `decode_grpc`.
 pub const LISTENER: &str = "listener";
 /// Label: why a connection was closed unserved (see [`CONNECTIONS_REJECTED_TOTAL`]).
@@ -313,6 +324,10 @@ pub fn describe() {
     describe_counter!(
         PREEMPTIONS_TOTAL,
         "Sequences whose KV blocks a decode node gave back for others to grow (recomputed later)"
+    );
+    describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "Answers of the router's HTTP API, by route (endpoint) and HTTP status (code)"
     );
 }
 

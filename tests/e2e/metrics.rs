@@ -101,6 +101,26 @@ async fn scrape(addr: SocketAddr) -> Scrape {
     Scrape::parse(body)
 }
 
+/// Sends `METHOD PATH` (with a JSON `body`, if any) over a new HTTP/1.1
+/// connection; returns the whole answer.
+async fn http_exchange(addr: SocketAddr, method_path: &str, body: Option<&str>) -> String {
+    let mut request = format!("{method_path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    match body {
+        Some(body) => request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )),
+        None => request.push_str("\r\n"),
+    }
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the HTTP API");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
 /// Waits until `done` holds for a scrape; returns that scrape.
 async fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -192,6 +212,22 @@ async fn metrics_move_as_requests_go_through_the_cluster() {
         .expect_err("a request without a prompt is refused");
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 
+    // The HTTP API: a listing, a body it refuses before anything runs, and a
+    // path with no route; each answer is counted by route and status code.
+    let http = cluster.http.expect("the router serves HTTP");
+    for (method_path, body, want) in [
+        ("GET /v1/models", None, "HTTP/1.1 200"),
+        (
+            "POST /v1/completions",
+            Some(r#"{"prompt": 5, "max_tokens": 1}"#),
+            "HTTP/1.1 400",
+        ),
+        ("GET /v2/nothing", None, "HTTP/1.1 404"),
+    ] {
+        let answer = http_exchange(http, method_path, body).await;
+        assert!(answer.starts_with(want), "{method_path}: {answer}");
+    }
+
     // After the requests: every block is free again on both nodes.
     let after = scrape_until(addr, "every KV block free after the requests", |s| {
         s.get(names::KV_BLOCKS_FREE, &DECODE) == decode_total
@@ -234,6 +270,25 @@ async fn metrics_move_as_requests_go_through_the_cluster() {
     assert_eq!(delta(names::PROMPT_TOKENS_TOTAL, &[]), prompt_tokens as f64);
     let generated = 400 + max_tokens as usize * prompts.len();
     assert_eq!(delta(names::GENERATION_TOKENS_TOTAL, &[]), generated as f64);
+
+    // The HTTP answers, by route template and code; the refusal never became
+    // a request (the gRPC one above is the only invalid_argument).
+    for (endpoint, code) in [
+        ("/v1/models", "200"),
+        ("/v1/completions", "400"),
+        ("unmatched", "404"),
+    ] {
+        assert_eq!(
+            delta(
+                names::HTTP_REQUESTS_TOTAL,
+                &[("endpoint", endpoint), ("code", code)]
+            ),
+            1.0,
+            "{endpoint} {code}:\n{}",
+            after.text
+        );
+    }
+    assert_eq!(delta(names::HTTP_REQUESTS_TOTAL, &[]), 3.0);
 
     // Latency histograms got one sample per request (TTFT), per token after
     // the first (ITL), per request and outcome (duration).

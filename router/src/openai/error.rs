@@ -100,6 +100,8 @@ impl IntoResponse for ApiError {
             )),
         )
             .into_response();
+        r.extensions_mut()
+            .insert(crate::http_access::Refusal(self.message));
         if let Some(v) = self
             .retry_after
             .and_then(|v| HeaderValue::from_str(&v).ok())
