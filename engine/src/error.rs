@@ -87,10 +87,11 @@ pub enum EngineError {
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
     /// A device backend failed (for CUDA: driver, compiler, cuBLAS, or an
-    /// unsupported shape; the source is the backend's own error type, so this
-    /// module depends on no backend).
+    /// unsupported shape). It holds the backend's own error type, boxed so this
+    /// module depends on no backend, and says it in its message (not also as
+    /// its source, or a report of the chain would say it twice).
     #[error("cuda: {0}")]
-    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Result alias for the engine.

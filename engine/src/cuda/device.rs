@@ -20,7 +20,7 @@ use cudarc::driver::{
 
 use half::bf16;
 
-use super::error::{CudaError, DriverContext};
+use super::error::{CudaError, DriverContext, require};
 use super::gemm_tune::{Operands, Picked, Queue, Shape, Tuner, Tuning};
 use super::launch::{
     self, DECODE_THREADS, Dev, FillUniform, GEMV_KERNEL_ROWS, Gemv, GemvSilu, PrefillShape,
@@ -212,17 +212,11 @@ impl Gpu {
                 "head_dim {head_dim}: the CUDA kernels are built for 32, 64 and 128"
             )));
         }
-        // cudarc panics when the driver library is missing; make that an error.
-        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
-            .map_err(|p| {
-                CudaError::NoDriver(
-                    p.downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "libcuda not found".into()),
-                )
-            })?
-            .op("cuCtxCreate")?;
+        require(
+            "libcuda (the NVIDIA driver)",
+            cudarc::driver::sys::is_culib_present,
+        )?;
+        let ctx = CudaContext::new(ordinal).op("cuCtxCreate")?;
         // SAFETY: the backend orders its streams with explicit events and owns every
         // buffer for its whole life, so cudarc's automatic tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
@@ -294,9 +288,8 @@ impl Gpu {
             .op("cuOccupancyMaxActiveBlocksPerMultiprocessor")?;
         let decode_wave = sms * (per_sm.max(1) as usize);
         let prefetch_row_bytes = prefetch_row_bytes(dram_gbs / sms as f64);
-        let blas = std::panic::catch_unwind(|| CudaBlas::new(compute.clone()))
-            .map_err(|_| CudaError::NoDriver("libcublas could not be loaded".into()))?
-            .op("cublasCreate")?;
+        require("libcublas", cudarc::cublas::sys::is_culib_present)?;
+        let blas = CudaBlas::new(compute.clone()).op("cublasCreate")?;
         let workspace = compute
             .alloc_zeros::<u8>(BLAS_WORKSPACE)
             .op("cuMemAlloc (cuBLAS workspace)")?;

@@ -3,9 +3,13 @@
 /// What can go wrong on the GPU.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
-    /// The CUDA driver library could not be loaded (no GPU driver on this machine).
-    #[error("the CUDA driver could not be loaded: {0}")]
-    NoDriver(String),
+    /// A CUDA library could not be loaded: the driver's (no NVIDIA driver on
+    /// this machine) or one of the toolkit's (cuBLAS, cuBLASLt, NVRTC).
+    #[error(
+        "{0} could not be loaded: this machine has no NVIDIA driver, or the library's \
+         directory is not on LD_LIBRARY_PATH (the README's GPU section says which)"
+    )]
+    Missing(&'static str),
     /// A driver call (allocation, copy, launch, synchronization) failed.
     #[error("CUDA driver call `{op}` failed: {source}")]
     Driver {
@@ -49,6 +53,21 @@ impl From<CudaError> for crate::error::EngineError {
     }
 }
 
+/// Fails with [`CudaError::Missing`] naming `library` unless `present` finds
+/// it. cudarc panics when a library it loads at first use is missing; asking
+/// first makes that an error, with no panic message or backtrace in the log.
+pub(crate) fn require(
+    library: &'static str,
+    present: unsafe fn() -> bool,
+) -> Result<(), CudaError> {
+    // SAFETY: loading a CUDA library runs only its own initialisers.
+    if unsafe { present() } {
+        Ok(())
+    } else {
+        Err(CudaError::Missing(library))
+    }
+}
+
 /// Attaches the operation's name to a driver error.
 pub(crate) trait DriverContext<T> {
     fn op(self, op: &'static str) -> Result<T, CudaError>;
@@ -69,5 +88,29 @@ impl<T> DriverContext<T> for Result<T, cudarc::cublas::result::CublasError> {
 impl<T> DriverContext<T> for Result<T, cudarc::cublaslt::result::CublasError> {
     fn op(self, op: &'static str) -> Result<T, CudaError> {
         self.map_err(|source| CudaError::BlasLt { op, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_an_error_naming_it() {
+        fn absent() -> bool {
+            false
+        }
+        fn present() -> bool {
+            true
+        }
+        let e = require("libcublas", absent).expect_err("absent");
+        assert!(matches!(e, CudaError::Missing("libcublas")));
+        let message = e.to_string();
+        assert!(
+            message.starts_with("libcublas could not be loaded")
+                && message.contains("LD_LIBRARY_PATH"),
+            "{message}"
+        );
+        require("libcublas", present).expect("present");
     }
 }

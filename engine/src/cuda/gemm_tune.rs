@@ -25,7 +25,7 @@ use std::ffi::c_void;
 use cudarc::cublaslt::result as lt_result;
 use cudarc::cublaslt::sys as lt;
 
-use super::error::{CudaError, DriverContext};
+use super::error::{CudaError, DriverContext, require};
 
 /// Candidates asked of cuBLASLt's heuristic for each shape.
 const CANDIDATES: usize = 16;
@@ -204,9 +204,8 @@ unsafe impl Send for Tuner {}
 impl Tuner {
     /// cuBLASLt with `workspace` (device address and bytes), which must outlive it.
     pub fn new(workspace: (u64, usize)) -> Result<Self, CudaError> {
-        let handle = std::panic::catch_unwind(lt_result::create_handle)
-            .map_err(|_| CudaError::NoDriver("libcublasLt could not be loaded".into()))?
-            .op("cublasLtCreate")?;
+        require("libcublasLt", cudarc::cublaslt::sys::is_culib_present)?;
+        let handle = lt_result::create_handle().op("cublasLtCreate")?;
         Ok(Tuner {
             handle,
             workspace,

@@ -12,7 +12,7 @@
 use cudarc::driver::CudaContext;
 use cudarc::nvrtc::Ptx;
 
-use super::error::{CudaError, DriverContext};
+use super::error::{CudaError, DriverContext, require};
 use super::launch::{
     DECODE_TILE, MAX_SPLITS, PREFILL_BK, PREFILL_BQ, PREFILL_FP8_STAGES, PREFILL_STAGES,
     PREFILL_WS_BK,
@@ -154,21 +154,16 @@ pub(crate) fn compile(ctx: &CudaContext) -> Result<(Ptx, &'static str), CudaErro
     let include = include_dir();
     let arch = target_arch(ctx)?;
     let source = source()?;
-    std::panic::catch_unwind(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(
-            source,
-            cudarc::nvrtc::CompileOptions {
-                arch: Some(arch),
-                include_paths: vec![include.clone()],
-                options: options(),
-                ..Default::default()
-            },
-        )
-    })
-    .map_err(|_| CudaError::Compile {
-        include: include.clone(),
-        message: "libnvrtc could not be loaded".into(),
-    })?
+    require("libnvrtc", cudarc::nvrtc::sys::is_culib_present)?;
+    cudarc::nvrtc::compile_ptx_with_opts(
+        source,
+        cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            include_paths: vec![include.clone()],
+            options: options(),
+            ..Default::default()
+        },
+    )
     .map_err(|e| CudaError::Compile {
         include,
         message: e.to_string(),
