@@ -121,7 +121,35 @@ struct GenerateArgs {
     request_id: Option<String>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", report(&e));
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+                eprintln!("{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `err` and its causes on one line, each cause only where the text before it
+/// does not already say it (most of the project's errors put their cause in
+/// their own message, and anyhow's report would repeat it).
+fn report(err: &anyhow::Error) -> String {
+    let mut out = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn run() -> anyhow::Result<()> {
     // SAFETY: the first thing the process does; no other thread runs yet.
     unsafe { tandem_engine::cpu::fix_cpu_thread_count() };
     tandem_kv_transfer::memory::keep_freed_memory();
@@ -223,4 +251,36 @@ fn generate_local(args: GenerateArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+    use anyhow::Context;
+
+    #[test]
+    fn a_report_says_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        // A cause the message already says is not said again.
+        #[derive(Debug)]
+        struct Read(std::io::Error);
+        impl std::fmt::Display for Read {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "cannot read a.toml: {}", self.0)
+            }
+        }
+        impl std::error::Error for Read {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Read(io())).context("loading the config");
+        assert_eq!(
+            report(&e),
+            "loading the config: cannot read a.toml: no such file"
+        );
+        // One it does not say follows it.
+        let e = Err::<(), _>(io()).context("opening model m").unwrap_err();
+        assert_eq!(report(&e), "opening model m: no such file");
+    }
 }

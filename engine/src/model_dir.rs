@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::cpu::{CpuBackend, CpuModel};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvDtype;
 use crate::tokenizer::Tokenizer;
@@ -119,6 +119,12 @@ impl ModelDir {
     /// Reads a directory's `config.json` and `tokenizer.json`, or a GGUF file's
     /// metadata (weights are mapped by the backend).
     pub fn open(path: &Path) -> Result<Self> {
+        // A path that is not there is named as it was given (not as a
+        // directory's missing `config.json`).
+        std::fs::metadata(path).map_err(|source| EngineError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let (config, tokenizer, name) = if crate::gguf::is_gguf(path) {
             let file = GgufFile::open(path)?;
             let config = file.config()?;
