@@ -17,12 +17,16 @@ pub async fn generate(
         .with_context(|| {
             format!("cannot reach the router at {router} (is `tandem up` running?)")
         })?;
-    let mut stream = client.generate(request).await?.into_inner();
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(router_error)?
+        .into_inner();
     let mut stdout = std::io::stdout();
     if let Some(p) = echo_prompt {
         print!("{p}");
     }
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = stream.message().await.map_err(router_error)? {
         match msg.event {
             Some(pb::generate_response::Event::Token(t)) => {
                 print!("{}", t.text);
@@ -51,4 +55,46 @@ pub async fn generate(
         }
     }
     Ok(())
+}
+
+/// A refusal or failure from the router as a person reads it: the gRPC code
+/// in words, then the router's message (or the transport error behind it).
+fn router_error(status: tonic::Status) -> anyhow::Error {
+    let detail = match std::error::Error::source(&status) {
+        Some(source) => tandem_cluster::grpc_tls::error_chain(source),
+        None => status.message().to_string(),
+    };
+    anyhow::anyhow!("{}: {detail}", code_words(status.code()))
+}
+
+/// `InvalidArgument` as "invalid argument".
+fn code_words(code: tonic::Code) -> String {
+    let mut words = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_router_error_names_its_code_in_words_and_says_the_message() {
+        let e = router_error(tonic::Status::invalid_argument(
+            "max_tokens 100000 exceeds the limit of 8192",
+        ));
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: max_tokens 100000 exceeds the limit of 8192"
+        );
+        assert_eq!(
+            code_words(tonic::Code::DeadlineExceeded),
+            "deadline exceeded"
+        );
+    }
 }

@@ -95,9 +95,9 @@ struct GenerateArgs {
     /// Model directory or GGUF file for --local. Default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+    /// Most tokens to generate (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_tokens: u32,
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -125,28 +125,15 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", report(&e));
+            // One line, each cause once: most of the project's errors carry their
+            // cause in their own message, which anyhow's report would repeat.
+            eprintln!("error: {}", tandem_cluster::grpc_tls::error_chain(&*e));
             if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
                 eprintln!("{}", e.backtrace());
             }
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `err` and its causes on one line, each cause only where the text before it
-/// does not already say it (most of the project's errors put their cause in
-/// their own message, and anyhow's report would repeat it).
-fn report(err: &anyhow::Error) -> String {
-    let mut out = err.to_string();
-    for cause in err.chain().skip(1) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn run() -> anyhow::Result<()> {
@@ -186,7 +173,7 @@ fn run() -> anyhow::Result<()> {
                     args.prompt.clone(),
                 )),
                 sampling: Some(tandem_cluster::convert::sampling_to_pb(&sampling(&args))),
-                max_tokens: args.max_tokens as u32,
+                max_tokens: args.max_tokens,
                 stop: args.stop.clone(),
                 ..Default::default()
             };
@@ -231,7 +218,7 @@ fn generate_local(args: GenerateArgs) -> anyhow::Result<()> {
     let prompt = model.tokenizer.encode(&text, true)?;
     let params = GenerationParams {
         sampling: sampling(&args),
-        max_tokens: args.max_tokens,
+        max_tokens: args.max_tokens as usize,
         stop: args.stop,
         ..Default::default()
     };
@@ -251,36 +238,4 @@ fn generate_local(args: GenerateArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::report;
-    use anyhow::Context;
-
-    #[test]
-    fn a_report_says_each_cause_once() {
-        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        // A cause the message already says is not said again.
-        #[derive(Debug)]
-        struct Read(std::io::Error);
-        impl std::fmt::Display for Read {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(f, "cannot read a.toml: {}", self.0)
-            }
-        }
-        impl std::error::Error for Read {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                Some(&self.0)
-            }
-        }
-        let e = anyhow::Error::new(Read(io())).context("loading the config");
-        assert_eq!(
-            report(&e),
-            "loading the config: cannot read a.toml: no such file"
-        );
-        // One it does not say follows it.
-        let e = Err::<(), _>(io()).context("opening model m").unwrap_err();
-        assert_eq!(report(&e), "opening model m: no such file");
-    }
 }

@@ -187,7 +187,9 @@ pub fn endpoint(
     }
 }
 
-/// An error and its sources, `a: b: c` (tonic's transport errors say only
+/// An error and its sources, `a: b: c`, each source only where the text
+/// before it does not end with it already (most of the project's errors put
+/// their cause in their own message; tonic's transport errors say only
 /// "transport error" at the top).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -206,6 +208,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read a.toml: {0}")]
+        struct Read(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("loading the config")]
+        struct Load(#[source] Read);
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(
+            error_chain(&Load(Read(io()))),
+            "loading the config: cannot read a.toml: no such file"
+        );
+    }
 
     #[test]
     fn endpoints_follow_the_tls_setting() {
