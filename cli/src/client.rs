@@ -64,19 +64,8 @@ fn router_error(status: tonic::Status) -> anyhow::Error {
         Some(source) => tandem_cluster::grpc_tls::error_chain(source),
         None => status.message().to_string(),
     };
-    anyhow::anyhow!("{}: {detail}", code_words(status.code()))
-}
-
-/// `InvalidArgument` as "invalid argument".
-fn code_words(code: tonic::Code) -> String {
-    let mut words = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
-        if c.is_uppercase() && i > 0 {
-            words.push(' ');
-        }
-        words.push(c.to_ascii_lowercase());
-    }
-    words
+    let code = tandem_router::error::code_label(status.code()).replace('_', " ");
+    anyhow::anyhow!("{code}: {detail}")
 }
 
 #[cfg(test)]
@@ -92,9 +81,7 @@ mod tests {
             e.to_string(),
             "invalid argument: max_tokens 100000 exceeds the limit of 8192"
         );
-        assert_eq!(
-            code_words(tonic::Code::DeadlineExceeded),
-            "deadline exceeded"
-        );
+        let e = router_error(tonic::Status::deadline_exceeded("too slow"));
+        assert_eq!(e.to_string(), "deadline exceeded: too slow");
     }
 }

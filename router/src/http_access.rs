@@ -21,7 +21,7 @@ use tracing::{info, warn};
 pub struct Refusal(pub String);
 
 /// The `endpoint` label of a request no route matched.
-pub const UNMATCHED: &str = "unmatched";
+const UNMATCHED: &str = "unmatched";
 
 /// The middleware: counts the answer and logs it unless it succeeded. Added
 /// with `Router::layer`, so it runs after routing and sees the route's
@@ -34,20 +34,20 @@ pub async fn layer(request: Request, next: Next) -> Response {
         .to_owned();
     let method = request.method().clone();
     let response = next.run(request).await;
-    let code = response.status();
+    let status = response.status();
     metrics::counter!(
         names::HTTP_REQUESTS_TOTAL,
         names::ENDPOINT => endpoint.clone(),
-        names::CODE => code.as_str().to_owned()
+        names::CODE => status.as_str().to_owned()
     )
     .increment(1);
-    if !code.is_success() {
+    if !status.is_success() {
         let message = response
             .extensions()
             .get::<Refusal>()
             .map_or("", |r| r.0.as_str());
-        let code = code.as_u16();
-        if server_fault(response.status()) {
+        let code = status.as_u16();
+        if server_fault(status) {
             warn!(%method, endpoint, code, error = message, "HTTP request failed");
         } else {
             info!(%method, endpoint, code, error = message, "HTTP request refused");
